@@ -1,0 +1,1 @@
+//! compiler crate (being built).

@@ -1,0 +1,1 @@
+//! proto crate (being built).
