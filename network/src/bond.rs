@@ -1,0 +1,790 @@
+//! Bonds: capability detection, the kernel-bond path, the bridge fallback,
+//! and `apply_bond` / `observe_bond`.
+
+use netlink_packet_route::link::{
+    BondMode as NlBondMode, InfoBond, InfoData, InfoKind, LinkAttribute, LinkInfo, LinkMessage,
+};
+use serde::Serialize;
+
+use crate::NetworkError;
+use crate::drift::Drift;
+use crate::netns::NetNs;
+use crate::nl::{LinkState, NlError, Rtnl};
+use crate::qos::{HtbPlan, ObservedQos, converge_qos, observe_qos, qos_drift};
+use crate::spec::{BondMode, BondSpec, validate_capacity, validate_spec};
+
+/// How a bond is realised on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BondBackend {
+    /// A Linux bonding device configured over netlink.
+    KernelBond,
+    /// A bridge named after the bond with only the live member attached,
+    /// swapped by [`crate::FailoverMonitor`]: active-backup only.
+    BridgeFallback,
+}
+
+impl BondBackend {
+    /// Short name for inventory and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BondBackend::KernelBond => "kernel-bond",
+            BondBackend::BridgeFallback => "bridge-fallback",
+        }
+    }
+}
+
+/// Result of bonding capability detection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BondCapability {
+    /// The backend this node uses.
+    pub backend: BondBackend,
+    /// Why (what was probed and what the kernel said).
+    pub reason: String,
+}
+
+const PROBE_NAME: &str = "cairnbondprobe";
+
+/// Detects whether the kernel can create bonds, by asking it to create one
+/// (`RTM_NEWLINK` kind `bond`) in `ns` and deleting it again.
+/// `/sys/class/net/bonding_masters` is only consulted for the reason text:
+/// creating a link is the authoritative test (built-in or module, loaded or
+/// loadable, permitted or not).
+pub fn detect_bonding(ns: &NetNs) -> Result<BondCapability, NetworkError> {
+    let mut rtnl = Rtnl::open(ns).map_err(|e| NetworkError::netlink(ns, e))?;
+    let mut msg = LinkMessage::default();
+    msg.attributes
+        .push(LinkAttribute::IfName(PROBE_NAME.to_owned()));
+    msg.attributes
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+            InfoKind::Bond,
+        )]));
+    let _ = rtnl.delete_link(PROBE_NAME);
+    match rtnl.create_link("probe bond", msg) {
+        Ok(()) => {
+            rtnl.delete_link(PROBE_NAME)
+                .map_err(|e| NetworkError::netlink(ns, e))?;
+            Ok(BondCapability {
+                backend: BondBackend::KernelBond,
+                reason: "kernel created a probe bond device: bonding driver available".to_owned(),
+            })
+        }
+        Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Ok(BondCapability {
+            backend: BondBackend::BridgeFallback,
+            reason: format!(
+                "kernel has no bonding driver (creating a bond link returned EOPNOTSUPP; {}): \
+                 using the bridge fallback, active-backup only",
+                if std::path::Path::new("/sys/class/net/bonding_masters").exists() {
+                    "bonding_masters exists"
+                } else {
+                    "no /sys/class/net/bonding_masters"
+                }
+            ),
+        }),
+        Err(e) => Err(NetworkError::netlink(ns, e)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel bond messages (unit-tested for shape; no kernel here can run them).
+
+fn nl_mode(mode: BondMode) -> NlBondMode {
+    match mode {
+        BondMode::ActiveBackup => NlBondMode::ActiveBackup,
+        BondMode::BalanceRr => NlBondMode::BalanceRr,
+        BondMode::BalanceXor => NlBondMode::BalanceXor,
+        BondMode::Lacp => NlBondMode::Ieee8023Ad,
+    }
+}
+
+/// `RTM_NEWLINK` body creating the bond device: name, MTU, kind `bond`,
+/// `IFLA_BOND_MODE` and `IFLA_BOND_MIIMON`.
+pub fn bond_create_message(spec: &BondSpec) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes
+        .push(LinkAttribute::IfName(spec.name.clone()));
+    msg.attributes.push(LinkAttribute::Mtu(spec.mtu));
+    msg.attributes.push(LinkAttribute::TxQueueLen(1000));
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Bond),
+        LinkInfo::Data(InfoData::Bond(vec![
+            InfoBond::Mode(nl_mode(spec.mode)),
+            InfoBond::MiiMon(spec.miimon),
+        ])),
+    ]));
+    msg
+}
+
+/// `RTM_SETLINK` body changing miimon of an existing bond.
+pub fn bond_miimon_message(bond_index: u32, miimon: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = bond_index;
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Bond),
+        LinkInfo::Data(InfoData::Bond(vec![InfoBond::MiiMon(miimon)])),
+    ]));
+    msg
+}
+
+/// `RTM_SETLINK` body enslaving `member_index` to `bond_index`
+/// (`IFLA_MASTER`); 0 as `bond_index` releases it.
+pub fn bond_enslave_message(member_index: u32, bond_index: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = member_index;
+    msg.attributes.push(LinkAttribute::Controller(bond_index));
+    msg
+}
+
+// ---------------------------------------------------------------------------
+// Observation.
+
+/// A member NIC as observed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObservedMember {
+    /// Name.
+    pub name: String,
+    /// Exists on the node.
+    pub present: bool,
+    /// Attached to the bond device (enslaved / bridge port).
+    pub attached: bool,
+    /// Administratively up.
+    pub admin_up: bool,
+    /// Carrier.
+    pub carrier: bool,
+    /// MTU.
+    pub mtu: u32,
+}
+
+/// A bond as read back from the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObservedBond {
+    /// Node label.
+    pub node: String,
+    /// Device name.
+    pub name: String,
+    /// Backend used on this node.
+    pub backend: BondBackend,
+    /// The device exists.
+    pub exists: bool,
+    /// Its kind (`bond`, `bridge`).
+    pub kind: Option<String>,
+    /// Administratively up.
+    pub up: bool,
+    /// MTU.
+    pub mtu: u32,
+    /// MAC address.
+    pub mac: Option<String>,
+    /// Kernel bond mode, when a kernel bond.
+    pub mode: Option<String>,
+    /// Kernel bond miimon, when a kernel bond.
+    pub miimon: Option<u32>,
+    /// The spec's members, in spec order.
+    pub members: Vec<ObservedMember>,
+    /// Fallback: the member currently attached and carrying traffic.
+    pub active_member: Option<String>,
+    /// Devices attached that are not spec members.
+    pub foreign_ports: Vec<String>,
+    /// QoS on the device.
+    pub qos: ObservedQos,
+    /// Differences from the spec.
+    pub drift: Vec<Drift>,
+}
+
+fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The stable, locally administered MAC of a fallback bond: derived from the
+/// bond's name so it does not change when members are swapped (the peers'
+/// ARP caches stay valid across a failover).
+pub fn fallback_mac(name: &str) -> [u8; 6] {
+    let h = crate::fnv1a(name.as_bytes());
+    let b = h.to_be_bytes();
+    [0x02, 0xca, b[4], b[5], b[6], b[7]]
+}
+
+pub(crate) fn observe_with(
+    rtnl: &mut Rtnl,
+    ns: &NetNs,
+    spec: &BondSpec,
+    backend: BondBackend,
+    capacity_bps: Option<u64>,
+) -> Result<ObservedBond, NlError> {
+    let links = rtnl.links()?;
+    let dev = links.iter().find(|l| l.name == spec.name);
+    let mut drift = Vec::new();
+    let want_kind = match backend {
+        BondBackend::KernelBond => "bond",
+        BondBackend::BridgeFallback => "bridge",
+    };
+    let members: Vec<ObservedMember> = spec
+        .members
+        .iter()
+        .map(|m| match links.iter().find(|l| &l.name == m) {
+            Some(l) => ObservedMember {
+                name: m.clone(),
+                present: true,
+                attached: dev.is_some_and(|d| l.controller == Some(d.index)),
+                admin_up: l.admin_up,
+                carrier: l.carrier,
+                mtu: l.mtu,
+            },
+            None => ObservedMember {
+                name: m.clone(),
+                present: false,
+                attached: false,
+                admin_up: false,
+                carrier: false,
+                mtu: 0,
+            },
+        })
+        .collect();
+    let foreign_ports: Vec<String> = match dev {
+        Some(d) => links
+            .iter()
+            .filter(|l| l.controller == Some(d.index) && !spec.members.contains(&l.name))
+            .map(|l| l.name.clone())
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut obs = ObservedBond {
+        node: ns.node().to_owned(),
+        name: spec.name.clone(),
+        backend,
+        exists: dev.is_some(),
+        kind: dev.and_then(|d| d.kind.clone()),
+        up: dev.is_some_and(|d| d.admin_up),
+        mtu: dev.map_or(0, |d| d.mtu),
+        mac: dev.and_then(|d| d.mac.as_ref().map(mac_string)),
+        mode: dev.and_then(|d| d.bond_mode).map(|m| {
+            BondMode::from_kernel_mode(m)
+                .map_or_else(|| format!("mode {m}"), |m| m.as_str().to_owned())
+        }),
+        miimon: dev.and_then(|d| d.bond_miimon),
+        active_member: None,
+        members,
+        foreign_ports,
+        qos: ObservedQos::default(),
+        drift: Vec::new(),
+    };
+    let Some(dev) = dev else {
+        drift.push(Drift::DeviceMissing);
+        for m in &obs.members {
+            if !m.present {
+                drift.push(Drift::MemberGone {
+                    member: m.name.clone(),
+                });
+            }
+        }
+        obs.drift = drift;
+        return Ok(obs);
+    };
+    if dev.kind.as_deref() != Some(want_kind) {
+        drift.push(Drift::WrongDeviceKind {
+            want: want_kind.to_owned(),
+            have: dev
+                .kind
+                .clone()
+                .unwrap_or_else(|| "device without kind".to_owned()),
+        });
+    }
+    if !dev.admin_up {
+        drift.push(Drift::DeviceDown);
+    }
+    if dev.mtu != spec.mtu {
+        drift.push(Drift::MtuChanged {
+            device: spec.name.clone(),
+            want: spec.mtu,
+            have: dev.mtu,
+        });
+    }
+    for m in &obs.members {
+        if !m.present {
+            drift.push(Drift::MemberGone {
+                member: m.name.clone(),
+            });
+            continue;
+        }
+        if !m.admin_up {
+            drift.push(Drift::MemberDown {
+                member: m.name.clone(),
+            });
+        }
+        if m.mtu != spec.mtu {
+            drift.push(Drift::MtuChanged {
+                device: m.name.clone(),
+                want: spec.mtu,
+                have: m.mtu,
+            });
+        }
+    }
+    for p in &obs.foreign_ports {
+        drift.push(Drift::UnexpectedPort { port: p.clone() });
+    }
+    match backend {
+        BondBackend::KernelBond => {
+            let want_mode = spec.mode.kernel_mode();
+            if dev.bond_mode.is_some_and(|m| m != want_mode) {
+                drift.push(Drift::ModeChanged {
+                    want: spec.mode.as_str().to_owned(),
+                    have: obs.mode.clone().unwrap_or_default(),
+                });
+            }
+            if let Some(have) = dev.bond_miimon
+                && have != spec.miimon
+            {
+                drift.push(Drift::MiimonChanged {
+                    want: spec.miimon,
+                    have,
+                });
+            }
+            for m in &obs.members {
+                if m.present && !m.attached {
+                    drift.push(Drift::MemberDetached {
+                        member: m.name.clone(),
+                    });
+                }
+            }
+        }
+        BondBackend::BridgeFallback => {
+            if dev.mac != Some(fallback_mac(&spec.name)) {
+                drift.push(Drift::MacChanged);
+            }
+            let attached: Vec<&ObservedMember> =
+                obs.members.iter().filter(|m| m.attached).collect();
+            match attached.as_slice() {
+                [] => drift.push(Drift::NoActiveMember),
+                [one] => {
+                    obs.active_member = Some(one.name.clone());
+                    let other_live = obs
+                        .members
+                        .iter()
+                        .any(|m| !m.attached && m.admin_up && m.carrier);
+                    if !(one.admin_up && one.carrier) && other_live {
+                        drift.push(Drift::ActiveMemberDead {
+                            member: one.name.clone(),
+                        });
+                    }
+                }
+                [first, rest @ ..] => {
+                    obs.active_member = Some(first.name.clone());
+                    for r in rest {
+                        drift.push(Drift::UnexpectedPort {
+                            port: r.name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    obs.qos = observe_qos(rtnl, dev.index)?;
+    let plan = capacity_bps.and_then(|c| HtbPlan::new(spec, c));
+    if capacity_bps.is_some() {
+        drift.extend(qos_drift(plan.as_ref(), &obs.qos));
+    }
+    obs.drift = drift;
+    Ok(obs)
+}
+
+// ---------------------------------------------------------------------------
+// Link speed (capacity) via the ethtool ioctl.
+
+/// Link speed of `ifname` in Mbit/s as the driver reports it (`ETHTOOL_GSET`),
+/// `None` when unknown. veth reports 10000.
+pub fn link_speed_mbps(ns: &NetNs, ifname: &str) -> Option<u32> {
+    let name = ifname.to_owned();
+    ns.run(move || -> Option<u32> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct EthtoolCmd {
+            cmd: u32,
+            supported: u32,
+            advertising: u32,
+            speed: u16,
+            duplex: u8,
+            port: u8,
+            phy_address: u8,
+            transceiver: u8,
+            autoneg: u8,
+            mdio_support: u8,
+            maxtxpkt: u32,
+            maxrxpkt: u32,
+            speed_hi: u16,
+            eth_tp_mdix: u8,
+            eth_tp_mdix_ctrl: u8,
+            lp_advertising: u32,
+            reserved: [u32; 2],
+        }
+        const ETHTOOL_GSET: u32 = 1;
+        const SIOCETHTOOL: libc::c_ulong = 0x8946;
+        let mut cmd = EthtoolCmd {
+            cmd: ETHTOOL_GSET,
+            ..Default::default()
+        };
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        let bytes = name.as_bytes();
+        if bytes.len() >= ifr.ifr_name.len() {
+            return None;
+        }
+        for (d, s) in ifr.ifr_name.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_data = (&mut cmd as *mut EthtoolCmd).cast();
+        // SAFETY: plain socket(2) call.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: fd is a valid socket; ifr points at a valid ifreq whose data
+        // pointer refers to `cmd`, which outlives the call and has the layout
+        // of `struct ethtool_cmd`.
+        let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut ifr) };
+        // SAFETY: fd was returned by socket above and is closed once.
+        unsafe { libc::close(fd) };
+        if rc != 0 {
+            return None;
+        }
+        let speed = u32::from(cmd.speed) | (u32::from(cmd.speed_hi) << 16);
+        if speed == 0 || speed == u32::MAX || speed == u32::from(u16::MAX) {
+            None
+        } else {
+            Some(speed)
+        }
+    })
+    .ok()
+    .flatten()
+}
+
+/// The bond's capacity: `spec.capacity_bps`, else from member link speeds.
+fn capacity(ns: &NetNs, spec: &BondSpec) -> Result<u64, NetworkError> {
+    if let Some(c) = spec.capacity_bps {
+        return Ok(c);
+    }
+    let mut speeds = Vec::new();
+    for m in &spec.members {
+        let Some(s) = link_speed_mbps(ns, m) else {
+            return Err(NetworkError::CapacityUnknown {
+                node: ns.node().to_owned(),
+                bond: spec.name.clone(),
+                nic: m.clone(),
+            });
+        };
+        speeds.push(u64::from(s) * 1_000_000);
+    }
+    Ok(match spec.mode {
+        BondMode::ActiveBackup => speeds.into_iter().min().unwrap_or(0),
+        _ => speeds.into_iter().sum(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Apply.
+
+/// What `apply_bond` found and did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApplyReport {
+    /// Node label.
+    pub node: String,
+    /// Bond name.
+    pub bond: String,
+    /// Backend used.
+    pub backend: BondBackend,
+    /// Why this backend.
+    pub backend_reason: String,
+    /// Capacity used for class `1:1` and the ceilings, bits per second.
+    pub capacity_bps: u64,
+    /// Drift found before converging.
+    pub drift_before: Vec<Drift>,
+    /// Changes made (netlink operations and `tc` commands), in order.
+    pub actions: Vec<String>,
+}
+
+impl ApplyReport {
+    /// Whether anything was changed.
+    pub fn changed(&self) -> bool {
+        !self.actions.is_empty()
+    }
+}
+
+/// Checks the spec against this node: validity, mode support of the
+/// backend, member NICs present, minimums within capacity. Returns the
+/// backend and capacity.
+pub fn check_bond(ns: &NetNs, spec: &BondSpec) -> Result<(BondCapability, u64), NetworkError> {
+    validate_spec(ns.node(), spec)?;
+    let cap = detect_bonding(ns)?;
+    if cap.backend == BondBackend::BridgeFallback && spec.mode != BondMode::ActiveBackup {
+        return Err(NetworkError::ModeUnsupported {
+            node: ns.node().to_owned(),
+            bond: spec.name.clone(),
+            mode: spec.mode,
+            reason: cap.reason.clone(),
+        });
+    }
+    let mut rtnl = Rtnl::open(ns).map_err(|e| NetworkError::netlink(ns, e))?;
+    for m in &spec.members {
+        if rtnl
+            .link(m)
+            .map_err(|e| NetworkError::netlink(ns, e))?
+            .is_none()
+        {
+            return Err(NetworkError::MemberMissing {
+                node: ns.node().to_owned(),
+                bond: spec.name.clone(),
+                nic: m.clone(),
+            });
+        }
+    }
+    let capacity_bps = capacity(ns, spec)?;
+    validate_capacity(ns.node(), spec, capacity_bps)?;
+    Ok((cap, capacity_bps))
+}
+
+/// Converges the node toward `spec`, idempotently: only what differs is
+/// changed, and a second call on an unchanged node changes nothing.
+///
+/// Refuses (before changing anything) a spec the node cannot honour: a mode
+/// the bridge fallback cannot do, a member NIC that does not exist, minimums
+/// above capacity.
+pub fn apply_bond(ns: &NetNs, spec: &BondSpec) -> Result<ApplyReport, NetworkError> {
+    let (cap, capacity_bps) = check_bond(ns, spec)?;
+    let nl = |e| NetworkError::netlink(ns, e);
+    let mut rtnl = Rtnl::open(ns).map_err(nl)?;
+    let before = observe_with(&mut rtnl, ns, spec, cap.backend, Some(capacity_bps)).map_err(nl)?;
+    let mut actions = Vec::new();
+    if let Some(Drift::WrongDeviceKind { have, .. }) = before
+        .drift
+        .iter()
+        .find(|d| matches!(d, Drift::WrongDeviceKind { .. }))
+    {
+        return Err(NetworkError::DeviceConflict {
+            node: ns.node().to_owned(),
+            name: spec.name.clone(),
+            kind: have.clone(),
+        });
+    }
+    match cap.backend {
+        BondBackend::KernelBond => {
+            converge_kernel_bond(&mut rtnl, spec, &before, &mut actions).map_err(nl)?
+        }
+        BondBackend::BridgeFallback => {
+            converge_fallback(&mut rtnl, spec, &before, &mut actions).map_err(nl)?
+        }
+    }
+    let dev = rtnl.require_link(&spec.name).map_err(nl)?;
+    let observed_qos = observe_qos(&mut rtnl, dev.index).map_err(nl)?;
+    let plan = HtbPlan::new(spec, capacity_bps);
+    let tc_actions =
+        converge_qos(ns, &spec.name, plan.as_ref(), &observed_qos).map_err(|source| {
+            NetworkError::Tc {
+                node: ns.node().to_owned(),
+                bond: spec.name.clone(),
+                source,
+            }
+        })?;
+    actions.extend(tc_actions);
+    Ok(ApplyReport {
+        node: ns.node().to_owned(),
+        bond: spec.name.clone(),
+        backend: cap.backend,
+        backend_reason: cap.reason,
+        capacity_bps,
+        drift_before: before.drift,
+        actions,
+    })
+}
+
+/// Reads the bond back from the node and reports drift against `spec`.
+pub fn observe_bond(ns: &NetNs, spec: &BondSpec) -> Result<ObservedBond, NetworkError> {
+    validate_spec(ns.node(), spec)?;
+    let cap = detect_bonding(ns)?;
+    let capacity_bps = capacity(ns, spec).ok();
+    let mut rtnl = Rtnl::open(ns).map_err(|e| NetworkError::netlink(ns, e))?;
+    observe_with(&mut rtnl, ns, spec, cap.backend, capacity_bps)
+        .map_err(|e| NetworkError::netlink(ns, e))
+}
+
+/// Removes the bond device (members are released, the HTB tree goes with
+/// the device). Missing is not an error.
+pub fn remove_bond(ns: &NetNs, name: &str) -> Result<(), NetworkError> {
+    let mut rtnl = Rtnl::open(ns).map_err(|e| NetworkError::netlink(ns, e))?;
+    rtnl.delete_link(name)
+        .map_err(|e| NetworkError::netlink(ns, e))
+}
+
+fn member_links(rtnl: &mut Rtnl, spec: &BondSpec) -> Result<Vec<LinkState>, NlError> {
+    spec.members.iter().map(|m| rtnl.require_link(m)).collect()
+}
+
+fn converge_kernel_bond(
+    rtnl: &mut Rtnl,
+    spec: &BondSpec,
+    before: &ObservedBond,
+    actions: &mut Vec<String>,
+) -> Result<(), NlError> {
+    let mode_changed = before
+        .drift
+        .iter()
+        .any(|d| matches!(d, Drift::ModeChanged { .. }));
+    if mode_changed {
+        // The kernel refuses a mode change on a bond with members; recreate.
+        rtnl.delete_link(&spec.name)?;
+        actions.push(format!("delete bond {} to change its mode", spec.name));
+    }
+    if !before.exists || mode_changed {
+        rtnl.create_link(
+            &format!("create bond {}", spec.name),
+            bond_create_message(spec),
+        )?;
+        actions.push(format!(
+            "create bond {} mode {} miimon {}",
+            spec.name, spec.mode, spec.miimon
+        ));
+    }
+    let bond = rtnl.require_link(&spec.name)?;
+    if before.exists && !mode_changed {
+        if before.miimon.is_some_and(|m| m != spec.miimon) {
+            rtnl.change_link("set miimon", bond_miimon_message(bond.index, spec.miimon))?;
+            actions.push(format!("set miimon {} on {}", spec.miimon, spec.name));
+        }
+        if bond.mtu != spec.mtu {
+            rtnl.set_mtu(bond.index, spec.mtu)?;
+            actions.push(format!("set mtu {} on {}", spec.mtu, spec.name));
+        }
+    }
+    for port in &before.foreign_ports {
+        let l = rtnl.require_link(port)?;
+        rtnl.change_link("release port", bond_enslave_message(l.index, 0))?;
+        actions.push(format!("release {port} from {}", spec.name));
+    }
+    for m in member_links(rtnl, spec)? {
+        if m.controller != Some(bond.index) {
+            // A member must be down to be enslaved.
+            if m.admin_up {
+                rtnl.set_link_up(m.index, false)?;
+            }
+            rtnl.change_link("enslave", bond_enslave_message(m.index, bond.index))?;
+            actions.push(format!("enslave {} to {}", m.name, spec.name));
+        }
+        let m = rtnl.require_link(&m.name)?;
+        if m.mtu != spec.mtu {
+            rtnl.set_mtu(m.index, spec.mtu)?;
+            actions.push(format!("set mtu {} on {}", spec.mtu, m.name));
+        }
+        if !m.admin_up {
+            rtnl.set_link_up(m.index, true)?;
+            actions.push(format!("set {} up", m.name));
+        }
+    }
+    if !bond.admin_up {
+        rtnl.set_link_up(bond.index, true)?;
+        actions.push(format!("set {} up", spec.name));
+    }
+    Ok(())
+}
+
+fn converge_fallback(
+    rtnl: &mut Rtnl,
+    spec: &BondSpec,
+    before: &ObservedBond,
+    actions: &mut Vec<String>,
+) -> Result<(), NlError> {
+    let mac = fallback_mac(&spec.name);
+    if !before.exists {
+        rtnl.create_bridge(&spec.name, Some(mac), Some(spec.mtu))?;
+        actions.push(format!(
+            "create bridge {} (bond fallback) mac {}",
+            spec.name,
+            mac_string(&mac)
+        ));
+    }
+    let dev = rtnl.require_link(&spec.name)?;
+    if dev.mac != Some(mac) {
+        let mut msg = LinkMessage::default();
+        msg.header.index = dev.index;
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        rtnl.change_link("set mac", msg)?;
+        actions.push(format!("set mac {} on {}", mac_string(&mac), spec.name));
+    }
+    if dev.txqlen == 0 {
+        rtnl.set_txqlen(dev.index, 1000)?;
+        actions.push(format!("set txqueuelen 1000 on {}", spec.name));
+    }
+    for m in member_links(rtnl, spec)? {
+        if m.mtu != spec.mtu {
+            rtnl.set_mtu(m.index, spec.mtu)?;
+            actions.push(format!("set mtu {} on {}", spec.mtu, m.name));
+        }
+        if !m.admin_up {
+            rtnl.set_link_up(m.index, true)?;
+            actions.push(format!("set {} up", m.name));
+        }
+    }
+    actions.extend(converge_fallback_ports(rtnl, spec)?);
+    // The bridge's MTU follows its ports; set it after attaching.
+    let dev = rtnl.require_link(&spec.name)?;
+    if dev.mtu != spec.mtu {
+        rtnl.set_mtu(dev.index, spec.mtu)?;
+        actions.push(format!("set mtu {} on {}", spec.mtu, spec.name));
+    }
+    if !dev.admin_up {
+        rtnl.set_link_up(dev.index, true)?;
+        actions.push(format!("set {} up", spec.name));
+    }
+    Ok(())
+}
+
+/// Fallback failover step: keeps exactly one member attached to the bridge,
+/// the current one while it is live, else the first live member in spec
+/// order (else the first present member, so traffic resumes when its link
+/// returns). Never changes a member's admin state: an operator's `ip link
+/// set down` is respected, not undone. Returns what it changed.
+pub fn converge_fallback_ports(rtnl: &mut Rtnl, spec: &BondSpec) -> Result<Vec<String>, NlError> {
+    let mut actions = Vec::new();
+    let links = rtnl.links()?;
+    let Some(dev) = links.iter().find(|l| l.name == spec.name) else {
+        return Ok(actions);
+    };
+    let attached: Vec<&LinkState> = links
+        .iter()
+        .filter(|l| l.controller == Some(dev.index))
+        .collect();
+    let members: Vec<&LinkState> = spec
+        .members
+        .iter()
+        .filter_map(|m| links.iter().find(|l| &l.name == m))
+        .collect();
+    let current_live = attached
+        .iter()
+        .find(|l| spec.members.contains(&l.name) && l.is_live());
+    let chosen = current_live
+        .copied()
+        .or_else(|| members.iter().find(|l| l.is_live()).copied())
+        .or_else(|| {
+            attached
+                .iter()
+                .find(|l| spec.members.contains(&l.name))
+                .copied()
+        })
+        .or_else(|| members.first().copied());
+    // Detach first: two members on one bridge would loop through the switch.
+    for l in &attached {
+        if Some(l.index) != chosen.map(|c| c.index) {
+            rtnl.set_controller(l.index, 0)?;
+            actions.push(format!("detach {} from {}", l.name, spec.name));
+        }
+    }
+    if let Some(c) = chosen
+        && c.controller != Some(dev.index)
+    {
+        rtnl.set_controller(c.index, dev.index)?;
+        actions.push(format!(
+            "attach {} to {} as active member",
+            c.name, spec.name
+        ));
+    }
+    Ok(actions)
+}

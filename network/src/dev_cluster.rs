@@ -1,0 +1,162 @@
+//! Helpers for `cairn dev up` / `cairn dev down`: each dev node lives in its
+//! own network namespace whose "physical NICs" are veth pairs into a shared
+//! switch namespace holding one bridge.
+//!
+//! Namespace names are `<prefix>sw` for the switch and whatever the caller
+//! picks for nodes and endpoints (they should share `prefix`, so
+//! [`teardown`] removes everything by prefix). Switch-side port names are
+//! `p` + 8 hex digits of the namespace name + `-` + NIC index.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::NetworkError;
+use crate::netns::{NetNs, create_netns, delete_netns, list_netns};
+use crate::nl::Rtnl;
+
+/// Name of the bridge inside the switch namespace.
+pub const SWITCH_BRIDGE: &str = "sw0";
+
+/// A dev node's namespace and its NIC names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DevNode {
+    /// Namespace name.
+    pub netns: String,
+    /// Node name (for messages).
+    pub node: String,
+    /// NIC names inside the node namespace (`nic0`, `nic1`, ...).
+    pub nics: Vec<String>,
+    /// Switch-side peer of each NIC, in the switch namespace.
+    pub switch_ports: Vec<String>,
+}
+
+impl DevNode {
+    /// The namespace handle.
+    pub fn ns(&self) -> NetNs {
+        NetNs::named_for_node(self.netns.clone(), self.node.clone())
+    }
+}
+
+/// The switch namespace name for `prefix`.
+pub fn switch_netns_name(prefix: &str) -> String {
+    format!("{prefix}sw")
+}
+
+/// Creates (idempotently) the switch namespace `<prefix>sw` with bridge
+/// [`SWITCH_BRIDGE`] up.
+pub fn create_switch(prefix: &str) -> Result<NetNs, NetworkError> {
+    let ns = create_netns(&switch_netns_name(prefix))?;
+    let nl = |e| NetworkError::netlink(&ns, e);
+    let mut rtnl = Rtnl::open(&ns).map_err(nl)?;
+    if rtnl.link(SWITCH_BRIDGE).map_err(nl)?.is_none() {
+        rtnl.create_bridge(SWITCH_BRIDGE, None, None).map_err(nl)?;
+    }
+    rtnl.set_link_up_by_name(SWITCH_BRIDGE, true).map_err(nl)?;
+    Ok(ns)
+}
+
+/// Name of a switch port for namespace `netns`, NIC `i`.
+pub fn switch_port_name(netns: &str, i: usize) -> String {
+    format!("p{:08x}-{i}", crate::fnv1a(netns.as_bytes()) as u32)
+}
+
+/// Creates (idempotently) a node namespace with `n_nics` veth NICs named
+/// `nic0..` plugged into the switch bridge, all up.
+pub fn add_node(
+    switch: &NetNs,
+    netns: &str,
+    node: &str,
+    n_nics: usize,
+) -> Result<DevNode, NetworkError> {
+    let ns = create_netns(netns)?;
+    let ns = NetNs::named_for_node(ns.name().unwrap_or(netns).to_owned(), node.to_owned());
+    let mut sw = Rtnl::open(switch).map_err(|e| NetworkError::netlink(switch, e))?;
+    let mut local = Rtnl::open(&ns).map_err(|e| NetworkError::netlink(&ns, e))?;
+    let bridge = sw
+        .require_link(SWITCH_BRIDGE)
+        .map_err(|e| NetworkError::netlink(switch, e))?;
+    let mut nics = Vec::new();
+    let mut switch_ports = Vec::new();
+    for i in 0..n_nics {
+        let nic = format!("nic{i}");
+        let port = switch_port_name(netns, i);
+        let swe = |e| NetworkError::netlink(switch, e);
+        if local
+            .link(&nic)
+            .map_err(|e| NetworkError::netlink(&ns, e))?
+            .is_none()
+        {
+            sw.delete_link(&port).map_err(swe)?;
+            sw.create_veth(&port, &nic, Some(&ns)).map_err(swe)?;
+        }
+        let p = sw.require_link(&port).map_err(swe)?;
+        if p.controller != Some(bridge.index) {
+            sw.set_controller(p.index, bridge.index).map_err(swe)?;
+        }
+        sw.set_link_up(p.index, true).map_err(swe)?;
+        local
+            .set_link_up_by_name(&nic, true)
+            .map_err(|e| NetworkError::netlink(&ns, e))?;
+        nics.push(nic);
+        switch_ports.push(port);
+    }
+    Ok(DevNode {
+        netns: netns.to_owned(),
+        node: node.to_owned(),
+        nics,
+        switch_ports,
+    })
+}
+
+/// Creates a traffic endpoint namespace with one NIC `eth0` into the switch,
+/// carrying `addr/prefix_len` (a stand-in for a peer host in tests and demos).
+pub fn add_endpoint(
+    switch: &NetNs,
+    netns: &str,
+    addr: IpAddr,
+    prefix_len: u8,
+) -> Result<DevNode, NetworkError> {
+    let node = add_node(switch, netns, netns, 1)?;
+    let ns = node.ns();
+    let mut rtnl = Rtnl::open(&ns).map_err(|e| NetworkError::netlink(&ns, e))?;
+    let l = rtnl
+        .require_link("nic0")
+        .map_err(|e| NetworkError::netlink(&ns, e))?;
+    rtnl.add_address(l.index, addr, prefix_len)
+        .map_err(|e| NetworkError::netlink(&ns, e))?;
+    Ok(node)
+}
+
+/// Adds `addr/prefix_len` to `dev` in `ns` (e.g. the bond device of a node).
+pub fn add_address(
+    ns: &NetNs,
+    dev: &str,
+    addr: IpAddr,
+    prefix_len: u8,
+) -> Result<(), NetworkError> {
+    let mut rtnl = Rtnl::open(ns).map_err(|e| NetworkError::netlink(ns, e))?;
+    let l = rtnl
+        .require_link(dev)
+        .map_err(|e| NetworkError::netlink(ns, e))?;
+    rtnl.add_address(l.index, addr, prefix_len)
+        .map_err(|e| NetworkError::netlink(ns, e))
+}
+
+/// Sets a link up or down in `ns` (the test's "cable pull").
+pub fn set_link_up(ns: &NetNs, dev: &str, up: bool) -> Result<(), NetworkError> {
+    let mut rtnl = Rtnl::open(ns).map_err(|e| NetworkError::netlink(ns, e))?;
+    rtnl.set_link_up_by_name(dev, up)
+        .map_err(|e| NetworkError::netlink(ns, e))
+}
+
+/// Deletes every namespace whose name starts with `prefix` (switch, nodes,
+/// endpoints); their veths, bridges and taps go with them. Returns the names
+/// deleted.
+pub fn teardown(prefix: &str) -> Result<Vec<String>, NetworkError> {
+    let names = list_netns(prefix);
+    for n in &names {
+        delete_netns(n)?;
+    }
+    Ok(names)
+}

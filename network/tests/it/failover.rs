@@ -1,0 +1,120 @@
+//! Active-backup failover with a live TCP stream: pull the active member's
+//! cable (its switch port goes down), traffic continues over the other.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use network::{BondBackend, FailoverMonitor, observe_bond};
+
+use crate::common::{Topology, require_netns, spec};
+
+#[test]
+fn tcp_stream_survives_pulling_the_active_member() {
+    require_netns!();
+    let topo = Topology::new();
+    let spec = spec();
+    let report = topo.apply_with_address(&spec);
+    if report.backend != BondBackend::BridgeFallback {
+        eprintln!(
+            "kernel bond: failover is the bonding driver's (miimon {}), checking traffic only",
+            spec.miimon
+        );
+    }
+    let monitor = (report.backend == BondBackend::BridgeFallback)
+        .then(|| FailoverMonitor::start(&topo.node_ns(), &spec).expect("monitor"));
+
+    let addr = SocketAddr::from((topo.peer_ip, 7100));
+    let listener = topo
+        .peer
+        .ns()
+        .run(|| TcpListener::bind(addr))
+        .expect("enter peer")
+        .expect("bind");
+    let arrivals: Arc<Mutex<Vec<(Instant, usize)>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let arrivals = arrivals.clone();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = conn.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                arrivals.lock().unwrap().push((Instant::now(), n));
+            }
+        })
+    };
+    let stream = topo
+        .node_ns()
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .expect("enter node")
+        .expect("connect through the bond");
+    let writer = {
+        let done = done.clone();
+        let mut stream = stream;
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                if stream.write_all(&[0x5a; 64]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let before_pull = arrivals.lock().unwrap().len();
+    assert!(before_pull > 0, "no traffic before the failover");
+
+    // Pull nic0's cable: its switch-side port goes down, nic0 loses carrier.
+    let pulled = Instant::now();
+    network::dev_cluster::set_link_up(&topo.switch, &topo.node.switch_ports[0], false)
+        .expect("pull cable");
+    let deadline = pulled + Duration::from_secs(10);
+    let resumed = loop {
+        let after: usize = arrivals
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| *t > pulled + Duration::from_millis(20))
+            .map(|(_, n)| n)
+            .sum();
+        if after >= 64 * 50 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    done.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let obs = observe_bond(&topo.node_ns(), &spec).expect("observe");
+    let log = arrivals.lock().unwrap().clone();
+    let gap = log
+        .windows(2)
+        .filter(|w| w[1].0 > pulled)
+        .map(|w| w[1].0.duration_since(w[0].0))
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "failover: largest gap between arrivals after the pull: {} ms",
+        gap.as_millis()
+    );
+    if let Some(m) = &monitor {
+        eprintln!("monitor events: {:?}; errors: {:?}", m.events(), m.errors());
+    }
+    assert!(
+        resumed,
+        "traffic did not resume over nic1 after pulling nic0"
+    );
+    if let Some(m) = monitor {
+        assert!(!m.events().is_empty(), "monitor did not swap members");
+        assert_eq!(obs.active_member.as_deref(), Some("nic1"));
+        m.stop();
+    }
+    drop(reader);
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the network crate. Every test that touches the
+//! kernel builds throwaway network namespaces (switch, node, peer) and
+//! deletes them at the end; without root or namespaces it prints why it
+//! skips. Traffic only flows between addresses inside those namespaces.
+
+mod bond;
+mod common;
+mod failover;
+mod refusal;
+mod tenant;
+mod traffic;

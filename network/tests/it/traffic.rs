@@ -1,0 +1,142 @@
+//! Real traffic through the bond device with iperf3: ceilings and
+//! guarantees under contention. Senders mark DSCP with iperf3's `-S`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use network::TrafficKind;
+
+use crate::common::{MBIT, Topology, require_netns, spec};
+
+fn iperf3_missing() -> Option<String> {
+    match Command::new("iperf3").arg("--version").output() {
+        Ok(_) => None,
+        Err(_) => Some("iperf3 is not installed (apt-get install -y iperf3)".to_owned()),
+    }
+}
+
+fn server(topo: &Topology, port: u16) -> Child {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.peer.netns,
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start iperf3 server")
+}
+
+fn client(topo: &Topology, port: u16, kind: TrafficKind, seconds: u32) -> Child {
+    let mut args: Vec<String> = ["netns", "exec", &topo.node.netns, "iperf3", "-J", "-c"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend([
+        topo.peer_ip.to_string(),
+        "-p".into(),
+        port.to_string(),
+        "-t".into(),
+        seconds.to_string(),
+    ]);
+    if let Some(tos) = kind.tos() {
+        args.extend(["-S".into(), format!("0x{tos:02x}")]);
+    }
+    Command::new("ip")
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start iperf3 client")
+}
+
+/// Receiver-side goodput in bits per second from iperf3's JSON.
+fn received_bps(child: Child) -> f64 {
+    let out = child.wait_with_output().expect("iperf3 client");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 JSON: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no sum_received in iperf3 output: {json}"))
+}
+
+/// TCP goodput is below the HTB rate, which counts Ethernet frames:
+/// 1448 payload bytes per 1514-byte frame.
+const GOODPUT: f64 = 1448.0 / 1514.0;
+
+#[test]
+fn ceiling_caps_a_lone_class() {
+    require_netns!();
+    if let Some(why) = iperf3_missing() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let topo = Topology::new();
+    topo.apply_with_address(&spec());
+    let mut srv = server(&topo, 5301);
+    std::thread::sleep(Duration::from_millis(300));
+    let bps = received_bps(client(&topo, 5301, TrafficKind::Migration, 2));
+    let _ = srv.wait();
+    let max = 50.0 * MBIT as f64;
+    eprintln!(
+        "migration alone (max 50Mbit/s): {:.1} Mbit/s goodput",
+        bps / 1e6
+    );
+    assert!(bps <= max * 1.10, "migration exceeded its max: {bps}");
+    assert!(
+        bps >= max * GOODPUT * 0.90,
+        "migration far below its ceiling: {bps}"
+    );
+}
+
+#[test]
+fn guarantees_hold_under_contention() {
+    require_netns!();
+    if let Some(why) = iperf3_missing() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let topo = Topology::new();
+    let spec = spec();
+    topo.apply_with_address(&spec);
+    let kinds = [
+        (TrafficKind::Storage, 5311),
+        (TrafficKind::Guest, 5312),
+        (TrafficKind::Migration, 5313),
+    ];
+    let mut servers: Vec<Child> = kinds.iter().map(|(_, p)| server(&topo, *p)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let clients: Vec<(TrafficKind, Child)> = kinds
+        .iter()
+        .map(|(k, p)| (*k, client(&topo, *p, *k, 3)))
+        .collect();
+    let results: Vec<(TrafficKind, f64)> = clients
+        .into_iter()
+        .map(|(k, c)| (k, received_bps(c)))
+        .collect();
+    for s in &mut servers {
+        let _ = s.wait();
+    }
+    let total: f64 = results.iter().map(|(_, b)| b).sum();
+    for (kind, bps) in &results {
+        let class = spec.class(*kind).expect("class");
+        eprintln!(
+            "{kind}: {:.1} Mbit/s goodput (min {} max {})",
+            bps / 1e6,
+            class.min_bps / MBIT,
+            class.max_bps.unwrap_or(100 * MBIT) / MBIT
+        );
+        let min = class.min_bps as f64 * GOODPUT;
+        assert!(*bps >= min * 0.90, "{kind} got {bps}, below its min");
+        let max = class.max_bps.unwrap_or(100 * MBIT) as f64;
+        assert!(*bps <= max * 1.10, "{kind} got {bps}, above its max");
+    }
+    eprintln!("total: {:.1} Mbit/s on a 100 Mbit/s bond", total / 1e6);
+    assert!(total <= 100.0 * MBIT as f64 * 1.10);
+}
