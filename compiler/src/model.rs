@@ -1,0 +1,512 @@
+//! The compiled model: the checked, resolved and expanded cloud, as the
+//! rest of cairn (placement, policies, plans) sees it.
+//!
+//! This is a serialization boundary: its JSON form is a documented contract
+//! (`cairn compile --format json`, the policy input) described by the JSON
+//! Schema in `schemas/model.schema.json`. Every list is sorted by name and
+//! every map is a `BTreeMap`, so the same specs give the same bytes whatever
+//! the files are called or the order they are in. Source locations are kept
+//! out of it for the same reason; [`crate::Compilation::spans`] has them.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use crate::spec::{
+    AffinityKind, Availability, BondMode, Domain, Proto, Role, SlaClass, Strategy, TrafficKind,
+};
+
+/// The version of the model's JSON shape. Bumped on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The whole compiled cloud.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Model {
+    /// Always [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Node classes.
+    pub node_classes: Vec<NodeClass>,
+    /// Sites with their racks, nodes, bonds and pools.
+    pub sites: Vec<Site>,
+    /// Tenants.
+    pub tenants: Vec<Tenant>,
+    /// SLA profiles, built-in ones included.
+    pub sla_profiles: Vec<SlaProfile>,
+    /// Images.
+    pub images: Vec<Image>,
+    /// Every VM, vm-groups expanded.
+    pub vms: Vec<Vm>,
+    /// VM groups.
+    pub vm_groups: Vec<VmGroup>,
+    /// Affinity rules.
+    pub affinities: Vec<Affinity>,
+    /// Protection plans.
+    pub protection_plans: Vec<ProtectionPlan>,
+}
+
+/// CPU and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct Resources {
+    /// Hardware threads or vCPUs.
+    pub cpu: u64,
+    /// Bytes.
+    pub memory_bytes: u64,
+}
+
+/// A node class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeClass {
+    /// Name.
+    pub name: String,
+    /// Hardware.
+    pub capacity: Resources,
+    /// Kept for the host.
+    pub host_reserve: Resources,
+    /// Disks.
+    pub disks: Vec<Disk>,
+    /// NICs.
+    pub nics: Vec<Nic>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A physical disk.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Disk {
+    /// Device name.
+    pub name: String,
+    /// Bytes.
+    pub size_bytes: u64,
+    /// Class matched by pools.
+    pub class: String,
+}
+
+/// A physical NIC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Nic {
+    /// Interface name.
+    pub name: String,
+    /// Bits per second.
+    pub speed_bps: u64,
+}
+
+/// A site.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Site {
+    /// Name.
+    pub name: String,
+    /// Overcommit ratios for on-demand VMs.
+    pub overcommit: Overcommit,
+    /// Nodes whose loss HA and FT VMs must survive.
+    pub ha_reserve_nodes: u32,
+    /// Scheduler settings.
+    pub scheduler: Scheduler,
+    /// FT quorum witness `host:port`.
+    pub witness: Option<String>,
+    /// Racks and their node names.
+    pub racks: Vec<Rack>,
+    /// Nodes, with inherited class settings applied.
+    pub nodes: Vec<Node>,
+    /// Bonds every node of the site carries.
+    pub bonds: Vec<Bond>,
+    /// Storage pools.
+    pub pools: Vec<Pool>,
+    /// Sum of the nodes' allocatable resources.
+    pub allocatable: Resources,
+}
+
+/// Overcommit ratios.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Overcommit {
+    /// CPU ratio.
+    pub cpu: f64,
+    /// Memory ratio.
+    pub memory: f64,
+}
+
+/// Scheduler settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Scheduler {
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Imbalance that triggers rebalancing (0..1).
+    pub rebalance_threshold: f64,
+    /// Moves per rebalance.
+    pub max_moves: u32,
+}
+
+/// A rack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Rack {
+    /// Name.
+    pub name: String,
+    /// Names of its nodes.
+    pub nodes: Vec<String>,
+}
+
+/// A physical node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Node {
+    /// Name.
+    pub name: String,
+    /// Site.
+    pub site: String,
+    /// Rack.
+    pub rack: String,
+    /// Node class.
+    pub class: String,
+    /// `host:port` of its cairn-node.
+    pub address: String,
+    /// Hardware.
+    pub capacity: Resources,
+    /// Capacity net of host-reserve.
+    pub allocatable: Resources,
+    /// Disks (class disks, then the node's own).
+    pub disks: Vec<Disk>,
+    /// NICs.
+    pub nics: Vec<Nic>,
+    /// Labels (class labels overridden by the node's).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A bond.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Bond {
+    /// Name, also the Linux device name.
+    pub name: String,
+    /// Mode.
+    pub mode: BondMode,
+    /// MTU.
+    pub mtu: u32,
+    /// Link monitor interval, ms.
+    pub miimon_ms: u32,
+    /// Member NICs.
+    pub members: Vec<String>,
+    /// Capacity on the slowest node of the site.
+    pub capacity_bps: u64,
+    /// Traffic classes.
+    pub traffic: Vec<TrafficClass>,
+}
+
+/// A QoS traffic class of a bond.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TrafficClass {
+    /// Which traffic.
+    pub name: TrafficKind,
+    /// Guaranteed rate.
+    pub min_bps: u64,
+    /// Ceiling (the bond capacity when not given).
+    pub max_bps: u64,
+    /// Share of the excess.
+    pub weight: u32,
+}
+
+/// A storage pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Pool {
+    /// Name.
+    pub name: String,
+    /// Disk class.
+    pub disk_class: String,
+    /// Copies of each stripe.
+    pub replicas: u32,
+    /// Failure domain of the copies.
+    pub failure_domain: Domain,
+    /// Columns.
+    pub stripe_width: u32,
+    /// Bytes per stripe unit.
+    pub stripe_unit_bytes: u64,
+    /// Thin overcommit ratio.
+    pub thin_overcommit: f64,
+    /// Every disk of the class in the site, as `node/disk`.
+    pub disks: Vec<String>,
+    /// Distinct failure domains holding such disks.
+    pub failure_domains: Vec<String>,
+    /// Sum of the disks' sizes.
+    pub raw_bytes: u64,
+    /// Raw bytes / replicas × thin overcommit.
+    pub provisionable_bytes: u64,
+}
+
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Tenant {
+    /// Name.
+    pub name: String,
+    /// Quota (absent: unlimited).
+    pub quota: Option<Quota>,
+    /// What its VMs ask for.
+    pub usage: Usage,
+    /// Members.
+    pub members: Vec<Member>,
+    /// Budget.
+    pub budget: Option<Budget>,
+    /// Networks.
+    pub networks: Vec<Network>,
+    /// Security groups.
+    pub security_groups: Vec<SecurityGroup>,
+}
+
+/// Tenant quota; an absent field is unlimited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Quota {
+    /// vCPUs.
+    pub vcpus: Option<u64>,
+    /// Memory bytes.
+    pub memory_bytes: Option<u64>,
+    /// Storage bytes.
+    pub storage_bytes: Option<u64>,
+    /// VMs.
+    pub vms: Option<u64>,
+}
+
+/// What a tenant's VMs ask for, as counted against its quota: FT VMs count
+/// their secondary too.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct Usage {
+    /// vCPUs.
+    pub vcpus: u64,
+    /// Memory bytes.
+    pub memory_bytes: u64,
+    /// Provisioned disk bytes.
+    pub storage_bytes: u64,
+    /// VMs.
+    pub vms: u64,
+}
+
+/// A tenant member.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Member {
+    /// E-mail.
+    pub email: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// A monthly budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Budget {
+    /// Amount.
+    pub monthly: f64,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+/// A tenant network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Network {
+    /// Name.
+    pub name: String,
+    /// Site.
+    pub site: String,
+    /// CIDR.
+    pub cidr: String,
+    /// Gateway.
+    pub gateway: Option<String>,
+}
+
+/// A security group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SecurityGroup {
+    /// Name.
+    pub name: String,
+    /// Rules.
+    pub allow: Vec<AllowRule>,
+}
+
+/// An allow rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AllowRule {
+    /// Source network name or CIDR.
+    pub from: String,
+    /// Protocol.
+    pub proto: Proto,
+    /// Port (none: all).
+    pub port: Option<u32>,
+}
+
+/// An SLA profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SlaProfile {
+    /// Name.
+    pub name: String,
+    /// Class.
+    pub class: SlaClass,
+    /// Priority (higher preempts lower).
+    pub priority: u32,
+    /// Whether cairn defines it.
+    pub builtin: bool,
+}
+
+/// An image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Image {
+    /// Name.
+    pub name: String,
+    /// Built-in guest name (`cairn-guest`).
+    pub builtin: Option<String>,
+    /// Kernel path relative to the spec root.
+    pub kernel: Option<String>,
+    /// Initrd path relative to the spec root.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub cmdline: Option<String>,
+}
+
+/// A VM (after vm-group expansion).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Vm {
+    /// Name.
+    pub name: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Site.
+    pub site: String,
+    /// The vm-group it was expanded from.
+    pub group: Option<String>,
+    /// vCPUs.
+    pub cpu: u32,
+    /// Memory bytes.
+    pub memory_bytes: u64,
+    /// SLA profile, resolved.
+    pub sla: VmSla,
+    /// Availability.
+    pub availability: Availability,
+    /// Image.
+    pub image: String,
+    /// Disks (volumes).
+    pub disks: Vec<VmDisk>,
+    /// NICs.
+    pub nics: Vec<VmNic>,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Protection plans that apply to it.
+    pub protection_plans: Vec<String>,
+}
+
+/// A VM's resolved SLA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmSla {
+    /// Profile name.
+    pub name: String,
+    /// Class.
+    pub class: SlaClass,
+    /// Priority.
+    pub priority: u32,
+}
+
+/// A VM disk (a volume).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmDisk {
+    /// Name.
+    pub name: String,
+    /// Bytes.
+    pub size_bytes: u64,
+    /// Pool in the VM's site.
+    pub pool: String,
+    /// Starts as a copy of the image.
+    pub from_image: bool,
+}
+
+/// A VM NIC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmNic {
+    /// Tenant network.
+    pub network: String,
+    /// Security groups.
+    pub security_groups: Vec<String>,
+}
+
+/// A VM group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmGroup {
+    /// Name.
+    pub name: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Site.
+    pub site: String,
+    /// Replica count.
+    pub replicas: u32,
+    /// Spread scope.
+    pub spread: Option<Domain>,
+    /// Disruption budget.
+    pub max_unavailable: u32,
+    /// Expanded VM names, in replica order.
+    pub vms: Vec<String>,
+}
+
+/// An affinity rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Affinity {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: AffinityKind,
+    /// Scope (apart/together).
+    pub scope: Domain,
+    /// Constraint (true) or preference (false).
+    pub hard: bool,
+    /// Preference weight 1..100.
+    pub weight: u32,
+    /// VM selector.
+    pub select: BTreeMap<String, String>,
+    /// Node selector (kind `node`).
+    pub nodes: BTreeMap<String, String>,
+    /// VMs the selector matches.
+    pub vms: Vec<String>,
+}
+
+/// A protection plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProtectionPlan {
+    /// Name.
+    pub name: String,
+    /// Snapshot schedule.
+    pub snapshot: Option<Schedule>,
+    /// Replication schedules.
+    pub replicate: Vec<Replication>,
+    /// VM selector.
+    pub applies_to: BTreeMap<String, String>,
+    /// VMs it applies to.
+    pub vms: Vec<String>,
+}
+
+/// A snapshot schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Schedule {
+    /// Interval, ms.
+    pub every_ms: u64,
+    /// Kept.
+    pub keep: u32,
+}
+
+/// A replication schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Replication {
+    /// Target site.
+    pub to_site: String,
+    /// Target pool.
+    pub pool: String,
+    /// Interval, ms.
+    pub every_ms: u64,
+    /// Kept.
+    pub keep: u32,
+}
+
+impl Model {
+    /// A VM by name.
+    pub fn vm(&self, name: &str) -> Option<&Vm> {
+        self.vms
+            .binary_search_by(|v| v.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.vms[i])
+    }
+
+    /// A site by name.
+    pub fn site(&self, name: &str) -> Option<&Site> {
+        self.sites.iter().find(|s| s.name == name)
+    }
+}
