@@ -1,0 +1,1751 @@
+//! The store: disks, volumes, snapshots and clones, and the data path.
+//!
+//! Write ordering (what makes an acknowledged write survive `kill -9` and power loss):
+//!
+//! 1. New extents are allocated in memory only; their space is free in the committed
+//!    metadata, so data written there is invisible until step 4.
+//! 2. Overwrites of blocks that already hold committed data first commit the new crc32c as
+//!    a *pending* checksum, so a block caught half-way is still recognised (old data matches
+//!    the committed crc, new data the pending one) and reopening resolves it.
+//! 3. Data goes to the disks through the [`FileEngine`] and is made durable with
+//!    `fdatasync` on every disk touched.
+//! 4. One redb transaction commits the extent map, the checksums, the allocator and the
+//!    volume sequence number with immediate durability. Only then is the write acknowledged.
+//!
+//! Any failure before step 4 leaves the committed metadata untouched and rolls back the
+//! in-memory allocator, so a full disk yields [`StorageError::NoSpace`] and changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+
+use crate::engine::{EngineKind, FileEngine, IoOp};
+use crate::error::{Result, StorageError};
+use crate::meta::{
+    Allocator, CRCS, DISKS, Disk, EXTENTS, Extent, FORMAT_VERSION, FREE, Geometry, LAYERS, Layer,
+    META, PENDING, SNAPSHOTS, SnapshotRecord, State, VOLUMES, VolumeRecord,
+};
+
+/// Size of a checksummed block and the alignment of every data request.
+pub const BLOCK_SIZE: u64 = 4096;
+/// Smallest stripe unit.
+pub const MIN_STRIPE_UNIT: u64 = 4096;
+/// Largest stripe unit.
+pub const MAX_STRIPE_UNIT: u64 = 64 << 20;
+/// Largest stripe width.
+pub const MAX_STRIPE_WIDTH: usize = 64;
+/// Largest single read or write request.
+pub const MAX_IO: u64 = 64 << 20;
+
+/// How to open a store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreOptions {
+    /// Data-path engine; [`EngineKind::Auto`] picks io_uring where available.
+    pub engine: EngineKind,
+}
+
+/// Where a new disk's bytes live.
+#[derive(Debug, Clone)]
+pub enum DiskSource {
+    /// A file `disks/<name>.img` under the data directory, of fixed capacity (sparse).
+    File {
+        /// Capacity in bytes, a multiple of [`BLOCK_SIZE`].
+        capacity: u64,
+    },
+    /// An existing file or block device; its current size is the capacity.
+    Path(PathBuf),
+}
+
+/// A disk as reported by [`Store::disks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Name given at [`Store::add_disk`].
+    pub name: String,
+    /// File or device path.
+    pub path: PathBuf,
+    /// Capacity in bytes.
+    pub capacity: u64,
+    /// Bytes allocated to extents.
+    pub allocated: u64,
+}
+
+/// What [`Store::create_volume`] should build.
+#[derive(Debug, Clone)]
+pub struct VolumeSpec {
+    /// Volume name: 1..=128 of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Size in bytes, a multiple of [`BLOCK_SIZE`]. Thin: nothing is allocated up front.
+    pub size: u64,
+    /// Stripe unit in bytes: a power of two in [`MIN_STRIPE_UNIT`]..=[`MAX_STRIPE_UNIT`].
+    pub stripe_unit: u64,
+    /// Number of columns, 1..=[`MAX_STRIPE_WIDTH`], each on a different disk.
+    pub stripe_width: usize,
+    /// Disks for the columns, in order (as chosen by placement); empty picks the disks
+    /// with the most free space, ties broken by name.
+    pub disks: Vec<String>,
+}
+
+/// A volume as reported by [`Store::volumes`] and [`Volume::info`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Volume name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Stripe unit in bytes.
+    pub stripe_unit: u64,
+    /// Disk name of every column.
+    pub columns: Vec<String>,
+    /// Sequence number of the last write or trim applied.
+    pub seq: u64,
+    /// Bytes of disk allocated to extents owned by the volume's writable layer.
+    pub allocated: u64,
+}
+
+/// A snapshot as reported by [`Store::snapshots`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Volume it was taken of.
+    pub volume: String,
+    /// Snapshot name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Volume sequence number when it was taken.
+    pub seq: u64,
+}
+
+/// Acknowledgement of a durable write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteReceipt {
+    /// The volume's sequence number assigned to this write.
+    pub seq: u64,
+}
+
+/// A block whose data does not match its checksum, found by [`Volume::scrub`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadBlock {
+    /// Logical byte offset in the volume.
+    pub offset: u64,
+    /// Disk holding it.
+    pub disk: String,
+    /// Byte offset on the disk.
+    pub physical_offset: u64,
+}
+
+/// The physical location of a logical block, from [`Volume::locate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// Disk name.
+    pub disk: String,
+    /// Disk file or device path.
+    pub path: PathBuf,
+    /// Byte offset on the disk.
+    pub physical_offset: u64,
+}
+
+/// The node-local block store: a data directory with `meta.redb` and `disks/`.
+///
+/// Cloning is cheap and shares the store. Writes (and metadata changes) are serialised
+/// store-wide; reads run concurrently with each other.
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    db: Database,
+    engine: FileEngine,
+    state: RwLock<State>,
+}
+
+fn validate_name(field: &'static str, name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 128 {
+        return Err(StorageError::invalid(
+            field,
+            format!("must be 1 to 128 characters, got {}", name.len()),
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(StorageError::invalid(
+            field,
+            format!("character {c:?} not allowed; use letters, digits, '.', '_', '-'"),
+        ));
+    }
+    if name.starts_with('.') {
+        return Err(StorageError::invalid(field, "must not start with '.'"));
+    }
+    Ok(())
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError {
+    move |e| StorageError::io(context, e)
+}
+
+/// One contiguous part of a request that falls inside a single stripe unit.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    stripe: u64,
+    /// Offset inside the stripe unit.
+    within: u64,
+    /// Offset inside the request buffer.
+    buf_off: usize,
+    len: u64,
+}
+
+fn pieces(offset: u64, len: u64, stripe_unit: u64) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let stripe = pos / stripe_unit;
+        let within = pos % stripe_unit;
+        let len = (stripe_unit - within).min(end - pos);
+        out.push(Piece {
+            stripe,
+            within,
+            buf_off: (pos - offset) as usize,
+            len,
+        });
+        pos += len;
+    }
+    out
+}
+
+fn check_range(label: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    if !offset.is_multiple_of(BLOCK_SIZE) {
+        return Err(StorageError::Misaligned {
+            field: "offset",
+            value: offset,
+            alignment: BLOCK_SIZE,
+        });
+    }
+    if !len.is_multiple_of(BLOCK_SIZE) {
+        return Err(StorageError::Misaligned {
+            field: "length",
+            value: len,
+            alignment: BLOCK_SIZE,
+        });
+    }
+    if len == 0 {
+        return Err(StorageError::invalid("length", "must be greater than zero"));
+    }
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(StorageError::OutOfRange {
+            field: "offset",
+            volume: label.to_owned(),
+            offset,
+            length: len,
+            size,
+        });
+    }
+    Ok(())
+}
+
+/// Like [`check_range`], and bounds the buffer a data request needs.
+fn check_io(label: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    check_range(label, size, offset, len)?;
+    if len > MAX_IO {
+        return Err(StorageError::invalid(
+            "length",
+            format!("{len} exceeds the largest data request of {MAX_IO} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn crc_blocks(data: &[u8]) -> Vec<u32> {
+    data.chunks(BLOCK_SIZE as usize)
+        .map(crc32c::crc32c)
+        .collect()
+}
+
+/// What kind of write the shared write path performs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteMode {
+    /// Ordinary write to the volume's writable layer (copy-on-write from ancestors).
+    Normal,
+    /// Overwrite blocks where they live, even in a frozen layer: the data is a replica's
+    /// copy of the very same content.
+    Repair,
+}
+
+impl Store {
+    /// Opens the store in `dir`, creating the directory and an empty store if needed.
+    /// Resolves in-place overwrites interrupted by a crash.
+    pub fn open(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Store> {
+        let dir = dir.as_ref().to_owned();
+        std::fs::create_dir_all(dir.join("disks"))
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        let engine = FileEngine::new(options.engine).map_err(io_err("setting up io_uring"))?;
+        let db_path = dir.join("meta.redb");
+        let db = Database::create(&db_path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            if meta.get("format")?.is_none() {
+                meta.insert("format", FORMAT_VERSION)?;
+                meta.insert("next_layer", 1)?;
+            }
+            txn.open_table(DISKS)?;
+            txn.open_table(FREE)?;
+            txn.open_table(VOLUMES)?;
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_table(LAYERS)?;
+            txn.open_table(EXTENTS)?;
+            txn.open_table(CRCS)?;
+            txn.open_table(PENDING)?;
+        }
+        txn.commit()?;
+        let state = State::load(&db.begin_read()?, &db_path)?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                dir,
+                db,
+                engine,
+                state: RwLock::new(state),
+            }),
+        };
+        store.recover_pending()?;
+        Ok(store)
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The engine in use ([`EngineKind::IoUring`] or [`EngineKind::Sync`]).
+    pub fn engine_kind(&self) -> EngineKind {
+        self.inner.engine.kind()
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        self.inner.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Settles overwrites that were in flight at a crash: a block whose data matches its
+    /// pending checksum takes it; otherwise the old data and checksum stand.
+    fn recover_pending(&self) -> Result<()> {
+        let st = self.read_state();
+        let pending: Vec<((u32, u64), u32)> = {
+            let txn = self.inner.db.begin_read()?;
+            let table = txn.open_table(PENDING)?;
+            table
+                .iter()?
+                .map(|r| r.map(|(k, v)| (k.value(), v.value())))
+                .collect::<Result<_, _>>()?
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let txn = self.inner.db.begin_write()?;
+        {
+            let mut crcs = txn.open_table(CRCS)?;
+            let mut table = txn.open_table(PENDING)?;
+            let mut block = vec![0u8; BLOCK_SIZE as usize];
+            for ((disk, pblock), crc) in pending {
+                table.remove((disk, pblock))?;
+                let Some(d) = st.disks.get(&disk) else {
+                    continue;
+                };
+                self.inner
+                    .engine
+                    .read_exact_at(&d.file, pblock * BLOCK_SIZE, &mut block)
+                    .map_err(io_err(format!("reading disk `{}`", d.name)))?;
+                if crc32c::crc32c(&block) == crc {
+                    crcs.insert((disk, pblock), crc)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Registers a disk. A [`DiskSource::File`] is created under `disks/`.
+    pub fn add_disk(&self, name: &str, source: DiskSource) -> Result<DiskInfo> {
+        validate_name("disk name", name)?;
+        let mut st = self.write_state();
+        if st.disks.values().any(|d| d.name == name) {
+            return Err(StorageError::AlreadyExists {
+                kind: "disk",
+                name: name.to_owned(),
+            });
+        }
+        let (path, file, capacity) = match source {
+            DiskSource::File { capacity } => {
+                if capacity == 0 || !capacity.is_multiple_of(BLOCK_SIZE) {
+                    return Err(StorageError::invalid(
+                        "capacity",
+                        format!("{capacity} must be a positive multiple of {BLOCK_SIZE}"),
+                    ));
+                }
+                let path = self.inner.dir.join("disks").join(format!("{name}.img"));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(&path)
+                    .map_err(io_err(format!("creating disk file {}", path.display())))?;
+                file.set_len(capacity)
+                    .map_err(io_err(format!("sizing disk file {}", path.display())))?;
+                file.sync_all()
+                    .map_err(io_err(format!("syncing disk file {}", path.display())))?;
+                (path, file, capacity)
+            }
+            DiskSource::Path(path) => {
+                let mut file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err(format!("opening disk {}", path.display())))?;
+                let len = io::Seek::seek(&mut file, io::SeekFrom::End(0))
+                    .map_err(io_err(format!("sizing disk {}", path.display())))?;
+                let capacity = len - len % BLOCK_SIZE;
+                if capacity == 0 {
+                    return Err(StorageError::invalid(
+                        "path",
+                        format!("{} is smaller than one block", path.display()),
+                    ));
+                }
+                (path, file, capacity)
+            }
+        };
+        let id = st.disks.keys().next_back().map_or(0, |&k| k + 1);
+        let disk = Disk {
+            name: name.to_owned(),
+            path,
+            file,
+            alloc: Allocator {
+                capacity,
+                high_water: 0,
+                free: BTreeMap::new(),
+            },
+        };
+        let txn = self.inner.db.begin_write()?;
+        txn.open_table(DISKS)?
+            .insert(id, disk.record(&disk.alloc).encode().as_slice())?;
+        txn.commit()?;
+        let info = DiskInfo {
+            name: disk.name.clone(),
+            path: disk.path.clone(),
+            capacity,
+            allocated: 0,
+        };
+        st.disks.insert(id, disk);
+        Ok(info)
+    }
+
+    /// Every registered disk, in registration order.
+    pub fn disks(&self) -> Vec<DiskInfo> {
+        let st = self.read_state();
+        st.disks
+            .values()
+            .map(|d| DiskInfo {
+                name: d.name.clone(),
+                path: d.path.clone(),
+                capacity: d.alloc.capacity,
+                allocated: d.alloc.allocated(),
+            })
+            .collect()
+    }
+
+    /// Creates an empty thin volume.
+    pub fn create_volume(&self, spec: &VolumeSpec) -> Result<Volume> {
+        validate_name("name", &spec.name)?;
+        let su = spec.stripe_unit;
+        if !su.is_power_of_two() || !(MIN_STRIPE_UNIT..=MAX_STRIPE_UNIT).contains(&su) {
+            return Err(StorageError::invalid(
+                "stripe_unit",
+                format!(
+                    "{su} must be a power of two between {MIN_STRIPE_UNIT} and {MAX_STRIPE_UNIT}"
+                ),
+            ));
+        }
+        if spec.size == 0 || !spec.size.is_multiple_of(BLOCK_SIZE) {
+            return Err(StorageError::invalid(
+                "size",
+                format!("{} must be a positive multiple of {BLOCK_SIZE}", spec.size),
+            ));
+        }
+        if spec.stripe_width == 0 || spec.stripe_width > MAX_STRIPE_WIDTH {
+            return Err(StorageError::invalid(
+                "stripe_width",
+                format!("{} must be 1 to {MAX_STRIPE_WIDTH}", spec.stripe_width),
+            ));
+        }
+        let mut st = self.write_state();
+        if st.volumes.contains_key(&spec.name) {
+            return Err(StorageError::AlreadyExists {
+                kind: "volume",
+                name: spec.name.clone(),
+            });
+        }
+        let columns: Vec<u32> = if spec.disks.is_empty() {
+            if st.disks.len() < spec.stripe_width {
+                return Err(StorageError::invalid(
+                    "stripe_width",
+                    format!(
+                        "{} columns need as many disks, the store has {}",
+                        spec.stripe_width,
+                        st.disks.len()
+                    ),
+                ));
+            }
+            let mut by_free: Vec<(&u32, &Disk)> = st.disks.iter().collect();
+            let free = |d: &Disk| d.alloc.capacity - d.alloc.allocated();
+            by_free.sort_by(|a, b| free(b.1).cmp(&free(a.1)).then(a.1.name.cmp(&b.1.name)));
+            by_free
+                .iter()
+                .take(spec.stripe_width)
+                .map(|(id, _)| **id)
+                .collect()
+        } else {
+            if spec.disks.len() != spec.stripe_width {
+                return Err(StorageError::invalid(
+                    "disks",
+                    format!(
+                        "{} disks given for a stripe width of {}",
+                        spec.disks.len(),
+                        spec.stripe_width
+                    ),
+                ));
+            }
+            let mut ids = Vec::new();
+            for name in &spec.disks {
+                let id = st
+                    .disks
+                    .iter()
+                    .find(|(_, d)| &d.name == name)
+                    .map(|(&id, _)| id)
+                    .ok_or_else(|| StorageError::UnknownDisk { name: name.clone() })?;
+                if ids.contains(&id) {
+                    return Err(StorageError::invalid(
+                        "disks",
+                        format!("disk `{name}` named twice; columns need distinct disks"),
+                    ));
+                }
+                ids.push(id);
+            }
+            ids
+        };
+        let layer = st.next_layer;
+        let rec = VolumeRecord {
+            geometry: Geometry {
+                size: spec.size,
+                stripe_unit: su,
+                columns,
+            },
+            top: layer,
+            seq: 0,
+        };
+        let txn = self.inner.db.begin_write()?;
+        {
+            txn.open_table(META)?.insert("next_layer", layer + 1)?;
+            txn.open_table(LAYERS)?.insert(layer, (0, 1))?;
+            txn.open_table(VOLUMES)?
+                .insert(spec.name.as_str(), rec.encode().as_slice())?;
+        }
+        txn.commit()?;
+        st.next_layer = layer + 1;
+        st.layers.insert(layer, Layer { parent: 0, refs: 1 });
+        st.volumes.insert(spec.name.clone(), rec);
+        Ok(Volume {
+            store: self.clone(),
+            name: spec.name.clone(),
+        })
+    }
+
+    /// A handle on an existing volume.
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        if !self.read_state().volumes.contains_key(name) {
+            return Err(StorageError::UnknownVolume {
+                name: name.to_owned(),
+            });
+        }
+        Ok(Volume {
+            store: self.clone(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Every volume, by name.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let st = self.read_state();
+        st.volumes
+            .iter()
+            .map(|(name, rec)| volume_info(&st, name, rec))
+            .collect()
+    }
+
+    /// Deletes a volume without snapshots and frees the extents only it used.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let mut st = self.write_state();
+        let rec = st
+            .volumes
+            .get(name)
+            .ok_or_else(|| StorageError::UnknownVolume {
+                name: name.to_owned(),
+            })?
+            .clone();
+        let count = st.snapshots.keys().filter(|(v, _)| v == name).count();
+        if count > 0 {
+            return Err(StorageError::HasSnapshots {
+                volume: name.to_owned(),
+                count,
+            });
+        }
+        let mut plan = ReleasePlan::new(&st);
+        let txn = self.inner.db.begin_write()?;
+        release_layer(&mut plan, &st, &txn, rec.top)?;
+        txn.open_table(VOLUMES)?.remove(name)?;
+        write_disk_rows(&txn, &st, &plan.disks)?;
+        txn.commit()?;
+        plan.apply(&mut st);
+        st.volumes.remove(name);
+        Ok(())
+    }
+
+    /// Takes a read-only snapshot of `volume` in O(1): the volume's layer is frozen and the
+    /// volume continues on a new, empty layer on top of it.
+    pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot> {
+        validate_name("snapshot", name)?;
+        let mut st = self.write_state();
+        let mut rec = st
+            .volumes
+            .get(volume)
+            .ok_or_else(|| StorageError::UnknownVolume {
+                name: volume.to_owned(),
+            })?
+            .clone();
+        let key = (volume.to_owned(), name.to_owned());
+        if st.snapshots.contains_key(&key) {
+            return Err(StorageError::AlreadyExists {
+                kind: "snapshot",
+                name: format!("{volume}@{name}"),
+            });
+        }
+        let frozen = rec.top;
+        let new_top = st.next_layer;
+        let mut frozen_layer = st.layers[&frozen];
+        // The volume's reference moves to the new layer; the snapshot and the new child
+        // layer each hold one on the frozen layer.
+        frozen_layer.refs += 1;
+        let snap = SnapshotRecord {
+            geometry: rec.geometry.clone(),
+            layer: frozen,
+            seq: rec.seq,
+        };
+        rec.top = new_top;
+        let txn = self.inner.db.begin_write()?;
+        {
+            txn.open_table(META)?.insert("next_layer", new_top + 1)?;
+            let mut layers = txn.open_table(LAYERS)?;
+            layers.insert(frozen, (frozen_layer.parent, frozen_layer.refs))?;
+            layers.insert(new_top, (frozen, 1))?;
+            txn.open_table(VOLUMES)?
+                .insert(volume, rec.encode().as_slice())?;
+            txn.open_table(SNAPSHOTS)?
+                .insert((volume, name), snap.encode().as_slice())?;
+        }
+        txn.commit()?;
+        st.next_layer = new_top + 1;
+        st.layers.insert(frozen, frozen_layer);
+        st.layers.insert(
+            new_top,
+            Layer {
+                parent: frozen,
+                refs: 1,
+            },
+        );
+        st.volumes.insert(volume.to_owned(), rec);
+        st.snapshots.insert(key, snap);
+        Ok(Snapshot {
+            store: self.clone(),
+            volume: volume.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// A handle on an existing snapshot.
+    pub fn snapshot(&self, volume: &str, name: &str) -> Result<Snapshot> {
+        let st = self.read_state();
+        if !st
+            .snapshots
+            .contains_key(&(volume.to_owned(), name.to_owned()))
+        {
+            if !st.volumes.contains_key(volume) {
+                return Err(StorageError::UnknownVolume {
+                    name: volume.to_owned(),
+                });
+            }
+            return Err(StorageError::UnknownSnapshot {
+                volume: volume.to_owned(),
+                snapshot: name.to_owned(),
+            });
+        }
+        Ok(Snapshot {
+            store: self.clone(),
+            volume: volume.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Snapshots of `volume`, by name.
+    pub fn snapshots(&self, volume: &str) -> Vec<SnapshotInfo> {
+        let st = self.read_state();
+        st.snapshots
+            .iter()
+            .filter(|((v, _), _)| v == volume)
+            .map(|((v, n), r)| SnapshotInfo {
+                volume: v.clone(),
+                name: n.clone(),
+                size: r.geometry.size,
+                seq: r.seq,
+            })
+            .collect()
+    }
+
+    /// Deletes a snapshot; its data stays as long as clones or the volume still see it.
+    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<()> {
+        let mut st = self.write_state();
+        let key = (volume.to_owned(), name.to_owned());
+        let Some(snap) = st.snapshots.get(&key).cloned() else {
+            return Err(StorageError::UnknownSnapshot {
+                volume: volume.to_owned(),
+                snapshot: name.to_owned(),
+            });
+        };
+        let mut plan = ReleasePlan::new(&st);
+        let txn = self.inner.db.begin_write()?;
+        release_layer(&mut plan, &st, &txn, snap.layer)?;
+        txn.open_table(SNAPSHOTS)?.remove((volume, name))?;
+        write_disk_rows(&txn, &st, &plan.disks)?;
+        txn.commit()?;
+        plan.apply(&mut st);
+        st.snapshots.remove(&key);
+        Ok(())
+    }
+
+    /// Creates a writable volume `new_name` from a snapshot in O(1); it shares the
+    /// snapshot's extents until it overwrites them.
+    pub fn clone_snapshot(&self, volume: &str, snapshot: &str, new_name: &str) -> Result<Volume> {
+        validate_name("name", new_name)?;
+        let mut st = self.write_state();
+        let Some(snap) = st
+            .snapshots
+            .get(&(volume.to_owned(), snapshot.to_owned()))
+            .cloned()
+        else {
+            return Err(StorageError::UnknownSnapshot {
+                volume: volume.to_owned(),
+                snapshot: snapshot.to_owned(),
+            });
+        };
+        if st.volumes.contains_key(new_name) {
+            return Err(StorageError::AlreadyExists {
+                kind: "volume",
+                name: new_name.to_owned(),
+            });
+        }
+        let layer = st.next_layer;
+        let mut base = st.layers[&snap.layer];
+        base.refs += 1;
+        let rec = VolumeRecord {
+            geometry: snap.geometry.clone(),
+            top: layer,
+            seq: 0,
+        };
+        let txn = self.inner.db.begin_write()?;
+        {
+            txn.open_table(META)?.insert("next_layer", layer + 1)?;
+            let mut layers = txn.open_table(LAYERS)?;
+            layers.insert(snap.layer, (base.parent, base.refs))?;
+            layers.insert(layer, (snap.layer, 1))?;
+            txn.open_table(VOLUMES)?
+                .insert(new_name, rec.encode().as_slice())?;
+        }
+        txn.commit()?;
+        st.next_layer = layer + 1;
+        st.layers.insert(snap.layer, base);
+        st.layers.insert(
+            layer,
+            Layer {
+                parent: snap.layer,
+                refs: 1,
+            },
+        );
+        st.volumes.insert(new_name.to_owned(), rec);
+        Ok(Volume {
+            store: self.clone(),
+            name: new_name.to_owned(),
+        })
+    }
+
+    /// Applies a write or trim shipped by the primary (see [`Volume::write_replicated`]).
+    /// Idempotent: an operation whose sequence number is not newer than the volume's is
+    /// acknowledged as [`ApplyOutcome::Duplicate`] without touching data.
+    pub fn apply_replica(
+        &self,
+        op: &crate::replication::ReplicaOp,
+    ) -> Result<crate::replication::ApplyOutcome> {
+        use crate::replication::{ApplyOutcome, ReplicaPayload};
+        if op.seq == 0 {
+            return Err(StorageError::invalid(
+                "seq",
+                "replica sequence numbers start at 1",
+            ));
+        }
+        let mut st = self.write_state();
+        let rec = st
+            .volumes
+            .get(&op.volume)
+            .ok_or_else(|| StorageError::UnknownVolume {
+                name: op.volume.clone(),
+            })?;
+        if op.seq <= rec.seq {
+            return Ok(ApplyOutcome::Duplicate {
+                volume_seq: rec.seq,
+            });
+        }
+        match &op.payload {
+            ReplicaPayload::Write { data, checksums } => {
+                check_io(&op.volume, rec.geometry.size, op.offset, data.len() as u64)?;
+                let actual = crc_blocks(data);
+                if actual.len() != checksums.len() {
+                    return Err(StorageError::invalid(
+                        "checksums",
+                        format!("{} checksums for {} blocks", checksums.len(), actual.len()),
+                    ));
+                }
+                if let Some(i) = actual.iter().zip(checksums).position(|(a, b)| a != b) {
+                    return Err(StorageError::invalid(
+                        "data",
+                        format!(
+                            "block at offset {} does not match its shipped crc32c (corrupted in transit)",
+                            op.offset + i as u64 * BLOCK_SIZE
+                        ),
+                    ));
+                }
+                self.write_locked(
+                    &mut st,
+                    &op.volume,
+                    op.offset,
+                    data,
+                    &actual,
+                    WriteMode::Normal,
+                    Some(op.seq),
+                )?;
+            }
+            ReplicaPayload::Trim { length } => {
+                check_range(&op.volume, rec.geometry.size, op.offset, *length)?;
+                self.trim_locked(&mut st, &op.volume, op.offset, *length, Some(op.seq))?;
+            }
+        }
+        Ok(ApplyOutcome::Applied { volume_seq: op.seq })
+    }
+
+    /// Reads `buf.len()` bytes at `offset` as seen from layer `top`, verifying checksums.
+    fn read_layer(
+        &self,
+        st: &State,
+        label: &str,
+        top: u64,
+        geometry: &Geometry,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        check_io(label, geometry.size, offset, buf.len() as u64)?;
+        let su = geometry.stripe_unit;
+        let plan = pieces(offset, buf.len() as u64, su);
+        let mut located = Vec::with_capacity(plan.len());
+        {
+            let mut ops = Vec::with_capacity(plan.len());
+            let mut rest: &mut [u8] = buf;
+            for piece in &plan {
+                let (head, tail) = rest.split_at_mut(piece.len as usize);
+                rest = tail;
+                match st.resolve(top, piece.stripe) {
+                    Some(Extent::At { disk, offset: base }) => {
+                        let d = &st.disks[&disk];
+                        ops.push(IoOp::Read {
+                            file: &d.file,
+                            offset: base + piece.within,
+                            buf: head,
+                        });
+                        located.push(Some((disk, base + piece.within)));
+                    }
+                    _ => {
+                        head.fill(0);
+                        located.push(None);
+                    }
+                }
+            }
+            self.inner
+                .engine
+                .run(&mut ops)
+                .map_err(io_err(format!("reading volume `{label}`")))?;
+        }
+        let txn = self.inner.db.begin_read()?;
+        let crcs = txn.open_table(CRCS)?;
+        let pending = txn.open_table(PENDING)?;
+        for (piece, loc) in plan.iter().zip(located) {
+            let Some((disk, phys)) = loc else { continue };
+            let first = phys / BLOCK_SIZE;
+            let n = piece.len / BLOCK_SIZE;
+            let mut stored: BTreeMap<u64, u32> = BTreeMap::new();
+            for row in crcs.range((disk, first)..(disk, first + n))? {
+                let (k, v) = row?;
+                stored.insert(k.value().1, v.value());
+            }
+            let data = &mut buf[piece.buf_off..piece.buf_off + piece.len as usize];
+            for (i, block) in data.chunks_mut(BLOCK_SIZE as usize).enumerate() {
+                let pblock = first + i as u64;
+                let Some(&expected) = stored.get(&pblock) else {
+                    // Allocated but never written (or trimmed): thin space reads as zeros.
+                    block.fill(0);
+                    continue;
+                };
+                let actual = crc32c::crc32c(block);
+                if actual == expected {
+                    continue;
+                }
+                if pending
+                    .get((disk, pblock))?
+                    .is_some_and(|p| p.value() == actual)
+                {
+                    continue;
+                }
+                return Err(StorageError::ChecksumMismatch {
+                    volume: label.to_owned(),
+                    offset: piece.stripe * su + piece.within + i as u64 * BLOCK_SIZE,
+                    disk: st.disk_name(disk),
+                    physical_offset: pblock * BLOCK_SIZE,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The shared write path; see the module docs for the ordering.
+    #[allow(clippy::too_many_arguments)]
+    fn write_locked(
+        &self,
+        st: &mut State,
+        volume: &str,
+        offset: u64,
+        data: &[u8],
+        block_crcs: &[u32],
+        mode: WriteMode,
+        replica_seq: Option<u64>,
+    ) -> Result<u64> {
+        let mut rec = st
+            .volumes
+            .get(volume)
+            .ok_or_else(|| StorageError::UnknownVolume {
+                name: volume.to_owned(),
+            })?
+            .clone();
+        let geometry = rec.geometry.clone();
+        check_io(volume, geometry.size, offset, data.len() as u64)?;
+        let su = geometry.stripe_unit;
+        let plan = pieces(offset, data.len() as u64, su);
+        let saved: BTreeMap<u32, Allocator> = st
+            .disks
+            .iter()
+            .map(|(&id, d)| (id, d.alloc.clone()))
+            .collect();
+        let restore = |st: &mut State| {
+            for (id, alloc) in &saved {
+                if let Some(d) = st.disks.get_mut(id) {
+                    d.alloc = alloc.clone();
+                }
+            }
+        };
+
+        // Where every piece goes, and what must be copied from an ancestor first.
+        let mut new_extents: Vec<(u64, Extent)> = Vec::new();
+        let mut writes: Vec<(u32, u64, usize, usize)> = Vec::new(); // disk, phys, buf range
+        let mut crc_updates: Vec<((u32, u64), u32)> = Vec::new();
+        let mut overwrites: Vec<((u32, u64), u32)> = Vec::new();
+        let mut copies: Vec<(u32, u64, u32, u64, u64)> = Vec::new(); // src disk, src off, dst disk, dst off, len
+        let txn = self.inner.db.begin_read()?;
+        let crcs = txn.open_table(CRCS)?;
+        for piece in &plan {
+            let in_top = st.extents.get(&(rec.top, piece.stripe)).copied();
+            let target = match (mode, in_top) {
+                (_, Some(Extent::At { disk, offset })) => Some((disk, offset)),
+                (WriteMode::Repair, None) => match st.resolve(st.parent(rec.top), piece.stripe) {
+                    Some(Extent::At { disk, offset }) => Some((disk, offset)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let (disk, base) = match target {
+                Some(t) => t,
+                None => {
+                    let column =
+                        geometry.columns[(piece.stripe % geometry.columns.len() as u64) as usize];
+                    let d = st
+                        .disks
+                        .get_mut(&column)
+                        .ok_or_else(|| StorageError::UnknownDisk {
+                            name: format!("#{column}"),
+                        })?;
+                    let Some(base) = d.alloc.allocate(su) else {
+                        let disk = d.name.clone();
+                        restore(st);
+                        return Err(StorageError::NoSpace { disk, needed: su });
+                    };
+                    new_extents.push((
+                        piece.stripe,
+                        Extent::At {
+                            disk: column,
+                            offset: base,
+                        },
+                    ));
+                    // Copy-on-write: blocks of the unit this write does not cover come from
+                    // the ancestor, raw with their checksums (a bad block stays detectable).
+                    if in_top.is_none()
+                        && let Some(Extent::At {
+                            disk: src_disk,
+                            offset: src,
+                        }) = st.resolve(st.parent(rec.top), piece.stripe)
+                    {
+                        let (lo, hi) = (
+                            piece.within / BLOCK_SIZE,
+                            (piece.within + piece.len) / BLOCK_SIZE,
+                        );
+                        let mut run: Option<(u64, u64)> = None;
+                        for row in crcs.range(
+                            (src_disk, src / BLOCK_SIZE)..(src_disk, (src + su) / BLOCK_SIZE),
+                        )? {
+                            let (k, v) = row?;
+                            let idx = k.value().1 - src / BLOCK_SIZE;
+                            if (lo..hi).contains(&idx) {
+                                continue;
+                            }
+                            crc_updates.push(((column, base / BLOCK_SIZE + idx), v.value()));
+                            run = match run {
+                                Some((start, len)) if start + len == idx => Some((start, len + 1)),
+                                Some((start, len)) => {
+                                    copies.push((
+                                        src_disk,
+                                        src + start * BLOCK_SIZE,
+                                        column,
+                                        base + start * BLOCK_SIZE,
+                                        len * BLOCK_SIZE,
+                                    ));
+                                    Some((idx, 1))
+                                }
+                                None => Some((idx, 1)),
+                            };
+                        }
+                        if let Some((start, len)) = run {
+                            copies.push((
+                                src_disk,
+                                src + start * BLOCK_SIZE,
+                                column,
+                                base + start * BLOCK_SIZE,
+                                len * BLOCK_SIZE,
+                            ));
+                        }
+                    }
+                    (column, base)
+                }
+            };
+            let phys = base + piece.within;
+            writes.push((
+                disk,
+                phys,
+                piece.buf_off,
+                piece.buf_off + piece.len as usize,
+            ));
+            let first_crc = piece.buf_off / BLOCK_SIZE as usize;
+            let existing: BTreeSet<u64> = if target.is_some() {
+                crcs.range((disk, phys / BLOCK_SIZE)..(disk, (phys + piece.len) / BLOCK_SIZE))?
+                    .map(|r| r.map(|(k, _)| k.value().1))
+                    .collect::<Result<_, _>>()?
+            } else {
+                BTreeSet::new()
+            };
+            for i in 0..piece.len / BLOCK_SIZE {
+                let key = (disk, phys / BLOCK_SIZE + i);
+                let crc = block_crcs[first_crc + i as usize];
+                if existing.contains(&key.1) {
+                    overwrites.push((key, crc));
+                }
+                crc_updates.push((key, crc));
+            }
+        }
+        drop(crcs);
+        drop(txn);
+
+        let result = self.write_data(st, volume, &overwrites, &copies, &writes, data);
+        if let Err(e) = result {
+            restore(st);
+            return Err(e);
+        }
+
+        rec.seq = replica_seq.unwrap_or(rec.seq + 1);
+        let touched: BTreeSet<u32> = new_extents
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Extent::At { disk, .. } => Some(*disk),
+                Extent::Zero => None,
+            })
+            .collect();
+        let commit = || -> Result<()> {
+            let txn = self.inner.db.begin_write()?;
+            {
+                let mut extents = txn.open_table(EXTENTS)?;
+                for (stripe, extent) in &new_extents {
+                    extents.insert((rec.top, *stripe), extent.to_raw())?;
+                }
+                let mut crcs = txn.open_table(CRCS)?;
+                for (key, crc) in &crc_updates {
+                    crcs.insert(*key, *crc)?;
+                }
+                let mut pending = txn.open_table(PENDING)?;
+                for (key, _) in &overwrites {
+                    pending.remove(*key)?;
+                }
+                txn.open_table(VOLUMES)?
+                    .insert(volume, rec.encode().as_slice())?;
+            }
+            let rows: BTreeMap<u32, Allocator> = touched
+                .iter()
+                .map(|id| (*id, st.disks[id].alloc.clone()))
+                .collect();
+            write_disk_rows(&txn, st, &rows)?;
+            txn.commit()?;
+            Ok(())
+        };
+        if let Err(e) = commit() {
+            restore(st);
+            return Err(e);
+        }
+        for (stripe, extent) in new_extents {
+            st.extents.insert((rec.top, stripe), extent);
+        }
+        let seq = rec.seq;
+        st.volumes.insert(volume.to_owned(), rec);
+        Ok(seq)
+    }
+
+    /// Steps 2 and 3 of the write ordering: pending checksums, then data, then fdatasync.
+    fn write_data(
+        &self,
+        st: &State,
+        volume: &str,
+        overwrites: &[((u32, u64), u32)],
+        copies: &[(u32, u64, u32, u64, u64)],
+        writes: &[(u32, u64, usize, usize)],
+        data: &[u8],
+    ) -> Result<()> {
+        if !overwrites.is_empty() {
+            let txn = self.inner.db.begin_write()?;
+            {
+                let mut pending = txn.open_table(PENDING)?;
+                for (key, crc) in overwrites {
+                    pending.insert(*key, *crc)?;
+                }
+            }
+            txn.commit()?;
+        }
+        let mut copy_bufs: Vec<Vec<u8>> = copies.iter().map(|c| vec![0u8; c.4 as usize]).collect();
+        if !copies.is_empty() {
+            let mut ops: Vec<IoOp<'_>> = copies
+                .iter()
+                .zip(copy_bufs.iter_mut())
+                .map(|(c, buf)| IoOp::Read {
+                    file: &st.disks[&c.0].file,
+                    offset: c.1,
+                    buf,
+                })
+                .collect();
+            self.inner
+                .engine
+                .run(&mut ops)
+                .map_err(io_err(format!("copying on write for volume `{volume}`")))?;
+        }
+        let mut ops: Vec<IoOp<'_>> = Vec::with_capacity(writes.len() + copies.len());
+        let mut touched: BTreeSet<u32> = BTreeSet::new();
+        for (c, buf) in copies.iter().zip(copy_bufs.iter()) {
+            ops.push(IoOp::Write {
+                file: &st.disks[&c.2].file,
+                offset: c.3,
+                buf,
+            });
+            touched.insert(c.2);
+        }
+        for &(disk, phys, from, to) in writes {
+            ops.push(IoOp::Write {
+                file: &st.disks[&disk].file,
+                offset: phys,
+                buf: &data[from..to],
+            });
+            touched.insert(disk);
+        }
+        let map_write_err = |e: io::Error, what: &str| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                let disk = touched
+                    .iter()
+                    .next()
+                    .map_or_else(String::new, |&d| st.disk_name(d));
+                StorageError::NoSpace {
+                    disk,
+                    needed: data.len() as u64,
+                }
+            } else {
+                StorageError::io(format!("{what} volume `{volume}`"), e)
+            }
+        };
+        self.inner
+            .engine
+            .run(&mut ops)
+            .map_err(|e| map_write_err(e, "writing"))?;
+        let files: Vec<&File> = touched.iter().map(|d| &st.disks[d].file).collect();
+        self.inner
+            .engine
+            .sync_data(&files)
+            .map_err(|e| map_write_err(e, "syncing"))?;
+        Ok(())
+    }
+
+    /// Trims a block-aligned range of a volume; see [`Volume::trim`].
+    fn trim_locked(
+        &self,
+        st: &mut State,
+        volume: &str,
+        offset: u64,
+        len: u64,
+        replica_seq: Option<u64>,
+    ) -> Result<u64> {
+        let mut rec = st
+            .volumes
+            .get(volume)
+            .ok_or_else(|| StorageError::UnknownVolume {
+                name: volume.to_owned(),
+            })?
+            .clone();
+        check_range(volume, rec.geometry.size, offset, len)?;
+        let su = rec.geometry.stripe_unit;
+        let top = rec.top;
+        let mut set_extent: Vec<(u64, Extent)> = Vec::new();
+        let mut drop_extent: Vec<u64> = Vec::new();
+        let mut drop_crcs: Vec<(u32, u64, u64)> = Vec::new(); // disk, first block, end block
+        let mut freed: Vec<(u32, u64)> = Vec::new();
+        for piece in pieces(offset, len, su) {
+            let in_top = st.extents.get(&(top, piece.stripe)).copied();
+            let below = st.resolve(st.parent(top), piece.stripe);
+            let whole = piece.len == su;
+            match in_top {
+                Some(Extent::At { disk, offset: base }) if whole => {
+                    freed.push((disk, base));
+                    drop_crcs.push((disk, base / BLOCK_SIZE, (base + su) / BLOCK_SIZE));
+                    if matches!(below, Some(Extent::At { .. })) {
+                        set_extent.push((piece.stripe, Extent::Zero));
+                    } else {
+                        drop_extent.push(piece.stripe);
+                    }
+                }
+                Some(Extent::At { disk, offset: base }) => {
+                    let first = (base + piece.within) / BLOCK_SIZE;
+                    drop_crcs.push((disk, first, first + piece.len / BLOCK_SIZE));
+                }
+                None if whole && matches!(below, Some(Extent::At { .. })) => {
+                    set_extent.push((piece.stripe, Extent::Zero))
+                }
+                // Already zero, or a partial unit still shared with a snapshot: trim is
+                // advisory there and the data stays (NBD allows either).
+                _ => {}
+            }
+        }
+        rec.seq = replica_seq.unwrap_or(rec.seq + 1);
+        let mut next_disks: BTreeMap<u32, Allocator> = BTreeMap::new();
+        for &(disk, base) in &freed {
+            next_disks
+                .entry(disk)
+                .or_insert_with(|| st.disks[&disk].alloc.clone())
+                .release(base, su);
+        }
+        let txn = self.inner.db.begin_write()?;
+        {
+            let mut extents = txn.open_table(EXTENTS)?;
+            for (stripe, extent) in &set_extent {
+                extents.insert((top, *stripe), extent.to_raw())?;
+            }
+            for stripe in &drop_extent {
+                extents.remove((top, *stripe))?;
+            }
+            let mut crcs = txn.open_table(CRCS)?;
+            let mut pending = txn.open_table(PENDING)?;
+            for &(disk, first, end) in &drop_crcs {
+                crcs.retain_in((disk, first)..(disk, end), |_, _| false)?;
+                pending.retain_in((disk, first)..(disk, end), |_, _| false)?;
+            }
+            txn.open_table(VOLUMES)?
+                .insert(volume, rec.encode().as_slice())?;
+            write_disk_rows(&txn, st, &next_disks)?;
+        }
+        txn.commit()?;
+        for (disk, alloc) in next_disks {
+            if let Some(d) = st.disks.get_mut(&disk) {
+                d.alloc = alloc;
+            }
+        }
+        for (stripe, extent) in set_extent {
+            st.extents.insert((top, stripe), extent);
+        }
+        for stripe in drop_extent {
+            st.extents.remove(&(top, stripe));
+        }
+        let seq = rec.seq;
+        st.volumes.insert(volume.to_owned(), rec);
+        Ok(seq)
+    }
+}
+
+fn volume_info(st: &State, name: &str, rec: &VolumeRecord) -> VolumeInfo {
+    let owned = st
+        .extents
+        .range((rec.top, 0)..=(rec.top, u64::MAX))
+        .filter(|(_, e)| matches!(e, Extent::At { .. }))
+        .count() as u64;
+    VolumeInfo {
+        name: name.to_owned(),
+        size: rec.geometry.size,
+        stripe_unit: rec.geometry.stripe_unit,
+        columns: rec
+            .geometry
+            .columns
+            .iter()
+            .map(|&c| st.disk_name(c))
+            .collect(),
+        seq: rec.seq,
+        allocated: owned * rec.geometry.stripe_unit,
+    }
+}
+
+/// The parts of [`State`] a layer release changes, built aside so a failed commit changes
+/// nothing in memory.
+#[derive(Debug)]
+struct ReleasePlan {
+    layers: BTreeMap<u64, Layer>,
+    removed_extents: Vec<(u64, u64)>,
+    /// Allocators of the disks that got space back.
+    disks: BTreeMap<u32, Allocator>,
+}
+
+impl ReleasePlan {
+    fn new(st: &State) -> Self {
+        ReleasePlan {
+            layers: st.layers.clone(),
+            removed_extents: Vec::new(),
+            disks: BTreeMap::new(),
+        }
+    }
+
+    fn apply(self, st: &mut State) {
+        st.layers = self.layers;
+        for key in self.removed_extents {
+            st.extents.remove(&key);
+        }
+        for (id, alloc) in self.disks {
+            if let Some(d) = st.disks.get_mut(&id) {
+                d.alloc = alloc;
+            }
+        }
+    }
+}
+
+/// Drops one reference on `layer`; a layer nobody references any more is freed with its
+/// extents and checksums, and its parent loses a reference in turn.
+fn release_layer(
+    plan: &mut ReleasePlan,
+    st: &State,
+    txn: &redb::WriteTransaction,
+    mut layer: u64,
+) -> Result<()> {
+    let su = extent_size(st, layer);
+    let mut layers_table = txn.open_table(LAYERS)?;
+    let mut extents_table = txn.open_table(EXTENTS)?;
+    let mut crcs = txn.open_table(CRCS)?;
+    let mut pending = txn.open_table(PENDING)?;
+    while layer != 0 {
+        let Some(entry) = plan.layers.get_mut(&layer) else {
+            break;
+        };
+        entry.refs -= 1;
+        if entry.refs > 0 {
+            layers_table.insert(layer, (entry.parent, entry.refs))?;
+            break;
+        }
+        let parent = entry.parent;
+        plan.layers.remove(&layer);
+        layers_table.remove(layer)?;
+        for (&(l, stripe), extent) in st.extents.range((layer, 0)..=(layer, u64::MAX)) {
+            plan.removed_extents.push((l, stripe));
+            extents_table.remove((l, stripe))?;
+            if let Extent::At { disk, offset } = *extent {
+                let blocks = (disk, offset / BLOCK_SIZE)..(disk, (offset + su) / BLOCK_SIZE);
+                crcs.retain_in(blocks.clone(), |_, _| false)?;
+                pending.retain_in(blocks, |_, _| false)?;
+                plan.disks
+                    .entry(disk)
+                    .or_insert_with(|| st.disks[&disk].alloc.clone())
+                    .release(offset, su);
+            }
+        }
+        layer = parent;
+    }
+    Ok(())
+}
+
+/// The stripe unit of the chain `layer` belongs to (every layer of a chain shares it).
+fn extent_size(st: &State, layer: u64) -> u64 {
+    let reaches = |mut l: u64| {
+        while l != 0 {
+            if l == layer {
+                return true;
+            }
+            l = st.parent(l);
+        }
+        false
+    };
+    st.volumes
+        .values()
+        .map(|v| (v.top, v.geometry.stripe_unit))
+        .chain(
+            st.snapshots
+                .values()
+                .map(|s| (s.layer, s.geometry.stripe_unit)),
+        )
+        .find(|&(top, _)| reaches(top))
+        .map_or(BLOCK_SIZE, |(_, su)| su)
+}
+
+fn write_disk_rows(
+    txn: &redb::WriteTransaction,
+    st: &State,
+    rows: &BTreeMap<u32, Allocator>,
+) -> Result<()> {
+    let mut disks = txn.open_table(DISKS)?;
+    let mut free_table = txn.open_table(FREE)?;
+    for (&id, alloc) in rows {
+        let Some(d) = st.disks.get(&id) else { continue };
+        disks.insert(id, d.record(alloc).encode().as_slice())?;
+        free_table.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        for (&offset, &len) in &alloc.free {
+            free_table.insert((id, offset), len)?;
+        }
+    }
+    Ok(())
+}
+
+/// A writable volume. Cheap to clone; operations fail with
+/// [`StorageError::UnknownVolume`] once the volume is deleted.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    store: Store,
+    name: String,
+}
+
+impl Volume {
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn record(&self, st: &State) -> Result<VolumeRecord> {
+        st.volumes
+            .get(&self.name)
+            .cloned()
+            .ok_or_else(|| StorageError::UnknownVolume {
+                name: self.name.clone(),
+            })
+    }
+
+    /// Size, geometry, sequence number and allocation.
+    pub fn info(&self) -> Result<VolumeInfo> {
+        let st = self.store.read_state();
+        let rec = self.record(&st)?;
+        Ok(volume_info(&st, &self.name, &rec))
+    }
+
+    /// Reads `buf.len()` bytes at `offset`; both multiples of [`BLOCK_SIZE`]. Unwritten
+    /// space reads as zeros; a block failing its checksum gives
+    /// [`StorageError::ChecksumMismatch`].
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.store.read_state();
+        let rec = self.record(&st)?;
+        self.store
+            .read_layer(&st, &self.name, rec.top, &rec.geometry, offset, buf)
+    }
+
+    /// Writes `data` at `offset` (both multiples of [`BLOCK_SIZE`]); durable on return.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<WriteReceipt> {
+        let crcs = crc_blocks(data);
+        let mut st = self.store.write_state();
+        let seq = self.store.write_locked(
+            &mut st,
+            &self.name,
+            offset,
+            data,
+            &crcs,
+            WriteMode::Normal,
+            None,
+        )?;
+        Ok(WriteReceipt { seq })
+    }
+
+    /// Writes `data` locally like [`Volume::write_at`] and returns the operation to ship to
+    /// the replicas, which apply it with [`Store::apply_replica`].
+    pub fn write_replicated(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<crate::replication::ReplicaOp> {
+        let checksums = crc_blocks(&data);
+        let mut st = self.store.write_state();
+        let seq = self.store.write_locked(
+            &mut st,
+            &self.name,
+            offset,
+            &data,
+            &checksums,
+            WriteMode::Normal,
+            None,
+        )?;
+        Ok(crate::replication::ReplicaOp {
+            volume: self.name.clone(),
+            seq,
+            offset,
+            payload: crate::replication::ReplicaPayload::Write { data, checksums },
+        })
+    }
+
+    /// Writes zeros over a range (allocating like any write).
+    pub fn write_zeroes(&self, offset: u64, length: u64) -> Result<WriteReceipt> {
+        check_io(&self.name, self.info()?.size, offset, length)?;
+        let data = vec![0u8; length as usize];
+        self.write_at(offset, &data)
+    }
+
+    /// Discards a range: whole stripe units owned by the volume are freed and read as
+    /// zeros, blocks inside owned units read as zeros; ranges still shared with a
+    /// snapshot inside a partially covered unit are left as they are (trim is advisory).
+    pub fn trim(&self, offset: u64, length: u64) -> Result<WriteReceipt> {
+        let mut st = self.store.write_state();
+        let seq = self
+            .store
+            .trim_locked(&mut st, &self.name, offset, length, None)?;
+        Ok(WriteReceipt { seq })
+    }
+
+    /// Trims like [`Volume::trim`] and returns the operation to ship to the replicas.
+    pub fn trim_replicated(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<crate::replication::ReplicaOp> {
+        let seq = self.trim(offset, length)?.seq;
+        Ok(crate::replication::ReplicaOp {
+            volume: self.name.clone(),
+            seq,
+            offset,
+            payload: crate::replication::ReplicaPayload::Trim { length },
+        })
+    }
+
+    /// Every acknowledged write is already durable; this syncs the volume's disks again
+    /// for callers (NBD FLUSH) that want an explicit barrier.
+    pub fn flush(&self) -> Result<()> {
+        let st = self.store.read_state();
+        let rec = self.record(&st)?;
+        let files: Vec<&File> = rec
+            .geometry
+            .columns
+            .iter()
+            .filter_map(|c| st.disks.get(c))
+            .map(|d| &d.file)
+            .collect();
+        self.store
+            .inner
+            .engine
+            .sync_data(&files)
+            .map_err(io_err(format!("flushing volume `{}`", self.name)))
+    }
+
+    /// Reads a range for a peer that is repairing it: the data plus per-block crc32c, so
+    /// the receiver can check it end to end. Fails like [`Volume::read_at`] if this copy
+    /// is bad too.
+    pub fn read_for_repair(
+        &self,
+        offset: u64,
+        length: u64,
+    ) -> Result<crate::replication::RepairData> {
+        check_io(&self.name, self.info()?.size, offset, length)?;
+        let mut data = vec![0u8; length as usize];
+        self.read_at(offset, &mut data)?;
+        let checksums = crc_blocks(&data);
+        Ok(crate::replication::RepairData {
+            offset,
+            data,
+            checksums,
+        })
+    }
+
+    /// Overwrites blocks with good data from a replica, in place wherever they live (also
+    /// in extents shared with snapshots, whose content is by construction the same).
+    /// Bypasses checksum verification of the old data; does not change the sequence number.
+    pub fn repair(&self, repair: &crate::replication::RepairData) -> Result<()> {
+        let actual = crc_blocks(&repair.data);
+        if actual != repair.checksums {
+            return Err(StorageError::invalid(
+                "checksums",
+                "repair data does not match its crc32c (corrupted in transit)",
+            ));
+        }
+        let mut st = self.store.write_state();
+        let rec = self.record(&st)?;
+        let seq = rec.seq;
+        self.store.write_locked(
+            &mut st,
+            &self.name,
+            repair.offset,
+            &repair.data,
+            &actual,
+            WriteMode::Repair,
+            Some(seq),
+        )?;
+        Ok(())
+    }
+
+    /// Reads the whole volume and lists every block that fails its checksum.
+    pub fn scrub(&self) -> Result<Vec<BadBlock>> {
+        let info = self.info()?;
+        let mut bad = Vec::new();
+        let chunk = info.stripe_unit.clamp(1 << 20, MAX_IO);
+        let mut offset = 0;
+        while offset < info.size {
+            let len = chunk.min(info.size - offset);
+            let mut buf = vec![0u8; len as usize];
+            match self.read_at(offset, &mut buf) {
+                Ok(()) => offset += len,
+                Err(StorageError::ChecksumMismatch { .. }) if len > BLOCK_SIZE => {
+                    // Narrow down block by block.
+                    let mut block = vec![0u8; BLOCK_SIZE as usize];
+                    for b in (offset..offset + len).step_by(BLOCK_SIZE as usize) {
+                        if let Err(StorageError::ChecksumMismatch {
+                            disk,
+                            physical_offset,
+                            ..
+                        }) = self.read_at(b, &mut block)
+                        {
+                            bad.push(BadBlock {
+                                offset: b,
+                                disk,
+                                physical_offset,
+                            });
+                        }
+                    }
+                    offset += len;
+                }
+                Err(StorageError::ChecksumMismatch {
+                    disk,
+                    physical_offset,
+                    ..
+                }) => {
+                    bad.push(BadBlock {
+                        offset,
+                        disk,
+                        physical_offset,
+                    });
+                    offset += len;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Where the block at `offset` is stored, or `None` if it is unallocated.
+    pub fn locate(&self, offset: u64) -> Result<Option<Location>> {
+        let st = self.store.read_state();
+        let rec = self.record(&st)?;
+        check_range(
+            &self.name,
+            rec.geometry.size,
+            offset - offset % BLOCK_SIZE,
+            BLOCK_SIZE,
+        )?;
+        let su = rec.geometry.stripe_unit;
+        Ok(match st.resolve(rec.top, offset / su) {
+            Some(Extent::At { disk, offset: base }) => {
+                let d = &st.disks[&disk];
+                Some(Location {
+                    disk: d.name.clone(),
+                    path: d.path.clone(),
+                    physical_offset: base + offset % su,
+                })
+            }
+            _ => None,
+        })
+    }
+}
+
+/// A read-only snapshot of a volume.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    store: Store,
+    volume: String,
+    name: String,
+}
+
+impl Snapshot {
+    /// `volume@snapshot`.
+    pub fn label(&self) -> String {
+        format!("{}@{}", self.volume, self.name)
+    }
+
+    fn record(&self, st: &State) -> Result<SnapshotRecord> {
+        st.snapshots
+            .get(&(self.volume.clone(), self.name.clone()))
+            .cloned()
+            .ok_or_else(|| StorageError::UnknownSnapshot {
+                volume: self.volume.clone(),
+                snapshot: self.name.clone(),
+            })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> Result<u64> {
+        Ok(self.record(&self.store.read_state())?.geometry.size)
+    }
+
+    /// Reads like [`Volume::read_at`], as the volume was when the snapshot was taken.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let st = self.store.read_state();
+        let rec = self.record(&st)?;
+        self.store
+            .read_layer(&st, &self.label(), rec.layer, &rec.geometry, offset, buf)
+    }
+}

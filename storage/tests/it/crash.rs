@@ -1,0 +1,189 @@
+//! Crash safety: `kill -9` mid-stream, and full disks.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+
+use storage::{EngineKind, StorageError, Store, StoreOptions};
+
+use crate::{check_read, pattern, spec, store_with_disks};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1 << 20;
+const CHILD_ENV: &str = "CAIRN_STORAGE_CRASH_CHILD_DIR";
+const VOLUME_SIZE: u64 = 4 * MIB;
+const SNAPSHOT_AFTER: u64 = 100;
+
+/// Operation `i` of the stream: offset and data. Offsets wrap so later writes overwrite
+/// earlier ones in place, and lengths vary so writes straddle stripe units.
+fn op(i: u64) -> (u64, Vec<u8>) {
+    let offset = (i % 96) * 20 * KIB;
+    let len = 4096 * (1 + i % 3) as usize;
+    (offset, pattern(1000 + i, len))
+}
+
+/// The volume content after operations `0..n`.
+fn model(n: u64) -> Vec<u8> {
+    let mut content = vec![0u8; VOLUME_SIZE as usize];
+    for i in 0..n {
+        let (offset, data) = op(i);
+        content[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+    }
+    content
+}
+
+fn child(dir: &str) {
+    let store = Store::open(dir, StoreOptions::default()).expect("child opens store");
+    let vol = store.volume("stream").expect("volume exists");
+    let mut out = std::io::stdout().lock();
+    for i in 0.. {
+        if i == SNAPSHOT_AFTER {
+            store.create_snapshot("stream", "mid").expect("snapshot");
+            writeln!(out, "snap")
+                .and_then(|()| out.flush())
+                .expect("parent listens");
+        }
+        let (offset, data) = op(i);
+        vol.write_at(offset, &data).expect("write");
+        writeln!(out, "ack {i}")
+            .and_then(|()| out.flush())
+            .expect("parent listens");
+    }
+}
+
+#[test]
+fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        child(&dir);
+        return;
+    }
+    let (dir, store) = store_with_disks(2, 16 * MIB, EngineKind::Auto);
+    store
+        .create_volume(&spec("stream", VOLUME_SIZE, 16 * KIB, 2))
+        .unwrap();
+    drop(store);
+
+    // Kill at a point that varies from run to run.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let kill_after = 150 + u64::from(nanos % 150);
+    let mut proc = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash::kill_9_during_a_write_stream_loses_no_acknowledged_write",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = proc.stdout.take().unwrap();
+    let mut acked: Option<u64> = None;
+    let mut snap_acked = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        if line == "snap" {
+            snap_acked = true;
+        } else if let Some(n) = line.strip_prefix("ack ") {
+            let n: u64 = n.parse().unwrap();
+            acked = Some(n);
+            if n >= kill_after {
+                proc.kill().unwrap(); // SIGKILL
+                break;
+            }
+        }
+    }
+    let status = proc.wait().unwrap();
+    assert!(!status.success(), "the child was killed, not finished");
+    let acked = acked.expect("the child acknowledged writes before it was killed");
+    assert!(acked >= kill_after);
+
+    eprintln!(
+        "child killed with SIGKILL after acknowledging op {acked} (snapshot acknowledged: {snap_acked})"
+    );
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let vol = store.volume("stream").unwrap();
+    let mut actual = vec![0u8; VOLUME_SIZE as usize];
+    vol.read_at(0, &mut actual)
+        .expect("every block verifies its checksum after the crash");
+    assert!(vol.scrub().unwrap().is_empty());
+    // Every acknowledged write is there. The write in flight at the kill may have landed
+    // block by block or not at all, nothing else.
+    let old = model(acked + 1);
+    let new = model(acked + 2);
+    for (b, ((a, o), n)) in actual
+        .chunks(4096)
+        .zip(old.chunks(4096))
+        .zip(new.chunks(4096))
+        .enumerate()
+    {
+        assert!(
+            a == o || a == n,
+            "block {b} lost an acknowledged write (acked up to op {acked})"
+        );
+    }
+    if snap_acked {
+        let mut snap = vec![0u8; VOLUME_SIZE as usize];
+        store
+            .snapshot("stream", "mid")
+            .unwrap()
+            .read_at(0, &mut snap)
+            .unwrap();
+        assert!(
+            snap == model(SNAPSHOT_AFTER),
+            "the snapshot holds the state at the time it was taken"
+        );
+    }
+    // The store keeps working after recovery.
+    let (offset, data) = op(acked + 2);
+    vol.write_at(offset, &data).unwrap();
+    check_read(&vol, offset, &data);
+}
+
+#[test]
+fn a_full_disk_gives_no_space_and_corrupts_nothing() {
+    // Four 64 KiB extents fit on the disk.
+    let (dir, store) = store_with_disks(1, 256 * KIB, EngineKind::Auto);
+    let vol = store
+        .create_volume(&spec("v", 2 * MIB, 64 * KIB, 1))
+        .unwrap();
+    let first = pattern(50, 256 * KIB as usize);
+    vol.write_at(0, &first).unwrap();
+    let seq = vol.info().unwrap().seq;
+
+    match vol.write_at(MIB, &pattern(51, 4096)) {
+        Err(StorageError::NoSpace { disk, needed }) => {
+            assert_eq!(disk, "d0");
+            assert_eq!(needed, 64 * KIB);
+        }
+        other => panic!("expected NoSpace, got {other:?}"),
+    }
+    // A write half in an existing extent and half in a new one fails as a whole.
+    assert!(matches!(
+        vol.write_at(192 * KIB, &pattern(52, 128 * KIB as usize)),
+        Err(StorageError::NoSpace { .. })
+    ));
+    check_read(&vol, 0, &first);
+    check_read(&vol, 256 * KIB, &vec![0u8; 128 * KIB as usize]);
+    assert_eq!(
+        vol.info().unwrap().seq,
+        seq,
+        "failed writes are not sequenced"
+    );
+    assert_eq!(store.disks()[0].allocated, 256 * KIB);
+
+    // Space freed by a trim is usable again, and all of it survives a reopen.
+    vol.trim(0, 64 * KIB).unwrap();
+    vol.write_at(MIB, &pattern(51, 4096)).unwrap();
+    drop((vol, store));
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let vol = store.volume("v").unwrap();
+    check_read(&vol, 0, &vec![0u8; 64 * KIB as usize]);
+    check_read(&vol, 64 * KIB, &first[64 * KIB as usize..]);
+    check_read(&vol, MIB, &pattern(51, 4096));
+    assert_eq!(store.disks()[0].allocated, 256 * KIB);
+    assert!(vol.scrub().unwrap().is_empty());
+}
