@@ -788,3 +788,147 @@ pub fn converge_fallback_ports(rtnl: &mut Rtnl, spec: &BondSpec) -> Result<Vec<S
     }
     Ok(actions)
 }
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::{
+        NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_route::RouteNetlinkMessage;
+
+    use super::*;
+    use crate::spec::{TrafficClassSpec, TrafficKind};
+
+    fn spec(mode: BondMode) -> BondSpec {
+        BondSpec {
+            name: "data".to_owned(),
+            mode,
+            members: vec!["ens1f0".to_owned(), "ens1f1".to_owned()],
+            mtu: 9000,
+            miimon: 100,
+            classes: vec![TrafficClassSpec {
+                name: TrafficKind::Storage,
+                min_bps: 1,
+                max_bps: None,
+                weight: 1,
+            }],
+            capacity_bps: None,
+        }
+    }
+
+    /// Serializes a request as the kernel receives it.
+    fn wire(msg: RouteNetlinkMessage) -> Vec<u8> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        nl.finalize();
+        let mut buf = vec![0u8; nl.buffer_len()];
+        nl.serialize(&mut buf);
+        buf
+    }
+
+    /// Walks netlink attributes: (type without flags, payload).
+    fn attrs(mut b: &[u8]) -> Vec<(u16, Vec<u8>)> {
+        let mut out = Vec::new();
+        while b.len() >= 4 {
+            let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+            let kind = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+            out.push((kind, b[4..len].to_vec()));
+            let step = (len + 3) & !3;
+            b = &b[step.min(b.len())..];
+        }
+        out
+    }
+
+    fn find(list: &[(u16, Vec<u8>)], kind: u16) -> Vec<u8> {
+        list.iter()
+            .find(|(k, _)| *k == kind)
+            .unwrap_or_else(|| panic!("attribute {kind} missing"))
+            .1
+            .clone()
+    }
+
+    /// The kernel accepts string attributes with or without a trailing nul.
+    fn without_nul(mut v: Vec<u8>) -> Vec<u8> {
+        if v.last() == Some(&0) {
+            v.pop();
+        }
+        v
+    }
+
+    const RTM_NEWLINK: u16 = 16;
+    const RTM_SETLINK: u16 = 19;
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_MTU: u16 = 4;
+    const IFLA_MASTER: u16 = 10;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_INFO_KIND: u16 = 1;
+    const IFLA_INFO_DATA: u16 = 2;
+    const IFLA_BOND_MODE: u16 = 1;
+    const IFLA_BOND_MIIMON: u16 = 3;
+
+    #[test]
+    fn bond_create_request_has_kind_mode_miimon_mtu() {
+        for (mode, number) in [
+            (BondMode::BalanceRr, 0u8),
+            (BondMode::ActiveBackup, 1),
+            (BondMode::BalanceXor, 2),
+            (BondMode::Lacp, 4),
+        ] {
+            let bytes = wire(RouteNetlinkMessage::NewLink(bond_create_message(&spec(
+                mode,
+            ))));
+            assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), RTM_NEWLINK);
+            // nlmsghdr (16) + ifinfomsg (16), then attributes.
+            let top = attrs(&bytes[32..]);
+            assert_eq!(find(&top, IFLA_IFNAME), b"data\0");
+            assert_eq!(find(&top, IFLA_MTU), 9000u32.to_ne_bytes());
+            let info = attrs(&find(&top, IFLA_LINKINFO));
+            assert_eq!(without_nul(find(&info, IFLA_INFO_KIND)), b"bond");
+            let data = attrs(&find(&info, IFLA_INFO_DATA));
+            assert_eq!(find(&data, IFLA_BOND_MODE), vec![number], "{mode}");
+            assert_eq!(find(&data, IFLA_BOND_MIIMON), 100u32.to_ne_bytes());
+            // And the crate parses it back to the same message.
+            let parsed = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes).expect("parse");
+            assert!(
+                matches!(parsed.payload, NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) if m == bond_create_message(&spec(mode)))
+            );
+        }
+    }
+
+    #[test]
+    fn enslave_request_sets_master_on_member_index() {
+        let bytes = wire(RouteNetlinkMessage::SetLink(bond_enslave_message(7, 42)));
+        assert_eq!(u16::from_ne_bytes([bytes[4], bytes[5]]), RTM_SETLINK);
+        // ifinfomsg.ifi_index sits at offset 16 + 4.
+        assert_eq!(i32::from_ne_bytes(bytes[20..24].try_into().unwrap()), 7);
+        assert_eq!(find(&attrs(&bytes[32..]), IFLA_MASTER), 42u32.to_ne_bytes());
+        let release = wire(RouteNetlinkMessage::SetLink(bond_enslave_message(7, 0)));
+        assert_eq!(
+            find(&attrs(&release[32..]), IFLA_MASTER),
+            0u32.to_ne_bytes()
+        );
+    }
+
+    #[test]
+    fn miimon_change_request_targets_the_bond() {
+        let bytes = wire(RouteNetlinkMessage::SetLink(bond_miimon_message(3, 250)));
+        assert_eq!(i32::from_ne_bytes(bytes[20..24].try_into().unwrap()), 3);
+        let info = attrs(&find(&attrs(&bytes[32..]), IFLA_LINKINFO));
+        assert_eq!(without_nul(find(&info, IFLA_INFO_KIND)), b"bond");
+        let data = attrs(&find(&info, IFLA_INFO_DATA));
+        assert_eq!(find(&data, IFLA_BOND_MIIMON), 250u32.to_ne_bytes());
+        assert!(
+            data.iter().all(|(k, _)| *k != IFLA_BOND_MODE),
+            "mode must not be sent on a live bond"
+        );
+    }
+
+    #[test]
+    fn fallback_mac_is_stable_and_locally_administered() {
+        let a = fallback_mac("data");
+        assert_eq!(a, fallback_mac("data"));
+        assert_ne!(a, fallback_mac("mgmt"));
+        assert_eq!(a[0] & 0x03, 0x02, "unicast, locally administered");
+    }
+}

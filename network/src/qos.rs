@@ -643,3 +643,121 @@ pub fn converge_qos(
     }
     Ok(actions)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{BondMode, TrafficClassSpec};
+
+    fn spec() -> BondSpec {
+        BondSpec {
+            name: "data".into(),
+            mode: BondMode::ActiveBackup,
+            members: vec!["a".into()],
+            mtu: 1500,
+            miimon: 100,
+            classes: vec![
+                TrafficClassSpec {
+                    name: TrafficKind::Guest,
+                    min_bps: 30_000_000,
+                    max_bps: None,
+                    weight: 4,
+                },
+                TrafficClassSpec {
+                    name: TrafficKind::Storage,
+                    min_bps: 50_000_000,
+                    max_bps: Some(80_000_000),
+                    weight: 2,
+                },
+            ],
+            capacity_bps: None,
+        }
+    }
+
+    #[test]
+    fn plan_maps_min_max_weight_to_rate_ceil_quantum() {
+        let plan = HtbPlan::new(&spec(), 100_000_000).expect("plan");
+        assert_eq!(plan.capacity_bytes, 12_500_000);
+        assert_eq!(plan.default_minor, 0x30);
+        assert_eq!(
+            plan.classes[0].kind,
+            TrafficKind::Storage,
+            "sorted by class id"
+        );
+        assert_eq!(plan.classes[0].rate_bytes, 6_250_000);
+        assert_eq!(plan.classes[0].ceil_bytes, 10_000_000);
+        assert_eq!(plan.classes[0].quantum, 2 * QUANTUM_PER_WEIGHT);
+        assert_eq!(plan.classes[1].ceil_bytes, 12_500_000, "no max: capacity");
+    }
+
+    #[test]
+    fn filters_match_dscp_bits_for_both_ip_versions() {
+        let plan = HtbPlan::new(&spec(), 100_000_000).expect("plan");
+        // Guest is unmarked (the default class): only storage has filters.
+        assert_eq!(plan.filters.len(), 2);
+        let v4 = plan
+            .filters
+            .iter()
+            .find(|f| f.protocol == ETH_P_IP)
+            .unwrap();
+        assert_eq!((v4.value, v4.mask, v4.off), (0x0088_0000, 0x00fc_0000, 0));
+        let v6 = plan
+            .filters
+            .iter()
+            .find(|f| f.protocol == ETH_P_IPV6)
+            .unwrap();
+        assert_eq!((v6.value, v6.mask), (0x0880_0000, 0x0fc0_0000));
+        assert_eq!(v4.flowid_minor, 0x10);
+    }
+
+    #[test]
+    fn no_classes_means_no_plan_and_htb_is_drift() {
+        let mut s = spec();
+        s.classes.clear();
+        assert!(HtbPlan::new(&s, 1_000_000).is_none());
+        let observed = ObservedQos {
+            root: Some(ObservedRootQdisc {
+                kind: "htb".into(),
+                major: 1,
+                default_minor: Some(0x30),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            qos_drift(None, &observed),
+            vec![Drift::UnexpectedQdisc { kind: "htb".into() }]
+        );
+    }
+
+    #[test]
+    fn decodes_htb_class_options() {
+        // TCA_HTB_PARMS with rate 6_250_000 B/s, ceil 12_500_000 B/s, quantum 3028, prio 0.
+        let mut parms = vec![0u8; 44];
+        parms[8..12].copy_from_slice(&6_250_000u32.to_ne_bytes());
+        parms[20..24].copy_from_slice(&12_500_000u32.to_ne_bytes());
+        parms[32..36].copy_from_slice(&3028u32.to_ne_bytes());
+        let mut nla = Vec::new();
+        nla.extend_from_slice(&(4 + parms.len() as u16).to_ne_bytes());
+        nla.extend_from_slice(&1u16.to_ne_bytes());
+        nla.extend_from_slice(&parms);
+        assert_eq!(
+            decode_htb_class(&nla),
+            Some((6_250_000, 12_500_000, 3028, 0))
+        );
+        // A 64-bit rate attribute wins over the saturated 32-bit field.
+        let mut rate64 = Vec::new();
+        rate64.extend_from_slice(&12u16.to_ne_bytes());
+        rate64.extend_from_slice(&6u16.to_ne_bytes());
+        rate64.extend_from_slice(&(5_000_000_000u64).to_ne_bytes());
+        let mut both = nla.clone();
+        both.extend_from_slice(&rate64);
+        assert_eq!(decode_htb_class(&both).map(|r| r.0), Some(5_000_000_000));
+    }
+
+    #[test]
+    fn rates_format_for_operators() {
+        assert_eq!(fmt_bps(50_000_000), "50Mbit/s");
+        assert_eq!(fmt_bps(1_500_000_000), "1.50Gbit/s");
+        assert_eq!(fmt_bps(999), "999bit/s");
+    }
+}

@@ -317,3 +317,93 @@ pub fn valid_ifname(name: &str) -> bool {
             .chars()
             .any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0')
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> BondSpec {
+        serde_json::from_str(
+            r#"{"name":"data","mode":"802.3ad","members":["ens1f0","ens1f1"],"mtu":9000,"miimon":100,
+                "classes":[{"name":"storage","min_bps":10000000000,"weight":4},
+                           {"name":"migration","min_bps":5000000000,"max_bps":20000000000,"weight":1}]}"#,
+        )
+        .expect("spec json")
+    }
+
+    #[test]
+    fn spec_json_uses_spec_spellings() {
+        let s = spec();
+        assert_eq!(s.mode, BondMode::Lacp);
+        assert_eq!(s.classes[1].max_bps, Some(20_000_000_000));
+        assert_eq!(s.capacity_bps, None);
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            json.contains("\"802.3ad\"") && json.contains("\"migration\""),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<BondSpec>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn validation_names_node_and_bond() {
+        let check = |f: &dyn Fn(&mut BondSpec), needle: &str| {
+            let mut s = spec();
+            f(&mut s);
+            let e = validate_spec("hq-n1", &s).expect_err(needle).to_string();
+            assert!(
+                e.starts_with("node `hq-n1`, bond `data`") || e.contains("hq-n1"),
+                "{e}"
+            );
+            assert!(e.contains(needle), "{e} lacks {needle}");
+        };
+        assert!(validate_spec("hq-n1", &spec()).is_ok());
+        check(
+            &|s| s.name = "a-very-long-bond-name".into(),
+            "not a valid interface name",
+        );
+        check(&|s| s.members.clear(), "at least one member");
+        check(&|s| s.members[1] = "ens1f0".into(), "listed twice");
+        check(&|s| s.mtu = 10, "mtu");
+        check(&|s| s.classes[1].max_bps = Some(1), "below its min");
+        check(&|s| s.classes[0].weight = 0, "weight 0");
+        check(
+            &|s| s.classes[1].name = TrafficKind::Storage,
+            "listed twice",
+        );
+    }
+
+    #[test]
+    fn capacity_check_sums_minimums() {
+        let s = spec();
+        assert!(validate_capacity("n", &s, 20_000_000_000).is_ok());
+        let e = validate_capacity("n", &s, 10_000_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("15Gbit/s") && e.contains("10Gbit/s"), "{e}");
+        let e = validate_capacity("n", &s, 16_000_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("migration") && e.contains("max 20Gbit/s"), "{e}");
+    }
+
+    #[test]
+    fn default_class_prefers_guest_then_management() {
+        let mut s = spec();
+        assert_eq!(s.default_class(), Some(TrafficKind::Storage));
+        s.classes.push(TrafficClassSpec {
+            name: TrafficKind::Management,
+            min_bps: 8,
+            max_bps: None,
+            weight: 1,
+        });
+        assert_eq!(s.default_class(), Some(TrafficKind::Management));
+        s.classes.push(TrafficClassSpec {
+            name: TrafficKind::Guest,
+            min_bps: 8,
+            max_bps: None,
+            weight: 1,
+        });
+        assert_eq!(s.default_class(), Some(TrafficKind::Guest));
+    }
+}

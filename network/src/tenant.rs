@@ -201,3 +201,21 @@ pub fn observe_tenant_network(
         ports,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_deterministic_and_fit_ifnamsiz() {
+        let b = tenant_bridge_name("finance", "fin-app");
+        assert_eq!(b, tenant_bridge_name("finance", "fin-app"));
+        assert_ne!(b, tenant_bridge_name("finance", "fin-db"));
+        assert!(b.len() <= 15 && crate::spec::valid_ifname(&b), "{b}");
+        for nic in [0u16, 1, 15, 4095, u16::MAX] {
+            let t = vm_tap_name("a-vm-with-a-very-long-name-0001", nic);
+            assert!(t.len() <= 15 && crate::spec::valid_ifname(&t), "{t}");
+        }
+        assert_ne!(vm_tap_name("vm", 0), vm_tap_name("vm", 1));
+    }
+}
