@@ -1,1 +1,41 @@
-//! vmm crate (being built).
+//! cairn's KVM micro-VMM: runs exactly one virtual machine per process, the way
+//! Firecracker does, so the node agent (`cairn-node`) can start, supervise and kill
+//! each VM as its own process and a VM crash never takes the agent down.
+//!
+//! What it does:
+//! - opens `/dev/kvm`, checks the API version and the capabilities it needs ([`kvm`]);
+//! - maps guest memory exactly as configured (anonymous, `MAP_NORESERVE`,
+//!   `MADV_MERGEABLE` for KSM) and reports its resident size ([`memory`]);
+//! - boots either the built-in guest `cairn-guest` (assembled from `guest/` at build time
+//!   and embedded, see [`guest`]) or a Linux bzImage + initrd + cmdline ([`linux`]);
+//! - runs 1..N vCPU threads with an explicit state machine ([`vm::RunState`]);
+//! - emulates a 16550 serial console logged to a file, the cairn-guest port interface
+//!   (heartbeats, dirty-page rate, commands) and a virtio-blk device over virtio-MMIO
+//!   backed by a [`devices::block::BlockBackend`] ([`devices`]);
+//! - tracks dirty pages with `KVM_MEM_LOG_DIRTY_PAGES` for live migration;
+//! - serves a line-delimited JSON control socket ([`control`]) and ends with an exit
+//!   status that tells a clean stop from a crash ([`exit_code`]).
+//!
+//! What it does not do: networking, ACPI, interrupts for the built-in guest (it polls),
+//! SMP bring-up for Linux guests (no MP table: Linux sees vCPU 0 only), migration itself
+//! (only the dirty log it needs), cgroups (the agent places the process in one).
+//!
+//! Invariants:
+//! - one process, one VM: nothing here keeps global state that a second VM would share;
+//! - guest memory is never touched by the VMM except through bounds-checked
+//!   `vm-memory` accessors, so a malicious guest address cannot reach VMM memory;
+//! - every exit of the process goes through [`exit_code`]: 0 means the VM stopped
+//!   because someone asked it to, anything else is a documented failure.
+#![warn(missing_docs)]
+
+pub mod arch;
+pub mod control;
+pub mod devices;
+pub mod exit_code;
+pub mod guest;
+pub mod kvm;
+pub mod linux;
+pub mod memory;
+pub mod vm;
+
+pub use vm::{BootSource, RunState, Vm, VmConfig, VmOutcome};

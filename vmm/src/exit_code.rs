@@ -1,0 +1,23 @@
+//! Exit statuses of the `cairn-vmm` process, the contract with the node agent.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | stopped: powered off by the guest or by a `power-off` request |
+//! | 2 | usage or configuration error (bad flags, unreadable kernel, disk, VM directory) |
+//! | 3 | the host cannot run the VM: no `/dev/kvm`, wrong API version, missing capability, guest memory or VM creation failed |
+//! | 4 | the guest crashed: triple fault (`KVM_EXIT_SHUTDOWN`), KVM internal or entry failure, an exit the VMM cannot handle |
+//! | 5 | the VMM itself failed while the VM ran (an ioctl error in a vCPU loop, a vCPU thread panic) |
+//!
+//! A VMM killed by a signal (SIGKILL from the agent) has no exit code; the agent sees
+//! the signal.
+
+/// The VM stopped because it was asked to (guest power-off or control `power-off`).
+pub const STOPPED: u8 = 0;
+/// Usage or configuration error, detected before the VM started.
+pub const USAGE: u8 = 2;
+/// The host cannot run the VM (KVM missing or lacking a capability, memory, VM creation).
+pub const HOST: u8 = 3;
+/// The guest crashed.
+pub const GUEST_CRASHED: u8 = 4;
+/// The VMM failed while running the VM.
+pub const VMM_FAILED: u8 = 5;

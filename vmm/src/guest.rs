@@ -1,0 +1,56 @@
+//! The built-in guest `cairn-guest` and its ABI with the VMM.
+//!
+//! The guest is written in assembly in `guest/cairn-guest.S`, assembled and linked by
+//! `build.rs` with the system binutils into a flat image loaded at
+//! [`abi::LOAD_ADDR`]. [`abi`] is generated from `guest/abi.inc`, so the guest and the
+//! VMM share one definition of ports, commands and the memory layout.
+
+/// Constants of the guest/VMM contract, generated from `guest/abi.inc`.
+#[allow(missing_docs)]
+pub mod abi {
+    include!(concat!(env!("OUT_DIR"), "/guest_abi.rs"));
+}
+
+/// The flat binary image of `cairn-guest`, entered in 64-bit mode at [`abi::LOAD_ADDR`].
+pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cairn-guest.bin"));
+
+/// The name the spec uses for the built-in guest (`image "tiny" builtin="cairn-guest"`).
+pub const BUILTIN_NAME: &str = "cairn-guest";
+
+/// Result of the guest's block self-test, as reported on `PORT_BLOCK_RESULT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockTestResult {
+    /// The test has not run (yet).
+    NotRun,
+    /// The pattern written to the disk read back identically.
+    Pass,
+    /// The data read back differs from what was written.
+    Mismatch,
+    /// No virtio-blk device was found.
+    NoDevice,
+    /// The device failed a request.
+    DeviceError,
+    /// The disk is smaller than the 4 KiB the test needs.
+    TooSmall,
+    /// The device refused the features the guest needs.
+    FeaturesRejected,
+    /// The guest reported a value this VMM does not know.
+    Unknown,
+}
+
+impl BlockTestResult {
+    /// Decodes the value the guest wrote to `PORT_BLOCK_RESULT` (0 means not run).
+    pub fn from_port_value(value: u64) -> Self {
+        match value {
+            0 => Self::NotRun,
+            abi::BLOCK_PASS => Self::Pass,
+            abi::BLOCK_MISMATCH => Self::Mismatch,
+            abi::BLOCK_NO_DEVICE => Self::NoDevice,
+            abi::BLOCK_DEVICE_ERROR => Self::DeviceError,
+            abi::BLOCK_TOO_SMALL => Self::TooSmall,
+            abi::BLOCK_FEATURES_REJECTED => Self::FeaturesRejected,
+            _ => Self::Unknown,
+        }
+    }
+}
