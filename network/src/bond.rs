@@ -45,12 +45,29 @@ pub struct BondCapability {
 
 const PROBE_NAME: &str = "cairnbondprobe";
 
-/// Detects whether the kernel can create bonds, by asking it to create one
-/// (`RTM_NEWLINK` kind `bond`) in `ns` and deleting it again.
-/// `/sys/class/net/bonding_masters` is only consulted for the reason text:
-/// creating a link is the authoritative test (built-in or module, loaded or
-/// loadable, permitted or not).
+/// Detects whether the kernel can create bonds. If the bonding driver is
+/// present (`/sys/module/bonding`), yes; otherwise asks the kernel to create
+/// a probe bond (`RTM_NEWLINK` kind `bond`) in `ns` and deletes it again:
+/// that is the authoritative test (a loadable module gets loaded, an absent
+/// driver answers `EOPNOTSUPP`). The result is cached for the process.
 pub fn detect_bonding(ns: &NetNs) -> Result<BondCapability, NetworkError> {
+    // The answer is a property of the kernel, not of a namespace: probe once.
+    static DETECTED: std::sync::OnceLock<BondCapability> = std::sync::OnceLock::new();
+    if let Some(c) = DETECTED.get() {
+        return Ok(c.clone());
+    }
+    let cap = probe_bonding(ns)?;
+    Ok(DETECTED.get_or_init(|| cap).clone())
+}
+
+fn probe_bonding(ns: &NetNs) -> Result<BondCapability, NetworkError> {
+    if std::path::Path::new("/sys/module/bonding").exists() {
+        // Loaded (or built in): no need to create a device on the host.
+        return Ok(BondCapability {
+            backend: BondBackend::KernelBond,
+            reason: "bonding driver present (/sys/module/bonding)".to_owned(),
+        });
+    }
     let mut rtnl = Rtnl::open(ns).map_err(|e| NetworkError::netlink(ns, e))?;
     let mut msg = LinkMessage::default();
     msg.attributes
@@ -71,15 +88,9 @@ pub fn detect_bonding(ns: &NetNs) -> Result<BondCapability, NetworkError> {
         }
         Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Ok(BondCapability {
             backend: BondBackend::BridgeFallback,
-            reason: format!(
-                "kernel has no bonding driver (creating a bond link returned EOPNOTSUPP; {}): \
-                 using the bridge fallback, active-backup only",
-                if std::path::Path::new("/sys/class/net/bonding_masters").exists() {
-                    "bonding_masters exists"
-                } else {
-                    "no /sys/class/net/bonding_masters"
-                }
-            ),
+            reason: "kernel has no bonding driver (no /sys/module/bonding, and creating a bond \
+                     link returned EOPNOTSUPP): using the bridge fallback, active-backup only"
+                .to_owned(),
         }),
         Err(e) => Err(NetworkError::netlink(ns, e)),
     }
@@ -574,6 +585,14 @@ pub fn apply_bond(ns: &NetNs, spec: &BondSpec) -> Result<ApplyReport, NetworkErr
             converge_fallback(&mut rtnl, spec, &before, &mut actions).map_err(nl)?
         }
     }
+    if cap.backend == BondBackend::BridgeFallback
+        && before.exists
+        && actions.iter().any(|a| a.starts_with("attach "))
+    {
+        // A member swap: tell the switches where the bond's MAC lives now.
+        let n = crate::announce::send_gratuitous_arp(ns, &mut rtnl, &spec.name)?;
+        actions.push(format!("sent {n} gratuitous arp(s) on {}", spec.name));
+    }
     let dev = rtnl.require_link(&spec.name).map_err(nl)?;
     let observed_qos = observe_qos(&mut rtnl, dev.index).map_err(nl)?;
     let plan = HtbPlan::new(spec, capacity_bps);
@@ -619,69 +638,121 @@ fn member_links(rtnl: &mut Rtnl, spec: &BondSpec) -> Result<Vec<LinkState>, NlEr
     spec.members.iter().map(|m| rtnl.require_link(m)).collect()
 }
 
+/// One step of converging a kernel bond, in execution order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelBondStep {
+    /// Delete the bond (its mode cannot change while it has members).
+    DeleteBond,
+    /// Create the bond with [`bond_create_message`].
+    CreateBond,
+    /// Change miimon with [`bond_miimon_message`].
+    SetMiimon(u32),
+    /// Change the bond's MTU.
+    SetBondMtu(u32),
+    /// Release a port that is not a spec member.
+    Release(String),
+    /// Take a member down (the kernel enslaves down links).
+    MemberDown(String),
+    /// Enslave a member with [`bond_enslave_message`] (the bond sets its MTU).
+    Enslave(String),
+    /// Set an already enslaved member's MTU.
+    MemberMtu(String, u32),
+    /// Bring a member up.
+    MemberUp(String),
+    /// Bring the bond up.
+    BondUp,
+}
+
+/// Plans the netlink steps that bring a kernel bond from `before` to
+/// `spec`; empty when nothing differs. Pure, so its order is unit-tested.
+pub fn plan_kernel_bond(spec: &BondSpec, before: &ObservedBond) -> Vec<KernelBondStep> {
+    use KernelBondStep as S;
+    let mut steps = Vec::new();
+    let mode_changed = before
+        .drift
+        .iter()
+        .any(|d| matches!(d, Drift::ModeChanged { .. }));
+    let recreate = !before.exists || mode_changed;
+    if before.exists && mode_changed {
+        steps.push(S::DeleteBond);
+    }
+    if recreate {
+        steps.push(S::CreateBond);
+    } else {
+        if before.miimon.is_some_and(|m| m != spec.miimon) {
+            steps.push(S::SetMiimon(spec.miimon));
+        }
+        if before.mtu != spec.mtu {
+            steps.push(S::SetBondMtu(spec.mtu));
+        }
+        for port in &before.foreign_ports {
+            steps.push(S::Release(port.clone()));
+        }
+    }
+    for m in &before.members {
+        // Deleting the bond released every member; they come back down-cycled.
+        let attached = m.attached && !recreate;
+        if !attached {
+            if m.admin_up {
+                steps.push(S::MemberDown(m.name.clone()));
+            }
+            steps.push(S::Enslave(m.name.clone()));
+            steps.push(S::MemberUp(m.name.clone()));
+            continue;
+        }
+        if m.mtu != spec.mtu {
+            steps.push(S::MemberMtu(m.name.clone(), spec.mtu));
+        }
+        if !m.admin_up {
+            steps.push(S::MemberUp(m.name.clone()));
+        }
+    }
+    if recreate || !before.up {
+        steps.push(S::BondUp);
+    }
+    steps
+}
+
 fn converge_kernel_bond(
     rtnl: &mut Rtnl,
     spec: &BondSpec,
     before: &ObservedBond,
     actions: &mut Vec<String>,
 ) -> Result<(), NlError> {
-    let mode_changed = before
-        .drift
-        .iter()
-        .any(|d| matches!(d, Drift::ModeChanged { .. }));
-    if mode_changed {
-        // The kernel refuses a mode change on a bond with members; recreate.
-        rtnl.delete_link(&spec.name)?;
-        actions.push(format!("delete bond {} to change its mode", spec.name));
-    }
-    if !before.exists || mode_changed {
-        rtnl.create_link(
-            &format!("create bond {}", spec.name),
-            bond_create_message(spec),
-        )?;
-        actions.push(format!(
-            "create bond {} mode {} miimon {}",
-            spec.name, spec.mode, spec.miimon
-        ));
-    }
-    let bond = rtnl.require_link(&spec.name)?;
-    if before.exists && !mode_changed {
-        if before.miimon.is_some_and(|m| m != spec.miimon) {
-            rtnl.change_link("set miimon", bond_miimon_message(bond.index, spec.miimon))?;
-            actions.push(format!("set miimon {} on {}", spec.miimon, spec.name));
-        }
-        if bond.mtu != spec.mtu {
-            rtnl.set_mtu(bond.index, spec.mtu)?;
-            actions.push(format!("set mtu {} on {}", spec.mtu, spec.name));
-        }
-    }
-    for port in &before.foreign_ports {
-        let l = rtnl.require_link(port)?;
-        rtnl.change_link("release port", bond_enslave_message(l.index, 0))?;
-        actions.push(format!("release {port} from {}", spec.name));
-    }
-    for m in member_links(rtnl, spec)? {
-        if m.controller != Some(bond.index) {
-            // A member must be down to be enslaved.
-            if m.admin_up {
-                rtnl.set_link_up(m.index, false)?;
+    use KernelBondStep as S;
+    let bond = &spec.name;
+    for step in plan_kernel_bond(spec, before) {
+        match &step {
+            S::DeleteBond => rtnl.delete_link(bond)?,
+            S::CreateBond => {
+                rtnl.create_link(&format!("create bond {bond}"), bond_create_message(spec))?
             }
-            rtnl.change_link("enslave", bond_enslave_message(m.index, bond.index))?;
-            actions.push(format!("enslave {} to {}", m.name, spec.name));
+            S::SetMiimon(m) => {
+                let b = rtnl.require_link(bond)?;
+                rtnl.change_link("set miimon", bond_miimon_message(b.index, *m))?
+            }
+            S::SetBondMtu(mtu) => {
+                let b = rtnl.require_link(bond)?;
+                rtnl.set_mtu(b.index, *mtu)?
+            }
+            S::Release(port) => {
+                let l = rtnl.require_link(port)?;
+                rtnl.change_link("release port", bond_enslave_message(l.index, 0))?
+            }
+            S::MemberDown(m) => rtnl.set_link_up_by_name(m, false)?,
+            S::Enslave(m) => {
+                let b = rtnl.require_link(bond)?;
+                let l = rtnl.require_link(m)?;
+                rtnl.change_link("enslave", bond_enslave_message(l.index, b.index))?
+            }
+            S::MemberMtu(m, mtu) => {
+                let l = rtnl.require_link(m)?;
+                rtnl.set_mtu(l.index, *mtu)?
+            }
+            S::MemberUp(m) => rtnl.set_link_up_by_name(m, true)?,
+            S::BondUp => rtnl.set_link_up_by_name(bond, true)?,
         }
-        let m = rtnl.require_link(&m.name)?;
-        if m.mtu != spec.mtu {
-            rtnl.set_mtu(m.index, spec.mtu)?;
-            actions.push(format!("set mtu {} on {}", spec.mtu, m.name));
-        }
-        if !m.admin_up {
-            rtnl.set_link_up(m.index, true)?;
-            actions.push(format!("set {} up", m.name));
-        }
-    }
-    if !bond.admin_up {
-        rtnl.set_link_up(bond.index, true)?;
-        actions.push(format!("set {} up", spec.name));
+        actions.push(format!("{bond}: {step:?}"));
     }
     Ok(())
 }
@@ -723,7 +794,8 @@ fn converge_fallback(
             actions.push(format!("set {} up", m.name));
         }
     }
-    actions.extend(converge_fallback_ports(rtnl, spec)?);
+    let swapped = converge_fallback_ports(rtnl, spec)?;
+    actions.extend(swapped);
     // The bridge's MTU follows its ports; set it after attaching.
     let dev = rtnl.require_link(&spec.name)?;
     if dev.mtu != spec.mtu {
@@ -921,6 +993,109 @@ mod tests {
         assert!(
             data.iter().all(|(k, _)| *k != IFLA_BOND_MODE),
             "mode must not be sent on a live bond"
+        );
+    }
+
+    fn observed(spec: &BondSpec) -> ObservedBond {
+        ObservedBond {
+            node: "n".into(),
+            name: spec.name.clone(),
+            backend: BondBackend::KernelBond,
+            exists: true,
+            kind: Some("bond".into()),
+            up: true,
+            mtu: spec.mtu,
+            mac: None,
+            mode: Some(spec.mode.as_str().into()),
+            miimon: Some(spec.miimon),
+            members: spec
+                .members
+                .iter()
+                .map(|m| ObservedMember {
+                    name: m.clone(),
+                    present: true,
+                    attached: true,
+                    admin_up: true,
+                    carrier: true,
+                    mtu: spec.mtu,
+                })
+                .collect(),
+            active_member: None,
+            foreign_ports: Vec::new(),
+            qos: ObservedQos::default(),
+            drift: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn kernel_bond_plan_is_empty_when_converged() {
+        let s = spec(BondMode::Lacp);
+        assert_eq!(plan_kernel_bond(&s, &observed(&s)), vec![]);
+    }
+
+    #[test]
+    fn kernel_bond_plan_creates_then_enslaves_down_members_then_brings_up() {
+        use KernelBondStep as S;
+        let s = spec(BondMode::Lacp);
+        let mut o = observed(&s);
+        o.exists = false;
+        o.up = false;
+        for m in &mut o.members {
+            m.attached = false;
+            m.mtu = 1500;
+        }
+        o.members[1].admin_up = false;
+        assert_eq!(
+            plan_kernel_bond(&s, &o),
+            vec![
+                S::CreateBond,
+                S::MemberDown("ens1f0".into()),
+                S::Enslave("ens1f0".into()),
+                S::MemberUp("ens1f0".into()),
+                S::Enslave("ens1f1".into()),
+                S::MemberUp("ens1f1".into()),
+                S::BondUp,
+            ]
+        );
+    }
+
+    #[test]
+    fn kernel_bond_mode_change_recreates_and_reenslaves() {
+        use KernelBondStep as S;
+        let s = spec(BondMode::Lacp);
+        let mut o = observed(&s);
+        o.drift.push(Drift::ModeChanged {
+            want: "802.3ad".into(),
+            have: "balance-rr".into(),
+        });
+        let plan = plan_kernel_bond(&s, &o);
+        assert_eq!(&plan[..2], &[S::DeleteBond, S::CreateBond]);
+        assert!(
+            plan.contains(&S::Enslave("ens1f0".into()))
+                && plan.contains(&S::Enslave("ens1f1".into()))
+        );
+        assert_eq!(plan.last(), Some(&S::BondUp));
+    }
+
+    #[test]
+    fn kernel_bond_small_drifts_are_fixed_in_place() {
+        use KernelBondStep as S;
+        let s = spec(BondMode::ActiveBackup);
+        let mut o = observed(&s);
+        o.miimon = Some(10);
+        o.foreign_ports.push("eth9".into());
+        o.members[0].attached = false;
+        o.members[1].mtu = 1500;
+        assert_eq!(
+            plan_kernel_bond(&s, &o),
+            vec![
+                S::SetMiimon(100),
+                S::Release("eth9".into()),
+                S::MemberDown("ens1f0".into()),
+                S::Enslave("ens1f0".into()),
+                S::MemberUp("ens1f0".into()),
+                S::MemberMtu("ens1f1".into(), 9000),
+            ]
         );
     }
 

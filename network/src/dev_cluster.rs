@@ -46,6 +46,7 @@ pub fn switch_netns_name(prefix: &str) -> String {
 /// Creates (idempotently) the switch namespace `<prefix>sw` with bridge
 /// [`SWITCH_BRIDGE`] up.
 pub fn create_switch(prefix: &str) -> Result<NetNs, NetworkError> {
+    require_netns(prefix)?;
     let ns = create_netns(&switch_netns_name(prefix))?;
     let nl = |e| NetworkError::netlink(&ns, e);
     let mut rtnl = Rtnl::open(&ns).map_err(nl)?;
@@ -54,6 +55,15 @@ pub fn create_switch(prefix: &str) -> Result<NetNs, NetworkError> {
     }
     rtnl.set_link_up_by_name(SWITCH_BRIDGE, true).map_err(nl)?;
     Ok(ns)
+}
+
+/// Refuses dev-cluster networking, with the reason, when this process cannot
+/// create network namespaces. Never faked: there is no "pretend" mode.
+pub fn require_netns(who: &str) -> Result<(), NetworkError> {
+    crate::netns::netns_capability().map_err(|reason| NetworkError::NetnsUnavailable {
+        node: who.to_owned(),
+        reason,
+    })
 }
 
 /// Name of a switch port for namespace `netns`, NIC `i`.

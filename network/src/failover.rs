@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::NetworkError;
+use crate::announce::send_gratuitous_arp;
 use crate::bond::converge_fallback_ports;
 use crate::netns::NetNs;
 use crate::nl::Rtnl;
@@ -43,6 +44,7 @@ impl FailoverMonitor {
         let events = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let spec = spec.clone();
+        let ns = ns.clone();
         let (stop2, events2, errors2) = (stop.clone(), events.clone(), errors.clone());
         let started = Instant::now();
         let thread = std::thread::Builder::new()
@@ -54,7 +56,12 @@ impl FailoverMonitor {
                         std::thread::sleep(interval);
                     }
                     match converge_fallback_ports(&mut rtnl, &spec) {
-                        Ok(actions) if !actions.is_empty() => {
+                        Ok(mut actions) if !actions.is_empty() => {
+                            match send_gratuitous_arp(&ns, &mut rtnl, &spec.name) {
+                                Ok(n) => actions
+                                    .push(format!("sent {n} gratuitous arp(s) on {}", spec.name)),
+                                Err(e) => errors2.lock().expect("errors lock").push(e.to_string()),
+                            }
                             events2.lock().expect("events lock").push(FailoverEvent {
                                 at_ms: started.elapsed().as_millis() as u64,
                                 actions,

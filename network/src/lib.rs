@@ -27,10 +27,12 @@
 //!   changes run the iproute2 `tc` binary (see [`qos`]).
 #![warn(missing_docs)]
 
+pub mod announce;
 pub mod bond;
 pub mod dev_cluster;
 pub mod drift;
 pub mod failover;
+pub mod inventory;
 pub mod netns;
 pub mod nl;
 pub mod qos;
@@ -38,11 +40,12 @@ pub mod spec;
 pub mod tenant;
 
 pub use bond::{
-    ApplyReport, BondBackend, BondCapability, ObservedBond, ObservedMember, apply_bond, check_bond,
-    detect_bonding, observe_bond, remove_bond,
+    ApplyReport, BondBackend, BondCapability, KernelBondStep, ObservedBond, ObservedMember,
+    apply_bond, check_bond, detect_bonding, observe_bond, plan_kernel_bond, remove_bond,
 };
 pub use drift::Drift;
 pub use failover::{FailoverEvent, FailoverMonitor};
+pub use inventory::{NetworkInventory, inventory};
 pub use netns::{NetNs, NetnsError, netns_capability};
 pub use nl::NlError;
 pub use qos::TcError;
@@ -137,6 +140,27 @@ pub enum NetworkError {
         /// Cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A gratuitous ARP could not be sent.
+    #[error("node `{node}`: cannot announce `{dev}` after failover: {source}")]
+    Announce {
+        /// Node.
+        node: String,
+        /// Device.
+        dev: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Network namespaces are not available to this process.
+    #[error(
+        "node `{node}`: network namespaces are unavailable ({reason}); dev-cluster networking is refused"
+    )]
+    NetnsUnavailable {
+        /// Node (or dev cluster) name.
+        node: String,
+        /// Why.
+        reason: String,
     },
     /// The failover monitor could not start.
     #[error("cannot start the failover monitor: {0}")]

@@ -466,6 +466,32 @@ impl Rtnl {
         }
     }
 
+    /// IPv4 addresses configured on link `index`.
+    pub fn ipv4_addresses(&mut self, index: u32) -> Result<Vec<std::net::Ipv4Addr>, NlError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let answers = self.request(
+            "dump addresses",
+            RouteNetlinkMessage::GetAddress(msg),
+            NLM_F_DUMP,
+        )?;
+        let mut out = Vec::new();
+        for a in answers {
+            let RouteNetlinkMessage::NewAddress(a) = a else {
+                continue;
+            };
+            if a.header.index != index {
+                continue;
+            }
+            for attr in &a.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(v4)) = attr {
+                    out.push(*v4);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Dumps tc objects of one kind (`qdisc`, `class`, `filter`) on a link.
     pub fn tc_dump(
         &mut self,

@@ -204,3 +204,15 @@ fn real_kernel_bond_end_to_end() {
             .is_empty()
     );
 }
+
+#[test]
+fn inventory_reports_backend_tc_and_netns() {
+    require_netns!();
+    let topo = Topology::new();
+    let inv = network::inventory(&topo.node_ns());
+    eprintln!("{}", serde_json::to_string(&inv).unwrap());
+    assert!(inv.netns_available);
+    assert!(inv.tc.is_some());
+    let cap = inv.bonding.expect("bonding detected");
+    assert_eq!(cap, network::detect_bonding(&topo.node_ns()).unwrap());
+}

@@ -118,3 +118,130 @@ fn tcp_stream_survives_pulling_the_active_member() {
     }
     drop(reader);
 }
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The switch port on which the switch bridge has learned `mac`.
+fn learned_port(topo: &Topology, mac: &str) -> Option<String> {
+    let out = std::process::Command::new("bridge")
+        .args([
+            "-n",
+            topo.switch.name().unwrap(),
+            "-j",
+            "fdb",
+            "show",
+            "br",
+            "sw0",
+        ])
+        .output()
+        .ok()?;
+    let entries: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    entries
+        .as_array()?
+        .iter()
+        .find(|e| e["mac"] == mac)
+        .and_then(|e| e["ifname"].as_str())
+        .map(str::to_owned)
+}
+
+/// A TCP handshake from the node to the peer through the bond (the peer's
+/// listener completes handshakes from its backlog without accepting).
+fn reachable(topo: &Topology, listener_addr: SocketAddr) -> bool {
+    match topo
+        .node_ns()
+        .run(|| TcpStream::connect_timeout(&listener_addr, Duration::from_secs(2)))
+    {
+        Ok(Ok(_)) => true,
+        Ok(Err(e)) => {
+            eprintln!("connect to {listener_addr}: {e}");
+            false
+        }
+        Err(e) => panic!("enter node namespace: {e}"),
+    }
+}
+
+#[test]
+fn admin_down_member_fails_over_announces_and_does_not_flap_back() {
+    require_netns!();
+    let topo = Topology::new();
+    let spec = spec();
+    let report = topo.apply_with_address(&spec);
+    if report.backend != BondBackend::BridgeFallback {
+        eprintln!("skipping: kernel bond here; the monitor is the fallback's");
+        return;
+    }
+    let monitor = FailoverMonitor::start(&topo.node_ns(), &spec).expect("monitor");
+    let addr = SocketAddr::from((topo.peer_ip, 7200));
+    let _listener = topo
+        .peer
+        .ns()
+        .run(|| TcpListener::bind(addr))
+        .expect("enter peer")
+        .expect("bind");
+    let ping = |topo: &Topology| reachable(topo, addr);
+    assert!(
+        ping(&topo),
+        "no connectivity through the bond before failover"
+    );
+    let mac = observe_bond(&topo.node_ns(), &spec)
+        .expect("observe")
+        .mac
+        .expect("mac");
+    wait_for("switch to learn the bond on nic0's port", || {
+        learned_port(&topo, &mac).as_deref() == Some(topo.node.switch_ports[0].as_str())
+    });
+
+    // Set the live member down on the node itself.
+    network::dev_cluster::set_link_up(&topo.node_ns(), "nic0", false).expect("nic0 down");
+    wait_for("monitor swap", || !monitor.events().is_empty());
+    let events = monitor.events();
+    eprintln!("monitor events: {events:?}");
+    assert!(
+        events[0].actions.iter().any(|a| a.contains("attach nic1")),
+        "{events:?}"
+    );
+    assert!(
+        events[0]
+            .actions
+            .iter()
+            .any(|a| a.contains("sent 1 gratuitous arp")),
+        "{events:?}"
+    );
+    // The gratuitous ARP moved the switch's entry without any data traffic.
+    wait_for("switch to relearn the bond on nic1's port", || {
+        learned_port(&topo, &mac).as_deref() == Some(topo.node.switch_ports[1].as_str())
+    });
+    assert!(ping(&topo), "no connectivity after failover");
+
+    // nic0 returns: the live member stays (no flapping back).
+    network::dev_cluster::set_link_up(&topo.node_ns(), "nic0", true).expect("nic0 up");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(monitor.events().len(), 1, "{:?}", monitor.events());
+    assert_eq!(
+        observe_bond(&topo.node_ns(), &spec)
+            .unwrap()
+            .active_member
+            .as_deref(),
+        Some("nic1")
+    );
+
+    // Now nic1's cable goes: back to nic0.
+    network::dev_cluster::set_link_up(&topo.switch, &topo.node.switch_ports[1], false)
+        .expect("pull nic1");
+    wait_for("second swap", || monitor.events().len() == 2);
+    assert_eq!(
+        observe_bond(&topo.node_ns(), &spec)
+            .unwrap()
+            .active_member
+            .as_deref(),
+        Some("nic0")
+    );
+    assert!(ping(&topo), "no connectivity after failing back");
+    assert!(monitor.errors().is_empty(), "{:?}", monitor.errors());
+}
