@@ -1,17 +1,19 @@
 //! `cairn-vmm`: runs exactly one VM in this process, for the node agent to supervise.
 //!
 //! ```text
-//! cairn-vmm run --vm-dir DIR --memory 64MiB [--vcpus N] [--disk FILE [--disk-read-only]]
-//!               [--kernel BZIMAGE [--initrd FILE] [--cmdline TEXT]]
-//!               [--tick-ms 10] [--dirty-rate PAGES_PER_SECOND] [--grace-ms 2000]
-//! cairn-vmm host-info
+//! cairn-vmm --vm-dir DIR --memory 64MiB [--name NAME] [--vcpus N] [--builtin cairn-guest]
+//!           [--disk FILE [--disk-read-only]] [--kernel BZIMAGE [--initrd FILE] [--cmdline TEXT]]
+//!           [--serial-log FILE] [--control-socket PATH] [--memory-mib N]
+//!           [--tick-ms 10] [--dirty-rate PAGES_PER_SECOND] [--grace-ms 2000]
+//! cairn-vmm --host-info
 //! ```
 //!
-//! `run` creates `DIR` if needed, appends the serial console to `DIR/console.log`, serves
+//! It creates `DIR` if needed, appends the serial console to `DIR/console.log`, serves
 //! the control socket `DIR/control.sock` (see `vmm::control`), prints one JSON event per
 //! line on stdout (`started`, `first-heartbeat`, `rebooted`, `exited`) and exits with the
 //! status documented in `vmm::exit_code` (0 stopped, 2 usage, 3 host, 4 guest crashed,
 //! 5 VMM failed). Without `--kernel` it boots the built-in guest `cairn-guest`.
+//! SIGTERM or SIGINT request a graceful power-off (exit 0); SIGKILL is the hard stop.
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use serde_json::json;
 use vmm::devices::block::{BlockBackend, FileBackend};
 use vmm::kvm::HostKvm;
@@ -30,32 +32,37 @@ use vmm::{BootSource, Vm, VmConfig, control, exit_code};
 #[command(
     name = "cairn-vmm",
     version,
-    about = "cairn's KVM micro-VMM: one VM per process"
+    about = "cairn's KVM micro-VMM: runs one VM in this process"
 )]
 struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Run one VM until it powers off, crashes or is killed.
-    Run(RunArgs),
-    /// Print what this host's KVM offers, as JSON.
-    HostInfo,
-}
-
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// The VM's directory: console.log and control.sock live here.
-    #[arg(long)]
-    vm_dir: PathBuf,
+    /// Print what this host's KVM offers, as JSON, and exit.
+    #[arg(long, exclusive = true)]
+    host_info: bool,
+    /// The VM's directory: console.log and control.sock live here unless
+    /// --serial-log / --control-socket say otherwise.
+    #[arg(long, required_unless_present_any = ["host_info", "control_socket"])]
+    vm_dir: Option<PathBuf>,
+    /// The VM's name (shown in events and errors).
+    #[arg(long, default_value = "vm")]
+    name: String,
     /// Guest RAM, with a unit: B, KiB, MiB, GiB (e.g. 64MiB).
-    #[arg(long, value_parser = parse_size)]
-    memory: u64,
+    #[arg(long, value_parser = parse_size, required_unless_present_any = ["host_info", "memory_mib"])]
+    memory: Option<u64>,
+    /// Guest RAM in MiB (alternative to --memory).
+    #[arg(long, conflicts_with = "memory")]
+    memory_mib: Option<u64>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     vcpus: u8,
+    /// Where the serial console is appended (default: VM_DIR/console.log).
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+    /// Where the control socket is served (default: VM_DIR/control.sock).
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Boot a built-in guest; the only one is `cairn-guest` (the default without --kernel).
+    #[arg(long, conflicts_with = "kernel")]
+    builtin: Option<String>,
     /// A file (or block device) served as the virtio-blk disk.
     #[arg(long)]
     disk: Option<PathBuf>,
@@ -122,84 +129,143 @@ fn emit(event: serde_json::Value) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::HostInfo => {
-            let host = HostKvm::detect();
-            let check = vmm::kvm::open_checked()
-                .err()
-                .map(|error| error.to_string());
-            emit(json!({
-                "kvm": host,
-                "usable": check.is_none(),
-                "problem": check,
-                "linux_bootable": host.linux_unbootable_reason().is_none(),
-                "linux_unbootable_reason": host.linux_unbootable_reason(),
-            }));
-            ExitCode::SUCCESS
-        }
-        Command::Run(args) => ExitCode::from(run(args)),
+    if cli.host_info {
+        let host = HostKvm::detect();
+        let check = vmm::kvm::open_checked()
+            .err()
+            .map(|error| error.to_string());
+        emit(json!({
+            "kvm": host,
+            "usable": check.is_none(),
+            "problem": check,
+            "linux_bootable": host.linux_unbootable_reason().is_none(),
+            "linux_unbootable_reason": host.linux_unbootable_reason(),
+        }));
+        return ExitCode::SUCCESS;
+    }
+    ExitCode::from(run(cli))
+}
+
+/// Blocks SIGTERM and SIGINT in every thread (call before any thread starts) and returns
+/// the set, for a dedicated thread to `sigwait` on: termination becomes a graceful
+/// power-off instead of killing the VM mid-write.
+fn block_termination_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it before use and
+    // pthread_sigmask only changes this thread's mask (inherited by threads spawned later).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
     }
 }
 
-fn run(args: RunArgs) -> u8 {
-    if let Err(error) = std::fs::create_dir_all(&args.vm_dir) {
+fn run(cli: Cli) -> u8 {
+    let termination = block_termination_signals();
+    let vm_dir = match (&cli.vm_dir, &cli.control_socket) {
+        (Some(directory), _) => directory.clone(),
+        (None, Some(socket)) => socket
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".")),
+        (None, None) => unreachable!("clap requires --vm-dir or --control-socket"),
+    };
+    if let Err(error) = std::fs::create_dir_all(&vm_dir) {
         eprintln!(
-            "error: cannot create the VM directory {}: {error}",
-            args.vm_dir.display()
+            "error: vm {}: cannot create the VM directory {}: {error}",
+            cli.name,
+            vm_dir.display()
         );
         return exit_code::USAGE;
     }
-    let disk: Option<Arc<dyn BlockBackend>> = match &args.disk {
+    if let Some(builtin) = &cli.builtin
+        && builtin != vmm::guest::BUILTIN_NAME
+    {
+        eprintln!(
+            "error: vm {}: unknown built-in guest `{builtin}` (the only one is `{}`)",
+            cli.name,
+            vmm::guest::BUILTIN_NAME
+        );
+        return exit_code::USAGE;
+    }
+    let memory_bytes = match (cli.memory, cli.memory_mib) {
+        (Some(bytes), _) => bytes,
+        (None, Some(mib)) => mib << 20,
+        (None, None) => unreachable!("clap requires --memory or --memory-mib"),
+    };
+    let disk: Option<Arc<dyn BlockBackend>> = match &cli.disk {
         None => None,
-        Some(path) => match FileBackend::open(path, args.disk_read_only) {
+        Some(path) => match FileBackend::open(path, cli.disk_read_only) {
             Ok(backend) => Some(Arc::new(backend)),
             Err(error) => {
-                eprintln!("error: cannot open the disk {}: {error}", path.display());
+                eprintln!(
+                    "error: vm {}: cannot open the disk {}: {error}",
+                    cli.name,
+                    path.display()
+                );
                 return exit_code::USAGE;
             }
         },
     };
-    let boot = match args.kernel {
+    let boot = match cli.kernel {
         None => BootSource::Builtin,
         Some(kernel) => BootSource::Linux {
             kernel,
-            initrd: args.initrd,
-            cmdline: args.cmdline,
+            initrd: cli.initrd,
+            cmdline: cli.cmdline,
         },
     };
+    let console_log = cli.serial_log.unwrap_or_else(|| vm_dir.join("console.log"));
+    let socket = cli
+        .control_socket
+        .unwrap_or_else(|| vm_dir.join("control.sock"));
     let config = VmConfig {
-        memory_bytes: args.memory,
-        vcpus: args.vcpus,
+        memory_bytes,
+        vcpus: cli.vcpus,
         boot,
         disk,
-        console_log: args.vm_dir.join("console.log"),
-        tick: Duration::from_millis(args.tick_ms.max(1)),
-        dirty_pages_per_second: args.dirty_rate,
-        power_off_grace: Duration::from_millis(args.grace_ms),
+        console_log: console_log.clone(),
+        tick: Duration::from_millis(cli.tick_ms.max(1)),
+        dirty_pages_per_second: cli.dirty_rate,
+        power_off_grace: Duration::from_millis(cli.grace_ms),
     };
+    let name = cli.name;
     let vm = match Vm::create(config) {
         Ok(vm) => vm,
-        Err(error) => return fail(&error, error.exit_code()),
+        Err(error) => return fail(&name, &error, error.exit_code()),
     };
     let running = match vm.start() {
         Ok(running) => running,
-        Err(error) => return fail(&error, error.exit_code()),
+        Err(error) => return fail(&name, &error, error.exit_code()),
     };
-    let socket = args.vm_dir.join("control.sock");
     if let Err(error) = control::serve(&socket, running.controller()) {
         eprintln!(
-            "error: cannot serve the control socket {}: {error}",
+            "error: vm {name}: cannot serve the control socket {}: {error}",
             socket.display()
         );
         let _ = running.controller().power_off(true);
         let _ = running.wait();
         return exit_code::USAGE;
     }
+    let controller = running.controller();
+    let _ = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signal: libc::c_int = 0;
+            // SAFETY: `termination` is an initialised signal set blocked in every thread;
+            // sigwait writes the received signal number into `signal`.
+            while unsafe { libc::sigwait(&termination, &mut signal) } == 0 {
+                let _ = controller.power_off(false);
+            }
+        });
     emit(json!({
         "event": "started",
+        "name": name,
         "pid": std::process::id(),
         "control_socket": socket,
-        "console_log": args.vm_dir.join("console.log"),
+        "console_log": console_log,
     }));
     let outcome = running.wait_with(|notification| match notification {
         Notification::FirstHeartbeat(after) => {
@@ -213,13 +279,13 @@ fn run(args: RunArgs) -> u8 {
         json!({"event": "exited", "outcome": outcome.kind(), "detail": outcome.detail(), "exit_code": code}),
     );
     if code != exit_code::STOPPED {
-        eprintln!("error: the VM {}: {}", outcome.kind(), outcome.detail());
+        eprintln!("error: vm {name} {}: {}", outcome.kind(), outcome.detail());
     }
     code
 }
 
-fn fail(error: &dyn std::error::Error, code: u8) -> u8 {
-    let mut message = format!("error: {error}");
+fn fail(name: &str, error: &dyn std::error::Error, code: u8) -> u8 {
+    let mut message = format!("error: vm {name}: {error}");
     let mut source = error.source();
     while let Some(cause) = source {
         message.push_str(&format!(": {cause}"));

@@ -478,13 +478,14 @@ impl Vm {
             events,
             kernel,
         };
-        vm.load_guest()?;
+        vm.load_guest(true)?;
         Ok(vm)
     }
 
     /// Writes the guest into memory and puts every vCPU in its boot state (first boot and
-    /// every reboot).
-    fn load_guest(&self) -> Result<(), VmError> {
+    /// every reboot). CPUID is set on the first boot only: KVM refuses to change it once a
+    /// vCPU has run, and it does not change across a reboot.
+    fn load_guest(&self, first_boot: bool) -> Result<(), VmError> {
         let memory = self.ram.memory();
         arch::write_gdt(memory)?;
         let count = self.config.vcpus;
@@ -502,7 +503,9 @@ impl Vm {
                     })?;
                 for (index, vcpu) in self.vcpus.iter().enumerate() {
                     let index = index as u64;
-                    arch::setup_cpuid(vcpu, &self.cpuid, index as u8, count)?;
+                    if first_boot {
+                        arch::setup_cpuid(vcpu, &self.cpuid, index as u8, count)?;
+                    }
                     arch::setup_long_mode_sregs(vcpu)?;
                     arch::setup_fpu(vcpu)?;
                     let stack = abi::STACK_TOP - index * abi::STACK_SIZE;
@@ -521,7 +524,9 @@ impl Vm {
                 // Linux brings up application processors itself (INIT/SIPI through the
                 // in-kernel LAPIC); only the boot processor gets a register state.
                 for (index, vcpu) in self.vcpus.iter().enumerate() {
-                    arch::setup_cpuid(vcpu, &self.cpuid, index as u8, count)?;
+                    if first_boot {
+                        arch::setup_cpuid(vcpu, &self.cpuid, index as u8, count)?;
+                    }
                     if index == 0 {
                         arch::setup_long_mode_sregs(vcpu)?;
                         arch::setup_fpu(vcpu)?;
@@ -905,9 +910,11 @@ impl RunningVm {
         let shared = &self.vm.shared;
         shared.telemetry.reset_for_boot();
         self.vm.vcpus = vcpus;
-        self.vm.load_guest().map_err(|error| VmOutcome::Failed {
-            reason: format!("reboot failed: {error}"),
-        })?;
+        self.vm
+            .load_guest(false)
+            .map_err(|error| VmOutcome::Failed {
+                reason: format!("reboot failed: {error}"),
+            })?;
         let vcpus = std::mem::take(&mut self.vm.vcpus);
         self.handles =
             spawn_vcpus(shared, &self.vm.ram, vcpus).map_err(|error| VmOutcome::Failed {
@@ -1101,8 +1108,12 @@ impl Controller {
             .events
             .send(VmEvent::RequestPowerOff { force })
             .map_err(|_| ControlError::Gone)?;
-        // A paused guest cannot acknowledge: let it run so the request completes.
-        self.resume()
+        // A paused guest cannot acknowledge: let it run so the request completes. The VM
+        // may already be exiting because of this very request; that is success.
+        match self.resume() {
+            Ok(()) | Err(ControlError::WrongState { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
     /// Asks for a reboot (acknowledged by the built-in guest, immediate for Linux).

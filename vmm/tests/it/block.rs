@@ -1,0 +1,97 @@
+//! The built-in guest's virtio-blk self-test does real I/O to the disk file.
+
+use std::time::Duration;
+
+use vmm::control::Request;
+use vmm::guest::BlockTestResult;
+
+use crate::support::{VmProcess, disk_image, kvm_available};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What cairn-guest writes in self-test round `round` at first sector `sector`.
+fn expected_pattern(sector: u64, round: u64) -> Vec<u8> {
+    (0..512u64)
+        .flat_map(|index| {
+            ((sector + index).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (round << 48)).to_le_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn the_guest_self_test_writes_the_disk_file_and_reads_it_back() {
+    if !kvm_available("the_guest_self_test_writes_the_disk_file_and_reads_it_back") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = disk_image(dir.path(), 1 << 20);
+    let mut vm = VmProcess::spawn_in(
+        dir,
+        &[
+            "--memory",
+            "32MiB",
+            "--disk",
+            disk.to_str().expect("utf-8 path"),
+        ],
+    );
+    let status = vm.wait_status(TIMEOUT, |status| status.block_tests >= 1);
+    assert_eq!(status.block_test, BlockTestResult::Pass);
+    let block = status.block.expect("block counters");
+    assert_eq!((block.writes, block.reads, block.errors), (1, 1, 0));
+    assert_eq!((block.bytes_written, block.bytes_read), (4096, 4096));
+
+    vm.request(&Request::BlockTest);
+    vm.wait_status(TIMEOUT, |status| {
+        status.block_tests >= 2 && status.block_test == BlockTestResult::Pass
+    });
+    vm.request(&Request::PowerOff { force: false });
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+
+    let bytes = std::fs::read(&disk).expect("read disk");
+    let sector = (1 << 20) / 512 - 8;
+    assert_eq!(
+        &bytes[(1 << 20) - 4096..],
+        &expected_pattern(sector, 2)[..],
+        "round 2's pattern is on disk"
+    );
+    assert!(
+        bytes[..(1 << 20) - 4096].iter().all(|byte| *byte == 0),
+        "nothing else was written"
+    );
+    assert!(vm.console().contains("block self-test pass"));
+}
+
+#[test]
+fn a_read_only_disk_fails_the_write_and_keeps_its_bytes() {
+    if !kvm_available("a_read_only_disk_fails_the_write_and_keeps_its_bytes") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let disk = disk_image(dir.path(), 1 << 20);
+    let disk_arg = disk.to_str().expect("utf-8 path").to_string();
+    let mut vm = VmProcess::spawn_in(
+        dir,
+        &["--memory", "32MiB", "--disk", &disk_arg, "--disk-read-only"],
+    );
+    let status = vm.wait_status(TIMEOUT, |status| status.block_tests >= 1);
+    assert_eq!(status.block_test, BlockTestResult::DeviceError);
+    assert!(
+        std::fs::read(&disk)
+            .expect("read disk")
+            .iter()
+            .all(|byte| *byte == 0)
+    );
+}
+
+#[test]
+fn without_a_disk_the_guest_reports_no_device() {
+    if !kvm_available("without_a_disk_the_guest_reports_no_device") {
+        return;
+    }
+    let mut vm = VmProcess::spawn(&["--memory", "32MiB"]);
+    let status = vm.wait_status(TIMEOUT, |status| status.block_tests >= 1);
+    assert_eq!(status.block_test, BlockTestResult::NoDevice);
+    assert!(status.block.is_none());
+    let refused = vm.client().call(&Request::BlockTest).expect("answer");
+    assert!(!refused.ok && refused.error.expect("reason").contains("no block device"));
+}

@@ -1,0 +1,172 @@
+//! Spawning `cairn-vmm` children, talking to their control sockets, waiting on them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use vmm::control::{ControlClient, Request, VmStatus};
+use vmm::kvm::HostKvm;
+
+/// True when KVM is usable; otherwise prints why `test` skips.
+pub fn kvm_available(test: &str) -> bool {
+    match HostKvm::detect() {
+        HostKvm::Missing => {
+            eprintln!("skipping {test}: no usable /dev/kvm on this host");
+            false
+        }
+        HostKvm::Pvm | HostKvm::Hardware => true,
+    }
+}
+
+/// Polls `condition` every few milliseconds until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One `cairn-vmm` child with its own VM directory; killed when dropped.
+pub struct VmProcess {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl VmProcess {
+    /// Spawns `cairn-vmm --vm-dir <tempdir> <args>`.
+    pub fn spawn(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::spawn_in(dir, args)
+    }
+
+    /// Spawns into an existing directory (for disks prepared in it).
+    pub fn spawn_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_cairn-vmm"))
+            .arg("--vm-dir")
+            .arg(dir.path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cairn-vmm");
+        Self { child, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Connects to the control socket, waiting for the VMM to serve it.
+    pub fn client(&mut self) -> ControlClient {
+        let socket = self.path("control.sock");
+        let mut last_error = String::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "cairn-vmm exited early with {status}: {}",
+                    self.stderr_now()
+                );
+            }
+            match ControlClient::connect(&socket, Duration::from_secs(5)) {
+                Ok(client) => return client,
+                Err(error) => last_error = error.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!(
+            "control socket {} never answered: {last_error}",
+            socket.display()
+        );
+    }
+
+    /// Status through a fresh connection.
+    pub fn status(&mut self) -> VmStatus {
+        self.client().status().expect("status")
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cairn-vmm did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stderr_now(&mut self) -> String {
+        use std::io::Read as _;
+        let mut text = String::new();
+        if let Some(stderr) = self.child.stderr.as_mut() {
+            let _ = stderr.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// Everything the VMM printed on stdout (call after it exited).
+    pub fn stdout(&mut self) -> String {
+        use std::io::Read as _;
+        let mut text = String::new();
+        if let Some(stdout) = self.child.stdout.as_mut() {
+            let _ = stdout.read_to_string(&mut text);
+        }
+        text
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.path("console.log")).unwrap_or_default()
+    }
+
+    /// Waits until a status satisfies `condition`; returns that status.
+    pub fn wait_status(
+        &mut self,
+        timeout: Duration,
+        mut condition: impl FnMut(&VmStatus) -> bool,
+    ) -> VmStatus {
+        let mut client = self.client();
+        let mut last = client.status().expect("status");
+        let found = wait_until(timeout, || {
+            last = client.status().expect("status");
+            condition(&last)
+        });
+        assert!(
+            found,
+            "condition not reached within {timeout:?}; last status: {last:#?}"
+        );
+        last
+    }
+
+    pub fn request(&mut self, request: &Request) -> vmm::control::Response {
+        self.client().request(request).expect("request accepted")
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Creates a zeroed disk image of `bytes` in `dir`.
+pub fn disk_image(dir: &Path, bytes: u64) -> PathBuf {
+    let path = dir.join("disk.img");
+    let file = std::fs::File::create(&path).expect("create disk");
+    file.set_len(bytes).expect("size disk");
+    path
+}
