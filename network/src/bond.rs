@@ -208,13 +208,27 @@ fn mac_string(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// The stable, locally administered MAC of a fallback bond: derived from the
-/// bond's name so it does not change when members are swapped (the peers'
-/// ARP caches stay valid across a failover).
-pub fn fallback_mac(name: &str) -> [u8; 6] {
-    let h = crate::fnv1a(name.as_bytes());
-    let b = h.to_be_bytes();
+/// The stable, locally administered MAC of a fallback bond, derived from
+/// the bond's name and its first member's MAC:
+/// - it does not change when members are swapped, so peers' ARP caches stay
+///   valid across a failover;
+/// - it is unique per node (member MACs are), so two nodes with a bond of
+///   the same name do not collide on one switch;
+/// - it is no member's own MAC, so a detached member that wakes up and
+///   sends (IPv6 DAD, router solicitation) cannot pull the bond's MAC to its
+///   switch port.
+pub fn fallback_mac(name: &str, first_member_mac: [u8; 6]) -> [u8; 6] {
+    let mut key = name.as_bytes().to_vec();
+    key.extend_from_slice(&first_member_mac);
+    let b = crate::fnv1a(&key).to_be_bytes();
     [0x02, 0xca, b[4], b[5], b[6], b[7]]
+}
+
+fn first_member_mac(links: &[LinkState], spec: &BondSpec) -> Option<[u8; 6]> {
+    links
+        .iter()
+        .find(|l| l.name == spec.members[0])
+        .and_then(|l| l.mac)
 }
 
 pub(crate) fn observe_with(
@@ -361,7 +375,9 @@ pub(crate) fn observe_with(
             }
         }
         BondBackend::BridgeFallback => {
-            if dev.mac != Some(fallback_mac(&spec.name)) {
+            if let Some(first) = first_member_mac(&links, spec)
+                && dev.mac != Some(fallback_mac(&spec.name, first))
+            {
                 drift.push(Drift::MacChanged);
             }
             let attached: Vec<&ObservedMember> =
@@ -763,7 +779,9 @@ fn converge_fallback(
     before: &ObservedBond,
     actions: &mut Vec<String>,
 ) -> Result<(), NlError> {
-    let mac = fallback_mac(&spec.name);
+    let first = first_member_mac(&rtnl.links()?, spec)
+        .ok_or_else(|| NlError::NoSuchLink(spec.members[0].clone()))?;
+    let mac = fallback_mac(&spec.name, first);
     if !before.exists {
         rtnl.create_bridge(&spec.name, Some(mac), Some(spec.mtu))?;
         actions.push(format!(
@@ -1101,9 +1119,15 @@ mod tests {
 
     #[test]
     fn fallback_mac_is_stable_and_locally_administered() {
-        let a = fallback_mac("data");
-        assert_eq!(a, fallback_mac("data"));
-        assert_ne!(a, fallback_mac("mgmt"));
+        let m = [0x52, 0x54, 0, 1, 2, 3];
+        let a = fallback_mac("data", m);
+        assert_eq!(a, fallback_mac("data", m));
+        assert_ne!(a, fallback_mac("mgmt", m));
+        assert_ne!(
+            a,
+            fallback_mac("data", [0x52, 0x54, 0, 1, 2, 4]),
+            "another node's bond"
+        );
         assert_eq!(a[0] & 0x03, 0x02, "unicast, locally administered");
     }
 }

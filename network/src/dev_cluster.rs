@@ -170,3 +170,51 @@ pub fn teardown(prefix: &str) -> Result<Vec<String>, NetworkError> {
     }
     Ok(names)
 }
+
+/// A dev cluster: the switch namespace and one namespace per node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DevCluster {
+    /// Prefix of every namespace of this cluster.
+    pub prefix: String,
+    /// Switch namespace name.
+    pub switch: String,
+    /// Nodes in the order given.
+    pub nodes: Vec<DevNode>,
+}
+
+impl DevCluster {
+    /// The switch namespace handle.
+    pub fn switch_ns(&self) -> NetNs {
+        NetNs::named(self.switch.clone())
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<&DevNode> {
+        self.nodes.iter().find(|n| n.node == name)
+    }
+}
+
+/// Builds (idempotently) a dev cluster: switch `<prefix>sw`, and for each
+/// `(node, n_nics)` a namespace `<prefix><node>` with NICs `nic0..`.
+pub fn up(prefix: &str, nodes: &[(&str, usize)]) -> Result<DevCluster, NetworkError> {
+    let switch = create_switch(prefix)?;
+    let mut out = Vec::new();
+    for (node, n_nics) in nodes {
+        out.push(add_node(
+            &switch,
+            &format!("{prefix}{node}"),
+            node,
+            *n_nics,
+        )?);
+    }
+    Ok(DevCluster {
+        prefix: prefix.to_owned(),
+        switch: switch_netns_name(prefix),
+        nodes: out,
+    })
+}
+
+/// Removes everything [`up`] created (alias of [`teardown`]).
+pub fn down(prefix: &str) -> Result<Vec<String>, NetworkError> {
+    teardown(prefix)
+}

@@ -454,6 +454,11 @@ impl Rtnl {
         };
         msg.header.prefix_len = prefix_len;
         msg.header.index = index;
+        if addr.is_ipv6() {
+            // No duplicate address detection: the address is usable at once
+            // (the dev cluster's addresses are unique by construction).
+            msg.header.flags = netlink_packet_route::address::AddressHeaderFlags::Nodad;
+        }
         msg.attributes.push(AddressAttribute::Local(addr));
         msg.attributes.push(AddressAttribute::Address(addr));
         match self.request(

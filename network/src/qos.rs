@@ -17,7 +17,7 @@
 //!   of the IPv4 TOS / IPv6 traffic-class byte (mask 0xfc, ECN ignored).
 
 use netlink_packet_core::{Nla, NlasIterator};
-use netlink_packet_route::tc::{TcAttribute, TcFilterU32Option, TcMessage, TcOption};
+use netlink_packet_route::tc::{TcAttribute, TcFilterU32Option, TcMessage, TcOption, TcStats2};
 
 use crate::drift::Drift;
 use crate::netns::NetNs;
@@ -191,6 +191,9 @@ pub struct ObservedClass {
     pub quantum: u32,
     /// Priority.
     pub prio: u32,
+    /// Packets sent through this class so far (a counter, not configuration;
+    /// never part of drift).
+    pub sent_packets: u64,
 }
 
 /// The QoS configuration of a device as observed over netlink.
@@ -255,6 +258,24 @@ fn options_bytes(msg: &TcMessage) -> Option<Vec<u8>> {
         }),
         _ => None,
     })
+}
+
+fn sent_packets(msg: &TcMessage) -> u64 {
+    let mut packets = None;
+    for a in &msg.attributes {
+        match a {
+            TcAttribute::Stats2(list) => {
+                for st in list {
+                    if let TcStats2::Basic(b) = st {
+                        packets = Some(u64::from(b.packets));
+                    }
+                }
+            }
+            TcAttribute::Stats(st) if packets.is_none() => packets = Some(u64::from(st.packets)),
+            _ => {}
+        }
+    }
+    packets.unwrap_or(0)
 }
 
 fn kind_of(msg: &TcMessage) -> Option<&str> {
@@ -367,6 +388,7 @@ pub fn observe_qos(rtnl: &mut Rtnl, ifindex: u32) -> Result<ObservedQos, NlError
             ceil_bps: ceil * 8,
             quantum,
             prio,
+            sent_packets: sent_packets(&c),
         });
     }
     out.classes.sort_by_key(|c| c.minor);

@@ -5,7 +5,9 @@
 
 mod bond;
 mod common;
+mod dev_cluster;
 mod failover;
 mod refusal;
+mod steering;
 mod tenant;
 mod traffic;
