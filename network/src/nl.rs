@@ -37,6 +37,14 @@ pub enum NlError {
         #[source]
         source: std::io::Error,
     },
+    /// The kernel did not answer in time.
+    #[error("netlink {op}: no answer from the kernel within {after:?}")]
+    Timeout {
+        /// The operation.
+        op: String,
+        /// How long we waited.
+        after: std::time::Duration,
+    },
     /// The answer could not be decoded.
     #[error("cannot decode netlink answer: {0}")]
     Decode(String),
@@ -152,7 +160,8 @@ pub struct Rtnl {
 }
 
 impl Rtnl {
-    /// Opens a route netlink socket inside `ns`.
+    /// Opens a route netlink socket inside `ns`. Answers are awaited at most
+    /// [`REQUEST_TIMEOUT`]: a kernel that never answers is an error, not a hang.
     pub fn open(ns: &NetNs) -> Result<Self, NlError> {
         let socket = ns.run(|| -> std::io::Result<Socket> {
             let mut s = Socket::new(NETLINK_ROUTE)?;
@@ -160,6 +169,7 @@ impl Rtnl {
             s.connect(&SocketAddr::new(0, 0))?;
             Ok(s)
         })??;
+        set_recv_timeout(&socket, REQUEST_TIMEOUT)?;
         Ok(Self { socket, seq: 1 })
     }
 
@@ -171,25 +181,7 @@ impl Rtnl {
             s.bind(&SocketAddr::new(0, 1 /* RTMGRP_LINK */))?;
             Ok(s)
         })??;
-        let tv = libc::timeval {
-            tv_sec: timeout.as_secs() as libc::time_t,
-            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-        };
-        use std::os::fd::AsRawFd;
-        // SAFETY: the fd is a valid socket owned by `socket`; tv is a valid
-        // timeval whose size is passed alongside it.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(NlError::Io(std::io::Error::last_os_error()));
-        }
+        set_recv_timeout(&socket, timeout)?;
         Ok(Self { socket, seq: 1 })
     }
 
@@ -245,7 +237,13 @@ impl Rtnl {
         let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
         let mut answers = Vec::new();
         loop {
-            let (data, _) = self.socket.recv_from_full()?;
+            let (data, _) = self.socket.recv_from_full().map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => NlError::Timeout {
+                    op: op.to_owned(),
+                    after: REQUEST_TIMEOUT,
+                },
+                _ => NlError::Io(e),
+            })?;
             for m in split_messages(&data)? {
                 if m.header.sequence_number != seq {
                     continue;
@@ -526,6 +524,32 @@ impl Rtnl {
             .filter(|t| t.header.index == index as i32)
             .collect())
     }
+}
+
+/// How long a request waits for the kernel's answer.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn set_recv_timeout(socket: &Socket, timeout: std::time::Duration) -> Result<(), NlError> {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    // SAFETY: the fd is a valid socket owned by `socket`; tv is a valid
+    // timeval whose size is passed alongside it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(NlError::Io(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Which tc objects to dump.

@@ -66,9 +66,9 @@ fn received_bps(child: Child) -> f64 {
         .unwrap_or_else(|| panic!("no sum_received in iperf3 output: {json}"))
 }
 
-/// TCP goodput is below the HTB rate, which counts Ethernet frames:
-/// 1448 payload bytes per 1514-byte frame.
-const GOODPUT: f64 = 1448.0 / 1514.0;
+// Goodput is compared with the HTB rates as is: HTB counts frame bytes, so
+// TCP/IP/Ethernet headers (at most ~4.4% at MTU 1500, far less with GSO's
+// large segments on veth) eat into the 10% tolerance rather than widening it.
 
 #[test]
 fn ceiling_caps_a_lone_class() {
@@ -89,10 +89,7 @@ fn ceiling_caps_a_lone_class() {
         bps / 1e6
     );
     assert!(bps <= max * 1.10, "migration exceeded its max: {bps}");
-    assert!(
-        bps >= max * GOODPUT * 0.90,
-        "migration far below its ceiling: {bps}"
-    );
+    assert!(bps >= max * 0.90, "migration far below its ceiling: {bps}");
 }
 
 #[test]
@@ -109,6 +106,7 @@ fn guarantees_hold_under_contention() {
         (TrafficKind::Storage, 5311),
         (TrafficKind::Guest, 5312),
         (TrafficKind::Migration, 5313),
+        (TrafficKind::Management, 5314),
     ];
     let mut servers: Vec<Child> = kinds.iter().map(|(_, p)| server(&topo, *p)).collect();
     std::thread::sleep(Duration::from_millis(300));
@@ -132,7 +130,7 @@ fn guarantees_hold_under_contention() {
             class.min_bps / MBIT,
             class.max_bps.unwrap_or(100 * MBIT) / MBIT
         );
-        let min = class.min_bps as f64 * GOODPUT;
+        let min = class.min_bps as f64;
         assert!(*bps >= min * 0.90, "{kind} got {bps}, below its min");
         let max = class.max_bps.unwrap_or(100 * MBIT) as f64;
         assert!(*bps <= max * 1.10, "{kind} got {bps}, above its max");
