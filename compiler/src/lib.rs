@@ -90,3 +90,8 @@ pub fn model_schema() -> String {
     s.push('\n');
     s
 }
+
+/// The JSON Schemas `cairn schema` writes: file name and text.
+pub fn schemas() -> Vec<(&'static str, String)> {
+    vec![("model.schema.json", model_schema()), ("spec.schema.json", shape::spec_schema())]
+}

@@ -254,3 +254,52 @@ pub fn child_path(parent: &str, name: &str) -> String {
         format!("{parent}.{name}")
     }
 }
+
+/// A JSON Schema of the spec language's structure, derived from [`SHAPES`]:
+/// one definition per node kind with its argument count, properties and
+/// children (the shape of a KDL document read as JSON-in-KDL style objects).
+pub fn spec_schema() -> String {
+    use serde_json::{Map, Value, json};
+    let mut defs = Map::new();
+    for s in SHAPES {
+        let id = if s.path.is_empty() { "document".to_owned() } else { s.path.to_owned() };
+        let props: Value = match s.props {
+            None => json!({ "type": "object", "additionalProperties": { "type": "string" } }),
+            Some(p) => {
+                let fields: Map<String, Value> = p.iter().map(|k| ((*k).to_owned(), json!({}))).collect();
+                json!({ "type": "object", "properties": fields, "additionalProperties": false })
+            }
+        };
+        let children: Map<String, Value> = s
+            .children
+            .iter()
+            .map(|c| ((*c).to_owned(), json!({ "type": "array", "items": { "$ref": format!("#/$defs/{}", child_path(s.path, c)) } })))
+            .collect();
+        let mut args = json!({ "type": "array", "minItems": s.args.min, "description": s.args.what });
+        if s.args.max != usize::MAX {
+            args["maxItems"] = json!(s.args.max);
+        }
+        defs.insert(
+            id,
+            json!({
+                "type": "object",
+                "properties": {
+                    "arguments": args,
+                    "properties": props,
+                    "children": { "type": "object", "properties": children, "additionalProperties": false }
+                },
+                "additionalProperties": false
+            }),
+        );
+    }
+    let schema = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "cairn spec language",
+        "description": "The structure of cairn's KDL spec files: each node kind with its arguments, properties and children. Values, units and references are checked by `cairn validate`; see SPEC.md.",
+        "$ref": "#/$defs/document",
+        "$defs": defs
+    });
+    let mut text = serde_json::to_string_pretty(&schema).expect("schemas serialize");
+    text.push('\n');
+    text
+}

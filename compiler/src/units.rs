@@ -181,6 +181,23 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
+/// Formats bytes for reading: exact when a binary unit divides them,
+/// otherwise rounded to two decimals of the largest unit that fits.
+pub fn human_size(bytes: u64) -> String {
+    for &(unit, m) in SIZE_UNITS[..6].iter().rev() {
+        let m = m as u64;
+        if bytes >= m {
+            if bytes % m == 0 {
+                return format!("{}{unit}", bytes / m);
+            }
+            let v = format!("{:.2}", bytes as f64 / m as f64);
+            let v = v.trim_end_matches('0').trim_end_matches('.');
+            return format!("{v}{unit}");
+        }
+    }
+    format!("{bytes}B")
+}
+
 /// Formats bits per second with the largest decimal unit that divides them.
 pub fn format_bandwidth(bps: u64) -> String {
     for &(unit, m) in BANDWIDTH_UNITS.iter().rev() {

@@ -1,0 +1,264 @@
+//! Commands that need no cluster: validate, fmt, compile, schema, gen, bench.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use compiler::diag::{self, Diagnostic};
+use compiler::units::human_size as format_size;
+use compiler::{Compilation, Sources};
+
+use crate::cli::Format;
+
+/// Loads sources from a directory or a git revision.
+pub fn load(dir: &Path, rev: Option<&str>) -> anyhow::Result<Sources> {
+    let sources = match rev {
+        Some(rev) => Sources::load_git(dir, rev)?,
+        None => Sources::load_dir(dir)?,
+    };
+    Ok(sources)
+}
+
+fn print_diagnostics(sources: &Sources, diagnostics: &[Diagnostic], format: Format) -> anyhow::Result<()> {
+    match format {
+        Format::Text => {
+            let mut err = std::io::stderr().lock();
+            err.write_all(diag::render_all(sources, diagnostics).as_bytes())?;
+        }
+        Format::Json => {
+            let list: Vec<_> = diagnostics.iter().map(|d| diag::to_json(sources, d)).collect();
+            let doc = serde_json::json!({ "format_version": 1, "diagnostics": list });
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// `cairn validate`.
+pub fn validate(dir: &Path, rev: Option<&str>, format: Format) -> anyhow::Result<u8> {
+    let sources = load(dir, rev)?;
+    let c = compiler::compile(&sources);
+    print_diagnostics(&sources, &c.diagnostics, format)?;
+    if c.has_errors() {
+        return Ok(1);
+    }
+    if format == Format::Text {
+        let m = &c.model;
+        let volumes: usize = m.vms.iter().map(|v| v.disks.len()).sum();
+        let nodes: usize = m.sites.iter().map(|s| s.nodes.len()).sum();
+        println!(
+            "ok: {} spec {}, {} {}, {} {}, {} {}, {} {}, {} {}",
+            sources.len(),
+            diag::plural(sources.len(), "file"),
+            m.sites.len(),
+            diag::plural(m.sites.len(), "site"),
+            nodes,
+            diag::plural(nodes, "node"),
+            m.tenants.len(),
+            diag::plural(m.tenants.len(), "tenant"),
+            m.vms.len(),
+            diag::plural(m.vms.len(), "VM"),
+            volumes,
+            diag::plural(volumes, "volume"),
+        );
+    }
+    Ok(0)
+}
+
+/// `cairn fmt`.
+pub fn fmt(dir: &Path, check: bool) -> anyhow::Result<u8> {
+    let sources = Sources::load_dir(dir)?;
+    let mut failed = false;
+    let mut changed = vec![];
+    for (id, file) in sources.files() {
+        match compiler::fmt::format_text(id, &file.text) {
+            Ok(text) if text == *file.text => {}
+            Ok(text) => {
+                changed.push(file.path.clone());
+                if !check {
+                    let path = dir.join(&file.path);
+                    let tmp = path.with_extension("kdl.cairn-fmt");
+                    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+                    std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
+                }
+            }
+            Err(diags) => {
+                failed = true;
+                eprint!("{}", diag::render_all(&sources, &diags));
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for path in &changed {
+        if check {
+            writeln!(out, "would reformat {path}")?;
+        } else {
+            writeln!(out, "formatted {path}")?;
+        }
+    }
+    if failed || (check && !changed.is_empty()) {
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// `cairn compile`.
+pub fn compile(dir: &Path, rev: Option<&str>, format: Format) -> anyhow::Result<u8> {
+    let sources = load(dir, rev)?;
+    let c = compiler::compile(&sources);
+    if c.has_errors() {
+        print_diagnostics(&sources, &c.diagnostics, Format::Text)?;
+        return Ok(1);
+    }
+    let warnings: Vec<Diagnostic> = c.diagnostics.clone();
+    print_diagnostics(&sources, &warnings, Format::Text)?;
+    let text = match format {
+        Format::Json => compiler::model_json(&c.model),
+        Format::Text => model_text(&c),
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(0)
+}
+
+/// The text view of a compiled model.
+pub fn model_text(c: &Compilation) -> String {
+    use std::fmt::Write as _;
+    let m = &c.model;
+    let mut s = String::new();
+    for site in &m.sites {
+        let _ = writeln!(
+            s,
+            "site {}: {} {} in {} {}, {} CPUs and {} allocatable, strategy {}, ha-reserve {}",
+            site.name,
+            site.nodes.len(),
+            diag::plural(site.nodes.len(), "node"),
+            site.racks.len(),
+            diag::plural(site.racks.len(), "rack"),
+            site.allocatable.cpu,
+            format_size(site.allocatable.memory_bytes),
+            site.scheduler.strategy,
+            site.ha_reserve_nodes
+        );
+        for b in &site.bonds {
+            let classes: Vec<String> = b
+                .traffic
+                .iter()
+                .map(|t| format!("{} {}..{} w{}", t.name, compiler::units::format_bandwidth(t.min_bps), compiler::units::format_bandwidth(t.max_bps), t.weight))
+                .collect();
+            let _ = writeln!(s, "  bond {} {} over {} = {}: {}", b.name, b.mode, b.members.join("+"), compiler::units::format_bandwidth(b.capacity_bps), classes.join(", "));
+        }
+        for p in &site.pools {
+            let _ = writeln!(
+                s,
+                "  pool {}: {} disks of class {}, {} replicas across {} {}s, stripe {} x {}, {} provisionable",
+                p.name,
+                p.disks.len(),
+                p.disk_class,
+                p.replicas,
+                p.failure_domains.len(),
+                p.failure_domain,
+                p.stripe_width,
+                format_size(p.stripe_unit_bytes),
+                format_size(p.provisionable_bytes)
+            );
+        }
+    }
+    for t in &m.tenants {
+        let q = t.quota.as_ref();
+        let of = |used: String, limit: Option<String>| match limit {
+            Some(l) => format!("{used}/{l}"),
+            None => used,
+        };
+        let _ = writeln!(
+            s,
+            "tenant {}: {} VMs, {} vCPUs, {} memory, {} storage",
+            t.name,
+            of(t.usage.vms.to_string(), q.and_then(|q| q.vms).map(|v| v.to_string())),
+            of(t.usage.vcpus.to_string(), q.and_then(|q| q.vcpus).map(|v| v.to_string())),
+            of(format_size(t.usage.memory_bytes), q.and_then(|q| q.memory_bytes).map(format_size)),
+            of(format_size(t.usage.storage_bytes), q.and_then(|q| q.storage_bytes).map(format_size)),
+        );
+    }
+    let width = m.vms.iter().map(|v| v.name.len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(s, "{:width$}  {:10} {:8} {:>4} {:>8}  {:24} {:5} {:>5}", "VM", "TENANT", "SITE", "CPU", "MEMORY", "SLA", "AVAIL", "DISKS");
+    for v in &m.vms {
+        let _ = writeln!(
+            s,
+            "{:width$}  {:10} {:8} {:>4} {:>8}  {:24} {:5} {:>5}",
+            v.name,
+            v.tenant,
+            v.site,
+            v.cpu,
+            format_size(v.memory_bytes),
+            format!("{} ({})", v.sla.name, v.sla.class),
+            v.availability.as_str(),
+            v.disks.len()
+        );
+    }
+    s
+}
+
+/// `cairn schema`.
+pub fn schema(out: &Path) -> anyhow::Result<u8> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (name, text) in compiler::schemas() {
+        let path = out.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(0)
+}
+
+/// `cairn gen`.
+pub fn generate(out: &Path, nodes: usize, vms: usize, seed: u64) -> anyhow::Result<u8> {
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        anyhow::bail!("{} exists and is not empty; choose a new directory", out.display());
+    }
+    let files = compiler::generate::generate(&compiler::generate::GenConfig { nodes, vms, seed });
+    for (path, text) in &files {
+        let path = out.join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!("wrote {} files with {nodes} nodes and {vms} VMs to {}", files.len(), out.display());
+    Ok(0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// `cairn bench`: medians of the front end's phases on a generated repo,
+/// with KDL parsing alone as the baseline measured in the same run.
+pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
+    let runs = runs.max(1);
+    let files = compiler::generate::generate(&compiler::generate::GenConfig { nodes, vms, seed: 1 });
+    let bytes: usize = files.iter().map(|(_, t)| t.len()).sum();
+    let sources = Sources::from_files(files);
+    let mut parse = vec![];
+    let mut full = vec![];
+    let mut c = None;
+    for _ in 0..runs {
+        let t = Instant::now();
+        for (_, f) in sources.files() {
+            std::hint::black_box(kdl::KdlDocument::parse_v2(&f.text).is_ok());
+        }
+        parse.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        c = Some(std::hint::black_box(compiler::compile(&sources)));
+        full.push(t.elapsed().as_secs_f64());
+    }
+    let c = c.expect("at least one run");
+    anyhow::ensure!(!c.has_errors(), "the generated repository does not compile");
+    let volumes: usize = c.model.vms.iter().map(|v| v.disks.len()).sum();
+    let (p, f) = (median(parse), median(full));
+    println!("repo: {nodes} nodes, {vms} VMs, {volumes} volumes, {} KiB of KDL, {runs} runs", bytes / 1024);
+    println!("baseline  kdl parse only          median {:8.1} ms", p * 1e3);
+    println!("compile   parse+resolve+check+expand median {:8.1} ms  ({:.2}x baseline)", f * 1e3, f / p);
+    Ok(0)
+}
