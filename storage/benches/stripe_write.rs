@@ -1,1 +1,171 @@
-fn main() {}
+//! Sequential write (and read) throughput of a striped volume against the same bytes
+//! written to one raw file with io_uring on the same filesystem, in the same run.
+//!
+//! Both sides make every chunk durable before the next (raw: write + fdatasync; volume:
+//! write + fdatasync + metadata commit), which is what an acknowledged write costs.
+//! Budget (DESIGN.md): striped / raw >= 0.9.
+//!
+//! `cargo bench -p storage --bench stripe_write`; environment knobs:
+//! `CAIRN_BENCH_MIB` (total MiB per run, default 256), `CAIRN_BENCH_CHUNK_KIB` (request size,
+//! default 4096), `CAIRN_BENCH_RUNS` (default 5), `CAIRN_BENCH_DIR` (default: system temp dir).
+
+use std::fs::OpenOptions;
+use std::time::{Duration, Instant};
+
+use storage::{DiskSource, EngineKind, FileEngine, Store, StoreOptions, VolumeSpec};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn mib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1_048_576.0 / d.as_secs_f64()
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing we need.
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let total_mib = env_u64("CAIRN_BENCH_MIB", 256);
+    let chunk = env_u64("CAIRN_BENCH_CHUNK_KIB", 4096) << 10;
+    let runs = env_u64("CAIRN_BENCH_RUNS", 5).max(1);
+    let total = total_mib << 20;
+    let width = 4usize;
+    let stripe_unit = 1u64 << 20;
+    let base = std::env::var("CAIRN_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
+    let dir = tempfile::tempdir_in(&base).expect("bench dir");
+    let data: Vec<u8> = (0..chunk)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 12)) as u8)
+        .collect();
+
+    let engine =
+        FileEngine::new(EngineKind::IoUring).expect("io_uring is required for this benchmark");
+    let store = Store::open(
+        dir.path().join("store"),
+        StoreOptions {
+            engine: EngineKind::IoUring,
+        },
+    )
+    .unwrap();
+    for i in 0..width {
+        store
+            .add_disk(&format!("d{i}"), DiskSource::File { capacity: total })
+            .unwrap();
+    }
+    println!(
+        "stripe_write: {total_mib} MiB per run in {} KiB durable requests, {runs} runs, dir {}",
+        chunk >> 10,
+        dir.path().display()
+    );
+    println!(
+        "volume: stripe unit {} KiB x {width} columns (4 disk files, same filesystem)",
+        stripe_unit >> 10
+    );
+
+    let mut raw_w = Vec::new();
+    let mut vol_w = Vec::new();
+    let mut raw_r = Vec::new();
+    let mut vol_r = Vec::new();
+    let mut buf = vec![0u8; chunk as usize];
+    // The raw file is sized like a disk file (sparse) and kept across runs, as the disk
+    // files are: the first run of each side allocates filesystem blocks, later runs reuse them.
+    let path = dir.path().join("raw.img");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(total).unwrap();
+    for run in 0..runs {
+        // Baseline: one raw file, io_uring write + fdatasync per request.
+        let t = Instant::now();
+        let mut off = 0;
+        while off < total {
+            engine.write_all_at(&file, off, &data).unwrap();
+            engine.sync_data(&[&file]).unwrap();
+            off += chunk;
+        }
+        raw_w.push(t.elapsed());
+        let t = Instant::now();
+        let mut off = 0;
+        while off < total {
+            engine.read_exact_at(&file, off, &mut buf).unwrap();
+            off += chunk;
+        }
+        raw_r.push(t.elapsed());
+
+        // Striped volume, fresh each run so every request allocates (the thin path).
+        let name = format!("bench{run}");
+        let spec = VolumeSpec {
+            name: name.clone(),
+            size: total,
+            stripe_unit,
+            stripe_width: width,
+            disks: Vec::new(),
+        };
+        let vol = store.create_volume(&spec).unwrap();
+        let t = Instant::now();
+        let mut off = 0;
+        while off < total {
+            vol.write_at(off, &data).unwrap();
+            off += chunk;
+        }
+        vol_w.push(t.elapsed());
+        let t = Instant::now();
+        let mut off = 0;
+        while off < total {
+            vol.read_at(off, &mut buf).unwrap();
+            off += chunk;
+        }
+        vol_r.push(t.elapsed());
+        assert!(buf == data, "read back what was written");
+        store.delete_volume(&name).unwrap();
+    }
+    let (rw, vw, rr, vr) = (median(raw_w), median(vol_w), median(raw_r), median(vol_r));
+    println!("{:<34} {:>10} {:>12}", "case", "median", "MiB/s");
+    println!(
+        "{:<34} {:>10.1?} {:>12.0}",
+        "write raw file (io_uring)",
+        rw,
+        mib_s(total, rw)
+    );
+    println!(
+        "{:<34} {:>10.1?} {:>12.0}",
+        "write striped volume",
+        vw,
+        mib_s(total, vw)
+    );
+    println!(
+        "{:<34} {:>10.1?} {:>12.0}",
+        "read raw file (io_uring, cached)",
+        rr,
+        mib_s(total, rr)
+    );
+    println!(
+        "{:<34} {:>10.1?} {:>12.0}",
+        "read striped volume (cached)",
+        vr,
+        mib_s(total, vr)
+    );
+    println!(
+        "ratio write striped/raw: {:.2}x (budget >= 0.90x)",
+        rw.as_secs_f64() / vw.as_secs_f64()
+    );
+    println!(
+        "ratio read  striped/raw: {:.2}x",
+        rr.as_secs_f64() / vr.as_secs_f64()
+    );
+}

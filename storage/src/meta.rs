@@ -33,6 +33,10 @@ pub(crate) const CRCS: TableDefinition<(u32, u64), u32> = TableDefinition::new("
 /// (disk id, physical block number) -> crc32c of an in-place overwrite in flight.
 pub(crate) const PENDING: TableDefinition<(u32, u64), u32> = TableDefinition::new("pending");
 
+/// volume -> its sequence number before the one write whose checksums are still pending
+/// (at most one row: writes are serialised and the next write promotes the previous one).
+pub(crate) const INFLIGHT: TableDefinition<&str, u64> = TableDefinition::new("inflight");
+
 /// Version of the schema above.
 pub(crate) const FORMAT_VERSION: u64 = 1;
 /// Extent offset that marks a hole masking ancestor data (after a trim).
@@ -282,6 +286,9 @@ pub(crate) struct State {
     pub(crate) layers: BTreeMap<u64, Layer>,
     pub(crate) extents: BTreeMap<(u64, u64), Extent>,
     pub(crate) next_layer: u64,
+    /// Checksums of the last acknowledged write, still in the pending table; the next
+    /// metadata transaction moves them to the committed table.
+    pub(crate) unpromoted: Vec<((u32, u64), u32)>,
 }
 
 impl State {

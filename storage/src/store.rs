@@ -26,8 +26,8 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use crate::engine::{EngineKind, FileEngine, IoOp};
 use crate::error::{Result, StorageError};
 use crate::meta::{
-    Allocator, CRCS, DISKS, Disk, EXTENTS, Extent, FORMAT_VERSION, FREE, Geometry, LAYERS, Layer,
-    META, PENDING, SNAPSHOTS, SnapshotRecord, State, VOLUMES, VolumeRecord,
+    Allocator, CRCS, DISKS, Disk, EXTENTS, Extent, FORMAT_VERSION, FREE, Geometry, INFLIGHT,
+    LAYERS, Layer, META, PENDING, SNAPSHOTS, SnapshotRecord, State, VOLUMES, VolumeRecord,
 };
 
 /// Size of a checksummed block and the alignment of every data request.
@@ -191,6 +191,9 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError 
     move |e| StorageError::io(context, e)
 }
 
+/// A checksum keyed by (disk id, physical block number).
+type BlockCrc = ((u32, u64), u32);
+
 /// One contiguous part of a request that falls inside a single stripe unit.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
@@ -304,6 +307,7 @@ impl Store {
             txn.open_table(EXTENTS)?;
             txn.open_table(CRCS)?;
             txn.open_table(PENDING)?;
+            txn.open_table(INFLIGHT)?;
         }
         txn.commit()?;
         let state = State::load(&db.begin_read()?, &db_path)?;
@@ -337,21 +341,31 @@ impl Store {
         self.inner.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Settles overwrites that were in flight at a crash: a block whose data matches its
-    /// pending checksum takes it; otherwise the old data and checksum stand.
+    /// Settles the write that was in flight at a crash (at most one). A block whose data
+    /// matches its pending checksum takes it; otherwise the block keeps its committed
+    /// checksum (old data) or stays unwritten. If any block of that write did not land,
+    /// the write was never acknowledged and the volume's sequence number goes back.
     fn recover_pending(&self) -> Result<()> {
-        let st = self.read_state();
-        let pending: Vec<((u32, u64), u32)> = {
+        let mut st = self.write_state();
+        let (pending, inflight): (Vec<BlockCrc>, Vec<(String, u64)>) = {
             let txn = self.inner.db.begin_read()?;
-            let table = txn.open_table(PENDING)?;
-            table
-                .iter()?
-                .map(|r| r.map(|(k, v)| (k.value(), v.value())))
-                .collect::<Result<_, _>>()?
+            let pending = txn.open_table(PENDING)?;
+            let inflight = txn.open_table(INFLIGHT)?;
+            (
+                pending
+                    .iter()?
+                    .map(|r| r.map(|(k, v)| (k.value(), v.value())))
+                    .collect::<Result<_, _>>()?,
+                inflight
+                    .iter()?
+                    .map(|r| r.map(|(k, v)| (k.value().to_owned(), v.value())))
+                    .collect::<Result<_, _>>()?,
+            )
         };
-        if pending.is_empty() {
+        if pending.is_empty() && inflight.is_empty() {
             return Ok(());
         }
+        let mut incomplete = false;
         let txn = self.inner.db.begin_write()?;
         {
             let mut crcs = txn.open_table(CRCS)?;
@@ -368,6 +382,17 @@ impl Store {
                     .map_err(io_err(format!("reading disk `{}`", d.name)))?;
                 if crc32c::crc32c(&block) == crc {
                     crcs.insert((disk, pblock), crc)?;
+                } else {
+                    incomplete = true;
+                }
+            }
+            let mut inflight_table = txn.open_table(INFLIGHT)?;
+            let mut volumes = txn.open_table(VOLUMES)?;
+            for (volume, seq_before) in &inflight {
+                inflight_table.remove(volume.as_str())?;
+                if incomplete && let Some(rec) = st.volumes.get_mut(volume) {
+                    rec.seq = *seq_before;
+                    volumes.insert(volume.as_str(), rec.encode().as_slice())?;
                 }
             }
         }
@@ -611,10 +636,12 @@ impl Store {
         }
         let mut plan = ReleasePlan::new(&st);
         let txn = self.inner.db.begin_write()?;
+        promote(&txn, &st)?;
         release_layer(&mut plan, &st, &txn, rec.top)?;
         txn.open_table(VOLUMES)?.remove(name)?;
         write_disk_rows(&txn, &st, &plan.disks)?;
         txn.commit()?;
+        st.unpromoted.clear();
         plan.apply(&mut st);
         st.volumes.remove(name);
         Ok(())
@@ -732,10 +759,12 @@ impl Store {
         };
         let mut plan = ReleasePlan::new(&st);
         let txn = self.inner.db.begin_write()?;
+        promote(&txn, &st)?;
         release_layer(&mut plan, &st, &txn, snap.layer)?;
         txn.open_table(SNAPSHOTS)?.remove((volume, name))?;
         write_disk_rows(&txn, &st, &plan.disks)?;
         txn.commit()?;
+        st.unpromoted.clear();
         plan.apply(&mut st);
         st.snapshots.remove(&key);
         Ok(())
@@ -907,27 +936,28 @@ impl Store {
             let Some((disk, phys)) = loc else { continue };
             let first = phys / BLOCK_SIZE;
             let n = piece.len / BLOCK_SIZE;
-            let mut stored: BTreeMap<u64, u32> = BTreeMap::new();
+            // Checksum of each block: the pending one (the last write, durable but not yet
+            // promoted) wins over the committed one; a block with neither was never written.
+            let mut stored: Vec<Option<u32>> = vec![None; n as usize];
+            let mut committed: Vec<Option<u32>> = vec![None; n as usize];
             for row in crcs.range((disk, first)..(disk, first + n))? {
                 let (k, v) = row?;
-                stored.insert(k.value().1, v.value());
+                committed[(k.value().1 - first) as usize] = Some(v.value());
+            }
+            for row in pending.range((disk, first)..(disk, first + n))? {
+                let (k, v) = row?;
+                stored[(k.value().1 - first) as usize] = Some(v.value());
             }
             let data = &mut buf[piece.buf_off..piece.buf_off + piece.len as usize];
             for (i, block) in data.chunks_mut(BLOCK_SIZE as usize).enumerate() {
                 let pblock = first + i as u64;
-                let Some(&expected) = stored.get(&pblock) else {
+                let Some(expected) = stored[i].or(committed[i]) else {
                     // Allocated but never written (or trimmed): thin space reads as zeros.
                     block.fill(0);
                     continue;
                 };
                 let actual = crc32c::crc32c(block);
-                if actual == expected {
-                    continue;
-                }
-                if pending
-                    .get((disk, pblock))?
-                    .is_some_and(|p| p.value() == actual)
-                {
+                if actual == expected || committed[i] == Some(actual) {
                     continue;
                 }
                 return Err(StorageError::ChecksumMismatch {
@@ -987,6 +1017,7 @@ impl Store {
         let mut copies: Vec<(u32, u64, u32, u64, u64)> = Vec::new(); // src disk, src off, dst disk, dst off, len
         let txn = self.inner.db.begin_read()?;
         let crcs = txn.open_table(CRCS)?;
+        let pending = txn.open_table(PENDING)?;
         for piece in &plan {
             let in_top = st.extents.get(&(rec.top, piece.stripe)).copied();
             let target = match (mode, in_top) {
@@ -1033,15 +1064,22 @@ impl Store {
                             (piece.within + piece.len) / BLOCK_SIZE,
                         );
                         let mut run: Option<(u64, u64)> = None;
-                        for row in crcs.range(
-                            (src_disk, src / BLOCK_SIZE)..(src_disk, (src + su) / BLOCK_SIZE),
-                        )? {
+                        // Committed checksums, overridden by pending ones of the last write.
+                        let src_blocks =
+                            (src_disk, src / BLOCK_SIZE)..(src_disk, (src + su) / BLOCK_SIZE);
+                        let mut src_crcs: BTreeMap<u64, u32> = BTreeMap::new();
+                        for row in crcs
+                            .range(src_blocks.clone())?
+                            .chain(pending.range(src_blocks)?)
+                        {
                             let (k, v) = row?;
-                            let idx = k.value().1 - src / BLOCK_SIZE;
+                            src_crcs.insert(k.value().1 - src / BLOCK_SIZE, v.value());
+                        }
+                        for (idx, crc) in src_crcs {
                             if (lo..hi).contains(&idx) {
                                 continue;
                             }
-                            crc_updates.push(((column, base / BLOCK_SIZE + idx), v.value()));
+                            crc_updates.push(((column, base / BLOCK_SIZE + idx), crc));
                             run = match run {
                                 Some((start, len)) if start + len == idx => Some((start, len + 1)),
                                 Some((start, len)) => {
@@ -1078,13 +1116,15 @@ impl Store {
                 piece.buf_off + piece.len as usize,
             ));
             let first_crc = piece.buf_off / BLOCK_SIZE as usize;
-            let existing: BTreeSet<u64> = if target.is_some() {
-                crcs.range((disk, phys / BLOCK_SIZE)..(disk, (phys + piece.len) / BLOCK_SIZE))?
-                    .map(|r| r.map(|(k, _)| k.value().1))
-                    .collect::<Result<_, _>>()?
-            } else {
-                BTreeSet::new()
-            };
+            // Blocks that hold acknowledged data, committed or still pending from the
+            // previous write: overwriting them needs the checksum intent first.
+            let mut existing: BTreeSet<u64> = BTreeSet::new();
+            if target.is_some() {
+                let blocks = (disk, phys / BLOCK_SIZE)..(disk, (phys + piece.len) / BLOCK_SIZE);
+                for row in crcs.range(blocks.clone())?.chain(pending.range(blocks)?) {
+                    existing.insert(row?.0.value().1);
+                }
+            }
             for i in 0..piece.len / BLOCK_SIZE {
                 let key = (disk, phys / BLOCK_SIZE + i);
                 let crc = block_crcs[first_crc + i as usize];
@@ -1094,15 +1134,9 @@ impl Store {
                 crc_updates.push((key, crc));
             }
         }
-        drop(crcs);
-        drop(txn);
+        drop((crcs, pending, txn));
 
-        let result = self.write_data(st, volume, &overwrites, &copies, &writes, data);
-        if let Err(e) = result {
-            restore(st);
-            return Err(e);
-        }
-
+        let old_rec = rec.clone();
         rec.seq = replica_seq.unwrap_or(rec.seq + 1);
         let touched: BTreeSet<u32> = new_extents
             .iter()
@@ -1111,36 +1145,96 @@ impl Store {
                 Extent::Zero => None,
             })
             .collect();
-        let commit = || -> Result<()> {
+        let rows: BTreeMap<u32, Allocator> = touched
+            .iter()
+            .map(|id| (*id, st.disks[id].alloc.clone()))
+            .collect();
+        // The write's metadata: new extents, the new checksums as pending (they become
+        // committed once the data is known durable), the sequence number, and the marker
+        // that lets recovery undo the sequence number if the data did not land.
+        let commit = |st: &State| -> Result<()> {
             let txn = self.inner.db.begin_write()?;
+            promote(&txn, st)?;
             {
                 let mut extents = txn.open_table(EXTENTS)?;
                 for (stripe, extent) in &new_extents {
                     extents.insert((rec.top, *stripe), extent.to_raw())?;
                 }
-                let mut crcs = txn.open_table(CRCS)?;
-                for (key, crc) in &crc_updates {
-                    crcs.insert(*key, *crc)?;
-                }
                 let mut pending = txn.open_table(PENDING)?;
-                for (key, _) in &overwrites {
-                    pending.remove(*key)?;
+                for (key, crc) in &crc_updates {
+                    pending.insert(*key, *crc)?;
                 }
                 txn.open_table(VOLUMES)?
                     .insert(volume, rec.encode().as_slice())?;
+                txn.open_table(INFLIGHT)?.insert(volume, old_rec.seq)?;
             }
-            let rows: BTreeMap<u32, Allocator> = touched
-                .iter()
-                .map(|id| (*id, st.disks[id].alloc.clone()))
-                .collect();
             write_disk_rows(&txn, st, &rows)?;
             txn.commit()?;
             Ok(())
         };
-        if let Err(e) = commit() {
-            restore(st);
-            return Err(e);
+        let (data_result, commit_result) = if overwrites.is_empty() {
+            // Only fresh blocks: the metadata commit and the data writes run at once. A
+            // crash between them leaves pending checksums that recovery drops because the
+            // data does not match, so the blocks read as never written.
+            let shared: &State = st;
+            std::thread::scope(|scope| {
+                let data_thread =
+                    scope.spawn(|| self.write_data(shared, volume, &copies, &writes, data));
+                let commit_result = commit(shared);
+                let data_result = data_thread.join().unwrap_or_else(|_| {
+                    Err(StorageError::io(
+                        "writing data",
+                        io::Error::other("data thread panicked"),
+                    ))
+                });
+                (data_result, commit_result)
+            })
+        } else {
+            // Overwrites of committed blocks: the pending checksums must be durable before
+            // the data changes, so that after a crash old and new data both verify.
+            match commit(st) {
+                Ok(()) => (self.write_data(st, volume, &copies, &writes, data), Ok(())),
+                Err(e) => (Ok(()), Err(e)),
+            }
+        };
+        match (data_result, commit_result) {
+            (Ok(()), Ok(())) => {}
+            (Err(err), Ok(())) => {
+                // The metadata landed but the data did not: take the metadata back.
+                let undo = || -> Result<()> {
+                    let txn = self.inner.db.begin_write()?;
+                    {
+                        let mut extents = txn.open_table(EXTENTS)?;
+                        for (stripe, _) in &new_extents {
+                            extents.remove((rec.top, *stripe))?;
+                        }
+                        let mut pending = txn.open_table(PENDING)?;
+                        for (key, _) in &crc_updates {
+                            pending.remove(*key)?;
+                        }
+                        txn.open_table(VOLUMES)?
+                            .insert(volume, old_rec.encode().as_slice())?;
+                        txn.open_table(INFLIGHT)?.remove(volume)?;
+                    }
+                    let rows: BTreeMap<u32, Allocator> = touched
+                        .iter()
+                        .filter_map(|id| saved.get(id).map(|a| (*id, a.clone())))
+                        .collect();
+                    write_disk_rows(&txn, st, &rows)?;
+                    txn.commit()?;
+                    Ok(())
+                };
+                undo()?;
+                st.unpromoted.clear();
+                restore(st);
+                return Err(err);
+            }
+            (_, Err(e)) => {
+                restore(st);
+                return Err(e);
+            }
         }
+        st.unpromoted = crc_updates;
         for (stripe, extent) in new_extents {
             st.extents.insert((rec.top, stripe), extent);
         }
@@ -1149,26 +1243,15 @@ impl Store {
         Ok(seq)
     }
 
-    /// Steps 2 and 3 of the write ordering: pending checksums, then data, then fdatasync.
+    /// Copies on write, writes the data, and makes it durable with fdatasync.
     fn write_data(
         &self,
         st: &State,
         volume: &str,
-        overwrites: &[((u32, u64), u32)],
         copies: &[(u32, u64, u32, u64, u64)],
         writes: &[(u32, u64, usize, usize)],
         data: &[u8],
     ) -> Result<()> {
-        if !overwrites.is_empty() {
-            let txn = self.inner.db.begin_write()?;
-            {
-                let mut pending = txn.open_table(PENDING)?;
-                for (key, crc) in overwrites {
-                    pending.insert(*key, *crc)?;
-                }
-            }
-            txn.commit()?;
-        }
         let mut copy_bufs: Vec<Vec<u8>> = copies.iter().map(|c| vec![0u8; c.4 as usize]).collect();
         if !copies.is_empty() {
             let mut ops: Vec<IoOp<'_>> = copies
@@ -1287,6 +1370,7 @@ impl Store {
                 .release(base, su);
         }
         let txn = self.inner.db.begin_write()?;
+        promote(&txn, st)?;
         {
             let mut extents = txn.open_table(EXTENTS)?;
             for (stripe, extent) in &set_extent {
@@ -1306,6 +1390,7 @@ impl Store {
             write_disk_rows(&txn, st, &next_disks)?;
         }
         txn.commit()?;
+        st.unpromoted.clear();
         for (disk, alloc) in next_disks {
             if let Some(d) = st.disks.get_mut(&disk) {
                 d.alloc = alloc;
@@ -1440,6 +1525,23 @@ fn extent_size(st: &State, layer: u64) -> u64 {
         )
         .find(|&(top, _)| reaches(top))
         .map_or(BLOCK_SIZE, |(_, su)| su)
+}
+
+/// Moves the checksums of the last acknowledged write from pending to committed. Every
+/// metadata transaction that writes data or frees space starts with this, so pending
+/// entries never outlive the write after theirs.
+fn promote(txn: &redb::WriteTransaction, st: &State) -> Result<()> {
+    if st.unpromoted.is_empty() {
+        return Ok(());
+    }
+    let mut crcs = txn.open_table(CRCS)?;
+    let mut pending = txn.open_table(PENDING)?;
+    for (key, crc) in &st.unpromoted {
+        crcs.insert(*key, *crc)?;
+        pending.remove(*key)?;
+    }
+    txn.open_table(INFLIGHT)?.retain(|_, _| false)?;
+    Ok(())
 }
 
 fn write_disk_rows(

@@ -14,9 +14,11 @@ const VOLUME_SIZE: u64 = 4 * MIB;
 const SNAPSHOT_AFTER: u64 = 100;
 
 /// Operation `i` of the stream: offset and data. Offsets wrap so later writes overwrite
-/// earlier ones in place, and lengths vary so writes straddle stripe units.
+/// earlier ones in place, every seventh write overwrites the one just before it, and
+/// lengths vary so writes straddle stripe units.
 fn op(i: u64) -> (u64, Vec<u8>) {
-    let offset = (i % 96) * 20 * KIB;
+    let slot = if i % 7 == 3 { i - 1 } else { i };
+    let offset = (slot % 96) * 20 * KIB;
     let len = 4096 * (1 + i % 3) as usize;
     (offset, pattern(1000 + i, len))
 }
@@ -83,16 +85,19 @@ fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
     let stdout = proc.stdout.take().unwrap();
     let mut acked: Option<u64> = None;
     let mut snap_acked = false;
+    let mut killed = false;
+    // Acknowledgements still in the pipe after the kill were sent before the child died,
+    // so they count too: read to the end.
     for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
+        let Ok(line) = line else { break };
         if line == "snap" {
             snap_acked = true;
         } else if let Some(n) = line.strip_prefix("ack ") {
             let n: u64 = n.parse().unwrap();
             acked = Some(n);
-            if n >= kill_after {
+            if n >= kill_after && !killed {
                 proc.kill().unwrap(); // SIGKILL
-                break;
+                killed = true;
             }
         }
     }
@@ -124,6 +129,16 @@ fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
             a == o || a == n,
             "block {b} lost an acknowledged write (acked up to op {acked})"
         );
+    }
+    // The sequence number counts exactly the writes that fully landed: the replication
+    // layer relies on it to resend what a replica missed.
+    let seq = vol.info().unwrap().seq;
+    assert!(
+        seq == acked + 1 || seq == acked + 2,
+        "seq {seq} after acknowledging op {acked}"
+    );
+    if seq == acked + 2 {
+        assert!(actual == new, "a sequenced write landed completely");
     }
     if snap_acked {
         let mut snap = vec![0u8; VOLUME_SIZE as usize];
