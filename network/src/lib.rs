@@ -49,7 +49,9 @@ pub use inventory::{NetworkInventory, inventory};
 pub use netns::{NetNs, NetnsError, netns_capability};
 pub use nl::NlError;
 pub use qos::TcError;
-pub use spec::{BondMode, BondSpec, SpecError, TrafficClassSpec, TrafficKind};
+pub use spec::{
+    BondMode, BondSpec, DEFAULT_MIIMON_MS, DEFAULT_MTU, SpecError, TrafficClassSpec, TrafficKind,
+};
 
 /// Errors of the network crate's public operations. Every message names the
 /// node, and the bond or device where one is involved.

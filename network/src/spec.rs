@@ -53,6 +53,24 @@ impl BondMode {
     }
 }
 
+impl std::str::FromStr for BondMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            BondMode::ActiveBackup,
+            BondMode::BalanceRr,
+            BondMode::BalanceXor,
+            BondMode::Lacp,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
+        .ok_or_else(|| {
+            format!("`{s}` is not a bond mode (active-backup, balance-rr, balance-xor, 802.3ad)")
+        })
+    }
+}
+
 impl std::fmt::Display for BondMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -133,6 +151,16 @@ impl TrafficKind {
     }
 }
 
+impl std::str::FromStr for TrafficKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            format!("`{s}` is not a traffic class (storage, migration, guest, management, replication)")
+        })
+    }
+}
+
 impl std::fmt::Display for TrafficKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -154,6 +182,19 @@ pub struct TrafficClassSpec {
     pub weight: u32,
 }
 
+/// MTU used when a spec leaves it out.
+pub const DEFAULT_MTU: u32 = 1500;
+/// miimon used when a spec leaves it out (the bonding driver's usual 100 ms).
+pub const DEFAULT_MIIMON_MS: u32 = 100;
+
+fn default_mtu() -> u32 {
+    DEFAULT_MTU
+}
+
+fn default_miimon() -> u32 {
+    DEFAULT_MIIMON_MS
+}
+
 /// Desired state of one bond on one node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BondSpec {
@@ -163,10 +204,12 @@ pub struct BondSpec {
     pub mode: BondMode,
     /// Member NIC names on the node.
     pub members: Vec<String>,
-    /// MTU of the bond and its members.
+    /// MTU of the bond and its members ([`DEFAULT_MTU`] when omitted).
+    #[serde(default = "default_mtu")]
     pub mtu: u32,
     /// Link monitoring interval in milliseconds (bond `miimon`; the fallback's
-    /// poll interval besides link events).
+    /// poll interval besides link events; [`DEFAULT_MIIMON_MS`] when omitted).
+    #[serde(default = "default_miimon")]
     pub miimon: u32,
     /// Traffic classes.
     pub classes: Vec<TrafficClassSpec>,
@@ -343,6 +386,22 @@ mod tests {
             "{json}"
         );
         assert_eq!(serde_json::from_str::<BondSpec>(&json).unwrap(), s);
+    }
+
+    #[test]
+    fn defaults_and_parsing_for_the_wire() {
+        let s: BondSpec = serde_json::from_str(
+            r#"{"name":"b","mode":"active-backup","members":["a"],"classes":[]}"#,
+        )
+        .unwrap();
+        assert_eq!((s.mtu, s.miimon), (DEFAULT_MTU, DEFAULT_MIIMON_MS));
+        assert_eq!("802.3ad".parse::<BondMode>(), Ok(BondMode::Lacp));
+        assert!("lacp".parse::<BondMode>().unwrap_err().contains("802.3ad"));
+        assert_eq!(
+            "replication".parse::<TrafficKind>(),
+            Ok(TrafficKind::Replication)
+        );
+        assert!("bulk".parse::<TrafficKind>().is_err());
     }
 
     #[test]
