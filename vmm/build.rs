@@ -1,6 +1,7 @@
 //! Builds the built-in guest `cairn-guest` from `../guest` with the system binutils
 //! (`as`, `ld`, `objcopy`) into a flat binary that the crate embeds with
-//! `include_bytes!`, and generates `guest_abi.rs` (Rust constants) from
+//! `include_bytes!`, builds the Linux boot-protocol probe (`guest/linux-probe.S`, a
+//! bzImage-format test kernel), and generates `guest_abi.rs` (Rust constants) from
 //! `../guest/abi.inc`, the single source of truth for the guest/VMM contract.
 
 use std::env;
@@ -14,7 +15,12 @@ fn main() {
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guest_dir = manifest_dir.join("..").join("guest");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for file in ["abi.inc", "cairn-guest.S", "cairn-guest.ld"] {
+    for file in [
+        "abi.inc",
+        "cairn-guest.S",
+        "cairn-guest.ld",
+        "linux-probe.S",
+    ] {
         println!("cargo:rerun-if-changed={}", guest_dir.join(file).display());
     }
 
@@ -40,6 +46,31 @@ fn main() {
         .arg("binary")
         .arg(&elf)
         .arg(&flat));
+
+    // The Linux boot-protocol probe: a bzImage-format file, linked at 0 so file offsets
+    // are section offsets (its code is position-independent).
+    let probe_object = out_dir.join("linux-probe.o");
+    let probe_elf = out_dir.join("linux-probe.elf");
+    run(Command::new("as")
+        .arg("--64")
+        .arg("-I")
+        .arg(&guest_dir)
+        .arg("-o")
+        .arg(&probe_object)
+        .arg(guest_dir.join("linux-probe.S")));
+    run(Command::new("ld")
+        .arg("--no-warn-rwx-segments")
+        .arg("-Ttext=0")
+        .arg("-e")
+        .arg("0")
+        .arg("-o")
+        .arg(&probe_elf)
+        .arg(&probe_object));
+    run(Command::new("objcopy")
+        .arg("-O")
+        .arg("binary")
+        .arg(&probe_elf)
+        .arg(out_dir.join("linux-probe.bin")));
 
     let abi = fs::read_to_string(guest_dir.join("abi.inc")).expect("read guest/abi.inc");
     fs::write(out_dir.join("guest_abi.rs"), generate_abi(&abi)).expect("write guest_abi.rs");

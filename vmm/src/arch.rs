@@ -223,6 +223,52 @@ pub fn setup_fpu(vcpu: &VcpuFd) -> Result<(), ArchError> {
     })
 }
 
+/// Offset of the local APIC's LVT LINT0 register.
+pub const APIC_LVT0: usize = 0x350;
+/// Offset of the local APIC's LVT LINT1 register.
+pub const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Wires the local APIC's LINT0 to the 8259 PIC (ExtINT) and LINT1 to NMI, the "virtual
+/// wire" mode a PC firmware leaves behind and Linux expects without an MP table.
+pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), ArchError> {
+    let mut lapic = vcpu.get_lapic().map_err(|source| ArchError::Vcpu {
+        what: "KVM_GET_LAPIC",
+        source,
+    })?;
+    virtual_wire_lint(&mut lapic.regs);
+    vcpu.set_lapic(&lapic).map_err(|source| ArchError::Vcpu {
+        what: "KVM_SET_LAPIC",
+        source,
+    })
+}
+
+/// Edits raw LAPIC registers into virtual-wire mode (pure, tested).
+pub fn virtual_wire_lint(regs: &mut [libc::c_char; 1024]) {
+    for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let mut bytes = [0u8; 4];
+        for (index, byte) in bytes.iter_mut().enumerate() {
+            *byte = regs[offset + index] as u8;
+        }
+        let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+        for (index, byte) in value.to_le_bytes().iter().enumerate() {
+            regs[offset + index] = *byte as libc::c_char;
+        }
+    }
+}
+
+/// Puts an application processor back into wait-for-SIPI (for Linux reboots).
+pub fn reset_application_processor(vcpu: &VcpuFd) -> Result<(), ArchError> {
+    let state = kvm_bindings::kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_UNINITIALIZED,
+    };
+    vcpu.set_mp_state(state).map_err(|source| ArchError::Vcpu {
+        what: "KVM_SET_MP_STATE",
+        source,
+    })
+}
+
 /// The host-supported CPUID, read once per VM.
 pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, ArchError> {
     kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -350,6 +396,20 @@ mod tests {
         assert_eq!(pde, ((3 << 30) + (4 << 20)) | 0x83);
         // The page tables stay below the built-in guest's virtqueue area.
         const { assert!(PD_ADDR + PD_MAX_COUNT * 0x1000 <= abi::VQ_DESC_ADDR) };
+    }
+
+    #[test]
+    fn lint_registers_are_set_to_virtual_wire() {
+        let mut regs = [0 as libc::c_char; 1024];
+        regs[APIC_LVT0] = 0x30; // a vector that must survive
+        regs[APIC_LVT0 + 1] = 0x01; // a delivery mode that must be replaced
+        regs[APIC_LVT1 + 2] = 0x01; // the mask bit (16) must survive
+        virtual_wire_lint(&mut regs);
+        let read = |offset: usize| {
+            u32::from_le_bytes([0, 1, 2, 3].map(|index| regs[offset + index] as u8))
+        };
+        assert_eq!(read(APIC_LVT0), 0x0730);
+        assert_eq!(read(APIC_LVT1), 0x1_0400);
     }
 
     #[test]

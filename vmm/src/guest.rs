@@ -14,6 +14,12 @@ pub mod abi {
 /// The flat binary image of `cairn-guest`, entered in 64-bit mode at [`abi::LOAD_ADDR`].
 pub static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cairn-guest.bin"));
 
+/// `cairn-linux-probe`: a tiny image in the Linux bzImage format (from
+/// `guest/linux-probe.S`) whose 64-bit entry prints the command line, e820 map, initrd
+/// placement and checksum, loader type and code segment it finds, then powers off. It
+/// tests the Linux boot path end to end where a real kernel cannot boot (PVM).
+pub static LINUX_PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/linux-probe.bin"));
+
 /// The name the spec uses for the built-in guest (`image "tiny" builtin="cairn-guest"`).
 pub const BUILTIN_NAME: &str = "cairn-guest";
 

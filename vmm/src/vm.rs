@@ -527,10 +527,13 @@ impl Vm {
                     if first_boot {
                         arch::setup_cpuid(vcpu, &self.cpuid, index as u8, count)?;
                     }
+                    arch::setup_lint(vcpu)?;
                     if index == 0 {
                         arch::setup_long_mode_sregs(vcpu)?;
                         arch::setup_fpu(vcpu)?;
                         arch::setup_regs(vcpu, entry.rip, 0, entry.boot_params, 0)?;
+                    } else {
+                        arch::reset_application_processor(vcpu)?;
                     }
                 }
             }
