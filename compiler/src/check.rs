@@ -1427,7 +1427,7 @@ impl Checker<'_> {
                     q.vms.as_ref(),
                     usage.vms,
                     |_| 1,
-                    |n| format!("{n} VMs"),
+                    |n| format!("{n} {}", if n == 1 { "VM" } else { "VMs" }),
                 ),
             ];
             for (what, limit, used, measure, show) in checks {

@@ -242,7 +242,9 @@ pub fn render(sources: &Sources, d: &Diagnostic) -> String {
     // Rendering into a String cannot fail for lack of space; a formatting error
     // here would only come from our own Display impls, which do not fail.
     let _ = handler.render_report(&mut out, &report);
-    out
+    // miette heads a related report with its severity and code; ours carry
+    // no code, which would leave a bare "Advice: " line.
+    out.replace("\nAdvice: \n", "\n")
 }
 
 /// Renders a list of diagnostics followed by a one-line summary.

@@ -22,7 +22,9 @@ const INDENT: &str = "    ";
 /// touching a file that does not parse.
 pub fn format_text(file: FileId, text: &str) -> Result<String, Vec<Diagnostic>> {
     let mut diags = vec![];
-    let Some(doc) = crate::lower::parse(file, text, &mut diags) else { return Err(diags) };
+    let Some(doc) = crate::lower::parse(file, text, &mut diags) else {
+        return Err(diags);
+    };
     let mut lines = Lines::default();
     if let Some(f) = doc.format() {
         lines.trivia(&f.leading, 0, false);
@@ -106,7 +108,11 @@ fn ident(i: &KdlIdentifier) -> String {
 
 /// The comments in a piece of whitespace-and-comment text, on one line.
 fn inline_comments(text: &str) -> Option<String> {
-    let parts: Vec<&str> = text.split('\n').map(str::trim).filter(|l| !l.is_empty() && *l != ";").collect();
+    let parts: Vec<&str> = text
+        .split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != ";")
+        .collect();
     (!parts.is_empty()).then(|| parts.join(" "))
 }
 
@@ -172,7 +178,9 @@ fn node(n: &KdlNode, path: &str, depth: usize, first_in_block: bool, lines: &mut
         trailing_comment.extend(inline_comments(&f.terminator));
     }
     let children = n.children().filter(|c| {
-        !c.nodes().is_empty() || c.format().is_some_and(|cf| inline_comments(&cf.trailing).is_some())
+        !c.nodes().is_empty()
+            || c.format()
+                .is_some_and(|cf| inline_comments(&cf.trailing).is_some())
     });
     match children {
         None => {

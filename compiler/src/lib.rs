@@ -93,5 +93,8 @@ pub fn model_schema() -> String {
 
 /// The JSON Schemas `cairn schema` writes: file name and text.
 pub fn schemas() -> Vec<(&'static str, String)> {
-    vec![("model.schema.json", model_schema()), ("spec.schema.json", shape::spec_schema())]
+    vec![
+        ("model.schema.json", model_schema()),
+        ("spec.schema.json", shape::spec_schema()),
+    ]
 }

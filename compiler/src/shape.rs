@@ -262,11 +262,16 @@ pub fn spec_schema() -> String {
     use serde_json::{Map, Value, json};
     let mut defs = Map::new();
     for s in SHAPES {
-        let id = if s.path.is_empty() { "document".to_owned() } else { s.path.to_owned() };
+        let id = if s.path.is_empty() {
+            "document".to_owned()
+        } else {
+            s.path.to_owned()
+        };
         let props: Value = match s.props {
             None => json!({ "type": "object", "additionalProperties": { "type": "string" } }),
             Some(p) => {
-                let fields: Map<String, Value> = p.iter().map(|k| ((*k).to_owned(), json!({}))).collect();
+                let fields: Map<String, Value> =
+                    p.iter().map(|k| ((*k).to_owned(), json!({}))).collect();
                 json!({ "type": "object", "properties": fields, "additionalProperties": false })
             }
         };
@@ -275,7 +280,8 @@ pub fn spec_schema() -> String {
             .iter()
             .map(|c| ((*c).to_owned(), json!({ "type": "array", "items": { "$ref": format!("#/$defs/{}", child_path(s.path, c)) } })))
             .collect();
-        let mut args = json!({ "type": "array", "minItems": s.args.min, "description": s.args.what });
+        let mut args =
+            json!({ "type": "array", "minItems": s.args.min, "description": s.args.what });
         if s.args.max != usize::MAX {
             args["maxItems"] = json!(s.args.max);
         }

@@ -100,7 +100,12 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Fmt { dir, check } => frontend::fmt(&dir, check),
         Command::Compile { dir, rev, format } => frontend::compile(&dir, rev.as_deref(), format),
         Command::Schema { out } => frontend::schema(&out),
-        Command::Gen { out, nodes, vms, seed } => frontend::generate(&out, nodes, vms, seed),
+        Command::Gen {
+            out,
+            nodes,
+            vms,
+            seed,
+        } => frontend::generate(&out, nodes, vms, seed),
         Command::Bench { nodes, vms, runs } => frontend::bench(nodes, vms, runs),
     }
 }

@@ -20,14 +20,21 @@ pub fn load(dir: &Path, rev: Option<&str>) -> anyhow::Result<Sources> {
     Ok(sources)
 }
 
-fn print_diagnostics(sources: &Sources, diagnostics: &[Diagnostic], format: Format) -> anyhow::Result<()> {
+fn print_diagnostics(
+    sources: &Sources,
+    diagnostics: &[Diagnostic],
+    format: Format,
+) -> anyhow::Result<()> {
     match format {
         Format::Text => {
             let mut err = std::io::stderr().lock();
             err.write_all(diag::render_all(sources, diagnostics).as_bytes())?;
         }
         Format::Json => {
-            let list: Vec<_> = diagnostics.iter().map(|d| diag::to_json(sources, d)).collect();
+            let list: Vec<_> = diagnostics
+                .iter()
+                .map(|d| diag::to_json(sources, d))
+                .collect();
             let doc = serde_json::json!({ "format_version": 1, "diagnostics": list });
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
@@ -80,8 +87,10 @@ pub fn fmt(dir: &Path, check: bool) -> anyhow::Result<u8> {
                 if !check {
                     let path = dir.join(&file.path);
                     let tmp = path.with_extension("kdl.cairn-fmt");
-                    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-                    std::fs::rename(&tmp, &path).with_context(|| format!("cannot replace {}", path.display()))?;
+                    std::fs::write(&tmp, text)
+                        .with_context(|| format!("cannot write {}", tmp.display()))?;
+                    std::fs::rename(&tmp, &path)
+                        .with_context(|| format!("cannot replace {}", path.display()))?;
                 }
             }
             Err(diags) => {
@@ -145,9 +154,25 @@ pub fn model_text(c: &Compilation) -> String {
             let classes: Vec<String> = b
                 .traffic
                 .iter()
-                .map(|t| format!("{} {}..{} w{}", t.name, compiler::units::format_bandwidth(t.min_bps), compiler::units::format_bandwidth(t.max_bps), t.weight))
+                .map(|t| {
+                    format!(
+                        "{} {}..{} w{}",
+                        t.name,
+                        compiler::units::format_bandwidth(t.min_bps),
+                        compiler::units::format_bandwidth(t.max_bps),
+                        t.weight
+                    )
+                })
                 .collect();
-            let _ = writeln!(s, "  bond {} {} over {} = {}: {}", b.name, b.mode, b.members.join("+"), compiler::units::format_bandwidth(b.capacity_bps), classes.join(", "));
+            let _ = writeln!(
+                s,
+                "  bond {} {} over {} = {}: {}",
+                b.name,
+                b.mode,
+                b.members.join("+"),
+                compiler::units::format_bandwidth(b.capacity_bps),
+                classes.join(", ")
+            );
         }
         for p in &site.pools {
             let _ = writeln!(
@@ -175,14 +200,30 @@ pub fn model_text(c: &Compilation) -> String {
             s,
             "tenant {}: {} VMs, {} vCPUs, {} memory, {} storage",
             t.name,
-            of(t.usage.vms.to_string(), q.and_then(|q| q.vms).map(|v| v.to_string())),
-            of(t.usage.vcpus.to_string(), q.and_then(|q| q.vcpus).map(|v| v.to_string())),
-            of(format_size(t.usage.memory_bytes), q.and_then(|q| q.memory_bytes).map(format_size)),
-            of(format_size(t.usage.storage_bytes), q.and_then(|q| q.storage_bytes).map(format_size)),
+            of(
+                t.usage.vms.to_string(),
+                q.and_then(|q| q.vms).map(|v| v.to_string())
+            ),
+            of(
+                t.usage.vcpus.to_string(),
+                q.and_then(|q| q.vcpus).map(|v| v.to_string())
+            ),
+            of(
+                format_size(t.usage.memory_bytes),
+                q.and_then(|q| q.memory_bytes).map(format_size)
+            ),
+            of(
+                format_size(t.usage.storage_bytes),
+                q.and_then(|q| q.storage_bytes).map(format_size)
+            ),
         );
     }
     let width = m.vms.iter().map(|v| v.name.len()).max().unwrap_or(4).max(4);
-    let _ = writeln!(s, "{:width$}  {:10} {:8} {:>4} {:>8}  {:24} {:5} {:>5}", "VM", "TENANT", "SITE", "CPU", "MEMORY", "SLA", "AVAIL", "DISKS");
+    let _ = writeln!(
+        s,
+        "{:width$}  {:10} {:8} {:>4} {:>8}  {:24} {:5} {:>5}",
+        "VM", "TENANT", "SITE", "CPU", "MEMORY", "SLA", "AVAIL", "DISKS"
+    );
     for v in &m.vms {
         let _ = writeln!(
             s,
@@ -214,7 +255,10 @@ pub fn schema(out: &Path) -> anyhow::Result<u8> {
 /// `cairn gen`.
 pub fn generate(out: &Path, nodes: usize, vms: usize, seed: u64) -> anyhow::Result<u8> {
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
-        anyhow::bail!("{} exists and is not empty; choose a new directory", out.display());
+        anyhow::bail!(
+            "{} exists and is not empty; choose a new directory",
+            out.display()
+        );
     }
     let files = compiler::generate::generate(&compiler::generate::GenConfig { nodes, vms, seed });
     for (path, text) in &files {
@@ -224,7 +268,11 @@ pub fn generate(out: &Path, nodes: usize, vms: usize, seed: u64) -> anyhow::Resu
         }
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    println!("wrote {} files with {nodes} nodes and {vms} VMs to {}", files.len(), out.display());
+    println!(
+        "wrote {} files with {nodes} nodes and {vms} VMs to {}",
+        files.len(),
+        out.display()
+    );
     Ok(0)
 }
 
@@ -237,7 +285,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// with KDL parsing alone as the baseline measured in the same run.
 pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
     let runs = runs.max(1);
-    let files = compiler::generate::generate(&compiler::generate::GenConfig { nodes, vms, seed: 1 });
+    let files = compiler::generate::generate(&compiler::generate::GenConfig {
+        nodes,
+        vms,
+        seed: 1,
+    });
     let bytes: usize = files.iter().map(|(_, t)| t.len()).sum();
     let sources = Sources::from_files(files);
     let mut parse = vec![];
@@ -257,8 +309,18 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
     anyhow::ensure!(!c.has_errors(), "the generated repository does not compile");
     let volumes: usize = c.model.vms.iter().map(|v| v.disks.len()).sum();
     let (p, f) = (median(parse), median(full));
-    println!("repo: {nodes} nodes, {vms} VMs, {volumes} volumes, {} KiB of KDL, {runs} runs", bytes / 1024);
-    println!("baseline  kdl parse only          median {:8.1} ms", p * 1e3);
-    println!("compile   parse+resolve+check+expand median {:8.1} ms  ({:.2}x baseline)", f * 1e3, f / p);
+    println!(
+        "repo: {nodes} nodes, {vms} VMs, {volumes} volumes, {} KiB of KDL, {runs} runs",
+        bytes / 1024
+    );
+    println!(
+        "baseline  kdl parse only          median {:8.1} ms",
+        p * 1e3
+    );
+    println!(
+        "compile   parse+resolve+check+expand median {:8.1} ms  ({:.2}x baseline)",
+        f * 1e3,
+        f / p
+    );
     Ok(0)
 }

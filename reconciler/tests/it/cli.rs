@@ -1,0 +1,1 @@
+//! CLI behaviour: determinism, git revisions, schemas, fmt, exit codes.
