@@ -94,7 +94,7 @@ fn drift_from_hand_edits_is_reported_and_repaired() {
     };
     // A changed rate, a deleted class, a member taken out of the bond.
     sh(&format!(
-        "tc -n {ns} class change dev data parent 1:1 classid 1:10 htb rate 7mbit ceil 100mbit quantum 6056"
+        "tc -n {ns} class change dev data parent 1:1 classid 1:10 htb rate 7mbit ceil 100mbit quantum 262144"
     ));
     sh(&format!("tc -n {ns} class del dev data classid 1:30"));
     sh(&format!("ip -n {ns} link set nic0 nomaster"));

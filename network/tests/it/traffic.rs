@@ -138,3 +138,55 @@ fn guarantees_hold_under_contention() {
     eprintln!("total: {:.1} Mbit/s on a 100 Mbit/s bond", total / 1e6);
     assert!(total <= 100.0 * MBIT as f64 * 1.10);
 }
+
+#[test]
+fn excess_is_shared_by_weight() {
+    require_netns!();
+    if let Some(why) = iperf3_missing() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let topo = Topology::new();
+    let mut spec = spec();
+    spec.classes = vec![
+        network::TrafficClassSpec {
+            name: TrafficKind::Storage,
+            min_bps: 10 * MBIT,
+            max_bps: None,
+            weight: 4,
+        },
+        network::TrafficClassSpec {
+            name: TrafficKind::Guest,
+            min_bps: 10 * MBIT,
+            max_bps: None,
+            weight: 1,
+        },
+    ];
+    topo.apply_with_address(&spec);
+    let kinds = [(TrafficKind::Storage, 5321), (TrafficKind::Guest, 5322)];
+    let mut servers: Vec<Child> = kinds.iter().map(|(_, p)| server(&topo, *p)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let clients: Vec<Child> = kinds
+        .iter()
+        .map(|(k, p)| client(&topo, *p, *k, 3))
+        .collect();
+    let results: Vec<f64> = clients.into_iter().map(received_bps).collect();
+    for s in &mut servers {
+        let _ = s.wait();
+    }
+    let (storage, guest) = (results[0], results[1]);
+    eprintln!(
+        "weights 4:1, mins 10/10 of 100 Mbit/s: storage {:.1} Mbit/s, guest {:.1} Mbit/s (ideal 74/26)",
+        storage / 1e6,
+        guest / 1e6
+    );
+    assert!(
+        guest >= 10.0 * MBIT as f64 * 0.9,
+        "guest lost its guarantee"
+    );
+    // The 80 Mbit/s excess is split 4:1: storage well ahead of guest.
+    assert!(
+        storage > 2.0 * guest,
+        "excess not shared by weight: {storage} vs {guest}"
+    );
+}
