@@ -79,6 +79,29 @@ pub fn add_node(
     node: &str,
     n_nics: usize,
 ) -> Result<DevNode, NetworkError> {
+    let nics: Vec<String> = (0..n_nics).map(|i| format!("nic{i}")).collect();
+    add_node_with_nics(switch, netns, node, &nics)
+}
+
+/// Creates (idempotently) a node namespace whose NICs have the given names
+/// (e.g. the spec's bond members `ens1f0`, `ens1f1`), each a veth plugged
+/// into the switch bridge, all up.
+pub fn add_node_with_nics(
+    switch: &NetNs,
+    netns: &str,
+    node: &str,
+    nic_names: &[String],
+) -> Result<DevNode, NetworkError> {
+    require_netns(node)?;
+    for nic in nic_names {
+        if !crate::spec::valid_ifname(nic) {
+            return Err(NetworkError::Spec(crate::SpecError {
+                node: node.to_owned(),
+                bond: String::new(),
+                problem: format!("NIC name `{nic}` is not a valid interface name"),
+            }));
+        }
+    }
     let ns = create_netns(netns)?;
     let ns = NetNs::named_for_node(ns.name().unwrap_or(netns).to_owned(), node.to_owned());
     let mut sw = Rtnl::open(switch).map_err(|e| NetworkError::netlink(switch, e))?;
@@ -88,17 +111,16 @@ pub fn add_node(
         .map_err(|e| NetworkError::netlink(switch, e))?;
     let mut nics = Vec::new();
     let mut switch_ports = Vec::new();
-    for i in 0..n_nics {
-        let nic = format!("nic{i}");
+    for (i, nic) in nic_names.iter().enumerate() {
         let port = switch_port_name(netns, i);
         let swe = |e| NetworkError::netlink(switch, e);
         if local
-            .link(&nic)
+            .link(nic)
             .map_err(|e| NetworkError::netlink(&ns, e))?
             .is_none()
         {
             sw.delete_link(&port).map_err(swe)?;
-            sw.create_veth(&port, &nic, Some(&ns)).map_err(swe)?;
+            sw.create_veth(&port, nic, Some(&ns)).map_err(swe)?;
         }
         let p = sw.require_link(&port).map_err(swe)?;
         if p.controller != Some(bridge.index) {
@@ -106,9 +128,9 @@ pub fn add_node(
         }
         sw.set_link_up(p.index, true).map_err(swe)?;
         local
-            .set_link_up_by_name(&nic, true)
+            .set_link_up_by_name(nic, true)
             .map_err(|e| NetworkError::netlink(&ns, e))?;
-        nics.push(nic);
+        nics.push(nic.clone());
         switch_ports.push(port);
     }
     Ok(DevNode {
@@ -195,16 +217,18 @@ impl DevCluster {
 }
 
 /// Builds (idempotently) a dev cluster: switch `<prefix>sw`, and for each
-/// `(node, n_nics)` a namespace `<prefix><node>` with NICs `nic0..`.
-pub fn up(prefix: &str, nodes: &[(&str, usize)]) -> Result<DevCluster, NetworkError> {
+/// `(node, nic names)` a namespace `<prefix><node>` with those NICs (use the
+/// bond members of the node's site, e.g. `ens1f0`, `ens1f1`).
+pub fn up(prefix: &str, nodes: &[(&str, &[&str])]) -> Result<DevCluster, NetworkError> {
     let switch = create_switch(prefix)?;
     let mut out = Vec::new();
-    for (node, n_nics) in nodes {
-        out.push(add_node(
+    for (node, nics) in nodes {
+        let nics: Vec<String> = nics.iter().map(|n| (*n).to_owned()).collect();
+        out.push(add_node_with_nics(
             &switch,
             &format!("{prefix}{node}"),
             node,
-            *n_nics,
+            &nics,
         )?);
     }
     Ok(DevCluster {

@@ -14,13 +14,15 @@ fn two_bonded_nodes_talk_through_the_switch_and_down_removes_everything() {
     require_netns!();
     let prefix = format!("cnd{}-", std::process::id() % 100_000);
     let _ = dev_cluster::down(&prefix);
-    let cluster = dev_cluster::up(&prefix, &[("hq-n1", 2), ("hq-n2", 2)]).expect("dev up");
-    let again =
-        dev_cluster::up(&prefix, &[("hq-n1", 2), ("hq-n2", 2)]).expect("dev up is idempotent");
+    let nics: &[&str] = &["ens1f0", "ens1f1"];
+    let cluster = dev_cluster::up(&prefix, &[("hq-n1", nics), ("hq-n2", nics)]).expect("dev up");
+    let again = dev_cluster::up(&prefix, &[("hq-n1", nics), ("hq-n2", nics)])
+        .expect("dev up is idempotent");
     assert_eq!(again, cluster);
-    let spec = spec();
+    let mut spec = spec();
+    spec.members = nics.iter().map(|n| (*n).to_owned()).collect();
     for (i, node) in cluster.nodes.iter().enumerate() {
-        assert_eq!(node.nics, vec!["nic0", "nic1"]);
+        assert_eq!(node.nics, nics);
         apply_bond(&node.ns(), &spec).expect("apply");
         let ip = IpAddr::V4(Ipv4Addr::new(10, 78, 0, 1 + i as u8));
         dev_cluster::add_address(&node.ns(), &spec.name, ip, 24).expect("address");

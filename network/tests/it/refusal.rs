@@ -81,3 +81,39 @@ fn capacity_defaults_to_member_link_speed() {
     // veth reports 10000 Mbit/s; active-backup capacity is one member's.
     assert_eq!(report.capacity_bps, 10_000 * MBIT);
 }
+
+#[test]
+fn deleted_member_nic_is_drift_and_apply_refuses_naming_it() {
+    require_netns!();
+    let topo = Topology::new();
+    let s = spec();
+    topo.apply_with_address(&s);
+    let st = std::process::Command::new("ip")
+        .args(["-n", &topo.node.netns, "link", "del", "nic1"])
+        .status()
+        .expect("ip");
+    assert!(st.success());
+    let obs = observe_bond(&topo.node_ns(), &s).expect("observe");
+    assert!(
+        obs.drift.contains(&network::Drift::MemberGone {
+            member: "nic1".into()
+        }),
+        "{:?}",
+        obs.drift
+    );
+    let err = apply_bond(&topo.node_ns(), &s).expect_err("a member NIC is gone");
+    let msg = err.to_string();
+    assert!(matches!(err, NetworkError::MemberMissing { .. }), "{msg}");
+    assert!(
+        msg.contains("node-a") && msg.contains("data") && msg.contains("nic1"),
+        "{msg}"
+    );
+    // The bond keeps running on the remaining member meanwhile.
+    assert_eq!(
+        observe_bond(&topo.node_ns(), &s)
+            .unwrap()
+            .active_member
+            .as_deref(),
+        Some("nic0")
+    );
+}
