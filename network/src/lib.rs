@@ -16,7 +16,15 @@
 //!
 //! What it does not do: address or route management beyond what the dev
 //! cluster needs, VLANs, and marking traffic (senders set DSCP; see
-//! [`TrafficKind::dscp`]).
+//! [`TrafficKind::dscp`]). It is synchronous and blocking (netlink requests,
+//! `tc` processes, helper threads for namespaces): async callers use
+//! `spawn_blocking`.
+//!
+//! Use from the node agent: report [`inventory`] in Inventory; on a bond
+//! request call [`apply_bond`]; when the report's backend is
+//! [`BondBackend::BridgeFallback`], keep one [`FailoverMonitor`] per bond
+//! running (restart it when the spec's members change, drop it on delete);
+//! status comes from [`observe_bond`] (`drift` empty means converged).
 //!
 //! Invariants:
 //! - Applying the same spec twice changes nothing the second time

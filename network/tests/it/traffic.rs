@@ -15,8 +15,20 @@ fn iperf3_missing() -> Option<String> {
     }
 }
 
-fn server(topo: &Topology, port: u16) -> Child {
-    Command::new("ip")
+/// An iperf3 server that is killed if the test fails before it exits.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn server(topo: &Topology, port: u16) -> Server {
+    let child = Command::new("ip")
         .args([
             "netns",
             "exec",
@@ -30,7 +42,8 @@ fn server(topo: &Topology, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start iperf3 server")
+        .expect("start iperf3 server");
+    Server(child)
 }
 
 fn client(topo: &Topology, port: u16, kind: TrafficKind, seconds: u32) -> Child {
@@ -79,10 +92,9 @@ fn ceiling_caps_a_lone_class() {
     }
     let topo = Topology::new();
     topo.apply_with_address(&spec());
-    let mut srv = server(&topo, 5301);
+    let _srv = server(&topo, 5301);
     std::thread::sleep(Duration::from_millis(300));
     let bps = received_bps(client(&topo, 5301, TrafficKind::Migration, 2));
-    let _ = srv.wait();
     let max = 50.0 * MBIT as f64;
     eprintln!(
         "migration alone (max 50Mbit/s): {:.1} Mbit/s goodput",
@@ -108,7 +120,7 @@ fn guarantees_hold_under_contention() {
         (TrafficKind::Migration, 5313),
         (TrafficKind::Management, 5314),
     ];
-    let mut servers: Vec<Child> = kinds.iter().map(|(_, p)| server(&topo, *p)).collect();
+    let _servers: Vec<Server> = kinds.iter().map(|(_, p)| server(&topo, *p)).collect();
     std::thread::sleep(Duration::from_millis(300));
     let clients: Vec<(TrafficKind, Child)> = kinds
         .iter()
@@ -118,9 +130,6 @@ fn guarantees_hold_under_contention() {
         .into_iter()
         .map(|(k, c)| (k, received_bps(c)))
         .collect();
-    for s in &mut servers {
-        let _ = s.wait();
-    }
     let total: f64 = results.iter().map(|(_, b)| b).sum();
     for (kind, bps) in &results {
         let class = spec.class(*kind).expect("class");
@@ -164,16 +173,13 @@ fn excess_is_shared_by_weight() {
     ];
     topo.apply_with_address(&spec);
     let kinds = [(TrafficKind::Storage, 5321), (TrafficKind::Guest, 5322)];
-    let mut servers: Vec<Child> = kinds.iter().map(|(_, p)| server(&topo, *p)).collect();
+    let _servers: Vec<Server> = kinds.iter().map(|(_, p)| server(&topo, *p)).collect();
     std::thread::sleep(Duration::from_millis(300));
     let clients: Vec<Child> = kinds
         .iter()
         .map(|(k, p)| client(&topo, *p, *k, 3))
         .collect();
     let results: Vec<f64> = clients.into_iter().map(received_bps).collect();
-    for s in &mut servers {
-        let _ = s.wait();
-    }
     let (storage, guest) = (results[0], results[1]);
     eprintln!(
         "weights 4:1, mins 10/10 of 100 Mbit/s: storage {:.1} Mbit/s, guest {:.1} Mbit/s (ideal 74/26)",
