@@ -20,7 +20,7 @@
 //! `tc` processes, helper threads for namespaces): async callers use
 //! `spawn_blocking`.
 //!
-//! Use from the node agent: report [`inventory`] in Inventory; on a bond
+//! Use from the node agent: report [`inventory()`] in Inventory; on a bond
 //! request call [`apply_bond`]; when the report's backend is
 //! [`BondBackend::BridgeFallback`], keep one [`FailoverMonitor`] per bond
 //! running (restart it when the spec's members change, drop it on delete);
