@@ -30,6 +30,7 @@ pub struct FailoverMonitor {
     events: Arc<Mutex<Vec<FailoverEvent>>>,
     errors: Arc<Mutex<Vec<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    started: Instant,
 }
 
 impl FailoverMonitor {
@@ -78,7 +79,13 @@ impl FailoverMonitor {
             events,
             errors,
             thread: Some(thread),
+            started,
         })
+    }
+
+    /// When the monitor started ([`FailoverEvent::at_ms`] counts from here).
+    pub fn started_at(&self) -> Instant {
+        self.started
     }
 
     /// Swaps done so far.

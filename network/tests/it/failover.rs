@@ -106,6 +106,13 @@ fn tcp_stream_survives_pulling_the_active_member() {
     );
     if let Some(m) = &monitor {
         eprintln!("monitor events: {:?}; errors: {:?}", m.events(), m.errors());
+        if let Some(e) = m.events().first() {
+            let pulled_ms = pulled.duration_since(m.started_at()).as_secs_f64() * 1e3;
+            eprintln!(
+                "failover: member swapped {:.1} ms after the cable pull",
+                e.at_ms as f64 - pulled_ms
+            );
+        }
     }
     assert!(
         resumed,
