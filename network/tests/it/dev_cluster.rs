@@ -14,6 +14,14 @@ fn two_bonded_nodes_talk_through_the_switch_and_down_removes_everything() {
     require_netns!();
     let prefix = format!("cnd{}-", std::process::id() % 100_000);
     let _ = dev_cluster::down(&prefix);
+    // Removes the namespaces even if an assertion below fails.
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = dev_cluster::down(&self.0);
+        }
+    }
+    let _down = Down(prefix.clone());
     let nics: &[&str] = &["ens1f0", "ens1f1"];
     let cluster = dev_cluster::up(&prefix, &[("hq-n1", nics), ("hq-n2", nics)]).expect("dev up");
     let again = dev_cluster::up(&prefix, &[("hq-n1", nics), ("hq-n2", nics)])
