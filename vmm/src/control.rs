@@ -157,8 +157,11 @@ pub struct VmStatus {
     pub block_test: BlockTestResult,
     /// Block self-tests completed.
     pub block_tests: u64,
-    /// virtio-blk counters, when the VM has a disk.
+    /// virtio-blk counters of the first disk (the one the built-in guest tests), if any.
     pub block: Option<BlockStatus>,
+    /// virtio-blk counters of every disk, in `--disk` order.
+    #[serde(default)]
+    pub disks: Vec<BlockStatus>,
     /// VM exits by kind.
     pub exits: ExitCounts,
 }

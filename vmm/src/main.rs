@@ -63,10 +63,11 @@ struct Cli {
     /// Boot a built-in guest; the only one is `cairn-guest` (the default without --kernel).
     #[arg(long, conflicts_with = "kernel")]
     builtin: Option<String>,
-    /// A file (or block device) served as the virtio-blk disk.
+    /// A file (or block device) served as a virtio-blk disk; repeat for more disks (at
+    /// most 8; the built-in guest self-tests the first).
     #[arg(long)]
-    disk: Option<PathBuf>,
-    /// Serve the disk read-only.
+    disk: Vec<PathBuf>,
+    /// Serve every disk read-only.
     #[arg(long, requires = "disk")]
     disk_read_only: bool,
     /// Boot this Linux bzImage instead of the built-in guest.
@@ -195,10 +196,10 @@ fn run(cli: Cli) -> u8 {
         (None, Some(mib)) => mib << 20,
         (None, None) => unreachable!("clap requires --memory or --memory-mib"),
     };
-    let disk: Option<Arc<dyn BlockBackend>> = match &cli.disk {
-        None => None,
-        Some(path) => match FileBackend::open(path, cli.disk_read_only) {
-            Ok(backend) => Some(Arc::new(backend)),
+    let mut disks: Vec<Arc<dyn BlockBackend>> = Vec::with_capacity(cli.disk.len());
+    for path in &cli.disk {
+        match FileBackend::open(path, cli.disk_read_only) {
+            Ok(backend) => disks.push(Arc::new(backend)),
             Err(error) => {
                 eprintln!(
                     "error: vm {}: cannot open the disk {}: {error}",
@@ -207,8 +208,8 @@ fn run(cli: Cli) -> u8 {
                 );
                 return exit_code::USAGE;
             }
-        },
-    };
+        }
+    }
     let boot = match cli.kernel {
         None => BootSource::Builtin,
         Some(kernel) => BootSource::Linux {
@@ -225,7 +226,7 @@ fn run(cli: Cli) -> u8 {
         memory_bytes,
         vcpus: cli.vcpus,
         boot,
-        disk,
+        disks,
         console_log: console_log.clone(),
         tick: Duration::from_millis(cli.tick_ms.max(1)),
         dirty_pages_per_second: cli.dirty_rate,

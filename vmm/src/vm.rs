@@ -35,8 +35,19 @@ use crate::memory::{GuestRam, MemoryError};
 
 /// Most vCPUs a VM may have (the built-in guest's stack layout has room for 64).
 pub const MAX_VCPUS: u8 = 64;
-/// ISA interrupt line of the virtio-blk device for Linux guests.
-pub const VIRTIO_BLK_IRQ: u32 = 5;
+/// ISA interrupt lines of the virtio-blk devices for Linux guests, in disk order (4 is
+/// COM1, 8 the RTC, 12 and 13 are left to PS/2 and the FPU by convention).
+pub const VIRTIO_BLK_IRQS: [u32; 8] = [5, 6, 7, 9, 10, 11, 14, 15];
+/// ISA interrupt line of the first virtio-blk device.
+pub const VIRTIO_BLK_IRQ: u32 = VIRTIO_BLK_IRQS[0];
+/// Most disks a VM may have.
+pub const MAX_DISKS: usize = VIRTIO_BLK_IRQS.len();
+
+/// Guest-physical base of the virtio-MMIO window of disk `index` (one 4 KiB window each,
+/// from `VIRTIO_BLK_MMIO_BASE` on; the built-in guest uses disk 0).
+pub fn disk_mmio_base(index: usize) -> u64 {
+    abi::VIRTIO_BLK_MMIO_BASE + index as u64 * abi::VIRTIO_MMIO_SIZE
+}
 /// Guest-physical address of the TSS region KVM needs on Intel hosts.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
@@ -65,8 +76,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// What to boot.
     pub boot: BootSource,
-    /// The disk behind the virtio-blk device, if any.
-    pub disk: Option<Arc<dyn BlockBackend>>,
+    /// The disks, each behind its own virtio-blk device (at most [`MAX_DISKS`]).
+    pub disks: Vec<Arc<dyn BlockBackend>>,
     /// File the serial console is appended to.
     pub console_log: PathBuf,
     /// The built-in guest's main-loop period.
@@ -84,7 +95,7 @@ impl VmConfig {
             memory_bytes,
             vcpus,
             boot: BootSource::Builtin,
-            disk: None,
+            disks: Vec::new(),
             console_log,
             tick: Duration::from_millis(10),
             dirty_pages_per_second: 0,
@@ -276,8 +287,8 @@ struct Shared {
     telemetry: GuestTelemetry,
     exits: ExitCounters,
     console: Mutex<Console>,
-    block: Option<Mutex<VirtioMmioBlock>>,
-    block_stats: Option<Arc<BlockStats>>,
+    blocks: Vec<Mutex<VirtioMmioBlock>>,
+    block_stats: Vec<Arc<BlockStats>>,
     vcpu_threads: Mutex<Vec<libc::pthread_t>>,
     events: Sender<VmEvent>,
     boot_count: AtomicU64,
@@ -346,6 +357,12 @@ impl Vm {
     /// The build recipe: checks `/dev/kvm`, creates the VM, maps and registers memory,
     /// creates devices and vCPUs, and loads the guest. Nothing runs yet.
     pub fn create(config: VmConfig) -> Result<Self, VmError> {
+        if config.disks.len() > MAX_DISKS {
+            return Err(VmError::Config(format!(
+                "at most {MAX_DISKS} disks per VM, got {}",
+                config.disks.len()
+            )));
+        }
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmError::Config(format!(
                 "vcpus must be 1..={MAX_VCPUS}, got {}",
@@ -368,10 +385,10 @@ impl Vm {
                 let kernel_bytes = read(kernel)?;
                 let initrd_bytes = initrd.as_ref().map(read).transpose()?;
                 let mut cmdline = cmdline.clone();
-                if config.disk.is_some() {
+                for (index, irq) in VIRTIO_BLK_IRQS.iter().enumerate().take(config.disks.len()) {
                     cmdline.push_str(&format!(
-                        " virtio_mmio.device=4K@{:#x}:{VIRTIO_BLK_IRQ}",
-                        abi::VIRTIO_BLK_MMIO_BASE
+                        " virtio_mmio.device=4K@{:#x}:{irq}",
+                        disk_mmio_base(index)
                     ));
                 }
                 Some((kernel_bytes, initrd_bytes, cmdline))
@@ -419,17 +436,22 @@ impl Vm {
                 source,
             }
         })?;
-        let block = config.disk.as_ref().map(|backend| {
-            let interrupt = (!builtin).then(|| {
-                let vm_fd = Arc::clone(&vm_fd);
-                Interrupt(Box::new(move || {
-                    let _ = vm_fd.set_irq_line(VIRTIO_BLK_IRQ, true);
-                    let _ = vm_fd.set_irq_line(VIRTIO_BLK_IRQ, false);
-                }))
-            });
-            VirtioMmioBlock::new(Arc::clone(backend), interrupt)
-        });
-        let block_stats = block.as_ref().map(VirtioMmioBlock::stats);
+        let blocks: Vec<VirtioMmioBlock> = config
+            .disks
+            .iter()
+            .zip(VIRTIO_BLK_IRQS)
+            .map(|(backend, irq)| {
+                let interrupt = (!builtin).then(|| {
+                    let vm_fd = Arc::clone(&vm_fd);
+                    Interrupt(Box::new(move || {
+                        let _ = vm_fd.set_irq_line(irq, true);
+                        let _ = vm_fd.set_irq_line(irq, false);
+                    }))
+                });
+                VirtioMmioBlock::new(Arc::clone(backend), interrupt)
+            })
+            .collect();
+        let block_stats = blocks.iter().map(VirtioMmioBlock::stats).collect();
 
         let (sender, events) = mpsc::channel();
         let telemetry = GuestTelemetry::new(
@@ -448,7 +470,7 @@ impl Vm {
             telemetry,
             exits: ExitCounters::default(),
             console: Mutex::new(console),
-            block: block.map(Mutex::new),
+            blocks: blocks.into_iter().map(Mutex::new).collect(),
             block_stats,
             vcpu_threads: Mutex::new(Vec::new()),
             events: sender,
@@ -764,9 +786,11 @@ fn handle_exit(
 }
 
 fn block_offset(shared: &Shared, address: u64) -> Option<(&Mutex<VirtioMmioBlock>, u64)> {
-    let block = shared.block.as_ref()?;
     let offset = address.checked_sub(abi::VIRTIO_BLK_MMIO_BASE)?;
-    (offset < abi::VIRTIO_MMIO_SIZE).then_some((block, offset))
+    let block = shared
+        .blocks
+        .get(usize::try_from(offset / abi::VIRTIO_MMIO_SIZE).ok()?)?;
+    Some((block, offset % abi::VIRTIO_MMIO_SIZE))
 }
 
 /// A started VM. [`RunningVm::wait`] supervises it until it ends.
@@ -994,6 +1018,18 @@ impl Controller {
             .collect();
         let exits = &shared.exits;
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let disks: Vec<BlockStatus> = shared
+            .block_stats
+            .iter()
+            .map(|stats| BlockStatus {
+                reads: load(&stats.reads),
+                writes: load(&stats.writes),
+                flushes: load(&stats.flushes),
+                bytes_read: load(&stats.bytes_read),
+                bytes_written: load(&stats.bytes_written),
+                errors: load(&stats.errors),
+            })
+            .collect();
         VmStatus {
             state: self.state().name().to_string(),
             boot: if shared.builtin {
@@ -1021,14 +1057,8 @@ impl Controller {
             dirty_logging: self.ram.dirty_logging(),
             block_test: telemetry.block_test(),
             block_tests: telemetry.block_tests.load(Ordering::Acquire),
-            block: shared.block_stats.as_ref().map(|stats| BlockStatus {
-                reads: load(&stats.reads),
-                writes: load(&stats.writes),
-                flushes: load(&stats.flushes),
-                bytes_read: load(&stats.bytes_read),
-                bytes_written: load(&stats.bytes_written),
-                errors: load(&stats.errors),
-            }),
+            block: disks.first().cloned(),
+            disks,
             exits: ExitCounts {
                 io_in: load(&exits.io_in),
                 io_out: load(&exits.io_out),
@@ -1158,7 +1188,7 @@ impl Controller {
         if !self.shared.builtin {
             return Err(ControlError::NeedsBuiltinGuest("block-test"));
         }
-        if self.shared.block.is_none() {
+        if self.shared.blocks.is_empty() {
             return Err(ControlError::NoDisk);
         }
         self.shared

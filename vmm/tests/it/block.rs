@@ -95,3 +95,52 @@ fn without_a_disk_the_guest_reports_no_device() {
     let refused = vm.client().call(&Request::BlockTest).expect("answer");
     assert!(!refused.ok && refused.error.expect("reason").contains("no block device"));
 }
+
+#[test]
+fn every_disk_gets_a_device_and_the_guest_tests_the_first() {
+    if !kvm_available("every_disk_gets_a_device_and_the_guest_tests_the_first") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let first = disk_image(dir.path(), 1 << 20);
+    let second = dir.path().join("data.img");
+    std::fs::write(&second, vec![0u8; 2 << 20]).expect("second disk");
+    let (first_arg, second_arg) = (
+        first.to_str().expect("utf-8").to_string(),
+        second.to_str().expect("utf-8").to_string(),
+    );
+    let mut vm = VmProcess::spawn_in(
+        dir,
+        &[
+            "--memory",
+            "32MiB",
+            "--disk",
+            &first_arg,
+            "--disk",
+            &second_arg,
+        ],
+    );
+    let status = vm.wait_status(TIMEOUT, |status| status.block_tests >= 1);
+    assert_eq!(status.block_test, BlockTestResult::Pass);
+    assert_eq!(status.disks.len(), 2);
+    assert_eq!(status.disks[0].writes, 1);
+    assert_eq!(
+        (status.disks[1].reads, status.disks[1].writes),
+        (0, 0),
+        "the second disk is idle"
+    );
+    vm.request(&Request::PowerOff { force: true });
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    assert!(
+        std::fs::read(&second)
+            .expect("read")
+            .iter()
+            .all(|byte| *byte == 0)
+    );
+    assert!(
+        std::fs::read(&first)
+            .expect("read")
+            .iter()
+            .any(|byte| *byte != 0)
+    );
+}

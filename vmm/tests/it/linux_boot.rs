@@ -91,6 +91,9 @@ fn the_boot_protocol_probe_finds_what_linux_would_at_entry() {
     let initrd = dir.path().join("initrd.img");
     std::fs::write(&initrd, &initrd_bytes).expect("write initrd");
     let disk = crate::support::disk_image(dir.path(), 1 << 20);
+    let second_disk = dir.path().join("data.img");
+    std::fs::copy(&disk, &second_disk).expect("second disk");
+    let second_disk = second_disk.to_str().expect("utf-8").to_string();
     let (kernel, initrd, disk) = (
         kernel.to_str().expect("utf-8").to_string(),
         initrd.to_str().expect("utf-8").to_string(),
@@ -110,6 +113,8 @@ fn the_boot_protocol_probe_finds_what_linux_would_at_entry() {
             &initrd,
             "--disk",
             &disk,
+            "--disk",
+            &second_disk,
             "--cmdline",
             "console=ttyS0 cairn.probe=1",
         ],
@@ -122,9 +127,11 @@ fn the_boot_protocol_probe_finds_what_linux_would_at_entry() {
         "{console:?}"
     );
     let expected_cmdline = format!(
-        "cmdline=console=ttyS0 cairn.probe=1 virtio_mmio.device=4K@{:#x}:{}\r\n",
-        vmm::guest::abi::VIRTIO_BLK_MMIO_BASE,
-        vmm::vm::VIRTIO_BLK_IRQ
+        "cmdline=console=ttyS0 cairn.probe=1 virtio_mmio.device=4K@{:#x}:{} virtio_mmio.device=4K@{:#x}:{}\r\n",
+        vmm::vm::disk_mmio_base(0),
+        vmm::vm::VIRTIO_BLK_IRQS[0],
+        vmm::vm::disk_mmio_base(1),
+        vmm::vm::VIRTIO_BLK_IRQS[1],
     );
     assert!(console.contains(&expected_cmdline), "{console:?}");
     assert_eq!(probe_value(&console, "e820-entries="), 2);
