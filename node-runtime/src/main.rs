@@ -1,1 +1,104 @@
-fn main() {}
+//! `cairn-node --name NAME --listen ADDR --data-dir DIR`: the node runtime daemon.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use node_runtime::engine::DiskLayout;
+use node_runtime::node::NodeConfig;
+
+/// The cairn node runtime: serves the node API over gRPC until SIGTERM or SIGINT.
+#[derive(Debug, Parser)]
+#[command(name = "cairn-node", version)]
+struct Args {
+    /// The node's name (a DNS label, as in the spec).
+    #[arg(long)]
+    name: String,
+    /// Address to serve gRPC on, e.g. 127.0.0.1:7100 (port 0 picks a free port; the
+    /// chosen address is written to DATA_DIR/listen-address).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Data directory: identity, state store, disks and volumes, VM run files.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// File of trusted controller public keys (hex, one per line, optional name after
+    /// the key). Default: DATA_DIR/trusted-controllers, which `cairn dev up` writes.
+    #[arg(long)]
+    trusted_controller_keys: Option<PathBuf>,
+    /// File of trusted peer node keys for replication (same format). Default:
+    /// DATA_DIR/trusted-peers; controllers can also push peers with SetPeers.
+    #[arg(long)]
+    trusted_peer_keys: Option<PathBuf>,
+    /// Path of the cairn-vmm binary (default: next to cairn-node, then PATH).
+    #[arg(long)]
+    vmm_binary: Option<PathBuf>,
+    /// Number of file disks created under DATA_DIR/volumes/disks on first start.
+    #[arg(long, default_value_t = 4)]
+    disks: u32,
+    /// Capacity of each file disk in bytes (sparse; default 16 GiB).
+    #[arg(long, default_value_t = 16 << 30)]
+    disk_capacity: u64,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(error) = node_runtime::validate::name("--name", &args.name) {
+        eprintln!("cairn-node: {}", error.message());
+        return ExitCode::from(2);
+    }
+    if args.disks == 0 || args.disks > 64 {
+        eprintln!(
+            "cairn-node: --disks must be between 1 and 64, got {}",
+            args.disks
+        );
+        return ExitCode::from(2);
+    }
+    if args.disk_capacity < 1 << 20 || !args.disk_capacity.is_multiple_of(4096) {
+        eprintln!(
+            "cairn-node: --disk-capacity must be a multiple of 4096 and at least 1 MiB, got {}",
+            args.disk_capacity
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cairn-node: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = NodeConfig {
+        name: args.name,
+        data_dir: args.data_dir,
+        trusted_controller_keys: args.trusted_controller_keys,
+        trusted_peer_keys: args.trusted_peer_keys,
+        vmm_binary: args.vmm_binary,
+    };
+    let disks = DiskLayout {
+        count: args.disks,
+        capacity_bytes: args.disk_capacity,
+    };
+    let result = runtime.block_on(node_runtime::server::run(
+        config,
+        disks,
+        args.listen,
+        node_runtime::server::termination_signal(),
+    ));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let mut message = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("cairn-node: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

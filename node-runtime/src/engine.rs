@@ -1,0 +1,203 @@
+//! The adapter between the agent and the node-local volume engine (crate `storage`).
+//!
+//! Every method may block on disk I/O: call it from `spawn_blocking`. Errors are
+//! mapped once, here, to gRPC statuses with the engine's message kept.
+
+use std::path::Path;
+
+use storage::{
+    DiskSource, ReplicaOp, ReplicaPayload, StorageError, Store, StoreOptions, VolumeSpec,
+};
+
+/// Shape of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Size in bytes (multiple of 4096).
+    pub size_bytes: u64,
+    /// Columns.
+    pub stripe_width: u32,
+    /// Stripe unit in bytes (power of two).
+    pub stripe_unit_bytes: u64,
+}
+
+/// A write as shipped to replicas: the engine's sequence number and per-block crc32c.
+#[derive(Debug, Clone)]
+pub struct ShippedWrite {
+    /// The primary's sequence number of this write.
+    pub sequence: u64,
+    /// crc32c of every 4 KiB block.
+    pub checksums: Vec<u32>,
+}
+
+/// Maps an engine error to a gRPC status.
+pub fn status(error: StorageError) -> tonic::Status {
+    let message = format!("volume engine: {error}");
+    match error {
+        StorageError::InvalidArgument { .. }
+        | StorageError::Misaligned { .. }
+        | StorageError::OutOfRange { .. } => tonic::Status::invalid_argument(message),
+        StorageError::UnknownVolume { .. }
+        | StorageError::UnknownSnapshot { .. }
+        | StorageError::UnknownDisk { .. } => tonic::Status::not_found(message),
+        StorageError::AlreadyExists { .. } => tonic::Status::already_exists(message),
+        StorageError::HasSnapshots { .. } | StorageError::ReadOnly { .. } => {
+            tonic::Status::failed_precondition(message)
+        }
+        StorageError::NoSpace { .. } => tonic::Status::resource_exhausted(message),
+        StorageError::ChecksumMismatch { .. } => tonic::Status::data_loss(message),
+        _ => tonic::Status::internal(message),
+    }
+}
+
+/// How many disks the node creates in its data directory on first start, and their size.
+#[derive(Debug, Clone, Copy)]
+pub struct DiskLayout {
+    /// Number of file disks (`disks/disk-N.img`).
+    pub count: u32,
+    /// Capacity of each, bytes (sparse files).
+    pub capacity_bytes: u64,
+}
+
+/// The node's volume engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    store: Store,
+}
+
+impl Engine {
+    /// Opens the engine in `dir`, adding file disks up to `layout.count` on first start.
+    pub fn open(dir: &Path, layout: DiskLayout) -> Result<Self, StorageError> {
+        let store = Store::open(dir, StoreOptions::default())?;
+        let existing: Vec<String> = store.disks().into_iter().map(|disk| disk.name).collect();
+        for index in 0..layout.count {
+            let name = format!("disk-{index}");
+            if !existing.contains(&name) {
+                store.add_disk(
+                    &name,
+                    DiskSource::File {
+                        capacity: layout.capacity_bytes,
+                    },
+                )?;
+            }
+        }
+        Ok(Self { store })
+    }
+
+    /// The engine's disks.
+    pub fn disks(&self) -> Vec<storage::DiskInfo> {
+        self.store.disks()
+    }
+
+    /// Creates a volume; an existing one with the same geometry is fine.
+    pub fn create(&self, name: &str, geometry: Geometry) -> Result<(), StorageError> {
+        if let Ok(volume) = self.store.volume(name) {
+            let info = volume.info()?;
+            if info.size == geometry.size_bytes
+                && info.stripe_unit == geometry.stripe_unit_bytes
+                && info.columns.len() == geometry.stripe_width as usize
+            {
+                return Ok(());
+            }
+            return Err(StorageError::AlreadyExists {
+                kind: "volume",
+                name: name.to_string(),
+            });
+        }
+        self.store.create_volume(&VolumeSpec {
+            name: name.to_string(),
+            size: geometry.size_bytes,
+            stripe_unit: geometry.stripe_unit_bytes,
+            stripe_width: geometry.stripe_width as usize,
+            disks: Vec::new(),
+        })?;
+        Ok(())
+    }
+
+    /// Deletes a volume; a missing one is fine.
+    pub fn delete(&self, name: &str) -> Result<(), StorageError> {
+        match self.store.delete_volume(name) {
+            Err(StorageError::UnknownVolume { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Writes durably; returns what to ship to replicas.
+    pub fn write(
+        &self,
+        name: &str,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<ShippedWrite, StorageError> {
+        let op = self.store.volume(name)?.write_replicated(offset, data)?;
+        let checksums = match op.payload {
+            ReplicaPayload::Write { checksums, .. } => checksums,
+            ReplicaPayload::Trim { .. } => Vec::new(),
+        };
+        Ok(ShippedWrite {
+            sequence: op.seq,
+            checksums,
+        })
+    }
+
+    /// Applies a write shipped by the primary (idempotent by sequence number).
+    pub fn apply_replica(
+        &self,
+        name: &str,
+        sequence: u64,
+        offset: u64,
+        data: Vec<u8>,
+        checksums: Vec<u32>,
+    ) -> Result<(), StorageError> {
+        self.store.apply_replica(&ReplicaOp {
+            volume: name.to_string(),
+            seq: sequence,
+            offset,
+            payload: ReplicaPayload::Write { data, checksums },
+        })?;
+        Ok(())
+    }
+
+    /// Overwrites a range regardless of sequence numbers (resynchronisation from the
+    /// primary).
+    pub fn overwrite(
+        &self,
+        name: &str,
+        offset: u64,
+        data: Vec<u8>,
+        checksums: Vec<u32>,
+    ) -> Result<(), StorageError> {
+        self.store.volume(name)?.repair(&storage::RepairData {
+            offset,
+            data,
+            checksums,
+        })
+    }
+
+    /// Reads with checksums verified.
+    pub fn read(&self, name: &str, offset: u64, length: u64) -> Result<Vec<u8>, StorageError> {
+        let mut buffer = vec![0u8; length as usize];
+        self.store.volume(name)?.read_at(offset, &mut buffer)?;
+        Ok(buffer)
+    }
+
+    /// Reads a range with its per-block crc32c (for shipping).
+    pub fn read_with_checksums(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<(Vec<u8>, Vec<u32>), StorageError> {
+        let repair = self.store.volume(name)?.read_for_repair(offset, length)?;
+        Ok((repair.data, repair.checksums))
+    }
+
+    /// Syncs the volume's disks.
+    pub fn flush(&self, name: &str) -> Result<(), StorageError> {
+        self.store.volume(name)?.flush()
+    }
+
+    /// Bytes allocated to the volume.
+    pub fn allocated_bytes(&self, name: &str) -> Result<u64, StorageError> {
+        Ok(self.store.volume(name)?.info()?.allocated)
+    }
+}

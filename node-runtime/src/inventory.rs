@@ -1,0 +1,219 @@
+//! What the node is made of and what its kernel offers, read from /proc, /sys and
+//! a few probing system calls. Nothing here changes the system.
+
+use std::path::Path;
+
+use proto::v1::{Cpu, Disk, KernelCapabilities, Memory, Nic};
+
+/// CPU threads, model and virtualisation flags from /proc/cpuinfo.
+pub fn cpu() -> Cpu {
+    let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mut model = String::new();
+    let mut flags: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once(':') else {
+            continue;
+        };
+        match key.trim() {
+            "model name" if model.is_empty() => model = value.trim().to_string(),
+            "flags" if flags.is_empty() => {
+                flags = value
+                    .split_whitespace()
+                    .filter(|flag| matches!(*flag, "vmx" | "svm" | "hypervisor" | "ept" | "npt"))
+                    .map(str::to_string)
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    Cpu {
+        threads,
+        model,
+        virtualization_flags: flags,
+    }
+}
+
+/// Total and available memory from /proc/meminfo.
+pub fn memory() -> Memory {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map_or(0, |kib| kib * 1024)
+    };
+    Memory {
+        total_bytes: field("MemTotal:"),
+        available_bytes: field("MemAvailable:"),
+    }
+}
+
+/// Total and free bytes of the filesystem holding `path`.
+pub fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: all-zero bytes are a valid `statvfs` (plain integers).
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is a NUL-terminated string that outlives the call and `stats`
+    // is a valid, writable `statvfs`.
+    let result = unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) };
+    if result != 0 {
+        return None;
+    }
+    let block = stats.f_frsize;
+    Some((stats.f_blocks * block, stats.f_bavail * block))
+}
+
+/// The node's disks: its data directory's filesystem (where volumes live).
+pub fn disks(data_dir: &Path) -> Vec<Disk> {
+    let (total_bytes, free_bytes) = filesystem_space(data_dir).unwrap_or((0, 0));
+    vec![Disk {
+        name: "data-dir".into(),
+        path: data_dir.display().to_string(),
+        total_bytes,
+        free_bytes,
+    }]
+}
+
+fn read_trimmed(path: impl AsRef<Path>) -> String {
+    std::fs::read_to_string(path)
+        .map(|text| text.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Network interfaces from /sys/class/net.
+pub fn nics() -> Vec<Nic> {
+    let mut nics: Vec<Nic> = std::fs::read_dir("/sys/class/net")
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let base = entry.path();
+                    Nic {
+                        mac: read_trimmed(base.join("address")),
+                        // `speed` reads -1 or fails for virtual links; report 0 then.
+                        speed_mbps: read_trimmed(base.join("speed")).parse::<u64>().unwrap_or(0),
+                        mtu: read_trimmed(base.join("mtu")).parse().unwrap_or(0),
+                        oper_state: read_trimmed(base.join("operstate")),
+                        name,
+                    }
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    nics.sort_by(|a, b| a.name.cmp(&b.name));
+    nics
+}
+
+fn io_uring_available() -> bool {
+    // SAFETY: all-zero bytes are valid io_uring_params (plain integers).
+    let mut params: [u8; 120] = [0; 120];
+    // SAFETY: io_uring_setup reads and writes at most sizeof(struct io_uring_params)
+    // (120 bytes) at the pointer, which points to a 120-byte buffer we own.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `fd` is a descriptor the kernel just returned to us and nobody else owns.
+    unsafe { libc::close(fd as libc::c_int) };
+    true
+}
+
+fn network_namespaces_available() -> bool {
+    if !Path::new("/proc/self/ns/net").exists() {
+        return false;
+    }
+    // unshare(CLONE_NEWNET) in a short-lived thread: the new namespace belongs to that
+    // thread only and disappears with it, so the node's own sockets are untouched.
+    std::thread::spawn(|| {
+        // SAFETY: unshare takes a flag word and touches only the calling thread's namespaces.
+        unsafe { libc::unshare(libc::CLONE_NEWNET) == 0 }
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+fn cgroups() -> (Vec<String>, bool, Vec<String>) {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mut v1: Vec<String> = Vec::new();
+    let mut v2 = false;
+    let mut v2_path = String::new();
+    for line in mounts.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 4 {
+            continue;
+        }
+        match fields[2] {
+            "cgroup" => {
+                for option in fields[3].split(',') {
+                    if matches!(
+                        option,
+                        "cpu"
+                            | "cpuacct"
+                            | "memory"
+                            | "cpuset"
+                            | "blkio"
+                            | "io"
+                            | "pids"
+                            | "devices"
+                            | "freezer"
+                    ) {
+                        v1.push(option.to_string());
+                    }
+                }
+            }
+            "cgroup2" => {
+                v2 = true;
+                v2_path = fields[1].to_string();
+            }
+            _ => {}
+        }
+    }
+    v1.sort();
+    v1.dedup();
+    let v2_controllers = if v2 {
+        read_trimmed(Path::new(&v2_path).join("cgroup.controllers"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    (v1, v2, v2_controllers)
+}
+
+/// Whether the Linux bonding driver is present.
+pub fn bonding_available() -> bool {
+    Path::new("/sys/class/net/bonding_masters").exists()
+        || Path::new("/sys/module/bonding").exists()
+}
+
+/// What the kernel offers.
+pub fn kernel() -> KernelCapabilities {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let kvm_pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let (cgroup_v1_controllers, cgroup_v2, cgroup_v2_controllers) = cgroups();
+    KernelCapabilities {
+        kernel_release: read_trimmed("/proc/sys/kernel/osrelease"),
+        kvm,
+        kvm_pvm,
+        io_uring: io_uring_available(),
+        network_namespaces: network_namespaces_available(),
+        cgroup_v1_controllers,
+        cgroup_v2,
+        cgroup_v2_controllers,
+        bonding: bonding_available(),
+    }
+}

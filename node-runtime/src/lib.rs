@@ -1,0 +1,39 @@
+//! `cairn-node`: the gRPC agent that runs on every physical node of a cairn cloud.
+//!
+//! What it does: serves the `cairn.node.v1` contract (crate `proto`): `Inventory`,
+//! `Observe`, `Apply` (idempotent by request id, recorded durably in redb),
+//! `Watch` (events and heartbeats) and node-to-node `Replication`; authenticates
+//! every call with ed25519 request signatures against trusted controller and peer
+//! keys; keeps volumes in the `storage` engine, replicated synchronously to peer
+//! nodes; exports volumes over NBD on loopback; runs each VM as a supervised
+//! `cairn-vmm` process.
+//!
+//! What it does not do: decide anything. Placement, ordering, healing and retries
+//! are the reconciler's; the agent carries out one action at a time and reports.
+//!
+//! Invariants:
+//! - an `ApplyRequest` whose request id has a recorded outcome is never carried out
+//!   again; the recorded response is returned with `replayed = true`;
+//! - a write to a replicated volume is acknowledged only after every copy holds it
+//!   durably; a region that may differ between copies has a durable write intent
+//!   until it is resynchronised;
+//! - every refusal names the field or the object and the reason; nothing in request
+//!   data can panic the agent;
+//! - only controllers may call `Inventory`, `Observe`, `Apply` and `Watch`; peers
+//!   may call `Replication`; gRPC reflection is open (it reveals only the schema).
+
+#![warn(missing_docs)]
+
+pub mod bonds;
+pub mod engine;
+pub mod events;
+pub mod exports;
+pub mod inventory;
+pub mod node;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod trust;
+pub mod validate;
+pub mod vms;
+pub mod volumes;

@@ -1,0 +1,483 @@
+//! The node: its identity, state store and subsystems, and the one place where an
+//! `ApplyRequest` is validated, de-duplicated by request id, carried out and recorded.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::auth::{Identity, RequestSigner};
+use proto::v1::{
+    self, ApplyRequest, ApplyResponse, apply_request::Action, apply_response::Result as ApplyResult,
+};
+use sha2::{Digest, Sha256};
+use tonic::Status;
+
+use crate::engine::Engine;
+use crate::events::{EventBus, now_unix_ms};
+use crate::exports::Exports;
+use crate::store::{Kind, RequestRecord, Store};
+use crate::trust::Trust;
+use crate::validate;
+use crate::vms::Vms;
+use crate::volumes::Volumes;
+
+/// How a node is configured (from the command line).
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Node name (DNS label).
+    pub name: String,
+    /// Data directory: identity, state store, volumes, VM run files.
+    pub data_dir: PathBuf,
+    /// Trusted controller keys file (default `DATA_DIR/trusted-controllers`).
+    pub trusted_controller_keys: Option<PathBuf>,
+    /// Trusted peer keys file (default `DATA_DIR/trusted-peers`).
+    pub trusted_peer_keys: Option<PathBuf>,
+    /// Path of `cairn-vmm` (default: next to cairn-node, then PATH).
+    pub vmm_binary: Option<PathBuf>,
+}
+
+/// Errors of starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data directory cannot be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The identity cannot be loaded or created.
+    #[error("node identity: {0}")]
+    Identity(#[from] proto::auth::AuthError),
+    /// The state store cannot be opened.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Trust files are bad.
+    #[error(transparent)]
+    Trust(#[from] crate::trust::TrustError),
+    /// The volume engine cannot be opened.
+    #[error("volume engine: {0}")]
+    Engine(String),
+}
+
+/// A running node's shared state.
+#[derive(Debug)]
+pub struct Node {
+    /// Configuration.
+    pub config: NodeConfig,
+    /// The node's key pair.
+    pub identity: Identity,
+    /// Who may call.
+    pub trust: Trust,
+    /// Durable state.
+    pub store: Arc<Store>,
+    /// Event bus.
+    pub events: Arc<EventBus>,
+    /// Volumes.
+    pub volumes: Arc<Volumes>,
+    /// NBD exports.
+    pub exports: Exports,
+    /// VMs.
+    pub vms: Vms,
+    /// Bonds.
+    pub bonds: crate::bonds::Bonds,
+    /// When the process started.
+    pub started_at_unix_ms: u64,
+    in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// File names inside the data directory.
+pub mod files {
+    /// The node's secret key (hex seed, mode 0600).
+    pub const IDENTITY_KEY: &str = "identity.key";
+    /// The node's public key (hex).
+    pub const IDENTITY_PUB: &str = "identity.pub";
+    /// The redb state store.
+    pub const STATE: &str = "node.redb";
+    /// The address the node listens on, written once bound.
+    pub const LISTEN_ADDRESS: &str = "listen-address";
+    /// The volume engine's directory.
+    pub const VOLUMES: &str = "volumes";
+    /// Per-VM run directories.
+    pub const VMS: &str = "vms";
+}
+
+impl Node {
+    /// Opens (or initialises) a node in its data directory.
+    pub fn open(config: NodeConfig, engine: Engine) -> Result<Arc<Self>, NodeError> {
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|source| NodeError::DataDir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
+        let identity = Identity::load_or_create(
+            &data_dir.join(files::IDENTITY_KEY),
+            &data_dir.join(files::IDENTITY_PUB),
+        )?;
+        let store = Arc::new(Store::open(&data_dir.join(files::STATE))?);
+        let pushed_peers: Vec<v1::Peer> = store
+            .list_decoded::<v1::Peer>(Kind::Peer)?
+            .into_iter()
+            .map(|(_, peer)| peer)
+            .collect();
+        let trust = Trust::load(
+            data_dir,
+            config.trusted_controller_keys.as_deref(),
+            config.trusted_peer_keys.as_deref(),
+            pushed_peers,
+        )?;
+        let events = Arc::new(EventBus::new(&config.name));
+        let signer = RequestSigner::new(identity.clone());
+        let volumes = Arc::new(Volumes::open(
+            &config.name,
+            engine,
+            store.clone(),
+            events.clone(),
+            signer,
+        )?);
+        let vms = Vms::open(
+            crate::vms::find_vmm_binary(config.vmm_binary.as_deref()),
+            data_dir.join(files::VMS),
+            store.clone(),
+            events.clone(),
+        )?;
+        let bonds = crate::bonds::Bonds::open(&config.name, store.clone(), events.clone())?;
+        Ok(Arc::new(Self {
+            exports: Exports::new(volumes.clone()),
+            config,
+            identity,
+            trust,
+            store,
+            events,
+            volumes,
+            vms,
+            bonds,
+            started_at_unix_ms: now_unix_ms(),
+            in_flight: tokio::sync::Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    /// Carries out an `ApplyRequest` at most once per request id.
+    pub async fn apply(&self, request: ApplyRequest) -> Result<ApplyResponse, Status> {
+        validate::request_id(&request.request_id)?;
+        let Some(action) = request.action.as_ref() else {
+            return Err(validate::invalid(
+                "apply_request.action",
+                "must be set to one action",
+            ));
+        };
+        let digest = Sha256::digest(prost::Message::encode_to_vec(&request)).to_vec();
+
+        // One request id is handled by one task at a time, so a retry racing the
+        // original waits for its outcome instead of doing the action twice.
+        let lock = {
+            let mut in_flight = self.in_flight.lock().await;
+            in_flight
+                .entry(request.request_id.clone())
+                .or_default()
+                .clone()
+        };
+        let _guard = lock.lock().await;
+        let result = self.apply_once(&request, action, digest).await;
+        {
+            let mut in_flight = self.in_flight.lock().await;
+            if Arc::strong_count(&lock) <= 2 {
+                in_flight.remove(&request.request_id);
+            }
+        }
+        let action_name = proto::action_name(action);
+        match &result {
+            Ok(response) if !response.replayed => {
+                self.events
+                    .publish(v1::watch_event::Event::Action(v1::ActionEvent {
+                        request_id: request.request_id.clone(),
+                        action: action_name.to_string(),
+                        ok: true,
+                        error: String::new(),
+                    }));
+            }
+            Ok(_) => {}
+            Err(status) => {
+                self.events
+                    .publish(v1::watch_event::Event::Action(v1::ActionEvent {
+                        request_id: request.request_id.clone(),
+                        action: action_name.to_string(),
+                        ok: false,
+                        error: status.message().to_string(),
+                    }));
+            }
+        }
+        result
+    }
+
+    async fn apply_once(
+        &self,
+        request: &ApplyRequest,
+        action: &Action,
+        digest: Vec<u8>,
+    ) -> Result<ApplyResponse, Status> {
+        let store = self.store.clone();
+        let request_id = request.request_id.clone();
+        let existing = tokio::task::spawn_blocking(move || store.request(&request_id))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| Status::internal(error.to_string()))?;
+        if let Some(record) = existing {
+            if record.action_digest != digest {
+                return Err(Status::already_exists(format!(
+                    "request id `{}` was already used for a different action on this node; use a new request id",
+                    request.request_id
+                )));
+            }
+            let mut response: ApplyResponse = prost::Message::decode(record.response.as_slice())
+                .map_err(|error| {
+                    Status::internal(format!("recorded response is corrupt: {error}"))
+                })?;
+            response.replayed = true;
+            return Ok(response);
+        }
+
+        let result = self.carry_out(action).await?;
+        let response = ApplyResponse {
+            request_id: request.request_id.clone(),
+            replayed: false,
+            applied_at_unix_ms: now_unix_ms(),
+            result: Some(result),
+        };
+        // Only successes are recorded: a failed action changed nothing a retry cannot
+        // finish (every action is idempotent), so a retry after a failure runs again.
+        let record = RequestRecord {
+            action_digest: digest,
+            response: prost::Message::encode_to_vec(&response),
+        };
+        let store = self.store.clone();
+        let request_id = request.request_id.clone();
+        tokio::task::spawn_blocking(move || store.put_request(&request_id, &record))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| Status::internal(format!("action done but not recorded: {error}")))?;
+        Ok(response)
+    }
+
+    async fn carry_out(&self, action: &Action) -> Result<ApplyResult, Status> {
+        match action {
+            Action::CreateVolume(create) => {
+                validate::name("create_volume.name", &create.name)?;
+                validate::volume_geometry(
+                    "create_volume",
+                    create.size_bytes,
+                    create.stripe_width,
+                    create.stripe_unit_bytes,
+                )?;
+                let peers = self.resolve_replica_peers(&create.replica_peers)?;
+                let record = self.volumes.create_primary(create, peers).await?;
+                Ok(ApplyResult::Volume(v1::VolumeResult {
+                    name: record.name,
+                    size_bytes: record.size_bytes,
+                    stripe_width: record.stripe_width,
+                    stripe_unit_bytes: record.stripe_unit_bytes,
+                    replica_peers: record
+                        .replica_peers
+                        .into_iter()
+                        .map(|peer| peer.name)
+                        .collect(),
+                }))
+            }
+            Action::DeleteVolume(delete) => {
+                validate::name("delete_volume.name", &delete.name)?;
+                self.exports.unexport(&delete.name).await;
+                self.volumes.delete(&delete.name).await?;
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
+            Action::WriteVolume(write) => {
+                validate::name("write_volume.name", &write.name)?;
+                if write.data.is_empty() {
+                    return Err(validate::invalid("write_volume.data", "must not be empty"));
+                }
+                let ack = self
+                    .volumes
+                    .write(&write.name, write.offset, write.data.clone())
+                    .await?;
+                Ok(ApplyResult::WriteVolume(v1::WriteVolumeResult {
+                    bytes_written: write.data.len() as u64,
+                    copies: ack.copies,
+                }))
+            }
+            Action::ExportVolume(export) => {
+                validate::name("export_volume.name", &export.name)?;
+                let uri = self.exports.export(&export.name).await?;
+                Ok(ApplyResult::ExportVolume(v1::ExportVolumeResult { uri }))
+            }
+            Action::UnexportVolume(unexport) => {
+                validate::name("unexport_volume.name", &unexport.name)?;
+                self.exports.unexport(&unexport.name).await;
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
+            Action::CreateVm(create) => {
+                validate_create_vm(create)?;
+                for (index, volume) in create.volumes.iter().enumerate() {
+                    if !self.volumes.exists(volume).await {
+                        return Err(validate::invalid(
+                            &format!("create_vm.volumes[{index}]"),
+                            format!("volume `{volume}` does not exist on this node"),
+                        ));
+                    }
+                }
+                Ok(ApplyResult::Vm(self.vms.create(create.clone()).await?))
+            }
+            Action::StartVm(start) => {
+                validate::name("start_vm.name", &start.name)?;
+                Ok(ApplyResult::Vm(self.vms.start(&start.name).await?))
+            }
+            Action::StopVm(stop) => {
+                validate::name("stop_vm.name", &stop.name)?;
+                if stop.grace_ms > 600_000 {
+                    return Err(validate::invalid(
+                        "stop_vm.grace_ms",
+                        format!("{} is more than 600000 (10 minutes)", stop.grace_ms),
+                    ));
+                }
+                let grace = if stop.grace_ms == 0 {
+                    5000
+                } else {
+                    stop.grace_ms
+                };
+                Ok(ApplyResult::Vm(
+                    self.vms
+                        .stop(&stop.name, Duration::from_millis(u64::from(grace)))
+                        .await?,
+                ))
+            }
+            Action::DeleteVm(delete) => {
+                validate::name("delete_vm.name", &delete.name)?;
+                self.vms.delete(&delete.name).await?;
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
+            Action::ApplyBond(bond) => Ok(ApplyResult::Bond(self.bonds.apply(bond).await?)),
+            Action::DeleteBond(delete) => {
+                self.bonds.delete(&delete.name).await?;
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
+            Action::SetPeers(set) => {
+                let mut records = Vec::with_capacity(set.peers.len());
+                for (index, peer) in set.peers.iter().enumerate() {
+                    validate::name(&format!("set_peers.peers[{index}].name"), &peer.name)?;
+                    validate::address(&format!("set_peers.peers[{index}].address"), &peer.address)?;
+                    proto::auth::parse_public_key(&peer.public_key_hex).map_err(|error| {
+                        validate::invalid(
+                            &format!("set_peers.peers[{index}].public_key_hex"),
+                            error,
+                        )
+                    })?;
+                    if records
+                        .iter()
+                        .any(|(name, _): &(String, Vec<u8>)| name == &peer.name)
+                    {
+                        return Err(validate::invalid(
+                            &format!("set_peers.peers[{index}].name"),
+                            format!("peer `{}` is listed twice", peer.name),
+                        ));
+                    }
+                    records.push((peer.name.clone(), prost::Message::encode_to_vec(peer)));
+                }
+                self.store
+                    .replace_all(Kind::Peer, &records)
+                    .map_err(|error| Status::internal(error.to_string()))?;
+                self.trust.set_pushed_peers(set.peers.clone());
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
+        }
+    }
+
+    /// Fills in peer addresses from the pushed peer set and validates them.
+    fn resolve_replica_peers(&self, peers: &[v1::Peer]) -> Result<Vec<v1::Peer>, Status> {
+        let mut resolved: Vec<v1::Peer> = Vec::with_capacity(peers.len());
+        for (index, peer) in peers.iter().enumerate() {
+            let field = format!("create_volume.replica_peers[{index}]");
+            validate::name(&format!("{field}.name"), &peer.name)?;
+            if peer.name == self.config.name {
+                return Err(validate::invalid(
+                    &format!("{field}.name"),
+                    format!(
+                        "`{}` is this node; a replica must live on another node",
+                        peer.name
+                    ),
+                ));
+            }
+            if resolved.iter().any(|other| other.name == peer.name) {
+                return Err(validate::invalid(
+                    &format!("{field}.name"),
+                    format!("peer `{}` is listed twice", peer.name),
+                ));
+            }
+            let mut peer = peer.clone();
+            if peer.address.is_empty() {
+                let Some(known) = self.trust.peer_by_name(&peer.name) else {
+                    return Err(validate::invalid(
+                        &format!("{field}.address"),
+                        format!(
+                            "is empty and `{}` is not in this node's peer set (SetPeers)",
+                            peer.name
+                        ),
+                    ));
+                };
+                peer.address = known.address;
+            }
+            validate::address(&format!("{field}.address"), &peer.address)?;
+            // The key is not used to call the peer (the peer checks ours); keep the
+            // record independent of how the controller spelled it.
+            peer.public_key_hex = String::new();
+            resolved.push(peer);
+        }
+        Ok(resolved)
+    }
+}
+
+fn validate_create_vm(create: &v1::CreateVm) -> Result<(), Status> {
+    validate::name("create_vm.name", &create.name)?;
+    if create.vcpus == 0 || create.vcpus > 255 {
+        return Err(validate::invalid(
+            "create_vm.vcpus",
+            format!("{} is out of range 1..=255", create.vcpus),
+        ));
+    }
+    if create.memory_bytes < 16 << 20 || !create.memory_bytes.is_multiple_of(1 << 20) {
+        return Err(validate::invalid(
+            "create_vm.memory_bytes",
+            format!(
+                "{} must be a multiple of 1 MiB (1048576) and at least 16 MiB",
+                create.memory_bytes
+            ),
+        ));
+    }
+    match &create.image {
+        None => Err(validate::invalid(
+            "create_vm.image",
+            "must be set: `builtin` or `kernel`",
+        )),
+        Some(v1::create_vm::Image::Builtin(builtin)) if builtin != "cairn-guest" => {
+            Err(validate::invalid(
+                "create_vm.builtin",
+                format!("`{builtin}` is not a built-in image; the only one is `cairn-guest`"),
+            ))
+        }
+        Some(v1::create_vm::Image::Kernel(kernel)) if !kernel.kernel_path.starts_with('/') => {
+            Err(validate::invalid(
+                "create_vm.kernel.kernel_path",
+                format!(
+                    "`{}` must be an absolute path on the node",
+                    kernel.kernel_path
+                ),
+            ))
+        }
+        Some(_) => Ok(()),
+    }
+}

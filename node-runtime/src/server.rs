@@ -1,0 +1,154 @@
+//! Starting and stopping the gRPC server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::client::MAX_MESSAGE_BYTES;
+use proto::v1;
+use tonic::transport::Server;
+
+use crate::engine::{DiskLayout, Engine};
+use crate::node::{Node, NodeConfig, files};
+use crate::service::NodeService;
+
+/// Errors of running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The node could not be opened.
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Reflection could not be built from the descriptor set.
+    #[error("grpc reflection: {0}")]
+    Reflection(String),
+    /// The server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A file in the data directory could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Opens the node in its data directory, listens on `listen` and serves until
+/// `shutdown` completes (SIGTERM/SIGINT in the binary). On return every connection
+/// is closed and every VM process killed.
+pub async fn run(
+    config: NodeConfig,
+    disks: DiskLayout,
+    listen: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::Write {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let engine_dir = config.data_dir.join(files::VOLUMES);
+    let engine = tokio::task::spawn_blocking(move || Engine::open(&engine_dir, disks))
+        .await
+        .map_err(|error| crate::node::NodeError::Engine(error.to_string()))?
+        .map_err(|error| crate::node::NodeError::Engine(error.to_string()))?;
+    let node = Node::open(config, engine)?;
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            address: listen.to_string(),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServerError::Bind {
+        address: listen.to_string(),
+        source,
+    })?;
+    let address_file = node.data_dir().join(files::LISTEN_ADDRESS);
+    std::fs::write(&address_file, format!("{local}\n")).map_err(|source| ServerError::Write {
+        path: address_file.display().to_string(),
+        source,
+    })?;
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| ServerError::Reflection(error.to_string()))?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|error| ServerError::Reflection(error.to_string()))?;
+
+    let (shutdown_sender, shutdown_receiver) = tokio::sync::watch::channel(false);
+    let service = NodeService::new(node.clone(), shutdown_receiver);
+    let resync = tokio::spawn(node.volumes.clone().resync_loop(Duration::from_secs(1)));
+
+    println!(
+        "cairn-node {} listening on {local} (data dir {}, public key {}, {} trusted controller key(s) from {})",
+        node.config.name,
+        node.data_dir().display(),
+        node.identity.public_key_hex(),
+        node.trust.controller_count(),
+        node.trust.controllers_source(),
+    );
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let signal = async move {
+        shutdown.await;
+        let _ = shutdown_sender.send(true);
+    };
+    let result = Server::builder()
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(v1::inventory_server::InventoryServer::new(service.clone()))
+        .add_service(v1::observe_server::ObserveServer::new(service.clone()))
+        .add_service(
+            v1::apply_server::ApplyServer::new(service.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(v1::watch_server::WatchServer::new(service.clone()))
+        .add_service(
+            v1::replication_server::ReplicationServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(incoming, signal)
+        .await;
+    resync.abort();
+    node.exports.shutdown().await;
+    node.vms.kill_all().await;
+    let _ = std::fs::remove_file(&address_file);
+    result?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    match (terminate, interrupt) {
+        (Ok(mut terminate), Ok(mut interrupt)) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        }
+        // Without signal handlers there is nothing to wait for but the process's end.
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+/// Keeps `Arc<Node>` out of the public signature of [`run`] for callers that embed it.
+pub type SharedNode = Arc<Node>;

@@ -1,0 +1,275 @@
+//! The tonic service implementations: authenticate, validate, delegate to [`Node`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::methods;
+use proto::v1::{self, watch_event::Event};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::events::now_unix_ms;
+use crate::inventory;
+use crate::node::Node;
+use crate::trust::Role;
+use crate::validate;
+
+/// Implements every service over one shared [`Node`].
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    node: Arc<Node>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl NodeService {
+    /// A service over `node`; `shutdown` ends Watch streams when it turns true.
+    pub fn new(node: Arc<Node>, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { node, shutdown }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::inventory_server::Inventory for NodeService {
+    async fn get_inventory(
+        &self,
+        request: Request<v1::GetInventoryRequest>,
+    ) -> Result<Response<v1::GetInventoryResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::GET_INVENTORY, Role::Controller, &request)?;
+        let data_dir = self.node.data_dir().to_path_buf();
+        let engine = self.node.volumes.engine().clone();
+        let (cpu, memory, mut disks, nics, kernel) = tokio::task::spawn_blocking(move || {
+            let mut disks = inventory::disks(&data_dir);
+            let (_, free) = inventory::filesystem_space(&data_dir).unwrap_or((0, 0));
+            for disk in engine.disks() {
+                disks.push(v1::Disk {
+                    name: disk.name,
+                    path: disk.path.display().to_string(),
+                    total_bytes: disk.capacity,
+                    // A sparse file disk can hold no more than its unallocated capacity
+                    // nor more than the filesystem below it has free.
+                    free_bytes: disk.capacity.saturating_sub(disk.allocated).min(free),
+                });
+            }
+            (
+                inventory::cpu(),
+                inventory::memory(),
+                disks,
+                inventory::nics(),
+                inventory::kernel(),
+            )
+        })
+        .await
+        .map_err(|error| Status::internal(error.to_string()))?;
+        disks.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(Response::new(v1::GetInventoryResponse {
+            node_name: self.node.config.name.clone(),
+            public_key_hex: self.node.identity.public_key_hex(),
+            cpu: Some(cpu),
+            memory: Some(memory),
+            disks,
+            nics,
+            kernel: Some(kernel),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at_unix_ms: self.node.started_at_unix_ms,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::observe_server::Observe for NodeService {
+    async fn observe(
+        &self,
+        request: Request<v1::ObserveRequest>,
+    ) -> Result<Response<v1::ObserveResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::OBSERVE, Role::Controller, &request)?;
+        let exports = &self.node.exports;
+        Ok(Response::new(v1::ObserveResponse {
+            node_name: self.node.config.name.clone(),
+            observed_at_unix_ms: now_unix_ms(),
+            vms: self.node.vms.statuses().await,
+            volumes: self
+                .node
+                .volumes
+                .statuses(|name| exports.uri_of(name))
+                .await,
+            bonds: self.node.bonds.statuses().await,
+            peers: self.node.trust.pushed_peers(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::apply_server::Apply for NodeService {
+    async fn apply(
+        &self,
+        request: Request<v1::ApplyRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::APPLY, Role::Controller, &request)?;
+        Ok(Response::new(self.node.apply(request.into_inner()).await?))
+    }
+
+    async fn read_volume(
+        &self,
+        request: Request<v1::ReadVolumeRequest>,
+    ) -> Result<Response<v1::ReadVolumeResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::READ_VOLUME, Role::Controller, &request)?;
+        let request = request.into_inner();
+        validate::name("read_volume_request.name", &request.name)?;
+        let data = self
+            .node
+            .volumes
+            .read(
+                &request.name,
+                request.offset,
+                request.length,
+                "read_volume_request",
+            )
+            .await?;
+        Ok(Response::new(v1::ReadVolumeResponse { data }))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl v1::watch_server::Watch for NodeService {
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        self.node
+            .trust
+            .check(methods::WATCH, Role::Controller, &request)?;
+        let interval_ms = match request.get_ref().heartbeat_interval_ms {
+            0 => 1000,
+            ms @ 100..=60_000 => ms,
+            other => {
+                return Err(validate::invalid(
+                    "watch_request.heartbeat_interval_ms",
+                    format!("{other} is out of range 100..=60000 (or 0 for the default 1000)"),
+                ));
+            }
+        };
+        let node = self.node.clone();
+        let mut shutdown = self.shutdown.clone();
+        let mut receiver = node.events.subscribe();
+        let (sender, output) = tokio::sync::mpsc::channel::<Result<v1::WatchEvent, Status>>(64);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(interval_ms)));
+            loop {
+                let event = tokio::select! {
+                    _ = ticker.tick() => {
+                        let heartbeat = v1::Heartbeat {
+                            uptime_ms: now_unix_ms().saturating_sub(node.started_at_unix_ms),
+                            vms_running: node.vms.running().await,
+                            volumes: node.volumes.count().await as u32,
+                        };
+                        node.events.stamp(Event::Heartbeat(heartbeat))
+                    }
+                    received = receiver.recv() => match received {
+                        Ok(event) => event,
+                        // Lagged: the watcher sees the gap in sequence numbers.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = shutdown.changed() => break,
+                };
+                if sender.send(Ok(event)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(output),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::replication_server::Replication for NodeService {
+    async fn ensure_replica(
+        &self,
+        request: Request<v1::EnsureReplicaRequest>,
+    ) -> Result<Response<v1::EnsureReplicaResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::ENSURE_REPLICA, Role::ControllerOrPeer, &request)?;
+        let request = request.into_inner();
+        validate::name("ensure_replica_request.volume", &request.volume)?;
+        validate::name("ensure_replica_request.primary", &request.primary)?;
+        validate::volume_geometry(
+            "ensure_replica_request",
+            request.size_bytes,
+            request.stripe_width,
+            request.stripe_unit_bytes,
+        )?;
+        Ok(Response::new(
+            self.node.volumes.ensure_replica(&request).await?,
+        ))
+    }
+
+    async fn replica_write(
+        &self,
+        request: Request<v1::ReplicaWriteRequest>,
+    ) -> Result<Response<v1::ReplicaWriteResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::REPLICA_WRITE, Role::ControllerOrPeer, &request)?;
+        let request = request.into_inner();
+        validate::name("replica_write_request.volume", &request.volume)?;
+        self.node.volumes.replica_write(request).await?;
+        Ok(Response::new(v1::ReplicaWriteResponse {}))
+    }
+
+    async fn replica_read(
+        &self,
+        request: Request<v1::ReplicaReadRequest>,
+    ) -> Result<Response<v1::ReplicaReadResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::REPLICA_READ, Role::ControllerOrPeer, &request)?;
+        let request = request.into_inner();
+        validate::name("replica_read_request.volume", &request.volume)?;
+        let data = self
+            .node
+            .volumes
+            .read(
+                &request.volume,
+                request.offset,
+                request.length,
+                "replica_read_request",
+            )
+            .await?;
+        Ok(Response::new(v1::ReplicaReadResponse { data }))
+    }
+
+    async fn delete_replica(
+        &self,
+        request: Request<v1::DeleteReplicaRequest>,
+    ) -> Result<Response<v1::DeleteReplicaResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::DELETE_REPLICA, Role::ControllerOrPeer, &request)?;
+        let request = request.into_inner();
+        validate::name("delete_replica_request.volume", &request.volume)?;
+        if let Ok((true, _)) = self.node.volumes.role_and_size(&request.volume).await {
+            return Err(Status::failed_precondition(format!(
+                "volume `{}` is a primary on node {}, not a replica; refusing to delete it",
+                request.volume, self.node.config.name
+            )));
+        }
+        self.node.volumes.remove_local(&request.volume).await?;
+        Ok(Response::new(v1::DeleteReplicaResponse {}))
+    }
+}

@@ -1,0 +1,174 @@
+//! Checks of request fields. Every refusal is `InvalidArgument` naming the field
+//! (as `message.field`) and the problem, so an operator can fix the request.
+
+use tonic::Status;
+
+/// Largest data payload of one write or read.
+pub const MAX_IO_BYTES: u64 = 4 * 1024 * 1024;
+/// Largest volume.
+pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
+/// Smallest and largest stripe unit.
+pub const MIN_STRIPE_UNIT: u64 = 4 * 1024;
+/// Largest stripe unit.
+pub const MAX_STRIPE_UNIT: u64 = 64 * 1024 * 1024;
+/// Largest stripe width.
+pub const MAX_STRIPE_WIDTH: u32 = 64;
+/// I/O alignment of offsets and lengths (the volume engine's block size).
+pub const SECTOR: u64 = 4096;
+
+/// `InvalidArgument` for `field`.
+pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("field `{field}`: {problem}"))
+}
+
+/// A DNS-label name: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
+pub fn name(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() > 63 {
+        return Err(invalid(
+            field,
+            format!("is {} characters long, at most 63 allowed", value.len()),
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(invalid(
+            field,
+            format!(
+                "`{value}` contains `{bad}`; names are DNS labels: lower-case letters, digits and `-`"
+            ),
+        ));
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return Err(invalid(
+            field,
+            format!("`{value}` must not start or end with `-`"),
+        ));
+    }
+    Ok(())
+}
+
+/// A request id: 1 to 128 characters from `[A-Za-z0-9._:/-]`.
+pub fn request_id(value: &str) -> Result<(), Status> {
+    const FIELD: &str = "apply_request.request_id";
+    if value.is_empty() {
+        return Err(invalid(
+            FIELD,
+            "must not be empty; give every action a unique id (a UUID is fine)",
+        ));
+    }
+    if value.len() > 128 {
+        return Err(invalid(
+            FIELD,
+            format!("is {} characters long, at most 128 allowed", value.len()),
+        ));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')))
+    {
+        return Err(invalid(
+            FIELD,
+            format!("contains `{bad}`; allowed are letters, digits and . _ : / -"),
+        ));
+    }
+    Ok(())
+}
+
+/// Volume geometry of a create request.
+pub fn volume_geometry(
+    prefix: &str,
+    size_bytes: u64,
+    stripe_width: u32,
+    stripe_unit_bytes: u64,
+) -> Result<(), Status> {
+    if size_bytes == 0 {
+        return Err(invalid(
+            &format!("{prefix}.size_bytes"),
+            "must be at least 4096",
+        ));
+    }
+    if !size_bytes.is_multiple_of(4096) {
+        return Err(invalid(
+            &format!("{prefix}.size_bytes"),
+            format!("{size_bytes} is not a multiple of 4096"),
+        ));
+    }
+    if size_bytes > MAX_VOLUME_BYTES {
+        return Err(invalid(
+            &format!("{prefix}.size_bytes"),
+            format!("{size_bytes} is larger than the maximum of {MAX_VOLUME_BYTES} (64 TiB)"),
+        ));
+    }
+    if stripe_width == 0 || stripe_width > MAX_STRIPE_WIDTH {
+        return Err(invalid(
+            &format!("{prefix}.stripe_width"),
+            format!("{stripe_width} is out of range 1..={MAX_STRIPE_WIDTH}"),
+        ));
+    }
+    if !stripe_unit_bytes.is_power_of_two()
+        || !(MIN_STRIPE_UNIT..=MAX_STRIPE_UNIT).contains(&stripe_unit_bytes)
+    {
+        return Err(invalid(
+            &format!("{prefix}.stripe_unit_bytes"),
+            format!(
+                "{stripe_unit_bytes} must be a power of two between 4096 (4 KiB) and 67108864 (64 MiB)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// An I/O range within a volume of `size_bytes`.
+pub fn io_range(prefix: &str, offset: u64, length: u64, size_bytes: u64) -> Result<(), Status> {
+    if !offset.is_multiple_of(SECTOR) {
+        return Err(invalid(
+            &format!("{prefix}.offset"),
+            format!("{offset} is not a multiple of {SECTOR}"),
+        ));
+    }
+    if length == 0 {
+        return Err(invalid(&format!("{prefix}.length"), "must not be zero"));
+    }
+    if !length.is_multiple_of(SECTOR) {
+        return Err(invalid(
+            &format!("{prefix}.length"),
+            format!("{length} is not a multiple of {SECTOR}"),
+        ));
+    }
+    if length > MAX_IO_BYTES {
+        return Err(invalid(
+            &format!("{prefix}.length"),
+            format!("{length} is more than the maximum of {MAX_IO_BYTES} bytes per call"),
+        ));
+    }
+    match offset.checked_add(length) {
+        Some(end) if end <= size_bytes => Ok(()),
+        _ => Err(invalid(
+            &format!("{prefix}.offset"),
+            format!("range {offset}+{length} ends beyond the volume's size of {size_bytes} bytes"),
+        )),
+    }
+}
+
+/// A peer's address: `HOST:PORT` or `http://HOST:PORT`.
+pub fn address(field: &str, value: &str) -> Result<(), Status> {
+    let without_scheme = value.strip_prefix("http://").unwrap_or(value);
+    let Some((host, port)) = without_scheme.rsplit_once(':') else {
+        return Err(invalid(field, format!("`{value}` is not HOST:PORT")));
+    };
+    if host.is_empty() {
+        return Err(invalid(field, format!("`{value}` has no host")));
+    }
+    if port.parse::<u16>().map_or(true, |port| port == 0) {
+        return Err(invalid(
+            field,
+            format!("`{value}` has no valid port (1-65535)"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! VMs: one `cairn-vmm` process per running VM, supervised by the agent.
+//!
+//! A VM is *defined* by `CreateVm` (persisted), *started* by spawning `cairn-vmm` and
+//! *stopped* by SIGTERM then SIGKILL after a grace period. A process that exits
+//! without being asked to makes the VM `CRASHED` (with its exit status and a crash
+//! count); one that exits after a stop request makes it `STOPPED`. The agent never
+//! restarts a crashed VM on its own: healing is the reconciler's decision.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::v1::{self, Health, VmState, VmStatus};
+use tokio::sync::Mutex;
+use tonic::Status;
+
+use crate::events::EventBus;
+use crate::store::{Kind, Store};
+
+/// The persisted part of a VM.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VmRecord {
+    /// The definition as created.
+    #[prost(message, optional, tag = "1")]
+    pub definition: Option<v1::CreateVm>,
+    /// Whether the VM should be running (it was started and not stopped).
+    #[prost(bool, tag = "2")]
+    pub desired_running: bool,
+    /// Process id of the last cairn-vmm process, to clean up after an agent crash.
+    #[prost(uint32, tag = "3")]
+    pub last_pid: u32,
+}
+
+#[derive(Debug)]
+struct VmRuntime {
+    record: VmRecord,
+    state: VmState,
+    pid: u32,
+    last_exit: String,
+    crash_count: u32,
+    stop_requested: bool,
+    /// Bumped on every start so a supervisor task of an older process does not
+    /// overwrite the state of a newer one.
+    generation: u64,
+}
+
+/// Every VM of the node.
+#[derive(Debug)]
+pub struct Vms {
+    vmm_binary: Option<PathBuf>,
+    run_dir: PathBuf,
+    store: Arc<Store>,
+    events: Arc<EventBus>,
+    vms: Arc<Mutex<BTreeMap<String, VmRuntime>>>,
+}
+
+/// Finds `cairn-vmm`: an explicit path, else next to the running `cairn-node`, else `PATH`.
+pub fn find_vmm_binary(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = explicit {
+        return Some(path.to_path_buf());
+    }
+    if let Ok(current) = std::env::current_exe()
+        && let Some(directory) = current.parent()
+    {
+        for candidate in [directory.join("cairn-vmm"), directory.join("../cairn-vmm")] {
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|directory| directory.join("cairn-vmm"))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
+fn process_is_vmm(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("cairn-vmm"))
+        .unwrap_or(false)
+}
+
+fn state_name(state: VmState) -> String {
+    state.as_str_name().to_string()
+}
+
+impl Vms {
+    /// Loads VM definitions. A VM that should be running but whose process belongs to
+    /// a previous agent is killed and reported `CRASHED` ("agent restarted"); the
+    /// reconciler decides whether to start it again.
+    pub fn open(
+        vmm_binary: Option<PathBuf>,
+        run_dir: PathBuf,
+        store: Arc<Store>,
+        events: Arc<EventBus>,
+    ) -> Result<Self, crate::store::StoreError> {
+        let mut vms = BTreeMap::new();
+        for (name, record) in store.list_decoded::<VmRecord>(Kind::Vm)? {
+            let mut runtime = VmRuntime {
+                state: VmState::Stopped,
+                pid: 0,
+                last_exit: String::new(),
+                crash_count: 0,
+                stop_requested: false,
+                generation: 0,
+                record,
+            };
+            if runtime.record.desired_running {
+                let pid = runtime.record.last_pid;
+                if pid != 0 && process_is_vmm(pid) {
+                    // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                }
+                runtime.state = VmState::Crashed;
+                runtime.last_exit = "the node agent restarted while the VM was running".into();
+            }
+            vms.insert(name, runtime);
+        }
+        Ok(Self {
+            vmm_binary,
+            run_dir,
+            store,
+            events,
+            vms: Arc::new(Mutex::new(vms)),
+        })
+    }
+
+    fn persist(&self, name: &str, record: &VmRecord) -> Result<(), Status> {
+        self.store
+            .put(Kind::Vm, name, &prost::Message::encode_to_vec(record))
+            .map_err(|error| Status::internal(error.to_string()))
+    }
+
+    fn publish(events: &EventBus, name: &str, state: VmState, detail: &str) {
+        let health = match state {
+            VmState::Running | VmState::Starting | VmState::Stopped => Health::Healthy,
+            VmState::Crashed => Health::Failed,
+            VmState::Unspecified => Health::Unspecified,
+        };
+        events.publish(v1::watch_event::Event::Vm(v1::VmEvent {
+            name: name.to_string(),
+            state: state as i32,
+            health: health as i32,
+            detail: detail.to_string(),
+        }));
+    }
+
+    /// Defines a VM (idempotent for the same definition).
+    pub async fn create(&self, definition: v1::CreateVm) -> Result<v1::VmResult, Status> {
+        let mut vms = self.vms.lock().await;
+        if let Some(existing) = vms.get(&definition.name) {
+            if existing.record.definition.as_ref() == Some(&definition) {
+                return Ok(v1::VmResult {
+                    name: definition.name.clone(),
+                    state: state_name(existing.state),
+                    pid: existing.pid,
+                });
+            }
+            return Err(Status::already_exists(format!(
+                "vm `{}` is already defined on this node with another definition; delete it first",
+                definition.name
+            )));
+        }
+        let record = VmRecord {
+            definition: Some(definition.clone()),
+            desired_running: false,
+            last_pid: 0,
+        };
+        self.persist(&definition.name, &record)?;
+        vms.insert(
+            definition.name.clone(),
+            VmRuntime {
+                record,
+                state: VmState::Stopped,
+                pid: 0,
+                last_exit: String::new(),
+                crash_count: 0,
+                stop_requested: false,
+                generation: 0,
+            },
+        );
+        Self::publish(&self.events, &definition.name, VmState::Stopped, "defined");
+        Ok(v1::VmResult {
+            name: definition.name,
+            state: state_name(VmState::Stopped),
+            pid: 0,
+        })
+    }
+
+    fn command(
+        &self,
+        binary: &Path,
+        definition: &v1::CreateVm,
+    ) -> Result<tokio::process::Command, Status> {
+        let vm_dir = self.run_dir.join(&definition.name);
+        std::fs::create_dir_all(&vm_dir).map_err(|error| {
+            Status::internal(format!("cannot create {}: {error}", vm_dir.display()))
+        })?;
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg("--name")
+            .arg(&definition.name)
+            .arg("--vcpus")
+            .arg(definition.vcpus.to_string())
+            .arg("--memory-mib")
+            .arg((definition.memory_bytes >> 20).to_string())
+            .arg("--serial-log")
+            .arg(vm_dir.join("console.log"))
+            .arg("--control-socket")
+            .arg(vm_dir.join("control.sock"));
+        match &definition.image {
+            Some(v1::create_vm::Image::Builtin(builtin)) => {
+                command.arg("--builtin").arg(builtin);
+            }
+            Some(v1::create_vm::Image::Kernel(kernel)) => {
+                command.arg("--kernel").arg(&kernel.kernel_path);
+                if !kernel.initrd_path.is_empty() {
+                    command.arg("--initrd").arg(&kernel.initrd_path);
+                }
+                if !kernel.cmdline.is_empty() {
+                    command.arg("--cmdline").arg(&kernel.cmdline);
+                }
+            }
+            None => return Err(crate::validate::invalid("create_vm.image", "must be set")),
+        }
+        let log = std::fs::File::create(vm_dir.join("vmm.log"))
+            .map_err(|error| Status::internal(format!("cannot create the VMM log: {error}")))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|error| Status::internal(format!("cannot open the VMM log: {error}")))?;
+        command
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(false);
+        Ok(command)
+    }
+
+    /// Starts a defined VM (running already is fine).
+    pub async fn start(&self, name: &str) -> Result<v1::VmResult, Status> {
+        let mut vms = self.vms.lock().await;
+        let Some(runtime) = vms.get_mut(name) else {
+            return Err(Status::not_found(format!(
+                "vm `{name}` is not defined on this node; create it first"
+            )));
+        };
+        if matches!(runtime.state, VmState::Running | VmState::Starting) {
+            return Ok(v1::VmResult {
+                name: name.to_string(),
+                state: state_name(runtime.state),
+                pid: runtime.pid,
+            });
+        }
+        let Some(binary) = self.vmm_binary.clone() else {
+            return Err(Status::failed_precondition(
+                "cannot start VMs: the `cairn-vmm` binary was not found next to cairn-node or on PATH (pass --vmm-binary)",
+            ));
+        };
+        if !Path::new("/dev/kvm").exists() {
+            return Err(Status::failed_precondition(
+                "cannot start VMs: /dev/kvm does not exist on this node",
+            ));
+        }
+        let Some(definition) = runtime.record.definition.clone() else {
+            return Err(Status::internal(format!(
+                "vm `{name}` has no stored definition"
+            )));
+        };
+        let mut command = self.command(&binary, &definition)?;
+        let mut child = command.spawn().map_err(|error| {
+            Status::internal(format!("cannot spawn {}: {error}", binary.display()))
+        })?;
+        let pid = child.id().unwrap_or(0);
+        runtime.generation += 1;
+        runtime.pid = pid;
+        runtime.state = VmState::Running;
+        runtime.stop_requested = false;
+        runtime.record.desired_running = true;
+        runtime.record.last_pid = pid;
+        let record = runtime.record.clone();
+        let generation = runtime.generation;
+        self.persist(name, &record)?;
+        Self::publish(
+            &self.events,
+            name,
+            VmState::Running,
+            &format!("cairn-vmm pid {pid}"),
+        );
+
+        let vms_handle = self.vms.clone();
+        let events = self.events.clone();
+        let store = self.store.clone();
+        let owned_name = name.to_string();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let mut vms = vms_handle.lock().await;
+            let Some(runtime) = vms.get_mut(&owned_name) else {
+                return;
+            };
+            if runtime.generation != generation {
+                return;
+            }
+            let exit = match status {
+                Ok(status) => status.to_string(),
+                Err(error) => format!("cannot wait for the process: {error}"),
+            };
+            runtime.pid = 0;
+            runtime.last_exit = exit.clone();
+            if runtime.stop_requested {
+                runtime.state = VmState::Stopped;
+                Self::publish(&events, &owned_name, VmState::Stopped, &exit);
+            } else {
+                runtime.state = VmState::Crashed;
+                runtime.crash_count += 1;
+                Self::publish(&events, &owned_name, VmState::Crashed, &exit);
+            }
+            runtime.record.last_pid = 0;
+            let _ = store.put(
+                Kind::Vm,
+                &owned_name,
+                &prost::Message::encode_to_vec(&runtime.record),
+            );
+        });
+        Ok(v1::VmResult {
+            name: name.to_string(),
+            state: state_name(VmState::Running),
+            pid,
+        })
+    }
+
+    /// Stops a VM: SIGTERM, then SIGKILL after `grace`. Stopped already is fine.
+    pub async fn stop(&self, name: &str, grace: Duration) -> Result<v1::VmResult, Status> {
+        let pid = {
+            let mut vms = self.vms.lock().await;
+            let Some(runtime) = vms.get_mut(name) else {
+                return Err(Status::not_found(format!(
+                    "vm `{name}` is not defined on this node"
+                )));
+            };
+            runtime.record.desired_running = false;
+            let record = runtime.record.clone();
+            self.persist(name, &record)?;
+            if runtime.pid == 0 {
+                if runtime.state != VmState::Stopped {
+                    runtime.state = VmState::Stopped;
+                    Self::publish(&self.events, name, VmState::Stopped, "stopped");
+                }
+                return Ok(v1::VmResult {
+                    name: name.to_string(),
+                    state: state_name(runtime.state),
+                    pid: 0,
+                });
+            }
+            runtime.stop_requested = true;
+            runtime.pid
+        };
+        // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            if self
+                .vms
+                .lock()
+                .await
+                .get(name)
+                .is_none_or(|runtime| runtime.pid != pid)
+            {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                // SAFETY: as above.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if self
+                    .vms
+                    .lock()
+                    .await
+                    .get(name)
+                    .is_none_or(|runtime| runtime.pid != pid)
+                {
+                    break;
+                }
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(v1::VmResult {
+            name: name.to_string(),
+            state: state_name(VmState::Stopped),
+            pid: 0,
+        })
+    }
+
+    /// Stops (if needed) and forgets a VM. Missing is fine.
+    pub async fn delete(&self, name: &str) -> Result<(), Status> {
+        if !self.vms.lock().await.contains_key(name) {
+            return Ok(());
+        }
+        self.stop(name, Duration::from_secs(5)).await?;
+        self.vms.lock().await.remove(name);
+        self.store
+            .remove(Kind::Vm, name, redb::Durability::Immediate)
+            .map_err(|error| Status::internal(error.to_string()))?;
+        let _ = std::fs::remove_dir_all(self.run_dir.join(name));
+        Ok(())
+    }
+
+    /// Status of every VM in name order.
+    pub async fn statuses(&self) -> Vec<VmStatus> {
+        self.vms
+            .lock()
+            .await
+            .iter()
+            .map(|(name, runtime)| {
+                let definition = runtime.record.definition.clone().unwrap_or_default();
+                VmStatus {
+                    name: name.clone(),
+                    state: runtime.state as i32,
+                    health: match runtime.state {
+                        VmState::Crashed => Health::Failed,
+                        _ => Health::Healthy,
+                    } as i32,
+                    vcpus: definition.vcpus,
+                    memory_bytes: definition.memory_bytes,
+                    pid: runtime.pid,
+                    last_exit: runtime.last_exit.clone(),
+                    crash_count: runtime.crash_count,
+                    volumes: definition.volumes,
+                }
+            })
+            .collect()
+    }
+
+    /// Number of running VMs.
+    pub async fn running(&self) -> u32 {
+        self.vms
+            .lock()
+            .await
+            .values()
+            .filter(|runtime| runtime.state == VmState::Running)
+            .count() as u32
+    }
+
+    /// Kills every VM process (agent shutdown). The VMs stay `desired_running`, so the
+    /// next agent reports them crashed-by-restart.
+    pub async fn kill_all(&self) {
+        for runtime in self.vms.lock().await.values() {
+            if runtime.pid != 0 {
+                // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+                unsafe { libc::kill(runtime.pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
+}

@@ -1,0 +1,668 @@
+//! Volumes as the agent serves them: a local copy in the [`BlockStore`] plus, for a
+//! primary, replicas on peer nodes kept in step over the `Replication` service.
+//!
+//! Write path of a replicated volume (one write at a time per volume):
+//! 1. push any pending write intents to the replicas (see below); if that fails the
+//!    write is refused with `UNAVAILABLE` and nothing is written;
+//! 2. record a write intent for the region in the state store, durably;
+//! 3. write locally and to every replica concurrently; each copy answers only when the
+//!    bytes are on stable storage;
+//! 4. when every copy succeeded remove the intent and acknowledge; otherwise keep the
+//!    intent, mark the volume degraded and refuse the write with `UNAVAILABLE`.
+//!
+//! An intent therefore names every region where a replica may differ from the
+//! primary: a write that failed on some copy, or one interrupted by a crash of the
+//! primary. A background task (and every later write) copies those regions from the
+//! primary to the replicas until they agree. Acknowledged writes are on every copy.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use proto::auth::RequestSigner;
+use proto::client::NodeClient;
+use proto::v1::{self, Health, Peer, VolumeRole, VolumeStatus};
+use redb::Durability;
+use tokio::sync::{Mutex, RwLock};
+use tonic::Status;
+
+use crate::engine::{self, Engine, Geometry};
+use crate::events::EventBus;
+use crate::store::{Kind, Store};
+use crate::validate;
+
+/// The persisted description of a volume on this node.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct VolumeRecord {
+    /// Volume name.
+    #[prost(string, tag = "1")]
+    pub name: String,
+    /// `VolumeRole` as i32.
+    #[prost(int32, tag = "2")]
+    pub role: i32,
+    /// Size in bytes.
+    #[prost(uint64, tag = "3")]
+    pub size_bytes: u64,
+    /// Columns.
+    #[prost(uint32, tag = "4")]
+    pub stripe_width: u32,
+    /// Stripe unit.
+    #[prost(uint64, tag = "5")]
+    pub stripe_unit_bytes: u64,
+    /// Replica peers (primary only).
+    #[prost(message, repeated, tag = "6")]
+    pub replica_peers: Vec<Peer>,
+    /// Primary node name (replica only).
+    #[prost(string, tag = "7")]
+    pub primary: String,
+}
+
+impl VolumeRecord {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            size_bytes: self.size_bytes,
+            stripe_width: self.stripe_width,
+            stripe_unit_bytes: self.stripe_unit_bytes,
+        }
+    }
+
+    fn is_primary(&self) -> bool {
+        self.role == VolumeRole::Primary as i32
+    }
+}
+
+#[derive(Debug)]
+struct VolumeEntry {
+    record: VolumeRecord,
+    /// Serialises writes (and resynchronisation) of one volume.
+    write_lock: Mutex<()>,
+    health: std::sync::Mutex<(Health, String)>,
+    applied_writes: AtomicU64,
+}
+
+impl VolumeEntry {
+    fn new(record: VolumeRecord) -> Self {
+        Self {
+            record,
+            write_lock: Mutex::new(()),
+            health: std::sync::Mutex::new((Health::Healthy, String::new())),
+            applied_writes: AtomicU64::new(0),
+        }
+    }
+
+    fn health(&self) -> (Health, String) {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Every volume of the node.
+#[derive(Debug)]
+pub struct Volumes {
+    node_name: String,
+    engine: Engine,
+    store: Arc<Store>,
+    events: Arc<EventBus>,
+    signer: RequestSigner,
+    volumes: RwLock<BTreeMap<String, Arc<VolumeEntry>>>,
+    peer_clients: std::sync::Mutex<BTreeMap<String, NodeClient>>,
+}
+
+fn intent_key(volume: &str, offset: u64, length: u64) -> String {
+    format!("{volume}/{offset:020}/{length:010}")
+}
+
+fn parse_intent_key(key: &str) -> Option<(u64, u64)> {
+    let mut parts = key.rsplitn(3, '/');
+    let length = parts.next()?.parse().ok()?;
+    let offset = parts.next()?.parse().ok()?;
+    Some((offset, length))
+}
+
+fn store_status(error: crate::store::StoreError) -> Status {
+    Status::internal(error.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, storage::StorageError> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result.map_err(engine::status),
+        Err(error) => Err(Status::internal(format!(
+            "volume engine task failed: {error}"
+        ))),
+    }
+}
+
+/// The outcome of an acknowledged write.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteAck {
+    /// Copies holding the write durably, this node included.
+    pub copies: u32,
+}
+
+impl Volumes {
+    /// Loads the volume records from the store.
+    pub fn open(
+        node_name: &str,
+        engine: Engine,
+        store: Arc<Store>,
+        events: Arc<EventBus>,
+        signer: RequestSigner,
+    ) -> Result<Self, crate::store::StoreError> {
+        let mut volumes = BTreeMap::new();
+        for (name, record) in store.list_decoded::<VolumeRecord>(Kind::Volume)? {
+            volumes.insert(name, Arc::new(VolumeEntry::new(record)));
+        }
+        Ok(Self {
+            node_name: node_name.to_string(),
+            engine,
+            store,
+            events,
+            signer,
+            volumes: RwLock::new(volumes),
+            peer_clients: std::sync::Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn peer_client(&self, peer: &Peer) -> Result<NodeClient, Status> {
+        let mut clients = self.peer_clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(&peer.address) {
+            return Ok(client.clone());
+        }
+        let client = NodeClient::connect_lazy(&peer.address, self.signer.clone())
+            .map_err(|error| Status::invalid_argument(error.to_string()))?;
+        clients.insert(peer.address.clone(), client.clone());
+        Ok(client)
+    }
+
+    async fn entry(&self, name: &str) -> Result<Arc<VolumeEntry>, Status> {
+        self.volumes.read().await.get(name).cloned().ok_or_else(|| {
+            Status::not_found(format!(
+                "volume `{name}` does not exist on node {}",
+                self.node_name
+            ))
+        })
+    }
+
+    /// Size of a volume, for request validation.
+    pub async fn size_of(&self, name: &str) -> Result<u64, Status> {
+        Ok(self.entry(name).await?.record.size_bytes)
+    }
+
+    fn set_health(&self, entry: &VolumeEntry, health: Health, detail: String) {
+        let mut current = entry.health.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0 != health || current.1 != detail {
+            *current = (health, detail.clone());
+            self.events
+                .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
+                    name: entry.record.name.clone(),
+                    health: health as i32,
+                    detail,
+                    deleted: false,
+                }));
+        }
+    }
+
+    /// Creates a primary volume and its replicas (idempotent).
+    pub async fn create_primary(
+        &self,
+        request: &v1::CreateVolume,
+        replica_peers: Vec<Peer>,
+    ) -> Result<VolumeRecord, Status> {
+        let record = VolumeRecord {
+            name: request.name.clone(),
+            role: VolumeRole::Primary as i32,
+            size_bytes: request.size_bytes,
+            stripe_width: request.stripe_width,
+            stripe_unit_bytes: request.stripe_unit_bytes,
+            replica_peers,
+            primary: String::new(),
+        };
+        if let Some(existing) = self.volumes.read().await.get(&request.name) {
+            if existing.record == record {
+                return Ok(record);
+            }
+            return Err(Status::already_exists(format!(
+                "volume `{}` already exists on node {} with another definition (role {:?}, {} bytes, width {}, unit {}, peers {:?}); delete it first",
+                request.name,
+                self.node_name,
+                VolumeRole::try_from(existing.record.role).unwrap_or(VolumeRole::Unspecified),
+                existing.record.size_bytes,
+                existing.record.stripe_width,
+                existing.record.stripe_unit_bytes,
+                existing
+                    .record
+                    .replica_peers
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>(),
+            )));
+        }
+        let engine = self.engine.clone();
+        let name = record.name.clone();
+        let geometry = record.geometry();
+        blocking(move || engine.create(&name, geometry)).await?;
+        // Replicas first exist everywhere, then the record makes the volume visible:
+        // a crash in between leaves nothing a retry of the same request cannot finish.
+        let ensure = record.replica_peers.iter().map(|peer| {
+            let record = &record;
+            async move {
+                let mut client = self.peer_client(peer)?;
+                client
+                    .ensure_replica(v1::EnsureReplicaRequest {
+                        volume: record.name.clone(),
+                        primary: self.node_name.clone(),
+                        size_bytes: record.size_bytes,
+                        stripe_width: record.stripe_width,
+                        stripe_unit_bytes: record.stripe_unit_bytes,
+                    })
+                    .await
+                    .map_err(|status| peer_failure(peer, "create the replica", &status))
+            }
+        });
+        for result in join_all(ensure).await {
+            result?;
+        }
+        self.store
+            .put(
+                Kind::Volume,
+                &record.name,
+                &prost::Message::encode_to_vec(&record),
+            )
+            .map_err(store_status)?;
+        self.volumes.write().await.insert(
+            record.name.clone(),
+            Arc::new(VolumeEntry::new(record.clone())),
+        );
+        self.events
+            .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
+                name: record.name.clone(),
+                health: Health::Healthy as i32,
+                detail: "created".into(),
+                deleted: false,
+            }));
+        Ok(record)
+    }
+
+    /// Creates (or confirms) a replica on this node.
+    pub async fn ensure_replica(
+        &self,
+        request: &v1::EnsureReplicaRequest,
+    ) -> Result<v1::EnsureReplicaResponse, Status> {
+        let record = VolumeRecord {
+            name: request.volume.clone(),
+            role: VolumeRole::Replica as i32,
+            size_bytes: request.size_bytes,
+            stripe_width: request.stripe_width,
+            stripe_unit_bytes: request.stripe_unit_bytes,
+            replica_peers: Vec::new(),
+            primary: request.primary.clone(),
+        };
+        if let Some(existing) = self.volumes.read().await.get(&request.volume) {
+            if existing.record == record {
+                return Ok(v1::EnsureReplicaResponse {
+                    created: false,
+                    applied_writes: existing.applied_writes.load(Ordering::Relaxed),
+                });
+            }
+            return Err(Status::already_exists(format!(
+                "volume `{}` already exists on node {} with another definition; cannot hold it as a replica of {}",
+                request.volume, self.node_name, request.primary
+            )));
+        }
+        let engine = self.engine.clone();
+        let name = record.name.clone();
+        let geometry = record.geometry();
+        blocking(move || engine.create(&name, geometry)).await?;
+        self.store
+            .put(
+                Kind::Volume,
+                &record.name,
+                &prost::Message::encode_to_vec(&record),
+            )
+            .map_err(store_status)?;
+        self.volumes
+            .write()
+            .await
+            .insert(record.name.clone(), Arc::new(VolumeEntry::new(record)));
+        Ok(v1::EnsureReplicaResponse {
+            created: true,
+            applied_writes: 0,
+        })
+    }
+
+    /// Deletes a volume (and, for a primary, its replicas). Missing is fine.
+    pub async fn delete(&self, name: &str) -> Result<(), Status> {
+        let Some(entry) = self.volumes.read().await.get(name).cloned() else {
+            return Ok(());
+        };
+        let _guard = entry.write_lock.lock().await;
+        if entry.record.is_primary() {
+            for peer in &entry.record.replica_peers {
+                let mut client = self.peer_client(peer)?;
+                client
+                    .delete_replica(name)
+                    .await
+                    .map_err(|status| peer_failure(peer, "delete the replica", &status))?;
+            }
+        }
+        self.remove_local(name).await
+    }
+
+    /// Deletes the local copy only (a replica being dropped by its primary).
+    pub async fn remove_local(&self, name: &str) -> Result<(), Status> {
+        let engine = self.engine.clone();
+        let owned = name.to_string();
+        blocking(move || engine.delete(&owned)).await?;
+        for (key, _) in self
+            .store
+            .list_prefix(Kind::WriteIntent, &format!("{name}/"))
+            .map_err(store_status)?
+        {
+            self.store
+                .remove(Kind::WriteIntent, &key, Durability::Immediate)
+                .map_err(store_status)?;
+        }
+        self.store
+            .remove(Kind::Volume, name, Durability::Immediate)
+            .map_err(store_status)?;
+        self.volumes.write().await.remove(name);
+        self.events
+            .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
+                name: name.to_string(),
+                health: Health::Unspecified as i32,
+                detail: "deleted".into(),
+                deleted: true,
+            }));
+        Ok(())
+    }
+
+    /// Writes to a primary volume, replicated; acknowledged only when every copy has it.
+    pub async fn write(&self, name: &str, offset: u64, data: Vec<u8>) -> Result<WriteAck, Status> {
+        let entry = self.entry(name).await?;
+        if !entry.record.is_primary() {
+            return Err(Status::failed_precondition(format!(
+                "volume `{name}` on node {} is a replica of node {}; write to the primary",
+                self.node_name, entry.record.primary
+            )));
+        }
+        validate::io_range(
+            "write_volume",
+            offset,
+            data.len() as u64,
+            entry.record.size_bytes,
+        )?;
+        let _guard = entry.write_lock.lock().await;
+        if entry.record.replica_peers.is_empty() {
+            let engine = self.engine.clone();
+            let owned = name.to_string();
+            blocking(move || engine.write(&owned, offset, data)).await?;
+            return Ok(WriteAck { copies: 1 });
+        }
+        self.resync_locked(&entry).await?;
+        let key = intent_key(name, offset, data.len() as u64);
+        self.store
+            .put(Kind::WriteIntent, &key, &[])
+            .map_err(store_status)?;
+        // The local write comes first: it assigns the sequence number and checksums the
+        // replicas verify. If it fails nothing was shipped and the intent is harmless.
+        let shipped = {
+            let engine = self.engine.clone();
+            let owned = name.to_string();
+            let data = data.clone();
+            blocking(move || engine.write(&owned, offset, data)).await?
+        };
+        let remotes = entry.record.replica_peers.iter().map(|peer| {
+            let data = data.clone();
+            let checksums = shipped.checksums.clone();
+            async move {
+                let mut client = self.peer_client(peer)?;
+                client
+                    .replica_write(v1::ReplicaWriteRequest {
+                        volume: name.to_string(),
+                        offset,
+                        data,
+                        sequence: shipped.sequence,
+                        checksums,
+                        resync: false,
+                    })
+                    .await
+                    .map_err(|status| peer_failure(peer, "write the replica", &status))
+            }
+        });
+        let failures: Vec<String> = join_all(remotes)
+            .await
+            .into_iter()
+            .filter_map(|result| result.err().map(|status| status.message().to_string()))
+            .collect();
+        if !failures.is_empty() {
+            let detail = format!(
+                "write at offset {offset} not on every copy: {}",
+                failures.join("; ")
+            );
+            self.set_health(&entry, Health::Degraded, detail);
+            return Err(Status::unavailable(format!(
+                "write to volume `{name}` was not acknowledged: {}",
+                failures.join("; ")
+            )));
+        }
+        self.store
+            .remove(Kind::WriteIntent, &key, Durability::None)
+            .map_err(store_status)?;
+        self.set_health(&entry, Health::Healthy, String::new());
+        Ok(WriteAck {
+            copies: 1 + entry.record.replica_peers.len() as u32,
+        })
+    }
+
+    /// Copies every region with a pending write intent from this primary to all of its
+    /// replicas. Caller holds the volume's write lock.
+    async fn resync_locked(&self, entry: &VolumeEntry) -> Result<(), Status> {
+        let name = &entry.record.name;
+        let intents = self
+            .store
+            .list_prefix(Kind::WriteIntent, &format!("{name}/"))
+            .map_err(store_status)?;
+        for (key, _) in intents {
+            let Some((offset, length)) = parse_intent_key(&key) else {
+                continue;
+            };
+            let engine = self.engine.clone();
+            let owned = name.clone();
+            let (data, checksums) =
+                blocking(move || engine.read_with_checksums(&owned, offset, length)).await?;
+            for peer in &entry.record.replica_peers {
+                let mut client = self.peer_client(peer)?;
+                client
+                    .replica_write(v1::ReplicaWriteRequest {
+                        volume: name.clone(),
+                        offset,
+                        data: data.clone(),
+                        sequence: 0,
+                        checksums: checksums.clone(),
+                        resync: true,
+                    })
+                    .await
+                    .map_err(|status| {
+                        let status = peer_failure(peer, "resynchronise the replica", &status);
+                        self.set_health(entry, Health::Degraded, status.message().to_string());
+                        Status::unavailable(format!(
+                            "volume `{name}` has regions not yet on every replica and {}",
+                            status.message()
+                        ))
+                    })?;
+            }
+            self.store
+                .remove(Kind::WriteIntent, &key, Durability::Immediate)
+                .map_err(store_status)?;
+        }
+        Ok(())
+    }
+
+    /// One pass of background resynchronisation over every primary with pending intents.
+    pub async fn resync_all(&self) {
+        let entries: Vec<Arc<VolumeEntry>> = self
+            .volumes
+            .read()
+            .await
+            .values()
+            .filter(|entry| entry.record.is_primary() && !entry.record.replica_peers.is_empty())
+            .cloned()
+            .collect();
+        for entry in entries {
+            let pending = self
+                .store
+                .list_prefix(Kind::WriteIntent, &format!("{}/", entry.record.name))
+                .map(|intents| !intents.is_empty())
+                .unwrap_or(false);
+            if !pending {
+                continue;
+            }
+            let _guard = entry.write_lock.lock().await;
+            if self.resync_locked(&entry).await.is_ok() {
+                self.set_health(&entry, Health::Healthy, String::new());
+            }
+        }
+    }
+
+    /// Runs [`Volumes::resync_all`] every `interval` forever.
+    pub async fn resync_loop(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            self.resync_all().await;
+        }
+    }
+
+    /// Writes to a replica (called by its primary).
+    pub async fn replica_write(&self, request: v1::ReplicaWriteRequest) -> Result<(), Status> {
+        let entry = self.entry(&request.volume).await?;
+        if entry.record.is_primary() {
+            return Err(Status::failed_precondition(format!(
+                "volume `{}` on node {} is a primary, not a replica; refusing a replica write",
+                request.volume, self.node_name
+            )));
+        }
+        validate::io_range(
+            "replica_write",
+            request.offset,
+            request.data.len() as u64,
+            entry.record.size_bytes,
+        )?;
+        if !request.resync && request.sequence == 0 {
+            return Err(crate::validate::invalid(
+                "replica_write.sequence",
+                "must be at least 1 unless `resync` is set",
+            ));
+        }
+        let engine = self.engine.clone();
+        let v1::ReplicaWriteRequest {
+            volume,
+            offset,
+            data,
+            sequence,
+            checksums,
+            resync,
+        } = request;
+        if resync {
+            blocking(move || engine.overwrite(&volume, offset, data, checksums)).await?;
+        } else {
+            blocking(move || engine.apply_replica(&volume, sequence, offset, data, checksums))
+                .await?;
+        }
+        entry.applied_writes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Reads from the local copy (primary or replica).
+    pub async fn read(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+        field: &str,
+    ) -> Result<Vec<u8>, Status> {
+        let entry = self.entry(name).await?;
+        validate::io_range(field, offset, length, entry.record.size_bytes)?;
+        let engine = self.engine.clone();
+        let owned = name.to_string();
+        blocking(move || engine.read(&owned, offset, length)).await
+    }
+
+    /// The status of every volume, in name order.
+    pub async fn statuses(&self, export_uri: impl Fn(&str) -> Option<String>) -> Vec<VolumeStatus> {
+        let entries: Vec<Arc<VolumeEntry>> = self.volumes.read().await.values().cloned().collect();
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let record = &entry.record;
+            let engine = self.engine.clone();
+            let name = record.name.clone();
+            let allocated = blocking(move || engine.allocated_bytes(&name)).await;
+            let (mut health, mut detail) = entry.health();
+            let allocated_bytes = match allocated {
+                Ok(bytes) => bytes,
+                Err(status) => {
+                    health = Health::Failed;
+                    detail = status.message().to_string();
+                    0
+                }
+            };
+            out.push(VolumeStatus {
+                name: record.name.clone(),
+                role: record.role,
+                size_bytes: record.size_bytes,
+                stripe_width: record.stripe_width,
+                stripe_unit_bytes: record.stripe_unit_bytes,
+                allocated_bytes,
+                health: health as i32,
+                replica_peers: record
+                    .replica_peers
+                    .iter()
+                    .map(|peer| peer.name.clone())
+                    .collect(),
+                primary: record.primary.clone(),
+                export_uri: export_uri(&record.name).unwrap_or_default(),
+                detail,
+            });
+        }
+        out
+    }
+
+    /// Number of volumes.
+    pub async fn count(&self) -> usize {
+        self.volumes.read().await.len()
+    }
+
+    /// Whether a volume exists.
+    pub async fn exists(&self, name: &str) -> bool {
+        self.volumes.read().await.contains_key(name)
+    }
+}
+
+fn peer_failure(peer: &Peer, what: &str, status: &Status) -> Status {
+    Status::unavailable(format!(
+        "peer {} ({}) could not {what}: {} ({:?})",
+        peer.name,
+        peer.address,
+        status.message(),
+        status.code()
+    ))
+}
+
+impl Volumes {
+    /// The local engine (for the NBD read path).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Whether the volume is a primary here, and its size.
+    pub async fn role_and_size(&self, name: &str) -> Result<(bool, u64), Status> {
+        let entry = self.entry(name).await?;
+        Ok((entry.record.is_primary(), entry.record.size_bytes))
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests of `cairn-node`: real processes on 127.0.0.1 with temporary
+//! data directories, spoken to over real gRPC.
+
+mod apply;
+mod auth;
+mod bad_input;
+mod harness;
+mod inventory;
+mod replication;
+mod vms;
