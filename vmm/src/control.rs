@@ -153,6 +153,9 @@ pub struct VmStatus {
     pub pages_dirtied: u64,
     /// Whether KVM dirty logging is on.
     pub dirty_logging: bool,
+    /// Whether guest RAM is advised `MADV_MERGEABLE` (KSM may deduplicate it).
+    #[serde(default)]
+    pub ksm_mergeable: bool,
     /// Last block self-test result.
     pub block_test: BlockTestResult,
     /// Block self-tests completed.

@@ -74,6 +74,40 @@ pub struct GuestRam {
     memory: GuestMemoryMmap,
     size_bytes: u64,
     dirty_logging: AtomicBool,
+    mergeable: bool,
+}
+
+/// Pages written since the previous read of the dirty log, per RAM range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// `(guest-physical start, bitmap)` per KVM slot; bit `i` of word `w` is page
+    /// `start + (64 * w + i) * PAGE_SIZE`.
+    pub ranges: Vec<(u64, Vec<u64>)>,
+}
+
+impl DirtyBitmap {
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.ranges
+            .iter()
+            .flat_map(|(_, words)| words)
+            .map(|word| u64::from(word.count_ones()))
+            .sum()
+    }
+
+    /// Guest-physical addresses of the dirty pages, ascending within each range.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges.iter().flat_map(|(start, words)| {
+            words
+                .iter()
+                .enumerate()
+                .flat_map(move |(word_index, word)| {
+                    (0..64u64)
+                        .filter(move |bit| word & (1 << bit) != 0)
+                        .map(move |bit| start + (word_index as u64 * 64 + bit) * PAGE_SIZE)
+                })
+        })
+    }
 }
 
 impl GuestRam {
@@ -99,17 +133,20 @@ impl GuestRam {
             bytes: size_bytes,
             source,
         })?;
-        let ram = Self {
+        let mut ram = Self {
             memory,
             size_bytes,
             dirty_logging: AtomicBool::new(false),
+            mergeable: true,
         };
         for (host_address, length) in ram.host_ranges() {
             // SAFETY: the range is exactly one mapping that `memory` owns and keeps alive;
             // MADV_MERGEABLE only lets KSM share identical pages copy-on-write and never
-            // changes their contents. Failure (KSM not built in) is harmless, so the
-            // result is deliberately ignored.
-            let _ = unsafe { libc::madvise(host_address.cast(), length, libc::MADV_MERGEABLE) };
+            // changes their contents. Failure (KSM not built in) is harmless: it is only
+            // reported.
+            let result =
+                unsafe { libc::madvise(host_address.cast(), length, libc::MADV_MERGEABLE) };
+            ram.mergeable &= result == 0;
         }
         Ok(ram)
     }
@@ -185,10 +222,16 @@ impl GuestRam {
         self.dirty_logging.load(Ordering::SeqCst)
     }
 
-    /// Number of pages written since the previous call (or since logging started), from
-    /// `KVM_GET_DIRTY_LOG` on every slot; the call clears the log.
-    pub fn take_dirty_pages(&self, vm: &VmFd) -> Result<u64, MemoryError> {
-        let mut dirty = 0u64;
+    /// Whether every RAM range was accepted as `MADV_MERGEABLE` (KSM can merge it).
+    pub fn mergeable(&self) -> bool {
+        self.mergeable
+    }
+
+    /// The pages written since the previous call (or since logging started), from
+    /// `KVM_GET_DIRTY_LOG` on every slot; the call clears the log. This is what a live
+    /// migration's pre-copy rounds read.
+    pub fn take_dirty_bitmap(&self, vm: &VmFd) -> Result<DirtyBitmap, MemoryError> {
+        let mut ranges = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
             let bitmap = vm
                 .get_dirty_log(slot as u32, region.len() as usize)
@@ -196,12 +239,14 @@ impl GuestRam {
                     what: "KVM_GET_DIRTY_LOG",
                     source,
                 })?;
-            dirty += bitmap
-                .iter()
-                .map(|word| u64::from(word.count_ones()))
-                .sum::<u64>();
+            ranges.push((region.start_addr().0, bitmap));
         }
-        Ok(dirty)
+        Ok(DirtyBitmap { ranges })
+    }
+
+    /// Number of pages written since the previous read of the dirty log; clears the log.
+    pub fn take_dirty_pages(&self, vm: &VmFd) -> Result<u64, MemoryError> {
+        Ok(self.take_dirty_bitmap(vm)?.count())
     }
 
     /// Bytes of guest memory resident in host RAM now (mincore over the mapping).
@@ -248,6 +293,19 @@ mod tests {
                 (0, MMIO_HOLE_START),
                 (MMIO_HOLE_END, (8 << 30) - MMIO_HOLE_START)
             ]
+        );
+    }
+
+    #[test]
+    fn dirty_bitmaps_name_their_pages() {
+        let bitmap = DirtyBitmap {
+            ranges: vec![(0, vec![0b101, 1 << 63]), (MMIO_HOLE_END, vec![1])],
+        };
+        assert_eq!(bitmap.count(), 4);
+        let pages: Vec<u64> = bitmap.pages().collect();
+        assert_eq!(
+            pages,
+            vec![0, 2 * PAGE_SIZE, 127 * PAGE_SIZE, MMIO_HOLE_END]
         );
     }
 

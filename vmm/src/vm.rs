@@ -31,7 +31,7 @@ use crate::exit_code;
 use crate::guest::{self, abi};
 use crate::kvm::{self, KvmError};
 use crate::linux::{self, LinuxError};
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{DirtyBitmap, GuestRam, MemoryError};
 
 /// Most vCPUs a VM may have (the built-in guest's stack layout has room for 64).
 pub const MAX_VCPUS: u8 = 64;
@@ -1055,6 +1055,7 @@ impl Controller {
             dirty_rate_pages_per_second: telemetry.dirty_rate(),
             pages_dirtied: telemetry.pages_dirtied.load(Ordering::Acquire),
             dirty_logging: self.ram.dirty_logging(),
+            ksm_mergeable: self.ram.mergeable(),
             block_test: telemetry.block_test(),
             block_tests: telemetry.block_tests.load(Ordering::Acquire),
             block: disks.first().cloned(),
@@ -1174,13 +1175,24 @@ impl Controller {
 
     /// Pages written since the last call (or since logging started); clears the log.
     pub fn take_dirty_pages(&self) -> Result<u64, ControlError> {
+        Ok(self.take_dirty_bitmap()?.count())
+    }
+
+    /// Which pages were written since the last read (or since logging started); clears
+    /// the log. Live migration reads this between copy rounds.
+    pub fn take_dirty_bitmap(&self) -> Result<DirtyBitmap, ControlError> {
         if !self.ram.dirty_logging() {
             return Err(ControlError::WrongState {
                 operation: "read the dirty log of",
                 state: "not dirty-logging",
             });
         }
-        Ok(self.ram.take_dirty_pages(&self.vm_fd)?)
+        Ok(self.ram.take_dirty_bitmap(&self.vm_fd)?)
+    }
+
+    /// The guest's memory, for bounds-checked reads of dirty pages (migration).
+    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
+        self.ram.memory()
     }
 
     /// Asks the built-in guest to run its block self-test again.

@@ -193,4 +193,10 @@ fn memory_is_mapped_lazily_and_reported() {
         "MAP_NORESERVE: untouched memory is not resident: {status:?}"
     );
     assert!(status.vmm_rss_bytes >= status.guest_resident_bytes);
+    if std::path::Path::new("/sys/kernel/mm/ksm").exists() {
+        assert!(
+            status.ksm_mergeable,
+            "guest RAM is offered to KSM where the kernel has it"
+        );
+    }
 }
