@@ -25,6 +25,7 @@
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -247,30 +248,60 @@ pub fn handle(controller: &Controller, request: &Request) -> Response {
     }
 }
 
+/// Requests being handled right now, so the process can let their responses out before
+/// it exits (a `power-off` is answered before the VMM is gone).
+#[derive(Debug, Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    done: Condvar,
+}
+
+/// The running control server.
+#[derive(Debug, Clone)]
+pub struct ControlServer {
+    in_flight: Arc<InFlight>,
+}
+
+impl ControlServer {
+    /// Waits up to `timeout` for requests being handled to have written their responses.
+    pub fn drain(&self, timeout: Duration) {
+        let count = self.in_flight.count.lock().expect("in-flight lock");
+        let _ = self
+            .in_flight
+            .done
+            .wait_timeout_while(count, timeout, |count| *count > 0);
+    }
+}
+
 /// Binds the control socket at `path` (replacing a stale one) and serves it on a
 /// background thread, one thread per connection.
-pub fn serve(path: &Path, controller: Controller) -> io::Result<()> {
+pub fn serve(path: &Path, controller: Controller) -> io::Result<ControlServer> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
         Err(error) => return Err(error),
     }
     let listener = UnixListener::bind(path)?;
+    let server = ControlServer {
+        in_flight: Arc::new(InFlight::default()),
+    };
+    let in_flight = Arc::clone(&server.in_flight);
     thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
                 let controller = controller.clone();
+                let in_flight = Arc::clone(&in_flight);
                 let _ = thread::Builder::new()
                     .name("control-conn".into())
-                    .spawn(move || serve_connection(stream, &controller));
+                    .spawn(move || serve_connection(stream, &controller, &in_flight));
             }
         })?;
-    Ok(())
+    Ok(server)
 }
 
-fn serve_connection(stream: UnixStream, controller: &Controller) {
+fn serve_connection(stream: UnixStream, controller: &Controller, in_flight: &InFlight) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -279,13 +310,17 @@ fn serve_connection(stream: UnixStream, controller: &Controller) {
         if line.trim().is_empty() {
             continue;
         }
+        *in_flight.count.lock().expect("in-flight lock") += 1;
         let response = match serde_json::from_str::<Request>(&line) {
             Ok(request) => handle(controller, &request),
             Err(error) => Response::error(format!("malformed request: {error}")),
         };
         let mut text = serde_json::to_string(&response).expect("responses serialize");
         text.push('\n');
-        if writer.write_all(text.as_bytes()).is_err() {
+        let written = writer.write_all(text.as_bytes());
+        *in_flight.count.lock().expect("in-flight lock") -= 1;
+        in_flight.done.notify_all();
+        if written.is_err() {
             return;
         }
     }

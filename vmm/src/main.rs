@@ -241,15 +241,18 @@ fn run(cli: Cli) -> u8 {
         Ok(running) => running,
         Err(error) => return fail(&name, &error, error.exit_code()),
     };
-    if let Err(error) = control::serve(&socket, running.controller()) {
-        eprintln!(
-            "error: vm {name}: cannot serve the control socket {}: {error}",
-            socket.display()
-        );
-        let _ = running.controller().power_off(true);
-        let _ = running.wait();
-        return exit_code::USAGE;
-    }
+    let server = match control::serve(&socket, running.controller()) {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!(
+                "error: vm {name}: cannot serve the control socket {}: {error}",
+                socket.display()
+            );
+            let _ = running.controller().power_off(true);
+            let _ = running.wait();
+            return exit_code::USAGE;
+        }
+    };
     let controller = running.controller();
     let _ = std::thread::Builder::new()
         .name("signals".into())
@@ -274,6 +277,8 @@ fn run(cli: Cli) -> u8 {
         }
         Notification::Rebooted(boot) => emit(json!({"event": "rebooted", "boot_count": boot})),
     });
+    // Let the response to the request that ended the VM (power-off) reach its client.
+    server.drain(Duration::from_millis(500));
     let _ = std::fs::remove_file(&socket);
     let code = outcome.exit_code();
     emit(
