@@ -31,8 +31,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::controller::Controller;
 use crate::guest::BlockTestResult;
-use crate::vm::Controller;
 
 /// Version of this protocol, reported in every status.
 pub const PROTOCOL_VERSION: u32 = 1;

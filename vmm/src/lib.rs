@@ -8,7 +8,7 @@
 //!   `MADV_MERGEABLE` for KSM) and reports its resident size ([`memory`]);
 //! - boots either the built-in guest `cairn-guest` (assembled from `guest/` at build time
 //!   and embedded, see [`guest`]) or a Linux bzImage + initrd + cmdline ([`linux`]);
-//! - runs 1..N vCPU threads with an explicit state machine ([`vm::RunState`]);
+//! - runs 1..N vCPU threads with an explicit state machine ([`vcpu::RunState`]);
 //! - emulates a 16550 serial console logged to a file, the cairn-guest port interface
 //!   (heartbeats, dirty-page rate, commands) and a virtio-blk device over virtio-MMIO
 //!   backed by a [`devices::block::BlockBackend`] ([`devices`]);
@@ -30,12 +30,16 @@
 
 pub mod arch;
 pub mod control;
+pub mod controller;
 pub mod devices;
 pub mod exit_code;
 pub mod guest;
 pub mod kvm;
 pub mod linux;
 pub mod memory;
+pub mod vcpu;
 pub mod vm;
 
-pub use vm::{BootSource, RunState, Vm, VmConfig, VmOutcome};
+pub use controller::Controller;
+pub use vcpu::RunState;
+pub use vm::{BootSource, Vm, VmConfig, VmOutcome};

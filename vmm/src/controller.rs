@@ -1,0 +1,297 @@
+//! [`Controller`]: the handle through which the control socket (and tests) query and
+//! steer a running VM.
+
+use std::fs;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+
+use crate::control::{BlockStatus, ExitCounts, VmStatus};
+use crate::guest::{self, abi};
+use crate::memory::{DirtyBitmap, GuestRam, MemoryError};
+use crate::vcpu::{RunState, Shared};
+use crate::vm::VmEvent;
+
+/// Errors of control operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The operation does not apply in the VM's current state.
+    #[error("cannot {operation} a VM that is {state}")]
+    WrongState {
+        /// What was asked.
+        operation: &'static str,
+        /// The state it is in.
+        state: &'static str,
+    },
+    /// The vCPUs did not stop in time.
+    #[error("vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    /// The operation needs the built-in guest.
+    #[error("{0} needs the built-in guest (cairn-guest)")]
+    NeedsBuiltinGuest(&'static str),
+    /// The VM has no disk.
+    #[error("the VM has no block device")]
+    NoDisk,
+    /// Dirty-page logging failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The VM is no longer supervised.
+    #[error("the VM is shutting down")]
+    Gone,
+}
+
+/// A cloneable handle to a running VM: status, pause/resume, power-off, reboot, the
+/// dirty-page rate and the dirty log. Used by the control socket and by tests.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) ram: Arc<GuestRam>,
+    pub(crate) started: Instant,
+    pub(crate) memory_bytes: u64,
+}
+
+impl Controller {
+    /// The current run state.
+    pub fn state(&self) -> RunState {
+        self.shared.lock_run().state
+    }
+
+    /// A snapshot of the VM's state and counters.
+    pub fn status(&self) -> VmStatus {
+        let shared = &self.shared;
+        let telemetry = &shared.telemetry;
+        let heartbeats: Vec<u64> = telemetry
+            .heartbeats
+            .iter()
+            .map(|counter| counter.load(Ordering::Acquire))
+            .collect();
+        let exits = &shared.exits;
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let disks: Vec<BlockStatus> = shared
+            .block_stats
+            .iter()
+            .map(|stats| BlockStatus {
+                reads: load(&stats.reads),
+                writes: load(&stats.writes),
+                flushes: load(&stats.flushes),
+                bytes_read: load(&stats.bytes_read),
+                bytes_written: load(&stats.bytes_written),
+                errors: load(&stats.errors),
+            })
+            .collect();
+        VmStatus {
+            state: self.state().name().to_string(),
+            boot: if shared.builtin {
+                guest::BUILTIN_NAME.to_string()
+            } else {
+                "linux".to_string()
+            },
+            vcpus: shared.vcpus as u32,
+            memory_bytes: self.memory_bytes,
+            guest_resident_bytes: self.ram.resident_bytes(),
+            vmm_rss_bytes: process_rss_bytes(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            boot_count: shared.boot_count.load(Ordering::Acquire),
+            boot_stage: telemetry.boot_stage.load(Ordering::Acquire),
+            heartbeat_total: heartbeats.iter().sum(),
+            heartbeats,
+            last_heartbeat_age_ms: telemetry
+                .heartbeat_age()
+                .map(|age| age.as_secs_f64() * 1000.0),
+            first_heartbeat_us: telemetry
+                .first_heartbeat()
+                .map(|first| first.as_micros() as u64),
+            dirty_rate_pages_per_second: telemetry.dirty_rate(),
+            pages_dirtied: telemetry.pages_dirtied.load(Ordering::Acquire),
+            dirty_logging: self.ram.dirty_logging(),
+            ksm_mergeable: self.ram.mergeable(),
+            block_test: telemetry.block_test(),
+            block_tests: telemetry.block_tests.load(Ordering::Acquire),
+            block: disks.first().cloned(),
+            disks,
+            exits: ExitCounts {
+                io_in: load(&exits.io_in),
+                io_out: load(&exits.io_out),
+                mmio_read: load(&exits.mmio_read),
+                mmio_write: load(&exits.mmio_write),
+                hlt: load(&exits.hlt),
+                shutdown: load(&exits.shutdown),
+                interrupted: load(&exits.interrupted),
+                other: load(&exits.other),
+            },
+        }
+    }
+
+    /// Pauses every vCPU; returns once all of them are outside `KVM_RUN`.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        const TIMEOUT: Duration = Duration::from_secs(2);
+        let shared = &self.shared;
+        {
+            let mut run = shared.lock_run();
+            match run.state {
+                RunState::Paused => return Ok(()),
+                RunState::Exiting => {
+                    return Err(ControlError::WrongState {
+                        operation: "pause",
+                        state: "exiting",
+                    });
+                }
+                RunState::Running => {
+                    run.state = RunState::Paused;
+                    shared.run_changed.notify_all();
+                }
+            }
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            shared.kick_vcpus();
+            let run = shared.lock_run();
+            let (run, _) = shared
+                .run_changed
+                .wait_timeout_while(run, Duration::from_millis(2), |run| {
+                    run.state == RunState::Paused && run.paused < shared.vcpus
+                })
+                .expect("run-state lock");
+            if run.state != RunState::Paused {
+                return Err(ControlError::WrongState {
+                    operation: "pause",
+                    state: run.state.name(),
+                });
+            }
+            if run.paused == shared.vcpus {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlError::PauseTimeout(TIMEOUT));
+            }
+        }
+    }
+
+    /// Resumes paused vCPUs.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        let mut run = self.shared.lock_run();
+        match run.state {
+            RunState::Running => Ok(()),
+            RunState::Exiting => Err(ControlError::WrongState {
+                operation: "resume",
+                state: "exiting",
+            }),
+            RunState::Paused => {
+                run.state = RunState::Running;
+                self.shared.run_changed.notify_all();
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks for power-off: the built-in guest acknowledges within a tick (or is stopped
+    /// after the grace period); `force` or a Linux guest stops at once.
+    pub fn power_off(&self, force: bool) -> Result<(), ControlError> {
+        self.shared
+            .events
+            .send(VmEvent::RequestPowerOff { force })
+            .map_err(|_| ControlError::Gone)?;
+        // A paused guest cannot acknowledge: let it run so the request completes. The VM
+        // may already be exiting because of this very request; that is success.
+        match self.resume() {
+            Ok(()) | Err(ControlError::WrongState { .. }) => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Asks for a reboot (acknowledged by the built-in guest, immediate for Linux).
+    pub fn reboot(&self) -> Result<(), ControlError> {
+        self.shared
+            .events
+            .send(VmEvent::RequestReboot)
+            .map_err(|_| ControlError::Gone)
+    }
+
+    /// Sets the built-in guest's dirty-page rate.
+    pub fn set_dirty_rate(&self, pages_per_second: u64) -> Result<(), ControlError> {
+        if !self.shared.builtin {
+            return Err(ControlError::NeedsBuiltinGuest("set-dirty-rate"));
+        }
+        self.shared.telemetry.set_dirty_rate(pages_per_second);
+        Ok(())
+    }
+
+    /// Turns `KVM_MEM_LOG_DIRTY_PAGES` on or off for all guest RAM.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), ControlError> {
+        self.ram.register(&self.vm_fd, on)?;
+        Ok(())
+    }
+
+    /// Pages written since the last call (or since logging started); clears the log.
+    pub fn take_dirty_pages(&self) -> Result<u64, ControlError> {
+        Ok(self.take_dirty_bitmap()?.count())
+    }
+
+    /// Which pages were written since the last read (or since logging started); clears
+    /// the log. Live migration reads this between copy rounds.
+    pub fn take_dirty_bitmap(&self) -> Result<DirtyBitmap, ControlError> {
+        if !self.ram.dirty_logging() {
+            return Err(ControlError::WrongState {
+                operation: "read the dirty log of",
+                state: "not dirty-logging",
+            });
+        }
+        Ok(self.ram.take_dirty_bitmap(&self.vm_fd)?)
+    }
+
+    /// The guest's memory, for bounds-checked reads of dirty pages (migration).
+    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
+        self.ram.memory()
+    }
+
+    /// Asks the built-in guest to run its block self-test again.
+    pub fn block_test(&self) -> Result<(), ControlError> {
+        if !self.shared.builtin {
+            return Err(ControlError::NeedsBuiltinGuest("block-test"));
+        }
+        if self.shared.blocks.is_empty() {
+            return Err(ControlError::NoDisk);
+        }
+        self.shared
+            .telemetry
+            .pending_command
+            .store(abi::CMD_BLOCK_TEST, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes the built-in guest crash (triple fault), to exercise crash handling.
+    pub fn guest_crash(&self) -> Result<(), ControlError> {
+        if !self.shared.builtin {
+            return Err(ControlError::NeedsBuiltinGuest("guest-crash"));
+        }
+        self.shared
+            .telemetry
+            .pending_command
+            .store(abi::CMD_CRASH, Ordering::Release);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the first heartbeat; returns the time from the start of
+    /// [`crate::Vm::create`] to it.
+    pub fn wait_first_heartbeat(&self, timeout: Duration) -> Option<Duration> {
+        self.shared.telemetry.wait_first_heartbeat(timeout)
+    }
+}
+
+/// Resident set size of this process (`/proc/self/statm`), in bytes.
+pub fn process_rss_bytes() -> u64 {
+    let Ok(statm) = fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|field| field.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages * page_size.max(0) as u64
+}
