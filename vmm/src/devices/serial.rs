@@ -15,6 +15,56 @@ pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_LEN: u16 = 8;
 /// ISA interrupt line of COM1.
 pub const COM1_IRQ: u32 = 4;
+/// Most bytes the console log file grows to; later guest output is dropped so a chatty
+/// or hostile guest cannot fill the node's disk.
+pub const CONSOLE_LOG_LIMIT: u64 = 16 << 20;
+
+/// A writer that passes bytes on until `limit` bytes have been written in total
+/// (counting what the file held before), then writes one notice and drops the rest.
+#[derive(Debug)]
+pub struct CappedWriter<W: io::Write> {
+    inner: W,
+    written: u64,
+    limit: u64,
+    capped: bool,
+}
+
+impl<W: io::Write> CappedWriter<W> {
+    /// Wraps `inner`, which already holds `already_written` bytes.
+    pub fn new(inner: W, already_written: u64, limit: u64) -> Self {
+        Self {
+            inner,
+            written: already_written,
+            limit,
+            capped: false,
+        }
+    }
+}
+
+impl<W: io::Write> io::Write for CappedWriter<W> {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        if self.written >= self.limit {
+            if !self.capped {
+                self.capped = true;
+                let notice = format!(
+                    "\n[cairn-vmm: console log reached {} bytes; further output dropped]\n",
+                    self.limit
+                );
+                self.inner.write_all(notice.as_bytes())?;
+                self.inner.flush()?;
+            }
+            return Ok(buffer.len());
+        }
+        let room = (self.limit - self.written).min(buffer.len() as u64) as usize;
+        let written = self.inner.write(&buffer[..room])?;
+        self.written += written as u64;
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 /// How the UART raises its interrupt.
 #[derive(Debug, Clone)]
@@ -42,7 +92,7 @@ impl Trigger for SerialInterrupt {
 /// The console: a 16550 whose transmitted bytes go to a log file, line-buffered.
 #[derive(Debug)]
 pub struct Console {
-    serial: Serial<SerialInterrupt, NoEvents, LineWriter<File>>,
+    serial: Serial<SerialInterrupt, NoEvents, CappedWriter<LineWriter<File>>>,
 }
 
 impl Console {
@@ -52,8 +102,10 @@ impl Console {
             .create(true)
             .append(true)
             .open(log_path)?;
+        let existing = file.metadata()?.len();
+        let writer = CappedWriter::new(LineWriter::new(file), existing, CONSOLE_LOG_LIMIT);
         Ok(Self {
-            serial: Serial::new(interrupt, LineWriter::new(file)),
+            serial: Serial::new(interrupt, writer),
         })
     }
 
@@ -72,5 +124,45 @@ impl Console {
     pub fn flush(&mut self) {
         use std::io::Write as _;
         let _ = self.serial.writer_mut().flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    #[test]
+    fn console_output_stops_at_the_cap_with_one_notice() {
+        let mut writer = CappedWriter::new(Vec::new(), 90, 100);
+        writer.write_all(b"0123456789abcdef").expect("write");
+        writer.write_all(b"more").expect("dropped, not an error");
+        let text = String::from_utf8(writer.inner).expect("utf-8");
+        assert!(
+            text.starts_with("0123456789\n[cairn-vmm: console log reached 100 bytes"),
+            "{text}"
+        );
+        assert_eq!(text.matches("further output dropped").count(), 1);
+    }
+
+    #[test]
+    fn the_console_log_is_appended_and_a_guest_byte_reaches_it() {
+        let path = std::env::temp_dir().join(format!("cairn-vmm-console-{}", std::process::id()));
+        std::fs::write(&path, "previous boot\n").expect("seed log");
+        let mut console = Console::new(&path, SerialInterrupt::None).expect("console");
+        assert_ne!(
+            console.read(5) & 0x20,
+            0,
+            "transmitter holding register empty"
+        );
+        for byte in b"hi\n" {
+            console.write(0, *byte);
+        }
+        console.flush();
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "previous boot\nhi\n"
+        );
+        std::fs::remove_file(&path).expect("remove");
     }
 }
