@@ -286,9 +286,8 @@ pub(crate) struct State {
     pub(crate) layers: BTreeMap<u64, Layer>,
     pub(crate) extents: BTreeMap<(u64, u64), Extent>,
     pub(crate) next_layer: u64,
-    /// Checksums of the last acknowledged write, still in the pending table; the next
-    /// metadata transaction moves them to the committed table.
-    pub(crate) unpromoted: Vec<((u32, u64), u32)>,
+    /// Upper bound on the rows of the pending-checksum table.
+    pub(crate) pending_blocks: usize,
 }
 
 impl State {

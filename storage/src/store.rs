@@ -191,6 +191,10 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError 
     move |e| StorageError::io(context, e)
 }
 
+/// Pending checksums are moved to the committed table in one batch once there are more
+/// than this many; until then reads take the pending one. Bounds the work of recovery.
+const PROMOTE_THRESHOLD: usize = 16 * 1024;
+
 /// A checksum keyed by (disk id, physical block number).
 type BlockCrc = ((u32, u64), u32);
 
@@ -636,12 +640,10 @@ impl Store {
         }
         let mut plan = ReleasePlan::new(&st);
         let txn = self.inner.db.begin_write()?;
-        promote(&txn, &st)?;
         release_layer(&mut plan, &st, &txn, rec.top)?;
         txn.open_table(VOLUMES)?.remove(name)?;
         write_disk_rows(&txn, &st, &plan.disks)?;
         txn.commit()?;
-        st.unpromoted.clear();
         plan.apply(&mut st);
         st.volumes.remove(name);
         Ok(())
@@ -759,12 +761,10 @@ impl Store {
         };
         let mut plan = ReleasePlan::new(&st);
         let txn = self.inner.db.begin_write()?;
-        promote(&txn, &st)?;
         release_layer(&mut plan, &st, &txn, snap.layer)?;
         txn.open_table(SNAPSHOTS)?.remove((volume, name))?;
         write_disk_rows(&txn, &st, &plan.disks)?;
         txn.commit()?;
-        st.unpromoted.clear();
         plan.apply(&mut st);
         st.snapshots.remove(&key);
         Ok(())
@@ -875,7 +875,7 @@ impl Store {
                     &op.volume,
                     op.offset,
                     data,
-                    &actual,
+                    Some(&actual),
                     WriteMode::Normal,
                     Some(op.seq),
                 )?;
@@ -981,7 +981,7 @@ impl Store {
         volume: &str,
         offset: u64,
         data: &[u8],
-        block_crcs: &[u32],
+        block_crcs: Option<&[u32]>,
         mode: WriteMode,
         replica_seq: Option<u64>,
     ) -> Result<u64> {
@@ -1012,8 +1012,11 @@ impl Store {
         // Where every piece goes, and what must be copied from an ancestor first.
         let mut new_extents: Vec<(u64, Extent)> = Vec::new();
         let mut writes: Vec<(u32, u64, usize, usize)> = Vec::new(); // disk, phys, buf range
-        let mut crc_updates: Vec<((u32, u64), u32)> = Vec::new();
-        let mut overwrites: Vec<((u32, u64), u32)> = Vec::new();
+        // Checksums copied with copy-on-write data, and data blocks whose checksum is
+        // computed from `data` (possibly while the data is being written).
+        let mut crc_updates: Vec<BlockCrc> = Vec::new();
+        let mut data_blocks: Vec<((u32, u64), usize)> = Vec::new();
+        let mut overwrites: Vec<(u32, u64)> = Vec::new();
         let mut copies: Vec<(u32, u64, u32, u64, u64)> = Vec::new(); // src disk, src off, dst disk, dst off, len
         let txn = self.inner.db.begin_read()?;
         let crcs = txn.open_table(CRCS)?;
@@ -1127,11 +1130,10 @@ impl Store {
             }
             for i in 0..piece.len / BLOCK_SIZE {
                 let key = (disk, phys / BLOCK_SIZE + i);
-                let crc = block_crcs[first_crc + i as usize];
                 if existing.contains(&key.1) {
-                    overwrites.push((key, crc));
+                    overwrites.push(key);
                 }
-                crc_updates.push((key, crc));
+                data_blocks.push((key, first_crc + i as usize));
             }
         }
         drop((crcs, pending, txn));
@@ -1149,54 +1151,88 @@ impl Store {
             .iter()
             .map(|id| (*id, st.disks[id].alloc.clone()))
             .collect();
-        // The write's metadata: new extents, the new checksums as pending (they become
-        // committed once the data is known durable), the sequence number, and the marker
-        // that lets recovery undo the sequence number if the data did not land.
-        let commit = |st: &State| -> Result<()> {
+        let with_data_crcs = |crcs: &[u32]| -> Vec<BlockCrc> {
+            let mut all = crc_updates.clone();
+            all.extend(data_blocks.iter().map(|&(key, i)| (key, crcs[i])));
+            all
+        };
+        let promote_all = st.pending_blocks > PROMOTE_THRESHOLD;
+        // The write's metadata: new extents, the new checksums as pending (recovery keeps
+        // them only where the data matches), the sequence number, and the marker that lets
+        // recovery undo the sequence number if the data did not land.
+        let commit = |st: &State, updates: &[BlockCrc]| -> Result<()> {
             let txn = self.inner.db.begin_write()?;
-            promote(&txn, st)?;
             {
+                let mut pending = txn.open_table(PENDING)?;
+                let mut committed = txn.open_table(CRCS)?;
+                if promote_all {
+                    while let Some((k, v)) = pending.pop_first()? {
+                        committed.insert(k.value(), v.value())?;
+                    }
+                }
+                // An overwritten block's acknowledged checksum becomes the committed one,
+                // so old data still verifies if the new data does not land.
+                for &key in &overwrites {
+                    let old = pending.get(key)?.map(|v| v.value());
+                    if let Some(old) = old {
+                        committed.insert(key, old)?;
+                    }
+                }
+                for (key, crc) in updates {
+                    pending.insert(*key, *crc)?;
+                }
                 let mut extents = txn.open_table(EXTENTS)?;
                 for (stripe, extent) in &new_extents {
                     extents.insert((rec.top, *stripe), extent.to_raw())?;
                 }
-                let mut pending = txn.open_table(PENDING)?;
-                for (key, crc) in &crc_updates {
-                    pending.insert(*key, *crc)?;
-                }
                 txn.open_table(VOLUMES)?
                     .insert(volume, rec.encode().as_slice())?;
-                txn.open_table(INFLIGHT)?.insert(volume, old_rec.seq)?;
+                let mut inflight = txn.open_table(INFLIGHT)?;
+                inflight.retain(|_, _| false)?;
+                inflight.insert(volume, old_rec.seq)?;
             }
             write_disk_rows(&txn, st, &rows)?;
             txn.commit()?;
             Ok(())
         };
-        let (data_result, commit_result) = if overwrites.is_empty() {
-            // Only fresh blocks: the metadata commit and the data writes run at once. A
-            // crash between them leaves pending checksums that recovery drops because the
-            // data does not match, so the blocks read as never written.
-            let shared: &State = st;
-            std::thread::scope(|scope| {
-                let data_thread =
-                    scope.spawn(|| self.write_data(shared, volume, &copies, &writes, data));
-                let commit_result = commit(shared);
-                let data_result = data_thread.join().unwrap_or_else(|_| {
-                    Err(StorageError::io(
-                        "writing data",
-                        io::Error::other("data thread panicked"),
-                    ))
-                });
-                (data_result, commit_result)
-            })
-        } else {
-            // Overwrites of committed blocks: the pending checksums must be durable before
-            // the data changes, so that after a crash old and new data both verify.
-            match commit(st) {
-                Ok(()) => (self.write_data(st, volume, &copies, &writes, data), Ok(())),
-                Err(e) => (Ok(()), Err(e)),
-            }
-        };
+        let (data_result, commit_result, updates) =
+            if overwrites.is_empty() && !data_blocks.is_empty() {
+                // Only fresh blocks: checksums, metadata commit and data writes overlap. A
+                // crash between them leaves pending checksums that recovery drops because the
+                // data does not match, so the blocks read as never written.
+                let shared: &State = st;
+                std::thread::scope(|scope| {
+                    let data_thread =
+                        scope.spawn(|| self.write_data(shared, volume, &copies, &writes, data));
+                    let updates = match block_crcs {
+                        Some(crcs) => with_data_crcs(crcs),
+                        None => with_data_crcs(&crc_blocks(data)),
+                    };
+                    let commit_result = commit(shared, &updates);
+                    let data_result = data_thread.join().unwrap_or_else(|_| {
+                        Err(StorageError::io(
+                            "writing data",
+                            io::Error::other("data thread panicked"),
+                        ))
+                    });
+                    (data_result, commit_result, updates)
+                })
+            } else {
+                // Overwrites of acknowledged blocks: the new checksums must be durable before
+                // the data changes, so that after a crash old and new data both verify.
+                let updates = match block_crcs {
+                    Some(crcs) => with_data_crcs(crcs),
+                    None => with_data_crcs(&crc_blocks(data)),
+                };
+                match commit(st, &updates) {
+                    Ok(()) => (
+                        self.write_data(st, volume, &copies, &writes, data),
+                        Ok(()),
+                        updates,
+                    ),
+                    Err(e) => (Ok(()), Err(e), updates),
+                }
+            };
         match (data_result, commit_result) {
             (Ok(()), Ok(())) => {}
             (Err(err), Ok(())) => {
@@ -1209,7 +1245,7 @@ impl Store {
                             extents.remove((rec.top, *stripe))?;
                         }
                         let mut pending = txn.open_table(PENDING)?;
-                        for (key, _) in &crc_updates {
+                        for (key, _) in &updates {
                             pending.remove(*key)?;
                         }
                         txn.open_table(VOLUMES)?
@@ -1225,7 +1261,6 @@ impl Store {
                     Ok(())
                 };
                 undo()?;
-                st.unpromoted.clear();
                 restore(st);
                 return Err(err);
             }
@@ -1234,7 +1269,11 @@ impl Store {
                 return Err(e);
             }
         }
-        st.unpromoted = crc_updates;
+        st.pending_blocks = if promote_all {
+            updates.len()
+        } else {
+            st.pending_blocks + updates.len()
+        };
         for (stripe, extent) in new_extents {
             st.extents.insert((rec.top, stripe), extent);
         }
@@ -1370,7 +1409,6 @@ impl Store {
                 .release(base, su);
         }
         let txn = self.inner.db.begin_write()?;
-        promote(&txn, st)?;
         {
             let mut extents = txn.open_table(EXTENTS)?;
             for (stripe, extent) in &set_extent {
@@ -1390,7 +1428,6 @@ impl Store {
             write_disk_rows(&txn, st, &next_disks)?;
         }
         txn.commit()?;
-        st.unpromoted.clear();
         for (disk, alloc) in next_disks {
             if let Some(d) = st.disks.get_mut(&disk) {
                 d.alloc = alloc;
@@ -1527,23 +1564,6 @@ fn extent_size(st: &State, layer: u64) -> u64 {
         .map_or(BLOCK_SIZE, |(_, su)| su)
 }
 
-/// Moves the checksums of the last acknowledged write from pending to committed. Every
-/// metadata transaction that writes data or frees space starts with this, so pending
-/// entries never outlive the write after theirs.
-fn promote(txn: &redb::WriteTransaction, st: &State) -> Result<()> {
-    if st.unpromoted.is_empty() {
-        return Ok(());
-    }
-    let mut crcs = txn.open_table(CRCS)?;
-    let mut pending = txn.open_table(PENDING)?;
-    for (key, crc) in &st.unpromoted {
-        crcs.insert(*key, *crc)?;
-        pending.remove(*key)?;
-    }
-    txn.open_table(INFLIGHT)?.retain(|_, _| false)?;
-    Ok(())
-}
-
 fn write_disk_rows(
     txn: &redb::WriteTransaction,
     st: &State,
@@ -1604,14 +1624,13 @@ impl Volume {
 
     /// Writes `data` at `offset` (both multiples of [`BLOCK_SIZE`]); durable on return.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<WriteReceipt> {
-        let crcs = crc_blocks(data);
         let mut st = self.store.write_state();
         let seq = self.store.write_locked(
             &mut st,
             &self.name,
             offset,
             data,
-            &crcs,
+            None,
             WriteMode::Normal,
             None,
         )?;
@@ -1632,7 +1651,7 @@ impl Volume {
             &self.name,
             offset,
             &data,
-            &checksums,
+            Some(&checksums),
             WriteMode::Normal,
             None,
         )?;
@@ -1734,7 +1753,7 @@ impl Volume {
             &self.name,
             repair.offset,
             &repair.data,
-            &actual,
+            Some(&actual),
             WriteMode::Repair,
             Some(seq),
         )?;
