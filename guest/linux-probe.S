@@ -2,7 +2,8 @@
  * cairn-linux-probe: a minimal image in the Linux bzImage format (boot protocol 2.15
  * setup header, 64-bit entry at load address + 0x200) that reports, on the serial
  * console, what a Linux kernel would find at entry: the command line, the e820 map, the
- * initrd placement and checksum, the loader type and the code segment. It lets the
+ * initrd placement and checksum, the loader type, the code segment and the MP table's
+ * processor count and checksum. It lets the
  * VMM's Linux boot path be tested end to end on hosts (PVM) where a real kernel cannot
  * boot. It then acknowledges a power-off on the cairn-guest ACK port.
  *
@@ -127,6 +128,60 @@ startup_64:
     call puthex
     call crlf
 
+    /* The MP table: find "_MP_" in the last KiB below 640 KiB, as Linux does, count
+     * the enabled processor entries and sum the configuration table's bytes. */
+    lea rsi, [rip + msg_mp_cpus]
+    call puts
+    mov edi, 0x9fc00
+7:
+    cmp edi, 0xa0000
+    jae 9f
+    cmp dword ptr [rdi], 0x5f504d5f /* "_MP_" */
+    je 8f
+    add edi, 16
+    jmp 7b
+8:
+    mov r12d, [rdi + 4]             /* physical pointer to the configuration table */
+    movzx ecx, word ptr [r12 + 34]  /* entry count */
+    lea rdi, [r12 + 44]
+    xor eax, eax
+10:
+    test ecx, ecx
+    jz 12f
+    cmp byte ptr [rdi], 0           /* processor entry (20 bytes) */
+    jne 11f
+    test byte ptr [rdi + 3], 1      /* enabled */
+    jz 13f
+    inc eax
+13:
+    add rdi, 20
+    dec ecx
+    jmp 10b
+11:
+    add rdi, 8                      /* every other entry is 8 bytes */
+    dec ecx
+    jmp 10b
+12:
+    call puthex
+    lea rsi, [rip + msg_mp_sum]
+    call puts
+    movzx ecx, word ptr [r12 + 4]   /* base table length */
+    xor eax, eax
+    xor edx, edx
+15:
+    add al, [r12 + rdx]
+    inc rdx
+    cmp rdx, rcx
+    jb 15b
+    movzx eax, al
+    call puthex
+    jmp 14f
+9:
+    mov rax, -1                     /* no MP table */
+    call puthex
+14:
+    call crlf
+
     mov eax, CMD_POWER_OFF
     mov dx, PORT_ACK
     out dx, eax
@@ -194,6 +249,8 @@ msg_size:    .asciz " size="
 msg_sum:     .asciz " sum="
 msg_loader:  .asciz "loader="
 msg_cs:      .asciz " cs="
+msg_mp_cpus: .asciz "mp-cpus="
+msg_mp_sum:  .asciz " mp-sum="
 msg_0x:      .asciz "0x"
 msg_crlf:    .asciz "\r\n"
 hex_digits:  .ascii "0123456789abcdef"

@@ -16,8 +16,8 @@
 //! - serves a line-delimited JSON control socket ([`control`]) and ends with an exit
 //!   status that tells a clean stop from a crash ([`exit_code`]).
 //!
-//! What it does not do: networking, ACPI, interrupts for the built-in guest (it polls),
-//! SMP bring-up for Linux guests (no MP table: Linux sees vCPU 0 only), migration itself
+//! What it does not do: networking, ACPI (Linux finds its CPUs through an MP table),
+//! interrupts for the built-in guest (it polls), migration itself
 //! (only the dirty log it needs), cgroups (the agent places the process in one).
 //!
 //! Invariants:
@@ -37,6 +37,7 @@ pub mod guest;
 pub mod kvm;
 pub mod linux;
 pub mod memory;
+pub mod mptable;
 pub mod vcpu;
 pub mod vm;
 

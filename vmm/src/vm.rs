@@ -30,6 +30,7 @@ use crate::guest::{self, abi};
 use crate::kvm::{self, KvmError};
 use crate::linux::{self, LinuxError};
 use crate::memory::{GuestRam, MemoryError};
+use crate::mptable::{self, MpTableError};
 use crate::vcpu::{ExitCounters, RunControl, Shared, install_kick_handler, spawn_vcpus};
 
 pub use crate::controller::{ControlError, Controller, process_rss_bytes};
@@ -124,6 +125,9 @@ pub enum VmError {
     /// The Linux kernel, initrd or command line was refused.
     #[error(transparent)]
     Linux(#[from] LinuxError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
     /// A VM-level KVM ioctl failed.
     #[error("{what} failed")]
     Create {
@@ -155,6 +159,7 @@ impl VmError {
             Self::Kvm(_)
             | Self::Memory(_)
             | Self::Arch(_)
+            | Self::MpTable(_)
             | Self::Create { .. }
             | Self::Thread(_) => exit_code::HOST,
         }
@@ -276,6 +281,13 @@ impl Vm {
                 initrd,
                 cmdline,
             } => {
+                if config.vcpus > mptable::MAX_CPUS {
+                    return Err(VmError::Config(format!(
+                        "a Linux guest may have at most {} vCPUs (the MP table's room), got {}",
+                        mptable::MAX_CPUS,
+                        config.vcpus
+                    )));
+                }
                 let read = |path: &PathBuf| {
                     fs::read(path).map_err(|source| VmError::File {
                         path: path.clone(),
@@ -436,6 +448,7 @@ impl Vm {
             }
             Some((kernel, initrd, cmdline)) => {
                 arch::write_identity_page_tables(memory, crate::memory::MMIO_HOLE_END)?;
+                mptable::write(memory, count)?;
                 let entry = linux::load_from_bytes(
                     memory,
                     self.ram.size_bytes(),

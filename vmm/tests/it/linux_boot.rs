@@ -157,4 +157,14 @@ fn the_boot_protocol_probe_finds_what_linux_would_at_entry() {
         u64::from(vmm::arch::BOOT_CS),
         "entered with __BOOT_CS"
     );
+    assert_eq!(
+        probe_value(&console, "mp-cpus="),
+        2,
+        "the MP table lists both vCPUs"
+    );
+    assert_eq!(
+        probe_value(&console, "mp-sum="),
+        0,
+        "the MP configuration table checksums to 0"
+    );
 }
