@@ -139,6 +139,9 @@ impl Checker<'_> {
         let images = self.images(set);
         let mut tenants = self.tenants(set, &sites);
         let (mut vms, vm_groups) = self.vms(set, &sites, &tenants, &sla_profiles, &images);
+        // Everything derived from the VM list below (affinity and plan
+        // membership) follows name order, not declaration order.
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
         self.quotas(set, &mut tenants, &vms);
         self.reserved_capacity(set, &sites, &vms);
         let affinities = self.affinities(set, &vms);
