@@ -93,6 +93,11 @@ pub fn mptable_bytes(cpus: u8) -> Result<Vec<u8>, MpTableError> {
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INTERRUPT_EXTINT, 0, 0, 0, 0, 0, 0]);
     entries.extend_from_slice(&[ENTRY_LOCAL_INTERRUPT, INTERRUPT_NMI, 0, 0, 0, 0, 0xff, 1]);
     let entry_count = u16::from(cpus) + 1 + 1 + u16::from(IRQ_MAX) + 1 + 2;
+    debug_assert_eq!(
+        entries.len(),
+        usize::from(cpus) * PROCESSOR_ENTRY_SIZE
+            + usize::from(entry_count - u16::from(cpus)) * SMALL_ENTRY_SIZE
+    );
 
     let mut header = Vec::with_capacity(HEADER_SIZE);
     header.extend_from_slice(b"PCMP");
