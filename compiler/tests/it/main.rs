@@ -1,0 +1,3 @@
+//! Compiler integration tests: robustness against arbitrary input.
+
+mod robustness;
