@@ -15,6 +15,7 @@
 //! {"op":"dirty-log","action":"start"|"stop"|"fetch"} -> {"ok":true,"dirty_pages":N} (fetch)
 //! {"op":"block-test"}                               -> {"ok":true}   (result in status.block_test)
 //! {"op":"guest-crash"}                              -> {"ok":true}   (the process then exits 4)
+//! {"op":"console-tail","bytes":4096}                -> {"ok":true,"console":"..."}
 //! ```
 //!
 //! Errors: `{"ok":false,"error":"..."}`; the connection stays usable.
@@ -69,6 +70,12 @@ pub enum Request {
     BlockTest,
     /// Make the built-in guest crash (triple fault), to test crash handling.
     GuestCrash,
+    /// The last bytes of the serial console log.
+    ConsoleTail {
+        /// How many bytes (from the end); 4096 when absent.
+        #[serde(default = "default_tail_bytes")]
+        bytes: u64,
+    },
 }
 
 /// Operations on the dirty-page log.
@@ -97,6 +104,13 @@ pub struct Response {
     /// Dirty pages, for `dirty-log` `fetch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_pages: Option<u64>,
+    /// Console text, for `console-tail`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
+}
+
+fn default_tail_bytes() -> u64 {
+    4096
 }
 
 impl Response {
@@ -106,6 +120,7 @@ impl Response {
             error: None,
             status: None,
             dirty_pages: None,
+            console: None,
         }
     }
 
@@ -115,6 +130,7 @@ impl Response {
             error: Some(message),
             status: None,
             dirty_pages: None,
+            console: None,
         }
     }
 }
@@ -241,6 +257,15 @@ pub fn handle(controller: &Controller, request: &Request) -> Response {
         }
         Request::BlockTest => controller.block_test(),
         Request::GuestCrash => controller.guest_crash(),
+        Request::ConsoleTail { bytes } => {
+            return match controller.console_tail(*bytes) {
+                Ok(console) => Response {
+                    console: Some(console),
+                    ..Response::ok()
+                },
+                Err(error) => Response::error(error.to_string()),
+            };
+        }
     };
     match result {
         Ok(()) => Response::ok(),

@@ -37,6 +37,9 @@ pub enum ControlError {
     /// Dirty-page logging failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The console log could not be read.
+    #[error("cannot read the console log")]
+    Console(#[source] std::io::Error),
     /// The VM is no longer supervised.
     #[error("the VM is shutting down")]
     Gone,
@@ -51,9 +54,24 @@ pub struct Controller {
     pub(crate) ram: Arc<GuestRam>,
     pub(crate) started: Instant,
     pub(crate) memory_bytes: u64,
+    pub(crate) console_log: std::path::PathBuf,
 }
 
 impl Controller {
+    /// The last `bytes` bytes of the console log (lossy UTF-8), flushing buffered output
+    /// first.
+    pub fn console_tail(&self, bytes: u64) -> Result<String, ControlError> {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        self.shared.console.lock().expect("console lock").flush();
+        let mut file = fs::File::open(&self.console_log).map_err(ControlError::Console)?;
+        let length = file.metadata().map_err(ControlError::Console)?.len();
+        file.seek(SeekFrom::Start(length.saturating_sub(bytes)))
+            .map_err(ControlError::Console)?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail).map_err(ControlError::Console)?;
+        Ok(String::from_utf8_lossy(&tail).into_owned())
+    }
+
     /// The current run state.
     pub fn state(&self) -> RunState {
         self.shared.lock_run().state

@@ -492,6 +492,7 @@ impl Vm {
             ram: Arc::clone(&self.ram),
             started: Instant::now(),
             memory_bytes: self.config.memory_bytes,
+            console_log: self.config.console_log.clone(),
         };
         Ok(RunningVm {
             vm: self,

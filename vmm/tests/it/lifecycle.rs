@@ -200,3 +200,26 @@ fn memory_is_mapped_lazily_and_reported() {
         );
     }
 }
+
+#[test]
+fn the_console_tail_is_served_over_the_control_socket() {
+    if !kvm_available("the_console_tail_is_served_over_the_control_socket") {
+        return;
+    }
+    let mut vm = VmProcess::spawn(&["--memory", "32MiB"]);
+    // Stage 2 (main loop) comes after the self-test's console line.
+    vm.wait_status(TIMEOUT, |status| status.boot_stage == 2);
+    let expected = "cairn-guest: no block device\r\n";
+    let tail = vm
+        .request(&Request::ConsoleTail {
+            bytes: expected.len() as u64,
+        })
+        .console
+        .expect("console text");
+    assert_eq!(tail, expected);
+    let whole = vm
+        .request(&Request::ConsoleTail { bytes: 1 << 20 })
+        .console
+        .expect("console text");
+    assert!(whole.starts_with("cairn-guest: up\r\n"), "{whole:?}");
+}
