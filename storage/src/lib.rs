@@ -34,6 +34,7 @@
 
 #![warn(missing_docs)]
 
+mod crcs;
 mod device;
 mod engine;
 mod error;

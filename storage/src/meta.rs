@@ -28,17 +28,18 @@ pub(crate) const SNAPSHOTS: TableDefinition<(&str, &str), &[u8]> =
 pub(crate) const LAYERS: TableDefinition<u64, (u64, u64)> = TableDefinition::new("layers");
 /// (layer id, stripe-unit index) -> (disk id, byte offset), offset [`ZERO_EXTENT`] for a hole.
 pub(crate) const EXTENTS: TableDefinition<(u64, u64), (u32, u64)> = TableDefinition::new("extents");
-/// (disk id, physical block number) -> crc32c of the block's committed data.
-pub(crate) const CRCS: TableDefinition<(u32, u64), u32> = TableDefinition::new("crcs");
-/// (disk id, physical block number) -> crc32c of an in-place overwrite in flight.
-pub(crate) const PENDING: TableDefinition<(u32, u64), u32> = TableDefinition::new("pending");
+/// (disk id, block group) -> committed crc32c of up to 64 blocks (see `crcs.rs`).
+pub(crate) const CRCS: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("crcs");
+/// (disk id, block group) -> crc32c of recent writes not yet known to be durable everywhere:
+/// read in preference to `CRCS`, kept by recovery only where the data matches.
+pub(crate) const PENDING: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("pending");
 
 /// volume -> its sequence number before the one write whose checksums are still pending
 /// (at most one row: writes are serialised and the next write promotes the previous one).
 pub(crate) const INFLIGHT: TableDefinition<&str, u64> = TableDefinition::new("inflight");
 
 /// Version of the schema above.
-pub(crate) const FORMAT_VERSION: u64 = 1;
+pub(crate) const FORMAT_VERSION: u64 = 2;
 /// Extent offset that marks a hole masking ancestor data (after a trim).
 pub(crate) const ZERO_EXTENT: u64 = u64::MAX;
 

@@ -23,6 +23,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
+use crate::crcs::{self, BlockCrc};
 use crate::engine::{EngineKind, FileEngine, IoOp};
 use crate::error::{Result, StorageError};
 use crate::meta::{
@@ -195,9 +196,6 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError 
 /// than this many; until then reads take the pending one. Bounds the work of recovery.
 const PROMOTE_THRESHOLD: usize = 16 * 1024;
 
-/// A checksum keyed by (disk id, physical block number).
-type BlockCrc = ((u32, u64), u32);
-
 /// One contiguous part of a request that falls inside a single stripe unit.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
@@ -356,10 +354,7 @@ impl Store {
             let pending = txn.open_table(PENDING)?;
             let inflight = txn.open_table(INFLIGHT)?;
             (
-                pending
-                    .iter()?
-                    .map(|r| r.map(|(k, v)| (k.value(), v.value())))
-                    .collect::<Result<_, _>>()?,
+                crcs::all(&pending)?,
                 inflight
                     .iter()?
                     .map(|r| r.map(|(k, v)| (k.value().to_owned(), v.value())))
@@ -370,26 +365,26 @@ impl Store {
             return Ok(());
         }
         let mut incomplete = false;
+        let mut verified = Vec::with_capacity(pending.len());
+        let mut block = vec![0u8; BLOCK_SIZE as usize];
+        for ((disk, pblock), crc) in pending {
+            let Some(d) = st.disks.get(&disk) else {
+                continue;
+            };
+            self.inner
+                .engine
+                .read_exact_at(&d.file, pblock * BLOCK_SIZE, &mut block)
+                .map_err(io_err(format!("reading disk `{}`", d.name)))?;
+            if crc32c::crc32c(&block) == crc {
+                verified.push(((disk, pblock), crc));
+            } else {
+                incomplete = true;
+            }
+        }
         let txn = self.inner.db.begin_write()?;
         {
-            let mut crcs = txn.open_table(CRCS)?;
-            let mut table = txn.open_table(PENDING)?;
-            let mut block = vec![0u8; BLOCK_SIZE as usize];
-            for ((disk, pblock), crc) in pending {
-                table.remove((disk, pblock))?;
-                let Some(d) = st.disks.get(&disk) else {
-                    continue;
-                };
-                self.inner
-                    .engine
-                    .read_exact_at(&d.file, pblock * BLOCK_SIZE, &mut block)
-                    .map_err(io_err(format!("reading disk `{}`", d.name)))?;
-                if crc32c::crc32c(&block) == crc {
-                    crcs.insert((disk, pblock), crc)?;
-                } else {
-                    incomplete = true;
-                }
-            }
+            crcs::take_all(&mut txn.open_table(PENDING)?)?;
+            crcs::set(&mut txn.open_table(CRCS)?, &verified)?;
             let mut inflight_table = txn.open_table(INFLIGHT)?;
             let mut volumes = txn.open_table(VOLUMES)?;
             for (volume, seq_before) in &inflight {
@@ -930,7 +925,7 @@ impl Store {
                 .map_err(io_err(format!("reading volume `{label}`")))?;
         }
         let txn = self.inner.db.begin_read()?;
-        let crcs = txn.open_table(CRCS)?;
+        let committed_table = txn.open_table(CRCS)?;
         let pending = txn.open_table(PENDING)?;
         for (piece, loc) in plan.iter().zip(located) {
             let Some((disk, phys)) = loc else { continue };
@@ -938,16 +933,8 @@ impl Store {
             let n = piece.len / BLOCK_SIZE;
             // Checksum of each block: the pending one (the last write, durable but not yet
             // promoted) wins over the committed one; a block with neither was never written.
-            let mut stored: Vec<Option<u32>> = vec![None; n as usize];
-            let mut committed: Vec<Option<u32>> = vec![None; n as usize];
-            for row in crcs.range((disk, first)..(disk, first + n))? {
-                let (k, v) = row?;
-                committed[(k.value().1 - first) as usize] = Some(v.value());
-            }
-            for row in pending.range((disk, first)..(disk, first + n))? {
-                let (k, v) = row?;
-                stored[(k.value().1 - first) as usize] = Some(v.value());
-            }
+            let stored = crcs::load(&pending, disk, first, n)?;
+            let committed = crcs::load(&committed_table, disk, first, n)?;
             let data = &mut buf[piece.buf_off..piece.buf_off + piece.len as usize];
             for (i, block) in data.chunks_mut(BLOCK_SIZE as usize).enumerate() {
                 let pblock = first + i as u64;
@@ -1019,7 +1006,7 @@ impl Store {
         let mut overwrites: Vec<(u32, u64)> = Vec::new();
         let mut copies: Vec<(u32, u64, u32, u64, u64)> = Vec::new(); // src disk, src off, dst disk, dst off, len
         let txn = self.inner.db.begin_read()?;
-        let crcs = txn.open_table(CRCS)?;
+        let committed_table = txn.open_table(CRCS)?;
         let pending = txn.open_table(PENDING)?;
         for piece in &plan {
             let in_top = st.extents.get(&(rec.top, piece.stripe)).copied();
@@ -1068,16 +1055,16 @@ impl Store {
                         );
                         let mut run: Option<(u64, u64)> = None;
                         // Committed checksums, overridden by pending ones of the last write.
-                        let src_blocks =
-                            (src_disk, src / BLOCK_SIZE)..(src_disk, (src + su) / BLOCK_SIZE);
-                        let mut src_crcs: BTreeMap<u64, u32> = BTreeMap::new();
-                        for row in crcs
-                            .range(src_blocks.clone())?
-                            .chain(pending.range(src_blocks)?)
-                        {
-                            let (k, v) = row?;
-                            src_crcs.insert(k.value().1 - src / BLOCK_SIZE, v.value());
-                        }
+                        let first_src = src / BLOCK_SIZE;
+                        let n_src = su / BLOCK_SIZE;
+                        let newest = crcs::load(&pending, src_disk, first_src, n_src)?;
+                        let older = crcs::load(&committed_table, src_disk, first_src, n_src)?;
+                        let src_crcs: Vec<(u64, u32)> = newest
+                            .iter()
+                            .zip(&older)
+                            .enumerate()
+                            .filter_map(|(i, (p, c))| p.or(*c).map(|crc| (i as u64, crc)))
+                            .collect();
                         for (idx, crc) in src_crcs {
                             if (lo..hi).contains(&idx) {
                                 continue;
@@ -1121,22 +1108,24 @@ impl Store {
             let first_crc = piece.buf_off / BLOCK_SIZE as usize;
             // Blocks that hold acknowledged data, committed or still pending from the
             // previous write: overwriting them needs the checksum intent first.
-            let mut existing: BTreeSet<u64> = BTreeSet::new();
-            if target.is_some() {
-                let blocks = (disk, phys / BLOCK_SIZE)..(disk, (phys + piece.len) / BLOCK_SIZE);
-                for row in crcs.range(blocks.clone())?.chain(pending.range(blocks)?) {
-                    existing.insert(row?.0.value().1);
-                }
-            }
+            let n_blocks = piece.len / BLOCK_SIZE;
+            let (newest, older) = if target.is_some() {
+                (
+                    crcs::load(&pending, disk, phys / BLOCK_SIZE, n_blocks)?,
+                    crcs::load(&committed_table, disk, phys / BLOCK_SIZE, n_blocks)?,
+                )
+            } else {
+                (vec![None; n_blocks as usize], vec![None; n_blocks as usize])
+            };
             for i in 0..piece.len / BLOCK_SIZE {
                 let key = (disk, phys / BLOCK_SIZE + i);
-                if existing.contains(&key.1) {
+                if newest[i as usize].is_some() || older[i as usize].is_some() {
                     overwrites.push(key);
                 }
                 data_blocks.push((key, first_crc + i as usize));
             }
         }
-        drop((crcs, pending, txn));
+        drop((committed_table, pending, txn));
 
         let old_rec = rec.clone();
         rec.seq = replica_seq.unwrap_or(rec.seq + 1);
@@ -1166,21 +1155,19 @@ impl Store {
                 let mut pending = txn.open_table(PENDING)?;
                 let mut committed = txn.open_table(CRCS)?;
                 if promote_all {
-                    while let Some((k, v)) = pending.pop_first()? {
-                        committed.insert(k.value(), v.value())?;
-                    }
+                    let all = crcs::take_all(&mut pending)?;
+                    crcs::set(&mut committed, &all)?;
                 }
                 // An overwritten block's acknowledged checksum becomes the committed one,
                 // so old data still verifies if the new data does not land.
-                for &key in &overwrites {
-                    let old = pending.get(key)?.map(|v| v.value());
-                    if let Some(old) = old {
-                        committed.insert(key, old)?;
+                let mut olds = Vec::new();
+                for &(disk, block) in &overwrites {
+                    if let Some(old) = crcs::load(&pending, disk, block, 1)?[0] {
+                        olds.push(((disk, block), old));
                     }
                 }
-                for (key, crc) in updates {
-                    pending.insert(*key, *crc)?;
-                }
+                crcs::set(&mut committed, &olds)?;
+                crcs::set(&mut pending, updates)?;
                 let mut extents = txn.open_table(EXTENTS)?;
                 for (stripe, extent) in &new_extents {
                     extents.insert((rec.top, *stripe), extent.to_raw())?;
@@ -1244,10 +1231,8 @@ impl Store {
                         for (stripe, _) in &new_extents {
                             extents.remove((rec.top, *stripe))?;
                         }
-                        let mut pending = txn.open_table(PENDING)?;
-                        for (key, _) in &updates {
-                            pending.remove(*key)?;
-                        }
+                        let keys: Vec<(u32, u64)> = updates.iter().map(|(k, _)| *k).collect();
+                        crcs::remove(&mut txn.open_table(PENDING)?, &keys)?;
                         txn.open_table(VOLUMES)?
                             .insert(volume, old_rec.encode().as_slice())?;
                         txn.open_table(INFLIGHT)?.remove(volume)?;
@@ -1417,11 +1402,11 @@ impl Store {
             for stripe in &drop_extent {
                 extents.remove((top, *stripe))?;
             }
-            let mut crcs = txn.open_table(CRCS)?;
+            let mut committed = txn.open_table(CRCS)?;
             let mut pending = txn.open_table(PENDING)?;
             for &(disk, first, end) in &drop_crcs {
-                crcs.retain_in((disk, first)..(disk, end), |_, _| false)?;
-                pending.retain_in((disk, first)..(disk, end), |_, _| false)?;
+                crcs::clear(&mut committed, disk, first, end)?;
+                crcs::clear(&mut pending, disk, first, end)?;
             }
             txn.open_table(VOLUMES)?
                 .insert(volume, rec.encode().as_slice())?;
@@ -1509,7 +1494,7 @@ fn release_layer(
     let su = extent_size(st, layer);
     let mut layers_table = txn.open_table(LAYERS)?;
     let mut extents_table = txn.open_table(EXTENTS)?;
-    let mut crcs = txn.open_table(CRCS)?;
+    let mut committed = txn.open_table(CRCS)?;
     let mut pending = txn.open_table(PENDING)?;
     while layer != 0 {
         let Some(entry) = plan.layers.get_mut(&layer) else {
@@ -1528,8 +1513,8 @@ fn release_layer(
             extents_table.remove((l, stripe))?;
             if let Extent::At { disk, offset } = *extent {
                 let blocks = (disk, offset / BLOCK_SIZE)..(disk, (offset + su) / BLOCK_SIZE);
-                crcs.retain_in(blocks.clone(), |_, _| false)?;
-                pending.retain_in(blocks, |_, _| false)?;
+                crcs::clear(&mut committed, disk, blocks.start.1, blocks.end.1)?;
+                crcs::clear(&mut pending, disk, blocks.start.1, blocks.end.1)?;
                 plan.disks
                     .entry(disk)
                     .or_insert_with(|| st.disks[&disk].alloc.clone())

@@ -120,3 +120,33 @@ fn explicit_column_placement_is_honoured_and_volumes_delete_cleanly() {
         Err(storage::StorageError::UnknownVolume { .. })
     ));
 }
+
+#[test]
+fn many_writes_promote_pending_checksums_in_batches_and_survive_reopen() {
+    // More than the 16 Ki pending blocks after which checksums are promoted in one batch.
+    let (dir, store) = store_with_disks(2, 48 * MIB, EngineKind::Auto);
+    let vol = store.create_volume(&spec("big", 80 * MIB, MIB, 2)).unwrap();
+    let chunk = 4 * MIB as usize;
+    for i in 0..18u64 {
+        vol.write_at(i * 4 * MIB, &pattern(100 + i, chunk)).unwrap();
+    }
+    // Overwrite across the batch boundary, then read everything back, before and after reopen.
+    let over = pattern(200, 8192);
+    vol.write_at(4 * MIB - 4096, &over).unwrap();
+    let check_all = |vol: &storage::Volume| {
+        for i in 0..18u64 {
+            let mut expected = pattern(100 + i, chunk);
+            if i == 0 {
+                expected[chunk - 4096..].copy_from_slice(&over[..4096]);
+            }
+            if i == 1 {
+                expected[..4096].copy_from_slice(&over[4096..]);
+            }
+            check_read(vol, i * 4 * MIB, &expected);
+        }
+    };
+    check_all(&vol);
+    drop((vol, store));
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    check_all(&store.volume("big").unwrap());
+}
