@@ -1,59 +1,256 @@
-//! Bonds: the node's bonded NICs with HTB QoS, carried out by the `network` crate.
+//! Bonds: the node's bonded NICs with HTB QoS, carried out by the `network` crate
+//! in the node's network namespace.
+//!
+//! A bond's definition is persisted (table `bonds`) so `Observe` can compare the
+//! device with what was asked and the failover monitor of a fallback bond (kernels
+//! without the bonding driver) is restarted after an agent restart.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use proto::v1::{self, BondStatus};
+use network::{
+    BondBackend, BondMode, BondSpec, FailoverMonitor, NetNs, TrafficClassSpec, TrafficKind,
+};
+use proto::v1::{self, BondStatus, Health};
+use tokio::sync::Mutex;
 use tonic::Status;
 
 use crate::events::EventBus;
-use crate::store::Store;
+use crate::store::{Kind, Store};
 use crate::validate;
+
+/// Link-monitoring interval used for every bond (ms).
+const MIIMON_MS: u32 = 100;
 
 /// Every bond of the node.
 #[derive(Debug)]
 pub struct Bonds {
-    node_name: String,
+    netns: NetNs,
     store: Arc<Store>,
     events: Arc<EventBus>,
+    monitors: Mutex<BTreeMap<String, FailoverMonitor>>,
+}
+
+fn network_status(error: network::NetworkError) -> Status {
+    let message = error.to_string();
+    match error {
+        network::NetworkError::Spec(_) => Status::invalid_argument(message),
+        network::NetworkError::ModeUnsupported { .. }
+        | network::NetworkError::MemberMissing { .. }
+        | network::NetworkError::CapacityUnknown { .. }
+        | network::NetworkError::DeviceConflict { .. } => Status::failed_precondition(message),
+        _ => Status::internal(message),
+    }
+}
+
+/// The `network` crate's spec of an `ApplyBond` (validated first).
+pub fn bond_spec(bond: &v1::ApplyBond) -> Result<BondSpec, Status> {
+    validate_bond(bond)?;
+    let mode: BondMode = bond
+        .mode
+        .parse()
+        .map_err(|error| validate::invalid("apply_bond.mode", format!("{error:?}")))?;
+    let mut classes = Vec::with_capacity(bond.traffic.len());
+    for (index, class) in bond.traffic.iter().enumerate() {
+        let name: TrafficKind = class.name.parse().map_err(|error| {
+            validate::invalid(
+                &format!("apply_bond.traffic[{index}].name"),
+                format!("{error:?}"),
+            )
+        })?;
+        classes.push(TrafficClassSpec {
+            name,
+            min_bps: class.min_bps,
+            max_bps: (class.max_bps != 0).then_some(class.max_bps),
+            weight: class.weight,
+        });
+    }
+    Ok(BondSpec {
+        name: bond.name.clone(),
+        mode,
+        members: bond.members.clone(),
+        mtu: if bond.mtu == 0 { 1500 } else { bond.mtu },
+        miimon: MIIMON_MS,
+        classes,
+        capacity_bps: (bond.capacity_bps != 0).then_some(bond.capacity_bps),
+    })
 }
 
 impl Bonds {
-    /// Loads bond definitions.
+    /// Loads bond definitions and restarts the failover monitors of fallback bonds.
     pub fn open(
-        node_name: &str,
+        netns: NetNs,
         store: Arc<Store>,
         events: Arc<EventBus>,
     ) -> Result<Self, crate::store::StoreError> {
+        let mut monitors = BTreeMap::new();
+        for (name, bond) in store.list_decoded::<v1::ApplyBond>(Kind::Bond)? {
+            let Ok(spec) = bond_spec(&bond) else { continue };
+            let Ok(observed) = network::observe_bond(&netns, &spec) else {
+                continue;
+            };
+            if observed.exists
+                && observed.backend == BondBackend::BridgeFallback
+                && let Ok(monitor) = FailoverMonitor::start(&netns, &spec)
+            {
+                monitors.insert(name, monitor);
+            }
+        }
         Ok(Self {
-            node_name: node_name.to_string(),
+            netns,
             store,
             events,
+            monitors: Mutex::new(monitors),
         })
+    }
+
+    /// The network namespace bonds (and the node's NICs) live in.
+    pub fn netns(&self) -> &NetNs {
+        &self.netns
+    }
+
+    fn publish(&self, name: &str, health: Health, detail: String, deleted: bool) {
+        self.events
+            .publish(v1::watch_event::Event::Bond(v1::BondEvent {
+                name: name.to_string(),
+                health: health as i32,
+                detail,
+                deleted,
+            }));
     }
 
     /// Creates or updates a bond.
     pub async fn apply(&self, bond: &v1::ApplyBond) -> Result<v1::BondResult, Status> {
-        validate_bond(bond)?;
-        let _ = (&self.store, &self.events);
-        Err(Status::failed_precondition(format!(
-            "node {}: bonds are not available in this build: the `network` crate is not integrated into cairn-node yet",
-            self.node_name
-        )))
+        let spec = bond_spec(bond)?;
+        let mut monitors = self.monitors.lock().await;
+        // The monitor re-attaches members on its own; stop it while the bond changes.
+        if let Some(monitor) = monitors.remove(&bond.name) {
+            tokio::task::spawn_blocking(move || monitor.stop())
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?;
+        }
+        let netns = self.netns.clone();
+        let applied_spec = spec.clone();
+        let report =
+            tokio::task::spawn_blocking(move || network::apply_bond(&netns, &applied_spec))
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+                .map_err(network_status)?;
+        if report.backend == BondBackend::BridgeFallback {
+            let netns = self.netns.clone();
+            let monitor =
+                tokio::task::spawn_blocking(move || FailoverMonitor::start(&netns, &spec))
+                    .await
+                    .map_err(|error| Status::internal(error.to_string()))?
+                    .map_err(network_status)?;
+            monitors.insert(bond.name.clone(), monitor);
+        }
+        self.store
+            .put(Kind::Bond, &bond.name, &prost::Message::encode_to_vec(bond))
+            .map_err(|error| Status::internal(error.to_string()))?;
+        self.publish(
+            &bond.name,
+            Health::Healthy,
+            format!("applied ({})", report.backend.as_str()),
+            false,
+        );
+        Ok(v1::BondResult {
+            name: bond.name.clone(),
+            implementation: report.backend.as_str().to_string(),
+        })
     }
 
     /// Removes a bond (missing is fine).
     pub async fn delete(&self, name: &str) -> Result<(), Status> {
         validate_bond_name("delete_bond.name", name)?;
-        Err(Status::failed_precondition(format!(
-            "node {}: bonds are not available in this build: the `network` crate is not integrated into cairn-node yet",
-            self.node_name
-        )))
+        if let Some(monitor) = self.monitors.lock().await.remove(name) {
+            tokio::task::spawn_blocking(move || monitor.stop())
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?;
+        }
+        let netns = self.netns.clone();
+        let owned = name.to_string();
+        tokio::task::spawn_blocking(move || network::remove_bond(&netns, &owned))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(network_status)?;
+        self.store
+            .remove(Kind::Bond, name, redb::Durability::Immediate)
+            .map_err(|error| Status::internal(error.to_string()))?;
+        self.publish(name, Health::Unspecified, "deleted".into(), true);
+        Ok(())
     }
 
-    /// Status of every bond.
+    /// Status of every bond this node was asked to keep, read back from the kernel.
     pub async fn statuses(&self) -> Vec<BondStatus> {
-        Vec::new()
+        let Ok(definitions) = self.store.list_decoded::<v1::ApplyBond>(Kind::Bond) else {
+            return Vec::new();
+        };
+        let netns = self.netns.clone();
+        tokio::task::spawn_blocking(move || {
+            definitions
+                .into_iter()
+                .map(|(name, bond)| observe_one(&netns, &name, &bond))
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
     }
+}
+
+fn observe_one(netns: &NetNs, name: &str, bond: &v1::ApplyBond) -> BondStatus {
+    let mut status = BondStatus {
+        name: name.to_string(),
+        mode: bond.mode.clone(),
+        members: bond.members.clone(),
+        active_members: Vec::new(),
+        health: Health::Failed as i32,
+        implementation: String::new(),
+        detail: String::new(),
+    };
+    let observed = match bond_spec(bond).map(|spec| network::observe_bond(netns, &spec)) {
+        Ok(Ok(observed)) => observed,
+        Ok(Err(error)) => {
+            status.detail = error.to_string();
+            return status;
+        }
+        Err(error) => {
+            status.detail = error.message().to_string();
+            return status;
+        }
+    };
+    status.implementation = observed.backend.as_str().to_string();
+    status.active_members = observed
+        .members
+        .iter()
+        .filter(|member| member.attached && member.carrier)
+        .map(|member| member.name.clone())
+        .collect();
+    let usable = observed
+        .members
+        .iter()
+        .filter(|member| member.present && member.carrier)
+        .count();
+    let (health, detail) = if !observed.exists {
+        (Health::Failed, "the bond device does not exist".to_string())
+    } else if usable == 0 {
+        (Health::Failed, "no member has a carrier".to_string())
+    } else if usable < observed.members.len() || !observed.drift.is_empty() {
+        let drift: Vec<String> = observed.drift.iter().map(ToString::to_string).collect();
+        let down = observed.members.len() - usable;
+        (
+            Health::Degraded,
+            format!(
+                "{down} member(s) without carrier; drift: [{}]",
+                drift.join("; ")
+            ),
+        )
+    } else {
+        (Health::Healthy, String::new())
+    };
+    status.health = health as i32;
+    status.detail = detail;
+    status
 }
 
 fn validate_bond_name(field: &str, name: &str) -> Result<(), Status> {

@@ -190,14 +190,45 @@ fn cgroups() -> (Vec<String>, bool, Vec<String>) {
     (v1, v2, v2_controllers)
 }
 
-/// Whether the Linux bonding driver is present.
-pub fn bonding_available() -> bool {
-    Path::new("/sys/class/net/bonding_masters").exists()
-        || Path::new("/sys/module/bonding").exists()
+/// Whether the Linux bonding driver works in `netns` (the `network` crate probes by
+/// creating and deleting a bond device).
+pub fn bonding_available(netns: &network::NetNs) -> bool {
+    network::detect_bonding(netns)
+        .is_ok_and(|capability| capability.backend == network::BondBackend::KernelBond)
 }
 
-/// What the kernel offers.
-pub fn kernel() -> KernelCapabilities {
+/// Network interfaces of a named namespace, over netlink (sysfs shows only the
+/// agent's own namespace). Link speed is not available this way and reads 0.
+pub fn nics_in(netns: &network::NetNs) -> Vec<Nic> {
+    let Ok(mut rtnl) = network::nl::Rtnl::open(netns) else {
+        return Vec::new();
+    };
+    let mut nics: Vec<Nic> = rtnl
+        .links()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|link| Nic {
+            mac: link
+                .mac
+                .map(|mac| {
+                    mac.iter()
+                        .map(|byte| format!("{byte:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":")
+                })
+                .unwrap_or_default(),
+            speed_mbps: 0,
+            mtu: link.mtu,
+            oper_state: if link.is_live() { "up" } else { "down" }.to_string(),
+            name: link.name,
+        })
+        .collect();
+    nics.sort_by(|a, b| a.name.cmp(&b.name));
+    nics
+}
+
+/// What the kernel offers; bonding is probed in `netns`.
+pub fn kernel(netns: &network::NetNs) -> KernelCapabilities {
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -214,6 +245,6 @@ pub fn kernel() -> KernelCapabilities {
         cgroup_v1_controllers,
         cgroup_v2,
         cgroup_v2_controllers,
-        bonding: bonding_available(),
+        bonding: bonding_available(netns),
     }
 }

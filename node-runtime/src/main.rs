@@ -33,6 +33,10 @@ struct Args {
     /// Path of the cairn-vmm binary (default: next to cairn-node, then PATH).
     #[arg(long)]
     vmm_binary: Option<PathBuf>,
+    /// Network namespace (a name under /run/netns) holding the node's NICs and bonds;
+    /// default: the namespace cairn-node runs in. `cairn dev up` gives each node one.
+    #[arg(long)]
+    netns: Option<String>,
     /// Number of file disks created under DATA_DIR/volumes/disks on first start.
     #[arg(long, default_value_t = 4)]
     disks: u32,
@@ -77,16 +81,21 @@ fn main() -> ExitCode {
         trusted_controller_keys: args.trusted_controller_keys,
         trusted_peer_keys: args.trusted_peer_keys,
         vmm_binary: args.vmm_binary,
+        netns: args.netns,
     };
     let disks = DiskLayout {
         count: args.disks,
         capacity_bytes: args.disk_capacity,
     };
+    let shutdown = {
+        let _context = runtime.enter();
+        node_runtime::server::termination_signal()
+    };
     let result = runtime.block_on(node_runtime::server::run(
         config,
         disks,
         args.listen,
-        node_runtime::server::termination_signal(),
+        shutdown,
     ));
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -35,6 +35,9 @@ pub struct NodeConfig {
     pub trusted_peer_keys: Option<PathBuf>,
     /// Path of `cairn-vmm` (default: next to cairn-node, then PATH).
     pub vmm_binary: Option<PathBuf>,
+    /// Named network namespace (`/run/netns/NAME`) where bonds live; `None` is the
+    /// agent's own namespace (production).
+    pub netns: Option<String>,
 }
 
 /// Errors of starting a node.
@@ -144,7 +147,11 @@ impl Node {
             store.clone(),
             events.clone(),
         )?;
-        let bonds = crate::bonds::Bonds::open(&config.name, store.clone(), events.clone())?;
+        let netns = match &config.netns {
+            Some(name) => network::NetNs::named_for_node(name.clone(), config.name.clone()),
+            None => network::NetNs::current(config.name.clone()),
+        };
+        let bonds = crate::bonds::Bonds::open(netns, store.clone(), events.clone())?;
         Ok(Arc::new(Self {
             exports: Exports::new(volumes.clone()),
             config,

@@ -133,20 +133,24 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination_signal() {
+/// Installs SIGTERM and SIGINT handlers now (call it inside the tokio runtime, before
+/// the node announces its address, so an early signal is never lost) and returns a
+/// future that resolves on the first of them.
+pub fn termination_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{SignalKind, signal};
     let terminate = signal(SignalKind::terminate());
     let interrupt = signal(SignalKind::interrupt());
-    match (terminate, interrupt) {
-        (Ok(mut terminate), Ok(mut interrupt)) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut terminate), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
             }
+            // Without signal handlers there is nothing to wait for but the process's end.
+            _ => std::future::pending::<()>().await,
         }
-        // Without signal handlers there is nothing to wait for but the process's end.
-        _ => std::future::pending::<()>().await,
     }
 }
 

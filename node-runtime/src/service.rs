@@ -40,6 +40,8 @@ impl v1::inventory_server::Inventory for NodeService {
             .check(methods::GET_INVENTORY, Role::Controller, &request)?;
         let data_dir = self.node.data_dir().to_path_buf();
         let engine = self.node.volumes.engine().clone();
+        let netns = self.node.bonds.netns().clone();
+        let in_named_netns = self.node.config.netns.is_some();
         let (cpu, memory, mut disks, nics, kernel) = tokio::task::spawn_blocking(move || {
             let mut disks = inventory::disks(&data_dir);
             let (_, free) = inventory::filesystem_space(&data_dir).unwrap_or((0, 0));
@@ -53,12 +55,17 @@ impl v1::inventory_server::Inventory for NodeService {
                     free_bytes: disk.capacity.saturating_sub(disk.allocated).min(free),
                 });
             }
+            let nics = if in_named_netns {
+                inventory::nics_in(&netns)
+            } else {
+                inventory::nics()
+            };
             (
                 inventory::cpu(),
                 inventory::memory(),
                 disks,
-                inventory::nics(),
-                inventory::kernel(),
+                nics,
+                inventory::kernel(&netns),
             )
         })
         .await

@@ -200,6 +200,8 @@ impl Vms {
         })?;
         let mut command = tokio::process::Command::new(binary);
         command
+            .arg("--vm-dir")
+            .arg(&vm_dir)
             .arg("--name")
             .arg(&definition.name)
             .arg("--vcpus")
@@ -268,6 +270,14 @@ impl Vms {
                 "vm `{name}` has no stored definition"
             )));
         };
+        if !definition.volumes.is_empty() {
+            // cairn-vmm serves only files as virtio-blk disks; starting the VM without
+            // its volumes would be a lie, so refuse until there is a volume backend.
+            return Err(Status::failed_precondition(format!(
+                "vm `{name}` has volumes {:?}, but cairn-vmm can attach only file disks, not volume-engine volumes; start it without volumes",
+                definition.volumes
+            )));
+        }
         let mut command = self.command(&binary, &definition)?;
         let mut child = command.spawn().map_err(|error| {
             Status::internal(format!("cannot spawn {}: {error}", binary.display()))
@@ -302,13 +312,15 @@ impl Vms {
             if runtime.generation != generation {
                 return;
             }
-            let exit = match status {
-                Ok(status) => status.to_string(),
-                Err(error) => format!("cannot wait for the process: {error}"),
+            let (exit, clean) = match status {
+                Ok(status) => (status.to_string(), status.success()),
+                Err(error) => (format!("cannot wait for the process: {error}"), false),
             };
             runtime.pid = 0;
             runtime.last_exit = exit.clone();
-            if runtime.stop_requested {
+            // cairn-vmm exits 0 only for a requested or guest-initiated power-off.
+            if runtime.stop_requested || clean {
+                runtime.record.desired_running = false;
                 runtime.state = VmState::Stopped;
                 Self::publish(&events, &owned_name, VmState::Stopped, &exit);
             } else {

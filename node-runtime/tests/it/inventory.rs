@@ -58,11 +58,9 @@ async fn inventory_reports_identity_hardware_and_kernel_capabilities() {
         kernel.kvm_pvm,
         std::path::Path::new("/sys/module/kvm_pvm").exists()
     );
-    assert_eq!(
-        kernel.bonding,
-        std::path::Path::new("/sys/class/net/bonding_masters").exists()
-            || std::path::Path::new("/sys/module/bonding").exists()
-    );
+    let bonding = network::detect_bonding(&network::NetNs::current("probe"))
+        .is_ok_and(|capability| capability.backend == network::BondBackend::KernelBond);
+    assert_eq!(kernel.bonding, bonding);
 }
 
 #[tokio::test(flavor = "multi_thread")]

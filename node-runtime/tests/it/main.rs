@@ -4,6 +4,7 @@
 mod apply;
 mod auth;
 mod bad_input;
+mod bonds;
 mod harness;
 mod inventory;
 mod replication;
