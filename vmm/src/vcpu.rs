@@ -143,9 +143,28 @@ pub(crate) fn spawn_vcpus(
     Ok(handles)
 }
 
+/// Tells the supervising loop when a vCPU thread unwinds from a panic, so the VM ends as
+/// "VMM failed" (exit 5) instead of waiting forever for an event.
+struct PanicReporter<'a> {
+    shared: &'a Shared,
+    index: usize,
+}
+
+impl Drop for PanicReporter<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.shared.send(VmEvent::Failed(format!(
+                "vCPU {} thread panicked",
+                self.index
+            )));
+        }
+    }
+}
+
 /// The vCPU state machine: run while `Running`, wait while `Paused`, return the vCPU fd on
 /// `Exiting` (so a reboot can reuse it).
 fn run_vcpu(index: usize, mut vcpu: VcpuFd, shared: &Shared, ram: &GuestRam) -> VcpuFd {
+    let _report_panic = PanicReporter { shared, index };
     loop {
         {
             let mut run = shared.lock_run();

@@ -598,14 +598,20 @@ impl RunningVm {
             }
         };
         // Collecting the vCPUs can fail only if a thread panicked; the outcome says why.
-        match self.stop_vcpus() {
+        let outcome = match self.stop_vcpus() {
             Ok(_) => outcome,
             Err(reason) => match outcome {
                 VmOutcome::PoweredOff { .. } => VmOutcome::Failed { reason },
                 other => other,
             },
-        }
-        .tap(|_| shared.console.lock().expect("console lock").flush())
+        };
+        // A panicked vCPU may have poisoned the lock; the console is still worth flushing.
+        let mut console = shared
+            .console
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        console.flush();
+        outcome
     }
 
     /// Sets `Exiting`, kicks every vCPU out of `KVM_RUN` until its thread returns, and
@@ -661,12 +667,3 @@ impl RunningVm {
         Ok(())
     }
 }
-
-trait Tap: Sized {
-    fn tap(self, effect: impl FnOnce(&Self)) -> Self {
-        effect(&self);
-        self
-    }
-}
-
-impl Tap for VmOutcome {}
