@@ -46,11 +46,23 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> storage::Result<()> {
-        let engine = self.volumes.engine();
         let mut done = 0usize;
         while done < buf.len() {
             let chunk = (buf.len() - done).min(MAX_IO_BYTES as usize);
-            let data = engine.read(&self.name, offset + done as u64, chunk as u64)?;
+            let chunk_offset = offset + done as u64;
+            // Through the agent, so a bad block is repaired from a replica.
+            let data = self
+                .runtime
+                .block_on(
+                    self.volumes
+                        .read(&self.name, chunk_offset, chunk as u64, "nbd_read"),
+                )
+                .map_err(|status| {
+                    io_error(
+                        format!("reading volume `{}` at {chunk_offset}", self.name),
+                        &status,
+                    )
+                })?;
             buf[done..done + chunk].copy_from_slice(&data);
             done += chunk;
         }

@@ -248,17 +248,17 @@ impl v1::replication_server::Replication for NodeService {
             .check(methods::REPLICA_READ, Role::ControllerOrPeer, &request)?;
         let request = request.into_inner();
         validate::name("replica_read_request.volume", &request.volume)?;
-        let data = self
+        let (data, checksums) = self
             .node
             .volumes
-            .read(
+            .read_with_checksums(
                 &request.volume,
                 request.offset,
                 request.length,
                 "replica_read_request",
             )
             .await?;
-        Ok(Response::new(v1::ReplicaReadResponse { data }))
+        Ok(Response::new(v1::ReplicaReadResponse { data, checksums }))
     }
 
     async fn delete_replica(

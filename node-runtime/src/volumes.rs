@@ -591,7 +591,97 @@ impl Volumes {
         validate::io_range(field, offset, length, entry.record.size_bytes)?;
         let engine = self.engine.clone();
         let owned = name.to_string();
-        blocking(move || engine.read(&owned, offset, length)).await
+        match blocking(move || engine.read(&owned, offset, length)).await {
+            Err(status) if status.code() == tonic::Code::DataLoss && entry.record.is_primary() => {
+                self.repair_from_replicas(&entry, offset, length, status)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    /// Reads a range with its checksums (for a replica answering its primary).
+    pub async fn read_with_checksums(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+        field: &str,
+    ) -> Result<(Vec<u8>, Vec<u32>), Status> {
+        let entry = self.entry(name).await?;
+        validate::io_range(field, offset, length, entry.record.size_bytes)?;
+        let engine = self.engine.clone();
+        let owned = name.to_string();
+        blocking(move || engine.read_with_checksums(&owned, offset, length)).await
+    }
+
+    /// A block of the primary failed its checksum: fetch the range from a replica
+    /// (which verifies its own copy), check it end to end, write it over the bad copy
+    /// and return it. Writes to the volume wait meanwhile, so the replica's bytes are
+    /// current.
+    async fn repair_from_replicas(
+        &self,
+        entry: &VolumeEntry,
+        offset: u64,
+        length: u64,
+        original: Status,
+    ) -> Result<Vec<u8>, Status> {
+        let name = &entry.record.name;
+        if entry.record.replica_peers.is_empty() {
+            return Err(original);
+        }
+        let _guard = entry.write_lock.lock().await;
+        let mut failures = vec![original.message().to_string()];
+        for peer in &entry.record.replica_peers {
+            let mut client = self.peer_client(peer)?;
+            let response = match client
+                .replica_read(v1::ReplicaReadRequest {
+                    volume: name.clone(),
+                    offset,
+                    length,
+                })
+                .await
+            {
+                Ok(response) => response,
+                Err(status) => {
+                    failures.push(
+                        peer_failure(peer, "read its copy", &status)
+                            .message()
+                            .to_string(),
+                    );
+                    continue;
+                }
+            };
+            let engine = self.engine.clone();
+            let owned = name.clone();
+            let data = response.data.clone();
+            let repaired =
+                blocking(move || engine.overwrite(&owned, offset, data, response.checksums)).await;
+            match repaired {
+                Ok(()) => {
+                    self.events
+                        .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
+                            name: name.clone(),
+                            health: Health::Healthy as i32,
+                            detail: format!(
+                                "repaired {length} bytes at offset {offset} from the replica on {}",
+                                peer.name
+                            ),
+                            deleted: false,
+                        }));
+                    return Ok(response.data);
+                }
+                Err(status) => failures.push(format!(
+                    "copy from {} did not verify: {}",
+                    peer.name,
+                    status.message()
+                )),
+            }
+        }
+        Err(Status::data_loss(format!(
+            "volume `{name}` has a bad block in {offset}+{length} and no replica could repair it: {}",
+            failures.join("; ")
+        )))
     }
 
     /// The status of every volume, in name order.

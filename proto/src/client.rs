@@ -101,7 +101,9 @@ impl NodeClient {
                 address: address.to_string(),
                 source,
             })?
-            .connect_timeout(std::time::Duration::from_secs(2));
+            .connect_timeout(std::time::Duration::from_secs(2))
+            // A peer that hangs must not hold a volume's writes forever.
+            .timeout(std::time::Duration::from_secs(30));
         Ok(Self {
             channel: endpoint.connect_lazy(),
             signer,
@@ -217,18 +219,17 @@ impl NodeClient {
         Ok(())
     }
 
-    /// `Replication.ReplicaRead`.
+    /// `Replication.ReplicaRead`: verified bytes and their per-block crc32c.
     pub async fn replica_read(
         &mut self,
         request: v1::ReplicaReadRequest,
-    ) -> Result<Vec<u8>, tonic::Status> {
+    ) -> Result<v1::ReplicaReadResponse, tonic::Status> {
         let request = self.signed(methods::REPLICA_READ, request)?;
         Ok(ReplicationClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .replica_read(request)
             .await?
-            .into_inner()
-            .data)
+            .into_inner())
     }
 
     /// `Replication.DeleteReplica`.

@@ -358,3 +358,102 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
         );
     }
 }
+
+/// Flips one byte of the block holding `offset` of `volume` in a stopped node's engine.
+fn corrupt_block(data_dir: &Path, volume: &str, offset: u64) {
+    let store =
+        storage::Store::open(data_dir.join("volumes"), storage::StoreOptions::default()).unwrap();
+    let location = store
+        .volume(volume)
+        .unwrap()
+        .locate(offset)
+        .unwrap()
+        .expect("block is allocated");
+    drop(store);
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&location.path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, location.physical_offset + 17)
+        .unwrap();
+    byte[0] ^= 0xff;
+    file.write_all_at(&byte, location.physical_offset + 17)
+        .unwrap();
+    file.sync_all().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_block_on_the_primary_is_repaired_from_a_replica() {
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let mut nodes: Vec<TestNode> = ["a", "b"]
+        .iter()
+        .map(|suffix| {
+            TestNode::start(
+                &format!("r-{suffix}"),
+                &base.path().join(suffix),
+                &controller,
+            )
+        })
+        .collect();
+    push_peers(&nodes, &controller).await;
+    let data = pattern(7, 64 << 10);
+    {
+        let mut primary = nodes[0].client(&controller).await;
+        apply_ok(
+            &mut primary,
+            "create",
+            create_replicated("mirrored", &[&nodes[1]]),
+        )
+        .await;
+        let solo = Action::CreateVolume(CreateVolume {
+            name: "solo".into(),
+            size_bytes: 1 << 20,
+            stripe_width: 1,
+            stripe_unit_bytes: 64 << 10,
+            replica_peers: vec![],
+        });
+        apply_ok(&mut primary, "create-solo", solo).await;
+        for volume in ["mirrored", "solo"] {
+            let write = Action::WriteVolume(WriteVolume {
+                name: volume.into(),
+                offset: 0,
+                data: data.clone(),
+            });
+            apply_ok(&mut primary, &format!("write-{volume}"), write).await;
+        }
+    }
+    assert_eq!(nodes[0].terminate(), Some(0));
+    corrupt_block(&base.path().join("a"), "mirrored", 8192);
+    corrupt_block(&base.path().join("a"), "solo", 8192);
+    nodes[0] = TestNode::start_at("r-a", &base.path().join("a"), "127.0.0.1:0");
+    let mut primary = nodes[0].client(&controller).await;
+
+    let read = |name: &str| ReadVolumeRequest {
+        name: name.into(),
+        offset: 0,
+        length: 64 << 10,
+    };
+    assert!(
+        primary.read_volume(read("mirrored")).await.unwrap() == data,
+        "repaired from the replica"
+    );
+    assert!(
+        primary.read_volume(read("mirrored")).await.unwrap() == data,
+        "and the repair is persistent"
+    );
+    let unrepairable = primary.read_volume(read("solo")).await.unwrap_err();
+    assert_eq!(
+        unrepairable.code(),
+        tonic::Code::DataLoss,
+        "{unrepairable:?}"
+    );
+    assert!(
+        unrepairable.message().contains("checksum mismatch"),
+        "{}",
+        unrepairable.message()
+    );
+}
