@@ -584,11 +584,6 @@ impl Checker<'_> {
         );
         let total_min: u64 = traffic.iter().map(|t| t.min_bps).sum();
         if capacity > 0 && total_min > capacity {
-            let first = b
-                .traffic
-                .iter()
-                .find_map(|t| t.min.as_ref().map(|m| m.span))
-                .unwrap_or(b.name.span);
             let mut d = Diagnostic::error(
                 "cairn::check::bond_over_capacity",
                 b.name.span,
@@ -611,7 +606,6 @@ impl Checker<'_> {
                     d = d.and_label(m.span, format!("{} guaranteed", format_bandwidth(m.value)));
                 }
             }
-            let _ = first;
             self.push(d.with_help(format!(
                 "lower the `min` rates to fit {} (active-backup bonds carry one member's speed; the other modes the sum)",
                 format_bandwidth(capacity)
@@ -1389,7 +1383,9 @@ impl Checker<'_> {
             };
             let Some(q) = &spec.quota else { continue };
             type Measure = fn(&Vm) -> u64;
-            let checks: [(&str, Option<&Spanned<u64>>, u64, Measure, fn(u64) -> String); 4] = [
+            type Show = fn(u64) -> String;
+            type QuotaCheck<'q> = (&'static str, Option<&'q Spanned<u64>>, u64, Measure, Show);
+            let checks: [QuotaCheck<'_>; 4] = [
                 (
                     "vcpus",
                     q.vcpus.as_ref(),

@@ -423,7 +423,7 @@ pub fn did_you_mean<'a>(
 }
 
 /// `did you mean `x`?` or a list of what is accepted.
-pub fn suggestion<'a>(word: &str, candidates: &[&'a str], what: &str) -> String {
+pub fn suggestion(word: &str, candidates: &[&str], what: &str) -> String {
     if let Some(s) = did_you_mean(word, candidates.iter().copied()) {
         return format!("did you mean `{s}`?");
     }

@@ -994,7 +994,6 @@ impl Cx<'_> {
         };
         for c in self.children(node.children(), "tenant", "a `tenant`") {
             let n = c.node;
-            let span = self.sp(n.span());
             match c.name {
                 "quota" => {
                     let q = QuotaSpec {
@@ -1106,7 +1105,6 @@ impl Cx<'_> {
                 }
                 _ => {}
             }
-            let _ = span;
         }
         Some(t)
     }
@@ -1127,17 +1125,13 @@ impl Cx<'_> {
             let n = c.node;
             let what = format!("the {}", c.name);
             let v = self.single_value(n).and_then(|e| self.string(e, &what));
-            let (slot, first) = match c.name {
-                "kernel" => (&mut img.kernel, None),
-                "initrd" => (&mut img.initrd, None),
-                _ => (&mut img.cmdline, None),
+            let slot = match c.name {
+                "kernel" => &mut img.kernel,
+                "initrd" => &mut img.initrd,
+                _ => &mut img.cmdline,
             };
-            let first = slot.as_ref().map(|s: &Spanned<String>| s.span).or(first);
-            if first.is_some() {
-                self.once(&mut Some(()), Some(()), n, first);
-                continue;
-            }
-            *slot = v;
+            let first = slot.as_ref().map(|s| s.span);
+            self.once(slot, v, n, first);
         }
         Some(img)
     }

@@ -174,7 +174,7 @@ pub fn parse_duration(text: &str) -> Result<u64, UnitError> {
 pub fn format_size(bytes: u64) -> String {
     for &(unit, m) in SIZE_UNITS[..6].iter().rev() {
         let m = m as u64;
-        if bytes >= m && bytes % m == 0 {
+        if bytes >= m && bytes.is_multiple_of(m) {
             return format!("{}{unit}", bytes / m);
         }
     }
@@ -187,7 +187,7 @@ pub fn human_size(bytes: u64) -> String {
     for &(unit, m) in SIZE_UNITS[..6].iter().rev() {
         let m = m as u64;
         if bytes >= m {
-            if bytes % m == 0 {
+            if bytes.is_multiple_of(m) {
                 return format!("{}{unit}", bytes / m);
             }
             let v = format!("{:.2}", bytes as f64 / m as f64);
@@ -202,7 +202,7 @@ pub fn human_size(bytes: u64) -> String {
 pub fn format_bandwidth(bps: u64) -> String {
     for &(unit, m) in BANDWIDTH_UNITS.iter().rev() {
         let m = m as u64;
-        if bps >= m && bps % m == 0 {
+        if bps >= m && bps.is_multiple_of(m) {
             return format!("{}{unit}", bps / m);
         }
     }

@@ -12,10 +12,20 @@ fn examples() -> Vec<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut files = vec![];
     for example in ["enterprise", "quickstart"] {
-        let mut names: Vec<_> = std::fs::read_dir(root.join(example)).expect("examples exist").filter_map(Result::ok).map(|e| e.path()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(root.join(example))
+            .expect("examples exist")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect();
         names.sort();
         for p in names {
-            files.push((format!("{example}/{}", p.file_name().unwrap_or_default().to_string_lossy()), std::fs::read_to_string(&p).expect("read example")));
+            files.push((
+                format!(
+                    "{example}/{}",
+                    p.file_name().unwrap_or_default().to_string_lossy()
+                ),
+                std::fs::read_to_string(&p).expect("read example"),
+            ));
         }
     }
     files
@@ -36,8 +46,34 @@ impl Rng {
 }
 
 const TOKENS: &[&str] = &[
-    "\"", "{", "}", "=", "#true", "#null", "-1", "0", "99999999999999999999999", "1.5", "\"0GiB\"", "\"1.GiB\"", "\"64MiB\"", "\"1h30\"",
-    "\"10.0.0.0/33\"", "\"::1\"", "\"[::1]:0\"", "/-", "/*", "\\", "é", "\u{200b}", "replicas=0", "cpu", "vm", "site", ";", "\n",
+    "\"",
+    "{",
+    "}",
+    "=",
+    "#true",
+    "#null",
+    "-1",
+    "0",
+    "99999999999999999999999",
+    "1.5",
+    "\"0GiB\"",
+    "\"1.GiB\"",
+    "\"64MiB\"",
+    "\"1h30\"",
+    "\"10.0.0.0/33\"",
+    "\"::1\"",
+    "\"[::1]:0\"",
+    "/-",
+    "/*",
+    "\\",
+    "é",
+    "\u{200b}",
+    "replicas=0",
+    "cpu",
+    "vm",
+    "site",
+    ";",
+    "\n",
 ];
 
 fn mutate(rng: &mut Rng, text: &str) -> String {
@@ -93,10 +129,18 @@ fn mutated_specs_never_panic_and_always_explain_errors() {
         for d in &c.diagnostics {
             // Every diagnostic renders and points inside its file.
             for l in &d.labels {
-                assert!(l.span.start + l.span.len <= sources.text(l.span.file).len(), "round {round}: span out of range in {}", d.code);
+                assert!(
+                    l.span.start + l.span.len <= sources.text(l.span.file).len(),
+                    "round {round}: span out of range in {}",
+                    d.code
+                );
             }
             let _ = compiler::diag::render(&sources, d);
-            assert!(d.code.starts_with("cairn::"), "round {round}: code {}", d.code);
+            assert!(
+                d.code.starts_with("cairn::"),
+                "round {round}: code {}",
+                d.code
+            );
         }
         if c.has_errors() {
             rejected += 1;
@@ -105,9 +149,14 @@ fn mutated_specs_never_panic_and_always_explain_errors() {
         }
         if let Ok(formatted) = format_text(compiler::FileId(0), &text) {
             // What fmt writes parses again and formats to itself.
-            let again = format_text(compiler::FileId(0), &formatted).unwrap_or_else(|_| panic!("round {round}: fmt output does not parse:\n{formatted}"));
+            let again = format_text(compiler::FileId(0), &formatted).unwrap_or_else(|_| {
+                panic!("round {round}: fmt output does not parse:\n{formatted}")
+            });
             assert_eq!(again, formatted, "round {round}: fmt is not idempotent");
         }
     }
-    assert!(rejected > 500, "the mutator should produce mostly invalid specs, got {rejected} rejections");
+    assert!(
+        rejected > 500,
+        "the mutator should produce mostly invalid specs, got {rejected} rejections"
+    );
 }

@@ -38,6 +38,7 @@ pub fn cairn(dir: &Path, args: &[&str]) -> Run {
 }
 
 /// A fresh temporary directory, removed when dropped.
+#[derive(Debug)]
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
