@@ -38,6 +38,7 @@ mod crcs;
 mod device;
 mod engine;
 mod error;
+mod journal;
 mod meta;
 pub mod nbd;
 mod replication;

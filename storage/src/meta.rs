@@ -39,7 +39,7 @@ pub(crate) const PENDING: TableDefinition<(u32, u64), &[u8]> = TableDefinition::
 pub(crate) const INFLIGHT: TableDefinition<&str, u64> = TableDefinition::new("inflight");
 
 /// Version of the schema above.
-pub(crate) const FORMAT_VERSION: u64 = 2;
+pub(crate) const FORMAT_VERSION: u64 = 3;
 /// Extent offset that marks a hole masking ancestor data (after a trim).
 pub(crate) const ZERO_EXTENT: u64 = u64::MAX;
 
@@ -125,6 +125,55 @@ impl Allocator {
             return Some(offset);
         }
         None
+    }
+
+    /// Marks `[offset, offset + len)` allocated, as journal replay finds it; a range that
+    /// is already allocated stays so (replay is idempotent).
+    pub(crate) fn claim(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        if end > self.high_water {
+            let old_high_water = self.high_water;
+            self.high_water = end;
+            if offset > old_high_water {
+                self.free.insert(old_high_water, offset - old_high_water);
+                self.coalesce(old_high_water);
+            } else {
+                self.carve(offset, old_high_water);
+            }
+            return;
+        }
+        self.carve(offset, end);
+    }
+
+    /// Merges the free range at `offset` with its neighbours.
+    fn coalesce(&mut self, offset: u64) {
+        let Some(len) = self.free.remove(&offset) else {
+            return;
+        };
+        let hw = self.high_water;
+        // `release` never sees this range at the top: the caller just raised `high_water`.
+        self.high_water = hw.max(offset + len + 1);
+        self.release(offset, len);
+        self.high_water = hw;
+    }
+
+    /// Removes `[start, end)` from the free ranges.
+    fn carve(&mut self, start: u64, end: u64) {
+        let overlapping: Vec<(u64, u64)> = self
+            .free
+            .range(..end)
+            .filter(|&(&o, &l)| o + l > start)
+            .map(|(&o, &l)| (o, l))
+            .collect();
+        for (o, l) in overlapping {
+            self.free.remove(&o);
+            if o < start {
+                self.free.insert(o, start - o);
+            }
+            if o + l > end {
+                self.free.insert(end, o + l - end);
+            }
+        }
     }
 
     /// Returns a range to the allocator, coalescing with neighbours and the high-water mark.
@@ -289,6 +338,12 @@ pub(crate) struct State {
     pub(crate) next_layer: u64,
     /// Upper bound on the rows of the pending-checksum table.
     pub(crate) pending_blocks: usize,
+    /// Sequence number of the last journal record written (or replayed).
+    pub(crate) journal_seq: u64,
+    /// Journal sequence number covered by the last durable redb commit.
+    pub(crate) checkpoint: u64,
+    /// Next free byte of each disk's journal ring (relative to the ring start).
+    pub(crate) journal_heads: BTreeMap<u32, u64>,
 }
 
 impl State {
@@ -328,6 +383,8 @@ impl State {
             )));
         }
         state.next_layer = meta.get("next_layer")?.map_or(1, |v| v.value());
+        state.checkpoint = meta.get("checkpoint")?.map_or(0, |v| v.value());
+        state.journal_seq = state.checkpoint;
         for row in txn.open_table(DISKS)?.iter()? {
             let (id, bytes) = row?;
             let rec = DiskRecord::decode(bytes.value())
@@ -459,6 +516,25 @@ mod tests {
             "release at the top lowers the high-water mark"
         );
         assert_eq!(d.allocated(), 8192);
+    }
+
+    #[test]
+    fn claim_is_idempotent_and_splits_free_ranges() {
+        let mut d = disk(16 * 4096);
+        d.claim(4 * 4096, 4096);
+        assert_eq!(d.high_water, 5 * 4096);
+        assert_eq!(d.free.get(&0), Some(&(4 * 4096)));
+        d.claim(4 * 4096, 4096);
+        assert_eq!(d.allocated(), 4096);
+        d.claim(4096, 4096);
+        assert_eq!(d.free.get(&0), Some(&4096));
+        assert_eq!(d.free.get(&(2 * 4096)), Some(&(2 * 4096)));
+        assert_eq!(d.allocated(), 2 * 4096);
+        assert_eq!(d.allocate(2 * 4096), Some(2 * 4096));
+        // Claiming across the high-water mark.
+        d.claim(4 * 4096, 4 * 4096);
+        assert_eq!(d.high_water, 8 * 4096);
+        assert_eq!(d.allocated(), 7 * 4096);
     }
 
     #[test]

@@ -26,6 +26,7 @@ use redb::{Database, ReadableDatabase, ReadableTable};
 use crate::crcs::{self, BlockCrc};
 use crate::engine::{EngineKind, FileEngine, IoOp};
 use crate::error::{Result, StorageError};
+use crate::journal::{self, CHECKPOINT_RECORDS, JOURNAL_BYTES, WriteRecord};
 use crate::meta::{
     Allocator, CRCS, DISKS, Disk, EXTENTS, Extent, FORMAT_VERSION, FREE, Geometry, INFLIGHT,
     LAYERS, Layer, META, PENDING, SNAPSHOTS, SnapshotRecord, State, VOLUMES, VolumeRecord,
@@ -284,6 +285,27 @@ enum WriteMode {
     Repair,
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A clean shutdown checkpoints, so the next open has no journal to replay. Errors
+        // are ignored: the journal still covers everything.
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        if st.journal_seq == st.checkpoint {
+            return;
+        }
+        let Ok(txn) = self.db.begin_write() else {
+            return;
+        };
+        let inserted = match txn.open_table(META) {
+            Ok(mut meta) => meta.insert("checkpoint", st.journal_seq).is_ok(),
+            Err(_) => false,
+        };
+        if inserted {
+            let _ = txn.commit();
+        }
+    }
+}
+
 impl Store {
     /// Opens the store in `dir`, creating the directory and an empty store if needed.
     /// Resolves in-place overwrites interrupted by a crash.
@@ -321,6 +343,10 @@ impl Store {
                 state: RwLock::new(state),
             }),
         };
+        {
+            let mut st = store.write_state();
+            store.replay_journals(&mut st)?;
+        }
         store.recover_pending()?;
         Ok(store)
     }
@@ -341,6 +367,75 @@ impl Store {
 
     fn write_state(&self) -> RwLockWriteGuard<'_, State> {
         self.inner.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits `txn` durably as a checkpoint: every journal record written so far is then
+    /// in redb for good and the journal rings start over.
+    fn checkpoint_commit(&self, txn: redb::WriteTransaction, st: &mut State) -> Result<()> {
+        txn.open_table(META)?.insert("checkpoint", st.journal_seq)?;
+        txn.commit()?;
+        st.checkpoint = st.journal_seq;
+        st.journal_heads.clear();
+        Ok(())
+    }
+
+    /// Replays the journal records newer than the last checkpoint, in sequence order, into
+    /// redb and `st`, and checkpoints.
+    fn replay_journals(&self, st: &mut State) -> Result<()> {
+        let mut found: BTreeMap<u64, WriteRecord> = BTreeMap::new();
+        let mut ring = vec![0u8; JOURNAL_BYTES as usize];
+        for d in st.disks.values() {
+            self.inner
+                .engine
+                .read_exact_at(&d.file, d.alloc.capacity, &mut ring)
+                .map_err(io_err(format!("reading the journal of disk `{}`", d.name)))?;
+            for (seq, record) in journal::parse_ring(&ring) {
+                if seq > st.checkpoint {
+                    found.entry(seq).or_insert(record);
+                }
+            }
+        }
+        // Write n+1 starts only after write n was acknowledged, so the durable records form
+        // one run after the checkpoint; anything after a gap was never acknowledged.
+        let mut next = st.checkpoint + 1;
+        let mut replay = Vec::new();
+        for (seq, record) in found {
+            if seq != next {
+                break;
+            }
+            next += 1;
+            replay.push(record);
+        }
+        if replay.is_empty() {
+            return Ok(());
+        }
+        let txn = self.inner.db.begin_write()?;
+        let mut touched = BTreeSet::new();
+        for record in &replay {
+            let rec = VolumeRecord::decode(&record.volume_record).ok_or_else(|| {
+                StorageError::CorruptMetadata {
+                    path: self.inner.dir.join("disks"),
+                    reason: format!("journal record for volume `{}`", record.volume),
+                }
+            })?;
+            st.volumes.insert(record.volume.clone(), rec);
+            for &(stripe, disk, offset) in &record.extents {
+                st.extents
+                    .insert((record.layer, stripe), Extent::At { disk, offset });
+                if let Some(d) = st.disks.get_mut(&disk) {
+                    d.alloc.claim(offset, record.extent_size);
+                    touched.insert(disk);
+                }
+            }
+            apply_record(&txn, record)?;
+        }
+        let rows: BTreeMap<u32, Allocator> = touched
+            .iter()
+            .map(|id| (*id, st.disks[id].alloc.clone()))
+            .collect();
+        write_disk_rows(&txn, st, &rows)?;
+        st.journal_seq = next - 1;
+        self.checkpoint_commit(txn, st)
     }
 
     /// Settles the write that was in flight at a crash (at most one). A block whose data
@@ -395,7 +490,7 @@ impl Store {
                 }
             }
         }
-        txn.commit()?;
+        self.checkpoint_commit(txn, &mut st)?;
         Ok(())
     }
 
@@ -425,7 +520,8 @@ impl Store {
                     .truncate(true)
                     .open(&path)
                     .map_err(io_err(format!("creating disk file {}", path.display())))?;
-                file.set_len(capacity)
+                // Capacity for data, then the journal ring (sparse zeros: empty).
+                file.set_len(capacity + JOURNAL_BYTES)
                     .map_err(io_err(format!("sizing disk file {}", path.display())))?;
                 file.sync_all()
                     .map_err(io_err(format!("syncing disk file {}", path.display())))?;
@@ -439,16 +535,30 @@ impl Store {
                     .map_err(io_err(format!("opening disk {}", path.display())))?;
                 let len = io::Seek::seek(&mut file, io::SeekFrom::End(0))
                     .map_err(io_err(format!("sizing disk {}", path.display())))?;
-                let capacity = len - len % BLOCK_SIZE;
-                if capacity == 0 {
+                let usable = len - len % BLOCK_SIZE;
+                if usable < JOURNAL_BYTES + BLOCK_SIZE {
                     return Err(StorageError::invalid(
                         "path",
-                        format!("{} is smaller than one block", path.display()),
+                        format!(
+                            "{} has {len} bytes; a disk needs at least {} (its journal takes {JOURNAL_BYTES})",
+                            path.display(),
+                            JOURNAL_BYTES + BLOCK_SIZE
+                        ),
                     ));
                 }
-                (path, file, capacity)
+                // The journal ring is the last JOURNAL_BYTES.
+                (path, file, usable - JOURNAL_BYTES)
             }
         };
+        // Start the journal ring empty, and written for real: in a sparse file every record
+        // would allocate filesystem blocks and make each fdatasync a filesystem journal
+        // commit.
+        let zeros = vec![0u8; JOURNAL_BYTES as usize];
+        self.inner
+            .engine
+            .write_all_at(&file, capacity, &zeros)
+            .and_then(|()| file.sync_data())
+            .map_err(io_err(format!("clearing the journal of disk `{name}`")))?;
         let id = st.disks.keys().next_back().map_or(0, |&k| k + 1);
         let disk = Disk {
             name: name.to_owned(),
@@ -463,7 +573,7 @@ impl Store {
         let txn = self.inner.db.begin_write()?;
         txn.open_table(DISKS)?
             .insert(id, disk.record(&disk.alloc).encode().as_slice())?;
-        txn.commit()?;
+        self.checkpoint_commit(txn, &mut st)?;
         let info = DiskInfo {
             name: disk.name.clone(),
             path: disk.path.clone(),
@@ -584,7 +694,7 @@ impl Store {
             txn.open_table(VOLUMES)?
                 .insert(spec.name.as_str(), rec.encode().as_slice())?;
         }
-        txn.commit()?;
+        self.checkpoint_commit(txn, &mut st)?;
         st.next_layer = layer + 1;
         st.layers.insert(layer, Layer { parent: 0, refs: 1 });
         st.volumes.insert(spec.name.clone(), rec);
@@ -638,7 +748,7 @@ impl Store {
         release_layer(&mut plan, &st, &txn, rec.top)?;
         txn.open_table(VOLUMES)?.remove(name)?;
         write_disk_rows(&txn, &st, &plan.disks)?;
-        txn.commit()?;
+        self.checkpoint_commit(txn, &mut st)?;
         plan.apply(&mut st);
         st.volumes.remove(name);
         Ok(())
@@ -686,7 +796,7 @@ impl Store {
             txn.open_table(SNAPSHOTS)?
                 .insert((volume, name), snap.encode().as_slice())?;
         }
-        txn.commit()?;
+        self.checkpoint_commit(txn, &mut st)?;
         st.next_layer = new_top + 1;
         st.layers.insert(frozen, frozen_layer);
         st.layers.insert(
@@ -759,7 +869,7 @@ impl Store {
         release_layer(&mut plan, &st, &txn, snap.layer)?;
         txn.open_table(SNAPSHOTS)?.remove((volume, name))?;
         write_disk_rows(&txn, &st, &plan.disks)?;
-        txn.commit()?;
+        self.checkpoint_commit(txn, &mut st)?;
         plan.apply(&mut st);
         st.snapshots.remove(&key);
         Ok(())
@@ -803,7 +913,7 @@ impl Store {
             txn.open_table(VOLUMES)?
                 .insert(new_name, rec.encode().as_slice())?;
         }
-        txn.commit()?;
+        self.checkpoint_commit(txn, &mut st)?;
         st.next_layer = layer + 1;
         st.layers.insert(snap.layer, base);
         st.layers.insert(
@@ -1004,6 +1114,8 @@ impl Store {
         let mut crc_updates: Vec<BlockCrc> = Vec::new();
         let mut data_blocks: Vec<((u32, u64), usize)> = Vec::new();
         let mut overwrites: Vec<(u32, u64)> = Vec::new();
+        // Acknowledged checksums still pending on overwritten blocks.
+        let mut olds: Vec<BlockCrc> = Vec::new();
         let mut copies: Vec<(u32, u64, u32, u64, u64)> = Vec::new(); // src disk, src off, dst disk, dst off, len
         let txn = self.inner.db.begin_read()?;
         let committed_table = txn.open_table(CRCS)?;
@@ -1122,6 +1234,9 @@ impl Store {
                 if newest[i as usize].is_some() || older[i as usize].is_some() {
                     overwrites.push(key);
                 }
+                if let Some(old) = newest[i as usize] {
+                    olds.push((key, old));
+                }
                 data_blocks.push((key, first_crc + i as usize));
             }
         }
@@ -1140,98 +1255,124 @@ impl Store {
             .iter()
             .map(|id| (*id, st.disks[id].alloc.clone()))
             .collect();
-        let with_data_crcs = |crcs: &[u32]| -> Vec<BlockCrc> {
-            let mut all = crc_updates.clone();
-            all.extend(data_blocks.iter().map(|&(key, i)| (key, crcs[i])));
-            all
+        let data_crcs = match block_crcs {
+            Some(c) => c.to_vec(),
+            None => crc_blocks(data),
         };
+        let mut updates = crc_updates.clone();
+        updates.extend(data_blocks.iter().map(|&(key, i)| (key, data_crcs[i])));
         let promote_all = st.pending_blocks > PROMOTE_THRESHOLD;
-        // The write's metadata: new extents, the new checksums as pending (recovery keeps
-        // them only where the data matches), the sequence number, and the marker that lets
-        // recovery undo the sequence number if the data did not land.
-        let commit = |st: &State, updates: &[BlockCrc]| -> Result<()> {
-            let txn = self.inner.db.begin_write()?;
-            {
-                let mut pending = txn.open_table(PENDING)?;
-                let mut committed = txn.open_table(CRCS)?;
-                if promote_all {
-                    let all = crcs::take_all(&mut pending)?;
-                    crcs::set(&mut committed, &all)?;
-                }
-                // An overwritten block's acknowledged checksum becomes the committed one,
-                // so old data still verifies if the new data does not land.
-                let mut olds = Vec::new();
-                for &(disk, block) in &overwrites {
-                    if let Some(old) = crcs::load(&pending, disk, block, 1)?[0] {
-                        olds.push(((disk, block), old));
-                    }
-                }
-                crcs::set(&mut committed, &olds)?;
-                crcs::set(&mut pending, updates)?;
-                let mut extents = txn.open_table(EXTENTS)?;
-                for (stripe, extent) in &new_extents {
-                    extents.insert((rec.top, *stripe), extent.to_raw())?;
-                }
-                txn.open_table(VOLUMES)?
-                    .insert(volume, rec.encode().as_slice())?;
-                let mut inflight = txn.open_table(INFLIGHT)?;
-                inflight.retain(|_, _| false)?;
-                inflight.insert(volume, old_rec.seq)?;
+        let record = WriteRecord {
+            volume: volume.to_owned(),
+            volume_record: rec.encode(),
+            layer: rec.top,
+            seq_before: old_rec.seq,
+            extents: new_extents
+                .iter()
+                .filter_map(|&(stripe, e)| match e {
+                    Extent::At { disk, offset } => Some((stripe, disk, offset)),
+                    Extent::Zero => None,
+                })
+                .collect(),
+            extent_size: su,
+            promote_all,
+            olds,
+            updates,
+        };
+
+        // The record goes to the journal ring of the first disk the data touches, so that
+        // disk's fdatasync covers both. A checkpoint first if the ring would wrap.
+        let journal_disk = writes[0].0;
+        let frame = record.frame(st.journal_seq + 1);
+        let head = st.journal_heads.get(&journal_disk).copied().unwrap_or(0);
+        let (head, frame) = if head + frame.len() as u64 > JOURNAL_BYTES
+            || st.journal_seq - st.checkpoint >= CHECKPOINT_RECORDS
+        {
+            if let Err(e) = self.checkpoint_commit(self.inner.db.begin_write()?, st) {
+                restore(st);
+                return Err(e);
             }
+            (0, frame)
+        } else {
+            (head, frame)
+        };
+        // Sequence numbers are never reused, even if this write fails.
+        st.journal_seq += 1;
+        st.journal_heads
+            .insert(journal_disk, head + frame.len() as u64);
+        let journal_offset = st.disks[&journal_disk].alloc.capacity + head;
+
+        // redb gets the write at once but without durability: the journal is what makes
+        // it durable.
+        let commit = |st: &State| -> Result<()> {
+            let mut txn = self.inner.db.begin_write()?;
+            txn.set_durability(redb::Durability::None)
+                .map_err(|e| StorageError::Metadata(Box::new(redb::Error::from(e))))?;
+            apply_record(&txn, &record)?;
             write_disk_rows(&txn, st, &rows)?;
             txn.commit()?;
             Ok(())
         };
-        let (data_result, commit_result, updates) =
-            if overwrites.is_empty() && !data_blocks.is_empty() {
-                // Only fresh blocks: checksums, metadata commit and data writes overlap. A
-                // crash between them leaves pending checksums that recovery drops because the
-                // data does not match, so the blocks read as never written.
-                let shared: &State = st;
-                std::thread::scope(|scope| {
-                    let data_thread =
-                        scope.spawn(|| self.write_data(shared, volume, &copies, &writes, data));
-                    let updates = match block_crcs {
-                        Some(crcs) => with_data_crcs(crcs),
-                        None => with_data_crcs(&crc_blocks(data)),
-                    };
-                    let commit_result = commit(shared, &updates);
-                    let data_result = data_thread.join().unwrap_or_else(|_| {
-                        Err(StorageError::io(
-                            "writing data",
-                            io::Error::other("data thread panicked"),
-                        ))
-                    });
-                    (data_result, commit_result, updates)
-                })
-            } else {
-                // Overwrites of acknowledged blocks: the new checksums must be durable before
-                // the data changes, so that after a crash old and new data both verify.
-                let updates = match block_crcs {
-                    Some(crcs) => with_data_crcs(crcs),
-                    None => with_data_crcs(&crc_blocks(data)),
-                };
-                match commit(st, &updates) {
-                    Ok(()) => (
-                        self.write_data(st, volume, &copies, &writes, data),
-                        Ok(()),
-                        updates,
-                    ),
-                    Err(e) => (Ok(()), Err(e), updates),
-                }
-            };
+        let (data_result, commit_result) = if overwrites.is_empty() {
+            // Only fresh blocks: data, journal record and the redb update at once. A crash
+            // before the fdatasync returns may leave the record without the data; recovery
+            // then drops the pending checksums whose data does not match, and the blocks
+            // read as never written.
+            let shared: &State = st;
+            std::thread::scope(|scope| {
+                let data_thread = scope.spawn(|| {
+                    let journal = (
+                        &shared.disks[&journal_disk].file,
+                        journal_offset,
+                        frame.as_slice(),
+                    );
+                    self.write_data(shared, volume, &copies, &writes, data, Some(journal))
+                });
+                let commit_result = commit(shared);
+                let data_result = data_thread.join().unwrap_or_else(|_| {
+                    Err(StorageError::io(
+                        "writing data",
+                        io::Error::other("data thread panicked"),
+                    ))
+                });
+                (data_result, commit_result)
+            })
+        } else {
+            // Overwrites of acknowledged blocks: the record (the new checksums) must be
+            // durable before the data changes, so that after a crash old and new data both
+            // verify.
+            let file = &st.disks[&journal_disk].file;
+            let intent = self
+                .inner
+                .engine
+                .write_all_at(file, journal_offset, &frame)
+                .and_then(|()| self.inner.engine.sync_data(&[file]))
+                .map_err(io_err(format!("writing the journal of volume `{volume}`")));
+            if let Err(e) = intent {
+                restore(st);
+                return Err(e);
+            }
+            match commit(st) {
+                Ok(()) => (
+                    self.write_data(st, volume, &copies, &writes, data, None),
+                    Ok(()),
+                ),
+                Err(e) => (Ok(()), Err(e)),
+            }
+        };
         match (data_result, commit_result) {
             (Ok(()), Ok(())) => {}
             (Err(err), Ok(())) => {
-                // The metadata landed but the data did not: take the metadata back.
-                let undo = || -> Result<()> {
+                // The metadata landed but the data did not: take the metadata back, durably.
+                let undo = |st: &mut State| -> Result<()> {
                     let txn = self.inner.db.begin_write()?;
                     {
                         let mut extents = txn.open_table(EXTENTS)?;
                         for (stripe, _) in &new_extents {
                             extents.remove((rec.top, *stripe))?;
                         }
-                        let keys: Vec<(u32, u64)> = updates.iter().map(|(k, _)| *k).collect();
+                        let keys: Vec<(u32, u64)> =
+                            record.updates.iter().map(|(k, _)| *k).collect();
                         crcs::remove(&mut txn.open_table(PENDING)?, &keys)?;
                         txn.open_table(VOLUMES)?
                             .insert(volume, old_rec.encode().as_slice())?;
@@ -1242,22 +1383,22 @@ impl Store {
                         .filter_map(|id| saved.get(id).map(|a| (*id, a.clone())))
                         .collect();
                     write_disk_rows(&txn, st, &rows)?;
-                    txn.commit()?;
-                    Ok(())
+                    self.checkpoint_commit(txn, st)
                 };
-                undo()?;
                 restore(st);
+                undo(st)?;
                 return Err(err);
             }
             (_, Err(e)) => {
-                restore(st);
+                // The allocator keeps the extents (not restored): the journal record may be
+                // durable and replayed, so its space must not be handed out again.
                 return Err(e);
             }
         }
         st.pending_blocks = if promote_all {
-            updates.len()
+            record.updates.len()
         } else {
-            st.pending_blocks + updates.len()
+            st.pending_blocks + record.updates.len()
         };
         for (stripe, extent) in new_extents {
             st.extents.insert((rec.top, stripe), extent);
@@ -1275,6 +1416,7 @@ impl Store {
         copies: &[(u32, u64, u32, u64, u64)],
         writes: &[(u32, u64, usize, usize)],
         data: &[u8],
+        journal: Option<(&File, u64, &[u8])>,
     ) -> Result<()> {
         let mut copy_bufs: Vec<Vec<u8>> = copies.iter().map(|c| vec![0u8; c.4 as usize]).collect();
         if !copies.is_empty() {
@@ -1309,6 +1451,11 @@ impl Store {
                 buf: &data[from..to],
             });
             touched.insert(disk);
+        }
+        // The journal record rides along; its disk is one of the data disks, so the
+        // fdatasync below covers it.
+        if let Some((file, offset, buf)) = journal {
+            ops.push(IoOp::Write { file, offset, buf });
         }
         let map_write_err = |e: io::Error, what: &str| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -1412,7 +1559,7 @@ impl Store {
                 .insert(volume, rec.encode().as_slice())?;
             write_disk_rows(&txn, st, &next_disks)?;
         }
-        txn.commit()?;
+        self.checkpoint_commit(txn, st)?;
         for (disk, alloc) in next_disks {
             if let Some(d) = st.disks.get_mut(&disk) {
                 d.alloc = alloc;
@@ -1547,6 +1694,31 @@ fn extent_size(st: &State, layer: u64) -> u64 {
         )
         .find(|&(top, _)| reaches(top))
         .map_or(BLOCK_SIZE, |(_, su)| su)
+}
+
+/// Applies a write's metadata to redb: promotion of acknowledged checksums, the new
+/// pending checksums, new extents, the volume record and the in-flight marker. Idempotent.
+fn apply_record(txn: &redb::WriteTransaction, record: &WriteRecord) -> Result<()> {
+    let mut pending = txn.open_table(PENDING)?;
+    let mut committed = txn.open_table(CRCS)?;
+    if record.promote_all {
+        let all = crcs::take_all(&mut pending)?;
+        crcs::set(&mut committed, &all)?;
+    }
+    // An overwritten block's acknowledged checksum becomes the committed one, so old data
+    // still verifies if the new data does not land.
+    crcs::set(&mut committed, &record.olds)?;
+    crcs::set(&mut pending, &record.updates)?;
+    let mut extents = txn.open_table(EXTENTS)?;
+    for &(stripe, disk, offset) in &record.extents {
+        extents.insert((record.layer, stripe), Extent::At { disk, offset }.to_raw())?;
+    }
+    txn.open_table(VOLUMES)?
+        .insert(record.volume.as_str(), record.volume_record.as_slice())?;
+    let mut inflight = txn.open_table(INFLIGHT)?;
+    inflight.retain(|_, _| false)?;
+    inflight.insert(record.volume.as_str(), record.seq_before)?;
+    Ok(())
 }
 
 fn write_disk_rows(
