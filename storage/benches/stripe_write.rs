@@ -184,6 +184,11 @@ fn main() {
         assert!(buf == data, "read back what was written");
         store.delete_volume(&name).unwrap();
     }
+    if std::env::var("CAIRN_BENCH_VERBOSE").is_ok() {
+        println!("raw file runs:     {raw_w:?}");
+        println!("raw striped runs:  {raws_w:?}");
+        println!("volume runs:       {vol_w:?}");
+    }
     let (rw, vw, rr, vr) = (median(raw_w), median(vol_w), median(raw_r), median(vol_r));
     let sw = median(raws_w);
     let row =

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
-use io_uring::{IoUring, opcode, types};
+use io_uring::{IoUring, opcode, squeue, types};
 
 /// Which engine to use when opening a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -149,6 +149,55 @@ impl FileEngine {
     pub fn read_exact_at(&self, file: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.run(&mut [IoOp::Read { file, offset, buf }])
     }
+
+    /// Writes every buffer and fdatasyncs every file written, running `during` on the
+    /// calling thread while the kernel works (io_uring: each file's writes and its
+    /// fdatasync are one linked chain, all chains submitted at once). The writes must not
+    /// overlap. Returns the I/O result and what `during` returned.
+    pub fn write_sync_while<R>(
+        &self,
+        writes: &[(&File, u64, &[u8])],
+        during: impl FnOnce() -> R,
+    ) -> (io::Result<()>, R) {
+        let fallback = |engine: &FileEngine| {
+            let mut ops: Vec<IoOp<'_>> = writes
+                .iter()
+                .map(|&(file, offset, buf)| IoOp::Write { file, offset, buf })
+                .collect();
+            engine.run(&mut ops)?;
+            let mut files: Vec<&File> = Vec::new();
+            for &(file, _, _) in writes {
+                if !files.iter().any(|f| f.as_raw_fd() == file.as_raw_fd()) {
+                    files.push(file);
+                }
+            }
+            engine.sync_data(&files)
+        };
+        match self {
+            FileEngine::Sync => {
+                let result = fallback(self);
+                (result, during())
+            }
+            FileEngine::IoUring(engine) => {
+                let (chained, r) = engine.write_sync_chained(writes, during);
+                match chained {
+                    Ok(true) => (Ok(()), r),
+                    // A short write or a cancelled link: redo it all plainly (same bytes,
+                    // same places, so repeating is harmless).
+                    Ok(false) => (fallback(self), r),
+                    Err(e) => (Err(e), r),
+                }
+            }
+        }
+    }
+}
+
+/// io_uring_enter errors after which simply entering again is right.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+    )
 }
 
 impl UringEngine {
@@ -197,7 +246,11 @@ impl UringEngine {
                 let mut outstanding = chunk.len();
                 let mut first_error = None;
                 while outstanding > 0 {
-                    ring.submit_and_wait(1)?;
+                    match ring.submit_and_wait(1) {
+                        Ok(_) => {}
+                        Err(e) if transient(&e) => continue,
+                        Err(e) => return Err(e),
+                    }
                     for cqe in ring.completion() {
                         outstanding -= 1;
                         let i = cqe.user_data() as usize;
@@ -227,6 +280,107 @@ impl UringEngine {
         }
     }
 
+    /// `Ok(true)` when every write completed in full and every fdatasync succeeded,
+    /// `Ok(false)` when something was short or cancelled and should be redone plainly.
+    fn write_sync_chained<R>(
+        &self,
+        writes: &[(&File, u64, &[u8])],
+        during: impl FnOnce() -> R,
+    ) -> (io::Result<bool>, R) {
+        let mut by_file: Vec<(&File, Vec<usize>)> = Vec::new();
+        for (i, &(file, _, _)) in writes.iter().enumerate() {
+            match by_file
+                .iter_mut()
+                .find(|(f, _)| f.as_raw_fd() == file.as_raw_fd())
+            {
+                Some((_, list)) => list.push(i),
+                None => by_file.push((file, vec![i])),
+            }
+        }
+        let entries = writes.len() + by_file.len();
+        if entries > RING_ENTRIES as usize {
+            return (Ok(false), during());
+        }
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        const FSYNC_TAG: u64 = 1 << 63;
+        for (file, list) in &by_file {
+            for &i in list {
+                let (_, offset, buf) = writes[i];
+                let entry =
+                    opcode::Write::new(types::Fd(file.as_raw_fd()), buf.as_ptr(), buf.len() as u32)
+                        .offset(offset)
+                        .build()
+                        .flags(squeue::Flags::IO_LINK)
+                        .user_data(i as u64);
+                // SAFETY: the buffer is borrowed from `writes` for the whole call and we
+                // wait below for every submitted entry before returning; the descriptor is
+                // kept open by the borrowed `&File`; the queue has room (checked above,
+                // and it is empty: every call drains what it submits).
+                if unsafe { ring.submission().push(&entry) }.is_err() {
+                    return (
+                        Err(io::Error::other("io_uring submission queue full")),
+                        during(),
+                    );
+                }
+            }
+            let entry = opcode::Fsync::new(types::Fd(file.as_raw_fd()))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .user_data(FSYNC_TAG);
+            // SAFETY: an fsync entry references no memory; the descriptor stays open
+            // through the borrowed `&File` until every completion is reaped below.
+            if unsafe { ring.submission().push(&entry) }.is_err() {
+                return (
+                    Err(io::Error::other("io_uring submission queue full")),
+                    during(),
+                );
+            }
+        }
+        loop {
+            match ring.submit() {
+                Ok(_) => break,
+                Err(e) if transient(&e) => continue,
+                Err(e) => {
+                    // The kernel took none of the entries (a bad ring, not a bad request):
+                    // start over with a fresh ring so no entry outlives its buffer.
+                    if let Ok(fresh) = IoUring::new(RING_ENTRIES) {
+                        *ring = fresh;
+                    }
+                    return (Err(e), during());
+                }
+            }
+        }
+        let r = during();
+        let mut outstanding = entries;
+        let mut complete = true;
+        let mut first_error = None;
+        while outstanding > 0 {
+            if let Err(e) = ring.submit_and_wait(1) {
+                if transient(&e) {
+                    continue;
+                }
+                return (Err(e), r);
+            }
+            for cqe in ring.completion() {
+                outstanding -= 1;
+                let res = cqe.result();
+                if res == -libc::ECANCELED || res == -libc::EINTR || res == -libc::EAGAIN {
+                    complete = false;
+                } else if res < 0 {
+                    first_error.get_or_insert(io::Error::from_raw_os_error(-res));
+                } else if cqe.user_data() != FSYNC_TAG
+                    && res as usize != writes[cqe.user_data() as usize].2.len()
+                {
+                    complete = false;
+                }
+            }
+        }
+        match first_error {
+            Some(e) => (Err(e), r),
+            None => (Ok(complete), r),
+        }
+    }
+
     fn sync_data(&self, files: &[&File]) -> io::Result<()> {
         let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         for chunk in files.chunks(RING_ENTRIES as usize) {
@@ -243,7 +397,11 @@ impl UringEngine {
             let mut outstanding = chunk.len();
             let mut first_error = None;
             while outstanding > 0 {
-                ring.submit_and_wait(1)?;
+                match ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if transient(&e) => continue,
+                    Err(e) => return Err(e),
+                }
                 for cqe in ring.completion() {
                     outstanding -= 1;
                     if cqe.result() < 0 {

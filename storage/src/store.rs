@@ -1313,30 +1313,33 @@ impl Store {
             txn.commit()?;
             Ok(())
         };
+        let copy_bufs = match self.read_copies(st, volume, &copies) {
+            Ok(bufs) => bufs,
+            Err(e) => {
+                restore(st);
+                return Err(e);
+            }
+        };
         let (data_result, commit_result) = if overwrites.is_empty() {
             // Only fresh blocks: data, journal record and the redb update at once. A crash
             // before the fdatasync returns may leave the record without the data; recovery
             // then drops the pending checksums whose data does not match, and the blocks
             // read as never written.
-            let shared: &State = st;
-            std::thread::scope(|scope| {
-                let data_thread = scope.spawn(|| {
-                    let journal = (
-                        &shared.disks[&journal_disk].file,
-                        journal_offset,
-                        frame.as_slice(),
-                    );
-                    self.write_data(shared, volume, &copies, &writes, data, Some(journal))
-                });
-                let commit_result = commit(shared);
-                let data_result = data_thread.join().unwrap_or_else(|_| {
-                    Err(StorageError::io(
-                        "writing data",
-                        io::Error::other("data thread panicked"),
-                    ))
-                });
-                (data_result, commit_result)
-            })
+            let journal = (
+                &st.disks[&journal_disk].file,
+                journal_offset,
+                frame.as_slice(),
+            );
+            self.write_data(
+                st,
+                volume,
+                &copies,
+                &copy_bufs,
+                &writes,
+                data,
+                Some(journal),
+                || commit(st),
+            )
         } else {
             // Overwrites of acknowledged blocks: the record (the new checksums) must be
             // durable before the data changes, so that after a crash old and new data both
@@ -1352,13 +1355,9 @@ impl Store {
                 restore(st);
                 return Err(e);
             }
-            match commit(st) {
-                Ok(()) => (
-                    self.write_data(st, volume, &copies, &writes, data, None),
-                    Ok(()),
-                ),
-                Err(e) => (Ok(()), Err(e)),
-            }
+            self.write_data(st, volume, &copies, &copy_bufs, &writes, data, None, || {
+                commit(st)
+            })
         };
         match (data_result, commit_result) {
             (Ok(()), Ok(())) => {}
@@ -1408,79 +1407,72 @@ impl Store {
         Ok(seq)
     }
 
-    /// Copies on write, writes the data, and makes it durable with fdatasync.
-    fn write_data(
+    /// Reads the blocks a copy-on-write must carry over from ancestor extents.
+    fn read_copies(
         &self,
         st: &State,
         volume: &str,
         copies: &[(u32, u64, u32, u64, u64)],
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut bufs: Vec<Vec<u8>> = copies.iter().map(|c| vec![0u8; c.4 as usize]).collect();
+        let mut ops: Vec<IoOp<'_>> = copies
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(c, buf)| IoOp::Read {
+                file: &st.disks[&c.0].file,
+                offset: c.1,
+                buf,
+            })
+            .collect();
+        self.inner
+            .engine
+            .run(&mut ops)
+            .map_err(io_err(format!("copying on write for volume `{volume}`")))?;
+        Ok(bufs)
+    }
+
+    /// Writes the copied blocks, the data and the journal record (if any), and makes them
+    /// durable with one fdatasync per disk, running `during` meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn write_data<R>(
+        &self,
+        st: &State,
+        volume: &str,
+        copies: &[(u32, u64, u32, u64, u64)],
+        copy_bufs: &[Vec<u8>],
         writes: &[(u32, u64, usize, usize)],
         data: &[u8],
         journal: Option<(&File, u64, &[u8])>,
-    ) -> Result<()> {
-        let mut copy_bufs: Vec<Vec<u8>> = copies.iter().map(|c| vec![0u8; c.4 as usize]).collect();
-        if !copies.is_empty() {
-            let mut ops: Vec<IoOp<'_>> = copies
-                .iter()
-                .zip(copy_bufs.iter_mut())
-                .map(|(c, buf)| IoOp::Read {
-                    file: &st.disks[&c.0].file,
-                    offset: c.1,
-                    buf,
-                })
-                .collect();
-            self.inner
-                .engine
-                .run(&mut ops)
-                .map_err(io_err(format!("copying on write for volume `{volume}`")))?;
-        }
-        let mut ops: Vec<IoOp<'_>> = Vec::with_capacity(writes.len() + copies.len());
-        let mut touched: BTreeSet<u32> = BTreeSet::new();
-        for (c, buf) in copies.iter().zip(copy_bufs.iter()) {
-            ops.push(IoOp::Write {
-                file: &st.disks[&c.2].file,
-                offset: c.3,
-                buf,
-            });
-            touched.insert(c.2);
+        during: impl FnOnce() -> R,
+    ) -> (Result<()>, R) {
+        let mut list: Vec<(&File, u64, &[u8])> =
+            Vec::with_capacity(writes.len() + copies.len() + 1);
+        for (c, buf) in copies.iter().zip(copy_bufs) {
+            list.push((&st.disks[&c.2].file, c.3, buf));
         }
         for &(disk, phys, from, to) in writes {
-            ops.push(IoOp::Write {
-                file: &st.disks[&disk].file,
-                offset: phys,
-                buf: &data[from..to],
-            });
-            touched.insert(disk);
+            list.push((&st.disks[&disk].file, phys, &data[from..to]));
         }
-        // The journal record rides along; its disk is one of the data disks, so the
-        // fdatasync below covers it.
-        if let Some((file, offset, buf)) = journal {
-            ops.push(IoOp::Write { file, offset, buf });
+        // The journal record rides along; its disk is one of the data disks, so the same
+        // fdatasync covers it.
+        if let Some(record) = journal {
+            list.push(record);
         }
-        let map_write_err = |e: io::Error, what: &str| {
+        let (result, r) = self.inner.engine.write_sync_while(&list, during);
+        let result = result.map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
-                let disk = touched
-                    .iter()
-                    .next()
-                    .map_or_else(String::new, |&d| st.disk_name(d));
+                let disk = writes
+                    .first()
+                    .map_or_else(String::new, |w| st.disk_name(w.0));
                 StorageError::NoSpace {
                     disk,
                     needed: data.len() as u64,
                 }
             } else {
-                StorageError::io(format!("{what} volume `{volume}`"), e)
+                StorageError::io(format!("writing volume `{volume}`"), e)
             }
-        };
-        self.inner
-            .engine
-            .run(&mut ops)
-            .map_err(|e| map_write_err(e, "writing"))?;
-        let files: Vec<&File> = touched.iter().map(|d| &st.disks[d].file).collect();
-        self.inner
-            .engine
-            .sync_data(&files)
-            .map_err(|e| map_write_err(e, "syncing"))?;
-        Ok(())
+        });
+        (result, r)
     }
 
     /// Trims a block-aligned range of a volume; see [`Volume::trim`].
