@@ -344,6 +344,8 @@ pub(crate) struct State {
     pub(crate) checkpoint: u64,
     /// Next free byte of each disk's journal ring (relative to the ring start).
     pub(crate) journal_heads: BTreeMap<u32, u64>,
+    /// What opening the store recovered.
+    pub(crate) recovery: crate::store::RecoveryReport,
 }
 
 impl State {

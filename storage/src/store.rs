@@ -121,6 +121,19 @@ pub struct SnapshotInfo {
     pub seq: u64,
 }
 
+/// What [`Store::open`] recovered; all zero after a clean shutdown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Journal records newer than the last checkpoint that were applied.
+    pub journal_records_replayed: u64,
+    /// Blocks of recent writes whose data was checked against their new checksum.
+    pub blocks_verified: u64,
+    /// Of those, blocks whose new data had not landed (they keep their old content).
+    pub blocks_dropped: u64,
+    /// The volume whose last write had not fully landed, whose sequence number went back.
+    pub sequence_rolled_back: Option<String>,
+}
+
 /// Acknowledgement of a durable write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriteReceipt {
@@ -356,6 +369,11 @@ impl Store {
         &self.inner.dir
     }
 
+    /// What opening the store had to recover after an unclean shutdown.
+    pub fn recovery(&self) -> RecoveryReport {
+        self.read_state().recovery.clone()
+    }
+
     /// The engine in use ([`EngineKind::IoUring`] or [`EngineKind::Sync`]).
     pub fn engine_kind(&self) -> EngineKind {
         self.inner.engine.kind()
@@ -435,6 +453,7 @@ impl Store {
             .collect();
         write_disk_rows(&txn, st, &rows)?;
         st.journal_seq = next - 1;
+        st.recovery.journal_records_replayed = replay.len() as u64;
         self.checkpoint_commit(txn, st)
     }
 
@@ -460,6 +479,8 @@ impl Store {
             return Ok(());
         }
         let mut incomplete = false;
+        let mut rolled_back = None;
+        st.recovery.blocks_verified = pending.len() as u64;
         let mut verified = Vec::with_capacity(pending.len());
         let mut block = vec![0u8; BLOCK_SIZE as usize];
         for ((disk, pblock), crc) in pending {
@@ -474,6 +495,7 @@ impl Store {
                 verified.push(((disk, pblock), crc));
             } else {
                 incomplete = true;
+                st.recovery.blocks_dropped += 1;
             }
         }
         let txn = self.inner.db.begin_write()?;
@@ -487,10 +509,12 @@ impl Store {
                 if incomplete && let Some(rec) = st.volumes.get_mut(volume) {
                     rec.seq = *seq_before;
                     volumes.insert(volume.as_str(), rec.encode().as_slice())?;
+                    rolled_back = Some(volume.clone());
                 }
             }
         }
         self.checkpoint_commit(txn, &mut st)?;
+        st.recovery.sequence_rolled_back = rolled_back;
         Ok(())
     }
 

@@ -33,8 +33,8 @@ fn model(n: u64) -> Vec<u8> {
     content
 }
 
-fn child(dir: &str) {
-    let store = Store::open(dir, StoreOptions::default()).expect("child opens store");
+fn child(dir: &str, engine: EngineKind) {
+    let store = Store::open(dir, StoreOptions { engine }).expect("child opens store");
     let vol = store.volume("stream").expect("volume exists");
     let mut out = std::io::stdout().lock();
     for i in 0.. {
@@ -53,12 +53,33 @@ fn child(dir: &str) {
 }
 
 #[test]
-fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
-    if let Ok(dir) = std::env::var(CHILD_ENV) {
-        child(&dir);
+fn kill_9_during_a_write_stream_loses_no_acknowledged_write_io_uring() {
+    if storage::FileEngine::new(EngineKind::IoUring).is_err() {
+        eprintln!("skipping: io_uring is not available on this kernel");
         return;
     }
-    let (dir, store) = store_with_disks(2, 16 * MIB, EngineKind::Auto);
+    kill_9_scenario(
+        EngineKind::IoUring,
+        "crash::kill_9_during_a_write_stream_loses_no_acknowledged_write_io_uring",
+    );
+}
+
+#[test]
+fn kill_9_during_a_write_stream_loses_no_acknowledged_write_sync_engine() {
+    kill_9_scenario(
+        EngineKind::Sync,
+        "crash::kill_9_during_a_write_stream_loses_no_acknowledged_write_sync_engine",
+    );
+}
+
+/// The parent half kills a child (this test binary re-executed as `test_name`) that writes
+/// and acknowledges a stream of blocks, then checks the reopened store.
+fn kill_9_scenario(engine: EngineKind, test_name: &str) {
+    if let Ok(dir) = std::env::var(CHILD_ENV) {
+        child(&dir, engine);
+        return;
+    }
+    let (dir, store) = store_with_disks(2, 16 * MIB, engine);
     store
         .create_volume(&spec("stream", VOLUME_SIZE, 16 * KIB, 2))
         .unwrap();
@@ -71,12 +92,7 @@ fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
         .subsec_nanos();
     let kill_after = 150 + u64::from(nanos % 150);
     let mut proc = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "crash::kill_9_during_a_write_stream_loses_no_acknowledged_write",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -109,7 +125,13 @@ fn kill_9_during_a_write_stream_loses_no_acknowledged_write() {
     eprintln!(
         "child killed with SIGKILL after acknowledging op {acked} (snapshot acknowledged: {snap_acked})"
     );
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let store = Store::open(dir.path(), StoreOptions { engine }).unwrap();
+    let recovery = store.recovery();
+    eprintln!("recovery: {recovery:?}");
+    assert!(
+        recovery.journal_records_replayed > 0,
+        "the child never checkpointed its last writes, so the journal must be replayed"
+    );
     let vol = store.volume("stream").unwrap();
     let mut actual = vec![0u8; VOLUME_SIZE as usize];
     vol.read_at(0, &mut actual)
@@ -200,5 +222,61 @@ fn a_full_disk_gives_no_space_and_corrupts_nothing() {
     check_read(&vol, 64 * KIB, &first[64 * KIB as usize..]);
     check_read(&vol, MIB, &pattern(51, 4096));
     assert_eq!(store.disks()[0].allocated, 256 * KIB);
+    assert!(vol.scrub().unwrap().is_empty());
+}
+
+const LOST_CHILD_ENV: &str = "CAIRN_STORAGE_LOST_WRITE_CHILD_DIR";
+
+/// Simulates power loss after a write's journal record reached the disk but its data did
+/// not: the child process writes twice and exits without a clean shutdown; the parent
+/// then erases the second write's data from the disk file before reopening.
+#[test]
+fn a_write_whose_data_never_landed_is_rolled_back_on_recovery() {
+    if let Ok(dir) = std::env::var(LOST_CHILD_ENV) {
+        let store = Store::open(&dir, StoreOptions::default()).expect("child opens store");
+        let vol = store.volume("v").expect("volume exists");
+        vol.write_at(0, &pattern(70, 8192)).expect("first write");
+        vol.write_at(64 * KIB, &pattern(71, 8192))
+            .expect("second write");
+        let loc = vol.locate(64 * KIB).unwrap().expect("allocated");
+        println!("lost {} {}", loc.path.display(), loc.physical_offset);
+        // No drop: no checkpoint, exactly as if the process had died here.
+        std::process::exit(0);
+    }
+    let (dir, store) = store_with_disks(1, 4 * MIB, EngineKind::Auto);
+    store.create_volume(&spec("v", MIB, 64 * KIB, 1)).unwrap();
+    drop(store);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash::a_write_whose_data_never_landed_is_rolled_back_on_recovery",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(LOST_CHILD_ENV, dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("lost "))
+        .expect("child reported the location");
+    let (path, offset) = line.rsplit_once(' ').unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0u8; 8192], offset.parse().unwrap()).unwrap();
+    file.sync_all().unwrap();
+
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    let recovery = store.recovery();
+    assert_eq!(recovery.journal_records_replayed, 2, "{recovery:?}");
+    assert_eq!(recovery.blocks_dropped, 2, "{recovery:?}");
+    assert_eq!(recovery.sequence_rolled_back.as_deref(), Some("v"));
+    let vol = store.volume("v").unwrap();
+    assert_eq!(
+        vol.info().unwrap().seq,
+        1,
+        "only the write that landed is sequenced"
+    );
+    check_read(&vol, 0, &pattern(70, 8192));
+    check_read(&vol, 64 * KIB, &[0u8; 8192]);
     assert!(vol.scrub().unwrap().is_empty());
 }
