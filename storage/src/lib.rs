@@ -8,8 +8,9 @@
 //!   64 MiB) striped round-robin over `stripe_width` columns, each on its own disk. A
 //!   stripe unit gets an extent on its column's disk on first write.
 //! - All data I/O goes through a [`FileEngine`]: io_uring, or `pread`/`pwrite` where
-//!   io_uring is unavailable. A write is durable (fdatasync + metadata commit) when it
-//!   returns.
+//!   io_uring is unavailable. A write is durable when it returns: its data and a small
+//!   journal record (in a ring at the end of one of its disks) are fdatasync'ed together;
+//!   redb, which holds all metadata, is checkpointed from the journal.
 //! - Every 4 KiB block has a crc32c in the metadata, checked on every read; a bad block is
 //!   a distinct [`StorageError::ChecksumMismatch`], repairable with [`Volume::repair`] from
 //!   a peer's [`Volume::read_for_repair`].
@@ -25,7 +26,8 @@
 //!
 //! Invariants:
 //! - An acknowledged write is durable and its checksums verify after a crash (`kill -9` or
-//!   power loss): data is fdatasync'ed before the metadata that makes it visible commits.
+//!   power loss): the write's journal record and its data are made durable by the same
+//!   per-disk fdatasync, and recovery keeps a new checksum only where the data matches it.
 //! - Committed metadata never points at space the allocator considers free, and a failed
 //!   write (including [`StorageError::NoSpace`]) leaves committed metadata unchanged.
 //! - Extents are owned by exactly one layer; sharing between snapshots, clones and volumes

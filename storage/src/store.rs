@@ -1,19 +1,27 @@
 //! The store: disks, volumes, snapshots and clones, and the data path.
 //!
-//! Write ordering (what makes an acknowledged write survive `kill -9` and power loss):
+//! Write path (what makes an acknowledged write survive `kill -9` and power loss):
 //!
-//! 1. New extents are allocated in memory only; their space is free in the committed
-//!    metadata, so data written there is invisible until step 4.
-//! 2. Overwrites of blocks that already hold committed data first commit the new crc32c as
-//!    a *pending* checksum, so a block caught half-way is still recognised (old data matches
-//!    the committed crc, new data the pending one) and reopening resolves it.
-//! 3. Data goes to the disks through the [`FileEngine`] and is made durable with
-//!    `fdatasync` on every disk touched.
-//! 4. One redb transaction commits the extent map, the checksums, the allocator and the
-//!    volume sequence number with immediate durability. Only then is the write acknowledged.
+//! 1. Plan: split the request into stripe-unit pieces; allocate extents for units the
+//!    volume's writable layer lacks (in memory only) and plan copy-on-write of blocks an
+//!    ancestor layer holds; compute the crc32c of every 4 KiB block.
+//! 2. Build the write's [`WriteRecord`] (new extents, new checksums as *pending*, volume
+//!    sequence number) and place it in the journal ring of the first disk the data touches.
+//! 3. Fresh blocks only: data, copied blocks and the record are written and each touched
+//!    disk gets one `fdatasync` (one linked io_uring chain per disk), while the calling
+//!    thread applies the record to redb without durability. Overwrites of acknowledged
+//!    blocks: the record is written and synced first (the intent), then the data.
+//! 4. Acknowledge. redb is made durable by checkpoints (before a journal ring wraps, every
+//!    [`CHECKPOINT_RECORDS`] records, and with every structural change).
 //!
-//! Any failure before step 4 leaves the committed metadata untouched and rolls back the
-//! in-memory allocator, so a full disk yields [`StorageError::NoSpace`] and changes nothing.
+//! Recovery replays journal records newer than the checkpoint, then checks every pending
+//! checksum against the data on disk: a match commits it, a mismatch means the data never
+//! landed (the write was not acknowledged), so the block keeps its old checksum or stays
+//! unwritten and the volume's sequence number goes back. Reads prefer a pending checksum
+//! over the committed one.
+//!
+//! A failure before step 3 leaves metadata untouched and rolls back the in-memory
+//! allocator, so a full disk yields [`StorageError::NoSpace`] and changes nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -956,7 +964,7 @@ impl Store {
 
     /// Applies a write or trim shipped by the primary (see [`Volume::write_replicated`]).
     /// Idempotent: an operation whose sequence number is not newer than the volume's is
-    /// acknowledged as [`ApplyOutcome::Duplicate`] without touching data.
+    /// acknowledged as [`ApplyOutcome::Duplicate`](crate::ApplyOutcome::Duplicate) without touching data.
     pub fn apply_replica(
         &self,
         op: &crate::replication::ReplicaOp,
