@@ -181,6 +181,36 @@ impl Store {
         Ok(())
     }
 
+    /// Records a write intent and raises the volume's sequence high-water mark to
+    /// `sequence`, in one durable transaction.
+    pub fn put_intent(
+        &self,
+        volume: &str,
+        intent_key: &str,
+        sequence: u64,
+    ) -> Result<(), StoreError> {
+        let transaction = redb_try!("begin", self.database.begin_write());
+        {
+            let mut table = redb_try!("open table", transaction.open_table(WRITE_INTENTS));
+            redb_try!("insert", table.insert(intent_key, [].as_slice()));
+            let bytes = sequence.to_le_bytes();
+            redb_try!("insert", table.insert(volume, bytes.as_slice()));
+        }
+        redb_try!("commit", transaction.commit());
+        Ok(())
+    }
+
+    /// The sequence high-water mark of a volume (0 when none was recorded).
+    pub fn sequence_high_water(&self, volume: &str) -> Result<u64, StoreError> {
+        let transaction = redb_try!("begin read", self.database.begin_read());
+        let table = redb_try!("open table", transaction.open_table(WRITE_INTENTS));
+        let Some(value) = redb_try!("get", table.get(volume)) else {
+            return Ok(0);
+        };
+        let bytes: [u8; 8] = value.value().try_into().unwrap_or([0; 8]);
+        Ok(u64::from_le_bytes(bytes))
+    }
+
     /// Removes a record (a missing one is fine).
     pub fn remove(&self, kind: Kind, key: &str, durability: Durability) -> Result<(), StoreError> {
         let mut transaction = redb_try!("begin", self.database.begin_write());

@@ -80,6 +80,10 @@ struct VolumeEntry {
     write_lock: Mutex<()>,
     health: std::sync::Mutex<(Health, String)>,
     applied_writes: AtomicU64,
+    /// Next sequence number shipped to replicas. Always above every number ever
+    /// shipped: it starts above the durable high-water mark, which is raised before
+    /// a number is used.
+    next_sequence: AtomicU64,
 }
 
 impl VolumeEntry {
@@ -89,6 +93,7 @@ impl VolumeEntry {
             write_lock: Mutex::new(()),
             health: std::sync::Mutex::new((Health::Healthy, String::new())),
             applied_writes: AtomicU64::new(0),
+            next_sequence: AtomicU64::new(1),
         }
     }
 
@@ -156,7 +161,11 @@ impl Volumes {
     ) -> Result<Self, crate::store::StoreError> {
         let mut volumes = BTreeMap::new();
         for (name, record) in store.list_decoded::<VolumeRecord>(Kind::Volume)? {
-            volumes.insert(name, Arc::new(VolumeEntry::new(record)));
+            let entry = VolumeEntry::new(record);
+            entry
+                .next_sequence
+                .store(store.sequence_high_water(&name)? + 1, Ordering::Relaxed);
+            volumes.insert(name, Arc::new(entry));
         }
         Ok(Self {
             node_name: node_name.to_string(),
@@ -369,6 +378,9 @@ impl Volumes {
                 .map_err(store_status)?;
         }
         self.store
+            .remove(Kind::WriteIntent, name, Durability::Immediate)
+            .map_err(store_status)?;
+        self.store
             .remove(Kind::Volume, name, Durability::Immediate)
             .map_err(store_status)?;
         self.volumes.write().await.remove(name);
@@ -406,28 +418,36 @@ impl Volumes {
         }
         self.resync_locked(&entry).await?;
         let key = intent_key(name, offset, data.len() as u64);
+        // The sequence number is the agent's, not the engine's, so the local write and
+        // the replica writes can run at the same time. It is made durable (with the
+        // intent) before it is used, so no number is ever shipped twice, even across a
+        // crash of the primary.
+        let sequence = entry.next_sequence.fetch_add(1, Ordering::Relaxed);
         self.store
-            .put(Kind::WriteIntent, &key, &[])
+            .put_intent(name, &key, sequence)
             .map_err(store_status)?;
-        // The local write comes first: it assigns the sequence number and checksums the
-        // replicas verify. If it fails nothing was shipped and the intent is harmless.
-        let shipped = {
+        let checksums: Vec<u32> = data
+            .chunks(storage::BLOCK_SIZE as usize)
+            .map(crc32c::crc32c)
+            .collect();
+        let data = Arc::new(data);
+        let local = {
             let engine = self.engine.clone();
             let owned = name.to_string();
-            let data = data.clone();
-            blocking(move || engine.write(&owned, offset, data)).await?
+            let data = data.to_vec();
+            blocking(move || engine.write(&owned, offset, data))
         };
         let remotes = entry.record.replica_peers.iter().map(|peer| {
             let data = data.clone();
-            let checksums = shipped.checksums.clone();
+            let checksums = checksums.clone();
             async move {
                 let mut client = self.peer_client(peer)?;
                 client
                     .replica_write(v1::ReplicaWriteRequest {
                         volume: name.to_string(),
                         offset,
-                        data,
-                        sequence: shipped.sequence,
+                        data: data.to_vec(),
+                        sequence,
                         checksums,
                         resync: false,
                     })
@@ -435,8 +455,15 @@ impl Volumes {
                     .map_err(|status| peer_failure(peer, "write the replica", &status))
             }
         });
-        let failures: Vec<String> = join_all(remotes)
-            .await
+        let (local_result, remote_results) = tokio::join!(local, join_all(remotes));
+        let mut remote_results = remote_results;
+        if let Err(status) = local_result {
+            remote_results.push(Err(Status::unavailable(format!(
+                "local copy: {}",
+                status.message()
+            ))));
+        }
+        let failures: Vec<String> = remote_results
             .into_iter()
             .filter_map(|result| result.err().map(|status| status.message().to_string()))
             .collect();

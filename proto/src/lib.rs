@@ -8,6 +8,7 @@
 //! - signs and verifies requests ([`auth`]): every call to a node carries an ed25519
 //!   signature over the method, a timestamp, a nonce and the SHA-256 of the encoded
 //!   request body;
+//! - writes out the conversions of wire enums to status words once ([`convert`]);
 //! - offers [`client::NodeClient`], a connected client that signs every call, for the
 //!   reconciler and for node-to-node replication.
 //!
@@ -23,6 +24,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod convert;
 
 /// Generated types of package `cairn.node.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
