@@ -38,6 +38,9 @@ pub(crate) struct WriteRecord {
     pub(crate) olds: Vec<BlockCrc>,
     /// New checksums, pending until known durable.
     pub(crate) updates: Vec<BlockCrc>,
+    /// For small overwrites, the data itself (disk, byte offset, bytes): it is durable in
+    /// the journal and written in place without waiting; replay writes it again.
+    pub(crate) inline: Vec<(u32, u64, Vec<u8>)>,
 }
 
 struct Enc(Vec<u8>);
@@ -103,6 +106,12 @@ impl WriteRecord {
         e.u64(u64::from(self.promote_all));
         e.crcs(&self.olds);
         e.crcs(&self.updates);
+        e.u64(self.inline.len() as u64);
+        for (disk, offset, bytes) in &self.inline {
+            e.u64(u64::from(*disk));
+            e.u64(*offset);
+            e.bytes(bytes);
+        }
         e.0
     }
 
@@ -120,6 +129,10 @@ impl WriteRecord {
         let promote_all = d.u64()? != 0;
         let olds = d.crcs()?;
         let updates = d.crcs()?;
+        let n = d.len(24)?;
+        let inline = (0..n)
+            .map(|_| Some((d.u64()? as u32, d.u64()?, d.bytes()?)))
+            .collect::<Option<Vec<_>>>()?;
         Some(WriteRecord {
             volume,
             volume_record,
@@ -130,6 +143,7 @@ impl WriteRecord {
             promote_all,
             olds,
             updates,
+            inline,
         })
     }
 
@@ -192,6 +206,7 @@ mod tests {
             promote_all: n.is_multiple_of(2),
             olds: vec![((0, 7), 9)],
             updates: (0..100).map(|b| ((1, b), b as u32)).collect(),
+            inline: vec![(2, 8192, vec![n as u8; 4096])],
         }
     }
 

@@ -344,6 +344,9 @@ pub(crate) struct State {
     pub(crate) checkpoint: u64,
     /// Next free byte of each disk's journal ring (relative to the ring start).
     pub(crate) journal_heads: BTreeMap<u32, u64>,
+    /// Disks holding inline-journaled data written in place but not yet fdatasync'ed; the
+    /// next checkpoint or overwrite intent syncs them.
+    pub(crate) dirty_disks: std::collections::BTreeSet<u32>,
     /// What opening the store recovered.
     pub(crate) recovery: crate::store::RecoveryReport,
 }

@@ -218,6 +218,9 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StorageError 
 /// than this many; until then reads take the pending one. Bounds the work of recovery.
 const PROMOTE_THRESHOLD: usize = 16 * 1024;
 
+/// Largest overwrite whose data goes into its journal record (one flush instead of two).
+const INLINE_MAX: u64 = 64 << 10;
+
 /// One contiguous part of a request that falls inside a single stripe unit.
 #[derive(Debug, Clone, Copy)]
 struct Piece {
@@ -314,6 +317,10 @@ impl Drop for Inner {
         if st.journal_seq == st.checkpoint {
             return;
         }
+        let files: Vec<&File> = st.dirty_disks.iter().map(|d| &st.disks[d].file).collect();
+        if self.engine.sync_data(&files).is_err() {
+            return;
+        }
         let Ok(txn) = self.db.begin_write() else {
             return;
         };
@@ -398,6 +405,15 @@ impl Store {
     /// Commits `txn` durably as a checkpoint: every journal record written so far is then
     /// in redb for good and the journal rings start over.
     fn checkpoint_commit(&self, txn: redb::WriteTransaction, st: &mut State) -> Result<()> {
+        // Inline-journaled data must be durable in place before its records become obsolete.
+        if !st.dirty_disks.is_empty() {
+            let files: Vec<&File> = st.dirty_disks.iter().map(|d| &st.disks[d].file).collect();
+            self.inner
+                .engine
+                .sync_data(&files)
+                .map_err(io_err("syncing disks for a checkpoint"))?;
+            st.dirty_disks.clear();
+        }
         txn.open_table(META)?.insert("checkpoint", st.journal_seq)?;
         txn.commit()?;
         st.checkpoint = st.journal_seq;
@@ -435,6 +451,39 @@ impl Store {
         if replay.is_empty() {
             return Ok(());
         }
+        // Redo inline data, block by block, unless a later record wrote the block again:
+        // that record's data is on disk or, if it never landed, the inline data was made
+        // durable before it (see the overwrite path), so there is nothing to redo.
+        let mut later: BTreeSet<(u32, u64)> = BTreeSet::new();
+        let mut redo: Vec<(u32, u64, &[u8])> = Vec::new();
+        for record in replay.iter().rev() {
+            for (disk, offset, bytes) in &record.inline {
+                for (i, block) in bytes.chunks(BLOCK_SIZE as usize).enumerate() {
+                    let at = offset + i as u64 * BLOCK_SIZE;
+                    if !later.contains(&(*disk, at / BLOCK_SIZE)) {
+                        redo.push((*disk, at, block));
+                    }
+                }
+            }
+            later.extend(record.updates.iter().map(|(key, _)| *key));
+        }
+        {
+            let mut ops: Vec<IoOp<'_>> = redo
+                .iter()
+                .filter_map(|&(disk, offset, buf)| {
+                    st.disks.get(&disk).map(|d| IoOp::Write {
+                        file: &d.file,
+                        offset,
+                        buf,
+                    })
+                })
+                .collect();
+            self.inner
+                .engine
+                .run(&mut ops)
+                .map_err(io_err("redoing journaled data"))?;
+        }
+        st.dirty_disks.extend(redo.iter().map(|r| r.0));
         let txn = self.inner.db.begin_write()?;
         let mut touched = BTreeSet::new();
         for record in &replay {
@@ -1294,6 +1343,8 @@ impl Store {
         let mut updates = crc_updates.clone();
         updates.extend(data_blocks.iter().map(|&(key, i)| (key, data_crcs[i])));
         let promote_all = st.pending_blocks > PROMOTE_THRESHOLD;
+        // Small overwrites journal their data: one flush instead of intent + data.
+        let inline = !overwrites.is_empty() && copies.is_empty() && data.len() as u64 <= INLINE_MAX;
         let record = WriteRecord {
             volume: volume.to_owned(),
             volume_record: rec.encode(),
@@ -1309,6 +1360,14 @@ impl Store {
             extent_size: su,
             promote_all,
             olds,
+            inline: if inline {
+                writes
+                    .iter()
+                    .map(|&(disk, phys, from, to)| (disk, phys, data[from..to].to_vec()))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             updates,
         };
 
@@ -1375,21 +1434,53 @@ impl Store {
         } else {
             // Overwrites of acknowledged blocks: the record (the new checksums) must be
             // durable before the data changes, so that after a crash old and new data both
-            // verify.
-            let file = &st.disks[&journal_disk].file;
+            // verify. Data written in place by earlier inline overwrites is made durable
+            // in the same round, before this write's data can replace it.
+            let journal_file = &st.disks[&journal_disk].file;
+            let mut sync: Vec<&File> = vec![journal_file];
+            for d in &st.dirty_disks {
+                if *d != journal_disk {
+                    sync.push(&st.disks[d].file);
+                }
+            }
             let intent = self
                 .inner
                 .engine
-                .write_all_at(file, journal_offset, &frame)
-                .and_then(|()| self.inner.engine.sync_data(&[file]))
+                .write_all_at(journal_file, journal_offset, &frame)
+                .and_then(|()| self.inner.engine.sync_data(&sync))
                 .map_err(io_err(format!("writing the journal of volume `{volume}`")));
             if let Err(e) = intent {
                 restore(st);
                 return Err(e);
             }
-            self.write_data(st, volume, &copies, &copy_bufs, &writes, data, None, || {
-                commit(st)
-            })
+            st.dirty_disks.clear();
+            if inline {
+                // The record holds the data: write it in place without waiting for it;
+                // a checkpoint syncs it, replay rewrites it after a crash.
+                let commit_result = commit(st);
+                let mut ops: Vec<IoOp<'_>> = record
+                    .inline
+                    .iter()
+                    .map(|(disk, offset, bytes)| IoOp::Write {
+                        file: &st.disks[disk].file,
+                        offset: *offset,
+                        buf: bytes,
+                    })
+                    .collect();
+                let data_result = self
+                    .inner
+                    .engine
+                    .run(&mut ops)
+                    .map_err(io_err(format!("writing volume `{volume}`")));
+                drop(ops);
+                st.dirty_disks
+                    .extend(record.inline.iter().map(|(d, _, _)| *d));
+                (data_result, commit_result)
+            } else {
+                self.write_data(st, volume, &copies, &copy_bufs, &writes, data, None, || {
+                    commit(st)
+                })
+            }
         };
         match (data_result, commit_result) {
             (Ok(()), Ok(())) => {}

@@ -280,3 +280,58 @@ fn a_write_whose_data_never_landed_is_rolled_back_on_recovery() {
     check_read(&vol, 64 * KIB, &[0u8; 8192]);
     assert!(vol.scrub().unwrap().is_empty());
 }
+
+const INLINE_CHILD_ENV: &str = "CAIRN_STORAGE_INLINE_CHILD_DIR";
+
+/// A small overwrite is acknowledged once its journal record (which carries the data) is
+/// durable; the in-place copy is written without waiting. If that copy is lost in a crash,
+/// recovery writes it again from the journal.
+#[test]
+fn a_small_overwrite_lost_in_place_is_redone_from_the_journal() {
+    if let Ok(dir) = std::env::var(INLINE_CHILD_ENV) {
+        let store = Store::open(&dir, StoreOptions::default()).expect("child opens store");
+        let vol = store.volume("v").expect("volume exists");
+        vol.write_at(0, &pattern(80, 16384)).expect("first write");
+        vol.write_at(4096, &pattern(81, 8192))
+            .expect("small overwrite");
+        let loc = vol.locate(4096).unwrap().expect("allocated");
+        println!("inline {} {}", loc.path.display(), loc.physical_offset);
+        std::process::exit(0);
+    }
+    let (dir, store) = store_with_disks(1, 4 * MIB, EngineKind::Auto);
+    store.create_volume(&spec("v", MIB, 64 * KIB, 1)).unwrap();
+    drop(store);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "crash::a_small_overwrite_lost_in_place_is_redone_from_the_journal",
+            "--exact",
+            "--nocapture",
+        ])
+        .env(INLINE_CHILD_ENV, dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("inline "))
+        .expect("child reported the location");
+    let (path, offset) = line.rsplit_once(' ').unwrap();
+    // Put the old bytes back, as if the in-place write had never reached the disk.
+    let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(
+        &file,
+        &pattern(80, 16384)[4096..12288],
+        offset.parse().unwrap(),
+    )
+    .unwrap();
+    file.sync_all().unwrap();
+
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(store.recovery().journal_records_replayed, 2);
+    assert_eq!(store.recovery().blocks_dropped, 0, "{:?}", store.recovery());
+    let vol = store.volume("v").unwrap();
+    let mut expected = pattern(80, 16384);
+    expected[4096..12288].copy_from_slice(&pattern(81, 8192));
+    check_read(&vol, 0, &expected);
+    assert_eq!(vol.info().unwrap().seq, 2);
+}
