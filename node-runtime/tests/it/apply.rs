@@ -159,3 +159,71 @@ async fn concurrent_retries_of_one_request_id_do_the_action_once() {
         "exactly one of the concurrent retries carried the action out"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_gives_a_clean_error_and_keeps_acknowledged_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    std::fs::write(
+        dir.path().join("trusted-controllers"),
+        format!("{}\n", controller.public_key_hex()),
+    )
+    .unwrap();
+    // One 2 MiB disk under a thin 16 MiB volume.
+    let node = TestNode::start_with_disks("full-1", dir.path(), "127.0.0.1:0", 1, 2 << 20);
+    let mut client = node.client(&controller).await;
+    apply_ok(
+        &mut client,
+        "create",
+        Action::CreateVolume(CreateVolume {
+            name: "thin".into(),
+            size_bytes: 16 << 20,
+            stripe_width: 1,
+            stripe_unit_bytes: 64 << 10,
+            replica_peers: vec![],
+        }),
+    )
+    .await;
+    let mut acknowledged = Vec::new();
+    let mut refusal = None;
+    for index in 0..64u64 {
+        let data = pattern(index, 256 << 10);
+        match client
+            .apply(request(
+                &format!("fill-{index}"),
+                write("thin", index * (256 << 10), data.clone()),
+            ))
+            .await
+        {
+            Ok(_) => acknowledged.push((index, data)),
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.expect("a 2 MiB disk cannot hold 16 MiB");
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert!(
+        refusal.message().contains("no space"),
+        "{}",
+        refusal.message()
+    );
+    assert!(!acknowledged.is_empty());
+    for (index, data) in &acknowledged {
+        let read = client
+            .read_volume(ReadVolumeRequest {
+                name: "thin".into(),
+                offset: index * (256 << 10),
+                length: 256 << 10,
+            })
+            .await
+            .unwrap();
+        assert!(
+            read == *data,
+            "acknowledged write {index} intact after the disk filled up"
+        );
+    }
+    assert_eq!(client.get_inventory().await.unwrap().node_name, "full-1");
+}

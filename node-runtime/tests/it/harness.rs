@@ -35,13 +35,29 @@ impl TestNode {
 
     /// Starts (or restarts) a node listening on `listen`.
     pub fn start_at(name: &str, data_dir: &Path, listen: &str) -> TestNode {
+        Self::start_with_disks(name, data_dir, listen, 4, 1 << 30)
+    }
+
+    /// Starts a node with `disks` file disks of `capacity` bytes each.
+    pub fn start_with_disks(
+        name: &str,
+        data_dir: &Path,
+        listen: &str,
+        disks: u32,
+        capacity: u64,
+    ) -> TestNode {
         let address_file = data_dir.join("listen-address");
         let _ = std::fs::remove_file(&address_file);
         let log = std::fs::File::create(data_dir.join("node.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-node"))
             .args(["--name", name, "--listen", listen, "--data-dir"])
             .arg(data_dir)
-            .args(["--disks", "4", "--disk-capacity", &(1u64 << 30).to_string()])
+            .args([
+                "--disks",
+                &disks.to_string(),
+                "--disk-capacity",
+                &capacity.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
