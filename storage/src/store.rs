@@ -324,10 +324,20 @@ impl Drop for Inner {
         let Ok(txn) = self.db.begin_write() else {
             return;
         };
-        let inserted = match txn.open_table(META) {
-            Ok(mut meta) => meta.insert("checkpoint", st.journal_seq).is_ok(),
-            Err(_) => false,
-        };
+        // Everything acknowledged is durable now, so pending checksums can be promoted and
+        // the next open has nothing to verify.
+        let promoted = (|| -> Result<()> {
+            let all = crcs::take_all(&mut txn.open_table(PENDING)?)?;
+            crcs::set(&mut txn.open_table(CRCS)?, &all)?;
+            txn.open_table(INFLIGHT)?.retain(|_, _| false)?;
+            Ok(())
+        })()
+        .is_ok();
+        let inserted = promoted
+            && match txn.open_table(META) {
+                Ok(mut meta) => meta.insert("checkpoint", st.journal_seq).is_ok(),
+                Err(_) => false,
+            };
         if inserted {
             let _ = txn.commit();
         }
@@ -404,7 +414,21 @@ impl Store {
 
     /// Commits `txn` durably as a checkpoint: every journal record written so far is then
     /// in redb for good and the journal rings start over.
+    ///
+    /// No write is in flight at a checkpoint (writes hold the store lock), so every pending
+    /// checksum belongs to an acknowledged, durable write: they are all promoted.
     fn checkpoint_commit(&self, txn: redb::WriteTransaction, st: &mut State) -> Result<()> {
+        self.checkpoint_commit_with(txn, st, true)
+    }
+
+    /// [`Store::checkpoint_commit`], optionally leaving pending checksums for recovery to
+    /// verify (after journal replay).
+    fn checkpoint_commit_with(
+        &self,
+        txn: redb::WriteTransaction,
+        st: &mut State,
+        promote_pending: bool,
+    ) -> Result<()> {
         // Inline-journaled data must be durable in place before its records become obsolete.
         if !st.dirty_disks.is_empty() {
             let files: Vec<&File> = st.dirty_disks.iter().map(|d| &st.disks[d].file).collect();
@@ -414,8 +438,16 @@ impl Store {
                 .map_err(io_err("syncing disks for a checkpoint"))?;
             st.dirty_disks.clear();
         }
+        if promote_pending {
+            let all = crcs::take_all(&mut txn.open_table(PENDING)?)?;
+            crcs::set(&mut txn.open_table(CRCS)?, &all)?;
+            txn.open_table(INFLIGHT)?.retain(|_, _| false)?;
+        }
         txn.open_table(META)?.insert("checkpoint", st.journal_seq)?;
         txn.commit()?;
+        if promote_pending {
+            st.pending_blocks = 0;
+        }
         st.checkpoint = st.journal_seq;
         st.journal_heads.clear();
         Ok(())
@@ -511,7 +543,7 @@ impl Store {
         write_disk_rows(&txn, st, &rows)?;
         st.journal_seq = next - 1;
         st.recovery.journal_records_replayed = replay.len() as u64;
-        self.checkpoint_commit(txn, st)
+        self.checkpoint_commit_with(txn, st, false)
     }
 
     /// Settles the write that was in flight at a crash (at most one). A block whose data

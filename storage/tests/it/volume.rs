@@ -39,6 +39,11 @@ fn striped_roundtrip(engine: EngineKind) {
     drop(vol);
     drop(store);
     let store = Store::open(dir.path(), StoreOptions { engine }).unwrap();
+    assert_eq!(
+        store.recovery(),
+        storage::RecoveryReport::default(),
+        "a clean shutdown leaves nothing to recover"
+    );
     let vol = store.volume("vm1-root").unwrap();
     let mut expected = data.clone();
     let at = (2 * MIB - (MIB - 4096)) as usize;
