@@ -1967,11 +1967,32 @@ impl Volume {
         })
     }
 
-    /// Writes zeros over a range (allocating like any write).
+    /// Makes a range read as zeros. Whole stripe units are trimmed (no space is used, and
+    /// a trimmed whole unit always reads as zeros); partial units get zeros written.
     pub fn write_zeroes(&self, offset: u64, length: u64) -> Result<WriteReceipt> {
-        check_io(&self.name, self.info()?.size, offset, length)?;
-        let data = vec![0u8; length as usize];
-        self.write_at(offset, &data)
+        let info = self.info()?;
+        check_range(&self.name, info.size, offset, length)?;
+        let su = info.stripe_unit;
+        let end = offset + length;
+        let whole_start = offset.div_ceil(su) * su;
+        let whole_end = end / su * su;
+        let mut receipt = WriteReceipt { seq: info.seq };
+        let mut zero_fill = |from: u64, to: u64| -> Result<()> {
+            let mut pos = from;
+            while pos < to {
+                let len = (to - pos).min(MAX_IO);
+                receipt = self.write_at(pos, &vec![0u8; len as usize])?;
+                pos += len;
+            }
+            Ok(())
+        };
+        if whole_start >= whole_end {
+            zero_fill(offset, end)?;
+            return Ok(receipt);
+        }
+        zero_fill(offset, whole_start)?;
+        zero_fill(whole_end, end)?;
+        self.trim(whole_start, whole_end - whole_start)
     }
 
     /// Discards a range: whole stripe units owned by the volume are freed and read as

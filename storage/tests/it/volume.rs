@@ -155,3 +155,27 @@ fn many_writes_promote_pending_checksums_in_batches_and_survive_reopen() {
     let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
     check_all(&store.volume("big").unwrap());
 }
+
+#[test]
+fn write_zeroes_trims_whole_units_and_fills_partial_ones() {
+    let (_dir, store) = store_with_disks(1, 16 * MIB, EngineKind::Auto);
+    let vol = store
+        .create_volume(&spec("z", 4 * MIB, 64 * 1024, 1))
+        .unwrap();
+    vol.write_at(0, &pattern(90, MIB as usize)).unwrap();
+    store.create_snapshot("z", "before").unwrap();
+    // From the middle of unit 0 to the middle of unit 5: units 1..=4 are whole.
+    vol.write_zeroes(32 * 1024, 5 * 64 * 1024).unwrap();
+    let mut expected = pattern(90, MIB as usize);
+    expected[32 * 1024..32 * 1024 + 5 * 64 * 1024].fill(0);
+    check_read(&vol, 0, &expected);
+    // Only the two partial units were copied and written; the whole ones cost no space.
+    assert_eq!(vol.info().unwrap().allocated, 2 * 64 * 1024);
+    let mut snap = vec![0u8; MIB as usize];
+    store
+        .snapshot("z", "before")
+        .unwrap()
+        .read_at(0, &mut snap)
+        .unwrap();
+    assert!(snap == pattern(90, MIB as usize));
+}
