@@ -1,7 +1,6 @@
 //! Starting and stopping the gRPC server.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use proto::client::MAX_MESSAGE_BYTES;
@@ -153,6 +152,3 @@ pub fn termination_signal() -> impl std::future::Future<Output = ()> + Send + 's
         }
     }
 }
-
-/// Keeps `Arc<Node>` out of the public signature of [`run`] for callers that embed it.
-pub type SharedNode = Arc<Node>;

@@ -348,7 +348,11 @@ impl Volumes {
     /// Deletes a volume (and, for a primary, its replicas). Missing is fine.
     pub async fn delete(&self, name: &str) -> Result<(), Status> {
         let Some(entry) = self.volumes.read().await.get(name).cloned() else {
-            return Ok(());
+            // A create that failed half-way (a replica was unreachable) may have left
+            // the engine's volume without a record; deleting removes it too.
+            let engine = self.engine.clone();
+            let owned = name.to_string();
+            return blocking(move || engine.delete(&owned)).await;
         };
         let _guard = entry.write_lock.lock().await;
         if entry.record.is_primary() {

@@ -457,3 +457,70 @@ async fn a_bad_block_on_the_primary_is_repaired_from_a_replica() {
         unrepairable.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_replica_refuses_creation_and_writes_naming_the_peer() {
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let mut nodes: Vec<TestNode> = ["a", "b"]
+        .iter()
+        .map(|suffix| {
+            TestNode::start(
+                &format!("u-{suffix}"),
+                &base.path().join(suffix),
+                &controller,
+            )
+        })
+        .collect();
+    push_peers(&nodes, &controller).await;
+    let mut primary = nodes[0].client(&controller).await;
+
+    // Creation with a peer nobody listens at fails and leaves nothing behind.
+    let nowhere = Action::CreateVolume(CreateVolume {
+        name: "lost".into(),
+        size_bytes: 1 << 20,
+        stripe_width: 1,
+        stripe_unit_bytes: 64 << 10,
+        replica_peers: vec![Peer {
+            name: "ghost".into(),
+            address: "127.0.0.1:1".into(),
+            public_key_hex: String::new(),
+        }],
+    });
+    let refused = primary.apply(request("lost", nowhere)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("ghost"), "{}", refused.message());
+    apply_ok(
+        &mut primary,
+        "delete-lost",
+        Action::DeleteVolume(proto::v1::DeleteVolume {
+            name: "lost".into(),
+        }),
+    )
+    .await;
+    assert!(primary.observe().await.unwrap().volumes.is_empty());
+
+    // With the replica down, writes are refused and the volume reports degraded.
+    apply_ok(
+        &mut primary,
+        "create",
+        create_replicated("vol", &[&nodes[1]]),
+    )
+    .await;
+    nodes[1].kill_9();
+    let write = Action::WriteVolume(WriteVolume {
+        name: "vol".into(),
+        offset: 0,
+        data: pattern(3, 4096),
+    });
+    let refused = primary.apply(request("w-down", write)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("u-b"), "{}", refused.message());
+    let observed = primary.observe().await.unwrap();
+    assert_eq!(observed.volumes[0].health, Health::Degraded as i32);
+    assert!(
+        observed.volumes[0].detail.contains("u-b"),
+        "{}",
+        observed.volumes[0].detail
+    );
+}
