@@ -37,6 +37,10 @@ struct Args {
     /// default: the namespace cairn-node runs in. `cairn dev up` gives each node one.
     #[arg(long)]
     netns: Option<String>,
+    /// Seconds a request id's recorded outcome is kept (default 7 days); a retry later
+    /// than that is carried out again.
+    #[arg(long, default_value_t = 7 * 24 * 3600)]
+    request_retention: u64,
     /// Number of file disks created under DATA_DIR/volumes/disks on first start.
     #[arg(long, default_value_t = 4)]
     disks: u32,
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         trusted_peer_keys: args.trusted_peer_keys,
         vmm_binary: args.vmm_binary,
         netns: args.netns,
+        request_retention: std::time::Duration::from_secs(args.request_retention),
     };
     let disks = DiskLayout {
         count: args.disks,

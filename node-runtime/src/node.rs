@@ -35,6 +35,10 @@ pub struct NodeConfig {
     pub trusted_peer_keys: Option<PathBuf>,
     /// Path of `cairn-vmm` (default: next to cairn-node, then PATH).
     pub vmm_binary: Option<PathBuf>,
+    /// How long request-id records are kept. A retry older than this is carried out
+    /// again (actions are idempotent, but a very late WriteVolume retry would write old
+    /// data), so it must exceed any retry horizon of the reconciler.
+    pub request_retention: Duration,
     /// Named network namespace (`/run/netns/NAME`) where bonds live; `None` is the
     /// agent's own namespace (production).
     pub netns: Option<String>,
@@ -167,6 +171,13 @@ impl Node {
         }))
     }
 
+    /// Drops request-id records older than the retention period.
+    pub fn prune_requests(&self) -> Result<u64, crate::store::StoreError> {
+        let retention_ms = self.config.request_retention.as_millis() as u64;
+        self.store
+            .prune_requests(now_unix_ms().saturating_sub(retention_ms))
+    }
+
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
@@ -264,6 +275,7 @@ impl Node {
         let record = RequestRecord {
             action_digest: digest,
             response: prost::Message::encode_to_vec(&response),
+            recorded_at_unix_ms: now_unix_ms(),
         };
         let store = self.store.clone();
         let request_id = request.request_id.clone();

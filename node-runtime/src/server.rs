@@ -62,6 +62,12 @@ pub async fn run(
         .map_err(|error| crate::node::NodeError::Engine(error.to_string()))?
         .map_err(|error| crate::node::NodeError::Engine(error.to_string()))?;
     let node = Node::open(config, engine)?;
+    // Expired request records go before the first request can look one up.
+    let pruned = node.clone();
+    tokio::task::spawn_blocking(move || pruned.prune_requests())
+        .await
+        .map_err(|error| crate::node::NodeError::Engine(error.to_string()))?
+        .map_err(crate::node::NodeError::Store)?;
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -91,6 +97,18 @@ pub async fn run(
     let (shutdown_sender, shutdown_receiver) = tokio::sync::watch::channel(false);
     let service = NodeService::new(node.clone(), shutdown_receiver);
     let resync = tokio::spawn(node.volumes.clone().resync_loop(Duration::from_secs(1)));
+    let pruning = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let hour = Duration::from_secs(3600);
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + hour, hour);
+            loop {
+                ticker.tick().await;
+                let node = node.clone();
+                let _ = tokio::task::spawn_blocking(move || node.prune_requests()).await;
+            }
+        })
+    };
 
     println!(
         "cairn-node {} listening on {local} (data dir {}, public key {}, {} trusted controller key(s) from {})",
@@ -125,6 +143,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
     resync.abort();
+    pruning.abort();
     node.exports.shutdown().await;
     node.vms.kill_all().await;
     let _ = std::fs::remove_file(&address_file);

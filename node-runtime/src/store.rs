@@ -66,6 +66,9 @@ pub struct RequestRecord {
     /// The prost-encoded `ApplyResponse` returned the first time.
     #[prost(bytes = "vec", tag = "2")]
     pub response: Vec<u8>,
+    /// When the record was written (Unix ms), for retention.
+    #[prost(uint64, tag = "3")]
+    pub recorded_at_unix_ms: u64,
 }
 
 /// Which kind of definition a table holds.
@@ -149,6 +152,28 @@ impl Store {
         }
         redb_try!("commit", transaction.commit());
         Ok(())
+    }
+
+    /// Removes request records written before `cutoff_unix_ms`; returns how many.
+    pub fn prune_requests(&self, cutoff_unix_ms: u64) -> Result<u64, StoreError> {
+        let transaction = redb_try!("begin", self.database.begin_write());
+        let mut removed = 0;
+        {
+            let mut table = redb_try!("open table", transaction.open_table(REQUESTS));
+            redb_try!(
+                "prune",
+                table.retain(|_, value| {
+                    let keep = <RequestRecord as prost::Message>::decode(value)
+                        .map_or(true, |record| record.recorded_at_unix_ms >= cutoff_unix_ms);
+                    if !keep {
+                        removed += 1;
+                    }
+                    keep
+                })
+            );
+        }
+        redb_try!("commit", transaction.commit());
+        Ok(removed)
     }
 
     /// Number of request ids recorded.

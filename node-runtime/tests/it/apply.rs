@@ -227,3 +227,28 @@ async fn a_full_disk_gives_a_clean_error_and_keeps_acknowledged_data() {
     }
     assert_eq!(client.get_inventory().await.unwrap().node_name, "full-1");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_records_older_than_the_retention_are_pruned_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let mut node = TestNode::start("prune-1", dir.path(), &controller);
+    let mut client = node.client(&controller).await;
+    apply_ok(&mut client, "old", create("v")).await;
+    assert!(apply_ok(&mut client, "old", create("v")).await.replayed);
+    assert_eq!(node.terminate(), Some(0));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let node = TestNode::start_with_args(
+        "prune-1",
+        dir.path(),
+        "127.0.0.1:0",
+        &["--request-retention", "1"],
+    );
+    let mut client = node.client(&controller).await;
+    let again = apply_ok(&mut client, "old", create("v")).await;
+    assert!(
+        !again.replayed,
+        "the record expired, so the (idempotent) action ran again"
+    );
+    assert_eq!(client.observe().await.unwrap().volumes.len(), 1);
+}

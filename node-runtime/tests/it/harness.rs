@@ -46,18 +46,25 @@ impl TestNode {
         disks: u32,
         capacity: u64,
     ) -> TestNode {
+        let disks = disks.to_string();
+        let capacity = capacity.to_string();
+        Self::start_with_args(
+            name,
+            data_dir,
+            listen,
+            &["--disks", &disks, "--disk-capacity", &capacity],
+        )
+    }
+
+    /// Starts a node with extra command-line arguments.
+    pub fn start_with_args(name: &str, data_dir: &Path, listen: &str, extra: &[&str]) -> TestNode {
         let address_file = data_dir.join("listen-address");
         let _ = std::fs::remove_file(&address_file);
         let log = std::fs::File::create(data_dir.join("node.log")).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-node"))
             .args(["--name", name, "--listen", listen, "--data-dir"])
             .arg(data_dir)
-            .args([
-                "--disks",
-                &disks.to_string(),
-                "--disk-capacity",
-                &capacity.to_string(),
-            ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
