@@ -20,6 +20,7 @@ pub mod fmt;
 pub mod generate;
 pub mod lower;
 pub mod model;
+pub mod place;
 pub mod shape;
 pub mod source;
 pub mod spec;

@@ -58,6 +58,100 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+    /// Place every VM and volume; explain, what-if and rebalance.
+    Place {
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// A previous placement (the JSON `place --format json` printed): VMs stay where they are.
+        #[arg(long)]
+        previous: Option<PathBuf>,
+        /// Rank the candidate nodes for one VM, with the parts of each score.
+        #[arg(long, value_name = "VM")]
+        explain: Option<String>,
+        /// What if these failed: node=NAME, rack=NAME or site=NAME (repeatable).
+        #[arg(long, value_name = "KIND=NAME")]
+        fail: Vec<String>,
+        /// Move VMs toward the strategy's optimum within max-moves and max-unavailable.
+        #[arg(long)]
+        rebalance: bool,
+    },
+    /// Print the dependency graph and its waves.
+    Graph {
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "dot")]
+        format: crate::placecmd::GraphFormat,
+    },
+    /// Compare the specs with what the node runtimes report and print the ordered actions.
+    Plan {
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Write the plan, signed and bound to the observed state, to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Output format (JSON: versioned, see reconciler/ARCHITECTURE-section.md).
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// Exit 0 when there is nothing to do and 3 when there are changes.
+        #[arg(long)]
+        detailed_exitcode: bool,
+        /// One line per change, no details and no wave list.
+        #[arg(long)]
+        concise: bool,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
+    /// Carry out a plan: the current one for a spec root, or a saved plan file.
+    Apply {
+        /// Spec root or a plan file written by `cairn plan --out`.
+        #[arg(default_value = ".")]
+        target: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        auto_approve: bool,
+        /// Node actions in flight at once.
+        #[arg(long, default_value_t = 8)]
+        parallelism: usize,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
+    /// What runs where, health and drift.
+    Status {
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
+    /// The local dev cluster: one cairn-node per node of the spec.
+    Dev {
+        #[command(subcommand)]
+        command: DevCommand,
+    },
+    /// Remove the apply lock of a dead `cairn apply` (its id is in the lock error).
+    ForceUnlock {
+        /// The lock id.
+        id: String,
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
     /// Write the JSON Schemas of the spec language and of the compiled model.
     Schema {
         /// Directory to write into.
@@ -93,12 +187,81 @@ pub enum Command {
     },
 }
 
+/// `cairn dev` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Start one cairn-node per node of the spec on its address; wait until all answer.
+    Up {
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Stop the dev nodes (and their VMs) of a spec root.
+    Down {
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+}
+
 /// Runs a command; returns the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Validate { dir, rev, format } => frontend::validate(&dir, rev.as_deref(), format),
         Command::Fmt { dir, check } => frontend::fmt(&dir, check),
         Command::Compile { dir, rev, format } => frontend::compile(&dir, rev.as_deref(), format),
+        Command::Place {
+            dir,
+            format,
+            previous,
+            explain,
+            fail,
+            rebalance,
+        } => crate::placecmd::place(&crate::placecmd::PlaceArgs {
+            dir,
+            format,
+            previous,
+            explain,
+            fail,
+            rebalance,
+        }),
+        Command::Graph { dir, format } => crate::placecmd::graph(&dir, format),
+        Command::Plan {
+            dir,
+            out,
+            format,
+            detailed_exitcode,
+            concise,
+            state,
+        } => crate::engine::commands::plan_cmd(crate::engine::commands::PlanArgs {
+            dir,
+            state,
+            out,
+            format,
+            detailed_exitcode,
+            concise,
+        }),
+        Command::Apply {
+            target,
+            auto_approve,
+            parallelism,
+            state,
+        } => crate::engine::commands::apply_cmd(crate::engine::commands::ApplyArgs {
+            target,
+            state,
+            auto_approve,
+            parallelism,
+        }),
+        Command::Status { dir, format, state } => {
+            crate::engine::commands::status_cmd(&dir, state.as_deref(), format)
+        }
+        Command::Dev { command } => match command {
+            DevCommand::Up { dir } => crate::engine::commands::dev_up(&dir),
+            DevCommand::Down { dir } => crate::engine::commands::dev_down(&dir),
+        },
+        Command::ForceUnlock { id, dir, state } => {
+            crate::engine::commands::force_unlock(&dir, state.as_deref(), &id)
+        }
         Command::Schema { out } => frontend::schema(&out),
         Command::Gen {
             out,

@@ -11,7 +11,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod engine;
 mod frontend;
+mod placecmd;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {

@@ -1,0 +1,1116 @@
+//! Placement: every VM (FT: primary and secondary) on a node, every volume's
+//! stripes on disks, and an explanation for every "no".
+//!
+//! `place` is a pure function of the model, the options and the previous
+//! placement. It works in passes, in a fixed order (priority, then
+//! availability, then size, then name):
+//!
+//! 1. volumes: each disk of a VM becomes `stripe-width` columns, each with
+//!    `replicas` copies on disks of the pool's class in distinct failure
+//!    domains, on the disks with the most free (thin-overcommitted) space;
+//!    previous columns stay where they are while their disks are alive.
+//! 2. stability: a VM keeps its previous node while every hard constraint
+//!    still holds there, so a change to one VM moves no other VM.
+//! 3. the rest: filter nodes by hard constraints (counting, per constraint,
+//!    how many nodes each ruled out), score the survivors (strategy, soft
+//!    affinities) and take the best; ties break by node name.
+//! 4. spot VMs last, on what is left; a spot VM that had a node and no
+//!    longer fits is reported as preempted.
+//! 5. HA admission: after the loss of any one node of a site with
+//!    `ha-reserve`, every HA VM of that node must fit elsewhere
+//!    (first-fit-decreasing into the others' free capacity); VMs that would
+//!    not are refused, lowest priority first.
+//!
+//! The output (`Placement`) is a JSON contract: `cairn place --format json`.
+
+mod explain;
+mod graph;
+mod rebalance;
+mod volumes;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub use explain::{Candidate, ScorePart, explain_vm};
+pub use graph::{Graph, GraphEdge, GraphNode, build_graph};
+pub use rebalance::rebalance;
+
+use crate::check::{SpanIndex, matches_node};
+use crate::model::{AffinityKind, Availability, Domain, Model, Node, SlaClass, Strategy, Vm};
+use crate::source::Sources;
+
+/// Version of the placement JSON shape.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Where everything goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Placement {
+    /// Always [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Every placed VM, by name.
+    pub vms: Vec<VmPlacement>,
+    /// Every VM that could not be placed, with its reasons.
+    pub unplaced: Vec<Unplaced>,
+    /// Every volume of a placed VM, with its stripe columns.
+    pub volumes: Vec<VolumePlacement>,
+    /// What each node carries.
+    pub nodes: Vec<NodeLoad>,
+    /// VMs whose node differs from the previous placement.
+    pub moves: Vec<Move>,
+}
+
+/// A placed VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VmPlacement {
+    /// VM name.
+    pub name: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Site.
+    pub site: String,
+    /// Node (the primary for FT VMs).
+    pub node: String,
+    /// FT secondary's node.
+    pub secondary: Option<String>,
+}
+
+/// A VM that could not be placed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Unplaced {
+    /// VM name.
+    pub name: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Site.
+    pub site: String,
+    /// The node it had before (a preempted or evicted VM).
+    pub previous_node: Option<String>,
+    /// Why: one entry per constraint that ruled nodes out.
+    pub reasons: Vec<Reason>,
+}
+
+/// One constraint that ruled out nodes for a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Reason {
+    /// Stable identifier: `cpu`, `memory`, `affinity:NAME`, `spread`, `ft-domain`, `pool`, `ha-reserve`, `preempted`, `failed`, `site`.
+    pub constraint: String,
+    /// What it means, for people.
+    pub message: String,
+    /// How many nodes it ruled out.
+    pub nodes_filtered: usize,
+    /// The first few of them, by name.
+    pub nodes: Vec<String>,
+    /// The spec line that imposed it (`file:line:column`).
+    pub source: Option<String>,
+}
+
+/// A volume (one VM disk) and its stripe columns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VolumePlacement {
+    /// `VM/DISK`.
+    pub name: String,
+    /// VM.
+    pub vm: String,
+    /// Pool.
+    pub pool: String,
+    /// Bytes.
+    pub size_bytes: u64,
+    /// Bytes per column copy.
+    pub column_bytes: u64,
+    /// Columns; each holds its copies as `node/disk`, in distinct failure domains.
+    pub columns: Vec<Vec<String>>,
+    /// Columns with fewer live copies than the pool's replicas (after failures).
+    #[serde(default)]
+    pub degraded_columns: usize,
+}
+
+/// Resource use of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeLoad {
+    /// Node.
+    pub name: String,
+    /// Site.
+    pub site: String,
+    /// Allocatable vCPUs.
+    pub cpu_allocatable: u64,
+    /// vCPUs of reserved VMs (FT secondaries included).
+    pub cpu_reserved: u64,
+    /// vCPUs of on-demand and spot VMs (before overcommit).
+    pub cpu_shared: u64,
+    /// Allocatable memory.
+    pub memory_allocatable_bytes: u64,
+    /// Memory of reserved VMs.
+    pub memory_reserved_bytes: u64,
+    /// Memory of on-demand and spot VMs.
+    pub memory_shared_bytes: u64,
+    /// VMs (primaries and secondaries) on it.
+    pub vms: usize,
+}
+
+/// A VM that moved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Move {
+    /// VM.
+    pub vm: String,
+    /// Previous node.
+    pub from: String,
+    /// New node.
+    pub to: String,
+    /// Why it moved.
+    pub reason: String,
+}
+
+/// What to place against.
+#[derive(Debug, Clone, Default)]
+pub struct PlaceOptions {
+    /// The previous placement (`--previous`): VMs stay where they are.
+    pub previous: Option<Placement>,
+    /// Nodes treated as failed (`--fail`).
+    pub failed_nodes: BTreeSet<String>,
+}
+
+/// Turns object spans into `file:line:column` for reasons.
+#[derive(Debug, Clone, Copy)]
+pub struct Locator<'a> {
+    /// Object spans of the compilation.
+    pub spans: &'a SpanIndex,
+    /// The sources they point into.
+    pub sources: &'a Sources,
+}
+
+impl Locator<'_> {
+    fn at(&self, kind: &'static str, name: &str) -> Option<String> {
+        self.spans
+            .get(kind, name)
+            .map(|s| crate::diag::location(self.sources, s))
+    }
+}
+
+/// Milli-vCPUs and bytes a VM costs on a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Cost {
+    pub cpu_milli: u64,
+    pub memory: u64,
+}
+
+/// The working state of one node.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeState {
+    pub name: String,
+    pub site: String,
+    pub rack: String,
+    pub alive: bool,
+    pub cap: Cost,
+    pub used: Cost,
+    pub cpu_reserved: u64,
+    pub cpu_shared: u64,
+    pub mem_reserved: u64,
+    pub mem_shared: u64,
+    pub vms: usize,
+}
+
+impl NodeState {
+    fn domain(&self, scope: Domain) -> &str {
+        match scope {
+            Domain::Node => &self.name,
+            Domain::Rack => &self.rack,
+            Domain::Site => &self.site,
+        }
+    }
+
+    fn free(&self) -> Cost {
+        Cost {
+            cpu_milli: self.cap.cpu_milli.saturating_sub(self.used.cpu_milli),
+            memory: self.cap.memory.saturating_sub(self.used.memory),
+        }
+    }
+
+    fn utilization_with(&self, extra: Cost) -> f64 {
+        let c = (self.used.cpu_milli + extra.cpu_milli) as f64 / self.cap.cpu_milli.max(1) as f64;
+        let m = (self.used.memory + extra.memory) as f64 / self.cap.memory.max(1) as f64;
+        (c + m) / 2.0
+    }
+}
+
+/// The cost of a VM (or an FT secondary) on a node of its site: reserved
+/// VMs hold their full size, others their size divided by the overcommit.
+pub(crate) fn cost(model: &Model, vm: &Vm) -> Cost {
+    let site = model.site(&vm.site);
+    let (oc_cpu, oc_mem) = site.map_or((1.0, 1.0), |s| (s.overcommit.cpu, s.overcommit.memory));
+    let full = Cost {
+        cpu_milli: u64::from(vm.cpu) * 1000,
+        memory: vm.memory_bytes,
+    };
+    if vm.sla.class == SlaClass::Reserved {
+        return full;
+    }
+    Cost {
+        cpu_milli: (full.cpu_milli as f64 / oc_cpu).ceil() as u64,
+        memory: (full.memory as f64 / oc_mem).ceil() as u64,
+    }
+}
+
+/// The failure-domain scope that separates an FT pair in a site.
+fn ft_scope(model: &Model, site: &str) -> Domain {
+    match model.site(site) {
+        Some(s) if s.racks.len() >= 2 => Domain::Rack,
+        _ => Domain::Node,
+    }
+}
+
+/// What a hard or soft affinity rule tracks while placing.
+#[derive(Debug)]
+pub(crate) struct RuleState {
+    /// Placed members per domain.
+    pub members: BTreeMap<String, usize>,
+}
+
+/// The placement engine's state, shared by the passes.
+pub(crate) struct Engine<'m> {
+    pub model: &'m Model,
+    pub nodes: Vec<NodeState>,
+    pub node_index: BTreeMap<String, usize>,
+    pub site_nodes: BTreeMap<String, Vec<usize>>,
+    pub rules: Vec<RuleState>,
+    /// Rules each VM belongs to.
+    pub rules_of: BTreeMap<String, Vec<usize>>,
+    /// Spread counts per group: domain → replicas placed.
+    pub spread: BTreeMap<String, BTreeMap<String, usize>>,
+    pub assigned: BTreeMap<String, (usize, Option<usize>)>,
+}
+
+/// Result of filtering one node for one VM.
+pub(crate) enum Verdict {
+    Fits,
+    Ruled(&'static str, String),
+}
+
+impl<'m> Engine<'m> {
+    pub(crate) fn new(model: &'m Model, failed: &BTreeSet<String>) -> Engine<'m> {
+        let mut nodes = vec![];
+        let mut site_nodes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for site in &model.sites {
+            for n in &site.nodes {
+                site_nodes
+                    .entry(site.name.clone())
+                    .or_default()
+                    .push(nodes.len());
+                nodes.push(NodeState {
+                    name: n.name.clone(),
+                    site: site.name.clone(),
+                    rack: n.rack.clone(),
+                    alive: !failed.contains(&n.name)
+                        && !failed.contains(&format!("rack={}", n.rack))
+                        && !failed.contains(&format!("site={}", site.name)),
+                    cap: Cost {
+                        cpu_milli: n.allocatable.cpu * 1000,
+                        memory: n.allocatable.memory_bytes,
+                    },
+                    used: Cost::default(),
+                    cpu_reserved: 0,
+                    cpu_shared: 0,
+                    mem_reserved: 0,
+                    mem_shared: 0,
+                    vms: 0,
+                });
+            }
+        }
+        let node_index = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        let mut rules_of: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        let mut rules = vec![];
+        for (i, a) in model.affinities.iter().enumerate() {
+            for v in &a.vms {
+                rules_of.entry(v.clone()).or_default().push(i);
+            }
+            rules.push(RuleState {
+                members: BTreeMap::new(),
+            });
+        }
+        Engine {
+            model,
+            nodes,
+            node_index,
+            site_nodes,
+            rules,
+            rules_of,
+            spread: BTreeMap::new(),
+            assigned: BTreeMap::new(),
+        }
+    }
+
+    fn node_of(&self, model_node: &str) -> Option<&Node> {
+        self.model
+            .sites
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .find(|n| n.name == model_node)
+    }
+
+    /// Hard constraints of placing `vm` (its primary, or its FT secondary
+    /// when `primary` is given) on node `i`.
+    pub(crate) fn verdict(&self, vm: &Vm, i: usize, primary: Option<usize>) -> Verdict {
+        let n = &self.nodes[i];
+        if !n.alive {
+            return Verdict::Ruled("failed", "the node is failed".to_owned());
+        }
+        if let Some(p) = primary {
+            let scope = ft_scope(self.model, &vm.site);
+            if self.nodes[p].domain(scope) == n.domain(scope) {
+                return Verdict::Ruled(
+                    "ft-domain",
+                    format!("an FT secondary must be in another {scope} than its primary"),
+                );
+            }
+        }
+        if primary.is_none() {
+            for &r in self
+                .rules_of
+                .get(&vm.name)
+                .map(Vec::as_slice)
+                .unwrap_or(&[])
+            {
+                let a = &self.model.affinities[r];
+                if !a.hard {
+                    continue;
+                }
+                let ruled = match a.kind {
+                    AffinityKind::Node => {
+                        let node = self.node_of(&n.name);
+                        !node.is_some_and(|nd| matches_node(&a.nodes, nd))
+                    }
+                    AffinityKind::Apart => {
+                        self.rules[r]
+                            .members
+                            .get(n.domain(a.scope))
+                            .copied()
+                            .unwrap_or(0)
+                            > 0
+                    }
+                    AffinityKind::Together => {
+                        let placed: usize = self.rules[r].members.values().sum();
+                        placed > 0
+                            && self.rules[r]
+                                .members
+                                .get(n.domain(a.scope))
+                                .copied()
+                                .unwrap_or(0)
+                                == 0
+                    }
+                };
+                if ruled {
+                    return Verdict::Ruled("affinity", a.name.clone());
+                }
+            }
+            if let Some(group) = vm.group.as_deref()
+                && let Some(g) = self.model.vm_groups.iter().find(|g| g.name == group)
+                && let Some(scope) = g.spread
+            {
+                let counts = self.spread.get(group);
+                let here = counts
+                    .and_then(|c| c.get(n.domain(scope)))
+                    .copied()
+                    .unwrap_or(0);
+                let min = self
+                    .site_domains(&vm.site, scope)
+                    .iter()
+                    .map(|d| counts.and_then(|c| c.get(d)).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(0);
+                if here + 1 > min + 1 {
+                    return Verdict::Ruled(
+                        "spread",
+                        format!(
+                            "{scope} {} already holds more of group `{group}` than the least-used {scope}",
+                            n.domain(scope)
+                        ),
+                    );
+                }
+            }
+        }
+        let c = if primary.is_some() {
+            Cost {
+                cpu_milli: u64::from(vm.cpu) * 1000,
+                memory: vm.memory_bytes,
+            }
+        } else {
+            cost(self.model, vm)
+        };
+        let free = n.free();
+        if c.cpu_milli > free.cpu_milli {
+            return Verdict::Ruled("cpu", String::new());
+        }
+        if c.memory > free.memory {
+            return Verdict::Ruled("memory", String::new());
+        }
+        Verdict::Fits
+    }
+
+    /// Alive domains of a scope in a site.
+    pub(crate) fn site_domains(&self, site: &str, scope: Domain) -> BTreeSet<String> {
+        self.site_nodes
+            .get(site)
+            .into_iter()
+            .flatten()
+            .filter(|&&i| self.nodes[i].alive)
+            .map(|&i| self.nodes[i].domain(scope).to_owned())
+            .collect()
+    }
+
+    /// Soft score of `vm` on node `i`, with its parts.
+    pub(crate) fn score(&self, vm: &Vm, i: usize) -> Vec<ScorePart> {
+        let n = &self.nodes[i];
+        let strategy = self
+            .model
+            .site(&vm.site)
+            .map_or(Strategy::Spread, |s| s.scheduler.strategy);
+        let util = n.utilization_with(cost(self.model, vm));
+        let mut parts = vec![match strategy {
+            Strategy::Spread => ScorePart {
+                name: "spread".to_owned(),
+                value: ((1.0 - util) * 100.0).round() as i64,
+            },
+            Strategy::Pack => ScorePart {
+                name: "pack".to_owned(),
+                value: (util * 100.0).round() as i64,
+            },
+        }];
+        for &r in self
+            .rules_of
+            .get(&vm.name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            let a = &self.model.affinities[r];
+            if a.hard {
+                continue;
+            }
+            let members = &self.rules[r].members;
+            let here = members.get(n.domain(a.scope)).copied().unwrap_or(0);
+            let placed: usize = members.values().sum();
+            let ok = match a.kind {
+                AffinityKind::Node => self
+                    .node_of(&n.name)
+                    .is_some_and(|nd| matches_node(&a.nodes, nd)),
+                AffinityKind::Apart => here == 0,
+                AffinityKind::Together => placed > 0 && here > 0,
+            };
+            if ok {
+                parts.push(ScorePart {
+                    name: format!("affinity:{}", a.name),
+                    value: i64::from(a.weight),
+                });
+            }
+        }
+        parts
+    }
+
+    pub(crate) fn assign(&mut self, vm: &Vm, node: usize, secondary: Option<usize>) {
+        let c = cost(self.model, vm);
+        self.add_load(vm, node, c, false);
+        if let Some(s) = secondary {
+            self.add_load(
+                vm,
+                s,
+                Cost {
+                    cpu_milli: u64::from(vm.cpu) * 1000,
+                    memory: vm.memory_bytes,
+                },
+                true,
+            );
+        }
+        for &r in self
+            .rules_of
+            .get(&vm.name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            let scope = self.model.affinities[r].scope;
+            let d = self.nodes[node].domain(scope).to_owned();
+            *self.rules[r].members.entry(d).or_default() += 1;
+        }
+        if let Some(group) = vm.group.as_deref()
+            && let Some(g) = self.model.vm_groups.iter().find(|g| g.name == group)
+            && let Some(scope) = g.spread
+        {
+            let d = self.nodes[node].domain(scope).to_owned();
+            *self
+                .spread
+                .entry(group.to_owned())
+                .or_default()
+                .entry(d)
+                .or_default() += 1;
+        }
+        self.assigned.insert(vm.name.clone(), (node, secondary));
+    }
+
+    pub(crate) fn unassign(&mut self, vm: &Vm) {
+        let Some((node, secondary)) = self.assigned.remove(&vm.name) else {
+            return;
+        };
+        let c = cost(self.model, vm);
+        self.remove_load(vm, node, c, false);
+        if let Some(s) = secondary {
+            self.remove_load(
+                vm,
+                s,
+                Cost {
+                    cpu_milli: u64::from(vm.cpu) * 1000,
+                    memory: vm.memory_bytes,
+                },
+                true,
+            );
+        }
+        for &r in self
+            .rules_of
+            .get(&vm.name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
+            let scope = self.model.affinities[r].scope;
+            let d = self.nodes[node].domain(scope).to_owned();
+            if let Some(c) = self.rules[r].members.get_mut(&d) {
+                *c = c.saturating_sub(1);
+            }
+        }
+        if let Some(group) = vm.group.as_deref()
+            && let Some(g) = self.model.vm_groups.iter().find(|g| g.name == group)
+            && let Some(scope) = g.spread
+        {
+            let d = self.nodes[node].domain(scope).to_owned();
+            if let Some(c) = self.spread.get_mut(group).and_then(|m| m.get_mut(&d)) {
+                *c = c.saturating_sub(1);
+            }
+        }
+    }
+
+    fn add_load(&mut self, vm: &Vm, i: usize, c: Cost, full: bool) {
+        let n = &mut self.nodes[i];
+        n.used.cpu_milli += c.cpu_milli;
+        n.used.memory += c.memory;
+        n.vms += 1;
+        if full || vm.sla.class == SlaClass::Reserved {
+            n.cpu_reserved += u64::from(vm.cpu);
+            n.mem_reserved += vm.memory_bytes;
+        } else {
+            n.cpu_shared += u64::from(vm.cpu);
+            n.mem_shared += vm.memory_bytes;
+        }
+    }
+
+    fn remove_load(&mut self, vm: &Vm, i: usize, c: Cost, full: bool) {
+        let n = &mut self.nodes[i];
+        n.used.cpu_milli = n.used.cpu_milli.saturating_sub(c.cpu_milli);
+        n.used.memory = n.used.memory.saturating_sub(c.memory);
+        n.vms = n.vms.saturating_sub(1);
+        if full || vm.sla.class == SlaClass::Reserved {
+            n.cpu_reserved = n.cpu_reserved.saturating_sub(u64::from(vm.cpu));
+            n.mem_reserved = n.mem_reserved.saturating_sub(vm.memory_bytes);
+        } else {
+            n.cpu_shared = n.cpu_shared.saturating_sub(u64::from(vm.cpu));
+            n.mem_shared = n.mem_shared.saturating_sub(vm.memory_bytes);
+        }
+    }
+
+    /// The best feasible node for the VM (and its secondary), if any.
+    pub(crate) fn best(&self, vm: &Vm) -> Option<(usize, Option<usize>)> {
+        let candidates = self.site_nodes.get(&vm.site)?;
+        let mut best: Option<(i64, usize)> = None;
+        for &i in candidates {
+            if !matches!(self.verdict(vm, i, None), Verdict::Fits) {
+                continue;
+            }
+            let s: i64 = self.score(vm, i).iter().map(|p| p.value).sum();
+            // Strictly greater: on a tie the earlier (name-ordered) node wins.
+            if best.is_none_or(|(bs, _)| s > bs) {
+                best = Some((s, i));
+            }
+        }
+        let (_, node) = best?;
+        if vm.availability != Availability::Ft {
+            return Some((node, None));
+        }
+        let secondary = self.best_secondary(vm, node)?;
+        Some((node, Some(secondary)))
+    }
+
+    pub(crate) fn best_secondary(&self, vm: &Vm, primary: usize) -> Option<usize> {
+        let candidates = self.site_nodes.get(&vm.site)?;
+        let mut best: Option<(f64, usize)> = None;
+        for &i in candidates {
+            if !matches!(self.verdict(vm, i, Some(primary)), Verdict::Fits) {
+                continue;
+            }
+            let u = self.nodes[i].utilization_with(Cost::default());
+            if best.is_none_or(|(bu, _)| u < bu) {
+                best = Some((u, i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// Every constraint that ruled out nodes for a VM, Nomad-style.
+    pub(crate) fn reasons(&self, vm: &Vm, locator: Option<&Locator<'_>>) -> Vec<Reason> {
+        let mut by: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+        let Some(candidates) = self.site_nodes.get(&vm.site) else {
+            return vec![Reason {
+                constraint: "site".to_owned(),
+                message: format!("site `{}` has no nodes", vm.site),
+                nodes_filtered: 0,
+                nodes: vec![],
+                source: locator.and_then(|l| l.at("vm", &vm.name)),
+            }];
+        };
+        for &i in candidates {
+            if let Verdict::Ruled(kind, detail) = self.verdict(vm, i, None) {
+                by.entry((kind.to_owned(), detail))
+                    .or_default()
+                    .push(self.nodes[i].name.clone());
+            }
+        }
+        let mut out = vec![];
+        for ((kind, detail), nodes) in by {
+            let n = nodes.len();
+            let (constraint, message, source) = match kind.as_str() {
+                "cpu" => (
+                    "cpu".to_owned(),
+                    format!("{n} {} too few free vCPUs for {} vCPUs", were(n), vm.cpu),
+                    locator.and_then(|l| l.at("vm", &vm.name)),
+                ),
+                "memory" => (
+                    "memory".to_owned(),
+                    format!(
+                        "{n} {} too little free memory for {}",
+                        were(n),
+                        crate::units::human_size(vm.memory_bytes)
+                    ),
+                    locator.and_then(|l| l.at("vm", &vm.name)),
+                ),
+                "affinity" => {
+                    let a = self.model.affinities.iter().find(|a| a.name == detail);
+                    let what = a.map_or(String::new(), |a| match a.kind {
+                        AffinityKind::Node => "do not match its `nodes` selector".to_owned(),
+                        AffinityKind::Apart => format!(
+                            "already hold a VM it must be kept apart from (per {})",
+                            a.scope
+                        ),
+                        AffinityKind::Together => format!(
+                            "are not in the {} of the VMs it must be together with",
+                            a.scope
+                        ),
+                    });
+                    (
+                        format!("affinity:{detail}"),
+                        format!("{n} {what} (hard rule `{detail}`)"),
+                        locator.and_then(|l| l.at("affinity", &detail)),
+                    )
+                }
+                "spread" => (
+                    "spread".to_owned(),
+                    format!(
+                        "{n} would break the even spread of group `{}`",
+                        vm.group.clone().unwrap_or_default()
+                    ),
+                    vm.group
+                        .as_deref()
+                        .and_then(|g| locator.and_then(|l| l.at("vm-group", g))),
+                ),
+                "failed" => ("failed".to_owned(), format!("{n} {} failed", were(n)), None),
+                other => (other.to_owned(), format!("{n}: {detail}"), None),
+            };
+            out.push(Reason {
+                constraint,
+                message,
+                nodes_filtered: n,
+                nodes: nodes.into_iter().take(5).collect(),
+                source,
+            });
+        }
+        if out.is_empty() && vm.availability == Availability::Ft {
+            out.push(Reason {
+                constraint: "ft-domain".to_owned(),
+                message: format!(
+                    "no node in another {} has room for the FT secondary",
+                    ft_scope(self.model, &vm.site)
+                ),
+                nodes_filtered: candidates.len(),
+                nodes: vec![],
+                source: locator.and_then(|l| l.at("vm", &vm.name)),
+            });
+        }
+        out
+    }
+}
+
+fn were(n: usize) -> &'static str {
+    if n == 1 { "node has" } else { "nodes have" }
+}
+
+/// Placement order: priority, then FT and HA first, then larger VMs, then name.
+pub(crate) fn order(model: &Model) -> Vec<&Vm> {
+    let mut vms: Vec<&Vm> = model.vms.iter().collect();
+    let avail_rank = |a: Availability| match a {
+        Availability::Ft => 0,
+        Availability::Ha => 1,
+        Availability::None => 2,
+    };
+    vms.sort_by(|a, b| {
+        b.sla
+            .priority
+            .cmp(&a.sla.priority)
+            .then(avail_rank(a.availability).cmp(&avail_rank(b.availability)))
+            .then((u64::from(b.cpu) * b.memory_bytes).cmp(&(u64::from(a.cpu) * a.memory_bytes)))
+            .then(a.name.cmp(&b.name))
+    });
+    vms
+}
+
+/// Places every VM and volume of a model.
+pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>>) -> Placement {
+    let mut engine = Engine::new(model, &options.failed_nodes);
+    let previous: BTreeMap<&str, &VmPlacement> = options
+        .previous
+        .iter()
+        .flat_map(|p| p.vms.iter())
+        .map(|v| (v.name.as_str(), v))
+        .collect();
+    let mut unplaced: BTreeMap<String, Vec<Reason>> = BTreeMap::new();
+    let mut ordered = order(model);
+    // VMs whose whole site is down are explained as such, not by the
+    // pools and nodes that went down with it.
+    ordered.retain(|vm| {
+        let nodes = engine
+            .site_nodes
+            .get(&vm.site)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        if nodes.is_empty() || nodes.iter().any(|&i| engine.nodes[i].alive) {
+            return true;
+        }
+        unplaced.insert(
+            vm.name.clone(),
+            vec![Reason {
+                constraint: "failed".to_owned(),
+                message: format!("all {} nodes of site `{}` are failed", nodes.len(), vm.site),
+                nodes_filtered: nodes.len(),
+                nodes: nodes
+                    .iter()
+                    .take(5)
+                    .map(|&i| engine.nodes[i].name.clone())
+                    .collect(),
+                source: None,
+            }],
+        );
+        false
+    });
+    let (volumes, volume_failures) =
+        volumes::place_volumes(model, &engine, options.previous.as_ref(), &ordered);
+    for (vm, reason) in volume_failures {
+        unplaced.insert(vm, vec![reason]);
+    }
+    let spot = |v: &&Vm| v.sla.class == SlaClass::Spot;
+    for phase_spot in [false, true] {
+        let phase: Vec<&Vm> = ordered
+            .iter()
+            .copied()
+            .filter(|v| spot(v) == phase_spot && !unplaced.contains_key(&v.name))
+            .collect();
+        // Stability: keep previous nodes while they remain feasible.
+        for vm in &phase {
+            let Some(prev) = previous.get(vm.name.as_str()) else {
+                continue;
+            };
+            // FT failover: the secondary is running in lockstep; when the
+            // primary's node is gone it simply becomes the primary (its
+            // capacity is already held), and a new secondary is found.
+            if vm.availability == Availability::Ft
+                && let Some(sec) = prev
+                    .secondary
+                    .as_ref()
+                    .and_then(|s| engine.node_index.get(s).copied())
+                && engine.nodes[sec].alive
+                && engine
+                    .node_index
+                    .get(&prev.node)
+                    .is_none_or(|&p| !engine.nodes[p].alive)
+            {
+                let new_secondary = engine.best_secondary(vm, sec);
+                engine.assign(vm, sec, new_secondary);
+                continue;
+            }
+            let Some(&node) = engine.node_index.get(&prev.node) else {
+                continue;
+            };
+            if engine.nodes[node].site != vm.site
+                || !matches!(engine.verdict(vm, node, None), Verdict::Fits)
+            {
+                continue;
+            }
+            let secondary = if vm.availability == Availability::Ft {
+                let kept = prev
+                    .secondary
+                    .as_ref()
+                    .and_then(|s| engine.node_index.get(s).copied())
+                    .filter(|&s| matches!(engine.verdict(vm, s, Some(node)), Verdict::Fits));
+                match kept.or_else(|| engine.best_secondary(vm, node)) {
+                    Some(s) => Some(s),
+                    None => continue,
+                }
+            } else {
+                None
+            };
+            engine.assign(vm, node, secondary);
+        }
+        for vm in &phase {
+            if engine.assigned.contains_key(&vm.name) {
+                continue;
+            }
+            match engine.best(vm) {
+                Some((node, secondary)) => engine.assign(vm, node, secondary),
+                None => {
+                    let mut reasons = engine.reasons(vm, locator);
+                    if phase_spot && previous.contains_key(vm.name.as_str()) {
+                        reasons.insert(
+                            0,
+                            Reason {
+                                constraint: "preempted".to_owned(),
+                                message: "preempted: higher-priority VMs claim the capacity this spot VM used".to_owned(),
+                                nodes_filtered: 0,
+                                nodes: vec![],
+                                source: None,
+                            },
+                        );
+                    }
+                    unplaced.insert(vm.name.clone(), reasons);
+                }
+            }
+        }
+    }
+    ha_admission(model, &mut engine, &mut unplaced, locator);
+    finish(model, &engine, volumes, unplaced, options.previous.as_ref())
+}
+
+/// HA admission control: after the loss of any one node of a site with
+/// `ha-reserve nodes>=1`, each HA VM of the lost node must fit in the free
+/// capacity of the others (first-fit decreasing). For `nodes=N>1` the check
+/// is also run against the loss of the N nodes carrying the most HA load
+/// together (a sound bound, not an exhaustive search). VMs that would not
+/// fit are refused, lowest priority (then smallest, then name) first.
+fn ha_admission(
+    model: &Model,
+    engine: &mut Engine<'_>,
+    unplaced: &mut BTreeMap<String, Vec<Reason>>,
+    locator: Option<&Locator<'_>>,
+) {
+    for site in &model.sites {
+        let n_reserve = site.ha_reserve_nodes as usize;
+        if n_reserve == 0 {
+            continue;
+        }
+        let nodes: Vec<usize> = engine
+            .site_nodes
+            .get(&site.name)
+            .cloned()
+            .unwrap_or_default();
+        loop {
+            let mut victim: Option<(&Vm, String)> = None;
+            let mut scenarios: Vec<Vec<usize>> = nodes.iter().map(|&i| vec![i]).collect();
+            if n_reserve > 1 {
+                let mut by_load: Vec<(u64, usize)> = nodes
+                    .iter()
+                    .map(|&i| {
+                        let load: u64 = ha_vms_on(model, engine, i)
+                            .iter()
+                            .map(|v| cost(model, v).cpu_milli)
+                            .sum();
+                        (load, i)
+                    })
+                    .collect();
+                by_load.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                scenarios.push(by_load.iter().take(n_reserve).map(|&(_, i)| i).collect());
+            }
+            for lost in scenarios {
+                let mut stranded: Vec<&Vm> = lost
+                    .iter()
+                    .flat_map(|&i| ha_vms_on(model, engine, i))
+                    .collect();
+                stranded.sort_by(|a, b| {
+                    cost(model, b)
+                        .cpu_milli
+                        .cmp(&cost(model, a).cpu_milli)
+                        .then(a.name.cmp(&b.name))
+                });
+                let mut free: Vec<Cost> = nodes
+                    .iter()
+                    .filter(|i| !lost.contains(i) && engine.nodes[**i].alive)
+                    .map(|&i| engine.nodes[i].free())
+                    .collect();
+                let mut failed: Vec<&Vm> = vec![];
+                for vm in stranded {
+                    let c = cost(model, vm);
+                    match free
+                        .iter_mut()
+                        .find(|f| f.cpu_milli >= c.cpu_milli && f.memory >= c.memory)
+                    {
+                        Some(f) => {
+                            f.cpu_milli -= c.cpu_milli;
+                            f.memory -= c.memory;
+                        }
+                        None => failed.push(vm),
+                    }
+                }
+                if let Some(v) = failed.into_iter().min_by(|a, b| {
+                    a.sla
+                        .priority
+                        .cmp(&b.sla.priority)
+                        .then(cost(model, a).cpu_milli.cmp(&cost(model, b).cpu_milli))
+                        .then(b.name.cmp(&a.name))
+                }) {
+                    let names: Vec<&str> = lost
+                        .iter()
+                        .map(|&i| engine.nodes[i].name.as_str())
+                        .collect();
+                    victim = Some((v, names.join(", ")));
+                    break;
+                }
+            }
+            let Some((vm, lost)) = victim else { break };
+            engine.unassign(vm);
+            unplaced.insert(
+                vm.name.clone(),
+                vec![Reason {
+                    constraint: "ha-reserve".to_owned(),
+                    message: format!(
+                        "admission: site `{}` keeps room to restart HA VMs after losing {n_reserve} node{}; placed, this VM could not be restarted after losing {lost}",
+                        site.name,
+                        if n_reserve == 1 { "" } else { "s" }
+                    ),
+                    nodes_filtered: 0,
+                    nodes: vec![],
+                    source: locator.and_then(|l| l.at("site", &site.name)),
+                }],
+            );
+        }
+    }
+}
+
+fn ha_vms_on<'m>(model: &'m Model, engine: &Engine<'_>, node: usize) -> Vec<&'m Vm> {
+    model
+        .vms
+        .iter()
+        .filter(|v| {
+            v.availability == Availability::Ha
+                && engine
+                    .assigned
+                    .get(&v.name)
+                    .is_some_and(|(n, _)| *n == node)
+        })
+        .collect()
+}
+
+fn finish(
+    model: &Model,
+    engine: &Engine<'_>,
+    volumes: Vec<VolumePlacement>,
+    unplaced: BTreeMap<String, Vec<Reason>>,
+    previous: Option<&Placement>,
+) -> Placement {
+    let mut vms = vec![];
+    let mut moves = vec![];
+    let prev: BTreeMap<&str, &VmPlacement> = previous
+        .iter()
+        .flat_map(|p| p.vms.iter())
+        .map(|v| (v.name.as_str(), v))
+        .collect();
+    for vm in &model.vms {
+        let Some(&(node, secondary)) = engine.assigned.get(&vm.name) else {
+            continue;
+        };
+        let node_name = engine.nodes[node].name.clone();
+        if let Some(p) = prev.get(vm.name.as_str())
+            && p.node != node_name
+        {
+            let promoted = p.secondary.as_deref() == Some(node_name.as_str());
+            let reason = match engine.node_index.get(&p.node) {
+                _ if promoted => "FT failover: its secondary became the primary".to_owned(),
+                None => "its node is no longer in the spec".to_owned(),
+                Some(&i) if !engine.nodes[i].alive => "its node failed".to_owned(),
+                Some(_) => "a hard constraint no longer holds on its node".to_owned(),
+            };
+            moves.push(Move {
+                vm: vm.name.clone(),
+                from: p.node.clone(),
+                to: node_name.clone(),
+                reason,
+            });
+        }
+        vms.push(VmPlacement {
+            name: vm.name.clone(),
+            tenant: vm.tenant.clone(),
+            site: vm.site.clone(),
+            node: node_name,
+            secondary: secondary.map(|s| engine.nodes[s].name.clone()),
+        });
+    }
+    let placed: BTreeSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    let volumes = volumes
+        .into_iter()
+        .filter(|v| placed.contains(v.vm.as_str()))
+        .collect();
+    let unplaced = model
+        .vms
+        .iter()
+        .filter_map(|vm| {
+            unplaced.get(&vm.name).map(|reasons| Unplaced {
+                name: vm.name.clone(),
+                tenant: vm.tenant.clone(),
+                site: vm.site.clone(),
+                previous_node: prev.get(vm.name.as_str()).map(|p| p.node.clone()),
+                reasons: reasons.clone(),
+            })
+        })
+        .collect();
+    let nodes = engine
+        .nodes
+        .iter()
+        .map(|n| NodeLoad {
+            name: n.name.clone(),
+            site: n.site.clone(),
+            cpu_allocatable: n.cap.cpu_milli / 1000,
+            cpu_reserved: n.cpu_reserved,
+            cpu_shared: n.cpu_shared,
+            memory_allocatable_bytes: n.cap.memory,
+            memory_reserved_bytes: n.mem_reserved,
+            memory_shared_bytes: n.mem_shared,
+            vms: n.vms,
+        })
+        .collect();
+    Placement {
+        format_version: FORMAT_VERSION,
+        vms,
+        unplaced,
+        volumes,
+        nodes,
+        moves,
+    }
+}
+
+/// The placement as pretty JSON.
+pub fn placement_json(p: &Placement) -> String {
+    let mut s = serde_json::to_string_pretty(p).expect("placements serialize");
+    s.push('\n');
+    s
+}
+
+/// The JSON Schema of the placement.
+pub fn placement_schema() -> String {
+    let mut s =
+        serde_json::to_string_pretty(&schemars::schema_for!(Placement)).expect("schemas serialize");
+    s.push('\n');
+    s
+}

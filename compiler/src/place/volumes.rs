@@ -1,0 +1,266 @@
+//! Stripe placement: each volume is cut into `stripe-width` columns; each
+//! column has `replicas` copies on disks of the pool's class, in distinct
+//! failure domains, on the disks with the most free space (capacity ×
+//! thin-overcommit minus what is already provisioned there). Previous
+//! columns stay where they are while all their disks are alive.
+
+use std::collections::{BTreeMap, BinaryHeap};
+
+use super::{Engine, Placement, Reason, VolumePlacement};
+use crate::model::{Domain, Model, Vm};
+
+#[derive(Debug)]
+struct DiskState {
+    id: String,
+    domain: String,
+    capacity: u64,
+    used: u64,
+    alive: bool,
+}
+
+/// Places the volumes of VMs in placement order. Returns the placements
+/// and, per VM whose volumes do not fit, the reason.
+pub(crate) fn place_volumes(
+    model: &Model,
+    engine: &Engine<'_>,
+    previous: Option<&Placement>,
+    ordered: &[&Vm],
+) -> (Vec<VolumePlacement>, Vec<(String, Reason)>) {
+    // Disks per (site, pool).
+    let mut pools: BTreeMap<(String, String), Vec<DiskState>> = BTreeMap::new();
+    let mut pool_info: BTreeMap<(String, String), (u32, u32, u64, Domain)> = BTreeMap::new();
+    for site in &model.sites {
+        for p in &site.pools {
+            let mut disks = vec![];
+            for n in &site.nodes {
+                let alive = engine
+                    .node_index
+                    .get(&n.name)
+                    .is_some_and(|&i| engine.nodes[i].alive);
+                for d in n.disks.iter().filter(|d| d.class == p.disk_class) {
+                    disks.push(DiskState {
+                        id: format!("{}/{}", n.name, d.name),
+                        domain: match p.failure_domain {
+                            Domain::Node => n.name.clone(),
+                            Domain::Rack => n.rack.clone(),
+                            Domain::Site => n.site.clone(),
+                        },
+                        capacity: (d.size_bytes as f64 * p.thin_overcommit) as u64,
+                        used: 0,
+                        alive,
+                    });
+                }
+            }
+            pools.insert((site.name.clone(), p.name.clone()), disks);
+            pool_info.insert(
+                (site.name.clone(), p.name.clone()),
+                (
+                    p.stripe_width.max(1),
+                    p.replicas.max(1),
+                    p.stripe_unit_bytes.max(1),
+                    p.failure_domain,
+                ),
+            );
+        }
+    }
+    let prev: BTreeMap<&str, &VolumePlacement> = previous
+        .iter()
+        .flat_map(|p| p.volumes.iter())
+        .map(|v| (v.name.as_str(), v))
+        .collect();
+    let mut out = vec![];
+    let mut failures = vec![];
+    // Two passes: volumes that keep their previous columns claim their space
+    // first, so a new volume never pushes an existing one off its disks.
+    let mut pending: Vec<(&Vm, usize)> = vec![];
+    for vm in ordered {
+        for (k, disk) in vm.disks.iter().enumerate() {
+            let name = format!("{}/{}", vm.name, disk.name);
+            let key = (vm.site.clone(), disk.pool.clone());
+            let (Some(disks), Some(&(width, replicas, unit, _))) =
+                (pools.get_mut(&key), pool_info.get(&key))
+            else {
+                continue;
+            };
+            let column = column_bytes(disk.size_bytes, width, unit);
+            // A previous volume stays while every column keeps at least one
+            // live copy; dead copies are replaced where a distinct domain
+            // has room, else the column runs degraded.
+            let kept = prev.get(name.as_str()).filter(|p| {
+                p.pool == disk.pool
+                    && p.column_bytes == column
+                    && p.columns.len() == width as usize
+                    && p.columns.iter().all(|c| {
+                        c.iter().all(|id| disks.iter().any(|d| &d.id == id))
+                            && c.iter()
+                                .any(|id| disks.iter().any(|d| &d.id == id && d.alive))
+                    })
+            });
+            match kept {
+                Some(p) => {
+                    let mut vp = (*p).clone();
+                    vp.degraded_columns = 0;
+                    for col in &mut vp.columns {
+                        col.retain(|id| disks.iter().any(|d| &d.id == id && d.alive));
+                        for id in col.iter() {
+                            if let Some(d) = disks.iter_mut().find(|d| &d.id == id) {
+                                d.used += column;
+                            }
+                        }
+                        while col.len() < replicas as usize {
+                            let domains: Vec<String> = col
+                                .iter()
+                                .filter_map(|id| disks.iter().find(|d| &d.id == id))
+                                .map(|d| d.domain.clone())
+                                .collect();
+                            let best = disks
+                                .iter_mut()
+                                .filter(|d| {
+                                    d.alive
+                                        && !domains.contains(&d.domain)
+                                        && d.capacity.saturating_sub(d.used) >= column
+                                })
+                                .max_by(|a, b| {
+                                    (a.capacity - a.used)
+                                        .cmp(&(b.capacity - b.used))
+                                        .then(b.id.cmp(&a.id))
+                                });
+                            match best {
+                                Some(d) => {
+                                    d.used += column;
+                                    col.push(d.id.clone());
+                                }
+                                None => break,
+                            }
+                        }
+                        if col.len() < replicas as usize {
+                            vp.degraded_columns += 1;
+                        }
+                    }
+                    out.push(vp);
+                }
+                None => pending.push((vm, k)),
+            }
+        }
+    }
+    for (vm, k) in pending {
+        let disk = &vm.disks[k];
+        let key = (vm.site.clone(), disk.pool.clone());
+        let (Some(disks), Some(&(width, replicas, unit, domain))) =
+            (pools.get_mut(&key), pool_info.get(&key))
+        else {
+            continue;
+        };
+        let column = column_bytes(disk.size_bytes, width, unit);
+        let mut heap: BinaryHeap<(u64, std::cmp::Reverse<usize>)> = disks
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.alive)
+            .map(|(i, d)| (d.capacity.saturating_sub(d.used), std::cmp::Reverse(i)))
+            .collect();
+        let mut columns = vec![];
+        let mut ok = true;
+        for _ in 0..width {
+            let mut chosen: Vec<usize> = vec![];
+            let mut skipped = vec![];
+            while chosen.len() < replicas as usize {
+                let Some((free, std::cmp::Reverse(i))) = heap.pop() else {
+                    break;
+                };
+                if free < column {
+                    skipped.push((free, std::cmp::Reverse(i)));
+                    break;
+                }
+                if chosen.iter().any(|&c| disks[c].domain == disks[i].domain) {
+                    skipped.push((free, std::cmp::Reverse(i)));
+                    continue;
+                }
+                chosen.push(i);
+            }
+            for s in skipped {
+                heap.push(s);
+            }
+            if chosen.len() < replicas as usize {
+                ok = false;
+                for i in chosen {
+                    heap.push((
+                        disks[i].capacity.saturating_sub(disks[i].used),
+                        std::cmp::Reverse(i),
+                    ));
+                }
+                break;
+            }
+            for &i in &chosen {
+                disks[i].used += column;
+                heap.push((
+                    disks[i].capacity.saturating_sub(disks[i].used),
+                    std::cmp::Reverse(i),
+                ));
+            }
+            columns.push(chosen.iter().map(|&i| disks[i].id.clone()).collect());
+        }
+        if !ok {
+            // Give back what the partial volume took.
+            for c in &columns {
+                for id in c {
+                    if let Some(d) = disks.iter_mut().find(|d| &d.id == id) {
+                        d.used -= column;
+                    }
+                }
+            }
+            let free_domains = {
+                let mut by_domain: BTreeMap<&str, u64> = BTreeMap::new();
+                for d in disks
+                    .iter()
+                    .filter(|d| d.alive && d.capacity.saturating_sub(d.used) >= column)
+                {
+                    *by_domain.entry(d.domain.as_str()).or_default() += 1;
+                }
+                by_domain.len()
+            };
+            let full: Vec<String> = disks
+                .iter()
+                .filter(|d| d.capacity.saturating_sub(d.used) < column || !d.alive)
+                .map(|d| d.id.clone())
+                .collect();
+            failures.push((
+                vm.name.clone(),
+                Reason {
+                    constraint: "pool".to_owned(),
+                    message: format!(
+                        "pool `{}` cannot hold disk `{}`: each of its {width} columns needs {replicas} copies of {} in distinct {domain}s, and only {free_domains} {domain}{} {} a disk with that much room",
+                        disk.pool,
+                        disk.name,
+                        crate::units::human_size(column),
+                        if free_domains == 1 { "" } else { "s" },
+                        if free_domains == 1 { "has" } else { "have" },
+                    ),
+                    nodes_filtered: full.len(),
+                    nodes: full.into_iter().take(5).collect(),
+                    source: None,
+                },
+            ));
+            continue;
+        }
+        out.push(VolumePlacement {
+            name: format!("{}/{}", vm.name, disk.name),
+            vm: vm.name.clone(),
+            pool: disk.pool.clone(),
+            size_bytes: disk.size_bytes,
+            column_bytes: column,
+            columns,
+            degraded_columns: 0,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    failures.sort_by(|a, b| a.0.cmp(&b.0));
+    failures.dedup_by(|a, b| a.0 == b.0);
+    (out, failures)
+}
+
+/// Bytes of one column copy: the size split over the columns, rounded up to
+/// whole stripe units.
+fn column_bytes(size: u64, width: u32, unit: u64) -> u64 {
+    let per = size.div_ceil(u64::from(width));
+    per.div_ceil(unit) * unit
+}

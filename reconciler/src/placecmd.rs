@@ -1,0 +1,486 @@
+//! `cairn place` and `cairn graph`, and the placement check of `validate`.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use compiler::diag::Diagnostic;
+use compiler::model::{Availability, Model, SlaClass};
+use compiler::place::{Locator, PlaceOptions, Placement, Unplaced};
+use compiler::units::human_size;
+use compiler::{Compilation, Sources};
+
+use crate::cli::Format;
+use crate::frontend;
+
+/// How the graph is printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GraphFormat {
+    /// Graphviz DOT.
+    Dot,
+    /// Versioned JSON.
+    Json,
+}
+
+/// Compiles or reports why not (exit 1).
+fn compiled(dir: &Path) -> anyhow::Result<Result<(Sources, Compilation), u8>> {
+    let sources = frontend::load(dir, None)?;
+    let c = compiler::compile(&sources);
+    if c.has_errors() {
+        eprint!("{}", compiler::diag::render_all(&sources, &c.diagnostics));
+        return Ok(Err(1));
+    }
+    Ok(Ok((sources, c)))
+}
+
+/// Diagnostics for VMs that cannot be placed: errors, except spot VMs,
+/// which may legitimately wait for capacity (warnings).
+pub fn unplaced_diagnostics(c: &Compilation, placement: &Placement) -> Vec<Diagnostic> {
+    let mut out = vec![];
+    for u in &placement.unplaced {
+        let Some(span) = c.spans.get("vm", &u.name) else {
+            continue;
+        };
+        let spot = c
+            .model
+            .vm(&u.name)
+            .is_some_and(|v| v.sla.class == SlaClass::Spot);
+        let message = format!("vm `{}` cannot be placed in site `{}`", u.name, u.site);
+        let d = if spot {
+            Diagnostic::warning("cairn::place::spot_unplaced", span, message)
+        } else {
+            Diagnostic::error("cairn::place::unplaced", span, message)
+        };
+        let help = u
+            .reasons
+            .iter()
+            .map(reason_line)
+            .collect::<Vec<_>>()
+            .join("\n");
+        out.push(d.with_label("no node can take it").with_help(help));
+    }
+    out
+}
+
+fn reason_line(r: &compiler::place::Reason) -> String {
+    let mut s = format!("{}: {}", r.constraint, r.message);
+    if !r.nodes.is_empty() {
+        let more = r.nodes_filtered.saturating_sub(r.nodes.len());
+        s.push_str(&format!(
+            " ({}{})",
+            r.nodes.join(", "),
+            if more > 0 {
+                format!(", and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    if let Some(src) = &r.source {
+        s.push_str(&format!(" [{src}]"));
+    }
+    s
+}
+
+fn parse_failures(model: &Model, fail: &[String]) -> anyhow::Result<BTreeSet<String>> {
+    let mut out = BTreeSet::new();
+    for f in fail {
+        let Some((kind, name)) = f.split_once('=') else {
+            bail!("--fail takes node=NAME, rack=NAME or site=NAME, not `{f}`")
+        };
+        let exists = match kind {
+            "node" => model
+                .sites
+                .iter()
+                .any(|s| s.nodes.iter().any(|n| n.name == name)),
+            "rack" => model
+                .sites
+                .iter()
+                .any(|s| s.racks.iter().any(|r| r.name == name)),
+            "site" => model.site(name).is_some(),
+            _ => bail!("--fail takes node=NAME, rack=NAME or site=NAME, not `{f}`"),
+        };
+        if !exists {
+            bail!("--fail {f}: no {kind} named `{name}` in the specs");
+        }
+        out.insert(if kind == "node" {
+            name.to_owned()
+        } else {
+            f.clone()
+        });
+    }
+    Ok(out)
+}
+
+/// Arguments of `cairn place`.
+#[derive(Debug, Clone)]
+pub struct PlaceArgs {
+    /// Spec root.
+    pub dir: std::path::PathBuf,
+    /// Output format.
+    pub format: Format,
+    /// Previous placement JSON.
+    pub previous: Option<std::path::PathBuf>,
+    /// VM to explain.
+    pub explain: Option<String>,
+    /// What-if failures.
+    pub fail: Vec<String>,
+    /// Rebalance.
+    pub rebalance: bool,
+}
+
+/// `cairn place`.
+pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
+    let (sources, c) = match compiled(&args.dir)? {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
+    let previous = match &args.previous {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read --previous {}", p.display()))?;
+            let placement: Placement = serde_json::from_str(&text).with_context(|| {
+                format!(
+                    "{} is not a placement (the JSON that `cairn place --format json` prints)",
+                    p.display()
+                )
+            })?;
+            Some(placement)
+        }
+        None => None,
+    };
+    let locator = Locator {
+        spans: &c.spans,
+        sources: &sources,
+    };
+    let model = &c.model;
+    let base_options = PlaceOptions {
+        previous,
+        failed_nodes: BTreeSet::new(),
+    };
+    let mut out = std::io::stdout().lock();
+    if let Some(vm) = &args.explain {
+        let Some(candidates) =
+            compiler::place::explain_vm(model, &base_options, Some(&locator), vm)
+        else {
+            let names: Vec<&str> = model.vms.iter().map(|v| v.name.as_str()).collect();
+            bail!(
+                "no VM named `{vm}`; {}",
+                compiler::diag::suggestion(vm, &names, "VM")
+            );
+        };
+        if args.format == Format::Json {
+            let doc =
+                serde_json::json!({ "format_version": 1, "vm": vm, "candidates": candidates });
+            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+            return Ok(0);
+        }
+        writeln!(out, "candidates for vm {vm} (best first):")?;
+        let width = candidates
+            .iter()
+            .map(|c| c.node.len())
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        for c in &candidates {
+            let mark = if c.chosen { "*" } else { " " };
+            if c.feasible {
+                let parts: Vec<String> = c
+                    .parts
+                    .iter()
+                    .map(|p| format!("{} {:+}", p.name, p.value))
+                    .collect();
+                writeln!(
+                    out,
+                    "{mark} {:width$}  score {:>4}  = {}",
+                    c.node,
+                    c.total,
+                    parts.join(", ")
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "  {:width$}  ruled out: {}",
+                    c.node,
+                    c.ruled_out_by.clone().unwrap_or_default()
+                )?;
+            }
+        }
+        writeln!(out, "(* = chosen)")?;
+        return Ok(0);
+    }
+    let mut placement = compiler::place::place(model, &base_options, Some(&locator));
+    if args.rebalance {
+        placement = compiler::place::rebalance(model, &placement, &base_options, Some(&locator));
+    }
+    if !args.fail.is_empty() {
+        let failed = parse_failures(model, &args.fail)?;
+        let options = PlaceOptions {
+            previous: Some(placement.clone()),
+            failed_nodes: failed.clone(),
+        };
+        let after = compiler::place::place(model, &options, Some(&locator));
+        let report = what_if(model, &placement, &after, &failed);
+        match args.format {
+            Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report.json)?)?,
+            Format::Text => out.write_all(report.text.as_bytes())?,
+        }
+        return Ok(if report.promises_kept { 0 } else { 1 });
+    }
+    match args.format {
+        Format::Json => out.write_all(compiler::place::placement_json(&placement).as_bytes())?,
+        Format::Text => out.write_all(placement_text(model, &placement).as_bytes())?,
+    }
+    let diags = unplaced_diagnostics(&c, &placement);
+    if !diags.is_empty() {
+        eprint!("{}", compiler::diag::render_all(&sources, &diags));
+    }
+    Ok(if diags.iter().any(Diagnostic::is_error) {
+        1
+    } else {
+        0
+    })
+}
+
+/// The text view of a placement.
+pub fn placement_text(model: &Model, p: &Placement) -> String {
+    let mut s = String::new();
+    for site in &model.sites {
+        let _ = writeln!(s, "site {}", site.name);
+        let loads: Vec<_> = p.nodes.iter().filter(|n| n.site == site.name).collect();
+        let width = loads.iter().map(|n| n.name.len()).max().unwrap_or(4).max(4);
+        let _ = writeln!(
+            s,
+            "  {:width$}  {:>18}  {:>24}  {:>3}",
+            "NODE", "vCPU res+shared/all", "MEMORY res+shared/all", "VMS"
+        );
+        for n in loads {
+            let _ = writeln!(
+                s,
+                "  {:width$}  {:>18}  {:>24}  {:>3}",
+                n.name,
+                format!("{}+{}/{}", n.cpu_reserved, n.cpu_shared, n.cpu_allocatable),
+                format!(
+                    "{}+{}/{}",
+                    human_size(n.memory_reserved_bytes),
+                    human_size(n.memory_shared_bytes),
+                    human_size(n.memory_allocatable_bytes)
+                ),
+                n.vms
+            );
+        }
+    }
+    let width = p.vms.iter().map(|v| v.name.len()).max().unwrap_or(2).max(2);
+    let _ = writeln!(
+        s,
+        "{:width$}  {:10} {:14} {:14} VOLUMES",
+        "VM", "TENANT", "NODE", "SECONDARY"
+    );
+    for v in &p.vms {
+        let vols = p.volumes.iter().filter(|x| x.vm == v.name).count();
+        let _ = writeln!(
+            s,
+            "{:width$}  {:10} {:14} {:14} {vols}",
+            v.name,
+            v.tenant,
+            v.node,
+            v.secondary.as_deref().unwrap_or("-")
+        );
+    }
+    for m in &p.moves {
+        let _ = writeln!(s, "move {}: {} -> {} ({})", m.vm, m.from, m.to, m.reason);
+    }
+    if !p.unplaced.is_empty() {
+        let _ = writeln!(s, "unplaced:");
+        for u in &p.unplaced {
+            write_unplaced(&mut s, u);
+        }
+    }
+    let _ = writeln!(
+        s,
+        "{} placed, {} unplaced, {} volumes, {} moves",
+        p.vms.len(),
+        p.unplaced.len(),
+        p.volumes.len(),
+        p.moves.len()
+    );
+    s
+}
+
+fn write_unplaced(s: &mut String, u: &Unplaced) {
+    let _ = writeln!(s, "  {} (tenant {}, site {}):", u.name, u.tenant, u.site);
+    for r in &u.reasons {
+        let _ = writeln!(s, "    - {}", reason_line(r));
+    }
+}
+
+struct WhatIf {
+    text: String,
+    json: serde_json::Value,
+    promises_kept: bool,
+}
+
+fn what_if(
+    model: &Model,
+    before: &Placement,
+    after: &Placement,
+    failed: &BTreeSet<String>,
+) -> WhatIf {
+    let node_failed = |node: &str| {
+        failed.contains(node)
+            || model.sites.iter().flat_map(|s| s.nodes.iter()).any(|n| {
+                n.name == node
+                    && (failed.contains(&format!("rack={}", n.rack))
+                        || failed.contains(&format!("site={}", n.site)))
+            })
+    };
+    let mut lines = vec![];
+    let mut entries = vec![];
+    let (mut lost_reserved, mut lost_ha, mut ft_unprotected) = (0, 0, 0);
+    for v in &before.vms {
+        let Some(vm) = model.vm(&v.name) else {
+            continue;
+        };
+        let primary_down = node_failed(&v.node);
+        let secondary_down = v.secondary.as_deref().is_some_and(node_failed);
+        if !primary_down && !secondary_down {
+            continue;
+        }
+        let now = after.vms.iter().find(|x| x.name == v.name);
+        let (outcome, detail) = match vm.availability {
+            Availability::Ft if primary_down && !secondary_down => {
+                let sec = v.secondary.clone().unwrap_or_default();
+                let new_secondary = now.and_then(|n| n.secondary.clone());
+                if new_secondary.is_none() {
+                    ft_unprotected += 1;
+                }
+                (
+                    "fails-over",
+                    format!(
+                        "continues on its secondary {sec}; new secondary: {}",
+                        new_secondary.unwrap_or_else(|| "none (unprotected)".to_owned())
+                    ),
+                )
+            }
+            Availability::Ft if !primary_down => {
+                let new_secondary = now.and_then(|n| n.secondary.clone());
+                if new_secondary.is_none() {
+                    ft_unprotected += 1;
+                }
+                (
+                    "re-protects",
+                    format!(
+                        "keeps running on {}; new secondary: {}",
+                        v.node,
+                        new_secondary.unwrap_or_else(|| "none (unprotected)".to_owned())
+                    ),
+                )
+            }
+            Availability::Ha | Availability::Ft => match now {
+                Some(n) => ("restarts", format!("restarts on {}", n.node)),
+                None => {
+                    if vm.availability == Availability::Ft {
+                        ft_unprotected += 1;
+                    } else {
+                        lost_ha += 1;
+                    }
+                    let why = after
+                        .unplaced
+                        .iter()
+                        .find(|u| u.name == v.name)
+                        .and_then(|u| u.reasons.first())
+                        .map_or_else(|| "no node can take it".to_owned(), |r| r.message.clone());
+                    ("lost", format!("cannot be restarted: {why}"))
+                }
+            },
+            Availability::None => (
+                "lost",
+                "not HA: stays down until the node returns".to_owned(),
+            ),
+        };
+        if outcome == "lost" && vm.sla.class == SlaClass::Reserved {
+            lost_reserved += 1;
+        }
+        lines.push(format!(
+            "  {:12} {:10} {} ({} on {})",
+            v.name, outcome, detail, vm.availability, v.node
+        ));
+        entries.push(serde_json::json!({ "vm": v.name, "node": v.node, "availability": vm.availability, "outcome": outcome, "detail": detail,
+            "new_node": now.map(|n| n.node.clone()) }));
+    }
+    let preempted: Vec<&str> = after
+        .unplaced
+        .iter()
+        .filter(|u| {
+            before
+                .vms
+                .iter()
+                .any(|b| b.name == u.name && !node_failed(&b.node))
+        })
+        .map(|u| u.name.as_str())
+        .collect();
+    let kept = lost_ha == 0 && ft_unprotected == 0;
+    let mut text = format!(
+        "what if {} failed:\n",
+        failed.iter().cloned().collect::<Vec<_>>().join(", ")
+    );
+    if lines.is_empty() {
+        text.push_str("  no VM runs there\n");
+    }
+    for l in &lines {
+        text.push_str(l);
+        text.push('\n');
+    }
+    for p in &preempted {
+        let _ = writeln!(text, "  {p:12} preempted  to make room for restarted VMs");
+    }
+    let _ = writeln!(
+        text,
+        "promises: HA {}, FT {}, reserved {} lost",
+        if lost_ha == 0 {
+            "kept".to_owned()
+        } else {
+            format!("broken ({lost_ha} HA VMs cannot restart)")
+        },
+        if ft_unprotected == 0 {
+            "kept".to_owned()
+        } else {
+            format!("broken ({ft_unprotected} FT VMs down or without a secondary)")
+        },
+        lost_reserved
+    );
+    let json = serde_json::json!({
+        "format_version": 1,
+        "failed": failed,
+        "affected": entries,
+        "preempted": preempted,
+        "promises": { "ha_kept": lost_ha == 0, "ft_protected": ft_unprotected == 0, "reserved_lost": lost_reserved },
+    });
+    WhatIf {
+        text,
+        json,
+        promises_kept: kept,
+    }
+}
+
+/// `cairn graph`.
+pub fn graph(dir: &Path, format: GraphFormat) -> anyhow::Result<u8> {
+    let (sources, c) = match compiled(dir)? {
+        Ok(x) => x,
+        Err(code) => return Ok(code),
+    };
+    let locator = Locator {
+        spans: &c.spans,
+        sources: &sources,
+    };
+    let placement = compiler::place::place(&c.model, &PlaceOptions::default(), Some(&locator));
+    let g = compiler::place::build_graph(&c.model, &placement);
+    let mut out = std::io::stdout().lock();
+    match format {
+        GraphFormat::Dot => out.write_all(g.to_dot().as_bytes())?,
+        GraphFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&g)?)?,
+    }
+    Ok(0)
+}
