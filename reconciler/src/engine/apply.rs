@@ -1,0 +1,379 @@
+//! Apply: carry out a plan's steps wave by wave with bounded parallelism,
+//! journaling every step before and after it.
+//!
+//! Resume: a step journaled `succeeded` is not sent again; a step journaled
+//! `started` (the apply died while it was in flight) is sent again with the same
+//! request id, and the node answers with its recorded outcome (`replayed`) if it had
+//! already carried it out. So no action is ever carried out twice.
+//!
+//! A failed step skips every step that depends on it; independent steps go on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::auth::RequestSigner;
+use proto::client::NodeClient;
+use serde::Serialize;
+use tokio::sync::{Mutex, Semaphore};
+
+use super::observe::connect;
+use super::plan::{Plan, Step};
+use super::state::{StateStore, StepRecord, StepStatus, now_ms};
+
+/// Outcome of one step in this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepOutcome {
+    /// Step id.
+    pub step: usize,
+    /// `create_vm web-1@lab-1`.
+    pub what: String,
+    /// Final status.
+    pub status: StepStatus,
+    /// Done in an earlier, interrupted run (journal) — not sent now.
+    pub done_before: bool,
+    /// The node answered with a recorded outcome (done before a crash, not repeated).
+    pub replayed: bool,
+    /// Error or skip reason.
+    pub error: Option<String>,
+    /// Milliseconds the node took (0 when not sent).
+    pub millis: u64,
+}
+
+/// The end report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Plan id.
+    pub plan_id: String,
+    /// Every step.
+    pub steps: Vec<StepOutcome>,
+    /// Wall time.
+    pub millis: u64,
+}
+
+impl Report {
+    fn count(&self, f: impl Fn(&StepOutcome) -> bool) -> usize {
+        self.steps.iter().filter(|s| f(s)).count()
+    }
+
+    /// Whether any step failed.
+    pub fn failed(&self) -> bool {
+        self.count(|s| s.status == StepStatus::Failed) > 0
+    }
+
+    /// The end report as text.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let ok = self.count(|s| s.status == StepStatus::Succeeded);
+        let failed: Vec<&StepOutcome> = self
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Failed)
+            .collect();
+        let skipped: Vec<&StepOutcome> = self
+            .steps
+            .iter()
+            .filter(|s| s.status == StepStatus::Skipped)
+            .collect();
+        let before = self.count(|s| s.done_before);
+        let replayed = self.count(|s| s.replayed);
+        for f in &failed {
+            out.push_str(&format!(
+                "failed:  {} — {}\n",
+                f.what,
+                f.error.as_deref().unwrap_or("")
+            ));
+        }
+        for s in &skipped {
+            out.push_str(&format!(
+                "skipped: {} — {}\n",
+                s.what,
+                s.error.as_deref().unwrap_or("")
+            ));
+        }
+        out.push_str(&format!(
+            "Apply {}: {ok} succeeded ({} carried out now, {before} done before an interruption, {replayed} already done by the node), {} failed, {} skipped, in {:.1} s.\n",
+            if failed.is_empty() && skipped.is_empty() { "complete" } else { "incomplete" },
+            ok - before - replayed,
+            failed.len(),
+            skipped.len(),
+            self.millis as f64 / 1000.0
+        ));
+        if !failed.is_empty() {
+            out.push_str("Fix what failed, then run `cairn plan` to see what is left.\n");
+        }
+        out
+    }
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Steps in flight at once.
+    pub parallelism: usize,
+}
+
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            Progress::Bar(bar)
+        } else {
+            Progress::Lines
+        }
+    }
+
+    fn done(&self, line: &str) {
+        match self {
+            Progress::Bar(bar) => {
+                bar.inc(1);
+                bar.set_message(line.to_owned());
+                if line.starts_with("failed") || line.starts_with("skipped") {
+                    bar.println(line);
+                }
+            }
+            Progress::Lines => {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn describe(step: &Step) -> String {
+    format!(
+        "{} {}@{}",
+        step.action.word(),
+        step.action.name(),
+        step.node
+    )
+}
+
+/// Test hook: `CAIRN_APPLY_STEP_DELAY_MS` holds every step this long after the node
+/// answered and before the outcome is journaled (widens the window the crash-resume
+/// test kills `cairn apply` in). Not for operators.
+fn step_delay() -> Option<Duration> {
+    std::env::var("CAIRN_APPLY_STEP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+}
+
+/// Carries out `plan`, resuming from its journal.
+pub async fn apply(
+    plan: &Plan,
+    store: &StateStore,
+    signer: &RequestSigner,
+    options: &ApplyOptions,
+) -> Result<Report, super::state::StateError> {
+    let started = Instant::now();
+    let journal: BTreeMap<usize, StepRecord> = store
+        .journal_of(&plan.plan_id)?
+        .into_iter()
+        .map(|r| (r.step, r))
+        .collect();
+    let progress = Progress::new(plan.steps.len() as u64);
+    let clients: Arc<Mutex<BTreeMap<String, Result<NodeClient, String>>>> = Arc::default();
+    let semaphore = Arc::new(Semaphore::new(options.parallelism.max(1)));
+    let delay = step_delay();
+    let mut outcomes: BTreeMap<usize, StepOutcome> = BTreeMap::new();
+    for wave in 0..plan.waves {
+        let mut tasks = tokio::task::JoinSet::new();
+        for step in plan.steps.iter().filter(|s| s.wave == wave) {
+            let what = describe(step);
+            if let Some(r) = journal.get(&step.id)
+                && r.status == StepStatus::Succeeded
+            {
+                progress.done(&format!("done before: {what}"));
+                outcomes.insert(
+                    step.id,
+                    StepOutcome {
+                        step: step.id,
+                        what,
+                        status: StepStatus::Succeeded,
+                        done_before: true,
+                        replayed: r.replayed,
+                        error: None,
+                        millis: 0,
+                    },
+                );
+                continue;
+            }
+            let blocked: Vec<usize> = step
+                .depends_on
+                .iter()
+                .copied()
+                .filter(|d| {
+                    outcomes
+                        .get(d)
+                        .is_none_or(|o| o.status != StepStatus::Succeeded)
+                })
+                .collect();
+            let attempts = journal.get(&step.id).map(|r| r.attempts).unwrap_or(0);
+            if !blocked.is_empty() {
+                let reason = format!(
+                    "depends on {} which did not succeed",
+                    blocked
+                        .iter()
+                        .map(|d| describe(&plan.steps[*d]))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                store.journal(
+                    &plan.plan_id,
+                    &StepRecord {
+                        step: step.id,
+                        request_id: step.request_id.clone(),
+                        status: StepStatus::Skipped,
+                        replayed: false,
+                        attempts,
+                        error: Some(reason.clone()),
+                        at_unix_ms: now_ms(),
+                    },
+                )?;
+                progress.done(&format!("skipped: {what} — {reason}"));
+                outcomes.insert(
+                    step.id,
+                    StepOutcome {
+                        step: step.id,
+                        what,
+                        status: StepStatus::Skipped,
+                        done_before: false,
+                        replayed: false,
+                        error: Some(reason),
+                        millis: 0,
+                    },
+                );
+                continue;
+            }
+            // Journal before sending: a crash from here on resumes with the same id.
+            store.journal(
+                &plan.plan_id,
+                &StepRecord {
+                    step: step.id,
+                    request_id: step.request_id.clone(),
+                    status: StepStatus::Started,
+                    replayed: false,
+                    attempts: attempts + 1,
+                    error: None,
+                    at_unix_ms: now_ms(),
+                },
+            )?;
+            let step = step.clone();
+            let semaphore = semaphore.clone();
+            let clients = clients.clone();
+            let signer = signer.clone();
+            tasks.spawn(async move {
+                let _permit = semaphore.acquire_owned().await;
+                let sent = Instant::now();
+                let result = send(&step, &clients, signer).await;
+                if let Some(d) = delay {
+                    tokio::time::sleep(d).await;
+                }
+                (step, attempts + 1, result, sent.elapsed())
+            });
+        }
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((step, attempts, result, elapsed)) = joined else {
+                continue;
+            };
+            let what = describe(&step);
+            let (status, replayed, error) = match result {
+                Ok(replayed) => (StepStatus::Succeeded, replayed, None),
+                Err(e) => (StepStatus::Failed, false, Some(e)),
+            };
+            store.journal(
+                &plan.plan_id,
+                &StepRecord {
+                    step: step.id,
+                    request_id: step.request_id.clone(),
+                    status,
+                    replayed,
+                    attempts,
+                    error: error.clone(),
+                    at_unix_ms: now_ms(),
+                },
+            )?;
+            let line = match (&error, replayed) {
+                (Some(e), _) => format!("failed: {what} — {e}"),
+                (None, true) => format!("ok (already done by the node): {what}"),
+                (None, false) => format!("ok: {what} ({} ms)", elapsed.as_millis()),
+            };
+            progress.done(&line);
+            outcomes.insert(
+                step.id,
+                StepOutcome {
+                    step: step.id,
+                    what,
+                    status,
+                    done_before: false,
+                    replayed,
+                    error,
+                    millis: elapsed.as_millis() as u64,
+                },
+            );
+        }
+    }
+    progress.finish();
+    Ok(Report {
+        plan_id: plan.plan_id.clone(),
+        steps: outcomes.into_values().collect(),
+        millis: started.elapsed().as_millis() as u64,
+    })
+}
+
+async fn send(
+    step: &Step,
+    clients: &Mutex<BTreeMap<String, Result<NodeClient, String>>>,
+    signer: RequestSigner,
+) -> Result<bool, String> {
+    let client = {
+        let mut map = clients.lock().await;
+        if !map.contains_key(&step.node) {
+            let c = connect(&step.address, signer).await;
+            map.insert(step.node.clone(), c);
+        }
+        map[&step.node].clone()
+    };
+    let mut client = client.map_err(|e| format!("node {} unreachable: {e}", step.node))?;
+    let request = step.action.to_request(&step.request_id);
+    match client.apply(request).await {
+        Ok(response) => Ok(response.replayed),
+        Err(status) => Err(format!(
+            "node {} refused ({:?}): {}",
+            step.node,
+            status.code(),
+            status.message()
+        )),
+    }
+}
+
+/// The steps of a plan not yet journaled as succeeded (for "resuming N of M").
+pub fn remaining(plan: &Plan, journal: &[StepRecord]) -> usize {
+    let done: BTreeSet<usize> = journal
+        .iter()
+        .filter(|r| r.status == StepStatus::Succeeded)
+        .map(|r| r.step)
+        .collect();
+    plan.steps.iter().filter(|s| !done.contains(&s.id)).count()
+}

@@ -1,0 +1,319 @@
+//! Observe: ask every node of the spec, in parallel and with a timeout, what it
+//! runs. An unreachable node is recorded as such; it never aborts the plan.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use proto::auth::RequestSigner;
+use proto::client::NodeClient;
+use proto::v1::{Health, VmState, VolumeRole};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::desired::DesiredNode;
+
+/// How long one node may take to answer.
+pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A VM as a node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedVm {
+    /// Name.
+    pub name: String,
+    /// `running`, `stopped`, `crashed`, `pending`.
+    pub state: String,
+    /// `healthy`, `degraded`, `failed`, `unknown`.
+    pub health: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory.
+    pub memory_bytes: u64,
+    /// Unrequested exits.
+    pub crash_count: u32,
+    /// Attached volumes.
+    pub volumes: Vec<String>,
+}
+
+/// A volume as a node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedVolume {
+    /// Name.
+    pub name: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    /// Size.
+    pub size_bytes: u64,
+    /// Stripe columns.
+    pub stripe_width: u32,
+    /// Stripe unit.
+    pub stripe_unit_bytes: u64,
+    /// Replica peers (primary) — node names.
+    pub replica_peers: Vec<String>,
+    /// Primary node (replica).
+    pub primary: String,
+    /// Health word.
+    pub health: String,
+}
+
+/// One node's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum NodeObservation {
+    /// It answered.
+    Reachable {
+        /// Its public key (hex).
+        public_key_hex: String,
+        /// VMs by name.
+        vms: BTreeMap<String, ObservedVm>,
+        /// Volumes by name.
+        volumes: BTreeMap<String, ObservedVolume>,
+    },
+    /// It did not answer in time or refused.
+    Unreachable {
+        /// Why.
+        error: String,
+    },
+}
+
+/// What every node reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    /// Node name → answer.
+    pub nodes: BTreeMap<String, NodeObservation>,
+}
+
+impl Observed {
+    /// SHA-256 (hex) of the canonical JSON of the observation. Volatile fields
+    /// (pids, timestamps, allocated bytes) are not part of it.
+    pub fn digest(&self) -> String {
+        let bytes = serde_json::to_vec(self).expect("observations serialize");
+        proto::auth::to_hex(&Sha256::digest(&bytes))
+    }
+
+    /// The reachable nodes' VMs: VM name → (node, VM).
+    pub fn vms(&self) -> BTreeMap<&str, Vec<(&str, &ObservedVm)>> {
+        let mut out: BTreeMap<&str, Vec<(&str, &ObservedVm)>> = BTreeMap::new();
+        for (node, obs) in &self.nodes {
+            if let NodeObservation::Reachable { vms, .. } = obs {
+                for vm in vms.values() {
+                    out.entry(vm.name.as_str())
+                        .or_default()
+                        .push((node.as_str(), vm));
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether a node answered.
+    pub fn reachable(&self, node: &str) -> bool {
+        matches!(
+            self.nodes.get(node),
+            Some(NodeObservation::Reachable { .. })
+        )
+    }
+
+    /// What changed from `earlier` to `self`, one readable line per difference.
+    pub fn delta(&self, earlier: &Observed) -> Vec<String> {
+        let mut out = vec![];
+        let names: std::collections::BTreeSet<&String> =
+            self.nodes.keys().chain(earlier.nodes.keys()).collect();
+        for node in names {
+            match (earlier.nodes.get(node), self.nodes.get(node)) {
+                (
+                    Some(NodeObservation::Unreachable { .. }),
+                    Some(NodeObservation::Reachable { .. }),
+                ) => {
+                    out.push(format!("node {node}: was unreachable, now answers"));
+                }
+                (
+                    Some(NodeObservation::Reachable { .. }),
+                    Some(NodeObservation::Unreachable { error }),
+                ) => {
+                    out.push(format!("node {node}: answered, now unreachable ({error})"));
+                }
+                (
+                    Some(NodeObservation::Reachable {
+                        vms: a,
+                        volumes: va,
+                        ..
+                    }),
+                    Some(NodeObservation::Reachable {
+                        vms: b,
+                        volumes: vb,
+                        ..
+                    }),
+                ) => {
+                    for (name, vm) in b {
+                        match a.get(name) {
+                            None => {
+                                out.push(format!("vm {name} on {node}: appeared ({})", vm.state))
+                            }
+                            Some(old) if old != vm => {
+                                let mut parts = vec![];
+                                if old.state != vm.state {
+                                    parts.push(format!("state {} → {}", old.state, vm.state));
+                                }
+                                if old.health != vm.health {
+                                    parts.push(format!("health {} → {}", old.health, vm.health));
+                                }
+                                if old.crash_count != vm.crash_count {
+                                    parts.push(format!(
+                                        "crashes {} → {}",
+                                        old.crash_count, vm.crash_count
+                                    ));
+                                }
+                                if old.vcpus != vm.vcpus || old.memory_bytes != vm.memory_bytes {
+                                    parts.push("definition changed".to_owned());
+                                }
+                                out.push(format!("vm {name} on {node}: {}", parts.join(", ")));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    for name in a.keys().filter(|n| !b.contains_key(*n)) {
+                        out.push(format!("vm {name} on {node}: disappeared"));
+                    }
+                    for (name, v) in vb {
+                        match va.get(name) {
+                            None => {
+                                out.push(format!("volume {name} on {node}: appeared ({})", v.role))
+                            }
+                            Some(old) if old != v => out.push(format!(
+                                "volume {name} on {node}: changed (health {} → {})",
+                                old.health, v.health
+                            )),
+                            Some(_) => {}
+                        }
+                    }
+                    for name in va.keys().filter(|n| !vb.contains_key(*n)) {
+                        out.push(format!("volume {name} on {node}: disappeared"));
+                    }
+                }
+                (None, Some(_)) => out.push(format!("node {node}: new in the spec")),
+                (Some(_), None) => out.push(format!("node {node}: no longer in the spec")),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// Asks every node in parallel.
+pub async fn observe(nodes: &BTreeMap<String, DesiredNode>, signer: &RequestSigner) -> Observed {
+    let mut tasks = tokio::task::JoinSet::new();
+    for node in nodes.values() {
+        let node = node.clone();
+        let signer = signer.clone();
+        tasks.spawn(async move {
+            let result = tokio::time::timeout(OBSERVE_TIMEOUT, observe_one(&node, signer)).await;
+            let observation = match result {
+                Ok(Ok(o)) => o,
+                Ok(Err(error)) => NodeObservation::Unreachable { error },
+                Err(_) => NodeObservation::Unreachable {
+                    error: format!(
+                        "no answer from {} within {} s",
+                        node.address,
+                        OBSERVE_TIMEOUT.as_secs()
+                    ),
+                },
+            };
+            (node.name, observation)
+        });
+    }
+    let mut observed = Observed::default();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((name, observation)) = joined {
+            observed.nodes.insert(name, observation);
+        }
+    }
+    observed
+}
+
+/// A connected, signing client for one node, with call timeouts.
+pub async fn connect(address: &str, signer: RequestSigner) -> Result<NodeClient, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(proto::client::endpoint_uri(address))
+        .map_err(|e| format!("invalid address {address}: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))?;
+    Ok(NodeClient::from_channel(channel, signer))
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
+
+async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeObservation, String> {
+    let mut client = connect(&node.address, signer).await?;
+    let inventory = client
+        .get_inventory()
+        .await
+        .map_err(|s| format!("inventory of {} refused: {}", node.address, s.message()))?;
+    if inventory.node_name != node.name {
+        return Err(format!(
+            "the node at {} calls itself `{}`, not `{}`; check the address in the spec",
+            node.address, inventory.node_name, node.name
+        ));
+    }
+    let response = client
+        .observe()
+        .await
+        .map_err(|s| format!("observe of {} refused: {}", node.address, s.message()))?;
+    let vms = response
+        .vms
+        .into_iter()
+        .map(|v| {
+            (
+                v.name.clone(),
+                ObservedVm {
+                    name: v.name,
+                    state: VmState::from_wire(v.state).status_name().to_owned(),
+                    health: Health::from_wire(v.health).status_name().to_owned(),
+                    vcpus: v.vcpus,
+                    memory_bytes: v.memory_bytes,
+                    crash_count: v.crash_count,
+                    volumes: v.volumes,
+                },
+            )
+        })
+        .collect();
+    let volumes = response
+        .volumes
+        .into_iter()
+        .map(|v| {
+            (
+                v.name.clone(),
+                ObservedVolume {
+                    name: v.name,
+                    role: VolumeRole::from_wire(v.role).status_name().to_owned(),
+                    size_bytes: v.size_bytes,
+                    stripe_width: v.stripe_width,
+                    stripe_unit_bytes: v.stripe_unit_bytes,
+                    replica_peers: v.replica_peers,
+                    primary: v.primary,
+                    health: Health::from_wire(v.health).status_name().to_owned(),
+                },
+            )
+        })
+        .collect();
+    Ok(NodeObservation::Reachable {
+        public_key_hex: inventory.public_key_hex,
+        vms,
+        volumes,
+    })
+}

@@ -1,0 +1,861 @@
+//! Plan: diff(desired, observed) → changes (what an operator reads) and steps
+//! (the node actions that carry them out), ordered into waves.
+//!
+//! A change is one object (`vm web-1`, `volume web-1-root`) with a kind (create,
+//! update, replace, delete, start, stop, move, preempt). A step is one idempotent
+//! `Apply` call to one node with a request id `PLAN_ID.STEP`; steps depend on steps
+//! (creates forward: volume → VM definition → start; deletes backward: stop → delete
+//! VM → delete volume; a VM created on a node waits for the VMs deleted there).
+//! The wave of a step is the length of its longest dependency chain.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::desired::{BootImage, Desired, DesiredVm, DesiredVolume};
+use super::observe::{NodeObservation, Observed};
+
+/// Version of the plan JSON (`cairn plan --format json`, plan files).
+pub const PLAN_FORMAT_VERSION: u32 = 1;
+
+/// What happens to one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// Made new.
+    Create,
+    /// Changed in place.
+    Update,
+    /// Deleted and made new (the node cannot change it in place).
+    Replace,
+    /// Removed.
+    Delete,
+    /// Started (stopped or crashed).
+    Start,
+    /// Stopped.
+    Stop,
+    /// Moved to another node.
+    Move,
+    /// Removed to make room for a higher-priority VM.
+    Preempt,
+}
+
+impl ChangeKind {
+    /// The Terraform-style symbol.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            ChangeKind::Create => "+",
+            ChangeKind::Update | ChangeKind::Start | ChangeKind::Stop => "~",
+            ChangeKind::Replace => "-/+",
+            ChangeKind::Delete | ChangeKind::Preempt => "-",
+            ChangeKind::Move => "->",
+        }
+    }
+
+    /// The word.
+    pub fn word(self) -> &'static str {
+        match self {
+            ChangeKind::Create => "create",
+            ChangeKind::Update => "update",
+            ChangeKind::Replace => "replace",
+            ChangeKind::Delete => "delete",
+            ChangeKind::Start => "start",
+            ChangeKind::Stop => "stop",
+            ChangeKind::Move => "move",
+            ChangeKind::Preempt => "preempt",
+        }
+    }
+}
+
+/// A change to one object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// Kind.
+    pub kind: ChangeKind,
+    /// `vm` or `volume`.
+    pub object: String,
+    /// Name.
+    pub name: String,
+    /// Tenant (empty when unknown: an object no spec mentions).
+    pub tenant: String,
+    /// The node it ends up on (or is removed from).
+    pub node: String,
+    /// For moves: the node it leaves.
+    pub was_node: Option<String>,
+    /// Readable details ("memory 64 MiB → 128 MiB").
+    pub details: Vec<String>,
+    /// The steps that carry it out.
+    pub steps: Vec<usize>,
+}
+
+/// A replica peer of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRef {
+    /// Node name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// Public key (hex), empty when the node did not answer.
+    pub public_key_hex: String,
+}
+
+/// One node action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum NodeAction {
+    /// `CreateVolume`.
+    CreateVolume {
+        /// Name.
+        name: String,
+        /// Size.
+        size_bytes: u64,
+        /// Stripe columns.
+        stripe_width: u32,
+        /// Stripe unit.
+        stripe_unit_bytes: u64,
+        /// Replica peers.
+        replicas: Vec<PeerRef>,
+    },
+    /// `DeleteVolume`.
+    DeleteVolume {
+        /// Name.
+        name: String,
+    },
+    /// `CreateVm`.
+    CreateVm {
+        /// Name.
+        name: String,
+        /// vCPUs.
+        vcpus: u32,
+        /// Memory.
+        memory_bytes: u64,
+        /// Image.
+        image: BootImage,
+        /// Volumes attached.
+        volumes: Vec<String>,
+    },
+    /// `StartVm`.
+    StartVm {
+        /// Name.
+        name: String,
+    },
+    /// `StopVm`.
+    StopVm {
+        /// Name.
+        name: String,
+    },
+    /// `DeleteVm`.
+    DeleteVm {
+        /// Name.
+        name: String,
+    },
+}
+
+impl NodeAction {
+    /// `create_volume`, ...
+    pub fn word(&self) -> &'static str {
+        match self {
+            NodeAction::CreateVolume { .. } => "create_volume",
+            NodeAction::DeleteVolume { .. } => "delete_volume",
+            NodeAction::CreateVm { .. } => "create_vm",
+            NodeAction::StartVm { .. } => "start_vm",
+            NodeAction::StopVm { .. } => "stop_vm",
+            NodeAction::DeleteVm { .. } => "delete_vm",
+        }
+    }
+
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        match self {
+            NodeAction::CreateVolume { name, .. }
+            | NodeAction::DeleteVolume { name }
+            | NodeAction::CreateVm { name, .. }
+            | NodeAction::StartVm { name }
+            | NodeAction::StopVm { name }
+            | NodeAction::DeleteVm { name } => name,
+        }
+    }
+
+    /// The wire request (the one place actions become protobuf).
+    pub fn to_request(&self, request_id: &str) -> proto::v1::ApplyRequest {
+        use proto::v1::apply_request::Action;
+        use proto::v1::create_vm::Image;
+        let action = match self {
+            NodeAction::CreateVolume {
+                name,
+                size_bytes,
+                stripe_width,
+                stripe_unit_bytes,
+                replicas,
+            } => Action::CreateVolume(proto::v1::CreateVolume {
+                name: name.clone(),
+                size_bytes: *size_bytes,
+                stripe_width: *stripe_width,
+                stripe_unit_bytes: *stripe_unit_bytes,
+                replica_peers: replicas
+                    .iter()
+                    .map(|p| proto::v1::Peer {
+                        name: p.name.clone(),
+                        address: p.address.clone(),
+                        public_key_hex: p.public_key_hex.clone(),
+                    })
+                    .collect(),
+            }),
+            NodeAction::DeleteVolume { name } => {
+                Action::DeleteVolume(proto::v1::DeleteVolume { name: name.clone() })
+            }
+            NodeAction::CreateVm {
+                name,
+                vcpus,
+                memory_bytes,
+                image,
+                volumes,
+            } => Action::CreateVm(proto::v1::CreateVm {
+                name: name.clone(),
+                vcpus: *vcpus,
+                memory_bytes: *memory_bytes,
+                image: Some(match image {
+                    BootImage::Builtin(b) => Image::Builtin(b.clone()),
+                    BootImage::Kernel {
+                        kernel,
+                        initrd,
+                        cmdline,
+                    } => Image::Kernel(proto::v1::KernelImage {
+                        kernel_path: kernel.clone(),
+                        initrd_path: initrd.clone(),
+                        cmdline: cmdline.clone(),
+                    }),
+                }),
+                volumes: volumes.clone(),
+            }),
+            NodeAction::StartVm { name } => {
+                Action::StartVm(proto::v1::StartVm { name: name.clone() })
+            }
+            NodeAction::StopVm { name } => Action::StopVm(proto::v1::StopVm {
+                name: name.clone(),
+                grace_ms: 0,
+            }),
+            NodeAction::DeleteVm { name } => {
+                Action::DeleteVm(proto::v1::DeleteVm { name: name.clone() })
+            }
+        };
+        proto::v1::ApplyRequest {
+            request_id: request_id.to_owned(),
+            action: Some(action),
+        }
+    }
+}
+
+/// One step: one action on one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    /// Index in `Plan::steps`.
+    pub id: usize,
+    /// Wave (0-based): every dependency is in an earlier wave.
+    pub wave: usize,
+    /// Node name.
+    pub node: String,
+    /// Node address.
+    pub address: String,
+    /// The request id sent (`PLAN_ID.STEP`): the node carries out each id once.
+    pub request_id: String,
+    /// The action.
+    #[serde(flatten)]
+    pub action: NodeAction,
+    /// Steps that must succeed first.
+    pub depends_on: Vec<usize>,
+}
+
+/// Counts of the summary line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Objects created (replacements count here and in `destroy`).
+    pub add: usize,
+    /// Objects updated, started or stopped.
+    pub change: usize,
+    /// Objects deleted or preempted.
+    pub destroy: usize,
+    /// VMs moved to another node.
+    #[serde(rename = "move")]
+    pub moves: usize,
+}
+
+/// An object left alone because its node did not answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftAlone {
+    /// `vm` or `volume`.
+    pub object: String,
+    /// Name.
+    pub name: String,
+    /// The node that did not answer.
+    pub node: String,
+}
+
+/// A plan.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// [`PLAN_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Hash of revision, observed state and steps (16 hex digits).
+    pub plan_id: String,
+    /// Digest of the spec sources it was made from.
+    pub revision: String,
+    /// Digest of the observed state it is bound to.
+    pub observed_digest: String,
+    /// The summary counts.
+    pub summary: Summary,
+    /// Changes, by tenant then object then name.
+    pub changes: Vec<Change>,
+    /// Steps, in dependency order.
+    pub steps: Vec<Step>,
+    /// Number of waves.
+    pub waves: usize,
+    /// Nodes that did not answer: name → reason.
+    pub unreachable: BTreeMap<String, String>,
+    /// Objects not touched because their node did not answer.
+    pub left_alone: Vec<LeftAlone>,
+    /// VMs with no node: name → reason.
+    pub unplaced: BTreeMap<String, String>,
+    /// The placement this plan carries out (recorded after apply).
+    pub placement: super::desired::Placement,
+}
+
+impl Plan {
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+}
+
+struct Builder<'a> {
+    desired: &'a Desired,
+    observed: &'a Observed,
+    steps: Vec<Step>,
+    changes: Vec<Change>,
+}
+
+impl Builder<'_> {
+    fn address(&self, node: &str) -> String {
+        self.desired
+            .nodes
+            .get(node)
+            .map(|n| n.address.clone())
+            .unwrap_or_default()
+    }
+
+    fn step(&mut self, node: &str, action: NodeAction, depends_on: Vec<usize>) -> usize {
+        let id = self.steps.len();
+        let wave = depends_on
+            .iter()
+            .map(|d| self.steps[*d].wave + 1)
+            .max()
+            .unwrap_or(0);
+        self.steps.push(Step {
+            id,
+            wave,
+            node: node.to_owned(),
+            address: self.address(node),
+            request_id: String::new(),
+            action,
+            depends_on,
+        });
+        id
+    }
+
+    fn public_key(&self, node: &str) -> String {
+        match self.observed.nodes.get(node) {
+            Some(NodeObservation::Reachable { public_key_hex, .. }) => public_key_hex.clone(),
+            _ => String::new(),
+        }
+    }
+
+    fn create_volume(&mut self, v: &DesiredVolume, depends_on: Vec<usize>) -> usize {
+        let replicas = v
+            .replicas
+            .iter()
+            .map(|r| PeerRef {
+                name: r.clone(),
+                address: self.address(r),
+                public_key_hex: self.public_key(r),
+            })
+            .collect();
+        self.step(
+            &v.node,
+            NodeAction::CreateVolume {
+                name: v.name.clone(),
+                size_bytes: v.size_bytes,
+                stripe_width: v.stripe_width,
+                stripe_unit_bytes: v.stripe_unit_bytes,
+                replicas,
+            },
+            depends_on,
+        )
+    }
+
+    fn create_vm(&mut self, vm: &DesiredVm, depends_on: Vec<usize>) -> Vec<usize> {
+        let create = self.step(
+            &vm.node,
+            NodeAction::CreateVm {
+                name: vm.name.clone(),
+                vcpus: vm.vcpus,
+                memory_bytes: vm.memory_bytes,
+                image: vm.image.clone(),
+                volumes: attached_volumes(vm),
+            },
+            depends_on,
+        );
+        let start = self.step(
+            &vm.node,
+            NodeAction::StartVm {
+                name: vm.name.clone(),
+            },
+            vec![create],
+        );
+        vec![create, start]
+    }
+
+    /// Stop (when it runs) and delete a VM; returns the steps and the delete step.
+    fn remove_vm(&mut self, node: &str, name: &str, running: bool) -> (Vec<usize>, usize) {
+        let mut steps = vec![];
+        let mut deps = vec![];
+        if running {
+            let stop = self.step(
+                node,
+                NodeAction::StopVm {
+                    name: name.to_owned(),
+                },
+                vec![],
+            );
+            steps.push(stop);
+            deps.push(stop);
+        }
+        let delete = self.step(
+            node,
+            NodeAction::DeleteVm {
+                name: name.to_owned(),
+            },
+            deps,
+        );
+        steps.push(delete);
+        (steps, delete)
+    }
+}
+
+/// The volumes a VM definition attaches. `cairn-vmm` cannot attach engine volumes
+/// yet (node-runtime refuses `StartVm` of a VM with volumes), so VMs are defined
+/// without attachments and their volumes are created beside them; switching this
+/// function to `vm.volumes.clone()` attaches them once the node supports it.
+fn attached_volumes(_vm: &DesiredVm) -> Vec<String> {
+    vec![]
+}
+
+fn vm_details(vm: &DesiredVm) -> Vec<String> {
+    let image = match &vm.image {
+        BootImage::Builtin(b) => format!("image {b} (built in)"),
+        BootImage::Kernel { kernel, .. } => format!("kernel {kernel}"),
+    };
+    let mut line = format!(
+        "{} vCPU, {} memory, {image}",
+        vm.vcpus,
+        compiler::units::human_size(vm.memory_bytes)
+    );
+    if !vm.volumes.is_empty() {
+        line.push_str(&format!(", volumes {}", vm.volumes.join(" ")));
+    }
+    vec![line]
+}
+
+fn volume_details(v: &DesiredVolume) -> Vec<String> {
+    let mut line = format!(
+        "{}, {} × {} stripes",
+        compiler::units::human_size(v.size_bytes),
+        v.stripe_width,
+        compiler::units::human_size(v.stripe_unit_bytes)
+    );
+    if !v.replicas.is_empty() {
+        line.push_str(&format!(", replica on {}", v.replicas.join(", ")));
+    }
+    vec![line]
+}
+
+/// Computes the plan.
+pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
+    let mut b = Builder {
+        desired,
+        observed,
+        steps: vec![],
+        changes: vec![],
+    };
+    let mut left_alone = vec![];
+    let observed_vms = observed.vms();
+    let reachable = |n: &str| observed.reachable(n);
+
+    // Deletes first (they free room; creates on the same node wait for them).
+    let mut deleted_vm_steps: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut all_vm_deletes = vec![];
+    for (name, copies) in &observed_vms {
+        for (node, vm) in copies {
+            let wanted_here = desired.vms.get(*name).is_some_and(|d| d.node == *node);
+            let wanted_elsewhere = desired.vms.get(*name).is_some_and(|d| d.node != *node);
+            if wanted_here {
+                continue;
+            }
+            if wanted_elsewhere {
+                // Handled as a move below when the target answers.
+                let target = &desired.vms[*name].node;
+                if !reachable(target) {
+                    continue;
+                }
+                let already_there = copies.iter().any(|(n, _)| n == target);
+                if !already_there {
+                    continue;
+                }
+            }
+            let running = vm.state == "running" || vm.state == "pending";
+            let (steps, delete) = b.remove_vm(node, name, running);
+            deleted_vm_steps
+                .entry((*node).to_owned())
+                .or_default()
+                .push(delete);
+            all_vm_deletes.push(delete);
+            let (kind, details) = match desired.placement.preempted.get(*name) {
+                Some(by) => (ChangeKind::Preempt, vec![format!("preempted by {by}")]),
+                None if wanted_elsewhere => (
+                    ChangeKind::Delete,
+                    vec![format!(
+                        "duplicate: it also runs on {}",
+                        desired.vms[*name].node
+                    )],
+                ),
+                None => (ChangeKind::Delete, vec![]),
+            };
+            b.changes.push(Change {
+                kind,
+                object: "vm".into(),
+                name: (*name).to_owned(),
+                tenant: desired.tenants.get(*name).cloned().unwrap_or_default(),
+                node: (*node).to_owned(),
+                was_node: None,
+                details,
+                steps,
+            });
+        }
+    }
+
+    // Volumes.
+    let mut observed_primaries: BTreeMap<&str, (&str, &super::observe::ObservedVolume)> =
+        BTreeMap::new();
+    for (node, obs) in &observed.nodes {
+        if let NodeObservation::Reachable { volumes, .. } = obs {
+            for v in volumes.values().filter(|v| v.role != "replica") {
+                observed_primaries.insert(v.name.as_str(), (node.as_str(), v));
+            }
+        }
+    }
+    let mut volume_steps: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (name, (node, _)) in &observed_primaries {
+        if desired.volumes.get(*name).is_some_and(|d| d.node == *node) {
+            continue;
+        }
+        if desired.volumes.contains_key(*name) {
+            continue; // moved: handled with the create below
+        }
+        let delete = b.step(
+            node,
+            NodeAction::DeleteVolume {
+                name: (*name).to_owned(),
+            },
+            all_vm_deletes.clone(),
+        );
+        b.changes.push(Change {
+            kind: ChangeKind::Delete,
+            object: "volume".into(),
+            name: (*name).to_owned(),
+            tenant: String::new(),
+            node: (*node).to_owned(),
+            was_node: None,
+            details: vec![],
+            steps: vec![delete],
+        });
+    }
+    for v in desired.volumes.values() {
+        let nodes: Vec<&String> = std::iter::once(&v.node).chain(&v.replicas).collect();
+        if let Some(down) = nodes.iter().find(|n| !reachable(n)) {
+            left_alone.push(LeftAlone {
+                object: "volume".into(),
+                name: v.name.clone(),
+                node: (*down).clone(),
+            });
+            continue;
+        }
+        match observed_primaries.get(v.name.as_str()) {
+            None => {
+                let s = b.create_volume(v, vec![]);
+                volume_steps.insert(v.name.clone(), vec![s]);
+                b.changes.push(Change {
+                    kind: ChangeKind::Create,
+                    object: "volume".into(),
+                    name: v.name.clone(),
+                    tenant: v.tenant.clone(),
+                    node: v.node.clone(),
+                    was_node: None,
+                    details: volume_details(v),
+                    steps: vec![s],
+                });
+            }
+            Some((node, o)) if *node == v.node => {
+                let mut diffs = vec![];
+                if o.size_bytes != v.size_bytes {
+                    diffs.push(format!(
+                        "size {} → {}",
+                        compiler::units::human_size(o.size_bytes),
+                        compiler::units::human_size(v.size_bytes)
+                    ));
+                }
+                if o.stripe_width != v.stripe_width || o.stripe_unit_bytes != v.stripe_unit_bytes {
+                    diffs.push(format!(
+                        "stripes {} × {} → {} × {}",
+                        o.stripe_width,
+                        compiler::units::human_size(o.stripe_unit_bytes),
+                        v.stripe_width,
+                        compiler::units::human_size(v.stripe_unit_bytes)
+                    ));
+                }
+                if diffs.is_empty() {
+                    continue;
+                }
+                diffs.push("the node cannot resize or restripe in place: the data is lost".into());
+                let delete = b.step(
+                    node,
+                    NodeAction::DeleteVolume {
+                        name: v.name.clone(),
+                    },
+                    vec![],
+                );
+                let create = b.create_volume(v, vec![delete]);
+                volume_steps.insert(v.name.clone(), vec![create]);
+                b.changes.push(Change {
+                    kind: ChangeKind::Replace,
+                    object: "volume".into(),
+                    name: v.name.clone(),
+                    tenant: v.tenant.clone(),
+                    node: v.node.clone(),
+                    was_node: None,
+                    details: diffs,
+                    steps: vec![delete, create],
+                });
+            }
+            Some((node, _)) => {
+                let delete = b.step(
+                    node,
+                    NodeAction::DeleteVolume {
+                        name: v.name.clone(),
+                    },
+                    vec![],
+                );
+                let create = b.create_volume(v, vec![delete]);
+                volume_steps.insert(v.name.clone(), vec![create]);
+                b.changes.push(Change {
+                    kind: ChangeKind::Move,
+                    object: "volume".into(),
+                    name: v.name.clone(),
+                    tenant: v.tenant.clone(),
+                    node: v.node.clone(),
+                    was_node: Some((*node).to_owned()),
+                    details: vec![
+                        "the data is not carried over: volume migration is not supported yet"
+                            .into(),
+                    ],
+                    steps: vec![delete, create],
+                });
+            }
+        }
+    }
+
+    // VMs.
+    for vm in desired.vms.values() {
+        if !reachable(&vm.node) {
+            left_alone.push(LeftAlone {
+                object: "vm".into(),
+                name: vm.name.clone(),
+                node: vm.node.clone(),
+            });
+            continue;
+        }
+        let copies = observed_vms
+            .get(vm.name.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let here = copies.iter().find(|(n, _)| *n == vm.node).map(|(_, o)| *o);
+        let elsewhere = copies.iter().find(|(n, _)| *n != vm.node);
+        let mut deps: Vec<usize> = vm
+            .volumes
+            .iter()
+            .filter_map(|v| volume_steps.get(v))
+            .flatten()
+            .copied()
+            .collect();
+        deps.extend(deleted_vm_steps.get(&vm.node).into_iter().flatten());
+        match (here, elsewhere) {
+            (None, None) => {
+                let steps = b.create_vm(vm, deps);
+                b.changes.push(Change {
+                    kind: ChangeKind::Create,
+                    object: "vm".into(),
+                    name: vm.name.clone(),
+                    tenant: vm.tenant.clone(),
+                    node: vm.node.clone(),
+                    was_node: None,
+                    details: vm_details(vm),
+                    steps,
+                });
+            }
+            (None, Some((old, o))) => {
+                let running = o.state == "running" || o.state == "pending";
+                let (mut steps, delete) = b.remove_vm(old, &vm.name, running);
+                deps.push(delete);
+                steps.extend(b.create_vm(vm, deps));
+                b.changes.push(Change {
+                    kind: ChangeKind::Move,
+                    object: "vm".into(),
+                    name: vm.name.clone(),
+                    tenant: vm.tenant.clone(),
+                    node: vm.node.clone(),
+                    was_node: Some((*old).to_owned()),
+                    details: vec!["cold move: stopped there, started here".into()],
+                    steps,
+                });
+            }
+            (Some(o), _) => {
+                let mut diffs = vec![];
+                if o.vcpus != vm.vcpus {
+                    diffs.push(format!("vcpus {} → {}", o.vcpus, vm.vcpus));
+                }
+                if o.memory_bytes != vm.memory_bytes {
+                    diffs.push(format!(
+                        "memory {} → {}",
+                        compiler::units::human_size(o.memory_bytes),
+                        compiler::units::human_size(vm.memory_bytes)
+                    ));
+                }
+                if !diffs.is_empty() {
+                    let running = o.state == "running" || o.state == "pending";
+                    let (mut steps, delete) = b.remove_vm(&vm.node, &vm.name, running);
+                    deps.push(delete);
+                    steps.extend(b.create_vm(vm, deps));
+                    b.changes.push(Change {
+                        kind: ChangeKind::Replace,
+                        object: "vm".into(),
+                        name: vm.name.clone(),
+                        tenant: vm.tenant.clone(),
+                        node: vm.node.clone(),
+                        was_node: None,
+                        details: diffs,
+                        steps,
+                    });
+                } else if o.state == "stopped" || o.state == "crashed" {
+                    let start = b.step(
+                        &vm.node,
+                        NodeAction::StartVm {
+                            name: vm.name.clone(),
+                        },
+                        vec![],
+                    );
+                    let detail = if o.state == "crashed" {
+                        format!(
+                            "crashed ({} unrequested exits); start it again",
+                            o.crash_count
+                        )
+                    } else {
+                        "stopped; start it".to_owned()
+                    };
+                    b.changes.push(Change {
+                        kind: ChangeKind::Start,
+                        object: "vm".into(),
+                        name: vm.name.clone(),
+                        tenant: vm.tenant.clone(),
+                        node: vm.node.clone(),
+                        was_node: None,
+                        details: vec![detail],
+                        steps: vec![start],
+                    });
+                }
+            }
+        }
+    }
+
+    let mut summary = Summary::default();
+    for c in &b.changes {
+        match c.kind {
+            ChangeKind::Create => summary.add += 1,
+            ChangeKind::Update | ChangeKind::Start | ChangeKind::Stop => summary.change += 1,
+            ChangeKind::Replace => {
+                summary.add += 1;
+                summary.destroy += 1;
+            }
+            ChangeKind::Delete | ChangeKind::Preempt => summary.destroy += 1,
+            ChangeKind::Move => summary.moves += 1,
+        }
+    }
+    let mut changes = b.changes;
+    changes.sort_by(|a, c| {
+        (
+            a.tenant.as_str(),
+            a.object.as_str(),
+            a.name.as_str(),
+            a.kind,
+        )
+            .cmp(&(
+                c.tenant.as_str(),
+                c.object.as_str(),
+                c.name.as_str(),
+                c.kind,
+            ))
+    });
+    let mut steps = b.steps;
+    let waves = steps.iter().map(|s| s.wave + 1).max().unwrap_or(0);
+    let observed_digest = observed.digest();
+    let mut hasher = Sha256::new();
+    hasher.update(revision.as_bytes());
+    hasher.update(observed_digest.as_bytes());
+    hasher.update(serde_json::to_vec(&steps).expect("steps serialize"));
+    let plan_id = proto::auth::to_hex(&hasher.finalize()[..8]);
+    for s in &mut steps {
+        s.request_id = format!("{plan_id}.{}", s.id);
+    }
+    let unreachable = observed
+        .nodes
+        .iter()
+        .filter_map(|(n, o)| match o {
+            NodeObservation::Unreachable { error } => Some((n.clone(), error.clone())),
+            NodeObservation::Reachable { .. } => None,
+        })
+        .collect();
+    let unplaced = desired.placement.unplaced.clone();
+    Plan {
+        format_version: PLAN_FORMAT_VERSION,
+        plan_id,
+        revision: revision.to_owned(),
+        observed_digest,
+        summary,
+        changes,
+        steps,
+        waves,
+        unreachable,
+        left_alone,
+        unplaced,
+        placement: desired.placement.clone(),
+    }
+}
+
+/// The steps that (transitively) depend on `failed`.
+pub fn dependents(plan: &Plan, failed: usize) -> BTreeSet<usize> {
+    let mut out = BTreeSet::new();
+    for s in &plan.steps {
+        if s.depends_on.iter().any(|d| *d == failed || out.contains(d)) {
+            out.insert(s.id);
+        }
+    }
+    out
+}

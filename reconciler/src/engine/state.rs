@@ -1,0 +1,613 @@
+//! The state store: one redb file (default `SPEC_ROOT/.cairn/state.redb`).
+//!
+//! It holds only what neither git nor the node runtimes can tell us:
+//! - `meta`: `placement` (the last applied VM → node placement, JSON),
+//!   `applied` (the last applied revision, JSON), `lock` (the apply lock, JSON);
+//! - `plans`: plan id → the plan an apply started (JSON) and whether it finished;
+//! - `journal`: `PLAN_ID/STEP` (step zero-padded) → the step's record (JSON),
+//!   written before and after every action;
+//! - `audit`: sequence number → one audit entry (JSON) per plan/apply/unlock.
+//!
+//! The database is opened for each operation and closed again, so `cairn status`
+//! and `cairn plan` work while an apply runs (redb allows one opener at a time;
+//! a busy file is retried for a few seconds).
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use super::desired::Placement;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
+const JOURNAL: TableDefinition<&str, &[u8]> = TableDefinition::new("journal");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// redb failed.
+    #[error("state store {path}: {operation}: {message}")]
+    Redb {
+        /// The file.
+        path: String,
+        /// What was being done.
+        operation: &'static str,
+        /// redb's message.
+        message: String,
+    },
+    /// A record does not decode.
+    #[error("state store {path}: record `{key}` is corrupt: {source}")]
+    Corrupt {
+        /// The file.
+        path: String,
+        /// The key.
+        key: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Another apply holds the lock.
+    #[error(
+        "the state is locked by apply {id} (pid {pid} on {host}, since {since_unix_ms} ms after the epoch, `{command}`); wait for it, or if that process is gone run `cairn force-unlock {id}`"
+    )]
+    Locked {
+        /// Lock id.
+        id: String,
+        /// Holder pid.
+        pid: u32,
+        /// Holder host.
+        host: String,
+        /// When it was taken.
+        since_unix_ms: u64,
+        /// The holder's command line.
+        command: String,
+    },
+    /// force-unlock named the wrong id.
+    #[error("the state is not locked by `{given}`{}", match current { Some(c) => format!(" (the lock id is `{c}`)"), None => " (it is not locked)".to_owned() })]
+    WrongLockId {
+        /// The id given.
+        given: String,
+        /// The current id.
+        current: Option<String>,
+    },
+    /// The directory cannot be created.
+    #[error("cannot create {path}: {source}")]
+    Io {
+        /// Directory.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Who holds the apply lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockInfo {
+    /// Random id, given to `cairn force-unlock`.
+    pub id: String,
+    /// Holder's pid.
+    pub pid: u32,
+    /// Holder's host name.
+    pub host: String,
+    /// When it was taken.
+    pub since_unix_ms: u64,
+    /// Holder's command line.
+    pub command: String,
+}
+
+/// The last applied revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Digest of the spec sources that were applied.
+    pub revision: String,
+    /// The plan that applied them.
+    pub plan_id: String,
+    /// When the apply finished.
+    pub at_unix_ms: u64,
+}
+
+/// Status of one journaled step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Sent (or about to be sent) to the node; outcome unknown.
+    Started,
+    /// The node answered with success.
+    Succeeded,
+    /// The node refused or failed.
+    Failed,
+    /// A dependency failed; not sent.
+    Skipped,
+}
+
+/// The journal record of one step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// Step index in the plan.
+    pub step: usize,
+    /// The request id sent to the node.
+    pub request_id: String,
+    /// Status.
+    pub status: StepStatus,
+    /// The node answered with a recorded earlier outcome (done before a crash).
+    pub replayed: bool,
+    /// How many apply runs sent it (1 normally, 2 when a crash interrupted it).
+    pub attempts: u32,
+    /// Error text for failures and skips.
+    pub error: Option<String>,
+    /// When it changed last.
+    pub at_unix_ms: u64,
+}
+
+/// A plan an apply started.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlanRecord {
+    /// The plan (JSON of `plan::Plan`).
+    pub plan: serde_json::Value,
+    /// Whether the apply finished (successfully or not); an unfinished plan is resumed.
+    pub finished: bool,
+    /// When it started.
+    pub started_at_unix_ms: u64,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When.
+    pub at_unix_ms: u64,
+    /// `$USER`.
+    pub user: String,
+    /// What happened (`apply`, `force-unlock`, ...).
+    pub event: String,
+    /// Detail.
+    pub detail: serde_json::Value,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The state store at one path.
+#[derive(Debug)]
+pub struct StateStore {
+    path: PathBuf,
+    // Serialises openers inside this process (redb refuses a second open).
+    guard: Mutex<()>,
+}
+
+impl StateStore {
+    /// The store at `path`; its directory is created, the file on first write.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| StateError::Io {
+                path: parent.display().to_string(),
+                source,
+            })?;
+        }
+        let store = Self {
+            path: path.to_owned(),
+            guard: Mutex::new(()),
+        };
+        store.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| store.err("begin", e))?;
+            for table in [META, PLANS, JOURNAL] {
+                tx.open_table(table)
+                    .map_err(|e| store.err("create table", e))?;
+            }
+            tx.open_table(AUDIT)
+                .map_err(|e| store.err("create table", e))?;
+            tx.commit().map_err(|e| store.err("commit", e))
+        })?;
+        Ok(store)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, operation: &'static str, error: impl Into<redb::Error>) -> StateError {
+        StateError::Redb {
+            path: self.path.display().to_string(),
+            operation,
+            message: error.into().to_string(),
+        }
+    }
+
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let _held = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let database = loop {
+            match Database::create(&self.path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(self.err("open", e)),
+            }
+        };
+        f(&database)
+    }
+
+    fn get_json<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(table)
+                .map_err(|e| self.err("open table", e))?;
+            let Some(v) = t.get(key).map_err(|e| self.err("get", e))? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(v.value())
+                .map(Some)
+                .map_err(|source| StateError::Corrupt {
+                    path: self.path.display().to_string(),
+                    key: key.to_owned(),
+                    source,
+                })
+        })
+    }
+
+    fn put_json<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(value).expect("state records serialize");
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
+            {
+                let mut t = tx
+                    .open_table(table)
+                    .map_err(|e| self.err("open table", e))?;
+                t.insert(key, bytes.as_slice())
+                    .map_err(|e| self.err("insert", e))?;
+            }
+            tx.commit().map_err(|e| self.err("commit", e))
+        })
+    }
+
+    /// The last applied placement.
+    pub fn placement(&self) -> Result<Option<Placement>, StateError> {
+        self.get_json(META, "placement")
+    }
+
+    /// Records the applied placement.
+    pub fn set_placement(&self, placement: &Placement) -> Result<(), StateError> {
+        self.put_json(META, "placement", placement)
+    }
+
+    /// The last applied revision.
+    pub fn applied(&self) -> Result<Option<Applied>, StateError> {
+        self.get_json(META, "applied")
+    }
+
+    /// Records the applied revision.
+    pub fn set_applied(&self, applied: &Applied) -> Result<(), StateError> {
+        self.put_json(META, "applied", applied)
+    }
+
+    /// The current lock holder.
+    pub fn lock_holder(&self) -> Result<Option<LockInfo>, StateError> {
+        self.get_json(META, "lock")
+    }
+
+    /// Takes the apply lock. A lock whose holder is a dead process on this host is
+    /// taken over (the caller is told through the returned previous holder).
+    pub fn lock(&self, command: &str) -> Result<(LockInfo, Option<LockInfo>), StateError> {
+        let host = hostname();
+        let mine = LockInfo {
+            id: random_id(),
+            pid: std::process::id(),
+            host: host.clone(),
+            since_unix_ms: now_ms(),
+            command: command.to_owned(),
+        };
+        let bytes = serde_json::to_vec(&mine).expect("lock serializes");
+        let previous = self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
+            let previous = {
+                let mut t = tx.open_table(META).map_err(|e| self.err("open table", e))?;
+                let current: Option<LockInfo> = t
+                    .get("lock")
+                    .map_err(|e| self.err("get", e))?
+                    .and_then(|v| serde_json::from_slice(v.value()).ok());
+                if let Some(holder) = &current {
+                    let dead_here = holder.host == host && !process_alive(holder.pid);
+                    if !dead_here {
+                        return Err(StateError::Locked {
+                            id: holder.id.clone(),
+                            pid: holder.pid,
+                            host: holder.host.clone(),
+                            since_unix_ms: holder.since_unix_ms,
+                            command: holder.command.clone(),
+                        });
+                    }
+                }
+                t.insert("lock", bytes.as_slice())
+                    .map_err(|e| self.err("insert", e))?;
+                current
+            };
+            tx.commit().map_err(|e| self.err("commit", e))?;
+            Ok(previous)
+        })?;
+        Ok((mine, previous))
+    }
+
+    /// Releases the lock if `id` holds it. With `force`, any holder with that id is
+    /// removed (`cairn force-unlock`).
+    pub fn unlock(&self, id: &str) -> Result<(), StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
+            {
+                let mut t = tx.open_table(META).map_err(|e| self.err("open table", e))?;
+                let current: Option<LockInfo> = t
+                    .get("lock")
+                    .map_err(|e| self.err("get", e))?
+                    .and_then(|v| serde_json::from_slice(v.value()).ok());
+                match current {
+                    Some(holder) if holder.id == id => {
+                        t.remove("lock").map_err(|e| self.err("remove", e))?;
+                    }
+                    other => {
+                        return Err(StateError::WrongLockId {
+                            given: id.to_owned(),
+                            current: other.map(|h| h.id),
+                        });
+                    }
+                }
+            }
+            tx.commit().map_err(|e| self.err("commit", e))
+        })
+    }
+
+    /// Records that an apply of `plan_id` started.
+    pub fn start_plan(&self, plan_id: &str, record: &PlanRecord) -> Result<(), StateError> {
+        self.put_json(PLANS, plan_id, record)
+    }
+
+    /// A plan record.
+    pub fn plan(&self, plan_id: &str) -> Result<Option<PlanRecord>, StateError> {
+        self.get_json(PLANS, plan_id)
+    }
+
+    /// The plans whose apply did not finish (a crash), oldest first.
+    pub fn unfinished_plans(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
+        let mut all = self.plans()?;
+        all.retain(|(_, r)| !r.finished);
+        Ok(all)
+    }
+
+    /// Every plan record, oldest first.
+    pub fn plans(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(PLANS)
+                .map_err(|e| self.err("open table", e))?;
+            let mut out = vec![];
+            for entry in t.iter().map_err(|e| self.err("iter", e))? {
+                let (k, v) = entry.map_err(|e| self.err("iter", e))?;
+                let record: PlanRecord =
+                    serde_json::from_slice(v.value()).map_err(|source| StateError::Corrupt {
+                        path: self.path.display().to_string(),
+                        key: k.value().to_owned(),
+                        source,
+                    })?;
+                out.push((k.value().to_owned(), record));
+            }
+            out.sort_by_key(|(_, r)| r.started_at_unix_ms);
+            Ok(out)
+        })
+    }
+
+    /// Marks a plan finished.
+    pub fn finish_plan(&self, plan_id: &str) -> Result<(), StateError> {
+        if let Some(mut record) = self.plan(plan_id)? {
+            record.finished = true;
+            self.put_json(PLANS, plan_id, &record)?;
+        }
+        Ok(())
+    }
+
+    /// Writes one journal record (durably: redb commits are fsynced).
+    pub fn journal(&self, plan_id: &str, record: &StepRecord) -> Result<(), StateError> {
+        self.put_json(JOURNAL, &format!("{plan_id}/{:06}", record.step), record)
+    }
+
+    /// The journal of one plan, by step.
+    pub fn journal_of(&self, plan_id: &str) -> Result<Vec<StepRecord>, StateError> {
+        let prefix = format!("{plan_id}/");
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(JOURNAL)
+                .map_err(|e| self.err("open table", e))?;
+            let mut out = vec![];
+            for entry in t
+                .range(prefix.as_str()..)
+                .map_err(|e| self.err("range", e))?
+            {
+                let (k, v) = entry.map_err(|e| self.err("range", e))?;
+                if !k.value().starts_with(&prefix) {
+                    break;
+                }
+                let record: StepRecord =
+                    serde_json::from_slice(v.value()).map_err(|source| StateError::Corrupt {
+                        path: self.path.display().to_string(),
+                        key: k.value().to_owned(),
+                        source,
+                    })?;
+                out.push(record);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Appends to the audit log.
+    pub fn audit(&self, event: &str, detail: serde_json::Value) -> Result<(), StateError> {
+        let entry = AuditEntry {
+            at_unix_ms: now_ms(),
+            user: std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned()),
+            event: event.to_owned(),
+            detail,
+        };
+        let bytes = serde_json::to_vec(&entry).expect("audit entries serialize");
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
+            {
+                let mut t = tx
+                    .open_table(AUDIT)
+                    .map_err(|e| self.err("open table", e))?;
+                let next = t
+                    .last()
+                    .map_err(|e| self.err("last", e))?
+                    .map(|(k, _)| k.value() + 1)
+                    .unwrap_or(1);
+                t.insert(next, bytes.as_slice())
+                    .map_err(|e| self.err("insert", e))?;
+            }
+            tx.commit().map_err(|e| self.err("commit", e))
+        })
+    }
+
+    /// The audit log, oldest first.
+    pub fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(AUDIT)
+                .map_err(|e| self.err("open table", e))?;
+            let mut out = vec![];
+            for entry in t.iter().map_err(|e| self.err("iter", e))? {
+                let (_, v) = entry.map_err(|e| self.err("iter", e))?;
+                if let Ok(e) = serde_json::from_slice(v.value()) {
+                    out.push(e);
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// A random 16-hex-digit id.
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        bytes = (now_ms() ^ u64::from(std::process::id()) << 32).to_le_bytes();
+    }
+    proto::auth::to_hex(&bytes)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".to_owned())
+}
+
+/// Whether a process with this pid exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state letter follows the parenthesised command name.
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim().chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_refuses_a_live_holder_and_force_unlock_needs_the_id() {
+        let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
+        let store = StateStore::open(&dir.join("state.redb")).unwrap();
+        let (mine, previous) = store.lock("cairn apply").unwrap();
+        assert!(previous.is_none());
+        let err = store.lock("cairn apply").unwrap_err();
+        assert!(err.to_string().contains(&mine.id), "{err}");
+        assert!(matches!(
+            store.unlock("nope"),
+            Err(StateError::WrongLockId { .. })
+        ));
+        store.unlock(&mine.id).unwrap();
+        store.lock("again").unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn journal_and_audit_round_trip() {
+        let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
+        let store = StateStore::open(&dir.join("state.redb")).unwrap();
+        for step in [2, 0, 1] {
+            store
+                .journal(
+                    "p1",
+                    &StepRecord {
+                        step,
+                        request_id: format!("p1/{step}"),
+                        status: StepStatus::Succeeded,
+                        replayed: false,
+                        attempts: 1,
+                        error: None,
+                        at_unix_ms: 1,
+                    },
+                )
+                .unwrap();
+        }
+        store
+            .journal(
+                "p2",
+                &StepRecord {
+                    step: 0,
+                    request_id: "p2/0".into(),
+                    status: StepStatus::Started,
+                    replayed: false,
+                    attempts: 1,
+                    error: None,
+                    at_unix_ms: 1,
+                },
+            )
+            .unwrap();
+        let steps: Vec<usize> = store
+            .journal_of("p1")
+            .unwrap()
+            .iter()
+            .map(|r| r.step)
+            .collect();
+        assert_eq!(steps, vec![0, 1, 2]);
+        store
+            .audit("apply", serde_json::json!({"plan": "p1"}))
+            .unwrap();
+        store
+            .audit("apply", serde_json::json!({"plan": "p2"}))
+            .unwrap();
+        assert_eq!(store.audit_log().unwrap().len(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

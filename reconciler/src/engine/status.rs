@@ -1,0 +1,414 @@
+//! `cairn status`: what runs where, health, and drift from the specs.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use super::desired::Desired;
+use super::observe::{NodeObservation, Observed};
+use super::state::{Applied, StepRecord, StepStatus};
+
+/// Version of the status JSON.
+pub const STATUS_FORMAT_VERSION: u32 = 1;
+
+/// A node's row.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeRow {
+    /// Name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// Whether it answered.
+    pub reachable: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// VMs it reports.
+    pub vms: usize,
+    /// Volumes (primaries and replicas) it reports.
+    pub volumes: usize,
+}
+
+/// A VM's row.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmRow {
+    /// Name.
+    pub name: String,
+    /// Tenant (empty for a VM no spec mentions).
+    pub tenant: String,
+    /// Where it runs (or should run, when it does not exist yet).
+    pub node: String,
+    /// Where the specs want it (empty: nowhere).
+    pub desired_node: String,
+    /// `running`, `stopped`, `crashed`, `pending` (not created yet or starting),
+    /// `unknown` (its node did not answer).
+    pub state: String,
+    /// `healthy`, `degraded`, `failed`, `unknown`.
+    pub health: String,
+    /// Unrequested exits.
+    pub crash_count: u32,
+    /// `none`, `missing`, `not-in-spec`, `wrong-node`, `definition`, `not-running`, `unknown`.
+    pub drift: String,
+}
+
+/// A volume's row (primaries).
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeRow {
+    /// Name.
+    pub name: String,
+    /// Primary node.
+    pub node: String,
+    /// Replica nodes it reports.
+    pub replicas: Vec<String>,
+    /// Health.
+    pub health: String,
+    /// `none`, `missing`, `not-in-spec`, `wrong-node`, `definition`, `unknown`.
+    pub drift: String,
+}
+
+/// The last apply, from the journal.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastApply {
+    /// Plan id.
+    pub plan_id: String,
+    /// Whether it finished.
+    pub finished: bool,
+    /// Steps journaled succeeded.
+    pub succeeded: usize,
+    /// Steps failed.
+    pub failed: usize,
+    /// Steps skipped.
+    pub skipped: usize,
+    /// Steps still `started` (an interrupted apply).
+    pub in_flight: usize,
+    /// Steps the node answered with a recorded outcome (done before an interruption).
+    pub replayed: usize,
+    /// Steps sent by more than one apply run.
+    pub resent: usize,
+    /// Total steps of the plan.
+    pub steps: usize,
+}
+
+/// `cairn status --format json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// [`STATUS_FORMAT_VERSION`].
+    pub format_version: u32,
+    /// The last applied revision.
+    pub applied: Option<Applied>,
+    /// Nodes.
+    pub nodes: Vec<NodeRow>,
+    /// VMs.
+    pub vms: Vec<VmRow>,
+    /// Volumes.
+    pub volumes: Vec<VolumeRow>,
+    /// VMs with no node.
+    pub unplaced: Vec<String>,
+    /// Objects that drifted.
+    pub drifted: usize,
+    /// The last apply.
+    pub last_apply: Option<LastApply>,
+}
+
+/// Summarises a plan's journal.
+pub fn last_apply(
+    plan_id: &str,
+    finished: bool,
+    steps: usize,
+    journal: &[StepRecord],
+) -> LastApply {
+    let count = |s: StepStatus| journal.iter().filter(|r| r.status == s).count();
+    LastApply {
+        plan_id: plan_id.to_owned(),
+        finished,
+        succeeded: count(StepStatus::Succeeded),
+        failed: count(StepStatus::Failed),
+        skipped: count(StepStatus::Skipped),
+        in_flight: count(StepStatus::Started),
+        replayed: journal.iter().filter(|r| r.replayed).count(),
+        resent: journal.iter().filter(|r| r.attempts > 1).count(),
+        steps,
+    }
+}
+
+/// Builds the status.
+pub fn status(
+    desired: &Desired,
+    observed: &Observed,
+    applied: Option<Applied>,
+    last: Option<LastApply>,
+) -> Status {
+    let mut nodes = vec![];
+    for (name, node) in &desired.nodes {
+        let row = match observed.nodes.get(name) {
+            Some(NodeObservation::Reachable { vms, volumes, .. }) => NodeRow {
+                name: name.clone(),
+                address: node.address.clone(),
+                reachable: true,
+                error: None,
+                vms: vms.len(),
+                volumes: volumes.len(),
+            },
+            Some(NodeObservation::Unreachable { error }) => NodeRow {
+                name: name.clone(),
+                address: node.address.clone(),
+                reachable: false,
+                error: Some(error.clone()),
+                vms: 0,
+                volumes: 0,
+            },
+            None => continue,
+        };
+        nodes.push(row);
+    }
+    let observed_vms = observed.vms();
+    let mut vms = vec![];
+    for vm in desired.vms.values() {
+        let copies = observed_vms.get(vm.name.as_str());
+        let here = copies.and_then(|c| c.iter().find(|(n, _)| *n == vm.node));
+        let any = copies.and_then(|c| c.first());
+        let row = match (here, any) {
+            (Some((node, o)), _) => {
+                let drift = if o.vcpus != vm.vcpus || o.memory_bytes != vm.memory_bytes {
+                    "definition"
+                } else if o.state != "running" {
+                    "not-running"
+                } else {
+                    "none"
+                };
+                VmRow {
+                    name: vm.name.clone(),
+                    tenant: vm.tenant.clone(),
+                    node: (*node).to_owned(),
+                    desired_node: vm.node.clone(),
+                    state: o.state.clone(),
+                    health: o.health.clone(),
+                    crash_count: o.crash_count,
+                    drift: drift.into(),
+                }
+            }
+            (None, Some((node, o))) => VmRow {
+                name: vm.name.clone(),
+                tenant: vm.tenant.clone(),
+                node: (*node).to_owned(),
+                desired_node: vm.node.clone(),
+                state: o.state.clone(),
+                health: o.health.clone(),
+                crash_count: o.crash_count,
+                drift: "wrong-node".into(),
+            },
+            (None, None) => {
+                let reachable = observed.reachable(&vm.node);
+                VmRow {
+                    name: vm.name.clone(),
+                    tenant: vm.tenant.clone(),
+                    node: vm.node.clone(),
+                    desired_node: vm.node.clone(),
+                    state: if reachable { "pending" } else { "unknown" }.into(),
+                    health: "unknown".into(),
+                    crash_count: 0,
+                    drift: if reachable { "missing" } else { "unknown" }.into(),
+                }
+            }
+        };
+        vms.push(row);
+    }
+    for (name, copies) in &observed_vms {
+        for (node, o) in copies {
+            let wanted = desired.vms.get(*name);
+            if wanted.is_some_and(|w| w.node == *node || !copies.iter().any(|(n, _)| *n == w.node))
+            {
+                continue;
+            }
+            vms.push(VmRow {
+                name: (*name).to_owned(),
+                tenant: desired.tenants.get(*name).cloned().unwrap_or_default(),
+                node: (*node).to_owned(),
+                desired_node: String::new(),
+                state: o.state.clone(),
+                health: o.health.clone(),
+                crash_count: o.crash_count,
+                drift: "not-in-spec".into(),
+            });
+        }
+    }
+    vms.sort_by(|a, b| (&a.name, &a.node).cmp(&(&b.name, &b.node)));
+    let mut volumes = vec![];
+    let mut seen = std::collections::BTreeSet::new();
+    for (node, obs) in &observed.nodes {
+        let NodeObservation::Reachable { volumes: vols, .. } = obs else {
+            continue;
+        };
+        for v in vols.values().filter(|v| v.role != "replica") {
+            seen.insert(v.name.clone());
+            let drift = match desired.volumes.get(&v.name) {
+                None => "not-in-spec",
+                Some(d) if d.node != *node => "wrong-node",
+                Some(d) if d.size_bytes != v.size_bytes => "definition",
+                Some(_) => "none",
+            };
+            volumes.push(VolumeRow {
+                name: v.name.clone(),
+                node: node.clone(),
+                replicas: v.replica_peers.clone(),
+                health: v.health.clone(),
+                drift: drift.into(),
+            });
+        }
+    }
+    for d in desired.volumes.values().filter(|d| !seen.contains(&d.name)) {
+        volumes.push(VolumeRow {
+            name: d.name.clone(),
+            node: d.node.clone(),
+            replicas: d.replicas.clone(),
+            health: "unknown".into(),
+            drift: if observed.reachable(&d.node) {
+                "missing"
+            } else {
+                "unknown"
+            }
+            .into(),
+        });
+    }
+    volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    let drifted = vms.iter().filter(|v| v.drift != "none").count()
+        + volumes.iter().filter(|v| v.drift != "none").count();
+    Status {
+        format_version: STATUS_FORMAT_VERSION,
+        applied,
+        nodes,
+        vms,
+        volumes,
+        unplaced: desired.placement.unplaced.keys().cloned().collect(),
+        drifted,
+        last_apply: last,
+    }
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let mut widths = vec![0; rows.first().map(Vec::len).unwrap_or(0)];
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        let _ = writeln!(out, "  {}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// The status as text.
+pub fn text(status: &Status) -> String {
+    let mut out = String::new();
+    match &status.applied {
+        Some(a) => {
+            let _ = writeln!(out, "applied: {} (plan {})", a.revision, a.plan_id);
+        }
+        None => out.push_str("applied: nothing yet (run `cairn apply`)\n"),
+    }
+    out.push_str("\nnodes:\n");
+    let mut rows = vec![vec![
+        "NODE".into(),
+        "ADDRESS".into(),
+        "STATUS".into(),
+        "VMS".into(),
+        "VOLUMES".into(),
+    ]];
+    for n in &status.nodes {
+        rows.push(vec![
+            n.name.clone(),
+            n.address.clone(),
+            if n.reachable {
+                "up".into()
+            } else {
+                format!("unreachable: {}", n.error.as_deref().unwrap_or(""))
+            },
+            n.vms.to_string(),
+            n.volumes.to_string(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out.push_str("\nvms:\n");
+    let mut rows = vec![vec![
+        "VM".into(),
+        "TENANT".into(),
+        "NODE".into(),
+        "STATE".into(),
+        "HEALTH".into(),
+        "CRASHES".into(),
+        "DRIFT".into(),
+    ]];
+    for v in &status.vms {
+        let node = if v.desired_node.is_empty() || v.desired_node == v.node {
+            v.node.clone()
+        } else {
+            format!("{} (wanted on {})", v.node, v.desired_node)
+        };
+        rows.push(vec![
+            v.name.clone(),
+            v.tenant.clone(),
+            node,
+            v.state.clone(),
+            v.health.clone(),
+            v.crash_count.to_string(),
+            v.drift.clone(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    out.push_str("\nvolumes:\n");
+    let mut rows = vec![vec![
+        "VOLUME".into(),
+        "NODE".into(),
+        "REPLICAS".into(),
+        "HEALTH".into(),
+        "DRIFT".into(),
+    ]];
+    for v in &status.volumes {
+        rows.push(vec![
+            v.name.clone(),
+            v.node.clone(),
+            v.replicas.join(","),
+            v.health.clone(),
+            v.drift.clone(),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    for u in &status.unplaced {
+        let _ = writeln!(out, "! vm {u} has no node (see `cairn plan`)");
+    }
+    if let Some(l) = &status.last_apply {
+        let _ = writeln!(
+            out,
+            "\nlast apply: plan {}: {} of {} steps succeeded, {} failed, {} skipped{}",
+            l.plan_id,
+            l.succeeded,
+            l.steps,
+            l.failed,
+            l.skipped,
+            if l.finished {
+                ""
+            } else {
+                " — interrupted; `cairn apply` resumes it"
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n{}",
+        if status.drifted == 0 {
+            "no drift: the cluster matches the specs".to_owned()
+        } else {
+            format!(
+                "{} objects drifted: run `cairn plan` to see the fix",
+                status.drifted
+            )
+        }
+    );
+    out
+}
