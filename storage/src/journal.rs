@@ -53,12 +53,26 @@ impl Enc {
         self.u64(b.len() as u64);
         self.0.extend_from_slice(b);
     }
+    /// Checksums as runs of consecutive blocks: disk, first block, count, then a u32 per
+    /// block (a 4 MiB write's 1024 checksums take about 4 KiB).
     fn crcs(&mut self, list: &[BlockCrc]) {
-        self.u64(list.len() as u64);
+        let mut runs: Vec<(u32, u64, Vec<u32>)> = Vec::new();
         for &((disk, block), crc) in list {
+            match runs.last_mut() {
+                Some((d, first, crcs)) if *d == disk && *first + crcs.len() as u64 == block => {
+                    crcs.push(crc)
+                }
+                _ => runs.push((disk, block, vec![crc])),
+            }
+        }
+        self.u64(runs.len() as u64);
+        for (disk, first, crcs) in runs {
             self.u64(u64::from(disk));
-            self.u64(block);
-            self.u64(u64::from(crc));
+            self.u64(first);
+            self.u64(crcs.len() as u64);
+            for crc in crcs {
+                self.0.extend_from_slice(&crc.to_le_bytes());
+            }
         }
     }
 }
@@ -81,11 +95,23 @@ impl Dec<'_> {
         self.0 = rest;
         Some(head.to_vec())
     }
+    fn u32(&mut self) -> Option<u32> {
+        let (head, rest) = self.0.split_first_chunk::<4>()?;
+        self.0 = rest;
+        Some(u32::from_le_bytes(*head))
+    }
     fn crcs(&mut self) -> Option<Vec<BlockCrc>> {
-        let n = self.len(24)?;
-        (0..n)
-            .map(|_| Some(((self.u64()? as u32, self.u64()?), self.u64()? as u32)))
-            .collect()
+        let runs = self.len(24)?;
+        let mut out = Vec::new();
+        for _ in 0..runs {
+            let disk = self.u64()? as u32;
+            let first = self.u64()?;
+            let n = self.len(4)?;
+            for i in 0..n as u64 {
+                out.push(((disk, first + i), self.u32()?));
+            }
+        }
+        Some(out)
     }
 }
 
