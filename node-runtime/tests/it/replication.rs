@@ -219,27 +219,98 @@ fn write_action(index: u64) -> Action {
     })
 }
 
-/// Writes `range` one by one (each with its own request id), recording acknowledged
-/// indices. Errors (a node is down) are not acknowledged and the writer moves on.
+/// What a writer has seen so far.
+#[derive(Default)]
+struct Progress {
+    acked: BTreeMap<u64, ()>,
+    refused: usize,
+}
+
+type Shared = std::sync::Arc<std::sync::Mutex<Progress>>;
+
+/// Writes `range` one by one (each with its own request id) until the range ends or
+/// `stop` is set, recording acknowledged indices. Refused writes (a node is down) are
+/// not acknowledged and the writer moves on.
 async fn write_stream(
     address: String,
     controller: Identity,
     range: std::ops::Range<u64>,
-    acked: &mut BTreeMap<u64, ()>,
+    progress: Shared,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) {
     let signer = proto::auth::RequestSigner::new(controller);
     let mut client = NodeClient::connect_lazy(&address, signer).unwrap();
     for index in range {
-        match client
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let result = client
             .apply(request(&format!("w-{index}"), write_action(index)))
-            .await
-        {
-            Ok(_) => {
-                acked.insert(index, ());
+            .await;
+        let refused = {
+            let mut progress = progress.lock().unwrap();
+            match result {
+                Ok(_) => {
+                    progress.acked.insert(index, ());
+                    false
+                }
+                Err(_) => {
+                    progress.refused += 1;
+                    true
+                }
             }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        };
+        if refused {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Waits until the writer has `count` acknowledged writes (or 30 s pass).
+async fn wait_for_acks(progress: &Shared, count: usize) {
+    for _ in 0..3000 {
+        if progress.lock().unwrap().acked.len() >= count {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("writes did not reach {count} acknowledgements within 30 s");
+}
+
+/// One round: start writing `range`, kill -9 the node at `victim` once writes flow,
+/// restart it at the same address, let writes flow again, stop. Returns the progress.
+async fn crash_round(
+    nodes: &mut [TestNode],
+    victim: usize,
+    base: &Path,
+    controller: &Identity,
+    range: std::ops::Range<u64>,
+) -> Progress {
+    let progress: Shared = Default::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = tokio::spawn(write_stream(
+        nodes[0].address.clone(),
+        controller.clone(),
+        range,
+        progress.clone(),
+        stop.clone(),
+    ));
+    wait_for_acks(&progress, 10).await;
+    nodes[victim].kill_9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let name = nodes[victim].name.clone();
+    let address = nodes[victim].address.clone();
+    let suffix = ["a", "b", "c"][victim];
+    nodes[victim] = TestNode::start_at(&name, &base.join(suffix), &address);
+    let before = progress.lock().unwrap().acked.len();
+    wait_for_acks(&progress, before + 10).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    std::sync::Arc::try_unwrap(progress)
+        .ok()
+        .expect("writer finished")
+        .into_inner()
+        .unwrap()
 }
 
 async fn wait_until_healthy(client: &mut NodeClient, volume: &str) {
@@ -263,7 +334,6 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     let controller = controller();
     let mut nodes = cluster(base.path(), &controller, "k");
     push_peers(&nodes, &controller).await;
-    let primary_address = nodes[0].address.clone();
     {
         let mut primary = nodes[0].client(&controller).await;
         apply_ok(
@@ -273,65 +343,25 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
         )
         .await;
     }
-    let mut acked = BTreeMap::new();
-
-    // Round 1: kill -9 a replica in the middle of a stream of writes.
-    let writer = {
-        let address = primary_address.clone();
-        let controller = controller.clone();
-        tokio::spawn(async move {
-            let mut acked = BTreeMap::new();
-            write_stream(address, controller, 0..120, &mut acked).await;
-            acked
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    nodes[1].kill_9();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let replica_address = nodes[1].address.clone();
-    nodes[1] = TestNode::start_at("k-b", &base.path().join("b"), &replica_address);
-    acked.extend(writer.await.unwrap());
-
-    // Round 2: kill -9 the primary in the middle of a stream of writes.
-    let writer = {
-        let address = primary_address.clone();
-        let controller = controller.clone();
-        tokio::spawn(async move {
-            let mut acked = BTreeMap::new();
-            write_stream(address, controller, 120..240, &mut acked).await;
-            acked
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    nodes[0].kill_9();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    nodes[0] = TestNode::start_at("k-a", &base.path().join("a"), &primary_address);
-    acked.extend(writer.await.unwrap());
-
-    // A final stretch proves the cluster writes again after both crashes.
-    let mut tail = BTreeMap::new();
-    write_stream(
-        primary_address.clone(),
-        controller.clone(),
-        240..260,
-        &mut tail,
-    )
-    .await;
-    assert_eq!(tail.len(), 20, "every write after recovery is acknowledged");
-    acked.extend(tail);
+    // Round 1: kill -9 a replica in the middle of a stream of writes; round 2: the
+    // primary. Each round waits for writes to flow before the kill and after the restart.
+    let round_1 = crash_round(&mut nodes, 1, base.path(), &controller, 0..250).await;
     assert!(
-        acked.len() > 40,
-        "enough writes were acknowledged to mean something: {}",
-        acked.len()
+        round_1.refused > 0,
+        "writes were refused while the replica was down"
     );
+    let round_2 = crash_round(&mut nodes, 0, base.path(), &controller, 250..500).await;
     assert!(
-        acked.len() < 260,
-        "some writes were refused while a node was down"
+        round_2.refused > 0,
+        "writes were refused while the primary was down"
     );
+    let mut acked = round_1.acked;
+    acked.extend(round_2.acked);
+    let highest = acked.keys().next_back().copied().unwrap_or(0);
 
     let mut primary = nodes[0].client(&controller).await;
     wait_until_healthy(&mut primary, "log").await;
-    let length = 260 * (64 << 10);
+    let length = (highest + 1) * (64 << 10);
     let mut copies = Vec::new();
     for node in &nodes {
         let mut client = node.client(&controller).await;
