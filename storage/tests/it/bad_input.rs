@@ -139,3 +139,81 @@ fn unknown_and_duplicate_objects_are_typed_errors() {
     };
     check_field(store.apply_replica(&op), "checksums");
 }
+
+/// Many random requests, most of them invalid: every one returns, none panics, and every
+/// error is one of the typed input errors.
+#[test]
+fn random_requests_never_panic() {
+    let (_dir, store) = store_with_disks(2, 4 * MIB, EngineKind::Auto);
+    let vol = store.create_volume(&spec("v", MIB, 8192, 2)).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let interesting = [
+        0,
+        1,
+        4095,
+        4096,
+        8192,
+        MIB - 4096,
+        MIB,
+        MIB + 4096,
+        u64::MAX - 4095,
+        u64::MAX,
+    ];
+    for _ in 0..400 {
+        let pick = |r: u64| {
+            if r.is_multiple_of(3) {
+                interesting[(r / 3) as usize % interesting.len()]
+            } else {
+                (r >> 8) % (2 * MIB)
+            }
+        };
+        let offset = pick(next());
+        let len = pick(next()).min(256 * 1024) as usize;
+        let result = match next() % 5 {
+            0 => vol.write_at(offset, &vec![7u8; len]).map(|_| ()),
+            1 => vol.read_at(offset, &mut vec![0u8; len]),
+            2 => vol.trim(offset, len as u64).map(|_| ()),
+            3 => vol.write_zeroes(offset, len as u64).map(|_| ()),
+            _ => vol.read_for_repair(offset, len as u64).map(|_| ()),
+        };
+        if let Err(e) = result {
+            assert!(
+                matches!(
+                    e,
+                    StorageError::InvalidArgument { .. }
+                        | StorageError::Misaligned { .. }
+                        | StorageError::OutOfRange { .. }
+                ),
+                "unexpected error for offset {offset} length {len}: {e}"
+            );
+        }
+    }
+    assert!(
+        vol.scrub().unwrap().is_empty(),
+        "valid requests among them left consistent data"
+    );
+}
+
+#[test]
+fn an_existing_file_can_be_a_disk_and_a_too_small_one_is_refused() {
+    let (dir, store) = store_with_disks(0, MIB, EngineKind::Auto);
+    let small = dir.path().join("small.img");
+    std::fs::write(&small, vec![0u8; 4096]).unwrap();
+    check_field(store.add_disk("small", DiskSource::Path(small)), "path");
+    let big = dir.path().join("big.img");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(8 * MIB)
+        .unwrap();
+    let info = store.add_disk("big", DiskSource::Path(big)).unwrap();
+    assert_eq!(info.capacity, 4 * MIB, "the last 4 MiB hold the journal");
+    let vol = store.create_volume(&spec("v", 2 * MIB, 65536, 1)).unwrap();
+    vol.write_at(0, &crate::pattern(3, 65536)).unwrap();
+    crate::check_read(&vol, 0, &crate::pattern(3, 65536));
+}

@@ -164,3 +164,42 @@ fn unknown_exports_are_refused_and_only_loopback_is_served() {
         "{text}"
     );
 }
+
+/// Garbage and truncated handshakes end only their own connection; the server keeps
+/// serving well-behaved clients.
+#[test]
+fn malformed_clients_do_not_take_the_server_down() {
+    use std::io::{Read, Write};
+    let (_dir, store) = store_with_disks(1, 4 * MIB, EngineKind::Auto);
+    store.create_volume(&spec("v", MIB, 4096, 1)).unwrap();
+    let server = serve(&store, "v");
+    let garbage: [&[u8]; 4] = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[0xff; 64],
+        // Valid client flags, then an option header claiming a huge payload.
+        &[
+            0, 0, 0, 3, 0x49, 0x48, 0x41, 0x56, 0x45, 0x4f, 0x50, 0x54, 0, 0, 0, 7, 0xff, 0xff,
+            0xff, 0xff,
+        ],
+        &[],
+    ];
+    for bytes in garbage {
+        let mut conn = std::net::TcpStream::connect(server.local_addr()).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut hello = [0u8; 18];
+        conn.read_exact(&mut hello).unwrap();
+        assert_eq!(&hello[..8], b"NBDMAGIC");
+        let _ = conn.write_all(bytes);
+        drop(conn);
+    }
+    if !have("qemu-io") {
+        eprintln!("skipping the qemu-io part: qemu-io is not installed");
+        return;
+    }
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(server.uri("v"))
+        .args(["-c", "write -P 0x11 0 64k", "-c", "read -P 0x11 0 64k"]));
+    assert!(!out.contains("fail"), "{out}");
+}
