@@ -445,6 +445,15 @@ impl TrustedKeys {
         Ok(keys)
     }
 
+    /// The key file text of this set (what [`TrustedKeys::parse`] reads): one
+    /// `HEX NAME` line per key. `cairn dev up` writes it to `DATA_DIR/trusted-controllers`.
+    pub fn render(&self) -> String {
+        self.by_key
+            .iter()
+            .map(|(key, name)| format!("{} {name}\n", to_hex(key)))
+            .collect()
+    }
+
     /// Reads and parses a key file (see [`TrustedKeys::parse`]).
     pub fn load(path: &Path) -> Result<Self, AuthError> {
         let text = std::fs::read_to_string(path).map_err(|source| AuthError::Io {
@@ -678,6 +687,7 @@ mod tests {
         let text = format!("# controllers\n\n{} ctl-1\n", key.public_key_hex());
         let keys = TrustedKeys::parse(&text, "keys").unwrap();
         assert_eq!(keys.name_of(&key.public_key()), Some("ctl-1"));
+        assert_eq!(TrustedKeys::parse(&keys.render(), "again").unwrap(), keys);
         let error = TrustedKeys::parse("zz\n", "keys").unwrap_err();
         assert!(error.to_string().contains("keys line 1"), "{error}");
     }
