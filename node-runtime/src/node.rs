@@ -144,6 +144,7 @@ impl Node {
             store.clone(),
             events.clone(),
             signer,
+            trust.peer_directory(),
         )?);
         let vms = Vms::open(
             crate::vms::find_vmm_binary(config.vmm_binary.as_deref()),

@@ -9,7 +9,7 @@
 //! Controllers may call every service; peers only `Replication`.
 
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use proto::auth::{Caller, TrustedKeys, Verifier};
 use proto::v1::Peer;
@@ -19,6 +19,9 @@ use tonic::Status;
 pub const DEV_CONTROLLERS_FILE: &str = "trusted-controllers";
 /// File name of the default peer key file inside the data directory.
 pub const DEV_PEERS_FILE: &str = "trusted-peers";
+
+/// The pushed peer set, shared between the trust checks and the volumes.
+pub type PeerDirectory = Arc<RwLock<Vec<Peer>>>;
 
 /// The role a method requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,7 +38,7 @@ pub struct Trust {
     controllers: TrustedKeys,
     controllers_source: String,
     file_peers: TrustedKeys,
-    pushed_peers: RwLock<Vec<Peer>>,
+    pushed_peers: Arc<RwLock<Vec<Peer>>>,
     verifier: Verifier,
 }
 
@@ -78,7 +81,7 @@ impl Trust {
             controllers,
             controllers_source,
             file_peers,
-            pushed_peers: RwLock::new(pushed_peers),
+            pushed_peers: Arc::new(RwLock::new(pushed_peers)),
             verifier: Verifier::default(),
         })
     }
@@ -96,6 +99,11 @@ impl Trust {
     /// Replaces the pushed peer set.
     pub fn set_pushed_peers(&self, peers: Vec<Peer>) {
         *self.pushed_peers.write().unwrap_or_else(|p| p.into_inner()) = peers;
+    }
+
+    /// A shared handle on the pushed peer set (for finding a primary by name).
+    pub fn peer_directory(&self) -> PeerDirectory {
+        self.pushed_peers.clone()
     }
 
     /// The pushed peer set.

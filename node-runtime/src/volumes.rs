@@ -113,6 +113,7 @@ pub struct Volumes {
     store: Arc<Store>,
     events: Arc<EventBus>,
     signer: RequestSigner,
+    peer_directory: crate::trust::PeerDirectory,
     volumes: RwLock<BTreeMap<String, Arc<VolumeEntry>>>,
     peer_clients: std::sync::Mutex<BTreeMap<String, NodeClient>>,
 }
@@ -158,6 +159,7 @@ impl Volumes {
         store: Arc<Store>,
         events: Arc<EventBus>,
         signer: RequestSigner,
+        peer_directory: crate::trust::PeerDirectory,
     ) -> Result<Self, crate::store::StoreError> {
         let mut volumes = BTreeMap::new();
         for (name, record) in store.list_decoded::<VolumeRecord>(Kind::Volume)? {
@@ -173,6 +175,7 @@ impl Volumes {
             store,
             events,
             signer,
+            peer_directory,
             volumes: RwLock::new(volumes),
             peer_clients: std::sync::Mutex::new(BTreeMap::new()),
         })
@@ -591,6 +594,9 @@ impl Volumes {
                 "must be at least 1 unless `resync` is set",
             ));
         }
+        // Serialised with read repair of this replica, which must not overwrite a
+        // newer write with the bytes it fetched before it.
+        let _guard = entry.write_lock.lock().await;
         let engine = self.engine.clone();
         let v1::ReplicaWriteRequest {
             volume,
@@ -627,6 +633,10 @@ impl Volumes {
                 self.repair_from_replicas(&entry, offset, length, status)
                     .await
             }
+            Err(status) if status.code() == tonic::Code::DataLoss => {
+                self.repair_from_primary(&entry, offset, length, status)
+                    .await
+            }
             other => other,
         }
     }
@@ -646,10 +656,34 @@ impl Volumes {
         blocking(move || engine.read_with_checksums(&owned, offset, length)).await
     }
 
-    /// A block of the primary failed its checksum: fetch the range from a replica
-    /// (which verifies its own copy), check it end to end, write it over the bad copy
-    /// and return it. Writes to the volume wait meanwhile, so the replica's bytes are
-    /// current.
+    /// A block of a replica failed its checksum: its primary (found by name in the
+    /// pushed peer set) holds the good copy.
+    async fn repair_from_primary(
+        &self,
+        entry: &VolumeEntry,
+        offset: u64,
+        length: u64,
+        original: Status,
+    ) -> Result<Vec<u8>, Status> {
+        let primary = self
+            .peer_directory
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .find(|peer| peer.name == entry.record.primary)
+            .cloned();
+        let Some(primary) = primary else {
+            return Err(Status::data_loss(format!(
+                "{}; the primary {} is not in this node's peer set, so the block cannot be repaired",
+                original.message(),
+                entry.record.primary
+            )));
+        };
+        self.repair(entry, offset, length, &[primary], "primary")
+            .await
+    }
+
+    /// A block of the primary failed its checksum: its replicas hold good copies.
     async fn repair_from_replicas(
         &self,
         entry: &VolumeEntry,
@@ -657,19 +691,71 @@ impl Volumes {
         length: u64,
         original: Status,
     ) -> Result<Vec<u8>, Status> {
-        let name = &entry.record.name;
         if entry.record.replica_peers.is_empty() {
             return Err(original);
         }
+        self.repair(
+            entry,
+            offset,
+            length,
+            &entry.record.replica_peers,
+            "replica",
+        )
+        .await
+    }
+
+    /// Reads `offset..offset+length` block by block; every block that fails its
+    /// checksum is fetched from the first of `sources` that has a good copy (checked
+    /// end to end by crc32c) and written over the bad one. Writes to this copy wait
+    /// meanwhile, so a fetched block is never older than the local one.
+    async fn repair(
+        &self,
+        entry: &VolumeEntry,
+        offset: u64,
+        length: u64,
+        sources: &[Peer],
+        source_role: &str,
+    ) -> Result<Vec<u8>, Status> {
+        let name = &entry.record.name;
+        let block = storage::BLOCK_SIZE;
         let _guard = entry.write_lock.lock().await;
+        let mut out = Vec::with_capacity(length as usize);
+        let mut block_offset = offset;
+        while block_offset < offset + length {
+            let engine = self.engine.clone();
+            let owned = name.clone();
+            let local = blocking(move || engine.read(&owned, block_offset, block)).await;
+            match local {
+                Ok(data) => out.extend(data),
+                Err(status) if status.code() == tonic::Code::DataLoss => {
+                    let data = self
+                        .repair_block(name, block_offset, sources, source_role, status)
+                        .await?;
+                    out.extend(data);
+                }
+                Err(status) => return Err(status),
+            }
+            block_offset += block;
+        }
+        Ok(out)
+    }
+
+    async fn repair_block(
+        &self,
+        name: &str,
+        offset: u64,
+        sources: &[Peer],
+        source_role: &str,
+        original: Status,
+    ) -> Result<Vec<u8>, Status> {
         let mut failures = vec![original.message().to_string()];
-        for peer in &entry.record.replica_peers {
+        for peer in sources {
             let mut client = self.peer_client(peer)?;
             let response = match client
                 .replica_read(v1::ReplicaReadRequest {
-                    volume: name.clone(),
+                    volume: name.to_string(),
                     offset,
-                    length,
+                    length: storage::BLOCK_SIZE,
                 })
                 .await
             {
@@ -684,22 +770,20 @@ impl Volumes {
                 }
             };
             let engine = self.engine.clone();
-            let owned = name.clone();
+            let owned = name.to_string();
             let data = response.data.clone();
-            let repaired =
-                blocking(move || engine.overwrite(&owned, offset, data, response.checksums)).await;
-            match repaired {
+            match blocking(move || engine.overwrite(&owned, offset, data, response.checksums)).await
+            {
                 Ok(()) => {
-                    self.events
-                        .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
-                            name: name.clone(),
-                            health: Health::Healthy as i32,
-                            detail: format!(
-                                "repaired {length} bytes at offset {offset} from the replica on {}",
-                                peer.name
-                            ),
-                            deleted: false,
-                        }));
+                    self.events.publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
+                        name: name.to_string(),
+                        health: Health::Healthy as i32,
+                        detail: format!(
+                            "repaired the block at offset {offset} from the {source_role} on {}",
+                            peer.name
+                        ),
+                        deleted: false,
+                    }));
                     return Ok(response.data);
                 }
                 Err(status) => failures.push(format!(
@@ -710,7 +794,7 @@ impl Volumes {
             }
         }
         Err(Status::data_loss(format!(
-            "volume `{name}` has a bad block in {offset}+{length} and no replica could repair it: {}",
+            "volume `{name}` has a bad block at offset {offset} that no {source_role} could repair: {}",
             failures.join("; ")
         )))
     }

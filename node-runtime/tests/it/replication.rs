@@ -416,7 +416,7 @@ fn corrupt_block(data_dir: &Path, volume: &str, offset: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_bad_block_on_the_primary_is_repaired_from_a_replica() {
+async fn bad_blocks_are_repaired_from_the_other_copies() {
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
     let mut nodes: Vec<TestNode> = ["a", "b"]
@@ -457,10 +457,19 @@ async fn a_bad_block_on_the_primary_is_repaired_from_a_replica() {
         }
     }
     assert_eq!(nodes[0].terminate(), Some(0));
+    assert_eq!(nodes[1].terminate(), Some(0));
+    // Different blocks go bad on the primary and on the replica: each copy repairs
+    // its block from the other.
     corrupt_block(&base.path().join("a"), "mirrored", 8192);
     corrupt_block(&base.path().join("a"), "solo", 8192);
-    nodes[0] = TestNode::start_at("r-a", &base.path().join("a"), "127.0.0.1:0");
+    corrupt_block(&base.path().join("b"), "mirrored", 32768);
+    for (index, suffix) in ["a", "b"].iter().enumerate() {
+        let address = nodes[index].address.clone();
+        nodes[index] =
+            TestNode::start_at(&format!("r-{suffix}"), &base.path().join(suffix), &address);
+    }
     let mut primary = nodes[0].client(&controller).await;
+    let mut replica = nodes[1].client(&controller).await;
 
     let read = |name: &str| ReadVolumeRequest {
         name: name.into(),
@@ -469,12 +478,18 @@ async fn a_bad_block_on_the_primary_is_repaired_from_a_replica() {
     };
     assert!(
         primary.read_volume(read("mirrored")).await.unwrap() == data,
-        "repaired from the replica"
+        "the primary's bad block is repaired from the replica"
     );
     assert!(
-        primary.read_volume(read("mirrored")).await.unwrap() == data,
-        "and the repair is persistent"
+        replica.read_volume(read("mirrored")).await.unwrap() == data,
+        "the replica's bad block is repaired from the primary"
     );
+    for client in [&mut primary, &mut replica] {
+        assert!(
+            client.read_volume(read("mirrored")).await.unwrap() == data,
+            "repairs are persistent"
+        );
+    }
     let unrepairable = primary.read_volume(read("solo")).await.unwrap_err();
     assert_eq!(
         unrepairable.code(),
