@@ -1,4 +1,4 @@
-//! Volumes as the agent serves them: a local copy in the [`BlockStore`] plus, for a
+//! Volumes as the agent serves them: a local copy in the volume engine ([`Engine`]) plus, for a
 //! primary, replicas on peer nodes kept in step over the `Replication` service.
 //!
 //! Write path of a replicated volume (one write at a time per volume):
