@@ -55,6 +55,7 @@ async fn a_vm_runs_crashes_and_stops_as_a_supervised_process() {
     )
     .await;
 
+    let mut events = client.watch(1000).await.unwrap();
     let running = client
         .observe()
         .await
@@ -86,6 +87,22 @@ async fn a_vm_runs_crashes_and_stops_as_a_supervised_process() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let crashed = crashed.expect("the VM is reported crashed");
+    // Watch reported the crash as it happened.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let event = tokio::time::timeout_at(deadline, tokio_stream::StreamExt::next(&mut events))
+            .await
+            .expect("a crash event within 10 s")
+            .expect("stream open")
+            .expect("event");
+        if let Some(proto::v1::watch_event::Event::Vm(vm)) = event.event
+            && vm.name == "guest"
+            && vm.state == VmState::Crashed as i32
+        {
+            assert_eq!(vm.health, proto::v1::Health::Failed as i32);
+            break;
+        }
+    }
     assert_eq!(crashed.crash_count, 1);
     assert!(
         crashed.last_exit.contains("signal"),
