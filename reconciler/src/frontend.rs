@@ -46,7 +46,16 @@ fn print_diagnostics(
 /// `cairn validate`.
 pub fn validate(dir: &Path, rev: Option<&str>, format: Format) -> anyhow::Result<u8> {
     let sources = load(dir, rev)?;
-    let c = compiler::compile(&sources);
+    let mut c = compiler::compile(&sources);
+    if !c.has_errors() {
+        // Placement feasibility: every VM that no node can take is an error
+        // (a warning for spot VMs), explained constraint by constraint.
+        let locator = compiler::place::Locator { spans: &c.spans, sources: &sources };
+        let placement = compiler::place::place(&c.model, &compiler::place::PlaceOptions::default(), Some(&locator));
+        let extra = crate::placecmd::unplaced_diagnostics(&c, &placement);
+        c.diagnostics.extend(extra);
+        compiler::diag::sort(&sources, &mut c.diagnostics);
+    }
     print_diagnostics(&sources, &c.diagnostics, format)?;
     if c.has_errors() {
         return Ok(1);

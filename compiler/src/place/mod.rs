@@ -422,14 +422,10 @@ impl<'m> Engine<'m> {
                     .map(|d| counts.and_then(|c| c.get(d)).copied().unwrap_or(0))
                     .min()
                     .unwrap_or(0);
-                if here + 1 > min + 1 {
-                    return Verdict::Ruled(
-                        "spread",
-                        format!(
-                            "{scope} {} already holds more of group `{group}` than the least-used {scope}",
-                            n.domain(scope)
-                        ),
-                    );
+                // Max skew 1: a replica may only go to a domain that holds
+                // the fewest replicas of its group.
+                if here > min {
+                    return Verdict::Ruled("spread", group.to_owned());
                 }
             }
         }
@@ -680,7 +676,7 @@ impl<'m> Engine<'m> {
                 "cpu" => (
                     "cpu".to_owned(),
                     format!("{n} {} too few free vCPUs for {} vCPUs", were(n), vm.cpu),
-                    locator.and_then(|l| l.at("vm", &vm.name)),
+                    None,
                 ),
                 "memory" => (
                     "memory".to_owned(),
@@ -689,32 +685,50 @@ impl<'m> Engine<'m> {
                         were(n),
                         crate::units::human_size(vm.memory_bytes)
                     ),
-                    locator.and_then(|l| l.at("vm", &vm.name)),
+                    None,
                 ),
                 "affinity" => {
                     let a = self.model.affinities.iter().find(|a| a.name == detail);
                     let what = a.map_or(String::new(), |a| match a.kind {
-                        AffinityKind::Node => "do not match its `nodes` selector".to_owned(),
+                        AffinityKind::Node => {
+                            if n == 1 {
+                                "does not match its `nodes` selector".to_owned()
+                            } else {
+                                "do not match its `nodes` selector".to_owned()
+                            }
+                        }
                         AffinityKind::Apart => format!(
-                            "already hold a VM it must be kept apart from (per {})",
+                            "already {} a VM it must be kept apart from (per {})",
+                            if n == 1 { "holds" } else { "hold" },
                             a.scope
                         ),
                         AffinityKind::Together => format!(
-                            "are not in the {} of the VMs it must be together with",
+                            "{} not in the {} of the VMs it must be together with",
+                            if n == 1 { "is" } else { "are" },
                             a.scope
                         ),
                     });
                     (
                         format!("affinity:{detail}"),
-                        format!("{n} {what} (hard rule `{detail}`)"),
+                        format!(
+                            "{n} {} {what} (hard rule `{detail}`)",
+                            if n == 1 { "node" } else { "nodes" }
+                        ),
                         locator.and_then(|l| l.at("affinity", &detail)),
                     )
                 }
                 "spread" => (
                     "spread".to_owned(),
                     format!(
-                        "{n} would break the even spread of group `{}`",
-                        vm.group.clone().unwrap_or_default()
+                        "{n} {} would break the even spread of group `{}` (max skew 1: a replica goes only to the {}s holding the fewest)",
+                        if n == 1 { "node" } else { "nodes" },
+                        vm.group.clone().unwrap_or_default(),
+                        self.model
+                            .vm_groups
+                            .iter()
+                            .find(|g| Some(&g.name) == vm.group.as_ref())
+                            .and_then(|g| g.spread)
+                            .map_or("node", |d| d.as_str())
                     ),
                     vm.group
                         .as_deref()

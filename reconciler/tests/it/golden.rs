@@ -4,7 +4,9 @@
 //! `specs.path` naming one, relative to the case). Expected outputs sit beside
 //! it: `validate.txt` (exit code, stdout and stderr of `cairn validate`),
 //! `validate.json` for cases named `many-*`, and for cases that validate,
-//! `model.json` and `compile.txt`. Cases named `fmt-*` also pin the output of
+//! `model.json` and `compile.txt`. A file `commands` lists further `cairn`
+//! command lines (one per line, run in the case directory); each output is
+//! pinned in `cmd-N.txt`. Cases named `fmt-*` also pin the output of
 //! `cairn fmt` under `fmt/`. A missing expectation fails the test; re-bless
 //! every case with `UPDATE_GOLDEN=1 cargo test -p reconciler --test it golden`
 //! (or `cargo xtask bless`), then review the diff.
@@ -123,6 +125,14 @@ fn golden_cases() {
             c.expect(&case.join("model.json"), &json.stdout);
             let text = cairn(case, &["compile", specs_arg]);
             c.expect(&case.join("compile.txt"), &text.stdout);
+        }
+        if let Ok(commands) = std::fs::read_to_string(case.join("commands")) {
+            for (i, line) in commands.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).enumerate() {
+                let args: Vec<&str> = line.split_whitespace().collect();
+                let run = cairn(case, &args);
+                assert!(!run.stderr.contains("panicked"), "{name}: `cairn {line}` panicked: {}", run.stderr);
+                c.expect(&case.join(format!("cmd-{}.txt", i + 1)), &format!("$ cairn {line}\n{}", transcript(&run)));
+            }
         }
         if name.starts_with("fmt-") {
             let tmp = TempDir::new("fmt");
