@@ -1,0 +1,77 @@
+# METADATA
+# title: Tenant budgets
+# description: The estimated monthly cost of a tenant's VMs (prices per SLA class in data.cairn_prices, policies/data/prices.json; per vCPU, GiB of memory and GiB of storage; FT VMs pay for their secondary) stays within the tenant's budget.
+# custom:
+#   enforcement: soft-mandatory
+package cairn.budget
+
+import rego.v1
+
+gib := 1073741824
+
+prices := data.cairn_prices
+
+placed := {p.name: p | some p in input.placement.vms}
+
+# Instances holding compute. With a placement: the placed primary and
+# secondary (an unplaced VM costs no compute). Without: one, two for FT.
+instances(vm) := n if {
+	input.placement
+	p := placed[vm.name]
+	n := count([x | some x in [p.node, object.get(p, "secondary", null)]; x != null])
+} else := 0 if {
+	input.placement
+} else := 2 if {
+	vm.availability == "ft"
+} else := 1
+
+vm_cost(vm) := c if {
+	p := prices.per_month[vm.sla.class]
+	storage_gib := sum([d.size_bytes | some d in vm.disks]) / gib
+	compute := vm.cpu * p.vcpu + (vm.memory_bytes / gib) * p.memory_gib
+	c := (instances(vm) * compute) + (storage_gib * p.storage_gib)
+}
+
+# Tenant name -> estimated monthly cost, rounded to cents.
+tenant_cost[name] := round(sum(costs) * 100) / 100 if {
+	some tenant in input.tenants
+	name := tenant.name
+	costs := [vm_cost(vm) | some vm in input.vms; vm.tenant == name]
+}
+
+deny contains "policy data cairn_prices is missing: add policies/data/prices.json" if {
+	not prices.per_month
+}
+
+deny contains msg if {
+	some vm in input.vms
+	prices.per_month
+	not prices.per_month[vm.sla.class]
+	msg := sprintf("vm %s: no price for SLA class %s in policies/data/prices.json, so its cost is unknown", [vm.name, vm.sla.class])
+}
+
+deny contains msg if {
+	some tenant in input.tenants
+	tenant.budget != null
+	tenant.budget.currency == prices.currency
+	cost := tenant_cost[tenant.name]
+	cost > tenant.budget.monthly
+	msg := sprintf("tenant %s: estimated monthly cost %v %s is over its budget of %v %s", [tenant.name, cost, prices.currency, tenant.budget.monthly, tenant.budget.currency])
+}
+
+warn contains msg if {
+	some tenant in input.tenants
+	tenant.budget != null
+	tenant.budget.currency == prices.currency
+	cost := tenant_cost[tenant.name]
+	cost <= tenant.budget.monthly
+	cost > prices.warn_at * tenant.budget.monthly
+	msg := sprintf("tenant %s: estimated monthly cost %v %s is %v%% of its budget of %v %s", [tenant.name, cost, prices.currency, round((cost * 100) / tenant.budget.monthly), tenant.budget.monthly, tenant.budget.currency])
+}
+
+warn contains msg if {
+	some tenant in input.tenants
+	tenant.budget != null
+	tenant.budget.currency != prices.currency
+	msg := sprintf("tenant %s: budget is in %s but prices are in %s; the budget is not checked", [tenant.name, tenant.budget.currency, prices.currency])
+}

@@ -1,0 +1,415 @@
+//! Loading the policies of a spec root.
+//!
+//! Layout under the policy directory (by default `<spec root>/policies/`):
+//! `NAME.rego` is the policy `NAME`; `NAME_test.rego` holds its unit tests;
+//! `data/*.json` are data documents merged into `data` of every policy (as
+//! Conftest and OPA do, the top-level keys of each file become `data.KEY`).
+//!
+//! A policy declares its enforcement level in a package-scoped `# METADATA`
+//! block (OPA's annotation syntax, ignored by `opa`/`conftest`, so the same
+//! files run there too):
+//!
+//! ```rego
+//! # METADATA
+//! # title: No spot capacity for regulated tenants
+//! # custom:
+//! #   enforcement: soft-mandatory
+//! package cairn
+//! ```
+//!
+//! Without one, the level is `hard-mandatory`: a `deny` blocks, as in Conftest.
+
+use std::path::{Path, PathBuf};
+
+use crate::eval::Enforcement;
+
+/// Errors of loading policies.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A directory or file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// What was read.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A policy file is not UTF-8.
+    #[error("{path} is not UTF-8")]
+    NotUtf8 {
+        /// The file.
+        path: String,
+    },
+    /// A policy has no `package` line.
+    #[error("{path}: no `package` declaration")]
+    NoPackage {
+        /// The file.
+        path: String,
+    },
+    /// A policy's METADATA names an unknown enforcement level.
+    #[error(
+        "{path}: unknown enforcement level `{level}` (use advisory, soft-mandatory or hard-mandatory)"
+    )]
+    BadEnforcement {
+        /// The file.
+        path: String,
+        /// What it said.
+        level: String,
+    },
+    /// A data document is not a JSON object.
+    #[error("{path}: a data document must be a JSON object: {message}")]
+    BadData {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// The git revision could not be read.
+    #[error("cannot read policies at revision `{rev}`: {message}")]
+    Git {
+        /// The revision.
+        rev: String,
+        /// git's message.
+        message: String,
+    },
+}
+
+/// One policy module.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// The file stem: what results and `--override` name.
+    pub name: String,
+    /// Path relative to the spec root (`policies/NAME.rego`).
+    pub path: String,
+    /// The Rego package, e.g. `cairn`.
+    pub package: String,
+    /// Its enforcement level.
+    pub enforcement: Enforcement,
+    /// `title` from METADATA.
+    pub title: Option<String>,
+    /// `description` from METADATA.
+    pub description: Option<String>,
+    /// The module text.
+    pub text: String,
+}
+
+/// A unit-test module (`NAME_test.rego`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestModule {
+    /// Path relative to the spec root.
+    pub path: String,
+    /// The policy it tests (`NAME`), when `NAME.rego` exists.
+    pub policy: Option<String>,
+    /// The Rego package.
+    pub package: String,
+    /// The module text.
+    pub text: String,
+}
+
+/// Every policy, test and data document of a spec root, in path order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PolicySet {
+    /// Policies.
+    pub policies: Vec<Policy>,
+    /// Unit tests.
+    pub tests: Vec<TestModule>,
+    /// Data documents (path, JSON text).
+    pub data: Vec<(String, String)>,
+}
+
+impl PolicySet {
+    /// Builds a set from in-memory files; paths are relative to the spec
+    /// root and start with the policy directory name (`policies/x.rego`,
+    /// `policies/data/prices.json`). Other files are ignored.
+    pub fn from_files(mut files: Vec<(String, String)>) -> Result<PolicySet, LoadError> {
+        files.sort();
+        let mut set = PolicySet::default();
+        let stems: Vec<String> = files
+            .iter()
+            .filter_map(|(p, _)| rego_stem(p))
+            .filter(|s| !s.ends_with("_test"))
+            .collect();
+        for (path, text) in files {
+            if let Some(stem) = rego_stem(&path) {
+                let package =
+                    package_of(&text).ok_or_else(|| LoadError::NoPackage { path: path.clone() })?;
+                if let Some(tested) = stem.strip_suffix("_test") {
+                    let policy = stems.iter().find(|s| *s == tested).cloned();
+                    set.tests.push(TestModule {
+                        path,
+                        policy,
+                        package,
+                        text,
+                    });
+                } else {
+                    let meta = metadata(&text);
+                    let enforcement = match &meta.enforcement {
+                        None => Enforcement::HardMandatory,
+                        Some(level) => {
+                            Enforcement::parse(level).ok_or_else(|| LoadError::BadEnforcement {
+                                path: path.clone(),
+                                level: level.clone(),
+                            })?
+                        }
+                    };
+                    set.policies.push(Policy {
+                        name: stem,
+                        path,
+                        package,
+                        enforcement,
+                        title: meta.title,
+                        description: meta.description,
+                        text,
+                    });
+                }
+            } else if is_data_path(&path) {
+                match serde_json::from_str::<serde_json::Value>(&text) {
+                    Ok(serde_json::Value::Object(_)) => set.data.push((path, text)),
+                    Ok(_) => {
+                        return Err(LoadError::BadData {
+                            path,
+                            message: "the top level is not an object".to_owned(),
+                        });
+                    }
+                    Err(e) => {
+                        return Err(LoadError::BadData {
+                            path,
+                            message: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// Loads `dir` (a policy directory, usually `<spec root>/policies`);
+    /// an absent directory is an empty set. Paths in the set are
+    /// `policies/…` whatever the directory is called.
+    pub fn load_dir(dir: &Path) -> Result<PolicySet, LoadError> {
+        let mut files = vec![];
+        if !dir.is_dir() {
+            return Ok(PolicySet::default());
+        }
+        read_files(dir, "policies", &mut files)?;
+        let data = dir.join("data");
+        if data.is_dir() {
+            read_files(&data, "policies/data", &mut files)?;
+        }
+        PolicySet::from_files(files)
+    }
+
+    /// Loads `<prefix>/policies` as it is in revision `rev` of a repository.
+    pub fn load_git(
+        repo: &git2::Repository,
+        rev: &str,
+        prefix: &Path,
+    ) -> Result<PolicySet, LoadError> {
+        let git_err = |e: git2::Error| LoadError::Git {
+            rev: rev.to_owned(),
+            message: e.message().to_owned(),
+        };
+        let commit = repo
+            .revparse_single(rev)
+            .and_then(|o| o.peel_to_commit())
+            .map_err(git_err)?;
+        let tree = commit.tree().map_err(git_err)?;
+        let dir = prefix.join("policies");
+        let Ok(entry) = tree.get_path(&dir) else {
+            return Ok(PolicySet::default());
+        };
+        let Ok(sub) = entry.to_object(repo).and_then(|o| o.peel_to_tree()) else {
+            return Ok(PolicySet::default());
+        };
+        let mut files = vec![];
+        let mut failure = None;
+        sub.walk(git2::TreeWalkMode::PreOrder, |parent, e| {
+            let name = e.name().unwrap_or("");
+            if e.kind() != Some(git2::ObjectType::Blob) {
+                return git2::TreeWalkResult::Ok;
+            }
+            let path = format!("policies/{parent}{name}");
+            if rego_stem(&path).is_none() && !is_data_path(&path) {
+                return git2::TreeWalkResult::Ok;
+            }
+            match repo.find_blob(e.id()) {
+                Ok(blob) => match String::from_utf8(blob.content().to_vec()) {
+                    Ok(text) => files.push((path, text)),
+                    Err(_) => {
+                        failure = Some(LoadError::NotUtf8 { path });
+                        return git2::TreeWalkResult::Abort;
+                    }
+                },
+                Err(e) => {
+                    failure = Some(git_err(e));
+                    return git2::TreeWalkResult::Abort;
+                }
+            }
+            git2::TreeWalkResult::Ok
+        })
+        .map_err(|e| failure.take().unwrap_or_else(|| git_err(e)))?;
+        if let Some(f) = failure {
+            return Err(f);
+        }
+        PolicySet::from_files(files)
+    }
+
+    /// A policy by name.
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.name == name)
+    }
+}
+
+fn read_files(
+    dir: &Path,
+    prefix: &str,
+    files: &mut Vec<(String, String)>,
+) -> Result<(), LoadError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Read {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| LoadError::Read {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let rel = format!("{prefix}/{name}");
+        if rego_stem(&rel).is_none() && !is_data_path(&rel) {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let text =
+            String::from_utf8(bytes).map_err(|_| LoadError::NotUtf8 { path: rel.clone() })?;
+        files.push((rel, text));
+    }
+    Ok(())
+}
+
+/// `policies/NAME.rego` → `NAME` (top level of the policy directory only).
+fn rego_stem(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("policies/")?;
+    if rest.contains('/') {
+        return None;
+    }
+    rest.strip_suffix(".rego").map(str::to_owned)
+}
+
+fn is_data_path(path: &str) -> bool {
+    path.strip_prefix("policies/data/")
+        .is_some_and(|rest| !rest.contains('/') && rest.ends_with(".json"))
+}
+
+/// The package of a module: the first `package` line.
+fn package_of(text: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let rest = line.trim().strip_prefix("package ")?;
+        let package = rest.split('#').next()?.trim();
+        (!package.is_empty()).then(|| package.to_owned())
+    })
+}
+
+#[derive(Debug, Default)]
+struct Metadata {
+    title: Option<String>,
+    description: Option<String>,
+    enforcement: Option<String>,
+}
+
+/// Reads `title`, `description` and `custom.enforcement` from the first
+/// `# METADATA` block: a run of comment lines after a `# METADATA` line.
+fn metadata(text: &str) -> Metadata {
+    let mut meta = Metadata::default();
+    let mut lines = text.lines().map(str::trim);
+    if !lines.any(|l| l == "# METADATA") {
+        return meta;
+    }
+    for line in lines {
+        let Some(body) = line.strip_prefix('#') else {
+            break;
+        };
+        let body = body.strip_prefix(' ').unwrap_or(body);
+        let key_value = body.trim_start();
+        let top_level = key_value.len() == body.len();
+        let Some((key, value)) = key_value.split_once(':') else {
+            continue;
+        };
+        let value = unquote(value.trim());
+        if value.is_empty() {
+            continue;
+        }
+        match (key, top_level) {
+            ("title", true) => meta.title = Some(value),
+            ("description", true) => meta.description = Some(value),
+            ("enforcement", false) => meta.enforcement = Some(value),
+            _ => {}
+        }
+    }
+    meta
+}
+
+fn unquote(s: &str) -> String {
+    let s = s
+        .strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(s);
+    s.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_gives_title_and_enforcement() {
+        let text = "# METADATA\n# title: Budget\n# description: \"Costs\"\n# custom:\n#   enforcement: soft-mandatory\npackage cairn.budget\n";
+        let set = PolicySet::from_files(vec![("policies/budget.rego".into(), text.into())])
+            .expect("loads");
+        let p = &set.policies[0];
+        assert_eq!(p.name, "budget");
+        assert_eq!(p.package, "cairn.budget");
+        assert_eq!(p.enforcement, Enforcement::SoftMandatory);
+        assert_eq!(p.title.as_deref(), Some("Budget"));
+        assert_eq!(p.description.as_deref(), Some("Costs"));
+    }
+
+    #[test]
+    fn no_metadata_is_hard_mandatory_and_tests_pair_with_policies() {
+        let set = PolicySet::from_files(vec![
+            ("policies/a.rego".into(), "package cairn\n".into()),
+            ("policies/a_test.rego".into(), "package cairn\n".into()),
+            ("policies/orphan_test.rego".into(), "package x\n".into()),
+            ("policies/data/prices.json".into(), "{\"p\": 1}".into()),
+            ("policies/README.md".into(), "ignored".into()),
+        ])
+        .expect("loads");
+        assert_eq!(set.policies.len(), 1);
+        assert_eq!(set.policies[0].enforcement, Enforcement::HardMandatory);
+        assert_eq!(set.tests[0].policy.as_deref(), Some("a"));
+        assert_eq!(set.tests[1].policy, None);
+        assert_eq!(set.data.len(), 1);
+    }
+
+    #[test]
+    fn bad_levels_and_data_are_refused() {
+        let bad = "# METADATA\n# custom:\n#   enforcement: mandatory\npackage cairn\n";
+        let err = PolicySet::from_files(vec![("policies/x.rego".into(), bad.into())])
+            .expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("unknown enforcement level `mandatory`")
+        );
+        let err = PolicySet::from_files(vec![("policies/data/x.json".into(), "[1]".into())])
+            .expect_err("refused");
+        assert!(err.to_string().contains("must be a JSON object"));
+    }
+}
