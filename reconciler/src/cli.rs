@@ -185,6 +185,17 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Run the policies (policies/*.rego) against the model, placement and plan.
+    Check(crate::policy_cmd::CheckArgs),
+    /// Policy tools: unit tests, benchmark.
+    Policy {
+        #[command(subcommand)]
+        command: crate::policy_cmd::PolicyCommand,
+    },
+    /// Preview what a change between two git revisions would do (for pull requests).
+    Diff(crate::diff::DiffArgs),
+    /// Verify a commit's SSH signature against trusted keys (git's allowed-signers format).
+    VerifyCommit(crate::verify::VerifyArgs),
 }
 
 /// `cairn dev` subcommands.
@@ -270,5 +281,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             seed,
         } => frontend::generate(&out, nodes, vms, seed),
         Command::Bench { nodes, vms, runs } => frontend::bench(nodes, vms, runs),
+        Command::Check(args) => crate::policy_cmd::check(args),
+        Command::Policy { command } => crate::policy_cmd::policy(command),
+        Command::Diff(args) => crate::diff::run(args),
+        Command::VerifyCommit(args) => crate::verify::run(args),
     }
 }

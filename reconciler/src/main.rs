@@ -11,9 +11,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod diff;
 mod engine;
 mod frontend;
 mod placecmd;
+mod policy_cmd;
+mod verify;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {

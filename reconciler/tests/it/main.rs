@@ -1,7 +1,10 @@
 //! Integration tests of the `cairn` binary: golden cases and CLI behaviour.
 
 mod cli;
+mod diff;
 mod golden;
+mod policy;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
