@@ -394,7 +394,9 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
         let journal = store.journal_of(&id).unwrap_or_default();
         super::status::last_apply(&id, record.finished, steps, &journal)
     });
-    let status = super::status::status(&desired, &observed, store.applied()?, last);
+    let mut audit = store.audit_log()?;
+    audit.drain(..audit.len().saturating_sub(5));
+    let status = super::status::status(&desired, &observed, store.applied()?, last, audit);
     match format {
         Format::Text => print!("{}", super::status::text(&status)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),

@@ -60,17 +60,30 @@ fn read_pids(ctx: &Ctx) -> BTreeMap<String, u32> {
 }
 
 /// Per-node disk layout for `cairn-node --disks N --disk-capacity BYTES`, from the
-/// spec: as many disks as the node has, each the size of its smallest one.
+/// spec: as many disk files as the node has disks, or as the widest stripe of its
+/// site's pools needs (a node's volume engine stripes over its own disks), each
+/// the size of its smallest disk.
 fn disks_of(model: &compiler::Model, node: &str) -> (usize, u64) {
-    let disks = model
+    let Some((site, spec_node)) = model
         .sites
         .iter()
-        .flat_map(|s| &s.nodes)
-        .find(|n| n.name == node)
-        .map(|n| n.disks.clone())
-        .unwrap_or_default();
-    let count = disks.len().clamp(1, 64);
-    let smallest = disks.iter().map(|d| d.size_bytes).min().unwrap_or(1 << 30);
+        .find_map(|s| s.nodes.iter().find(|n| n.name == node).map(|n| (s, n)))
+    else {
+        return (1, 1 << 30);
+    };
+    let widest = site
+        .pools
+        .iter()
+        .map(|p| p.stripe_width as usize)
+        .max()
+        .unwrap_or(1);
+    let count = spec_node.disks.len().max(widest).clamp(1, 64);
+    let smallest = spec_node
+        .disks
+        .iter()
+        .map(|d| d.size_bytes)
+        .min()
+        .unwrap_or(1 << 30);
     (count, (smallest.max(1 << 20) / 4096) * 4096)
 }
 
@@ -206,7 +219,8 @@ pub async fn up(
         }
     }
     println!(
-        "dev cluster up: {} nodes. Next: `cairn plan {0}` and `cairn apply {0}`; stop it with `cairn dev down {0}`.",
+        "dev cluster up: {} nodes. Next: `cairn plan {1}` and `cairn apply {1}`; stop it with `cairn dev down {1}`.",
+        nodes.len(),
         ctx.spec_root.display(),
     );
     Ok(0)

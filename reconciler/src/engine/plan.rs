@@ -8,7 +8,7 @@
 //! VM → delete volume; a VM created on a node waits for the VMs deleted there).
 //! The wave of a step is the length of its longest dependency chain.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -847,15 +847,4 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         unplaced,
         placement: desired.placement.clone(),
     }
-}
-
-/// The steps that (transitively) depend on `failed`.
-pub fn dependents(plan: &Plan, failed: usize) -> BTreeSet<usize> {
-    let mut out = BTreeSet::new();
-    for s in &plan.steps {
-        if s.depends_on.iter().any(|d| *d == failed || out.contains(d)) {
-            out.insert(s.id);
-        }
-    }
-    out
 }

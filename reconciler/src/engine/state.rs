@@ -210,11 +210,6 @@ impl StateStore {
         Ok(store)
     }
 
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     fn err(&self, operation: &'static str, error: impl Into<redb::Error>) -> StateError {
         StateError::Redb {
             path: self.path.display().to_string(),

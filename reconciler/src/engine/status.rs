@@ -107,6 +107,8 @@ pub struct Status {
     pub drifted: usize,
     /// The last apply.
     pub last_apply: Option<LastApply>,
+    /// The last entries of the audit log (newest last).
+    pub audit: Vec<super::state::AuditEntry>,
 }
 
 /// Summarises a plan's journal.
@@ -136,6 +138,7 @@ pub fn status(
     observed: &Observed,
     applied: Option<Applied>,
     last: Option<LastApply>,
+    audit: Vec<super::state::AuditEntry>,
 ) -> Status {
     let mut nodes = vec![];
     for (name, node) in &desired.nodes {
@@ -281,6 +284,7 @@ pub fn status(
         unplaced: desired.placement.unplaced.keys().cloned().collect(),
         drifted,
         last_apply: last,
+        audit,
     }
 }
 
