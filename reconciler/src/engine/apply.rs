@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use proto::auth::RequestSigner;
 use proto::client::NodeClient;
 use serde::Serialize;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Mutex;
 
 use super::observe::connect;
 use super::plan::{Plan, Step};
@@ -194,11 +194,11 @@ pub async fn apply(
         .collect();
     let progress = Progress::new(plan.steps.len() as u64);
     let clients: Arc<Mutex<BTreeMap<String, Result<NodeClient, String>>>> = Arc::default();
-    let semaphore = Arc::new(Semaphore::new(options.parallelism.max(1)));
     let delay = step_delay();
     let mut outcomes: BTreeMap<usize, StepOutcome> = BTreeMap::new();
     for wave in 0..plan.waves {
         let mut tasks = tokio::task::JoinSet::new();
+        let mut ready = std::collections::VecDeque::new();
         for step in plan.steps.iter().filter(|s| s.wave == wave) {
             let what = describe(step);
             if let Some(r) = journal.get(&step.id)
@@ -266,34 +266,41 @@ pub async fn apply(
                 );
                 continue;
             }
-            // Journal before sending: a crash from here on resumes with the same id.
-            store.journal(
-                &plan.plan_id,
-                &StepRecord {
-                    step: step.id,
-                    request_id: step.request_id.clone(),
-                    status: StepStatus::Started,
-                    replayed: false,
-                    attempts: attempts + 1,
-                    error: None,
-                    at_unix_ms: now_ms(),
-                },
-            )?;
-            let step = step.clone();
-            let semaphore = semaphore.clone();
-            let clients = clients.clone();
-            let signer = signer.clone();
-            tasks.spawn(async move {
-                let _permit = semaphore.acquire_owned().await;
-                let sent = Instant::now();
-                let result = send(&step, &clients, signer).await;
-                if let Some(d) = delay {
-                    tokio::time::sleep(d).await;
-                }
-                (step, attempts + 1, result, sent.elapsed())
-            });
+            ready.push_back((step.clone(), attempts));
         }
-        while let Some(joined) = tasks.join_next().await {
+        // At most `parallelism` steps in flight; each is journaled `started` right
+        // before it is sent, so a crash leaves only the in-flight ones `started`.
+        let parallelism = options.parallelism.max(1);
+        loop {
+            while tasks.len() < parallelism
+                && let Some((step, attempts)) = ready.pop_front()
+            {
+                store.journal(
+                    &plan.plan_id,
+                    &StepRecord {
+                        step: step.id,
+                        request_id: step.request_id.clone(),
+                        status: StepStatus::Started,
+                        replayed: false,
+                        attempts: attempts + 1,
+                        error: None,
+                        at_unix_ms: now_ms(),
+                    },
+                )?;
+                let clients = clients.clone();
+                let signer = signer.clone();
+                tasks.spawn(async move {
+                    let sent = Instant::now();
+                    let result = send(&step, &clients, signer).await;
+                    if let Some(d) = delay {
+                        tokio::time::sleep(d).await;
+                    }
+                    (step, attempts + 1, result, sent.elapsed())
+                });
+            }
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
             let Ok((step, attempts, result, elapsed)) = joined else {
                 continue;
             };
