@@ -1,14 +1,9 @@
 //! The desired state: what should run on which node, from the compiled model and
 //! the placement.
 //!
-//! [`place`] is the one function that decides VM → node. Until the compiler's
-//! placement solver (`compiler::place`) lands, it is a small deterministic
-//! spread placer here: it keeps every VM on its previous node when that node still
-//! exists in the VM's site and has room (stability), and puts new VMs on the node
-//! of their site with the most free memory (ties by fewest VMs of the same group,
-//! then by name). When no node has room for a VM whose SLA priority is higher than
-//! some placed VMs', the lowest-priority VMs on one node are preempted.
-//! Switching to the real solver changes only [`place`].
+//! [`place`] is the one function that decides VM → node: it runs the compiler's
+//! placement solver from the previous placement and adds where each volume's
+//! primary and replicas go on the node runtimes.
 
 use std::collections::BTreeMap;
 
@@ -24,7 +19,7 @@ pub struct Placement {
     pub volumes: BTreeMap<String, VolumePlacement>,
     /// VMs that could not be placed, with the reason.
     pub unplaced: BTreeMap<String, String>,
-    /// VMs pushed out by a higher-priority VM: victim → preemptor.
+    /// VMs pushed out by higher-priority VMs: victim → why.
     pub preempted: BTreeMap<String, String>,
 }
 
@@ -126,172 +121,83 @@ pub fn volume_name(vm: &str, disk: &str) -> String {
 }
 
 /// Places every VM and volume of the model, starting from `previous`.
+///
+/// VMs go where the compiler's placement solver (`compiler::place`) puts them,
+/// with the previous placement as its starting point (stability, preemption and
+/// explanations are the solver's). Volumes: the primary copy is on the VM's node
+/// (a node's volume engine serves the VM locally) and stays where it was (data
+/// does not move); replicas go to the other nodes the solver chose for the
+/// volume's stripe copies, else to the nodes of the site with the fewest copies.
 pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
     let mut placement = Placement::default();
     let empty = Placement::default();
     let previous = previous.unwrap_or(&empty);
-    // Free memory and CPU per node (memory overcommit applied), group counts.
-    let mut free_memory: BTreeMap<&str, i128> = BTreeMap::new();
-    let mut free_cpu: BTreeMap<&str, f64> = BTreeMap::new();
-    let mut site_of: BTreeMap<&str, &str> = BTreeMap::new();
-    for site in &model.sites {
-        for node in &site.nodes {
-            free_memory.insert(
-                &node.name,
-                (node.allocatable.memory_bytes as f64 * site.overcommit.memory) as i128,
-            );
-            free_cpu.insert(
-                &node.name,
-                node.allocatable.cpu as f64 * site.overcommit.cpu,
-            );
-            site_of.insert(&node.name, &site.name);
-        }
-    }
-    let mut group_count: BTreeMap<(&str, &str), u32> = BTreeMap::new();
-    let mut on_node: BTreeMap<&str, Vec<&compiler::model::Vm>> = BTreeMap::new();
-    // Highest priority first so preemption only ever evicts lower priorities;
-    // VMs with a previous node first within a priority (stability), then by name.
-    let mut order: Vec<&compiler::model::Vm> = model.vms.iter().collect();
-    order.sort_by(|a, b| {
-        b.sla
-            .priority
-            .cmp(&a.sla.priority)
-            .then_with(|| {
-                previous
-                    .vms
-                    .contains_key(&b.name)
-                    .cmp(&previous.vms.contains_key(&a.name))
-            })
-            .then_with(|| a.name.cmp(&b.name))
-    });
-    let fits = |node: &str,
-                vm: &compiler::model::Vm,
-                mem: &BTreeMap<&str, i128>,
-                cpu: &BTreeMap<&str, f64>| {
-        mem.get(node).copied().unwrap_or(0) >= i128::from(vm.memory_bytes)
-            && cpu.get(node).copied().unwrap_or(0.0) >= f64::from(vm.cpu)
-    };
-    for vm in order {
-        let candidates: Vec<&str> = site_of
-            .iter()
-            .filter(|(_, s)| **s == vm.site)
-            .map(|(n, _)| *n)
-            .collect();
-        let kept = previous
+    let solver_previous = compiler::place::Placement {
+        format_version: compiler::place::FORMAT_VERSION,
+        vms: previous
             .vms
-            .get(&vm.name)
-            .map(String::as_str)
-            .filter(|n| candidates.contains(n) && fits(n, vm, &free_memory, &free_cpu));
-        let group = vm.group.as_deref().unwrap_or("");
-        let chosen = kept.or_else(|| {
-            candidates
-                .iter()
-                .copied()
-                .filter(|n| fits(n, vm, &free_memory, &free_cpu))
-                .min_by(|a, b| {
-                    let ga = if group.is_empty() {
-                        0
-                    } else {
-                        group_count.get(&(*a, group)).copied().unwrap_or(0)
-                    };
-                    let gb = if group.is_empty() {
-                        0
-                    } else {
-                        group_count.get(&(*b, group)).copied().unwrap_or(0)
-                    };
-                    ga.cmp(&gb)
-                        .then_with(|| free_memory[b].cmp(&free_memory[a]))
-                        .then_with(|| a.cmp(b))
+            .iter()
+            .filter_map(|(name, node)| {
+                let vm = model.vm(name)?;
+                Some(compiler::place::VmPlacement {
+                    name: name.clone(),
+                    tenant: vm.tenant.clone(),
+                    site: vm.site.clone(),
+                    node: node.clone(),
+                    secondary: None,
                 })
-        });
-        let chosen = match chosen {
-            Some(n) => n,
-            None => {
-                // Preemption: the node where evicting the fewest lower-priority
-                // VMs (lowest priority first) makes room.
-                let mut best: Option<(&str, Vec<&compiler::model::Vm>)> = None;
-                for node in &candidates {
-                    let mut victims: Vec<&compiler::model::Vm> = on_node
-                        .get(node)
-                        .map(|v| {
-                            v.iter()
-                                .copied()
-                                .filter(|o| o.sla.priority < vm.sla.priority)
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    victims.sort_by(|a, b| {
-                        a.sla
-                            .priority
-                            .cmp(&b.sla.priority)
-                            .then_with(|| a.name.cmp(&b.name))
-                    });
-                    let mut mem = free_memory[node];
-                    let mut cpu = free_cpu[node];
-                    let mut taken = vec![];
-                    for v in victims {
-                        if mem >= i128::from(vm.memory_bytes) && cpu >= f64::from(vm.cpu) {
-                            break;
-                        }
-                        mem += i128::from(v.memory_bytes);
-                        cpu += f64::from(v.cpu);
-                        taken.push(v);
-                    }
-                    if mem >= i128::from(vm.memory_bytes)
-                        && cpu >= f64::from(vm.cpu)
-                        && best.as_ref().is_none_or(|(_, b)| taken.len() < b.len())
-                    {
-                        best = Some((node, taken));
-                    }
-                }
-                let Some((node, victims)) = best else {
-                    placement.unplaced.insert(
-                        vm.name.clone(),
-                        format!(
-                            "no node of site `{}` has {} free memory and {} free vCPUs, and no lower-priority VMs can be preempted",
-                            vm.site,
-                            compiler::units::human_size(vm.memory_bytes),
-                            vm.cpu
-                        ),
-                    );
-                    continue;
-                };
-                for victim in victims {
-                    *free_memory.get_mut(node).expect("known node") +=
-                        i128::from(victim.memory_bytes);
-                    *free_cpu.get_mut(node).expect("known node") += f64::from(victim.cpu);
-                    placement.vms.remove(&victim.name);
-                    if let Some(g) = &victim.group {
-                        *group_count.entry((node, g.as_str())).or_default() -= 1;
-                    }
-                    on_node
-                        .get_mut(node)
-                        .expect("victims came from this node")
-                        .retain(|o| o.name != victim.name);
-                    placement
-                        .preempted
-                        .insert(victim.name.clone(), vm.name.clone());
-                    placement.unplaced.insert(
-                        victim.name.clone(),
-                        format!(
-                            "preempted on {node} by `{}` (priority {} > {})",
-                            vm.name, vm.sla.priority, victim.sla.priority
-                        ),
-                    );
-                }
-                node
-            }
-        };
-        *free_memory.get_mut(chosen).expect("known node") -= i128::from(vm.memory_bytes);
-        *free_cpu.get_mut(chosen).expect("known node") -= f64::from(vm.cpu);
-        if !group.is_empty() {
-            *group_count.entry((chosen, group)).or_default() += 1;
-        }
-        on_node.entry(chosen).or_default().push(vm);
-        placement.vms.insert(vm.name.clone(), chosen.to_owned());
+            })
+            .collect(),
+        unplaced: vec![],
+        volumes: vec![],
+        nodes: vec![],
+        moves: vec![],
+    };
+    let solved = compiler::place::place(
+        model,
+        &compiler::place::PlaceOptions {
+            previous: Some(solver_previous),
+            failed_nodes: Default::default(),
+        },
+        None,
+    );
+    for vm in &solved.vms {
+        placement.vms.insert(vm.name.clone(), vm.node.clone());
     }
+    for u in &solved.unplaced {
+        let reasons: Vec<String> = u.reasons.iter().map(|r| r.message.clone()).collect();
+        if u.reasons.iter().any(|r| r.constraint == "preempted") {
+            placement
+                .preempted
+                .insert(u.name.clone(), reasons.join("; "));
+        }
+        placement
+            .unplaced
+            .insert(u.name.clone(), reasons.join("; "));
+    }
+    // Nodes the solver put each volume's stripe copies on, in column order.
+    let mut solver_nodes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for v in &solved.volumes {
+        let nodes = solver_nodes.entry(v.name.replace('/', "-")).or_default();
+        for copy in v.columns.iter().flatten() {
+            let node = copy.split('/').next().unwrap_or(copy).to_owned();
+            if !nodes.contains(&node) {
+                nodes.push(node);
+            }
+        }
+    }
+    let site_of: BTreeMap<&str, &str> = model
+        .sites
+        .iter()
+        .flat_map(|s| {
+            s.nodes
+                .iter()
+                .map(move |n| (n.name.as_str(), s.name.as_str()))
+        })
+        .collect();
     // Volumes: primary on the VM's node (kept where it was: data does not move),
-    // replicas on the other nodes of the site with the fewest copies, by name.
+    // replicas where the solver put stripe copies, then on the other nodes of the
+    // site with the fewest copies, by name.
     let mut copies: BTreeMap<String, usize> = BTreeMap::new();
     for vm in &model.vms {
         let Some(node) = placement.vms.get(&vm.name) else {
@@ -312,19 +218,31 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
                     prev.clone()
                 }
                 _ => {
+                    let mut replicas: Vec<String> = solver_nodes
+                        .get(&name)
+                        .into_iter()
+                        .flatten()
+                        .filter(|n| *n != node)
+                        .take(n_replicas)
+                        .cloned()
+                        .collect();
                     let mut others: Vec<&str> = site_of
                         .iter()
                         .filter(|(n, s)| **s == vm.site && **n != node)
                         .map(|(n, _)| *n)
                         .collect();
                     others.sort_by_key(|n| (copies.get(*n).copied().unwrap_or(0), n.to_string()));
+                    for other in others {
+                        if replicas.len() >= n_replicas {
+                            break;
+                        }
+                        if !replicas.iter().any(|r| r == other) {
+                            replicas.push(other.to_owned());
+                        }
+                    }
                     VolumePlacement {
                         node: node.clone(),
-                        replicas: others
-                            .into_iter()
-                            .take(n_replicas)
-                            .map(str::to_owned)
-                            .collect(),
+                        replicas,
                     }
                 }
             };

@@ -520,7 +520,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 .push(delete);
             all_vm_deletes.push(delete);
             let (kind, details) = match desired.placement.preempted.get(*name) {
-                Some(by) => (ChangeKind::Preempt, vec![format!("preempted by {by}")]),
+                Some(why) => (ChangeKind::Preempt, vec![why.clone()]),
                 None if wanted_elsewhere => (
                     ChangeKind::Delete,
                     vec![format!(
