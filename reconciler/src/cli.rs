@@ -105,6 +105,10 @@ pub enum Command {
         /// One line per change, no details and no wave list.
         #[arg(long)]
         concise: bool,
+        /// Plan against a recorded observation (JSON, the `observed` object of a plan
+        /// file) instead of asking the nodes; uses no state store (offline review, tests).
+        #[arg(long, value_name = "FILE", conflicts_with = "out")]
+        observed: Option<PathBuf>,
         /// State store file (default: DIR/.cairn/state.redb).
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
@@ -243,6 +247,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             format,
             detailed_exitcode,
             concise,
+            observed,
             state,
         } => crate::engine::commands::plan_cmd(crate::engine::commands::PlanArgs {
             dir,
@@ -251,6 +256,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             format,
             detailed_exitcode,
             concise,
+            observed,
         }),
         Command::Apply {
             target,

@@ -143,6 +143,8 @@ pub struct PlanArgs {
     pub detailed_exitcode: bool,
     /// One line per change.
     pub concise: bool,
+    /// A recorded observation to plan against (no nodes, no state store).
+    pub observed: Option<PathBuf>,
 }
 
 /// `cairn plan`.
@@ -151,6 +153,24 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
+    if let Some(path) = &args.observed {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read observation {}", path.display()))?;
+        let observed: Observed = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a recorded observation", path.display()))?;
+        let placement = desired::place(&loaded.model, Some(&placement_from_observed(&observed)));
+        let desired = desired::desired(&loaded.model, &loaded.ctx.spec_root, placement);
+        let plan = plan(&desired, &observed, &loaded.revision);
+        match args.format {
+            Format::Text => print!("{}", render::plan_text(&plan, args.concise)),
+            Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+        }
+        return Ok(if args.detailed_exitcode && !plan.is_empty() {
+            3
+        } else {
+            0
+        });
+    }
     let store = loaded.ctx.store()?;
     let identity = loaded.ctx.identity()?;
     let signer = RequestSigner::new(identity.clone());

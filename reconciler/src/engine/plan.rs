@@ -580,6 +580,19 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         });
     }
     for v in desired.volumes.values() {
+        let in_sync = observed_primaries
+            .get(v.name.as_str())
+            .is_some_and(|(n, o)| {
+                *n == v.node
+                    && o.size_bytes == v.size_bytes
+                    && o.stripe_width == v.stripe_width
+                    && o.stripe_unit_bytes == v.stripe_unit_bytes
+            });
+        if in_sync {
+            continue;
+        }
+        // A volume that needs work is left alone while any node holding one of
+        // its copies does not answer (creating it needs every replica).
         let nodes: Vec<&String> = std::iter::once(&v.node).chain(&v.replicas).collect();
         if let Some(down) = nodes.iter().find(|n| !reachable(n)) {
             left_alone.push(LeftAlone {
@@ -675,11 +688,20 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
 
     // VMs.
     for vm in desired.vms.values() {
-        if !reachable(&vm.node) {
+        // Left alone with its node, or with a volume that is left alone.
+        let down = if reachable(&vm.node) {
+            left_alone
+                .iter()
+                .find(|l| l.object == "volume" && vm.volumes.contains(&l.name))
+                .map(|l| l.node.clone())
+        } else {
+            Some(vm.node.clone())
+        };
+        if let Some(node) = down {
             left_alone.push(LeftAlone {
                 object: "vm".into(),
                 name: vm.name.clone(),
-                node: vm.node.clone(),
+                node,
             });
             continue;
         }
