@@ -122,19 +122,42 @@ fn ci() -> anyhow::Result<()> {
 
 fn quickstart(root: &Path) -> anyhow::Result<()> {
     install_packages()?;
-    run(Command::new("cargo").args([
+    // cairn, cairn-node and cairn-vmm land in one directory: `cairn dev up` starts
+    // the cairn-node beside it, and cairn-node the cairn-vmm beside itself.
+    run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",
         "-p",
         "reconciler",
         "-p",
         "node-runtime",
+        "-p",
+        "vmm",
     ]))?;
-    let bin: PathBuf = root.join("target/release/cairn");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| if t.is_absolute() { t } else { root.join(t) })
+        .unwrap_or_else(|| root.join("target"));
+    let bin: PathBuf = target.join("release/cairn");
     let specs = "examples/quickstart";
-    for args in [vec!["validate", specs], vec!["compile", specs]] {
-        run(Command::new(&bin).args(&args))?;
+    run(Command::new(&bin).current_dir(root).args(["validate", specs]))?;
+    run(Command::new(&bin).current_dir(root).args(["dev", "up", specs]))?;
+    // Exit 3 means "changes pending" (the first run); 0 means already applied.
+    eprintln!("$ {} plan {specs} --detailed-exitcode", bin.display());
+    let plan = Command::new(&bin)
+        .current_dir(root)
+        .args(["plan", specs, "--detailed-exitcode"])
+        .status()
+        .context("cannot run cairn plan")?;
+    if !matches!(plan.code(), Some(0 | 3)) {
+        bail!("cairn plan failed with {plan}");
     }
+    run(Command::new(&bin).current_dir(root).args(["apply", specs, "--auto-approve"]))?;
+    run(Command::new(&bin).current_dir(root).args(["status", specs]))?;
+    println!(
+        "\nThe dev cluster keeps running: 3 cairn-node processes on 127.0.0.11-13:7100, data under {specs}/.cairn/dev/.\nTry: {0} status {specs} --format json   |   edit {specs}/workloads.kdl, then {0} plan {specs}\nStop it with: {0} dev down {specs}",
+        bin.display()
+    );
     Ok(())
 }
 
