@@ -32,11 +32,18 @@ vm_cost(vm) := c if {
 	c := (instances(vm) * compute) + (storage_gib * p.storage_gib)
 }
 
+# Tenant name -> {[vm name, cost]}: one pass over the VMs (a comprehension
+# per tenant would be tenants x VMs).
+vm_costs[tenant] contains [vm.name, cost] if {
+	some vm in input.vms
+	tenant := vm.tenant
+	cost := vm_cost(vm)
+}
+
 # Tenant name -> estimated monthly cost, rounded to cents.
-tenant_cost[name] := round(sum(costs) * 100) / 100 if {
+tenant_cost[name] := round(sum([c | some [_, c] in object.get(vm_costs, name, set())]) * 100) / 100 if {
 	some tenant in input.tenants
 	name := tenant.name
-	costs := [vm_cost(vm) | some vm in input.vms; vm.tenant == name]
 }
 
 deny contains "policy data cairn_prices is missing: add policies/data/prices.json" if {

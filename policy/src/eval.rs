@@ -249,15 +249,16 @@ impl Input {
         if let Some(p) = plan {
             map.insert("plan".to_owned(), p.clone());
         }
-        Input::from_json(&doc)
+        Ok(Input {
+            value: regorus::Value::from(doc),
+        })
     }
 
     /// An input from any JSON document (tests, `policy test` fixtures).
-    pub fn from_json(doc: &serde_json::Value) -> Result<Input, EvalError> {
-        let text = serde_json::to_string(doc).map_err(|e| EvalError::Input(e.to_string()))?;
-        let value =
-            regorus::Value::from_json_str(&text).map_err(|e| EvalError::Input(e.to_string()))?;
-        Ok(Input { value })
+    pub fn from_json(doc: &serde_json::Value) -> Input {
+        Input {
+            value: regorus::Value::from(doc.clone()),
+        }
     }
 }
 
