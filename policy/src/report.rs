@@ -128,7 +128,9 @@ pub fn json(report: &Report) -> String {
 
 /// SARIF 2.1.0: one rule per policy, one result per finding, overridden
 /// denials as suppressed results with the reason as justification.
-pub fn sarif(report: &Report) -> String {
+/// `uri_prefix` is put before spec paths (the spec root's path inside its
+/// repository, e.g. `infra/`), so code-scanning UIs find the files.
+pub fn sarif(report: &Report, uri_prefix: &str) -> String {
     let rules: Vec<_> = report
         .policies
         .iter()
@@ -166,7 +168,7 @@ pub fn sarif(report: &Report) -> String {
                     "locations".to_owned(),
                     json!([{
                         "physicalLocation": {
-                            "artifactLocation": { "uri": l.file },
+                            "artifactLocation": { "uri": format!("{uri_prefix}{}", l.file) },
                             "region": { "startLine": l.line, "startColumn": l.column },
                         },
                         "logicalLocations": f.object.as_ref().map(|o| vec![json!({

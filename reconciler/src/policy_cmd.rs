@@ -155,19 +155,43 @@ pub fn check(args: CheckArgs) -> anyhow::Result<u8> {
         Err(e) => return Err(e.into()),
     };
     record_overrides(&args.dir, &report)?;
-    let rendered = render(&report, args.format);
+    let rendered = render(&report, args.format, &repo_prefix(&args.dir));
     let mut out = std::io::stdout().lock();
     out.write_all(rendered.as_bytes())?;
     Ok(if report.passed() { 0 } else { 1 })
 }
 
 /// The report in a format.
-pub fn render(report: &Report, format: CheckFormat) -> String {
+pub fn render(report: &Report, format: CheckFormat, uri_prefix: &str) -> String {
     match format {
         CheckFormat::Text => policy::report::text(report),
         CheckFormat::Json => policy::report::json(report),
-        CheckFormat::Sarif => policy::report::sarif(report),
+        CheckFormat::Sarif => policy::report::sarif(report, uri_prefix),
         CheckFormat::Junit => policy::report::junit(report),
+    }
+}
+
+/// The spec root's path inside its git repository, with a trailing `/`
+/// (empty at the top or outside a repository).
+fn repo_prefix(dir: &Path) -> String {
+    let Ok(repo) = git2::Repository::discover(dir) else {
+        return String::new();
+    };
+    let (Some(work), Ok(dir)) = (repo.workdir(), dir.canonicalize()) else {
+        return String::new();
+    };
+    let Ok(work) = work.canonicalize() else {
+        return String::new();
+    };
+    match dir.strip_prefix(&work) {
+        Ok(rel) if !rel.as_os_str().is_empty() => {
+            let parts: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            format!("{}/", parts.join("/"))
+        }
+        _ => String::new(),
     }
 }
 
