@@ -50,8 +50,15 @@ pub fn validate(dir: &Path, rev: Option<&str>, format: Format) -> anyhow::Result
     if !c.has_errors() {
         // Placement feasibility: every VM that no node can take is an error
         // (a warning for spot VMs), explained constraint by constraint.
-        let locator = compiler::place::Locator { spans: &c.spans, sources: &sources };
-        let placement = compiler::place::place(&c.model, &compiler::place::PlaceOptions::default(), Some(&locator));
+        let locator = compiler::place::Locator {
+            spans: &c.spans,
+            sources: &sources,
+        };
+        let placement = compiler::place::place(
+            &c.model,
+            &compiler::place::PlaceOptions::default(),
+            Some(&locator),
+        );
         let extra = crate::placecmd::unplaced_diagnostics(&c, &placement);
         c.diagnostics.extend(extra);
         compiler::diag::sort(&sources, &mut c.diagnostics);
@@ -290,9 +297,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// `cairn bench`: medians of the front end's phases on a generated repo,
-/// with KDL parsing alone as the baseline measured in the same run.
+/// `cairn bench`: medians of the front end and placement on a generated
+/// repo, with KDL parsing alone as the baseline measured in the same run;
+/// then the one-VM re-plan and the packing quality on instances whose
+/// optimum is known.
 pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
+    use compiler::place::{PlaceOptions, build_graph, place};
     let runs = runs.max(1);
     let files = compiler::generate::generate(&compiler::generate::GenConfig {
         nodes,
@@ -301,9 +311,10 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
     });
     let bytes: usize = files.iter().map(|(_, t)| t.len()).sum();
     let sources = Sources::from_files(files);
-    let mut parse = vec![];
-    let mut full = vec![];
-    let mut c = None;
+    let (mut parse, mut full, mut placing, mut graphing, mut replan) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut last = None;
+    let mut moved_others = 0;
     for _ in 0..runs {
         let t = Instant::now();
         for (_, f) in sources.files() {
@@ -311,25 +322,162 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
         }
         parse.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        c = Some(std::hint::black_box(compiler::compile(&sources)));
+        let c = std::hint::black_box(compiler::compile(&sources));
         full.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(!c.has_errors(), "the generated repository does not compile");
+        let t = Instant::now();
+        let p = place(&c.model, &PlaceOptions::default(), None);
+        placing.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        std::hint::black_box(build_graph(&c.model, &p));
+        graphing.push(t.elapsed().as_secs_f64());
+        // Re-plan after a change to one VM.
+        let mut changed = c.model.clone();
+        let target = changed
+            .vms
+            .iter()
+            .position(|v| v.group.is_none())
+            .unwrap_or(0);
+        changed.vms[target].cpu += 1;
+        let name = changed.vms[target].name.clone();
+        let t = Instant::now();
+        let p2 = place(
+            &changed,
+            &PlaceOptions {
+                previous: Some(p.clone()),
+                ..Default::default()
+            },
+            None,
+        );
+        replan.push(t.elapsed().as_secs_f64());
+        let before: std::collections::BTreeMap<_, _> =
+            p.vms.iter().map(|v| (&v.name, &v.node)).collect();
+        moved_others = p2
+            .vms
+            .iter()
+            .filter(|v| v.name != name && before.get(&v.name) != Some(&&v.node))
+            .count();
+        last = Some((c, p));
     }
-    let c = c.expect("at least one run");
-    anyhow::ensure!(!c.has_errors(), "the generated repository does not compile");
+    let (c, p) = last.expect("at least one run");
     let volumes: usize = c.model.vms.iter().map(|v| v.disks.len()).sum();
-    let (p, f) = (median(parse), median(full));
+    let (pa, f, pl, g, r) = (
+        median(parse),
+        median(full),
+        median(placing),
+        median(graphing),
+        median(replan),
+    );
     println!(
-        "repo: {nodes} nodes, {vms} VMs, {volumes} volumes, {} KiB of KDL, {runs} runs",
+        "repo: {nodes} nodes, {vms} VMs, {volumes} volumes, {} KiB of KDL, {runs} runs, one thread",
         bytes / 1024
     );
     println!(
-        "baseline  kdl parse only          median {:8.1} ms",
-        p * 1e3
+        "baseline  kdl parse only                    median {:8.1} ms",
+        pa * 1e3
     );
     println!(
-        "compile   parse+resolve+check+expand median {:8.1} ms  ({:.2}x baseline)",
+        "compile   parse+resolve+check+expand        median {:8.1} ms  ({:.2}x baseline)",
         f * 1e3,
-        f / p
+        f / pa
     );
+    println!(
+        "place     VMs + stripes ({} placed, {} unplaced) median {:8.1} ms  ({:.2}x baseline)",
+        p.vms.len(),
+        p.unplaced.len(),
+        pl * 1e3,
+        pl / pa
+    );
+    println!(
+        "graph     dependency graph + waves          median {:8.1} ms  ({:.2}x baseline)",
+        g * 1e3,
+        g / pa
+    );
+    println!(
+        "total     compile + place + graph           median {:8.1} ms  ({:.2}x baseline)",
+        (f + pl + g) * 1e3,
+        (f + pl + g) / pa
+    );
+    println!(
+        "re-plan   after a one-VM change             median {:8.1} ms  ({:.2}x baseline), other VMs moved: {moved_others}",
+        r * 1e3,
+        r / pa
+    );
+    packing_quality();
     Ok(0)
+}
+
+/// Packing quality: bins filled exactly by construction (so the optimum is
+/// the number of bins), items shuffled, placed with strategy `pack`.
+fn packing_quality() {
+    use std::fmt::Write as _;
+    let mut worst: f64 = 0.0;
+    let mut ratios = vec![];
+    for seed in 1..=5u64 {
+        let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let bins = 40;
+        let mut items = vec![];
+        for _ in 0..bins {
+            // Split 32 vCPUs (and 32 GiB, proportionally) into 2..6 items.
+            let mut left = 32u64;
+            while left > 0 {
+                let take = if left <= 4 {
+                    left
+                } else {
+                    1 + next() % (left - 1).min(12)
+                };
+                items.push(take);
+                left -= take;
+            }
+        }
+        let mut spec = String::from(
+            "node-class \"bin\" {\n    cpu 32\n    memory \"32GiB\"\n}\nsite \"s\" {\n    scheduler strategy=\"pack\"\n    rack \"r\" {\n",
+        );
+        for b in 0..bins + 10 {
+            let _ = writeln!(
+                spec,
+                "        node \"b{b:03}\" class=\"bin\" address=\"127.0.0.1:{}\"",
+                1000 + b
+            );
+        }
+        spec.push_str("    }\n}\ntenant \"t\"\nimage \"tiny\" builtin=\"cairn-guest\"\n");
+        // Shuffle the items.
+        for i in (1..items.len()).rev() {
+            let j = (next() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+        for (i, size) in items.iter().enumerate() {
+            let _ = writeln!(
+                spec,
+                "vm \"v{i:04}\" tenant=\"t\" site=\"s\" {{\n    cpu {size}\n    memory \"{size}GiB\"\n    image \"tiny\"\n}}"
+            );
+        }
+        let sources = Sources::from_files([("p.kdl".to_owned(), spec)]);
+        let c = compiler::compile(&sources);
+        if c.has_errors() {
+            println!("packing   instance {seed} did not compile");
+            continue;
+        }
+        let p = compiler::place::place(&c.model, &compiler::place::PlaceOptions::default(), None);
+        let used = p.nodes.iter().filter(|n| n.vms > 0).count();
+        let ratio = used as f64 / bins as f64
+            + if p.unplaced.is_empty() {
+                0.0
+            } else {
+                f64::INFINITY
+            };
+        worst = worst.max(ratio);
+        ratios.push(ratio);
+    }
+    println!(
+        "packing   strategy pack, 5 instances of 40 exactly-full bins: nodes used / optimum median {:.3}, worst {:.3} (budget 1.02)",
+        median(ratios),
+        worst
+    );
 }

@@ -279,6 +279,22 @@ pub(crate) struct Engine<'m> {
     /// Spread counts per group: domain → replicas placed.
     pub spread: BTreeMap<String, BTreeMap<String, usize>>,
     pub assigned: BTreeMap<String, (usize, Option<usize>)>,
+    /// The model's node for each engine node (same index).
+    pub model_nodes: Vec<&'m Node>,
+    /// Spread scope of each vm-group that has one.
+    pub group_scope: BTreeMap<String, Domain>,
+    /// Alive domains per (site, scope), fixed for a run.
+    pub domains: BTreeMap<(String, Domain), Vec<String>>,
+}
+
+/// What the hard constraints of one VM need, computed once per decision
+/// instead of once per candidate node.
+pub(crate) struct VmCtx {
+    spread: Option<(Domain, usize)>,
+    cost: Cost,
+    full: Cost,
+    rules: Vec<usize>,
+    strategy: Strategy,
 }
 
 /// Result of filtering one node for one VM.
@@ -332,6 +348,23 @@ impl<'m> Engine<'m> {
                 members: BTreeMap::new(),
             });
         }
+        let model_nodes: Vec<&Node> = model.sites.iter().flat_map(|s| s.nodes.iter()).collect();
+        let group_scope = model
+            .vm_groups
+            .iter()
+            .filter_map(|g| g.spread.map(|d| (g.name.clone(), d)))
+            .collect();
+        let mut domains: BTreeMap<(String, Domain), Vec<String>> = BTreeMap::new();
+        for (site, idx) in &site_nodes {
+            for scope in [Domain::Node, Domain::Rack, Domain::Site] {
+                let set: BTreeSet<String> = idx
+                    .iter()
+                    .filter(|&&i| nodes[i].alive)
+                    .map(|&i| nodes[i].domain(scope).to_owned())
+                    .collect();
+                domains.insert((site.clone(), scope), set.into_iter().collect());
+            }
+        }
         Engine {
             model,
             nodes,
@@ -341,20 +374,57 @@ impl<'m> Engine<'m> {
             rules_of,
             spread: BTreeMap::new(),
             assigned: BTreeMap::new(),
+            model_nodes,
+            group_scope,
+            domains,
         }
-    }
-
-    fn node_of(&self, model_node: &str) -> Option<&Node> {
-        self.model
-            .sites
-            .iter()
-            .flat_map(|s| s.nodes.iter())
-            .find(|n| n.name == model_node)
     }
 
     /// Hard constraints of placing `vm` (its primary, or its FT secondary
     /// when `primary` is given) on node `i`.
     pub(crate) fn verdict(&self, vm: &Vm, i: usize, primary: Option<usize>) -> Verdict {
+        self.verdict_in(vm, i, primary, &self.ctx(vm))
+    }
+
+    /// The per-decision facts of a VM.
+    pub(crate) fn ctx(&self, vm: &Vm) -> VmCtx {
+        let spread = vm.group.as_deref().and_then(|group| {
+            let scope = *self.group_scope.get(group)?;
+            let counts = self.spread.get(group);
+            let min = self
+                .domains
+                .get(&(vm.site.clone(), scope))
+                .map(|ds| {
+                    ds.iter()
+                        .map(|d| counts.and_then(|c| c.get(d)).copied().unwrap_or(0))
+                        .min()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0);
+            Some((scope, min))
+        });
+        VmCtx {
+            spread,
+            cost: cost(self.model, vm),
+            full: Cost {
+                cpu_milli: u64::from(vm.cpu) * 1000,
+                memory: vm.memory_bytes,
+            },
+            rules: self.rules_of.get(&vm.name).cloned().unwrap_or_default(),
+            strategy: self
+                .model
+                .site(&vm.site)
+                .map_or(Strategy::Spread, |s| s.scheduler.strategy),
+        }
+    }
+
+    pub(crate) fn verdict_in(
+        &self,
+        vm: &Vm,
+        i: usize,
+        primary: Option<usize>,
+        ctx: &VmCtx,
+    ) -> Verdict {
         let n = &self.nodes[i];
         if !n.alive {
             return Verdict::Ruled("failed", "the node is failed".to_owned());
@@ -369,21 +439,13 @@ impl<'m> Engine<'m> {
             }
         }
         if primary.is_none() {
-            for &r in self
-                .rules_of
-                .get(&vm.name)
-                .map(Vec::as_slice)
-                .unwrap_or(&[])
-            {
+            for &r in &ctx.rules {
                 let a = &self.model.affinities[r];
                 if !a.hard {
                     continue;
                 }
                 let ruled = match a.kind {
-                    AffinityKind::Node => {
-                        let node = self.node_of(&n.name);
-                        !node.is_some_and(|nd| matches_node(&a.nodes, nd))
-                    }
+                    AffinityKind::Node => !matches_node(&a.nodes, self.model_nodes[i]),
                     AffinityKind::Apart => {
                         self.rules[r]
                             .members
@@ -407,20 +469,14 @@ impl<'m> Engine<'m> {
                     return Verdict::Ruled("affinity", a.name.clone());
                 }
             }
-            if let Some(group) = vm.group.as_deref()
-                && let Some(g) = self.model.vm_groups.iter().find(|g| g.name == group)
-                && let Some(scope) = g.spread
+            if let Some((scope, min)) = ctx.spread
+                && let Some(group) = vm.group.as_deref()
             {
-                let counts = self.spread.get(group);
-                let here = counts
+                let here = self
+                    .spread
+                    .get(group)
                     .and_then(|c| c.get(n.domain(scope)))
                     .copied()
-                    .unwrap_or(0);
-                let min = self
-                    .site_domains(&vm.site, scope)
-                    .iter()
-                    .map(|d| counts.and_then(|c| c.get(d)).copied().unwrap_or(0))
-                    .min()
                     .unwrap_or(0);
                 // Max skew 1: a replica may only go to a domain that holds
                 // the fewest replicas of its group.
@@ -430,12 +486,9 @@ impl<'m> Engine<'m> {
             }
         }
         let c = if primary.is_some() {
-            Cost {
-                cpu_milli: u64::from(vm.cpu) * 1000,
-                memory: vm.memory_bytes,
-            }
+            ctx.full
         } else {
-            cost(self.model, vm)
+            ctx.cost
         };
         let free = n.free();
         if c.cpu_milli > free.cpu_milli {
@@ -447,18 +500,34 @@ impl<'m> Engine<'m> {
         Verdict::Fits
     }
 
-    /// Alive domains of a scope in a site.
-    pub(crate) fn site_domains(&self, site: &str, scope: Domain) -> BTreeSet<String> {
-        self.site_nodes
-            .get(site)
-            .into_iter()
-            .flatten()
-            .filter(|&&i| self.nodes[i].alive)
-            .map(|&i| self.nodes[i].domain(scope).to_owned())
-            .collect()
+    /// Soft score of `vm` on node `i`, with its parts.
+    /// The total soft score, without building its parts (the hot path).
+    pub(crate) fn score_total(&self, i: usize, ctx: &VmCtx) -> i64 {
+        let n = &self.nodes[i];
+        let util = n.utilization_with(ctx.cost);
+        let mut total = match ctx.strategy {
+            Strategy::Spread => ((1.0 - util) * 100.0).round() as i64,
+            Strategy::Pack => (util * 100.0).round() as i64,
+        };
+        for &r in &ctx.rules {
+            let a = &self.model.affinities[r];
+            if a.hard {
+                continue;
+            }
+            let members = &self.rules[r].members;
+            let here = members.get(n.domain(a.scope)).copied().unwrap_or(0);
+            let ok = match a.kind {
+                AffinityKind::Node => matches_node(&a.nodes, self.model_nodes[i]),
+                AffinityKind::Apart => here == 0,
+                AffinityKind::Together => here > 0,
+            };
+            if ok {
+                total += i64::from(a.weight);
+            }
+        }
+        total
     }
 
-    /// Soft score of `vm` on node `i`, with its parts.
     pub(crate) fn score(&self, vm: &Vm, i: usize) -> Vec<ScorePart> {
         let n = &self.nodes[i];
         let strategy = self
@@ -490,9 +559,7 @@ impl<'m> Engine<'m> {
             let here = members.get(n.domain(a.scope)).copied().unwrap_or(0);
             let placed: usize = members.values().sum();
             let ok = match a.kind {
-                AffinityKind::Node => self
-                    .node_of(&n.name)
-                    .is_some_and(|nd| matches_node(&a.nodes, nd)),
+                AffinityKind::Node => matches_node(&a.nodes, self.model_nodes[i]),
                 AffinityKind::Apart => here == 0,
                 AffinityKind::Together => placed > 0 && here > 0,
             };
@@ -616,12 +683,13 @@ impl<'m> Engine<'m> {
     /// The best feasible node for the VM (and its secondary), if any.
     pub(crate) fn best(&self, vm: &Vm) -> Option<(usize, Option<usize>)> {
         let candidates = self.site_nodes.get(&vm.site)?;
+        let ctx = self.ctx(vm);
         let mut best: Option<(i64, usize)> = None;
         for &i in candidates {
-            if !matches!(self.verdict(vm, i, None), Verdict::Fits) {
+            if !matches!(self.verdict_in(vm, i, None, &ctx), Verdict::Fits) {
                 continue;
             }
-            let s: i64 = self.score(vm, i).iter().map(|p| p.value).sum();
+            let s = self.score_total(i, &ctx);
             // Strictly greater: on a tie the earlier (name-ordered) node wins.
             if best.is_none_or(|(bs, _)| s > bs) {
                 best = Some((s, i));
@@ -637,9 +705,10 @@ impl<'m> Engine<'m> {
 
     pub(crate) fn best_secondary(&self, vm: &Vm, primary: usize) -> Option<usize> {
         let candidates = self.site_nodes.get(&vm.site)?;
+        let ctx = self.ctx(vm);
         let mut best: Option<(f64, usize)> = None;
         for &i in candidates {
-            if !matches!(self.verdict(vm, i, Some(primary)), Verdict::Fits) {
+            if !matches!(self.verdict_in(vm, i, Some(primary), &ctx), Verdict::Fits) {
                 continue;
             }
             let u = self.nodes[i].utilization_with(Cost::default());
@@ -662,8 +731,9 @@ impl<'m> Engine<'m> {
                 source: locator.and_then(|l| l.at("vm", &vm.name)),
             }];
         };
+        let ctx = self.ctx(vm);
         for &i in candidates {
-            if let Verdict::Ruled(kind, detail) = self.verdict(vm, i, None) {
+            if let Verdict::Ruled(kind, detail) = self.verdict_in(vm, i, None, &ctx) {
                 by.entry((kind.to_owned(), detail))
                     .or_default()
                     .push(self.nodes[i].name.clone());
@@ -932,16 +1002,25 @@ fn ha_admission(
             .cloned()
             .unwrap_or_default();
         loop {
+            // HA VMs per node, computed once per round.
+            let mut ha_on: BTreeMap<usize, Vec<&Vm>> = BTreeMap::new();
+            for v in model
+                .vms
+                .iter()
+                .filter(|v| v.availability == Availability::Ha)
+            {
+                if let Some(&(n, _)) = engine.assigned.get(&v.name) {
+                    ha_on.entry(n).or_default().push(v);
+                }
+            }
+            let ha_vms_on = |i: usize| ha_on.get(&i).cloned().unwrap_or_default();
             let mut victim: Option<(&Vm, String)> = None;
             let mut scenarios: Vec<Vec<usize>> = nodes.iter().map(|&i| vec![i]).collect();
             if n_reserve > 1 {
                 let mut by_load: Vec<(u64, usize)> = nodes
                     .iter()
                     .map(|&i| {
-                        let load: u64 = ha_vms_on(model, engine, i)
-                            .iter()
-                            .map(|v| cost(model, v).cpu_milli)
-                            .sum();
+                        let load: u64 = ha_vms_on(i).iter().map(|v| cost(model, v).cpu_milli).sum();
                         (load, i)
                     })
                     .collect();
@@ -949,10 +1028,7 @@ fn ha_admission(
                 scenarios.push(by_load.iter().take(n_reserve).map(|&(_, i)| i).collect());
             }
             for lost in scenarios {
-                let mut stranded: Vec<&Vm> = lost
-                    .iter()
-                    .flat_map(|&i| ha_vms_on(model, engine, i))
-                    .collect();
+                let mut stranded: Vec<&Vm> = lost.iter().flat_map(|&i| ha_vms_on(i)).collect();
                 stranded.sort_by(|a, b| {
                     cost(model, b)
                         .cpu_milli
@@ -1011,20 +1087,6 @@ fn ha_admission(
             );
         }
     }
-}
-
-fn ha_vms_on<'m>(model: &'m Model, engine: &Engine<'_>, node: usize) -> Vec<&'m Vm> {
-    model
-        .vms
-        .iter()
-        .filter(|v| {
-            v.availability == Availability::Ha
-                && engine
-                    .assigned
-                    .get(&v.name)
-                    .is_some_and(|(n, _)| *n == node)
-        })
-        .collect()
 }
 
 fn finish(

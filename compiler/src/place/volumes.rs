@@ -29,6 +29,7 @@ pub(crate) fn place_volumes(
     // Disks per (site, pool).
     let mut pools: BTreeMap<(String, String), Vec<DiskState>> = BTreeMap::new();
     let mut pool_info: BTreeMap<(String, String), (u32, u32, u64, Domain)> = BTreeMap::new();
+    let mut indexes: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
     for site in &model.sites {
         for p in &site.pools {
             let mut disks = vec![];
@@ -51,6 +52,12 @@ pub(crate) fn place_volumes(
                     });
                 }
             }
+            let index: BTreeMap<String, usize> = disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (d.id.clone(), i))
+                .collect();
+            indexes.insert((site.name.clone(), p.name.clone()), index);
             pools.insert((site.name.clone(), p.name.clone()), disks);
             pool_info.insert(
                 (site.name.clone(), p.name.clone()),
@@ -77,8 +84,8 @@ pub(crate) fn place_volumes(
         for (k, disk) in vm.disks.iter().enumerate() {
             let name = format!("{}/{}", vm.name, disk.name);
             let key = (vm.site.clone(), disk.pool.clone());
-            let (Some(disks), Some(&(width, replicas, unit, _))) =
-                (pools.get_mut(&key), pool_info.get(&key))
+            let (Some(disks), Some(&(width, replicas, unit, _)), Some(index)) =
+                (pools.get_mut(&key), pool_info.get(&key), indexes.get(&key))
             else {
                 continue;
             };
@@ -91,9 +98,9 @@ pub(crate) fn place_volumes(
                     && p.column_bytes == column
                     && p.columns.len() == width as usize
                     && p.columns.iter().all(|c| {
-                        c.iter().all(|id| disks.iter().any(|d| &d.id == id))
+                        c.iter().all(|id| index.contains_key(id))
                             && c.iter()
-                                .any(|id| disks.iter().any(|d| &d.id == id && d.alive))
+                                .any(|id| index.get(id).is_some_and(|&i| disks[i].alive))
                     })
             });
             match kept {
@@ -101,16 +108,16 @@ pub(crate) fn place_volumes(
                     let mut vp = (*p).clone();
                     vp.degraded_columns = 0;
                     for col in &mut vp.columns {
-                        col.retain(|id| disks.iter().any(|d| &d.id == id && d.alive));
+                        col.retain(|id| index.get(id).is_some_and(|&i| disks[i].alive));
                         for id in col.iter() {
-                            if let Some(d) = disks.iter_mut().find(|d| &d.id == id) {
-                                d.used += column;
+                            if let Some(&i) = index.get(id) {
+                                disks[i].used += column;
                             }
                         }
                         while col.len() < replicas as usize {
                             let domains: Vec<String> = col
                                 .iter()
-                                .filter_map(|id| disks.iter().find(|d| &d.id == id))
+                                .filter_map(|id| index.get(id).map(|&i| &disks[i]))
                                 .map(|d| d.domain.clone())
                                 .collect();
                             let best = disks
@@ -203,8 +210,8 @@ pub(crate) fn place_volumes(
             // Give back what the partial volume took.
             for c in &columns {
                 for id in c {
-                    if let Some(d) = disks.iter_mut().find(|d| &d.id == id) {
-                        d.used -= column;
+                    if let Some(&i) = indexes.get(&key).and_then(|x| x.get(id)) {
+                        disks[i].used -= column;
                     }
                 }
             }

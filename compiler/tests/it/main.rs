@@ -1,3 +1,4 @@
 //! Compiler integration tests: robustness against arbitrary input.
 
+mod placement;
 mod robustness;
