@@ -133,6 +133,17 @@ pub async fn up(
             );
             continue;
         }
+        // Someone else on the address (another spec's dev cluster, a stale node
+        // whose pids file is gone) would answer in our node's place.
+        if let Err(error) = std::net::TcpListener::bind(&node.address) {
+            stop_started(&pids, &started);
+            bail!(
+                "cannot start {}: its address {} is not available ({error}); another process listens there (a dev cluster of another spec root? `ss -ltnp | grep {}` shows which); stop it or change the node's address in the spec",
+                node.name,
+                node.address,
+                node.address
+            );
+        }
         std::fs::write(
             dir.join("trusted-controllers"),
             format!("{} cairn-controller\n", controller.public_key_hex()),
@@ -224,6 +235,18 @@ pub async fn up(
         ctx.spec_root.display(),
     );
     Ok(0)
+}
+
+/// Stops nodes this run started (when a later one cannot start).
+fn stop_started(pids: &BTreeMap<String, u32>, started: &[String]) {
+    for name in started {
+        if let Some(pid) = pids.get(name)
+            && let Ok(raw) = i32::try_from(*pid)
+        {
+            // SAFETY: kill(2) of the process group of a node this run started.
+            unsafe { libc::kill(-raw, libc::SIGKILL) };
+        }
+    }
 }
 
 fn write_pids(ctx: &Ctx, pids: &BTreeMap<String, u32>) -> anyhow::Result<()> {
