@@ -140,8 +140,12 @@ fn quickstart(root: &Path) -> anyhow::Result<()> {
         .unwrap_or_else(|| root.join("target"));
     let bin: PathBuf = target.join("release/cairn");
     let specs = "examples/quickstart";
-    run(Command::new(&bin).current_dir(root).args(["validate", specs]))?;
-    run(Command::new(&bin).current_dir(root).args(["dev", "up", specs]))?;
+    run(Command::new(&bin)
+        .current_dir(root)
+        .args(["validate", specs]))?;
+    run(Command::new(&bin)
+        .current_dir(root)
+        .args(["dev", "up", specs]))?;
     // Exit 3 means "changes pending" (the first run); 0 means already applied.
     eprintln!("$ {} plan {specs} --detailed-exitcode", bin.display());
     let plan = Command::new(&bin)
@@ -152,7 +156,9 @@ fn quickstart(root: &Path) -> anyhow::Result<()> {
     if !matches!(plan.code(), Some(0 | 3)) {
         bail!("cairn plan failed with {plan}");
     }
-    run(Command::new(&bin).current_dir(root).args(["apply", specs, "--auto-approve"]))?;
+    run(Command::new(&bin)
+        .current_dir(root)
+        .args(["apply", specs, "--auto-approve"]))?;
     run(Command::new(&bin).current_dir(root).args(["status", specs]))?;
     println!(
         "\nThe dev cluster keeps running: 3 cairn-node processes on 127.0.0.11-13:7100, data under {specs}/.cairn/dev/.\nTry: {0} status {specs} --format json   |   edit {specs}/workloads.kdl, then {0} plan {specs}\nStop it with: {0} dev down {specs}",
