@@ -82,6 +82,51 @@ fn process_is_vmm(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Per read and per write on a VMM control socket while observing.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// A running VM whose last heartbeat is older than this (or that has had none this
+/// long after boot) is reported `HEALTH_DEGRADED`.
+pub const HEARTBEAT_STALE_AFTER: Duration = Duration::from_secs(2);
+
+/// What a VMM's `status` says about its guest's heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Heartbeat {
+    total: u64,
+    age_ms: Option<f64>,
+    uptime_ms: u64,
+}
+
+impl Heartbeat {
+    /// Fills the heartbeat fields of a running VM's status and degrades its health
+    /// when the guest has gone quiet.
+    fn apply(self, status: &mut VmStatus) {
+        let stale_ms = HEARTBEAT_STALE_AFTER.as_millis() as f64;
+        status.heartbeats = self.total;
+        status.heartbeat_age_ms = self.age_ms.map_or(0, |age| age.max(0.0).round() as u64);
+        status.heartbeat_fresh = self.age_ms.is_some_and(|age| age <= stale_ms);
+        let stale = match self.age_ms {
+            Some(age) => age > stale_ms,
+            None => self.uptime_ms as f64 > stale_ms,
+        };
+        if stale && status.health == Health::Healthy as i32 {
+            status.health = Health::Degraded as i32;
+        }
+    }
+}
+
+/// Asks the VMM behind `socket` for its status; `None` when it cannot be reached or
+/// does not answer in time.
+fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
+    let mut client = vmm::control::ControlClient::connect(socket, CONTROL_TIMEOUT).ok()?;
+    let status = client.status().ok()?;
+    Some(Heartbeat {
+        total: status.heartbeat_total,
+        age_ms: status.last_heartbeat_age_ms,
+        uptime_ms: status.uptime_ms,
+    })
+}
+
 fn state_name(state: VmState) -> String {
     state.as_str_name().to_string()
 }
@@ -419,9 +464,13 @@ impl Vms {
         Ok(())
     }
 
-    /// Status of every VM in name order.
+    /// Status of every VM in name order. Each running VM's VMM is asked for its
+    /// heartbeats over its control socket (concurrently, off the async runtime, at most
+    /// [`CONTROL_TIMEOUT`] per read or write); a VM whose VMM does not answer keeps
+    /// zero heartbeat fields and its state-derived health.
     pub async fn statuses(&self) -> Vec<VmStatus> {
-        self.vms
+        let mut statuses: Vec<VmStatus> = self
+            .vms
             .lock()
             .await
             .iter()
@@ -440,9 +489,30 @@ impl Vms {
                     last_exit: runtime.last_exit.clone(),
                     crash_count: runtime.crash_count,
                     volumes: definition.volumes,
+                    heartbeats: 0,
+                    heartbeat_age_ms: 0,
+                    heartbeat_fresh: false,
                 }
             })
-            .collect()
+            .collect();
+        let queries: Vec<_> = statuses
+            .iter()
+            .enumerate()
+            .filter(|(_, status)| status.state == VmState::Running as i32 && status.pid != 0)
+            .map(|(index, status)| {
+                let socket = self.run_dir.join(&status.name).join("control.sock");
+                (
+                    index,
+                    tokio::task::spawn_blocking(move || query_heartbeat(&socket)),
+                )
+            })
+            .collect();
+        for (index, query) in queries {
+            if let Ok(Some(heartbeat)) = query.await {
+                heartbeat.apply(&mut statuses[index]);
+            }
+        }
+        statuses
     }
 
     /// Number of running VMs.
@@ -464,5 +534,68 @@ impl Vms {
                 unsafe { libc::kill(runtime.pid as libc::pid_t, libc::SIGKILL) };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running() -> VmStatus {
+        VmStatus {
+            state: VmState::Running as i32,
+            health: Health::Healthy as i32,
+            pid: 42,
+            ..VmStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_recent_heartbeat_is_fresh_and_healthy() {
+        let mut status = running();
+        Heartbeat {
+            total: 17,
+            age_ms: Some(12.6),
+            uptime_ms: 5_000,
+        }
+        .apply(&mut status);
+        assert_eq!(status.heartbeats, 17);
+        assert_eq!(status.heartbeat_age_ms, 13);
+        assert!(status.heartbeat_fresh);
+        assert_eq!(status.health, Health::Healthy as i32);
+    }
+
+    #[test]
+    fn a_stale_or_missing_heartbeat_degrades_a_running_vm() {
+        let mut stale = running();
+        Heartbeat {
+            total: 17,
+            age_ms: Some(2_500.0),
+            uptime_ms: 10_000,
+        }
+        .apply(&mut stale);
+        assert!(!stale.heartbeat_fresh);
+        assert_eq!(stale.heartbeat_age_ms, 2_500);
+        assert_eq!(stale.health, Health::Degraded as i32);
+
+        let mut booting = running();
+        Heartbeat {
+            total: 0,
+            age_ms: None,
+            uptime_ms: 300,
+        }
+        .apply(&mut booting);
+        assert!(!booting.heartbeat_fresh);
+        assert_eq!(booting.heartbeat_age_ms, 0);
+        assert_eq!(booting.health, Health::Healthy as i32);
+
+        let mut silent = running();
+        Heartbeat {
+            total: 0,
+            age_ms: None,
+            uptime_ms: 3_000,
+        }
+        .apply(&mut silent);
+        assert_eq!(silent.health, Health::Degraded as i32);
     }
 }

@@ -1,10 +1,12 @@
 //! VMs supervised as cairn-vmm processes: running, crashed, stopped.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use proto::v1::{
-    CreateVm, DeleteVm, StartVm, StopVm, VmState, apply_request::Action, create_vm::Image,
+    CreateVm, DeleteVm, Health, StartVm, StopVm, VmState, VmStatus, apply_request::Action,
+    create_vm::Image,
 };
 use tonic::Code;
 
@@ -26,12 +28,12 @@ fn create_vm(name: &str) -> Action {
     })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_vm_runs_crashes_and_stops_as_a_supervised_process() {
-    let Some(_binary) = vmm_binary() else {
+/// Whether VMs can run here; prints why not.
+fn vms_can_run() -> bool {
+    if vmm_binary().is_none() {
         eprintln!("skipping: cairn-vmm is not built next to cairn-node (cargo build -p vmm)");
-        return;
-    };
+        return false;
+    }
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -39,6 +41,14 @@ async fn a_vm_runs_crashes_and_stops_as_a_supervised_process() {
         .is_err()
     {
         eprintln!("skipping: /dev/kvm is not usable here");
+        return false;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_runs_crashes_and_stops_as_a_supervised_process() {
+    if !vms_can_run() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -172,4 +182,161 @@ async fn vm_definitions_are_idempotent_and_survive_restarts() {
     assert_eq!(vms.len(), 1);
     assert_eq!(vms[0].state, VmState::Stopped as i32);
     assert_eq!(vms[0].vcpus, 1);
+}
+
+/// Whether process `pid` holds a KVM VM file descriptor (it is a real KVM VM to the host).
+fn holds_kvm_vm_fd(pid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.to_string_lossy() == "anon_inode:kvm-vm")
+    })
+}
+
+fn process_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists; no memory effects.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+async fn observe_vms(client: &mut proto::client::NodeClient) -> BTreeMap<String, VmStatus> {
+    client
+        .observe()
+        .await
+        .unwrap()
+        .vms
+        .into_iter()
+        .map(|vm| (vm.name.clone(), vm))
+        .collect()
+}
+
+/// Polls Observe (up to 5 s) until `done` holds for the VMs, returning them.
+async fn observe_until(
+    client: &mut proto::client::NodeClient,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, VmStatus>) -> bool,
+) -> BTreeMap<String, VmStatus> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let vms = observe_vms(client).await;
+        if done(&vms) {
+            return vms;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}: {vms:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn several_vms_run_as_separate_kvm_processes_with_fresh_heartbeats_and_one_crash_is_isolated()
+{
+    if !vms_can_run() {
+        return;
+    }
+    let names = ["vm-a", "vm-b", "vm-c"];
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let node = TestNode::start("multi-vm", dir.path(), &controller);
+    let mut client = node.client(&controller).await;
+    for name in names {
+        apply_ok(&mut client, &format!("create-{name}"), create_vm(name)).await;
+        apply_ok(
+            &mut client,
+            &format!("start-{name}"),
+            Action::StartVm(StartVm { name: name.into() }),
+        )
+        .await;
+    }
+
+    let first = observe_until(&mut client, "all VMs run with fresh heartbeats", |vms| {
+        names.iter().all(|name| {
+            vms.get(*name).is_some_and(|vm| {
+                vm.state == VmState::Running as i32 && vm.heartbeat_fresh && vm.heartbeats > 0
+            })
+        })
+    })
+    .await;
+    for name in names {
+        let vm = &first[name];
+        assert_eq!(vm.health, Health::Healthy as i32, "{vm:?}");
+        assert!(vm.heartbeat_age_ms <= 2_000, "{vm:?}");
+    }
+    // Heartbeats keep coming on every VM.
+    let second = observe_until(&mut client, "every VM's heartbeats increase", |vms| {
+        names
+            .iter()
+            .all(|name| vms[*name].heartbeats > first[*name].heartbeats)
+    })
+    .await;
+
+    // Separate, live processes, each holding its own KVM VM.
+    let pids: BTreeMap<&str, u32> = names
+        .iter()
+        .map(|name| (*name, second[*name].pid))
+        .collect();
+    let mut distinct: Vec<u32> = pids.values().copied().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), names.len(), "pids {pids:?}");
+    for (name, pid) in &pids {
+        assert!(*pid > 0 && process_alive(*pid), "{name}: pid {pid}");
+        assert!(
+            holds_kvm_vm_fd(*pid),
+            "{name}: pid {pid} holds no anon_inode:kvm-vm fd"
+        );
+    }
+
+    // Kill one VMM: only that VM crashes.
+    let victim = "vm-b";
+    // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+    unsafe { libc::kill(pids[victim] as libc::pid_t, libc::SIGKILL) };
+    let crashed = observe_until(&mut client, "the killed VM is reported crashed", |vms| {
+        vms[victim].state == VmState::Crashed as i32
+    })
+    .await;
+    assert_eq!(crashed[victim].health, Health::Failed as i32);
+    assert_eq!(crashed[victim].pid, 0);
+    assert_eq!(crashed[victim].crash_count, 1);
+    assert!(!crashed[victim].heartbeat_fresh);
+    let survivors = ["vm-a", "vm-c"];
+    let after = observe_until(&mut client, "the other VMs keep heartbeating", |vms| {
+        survivors.iter().all(|name| {
+            vms[*name].heartbeats > crashed[*name].heartbeats && vms[*name].heartbeat_fresh
+        })
+    })
+    .await;
+    for name in survivors {
+        let vm = &after[name];
+        assert_eq!(vm.state, VmState::Running as i32, "{vm:?}");
+        assert_eq!(vm.health, Health::Healthy as i32, "{vm:?}");
+        assert_eq!(vm.pid, pids[name], "{name} was restarted");
+        assert_eq!(vm.crash_count, 0, "{vm:?}");
+        assert!(process_alive(vm.pid));
+    }
+
+    for name in names {
+        apply_ok(
+            &mut client,
+            &format!("stop-{name}"),
+            Action::StopVm(StopVm {
+                name: name.into(),
+                grace_ms: 3000,
+            }),
+        )
+        .await;
+        apply_ok(
+            &mut client,
+            &format!("delete-{name}"),
+            Action::DeleteVm(DeleteVm { name: name.into() }),
+        )
+        .await;
+    }
+    assert!(observe_vms(&mut client).await.is_empty());
+    for (name, pid) in &pids {
+        assert!(!process_alive(*pid), "{name}: pid {pid} still runs");
+    }
 }
