@@ -226,19 +226,22 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
                         .take(n_replicas)
                         .cloned()
                         .collect();
-                    let mut others: Vec<&str> = site_of
-                        .iter()
-                        .filter(|(n, s)| **s == vm.site && **n != node)
-                        .map(|(n, _)| *n)
-                        .collect();
-                    others.sort_by_key(|n| (copies.get(*n).copied().unwrap_or(0), n.to_string()));
-                    for other in others {
-                        if replicas.len() >= n_replicas {
-                            break;
-                        }
-                        if !replicas.iter().any(|r| r == other) {
-                            replicas.push(other.to_owned());
-                        }
+                    // Fallback only when the solver named too few nodes: the site's
+                    // other nodes with the fewest copies (O(nodes) per volume).
+                    if replicas.len() < n_replicas {
+                        let mut others: Vec<(usize, &str)> = site_of
+                            .iter()
+                            .filter(|(n, s)| **s == vm.site && **n != node)
+                            .filter(|(n, _)| !replicas.iter().any(|r| r == *n))
+                            .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
+                            .collect();
+                        others.sort_unstable();
+                        replicas.extend(
+                            others
+                                .into_iter()
+                                .take(n_replicas - replicas.len())
+                                .map(|(_, n)| n.to_owned()),
+                        );
                     }
                     VolumePlacement {
                         node: node.clone(),

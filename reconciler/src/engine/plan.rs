@@ -784,7 +784,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         },
                         vec![],
                     );
-                    let detail = if o.state == "crashed" {
+                    let detail = if o.state == "crashed" && o.crash_count == 0 {
+                        "not running (its process ended with its node); start it again".to_owned()
+                    } else if o.state == "crashed" {
                         format!(
                             "crashed ({} unrequested exits); start it again",
                             o.crash_count
