@@ -13,7 +13,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use crate::{Run, TempDir, copy_dir, repo_root};
+use crate::{Run, TempDir, repo_root};
+
+/// Copies the spec files of `from` (not its `.cairn/`: a quickstart cluster
+/// running from the repository keeps sockets and databases there).
+fn copy_specs(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let path = e.expect("dir entry").path();
+        if path.extension().is_some_and(|x| x == "kdl") {
+            std::fs::copy(&path, to.join(path.file_name().expect("file name"))).expect("copy");
+        }
+    }
+}
 
 /// The directory holding cairn-node and cairn-vmm.
 fn node_binaries() -> &'static PathBuf {
@@ -66,7 +78,7 @@ struct Cluster {
 impl Cluster {
     fn up(tag: &str) -> Cluster {
         let dir = TempDir::new(tag);
-        copy_dir(&repo_root().join("examples/quickstart"), &dir.0);
+        copy_specs(&repo_root().join("examples/quickstart"), &dir.0);
         let cluster_file = dir.0.join("cluster.kdl");
         let mut text = std::fs::read_to_string(&cluster_file).expect("read cluster.kdl");
         for n in 11..=13 {
@@ -392,7 +404,7 @@ fn apply_killed_halfway_resumes_from_the_journal_without_repeating_an_action() {
 #[test]
 fn force_unlock_needs_the_lock_id() {
     let dir = TempDir::new("unlock");
-    copy_dir(&repo_root().join("examples/quickstart"), &dir.0);
+    copy_specs(&repo_root().join("examples/quickstart"), &dir.0);
     let run = crate::cairn(&dir.0, &["force-unlock", "0123456789abcdef", "."]);
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stderr.contains("it is not locked"), "{}", run.stderr);
