@@ -37,6 +37,14 @@ pub fn plan_text(plan: &Plan, concise: bool) -> String {
     if !out.is_empty() {
         out.push('\n');
     }
+    if plan.is_empty() && !plan.left_alone.is_empty() {
+        let _ = writeln!(
+            out,
+            "No changes can be made now: {} objects wait for nodes that did not answer (above).",
+            plan.left_alone.len()
+        );
+        return out;
+    }
     if plan.is_empty() {
         out.push_str("No changes. The cluster matches the specs.\n");
         return out;
