@@ -421,7 +421,7 @@ fn packing_quality() {
             rng ^= rng << 17;
             rng
         };
-        let bins = 40;
+        let bins: u32 = 40;
         let mut items = vec![];
         for _ in 0..bins {
             // Split 32 vCPUs (and 32 GiB, proportionally) into 2..6 items.
@@ -466,7 +466,7 @@ fn packing_quality() {
         }
         let p = compiler::place::place(&c.model, &compiler::place::PlaceOptions::default(), None);
         let used = p.nodes.iter().filter(|n| n.vms > 0).count();
-        let ratio = used as f64 / bins as f64
+        let ratio = used as f64 / f64::from(bins)
             + if p.unplaced.is_empty() {
                 0.0
             } else {

@@ -1,8 +1,8 @@
 //! Integration tests of the `cairn` binary: golden cases and CLI behaviour.
 
 mod cli;
-mod engine;
 mod diff;
+mod engine;
 mod golden;
 mod policy;
 mod verify;
@@ -67,6 +67,10 @@ pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("create dir");
     for e in std::fs::read_dir(from).expect("read dir") {
         let e = e.expect("dir entry");
+        // A running dev cluster keeps state and sockets in `.cairn/`.
+        if e.file_name() == ".cairn" {
+            continue;
+        }
         let target = to.join(e.file_name());
         if e.path().is_dir() {
             copy_dir(&e.path(), &target);
