@@ -127,11 +127,22 @@ fn golden_cases() {
             c.expect(&case.join("compile.txt"), &text.stdout);
         }
         if let Ok(commands) = std::fs::read_to_string(case.join("commands")) {
-            for (i, line) in commands.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).enumerate() {
+            for (i, line) in commands
+                .lines()
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .enumerate()
+            {
                 let args: Vec<&str> = line.split_whitespace().collect();
                 let run = cairn(case, &args);
-                assert!(!run.stderr.contains("panicked"), "{name}: `cairn {line}` panicked: {}", run.stderr);
-                c.expect(&case.join(format!("cmd-{}.txt", i + 1)), &format!("$ cairn {line}\n{}", transcript(&run)));
+                assert!(
+                    !run.stderr.contains("panicked"),
+                    "{name}: `cairn {line}` panicked: {}",
+                    run.stderr
+                );
+                c.expect(
+                    &case.join(format!("cmd-{}.txt", i + 1)),
+                    &format!("$ cairn {line}\n{}", transcript(&run)),
+                );
             }
         }
         if name.starts_with("fmt-") {
