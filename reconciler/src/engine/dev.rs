@@ -237,14 +237,45 @@ pub async fn up(
     Ok(0)
 }
 
+/// Kills the process group `pgid` only when it is provably one of ours: some
+/// live process in it is a `cairn-node` or `cairn-vmm`. Pids are recycled
+/// (pid_max is 32768 on these machines), so a recorded pid whose node has
+/// exited may by now lead someone else's process group.
+fn kill_our_group(pgid: i32) {
+    if pgid <= 1 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    let ours = entries.filter_map(Result::ok).any(|e| {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            return false;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        let comm = head.split_once('(').map_or("", |(_, c)| c);
+        // Fields after the name: state, ppid, pgrp.
+        let pgrp = rest
+            .split_whitespace()
+            .nth(2)
+            .and_then(|f| f.parse::<i32>().ok());
+        pgrp == Some(pgid) && matches!(comm, "cairn-node" | "cairn-vmm")
+    });
+    if ours {
+        // SAFETY: kill(2) of a process group that holds our cairn-node/cairn-vmm processes.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
+}
+
 /// Stops nodes this run started (when a later one cannot start).
 fn stop_started(pids: &BTreeMap<String, u32>, started: &[String]) {
     for name in started {
         if let Some(pid) = pids.get(name)
             && let Ok(raw) = i32::try_from(*pid)
         {
-            // SAFETY: kill(2) of the process group of a node this run started.
-            unsafe { libc::kill(-raw, libc::SIGKILL) };
+            kill_our_group(raw);
         }
     }
 }
@@ -283,8 +314,7 @@ fn stop_all(ctx: &Ctx) -> anyhow::Result<Vec<(String, u32, bool)>> {
         let Ok(raw) = i32::try_from(*pid) else {
             continue;
         };
-        // SAFETY: kill(2) of the process group the node was started in (pgid = its pid).
-        unsafe { libc::kill(-raw, libc::SIGKILL) };
+        kill_our_group(raw);
     }
     for (_, pid, _) in &out {
         let deadline = Instant::now() + Duration::from_secs(5);

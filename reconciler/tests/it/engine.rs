@@ -137,10 +137,15 @@ impl Drop for Cluster {
         let pids = self.pids();
         let _ = self.command(&["dev", "down", "."]).output();
         for (_, pid) in pids {
-            // Leave nothing running even when dev down itself is broken.
-            let _ = Command::new("kill")
-                .args(["-9", &format!("-{pid}")])
-                .status();
+            // Leave nothing running even when dev down itself is broken, but
+            // only while the pid is still our node: pids are recycled, and a
+            // group kill of a recycled pid would hit someone else.
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if alive(pid) && comm.trim() == "cairn-node" {
+                let _ = Command::new("kill")
+                    .args(["-9", &format!("-{pid}")])
+                    .status();
+            }
         }
     }
 }
