@@ -574,41 +574,7 @@ impl<'m> Engine<'m> {
     }
 
     pub(crate) fn assign(&mut self, vm: &Vm, node: usize, secondary: Option<usize>) {
-        let c = cost(self.model, vm);
-        self.add_load(vm, node, c, false);
-        if let Some(s) = secondary {
-            self.add_load(
-                vm,
-                s,
-                Cost {
-                    cpu_milli: u64::from(vm.cpu) * 1000,
-                    memory: vm.memory_bytes,
-                },
-                true,
-            );
-        }
-        for &r in self
-            .rules_of
-            .get(&vm.name)
-            .map(Vec::as_slice)
-            .unwrap_or(&[])
-        {
-            let scope = self.model.affinities[r].scope;
-            let d = self.nodes[node].domain(scope).to_owned();
-            *self.rules[r].members.entry(d).or_default() += 1;
-        }
-        if let Some(group) = vm.group.as_deref()
-            && let Some(g) = self.model.vm_groups.iter().find(|g| g.name == group)
-            && let Some(scope) = g.spread
-        {
-            let d = self.nodes[node].domain(scope).to_owned();
-            *self
-                .spread
-                .entry(group.to_owned())
-                .or_default()
-                .entry(d)
-                .or_default() += 1;
-        }
+        self.track(vm, node, secondary, true);
         self.assigned.insert(vm.name.clone(), (node, secondary));
     }
 
@@ -616,68 +582,70 @@ impl<'m> Engine<'m> {
         let Some((node, secondary)) = self.assigned.remove(&vm.name) else {
             return;
         };
-        let c = cost(self.model, vm);
-        self.remove_load(vm, node, c, false);
+        self.track(vm, node, secondary, false);
+    }
+
+    /// Adds (or removes) a VM's load, rule memberships and spread counts.
+    fn track(&mut self, vm: &Vm, node: usize, secondary: Option<usize>, add: bool) {
+        let full = Cost {
+            cpu_milli: u64::from(vm.cpu) * 1000,
+            memory: vm.memory_bytes,
+        };
+        self.load(vm, node, cost(self.model, vm), false, add);
         if let Some(s) = secondary {
-            self.remove_load(
-                vm,
-                s,
-                Cost {
-                    cpu_milli: u64::from(vm.cpu) * 1000,
-                    memory: vm.memory_bytes,
-                },
-                true,
-            );
+            self.load(vm, s, full, true, add);
         }
+        let bump = |count: &mut usize| {
+            *count = if add {
+                *count + 1
+            } else {
+                count.saturating_sub(1)
+            };
+        };
         for &r in self
             .rules_of
             .get(&vm.name)
             .map(Vec::as_slice)
             .unwrap_or(&[])
         {
-            let scope = self.model.affinities[r].scope;
-            let d = self.nodes[node].domain(scope).to_owned();
-            if let Some(c) = self.rules[r].members.get_mut(&d) {
-                *c = c.saturating_sub(1);
-            }
+            let d = self.nodes[node]
+                .domain(self.model.affinities[r].scope)
+                .to_owned();
+            bump(self.rules[r].members.entry(d).or_default());
         }
         if let Some(group) = vm.group.as_deref()
-            && let Some(g) = self.model.vm_groups.iter().find(|g| g.name == group)
-            && let Some(scope) = g.spread
+            && let Some(&scope) = self.group_scope.get(group)
         {
             let d = self.nodes[node].domain(scope).to_owned();
-            if let Some(c) = self.spread.get_mut(group).and_then(|m| m.get_mut(&d)) {
-                *c = c.saturating_sub(1);
-            }
+            bump(
+                self.spread
+                    .entry(group.to_owned())
+                    .or_default()
+                    .entry(d)
+                    .or_default(),
+            );
         }
     }
 
-    fn add_load(&mut self, vm: &Vm, i: usize, c: Cost, full: bool) {
+    fn load(&mut self, vm: &Vm, i: usize, c: Cost, full: bool, add: bool) {
+        let step = |x: &mut u64, by: u64| {
+            *x = if add { *x + by } else { x.saturating_sub(by) };
+        };
         let n = &mut self.nodes[i];
-        n.used.cpu_milli += c.cpu_milli;
-        n.used.memory += c.memory;
-        n.vms += 1;
-        if full || vm.sla.class == SlaClass::Reserved {
-            n.cpu_reserved += u64::from(vm.cpu);
-            n.mem_reserved += vm.memory_bytes;
+        step(&mut n.used.cpu_milli, c.cpu_milli);
+        step(&mut n.used.memory, c.memory);
+        n.vms = if add {
+            n.vms + 1
         } else {
-            n.cpu_shared += u64::from(vm.cpu);
-            n.mem_shared += vm.memory_bytes;
-        }
-    }
-
-    fn remove_load(&mut self, vm: &Vm, i: usize, c: Cost, full: bool) {
-        let n = &mut self.nodes[i];
-        n.used.cpu_milli = n.used.cpu_milli.saturating_sub(c.cpu_milli);
-        n.used.memory = n.used.memory.saturating_sub(c.memory);
-        n.vms = n.vms.saturating_sub(1);
-        if full || vm.sla.class == SlaClass::Reserved {
-            n.cpu_reserved = n.cpu_reserved.saturating_sub(u64::from(vm.cpu));
-            n.mem_reserved = n.mem_reserved.saturating_sub(vm.memory_bytes);
+            n.vms.saturating_sub(1)
+        };
+        let (cpu, mem) = if full || vm.sla.class == SlaClass::Reserved {
+            (&mut n.cpu_reserved, &mut n.mem_reserved)
         } else {
-            n.cpu_shared = n.cpu_shared.saturating_sub(u64::from(vm.cpu));
-            n.mem_shared = n.mem_shared.saturating_sub(vm.memory_bytes);
-        }
+            (&mut n.cpu_shared, &mut n.mem_shared)
+        };
+        step(cpu, u64::from(vm.cpu));
+        step(mem, vm.memory_bytes);
     }
 
     /// The best feasible node for the VM (and its secondary), if any.
