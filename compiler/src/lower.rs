@@ -21,7 +21,11 @@ pub fn lower_all(sources: &Sources, diags: &mut Vec<Diagnostic>) -> SpecSet {
         let Some(doc) = parse(file, &source.text, diags) else {
             continue;
         };
-        let mut cx = Cx { file, diags };
+        let mut cx = Cx {
+            file,
+            diags,
+            suggested: vec![],
+        };
         cx.document(&doc, &mut set);
     }
     set
@@ -70,6 +74,9 @@ fn clamp(mut span: Span, len: usize) -> Span {
 struct Cx<'a> {
     file: FileId,
     diags: &'a mut Vec<Diagnostic>,
+    /// Node names suggested for misspelt ones ("did you mean `cpu`?"), so
+    /// a "missing `cpu`" error is not piled on top of the typo.
+    suggested: Vec<&'static str>,
 }
 
 /// A child node that passed the shape check.
@@ -114,6 +121,9 @@ impl Cx<'_> {
                 let help = if allowed.is_empty() {
                     format!("{parent_desc} takes no children block")
                 } else {
+                    if let Some(s) = crate::diag::did_you_mean(name, allowed.iter().copied()) {
+                        self.suggested.push(s);
+                    }
                     suggestion(name, allowed, "node")
                 };
                 self.err(
@@ -666,6 +676,7 @@ impl Cx<'_> {
             labels: vec![],
         };
         let mut reserve_seen = None;
+        self.suggested.clear();
         for c in self.children(node.children(), "node-class", "a `node-class`") {
             let n = c.node;
             match c.name {
@@ -704,7 +715,8 @@ impl Cx<'_> {
             }
         }
         let span = self.sp(node.name().span());
-        if spec.cpu.is_none() {
+        let typos = std::mem::take(&mut self.suggested);
+        if spec.cpu.is_none() && !typos.contains(&"cpu") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
@@ -712,7 +724,7 @@ impl Cx<'_> {
             )
             .help = Some("add `cpu 32` (hardware threads)".to_owned());
         }
-        if spec.memory.is_none() {
+        if spec.memory.is_none() && !typos.contains(&"memory") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
@@ -1145,6 +1157,7 @@ impl Cx<'_> {
     ) -> VmBody {
         let mut b = VmBody::default();
         let desc = format!("a `{path}`");
+        self.suggested.clear();
         for c in self.children(node.children(), path, &desc) {
             let n = c.node;
             match c.name {
@@ -1257,7 +1270,8 @@ impl Cx<'_> {
         }
         let span = self.sp(node.name().span());
         let kind = node.name().value();
-        if b.cpu.is_none() {
+        let typos = std::mem::take(&mut self.suggested);
+        if b.cpu.is_none() && !typos.contains(&"cpu") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
@@ -1265,7 +1279,7 @@ impl Cx<'_> {
             )
             .help = Some("add `cpu 2` (vCPUs)".to_owned());
         }
-        if b.memory.is_none() {
+        if b.memory.is_none() && !typos.contains(&"memory") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
@@ -1273,7 +1287,7 @@ impl Cx<'_> {
             )
             .help = Some("add `memory \"4GiB\"`".to_owned());
         }
-        if b.image.is_none() {
+        if b.image.is_none() && !typos.contains(&"image") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
