@@ -370,6 +370,20 @@ impl Builder<'_> {
         }
     }
 
+    /// Deletes a volume on `node` and creates the desired one after it
+    /// (replace in place, or a cold move); returns both steps.
+    fn recreate_volume(&mut self, node: &str, v: &DesiredVolume) -> (usize, usize) {
+        let delete = self.step(
+            node,
+            NodeAction::DeleteVolume {
+                name: v.name.clone(),
+            },
+            vec![],
+        );
+        let create = self.create_volume(v, vec![delete]);
+        (delete, create)
+    }
+
     fn create_volume(&mut self, v: &DesiredVolume, depends_on: Vec<usize>) -> usize {
         let replicas = v
             .replicas
@@ -639,14 +653,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     continue;
                 }
                 diffs.push("the node cannot resize or restripe in place: the data is lost".into());
-                let delete = b.step(
-                    node,
-                    NodeAction::DeleteVolume {
-                        name: v.name.clone(),
-                    },
-                    vec![],
-                );
-                let create = b.create_volume(v, vec![delete]);
+                let (delete, create) = b.recreate_volume(node, v);
                 volume_steps.insert(v.name.clone(), vec![create]);
                 b.changes.push(Change {
                     kind: ChangeKind::Replace,
@@ -660,14 +667,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 });
             }
             Some((node, _)) => {
-                let delete = b.step(
-                    node,
-                    NodeAction::DeleteVolume {
-                        name: v.name.clone(),
-                    },
-                    vec![],
-                );
-                let create = b.create_volume(v, vec![delete]);
+                let (delete, create) = b.recreate_volume(node, v);
                 volume_steps.insert(v.name.clone(), vec![create]);
                 b.changes.push(Change {
                     kind: ChangeKind::Move,
