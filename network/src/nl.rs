@@ -12,7 +12,7 @@ use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
     InfoBridge, InfoData, InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
@@ -150,6 +150,23 @@ pub(crate) fn link_state_from(msg: &LinkMessage) -> LinkState {
         }
     }
     st
+}
+
+/// An IPv6 address of a link as read back over netlink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6AddressState {
+    /// The address.
+    pub addr: std::net::Ipv6Addr,
+    /// Prefix length.
+    pub prefix_len: u8,
+    /// Scope (`RT_SCOPE_*`: 0 global, 253 link, 254 host).
+    pub scope: u8,
+    /// Duplicate address detection has not finished (`IFA_F_TENTATIVE`).
+    pub tentative: bool,
+    /// Duplicate address detection found another owner (`IFA_F_DADFAILED`).
+    pub dad_failed: bool,
+    /// Usable while DAD runs, but must not override caches (`IFA_F_OPTIMISTIC`).
+    pub optimistic: bool,
 }
 
 /// A synchronous rtnetlink connection bound to one network namespace.
@@ -491,6 +508,51 @@ impl Rtnl {
                     out.push(*v4);
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// IPv6 addresses configured on link `index`, with their scope and DAD
+    /// state (a tentative or DAD-failed address is not yet, or never, the
+    /// link's to use).
+    pub fn ipv6_addresses(&mut self, index: u32) -> Result<Vec<Ipv6AddressState>, NlError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet6;
+        let answers = self.request(
+            "dump ipv6 addresses",
+            RouteNetlinkMessage::GetAddress(msg),
+            NLM_F_DUMP,
+        )?;
+        let mut out = Vec::new();
+        for a in answers {
+            let RouteNetlinkMessage::NewAddress(a) = a else {
+                continue;
+            };
+            if a.header.index != index || a.header.family != AddressFamily::Inet6 {
+                continue;
+            }
+            // IFA_FLAGS (32 bits) supersedes the 8-bit header flags when present.
+            let mut flags = u32::from(a.header.flags.bits());
+            let mut addr = None;
+            for attr in &a.attributes {
+                match attr {
+                    AddressAttribute::Flags(f) => flags = f.bits(),
+                    AddressAttribute::Address(IpAddr::V6(v6)) => addr = Some(*v6),
+                    // IPv6 carries IFA_ADDRESS; IFA_LOCAL only on
+                    // point-to-point links, where it is the local end.
+                    AddressAttribute::Local(IpAddr::V6(v6)) => addr = addr.or(Some(*v6)),
+                    _ => {}
+                }
+            }
+            let Some(addr) = addr else { continue };
+            out.push(Ipv6AddressState {
+                addr,
+                prefix_len: a.header.prefix_len,
+                scope: u8::from(a.header.scope),
+                tentative: flags & AddressFlags::Tentative.bits() != 0,
+                dad_failed: flags & AddressFlags::Dadfailed.bits() != 0,
+                optimistic: flags & AddressFlags::Optimistic.bits() != 0,
+            });
         }
         Ok(out)
     }
