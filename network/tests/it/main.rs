@@ -3,6 +3,7 @@
 //! deletes them at the end; without root or namespaces it prints why it
 //! skips. Traffic only flows between addresses inside those namespaces.
 
+mod announce_v6;
 mod bond;
 mod common;
 mod dev_cluster;
