@@ -606,8 +606,11 @@ pub fn apply_bond(ns: &NetNs, spec: &BondSpec) -> Result<ApplyReport, NetworkErr
         && actions.iter().any(|a| a.starts_with("attach "))
     {
         // A member swap: tell the switches where the bond's MAC lives now.
-        let n = crate::announce::send_gratuitous_arp(ns, &mut rtnl, &spec.name)?;
-        actions.push(format!("sent {n} gratuitous arp(s) on {}", spec.name));
+        let (arps, nas) = crate::announce::announce(ns, &mut rtnl, &spec.name)?;
+        actions.push(format!(
+            "sent {arps} gratuitous arp(s) and {nas} unsolicited neighbor advertisement(s) on {}",
+            spec.name
+        ));
     }
     let dev = rtnl.require_link(&spec.name).map_err(nl)?;
     let observed_qos = observe_qos(&mut rtnl, dev.index).map_err(nl)?;

@@ -222,7 +222,17 @@ impl std::fmt::Display for Drift {
             ),
             Drift::UnexpectedClass { minor } => write!(f, "class 1:{minor:x} is not in the spec"),
             Drift::FiltersChanged { want, have } => {
-                write!(f, "{have} steering filters differ from the {want} planned")
+                if have == want {
+                    write!(
+                        f,
+                        "the {have} steering filters differ from the {want} the spec needs"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "{have} steering filters found where the spec needs {want}"
+                    )
+                }
             }
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::NetworkError;
-use crate::announce::send_gratuitous_arp;
+use crate::announce::announce;
 use crate::bond::converge_fallback_ports;
 use crate::netns::NetNs;
 use crate::nl::Rtnl;
@@ -58,9 +58,11 @@ impl FailoverMonitor {
                     }
                     match converge_fallback_ports(&mut rtnl, &spec) {
                         Ok(mut actions) if !actions.is_empty() => {
-                            match send_gratuitous_arp(&ns, &mut rtnl, &spec.name) {
-                                Ok(n) => actions
-                                    .push(format!("sent {n} gratuitous arp(s) on {}", spec.name)),
+                            match announce(&ns, &mut rtnl, &spec.name) {
+                                Ok((arps, nas)) => actions.push(format!(
+                                    "sent {arps} gratuitous arp(s) and {nas} unsolicited neighbor advertisement(s) on {}",
+                                    spec.name
+                                )),
                                 Err(e) => errors2.lock().expect("errors lock").push(e.to_string()),
                             }
                             events2.lock().expect("events lock").push(FailoverEvent {

@@ -151,7 +151,7 @@ pub enum NetworkError {
         #[source]
         source: std::io::Error,
     },
-    /// A gratuitous ARP could not be sent.
+    /// An announcement (gratuitous ARP or unsolicited NA) could not be sent.
     #[error("node `{node}`: cannot announce `{dev}` after failover: {source}")]
     Announce {
         /// Node.

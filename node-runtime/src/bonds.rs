@@ -19,13 +19,15 @@ use crate::events::EventBus;
 use crate::store::{Kind, Store};
 use crate::validate;
 
-/// Link-monitoring interval used for every bond (ms).
-const MIIMON_MS: u32 = 100;
+/// Link-monitoring interval when a request leaves it 0 (ms).
+const DEFAULT_MIIMON_MS: u32 = 100;
 
 /// Every bond of the node.
 #[derive(Debug)]
 pub struct Bonds {
     netns: NetNs,
+    /// Why network actions are refused on this node (`None`: they are carried out).
+    unavailable: Option<String>,
     store: Arc<Store>,
     events: Arc<EventBus>,
     monitors: Mutex<BTreeMap<String, FailoverMonitor>>,
@@ -70,21 +72,50 @@ pub fn bond_spec(bond: &v1::ApplyBond) -> Result<BondSpec, Status> {
         mode,
         members: bond.members.clone(),
         mtu: if bond.mtu == 0 { 1500 } else { bond.mtu },
-        miimon: MIIMON_MS,
+        miimon: if bond.miimon_ms == 0 {
+            DEFAULT_MIIMON_MS
+        } else {
+            bond.miimon_ms
+        },
         classes,
         capacity_bps: (bond.capacity_bps != 0).then_some(bond.capacity_bps),
     })
 }
 
+/// Why this process cannot change the network of `netns`, if it cannot.
+pub fn network_unavailable(netns: &NetNs) -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some(
+            "cairn-node is not running as root: bond devices and qdiscs need CAP_NET_ADMIN"
+                .to_string(),
+        );
+    }
+    if !netns.exists() {
+        return Some(format!(
+            "its network namespace {} no longer exists",
+            netns.describe()
+        ));
+    }
+    None
+}
+
 impl Bonds {
     /// Loads bond definitions and restarts the failover monitors of fallback bonds.
+    /// `unavailable` says why network actions are refused (then nothing is touched).
     pub fn open(
         netns: NetNs,
+        unavailable: Option<String>,
         store: Arc<Store>,
         events: Arc<EventBus>,
     ) -> Result<Self, crate::store::StoreError> {
         let mut monitors = BTreeMap::new();
-        for (name, bond) in store.list_decoded::<v1::ApplyBond>(Kind::Bond)? {
+        let definitions = if unavailable.is_some() {
+            Vec::new()
+        } else {
+            store.list_decoded::<v1::ApplyBond>(Kind::Bond)?
+        };
+        for (name, bond) in definitions {
             let Ok(spec) = bond_spec(&bond) else { continue };
             let Ok(observed) = network::observe_bond(&netns, &spec) else {
                 continue;
@@ -98,6 +129,7 @@ impl Bonds {
         }
         Ok(Self {
             netns,
+            unavailable,
             store,
             events,
             monitors: Mutex::new(monitors),
@@ -107,6 +139,49 @@ impl Bonds {
     /// The network namespace bonds (and the node's NICs) live in.
     pub fn netns(&self) -> &NetNs {
         &self.netns
+    }
+
+    /// Why network actions are refused right now, if they are.
+    fn refusal(&self) -> Option<String> {
+        self.unavailable
+            .clone()
+            .or_else(|| network_unavailable(&self.netns))
+    }
+
+    fn refuse(&self, what: &str, bond: &str) -> Result<(), Status> {
+        match self.refusal() {
+            Some(reason) => Err(Status::failed_precondition(format!(
+                "node {}: cannot {what} bond `{bond}`: network actions are refused here: {reason}",
+                self.netns.node()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Where the node's NICs and bonds live, whether network actions are possible
+    /// and which bond implementation this kernel gets.
+    pub async fn networking(&self) -> v1::Networking {
+        let mut networking = v1::Networking {
+            netns: self.netns.name().unwrap_or_default().to_string(),
+            ..Default::default()
+        };
+        if let Some(reason) = self.refusal() {
+            networking.unavailable_reason = reason;
+            return networking;
+        }
+        let netns = self.netns.clone();
+        match tokio::task::spawn_blocking(move || network::detect_bonding(&netns)).await {
+            Ok(Ok(capability)) => {
+                networking.bond_implementation = capability.backend.as_str().to_string();
+                networking.bond_implementation_reason = capability.reason;
+            }
+            Ok(Err(error)) => {
+                networking.unavailable_reason =
+                    format!("cannot tell whether the kernel has bonding: {error}");
+            }
+            Err(error) => networking.unavailable_reason = error.to_string(),
+        }
+        networking
     }
 
     fn publish(&self, name: &str, health: Health, detail: String, deleted: bool) {
@@ -122,6 +197,7 @@ impl Bonds {
     /// Creates or updates a bond.
     pub async fn apply(&self, bond: &v1::ApplyBond) -> Result<v1::BondResult, Status> {
         let spec = bond_spec(bond)?;
+        self.refuse("apply", &bond.name)?;
         let mut monitors = self.monitors.lock().await;
         // The monitor re-attaches members on its own; stop it while the bond changes.
         if let Some(monitor) = monitors.remove(&bond.name) {
@@ -163,6 +239,7 @@ impl Bonds {
     /// Removes a bond (missing is fine).
     pub async fn delete(&self, name: &str) -> Result<(), Status> {
         validate_bond_name("delete_bond.name", name)?;
+        self.refuse("delete", name)?;
         if let Some(monitor) = self.monitors.lock().await.remove(name) {
             tokio::task::spawn_blocking(move || monitor.stop())
                 .await
@@ -187,10 +264,18 @@ impl Bonds {
             return Vec::new();
         };
         let netns = self.netns.clone();
+        let refusal = self.refusal();
         tokio::task::spawn_blocking(move || {
             definitions
                 .into_iter()
-                .map(|(name, bond)| observe_one(&netns, &name, &bond))
+                .map(|(name, bond)| match &refusal {
+                    Some(reason) => {
+                        let mut status = definition_status(&name, &bond);
+                        status.detail = format!("cannot be read back: {reason}");
+                        status
+                    }
+                    None => observe_one(&netns, &name, &bond),
+                })
                 .collect()
         })
         .await
@@ -198,8 +283,9 @@ impl Bonds {
     }
 }
 
-fn observe_one(netns: &NetNs, name: &str, bond: &v1::ApplyBond) -> BondStatus {
-    let mut status = BondStatus {
+/// The status of a bond as defined, before reading the device back.
+fn definition_status(name: &str, bond: &v1::ApplyBond) -> BondStatus {
+    BondStatus {
         name: name.to_string(),
         mode: bond.mode.clone(),
         members: bond.members.clone(),
@@ -207,7 +293,17 @@ fn observe_one(netns: &NetNs, name: &str, bond: &v1::ApplyBond) -> BondStatus {
         health: Health::Failed as i32,
         implementation: String::new(),
         detail: String::new(),
-    };
+        mtu: bond.mtu,
+        traffic: bond.traffic.clone(),
+        capacity_bps: bond.capacity_bps,
+        miimon_ms: bond.miimon_ms,
+        exists: false,
+        drift: Vec::new(),
+    }
+}
+
+fn observe_one(netns: &NetNs, name: &str, bond: &v1::ApplyBond) -> BondStatus {
+    let mut status = definition_status(name, bond);
     let observed = match bond_spec(bond).map(|spec| network::observe_bond(netns, &spec)) {
         Ok(Ok(observed)) => observed,
         Ok(Err(error)) => {
@@ -220,6 +316,8 @@ fn observe_one(netns: &NetNs, name: &str, bond: &v1::ApplyBond) -> BondStatus {
         }
     };
     status.implementation = observed.backend.as_str().to_string();
+    status.exists = observed.exists;
+    status.drift = observed.drift.iter().map(ToString::to_string).collect();
     status.active_members = observed
         .members
         .iter()
@@ -289,6 +387,15 @@ pub fn validate_bond(bond: &v1::ApplyBond) -> Result<(), Status> {
         return Err(validate::invalid(
             "apply_bond.mtu",
             format!("{} is out of range 68..=65535", bond.mtu),
+        ));
+    }
+    if bond.miimon_ms > 60_000 {
+        return Err(validate::invalid(
+            "apply_bond.miimon_ms",
+            format!(
+                "{} is out of range 0..=60000 (0: the default)",
+                bond.miimon_ms
+            ),
         ));
     }
     for (index, class) in bond.traffic.iter().enumerate() {

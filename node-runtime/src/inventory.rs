@@ -227,8 +227,10 @@ pub fn nics_in(netns: &network::NetNs) -> Vec<Nic> {
     nics
 }
 
-/// What the kernel offers; bonding is probed in `netns`.
-pub fn kernel(netns: &network::NetNs) -> KernelCapabilities {
+/// What the kernel offers; bonding is probed in `netns` unless `probe_bonding` is
+/// false (a node whose network actions are refused never touches the network, not
+/// even with a probe device) and then reads false.
+pub fn kernel(netns: &network::NetNs, probe_bonding: bool) -> KernelCapabilities {
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -245,6 +247,6 @@ pub fn kernel(netns: &network::NetNs) -> KernelCapabilities {
         cgroup_v1_controllers,
         cgroup_v2,
         cgroup_v2_controllers,
-        bonding: bonding_available(netns),
+        bonding: probe_bonding && bonding_available(netns),
     }
 }

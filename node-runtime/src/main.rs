@@ -37,6 +37,11 @@ struct Args {
     /// default: the namespace cairn-node runs in. `cairn dev up` gives each node one.
     #[arg(long)]
     netns: Option<String>,
+    /// Refuse every network action (ApplyBond, DeleteBond) with REASON and never touch
+    /// the network; Inventory and Observe report the reason. `cairn dev up` passes it
+    /// when it cannot give the node its own network namespace.
+    #[arg(long, value_name = "REASON", conflicts_with = "netns")]
+    network_disabled: Option<String>,
     /// Seconds a request id's recorded outcome is kept (default 7 days); a retry later
     /// than that is carried out again.
     #[arg(long, default_value_t = 7 * 24 * 3600)]
@@ -86,6 +91,7 @@ fn main() -> ExitCode {
         trusted_peer_keys: args.trusted_peer_keys,
         vmm_binary: args.vmm_binary,
         netns: args.netns,
+        network_disabled: args.network_disabled,
         request_retention: std::time::Duration::from_secs(args.request_retention),
     };
     let disks = DiskLayout {

@@ -42,11 +42,18 @@ pub struct NodeConfig {
     /// Named network namespace (`/run/netns/NAME`) where bonds live; `None` is the
     /// agent's own namespace (production).
     pub netns: Option<String>,
+    /// When set, network actions are refused with this reason and the node's network
+    /// is never touched (`cairn dev up` on a machine where it cannot give the node its
+    /// own namespace: a dev node must not change the host's network).
+    pub network_disabled: Option<String>,
 }
 
 /// Errors of starting a node.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
+    /// The network namespace given cannot be used.
+    #[error("{0}")]
+    Netns(String),
     /// The data directory cannot be created.
     #[error("cannot create data directory {path}: {source}")]
     DataDir {
@@ -156,7 +163,18 @@ impl Node {
             Some(name) => network::NetNs::named_for_node(name.clone(), config.name.clone()),
             None => network::NetNs::current(config.name.clone()),
         };
-        let bonds = crate::bonds::Bonds::open(netns, store.clone(), events.clone())?;
+        if config.network_disabled.is_none() && !netns.exists() {
+            return Err(NodeError::Netns(format!(
+                "network namespace `{}` does not exist (/run/netns/{0}); create it (`ip netns add {0}`) or leave out --netns",
+                config.netns.as_deref().unwrap_or_default()
+            )));
+        }
+        let bonds = crate::bonds::Bonds::open(
+            netns,
+            config.network_disabled.clone(),
+            store.clone(),
+            events.clone(),
+        )?;
         Ok(Arc::new(Self {
             exports: Exports::new(volumes.clone()),
             config,

@@ -42,6 +42,8 @@ impl v1::inventory_server::Inventory for NodeService {
         let engine = self.node.volumes.engine().clone();
         let netns = self.node.bonds.netns().clone();
         let in_named_netns = self.node.config.netns.is_some();
+        let networking = self.node.bonds.networking().await;
+        let probe_bonding = networking.unavailable_reason.is_empty();
         let (cpu, memory, mut disks, nics, kernel) = tokio::task::spawn_blocking(move || {
             let mut disks = inventory::disks(&data_dir);
             let (_, free) = inventory::filesystem_space(&data_dir).unwrap_or((0, 0));
@@ -65,7 +67,7 @@ impl v1::inventory_server::Inventory for NodeService {
                 inventory::memory(),
                 disks,
                 nics,
-                inventory::kernel(&netns),
+                inventory::kernel(&netns, probe_bonding),
             )
         })
         .await
@@ -81,6 +83,7 @@ impl v1::inventory_server::Inventory for NodeService {
             kernel: Some(kernel),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             started_at_unix_ms: self.node.started_at_unix_ms,
+            networking: Some(networking),
         }))
     }
 }
@@ -106,6 +109,7 @@ impl v1::observe_server::Observe for NodeService {
                 .await,
             bonds: self.node.bonds.statuses().await,
             peers: self.node.trust.pushed_peers(),
+            networking: Some(self.node.bonds.networking().await),
         }))
     }
 }

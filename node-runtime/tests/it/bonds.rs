@@ -36,6 +36,7 @@ fn bond(capacity_bps: u64) -> ApplyBond {
             class("management", 5, 1),
         ],
         capacity_bps,
+        miimon_ms: 0,
     }
 }
 
@@ -98,6 +99,16 @@ async fn a_bond_is_applied_observed_and_deleted_in_the_nodes_namespace() {
             .unwrap();
 
     let inventory = client.get_inventory().await.unwrap();
+    let networking = inventory
+        .networking
+        .clone()
+        .expect("inventory reports networking");
+    assert_eq!(networking.netns, netns);
+    assert_eq!(networking.unavailable_reason, "", "{networking:?}");
+    assert!(
+        ["kernel-bond", "bridge-fallback"].contains(&networking.bond_implementation.as_str()),
+        "{networking:?}"
+    );
     let nic_names: Vec<&str> = inventory.nics.iter().map(|nic| nic.name.as_str()).collect();
     assert!(
         nic_names.contains(&"nic0") && nic_names.contains(&"nic1"),
@@ -123,6 +134,56 @@ async fn a_bond_is_applied_observed_and_deleted_in_the_nodes_namespace() {
     assert_eq!(status.implementation, result.implementation);
     assert_eq!(status.health, Health::Healthy as i32, "{}", status.detail);
     assert!(!status.active_members.is_empty());
+    // Observe carries the definition kept and the device read back, in sync.
+    assert!(status.exists);
+    assert!(status.drift.is_empty(), "{:?}", status.drift);
+    assert_eq!(status.traffic, bond(100 * MBIT).traffic);
+    assert_eq!(status.capacity_bps, 100 * MBIT);
+    assert_eq!(
+        observed.networking.as_ref().map(|n| n.netns.as_str()),
+        Some(netns.as_str())
+    );
+
+    // Drift made behind the node's back is reported, and the same definition
+    // applied again repairs it.
+    let tc = |args: &[&str]| {
+        let out = std::process::Command::new("tc")
+            .args(["-n", &netns])
+            .args(args)
+            .output()
+            .expect("tc runs");
+        assert!(out.status.success(), "tc {args:?}: {out:?}");
+    };
+    tc(&[
+        "class", "change", "dev", "data", "parent", "1:1", "classid", "1:40", "htb", "rate",
+        "1Mbit", "ceil", "100Mbit",
+    ]);
+    tc(&["filter", "del", "dev", "data"]);
+    let drifted = client.observe().await.unwrap();
+    let status = &drifted.bonds[0];
+    assert_eq!(status.health, Health::Degraded as i32, "{status:?}");
+    assert!(
+        status.drift.iter().any(|d| d.contains("management")),
+        "the changed class is named: {:?}",
+        status.drift
+    );
+    assert!(
+        status.drift.iter().any(|d| d.contains("steering filters")),
+        "the deleted filters are reported: {:?}",
+        status.drift
+    );
+    apply_ok(
+        &mut client,
+        "bond-repair",
+        Action::ApplyBond(bond(100 * MBIT)),
+    )
+    .await;
+    let repaired = client.observe().await.unwrap();
+    assert!(
+        repaired.bonds[0].drift.is_empty(),
+        "{:?}",
+        repaired.bonds[0]
+    );
 
     // More guaranteed bandwidth than the bond has is refused, naming the problem.
     let too_small = client
@@ -158,4 +219,56 @@ impl Drop for NodeGuard {
         // SAFETY: kill takes a pid and a signal number; it has no memory effects.
         unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_with_networking_disabled_says_why_and_refuses_bonds_without_touching_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let reason = "dev node without its own network namespace (not running as root)";
+    std::fs::write(
+        dir.path().join("trusted-controllers"),
+        format!("{}\n", controller.public_key_hex()),
+    )
+    .unwrap();
+    let node = crate::harness::TestNode::start_with_args(
+        "no-net",
+        dir.path(),
+        "127.0.0.1:0",
+        &["--network-disabled", reason],
+    );
+    let mut client = node.client(&controller).await;
+    let inventory = client.get_inventory().await.unwrap();
+    let networking = inventory.networking.expect("inventory reports networking");
+    assert_eq!(networking.unavailable_reason, reason);
+    assert_eq!(networking.bond_implementation, "");
+    assert!(
+        !inventory.kernel.expect("kernel").bonding,
+        "no probe device is made on a node that must not touch the network"
+    );
+    let refused = client
+        .apply(crate::harness::request(
+            "bond-refused",
+            Action::ApplyBond(bond(100 * MBIT)),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("node no-net")
+            && refused.message().contains("bond `data`")
+            && refused.message().contains(reason),
+        "{}",
+        refused.message()
+    );
+    let observed = client.observe().await.unwrap();
+    assert!(observed.bonds.is_empty());
+    assert_eq!(
+        observed.networking.map(|n| n.unavailable_reason),
+        Some(reason.to_owned())
+    );
 }

@@ -100,11 +100,50 @@ pub struct DesiredVolume {
     pub stripe_unit_bytes: u64,
 }
 
+/// A QoS traffic class of a bond.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredTraffic {
+    /// `storage`, `migration`, `guest`, `management`, `replication`.
+    pub name: String,
+    /// Guaranteed rate (bit/s).
+    pub min_bps: u64,
+    /// Ceiling (bit/s).
+    pub max_bps: u64,
+    /// Share of the excess.
+    pub weight: u32,
+}
+
+/// A bond of a node's site, as that node should have it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredBond {
+    /// Name (the Linux device name).
+    pub name: String,
+    /// Node.
+    pub node: String,
+    /// Site.
+    pub site: String,
+    /// `active-backup`, `balance-rr`, `balance-xor`, `802.3ad`.
+    pub mode: String,
+    /// Member NICs.
+    pub members: Vec<String>,
+    /// MTU.
+    pub mtu: u32,
+    /// Link-monitoring interval (ms).
+    pub miimon_ms: u32,
+    /// Capacity on this node (bit/s): its members' speeds from the spec, one
+    /// member's for active-backup, the sum otherwise.
+    pub capacity_bps: u64,
+    /// Traffic classes, in spec order.
+    pub traffic: Vec<DesiredTraffic>,
+}
+
 /// Everything desired.
 #[derive(Debug, Clone, Default)]
 pub struct Desired {
     /// Nodes by name.
     pub nodes: BTreeMap<String, DesiredNode>,
+    /// Bonds by node, then bond name.
+    pub bonds: BTreeMap<String, BTreeMap<String, DesiredBond>>,
     /// VMs by name (placed ones only).
     pub vms: BTreeMap<String, DesiredVm>,
     /// Volumes by name.
@@ -258,6 +297,45 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
     placement
 }
 
+/// A site's bond as `node` should have it: the capacity is this node's (its member
+/// NICs' speeds in the spec), not the site's slowest.
+fn desired_bond(
+    site: &compiler::model::Site,
+    node: &compiler::model::Node,
+    bond: &compiler::model::Bond,
+) -> DesiredBond {
+    let speeds: Vec<u64> = bond
+        .members
+        .iter()
+        .filter_map(|m| node.nics.iter().find(|n| n.name == *m).map(|n| n.speed_bps))
+        .collect();
+    let capacity_bps = match bond.mode {
+        _ if speeds.is_empty() => bond.capacity_bps,
+        compiler::spec::BondMode::ActiveBackup => speeds.iter().copied().min().unwrap_or(0),
+        _ => speeds.iter().sum(),
+    };
+    DesiredBond {
+        name: bond.name.clone(),
+        node: node.name.clone(),
+        site: site.name.clone(),
+        mode: bond.mode.as_str().to_owned(),
+        members: bond.members.clone(),
+        mtu: bond.mtu,
+        miimon_ms: bond.miimon_ms,
+        capacity_bps,
+        traffic: bond
+            .traffic
+            .iter()
+            .map(|t| DesiredTraffic {
+                name: t.name.as_str().to_owned(),
+                min_bps: t.min_bps,
+                max_bps: t.max_bps,
+                weight: t.weight,
+            })
+            .collect(),
+    }
+}
+
 /// The desired state for a model and placement.
 pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement) -> Desired {
     let mut desired = Desired::default();
@@ -271,6 +349,12 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                     address: node.address.clone(),
                 },
             );
+            let bonds = site
+                .bonds
+                .iter()
+                .map(|b| (b.name.clone(), desired_bond(site, node, b)))
+                .collect();
+            desired.bonds.insert(node.name.clone(), bonds);
         }
     }
     for vm in &model.vms {

@@ -11,9 +11,18 @@
 //! are in `.cairn/dev/pids.json`; `cairn dev down` stops each group (SIGTERM, then
 //! SIGKILL after 10 s) so no node and no VM process is left.
 //!
-//! Nodes share the host's network namespace: addresses are loopback aliases
-//! (127.0.0.11, .12, ...), which Linux routes without configuration. Per-node
-//! network namespaces (`network::dev_cluster`) are not used yet.
+//! Networking: as root with network namespaces available, each node gets its own
+//! network namespace (`cairn-HASH-NODE`, HASH from the spec root's path) whose
+//! "physical NICs" — the spec node's NICs and its site's bond members, by their spec
+//! names — are veth pairs into one shared switch namespace (`cairn-HASH-sw`, a
+//! bridge). `cairn-node --netns` makes its bonds, HTB classes and taps there; its
+//! gRPC server stays on the host's loopback (addresses 127.0.0.11, .12, ... from the
+//! spec), so the controller reaches it as before. `cairn dev down` deletes every
+//! namespace of the prefix (their veths, bridges and qdiscs go with them).
+//!
+//! Without that capability nodes run with `--network-disabled REASON`: they never
+//! touch the host's network, report the reason in Inventory and Observe, and refuse
+//! network actions; `cairn plan` shows their bonds as not made, with the reason.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -50,6 +59,132 @@ fn find_binary(name: &str) -> Option<PathBuf> {
 
 fn pids_path(ctx: &Ctx) -> PathBuf {
     ctx.cairn_dir.join("dev/pids.json")
+}
+
+fn network_path(ctx: &Ctx) -> PathBuf {
+    ctx.cairn_dir.join("dev/network.json")
+}
+
+/// The dev cluster's namespaces, recorded so `dev down` removes them even when the
+/// spec changed since `dev up`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct DevNetwork {
+    /// Prefix of every namespace of this dev cluster.
+    prefix: String,
+    /// Node → its namespace.
+    nodes: BTreeMap<String, String>,
+}
+
+/// `cairn-` + 8 hex digits of the spec root's absolute path + `-`: unique per spec
+/// root, so two dev clusters on one machine never share a namespace.
+fn netns_prefix(ctx: &Ctx) -> String {
+    let root = std::fs::canonicalize(&ctx.spec_root).unwrap_or_else(|_| ctx.spec_root.clone());
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in root.as_os_str().as_encoded_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("cairn-{hash:08x}-")
+}
+
+/// A node's namespace name: `PREFIX + node` (≤ 64 characters, else hashed).
+fn node_netns(prefix: &str, node: &str) -> String {
+    let name = format!("{prefix}{node}");
+    if name.len() <= 64 {
+        return name;
+    }
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in node.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("{prefix}n{hash:08x}")
+}
+
+/// A node's NICs in its dev namespace: the spec node's NICs, then its site's bond
+/// members not among them, by their spec names.
+fn dev_nics(model: &compiler::Model, node: &str) -> Vec<String> {
+    let mut nics: Vec<String> = vec![];
+    for site in &model.sites {
+        let Some(spec_node) = site.nodes.iter().find(|n| n.name == node) else {
+            continue;
+        };
+        let members = site.bonds.iter().flat_map(|b| b.members.iter());
+        for nic in spec_node.nics.iter().map(|n| &n.name).chain(members) {
+            if !nics.contains(nic) {
+                nics.push(nic.clone());
+            }
+        }
+    }
+    nics
+}
+
+/// Gives every node its own namespace (or says why it cannot). Returns each node's
+/// `cairn-node` network arguments.
+fn setup_network(
+    ctx: &Ctx,
+    model: &compiler::Model,
+    nodes: &BTreeMap<String, DesiredNode>,
+) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
+    if let Err(reason) = network::netns::netns_capability() {
+        let why = format!("dev node without its own network namespace ({reason})");
+        println!(
+            "note: network namespaces are not available here ({reason}): nodes run without networking and refuse bonds"
+        );
+        return Ok(nodes
+            .keys()
+            .map(|n| {
+                (
+                    n.clone(),
+                    vec!["--network-disabled".to_owned(), why.clone()],
+                )
+            })
+            .collect());
+    }
+    let prefix = netns_prefix(ctx);
+    let record = DevNetwork {
+        prefix: prefix.clone(),
+        nodes: nodes
+            .keys()
+            .map(|n| (n.clone(), node_netns(&prefix, n)))
+            .collect(),
+    };
+    // Recorded first: a failure half-way still leaves `dev down` what to remove.
+    let path = network_path(ctx);
+    std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let switch = network::dev_cluster::create_switch(&prefix)
+        .with_context(|| format!("cannot create the dev switch namespace {prefix}sw"))?;
+    let mut args = BTreeMap::new();
+    for (node, netns) in &record.nodes {
+        let nics = dev_nics(model, node);
+        let dev = network::dev_cluster::add_node_with_nics(&switch, netns, node, &nics)
+            .with_context(|| format!("cannot create the network namespace of {node}"))?;
+        println!(
+            "{node}: network namespace {netns} with NICs {}",
+            if dev.nics.is_empty() {
+                "(none)".to_owned()
+            } else {
+                dev.nics.join(", ")
+            }
+        );
+        args.insert(node.clone(), vec!["--netns".to_owned(), netns.clone()]);
+    }
+    Ok(args)
+}
+
+/// Deletes the namespaces `dev up` recorded; returns their names.
+fn teardown_network(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
+    let path = network_path(ctx);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(vec![]);
+    };
+    let record: DevNetwork = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a dev network record", path.display()))?;
+    let removed = network::dev_cluster::down(&record.prefix)
+        .with_context(|| format!("cannot delete the namespaces {}*", record.prefix))?;
+    let _ = std::fs::remove_file(&path);
+    Ok(removed)
 }
 
 fn read_pids(ctx: &Ctx) -> BTreeMap<String, u32> {
@@ -121,6 +256,19 @@ pub async fn up(
                 .with_context(|| format!("node identity of {}", node.name))?;
         keys.insert(node.name.clone(), identity.public_key_hex());
     }
+    let any_running = nodes.values().any(|n| {
+        pids.get(&n.name)
+            .is_some_and(|pid| super::state::process_alive(*pid))
+    });
+    let network_args = match setup_network(ctx, model, nodes) {
+        Ok(args) => args,
+        Err(error) => {
+            if !any_running {
+                let _ = teardown_network(ctx);
+            }
+            return Err(error);
+        }
+    };
     let mut started = vec![];
     for node in nodes.values() {
         let dir = dev_dir.join(&node.name);
@@ -137,6 +285,10 @@ pub async fn up(
         // whose pids file is gone) would answer in our node's place.
         if let Err(error) = std::net::TcpListener::bind(&node.address) {
             stop_started(&pids, &started);
+            if !any_running {
+                // Nothing of this dev cluster runs now: remove what this run made.
+                let _ = teardown_network(ctx);
+            }
             bail!(
                 "cannot start {}: its address {} is not available ({error}); another process listens there (a dev cluster of another spec root? `ss -ltnp | grep {}` shows which); stop it or change the node's address in the spec",
                 node.name,
@@ -168,6 +320,7 @@ pub async fn up(
             .arg(disks.to_string())
             .arg("--disk-capacity")
             .arg(capacity.to_string())
+            .args(network_args.get(&node.name).into_iter().flatten())
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -217,6 +370,7 @@ pub async fn up(
                             .rev()
                             .collect();
                         stop_all(ctx)?;
+                        let _ = teardown_network(ctx);
                         bail!(
                             "node {} did not come up on {}: {e}\nlast lines of its log:\n{}\n(every dev node was stopped again)",
                             node.name,
@@ -336,6 +490,15 @@ pub fn down(ctx: &Ctx) -> anyhow::Result<u8> {
         println!(
             "{name}: stopped (pid {pid}{})",
             if *killed { ", killed after 10 s" } else { "" }
+        );
+    }
+    // After the nodes: their failover monitors work in these namespaces.
+    let removed = teardown_network(ctx)?;
+    if !removed.is_empty() {
+        println!(
+            "removed {} network namespaces: {}",
+            removed.len(),
+            removed.join(", ")
         );
     }
     Ok(0)

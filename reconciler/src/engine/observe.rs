@@ -55,6 +55,48 @@ pub struct ObservedVolume {
     pub health: String,
 }
 
+/// A bond as a node reports it: the definition it keeps and the device read back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedBond {
+    /// Name (the device).
+    pub name: String,
+    /// Mode.
+    pub mode: String,
+    /// Member NICs.
+    pub members: Vec<String>,
+    /// MTU (0: the node's default).
+    pub mtu: u32,
+    /// Link-monitoring interval (ms; 0: the node's default).
+    pub miimon_ms: u32,
+    /// Capacity the HTB root was given (bit/s; 0: read from link speed).
+    pub capacity_bps: u64,
+    /// Traffic classes as defined.
+    pub traffic: Vec<super::desired::DesiredTraffic>,
+    /// The device exists.
+    pub exists: bool,
+    /// `kernel-bond` or `bridge-fallback`.
+    pub implementation: String,
+    /// Members attached with a carrier.
+    pub active_members: Vec<String>,
+    /// Health word.
+    pub health: String,
+    /// Differences between the definition and the device.
+    pub drift: Vec<String>,
+    /// Readable detail.
+    pub detail: String,
+}
+
+/// Where a node's NICs and bonds live and whether it can change them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedNetworking {
+    /// Named network namespace (empty: the agent's own).
+    pub netns: String,
+    /// Why network actions are refused (empty: they are carried out).
+    pub unavailable: String,
+    /// `kernel-bond` or `bridge-fallback`.
+    pub bond_implementation: String,
+}
+
 /// One node's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -67,6 +109,12 @@ pub enum NodeObservation {
         vms: BTreeMap<String, ObservedVm>,
         /// Volumes by name.
         volumes: BTreeMap<String, ObservedVolume>,
+        /// Bonds the node keeps, by name.
+        #[serde(default)]
+        bonds: BTreeMap<String, ObservedBond>,
+        /// Its networking.
+        #[serde(default)]
+        networking: ObservedNetworking,
     },
     /// It did not answer in time or refused.
     Unreachable {
@@ -136,14 +184,45 @@ impl Observed {
                     Some(NodeObservation::Reachable {
                         vms: a,
                         volumes: va,
+                        bonds: ba,
                         ..
                     }),
                     Some(NodeObservation::Reachable {
                         vms: b,
                         volumes: vb,
+                        bonds: bb,
                         ..
                     }),
                 ) => {
+                    for (name, bond) in bb {
+                        match ba.get(name) {
+                            None => out.push(format!("bond {name} on {node}: appeared")),
+                            Some(old) if old != bond => {
+                                let mut parts = vec![];
+                                if old.health != bond.health {
+                                    parts.push(format!("health {} → {}", old.health, bond.health));
+                                }
+                                if old.active_members != bond.active_members {
+                                    parts.push(format!(
+                                        "active members [{}] → [{}]",
+                                        old.active_members.join(" "),
+                                        bond.active_members.join(" ")
+                                    ));
+                                }
+                                if old.drift != bond.drift {
+                                    parts.push(format!("drift [{}]", bond.drift.join("; ")));
+                                }
+                                if parts.is_empty() {
+                                    parts.push("definition changed".to_owned());
+                                }
+                                out.push(format!("bond {name} on {node}: {}", parts.join(", ")));
+                            }
+                            Some(_) => {}
+                        }
+                    }
+                    for name in ba.keys().filter(|n| !bb.contains_key(*n)) {
+                        out.push(format!("bond {name} on {node}: disappeared"));
+                    }
                     for (name, vm) in b {
                         match a.get(name) {
                             None => {
@@ -311,9 +390,52 @@ async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeOb
             )
         })
         .collect();
+    let bonds = response
+        .bonds
+        .into_iter()
+        .map(|b| {
+            (
+                b.name.clone(),
+                ObservedBond {
+                    name: b.name,
+                    mode: b.mode,
+                    members: b.members,
+                    mtu: b.mtu,
+                    miimon_ms: b.miimon_ms,
+                    capacity_bps: b.capacity_bps,
+                    traffic: b
+                        .traffic
+                        .into_iter()
+                        .map(|t| super::desired::DesiredTraffic {
+                            name: t.name,
+                            min_bps: t.min_bps,
+                            max_bps: t.max_bps,
+                            weight: t.weight,
+                        })
+                        .collect(),
+                    exists: b.exists,
+                    implementation: b.implementation,
+                    active_members: b.active_members,
+                    health: Health::from_wire(b.health).status_name().to_owned(),
+                    drift: b.drift,
+                    detail: b.detail,
+                },
+            )
+        })
+        .collect();
+    let networking = response
+        .networking
+        .map(|n| ObservedNetworking {
+            netns: n.netns,
+            unavailable: n.unavailable_reason,
+            bond_implementation: n.bond_implementation,
+        })
+        .unwrap_or_default();
     Ok(NodeObservation::Reachable {
         public_key_hex: inventory.public_key_hex,
         vms,
         volumes,
+        bonds,
+        networking,
     })
 }

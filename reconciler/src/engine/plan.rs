@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::desired::{BootImage, Desired, DesiredVm, DesiredVolume};
-use super::observe::{NodeObservation, Observed};
+use super::desired::{BootImage, Desired, DesiredBond, DesiredTraffic, DesiredVm, DesiredVolume};
+use super::observe::{NodeObservation, Observed, ObservedBond};
 
 /// Version of the plan JSON (`cairn plan --format json`, plan files).
 pub const PLAN_FORMAT_VERSION: u32 = 1;
@@ -73,12 +73,15 @@ impl ChangeKind {
 pub struct Change {
     /// Kind.
     pub kind: ChangeKind,
-    /// `vm` or `volume`.
+    /// `vm`, `volume` or `bond`.
     pub object: String,
     /// Name.
     pub name: String,
-    /// Tenant (empty when unknown: an object no spec mentions).
+    /// Tenant (empty when unknown: an object no spec mentions, or a site's bond).
     pub tenant: String,
+    /// The site, for site infrastructure (bonds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
     /// The node it ends up on (or is removed from).
     pub node: String,
     /// For moves: the node it leaves.
@@ -150,6 +153,28 @@ pub enum NodeAction {
         /// Name.
         name: String,
     },
+    /// `ApplyBond`: create, change or repair a bond and its QoS classes.
+    ApplyBond {
+        /// Name (the device).
+        name: String,
+        /// Mode.
+        mode: String,
+        /// Member NICs.
+        members: Vec<String>,
+        /// MTU.
+        mtu: u32,
+        /// Link-monitoring interval (ms).
+        miimon_ms: u32,
+        /// Capacity for the HTB root (bit/s).
+        capacity_bps: u64,
+        /// Traffic classes.
+        traffic: Vec<DesiredTraffic>,
+    },
+    /// `DeleteBond`.
+    DeleteBond {
+        /// Name.
+        name: String,
+    },
 }
 
 impl NodeAction {
@@ -162,6 +187,8 @@ impl NodeAction {
             NodeAction::StartVm { .. } => "start_vm",
             NodeAction::StopVm { .. } => "stop_vm",
             NodeAction::DeleteVm { .. } => "delete_vm",
+            NodeAction::ApplyBond { .. } => "apply_bond",
+            NodeAction::DeleteBond { .. } => "delete_bond",
         }
     }
 
@@ -173,7 +200,9 @@ impl NodeAction {
             | NodeAction::CreateVm { name, .. }
             | NodeAction::StartVm { name }
             | NodeAction::StopVm { name }
-            | NodeAction::DeleteVm { name } => name,
+            | NodeAction::DeleteVm { name }
+            | NodeAction::ApplyBond { name, .. }
+            | NodeAction::DeleteBond { name } => name,
         }
     }
 
@@ -239,6 +268,34 @@ impl NodeAction {
             NodeAction::DeleteVm { name } => {
                 Action::DeleteVm(proto::v1::DeleteVm { name: name.clone() })
             }
+            NodeAction::ApplyBond {
+                name,
+                mode,
+                members,
+                mtu,
+                miimon_ms,
+                capacity_bps,
+                traffic,
+            } => Action::ApplyBond(proto::v1::ApplyBond {
+                name: name.clone(),
+                mode: mode.clone(),
+                members: members.clone(),
+                mtu: *mtu,
+                traffic: traffic
+                    .iter()
+                    .map(|t| proto::v1::TrafficClass {
+                        name: t.name.clone(),
+                        min_bps: t.min_bps,
+                        max_bps: t.max_bps,
+                        weight: t.weight,
+                    })
+                    .collect(),
+                capacity_bps: *capacity_bps,
+                miimon_ms: *miimon_ms,
+            }),
+            NodeAction::DeleteBond { name } => {
+                Action::DeleteBond(proto::v1::DeleteBond { name: name.clone() })
+            }
         };
         proto::v1::ApplyRequest {
             request_id: request_id.to_owned(),
@@ -281,15 +338,18 @@ pub struct Summary {
     pub moves: usize,
 }
 
-/// An object left alone because its node did not answer.
+/// An object left alone because its node did not answer, or refuses to carry it out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeftAlone {
-    /// `vm` or `volume`.
+    /// `vm`, `volume` or `bond`.
     pub object: String,
     /// Name.
     pub name: String,
-    /// The node that did not answer.
+    /// The node that did not answer (or refuses).
     pub node: String,
+    /// Why, when the node answered but cannot carry it out (empty: it did not answer).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
 }
 
 /// A plan.
@@ -456,6 +516,201 @@ impl Builder<'_> {
     }
 }
 
+fn bond_action(bond: &DesiredBond) -> NodeAction {
+    NodeAction::ApplyBond {
+        name: bond.name.clone(),
+        mode: bond.mode.clone(),
+        members: bond.members.clone(),
+        mtu: bond.mtu,
+        miimon_ms: bond.miimon_ms,
+        capacity_bps: bond.capacity_bps,
+        traffic: bond.traffic.clone(),
+    }
+}
+
+fn traffic_text(t: &DesiredTraffic) -> String {
+    use compiler::units::format_bandwidth as bw;
+    format!(
+        "{} min {} max {} weight {}",
+        t.name,
+        bw(t.min_bps),
+        bw(t.max_bps),
+        t.weight
+    )
+}
+
+fn bond_details(bond: &DesiredBond) -> Vec<String> {
+    let mut out = vec![format!(
+        "{} over {}, mtu {}, {} capacity on this node",
+        bond.mode,
+        bond.members.join(" "),
+        bond.mtu,
+        compiler::units::format_bandwidth(bond.capacity_bps)
+    )];
+    out.extend(bond.traffic.iter().map(traffic_text));
+    out
+}
+
+/// How the bond a node keeps differs from the spec's, one line per difference
+/// (empty: same definition).
+pub fn bond_definition_diff(want: &DesiredBond, have: &ObservedBond) -> Vec<String> {
+    use compiler::units::format_bandwidth as bw;
+    let mut out = vec![];
+    if have.mode != want.mode {
+        out.push(format!("mode {} → {}", have.mode, want.mode));
+    }
+    if have.members != want.members {
+        out.push(format!(
+            "members {} → {}",
+            have.members.join(" "),
+            want.members.join(" ")
+        ));
+    }
+    if have.mtu != want.mtu {
+        out.push(format!("mtu {} → {}", have.mtu, want.mtu));
+    }
+    if have.miimon_ms != want.miimon_ms {
+        out.push(format!(
+            "miimon {} ms → {} ms",
+            have.miimon_ms, want.miimon_ms
+        ));
+    }
+    if have.capacity_bps != want.capacity_bps {
+        out.push(format!(
+            "capacity {} → {}",
+            bw(have.capacity_bps),
+            bw(want.capacity_bps)
+        ));
+    }
+    for t in &want.traffic {
+        match have.traffic.iter().find(|h| h.name == t.name) {
+            None => out.push(format!("traffic {} added", traffic_text(t))),
+            Some(h) if h != t => {
+                let mut parts = vec![];
+                if h.min_bps != t.min_bps {
+                    parts.push(format!("min {} → {}", bw(h.min_bps), bw(t.min_bps)));
+                }
+                if h.max_bps != t.max_bps {
+                    parts.push(format!("max {} → {}", bw(h.max_bps), bw(t.max_bps)));
+                }
+                if h.weight != t.weight {
+                    parts.push(format!("weight {} → {}", h.weight, t.weight));
+                }
+                out.push(format!("traffic {}: {}", t.name, parts.join(", ")));
+            }
+            Some(_) => {}
+        }
+    }
+    for h in &have.traffic {
+        if !want.traffic.iter().any(|t| t.name == h.name) {
+            out.push(format!("traffic {} removed", h.name));
+        }
+    }
+    out
+}
+
+/// Bonds: per node, each bond of its site is created, changed to the spec's
+/// definition, or repaired when the device drifted from it (a member detached,
+/// a class deleted or its rate changed: the node reads the device back over
+/// netlink); bonds the node keeps that its site no longer has are deleted.
+/// Bonds depend on nothing and nothing depends on them (VM NICs use tenant
+/// bridges, not the bond), so their steps are in the first wave. A node that
+/// refuses network actions (no namespace of its own, not root) has its bonds
+/// left alone with its reason.
+fn plan_bonds(b: &mut Builder<'_>, left_alone: &mut Vec<LeftAlone>) {
+    let desired = b.desired;
+    for (node, wanted) in &desired.bonds {
+        let Some(NodeObservation::Reachable {
+            bonds: have,
+            networking,
+            ..
+        }) = b.observed.nodes.get(node)
+        else {
+            // Unreachable: its bonds wait with it.
+            for name in wanted.keys() {
+                if b.observed.nodes.contains_key(node) {
+                    left_alone.push(LeftAlone {
+                        object: "bond".into(),
+                        name: name.clone(),
+                        node: node.clone(),
+                        reason: String::new(),
+                    });
+                }
+            }
+            continue;
+        };
+        let site = desired.nodes.get(node).map(|n| n.site.clone());
+        let refused = !networking.unavailable.is_empty();
+        for want in wanted.values() {
+            let observed = have.get(&want.name);
+            let (kind, details) = match observed {
+                None => (ChangeKind::Create, bond_details(want)),
+                Some(o) => {
+                    let mut details = bond_definition_diff(want, o);
+                    if details.is_empty() {
+                        if !o.exists {
+                            details.push("the device is gone: make it again".into());
+                        } else if !o.drift.is_empty() {
+                            details.extend(o.drift.iter().map(|d| format!("repair: {d}")));
+                        } else {
+                            continue;
+                        }
+                    }
+                    (ChangeKind::Update, details)
+                }
+            };
+            if refused {
+                left_alone.push(LeftAlone {
+                    object: "bond".into(),
+                    name: want.name.clone(),
+                    node: node.clone(),
+                    reason: format!(
+                        "network actions are refused there: {}",
+                        networking.unavailable
+                    ),
+                });
+                continue;
+            }
+            let mut details = details;
+            if networking.bond_implementation == "bridge-fallback" && want.mode != "active-backup" {
+                details.push(format!(
+                    "this node has no bonding driver (bridge fallback): it will refuse mode {}",
+                    want.mode
+                ));
+            }
+            let step = b.step(node, bond_action(want), vec![]);
+            b.changes.push(Change {
+                kind,
+                object: "bond".into(),
+                name: want.name.clone(),
+                tenant: String::new(),
+                site: site.clone(),
+                node: node.clone(),
+                was_node: None,
+                details,
+                steps: vec![step],
+            });
+        }
+        for name in have.keys().filter(|n| !wanted.contains_key(*n)) {
+            if refused {
+                continue;
+            }
+            let step = b.step(node, NodeAction::DeleteBond { name: name.clone() }, vec![]);
+            b.changes.push(Change {
+                kind: ChangeKind::Delete,
+                object: "bond".into(),
+                name: name.clone(),
+                tenant: String::new(),
+                site: site.clone(),
+                node: node.clone(),
+                was_node: None,
+                details: vec!["its site no longer has this bond".into()],
+                steps: vec![step],
+            });
+        }
+    }
+}
+
 /// The volumes a VM definition attaches. `cairn-vmm` cannot attach engine volumes
 /// yet (node-runtime refuses `StartVm` of a VM with volumes), so VMs are defined
 /// without attachments and their volumes are created beside them; switching this
@@ -505,6 +760,8 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
     let observed_vms = observed.vms();
     let reachable = |n: &str| observed.reachable(n);
 
+    plan_bonds(&mut b, &mut left_alone);
+
     // Deletes first (they free room; creates on the same node wait for them).
     let mut deleted_vm_steps: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut all_vm_deletes = vec![];
@@ -550,6 +807,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 name: (*name).to_owned(),
                 tenant: desired.tenants.get(*name).cloned().unwrap_or_default(),
                 node: (*node).to_owned(),
+                site: None,
                 was_node: None,
                 details,
                 steps,
@@ -588,6 +846,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
             name: (*name).to_owned(),
             tenant: String::new(),
             node: (*node).to_owned(),
+            site: None,
             was_node: None,
             details: vec![],
             steps: vec![delete],
@@ -613,6 +872,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 object: "volume".into(),
                 name: v.name.clone(),
                 node: (*down).clone(),
+                reason: String::new(),
             });
             continue;
         }
@@ -626,6 +886,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     name: v.name.clone(),
                     tenant: v.tenant.clone(),
                     node: v.node.clone(),
+                    site: None,
                     was_node: None,
                     details: volume_details(v),
                     steps: vec![s],
@@ -661,6 +922,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     name: v.name.clone(),
                     tenant: v.tenant.clone(),
                     node: v.node.clone(),
+                    site: None,
                     was_node: None,
                     details: diffs,
                     steps: vec![delete, create],
@@ -675,6 +937,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     name: v.name.clone(),
                     tenant: v.tenant.clone(),
                     node: v.node.clone(),
+                    site: None,
                     was_node: Some((*node).to_owned()),
                     details: vec![
                         "the data is not carried over: volume migration is not supported yet"
@@ -702,6 +965,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 object: "vm".into(),
                 name: vm.name.clone(),
                 node,
+                reason: String::new(),
             });
             continue;
         }
@@ -728,6 +992,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     name: vm.name.clone(),
                     tenant: vm.tenant.clone(),
                     node: vm.node.clone(),
+                    site: None,
                     was_node: None,
                     details: vm_details(vm),
                     steps,
@@ -744,6 +1009,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     name: vm.name.clone(),
                     tenant: vm.tenant.clone(),
                     node: vm.node.clone(),
+                    site: None,
                     was_node: Some((*old).to_owned()),
                     details: vec!["cold move: stopped there, started here".into()],
                     steps,
@@ -772,6 +1038,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         name: vm.name.clone(),
                         tenant: vm.tenant.clone(),
                         node: vm.node.clone(),
+                        site: None,
                         was_node: None,
                         details: diffs,
                         steps,
@@ -800,6 +1067,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         name: vm.name.clone(),
                         tenant: vm.tenant.clone(),
                         node: vm.node.clone(),
+                        site: None,
                         was_node: None,
                         details: vec![detail],
                         steps: vec![start],
@@ -823,17 +1091,24 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         }
     }
     let mut changes = b.changes;
+    // Site infrastructure (bonds) first, by site; then by tenant.
     changes.sort_by(|a, c| {
         (
+            a.site.is_none(),
+            a.site.as_deref().unwrap_or(""),
             a.tenant.as_str(),
             a.object.as_str(),
             a.name.as_str(),
+            a.node.as_str(),
             a.kind,
         )
             .cmp(&(
+                c.site.is_none(),
+                c.site.as_deref().unwrap_or(""),
                 c.tenant.as_str(),
                 c.object.as_str(),
                 c.name.as_str(),
+                c.node.as_str(),
                 c.kind,
             ))
     });

@@ -19,16 +19,24 @@ pub fn plan_text(plan: &Plan, concise: bool) -> String {
     for (node, error) in &plan.unreachable {
         let _ = writeln!(out, "! node {node} did not answer: {error}");
     }
-    if !plan.left_alone.is_empty() {
-        let names: Vec<String> = plan
-            .left_alone
-            .iter()
-            .map(|l| format!("{} {} (on {})", l.object, l.name, l.node))
-            .collect();
+    let waiting: Vec<String> = plan
+        .left_alone
+        .iter()
+        .filter(|l| l.reason.is_empty())
+        .map(|l| format!("{} {} (on {})", l.object, l.name, l.node))
+        .collect();
+    if !waiting.is_empty() {
         let _ = writeln!(
             out,
             "! left alone because their node did not answer: {}",
-            names.join(", ")
+            waiting.join(", ")
+        );
+    }
+    for l in plan.left_alone.iter().filter(|l| !l.reason.is_empty()) {
+        let _ = writeln!(
+            out,
+            "! {} {} on {} is not made: {}",
+            l.object, l.name, l.node, l.reason
         );
     }
     for (vm, reason) in &plan.unplaced {
@@ -38,10 +46,21 @@ pub fn plan_text(plan: &Plan, concise: bool) -> String {
         out.push('\n');
     }
     if plan.is_empty() && !plan.left_alone.is_empty() {
+        let refused = plan.left_alone.len() - waiting.len();
+        let mut why = vec![];
+        if !waiting.is_empty() {
+            why.push(format!(
+                "{} objects wait for nodes that did not answer",
+                waiting.len()
+            ));
+        }
+        if refused > 0 {
+            why.push(format!("{refused} cannot be made on their nodes"));
+        }
         let _ = writeln!(
             out,
-            "No changes can be made now: {} objects wait for nodes that did not answer (above).",
-            plan.left_alone.len()
+            "No changes can be made now: {} (above).",
+            why.join("; ")
         );
         return out;
     }
@@ -59,15 +78,16 @@ pub fn plan_text(plan: &Plan, concise: bool) -> String {
         );
         out.push_str("  + create   ~ change in place   - destroy   -/+ replace   -> move\n\n");
     }
-    let mut tenant: Option<&str> = None;
+    let mut group: Option<String> = None;
     for change in &plan.changes {
-        if tenant != Some(change.tenant.as_str()) {
-            tenant = Some(&change.tenant);
-            if change.tenant.is_empty() {
-                out.push_str("not in any spec:\n");
-            } else {
-                let _ = writeln!(out, "tenant {}:", change.tenant);
-            }
+        let heading = match (&change.site, change.tenant.as_str()) {
+            (Some(site), _) => format!("site {site}:"),
+            (None, "") => "not in any spec:".to_owned(),
+            (None, tenant) => format!("tenant {tenant}:"),
+        };
+        if group.as_ref() != Some(&heading) {
+            let _ = writeln!(out, "{heading}");
+            group = Some(heading);
         }
         let place = match (&change.was_node, change.kind) {
             (Some(was), _) => format!("on {}, was {was}", change.node),

@@ -65,6 +65,33 @@ pub struct VolumeRow {
     pub drift: String,
 }
 
+/// A bond's row: one per node and bond.
+#[derive(Debug, Clone, Serialize)]
+pub struct BondRow {
+    /// Bond name (the device).
+    pub name: String,
+    /// Node.
+    pub node: String,
+    /// `kernel-bond` or `bridge-fallback` (empty when not made).
+    pub implementation: String,
+    /// Mode.
+    pub mode: String,
+    /// Member NICs.
+    pub members: Vec<String>,
+    /// Members attached with a carrier.
+    pub active_members: Vec<String>,
+    /// Traffic classes as the node keeps them: `name min/max weight`.
+    pub traffic: Vec<String>,
+    /// `healthy`, `degraded`, `failed`, `unknown`.
+    pub health: String,
+    /// `none`, `missing`, `not-in-spec`, `definition`, `device` (the live device
+    /// differs from its definition), `refused` (the node cannot make bonds),
+    /// `unknown` (its node did not answer).
+    pub drift: String,
+    /// What differs, or why it is refused.
+    pub detail: String,
+}
+
 /// The last apply, from the journal.
 #[derive(Debug, Clone, Serialize)]
 pub struct LastApply {
@@ -101,6 +128,8 @@ pub struct Status {
     pub vms: Vec<VmRow>,
     /// Volumes.
     pub volumes: Vec<VolumeRow>,
+    /// Bonds, by node then name.
+    pub bonds: Vec<BondRow>,
     /// VMs with no node.
     pub unplaced: Vec<String>,
     /// Objects that drifted.
@@ -273,19 +302,106 @@ pub fn status(
         });
     }
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    let bonds = bond_rows(desired, observed);
     let drifted = vms.iter().filter(|v| v.drift != "none").count()
-        + volumes.iter().filter(|v| v.drift != "none").count();
+        + volumes.iter().filter(|v| v.drift != "none").count()
+        + bonds.iter().filter(|b| b.drift != "none").count();
     Status {
         format_version: STATUS_FORMAT_VERSION,
         applied,
         nodes,
         vms,
         volumes,
+        bonds,
         unplaced: desired.placement.unplaced.keys().cloned().collect(),
         drifted,
         last_apply: last,
         audit,
     }
+}
+
+fn bond_rows(desired: &Desired, observed: &Observed) -> Vec<BondRow> {
+    use super::observe::ObservedBond;
+    let traffic = |b: &ObservedBond| {
+        b.traffic
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {}/{} w{}",
+                    t.name,
+                    compiler::units::format_bandwidth(t.min_bps),
+                    compiler::units::format_bandwidth(t.max_bps),
+                    t.weight
+                )
+            })
+            .collect()
+    };
+    let mut rows = vec![];
+    for (node, wanted) in &desired.bonds {
+        let (have, networking) = match observed.nodes.get(node) {
+            Some(NodeObservation::Reachable {
+                bonds, networking, ..
+            }) => (Some(bonds), Some(networking)),
+            _ => (None, None),
+        };
+        for want in wanted.values() {
+            let o = have.and_then(|h| h.get(&want.name));
+            let (drift, detail) = match (have, networking, o) {
+                (None, ..) => ("unknown", "its node did not answer".to_owned()),
+                (_, Some(n), None) if !n.unavailable.is_empty() => (
+                    "refused",
+                    format!("network actions are refused there: {}", n.unavailable),
+                ),
+                (_, _, None) => ("missing", String::new()),
+                (_, _, Some(o)) => {
+                    let diff = super::plan::bond_definition_diff(want, o);
+                    if !diff.is_empty() {
+                        ("definition", diff.join("; "))
+                    } else if !o.exists || !o.drift.is_empty() {
+                        let mut d = o.drift.clone();
+                        if !o.exists {
+                            d.insert(0, "the device does not exist".into());
+                        }
+                        ("device", d.join("; "))
+                    } else {
+                        ("none", o.detail.clone())
+                    }
+                }
+            };
+            rows.push(BondRow {
+                name: want.name.clone(),
+                node: node.clone(),
+                implementation: o.map(|o| o.implementation.clone()).unwrap_or_default(),
+                mode: want.mode.clone(),
+                members: want.members.clone(),
+                active_members: o.map(|o| o.active_members.clone()).unwrap_or_default(),
+                traffic: o.map(traffic).unwrap_or_default(),
+                health: o.map_or("unknown".to_owned(), |o| o.health.clone()),
+                drift: drift.into(),
+                detail,
+            });
+        }
+        for o in have
+            .into_iter()
+            .flat_map(|h| h.values())
+            .filter(|o| !wanted.contains_key(&o.name))
+        {
+            rows.push(BondRow {
+                name: o.name.clone(),
+                node: node.clone(),
+                implementation: o.implementation.clone(),
+                mode: o.mode.clone(),
+                members: o.members.clone(),
+                active_members: o.active_members.clone(),
+                traffic: traffic(o),
+                health: o.health.clone(),
+                drift: "not-in-spec".into(),
+                detail: "its site no longer has this bond".into(),
+            });
+        }
+    }
+    rows.sort_by(|a, b| (&a.node, &a.name).cmp(&(&b.node, &b.name)));
+    rows
 }
 
 fn table(rows: &[Vec<String>]) -> String {
@@ -383,6 +499,41 @@ pub fn text(status: &Status) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    if !status.bonds.is_empty() {
+        out.push_str("\nbonds:\n");
+        let mut rows = vec![vec![
+            "BOND".into(),
+            "NODE".into(),
+            "IMPLEMENTATION".into(),
+            "ACTIVE".into(),
+            "CLASSES (min/max weight)".into(),
+            "HEALTH".into(),
+            "DRIFT".into(),
+        ]];
+        for b in &status.bonds {
+            rows.push(vec![
+                b.name.clone(),
+                b.node.clone(),
+                if b.implementation.is_empty() {
+                    "-".into()
+                } else {
+                    b.implementation.clone()
+                },
+                format!("{} of {}", b.active_members.join(","), b.members.join(",")),
+                b.traffic.join(", "),
+                b.health.clone(),
+                b.drift.clone(),
+            ]);
+        }
+        out.push_str(&table(&rows));
+        for b in status
+            .bonds
+            .iter()
+            .filter(|b| b.drift != "none" && !b.detail.is_empty())
+        {
+            let _ = writeln!(out, "  ! bond {} on {}: {}", b.name, b.node, b.detail);
+        }
+    }
     for u in &status.unplaced {
         let _ = writeln!(out, "! vm {u} has no node (see `cairn plan`)");
     }
