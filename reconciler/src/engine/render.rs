@@ -71,10 +71,12 @@ pub fn plan_text(plan: &Plan, concise: bool) -> String {
     if !concise {
         let _ = writeln!(
             out,
-            "cairn will perform these actions (plan {}, {} steps in {} waves):",
+            "cairn will perform these actions (plan {}, {} step{} in {} wave{}):",
             plan.plan_id,
             plan.steps.len(),
-            plan.waves
+            if plan.steps.len() == 1 { "" } else { "s" },
+            plan.waves,
+            if plan.waves == 1 { "" } else { "s" }
         );
         out.push_str("  + create   ~ change in place   - destroy   -/+ replace   -> move\n\n");
     }

@@ -75,10 +75,29 @@ struct Cluster {
     dir: TempDir,
 }
 
+/// How many bond steps `cairn dev up` clusters get: one per node (the quickstart's
+/// `data` bond) where nodes get their own network namespaces, none elsewhere
+/// (nodes then refuse network actions and the plan says so).
+fn bond_steps() -> usize {
+    if network::netns_capability().is_ok() {
+        3
+    } else {
+        0
+    }
+}
+
 impl Cluster {
     fn up(tag: &str) -> Cluster {
+        Self::up_with(tag, &[])
+    }
+
+    /// A quickstart copy without the spec files named in `without`.
+    fn up_with(tag: &str, without: &[&str]) -> Cluster {
         let dir = TempDir::new(tag);
         copy_specs(&repo_root().join("examples/quickstart"), &dir.0);
+        for file in without {
+            std::fs::remove_file(dir.0.join(file)).expect("remove spec file");
+        }
         let cluster_file = dir.0.join("cluster.kdl");
         let mut text = std::fs::read_to_string(&cluster_file).expect("read cluster.kdl");
         for n in 11..=13 {
@@ -171,8 +190,10 @@ fn apply_converges_second_plan_is_empty_added_vm_exits_3_and_dev_down_leaves_not
     let plan = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
     assert_eq!(plan.code, 3, "{plan:?}");
     assert!(
-        plan.stdout
-            .contains("Plan: 10 to add, 0 to change, 0 to destroy, 0 to move."),
+        plan.stdout.contains(&format!(
+            "Plan: {} to add, 0 to change, 0 to destroy, 0 to move.",
+            10 + bond_steps()
+        )),
         "{}",
         plan.stdout
     );
@@ -181,7 +202,9 @@ fn apply_converges_second_plan_is_empty_added_vm_exits_3_and_dev_down_leaves_not
     let apply = cluster.cairn(&["apply", ".", "--auto-approve"]);
     assert_eq!(apply.code, 0, "{apply:?}");
     assert!(
-        apply.stdout.contains("Apply complete: 15 succeeded"),
+        apply
+            .stdout
+            .contains(&format!("Apply complete: {} succeeded", 15 + bond_steps())),
         "{}",
         apply.stdout
     );
@@ -364,7 +387,7 @@ fn apply_killed_halfway_resumes_from_the_journal_without_repeating_an_action() {
     let last = &status["last_apply"];
     assert_eq!(last["finished"], false, "{status}");
     let total = last["steps"].as_u64().unwrap();
-    assert_eq!(total, 15);
+    assert_eq!(total as usize, 15 + bond_steps());
     assert!(last["succeeded"].as_u64().unwrap() >= 4, "{last}");
     assert!(last["succeeded"].as_u64().unwrap() < total, "{last}");
 
@@ -384,7 +407,7 @@ fn apply_killed_halfway_resumes_from_the_journal_without_repeating_an_action() {
     let status = cluster.status_json();
     let last = &status["last_apply"];
     assert_eq!(last["finished"], true, "{last}");
-    assert_eq!(last["succeeded"], 15, "{last}");
+    assert_eq!(last["succeeded"].as_u64(), Some(total), "{last}");
     assert_eq!(last["in_flight"], 0, "{last}");
     // At most the one step in flight at the kill was sent twice, with the same
     // request id; if the node had carried it out, it said so (replayed) instead of
@@ -413,4 +436,218 @@ fn force_unlock_needs_the_lock_id() {
     let run = crate::cairn(&dir.0, &["force-unlock", "0123456789abcdef", "."]);
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stderr.contains("it is not locked"), "{}", run.stderr);
+}
+
+/// `tc -n NETNS ARGS...` (or `ip`), stdout; panics with the output on failure.
+fn in_netns(tool: &str, netns: &str, args: &[&str]) -> String {
+    let out = Command::new(tool)
+        .args(["-n", netns])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} runs: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} -n {netns} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The HTB classes of `dev` as (classid, rate, ceil), as `tc` prints them.
+fn htb_classes(netns: &str, dev: &str) -> Vec<(String, String, String)> {
+    let text = in_netns("tc", netns, &["class", "show", "dev", dev]);
+    let mut out: Vec<(String, String, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let after = |key: &str| {
+                words
+                    .iter()
+                    .position(|w| *w == key)
+                    .and_then(|i| words.get(i + 1))
+                    .map(|w| (*w).to_owned())
+            };
+            Some((words.get(2)?.to_string(), after("rate")?, after("ceil")?))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn dev_cluster_bonds_live_in_each_nodes_namespace_at_the_spec_rates_and_drift_is_repaired() {
+    if let Err(why) = network::netns_capability() {
+        eprintln!("skipped: the dev cluster cannot give nodes network namespaces here: {why}");
+        return;
+    }
+    if Command::new("tc").arg("-V").output().is_err() {
+        eprintln!("skipped: the iproute2 `tc` binary is not installed");
+        return;
+    }
+    // The quickstart's site and bond without its workloads: only networking is
+    // planned, so this test needs no KVM.
+    let cluster = Cluster::up_with("bonds", &["workloads.kdl"]);
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(cluster.path().join(".cairn/dev/network.json"))
+            .expect("dev up records its namespaces"),
+    )
+    .expect("network.json is JSON");
+    let namespaces: Vec<(String, String)> = record["nodes"]
+        .as_object()
+        .expect("nodes")
+        .iter()
+        .map(|(node, ns)| (node.clone(), ns.as_str().expect("name").to_owned()))
+        .collect();
+    assert_eq!(namespaces.len(), 3, "{record}");
+
+    let plan = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(plan.code, 3, "{plan:?}");
+    for (node, _) in &namespaces {
+        assert!(
+            plan.stdout.contains(&format!("+   bond data on {node}")),
+            "{}",
+            plan.stdout
+        );
+    }
+    let apply = cluster.cairn(&["apply", ".", "--auto-approve"]);
+    assert_eq!(apply.code, 0, "{apply:?}");
+    let again = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(again.code, 0, "applying twice changes nothing: {again:?}");
+
+    // In each node's namespace: the bond's device, its members, and one HTB class
+    // per traffic class at the spec's rates (1 Gbit/s capacity, quickstart values).
+    let want: Vec<(String, String, String)> = [
+        ("1:1", "1Gbit", "1Gbit"),
+        ("1:10", "300Mbit", "1Gbit"),   // storage
+        ("1:20", "100Mbit", "500Mbit"), // migration
+        ("1:30", "300Mbit", "1Gbit"),   // guest
+        ("1:40", "50Mbit", "1Gbit"),    // management
+    ]
+    .iter()
+    .map(|(c, r, l)| ((*c).to_owned(), (*r).to_owned(), (*l).to_owned()))
+    .collect();
+    for (node, ns) in &namespaces {
+        let device = in_netns("ip", ns, &["-o", "link", "show", "data"]);
+        assert!(device.contains("state UP"), "{node}: {device}");
+        let nics = in_netns("ip", ns, &["-o", "link", "show"]);
+        assert!(
+            nics.contains(" eth0@") && nics.contains(" eth1@"),
+            "{node}: {nics}"
+        );
+        let attached = in_netns("ip", ns, &["-o", "link", "show", "master", "data"]);
+        assert!(
+            attached.contains(" eth0@") || attached.contains(" eth1@"),
+            "{node}: a member carries the bond: {attached}"
+        );
+        assert_eq!(htb_classes(ns, "data"), want, "{node}");
+    }
+    let status = cluster.status_json();
+    let bonds = status["bonds"].as_array().expect("bonds");
+    assert_eq!(bonds.len(), 3, "{status}");
+    for bond in bonds {
+        assert_eq!(bond["drift"], "none", "{bond}");
+        assert_eq!(bond["health"], "healthy", "{bond}");
+        assert!(
+            ["kernel-bond", "bridge-fallback"].contains(&bond["implementation"].as_str().unwrap()),
+            "{bond}"
+        );
+    }
+
+    // Drift behind cairn's back: a changed rate on one node, a member set down
+    // on another. Plan names both; apply repairs them; the next plan is empty.
+    let (node_a, ns_a) = &namespaces[0];
+    let (node_b, ns_b) = &namespaces[1];
+    in_netns(
+        "tc",
+        ns_a,
+        &[
+            "class", "change", "dev", "data", "parent", "1:1", "classid", "1:10", "htb", "rate",
+            "100Mbit", "ceil", "1Gbit",
+        ],
+    );
+    in_netns("ip", ns_b, &["link", "set", "eth1", "down"]);
+    let drift = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(drift.code, 3, "{drift:?}");
+    assert!(
+        drift
+            .stdout
+            .contains(&format!("~   bond data on {node_a} — update"))
+            && drift
+                .stdout
+                .contains("repair: traffic class storage min is 100Mbit/s"),
+        "{}",
+        drift.stdout
+    );
+    assert!(
+        drift
+            .stdout
+            .contains(&format!("~   bond data on {node_b} — update"))
+            && drift
+                .stdout
+                .contains("repair: member eth1 is administratively down"),
+        "{}",
+        drift.stdout
+    );
+    let status = cluster.status_json();
+    let drifted: Vec<&str> = status["bonds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["drift"] == "device")
+        .map(|b| b["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(drifted, vec![node_a.as_str(), node_b.as_str()], "{status}");
+    let repair = cluster.cairn(&["apply", ".", "--auto-approve"]);
+    assert_eq!(repair.code, 0, "{repair:?}");
+    assert_eq!(htb_classes(ns_a, "data"), want, "{node_a} repaired");
+    assert!(
+        in_netns("ip", ns_b, &["-o", "link", "show", "eth1"]).contains("state UP"),
+        "{node_b}: eth1 up again"
+    );
+    let converged = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(converged.code, 0, "{converged:?}");
+
+    // A spec change reaches every node's classes.
+    let cluster_file = cluster.path().join("cluster.kdl");
+    let text = std::fs::read_to_string(&cluster_file).unwrap();
+    std::fs::write(
+        &cluster_file,
+        text.replace(
+            r#"traffic "storage" min="300Mbps""#,
+            r#"traffic "storage" min="400Mbps""#,
+        ),
+    )
+    .unwrap();
+    let changed = cluster.cairn(&["plan", "."]);
+    assert!(
+        changed
+            .stdout
+            .contains("traffic storage: min 300Mbps → 400Mbps"),
+        "{}",
+        changed.stdout
+    );
+    let apply = cluster.cairn(&["apply", ".", "--auto-approve"]);
+    assert_eq!(apply.code, 0, "{apply:?}");
+    for (node, ns) in &namespaces {
+        assert!(
+            htb_classes(ns, "data").contains(&(
+                "1:10".to_owned(),
+                "400Mbit".to_owned(),
+                "1Gbit".to_owned()
+            )),
+            "{node}"
+        );
+    }
+
+    // dev down removes every namespace it made.
+    let down = cluster.cairn(&["dev", "down", "."]);
+    assert_eq!(down.code, 0, "{down:?}");
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    for (_, ns) in &namespaces {
+        assert!(
+            !left.contains(ns.as_str()),
+            "{ns} survived dev down: {left}"
+        );
+    }
 }
