@@ -142,7 +142,7 @@ impl Bonds {
     }
 
     /// Why network actions are refused right now, if they are.
-    fn refusal(&self) -> Option<String> {
+    pub fn refusal(&self) -> Option<String> {
         self.unavailable
             .clone()
             .or_else(|| network_unavailable(&self.netns))

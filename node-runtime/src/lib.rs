@@ -35,5 +35,6 @@ pub mod service;
 pub mod store;
 pub mod trust;
 pub mod validate;
+pub mod vm_nics;
 pub mod vms;
 pub mod volumes;

@@ -190,6 +190,26 @@ impl Node {
         }))
     }
 
+    /// Makes (or repairs) a VM's NIC taps, unless network actions are refused here
+    /// (then Observe reports the NICs as not made, with the reason).
+    async fn ensure_vm_nics(&self, definition: &v1::CreateVm) -> Result<(), Status> {
+        if definition.nics.is_empty() || self.bonds.refusal().is_some() {
+            return Ok(());
+        }
+        let netns = self.bonds.netns().clone();
+        let definition = definition.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::vm_nics::ensure(
+                &netns,
+                &definition.name,
+                &definition.tenant,
+                &definition.nics,
+            )
+        })
+        .await
+        .map_err(|error| Status::internal(error.to_string()))?
+    }
+
     /// Drops request-id records older than the retention period.
     pub fn prune_requests(&self) -> Result<u64, crate::store::StoreError> {
         let retention_ms = self.config.request_retention.as_millis() as u64;
@@ -361,6 +381,7 @@ impl Node {
             }
             Action::CreateVm(create) => {
                 validate_create_vm(create)?;
+                crate::vm_nics::validate(create)?;
                 for (index, volume) in create.volumes.iter().enumerate() {
                     if !self.volumes.exists(volume).await {
                         return Err(validate::invalid(
@@ -369,10 +390,20 @@ impl Node {
                         ));
                     }
                 }
+                let existing = self.vms.definition(&create.name).await;
+                if existing.as_ref().is_none_or(|d| d == create) {
+                    // NICs first (a new VM) or again (the same definition: repairs a
+                    // tap deleted behind the node's back); never for a VM defined
+                    // otherwise, whose taps are in use.
+                    self.ensure_vm_nics(create).await?;
+                }
                 Ok(ApplyResult::Vm(self.vms.create(create.clone()).await?))
             }
             Action::StartVm(start) => {
                 validate::name("start_vm.name", &start.name)?;
+                if let Some(definition) = self.vms.definition(&start.name).await {
+                    self.ensure_vm_nics(&definition).await?;
+                }
                 Ok(ApplyResult::Vm(self.vms.start(&start.name).await?))
             }
             Action::StopVm(stop) => {
@@ -396,7 +427,21 @@ impl Node {
             }
             Action::DeleteVm(delete) => {
                 validate::name("delete_vm.name", &delete.name)?;
+                let nics = self
+                    .vms
+                    .definition(&delete.name)
+                    .await
+                    .map_or(0, |d| d.nics.len());
                 self.vms.delete(&delete.name).await?;
+                if nics > 0 && self.bonds.refusal().is_none() {
+                    let netns = self.bonds.netns().clone();
+                    let name = delete.name.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::vm_nics::remove(&netns, &name, nics)
+                    })
+                    .await
+                    .map_err(|error| Status::internal(error.to_string()))?;
+                }
                 Ok(ApplyResult::Done(v1::Done {}))
             }
             Action::ApplyBond(bond) => Ok(ApplyResult::Bond(self.bonds.apply(bond).await?)),

@@ -98,10 +98,31 @@ impl v1::observe_server::Observe for NodeService {
             .trust
             .check(methods::OBSERVE, Role::Controller, &request)?;
         let exports = &self.node.exports;
+        let mut vms = self.node.vms.statuses().await;
+        let definitions = self.node.vms.definitions().await;
+        let refusal = self.node.bonds.refusal();
+        let netns = self.node.bonds.netns().clone();
+        let mut nics = tokio::task::spawn_blocking(move || {
+            let views: Vec<crate::vm_nics::VmNics<'_>> = definitions
+                .values()
+                .filter(|d| !d.nics.is_empty())
+                .map(|d| crate::vm_nics::VmNics {
+                    vm: &d.name,
+                    tenant: &d.tenant,
+                    nics: &d.nics,
+                })
+                .collect();
+            crate::vm_nics::statuses(&netns, refusal.as_deref(), &views)
+        })
+        .await
+        .map_err(|error| Status::internal(error.to_string()))?;
+        for vm in &mut vms {
+            vm.nics = nics.remove(&vm.name).unwrap_or_default();
+        }
         Ok(Response::new(v1::ObserveResponse {
             node_name: self.node.config.name.clone(),
             observed_at_unix_ms: now_unix_ms(),
-            vms: self.node.vms.statuses().await,
+            vms,
             volumes: self
                 .node
                 .volumes

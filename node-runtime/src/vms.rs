@@ -450,6 +450,31 @@ impl Vms {
         })
     }
 
+    /// The definitions of every VM, by name.
+    pub async fn definitions(&self) -> BTreeMap<String, v1::CreateVm> {
+        self.vms
+            .lock()
+            .await
+            .iter()
+            .filter_map(|(name, runtime)| {
+                runtime
+                    .record
+                    .definition
+                    .clone()
+                    .map(|definition| (name.clone(), definition))
+            })
+            .collect()
+    }
+
+    /// The definition of one VM.
+    pub async fn definition(&self, name: &str) -> Option<v1::CreateVm> {
+        self.vms
+            .lock()
+            .await
+            .get(name)
+            .and_then(|runtime| runtime.record.definition.clone())
+    }
+
     /// Stops (if needed) and forgets a VM. Missing is fine.
     pub async fn delete(&self, name: &str) -> Result<(), Status> {
         if !self.vms.lock().await.contains_key(name) {
@@ -489,6 +514,8 @@ impl Vms {
                     last_exit: runtime.last_exit.clone(),
                     crash_count: runtime.crash_count,
                     volumes: definition.volumes,
+                    tenant: definition.tenant,
+                    nics: Vec::new(),
                     heartbeats: 0,
                     heartbeat_age_ms: 0,
                     heartbeat_fresh: false,

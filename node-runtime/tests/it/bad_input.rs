@@ -25,6 +25,7 @@ fn vm(vcpus: u32, memory_bytes: u64, image: Option<Image>) -> Action {
         memory_bytes,
         image,
         volumes: vec![],
+        ..Default::default()
     })
 }
 
@@ -221,6 +222,7 @@ async fn bad_requests_name_the_field_and_the_problem() {
                     memory_bytes: 64 << 20,
                     image: builtin(),
                     volumes: vec!["nope".into()],
+                    ..Default::default()
                 }),
             ),
             "create_vm.volumes[0]",

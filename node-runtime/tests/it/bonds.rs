@@ -272,3 +272,123 @@ async fn a_node_with_networking_disabled_says_why_and_refuses_bonds_without_touc
         Some(reason.to_owned())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vm_nics_are_taps_on_tenant_bridges_repaired_by_the_same_definition_and_removed_with_the_vm()
+ {
+    if let Err(why) = network::netns_capability() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let prefix = format!("cnv{}-", std::process::id() % 100_000);
+    let _ = dev_cluster::teardown(&prefix);
+    let _cleanup = Namespaces(prefix.clone());
+    let switch = dev_cluster::create_switch(&prefix).expect("switch namespace");
+    let netns = format!("{prefix}node");
+    dev_cluster::add_node(&switch, &netns, "nic-node", 1).expect("node namespace");
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    std::fs::write(
+        dir.path().join("trusted-controllers"),
+        format!("{}\n", controller.public_key_hex()),
+    )
+    .unwrap();
+    let node = crate::harness::TestNode::start_with_args(
+        "nic-node",
+        dir.path(),
+        "127.0.0.1:0",
+        &["--netns", &netns],
+    );
+    let mut client = node.client(&controller).await;
+    let vm = proto::v1::CreateVm {
+        name: "web-1".into(),
+        vcpus: 1,
+        memory_bytes: 64 << 20,
+        image: Some(proto::v1::create_vm::Image::Builtin("cairn-guest".into())),
+        volumes: vec![],
+        tenant: "dev".into(),
+        nics: vec![
+            proto::v1::VmNic {
+                network: "dev-net".into(),
+                mtu: 0,
+            },
+            proto::v1::VmNic {
+                network: "dev-storage".into(),
+                mtu: 9000,
+            },
+        ],
+    };
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &netns, "-o"])
+            .args(args)
+            .output()
+            .expect("ip runs");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    apply_ok(&mut client, "vm-1", Action::CreateVm(vm.clone())).await;
+    let observed = client.observe().await.unwrap();
+    let nics = &observed.vms[0].nics;
+    assert_eq!(nics.len(), 2, "{nics:?}");
+    for nic in nics {
+        assert!(nic.ready, "{nic:?}");
+        let link = ip(&["link", "show", &nic.tap]);
+        assert!(link.contains(&format!("master {}", nic.bridge)), "{link}");
+        // Administratively up (no carrier yet: no VMM holds the tap).
+        let bridge = ip(&["link", "show", &nic.bridge]);
+        let flags = bridge.split(['<', '>']).nth(1).unwrap_or_default();
+        assert!(flags.split(',').any(|f| f == "UP"), "{bridge}");
+    }
+    assert!(ip(&["link", "show", &nics[1].tap]).contains("mtu 9000"));
+    assert_ne!(
+        nics[0].bridge, nics[1].bridge,
+        "one bridge per tenant network"
+    );
+
+    // A tap deleted behind the node's back: Observe says so; the same definition
+    // again makes it.
+    ip(&["link", "del", &nics[0].tap]);
+    let broken = client.observe().await.unwrap();
+    assert!(!broken.vms[0].nics[0].ready);
+    assert!(
+        broken.vms[0].nics[0].detail.contains("does not exist"),
+        "{:?}",
+        broken.vms[0].nics[0]
+    );
+    apply_ok(&mut client, "vm-1-again", Action::CreateVm(vm.clone())).await;
+    assert!(
+        client.observe().await.unwrap().vms[0]
+            .nics
+            .iter()
+            .all(|n| n.ready)
+    );
+
+    // Invalid NICs are refused, naming the field.
+    let mut bad = vm.clone();
+    bad.name = "web-2".into();
+    bad.nics[0].network = "Not A Label".into();
+    let refused = client
+        .apply(crate::harness::request("vm-bad", Action::CreateVm(bad)))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().contains("create_vm.nics[0].network"),
+        "{refused:?}"
+    );
+
+    let taps: Vec<String> = nics.iter().map(|n| n.tap.clone()).collect();
+    apply_ok(
+        &mut client,
+        "vm-del",
+        Action::DeleteVm(proto::v1::DeleteVm {
+            name: "web-1".into(),
+        }),
+    )
+    .await;
+    for tap in taps {
+        assert!(
+            ip(&["link", "show", &tap]).is_empty(),
+            "{tap} removed with the vm"
+        );
+    }
+}

@@ -25,6 +25,7 @@ fn create_vm(name: &str) -> Action {
         memory_bytes: 32 << 20,
         image: Some(Image::Builtin("cairn-guest".into())),
         volumes: vec![],
+        ..Default::default()
     })
 }
 
@@ -173,6 +174,7 @@ async fn vm_definitions_are_idempotent_and_survive_restarts() {
         memory_bytes: 32 << 20,
         image: Some(Image::Builtin("cairn-guest".into())),
         volumes: vec![],
+        ..Default::default()
     });
     let status = client.apply(request("c-3", other)).await.unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);

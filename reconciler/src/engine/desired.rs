@@ -77,6 +77,8 @@ pub struct DesiredVm {
     pub image: BootImage,
     /// Its volumes (names).
     pub volumes: Vec<String>,
+    /// Its NICs' tenant networks, in order.
+    pub nics: Vec<String>,
 }
 
 /// A volume as it should be.
@@ -414,6 +416,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                 memory_bytes: vm.memory_bytes,
                 image,
                 volumes,
+                nics: vm.nics.iter().map(|n| n.network.clone()).collect(),
             },
         );
     }

@@ -32,6 +32,24 @@ pub struct ObservedVm {
     pub crash_count: u32,
     /// Attached volumes.
     pub volumes: Vec<String>,
+    /// Its NICs as made on the node.
+    #[serde(default)]
+    pub nics: Vec<ObservedNic>,
+}
+
+/// A VM NIC as a node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedNic {
+    /// Tenant network.
+    pub network: String,
+    /// Tap device.
+    pub tap: String,
+    /// The tenant network's bridge.
+    pub bridge: String,
+    /// Tap up on the bridge, bridge up.
+    pub ready: bool,
+    /// Why not.
+    pub detail: String,
 }
 
 /// A volume as a node reports it.
@@ -367,6 +385,17 @@ async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeOb
                     memory_bytes: v.memory_bytes,
                     crash_count: v.crash_count,
                     volumes: v.volumes,
+                    nics: v
+                        .nics
+                        .into_iter()
+                        .map(|n| ObservedNic {
+                            network: n.network,
+                            tap: n.tap,
+                            bridge: n.bridge,
+                            ready: n.ready,
+                            detail: n.detail,
+                        })
+                        .collect(),
                 },
             )
         })

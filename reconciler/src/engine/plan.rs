@@ -137,6 +137,12 @@ pub enum NodeAction {
         image: BootImage,
         /// Volumes attached.
         volumes: Vec<String>,
+        /// Tenant (its NICs' bridges are per tenant network).
+        #[serde(default)]
+        tenant: String,
+        /// NICs: tenant network names, in order.
+        #[serde(default)]
+        nics: Vec<String>,
     },
     /// `StartVm`.
     StartVm {
@@ -240,6 +246,8 @@ impl NodeAction {
                 memory_bytes,
                 image,
                 volumes,
+                tenant,
+                nics,
             } => Action::CreateVm(proto::v1::CreateVm {
                 name: name.clone(),
                 vcpus: *vcpus,
@@ -257,6 +265,14 @@ impl NodeAction {
                     }),
                 }),
                 volumes: volumes.clone(),
+                tenant: tenant.clone(),
+                nics: nics
+                    .iter()
+                    .map(|network| proto::v1::VmNic {
+                        network: network.clone(),
+                        mtu: 0,
+                    })
+                    .collect(),
             }),
             NodeAction::StartVm { name } => {
                 Action::StartVm(proto::v1::StartVm { name: name.clone() })
@@ -468,17 +484,7 @@ impl Builder<'_> {
     }
 
     fn create_vm(&mut self, vm: &DesiredVm, depends_on: Vec<usize>) -> Vec<usize> {
-        let create = self.step(
-            &vm.node,
-            NodeAction::CreateVm {
-                name: vm.name.clone(),
-                vcpus: vm.vcpus,
-                memory_bytes: vm.memory_bytes,
-                image: vm.image.clone(),
-                volumes: attached_volumes(vm),
-            },
-            depends_on,
-        );
+        let create = self.step(&vm.node, vm_definition(vm), depends_on);
         let start = self.step(
             &vm.node,
             NodeAction::StartVm {
@@ -711,6 +717,19 @@ fn plan_bonds(b: &mut Builder<'_>, left_alone: &mut Vec<LeftAlone>) {
     }
 }
 
+/// The `CreateVm` of a VM (also re-sent, unchanged, to repair its NICs).
+fn vm_definition(vm: &DesiredVm) -> NodeAction {
+    NodeAction::CreateVm {
+        name: vm.name.clone(),
+        vcpus: vm.vcpus,
+        memory_bytes: vm.memory_bytes,
+        image: vm.image.clone(),
+        volumes: attached_volumes(vm),
+        tenant: vm.tenant.clone(),
+        nics: vm.nics.clone(),
+    }
+}
+
 /// The volumes a VM definition attaches. `cairn-vmm` cannot attach engine volumes
 /// yet (node-runtime refuses `StartVm` of a VM with volumes), so VMs are defined
 /// without attachments and their volumes are created beside them; switching this
@@ -731,6 +750,9 @@ fn vm_details(vm: &DesiredVm) -> Vec<String> {
     );
     if !vm.volumes.is_empty() {
         line.push_str(&format!(", volumes {}", vm.volumes.join(" ")));
+    }
+    if !vm.nics.is_empty() {
+        line.push_str(&format!(", nics {}", vm.nics.join(" ")));
     }
     vec![line]
 }
@@ -1026,6 +1048,44 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         compiler::units::human_size(o.memory_bytes),
                         compiler::units::human_size(vm.memory_bytes)
                     ));
+                }
+                let have_nics: Vec<&str> = o.nics.iter().map(|n| n.network.as_str()).collect();
+                if have_nics != vm.nics.iter().map(String::as_str).collect::<Vec<_>>() {
+                    diffs.push(format!(
+                        "nics [{}] → [{}]",
+                        have_nics.join(" "),
+                        vm.nics.join(" ")
+                    ));
+                }
+                let networking_refused = match observed.nodes.get(&vm.node) {
+                    Some(NodeObservation::Reachable { networking, .. }) => {
+                        !networking.unavailable.is_empty()
+                    }
+                    _ => true,
+                };
+                let broken_nics: Vec<String> = o
+                    .nics
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, n)| !n.ready && !networking_refused)
+                    .map(|(i, n)| format!("repair: nic {i} ({}): {}", n.network, n.detail))
+                    .collect();
+                let will_start = o.state == "stopped" || o.state == "crashed";
+                if diffs.is_empty() && !broken_nics.is_empty() && !will_start {
+                    // Same definition again: the node makes the missing parts.
+                    let repair = b.step(&vm.node, vm_definition(vm), vec![]);
+                    b.changes.push(Change {
+                        kind: ChangeKind::Update,
+                        object: "vm".into(),
+                        name: vm.name.clone(),
+                        tenant: vm.tenant.clone(),
+                        site: None,
+                        node: vm.node.clone(),
+                        was_node: None,
+                        details: broken_nics,
+                        steps: vec![repair],
+                    });
+                    continue;
                 }
                 if !diffs.is_empty() {
                     let running = o.state == "running" || o.state == "pending";

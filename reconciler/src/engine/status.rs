@@ -46,8 +46,11 @@ pub struct VmRow {
     pub health: String,
     /// Unrequested exits.
     pub crash_count: u32,
-    /// `none`, `missing`, `not-in-spec`, `wrong-node`, `definition`, `not-running`, `unknown`.
+    /// `none`, `missing`, `not-in-spec`, `wrong-node`, `definition`, `not-running`,
+    /// `nics` (a NIC's tap or bridge is missing or down), `unknown`.
     pub drift: String,
+    /// Its NICs as the node made them (tap on the tenant network's bridge).
+    pub nics: Vec<super::observe::ObservedNic>,
 }
 
 /// A volume's row (primaries).
@@ -200,10 +203,22 @@ pub fn status(
         let any = copies.and_then(|c| c.first());
         let row = match (here, any) {
             (Some((node, o)), _) => {
-                let drift = if o.vcpus != vm.vcpus || o.memory_bytes != vm.memory_bytes {
+                let networking_refused = match observed.nodes.get(*node) {
+                    Some(NodeObservation::Reachable { networking, .. }) => {
+                        !networking.unavailable.is_empty()
+                    }
+                    _ => true,
+                };
+                let nics: Vec<&str> = o.nics.iter().map(|n| n.network.as_str()).collect();
+                let drift = if o.vcpus != vm.vcpus
+                    || o.memory_bytes != vm.memory_bytes
+                    || nics != vm.nics.iter().map(String::as_str).collect::<Vec<_>>()
+                {
                     "definition"
                 } else if o.state != "running" {
                     "not-running"
+                } else if !networking_refused && o.nics.iter().any(|n| !n.ready) {
+                    "nics"
                 } else {
                     "none"
                 };
@@ -216,6 +231,7 @@ pub fn status(
                     health: o.health.clone(),
                     crash_count: o.crash_count,
                     drift: drift.into(),
+                    nics: o.nics.clone(),
                 }
             }
             (None, Some((node, o))) => VmRow {
@@ -227,6 +243,7 @@ pub fn status(
                 health: o.health.clone(),
                 crash_count: o.crash_count,
                 drift: "wrong-node".into(),
+                nics: o.nics.clone(),
             },
             (None, None) => {
                 let reachable = observed.reachable(&vm.node);
@@ -239,6 +256,7 @@ pub fn status(
                     health: "unknown".into(),
                     crash_count: 0,
                     drift: if reachable { "missing" } else { "unknown" }.into(),
+                    nics: vec![],
                 }
             }
         };
@@ -260,6 +278,7 @@ pub fn status(
                 health: o.health.clone(),
                 crash_count: o.crash_count,
                 drift: "not-in-spec".into(),
+                nics: o.nics.clone(),
             });
         }
     }
