@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use miette::{GraphicalReportHandler, GraphicalTheme, LabeledSpan, NamedSource};
+use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::source::{FileId, Sources};
@@ -37,7 +38,7 @@ impl Span {
 }
 
 /// How bad a diagnostic is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// The specs are not acceptable.
@@ -171,7 +172,7 @@ pub fn location(sources: &Sources, span: Span) -> String {
 }
 
 /// The JSON shape of a diagnostic (`cairn validate --format json`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct DiagnosticJson {
     /// `error` or `warning`.
     pub severity: Severity,
@@ -192,7 +193,7 @@ pub struct DiagnosticJson {
 }
 
 /// The JSON shape of a label.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct LabelJson {
     /// Spec file relative to the spec root.
     pub file: String,
@@ -203,6 +204,21 @@ pub struct LabelJson {
     /// Text shown at the span.
     pub message: String,
 }
+
+/// The whole `cairn validate --format json` document.
+///
+/// It is printed through [`serde_json::Value`], so its keys (and the keys of
+/// every diagnostic in it) come out sorted, as they always have.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DiagnosticsJson {
+    /// Version of this JSON shape: [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Every diagnostic, in the order they are reported.
+    pub diagnostics: Vec<DiagnosticJson>,
+}
+
+/// Version of the `cairn validate --format json` shape.
+pub const FORMAT_VERSION: u32 = 1;
 
 /// Converts a diagnostic to its JSON shape.
 pub fn to_json(sources: &Sources, d: &Diagnostic) -> DiagnosticJson {

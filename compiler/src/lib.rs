@@ -92,10 +92,30 @@ pub fn model_schema() -> String {
     s
 }
 
-/// The JSON Schemas `cairn schema` writes: file name and text.
+/// The JSON Schema of a JSON *output* (what a command prints), as pretty
+/// JSON. It is generated for serialization: a field that is always printed
+/// is `required`, even when it may be `null`.
+pub fn output_schema<T: schemars::JsonSchema>() -> String {
+    let generator = schemars::generate::SchemaSettings::default()
+        .for_serialize()
+        .into_generator();
+    let schema = generator.into_root_schema_for::<T>();
+    let mut s = serde_json::to_string_pretty(&schema).expect("schemas serialize");
+    s.push('\n');
+    s
+}
+
+/// The JSON Schemas `cairn schema` writes: file name and text. (The
+/// reconciler adds the schemas of its own outputs: plan, status, check, diff.)
 pub fn schemas() -> Vec<(&'static str, String)> {
     vec![
         ("model.schema.json", model_schema()),
         ("spec.schema.json", shape::spec_schema()),
+        ("placement.schema.json", place::placement_schema()),
+        ("graph.schema.json", output_schema::<place::Graph>()),
+        (
+            "diagnostics.schema.json",
+            output_schema::<diag::DiagnosticsJson>(),
+        ),
     ]
 }

@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::set::PolicySet;
 
 /// How much a policy's `deny` counts (Sentinel's levels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Enforcement {
     /// Denials are reported and never block.
@@ -53,7 +53,7 @@ impl Enforcement {
 }
 
 /// Which rule produced a finding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleKind {
     /// `deny`.
@@ -63,7 +63,7 @@ pub enum RuleKind {
 }
 
 /// The object a message is about.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
 pub struct ObjectRef {
     /// Spec kind (`vm`, `tenant`, `site`, …).
     pub kind: String,
@@ -72,7 +72,7 @@ pub struct ObjectRef {
 }
 
 /// A spec location.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
 pub struct Location {
     /// Path relative to the spec root.
     pub file: String,
@@ -89,7 +89,7 @@ impl std::fmt::Display for Location {
 }
 
 /// One message of one policy.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Finding {
     /// Policy name.
     pub policy: String,
@@ -119,7 +119,7 @@ pub struct Override {
 }
 
 /// What happened to an override.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 pub struct OverrideOutcome {
     /// Policy name.
     pub policy: String,
@@ -134,7 +134,7 @@ pub struct OverrideOutcome {
 }
 
 /// The verdict of one policy.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct PolicyResult {
     /// Name.
     pub name: String,
@@ -155,7 +155,7 @@ pub struct PolicyResult {
 }
 
 /// The result of a check.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Report {
     /// Per policy, in path order.
     pub policies: Vec<PolicyResult>,

@@ -6,6 +6,8 @@
 
 use std::fmt::Write as _;
 
+use schemars::JsonSchema;
+use serde::Serialize;
 use serde_json::json;
 
 use crate::eval::{Enforcement, Finding, Report, RuleKind};
@@ -104,26 +106,70 @@ pub fn text(report: &Report) -> String {
     out
 }
 
+/// The `cairn check --format json` document.
+///
+/// It is printed through [`serde_json::Value`], so every object's keys come
+/// out sorted, as they always have.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CheckJson<'a> {
+    /// Version of this JSON shape: [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// Whether the check passes (no blocking denial, no policy error).
+    pub passed: bool,
+    /// Counts.
+    pub summary: CheckSummary,
+    /// Policies, findings and overrides.
+    #[serde(flatten)]
+    pub report: &'a Report,
+}
+
+/// The counts of a [`CheckJson`].
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CheckSummary {
+    /// Policies evaluated.
+    pub policies: usize,
+    /// Denials that fail the check.
+    pub blocking: usize,
+    /// Denials, blocking or not.
+    pub denies: usize,
+    /// Warnings.
+    pub warnings: usize,
+    /// Denials waived by an override.
+    pub overridden: usize,
+    /// Policies that could not be evaluated.
+    pub errors: usize,
+}
+
+impl<'a> CheckJson<'a> {
+    /// The document of a report.
+    pub fn new(report: &'a Report) -> CheckJson<'a> {
+        CheckJson {
+            format_version: FORMAT_VERSION,
+            passed: report.passed(),
+            summary: CheckSummary {
+                policies: report.policies.len(),
+                blocking: report.blocking(),
+                denies: report.count(RuleKind::Deny),
+                warnings: report.count(RuleKind::Warn),
+                overridden: report.overridden(),
+                errors: report.errors(),
+            },
+            report,
+        }
+    }
+}
+
 /// JSON (`format_version` 1).
 pub fn json(report: &Report) -> String {
-    let doc = json!({
-        "format_version": FORMAT_VERSION,
-        "passed": report.passed(),
-        "summary": {
-            "policies": report.policies.len(),
-            "blocking": report.blocking(),
-            "denies": report.count(RuleKind::Deny),
-            "warnings": report.count(RuleKind::Warn),
-            "overridden": report.overridden(),
-            "errors": report.errors(),
-        },
-        "policies": report.policies,
-        "findings": report.findings,
-        "overrides": report.overrides,
-    });
+    let doc = serde_json::to_value(CheckJson::new(report)).expect("the report serializes");
     let mut s = serde_json::to_string_pretty(&doc).expect("the report serializes");
     s.push('\n');
     s
+}
+
+/// The JSON Schema of `cairn check --format json`.
+pub fn json_schema() -> String {
+    compiler::output_schema::<CheckJson<'static>>()
 }
 
 /// SARIF 2.1.0: one rule per policy, one result per finding, overridden

@@ -156,7 +156,7 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
     },
-    /// Write the JSON Schemas of the spec language and of the compiled model.
+    /// Write the JSON Schemas of the spec language, the compiled model and every JSON output.
     Schema {
         /// Directory to write into.
         #[arg(long, default_value = "schemas")]

@@ -64,14 +64,14 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Lists longer than this go into a collapsed `<details>` block.
 const COLLAPSE_AFTER: usize = 10;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 struct FieldChange {
     path: String,
     before: Value,
     after: Value,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 struct ObjectChange {
     kind: &'static str,
     name: String,
@@ -82,7 +82,7 @@ struct ObjectChange {
     location: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 struct Headroom {
     scope: String,
     resource: &'static str,
@@ -91,7 +91,7 @@ struct Headroom {
     after: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 struct Side {
     rev: String,
     commit: Option<String>,
@@ -100,7 +100,7 @@ struct Side {
     vms: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 struct Preview {
     format_version: u32,
     base: Side,
@@ -115,7 +115,7 @@ struct Preview {
     head_diagnostics: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
 struct PolicyVerdict {
     evaluated: bool,
     passed: bool,
@@ -127,18 +127,56 @@ struct PolicyVerdict {
     resolved: Vec<(String, String)>,
 }
 
-#[derive(Debug, Serialize, Default)]
+#[derive(Debug, Serialize, Default, schemars::JsonSchema)]
 struct PlacementChanges {
     /// Whether the head could be placed (it compiles).
     available: bool,
     /// New VMs and where they go.
-    placed: Vec<Value>,
+    placed: Vec<PlacedVm>,
     /// VMs that move from their base node.
-    moves: Vec<Value>,
+    moves: Vec<MovedVm>,
     /// VMs that ran in the base and lose their place to higher priorities.
-    preempted: Vec<Value>,
+    preempted: Vec<PreemptedVm>,
     /// VMs the head cannot place that the base could (or new ones).
-    unplaced: Vec<Value>,
+    unplaced: Vec<UnplaceableVm>,
+}
+
+// The four entry types below keep their fields in alphabetical order: that
+// is the order the JSON has always had (it was built with `json!`).
+
+/// A new VM and where it goes.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+struct PlacedVm {
+    node: String,
+    secondary: Option<String>,
+    tenant: String,
+    vm: String,
+}
+
+/// A VM that moves from its base node.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+struct MovedVm {
+    from: String,
+    reason: String,
+    to: String,
+    vm: String,
+}
+
+/// A VM that ran in the base and loses its place.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+struct PreemptedVm {
+    from: String,
+    reasons: Vec<String>,
+    tenant: String,
+    vm: String,
+}
+
+/// A VM the head cannot place.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+struct UnplaceableVm {
+    reasons: Vec<String>,
+    tenant: String,
+    vm: String,
 }
 
 fn placement_changes(base: Option<&Placement>, head: Option<&Placement>) -> PlacementChanges {
@@ -157,30 +195,41 @@ fn placement_changes(base: Option<&Placement>, head: Option<&Placement>) -> Plac
     };
     for v in &head.vms {
         if !before.contains_key(v.name.as_str()) {
-            out.placed.push(serde_json::json!({
-                "vm": v.name, "tenant": v.tenant, "node": v.node, "secondary": v.secondary,
-            }));
+            out.placed.push(PlacedVm {
+                vm: v.name.clone(),
+                tenant: v.tenant.clone(),
+                node: v.node.clone(),
+                secondary: v.secondary.clone(),
+            });
         }
     }
     for m in &head.moves {
-        out.moves.push(serde_json::json!({
-            "vm": m.vm, "from": m.from, "to": m.to, "reason": m.reason,
-        }));
+        out.moves.push(MovedVm {
+            vm: m.vm.clone(),
+            from: m.from.clone(),
+            to: m.to.clone(),
+            reason: m.reason.clone(),
+        });
     }
     for u in &head.unplaced {
-        let reasons: Vec<&str> = u.reasons.iter().map(|r| r.message.as_str()).collect();
+        let reasons: Vec<String> = u.reasons.iter().map(|r| r.message.clone()).collect();
         let was = before
             .get(u.name.as_str())
             .map(|v| v.node.clone())
             .or(u.previous_node.clone());
         if let Some(node) = was {
-            out.preempted.push(serde_json::json!({
-                "vm": u.name, "tenant": u.tenant, "from": node, "reasons": reasons,
-            }));
+            out.preempted.push(PreemptedVm {
+                vm: u.name.clone(),
+                tenant: u.tenant.clone(),
+                from: node,
+                reasons,
+            });
         } else if !unplaced_before.contains(u.name.as_str()) {
-            out.unplaced.push(serde_json::json!({
-                "vm": u.name, "tenant": u.tenant, "reasons": reasons,
-            }));
+            out.unplaced.push(UnplaceableVm {
+                vm: u.name.clone(),
+                tenant: u.tenant.clone(),
+                reasons,
+            });
         }
     }
     out
@@ -188,42 +237,33 @@ fn placement_changes(base: Option<&Placement>, head: Option<&Placement>) -> Plac
 
 fn placement_lines(p: &PlacementChanges, code: bool) -> Vec<String> {
     let t = if code { "`" } else { "" };
-    let s = |v: &Value| v.as_str().unwrap_or("").to_owned();
-    let reasons = |v: &Value| {
-        v.as_array()
-            .map(|a| a.iter().map(s).collect::<Vec<_>>().join("; "))
-            .unwrap_or_default()
-    };
     let mut lines = vec![];
     for v in &p.placed {
-        let mut l = format!("new vm {t}{}{t} → {}", s(&v["vm"]), s(&v["node"]));
-        if v["secondary"].is_string() {
-            let _ = write!(l, " (secondary {})", s(&v["secondary"]));
+        let mut l = format!("new vm {t}{}{t} → {}", v.vm, v.node);
+        if let Some(secondary) = &v.secondary {
+            let _ = write!(l, " (secondary {secondary})");
         }
         lines.push(l);
     }
     for m in &p.moves {
         lines.push(format!(
             "move vm {t}{}{t}: {} → {} ({})",
-            s(&m["vm"]),
-            s(&m["from"]),
-            s(&m["to"]),
-            s(&m["reason"])
+            m.vm, m.from, m.to, m.reason
         ));
     }
     for u in &p.preempted {
         lines.push(format!(
             "PREEMPTED vm {t}{}{t} (was on {}): {}",
-            s(&u["vm"]),
-            s(&u["from"]),
-            reasons(&u["reasons"])
+            u.vm,
+            u.from,
+            u.reasons.join("; ")
         ));
     }
     for u in &p.unplaced {
         lines.push(format!(
             "UNPLACEABLE vm {t}{}{t}: {}",
-            s(&u["vm"]),
-            reasons(&u["reasons"])
+            u.vm,
+            u.reasons.join("; ")
         ));
     }
     lines
@@ -328,6 +368,11 @@ pub fn run(args: DiffArgs) -> anyhow::Result<u8> {
     } else {
         1
     })
+}
+
+/// The JSON Schema of `cairn diff --format json`.
+pub fn json_schema() -> String {
+    compiler::output_schema::<Preview>()
 }
 
 fn short(commit: &Option<String>) -> String {

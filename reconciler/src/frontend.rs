@@ -35,7 +35,10 @@ fn print_diagnostics(
                 .iter()
                 .map(|d| diag::to_json(sources, d))
                 .collect();
-            let doc = serde_json::json!({ "format_version": 1, "diagnostics": list });
+            let doc = serde_json::to_value(diag::DiagnosticsJson {
+                format_version: diag::FORMAT_VERSION,
+                diagnostics: list,
+            })?;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
         }
@@ -260,12 +263,26 @@ pub fn model_text(c: &Compilation) -> String {
 /// `cairn schema`.
 pub fn schema(out: &Path) -> anyhow::Result<u8> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    for (name, text) in compiler::schemas() {
+    for (name, text) in schemas() {
         let path = out.join(name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(0)
+}
+
+/// Every JSON Schema `cairn schema` writes: the compiler's (spec, model,
+/// placement, graph, diagnostics) and those of the reconciler's outputs.
+pub fn schemas() -> Vec<(&'static str, String)> {
+    use crate::engine::{plan::Plan, status::Status};
+    let mut all = compiler::schemas();
+    all.extend([
+        ("plan.schema.json", compiler::output_schema::<Plan>()),
+        ("status.schema.json", compiler::output_schema::<Status>()),
+        ("check.schema.json", policy::report::json_schema()),
+        ("diff.schema.json", crate::diff::json_schema()),
+    ]);
+    all
 }
 
 /// `cairn gen`.

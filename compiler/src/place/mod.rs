@@ -1151,10 +1151,7 @@ pub fn placement_json(p: &Placement) -> String {
     s
 }
 
-/// The JSON Schema of the placement.
+/// The JSON Schema of the placement (`cairn place --format json`).
 pub fn placement_schema() -> String {
-    let mut s =
-        serde_json::to_string_pretty(&schemars::schema_for!(Placement)).expect("schemas serialize");
-    s.push('\n');
-    s
+    crate::output_schema::<Placement>()
 }

@@ -11,7 +11,7 @@ use compiler::Model;
 use serde::{Deserialize, Serialize};
 
 /// Where every VM and volume goes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Placement {
     /// VM name → node name.
     pub vms: BTreeMap<String, String>,
@@ -24,7 +24,7 @@ pub struct Placement {
 }
 
 /// Where one volume's copies are.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VolumePlacement {
     /// Primary node.
     pub node: String,
@@ -44,7 +44,7 @@ pub struct DesiredNode {
 }
 
 /// The image a VM boots.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum BootImage {
     /// Built into the VMM.
@@ -103,7 +103,7 @@ pub struct DesiredVolume {
 }
 
 /// A QoS traffic class of a bond.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DesiredTraffic {
     /// `storage`, `migration`, `guest`, `management`, `replication`.
     pub name: String,

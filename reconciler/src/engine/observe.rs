@@ -38,7 +38,7 @@ pub struct ObservedVm {
 }
 
 /// A VM NIC as a node reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ObservedNic {
     /// Tenant network.
     pub network: String,

@@ -20,7 +20,9 @@ use super::observe::{NodeObservation, Observed, ObservedBond};
 pub const PLAN_FORMAT_VERSION: u32 = 1;
 
 /// What happens to one object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     /// Made new.
@@ -69,7 +71,7 @@ impl ChangeKind {
 }
 
 /// A change to one object.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Change {
     /// Kind.
     pub kind: ChangeKind,
@@ -93,7 +95,7 @@ pub struct Change {
 }
 
 /// A replica peer of a volume.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PeerRef {
     /// Node name.
     pub name: String,
@@ -104,7 +106,7 @@ pub struct PeerRef {
 }
 
 /// One node action.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum NodeAction {
     /// `CreateVolume`.
@@ -321,7 +323,7 @@ impl NodeAction {
 }
 
 /// One step: one action on one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Step {
     /// Index in `Plan::steps`.
     pub id: usize,
@@ -341,7 +343,7 @@ pub struct Step {
 }
 
 /// Counts of the summary line.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Summary {
     /// Objects created (replacements count here and in `destroy`).
     pub add: usize,
@@ -355,7 +357,7 @@ pub struct Summary {
 }
 
 /// An object left alone because its node did not answer, or refuses to carry it out.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct LeftAlone {
     /// `vm`, `volume` or `bond`.
     pub object: String,
@@ -369,7 +371,7 @@ pub struct LeftAlone {
 }
 
 /// A plan.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Plan {
     /// [`PLAN_FORMAT_VERSION`].
     pub format_version: u32,

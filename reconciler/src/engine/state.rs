@@ -101,7 +101,7 @@ pub struct LockInfo {
 }
 
 /// The last applied revision.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Applied {
     /// Digest of the spec sources that were applied.
     pub revision: String,
@@ -156,7 +156,7 @@ pub struct PlanRecord {
 }
 
 /// One audit log entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AuditEntry {
     /// When.
     pub at_unix_ms: u64,

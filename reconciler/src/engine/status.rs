@@ -12,7 +12,7 @@ use super::state::{Applied, StepRecord, StepStatus};
 pub const STATUS_FORMAT_VERSION: u32 = 1;
 
 /// A node's row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct NodeRow {
     /// Name.
     pub name: String,
@@ -29,7 +29,7 @@ pub struct NodeRow {
 }
 
 /// A VM's row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct VmRow {
     /// Name.
     pub name: String,
@@ -54,7 +54,7 @@ pub struct VmRow {
 }
 
 /// A volume's row (primaries).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct VolumeRow {
     /// Name.
     pub name: String,
@@ -69,7 +69,7 @@ pub struct VolumeRow {
 }
 
 /// A bond's row: one per node and bond.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct BondRow {
     /// Bond name (the device).
     pub name: String,
@@ -96,7 +96,7 @@ pub struct BondRow {
 }
 
 /// The last apply, from the journal.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct LastApply {
     /// Plan id.
     pub plan_id: String,
@@ -119,7 +119,7 @@ pub struct LastApply {
 }
 
 /// `cairn status --format json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Status {
     /// [`STATUS_FORMAT_VERSION`].
     pub format_version: u32,

@@ -159,7 +159,26 @@ fn checked_in_schemas_match_the_generated_ones() {
     let tmp = TempDir::new("schema");
     let run = cairn(&tmp.0, &["schema", "--out", "out"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    for name in ["model.schema.json", "spec.schema.json"] {
+    let mut written: Vec<String> = std::fs::read_dir(tmp.0.join("out"))
+        .expect("out")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            "check.schema.json",
+            "diagnostics.schema.json",
+            "diff.schema.json",
+            "graph.schema.json",
+            "model.schema.json",
+            "placement.schema.json",
+            "plan.schema.json",
+            "spec.schema.json",
+            "status.schema.json",
+        ]
+    );
+    for name in &written {
         let generated = std::fs::read_to_string(tmp.0.join("out").join(name)).expect("generated");
         let checked_in =
             std::fs::read_to_string(repo_root().join("schemas").join(name)).unwrap_or_default();

@@ -5,6 +5,7 @@ mod diff;
 mod engine;
 mod golden;
 mod policy;
+mod schemas;
 mod verify;
 
 use std::path::{Path, PathBuf};
