@@ -147,35 +147,50 @@ struct PlacementChanges {
 /// A new VM and where it goes.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 struct PlacedVm {
+    /// Its node (the primary's, for FT VMs).
     node: String,
+    /// The FT secondary's node.
     secondary: Option<String>,
+    /// Tenant.
     tenant: String,
+    /// VM name.
     vm: String,
 }
 
 /// A VM that moves from its base node.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 struct MovedVm {
+    /// The base's node.
     from: String,
+    /// Why it moves.
     reason: String,
+    /// The head's node.
     to: String,
+    /// VM name.
     vm: String,
 }
 
 /// A VM that ran in the base and loses its place.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 struct PreemptedVm {
+    /// The node it ran on in the base.
     from: String,
+    /// Why it has no place in the head.
     reasons: Vec<String>,
+    /// Tenant.
     tenant: String,
+    /// VM name.
     vm: String,
 }
 
 /// A VM the head cannot place.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 struct UnplaceableVm {
+    /// Why no node can take it.
     reasons: Vec<String>,
+    /// Tenant.
     tenant: String,
+    /// VM name.
     vm: String,
 }
 
