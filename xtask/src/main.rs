@@ -161,7 +161,7 @@ fn quickstart(root: &Path) -> anyhow::Result<()> {
         .args(["apply", specs, "--auto-approve"]))?;
     run(Command::new(&bin).current_dir(root).args(["status", specs]))?;
     println!(
-        "\nThe dev cluster keeps running: 3 cairn-node processes on 127.0.0.11-13:7100, data under {specs}/.cairn/dev/.\nTry: {0} status {specs} --format json   |   edit {specs}/workloads.kdl, then {0} plan {specs}\nStop it with: {0} dev down {specs}",
+        "\nThe dev cluster keeps running: 3 cairn-node processes on 127.0.0.11-13:7100, data under {specs}/.cairn/dev/ (as root each node has its own network namespace: `ip netns list | grep cairn-`, and `tc -n NS class show dev data` shows the bond's classes).\nTry: {0} status {specs} --format json   |   edit {specs}/workloads.kdl, then {0} plan {specs}\nStop it with: {0} dev down {specs}",
         bin.display()
     );
     Ok(())
