@@ -5,12 +5,12 @@
 //! protection plans); an edge `a → b` means `a` must exist before `b`.
 //! Waves are the longest-path layers: everything in a wave depends only on
 //! earlier waves, so a wave's actions can run in parallel; creates walk the
-//! waves forward, deletes backward. Built with petgraph, inserted in sorted
-//! order so the output is deterministic.
+//! waves forward, deletes backward. Vertex ids are interned to integers while
+//! the graph is built and sorted once at the end, so the output is
+//! deterministic and independent of insertion order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
-use petgraph::graph::{DiGraph, NodeIndex};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -50,53 +50,75 @@ pub struct Graph {
     pub waves: Vec<Vec<String>>,
 }
 
+/// Interned vertex ids and deduplicated edges, in insertion order until
+/// [`Interner::finish`] sorts them.
+#[derive(Default)]
+struct Interner {
+    index: std::collections::HashMap<String, u32>,
+    names: Vec<String>,
+    edges: Vec<(u32, u32)>,
+}
+
+impl Interner {
+    fn id(&mut self, name: String) -> u32 {
+        if let Some(&i) = self.index.get(&name) {
+            return i;
+        }
+        let i = u32::try_from(self.names.len()).expect("fewer than 2^32 graph vertices");
+        self.names.push(name.clone());
+        self.index.insert(name, i);
+        i
+    }
+
+    fn edge(&mut self, from: String, to: String) {
+        let (f, t) = (self.id(from), self.id(to));
+        self.edges.push((f, t));
+    }
+}
+
 /// Builds the graph of a model and its placement.
+///
+/// Vertex ids are interned to integers while the graph is built; ids are
+/// sorted once at the end and every edge is renumbered by sorted rank, so
+/// sorting the integer pairs orders edges exactly as sorting their
+/// `(from, to)` strings would.
 pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
-    let mut ids: BTreeSet<String> = BTreeSet::new();
-    let mut edges: BTreeSet<GraphEdge> = BTreeSet::new();
-    let mut edge = |from: &str, to: &str, ids: &mut BTreeSet<String>| {
-        ids.insert(from.to_owned());
-        ids.insert(to.to_owned());
-        edges.insert(GraphEdge {
-            from: from.to_owned(),
-            to: to.to_owned(),
-        });
-    };
+    let mut g = Interner::default();
     for site in &model.sites {
         let s = format!("site/{}", site.name);
-        ids.insert(s.clone());
+        g.id(s.clone());
         for n in &site.nodes {
             let nid = format!("node/{}", n.name);
-            edge(&s, &nid, &mut ids);
+            g.edge(s.clone(), nid.clone());
             for b in &site.bonds {
-                edge(&nid, &format!("bond/{}/{}", n.name, b.name), &mut ids);
+                g.edge(nid.clone(), format!("bond/{}/{}", n.name, b.name));
             }
         }
         for p in &site.pools {
-            edge(&s, &format!("pool/{}/{}", site.name, p.name), &mut ids);
+            g.edge(s.clone(), format!("pool/{}/{}", site.name, p.name));
         }
     }
     for t in &model.tenants {
         for net in &t.networks {
             let id = format!("network/{}/{}", t.name, net.name);
-            edge(&format!("site/{}", net.site), &id, &mut ids);
+            g.edge(format!("site/{}", net.site), id);
         }
         for sg in &t.security_groups {
             let id = format!("security-group/{}/{}", t.name, sg.name);
-            ids.insert(id.clone());
+            g.id(id.clone());
             for rule in &sg.allow {
                 if t.networks.iter().any(|n| n.name == rule.from) {
-                    edge(&format!("network/{}/{}", t.name, rule.from), &id, &mut ids);
+                    g.edge(format!("network/{}/{}", t.name, rule.from), id.clone());
                 }
             }
         }
     }
     for img in &model.images {
-        ids.insert(format!("image/{}", img.name));
+        g.id(format!("image/{}", img.name));
     }
-    let placed: BTreeMap<&str, &super::VmPlacement> =
+    let placed: std::collections::HashMap<&str, &super::VmPlacement> =
         placement.vms.iter().map(|v| (v.name.as_str(), v)).collect();
-    let volumes: BTreeMap<&str, &super::VolumePlacement> = placement
+    let volumes: std::collections::HashMap<&str, &super::VolumePlacement> = placement
         .volumes
         .iter()
         .map(|v| (v.name.as_str(), v))
@@ -106,11 +128,11 @@ pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
             continue;
         };
         let vid = format!("vm/{}", vm.name);
-        edge(&format!("node/{}", p.node), &vid, &mut ids);
-        edge(&format!("image/{}", vm.image), &vid, &mut ids);
+        g.edge(format!("node/{}", p.node), vid.clone());
+        g.edge(format!("image/{}", vm.image), vid.clone());
         for d in &vm.disks {
             let vol = format!("volume/{}/{}", vm.name, d.name);
-            edge(&format!("pool/{}/{}", vm.site, d.pool), &vol, &mut ids);
+            g.edge(format!("pool/{}/{}", vm.site, d.pool), vol.clone());
             if let Some(vp) = volumes.get(format!("{}/{}", vm.name, d.name).as_str()) {
                 let holders: BTreeSet<&str> = vp
                     .columns
@@ -119,86 +141,123 @@ pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
                     .filter_map(|c| c.split('/').next())
                     .collect();
                 for h in holders {
-                    edge(&format!("node/{h}"), &vol, &mut ids);
+                    g.edge(format!("node/{h}"), vol.clone());
                 }
             }
             if d.from_image {
-                edge(&format!("image/{}", vm.image), &vol, &mut ids);
+                g.edge(format!("image/{}", vm.image), vol.clone());
             }
-            edge(&vol, &vid, &mut ids);
+            g.edge(vol, vid.clone());
         }
         for nic in &vm.nics {
-            edge(
-                &format!("network/{}/{}", vm.tenant, nic.network),
-                &vid,
-                &mut ids,
+            g.edge(
+                format!("network/{}/{}", vm.tenant, nic.network),
+                vid.clone(),
             );
             for sg in &nic.security_groups {
-                edge(
-                    &format!("security-group/{}/{}", vm.tenant, sg),
-                    &vid,
-                    &mut ids,
-                );
+                g.edge(format!("security-group/{}/{}", vm.tenant, sg), vid.clone());
             }
         }
         if vm.availability == Availability::Ft
             && let Some(sec) = &p.secondary
         {
             let sid = format!("vm-secondary/{}", vm.name);
-            edge(&vid, &sid, &mut ids);
-            edge(&format!("node/{sec}"), &sid, &mut ids);
+            g.edge(vid.clone(), sid.clone());
+            g.edge(format!("node/{sec}"), sid);
         }
         for plan in &vm.protection_plans {
-            edge(&vid, &format!("protection-plan/{plan}"), &mut ids);
+            g.edge(vid.clone(), format!("protection-plan/{plan}"));
         }
     }
     for plan in &model.protection_plans {
         let pid = format!("protection-plan/{}", plan.name);
-        ids.insert(pid.clone());
+        g.id(pid.clone());
         for r in &plan.replicate {
-            edge(&format!("pool/{}/{}", r.to_site, r.pool), &pid, &mut ids);
+            g.edge(format!("pool/{}/{}", r.to_site, r.pool), pid.clone());
         }
     }
+    g.finish()
+}
 
-    let mut g: DiGraph<String, ()> = DiGraph::new();
-    let index: BTreeMap<String, NodeIndex> = ids
-        .iter()
-        .map(|id| (id.clone(), g.add_node(id.clone())))
-        .collect();
-    for e in &edges {
-        g.add_edge(index[&e.from], index[&e.to], ());
-    }
-    // Longest-path layering in topological order. The graph is acyclic by
-    // construction (edges follow kinds: site → node → … → vm → plan).
-    let topo = petgraph::algo::toposort(&g, None).unwrap_or_else(|_| g.node_indices().collect());
-    let mut wave: BTreeMap<NodeIndex, usize> = BTreeMap::new();
-    for n in topo {
-        let w = g
-            .neighbors_directed(n, petgraph::Direction::Incoming)
-            .map(|p| wave.get(&p).map_or(0, |w| w + 1))
-            .max()
-            .unwrap_or(0);
-        wave.insert(n, w);
-    }
-    let n_waves = wave.values().max().map_or(0, |m| m + 1);
-    let mut waves: Vec<Vec<String>> = vec![vec![]; n_waves];
-    let nodes: Vec<GraphNode> = index
-        .iter()
-        .map(|(id, &i)| {
-            let w = wave.get(&i).copied().unwrap_or(0);
-            waves[w].push(id.clone());
-            GraphNode {
-                id: id.clone(),
-                kind: id.split('/').next().unwrap_or_default().to_owned(),
-                wave: w,
+impl Interner {
+    /// Sorts vertices by id and edges by `(from, to)`, and layers the
+    /// vertices into waves (longest path from a source, Kahn's order).
+    fn finish(self) -> Graph {
+        let Interner {
+            index: _,
+            names,
+            mut edges,
+        } = self;
+        let n = names.len();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_unstable_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
+        let mut rank = vec![0u32; n];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i as usize] = r as u32;
+        }
+        for e in &mut edges {
+            *e = (rank[e.0 as usize], rank[e.1 as usize]);
+        }
+        edges.sort_unstable();
+        edges.dedup();
+        // Longest-path layering. The graph is acyclic by construction (edges
+        // follow kinds: site → node → … → vm → plan); a vertex left over by a
+        // cycle would keep wave 0.
+        let mut indegree = vec![0u32; n];
+        let mut out_start = vec![0usize; n + 1];
+        for &(f, t) in &edges {
+            indegree[t as usize] += 1;
+            out_start[f as usize + 1] += 1;
+        }
+        for i in 0..n {
+            out_start[i + 1] += out_start[i];
+        }
+        // `edges` is sorted by `from`, so each vertex's out-edges are contiguous.
+        let mut wave = vec![0usize; n];
+        let mut ready: Vec<u32> = (0..n as u32)
+            .filter(|v| indegree[*v as usize] == 0)
+            .collect();
+        while let Some(v) = ready.pop() {
+            for &(_, t) in &edges[out_start[v as usize]..out_start[v as usize + 1]] {
+                let t = t as usize;
+                wave[t] = wave[t].max(wave[v as usize] + 1);
+                indegree[t] -= 1;
+                if indegree[t] == 0 {
+                    ready.push(t as u32);
+                }
             }
-        })
-        .collect();
-    Graph {
-        format_version: 1,
-        nodes,
-        edges: edges.into_iter().collect(),
-        waves,
+        }
+        let mut sorted_names: Vec<String> = vec![String::new(); n];
+        for (i, name) in names.into_iter().enumerate() {
+            sorted_names[rank[i] as usize] = name;
+        }
+        let n_waves = wave.iter().max().map_or(0, |m| m + 1);
+        let mut waves: Vec<Vec<String>> = vec![vec![]; n_waves];
+        let nodes: Vec<GraphNode> = sorted_names
+            .iter()
+            .zip(&wave)
+            .map(|(id, &w)| {
+                waves[w].push(id.clone());
+                GraphNode {
+                    id: id.clone(),
+                    kind: id.split('/').next().unwrap_or_default().to_owned(),
+                    wave: w,
+                }
+            })
+            .collect();
+        let edges = edges
+            .into_iter()
+            .map(|(f, t)| GraphEdge {
+                from: sorted_names[f as usize].clone(),
+                to: sorted_names[t as usize].clone(),
+            })
+            .collect();
+        Graph {
+            format_version: 1,
+            nodes,
+            edges,
+            waves,
+        }
     }
 }
 
