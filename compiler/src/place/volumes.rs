@@ -13,9 +13,63 @@ use crate::model::{Domain, Model, Vm};
 struct DiskState {
     id: String,
     domain: String,
+    /// `domain` interned per pool (comparisons on the hot path are integers).
+    domain_id: usize,
     capacity: u64,
     used: u64,
     alive: bool,
+}
+
+impl DiskState {
+    fn free(&self) -> u64 {
+        self.capacity.saturating_sub(self.used)
+    }
+}
+
+/// The live disks of one pool by most free room, then lowest index: a binary
+/// heap kept across volumes with lazy invalidation (an entry is current only
+/// while its version is the disk's), so each volume costs O(log disks) per
+/// pick instead of a rebuild over every disk of the pool.
+struct FreeHeap {
+    heap: BinaryHeap<(u64, std::cmp::Reverse<usize>, u64)>,
+    version: Vec<u64>,
+}
+
+impl FreeHeap {
+    fn new(disks: &[DiskState]) -> FreeHeap {
+        FreeHeap {
+            heap: disks
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.alive)
+                .map(|(i, d)| (d.free(), std::cmp::Reverse(i), 0))
+                .collect(),
+            version: vec![0; disks.len()],
+        }
+    }
+
+    /// The disk with the most free room (its entry leaves the heap).
+    fn pop(&mut self) -> Option<(u64, usize)> {
+        while let Some((free, std::cmp::Reverse(i), v)) = self.heap.pop() {
+            if v == self.version[i] {
+                return Some((free, i));
+            }
+        }
+        None
+    }
+
+    /// Puts a popped disk back, unchanged.
+    fn put_back(&mut self, free: u64, i: usize) {
+        self.heap
+            .push((free, std::cmp::Reverse(i), self.version[i]));
+    }
+
+    /// Records that disk `i`'s free room changed (its older entries go stale).
+    fn update(&mut self, i: usize, free: u64) {
+        self.version[i] += 1;
+        self.heap
+            .push((free, std::cmp::Reverse(i), self.version[i]));
+    }
 }
 
 /// Places the volumes of VMs in placement order. Returns the placements
@@ -33,19 +87,24 @@ pub(crate) fn place_volumes(
     for site in &model.sites {
         for p in &site.pools {
             let mut disks = vec![];
+            let mut domain_ids: BTreeMap<String, usize> = BTreeMap::new();
             for n in &site.nodes {
                 let alive = engine
                     .node_index
                     .get(&n.name)
                     .is_some_and(|&i| engine.nodes[i].alive);
                 for d in n.disks.iter().filter(|d| d.class == p.disk_class) {
+                    let domain = match p.failure_domain {
+                        Domain::Node => n.name.clone(),
+                        Domain::Rack => n.rack.clone(),
+                        Domain::Site => n.site.clone(),
+                    };
+                    let next = domain_ids.len();
+                    let domain_id = *domain_ids.entry(domain.clone()).or_insert(next);
                     disks.push(DiskState {
                         id: format!("{}/{}", n.name, d.name),
-                        domain: match p.failure_domain {
-                            Domain::Node => n.name.clone(),
-                            Domain::Rack => n.rack.clone(),
-                            Domain::Site => n.site.clone(),
-                        },
+                        domain,
+                        domain_id,
                         capacity: (d.size_bytes as f64 * p.thin_overcommit) as u64,
                         used: 0,
                         alive,
@@ -150,6 +209,8 @@ pub(crate) fn place_volumes(
             }
         }
     }
+    // Built on first use, after the first pass claimed its space.
+    let mut heaps: BTreeMap<(String, String), FreeHeap> = BTreeMap::new();
     for (vm, k) in pending {
         let disk = &vm.disks[k];
         let key = (vm.site.clone(), disk.pool.clone());
@@ -159,60 +220,53 @@ pub(crate) fn place_volumes(
             continue;
         };
         let column = column_bytes(disk.size_bytes, width, unit);
-        let mut heap: BinaryHeap<(u64, std::cmp::Reverse<usize>)> = disks
-            .iter()
-            .enumerate()
-            .filter(|(_, d)| d.alive)
-            .map(|(i, d)| (d.capacity.saturating_sub(d.used), std::cmp::Reverse(i)))
-            .collect();
-        let mut columns = vec![];
+        let heap = heaps
+            .entry(key.clone())
+            .or_insert_with(|| FreeHeap::new(disks));
+        let mut columns: Vec<Vec<usize>> = vec![];
         let mut ok = true;
         for _ in 0..width {
             let mut chosen: Vec<usize> = vec![];
             let mut skipped = vec![];
             while chosen.len() < replicas as usize {
-                let Some((free, std::cmp::Reverse(i))) = heap.pop() else {
+                let Some((free, i)) = heap.pop() else {
                     break;
                 };
                 if free < column {
-                    skipped.push((free, std::cmp::Reverse(i)));
+                    skipped.push((free, i));
                     break;
                 }
-                if chosen.iter().any(|&c| disks[c].domain == disks[i].domain) {
-                    skipped.push((free, std::cmp::Reverse(i)));
+                if chosen
+                    .iter()
+                    .any(|&c| disks[c].domain_id == disks[i].domain_id)
+                {
+                    skipped.push((free, i));
                     continue;
                 }
                 chosen.push(i);
             }
-            for s in skipped {
-                heap.push(s);
+            for (free, i) in skipped {
+                heap.put_back(free, i);
             }
             if chosen.len() < replicas as usize {
                 ok = false;
                 for i in chosen {
-                    heap.push((
-                        disks[i].capacity.saturating_sub(disks[i].used),
-                        std::cmp::Reverse(i),
-                    ));
+                    heap.put_back(disks[i].free(), i);
                 }
                 break;
             }
             for &i in &chosen {
                 disks[i].used += column;
-                heap.push((
-                    disks[i].capacity.saturating_sub(disks[i].used),
-                    std::cmp::Reverse(i),
-                ));
+                heap.update(i, disks[i].free());
             }
-            columns.push(chosen.iter().map(|&i| disks[i].id.clone()).collect());
+            columns.push(chosen);
         }
         if !ok {
             // Give back what the partial volume took.
             for c in &columns {
-                for id in c {
-                    if let Some(&i) = indexes.get(&key).and_then(|x| x.get(id)) {
-                        disks[i].used -= column;
-                    }
+                for &i in c {
+                    disks[i].used -= column;
+                    heap.update(i, disks[i].free());
                 }
             }
             let free_domains = {
@@ -255,7 +309,10 @@ pub(crate) fn place_volumes(
             pool: disk.pool.clone(),
             size_bytes: disk.size_bytes,
             column_bytes: column,
-            columns,
+            columns: columns
+                .iter()
+                .map(|c| c.iter().map(|&i| disks[i].id.clone()).collect())
+                .collect(),
             degraded_columns: 0,
         });
     }
