@@ -200,7 +200,6 @@ pub(crate) struct Cost {
 pub(crate) struct NodeState {
     pub name: String,
     pub site: String,
-    pub rack: String,
     pub alive: bool,
     pub cap: Cost,
     pub used: Cost,
@@ -209,15 +208,24 @@ pub(crate) struct NodeState {
     pub mem_reserved: u64,
     pub mem_shared: u64,
     pub vms: usize,
+    /// Interned ids of its node, rack and site names (see [`Engine::domain_id`]):
+    /// the hot path compares and hashes these instead of strings.
+    pub dom: [u32; 3],
+}
+
+/// Index of a scope in [`NodeState::dom`].
+fn scope_index(scope: Domain) -> usize {
+    match scope {
+        Domain::Node => 0,
+        Domain::Rack => 1,
+        Domain::Site => 2,
+    }
 }
 
 impl NodeState {
-    fn domain(&self, scope: Domain) -> &str {
-        match scope {
-            Domain::Node => &self.name,
-            Domain::Rack => &self.rack,
-            Domain::Site => &self.site,
-        }
+    /// The interned id of its node, rack or site name.
+    fn dom(&self, scope: Domain) -> u32 {
+        self.dom[scope_index(scope)]
     }
 
     fn free(&self) -> Cost {
@@ -263,8 +271,10 @@ fn ft_scope(model: &Model, site: &str) -> Domain {
 /// What a hard or soft affinity rule tracks while placing.
 #[derive(Debug)]
 pub(crate) struct RuleState {
-    /// Placed members per domain.
-    pub members: BTreeMap<String, usize>,
+    /// Placed members per domain (interned domain id).
+    pub members: std::collections::HashMap<u32, usize>,
+    /// Placed members in all.
+    pub placed: usize,
 }
 
 /// The placement engine's state, shared by the passes.
@@ -276,21 +286,25 @@ pub(crate) struct Engine<'m> {
     pub rules: Vec<RuleState>,
     /// Rules each VM belongs to.
     pub rules_of: BTreeMap<String, Vec<usize>>,
-    /// Spread counts per group: domain → replicas placed.
-    pub spread: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Spread counts per vm-group (index in `group_ids`): domain id → replicas placed.
+    pub spread: Vec<std::collections::HashMap<u32, usize>>,
+    /// Index of each vm-group that has a spread scope.
+    pub group_ids: BTreeMap<String, usize>,
     pub assigned: BTreeMap<String, (usize, Option<usize>)>,
     /// The model's node for each engine node (same index).
     pub model_nodes: Vec<&'m Node>,
     /// Spread scope of each vm-group that has one.
     pub group_scope: BTreeMap<String, Domain>,
-    /// Alive domains per (site, scope), fixed for a run.
-    pub domains: BTreeMap<(String, Domain), Vec<String>>,
+    /// Alive domains (interned ids) per (site, scope), fixed for a run.
+    pub domains: BTreeMap<(String, Domain), Vec<u32>>,
 }
 
 /// What the hard constraints of one VM need, computed once per decision
 /// instead of once per candidate node.
 pub(crate) struct VmCtx {
-    spread: Option<(Domain, usize)>,
+    /// The VM's group's spread scope, the fewest replicas in any domain, and
+    /// the group's index in `Engine::spread`.
+    spread: Option<(Domain, usize, usize)>,
     cost: Cost,
     full: Cost,
     rules: Vec<usize>,
@@ -306,6 +320,11 @@ pub(crate) enum Verdict {
 impl<'m> Engine<'m> {
     pub(crate) fn new(model: &'m Model, failed: &BTreeSet<String>) -> Engine<'m> {
         let mut nodes = vec![];
+        let mut interned: std::collections::HashMap<String, u32> = Default::default();
+        let mut intern = |name: &str| -> u32 {
+            let next = u32::try_from(interned.len()).expect("fewer than 2^32 domains");
+            *interned.entry(name.to_owned()).or_insert(next)
+        };
         let mut site_nodes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for site in &model.sites {
             for n in &site.nodes {
@@ -316,7 +335,6 @@ impl<'m> Engine<'m> {
                 nodes.push(NodeState {
                     name: n.name.clone(),
                     site: site.name.clone(),
-                    rack: n.rack.clone(),
                     alive: !failed.contains(&n.name)
                         && !failed.contains(&format!("rack={}", n.rack))
                         && !failed.contains(&format!("site={}", site.name)),
@@ -330,6 +348,7 @@ impl<'m> Engine<'m> {
                     mem_reserved: 0,
                     mem_shared: 0,
                     vms: 0,
+                    dom: [intern(&n.name), intern(&n.rack), intern(&site.name)],
                 });
             }
         }
@@ -345,22 +364,28 @@ impl<'m> Engine<'m> {
                 rules_of.entry(v.clone()).or_default().push(i);
             }
             rules.push(RuleState {
-                members: BTreeMap::new(),
+                members: Default::default(),
+                placed: 0,
             });
         }
         let model_nodes: Vec<&Node> = model.sites.iter().flat_map(|s| s.nodes.iter()).collect();
-        let group_scope = model
+        let group_scope: BTreeMap<String, Domain> = model
             .vm_groups
             .iter()
             .filter_map(|g| g.spread.map(|d| (g.name.clone(), d)))
             .collect();
-        let mut domains: BTreeMap<(String, Domain), Vec<String>> = BTreeMap::new();
+        let group_ids: BTreeMap<String, usize> = group_scope
+            .keys()
+            .enumerate()
+            .map(|(i, g)| (g.clone(), i))
+            .collect();
+        let mut domains: BTreeMap<(String, Domain), Vec<u32>> = BTreeMap::new();
         for (site, idx) in &site_nodes {
             for scope in [Domain::Node, Domain::Rack, Domain::Site] {
-                let set: BTreeSet<String> = idx
+                let set: BTreeSet<u32> = idx
                     .iter()
                     .filter(|&&i| nodes[i].alive)
-                    .map(|&i| nodes[i].domain(scope).to_owned())
+                    .map(|&i| nodes[i].dom(scope))
                     .collect();
                 domains.insert((site.clone(), scope), set.into_iter().collect());
             }
@@ -372,7 +397,8 @@ impl<'m> Engine<'m> {
             site_nodes,
             rules,
             rules_of,
-            spread: BTreeMap::new(),
+            spread: vec![Default::default(); group_ids.len()],
+            group_ids,
             assigned: BTreeMap::new(),
             model_nodes,
             group_scope,
@@ -390,18 +416,19 @@ impl<'m> Engine<'m> {
     pub(crate) fn ctx(&self, vm: &Vm) -> VmCtx {
         let spread = vm.group.as_deref().and_then(|group| {
             let scope = *self.group_scope.get(group)?;
-            let counts = self.spread.get(group);
+            let g = *self.group_ids.get(group)?;
+            let counts = &self.spread[g];
             let min = self
                 .domains
                 .get(&(vm.site.clone(), scope))
                 .map(|ds| {
                     ds.iter()
-                        .map(|d| counts.and_then(|c| c.get(d)).copied().unwrap_or(0))
+                        .map(|d| counts.get(d).copied().unwrap_or(0))
                         .min()
                         .unwrap_or(0)
                 })
                 .unwrap_or(0);
-            Some((scope, min))
+            Some((scope, min, g))
         });
         VmCtx {
             spread,
@@ -431,7 +458,7 @@ impl<'m> Engine<'m> {
         }
         if let Some(p) = primary {
             let scope = ft_scope(self.model, &vm.site);
-            if self.nodes[p].domain(scope) == n.domain(scope) {
+            if self.nodes[p].dom(scope) == n.dom(scope) {
                 return Verdict::Ruled(
                     "ft-domain",
                     format!("an FT secondary must be in another {scope} than its primary"),
@@ -449,17 +476,16 @@ impl<'m> Engine<'m> {
                     AffinityKind::Apart => {
                         self.rules[r]
                             .members
-                            .get(n.domain(a.scope))
+                            .get(&n.dom(a.scope))
                             .copied()
                             .unwrap_or(0)
                             > 0
                     }
                     AffinityKind::Together => {
-                        let placed: usize = self.rules[r].members.values().sum();
-                        placed > 0
+                        self.rules[r].placed > 0
                             && self.rules[r]
                                 .members
-                                .get(n.domain(a.scope))
+                                .get(&n.dom(a.scope))
                                 .copied()
                                 .unwrap_or(0)
                                 == 0
@@ -469,15 +495,10 @@ impl<'m> Engine<'m> {
                     return Verdict::Ruled("affinity", a.name.clone());
                 }
             }
-            if let Some((scope, min)) = ctx.spread
+            if let Some((scope, min, g)) = ctx.spread
                 && let Some(group) = vm.group.as_deref()
             {
-                let here = self
-                    .spread
-                    .get(group)
-                    .and_then(|c| c.get(n.domain(scope)))
-                    .copied()
-                    .unwrap_or(0);
+                let here = self.spread[g].get(&n.dom(scope)).copied().unwrap_or(0);
                 // Max skew 1: a replica may only go to a domain that holds
                 // the fewest replicas of its group.
                 if here > min {
@@ -515,7 +536,7 @@ impl<'m> Engine<'m> {
                 continue;
             }
             let members = &self.rules[r].members;
-            let here = members.get(n.domain(a.scope)).copied().unwrap_or(0);
+            let here = members.get(&n.dom(a.scope)).copied().unwrap_or(0);
             let ok = match a.kind {
                 AffinityKind::Node => matches_node(&a.nodes, self.model_nodes[i]),
                 AffinityKind::Apart => here == 0,
@@ -556,8 +577,8 @@ impl<'m> Engine<'m> {
                 continue;
             }
             let members = &self.rules[r].members;
-            let here = members.get(n.domain(a.scope)).copied().unwrap_or(0);
-            let placed: usize = members.values().sum();
+            let here = members.get(&n.dom(a.scope)).copied().unwrap_or(0);
+            let placed = self.rules[r].placed;
             let ok = match a.kind {
                 AffinityKind::Node => matches_node(&a.nodes, self.model_nodes[i]),
                 AffinityKind::Apart => here == 0,
@@ -608,22 +629,17 @@ impl<'m> Engine<'m> {
             .map(Vec::as_slice)
             .unwrap_or(&[])
         {
-            let d = self.nodes[node]
-                .domain(self.model.affinities[r].scope)
-                .to_owned();
-            bump(self.rules[r].members.entry(d).or_default());
+            let d = self.nodes[node].dom(self.model.affinities[r].scope);
+            let rule = &mut self.rules[r];
+            bump(rule.members.entry(d).or_default());
+            bump(&mut rule.placed);
         }
         if let Some(group) = vm.group.as_deref()
             && let Some(&scope) = self.group_scope.get(group)
+            && let Some(&g) = self.group_ids.get(group)
         {
-            let d = self.nodes[node].domain(scope).to_owned();
-            bump(
-                self.spread
-                    .entry(group.to_owned())
-                    .or_default()
-                    .entry(d)
-                    .or_default(),
-            );
+            let d = self.nodes[node].dom(scope);
+            bump(self.spread[g].entry(d).or_default());
         }
     }
 
