@@ -18,6 +18,7 @@ pub mod check;
 pub mod diag;
 pub mod fmt;
 pub mod generate;
+pub mod kdl_fast;
 pub mod lower;
 pub mod model;
 pub mod place;

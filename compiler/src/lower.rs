@@ -18,7 +18,7 @@ use crate::units;
 pub fn lower_all(sources: &Sources, diags: &mut Vec<Diagnostic>) -> SpecSet {
     let mut set = SpecSet::default();
     for (file, source) in sources.files() {
-        let Some(doc) = parse(file, &source.text, diags) else {
+        let Some(doc) = parse_for_lowering(file, &source.text, diags) else {
             continue;
         };
         let mut cx = Cx {
@@ -31,7 +31,21 @@ pub fn lower_all(sources: &Sources, diags: &mut Vec<Diagnostic>) -> SpecSet {
     set
 }
 
-/// Parses one file, turning KDL syntax errors into diagnostics.
+/// Parses one file for lowering: with the fast parser of
+/// [`crate::kdl_fast`] when it handles the text, otherwise with [`parse`]
+/// (kdl-rs), so every syntax diagnostic is still kdl-rs's. The document has
+/// names, values and spans but no formatting details; the formatter, which
+/// needs those, calls [`parse`].
+pub fn parse_for_lowering(
+    file: FileId,
+    text: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<KdlDocument> {
+    crate::kdl_fast::parse(text).or_else(|| parse(file, text, diags))
+}
+
+/// Parses one file with kdl-rs, keeping every formatting detail, and turns
+/// KDL syntax errors into diagnostics.
 pub fn parse(file: FileId, text: &str, diags: &mut Vec<Diagnostic>) -> Option<KdlDocument> {
     match KdlDocument::parse_v2(text) {
         Ok(doc) => Some(doc),

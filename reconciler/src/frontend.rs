@@ -330,6 +330,8 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
     let sources = Sources::from_files(files);
     let (mut parse, mut full, mut placing, mut graphing, mut replan) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let mut fast_parse = vec![];
+    let mut fast_files = 0;
     let mut last = None;
     let mut moved_others = 0;
     for _ in 0..runs {
@@ -338,6 +340,13 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
             std::hint::black_box(kdl::KdlDocument::parse_v2(&f.text).is_ok());
         }
         parse.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        fast_files = 0;
+        for (_, f) in sources.files() {
+            fast_files +=
+                usize::from(std::hint::black_box(compiler::kdl_fast::parse(&f.text)).is_some());
+        }
+        fast_parse.push(t.elapsed().as_secs_f64());
         let t = Instant::now();
         let c = std::hint::black_box(compiler::compile(&sources));
         full.push(t.elapsed().as_secs_f64());
@@ -392,6 +401,13 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
     println!(
         "baseline  kdl parse only                    median {:8.1} ms",
         pa * 1e3
+    );
+    let fp = median(fast_parse);
+    println!(
+        "fastparse compiler::kdl_fast ({fast_files}/{} files) median {:8.1} ms  ({:.2}x baseline)",
+        sources.files().count(),
+        fp * 1e3,
+        fp / pa
     );
     println!(
         "compile   parse+resolve+check+expand        median {:8.1} ms  ({:.2}x baseline)",

@@ -1,4 +1,5 @@
 //! Compiler integration tests: robustness against arbitrary input.
 
+mod kdl_fast;
 mod placement;
 mod robustness;
