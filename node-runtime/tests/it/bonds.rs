@@ -18,6 +18,30 @@ impl Drop for Namespaces {
     }
 }
 
+/// A throwaway switch namespace and a node namespace `PREFIXnode` with `nics`
+/// NICs (`nic0`…); both go when the guard drops.
+fn node_namespace(tag: &str, node: &str, nics: usize) -> (Namespaces, String) {
+    let prefix = format!("{tag}{}-", std::process::id() % 100_000);
+    let _ = dev_cluster::teardown(&prefix);
+    let cleanup = Namespaces(prefix.clone());
+    let switch = dev_cluster::create_switch(&prefix).expect("switch namespace");
+    let netns = format!("{prefix}node");
+    dev_cluster::add_node(&switch, &netns, node, nics).expect("node namespace");
+    (cleanup, netns)
+}
+
+/// A node data directory that trusts a fresh controller key.
+fn data_dir() -> (tempfile::TempDir, proto::auth::Identity) {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    std::fs::write(
+        dir.path().join("trusted-controllers"),
+        format!("{}\n", controller.public_key_hex()),
+    )
+    .unwrap();
+    (dir, controller)
+}
+
 fn bond(capacity_bps: u64) -> ApplyBond {
     let class = |name: &str, min_mbit: u64, weight: u32| TrafficClass {
         name: name.into(),
@@ -50,20 +74,8 @@ async fn a_bond_is_applied_observed_and_deleted_in_the_nodes_namespace() {
         eprintln!("skipping: the iproute2 `tc` binary is not installed");
         return;
     }
-    let prefix = format!("cni{}-", std::process::id() % 100_000);
-    let _ = dev_cluster::teardown(&prefix);
-    let _cleanup = Namespaces(prefix.clone());
-    let switch = dev_cluster::create_switch(&prefix).expect("switch namespace");
-    let netns = format!("{prefix}node");
-    dev_cluster::add_node(&switch, &netns, "bond-node", 2).expect("node namespace");
-
-    let dir = tempfile::tempdir().unwrap();
-    let controller = controller();
-    std::fs::write(
-        dir.path().join("trusted-controllers"),
-        format!("{}\n", controller.public_key_hex()),
-    )
-    .unwrap();
+    let (_cleanup, netns) = node_namespace("cni", "bond-node", 2);
+    let (dir, controller) = data_dir();
     let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-node"))
         .args([
@@ -223,14 +235,8 @@ impl Drop for NodeGuard {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_with_networking_disabled_says_why_and_refuses_bonds_without_touching_anything() {
-    let dir = tempfile::tempdir().unwrap();
-    let controller = controller();
+    let (dir, controller) = data_dir();
     let reason = "dev node without its own network namespace (not running as root)";
-    std::fs::write(
-        dir.path().join("trusted-controllers"),
-        format!("{}\n", controller.public_key_hex()),
-    )
-    .unwrap();
     let node = crate::harness::TestNode::start_with_args(
         "no-net",
         dir.path(),
@@ -280,19 +286,8 @@ async fn vm_nics_are_taps_on_tenant_bridges_repaired_by_the_same_definition_and_
         eprintln!("skipping: {why}");
         return;
     }
-    let prefix = format!("cnv{}-", std::process::id() % 100_000);
-    let _ = dev_cluster::teardown(&prefix);
-    let _cleanup = Namespaces(prefix.clone());
-    let switch = dev_cluster::create_switch(&prefix).expect("switch namespace");
-    let netns = format!("{prefix}node");
-    dev_cluster::add_node(&switch, &netns, "nic-node", 1).expect("node namespace");
-    let dir = tempfile::tempdir().unwrap();
-    let controller = controller();
-    std::fs::write(
-        dir.path().join("trusted-controllers"),
-        format!("{}\n", controller.public_key_hex()),
-    )
-    .unwrap();
+    let (_cleanup, netns) = node_namespace("cnv", "nic-node", 1);
+    let (dir, controller) = data_dir();
     let node = crate::harness::TestNode::start_with_args(
         "nic-node",
         dir.path(),
