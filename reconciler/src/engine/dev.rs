@@ -79,12 +79,10 @@ struct DevNetwork {
 /// root, so two dev clusters on one machine never share a namespace.
 fn netns_prefix(ctx: &Ctx) -> String {
     let root = std::fs::canonicalize(&ctx.spec_root).unwrap_or_else(|_| ctx.spec_root.clone());
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in root.as_os_str().as_encoded_bytes() {
-        hash ^= u32::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    format!("cairn-{hash:08x}-")
+    format!(
+        "cairn-{:08x}-",
+        fnv1a_32(root.as_os_str().as_encoded_bytes())
+    )
 }
 
 /// A node's namespace name: `PREFIX + node` (≤ 64 characters, else hashed).
@@ -93,12 +91,14 @@ fn node_netns(prefix: &str, node: &str) -> String {
     if name.len() <= 64 {
         return name;
     }
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in node.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    format!("{prefix}n{hash:08x}")
+    format!("{prefix}n{:08x}", fnv1a_32(node.as_bytes()))
+}
+
+/// 32-bit FNV-1a: short, stable names derived from longer ones.
+fn fnv1a_32(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |hash, byte| {
+        (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// A node's NICs in its dev namespace: the spec node's NICs, then its site's bond

@@ -37,6 +37,13 @@ pub struct ObservedVm {
     pub nics: Vec<ObservedNic>,
 }
 
+impl ObservedVm {
+    /// Its NICs' tenant networks, in order.
+    pub fn nic_networks(&self) -> Vec<&str> {
+        self.nics.iter().map(|n| n.network.as_str()).collect()
+    }
+}
+
 /// A VM NIC as a node reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ObservedNic {
@@ -169,6 +176,14 @@ impl Observed {
             }
         }
         out
+    }
+
+    /// Whether a node answered and carries out network actions (bonds, VM NICs).
+    pub fn can_network(&self, node: &str) -> bool {
+        matches!(
+            self.nodes.get(node),
+            Some(NodeObservation::Reachable { networking, .. }) if networking.unavailable.is_empty()
+        )
     }
 
     /// Whether a node answered.

@@ -43,6 +43,23 @@ pub enum ChangeKind {
     Preempt,
 }
 
+impl Change {
+    /// A change with no details and no steps yet, not site infrastructure, not a move.
+    fn new(kind: ChangeKind, object: &str, name: &str, tenant: &str, node: &str) -> Change {
+        Change {
+            kind,
+            object: object.to_owned(),
+            name: name.to_owned(),
+            tenant: tenant.to_owned(),
+            site: None,
+            node: node.to_owned(),
+            was_node: None,
+            details: vec![],
+            steps: vec![],
+        }
+    }
+}
+
 impl ChangeKind {
     /// The Terraform-style symbol.
     pub fn symbol(self) -> &'static str {
@@ -635,15 +652,13 @@ fn plan_bonds(b: &mut Builder<'_>, left_alone: &mut Vec<LeftAlone>) {
         }) = b.observed.nodes.get(node)
         else {
             // Unreachable: its bonds wait with it.
-            for name in wanted.keys() {
-                if b.observed.nodes.contains_key(node) {
-                    left_alone.push(LeftAlone {
-                        object: "bond".into(),
-                        name: name.clone(),
-                        node: node.clone(),
-                        reason: String::new(),
-                    });
-                }
+            if b.observed.nodes.contains_key(node) {
+                left_alone.extend(wanted.keys().map(|name| LeftAlone {
+                    object: "bond".into(),
+                    name: name.clone(),
+                    node: node.clone(),
+                    reason: String::new(),
+                }));
             }
             continue;
         };
@@ -688,15 +703,10 @@ fn plan_bonds(b: &mut Builder<'_>, left_alone: &mut Vec<LeftAlone>) {
             }
             let step = b.step(node, bond_action(want), vec![]);
             b.changes.push(Change {
-                kind,
-                object: "bond".into(),
-                name: want.name.clone(),
-                tenant: String::new(),
                 site: site.clone(),
-                node: node.clone(),
-                was_node: None,
                 details,
                 steps: vec![step],
+                ..Change::new(kind, "bond", &want.name, "", node)
             });
         }
         for name in have.keys().filter(|n| !wanted.contains_key(*n)) {
@@ -705,15 +715,10 @@ fn plan_bonds(b: &mut Builder<'_>, left_alone: &mut Vec<LeftAlone>) {
             }
             let step = b.step(node, NodeAction::DeleteBond { name: name.clone() }, vec![]);
             b.changes.push(Change {
-                kind: ChangeKind::Delete,
-                object: "bond".into(),
-                name: name.clone(),
-                tenant: String::new(),
                 site: site.clone(),
-                node: node.clone(),
-                was_node: None,
                 details: vec!["its site no longer has this bond".into()],
                 steps: vec![step],
+                ..Change::new(ChangeKind::Delete, "bond", name, "", node)
             });
         }
     }
@@ -826,15 +831,15 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 None => (ChangeKind::Delete, vec![]),
             };
             b.changes.push(Change {
-                kind,
-                object: "vm".into(),
-                name: (*name).to_owned(),
-                tenant: desired.tenants.get(*name).cloned().unwrap_or_default(),
-                node: (*node).to_owned(),
-                site: None,
-                was_node: None,
                 details,
                 steps,
+                ..Change::new(
+                    kind,
+                    "vm",
+                    name,
+                    desired.tenants.get(*name).map_or("", String::as_str),
+                    node,
+                )
             });
         }
     }
@@ -865,15 +870,8 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
             all_vm_deletes.clone(),
         );
         b.changes.push(Change {
-            kind: ChangeKind::Delete,
-            object: "volume".into(),
-            name: (*name).to_owned(),
-            tenant: String::new(),
-            node: (*node).to_owned(),
-            site: None,
-            was_node: None,
-            details: vec![],
             steps: vec![delete],
+            ..Change::new(ChangeKind::Delete, "volume", name, "", node)
         });
     }
     for v in desired.volumes.values() {
@@ -905,15 +903,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 let s = b.create_volume(v, vec![]);
                 volume_steps.insert(v.name.clone(), vec![s]);
                 b.changes.push(Change {
-                    kind: ChangeKind::Create,
-                    object: "volume".into(),
-                    name: v.name.clone(),
-                    tenant: v.tenant.clone(),
-                    node: v.node.clone(),
-                    site: None,
-                    was_node: None,
                     details: volume_details(v),
                     steps: vec![s],
+                    ..Change::new(ChangeKind::Create, "volume", &v.name, &v.tenant, &v.node)
                 });
             }
             Some((node, o)) if *node == v.node => {
@@ -941,33 +933,22 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 let (delete, create) = b.recreate_volume(node, v);
                 volume_steps.insert(v.name.clone(), vec![create]);
                 b.changes.push(Change {
-                    kind: ChangeKind::Replace,
-                    object: "volume".into(),
-                    name: v.name.clone(),
-                    tenant: v.tenant.clone(),
-                    node: v.node.clone(),
-                    site: None,
-                    was_node: None,
                     details: diffs,
                     steps: vec![delete, create],
+                    ..Change::new(ChangeKind::Replace, "volume", &v.name, &v.tenant, &v.node)
                 });
             }
             Some((node, _)) => {
                 let (delete, create) = b.recreate_volume(node, v);
                 volume_steps.insert(v.name.clone(), vec![create]);
                 b.changes.push(Change {
-                    kind: ChangeKind::Move,
-                    object: "volume".into(),
-                    name: v.name.clone(),
-                    tenant: v.tenant.clone(),
-                    node: v.node.clone(),
-                    site: None,
                     was_node: Some((*node).to_owned()),
                     details: vec![
                         "the data is not carried over: volume migration is not supported yet"
                             .into(),
                     ],
                     steps: vec![delete, create],
+                    ..Change::new(ChangeKind::Move, "volume", &v.name, &v.tenant, &v.node)
                 });
             }
         }
@@ -1011,15 +992,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
             (None, None) => {
                 let steps = b.create_vm(vm, deps);
                 b.changes.push(Change {
-                    kind: ChangeKind::Create,
-                    object: "vm".into(),
-                    name: vm.name.clone(),
-                    tenant: vm.tenant.clone(),
-                    node: vm.node.clone(),
-                    site: None,
-                    was_node: None,
                     details: vm_details(vm),
                     steps,
+                    ..Change::new(ChangeKind::Create, "vm", &vm.name, &vm.tenant, &vm.node)
                 });
             }
             (None, Some((old, o))) => {
@@ -1028,15 +1003,10 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 deps.push(delete);
                 steps.extend(b.create_vm(vm, deps));
                 b.changes.push(Change {
-                    kind: ChangeKind::Move,
-                    object: "vm".into(),
-                    name: vm.name.clone(),
-                    tenant: vm.tenant.clone(),
-                    node: vm.node.clone(),
-                    site: None,
                     was_node: Some((*old).to_owned()),
                     details: vec!["cold move: stopped there, started here".into()],
                     steps,
+                    ..Change::new(ChangeKind::Move, "vm", &vm.name, &vm.tenant, &vm.node)
                 });
             }
             (Some(o), _) => {
@@ -1051,25 +1021,20 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         compiler::units::human_size(vm.memory_bytes)
                     ));
                 }
-                let have_nics: Vec<&str> = o.nics.iter().map(|n| n.network.as_str()).collect();
-                if have_nics != vm.nics.iter().map(String::as_str).collect::<Vec<_>>() {
+                let have_nics = o.nic_networks();
+                if have_nics != vm.nics {
                     diffs.push(format!(
                         "nics [{}] → [{}]",
                         have_nics.join(" "),
                         vm.nics.join(" ")
                     ));
                 }
-                let networking_refused = match observed.nodes.get(&vm.node) {
-                    Some(NodeObservation::Reachable { networking, .. }) => {
-                        !networking.unavailable.is_empty()
-                    }
-                    _ => true,
-                };
+                let can_network = observed.can_network(&vm.node);
                 let broken_nics: Vec<String> = o
                     .nics
                     .iter()
                     .enumerate()
-                    .filter(|(_, n)| !n.ready && !networking_refused)
+                    .filter(|(_, n)| !n.ready && can_network)
                     .map(|(i, n)| format!("repair: nic {i} ({}): {}", n.network, n.detail))
                     .collect();
                 let will_start = o.state == "stopped" || o.state == "crashed";
@@ -1077,15 +1042,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     // Same definition again: the node makes the missing parts.
                     let repair = b.step(&vm.node, vm_definition(vm), vec![]);
                     b.changes.push(Change {
-                        kind: ChangeKind::Update,
-                        object: "vm".into(),
-                        name: vm.name.clone(),
-                        tenant: vm.tenant.clone(),
-                        site: None,
-                        node: vm.node.clone(),
-                        was_node: None,
                         details: broken_nics,
                         steps: vec![repair],
+                        ..Change::new(ChangeKind::Update, "vm", &vm.name, &vm.tenant, &vm.node)
                     });
                     continue;
                 }
@@ -1095,15 +1054,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     deps.push(delete);
                     steps.extend(b.create_vm(vm, deps));
                     b.changes.push(Change {
-                        kind: ChangeKind::Replace,
-                        object: "vm".into(),
-                        name: vm.name.clone(),
-                        tenant: vm.tenant.clone(),
-                        node: vm.node.clone(),
-                        site: None,
-                        was_node: None,
                         details: diffs,
                         steps,
+                        ..Change::new(ChangeKind::Replace, "vm", &vm.name, &vm.tenant, &vm.node)
                     });
                 } else if o.state == "stopped" || o.state == "crashed" {
                     let start = b.step(
@@ -1124,15 +1077,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         "stopped; start it".to_owned()
                     };
                     b.changes.push(Change {
-                        kind: ChangeKind::Start,
-                        object: "vm".into(),
-                        name: vm.name.clone(),
-                        tenant: vm.tenant.clone(),
-                        node: vm.node.clone(),
-                        site: None,
-                        was_node: None,
                         details: vec![detail],
                         steps: vec![start],
+                        ..Change::new(ChangeKind::Start, "vm", &vm.name, &vm.tenant, &vm.node)
                     });
                 }
             }

@@ -203,21 +203,14 @@ pub fn status(
         let any = copies.and_then(|c| c.first());
         let row = match (here, any) {
             (Some((node, o)), _) => {
-                let networking_refused = match observed.nodes.get(*node) {
-                    Some(NodeObservation::Reachable { networking, .. }) => {
-                        !networking.unavailable.is_empty()
-                    }
-                    _ => true,
-                };
-                let nics: Vec<&str> = o.nics.iter().map(|n| n.network.as_str()).collect();
                 let drift = if o.vcpus != vm.vcpus
                     || o.memory_bytes != vm.memory_bytes
-                    || nics != vm.nics.iter().map(String::as_str).collect::<Vec<_>>()
+                    || o.nic_networks() != vm.nics
                 {
                     "definition"
                 } else if o.state != "running" {
                     "not-running"
-                } else if !networking_refused && o.nics.iter().any(|n| !n.ready) {
+                } else if observed.can_network(node) && o.nics.iter().any(|n| !n.ready) {
                     "nics"
                 } else {
                     "none"
@@ -538,7 +531,15 @@ pub fn text(status: &Status) -> String {
                 } else {
                     b.implementation.clone()
                 },
-                format!("{} of {}", b.active_members.join(","), b.members.join(",")),
+                format!(
+                    "{} of {}",
+                    if b.active_members.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        b.active_members.join(",")
+                    },
+                    b.members.join(",")
+                ),
                 b.traffic.join(", "),
                 b.health.clone(),
                 b.drift.clone(),
