@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use compiler::generate::{GenConfig, generate};
 use compiler::kdl_fast;
+
+use crate::Rng;
 use kdl::{KdlDocument, KdlEntry, KdlIdentifier, KdlNode, KdlValue};
 
 fn kdl_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -287,21 +289,6 @@ fn edge_cases_agree() {
         } else {
             assert_ne!(outcome, Outcome::Same, "expected a fallback for {text:?}");
         }
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
     }
 }
 

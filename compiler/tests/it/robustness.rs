@@ -8,6 +8,8 @@ use std::path::Path;
 
 use compiler::{Sources, compile, fmt::format_text};
 
+use crate::Rng;
+
 fn examples() -> Vec<(String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
     let mut files = vec![];
@@ -31,20 +33,6 @@ fn examples() -> Vec<(String, String)> {
         }
     }
     files
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 const TOKENS: &[&str] = &[
