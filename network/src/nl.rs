@@ -486,23 +486,36 @@ impl Rtnl {
         }
     }
 
-    /// IPv4 addresses configured on link `index`.
-    pub fn ipv4_addresses(&mut self, index: u32) -> Result<Vec<std::net::Ipv4Addr>, NlError> {
+    /// The address messages of `family` on link `index`.
+    fn addresses_of(
+        &mut self,
+        family: AddressFamily,
+        index: u32,
+    ) -> Result<Vec<AddressMessage>, NlError> {
         let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet;
+        msg.header.family = family;
         let answers = self.request(
             "dump addresses",
             RouteNetlinkMessage::GetAddress(msg),
             NLM_F_DUMP,
         )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|a| match a {
+                RouteNetlinkMessage::NewAddress(a)
+                    if a.header.index == index && a.header.family == family =>
+                {
+                    Some(a)
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// IPv4 addresses configured on link `index`.
+    pub fn ipv4_addresses(&mut self, index: u32) -> Result<Vec<std::net::Ipv4Addr>, NlError> {
         let mut out = Vec::new();
-        for a in answers {
-            let RouteNetlinkMessage::NewAddress(a) = a else {
-                continue;
-            };
-            if a.header.index != index {
-                continue;
-            }
+        for a in self.addresses_of(AddressFamily::Inet, index)? {
             for attr in &a.attributes {
                 if let AddressAttribute::Local(IpAddr::V4(v4)) = attr {
                     out.push(*v4);
@@ -516,21 +529,8 @@ impl Rtnl {
     /// state (a tentative or DAD-failed address is not yet, or never, the
     /// link's to use).
     pub fn ipv6_addresses(&mut self, index: u32) -> Result<Vec<Ipv6AddressState>, NlError> {
-        let mut msg = AddressMessage::default();
-        msg.header.family = AddressFamily::Inet6;
-        let answers = self.request(
-            "dump ipv6 addresses",
-            RouteNetlinkMessage::GetAddress(msg),
-            NLM_F_DUMP,
-        )?;
         let mut out = Vec::new();
-        for a in answers {
-            let RouteNetlinkMessage::NewAddress(a) = a else {
-                continue;
-            };
-            if a.header.index != index || a.header.family != AddressFamily::Inet6 {
-                continue;
-            }
+        for a in self.addresses_of(AddressFamily::Inet6, index)? {
             // IFA_FLAGS (32 bits) supersedes the 8-bit header flags when present.
             let mut flags = u32::from(a.header.flags.bits());
             let mut addr = None;
