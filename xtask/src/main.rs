@@ -106,7 +106,55 @@ fn install_packages() -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// Free space a clean debug build and test run of the workspace needs, with margin
+/// (measured: about 4 GiB for the target directory after `cargo xtask ci`).
+const CI_DISK_NEED_GIB: u64 = 8;
+
+/// Free bytes on the filesystem holding `path`, from `df` (no libc binding needed).
+fn free_bytes(path: &Path) -> Option<u64> {
+    let out = Command::new("df").arg("-Pk").arg(path).output().ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    let kib: u64 = text
+        .lines()
+        .nth(1)?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Says up front when the disk is too full for a build, instead of letting the
+/// linker fail later with ENOSPC deep inside cargo's output.
+fn check_disk(root: &Path) {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.to_owned());
+    let probe = target
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(root)
+        .to_owned();
+    match free_bytes(&probe) {
+        Some(free) if free < CI_DISK_NEED_GIB << 30 => eprintln!(
+            "warning: {:.1} GiB free on the filesystem of {}; a clean build and test run needs about {CI_DISK_NEED_GIB} GiB. Free space (old target directories) if the build fails with \"No space left on device\".",
+            free as f64 / (1u64 << 30) as f64,
+            probe.display()
+        ),
+        Some(free) => eprintln!(
+            "disk: {:.1} GiB free on the filesystem of {}",
+            free as f64 / (1u64 << 30) as f64,
+            probe.display()
+        ),
+        None => eprintln!(
+            "disk: cannot tell the free space of {} (no df)",
+            probe.display()
+        ),
+    }
+}
+
 fn ci() -> anyhow::Result<()> {
+    check_disk(&std::env::current_dir()?);
     install_packages()?;
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     run(Command::new("cargo").args([
