@@ -5,8 +5,10 @@
  * What it does:
  *   vCPU 0: prints a banner on the 16550 serial port, sends a heartbeat, runs the
  *           virtio-blk self-test (write a pattern to the last 4 KiB of the disk, read
- *           it back, compare), then loops every tick: heartbeat, dirty the number of
- *           pages the VMM's rate limiter grants, poll the command port.
+ *           it back, compare), brings up the first virtio-net device if there is one,
+ *           then loops every tick: heartbeat, answer ARP and ICMP echo requests for
+ *           its IPv4 address on the network device, dirty the number of pages the
+ *           VMM's rate limiter grants, poll the command port.
  *   vCPU n: heartbeat every tick.
  *
  * Entry state (set by the VMM): rip = LOAD_ADDR, rdi = vCPU index,
@@ -38,6 +40,7 @@ _start:
     lea rsi, [rip + msg_banner]
     call serial_puts
     call block_self_test
+    call net_init
 
     mov dx, PORT_DIRTY_END
     in eax, dx
@@ -50,6 +53,7 @@ _start:
 
 main_loop:
     call heartbeat
+    call net_poll
 
     /* Dirty as many pages as the VMM grants for this tick, round-robin. */
     mov dx, PORT_DIRTY_QUOTA
@@ -335,11 +339,275 @@ blk_request:
     mov eax, 0xFF
     ret
 
+/*
+ * virtio-net bring-up over virtio-mmio: VERSION_1 and MAC only, receive queue 0 with
+ * VQ_SIZE buffers of NET_RX_BUF_SIZE posted, transmit queue 1. Records the MAC (from
+ * config space) and the IPv4 address (from PORT_NET_IPV4) in NET_STATE_ADDR and marks
+ * the device up there. No device, or a device that refuses: the guest runs without.
+ * Preserves r12-r15 and rbp.
+ */
+net_init:
+    push rbx
+    mov dword ptr [NET_STATE_ADDR], 0
+    mov ebx, VIRTIO_NET_MMIO_BASE
+    mov eax, [rbx + 0x000]
+    cmp eax, 0x74726976
+    jne .Lnet_out
+    mov eax, [rbx + 0x004]
+    cmp eax, 2
+    jne .Lnet_out
+    mov eax, [rbx + 0x008]          /* DeviceID: 1 = network */
+    cmp eax, 1
+    jne .Lnet_out
+    mov dword ptr [rbx + 0x070], 0  /* reset */
+    mov dword ptr [rbx + 0x070], 3  /* ACKNOWLEDGE | DRIVER */
+    mov dword ptr [rbx + 0x014], 1
+    mov eax, [rbx + 0x010]
+    test eax, 1                     /* VIRTIO_F_VERSION_1 */
+    jz .Lnet_failed
+    mov dword ptr [rbx + 0x014], 0
+    mov eax, [rbx + 0x010]
+    test eax, 0x20                  /* VIRTIO_NET_F_MAC */
+    jz .Lnet_failed
+    mov dword ptr [rbx + 0x024], 1
+    mov dword ptr [rbx + 0x020], 1
+    mov dword ptr [rbx + 0x024], 0
+    mov dword ptr [rbx + 0x020], 0x20
+    mov dword ptr [rbx + 0x070], 0xB /* | FEATURES_OK */
+    mov eax, [rbx + 0x070]
+    test eax, 8
+    jz .Lnet_failed
+
+    mov edi, NET_RXQ_ADDR           /* clear both queues' descriptors and rings */
+    xor eax, eax
+    mov ecx, 0x2000 / 8
+    rep stosq
+    xor ecx, ecx                    /* queue 0 (receive) at NET_RXQ_ADDR */
+    mov edx, NET_RXQ_ADDR
+    call net_setup_queue
+    jc .Lnet_failed
+    mov ecx, 1                      /* queue 1 (transmit) at NET_TXQ_ADDR */
+    mov edx, NET_TXQ_ADDR
+    call net_setup_queue
+    jc .Lnet_failed
+
+    xor ecx, ecx                    /* receive descriptor i: buffer i, device-writable */
+1:
+    mov eax, ecx
+    shl eax, 4
+    lea rdi, [NET_RXQ_ADDR + rax]
+    mov eax, ecx
+    shl eax, 11                     /* NET_RX_BUF_SIZE = 0x800 */
+    add eax, NET_RX_BUF_ADDR
+    mov [rdi], rax
+    mov dword ptr [rdi + 8], NET_RX_BUF_SIZE
+    mov word ptr [rdi + 12], 2      /* WRITE */
+    mov word ptr [rdi + 14], 0
+    mov [NET_RXQ_ADDR + 0x104 + rcx * 2], cx /* avail ring entry i = descriptor i */
+    inc ecx
+    cmp ecx, VQ_SIZE
+    jb 1b
+    mov word ptr [NET_RXQ_ADDR + 0x102], VQ_SIZE /* avail idx */
+    mov dword ptr [rbx + 0x070], 0xF /* | DRIVER_OK */
+    mov dword ptr [rbx + 0x050], 0  /* notify: receive buffers are posted */
+
+    mov eax, [rbx + 0x100]          /* MAC, bytes 0..3 */
+    mov [NET_STATE_ADDR + 8], eax
+    movzx eax, word ptr [rbx + 0x104] /* bytes 4..5 */
+    mov [NET_STATE_ADDR + 12], ax
+    mov dx, PORT_NET_IPV4
+    in eax, dx
+    mov [NET_STATE_ADDR + 4], eax
+    mov word ptr [NET_STATE_ADDR + 16], 0
+    mov dword ptr [NET_STATE_ADDR], 1
+    lea rsi, [rip + msg_net_up]
+    call serial_puts
+    jmp .Lnet_out
+.Lnet_failed:
+    mov dword ptr [rbx + 0x070], 0x80 /* FAILED */
+    lea rsi, [rip + msg_net_fail]
+    call serial_puts
+.Lnet_out:
+    pop rbx
+    ret
+
+/* Sets up queue ecx with VQ_SIZE entries at edx (desc, avail +0x100, used +0x200) on
+ * the device at rbx. Carry set when the device cannot take VQ_SIZE entries. */
+net_setup_queue:
+    mov [rbx + 0x030], ecx          /* QueueSel */
+    mov eax, [rbx + 0x034]          /* QueueNumMax */
+    cmp eax, VQ_SIZE
+    jb 1f
+    mov dword ptr [rbx + 0x038], VQ_SIZE
+    mov [rbx + 0x080], edx
+    mov dword ptr [rbx + 0x084], 0
+    lea eax, [rdx + 0x100]
+    mov [rbx + 0x090], eax
+    mov dword ptr [rbx + 0x094], 0
+    lea eax, [rdx + 0x200]
+    mov [rbx + 0x0a0], eax
+    mov dword ptr [rbx + 0x0a4], 0
+    mov dword ptr [rbx + 0x044], 1  /* QueueReady */
+    clc
+    ret
+1:
+    stc
+    ret
+
+/*
+ * Takes every frame the device returned on the receive queue, answers it if it is an
+ * ARP request or ICMP echo request for our address, and posts its buffer again.
+ * Preserves r12-r15 and rbp.
+ */
+net_poll:
+    cmp dword ptr [NET_STATE_ADDR], 1
+    jne 9f
+    push rbx
+    mov ebx, VIRTIO_NET_MMIO_BASE
+1:
+    movzx eax, word ptr [NET_RXQ_ADDR + 0x202]  /* used idx */
+    movzx ecx, word ptr [NET_STATE_ADDR + 16]   /* the next one we have not taken */
+    cmp ax, cx
+    je 2f
+    mov edx, ecx
+    and edx, VQ_SIZE - 1
+    mov r8d, [NET_RXQ_ADDR + 0x204 + rdx * 8]   /* descriptor (= buffer) index */
+    and r8d, VQ_SIZE - 1
+    mov r9d, [NET_RXQ_ADDR + 0x208 + rdx * 8]   /* bytes written, header included */
+    inc ecx
+    mov [NET_STATE_ADDR + 16], cx
+    mov r10d, r8d
+    shl r10d, 11
+    add r10d, NET_RX_BUF_ADDR
+    cmp r9d, NET_RX_BUF_SIZE
+    ja 3f
+    call net_answer
+3:
+    movzx eax, word ptr [NET_RXQ_ADDR + 0x102]  /* post the buffer again */
+    mov edx, eax
+    and edx, VQ_SIZE - 1
+    mov [NET_RXQ_ADDR + 0x104 + rdx * 2], r8w
+    inc eax
+    mov [NET_RXQ_ADDR + 0x102], ax
+    mov dword ptr [rbx + 0x050], 0
+    jmp 1b
+2:
+    pop rbx
+9:
+    ret
+
+/*
+ * r10 = receive buffer (12-byte virtio header, then the Ethernet frame), r9d = its
+ * length. Turns an ARP request or ICMP echo request for our IPv4 address into the reply,
+ * in place, and transmits it (the VMM sends it during the notify exit, so the buffer
+ * is free again on return). Anything else is left alone. Preserves rbx, r8, r12-r15.
+ */
+net_answer:
+    mov eax, [NET_STATE_ADDR + 4]
+    test eax, eax
+    jz 9f                           /* no address: answer nothing */
+    lea rdi, [r10 + 12]             /* Ethernet frame */
+    cmp r9d, 12 + 14 + 28
+    jb 9f
+    movzx eax, word ptr [rdi + 12]  /* EtherType, big-endian in memory */
+    cmp ax, 0x0608                  /* ARP */
+    je 1f
+    cmp ax, 0x0008                  /* IPv4 */
+    je 2f
+9:
+    ret
+1:  /* ARP: Ethernet/IPv4, request, for our address */
+    cmp dword ptr [rdi + 14], 0x00080100
+    jne 9b
+    cmp dword ptr [rdi + 18], 0x01000406
+    jne 9b
+    mov eax, [NET_STATE_ADDR + 4]
+    cmp eax, [rdi + 38]
+    jne 9b
+    mov byte ptr [rdi + 21], 2      /* reply */
+    mov eax, [rdi + 22]             /* target hardware address = the asker's */
+    mov [rdi + 32], eax
+    mov ax, [rdi + 26]
+    mov [rdi + 36], ax
+    mov eax, [rdi + 28]             /* target protocol address = the asker's */
+    mov [rdi + 38], eax
+    mov eax, [NET_STATE_ADDR + 8]   /* sender = us */
+    mov [rdi + 22], eax
+    mov ax, [NET_STATE_ADDR + 12]
+    mov [rdi + 26], ax
+    mov eax, [NET_STATE_ADDR + 4]
+    mov [rdi + 28], eax
+    mov eax, [rdi + 32]             /* Ethernet destination = the asker */
+    mov [rdi], eax
+    mov ax, [rdi + 36]
+    mov [rdi + 4], ax
+    mov r9d, 12 + 14 + 28
+    jmp 5f
+2:  /* IPv4: version 4, protocol ICMP, for our address, echo request */
+    movzx ecx, byte ptr [rdi + 14]
+    mov edx, ecx
+    shr edx, 4
+    cmp edx, 4
+    jne 9b
+    and ecx, 0xF
+    shl ecx, 2                      /* header length in bytes */
+    cmp ecx, 20
+    jb 9b
+    lea edx, [ecx + 12 + 14 + 8]    /* the ICMP header must be inside the frame */
+    cmp r9d, edx
+    jb 9b
+    cmp byte ptr [rdi + 14 + 9], 1
+    jne 9b
+    mov eax, [NET_STATE_ADDR + 4]
+    cmp eax, [rdi + 30]
+    jne 9b
+    lea rsi, [rdi + 14 + rcx]       /* ICMP header */
+    cmp byte ptr [rsi], 8
+    jne 9b
+    mov byte ptr [rsi], 0           /* echo reply */
+    movzx eax, word ptr [rsi + 2]   /* checksum: type 8 -> 0 adds 0x0800 (RFC 1624) */
+    rol ax, 8
+    add ax, 0x0800
+    adc ax, 0
+    rol ax, 8
+    mov [rsi + 2], ax
+    mov eax, [rdi + 26]             /* swap source and destination addresses; the */
+    mov edx, [rdi + 30]             /* header checksum does not change */
+    mov [rdi + 26], edx
+    mov [rdi + 30], eax
+    mov eax, [rdi + 6]              /* Ethernet destination = the sender */
+    mov [rdi], eax
+    mov ax, [rdi + 10]
+    mov [rdi + 4], ax
+5:  /* Ethernet source = us; clean virtio header; transmit on queue 1 */
+    mov eax, [NET_STATE_ADDR + 8]
+    mov [rdi + 6], eax
+    mov ax, [NET_STATE_ADDR + 12]
+    mov [rdi + 10], ax
+    mov qword ptr [r10], 0
+    mov dword ptr [r10 + 8], 0
+    mov [NET_TXQ_ADDR], r10
+    mov [NET_TXQ_ADDR + 8], r9d
+    mov dword ptr [NET_TXQ_ADDR + 12], 0 /* flags 0, next 0 */
+    movzx eax, word ptr [NET_TXQ_ADDR + 0x102]
+    mov edx, eax
+    and edx, VQ_SIZE - 1
+    mov word ptr [NET_TXQ_ADDR + 0x104 + rdx * 2], 0
+    inc eax
+    mov [NET_TXQ_ADDR + 0x102], ax
+    mov dword ptr [rbx + 0x050], 1  /* notify queue 1 */
+    mov eax, 1
+    mov dx, PORT_NET_REPLIED
+    out dx, eax
+    ret
+
     .section .rodata
 msg_banner:     .asciz "cairn-guest: up\r\n"
 msg_block_pass: .asciz "cairn-guest: block self-test pass\r\n"
 msg_block_fail: .asciz "cairn-guest: block self-test FAIL\r\n"
 msg_block_none: .asciz "cairn-guest: no block device\r\n"
+msg_net_up:     .asciz "cairn-guest: network device up\r\n"
+msg_net_fail:   .asciz "cairn-guest: network device FAILED\r\n"
 
     .section .data
     .balign 8

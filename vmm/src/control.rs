@@ -182,8 +182,37 @@ pub struct VmStatus {
     /// virtio-blk counters of every disk, in `--disk` order.
     #[serde(default)]
     pub disks: Vec<BlockStatus>,
+    /// virtio-net devices, in `--nic` order.
+    #[serde(default)]
+    pub nics: Vec<NicStatus>,
+    /// ARP and ICMP echo requests the built-in guest has answered.
+    #[serde(default)]
+    pub net_replies: u64,
     /// VM exits by kind.
     pub exits: ExitCounts,
+}
+
+/// A virtio-net device and its frame counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicStatus {
+    /// The host tap it is attached to.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: String,
+    /// Whether the guest's driver has brought it up.
+    pub driver_ok: bool,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames the guest could not take (driver not running, buffer too small).
+    pub rx_dropped: u64,
+    /// Frames the guest sent.
+    pub tx_frames: u64,
+    /// Bytes the guest sent.
+    pub tx_bytes: u64,
+    /// Frames that could not be sent.
+    pub tx_errors: u64,
 }
 
 /// virtio-blk request counters.

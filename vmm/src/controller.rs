@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 
-use crate::control::{BlockStatus, ExitCounts, VmStatus};
+use crate::control::{BlockStatus, ExitCounts, NicStatus, VmStatus};
+use crate::devices::virtio_net::format_mac;
 use crate::guest::{self, abi};
 use crate::memory::{DirtyBitmap, GuestRam, MemoryError};
 use crate::vcpu::{RunState, Shared};
@@ -100,6 +101,21 @@ impl Controller {
                 errors: load(&stats.errors),
             })
             .collect();
+        let nics = shared
+            .nets
+            .iter()
+            .map(|net| NicStatus {
+                tap: net.tap_name.clone(),
+                mac: format_mac(net.mac),
+                driver_ok: net.device.lock().expect("net lock").driver_ok(),
+                rx_frames: load(&net.stats.rx_frames),
+                rx_bytes: load(&net.stats.rx_bytes),
+                rx_dropped: load(&net.stats.rx_dropped),
+                tx_frames: load(&net.stats.tx_frames),
+                tx_bytes: load(&net.stats.tx_bytes),
+                tx_errors: load(&net.stats.tx_errors),
+            })
+            .collect();
         VmStatus {
             state: self.state().name().to_string(),
             boot: if shared.builtin {
@@ -130,6 +146,8 @@ impl Controller {
             block_tests: telemetry.block_tests.load(Ordering::Acquire),
             block: disks.first().cloned(),
             disks,
+            nics,
+            net_replies: telemetry.net_replies(),
             exits: ExitCounts {
                 io_in: load(&exits.io_in),
                 io_out: load(&exits.io_out),

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cairn-vmm --vm-dir DIR --memory 64MiB [--name NAME] [--vcpus N] [--builtin cairn-guest]
-//!           [--disk FILE [--disk-read-only]] [--kernel BZIMAGE [--initrd FILE] [--cmdline TEXT]]
+//!           [--disk FILE [--disk-read-only]] [--nic tap=NAME[,mac=MAC][,ipv4=ADDRESS]]
+//!           [--kernel BZIMAGE [--initrd FILE] [--cmdline TEXT]]
 //!           [--serial-log FILE] [--control-socket PATH] [--memory-mib N]
 //!           [--tick-ms 10] [--dirty-rate PAGES_PER_SECOND] [--grace-ms 2000]
 //! cairn-vmm --host-info
@@ -24,8 +25,9 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::json;
 use vmm::devices::block::{BlockBackend, FileBackend};
+use vmm::devices::virtio_net::{NicArg, default_mac, open_tap};
 use vmm::kvm::HostKvm;
-use vmm::vm::Notification;
+use vmm::vm::{NicConfig, Notification};
 use vmm::{BootSource, Vm, VmConfig, control, exit_code};
 
 #[derive(Debug, Parser)]
@@ -67,6 +69,11 @@ struct Cli {
     /// most 8; the built-in guest self-tests the first).
     #[arg(long)]
     disk: Vec<PathBuf>,
+    /// A network device on an existing tap of this namespace:
+    /// `tap=NAME[,mac=aa:bb:cc:dd:ee:ff][,ipv4=ADDRESS]`; repeat for more (at most 4).
+    /// The built-in guest answers ARP and ping for the first NIC's ipv4.
+    #[arg(long)]
+    nic: Vec<NicArg>,
     /// Serve every disk read-only.
     #[arg(long, requires = "disk")]
     disk_read_only: bool,
@@ -210,6 +217,24 @@ fn run(cli: Cli) -> u8 {
             }
         }
     }
+    let mut nics = Vec::with_capacity(cli.nic.len());
+    for (index, nic) in cli.nic.iter().enumerate() {
+        match open_tap(&nic.tap) {
+            Ok(tap) => nics.push(NicConfig {
+                tap_name: nic.tap.clone(),
+                tap: Arc::new(tap),
+                mac: nic.mac.unwrap_or_else(|| default_mac(&cli.name, index)),
+                ipv4: nic.ipv4,
+            }),
+            Err(error) => {
+                eprintln!(
+                    "error: vm {}: cannot attach to the tap {}: {error} (the tap must exist in this network namespace, and attaching needs CAP_NET_ADMIN or the tap's owner)",
+                    cli.name, nic.tap
+                );
+                return exit_code::USAGE;
+            }
+        }
+    }
     let boot = match cli.kernel {
         None => BootSource::Builtin,
         Some(kernel) => BootSource::Linux {
@@ -227,6 +252,7 @@ fn run(cli: Cli) -> u8 {
         vcpus: cli.vcpus,
         boot,
         disks,
+        nics,
         console_log: console_log.clone(),
         tick: Duration::from_millis(cli.tick_ms.max(1)),
         dirty_pages_per_second: cli.dirty_rate,

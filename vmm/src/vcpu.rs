@@ -6,7 +6,7 @@
 //! (SIGRTMIN with a no-op handler) until every vCPU has acknowledged.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::{self, JoinHandle};
@@ -16,6 +16,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use crate::devices::ports::{GuestTelemetry, PortAction};
 use crate::devices::serial::{COM1_BASE, COM1_LEN, Console};
 use crate::devices::virtio_blk::{BlockStats, VirtioMmioBlock};
+use crate::devices::virtio_net::{NetStats, VirtioMmioNet};
 use crate::guest::abi;
 use crate::memory::GuestRam;
 use crate::vm::{VmError, VmEvent};
@@ -62,6 +63,18 @@ pub(crate) struct RunControl {
     pub(crate) paused: usize,
 }
 
+/// One network device with what its receive pump and status need beside it.
+#[derive(Debug)]
+pub(crate) struct NetSlot {
+    pub(crate) device: Mutex<VirtioMmioNet>,
+    /// Notified when the driver posts receive buffers (a queue 0 notify).
+    pub(crate) rx_ready: Condvar,
+    pub(crate) stats: Arc<NetStats>,
+    pub(crate) tap: Arc<std::fs::File>,
+    pub(crate) tap_name: String,
+    pub(crate) mac: [u8; 6],
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) run: Mutex<RunControl>,
@@ -71,6 +84,9 @@ pub(crate) struct Shared {
     pub(crate) console: Mutex<Console>,
     pub(crate) blocks: Vec<Mutex<VirtioMmioBlock>>,
     pub(crate) block_stats: Vec<Arc<BlockStats>>,
+    pub(crate) nets: Vec<NetSlot>,
+    /// Set when the VM has ended: the network receive pumps return.
+    pub(crate) pumps_stop: AtomicBool,
     pub(crate) vcpu_threads: Mutex<Vec<libc::pthread_t>>,
     pub(crate) events: Sender<VmEvent>,
     pub(crate) boot_count: AtomicU64,
@@ -279,19 +295,37 @@ fn handle_exit(
         }
         VcpuExit::MmioRead(address, data) => {
             exits.mmio_read.fetch_add(1, Ordering::Relaxed);
-            match block_offset(shared, address) {
-                Some((block, offset)) => block.lock().expect("block lock").mmio_read(offset, data),
+            match mmio_device(shared, address) {
+                Some((MmioDevice::Block(block), offset)) => {
+                    block.lock().expect("block lock").mmio_read(offset, data);
+                }
+                Some((MmioDevice::Net(net), offset)) => {
+                    net.device.lock().expect("net lock").mmio_read(offset, data);
+                }
                 None => data.fill(0),
             }
             None
         }
         VcpuExit::MmioWrite(address, data) => {
             exits.mmio_write.fetch_add(1, Ordering::Relaxed);
-            if let Some((block, offset)) = block_offset(shared, address) {
-                block
-                    .lock()
-                    .expect("block lock")
-                    .mmio_write(ram.memory(), offset, data);
+            match mmio_device(shared, address) {
+                Some((MmioDevice::Block(block), offset)) => {
+                    block
+                        .lock()
+                        .expect("block lock")
+                        .mmio_write(ram.memory(), offset, data);
+                }
+                Some((MmioDevice::Net(net), offset)) => {
+                    let posted =
+                        net.device
+                            .lock()
+                            .expect("net lock")
+                            .mmio_write(ram.memory(), offset, data);
+                    if posted {
+                        net.rx_ready.notify_all();
+                    }
+                }
+                None => {}
             }
             None
         }
@@ -338,10 +372,23 @@ fn handle_exit(
     }
 }
 
-fn block_offset(shared: &Shared, address: u64) -> Option<(&Mutex<VirtioMmioBlock>, u64)> {
-    let offset = address.checked_sub(abi::VIRTIO_BLK_MMIO_BASE)?;
+enum MmioDevice<'a> {
+    Block(&'a Mutex<VirtioMmioBlock>),
+    Net(&'a NetSlot),
+}
+
+/// The virtio device whose 4 KiB window holds `address`, and the offset in it.
+fn mmio_device(shared: &Shared, address: u64) -> Option<(MmioDevice<'_>, u64)> {
+    let offset = address % abi::VIRTIO_MMIO_SIZE;
+    if let Some(relative) = address.checked_sub(abi::VIRTIO_NET_MMIO_BASE) {
+        let net = shared
+            .nets
+            .get(usize::try_from(relative / abi::VIRTIO_MMIO_SIZE).ok()?)?;
+        return Some((MmioDevice::Net(net), offset));
+    }
+    let relative = address.checked_sub(abi::VIRTIO_BLK_MMIO_BASE)?;
     let block = shared
         .blocks
-        .get(usize::try_from(offset / abi::VIRTIO_MMIO_SIZE).ok()?)?;
-    Some((block, offset % abi::VIRTIO_MMIO_SIZE))
+        .get(usize::try_from(relative / abi::VIRTIO_MMIO_SIZE).ok()?)?;
+    Some((MmioDevice::Block(block), offset))
 }

@@ -10,7 +10,7 @@
 use std::fs;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
@@ -24,14 +24,16 @@ use crate::arch::{self, ArchError};
 use crate::devices::block::BlockBackend;
 use crate::devices::ports::GuestTelemetry;
 use crate::devices::serial::{COM1_IRQ, Console, SerialInterrupt};
-use crate::devices::virtio_blk::{Interrupt, VirtioMmioBlock};
+use crate::devices::virtio::Interrupt;
+use crate::devices::virtio_blk::VirtioMmioBlock;
+use crate::devices::virtio_net::{Delivery, MAX_FRAME, VirtioMmioNet};
 use crate::exit_code;
 use crate::guest::{self, abi};
 use crate::kvm::{self, KvmError};
 use crate::linux::{self, LinuxError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::mptable::{self, MpTableError};
-use crate::vcpu::{ExitCounters, RunControl, Shared, install_kick_handler, spawn_vcpus};
+use crate::vcpu::{ExitCounters, NetSlot, RunControl, Shared, install_kick_handler, spawn_vcpus};
 
 pub use crate::controller::{ControlError, Controller, process_rss_bytes};
 pub use crate::vcpu::RunState;
@@ -45,6 +47,32 @@ pub const VIRTIO_BLK_IRQS: [u32; 8] = [5, 6, 7, 9, 10, 11, 14, 15];
 pub const VIRTIO_BLK_IRQ: u32 = VIRTIO_BLK_IRQS[0];
 /// Most disks a VM may have.
 pub const MAX_DISKS: usize = VIRTIO_BLK_IRQS.len();
+
+/// Interrupt lines of the virtio-net devices for Linux guests, in NIC order (I/O APIC
+/// pins above the ISA range; the MP table routes 0..=23).
+pub const VIRTIO_NET_IRQS: [u32; 4] = [16, 17, 18, 19];
+/// Most network devices a VM may have.
+pub const MAX_NICS: usize = VIRTIO_NET_IRQS.len();
+
+/// Guest-physical base of the virtio-MMIO window of NIC `index` (one 4 KiB window each,
+/// from `VIRTIO_NET_MMIO_BASE` on, after the disks' windows; the built-in guest uses NIC 0).
+pub fn nic_mmio_base(index: usize) -> u64 {
+    abi::VIRTIO_NET_MMIO_BASE + index as u64 * abi::VIRTIO_MMIO_SIZE
+}
+
+/// A network device of the VM: a virtio-net device on a host tap.
+#[derive(Debug, Clone)]
+pub struct NicConfig {
+    /// The tap's name (for status), in the namespace the tap was opened in.
+    pub tap_name: String,
+    /// The tap, opened by [`crate::devices::virtio_net::open_tap`].
+    pub tap: Arc<fs::File>,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The IPv4 address the built-in guest answers ARP and ICMP echo requests for
+    /// (first NIC only; Linux guests configure their own).
+    pub ipv4: Option<std::net::Ipv4Addr>,
+}
 
 /// Guest-physical base of the virtio-MMIO window of disk `index` (one 4 KiB window each,
 /// from `VIRTIO_BLK_MMIO_BASE` on; the built-in guest uses disk 0).
@@ -65,7 +93,7 @@ pub enum BootSource {
         kernel: PathBuf,
         /// Path of the initrd, if any.
         initrd: Option<PathBuf>,
-        /// Kernel command line (a virtio_mmio device entry is appended for the disk).
+        /// Kernel command line (a virtio_mmio device entry is appended for each disk and NIC).
         cmdline: String,
     },
 }
@@ -81,6 +109,8 @@ pub struct VmConfig {
     pub boot: BootSource,
     /// The disks, each behind its own virtio-blk device (at most [`MAX_DISKS`]).
     pub disks: Vec<Arc<dyn BlockBackend>>,
+    /// The network devices (at most [`MAX_NICS`]).
+    pub nics: Vec<NicConfig>,
     /// File the serial console is appended to.
     pub console_log: PathBuf,
     /// The built-in guest's main-loop period.
@@ -99,6 +129,7 @@ impl VmConfig {
             vcpus,
             boot: BootSource::Builtin,
             disks: Vec::new(),
+            nics: Vec::new(),
             console_log,
             tick: Duration::from_millis(10),
             dirty_pages_per_second: 0,
@@ -268,6 +299,12 @@ impl Vm {
                 config.disks.len()
             )));
         }
+        if config.nics.len() > MAX_NICS {
+            return Err(VmError::Config(format!(
+                "at most {MAX_NICS} network devices per VM, got {}",
+                config.nics.len()
+            )));
+        }
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmError::Config(format!(
                 "vcpus must be 1..={MAX_VCPUS}, got {}",
@@ -297,11 +334,13 @@ impl Vm {
                 let kernel_bytes = read(kernel)?;
                 let initrd_bytes = initrd.as_ref().map(read).transpose()?;
                 let mut cmdline = cmdline.clone();
-                for (index, irq) in VIRTIO_BLK_IRQS.iter().enumerate().take(config.disks.len()) {
-                    cmdline.push_str(&format!(
-                        " virtio_mmio.device=4K@{:#x}:{irq}",
-                        disk_mmio_base(index)
-                    ));
+                // Each virtio-MMIO window (disks, then NICs) is announced to Linux on
+                // the command line with its interrupt line.
+                let disks =
+                    (0..config.disks.len()).map(|i| (disk_mmio_base(i), VIRTIO_BLK_IRQS[i]));
+                let nics = (0..config.nics.len()).map(|i| (nic_mmio_base(i), VIRTIO_NET_IRQS[i]));
+                for (base, irq) in disks.chain(nics) {
+                    cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
                 }
                 Some((kernel_bytes, initrd_bytes, cmdline))
             }
@@ -353,26 +392,40 @@ impl Vm {
             .iter()
             .zip(VIRTIO_BLK_IRQS)
             .map(|(backend, irq)| {
-                let interrupt = (!builtin).then(|| {
-                    let vm_fd = Arc::clone(&vm_fd);
-                    Interrupt(Box::new(move || {
-                        let _ = vm_fd.set_irq_line(irq, true);
-                        let _ = vm_fd.set_irq_line(irq, false);
-                    }))
-                });
+                let interrupt = (!builtin).then(|| line_interrupt(&vm_fd, irq));
                 VirtioMmioBlock::new(Arc::clone(backend), interrupt)
             })
             .collect();
         let block_stats = blocks.iter().map(VirtioMmioBlock::stats).collect();
+        let nets: Vec<NetSlot> = config
+            .nics
+            .iter()
+            .zip(VIRTIO_NET_IRQS)
+            .map(|(nic, irq)| {
+                let interrupt = (!builtin).then(|| line_interrupt(&vm_fd, irq));
+                let device = VirtioMmioNet::new(Arc::clone(&nic.tap), nic.mac, interrupt);
+                NetSlot {
+                    stats: device.stats(),
+                    device: Mutex::new(device),
+                    rx_ready: Condvar::new(),
+                    tap: Arc::clone(&nic.tap),
+                    tap_name: nic.tap_name.clone(),
+                    mac: nic.mac,
+                }
+            })
+            .collect();
 
         let (sender, events) = mpsc::channel();
-        let telemetry = GuestTelemetry::new(
+        let mut telemetry = GuestTelemetry::new(
             usize::from(config.vcpus),
             config.tick,
             config.dirty_pages_per_second,
             ram.low_end(),
             telemetry_epoch_start,
         );
+        if let Some(address) = config.nics.first().and_then(|nic| nic.ipv4) {
+            telemetry = telemetry.with_net_ipv4(address);
+        }
         let shared = Arc::new(Shared {
             run: Mutex::new(RunControl {
                 state: RunState::Running,
@@ -384,6 +437,8 @@ impl Vm {
             console: Mutex::new(console),
             blocks: blocks.into_iter().map(Mutex::new).collect(),
             block_stats,
+            nets,
+            pumps_stop: AtomicBool::new(false),
             vcpu_threads: Mutex::new(Vec::new()),
             events: sender,
             boot_count: AtomicU64::new(1),
@@ -421,6 +476,11 @@ impl Vm {
     /// vCPU has run, and it does not change across a reboot.
     fn load_guest(&self, first_boot: bool) -> Result<(), VmError> {
         let memory = self.ram.memory();
+        // A network device keeps receiving while nothing runs: forget the previous
+        // boot's queues so no frame lands in memory the new boot has not offered.
+        for net in &self.shared.nets {
+            net.device.lock().expect("net lock").reset();
+        }
         arch::write_gdt(memory)?;
         let count = self.config.vcpus;
         match &self.kernel {
@@ -486,6 +546,14 @@ impl Vm {
         install_kick_handler();
         let vcpus = std::mem::take(&mut self.vcpus);
         let handles = spawn_vcpus(&self.shared, &self.ram, vcpus)?;
+        for index in 0..self.shared.nets.len() {
+            let shared = Arc::clone(&self.shared);
+            let ram = Arc::clone(&self.ram);
+            thread::Builder::new()
+                .name(format!("net{index}-rx"))
+                .spawn(move || receive_pump(&shared, &ram, index))
+                .map_err(VmError::Thread)?;
+        }
         let controller = Controller {
             shared: Arc::clone(&self.shared),
             vm_fd: Arc::clone(&self.vm_fd),
@@ -508,6 +576,13 @@ pub struct RunningVm {
     vm: Vm,
     handles: Vec<JoinHandle<VcpuFd>>,
     controller: Controller,
+}
+
+impl Drop for RunningVm {
+    /// However the VM ends (waited for or dropped), its receive pumps stop with it.
+    fn drop(&mut self) {
+        self.vm.shared.pumps_stop.store(true, Ordering::Release);
+    }
 }
 
 impl RunningVm {
@@ -665,5 +740,78 @@ impl RunningVm {
         let boot = shared.boot_count.fetch_add(1, Ordering::AcqRel) + 1;
         notify(&Notification::Rebooted(boot));
         Ok(())
+    }
+}
+
+/// An interrupt that pulses ISA/I/O APIC line `irq` (edge) on the in-kernel irqchip.
+fn line_interrupt(vm_fd: &Arc<VmFd>, irq: u32) -> Interrupt {
+    let vm_fd = Arc::clone(vm_fd);
+    Interrupt(Box::new(move || {
+        let _ = vm_fd.set_irq_line(irq, true);
+        let _ = vm_fd.set_irq_line(irq, false);
+    }))
+}
+
+/// How long the receive pump sleeps in one wait, so it notices the VM ending.
+const PUMP_POLL: Duration = Duration::from_millis(100);
+
+/// The receive side of NIC `index`: reads a frame from its tap when it has none held,
+/// and hands it to the device while the VM runs, waiting for the driver to post a
+/// buffer when none is free (the tap's queue holds what arrives meanwhile). Writes no
+/// guest memory while the vCPUs are paused or a reboot is under way. Ends when the VM
+/// does ([`Shared::pumps_stop`]).
+fn receive_pump(shared: &Shared, ram: &GuestRam, index: usize) {
+    let slot = &shared.nets[index];
+    let mut buffer = vec![0u8; MAX_FRAME];
+    let mut held: Option<usize> = None;
+    while !shared.pumps_stop.load(Ordering::Acquire) {
+        let length = match held {
+            Some(length) => length,
+            None => {
+                let mut poll = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&*slot.tap),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: `poll` is one valid pollfd that outlives the call.
+                let ready = unsafe { libc::poll(&mut poll, 1, PUMP_POLL.as_millis() as i32) };
+                if ready <= 0 {
+                    continue;
+                }
+                match io::Read::read(&mut &*slot.tap, &mut buffer) {
+                    Ok(length) => length,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        // The tap went away (deleted under us): keep the VM running
+                        // without traffic rather than spin.
+                        thread::sleep(PUMP_POLL);
+                        continue;
+                    }
+                }
+            }
+        };
+        let running = shared.lock_run().state == RunState::Running;
+        let mut device = slot.device.lock().expect("net lock");
+        if !running {
+            held = Some(length);
+            drop(
+                slot.rx_ready
+                    .wait_timeout(device, PUMP_POLL)
+                    .expect("net lock"),
+            );
+            continue;
+        }
+        match device.deliver(ram.memory(), &buffer[..length]) {
+            Delivery::Delivered | Delivery::Dropped => held = None,
+            Delivery::NoBuffer => {
+                held = Some(length);
+                drop(
+                    slot.rx_ready
+                        .wait_timeout(device, PUMP_POLL)
+                        .expect("net lock"),
+                );
+            }
+        }
     }
 }

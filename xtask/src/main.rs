@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 
 /// Debian packages the test suite uses: qemu-img/qemu-io speak NBD to
 /// volumes, iperf3 measures QoS classes, iproute2 drives namespaces and tc,
+/// ping reaches the built-in guest over virtio-net,
 /// git builds fixture repositories, binutils assembles the built-in guest.
 const APT_PACKAGES: &[(&str, &str)] = &[
     ("qemu-img", "qemu-utils"),
@@ -21,6 +22,7 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("git", "git"),
+    ("ping", "iputils-ping"),
     ("objcopy", "binutils"),
 ];
 

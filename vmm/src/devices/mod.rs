@@ -1,8 +1,11 @@
 //! Emulated devices: the 16550 serial console ([`serial`]), the built-in guest's port
-//! interface ([`ports`]), and virtio-blk over virtio-MMIO ([`virtio_blk`]) on a
-//! [`block::BlockBackend`].
+//! interface ([`ports`]), the virtio-MMIO transport ([`virtio`]) with virtio-blk
+//! ([`virtio_blk`]) on a [`block::BlockBackend`] and virtio-net ([`virtio_net`]) on a
+//! host tap.
 
 pub mod block;
 pub mod ports;
 pub mod serial;
+pub mod virtio;
 pub mod virtio_blk;
+pub mod virtio_net;

@@ -94,6 +94,8 @@ pub struct GuestTelemetry {
     limiter: Mutex<DirtyRateLimiter>,
     tick_us: u64,
     dirty_end_page: u64,
+    net_ipv4: u32,
+    net_replies: AtomicU64,
 }
 
 impl GuestTelemetry {
@@ -120,7 +122,21 @@ impl GuestTelemetry {
             limiter: Mutex::new(DirtyRateLimiter::new(dirty_pages_per_second, epoch)),
             tick_us: tick.as_micros().clamp(1, u128::from(u32::MAX)) as u64,
             dirty_end_page: dirty_end / 4096,
+            net_ipv4: 0,
+            net_replies: AtomicU64::new(0),
         }
+    }
+
+    /// Gives the guest `address` for its first network device (answered on
+    /// `PORT_NET_IPV4` as the four bytes sit in a packet).
+    pub fn with_net_ipv4(mut self, address: std::net::Ipv4Addr) -> Self {
+        self.net_ipv4 = u32::from_le_bytes(address.octets());
+        self
+    }
+
+    /// ARP and ICMP echo requests the guest has answered.
+    pub fn net_replies(&self) -> u64 {
+        self.net_replies.load(Ordering::Acquire)
     }
 
     /// The instant this VM's telemetry started (just before the VM was created).
@@ -198,6 +214,7 @@ impl GuestTelemetry {
                 granted.min(u64::from(u32::MAX)) as u32
             }
             abi::PORT_COMMAND => self.pending_command.swap(abi::CMD_NONE, Ordering::AcqRel) as u32,
+            abi::PORT_NET_IPV4 => self.net_ipv4,
             _ => 0,
         }
     }
@@ -229,6 +246,10 @@ impl GuestTelemetry {
             abi::PORT_BLOCK_RESULT => {
                 self.block_result.store(value, Ordering::Release);
                 self.block_tests.fetch_add(1, Ordering::AcqRel);
+                PortAction::Continue
+            }
+            abi::PORT_NET_REPLIED => {
+                self.net_replies.fetch_add(1, Ordering::AcqRel);
                 PortAction::Continue
             }
             abi::PORT_BOOT_STAGE => {
@@ -312,5 +333,23 @@ mod tests {
         );
         telemetry.write(0, abi::PORT_BLOCK_RESULT as u16, abi::BLOCK_PASS as u32);
         assert_eq!(telemetry.block_test(), BlockTestResult::Pass);
+        assert_eq!(
+            telemetry.read(abi::PORT_NET_IPV4 as u16),
+            0,
+            "no address given"
+        );
+    }
+
+    #[test]
+    fn the_guest_reads_its_address_as_packet_bytes_and_counts_replies() {
+        let telemetry =
+            GuestTelemetry::new(1, Duration::from_millis(10), 0, 8 << 20, Instant::now())
+                .with_net_ipv4(std::net::Ipv4Addr::new(10, 213, 0, 2));
+        // `in eax` then `cmp eax, [packet]`: the dword must equal the bytes in order.
+        let value = telemetry.read(abi::PORT_NET_IPV4 as u16);
+        assert_eq!(value.to_le_bytes(), [10, 213, 0, 2]);
+        telemetry.write(0, abi::PORT_NET_REPLIED as u16, 1);
+        telemetry.write(0, abi::PORT_NET_REPLIED as u16, 1);
+        assert_eq!(telemetry.net_replies(), 2);
     }
 }

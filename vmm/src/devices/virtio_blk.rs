@@ -1,5 +1,5 @@
-//! virtio-blk over virtio-MMIO (virtio 1.x, "modern" MMIO transport version 2), with
-//! one split virtqueue, processed synchronously on the vCPU thread that notifies it.
+//! virtio-blk over virtio-MMIO ([`super::virtio`]), with one split virtqueue,
+//! processed synchronously on the vCPU thread that notifies it.
 //!
 //! Offered features: `VIRTIO_F_VERSION_1`, `VIRTIO_BLK_F_FLUSH`, and `VIRTIO_BLK_F_RO`
 //! for read-only backends. Requests: `IN`, `OUT`, `FLUSH`, `GET_ID`; anything else
@@ -12,27 +12,19 @@
 //! memory or disk bytes outside its own.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::block::BlockBackend;
+pub use super::virtio::Interrupt;
+use super::virtio::{Descriptor, QueueFault, Transport, VIRTIO_F_VERSION_1};
 
-/// `MagicValue` register content ("virt").
-pub const MMIO_MAGIC: u32 = 0x7472_6976;
-/// The MMIO transport version implemented.
-pub const MMIO_VERSION: u32 = 2;
 /// virtio device ID of a block device.
 pub const DEVICE_ID_BLOCK: u32 = 2;
-/// Vendor ID reported ("CRN").
-pub const VENDOR_ID: u32 = 0x004e_5243;
-/// Largest queue the device accepts.
-pub const QUEUE_SIZE_MAX: u16 = 256;
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 
-/// Feature bit: the device follows virtio 1.x.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Feature bit: the device is read-only.
 pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 /// Feature bit: the device supports the flush command.
@@ -53,15 +45,6 @@ pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 /// Status: unsupported request.
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
-
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
-const STATUS_FAILED: u32 = 128;
-
 /// Request counters, readable while the VM runs.
 #[derive(Debug, Default)]
 pub struct BlockStats {
@@ -79,56 +62,26 @@ pub struct BlockStats {
     pub errors: AtomicU64,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
-struct Queue {
-    size: u16,
-    ready: bool,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    next_avail: u16,
-    next_used: u16,
-}
-
 /// One virtio-blk device on the MMIO transport.
 #[derive(Debug)]
 pub struct VirtioMmioBlock {
     backend: Arc<dyn BlockBackend>,
     stats: Arc<BlockStats>,
-    device_features_select: u32,
-    driver_features_select: u32,
-    driver_features: u64,
-    status: u32,
-    queue_select: u32,
-    queue: Queue,
-    interrupt_status: u32,
-    interrupt: Option<Interrupt>,
-}
-
-/// The callback that raises the device's interrupt line.
-pub struct Interrupt(pub Box<dyn Fn() + Send>);
-
-impl std::fmt::Debug for Interrupt {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str("Interrupt")
-    }
+    transport: Transport,
 }
 
 impl VirtioMmioBlock {
     /// A device serving `backend`. `interrupt`, when given, is called after used-ring
     /// updates (Linux guests); the built-in guest polls and needs none.
     pub fn new(backend: Arc<dyn BlockBackend>, interrupt: Option<Interrupt>) -> Self {
+        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH;
+        if backend.read_only() {
+            features |= VIRTIO_BLK_F_RO;
+        }
         Self {
             backend,
             stats: Arc::new(BlockStats::default()),
-            device_features_select: 0,
-            driver_features_select: 0,
-            driver_features: 0,
-            status: 0,
-            queue_select: 0,
-            queue: Queue::default(),
-            interrupt_status: 0,
-            interrupt,
+            transport: Transport::new(DEVICE_ID_BLOCK, features, 1, interrupt),
         }
     }
 
@@ -139,181 +92,57 @@ impl VirtioMmioBlock {
 
     /// Features the device offers.
     pub fn device_features(&self) -> u64 {
-        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH;
-        if self.backend.read_only() {
-            features |= VIRTIO_BLK_F_RO;
-        }
-        features
+        self.transport.device_features()
     }
 
-    fn reset(&mut self) {
-        self.driver_features = 0;
-        self.status = 0;
-        self.queue = Queue::default();
-        self.interrupt_status = 0;
-        self.device_features_select = 0;
-        self.driver_features_select = 0;
-        self.queue_select = 0;
-    }
-
-    /// Handles a guest read of `data.len()` bytes at `offset` in the MMIO window.
+    /// Handles a guest read of `data.len()` bytes at `offset` in the MMIO window; the
+    /// config space holds the capacity in sectors.
     pub fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= 0x100 {
-            let config = self.backend.size() / SECTOR_SIZE;
-            let config = config.to_le_bytes();
-            for (index, byte) in data.iter_mut().enumerate() {
-                *byte = config
-                    .get((offset - 0x100) as usize + index)
-                    .copied()
-                    .unwrap_or(0);
-            }
-            return;
-        }
-        let value: u32 = match offset {
-            0x000 => MMIO_MAGIC,
-            0x004 => MMIO_VERSION,
-            0x008 => DEVICE_ID_BLOCK,
-            0x00c => VENDOR_ID,
-            0x010 => match self.device_features_select {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            0x034 if self.queue_select == 0 => u32::from(QUEUE_SIZE_MAX),
-            0x044 => u32::from(self.queue_select == 0 && self.queue.ready),
-            0x060 => self.interrupt_status,
-            0x070 => self.status,
-            0x0fc => 0,
-            _ => 0,
-        };
-        let bytes = value.to_le_bytes();
-        let length = data.len().min(4);
-        data[..length].copy_from_slice(&bytes[..length]);
+        let capacity = (self.backend.size() / SECTOR_SIZE).to_le_bytes();
+        self.transport.read(offset, data, &capacity);
     }
 
     /// Handles a guest write at `offset` in the MMIO window; a queue notify processes the
     /// queue against `memory` before returning.
     pub fn mmio_write(&mut self, memory: &GuestMemoryMmap, offset: u64, data: &[u8]) {
-        if offset >= 0x100 {
-            return; // the block config space is read-only for the driver
+        if self.transport.write(offset, data) == Some(0) {
+            self.process_queue(memory);
         }
-        let mut bytes = [0u8; 4];
-        let length = data.len().min(4);
-        bytes[..length].copy_from_slice(&data[..length]);
-        let value = u32::from_le_bytes(bytes);
-        let queue_writable = self.queue_select == 0 && self.status & STATUS_DRIVER_OK == 0;
-        match offset {
-            0x014 => self.device_features_select = value,
-            // Features are frozen once FEATURES_OK is set.
-            0x020 if self.status & STATUS_FEATURES_OK == 0 => match self.driver_features_select {
-                0 => self.driver_features = set_low(self.driver_features, value),
-                1 => self.driver_features = set_high(self.driver_features, value),
-                _ => {}
-            },
-            0x024 => self.driver_features_select = value,
-            0x030 => self.queue_select = value,
-            0x038
-                if queue_writable
-                    && value.is_power_of_two()
-                    && value <= u32::from(QUEUE_SIZE_MAX) =>
-            {
-                self.queue.size = value as u16;
-            }
-            0x044 if self.queue_select == 0 => self.queue.ready = value == 1 && self.queue.size > 0,
-            0x050 if value == 0 && self.status & STATUS_DRIVER_OK != 0 && self.queue.ready => {
-                self.process_queue(memory);
-            }
-            0x064 => self.interrupt_status &= !value,
-            0x070 => self.write_status(value),
-            0x080 if queue_writable => self.queue.desc = set_low(self.queue.desc, value),
-            0x084 if queue_writable => self.queue.desc = set_high(self.queue.desc, value),
-            0x090 if queue_writable => self.queue.avail = set_low(self.queue.avail, value),
-            0x094 if queue_writable => self.queue.avail = set_high(self.queue.avail, value),
-            0x0a0 if queue_writable => self.queue.used = set_low(self.queue.used, value),
-            0x0a4 if queue_writable => self.queue.used = set_high(self.queue.used, value),
-            _ => {}
-        }
-    }
-
-    fn write_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        let mut value = value;
-        if value & STATUS_FEATURES_OK != 0 && self.status & STATUS_FEATURES_OK == 0 {
-            // Accept only features we offered, and insist on VERSION_1 (no legacy mode).
-            let offered = self.device_features();
-            if self.driver_features & !offered != 0
-                || self.driver_features & VIRTIO_F_VERSION_1 == 0
-            {
-                value &= !STATUS_FEATURES_OK;
-            }
-        }
-        let allowed = STATUS_ACKNOWLEDGE
-            | STATUS_DRIVER
-            | STATUS_FEATURES_OK
-            | STATUS_DRIVER_OK
-            | STATUS_FAILED;
-        self.status = value & allowed;
     }
 
     /// Completes every request the driver has made available.
     fn process_queue(&mut self, memory: &GuestMemoryMmap) {
-        let queue = self.queue;
-        let Ok(avail_index) = memory.read_obj::<u16>(GuestAddress(queue.avail + 2)) else {
-            self.status |= STATUS_FAILED;
-            return;
-        };
-        fence(Ordering::Acquire);
         let mut completed = false;
-        let mut next_avail = queue.next_avail;
         // Never process more than one queue's worth per notify: a driver that moves the
         // index by more than the queue size is broken, and this bounds the loop.
-        let mut budget = queue.size;
-        while next_avail != avail_index && budget > 0 {
-            budget -= 1;
-            let slot = u64::from(next_avail % queue.size);
-            let Ok(head) = memory.read_obj::<u16>(GuestAddress(queue.avail + 4 + slot * 2)) else {
-                self.status |= STATUS_FAILED;
-                break;
+        for _ in 0..self.transport.queues[0].size {
+            let head = match self.transport.queues[0].pop(memory) {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(QueueFault) => {
+                    self.transport.fail();
+                    break;
+                }
             };
-            next_avail = next_avail.wrapping_add(1);
             let written = self.handle_request(memory, head);
-            let used_slot = u64::from(self.queue.next_used % queue.size);
-            let element = GuestAddress(queue.used + 4 + used_slot * 8);
-            if memory.write_obj(u32::from(head), element).is_err()
-                || memory
-                    .write_obj(written, GuestAddress(element.0 + 4))
-                    .is_err()
-            {
-                self.status |= STATUS_FAILED;
-                break;
-            }
-            self.queue.next_used = self.queue.next_used.wrapping_add(1);
-            fence(Ordering::Release);
-            if memory
-                .write_obj(self.queue.next_used, GuestAddress(queue.used + 2))
+            if self.transport.queues[0]
+                .push_used(memory, head, written)
                 .is_err()
             {
-                self.status |= STATUS_FAILED;
+                self.transport.fail();
                 break;
             }
             completed = true;
         }
-        self.queue.next_avail = next_avail;
         if completed {
-            self.interrupt_status |= 1;
-            if let Some(interrupt) = &self.interrupt {
-                (interrupt.0)();
-            }
+            self.transport.signal_used();
         }
     }
 
     /// Runs the request whose chain starts at descriptor `head`; returns the number of
     /// bytes written into guest buffers (data plus the status byte).
     fn handle_request(&mut self, memory: &GuestMemoryMmap, head: u16) -> u32 {
-        let Some(chain) = self.read_chain(memory, head) else {
+        let Some(chain) = self.transport.queues[0].chain(memory, head) else {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             return 0;
         };
@@ -324,9 +153,7 @@ impl VirtioMmioBlock {
         let Some((header_descriptor, data)) = rest.split_first() else {
             return 0;
         };
-        if status_descriptor.flags & DESC_F_WRITE == 0
-            || status_descriptor.len < 1
-            || header_descriptor.len < 16
+        if !status_descriptor.writable() || status_descriptor.len < 1 || header_descriptor.len < 16
         {
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             return 0;
@@ -378,7 +205,7 @@ impl VirtioMmioBlock {
                 let mut offset = start;
                 let mut written = 0u32;
                 for descriptor in data {
-                    if descriptor.flags & DESC_F_WRITE == 0 {
+                    if !descriptor.writable() {
                         return (VIRTIO_BLK_S_IOERR, written);
                     }
                     let mut buffer = vec![0u8; descriptor.len as usize];
@@ -402,7 +229,7 @@ impl VirtioMmioBlock {
                 }
                 let mut offset = start;
                 for descriptor in data {
-                    if descriptor.flags & DESC_F_WRITE != 0 {
+                    if descriptor.writable() {
                         return (VIRTIO_BLK_S_IOERR, 0);
                     }
                     let mut buffer = vec![0u8; descriptor.len as usize];
@@ -427,9 +254,7 @@ impl VirtioMmioBlock {
                 (VIRTIO_BLK_S_OK, 0)
             }
             VIRTIO_BLK_T_GET_ID => {
-                let Some(descriptor) = data
-                    .first()
-                    .filter(|descriptor| descriptor.flags & DESC_F_WRITE != 0)
+                let Some(descriptor) = data.first().filter(|descriptor| descriptor.writable())
                 else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
@@ -447,54 +272,17 @@ impl VirtioMmioBlock {
             _ => (VIRTIO_BLK_S_UNSUPP, 0),
         }
     }
-
-    fn read_chain(&self, memory: &GuestMemoryMmap, head: u16) -> Option<Vec<Descriptor>> {
-        let mut chain = Vec::new();
-        let mut index = head;
-        loop {
-            if index >= self.queue.size || chain.len() >= usize::from(self.queue.size) {
-                return None; // out-of-range index or a loop in the chain
-            }
-            let address = self.queue.desc + u64::from(index) * 16;
-            let descriptor = Descriptor {
-                addr: memory.read_obj(GuestAddress(address)).ok()?,
-                len: memory.read_obj(GuestAddress(address + 8)).ok()?,
-                flags: memory.read_obj(GuestAddress(address + 12)).ok()?,
-            };
-            let next: u16 = memory.read_obj(GuestAddress(address + 14)).ok()?;
-            let has_next = descriptor.flags & DESC_F_NEXT != 0;
-            chain.push(descriptor);
-            if !has_next {
-                return Some(chain);
-            }
-            index = next;
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Descriptor {
-    addr: u64,
-    len: u32,
-    flags: u16,
-}
-
-fn set_low(current: u64, value: u32) -> u64 {
-    (current & !0xffff_ffff) | u64::from(value)
-}
-
-fn set_high(current: u64, value: u32) -> u64 {
-    (current & 0xffff_ffff) | (u64::from(value) << 32)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::block::MemoryBackend;
+    use super::super::virtio::test_driver::{self, rings};
+    use super::super::virtio::{DESC_F_NEXT, DESC_F_WRITE, MMIO_MAGIC, STATUS_FEATURES_OK};
     use super::*;
 
-    const DESC: u64 = 0x1000;
-    const AVAIL: u64 = 0x2000;
-    const USED: u64 = 0x3000;
+    const AVAIL: u64 = rings(0).1;
+    const USED: u64 = rings(0).2;
     const HEADER: u64 = 0x4000;
     const STATUS: u64 = 0x4100;
     const DATA: u64 = 0x5000;
@@ -516,44 +304,26 @@ mod tests {
         u32::from_le_bytes(data)
     }
 
-    /// Brings a device up the way a driver does (virtio 1.2, 3.1.1), with `features`.
+    /// Brings a device up the way a driver does, with `features`.
     fn driver(disk_bytes: u64, features: u64) -> (Driver, u32) {
         let memory =
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
         let backend = Arc::new(MemoryBackend::new(disk_bytes));
-        let mut device = VirtioMmioBlock::new(backend.clone(), None);
-        assert_eq!(read32(&mut device, 0x000), MMIO_MAGIC);
-        assert_eq!(read32(&mut device, 0x004), 2);
-        assert_eq!(read32(&mut device, 0x008), DEVICE_ID_BLOCK);
-        write32(&mut device, &memory, 0x070, 0);
-        write32(
-            &mut device,
-            &memory,
-            0x070,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER,
+        let device = VirtioMmioBlock::new(backend.clone(), None);
+        let device = std::cell::RefCell::new(device);
+        assert_eq!(read32(&mut device.borrow_mut(), 0x000), MMIO_MAGIC);
+        assert_eq!(read32(&mut device.borrow_mut(), 0x004), 2);
+        assert_eq!(read32(&mut device.borrow_mut(), 0x008), DEVICE_ID_BLOCK);
+        let status = test_driver::bring_up(
+            &mut |offset, data| device.borrow_mut().mmio_write(&memory, offset, data),
+            &mut |offset| read32(&mut device.borrow_mut(), offset),
+            features,
+            1,
         );
-        write32(&mut device, &memory, 0x024, 0);
-        write32(&mut device, &memory, 0x020, features as u32);
-        write32(&mut device, &memory, 0x024, 1);
-        write32(&mut device, &memory, 0x020, (features >> 32) as u32);
-        write32(
-            &mut device,
-            &memory,
-            0x070,
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
-        );
-        let status = read32(&mut device, 0x070);
-        write32(&mut device, &memory, 0x030, 0);
-        write32(&mut device, &memory, 0x038, 8);
-        write32(&mut device, &memory, 0x080, DESC as u32);
-        write32(&mut device, &memory, 0x090, AVAIL as u32);
-        write32(&mut device, &memory, 0x0a0, USED as u32);
-        write32(&mut device, &memory, 0x044, 1);
-        write32(&mut device, &memory, 0x070, status | STATUS_DRIVER_OK);
         (
             Driver {
                 memory,
-                device,
+                device: device.into_inner(),
                 backend,
                 avail_index: 0,
             },
@@ -563,19 +333,13 @@ mod tests {
 
     impl Driver {
         fn descriptor(&self, index: u64, addr: u64, len: u32, flags: u16, next: u16) {
-            let base = DESC + index * 16;
-            self.memory
-                .write_obj(addr, GuestAddress(base))
-                .expect("desc");
-            self.memory
-                .write_obj(len, GuestAddress(base + 8))
-                .expect("desc");
-            self.memory
-                .write_obj(flags, GuestAddress(base + 12))
-                .expect("desc");
-            self.memory
-                .write_obj(next, GuestAddress(base + 14))
-                .expect("desc");
+            test_driver::descriptor(
+                &self.memory,
+                0,
+                index,
+                Descriptor { addr, len, flags },
+                next,
+            );
         }
 
         /// Submits a request with `data_len` bytes of data and returns (status, used len).

@@ -6,5 +6,6 @@ mod block;
 mod dirty;
 mod lifecycle;
 mod linux_boot;
+mod net;
 mod support;
 mod usage;

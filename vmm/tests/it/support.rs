@@ -47,7 +47,22 @@ impl VmProcess {
 
     /// Spawns into an existing directory (for disks prepared in it).
     pub fn spawn_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_cairn-vmm"))
+        Self::spawn_via(&[], dir, args)
+    }
+
+    /// Spawns `cairn-vmm` through `prefix` (for example `ip netns exec NAME`, which
+    /// execs, so the child is the VMM itself).
+    pub fn spawn_via(prefix: &[&str], dir: tempfile::TempDir, args: &[&str]) -> Self {
+        let vmm = env!("CARGO_BIN_EXE_cairn-vmm");
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(vmm);
+                command
+            }
+            None => Command::new(vmm),
+        };
+        let child = command
             .arg("--vm-dir")
             .arg(dir.path())
             .args(args)
@@ -105,6 +120,11 @@ impl VmProcess {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Everything the VMM printed on stderr (call after it exited).
+    pub fn stderr(&mut self) -> String {
+        self.stderr_now()
     }
 
     fn stderr_now(&mut self) -> String {

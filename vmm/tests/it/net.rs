@@ -1,0 +1,140 @@
+//! virtio-net end to end: the built-in guest on a real tap answers ARP and ping from
+//! the host side of the tap, in a network namespace of the test's own.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{VmProcess, kvm_available};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const GUEST_MAC: &str = "02:ca:00:00:00:02";
+const GUEST_IP: &str = "10.213.0.2";
+const HOST_IP: &str = "10.213.0.1";
+
+/// A network namespace holding one tap with the host's address; deleted on drop.
+struct TapNamespace {
+    name: String,
+}
+
+impl TapNamespace {
+    /// `None` (with the reason printed) where this host cannot make one.
+    fn new(test: &str) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping {test}: needs root for a network namespace and a tap");
+            return None;
+        }
+        if !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("skipping {test}: no /dev/net/tun");
+            return None;
+        }
+        if Command::new("ping").arg("-V").output().is_err() {
+            eprintln!("skipping {test}: no ping (Debian package iputils-ping)");
+            return None;
+        }
+        let name = format!("cairn-vmmnet-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let made = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|status| status.success());
+        if !made {
+            eprintln!("skipping {test}: cannot create a network namespace here");
+            return None;
+        }
+        let namespace = Self { name };
+        for command in [
+            "ip link set lo up",
+            "ip tuntap add dev vmtap0 mode tap vnet_hdr",
+            &format!("ip addr add {HOST_IP}/24 dev vmtap0"),
+            "ip link set vmtap0 up",
+        ] {
+            let output = namespace.run(command);
+            assert!(
+                output.status.success(),
+                "{command}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Some(namespace)
+    }
+
+    fn run(&self, command: &str) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(command.split_whitespace())
+            .output()
+            .expect("ip netns exec")
+    }
+}
+
+impl Drop for TapNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn the_builtin_guest_answers_arp_and_ping_through_its_tap() {
+    let test = "the_builtin_guest_answers_arp_and_ping_through_its_tap";
+    if !kvm_available(test) {
+        return;
+    }
+    let Some(namespace) = TapNamespace::new(test) else {
+        return;
+    };
+    let nic = format!("tap=vmtap0,mac={GUEST_MAC},ipv4={GUEST_IP}");
+    let mut vm = VmProcess::spawn_via(
+        &["ip", "netns", "exec", &namespace.name],
+        tempfile::tempdir().expect("temp dir"),
+        &["--memory", "32MiB", "--nic", &nic],
+    );
+    let status = vm.wait_status(TIMEOUT, |status| {
+        status.nics.first().is_some_and(|nic| nic.driver_ok)
+    });
+    assert_eq!(status.nics[0].tap, "vmtap0");
+    assert_eq!(status.nics[0].mac, GUEST_MAC);
+
+    let ping = namespace.run(&format!("ping -c 5 -i 0.2 -W 2 {GUEST_IP}"));
+    let report = String::from_utf8_lossy(&ping.stdout);
+    println!("{report}");
+    assert!(
+        ping.status.success() && report.contains("5 received"),
+        "ping of the guest failed: {report}{}",
+        String::from_utf8_lossy(&ping.stderr)
+    );
+    let neighbour = namespace.run(&format!("ip neigh show {GUEST_IP} dev vmtap0"));
+    let neighbour = String::from_utf8_lossy(&neighbour.stdout);
+    assert!(
+        neighbour.contains(GUEST_MAC),
+        "the host learnt the guest's MAC by ARP: {neighbour:?}"
+    );
+
+    let status = vm.status();
+    let nic = &status.nics[0];
+    // One ARP request and five echo requests in, their answers out (the kernel may
+    // add IPv6 neighbour discovery, which the guest receives and ignores).
+    assert!(status.net_replies >= 6, "{status:#?}");
+    assert!(nic.rx_frames >= 6 && nic.tx_frames >= 6, "{nic:#?}");
+    assert_eq!((nic.tx_errors, nic.rx_dropped), (0, 0), "{nic:#?}");
+    assert!(vm.console().contains("cairn-guest: network device up"));
+}
+
+#[test]
+fn a_nic_on_a_tap_that_does_not_exist_is_refused_with_the_name() {
+    let test = "a_nic_on_a_tap_that_does_not_exist_is_refused_with_the_name";
+    if !kvm_available(test) {
+        return;
+    }
+    let mut vm = VmProcess::spawn(&["--memory", "32MiB", "--nic", "tap=cairn-nosuch0"]);
+    let status = vm.wait_exit(TIMEOUT);
+    assert_eq!(status.code(), Some(2));
+    let stderr = vm.stderr();
+    assert!(
+        stderr.contains("cannot attach to the tap cairn-nosuch0")
+            && stderr.contains("no network device named cairn-nosuch0"),
+        "{stderr}"
+    );
+}
