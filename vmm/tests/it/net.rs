@@ -118,7 +118,9 @@ fn the_builtin_guest_answers_arp_and_ping_through_its_tap() {
     // add IPv6 neighbour discovery, which the guest receives and ignores).
     assert!(status.net_replies >= 6, "{status:#?}");
     assert!(nic.rx_frames >= 6 && nic.tx_frames >= 6, "{nic:#?}");
-    assert_eq!((nic.tx_errors, nic.rx_dropped), (0, 0), "{nic:#?}");
+    // rx_dropped may be non-zero: the kernel sends IPv6 router solicitations as soon
+    // as the tap is up, which can be before the guest's driver is.
+    assert_eq!(nic.tx_errors, 0, "{nic:#?}");
     assert!(vm.console().contains("cairn-guest: network device up"));
 }
 
