@@ -404,7 +404,14 @@ impl Node {
                 if let Some(definition) = self.vms.definition(&start.name).await {
                     self.ensure_vm_nics(&definition).await?;
                 }
-                Ok(ApplyResult::Vm(self.vms.start(&start.name).await?))
+                let network = self
+                    .bonds
+                    .refusal()
+                    .is_none()
+                    .then(|| self.bonds.netns().clone());
+                Ok(ApplyResult::Vm(
+                    self.vms.start(&start.name, network.as_ref()).await?,
+                ))
             }
             Action::StopVm(stop) => {
                 validate::name("stop_vm.name", &stop.name)?;

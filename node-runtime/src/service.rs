@@ -117,7 +117,17 @@ impl v1::observe_server::Observe for NodeService {
         .await
         .map_err(|error| Status::internal(error.to_string()))?;
         for vm in &mut vms {
+            // The node's view (tap, bridge, ready) with the running VMM's (guest up,
+            // frames) merged in by tap.
+            let from_vmm = std::mem::take(&mut vm.nics);
             vm.nics = nics.remove(&vm.name).unwrap_or_default();
+            for nic in &mut vm.nics {
+                if let Some(live) = from_vmm.iter().find(|live| live.tap == nic.tap) {
+                    nic.guest_up = live.guest_up;
+                    nic.rx_frames = live.rx_frames;
+                    nic.tx_frames = live.tx_frames;
+                }
+            }
         }
         Ok(Response::new(v1::ObserveResponse {
             node_name: self.node.config.name.clone(),

@@ -3,9 +3,9 @@
 //!
 //! Taps are made when a VM is defined (and made again, idempotently, when it is
 //! defined again with the same definition or started), and removed with the VM.
-//! Bridges are shared by the tenant network's VMs and stay. The VMM has no
-//! virtio-net device yet, so a guest does not see its tap: this is the node side,
-//! ready for it.
+//! Bridges are shared by the tenant network's VMs and stay. At start, `cairn-vmm`
+//! runs in the node's namespace and attaches a virtio-net device to each tap
+//! ([`vmm_nic_args`]), with a MAC fixed by the VM's name and the NIC's index ([`mac`]).
 //!
 //! Architecture invariant: where network actions are refused (`Bonds::refusal`),
 //! nothing here touches the kernel; Observe reports each NIC as not ready, with why.
@@ -34,10 +34,14 @@ pub fn validate(create: &v1::CreateVm) -> Result<(), Status> {
         return Ok(());
     }
     validate::name("create_vm.tenant", &create.tenant)?;
-    if create.nics.len() > 16 {
+    if create.nics.len() > vmm::vm::MAX_NICS {
         return Err(validate::invalid(
             "create_vm.nics",
-            format!("{} NICs; at most 16", create.nics.len()),
+            format!(
+                "{} NICs; a VM has at most {} virtio-net devices",
+                create.nics.len(),
+                vmm::vm::MAX_NICS
+            ),
         ));
     }
     for (index, nic) in create.nics.iter().enumerate() {
@@ -48,8 +52,37 @@ pub fn validate(create: &v1::CreateVm) -> Result<(), Status> {
                 format!("{} is out of range 68..=65535", nic.mtu),
             ));
         }
+        if !nic.ipv4.is_empty() && nic.ipv4.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(validate::invalid(
+                &format!("create_vm.nics[{index}].ipv4"),
+                format!("{:?} is not an IPv4 address like 10.20.0.5", nic.ipv4),
+            ));
+        }
     }
     Ok(())
+}
+
+/// The guest's MAC on NIC `index` of `vm`: locally administered, fixed by the name.
+pub fn mac(vm: &str, index: usize) -> String {
+    vmm::devices::virtio_net::format_mac(vmm::devices::virtio_net::default_mac(vm, index))
+}
+
+/// The `--nic` values that attach `vm`'s NICs to their taps in `cairn-vmm`.
+pub fn vmm_nic_args(vm: &str, nics: &[v1::VmNic]) -> Vec<String> {
+    nics.iter()
+        .enumerate()
+        .map(|(index, nic)| {
+            let mut arg = format!(
+                "tap={},mac={}",
+                vm_tap_name(vm, nic_index(index)),
+                mac(vm, index)
+            );
+            if !nic.ipv4.is_empty() {
+                arg.push_str(&format!(",ipv4={}", nic.ipv4));
+            }
+            arg
+        })
+        .collect()
 }
 
 fn nic_index(index: usize) -> u16 {
@@ -137,6 +170,8 @@ pub fn statuses(
                         bridge,
                         ready: detail.is_empty(),
                         detail,
+                        mac: mac(vm.vm, index),
+                        ..VmNicStatus::default()
                     }
                 })
                 .collect();

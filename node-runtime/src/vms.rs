@@ -7,10 +7,12 @@
 //! restarts a crashed VM on its own: healing is the reconciler's decision.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use network::NetNs;
 use proto::v1::{self, Health, VmState, VmStatus};
 use tokio::sync::Mutex;
 use tonic::Status;
@@ -89,18 +91,33 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(200);
 /// long after boot) is reported `HEALTH_DEGRADED`.
 pub const HEARTBEAT_STALE_AFTER: Duration = Duration::from_secs(2);
 
-/// What a VMM's `status` says about its guest's heartbeats.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What a VMM's `status` says about its guest's heartbeats and NICs.
+#[derive(Debug, Clone, PartialEq)]
 struct Heartbeat {
     total: u64,
     age_ms: Option<f64>,
     uptime_ms: u64,
+    nics: Vec<vmm::control::NicStatus>,
 }
 
 impl Heartbeat {
     /// Fills the heartbeat fields of a running VM's status and degrades its health
     /// when the guest has gone quiet.
     fn apply(self, status: &mut VmStatus) {
+        // The VMM's view of each NIC, by tap; the node's Observe adds its own view
+        // (tap, bridge) to the same entries.
+        status.nics = self
+            .nics
+            .iter()
+            .map(|nic| proto::v1::VmNicStatus {
+                tap: nic.tap.clone(),
+                mac: nic.mac.clone(),
+                guest_up: nic.driver_ok,
+                rx_frames: nic.rx_frames,
+                tx_frames: nic.tx_frames,
+                ..Default::default()
+            })
+            .collect();
         let stale_ms = HEARTBEAT_STALE_AFTER.as_millis() as f64;
         status.heartbeats = self.total;
         status.heartbeat_age_ms = self.age_ms.map_or(0, |age| age.max(0.0).round() as u64);
@@ -124,6 +141,7 @@ fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
         total: status.heartbeat_total,
         age_ms: status.last_heartbeat_age_ms,
         uptime_ms: status.uptime_ms,
+        nics: status.nics,
     })
 }
 
@@ -238,6 +256,7 @@ impl Vms {
         &self,
         binary: &Path,
         definition: &v1::CreateVm,
+        network: Option<&NetNs>,
     ) -> Result<tokio::process::Command, Status> {
         let vm_dir = self.run_dir.join(&definition.name);
         std::fs::create_dir_all(&vm_dir).map_err(|error| {
@@ -272,6 +291,36 @@ impl Vms {
             }
             None => return Err(crate::validate::invalid("create_vm.image", "must be set")),
         }
+        if let Some(netns) = network
+            && !definition.nics.is_empty()
+        {
+            for nic in crate::vm_nics::vmm_nic_args(&definition.name, &definition.nics) {
+                command.arg("--nic").arg(nic);
+            }
+            // The taps live in the node's namespace: the VMM runs there too (its
+            // control socket is a file, so the node still reaches it).
+            if let Some(name) = netns.name() {
+                let path = Path::new(network::netns::NETNS_RUN_DIR).join(name);
+                let namespace = std::fs::File::open(&path).map_err(|error| {
+                    Status::failed_precondition(format!(
+                        "node {}: cannot open the network namespace {}: {error}",
+                        netns.node(),
+                        path.display()
+                    ))
+                })?;
+                // SAFETY: the closure runs in the child between fork and exec and only
+                // calls setns(2), which is async-signal-safe; `namespace` is an open
+                // file (O_CLOEXEC, so the VMM does not inherit it) moved into it.
+                unsafe {
+                    command.pre_exec(move || {
+                        if libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
+        }
         let log = std::fs::File::create(vm_dir.join("vmm.log"))
             .map_err(|error| Status::internal(format!("cannot create the VMM log: {error}")))?;
         let log_err = log
@@ -285,8 +334,11 @@ impl Vms {
         Ok(command)
     }
 
-    /// Starts a defined VM (running already is fine).
-    pub async fn start(&self, name: &str) -> Result<v1::VmResult, Status> {
+    /// Starts a defined VM (running already is fine). With `network` (the node's
+    /// namespace, where network actions are allowed) the VMM runs there with a
+    /// virtio-net device on each NIC's tap; without, the VM runs without its NICs,
+    /// which Observe reports as not made, with why.
+    pub async fn start(&self, name: &str, network: Option<&NetNs>) -> Result<v1::VmResult, Status> {
         let mut vms = self.vms.lock().await;
         let Some(runtime) = vms.get_mut(name) else {
             return Err(Status::not_found(format!(
@@ -323,7 +375,7 @@ impl Vms {
                 definition.volumes
             )));
         }
-        let mut command = self.command(&binary, &definition)?;
+        let mut command = self.command(&binary, &definition, network)?;
         let mut child = command.spawn().map_err(|error| {
             Status::internal(format!("cannot spawn {}: {error}", binary.display()))
         })?;

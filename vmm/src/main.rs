@@ -70,7 +70,7 @@ struct Cli {
     #[arg(long)]
     disk: Vec<PathBuf>,
     /// A network device on an existing tap of this namespace:
-    /// `tap=NAME[,mac=aa:bb:cc:dd:ee:ff][,ipv4=ADDRESS]`; repeat for more (at most 4).
+    /// `tap=NAME[,mac=aa:bb:cc:dd:ee:ff][,ipv4=ADDRESS]`; repeat for more (at most 8).
     /// The built-in guest answers ARP and ping for the first NIC's ipv4.
     #[arg(long)]
     nic: Vec<NicArg>,

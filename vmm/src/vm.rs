@@ -50,7 +50,7 @@ pub const MAX_DISKS: usize = VIRTIO_BLK_IRQS.len();
 
 /// Interrupt lines of the virtio-net devices for Linux guests, in NIC order (I/O APIC
 /// pins above the ISA range; the MP table routes 0..=23).
-pub const VIRTIO_NET_IRQS: [u32; 4] = [16, 17, 18, 19];
+pub const VIRTIO_NET_IRQS: [u32; 8] = [16, 17, 18, 19, 20, 21, 22, 23];
 /// Most network devices a VM may have.
 pub const MAX_NICS: usize = VIRTIO_NET_IRQS.len();
 

@@ -306,10 +306,12 @@ async fn vm_nics_are_taps_on_tenant_bridges_repaired_by_the_same_definition_and_
             proto::v1::VmNic {
                 network: "dev-net".into(),
                 mtu: 0,
+                ipv4: String::new(),
             },
             proto::v1::VmNic {
                 network: "dev-storage".into(),
                 mtu: 9000,
+                ipv4: String::new(),
             },
         ],
     };
@@ -386,4 +388,105 @@ async fn vm_nics_are_taps_on_tenant_bridges_repaired_by_the_same_definition_and_
             "{tap} removed with the vm"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_started_vm_answers_ping_through_its_tap_on_the_tenant_bridge() {
+    if let Err(why) = network::netns_capability() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    if !crate::vms::vms_can_run() {
+        return;
+    }
+    if std::process::Command::new("ping")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: no ping (Debian package iputils-ping)");
+        return;
+    }
+    let (_cleanup, netns) = node_namespace("cnp", "ping-node", 1);
+    let (dir, controller) = data_dir();
+    let node = crate::harness::TestNode::start_with_args(
+        "ping-node",
+        dir.path(),
+        "127.0.0.1:0",
+        &["--netns", &netns],
+    );
+    let mut client = node.client(&controller).await;
+    let vm = proto::v1::CreateVm {
+        name: "web-1".into(),
+        vcpus: 1,
+        memory_bytes: 32 << 20,
+        image: Some(proto::v1::create_vm::Image::Builtin("cairn-guest".into())),
+        volumes: vec![],
+        tenant: "dev".into(),
+        nics: vec![proto::v1::VmNic {
+            network: "dev-net".into(),
+            mtu: 0,
+            ipv4: "10.214.0.2".into(),
+        }],
+    };
+    apply_ok(&mut client, "vm-1", Action::CreateVm(vm)).await;
+    apply_ok(
+        &mut client,
+        "vm-1-start",
+        Action::StartVm(proto::v1::StartVm {
+            name: "web-1".into(),
+        }),
+    )
+    .await;
+
+    // The guest's driver comes up on the tap the node made.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let nic = loop {
+        let observed = client.observe().await.unwrap();
+        let nic = observed.vms[0].nics[0].clone();
+        if nic.guest_up || std::time::Instant::now() > deadline {
+            break nic;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(nic.guest_up && nic.ready, "{nic:?}");
+    assert!(nic.mac.starts_with("02:ca:"), "{nic:?}");
+
+    // The node's side of the tenant network gets an address; the guest answers it.
+    let in_ns = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    };
+    let added = in_ns(&["ip", "addr", "add", "10.214.0.1/24", "dev", &nic.bridge]);
+    assert!(added.status.success(), "{added:?}");
+    let ping = in_ns(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.214.0.2"]);
+    let report = String::from_utf8_lossy(&ping.stdout).into_owned();
+    println!("{report}");
+    assert!(
+        ping.status.success() && report.contains("3 received"),
+        "{report}"
+    );
+    let neighbour = in_ns(&["ip", "neigh", "show", "10.214.0.2"]);
+    assert!(
+        String::from_utf8_lossy(&neighbour.stdout).contains(&nic.mac),
+        "{neighbour:?}"
+    );
+    let counted = client.observe().await.unwrap().vms[0].nics[0].clone();
+    assert!(
+        counted.rx_frames >= 4 && counted.tx_frames >= 4,
+        "one ARP and three echoes each way: {counted:?}"
+    );
+
+    apply_ok(
+        &mut client,
+        "vm-1-stop",
+        Action::StopVm(proto::v1::StopVm {
+            name: "web-1".into(),
+            grace_ms: 2000,
+        }),
+    )
+    .await;
 }

@@ -30,7 +30,7 @@ fn create_vm(name: &str) -> Action {
 }
 
 /// Whether VMs can run here; prints why not.
-fn vms_can_run() -> bool {
+pub(crate) fn vms_can_run() -> bool {
     if vmm_binary().is_none() {
         eprintln!("skipping: cairn-vmm is not built next to cairn-node (cargo build -p vmm)");
         return false;

@@ -290,6 +290,7 @@ impl NodeAction {
                     .map(|network| proto::v1::VmNic {
                         network: network.clone(),
                         mtu: 0,
+                        ipv4: String::new(),
                     })
                     .collect(),
             }),
