@@ -636,6 +636,7 @@ mod tests {
             total: 17,
             age_ms: Some(12.6),
             uptime_ms: 5_000,
+            nics: vec![],
         }
         .apply(&mut status);
         assert_eq!(status.heartbeats, 17);
@@ -651,6 +652,7 @@ mod tests {
             total: 17,
             age_ms: Some(2_500.0),
             uptime_ms: 10_000,
+            nics: vec![],
         }
         .apply(&mut stale);
         assert!(!stale.heartbeat_fresh);
@@ -662,6 +664,7 @@ mod tests {
             total: 0,
             age_ms: None,
             uptime_ms: 300,
+            nics: vec![],
         }
         .apply(&mut booting);
         assert!(!booting.heartbeat_fresh);
@@ -673,6 +676,7 @@ mod tests {
             total: 0,
             age_ms: None,
             uptime_ms: 3_000,
+            nics: vec![],
         }
         .apply(&mut silent);
         assert_eq!(silent.health, Health::Degraded as i32);

@@ -213,6 +213,9 @@ pub struct NicStatus {
     pub tx_bytes: u64,
     /// Frames that could not be sent.
     pub tx_errors: u64,
+    /// Times the VMM attached to the tap again after it was deleted and made anew.
+    #[serde(default)]
+    pub tap_reattached: u64,
 }
 
 /// virtio-blk request counters.

@@ -114,6 +114,7 @@ impl Controller {
                 tx_frames: load(&net.stats.tx_frames),
                 tx_bytes: load(&net.stats.tx_bytes),
                 tx_errors: load(&net.stats.tx_errors),
+                tap_reattached: load(&net.tap_reattached),
             })
             .collect();
         VmStatus {

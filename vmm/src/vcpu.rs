@@ -72,6 +72,8 @@ pub(crate) struct NetSlot {
     pub(crate) stats: Arc<NetStats>,
     pub(crate) tap: Arc<std::fs::File>,
     pub(crate) tap_name: String,
+    /// Times the receive pump attached to the tap again after it was deleted.
+    pub(crate) tap_reattached: AtomicU64,
     pub(crate) mac: [u8; 6],
 }
 

@@ -26,7 +26,7 @@ use crate::devices::ports::GuestTelemetry;
 use crate::devices::serial::{COM1_IRQ, Console, SerialInterrupt};
 use crate::devices::virtio::Interrupt;
 use crate::devices::virtio_blk::VirtioMmioBlock;
-use crate::devices::virtio_net::{Delivery, MAX_FRAME, VirtioMmioNet};
+use crate::devices::virtio_net::{Delivery, MAX_FRAME, VirtioMmioNet, open_tap};
 use crate::exit_code;
 use crate::guest::{self, abi};
 use crate::kvm::{self, KvmError};
@@ -410,6 +410,7 @@ impl Vm {
                     rx_ready: Condvar::new(),
                     tap: Arc::clone(&nic.tap),
                     tap_name: nic.tap_name.clone(),
+                    tap_reattached: AtomicU64::new(0),
                     mac: nic.mac,
                 }
             })
@@ -762,6 +763,7 @@ const PUMP_POLL: Duration = Duration::from_millis(100);
 /// does ([`Shared::pumps_stop`]).
 fn receive_pump(shared: &Shared, ram: &GuestRam, index: usize) {
     let slot = &shared.nets[index];
+    let mut tap = Arc::clone(&slot.tap);
     let mut buffer = vec![0u8; MAX_FRAME];
     let mut held: Option<usize> = None;
     while !shared.pumps_stop.load(Ordering::Acquire) {
@@ -769,7 +771,7 @@ fn receive_pump(shared: &Shared, ram: &GuestRam, index: usize) {
             Some(length) => length,
             None => {
                 let mut poll = libc::pollfd {
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&*slot.tap),
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&*tap),
                     events: libc::POLLIN,
                     revents: 0,
                 };
@@ -778,14 +780,23 @@ fn receive_pump(shared: &Shared, ram: &GuestRam, index: usize) {
                 if ready <= 0 {
                     continue;
                 }
-                match io::Read::read(&mut &*slot.tap, &mut buffer) {
+                match io::Read::read(&mut &*tap, &mut buffer) {
                     Ok(length) => length,
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => continue,
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => {
-                        // The tap went away (deleted under us): keep the VM running
-                        // without traffic rather than spin.
+                        // The tap was deleted under us (EBADFD). When the node makes
+                        // it again (its repair), attach to the new one: the guest
+                        // keeps its device and traffic resumes.
                         thread::sleep(PUMP_POLL);
+                        if let Ok(reopened) = open_tap(&slot.tap_name) {
+                            tap = Arc::new(reopened);
+                            slot.tap_reattached.fetch_add(1, Ordering::Relaxed);
+                            slot.device
+                                .lock()
+                                .expect("net lock")
+                                .set_tap(Arc::clone(&tap));
+                        }
                         continue;
                     }
                 }

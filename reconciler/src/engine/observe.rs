@@ -57,6 +57,13 @@ pub struct ObservedNic {
     pub ready: bool,
     /// Why not.
     pub detail: String,
+    /// The guest's MAC address on this NIC (empty from nodes before it was reported).
+    #[serde(default)]
+    pub mac: String,
+    /// The running VM's virtio-net device is on this tap and the guest's driver has
+    /// brought it up.
+    #[serde(default)]
+    pub guest_up: bool,
 }
 
 /// A volume as a node reports it.
@@ -409,6 +416,8 @@ async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeOb
                             bridge: n.bridge,
                             ready: n.ready,
                             detail: n.detail,
+                            mac: n.mac,
+                            guest_up: n.guest_up,
                         })
                         .collect(),
                 },

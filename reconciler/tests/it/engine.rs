@@ -241,6 +241,10 @@ fn apply_converges_second_plan_is_empty_added_vm_exits_3_and_dev_down_leaves_not
             assert_eq!(nics.len(), 1, "{vm}");
             let nic = &nics[0];
             assert_eq!(nic["ready"], true, "{vm}");
+            // The VMM runs in the node's namespace on this tap, and the guest's
+            // virtio-net driver is up.
+            assert_eq!(nic["guest_up"], true, "{vm}");
+            assert!(nic["mac"].as_str().unwrap().starts_with("02:ca:"), "{vm}");
             let tap = nic["tap"].as_str().unwrap();
             let bridge = nic["bridge"].as_str().unwrap();
             let link = in_netns("ip", ns, &["-o", "link", "show", tap]);

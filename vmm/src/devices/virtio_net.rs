@@ -112,6 +112,12 @@ impl VirtioMmioNet {
         self.mac
     }
 
+    /// Attaches the device to another tap (the same tap made again after it was
+    /// deleted); queues and the driver's state are kept.
+    pub fn set_tap(&mut self, tap: Arc<File>) {
+        self.tap = tap;
+    }
+
     /// Whether the guest's driver has brought the device up.
     pub fn driver_ok(&self) -> bool {
         self.transport.driver_ok()

@@ -122,6 +122,24 @@ fn the_builtin_guest_answers_arp_and_ping_through_its_tap() {
     // as the tap is up, which can be before the guest's driver is.
     assert_eq!(nic.tx_errors, 0, "{nic:#?}");
     assert!(vm.console().contains("cairn-guest: network device up"));
+
+    // The tap deleted and made again (what the node's repair does): the VMM attaches
+    // to the new one and the guest answers again without a restart.
+    for command in [
+        "ip link del vmtap0",
+        "ip tuntap add dev vmtap0 mode tap vnet_hdr",
+        &format!("ip addr add {HOST_IP}/24 dev vmtap0"),
+        "ip link set vmtap0 up",
+    ] {
+        assert!(namespace.run(command).status.success(), "{command}");
+    }
+    vm.wait_status(TIMEOUT, |status| status.nics[0].tap_reattached >= 1);
+    let again = namespace.run(&format!("ping -c 3 -i 0.2 -W 2 {GUEST_IP}"));
+    let report = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success() && report.contains("3 received"),
+        "after the tap was made again: {report}"
+    );
 }
 
 #[test]
