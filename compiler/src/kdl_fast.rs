@@ -210,13 +210,7 @@ impl Parser<'_> {
     /// after the node's trailing spaces, as does its span.
     fn base_node(&mut self) -> Option<KdlNode> {
         let start = self.i;
-        let ty = if self.peek() == Some(b'(') {
-            let ty = self.type_annotation()?;
-            self.ws()?;
-            Some(ty)
-        } else {
-            None
-        };
+        let ty = self.optional_type_annotation()?;
         let name = self.identifier()?;
         self.value_terminator()?;
         let mut node = KdlNode::new(name);
@@ -270,6 +264,17 @@ impl Parser<'_> {
         self.i += 1;
         self.depth -= 1;
         Some(doc)
+    }
+
+    /// A `(name)` type annotation and the spaces after it, if one starts here;
+    /// `Some(None)` when none does, `None` on anything the fast path does not handle.
+    fn optional_type_annotation(&mut self) -> Option<Option<KdlIdentifier>> {
+        if self.peek() != Some(b'(') {
+            return Some(None);
+        }
+        let ty = self.type_annotation()?;
+        self.ws()?;
+        Some(Some(ty))
     }
 
     /// `(name)`, with optional spaces inside the parentheses.
@@ -330,13 +335,7 @@ impl Parser<'_> {
         }
         self.i += 1;
         self.ws()?;
-        let ty = if self.peek() == Some(b'(') {
-            let ty = self.type_annotation()?;
-            self.ws()?;
-            Some(ty)
-        } else {
-            None
-        };
+        let ty = self.optional_type_annotation()?;
         let value = self.value()?;
         self.value_terminator()?;
         let mut entry = KdlEntry::new_prop(key, value);

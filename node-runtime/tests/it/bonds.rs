@@ -42,6 +42,37 @@ fn data_dir() -> (tempfile::TempDir, proto::auth::Identity) {
     (dir, controller)
 }
 
+/// A node started with `--netns` in a throwaway namespace with one NIC, and a client
+/// of it. Fields drop in order: the node stops before its namespace goes.
+struct NodeInNamespace {
+    client: proto::client::NodeClient,
+    _node: crate::harness::TestNode,
+    _dir: tempfile::TempDir,
+    netns: String,
+    _cleanup: Namespaces,
+}
+
+impl NodeInNamespace {
+    async fn start(tag: &str, node: &str) -> Self {
+        let (cleanup, netns) = node_namespace(tag, node, 1);
+        let (dir, controller) = data_dir();
+        let started = crate::harness::TestNode::start_with_args(
+            node,
+            dir.path(),
+            "127.0.0.1:0",
+            &["--netns", &netns],
+        );
+        let client = started.client(&controller).await;
+        Self {
+            client,
+            _node: started,
+            _dir: dir,
+            netns,
+            _cleanup: cleanup,
+        }
+    }
+}
+
 fn bond(capacity_bps: u64) -> ApplyBond {
     let class = |name: &str, min_mbit: u64, weight: u32| TrafficClass {
         name: name.into(),
@@ -286,15 +317,8 @@ async fn vm_nics_are_taps_on_tenant_bridges_repaired_by_the_same_definition_and_
         eprintln!("skipping: {why}");
         return;
     }
-    let (_cleanup, netns) = node_namespace("cnv", "nic-node", 1);
-    let (dir, controller) = data_dir();
-    let node = crate::harness::TestNode::start_with_args(
-        "nic-node",
-        dir.path(),
-        "127.0.0.1:0",
-        &["--netns", &netns],
-    );
-    let mut client = node.client(&controller).await;
+    let started = NodeInNamespace::start("cnv", "nic-node").await;
+    let (netns, mut client) = (started.netns.clone(), started.client.clone());
     let vm = proto::v1::CreateVm {
         name: "web-1".into(),
         vcpus: 1,
@@ -407,15 +431,8 @@ async fn a_started_vm_answers_ping_through_its_tap_on_the_tenant_bridge() {
         eprintln!("skipping: no ping (Debian package iputils-ping)");
         return;
     }
-    let (_cleanup, netns) = node_namespace("cnp", "ping-node", 1);
-    let (dir, controller) = data_dir();
-    let node = crate::harness::TestNode::start_with_args(
-        "ping-node",
-        dir.path(),
-        "127.0.0.1:0",
-        &["--netns", &netns],
-    );
-    let mut client = node.client(&controller).await;
+    let started = NodeInNamespace::start("cnp", "ping-node").await;
+    let (netns, mut client) = (started.netns.clone(), started.client.clone());
     let vm = proto::v1::CreateVm {
         name: "web-1".into(),
         vcpus: 1,
