@@ -18,7 +18,9 @@
 //!   [`Store::clone_snapshot`]).
 //! - The replication hook ([`Volume::write_replicated`], [`Store::apply_replica`]) produces
 //!   and applies sequence-numbered operations; shipping them is the agent's job.
-//! - [`nbd::NbdServer`] serves any [`BlockDevice`] over NBD on loopback.
+//! - [`nbd::NbdServer`] serves any [`BlockDevice`] over NBD: on an owner-only unix socket
+//!   (the default for the agent) or on loopback TCP, with structured replies and the
+//!   `base:allocation` context, so clients skip a thin volume's holes.
 //!
 //! What it does not do: talk to other nodes, authenticate anyone, place volumes (the
 //! placement engine chooses disks and passes them in [`VolumeSpec::disks`]), or cache data
@@ -46,7 +48,7 @@ pub mod nbd;
 mod replication;
 mod store;
 
-pub use device::BlockDevice;
+pub use device::{AllocationRun, BlockDevice};
 pub use engine::{EngineKind, FileEngine, IoOp};
 pub use error::{Result, StorageError};
 pub use replication::{ApplyOutcome, RepairData, ReplicaOp, ReplicaPayload};

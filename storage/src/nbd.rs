@@ -1,22 +1,40 @@
-//! A small NBD server (fixed newstyle handshake, simple replies) serving [`BlockDevice`]s
-//! over TCP on loopback, so qemu-img, qemu-io and nbd-client can read and write volumes.
+//! A small NBD server (fixed newstyle handshake) serving [`BlockDevice`]s to local
+//! clients, so qemu-img, qemu-io, nbdinfo, nbdcopy and nbd-client can read and write
+//! volumes.
 //!
 //! Supported: `NBD_OPT_EXPORT_NAME`, `NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_LIST`,
-//! `NBD_OPT_ABORT`; commands READ, WRITE, FLUSH, TRIM, WRITE_ZEROES and DISC. Structured
-//! replies and block status are not offered (clients fall back to simple replies).
-//! Requests that are not aligned to the device's block size are read-modify-written here.
+//! `NBD_OPT_ABORT`, `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_LIST_META_CONTEXT` and
+//! `NBD_OPT_SET_META_CONTEXT` (the one context `base:allocation`); commands READ, WRITE,
+//! FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS and DISC. With structured replies a read is
+//! answered by one data chunk and an error carries a message; block status reports the
+//! device's holes ([`BlockDevice::allocation`]) as `NBD_STATE_HOLE | NBD_STATE_ZERO`, so
+//! clients skip what a thin volume never allocated. Requests that are not aligned to the
+//! device's block size are read-modify-written here.
 //!
-//! NBD has no authentication, so the server only binds loopback addresses: the agent
-//! exports a volume to a local consumer (qemu, a VMM), never to the network.
+//! NBD has no authentication of its own, so a server listens only where the operating
+//! system decides who may connect:
+//! - [`NbdServer::start_unix`]: a unix socket with mode 0600 whose peers must also run as
+//!   the server's user (or root), checked with `SO_PEERCRED`; the URI is
+//!   `nbd+unix:///EXPORT?socket=PATH`. This is what the agent exports volumes on.
+//! - [`NbdServer::start`]: TCP on a loopback address (any local user can connect; for
+//!   tests and tools on single-user machines).
+//!
+//! Every connection is served by its own thread and closed when the client disconnects
+//! (`NBD_CMD_DISC`, `NBD_OPT_ABORT` or a dropped socket); the server keeps a handle to
+//! open connections only, so it can close them when it stops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
-use crate::device::BlockDevice;
+use crate::device::{AllocationRun, BlockDevice};
 use crate::error::StorageError;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -24,6 +42,7 @@ const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 const REQUEST_MAGIC: u32 = 0x2560_9513;
 const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
@@ -33,11 +52,16 @@ const OPT_ABORT: u32 = 2;
 const OPT_LIST: u32 = 3;
 const OPT_INFO: u32 = 6;
 const OPT_GO: u32 = 7;
+const OPT_STRUCTURED_REPLY: u32 = 8;
+const OPT_LIST_META_CONTEXT: u32 = 9;
+const OPT_SET_META_CONTEXT: u32 = 10;
 
 const REP_ACK: u32 = 1;
 const REP_SERVER: u32 = 2;
 const REP_INFO: u32 = 3;
+const REP_META_CONTEXT: u32 = 4;
 const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_POLICY: u32 = (1 << 31) + 2;
 const REP_ERR_INVALID: u32 = (1 << 31) + 3;
 const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 
@@ -50,6 +74,8 @@ const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 const TFLAG_SEND_FUA: u16 = 1 << 3;
 const TFLAG_SEND_TRIM: u16 = 1 << 5;
 const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const TFLAG_SEND_DF: u16 = 1 << 7;
+const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
@@ -57,6 +83,20 @@ const CMD_DISC: u16 = 2;
 const CMD_FLUSH: u16 = 3;
 const CMD_TRIM: u16 = 4;
 const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_BLOCK_STATUS: u16 = 7;
+
+const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+const REPLY_FLAG_DONE: u16 = 1;
+const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+/// The metadata context this server offers, and the id it is given when selected.
+const BASE_ALLOCATION: &str = "base:allocation";
+const BASE_ALLOCATION_ID: u32 = 1;
+const STATE_HOLE: u32 = 1;
+const STATE_ZERO: u32 = 2;
 
 const EPERM: u32 = 1;
 const EIO: u32 = 5;
@@ -67,15 +107,38 @@ const ENOSPC: u32 = 28;
 pub const MAX_REQUEST: u32 = 32 << 20;
 /// Largest option payload accepted during the handshake.
 const MAX_OPTION: u32 = 64 << 10;
+/// Options a refused client may send before the server hangs up on it.
+const MAX_REFUSED_OPTIONS: u32 = 16;
+/// Longest unix socket path (`sun_path` holds 108 bytes with the terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Errors of the NBD server.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
-    /// The server refuses to listen beyond loopback: NBD has no authentication.
+    /// The server refuses to listen on TCP beyond loopback: NBD has no authentication.
     #[error("refusing to serve nbd on non-loopback address {addr}; nbd has no authentication")]
     NotLoopback {
         /// The address asked for.
         addr: SocketAddr,
+    },
+    /// A unix socket path that the kernel cannot bind.
+    #[error(
+        "nbd socket path {path} is {length} bytes long, at most {MAX_SOCKET_PATH} fit in a unix socket address; use a shorter directory"
+    )]
+    SocketPathTooLong {
+        /// The path asked for.
+        path: PathBuf,
+        /// Its length in bytes.
+        length: usize,
+    },
+    /// Something other than a stale socket is in the way of the socket path, or another
+    /// server is listening there.
+    #[error("cannot serve nbd on {path}: {reason}")]
+    SocketInUse {
+        /// The path asked for.
+        path: PathBuf,
+        /// What is there.
+        reason: String,
     },
     /// A socket operation failed.
     #[error("nbd i/o error")]
@@ -142,92 +205,344 @@ impl Exports {
     }
 }
 
-/// A running NBD server. Dropping it stops accepting and closes open connections.
+/// Where a server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A loopback TCP address.
+    Tcp(SocketAddr),
+    /// A unix socket, owner-only.
+    Unix(PathBuf),
+}
+
+#[derive(Debug)]
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    fn try_clone(&self) -> io::Result<Listener> {
+        Ok(match self {
+            Listener::Tcp(l) => Listener::Tcp(l.try_clone()?),
+            Listener::Unix(l) => Listener::Unix(l.try_clone()?),
+        })
+    }
+
+    fn accept(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Listener::Tcp(l) => Stream::Tcp(l.accept()?.0),
+            Listener::Unix(l) => Stream::Unix(l.accept()?.0),
+        })
+    }
+
+    /// Wakes a thread blocked in `accept` on this socket (it returns an error).
+    fn wake(&self) {
+        let fd = match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        };
+        // SAFETY: `fd` is an open socket owned by `self` for the whole call; shutdown
+        // takes no memory. On Linux, shutting down a listening socket makes a blocked
+        // accept return EINVAL; an error here means there is nothing to wake.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
+    }
+}
+
+/// One client connection, TCP or unix.
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        // Failure means the peer is already gone.
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+
+    /// Why this peer may not use the exports, if it may not: on a unix socket the peer
+    /// must run as the server's user or as root.
+    fn refusal(&self) -> Option<String> {
+        let Stream::Unix(s) = self else {
+            return None;
+        };
+        let mut credentials = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut length = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: the descriptor is an open unix socket owned by `s`; `credentials` and
+        // `length` are live, writable and sized for SO_PEERCRED's `struct ucred`.
+        let result = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut credentials).cast(),
+                &mut length,
+            )
+        };
+        if result != 0 {
+            return Some("the peer's credentials cannot be read".into());
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let owner = unsafe { libc::geteuid() };
+        if credentials.uid == owner || credentials.uid == 0 {
+            return None;
+        }
+        Some(format!(
+            "permission denied: this export is for uid {owner} only, the client runs as uid {}",
+            credentials.uid
+        ))
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// Open connections, so the server can close them when it stops. A connection removes
+/// itself when it ends, which drops the last descriptor of its socket.
+#[derive(Debug, Default)]
+struct Connections {
+    open: Mutex<(u64, HashMap<u64, Stream>)>,
+}
+
+impl Connections {
+    fn add(&self, stream: Stream) -> u64 {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 += 1;
+        let id = open.0;
+        open.1.insert(id, stream);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        let removed = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .remove(&id);
+        drop(removed);
+    }
+
+    fn count(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).1.len()
+    }
+
+    fn close_all(&self) {
+        let streams: Vec<Stream> = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .drain()
+            .map(|(_, stream)| stream)
+            .collect();
+        for stream in streams {
+            stream.shutdown();
+        }
+    }
+}
+
+/// Removes a connection from [`Connections`] when its thread ends, however it ends.
+struct Registered {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.connections.remove(self.id);
+    }
+}
+
+/// A running NBD server. Dropping it stops accepting, closes open connections and (for a
+/// unix socket) removes the socket file.
 #[derive(Debug)]
 pub struct NbdServer {
-    local_addr: SocketAddr,
+    endpoint: Endpoint,
+    /// The socket file's device and inode, so only our own socket is removed.
+    socket_identity: Option<(u64, u64)>,
     stop: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<TcpStream>>>,
+    waker: Listener,
+    connections: Arc<Connections>,
     accept_thread: Option<JoinHandle<()>>,
 }
 
 impl NbdServer {
     /// Binds `addr` (loopback only; port 0 picks a free port) and serves `exports` on a
-    /// background thread, one thread per connection.
+    /// background thread, one thread per connection. Any local user can connect.
     pub fn start(addr: SocketAddr, exports: Arc<Exports>) -> Result<NbdServer, NbdError> {
         if !addr.ip().is_loopback() {
             return Err(NbdError::NotLoopback { addr });
         }
         let listener = TcpListener::bind(addr)?;
-        let local_addr = listener.local_addr()?;
+        let endpoint = Endpoint::Tcp(listener.local_addr()?);
+        Self::serve(Listener::Tcp(listener), endpoint, None, exports)
+    }
+
+    /// Binds a unix socket at `path` with mode 0600 and serves `exports` to clients that
+    /// run as this process's user (or as root); others get `NBD_REP_ERR_POLICY`. A stale
+    /// socket at `path` (nobody listening) is replaced. Put the socket in a directory only
+    /// its owner can enter, so there is no moment at which others could connect.
+    pub fn start_unix(path: &Path, exports: Arc<Exports>) -> Result<NbdServer, NbdError> {
+        let length = path.as_os_str().len();
+        if length > MAX_SOCKET_PATH {
+            return Err(NbdError::SocketPathTooLong {
+                path: path.to_owned(),
+                length,
+            });
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(NbdError::SocketInUse {
+                        path: path.to_owned(),
+                        reason: "another server is listening there".into(),
+                    });
+                }
+                std::fs::remove_file(path)?;
+            }
+            Ok(_) => {
+                return Err(NbdError::SocketInUse {
+                    path: path.to_owned(),
+                    reason: "a file that is not a socket is in the way".into(),
+                });
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error.into()),
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let meta = std::fs::symlink_metadata(path)?;
+        Self::serve(
+            Listener::Unix(listener),
+            Endpoint::Unix(path.to_owned()),
+            Some((meta.dev(), meta.ino())),
+            exports,
+        )
+    }
+
+    fn serve(
+        listener: Listener,
+        endpoint: Endpoint,
+        socket_identity: Option<(u64, u64)>,
+        exports: Arc<Exports>,
+    ) -> Result<NbdServer, NbdError> {
+        let waker = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let connections: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let connections: Arc<Connections> = Arc::default();
         let accept_thread = {
             let stop = stop.clone();
             let connections = connections.clone();
             std::thread::Builder::new()
                 .name("nbd-accept".into())
-                .spawn(move || {
-                    for stream in listener.incoming() {
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let Ok(stream) = stream else { continue };
-                        if let Ok(clone) = stream.try_clone() {
-                            connections
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .push(clone);
-                        }
-                        let exports = exports.clone();
-                        let _ =
-                            std::thread::Builder::new()
-                                .name("nbd-conn".into())
-                                .spawn(move || {
-                                    // A client that misbehaves or disconnects only ends its own
-                                    // connection; there is nobody to report to but the client.
-                                    let _ = serve_connection(stream, &exports);
-                                });
-                    }
-                })?
+                .spawn(move || accept_loop(&listener, &stop, &connections, &exports))?
         };
         Ok(NbdServer {
-            local_addr,
+            endpoint,
+            socket_identity,
             stop,
+            waker,
             connections,
             accept_thread: Some(accept_thread),
         })
     }
 
-    /// The address the server listens on.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// Where the server listens.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
     }
 
-    /// `nbd://ADDR/EXPORT`, the URI qemu tools accept.
+    /// The TCP address the server listens on, if it listens on TCP.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.endpoint {
+            Endpoint::Tcp(addr) => Some(*addr),
+            Endpoint::Unix(_) => None,
+        }
+    }
+
+    /// The unix socket the server listens on, if it listens on one.
+    pub fn socket_path(&self) -> Option<&Path> {
+        match &self.endpoint {
+            Endpoint::Tcp(_) => None,
+            Endpoint::Unix(path) => Some(path),
+        }
+    }
+
+    /// The URI qemu tools and libnbd accept: `nbd://ADDR/EXPORT` or
+    /// `nbd+unix:///EXPORT?socket=PATH`.
     pub fn uri(&self, export: &str) -> String {
-        format!("nbd://{}/{export}", self.local_addr)
+        match &self.endpoint {
+            Endpoint::Tcp(addr) => format!("nbd://{addr}/{}", percent_encode(export)),
+            Endpoint::Unix(path) => format!(
+                "nbd+unix:///{}?socket={}",
+                percent_encode(export),
+                percent_encode(&path.to_string_lossy())
+            ),
+        }
     }
 
-    /// Stops accepting, closes every connection and joins the accept thread.
+    /// Connections open right now (each served by one thread). A connection counts until
+    /// its socket is closed.
+    pub fn live_connections(&self) -> usize {
+        self.connections.count()
+    }
+
+    /// Stops accepting, closes every connection, joins the accept thread and removes the
+    /// socket file of a unix server.
     pub fn shutdown(mut self) {
         self.stop_now();
     }
 
     fn stop_now(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept; failure means it is already gone.
-        let _ = TcpStream::connect(self.local_addr);
+        self.waker.wake();
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
-        for c in self
-            .connections
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
+        // Every connection was registered before the accept thread ended.
+        self.connections.close_all();
+        if let (Endpoint::Unix(path), Some((dev, ino))) = (&self.endpoint, self.socket_identity)
+            && std::fs::symlink_metadata(path).is_ok_and(|m| m.dev() == dev && m.ino() == ino)
         {
-            let _ = c.shutdown(Shutdown::Both);
+            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -238,6 +553,62 @@ impl Drop for NbdServer {
             self.stop_now();
         }
     }
+}
+
+fn accept_loop(
+    listener: &Listener,
+    stop: &AtomicBool,
+    connections: &Arc<Connections>,
+    exports: &Arc<Exports>,
+) {
+    loop {
+        let accepted = listener.accept();
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match accepted {
+            Ok(stream) => stream,
+            Err(_) => {
+                // Out of descriptors or an aborted handshake: do not spin on it.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            }
+        };
+        let Ok(handle) = stream.try_clone() else {
+            continue;
+        };
+        let registered = Registered {
+            connections: connections.clone(),
+            id: connections.add(handle),
+        };
+        let exports = exports.clone();
+        // If the thread cannot be spawned, the closure (and with it the stream and the
+        // registration) is dropped, which closes the connection.
+        let _ = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                let _registered = registered;
+                let refusal = stream.refusal();
+                // A client that misbehaves or disconnects only ends its own connection;
+                // there is nobody to report to but the client.
+                let _ = serve_connection(&stream, &exports, refusal.as_deref());
+                stream.shutdown();
+            });
+    }
+}
+
+/// Percent-encodes everything but unreserved characters and `/` (for URI paths and the
+/// `socket=` query parameter).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~' | b'/') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
 }
 
 fn read_u16(r: &mut impl Read) -> io::Result<u16> {
@@ -264,22 +635,95 @@ fn option_reply(w: &mut impl Write, option: u32, reply: u32, data: &[u8]) -> io:
     w.write_all(data)
 }
 
-fn transmission_flags(dev: &dyn BlockDevice) -> u16 {
+fn transmission_flags(dev: &dyn BlockDevice, structured: bool) -> u16 {
+    // Every write is durable when acknowledged and nothing is cached per connection, so
+    // several connections to one export see each other's writes (multi-conn is safe).
     let mut flags = TFLAG_HAS_FLAGS
         | TFLAG_SEND_FLUSH
         | TFLAG_SEND_FUA
         | TFLAG_SEND_TRIM
-        | TFLAG_SEND_WRITE_ZEROES;
+        | TFLAG_SEND_WRITE_ZEROES
+        | TFLAG_CAN_MULTI_CONN;
     if dev.read_only() {
         flags |= TFLAG_READ_ONLY;
+    }
+    if structured {
+        // A read is always answered by a single chunk, so "do not fragment" holds.
+        flags |= TFLAG_SEND_DF;
     }
     flags
 }
 
-fn serve_connection(stream: TcpStream, exports: &Exports) -> Result<(), NbdError> {
-    stream.set_nodelay(true)?;
+/// A cursor over an option's payload; every getter returns `None` past the end.
+struct Payload<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Payload<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.data.len() {
+            return None;
+        }
+        let (head, rest) = self.data.split_at(n);
+        self.data = rest;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn string(&mut self) -> Option<String> {
+        let length = self.u32()? as usize;
+        Some(std::str::from_utf8(self.take(length)?).ok()?.to_owned())
+    }
+    fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+}
+
+/// `NBD_OPT_GO` / `NBD_OPT_INFO`: an export name and a list of info requests (which are
+/// answered the same whatever they ask).
+fn parse_go(data: &[u8]) -> Option<String> {
+    let mut payload = Payload { data };
+    let name = payload.string()?;
+    let n_requests = payload.u16()?;
+    payload.take(2 * usize::from(n_requests))?;
+    payload.is_empty().then_some(name)
+}
+
+/// `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`: an export name and queries.
+fn parse_meta_context(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let mut payload = Payload { data };
+    let name = payload.string()?;
+    let n_queries = payload.u32()?;
+    let mut queries = Vec::new();
+    for _ in 0..n_queries {
+        queries.push(payload.string()?);
+    }
+    payload.is_empty().then_some((name, queries))
+}
+
+/// What the handshake settled for the transmission phase.
+#[derive(Debug, Default)]
+struct Session {
+    /// `NBD_OPT_STRUCTURED_REPLY` was acknowledged.
+    structured: bool,
+    /// `base:allocation` is selected (for the export that was finally chosen).
+    base_allocation: bool,
+}
+
+fn serve_connection(
+    stream: &Stream,
+    exports: &Exports,
+    refusal: Option<&str>,
+) -> Result<(), NbdError> {
+    if let Stream::Tcp(s) = stream {
+        s.set_nodelay(true)?;
+    }
     let mut reader = BufReader::with_capacity(1 << 20, stream.try_clone()?);
-    let mut writer = BufWriter::with_capacity(1 << 20, stream);
+    let mut writer = BufWriter::with_capacity(1 << 20, stream.try_clone()?);
     writer.write_all(&NBDMAGIC.to_be_bytes())?;
     writer.write_all(&IHAVEOPT.to_be_bytes())?;
     writer.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
@@ -291,7 +735,11 @@ fn serve_connection(stream: TcpStream, exports: &Exports) -> Result<(), NbdError
         )));
     }
     let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
-    let device = loop {
+    let mut structured = false;
+    // The export `base:allocation` was selected for by the last SET_META_CONTEXT.
+    let mut meta_export: Option<String> = None;
+    let mut refused_options = 0;
+    let (device, export_name) = loop {
         if read_u64(&mut reader)? != IHAVEOPT {
             return Err(NbdError::Protocol("bad option magic".into()));
         }
@@ -304,34 +752,44 @@ fn serve_connection(stream: TcpStream, exports: &Exports) -> Result<(), NbdError
         }
         let mut data = vec![0u8; len as usize];
         reader.read_exact(&mut data)?;
+        if let Some(reason) = refusal {
+            match option {
+                OPT_ABORT => {
+                    option_reply(&mut writer, option, REP_ACK, &[])?;
+                    writer.flush()?;
+                    return Ok(());
+                }
+                // This option has no error reply: the protocol says to close.
+                OPT_EXPORT_NAME => return Err(NbdError::Protocol(reason.to_owned())),
+                _ => {
+                    refused_options += 1;
+                    if refused_options > MAX_REFUSED_OPTIONS {
+                        return Err(NbdError::Protocol(reason.to_owned()));
+                    }
+                    option_reply(&mut writer, option, REP_ERR_POLICY, reason.as_bytes())?;
+                    writer.flush()?;
+                    continue;
+                }
+            }
+        }
         match option {
             OPT_EXPORT_NAME => {
-                let name = String::from_utf8_lossy(&data);
+                let name = String::from_utf8_lossy(&data).into_owned();
                 let Some(dev) = exports.get(&name) else {
                     // This option has no error reply: the protocol says to close.
                     return Err(NbdError::Protocol(format!("unknown export `{name}`")));
                 };
                 let size = dev.size().map_err(|e| NbdError::Protocol(e.to_string()))?;
                 writer.write_all(&size.to_be_bytes())?;
-                writer.write_all(&transmission_flags(dev.as_ref()).to_be_bytes())?;
+                writer.write_all(&transmission_flags(dev.as_ref(), structured).to_be_bytes())?;
                 if !no_zeroes {
                     writer.write_all(&[0u8; 124])?;
                 }
                 writer.flush()?;
-                break dev;
+                break (dev, name);
             }
             OPT_GO | OPT_INFO => {
-                let parsed = (|| {
-                    let name_len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
-                    let name = std::str::from_utf8(data.get(4..4 + name_len)?)
-                        .ok()?
-                        .to_owned();
-                    let n =
-                        u16::from_be_bytes(data.get(4 + name_len..6 + name_len)?.try_into().ok()?)
-                            as usize;
-                    (data.len() == 6 + name_len + 2 * n).then_some(name)
-                })();
-                let Some(name) = parsed else {
+                let Some(name) = parse_go(&data) else {
                     option_reply(
                         &mut writer,
                         option,
@@ -357,7 +815,7 @@ fn serve_connection(stream: TcpStream, exports: &Exports) -> Result<(), NbdError
                 let mut info = Vec::with_capacity(12);
                 info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
                 info.extend_from_slice(&size.to_be_bytes());
-                info.extend_from_slice(&transmission_flags(dev.as_ref()).to_be_bytes());
+                info.extend_from_slice(&transmission_flags(dev.as_ref(), structured).to_be_bytes());
                 option_reply(&mut writer, option, REP_INFO, &info)?;
                 let mut block = Vec::with_capacity(14);
                 block.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
@@ -368,8 +826,71 @@ fn serve_connection(stream: TcpStream, exports: &Exports) -> Result<(), NbdError
                 option_reply(&mut writer, option, REP_ACK, &[])?;
                 writer.flush()?;
                 if option == OPT_GO {
-                    break dev;
+                    break (dev, name);
                 }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if data.is_empty() {
+                    structured = true;
+                    option_reply(&mut writer, option, REP_ACK, &[])?;
+                } else {
+                    option_reply(
+                        &mut writer,
+                        option,
+                        REP_ERR_INVALID,
+                        b"NBD_OPT_STRUCTURED_REPLY carries no data",
+                    )?;
+                }
+                writer.flush()?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = option == OPT_SET_META_CONTEXT;
+                if set {
+                    // Replaces the previous selection, also when it fails.
+                    meta_export = None;
+                }
+                let parsed = parse_meta_context(&data);
+                let (reply, message) = match &parsed {
+                    _ if !structured => (
+                        REP_ERR_INVALID,
+                        "negotiate NBD_OPT_STRUCTURED_REPLY before metadata contexts".into(),
+                    ),
+                    None => (
+                        REP_ERR_INVALID,
+                        "malformed NBD_OPT_LIST/SET_META_CONTEXT payload".into(),
+                    ),
+                    Some((name, _)) if exports.get(name).is_none() => {
+                        (REP_ERR_UNKNOWN, format!("unknown export `{name}`"))
+                    }
+                    Some(_) => (REP_ACK, String::new()),
+                };
+                if reply != REP_ACK {
+                    option_reply(&mut writer, option, reply, message.as_bytes())?;
+                    writer.flush()?;
+                    continue;
+                }
+                let Some((name, queries)) = parsed else {
+                    continue;
+                };
+                // LIST with no query, or with the `base:` namespace, lists everything;
+                // SET selects only what it names exactly.
+                let matches = |query: &str| query == BASE_ALLOCATION || (!set && query == "base:");
+                let selected = if queries.is_empty() {
+                    !set
+                } else {
+                    queries.iter().any(|query| matches(query))
+                };
+                if selected {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    let mut context = id.to_be_bytes().to_vec();
+                    context.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                    option_reply(&mut writer, option, REP_META_CONTEXT, &context)?;
+                    if set {
+                        meta_export = Some(name);
+                    }
+                }
+                option_reply(&mut writer, option, REP_ACK, &[])?;
+                writer.flush()?;
             }
             OPT_LIST => {
                 for name in exports.names() {
@@ -391,7 +912,11 @@ fn serve_connection(stream: TcpStream, exports: &Exports) -> Result<(), NbdError
             }
         }
     };
-    transmission(&mut reader, &mut writer, device.as_ref())
+    let session = Session {
+        structured,
+        base_allocation: structured && meta_export.as_deref() == Some(export_name.as_str()),
+    };
+    transmission(&mut reader, &mut writer, device.as_ref(), &session)
 }
 
 fn errno(e: &StorageError) -> u32 {
@@ -475,10 +1000,98 @@ fn zero_any(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<(), StorageE
     Ok(())
 }
 
+/// Starts a structured reply chunk.
+fn chunk_header(
+    w: &mut impl Write,
+    flags: u16,
+    kind: u16,
+    handle: u64,
+    length: usize,
+) -> io::Result<()> {
+    w.write_all(&STRUCTURED_REPLY_MAGIC.to_be_bytes())?;
+    w.write_all(&flags.to_be_bytes())?;
+    w.write_all(&kind.to_be_bytes())?;
+    w.write_all(&handle.to_be_bytes())?;
+    w.write_all(&(length as u32).to_be_bytes())
+}
+
+/// Answers a failed request: a structured error chunk with `message` when structured
+/// replies are on (the client can show the reason), a simple reply otherwise.
+fn error_reply(
+    w: &mut impl Write,
+    session: &Session,
+    handle: u64,
+    error: u32,
+    message: &str,
+) -> io::Result<()> {
+    if !session.structured {
+        return simple_reply(w, error, handle);
+    }
+    // Error strings are capped at 4096 bytes by the protocol; cut at a char boundary.
+    let mut end = message.len().min(4096);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let message = &message[..end];
+    chunk_header(
+        w,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        handle,
+        6 + message.len(),
+    )?;
+    w.write_all(&error.to_be_bytes())?;
+    w.write_all(&(message.len() as u16).to_be_bytes())?;
+    w.write_all(message.as_bytes())
+}
+
+/// Answers a request whose result is only an error code (0 for success).
+fn status_reply(
+    w: &mut impl Write,
+    session: &Session,
+    handle: u64,
+    result: Result<(), (u32, String)>,
+) -> io::Result<()> {
+    match result {
+        Ok(()) => simple_reply(w, 0, handle),
+        Err((error, message)) => error_reply(w, session, handle, error, &message),
+    }
+}
+
+fn storage_failure(error: StorageError) -> (u32, String) {
+    (errno(&error), error.to_string())
+}
+
+/// The `base:allocation` descriptors for a block-status request: at most one when the
+/// client set `NBD_CMD_FLAG_REQ_ONE`, never past the requested range.
+fn block_status_payload(runs: &[AllocationRun], length: u32, req_one: bool) -> Option<Vec<u8>> {
+    let mut payload = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+    let mut left = u64::from(length);
+    for run in runs {
+        let run_length = run.length.min(left);
+        if run_length == 0 {
+            break;
+        }
+        let state = if run.allocated {
+            0
+        } else {
+            STATE_HOLE | STATE_ZERO
+        };
+        payload.extend_from_slice(&(run_length as u32).to_be_bytes());
+        payload.extend_from_slice(&state.to_be_bytes());
+        left -= run_length;
+        if req_one {
+            break;
+        }
+    }
+    (payload.len() > 4).then_some(payload)
+}
+
 fn transmission(
     reader: &mut impl Read,
     writer: &mut impl Write,
     dev: &dyn BlockDevice,
+    session: &Session,
 ) -> Result<(), NbdError> {
     let mut buf = Vec::new();
     loop {
@@ -486,7 +1099,7 @@ fn transmission(
         if magic != REQUEST_MAGIC {
             return Err(NbdError::Protocol(format!("bad request magic {magic:#x}")));
         }
-        let _flags = read_u16(reader)?;
+        let flags = read_u16(reader)?;
         let command = read_u16(reader)?;
         let handle = read_u64(reader)?;
         let offset = read_u64(reader)?;
@@ -495,78 +1108,151 @@ fn transmission(
         let in_range = offset
             .checked_add(u64::from(len))
             .is_some_and(|end| end <= size);
+        let out_of_range = || {
+            (
+                EINVAL,
+                format!(
+                    "offset {offset} + length {len} is past the end of the export ({size} bytes)"
+                ),
+            )
+        };
+        let read_only = || (EPERM, "the export is read-only".to_owned());
         match command {
             CMD_READ => {
-                if !in_range || len > MAX_REQUEST {
-                    simple_reply(writer, EINVAL, handle)?;
+                let checked = if len > MAX_REQUEST {
+                    Err((
+                        EINVAL,
+                        format!("read of {len} bytes is larger than the {MAX_REQUEST} allowed"),
+                    ))
+                } else if !in_range {
+                    Err(out_of_range())
                 } else {
                     buf.resize(len as usize, 0);
-                    match read_any(dev, offset, &mut buf) {
-                        Ok(()) => {
-                            simple_reply(writer, 0, handle)?;
-                            writer.write_all(&buf)?;
-                        }
-                        Err(e) => simple_reply(writer, errno(&e), handle)?,
+                    read_any(dev, offset, &mut buf).map_err(storage_failure)
+                };
+                match checked {
+                    Ok(()) if session.structured => {
+                        chunk_header(
+                            writer,
+                            REPLY_FLAG_DONE,
+                            REPLY_TYPE_OFFSET_DATA,
+                            handle,
+                            8 + buf.len(),
+                        )?;
+                        writer.write_all(&offset.to_be_bytes())?;
+                        writer.write_all(&buf)?;
+                    }
+                    Ok(()) => {
+                        simple_reply(writer, 0, handle)?;
+                        writer.write_all(&buf)?;
+                    }
+                    Err((error, message)) => {
+                        error_reply(writer, session, handle, error, &message)?;
                     }
                 }
             }
             CMD_WRITE => {
-                if len > MAX_REQUEST {
+                let result = if len > MAX_REQUEST {
                     // Drain the payload so the stream stays in sync, then refuse.
                     io::copy(&mut reader.by_ref().take(u64::from(len)), &mut io::sink())?;
-                    simple_reply(writer, EINVAL, handle)?;
+                    Err((
+                        EINVAL,
+                        format!("write of {len} bytes is larger than the {MAX_REQUEST} allowed"),
+                    ))
                 } else {
                     buf.resize(len as usize, 0);
                     reader.read_exact(&mut buf)?;
-                    let error = if dev.read_only() {
-                        EPERM
+                    if dev.read_only() {
+                        Err(read_only())
                     } else if !in_range {
-                        ENOSPC
+                        let (_, message) = out_of_range();
+                        Err((ENOSPC, message))
                     } else {
-                        write_any(dev, offset, &buf).err().map_or(0, |e| errno(&e))
-                    };
-                    simple_reply(writer, error, handle)?;
-                }
+                        write_any(dev, offset, &buf).map_err(storage_failure)
+                    }
+                };
+                status_reply(writer, session, handle, result)?;
             }
             CMD_DISC => {
+                // The caller closes the socket.
                 writer.flush()?;
                 return Ok(());
             }
             CMD_FLUSH => {
-                let error = dev.flush().err().map_or(0, |e| errno(&e));
-                simple_reply(writer, error, handle)?;
+                let result = dev.flush().map_err(storage_failure);
+                status_reply(writer, session, handle, result)?;
             }
             CMD_TRIM => {
-                let error = if dev.read_only() {
-                    EPERM
+                let result = if dev.read_only() {
+                    Err(read_only())
                 } else if !in_range {
-                    EINVAL
+                    Err(out_of_range())
                 } else {
                     // Trim is advisory: only whole blocks inside the range are discarded.
                     let bs = u64::from(dev.block_size());
                     let start = offset.div_ceil(bs) * bs;
                     let end = (offset + u64::from(len)) / bs * bs;
                     if start < end {
-                        dev.trim(start, end - start).err().map_or(0, |e| errno(&e))
+                        dev.trim(start, end - start).map_err(storage_failure)
                     } else {
-                        0
+                        Ok(())
                     }
                 };
-                simple_reply(writer, error, handle)?;
+                status_reply(writer, session, handle, result)?;
             }
             CMD_WRITE_ZEROES => {
-                let error = if dev.read_only() {
-                    EPERM
+                let result = if dev.read_only() {
+                    Err(read_only())
                 } else if !in_range {
-                    ENOSPC
+                    let (_, message) = out_of_range();
+                    Err((ENOSPC, message))
                 } else {
-                    zero_any(dev, offset, u64::from(len))
-                        .err()
-                        .map_or(0, |e| errno(&e))
+                    zero_any(dev, offset, u64::from(len)).map_err(storage_failure)
                 };
-                simple_reply(writer, error, handle)?;
+                status_reply(writer, session, handle, result)?;
             }
-            _ => simple_reply(writer, EINVAL, handle)?,
+            CMD_BLOCK_STATUS => {
+                let runs = if !session.base_allocation {
+                    Err((
+                        EINVAL,
+                        "select the base:allocation metadata context before asking for block status"
+                            .to_owned(),
+                    ))
+                } else if len == 0 || !in_range {
+                    Err(out_of_range())
+                } else {
+                    dev.allocation(offset, u64::from(len))
+                        .map_err(storage_failure)
+                };
+                let payload = runs.and_then(|runs| {
+                    block_status_payload(&runs, len, flags & CMD_FLAG_REQ_ONE != 0).ok_or((
+                        EIO,
+                        format!("the device reported no allocation at offset {offset}"),
+                    ))
+                });
+                match payload {
+                    Ok(payload) => {
+                        chunk_header(
+                            writer,
+                            REPLY_FLAG_DONE,
+                            REPLY_TYPE_BLOCK_STATUS,
+                            handle,
+                            payload.len(),
+                        )?;
+                        writer.write_all(&payload)?;
+                    }
+                    Err((error, message)) => {
+                        error_reply(writer, session, handle, error, &message)?;
+                    }
+                }
+            }
+            _ => error_reply(
+                writer,
+                session,
+                handle,
+                EINVAL,
+                &format!("unsupported command {command}"),
+            )?,
         }
         writer.flush()?;
     }
