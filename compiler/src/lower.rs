@@ -690,11 +690,16 @@ impl Cx<'_> {
             labels: vec![],
         };
         let mut reserve_seen = None;
+        // Whether a `cpu` node is written at all: one whose value was refused
+        // (out of range, not a number) has had its diagnostic and is not also
+        // missing.
+        let mut cpu_given = false;
         self.suggested.clear();
         for c in self.children(node.children(), "node-class", "a `node-class`") {
             let n = c.node;
             match c.name {
                 "cpu" => {
+                    cpu_given = true;
                     let v = self
                         .single_value(n)
                         .and_then(|e| self.u32(e, "the CPU count", 1, 1 << 20));
@@ -730,7 +735,7 @@ impl Cx<'_> {
         }
         let span = self.sp(node.name().span());
         let typos = std::mem::take(&mut self.suggested);
-        if spec.cpu.is_none() && !typos.contains(&"cpu") {
+        if !cpu_given && !typos.contains(&"cpu") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
@@ -1171,11 +1176,16 @@ impl Cx<'_> {
     ) -> VmBody {
         let mut b = VmBody::default();
         let desc = format!("a `{path}`");
+        // Whether a `cpu` node is written at all: one whose value was refused
+        // (out of range, not a number) has had its diagnostic and is not also
+        // missing.
+        let mut cpu_given = false;
         self.suggested.clear();
         for c in self.children(node.children(), path, &desc) {
             let n = c.node;
             match c.name {
                 "cpu" => {
+                    cpu_given = true;
                     let v = self
                         .single_value(n)
                         .and_then(|e| self.u32(e, "the vCPU count", 1, 1024));
@@ -1285,7 +1295,7 @@ impl Cx<'_> {
         let span = self.sp(node.name().span());
         let kind = node.name().value();
         let typos = std::mem::take(&mut self.suggested);
-        if b.cpu.is_none() && !typos.contains(&"cpu") {
+        if !cpu_given && !typos.contains(&"cpu") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
