@@ -155,6 +155,9 @@ pub enum Command {
         /// State store file (default: DIR/.cairn/state.redb).
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
+        /// Remove the lock even when its holder may still be running.
+        #[arg(long)]
+        force: bool,
     },
     /// Write the JSON Schemas of the spec language, the compiled model and every JSON output.
     Schema {
@@ -276,9 +279,12 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             DevCommand::Up { dir } => crate::engine::commands::dev_up(&dir),
             DevCommand::Down { dir } => crate::engine::commands::dev_down(&dir),
         },
-        Command::ForceUnlock { id, dir, state } => {
-            crate::engine::commands::force_unlock(&dir, state.as_deref(), &id)
-        }
+        Command::ForceUnlock {
+            id,
+            dir,
+            state,
+            force,
+        } => crate::engine::commands::force_unlock(&dir, state.as_deref(), &id, force),
         Command::Schema { out } => frontend::schema(&out),
         Command::Gen {
             out,

@@ -1,14 +1,17 @@
-//! Apply: carry out a plan's steps wave by wave with bounded parallelism,
-//! journaling every step before and after it.
+//! Apply: carry out one execution of a plan, wave by wave with bounded
+//! parallelism, journaling every step before and after it.
 //!
-//! Resume: a step journaled `succeeded` is not sent again; a step journaled
-//! `started` (the apply died while it was in flight) is sent again with the same
-//! request id, and the node answers with its recorded outcome (`replayed`) if it had
-//! already carried it out. So no action is ever carried out twice.
+//! Every execution has its own id, and every step its own request id
+//! (`EXECUTION_ID.STEP`), so the same plan applied twice (the same specs and
+//! observation) is carried out twice, while a retry of one step inside one
+//! execution is answered by the node from its request log. An execution that was
+//! interrupted is never resumed blindly: the next apply settles the steps it left
+//! in flight (`settle`, a read-only question to their nodes) and plans again from
+//! what the cluster runs then (`commands::apply_cmd`).
 //!
 //! A failed step skips every step that depends on it; independent steps go on.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +23,7 @@ use tokio::sync::Mutex;
 
 use super::observe::connect;
 use super::plan::{Plan, Step};
-use super::state::{StateStore, StepRecord, StepStatus, now_ms};
+use super::state::{StateStore, StepRecord, StepStatus, now_ms, request_id};
 
 /// Outcome of one step in this run.
 #[derive(Debug, Clone, Serialize)]
@@ -31,8 +34,6 @@ pub struct StepOutcome {
     pub what: String,
     /// Final status.
     pub status: StepStatus,
-    /// Done in an earlier, interrupted run (journal) — not sent now.
-    pub done_before: bool,
     /// The node answered with a recorded outcome (done before a crash, not repeated).
     pub replayed: bool,
     /// Error or skip reason.
@@ -46,6 +47,8 @@ pub struct StepOutcome {
 pub struct Report {
     /// Plan id.
     pub plan_id: String,
+    /// This execution's id.
+    pub execution_id: String,
     /// Every step.
     pub steps: Vec<StepOutcome>,
     /// Wall time.
@@ -76,8 +79,7 @@ impl Report {
             .iter()
             .filter(|s| s.status == StepStatus::Skipped)
             .collect();
-        let before = self.count(|s| s.done_before);
-        let replayed = self.count(|s| s.replayed);
+        let replayed = self.count(|s| s.status == StepStatus::Succeeded && s.replayed);
         for f in &failed {
             out.push_str(&format!(
                 "failed:  {} — {}\n",
@@ -93,9 +95,9 @@ impl Report {
             ));
         }
         out.push_str(&format!(
-            "Apply {}: {ok} succeeded ({} carried out now, {before} done before an interruption, {replayed} already done by the node), {} failed, {} skipped, in {:.1} s.\n",
+            "Apply {}: {ok} succeeded ({} carried out now, {replayed} already done by the node), {} failed, {} skipped, in {:.1} s.\n",
             if failed.is_empty() && skipped.is_empty() { "complete" } else { "incomplete" },
-            ok - before - replayed,
+            ok.saturating_sub(replayed),
             failed.len(),
             skipped.len(),
             self.millis as f64 / 1000.0
@@ -179,19 +181,16 @@ fn step_delay() -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
-/// Carries out `plan`, resuming from its journal.
+/// Carries out `plan` as the execution `execution_id` (already recorded with
+/// `StateStore::start_execution`).
 pub async fn apply(
     plan: &Plan,
+    execution_id: &str,
     store: &StateStore,
     signer: &RequestSigner,
     options: &ApplyOptions,
 ) -> Result<Report, super::state::StateError> {
     let started = Instant::now();
-    let journal: BTreeMap<usize, StepRecord> = store
-        .journal_of(&plan.plan_id)?
-        .into_iter()
-        .map(|r| (r.step, r))
-        .collect();
     let progress = Progress::new(plan.steps.len() as u64);
     let clients: Arc<Mutex<BTreeMap<String, Result<NodeClient, String>>>> = Arc::default();
     let delay = step_delay();
@@ -201,24 +200,6 @@ pub async fn apply(
         let mut ready = std::collections::VecDeque::new();
         for step in plan.steps.iter().filter(|s| s.wave == wave) {
             let what = describe(step);
-            if let Some(r) = journal.get(&step.id)
-                && r.status == StepStatus::Succeeded
-            {
-                progress.done(&format!("done before: {what}"));
-                outcomes.insert(
-                    step.id,
-                    StepOutcome {
-                        step: step.id,
-                        what,
-                        status: StepStatus::Succeeded,
-                        done_before: true,
-                        replayed: r.replayed,
-                        error: None,
-                        millis: 0,
-                    },
-                );
-                continue;
-            }
             let blocked: Vec<usize> = step
                 .depends_on
                 .iter()
@@ -229,7 +210,7 @@ pub async fn apply(
                         .is_none_or(|o| o.status != StepStatus::Succeeded)
                 })
                 .collect();
-            let attempts = journal.get(&step.id).map(|r| r.attempts).unwrap_or(0);
+            let attempts = 0;
             if !blocked.is_empty() {
                 let reason = format!(
                     "depends on {} which did not succeed",
@@ -240,10 +221,10 @@ pub async fn apply(
                         .join(", ")
                 );
                 store.journal(
-                    &plan.plan_id,
+                    execution_id,
                     &StepRecord {
                         step: step.id,
-                        request_id: step.request_id.clone(),
+                        request_id: request_id(execution_id, step.id),
                         status: StepStatus::Skipped,
                         replayed: false,
                         attempts,
@@ -258,7 +239,6 @@ pub async fn apply(
                         step: step.id,
                         what,
                         status: StepStatus::Skipped,
-                        done_before: false,
                         replayed: false,
                         error: Some(reason),
                         millis: 0,
@@ -275,11 +255,12 @@ pub async fn apply(
             while tasks.len() < parallelism
                 && let Some((step, attempts)) = ready.pop_front()
             {
+                let id = request_id(execution_id, step.id);
                 store.journal(
-                    &plan.plan_id,
+                    execution_id,
                     &StepRecord {
                         step: step.id,
-                        request_id: step.request_id.clone(),
+                        request_id: id.clone(),
                         status: StepStatus::Started,
                         replayed: false,
                         attempts: attempts + 1,
@@ -291,7 +272,7 @@ pub async fn apply(
                 let signer = signer.clone();
                 tasks.spawn(async move {
                     let sent = Instant::now();
-                    let result = send(&step, &clients, signer).await;
+                    let result = send(&step, &id, &clients, signer).await;
                     if let Some(d) = delay {
                         tokio::time::sleep(d).await;
                     }
@@ -310,10 +291,10 @@ pub async fn apply(
                 Err(e) => (StepStatus::Failed, false, Some(e)),
             };
             store.journal(
-                &plan.plan_id,
+                execution_id,
                 &StepRecord {
                     step: step.id,
-                    request_id: step.request_id.clone(),
+                    request_id: request_id(execution_id, step.id),
                     status,
                     replayed,
                     attempts,
@@ -333,7 +314,6 @@ pub async fn apply(
                     step: step.id,
                     what,
                     status,
-                    done_before: false,
                     replayed,
                     error,
                     millis: elapsed.as_millis() as u64,
@@ -344,6 +324,7 @@ pub async fn apply(
     progress.finish();
     Ok(Report {
         plan_id: plan.plan_id.clone(),
+        execution_id: execution_id.to_owned(),
         steps: outcomes.into_values().collect(),
         millis: started.elapsed().as_millis() as u64,
     })
@@ -351,6 +332,7 @@ pub async fn apply(
 
 async fn send(
     step: &Step,
+    request_id: &str,
     clients: &Mutex<BTreeMap<String, Result<NodeClient, String>>>,
     signer: RequestSigner,
 ) -> Result<bool, String> {
@@ -363,7 +345,7 @@ async fn send(
         map[&step.node].clone()
     };
     let mut client = client.map_err(|e| format!("node {} unreachable: {e}", step.node))?;
-    let request = step.action.to_request(&step.request_id);
+    let request = step.action.to_request(request_id);
     match client.apply(request).await {
         Ok(response) => Ok(response.replayed),
         Err(status) => Err(format!(
@@ -375,12 +357,76 @@ async fn send(
     }
 }
 
-/// The steps of a plan not yet journaled as succeeded (for "resuming N of M").
-pub fn remaining(plan: &Plan, journal: &[StepRecord]) -> usize {
-    let done: BTreeSet<usize> = journal
-        .iter()
-        .filter(|r| r.status == StepStatus::Succeeded)
-        .map(|r| r.step)
-        .collect();
-    plan.steps.iter().filter(|s| !done.contains(&s.id)).count()
+/// What settling an interrupted execution found about its in-flight steps.
+#[derive(Debug, Clone, Default)]
+pub struct Settled {
+    /// Carried out by their node (journaled succeeded, `replayed`).
+    pub done: usize,
+    /// Never carried out (journaled abandoned; not sent again).
+    pub not_done: usize,
+    /// Steps whose node did not answer: `create_vm web-1@lab-2: why`. They stay
+    /// `started`; their request ids are never sent again, so whatever their node
+    /// did is seen by the next observation.
+    pub unknown: Vec<String>,
+}
+
+/// Asks the nodes, read-only, what became of every step an interrupted
+/// execution left `started`, and journals the answer. Nothing is carried out.
+pub async fn settle(
+    plan: &Plan,
+    execution_id: &str,
+    store: &StateStore,
+    signer: &RequestSigner,
+) -> Result<Settled, super::state::StateError> {
+    let mut settled = Settled::default();
+    let mut clients: BTreeMap<String, Result<NodeClient, String>> = BTreeMap::new();
+    for record in store.journal_of(execution_id)? {
+        if record.status != StepStatus::Started {
+            continue;
+        }
+        let Some(step) = plan.steps.get(record.step) else {
+            continue;
+        };
+        let what = describe(step);
+        if !clients.contains_key(&step.node) {
+            let client = connect(&step.address, signer.clone()).await;
+            clients.insert(step.node.clone(), client);
+        }
+        let answer = match clients.get_mut(&step.node) {
+            Some(Ok(client)) => client
+                .get_outcome(&record.request_id)
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err("no client".to_owned()),
+        };
+        let outcome = match answer {
+            Ok(a) => a.outcome(),
+            Err(e) => {
+                settled.unknown.push(format!("{what}: {e}"));
+                continue;
+            }
+        };
+        let (status, error) = if outcome == proto::v1::Outcome::Succeeded {
+            settled.done += 1;
+            (StepStatus::Succeeded, None)
+        } else {
+            settled.not_done += 1;
+            (
+                StepStatus::Abandoned,
+                Some("interrupted before its node carried it out; not sent again".to_owned()),
+            )
+        };
+        store.journal(
+            execution_id,
+            &StepRecord {
+                replayed: status == StepStatus::Succeeded,
+                status,
+                error,
+                at_unix_ms: now_ms(),
+                ..record
+            },
+        )?;
+    }
+    Ok(settled)
 }

@@ -12,18 +12,26 @@ use sha2::{Digest, Sha256};
 
 use super::Ctx;
 use super::apply::{ApplyOptions, apply};
-use super::desired::{self, Desired, DesiredNode, Placement, VolumePlacement};
+use super::desired::{self, BootImage, Desired, DesiredNode, Placement, VolumePlacement};
 use super::observe::{NodeObservation, Observed, observe};
 use super::plan::{Plan, plan};
 use super::render;
-use super::state::{Applied, PlanRecord, StateStore, now_ms};
+use super::state::{Applied, PlanRecord, StateStore, StepStatus, now_ms};
 use crate::cli::Format;
 
 /// A compiled spec root.
 struct Loaded {
     ctx: Ctx,
-    model: compiler::Model,
+    /// The spec files (placement diagnostics point into them).
+    sources: compiler::Sources,
+    compilation: compiler::Compilation,
     revision: String,
+}
+
+impl Loaded {
+    fn model(&self) -> &compiler::Model {
+        &self.compilation.model
+    }
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -62,7 +70,8 @@ fn load(dir: &Path, state: Option<&Path>) -> anyhow::Result<Result<Loaded, u8>> 
     let revision = format!("sources:{}", proto::auth::to_hex(&hasher.finalize()[..8]));
     Ok(Ok(Loaded {
         ctx,
-        model: compilation.model,
+        sources,
+        compilation,
         revision,
     }))
 }
@@ -110,22 +119,101 @@ fn placement_from_observed(observed: &Observed) -> Placement {
     p
 }
 
+/// The placement to start from: the stored one, with every volume a node
+/// reports where the node says its data is (the data decides, not the record).
+fn previous_placement(stored: Option<Placement>, observed: &Observed) -> Placement {
+    let seen = placement_from_observed(observed);
+    match stored {
+        None => seen,
+        Some(mut p) => {
+            p.volumes.extend(seen.volumes);
+            p
+        }
+    }
+}
+
+/// A plan and what it was made from.
+struct Planned {
+    desired: Desired,
+    observed: Observed,
+    plan: Plan,
+    /// The solver's placement (for diagnostics of unplaced VMs).
+    solved: compiler::place::Placement,
+}
+
+fn plan_against(loaded: &Loaded, observed: Observed, previous: &Placement) -> Planned {
+    let (placement, solved) = desired::place_solved(loaded.model(), Some(previous));
+    let desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
+    let plan = plan(&desired, &observed, &loaded.revision);
+    Planned {
+        desired,
+        observed,
+        plan,
+        solved,
+    }
+}
+
 /// Observes and plans.
 async fn make_plan(
     loaded: &Loaded,
     store: &StateStore,
     signer: &RequestSigner,
-) -> anyhow::Result<(Desired, Observed, Plan)> {
-    let nodes = spec_nodes(&loaded.model);
+) -> anyhow::Result<Planned> {
+    let nodes = spec_nodes(loaded.model());
     let observed = observe(&nodes, signer).await;
-    let previous = match store.placement()? {
-        Some(p) => p,
-        None => placement_from_observed(&observed),
-    };
-    let placement = desired::place(&loaded.model, Some(&previous));
-    let desired = desired::desired(&loaded.model, &loaded.ctx.spec_root, placement);
-    let plan = plan(&desired, &observed, &loaded.revision);
-    Ok((desired, observed, plan))
+    let previous = previous_placement(store.placement()?, &observed);
+    Ok(plan_against(loaded, observed, &previous))
+}
+
+/// Prints the diagnostics of VMs that cannot be placed (errors with spans; spot
+/// VMs get warnings), as `cairn validate` does.
+fn print_unplaced(loaded: &Loaded, solved: &compiler::place::Placement) -> anyhow::Result<()> {
+    let diagnostics = crate::placecmd::unplaced_diagnostics(&loaded.compilation, solved);
+    if diagnostics.is_empty() {
+        return Ok(());
+    }
+    let mut err = std::io::stderr().lock();
+    err.write_all(compiler::diag::render_all(&loaded.sources, &diagnostics).as_bytes())?;
+    Ok(())
+}
+
+/// Why a plan must not be applied (`None`: it may be). The specs ask for
+/// something that cannot be done: a VM no node can take (the specs do not
+/// validate), or a change that would destroy data.
+fn unacceptable(plan: &Plan) -> Option<String> {
+    let unplaced: Vec<&String> = plan.blocking_unplaced().map(|(vm, _)| vm).collect();
+    let mut why = vec![];
+    if !unplaced.is_empty() {
+        why.push(format!(
+            "{} cannot be placed (the specs do not validate: `cairn validate` says why)",
+            unplaced
+                .iter()
+                .map(|vm| format!("vm {vm}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for r in &plan.refused {
+        why.push(format!("{} {} is refused: {}", r.object, r.name, r.reason));
+    }
+    if why.is_empty() {
+        None
+    } else {
+        Some(why.join("; "))
+    }
+}
+
+/// The exit code of a plan (CLI.md): 1 when it must not be applied or applying it
+/// would not make the cluster match the specs (a node down, a VM without a
+/// node); otherwise 3 for pending changes with `--detailed-exitcode`, else 0.
+fn plan_exit(plan: &Plan, detailed_exitcode: bool) -> u8 {
+    if unacceptable(plan).is_some() || !plan.not_converged().is_empty() {
+        1
+    } else if detailed_exitcode && !plan.is_empty() {
+        3
+    } else {
+        0
+    }
 }
 
 /// Arguments of `cairn plan`.
@@ -147,6 +235,14 @@ pub struct PlanArgs {
     pub observed: Option<PathBuf>,
 }
 
+fn print_plan(plan: &Plan, format: Format, concise: bool) -> anyhow::Result<()> {
+    match format {
+        Format::Text => print!("{}", render::plan_text(plan, concise)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(plan)?),
+    }
+    Ok(())
+}
+
 /// `cairn plan`.
 pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
     let loaded = match load(&args.dir, args.state.as_deref())? {
@@ -156,39 +252,46 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
     if let Some(path) = &args.observed {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read observation {}", path.display()))?;
-        let observed: Observed = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a recorded observation", path.display()))?;
-        let placement = desired::place(&loaded.model, Some(&placement_from_observed(&observed)));
-        let desired = desired::desired(&loaded.model, &loaded.ctx.spec_root, placement);
-        let plan = plan(&desired, &observed, &loaded.revision);
-        match args.format {
-            Format::Text => print!("{}", render::plan_text(&plan, args.concise)),
-            Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
-        }
-        return Ok(if args.detailed_exitcode && !plan.is_empty() {
-            3
-        } else {
-            0
-        });
+        let observed: Observed = match serde_json::from_str(&text) {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!(
+                    "error: {} is not a recorded observation: {e}",
+                    path.display()
+                );
+                return Ok(1);
+            }
+        };
+        let previous = placement_from_observed(&observed);
+        let planned = plan_against(&loaded, observed, &previous);
+        print_unplaced(&loaded, &planned.solved)?;
+        print_plan(&planned.plan, args.format, args.concise)?;
+        return Ok(plan_exit(&planned.plan, args.detailed_exitcode));
     }
     let store = loaded.ctx.store()?;
     let identity = loaded.ctx.identity()?;
     let signer = RequestSigner::new(identity.clone());
     let started = Instant::now();
-    let (desired, observed, plan) = runtime()?.block_on(make_plan(&loaded, &store, &signer))?;
+    let planned = runtime()?.block_on(make_plan(&loaded, &store, &signer))?;
     let millis = started.elapsed().as_millis();
-    match args.format {
-        Format::Text => print!("{}", render::plan_text(&plan, args.concise)),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
-    }
+    print_unplaced(&loaded, &planned.solved)?;
+    print_plan(&planned.plan, args.format, args.concise)?;
+    let plan = &planned.plan;
     if let Some(out) = &args.out {
+        if let Some(why) = unacceptable(plan) {
+            eprintln!(
+                "error: no plan file written to {}: this plan cannot be applied: {why}",
+                out.display()
+            );
+            return Ok(1);
+        }
         render::write_plan_file(
             out,
             &loaded.ctx.spec_root,
             &loaded.ctx.state_path,
-            &plan,
-            &observed,
-            &desired.nodes,
+            plan,
+            &planned.observed,
+            &planned.desired.nodes,
             &identity,
         )
         .with_context(|| format!("cannot write plan file {}", out.display()))?;
@@ -207,10 +310,7 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
         "plan",
         serde_json::json!({"plan_id": plan.plan_id, "revision": plan.revision, "steps": plan.steps.len(), "out": args.out}),
     )?;
-    if args.detailed_exitcode && !plan.is_empty() {
-        return Ok(3);
-    }
-    Ok(0)
+    Ok(plan_exit(plan, args.detailed_exitcode))
 }
 
 /// Arguments of `cairn apply`.
@@ -263,27 +363,174 @@ fn approve() -> anyhow::Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
+/// An execution an earlier apply did not finish, settled: its in-flight steps'
+/// outcomes asked of their nodes.
+struct Interrupted {
+    execution_id: String,
+    plan: Plan,
+    journal: Vec<super::state::StepRecord>,
+    settled: super::apply::Settled,
+}
+
+impl Interrupted {
+    /// Its changes not carried out in full.
+    fn unfinished(&self) -> Vec<&super::plan::Change> {
+        let done: std::collections::BTreeSet<usize> = self
+            .journal
+            .iter()
+            .filter(|r| r.status == StepStatus::Succeeded)
+            .map(|r| r.step)
+            .collect();
+        self.plan
+            .changes
+            .iter()
+            .filter(|c| !c.steps.iter().all(|s| done.contains(s)))
+            .collect()
+    }
+
+    /// Whether `plan` only finishes what this execution was approved to do: the
+    /// same specs, and every change of `plan` was an unfinished change of it
+    /// (destroying ones only where it destroyed too).
+    fn covers(&self, plan: &Plan) -> bool {
+        use super::plan::ChangeKind::*;
+        let destroys = |k| matches!(k, Delete | Replace | Preempt | Move);
+        let unfinished = self.unfinished();
+        self.plan.revision == plan.revision
+            && plan.changes.iter().all(|c| {
+                unfinished.iter().any(|u| {
+                    u.object == c.object
+                        && u.name == c.name
+                        && (!destroys(c.kind) || destroys(u.kind))
+                })
+            })
+    }
+
+    fn describe(&self) -> String {
+        let done = self
+            .journal
+            .iter()
+            .filter(|r| r.status == StepStatus::Succeeded)
+            .count();
+        let mut out = format!(
+            "An earlier apply of plan {} (execution {}, {}) was interrupted: {done} of {} steps were carried out",
+            self.plan.plan_id,
+            self.execution_id,
+            self.plan.revision,
+            self.plan.steps.len()
+        );
+        if self.settled.done + self.settled.not_done > 0 {
+            out.push_str(&format!(
+                "; of the {} in flight, the nodes carried out {} and never started {}",
+                self.settled.done + self.settled.not_done,
+                self.settled.done,
+                self.settled.not_done
+            ));
+        }
+        for u in &self.settled.unknown {
+            out.push_str(&format!("; outcome unknown: {u}"));
+        }
+        out.push_str(
+            ".\nIts requests are not sent again: the plan below is made from what the cluster runs now.\n",
+        );
+        out
+    }
+}
+
+/// Settles every execution an earlier apply left unfinished (the newest is
+/// returned; all stay unfinished until a new execution supersedes them).
+async fn settle_interrupted(
+    store: &StateStore,
+    signer: &RequestSigner,
+) -> anyhow::Result<Option<Interrupted>> {
+    let mut newest = None;
+    for (key, record) in store.unfinished_executions()? {
+        let plan: Plan = serde_json::from_value(record.plan).with_context(|| {
+            format!("the journaled plan of execution {key} does not decode; move the state file aside to start over (placement will be rebuilt from the nodes)")
+        })?;
+        let settled = super::apply::settle(&plan, &record.execution_id, store, signer).await?;
+        let journal = store.journal_of(&record.execution_id)?;
+        newest = Some(Interrupted {
+            execution_id: record.execution_id,
+            plan,
+            journal,
+            settled,
+        });
+    }
+    Ok(newest)
+}
+
+/// Kernel and initrd files that VMs to be defined need and that are missing:
+/// checked before any step is sent, so a missing image never half-applies a plan.
+fn missing_images(plan: &Plan) -> Vec<String> {
+    let mut out = vec![];
+    for step in &plan.steps {
+        let super::plan::NodeAction::CreateVm {
+            name,
+            image: BootImage::Kernel { kernel, initrd, .. },
+            ..
+        } = &step.action
+        else {
+            continue;
+        };
+        for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
+            if path.is_empty() {
+                continue;
+            }
+            if let Err(e) = std::fs::File::open(path) {
+                out.push(format!("vm {name}: {what} {path} cannot be read: {e}"));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Carries out `plan` as a new execution (superseding `interrupted`, if any).
 fn execute(
     store: &StateStore,
     signer: &RequestSigner,
     plan: &Plan,
     parallelism: usize,
-    resumed: bool,
+    interrupted: Option<&Interrupted>,
 ) -> anyhow::Result<u8> {
-    if !resumed {
-        store.start_plan(
-            &plan.plan_id,
-            &PlanRecord {
-                plan: serde_json::to_value(plan)?,
-                finished: false,
-                started_at_unix_ms: now_ms(),
-            },
+    let missing = missing_images(plan);
+    if !missing.is_empty() {
+        eprintln!("error: refusing to apply: images the plan needs are missing; nothing was sent:");
+        for m in &missing {
+            eprintln!("  {m}");
+        }
+        store.audit(
+            "apply-refused",
+            serde_json::json!({"plan_id": plan.plan_id, "reason": "missing images", "missing": missing}),
+        )?;
+        return Ok(1);
+    }
+    let execution_id = super::state::new_execution_id(&plan.plan_id);
+    store.start_execution(&PlanRecord {
+        execution_id: execution_id.clone(),
+        plan: serde_json::to_value(plan)?,
+        finished: false,
+        ended: None,
+        started_at_unix_ms: now_ms(),
+    })?;
+    if let Some(old) = interrupted {
+        store.finish_execution(
+            &old.execution_id,
+            Some(format!("superseded by {execution_id}")),
         )?;
     }
-    let report = runtime()?.block_on(apply(plan, store, signer, &ApplyOptions { parallelism }))?;
-    store.finish_plan(&plan.plan_id)?;
+    let report = runtime()?.block_on(apply(
+        plan,
+        &execution_id,
+        store,
+        signer,
+        &ApplyOptions { parallelism },
+    ))?;
+    store.finish_execution(&execution_id, None)?;
     store.set_placement(&plan.placement)?;
-    if !report.failed() {
+    let problems = plan.not_converged();
+    if !report.failed() && problems.is_empty() {
         store.set_applied(&Applied {
             revision: plan.revision.clone(),
             plan_id: plan.plan_id.clone(),
@@ -292,7 +539,42 @@ fn execute(
     }
     store.audit("apply", serde_json::to_value(&report)?)?;
     print!("{}", report.text());
-    Ok(if report.failed() { 1 } else { 0 })
+    if !problems.is_empty() {
+        println!(
+            "Not converged: the cluster does not match the specs yet ({}).",
+            problems.join("; ")
+        );
+    }
+    Ok(if report.failed() || !problems.is_empty() {
+        1
+    } else {
+        0
+    })
+}
+
+/// A plan is empty: nothing is sent. Supersedes an interrupted execution (its
+/// work is done or no longer wanted) and says whether the cluster converged.
+fn nothing_to_do(
+    store: &StateStore,
+    plan: &Plan,
+    interrupted: Option<&Interrupted>,
+) -> anyhow::Result<u8> {
+    if let Some(old) = interrupted {
+        store.finish_execution(
+            &old.execution_id,
+            Some("settled: nothing left to do".to_owned()),
+        )?;
+    }
+    if plan.not_converged().is_empty() {
+        store.set_applied(&Applied {
+            revision: plan.revision.clone(),
+            plan_id: plan.plan_id.clone(),
+            at_unix_ms: now_ms(),
+        })?;
+        Ok(0)
+    } else {
+        Ok(1)
+    }
 }
 
 /// `cairn apply`.
@@ -308,52 +590,92 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
     let store = loaded.ctx.store()?;
     let signer = RequestSigner::new(loaded.ctx.identity()?);
     let _lock = take_lock(&store, &command)?;
-    if let Some((plan_id, record)) = store.unfinished_plans()?.pop() {
-        let plan: Plan = serde_json::from_value(record.plan)
-            .with_context(|| format!("the journaled plan {plan_id} does not decode"))?;
-        let journal = store.journal_of(&plan_id)?;
-        println!(
-            "Resuming plan {plan_id}, interrupted before it finished: {} of {} steps left (steps in flight are re-sent with the same request id; nodes answer those they already did without doing them again).",
-            super::apply::remaining(&plan, &journal),
-            plan.steps.len()
-        );
-        return execute(&store, &signer, &plan, args.parallelism, true);
+    let rt = runtime()?;
+    let interrupted = rt.block_on(settle_interrupted(&store, &signer))?;
+    let planned = rt.block_on(make_plan(&loaded, &store, &signer))?;
+    let plan = &planned.plan;
+    if let Some(i) = &interrupted {
+        print!("{}", i.describe());
+        if i.plan.revision != plan.revision {
+            println!(
+                "The specs changed since ({} then, {} now). The interrupted plan was:\n{}\nThe plan for the specs as they are now:",
+                i.plan.revision,
+                plan.revision,
+                render::plan_text(&i.plan, true).trim_end()
+            );
+        }
     }
-    let (_, _, plan) = runtime()?.block_on(make_plan(&loaded, &store, &signer))?;
-    print!("{}", render::plan_text(&plan, false));
+    print_unplaced(&loaded, &planned.solved)?;
+    print!("{}", render::plan_text(plan, false));
+    if let Some(why) = unacceptable(plan) {
+        eprintln!("error: refusing to apply: {why}; nothing was sent");
+        store.audit(
+            "apply-refused",
+            serde_json::json!({"plan_id": plan.plan_id, "reason": why}),
+        )?;
+        return Ok(1);
+    }
     if plan.is_empty() {
-        return Ok(0);
+        return nothing_to_do(&store, plan, interrupted.as_ref());
     }
-    if !args.auto_approve && !approve()? {
+    let approved_before = interrupted.as_ref().is_some_and(|i| i.covers(plan));
+    if approved_before {
+        println!(
+            "\nContinuing without asking: this only finishes what the interrupted plan was approved to do."
+        );
+    } else if !args.auto_approve && !approve()? {
         println!("Apply cancelled.");
         return Ok(1);
     }
-    execute(&store, &signer, &plan, args.parallelism, false)
+    execute(
+        &store,
+        &signer,
+        plan,
+        args.parallelism,
+        interrupted.as_ref(),
+    )
 }
 
 fn apply_file(args: &ApplyArgs, command: &str) -> anyhow::Result<u8> {
     // The spec root is read from the file, so the controller key is the one of
-    // the specs the plan was made for.
+    // the specs the plan was made for. Nothing is written anywhere before the
+    // file's signature is verified against that key.
     let text = std::fs::read_to_string(&args.target)
         .with_context(|| format!("cannot read {}", args.target.display()))?;
-    let root: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a cairn plan file", args.target.display()))?;
-    let spec_root = root
+    let not_a_plan = |why: String| {
+        eprintln!(
+            "error: {} is not a cairn plan file: {why}",
+            args.target.display()
+        );
+        Ok(1)
+    };
+    let root: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => return not_a_plan(format!("it is not JSON ({e})")),
+    };
+    let Some(spec_root) = root
         .get("spec_root")
         .and_then(|v| v.as_str())
         .map(PathBuf::from)
-        .with_context(|| {
-            format!(
-                "{} is not a cairn plan file (no spec_root)",
-                args.target.display()
-            )
-        })?;
+    else {
+        return not_a_plan("it has no spec_root".to_owned());
+    };
     let state = root
         .get("state")
         .and_then(|v| v.as_str())
         .map(PathBuf::from);
-    let ctx = Ctx::new(&spec_root, args.state.as_deref().or(state.as_deref()))?;
-    let identity = ctx.identity()?;
+    let key_path = spec_root.join(".cairn/controller.key");
+    let identity = match proto::auth::Identity::load(&key_path) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!(
+                "error: refusing plan file {}: it names spec root {}, which has no controller key ({e}); a plan file is applied with the key of the spec root it was made for",
+                args.target.display(),
+                spec_root.display()
+            );
+            return Ok(1);
+        }
+    };
     let file = match render::read_plan_file(&args.target, &identity.public_key_hex()) {
         Ok(f) => f,
         Err(e) => {
@@ -361,10 +683,20 @@ fn apply_file(args: &ApplyArgs, command: &str) -> anyhow::Result<u8> {
             return Ok(1);
         }
     };
+    if let Some(why) = unacceptable(&file.plan) {
+        eprintln!("error: refusing to apply: {why}; nothing was sent");
+        return Ok(1);
+    }
+    let ctx = Ctx::new(&spec_root, args.state.as_deref().or(state.as_deref()))?;
     let store = ctx.store()?;
     let signer = RequestSigner::new(identity);
     let _lock = take_lock(&store, command)?;
-    let now = runtime()?.block_on(observe(&file.nodes, &signer));
+    let rt = runtime()?;
+    let interrupted = rt.block_on(settle_interrupted(&store, &signer))?;
+    if let Some(i) = &interrupted {
+        print!("{}", i.describe());
+    }
+    let now = rt.block_on(observe(&file.nodes, &signer));
     if now.digest() != file.plan.observed_digest {
         let delta = now.delta(&file.observed);
         eprintln!(
@@ -384,8 +716,16 @@ fn apply_file(args: &ApplyArgs, command: &str) -> anyhow::Result<u8> {
         return Ok(1);
     }
     print!("{}", render::plan_text(&file.plan, true));
-    let resumed = store.plan(&file.plan.plan_id)?.is_some();
-    execute(&store, &signer, &file.plan, args.parallelism, resumed)
+    if file.plan.is_empty() {
+        return nothing_to_do(&store, &file.plan, interrupted.as_ref());
+    }
+    execute(
+        &store,
+        &signer,
+        &file.plan,
+        args.parallelism,
+        interrupted.as_ref(),
+    )
 }
 
 /// `cairn status`.
@@ -396,24 +736,15 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
     };
     let store = loaded.ctx.store()?;
     let signer = RequestSigner::new(loaded.ctx.identity()?);
-    let nodes = spec_nodes(&loaded.model);
+    let nodes = spec_nodes(loaded.model());
     let observed = runtime()?.block_on(observe(&nodes, &signer));
-    let previous = match store.placement()? {
-        Some(p) => p,
-        None => placement_from_observed(&observed),
-    };
-    let placement = desired::place(&loaded.model, Some(&previous));
-    let desired = desired::desired(&loaded.model, &loaded.ctx.spec_root, placement);
-    let last = store.plans()?.pop().map(|(id, record)| {
-        let steps = record
-            .plan
-            .get("steps")
-            .and_then(|s| s.as_array())
-            .map(Vec::len)
-            .unwrap_or(0);
-        let journal = store.journal_of(&id).unwrap_or_default();
-        super::status::last_apply(&id, record.finished, steps, &journal)
-    });
+    let previous = previous_placement(store.placement()?, &observed);
+    let placement = desired::place(loaded.model(), Some(&previous));
+    let desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
+    let last = store
+        .executions()?
+        .pop()
+        .map(|(_, record)| super::status::last_apply(&record, &store));
     let mut audit = store.audit_log()?;
     audit.drain(..audit.len().saturating_sub(5));
     let status = super::status::status(&desired, &observed, store.applied()?, last, audit);
@@ -430,8 +761,8 @@ pub fn dev_up(dir: &Path) -> anyhow::Result<u8> {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let nodes = spec_nodes(&loaded.model);
-    runtime()?.block_on(super::dev::up(&loaded.ctx, &loaded.model, &nodes))
+    let nodes = spec_nodes(loaded.model());
+    runtime()?.block_on(super::dev::up(&loaded.ctx, loaded.model(), &nodes))
 }
 
 /// `cairn dev down`.
@@ -440,14 +771,40 @@ pub fn dev_down(dir: &Path) -> anyhow::Result<u8> {
     super::dev::down(&ctx)
 }
 
-/// `cairn force-unlock`.
-pub fn force_unlock(dir: &Path, state: Option<&Path>, id: &str) -> anyhow::Result<u8> {
+/// `cairn force-unlock`: removes the apply lock with this id. A holder that is
+/// still alive on this host (or on another host, where it cannot be checked) is
+/// refused unless `force`: two applies running one plan at once is what the lock
+/// is for.
+pub fn force_unlock(dir: &Path, state: Option<&Path>, id: &str, force: bool) -> anyhow::Result<u8> {
     let ctx = Ctx::new(dir, state)?;
     let store = ctx.store()?;
     let holder = store.lock_holder()?;
+    if let Some(h) = holder.as_ref().filter(|h| h.id == id) {
+        let here = h.host == super::state::hostname();
+        let alive = here && super::state::process_alive(h.pid);
+        if (alive || !here) && !force {
+            eprintln!(
+                "error: lock {id} is held by {}pid {} on {} since {} ms after the epoch (`{}`); {}. Wait for it to finish; pass --force only if you are sure it is not running",
+                if alive { "live " } else { "" },
+                h.pid,
+                h.host,
+                h.since_unix_ms,
+                h.command,
+                if alive {
+                    "that process is still running"
+                } else {
+                    "it runs on another host, so cairn cannot tell whether it is alive"
+                }
+            );
+            return Ok(1);
+        }
+    }
     match store.unlock(id) {
         Ok(()) => {
-            store.audit("force-unlock", serde_json::to_value(&holder)?)?;
+            store.audit(
+                "force-unlock",
+                serde_json::json!({"holder": holder, "force": force}),
+            )?;
             println!("unlocked: removed lock {id}");
             Ok(0)
         }

@@ -154,6 +154,11 @@ pub struct Desired {
     pub placement: Placement,
     /// VM → tenant for every VM of the model (placed or not).
     pub tenants: BTreeMap<String, String>,
+    /// Every volume the model names (its VM placed or not) → its VM. A volume in
+    /// this map is never deleted by a plan: only leaving the spec deletes data.
+    pub spec_volumes: BTreeMap<String, String>,
+    /// VMs of the spot class (unplaced, they wait for room by design).
+    pub spot_vms: std::collections::BTreeSet<String>,
 }
 
 /// The name of a VM disk's volume.
@@ -170,6 +175,15 @@ pub fn volume_name(vm: &str, disk: &str) -> String {
 /// does not move); replicas go to the other nodes the solver chose for the
 /// volume's stripe copies, else to the nodes of the site with the fewest copies.
 pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
+    place_solved(model, previous).0
+}
+
+/// [`place`], and the solver's own placement (its unplaced VMs carry the
+/// reasons, constraint by constraint, that diagnostics print with spans).
+pub fn place_solved(
+    model: &Model,
+    previous: Option<&Placement>,
+) -> (Placement, compiler::place::Placement) {
     let mut placement = Placement::default();
     let empty = Placement::default();
     let previous = previous.unwrap_or(&empty);
@@ -251,44 +265,48 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
                 .and_then(|s| s.pools.iter().find(|p| p.name == disk.pool))
                 .map(|p| p.replicas.saturating_sub(1) as usize)
                 .unwrap_or(0);
-            let placed = match previous.volumes.get(&name) {
-                Some(prev)
-                    if site_of.contains_key(prev.node.as_str())
-                        && prev.replicas.len() == n_replicas =>
-                {
-                    prev.clone()
-                }
-                _ => {
-                    let mut replicas: Vec<String> = solver_nodes
-                        .get(&name)
-                        .into_iter()
-                        .flatten()
-                        .filter(|n| *n != node)
+            // The primary is where the data is: a volume that exists keeps its
+            // primary and the replicas it has (a replica count change adds or
+            // drops copies; it never moves the data to a new primary).
+            let previous_copy = previous
+                .volumes
+                .get(&name)
+                .filter(|prev| site_of.contains_key(prev.node.as_str()));
+            let primary = previous_copy.map_or(node, |prev| &prev.node).clone();
+            let mut replicas: Vec<String> = previous_copy
+                .map(|prev| {
+                    prev.replicas
+                        .iter()
+                        .filter(|r| site_of.contains_key(r.as_str()) && **r != primary)
                         .take(n_replicas)
                         .cloned()
-                        .collect();
-                    // Fallback only when the solver named too few nodes: the site's
-                    // other nodes with the fewest copies (O(nodes) per volume).
-                    if replicas.len() < n_replicas {
-                        let mut others: Vec<(usize, &str)> = site_of
-                            .iter()
-                            .filter(|(n, s)| **s == vm.site && **n != node)
-                            .filter(|(n, _)| !replicas.iter().any(|r| r == *n))
-                            .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
-                            .collect();
-                        others.sort_unstable();
-                        replicas.extend(
-                            others
-                                .into_iter()
-                                .take(n_replicas - replicas.len())
-                                .map(|(_, n)| n.to_owned()),
-                        );
-                    }
-                    VolumePlacement {
-                        node: node.clone(),
-                        replicas,
-                    }
+                        .collect()
+                })
+                .unwrap_or_default();
+            for candidate in solver_nodes.get(&name).into_iter().flatten() {
+                if replicas.len() >= n_replicas {
+                    break;
                 }
+                if *candidate != primary && !replicas.contains(candidate) {
+                    replicas.push(candidate.clone());
+                }
+            }
+            // Fallback only when the solver named too few nodes: the site's
+            // other nodes with the fewest copies (O(nodes) per volume).
+            if replicas.len() < n_replicas {
+                let mut others: Vec<(usize, &str)> = site_of
+                    .iter()
+                    .filter(|(n, s)| **s == vm.site && **n != primary)
+                    .filter(|(n, _)| !replicas.iter().any(|r| r == *n))
+                    .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
+                    .collect();
+                others.sort_unstable();
+                let missing = n_replicas - replicas.len();
+                replicas.extend(others.into_iter().take(missing).map(|(_, n)| n.to_owned()));
+            }
+            let placed = VolumePlacement {
+                node: primary,
+                replicas,
             };
             for n in std::iter::once(&placed.node).chain(&placed.replicas) {
                 *copies.entry(n.clone()).or_default() += 1;
@@ -296,7 +314,7 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
             placement.volumes.insert(name, placed);
         }
     }
-    placement
+    (placement, solved)
 }
 
 /// A site's bond as `node` should have it: the capacity is this node's (its member
@@ -361,6 +379,14 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
     }
     for vm in &model.vms {
         desired.tenants.insert(vm.name.clone(), vm.tenant.clone());
+        if vm.sla.class == compiler::model::SlaClass::Spot {
+            desired.spot_vms.insert(vm.name.clone());
+        }
+        for disk in &vm.disks {
+            desired
+                .spec_volumes
+                .insert(volume_name(&vm.name, &disk.name), vm.name.clone());
+        }
         let Some(node) = placement.vms.get(&vm.name) else {
             continue;
         };

@@ -35,12 +35,38 @@ pub struct ObservedVm {
     /// Its NICs as made on the node.
     #[serde(default)]
     pub nics: Vec<ObservedNic>,
+    /// The image it was defined with (`None` from nodes that do not report it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<super::desired::BootImage>,
+    /// How many times the node started its process (exactly-once checks).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub starts: u64,
 }
 
 impl ObservedVm {
     /// Its NICs' tenant networks, in order.
     pub fn nic_networks(&self) -> Vec<&str> {
         self.nics.iter().map(|n| n.network.as_str()).collect()
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The image a node reports a VM defined with (`None`: the node does not say).
+fn wire_image(v: &proto::v1::VmStatus) -> Option<super::desired::BootImage> {
+    use super::desired::BootImage;
+    if !v.image_builtin.is_empty() {
+        Some(BootImage::Builtin(v.image_builtin.clone()))
+    } else if !v.kernel_path.is_empty() {
+        Some(BootImage::Kernel {
+            kernel: v.kernel_path.clone(),
+            initrd: v.initrd_path.clone(),
+            cmdline: v.cmdline.clone(),
+        })
+    } else {
+        None
     }
 }
 
@@ -85,6 +111,9 @@ pub struct ObservedVolume {
     pub primary: String,
     /// Health word.
     pub health: String,
+    /// How many times a volume of this name was created on the node.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
 }
 
 /// A bond as a node reports it: the definition it keeps and the device read back.
@@ -397,9 +426,12 @@ async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeOb
         .vms
         .into_iter()
         .map(|v| {
+            let image = wire_image(&v);
             (
                 v.name.clone(),
                 ObservedVm {
+                    image,
+                    starts: v.starts,
                     name: v.name,
                     state: VmState::from_wire(v.state).status_name().to_owned(),
                     health: Health::from_wire(v.health).status_name().to_owned(),
@@ -439,6 +471,7 @@ async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeOb
                     replica_peers: v.replica_peers,
                     primary: v.primary,
                     health: Health::from_wire(v.health).status_name().to_owned(),
+                    generation: v.generation,
                 },
             )
         })

@@ -56,6 +56,7 @@ impl Change {
             was_node: None,
             details: vec![],
             steps: vec![],
+            data_loss: false,
         }
     }
 }
@@ -109,6 +110,10 @@ pub struct Change {
     pub details: Vec<String>,
     /// The steps that carry it out.
     pub steps: Vec<usize>,
+    /// It deletes data that exists (a volume that left the spec): always shown,
+    /// and counted against the controller's blast-radius budget.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_loss: bool,
 }
 
 /// A replica peer of a volume.
@@ -143,6 +148,13 @@ pub enum NodeAction {
     DeleteVolume {
         /// Name.
         name: String,
+    },
+    /// `ResizeVolume`: grow in place, keeping the data (the node refuses a shrink).
+    ResizeVolume {
+        /// Name.
+        name: String,
+        /// The new size.
+        size_bytes: u64,
     },
     /// `CreateVm`.
     CreateVm {
@@ -208,6 +220,7 @@ impl NodeAction {
         match self {
             NodeAction::CreateVolume { .. } => "create_volume",
             NodeAction::DeleteVolume { .. } => "delete_volume",
+            NodeAction::ResizeVolume { .. } => "resize_volume",
             NodeAction::CreateVm { .. } => "create_vm",
             NodeAction::StartVm { .. } => "start_vm",
             NodeAction::StopVm { .. } => "stop_vm",
@@ -222,6 +235,7 @@ impl NodeAction {
         match self {
             NodeAction::CreateVolume { name, .. }
             | NodeAction::DeleteVolume { name }
+            | NodeAction::ResizeVolume { name, .. }
             | NodeAction::CreateVm { name, .. }
             | NodeAction::StartVm { name }
             | NodeAction::StopVm { name }
@@ -258,6 +272,12 @@ impl NodeAction {
             }),
             NodeAction::DeleteVolume { name } => {
                 Action::DeleteVolume(proto::v1::DeleteVolume { name: name.clone() })
+            }
+            NodeAction::ResizeVolume { name, size_bytes } => {
+                Action::ResizeVolume(proto::v1::ResizeVolume {
+                    name: name.clone(),
+                    size_bytes: *size_bytes,
+                })
             }
             NodeAction::CreateVm {
                 name,
@@ -351,8 +371,6 @@ pub struct Step {
     pub node: String,
     /// Node address.
     pub address: String,
-    /// The request id sent (`PLAN_ID.STEP`): the node carries out each id once.
-    pub request_id: String,
     /// The action.
     #[serde(flatten)]
     pub action: NodeAction,
@@ -388,6 +406,21 @@ pub struct LeftAlone {
     pub reason: String,
 }
 
+/// A change the specs ask for that no plan carries out, because it would destroy
+/// data or the runtime cannot make it: the specs must change instead. A plan with
+/// one is not acceptable (exit 1) and is never applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Refused {
+    /// `vm` or `volume`.
+    pub object: String,
+    /// Name.
+    pub name: String,
+    /// The node that holds it.
+    pub node: String,
+    /// What was asked, why it is refused and what would be right.
+    pub reason: String,
+}
+
 /// A plan.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Plan {
@@ -413,6 +446,12 @@ pub struct Plan {
     pub left_alone: Vec<LeftAlone>,
     /// VMs with no node: name → reason.
     pub unplaced: BTreeMap<String, String>,
+    /// Those of them that are spot VMs (they wait for room by design; not an error).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub spot_unplaced: std::collections::BTreeSet<String>,
+    /// Changes refused because they would destroy data or cannot be made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<Refused>,
     /// The placement this plan carries out (recorded after apply).
     pub placement: super::desired::Placement,
 }
@@ -421,6 +460,51 @@ impl Plan {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
+    }
+
+    /// VMs the specs want that cannot be placed, apart from those preempted by
+    /// design (spot VMs): the specs do not validate, so the plan is never applied.
+    pub fn blocking_unplaced(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.unplaced.iter().filter(|(vm, _)| {
+            !self.placement.preempted.contains_key(*vm) && !self.spot_unplaced.contains(*vm)
+        })
+    }
+
+    /// Why carrying this plan out would not make the cluster match the specs
+    /// (empty: applying it converges). One line each.
+    pub fn not_converged(&self) -> Vec<String> {
+        let mut out = vec![];
+        for (node, error) in &self.unreachable {
+            out.push(format!("node {node} did not answer ({error})"));
+        }
+        let waiting = self
+            .left_alone
+            .iter()
+            .filter(|l| l.reason.is_empty())
+            .count();
+        if waiting > 0 {
+            out.push(format!(
+                "{waiting} object{} wait{} for nodes that did not answer",
+                if waiting == 1 { "" } else { "s" },
+                if waiting == 1 { "s" } else { "" }
+            ));
+        }
+        for l in self.left_alone.iter().filter(|l| !l.reason.is_empty()) {
+            out.push(format!(
+                "{} {} on {}: {}",
+                l.object, l.name, l.node, l.reason
+            ));
+        }
+        for (vm, reason) in self.blocking_unplaced() {
+            out.push(format!("vm {vm} cannot be placed: {reason}"));
+        }
+        for r in &self.refused {
+            out.push(format!(
+                "{} {} on {}: {}",
+                r.object, r.name, r.node, r.reason
+            ));
+        }
+        out
     }
 }
 
@@ -452,7 +536,6 @@ impl Builder<'_> {
             wave,
             node: node.to_owned(),
             address: self.address(node),
-            request_id: String::new(),
             action,
             depends_on,
         });
@@ -464,20 +547,6 @@ impl Builder<'_> {
             Some(NodeObservation::Reachable { public_key_hex, .. }) => public_key_hex.clone(),
             _ => String::new(),
         }
-    }
-
-    /// Deletes a volume on `node` and creates the desired one after it
-    /// (replace in place, or a cold move); returns both steps.
-    fn recreate_volume(&mut self, node: &str, v: &DesiredVolume) -> (usize, usize) {
-        let delete = self.step(
-            node,
-            NodeAction::DeleteVolume {
-                name: v.name.clone(),
-            },
-            vec![],
-        );
-        let create = self.create_volume(v, vec![delete]);
-        (delete, create)
     }
 
     fn create_volume(&mut self, v: &DesiredVolume, depends_on: Vec<usize>) -> usize {
@@ -746,6 +815,27 @@ fn attached_volumes(_vm: &DesiredVm) -> Vec<String> {
     vec![]
 }
 
+/// `cairn-guest (built in)` or `kernel PATH [initrd PATH] [cmdline "…"]`.
+pub fn image_text(image: &BootImage) -> String {
+    match image {
+        BootImage::Builtin(b) => format!("{b} (built in)"),
+        BootImage::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let mut out = format!("kernel {kernel}");
+            if !initrd.is_empty() {
+                out.push_str(&format!(" initrd {initrd}"));
+            }
+            if !cmdline.is_empty() {
+                out.push_str(&format!(" cmdline {cmdline:?}"));
+            }
+            out
+        }
+    }
+}
+
 fn vm_details(vm: &DesiredVm) -> Vec<String> {
     let image = match &vm.image {
         BootImage::Builtin(b) => format!("image {b} (built in)"),
@@ -793,6 +883,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
     plan_bonds(&mut b, &mut left_alone);
 
     // Deletes first (they free room; creates on the same node wait for them).
+    let mut refused = vec![];
     let mut deleted_vm_steps: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     let mut all_vm_deletes = vec![];
     for (name, copies) in &observed_vms {
@@ -800,6 +891,26 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
             let wanted_here = desired.vms.get(*name).is_some_and(|d| d.node == *node);
             let wanted_elsewhere = desired.vms.get(*name).is_some_and(|d| d.node != *node);
             if wanted_here {
+                continue;
+            }
+            let in_spec = desired.tenants.contains_key(*name);
+            let preempted = desired.placement.preempted.get(*name);
+            if in_spec && !wanted_elsewhere && preempted.is_none() {
+                // Still in the spec but it cannot be placed now: a spec mistake
+                // (or a cluster too small) never deletes what runs. It stays.
+                let why = desired
+                    .placement
+                    .unplaced
+                    .get(*name)
+                    .map_or("it has no node", String::as_str);
+                left_alone.push(LeftAlone {
+                    object: "vm".into(),
+                    name: (*name).to_owned(),
+                    node: (*node).to_owned(),
+                    reason: format!(
+                        "it cannot be placed now ({why}); it stays where it runs until the specs give it room"
+                    ),
+                });
                 continue;
             }
             if wanted_elsewhere {
@@ -820,8 +931,11 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 .or_default()
                 .push(delete);
             all_vm_deletes.push(delete);
-            let (kind, details) = match desired.placement.preempted.get(*name) {
-                Some(why) => (ChangeKind::Preempt, vec![why.clone()]),
+            let (kind, details) = match preempted {
+                Some(why) => (
+                    ChangeKind::Preempt,
+                    vec![why.clone(), "its volumes are kept".to_owned()],
+                ),
                 None if wanted_elsewhere => (
                     ChangeKind::Delete,
                     vec![format!(
@@ -845,7 +959,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         }
     }
 
-    // Volumes.
+    // Volumes. Data is destroyed only when its volume left the spec; a volume
+    // the spec still names is never deleted or made again: it grows in place, and
+    // a shrink, a restripe or a change of its primary is refused.
     let mut observed_primaries: BTreeMap<&str, (&str, &super::observe::ObservedVolume)> =
         BTreeMap::new();
     for (node, obs) in &observed.nodes {
@@ -856,12 +972,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         }
     }
     let mut volume_steps: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (name, (node, _)) in &observed_primaries {
-        if desired.volumes.get(*name).is_some_and(|d| d.node == *node) {
+    for (name, (node, o)) in &observed_primaries {
+        if desired.spec_volumes.contains_key(*name) {
             continue;
-        }
-        if desired.volumes.contains_key(*name) {
-            continue; // moved: handled with the create below
         }
         let delete = b.step(
             node,
@@ -872,18 +985,27 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         );
         b.changes.push(Change {
             steps: vec![delete],
+            details: vec![format!(
+                "DATA LOSS: its {} of data{} are deleted; no spec names it any more",
+                compiler::units::human_size(o.size_bytes),
+                if o.replica_peers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" and its copies on {}", o.replica_peers.join(", "))
+                }
+            )],
+            data_loss: true,
             ..Change::new(ChangeKind::Delete, "volume", name, "", node)
         });
     }
     for v in desired.volumes.values() {
-        let in_sync = observed_primaries
-            .get(v.name.as_str())
-            .is_some_and(|(n, o)| {
-                *n == v.node
-                    && o.size_bytes == v.size_bytes
-                    && o.stripe_width == v.stripe_width
-                    && o.stripe_unit_bytes == v.stripe_unit_bytes
-            });
+        let observed_copy = observed_primaries.get(v.name.as_str());
+        let in_sync = observed_copy.is_some_and(|(n, o)| {
+            *n == v.node
+                && o.size_bytes == v.size_bytes
+                && o.stripe_width == v.stripe_width
+                && o.stripe_unit_bytes == v.stripe_unit_bytes
+        });
         if in_sync {
             continue;
         }
@@ -899,7 +1021,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
             });
             continue;
         }
-        match observed_primaries.get(v.name.as_str()) {
+        match observed_copy {
             None => {
                 let s = b.create_volume(v, vec![]);
                 volume_steps.insert(v.name.clone(), vec![s]);
@@ -910,46 +1032,67 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 });
             }
             Some((node, o)) if *node == v.node => {
-                let mut diffs = vec![];
-                if o.size_bytes != v.size_bytes {
-                    diffs.push(format!(
-                        "size {} → {}",
-                        compiler::units::human_size(o.size_bytes),
-                        compiler::units::human_size(v.size_bytes)
-                    ));
-                }
+                let human = compiler::units::human_size;
                 if o.stripe_width != v.stripe_width || o.stripe_unit_bytes != v.stripe_unit_bytes {
-                    diffs.push(format!(
-                        "stripes {} × {} → {} × {}",
-                        o.stripe_width,
-                        compiler::units::human_size(o.stripe_unit_bytes),
-                        v.stripe_width,
-                        compiler::units::human_size(v.stripe_unit_bytes)
-                    ));
-                }
-                if diffs.is_empty() {
+                    refused.push(Refused {
+                        object: "volume".into(),
+                        name: v.name.clone(),
+                        node: (*node).to_owned(),
+                        reason: format!(
+                            "its pool now stripes {} × {} but it holds data striped {} × {}; restriping in place is not supported and would lose the data. Keep the pool's striping, or remove the disk from the spec to delete it",
+                            v.stripe_width,
+                            human(v.stripe_unit_bytes),
+                            o.stripe_width,
+                            human(o.stripe_unit_bytes)
+                        ),
+                    });
                     continue;
                 }
-                diffs.push("the node cannot resize or restripe in place: the data is lost".into());
-                let (delete, create) = b.recreate_volume(node, v);
-                volume_steps.insert(v.name.clone(), vec![create]);
+                if v.size_bytes < o.size_bytes {
+                    refused.push(Refused {
+                        object: "volume".into(),
+                        name: v.name.clone(),
+                        node: (*node).to_owned(),
+                        reason: format!(
+                            "shrinking it from {} to {} would lose data. Set its size back to {} or more, or remove the disk from the spec to delete it",
+                            human(o.size_bytes),
+                            human(v.size_bytes),
+                            human(o.size_bytes)
+                        ),
+                    });
+                    continue;
+                }
+                let grow = b.step(
+                    node,
+                    NodeAction::ResizeVolume {
+                        name: v.name.clone(),
+                        size_bytes: v.size_bytes,
+                    },
+                    vec![],
+                );
+                volume_steps.insert(v.name.clone(), vec![grow]);
                 b.changes.push(Change {
-                    details: diffs,
-                    steps: vec![delete, create],
-                    ..Change::new(ChangeKind::Replace, "volume", &v.name, &v.tenant, &v.node)
+                    details: vec![format!(
+                        "size {} → {}, grown in place (the data is kept)",
+                        human(o.size_bytes),
+                        human(v.size_bytes)
+                    )],
+                    steps: vec![grow],
+                    ..Change::new(ChangeKind::Update, "volume", &v.name, &v.tenant, &v.node)
                 });
             }
             Some((node, _)) => {
-                let (delete, create) = b.recreate_volume(node, v);
-                volume_steps.insert(v.name.clone(), vec![create]);
-                b.changes.push(Change {
-                    was_node: Some((*node).to_owned()),
-                    details: vec![
-                        "the data is not carried over: volume migration is not supported yet"
-                            .into(),
-                    ],
-                    steps: vec![delete, create],
-                    ..Change::new(ChangeKind::Move, "volume", &v.name, &v.tenant, &v.node)
+                // The placement keeps a volume's primary where its data is, so this
+                // is reached only when that node left the spec or the state store
+                // was lost; a change of writer is never a recreation.
+                refused.push(Refused {
+                    object: "volume".into(),
+                    name: v.name.clone(),
+                    node: (*node).to_owned(),
+                    reason: format!(
+                        "its data is on {node} but the placement wants its primary on {}; moving a volume's writer is not supported yet, and recreating it would lose the data. Keep node {node} in the spec",
+                        v.node
+                    ),
                 });
             }
         }
@@ -1020,6 +1163,15 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         "memory {} → {}",
                         compiler::units::human_size(o.memory_bytes),
                         compiler::units::human_size(vm.memory_bytes)
+                    ));
+                }
+                if let Some(have) = &o.image
+                    && *have != vm.image
+                {
+                    diffs.push(format!(
+                        "image {} → {}",
+                        image_text(have),
+                        image_text(&vm.image)
                     ));
                 }
                 let have_nics = o.nic_networks();
@@ -1122,17 +1274,17 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 c.kind,
             ))
     });
-    let mut steps = b.steps;
+    let steps = b.steps;
     let waves = steps.iter().map(|s| s.wave + 1).max().unwrap_or(0);
     let observed_digest = observed.digest();
     let mut hasher = Sha256::new();
     hasher.update(revision.as_bytes());
     hasher.update(observed_digest.as_bytes());
     hasher.update(serde_json::to_vec(&steps).expect("steps serialize"));
+    // The plan id names the plan (for display and signing); request ids are
+    // per execution (`state::request_id`), so the same plan carried out twice
+    // sends new requests.
     let plan_id = proto::auth::to_hex(&hasher.finalize()[..8]);
-    for s in &mut steps {
-        s.request_id = format!("{plan_id}.{}", s.id);
-    }
     let unreachable = observed
         .nodes
         .iter()
@@ -1142,6 +1294,11 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         })
         .collect();
     let unplaced = desired.placement.unplaced.clone();
+    let spot_unplaced = unplaced
+        .keys()
+        .filter(|vm| desired.spot_vms.contains(*vm))
+        .cloned()
+        .collect();
     Plan {
         format_version: PLAN_FORMAT_VERSION,
         plan_id,
@@ -1154,6 +1311,8 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         unreachable,
         left_alone,
         unplaced,
+        spot_unplaced,
+        refused,
         placement: desired.placement.clone(),
     }
 }

@@ -35,32 +35,34 @@ pub fn plan_text(plan: &Plan, concise: bool) -> String {
     for l in plan.left_alone.iter().filter(|l| !l.reason.is_empty()) {
         let _ = writeln!(
             out,
-            "! {} {} on {} is not made: {}",
+            "! {} {} on {} is left alone: {}",
             l.object, l.name, l.node, l.reason
         );
     }
-    for (vm, reason) in &plan.unplaced {
-        let _ = writeln!(out, "! vm {vm} has no node: {reason}");
+    for (vm, reason) in plan.blocking_unplaced() {
+        let _ = writeln!(out, "! vm {vm} cannot be placed: {reason}");
+    }
+    for vm in &plan.spot_unplaced {
+        let reason = plan.unplaced.get(vm).map_or("", String::as_str);
+        let _ = writeln!(out, "  spot vm {vm} waits for room: {reason}");
+    }
+    for r in &plan.refused {
+        let _ = writeln!(
+            out,
+            "! {} {} on {}: refused: {}",
+            r.object, r.name, r.node, r.reason
+        );
     }
     if !out.is_empty() {
         out.push('\n');
     }
-    if plan.is_empty() && !plan.left_alone.is_empty() {
-        let refused = plan.left_alone.len() - waiting.len();
-        let mut why = vec![];
-        if !waiting.is_empty() {
-            why.push(format!(
-                "{} objects wait for nodes that did not answer",
-                waiting.len()
-            ));
-        }
-        if refused > 0 {
-            why.push(format!("{refused} cannot be made on their nodes"));
-        }
+    let problems = plan.not_converged();
+    if plan.is_empty() && !problems.is_empty() {
         let _ = writeln!(
             out,
-            "No changes can be made now: {} (above).",
-            why.join("; ")
+            "No changes can be made now, and the cluster does not match the specs: {} problem{} (above).",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
         );
         return out;
     }
@@ -128,6 +130,28 @@ pub fn plan_text(plan: &Plan, concise: bool) -> String {
         }
     }
     let _ = writeln!(out, "\n{}", summary_line(plan));
+    let data_loss: Vec<String> = plan
+        .changes
+        .iter()
+        .filter(|c| c.data_loss)
+        .map(|c| format!("{} {}", c.object, c.name))
+        .collect();
+    if !data_loss.is_empty() {
+        let _ = writeln!(
+            out,
+            "DATA LOSS: this plan deletes the data of {} (no spec names {} any more).",
+            data_loss.join(", "),
+            if data_loss.len() == 1 { "it" } else { "them" }
+        );
+    }
+    if !problems.is_empty() {
+        let _ = writeln!(
+            out,
+            "Even after these changes the cluster will not match the specs: {} problem{} (above).",
+            problems.len(),
+            if problems.len() == 1 { "" } else { "s" }
+        );
+    }
     out
 }
 

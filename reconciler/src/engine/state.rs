@@ -3,9 +3,13 @@
 //! It holds only what neither git nor the node runtimes can tell us:
 //! - `meta`: `placement` (the last applied VM → node placement, JSON),
 //!   `applied` (the last applied revision, JSON), `lock` (the apply lock, JSON);
-//! - `plans`: plan id → the plan an apply started (JSON) and whether it finished;
-//! - `journal`: `PLAN_ID/STEP` (step zero-padded) → the step's record (JSON),
-//!   written before and after every action;
+//! - `plans`: execution id (`PLAN_ID-RANDOM`) → the plan one run of apply
+//!   started (JSON), whether it finished and how;
+//! - `journal`: `EXECUTION_ID/STEP` (step zero-padded) → the step's record (JSON),
+//!   written before and after every action. Request ids are
+//!   `EXECUTION_ID.STEP`: unique per execution, so applying the same plan again
+//!   (the same specs and observation, e.g. scaling 3 → 4 → 3 → 4) sends new
+//!   requests instead of getting the first execution's outcomes back;
 //! - `audit`: sequence number → one audit entry (JSON) per plan/apply/unlock.
 //!
 //! The database is opened for each operation and closed again, so `cairn status`
@@ -30,7 +34,10 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// redb failed.
-    #[error("state store {path}: {operation}: {message}")]
+    #[error(
+        "state store {path}: {operation}: {message}{}",
+        recovery_hint(operation, path, message)
+    )]
     Redb {
         /// The file.
         path: String,
@@ -40,7 +47,10 @@ pub enum StateError {
         message: String,
     },
     /// A record does not decode.
-    #[error("state store {path}: record `{key}` is corrupt: {source}")]
+    #[error(
+        "state store {path}: record `{key}` is corrupt: {source}{}",
+        recovery_hint("read", path, "")
+    )]
     Corrupt {
         /// The file.
         path: String,
@@ -85,6 +95,18 @@ pub enum StateError {
     },
 }
 
+/// How to get going again when the state file cannot be read: nothing in it is
+/// needed to run, so moving it aside loses history but no data (empty for a
+/// busy file: that one only needs waiting for).
+fn recovery_hint(operation: &str, path: &str, message: &str) -> String {
+    if !matches!(operation, "open" | "read") || message.contains("already open") {
+        return String::new();
+    }
+    format!(
+        "\nTo recover: move the file aside (`mv {path} {path}.broken`); placement will be rebuilt from what the nodes run (the journal and audit log of earlier applies stay in the moved file)"
+    )
+}
+
 /// Who holds the apply lock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockInfo {
@@ -123,6 +145,9 @@ pub enum StepStatus {
     Failed,
     /// A dependency failed; not sent.
     Skipped,
+    /// In flight when its apply was interrupted, and its node says it never
+    /// carried it out; not sent again (the next apply planned afresh).
+    Abandoned,
 }
 
 /// The journal record of one step.
@@ -144,15 +169,34 @@ pub struct StepRecord {
     pub at_unix_ms: u64,
 }
 
-/// A plan an apply started.
+/// One execution of a plan: what one run of apply started.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlanRecord {
+    /// The execution id (`PLAN_ID-RANDOM`; records written before executions had
+    /// ids are keyed by the plan id and have it empty).
+    #[serde(default)]
+    pub execution_id: String,
     /// The plan (JSON of `plan::Plan`).
     pub plan: serde_json::Value,
-    /// Whether the apply finished (successfully or not); an unfinished plan is resumed.
+    /// Whether the apply finished (successfully or not, or was superseded); an
+    /// unfinished execution is settled and planned again by the next apply.
     pub finished: bool,
+    /// How it ended, when it did not simply run to its end: `superseded by
+    /// EXECUTION_ID` after it was interrupted and planned again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
     /// When it started.
     pub started_at_unix_ms: u64,
+}
+
+/// A new execution id for a plan: the plan id and 8 random hex digits.
+pub fn new_execution_id(plan_id: &str) -> String {
+    format!("{plan_id}-{}", &random_id()[..8])
+}
+
+/// The request id of one step of one execution.
+pub fn request_id(execution_id: &str, step: usize) -> String {
+    format!("{execution_id}.{step}")
 }
 
 /// One audit log entry.
@@ -373,25 +417,20 @@ impl StateStore {
         })
     }
 
-    /// Records that an apply of `plan_id` started.
-    pub fn start_plan(&self, plan_id: &str, record: &PlanRecord) -> Result<(), StateError> {
-        self.put_json(PLANS, plan_id, record)
+    /// Records that an execution started (keyed by its execution id).
+    pub fn start_execution(&self, record: &PlanRecord) -> Result<(), StateError> {
+        self.put_json(PLANS, &record.execution_id, record)
     }
 
-    /// A plan record.
-    pub fn plan(&self, plan_id: &str) -> Result<Option<PlanRecord>, StateError> {
-        self.get_json(PLANS, plan_id)
-    }
-
-    /// The plans whose apply did not finish (a crash), oldest first.
-    pub fn unfinished_plans(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
-        let mut all = self.plans()?;
+    /// The executions that did not finish (a crash), oldest first.
+    pub fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
+        let mut all = self.executions()?;
         all.retain(|(_, r)| !r.finished);
         Ok(all)
     }
 
-    /// Every plan record, oldest first.
-    pub fn plans(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
+    /// Every execution record, oldest first (the key is the execution id).
+    pub fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
             let t = tx
@@ -406,6 +445,10 @@ impl StateStore {
                         key: k.value().to_owned(),
                         source,
                     })?;
+                let mut record = record;
+                if record.execution_id.is_empty() {
+                    record.execution_id = k.value().to_owned();
+                }
                 out.push((k.value().to_owned(), record));
             }
             out.sort_by_key(|(_, r)| r.started_at_unix_ms);
@@ -413,23 +456,32 @@ impl StateStore {
         })
     }
 
-    /// Marks a plan finished.
-    pub fn finish_plan(&self, plan_id: &str) -> Result<(), StateError> {
-        if let Some(mut record) = self.plan(plan_id)? {
+    /// Marks an execution finished; `ended` says how when it did not run to its end.
+    pub fn finish_execution(
+        &self,
+        execution_id: &str,
+        ended: Option<String>,
+    ) -> Result<(), StateError> {
+        if let Some(mut record) = self.get_json::<PlanRecord>(PLANS, execution_id)? {
             record.finished = true;
-            self.put_json(PLANS, plan_id, &record)?;
+            record.ended = ended;
+            self.put_json(PLANS, execution_id, &record)?;
         }
         Ok(())
     }
 
     /// Writes one journal record (durably: redb commits are fsynced).
-    pub fn journal(&self, plan_id: &str, record: &StepRecord) -> Result<(), StateError> {
-        self.put_json(JOURNAL, &format!("{plan_id}/{:06}", record.step), record)
+    pub fn journal(&self, execution_id: &str, record: &StepRecord) -> Result<(), StateError> {
+        self.put_json(
+            JOURNAL,
+            &format!("{execution_id}/{:06}", record.step),
+            record,
+        )
     }
 
-    /// The journal of one plan, by step.
-    pub fn journal_of(&self, plan_id: &str) -> Result<Vec<StepRecord>, StateError> {
-        let prefix = format!("{plan_id}/");
+    /// The journal of one execution, by step.
+    pub fn journal_of(&self, execution_id: &str) -> Result<Vec<StepRecord>, StateError> {
+        let prefix = format!("{execution_id}/");
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
             let t = tx
@@ -514,7 +566,8 @@ pub fn random_id() -> String {
     proto::auth::to_hex(&bytes)
 }
 
-fn hostname() -> String {
+/// This host's name (lock holders are checked for liveness only on it).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "localhost".to_owned())

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use super::desired::Desired;
 use super::observe::{NodeObservation, Observed};
-use super::state::{Applied, StepRecord, StepStatus};
+use super::state::{Applied, StepStatus};
 
 /// Version of the status JSON.
 pub const STATUS_FORMAT_VERSION: u32 = 1;
@@ -51,6 +51,8 @@ pub struct VmRow {
     pub drift: String,
     /// Its NICs as the node made them (tap on the tenant network's bridge).
     pub nics: Vec<super::observe::ObservedNic>,
+    /// How many times its node started its process (0: not reported).
+    pub starts: u64,
 }
 
 /// A volume's row (primaries).
@@ -66,6 +68,10 @@ pub struct VolumeRow {
     pub health: String,
     /// `none`, `missing`, `not-in-spec`, `wrong-node`, `definition`, `unknown`.
     pub drift: String,
+    /// Size (the node's; the spec's while it is missing).
+    pub size_bytes: u64,
+    /// How many times a volume of this name was created on its node (0: not reported).
+    pub generation: u64,
 }
 
 /// A bond's row: one per node and bond.
@@ -100,8 +106,13 @@ pub struct BondRow {
 pub struct LastApply {
     /// Plan id.
     pub plan_id: String,
+    /// Execution id (request ids are `EXECUTION_ID.STEP`).
+    pub execution_id: String,
     /// Whether it finished.
     pub finished: bool,
+    /// How it ended when it did not run to its end (`superseded by …`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
     /// Steps journaled succeeded.
     pub succeeded: usize,
     /// Steps failed.
@@ -110,6 +121,9 @@ pub struct LastApply {
     pub skipped: usize,
     /// Steps still `started` (an interrupted apply).
     pub in_flight: usize,
+    /// Steps in flight at an interruption that their node never carried out (not
+    /// sent again: the next apply planned afresh).
+    pub abandoned: usize,
     /// Steps the node answered with a recorded outcome (done before an interruption).
     pub replayed: usize,
     /// Steps sent by more than one apply run.
@@ -143,21 +157,35 @@ pub struct Status {
     pub audit: Vec<super::state::AuditEntry>,
 }
 
-/// Summarises a plan's journal.
+/// Summarises an execution's journal.
 pub fn last_apply(
-    plan_id: &str,
-    finished: bool,
-    steps: usize,
-    journal: &[StepRecord],
+    record: &super::state::PlanRecord,
+    store: &super::state::StateStore,
 ) -> LastApply {
+    let steps = record
+        .plan
+        .get("steps")
+        .and_then(|s| s.as_array())
+        .map(Vec::len)
+        .unwrap_or(0);
+    let plan_id = record
+        .plan
+        .get("plan_id")
+        .and_then(|p| p.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let journal = store.journal_of(&record.execution_id).unwrap_or_default();
     let count = |s: StepStatus| journal.iter().filter(|r| r.status == s).count();
     LastApply {
-        plan_id: plan_id.to_owned(),
-        finished,
+        plan_id,
+        execution_id: record.execution_id.clone(),
+        finished: record.finished,
+        ended: record.ended.clone(),
         succeeded: count(StepStatus::Succeeded),
         failed: count(StepStatus::Failed),
         skipped: count(StepStatus::Skipped),
         in_flight: count(StepStatus::Started),
+        abandoned: count(StepStatus::Abandoned),
         replayed: journal.iter().filter(|r| r.replayed).count(),
         resent: journal.iter().filter(|r| r.attempts > 1).count(),
         steps,
@@ -206,6 +234,7 @@ pub fn status(
                 let drift = if o.vcpus != vm.vcpus
                     || o.memory_bytes != vm.memory_bytes
                     || o.nic_networks() != vm.nics
+                    || o.image.as_ref().is_some_and(|i| *i != vm.image)
                 {
                     "definition"
                 } else if o.state != "running" {
@@ -225,6 +254,7 @@ pub fn status(
                     crash_count: o.crash_count,
                     drift: drift.into(),
                     nics: o.nics.clone(),
+                    starts: o.starts,
                 }
             }
             (None, Some((node, o))) => VmRow {
@@ -237,6 +267,7 @@ pub fn status(
                 crash_count: o.crash_count,
                 drift: "wrong-node".into(),
                 nics: o.nics.clone(),
+                starts: o.starts,
             },
             (None, None) => {
                 let reachable = observed.reachable(&vm.node);
@@ -250,6 +281,7 @@ pub fn status(
                     crash_count: 0,
                     drift: if reachable { "missing" } else { "unknown" }.into(),
                     nics: vec![],
+                    starts: 0,
                 }
             }
         };
@@ -270,8 +302,15 @@ pub fn status(
                 state: o.state.clone(),
                 health: o.health.clone(),
                 crash_count: o.crash_count,
-                drift: "not-in-spec".into(),
+                // In the spec but without a node now: it is kept, not removed.
+                drift: if desired.tenants.contains_key(*name) {
+                    "unplaced"
+                } else {
+                    "not-in-spec"
+                }
+                .into(),
                 nics: o.nics.clone(),
+                starts: o.starts,
             });
         }
     }
@@ -296,6 +335,8 @@ pub fn status(
                 replicas: v.replica_peers.clone(),
                 health: v.health.clone(),
                 drift: drift.into(),
+                size_bytes: v.size_bytes,
+                generation: v.generation,
             });
         }
     }
@@ -311,6 +352,8 @@ pub fn status(
                 "unknown"
             }
             .into(),
+            size_bytes: d.size_bytes,
+            generation: 0,
         });
     }
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -560,16 +603,19 @@ pub fn text(status: &Status) -> String {
     if let Some(l) = &status.last_apply {
         let _ = writeln!(
             out,
-            "\nlast apply: plan {}: {} of {} steps succeeded, {} failed, {} skipped{}",
+            "\nlast apply: plan {} (execution {}): {} of {} steps succeeded, {} failed, {} skipped{}",
             l.plan_id,
+            l.execution_id,
             l.succeeded,
             l.steps,
             l.failed,
             l.skipped,
-            if l.finished {
-                ""
-            } else {
-                " — interrupted; `cairn apply` resumes it"
+            match (&l.ended, l.finished) {
+                (Some(how), _) => format!(" — {how}"),
+                (None, true) => String::new(),
+                (None, false) =>
+                    " — interrupted; `cairn apply` settles it and plans again from what runs now"
+                        .to_owned(),
             }
         );
     }

@@ -5,6 +5,7 @@ mod diff;
 mod engine;
 mod golden;
 mod policy;
+mod safety;
 mod schemas;
 mod verify;
 
