@@ -46,6 +46,10 @@ struct Args {
     /// than that is carried out again.
     #[arg(long, default_value_t = 7 * 24 * 3600)]
     request_retention: u64,
+    /// Milliseconds a StartVm waits to see the VM running (its cairn-vmm alive and the
+    /// guest's first heartbeat reported) before it kills the VMM and fails.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    vm_start_timeout_ms: u64,
     /// Number of file disks created under DATA_DIR/volumes/disks on first start.
     #[arg(long, default_value_t = 4)]
     disks: u32,
@@ -92,6 +96,7 @@ fn main() -> ExitCode {
         vmm_binary: args.vmm_binary,
         netns: args.netns,
         network_disabled: args.network_disabled,
+        vm_start_timeout: std::time::Duration::from_millis(args.vm_start_timeout_ms),
         request_retention: std::time::Duration::from_secs(args.request_retention),
     };
     let disks = DiskLayout {

@@ -46,6 +46,9 @@ pub struct NodeConfig {
     /// is never touched (`cairn dev up` on a machine where it cannot give the node its
     /// own namespace: a dev node must not change the host's network).
     pub network_disabled: Option<String>,
+    /// How long a StartVm waits to see the VM running (its VMM alive and the first
+    /// guest heartbeat reported) before it kills the VMM and fails (default 10 s).
+    pub vm_start_timeout: Duration,
 }
 
 /// Errors of starting a node.
@@ -275,6 +278,43 @@ impl Node {
         result
     }
 
+    /// What became of `request_id`, from the durable request log: SUCCEEDED with the
+    /// recorded response (`replayed = true`) or NOT_FOUND (never carried out, failed, or
+    /// pruned). While an Apply of this request id is being carried out it waits for that
+    /// to finish first (it takes the same per-request-id lock). Never carries anything out.
+    pub async fn outcome(&self, request_id: &str) -> Result<v1::GetOutcomeResponse, Status> {
+        validate::request_id_field("get_outcome_request.request_id", request_id)?;
+        let running = self.in_flight.lock().await.get(request_id).cloned();
+        if let Some(lock) = running {
+            drop(lock.lock().await);
+            let mut in_flight = self.in_flight.lock().await;
+            if Arc::strong_count(&lock) <= 2 {
+                in_flight.remove(request_id);
+            }
+        }
+        let store = self.store.clone();
+        let owned = request_id.to_string();
+        let record = tokio::task::spawn_blocking(move || store.request(&owned))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(|error| Status::internal(error.to_string()))?;
+        let Some(record) = record else {
+            return Ok(v1::GetOutcomeResponse {
+                request_id: request_id.to_string(),
+                outcome: v1::Outcome::NotFound as i32,
+                response: None,
+            });
+        };
+        let mut response: ApplyResponse = prost::Message::decode(record.response.as_slice())
+            .map_err(|error| Status::internal(format!("recorded response is corrupt: {error}")))?;
+        response.replayed = true;
+        Ok(v1::GetOutcomeResponse {
+            request_id: request_id.to_string(),
+            outcome: v1::Outcome::Succeeded as i32,
+            response: Some(response),
+        })
+    }
+
     async fn apply_once(
         &self,
         request: &ApplyRequest,
@@ -327,6 +367,10 @@ impl Node {
 
     async fn carry_out(&self, action: &Action) -> Result<ApplyResult, Status> {
         match action {
+            Action::ResizeVolume(resize) => Err(Status::unimplemented(format!(
+                "this node cannot grow volume `{}` in place yet",
+                resize.name
+            ))),
             Action::CreateVolume(create) => {
                 validate::name("create_volume.name", &create.name)?;
                 validate::volume_geometry(
@@ -381,6 +425,7 @@ impl Node {
             }
             Action::CreateVm(create) => {
                 validate_create_vm(create)?;
+                validate::image_files(create, &self.config.name)?;
                 crate::vm_nics::validate(create)?;
                 for (index, volume) in create.volumes.iter().enumerate() {
                     if !self.volumes.exists(volume).await {
@@ -410,7 +455,9 @@ impl Node {
                     .is_none()
                     .then(|| self.bonds.netns().clone());
                 Ok(ApplyResult::Vm(
-                    self.vms.start(&start.name, network.as_ref()).await?,
+                    self.vms
+                        .start(&start.name, network.as_ref(), self.config.vm_start_timeout)
+                        .await?,
                 ))
             }
             Action::StopVm(stop) => {

@@ -178,6 +178,18 @@ impl v1::apply_server::Apply for NodeService {
             .await?;
         Ok(Response::new(v1::ReadVolumeResponse { data }))
     }
+
+    async fn get_outcome(
+        &self,
+        request: Request<v1::GetOutcomeRequest>,
+    ) -> Result<Response<v1::GetOutcomeResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::GET_OUTCOME, Role::Controller, &request)?;
+        Ok(Response::new(
+            self.node.outcome(&request.get_ref().request_id).await?,
+        ))
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send + 'static>>;

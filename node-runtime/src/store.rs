@@ -7,11 +7,15 @@
 //! - `peers`: the peer set pushed with `SetPeers`;
 //! - `write_intents`: regions of replicated volumes that may differ between the
 //!   primary and its replicas (written before a replicated write, removed once every
-//!   copy acknowledged it).
+//!   copy acknowledged it);
+//! - `counters`: per-object counters that outlive their objects (`vm-starts/NAME`,
+//!   `volume-generation/NAME`), for proving that an effect happened exactly once.
 
 use std::path::Path;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("requests");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -19,6 +23,7 @@ const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const BONDS: TableDefinition<&str, &[u8]> = TableDefinition::new("bonds");
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 const WRITE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("write_intents");
+const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +113,15 @@ impl Kind {
     }
 }
 
+/// When [`Store::put_counted`] moves its counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
+    /// On every put.
+    Always,
+    /// Only when the record did not exist before.
+    IfNew,
+}
+
 /// The node's redb database.
 #[derive(Debug)]
 pub struct Store {
@@ -122,6 +136,7 @@ impl Store {
         for table in [REQUESTS, VOLUMES, VMS, BONDS, PEERS, WRITE_INTENTS] {
             redb_try!("create table", transaction.open_table(table));
         }
+        redb_try!("create table", transaction.open_table(COUNTERS));
         redb_try!("commit", transaction.commit());
         Ok(Self { database })
     }
@@ -285,6 +300,42 @@ impl Store {
             out.push((key, value.value().to_vec()));
         }
         Ok(out)
+    }
+
+    /// The value of a per-object counter (0 when it never moved). Counters outlive the
+    /// records they count (deletes do not reset them).
+    pub fn counter(&self, counter: &str) -> Result<u64, StoreError> {
+        let transaction = redb_try!("begin read", self.database.begin_read());
+        let table = redb_try!("open table", transaction.open_table(COUNTERS));
+        Ok(redb_try!("get", table.get(counter)).map_or(0, |value| value.value()))
+    }
+
+    /// Stores (replaces) a record and adds one to `counter`, in one durable
+    /// transaction, so the count moves exactly when the record does; with
+    /// [`Count::IfNew`] only when the record did not exist before. Returns the counter.
+    pub fn put_counted(
+        &self,
+        kind: Kind,
+        key: &str,
+        value: &[u8],
+        counter: &str,
+        count: Count,
+    ) -> Result<u64, StoreError> {
+        let transaction = redb_try!("begin", self.database.begin_write());
+        let counted = {
+            let mut table = redb_try!("open table", transaction.open_table(kind.table()));
+            let existed = redb_try!("insert", table.insert(key, value)).is_some();
+            let mut counters = redb_try!("open table", transaction.open_table(COUNTERS));
+            let current = redb_try!("get", counters.get(counter)).map_or(0, |value| value.value());
+            if existed && count == Count::IfNew {
+                current
+            } else {
+                redb_try!("insert", counters.insert(counter, current + 1));
+                current + 1
+            }
+        };
+        redb_try!("commit", transaction.commit());
+        Ok(counted)
     }
 
     /// Decodes every record of a kind.

@@ -54,16 +54,20 @@ pub fn name(field: &str, value: &str) -> Result<(), Status> {
 
 /// A request id: 1 to 128 characters from `[A-Za-z0-9._:/-]`.
 pub fn request_id(value: &str) -> Result<(), Status> {
-    const FIELD: &str = "apply_request.request_id";
+    request_id_field("apply_request.request_id", value)
+}
+
+/// A request id in `field` (as [`request_id`]).
+pub fn request_id_field(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {
         return Err(invalid(
-            FIELD,
+            field,
             "must not be empty; give every action a unique id (a UUID is fine)",
         ));
     }
     if value.len() > 128 {
         return Err(invalid(
-            FIELD,
+            field,
             format!("is {} characters long, at most 128 allowed", value.len()),
         ));
     }
@@ -72,7 +76,7 @@ pub fn request_id(value: &str) -> Result<(), Status> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-')))
     {
         return Err(invalid(
-            FIELD,
+            field,
             format!("contains `{bad}`; allowed are letters, digits and . _ : / -"),
         ));
     }
@@ -170,5 +174,69 @@ pub fn address(field: &str, value: &str) -> Result<(), Status> {
             format!("`{value}` has no valid port (1-65535)"),
         ));
     }
+    Ok(())
+}
+
+/// The kernel and initrd of a `CreateVm` exist on this node (`node`) and can be read:
+/// `cairn-vmm` would otherwise fail only at StartVm.
+pub fn image_files(create: &proto::v1::CreateVm, node: &str) -> Result<(), Status> {
+    let Some(proto::v1::create_vm::Image::Kernel(kernel)) = &create.image else {
+        return Ok(());
+    };
+    readable_file(
+        "create_vm.kernel.kernel_path",
+        "kernel",
+        &kernel.kernel_path,
+        node,
+    )?;
+    if !kernel.initrd_path.is_empty() {
+        if !kernel.initrd_path.starts_with('/') {
+            return Err(invalid(
+                "create_vm.kernel.initrd_path",
+                format!(
+                    "`{}` must be an absolute path on the node",
+                    kernel.initrd_path
+                ),
+            ));
+        }
+        readable_file(
+            "create_vm.kernel.initrd_path",
+            "initrd",
+            &kernel.initrd_path,
+            node,
+        )?;
+    }
+    Ok(())
+}
+
+/// `path` is a file this process can open for reading.
+fn readable_file(field: &str, what: &str, path: &str, node: &str) -> Result<(), Status> {
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Err(invalid(
+                field,
+                format!("{what} {path} does not exist on node {node}"),
+            ));
+        }
+        Err(error) => {
+            return Err(invalid(
+                field,
+                format!("{what} {path} cannot be read on node {node}: {error}"),
+            ));
+        }
+    };
+    if metadata.is_dir() {
+        return Err(invalid(
+            field,
+            format!("{what} {path} is a directory on node {node}, not a file"),
+        ));
+    }
+    std::fs::File::open(path).map_err(|error| {
+        invalid(
+            field,
+            format!("{what} {path} cannot be read on node {node}: {error}"),
+        )
+    })?;
     Ok(())
 }

@@ -1,7 +1,11 @@
 //! VMs: one `cairn-vmm` process per running VM, supervised by the agent.
 //!
 //! A VM is *defined* by `CreateVm` (persisted), *started* by spawning `cairn-vmm` and
-//! *stopped* by SIGTERM then SIGKILL after a grace period. A process that exits
+//! *stopped* by SIGTERM then SIGKILL after a grace period. A start is answered only once
+//! the VM is seen running (the VMM alive and the guest's first heartbeat on its control
+//! socket) or has failed (the VMM's exit status and last log lines; the VM `CRASHED`).
+//! Every spawned VMM counts in the VM's `starts` (in the store, kept across restarts
+//! and deletes). A process that exits
 //! without being asked to makes the VM `CRASHED` (with its exit status and a crash
 //! count); one that exits after a stop request makes it `STOPPED`. The agent never
 //! restarts a crashed VM on its own: healing is the reconciler's decision.
@@ -45,6 +49,57 @@ struct VmRuntime {
     /// Bumped on every start so a supervisor task of an older process does not
     /// overwrite the state of a newer one.
     generation: u64,
+    /// Why the node killed a VMM that was not seen running in time (its last exit
+    /// says so once it is reaped).
+    start_failure: Option<String>,
+}
+
+/// What [`Vms::spawn`] did.
+#[derive(Debug)]
+enum Spawned {
+    /// The VM runs already.
+    Running(v1::VmResult),
+    /// A VMM was spawned and is starting.
+    Started(Started),
+    /// A VMM spawned by another StartVm is starting.
+    AnotherStartRunning,
+}
+
+/// A VMM spawned by this StartVm.
+#[derive(Debug)]
+struct Started {
+    pid: u32,
+    generation: u64,
+    builtin: bool,
+}
+
+/// How often a start looks at its VMM.
+const START_POLL: Duration = Duration::from_millis(20);
+
+/// The last lines of a VMM's log (stdout events and stderr errors), for an error.
+fn log_tail(path: &Path) -> String {
+    const LINES: usize = 12;
+    const MAX_BYTES: usize = 4096;
+    let Ok(text) = std::fs::read(path) else {
+        return format!("; its log {} cannot be read", path.display());
+    };
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    if lines.is_empty() {
+        return format!("; its log {} is empty", path.display());
+    }
+    let mut tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
+    if tail.len() > MAX_BYTES {
+        let mut cut = tail.len() - MAX_BYTES;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        tail = format!("…{}", &tail[cut..]);
+    }
+    format!("; the last lines of {}:\n{tail}", path.display())
 }
 
 /// Every VM of the node.
@@ -145,6 +200,11 @@ fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
     })
 }
 
+/// The store counter of how many times a VM of this name had its process started here.
+fn starts_counter(vm: &str) -> String {
+    format!("vm-starts/{vm}")
+}
+
 fn state_name(state: VmState) -> String {
     state.as_str_name().to_string()
 }
@@ -168,6 +228,7 @@ impl Vms {
                 crash_count: 0,
                 stop_requested: false,
                 generation: 0,
+                start_failure: None,
                 record,
             };
             if runtime.record.desired_running {
@@ -242,6 +303,7 @@ impl Vms {
                 crash_count: 0,
                 stop_requested: false,
                 generation: 0,
+                start_failure: None,
             },
         );
         Self::publish(&self.events, &definition.name, VmState::Stopped, "defined");
@@ -334,23 +396,56 @@ impl Vms {
         Ok(command)
     }
 
-    /// Starts a defined VM (running already is fine). With `network` (the node's
-    /// namespace, where network actions are allowed) the VMM runs there with a
-    /// virtio-net device on each NIC's tap; without, the VM runs without its NICs,
-    /// which Observe reports as not made, with why.
-    pub async fn start(&self, name: &str, network: Option<&NetNs>) -> Result<v1::VmResult, Status> {
+    /// Starts a defined VM (running already is fine) and waits until it is seen
+    /// running: its `cairn-vmm` process alive and, for the built-in guest, a first
+    /// heartbeat reported over its control socket (a Linux kernel has no heartbeat
+    /// channel: for it the VMM answering on its control socket, which it serves only
+    /// once the kernel is loaded and the vCPUs run, is the sign). A VMM that exits
+    /// first, or is not seen running within `timeout` (it is then killed), fails the
+    /// start with `FAILED_PRECONDITION` carrying its exit status and the last lines of
+    /// its `vmm.log`; the VM is then reported `CRASHED`, never `RUNNING`.
+    ///
+    /// With `network` (the node's namespace, where network actions are allowed) the
+    /// VMM runs there with a virtio-net device on each NIC's tap; without, the VM runs
+    /// without its NICs, which Observe reports as not made, with why.
+    pub async fn start(
+        &self,
+        name: &str,
+        network: Option<&NetNs>,
+        timeout: Duration,
+    ) -> Result<v1::VmResult, Status> {
+        let started = loop {
+            match self.spawn(name, network).await? {
+                Spawned::Running(result) => return Ok(result),
+                Spawned::Started(started) => break started,
+                // Another StartVm is waiting for this VM's process: wait for its
+                // outcome, then start again if that one failed.
+                Spawned::AnotherStartRunning => {
+                    tokio::time::sleep(START_POLL).await;
+                }
+            }
+        };
+        self.await_running(name, started, timeout).await
+    }
+
+    /// Spawns the VM's `cairn-vmm` (state `STARTING`), unless it runs or is starting.
+    async fn spawn(&self, name: &str, network: Option<&NetNs>) -> Result<Spawned, Status> {
         let mut vms = self.vms.lock().await;
         let Some(runtime) = vms.get_mut(name) else {
             return Err(Status::not_found(format!(
                 "vm `{name}` is not defined on this node; create it first"
             )));
         };
-        if matches!(runtime.state, VmState::Running | VmState::Starting) {
-            return Ok(v1::VmResult {
-                name: name.to_string(),
-                state: state_name(runtime.state),
-                pid: runtime.pid,
-            });
+        match runtime.state {
+            VmState::Running => {
+                return Ok(Spawned::Running(v1::VmResult {
+                    name: name.to_string(),
+                    state: state_name(runtime.state),
+                    pid: runtime.pid,
+                }));
+            }
+            VmState::Starting => return Ok(Spawned::AnotherStartRunning),
+            _ => {}
         }
         let Some(binary) = self.vmm_binary.clone() else {
             return Err(Status::failed_precondition(
@@ -382,17 +477,27 @@ impl Vms {
         let pid = child.id().unwrap_or(0);
         runtime.generation += 1;
         runtime.pid = pid;
-        runtime.state = VmState::Running;
+        runtime.state = VmState::Starting;
         runtime.stop_requested = false;
+        runtime.start_failure = None;
         runtime.record.desired_running = true;
         runtime.record.last_pid = pid;
         let record = runtime.record.clone();
         let generation = runtime.generation;
-        self.persist(name, &record)?;
+        // The record (with the new pid) and the start count move together.
+        self.store
+            .put_counted(
+                Kind::Vm,
+                name,
+                &prost::Message::encode_to_vec(&record),
+                &starts_counter(name),
+                crate::store::Count::Always,
+            )
+            .map_err(|error| Status::internal(error.to_string()))?;
         Self::publish(
             &self.events,
             name,
-            VmState::Running,
+            VmState::Starting,
             &format!("cairn-vmm pid {pid}"),
         );
 
@@ -413,17 +518,25 @@ impl Vms {
                 Ok(status) => (status.to_string(), status.success()),
                 Err(error) => (format!("cannot wait for the process: {error}"), false),
             };
+            let failed_start = runtime.state == VmState::Starting;
             runtime.pid = 0;
-            runtime.last_exit = exit.clone();
-            // cairn-vmm exits 0 only for a requested or guest-initiated power-off.
-            if runtime.stop_requested || clean {
+            runtime.last_exit = match runtime.start_failure.take() {
+                Some(reason) => format!("{reason} ({exit})"),
+                None => exit.clone(),
+            };
+            if runtime.stop_requested || (clean && !failed_start) {
+                // cairn-vmm exits 0 only for a requested or guest-initiated power-off.
                 runtime.record.desired_running = false;
                 runtime.state = VmState::Stopped;
-                Self::publish(&events, &owned_name, VmState::Stopped, &exit);
+                Self::publish(&events, &owned_name, VmState::Stopped, &runtime.last_exit);
             } else {
+                if failed_start {
+                    // It never ran: nothing to report as interrupted after a restart.
+                    runtime.record.desired_running = false;
+                }
                 runtime.state = VmState::Crashed;
                 runtime.crash_count += 1;
-                Self::publish(&events, &owned_name, VmState::Crashed, &exit);
+                Self::publish(&events, &owned_name, VmState::Crashed, &runtime.last_exit);
             }
             runtime.record.last_pid = 0;
             let _ = store.put(
@@ -432,11 +545,128 @@ impl Vms {
                 &prost::Message::encode_to_vec(&runtime.record),
             );
         });
-        Ok(v1::VmResult {
-            name: name.to_string(),
-            state: state_name(VmState::Running),
+        let builtin = matches!(definition.image, Some(v1::create_vm::Image::Builtin(_)));
+        Ok(Spawned::Started(Started {
             pid,
-        })
+            generation,
+            builtin,
+        }))
+    }
+
+    /// Waits until the VMM spawned as `started` is seen running (then `RUNNING`), or
+    /// fails the start: it exited, was stopped or deleted, or `timeout` passed (then it
+    /// is killed).
+    async fn await_running(
+        &self,
+        name: &str,
+        started: Started,
+        timeout: Duration,
+    ) -> Result<v1::VmResult, Status> {
+        let vm_dir = self.run_dir.join(name);
+        let socket = vm_dir.join("control.sock");
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            {
+                let mut vms = self.vms.lock().await;
+                let Some(runtime) = vms.get_mut(name) else {
+                    return Err(Status::aborted(format!(
+                        "vm `{name}` was deleted while it was starting"
+                    )));
+                };
+                if runtime.generation != started.generation {
+                    return Err(Status::aborted(format!(
+                        "vm `{name}` was started again while this start was waiting"
+                    )));
+                }
+                if runtime.pid == 0 {
+                    if runtime.stop_requested {
+                        return Err(Status::aborted(format!(
+                            "vm `{name}` was stopped before it was seen running"
+                        )));
+                    }
+                    return Err(Status::failed_precondition(format!(
+                        "vm `{name}` did not start: cairn-vmm (pid {}) ended before it was seen running: {}{}",
+                        started.pid,
+                        runtime.last_exit,
+                        log_tail(&vm_dir.join("vmm.log")),
+                    )));
+                }
+            }
+            let probe = socket.clone();
+            let seen = tokio::task::spawn_blocking(move || query_heartbeat(&probe))
+                .await
+                .ok()
+                .flatten();
+            if let Some(heartbeat) = seen
+                && (heartbeat.total > 0 || !started.builtin)
+            {
+                let mut vms = self.vms.lock().await;
+                if let Some(runtime) = vms.get_mut(name)
+                    && runtime.generation == started.generation
+                    && runtime.pid == started.pid
+                    && runtime.state == VmState::Starting
+                {
+                    runtime.state = VmState::Running;
+                    Self::publish(
+                        &self.events,
+                        name,
+                        VmState::Running,
+                        &format!("cairn-vmm pid {}", started.pid),
+                    );
+                    return Ok(v1::VmResult {
+                        name: name.to_string(),
+                        state: state_name(VmState::Running),
+                        pid: started.pid,
+                    });
+                }
+                // Stopped, deleted or exited meanwhile: the checks above say which.
+                continue;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.kill_unseen(name, &started, timeout).await);
+            }
+            tokio::time::sleep(START_POLL).await;
+        }
+    }
+
+    /// Kills a VMM that was not seen running in time and waits (briefly) until it is
+    /// reaped, so the VM is reported `CRASHED` when the failed start is answered.
+    async fn kill_unseen(&self, name: &str, started: &Started, timeout: Duration) -> Status {
+        let what = if started.builtin {
+            "report a first guest heartbeat"
+        } else {
+            "answer on its control socket"
+        };
+        let reason = format!(
+            "cairn-vmm did not {what} within {} ms and was killed",
+            timeout.as_millis()
+        );
+        {
+            let mut vms = self.vms.lock().await;
+            if let Some(runtime) = vms.get_mut(name)
+                && runtime.generation == started.generation
+                && runtime.pid == started.pid
+            {
+                runtime.start_failure = Some(reason.clone());
+                // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+                unsafe { libc::kill(started.pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+        let reaped_by = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < reaped_by {
+            let reaped =
+                self.vms.lock().await.get(name).is_none_or(|runtime| {
+                    runtime.generation != started.generation || runtime.pid == 0
+                });
+            if reaped {
+                break;
+            }
+            tokio::time::sleep(START_POLL).await;
+        }
+        Status::failed_precondition(format!(
+            "vm `{name}` did not start: {reason}{}",
+            log_tail(&self.run_dir.join(name).join("vmm.log"))
+        ))
     }
 
     /// Stops a VM: SIGTERM, then SIGKILL after `grace`. Stopped already is fine.
@@ -553,6 +783,12 @@ impl Vms {
             .iter()
             .map(|(name, runtime)| {
                 let definition = runtime.record.definition.clone().unwrap_or_default();
+                let (image_builtin, kernel) = match definition.image {
+                    Some(v1::create_vm::Image::Builtin(builtin)) => (builtin, None),
+                    Some(v1::create_vm::Image::Kernel(kernel)) => (String::new(), Some(kernel)),
+                    None => (String::new(), None),
+                };
+                let kernel = kernel.unwrap_or_default();
                 VmStatus {
                     name: name.clone(),
                     state: runtime.state as i32,
@@ -571,6 +807,11 @@ impl Vms {
                     heartbeats: 0,
                     heartbeat_age_ms: 0,
                     heartbeat_fresh: false,
+                    starts: self.store.counter(&starts_counter(name)).unwrap_or(0),
+                    image_builtin,
+                    kernel_path: kernel.kernel_path,
+                    initrd_path: kernel.initrd_path,
+                    cmdline: kernel.cmdline,
                 }
             })
             .collect();

@@ -129,6 +129,11 @@ fn parse_intent_key(key: &str) -> Option<(u64, u64)> {
     Some((offset, length))
 }
 
+/// The store counter of how many times a volume of this name was created here.
+fn generation_counter(volume: &str) -> String {
+    format!("volume-generation/{volume}")
+}
+
 fn store_status(error: crate::store::StoreError) -> Status {
     Status::internal(error.to_string())
 }
@@ -199,6 +204,21 @@ impl Volumes {
                 self.node_name
             ))
         })
+    }
+
+    /// Records a volume that now exists on this node and counts its creation (in the
+    /// same transaction, and only when no record of that name was there: a retried
+    /// create that finds its own record counts nothing).
+    fn record_created(&self, record: &VolumeRecord) -> Result<u64, Status> {
+        self.store
+            .put_counted(
+                Kind::Volume,
+                &record.name,
+                &prost::Message::encode_to_vec(record),
+                &generation_counter(&record.name),
+                crate::store::Count::IfNew,
+            )
+            .map_err(store_status)
     }
 
     /// Size of a volume, for request validation.
@@ -280,13 +300,7 @@ impl Volumes {
         for result in join_all(ensure).await {
             result?;
         }
-        self.store
-            .put(
-                Kind::Volume,
-                &record.name,
-                &prost::Message::encode_to_vec(&record),
-            )
-            .map_err(store_status)?;
+        self.record_created(&record)?;
         self.volumes.write().await.insert(
             record.name.clone(),
             Arc::new(VolumeEntry::new(record.clone())),
@@ -331,13 +345,7 @@ impl Volumes {
         let name = record.name.clone();
         let geometry = record.geometry();
         blocking(move || engine.create(&name, geometry)).await?;
-        self.store
-            .put(
-                Kind::Volume,
-                &record.name,
-                &prost::Message::encode_to_vec(&record),
-            )
-            .map_err(store_status)?;
+        self.record_created(&record)?;
         self.volumes
             .write()
             .await
@@ -833,6 +841,10 @@ impl Volumes {
                 primary: record.primary.clone(),
                 export_uri: export_uri(&record.name).unwrap_or_default(),
                 detail,
+                generation: self
+                    .store
+                    .counter(&generation_counter(&record.name))
+                    .unwrap_or(0),
             });
         }
         out

@@ -177,6 +177,25 @@ impl NodeClient {
             .data)
     }
 
+    /// `Apply.GetOutcome`: what became of `request_id` on this node (read-only; waits
+    /// while an Apply of that id is being carried out).
+    pub async fn get_outcome(
+        &mut self,
+        request_id: &str,
+    ) -> Result<v1::GetOutcomeResponse, tonic::Status> {
+        let request = self.signed(
+            methods::GET_OUTCOME,
+            v1::GetOutcomeRequest {
+                request_id: request_id.to_string(),
+            },
+        )?;
+        Ok(ApplyClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .get_outcome(request)
+            .await?
+            .into_inner())
+    }
+
     /// `Watch.Watch`: the event stream.
     pub async fn watch(
         &mut self,

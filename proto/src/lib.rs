@@ -48,6 +48,8 @@ pub mod methods {
     pub const APPLY: &str = "/cairn.node.v1.Apply/Apply";
     /// `Apply.ReadVolume`
     pub const READ_VOLUME: &str = "/cairn.node.v1.Apply/ReadVolume";
+    /// `Apply.GetOutcome`
+    pub const GET_OUTCOME: &str = "/cairn.node.v1.Apply/GetOutcome";
     /// `Watch.Watch`
     pub const WATCH: &str = "/cairn.node.v1.Watch/Watch";
     /// `Replication.EnsureReplica`
@@ -70,6 +72,7 @@ pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
         Action::WriteVolume(_) => "write_volume",
         Action::ExportVolume(_) => "export_volume",
         Action::UnexportVolume(_) => "unexport_volume",
+        Action::ResizeVolume(_) => "resize_volume",
         Action::CreateVm(_) => "create_vm",
         Action::StartVm(_) => "start_vm",
         Action::StopVm(_) => "stop_vm",

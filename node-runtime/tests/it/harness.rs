@@ -33,6 +33,18 @@ impl TestNode {
         Self::start_at(name, data_dir, "127.0.0.1:0")
     }
 
+    /// Starts a node like [`TestNode::start`] but listening on loopback address `ip`
+    /// (tests that run beside others use their own 127.0.0.x).
+    pub fn start_on(name: &str, data_dir: &Path, controller: &Identity, ip: &str) -> TestNode {
+        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::write(
+            data_dir.join("trusted-controllers"),
+            format!("{} test-controller\n", controller.public_key_hex()),
+        )
+        .unwrap();
+        Self::start_at(name, data_dir, &format!("{ip}:0"))
+    }
+
     /// Starts (or restarts) a node listening on `listen`.
     pub fn start_at(name: &str, data_dir: &Path, listen: &str) -> TestNode {
         Self::start_with_disks(name, data_dir, listen, 4, 1 << 30)
@@ -110,6 +122,11 @@ impl TestNode {
         NodeClient::connect(&self.address, RequestSigner::new(identity.clone()))
             .await
             .expect("connect to node")
+    }
+
+    /// The node's process id (0 once it was stopped).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
     }
 
     /// SIGKILL, as a crash.

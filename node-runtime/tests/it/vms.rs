@@ -342,3 +342,270 @@ async fn several_vms_run_as_separate_kvm_processes_with_fresh_heartbeats_and_one
         assert!(!process_alive(*pid), "{name}: pid {pid} still runs");
     }
 }
+
+fn start(name: &str) -> Action {
+    Action::StartVm(StartVm { name: name.into() })
+}
+
+fn stop(name: &str) -> Action {
+    Action::StopVm(StopVm {
+        name: name.into(),
+        grace_ms: 3000,
+    })
+}
+
+fn kernel_vm(name: &str, kernel_path: &str, initrd_path: &str) -> Action {
+    Action::CreateVm(CreateVm {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 64 << 20,
+        image: Some(Image::Kernel(proto::v1::KernelImage {
+            kernel_path: kernel_path.into(),
+            initrd_path: initrd_path.into(),
+            cmdline: "console=ttyS0 quiet".into(),
+        })),
+        ..Default::default()
+    })
+}
+
+async fn observe_vm(client: &mut proto::client::NodeClient, name: &str) -> VmStatus {
+    observe_vms(client)
+        .await
+        .remove(name)
+        .unwrap_or_else(|| panic!("vm {name} is not observed"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_vm_answers_once_the_guest_heartbeats_and_starts_count_every_process_across_restarts()
+{
+    if !vms_can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let mut node = TestNode::start_on("vm-starts", dir.path(), &controller, "127.0.0.74");
+    let mut client = node.client(&controller).await;
+    apply_ok(&mut client, "create", create_vm("guest")).await;
+    let defined = observe_vm(&mut client, "guest").await;
+    assert_eq!(defined.starts, 0);
+    assert_eq!(defined.image_builtin, "cairn-guest");
+    assert_eq!(defined.kernel_path, "");
+
+    let started = apply_ok(&mut client, "start-1", start("guest")).await;
+    let Some(proto::v1::apply_response::Result::Vm(result)) = started.result else {
+        panic!("unexpected result {started:?}");
+    };
+    assert_eq!(result.state, "VM_STATE_RUNNING");
+    // Seen running before the answer: the first heartbeat is already there.
+    let running = observe_vm(&mut client, "guest").await;
+    assert_eq!(running.state, VmState::Running as i32, "{running:?}");
+    assert!(running.heartbeats > 0, "{running:?}");
+    assert_eq!(running.starts, 1);
+
+    // A retry of the same request is answered from the record: no second process.
+    assert!(
+        apply_ok(&mut client, "start-1", start("guest"))
+            .await
+            .replayed
+    );
+    // A new StartVm of a running VM changes nothing either.
+    apply_ok(&mut client, "start-2", start("guest")).await;
+    let still = observe_vm(&mut client, "guest").await;
+    assert_eq!((still.starts, still.pid), (1, running.pid));
+
+    // Stop does not reset the count; the next start adds one.
+    apply_ok(&mut client, "stop-1", stop("guest")).await;
+    assert_eq!(observe_vm(&mut client, "guest").await.starts, 1);
+    apply_ok(&mut client, "start-3", start("guest")).await;
+    assert_eq!(observe_vm(&mut client, "guest").await.starts, 2);
+
+    // The count is durable: a node killed and restarted still reports it.
+    node.kill_9();
+    let node = TestNode::start_at("vm-starts", dir.path(), "127.0.0.74:0");
+    let mut client = node.client(&controller).await;
+    let after = observe_vm(&mut client, "guest").await;
+    assert_eq!(after.starts, 2, "{after:?}");
+    assert_eq!(after.state, VmState::Crashed as i32, "{after:?}");
+    apply_ok(&mut client, "start-4", start("guest")).await;
+    let again = observe_vm(&mut client, "guest").await;
+    assert_eq!(again.starts, 3);
+    assert!(again.heartbeats > 0, "{again:?}");
+    apply_ok(
+        &mut client,
+        "delete",
+        Action::DeleteVm(DeleteVm {
+            name: "guest".into(),
+        }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn start_vm_of_a_kernel_that_is_not_a_kernel_fails_with_the_vmm_error_and_the_vm_is_not_running()
+ {
+    if !vms_can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let node = TestNode::start_on(
+        "vm-bad-kernel",
+        &dir.path().join("node"),
+        &controller,
+        "127.0.0.75",
+    );
+    let mut client = node.client(&controller).await;
+    let kernel = dir.path().join("zeros.bzImage");
+    std::fs::write(&kernel, vec![0u8; 1 << 20]).unwrap();
+    let kernel = kernel.display().to_string();
+    apply_ok(&mut client, "create", kernel_vm("linux", &kernel, "")).await;
+    let defined = observe_vm(&mut client, "linux").await;
+    assert_eq!(defined.image_builtin, "");
+    assert_eq!(defined.kernel_path, kernel);
+    assert_eq!(defined.initrd_path, "");
+    assert_eq!(defined.cmdline, "console=ttyS0 quiet");
+
+    let status = client
+        .apply(request("start", start("linux")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::FailedPrecondition | Code::Aborted),
+        "{status:?}"
+    );
+    let message = status.message();
+    assert!(message.contains("vm `linux` did not start"), "{message}");
+    assert!(message.contains("exit status"), "{message}");
+    // The VMM's own words, from its log.
+    assert!(message.contains("vmm.log"), "{message}");
+    assert!(message.contains("error: vm linux"), "{message}");
+
+    let vm = observe_vm(&mut client, "linux").await;
+    assert_ne!(vm.state, VmState::Running as i32, "{vm:?}");
+    assert!(
+        vm.state == VmState::Crashed as i32 || vm.state == VmState::Stopped as i32,
+        "{vm:?}"
+    );
+    assert_eq!(vm.pid, 0);
+    assert_eq!(vm.starts, 1, "the VMM process was started once");
+    assert!(vm.last_exit.contains("exit status"), "{vm:?}");
+    // A failed start is not recorded: asking again tries again.
+    assert_eq!(
+        client.get_outcome("start").await.unwrap().outcome,
+        proto::v1::Outcome::NotFound as i32
+    );
+}
+
+/// A stand-in `cairn-vmm` that never heartbeats (it only sleeps).
+fn silent_vmm(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join("silent-cairn-vmm");
+    std::fs::write(
+        &path,
+        "#!/bin/sh\necho \"silent vmm: booting nothing\"\nexec sleep 60\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vmm_not_seen_running_within_the_start_timeout_is_killed_and_the_start_fails() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipping: /dev/kvm does not exist (the node refuses StartVm before the check)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let data_dir = dir.path().join("node");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(
+        data_dir.join("trusted-controllers"),
+        format!("{}\n", controller.public_key_hex()),
+    )
+    .unwrap();
+    let vmm = silent_vmm(dir.path());
+    let node = TestNode::start_with_args(
+        "vm-timeout",
+        &data_dir,
+        "127.0.0.76:0",
+        &[
+            "--vmm-binary",
+            vmm.to_str().unwrap(),
+            "--vm-start-timeout-ms",
+            "700",
+        ],
+    );
+    let mut client = node.client(&controller).await;
+    apply_ok(&mut client, "create", create_vm("quiet")).await;
+    let begun = std::time::Instant::now();
+    let status = client
+        .apply(request("start", start("quiet")))
+        .await
+        .unwrap_err();
+    assert!(begun.elapsed() >= Duration::from_millis(700));
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let message = status.message();
+    assert!(
+        message.contains("did not report a first guest heartbeat within 700 ms"),
+        "{message}"
+    );
+    assert!(message.contains("silent vmm: booting nothing"), "{message}");
+    let vm = observe_vm(&mut client, "quiet").await;
+    assert_eq!(vm.state, VmState::Crashed as i32, "{vm:?}");
+    assert_eq!(vm.pid, 0);
+    assert!(vm.last_exit.contains("was killed"), "{vm:?}");
+    assert_eq!(vm.starts, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_vm_refuses_a_kernel_or_initrd_that_is_not_on_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let node = TestNode::start_on("lab-1", &dir.path().join("node"), &controller, "127.0.0.77");
+    let mut client = node.client(&controller).await;
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    let kernel = kernel.display().to_string();
+    let missing = dir.path().join("x/y").display().to_string();
+    let directory = dir.path().display().to_string();
+    let cases = [
+        (
+            kernel_vm("a", &missing, ""),
+            "create_vm.kernel.kernel_path",
+            format!("kernel {missing} does not exist on node lab-1"),
+        ),
+        (
+            kernel_vm("b", &kernel, &missing),
+            "create_vm.kernel.initrd_path",
+            format!("initrd {missing} does not exist on node lab-1"),
+        ),
+        (
+            kernel_vm("c", &directory, ""),
+            "create_vm.kernel.kernel_path",
+            format!("kernel {directory} is a directory on node lab-1"),
+        ),
+        (
+            kernel_vm("d", &kernel, "relative/initrd"),
+            "create_vm.kernel.initrd_path",
+            "must be an absolute path".to_string(),
+        ),
+    ];
+    for (index, (action, field, problem)) in cases.into_iter().enumerate() {
+        let status = client
+            .apply(request(&format!("bad-{index}"), action))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(field), "{}", status.message());
+        assert!(status.message().contains(&problem), "{}", status.message());
+    }
+    assert!(observe_vms(&mut client).await.is_empty());
+    // Files that are there are accepted (whether they boot is StartVm's business).
+    apply_ok(&mut client, "good", kernel_vm("e", &kernel, &kernel)).await;
+    let vm = observe_vm(&mut client, "e").await;
+    assert_eq!(
+        (vm.kernel_path.as_str(), vm.initrd_path.as_str()),
+        (kernel.as_str(), kernel.as_str())
+    );
+}
