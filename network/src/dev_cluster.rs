@@ -184,13 +184,20 @@ pub fn set_link_up(ns: &NetNs, dev: &str, up: bool) -> Result<(), NetworkError> 
 
 /// Deletes every namespace whose name starts with `prefix` (switch, nodes,
 /// endpoints); their veths, bridges and taps go with them. Returns the names
-/// deleted.
+/// deleted. One namespace that cannot be deleted does not keep the others:
+/// all are tried, then the first failure is returned.
 pub fn teardown(prefix: &str) -> Result<Vec<String>, NetworkError> {
     let names = list_netns(prefix);
+    let mut first_failure = None;
     for n in &names {
-        delete_netns(n)?;
+        if let Err(e) = delete_netns(n) {
+            first_failure.get_or_insert(e);
+        }
     }
-    Ok(names)
+    match first_failure {
+        Some(e) => Err(e.into()),
+        None => Ok(names),
+    }
 }
 
 /// A dev cluster: the switch namespace and one namespace per node.

@@ -8,6 +8,7 @@ mod bond;
 mod common;
 mod dev_cluster;
 mod failover;
+mod netns;
 mod refusal;
 mod steering;
 mod tenant;
