@@ -166,6 +166,7 @@ async fn nbd_writes(client: &mut NodeClient, volume: &str, image: &Path) -> f64 
         format!("export-{volume}"),
         Action::ExportVolume(ExportVolume {
             name: volume.into(),
+            lifetime_seconds: 0,
         }),
     )
     .await;

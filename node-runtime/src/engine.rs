@@ -200,4 +200,14 @@ impl Engine {
     pub fn allocated_bytes(&self, name: &str) -> Result<u64, StorageError> {
         Ok(self.store.volume(name)?.info()?.allocated)
     }
+
+    /// Which bytes of a range hold data and which are holes (for NBD block status).
+    pub fn allocation(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<storage::AllocationRun>, StorageError> {
+        storage::BlockDevice::allocation(&self.store.volume(name)?, offset, length)
+    }
 }

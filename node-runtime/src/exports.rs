@@ -1,4 +1,14 @@
-//! NBD exports of volumes on loopback, served by the `storage` crate's NBD server.
+//! NBD exports of volumes to local clients that run as the node's user, served by the
+//! `storage` crate's NBD server.
+//!
+//! Each export is its own server on a unix socket `DATA_DIR/exports/NAME.sock` (mode
+//! 0600, in a directory of mode 0700; the server also checks that a peer runs as the
+//! node's uid or root), so other local users cannot connect. Its URI is
+//! `nbd+unix:///NAME?socket=PATH`, which qemu-img, qemu-io, nbdinfo and nbdcopy accept.
+//! An export may be given a lifetime: when it runs out the socket is removed and every
+//! connection to it is closed, as `UnexportVolume` and `DeleteVolume` do at once.
+//! Exports do not survive a restart of the agent; sockets left by a crash are removed
+//! when it starts.
 //!
 //! The server is given a [`ReplicatedDevice`] per export, not the engine's volume:
 //! reads come from the local copy, but every write goes through
@@ -6,16 +16,24 @@
 //! acknowledged to the client only once every replica has it, exactly like
 //! `Apply.WriteVolume`.
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use storage::nbd::{Exports as NbdExports, NbdServer};
-use storage::{BlockDevice, StorageError};
-use tokio::sync::Mutex;
+use storage::{AllocationRun, BlockDevice, StorageError};
 use tonic::Status;
 
+use crate::events::now_unix_ms;
 use crate::validate::MAX_IO_BYTES;
 use crate::volumes::Volumes;
+
+/// The directory of the export sockets, inside the data directory.
+pub const SOCKET_DIR: &str = "exports";
+/// Longest lifetime an export may be given (a year).
+pub const MAX_LIFETIME_SECONDS: u64 = 365 * 24 * 3600;
 
 /// A volume as the NBD server sees it.
 pub struct ReplicatedDevice {
@@ -97,87 +115,205 @@ impl BlockDevice for ReplicatedDevice {
         // replicated trim path.
         Ok(())
     }
+
+    fn allocation(&self, offset: u64, length: u64) -> storage::Result<Vec<AllocationRun>> {
+        // From the local copy: every copy allocates the same stripe units, because
+        // replicas apply the same writes.
+        self.volumes.engine().allocation(&self.name, offset, length)
+    }
+}
+
+/// What `ExportVolume` returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// `nbd+unix:///NAME?socket=PATH`.
+    pub uri: String,
+    /// The socket the export listens on.
+    pub socket_path: PathBuf,
+    /// When the export closes (Unix ms); 0 if it has no lifetime.
+    pub expires_at_unix_ms: u64,
+}
+
+#[derive(Debug)]
+struct Export {
+    server: NbdServer,
+    info: ExportInfo,
+    /// Bumped by every `export` call, so only the newest lifetime's timer closes it.
+    generation: u64,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    server: Option<NbdServer>,
-    exported: BTreeSet<String>,
+    exports: BTreeMap<String, Export>,
+    generation: u64,
+    stopped: bool,
 }
 
-/// The node's NBD server and its exports.
+/// The node's NBD exports, one owner-only unix-socket server per exported volume.
 #[derive(Debug)]
 pub struct Exports {
     volumes: Arc<Volumes>,
-    devices: Arc<NbdExports>,
-    state: Mutex<State>,
+    socket_dir: PathBuf,
+    state: Arc<Mutex<State>>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Makes the socket directory (mode 0700, so nobody else can even reach the sockets).
+fn prepare_socket_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = std::fs::symlink_metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Stops a server off the async threads (it joins its accept thread).
+async fn stop(server: NbdServer) {
+    let _ = tokio::task::spawn_blocking(move || server.shutdown()).await;
 }
 
 impl Exports {
-    /// No exports yet; the server starts on the first export.
-    pub fn new(volumes: Arc<Volumes>) -> Self {
+    /// No exports yet; sockets are made in `socket_dir`. Sockets left there by an agent
+    /// that crashed are removed (exports do not survive a restart).
+    pub fn new(volumes: Arc<Volumes>, socket_dir: PathBuf) -> Self {
+        if let Ok(entries) = std::fs::read_dir(&socket_dir) {
+            for entry in entries.flatten() {
+                if entry.path().extension().is_some_and(|ext| ext == "sock") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         Self {
             volumes,
-            devices: Arc::new(NbdExports::new()),
-            state: Mutex::new(State::default()),
+            socket_dir,
+            state: Arc::default(),
         }
     }
 
-    /// Exports a volume (idempotent) and returns its `nbd://` URI.
-    pub async fn export(&self, name: &str) -> Result<String, Status> {
-        let status = self.volumes.role_and_size(name).await?;
-        if !status.0 {
+    /// Exports a volume on its own owner-only unix socket and returns its URI. Exporting
+    /// an exported volume returns the same URI and sets its lifetime anew: `lifetime`
+    /// from now, or none (`None`: until unexported, deleted or the node stops).
+    pub async fn export(
+        &self,
+        name: &str,
+        lifetime: Option<Duration>,
+    ) -> Result<ExportInfo, Status> {
+        let (primary, size_bytes) = self.volumes.role_and_size(name).await?;
+        if !primary {
             return Err(Status::failed_precondition(format!(
                 "volume `{name}` is a replica on this node; export it from its primary"
             )));
         }
-        let mut state = self.state.lock().await;
-        if state.server.is_none() {
-            let address = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-            let server = NbdServer::start(address, self.devices.clone()).map_err(|error| {
-                Status::internal(format!("cannot start the NBD server: {error}"))
-            })?;
-            state.server = Some(server);
+        let expires_at_unix_ms =
+            lifetime.map_or(0, |lifetime| now_unix_ms() + lifetime.as_millis() as u64);
+        let mut state = lock(&self.state);
+        if state.stopped {
+            return Err(Status::unavailable("the node is stopping"));
         }
-        if !state.exported.contains(name) {
-            let device = ReplicatedDevice {
-                volumes: self.volumes.clone(),
-                name: name.to_string(),
-                size_bytes: status.1,
-                runtime: tokio::runtime::Handle::current(),
-            };
-            self.devices.insert(name, Arc::new(device));
-            state.exported.insert(name.to_string());
+        state.generation += 1;
+        let generation = state.generation;
+        let info = match state.exports.get_mut(name) {
+            Some(existing) => {
+                existing.generation = generation;
+                existing.info.expires_at_unix_ms = expires_at_unix_ms;
+                existing.info.clone()
+            }
+            None => {
+                prepare_socket_dir(&self.socket_dir).map_err(|error| {
+                    Status::internal(format!(
+                        "cannot export volume `{name}`: cannot make the socket directory {}: {error}",
+                        self.socket_dir.display()
+                    ))
+                })?;
+                let device = ReplicatedDevice {
+                    volumes: self.volumes.clone(),
+                    name: name.to_string(),
+                    size_bytes,
+                    runtime: tokio::runtime::Handle::current(),
+                };
+                let devices = Arc::new(NbdExports::new());
+                devices.insert(name, Arc::new(device));
+                let socket_path = self.socket_dir.join(format!("{name}.sock"));
+                let server = NbdServer::start_unix(&socket_path, devices).map_err(|error| {
+                    Status::failed_precondition(format!("cannot export volume `{name}`: {error}"))
+                })?;
+                let info = ExportInfo {
+                    uri: server.uri(name),
+                    socket_path,
+                    expires_at_unix_ms,
+                };
+                state.exports.insert(
+                    name.to_string(),
+                    Export {
+                        server,
+                        info: info.clone(),
+                        generation,
+                    },
+                );
+                info
+            }
+        };
+        drop(state);
+        if let Some(lifetime) = lifetime {
+            let state = self.state.clone();
+            let name = name.to_string();
+            tokio::spawn(async move {
+                tokio::time::sleep(lifetime).await;
+                let expired = {
+                    let mut state = lock(&state);
+                    match state.exports.get(&name) {
+                        Some(export) if export.generation == generation => {
+                            state.exports.remove(&name)
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(export) = expired {
+                    stop(export.server).await;
+                }
+            });
         }
-        let uri = state
-            .server
-            .as_ref()
-            .map(|server| server.uri(name))
-            .unwrap_or_default();
-        Ok(uri)
+        Ok(info)
     }
 
-    /// Stops exporting a volume to new connections (missing is fine).
+    /// Stops exporting a volume: removes its socket and closes every connection to it
+    /// (missing is fine).
     pub async fn unexport(&self, name: &str) {
-        let mut state = self.state.lock().await;
-        if state.exported.remove(name) {
-            self.devices.remove(name);
+        let removed = lock(&self.state).exports.remove(name);
+        if let Some(export) = removed {
+            stop(export.server).await;
         }
     }
 
     /// The URI of an exported volume.
     pub fn uri_of(&self, name: &str) -> Option<String> {
-        let state = self.state.try_lock().ok()?;
-        if !state.exported.contains(name) {
-            return None;
-        }
-        state.server.as_ref().map(|server| server.uri(name))
+        lock(&self.state)
+            .exports
+            .get(name)
+            .map(|export| export.info.uri.clone())
     }
 
-    /// Stops the NBD server.
+    /// Stops every export (the node is stopping); later exports are refused.
     pub async fn shutdown(&self) {
-        if let Some(server) = self.state.lock().await.server.take() {
-            server.shutdown();
+        let exports = {
+            let mut state = lock(&self.state);
+            state.stopped = true;
+            std::mem::take(&mut state.exports)
+        };
+        for (_, export) in exports {
+            stop(export.server).await;
         }
     }
 }

@@ -5,8 +5,8 @@
 //! `Watch` (events and heartbeats) and node-to-node `Replication`; authenticates
 //! every call with ed25519 request signatures against trusted controller and peer
 //! keys; keeps volumes in the `storage` engine, replicated synchronously to peer
-//! nodes; exports volumes over NBD on loopback; runs each VM as a supervised
-//! `cairn-vmm` process.
+//! nodes; exports volumes over NBD to local clients of its own user (owner-only unix
+//! sockets); runs each VM as a supervised `cairn-vmm` process.
 //!
 //! What it does not do: decide anything. Placement, ordering, healing and retries
 //! are the reconciler's; the agent carries out one action at a time and reports.

@@ -179,7 +179,7 @@ impl Node {
             events.clone(),
         )?;
         Ok(Arc::new(Self {
-            exports: Exports::new(volumes.clone()),
+            exports: Exports::new(volumes.clone(), data_dir.join(crate::exports::SOCKET_DIR)),
             config,
             identity,
             trust,
@@ -415,8 +415,24 @@ impl Node {
             }
             Action::ExportVolume(export) => {
                 validate::name("export_volume.name", &export.name)?;
-                let uri = self.exports.export(&export.name).await?;
-                Ok(ApplyResult::ExportVolume(v1::ExportVolumeResult { uri }))
+                if export.lifetime_seconds > crate::exports::MAX_LIFETIME_SECONDS {
+                    return Err(validate::invalid(
+                        "export_volume.lifetime_seconds",
+                        format!(
+                            "is {}, at most {} (a year) allowed; 0 means no lifetime",
+                            export.lifetime_seconds,
+                            crate::exports::MAX_LIFETIME_SECONDS
+                        ),
+                    ));
+                }
+                let lifetime = (export.lifetime_seconds > 0)
+                    .then(|| std::time::Duration::from_secs(export.lifetime_seconds));
+                let info = self.exports.export(&export.name, lifetime).await?;
+                Ok(ApplyResult::ExportVolume(v1::ExportVolumeResult {
+                    uri: info.uri,
+                    socket_path: info.socket_path.display().to_string(),
+                    expires_at_unix_ms: info.expires_at_unix_ms,
+                }))
             }
             Action::UnexportVolume(unexport) => {
                 validate::name("unexport_volume.name", &unexport.name)?;

@@ -6,6 +6,7 @@ mod auth;
 mod bad_input;
 mod bonds;
 mod counters;
+mod exports;
 mod harness;
 mod inventory;
 mod outcome;

@@ -138,6 +138,7 @@ async fn three_nodes_serve_a_replicated_striped_volume_that_qemu_img_reads_and_w
         "export",
         Action::ExportVolume(ExportVolume {
             name: "disk".into(),
+            lifetime_seconds: 0,
         }),
     )
     .await;
@@ -145,7 +146,7 @@ async fn three_nodes_serve_a_replicated_striped_volume_that_qemu_img_reads_and_w
         panic!("unexpected result {exported:?}");
     };
     assert!(
-        export.uri.starts_with("nbd://127.0.0.1:") && export.uri.ends_with("/disk"),
+        export.uri.starts_with("nbd+unix:///disk?socket=") && export.uri.ends_with("/disk.sock"),
         "{}",
         export.uri
     );
