@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::auth::{Identity, RequestSigner};
+use proto::auth::{Envelope, Identity, NodeTarget, RequestSigner};
 use proto::v1::{
     self, ApplyRequest, ApplyResponse, apply_request::Action, apply_response::Result as ApplyResult,
 };
@@ -145,6 +145,8 @@ impl Node {
             config.trusted_controller_keys.as_deref(),
             config.trusted_peer_keys.as_deref(),
             pushed_peers,
+            NodeTarget::of(config.name.clone(), &identity),
+            store.clone(),
         )?;
         let events = Arc::new(EventBus::new(&config.name));
         let signer = RequestSigner::new(identity.clone());
@@ -225,8 +227,18 @@ impl Node {
         &self.config.data_dir
     }
 
-    /// Carries out an `ApplyRequest` at most once per request id.
-    pub async fn apply(&self, request: ApplyRequest) -> Result<ApplyResponse, Status> {
+    /// Carries out an `ApplyRequest` at most once per request id. `signed` is the
+    /// controller's verified signature of it: a primary forwards it to its replicas as
+    /// its authority to create or delete them.
+    ///
+    /// Callers that can be cancelled (a gRPC handler whose client goes away) run this
+    /// in a task of its own: once an action started it must be finished and recorded,
+    /// or a retry would carry it out a second time.
+    pub async fn apply(
+        &self,
+        request: ApplyRequest,
+        signed: Envelope,
+    ) -> Result<ApplyResponse, Status> {
         validate::request_id(&request.request_id)?;
         let Some(action) = request.action.as_ref() else {
             return Err(validate::invalid(
@@ -246,7 +258,7 @@ impl Node {
                 .clone()
         };
         let _guard = lock.lock().await;
-        let result = self.apply_once(&request, action, digest).await;
+        let result = self.apply_once(&request, action, digest, &signed).await;
         {
             let mut in_flight = self.in_flight.lock().await;
             if Arc::strong_count(&lock) <= 2 {
@@ -320,6 +332,7 @@ impl Node {
         request: &ApplyRequest,
         action: &Action,
         digest: Vec<u8>,
+        signed: &Envelope,
     ) -> Result<ApplyResponse, Status> {
         let store = self.store.clone();
         let request_id = request.request_id.clone();
@@ -342,7 +355,7 @@ impl Node {
             return Ok(response);
         }
 
-        let result = self.carry_out(action).await?;
+        let result = self.carry_out(request, action, signed).await?;
         let response = ApplyResponse {
             request_id: request.request_id.clone(),
             replayed: false,
@@ -365,7 +378,12 @@ impl Node {
         Ok(response)
     }
 
-    async fn carry_out(&self, action: &Action) -> Result<ApplyResult, Status> {
+    async fn carry_out(
+        &self,
+        request: &ApplyRequest,
+        action: &Action,
+        signed: &Envelope,
+    ) -> Result<ApplyResult, Status> {
         match action {
             Action::ResizeVolume(resize) => Err(Status::unimplemented(format!(
                 "this node cannot grow volume `{}` in place yet",
@@ -380,7 +398,10 @@ impl Node {
                     create.stripe_unit_bytes,
                 )?;
                 let peers = self.resolve_replica_peers(&create.replica_peers)?;
-                let record = self.volumes.create_primary(create, peers).await?;
+                let record = self
+                    .volumes
+                    .create_primary(create, peers, signed.to_grant(request.clone()))
+                    .await?;
                 Ok(ApplyResult::Volume(v1::VolumeResult {
                     name: record.name,
                     size_bytes: record.size_bytes,
@@ -396,7 +417,9 @@ impl Node {
             Action::DeleteVolume(delete) => {
                 validate::name("delete_volume.name", &delete.name)?;
                 self.exports.unexport(&delete.name).await;
-                self.volumes.delete(&delete.name).await?;
+                self.volumes
+                    .delete(&delete.name, signed.to_grant(request.clone()))
+                    .await?;
                 Ok(ApplyResult::Done(v1::Done {}))
             }
             Action::WriteVolume(write) => {
@@ -550,7 +573,10 @@ impl Node {
         }
     }
 
-    /// Fills in peer addresses from the pushed peer set and validates them.
+    /// Fills in peer addresses and keys from the pushed peer set and validates them.
+    /// A key the controller put in the request wins; one it left empty is taken from
+    /// the peer set it pushed, or stays empty (then that replica is recognised by name
+    /// through the peer set later, and cannot read from this copy until it is there).
     fn resolve_replica_peers(&self, peers: &[v1::Peer]) -> Result<Vec<v1::Peer>, Status> {
         let mut resolved: Vec<v1::Peer> = Vec::with_capacity(peers.len());
         for (index, peer) in peers.iter().enumerate() {
@@ -572,8 +598,9 @@ impl Node {
                 ));
             }
             let mut peer = peer.clone();
+            let known = self.trust.peer_by_name(&peer.name);
             if peer.address.is_empty() {
-                let Some(known) = self.trust.peer_by_name(&peer.name) else {
+                let Some(known) = &known else {
                     return Err(validate::invalid(
                         &format!("{field}.address"),
                         format!(
@@ -582,12 +609,20 @@ impl Node {
                         ),
                     ));
                 };
-                peer.address = known.address;
+                peer.address = known.address.clone();
             }
             validate::address(&format!("{field}.address"), &peer.address)?;
-            // The key is not used to call the peer (the peer checks ours); keep the
-            // record independent of how the controller spelled it.
-            peer.public_key_hex = String::new();
+            if peer.public_key_hex.is_empty() {
+                peer.public_key_hex = known.map(|known| known.public_key_hex).unwrap_or_default();
+            }
+            if !peer.public_key_hex.is_empty() {
+                // One spelling (lower case), so a retry compares equal.
+                peer.public_key_hex = NodeTarget::new(&peer.name, &peer.public_key_hex)
+                    .map_err(|error| {
+                        validate::invalid(&format!("{field}.public_key_hex"), error.to_string())
+                    })?
+                    .public_key_hex;
+            }
             resolved.push(peer);
         }
         Ok(resolved)

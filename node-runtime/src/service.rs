@@ -14,6 +14,7 @@ use crate::inventory;
 use crate::node::Node;
 use crate::trust::Role;
 use crate::validate;
+use crate::volumes::ReplicationCaller;
 
 /// Implements every service over one shared [`Node`].
 #[derive(Debug, Clone)]
@@ -151,10 +152,21 @@ impl v1::apply_server::Apply for NodeService {
         &self,
         request: Request<v1::ApplyRequest>,
     ) -> Result<Response<v1::ApplyResponse>, Status> {
-        self.node
+        let caller = self
+            .node
             .trust
             .check(methods::APPLY, Role::Controller, &request)?;
-        Ok(Response::new(self.node.apply(request.into_inner()).await?))
+        // The action runs in a task of its own. If the caller goes away mid-call (a
+        // killed CLI, a timeout), tonic drops this future, but not the task: the action
+        // is finished and recorded under its request id, so a retry gets the recorded
+        // outcome (replayed) instead of a second run.
+        let node = self.node.clone();
+        let request = request.into_inner();
+        let work = tokio::spawn(async move { node.apply(request, caller.envelope).await });
+        let response = work
+            .await
+            .map_err(|error| Status::internal(format!("apply task failed: {error}")))??;
+        Ok(Response::new(response))
     }
 
     async fn read_volume(
@@ -250,15 +262,37 @@ impl v1::watch_server::Watch for NodeService {
     }
 }
 
+impl NodeService {
+    /// Authenticates a `Replication` call and says who made it, for the per-volume
+    /// checks in `volumes.rs`; a forwarded controller grant is verified here.
+    fn replication_caller<T: prost::Message>(
+        &self,
+        method: &str,
+        request: &Request<T>,
+        grant: Option<&v1::ControllerGrant>,
+    ) -> Result<ReplicationCaller, Status> {
+        let trust = &self.node.trust;
+        let caller = trust.check(method, Role::ControllerOrPeer, request)?;
+        Ok(ReplicationCaller {
+            controller: trust.is_controller(&caller.key_hex),
+            description: trust.describe(&caller.key_hex),
+            grant: grant.map(|grant| trust.verify_grant(grant)),
+            key_hex: caller.key_hex,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl v1::replication_server::Replication for NodeService {
     async fn ensure_replica(
         &self,
         request: Request<v1::EnsureReplicaRequest>,
     ) -> Result<Response<v1::EnsureReplicaResponse>, Status> {
-        self.node
-            .trust
-            .check(methods::ENSURE_REPLICA, Role::ControllerOrPeer, &request)?;
+        let caller = self.replication_caller(
+            methods::ENSURE_REPLICA,
+            &request,
+            request.get_ref().grant.as_ref(),
+        )?;
         let request = request.into_inner();
         validate::name("ensure_replica_request.volume", &request.volume)?;
         validate::name("ensure_replica_request.primary", &request.primary)?;
@@ -269,7 +303,7 @@ impl v1::replication_server::Replication for NodeService {
             request.stripe_unit_bytes,
         )?;
         Ok(Response::new(
-            self.node.volumes.ensure_replica(&request).await?,
+            self.node.volumes.ensure_replica(&request, &caller).await?,
         ))
     }
 
@@ -277,11 +311,13 @@ impl v1::replication_server::Replication for NodeService {
         &self,
         request: Request<v1::ReplicaWriteRequest>,
     ) -> Result<Response<v1::ReplicaWriteResponse>, Status> {
-        self.node
-            .trust
-            .check(methods::REPLICA_WRITE, Role::ControllerOrPeer, &request)?;
+        let caller = self.replication_caller(methods::REPLICA_WRITE, &request, None)?;
         let request = request.into_inner();
         validate::name("replica_write_request.volume", &request.volume)?;
+        self.node
+            .volumes
+            .authorize_write(&request.volume, &caller)
+            .await?;
         self.node.volumes.replica_write(request).await?;
         Ok(Response::new(v1::ReplicaWriteResponse {}))
     }
@@ -290,11 +326,13 @@ impl v1::replication_server::Replication for NodeService {
         &self,
         request: Request<v1::ReplicaReadRequest>,
     ) -> Result<Response<v1::ReplicaReadResponse>, Status> {
-        self.node
-            .trust
-            .check(methods::REPLICA_READ, Role::ControllerOrPeer, &request)?;
+        let caller = self.replication_caller(methods::REPLICA_READ, &request, None)?;
         let request = request.into_inner();
         validate::name("replica_read_request.volume", &request.volume)?;
+        self.node
+            .volumes
+            .authorize_read(&request.volume, &caller)
+            .await?;
         let (data, checksums) = self
             .node
             .volumes
@@ -312,18 +350,17 @@ impl v1::replication_server::Replication for NodeService {
         &self,
         request: Request<v1::DeleteReplicaRequest>,
     ) -> Result<Response<v1::DeleteReplicaResponse>, Status> {
-        self.node
-            .trust
-            .check(methods::DELETE_REPLICA, Role::ControllerOrPeer, &request)?;
+        let caller = self.replication_caller(
+            methods::DELETE_REPLICA,
+            &request,
+            request.get_ref().grant.as_ref(),
+        )?;
         let request = request.into_inner();
         validate::name("delete_replica_request.volume", &request.volume)?;
-        if let Ok((true, _)) = self.node.volumes.role_and_size(&request.volume).await {
-            return Err(Status::failed_precondition(format!(
-                "volume `{}` is a primary on node {}, not a replica; refusing to delete it",
-                request.volume, self.node.config.name
-            )));
-        }
-        self.node.volumes.remove_local(&request.volume).await?;
+        self.node
+            .volumes
+            .delete_replica(&request.volume, &caller)
+            .await?;
         Ok(Response::new(v1::DeleteReplicaResponse {}))
     }
 }

@@ -8,6 +8,9 @@
 //! - `write_intents`: regions of replicated volumes that may differ between the
 //!   primary and its replicas (written before a replicated write, removed once every
 //!   copy acknowledged it);
+//! - `nonces`: the nonce of every accepted signed request (16 bytes) → when it may be
+//!   forgotten (Unix ms), so a restart does not reopen the replay
+//!   window;
 //! - `counters`: per-object counters that outlive their objects (`vm-starts/NAME`,
 //!   `volume-generation/NAME`), for proving that an effect happened exactly once.
 
@@ -24,6 +27,7 @@ const BONDS: TableDefinition<&str, &[u8]> = TableDefinition::new("bonds");
 const PEERS: TableDefinition<&str, &[u8]> = TableDefinition::new("peers");
 const WRITE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("write_intents");
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+const NONCES: TableDefinition<&[u8], u64> = TableDefinition::new("nonces");
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -136,9 +140,60 @@ impl Store {
         for table in [REQUESTS, VOLUMES, VMS, BONDS, PEERS, WRITE_INTENTS] {
             redb_try!("create table", transaction.open_table(table));
         }
+        redb_try!("create table", transaction.open_table(NONCES));
         redb_try!("create table", transaction.open_table(COUNTERS));
         redb_try!("commit", transaction.commit());
         Ok(Self { database })
+    }
+
+    /// Records an accepted request's nonce until `expires_at_ms`, durably (fsync
+    /// before returning): the request is carried out only after this.
+    pub fn put_nonce(&self, nonce: &[u8; 16], expires_at_ms: u64) -> Result<(), StoreError> {
+        let transaction = redb_try!("begin", self.database.begin_write());
+        {
+            let mut table = redb_try!("open table", transaction.open_table(NONCES));
+            redb_try!("insert", table.insert(nonce.as_slice(), expires_at_ms));
+        }
+        redb_try!("commit", transaction.commit());
+        Ok(())
+    }
+
+    /// Every recorded nonce that expires after `now_ms`, with its expiry.
+    pub fn live_nonces(&self, now_ms: u64) -> Result<Vec<([u8; 16], u64)>, StoreError> {
+        let transaction = redb_try!("begin read", self.database.begin_read());
+        let table = redb_try!("open table", transaction.open_table(NONCES));
+        let mut out = Vec::new();
+        for entry in redb_try!("range", table.iter()) {
+            let (key, value) = redb_try!("iterate", entry);
+            let expires_at = value.value();
+            if let Ok(nonce) = <[u8; 16]>::try_from(key.value())
+                && expires_at > now_ms
+            {
+                out.push((nonce, expires_at));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes nonces that expired by `now_ms`; returns how many.
+    pub fn prune_nonces(&self, now_ms: u64) -> Result<u64, StoreError> {
+        let transaction = redb_try!("begin", self.database.begin_write());
+        let mut removed = 0;
+        {
+            let mut table = redb_try!("open table", transaction.open_table(NONCES));
+            redb_try!(
+                "prune",
+                table.retain(|_, expires_at| {
+                    let keep = expires_at > now_ms;
+                    if !keep {
+                        removed += 1;
+                    }
+                    keep
+                })
+            );
+        }
+        redb_try!("commit", transaction.commit());
+        Ok(removed)
     }
 
     /// The record of a request id, if one was stored.

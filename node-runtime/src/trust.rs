@@ -6,14 +6,23 @@
 //! `--trusted-peer-keys FILE`, else `DATA_DIR/trusted-peers`, plus the peer set a
 //! controller pushes with `SetPeers` (persisted in the state store).
 //!
-//! Controllers may call every service; peers only `Replication`.
+//! Controllers may call every service; peers only `Replication`, and there only for
+//! volumes they hold a copy of (see `volumes.rs`: that is authorization per volume;
+//! this module is authentication and the controller's forwarded signatures).
+//!
+//! Every accepted request's nonce is written to the state store before the request is
+//! carried out, and loaded again at start, so a request replayed after a restart is
+//! refused like one replayed before it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use proto::auth::{Caller, TrustedKeys, Verifier};
-use proto::v1::Peer;
+use proto::auth::{Caller, DEFAULT_WINDOW, Envelope, NodeTarget, NonceLog, TrustedKeys, Verifier};
+use proto::v1::{self, Peer};
 use tonic::Status;
+
+use crate::store::Store;
 
 /// File name of the dev-mode controller key file inside the data directory.
 pub const DEV_CONTROLLERS_FILE: &str = "trusted-controllers";
@@ -48,6 +57,39 @@ pub enum TrustError {
     /// A key file is unreadable or malformed.
     #[error("trusted keys: {0}")]
     Keys(#[from] proto::auth::AuthError),
+    /// The remembered nonces cannot be read.
+    #[error("remembered request nonces: {0}")]
+    Nonces(#[from] crate::store::StoreError),
+}
+
+/// Keeps accepted nonces in the state store (`nonces`), durably, and prunes expired
+/// ones now and then.
+#[derive(Debug)]
+struct StoreNonceLog {
+    store: Arc<Store>,
+    recorded: AtomicU64,
+}
+
+impl NonceLog for StoreNonceLog {
+    fn record(&self, nonce: &[u8; 16], expires_at_ms: u64) -> Result<(), String> {
+        let write = || {
+            self.store.put_nonce(nonce, expires_at_ms)?;
+            if self.recorded.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
+                self.store.prune_nonces(crate::events::now_unix_ms())?;
+            }
+            Ok::<(), crate::store::StoreError>(())
+        };
+        // The check runs inside async handlers; the commit syncs a file, so the worker
+        // thread hands its other tasks on meanwhile (cairn-node's runtime is
+        // multi-threaded; elsewhere it just blocks).
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(write)
+            }
+            _ => write(),
+        };
+        result.map_err(|error| error.to_string())
+    }
 }
 
 fn load_optional(
@@ -67,23 +109,90 @@ fn load_optional(
 }
 
 impl Trust {
-    /// Loads the key files.
+    /// Loads the key files and the remembered nonces of the node `this`.
     pub fn load(
         data_dir: &Path,
         controller_keys: Option<&Path>,
         peer_keys: Option<&Path>,
         pushed_peers: Vec<Peer>,
+        this: NodeTarget,
+        store: Arc<Store>,
     ) -> Result<Self, TrustError> {
         let (controllers, controllers_source) =
             load_optional(controller_keys, data_dir.join(DEV_CONTROLLERS_FILE))?;
         let (file_peers, _) = load_optional(peer_keys, data_dir.join(DEV_PEERS_FILE))?;
+        let now = crate::events::now_unix_ms();
+        store.prune_nonces(now)?;
+        let remembered = store.live_nonces(now)?;
+        let log = StoreNonceLog {
+            store,
+            recorded: AtomicU64::new(0),
+        };
         Ok(Self {
             controllers,
             controllers_source,
             file_peers,
             pushed_peers: Arc::new(RwLock::new(pushed_peers)),
-            verifier: Verifier::default(),
+            verifier: Verifier::with_log(DEFAULT_WINDOW, this, Box::new(log), remembered),
         })
+    }
+
+    /// This node's name and key, as every request to it must name them.
+    pub fn this_node(&self) -> &NodeTarget {
+        self.verifier.this_node()
+    }
+
+    /// Whether `key_hex` is a trusted controller key.
+    pub fn is_controller(&self, key_hex: &str) -> bool {
+        proto::auth::parse_public_key(key_hex)
+            .is_ok_and(|key| self.controllers.name_of(&key).is_some())
+    }
+
+    /// A verified caller for messages: the node name the controller gave its key
+    /// (SetPeers), else its name in the peers file, with the start of the key.
+    pub fn describe(&self, key_hex: &str) -> String {
+        let short = &key_hex[..key_hex.len().min(16)];
+        if let Some(peer) = self
+            .pushed_peers()
+            .into_iter()
+            .find(|peer| peer.public_key_hex.eq_ignore_ascii_case(key_hex))
+        {
+            return format!("node {} (key {short}…)", peer.name);
+        }
+        let Ok(key) = proto::auth::parse_public_key(key_hex) else {
+            return format!("key {short}…");
+        };
+        if let Some(label) = self.file_peers.name_of(&key) {
+            return format!("peer `{label}` (key {short}…)");
+        }
+        match self.controllers.name_of(&key) {
+            Some(label) => format!("controller `{label}` (key {short}…)"),
+            None => format!("key {short}…"),
+        }
+    }
+
+    /// Checks a controller signature forwarded by a peer: the Apply request in `grant`
+    /// was signed by a trusted controller, recently. Returns the envelope (whose
+    /// target the caller compares with the forwarding node) and the request.
+    pub fn verify_grant(
+        &self,
+        grant: &v1::ControllerGrant,
+    ) -> Result<(Envelope, v1::ApplyRequest), String> {
+        let Some(request) = grant.request.clone() else {
+            return Err("the grant carries no request".into());
+        };
+        let envelope = Envelope::of_grant(grant);
+        let caller = self
+            .verifier
+            .verify_forwarded(
+                proto::methods::APPLY,
+                &request,
+                &envelope,
+                &self.controllers,
+                "controller",
+            )
+            .map_err(|error| error.to_string())?;
+        Ok((caller.envelope, request))
     }
 
     /// Number of controller keys.

@@ -14,6 +14,16 @@
 //! primary: a write that failed on some copy, or one interrupted by a crash of the
 //! primary. A background task (and every later write) copies those regions from the
 //! primary to the replicas until they agree. Acknowledged writes are on every copy.
+//!
+//! Who may touch a copy (checked here, for `Replication` calls, after the signature):
+//! every copy's record names the volume's copies as the controller set them up — on
+//! the primary its replicas, on a replica the primary (its writer) and the replicas,
+//! each with the node key the controller gave (in the signed CreateVolume, else in its
+//! signed peer set). Only the primary writes a replica; only a node holding another
+//! copy reads one (read repair, a returning copy catching up); a copy is created or
+//! deleted only on a controller's signature, which the primary forwards
+//! ([`v1::ControllerGrant`]). Anything else is `PERMISSION_DENIED` naming the caller,
+//! the volume and this node.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,7 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use proto::auth::RequestSigner;
+use proto::auth::{Envelope, NodeTarget, RequestSigner};
 use proto::client::NodeClient;
 use proto::v1::{self, Health, Peer, VolumeRole, VolumeStatus};
 use redb::Durability;
@@ -57,6 +67,15 @@ pub struct VolumeRecord {
     /// Primary node name (replica only).
     #[prost(string, tag = "7")]
     pub primary: String,
+    /// The primary's public key, hex, from the controller's signed CreateVolume the
+    /// primary forwarded (replica only; empty when a controller created the replica
+    /// directly: then the primary is recognised by name through the peer set).
+    #[prost(string, tag = "8")]
+    pub primary_key_hex: String,
+    /// Every replica of the volume (this node included) with the key the controller
+    /// gave for it (replica only): with the primary, the volume's in-sync set.
+    #[prost(message, repeated, tag = "9")]
+    pub copies: Vec<Peer>,
 }
 
 impl VolumeRecord {
@@ -71,6 +90,38 @@ impl VolumeRecord {
     fn is_primary(&self) -> bool {
         self.role == VolumeRole::Primary as i32
     }
+
+    /// The same volume as `other` asks for (keys aside: they are fixed when a copy is
+    /// made, so a retry that spells them otherwise is not a conflict).
+    fn same_definition(&self, other: &VolumeRecord) -> bool {
+        let names = |peers: &[Peer]| -> Vec<(String, String)> {
+            peers
+                .iter()
+                .map(|peer| (peer.name.clone(), peer.address.clone()))
+                .collect()
+        };
+        self.name == other.name
+            && self.role == other.role
+            && self.geometry() == other.geometry()
+            && self.primary == other.primary
+            && names(&self.replica_peers) == names(&other.replica_peers)
+            && names(&self.copies) == names(&other.copies)
+    }
+}
+
+/// A verified caller of a `Replication` method, as far as a volume's copies care.
+#[derive(Debug, Clone)]
+pub struct ReplicationCaller {
+    /// Its public key, lower-case hex.
+    pub key_hex: String,
+    /// A controller: it may create, delete and read any copy (and writes through the
+    /// primary's `Apply.WriteVolume`, never to a replica directly).
+    pub controller: bool,
+    /// How messages name it ("node lab-2 (key …)").
+    pub description: String,
+    /// The controller signature it forwarded, already checked: its envelope and the
+    /// signed request, or why it does not hold.
+    pub grant: Option<Result<(Envelope, v1::ApplyRequest), String>>,
 }
 
 #[derive(Debug)]
@@ -109,6 +160,7 @@ impl VolumeEntry {
 #[derive(Debug)]
 pub struct Volumes {
     node_name: String,
+    own_key_hex: String,
     engine: Engine,
     store: Arc<Store>,
     events: Arc<EventBus>,
@@ -176,6 +228,7 @@ impl Volumes {
         }
         Ok(Self {
             node_name: node_name.to_string(),
+            own_key_hex: signer.identity().public_key_hex(),
             engine,
             store,
             events,
@@ -186,15 +239,197 @@ impl Volumes {
         })
     }
 
+    /// A client for a peer that signs every call for that peer: for its recorded key
+    /// (or the one in the peer set), else for the name, learning the key from the node.
     fn peer_client(&self, peer: &Peer) -> Result<NodeClient, Status> {
+        let key = self.key_of(&peer.name, &peer.public_key_hex);
+        let cache_key = format!(
+            "{} {} {}",
+            peer.name,
+            peer.address,
+            key.as_deref().unwrap_or("")
+        );
         let mut clients = self.peer_clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(client) = clients.get(&peer.address) {
+        if let Some(client) = clients.get(&cache_key) {
             return Ok(client.clone());
         }
         let client = NodeClient::connect_lazy(&peer.address, self.signer.clone())
             .map_err(|error| Status::invalid_argument(error.to_string()))?;
-        clients.insert(peer.address.clone(), client.clone());
+        let client = match key.map(|key| NodeTarget::new(&peer.name, &key)) {
+            Some(Ok(target)) => client.with_target(target),
+            Some(Err(error)) => {
+                return Err(Status::invalid_argument(format!(
+                    "peer {}: {error}",
+                    peer.name
+                )));
+            }
+            None => client.for_node(&peer.name),
+        };
+        clients.insert(cache_key, client.clone());
         Ok(client)
+    }
+
+    /// The key of the node `name`: the one recorded with it, else the one the
+    /// controller pushed in the peer set; `None` when neither names one.
+    fn key_of(&self, name: &str, recorded: &str) -> Option<String> {
+        if !recorded.is_empty() {
+            return Some(recorded.to_ascii_lowercase());
+        }
+        self.peer_directory
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .find(|peer| peer.name == name && !peer.public_key_hex.is_empty())
+            .map(|peer| peer.public_key_hex.to_ascii_lowercase())
+    }
+
+    /// The nodes holding the other copies of a volume, as this copy's record names
+    /// them (keys may be empty: see [`Volumes::key_of`]).
+    fn other_copies(&self, record: &VolumeRecord) -> Vec<Peer> {
+        if record.is_primary() {
+            return record.replica_peers.clone();
+        }
+        let primary = Peer {
+            name: record.primary.clone(),
+            address: String::new(),
+            public_key_hex: record.primary_key_hex.clone(),
+        };
+        std::iter::once(primary)
+            .chain(
+                record
+                    .copies
+                    .iter()
+                    .filter(|copy| copy.name != self.node_name)
+                    .cloned(),
+            )
+            .collect()
+    }
+
+    fn denied(&self, caller: &ReplicationCaller, verb: &str, volume: &str, why: &str) -> Status {
+        Status::permission_denied(format!(
+            "{} may not {verb} volume `{volume}` on node {}: {why}",
+            caller.description, self.node_name
+        ))
+    }
+
+    /// A `ReplicaWrite` is allowed only from the volume's writer: the primary recorded
+    /// in this replica's record.
+    pub async fn authorize_write(
+        &self,
+        volume: &str,
+        caller: &ReplicationCaller,
+    ) -> Result<(), Status> {
+        let Some(entry) = self.volumes.read().await.get(volume).cloned() else {
+            return Err(self.denied(caller, "write", volume, "this node holds no copy of it"));
+        };
+        let record = &entry.record;
+        if caller.controller {
+            return Err(self.denied(
+                caller,
+                "write",
+                volume,
+                "only the volume's primary writes its replicas; controllers write through Apply.WriteVolume on the primary",
+            ));
+        }
+        if record.is_primary() {
+            return Err(self.denied(
+                caller,
+                "write",
+                volume,
+                "this node holds the volume's primary, which only it writes",
+            ));
+        }
+        match self.key_of(&record.primary, &record.primary_key_hex) {
+            Some(writer) if writer == caller.key_hex => Ok(()),
+            Some(_) => Err(self.denied(
+                caller,
+                "write",
+                volume,
+                &format!("only its primary, node {}, writes its copies", record.primary),
+            )),
+            None => Err(self.denied(
+                caller,
+                "write",
+                volume,
+                &format!(
+                    "only its primary, node {}, writes its copies, and this node does not know that node's key (push it with SetPeers)",
+                    record.primary
+                ),
+            )),
+        }
+    }
+
+    /// A `ReplicaRead` is allowed to a controller and to the nodes holding the
+    /// volume's other copies.
+    pub async fn authorize_read(
+        &self,
+        volume: &str,
+        caller: &ReplicationCaller,
+    ) -> Result<(), Status> {
+        if caller.controller {
+            return Ok(());
+        }
+        let Some(entry) = self.volumes.read().await.get(volume).cloned() else {
+            return Err(self.denied(caller, "read", volume, "this node holds no copy of it"));
+        };
+        let copies = self.other_copies(&entry.record);
+        if copies.iter().any(|copy| {
+            self.key_of(&copy.name, &copy.public_key_hex).as_deref() == Some(&caller.key_hex)
+        }) {
+            return Ok(());
+        }
+        let names: Vec<&str> = copies.iter().map(|copy| copy.name.as_str()).collect();
+        Err(self.denied(
+            caller,
+            "read",
+            volume,
+            &format!(
+                "only nodes holding a copy of it read it (the other copies are on {})",
+                if names.is_empty() {
+                    "no other node".to_string()
+                } else {
+                    names.join(", ")
+                }
+            ),
+        ))
+    }
+
+    /// The checked grant of a peer caller, or the refusal naming what is missing.
+    fn grant_of<'c>(
+        &self,
+        caller: &'c ReplicationCaller,
+        verb: &str,
+        volume: &str,
+        needed: &str,
+    ) -> Result<(&'c Envelope, &'c v1::ApplyRequest), Status> {
+        match &caller.grant {
+            None => Err(self.denied(
+                caller,
+                verb,
+                volume,
+                &format!("that needs the controller's signed {needed}, forwarded by the volume's primary, and none came with the call"),
+            )),
+            Some(Err(problem)) => Err(self.denied(
+                caller,
+                verb,
+                volume,
+                &format!("the forwarded controller signature does not hold: {problem}"),
+            )),
+            Some(Ok((envelope, request))) => {
+                if envelope.target.public_key_hex != caller.key_hex {
+                    return Err(self.denied(
+                        caller,
+                        verb,
+                        volume,
+                        &format!(
+                            "the forwarded {needed} was signed for node {}, not for the caller",
+                            envelope.target
+                        ),
+                    ));
+                }
+                Ok((envelope, request))
+            }
+        }
     }
 
     async fn entry(&self, name: &str) -> Result<Arc<VolumeEntry>, Status> {
@@ -240,11 +475,13 @@ impl Volumes {
         }
     }
 
-    /// Creates a primary volume and its replicas (idempotent).
+    /// Creates a primary volume and its replicas (idempotent). `grant` is the
+    /// controller's signed request, which each replica's node checks.
     pub async fn create_primary(
         &self,
         request: &v1::CreateVolume,
         replica_peers: Vec<Peer>,
+        grant: v1::ControllerGrant,
     ) -> Result<VolumeRecord, Status> {
         let record = VolumeRecord {
             name: request.name.clone(),
@@ -254,10 +491,12 @@ impl Volumes {
             stripe_unit_bytes: request.stripe_unit_bytes,
             replica_peers,
             primary: String::new(),
+            primary_key_hex: String::new(),
+            copies: Vec::new(),
         };
         if let Some(existing) = self.volumes.read().await.get(&request.name) {
-            if existing.record == record {
-                return Ok(record);
+            if existing.record.same_definition(&record) {
+                return Ok(existing.record.clone());
             }
             return Err(Status::already_exists(format!(
                 "volume `{}` already exists on node {} with another definition (role {:?}, {} bytes, width {}, unit {}, peers {:?}); delete it first",
@@ -283,6 +522,7 @@ impl Volumes {
         // a crash in between leaves nothing a retry of the same request cannot finish.
         let ensure = record.replica_peers.iter().map(|peer| {
             let record = &record;
+            let grant = grant.clone();
             async move {
                 let mut client = self.peer_client(peer)?;
                 client
@@ -292,6 +532,7 @@ impl Volumes {
                         size_bytes: record.size_bytes,
                         stripe_width: record.stripe_width,
                         stripe_unit_bytes: record.stripe_unit_bytes,
+                        grant: Some(grant),
                     })
                     .await
                     .map_err(|status| peer_failure(peer, "create the replica", &status))
@@ -315,12 +556,15 @@ impl Volumes {
         Ok(record)
     }
 
-    /// Creates (or confirms) a replica on this node.
-    pub async fn ensure_replica(
+    /// The record of a replica `caller` may create: any a controller asks for; for a
+    /// peer, the one the controller's forwarded CreateVolume describes, which must make
+    /// the caller the primary and name this node as a replica.
+    fn replica_record(
         &self,
         request: &v1::EnsureReplicaRequest,
-    ) -> Result<v1::EnsureReplicaResponse, Status> {
-        let record = VolumeRecord {
+        caller: &ReplicationCaller,
+    ) -> Result<VolumeRecord, Status> {
+        let mut record = VolumeRecord {
             name: request.volume.clone(),
             role: VolumeRole::Replica as i32,
             size_bytes: request.size_bytes,
@@ -328,9 +572,81 @@ impl Volumes {
             stripe_unit_bytes: request.stripe_unit_bytes,
             replica_peers: Vec::new(),
             primary: request.primary.clone(),
+            primary_key_hex: String::new(),
+            copies: Vec::new(),
         };
+        if caller.controller {
+            return Ok(record);
+        }
+        let volume = &request.volume;
+        let (envelope, signed) = self.grant_of(caller, "create", volume, "CreateVolume")?;
+        let Some(v1::apply_request::Action::CreateVolume(create)) = &signed.action else {
+            return Err(self.denied(
+                caller,
+                "create",
+                volume,
+                "the forwarded controller request is not a CreateVolume",
+            ));
+        };
+        let refuse = |why: String| Err(self.denied(caller, "create", volume, &why));
+        if create.name != *volume {
+            return refuse(format!(
+                "the controller's CreateVolume is for volume `{}`",
+                create.name
+            ));
+        }
+        if envelope.target.name != request.primary {
+            return refuse(format!(
+                "the controller made node {} the primary, not `{}`",
+                envelope.target, request.primary
+            ));
+        }
+        if (
+            create.size_bytes,
+            create.stripe_width,
+            create.stripe_unit_bytes,
+        ) != (
+            request.size_bytes,
+            request.stripe_width,
+            request.stripe_unit_bytes,
+        ) {
+            return refuse(
+                "its size or striping differs from the controller's CreateVolume".to_string(),
+            );
+        }
+        let named_here = create.replica_peers.iter().any(|peer| {
+            peer.name == self.node_name
+                && (peer.public_key_hex.is_empty()
+                    || peer.public_key_hex.eq_ignore_ascii_case(&self.own_key_hex))
+        });
+        if !named_here {
+            return refuse(format!(
+                "the controller's CreateVolume does not name node {} (this key) as a replica",
+                self.node_name
+            ));
+        }
+        record.primary_key_hex = envelope.target.public_key_hex.clone();
+        record.copies = create
+            .replica_peers
+            .iter()
+            .map(|peer| Peer {
+                name: peer.name.clone(),
+                address: String::new(),
+                public_key_hex: peer.public_key_hex.to_ascii_lowercase(),
+            })
+            .collect();
+        Ok(record)
+    }
+
+    /// Creates (or confirms) a replica on this node, if `caller` may.
+    pub async fn ensure_replica(
+        &self,
+        request: &v1::EnsureReplicaRequest,
+        caller: &ReplicationCaller,
+    ) -> Result<v1::EnsureReplicaResponse, Status> {
+        let record = self.replica_record(request, caller)?;
         if let Some(existing) = self.volumes.read().await.get(&request.volume) {
-            if existing.record == record {
+            if existing.record.same_definition(&record) {
                 return Ok(v1::EnsureReplicaResponse {
                     created: false,
                     applied_writes: existing.applied_writes.load(Ordering::Relaxed),
@@ -356,8 +672,9 @@ impl Volumes {
         })
     }
 
-    /// Deletes a volume (and, for a primary, its replicas). Missing is fine.
-    pub async fn delete(&self, name: &str) -> Result<(), Status> {
+    /// Deletes a volume (and, for a primary, its replicas, forwarding the controller's
+    /// signed request `grant` to them). Missing is fine.
+    pub async fn delete(&self, name: &str, grant: v1::ControllerGrant) -> Result<(), Status> {
         let Some(entry) = self.volumes.read().await.get(name).cloned() else {
             // A create that failed half-way (a replica was unreachable) may have left
             // the engine's volume without a record; deleting removes it too.
@@ -370,12 +687,63 @@ impl Volumes {
             for peer in &entry.record.replica_peers {
                 let mut client = self.peer_client(peer)?;
                 client
-                    .delete_replica(name)
+                    .delete_replica(v1::DeleteReplicaRequest {
+                        volume: name.to_string(),
+                        grant: Some(grant.clone()),
+                    })
                     .await
                     .map_err(|status| peer_failure(peer, "delete the replica", &status))?;
             }
         }
         self.remove_local(name).await
+    }
+
+    /// Deletes a replica at the request of `caller`: a controller, or the volume's
+    /// primary forwarding the controller's signed DeleteVolume. Missing is fine.
+    pub async fn delete_replica(
+        &self,
+        volume: &str,
+        caller: &ReplicationCaller,
+    ) -> Result<(), Status> {
+        let existing = self.volumes.read().await.get(volume).cloned();
+        if !caller.controller {
+            let (_, signed) = self.grant_of(caller, "delete", volume, "DeleteVolume")?;
+            match &signed.action {
+                Some(v1::apply_request::Action::DeleteVolume(delete)) if delete.name == volume => {}
+                _ => {
+                    return Err(self.denied(
+                        caller,
+                        "delete",
+                        volume,
+                        "the forwarded controller request is not a DeleteVolume of this volume",
+                    ));
+                }
+            }
+            if let Some(entry) = &existing
+                && !entry.record.is_primary()
+                && self
+                    .key_of(&entry.record.primary, &entry.record.primary_key_hex)
+                    .as_deref()
+                    != Some(&caller.key_hex)
+            {
+                return Err(self.denied(
+                    caller,
+                    "delete",
+                    volume,
+                    &format!(
+                        "only its primary, node {}, drops its replicas",
+                        entry.record.primary
+                    ),
+                ));
+            }
+        }
+        if existing.is_some_and(|entry| entry.record.is_primary()) {
+            return Err(Status::failed_precondition(format!(
+                "volume `{volume}` is a primary on node {}, not a replica; refusing to delete it",
+                self.node_name
+            )));
+        }
+        self.remove_local(volume).await
     }
 
     /// Deletes the local copy only (a replica being dropped by its primary).
@@ -679,7 +1047,14 @@ impl Volumes {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .iter()
             .find(|peer| peer.name == entry.record.primary)
-            .cloned();
+            .cloned()
+            .map(|peer| Peer {
+                // The key the controller's create named wins over the peer set's.
+                public_key_hex: self
+                    .key_of(&peer.name, &entry.record.primary_key_hex)
+                    .unwrap_or_default(),
+                ..peer
+            });
         let Some(primary) = primary else {
             return Err(Status::data_loss(format!(
                 "{}; the primary {} is not in this node's peer set, so the block cannot be repaired",

@@ -1,28 +1,47 @@
-//! Signed requests: how a caller proves who it is to a `cairn-node`.
+//! Signed requests: how a caller proves who it is to a `cairn-node`, and which node
+//! it means.
 //!
-//! Every call carries four metadata entries:
+//! Every call carries these metadata entries:
 //!
 //! | key | value |
 //! |---|---|
+//! | `x-cairn-auth` | the payload format, [`SIGNATURE_CONTEXT`] (`cairn-req-v2`) |
+//! | `x-cairn-target-node` | the name of the node the request is for |
+//! | `x-cairn-target-key` | that node's ed25519 public key, 64 lower-case hex characters |
 //! | `x-cairn-key` | the caller's ed25519 public key, 64 lower-case hex characters |
 //! | `x-cairn-timestamp` | milliseconds since the Unix epoch when the caller signed |
 //! | `x-cairn-nonce` | 16 random bytes, 32 hex characters, never reused |
 //! | `x-cairn-signature` | ed25519 signature, 128 hex characters, over [`signing_payload`] |
 //!
-//! The signed payload binds the full gRPC method path, the timestamp, the nonce and
-//! the SHA-256 of the prost-encoded request message, so a signature cannot be moved
-//! to another method or another body. The [`Verifier`] accepts a timestamp within its
-//! window (±30 s by default) and remembers nonces for twice the window, so a captured
-//! request cannot be replayed.
+//! The signed payload binds the format tag, the full gRPC method path, the target
+//! node's name and public key, the timestamp, the nonce and the SHA-256 of the
+//! prost-encoded request message, so a signature cannot be moved to another method,
+//! another body or another node. The [`Verifier`] refuses a request addressed to
+//! another node (saying which node it was for and which node this is), accepts a
+//! timestamp within its window (±30 s by default) and remembers nonces for twice the
+//! window, through a [`NonceLog`] that can keep them across a restart, so a captured
+//! request cannot be replayed, here or anywhere else.
+//!
+//! A node that refuses a request for naming another target (or none) says who it is in
+//! the refusal's metadata (`x-cairn-node-name`, `x-cairn-node-key`): that is how a
+//! client that knows only an address learns the identity to sign for. Names and public
+//! keys are not secrets; what the answer cannot give is proof that the server holds the
+//! key (the client does not authenticate the server).
+//!
+//! A node may forward a controller's signature to another node as its authority (a
+//! primary creating or deleting its replicas): [`Envelope`] is the signature's metadata,
+//! [`Verifier::verify_forwarded`] checks it statelessly, with an age limit instead of
+//! the nonce cache, and leaves it to the caller to check that the target named in it
+//! is the node forwarding it.
 //!
 //! Why signed requests rather than mutual TLS with pinned keys: the identity *is* an
 //! ed25519 key pair, exactly what the rest of cairn uses (signed plans, commit
 //! signatures), so there is no certificate to mint, rotate or pin; authorization is
 //! per call, not per connection, so one connection can serve calls from callers with
-//! different roles (controller vs. peer node); it works through any gRPC proxy; and it
-//! pulls in no TLS stack. What it does not give is confidentiality: traffic is plain
-//! HTTP/2. Nodes listen on loopback or a management network; adding TLS for secrecy
-//! later does not change this scheme.
+//! different roles (controller vs. peer node), and a signature can be forwarded as
+//! evidence; it works through any gRPC proxy; and it pulls in no TLS stack. What it
+//! does not give is confidentiality: traffic is plain HTTP/2. Nodes listen on loopback
+//! or a management network; adding TLS for secrecy later does not change this scheme.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -42,10 +61,28 @@ pub const HEADER_TIMESTAMP: &str = "x-cairn-timestamp";
 pub const HEADER_NONCE: &str = "x-cairn-nonce";
 /// Metadata key of the signature.
 pub const HEADER_SIGNATURE: &str = "x-cairn-signature";
-/// Domain separation string at the start of every signed payload.
-pub const SIGNATURE_CONTEXT: &str = "cairn-node-request-v1";
+/// Metadata key of the payload format ([`SIGNATURE_CONTEXT`]).
+pub const HEADER_VERSION: &str = "x-cairn-auth";
+/// Metadata key of the name of the node a request is for.
+pub const HEADER_TARGET_NODE: &str = "x-cairn-target-node";
+/// Metadata key of the public key (hex) of the node a request is for.
+pub const HEADER_TARGET_KEY: &str = "x-cairn-target-key";
+/// Metadata key, in a refusal, of the refusing node's name.
+pub const HEADER_NODE_NAME: &str = "x-cairn-node-name";
+/// Metadata key, in a refusal, of the refusing node's public key (hex).
+pub const HEADER_NODE_KEY: &str = "x-cairn-node-key";
+/// Domain separation string at the start of every signed payload, and the value of
+/// `x-cairn-auth`: the payload format's version tag.
+pub const SIGNATURE_CONTEXT: &str = "cairn-req-v2";
+/// The previous format (no target node), refused with a message saying so.
+pub const LEGACY_SIGNATURE_CONTEXT: &str = "cairn-node-request-v1";
 /// Default accepted clock difference between caller and node.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
+/// Oldest forwarded controller signature [`Verifier::verify_forwarded`] accepts. A
+/// primary forwards the controller's signature while it carries out that very request
+/// (which it accepted within the ±30 s window), so a minute and a half more is room
+/// for its own work and the call's timeout, and a grant cannot be kept for later.
+pub const GRANT_MAX_AGE: Duration = Duration::from_secs(120);
 
 /// Errors of key handling and request verification.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +135,45 @@ pub enum AuthError {
     /// The nonce was seen before within the window.
     #[error("nonce was already used: request replayed")]
     Replayed,
+    /// The request is signed in another payload format.
+    #[error(
+        "request is signed in the {found} format; this node accepts only {SIGNATURE_CONTEXT}, whose signature names the target node (upgrade the caller: cairn CLI or peer cairn-node)"
+    )]
+    OldFormat {
+        /// The format the request claims, or what its headers suggest.
+        found: String,
+    },
+    /// The request names no target node (a client learning who the node is).
+    #[error("request names no target node (metadata `{missing}`); sign it for this node, {this}")]
+    NotAddressed {
+        /// The missing header.
+        missing: &'static str,
+        /// This node.
+        this: NodeTarget,
+    },
+    /// The request was signed for another node.
+    #[error(
+        "request is addressed to node {addressed}, not to this node {this}: a request signed for one node is refused by every other"
+    )]
+    WrongTarget {
+        /// The node named in the request.
+        addressed: NodeTarget,
+        /// This node.
+        this: NodeTarget,
+    },
+    /// A forwarded signature is too old (or from the future).
+    #[error(
+        "the forwarded controller signature is {age_ms} ms old, outside the {max_age_ms} ms a grant is accepted for"
+    )]
+    GrantTooOld {
+        /// Age, node clock minus signing time (negative: from the future).
+        age_ms: i128,
+        /// The limit.
+        max_age_ms: u128,
+    },
+    /// The nonce could not be recorded, so the request cannot be protected from replay.
+    #[error("cannot record the request's nonce, so it is refused: {0}")]
+    NonceLog(String),
     /// A key text could not be parsed.
     #[error("{what}: {problem}")]
     BadKey {
@@ -122,7 +198,81 @@ pub enum AuthError {
 
 impl From<AuthError> for tonic::Status {
     fn from(error: AuthError) -> Self {
-        tonic::Status::unauthenticated(error.to_string())
+        match &error {
+            AuthError::NotAddressed { this, .. } | AuthError::WrongTarget { this, .. } => {
+                // The refusal tells who this node is, so a client can sign for it.
+                let mut metadata = MetadataMap::new();
+                if let (Ok(name), Ok(key)) =
+                    (this.name.parse(), this.public_key_hex.as_str().parse())
+                {
+                    metadata.insert(HEADER_NODE_NAME, name);
+                    metadata.insert(HEADER_NODE_KEY, key);
+                }
+                tonic::Status::with_metadata(
+                    tonic::Code::Unauthenticated,
+                    error.to_string(),
+                    metadata,
+                )
+            }
+            AuthError::NonceLog(_) => tonic::Status::unavailable(error.to_string()),
+            _ => tonic::Status::unauthenticated(error.to_string()),
+        }
+    }
+}
+
+/// The node a request is signed for: its name and its public key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeTarget {
+    /// The node's name (a DNS label).
+    pub name: String,
+    /// The node's ed25519 public key, 64 lower-case hex characters.
+    pub public_key_hex: String,
+}
+
+impl NodeTarget {
+    /// A target from a name and a key given as hex (any case; checked).
+    pub fn new(name: impl Into<String>, public_key_hex: &str) -> Result<Self, AuthError> {
+        let key = parse_public_key(public_key_hex)?;
+        Ok(Self {
+            name: name.into(),
+            public_key_hex: to_hex(key.as_bytes()),
+        })
+    }
+
+    /// The target of a node with `identity`.
+    pub fn of(name: impl Into<String>, identity: &Identity) -> Self {
+        Self {
+            name: name.into(),
+            public_key_hex: identity.public_key_hex(),
+        }
+    }
+
+    /// The first 16 hex characters of the key, for messages.
+    pub fn short_key(&self) -> &str {
+        &self.public_key_hex[..self.public_key_hex.len().min(16)]
+    }
+
+    /// Reads the identity a node put in a refusal (`x-cairn-node-name`/`-key`).
+    pub fn from_refusal(status: &tonic::Status) -> Option<Self> {
+        let metadata = status.metadata();
+        let name = metadata.get(HEADER_NODE_NAME)?.to_str().ok()?;
+        let key = metadata.get(HEADER_NODE_KEY)?.to_str().ok()?;
+        Self::new(name, key).ok()
+    }
+}
+
+impl std::fmt::Display for NodeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = if self.name.is_empty() {
+            "(none)"
+        } else {
+            &self.name
+        };
+        if self.public_key_hex.is_empty() {
+            write!(f, "`{name}` (no key)")
+        } else {
+            write!(f, "`{name}` (key {}…)", self.short_key())
+        }
     }
 }
 
@@ -304,15 +454,20 @@ fn write_file_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), A
     Ok(())
 }
 
-/// The bytes a caller signs: context, method, timestamp, nonce and body hash, one per line.
+/// The bytes a caller signs, one item per line: the format tag ([`SIGNATURE_CONTEXT`]),
+/// the method, the target node's name and public key, the timestamp, the nonce and the
+/// body hash. Header values cannot hold a newline, so no item can forge another.
 pub fn signing_payload(
     method: &str,
+    target: &NodeTarget,
     timestamp_ms: u128,
     nonce_hex: &str,
     body_sha256: &[u8],
 ) -> Vec<u8> {
     format!(
-        "{SIGNATURE_CONTEXT}\n{method}\n{timestamp_ms}\n{nonce_hex}\n{}",
+        "{SIGNATURE_CONTEXT}\n{method}\n{}\n{}\n{timestamp_ms}\n{nonce_hex}\n{}",
+        target.name,
+        target.public_key_hex,
         to_hex(body_sha256)
     )
     .into_bytes()
@@ -322,14 +477,64 @@ fn body_hash<T: Message>(message: &T) -> Vec<u8> {
     Sha256::digest(message.encode_to_vec()).to_vec()
 }
 
+/// A signature's metadata: everything but the method and the body, which the receiver
+/// has anyway. Kept by the node that verified it, so it can forward the signature as
+/// evidence ([`Envelope::to_grant`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The signer's public key, hex.
+    pub key_hex: String,
+    /// The node the request was signed for.
+    pub target: NodeTarget,
+    /// Signing time, Unix ms.
+    pub timestamp_ms: u128,
+    /// The nonce, hex.
+    pub nonce_hex: String,
+    /// The signature, hex.
+    pub signature_hex: String,
+}
+
+impl Envelope {
+    /// The envelope of a signed Apply request together with that request: what a node
+    /// forwards to another node as the controller's authority.
+    pub fn to_grant(&self, request: crate::v1::ApplyRequest) -> crate::v1::ControllerGrant {
+        crate::v1::ControllerGrant {
+            request: Some(request),
+            key_hex: self.key_hex.clone(),
+            target_node: self.target.name.clone(),
+            target_key_hex: self.target.public_key_hex.clone(),
+            timestamp_unix_ms: u64::try_from(self.timestamp_ms).unwrap_or(u64::MAX),
+            nonce_hex: self.nonce_hex.clone(),
+            signature_hex: self.signature_hex.clone(),
+        }
+    }
+
+    /// The envelope of a forwarded grant (its fields are checked when it is verified).
+    pub fn of_grant(grant: &crate::v1::ControllerGrant) -> Self {
+        Self {
+            key_hex: grant.key_hex.clone(),
+            target: NodeTarget {
+                name: grant.target_node.clone(),
+                public_key_hex: grant.target_key_hex.clone(),
+            },
+            timestamp_ms: u128::from(grant.timestamp_unix_ms),
+            nonce_hex: grant.nonce_hex.clone(),
+            signature_hex: grant.signature_hex.clone(),
+        }
+    }
+}
+
 /// Signs requests with one identity. This is the client-side helper for the
 /// reconciler and for node-to-node calls.
 ///
 /// ```
-/// use proto::auth::{Identity, RequestSigner};
+/// use proto::auth::{Identity, NodeTarget, RequestSigner};
 /// use proto::v1::GetInventoryRequest;
 /// let signer = RequestSigner::new(Identity::generate().unwrap());
-/// let request = signer.sign(proto::methods::GET_INVENTORY, GetInventoryRequest {}).unwrap();
+/// let node = NodeTarget::of("lab-2", &Identity::generate().unwrap());
+/// let request = signer
+///     .sign(proto::methods::GET_INVENTORY, &node, GetInventoryRequest {})
+///     .unwrap();
 /// assert!(request.metadata().get("x-cairn-signature").is_some());
 /// ```
 #[derive(Debug, Clone)]
@@ -348,35 +553,59 @@ impl RequestSigner {
         &self.identity
     }
 
-    /// Wraps `message` in a `tonic::Request` signed for `method` (one of [`crate::methods`]).
+    /// Wraps `message` in a `tonic::Request` signed for `method` (one of [`crate::methods`])
+    /// on the node `target`; no other node accepts it.
     pub fn sign<T: Message>(
         &self,
         method: &str,
+        target: &NodeTarget,
         message: T,
     ) -> Result<tonic::Request<T>, AuthError> {
         let nonce_hex = to_hex(&random_bytes::<16>()?);
         let timestamp_ms = now_unix_ms();
-        let payload = signing_payload(method, timestamp_ms, &nonce_hex, &body_hash(&message));
+        let payload = signing_payload(
+            method,
+            target,
+            timestamp_ms,
+            &nonce_hex,
+            &body_hash(&message),
+        );
         let signature = self.identity.sign_bytes(&payload);
         let mut request = tonic::Request::new(message);
         let metadata = request.metadata_mut();
-        let insert = |metadata: &mut MetadataMap,
-                      key: &'static str,
-                      value: String|
-         -> Result<(), AuthError> {
-            let value = value.parse().map_err(|_| AuthError::Malformed {
-                header: key,
-                problem: "not ascii".into(),
-            })?;
-            metadata.insert(key, value);
-            Ok(())
-        };
-        insert(metadata, HEADER_KEY, self.identity.public_key_hex())?;
-        insert(metadata, HEADER_TIMESTAMP, timestamp_ms.to_string())?;
-        insert(metadata, HEADER_NONCE, nonce_hex)?;
-        insert(metadata, HEADER_SIGNATURE, to_hex(&signature.to_bytes()))?;
+        insert_header(metadata, HEADER_VERSION, SIGNATURE_CONTEXT.to_string())?;
+        insert_header(metadata, HEADER_TARGET_NODE, target.name.clone())?;
+        insert_header(metadata, HEADER_TARGET_KEY, target.public_key_hex.clone())?;
+        insert_header(metadata, HEADER_KEY, self.identity.public_key_hex())?;
+        insert_header(metadata, HEADER_TIMESTAMP, timestamp_ms.to_string())?;
+        insert_header(metadata, HEADER_NONCE, nonce_hex)?;
+        insert_header(metadata, HEADER_SIGNATURE, to_hex(&signature.to_bytes()))?;
         Ok(request)
     }
+}
+
+fn insert_header(
+    metadata: &mut MetadataMap,
+    key: &'static str,
+    value: String,
+) -> Result<(), AuthError> {
+    let value = value.parse().map_err(|_| AuthError::Malformed {
+        header: key,
+        problem: "not a valid header value (ascii, no newline)".into(),
+    })?;
+    metadata.insert(key, value);
+    Ok(())
+}
+
+/// An unsigned request that only says which format it speaks and names no target: a
+/// node answers it with a refusal carrying its name and key ([`NodeTarget::from_refusal`]).
+pub fn identity_probe<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        HEADER_VERSION,
+        tonic::metadata::MetadataValue::from_static(SIGNATURE_CONTEXT),
+    );
+    request
 }
 
 /// A set of trusted public keys, each with a name for messages and audit.
@@ -471,19 +700,25 @@ pub struct Caller {
     pub key_hex: String,
     /// The caller's name in the trusted key set.
     pub name: String,
+    /// The verified signature's metadata (for forwarding it as evidence).
+    pub envelope: Envelope,
 }
 
-/// Verifies signed requests and keeps the replay cache. One per server.
+/// Where a [`Verifier`] keeps the nonces it accepted, so that a restart does not forget
+/// them (a node keeps them in its state store). `record` must be durable when it
+/// returns: the request is carried out only after that.
+pub trait NonceLog: std::fmt::Debug + Send + Sync {
+    /// Records `nonce` as used until `expires_at_ms` (Unix ms).
+    fn record(&self, nonce: &[u8; 16], expires_at_ms: u64) -> Result<(), String>;
+}
+
+/// Verifies signed requests for one node and keeps the replay cache. One per server.
 #[derive(Debug)]
 pub struct Verifier {
     window: Duration,
+    this: NodeTarget,
     seen_nonces: Mutex<HashMap<[u8; 16], u128>>,
-}
-
-impl Default for Verifier {
-    fn default() -> Self {
-        Self::new(DEFAULT_WINDOW)
-    }
+    log: Option<Box<dyn NonceLog>>,
 }
 
 fn header<'a>(metadata: &'a MetadataMap, key: &'static str) -> Result<&'a str, AuthError> {
@@ -494,17 +729,53 @@ fn header<'a>(metadata: &'a MetadataMap, key: &'static str) -> Result<&'a str, A
     })
 }
 
+struct Signed<'a> {
+    key_hex: String,
+    name: &'a str,
+}
+
 impl Verifier {
-    /// A verifier accepting timestamps within `window` of the local clock.
-    pub fn new(window: Duration) -> Self {
+    /// A verifier for the node `this`, accepting timestamps within `window` of the
+    /// local clock, keeping nonces in memory only.
+    pub fn new(window: Duration, this: NodeTarget) -> Self {
         Self {
             window,
+            this,
             seen_nonces: Mutex::new(HashMap::new()),
+            log: None,
         }
     }
 
-    /// Checks that `request` was signed for `method` by a key in `trusted`.
-    /// `role` names the trusted set in the refusal message.
+    /// A verifier that also records every accepted nonce in `log`, starting from the
+    /// nonces `remembered` (with their expiry, Unix ms) that an earlier run recorded.
+    pub fn with_log(
+        window: Duration,
+        this: NodeTarget,
+        log: Box<dyn NonceLog>,
+        remembered: impl IntoIterator<Item = ([u8; 16], u64)>,
+    ) -> Self {
+        let now = now_unix_ms();
+        let seen = remembered
+            .into_iter()
+            .map(|(nonce, expires_at)| (nonce, u128::from(expires_at)))
+            .filter(|(_, expires_at)| *expires_at > now)
+            .collect();
+        Self {
+            window,
+            this,
+            seen_nonces: Mutex::new(seen),
+            log: Some(log),
+        }
+    }
+
+    /// The node this verifier accepts requests for.
+    pub fn this_node(&self) -> &NodeTarget {
+        &self.this
+    }
+
+    /// Checks that `request` was signed for `method` on this node by a key in
+    /// `trusted`, within the window and never before. `role` names the trusted set in
+    /// the refusal message.
     pub fn verify<T: Message>(
         &self,
         method: &str,
@@ -513,8 +784,122 @@ impl Verifier {
         role: &'static str,
     ) -> Result<Caller, AuthError> {
         let metadata = request.metadata();
+        match metadata.get(HEADER_VERSION).map(|value| value.to_str()) {
+            None if metadata.get(HEADER_SIGNATURE).is_some() => {
+                return Err(AuthError::OldFormat {
+                    found: format!("older {LEGACY_SIGNATURE_CONTEXT} (no `{HEADER_VERSION}`)"),
+                });
+            }
+            None => return Err(AuthError::Missing(HEADER_KEY)),
+            Some(Ok(SIGNATURE_CONTEXT)) => {}
+            Some(found) => {
+                return Err(AuthError::OldFormat {
+                    found: format!("`{}`", found.unwrap_or("(not ascii)")),
+                });
+            }
+        }
+        let addressed = NodeTarget {
+            name: header(metadata, HEADER_TARGET_NODE)
+                .map_err(|_| AuthError::NotAddressed {
+                    missing: HEADER_TARGET_NODE,
+                    this: self.this.clone(),
+                })?
+                .to_string(),
+            public_key_hex: header(metadata, HEADER_TARGET_KEY)
+                .map_err(|_| AuthError::NotAddressed {
+                    missing: HEADER_TARGET_KEY,
+                    this: self.this.clone(),
+                })?
+                .to_ascii_lowercase(),
+        };
+        if addressed != self.this {
+            return Err(AuthError::WrongTarget {
+                addressed,
+                this: self.this.clone(),
+            });
+        }
         let key_text = header(metadata, HEADER_KEY)?;
-        let key = parse_public_key(key_text).map_err(|error| AuthError::Malformed {
+        let timestamp_text = header(metadata, HEADER_TIMESTAMP)?;
+        let timestamp_ms: u128 = timestamp_text.parse().map_err(|_| AuthError::Malformed {
+            header: HEADER_TIMESTAMP,
+            problem: format!("`{timestamp_text}` is not a number of milliseconds"),
+        })?;
+        let nonce_hex = header(metadata, HEADER_NONCE)?;
+        let nonce = from_hex::<16>(nonce_hex).map_err(|problem| AuthError::Malformed {
+            header: HEADER_NONCE,
+            problem,
+        })?;
+        let signature_hex = header(metadata, HEADER_SIGNATURE)?;
+        let envelope = Envelope {
+            key_hex: key_text.to_string(),
+            target: addressed,
+            timestamp_ms,
+            nonce_hex: nonce_hex.to_string(),
+            signature_hex: signature_hex.to_string(),
+        };
+        let signed = Self::check_signature(method, request.get_ref(), &envelope, trusted, role)?;
+        let now = now_unix_ms();
+        let skew_ms = now as i128 - timestamp_ms as i128;
+        if skew_ms.unsigned_abs() > self.window.as_millis() {
+            return Err(AuthError::Stale {
+                skew_ms,
+                window_ms: self.window.as_millis(),
+            });
+        }
+        self.remember_nonce(nonce, now)?;
+        Ok(Caller {
+            envelope: Envelope {
+                key_hex: signed.key_hex.clone(),
+                ..envelope
+            },
+            key_hex: signed.key_hex,
+            name: signed.name.to_string(),
+        })
+    }
+
+    /// Checks a signature forwarded by another node (a [`crate::v1::ControllerGrant`]):
+    /// `message` was signed for `method` by a key in `trusted`, at most
+    /// [`GRANT_MAX_AGE`] ago. Stateless: no nonce is consumed (the node it was sent to
+    /// consumed it), and the target it names is the caller's to compare with the node
+    /// that forwarded it.
+    pub fn verify_forwarded<T: Message>(
+        &self,
+        method: &str,
+        message: &T,
+        envelope: &Envelope,
+        trusted: &TrustedKeys,
+        role: &'static str,
+    ) -> Result<Caller, AuthError> {
+        let signed = Self::check_signature(method, message, envelope, trusted, role)?;
+        let age_ms = now_unix_ms() as i128 - envelope.timestamp_ms as i128;
+        if age_ms > GRANT_MAX_AGE.as_millis() as i128 || -age_ms > self.window.as_millis() as i128 {
+            return Err(AuthError::GrantTooOld {
+                age_ms,
+                max_age_ms: GRANT_MAX_AGE.as_millis(),
+            });
+        }
+        Ok(Caller {
+            key_hex: signed.key_hex.clone(),
+            name: signed.name.to_string(),
+            envelope: Envelope {
+                key_hex: signed.key_hex,
+                target: NodeTarget {
+                    name: envelope.target.name.clone(),
+                    public_key_hex: envelope.target.public_key_hex.to_ascii_lowercase(),
+                },
+                ..envelope.clone()
+            },
+        })
+    }
+
+    fn check_signature<'t, T: Message>(
+        method: &str,
+        message: &T,
+        envelope: &Envelope,
+        trusted: &'t TrustedKeys,
+        role: &'static str,
+    ) -> Result<Signed<'t>, AuthError> {
+        let key = parse_public_key(&envelope.key_hex).map_err(|error| AuthError::Malformed {
             header: HEADER_KEY,
             problem: error.to_string(),
         })?;
@@ -526,28 +911,18 @@ impl Verifier {
                 role,
             });
         };
-        let timestamp_text = header(metadata, HEADER_TIMESTAMP)?;
-        let timestamp_ms: u128 = timestamp_text.parse().map_err(|_| AuthError::Malformed {
-            header: HEADER_TIMESTAMP,
-            problem: format!("`{timestamp_text}` is not a number of milliseconds"),
-        })?;
-        let nonce_hex = header(metadata, HEADER_NONCE)?;
-        let nonce = from_hex::<16>(nonce_hex).map_err(|problem| AuthError::Malformed {
-            header: HEADER_NONCE,
-            problem,
-        })?;
-        let signature_text = header(metadata, HEADER_SIGNATURE)?;
         let signature_bytes =
-            from_hex::<64>(signature_text).map_err(|problem| AuthError::Malformed {
+            from_hex::<64>(&envelope.signature_hex).map_err(|problem| AuthError::Malformed {
                 header: HEADER_SIGNATURE,
                 problem,
             })?;
         let signature = Signature::from_bytes(&signature_bytes);
         let payload = signing_payload(
             method,
-            timestamp_ms,
-            nonce_hex,
-            &body_hash(request.get_ref()),
+            &envelope.target,
+            envelope.timestamp_ms,
+            &envelope.nonce_hex,
+            &body_hash(message),
         );
         if key.verify(&payload, &signature).is_err() {
             return Err(AuthError::BadSignature {
@@ -555,35 +930,44 @@ impl Verifier {
                 method: method.to_string(),
             });
         }
-        let now = now_unix_ms();
-        let skew_ms = now as i128 - timestamp_ms as i128;
-        if skew_ms.unsigned_abs() > self.window.as_millis() {
-            return Err(AuthError::Stale {
-                skew_ms,
-                window_ms: self.window.as_millis(),
-            });
-        }
-        // The nonce is recorded only after the signature verified, so a forger cannot
-        // fill the cache. Entries live for twice the window: a timestamp older than
-        // that is refused as stale anyway.
-        let mut seen = self
-            .seen_nonces
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(Signed { key_hex, name })
+    }
+
+    /// Refuses a nonce seen within its lifetime, else records it (in memory, then in
+    /// the log). The nonce is recorded only after the signature verified, so a forger
+    /// cannot fill the cache. Entries live for twice the window: a timestamp older than
+    /// that is refused as stale anyway.
+    fn remember_nonce(&self, nonce: [u8; 16], now: u128) -> Result<(), AuthError> {
         let expiry = now + 2 * self.window.as_millis();
-        if seen.len() > 4096 {
-            seen.retain(|_, expires_at| *expires_at > now);
-        }
-        match seen.get(&nonce) {
-            Some(expires_at) if *expires_at > now => return Err(AuthError::Replayed),
-            _ => {
-                seen.insert(nonce, expiry);
+        {
+            let mut seen = self
+                .seen_nonces
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if seen.len() > 4096 {
+                seen.retain(|_, expires_at| *expires_at > now);
+            }
+            match seen.get(&nonce) {
+                Some(expires_at) if *expires_at > now => return Err(AuthError::Replayed),
+                _ => {
+                    seen.insert(nonce, expiry);
+                }
             }
         }
-        Ok(Caller {
-            key_hex,
-            name: name.to_string(),
-        })
+        // Outside the lock: the log may sync a file. A concurrent copy of the request
+        // already finds the nonce in memory.
+        if let Some(log) = &self.log
+            && let Err(problem) = log.record(&nonce, u64::try_from(expiry).unwrap_or(u64::MAX))
+        {
+            // Not recorded durably: forget it, so a retry of the same request is judged
+            // afresh instead of refused as a replay of something never carried out.
+            self.seen_nonces
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&nonce);
+            return Err(AuthError::NonceLog(problem));
+        }
+        Ok(())
     }
 }
 
@@ -598,13 +982,22 @@ mod tests {
         keys
     }
 
+    fn node(name: &str) -> (NodeTarget, Verifier) {
+        let target = NodeTarget::of(name, &Identity::generate().unwrap());
+        (target.clone(), Verifier::new(DEFAULT_WINDOW, target))
+    }
+
     #[test]
     fn signed_request_verifies_once_and_replay_is_refused() {
         let controller = Identity::generate().unwrap();
         let signer = RequestSigner::new(controller.clone());
-        let verifier = Verifier::default();
+        let (target, verifier) = node("n1");
         let request = signer
-            .sign(crate::methods::GET_INVENTORY, GetInventoryRequest {})
+            .sign(
+                crate::methods::GET_INVENTORY,
+                &target,
+                GetInventoryRequest {},
+            )
             .unwrap();
         let caller = verifier
             .verify(
@@ -615,6 +1008,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(caller.name, "controller");
+        assert_eq!(caller.envelope.target, target);
         let replay = verifier.verify(
             crate::methods::GET_INVENTORY,
             &request,
@@ -628,10 +1022,11 @@ mod tests {
     fn signature_is_bound_to_method_and_body() {
         let controller = Identity::generate().unwrap();
         let signer = RequestSigner::new(controller.clone());
-        let verifier = Verifier::default();
+        let (target, verifier) = node("n1");
         let request = signer
             .sign(
                 crate::methods::APPLY,
+                &target,
                 ApplyRequest {
                     request_id: "a".into(),
                     action: None,
@@ -657,12 +1052,251 @@ mod tests {
     }
 
     #[test]
+    fn signature_is_bound_to_the_target_node_name_and_key() {
+        let controller = Identity::generate().unwrap();
+        let signer = RequestSigner::new(controller.clone());
+        let (lab2, _) = node("lab-2");
+        let (lab3, verifier3) = node("lab-3");
+        let request = signer
+            .sign(crate::methods::OBSERVE, &lab2, GetInventoryRequest {})
+            .unwrap();
+        let refused = verifier3
+            .verify(
+                crate::methods::OBSERVE,
+                &request,
+                &trusted(&controller),
+                "controller",
+            )
+            .unwrap_err();
+        assert!(matches!(refused, AuthError::WrongTarget { .. }));
+        let message = refused.to_string();
+        assert!(
+            message.contains("`lab-2`") && message.contains("`lab-3`"),
+            "{message}"
+        );
+        let status = tonic::Status::from(refused);
+        assert_eq!(NodeTarget::from_refusal(&status), Some(lab3.clone()));
+
+        // The right name with another key (a node that was reinstalled) is refused too.
+        let impostor = NodeTarget {
+            name: "lab-3".into(),
+            ..lab2.clone()
+        };
+        let request = signer
+            .sign(crate::methods::OBSERVE, &impostor, GetInventoryRequest {})
+            .unwrap();
+        let refused = verifier3.verify(
+            crate::methods::OBSERVE,
+            &request,
+            &trusted(&controller),
+            "controller",
+        );
+        assert!(matches!(refused, Err(AuthError::WrongTarget { .. })));
+
+        // Relabelling the headers breaks the signature.
+        let mut relabelled = signer
+            .sign(crate::methods::OBSERVE, &lab2, GetInventoryRequest {})
+            .unwrap();
+        let metadata = relabelled.metadata_mut();
+        metadata.insert(HEADER_TARGET_NODE, lab3.name.parse().unwrap());
+        metadata.insert(
+            HEADER_TARGET_KEY,
+            lab3.public_key_hex.as_str().parse().unwrap(),
+        );
+        let refused = verifier3.verify(
+            crate::methods::OBSERVE,
+            &relabelled,
+            &trusted(&controller),
+            "controller",
+        );
+        assert!(matches!(refused, Err(AuthError::BadSignature { .. })));
+
+        // A probe names no target and learns who the node is.
+        let probe = identity_probe(GetInventoryRequest {});
+        let refused = verifier3
+            .verify(
+                crate::methods::GET_INVENTORY,
+                &probe,
+                &trusted(&controller),
+                "controller",
+            )
+            .unwrap_err();
+        assert!(matches!(refused, AuthError::NotAddressed { .. }));
+        assert_eq!(
+            NodeTarget::from_refusal(&tonic::Status::from(refused)),
+            Some(lab3)
+        );
+    }
+
+    #[test]
+    fn the_old_payload_format_is_refused_saying_so() {
+        let controller = Identity::generate().unwrap();
+        let (_, verifier) = node("n1");
+        // What a cairn-node-request-v1 client sends: no format tag, no target.
+        let payload = format!(
+            "{LEGACY_SIGNATURE_CONTEXT}\n{}\n1\n{}\n{}",
+            crate::methods::OBSERVE,
+            "00".repeat(16),
+            to_hex(&body_hash(&GetInventoryRequest {}))
+        );
+        let mut request = tonic::Request::new(GetInventoryRequest {});
+        let metadata = request.metadata_mut();
+        metadata.insert(HEADER_KEY, controller.public_key_hex().parse().unwrap());
+        metadata.insert(HEADER_TIMESTAMP, "1".parse().unwrap());
+        metadata.insert(HEADER_NONCE, "00".repeat(16).parse().unwrap());
+        metadata.insert(
+            HEADER_SIGNATURE,
+            to_hex(&controller.sign_bytes(payload.as_bytes()).to_bytes())
+                .parse()
+                .unwrap(),
+        );
+        let refused = verifier
+            .verify(
+                crate::methods::OBSERVE,
+                &request,
+                &trusted(&controller),
+                "controller",
+            )
+            .unwrap_err();
+        let message = refused.to_string();
+        assert!(matches!(refused, AuthError::OldFormat { .. }));
+        assert!(
+            message.contains(LEGACY_SIGNATURE_CONTEXT) && message.contains(SIGNATURE_CONTEXT),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_forwarded_signature_verifies_statelessly_and_only_while_fresh() {
+        let controller = Identity::generate().unwrap();
+        let signer = RequestSigner::new(controller.clone());
+        let (primary, primary_verifier) = node("lab-3");
+        let (_, replica_verifier) = node("lab-1");
+        let apply = ApplyRequest {
+            request_id: "create-v".into(),
+            action: None,
+        };
+        let request = signer
+            .sign(crate::methods::APPLY, &primary, apply.clone())
+            .unwrap();
+        let caller = primary_verifier
+            .verify(
+                crate::methods::APPLY,
+                &request,
+                &trusted(&controller),
+                "controller",
+            )
+            .unwrap();
+        let grant = caller.envelope.to_grant(apply.clone());
+        let envelope = Envelope::of_grant(&grant);
+        for _ in 0..2 {
+            let verified = replica_verifier
+                .verify_forwarded(
+                    crate::methods::APPLY,
+                    &apply,
+                    &envelope,
+                    &trusted(&controller),
+                    "controller",
+                )
+                .unwrap();
+            assert_eq!(verified.envelope.target, primary);
+        }
+        let other = ApplyRequest {
+            request_id: "create-w".into(),
+            action: None,
+        };
+        let altered = replica_verifier.verify_forwarded(
+            crate::methods::APPLY,
+            &other,
+            &envelope,
+            &trusted(&controller),
+            "controller",
+        );
+        assert!(matches!(altered, Err(AuthError::BadSignature { .. })));
+        let stranger = Identity::generate().unwrap();
+        let untrusted = replica_verifier.verify_forwarded(
+            crate::methods::APPLY,
+            &apply,
+            &envelope,
+            &trusted(&stranger),
+            "controller",
+        );
+        assert!(matches!(untrusted, Err(AuthError::Untrusted { .. })));
+
+        // An old grant, correctly signed, is refused for its age.
+        let old = Envelope {
+            timestamp_ms: now_unix_ms() - GRANT_MAX_AGE.as_millis() - 1000,
+            ..envelope
+        };
+        let payload = signing_payload(
+            crate::methods::APPLY,
+            &old.target,
+            old.timestamp_ms,
+            &old.nonce_hex,
+            &body_hash(&apply),
+        );
+        let old = Envelope {
+            signature_hex: to_hex(&controller.sign_bytes(&payload).to_bytes()),
+            ..old
+        };
+        let refused = replica_verifier.verify_forwarded(
+            crate::methods::APPLY,
+            &apply,
+            &old,
+            &trusted(&controller),
+            "controller",
+        );
+        assert!(matches!(refused, Err(AuthError::GrantTooOld { .. })));
+    }
+
+    #[derive(Debug, Default)]
+    struct MemoryLog(Mutex<Vec<([u8; 16], u64)>>);
+
+    impl NonceLog for std::sync::Arc<MemoryLog> {
+        fn record(&self, nonce: &[u8; 16], expires_at_ms: u64) -> Result<(), String> {
+            self.0.lock().unwrap().push((*nonce, expires_at_ms));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn remembered_nonces_are_refused_by_a_new_verifier() {
+        let controller = Identity::generate().unwrap();
+        let signer = RequestSigner::new(controller.clone());
+        let target = NodeTarget::of("n1", &Identity::generate().unwrap());
+        let log = std::sync::Arc::new(MemoryLog::default());
+        let first = Verifier::with_log(DEFAULT_WINDOW, target.clone(), Box::new(log.clone()), []);
+        let request = signer
+            .sign(crate::methods::OBSERVE, &target, GetInventoryRequest {})
+            .unwrap();
+        first
+            .verify(
+                crate::methods::OBSERVE,
+                &request,
+                &trusted(&controller),
+                "controller",
+            )
+            .unwrap();
+        let recorded = log.0.lock().unwrap().clone();
+        assert_eq!(recorded.len(), 1);
+        // A restart: a new verifier that starts from what the log kept.
+        let second = Verifier::with_log(DEFAULT_WINDOW, target, Box::new(log.clone()), recorded);
+        let replay = second.verify(
+            crate::methods::OBSERVE,
+            &request,
+            &trusted(&controller),
+            "controller",
+        );
+        assert!(matches!(replay, Err(AuthError::Replayed)));
+    }
+
+    #[test]
     fn untrusted_key_and_missing_signature_are_refused() {
         let stranger = Identity::generate().unwrap();
         let controller = Identity::generate().unwrap();
-        let verifier = Verifier::default();
+        let (target, verifier) = node("n1");
         let request = RequestSigner::new(stranger)
-            .sign(crate::methods::OBSERVE, GetInventoryRequest {})
+            .sign(crate::methods::OBSERVE, &target, GetInventoryRequest {})
             .unwrap();
         let refused = verifier.verify(
             crate::methods::OBSERVE,

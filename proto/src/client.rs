@@ -1,4 +1,10 @@
-//! [`NodeClient`]: one connection to a `cairn-node` that signs every call.
+//! [`NodeClient`]: one connection to a `cairn-node` that signs every call for that node.
+//!
+//! Every signature names the node it is for (name and public key, see [`crate::auth`]).
+//! A client made with [`NodeClient::with_target`] signs for the identity it was given; one
+//! that knows only an address learns the identity on its first call, from the refusal a
+//! node gives to an identity probe, and then keeps it. [`NodeClient::for_node`] makes it
+//! refuse to talk to a node that calls itself by another name.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,9 +29,11 @@
 //! # Ok(()) }
 //! ```
 
+use std::sync::{Arc, Mutex};
+
 use tonic::transport::{Channel, Endpoint};
 
-use crate::auth::RequestSigner;
+use crate::auth::{NodeTarget, RequestSigner};
 use crate::methods;
 use crate::v1;
 use crate::v1::apply_client::ApplyClient;
@@ -58,11 +66,17 @@ pub enum ClientError {
 }
 
 /// A signed-call client for every service of one node. Cheap to clone (the channel
-/// is shared).
+/// and the learned identity of the node are shared).
 #[derive(Debug, Clone)]
 pub struct NodeClient {
     channel: Channel,
     signer: RequestSigner,
+    /// The address, for messages (empty when made from a channel).
+    address: String,
+    /// The name the node must have, when the caller knows which node it means.
+    expected_name: Option<String>,
+    /// The identity requests are signed for, once known.
+    target: Arc<Mutex<Option<NodeTarget>>>,
 }
 
 /// Turns "127.0.0.1:7100" into "http://127.0.0.1:7100"; keeps URIs with a scheme.
@@ -90,7 +104,17 @@ impl NodeClient {
                 address: address.to_string(),
                 source,
             })?;
-        Ok(Self { channel, signer })
+        Ok(Self::new(channel, signer, address))
+    }
+
+    fn new(channel: Channel, signer: RequestSigner, address: &str) -> Self {
+        Self {
+            channel,
+            signer,
+            address: address.to_string(),
+            expected_name: None,
+            target: Arc::default(),
+        }
     }
 
     /// A client that connects on first use and reconnects after failures (for peers
@@ -104,15 +128,101 @@ impl NodeClient {
             .connect_timeout(std::time::Duration::from_secs(2))
             // A peer that hangs must not hold a volume's writes forever.
             .timeout(std::time::Duration::from_secs(30));
-        Ok(Self {
-            channel: endpoint.connect_lazy(),
-            signer,
-        })
+        Ok(Self::new(endpoint.connect_lazy(), signer, address))
     }
 
     /// A client over an existing channel.
     pub fn from_channel(channel: Channel, signer: RequestSigner) -> Self {
-        Self { channel, signer }
+        Self::new(channel, signer, "")
+    }
+
+    /// This client signs for `target` and never asks the node who it is. A node with
+    /// another name or key refuses every call.
+    pub fn with_target(self, target: NodeTarget) -> Self {
+        Self {
+            expected_name: Some(target.name.clone()),
+            target: Arc::new(Mutex::new(Some(target))),
+            ..self
+        }
+    }
+
+    /// This client talks only to a node named `name`: when it learns the node's
+    /// identity it refuses one that calls itself otherwise (a wrong address).
+    pub fn for_node(self, name: &str) -> Self {
+        Self {
+            expected_name: Some(name.to_string()),
+            ..self
+        }
+    }
+
+    /// The identity of the node, asking it once if it is not known yet.
+    pub async fn target(&self) -> Result<NodeTarget, tonic::Status> {
+        if let Some(target) = self
+            .target
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+        {
+            return Ok(target);
+        }
+        let at = if self.address.is_empty() {
+            String::new()
+        } else {
+            format!(" at {}", self.address)
+        };
+        let probe = crate::auth::identity_probe(v1::GetInventoryRequest {});
+        let refusal = match InventoryClient::new(self.channel.clone())
+            .get_inventory(probe)
+            .await
+        {
+            Ok(_) => {
+                return Err(tonic::Status::permission_denied(format!(
+                    "the node{at} answered an unsigned request; it is not a cairn-node that checks signatures, refusing to talk to it"
+                )));
+            }
+            Err(status) => status,
+        };
+        let Some(target) = NodeTarget::from_refusal(&refusal) else {
+            // Unreachable, or a node that does not speak cairn-req-v2.
+            return Err(tonic::Status::new(
+                refusal.code(),
+                format!(
+                    "cannot learn who the node{at} is: {} (a cairn-node older than {} does not say)",
+                    refusal.message(),
+                    crate::auth::SIGNATURE_CONTEXT
+                ),
+            ));
+        };
+        if let Some(expected) = &self.expected_name
+            && *expected != target.name
+        {
+            return Err(tonic::Status::failed_precondition(format!(
+                "the node{at} calls itself `{}`, not `{expected}`; check its address",
+                target.name
+            )));
+        }
+        *self
+            .target
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(target.clone());
+        Ok(target)
+    }
+
+    /// Forgets a learned identity after the node refused a request for naming another
+    /// one (its key changed), so the next call asks again. A pinned target stays.
+    fn forget_target_after(&self, status: &tonic::Status) {
+        if status.code() != tonic::Code::Unauthenticated
+            || NodeTarget::from_refusal(status).is_none()
+        {
+            return;
+        }
+        let mut target = self
+            .target
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.expected_name.is_none() {
+            *target = None;
+        }
     }
 
     /// The signer used for every call.
@@ -120,32 +230,43 @@ impl NodeClient {
         &self.signer
     }
 
-    fn signed<T: prost::Message>(
+    async fn signed<T: prost::Message>(
         &self,
         method: &str,
         message: T,
     ) -> Result<tonic::Request<T>, tonic::Status> {
+        let target = self.target().await?;
         self.signer
-            .sign(method, message)
+            .sign(method, &target, message)
             .map_err(|error| tonic::Status::internal(error.to_string()))
+    }
+
+    /// Passes a call's outcome through, forgetting a learned identity the node refused.
+    fn checked<T>(&self, result: Result<T, tonic::Status>) -> Result<T, tonic::Status> {
+        if let Err(status) = &result {
+            self.forget_target_after(status);
+        }
+        result
     }
 
     /// `Inventory.GetInventory`.
     pub async fn get_inventory(&mut self) -> Result<v1::GetInventoryResponse, tonic::Status> {
-        let request = self.signed(methods::GET_INVENTORY, v1::GetInventoryRequest {})?;
-        Ok(InventoryClient::new(self.channel.clone())
+        let request = self
+            .signed(methods::GET_INVENTORY, v1::GetInventoryRequest {})
+            .await?;
+        let result = InventoryClient::new(self.channel.clone())
             .get_inventory(request)
-            .await?
-            .into_inner())
+            .await;
+        Ok(self.checked(result)?.into_inner())
     }
 
     /// `Observe.Observe`.
     pub async fn observe(&mut self) -> Result<v1::ObserveResponse, tonic::Status> {
-        let request = self.signed(methods::OBSERVE, v1::ObserveRequest {})?;
-        Ok(ObserveClient::new(self.channel.clone())
+        let request = self.signed(methods::OBSERVE, v1::ObserveRequest {}).await?;
+        let result = ObserveClient::new(self.channel.clone())
             .observe(request)
-            .await?
-            .into_inner())
+            .await;
+        Ok(self.checked(result)?.into_inner())
     }
 
     /// `Apply.Apply`. Retrying with the same `request_id` is safe: the node returns
@@ -154,13 +275,13 @@ impl NodeClient {
         &mut self,
         request: v1::ApplyRequest,
     ) -> Result<v1::ApplyResponse, tonic::Status> {
-        let request = self.signed(methods::APPLY, request)?;
-        Ok(ApplyClient::new(self.channel.clone())
+        let request = self.signed(methods::APPLY, request).await?;
+        let result = ApplyClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
             .apply(request)
-            .await?
-            .into_inner())
+            .await;
+        Ok(self.checked(result)?.into_inner())
     }
 
     /// `Apply.ReadVolume`.
@@ -168,13 +289,12 @@ impl NodeClient {
         &mut self,
         request: v1::ReadVolumeRequest,
     ) -> Result<Vec<u8>, tonic::Status> {
-        let request = self.signed(methods::READ_VOLUME, request)?;
-        Ok(ApplyClient::new(self.channel.clone())
+        let request = self.signed(methods::READ_VOLUME, request).await?;
+        let result = ApplyClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .read_volume(request)
-            .await?
-            .into_inner()
-            .data)
+            .await;
+        Ok(self.checked(result)?.into_inner().data)
     }
 
     /// `Apply.GetOutcome`: what became of `request_id` on this node (read-only; waits
@@ -183,12 +303,14 @@ impl NodeClient {
         &mut self,
         request_id: &str,
     ) -> Result<v1::GetOutcomeResponse, tonic::Status> {
-        let request = self.signed(
-            methods::GET_OUTCOME,
-            v1::GetOutcomeRequest {
-                request_id: request_id.to_string(),
-            },
-        )?;
+        let request = self
+            .signed(
+                methods::GET_OUTCOME,
+                v1::GetOutcomeRequest {
+                    request_id: request_id.to_string(),
+                },
+            )
+            .await?;
         Ok(ApplyClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .get_outcome(request)
@@ -201,16 +323,16 @@ impl NodeClient {
         &mut self,
         heartbeat_interval_ms: u32,
     ) -> Result<tonic::Streaming<v1::WatchEvent>, tonic::Status> {
-        let request = self.signed(
-            methods::WATCH,
-            v1::WatchRequest {
-                heartbeat_interval_ms,
-            },
-        )?;
-        Ok(WatchClient::new(self.channel.clone())
-            .watch(request)
-            .await?
-            .into_inner())
+        let request = self
+            .signed(
+                methods::WATCH,
+                v1::WatchRequest {
+                    heartbeat_interval_ms,
+                },
+            )
+            .await?;
+        let result = WatchClient::new(self.channel.clone()).watch(request).await;
+        Ok(self.checked(result)?.into_inner())
     }
 
     /// `Replication.EnsureReplica`.
@@ -218,11 +340,11 @@ impl NodeClient {
         &mut self,
         request: v1::EnsureReplicaRequest,
     ) -> Result<v1::EnsureReplicaResponse, tonic::Status> {
-        let request = self.signed(methods::ENSURE_REPLICA, request)?;
-        Ok(ReplicationClient::new(self.channel.clone())
+        let request = self.signed(methods::ENSURE_REPLICA, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
             .ensure_replica(request)
-            .await?
-            .into_inner())
+            .await;
+        Ok(self.checked(result)?.into_inner())
     }
 
     /// `Replication.ReplicaWrite`.
@@ -230,11 +352,12 @@ impl NodeClient {
         &mut self,
         request: v1::ReplicaWriteRequest,
     ) -> Result<(), tonic::Status> {
-        let request = self.signed(methods::REPLICA_WRITE, request)?;
-        ReplicationClient::new(self.channel.clone())
+        let request = self.signed(methods::REPLICA_WRITE, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
             .replica_write(request)
-            .await?;
+            .await;
+        self.checked(result)?;
         Ok(())
     }
 
@@ -243,25 +366,24 @@ impl NodeClient {
         &mut self,
         request: v1::ReplicaReadRequest,
     ) -> Result<v1::ReplicaReadResponse, tonic::Status> {
-        let request = self.signed(methods::REPLICA_READ, request)?;
-        Ok(ReplicationClient::new(self.channel.clone())
+        let request = self.signed(methods::REPLICA_READ, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .replica_read(request)
-            .await?
-            .into_inner())
+            .await;
+        Ok(self.checked(result)?.into_inner())
     }
 
     /// `Replication.DeleteReplica`.
-    pub async fn delete_replica(&mut self, volume: &str) -> Result<(), tonic::Status> {
-        let request = self.signed(
-            methods::DELETE_REPLICA,
-            v1::DeleteReplicaRequest {
-                volume: volume.to_string(),
-            },
-        )?;
-        ReplicationClient::new(self.channel.clone())
+    pub async fn delete_replica(
+        &mut self,
+        request: v1::DeleteReplicaRequest,
+    ) -> Result<(), tonic::Status> {
+        let request = self.signed(methods::DELETE_REPLICA, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
             .delete_replica(request)
-            .await?;
+            .await;
+        self.checked(result)?;
         Ok(())
     }
 }

@@ -6,8 +6,8 @@
 //! - exposes the encoded file descriptor set ([`FILE_DESCRIPTOR_SET`]) for gRPC
 //!   reflection;
 //! - signs and verifies requests ([`auth`]): every call to a node carries an ed25519
-//!   signature over the method, a timestamp, a nonce and the SHA-256 of the encoded
-//!   request body;
+//!   signature (format `cairn-req-v2`) over the method, the target node's name and
+//!   public key, a timestamp, a nonce and the SHA-256 of the encoded request body;
 //! - writes out the conversions of wire enums to status words once ([`convert`]);
 //! - offers [`client::NodeClient`], a connected client that signs every call, for the
 //!   reconciler and for node-to-node replication.

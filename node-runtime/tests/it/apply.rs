@@ -252,3 +252,69 @@ async fn request_records_older_than_the_retention_are_pruned_at_start() {
     );
     assert_eq!(client.observe().await.unwrap().volumes.len(), 1);
 }
+
+/// Issue 12 item 6: a client that goes away mid-call (killed, timed out) must not make
+/// the node carry an action out twice. The replica is stopped (SIGSTOP) so a replicated
+/// write hangs after the primary wrote its own copy; the client gives up; the replica
+/// resumes. The node finishes and records the write although nobody waits for it, and
+/// the re-sent request is answered from the record.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_apply_whose_caller_went_away_is_finished_recorded_and_replayed() {
+    use crate::lab::{peer_of, pid_of, push_peers, start_at_ip};
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let primary = start_at_ip("lab-6", &base.path().join("p"), &controller, "127.0.0.58");
+    let replica = start_at_ip("lab-7", &base.path().join("r"), &controller, "127.0.0.59");
+    push_peers(&[&primary, &replica], &controller).await;
+    let mut client = primary.client(&controller).await;
+    apply_ok(
+        &mut client,
+        "create-v",
+        Action::CreateVolume(CreateVolume {
+            name: "v".into(),
+            size_bytes: 16 << 20,
+            stripe_width: 1,
+            stripe_unit_bytes: 64 << 10,
+            replica_peers: vec![peer_of(&replica)],
+        }),
+    )
+    .await;
+    let first = pattern(11, 8192);
+    let second = pattern(12, 8192);
+
+    let replica_pid = pid_of(&replica);
+    // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+    unsafe { libc::kill(replica_pid, libc::SIGSTOP) };
+    let abandoned = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        client.apply(request("write-1", write("v", 0, first.clone()))),
+    )
+    .await;
+    assert!(
+        abandoned.is_err(),
+        "the write must hang while the replica is stopped"
+    );
+    // The client future is dropped: the call is cancelled (RST_STREAM). Give the node
+    // time to notice before the replica comes back.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(replica_pid, libc::SIGCONT) };
+
+    let resent = apply_ok(&mut client, "write-1", write("v", 0, first.clone())).await;
+    assert!(
+        resent.replayed,
+        "the abandoned write was finished and recorded; the re-sent one is answered from the record"
+    );
+    apply_ok(&mut client, "write-2", write("v", 0, second.clone())).await;
+    let again = apply_ok(&mut client, "write-1", write("v", 0, first.clone())).await;
+    assert!(again.replayed);
+    // write-1 happened once: it did not come back over write-2, on either copy.
+    let read = ReadVolumeRequest {
+        name: "v".into(),
+        offset: 0,
+        length: 8192,
+    };
+    assert!(client.read_volume(read.clone()).await.unwrap() == second);
+    let mut on_replica = replica.client(&controller).await;
+    assert!(on_replica.read_volume(read).await.unwrap() == second);
+}

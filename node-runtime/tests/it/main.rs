@@ -9,6 +9,8 @@ mod counters;
 mod exports;
 mod harness;
 mod inventory;
+mod lab;
 mod outcome;
 mod replication;
 mod vms;
+mod volume_access;
