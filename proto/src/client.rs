@@ -77,6 +77,9 @@ pub struct NodeClient {
     expected_name: Option<String>,
     /// The identity requests are signed for, once known.
     target: Arc<Mutex<Option<NodeTarget>>>,
+    /// The identity was given ([`NodeClient::with_target`]), not learned: never asked
+    /// for and never forgotten.
+    pinned: bool,
 }
 
 /// Turns "127.0.0.1:7100" into "http://127.0.0.1:7100"; keeps URIs with a scheme.
@@ -114,6 +117,7 @@ impl NodeClient {
             address: address.to_string(),
             expected_name: None,
             target: Arc::default(),
+            pinned: false,
         }
     }
 
@@ -142,6 +146,7 @@ impl NodeClient {
         Self {
             expected_name: Some(target.name.clone()),
             target: Arc::new(Mutex::new(Some(target))),
+            pinned: true,
             ..self
         }
     }
@@ -211,18 +216,16 @@ impl NodeClient {
     /// Forgets a learned identity after the node refused a request for naming another
     /// one (its key changed), so the next call asks again. A pinned target stays.
     fn forget_target_after(&self, status: &tonic::Status) {
-        if status.code() != tonic::Code::Unauthenticated
+        if self.pinned
+            || status.code() != tonic::Code::Unauthenticated
             || NodeTarget::from_refusal(status).is_none()
         {
             return;
         }
-        let mut target = self
+        *self
             .target
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if self.expected_name.is_none() {
-            *target = None;
-        }
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
     }
 
     /// The signer used for every call.
