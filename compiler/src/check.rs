@@ -1231,6 +1231,7 @@ impl Checker<'_> {
                 size_bytes: d.size.as_ref().map_or(0, |v| v.value),
                 pool: d.pool.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
                 from_image: d.from_image.as_ref().is_some_and(|f| f.value),
+                prevent_destroy: d.prevent_destroy.as_ref().is_some_and(|f| f.value),
             });
         }
         let mut nics = vec![];

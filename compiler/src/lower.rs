@@ -13,6 +13,7 @@ use crate::shape::{Shape, child_path, shape};
 use crate::source::{FileId, Sources};
 use crate::spec::*;
 use crate::units;
+use vm_config::limits::{self, Limit};
 
 /// Parses every file and lowers it into one [`SpecSet`].
 pub fn lower_all(sources: &Sources, diags: &mut Vec<Diagnostic>) -> SpecSet {
@@ -325,6 +326,61 @@ impl Cx<'_> {
             value: v.value as u32,
             span: v.span,
         })
+    }
+
+    /// A VM's vCPU count, checked against what the runtime runs.
+    fn vcpu_count(&mut self, entry: &KdlEntry) -> Option<Spanned<u32>> {
+        let what = "the vCPU count";
+        let v = self.integer(entry, what, i128::MIN, i128::MAX)?;
+        if !self.within_runtime_limit(v.span, what, v.value, &limits::VCPUS, |c| {
+            format!("`cpu {c}`")
+        }) {
+            return None;
+        }
+        Some(Spanned {
+            value: v.value as u32,
+            span: v.span,
+        })
+    }
+
+    /// Whether `value` is within one of the runtime's limits on a VM
+    /// (`vm_config::limits`, the table the node and cairn-vmm check too); if
+    /// not, one `out_of_range` error saying the rule, why, and the nearest
+    /// accepted value written as `example` writes it.
+    fn within_runtime_limit(
+        &mut self,
+        span: Span,
+        what: &str,
+        value: i128,
+        limit: &Limit,
+        example: impl Fn(u64) -> String,
+    ) -> bool {
+        let problem = match u64::try_from(value) {
+            Ok(value) => match limit.check(value) {
+                Ok(()) => return true,
+                Err(error) => error.to_string(),
+            },
+            Err(_) if value < 0 => format!(
+                "{value} is less than the minimum of {}",
+                limit.show(limit.min)
+            ),
+            Err(_) => format!(
+                "{value} is more than the maximum of {}",
+                limit.show(limit.max)
+            ),
+        };
+        let nearest = limit.nearest(u64::try_from(value.max(0)).unwrap_or(u64::MAX));
+        self.err(
+            "cairn::schema::out_of_range",
+            span,
+            format!("{what}: {problem}"),
+        )
+        .help = Some(format!(
+            "{}; for example {}",
+            limit.rule(),
+            example(nearest)
+        ));
+        false
     }
 
     fn u64(&mut self, entry: &KdlEntry, what: &str, min: u64) -> Option<Spanned<u64>> {
@@ -1186,9 +1242,7 @@ impl Cx<'_> {
             match c.name {
                 "cpu" => {
                     cpu_given = true;
-                    let v = self
-                        .single_value(n)
-                        .and_then(|e| self.u32(e, "the vCPU count", 1, 1024));
+                    let v = self.single_value(n).and_then(|e| self.vcpu_count(e));
                     let first = b.cpu.as_ref().map(|s| s.span);
                     self.once(&mut b.cpu, v, n, first);
                 }
@@ -1196,15 +1250,16 @@ impl Cx<'_> {
                     let v = self
                         .single_value(n)
                         .and_then(|e| self.size(e, "the memory size"));
-                    if let Some(v) = &v
-                        && v.value < 1 << 20
-                    {
-                        self.err(
-                            "cairn::schema::out_of_range",
+                    // Refused but kept: the VM has its one diagnostic and is not
+                    // also reported as having no memory.
+                    if let Some(v) = &v {
+                        self.within_runtime_limit(
                             v.span,
-                            "a VM needs at least 1MiB of memory",
-                        )
-                        .help = Some("for example `memory \"512MiB\"`".to_owned());
+                            "the memory size",
+                            i128::from(v.value),
+                            &limits::MEMORY,
+                            |m| format!("`memory \"{}\"`", units::format_size(m)),
+                        );
                     }
                     let first = b.memory.as_ref().map(|s| s.span);
                     self.once(&mut b.memory, v, n, first);
@@ -1240,17 +1295,38 @@ impl Cx<'_> {
                     let size = self
                         .required(n, "size", "\"40GiB\"")
                         .and_then(|e| self.size(e, "the disk size"));
+                    if let Some(size) = &size {
+                        self.within_runtime_limit(
+                            size.span,
+                            "the disk size",
+                            i128::from(size.value),
+                            &limits::DISK_SIZE,
+                            |bytes| format!("`size=\"{}\"`", units::format_size(bytes)),
+                        );
+                    }
                     let pool = self
                         .required(n, "pool", "\"fast\"")
                         .and_then(|e| self.name_value(e, "the pool"));
                     let from_image = self
                         .prop(n, "from-image")
                         .and_then(|e| self.bool(e, "from-image"));
+                    let prevent_destroy = self
+                        .prop(n, "prevent-destroy")
+                        .and_then(|e| self.bool(e, "prevent-destroy"));
+                    if let Err(error) = limits::DISKS.check(b.disks.len() as u64 + 1) {
+                        self.err(
+                            "cairn::schema::out_of_range",
+                            name.span,
+                            format!("{}: {error}", limits::DISKS.what),
+                        )
+                        .help = Some(limits::DISKS.rule());
+                    }
                     b.disks.push(VmDiskSpec {
                         name,
                         size,
                         pool,
                         from_image,
+                        prevent_destroy,
                     });
                 }
                 "nic" => {
@@ -1268,8 +1344,17 @@ impl Cx<'_> {
                             });
                         }
                     }
+                    let span = self.sp(n.span());
+                    if let Err(error) = limits::NICS.check(b.nics.len() as u64 + 1) {
+                        self.err(
+                            "cairn::schema::out_of_range",
+                            span,
+                            format!("{}: {error}", limits::NICS.what),
+                        )
+                        .help = Some(limits::NICS.rule());
+                    }
                     b.nics.push(VmNicSpec {
-                        span: self.sp(n.span()),
+                        span,
                         network,
                         security_groups,
                     });

@@ -408,6 +408,10 @@ pub struct VmDisk {
     pub pool: String,
     /// Starts as a copy of the image.
     pub from_image: bool,
+    /// No plan may delete its volume, not even after the disk leaves the spec:
+    /// the protection is lifted by applying specs with it set to `#false` first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prevent_destroy: bool,
 }
 
 /// A VM NIC.

@@ -203,7 +203,12 @@ pub static SHAPES: &[Shape] = &[
     shape!("vm.sla", ONE, [], []),
     shape!("vm.availability", ONE, [], []),
     shape!("vm.image", ONE, [], []),
-    shape!("vm.disk", NAME, ["size", "pool", "from-image"], []),
+    shape!(
+        "vm.disk",
+        NAME,
+        ["size", "pool", "from-image", "prevent-destroy"],
+        []
+    ),
     shape!("vm.nic", NONE, ["network", "security-groups"], []),
     shape!("vm.tag", PAIR, [], []),
     shape!("vm-group", NAME, ["tenant", "site", "replicas"], GROUP_BODY),
@@ -214,7 +219,12 @@ pub static SHAPES: &[Shape] = &[
     shape!("vm-group.sla", ONE, [], []),
     shape!("vm-group.availability", ONE, [], []),
     shape!("vm-group.image", ONE, [], []),
-    shape!("vm-group.disk", NAME, ["size", "pool", "from-image"], []),
+    shape!(
+        "vm-group.disk",
+        NAME,
+        ["size", "pool", "from-image", "prevent-destroy"],
+        []
+    ),
     shape!("vm-group.nic", NONE, ["network", "security-groups"], []),
     shape!("vm-group.tag", PAIR, [], []),
     shape!(

@@ -362,6 +362,8 @@ pub struct VmDiskSpec {
     pub pool: Option<Name>,
     /// Whether it starts as a copy of the image.
     pub from_image: Option<Spanned<bool>>,
+    /// Whether no plan may delete its volume (`prevent-destroy=#true`).
+    pub prevent_destroy: Option<Spanned<bool>>,
 }
 
 /// `nic` on a VM.

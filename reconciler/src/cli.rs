@@ -140,6 +140,11 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
     },
+    /// Volumes of VMs: export one to local NBD clients.
+    Volume {
+        #[command(subcommand)]
+        command: VolumeCommand,
+    },
     /// The local dev cluster: one cairn-node per node of the spec.
     Dev {
         #[command(subcommand)]
@@ -222,6 +227,27 @@ pub enum DevCommand {
     },
 }
 
+/// `cairn volume …`.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Export a VM disk's volume over NBD to local clients on the node holding its
+    /// primary copy: an owner-only unix socket that closes after its lifetime.
+    /// Prints the `nbd+unix://` URI.
+    Export {
+        /// `VM/DISK`.
+        target: String,
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// How long the export stays open (`30m`, `2h`; `0s` = until unexported).
+        #[arg(long, default_value = "1h")]
+        lifetime: String,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
+}
+
 /// Runs a command; returns the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
@@ -275,6 +301,14 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Status { dir, format, state } => {
             crate::engine::commands::status_cmd(&dir, state.as_deref(), format)
         }
+        Command::Volume { command } => match command {
+            VolumeCommand::Export {
+                target,
+                dir,
+                lifetime,
+                state,
+            } => crate::engine::commands::volume_export(&dir, state.as_deref(), &target, &lifetime),
+        },
         Command::Dev { command } => match command {
             DevCommand::Up { dir } => crate::engine::commands::dev_up(&dir),
             DevCommand::Down { dir } => crate::engine::commands::dev_down(&dir),

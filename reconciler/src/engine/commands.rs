@@ -141,9 +141,15 @@ struct Planned {
     solved: compiler::place::Placement,
 }
 
-fn plan_against(loaded: &Loaded, observed: Observed, previous: &Placement) -> Planned {
+fn plan_against(
+    loaded: &Loaded,
+    observed: Observed,
+    previous: &Placement,
+    protected_before: std::collections::BTreeSet<String>,
+) -> Planned {
     let (placement, solved) = desired::place_solved(loaded.model(), Some(previous));
-    let desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
+    let mut desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
+    desired.protected_volumes.extend(protected_before);
     let plan = plan(&desired, &observed, &loaded.revision);
     Planned {
         desired,
@@ -162,7 +168,12 @@ async fn make_plan(
     let nodes = spec_nodes(loaded.model());
     let observed = observe(&nodes, signer).await;
     let previous = previous_placement(store.placement()?, &observed);
-    Ok(plan_against(loaded, observed, &previous))
+    Ok(plan_against(
+        loaded,
+        observed,
+        &previous,
+        store.protected_volumes()?,
+    ))
 }
 
 /// Prints the diagnostics of VMs that cannot be placed (errors with spans; spot
@@ -263,7 +274,7 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
             }
         };
         let previous = placement_from_observed(&observed);
-        let planned = plan_against(&loaded, observed, &previous);
+        let planned = plan_against(&loaded, observed, &previous, Default::default());
         print_unplaced(&loaded, &planned.solved)?;
         print_plan(&planned.plan, args.format, args.concise)?;
         return Ok(plan_exit(&planned.plan, args.detailed_exitcode));
@@ -459,17 +470,31 @@ async fn settle_interrupted(
     Ok(newest)
 }
 
-/// Kernel and initrd files that VMs to be defined need and that are missing:
-/// checked before any step is sent, so a missing image never half-applies a plan.
-fn missing_images(plan: &Plan) -> Vec<String> {
+/// The image of every VM a plan defines (from its `create_vm` steps).
+fn defined_images(plan: &Plan) -> BTreeMap<String, BootImage> {
+    plan.steps
+        .iter()
+        .filter_map(|s| match &s.action {
+            super::plan::NodeAction::CreateVm { name, image, .. } => {
+                Some((name.clone(), image.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Kernel and initrd files that VMs the plan defines or starts need and that are
+/// missing (`images`: VM → the image it boots): checked before any step is sent,
+/// so a missing image never half-applies a plan.
+fn missing_images(plan: &Plan, images: &BTreeMap<String, BootImage>) -> Vec<String> {
     let mut out = vec![];
     for step in &plan.steps {
-        let super::plan::NodeAction::CreateVm {
-            name,
-            image: BootImage::Kernel { kernel, initrd, .. },
-            ..
-        } = &step.action
-        else {
+        let name = match &step.action {
+            super::plan::NodeAction::CreateVm { name, .. }
+            | super::plan::NodeAction::StartVm { name } => name,
+            _ => continue,
+        };
+        let Some(BootImage::Kernel { kernel, initrd, .. }) = images.get(name) else {
             continue;
         };
         for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
@@ -491,10 +516,11 @@ fn execute(
     store: &StateStore,
     signer: &RequestSigner,
     plan: &Plan,
+    images: &BTreeMap<String, BootImage>,
     parallelism: usize,
     interrupted: Option<&Interrupted>,
 ) -> anyhow::Result<u8> {
-    let missing = missing_images(plan);
+    let missing = missing_images(plan, images);
     if !missing.is_empty() {
         eprintln!("error: refusing to apply: images the plan needs are missing; nothing was sent:");
         for m in &missing {
@@ -529,6 +555,7 @@ fn execute(
     ))?;
     store.finish_execution(&execution_id, None)?;
     store.set_placement(&plan.placement)?;
+    store.set_protected_volumes(&plan.protected)?;
     let problems = plan.not_converged();
     if !report.failed() && problems.is_empty() {
         store.set_applied(&Applied {
@@ -627,10 +654,17 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
         println!("Apply cancelled.");
         return Ok(1);
     }
+    let images = planned
+        .desired
+        .vms
+        .values()
+        .map(|vm| (vm.name.clone(), vm.image.clone()))
+        .collect();
     execute(
         &store,
         &signer,
         plan,
+        &images,
         args.parallelism,
         interrupted.as_ref(),
     )
@@ -723,6 +757,7 @@ fn apply_file(args: &ApplyArgs, command: &str) -> anyhow::Result<u8> {
         &store,
         &signer,
         &file.plan,
+        &defined_images(&file.plan),
         args.parallelism,
         interrupted.as_ref(),
     )
@@ -813,4 +848,127 @@ pub fn force_unlock(dir: &Path, state: Option<&Path>, id: &str, force: bool) -> 
             Ok(1)
         }
     }
+}
+
+/// `cairn volume export VM/DISK`: asks the node holding the volume's primary copy
+/// to export it on an owner-only unix socket for `lifetime`, and prints the URI.
+pub fn volume_export(
+    dir: &Path,
+    state: Option<&Path>,
+    target: &str,
+    lifetime: &str,
+) -> anyhow::Result<u8> {
+    let Some((vm_name, disk_name)) = target.split_once('/') else {
+        eprintln!("error: `{target}` is not VM/DISK (for example `db/data`)");
+        return Ok(2);
+    };
+    let lifetime_ms = match compiler::units::parse_duration(lifetime) {
+        Ok(ms) => ms,
+        Err(e) => {
+            eprintln!("error: --lifetime {lifetime}: {e} (for example `30m` or `2h`)");
+            return Ok(2);
+        }
+    };
+    let loaded = match load(dir, state)? {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let Some(vm) = loaded.model().vm(vm_name) else {
+        eprintln!("error: no vm `{vm_name}` in the specs");
+        return Ok(1);
+    };
+    if !vm.disks.iter().any(|d| d.name == disk_name) {
+        let disks: Vec<&str> = vm.disks.iter().map(|d| d.name.as_str()).collect();
+        eprintln!(
+            "error: vm `{vm_name}` has no disk `{disk_name}`; its disks: {}",
+            if disks.is_empty() {
+                "none".to_owned()
+            } else {
+                disks.join(", ")
+            }
+        );
+        return Ok(1);
+    }
+    let volume = desired::volume_name(vm_name, disk_name);
+    let store = loaded.ctx.store()?;
+    let signer = RequestSigner::new(loaded.ctx.identity()?);
+    let nodes = spec_nodes(loaded.model());
+    let rt = runtime()?;
+    let observed = rt.block_on(observe(&nodes, &signer));
+    let primary = observed.nodes.iter().find_map(|(node, o)| match o {
+        NodeObservation::Reachable { volumes, .. } => volumes
+            .get(&volume)
+            .filter(|v| v.role != "replica")
+            .map(|_| node.clone()),
+        NodeObservation::Unreachable { .. } => None,
+    });
+    let Some(node) = primary else {
+        let down: Vec<&String> = observed
+            .nodes
+            .iter()
+            .filter(|(_, o)| matches!(o, NodeObservation::Unreachable { .. }))
+            .map(|(n, _)| n)
+            .collect();
+        eprintln!(
+            "error: no node that answered holds volume {volume}{}; `cairn apply` makes it",
+            if down.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (not answering: {})",
+                    down.iter()
+                        .map(|n| n.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+        return Ok(1);
+    };
+    let address = nodes[&node].address.clone();
+    let request = proto::v1::ApplyRequest {
+        request_id: format!("export-{}", super::state::random_id()),
+        action: Some(proto::v1::apply_request::Action::ExportVolume(
+            proto::v1::ExportVolume {
+                name: volume.clone(),
+                lifetime_seconds: lifetime_ms.div_ceil(1000),
+            },
+        )),
+    };
+    let answer = rt.block_on(async {
+        let mut client = super::observe::connect(&address, signer.clone()).await?;
+        client
+            .apply(request)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    });
+    let result = match answer {
+        Ok(response) => response.result,
+        Err(e) => {
+            eprintln!("error: node {node} did not export {volume}: {e}");
+            return Ok(1);
+        }
+    };
+    let Some(proto::v1::apply_response::Result::ExportVolume(export)) = result else {
+        eprintln!("error: node {node} answered the export of {volume} without a URI");
+        return Ok(2);
+    };
+    store.audit(
+        "volume-export",
+        serde_json::json!({"volume": volume, "node": node, "uri": export.uri, "expires_at_unix_ms": export.expires_at_unix_ms}),
+    )?;
+    println!("{}", export.uri);
+    let until = if export.expires_at_unix_ms == 0 {
+        "until it is unexported".to_owned()
+    } else {
+        format!(
+            "for {}",
+            compiler::units::format_duration(export.expires_at_unix_ms.saturating_sub(now_ms()))
+        )
+    };
+    eprintln!(
+        "exported {volume} on node {node} {until}: local clients on that node, as its user (or root), e.g. `nbdinfo '{}'`",
+        export.uri
+    );
+    Ok(0)
 }

@@ -159,6 +159,10 @@ pub struct Desired {
     pub spec_volumes: BTreeMap<String, String>,
     /// VMs of the spot class (unplaced, they wait for room by design).
     pub spot_vms: std::collections::BTreeSet<String>,
+    /// Volumes no plan may delete: `prevent-destroy` in these specs or in the last
+    /// applied ones (so removing the disk and its protection in one change is
+    /// still refused).
+    pub protected_volumes: std::collections::BTreeSet<String>,
 }
 
 /// The name of a VM disk's volume.
@@ -383,9 +387,11 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
             desired.spot_vms.insert(vm.name.clone());
         }
         for disk in &vm.disks {
-            desired
-                .spec_volumes
-                .insert(volume_name(&vm.name, &disk.name), vm.name.clone());
+            let name = volume_name(&vm.name, &disk.name);
+            if disk.prevent_destroy {
+                desired.protected_volumes.insert(name.clone());
+            }
+            desired.spec_volumes.insert(name, vm.name.clone());
         }
         let Some(node) = placement.vms.get(&vm.name) else {
             continue;

@@ -452,6 +452,11 @@ pub struct Plan {
     /// Changes refused because they would destroy data or cannot be made.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<Refused>,
+    /// Volumes the specs of this plan protect with `prevent-destroy` (recorded
+    /// when it is applied: a later plan may not delete them until specs that
+    /// lift the protection were applied).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub protected: std::collections::BTreeSet<String>,
     /// The placement this plan carries out (recorded after apply).
     pub placement: super::desired::Placement,
 }
@@ -976,6 +981,15 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         if desired.spec_volumes.contains_key(*name) {
             continue;
         }
+        if desired.protected_volumes.contains(*name) {
+            refused.push(Refused {
+                object: "volume".into(),
+                name: (*name).to_owned(),
+                node: (*node).to_owned(),
+                reason: "no spec names it any more, but it is protected by `prevent-destroy` in the specs last applied; to delete it, first apply specs that keep the disk with `prevent-destroy=#false`, then remove the disk".to_owned(),
+            });
+            continue;
+        }
         let delete = b.step(
             node,
             NodeAction::DeleteVolume {
@@ -1313,6 +1327,12 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         unplaced,
         spot_unplaced,
         refused,
+        protected: desired
+            .protected_volumes
+            .iter()
+            .filter(|v| desired.spec_volumes.contains_key(*v))
+            .cloned()
+            .collect(),
         placement: desired.placement.clone(),
     }
 }

@@ -333,6 +333,19 @@ impl StateStore {
         self.put_json(META, "placement", placement)
     }
 
+    /// Volumes protected by `prevent-destroy` in the specs last applied.
+    pub fn protected_volumes(&self) -> Result<std::collections::BTreeSet<String>, StateError> {
+        Ok(self.get_json(META, "protected")?.unwrap_or_default())
+    }
+
+    /// Records the volumes the applied specs protect.
+    pub fn set_protected_volumes(
+        &self,
+        volumes: &std::collections::BTreeSet<String>,
+    ) -> Result<(), StateError> {
+        self.put_json(META, "protected", volumes)
+    }
+
     /// The last applied revision.
     pub fn applied(&self) -> Result<Option<Applied>, StateError> {
         self.get_json(META, "applied")

@@ -3,6 +3,7 @@
 //! used to lose data or report success while doing nothing.
 
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::Stdio;
 
 use crate::engine::{Cluster, kvm_usable};
@@ -165,7 +166,7 @@ fn a_spec_mistake_never_deletes_a_running_vm_or_its_data() {
     assert_eq!(apply(&cluster).code, 0);
     let before = cluster.status_json();
 
-    // A memory typo (with a quota to match): no node can hold db any more.
+    // A memory typo (with a quota to match): no node can hold the web VMs any more.
     edit(
         &cluster,
         "tenants.kdl",
@@ -175,8 +176,8 @@ fn a_spec_mistake_never_deletes_a_running_vm_or_its_data() {
     edit(
         &cluster,
         "workloads.kdl",
-        "memory \"128MiB\"",
-        "memory \"64GiB\"",
+        "memory \"64MiB\"",
+        "memory \"8GiB\"",
     );
     let validate = cluster.cairn(&["validate", "."]);
     assert_eq!(validate.code, 1, "{validate:?}");
@@ -184,9 +185,8 @@ fn a_spec_mistake_never_deletes_a_running_vm_or_its_data() {
     assert_eq!(plan.code, 1, "{plan:?}");
     assert!(!plan.stdout.contains("delete"), "{}", plan.stdout);
     assert!(
-        plan.stdout.contains("! vm db cannot be placed"),
-        "{}",
-        plan.stdout
+        plan.stdout.contains("! vm web-0 cannot be placed"),
+        "{plan:?}"
     );
     assert!(
         plan.stdout.contains("it stays where it runs"),
@@ -205,26 +205,28 @@ fn a_spec_mistake_never_deletes_a_running_vm_or_its_data() {
     let after = cluster.status_json();
     assert_eq!(vm_names(&after), vm_names(&before));
     assert_eq!(volume_names(&after), volume_names(&before));
-    let db = after["vms"]
+    for web in after["vms"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|v| v["name"] == "db")
-        .unwrap();
-    assert_eq!(db["state"], "running", "{db}");
+        .filter(|v| v["name"].as_str().unwrap().starts_with("web-"))
+    {
+        assert_eq!(web["state"], "running", "{web}");
+        assert_eq!(web["drift"], "unplaced", "{web}");
+    }
 
     // Shrinking a volume is refused, growing it is done in place.
     edit(
         &cluster,
         "workloads.kdl",
-        "memory \"64GiB\"",
-        "memory \"128MiB\"",
+        "memory \"8GiB\"",
+        "memory \"64MiB\"",
     );
     edit(
         &cluster,
         "workloads.kdl",
-        "size=\"256MiB\"",
-        "size=\"128MiB\"",
+        "disk \"data\" size=\"256MiB\"",
+        "disk \"data\" size=\"128MiB\"",
     );
     let shrink = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
     assert_eq!(shrink.code, 1, "{shrink:?}");
@@ -242,8 +244,8 @@ fn a_spec_mistake_never_deletes_a_running_vm_or_its_data() {
     edit(
         &cluster,
         "workloads.kdl",
-        "size=\"128MiB\"",
-        "size=\"512MiB\"",
+        "disk \"data\" size=\"128MiB\"",
+        "disk \"data\" size=\"512MiB\"",
     );
     let grow = cluster.cairn(&["plan", ".", "--concise", "--detailed-exitcode"]);
     assert_eq!(grow.code, 3, "{grow:?}");
@@ -407,7 +409,7 @@ fn force_unlock_refuses_a_live_holder_and_says_who_it_is() {
 }
 
 /// The exactly-once crash test: a 40-step plan is killed with SIGKILL at a
-/// random step, 20 times, alternating between making and removing the VMs.
+/// random step (with up to 8 steps in flight), 20 times, alternating between making and removing the VMs.
 /// After each interruption the next apply finishes the job; the nodes' own
 /// per-object counters then show every effect happened exactly once: each VM
 /// was started once per round that made it, each volume created once per
@@ -420,7 +422,10 @@ fn kill_9_at_random_steps_of_a_40_step_plan_carries_out_every_effect_exactly_onc
     }
     let cluster = Cluster::up_with("crash-40", &["workloads.kdl"]);
     let fleet = "tenant \"crash\" {\n    quota vcpus=32 memory=\"2GiB\" storage=\"4GiB\" vms=16\n    network \"crash-net\" site=\"lab\" cidr=\"10.79.0.0/24\" gateway=\"10.79.0.1\"\n}\n";
-    let group = "vm-group \"w\" tenant=\"crash\" site=\"lab\" replicas=13 {\n    cpu 1\n    memory \"32MiB\"\n    image \"tiny\"\n    disk \"root\" size=\"16MiB\" pool=\"local\"\n}\n";
+    // 12 VMs with a volume (create_volume, create_vm, start_vm) and 2 without
+    // (create_vm, start_vm): 40 steps to make, 40 to remove (stop, delete, and
+    // delete_volume).
+    let group = "vm-group \"w\" tenant=\"crash\" site=\"lab\" replicas=12 {\n    cpu 1\n    memory \"32MiB\"\n    image \"tiny\"\n    disk \"root\" size=\"16MiB\" pool=\"local\"\n}\nvm-group \"x\" tenant=\"crash\" site=\"lab\" replicas=2 {\n    cpu 1\n    memory \"32MiB\"\n    image \"tiny\"\n}\n";
     std::fs::write(cluster.path().join("fleet.kdl"), fleet).unwrap();
     // The bonds first, so that every round's plan is VMs and volumes only.
     assert_eq!(apply(&cluster).code, 0);
@@ -452,7 +457,7 @@ fn kill_9_at_random_steps_of_a_40_step_plan_carries_out_every_effect_exactly_onc
         let plan = cluster.cairn(&["plan", ".", "--format", "json"]);
         let doc: serde_json::Value = serde_json::from_str(&plan.stdout).expect("plan JSON");
         let steps = doc["steps"].as_array().unwrap().len();
-        assert_eq!(steps, 39, "round {round}: {}", plan.stdout);
+        assert_eq!(steps, 40, "round {round}: {}", plan.stdout);
         let kill_after = 1 + (next() % (steps as u64 - 2)) as usize;
         let done = apply_and_kill_after(&cluster, kill_after, "8");
         eprintln!("round {round}: killed after {done} of {steps} steps");
@@ -476,7 +481,10 @@ fn kill_9_at_random_steps_of_a_40_step_plan_carries_out_every_effect_exactly_onc
             .as_array()
             .unwrap()
             .iter()
-            .filter(|v| v["name"].as_str().unwrap().starts_with("w-"))
+            .filter(|v| {
+                let name = v["name"].as_str().unwrap();
+                name.starts_with("w-") || name.starts_with("x-")
+            })
             .collect();
         let vols: Vec<&serde_json::Value> = status["volumes"]
             .as_array()
@@ -485,8 +493,8 @@ fn kill_9_at_random_steps_of_a_40_step_plan_carries_out_every_effect_exactly_onc
             .filter(|v| v["name"].as_str().unwrap().starts_with("w-"))
             .collect();
         if making {
-            assert_eq!(ws.len(), 13, "round {round}: {status}");
-            assert_eq!(vols.len(), 13, "round {round}: {status}");
+            assert_eq!(ws.len(), 14, "round {round}: {status}");
+            assert_eq!(vols.len(), 12, "round {round}: {status}");
             for vm in &ws {
                 assert_eq!(vm["state"], "running", "round {round}: {vm}");
                 assert_eq!(
@@ -507,4 +515,165 @@ fn kill_9_at_random_steps_of_a_40_step_plan_carries_out_every_effect_exactly_onc
         let plan = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
         assert_eq!(plan.code, 0, "round {round}: converged: {plan:?}");
     }
+}
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn volume_export_prints_an_owner_only_nbd_unix_uri_that_expires() {
+    if !kvm_usable() {
+        eprintln!("skipped: /dev/kvm is not usable here, and applying the quickstart starts VMs");
+        return;
+    }
+    let cluster = Cluster::up("export");
+    assert_eq!(apply(&cluster).code, 0);
+    let wrong = cluster.cairn(&["volume", "export", "db/nope", "."]);
+    assert_eq!(wrong.code, 1, "{wrong:?}");
+    assert!(
+        wrong.stderr.contains("has no disk `nope`; its disks: data"),
+        "{}",
+        wrong.stderr
+    );
+    let run = cluster.cairn(&["volume", "export", "db/data", ".", "--lifetime", "4s"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let uri = run.stdout.trim().to_owned();
+    assert!(uri.starts_with("nbd+unix:///db-data?socket="), "{uri}");
+    let socket = uri.split("socket=").nth(1).unwrap().to_owned();
+    assert!(Path::new(&socket).exists(), "{socket}");
+    if have("nbdinfo") {
+        let owner = std::process::Command::new("nbdinfo")
+            .args(["--size", &uri])
+            .output()
+            .unwrap();
+        assert!(owner.status.success(), "{owner:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&owner.stdout).trim(),
+            (256u64 << 20).to_string()
+        );
+        if have("runuser") && is_root() {
+            let nobody = std::process::Command::new("runuser")
+                .args(["-u", "nobody", "--", "nbdinfo", "--size", &uri])
+                .output()
+                .unwrap();
+            assert!(
+                !nobody.status.success(),
+                "nobody read the export: {nobody:?}"
+            );
+        } else {
+            eprintln!("skipped the `nobody` check: not root or no runuser");
+        }
+    } else {
+        eprintln!("skipped the client checks: nbdinfo (libnbd-bin) is not installed");
+    }
+    // The lifetime ends: the socket goes away.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while Path::new(&socket).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(
+        !Path::new(&socket).exists(),
+        "{socket} outlived its lifetime"
+    );
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn prevent_destroy_keeps_a_volume_even_after_its_disk_leaves_the_spec() {
+    if !kvm_usable() {
+        eprintln!("skipped: /dev/kvm is not usable here, and applying the quickstart starts VMs");
+        return;
+    }
+    let cluster = Cluster::up("prevent-destroy");
+    edit(
+        &cluster,
+        "workloads.kdl",
+        "disk \"data\" size=\"256MiB\" pool=\"local\"",
+        "disk \"data\" size=\"256MiB\" pool=\"local\" prevent-destroy=#true",
+    );
+    assert_eq!(apply(&cluster).code, 0);
+    // The whole VM leaves the spec, protection and all: its volume is kept.
+    let text = std::fs::read_to_string(cluster.path().join("workloads.kdl")).unwrap();
+    let start = text.find("vm \"db\"").unwrap();
+    let end = start + text[start..].find("\n}\n").unwrap() + 3;
+    std::fs::write(
+        cluster.path().join("workloads.kdl"),
+        format!("{}{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
+    let plan = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(plan.code, 1, "{plan:?}");
+    assert!(
+        plan.stdout
+            .contains("! volume db-data on lab-1: refused: no spec names it any more, but it is protected by `prevent-destroy`")
+            || plan.stdout.contains("refused: no spec names it any more, but it is protected"),
+        "{}",
+        plan.stdout
+    );
+    let run = apply(&cluster);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(volume_names(&cluster.status_json()).contains(&"db-data".to_owned()));
+}
+
+#[test]
+fn plan_files_are_verified_before_anything_is_written_and_broken_ones_exit_1() {
+    let dir = crate::TempDir::new("planfile");
+    let elsewhere = crate::TempDir::new("planfile-root");
+    let file = dir.0.join("bad.plan");
+    std::fs::write(&file, "{ this is not json").unwrap();
+    let run = crate::cairn(&dir.0, &["apply", "bad.plan"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("is not a cairn plan file"),
+        "{}",
+        run.stderr
+    );
+    // A plan file naming another spec root: refused, and nothing (no controller
+    // key) is written there.
+    std::fs::write(
+        &file,
+        serde_json::json!({"format_version": 1, "kind": "cairn-plan", "spec_root": elsewhere.0, "plan": {}})
+            .to_string(),
+    )
+    .unwrap();
+    let run = crate::cairn(&dir.0, &["apply", "bad.plan"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("has no controller key"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !elsewhere.0.join(".cairn").exists(),
+        "apply wrote into the spec root a forged plan file named"
+    );
+}
+
+#[test]
+fn a_corrupt_state_file_says_how_to_recover() {
+    let dir = crate::TempDir::new("corrupt-state");
+    crate::copy_dir(&crate::repo_root().join("examples/quickstart"), &dir.0);
+    std::fs::create_dir_all(dir.0.join(".cairn")).unwrap();
+    std::fs::write(dir.0.join(".cairn/state.redb"), vec![0x5a; 4096]).unwrap();
+    let run = crate::cairn(&dir.0, &["status", "."]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("move the file aside"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("placement will be rebuilt from what the nodes run"),
+        "{}",
+        run.stderr
+    );
 }

@@ -109,7 +109,8 @@ fn plan_json_matches_its_schema() {
             .find(|l| l.contains("--format json"))
             .expect("a JSON plan command");
         let args: Vec<&str> = line.split_whitespace().collect();
-        let doc = output(&dir, &args, &[0]);
+        // plan-bond-drift has a node that refuses bonds: not converged, exit 1.
+        let doc = output(&dir, &args, &[0, 1]);
         assert!(
             !doc["steps"].as_array().expect("steps").is_empty(),
             "{case}: the plan has steps, so their schema is exercised"
@@ -310,8 +311,15 @@ fn status_json_matches_its_schema() {
     let tmp = TempDir::new("schemas-status");
     copy_dir(&repo_root().join("examples/quickstart"), &tmp.0);
     let state = tmp.0.join("state.redb");
+    // With no node answering the plan is not acceptable (exit 1); it still
+    // audits, and with a dev cluster of the quickstart running it is 0.
     let plan = cairn(&tmp.0, &["plan", "--state", path(&state)]);
-    assert_eq!(plan.code, 0, "{}{}", plan.stdout, plan.stderr);
+    assert!(
+        [0, 1].contains(&plan.code),
+        "{}{}",
+        plan.stdout,
+        plan.stderr
+    );
     let doc = output(
         &tmp.0,
         &["status", "--state", path(&state), "--format", "json"],
