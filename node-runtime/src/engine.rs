@@ -113,6 +113,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Grows a volume in place (durable on return); the same size is fine, a smaller one
+    /// is refused.
+    pub fn grow(&self, name: &str, size_bytes: u64) -> Result<(), StorageError> {
+        self.store.grow_volume(name, size_bytes)?;
+        Ok(())
+    }
+
     /// Deletes a volume; a missing one is fine.
     pub fn delete(&self, name: &str) -> Result<(), StorageError> {
         match self.store.delete_volume(name) {

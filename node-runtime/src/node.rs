@@ -385,10 +385,29 @@ impl Node {
         signed: &Envelope,
     ) -> Result<ApplyResult, Status> {
         match action {
-            Action::ResizeVolume(resize) => Err(Status::unimplemented(format!(
-                "this node cannot grow volume `{}` in place yet",
-                resize.name
-            ))),
+            Action::ResizeVolume(resize) => {
+                validate::name("resize_volume.name", &resize.name)?;
+                validate::volume_size("resize_volume.size_bytes", resize.size_bytes)?;
+                let record = self
+                    .volumes
+                    .resize(
+                        &resize.name,
+                        resize.size_bytes,
+                        signed.to_grant(request.clone()),
+                    )
+                    .await?;
+                Ok(ApplyResult::Volume(v1::VolumeResult {
+                    name: record.name,
+                    size_bytes: record.size_bytes,
+                    stripe_width: record.stripe_width,
+                    stripe_unit_bytes: record.stripe_unit_bytes,
+                    replica_peers: record
+                        .replica_peers
+                        .into_iter()
+                        .map(|peer| peer.name)
+                        .collect(),
+                }))
+            }
             Action::CreateVolume(create) => {
                 validate::name("create_volume.name", &create.name)?;
                 validate::volume_geometry(

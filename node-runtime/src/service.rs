@@ -363,4 +363,24 @@ impl v1::replication_server::Replication for NodeService {
             .await?;
         Ok(Response::new(v1::DeleteReplicaResponse {}))
     }
+
+    async fn resize_replica(
+        &self,
+        request: Request<v1::ResizeReplicaRequest>,
+    ) -> Result<Response<v1::ResizeReplicaResponse>, Status> {
+        let caller = self.replication_caller(
+            methods::RESIZE_REPLICA,
+            &request,
+            request.get_ref().grant.as_ref(),
+        )?;
+        let request = request.into_inner();
+        validate::name("resize_replica_request.volume", &request.volume)?;
+        validate::volume_size("resize_replica_request.size_bytes", request.size_bytes)?;
+        Ok(Response::new(
+            self.node
+                .volumes
+                .resize_replica(&request.volume, request.size_bytes, &caller)
+                .await?,
+        ))
+    }
 }

@@ -90,24 +90,7 @@ pub fn volume_geometry(
     stripe_width: u32,
     stripe_unit_bytes: u64,
 ) -> Result<(), Status> {
-    if size_bytes == 0 {
-        return Err(invalid(
-            &format!("{prefix}.size_bytes"),
-            "must be at least 4096",
-        ));
-    }
-    if !size_bytes.is_multiple_of(4096) {
-        return Err(invalid(
-            &format!("{prefix}.size_bytes"),
-            format!("{size_bytes} is not a multiple of 4096"),
-        ));
-    }
-    if size_bytes > MAX_VOLUME_BYTES {
-        return Err(invalid(
-            &format!("{prefix}.size_bytes"),
-            format!("{size_bytes} is larger than the maximum of {MAX_VOLUME_BYTES} (64 TiB)"),
-        ));
-    }
+    volume_size(&format!("{prefix}.size_bytes"), size_bytes)?;
     if stripe_width == 0 || stripe_width > MAX_STRIPE_WIDTH {
         return Err(invalid(
             &format!("{prefix}.stripe_width"),
@@ -122,6 +105,26 @@ pub fn volume_geometry(
             format!(
                 "{stripe_unit_bytes} must be a power of two between 4096 (4 KiB) and 67108864 (64 MiB)"
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// A volume size: a positive multiple of 4096, at most [`MAX_VOLUME_BYTES`].
+pub fn volume_size(field: &str, size_bytes: u64) -> Result<(), Status> {
+    if size_bytes == 0 {
+        return Err(invalid(field, "must be at least 4096"));
+    }
+    if !size_bytes.is_multiple_of(4096) {
+        return Err(invalid(
+            field,
+            format!("{size_bytes} is not a multiple of 4096"),
+        ));
+    }
+    if size_bytes > MAX_VOLUME_BYTES {
+        return Err(invalid(
+            field,
+            format!("{size_bytes} is larger than the maximum of {MAX_VOLUME_BYTES} (64 TiB)"),
         ));
     }
     Ok(())

@@ -126,7 +126,12 @@ pub struct ReplicationCaller {
 
 #[derive(Debug)]
 struct VolumeEntry {
+    /// The record as created or loaded; its `size_bytes` is not updated by a grow (read
+    /// [`VolumeEntry::size`] or [`VolumeEntry::record_now`]).
     record: VolumeRecord,
+    /// The volume's size now: ResizeVolume grows it in place (under the write lock, after
+    /// the engine and the stored record grew).
+    size_bytes: AtomicU64,
     /// Serialises writes (and resynchronisation) of one volume.
     write_lock: Mutex<()>,
     health: std::sync::Mutex<(Health, String)>,
@@ -140,6 +145,7 @@ struct VolumeEntry {
 impl VolumeEntry {
     fn new(record: VolumeRecord) -> Self {
         Self {
+            size_bytes: AtomicU64::new(record.size_bytes),
             record,
             write_lock: Mutex::new(()),
             health: std::sync::Mutex::new((Health::Healthy, String::new())),
@@ -153,6 +159,19 @@ impl VolumeEntry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The volume's size now.
+    fn size(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// The record with the size now.
+    fn record_now(&self) -> VolumeRecord {
+        VolumeRecord {
+            size_bytes: self.size(),
+            ..self.record.clone()
+        }
     }
 }
 
@@ -458,7 +477,7 @@ impl Volumes {
 
     /// Size of a volume, for request validation.
     pub async fn size_of(&self, name: &str) -> Result<u64, Status> {
-        Ok(self.entry(name).await?.record.size_bytes)
+        Ok(self.entry(name).await?.size())
     }
 
     fn set_health(&self, entry: &VolumeEntry, health: Health, detail: String) {
@@ -495,15 +514,15 @@ impl Volumes {
             copies: Vec::new(),
         };
         if let Some(existing) = self.volumes.read().await.get(&request.name) {
-            if existing.record.same_definition(&record) {
-                return Ok(existing.record.clone());
+            if existing.record_now().same_definition(&record) {
+                return Ok(existing.record_now());
             }
             return Err(Status::already_exists(format!(
                 "volume `{}` already exists on node {} with another definition (role {:?}, {} bytes, width {}, unit {}, peers {:?}); delete it first",
                 request.name,
                 self.node_name,
                 VolumeRole::try_from(existing.record.role).unwrap_or(VolumeRole::Unspecified),
-                existing.record.size_bytes,
+                existing.size(),
                 existing.record.stripe_width,
                 existing.record.stripe_unit_bytes,
                 existing
@@ -646,7 +665,7 @@ impl Volumes {
     ) -> Result<v1::EnsureReplicaResponse, Status> {
         let record = self.replica_record(request, caller)?;
         if let Some(existing) = self.volumes.read().await.get(&request.volume) {
-            if existing.record.same_definition(&record) {
+            if existing.record_now().same_definition(&record) {
                 return Ok(v1::EnsureReplicaResponse {
                     created: false,
                     applied_writes: existing.applied_writes.load(Ordering::Relaxed),
@@ -746,6 +765,148 @@ impl Volumes {
         self.remove_local(volume).await
     }
 
+    /// Grows a primary volume in place to `size_bytes`, keeping its data: every replica
+    /// first (`Replication.ResizeReplica`, forwarding the controller's signed request
+    /// `grant`, as CreateVolume and DeleteVolume do), then the local copy in the engine
+    /// (durable), then the record, and only then may writes reach past the old end. Runs
+    /// under the volume's write lock. A failure leaves the primary as it was (some
+    /// replicas may be bigger already, which nothing sees); a retry finishes the grow.
+    /// The same size changes nothing; a smaller one is `FAILED_PRECONDITION`.
+    pub async fn resize(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        grant: v1::ControllerGrant,
+    ) -> Result<VolumeRecord, Status> {
+        let entry = self.entry(name).await?;
+        if !entry.record.is_primary() {
+            return Err(Status::failed_precondition(format!(
+                "volume `{name}` on node {} is a replica of node {}; resize it on its primary",
+                self.node_name, entry.record.primary
+            )));
+        }
+        let _guard = entry.write_lock.lock().await;
+        let current = entry.size();
+        self.refuse_shrink(name, current, size_bytes)?;
+        if size_bytes == current {
+            return Ok(entry.record_now());
+        }
+        let grows = entry.record.replica_peers.iter().map(|peer| {
+            let grant = grant.clone();
+            async move {
+                let mut client = self.peer_client(peer)?;
+                client
+                    .resize_replica(v1::ResizeReplicaRequest {
+                        volume: name.to_string(),
+                        size_bytes,
+                        grant: Some(grant),
+                    })
+                    .await
+                    .map_err(|status| peer_failure(peer, "grow the replica", &status))
+            }
+        });
+        for result in join_all(grows).await {
+            result?;
+        }
+        self.grow_local(&entry, size_bytes).await?;
+        Ok(entry.record_now())
+    }
+
+    /// Grows a replica at the request of `caller`: a controller, or the volume's primary
+    /// forwarding the controller's signed ResizeVolume of this volume to this size.
+    pub async fn resize_replica(
+        &self,
+        volume: &str,
+        size_bytes: u64,
+        caller: &ReplicationCaller,
+    ) -> Result<v1::ResizeReplicaResponse, Status> {
+        let entry = self.entry(volume).await?;
+        if !caller.controller {
+            let (_, signed) = self.grant_of(caller, "grow", volume, "ResizeVolume")?;
+            match &signed.action {
+                Some(v1::apply_request::Action::ResizeVolume(resize))
+                    if resize.name == volume && resize.size_bytes == size_bytes => {}
+                _ => {
+                    return Err(self.denied(
+                        caller,
+                        "grow",
+                        volume,
+                        "the forwarded controller request is not a ResizeVolume of this volume to this size",
+                    ));
+                }
+            }
+            if !entry.record.is_primary()
+                && self
+                    .key_of(&entry.record.primary, &entry.record.primary_key_hex)
+                    .as_deref()
+                    != Some(&caller.key_hex)
+            {
+                return Err(self.denied(
+                    caller,
+                    "grow",
+                    volume,
+                    &format!(
+                        "only its primary, node {}, grows its replicas",
+                        entry.record.primary
+                    ),
+                ));
+            }
+        }
+        if entry.record.is_primary() {
+            return Err(Status::failed_precondition(format!(
+                "volume `{volume}` is a primary on node {}, not a replica; grow it with ResizeVolume",
+                self.node_name
+            )));
+        }
+        let _guard = entry.write_lock.lock().await;
+        let current = entry.size();
+        self.refuse_shrink(volume, current, size_bytes)?;
+        if size_bytes > current {
+            self.grow_local(&entry, size_bytes).await?;
+        }
+        Ok(v1::ResizeReplicaResponse {
+            size_bytes: entry.size(),
+        })
+    }
+
+    fn refuse_shrink(&self, volume: &str, current: u64, size_bytes: u64) -> Result<(), Status> {
+        if size_bytes < current {
+            return Err(Status::failed_precondition(format!(
+                "shrinking volume {volume} from {current} to {size_bytes} would lose data (sizes in bytes, node {}); volumes only grow",
+                self.node_name
+            )));
+        }
+        Ok(())
+    }
+
+    /// Grows this node's copy: the engine (durable), then the stored record, then the
+    /// size requests are checked against. Caller holds the volume's write lock.
+    async fn grow_local(&self, entry: &VolumeEntry, size_bytes: u64) -> Result<(), Status> {
+        let engine = self.engine.clone();
+        let name = entry.record.name.clone();
+        blocking(move || engine.grow(&name, size_bytes)).await?;
+        let record = VolumeRecord {
+            size_bytes,
+            ..entry.record.clone()
+        };
+        self.store
+            .put(
+                Kind::Volume,
+                &record.name,
+                &prost::Message::encode_to_vec(&record),
+            )
+            .map_err(store_status)?;
+        entry.size_bytes.store(size_bytes, Ordering::Release);
+        self.events
+            .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
+                name: record.name.clone(),
+                health: entry.health().0 as i32,
+                detail: format!("grown to {size_bytes} bytes"),
+                deleted: false,
+            }));
+        Ok(())
+    }
+
     /// Deletes the local copy only (a replica being dropped by its primary).
     pub async fn remove_local(&self, name: &str) -> Result<(), Status> {
         let engine = self.engine.clone();
@@ -786,12 +947,7 @@ impl Volumes {
                 self.node_name, entry.record.primary
             )));
         }
-        validate::io_range(
-            "write_volume",
-            offset,
-            data.len() as u64,
-            entry.record.size_bytes,
-        )?;
+        validate::io_range("write_volume", offset, data.len() as u64, entry.size())?;
         let _guard = entry.write_lock.lock().await;
         if entry.record.replica_peers.is_empty() {
             let engine = self.engine.clone();
@@ -962,7 +1118,7 @@ impl Volumes {
             "replica_write",
             request.offset,
             request.data.len() as u64,
-            entry.record.size_bytes,
+            entry.size(),
         )?;
         if !request.resync && request.sequence == 0 {
             return Err(crate::validate::invalid(
@@ -1001,7 +1157,7 @@ impl Volumes {
         field: &str,
     ) -> Result<Vec<u8>, Status> {
         let entry = self.entry(name).await?;
-        validate::io_range(field, offset, length, entry.record.size_bytes)?;
+        validate::io_range(field, offset, length, entry.size())?;
         let engine = self.engine.clone();
         let owned = name.to_string();
         match blocking(move || engine.read(&owned, offset, length)).await {
@@ -1026,7 +1182,7 @@ impl Volumes {
         field: &str,
     ) -> Result<(Vec<u8>, Vec<u32>), Status> {
         let entry = self.entry(name).await?;
-        validate::io_range(field, offset, length, entry.record.size_bytes)?;
+        validate::io_range(field, offset, length, entry.size())?;
         let engine = self.engine.clone();
         let owned = name.to_string();
         blocking(move || engine.read_with_checksums(&owned, offset, length)).await
@@ -1203,7 +1359,7 @@ impl Volumes {
             out.push(VolumeStatus {
                 name: record.name.clone(),
                 role: record.role,
-                size_bytes: record.size_bytes,
+                size_bytes: entry.size(),
                 stripe_width: record.stripe_width,
                 stripe_unit_bytes: record.stripe_unit_bytes,
                 allocated_bytes,
@@ -1255,6 +1411,6 @@ impl Volumes {
     /// Whether the volume is a primary here, and its size.
     pub async fn role_and_size(&self, name: &str) -> Result<(bool, u64), Status> {
         let entry = self.entry(name).await?;
-        Ok((entry.record.is_primary(), entry.record.size_bytes))
+        Ok((entry.record.is_primary(), entry.size()))
     }
 }

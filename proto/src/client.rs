@@ -389,6 +389,18 @@ impl NodeClient {
         self.checked(result)?;
         Ok(())
     }
+
+    /// `Replication.ResizeReplica`: grows a replica in place.
+    pub async fn resize_replica(
+        &mut self,
+        request: v1::ResizeReplicaRequest,
+    ) -> Result<v1::ResizeReplicaResponse, tonic::Status> {
+        let request = self.signed(methods::RESIZE_REPLICA, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .resize_replica(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
 }
 
 /// Largest gRPC message either side sends or accepts: 4 MiB of data plus framing.

@@ -60,6 +60,8 @@ pub mod methods {
     pub const REPLICA_READ: &str = "/cairn.node.v1.Replication/ReplicaRead";
     /// `Replication.DeleteReplica`
     pub const DELETE_REPLICA: &str = "/cairn.node.v1.Replication/DeleteReplica";
+    /// `Replication.ResizeReplica`
+    pub const RESIZE_REPLICA: &str = "/cairn.node.v1.Replication/ResizeReplica";
 }
 
 /// The name of the `ApplyRequest.action` oneof variant, as used in events and the

@@ -867,6 +867,52 @@ impl Store {
         Ok(())
     }
 
+    /// Grows a volume in place to `new_size` bytes (a positive multiple of
+    /// [`BLOCK_SIZE`]). Its data stays where it is and the new space is thin: stripe units
+    /// past the old end have no extents and read as zeros, as do the never-written blocks
+    /// of a last stripe unit the old end cut through (they have no checksum). The size
+    /// lives only in the volume's row, which is committed durably (as a checkpoint)
+    /// before this returns, so after a crash the volume has either size, never anything
+    /// between, and no write beyond the old end can have been acknowledged before the new
+    /// size was durable. The same size changes nothing; a smaller one is refused:
+    /// shrinking would drop data. Snapshots keep the size they were taken with.
+    pub fn grow_volume(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
+        if new_size == 0 || !new_size.is_multiple_of(BLOCK_SIZE) {
+            return Err(StorageError::invalid(
+                "size",
+                format!("{new_size} must be a positive multiple of {BLOCK_SIZE}"),
+            ));
+        }
+        let mut st = self.write_state();
+        let mut rec = st
+            .volumes
+            .get(name)
+            .ok_or_else(|| StorageError::UnknownVolume {
+                name: name.to_owned(),
+            })?
+            .clone();
+        let old_size = rec.geometry.size;
+        if new_size < old_size {
+            return Err(StorageError::invalid(
+                "size",
+                format!(
+                    "shrinking volume `{name}` from {old_size} to {new_size} bytes would lose data; volumes only grow"
+                ),
+            ));
+        }
+        if new_size == old_size {
+            return Ok(volume_info(&st, name, &rec));
+        }
+        rec.geometry.size = new_size;
+        let txn = self.inner.db.begin_write()?;
+        txn.open_table(VOLUMES)?
+            .insert(name, rec.encode().as_slice())?;
+        self.checkpoint_commit(txn, &mut st)?;
+        let info = volume_info(&st, name, &rec);
+        st.volumes.insert(name.to_owned(), rec);
+        Ok(info)
+    }
+
     /// Takes a read-only snapshot of `volume` in O(1): the volume's layer is frozen and the
     /// volume continues on a new, empty layer on top of it.
     pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot> {
@@ -1907,6 +1953,11 @@ impl Volume {
             .ok_or_else(|| StorageError::UnknownVolume {
                 name: self.name.clone(),
             })
+    }
+
+    /// Grows the volume in place (see [`Store::grow_volume`]).
+    pub fn grow(&self, new_size: u64) -> Result<VolumeInfo> {
+        self.store.grow_volume(&self.name, new_size)
     }
 
     /// Size, geometry, sequence number and allocation.

@@ -12,5 +12,6 @@ mod inventory;
 mod lab;
 mod outcome;
 mod replication;
+mod resize;
 mod vms;
 mod volume_access;

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod crash;
+mod grow;
 mod integrity;
 mod nbd;
 mod replication;
