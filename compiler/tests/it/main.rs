@@ -1,5 +1,7 @@
-//! Compiler integration tests: robustness against arbitrary input.
+//! Compiler integration tests: robustness against arbitrary input, the
+//! fast parser against kdl-rs, placement, and `cairn fmt` keeping meaning.
 
+mod fmt;
 mod kdl_fast;
 mod placement;
 mod robustness;
