@@ -37,13 +37,13 @@ fn main() -> anyhow::Result<()> {
         Some("ci") => ci(),
         Some("quickstart") => quickstart(&root),
         Some("bless") => run(Command::new("cargo")
-            .args(["test", "-p", "reconciler", "--test", "it", "golden"])
+            .args(["test", "-p", "cli", "--test", "it", "golden"])
             .env("UPDATE_GOLDEN", "1")),
         Some("schemas") => run(Command::new("cargo").args([
             "run",
             "-q",
             "-p",
-            "reconciler",
+            "cli",
             "--bin",
             "cairn",
             "--",
@@ -179,7 +179,7 @@ fn quickstart(root: &Path) -> anyhow::Result<()> {
         "build",
         "--release",
         "-p",
-        "reconciler",
+        "cli",
         "-p",
         "node-runtime",
         "-p",
@@ -219,7 +219,7 @@ fn quickstart(root: &Path) -> anyhow::Result<()> {
 }
 
 fn bench() -> anyhow::Result<()> {
-    run(Command::new("cargo").args(["build", "--release", "-p", "reconciler"]))?;
+    run(Command::new("cargo").args(["build", "--release", "-p", "cli"]))?;
     run(Command::new("target/release/cairn").args(["bench", "--nodes", "1000", "--vms", "10000"]))?;
     run(Command::new("target/release/cairn").args([
         "bench", "--nodes", "10000", "--vms", "100000", "--runs", "3",

@@ -11,11 +11,14 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod cli;
+mod commands;
+mod ctx;
+mod dev;
 mod diff;
-mod engine;
 mod frontend;
 mod placecmd;
 mod policy_cmd;
+mod progress;
 mod verify;
 
 fn main() -> ExitCode {

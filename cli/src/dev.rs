@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use proto::auth::{Identity, RequestSigner};
 
-use super::Ctx;
-use super::desired::DesiredNode;
-use super::observe::connect;
+use crate::ctx::Ctx;
+use reconciler::desired::DesiredNode;
+use reconciler::nodes::connect;
 
 /// Where the node binaries are.
 fn find_binary(name: &str) -> Option<PathBuf> {
@@ -258,7 +258,7 @@ pub async fn up(
     }
     let any_running = nodes.values().any(|n| {
         pids.get(&n.name)
-            .is_some_and(|pid| super::state::process_alive(*pid))
+            .is_some_and(|pid| reconciler::state::process_alive(*pid))
     });
     let network_args = match setup_network(ctx, model, nodes) {
         Ok(args) => args,
@@ -273,7 +273,7 @@ pub async fn up(
     for node in nodes.values() {
         let dir = dev_dir.join(&node.name);
         if let Some(pid) = pids.get(&node.name)
-            && super::state::process_alive(*pid)
+            && reconciler::state::process_alive(*pid)
         {
             println!(
                 "{}: already running (pid {pid}) on {}",
@@ -357,7 +357,7 @@ pub async fn up(
                 }
                 Err(e) => {
                     let pid = pids.get(&node.name).copied().unwrap_or(0);
-                    if Instant::now() > deadline || !super::state::process_alive(pid) {
+                    if Instant::now() > deadline || !reconciler::state::process_alive(pid) {
                         let log =
                             std::fs::read_to_string(dev_dir.join(&node.name).join("node.log"))
                                 .unwrap_or_default();
@@ -444,7 +444,7 @@ fn stop_all(ctx: &Ctx) -> anyhow::Result<Vec<(String, u32, bool)>> {
     let pids = read_pids(ctx);
     let mut out = vec![];
     for (name, pid) in &pids {
-        if !super::state::process_alive(*pid) {
+        if !reconciler::state::process_alive(*pid) {
             continue;
         }
         let Ok(raw) = i32::try_from(*pid) else {
@@ -456,10 +456,10 @@ fn stop_all(ctx: &Ctx) -> anyhow::Result<Vec<(String, u32, bool)>> {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     for entry in &mut out {
-        while super::state::process_alive(entry.1) && Instant::now() < deadline {
+        while reconciler::state::process_alive(entry.1) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if super::state::process_alive(entry.1) {
+        if reconciler::state::process_alive(entry.1) {
             entry.2 = true;
         }
     }
@@ -472,7 +472,7 @@ fn stop_all(ctx: &Ctx) -> anyhow::Result<Vec<(String, u32, bool)>> {
     }
     for (_, pid, _) in &out {
         let deadline = Instant::now() + Duration::from_secs(5);
-        while super::state::process_alive(*pid) && Instant::now() < deadline {
+        while reconciler::state::process_alive(*pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

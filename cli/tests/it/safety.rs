@@ -97,18 +97,12 @@ fn an_interrupted_scale_down_is_not_resumed_once_the_specs_want_the_vms_again() 
     // The operator changes their mind: 6 again. An apply with nobody to ask
     // must not carry out the old plan's deletes.
     set_web_replicas(&cluster, 3, 6);
-    let run = cluster
-        .command(&["apply", "."])
-        .stdin(Stdio::null())
-        .output()
-        .expect("cairn apply runs");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert_eq!(run.status.code(), Some(1), "{stdout}\n{stderr}");
-    assert!(stdout.contains("was interrupted"), "{stdout}");
-    assert!(stdout.contains("The specs changed since"), "{stdout}");
-    assert!(stderr.contains("stdin is not a terminal"), "{stderr}");
-    assert!(!stdout.contains("delete_vm"), "{stdout}");
+    let run = cluster.cairn_unattended(&["apply", "."]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("was interrupted"), "{run:?}");
+    assert!(run.stdout.contains("The specs changed since"), "{run:?}");
+    assert!(run.stderr.contains("stdin is not a terminal"), "{run:?}");
+    assert!(!run.stdout.contains("delete_vm"), "{run:?}");
 
     let after = cluster.status_json();
     assert_eq!(vm_names(&after), vm_names(&before), "{after}");
@@ -461,18 +455,8 @@ fn kill_9_at_random_steps_of_a_40_step_plan_carries_out_every_effect_exactly_onc
         let kill_after = 1 + (next() % (steps as u64 - 2)) as usize;
         let done = apply_and_kill_after(&cluster, kill_after, "8");
         eprintln!("round {round}: killed after {done} of {steps} steps");
-        let finish = cluster
-            .command(&["apply", "."])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&finish.stdout);
-        assert_eq!(
-            finish.status.code(),
-            Some(0),
-            "round {round}: {out}\n{}",
-            String::from_utf8_lossy(&finish.stderr)
-        );
+        let finish = cluster.cairn_unattended(&["apply", "."]);
+        assert_eq!(finish.code, 0, "round {round}: {finish:?}");
         if making {
             rounds_made += 1;
         }

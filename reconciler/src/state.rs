@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
-use super::desired::Placement;
+use crate::desired::Placement;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
@@ -220,15 +220,78 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The state store at one path.
+/// The state store at one path: one redb file.
 #[derive(Debug)]
-pub struct StateStore {
+pub struct RedbStore {
     path: PathBuf,
     // Serialises openers inside this process (redb refuses a second open).
     guard: Mutex<()>,
 }
 
-impl StateStore {
+/// The records that outlive a process: placement, applied revision, protected
+/// volumes, executions and their journal, the audit log and the apply lock.
+/// [`RedbStore`] keeps them in one redb file; an etcd store will implement the
+/// same trait for controller replicas.
+pub trait StateStore: Send + Sync {
+    /// The last applied placement.
+    fn placement(&self) -> Result<Option<Placement>, StateError>;
+
+    /// Records the applied placement.
+    fn set_placement(&self, placement: &Placement) -> Result<(), StateError>;
+
+    /// Volumes protected by `prevent-destroy` in the specs last applied.
+    fn protected_volumes(&self) -> Result<std::collections::BTreeSet<String>, StateError>;
+
+    /// Records the volumes the applied specs protect.
+    fn set_protected_volumes(
+        &self,
+        volumes: &std::collections::BTreeSet<String>,
+    ) -> Result<(), StateError>;
+
+    /// The last applied revision.
+    fn applied(&self) -> Result<Option<Applied>, StateError>;
+
+    /// Records the applied revision.
+    fn set_applied(&self, applied: &Applied) -> Result<(), StateError>;
+
+    /// The current lock holder.
+    fn lock_holder(&self) -> Result<Option<LockInfo>, StateError>;
+
+    /// Takes the apply lock. A lock whose holder is a dead process on this host is
+    /// taken over (the caller is told through the returned previous holder).
+    fn lock(&self, command: &str) -> Result<(LockInfo, Option<LockInfo>), StateError>;
+
+    /// Releases the lock if `id` holds it. With `force`, any holder with that id is
+    /// removed (`cairn force-unlock`).
+    fn unlock(&self, id: &str) -> Result<(), StateError>;
+
+    /// Records that an execution started (keyed by its execution id).
+    fn start_execution(&self, record: &PlanRecord) -> Result<(), StateError>;
+
+    /// The executions that did not finish (a crash), oldest first.
+    fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError>;
+
+    /// Every execution record, oldest first (the key is the execution id).
+    fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError>;
+
+    /// Marks an execution finished; `ended` says how when it did not run to its end.
+    fn finish_execution(&self, execution_id: &str, ended: Option<String>)
+    -> Result<(), StateError>;
+
+    /// Writes one journal record (durably: redb commits are fsynced).
+    fn journal(&self, execution_id: &str, record: &StepRecord) -> Result<(), StateError>;
+
+    /// The journal of one execution, by step.
+    fn journal_of(&self, execution_id: &str) -> Result<Vec<StepRecord>, StateError>;
+
+    /// Appends to the audit log.
+    fn audit(&self, event: &str, detail: serde_json::Value) -> Result<(), StateError>;
+
+    /// The audit log, oldest first.
+    fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError>;
+}
+
+impl RedbStore {
     /// The store at `path`; its directory is created, the file on first write.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         if let Some(parent) = path.parent() {
@@ -322,24 +385,26 @@ impl StateStore {
             tx.commit().map_err(|e| self.err("commit", e))
         })
     }
+}
 
+impl StateStore for RedbStore {
     /// The last applied placement.
-    pub fn placement(&self) -> Result<Option<Placement>, StateError> {
+    fn placement(&self) -> Result<Option<Placement>, StateError> {
         self.get_json(META, "placement")
     }
 
     /// Records the applied placement.
-    pub fn set_placement(&self, placement: &Placement) -> Result<(), StateError> {
+    fn set_placement(&self, placement: &Placement) -> Result<(), StateError> {
         self.put_json(META, "placement", placement)
     }
 
     /// Volumes protected by `prevent-destroy` in the specs last applied.
-    pub fn protected_volumes(&self) -> Result<std::collections::BTreeSet<String>, StateError> {
+    fn protected_volumes(&self) -> Result<std::collections::BTreeSet<String>, StateError> {
         Ok(self.get_json(META, "protected")?.unwrap_or_default())
     }
 
     /// Records the volumes the applied specs protect.
-    pub fn set_protected_volumes(
+    fn set_protected_volumes(
         &self,
         volumes: &std::collections::BTreeSet<String>,
     ) -> Result<(), StateError> {
@@ -347,23 +412,23 @@ impl StateStore {
     }
 
     /// The last applied revision.
-    pub fn applied(&self) -> Result<Option<Applied>, StateError> {
+    fn applied(&self) -> Result<Option<Applied>, StateError> {
         self.get_json(META, "applied")
     }
 
     /// Records the applied revision.
-    pub fn set_applied(&self, applied: &Applied) -> Result<(), StateError> {
+    fn set_applied(&self, applied: &Applied) -> Result<(), StateError> {
         self.put_json(META, "applied", applied)
     }
 
     /// The current lock holder.
-    pub fn lock_holder(&self) -> Result<Option<LockInfo>, StateError> {
+    fn lock_holder(&self) -> Result<Option<LockInfo>, StateError> {
         self.get_json(META, "lock")
     }
 
     /// Takes the apply lock. A lock whose holder is a dead process on this host is
     /// taken over (the caller is told through the returned previous holder).
-    pub fn lock(&self, command: &str) -> Result<(LockInfo, Option<LockInfo>), StateError> {
+    fn lock(&self, command: &str) -> Result<(LockInfo, Option<LockInfo>), StateError> {
         let host = hostname();
         let mine = LockInfo {
             id: random_id(),
@@ -405,7 +470,7 @@ impl StateStore {
 
     /// Releases the lock if `id` holds it. With `force`, any holder with that id is
     /// removed (`cairn force-unlock`).
-    pub fn unlock(&self, id: &str) -> Result<(), StateError> {
+    fn unlock(&self, id: &str) -> Result<(), StateError> {
         self.with_db(|db| {
             let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
             {
@@ -431,19 +496,19 @@ impl StateStore {
     }
 
     /// Records that an execution started (keyed by its execution id).
-    pub fn start_execution(&self, record: &PlanRecord) -> Result<(), StateError> {
+    fn start_execution(&self, record: &PlanRecord) -> Result<(), StateError> {
         self.put_json(PLANS, &record.execution_id, record)
     }
 
     /// The executions that did not finish (a crash), oldest first.
-    pub fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
+    fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
         let mut all = self.executions()?;
         all.retain(|(_, r)| !r.finished);
         Ok(all)
     }
 
     /// Every execution record, oldest first (the key is the execution id).
-    pub fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
+    fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
             let t = tx
@@ -470,7 +535,7 @@ impl StateStore {
     }
 
     /// Marks an execution finished; `ended` says how when it did not run to its end.
-    pub fn finish_execution(
+    fn finish_execution(
         &self,
         execution_id: &str,
         ended: Option<String>,
@@ -484,7 +549,7 @@ impl StateStore {
     }
 
     /// Writes one journal record (durably: redb commits are fsynced).
-    pub fn journal(&self, execution_id: &str, record: &StepRecord) -> Result<(), StateError> {
+    fn journal(&self, execution_id: &str, record: &StepRecord) -> Result<(), StateError> {
         self.put_json(
             JOURNAL,
             &format!("{execution_id}/{:06}", record.step),
@@ -493,7 +558,7 @@ impl StateStore {
     }
 
     /// The journal of one execution, by step.
-    pub fn journal_of(&self, execution_id: &str) -> Result<Vec<StepRecord>, StateError> {
+    fn journal_of(&self, execution_id: &str) -> Result<Vec<StepRecord>, StateError> {
         let prefix = format!("{execution_id}/");
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
@@ -522,7 +587,7 @@ impl StateStore {
     }
 
     /// Appends to the audit log.
-    pub fn audit(&self, event: &str, detail: serde_json::Value) -> Result<(), StateError> {
+    fn audit(&self, event: &str, detail: serde_json::Value) -> Result<(), StateError> {
         let entry = AuditEntry {
             at_unix_ms: now_ms(),
             user: std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned()),
@@ -549,7 +614,7 @@ impl StateStore {
     }
 
     /// The audit log, oldest first.
-    pub fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError> {
+    fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
             let t = tx
@@ -607,7 +672,7 @@ mod tests {
     #[test]
     fn lock_refuses_a_live_holder_and_force_unlock_needs_the_id() {
         let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
-        let store = StateStore::open(&dir.join("state.redb")).unwrap();
+        let store = RedbStore::open(&dir.join("state.redb")).unwrap();
         let (mine, previous) = store.lock("cairn apply").unwrap();
         assert!(previous.is_none());
         let err = store.lock("cairn apply").unwrap_err();
@@ -624,7 +689,7 @@ mod tests {
     #[test]
     fn journal_and_audit_round_trip() {
         let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
-        let store = StateStore::open(&dir.join("state.redb")).unwrap();
+        let store = RedbStore::open(&dir.join("state.redb")).unwrap();
         for step in [2, 0, 1] {
             store
                 .journal(

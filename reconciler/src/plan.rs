@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::desired::{BootImage, Desired, DesiredBond, DesiredTraffic, DesiredVm, DesiredVolume};
-use super::observe::{NodeObservation, Observed, ObservedBond};
+use crate::desired::{BootImage, Desired, DesiredBond, DesiredTraffic, DesiredVm, DesiredVolume};
+use crate::observe::{NodeObservation, Observed, ObservedBond};
 
 /// Version of the plan JSON (`cairn plan --format json`, plan files).
 pub const PLAN_FORMAT_VERSION: u32 = 1;
@@ -458,7 +458,7 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub protected: std::collections::BTreeSet<String>,
     /// The placement this plan carries out (recorded after apply).
-    pub placement: super::desired::Placement,
+    pub placement: crate::desired::Placement,
 }
 
 impl Plan {
@@ -967,7 +967,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
     // Volumes. Data is destroyed only when its volume left the spec; a volume
     // the spec still names is never deleted or made again: it grows in place, and
     // a shrink, a restripe or a change of its primary is refused.
-    let mut observed_primaries: BTreeMap<&str, (&str, &super::observe::ObservedVolume)> =
+    let mut observed_primaries: BTreeMap<&str, (&str, &crate::observe::ObservedVolume)> =
         BTreeMap::new();
     for (node, obs) in &observed.nodes {
         if let NodeObservation::Reachable { volumes, .. } = obs {

@@ -274,7 +274,7 @@ pub fn schema(out: &Path) -> anyhow::Result<u8> {
 /// Every JSON Schema `cairn schema` writes: the compiler's (spec, model,
 /// placement, graph, diagnostics) and those of the reconciler's outputs.
 pub fn schemas() -> Vec<(&'static str, String)> {
-    use crate::engine::{plan::Plan, status::Status};
+    use reconciler::{plan::Plan, status::Status};
     let mut all = compiler::schemas();
     all.extend([
         ("plan.schema.json", compiler::output_schema::<Plan>()),

@@ -1,27 +1,4 @@
-//! The cluster side of `cairn`: state store, observe, plan, apply, dev cluster,
-//! status.
-//!
-//! Data flow of `cairn plan` / `cairn apply`:
-//! specs → [`compiler::compile`] → [`desired::place`] (starting from the previous
-//! placement in the [`state`] store, or from what the nodes run) → [`desired::desired`]
-//! → [`observe::observe`] (every node in parallel, with a timeout) →
-//! [`plan::plan`] (diff → changes + steps in waves) → [`render`] (text, JSON,
-//! signed plan file) → [`apply::apply`] (waves, bounded parallelism, journal).
-//!
-//! Architecture invariant: the only writes to node runtimes are the steps of a plan,
-//! each sent with the request id recorded in the journal before it is sent.
-//! Architecture invariant: the state store holds nothing git or the nodes know
-//! (placement, applied revision, journal, audit log, lock).
-
-pub mod apply;
-pub mod commands;
-pub mod desired;
-pub mod dev;
-pub mod observe;
-pub mod plan;
-pub mod render;
-pub mod state;
-pub mod status;
+//! Where a command works: the spec root, its `.cairn` directory, the state file.
 
 use std::path::{Path, PathBuf};
 
@@ -69,7 +46,7 @@ impl Ctx {
     }
 
     /// The state store.
-    pub fn store(&self) -> anyhow::Result<state::StateStore> {
-        Ok(state::StateStore::open(&self.state_path)?)
+    pub fn store(&self) -> anyhow::Result<reconciler::state::RedbStore> {
+        Ok(reconciler::state::RedbStore::open(&self.state_path)?)
     }
 }

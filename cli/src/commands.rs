@@ -10,14 +10,15 @@ use anyhow::Context;
 use proto::auth::RequestSigner;
 use sha2::{Digest, Sha256};
 
-use super::Ctx;
-use super::apply::{ApplyOptions, apply};
-use super::desired::{self, BootImage, Desired, DesiredNode, Placement, VolumePlacement};
-use super::observe::{NodeObservation, Observed, observe};
-use super::plan::{Plan, plan};
-use super::render;
-use super::state::{Applied, PlanRecord, StateStore, StepStatus, now_ms};
 use crate::cli::Format;
+use crate::ctx::Ctx;
+use reconciler::apply::{ApplyOptions, apply};
+use reconciler::desired::{self, BootImage, Desired, DesiredNode, Placement, VolumePlacement};
+use reconciler::nodes::{GrpcNodes, NodeApi};
+use reconciler::observe::{NodeObservation, Observed, observe};
+use reconciler::plan::{Plan, plan};
+use reconciler::render;
+use reconciler::state::{Applied, PlanRecord, StateStore, StepStatus, now_ms};
 
 /// A compiled spec root.
 struct Loaded {
@@ -162,11 +163,11 @@ fn plan_against(
 /// Observes and plans.
 async fn make_plan(
     loaded: &Loaded,
-    store: &StateStore,
-    signer: &RequestSigner,
+    store: &dyn StateStore,
+    nodes: &GrpcNodes,
 ) -> anyhow::Result<Planned> {
-    let nodes = spec_nodes(loaded.model());
-    let observed = observe(&nodes, signer).await;
+    let spec = spec_nodes(loaded.model());
+    let observed = observe(&spec, nodes).await;
     let previous = previous_placement(store.placement()?, &observed);
     Ok(plan_against(
         loaded,
@@ -281,9 +282,9 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
     }
     let store = loaded.ctx.store()?;
     let identity = loaded.ctx.identity()?;
-    let signer = RequestSigner::new(identity.clone());
+    let nodes = GrpcNodes::new(RequestSigner::new(identity.clone()));
     let started = Instant::now();
-    let planned = runtime()?.block_on(make_plan(&loaded, &store, &signer))?;
+    let planned = runtime()?.block_on(make_plan(&loaded, &store, &nodes))?;
     let millis = started.elapsed().as_millis();
     print_unplaced(&loaded, &planned.solved)?;
     print_plan(&planned.plan, args.format, args.concise)?;
@@ -339,7 +340,7 @@ pub struct ApplyArgs {
 
 /// Releases the apply lock when dropped.
 struct LockGuard<'a> {
-    store: &'a StateStore,
+    store: &'a dyn StateStore,
     id: String,
 }
 
@@ -349,7 +350,7 @@ impl Drop for LockGuard<'_> {
     }
 }
 
-fn take_lock<'a>(store: &'a StateStore, command: &str) -> anyhow::Result<LockGuard<'a>> {
+fn take_lock<'a>(store: &'a dyn StateStore, command: &str) -> anyhow::Result<LockGuard<'a>> {
     let (mine, previous) = store.lock(command)?;
     if let Some(dead) = previous {
         eprintln!(
@@ -379,13 +380,13 @@ fn approve() -> anyhow::Result<bool> {
 struct Interrupted {
     execution_id: String,
     plan: Plan,
-    journal: Vec<super::state::StepRecord>,
-    settled: super::apply::Settled,
+    journal: Vec<reconciler::state::StepRecord>,
+    settled: reconciler::apply::Settled,
 }
 
 impl Interrupted {
     /// Its changes not carried out in full.
-    fn unfinished(&self) -> Vec<&super::plan::Change> {
+    fn unfinished(&self) -> Vec<&reconciler::plan::Change> {
         let done: std::collections::BTreeSet<usize> = self
             .journal
             .iter()
@@ -403,7 +404,7 @@ impl Interrupted {
     /// same specs, and every change of `plan` was an unfinished change of it
     /// (destroying ones only where it destroyed too).
     fn covers(&self, plan: &Plan) -> bool {
-        use super::plan::ChangeKind::*;
+        use reconciler::plan::ChangeKind::*;
         let destroys = |k| matches!(k, Delete | Replace | Preempt | Move);
         let unfinished = self.unfinished();
         self.plan.revision == plan.revision
@@ -450,15 +451,15 @@ impl Interrupted {
 /// Settles every execution an earlier apply left unfinished (the newest is
 /// returned; all stay unfinished until a new execution supersedes them).
 async fn settle_interrupted(
-    store: &StateStore,
-    signer: &RequestSigner,
+    store: &dyn StateStore,
+    nodes: &GrpcNodes,
 ) -> anyhow::Result<Option<Interrupted>> {
     let mut newest = None;
     for (key, record) in store.unfinished_executions()? {
         let plan: Plan = serde_json::from_value(record.plan).with_context(|| {
             format!("the journaled plan of execution {key} does not decode; move the state file aside to start over (placement will be rebuilt from the nodes)")
         })?;
-        let settled = super::apply::settle(&plan, &record.execution_id, store, signer).await?;
+        let settled = reconciler::apply::settle(&plan, &record.execution_id, store, nodes).await?;
         let journal = store.journal_of(&record.execution_id)?;
         newest = Some(Interrupted {
             execution_id: record.execution_id,
@@ -475,7 +476,7 @@ fn defined_images(plan: &Plan) -> BTreeMap<String, BootImage> {
     plan.steps
         .iter()
         .filter_map(|s| match &s.action {
-            super::plan::NodeAction::CreateVm { name, image, .. } => {
+            reconciler::plan::NodeAction::CreateVm { name, image, .. } => {
                 Some((name.clone(), image.clone()))
             }
             _ => None,
@@ -490,8 +491,8 @@ fn missing_images(plan: &Plan, images: &BTreeMap<String, BootImage>) -> Vec<Stri
     let mut out = vec![];
     for step in &plan.steps {
         let name = match &step.action {
-            super::plan::NodeAction::CreateVm { name, .. }
-            | super::plan::NodeAction::StartVm { name } => name,
+            reconciler::plan::NodeAction::CreateVm { name, .. }
+            | reconciler::plan::NodeAction::StartVm { name } => name,
             _ => continue,
         };
         let Some(BootImage::Kernel { kernel, initrd, .. }) = images.get(name) else {
@@ -513,8 +514,8 @@ fn missing_images(plan: &Plan, images: &BTreeMap<String, BootImage>) -> Vec<Stri
 
 /// Carries out `plan` as a new execution (superseding `interrupted`, if any).
 fn execute(
-    store: &StateStore,
-    signer: &RequestSigner,
+    store: &dyn StateStore,
+    nodes: &GrpcNodes,
     plan: &Plan,
     images: &BTreeMap<String, BootImage>,
     parallelism: usize,
@@ -532,7 +533,7 @@ fn execute(
         )?;
         return Ok(1);
     }
-    let execution_id = super::state::new_execution_id(&plan.plan_id);
+    let execution_id = reconciler::state::new_execution_id(&plan.plan_id);
     store.start_execution(&PlanRecord {
         execution_id: execution_id.clone(),
         plan: serde_json::to_value(plan)?,
@@ -550,8 +551,9 @@ fn execute(
         plan,
         &execution_id,
         store,
-        signer,
+        nodes,
         &ApplyOptions { parallelism },
+        &crate::progress::Progress::new(),
     ))?;
     store.finish_execution(&execution_id, None)?;
     store.set_placement(&plan.placement)?;
@@ -582,7 +584,7 @@ fn execute(
 /// A plan is empty: nothing is sent. Supersedes an interrupted execution (its
 /// work is done or no longer wanted) and says whether the cluster converged.
 fn nothing_to_do(
-    store: &StateStore,
+    store: &dyn StateStore,
     plan: &Plan,
     interrupted: Option<&Interrupted>,
 ) -> anyhow::Result<u8> {
@@ -615,11 +617,11 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
         Err(code) => return Ok(code),
     };
     let store = loaded.ctx.store()?;
-    let signer = RequestSigner::new(loaded.ctx.identity()?);
+    let nodes = GrpcNodes::new(RequestSigner::new(loaded.ctx.identity()?));
     let _lock = take_lock(&store, &command)?;
     let rt = runtime()?;
-    let interrupted = rt.block_on(settle_interrupted(&store, &signer))?;
-    let planned = rt.block_on(make_plan(&loaded, &store, &signer))?;
+    let interrupted = rt.block_on(settle_interrupted(&store, &nodes))?;
+    let planned = rt.block_on(make_plan(&loaded, &store, &nodes))?;
     let plan = &planned.plan;
     if let Some(i) = &interrupted {
         print!("{}", i.describe());
@@ -662,7 +664,7 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
         .collect();
     execute(
         &store,
-        &signer,
+        &nodes,
         plan,
         &images,
         args.parallelism,
@@ -723,14 +725,14 @@ fn apply_file(args: &ApplyArgs, command: &str) -> anyhow::Result<u8> {
     }
     let ctx = Ctx::new(&spec_root, args.state.as_deref().or(state.as_deref()))?;
     let store = ctx.store()?;
-    let signer = RequestSigner::new(identity);
+    let nodes = GrpcNodes::new(RequestSigner::new(identity));
     let _lock = take_lock(&store, command)?;
     let rt = runtime()?;
-    let interrupted = rt.block_on(settle_interrupted(&store, &signer))?;
+    let interrupted = rt.block_on(settle_interrupted(&store, &nodes))?;
     if let Some(i) = &interrupted {
         print!("{}", i.describe());
     }
-    let now = rt.block_on(observe(&file.nodes, &signer));
+    let now = rt.block_on(observe(&file.nodes, &nodes));
     if now.digest() != file.plan.observed_digest {
         let delta = now.delta(&file.observed);
         eprintln!(
@@ -755,7 +757,7 @@ fn apply_file(args: &ApplyArgs, command: &str) -> anyhow::Result<u8> {
     }
     execute(
         &store,
-        &signer,
+        &nodes,
         &file.plan,
         &defined_images(&file.plan),
         args.parallelism,
@@ -770,21 +772,21 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
         Err(code) => return Ok(code),
     };
     let store = loaded.ctx.store()?;
-    let signer = RequestSigner::new(loaded.ctx.identity()?);
-    let nodes = spec_nodes(loaded.model());
-    let observed = runtime()?.block_on(observe(&nodes, &signer));
+    let nodes = GrpcNodes::new(RequestSigner::new(loaded.ctx.identity()?));
+    let spec = spec_nodes(loaded.model());
+    let observed = runtime()?.block_on(observe(&spec, &nodes));
     let previous = previous_placement(store.placement()?, &observed);
     let placement = desired::place(loaded.model(), Some(&previous));
     let desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
     let last = store
         .executions()?
         .pop()
-        .map(|(_, record)| super::status::last_apply(&record, &store));
+        .map(|(_, record)| reconciler::status::last_apply(&record, &store));
     let mut audit = store.audit_log()?;
     audit.drain(..audit.len().saturating_sub(5));
-    let status = super::status::status(&desired, &observed, store.applied()?, last, audit);
+    let status = reconciler::status::status(&desired, &observed, store.applied()?, last, audit);
     match format {
-        Format::Text => print!("{}", super::status::text(&status)),
+        Format::Text => print!("{}", reconciler::status::text(&status)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
     }
     Ok(0)
@@ -797,13 +799,13 @@ pub fn dev_up(dir: &Path) -> anyhow::Result<u8> {
         Err(code) => return Ok(code),
     };
     let nodes = spec_nodes(loaded.model());
-    runtime()?.block_on(super::dev::up(&loaded.ctx, loaded.model(), &nodes))
+    runtime()?.block_on(crate::dev::up(&loaded.ctx, loaded.model(), &nodes))
 }
 
 /// `cairn dev down`.
 pub fn dev_down(dir: &Path) -> anyhow::Result<u8> {
     let ctx = Ctx::new(dir, None)?;
-    super::dev::down(&ctx)
+    crate::dev::down(&ctx)
 }
 
 /// `cairn force-unlock`: removes the apply lock with this id. A holder that is
@@ -815,8 +817,8 @@ pub fn force_unlock(dir: &Path, state: Option<&Path>, id: &str, force: bool) -> 
     let store = ctx.store()?;
     let holder = store.lock_holder()?;
     if let Some(h) = holder.as_ref().filter(|h| h.id == id) {
-        let here = h.host == super::state::hostname();
-        let alive = here && super::state::process_alive(h.pid);
+        let here = h.host == reconciler::state::hostname();
+        let alive = here && reconciler::state::process_alive(h.pid);
         if (alive || !here) && !force {
             eprintln!(
                 "error: lock {id} is held by {}pid {} on {} since {} ms after the epoch (`{}`); {}. Wait for it to finish; pass --force only if you are sure it is not running",
@@ -891,10 +893,10 @@ pub fn volume_export(
     }
     let volume = desired::volume_name(vm_name, disk_name);
     let store = loaded.ctx.store()?;
-    let signer = RequestSigner::new(loaded.ctx.identity()?);
-    let nodes = spec_nodes(loaded.model());
+    let nodes = GrpcNodes::new(RequestSigner::new(loaded.ctx.identity()?));
+    let spec = spec_nodes(loaded.model());
     let rt = runtime()?;
-    let observed = rt.block_on(observe(&nodes, &signer));
+    let observed = rt.block_on(observe(&spec, &nodes));
     let primary = observed.nodes.iter().find_map(|(node, o)| match o {
         NodeObservation::Reachable { volumes, .. } => volumes
             .get(&volume)
@@ -925,9 +927,9 @@ pub fn volume_export(
         );
         return Ok(1);
     };
-    let address = nodes[&node].address.clone();
+    let address = spec[&node].address.clone();
     let request = proto::v1::ApplyRequest {
-        request_id: format!("export-{}", super::state::random_id()),
+        request_id: format!("export-{}", reconciler::state::random_id()),
         action: Some(proto::v1::apply_request::Action::ExportVolume(
             proto::v1::ExportVolume {
                 name: volume.clone(),
@@ -935,13 +937,7 @@ pub fn volume_export(
             },
         )),
     };
-    let answer = rt.block_on(async {
-        let mut client = super::observe::connect(&address, signer.clone()).await?;
-        client
-            .apply(request)
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
-    });
+    let answer = rt.block_on(nodes.apply(&node, &address, request));
     let result = match answer {
         Ok(response) => response.result,
         Err(e) => {

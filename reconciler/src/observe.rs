@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use proto::auth::RequestSigner;
-use proto::client::NodeClient;
 use proto::v1::{Health, VmState, VolumeRole};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::desired::DesiredNode;
+use crate::desired::DesiredNode;
+use crate::nodes::NodeApi;
 
 /// How long one node may take to answer.
 pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,7 +36,7 @@ pub struct ObservedVm {
     pub nics: Vec<ObservedNic>,
     /// The image it was defined with (`None` from nodes that do not report it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<super::desired::BootImage>,
+    pub image: Option<crate::desired::BootImage>,
     /// How many times the node started its process (exactly-once checks).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub starts: u64,
@@ -55,8 +54,8 @@ fn is_zero(n: &u64) -> bool {
 }
 
 /// The image a node reports a VM defined with (`None`: the node does not say).
-fn wire_image(v: &proto::v1::VmStatus) -> Option<super::desired::BootImage> {
-    use super::desired::BootImage;
+fn wire_image(v: &proto::v1::VmStatus) -> Option<crate::desired::BootImage> {
+    use crate::desired::BootImage;
     if !v.image_builtin.is_empty() {
         Some(BootImage::Builtin(v.image_builtin.clone()))
     } else if !v.kernel_path.is_empty() {
@@ -132,7 +131,7 @@ pub struct ObservedBond {
     /// Capacity the HTB root was given (bit/s; 0: read from link speed).
     pub capacity_bps: u64,
     /// Traffic classes as defined.
-    pub traffic: Vec<super::desired::DesiredTraffic>,
+    pub traffic: Vec<crate::desired::DesiredTraffic>,
     /// The device exists.
     pub exists: bool,
     /// `kernel-bond` or `bridge-fallback`.
@@ -347,14 +346,15 @@ impl Observed {
     }
 }
 
-/// Asks every node in parallel.
-pub async fn observe(nodes: &BTreeMap<String, DesiredNode>, signer: &RequestSigner) -> Observed {
+/// Asks every node in parallel, each with [`OBSERVE_TIMEOUT`]; a node that does
+/// not answer is recorded as unreachable with why.
+pub async fn observe<N: NodeApi>(nodes: &BTreeMap<String, DesiredNode>, api: &N) -> Observed {
     let mut tasks = tokio::task::JoinSet::new();
     for node in nodes.values() {
         let node = node.clone();
-        let signer = signer.clone();
+        let api = api.clone();
         tasks.spawn(async move {
-            let result = tokio::time::timeout(OBSERVE_TIMEOUT, observe_one(&node, signer)).await;
+            let result = tokio::time::timeout(OBSERVE_TIMEOUT, api.observe(&node)).await;
             let observation = match result {
                 Ok(Ok(o)) => o,
                 Ok(Err(error)) => NodeObservation::Unreachable { error },
@@ -378,50 +378,9 @@ pub async fn observe(nodes: &BTreeMap<String, DesiredNode>, signer: &RequestSign
     observed
 }
 
-/// A connected, signing client for one node, with call timeouts.
-pub async fn connect(address: &str, signer: RequestSigner) -> Result<NodeClient, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(proto::client::endpoint_uri(address))
-        .map_err(|e| format!("invalid address {address}: {e}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(60));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))?;
-    Ok(NodeClient::from_channel(channel, signer))
-}
-
-/// An error and its sources on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let more = s.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = s.source();
-    }
-    text
-}
-
-async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeObservation, String> {
-    let mut client = connect(&node.address, signer).await?;
-    let inventory = client
-        .get_inventory()
-        .await
-        .map_err(|s| format!("inventory of {} refused: {}", node.address, s.message()))?;
-    if inventory.node_name != node.name {
-        return Err(format!(
-            "the node at {} calls itself `{}`, not `{}`; check the address in the spec",
-            node.address, inventory.node_name, node.name
-        ));
-    }
-    let response = client
-        .observe()
-        .await
-        .map_err(|s| format!("observe of {} refused: {}", node.address, s.message()))?;
+/// A node's answer to Observe, with the public key its inventory gave, as an
+/// observation (the one place wire types become observed ones).
+pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -> NodeObservation {
     let vms = response
         .vms
         .into_iter()
@@ -492,7 +451,7 @@ async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeOb
                     traffic: b
                         .traffic
                         .into_iter()
-                        .map(|t| super::desired::DesiredTraffic {
+                        .map(|t| crate::desired::DesiredTraffic {
                             name: t.name,
                             min_bps: t.min_bps,
                             max_bps: t.max_bps,
@@ -517,11 +476,11 @@ async fn observe_one(node: &DesiredNode, signer: RequestSigner) -> Result<NodeOb
             bond_implementation: n.bond_implementation,
         })
         .unwrap_or_default();
-    Ok(NodeObservation::Reachable {
-        public_key_hex: inventory.public_key_hex,
+    NodeObservation::Reachable {
+        public_key_hex,
         vms,
         volumes,
         bonds,
         networking,
-    })
+    }
 }

@@ -4,9 +4,9 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::desired::Desired;
-use super::observe::{NodeObservation, Observed};
-use super::state::{Applied, StepStatus};
+use crate::desired::Desired;
+use crate::observe::{NodeObservation, Observed};
+use crate::state::{Applied, StepStatus};
 
 /// Version of the status JSON.
 pub const STATUS_FORMAT_VERSION: u32 = 1;
@@ -50,7 +50,7 @@ pub struct VmRow {
     /// `nics` (a NIC's tap or bridge is missing or down), `unknown`.
     pub drift: String,
     /// Its NICs as the node made them (tap on the tenant network's bridge).
-    pub nics: Vec<super::observe::ObservedNic>,
+    pub nics: Vec<crate::observe::ObservedNic>,
     /// How many times its node started its process (0: not reported).
     pub starts: u64,
 }
@@ -154,13 +154,13 @@ pub struct Status {
     /// The last apply.
     pub last_apply: Option<LastApply>,
     /// The last entries of the audit log (newest last).
-    pub audit: Vec<super::state::AuditEntry>,
+    pub audit: Vec<crate::state::AuditEntry>,
 }
 
 /// Summarises an execution's journal.
 pub fn last_apply(
-    record: &super::state::PlanRecord,
-    store: &super::state::StateStore,
+    record: &crate::state::PlanRecord,
+    store: &dyn crate::state::StateStore,
 ) -> LastApply {
     let steps = record
         .plan
@@ -198,7 +198,7 @@ pub fn status(
     observed: &Observed,
     applied: Option<Applied>,
     last: Option<LastApply>,
-    audit: Vec<super::state::AuditEntry>,
+    audit: Vec<crate::state::AuditEntry>,
 ) -> Status {
     let mut nodes = vec![];
     for (name, node) in &desired.nodes {
@@ -376,7 +376,7 @@ pub fn status(
 }
 
 fn bond_rows(desired: &Desired, observed: &Observed) -> Vec<BondRow> {
-    use super::observe::ObservedBond;
+    use crate::observe::ObservedBond;
     let traffic = |b: &ObservedBond| {
         b.traffic
             .iter()
@@ -409,7 +409,7 @@ fn bond_rows(desired: &Desired, observed: &Observed) -> Vec<BondRow> {
                 ),
                 (_, _, None) => ("missing", String::new()),
                 (_, _, Some(o)) => {
-                    let diff = super::plan::bond_definition_diff(want, o);
+                    let diff = crate::plan::bond_definition_diff(want, o);
                     if !diff.is_empty() {
                         ("definition", diff.join("; "))
                     } else if !o.exists || !o.drift.is_empty() {

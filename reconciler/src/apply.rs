@@ -12,18 +12,13 @@
 //! A failed step skips every step that depends on it; independent steps go on.
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use proto::auth::RequestSigner;
-use proto::client::NodeClient;
 use serde::Serialize;
-use tokio::sync::Mutex;
 
-use super::observe::connect;
-use super::plan::{Plan, Step};
-use super::state::{StateStore, StepRecord, StepStatus, now_ms, request_id};
+use crate::nodes::NodeApi;
+use crate::plan::{Plan, Step};
+use crate::state::{StateStore, StepRecord, StepStatus, now_ms, request_id};
 
 /// Outcome of one step in this run.
 #[derive(Debug, Clone, Serialize)]
@@ -116,51 +111,22 @@ pub struct ApplyOptions {
     pub parallelism: usize,
 }
 
-enum Progress {
-    Bar(indicatif::ProgressBar),
-    Lines,
+/// What apply reports while it runs: the CLI draws a progress bar or prints a
+/// line per step, the controller records events. Apply itself prints nothing.
+pub trait ApplyEvents: Send + Sync {
+    /// The execution starts with this many steps.
+    fn started(&self, _steps: usize) {}
+    /// A step ended: succeeded, failed or skipped.
+    fn step_ended(&self, _outcome: &StepOutcome) {}
+    /// Every step ended.
+    fn finished(&self) {}
 }
 
-impl Progress {
-    fn new(total: u64) -> Self {
-        if std::io::stderr().is_terminal() {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            Progress::Bar(bar)
-        } else {
-            Progress::Lines
-        }
-    }
+/// Reports nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Silent;
 
-    fn done(&self, line: &str) {
-        match self {
-            Progress::Bar(bar) => {
-                bar.inc(1);
-                bar.set_message(line.to_owned());
-                if line.starts_with("failed") || line.starts_with("skipped") {
-                    bar.println(line);
-                }
-            }
-            Progress::Lines => {
-                use std::io::Write;
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "{line}");
-                let _ = out.flush();
-            }
-        }
-    }
-
-    fn finish(&self) {
-        if let Progress::Bar(bar) = self {
-            bar.finish_and_clear();
-        }
-    }
-}
+impl ApplyEvents for Silent {}
 
 fn describe(step: &Step) -> String {
     format!(
@@ -183,16 +149,16 @@ fn step_delay() -> Option<Duration> {
 
 /// Carries out `plan` as the execution `execution_id` (already recorded with
 /// `StateStore::start_execution`).
-pub async fn apply(
+pub async fn apply<N: NodeApi>(
     plan: &Plan,
     execution_id: &str,
-    store: &StateStore,
-    signer: &RequestSigner,
+    store: &dyn StateStore,
+    nodes: &N,
     options: &ApplyOptions,
-) -> Result<Report, super::state::StateError> {
+    events: &dyn ApplyEvents,
+) -> Result<Report, crate::state::StateError> {
     let started = Instant::now();
-    let progress = Progress::new(plan.steps.len() as u64);
-    let clients: Arc<Mutex<BTreeMap<String, Result<NodeClient, String>>>> = Arc::default();
+    events.started(plan.steps.len());
     let delay = step_delay();
     let mut outcomes: BTreeMap<usize, StepOutcome> = BTreeMap::new();
     for wave in 0..plan.waves {
@@ -232,18 +198,16 @@ pub async fn apply(
                         at_unix_ms: now_ms(),
                     },
                 )?;
-                progress.done(&format!("skipped: {what} — {reason}"));
-                outcomes.insert(
-                    step.id,
-                    StepOutcome {
-                        step: step.id,
-                        what,
-                        status: StepStatus::Skipped,
-                        replayed: false,
-                        error: Some(reason),
-                        millis: 0,
-                    },
-                );
+                let outcome = StepOutcome {
+                    step: step.id,
+                    what,
+                    status: StepStatus::Skipped,
+                    replayed: false,
+                    error: Some(reason),
+                    millis: 0,
+                };
+                events.step_ended(&outcome);
+                outcomes.insert(step.id, outcome);
                 continue;
             }
             ready.push_back((step.clone(), attempts));
@@ -268,11 +232,14 @@ pub async fn apply(
                         at_unix_ms: now_ms(),
                     },
                 )?;
-                let clients = clients.clone();
-                let signer = signer.clone();
+                let nodes = nodes.clone();
                 tasks.spawn(async move {
                     let sent = Instant::now();
-                    let result = send(&step, &id, &clients, signer).await;
+                    let result = nodes
+                        .apply(&step.node, &step.address, step.action.to_request(&id))
+                        .await
+                        .map(|response| response.replayed)
+                        .map_err(|e| e.to_string());
                     if let Some(d) = delay {
                         tokio::time::sleep(d).await;
                     }
@@ -302,59 +269,25 @@ pub async fn apply(
                     at_unix_ms: now_ms(),
                 },
             )?;
-            let line = match (&error, replayed) {
-                (Some(e), _) => format!("failed: {what} — {e}"),
-                (None, true) => format!("ok (already done by the node): {what}"),
-                (None, false) => format!("ok: {what} ({} ms)", elapsed.as_millis()),
+            let outcome = StepOutcome {
+                step: step.id,
+                what,
+                status,
+                replayed,
+                error,
+                millis: elapsed.as_millis() as u64,
             };
-            progress.done(&line);
-            outcomes.insert(
-                step.id,
-                StepOutcome {
-                    step: step.id,
-                    what,
-                    status,
-                    replayed,
-                    error,
-                    millis: elapsed.as_millis() as u64,
-                },
-            );
+            events.step_ended(&outcome);
+            outcomes.insert(step.id, outcome);
         }
     }
-    progress.finish();
+    events.finished();
     Ok(Report {
         plan_id: plan.plan_id.clone(),
         execution_id: execution_id.to_owned(),
         steps: outcomes.into_values().collect(),
         millis: started.elapsed().as_millis() as u64,
     })
-}
-
-async fn send(
-    step: &Step,
-    request_id: &str,
-    clients: &Mutex<BTreeMap<String, Result<NodeClient, String>>>,
-    signer: RequestSigner,
-) -> Result<bool, String> {
-    let client = {
-        let mut map = clients.lock().await;
-        if !map.contains_key(&step.node) {
-            let c = connect(&step.address, signer).await;
-            map.insert(step.node.clone(), c);
-        }
-        map[&step.node].clone()
-    };
-    let mut client = client.map_err(|e| format!("node {} unreachable: {e}", step.node))?;
-    let request = step.action.to_request(request_id);
-    match client.apply(request).await {
-        Ok(response) => Ok(response.replayed),
-        Err(status) => Err(format!(
-            "node {} refused ({:?}): {}",
-            step.node,
-            status.code(),
-            status.message()
-        )),
-    }
 }
 
 /// What settling an interrupted execution found about its in-flight steps.
@@ -372,14 +305,13 @@ pub struct Settled {
 
 /// Asks the nodes, read-only, what became of every step an interrupted
 /// execution left `started`, and journals the answer. Nothing is carried out.
-pub async fn settle(
+pub async fn settle<N: NodeApi>(
     plan: &Plan,
     execution_id: &str,
-    store: &StateStore,
-    signer: &RequestSigner,
-) -> Result<Settled, super::state::StateError> {
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Result<Settled, crate::state::StateError> {
     let mut settled = Settled::default();
-    let mut clients: BTreeMap<String, Result<NodeClient, String>> = BTreeMap::new();
     for record in store.journal_of(execution_id)? {
         if record.status != StepStatus::Started {
             continue;
@@ -388,18 +320,9 @@ pub async fn settle(
             continue;
         };
         let what = describe(step);
-        if !clients.contains_key(&step.node) {
-            let client = connect(&step.address, signer.clone()).await;
-            clients.insert(step.node.clone(), client);
-        }
-        let answer = match clients.get_mut(&step.node) {
-            Some(Ok(client)) => client
-                .get_outcome(&record.request_id)
-                .await
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
-            Some(Err(e)) => Err(e.clone()),
-            None => Err("no client".to_owned()),
-        };
+        let answer = nodes
+            .get_outcome(&step.node, &step.address, &record.request_id)
+            .await;
         let outcome = match answer {
             Ok(a) => a.outcome(),
             Err(e) => {

@@ -8,7 +8,7 @@
 //! command lines (one per line, run in the case directory); each output is
 //! pinned in `cmd-N.txt`. Cases named `fmt-*` also pin the output of
 //! `cairn fmt` under `fmt/`. A missing expectation fails the test; re-bless
-//! every case with `UPDATE_GOLDEN=1 cargo test -p reconciler --test it golden`
+//! every case with `UPDATE_GOLDEN=1 cargo test -p cli --test it golden`
 //! (or `cargo xtask bless`), then review the diff.
 
 use std::path::{Path, PathBuf};
@@ -43,7 +43,9 @@ impl Checker {
             return;
         }
         match std::fs::read_to_string(path) {
-            Err(_) => self.failures.push(format!("{rel}: no expectation; run UPDATE_GOLDEN=1 cargo test -p reconciler --test it golden")),
+            Err(_) => self.failures.push(format!(
+                "{rel}: no expectation; run UPDATE_GOLDEN=1 cargo test -p cli --test it golden"
+            )),
             Ok(expected) if expected == actual => {}
             Ok(expected) => {
                 let diff = similar::TextDiff::from_lines(&expected, actual)

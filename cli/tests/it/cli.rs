@@ -184,7 +184,7 @@ fn checked_in_schemas_match_the_generated_ones() {
             std::fs::read_to_string(repo_root().join("schemas").join(name)).unwrap_or_default();
         assert!(
             generated == checked_in,
-            "schemas/{name} is out of date: run `cargo run -p reconciler --bin cairn -- schema --out schemas` (or `cargo xtask schemas`) and commit it"
+            "schemas/{name} is out of date: run `cargo run -p cli --bin cairn -- schema --out schemas` (or `cargo xtask schemas`) and commit it"
         );
     }
 }

@@ -9,9 +9,9 @@ use sha2::{Digest, Sha256};
 
 use std::collections::BTreeMap;
 
-use super::desired::DesiredNode;
-use super::observe::Observed;
-use super::plan::{ChangeKind, Plan};
+use crate::desired::DesiredNode;
+use crate::observe::Observed;
+use crate::plan::{ChangeKind, Plan};
 
 /// The plan as text. `concise` prints one line per change.
 pub fn plan_text(plan: &Plan, concise: bool) -> String {
@@ -167,7 +167,7 @@ pub fn summary_line(plan: &Plan) -> String {
 /// A plan file: the plan, the observation it is bound to, and a signature.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlanFile {
-    /// [`super::plan::PLAN_FORMAT_VERSION`].
+    /// [`crate::plan::PLAN_FORMAT_VERSION`].
     pub format_version: u32,
     /// Always `cairn-plan`.
     pub kind: String,
@@ -251,7 +251,7 @@ pub fn write_plan_file(
     identity: &Identity,
 ) -> std::io::Result<()> {
     let mut file = PlanFile {
-        format_version: super::plan::PLAN_FORMAT_VERSION,
+        format_version: crate::plan::PLAN_FORMAT_VERSION,
         kind: "cairn-plan".into(),
         spec_root: spec_root.to_owned(),
         state: state.to_owned(),
@@ -281,14 +281,14 @@ pub fn read_plan_file(path: &Path, trusted_key_hex: &str) -> Result<PlanFile, Pl
         path: shown.clone(),
         problem: e.to_string(),
     })?;
-    if file.kind != "cairn-plan" || file.format_version != super::plan::PLAN_FORMAT_VERSION {
+    if file.kind != "cairn-plan" || file.format_version != crate::plan::PLAN_FORMAT_VERSION {
         return Err(PlanFileError::Malformed {
             path: shown,
             problem: format!(
                 "kind `{}` version {} (expected cairn-plan version {})",
                 file.kind,
                 file.format_version,
-                super::plan::PLAN_FORMAT_VERSION
+                crate::plan::PLAN_FORMAT_VERSION
             ),
         });
     }

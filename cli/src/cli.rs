@@ -278,7 +278,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             concise,
             observed,
             state,
-        } => crate::engine::commands::plan_cmd(crate::engine::commands::PlanArgs {
+        } => crate::commands::plan_cmd(crate::commands::PlanArgs {
             dir,
             state,
             out,
@@ -292,14 +292,14 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             auto_approve,
             parallelism,
             state,
-        } => crate::engine::commands::apply_cmd(crate::engine::commands::ApplyArgs {
+        } => crate::commands::apply_cmd(crate::commands::ApplyArgs {
             target,
             state,
             auto_approve,
             parallelism,
         }),
         Command::Status { dir, format, state } => {
-            crate::engine::commands::status_cmd(&dir, state.as_deref(), format)
+            crate::commands::status_cmd(&dir, state.as_deref(), format)
         }
         Command::Volume { command } => match command {
             VolumeCommand::Export {
@@ -307,18 +307,18 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 dir,
                 lifetime,
                 state,
-            } => crate::engine::commands::volume_export(&dir, state.as_deref(), &target, &lifetime),
+            } => crate::commands::volume_export(&dir, state.as_deref(), &target, &lifetime),
         },
         Command::Dev { command } => match command {
-            DevCommand::Up { dir } => crate::engine::commands::dev_up(&dir),
-            DevCommand::Down { dir } => crate::engine::commands::dev_down(&dir),
+            DevCommand::Up { dir } => crate::commands::dev_up(&dir),
+            DevCommand::Down { dir } => crate::commands::dev_down(&dir),
         },
         Command::ForceUnlock {
             id,
             dir,
             state,
             force,
-        } => crate::engine::commands::force_unlock(&dir, state.as_deref(), &id, force),
+        } => crate::commands::force_unlock(&dir, state.as_deref(), &id, force),
         Command::Schema { out } => frontend::schema(&out),
         Command::Gen {
             out,

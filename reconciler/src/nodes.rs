@@ -1,0 +1,183 @@
+//! The seam to node runtimes: [`NodeApi`] is what the reconciler asks of nodes
+//! (observe, apply, the outcome of a request). [`GrpcNodes`] is the real one,
+//! signed gRPC to `cairn-node` (or `cairn-node --simulate`, the same service over
+//! simulated backends); tests may put an in-process fake behind the same trait.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::auth::RequestSigner;
+use proto::client::NodeClient;
+use proto::v1;
+use tokio::sync::Mutex;
+
+use crate::desired::DesiredNode;
+use crate::observe::NodeObservation;
+
+/// Why a node call did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// No connection.
+    #[error("node {node} unreachable: {error}")]
+    Unreachable {
+        /// Node name.
+        node: String,
+        /// Why.
+        error: String,
+    },
+    /// The node answered with an error.
+    #[error("node {node} refused ({code:?}): {message}")]
+    Refused {
+        /// Node name.
+        node: String,
+        /// The gRPC code.
+        code: tonic::Code,
+        /// The node's message.
+        message: String,
+    },
+}
+
+/// What the reconciler asks of node runtimes. Implementations are cheap to clone
+/// (they share their connections).
+pub trait NodeApi: Clone + Send + Sync + 'static {
+    /// The node's inventory and observation (checked to be the node the spec
+    /// names at that address); `Err` with why it cannot be asked.
+    fn observe(
+        &self,
+        node: &DesiredNode,
+    ) -> impl Future<Output = Result<NodeObservation, String>> + Send;
+
+    /// Carries out one action (idempotent per request id).
+    fn apply(
+        &self,
+        node: &str,
+        address: &str,
+        request: v1::ApplyRequest,
+    ) -> impl Future<Output = Result<v1::ApplyResponse, NodeError>> + Send;
+
+    /// What became of a request id (read-only; waits for it if it still runs).
+    fn get_outcome(
+        &self,
+        node: &str,
+        address: &str,
+        request_id: &str,
+    ) -> impl Future<Output = Result<v1::GetOutcomeResponse, NodeError>> + Send;
+}
+
+/// Signed gRPC to `cairn-node`, one connection per address, made on first use.
+#[derive(Debug, Clone)]
+pub struct GrpcNodes {
+    signer: RequestSigner,
+    clients: Arc<Mutex<BTreeMap<String, NodeClient>>>,
+}
+
+impl GrpcNodes {
+    /// Nodes reached with requests signed by `signer` (the controller key).
+    pub fn new(signer: RequestSigner) -> Self {
+        Self {
+            signer,
+            clients: Arc::default(),
+        }
+    }
+
+    async fn client(&self, node: &str, address: &str) -> Result<NodeClient, NodeError> {
+        let mut clients = self.clients.lock().await;
+        if let Some(c) = clients.get(address) {
+            return Ok(c.clone());
+        }
+        let client = connect(address, self.signer.clone())
+            .await
+            .map_err(|error| NodeError::Unreachable {
+                node: node.to_owned(),
+                error,
+            })?;
+        clients.insert(address.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+fn refused(node: &str, status: &tonic::Status) -> NodeError {
+    NodeError::Refused {
+        node: node.to_owned(),
+        code: status.code(),
+        message: status.message().to_owned(),
+    }
+}
+
+impl NodeApi for GrpcNodes {
+    async fn observe(&self, node: &DesiredNode) -> Result<NodeObservation, String> {
+        // A fresh connection: observation is how a node that came back is found.
+        let mut client = connect(&node.address, self.signer.clone()).await?;
+        let inventory = client
+            .get_inventory()
+            .await
+            .map_err(|s| format!("inventory of {} refused: {}", node.address, s.message()))?;
+        if inventory.node_name != node.name {
+            return Err(format!(
+                "the node at {} calls itself `{}`, not `{}`; check the address in the spec",
+                node.address, inventory.node_name, node.name
+            ));
+        }
+        let response = client
+            .observe()
+            .await
+            .map_err(|s| format!("observe of {} refused: {}", node.address, s.message()))?;
+        Ok(crate::observe::from_wire(
+            inventory.public_key_hex,
+            response,
+        ))
+    }
+
+    async fn apply(
+        &self,
+        node: &str,
+        address: &str,
+        request: v1::ApplyRequest,
+    ) -> Result<v1::ApplyResponse, NodeError> {
+        let mut client = self.client(node, address).await?;
+        client.apply(request).await.map_err(|s| refused(node, &s))
+    }
+
+    async fn get_outcome(
+        &self,
+        node: &str,
+        address: &str,
+        request_id: &str,
+    ) -> Result<v1::GetOutcomeResponse, NodeError> {
+        let mut client = self.client(node, address).await?;
+        client
+            .get_outcome(request_id)
+            .await
+            .map_err(|s| refused(node, &s))
+    }
+}
+
+/// A connected, signing client for one node, with call timeouts.
+pub async fn connect(address: &str, signer: RequestSigner) -> Result<NodeClient, String> {
+    let endpoint = tonic::transport::Endpoint::from_shared(proto::client::endpoint_uri(address))
+        .map_err(|e| format!("invalid address {address}: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(60));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))?;
+    Ok(NodeClient::from_channel(channel, signer))
+}
+
+/// An error and its sources on one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
+}
