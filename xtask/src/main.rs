@@ -24,6 +24,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("git", "git"),
     ("ping", "iputils-ping"),
     ("objcopy", "binutils"),
+    // NBD clients the storage and export tests run (nbdinfo --map, nbdcopy).
+    ("nbdinfo", "libnbd-bin"),
+    ("nbdcopy", "libnbd-bin"),
+    ("qemu-io", "qemu-utils"),
 ];
 
 fn main() -> anyhow::Result<()> {
