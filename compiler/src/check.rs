@@ -14,6 +14,7 @@ use crate::model::*;
 use crate::source::Sources;
 use crate::spec::{self, Name, Spanned, SpecSet};
 use crate::units::{format_bandwidth, format_size};
+use vm_config::limits::LINUX_VCPUS;
 
 /// Where each named object was declared, for messages of later phases
 /// (placement explanations, policy results).
@@ -42,7 +43,7 @@ pub const BUILTIN_SLA: &[(&str, SlaClass, u32)] = &[
 ];
 
 /// The built-in guest images the runtime ships.
-pub const BUILTIN_IMAGES: &[&str] = &["cairn-guest"];
+pub const BUILTIN_IMAGES: &[&str] = &[vm_config::BUILTIN_GUEST];
 
 /// Checks a spec set and builds the model.
 pub fn check(sources: &Sources, set: &SpecSet, diags: &mut Vec<Diagnostic>) -> (Model, SpanIndex) {
@@ -1205,6 +1206,22 @@ impl Checker<'_> {
                 owner,
                 &keys(images),
             ));
+        }
+        // Linux finds its CPUs in cairn-vmm's MP table, which has less room than
+        // the built-in guest: a limit only the image says applies.
+        if let (Some(img), Some(cpu)) = (&body.image, &body.cpu)
+            && images.get(&img.value).is_some_and(|i| i.kernel.is_some())
+            && LINUX_VCPUS.check(u64::from(cpu.value)).is_err()
+        {
+            self.push(
+                Diagnostic::error(
+                    "cairn::check::linux_vcpus",
+                    cpu.span,
+                    format!("{owner} boots the Linux image `{}` on {} vCPUs; a Linux guest has at most {}", img.value, cpu.value, LINUX_VCPUS.max),
+                )
+                .and_label(img.span, "a Linux kernel")
+                .with_help(format!("{}; for example `cpu {}`", LINUX_VCPUS.rule(), LINUX_VCPUS.max)),
+            );
         }
         let mut disks = vec![];
         let disk_names: Vec<Name> = body.disks.iter().map(|d| d.name.clone()).collect();
