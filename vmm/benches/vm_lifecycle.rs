@@ -45,15 +45,15 @@ fn bare_create_vm() -> Duration {
 
 /// In-process: Vm::create -> start -> first heartbeat; then forced power-off and join.
 /// Returns (create -> first heartbeat, whole cycle).
-fn builtin_in_process(console: &std::path::Path) -> (Duration, Duration) {
+fn builtin_in_process(vm_dir: &std::path::Path) -> (Duration, Duration) {
     let start = Instant::now();
-    let vm = Vm::create(VmConfig::builtin(64 << 20, 1, console.to_path_buf())).expect("create VM");
+    let vm = Vm::create(VmConfig::builtin("bench", 1, 64 << 20, vm_dir)).expect("create VM");
     let running = vm.start().expect("start VM");
-    let controller = running.controller();
-    let first = controller
+    let handle = running.handle();
+    let first = handle
         .wait_first_heartbeat(Duration::from_secs(10))
         .expect("first heartbeat");
-    controller.power_off(true).expect("power off");
+    handle.power_off(true).expect("power off");
     let outcome = running.wait();
     assert_eq!(outcome.exit_code(), 0, "{outcome:?}");
     (first, start.elapsed())
@@ -156,12 +156,11 @@ fn main() {
     let mut bare: Vec<Duration> = (0..runs).map(|_| bare_create_vm()).collect();
 
     let dir = tempfile::tempdir().expect("temp dir");
-    let console = dir.path().join("console.log");
     let mut first_heartbeat = Vec::with_capacity(runs);
     let mut cycle = Vec::with_capacity(runs);
     let sequential_start = Instant::now();
     for _ in 0..runs {
-        let (first, whole) = builtin_in_process(&console);
+        let (first, whole) = builtin_in_process(dir.path());
         first_heartbeat.push(first);
         cycle.push(whole);
     }

@@ -1,5 +1,6 @@
-//! [`Controller`]: the handle through which the control socket (and tests) query and
-//! steer a running VM.
+//! [`VmHandle`]: the handle through which the control socket's server (and tests) query
+//! and steer a running VM. (In cairn, "controller" means the reconciler that drives
+//! nodes; inside the VMM this is only a handle on one VM.)
 
 use std::fs;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 
-use crate::control::{BlockStatus, ExitCounts, NicStatus, VmStatus};
+use crate::control::wire::{BlockStatus, ExitCounts, NicStatus, VmStatus};
 use crate::devices::virtio_net::format_mac;
 use crate::guest::{self, abi};
 use crate::memory::{DirtyBitmap, GuestRam, MemoryError};
@@ -49,16 +50,15 @@ pub enum ControlError {
 /// A cloneable handle to a running VM: status, pause/resume, power-off, reboot, the
 /// dirty-page rate and the dirty log. Used by the control socket and by tests.
 #[derive(Debug, Clone)]
-pub struct Controller {
+pub struct VmHandle {
     pub(crate) shared: Arc<Shared>,
     pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) ram: Arc<GuestRam>,
     pub(crate) started: Instant,
-    pub(crate) memory_bytes: u64,
     pub(crate) console_log: std::path::PathBuf,
 }
 
-impl Controller {
+impl VmHandle {
     /// The last `bytes` bytes of the console log (lossy UTF-8), flushing buffered output
     /// first.
     pub fn console_tail(&self, bytes: u64) -> Result<String, ControlError> {
@@ -78,7 +78,8 @@ impl Controller {
         self.shared.lock_run().state
     }
 
-    /// A snapshot of the VM's state and counters.
+    /// A snapshot of the VM's state and counters. `vcpus` and `memory_bytes` are what
+    /// runs — the vCPUs created and the guest RAM mapped — not a copy of a definition.
     pub fn status(&self) -> VmStatus {
         let shared = &self.shared;
         let telemetry = &shared.telemetry;
@@ -125,7 +126,7 @@ impl Controller {
                 "linux".to_string()
             },
             vcpus: shared.vcpus as u32,
-            memory_bytes: self.memory_bytes,
+            memory_bytes: self.ram.size_bytes(),
             guest_resident_bytes: self.ram.resident_bytes(),
             vmm_rss_bytes: process_rss_bytes(),
             uptime_ms: self.started.elapsed().as_millis() as u64,

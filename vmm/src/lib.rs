@@ -3,6 +3,9 @@
 //! each VM as its own process and a VM crash never takes the agent down.
 //!
 //! What it does:
+//! - runs the VM a [`vm_config::VmConfig`] describes (`cairn-vmm --config FILE.json`, or
+//!   flags turned into one): validated once, then built into live resources — disk
+//!   files, taps, kernel bytes, KVM — by one recipe, [`Vm::create`];
 //! - opens `/dev/kvm`, checks the API version and the capabilities it needs ([`kvm`]);
 //! - maps guest memory exactly as configured (anonymous, `MAP_NORESERVE`,
 //!   `MADV_MERGEABLE` for KSM) and reports its resident size ([`memory`]);
@@ -10,13 +13,17 @@
 //!   and embedded, see [`guest`]) or a Linux bzImage + initrd + cmdline ([`linux`]);
 //! - runs 1..N vCPU threads with an explicit state machine ([`vcpu::RunState`]);
 //! - emulates a 16550 serial console logged to a file, the cairn-guest port interface
-//!   (heartbeats, dirty-page rate, commands) and a virtio-blk device over virtio-MMIO
-//!   backed by a [`devices::block::BlockBackend`] ([`devices`]);
+//!   (heartbeats, dirty-page rate, commands), virtio-blk devices backed by a
+//!   [`devices::block::BlockBackend`] and virtio-net devices on host taps, over
+//!   virtio-MMIO ([`devices`]);
 //! - tracks dirty pages with `KVM_MEM_LOG_DIRTY_PAGES` for live migration;
-//! - serves a line-delimited JSON control socket ([`control`]) and ends with an exit
-//!   status that tells a clean stop from a crash ([`exit_code`]).
+//! - serves a line-delimited JSON control socket ([`control`]: the wire contract, the
+//!   server over a [`VmHandle`], the agent's client) whose status reports what runs (the
+//!   vCPUs created, the RAM mapped), and ends with an exit status that tells a clean
+//!   stop from a crash ([`exit_code`]).
 //!
-//! What it does not do: networking, ACPI (Linux finds its CPUs through an MP table),
+//! What it does not do: attach storage-engine volumes (only files and block devices),
+//! create taps (the node does), ACPI (Linux finds its CPUs through an MP table),
 //! interrupts for the built-in guest (it polls), migration itself
 //! (only the dirty log it needs), cgroups (the agent places the process in one).
 //!
@@ -30,10 +37,10 @@
 
 pub mod arch;
 pub mod control;
-pub mod controller;
 pub mod devices;
 pub mod exit_code;
 pub mod guest;
+pub mod handle;
 pub mod kvm;
 pub mod linux;
 pub mod memory;
@@ -41,6 +48,7 @@ pub mod mptable;
 pub mod vcpu;
 pub mod vm;
 
-pub use controller::Controller;
+pub use handle::VmHandle;
 pub use vcpu::RunState;
-pub use vm::{BootSource, Vm, VmConfig, VmOutcome};
+pub use vm::{Vm, VmOutcome};
+pub use vm_config::{BootSource, VmConfig};

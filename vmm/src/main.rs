@@ -1,6 +1,7 @@
 //! `cairn-vmm`: runs exactly one VM in this process, for the node agent to supervise.
 //!
 //! ```text
+//! cairn-vmm --config VM.json
 //! cairn-vmm --vm-dir DIR --memory 64MiB [--name NAME] [--vcpus N] [--builtin cairn-guest]
 //!           [--disk FILE [--disk-read-only]] [--nic tap=NAME[,mac=MAC][,ipv4=ADDRESS]]
 //!           [--kernel BZIMAGE [--initrd FILE] [--cmdline TEXT]]
@@ -9,8 +10,12 @@
 //! cairn-vmm --host-info
 //! ```
 //!
-//! It creates `DIR` if needed, appends the serial console to `DIR/console.log`, serves
-//! the control socket `DIR/control.sock` (see `vmm::control`), prints one JSON event per
+//! The VM is a `vm_config::VmConfig`: read from `--config` (what the node writes), or
+//! built from the flags (for people and tests); either way it is validated once and
+//! built by one recipe (`Vm::create`). Sizes are parsed by `vm_config::size`, the
+//! grammar the compiler uses. With flags it appends the serial console to
+//! `DIR/console.log`, serves the control socket `DIR/control.sock` (see
+//! `vmm::control`); it creates the directories of both if needed, prints one JSON event per
 //! line on stdout (`started`, `first-heartbeat`, `rebooted`, `exited`) and exits with the
 //! status documented in `vmm::exit_code` (0 stopped, 2 usage, 3 host, 4 guest crashed,
 //! 5 VMM failed). Without `--kernel` it boots the built-in guest `cairn-guest`.
@@ -19,16 +24,15 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
-use vmm::devices::block::{BlockBackend, FileBackend};
-use vmm::devices::virtio_net::{NicArg, default_mac, open_tap};
+use vm_config::{BootSource, DiskConfig, MacAddress, NicConfig, VmConfig};
+use vmm::devices::virtio_net::{NicArg, default_mac};
 use vmm::kvm::HostKvm;
-use vmm::vm::{NicConfig, Notification};
-use vmm::{BootSource, Vm, VmConfig, control, exit_code};
+use vmm::vm::Notification;
+use vmm::{Vm, control, exit_code};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -40,22 +44,26 @@ struct Cli {
     /// Print what this host's KVM offers, as JSON, and exit.
     #[arg(long, exclusive = true)]
     host_info: bool,
+    /// Run the VM this JSON file describes (a `vm_config::VmConfig`, as cairn-node
+    /// writes it); no other VM flag may be given.
+    #[arg(long, exclusive = true)]
+    config: Option<PathBuf>,
     /// The VM's directory: console.log and control.sock live here unless
     /// --serial-log / --control-socket say otherwise.
-    #[arg(long, required_unless_present_any = ["host_info", "control_socket"])]
+    #[arg(long, required_unless_present_any = ["host_info", "control_socket", "config"])]
     vm_dir: Option<PathBuf>,
     /// The VM's name (shown in events and errors).
     #[arg(long, default_value = "vm")]
     name: String,
-    /// Guest RAM, with a unit: B, KiB, MiB, GiB (e.g. 64MiB).
-    #[arg(long, value_parser = parse_size, required_unless_present_any = ["host_info", "memory_mib"])]
+    /// Guest RAM, with a unit (e.g. 64MiB, 1GiB): the compiler's size grammar.
+    #[arg(long, value_parser = parse_size, required_unless_present_any = ["host_info", "memory_mib", "config"])]
     memory: Option<u64>,
     /// Guest RAM in MiB (alternative to --memory).
     #[arg(long, conflicts_with = "memory")]
     memory_mib: Option<u64>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
-    vcpus: u8,
+    vcpus: u32,
     /// Where the serial console is appended (default: VM_DIR/console.log).
     #[arg(long)]
     serial_log: Option<PathBuf>,
@@ -87,7 +95,7 @@ struct Cli {
     #[arg(
         long,
         requires = "kernel",
-        default_value = "console=ttyS0 reboot=k panic=1"
+        default_value = vm_config::DEFAULT_CMDLINE
     )]
     cmdline: String,
     /// Main-loop period of the built-in guest, in milliseconds.
@@ -101,31 +109,15 @@ struct Cli {
     grace_ms: u64,
 }
 
-/// Parses `64MiB`, `1GiB`, `4096B` or a bare byte count.
+/// Parses a size with `vm_config::size`, the one size grammar.
 fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|character: char| !character.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size like 64MiB"))?;
-    let multiplier: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit `{other}` (use B, KiB, MiB, GiB, TiB)"
-            ));
-        }
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("`{text}` is too large"))
+    vm_config::size::parse_size(text).map_err(|error| {
+        let units: Vec<&str> = vm_config::size::SIZE_UNITS
+            .iter()
+            .map(|(unit, _)| *unit)
+            .collect();
+        format!("{error} (units: {})", units.join(" "))
+    })
 }
 
 fn emit(event: serde_json::Value) {
@@ -170,8 +162,25 @@ fn block_termination_signals() -> libc::sigset_t {
     }
 }
 
-fn run(cli: Cli) -> u8 {
-    let termination = block_termination_signals();
+/// Reads the VM a `--config` file describes (not yet validated: `Vm::create` does that).
+fn read_config(path: &std::path::Path) -> Result<VmConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read the VM config {}: {error}", path.display()))?;
+    serde_json::from_str(&text).map_err(|error| {
+        format!(
+            "the VM config {} is not a cairn-vmm VM description: {error}",
+            path.display()
+        )
+    })
+}
+
+/// Builds the VM the flags describe (not yet validated: `Vm::create` does that). Paths
+/// are made absolute here, so the description means the same from any directory.
+fn config_from_flags(cli: Cli) -> Result<VmConfig, String> {
+    let absolute = |path: &std::path::Path| {
+        std::path::absolute(path)
+            .map_err(|error| format!("cannot make {} absolute: {error}", path.display()))
+    };
     let vm_dir = match (&cli.vm_dir, &cli.control_socket) {
         (Some(directory), _) => directory.clone(),
         (None, Some(socket)) => socket
@@ -180,85 +189,84 @@ fn run(cli: Cli) -> u8 {
             .unwrap_or_else(|| PathBuf::from(".")),
         (None, None) => unreachable!("clap requires --vm-dir or --control-socket"),
     };
-    if let Err(error) = std::fs::create_dir_all(&vm_dir) {
-        eprintln!(
-            "error: vm {}: cannot create the VM directory {}: {error}",
-            cli.name,
-            vm_dir.display()
-        );
-        return exit_code::USAGE;
-    }
-    if let Some(builtin) = &cli.builtin
-        && builtin != vmm::guest::BUILTIN_NAME
-    {
-        eprintln!(
-            "error: vm {}: unknown built-in guest `{builtin}` (the only one is `{}`)",
-            cli.name,
-            vmm::guest::BUILTIN_NAME
-        );
-        return exit_code::USAGE;
-    }
+    let vm_dir = absolute(&vm_dir)?;
     let memory_bytes = match (cli.memory, cli.memory_mib) {
         (Some(bytes), _) => bytes,
-        (None, Some(mib)) => mib << 20,
+        (None, Some(mib)) => mib.saturating_mul(1 << 20),
         (None, None) => unreachable!("clap requires --memory or --memory-mib"),
     };
-    let mut disks: Vec<Arc<dyn BlockBackend>> = Vec::with_capacity(cli.disk.len());
-    for path in &cli.disk {
-        match FileBackend::open(path, cli.disk_read_only) {
-            Ok(backend) => disks.push(Arc::new(backend)),
-            Err(error) => {
-                eprintln!(
-                    "error: vm {}: cannot open the disk {}: {error}",
-                    cli.name,
-                    path.display()
-                );
-                return exit_code::USAGE;
-            }
-        }
-    }
-    let mut nics = Vec::with_capacity(cli.nic.len());
-    for (index, nic) in cli.nic.iter().enumerate() {
-        match open_tap(&nic.tap) {
-            Ok(tap) => nics.push(NicConfig {
-                tap_name: nic.tap.clone(),
-                tap: Arc::new(tap),
-                mac: nic.mac.unwrap_or_else(|| default_mac(&cli.name, index)),
-                ipv4: nic.ipv4,
-            }),
-            Err(error) => {
-                eprintln!(
-                    "error: vm {}: cannot attach to the tap {}: {error} (the tap must exist in this network namespace, and attaching needs CAP_NET_ADMIN or the tap's owner)",
-                    cli.name, nic.tap
-                );
-                return exit_code::USAGE;
-            }
-        }
-    }
     let boot = match cli.kernel {
-        None => BootSource::Builtin,
-        Some(kernel) => BootSource::Linux {
-            kernel,
-            initrd: cli.initrd,
+        None => BootSource::Builtin {
+            name: cli
+                .builtin
+                .unwrap_or_else(|| vm_config::BUILTIN_GUEST.to_string()),
+        },
+        Some(kernel) => BootSource::Kernel {
+            kernel: absolute(&kernel)?,
+            initrd: cli.initrd.as_deref().map(absolute).transpose()?,
             cmdline: cli.cmdline,
         },
     };
-    let console_log = cli.serial_log.unwrap_or_else(|| vm_dir.join("console.log"));
-    let socket = cli
-        .control_socket
-        .unwrap_or_else(|| vm_dir.join("control.sock"));
-    let config = VmConfig {
-        memory_bytes,
+    let disks = cli
+        .disk
+        .iter()
+        .map(|path| {
+            Ok(DiskConfig {
+                path: absolute(path)?,
+                read_only: cli.disk_read_only,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    let nics = cli
+        .nic
+        .iter()
+        .enumerate()
+        .map(|(index, nic)| NicConfig {
+            tap: nic.tap.clone(),
+            mac: MacAddress(nic.mac.unwrap_or_else(|| default_mac(&cli.name, index))),
+            ipv4: nic.ipv4,
+        })
+        .collect();
+    let console_log = match cli.serial_log {
+        Some(path) => absolute(&path)?,
+        None => vm_dir.join("console.log"),
+    };
+    let control_socket = match cli.control_socket {
+        Some(path) => absolute(&path)?,
+        None => vm_dir.join("control.sock"),
+    };
+    Ok(VmConfig {
+        format_version: vm_config::FORMAT_VERSION,
+        name: cli.name,
         vcpus: cli.vcpus,
+        memory_bytes,
         boot,
         disks,
         nics,
-        console_log: console_log.clone(),
-        tick: Duration::from_millis(cli.tick_ms.max(1)),
+        control_socket,
+        console_log,
+        tick_ms: cli.tick_ms.max(1),
         dirty_pages_per_second: cli.dirty_rate,
-        power_off_grace: Duration::from_millis(cli.grace_ms),
+        power_off_grace_ms: cli.grace_ms,
+    })
+}
+
+fn run(cli: Cli) -> u8 {
+    let termination = block_termination_signals();
+    let config = match &cli.config {
+        Some(path) => read_config(path),
+        None => config_from_flags(cli),
     };
-    let name = cli.name;
+    let config = match config {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return exit_code::USAGE;
+        }
+    };
+    let name = config.name.clone();
+    let socket = config.control_socket.clone();
+    let console_log = config.console_log.clone();
     let vm = match Vm::create(config) {
         Ok(vm) => vm,
         Err(error) => return fail(&name, &error, error.exit_code()),
@@ -267,19 +275,19 @@ fn run(cli: Cli) -> u8 {
         Ok(running) => running,
         Err(error) => return fail(&name, &error, error.exit_code()),
     };
-    let server = match control::serve(&socket, running.controller()) {
+    let server = match control::serve(&socket, running.handle()) {
         Ok(server) => server,
         Err(error) => {
             eprintln!(
                 "error: vm {name}: cannot serve the control socket {}: {error}",
                 socket.display()
             );
-            let _ = running.controller().power_off(true);
+            let _ = running.handle().power_off(true);
             let _ = running.wait();
             return exit_code::USAGE;
         }
     };
-    let controller = running.controller();
+    let handle = running.handle();
     let _ = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -287,7 +295,7 @@ fn run(cli: Cli) -> u8 {
             // SAFETY: `termination` is an initialised signal set blocked in every thread;
             // sigwait writes the received signal number into `signal`.
             while unsafe { libc::sigwait(&termination, &mut signal) } == 0 {
-                let _ = controller.power_off(false);
+                let _ = handle.power_off(false);
             }
         });
     emit(json!({

@@ -1,6 +1,8 @@
-//! One VM: configuration, the build recipe ([`Vm::create`]), and the supervising loop
-//! ([`RunningVm::wait`]) that turns guest and control events into a [`VmOutcome`]. The
-//! vCPU threads live in [`crate::vcpu`], the control handle in [`crate::controller`].
+//! One VM: the build recipe ([`Vm::create`]) that turns a [`VmConfig`] (data, validated
+//! once) into live resources — disk files, taps, kernel bytes, `/dev/kvm`, guest RAM,
+//! devices, vCPUs — and the supervising loop ([`RunningVm::wait`]) that turns guest and
+//! control events into a [`VmOutcome`]. The vCPU threads live in [`crate::vcpu`], the
+//! handle for steering a running VM in [`crate::handle`].
 //!
 //! Architecture invariant: vCPU threads never decide the VM's fate themselves; they
 //! report [`VmEvent`]s to the one supervising loop ([`RunningVm::wait`]), which alone
@@ -9,7 +11,7 @@
 
 use std::fs;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
@@ -18,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{VcpuFd, VmFd};
+use vm_config::{BootSource, VmConfig, VmConfigError};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::{self, ArchError};
-use crate::devices::block::BlockBackend;
+use crate::devices::block::{BlockBackend, FileBackend};
 use crate::devices::ports::GuestTelemetry;
 use crate::devices::serial::{COM1_IRQ, Console, SerialInterrupt};
 use crate::devices::virtio::Interrupt;
@@ -35,7 +38,7 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::mptable::{self, MpTableError};
 use crate::vcpu::{ExitCounters, NetSlot, RunControl, Shared, install_kick_handler, spawn_vcpus};
 
-pub use crate::controller::{ControlError, Controller, process_rss_bytes};
+pub use crate::handle::{ControlError, VmHandle, process_rss_bytes};
 pub use crate::vcpu::RunState;
 
 /// Most vCPUs a VM may have (the built-in guest's stack layout has room for 64).
@@ -60,20 +63,6 @@ pub fn nic_mmio_base(index: usize) -> u64 {
     abi::VIRTIO_NET_MMIO_BASE + index as u64 * abi::VIRTIO_MMIO_SIZE
 }
 
-/// A network device of the VM: a virtio-net device on a host tap.
-#[derive(Debug, Clone)]
-pub struct NicConfig {
-    /// The tap's name (for status), in the namespace the tap was opened in.
-    pub tap_name: String,
-    /// The tap, opened by [`crate::devices::virtio_net::open_tap`].
-    pub tap: Arc<fs::File>,
-    /// The guest's MAC address.
-    pub mac: [u8; 6],
-    /// The IPv4 address the built-in guest answers ARP and ICMP echo requests for
-    /// (first NIC only; Linux guests configure their own).
-    pub ipv4: Option<std::net::Ipv4Addr>,
-}
-
 /// Guest-physical base of the virtio-MMIO window of disk `index` (one 4 KiB window each,
 /// from `VIRTIO_BLK_MMIO_BASE` on; the built-in guest uses disk 0).
 pub fn disk_mmio_base(index: usize) -> u64 {
@@ -82,68 +71,47 @@ pub fn disk_mmio_base(index: usize) -> u64 {
 /// Guest-physical address of the TSS region KVM needs on Intel hosts.
 const TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// What the VM boots.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BootSource {
-    /// The embedded `cairn-guest`.
-    Builtin,
-    /// A Linux bzImage with optional initrd and a command line.
-    Linux {
-        /// Path of the bzImage.
-        kernel: PathBuf,
-        /// Path of the initrd, if any.
-        initrd: Option<PathBuf>,
-        /// Kernel command line (a virtio_mmio device entry is appended for each disk and NIC).
-        cmdline: String,
-    },
-}
-
-/// A validated description of one VM.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Guest RAM in bytes (multiple of 4 KiB, at least 4 MiB).
-    pub memory_bytes: u64,
-    /// Number of vCPUs, 1..=[`MAX_VCPUS`].
-    pub vcpus: u8,
-    /// What to boot.
-    pub boot: BootSource,
-    /// The disks, each behind its own virtio-blk device (at most [`MAX_DISKS`]).
-    pub disks: Vec<Arc<dyn BlockBackend>>,
-    /// The network devices (at most [`MAX_NICS`]).
-    pub nics: Vec<NicConfig>,
-    /// File the serial console is appended to.
-    pub console_log: PathBuf,
-    /// The built-in guest's main-loop period.
-    pub tick: Duration,
-    /// Initial dirty-page rate of the built-in guest, pages per second.
-    pub dirty_pages_per_second: u64,
-    /// How long a graceful power-off waits for the guest's acknowledgement.
-    pub power_off_grace: Duration,
-}
-
-impl VmConfig {
-    /// A built-in-guest VM with defaults (10 ms tick, no dirtying, 2 s grace, no disk).
-    pub fn builtin(memory_bytes: u64, vcpus: u8, console_log: PathBuf) -> Self {
-        Self {
-            memory_bytes,
-            vcpus,
-            boot: BootSource::Builtin,
-            disks: Vec::new(),
-            nics: Vec::new(),
-            console_log,
-            tick: Duration::from_millis(10),
-            dirty_pages_per_second: 0,
-            power_off_grace: Duration::from_secs(2),
-        }
-    }
-}
+// `vm_config::limits` is the table the compiler and the node check against; these are
+// the VMM's own reasons for it, and the build fails if the two ever disagree.
+const _: () = {
+    assert!(vm_config::limits::VCPUS.max == MAX_VCPUS as u64);
+    assert!(vm_config::limits::LINUX_VCPUS.max == mptable::MAX_CPUS as u64);
+    assert!(vm_config::limits::DISKS.max == MAX_DISKS as u64);
+    assert!(vm_config::limits::NICS.max == MAX_NICS as u64);
+    assert!(vm_config::limits::MEMORY.min >= crate::memory::MIN_MEMORY_BYTES);
+    assert!(
+        vm_config::limits::MEMORY
+            .granularity
+            .is_multiple_of(crate::memory::PAGE_SIZE)
+    );
+};
 
 /// Errors of building or starting a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     /// The configuration is unusable.
-    #[error("invalid VM configuration: {0}")]
-    Config(String),
+    #[error("invalid VM configuration")]
+    Config(#[from] VmConfigError),
+    /// A disk could not be opened.
+    #[error("cannot open the disk {path}")]
+    Disk {
+        /// The disk's path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A NIC's tap could not be attached.
+    #[error(
+        "cannot attach to the tap {tap} (the tap must exist in this network namespace, and attaching needs CAP_NET_ADMIN or the tap's owner)"
+    )]
+    Tap {
+        /// The tap's name.
+        tap: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
     /// `/dev/kvm` is missing or lacks something.
     #[error(transparent)]
     Kvm(#[from] KvmError),
@@ -186,7 +154,11 @@ impl VmError {
     /// The process exit status for this error ([`exit_code`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Config(_) | Self::Linux(_) | Self::File { .. } => exit_code::USAGE,
+            Self::Config(_)
+            | Self::Linux(_)
+            | Self::File { .. }
+            | Self::Disk { .. }
+            | Self::Tap { .. } => exit_code::USAGE,
             Self::Kvm(_)
             | Self::Memory(_)
             | Self::Arch(_)
@@ -290,41 +262,51 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// The build recipe: checks `/dev/kvm`, creates the VM, maps and registers memory,
-    /// creates devices and vCPUs, and loads the guest. Nothing runs yet.
+    /// The build recipe, the one place a [`VmConfig`] becomes a VM: validates it (once,
+    /// here), opens its disks and taps and reads its kernel and initrd (so every
+    /// configuration and file problem is a usage error before KVM is touched), then
+    /// checks `/dev/kvm`, creates the VM, maps and registers memory, creates devices and
+    /// vCPUs, and loads the guest. Nothing runs yet.
     pub fn create(config: VmConfig) -> Result<Self, VmError> {
-        if config.disks.len() > MAX_DISKS {
-            return Err(VmError::Config(format!(
-                "at most {MAX_DISKS} disks per VM, got {}",
-                config.disks.len()
-            )));
+        config.validate()?;
+        for file in [&config.console_log, &config.control_socket] {
+            if let Some(directory) = file.parent() {
+                fs::create_dir_all(directory).map_err(|source| VmError::File {
+                    path: directory.to_path_buf(),
+                    source,
+                })?;
+            }
         }
-        if config.nics.len() > MAX_NICS {
-            return Err(VmError::Config(format!(
-                "at most {MAX_NICS} network devices per VM, got {}",
-                config.nics.len()
-            )));
-        }
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(VmError::Config(format!(
-                "vcpus must be 1..={MAX_VCPUS}, got {}",
-                config.vcpus
-            )));
-        }
+        let open_disk = |path: &Path, read_only: bool| {
+            FileBackend::open(path, read_only).map_err(|source| VmError::Disk {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let disks: Vec<Arc<dyn BlockBackend>> = config
+            .disks
+            .iter()
+            .map(|disk| open_disk(&disk.path, disk.read_only).map(|d| Arc::new(d) as _))
+            .collect::<Result<_, _>>()?;
+        let taps: Vec<Arc<fs::File>> = config
+            .nics
+            .iter()
+            .map(|nic| {
+                open_tap(&nic.tap)
+                    .map(Arc::new)
+                    .map_err(|source| VmError::Tap {
+                        tap: nic.tap.clone(),
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
         let kernel = match &config.boot {
-            BootSource::Builtin => None,
-            BootSource::Linux {
+            BootSource::Builtin { .. } => None,
+            BootSource::Kernel {
                 kernel,
                 initrd,
                 cmdline,
             } => {
-                if config.vcpus > mptable::MAX_CPUS {
-                    return Err(VmError::Config(format!(
-                        "a Linux guest may have at most {} vCPUs (the MP table's room), got {}",
-                        mptable::MAX_CPUS,
-                        config.vcpus
-                    )));
-                }
                 let read = |path: &PathBuf| {
                     fs::read(path).map_err(|source| VmError::File {
                         path: path.clone(),
@@ -336,15 +318,16 @@ impl Vm {
                 let mut cmdline = cmdline.clone();
                 // Each virtio-MMIO window (disks, then NICs) is announced to Linux on
                 // the command line with its interrupt line.
-                let disks =
-                    (0..config.disks.len()).map(|i| (disk_mmio_base(i), VIRTIO_BLK_IRQS[i]));
-                let nics = (0..config.nics.len()).map(|i| (nic_mmio_base(i), VIRTIO_NET_IRQS[i]));
+                let disks = (0..disks.len()).map(|i| (disk_mmio_base(i), VIRTIO_BLK_IRQS[i]));
+                let nics = (0..taps.len()).map(|i| (nic_mmio_base(i), VIRTIO_NET_IRQS[i]));
                 for (base, irq) in disks.chain(nics) {
                     cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
                 }
                 Some((kernel_bytes, initrd_bytes, cmdline))
             }
         };
+        // Validated: at most MAX_VCPUS (64), so it fits.
+        let vcpu_count = config.vcpus as u8;
         let builtin = kernel.is_none();
         let telemetry_epoch_start = Instant::now();
 
@@ -387,8 +370,7 @@ impl Vm {
                 source,
             }
         })?;
-        let blocks: Vec<VirtioMmioBlock> = config
-            .disks
+        let blocks: Vec<VirtioMmioBlock> = disks
             .iter()
             .zip(VIRTIO_BLK_IRQS)
             .map(|(backend, irq)| {
@@ -400,26 +382,27 @@ impl Vm {
         let nets: Vec<NetSlot> = config
             .nics
             .iter()
+            .zip(taps)
             .zip(VIRTIO_NET_IRQS)
-            .map(|(nic, irq)| {
+            .map(|((nic, tap), irq)| {
                 let interrupt = (!builtin).then(|| line_interrupt(&vm_fd, irq));
-                let device = VirtioMmioNet::new(Arc::clone(&nic.tap), nic.mac, interrupt);
+                let device = VirtioMmioNet::new(Arc::clone(&tap), nic.mac.0, interrupt);
                 NetSlot {
                     stats: device.stats(),
                     device: Mutex::new(device),
                     rx_ready: Condvar::new(),
-                    tap: Arc::clone(&nic.tap),
-                    tap_name: nic.tap_name.clone(),
+                    tap,
+                    tap_name: nic.tap.clone(),
                     tap_reattached: AtomicU64::new(0),
-                    mac: nic.mac,
+                    mac: nic.mac.0,
                 }
             })
             .collect();
 
         let (sender, events) = mpsc::channel();
         let mut telemetry = GuestTelemetry::new(
-            usize::from(config.vcpus),
-            config.tick,
+            usize::from(vcpu_count),
+            Duration::from_millis(config.tick_ms),
             config.dirty_pages_per_second,
             ram.low_end(),
             telemetry_epoch_start,
@@ -443,13 +426,13 @@ impl Vm {
             vcpu_threads: Mutex::new(Vec::new()),
             events: sender,
             boot_count: AtomicU64::new(1),
-            vcpus: usize::from(config.vcpus),
+            vcpus: usize::from(vcpu_count),
             builtin,
         });
 
         let cpuid = arch::supported_cpuid(&kvm)?;
-        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-        for index in 0..config.vcpus {
+        let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+        for index in 0..vcpu_count {
             let vcpu = vm_fd
                 .create_vcpu(u64::from(index))
                 .map_err(|source| VmError::Create {
@@ -483,7 +466,8 @@ impl Vm {
             net.device.lock().expect("net lock").reset();
         }
         arch::write_gdt(memory)?;
-        let count = self.config.vcpus;
+        // Validated in `create`: at most MAX_VCPUS (64).
+        let count = self.config.vcpus as u8;
         match &self.kernel {
             None => {
                 arch::write_identity_page_tables(
@@ -537,6 +521,16 @@ impl Vm {
         Ok(())
     }
 
+    /// How long a graceful power-off or reboot waits for the built-in guest.
+    fn power_off_grace(&self) -> Duration {
+        Duration::from_millis(self.config.power_off_grace_ms)
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
     /// The VM's KVM file descriptor (for inspection, e.g. by tests).
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
@@ -555,18 +549,17 @@ impl Vm {
                 .spawn(move || receive_pump(&shared, &ram, index))
                 .map_err(VmError::Thread)?;
         }
-        let controller = Controller {
+        let handle = VmHandle {
             shared: Arc::clone(&self.shared),
             vm_fd: Arc::clone(&self.vm_fd),
             ram: Arc::clone(&self.ram),
             started: Instant::now(),
-            memory_bytes: self.config.memory_bytes,
             console_log: self.config.console_log.clone(),
         };
         Ok(RunningVm {
             vm: self,
-            handles,
-            controller,
+            vcpu_threads: handles,
+            handle,
         })
     }
 }
@@ -575,8 +568,8 @@ impl Vm {
 #[derive(Debug)]
 pub struct RunningVm {
     vm: Vm,
-    handles: Vec<JoinHandle<VcpuFd>>,
-    controller: Controller,
+    vcpu_threads: Vec<JoinHandle<VcpuFd>>,
+    handle: VmHandle,
 }
 
 impl Drop for RunningVm {
@@ -588,8 +581,8 @@ impl Drop for RunningVm {
 
 impl RunningVm {
     /// A handle to query and steer the VM from other threads.
-    pub fn controller(&self) -> Controller {
-        self.controller.clone()
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
     }
 
     /// Supervises the VM until it powers off, crashes or fails: handles reboots and
@@ -656,8 +649,7 @@ impl RunningVm {
                         .telemetry
                         .pending_command
                         .store(abi::CMD_POWER_OFF, Ordering::Release);
-                    power_off_deadline
-                        .get_or_insert(Instant::now() + self.vm.config.power_off_grace);
+                    power_off_deadline.get_or_insert(Instant::now() + self.vm.power_off_grace());
                 }
                 VmEvent::RequestReboot => {
                     if shared.builtin {
@@ -665,8 +657,7 @@ impl RunningVm {
                             .telemetry
                             .pending_command
                             .store(abi::CMD_REBOOT, Ordering::Release);
-                        reboot_deadline
-                            .get_or_insert(Instant::now() + self.vm.config.power_off_grace);
+                        reboot_deadline.get_or_insert(Instant::now() + self.vm.power_off_grace());
                     } else if let Err(outcome) = self.reboot(&mut notify) {
                         break outcome;
                     }
@@ -695,7 +686,7 @@ impl RunningVm {
     fn stop_vcpus(&mut self) -> Result<Vec<VcpuFd>, String> {
         let shared = &self.vm.shared;
         shared.set_state(RunState::Exiting);
-        while self.handles.iter().any(|handle| !handle.is_finished()) {
+        while self.vcpu_threads.iter().any(|handle| !handle.is_finished()) {
             shared.kick_vcpus();
             thread::sleep(Duration::from_micros(200));
         }
@@ -704,9 +695,9 @@ impl RunningVm {
             .lock()
             .expect("thread list lock")
             .clear();
-        let mut vcpus = Vec::with_capacity(self.handles.len());
+        let mut vcpus = Vec::with_capacity(self.vcpu_threads.len());
         let mut panicked = None;
-        for (index, handle) in self.handles.drain(..).enumerate() {
+        for (index, handle) in self.vcpu_threads.drain(..).enumerate() {
             match handle.join() {
                 Ok(vcpu) => vcpus.push(vcpu),
                 Err(_) => panicked = Some(format!("vCPU {index} thread panicked")),
@@ -734,7 +725,7 @@ impl RunningVm {
                 reason: format!("reboot failed: {error}"),
             })?;
         let vcpus = std::mem::take(&mut self.vm.vcpus);
-        self.handles =
+        self.vcpu_threads =
             spawn_vcpus(shared, &self.vm.ram, vcpus).map_err(|error| VmOutcome::Failed {
                 reason: format!("reboot failed: {error}"),
             })?;

@@ -223,3 +223,24 @@ fn the_console_tail_is_served_over_the_control_socket() {
         .expect("console text");
     assert!(whole.starts_with("cairn-guest: up\r\n"), "{whole:?}");
 }
+
+#[test]
+fn a_config_file_runs_the_vm_it_describes_and_status_reports_what_runs() {
+    let test = "a_config_file_runs_the_vm_it_describes_and_status_reports_what_runs";
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = vm_config::VmConfig::builtin("from-file", 2, 48 << 20, dir.path());
+    let mut vm = VmProcess::spawn_config(dir, &config);
+    let status = vm.wait_status(TIMEOUT, |status| {
+        status.heartbeats.iter().all(|count| *count >= 1)
+    });
+    // What runs: the vCPUs created and the RAM mapped.
+    assert_eq!((status.vcpus, status.memory_bytes), (2, 48 << 20));
+    assert_eq!(status.heartbeats.len(), 2);
+    vm.request(&Request::PowerOff { force: false });
+    assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
+    assert!(vm.stdout().contains(r#""name":"from-file""#));
+    assert!(vm.console().contains("cairn-guest: up"));
+}

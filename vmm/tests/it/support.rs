@@ -74,6 +74,23 @@ impl VmProcess {
         Self { child, dir }
     }
 
+    /// Spawns `cairn-vmm --config FILE` for `config` (written to `dir/vm.json`); its
+    /// console and control socket should be in `dir` for the helpers here to find them.
+    pub fn spawn_config(dir: tempfile::TempDir, config: &vm_config::VmConfig) -> Self {
+        let path = dir.path().join("vm.json");
+        std::fs::write(&path, serde_json::to_string_pretty(config).expect("json"))
+            .expect("write config");
+        let child = Command::new(env!("CARGO_BIN_EXE_cairn-vmm"))
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn cairn-vmm");
+        Self { child, dir }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

@@ -1,0 +1,278 @@
+//! The control protocol's wire contract: every request and response as serde types.
+//! Both ends depend on this module; it depends on nothing of the VMM but the block
+//! self-test result it reports.
+//!
+//! Architecture invariant: fields are only ever added (with `#[serde(default)]`), so an
+//! older agent reads a newer VMM's status and the other way round.
+
+use serde::{Deserialize, Serialize};
+
+use crate::guest::BlockTestResult;
+
+/// Version of this protocol, reported in every status.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A request to the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Report [`VmStatus`].
+    Status,
+    /// Pause all vCPUs.
+    Pause,
+    /// Resume all vCPUs.
+    Resume,
+    /// Power off: graceful (the built-in guest acknowledges) unless `force`.
+    PowerOff {
+        /// Stop at once instead of waiting for the guest.
+        #[serde(default)]
+        force: bool,
+    },
+    /// Reboot the guest.
+    Reboot,
+    /// Set how many pages per second the built-in guest dirties.
+    SetDirtyRate {
+        /// Pages per second (0 stops dirtying).
+        pages_per_second: u64,
+    },
+    /// Control or read the KVM dirty-page log.
+    DirtyLog {
+        /// What to do.
+        action: DirtyLogAction,
+    },
+    /// Make the built-in guest rerun its block self-test.
+    BlockTest,
+    /// Make the built-in guest crash (triple fault), to test crash handling.
+    GuestCrash,
+    /// The last bytes of the serial console log.
+    ConsoleTail {
+        /// How many bytes (from the end); 4096 when absent.
+        #[serde(default = "default_tail_bytes")]
+        bytes: u64,
+    },
+}
+
+/// Operations on the dirty-page log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirtyLogAction {
+    /// Turn `KVM_MEM_LOG_DIRTY_PAGES` on.
+    Start,
+    /// Turn it off.
+    Stop,
+    /// Count and clear pages dirtied since the last fetch.
+    Fetch,
+}
+
+/// The answer to one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The status, for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmStatus>,
+    /// Dirty pages, for `dirty-log` `fetch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_pages: Option<u64>,
+    /// Console text, for `console-tail`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
+}
+
+fn default_tail_bytes() -> u64 {
+    4096
+}
+
+impl Response {
+    /// Success without a payload.
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            error: None,
+            status: None,
+            dirty_pages: None,
+            console: None,
+        }
+    }
+
+    /// A refusal saying why.
+    pub fn error(message: String) -> Self {
+        Self {
+            ok: false,
+            error: Some(message),
+            status: None,
+            dirty_pages: None,
+            console: None,
+        }
+    }
+}
+
+/// A snapshot of one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// `running`, `paused` or `exiting`.
+    pub state: String,
+    /// `cairn-guest` or `linux`.
+    pub boot: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Configured guest RAM.
+    pub memory_bytes: u64,
+    /// Guest RAM resident in host memory (mincore over the mapping).
+    pub guest_resident_bytes: u64,
+    /// Resident set of the whole VMM process (guest RAM included).
+    pub vmm_rss_bytes: u64,
+    /// Time since the vCPUs first started.
+    pub uptime_ms: u64,
+    /// Boots so far (1 + reboots).
+    pub boot_count: u64,
+    /// Last boot stage the built-in guest reported (0 none, 1 entered, 2 main loop).
+    pub boot_stage: u64,
+    /// Last heartbeat counter of each vCPU.
+    pub heartbeats: Vec<u64>,
+    /// Sum of `heartbeats`.
+    pub heartbeat_total: u64,
+    /// Milliseconds since the last heartbeat of any vCPU.
+    pub last_heartbeat_age_ms: Option<f64>,
+    /// Microseconds from the start of VM creation to the first heartbeat.
+    pub first_heartbeat_us: Option<u64>,
+    /// Dirty-page rate asked of the guest.
+    pub dirty_rate_pages_per_second: u64,
+    /// Pages the guest reports having dirtied.
+    pub pages_dirtied: u64,
+    /// Whether KVM dirty logging is on.
+    pub dirty_logging: bool,
+    /// Whether guest RAM is advised `MADV_MERGEABLE` (KSM may deduplicate it).
+    #[serde(default)]
+    pub ksm_mergeable: bool,
+    /// Last block self-test result.
+    pub block_test: BlockTestResult,
+    /// Block self-tests completed.
+    pub block_tests: u64,
+    /// virtio-blk counters of the first disk (the one the built-in guest tests), if any.
+    pub block: Option<BlockStatus>,
+    /// virtio-blk counters of every disk, in `--disk` order.
+    #[serde(default)]
+    pub disks: Vec<BlockStatus>,
+    /// virtio-net devices, in `--nic` order.
+    #[serde(default)]
+    pub nics: Vec<NicStatus>,
+    /// ARP and ICMP echo requests the built-in guest has answered.
+    #[serde(default)]
+    pub net_replies: u64,
+    /// VM exits by kind.
+    pub exits: ExitCounts,
+}
+
+/// A virtio-net device and its frame counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicStatus {
+    /// The host tap it is attached to.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: String,
+    /// Whether the guest's driver has brought it up.
+    pub driver_ok: bool,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames the guest could not take (driver not running, buffer too small).
+    pub rx_dropped: u64,
+    /// Frames the guest sent.
+    pub tx_frames: u64,
+    /// Bytes the guest sent.
+    pub tx_bytes: u64,
+    /// Frames that could not be sent.
+    pub tx_errors: u64,
+    /// Times the VMM attached to the tap again after it was deleted and made anew.
+    #[serde(default)]
+    pub tap_reattached: u64,
+}
+
+/// virtio-blk request counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockStatus {
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Requests that failed.
+    pub errors: u64,
+}
+
+/// VM exits by kind, over all vCPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitCounts {
+    /// Port reads.
+    pub io_in: u64,
+    /// Port writes.
+    pub io_out: u64,
+    /// MMIO reads.
+    pub mmio_read: u64,
+    /// MMIO writes.
+    pub mmio_write: u64,
+    /// HLT exits.
+    pub hlt: u64,
+    /// Triple faults.
+    pub shutdown: u64,
+    /// `KVM_RUN` interrupted by a kick.
+    pub interrupted: u64,
+    /// Anything else.
+    pub other: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_the_documented_wire_form() {
+        let cases = [
+            (Request::Status, r#"{"op":"status"}"#),
+            (
+                Request::PowerOff { force: true },
+                r#"{"op":"power-off","force":true}"#,
+            ),
+            (
+                Request::SetDirtyRate {
+                    pages_per_second: 5,
+                },
+                r#"{"op":"set-dirty-rate","pages_per_second":5}"#,
+            ),
+            (
+                Request::DirtyLog {
+                    action: DirtyLogAction::Fetch,
+                },
+                r#"{"op":"dirty-log","action":"fetch"}"#,
+            ),
+            (Request::GuestCrash, r#"{"op":"guest-crash"}"#),
+        ];
+        for (request, wire) in cases {
+            assert_eq!(serde_json::to_string(&request).expect("serialize"), wire);
+            assert_eq!(
+                serde_json::from_str::<Request>(wire).expect("parse"),
+                request
+            );
+        }
+        let graceful: Request =
+            serde_json::from_str(r#"{"op":"power-off"}"#).expect("force defaults to false");
+        assert_eq!(graceful, Request::PowerOff { force: false });
+    }
+
+    #[test]
+    fn errors_carry_a_message_and_no_payload() {
+        let text = serde_json::to_string(&Response::error("nope".into())).expect("serialize");
+        assert_eq!(text, r#"{"ok":false,"error":"nope"}"#);
+    }
+}
