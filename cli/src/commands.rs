@@ -8,17 +8,20 @@ use std::time::Instant;
 
 use anyhow::Context;
 use proto::auth::RequestSigner;
-use sha2::{Digest, Sha256};
 
 use crate::cli::Format;
 use crate::ctx::Ctx;
-use reconciler::apply::{ApplyOptions, apply};
-use reconciler::desired::{self, BootImage, Desired, DesiredNode, Placement, VolumePlacement};
+use reconciler::apply::ApplyOptions;
+use reconciler::desired::{self, BootImage, Placement};
 use reconciler::nodes::{GrpcNodes, NodeApi};
 use reconciler::observe::{NodeObservation, Observed, observe};
-use reconciler::plan::{Plan, plan};
+use reconciler::pipeline::{
+    self, Interrupted, PipelineError, Planned, defined_images, images_of, placement_from_observed,
+    previous_placement, settle_interrupted, spec_nodes, unacceptable,
+};
+use reconciler::plan::Plan;
 use reconciler::render;
-use reconciler::state::{Applied, PlanRecord, StateStore, StepStatus, now_ms};
+use reconciler::state::{StateStore, now_ms};
 
 /// A compiled spec root.
 struct Loaded {
@@ -56,19 +59,7 @@ fn load(dir: &Path, state: Option<&Path>) -> anyhow::Result<Result<Loaded, u8>> 
         eprintln!("the specs have errors; nothing was planned or applied");
         return Ok(Err(1));
     }
-    let mut files: Vec<(String, String)> = sources
-        .files()
-        .map(|(id, _)| (sources.path(id).to_owned(), sources.text(id).to_owned()))
-        .collect();
-    files.sort();
-    let mut hasher = Sha256::new();
-    for (path, text) in &files {
-        hasher.update(path.as_bytes());
-        hasher.update([0]);
-        hasher.update(text.as_bytes());
-        hasher.update([0]);
-    }
-    let revision = format!("sources:{}", proto::auth::to_hex(&hasher.finalize()[..8]));
+    let revision = pipeline::revision(&sources);
     Ok(Ok(Loaded {
         ctx,
         sources,
@@ -77,87 +68,20 @@ fn load(dir: &Path, state: Option<&Path>) -> anyhow::Result<Result<Loaded, u8>> 
     }))
 }
 
-fn spec_nodes(model: &compiler::Model) -> BTreeMap<String, DesiredNode> {
-    model
-        .sites
-        .iter()
-        .flat_map(|s| {
-            s.nodes.iter().map(|n| {
-                (
-                    n.name.clone(),
-                    DesiredNode {
-                        name: n.name.clone(),
-                        site: s.name.clone(),
-                        address: n.address.clone(),
-                    },
-                )
-            })
-        })
-        .collect()
-}
-
-/// What the nodes run, as a placement (used when the state store has none, e.g.
-/// after it was lost: placement then starts from reality).
-fn placement_from_observed(observed: &Observed) -> Placement {
-    let mut p = Placement::default();
-    for (node, obs) in &observed.nodes {
-        let NodeObservation::Reachable { vms, volumes, .. } = obs else {
-            continue;
-        };
-        for vm in vms.values() {
-            p.vms.entry(vm.name.clone()).or_insert_with(|| node.clone());
-        }
-        for v in volumes.values().filter(|v| v.role != "replica") {
-            p.volumes.insert(
-                v.name.clone(),
-                VolumePlacement {
-                    node: node.clone(),
-                    replicas: v.replica_peers.clone(),
-                },
-            );
-        }
-    }
-    p
-}
-
-/// The placement to start from: the stored one, with every volume a node
-/// reports where the node says its data is (the data decides, not the record).
-fn previous_placement(stored: Option<Placement>, observed: &Observed) -> Placement {
-    let seen = placement_from_observed(observed);
-    match stored {
-        None => seen,
-        Some(mut p) => {
-            p.volumes.extend(seen.volumes);
-            p
-        }
-    }
-}
-
-/// A plan and what it was made from.
-struct Planned {
-    desired: Desired,
-    observed: Observed,
-    plan: Plan,
-    /// The solver's placement (for diagnostics of unplaced VMs).
-    solved: compiler::place::Placement,
-}
-
 fn plan_against(
     loaded: &Loaded,
     observed: Observed,
     previous: &Placement,
     protected_before: std::collections::BTreeSet<String>,
 ) -> Planned {
-    let (placement, solved) = desired::place_solved(loaded.model(), Some(previous));
-    let mut desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
-    desired.protected_volumes.extend(protected_before);
-    let plan = plan(&desired, &observed, &loaded.revision);
-    Planned {
-        desired,
+    pipeline::plan_against(
+        loaded.model(),
+        &loaded.ctx.spec_root,
+        &loaded.revision,
         observed,
-        plan,
-        solved,
-    }
+        previous,
+        protected_before,
+    )
 }
 
 /// Observes and plans.
@@ -165,16 +89,68 @@ async fn make_plan(
     loaded: &Loaded,
     store: &dyn StateStore,
     nodes: &GrpcNodes,
-) -> anyhow::Result<Planned> {
-    let spec = spec_nodes(loaded.model());
-    let observed = observe(&spec, nodes).await;
-    let previous = previous_placement(store.placement()?, &observed);
-    Ok(plan_against(
-        loaded,
-        observed,
-        &previous,
-        store.protected_volumes()?,
-    ))
+) -> Result<Planned, PipelineError> {
+    pipeline::plan_revision(
+        loaded.model(),
+        &loaded.ctx.spec_root,
+        &loaded.revision,
+        store,
+        nodes,
+    )
+    .await
+}
+
+/// Carries out `plan` as a new execution, printing its progress and its end
+/// report; the exit code of CLI.md.
+fn execute(
+    store: &dyn StateStore,
+    nodes: &GrpcNodes,
+    plan: &Plan,
+    images: &BTreeMap<String, BootImage>,
+    parallelism: usize,
+    interrupted: Option<&Interrupted>,
+) -> anyhow::Result<u8> {
+    let executed = match runtime()?.block_on(pipeline::execute(
+        store,
+        nodes,
+        plan,
+        images,
+        &ApplyOptions { parallelism },
+        interrupted,
+        &crate::progress::Progress::new(),
+    )) {
+        Ok(e) => e,
+        Err(PipelineError::MissingImages(missing)) => {
+            eprintln!(
+                "error: refusing to apply: images the plan needs are missing; nothing was sent:"
+            );
+            for m in &missing {
+                eprintln!("  {m}");
+            }
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    print!("{}", executed.report.text());
+    if !executed.problems.is_empty() {
+        println!(
+            "Not converged: the cluster does not match the specs yet ({}).",
+            executed.problems.join("; ")
+        );
+    }
+    Ok(if executed.converged() { 0 } else { 1 })
+}
+
+fn nothing_to_do(
+    store: &dyn StateStore,
+    plan: &Plan,
+    interrupted: Option<&Interrupted>,
+) -> anyhow::Result<u8> {
+    Ok(if pipeline::nothing_to_do(store, plan, interrupted)? {
+        0
+    } else {
+        1
+    })
 }
 
 /// Prints the diagnostics of VMs that cannot be placed (errors with spans; spot
@@ -187,32 +163,6 @@ fn print_unplaced(loaded: &Loaded, solved: &compiler::place::Placement) -> anyho
     let mut err = std::io::stderr().lock();
     err.write_all(compiler::diag::render_all(&loaded.sources, &diagnostics).as_bytes())?;
     Ok(())
-}
-
-/// Why a plan must not be applied (`None`: it may be). The specs ask for
-/// something that cannot be done: a VM no node can take (the specs do not
-/// validate), or a change that would destroy data.
-fn unacceptable(plan: &Plan) -> Option<String> {
-    let unplaced: Vec<&String> = plan.blocking_unplaced().map(|(vm, _)| vm).collect();
-    let mut why = vec![];
-    if !unplaced.is_empty() {
-        why.push(format!(
-            "{} cannot be placed (the specs do not validate: `cairn validate` says why)",
-            unplaced
-                .iter()
-                .map(|vm| format!("vm {vm}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    for r in &plan.refused {
-        why.push(format!("{} {} is refused: {}", r.object, r.name, r.reason));
-    }
-    if why.is_empty() {
-        None
-    } else {
-        Some(why.join("; "))
-    }
 }
 
 /// The exit code of a plan (CLI.md): 1 when it must not be applied or applying it
@@ -375,237 +325,6 @@ fn approve() -> anyhow::Result<bool> {
     Ok(answer.trim() == "yes")
 }
 
-/// An execution an earlier apply did not finish, settled: its in-flight steps'
-/// outcomes asked of their nodes.
-struct Interrupted {
-    execution_id: String,
-    plan: Plan,
-    journal: Vec<reconciler::state::StepRecord>,
-    settled: reconciler::apply::Settled,
-}
-
-impl Interrupted {
-    /// Its changes not carried out in full.
-    fn unfinished(&self) -> Vec<&reconciler::plan::Change> {
-        let done: std::collections::BTreeSet<usize> = self
-            .journal
-            .iter()
-            .filter(|r| r.status == StepStatus::Succeeded)
-            .map(|r| r.step)
-            .collect();
-        self.plan
-            .changes
-            .iter()
-            .filter(|c| !c.steps.iter().all(|s| done.contains(s)))
-            .collect()
-    }
-
-    /// Whether `plan` only finishes what this execution was approved to do: the
-    /// same specs, and every change of `plan` was an unfinished change of it
-    /// (destroying ones only where it destroyed too).
-    fn covers(&self, plan: &Plan) -> bool {
-        use reconciler::plan::ChangeKind::*;
-        let destroys = |k| matches!(k, Delete | Replace | Preempt | Move);
-        let unfinished = self.unfinished();
-        self.plan.revision == plan.revision
-            && plan.changes.iter().all(|c| {
-                unfinished.iter().any(|u| {
-                    u.object == c.object
-                        && u.name == c.name
-                        && (!destroys(c.kind) || destroys(u.kind))
-                })
-            })
-    }
-
-    fn describe(&self) -> String {
-        let done = self
-            .journal
-            .iter()
-            .filter(|r| r.status == StepStatus::Succeeded)
-            .count();
-        let mut out = format!(
-            "An earlier apply of plan {} (execution {}, {}) was interrupted: {done} of {} steps were carried out",
-            self.plan.plan_id,
-            self.execution_id,
-            self.plan.revision,
-            self.plan.steps.len()
-        );
-        if self.settled.done + self.settled.not_done > 0 {
-            out.push_str(&format!(
-                "; of the {} in flight, the nodes carried out {} and never started {}",
-                self.settled.done + self.settled.not_done,
-                self.settled.done,
-                self.settled.not_done
-            ));
-        }
-        for u in &self.settled.unknown {
-            out.push_str(&format!("; outcome unknown: {u}"));
-        }
-        out.push_str(
-            ".\nIts requests are not sent again: the plan below is made from what the cluster runs now.\n",
-        );
-        out
-    }
-}
-
-/// Settles every execution an earlier apply left unfinished (the newest is
-/// returned; all stay unfinished until a new execution supersedes them).
-async fn settle_interrupted(
-    store: &dyn StateStore,
-    nodes: &GrpcNodes,
-) -> anyhow::Result<Option<Interrupted>> {
-    let mut newest = None;
-    for (key, record) in store.unfinished_executions()? {
-        let plan: Plan = serde_json::from_value(record.plan).with_context(|| {
-            format!("the journaled plan of execution {key} does not decode; move the state file aside to start over (placement will be rebuilt from the nodes)")
-        })?;
-        let settled = reconciler::apply::settle(&plan, &record.execution_id, store, nodes).await?;
-        let journal = store.journal_of(&record.execution_id)?;
-        newest = Some(Interrupted {
-            execution_id: record.execution_id,
-            plan,
-            journal,
-            settled,
-        });
-    }
-    Ok(newest)
-}
-
-/// The image of every VM a plan defines (from its `create_vm` steps).
-fn defined_images(plan: &Plan) -> BTreeMap<String, BootImage> {
-    plan.steps
-        .iter()
-        .filter_map(|s| match &s.action {
-            reconciler::plan::NodeAction::CreateVm { name, image, .. } => {
-                Some((name.clone(), image.clone()))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-/// Kernel and initrd files that VMs the plan defines or starts need and that are
-/// missing (`images`: VM → the image it boots): checked before any step is sent,
-/// so a missing image never half-applies a plan.
-fn missing_images(plan: &Plan, images: &BTreeMap<String, BootImage>) -> Vec<String> {
-    let mut out = vec![];
-    for step in &plan.steps {
-        let name = match &step.action {
-            reconciler::plan::NodeAction::CreateVm { name, .. }
-            | reconciler::plan::NodeAction::StartVm { name } => name,
-            _ => continue,
-        };
-        let Some(BootImage::Kernel { kernel, initrd, .. }) = images.get(name) else {
-            continue;
-        };
-        for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
-            if path.is_empty() {
-                continue;
-            }
-            if let Err(e) = std::fs::File::open(path) {
-                out.push(format!("vm {name}: {what} {path} cannot be read: {e}"));
-            }
-        }
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-/// Carries out `plan` as a new execution (superseding `interrupted`, if any).
-fn execute(
-    store: &dyn StateStore,
-    nodes: &GrpcNodes,
-    plan: &Plan,
-    images: &BTreeMap<String, BootImage>,
-    parallelism: usize,
-    interrupted: Option<&Interrupted>,
-) -> anyhow::Result<u8> {
-    let missing = missing_images(plan, images);
-    if !missing.is_empty() {
-        eprintln!("error: refusing to apply: images the plan needs are missing; nothing was sent:");
-        for m in &missing {
-            eprintln!("  {m}");
-        }
-        store.audit(
-            "apply-refused",
-            serde_json::json!({"plan_id": plan.plan_id, "reason": "missing images", "missing": missing}),
-        )?;
-        return Ok(1);
-    }
-    let execution_id = reconciler::state::new_execution_id(&plan.plan_id);
-    store.start_execution(&PlanRecord {
-        execution_id: execution_id.clone(),
-        plan: serde_json::to_value(plan)?,
-        finished: false,
-        ended: None,
-        started_at_unix_ms: now_ms(),
-    })?;
-    if let Some(old) = interrupted {
-        store.finish_execution(
-            &old.execution_id,
-            Some(format!("superseded by {execution_id}")),
-        )?;
-    }
-    let report = runtime()?.block_on(apply(
-        plan,
-        &execution_id,
-        store,
-        nodes,
-        &ApplyOptions { parallelism },
-        &crate::progress::Progress::new(),
-    ))?;
-    store.finish_execution(&execution_id, None)?;
-    store.set_placement(&plan.placement)?;
-    store.set_protected_volumes(&plan.protected)?;
-    let problems = plan.not_converged();
-    if !report.failed() && problems.is_empty() {
-        store.set_applied(&Applied {
-            revision: plan.revision.clone(),
-            plan_id: plan.plan_id.clone(),
-            at_unix_ms: now_ms(),
-        })?;
-    }
-    store.audit("apply", serde_json::to_value(&report)?)?;
-    print!("{}", report.text());
-    if !problems.is_empty() {
-        println!(
-            "Not converged: the cluster does not match the specs yet ({}).",
-            problems.join("; ")
-        );
-    }
-    Ok(if report.failed() || !problems.is_empty() {
-        1
-    } else {
-        0
-    })
-}
-
-/// A plan is empty: nothing is sent. Supersedes an interrupted execution (its
-/// work is done or no longer wanted) and says whether the cluster converged.
-fn nothing_to_do(
-    store: &dyn StateStore,
-    plan: &Plan,
-    interrupted: Option<&Interrupted>,
-) -> anyhow::Result<u8> {
-    if let Some(old) = interrupted {
-        store.finish_execution(
-            &old.execution_id,
-            Some("settled: nothing left to do".to_owned()),
-        )?;
-    }
-    if plan.not_converged().is_empty() {
-        store.set_applied(&Applied {
-            revision: plan.revision.clone(),
-            plan_id: plan.plan_id.clone(),
-            at_unix_ms: now_ms(),
-        })?;
-        Ok(0)
-    } else {
-        Ok(1)
-    }
-}
-
 /// `cairn apply`.
 pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -656,12 +375,7 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
         println!("Apply cancelled.");
         return Ok(1);
     }
-    let images = planned
-        .desired
-        .vms
-        .values()
-        .map(|vm| (vm.name.clone(), vm.image.clone()))
-        .collect();
+    let images = images_of(&planned.desired);
     execute(
         &store,
         &nodes,

@@ -25,6 +25,7 @@ pub mod apply;
 pub mod desired;
 pub mod nodes;
 pub mod observe;
+pub mod pipeline;
 pub mod plan;
 pub mod render;
 pub mod state;

@@ -1,0 +1,456 @@
+//! The pipeline from compiled specs to a carried-out plan, shared by the `cairn`
+//! commands and the controller: the nodes the specs name, the placement to start
+//! from, plan (with what must never be applied), settling an interrupted
+//! execution, and carrying out a new one. Nothing here prints or asks: callers
+//! decide what to show and whether to go on.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use sha2::{Digest, Sha256};
+
+use crate::apply::{ApplyEvents, ApplyOptions, Report, Settled, apply};
+use crate::desired::{self, BootImage, Desired, DesiredNode, Placement, VolumePlacement};
+use crate::nodes::NodeApi;
+use crate::observe::{NodeObservation, Observed, observe};
+use crate::plan::{Plan, plan};
+use crate::state::{
+    Applied, PlanRecord, StateError, StateStore, StepRecord, StepStatus, new_execution_id, now_ms,
+};
+
+/// Why the pipeline stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A journaled plan does not decode.
+    #[error(
+        "the journaled plan of execution {execution_id} does not decode ({source}); move the state file aside to start over (placement will be rebuilt from the nodes)"
+    )]
+    JournaledPlan {
+        /// The execution.
+        execution_id: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Images a plan needs cannot be read; nothing was sent.
+    #[error("images the plan needs are missing; nothing was sent: {}", .0.join("; "))]
+    MissingImages(Vec<String>),
+}
+
+/// The revision of a set of spec files: `sources:` and 16 hex digits of SHA-256
+/// over every file's path and text, sorted by path (the working tree is what is
+/// applied, not a commit).
+pub fn revision(sources: &compiler::Sources) -> String {
+    let mut files: Vec<(String, String)> = sources
+        .files()
+        .map(|(id, _)| (sources.path(id).to_owned(), sources.text(id).to_owned()))
+        .collect();
+    files.sort();
+    let mut hasher = Sha256::new();
+    for (path, text) in &files {
+        hasher.update(path.as_bytes());
+        hasher.update([0]);
+        hasher.update(text.as_bytes());
+        hasher.update([0]);
+    }
+    format!("sources:{}", proto::auth::to_hex(&hasher.finalize()[..8]))
+}
+
+/// The nodes the model names, by name.
+pub fn spec_nodes(model: &compiler::Model) -> BTreeMap<String, DesiredNode> {
+    model
+        .sites
+        .iter()
+        .flat_map(|s| {
+            s.nodes.iter().map(|n| {
+                (
+                    n.name.clone(),
+                    DesiredNode {
+                        name: n.name.clone(),
+                        site: s.name.clone(),
+                        address: n.address.clone(),
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// What the nodes run, as a placement (used when the state store has none, e.g.
+/// after it was lost: placement then starts from reality).
+pub fn placement_from_observed(observed: &Observed) -> Placement {
+    let mut p = Placement::default();
+    for (node, obs) in &observed.nodes {
+        let NodeObservation::Reachable { vms, volumes, .. } = obs else {
+            continue;
+        };
+        for vm in vms.values() {
+            p.vms.entry(vm.name.clone()).or_insert_with(|| node.clone());
+        }
+        for v in volumes.values().filter(|v| v.role != "replica") {
+            p.volumes.insert(
+                v.name.clone(),
+                VolumePlacement {
+                    node: node.clone(),
+                    replicas: v.replica_peers.clone(),
+                },
+            );
+        }
+    }
+    p
+}
+
+/// The placement to start from: the stored one, with every volume a node
+/// reports where the node says its data is (the data decides, not the record).
+pub fn previous_placement(stored: Option<Placement>, observed: &Observed) -> Placement {
+    let seen = placement_from_observed(observed);
+    match stored {
+        None => seen,
+        Some(mut p) => {
+            p.volumes.extend(seen.volumes);
+            p
+        }
+    }
+}
+
+/// A plan and what it was made from.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    /// What should run.
+    pub desired: Desired,
+    /// What ran when it was made.
+    pub observed: Observed,
+    /// The plan.
+    pub plan: Plan,
+    /// The solver's placement (for diagnostics of unplaced VMs).
+    pub solved: compiler::place::Placement,
+}
+
+/// Plans `model` (of `revision`, whose images are relative to `spec_root`)
+/// against `observed`, starting from `previous`; `protected_before` are the
+/// volumes `prevent-destroy` protected in the specs last applied.
+pub fn plan_against(
+    model: &compiler::Model,
+    spec_root: &std::path::Path,
+    revision: &str,
+    observed: Observed,
+    previous: &Placement,
+    protected_before: BTreeSet<String>,
+) -> Planned {
+    let (placement, solved) = desired::place_solved(model, Some(previous));
+    let mut desired = desired::desired(model, spec_root, placement);
+    desired.protected_volumes.extend(protected_before);
+    let plan = plan(&desired, &observed, revision);
+    Planned {
+        desired,
+        observed,
+        plan,
+        solved,
+    }
+}
+
+/// Observes every node the model names and plans against what they run, from the
+/// placement and protections the store recorded.
+pub async fn plan_revision<N: NodeApi>(
+    model: &compiler::Model,
+    spec_root: &std::path::Path,
+    revision: &str,
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Result<Planned, PipelineError> {
+    let spec = spec_nodes(model);
+    let observed = observe(&spec, nodes).await;
+    let previous = previous_placement(store.placement()?, &observed);
+    Ok(plan_against(
+        model,
+        spec_root,
+        revision,
+        observed,
+        &previous,
+        store.protected_volumes()?,
+    ))
+}
+
+/// The image every desired VM boots.
+pub fn images_of(desired: &Desired) -> BTreeMap<String, BootImage> {
+    desired
+        .vms
+        .values()
+        .map(|vm| (vm.name.clone(), vm.image.clone()))
+        .collect()
+}
+
+/// Why a plan must not be applied (`None`: it may be). The specs ask for
+/// something that cannot be done: a VM no node can take (the specs do not
+/// validate), or a change that would destroy data.
+pub fn unacceptable(plan: &Plan) -> Option<String> {
+    let unplaced: Vec<&String> = plan.blocking_unplaced().map(|(vm, _)| vm).collect();
+    let mut why = vec![];
+    if !unplaced.is_empty() {
+        why.push(format!(
+            "{} cannot be placed (the specs do not validate: `cairn validate` says why)",
+            unplaced
+                .iter()
+                .map(|vm| format!("vm {vm}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for r in &plan.refused {
+        why.push(format!("{} {} is refused: {}", r.object, r.name, r.reason));
+    }
+    if why.is_empty() {
+        None
+    } else {
+        Some(why.join("; "))
+    }
+}
+
+/// An execution an earlier apply did not finish, settled: its in-flight steps'
+/// outcomes asked of their nodes.
+#[derive(Debug, Clone)]
+pub struct Interrupted {
+    /// Its execution id.
+    pub execution_id: String,
+    /// Its plan.
+    pub plan: Plan,
+    /// Its journal, settled.
+    pub journal: Vec<StepRecord>,
+    /// What settling found.
+    pub settled: Settled,
+}
+
+impl Interrupted {
+    /// Its changes not carried out in full.
+    pub fn unfinished(&self) -> Vec<&crate::plan::Change> {
+        let done: std::collections::BTreeSet<usize> = self
+            .journal
+            .iter()
+            .filter(|r| r.status == StepStatus::Succeeded)
+            .map(|r| r.step)
+            .collect();
+        self.plan
+            .changes
+            .iter()
+            .filter(|c| !c.steps.iter().all(|s| done.contains(s)))
+            .collect()
+    }
+
+    /// Whether `plan` only finishes what this execution was approved to do: the
+    /// same specs, and every change of `plan` was an unfinished change of it
+    /// (destroying ones only where it destroyed too).
+    pub fn covers(&self, plan: &Plan) -> bool {
+        use crate::plan::ChangeKind::*;
+        let destroys = |k| matches!(k, Delete | Replace | Preempt | Move);
+        let unfinished = self.unfinished();
+        self.plan.revision == plan.revision
+            && plan.changes.iter().all(|c| {
+                unfinished.iter().any(|u| {
+                    u.object == c.object
+                        && u.name == c.name
+                        && (!destroys(c.kind) || destroys(u.kind))
+                })
+            })
+    }
+
+    /// What happened to it, for people.
+    pub fn describe(&self) -> String {
+        let done = self
+            .journal
+            .iter()
+            .filter(|r| r.status == StepStatus::Succeeded)
+            .count();
+        let mut out = format!(
+            "An earlier apply of plan {} (execution {}, {}) was interrupted: {done} of {} steps were carried out",
+            self.plan.plan_id,
+            self.execution_id,
+            self.plan.revision,
+            self.plan.steps.len()
+        );
+        if self.settled.done + self.settled.not_done > 0 {
+            out.push_str(&format!(
+                "; of the {} in flight, the nodes carried out {} and never started {}",
+                self.settled.done + self.settled.not_done,
+                self.settled.done,
+                self.settled.not_done
+            ));
+        }
+        for u in &self.settled.unknown {
+            out.push_str(&format!("; outcome unknown: {u}"));
+        }
+        out.push_str(
+            ".\nIts requests are not sent again: the plan below is made from what the cluster runs now.\n",
+        );
+        out
+    }
+}
+
+/// Settles every execution an earlier apply left unfinished (the newest is
+/// returned; all stay unfinished until a new execution supersedes them).
+pub async fn settle_interrupted<N: NodeApi>(
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Result<Option<Interrupted>, PipelineError> {
+    let mut newest = None;
+    for (key, record) in store.unfinished_executions()? {
+        let plan: Plan =
+            serde_json::from_value(record.plan).map_err(|source| PipelineError::JournaledPlan {
+                execution_id: key.clone(),
+                source,
+            })?;
+        let settled = crate::apply::settle(&plan, &record.execution_id, store, nodes).await?;
+        let journal = store.journal_of(&record.execution_id)?;
+        newest = Some(Interrupted {
+            execution_id: record.execution_id,
+            plan,
+            journal,
+            settled,
+        });
+    }
+    Ok(newest)
+}
+
+/// The image of every VM a plan defines (from its `create_vm` steps).
+pub fn defined_images(plan: &Plan) -> BTreeMap<String, BootImage> {
+    plan.steps
+        .iter()
+        .filter_map(|s| match &s.action {
+            crate::plan::NodeAction::CreateVm { name, image, .. } => {
+                Some((name.clone(), image.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Kernel and initrd files that VMs the plan defines or starts need and that are
+/// missing (`images`: VM → the image it boots): checked before any step is sent,
+/// so a missing image never half-applies a plan.
+pub fn missing_images(plan: &Plan, images: &BTreeMap<String, BootImage>) -> Vec<String> {
+    let mut out = vec![];
+    for step in &plan.steps {
+        let name = match &step.action {
+            crate::plan::NodeAction::CreateVm { name, .. }
+            | crate::plan::NodeAction::StartVm { name } => name,
+            _ => continue,
+        };
+        let Some(BootImage::Kernel { kernel, initrd, .. }) = images.get(name) else {
+            continue;
+        };
+        for (what, path) in [("kernel", kernel), ("initrd", initrd)] {
+            if path.is_empty() {
+                continue;
+            }
+            if let Err(e) = std::fs::File::open(path) {
+                out.push(format!("vm {name}: {what} {path} cannot be read: {e}"));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What an execution did.
+#[derive(Debug, Clone)]
+pub struct Executed {
+    /// Its id.
+    pub execution_id: String,
+    /// Every step's outcome.
+    pub report: Report,
+    /// Why the cluster will still not match the specs (empty: converged, if no
+    /// step failed).
+    pub problems: Vec<String>,
+}
+
+impl Executed {
+    /// Whether the cluster matches the specs now (no step failed, nothing left).
+    pub fn converged(&self) -> bool {
+        !self.report.failed() && self.problems.is_empty()
+    }
+}
+
+/// Carries out `plan` as a new execution (superseding `interrupted`, if any):
+/// every kernel and initrd it needs is checked first (`images`: VM → the image
+/// it boots), the execution is journaled, applied, and recorded (placement,
+/// protections, and the applied revision when it converged).
+pub async fn execute<N: NodeApi>(
+    store: &dyn StateStore,
+    nodes: &N,
+    plan: &Plan,
+    images: &BTreeMap<String, BootImage>,
+    options: &ApplyOptions,
+    interrupted: Option<&Interrupted>,
+    events: &dyn ApplyEvents,
+) -> Result<Executed, PipelineError> {
+    let missing = missing_images(plan, images);
+    if !missing.is_empty() {
+        store.audit(
+            "apply-refused",
+            serde_json::json!({"plan_id": plan.plan_id, "reason": "missing images", "missing": missing}),
+        )?;
+        return Err(PipelineError::MissingImages(missing));
+    }
+    let execution_id = new_execution_id(&plan.plan_id);
+    store.start_execution(&PlanRecord {
+        execution_id: execution_id.clone(),
+        plan: serde_json::to_value(plan).expect("plans serialize"),
+        finished: false,
+        ended: None,
+        started_at_unix_ms: now_ms(),
+    })?;
+    if let Some(old) = interrupted {
+        store.finish_execution(
+            &old.execution_id,
+            Some(format!("superseded by {execution_id}")),
+        )?;
+    }
+    let report = apply(plan, &execution_id, store, nodes, options, events).await?;
+    store.finish_execution(&execution_id, None)?;
+    store.set_placement(&plan.placement)?;
+    store.set_protected_volumes(&plan.protected)?;
+    let executed = Executed {
+        execution_id,
+        report,
+        problems: plan.not_converged(),
+    };
+    if executed.converged() {
+        store.set_applied(&Applied {
+            revision: plan.revision.clone(),
+            plan_id: plan.plan_id.clone(),
+            at_unix_ms: now_ms(),
+        })?;
+    }
+    store.audit(
+        "apply",
+        serde_json::to_value(&executed.report).expect("reports serialize"),
+    )?;
+    Ok(executed)
+}
+
+/// A plan with no steps: nothing is sent. Supersedes an interrupted execution
+/// (its work is done or no longer wanted); returns whether the cluster matches
+/// the specs (then the revision is recorded as applied).
+pub fn nothing_to_do(
+    store: &dyn StateStore,
+    plan: &Plan,
+    interrupted: Option<&Interrupted>,
+) -> Result<bool, PipelineError> {
+    if let Some(old) = interrupted {
+        store.finish_execution(
+            &old.execution_id,
+            Some("settled: nothing left to do".to_owned()),
+        )?;
+    }
+    let converged = plan.not_converged().is_empty();
+    if converged {
+        store.set_applied(&Applied {
+            revision: plan.revision.clone(),
+            plan_id: plan.plan_id.clone(),
+            at_unix_ms: now_ms(),
+        })?;
+    }
+    Ok(converged)
+}
