@@ -331,15 +331,17 @@ impl Cx<'_> {
     /// A VM's vCPU count, checked against what the runtime runs.
     fn vcpu_count(&mut self, entry: &KdlEntry) -> Option<Spanned<u32>> {
         let what = "the vCPU count";
-        let v = self.integer(entry, what, i128::MIN, i128::MAX)?;
-        if !self.within_runtime_limit(v.span, what, v.value, &limits::VCPUS, |c| {
-            format!("`cpu {c}`")
-        }) {
+        let KdlValue::Integer(value) = *entry.value() else {
+            self.wrong_type(entry, what, "a whole number", "`1`");
+            return None;
+        };
+        let span = self.sp(entry.span());
+        if !self.within_runtime_limit(span, what, value, &limits::VCPUS, |c| format!("`cpu {c}`")) {
             return None;
         }
         Some(Spanned {
-            value: v.value as u32,
-            span: v.span,
+            value: value as u32,
+            span,
         })
     }
 
@@ -1301,7 +1303,12 @@ impl Cx<'_> {
                             "the disk size",
                             i128::from(size.value),
                             &limits::DISK_SIZE,
-                            |bytes| format!("`size=\"{}\"`", units::format_size(bytes)),
+                            // Rounded up to whole MiB, so `"1GB"` suggests `"954MiB"`
+                            // rather than `"976564KiB"` (still a multiple of 4KiB).
+                            |bytes| {
+                                let mib = bytes.div_ceil(1 << 20) << 20;
+                                format!("`size=\"{}\"`", units::format_size(mib))
+                            },
                         );
                     }
                     let pool = self
