@@ -614,7 +614,7 @@ pub fn volume_export(
     let primary = observed.nodes.iter().find_map(|(node, o)| match o {
         NodeObservation::Reachable { volumes, .. } => volumes
             .get(&volume)
-            .filter(|v| v.role != "replica")
+            .filter(|v| v.role != proto::v1::VolumeRole::Replica)
             .map(|_| node.clone()),
         NodeObservation::Unreachable { .. } => None,
     });

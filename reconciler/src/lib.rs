@@ -23,6 +23,7 @@
 
 pub mod apply;
 pub mod desired;
+pub mod drift;
 pub mod nodes;
 pub mod observe;
 pub mod pipeline;

@@ -19,10 +19,13 @@ pub const OBSERVE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct ObservedVm {
     /// Name.
     pub name: String,
-    /// `running`, `stopped`, `crashed`, `pending`.
-    pub state: String,
-    /// `healthy`, `degraded`, `failed`, `unknown`.
-    pub health: String,
+    /// Running, stopped, crashed or starting (`running`, `stopped`, `crashed`,
+    /// `pending` in JSON).
+    #[serde(with = "wire_words::vm_state")]
+    pub state: VmState,
+    /// Health (`healthy`, `degraded`, `failed`, `unknown` in JSON).
+    #[serde(with = "wire_words::health")]
+    pub health: Health,
     /// vCPUs.
     pub vcpus: u32,
     /// Memory.
@@ -43,6 +46,16 @@ pub struct ObservedVm {
 }
 
 impl ObservedVm {
+    /// Whether its process runs or is starting (a stop is needed before a delete).
+    pub fn is_running(&self) -> bool {
+        matches!(self.state, VmState::Running | VmState::Starting)
+    }
+
+    /// Whether it is stopped or crashed (a start brings it back).
+    pub fn is_down(&self) -> bool {
+        matches!(self.state, VmState::Stopped | VmState::Crashed)
+    }
+
     /// Its NICs' tenant networks, in order.
     pub fn nic_networks(&self) -> Vec<&str> {
         self.nics.iter().map(|n| n.network.as_str()).collect()
@@ -96,8 +109,9 @@ pub struct ObservedNic {
 pub struct ObservedVolume {
     /// Name.
     pub name: String,
-    /// `primary` or `replica`.
-    pub role: String,
+    /// Primary or replica (`primary`, `replica` in JSON).
+    #[serde(with = "wire_words::volume_role")]
+    pub role: VolumeRole,
     /// Size.
     pub size_bytes: u64,
     /// Stripe columns.
@@ -108,8 +122,9 @@ pub struct ObservedVolume {
     pub replica_peers: Vec<String>,
     /// Primary node (replica).
     pub primary: String,
-    /// Health word.
-    pub health: String,
+    /// Health (`healthy`, `degraded`, `failed`, `unknown` in JSON).
+    #[serde(with = "wire_words::health")]
+    pub health: Health,
     /// How many times a volume of this name was created on the node.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: u64,
@@ -138,8 +153,9 @@ pub struct ObservedBond {
     pub implementation: String,
     /// Members attached with a carrier.
     pub active_members: Vec<String>,
-    /// Health word.
-    pub health: String,
+    /// Health (`healthy`, `degraded`, `failed`, `unknown` in JSON).
+    #[serde(with = "wire_words::health")]
+    pub health: Health,
     /// Differences between the definition and the device.
     pub drift: Vec<String>,
     /// Readable detail.
@@ -268,7 +284,11 @@ impl Observed {
                             Some(old) if old != bond => {
                                 let mut parts = vec![];
                                 if old.health != bond.health {
-                                    parts.push(format!("health {} → {}", old.health, bond.health));
+                                    parts.push(format!(
+                                        "health {} → {}",
+                                        old.health.status_name(),
+                                        bond.health.status_name()
+                                    ));
                                 }
                                 if old.active_members != bond.active_members {
                                     parts.push(format!(
@@ -293,16 +313,25 @@ impl Observed {
                     }
                     for (name, vm) in b {
                         match a.get(name) {
-                            None => {
-                                out.push(format!("vm {name} on {node}: appeared ({})", vm.state))
-                            }
+                            None => out.push(format!(
+                                "vm {name} on {node}: appeared ({})",
+                                vm.state.status_name()
+                            )),
                             Some(old) if old != vm => {
                                 let mut parts = vec![];
                                 if old.state != vm.state {
-                                    parts.push(format!("state {} → {}", old.state, vm.state));
+                                    parts.push(format!(
+                                        "state {} → {}",
+                                        old.state.status_name(),
+                                        vm.state.status_name()
+                                    ));
                                 }
                                 if old.health != vm.health {
-                                    parts.push(format!("health {} → {}", old.health, vm.health));
+                                    parts.push(format!(
+                                        "health {} → {}",
+                                        old.health.status_name(),
+                                        vm.health.status_name()
+                                    ));
                                 }
                                 if old.crash_count != vm.crash_count {
                                     parts.push(format!(
@@ -323,12 +352,14 @@ impl Observed {
                     }
                     for (name, v) in vb {
                         match va.get(name) {
-                            None => {
-                                out.push(format!("volume {name} on {node}: appeared ({})", v.role))
-                            }
+                            None => out.push(format!(
+                                "volume {name} on {node}: appeared ({})",
+                                v.role.status_name()
+                            )),
                             Some(old) if old != v => out.push(format!(
                                 "volume {name} on {node}: changed (health {} → {})",
-                                old.health, v.health
+                                old.health.status_name(),
+                                v.health.status_name()
                             )),
                             Some(_) => {}
                         }
@@ -392,8 +423,8 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                     image,
                     starts: v.starts,
                     name: v.name,
-                    state: VmState::from_wire(v.state).status_name().to_owned(),
-                    health: Health::from_wire(v.health).status_name().to_owned(),
+                    state: VmState::from_wire(v.state),
+                    health: Health::from_wire(v.health),
                     vcpus: v.vcpus,
                     memory_bytes: v.memory_bytes,
                     crash_count: v.crash_count,
@@ -423,13 +454,13 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                 v.name.clone(),
                 ObservedVolume {
                     name: v.name,
-                    role: VolumeRole::from_wire(v.role).status_name().to_owned(),
+                    role: VolumeRole::from_wire(v.role),
                     size_bytes: v.size_bytes,
                     stripe_width: v.stripe_width,
                     stripe_unit_bytes: v.stripe_unit_bytes,
                     replica_peers: v.replica_peers,
                     primary: v.primary,
-                    health: Health::from_wire(v.health).status_name().to_owned(),
+                    health: Health::from_wire(v.health),
                     generation: v.generation,
                 },
             )
@@ -461,7 +492,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                     exists: b.exists,
                     implementation: b.implementation,
                     active_members: b.active_members,
-                    health: Health::from_wire(b.health).status_name().to_owned(),
+                    health: Health::from_wire(b.health),
                     drift: b.drift,
                     detail: b.detail,
                 },
@@ -483,4 +514,46 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
         bonds,
         networking,
     }
+}
+
+/// The words observations are written with in JSON (recorded observations, plan
+/// files): the status words of CLI.md, read back into the proto enums.
+mod wire_words {
+    macro_rules! words {
+        ($module:ident, $ty:ty, [$($word:literal => $value:expr),* $(,)?]) => {
+            pub mod $module {
+                use serde::{Deserialize, Deserializer, Serializer};
+
+                pub fn serialize<S: Serializer>(value: &$ty, s: S) -> Result<S::Ok, S::Error> {
+                    s.serialize_str(value.status_name())
+                }
+
+                pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+                    let word = String::deserialize(d)?;
+                    match word.as_str() {
+                        $($word => Ok($value),)*
+                        other => Err(serde::de::Error::unknown_variant(other, &[$($word),*])),
+                    }
+                }
+            }
+        };
+    }
+
+    words!(vm_state, proto::v1::VmState, [
+        "running" => proto::v1::VmState::Running,
+        "stopped" => proto::v1::VmState::Stopped,
+        "crashed" => proto::v1::VmState::Crashed,
+        "pending" => proto::v1::VmState::Starting,
+    ]);
+    words!(health, proto::v1::Health, [
+        "healthy" => proto::v1::Health::Healthy,
+        "degraded" => proto::v1::Health::Degraded,
+        "failed" => proto::v1::Health::Failed,
+        "unknown" => proto::v1::Health::Unspecified,
+    ]);
+    words!(volume_role, proto::v1::VolumeRole, [
+        "primary" => proto::v1::VolumeRole::Primary,
+        "replica" => proto::v1::VolumeRole::Replica,
+        "unknown" => proto::v1::VolumeRole::Unspecified,
+    ]);
 }

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use sha2::{Digest, Sha256};
 
 use crate::apply::{ApplyEvents, ApplyOptions, Report, Settled, apply};
+use proto::v1::VolumeRole;
+
 use crate::desired::{self, BootImage, Desired, DesiredNode, Placement, VolumePlacement};
 use crate::nodes::NodeApi;
 use crate::observe::{NodeObservation, Observed, observe};
@@ -89,7 +91,7 @@ pub fn placement_from_observed(observed: &Observed) -> Placement {
         for vm in vms.values() {
             p.vms.entry(vm.name.clone()).or_insert_with(|| node.clone());
         }
-        for v in volumes.values().filter(|v| v.role != "replica") {
+        for v in volumes.values().filter(|v| v.role != VolumeRole::Replica) {
             p.volumes.insert(
                 v.name.clone(),
                 VolumePlacement {

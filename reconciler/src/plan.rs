@@ -14,7 +14,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::desired::{BootImage, Desired, DesiredBond, DesiredTraffic, DesiredVm, DesiredVolume};
-use crate::observe::{NodeObservation, Observed, ObservedBond};
+use proto::v1::{VmState, VolumeRole};
+
+use crate::drift::{self, bond_definition_diff};
+use crate::observe::{NodeObservation, Observed};
 
 /// Version of the plan JSON (`cairn plan --format json`, plan files).
 pub const PLAN_FORMAT_VERSION: u32 = 1;
@@ -628,17 +631,6 @@ fn bond_action(bond: &DesiredBond) -> NodeAction {
     }
 }
 
-fn traffic_text(t: &DesiredTraffic) -> String {
-    use compiler::units::format_bandwidth as bw;
-    format!(
-        "{} min {} max {} weight {}",
-        t.name,
-        bw(t.min_bps),
-        bw(t.max_bps),
-        t.weight
-    )
-}
-
 fn bond_details(bond: &DesiredBond) -> Vec<String> {
     let mut out = vec![format!(
         "{} over {}, mtu {}, {} capacity on this node",
@@ -647,65 +639,7 @@ fn bond_details(bond: &DesiredBond) -> Vec<String> {
         bond.mtu,
         compiler::units::format_bandwidth(bond.capacity_bps)
     )];
-    out.extend(bond.traffic.iter().map(traffic_text));
-    out
-}
-
-/// How the bond a node keeps differs from the spec's, one line per difference
-/// (empty: same definition).
-pub fn bond_definition_diff(want: &DesiredBond, have: &ObservedBond) -> Vec<String> {
-    use compiler::units::format_bandwidth as bw;
-    let mut out = vec![];
-    if have.mode != want.mode {
-        out.push(format!("mode {} → {}", have.mode, want.mode));
-    }
-    if have.members != want.members {
-        out.push(format!(
-            "members {} → {}",
-            have.members.join(" "),
-            want.members.join(" ")
-        ));
-    }
-    if have.mtu != want.mtu {
-        out.push(format!("mtu {} → {}", have.mtu, want.mtu));
-    }
-    if have.miimon_ms != want.miimon_ms {
-        out.push(format!(
-            "miimon {} ms → {} ms",
-            have.miimon_ms, want.miimon_ms
-        ));
-    }
-    if have.capacity_bps != want.capacity_bps {
-        out.push(format!(
-            "capacity {} → {}",
-            bw(have.capacity_bps),
-            bw(want.capacity_bps)
-        ));
-    }
-    for t in &want.traffic {
-        match have.traffic.iter().find(|h| h.name == t.name) {
-            None => out.push(format!("traffic {} added", traffic_text(t))),
-            Some(h) if h != t => {
-                let mut parts = vec![];
-                if h.min_bps != t.min_bps {
-                    parts.push(format!("min {} → {}", bw(h.min_bps), bw(t.min_bps)));
-                }
-                if h.max_bps != t.max_bps {
-                    parts.push(format!("max {} → {}", bw(h.max_bps), bw(t.max_bps)));
-                }
-                if h.weight != t.weight {
-                    parts.push(format!("weight {} → {}", h.weight, t.weight));
-                }
-                out.push(format!("traffic {}: {}", t.name, parts.join(", ")));
-            }
-            Some(_) => {}
-        }
-    }
-    for h in &have.traffic {
-        if !want.traffic.iter().any(|t| t.name == h.name) {
-            out.push(format!("traffic {} removed", h.name));
-        }
-    }
+    out.extend(bond.traffic.iter().map(drift::traffic_text));
     out
 }
 
@@ -820,27 +754,6 @@ fn attached_volumes(_vm: &DesiredVm) -> Vec<String> {
     vec![]
 }
 
-/// `cairn-guest (built in)` or `kernel PATH [initrd PATH] [cmdline "…"]`.
-pub fn image_text(image: &BootImage) -> String {
-    match image {
-        BootImage::Builtin(b) => format!("{b} (built in)"),
-        BootImage::Kernel {
-            kernel,
-            initrd,
-            cmdline,
-        } => {
-            let mut out = format!("kernel {kernel}");
-            if !initrd.is_empty() {
-                out.push_str(&format!(" initrd {initrd}"));
-            }
-            if !cmdline.is_empty() {
-                out.push_str(&format!(" cmdline {cmdline:?}"));
-            }
-            out
-        }
-    }
-}
-
 fn vm_details(vm: &DesiredVm) -> Vec<String> {
     let image = match &vm.image {
         BootImage::Builtin(b) => format!("image {b} (built in)"),
@@ -929,7 +842,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     continue;
                 }
             }
-            let running = vm.state == "running" || vm.state == "pending";
+            let running = vm.is_running();
             let (steps, delete) = b.remove_vm(node, name, running);
             deleted_vm_steps
                 .entry((*node).to_owned())
@@ -971,7 +884,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
         BTreeMap::new();
     for (node, obs) in &observed.nodes {
         if let NodeObservation::Reachable { volumes, .. } = obs {
-            for v in volumes.values().filter(|v| v.role != "replica") {
+            for v in volumes.values().filter(|v| v.role != VolumeRole::Replica) {
                 observed_primaries.insert(v.name.as_str(), (node.as_str(), v));
             }
         }
@@ -1014,12 +927,8 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
     }
     for v in desired.volumes.values() {
         let observed_copy = observed_primaries.get(v.name.as_str());
-        let in_sync = observed_copy.is_some_and(|(n, o)| {
-            *n == v.node
-                && o.size_bytes == v.size_bytes
-                && o.stripe_width == v.stripe_width
-                && o.stripe_unit_bytes == v.stripe_unit_bytes
-        });
+        let in_sync =
+            observed_copy.is_some_and(|(n, o)| *n == v.node && drift::volume_in_sync(v, o));
         if in_sync {
             continue;
         }
@@ -1156,7 +1065,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 });
             }
             (None, Some((old, o))) => {
-                let running = o.state == "running" || o.state == "pending";
+                let running = o.is_running();
                 let (mut steps, delete) = b.remove_vm(old, &vm.name, running);
                 deps.push(delete);
                 steps.extend(b.create_vm(vm, deps));
@@ -1168,43 +1077,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                 });
             }
             (Some(o), _) => {
-                let mut diffs = vec![];
-                if o.vcpus != vm.vcpus {
-                    diffs.push(format!("vcpus {} → {}", o.vcpus, vm.vcpus));
-                }
-                if o.memory_bytes != vm.memory_bytes {
-                    diffs.push(format!(
-                        "memory {} → {}",
-                        compiler::units::human_size(o.memory_bytes),
-                        compiler::units::human_size(vm.memory_bytes)
-                    ));
-                }
-                if let Some(have) = &o.image
-                    && *have != vm.image
-                {
-                    diffs.push(format!(
-                        "image {} → {}",
-                        image_text(have),
-                        image_text(&vm.image)
-                    ));
-                }
-                let have_nics = o.nic_networks();
-                if have_nics != vm.nics {
-                    diffs.push(format!(
-                        "nics [{}] → [{}]",
-                        have_nics.join(" "),
-                        vm.nics.join(" ")
-                    ));
-                }
-                let can_network = observed.can_network(&vm.node);
-                let broken_nics: Vec<String> = o
-                    .nics
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| !n.ready && can_network)
-                    .map(|(i, n)| format!("repair: nic {i} ({}): {}", n.network, n.detail))
-                    .collect();
-                let will_start = o.state == "stopped" || o.state == "crashed";
+                let diffs = drift::vm_definition(vm, o);
+                let broken_nics = drift::nic_repairs(o, observed.can_network(&vm.node));
+                let will_start = o.is_down();
                 if diffs.is_empty() && !broken_nics.is_empty() && !will_start {
                     // Same definition again: the node makes the missing parts.
                     let repair = b.step(&vm.node, vm_definition(vm), vec![]);
@@ -1216,7 +1091,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                     continue;
                 }
                 if !diffs.is_empty() {
-                    let running = o.state == "running" || o.state == "pending";
+                    let running = o.is_running();
                     let (mut steps, delete) = b.remove_vm(&vm.node, &vm.name, running);
                     deps.push(delete);
                     steps.extend(b.create_vm(vm, deps));
@@ -1225,7 +1100,7 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         steps,
                         ..Change::new(ChangeKind::Replace, "vm", &vm.name, &vm.tenant, &vm.node)
                     });
-                } else if o.state == "stopped" || o.state == "crashed" {
+                } else if o.is_down() {
                     let start = b.step(
                         &vm.node,
                         NodeAction::StartVm {
@@ -1233,9 +1108,9 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
                         },
                         vec![],
                     );
-                    let detail = if o.state == "crashed" && o.crash_count == 0 {
+                    let detail = if o.state == VmState::Crashed && o.crash_count == 0 {
                         "not running (its process ended with its node); start it again".to_owned()
-                    } else if o.state == "crashed" {
+                    } else if o.state == VmState::Crashed {
                         format!(
                             "crashed ({} unrequested exits); start it again",
                             o.crash_count

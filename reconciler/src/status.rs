@@ -5,8 +5,10 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::desired::Desired;
-use crate::observe::{NodeObservation, Observed};
+use crate::drift::{self, VmDrift};
+use crate::observe::{NodeObservation, Observed, ObservedVm};
 use crate::state::{Applied, StepStatus};
+use proto::v1::VolumeRole;
 
 /// Version of the status JSON.
 pub const STATUS_FORMAT_VERSION: u32 = 1;
@@ -53,6 +55,10 @@ pub struct VmRow {
     pub nics: Vec<crate::observe::ObservedNic>,
     /// How many times its node started its process (0: not reported).
     pub starts: u64,
+    /// What differs, one line each (`memory 64MiB → 128MiB`; empty when the
+    /// drift word says it all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub detail: Vec<String>,
 }
 
 /// A volume's row (primaries).
@@ -225,67 +231,51 @@ pub fn status(
     }
     let observed_vms = observed.vms();
     let mut vms = vec![];
+    let row =
+        |name: &str, node: &str, desired_node: &str, o: Option<&ObservedVm>, drift: VmDrift| {
+            VmRow {
+                name: name.to_owned(),
+                tenant: desired.tenants.get(name).cloned().unwrap_or_default(),
+                node: node.to_owned(),
+                desired_node: desired_node.to_owned(),
+                state: o
+                    .map_or_else(
+                        || {
+                            if drift == VmDrift::Unknown {
+                                "unknown"
+                            } else {
+                                "pending"
+                            }
+                        },
+                        |o| o.state.status_name(),
+                    )
+                    .to_owned(),
+                health: o.map_or("unknown", |o| o.health.status_name()).to_owned(),
+                crash_count: o.map_or(0, |o| o.crash_count),
+                drift: drift.word().to_owned(),
+                detail: drift.detail().to_vec(),
+                nics: o.map(|o| o.nics.clone()).unwrap_or_default(),
+                starts: o.map_or(0, |o| o.starts),
+            }
+        };
     for vm in desired.vms.values() {
         let copies = observed_vms.get(vm.name.as_str());
         let here = copies.and_then(|c| c.iter().find(|(n, _)| *n == vm.node));
         let any = copies.and_then(|c| c.first());
-        let row = match (here, any) {
-            (Some((node, o)), _) => {
-                let drift = if o.vcpus != vm.vcpus
-                    || o.memory_bytes != vm.memory_bytes
-                    || o.nic_networks() != vm.nics
-                    || o.image.as_ref().is_some_and(|i| *i != vm.image)
-                {
-                    "definition"
-                } else if o.state != "running" {
-                    "not-running"
-                } else if observed.can_network(node) && o.nics.iter().any(|n| !n.ready) {
-                    "nics"
-                } else {
-                    "none"
-                };
-                VmRow {
-                    name: vm.name.clone(),
-                    tenant: vm.tenant.clone(),
-                    node: (*node).to_owned(),
-                    desired_node: vm.node.clone(),
-                    state: o.state.clone(),
-                    health: o.health.clone(),
-                    crash_count: o.crash_count,
-                    drift: drift.into(),
-                    nics: o.nics.clone(),
-                    starts: o.starts,
-                }
+        vms.push(match (here, any) {
+            (Some((node, o)), _) => row(
+                &vm.name,
+                node,
+                &vm.node,
+                Some(o),
+                drift::vm(vm, o, observed.can_network(node)),
+            ),
+            (None, Some((node, o))) => row(&vm.name, node, &vm.node, Some(o), VmDrift::WrongNode),
+            (None, None) if observed.reachable(&vm.node) => {
+                row(&vm.name, &vm.node, &vm.node, None, VmDrift::Missing)
             }
-            (None, Some((node, o))) => VmRow {
-                name: vm.name.clone(),
-                tenant: vm.tenant.clone(),
-                node: (*node).to_owned(),
-                desired_node: vm.node.clone(),
-                state: o.state.clone(),
-                health: o.health.clone(),
-                crash_count: o.crash_count,
-                drift: "wrong-node".into(),
-                nics: o.nics.clone(),
-                starts: o.starts,
-            },
-            (None, None) => {
-                let reachable = observed.reachable(&vm.node);
-                VmRow {
-                    name: vm.name.clone(),
-                    tenant: vm.tenant.clone(),
-                    node: vm.node.clone(),
-                    desired_node: vm.node.clone(),
-                    state: if reachable { "pending" } else { "unknown" }.into(),
-                    health: "unknown".into(),
-                    crash_count: 0,
-                    drift: if reachable { "missing" } else { "unknown" }.into(),
-                    nics: vec![],
-                    starts: 0,
-                }
-            }
-        };
-        vms.push(row);
+            (None, None) => row(&vm.name, &vm.node, &vm.node, None, VmDrift::Unknown),
+        });
     }
     for (name, copies) in &observed_vms {
         for (node, o) in copies {
@@ -294,24 +284,13 @@ pub fn status(
             {
                 continue;
             }
-            vms.push(VmRow {
-                name: (*name).to_owned(),
-                tenant: desired.tenants.get(*name).cloned().unwrap_or_default(),
-                node: (*node).to_owned(),
-                desired_node: String::new(),
-                state: o.state.clone(),
-                health: o.health.clone(),
-                crash_count: o.crash_count,
-                // In the spec but without a node now: it is kept, not removed.
-                drift: if desired.tenants.contains_key(*name) {
-                    "unplaced"
-                } else {
-                    "not-in-spec"
-                }
-                .into(),
-                nics: o.nics.clone(),
-                starts: o.starts,
-            });
+            // In the spec but without a node now: it is kept, not removed.
+            let drift = if desired.tenants.contains_key(*name) {
+                VmDrift::Unplaced
+            } else {
+                VmDrift::NotInSpec
+            };
+            vms.push(row(name, node, "", Some(o), drift));
         }
     }
     vms.sort_by(|a, b| (&a.name, &a.node).cmp(&(&b.name, &b.node)));
@@ -321,7 +300,7 @@ pub fn status(
         let NodeObservation::Reachable { volumes: vols, .. } = obs else {
             continue;
         };
-        for v in vols.values().filter(|v| v.role != "replica") {
+        for v in vols.values().filter(|v| v.role != VolumeRole::Replica) {
             seen.insert(v.name.clone());
             let drift = match desired.volumes.get(&v.name) {
                 None => "not-in-spec",
@@ -333,7 +312,7 @@ pub fn status(
                 name: v.name.clone(),
                 node: node.clone(),
                 replicas: v.replica_peers.clone(),
-                health: v.health.clone(),
+                health: v.health.status_name().to_owned(),
                 drift: drift.into(),
                 size_bytes: v.size_bytes,
                 generation: v.generation,
@@ -409,7 +388,7 @@ fn bond_rows(desired: &Desired, observed: &Observed) -> Vec<BondRow> {
                 ),
                 (_, _, None) => ("missing", String::new()),
                 (_, _, Some(o)) => {
-                    let diff = crate::plan::bond_definition_diff(want, o);
+                    let diff = drift::bond_definition_diff(want, o);
                     if !diff.is_empty() {
                         ("definition", diff.join("; "))
                     } else if !o.exists || !o.drift.is_empty() {
@@ -431,7 +410,7 @@ fn bond_rows(desired: &Desired, observed: &Observed) -> Vec<BondRow> {
                 members: want.members.clone(),
                 active_members: o.map(|o| o.active_members.clone()).unwrap_or_default(),
                 traffic: o.map(traffic).unwrap_or_default(),
-                health: o.map_or("unknown".to_owned(), |o| o.health.clone()),
+                health: o.map_or("unknown", |o| o.health.status_name()).to_owned(),
                 drift: drift.into(),
                 detail,
             });
@@ -449,7 +428,7 @@ fn bond_rows(desired: &Desired, observed: &Observed) -> Vec<BondRow> {
                 members: o.members.clone(),
                 active_members: o.active_members.clone(),
                 traffic: traffic(o),
-                health: o.health.clone(),
+                health: o.health.status_name().to_owned(),
                 drift: "not-in-spec".into(),
                 detail: "its site no longer has this bond".into(),
             });

@@ -1,0 +1,224 @@
+//! One comparison of what should run with what runs, read by the plan (what to
+//! do about it), status (what to show) and, later, self-heal and metrics: a
+//! difference is worded once, here (Argo CD's single compare result feeding its
+//! UI, metrics and self-heal; the network crate's `Drift`).
+
+use proto::v1::VmState;
+
+use crate::desired::{BootImage, DesiredBond, DesiredTraffic, DesiredVm, DesiredVolume};
+use crate::observe::{ObservedBond, ObservedVm, ObservedVolume};
+
+/// How a VM differs from its spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmDrift {
+    /// As specified, running.
+    None,
+    /// It runs with another definition (vCPUs, memory, image, NICs): one line each.
+    Definition(Vec<String>),
+    /// Stopped or crashed.
+    NotRunning,
+    /// NICs not ready on a node that can make them: one `repair:` line each.
+    Nics(Vec<String>),
+    /// It runs on another node than the placement's.
+    WrongNode,
+    /// Its node answered but does not have it.
+    Missing,
+    /// Its node did not answer.
+    Unknown,
+    /// In the specs but without a node now: it is kept where it runs.
+    Unplaced,
+    /// No spec names it.
+    NotInSpec,
+}
+
+impl VmDrift {
+    /// The word of `cairn status` (`none`, `definition`, `not-running`, `nics`,
+    /// `wrong-node`, `missing`, `unknown`, `unplaced`, `not-in-spec`).
+    pub fn word(&self) -> &'static str {
+        match self {
+            VmDrift::None => "none",
+            VmDrift::Definition(_) => "definition",
+            VmDrift::NotRunning => "not-running",
+            VmDrift::Nics(_) => "nics",
+            VmDrift::WrongNode => "wrong-node",
+            VmDrift::Missing => "missing",
+            VmDrift::Unknown => "unknown",
+            VmDrift::Unplaced => "unplaced",
+            VmDrift::NotInSpec => "not-in-spec",
+        }
+    }
+
+    /// What differs, one line each (empty when the word says it all).
+    pub fn detail(&self) -> &[String] {
+        match self {
+            VmDrift::Definition(lines) | VmDrift::Nics(lines) => lines,
+            _ => &[],
+        }
+    }
+}
+
+/// How a VM running on its node differs from its spec (`have` is the copy on
+/// the placement's node; `can_network`: that node makes NICs).
+pub fn vm(want: &DesiredVm, have: &ObservedVm, can_network: bool) -> VmDrift {
+    let definition = vm_definition(want, have);
+    if !definition.is_empty() {
+        return VmDrift::Definition(definition);
+    }
+    if have.state != VmState::Running {
+        return VmDrift::NotRunning;
+    }
+    let repairs = nic_repairs(have, can_network);
+    if !repairs.is_empty() {
+        return VmDrift::Nics(repairs);
+    }
+    VmDrift::None
+}
+
+/// What a VM runs with that its spec does not say, one line each
+/// (`memory 64MiB → 128MiB`): a change the node cannot make in place.
+pub fn vm_definition(want: &DesiredVm, have: &ObservedVm) -> Vec<String> {
+    let human = compiler::units::human_size;
+    let mut diffs = vec![];
+    if have.vcpus != want.vcpus {
+        diffs.push(format!("vcpus {} → {}", have.vcpus, want.vcpus));
+    }
+    if have.memory_bytes != want.memory_bytes {
+        diffs.push(format!(
+            "memory {} → {}",
+            human(have.memory_bytes),
+            human(want.memory_bytes)
+        ));
+    }
+    if let Some(image) = &have.image
+        && *image != want.image
+    {
+        diffs.push(format!(
+            "image {} → {}",
+            image_text(image),
+            image_text(&want.image)
+        ));
+    }
+    let have_nics = have.nic_networks();
+    if have_nics != want.nics {
+        diffs.push(format!(
+            "nics [{}] → [{}]",
+            have_nics.join(" "),
+            want.nics.join(" ")
+        ));
+    }
+    diffs
+}
+
+/// The NICs of a VM that are not ready on a node that makes NICs, one
+/// `repair: nic N (NET): why` line each (the node makes them again from the
+/// same definition).
+pub fn nic_repairs(have: &ObservedVm, can_network: bool) -> Vec<String> {
+    if !can_network {
+        return vec![];
+    }
+    have.nics
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| !n.ready)
+        .map(|(i, n)| format!("repair: nic {i} ({}): {}", n.network, n.detail))
+        .collect()
+}
+
+/// Whether a volume's primary copy has the size and striping of its spec.
+pub fn volume_in_sync(want: &DesiredVolume, have: &ObservedVolume) -> bool {
+    have.size_bytes == want.size_bytes
+        && have.stripe_width == want.stripe_width
+        && have.stripe_unit_bytes == want.stripe_unit_bytes
+}
+
+/// A traffic class as plan and status word it: `storage min 300Mbps max 1Gbps
+/// weight 4`.
+pub fn traffic_text(t: &DesiredTraffic) -> String {
+    use compiler::units::format_bandwidth as bw;
+    format!(
+        "{} min {} max {} weight {}",
+        t.name,
+        bw(t.min_bps),
+        bw(t.max_bps),
+        t.weight
+    )
+}
+
+/// `cairn-guest (built in)` or `kernel PATH [initrd PATH] [cmdline "…"]`.
+pub fn image_text(image: &BootImage) -> String {
+    match image {
+        BootImage::Builtin(b) => format!("{b} (built in)"),
+        BootImage::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            let mut out = format!("kernel {kernel}");
+            if !initrd.is_empty() {
+                out.push_str(&format!(" initrd {initrd}"));
+            }
+            if !cmdline.is_empty() {
+                out.push_str(&format!(" cmdline {cmdline:?}"));
+            }
+            out
+        }
+    }
+}
+
+/// How the bond a node keeps differs from the spec's, one line per difference
+/// (empty: same definition).
+pub fn bond_definition_diff(want: &DesiredBond, have: &ObservedBond) -> Vec<String> {
+    use compiler::units::format_bandwidth as bw;
+    let mut out = vec![];
+    if have.mode != want.mode {
+        out.push(format!("mode {} → {}", have.mode, want.mode));
+    }
+    if have.members != want.members {
+        out.push(format!(
+            "members {} → {}",
+            have.members.join(" "),
+            want.members.join(" ")
+        ));
+    }
+    if have.mtu != want.mtu {
+        out.push(format!("mtu {} → {}", have.mtu, want.mtu));
+    }
+    if have.miimon_ms != want.miimon_ms {
+        out.push(format!(
+            "miimon {} ms → {} ms",
+            have.miimon_ms, want.miimon_ms
+        ));
+    }
+    if have.capacity_bps != want.capacity_bps {
+        out.push(format!(
+            "capacity {} → {}",
+            bw(have.capacity_bps),
+            bw(want.capacity_bps)
+        ));
+    }
+    for t in &want.traffic {
+        match have.traffic.iter().find(|h| h.name == t.name) {
+            None => out.push(format!("traffic {} added", traffic_text(t))),
+            Some(h) if h != t => {
+                let mut parts = vec![];
+                if h.min_bps != t.min_bps {
+                    parts.push(format!("min {} → {}", bw(h.min_bps), bw(t.min_bps)));
+                }
+                if h.max_bps != t.max_bps {
+                    parts.push(format!("max {} → {}", bw(h.max_bps), bw(t.max_bps)));
+                }
+                if h.weight != t.weight {
+                    parts.push(format!("weight {} → {}", h.weight, t.weight));
+                }
+                out.push(format!("traffic {}: {}", t.name, parts.join(", ")));
+            }
+            Some(_) => {}
+        }
+    }
+    for h in &have.traffic {
+        if !want.traffic.iter().any(|t| t.name == h.name) {
+            out.push(format!("traffic {} removed", h.name));
+        }
+    }
+    out
+}
