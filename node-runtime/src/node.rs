@@ -650,21 +650,7 @@ impl Node {
 
 fn validate_create_vm(create: &v1::CreateVm) -> Result<(), Status> {
     validate::name("create_vm.name", &create.name)?;
-    if create.vcpus == 0 || create.vcpus > 255 {
-        return Err(validate::invalid(
-            "create_vm.vcpus",
-            format!("{} is out of range 1..=255", create.vcpus),
-        ));
-    }
-    if create.memory_bytes < 16 << 20 || !create.memory_bytes.is_multiple_of(1 << 20) {
-        return Err(validate::invalid(
-            "create_vm.memory_bytes",
-            format!(
-                "{} must be a multiple of 1 MiB (1048576) and at least 16 MiB",
-                create.memory_bytes
-            ),
-        ));
-    }
+    validate::vm_resources(create)?;
     match &create.image {
         None => Err(validate::invalid(
             "create_vm.image",

@@ -2,11 +2,12 @@
 //! (as `message.field`) and the problem, so an operator can fix the request.
 
 use tonic::Status;
+use vm_config::limits::{self, Limit};
 
 /// Largest data payload of one write or read.
 pub const MAX_IO_BYTES: u64 = 4 * 1024 * 1024;
-/// Largest volume.
-pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
+/// Largest volume: the runtime's limit on a disk (`vm_config::limits::DISK_SIZE`).
+pub const MAX_VOLUME_BYTES: u64 = limits::DISK_SIZE.max;
 /// Smallest and largest stripe unit.
 pub const MIN_STRIPE_UNIT: u64 = 4 * 1024;
 /// Largest stripe unit.
@@ -15,6 +16,11 @@ pub const MAX_STRIPE_UNIT: u64 = 64 * 1024 * 1024;
 pub const MAX_STRIPE_WIDTH: u32 = 64;
 /// I/O alignment of offsets and lengths (the volume engine's block size).
 pub const SECTOR: u64 = 4096;
+
+// The limits table's disk granularity is the engine's block, which is also what
+// volume sizes and I/O are checked against here.
+const _: () =
+    assert!(storage::BLOCK_SIZE == limits::DISK_SIZE.granularity && SECTOR == storage::BLOCK_SIZE);
 
 /// `InvalidArgument` for `field`.
 pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
@@ -83,6 +89,31 @@ pub fn request_id_field(field: &str, value: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// `value` of `field` within one of the runtime's limits on a VM
+/// (`vm_config::limits`: the table the compiler checks specs against and `cairn-vmm`
+/// checks its configuration against), else `InvalidArgument` with the rule and why.
+pub fn within(field: &str, limit: &Limit, value: u64) -> Result<(), Status> {
+    limit
+        .check(value)
+        .map_err(|error| invalid(field, format!("{error}; {}", limit.rule())))
+}
+
+/// The vCPUs and memory of a `CreateVm` against the runtime's limits (a Linux kernel
+/// also against the MP table's 32 vCPUs), so a VM the VMM would refuse is refused
+/// when it is defined, not when it is started.
+pub fn vm_resources(create: &proto::v1::CreateVm) -> Result<(), Status> {
+    let vcpus = u64::from(create.vcpus);
+    within("create_vm.vcpus", &limits::VCPUS, vcpus)?;
+    if matches!(create.image, Some(proto::v1::create_vm::Image::Kernel(_))) {
+        within("create_vm.vcpus", &limits::LINUX_VCPUS, vcpus)?;
+    }
+    within(
+        "create_vm.memory_bytes",
+        &limits::MEMORY,
+        create.memory_bytes,
+    )
+}
+
 /// Volume geometry of a create request.
 pub fn volume_geometry(
     prefix: &str,
@@ -115,10 +146,10 @@ pub fn volume_size(field: &str, size_bytes: u64) -> Result<(), Status> {
     if size_bytes == 0 {
         return Err(invalid(field, "must be at least 4096"));
     }
-    if !size_bytes.is_multiple_of(4096) {
+    if !size_bytes.is_multiple_of(SECTOR) {
         return Err(invalid(
             field,
-            format!("{size_bytes} is not a multiple of 4096"),
+            format!("{size_bytes} is not a multiple of {SECTOR}"),
         ));
     }
     if size_bytes > MAX_VOLUME_BYTES {

@@ -5,7 +5,7 @@
 //! defined again with the same definition or started), and removed with the VM.
 //! Bridges are shared by the tenant network's VMs and stay. At start, `cairn-vmm`
 //! runs in the node's namespace and attaches a virtio-net device to each tap
-//! ([`vmm_nic_args`]), with a MAC fixed by the VM's name and the NIC's index ([`mac`]).
+//! ([`vmm_nics`]), with a MAC fixed by the VM's name and the NIC's index ([`mac`]).
 //!
 //! Architecture invariant: where network actions are refused (`Bonds::refusal`),
 //! nothing here touches the kernel; Observe reports each NIC as not ready, with why.
@@ -34,16 +34,11 @@ pub fn validate(create: &v1::CreateVm) -> Result<(), Status> {
         return Ok(());
     }
     validate::name("create_vm.tenant", &create.tenant)?;
-    if create.nics.len() > vmm::vm::MAX_NICS {
-        return Err(validate::invalid(
-            "create_vm.nics",
-            format!(
-                "{} NICs; a VM has at most {} virtio-net devices",
-                create.nics.len(),
-                vmm::vm::MAX_NICS
-            ),
-        ));
-    }
+    validate::within(
+        "create_vm.nics",
+        &vm_config::limits::NICS,
+        create.nics.len() as u64,
+    )?;
     for (index, nic) in create.nics.iter().enumerate() {
         validate::name(&format!("create_vm.nics[{index}].network"), &nic.network)?;
         if nic.mtu != 0 && !(68..=65535).contains(&nic.mtu) {
@@ -67,20 +62,15 @@ pub fn mac(vm: &str, index: usize) -> String {
     vmm::devices::virtio_net::format_mac(vmm::devices::virtio_net::default_mac(vm, index))
 }
 
-/// The `--nic` values that attach `vm`'s NICs to their taps in `cairn-vmm`.
-pub fn vmm_nic_args(vm: &str, nics: &[v1::VmNic]) -> Vec<String> {
+/// `vm`'s NICs as `cairn-vmm` attaches them: each on its tap, with its MAC and, when
+/// given, the IPv4 address the built-in guest answers for (validated at CreateVm).
+pub fn vmm_nics(vm: &str, nics: &[v1::VmNic]) -> Vec<vm_config::NicConfig> {
     nics.iter()
         .enumerate()
-        .map(|(index, nic)| {
-            let mut arg = format!(
-                "tap={},mac={}",
-                vm_tap_name(vm, nic_index(index)),
-                mac(vm, index)
-            );
-            if !nic.ipv4.is_empty() {
-                arg.push_str(&format!(",ipv4={}", nic.ipv4));
-            }
-            arg
+        .map(|(index, nic)| vm_config::NicConfig {
+            tap: vm_tap_name(vm, nic_index(index)),
+            mac: vm_config::MacAddress(vmm::devices::virtio_net::default_mac(vm, index)),
+            ipv4: nic.ipv4.parse().ok(),
         })
         .collect()
 }

@@ -146,9 +146,12 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(200);
 /// long after boot) is reported `HEALTH_DEGRADED`.
 pub const HEARTBEAT_STALE_AFTER: Duration = Duration::from_secs(2);
 
-/// What a VMM's `status` says about its guest's heartbeats and NICs.
+/// What a VMM's `status` says: what it runs (vCPUs, guest RAM), its guest's
+/// heartbeats and its NICs.
 #[derive(Debug, Clone, PartialEq)]
 struct Heartbeat {
+    vcpus: u32,
+    memory_bytes: u64,
     total: u64,
     age_ms: Option<f64>,
     uptime_ms: u64,
@@ -156,9 +159,12 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    /// Fills the heartbeat fields of a running VM's status and degrades its health
-    /// when the guest has gone quiet.
+    /// Fills the fields of a running VM's status that its VMM knows — the vCPUs and
+    /// memory it runs (not the definition's), heartbeats, NICs — and degrades its
+    /// health when the guest has gone quiet.
     fn apply(self, status: &mut VmStatus) {
+        status.vcpus = self.vcpus;
+        status.memory_bytes = self.memory_bytes;
         // The VMM's view of each NIC, by tap; the node's Observe adds its own view
         // (tap, bridge) to the same entries.
         status.nics = self
@@ -193,6 +199,8 @@ fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
     let mut client = vmm::control::ControlClient::connect(socket, CONTROL_TIMEOUT).ok()?;
     let status = client.status().ok()?;
     Some(Heartbeat {
+        vcpus: status.vcpus,
+        memory_bytes: status.memory_bytes,
         total: status.heartbeat_total,
         age_ms: status.last_heartbeat_age_ms,
         uptime_ms: status.uptime_ms,
@@ -203,6 +211,46 @@ fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
 /// The store counter of how many times a VM of this name had its process started here.
 fn starts_counter(vm: &str) -> String {
     format!("vm-starts/{vm}")
+}
+
+/// The file in a VM's run directory that holds the `VmConfig` its `cairn-vmm` runs.
+pub const VM_CONFIG_FILE: &str = "vm-config.json";
+
+/// The VM `definition` as `cairn-vmm` runs it: console and control socket in `vm_dir`,
+/// NICs on their taps when `network` allows them (else none: Observe says why).
+fn vmm_config(
+    definition: &v1::CreateVm,
+    vm_dir: &Path,
+    network: Option<&NetNs>,
+) -> Result<vm_config::VmConfig, Status> {
+    let boot = match &definition.image {
+        Some(v1::create_vm::Image::Builtin(builtin)) => vm_config::BootSource::Builtin {
+            name: builtin.clone(),
+        },
+        Some(v1::create_vm::Image::Kernel(kernel)) => vm_config::BootSource::Kernel {
+            kernel: PathBuf::from(&kernel.kernel_path),
+            initrd: (!kernel.initrd_path.is_empty()).then(|| PathBuf::from(&kernel.initrd_path)),
+            cmdline: if kernel.cmdline.is_empty() {
+                vm_config::DEFAULT_CMDLINE.to_string()
+            } else {
+                kernel.cmdline.clone()
+            },
+        },
+        None => return Err(crate::validate::invalid("create_vm.image", "must be set")),
+    };
+    let nics = match network {
+        Some(_) => crate::vm_nics::vmm_nics(&definition.name, &definition.nics),
+        None => Vec::new(),
+    };
+    let mut config = vm_config::VmConfig::builtin(
+        &definition.name,
+        definition.vcpus,
+        definition.memory_bytes,
+        vm_dir,
+    );
+    config.boot = boot;
+    config.nics = nics;
+    Ok(config)
 }
 
 fn state_name(state: VmState) -> String {
@@ -324,41 +372,25 @@ impl Vms {
         std::fs::create_dir_all(&vm_dir).map_err(|error| {
             Status::internal(format!("cannot create {}: {error}", vm_dir.display()))
         })?;
+        let config = vmm_config(definition, &vm_dir, network)?;
+        // The node's own output: a refusal here (a data directory whose control socket
+        // path is too long, say) is this node's condition, not the request's.
+        config.validate().map_err(|error| {
+            Status::failed_precondition(format!(
+                "vm `{}` cannot run on this node: {error}",
+                definition.name
+            ))
+        })?;
+        let config_path = vm_dir.join(VM_CONFIG_FILE);
+        let text = serde_json::to_string_pretty(&config).expect("a VmConfig serializes");
+        std::fs::write(&config_path, text).map_err(|error| {
+            Status::internal(format!("cannot write {}: {error}", config_path.display()))
+        })?;
         let mut command = tokio::process::Command::new(binary);
-        command
-            .arg("--vm-dir")
-            .arg(&vm_dir)
-            .arg("--name")
-            .arg(&definition.name)
-            .arg("--vcpus")
-            .arg(definition.vcpus.to_string())
-            .arg("--memory-mib")
-            .arg((definition.memory_bytes >> 20).to_string())
-            .arg("--serial-log")
-            .arg(vm_dir.join("console.log"))
-            .arg("--control-socket")
-            .arg(vm_dir.join("control.sock"));
-        match &definition.image {
-            Some(v1::create_vm::Image::Builtin(builtin)) => {
-                command.arg("--builtin").arg(builtin);
-            }
-            Some(v1::create_vm::Image::Kernel(kernel)) => {
-                command.arg("--kernel").arg(&kernel.kernel_path);
-                if !kernel.initrd_path.is_empty() {
-                    command.arg("--initrd").arg(&kernel.initrd_path);
-                }
-                if !kernel.cmdline.is_empty() {
-                    command.arg("--cmdline").arg(&kernel.cmdline);
-                }
-            }
-            None => return Err(crate::validate::invalid("create_vm.image", "must be set")),
-        }
+        command.arg("--config").arg(&config_path);
         if let Some(netns) = network
             && !definition.nics.is_empty()
         {
-            for nic in crate::vm_nics::vmm_nic_args(&definition.name, &definition.nics) {
-                command.arg("--nic").arg(nic);
-            }
             // The taps live in the node's namespace: the VMM runs there too (its
             // control socket is a file, so the node still reaches it).
             if let Some(name) = netns.name() {
@@ -771,9 +803,11 @@ impl Vms {
         Ok(())
     }
 
-    /// Status of every VM in name order. Each running VM's VMM is asked for its
-    /// heartbeats over its control socket (concurrently, off the async runtime, at most
-    /// [`CONTROL_TIMEOUT`] per read or write); a VM whose VMM does not answer keeps
+    /// Status of every VM in name order. Each running VM's VMM is asked over its
+    /// control socket (concurrently, off the async runtime, at most [`CONTROL_TIMEOUT`]
+    /// per read or write) what it runs — `vcpus` and `memory_bytes` are the VMM's, not
+    /// the stored definition's — and for its heartbeats and NICs; a VM whose VMM does
+    /// not answer, or that does not run, reports its definition's vCPUs and memory,
     /// zero heartbeat fields and its state-derived health.
     pub async fn statuses(&self) -> Vec<VmStatus> {
         let mut statuses: Vec<VmStatus> = self
@@ -874,6 +908,8 @@ mod tests {
     fn a_recent_heartbeat_is_fresh_and_healthy() {
         let mut status = running();
         Heartbeat {
+            vcpus: 1,
+            memory_bytes: 32 << 20,
             total: 17,
             age_ms: Some(12.6),
             uptime_ms: 5_000,
@@ -887,9 +923,65 @@ mod tests {
     }
 
     #[test]
+    fn a_running_vm_reports_what_its_vmm_runs_not_its_definition() {
+        let mut status = VmStatus {
+            vcpus: 1,
+            memory_bytes: 32 << 20,
+            ..running()
+        };
+        Heartbeat {
+            vcpus: 2,
+            memory_bytes: 48 << 20,
+            total: 1,
+            age_ms: Some(5.0),
+            uptime_ms: 100,
+            nics: vec![],
+        }
+        .apply(&mut status);
+        assert_eq!((status.vcpus, status.memory_bytes), (2, 48 << 20));
+    }
+
+    #[test]
+    fn the_vmm_config_is_the_definition_with_the_nodes_paths() {
+        let definition = v1::CreateVm {
+            name: "app".into(),
+            vcpus: 2,
+            memory_bytes: 64 << 20,
+            image: Some(v1::create_vm::Image::Kernel(v1::KernelImage {
+                kernel_path: "/images/vmlinuz".into(),
+                initrd_path: String::new(),
+                cmdline: String::new(),
+            })),
+            nics: vec![v1::VmNic {
+                network: "fin-app".into(),
+                ipv4: "10.20.0.5".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let dir = Path::new("/var/lib/cairn/vms/app");
+        let config = vmm_config(&definition, dir, None).expect("config");
+        config.validate().expect("valid");
+        assert_eq!((config.vcpus, config.memory_bytes), (2, 64 << 20));
+        assert_eq!(config.control_socket, dir.join("control.sock"));
+        assert_eq!(
+            config.boot,
+            vm_config::BootSource::Kernel {
+                kernel: "/images/vmlinuz".into(),
+                initrd: None,
+                cmdline: vm_config::DEFAULT_CMDLINE.into(),
+            }
+        );
+        // Without the node's network namespace the VM runs without its NICs.
+        assert!(config.nics.is_empty());
+    }
+
+    #[test]
     fn a_stale_or_missing_heartbeat_degrades_a_running_vm() {
         let mut stale = running();
         Heartbeat {
+            vcpus: 1,
+            memory_bytes: 32 << 20,
             total: 17,
             age_ms: Some(2_500.0),
             uptime_ms: 10_000,
@@ -902,6 +994,8 @@ mod tests {
 
         let mut booting = running();
         Heartbeat {
+            vcpus: 1,
+            memory_bytes: 32 << 20,
             total: 0,
             age_ms: None,
             uptime_ms: 300,
@@ -914,6 +1008,8 @@ mod tests {
 
         let mut silent = running();
         Heartbeat {
+            vcpus: 1,
+            memory_bytes: 32 << 20,
             total: 0,
             age_ms: None,
             uptime_ms: 3_000,

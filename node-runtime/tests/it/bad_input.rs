@@ -196,12 +196,38 @@ async fn bad_requests_name_the_field_and_the_problem() {
         (
             request("m1", vm(0, 64 << 20, builtin())),
             "create_vm.vcpus",
-            "out of range",
+            "0 is less than the minimum of 1",
         ),
         (
             request("m2", vm(1, 1000, builtin())),
             "create_vm.memory_bytes",
-            "multiple of 1 MiB",
+            "1000 bytes is not a multiple of 1MiB",
+        ),
+        // The limits cairn-vmm has (vm_config::limits), not the node's old 1..=255.
+        (
+            request("m6", vm(65, 64 << 20, builtin())),
+            "create_vm.vcpus",
+            "65 is more than the maximum of 64",
+        ),
+        (
+            request("m7", vm(1, 8 << 20, builtin())),
+            "create_vm.memory_bytes",
+            "8MiB is less than the minimum of 16MiB",
+        ),
+        (
+            request(
+                "m8",
+                vm(
+                    33,
+                    64 << 20,
+                    Some(Image::Kernel(proto::v1::KernelImage {
+                        kernel_path: "/boot/vmlinuz".into(),
+                        ..Default::default()
+                    })),
+                ),
+            ),
+            "create_vm.vcpus",
+            "33 is more than the maximum of 32",
         ),
         (
             request("m3", vm(1, 64 << 20, None)),

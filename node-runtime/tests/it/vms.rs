@@ -609,3 +609,83 @@ async fn create_vm_refuses_a_kernel_or_initrd_that_is_not_on_the_node() {
         (kernel.as_str(), kernel.as_str())
     );
 }
+
+/// A `cairn-vmm` run through a wrapper that hands the real VMM the node's `VmConfig`
+/// with 48 MiB and 2 vCPUs instead of the definition's 32 MiB and 1: a VMM that runs
+/// something other than what the node stored (the case Observe exists to reveal). The
+/// VMM is real and so is what it reports; nothing but its input differs.
+fn vmm_running_other_than_defined(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let real = vmm_binary().expect("cairn-vmm is built");
+    let path = dir.join("resizing-cairn-vmm");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\n\
+             # cairn-node runs: cairn-vmm --config FILE\n\
+             [ \"$1\" = --config ] || exit 2\n\
+             sed -e 's/\"memory_bytes\": *[0-9]*/\"memory_bytes\": {}/' \
+                 -e 's/\"vcpus\": *[0-9]*/\"vcpus\": 2/' \"$2\" > \"$2.vmm\" || exit 2\n\
+             exec {} --config \"$2.vmm\"\n",
+            48u64 << 20,
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn observe_reports_the_vcpus_and_memory_the_vmm_runs_not_the_stored_definition() {
+    if !vms_can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let data_dir = dir.path().join("node");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::write(
+        data_dir.join("trusted-controllers"),
+        format!("{}\n", controller.public_key_hex()),
+    )
+    .unwrap();
+    let vmm = vmm_running_other_than_defined(dir.path());
+    let node = TestNode::start_with_args(
+        "vm-effective",
+        &data_dir,
+        "127.0.0.81:0",
+        &["--vmm-binary", vmm.to_str().unwrap()],
+    );
+    let mut client = node.client(&controller).await;
+    apply_ok(&mut client, "create", create_vm("sized")).await;
+    let defined = observe_vm(&mut client, "sized").await;
+    assert_eq!((defined.vcpus, defined.memory_bytes), (1, 32 << 20));
+
+    apply_ok(&mut client, "start", start("sized")).await;
+    // The node handed the VMM its definition, as a VmConfig beside the VM's run files.
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data_dir.join("vms/sized/vm-config.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["memory_bytes"], 32 << 20);
+    assert_eq!(written["vcpus"], 1);
+    let running = observe_vm(&mut client, "sized").await;
+    assert_eq!(running.state, VmState::Running as i32, "{running:?}");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", running.pid)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("vm-config.json.vmm"),
+        "the real cairn-vmm runs the wrapper's config"
+    );
+    // What runs, asked of the VMM, not the stored definition.
+    assert_eq!(
+        (running.vcpus, running.memory_bytes),
+        (2, 48 << 20),
+        "{running:?}"
+    );
+
+    // Stopped, there is no VMM to ask: the definition is what there is.
+    apply_ok(&mut client, "stop", stop("sized")).await;
+    let stopped = observe_vm(&mut client, "sized").await;
+    assert_eq!(stopped.state, VmState::Stopped as i32, "{stopped:?}");
+    assert_eq!((stopped.vcpus, stopped.memory_bytes), (1, 32 << 20));
+}
