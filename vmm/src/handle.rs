@@ -1,6 +1,6 @@
 //! [`VmHandle`]: the handle through which the control socket's server (and tests) query
-//! and steer a running VM. (In cairn, "controller" means the reconciler that drives
-//! nodes; inside the VMM this is only a handle on one VM.)
+//! and steer a running VM. (In cairn, "controller" means the control plane that drives
+//! the nodes; inside the VMM this is only a handle on one VM.)
 
 use std::fs;
 use std::sync::Arc;

@@ -69,7 +69,7 @@ impl<W: io::Write> io::Write for CappedWriter<W> {
 /// How the UART raises its interrupt.
 #[derive(Debug, Clone)]
 pub enum SerialInterrupt {
-    /// No interrupt controller (the built-in guest polls the line status register).
+    /// No interrupt: the built-in guest has no irqchip and polls the line status register.
     None,
     /// Pulse an in-kernel irqchip line (Linux guests).
     IrqLine(Arc<VmFd>, u32),
