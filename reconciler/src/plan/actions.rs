@@ -1,0 +1,250 @@
+//! Node actions: what one step asks of one node, and the one place they become
+//! protobuf.
+
+use serde::{Deserialize, Serialize};
+
+use crate::desired::{BootImage, DesiredTraffic};
+
+/// A replica peer of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct PeerRef {
+    /// Node name.
+    pub name: String,
+    /// Address.
+    pub address: String,
+    /// Public key (hex), empty when the node did not answer.
+    pub public_key_hex: String,
+}
+
+/// One node action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum NodeAction {
+    /// `CreateVolume`.
+    CreateVolume {
+        /// Name.
+        name: String,
+        /// Size.
+        size_bytes: u64,
+        /// Stripe columns.
+        stripe_width: u32,
+        /// Stripe unit.
+        stripe_unit_bytes: u64,
+        /// Replica peers.
+        replicas: Vec<PeerRef>,
+    },
+    /// `DeleteVolume`.
+    DeleteVolume {
+        /// Name.
+        name: String,
+    },
+    /// `ResizeVolume`: grow in place, keeping the data (the node refuses a shrink).
+    ResizeVolume {
+        /// Name.
+        name: String,
+        /// The new size.
+        size_bytes: u64,
+    },
+    /// `CreateVm`.
+    CreateVm {
+        /// Name.
+        name: String,
+        /// vCPUs.
+        vcpus: u32,
+        /// Memory.
+        memory_bytes: u64,
+        /// Image.
+        image: BootImage,
+        /// Volumes attached.
+        volumes: Vec<String>,
+        /// Tenant (its NICs' bridges are per tenant network).
+        #[serde(default)]
+        tenant: String,
+        /// NICs: tenant network names, in order.
+        #[serde(default)]
+        nics: Vec<String>,
+    },
+    /// `StartVm`.
+    StartVm {
+        /// Name.
+        name: String,
+    },
+    /// `StopVm`.
+    StopVm {
+        /// Name.
+        name: String,
+    },
+    /// `DeleteVm`.
+    DeleteVm {
+        /// Name.
+        name: String,
+    },
+    /// `ApplyBond`: create, change or repair a bond and its QoS classes.
+    ApplyBond {
+        /// Name (the device).
+        name: String,
+        /// Mode.
+        mode: String,
+        /// Member NICs.
+        members: Vec<String>,
+        /// MTU.
+        mtu: u32,
+        /// Link-monitoring interval (ms).
+        miimon_ms: u32,
+        /// Capacity for the HTB root (bit/s).
+        capacity_bps: u64,
+        /// Traffic classes.
+        traffic: Vec<DesiredTraffic>,
+    },
+    /// `DeleteBond`.
+    DeleteBond {
+        /// Name.
+        name: String,
+    },
+}
+
+impl NodeAction {
+    /// `create_volume`, ...
+    pub fn word(&self) -> &'static str {
+        match self {
+            NodeAction::CreateVolume { .. } => "create_volume",
+            NodeAction::DeleteVolume { .. } => "delete_volume",
+            NodeAction::ResizeVolume { .. } => "resize_volume",
+            NodeAction::CreateVm { .. } => "create_vm",
+            NodeAction::StartVm { .. } => "start_vm",
+            NodeAction::StopVm { .. } => "stop_vm",
+            NodeAction::DeleteVm { .. } => "delete_vm",
+            NodeAction::ApplyBond { .. } => "apply_bond",
+            NodeAction::DeleteBond { .. } => "delete_bond",
+        }
+    }
+
+    /// The object's name.
+    pub fn name(&self) -> &str {
+        match self {
+            NodeAction::CreateVolume { name, .. }
+            | NodeAction::DeleteVolume { name }
+            | NodeAction::ResizeVolume { name, .. }
+            | NodeAction::CreateVm { name, .. }
+            | NodeAction::StartVm { name }
+            | NodeAction::StopVm { name }
+            | NodeAction::DeleteVm { name }
+            | NodeAction::ApplyBond { name, .. }
+            | NodeAction::DeleteBond { name } => name,
+        }
+    }
+
+    /// The wire request (the one place actions become protobuf).
+    pub fn to_request(&self, request_id: &str) -> proto::v1::ApplyRequest {
+        use proto::v1::apply_request::Action;
+        use proto::v1::create_vm::Image;
+        let action = match self {
+            NodeAction::CreateVolume {
+                name,
+                size_bytes,
+                stripe_width,
+                stripe_unit_bytes,
+                replicas,
+            } => Action::CreateVolume(proto::v1::CreateVolume {
+                name: name.clone(),
+                size_bytes: *size_bytes,
+                stripe_width: *stripe_width,
+                stripe_unit_bytes: *stripe_unit_bytes,
+                replica_peers: replicas
+                    .iter()
+                    .map(|p| proto::v1::Peer {
+                        name: p.name.clone(),
+                        address: p.address.clone(),
+                        public_key_hex: p.public_key_hex.clone(),
+                    })
+                    .collect(),
+            }),
+            NodeAction::DeleteVolume { name } => {
+                Action::DeleteVolume(proto::v1::DeleteVolume { name: name.clone() })
+            }
+            NodeAction::ResizeVolume { name, size_bytes } => {
+                Action::ResizeVolume(proto::v1::ResizeVolume {
+                    name: name.clone(),
+                    size_bytes: *size_bytes,
+                })
+            }
+            NodeAction::CreateVm {
+                name,
+                vcpus,
+                memory_bytes,
+                image,
+                volumes,
+                tenant,
+                nics,
+            } => Action::CreateVm(proto::v1::CreateVm {
+                name: name.clone(),
+                vcpus: *vcpus,
+                memory_bytes: *memory_bytes,
+                image: Some(match image {
+                    BootImage::Builtin(b) => Image::Builtin(b.clone()),
+                    BootImage::Kernel {
+                        kernel,
+                        initrd,
+                        cmdline,
+                    } => Image::Kernel(proto::v1::KernelImage {
+                        kernel_path: kernel.clone(),
+                        initrd_path: initrd.clone(),
+                        cmdline: cmdline.clone(),
+                    }),
+                }),
+                volumes: volumes.clone(),
+                tenant: tenant.clone(),
+                nics: nics
+                    .iter()
+                    .map(|network| proto::v1::VmNic {
+                        network: network.clone(),
+                        mtu: 0,
+                        ipv4: String::new(),
+                    })
+                    .collect(),
+            }),
+            NodeAction::StartVm { name } => {
+                Action::StartVm(proto::v1::StartVm { name: name.clone() })
+            }
+            NodeAction::StopVm { name } => Action::StopVm(proto::v1::StopVm {
+                name: name.clone(),
+                grace_ms: 0,
+            }),
+            NodeAction::DeleteVm { name } => {
+                Action::DeleteVm(proto::v1::DeleteVm { name: name.clone() })
+            }
+            NodeAction::ApplyBond {
+                name,
+                mode,
+                members,
+                mtu,
+                miimon_ms,
+                capacity_bps,
+                traffic,
+            } => Action::ApplyBond(proto::v1::ApplyBond {
+                name: name.clone(),
+                mode: mode.clone(),
+                members: members.clone(),
+                mtu: *mtu,
+                traffic: traffic
+                    .iter()
+                    .map(|t| proto::v1::TrafficClass {
+                        name: t.name.clone(),
+                        min_bps: t.min_bps,
+                        max_bps: t.max_bps,
+                        weight: t.weight,
+                    })
+                    .collect(),
+                capacity_bps: *capacity_bps,
+                miimon_ms: *miimon_ms,
+            }),
+            NodeAction::DeleteBond { name } => {
+                Action::DeleteBond(proto::v1::DeleteBond { name: name.clone() })
+            }
+        };
+        proto::v1::ApplyRequest {
+            request_id: request_id.to_owned(),
+            action: Some(action),
+        }
+    }
+}

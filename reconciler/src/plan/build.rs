@@ -1,0 +1,141 @@
+//! The step builder: steps with their dependencies (a step's wave is the length
+//! of its longest dependency chain), the changes they carry out, and what is
+//! left alone or refused on the way.
+
+use std::collections::BTreeMap;
+
+use super::{Change, LeftAlone, NodeAction, PeerRef, Refused, Step};
+use crate::desired::{Desired, DesiredVm, DesiredVolume};
+use crate::observe::{NodeObservation, Observed};
+
+pub(super) struct Builder<'a> {
+    pub(super) desired: &'a Desired,
+    pub(super) observed: &'a Observed,
+    pub(super) steps: Vec<Step>,
+    pub(super) changes: Vec<Change>,
+    /// Objects not touched, with why (empty: their node did not answer).
+    pub(super) left_alone: Vec<LeftAlone>,
+    /// Changes the specs ask for that would destroy data or cannot be made.
+    pub(super) refused: Vec<Refused>,
+    /// Per node, the VM deletes (creates there wait for them).
+    pub(super) deleted_vm_steps: BTreeMap<String, Vec<usize>>,
+    /// Every VM delete (volume deletes wait for them).
+    pub(super) all_vm_deletes: Vec<usize>,
+    /// Per volume, the steps that make or grow it (its VM waits for them).
+    pub(super) volume_steps: BTreeMap<String, Vec<usize>>,
+}
+
+impl<'a> Builder<'a> {
+    pub(super) fn new(desired: &'a Desired, observed: &'a Observed) -> Self {
+        Self {
+            desired,
+            observed,
+            steps: vec![],
+            changes: vec![],
+            left_alone: vec![],
+            refused: vec![],
+            deleted_vm_steps: BTreeMap::new(),
+            all_vm_deletes: vec![],
+            volume_steps: BTreeMap::new(),
+        }
+    }
+
+    pub(super) fn address(&self, node: &str) -> String {
+        self.desired
+            .nodes
+            .get(node)
+            .map(|n| n.address.clone())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn step(&mut self, node: &str, action: NodeAction, depends_on: Vec<usize>) -> usize {
+        let id = self.steps.len();
+        let wave = depends_on
+            .iter()
+            .map(|d| self.steps[*d].wave + 1)
+            .max()
+            .unwrap_or(0);
+        self.steps.push(Step {
+            id,
+            wave,
+            node: node.to_owned(),
+            address: self.address(node),
+            action,
+            depends_on,
+        });
+        id
+    }
+
+    pub(super) fn public_key(&self, node: &str) -> String {
+        match self.observed.nodes.get(node) {
+            Some(NodeObservation::Reachable { public_key_hex, .. }) => public_key_hex.clone(),
+            _ => String::new(),
+        }
+    }
+
+    pub(super) fn create_volume(&mut self, v: &DesiredVolume, depends_on: Vec<usize>) -> usize {
+        let replicas = v
+            .replicas
+            .iter()
+            .map(|r| PeerRef {
+                name: r.clone(),
+                address: self.address(r),
+                public_key_hex: self.public_key(r),
+            })
+            .collect();
+        self.step(
+            &v.node,
+            NodeAction::CreateVolume {
+                name: v.name.clone(),
+                size_bytes: v.size_bytes,
+                stripe_width: v.stripe_width,
+                stripe_unit_bytes: v.stripe_unit_bytes,
+                replicas,
+            },
+            depends_on,
+        )
+    }
+
+    pub(super) fn create_vm(&mut self, vm: &DesiredVm, depends_on: Vec<usize>) -> Vec<usize> {
+        let create = self.step(&vm.node, super::vms::vm_definition(vm), depends_on);
+        let start = self.step(
+            &vm.node,
+            NodeAction::StartVm {
+                name: vm.name.clone(),
+            },
+            vec![create],
+        );
+        vec![create, start]
+    }
+
+    /// Stop (when it runs) and delete a VM; returns the steps and the delete step.
+    pub(super) fn remove_vm(
+        &mut self,
+        node: &str,
+        name: &str,
+        running: bool,
+    ) -> (Vec<usize>, usize) {
+        let mut steps = vec![];
+        let mut deps = vec![];
+        if running {
+            let stop = self.step(
+                node,
+                NodeAction::StopVm {
+                    name: name.to_owned(),
+                },
+                vec![],
+            );
+            steps.push(stop);
+            deps.push(stop);
+        }
+        let delete = self.step(
+            node,
+            NodeAction::DeleteVm {
+                name: name.to_owned(),
+            },
+            deps,
+        );
+        steps.push(delete);
+        (steps, delete)
+    }
+}

@@ -1,0 +1,129 @@
+//! Plan: diff(desired, observed) → changes (what an operator reads) and steps
+//! (the node actions that carry them out), ordered into waves.
+//!
+//! A change is one object (`vm web-1`, `volume web-1-root`) with a kind (create,
+//! update, replace, delete, start, stop, move, preempt). A step is one idempotent
+//! `Apply` call to one node with a request id `PLAN_ID.STEP`; steps depend on steps
+//! (creates forward: volume → VM definition → start; deletes backward: stop → delete
+//! VM → delete volume; a VM created on a node waits for the VMs deleted there).
+//! The wave of a step is the length of its longest dependency chain.
+//!
+//! Layout: `types` (the plan's JSON contract), `actions` (node actions and
+//! their one conversion to protobuf), `build` (the step builder: waves are the
+//! longest dependency chain), `bonds`, `volumes`, `vms` (what each kind of object
+//! needs), and this module (the order they are planned in, the summary, the id).
+
+mod actions;
+mod bonds;
+mod build;
+mod types;
+mod vms;
+mod volumes;
+
+use sha2::{Digest, Sha256};
+
+pub use actions::{NodeAction, PeerRef};
+pub use types::*;
+
+use crate::desired::Desired;
+use crate::observe::{NodeObservation, Observed};
+use build::Builder;
+
+/// Computes the plan: bonds first (they depend on nothing), then VM deletes
+/// (they free room), volumes, and the VMs the specs want.
+pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
+    let mut b = Builder::new(desired, observed);
+    bonds::plan_bonds(&mut b);
+    vms::plan_vm_deletes(&mut b);
+    volumes::plan_volumes(&mut b);
+    vms::plan_vms(&mut b);
+    finish(b, revision)
+}
+
+/// The summary, the order of changes, the plan id.
+fn finish(b: Builder<'_>, revision: &str) -> Plan {
+    let desired = b.desired;
+    let observed = b.observed;
+    let mut summary = Summary::default();
+    for c in &b.changes {
+        match c.kind {
+            ChangeKind::Create => summary.add += 1,
+            ChangeKind::Update | ChangeKind::Start | ChangeKind::Stop => summary.change += 1,
+            ChangeKind::Replace => {
+                summary.add += 1;
+                summary.destroy += 1;
+            }
+            ChangeKind::Delete | ChangeKind::Preempt => summary.destroy += 1,
+            ChangeKind::Move => summary.moves += 1,
+        }
+    }
+    let mut changes = b.changes;
+    // Site infrastructure (bonds) first, by site; then by tenant.
+    changes.sort_by(|a, c| {
+        (
+            a.site.is_none(),
+            a.site.as_deref().unwrap_or(""),
+            a.tenant.as_str(),
+            a.object.as_str(),
+            a.name.as_str(),
+            a.node.as_str(),
+            a.kind,
+        )
+            .cmp(&(
+                c.site.is_none(),
+                c.site.as_deref().unwrap_or(""),
+                c.tenant.as_str(),
+                c.object.as_str(),
+                c.name.as_str(),
+                c.node.as_str(),
+                c.kind,
+            ))
+    });
+    let steps = b.steps;
+    let waves = steps.iter().map(|s| s.wave + 1).max().unwrap_or(0);
+    let observed_digest = observed.digest();
+    let mut hasher = Sha256::new();
+    hasher.update(revision.as_bytes());
+    hasher.update(observed_digest.as_bytes());
+    hasher.update(serde_json::to_vec(&steps).expect("steps serialize"));
+    // The plan id names the plan (for display and signing); request ids are
+    // per execution (`state::request_id`), so the same plan carried out twice
+    // sends new requests.
+    let plan_id = proto::auth::to_hex(&hasher.finalize()[..8]);
+    let unreachable = observed
+        .nodes
+        .iter()
+        .filter_map(|(n, o)| match o {
+            NodeObservation::Unreachable { error } => Some((n.clone(), error.clone())),
+            NodeObservation::Reachable { .. } => None,
+        })
+        .collect();
+    let unplaced = desired.placement.unplaced.clone();
+    let spot_unplaced = unplaced
+        .keys()
+        .filter(|vm| desired.spot_vms.contains(*vm))
+        .cloned()
+        .collect();
+    Plan {
+        format_version: PLAN_FORMAT_VERSION,
+        plan_id,
+        revision: revision.to_owned(),
+        observed_digest,
+        summary,
+        changes,
+        steps,
+        waves,
+        unreachable,
+        left_alone: b.left_alone,
+        unplaced,
+        spot_unplaced,
+        refused: b.refused,
+        protected: desired
+            .protected_volumes
+            .iter()
+            .filter(|v| desired.spec_volumes.contains_key(*v))
+            .cloned()
+            .collect(),
+        placement: desired.placement.clone(),
+    }
+}

@@ -1,0 +1,242 @@
+//! VMs: deletes (what no longer runs where it is), then what the specs want.
+
+use proto::v1::VmState;
+
+use super::build::Builder;
+use super::{Change, ChangeKind, LeftAlone, NodeAction};
+use crate::desired::{BootImage, DesiredVm};
+use crate::drift;
+
+/// The `CreateVm` of a VM (also re-sent, unchanged, to repair its NICs).
+pub(super) fn vm_definition(vm: &DesiredVm) -> NodeAction {
+    NodeAction::CreateVm {
+        name: vm.name.clone(),
+        vcpus: vm.vcpus,
+        memory_bytes: vm.memory_bytes,
+        image: vm.image.clone(),
+        volumes: attached_volumes(vm),
+        tenant: vm.tenant.clone(),
+        nics: vm.nics.clone(),
+    }
+}
+
+/// The volumes a VM definition attaches. `cairn-vmm` cannot attach engine volumes
+/// yet (node-runtime refuses `StartVm` of a VM with volumes), so VMs are defined
+/// without attachments and their volumes are created beside them; switching this
+/// function to `vm.volumes.clone()` attaches them once the node supports it.
+fn attached_volumes(_vm: &DesiredVm) -> Vec<String> {
+    vec![]
+}
+
+pub(super) fn vm_details(vm: &DesiredVm) -> Vec<String> {
+    let image = match &vm.image {
+        BootImage::Builtin(b) => format!("image {b} (built in)"),
+        BootImage::Kernel { kernel, .. } => format!("kernel {kernel}"),
+    };
+    let mut line = format!(
+        "{} vCPU, {} memory, {image}",
+        vm.vcpus,
+        compiler::units::human_size(vm.memory_bytes)
+    );
+    if !vm.volumes.is_empty() {
+        line.push_str(&format!(", volumes {}", vm.volumes.join(" ")));
+    }
+    if !vm.nics.is_empty() {
+        line.push_str(&format!(", nics {}", vm.nics.join(" ")));
+    }
+    vec![line]
+}
+
+/// VMs no longer wanted where they run: stopped and deleted first (they free
+/// room; creates on the same node wait for them). A VM still in the specs that
+/// cannot be placed now is left alone where it runs.
+pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
+    let desired = b.desired;
+    let observed = b.observed;
+    let observed_vms = observed.vms();
+    for (name, copies) in &observed_vms {
+        for (node, vm) in copies {
+            let wanted_here = desired.vms.get(*name).is_some_and(|d| d.node == *node);
+            let wanted_elsewhere = desired.vms.get(*name).is_some_and(|d| d.node != *node);
+            if wanted_here {
+                continue;
+            }
+            let in_spec = desired.tenants.contains_key(*name);
+            let preempted = desired.placement.preempted.get(*name);
+            if in_spec && !wanted_elsewhere && preempted.is_none() {
+                // Still in the spec but it cannot be placed now: a spec mistake
+                // (or a cluster too small) never deletes what runs. It stays.
+                let why = desired
+                    .placement
+                    .unplaced
+                    .get(*name)
+                    .map_or("it has no node", String::as_str);
+                b.left_alone.push(LeftAlone {
+                    object: "vm".into(),
+                    name: (*name).to_owned(),
+                    node: (*node).to_owned(),
+                    reason: format!(
+                        "it cannot be placed now ({why}); it stays where it runs until the specs give it room"
+                    ),
+                });
+                continue;
+            }
+            if wanted_elsewhere {
+                // Handled as a move below when the target answers.
+                let target = &desired.vms[*name].node;
+                if !observed.reachable(target) {
+                    continue;
+                }
+                let already_there = copies.iter().any(|(n, _)| n == target);
+                if !already_there {
+                    continue;
+                }
+            }
+            let running = vm.is_running();
+            let (steps, delete) = b.remove_vm(node, name, running);
+            b.deleted_vm_steps
+                .entry((*node).to_owned())
+                .or_default()
+                .push(delete);
+            b.all_vm_deletes.push(delete);
+            let (kind, details) = match preempted {
+                Some(why) => (
+                    ChangeKind::Preempt,
+                    vec![why.clone(), "its volumes are kept".to_owned()],
+                ),
+                None if wanted_elsewhere => (
+                    ChangeKind::Delete,
+                    vec![format!(
+                        "duplicate: it also runs on {}",
+                        desired.vms[*name].node
+                    )],
+                ),
+                None => (ChangeKind::Delete, vec![]),
+            };
+            b.changes.push(Change {
+                details,
+                steps,
+                ..Change::new(
+                    kind,
+                    "vm",
+                    name,
+                    desired.tenants.get(*name).map_or("", String::as_str),
+                    node,
+                )
+            });
+        }
+    }
+}
+
+/// VMs the specs want: created, moved (cold), replaced when their definition
+/// changed, repaired (NICs), or started when stopped or crashed.
+pub(super) fn plan_vms(b: &mut Builder<'_>) {
+    let desired = b.desired;
+    let observed = b.observed;
+    let observed_vms = observed.vms();
+    for vm in desired.vms.values() {
+        // Left alone with its node, or with a volume that is left alone.
+        let down = if observed.reachable(&vm.node) {
+            b.left_alone
+                .iter()
+                .find(|l| l.object == "volume" && vm.volumes.contains(&l.name))
+                .map(|l| l.node.clone())
+        } else {
+            Some(vm.node.clone())
+        };
+        if let Some(node) = down {
+            b.left_alone.push(LeftAlone {
+                object: "vm".into(),
+                name: vm.name.clone(),
+                node,
+                reason: String::new(),
+            });
+            continue;
+        }
+        let copies = observed_vms
+            .get(vm.name.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let here = copies.iter().find(|(n, _)| *n == vm.node).map(|(_, o)| *o);
+        let elsewhere = copies.iter().find(|(n, _)| *n != vm.node);
+        let mut deps: Vec<usize> = vm
+            .volumes
+            .iter()
+            .filter_map(|v| b.volume_steps.get(v))
+            .flatten()
+            .copied()
+            .collect();
+        deps.extend(b.deleted_vm_steps.get(&vm.node).into_iter().flatten());
+        match (here, elsewhere) {
+            (None, None) => {
+                let steps = b.create_vm(vm, deps);
+                b.changes.push(Change {
+                    details: vm_details(vm),
+                    steps,
+                    ..Change::new(ChangeKind::Create, "vm", &vm.name, &vm.tenant, &vm.node)
+                });
+            }
+            (None, Some((old, o))) => {
+                let running = o.is_running();
+                let (mut steps, delete) = b.remove_vm(old, &vm.name, running);
+                deps.push(delete);
+                steps.extend(b.create_vm(vm, deps));
+                b.changes.push(Change {
+                    was_node: Some((*old).to_owned()),
+                    details: vec!["cold move: stopped there, started here".into()],
+                    steps,
+                    ..Change::new(ChangeKind::Move, "vm", &vm.name, &vm.tenant, &vm.node)
+                });
+            }
+            (Some(o), _) => {
+                let diffs = drift::vm_definition(vm, o);
+                let broken_nics = drift::nic_repairs(o, observed.can_network(&vm.node));
+                let will_start = o.is_down();
+                if diffs.is_empty() && !broken_nics.is_empty() && !will_start {
+                    // Same definition again: the node makes the missing parts.
+                    let repair = b.step(&vm.node, vm_definition(vm), vec![]);
+                    b.changes.push(Change {
+                        details: broken_nics,
+                        steps: vec![repair],
+                        ..Change::new(ChangeKind::Update, "vm", &vm.name, &vm.tenant, &vm.node)
+                    });
+                    continue;
+                }
+                if !diffs.is_empty() {
+                    let running = o.is_running();
+                    let (mut steps, delete) = b.remove_vm(&vm.node, &vm.name, running);
+                    deps.push(delete);
+                    steps.extend(b.create_vm(vm, deps));
+                    b.changes.push(Change {
+                        details: diffs,
+                        steps,
+                        ..Change::new(ChangeKind::Replace, "vm", &vm.name, &vm.tenant, &vm.node)
+                    });
+                } else if o.is_down() {
+                    let start = b.step(
+                        &vm.node,
+                        NodeAction::StartVm {
+                            name: vm.name.clone(),
+                        },
+                        vec![],
+                    );
+                    let detail = if o.state == VmState::Crashed && o.crash_count == 0 {
+                        "not running (its process ended with its node); start it again".to_owned()
+                    } else if o.state == VmState::Crashed {
+                        format!(
+                            "crashed ({} unrequested exits); start it again",
+                            o.crash_count
+                        )
+                    } else {
+                        "stopped; start it".to_owned()
+                    };
+                    b.changes.push(Change {
+                        details: vec![detail],
+                        steps: vec![start],
+                        ..Change::new(ChangeKind::Start, "vm", &vm.name, &vm.tenant, &vm.node)
+                    });
+                }
+            }
+        }
+    }
+}
