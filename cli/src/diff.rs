@@ -24,11 +24,12 @@ use compiler::diag;
 use compiler::model::{Model, SlaClass};
 use compiler::place::{PlaceOptions, Placement};
 use compiler::units::human_size;
-use compiler::{Compilation, Sources};
 use policy::eval::{Input, SpecLocator};
 use policy::{PolicySet, Report, RuleKind};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::frontend::Compiled;
 
 /// Output formats of `cairn diff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -305,9 +306,14 @@ fn placement_summary(p: &PlacementChanges) -> String {
 }
 
 struct Loaded {
-    sources: Sources,
-    compilation: Compilation,
+    compiled: Compiled,
     commit: Option<String>,
+}
+
+impl Loaded {
+    fn model(&self) -> &Model {
+        &self.compiled.compilation.model
+    }
 }
 
 /// Runs the command: 0 when the head compiles and passes the policies, 1
@@ -335,25 +341,18 @@ pub fn run(args: DiffArgs) -> anyhow::Result<u8> {
             .and_then(|o| o.peel_to_commit())
             .map(|c| c.id().to_string())
             .ok();
-        let compilation = compiler::compile(&sources);
         Ok(Loaded {
-            sources,
-            compilation,
+            compiled: Compiled::new(sources),
             commit,
         })
     };
     let base = load_rev(&args.base)?;
     let head = match &args.head {
         Some(rev) => load_rev(rev)?,
-        None => {
-            let sources = Sources::load_dir(&dir)?;
-            let compilation = compiler::compile(&sources);
-            Loaded {
-                sources,
-                compilation,
-                commit: None,
-            }
-        }
+        None => Loaded {
+            compiled: Compiled::load(&dir, None)?,
+            commit: None,
+        },
     };
     let base_policies = PolicySet::load_git(&repo, &args.base, &prefix)?;
     let head_policies = match &args.head {
@@ -405,29 +404,21 @@ fn build(
     base_policies: &PolicySet,
     head_policies: &PolicySet,
 ) -> anyhow::Result<Preview> {
-    let head_ok = !head.compilation.has_errors();
-    let base_ok = !base.compilation.has_errors();
+    let head_ok = !head.compiled.compilation.has_errors();
+    let base_ok = !base.compiled.compilation.has_errors();
     let objects = if head_ok {
-        object_changes(&base.compilation.model, head)
+        object_changes(base.model(), head)
     } else {
         vec![]
     };
-    let capacity = capacity(&base.compilation.model, &head.compilation.model);
-    let quota = quota(&base.compilation.model, &head.compilation.model);
+    let capacity = capacity(base.model(), head.model());
+    let quota = quota(base.model(), head.model());
 
     let place = |l: &Loaded, previous: Option<Placement>| -> Placement {
-        let locator = compiler::place::Locator {
-            spans: &l.compilation.spans,
-            sources: &l.sources,
-        };
-        compiler::place::place(
-            &l.compilation.model,
-            &PlaceOptions {
-                previous,
-                ..PlaceOptions::default()
-            },
-            Some(&locator),
-        )
+        l.compiled.place(&PlaceOptions {
+            previous,
+            ..PlaceOptions::default()
+        })
     };
     // The head is placed starting from the base's placement, as apply would.
     let base_placement = base_ok.then(|| place(base, None));
@@ -436,10 +427,10 @@ fn build(
 
     let evaluate = |l: &Loaded, p: Option<&Placement>| -> anyhow::Result<Report> {
         let p = p.map(serde_json::to_value).transpose()?;
-        let input = Input::new(&l.compilation.model, p.as_ref(), None)?;
+        let input = Input::new(l.model(), p.as_ref(), None)?;
         let locator = SpecLocator {
-            sources: &l.sources,
-            spans: &l.compilation.spans,
+            sources: &l.compiled.sources,
+            spans: &l.compiled.compilation.spans,
         };
         Ok(policy::eval::evaluate(
             base_policies,
@@ -481,11 +472,16 @@ fn build(
         }
     };
     let policies_changed = policy_changes(base_policies, head_policies);
-    let head_diagnostics = (!head.compilation.diagnostics.is_empty())
-        .then(|| diag::render_all(&head.sources, &head.compilation.diagnostics));
+    let head_diagnostics = (!head.compiled.compilation.diagnostics.is_empty()).then(|| {
+        diag::render_all(
+            &head.compiled.sources,
+            &head.compiled.compilation.diagnostics,
+        )
+    });
     let count = |c: &str| objects.iter().filter(|o| o.change == c).count();
     let summary = if !head_ok {
         let n = head
+            .compiled
             .compilation
             .diagnostics
             .iter()
@@ -496,8 +492,7 @@ fn build(
             diag::plural(n, "error")
         )
     } else {
-        let vm_delta =
-            head.compilation.model.vms.len() as i64 - base.compilation.model.vms.len() as i64;
+        let vm_delta = head.model().vms.len() as i64 - base.model().vms.len() as i64;
         let policy = match &verdict.report {
             Some(r) if r.passed() => format!(
                 "policies pass ({} {})",
@@ -520,8 +515,8 @@ fn build(
             count("added"),
             count("changed"),
             count("removed"),
-            base.compilation.model.vms.len(),
-            head.compilation.model.vms.len(),
+            base.model().vms.len(),
+            head.model().vms.len(),
             vm_delta
         )
     };
@@ -532,24 +527,26 @@ fn build(
             commit: base.commit.clone(),
             compiles: base_ok,
             errors: base
+                .compiled
                 .compilation
                 .diagnostics
                 .iter()
                 .filter(|d| d.is_error())
                 .count(),
-            vms: base.compilation.model.vms.len(),
+            vms: base.model().vms.len(),
         },
         head: Side {
             rev: head_rev.to_owned(),
             commit: head.commit.clone(),
             compiles: head_ok,
             errors: head
+                .compiled
                 .compilation
                 .diagnostics
                 .iter()
                 .filter(|d| d.is_error())
                 .count(),
-            vms: head.compilation.model.vms.len(),
+            vms: head.model().vms.len(),
         },
         summary,
         objects,
@@ -709,15 +706,16 @@ fn field_changes(before: &Value, after: &Value) -> Vec<FieldChange> {
 fn object_changes(base: &Model, head: &Loaded) -> Vec<ObjectChange> {
     let key = |o: &(&'static str, String, Option<String>, Value)| (o.0, o.1.clone());
     let b: BTreeMap<_, _> = objects(base).into_iter().map(|o| (key(&o), o)).collect();
-    let h: BTreeMap<_, _> = objects(&head.compilation.model)
+    let h: BTreeMap<_, _> = objects(head.model())
         .into_iter()
         .map(|o| (key(&o), o))
         .collect();
     let locate = |kind: &'static str, name: &str| {
-        head.compilation
+        head.compiled
+            .compilation
             .spans
             .get(kind, name)
-            .map(|s| diag::location(&head.sources, s))
+            .map(|s| diag::location(&head.compiled.sources, s))
     };
     let mut out = vec![];
     for (k, (kind, name, tenant, v)) in &h {

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use compiler::diag::{self, Diagnostic};
+use compiler::place::{Locator, PlaceOptions, Placement};
 use compiler::units::human_size as format_size;
 use compiler::{Compilation, Sources};
 
@@ -18,6 +19,80 @@ pub fn load(dir: &Path, rev: Option<&str>) -> anyhow::Result<Sources> {
         None => Sources::load_dir(dir)?,
     };
     Ok(sources)
+}
+
+/// Specs loaded and compiled: what every command on the specs starts from.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The spec files.
+    pub sources: Sources,
+    /// The model, spans and diagnostics compiled from them.
+    pub compilation: Compilation,
+}
+
+impl Compiled {
+    /// Compiles loaded sources.
+    pub fn new(sources: Sources) -> Compiled {
+        let compilation = compiler::compile(&sources);
+        Compiled {
+            sources,
+            compilation,
+        }
+    }
+
+    /// Loads the spec root `dir` (as it is in git revision `rev`, else the
+    /// working tree) and compiles it; prints nothing.
+    pub fn load(dir: &Path, rev: Option<&str>) -> anyhow::Result<Compiled> {
+        Ok(Compiled::new(load(dir, rev)?))
+    }
+
+    /// What placement reasons use to name spec files and lines.
+    pub fn locator(&self) -> Locator<'_> {
+        Locator {
+            spans: &self.compilation.spans,
+            sources: &self.sources,
+        }
+    }
+
+    /// The solver's placement of the model.
+    pub fn place(&self, options: &PlaceOptions) -> Placement {
+        compiler::place::place(&self.compilation.model, options, Some(&self.locator()))
+    }
+}
+
+/// Whether [`compile_specs`] prints the warnings of specs that compile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Warnings {
+    /// Print them (on stderr, like errors).
+    Print,
+    /// Print nothing unless there is an error.
+    Quiet,
+}
+
+/// Loads and compiles the spec root `dir` (at git revision `rev`, else the
+/// working tree), printing the diagnostics on stderr as text: all of them
+/// when there is an error, followed by `refused` (what was not done because
+/// of the errors; nothing when empty), and the warnings of specs that compile
+/// only with [`Warnings::Print`]. `Err(1)`, the exit code, when the specs
+/// have errors.
+pub fn compile_specs(
+    dir: &Path,
+    rev: Option<&str>,
+    warnings: Warnings,
+    refused: &str,
+) -> anyhow::Result<Result<Compiled, u8>> {
+    let compiled = Compiled::load(dir, rev)?;
+    let c = &compiled.compilation;
+    if c.has_errors() || warnings == Warnings::Print {
+        print_diagnostics(&compiled.sources, &c.diagnostics, Format::Text)?;
+    }
+    if !c.has_errors() {
+        return Ok(Ok(compiled));
+    }
+    if !refused.is_empty() {
+        eprintln!("{refused}");
+    }
+    Ok(Err(1))
 }
 
 fn print_diagnostics(
@@ -48,24 +123,19 @@ fn print_diagnostics(
 
 /// `cairn validate`.
 pub fn validate(dir: &Path, rev: Option<&str>, format: Format) -> anyhow::Result<u8> {
-    let sources = load(dir, rev)?;
-    let mut c = compiler::compile(&sources);
-    if !c.has_errors() {
+    let mut compiled = Compiled::load(dir, rev)?;
+    if !compiled.compilation.has_errors() {
         // Placement feasibility: every VM that no node can take is an error
         // (a warning for spot VMs), explained constraint by constraint.
-        let locator = compiler::place::Locator {
-            spans: &c.spans,
-            sources: &sources,
-        };
-        let placement = compiler::place::place(
-            &c.model,
-            &compiler::place::PlaceOptions::default(),
-            Some(&locator),
-        );
-        let extra = crate::placecmd::unplaced_diagnostics(&c, &placement);
-        c.diagnostics.extend(extra);
-        compiler::diag::sort(&sources, &mut c.diagnostics);
+        let placement = compiled.place(&PlaceOptions::default());
+        let extra = crate::placecmd::unplaced_diagnostics(&compiled.compilation, &placement);
+        compiled.compilation.diagnostics.extend(extra);
+        compiler::diag::sort(&compiled.sources, &mut compiled.compilation.diagnostics);
     }
+    let Compiled {
+        sources,
+        compilation: c,
+    } = compiled;
     print_diagnostics(&sources, &c.diagnostics, format)?;
     if c.has_errors() {
         return Ok(1);
@@ -134,14 +204,10 @@ pub fn fmt(dir: &Path, check: bool) -> anyhow::Result<u8> {
 
 /// `cairn compile`.
 pub fn compile(dir: &Path, rev: Option<&str>, format: Format) -> anyhow::Result<u8> {
-    let sources = load(dir, rev)?;
-    let c = compiler::compile(&sources);
-    if c.has_errors() {
-        print_diagnostics(&sources, &c.diagnostics, Format::Text)?;
-        return Ok(1);
-    }
-    let warnings: Vec<Diagnostic> = c.diagnostics.clone();
-    print_diagnostics(&sources, &warnings, Format::Text)?;
+    let c = match compile_specs(dir, rev, Warnings::Print, "")? {
+        Ok(compiled) => compiled.compilation,
+        Err(code) => return Ok(code),
+    };
     let text = match format {
         Format::Json => compiler::model_json(&c.model),
         Format::Text => model_text(&c),

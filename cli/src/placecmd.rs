@@ -6,14 +6,14 @@ use std::io::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use compiler::Compilation;
 use compiler::diag::Diagnostic;
 use compiler::model::{Availability, Model, SlaClass};
-use compiler::place::{Locator, PlaceOptions, Placement, Unplaced};
+use compiler::place::{PlaceOptions, Placement, Unplaced};
 use compiler::units::human_size;
-use compiler::{Compilation, Sources};
 
 use crate::cli::Format;
-use crate::frontend;
+use crate::frontend::{self, Warnings};
 
 /// How the graph is printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -22,17 +22,6 @@ pub enum GraphFormat {
     Dot,
     /// Versioned JSON.
     Json,
-}
-
-/// Compiles or reports why not (exit 1).
-fn compiled(dir: &Path) -> anyhow::Result<Result<(Sources, Compilation), u8>> {
-    let sources = frontend::load(dir, None)?;
-    let c = compiler::compile(&sources);
-    if c.has_errors() {
-        eprint!("{}", compiler::diag::render_all(&sources, &c.diagnostics));
-        return Ok(Err(1));
-    }
-    Ok(Ok((sources, c)))
 }
 
 /// Diagnostics for VMs that cannot be placed: errors, except spot VMs,
@@ -133,10 +122,11 @@ pub struct PlaceArgs {
 
 /// `cairn place`.
 pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
-    let (sources, c) = match compiled(&args.dir)? {
-        Ok(x) => x,
+    let compiled = match frontend::compile_specs(&args.dir, None, Warnings::Quiet, "")? {
+        Ok(compiled) => compiled,
         Err(code) => return Ok(code),
     };
+    let c = &compiled.compilation;
     let previous = match &args.previous {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -151,10 +141,7 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
         }
         None => None,
     };
-    let locator = Locator {
-        spans: &c.spans,
-        sources: &sources,
-    };
+    let locator = compiled.locator();
     let model = &c.model;
     let base_options = PlaceOptions {
         previous,
@@ -233,9 +220,9 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
         Format::Json => out.write_all(compiler::place::placement_json(&placement).as_bytes())?,
         Format::Text => out.write_all(placement_text(model, &placement).as_bytes())?,
     }
-    let diags = unplaced_diagnostics(&c, &placement);
+    let diags = unplaced_diagnostics(c, &placement);
     if !diags.is_empty() {
-        eprint!("{}", compiler::diag::render_all(&sources, &diags));
+        eprint!("{}", compiler::diag::render_all(&compiled.sources, &diags));
     }
     Ok(if diags.iter().any(Diagnostic::is_error) {
         1
@@ -467,16 +454,12 @@ fn what_if(
 
 /// `cairn graph`.
 pub fn graph(dir: &Path, format: GraphFormat) -> anyhow::Result<u8> {
-    let (sources, c) = match compiled(dir)? {
-        Ok(x) => x,
+    let compiled = match frontend::compile_specs(dir, None, Warnings::Quiet, "")? {
+        Ok(compiled) => compiled,
         Err(code) => return Ok(code),
     };
-    let locator = Locator {
-        spans: &c.spans,
-        sources: &sources,
-    };
-    let placement = compiler::place::place(&c.model, &PlaceOptions::default(), Some(&locator));
-    let g = compiler::place::build_graph(&c.model, &placement);
+    let placement = compiled.place(&PlaceOptions::default());
+    let g = compiler::place::build_graph(&compiled.compilation.model, &placement);
     let mut out = std::io::stdout().lock();
     match format {
         GraphFormat::Dot => out.write_all(g.to_dot().as_bytes())?,

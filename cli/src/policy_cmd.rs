@@ -14,9 +14,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use compiler::Sources;
-use compiler::diag;
 use policy::eval::{Input, Override, SpecLocator};
 use policy::{PolicySet, Report};
+
+use crate::frontend::{Compiled, Warnings, compile_specs};
 
 /// Output formats of `cairn check`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,13 +98,19 @@ pub fn check(args: CheckArgs) -> anyhow::Result<u8> {
     if args.overrides.is_empty() && args.reason.is_some() {
         anyhow::bail!("--reason is given without --override POLICY");
     }
-    let sources = Sources::load_dir(&args.dir)?;
-    let compilation = compiler::compile(&sources);
-    if compilation.has_errors() {
-        eprint!("{}", diag::render_all(&sources, &compilation.diagnostics));
-        eprintln!("the specs do not compile, so the policies were not evaluated");
-        return Ok(1);
-    }
+    let compiled = match compile_specs(
+        &args.dir,
+        None,
+        Warnings::Quiet,
+        "the specs do not compile, so the policies were not evaluated",
+    )? {
+        Ok(compiled) => compiled,
+        Err(code) => return Ok(code),
+    };
+    let Compiled {
+        sources,
+        compilation,
+    } = &compiled;
     let policy_dir = args
         .policies
         .clone()
@@ -118,18 +125,7 @@ pub fn check(args: CheckArgs) -> anyhow::Result<u8> {
     // The placement policies see: the given one, or the solver's from scratch.
     let placement = match args.placement.as_deref() {
         Some(path) => read_json(path)?,
-        None => {
-            let locator = compiler::place::Locator {
-                spans: &compilation.spans,
-                sources: &sources,
-            };
-            let placement = compiler::place::place(
-                &compilation.model,
-                &compiler::place::PlaceOptions::default(),
-                Some(&locator),
-            );
-            serde_json::to_value(&placement)?
-        }
+        None => serde_json::to_value(compiled.place(&Default::default()))?,
     };
     let placement = Some(placement);
     let plan = args.plan.as_deref().map(read_json).transpose()?;
@@ -143,7 +139,7 @@ pub fn check(args: CheckArgs) -> anyhow::Result<u8> {
         })
         .collect();
     let locator = SpecLocator {
-        sources: &sources,
+        sources,
         spans: &compilation.spans,
     };
     let report = match policy::eval::evaluate(&set, &input, Some(locator), &overrides) {
