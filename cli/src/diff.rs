@@ -20,9 +20,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use compiler::Sources;
 use compiler::diag;
 use compiler::model::{Model, SlaClass};
 use compiler::place::{PlaceOptions, Placement};
+use compiler::source::TreeRoot;
 use compiler::units::human_size;
 use policy::eval::{Input, SpecLocator};
 use policy::{PolicySet, Report, RuleKind};
@@ -335,7 +337,11 @@ pub fn run(args: DiffArgs) -> anyhow::Result<u8> {
         .to_owned();
 
     let load_rev = |rev: &str| -> anyhow::Result<Loaded> {
-        let sources = compiler::source::load_git_tree(&repo, rev, &prefix)?;
+        let sources = Sources::load_tree(TreeRoot::Git {
+            repo: &repo,
+            rev,
+            dir: &prefix,
+        })?;
         let commit = repo
             .revparse_single(rev)
             .and_then(|o| o.peel_to_commit())
@@ -354,9 +360,17 @@ pub fn run(args: DiffArgs) -> anyhow::Result<u8> {
             commit: None,
         },
     };
-    let base_policies = PolicySet::load_git(&repo, &args.base, &prefix)?;
+    let policy_dir = prefix.join("policies");
+    let policies_at = |rev: &str| {
+        PolicySet::load_tree(TreeRoot::Git {
+            repo: &repo,
+            rev,
+            dir: &policy_dir,
+        })
+    };
+    let base_policies = policies_at(&args.base)?;
     let head_policies = match &args.head {
-        Some(rev) => PolicySet::load_git(&repo, rev, &prefix)?,
+        Some(rev) => policies_at(rev)?,
         None => PolicySet::load_dir(&dir.join("policies"))?,
     };
     let preview = build(

@@ -21,6 +21,8 @@
 
 use std::path::{Path, PathBuf};
 
+use compiler::source::{Take, TreeError, TreeRoot, read_tree};
+
 use crate::eval::Enforcement;
 
 /// Errors of loading policies.
@@ -188,111 +190,74 @@ impl PolicySet {
     /// an absent directory is an empty set. Paths in the set are
     /// `policies/…` whatever the directory is called.
     pub fn load_dir(dir: &Path) -> Result<PolicySet, LoadError> {
-        let mut files = vec![];
-        if !dir.is_dir() {
-            return Ok(PolicySet::default());
-        }
-        read_files(dir, "policies", &mut files)?;
-        let data = dir.join("data");
-        if data.is_dir() {
-            read_files(&data, "policies/data", &mut files)?;
-        }
-        PolicySet::from_files(files)
+        PolicySet::load_tree(TreeRoot::Dir(dir))
     }
 
-    /// Loads `<prefix>/policies` as it is in revision `rev` of a repository.
-    pub fn load_git(
-        repo: &git2::Repository,
-        rev: &str,
-        prefix: &Path,
-    ) -> Result<PolicySet, LoadError> {
-        let git_err = |e: git2::Error| LoadError::Git {
-            rev: rev.to_owned(),
-            message: e.message().to_owned(),
-        };
-        let commit = repo
-            .revparse_single(rev)
-            .and_then(|o| o.peel_to_commit())
-            .map_err(git_err)?;
-        let tree = commit.tree().map_err(git_err)?;
-        let dir = prefix.join("policies");
-        let Ok(entry) = tree.get_path(&dir) else {
+    /// Loads a policy directory, on disk or in a git revision
+    /// (`<spec root>/policies` at `rev`), with the compiler's tree reader
+    /// (the one spec files are read with): `NAME.rego` at its top and
+    /// `data/*.json`. An absent directory is an empty set.
+    pub fn load_tree(root: TreeRoot<'_>) -> Result<PolicySet, LoadError> {
+        if let TreeRoot::Dir(dir) = root
+            && !dir.is_dir()
+        {
             return Ok(PolicySet::default());
-        };
-        let Ok(sub) = entry.to_object(repo).and_then(|o| o.peel_to_tree()) else {
-            return Ok(PolicySet::default());
-        };
-        let mut files = vec![];
-        let mut failure = None;
-        sub.walk(git2::TreeWalkMode::PreOrder, |parent, e| {
-            let name = e.name().unwrap_or("");
-            if e.kind() != Some(git2::ObjectType::Blob) {
-                return git2::TreeWalkResult::Ok;
-            }
-            let path = format!("policies/{parent}{name}");
-            if rego_stem(&path).is_none() && !is_data_path(&path) {
-                return git2::TreeWalkResult::Ok;
-            }
-            match repo.find_blob(e.id()) {
-                Ok(blob) => match String::from_utf8(blob.content().to_vec()) {
-                    Ok(text) => files.push((path, text)),
-                    Err(_) => {
-                        failure = Some(LoadError::NotUtf8 { path });
-                        return git2::TreeWalkResult::Abort;
-                    }
-                },
-                Err(e) => {
-                    failure = Some(git_err(e));
-                    return git2::TreeWalkResult::Abort;
-                }
-            }
-            git2::TreeWalkResult::Ok
-        })
-        .map_err(|e| failure.take().unwrap_or_else(|| git_err(e)))?;
-        if let Some(f) = failure {
-            return Err(f);
         }
-        PolicySet::from_files(files)
+        PolicySet::from_tree(root)
+    }
+
+    fn from_tree(root: TreeRoot<'_>) -> Result<PolicySet, LoadError> {
+        let relative = |path: &str| format!("policies/{path}");
+        let read = read_tree(&root, |path, is_dir| {
+            let path = relative(path);
+            let wanted = if is_dir {
+                path == "policies/data"
+            } else {
+                rego_stem(&path).is_some() || is_data_path(&path)
+            };
+            if wanted { Take::Read } else { Take::Skip }
+        });
+        let files = match (read, root) {
+            (Ok(files), _) => files,
+            (Err(TreeError::NoDirectory(_) | TreeError::NotADirectory(_)), _) => {
+                return Ok(PolicySet::default());
+            }
+            (Err(TreeError::NotUtf8 { path }), _) => {
+                return Err(LoadError::NotUtf8 {
+                    path: relative(&path),
+                });
+            }
+            (
+                Err(TreeError::ReadDir { path, source } | TreeError::ReadFile { path, source }),
+                _,
+            ) => {
+                return Err(LoadError::Read { path, source });
+            }
+            (Err(e @ TreeError::Git(_)), TreeRoot::Git { rev, .. }) => {
+                return Err(LoadError::Git {
+                    rev: rev.to_owned(),
+                    message: e.to_string(),
+                });
+            }
+            (Err(e @ TreeError::Git(_)), TreeRoot::Dir(dir)) => {
+                return Err(LoadError::Read {
+                    path: dir.to_owned(),
+                    source: std::io::Error::other(e.to_string()),
+                });
+            }
+        };
+        PolicySet::from_files(
+            files
+                .into_iter()
+                .filter_map(|f| Some((relative(&f.path), f.text?)))
+                .collect(),
+        )
     }
 
     /// A policy by name.
     pub fn policy(&self, name: &str) -> Option<&Policy> {
         self.policies.iter().find(|p| p.name == name)
     }
-}
-
-fn read_files(
-    dir: &Path,
-    prefix: &str,
-    files: &mut Vec<(String, String)>,
-) -> Result<(), LoadError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Read {
-        path: dir.to_owned(),
-        source,
-    })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| LoadError::Read {
-            path: dir.to_owned(),
-            source,
-        })?;
-        let path = entry.path();
-        if !path.is_file() {
-            continue;
-        }
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let rel = format!("{prefix}/{name}");
-        if rego_stem(&rel).is_none() && !is_data_path(&rel) {
-            continue;
-        }
-        let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let text =
-            String::from_utf8(bytes).map_err(|_| LoadError::NotUtf8 { path: rel.clone() })?;
-        files.push((rel, text));
-    }
-    Ok(())
 }
 
 /// `policies/NAME.rego` → `NAME` (top level of the policy directory only).
@@ -397,6 +362,97 @@ mod tests {
         assert_eq!(set.tests[0].policy.as_deref(), Some("a"));
         assert_eq!(set.tests[1].policy, None);
         assert_eq!(set.data.len(), 1);
+    }
+
+    /// A repository whose commit holds a spec root `cloud/` with policies.
+    fn repository(files: &[(&str, &str)]) -> (std::path::PathBuf, git2::Repository) {
+        let dir = std::env::temp_dir().join(format!("cairn-policy-git-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let repo = git2::Repository::init(&dir).expect("init");
+        let mut index = repo.index().expect("index");
+        for (path, text) in files {
+            let file = dir.join(path);
+            std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&file, text).expect("write");
+            index.add_path(Path::new(path)).expect("add");
+        }
+        let tree = repo
+            .find_tree(index.write_tree().expect("tree"))
+            .expect("tree");
+        let who = git2::Signature::new("t", "t@example.com", &git2::Time::new(0, 0)).expect("sig");
+        repo.commit(Some("HEAD"), &who, &who, "specs", &tree, &[])
+            .expect("commit");
+        drop(tree);
+        (dir, repo)
+    }
+
+    fn at_head<'a>(repo: &'a git2::Repository, dir: &'a Path) -> TreeRoot<'a> {
+        TreeRoot::Git {
+            repo,
+            rev: "HEAD",
+            dir,
+        }
+    }
+
+    #[test]
+    fn one_tree_reader_serves_specs_and_policies_from_git_and_disk() {
+        let (dir, repo) = repository(&[
+            ("cloud/a.kdl", "site \"s\"\n"),
+            ("cloud/images/k", "kernel"),
+            ("cloud/.hidden/b.kdl", "ignored"),
+            ("cloud/policies/p.rego", "package cairn\n"),
+            ("cloud/policies/p_test.rego", "package cairn\n"),
+            ("cloud/policies/README.md", "ignored"),
+            ("cloud/policies/data/prices.json", "{\"p\": 1}"),
+            ("cloud/policies/deeper/q.rego", "ignored"),
+        ]);
+        let cloud = Path::new("cloud");
+        let policies = Path::new("cloud/policies");
+        let sources = compiler::Sources::load_tree(at_head(&repo, cloud)).expect("specs");
+        let paths: Vec<&str> = sources.files().map(|(_, f)| f.path.as_str()).collect();
+        assert_eq!(paths, ["a.kdl"]);
+        assert!(sources.has_other_file("images/k"));
+        let set = PolicySet::load_tree(at_head(&repo, policies)).expect("policies");
+        assert_eq!(set.policies.len(), 1);
+        assert_eq!(set.policies[0].path, "policies/p.rego");
+        assert_eq!(set.tests[0].policy.as_deref(), Some("p"));
+        assert_eq!(
+            set.data,
+            [(
+                "policies/data/prices.json".to_owned(),
+                "{\"p\": 1}".to_owned()
+            )]
+        );
+        // No policies directory: an empty set; no spec root: an error.
+        assert_eq!(
+            PolicySet::load_tree(at_head(&repo, Path::new("cloud/none"))).expect("empty"),
+            PolicySet::default()
+        );
+        let err = compiler::Sources::load_tree(at_head(&repo, Path::new("nowhere")))
+            .expect_err("no such directory");
+        assert!(
+            err.to_string()
+                .contains("the revision has no directory nowhere"),
+            "{err}"
+        );
+        // The working tree holds the same files: the directory gives the same.
+        let on_disk = compiler::Sources::load_dir(&dir.join(cloud)).expect("specs on disk");
+        let disk_paths: Vec<&str> = on_disk.files().map(|(_, f)| f.path.as_str()).collect();
+        assert_eq!(disk_paths, paths);
+        assert!(on_disk.has_other_file("images/k"));
+        assert_eq!(
+            PolicySet::load_dir(&dir.join("cloud/policies")).expect("policies on disk"),
+            set
+        );
+        let revision = TreeRoot::Git {
+            repo: &repo,
+            rev: "no-such-rev",
+            dir: policies,
+        };
+        let err = PolicySet::load_tree(revision).expect_err("no revision");
+        assert!(err.to_string().contains("`no-such-rev`"), "{err}");
+        drop(repo);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
