@@ -139,6 +139,10 @@ pub enum Command {
         /// State store file (default: DIR/.cairn/state.redb).
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
+        /// Ask this controller (`http://HOST:PORT`) for its last sync; without it, the
+        /// controller that runs for DIR/.cairn (its controller.url) is asked.
+        #[arg(long, value_name = "URL")]
+        controller: Option<String>,
     },
     /// Volumes of VMs: export one to local NBD clients.
     Volume {
@@ -208,6 +212,148 @@ pub enum Command {
     Diff(crate::diff::DiffArgs),
     /// Verify a commit's SSH signature against trusted keys (git's allowed-signers format).
     VerifyCommit(crate::verify::VerifyArgs),
+    /// The GitOps controller: follow a branch of a spec repository and keep the
+    /// cluster matching its head (`pause`, `resume`, `bench` below).
+    Controller(ControllerArgs),
+}
+
+/// `cairn controller`: runs the daemon, or one of its subcommands.
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ControllerArgs {
+    #[command(subcommand)]
+    pub command: Option<ControllerCommand>,
+    #[command(flatten)]
+    pub run: ControllerRunArgs,
+}
+
+/// Flags of the controller daemon.
+#[derive(Debug, clap::Args)]
+pub struct ControllerRunArgs {
+    /// The spec repository: a local path, bare or not (operators push to it).
+    #[arg(long, value_name = "PATH")]
+    pub repo: Option<PathBuf>,
+    /// The branch followed.
+    #[arg(long, default_value = "main")]
+    pub branch: String,
+    /// The spec root inside the repository (default: its top).
+    #[arg(long, value_name = "SUBDIR")]
+    pub path: Option<PathBuf>,
+    /// Holds controller.key (the key the nodes trust), the state store, the event
+    /// log and the API token (`cairn dev up DIR` makes DIR/.cairn).
+    #[arg(long, value_name = "DIR", default_value = ".cairn")]
+    pub data_dir: PathBuf,
+    /// Keys that may sign commits, in git's allowed-signers format (default:
+    /// DATA_DIR/allowed-signers).
+    #[arg(long, value_name = "FILE")]
+    pub trusted_keys: Option<PathBuf>,
+    /// State store file (default: DATA_DIR/state.redb).
+    #[arg(long, value_name = "PATH")]
+    pub state: Option<PathBuf>,
+    /// Address of the HTTP interface (health, metrics, status, events).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub listen: std::net::SocketAddr,
+    /// How often the branch is read even without a change notice.
+    #[arg(long, default_value = "60s")]
+    pub poll: String,
+    /// How often every node is observed and drift planned.
+    #[arg(long, default_value = "30s")]
+    pub drift_interval: String,
+    /// Report drift without repairing it.
+    #[arg(long)]
+    pub no_self_heal: bool,
+    /// Node actions in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub parallelism: usize,
+}
+
+/// `cairn controller` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ControllerCommand {
+    /// Hand the cluster to manual `cairn apply`: the controller applies nothing
+    /// automatically until `resume` (it waits for a sync in progress first).
+    Pause {
+        /// The controller's data directory.
+        #[arg(long, value_name = "DIR", default_value = ".cairn")]
+        data_dir: PathBuf,
+    },
+    /// Hand the cluster back to the controller.
+    Resume {
+        /// The controller's data directory.
+        #[arg(long, value_name = "DIR", default_value = ".cairn")]
+        data_dir: PathBuf,
+    },
+    /// Measure push → sync started and push → converged on a dev cluster of the
+    /// quickstart's shape, and print medians per phase.
+    Bench(controller::bench::BenchArgs),
+}
+
+fn duration_flag(flag: &str, text: &str) -> anyhow::Result<std::time::Duration> {
+    compiler::units::parse_duration(text)
+        .map(std::time::Duration::from_millis)
+        .map_err(|e| anyhow::anyhow!("--{flag} {text}: {e} (for example `30s` or `2m`)"))
+}
+
+fn controller_cmd(args: ControllerArgs) -> anyhow::Result<u8> {
+    match args.command {
+        Some(ControllerCommand::Pause { data_dir }) => {
+            Ok(controller::control::pause_or_resume(&data_dir, true))
+        }
+        Some(ControllerCommand::Resume { data_dir }) => {
+            Ok(controller::control::pause_or_resume(&data_dir, false))
+        }
+        Some(ControllerCommand::Bench(b)) => controller::bench::run(b),
+        None => {
+            let run = args.run;
+            let Some(repo) = run.repo else {
+                eprintln!(
+                    "error: `cairn controller` needs --repo PATH (the spec repository to follow)"
+                );
+                return Ok(2);
+            };
+            controller::run(controller::Config {
+                repo,
+                branch: run.branch,
+                subdir: run.path.unwrap_or_default(),
+                data_dir: run.data_dir,
+                trusted_keys: run.trusted_keys,
+                state: run.state,
+                listen: run.listen,
+                poll: duration_flag("poll", &run.poll)?,
+                drift_interval: duration_flag("drift-interval", &run.drift_interval)?,
+                self_heal: !run.no_self_heal,
+                parallelism: run.parallelism.max(1),
+            })
+        }
+    }
+}
+
+/// `cairn status`, with the controller's last sync when one manages the spec root.
+fn status_cmd(
+    dir: &std::path::Path,
+    state: Option<&std::path::Path>,
+    format: Format,
+    controller: Option<&str>,
+) -> anyhow::Result<u8> {
+    let data_dir = dir.join(".cairn");
+    let Some((url, token)) = controller::control::status_endpoint(&data_dir, controller) else {
+        return crate::commands::status_cmd(dir, state, format);
+    };
+    match controller::control::fetch_status(&url, token.as_deref()) {
+        Ok(json) if format == Format::Json => {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            Ok(0)
+        }
+        Ok(json) => {
+            let code = crate::commands::status_cmd(dir, state, format)?;
+            print!("{}", controller::control::status_text(&json, &url));
+            Ok(code)
+        }
+        Err(e) => {
+            eprintln!("note: {e}; showing what the nodes say without the controller");
+            crate::commands::status_cmd(dir, state, format)
+        }
+    }
 }
 
 /// `cairn dev` subcommands.
@@ -292,15 +438,26 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             auto_approve,
             parallelism,
             state,
-        } => crate::commands::apply_cmd(crate::commands::ApplyArgs {
-            target,
-            state,
-            auto_approve,
-            parallelism,
-        }),
-        Command::Status { dir, format, state } => {
-            crate::commands::status_cmd(&dir, state.as_deref(), format)
+        } => {
+            if let Some(why) = controller::control::manual_apply_refusal(
+                &controller::control::apply_data_dir(&target),
+            ) {
+                eprintln!("error: {why}");
+                return Ok(1);
+            }
+            crate::commands::apply_cmd(crate::commands::ApplyArgs {
+                target,
+                state,
+                auto_approve,
+                parallelism,
+            })
         }
+        Command::Status {
+            dir,
+            format,
+            state,
+            controller,
+        } => status_cmd(&dir, state.as_deref(), format, controller.as_deref()),
         Command::Volume { command } => match command {
             VolumeCommand::Export {
                 target,
@@ -331,5 +488,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Policy { command } => crate::policy_cmd::policy(command),
         Command::Diff(args) => crate::diff::run(args),
         Command::VerifyCommit(args) => crate::verify::run(args),
+        Command::Controller(args) => controller_cmd(args),
     }
 }

@@ -1,0 +1,363 @@
+//! `cairn controller bench`: push → sync started and push → converged for a
+//! change of N VMs on a local dev cluster, with the sync's phases (verify,
+//! compile, plan, apply). A benchmark, not a test: it prints medians.
+//!
+//! It makes everything in a temporary directory: a spec repository of three
+//! dev nodes sized for the VMs, a bare repository the controller follows, an
+//! ed25519 key (`ssh-keygen`) that signs every commit, a dev cluster (`cairn dev
+//! up`, the `cairn` binary running this), and a controller in this process.
+//! Each run pushes a commit adding N VMs (measured), then one removing them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::events::Event;
+
+/// Flags of `cairn controller bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// VMs added by each measured commit.
+    #[arg(long, default_value_t = 20)]
+    pub vms: usize,
+    /// Measured runs.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Keep the temporary directory (its path is printed).
+    #[arg(long)]
+    pub keep: bool,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn git(dir: &Path, key: &Path, args: &[&str]) -> anyhow::Result<String> {
+    run_ok(
+        Command::new("git")
+            .current_dir(dir)
+            .args([
+                "-c",
+                "user.name=Bench",
+                "-c",
+                "user.email=bench@example.com",
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+            ])
+            .arg(format!("user.signingkey={}", key.display()))
+            .args(args),
+    )
+}
+
+/// The spec files: three dev nodes big enough for `vms` VMs of 1 vCPU and 64 MiB.
+fn cluster_kdl(ports: &[u16]) -> String {
+    let nodes: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!(
+                "        node \"lab-{}\" class=\"bench\" address=\"127.0.0.1:{p}\"\n",
+                i + 1
+            )
+        })
+        .collect();
+    format!(
+        r#"node-class "bench" {{
+    cpu 64
+    memory "64GiB"
+    host-reserve cpu=1 memory="512MiB"
+    disk "disk0" size="2GiB" class="ssd"
+    nic "eth0" speed="1Gbps"
+}}
+
+site "lab" {{
+    overcommit cpu=4.0 memory=1.0
+    rack "desk" {{
+{nodes}    }}
+    pool "local" disk-class="ssd" replicas=2 failure-domain="node" {{
+        stripe-width 1
+        stripe-unit "64KiB"
+    }}
+}}
+
+tenant "bench" {{
+    quota vcpus=4096 memory="128GiB" storage="10GiB" vms=4096
+    member "bench@example.com" role="admin"
+}}
+
+image "tiny" builtin="cairn-guest"
+"#
+    )
+}
+
+fn workloads_kdl(vms: usize) -> String {
+    if vms == 0 {
+        return "// no workloads\n".to_owned();
+    }
+    format!(
+        r#"vm-group "bench" tenant="bench" site="lab" replicas={vms} {{
+    cpu 1
+    memory "64MiB"
+    image "tiny"
+}}
+"#
+    )
+}
+
+/// What one measured push took.
+#[derive(Debug, Clone, Default)]
+struct Sample {
+    push_ms: u64,
+    detect_ms: u64,
+    converged_ms: u64,
+    verify_ms: u64,
+    compile_ms: u64,
+    plan_ms: u64,
+    apply_ms: u64,
+    steps: u64,
+}
+
+fn median(mut values: Vec<u64>) -> u64 {
+    values.sort_unstable();
+    values.get(values.len() / 2).copied().unwrap_or(0)
+}
+
+/// Waits for the `kind` event of `commit`.
+async fn wait_event(
+    handle: &crate::Handle,
+    kind: &str,
+    commit: &str,
+    timeout: Duration,
+) -> anyhow::Result<Event> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = handle
+            .shared
+            .events
+            .newest(400, Some(kind))?
+            .into_iter()
+            .find(|e| e.commit.as_deref() == Some(commit) && e.result != "scheduled");
+        if let Some(e) = found {
+            return Ok(e);
+        }
+        if Instant::now() > deadline {
+            bail!("no {kind} event for commit {commit} within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Commits `workloads` and pushes; returns the commit and the push's start (Unix ms) and duration.
+fn push(work: &Path, key: &Path, vms: usize, message: &str) -> anyhow::Result<(String, u64, u64)> {
+    std::fs::write(work.join("workloads.kdl"), workloads_kdl(vms))?;
+    git(work, key, &["add", "-A"])?;
+    git(work, key, &["commit", "-q", "-S", "-m", message])?;
+    let commit = git(work, key, &["rev-parse", "HEAD"])?.trim().to_owned();
+    let at = reconciler::state::now_ms();
+    let t = Instant::now();
+    git(work, key, &["push", "-q", "origin", "HEAD:main"])?;
+    Ok((commit, at, t.elapsed().as_millis() as u64))
+}
+
+/// `cairn controller bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("cannot run: /dev/kvm is not usable here, and the benchmark starts VMs");
+        return Ok(1);
+    }
+    let cairn = std::env::current_exe()?;
+    let tmp = std::env::temp_dir().join(format!("cairn-controller-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    let work = tmp.join("spec");
+    let bare = tmp.join("origin.git");
+    std::fs::create_dir_all(&work)?;
+    let key = tmp.join("key");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
+            .arg(&key),
+    )?;
+    let public = std::fs::read_to_string(tmp.join("key.pub"))?;
+    let signers = tmp.join("allowed-signers");
+    std::fs::write(&signers, format!("bench@example.com {public}"))?;
+    let ports = [free_port()?, free_port()?, free_port()?];
+    std::fs::write(work.join("cluster.kdl"), cluster_kdl(&ports))?;
+    std::fs::write(work.join(".gitignore"), ".cairn/\n")?;
+    run_ok(
+        Command::new("git")
+            .current_dir(&work)
+            .args(["init", "-q", "-b", "main"]),
+    )?;
+    run_ok(
+        Command::new("git")
+            .arg("init")
+            .arg("-q")
+            .arg("--bare")
+            .arg("-b")
+            .arg("main")
+            .arg(&bare),
+    )?;
+    git(
+        &work,
+        &key,
+        &["remote", "add", "origin", &bare.display().to_string()],
+    )?;
+    let up = Command::new(&cairn)
+        .args(["dev", "up"])
+        .arg(&work)
+        .output()?;
+    if !up.status.success() {
+        bail!(
+            "cairn dev up failed: {}{}",
+            String::from_utf8_lossy(&up.stdout),
+            String::from_utf8_lossy(&up.stderr)
+        );
+    }
+    let result = measure(&args, &work, &bare, &key, &signers);
+    let _ = Command::new(&cairn)
+        .args(["dev", "down"])
+        .arg(&work)
+        .output();
+    if args.keep {
+        eprintln!("kept {}", tmp.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    let samples = result?;
+    let col = |f: fn(&Sample) -> u64| median(samples.iter().map(f).collect());
+    println!(
+        "controller bench: a commit adding {} VMs on a 3-node dev cluster, {} runs (medians)",
+        args.vms, args.runs
+    );
+    for (i, s) in samples.iter().enumerate() {
+        println!(
+            "  run {}: push {} ms, push → sync started {} ms, push → converged {} ms (verify {} ms, compile {} ms, plan {} ms, apply {} ms, {} steps)",
+            i + 1,
+            s.push_ms,
+            s.detect_ms,
+            s.converged_ms,
+            s.verify_ms,
+            s.compile_ms,
+            s.plan_ms,
+            s.apply_ms,
+            s.steps
+        );
+    }
+    println!(
+        "median: push → sync started {} ms; push → converged {} ms = detect {} + verify {} + compile {} + plan {} + apply {} (+ events); git push itself {} ms",
+        col(|s| s.detect_ms),
+        col(|s| s.converged_ms),
+        col(|s| s.detect_ms),
+        col(|s| s.verify_ms),
+        col(|s| s.compile_ms),
+        col(|s| s.plan_ms),
+        col(|s| s.apply_ms),
+        col(|s| s.push_ms),
+    );
+    Ok(0)
+}
+
+fn measure(
+    args: &BenchArgs,
+    work: &Path,
+    bare: &Path,
+    key: &Path,
+    signers: &Path,
+) -> anyhow::Result<Vec<Sample>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (first, _, _) = push(work, key, 0, "bench: the cluster")?;
+        let handle = crate::start(crate::Config {
+            repo: bare.to_owned(),
+            branch: "main".to_owned(),
+            subdir: PathBuf::new(),
+            data_dir: work.join(".cairn"),
+            trusted_keys: Some(signers.to_owned()),
+            state: None,
+            listen: "127.0.0.1:0".parse().expect("address"),
+            poll: Duration::from_secs(60),
+            drift_interval: Duration::from_secs(30),
+            self_heal: true,
+            parallelism: 8,
+        })
+        .await?;
+        let outcome = async {
+            let e = wait_event(&handle, "sync", &first, Duration::from_secs(60)).await?;
+            if e.result != "succeeded" && e.result != "partial" {
+                bail!("the first sync did not succeed: {e:?}");
+            }
+            let mut samples = vec![];
+            for run in 0..args.runs {
+                let (commit, at, push_ms) = push(
+                    work,
+                    key,
+                    args.vms,
+                    &format!("bench: add {} VMs ({run})", args.vms),
+                )?;
+                let started =
+                    wait_event(&handle, "sync-started", &commit, Duration::from_secs(30)).await?;
+                let done = wait_event(&handle, "sync", &commit, Duration::from_secs(600)).await?;
+                if done.result != "succeeded" {
+                    bail!("the sync of {commit} did not succeed: {done:?}");
+                }
+                let phase = |name: &str| {
+                    done.detail
+                        .as_ref()
+                        .and_then(|d| d["phases"][format!("{name}_ms")].as_u64())
+                        .unwrap_or(0)
+                };
+                samples.push(Sample {
+                    push_ms,
+                    detect_ms: started.at_unix_ms.saturating_sub(at),
+                    converged_ms: done.at_unix_ms.saturating_sub(at),
+                    verify_ms: phase("verify"),
+                    compile_ms: phase("compile"),
+                    plan_ms: phase("plan"),
+                    apply_ms: phase("apply"),
+                    steps: done
+                        .detail
+                        .as_ref()
+                        .and_then(|d| d["steps"].as_u64())
+                        .unwrap_or(0),
+                });
+                let (back, _, _) = push(work, key, 0, &format!("bench: remove the VMs ({run})"))?;
+                let e = wait_event(&handle, "sync", &back, Duration::from_secs(600)).await?;
+                if e.result != "succeeded" {
+                    bail!("the sync removing the VMs did not succeed: {e:?}");
+                }
+            }
+            Ok(samples)
+        }
+        .await;
+        handle.stop(Duration::from_secs(30)).await;
+        outcome
+    })
+}

@@ -1,0 +1,327 @@
+//! The controller's own records: `DATA_DIR/events.redb`, kept open for the
+//! controller's life.
+//!
+//! - `events`: sequence number → one [`Event`] (JSON): syncs, refusals, steps,
+//!   drift, nodes, pauses. The newest [`KEEP`] are kept.
+//! - `meta`: `applied` → the last commit the controller applied ([`AppliedCommit`]),
+//!   `last_sync` → the last sync's summary ([`LastSync`]).
+//!
+//! Why not a table in the reconciler's `state.redb`: that file is opened and closed
+//! for every operation so that `cairn plan`/`status` can read it while an apply
+//! runs (redb allows one opener per file); the controller writes an event every
+//! few seconds and reads them on every `GET /api/v1/events`, and keeping its own
+//! file open for its whole life costs the CLI nothing. Nothing here is needed to
+//! run: losing the file loses history, and the next sync re-verifies from the head.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// How many events are kept.
+pub const KEEP: u64 = 20_000;
+
+/// One event (`GET /api/v1/events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Sequence number (increasing).
+    pub seq: u64,
+    /// When, RFC 3339 UTC with milliseconds.
+    pub at: String,
+    /// When, milliseconds since the Unix epoch.
+    pub at_unix_ms: u64,
+    /// `sync-started`, `sync`, `step`, `drift`, `crash-loop`, `node`, `settled`,
+    /// `paused`, `resumed`, `source`, `controller`.
+    pub kind: String,
+    /// The commit it is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// The plan it is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_id: Option<String>,
+    /// The object (`vm web-1`, `node lab-2`, a step `start_vm web-1@lab-1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// `started`, `succeeded`, `partial`, `failed`, `refused`, `found`,
+    /// `repaired`, `reported`, `skipped`, `unreachable`, `ready`, `held`, `ok`.
+    pub result: String,
+    /// Why (the root cause, for people).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// More (a sync: author, signer, steps, phase durations).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+impl Event {
+    /// An event of `kind` with `result`, now.
+    pub fn new(kind: &str, result: &str) -> Event {
+        let at_unix_ms = reconciler::state::now_ms();
+        Event {
+            seq: 0,
+            at: rfc3339(at_unix_ms),
+            at_unix_ms,
+            kind: kind.to_owned(),
+            commit: None,
+            plan_id: None,
+            object: None,
+            result: result.to_owned(),
+            reason: None,
+            detail: None,
+        }
+    }
+
+    /// With the commit.
+    pub fn commit(mut self, commit: &str) -> Event {
+        self.commit = Some(commit.to_owned());
+        self
+    }
+
+    /// With the plan id.
+    pub fn plan(mut self, plan_id: &str) -> Event {
+        self.plan_id = Some(plan_id.to_owned());
+        self
+    }
+
+    /// With the object.
+    pub fn object(mut self, object: impl Into<String>) -> Event {
+        self.object = Some(object.into());
+        self
+    }
+
+    /// With the reason.
+    pub fn reason(mut self, reason: impl Into<String>) -> Event {
+        self.reason = Some(reason.into());
+        self
+    }
+
+    /// With detail.
+    pub fn detail(mut self, detail: serde_json::Value) -> Event {
+        self.detail = Some(detail);
+        self
+    }
+}
+
+/// The commit the controller applied last (drift is planned against it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedCommit {
+    /// Full commit id.
+    pub commit: String,
+    /// The plan that applied it.
+    pub plan_id: String,
+    /// When.
+    pub at_unix_ms: u64,
+}
+
+/// The last sync (`controller.last_sync` of `/api/v1/status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastSync {
+    /// The commit synced.
+    pub commit: String,
+    /// `succeeded`, `partial`, `failed`, `refused`.
+    pub result: String,
+    /// When it ended, RFC 3339.
+    pub at: String,
+    /// Its plan (none when it stopped before planning).
+    pub plan_id: Option<String>,
+    /// Why it did not succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Errors of the event log.
+#[derive(Debug, thiserror::Error)]
+#[error("controller event log {path}: {message}")]
+pub struct EventError {
+    path: String,
+    message: String,
+}
+
+/// `DATA_DIR/events.redb`, open for the controller's life.
+#[derive(Debug)]
+pub struct EventLog {
+    db: Database,
+    path: String,
+}
+
+impl EventLog {
+    /// Opens (creates) the log.
+    pub fn open(path: &Path) -> Result<EventLog, EventError> {
+        let err = |message: String| EventError {
+            path: path.display().to_string(),
+            message,
+        };
+        let db = Database::create(path).map_err(|e| err(e.to_string()))?;
+        let log = EventLog {
+            db,
+            path: path.display().to_string(),
+        };
+        let tx = log.db.begin_write().map_err(|e| log.err(e))?;
+        tx.open_table(EVENTS).map_err(|e| log.err(e))?;
+        tx.open_table(META).map_err(|e| log.err(e))?;
+        tx.commit().map_err(|e| log.err(e))?;
+        Ok(log)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> EventError {
+        EventError {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Appends events (one transaction); returns them with their sequence numbers.
+    pub fn record_all(&self, events: Vec<Event>) -> Result<Vec<Event>, EventError> {
+        if events.is_empty() {
+            return Ok(events);
+        }
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(events.len());
+        {
+            let mut table = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+            let mut next = table
+                .last()
+                .map_err(|e| self.err(e))?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            for mut event in events {
+                event.seq = next;
+                next += 1;
+                let bytes = serde_json::to_vec(&event).expect("events serialize");
+                table
+                    .insert(event.seq, bytes.as_slice())
+                    .map_err(|e| self.err(e))?;
+                out.push(event);
+            }
+            if table.len().map_err(|e| self.err(e))? > KEEP + 1000 {
+                let cut = next.saturating_sub(KEEP);
+                table
+                    .retain_in(..cut, |_, _| false)
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// The newest `limit` events, newest first; `kind` filters.
+    pub fn newest(&self, limit: usize, kind: Option<&str>) -> Result<Vec<Event>, EventError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for row in table.iter().map_err(|e| self.err(e))?.rev() {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            let Ok(event) = serde_json::from_slice::<Event>(v.value()) else {
+                continue;
+            };
+            if kind.is_some_and(|k| k != event.kind) {
+                continue;
+            }
+            out.push(event);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A `meta` record.
+    pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, EventError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(META).map_err(|e| self.err(e))?;
+        let Some(v) = table.get(key).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(v.value()).ok())
+    }
+
+    /// Writes a `meta` record.
+    pub fn put<T: Serialize>(&self, key: &str, value: &T) -> Result<(), EventError> {
+        let bytes = serde_json::to_vec(value).expect("meta records serialize");
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = tx.open_table(META).map_err(|e| self.err(e))?;
+            table
+                .insert(key, bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` of Unix milliseconds.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = (unix_ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard
+/// Hinnant's algorithm; the inverse of `policy::sshsig::days_from_civil`).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_known_dates_and_inverts_days_from_civil() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_798_761_599_000), "2026-12-31T23:59:59.000Z");
+        for days in [-1000, 0, 59, 10_956, 20_000, 40_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(policy::sshsig::days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn events_come_back_newest_first_with_increasing_sequence_numbers() {
+        let dir =
+            std::env::temp_dir().join(format!("cairn-events-{}", reconciler::state::random_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = EventLog::open(&dir.join("events.redb")).unwrap();
+        log.record_all(vec![Event::new("sync-started", "started").commit("a")])
+            .unwrap();
+        log.record_all(vec![
+            Event::new("step", "succeeded").object("start_vm x@n"),
+            Event::new("sync", "succeeded").commit("a").plan("p"),
+        ])
+        .unwrap();
+        let all = log.newest(10, None).unwrap();
+        assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![3, 2, 1]);
+        assert_eq!(log.newest(10, Some("step")).unwrap().len(), 1);
+        log.put(
+            "applied",
+            &AppliedCommit {
+                commit: "a".into(),
+                plan_id: "p".into(),
+                at_unix_ms: 1,
+            },
+        )
+        .unwrap();
+        let applied: AppliedCommit = log.get("applied").unwrap().unwrap();
+        assert_eq!(applied.commit, "a");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,210 @@
+//! The HTTP interface (axum, on `--listen`):
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 after the first observation of the nodes (503 before) |
+//! | `GET /metrics` | Prometheus text format |
+//! | `GET /api/v1/status` | the JSON of `cairn status` for the applied commit, plus `controller` |
+//! | `GET /api/v1/events?limit=N&kind=K` | events, newest first |
+//! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back |
+//!
+//! Loopback is not a security boundary: every request must name the listen
+//! address or localhost in its `Host` header (DNS rebinding), a browser's
+//! `Origin` must be the same (CSRF), and `/api/*` needs the bearer token of
+//! `DATA_DIR/controller.token` (0600).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+
+use crate::Shared;
+
+/// Serves until `stop` turns true.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let app = router(shared);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/pause", post(pause))
+        .route("/api/v1/resume", post(resume))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
+        .with_state(shared)
+}
+
+/// Whether a `Host` header names the listen address or localhost on its port.
+fn host_allowed(host: &str, listen: &std::net::SocketAddr) -> bool {
+    let port = listen.port();
+    let allowed = [
+        listen.to_string(),
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+    ];
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(host))
+}
+
+fn refuse(status: StatusCode, why: &str) -> Response {
+    (status, format!("{why}\n")).into_response()
+}
+
+async fn guard(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let listen = shared.address;
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if !host_allowed(host, &listen) {
+        return refuse(
+            StatusCode::MISDIRECTED_REQUEST,
+            &format!(
+                "the Host header must be {listen} or localhost:{}",
+                listen.port()
+            ),
+        );
+    }
+    if let Some(origin) = headers.get(header::ORIGIN).and_then(|h| h.to_str().ok()) {
+        let bare = origin.trim_start_matches("http://");
+        if !host_allowed(bare, &listen) {
+            return refuse(StatusCode::FORBIDDEN, "cross-origin requests are refused");
+        }
+    }
+    if request.uri().path().starts_with("/api/") && !authorized(headers, &shared.token) {
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required: `Authorization: Bearer $(cat DATA_DIR/controller.token)`",
+        );
+    }
+    next.run(request).await
+}
+
+/// Constant-time comparison of the bearer token.
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.ready.load(Ordering::SeqCst) {
+        "ready\n".into_response()
+    } else {
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the nodes have not been observed yet",
+        )
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn status(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(crate::worker::status_json(&shared).await).into_response()
+}
+
+/// `?limit=N&kind=K`.
+#[derive(Debug, serde::Deserialize)]
+struct EventsQuery {
+    limit: Option<usize>,
+    kind: Option<String>,
+}
+
+async fn events(State(shared): State<Arc<Shared>>, Query(q): Query<EventsQuery>) -> Response {
+    match shared
+        .events
+        .newest(q.limit.unwrap_or(200).min(10_000), q.kind.as_deref())
+    {
+        Ok(events) => axum::Json(events).into_response(),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+async fn pause(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.set_paused(true).await {
+        Ok(()) => axum::Json(serde_json::json!({"paused": true})).into_response(),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+async fn resume(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.set_paused(false).await {
+        Ok(()) => axum::Json(serde_json::json!({"paused": false})).into_response(),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_listen_address_and_localhost_are_allowed_hosts() {
+        let listen: std::net::SocketAddr = "127.0.0.1:7400".parse().unwrap();
+        for ok in [
+            "127.0.0.1:7400",
+            "localhost:7400",
+            "LOCALHOST:7400",
+            "[::1]:7400",
+        ] {
+            assert!(host_allowed(ok, &listen), "{ok}");
+        }
+        for bad in [
+            "evil.example:7400",
+            "127.0.0.1:7401",
+            "localhost",
+            "",
+            "127.0.0.1",
+        ] {
+            assert!(!host_allowed(bad, &listen), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_token_must_match_exactly() {
+        let mut h = HeaderMap::new();
+        assert!(!authorized(&h, "abc"));
+        h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());
+        assert!(authorized(&h, "abc"));
+        h.insert(header::AUTHORIZATION, "Bearer abd".parse().unwrap());
+        assert!(!authorized(&h, "abc"));
+        h.insert(header::AUTHORIZATION, "Bearer ab".parse().unwrap());
+        assert!(!authorized(&h, "abc"));
+    }
+}

@@ -1,0 +1,379 @@
+//! The GitOps controller (`cairn controller`): a daemon that follows one branch
+//! (and optionally one subdirectory) of a local git repository and makes the
+//! cluster match its head, then keeps it matching between commits.
+//!
+//! Per new commit (learned within a second by watching the repository's refs,
+//! with a poll as backup): verify the signature of every commit on the
+//! first-parent path since the last applied one ([`trust`]), compile, plan
+//! (`reconciler::pipeline::plan_revision`), refuse unacceptable plans, settle an
+//! interrupted execution, apply (`reconciler::pipeline::execute`). Between
+//! commits: observe every node on an interval (and at once when a node's Watch
+//! stream reports a VM crash), plan the applied commit again, and repair drift
+//! (self-heal), restarting a crash-looping VM with exponential backoff.
+//! Everything it does is an [`events::Event`]; its HTTP interface ([`http`])
+//! serves health, readiness, Prometheus metrics, status and events.
+//!
+//! It is built on the `reconciler` library, never on the CLI: the `cairn`
+//! binary only parses flags into a [`Config`] and calls [`run`].
+//!
+//! Architecture invariant: the controller applies only commits that passed
+//! trust, compile and the plan's acceptability; a commit that fails any of them
+//! sends nothing to any node.
+//!
+//! Architecture invariant: every write to a node goes through
+//! `reconciler::pipeline::execute` under the state store's apply lock, so the
+//! journal, settling and request-id rules of the reconciler hold for the
+//! controller as for `cairn apply`.
+
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod control;
+pub mod events;
+pub mod http;
+pub mod metrics;
+pub mod source;
+pub mod trust;
+mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use proto::auth::{Identity, RequestSigner};
+use reconciler::nodes::GrpcNodes;
+
+use crate::events::{Event, EventLog, LastSync};
+use crate::metrics::Metrics;
+
+/// How the controller runs (`cairn controller` flags).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The repository (bare or a work tree).
+    pub repo: PathBuf,
+    /// The branch followed.
+    pub branch: String,
+    /// The spec root inside the repository (empty: its top).
+    pub subdir: PathBuf,
+    /// Holds `controller.key`, the state store, the event log, the token.
+    pub data_dir: PathBuf,
+    /// Trusted keys (allowed-signers format); default `DATA_DIR/allowed-signers`.
+    pub trusted_keys: Option<PathBuf>,
+    /// State store file; default `DATA_DIR/state.redb`.
+    pub state: Option<PathBuf>,
+    /// HTTP address.
+    pub listen: SocketAddr,
+    /// How often the branch is read even without a change notice.
+    pub poll: Duration,
+    /// How often every node is observed and drift planned.
+    pub drift_interval: Duration,
+    /// Repair drift (else only report it).
+    pub self_heal: bool,
+    /// Node actions in flight at once.
+    pub parallelism: usize,
+}
+
+impl Config {
+    /// The trusted-keys file.
+    pub fn trusted_keys_path(&self) -> PathBuf {
+        self.trusted_keys
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("allowed-signers"))
+    }
+
+    /// The state store file.
+    pub fn state_path(&self) -> PathBuf {
+        self.state
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("state.redb"))
+    }
+}
+
+/// What the controller shows of itself (`controller` in `/api/v1/status`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct View {
+    /// The applied commit.
+    pub revision: Option<String>,
+    /// The last sync.
+    pub last_sync: Option<LastSync>,
+    /// Whether it is paused.
+    pub paused: bool,
+    /// The repository followed.
+    pub repo: String,
+    /// The branch followed.
+    pub branch: String,
+    /// The branch head when last read.
+    pub head: Option<String>,
+}
+
+/// State shared by the worker and the HTTP interface.
+#[derive(Debug)]
+pub struct Shared {
+    /// The configuration.
+    pub config: Config,
+    /// The event log.
+    pub events: EventLog,
+    /// The metrics.
+    pub metrics: Metrics,
+    /// The bearer token of `/api/*`.
+    pub token: String,
+    /// Ready: the nodes were observed once (or there is nothing to observe yet).
+    pub ready: AtomicBool,
+    /// Paused.
+    pub paused: AtomicBool,
+    /// Wakes the worker: the branch may have moved, or it was resumed.
+    pub wake: tokio::sync::Notify,
+    /// Wakes the worker for a drift check now (a node reported a VM crash).
+    pub wake_drift: tokio::sync::Notify,
+    /// Held by the worker while it plans and applies: pausing waits for it.
+    pub busy: tokio::sync::Mutex<()>,
+    /// What `/api/v1/status` says of the controller.
+    pub view: Mutex<View>,
+    /// The applied commit, compiled (for `/api/v1/status`).
+    pub good: Mutex<Option<Arc<worker::Good>>>,
+    /// The nodes, reached with the controller key.
+    pub nodes: GrpcNodes,
+    /// The controller key's signer (Watch streams).
+    pub signer: RequestSigner,
+    /// The address the HTTP interface listens on.
+    pub address: SocketAddr,
+}
+
+impl Shared {
+    /// Records events (a failure to record is printed, never fatal).
+    pub fn record(&self, events: Vec<Event>) {
+        for e in &events {
+            eprintln!(
+                "{} {} {}{}{}{}",
+                e.at,
+                e.kind,
+                e.result,
+                e.commit
+                    .as_deref()
+                    .map(|c| format!(" commit {}", &c[..c.len().min(12)]))
+                    .unwrap_or_default(),
+                e.object
+                    .as_deref()
+                    .map(|o| format!(" {o}"))
+                    .unwrap_or_default(),
+                e.reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Err(e) = self.events.record_all(events) {
+            eprintln!("warning: {e}");
+        }
+    }
+
+    /// Sets paused (the marker file and the flag), waiting for work in progress.
+    pub async fn set_paused(&self, paused: bool) -> Result<(), String> {
+        let _busy = self.busy.lock().await;
+        let path = control::paused_path(&self.config.data_dir);
+        if paused {
+            std::fs::write(&path, "paused through the controller's API\n")
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        } else if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(format!("cannot remove {}: {e}", path.display()));
+        }
+        let was = self.paused.swap(paused, Ordering::SeqCst);
+        self.metrics.paused.set(i64::from(paused));
+        self.view.lock().expect("view lock").paused = paused;
+        if was != paused {
+            self.record(vec![if paused {
+                Event::new("paused", "ok").reason(
+                    "nothing is applied automatically; manual `cairn apply` is allowed until `cairn controller resume`",
+                )
+            } else {
+                Event::new("resumed", "ok").reason("the branch head is applied again")
+            }]);
+        }
+        if !paused {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// A running controller.
+#[derive(Debug)]
+pub struct Handle {
+    /// Its shared state.
+    pub shared: Arc<Shared>,
+    /// The address its HTTP interface listens on.
+    pub address: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    worker: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Handle {
+    /// Stops it: the worker ends the unit of work it is in (at most `grace`;
+    /// the journal makes an interrupted apply safe to settle later), then the
+    /// lock and URL files are removed.
+    pub async fn stop(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        self.shared.wake.notify_one();
+        if tokio::time::timeout(grace, self.worker).await.is_err() {
+            eprintln!(
+                "note: the sync in progress did not end within {} s; the next start settles it",
+                grace.as_secs()
+            );
+        }
+        self.server.abort();
+        self.shared
+            .record(vec![Event::new("controller", "stopped")]);
+        control::release(&self.shared.config.data_dir);
+    }
+}
+
+/// Starts a controller on the current tokio runtime.
+pub async fn start(config: Config) -> anyhow::Result<Handle> {
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+    let data_dir = std::fs::canonicalize(data_dir)?;
+    let config = Config {
+        data_dir: data_dir.clone(),
+        repo: std::fs::canonicalize(&config.repo)
+            .with_context(|| format!("the repository {} does not exist", config.repo.display()))?,
+        trusted_keys: match &config.trusted_keys {
+            Some(p) => Some(std::path::absolute(p)?),
+            None => None,
+        },
+        state: match &config.state {
+            Some(p) => Some(std::path::absolute(p)?),
+            None => None,
+        },
+        ..config
+    };
+    let source = source::GitSource {
+        repo: config.repo.clone(),
+        branch: config.branch.clone(),
+        subdir: config.subdir.clone(),
+    };
+    let git_dir = source
+        .git_dir()
+        .with_context(|| format!("cannot open the repository {}", config.repo.display()))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (another controller? pass --listen ADDR)",
+                config.listen
+            )
+        })?;
+    let address = listener.local_addr()?;
+    control::take_lock(
+        &data_dir,
+        &control::ControllerLock {
+            pid: std::process::id(),
+            host: reconciler::state::hostname(),
+            listen: address.to_string(),
+            repo: config.repo.display().to_string(),
+            branch: config.branch.clone(),
+            since_unix_ms: reconciler::state::now_ms(),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let identity = Identity::load_or_create(
+        &data_dir.join("controller.key"),
+        &data_dir.join("controller.pub"),
+    )
+    .context("the controller key")?;
+    let signer = RequestSigner::new(identity);
+    let token = control::token(&data_dir).context("the API token")?;
+    let events = EventLog::open(&data_dir.join("events.redb"))?;
+    let paused = control::is_paused(&data_dir);
+    let metrics = Metrics::new();
+    metrics.paused.set(i64::from(paused));
+    let last_sync: Option<LastSync> = events.get("last_sync").ok().flatten();
+    let shared = Arc::new(Shared {
+        view: Mutex::new(View {
+            paused,
+            last_sync,
+            repo: config.repo.display().to_string(),
+            branch: config.branch.clone(),
+            ..View::default()
+        }),
+        config,
+        events,
+        metrics,
+        token,
+        ready: AtomicBool::new(false),
+        paused: AtomicBool::new(paused),
+        wake: tokio::sync::Notify::new(),
+        wake_drift: tokio::sync::Notify::new(),
+        busy: tokio::sync::Mutex::new(()),
+        good: Mutex::new(None),
+        nodes: GrpcNodes::new(signer.clone()),
+        signer,
+        address,
+    });
+    std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))
+        .with_context(|| format!("cannot write {}", control::url_path(&data_dir).display()))?;
+    shared.record(vec![Event::new("controller", "started").reason(format!(
+        "following branch {} of {} (pid {}, http://{address}){}",
+        shared.config.branch,
+        shared.config.repo.display(),
+        std::process::id(),
+        if paused { "; paused" } else { "" }
+    ))]);
+    let wake_shared = shared.clone();
+    let watcher =
+        match source::watch_refs(&git_dir, Arc::new(move || wake_shared.wake.notify_one())) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                shared.record(vec![Event::new("source", "reported").reason(format!(
+                    "cannot watch {} for new commits ({e}); the branch is read every {} s instead",
+                    git_dir.display(),
+                    shared.config.poll.as_secs()
+                ))]);
+                None
+            }
+        };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(http::serve(listener, shared.clone(), stopped.clone()));
+    let worker = tokio::spawn(worker::run(shared.clone(), source, stopped));
+    Ok(Handle {
+        shared,
+        address,
+        stop,
+        worker,
+        server,
+        _watcher: watcher,
+    })
+}
+
+/// `cairn controller`: runs until SIGTERM or SIGINT; the exit code.
+pub fn run(config: Config) -> anyhow::Result<u8> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let handle = start(config).await?;
+        eprintln!(
+            "cairn controller: listening on http://{} (token in {}); stop with SIGTERM",
+            handle.address,
+            control::token_path(&handle.shared.config.data_dir).display()
+        );
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        handle.stop(Duration::from_secs(30)).await;
+        Ok(0)
+    })
+}

@@ -1,0 +1,1285 @@
+//! The worker: one task that does every unit of work in turn (a sync of the
+//! branch head, a drift check), so two applies of the controller never
+//! overlap, and each is one idempotent pass from what git and the nodes say.
+//!
+//! What happens after a failed sync follows Flux's taxonomy: a commit refused by
+//! trust, that does not compile, or whose plan is unacceptable is *stalled* —
+//! tried again only when the input changes (a new commit, or the trusted-keys
+//! file); anything else (a step failed, a node error, the apply lock held by a
+//! manual apply) is retried with exponential backoff (5 s doubling to 5 min),
+//! until a new commit arrives. Never a hot loop.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use reconciler::apply::{ApplyEvents, ApplyOptions, StepOutcome};
+use reconciler::observe::{NodeObservation, Observed, observe};
+use reconciler::pipeline::{self, Planned};
+use reconciler::plan::{ChangeKind, Plan};
+use reconciler::state::{RedbStore, StateStore};
+use serde_json::json;
+
+use crate::Shared;
+use crate::events::{AppliedCommit, Event, LastSync};
+use crate::source::GitSource;
+
+/// The commit applied last, compiled: what drift is planned against.
+#[derive(Debug)]
+pub struct Good {
+    /// Full commit id.
+    pub commit: String,
+    /// Its compiled model.
+    pub model: compiler::Model,
+    /// Its files, written out (image paths resolve against it).
+    pub spec_root: PathBuf,
+}
+
+/// First delay of the retry backoff and of crash-loop restarts.
+const BACKOFF_BASE: Duration = Duration::from_secs(5);
+/// Longest delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+/// A VM running this long after its last restart is no longer crash-looping.
+const CRASH_LOOP_RESET: Duration = Duration::from_secs(600);
+
+fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1u32 << exp).min(BACKOFF_CAP)
+}
+
+/// What to do about a commit that did not sync.
+#[derive(Debug, Clone)]
+enum Retry {
+    /// Until the input changes (the trusted-keys file's modification time).
+    Stalled { keys_stamp: Option<SystemTime> },
+    /// After `at`.
+    Backoff { failures: u32, at: Instant },
+}
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    commit: String,
+    retry: Retry,
+}
+
+/// How a sync ended.
+enum SyncEnd {
+    /// The commit is applied (converged or not).
+    Applied,
+    /// Not applied; try again when the input changes.
+    Stalled,
+    /// Not applied; retry with backoff.
+    Transient,
+    /// Paused before anything was applied.
+    Held,
+}
+
+#[derive(Debug)]
+struct CrashLoop {
+    restarts: u32,
+    last_restart: Instant,
+    reported_for: u32,
+}
+
+/// Per-node Watch streams: a VM crash wakes a drift check at once.
+#[derive(Debug, Default)]
+struct Watches {
+    by_node: BTreeMap<String, (String, tokio::task::JoinHandle<()>)>,
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for (_, (_, task)) in std::mem::take(&mut self.by_node) {
+            task.abort();
+        }
+    }
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    source: GitSource,
+    good: Option<Arc<Good>>,
+    attempt: Option<Attempt>,
+    crash: BTreeMap<String, CrashLoop>,
+    reachable: BTreeMap<String, bool>,
+    last_drift: Option<Vec<String>>,
+    held_reported: Option<String>,
+    source_error: Option<String>,
+    watches: Watches,
+}
+
+/// Runs until `stop` turns true.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    source: GitSource,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut w = Worker {
+        shared,
+        source,
+        good: None,
+        attempt: None,
+        crash: BTreeMap::new(),
+        reachable: BTreeMap::new(),
+        last_drift: None,
+        held_reported: None,
+        source_error: None,
+        watches: Watches::default(),
+    };
+    w.restore();
+    let mut next_drift = Instant::now();
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let head = w.head();
+        let mut did_sync = false;
+        if let Some(head) = head
+            && w.due(&head)
+        {
+            if w.shared.paused.load(Ordering::SeqCst) {
+                if w.held_reported.as_deref() != Some(head.as_str()) {
+                    w.shared.record(vec![Event::new("sync", "held").commit(&head).reason(
+                        "the controller is paused: this commit is applied after `cairn controller resume`",
+                    )]);
+                    w.held_reported = Some(head.clone());
+                }
+            } else {
+                did_sync = true;
+                let end = w.sync(&head).await;
+                w.after_sync(&head, end);
+            }
+        }
+        if !did_sync && Instant::now() >= next_drift {
+            w.drift_check().await;
+            next_drift = Instant::now() + w.shared.config.drift_interval;
+        } else if did_sync {
+            // The sync observed the nodes; the next drift check is a full interval away.
+            next_drift = Instant::now() + w.shared.config.drift_interval;
+        }
+        if w.good.is_none() && w.attempt.is_some() {
+            // Nothing applied yet and nothing to observe: ready once the first
+            // sync was tried.
+            w.shared.ready.store(true, Ordering::SeqCst);
+        }
+        let mut wake_at = next_drift.min(Instant::now() + w.shared.config.poll);
+        if let Some(Attempt {
+            retry: Retry::Backoff { at, .. },
+            ..
+        }) = &w.attempt
+        {
+            wake_at = wake_at.min(*at);
+        }
+        tokio::select! {
+            _ = w.shared.wake.notified() => {}
+            _ = w.shared.wake_drift.notified() => { next_drift = Instant::now(); }
+            _ = tokio::time::sleep_until(wake_at.into()) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
+}
+
+fn keys_stamp(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Records step events as apply reports them; written in batches of up to a
+/// quarter second (the journal, not these events, is what settling relies on,
+/// and one commit per step would add a third fsync to every step).
+struct StepEvents<'a> {
+    shared: &'a Shared,
+    commit: Option<String>,
+    plan_id: String,
+    buffer: std::sync::Mutex<(Vec<Event>, Option<Instant>)>,
+}
+
+impl StepEvents<'_> {
+    fn flush(&self) {
+        let events = std::mem::take(&mut self.buffer.lock().expect("buffer lock").0);
+        if let Err(e) = self.shared.events.record_all(events) {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
+impl ApplyEvents for StepEvents<'_> {
+    fn step_ended(&self, outcome: &StepOutcome) {
+        let result = serde_json::to_value(outcome.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "unknown".to_owned());
+        self.shared
+            .metrics
+            .steps
+            .with_label_values(&[&result])
+            .inc();
+        let mut e = Event::new("step", &result)
+            .plan(&self.plan_id)
+            .object(outcome.what.clone());
+        if let Some(c) = &self.commit {
+            e = e.commit(c);
+        }
+        if let Some(err) = &outcome.error {
+            e = e.reason(err.clone());
+        }
+        if outcome.replayed {
+            e = e.detail(json!({"replayed": true}));
+        }
+        let full = {
+            let mut b = self.buffer.lock().expect("buffer lock");
+            b.0.push(e);
+            let oldest = *b.1.get_or_insert_with(Instant::now);
+            if b.0.len() >= 64 || oldest.elapsed() >= Duration::from_millis(250) {
+                b.1 = None;
+                true
+            } else {
+                false
+            }
+        };
+        if full {
+            self.flush();
+        }
+    }
+
+    fn finished(&self) {
+        self.flush();
+    }
+}
+
+/// The apply lock of the state store, released when dropped.
+struct StoreLock<'a> {
+    store: &'a RedbStore,
+    id: String,
+}
+
+impl Drop for StoreLock<'_> {
+    fn drop(&mut self) {
+        let _ = self.store.unlock(&self.id);
+    }
+}
+
+fn take_store_lock<'a>(
+    shared: &Shared,
+    store: &'a RedbStore,
+    command: &str,
+) -> Result<StoreLock<'a>, String> {
+    match store.lock(command) {
+        Ok((mine, previous)) => {
+            if let Some(dead) = previous {
+                shared.record(vec![Event::new("settled", "ok").reason(format!(
+                    "took over the apply lock of {} (pid {} is gone)",
+                    dead.command, dead.pid
+                ))]);
+            }
+            Ok(StoreLock { store, id: mine.id })
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl Worker {
+    /// The applied commit recorded by an earlier run, compiled again.
+    fn restore(&mut self) {
+        let applied: Option<AppliedCommit> = self.shared.events.get("applied").ok().flatten();
+        let Some(applied) = applied else {
+            return;
+        };
+        match self.compile_good(&applied.commit) {
+            Ok(good) => self.set_good(good),
+            Err(why) => self.shared.record(vec![
+                Event::new("controller", "reported")
+                    .commit(&applied.commit)
+                    .reason(format!(
+                        "the commit applied last cannot be read again ({why}); drift is not checked until the next commit is applied"
+                    )),
+            ]),
+        }
+    }
+
+    fn compile_good(&self, commit: &str) -> Result<Good, String> {
+        let sources = self.source.load(commit).map_err(|e| e.to_string())?;
+        let compilation = compiler::compile(&sources);
+        if compilation.has_errors() {
+            return Err("its specs no longer compile".to_owned());
+        }
+        let spec_root = self.shared.config.data_dir.join("checkout");
+        self.source
+            .materialize(commit, &spec_root)
+            .map_err(|e| e.to_string())?;
+        Ok(Good {
+            commit: commit.to_owned(),
+            model: compilation.model,
+            spec_root,
+        })
+    }
+
+    fn set_good(&mut self, good: Good) {
+        let good = Arc::new(good);
+        self.shared.view.lock().expect("view lock").revision = Some(good.commit.clone());
+        *self.shared.good.lock().expect("good lock") = Some(good.clone());
+        self.good = Some(good);
+        self.update_watches();
+    }
+
+    fn head(&mut self) -> Option<String> {
+        match self.source.head() {
+            Ok(head) => {
+                if self.source_error.take().is_some() {
+                    self.shared.record(vec![
+                        Event::new("source", "ok").reason("the repository can be read again"),
+                    ]);
+                }
+                self.shared.view.lock().expect("view lock").head = head.clone();
+                head
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.source_error.as_deref() != Some(msg.as_str()) {
+                    self.shared.record(vec![Event::new("source", "failed").reason(format!(
+                        "{msg}; nothing changes until it can be read (the cluster keeps the commit applied last)"
+                    ))]);
+                    self.source_error = Some(msg);
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether `head` should be synced now.
+    fn due(&self, head: &str) -> bool {
+        if self.good.as_ref().is_some_and(|g| g.commit == head) {
+            return false;
+        }
+        match &self.attempt {
+            Some(a) if a.commit == head => match &a.retry {
+                Retry::Stalled { keys_stamp: stamp } => {
+                    *stamp != keys_stamp(&self.shared.config.trusted_keys_path())
+                }
+                Retry::Backoff { at, .. } => Instant::now() >= *at,
+            },
+            _ => true,
+        }
+    }
+
+    fn after_sync(&mut self, head: &str, end: SyncEnd) {
+        self.attempt = match end {
+            SyncEnd::Applied | SyncEnd::Held => None,
+            SyncEnd::Stalled => Some(Attempt {
+                commit: head.to_owned(),
+                retry: Retry::Stalled {
+                    keys_stamp: keys_stamp(&self.shared.config.trusted_keys_path()),
+                },
+            }),
+            SyncEnd::Transient => {
+                let failures = match &self.attempt {
+                    Some(Attempt {
+                        commit,
+                        retry: Retry::Backoff { failures, .. },
+                    }) if commit == head => failures + 1,
+                    _ => 1,
+                };
+                let delay = backoff(failures);
+                self.shared.record(vec![
+                    Event::new("sync", "scheduled")
+                        .commit(head)
+                        .reason(format!(
+                            "retrying in {} s (attempt {} failed; backoff doubles up to {} s, and stops when a new commit arrives)",
+                            delay.as_secs(),
+                            failures,
+                            BACKOFF_CAP.as_secs()
+                        )),
+                ]);
+                Some(Attempt {
+                    commit: head.to_owned(),
+                    retry: Retry::Backoff {
+                        failures,
+                        at: Instant::now() + delay,
+                    },
+                })
+            }
+        };
+    }
+
+    fn store(&self) -> Result<RedbStore, String> {
+        RedbStore::open(&self.shared.config.state_path()).map_err(|e| e.to_string())
+    }
+
+    /// Ends a sync: the sync event, the last sync, metrics.
+    #[allow(clippy::too_many_arguments)]
+    fn end_sync(
+        &self,
+        commit: &str,
+        result: &str,
+        reason: Option<String>,
+        plan_id: Option<&str>,
+        detail: serde_json::Value,
+        started: Instant,
+        extra: Vec<Event>,
+    ) {
+        let mut event = Event::new("sync", result).commit(commit).detail(detail);
+        if let Some(p) = plan_id {
+            event = event.plan(p);
+        }
+        if let Some(r) = &reason {
+            event = event.reason(r.clone());
+        }
+        let last = LastSync {
+            commit: commit.to_owned(),
+            result: result.to_owned(),
+            at: event.at.clone(),
+            plan_id: plan_id.map(str::to_owned),
+            reason,
+        };
+        let _ = self.shared.events.put("last_sync", &last);
+        self.shared.view.lock().expect("view lock").last_sync = Some(last);
+        let m = &self.shared.metrics;
+        m.syncs.with_label_values(&[result]).inc();
+        m.sync_seconds
+            .with_label_values(&[result])
+            .observe(started.elapsed().as_secs_f64());
+        let mut events = extra;
+        events.push(event);
+        self.shared.record(events);
+    }
+
+    /// Syncs the branch head.
+    async fn sync(&mut self, commit: &str) -> SyncEnd {
+        let started = Instant::now();
+        let previous = self.good.as_ref().map(|g| g.commit.clone());
+        self.shared.record(vec![
+            Event::new("sync-started", "started")
+                .commit(commit)
+                .detail(json!({"previous": previous})),
+        ]);
+        let mut phases = serde_json::Map::new();
+        let mut detail = json!({});
+        let metrics = self.shared.metrics.clone();
+        let phase_done = |phases: &mut serde_json::Map<String, serde_json::Value>,
+                          name: &str,
+                          since: Instant| {
+            let secs = since.elapsed().as_secs_f64();
+            metrics
+                .phase_seconds
+                .with_label_values(&[name])
+                .observe(secs);
+            phases.insert(
+                format!("{name}_ms"),
+                json!(since.elapsed().as_millis() as u64),
+            );
+        };
+
+        // Verify every commit since the one applied last.
+        let t = Instant::now();
+        let keys = self.shared.config.trusted_keys_path();
+        let info = self.source.info(commit).ok();
+        if let Some(i) = &info {
+            detail["author"] = json!(i.author);
+            detail["summary"] = json!(i.summary);
+        }
+        let path = match self.source.path(previous.as_deref(), commit) {
+            Ok(p) => p,
+            Err(e) => {
+                self.end_sync(
+                    commit,
+                    "failed",
+                    Some(e.to_string()),
+                    None,
+                    detail,
+                    started,
+                    vec![],
+                );
+                return SyncEnd::Transient;
+            }
+        };
+        let signers = match crate::trust::read_signers(&keys) {
+            Ok(s) => s,
+            Err(why) => {
+                self.shared.metrics.commits_refused.inc();
+                self.end_sync(commit, "refused", Some(why), None, detail, started, vec![]);
+                return SyncEnd::Stalled;
+            }
+        };
+        let repo = match self.source.open() {
+            Ok(r) => r,
+            Err(e) => {
+                self.end_sync(
+                    commit,
+                    "failed",
+                    Some(e.to_string()),
+                    None,
+                    detail,
+                    started,
+                    vec![],
+                );
+                return SyncEnd::Transient;
+            }
+        };
+        let mut signer = None;
+        for c in &path {
+            match crate::trust::verify(&repo, c, &signers, &keys) {
+                Ok(s) => {
+                    if c == commit {
+                        signer = Some(s);
+                    }
+                }
+                Err(refusal) => {
+                    self.shared.metrics.commits_refused.inc();
+                    detail["refused_commit"] = json!(refusal.commit);
+                    detail["signed_by"] = json!(refusal.signed_by);
+                    detail["checked"] = json!(path.len());
+                    let reason = if refusal.commit == commit {
+                        refusal.reason
+                    } else {
+                        format!(
+                            "{} (it lies on the first-parent path from the commit applied last to {}; every commit on it must pass)",
+                            refusal.reason,
+                            short(commit)
+                        )
+                    };
+                    self.end_sync(
+                        commit,
+                        "refused",
+                        Some(reason),
+                        None,
+                        detail,
+                        started,
+                        vec![],
+                    );
+                    return SyncEnd::Stalled;
+                }
+            }
+        }
+        drop(repo);
+        detail["signer"] = json!(signer.as_ref().map(crate::trust::Signer::describe));
+        detail["verified_commits"] = json!(path.len());
+        phase_done(&mut phases, "verify", t);
+
+        // Compile.
+        let t = Instant::now();
+        let sources = match self.source.load(commit) {
+            Ok(s) => s,
+            Err(e) => {
+                detail["phases"] = json!(phases);
+                self.end_sync(
+                    commit,
+                    "failed",
+                    Some(e.to_string()),
+                    None,
+                    detail,
+                    started,
+                    vec![],
+                );
+                return SyncEnd::Stalled;
+            }
+        };
+        let compilation = tokio::task::block_in_place(|| compiler::compile(&sources));
+        if compilation.has_errors() {
+            let errors: Vec<&compiler::diag::Diagnostic> = compilation
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .collect();
+            let first = errors[0];
+            let place = first
+                .primary_span()
+                .map(|s| compiler::diag::location(&sources, s))
+                .unwrap_or_else(|| "(no file)".to_owned());
+            let mut reason = format!(
+                "the specs of commit {} do not compile, so nothing was applied: {place}: {}",
+                short(commit),
+                first.message
+            );
+            if let Some(help) = &first.help {
+                reason.push_str(&format!(" (help: {help})"));
+            }
+            if errors.len() > 1 {
+                reason.push_str(&format!(
+                    "; {} more error{} (`cairn validate --rev {}` lists them)",
+                    errors.len() - 1,
+                    if errors.len() == 2 { "" } else { "s" },
+                    short(commit)
+                ));
+            }
+            detail["errors"] = json!(errors.len());
+            detail["first_error"] =
+                json!({"location": place, "message": first.message, "code": first.code});
+            phase_done(&mut phases, "compile", t);
+            detail["phases"] = json!(phases);
+            self.end_sync(
+                commit,
+                "failed",
+                Some(reason),
+                None,
+                detail,
+                started,
+                vec![],
+            );
+            return SyncEnd::Stalled;
+        }
+        let spec_root = self.shared.config.data_dir.join("checkout");
+        if let Err(e) = self.source.materialize(commit, &spec_root) {
+            self.end_sync(
+                commit,
+                "failed",
+                Some(e.to_string()),
+                None,
+                detail,
+                started,
+                vec![],
+            );
+            return SyncEnd::Transient;
+        }
+        let model = compilation.model;
+        phase_done(&mut phases, "compile", t);
+
+        // Plan and apply, under the apply lock.
+        let shared = self.shared.clone();
+        let _busy = shared.busy.lock().await;
+        if shared.paused.load(Ordering::SeqCst) {
+            self.shared
+                .record(vec![Event::new("sync", "held").commit(commit).reason(
+                "the controller was paused: this commit is applied after `cairn controller resume`",
+            )]);
+            self.held_reported = Some(commit.to_owned());
+            return SyncEnd::Held;
+        }
+        let t = Instant::now();
+        let store = match self.store() {
+            Ok(s) => s,
+            Err(e) => {
+                self.end_sync(commit, "failed", Some(e), None, detail, started, vec![]);
+                return SyncEnd::Transient;
+            }
+        };
+        let lock = match take_store_lock(
+            &self.shared,
+            &store,
+            &format!("cairn controller (sync of {})", short(commit)),
+        ) {
+            Ok(l) => l,
+            Err(e) => {
+                self.end_sync(commit, "failed", Some(e), None, detail, started, vec![]);
+                return SyncEnd::Transient;
+            }
+        };
+        let nodes = self.shared.nodes.clone();
+        let interrupted = match pipeline::settle_interrupted(&store, &nodes).await {
+            Ok(i) => i,
+            Err(e) => {
+                self.end_sync(
+                    commit,
+                    "failed",
+                    Some(e.to_string()),
+                    None,
+                    detail,
+                    started,
+                    vec![],
+                );
+                return SyncEnd::Transient;
+            }
+        };
+        let mut extra = vec![];
+        if let Some(i) = &interrupted {
+            extra.push(
+                Event::new("settled", "ok")
+                    .plan(&i.plan.plan_id)
+                    .reason(i.describe().trim().to_owned()),
+            );
+        }
+        let planned =
+            match pipeline::plan_revision(&model, &spec_root, commit, &store, &nodes).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.end_sync(
+                        commit,
+                        "failed",
+                        Some(e.to_string()),
+                        None,
+                        detail,
+                        started,
+                        extra,
+                    );
+                    return SyncEnd::Transient;
+                }
+            };
+        self.note_observation(&planned.observed);
+        let plan = &planned.plan;
+        phase_done(&mut phases, "plan", t);
+        detail["steps"] = json!(plan.steps.len());
+        detail["changes"] = json!(plan.changes.len());
+        if let Some(why) = pipeline::unacceptable(plan) {
+            let _ = store.audit(
+                "apply-refused",
+                json!({"plan_id": plan.plan_id, "commit": commit, "reason": why, "by": "controller"}),
+            );
+            detail["phases"] = json!(phases);
+            self.end_sync(
+                commit,
+                "refused",
+                Some(format!(
+                    "the plan for commit {} cannot be applied, so nothing was sent: {why}",
+                    short(commit)
+                )),
+                Some(&plan.plan_id),
+                detail,
+                started,
+                extra,
+            );
+            return SyncEnd::Stalled;
+        }
+
+        let t = Instant::now();
+        let outcome = self
+            .carry_out(&store, &planned, interrupted.as_ref(), Some(commit))
+            .await;
+        drop(lock);
+        phase_done(&mut phases, "apply", t);
+        detail["phases"] = json!(phases);
+        match outcome {
+            Ok(done) => {
+                detail["succeeded"] = json!(done.succeeded);
+                detail["failed"] = json!(done.failed);
+                detail["skipped"] = json!(done.skipped);
+                if done.failed > 0 || done.skipped > 0 {
+                    self.end_sync(
+                        commit,
+                        "failed",
+                        Some(format!(
+                            "{} of {} steps failed and {} were skipped{}; the cluster keeps what was done, and the commit is tried again",
+                            done.failed,
+                            plan.steps.len(),
+                            done.skipped,
+                            done.first_failure
+                                .as_deref()
+                                .map(|f| format!(" (first: {f})"))
+                                .unwrap_or_default()
+                        )),
+                        Some(&plan.plan_id),
+                        detail,
+                        started,
+                        extra,
+                    );
+                    return SyncEnd::Transient;
+                }
+                let result = if done.problems.is_empty() {
+                    "succeeded"
+                } else {
+                    "partial"
+                };
+                let reason = (!done.problems.is_empty()).then(|| {
+                    format!(
+                        "applied, but the cluster does not match the commit yet: {}",
+                        done.problems.join("; ")
+                    )
+                });
+                let applied = AppliedCommit {
+                    commit: commit.to_owned(),
+                    plan_id: plan.plan_id.clone(),
+                    at_unix_ms: reconciler::state::now_ms(),
+                };
+                let _ = self.shared.events.put("applied", &applied);
+                let _ = store.audit(
+                    "controller-sync",
+                    json!({"commit": commit, "plan_id": plan.plan_id, "result": result, "signer": detail["signer"], "author": detail["author"]}),
+                );
+                self.end_sync(
+                    commit,
+                    result,
+                    reason,
+                    Some(&plan.plan_id),
+                    detail,
+                    started,
+                    extra,
+                );
+                self.set_good(Good {
+                    commit: commit.to_owned(),
+                    model,
+                    spec_root,
+                });
+                self.last_drift = None;
+                SyncEnd::Applied
+            }
+            Err(e) => {
+                self.end_sync(
+                    commit,
+                    "failed",
+                    Some(e),
+                    Some(&plan.plan_id),
+                    detail,
+                    started,
+                    extra,
+                );
+                SyncEnd::Transient
+            }
+        }
+    }
+
+    /// Executes a plan (or records that there is nothing to do).
+    async fn carry_out(
+        &self,
+        store: &RedbStore,
+        planned: &Planned,
+        interrupted: Option<&pipeline::Interrupted>,
+        commit: Option<&str>,
+    ) -> Result<Done, String> {
+        let plan = &planned.plan;
+        if plan.is_empty() {
+            pipeline::nothing_to_do(store, plan, interrupted).map_err(|e| e.to_string())?;
+            return Ok(Done {
+                problems: plan.not_converged(),
+                ..Done::default()
+            });
+        }
+        let events = StepEvents {
+            shared: &self.shared,
+            commit: commit.map(str::to_owned),
+            plan_id: plan.plan_id.clone(),
+            buffer: std::sync::Mutex::new((vec![], None)),
+        };
+        let executed = pipeline::execute(
+            store,
+            &self.shared.nodes,
+            plan,
+            &pipeline::images_of(&planned.desired),
+            &ApplyOptions {
+                parallelism: self.shared.config.parallelism,
+            },
+            interrupted,
+            &events,
+        )
+        .await;
+        events.flush();
+        let executed = executed.map_err(|e| e.to_string())?;
+        let count = |s: reconciler::state::StepStatus| {
+            executed
+                .report
+                .steps
+                .iter()
+                .filter(|o| o.status == s)
+                .count()
+        };
+        Ok(Done {
+            succeeded: count(reconciler::state::StepStatus::Succeeded),
+            failed: count(reconciler::state::StepStatus::Failed),
+            skipped: count(reconciler::state::StepStatus::Skipped),
+            first_failure: executed
+                .report
+                .steps
+                .iter()
+                .find(|o| o.status == reconciler::state::StepStatus::Failed)
+                .map(|o| format!("{}: {}", o.what, o.error.as_deref().unwrap_or(""))),
+            problems: executed.problems.clone(),
+        })
+    }
+
+    /// Node state changes become events; node and VM metrics follow the observation.
+    fn note_observation(&mut self, observed: &Observed) {
+        let mut events = vec![];
+        let mut node_states: BTreeMap<String, i64> = BTreeMap::new();
+        for (node, obs) in &observed.nodes {
+            let (up, error) = match obs {
+                NodeObservation::Reachable { .. } => (true, None),
+                NodeObservation::Unreachable { error } => (false, Some(error.clone())),
+            };
+            *node_states
+                .entry(if up { "ready" } else { "unreachable" }.to_owned())
+                .or_default() += 1;
+            let before = self.reachable.insert(node.clone(), up);
+            if before != Some(up) && (before.is_some() || !up) {
+                let mut e = Event::new("node", if up { "ready" } else { "unreachable" })
+                    .object(format!("node {node}"));
+                if let Some(err) = error {
+                    e = e.reason(format!(
+                        "{err}; its objects are left alone until it answers again"
+                    ));
+                } else {
+                    e = e.reason("answers again");
+                }
+                events.push(e);
+            }
+        }
+        crate::metrics::Metrics::set_all(&self.shared.metrics.nodes, &node_states);
+        let mut vm_states: BTreeMap<String, i64> = BTreeMap::new();
+        if let Ok(value) = serde_json::to_value(observed)
+            && let Some(nodes) = value["nodes"].as_object()
+        {
+            for node in nodes.values() {
+                for vm in node["vms"].as_object().into_iter().flat_map(|m| m.values()) {
+                    let state = vm["state"].as_str().unwrap_or("unknown");
+                    let name = vm["name"].as_str().unwrap_or("");
+                    let looping =
+                        state == "crashed" && self.crash.get(name).is_some_and(|c| c.restarts > 0);
+                    let label = if looping { "crash-looping" } else { state };
+                    *vm_states.entry(label.to_owned()).or_default() += 1;
+                }
+            }
+        }
+        crate::metrics::Metrics::set_all(&self.shared.metrics.vms, &vm_states);
+        self.shared.ready.store(true, Ordering::SeqCst);
+        if !events.is_empty() {
+            self.shared.record(events);
+        }
+    }
+
+    /// Hides from the planner the crashed VMs whose restart backoff has not run
+    /// out (they are shown as running, so the plan leaves them alone), and
+    /// reports them as crash-looping.
+    fn mask_crash_loops(&mut self, observed: &Observed) -> Observed {
+        let now = Instant::now();
+        let Ok(mut value) = serde_json::to_value(observed) else {
+            return observed.clone();
+        };
+        let mut events = vec![];
+        let mut running = BTreeSet::new();
+        if let Some(nodes) = value["nodes"].as_object_mut() {
+            for node in nodes.values_mut() {
+                let Some(vms) = node["vms"].as_object_mut() else {
+                    continue;
+                };
+                for vm in vms.values_mut() {
+                    let name = vm["name"].as_str().unwrap_or("").to_owned();
+                    match vm["state"].as_str() {
+                        Some("running") => {
+                            running.insert(name);
+                        }
+                        Some("crashed") => {
+                            let Some(c) = self.crash.get_mut(&name) else {
+                                continue;
+                            };
+                            let until = c.last_restart + backoff(c.restarts);
+                            if now < until {
+                                vm["state"] = json!("running");
+                                if c.reported_for != c.restarts {
+                                    c.reported_for = c.restarts;
+                                    events.push(
+                                        Event::new("crash-loop", "reported")
+                                            .object(format!("vm {name}"))
+                                            .reason(format!(
+                                                "vm {name} crashed again after {} restart{} by the controller: crash-looping; next restart in {} s (backoff doubles up to {} s)",
+                                                c.restarts,
+                                                if c.restarts == 1 { "" } else { "s" },
+                                                until.saturating_duration_since(now).as_secs().max(1),
+                                                BACKOFF_CAP.as_secs()
+                                            )),
+                                    );
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.crash
+            .retain(|name, c| !(running.contains(name) && now - c.last_restart > CRASH_LOOP_RESET));
+        if !events.is_empty() {
+            self.shared.record(events);
+        }
+        serde_json::from_value(value).unwrap_or_else(|_| observed.clone())
+    }
+
+    /// Observes every node of the applied commit, plans it again, and repairs
+    /// the drift (self-heal) or reports it.
+    async fn drift_check(&mut self) {
+        let Some(good) = self.good.clone() else {
+            return;
+        };
+        let spec = pipeline::spec_nodes(&good.model);
+        let observed = observe(&spec, &self.shared.nodes).await;
+        self.note_observation(&observed);
+        let store = match self.store() {
+            Ok(s) => s,
+            Err(e) => {
+                self.shared
+                    .record(vec![Event::new("drift", "failed").reason(e)]);
+                return;
+            }
+        };
+        let masked = self.mask_crash_loops(&observed);
+        let (stored, protected) = match (store.placement(), store.protected_volumes()) {
+            (Ok(p), Ok(v)) => (p, v),
+            (Err(e), _) | (_, Err(e)) => {
+                self.shared
+                    .record(vec![Event::new("drift", "failed").reason(e.to_string())]);
+                return;
+            }
+        };
+        let previous = pipeline::previous_placement(stored, &observed);
+        let planned = tokio::task::block_in_place(|| {
+            pipeline::plan_against(
+                &good.model,
+                &good.spec_root,
+                &good.commit,
+                masked,
+                &previous,
+                protected,
+            )
+        });
+        let plan = &planned.plan;
+        if plan.is_empty() {
+            self.last_drift = None;
+            return;
+        }
+        let objects = drifted(plan);
+        let new = self.last_drift.as_ref() != Some(&objects);
+        if new {
+            self.shared.metrics.drift_found.inc_by(objects.len() as u64);
+        }
+        let why_not = if !self.shared.config.self_heal {
+            Some("self-heal is off: reported, not repaired".to_owned())
+        } else if self.shared.paused.load(Ordering::SeqCst) {
+            Some("the controller is paused: reported, not repaired".to_owned())
+        } else if matches!(
+            &self.attempt,
+            Some(Attempt {
+                retry: Retry::Backoff { .. },
+                ..
+            })
+        ) {
+            Some("a newer commit's sync failed half-way and is retried: self-heal waits for it, so it never undoes half of a commit".to_owned())
+        } else {
+            pipeline::unacceptable(plan).map(|w| format!("the repair cannot be applied: {w}"))
+        };
+        if let Some(why) = why_not {
+            if new {
+                self.shared.record(vec![
+                    Event::new("drift", "found")
+                        .commit(&good.commit)
+                        .plan(&plan.plan_id)
+                        .object(objects.join(", "))
+                        .reason(why),
+                ]);
+            }
+            self.last_drift = Some(objects);
+            return;
+        }
+        self.shared.record(vec![
+            Event::new("drift", "found")
+                .commit(&good.commit)
+                .plan(&plan.plan_id)
+                .object(objects.join(", "))
+                .reason("repairing (self-heal)"),
+        ]);
+        let shared = self.shared.clone();
+        let _busy = shared.busy.lock().await;
+        if shared.paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(lock) = take_store_lock(
+            &self.shared,
+            &store,
+            &format!("cairn controller (repair of {})", short(&good.commit)),
+        ) else {
+            return;
+        };
+        match pipeline::settle_interrupted(&store, &self.shared.nodes).await {
+            Ok(None) => {}
+            Ok(Some(_)) => {
+                // An interrupted execution was there: plan again from what it left.
+                drop(lock);
+                self.shared.wake_drift.notify_one();
+                return;
+            }
+            Err(e) => {
+                self.shared
+                    .record(vec![Event::new("drift", "failed").reason(e.to_string())]);
+                return;
+            }
+        }
+        let restarted: Vec<String> = plan
+            .changes
+            .iter()
+            .filter(|c| c.object == "vm" && matches!(c.kind, ChangeKind::Start))
+            .map(|c| c.name.clone())
+            .collect();
+        let outcome = self.carry_out(&store, &planned, None, None).await;
+        drop(lock);
+        let now = Instant::now();
+        for vm in restarted {
+            let c = self.crash.entry(vm).or_insert(CrashLoop {
+                restarts: 0,
+                last_restart: now,
+                reported_for: 0,
+            });
+            c.restarts += 1;
+            c.last_restart = now;
+        }
+        match outcome {
+            Ok(done) if done.failed == 0 && done.skipped == 0 => {
+                self.shared
+                    .metrics
+                    .drift_repaired
+                    .inc_by(objects.len() as u64);
+                self.shared.record(vec![
+                    Event::new("drift", "repaired")
+                        .commit(&good.commit)
+                        .plan(&plan.plan_id)
+                        .object(objects.join(", ")),
+                ]);
+                self.last_drift = None;
+            }
+            Ok(done) => {
+                self.shared.record(vec![
+                    Event::new("drift", "failed")
+                        .commit(&good.commit)
+                        .plan(&plan.plan_id)
+                        .object(objects.join(", "))
+                        .reason(format!(
+                            "{} steps failed, {} skipped{}; tried again at the next drift check",
+                            done.failed,
+                            done.skipped,
+                            done.first_failure
+                                .map(|f| format!(" (first: {f})"))
+                                .unwrap_or_default()
+                        )),
+                ]);
+                self.last_drift = Some(objects);
+            }
+            Err(e) => {
+                self.shared.record(vec![
+                    Event::new("drift", "failed")
+                        .commit(&good.commit)
+                        .plan(&plan.plan_id)
+                        .reason(e),
+                ]);
+                self.last_drift = Some(objects);
+            }
+        }
+    }
+
+    /// Keeps one Watch stream per node of the applied commit.
+    fn update_watches(&mut self) {
+        let Some(good) = &self.good else {
+            return;
+        };
+        let spec = pipeline::spec_nodes(&good.model);
+        let stale: Vec<String> = self
+            .watches
+            .by_node
+            .iter()
+            .filter(|(n, (addr, _))| spec.get(*n).is_none_or(|d| d.address != *addr))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in stale {
+            if let Some((_, task)) = self.watches.by_node.remove(&n) {
+                task.abort();
+            }
+        }
+        for (name, node) in spec {
+            if self.watches.by_node.contains_key(&name) {
+                continue;
+            }
+            let task = tokio::spawn(watch_node(self.shared.clone(), node.address.clone()));
+            self.watches.by_node.insert(name, (node.address, task));
+        }
+    }
+}
+
+/// What an execution did.
+#[derive(Debug, Default)]
+struct Done {
+    succeeded: usize,
+    failed: usize,
+    skipped: usize,
+    first_failure: Option<String>,
+    problems: Vec<String>,
+}
+
+/// `vm web-1 (start on lab-1)` per change.
+fn drifted(plan: &Plan) -> Vec<String> {
+    plan.changes
+        .iter()
+        .map(|c| {
+            let kind = serde_json::to_value(c.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            format!("{} {} ({kind} on {})", c.object, c.name, c.node)
+        })
+        .collect()
+}
+
+/// Follows one node's Watch stream; a VM that crashed or stopped, or a gap in
+/// the sequence, wakes a drift check. Reconnects every few seconds.
+async fn watch_node(shared: Arc<Shared>, address: String) {
+    use proto::v1::watch_event::Event as WatchKind;
+    loop {
+        if let Ok(mut client) = reconciler::nodes::connect(&address, shared.signer.clone()).await
+            && let Ok(mut stream) = client.watch(5000).await
+        {
+            let mut last_seq = None;
+            while let Ok(Some(event)) = stream.message().await {
+                let gap = last_seq.is_some_and(|s: u64| event.sequence != s + 1);
+                last_seq = Some(event.sequence);
+                let vm_down = matches!(
+                    &event.event,
+                    Some(WatchKind::Vm(vm)) if vm.state == proto::v1::VmState::Crashed as i32
+                        || vm.state == proto::v1::VmState::Stopped as i32
+                );
+                if vm_down || gap {
+                    shared.wake_drift.notify_one();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+/// The JSON of `/api/v1/status`: `cairn status` of the applied commit, observed
+/// now, plus the controller.
+pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
+    let view = shared.view.lock().expect("view lock").clone();
+    let controller = json!({
+        "revision": view.revision,
+        "last_sync": view.last_sync,
+        "paused": view.paused,
+        "repo": view.repo,
+        "branch": view.branch,
+        "head": view.head,
+    });
+    let good = shared.good.lock().expect("good lock").clone();
+    let Some(good) = good else {
+        return json!({"format_version": reconciler::status::STATUS_FORMAT_VERSION, "controller": controller});
+    };
+    let spec = pipeline::spec_nodes(&good.model);
+    let observed = observe(&spec, &shared.nodes).await;
+    let built = (|| -> Result<serde_json::Value, String> {
+        let store = RedbStore::open(&shared.config.state_path()).map_err(|e| e.to_string())?;
+        let previous =
+            pipeline::previous_placement(store.placement().map_err(|e| e.to_string())?, &observed);
+        let placement = reconciler::desired::place(&good.model, Some(&previous));
+        let desired = reconciler::desired::desired(&good.model, &good.spec_root, placement);
+        let last = store
+            .executions()
+            .map_err(|e| e.to_string())?
+            .pop()
+            .map(|(_, record)| reconciler::status::last_apply(&record, &store));
+        let mut audit = store.audit_log().map_err(|e| e.to_string())?;
+        audit.drain(..audit.len().saturating_sub(5));
+        let status = reconciler::status::status(
+            &desired,
+            &observed,
+            store.applied().map_err(|e| e.to_string())?,
+            last,
+            audit,
+        );
+        serde_json::to_value(&status).map_err(|e| e.to_string())
+    })();
+    match built {
+        Ok(mut value) => {
+            value["controller"] = controller;
+            value
+        }
+        Err(e) => json!({
+            "format_version": reconciler::status::STATUS_FORMAT_VERSION,
+            "controller": controller,
+            "error": e,
+        }),
+    }
+}
