@@ -236,19 +236,7 @@ pub fn model_text(c: &Compilation) -> String {
             site.ha_reserve_nodes
         );
         for b in &site.bonds {
-            let classes: Vec<String> = b
-                .traffic
-                .iter()
-                .map(|t| {
-                    format!(
-                        "{} {}..{} w{}",
-                        t.name,
-                        compiler::units::format_bandwidth(t.min_bps),
-                        compiler::units::format_bandwidth(t.max_bps),
-                        t.weight
-                    )
-                })
-                .collect();
+            let classes: Vec<String> = b.traffic.iter().map(|t| t.text()).collect();
             let _ = writeln!(
                 s,
                 "  bond {} {} over {} = {}: {}",

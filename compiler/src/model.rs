@@ -203,6 +203,24 @@ pub struct TrafficClass {
     pub weight: u32,
 }
 
+impl TrafficClass {
+    /// How every output words it (see [`traffic_class_text`]).
+    pub fn text(&self) -> String {
+        traffic_class_text(self.name.as_str(), self.min_bps, self.max_bps, self.weight)
+    }
+}
+
+/// A traffic class in the words of the spec, as `cairn compile`, `plan` and
+/// `status` print it: `storage min 300Mbps max 1Gbps weight 4`.
+pub fn traffic_class_text(name: &str, min_bps: u64, max_bps: u64, weight: u32) -> String {
+    use crate::units::format_bandwidth as bandwidth;
+    format!(
+        "{name} min {} max {} weight {weight}",
+        bandwidth(min_bps),
+        bandwidth(max_bps)
+    )
+}
+
 /// A storage pool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Pool {
