@@ -13,7 +13,7 @@
 //!
 //! A third case writes the same bytes round-robin over `width` raw files with io_uring (one
 //! fdatasync per file touched), to separate what striping over files of one filesystem
-//! costs from what the engine (checksums, metadata) costs.
+//! costs from what the store (checksums, metadata) costs.
 
 use std::fs::OpenOptions;
 use std::time::{Duration, Instant};

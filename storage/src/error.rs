@@ -124,6 +124,21 @@ pub enum StorageError {
     /// The metadata database failed.
     #[error("metadata database error")]
     Metadata(#[source] Box<redb::Error>),
+    /// The store was written by a newer version of this crate, in a format this build does
+    /// not read (a node's data directory is never downgraded).
+    #[error(
+        "{path} holds {what} in format {found}, written by a newer cairn-node; this build reads format {supported}: run the newer cairn-node on this data directory"
+    )]
+    NewerFormat {
+        /// "metadata" or "journal".
+        what: &'static str,
+        /// The file holding it.
+        path: PathBuf,
+        /// The format found.
+        found: u64,
+        /// The newest format this build reads.
+        supported: u64,
+    },
     /// The metadata in the store is not what this version understands.
     #[error("corrupt or incompatible metadata in {path}: {reason}")]
     CorruptMetadata {

@@ -15,7 +15,23 @@ use crate::crcs::BlockCrc;
 pub(crate) const JOURNAL_BYTES: u64 = 4 << 20;
 /// Records after which a checkpoint is taken even if no ring is full.
 pub(crate) const CHECKPOINT_RECORDS: u64 = 1024;
-const MAGIC: u64 = u64::from_le_bytes(*b"CAIRNJR1");
+/// Version of the frame and record encoding below, the last byte of the frame magic
+/// (`CAIRNJR1`). It changes only together with the metadata format
+/// (`meta::FORMAT_VERSION`), which is checked first; a frame of another version is
+/// reported, not skipped, so a record is never silently left out of replay.
+pub(crate) const JOURNAL_VERSION: u8 = b'1';
+/// The magic without its version byte.
+const MAGIC_PREFIX: &[u8; 7] = b"CAIRNJR";
+const MAGIC: u64 = u64::from_le_bytes([
+    MAGIC_PREFIX[0],
+    MAGIC_PREFIX[1],
+    MAGIC_PREFIX[2],
+    MAGIC_PREFIX[3],
+    MAGIC_PREFIX[4],
+    MAGIC_PREFIX[5],
+    MAGIC_PREFIX[6],
+    JOURNAL_VERSION,
+]);
 const HEADER: usize = 24;
 
 /// The metadata of one write, as journaled and as applied to redb.
@@ -188,15 +204,30 @@ impl WriteRecord {
     }
 }
 
+/// A journal frame of another version than [`JOURNAL_VERSION`] (the version byte).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OtherVersion(pub(crate) u8);
+
+impl OtherVersion {
+    /// The version as a number (`b'2'` is 2), for messages.
+    pub(crate) fn number(self) -> u64 {
+        u64::from(self.0.wrapping_sub(b'0'))
+    }
+}
+
 /// Every intact record in a ring, with its sequence number, in ring order. Parsing stops at
-/// the first block that does not start an intact record.
-pub(crate) fn parse_ring(ring: &[u8]) -> Vec<(u64, WriteRecord)> {
+/// the first block that does not start an intact record; a frame of another journal
+/// version is an error (its records cannot be replayed by this build).
+pub(crate) fn parse_ring(ring: &[u8]) -> Result<Vec<(u64, WriteRecord)>, OtherVersion> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos + HEADER <= ring.len() {
         let header = &ring[pos..pos + HEADER];
         let field = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
         if field(0) != MAGIC {
+            if header[..7] == MAGIC_PREFIX[..] && header[7].is_ascii_digit() {
+                return Err(OtherVersion(header[7]));
+            }
             break;
         }
         let seq = field(8);
@@ -214,7 +245,7 @@ pub(crate) fn parse_ring(ring: &[u8]) -> Vec<(u64, WriteRecord)> {
         out.push((seq, record));
         pos += (HEADER + len).div_ceil(4096) * 4096;
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -244,12 +275,29 @@ mod tests {
         }
         let intact = ring.len();
         ring.resize(intact + 8192, 0xee);
-        let parsed = parse_ring(&ring);
+        let parsed = parse_ring(&ring).unwrap();
         assert_eq!(parsed.len(), 3);
         assert_eq!(parsed[2], (13, record(3)));
         // A flipped byte in the second record ends parsing before it.
         let second = record(1).frame(11).len() + 40;
         ring[second] ^= 1;
-        assert_eq!(parse_ring(&ring).len(), 1);
+        assert_eq!(parse_ring(&ring).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn frames_carry_their_version_and_another_version_is_reported() {
+        let frame = record(1).frame(1);
+        assert_eq!(&frame[..8], b"CAIRNJR1");
+        let mut ring = frame.clone();
+        ring.extend(record(2).frame(2));
+        // A frame written by a newer journal format after an intact one.
+        let at = frame.len();
+        ring[at + 7] = b'2';
+        let error = parse_ring(&ring).unwrap_err();
+        assert_eq!(error, OtherVersion(b'2'));
+        assert_eq!(error.number(), 2);
+        // Anything else is the end of the ring, as before.
+        ring[at..at + 8].copy_from_slice(b"NOTAJRNL");
+        assert_eq!(parse_ring(&ring).unwrap().len(), 1);
     }
 }

@@ -1,4 +1,5 @@
-//! The node-local block storage engine of `cairn-node`, and an NBD server for it.
+//! The node-local block store of `cairn-node` (striped volumes on the node's disks), and an
+//! NBD server for it.
 //!
 //! What it does:
 //! - A [`Store`] is a data directory holding `meta.redb` (all metadata, in redb) and the
@@ -7,10 +8,11 @@
 //! - A [`Volume`] is thin-provisioned and cut into stripe units (a power of two, 4 KiB to
 //!   64 MiB) striped round-robin over `stripe_width` columns, each on its own disk. A
 //!   stripe unit gets an extent on its column's disk on first write.
-//! - All data I/O goes through a [`FileEngine`]: io_uring, or `pread`/`pwrite` where
-//!   io_uring is unavailable. A write is durable when it returns: its data and a small
-//!   journal record (in a ring at the end of one of its disks) are fdatasync'ed together;
-//!   redb, which holds all metadata, is checkpointed from the journal.
+//! - All data I/O goes through a [`FileEngine`] (the one thing this crate calls an
+//!   *engine*): io_uring, or `pread`/`pwrite` where io_uring is unavailable. A write is
+//!   durable when it returns: its data and a small journal record (in a ring at the end of
+//!   one of its disks) are fdatasync'ed together; redb, which holds all metadata, is
+//!   checkpointed from the journal.
 //! - Every 4 KiB block has a crc32c in the metadata, checked on every read; a bad block is
 //!   a distinct [`StorageError::ChecksumMismatch`], repairable with [`Volume::repair`] from
 //!   a peer's [`Volume::read_for_repair`].
@@ -22,8 +24,8 @@
 //!   (the default for the agent) or on loopback TCP, with structured replies and the
 //!   `base:allocation` context, so clients skip a thin volume's holes.
 //!
-//! What it does not do: talk to other nodes, authenticate anyone, place volumes (the
-//! placement engine chooses disks and passes them in [`VolumeSpec::disks`]), or cache data
+//! What it does not do: talk to other nodes, authenticate anyone, place volumes (placement,
+//! in the compiler, chooses disks and passes them in [`VolumeSpec::disks`]), or cache data
 //! (the page cache does).
 //!
 //! Invariants:
@@ -38,6 +40,7 @@
 
 #![warn(missing_docs)]
 
+mod allocator;
 mod crcs;
 mod device;
 mod engine;

@@ -1,7 +1,8 @@
-//! Integration tests of the storage engine, one topic per module.
+//! Integration tests of the block store, one topic per module.
 
 mod bad_input;
 mod crash;
+mod format;
 mod grow;
 mod integrity;
 mod nbd;
