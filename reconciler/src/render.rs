@@ -284,12 +284,22 @@ pub fn read_plan_file(path: &Path, trusted_key_hex: &str) -> Result<PlanFile, Pl
     if file.kind != "cairn-plan" || file.format_version != crate::plan::PLAN_FORMAT_VERSION {
         return Err(PlanFileError::Malformed {
             path: shown,
-            problem: format!(
-                "kind `{}` version {} (expected cairn-plan version {})",
-                file.kind,
-                file.format_version,
-                crate::plan::PLAN_FORMAT_VERSION
-            ),
+            problem: if file.kind == "cairn-plan"
+                && file.format_version < crate::plan::PLAN_FORMAT_VERSION
+            {
+                format!(
+                    "it was made by an older cairn (plan format {}, this one applies {}): its steps carry request ids, which now belong to each execution; run `cairn plan --out FILE` again",
+                    file.format_version,
+                    crate::plan::PLAN_FORMAT_VERSION
+                )
+            } else {
+                format!(
+                    "kind `{}` version {} (expected cairn-plan version {})",
+                    file.kind,
+                    file.format_version,
+                    crate::plan::PLAN_FORMAT_VERSION
+                )
+            },
         });
     }
     let bad = |problem: String| PlanFileError::BadSignature {

@@ -30,6 +30,11 @@ const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
 const JOURNAL: TableDefinition<&str, &[u8]> = TableDefinition::new("journal");
 const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
+/// The format of the state store's records (`meta/format_version`). Version 1
+/// had no marker; version 2 keys executions by execution id and journals
+/// `EXECUTION_ID/STEP` (version-1 records keyed by plan id are still read).
+pub const STATE_FORMAT_VERSION: u32 = 2;
+
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -59,6 +64,16 @@ pub enum StateError {
         /// Why.
         #[source]
         source: serde_json::Error,
+    },
+    /// Written by a newer cairn.
+    #[error(
+        "state store {path} was written by a newer cairn (record format {found}; this one reads up to {STATE_FORMAT_VERSION}); use that version, or move the file aside (placement will be rebuilt from what the nodes run)"
+    )]
+    Newer {
+        /// The file.
+        path: String,
+        /// Its format.
+        found: u32,
     },
     /// Another apply holds the lock.
     #[error(
@@ -312,6 +327,32 @@ impl RedbStore {
             }
             tx.open_table(AUDIT)
                 .map_err(|e| store.err("create table", e))?;
+            {
+                // The format of the records: a store written by a newer cairn is
+                // refused, not misread; an older one is read (and marked) as is.
+                let mut meta = tx
+                    .open_table(META)
+                    .map_err(|e| store.err("open table", e))?;
+                let found: Option<u32> = meta
+                    .get("format_version")
+                    .map_err(|e| store.err("get", e))?
+                    .and_then(|v| serde_json::from_slice(v.value()).ok());
+                match found {
+                    Some(v) if v > STATE_FORMAT_VERSION => {
+                        return Err(StateError::Newer {
+                            path: store.path.display().to_string(),
+                            found: v,
+                        });
+                    }
+                    Some(v) if v == STATE_FORMAT_VERSION => {}
+                    _ => {
+                        let bytes =
+                            serde_json::to_vec(&STATE_FORMAT_VERSION).expect("a number serializes");
+                        meta.insert("format_version", bytes.as_slice())
+                            .map_err(|e| store.err("insert", e))?;
+                    }
+                }
+            }
             tx.commit().map_err(|e| store.err("commit", e))
         })?;
         Ok(store)
@@ -683,6 +724,30 @@ mod tests {
         ));
         store.unlock(&mine.id).unwrap();
         store.lock("again").unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_store_written_by_a_newer_cairn_is_refused_and_an_older_one_is_marked() {
+        let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
+        let path = dir.join("state.redb");
+        let store = RedbStore::open(&path).unwrap();
+        store
+            .put_json(META, "format_version", &(STATE_FORMAT_VERSION + 1))
+            .unwrap();
+        let err = RedbStore::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StateError::Newer { found, .. } if found == STATE_FORMAT_VERSION + 1)
+        );
+        assert!(
+            err.to_string().contains("written by a newer cairn"),
+            "{err}"
+        );
+        // A store from before the marker (version 1) is read and marked.
+        store.put_json(META, "format_version", &1u32).unwrap();
+        let reopened = RedbStore::open(&path).unwrap();
+        let marked: Option<u32> = reopened.get_json(META, "format_version").unwrap();
+        assert_eq!(marked, Some(STATE_FORMAT_VERSION));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

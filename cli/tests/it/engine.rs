@@ -312,7 +312,7 @@ fn apply_converges_second_plan_is_empty_added_vm_exits_3_and_dev_down_leaves_not
     );
     let json = cluster.cairn(&["plan", ".", "--format", "json"]);
     let doc: serde_json::Value = serde_json::from_str(&json.stdout).expect("plan JSON");
-    assert_eq!(doc["format_version"], 1);
+    assert_eq!(doc["format_version"], 2);
     assert_eq!(doc["changes"][0]["kind"], "create");
     assert_eq!(doc["changes"][0]["name"], "cache");
     assert_eq!(doc["steps"].as_array().map(Vec::len), Some(2));

@@ -7,8 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::actions::NodeAction;
 
-/// Version of the plan JSON (`cairn plan --format json`, plan files).
-pub const PLAN_FORMAT_VERSION: u32 = 1;
+/// Version of the plan JSON (`cairn plan --format json`, plan files). 2: steps
+/// carry no request id (request ids belong to an execution), and plans carry
+/// `refused`, `spot_unplaced`, `protected` and changes `data_loss`.
+pub const PLAN_FORMAT_VERSION: u32 = 2;
 
 /// What happens to one object.
 #[derive(
