@@ -1,6 +1,7 @@
 //! Integration tests of the `cairn` binary: golden cases and CLI behaviour.
 
 mod cli;
+mod controller;
 mod diff;
 mod engine;
 mod golden;
