@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use tonic::Status;
 
 use crate::events::EventBus;
-use crate::store::{Kind, Store};
+use crate::records::{self, BondRecord, Records};
 use crate::validate;
 
 /// Link-monitoring interval when a request leaves it 0 (ms).
@@ -28,7 +28,7 @@ pub struct Bonds {
     netns: NetNs,
     /// Why network actions are refused on this node (`None`: they are carried out).
     unavailable: Option<String>,
-    store: Arc<Store>,
+    records: Arc<Records>,
     events: Arc<EventBus>,
     monitors: Mutex<BTreeMap<String, FailoverMonitor>>,
 }
@@ -100,20 +100,29 @@ pub fn network_unavailable(netns: &NetNs) -> Option<String> {
     None
 }
 
+/// The bond definitions kept in the node's records, as the `ApplyBond`s they came from.
+fn definitions(records: &Records) -> Result<Vec<(String, v1::ApplyBond)>, records::RecordsError> {
+    Ok(records
+        .list::<BondRecord>()?
+        .into_iter()
+        .map(|(name, record)| (name, records::apply_bond(&record)))
+        .collect())
+}
+
 impl Bonds {
     /// Loads bond definitions and restarts the failover monitors of fallback bonds.
     /// `unavailable` says why network actions are refused (then nothing is touched).
     pub fn open(
         netns: NetNs,
         unavailable: Option<String>,
-        store: Arc<Store>,
+        records: Arc<Records>,
         events: Arc<EventBus>,
-    ) -> Result<Self, crate::store::StoreError> {
+    ) -> Result<Self, records::RecordsError> {
         let mut monitors = BTreeMap::new();
         let definitions = if unavailable.is_some() {
             Vec::new()
         } else {
-            store.list_decoded::<v1::ApplyBond>(Kind::Bond)?
+            definitions(&records)?
         };
         for (name, bond) in definitions {
             let Ok(spec) = bond_spec(&bond) else { continue };
@@ -130,7 +139,7 @@ impl Bonds {
         Ok(Self {
             netns,
             unavailable,
-            store,
+            records,
             events,
             monitors: Mutex::new(monitors),
         })
@@ -221,8 +230,8 @@ impl Bonds {
                     .map_err(network_status)?;
             monitors.insert(bond.name.clone(), monitor);
         }
-        self.store
-            .put(Kind::Bond, &bond.name, &prost::Message::encode_to_vec(bond))
+        self.records
+            .put(&bond.name, &records::bond_record(bond))
             .map_err(|error| Status::internal(error.to_string()))?;
         self.publish(
             &bond.name,
@@ -251,8 +260,8 @@ impl Bonds {
             .await
             .map_err(|error| Status::internal(error.to_string()))?
             .map_err(network_status)?;
-        self.store
-            .remove(Kind::Bond, name, redb::Durability::Immediate)
+        self.records
+            .remove::<BondRecord>(name)
             .map_err(|error| Status::internal(error.to_string()))?;
         self.publish(name, Health::Unspecified, "deleted".into(), true);
         Ok(())
@@ -260,7 +269,7 @@ impl Bonds {
 
     /// Status of every bond this node was asked to keep, read back from the kernel.
     pub async fn statuses(&self) -> Vec<BondStatus> {
-        let Ok(definitions) = self.store.list_decoded::<v1::ApplyBond>(Kind::Bond) else {
+        let Ok(definitions) = definitions(&self.records) else {
             return Vec::new();
         };
         let netns = self.netns.clone();

@@ -10,7 +10,7 @@
 //! Exports do not survive a restart of the agent; sockets left by a crash are removed
 //! when it starts.
 //!
-//! The server is given a [`ReplicatedDevice`] per export, not the engine's volume:
+//! The server is given a [`ReplicatedDevice`] per export, not the volume store's volume:
 //! reads come from the local copy, but every write goes through
 //! [`Volumes::write`](crate::volumes::Volumes::write), so a write through NBD is
 //! acknowledged to the client only once every replica has it, exactly like
@@ -107,7 +107,7 @@ impl BlockDevice for ReplicatedDevice {
     fn flush(&self) -> storage::Result<()> {
         // Every acknowledged write is already durable on every copy; sync the local
         // disks once more for clients that want a barrier.
-        self.volumes.engine().flush(&self.name)
+        self.volumes.local().flush(&self.name)
     }
 
     fn trim(&self, _offset: u64, _length: u64) -> storage::Result<()> {
@@ -119,7 +119,7 @@ impl BlockDevice for ReplicatedDevice {
     fn allocation(&self, offset: u64, length: u64) -> storage::Result<Vec<AllocationRun>> {
         // From the local copy: every copy allocates the same stripe units, because
         // replicas apply the same writes.
-        self.volumes.engine().allocation(&self.name, offset, length)
+        self.volumes.local().allocation(&self.name, offset, length)
     }
 }
 

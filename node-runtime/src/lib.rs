@@ -4,7 +4,7 @@
 //! `Observe`, `Apply` (idempotent by request id, recorded durably in redb),
 //! `Watch` (events and heartbeats) and node-to-node `Replication`; authenticates
 //! every call with ed25519 request signatures against trusted controller and peer
-//! keys; keeps volumes in the `storage` engine, replicated synchronously to peer
+//! keys; keeps volumes in the `storage` volume store, replicated synchronously to peer
 //! nodes; exports volumes over NBD to local clients of its own user (owner-only unix
 //! sockets); runs each VM as a supervised `cairn-vmm` process.
 //!
@@ -25,14 +25,14 @@
 #![warn(missing_docs)]
 
 pub mod bonds;
-pub mod engine;
 pub mod events;
 pub mod exports;
 pub mod inventory;
+pub mod local_volumes;
 pub mod node;
+pub mod records;
 pub mod server;
 pub mod service;
-pub mod store;
 pub mod trust;
 pub mod validate;
 pub mod vm_nics;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use node_runtime::engine::DiskLayout;
+use node_runtime::local_volumes::DiskLayout;
 use node_runtime::node::NodeConfig;
 
 /// The cairn node runtime: serves the node API over gRPC until SIGTERM or SIGINT.
@@ -19,7 +19,7 @@ struct Args {
     /// chosen address is written to DATA_DIR/listen-address).
     #[arg(long)]
     listen: SocketAddr,
-    /// Data directory: identity, state store, disks and volumes, VM run files.
+    /// Data directory: identity, records (node.redb), disks and volumes, VM run files.
     #[arg(long)]
     data_dir: PathBuf,
     /// File of trusted controller public keys (hex, one per line, optional name after

@@ -1,4 +1,4 @@
-//! The node: its identity, state store and subsystems, and the one place where an
+//! The node: its identity, records and subsystems, and the one place where an
 //! `ApplyRequest` is validated, de-duplicated by request id, carried out and recorded.
 
 use std::collections::HashMap;
@@ -13,10 +13,10 @@ use proto::v1::{
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
-use crate::engine::Engine;
 use crate::events::{EventBus, now_unix_ms};
 use crate::exports::Exports;
-use crate::store::{Kind, RequestRecord, Store};
+use crate::local_volumes::LocalVolumes;
+use crate::records::{self, PeerRecord, Records, RequestRecord};
 use crate::trust::Trust;
 use crate::validate;
 use crate::vms::Vms;
@@ -27,7 +27,7 @@ use crate::volumes::Volumes;
 pub struct NodeConfig {
     /// Node name (DNS label).
     pub name: String,
-    /// Data directory: identity, state store, volumes, VM run files.
+    /// Data directory: identity, records, volumes, VM run files.
     pub data_dir: PathBuf,
     /// Trusted controller keys file (default `DATA_DIR/trusted-controllers`).
     pub trusted_controller_keys: Option<PathBuf>,
@@ -69,15 +69,15 @@ pub enum NodeError {
     /// The identity cannot be loaded or created.
     #[error("node identity: {0}")]
     Identity(#[from] proto::auth::AuthError),
-    /// The state store cannot be opened.
+    /// The node's records cannot be opened.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Records(#[from] records::RecordsError),
     /// Trust files are bad.
     #[error(transparent)]
     Trust(#[from] crate::trust::TrustError),
-    /// The volume engine cannot be opened.
-    #[error("volume engine: {0}")]
-    Engine(String),
+    /// The volume store cannot be opened.
+    #[error("volume store: {0}")]
+    VolumeStore(String),
 }
 
 /// A running node's shared state.
@@ -89,8 +89,8 @@ pub struct Node {
     pub identity: Identity,
     /// Who may call.
     pub trust: Trust,
-    /// Durable state.
-    pub store: Arc<Store>,
+    /// Durable records (`node.redb`).
+    pub records: Arc<Records>,
     /// Event bus.
     pub events: Arc<EventBus>,
     /// Volumes.
@@ -112,11 +112,11 @@ pub mod files {
     pub const IDENTITY_KEY: &str = "identity.key";
     /// The node's public key (hex).
     pub const IDENTITY_PUB: &str = "identity.pub";
-    /// The redb state store.
-    pub const STATE: &str = "node.redb";
+    /// The node's records (redb).
+    pub const RECORDS: &str = "node.redb";
     /// The address the node listens on, written once bound.
     pub const LISTEN_ADDRESS: &str = "listen-address";
-    /// The volume engine's directory.
+    /// The volume store's directory.
     pub const VOLUMES: &str = "volumes";
     /// Per-VM run directories.
     pub const VMS: &str = "vms";
@@ -124,7 +124,7 @@ pub mod files {
 
 impl Node {
     /// Opens (or initialises) a node in its data directory.
-    pub fn open(config: NodeConfig, engine: Engine) -> Result<Arc<Self>, NodeError> {
+    pub fn open(config: NodeConfig, local: LocalVolumes) -> Result<Arc<Self>, NodeError> {
         let data_dir = &config.data_dir;
         std::fs::create_dir_all(data_dir).map_err(|source| NodeError::DataDir {
             path: data_dir.display().to_string(),
@@ -134,11 +134,11 @@ impl Node {
             &data_dir.join(files::IDENTITY_KEY),
             &data_dir.join(files::IDENTITY_PUB),
         )?;
-        let store = Arc::new(Store::open(&data_dir.join(files::STATE))?);
-        let pushed_peers: Vec<v1::Peer> = store
-            .list_decoded::<v1::Peer>(Kind::Peer)?
+        let records = Arc::new(Records::open(&data_dir.join(files::RECORDS))?);
+        let pushed_peers: Vec<v1::Peer> = records
+            .list::<PeerRecord>()?
             .into_iter()
-            .map(|(_, peer)| peer)
+            .map(|(_, record)| records::wire_peer(&record.peer))
             .collect();
         let trust = Trust::load(
             data_dir,
@@ -146,14 +146,14 @@ impl Node {
             config.trusted_peer_keys.as_deref(),
             pushed_peers,
             NodeTarget::of(config.name.clone(), &identity),
-            store.clone(),
+            records.clone(),
         )?;
         let events = Arc::new(EventBus::new(&config.name));
         let signer = RequestSigner::new(identity.clone());
         let volumes = Arc::new(Volumes::open(
             &config.name,
-            engine,
-            store.clone(),
+            local,
+            records.clone(),
             events.clone(),
             signer,
             trust.peer_directory(),
@@ -161,7 +161,7 @@ impl Node {
         let vms = Vms::open(
             crate::vms::find_vmm_binary(config.vmm_binary.as_deref()),
             data_dir.join(files::VMS),
-            store.clone(),
+            records.clone(),
             events.clone(),
         )?;
         let netns = match &config.netns {
@@ -177,7 +177,7 @@ impl Node {
         let bonds = crate::bonds::Bonds::open(
             netns,
             config.network_disabled.clone(),
-            store.clone(),
+            records.clone(),
             events.clone(),
         )?;
         Ok(Arc::new(Self {
@@ -185,7 +185,7 @@ impl Node {
             config,
             identity,
             trust,
-            store,
+            records,
             events,
             volumes,
             vms,
@@ -216,9 +216,9 @@ impl Node {
     }
 
     /// Drops request-id records older than the retention period.
-    pub fn prune_requests(&self) -> Result<u64, crate::store::StoreError> {
+    pub fn prune_requests(&self) -> Result<u64, records::RecordsError> {
         let retention_ms = self.config.request_retention.as_millis() as u64;
-        self.store
+        self.records
             .prune_requests(now_unix_ms().saturating_sub(retention_ms))
     }
 
@@ -304,9 +304,9 @@ impl Node {
                 in_flight.remove(request_id);
             }
         }
-        let store = self.store.clone();
+        let records = self.records.clone();
         let owned = request_id.to_string();
-        let record = tokio::task::spawn_blocking(move || store.request(&owned))
+        let record = tokio::task::spawn_blocking(move || records.request(&owned))
             .await
             .map_err(|error| Status::internal(error.to_string()))?
             .map_err(|error| Status::internal(error.to_string()))?;
@@ -334,9 +334,9 @@ impl Node {
         digest: Vec<u8>,
         signed: &Envelope,
     ) -> Result<ApplyResponse, Status> {
-        let store = self.store.clone();
+        let records = self.records.clone();
         let request_id = request.request_id.clone();
-        let existing = tokio::task::spawn_blocking(move || store.request(&request_id))
+        let existing = tokio::task::spawn_blocking(move || records.request(&request_id))
             .await
             .map_err(|error| Status::internal(error.to_string()))?
             .map_err(|error| Status::internal(error.to_string()))?;
@@ -364,14 +364,14 @@ impl Node {
         };
         // Only successes are recorded: a failed action changed nothing a retry cannot
         // finish (every action is idempotent), so a retry after a failure runs again.
-        let record = RequestRecord {
-            action_digest: digest,
-            response: prost::Message::encode_to_vec(&response),
-            recorded_at_unix_ms: now_unix_ms(),
-        };
-        let store = self.store.clone();
+        let record = RequestRecord::new(
+            digest,
+            prost::Message::encode_to_vec(&response),
+            now_unix_ms(),
+        );
+        let records = self.records.clone();
         let request_id = request.request_id.clone();
-        tokio::task::spawn_blocking(move || store.put_request(&request_id, &record))
+        tokio::task::spawn_blocking(move || records.put_request(&request_id, &record))
             .await
             .map_err(|error| Status::internal(error.to_string()))?
             .map_err(|error| Status::internal(format!("action done but not recorded: {error}")))?;
@@ -562,7 +562,7 @@ impl Node {
                 Ok(ApplyResult::Done(v1::Done {}))
             }
             Action::SetPeers(set) => {
-                let mut records = Vec::with_capacity(set.peers.len());
+                let mut peers: Vec<(String, PeerRecord)> = Vec::with_capacity(set.peers.len());
                 for (index, peer) in set.peers.iter().enumerate() {
                     validate::name(&format!("set_peers.peers[{index}].name"), &peer.name)?;
                     validate::address(&format!("set_peers.peers[{index}].address"), &peer.address)?;
@@ -572,19 +572,16 @@ impl Node {
                             error,
                         )
                     })?;
-                    if records
-                        .iter()
-                        .any(|(name, _): &(String, Vec<u8>)| name == &peer.name)
-                    {
+                    if peers.iter().any(|(name, _)| name == &peer.name) {
                         return Err(validate::invalid(
                             &format!("set_peers.peers[{index}].name"),
                             format!("peer `{}` is listed twice", peer.name),
                         ));
                     }
-                    records.push((peer.name.clone(), prost::Message::encode_to_vec(peer)));
+                    peers.push((peer.name.clone(), records::peer_record(peer)));
                 }
-                self.store
-                    .replace_all(Kind::Peer, &records)
+                self.records
+                    .replace_all(&peers)
                     .map_err(|error| Status::internal(error.to_string()))?;
                 self.trust.set_pushed_peers(set.peers.clone());
                 Ok(ApplyResult::Done(v1::Done {}))

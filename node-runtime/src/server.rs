@@ -7,7 +7,7 @@ use proto::client::MAX_MESSAGE_BYTES;
 use proto::v1;
 use tonic::transport::Server;
 
-use crate::engine::{DiskLayout, Engine};
+use crate::local_volumes::{DiskLayout, LocalVolumes};
 use crate::node::{Node, NodeConfig, files};
 use crate::service::NodeService;
 
@@ -56,18 +56,18 @@ pub async fn run(
         path: config.data_dir.display().to_string(),
         source,
     })?;
-    let engine_dir = config.data_dir.join(files::VOLUMES);
-    let engine = tokio::task::spawn_blocking(move || Engine::open(&engine_dir, disks))
+    let volumes_dir = config.data_dir.join(files::VOLUMES);
+    let local = tokio::task::spawn_blocking(move || LocalVolumes::open(&volumes_dir, disks))
         .await
-        .map_err(|error| crate::node::NodeError::Engine(error.to_string()))?
-        .map_err(|error| crate::node::NodeError::Engine(error.to_string()))?;
-    let node = Node::open(config, engine)?;
+        .map_err(|error| crate::node::NodeError::VolumeStore(error.to_string()))?
+        .map_err(|error| crate::node::NodeError::VolumeStore(error.to_string()))?;
+    let node = Node::open(config, local)?;
     // Expired request records go before the first request can look one up.
     let pruned = node.clone();
     tokio::task::spawn_blocking(move || pruned.prune_requests())
         .await
-        .map_err(|error| crate::node::NodeError::Engine(error.to_string()))?
-        .map_err(crate::node::NodeError::Store)?;
+        .map_err(|error| crate::node::NodeError::VolumeStore(error.to_string()))?
+        .map_err(crate::node::NodeError::Records)?;
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -40,7 +40,7 @@ impl v1::inventory_server::Inventory for NodeService {
             .trust
             .check(methods::GET_INVENTORY, Role::Controller, &request)?;
         let data_dir = self.node.data_dir().to_path_buf();
-        let engine = self.node.volumes.engine().clone();
+        let local = self.node.volumes.local().clone();
         let netns = self.node.bonds.netns().clone();
         let in_named_netns = self.node.config.netns.is_some();
         let networking = self.node.bonds.networking().await;
@@ -48,7 +48,7 @@ impl v1::inventory_server::Inventory for NodeService {
         let (cpu, memory, mut disks, nics, kernel) = tokio::task::spawn_blocking(move || {
             let mut disks = inventory::disks(&data_dir);
             let (_, free) = inventory::filesystem_space(&data_dir).unwrap_or((0, 0));
-            for disk in engine.disks() {
+            for disk in local.disks() {
                 disks.push(v1::Disk {
                     name: disk.name,
                     path: disk.path.display().to_string(),

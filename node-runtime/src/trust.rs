@@ -4,13 +4,13 @@
 //! `DATA_DIR/trusted-controllers` (the dev-mode default: `cairn dev up` writes its
 //! controller key there before starting the node). Peer keys come from
 //! `--trusted-peer-keys FILE`, else `DATA_DIR/trusted-peers`, plus the peer set a
-//! controller pushes with `SetPeers` (persisted in the state store).
+//! controller pushes with `SetPeers` (persisted in the node's records).
 //!
 //! Controllers may call every service; peers only `Replication`, and there only for
 //! volumes they hold a copy of (see `volumes.rs`: that is authorization per volume;
 //! this module is authentication and the controller's forwarded signatures).
 //!
-//! Every accepted request's nonce is written to the state store before the request is
+//! Every accepted request's nonce is written to the node's records before the request is
 //! carried out, and loaded again at start, so a request replayed after a restart is
 //! refused like one replayed before it.
 
@@ -22,7 +22,7 @@ use proto::auth::{Caller, DEFAULT_WINDOW, Envelope, NodeTarget, NonceLog, Truste
 use proto::v1::{self, Peer};
 use tonic::Status;
 
-use crate::store::Store;
+use crate::records::{Records, RecordsError};
 
 /// File name of the dev-mode controller key file inside the data directory.
 pub const DEV_CONTROLLERS_FILE: &str = "trusted-controllers";
@@ -59,25 +59,25 @@ pub enum TrustError {
     Keys(#[from] proto::auth::AuthError),
     /// The remembered nonces cannot be read.
     #[error("remembered request nonces: {0}")]
-    Nonces(#[from] crate::store::StoreError),
+    Nonces(#[from] RecordsError),
 }
 
-/// Keeps accepted nonces in the state store (`nonces`), durably, and prunes expired
+/// Keeps accepted nonces in the node's records (`nonces`), durably, and prunes expired
 /// ones now and then.
 #[derive(Debug)]
-struct StoreNonceLog {
-    store: Arc<Store>,
+struct RecordsNonceLog {
+    records: Arc<Records>,
     recorded: AtomicU64,
 }
 
-impl NonceLog for StoreNonceLog {
+impl NonceLog for RecordsNonceLog {
     fn record(&self, nonce: &[u8; 16], expires_at_ms: u64) -> Result<(), String> {
         let write = || {
-            self.store.put_nonce(nonce, expires_at_ms)?;
+            self.records.put_nonce(nonce, expires_at_ms)?;
             if self.recorded.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
-                self.store.prune_nonces(crate::events::now_unix_ms())?;
+                self.records.prune_nonces(crate::events::now_unix_ms())?;
             }
-            Ok::<(), crate::store::StoreError>(())
+            Ok::<(), RecordsError>(())
         };
         // The check runs inside async handlers; the commit syncs a file, so the worker
         // thread hands its other tasks on meanwhile (cairn-node's runtime is
@@ -116,16 +116,16 @@ impl Trust {
         peer_keys: Option<&Path>,
         pushed_peers: Vec<Peer>,
         this: NodeTarget,
-        store: Arc<Store>,
+        records: Arc<Records>,
     ) -> Result<Self, TrustError> {
         let (controllers, controllers_source) =
             load_optional(controller_keys, data_dir.join(DEV_CONTROLLERS_FILE))?;
         let (file_peers, _) = load_optional(peer_keys, data_dir.join(DEV_PEERS_FILE))?;
         let now = crate::events::now_unix_ms();
-        store.prune_nonces(now)?;
-        let remembered = store.live_nonces(now)?;
-        let log = StoreNonceLog {
-            store,
+        records.prune_nonces(now)?;
+        let remembered = records.live_nonces(now)?;
+        let log = RecordsNonceLog {
+            records,
             recorded: AtomicU64::new(0),
         };
         Ok(Self {

@@ -4,7 +4,7 @@
 //! *stopped* by SIGTERM then SIGKILL after a grace period. A start is answered only once
 //! the VM is seen running (the VMM alive and the guest's first heartbeat on its control
 //! socket) or has failed (the VMM's exit status and last log lines; the VM `CRASHED`).
-//! Every spawned VMM counts in the VM's `starts` (in the store, kept across restarts
+//! Every spawned VMM counts in the VM's `starts` (in the node's records, kept across restarts
 //! and deletes). A process that exits
 //! without being asked to makes the VM `CRASHED` (with its exit status and a crash
 //! count); one that exits after a stop request makes it `STOPPED`. The agent never
@@ -22,25 +22,42 @@ use tokio::sync::Mutex;
 use tonic::Status;
 
 use crate::events::EventBus;
-use crate::store::{Kind, Store};
+use crate::records::{self, Count, Records};
 
-/// The persisted part of a VM.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct VmRecord {
+/// What the node keeps of a VM across restarts, stored as a [`records::VmRecord`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeptVm {
     /// The definition as created.
-    #[prost(message, optional, tag = "1")]
     pub definition: Option<v1::CreateVm>,
     /// Whether the VM should be running (it was started and not stopped).
-    #[prost(bool, tag = "2")]
     pub desired_running: bool,
     /// Process id of the last cairn-vmm process, to clean up after an agent crash.
-    #[prost(uint32, tag = "3")]
     pub last_pid: u32,
+}
+
+impl From<records::VmRecord> for KeptVm {
+    fn from(record: records::VmRecord) -> Self {
+        Self {
+            definition: record.definition.map(records::create_vm),
+            desired_running: record.desired_running,
+            last_pid: record.last_pid,
+        }
+    }
+}
+
+impl From<&KeptVm> for records::VmRecord {
+    fn from(kept: &KeptVm) -> Self {
+        records::vm_record(
+            kept.definition.as_ref(),
+            kept.desired_running,
+            kept.last_pid,
+        )
+    }
 }
 
 #[derive(Debug)]
 struct VmRuntime {
-    record: VmRecord,
+    record: KeptVm,
     state: VmState,
     pid: u32,
     last_exit: String,
@@ -107,7 +124,7 @@ fn log_tail(path: &Path) -> String {
 pub struct Vms {
     vmm_binary: Option<PathBuf>,
     run_dir: PathBuf,
-    store: Arc<Store>,
+    records: Arc<Records>,
     events: Arc<EventBus>,
     vms: Arc<Mutex<BTreeMap<String, VmRuntime>>>,
 }
@@ -208,7 +225,8 @@ fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
     })
 }
 
-/// The store counter of how many times a VM of this name had its process started here.
+/// The counter (in the node's records) of how many times a VM of this name had its
+/// process started here.
 fn starts_counter(vm: &str) -> String {
     format!("vm-starts/{vm}")
 }
@@ -264,11 +282,12 @@ impl Vms {
     pub fn open(
         vmm_binary: Option<PathBuf>,
         run_dir: PathBuf,
-        store: Arc<Store>,
+        records: Arc<Records>,
         events: Arc<EventBus>,
-    ) -> Result<Self, crate::store::StoreError> {
+    ) -> Result<Self, records::RecordsError> {
         let mut vms = BTreeMap::new();
-        for (name, record) in store.list_decoded::<VmRecord>(Kind::Vm)? {
+        for (name, record) in records.list::<records::VmRecord>()? {
+            let record = KeptVm::from(record);
             let mut runtime = VmRuntime {
                 state: VmState::Stopped,
                 pid: 0,
@@ -293,15 +312,15 @@ impl Vms {
         Ok(Self {
             vmm_binary,
             run_dir,
-            store,
+            records,
             events,
             vms: Arc::new(Mutex::new(vms)),
         })
     }
 
-    fn persist(&self, name: &str, record: &VmRecord) -> Result<(), Status> {
-        self.store
-            .put(Kind::Vm, name, &prost::Message::encode_to_vec(record))
+    fn persist(&self, name: &str, record: &KeptVm) -> Result<(), Status> {
+        self.records
+            .put(name, &records::VmRecord::from(record))
             .map_err(|error| Status::internal(error.to_string()))
     }
 
@@ -335,7 +354,7 @@ impl Vms {
                 definition.name
             )));
         }
-        let record = VmRecord {
+        let record = KeptVm {
             definition: Some(definition.clone()),
             desired_running: false,
             last_pid: 0,
@@ -517,13 +536,12 @@ impl Vms {
         let record = runtime.record.clone();
         let generation = runtime.generation;
         // The record (with the new pid) and the start count move together.
-        self.store
+        self.records
             .put_counted(
-                Kind::Vm,
                 name,
-                &prost::Message::encode_to_vec(&record),
+                &records::VmRecord::from(&record),
                 &starts_counter(name),
-                crate::store::Count::Always,
+                Count::Always,
             )
             .map_err(|error| Status::internal(error.to_string()))?;
         Self::publish(
@@ -535,7 +553,7 @@ impl Vms {
 
         let vms_handle = self.vms.clone();
         let events = self.events.clone();
-        let store = self.store.clone();
+        let kept = self.records.clone();
         let owned_name = name.to_string();
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -571,11 +589,7 @@ impl Vms {
                 Self::publish(&events, &owned_name, VmState::Crashed, &runtime.last_exit);
             }
             runtime.record.last_pid = 0;
-            let _ = store.put(
-                Kind::Vm,
-                &owned_name,
-                &prost::Message::encode_to_vec(&runtime.record),
-            );
+            let _ = kept.put(&owned_name, &records::VmRecord::from(&runtime.record));
         });
         let builtin = matches!(definition.image, Some(v1::create_vm::Image::Builtin(_)));
         Ok(Spawned::Started(Started {
@@ -796,8 +810,8 @@ impl Vms {
         }
         self.stop(name, Duration::from_secs(5)).await?;
         self.vms.lock().await.remove(name);
-        self.store
-            .remove(Kind::Vm, name, redb::Durability::Immediate)
+        self.records
+            .remove::<records::VmRecord>(name)
             .map_err(|error| Status::internal(error.to_string()))?;
         let _ = std::fs::remove_dir_all(self.run_dir.join(name));
         Ok(())
@@ -841,7 +855,7 @@ impl Vms {
                     heartbeats: 0,
                     heartbeat_age_ms: 0,
                     heartbeat_fresh: false,
-                    starts: self.store.counter(&starts_counter(name)).unwrap_or(0),
+                    starts: self.records.counter(&starts_counter(name)).unwrap_or(0),
                     image_builtin,
                     kernel_path: kernel.kernel_path,
                     initrd_path: kernel.initrd_path,

@@ -1,10 +1,10 @@
-//! Volumes as the agent serves them: a local copy in the volume engine ([`Engine`]) plus, for a
-//! primary, replicas on peer nodes kept in step over the `Replication` service.
+//! Volumes as the agent serves them: a local copy in the volume store ([`LocalVolumes`])
+//! plus, for a primary, replicas on peer nodes kept in step over the `Replication` service.
 //!
 //! Write path of a replicated volume (one write at a time per volume):
 //! 1. push any pending write intents to the replicas (see below); if that fails the
 //!    write is refused with `UNAVAILABLE` and nothing is written;
-//! 2. record a write intent for the region in the state store, durably;
+//! 2. record a write intent for the region in the node's records, durably;
 //! 3. write locally and to every replica concurrently; each copy answers only when the
 //!    bytes are on stable storage;
 //! 4. when every copy succeeded remove the intent and acknowledge; otherwise keep the
@@ -33,50 +33,15 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use proto::auth::{Envelope, NodeTarget, RequestSigner};
 use proto::client::NodeClient;
-use proto::v1::{self, Health, Peer, VolumeRole, VolumeStatus};
+use proto::v1::{self, Health, VolumeStatus};
 use redb::Durability;
 use tokio::sync::{Mutex, RwLock};
 use tonic::Status;
 
-use crate::engine::{self, Engine, Geometry};
 use crate::events::EventBus;
-use crate::store::{Kind, Store};
+use crate::local_volumes::{self, Geometry, LocalVolumes};
+use crate::records::{self, Count, Peer, Records, VolumeRecord, VolumeRole};
 use crate::validate;
-
-/// The persisted description of a volume on this node.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct VolumeRecord {
-    /// Volume name.
-    #[prost(string, tag = "1")]
-    pub name: String,
-    /// `VolumeRole` as i32.
-    #[prost(int32, tag = "2")]
-    pub role: i32,
-    /// Size in bytes.
-    #[prost(uint64, tag = "3")]
-    pub size_bytes: u64,
-    /// Columns.
-    #[prost(uint32, tag = "4")]
-    pub stripe_width: u32,
-    /// Stripe unit.
-    #[prost(uint64, tag = "5")]
-    pub stripe_unit_bytes: u64,
-    /// Replica peers (primary only).
-    #[prost(message, repeated, tag = "6")]
-    pub replica_peers: Vec<Peer>,
-    /// Primary node name (replica only).
-    #[prost(string, tag = "7")]
-    pub primary: String,
-    /// The primary's public key, hex, from the controller's signed CreateVolume the
-    /// primary forwarded (replica only; empty when a controller created the replica
-    /// directly: then the primary is recognised by name through the peer set).
-    #[prost(string, tag = "8")]
-    pub primary_key_hex: String,
-    /// Every replica of the volume (this node included) with the key the controller
-    /// gave for it (replica only): with the primary, the volume's in-sync set.
-    #[prost(message, repeated, tag = "9")]
-    pub copies: Vec<Peer>,
-}
 
 impl VolumeRecord {
     fn geometry(&self) -> Geometry {
@@ -88,7 +53,7 @@ impl VolumeRecord {
     }
 
     fn is_primary(&self) -> bool {
-        self.role == VolumeRole::Primary as i32
+        self.role == VolumeRole::Primary
     }
 
     /// The same volume as `other` asks for (keys aside: they are fixed when a copy is
@@ -130,7 +95,7 @@ struct VolumeEntry {
     /// [`VolumeEntry::size`] or [`VolumeEntry::record_now`]).
     record: VolumeRecord,
     /// The volume's size now: ResizeVolume grows it in place (under the write lock, after
-    /// the engine and the stored record grew).
+    /// the volume store and the stored record grew).
     size_bytes: AtomicU64,
     /// Serialises writes (and resynchronisation) of one volume.
     write_lock: Mutex<()>,
@@ -180,8 +145,8 @@ impl VolumeEntry {
 pub struct Volumes {
     node_name: String,
     own_key_hex: String,
-    engine: Engine,
-    store: Arc<Store>,
+    local: LocalVolumes,
+    records: Arc<Records>,
     events: Arc<EventBus>,
     signer: RequestSigner,
     peer_directory: crate::trust::PeerDirectory,
@@ -200,12 +165,13 @@ fn parse_intent_key(key: &str) -> Option<(u64, u64)> {
     Some((offset, length))
 }
 
-/// The store counter of how many times a volume of this name was created here.
+/// The counter (in the node's records) of how many times a volume of this name was
+/// created here.
 fn generation_counter(volume: &str) -> String {
     format!("volume-generation/{volume}")
 }
 
-fn store_status(error: crate::store::StoreError) -> Status {
+fn records_status(error: records::RecordsError) -> Status {
     Status::internal(error.to_string())
 }
 
@@ -213,9 +179,9 @@ async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, storage::StorageError> + Send + 'static,
 ) -> Result<T, Status> {
     match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result.map_err(engine::status),
+        Ok(result) => result.map_err(local_volumes::status),
         Err(error) => Err(Status::internal(format!(
-            "volume engine task failed: {error}"
+            "volume store task failed: {error}"
         ))),
     }
 }
@@ -228,28 +194,28 @@ pub struct WriteAck {
 }
 
 impl Volumes {
-    /// Loads the volume records from the store.
+    /// Loads the volume records.
     pub fn open(
         node_name: &str,
-        engine: Engine,
-        store: Arc<Store>,
+        local: LocalVolumes,
+        records: Arc<Records>,
         events: Arc<EventBus>,
         signer: RequestSigner,
         peer_directory: crate::trust::PeerDirectory,
-    ) -> Result<Self, crate::store::StoreError> {
+    ) -> Result<Self, records::RecordsError> {
         let mut volumes = BTreeMap::new();
-        for (name, record) in store.list_decoded::<VolumeRecord>(Kind::Volume)? {
+        for (name, record) in records.list::<VolumeRecord>()? {
             let entry = VolumeEntry::new(record);
             entry
                 .next_sequence
-                .store(store.sequence_high_water(&name)? + 1, Ordering::Relaxed);
+                .store(records.sequence_high_water(&name)? + 1, Ordering::Relaxed);
             volumes.insert(name, Arc::new(entry));
         }
         Ok(Self {
             node_name: node_name.to_string(),
             own_key_hex: signer.identity().public_key_hex(),
-            engine,
-            store,
+            local,
+            records,
             events,
             signer,
             peer_directory,
@@ -464,15 +430,14 @@ impl Volumes {
     /// same transaction, and only when no record of that name was there: a retried
     /// create that finds its own record counts nothing).
     fn record_created(&self, record: &VolumeRecord) -> Result<u64, Status> {
-        self.store
+        self.records
             .put_counted(
-                Kind::Volume,
                 &record.name,
-                &prost::Message::encode_to_vec(record),
+                record,
                 &generation_counter(&record.name),
-                crate::store::Count::IfNew,
+                Count::IfNew,
             )
-            .map_err(store_status)
+            .map_err(records_status)
     }
 
     /// Size of a volume, for request validation.
@@ -499,16 +464,17 @@ impl Volumes {
     pub async fn create_primary(
         &self,
         request: &v1::CreateVolume,
-        replica_peers: Vec<Peer>,
+        replica_peers: Vec<v1::Peer>,
         grant: v1::ControllerGrant,
     ) -> Result<VolumeRecord, Status> {
         let record = VolumeRecord {
+            version: VolumeRecord::VERSION,
             name: request.name.clone(),
-            role: VolumeRole::Primary as i32,
+            role: VolumeRole::Primary,
             size_bytes: request.size_bytes,
             stripe_width: request.stripe_width,
             stripe_unit_bytes: request.stripe_unit_bytes,
-            replica_peers,
+            replica_peers: replica_peers.iter().map(records::peer).collect(),
             primary: String::new(),
             primary_key_hex: String::new(),
             copies: Vec::new(),
@@ -521,7 +487,7 @@ impl Volumes {
                 "volume `{}` already exists on node {} with another definition (role {:?}, {} bytes, width {}, unit {}, peers {:?}); delete it first",
                 request.name,
                 self.node_name,
-                VolumeRole::try_from(existing.record.role).unwrap_or(VolumeRole::Unspecified),
+                existing.record.role,
                 existing.size(),
                 existing.record.stripe_width,
                 existing.record.stripe_unit_bytes,
@@ -533,10 +499,10 @@ impl Volumes {
                     .collect::<Vec<_>>(),
             )));
         }
-        let engine = self.engine.clone();
+        let local = self.local.clone();
         let name = record.name.clone();
         let geometry = record.geometry();
-        blocking(move || engine.create(&name, geometry)).await?;
+        blocking(move || local.create(&name, geometry)).await?;
         // Replicas first exist everywhere, then the record makes the volume visible:
         // a crash in between leaves nothing a retry of the same request cannot finish.
         let ensure = record.replica_peers.iter().map(|peer| {
@@ -584,8 +550,9 @@ impl Volumes {
         caller: &ReplicationCaller,
     ) -> Result<VolumeRecord, Status> {
         let mut record = VolumeRecord {
+            version: VolumeRecord::VERSION,
             name: request.volume.clone(),
-            role: VolumeRole::Replica as i32,
+            role: VolumeRole::Replica,
             size_bytes: request.size_bytes,
             stripe_width: request.stripe_width,
             stripe_unit_bytes: request.stripe_unit_bytes,
@@ -676,10 +643,10 @@ impl Volumes {
                 request.volume, self.node_name, request.primary
             )));
         }
-        let engine = self.engine.clone();
+        let local = self.local.clone();
         let name = record.name.clone();
         let geometry = record.geometry();
-        blocking(move || engine.create(&name, geometry)).await?;
+        blocking(move || local.create(&name, geometry)).await?;
         self.record_created(&record)?;
         self.volumes
             .write()
@@ -696,10 +663,10 @@ impl Volumes {
     pub async fn delete(&self, name: &str, grant: v1::ControllerGrant) -> Result<(), Status> {
         let Some(entry) = self.volumes.read().await.get(name).cloned() else {
             // A create that failed half-way (a replica was unreachable) may have left
-            // the engine's volume without a record; deleting removes it too.
-            let engine = self.engine.clone();
+            // the volume store's volume without a record; deleting removes it too.
+            let local = self.local.clone();
             let owned = name.to_string();
-            return blocking(move || engine.delete(&owned)).await;
+            return blocking(move || local.delete(&owned)).await;
         };
         let _guard = entry.write_lock.lock().await;
         if entry.record.is_primary() {
@@ -767,7 +734,7 @@ impl Volumes {
 
     /// Grows a primary volume in place to `size_bytes`, keeping its data: every replica
     /// first (`Replication.ResizeReplica`, forwarding the controller's signed request
-    /// `grant`, as CreateVolume and DeleteVolume do), then the local copy in the engine
+    /// `grant`, as CreateVolume and DeleteVolume do), then the local copy in the volume store
     /// (durable), then the record, and only then may writes reach past the old end. Runs
     /// under the volume's write lock. A failure leaves the primary as it was (some
     /// replicas may be bigger already, which nothing sees); a retry finishes the grow.
@@ -879,23 +846,19 @@ impl Volumes {
         Ok(())
     }
 
-    /// Grows this node's copy: the engine (durable), then the stored record, then the
+    /// Grows this node's copy: the volume store (durable), then the stored record, then the
     /// size requests are checked against. Caller holds the volume's write lock.
     async fn grow_local(&self, entry: &VolumeEntry, size_bytes: u64) -> Result<(), Status> {
-        let engine = self.engine.clone();
+        let local = self.local.clone();
         let name = entry.record.name.clone();
-        blocking(move || engine.grow(&name, size_bytes)).await?;
+        blocking(move || local.grow(&name, size_bytes)).await?;
         let record = VolumeRecord {
             size_bytes,
             ..entry.record.clone()
         };
-        self.store
-            .put(
-                Kind::Volume,
-                &record.name,
-                &prost::Message::encode_to_vec(&record),
-            )
-            .map_err(store_status)?;
+        self.records
+            .put(&record.name, &record)
+            .map_err(records_status)?;
         entry.size_bytes.store(size_bytes, Ordering::Release);
         self.events
             .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
@@ -909,24 +872,24 @@ impl Volumes {
 
     /// Deletes the local copy only (a replica being dropped by its primary).
     pub async fn remove_local(&self, name: &str) -> Result<(), Status> {
-        let engine = self.engine.clone();
+        let local = self.local.clone();
         let owned = name.to_string();
-        blocking(move || engine.delete(&owned)).await?;
-        for (key, _) in self
-            .store
-            .list_prefix(Kind::WriteIntent, &format!("{name}/"))
-            .map_err(store_status)?
+        blocking(move || local.delete(&owned)).await?;
+        for key in self
+            .records
+            .intents(&format!("{name}/"))
+            .map_err(records_status)?
         {
-            self.store
-                .remove(Kind::WriteIntent, &key, Durability::Immediate)
-                .map_err(store_status)?;
+            self.records
+                .remove_intent(&key, Durability::Immediate)
+                .map_err(records_status)?;
         }
-        self.store
-            .remove(Kind::WriteIntent, name, Durability::Immediate)
-            .map_err(store_status)?;
-        self.store
-            .remove(Kind::Volume, name, Durability::Immediate)
-            .map_err(store_status)?;
+        self.records
+            .remove_intent(name, Durability::Immediate)
+            .map_err(records_status)?;
+        self.records
+            .remove::<VolumeRecord>(name)
+            .map_err(records_status)?;
         self.volumes.write().await.remove(name);
         self.events
             .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
@@ -950,31 +913,31 @@ impl Volumes {
         validate::io_range("write_volume", offset, data.len() as u64, entry.size())?;
         let _guard = entry.write_lock.lock().await;
         if entry.record.replica_peers.is_empty() {
-            let engine = self.engine.clone();
+            let local = self.local.clone();
             let owned = name.to_string();
-            blocking(move || engine.write(&owned, offset, data)).await?;
+            blocking(move || local.write(&owned, offset, data)).await?;
             return Ok(WriteAck { copies: 1 });
         }
         self.resync_locked(&entry).await?;
         let key = intent_key(name, offset, data.len() as u64);
-        // The sequence number is the agent's, not the engine's, so the local write and
+        // The sequence number is the agent's, not the volume store's, so the local write and
         // the replica writes can run at the same time. It is made durable (with the
         // intent) before it is used, so no number is ever shipped twice, even across a
         // crash of the primary.
         let sequence = entry.next_sequence.fetch_add(1, Ordering::Relaxed);
-        self.store
+        self.records
             .put_intent(name, &key, sequence)
-            .map_err(store_status)?;
+            .map_err(records_status)?;
         let checksums: Vec<u32> = data
             .chunks(storage::BLOCK_SIZE as usize)
             .map(crc32c::crc32c)
             .collect();
         let data = Arc::new(data);
-        let local = {
-            let engine = self.engine.clone();
+        let local_write = {
+            let local = self.local.clone();
             let owned = name.to_string();
             let data = data.to_vec();
-            blocking(move || engine.write(&owned, offset, data))
+            blocking(move || local.write(&owned, offset, data))
         };
         let remotes = entry.record.replica_peers.iter().map(|peer| {
             let data = data.clone();
@@ -994,7 +957,7 @@ impl Volumes {
                     .map_err(|status| peer_failure(peer, "write the replica", &status))
             }
         });
-        let (local_result, remote_results) = tokio::join!(local, join_all(remotes));
+        let (local_result, remote_results) = tokio::join!(local_write, join_all(remotes));
         let mut remote_results = remote_results;
         if let Err(status) = local_result {
             remote_results.push(Err(Status::unavailable(format!(
@@ -1017,9 +980,9 @@ impl Volumes {
                 failures.join("; ")
             )));
         }
-        self.store
-            .remove(Kind::WriteIntent, &key, Durability::None)
-            .map_err(store_status)?;
+        self.records
+            .remove_intent(&key, Durability::None)
+            .map_err(records_status)?;
         self.set_health(&entry, Health::Healthy, String::new());
         Ok(WriteAck {
             copies: 1 + entry.record.replica_peers.len() as u32,
@@ -1031,17 +994,17 @@ impl Volumes {
     async fn resync_locked(&self, entry: &VolumeEntry) -> Result<(), Status> {
         let name = &entry.record.name;
         let intents = self
-            .store
-            .list_prefix(Kind::WriteIntent, &format!("{name}/"))
-            .map_err(store_status)?;
-        for (key, _) in intents {
+            .records
+            .intents(&format!("{name}/"))
+            .map_err(records_status)?;
+        for key in intents {
             let Some((offset, length)) = parse_intent_key(&key) else {
                 continue;
             };
-            let engine = self.engine.clone();
+            let local = self.local.clone();
             let owned = name.clone();
             let (data, checksums) =
-                blocking(move || engine.read_with_checksums(&owned, offset, length)).await?;
+                blocking(move || local.read_with_checksums(&owned, offset, length)).await?;
             for peer in &entry.record.replica_peers {
                 let mut client = self.peer_client(peer)?;
                 client
@@ -1063,9 +1026,9 @@ impl Volumes {
                         ))
                     })?;
             }
-            self.store
-                .remove(Kind::WriteIntent, &key, Durability::Immediate)
-                .map_err(store_status)?;
+            self.records
+                .remove_intent(&key, Durability::Immediate)
+                .map_err(records_status)?;
         }
         Ok(())
     }
@@ -1082,8 +1045,8 @@ impl Volumes {
             .collect();
         for entry in entries {
             let pending = self
-                .store
-                .list_prefix(Kind::WriteIntent, &format!("{}/", entry.record.name))
+                .records
+                .intents(&format!("{}/", entry.record.name))
                 .map(|intents| !intents.is_empty())
                 .unwrap_or(false);
             if !pending {
@@ -1129,7 +1092,7 @@ impl Volumes {
         // Serialised with read repair of this replica, which must not overwrite a
         // newer write with the bytes it fetched before it.
         let _guard = entry.write_lock.lock().await;
-        let engine = self.engine.clone();
+        let local = self.local.clone();
         let v1::ReplicaWriteRequest {
             volume,
             offset,
@@ -1139,9 +1102,9 @@ impl Volumes {
             resync,
         } = request;
         if resync {
-            blocking(move || engine.overwrite(&volume, offset, data, checksums)).await?;
+            blocking(move || local.overwrite(&volume, offset, data, checksums)).await?;
         } else {
-            blocking(move || engine.apply_replica(&volume, sequence, offset, data, checksums))
+            blocking(move || local.apply_replica(&volume, sequence, offset, data, checksums))
                 .await?;
         }
         entry.applied_writes.fetch_add(1, Ordering::Relaxed);
@@ -1158,9 +1121,9 @@ impl Volumes {
     ) -> Result<Vec<u8>, Status> {
         let entry = self.entry(name).await?;
         validate::io_range(field, offset, length, entry.size())?;
-        let engine = self.engine.clone();
+        let local = self.local.clone();
         let owned = name.to_string();
-        match blocking(move || engine.read(&owned, offset, length)).await {
+        match blocking(move || local.read(&owned, offset, length)).await {
             Err(status) if status.code() == tonic::Code::DataLoss && entry.record.is_primary() => {
                 self.repair_from_replicas(&entry, offset, length, status)
                     .await
@@ -1183,9 +1146,9 @@ impl Volumes {
     ) -> Result<(Vec<u8>, Vec<u32>), Status> {
         let entry = self.entry(name).await?;
         validate::io_range(field, offset, length, entry.size())?;
-        let engine = self.engine.clone();
+        let local = self.local.clone();
         let owned = name.to_string();
-        blocking(move || engine.read_with_checksums(&owned, offset, length)).await
+        blocking(move || local.read_with_checksums(&owned, offset, length)).await
     }
 
     /// A block of a replica failed its checksum: its primary (found by name in the
@@ -1209,7 +1172,7 @@ impl Volumes {
                 public_key_hex: self
                     .key_of(&peer.name, &entry.record.primary_key_hex)
                     .unwrap_or_default(),
-                ..peer
+                ..records::peer(&peer)
             });
         let Some(primary) = primary else {
             return Err(Status::data_loss(format!(
@@ -1261,9 +1224,9 @@ impl Volumes {
         let mut out = Vec::with_capacity(length as usize);
         let mut block_offset = offset;
         while block_offset < offset + length {
-            let engine = self.engine.clone();
+            let local = self.local.clone();
             let owned = name.clone();
-            let local = blocking(move || engine.read(&owned, block_offset, block)).await;
+            let local = blocking(move || local.read(&owned, block_offset, block)).await;
             match local {
                 Ok(data) => out.extend(data),
                 Err(status) if status.code() == tonic::Code::DataLoss => {
@@ -1308,10 +1271,10 @@ impl Volumes {
                     continue;
                 }
             };
-            let engine = self.engine.clone();
+            let local = self.local.clone();
             let owned = name.to_string();
             let data = response.data.clone();
-            match blocking(move || engine.overwrite(&owned, offset, data, response.checksums)).await
+            match blocking(move || local.overwrite(&owned, offset, data, response.checksums)).await
             {
                 Ok(()) => {
                     self.events.publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
@@ -1344,9 +1307,9 @@ impl Volumes {
         let mut out = Vec::with_capacity(entries.len());
         for entry in entries {
             let record = &entry.record;
-            let engine = self.engine.clone();
+            let local = self.local.clone();
             let name = record.name.clone();
-            let allocated = blocking(move || engine.allocated_bytes(&name)).await;
+            let allocated = blocking(move || local.allocated_bytes(&name)).await;
             let (mut health, mut detail) = entry.health();
             let allocated_bytes = match allocated {
                 Ok(bytes) => bytes,
@@ -1358,7 +1321,7 @@ impl Volumes {
             };
             out.push(VolumeStatus {
                 name: record.name.clone(),
-                role: record.role,
+                role: records::volume_role(record.role) as i32,
                 size_bytes: entry.size(),
                 stripe_width: record.stripe_width,
                 stripe_unit_bytes: record.stripe_unit_bytes,
@@ -1373,7 +1336,7 @@ impl Volumes {
                 export_uri: export_uri(&record.name).unwrap_or_default(),
                 detail,
                 generation: self
-                    .store
+                    .records
                     .counter(&generation_counter(&record.name))
                     .unwrap_or(0),
             });
@@ -1403,9 +1366,9 @@ fn peer_failure(peer: &Peer, what: &str, status: &Status) -> Status {
 }
 
 impl Volumes {
-    /// The local engine (for the NBD read path).
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// This node's copies (for the NBD read path).
+    pub fn local(&self) -> &LocalVolumes {
+        &self.local
     }
 
     /// Whether the volume is a primary here, and its size.

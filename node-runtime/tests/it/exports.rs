@@ -94,9 +94,7 @@ fn node_pid(data_dir: &Path) -> u32 {
             .split(|byte| *byte == 0)
             .map(|arg| String::from_utf8_lossy(arg).into_owned())
             .collect();
-        if args.first().is_some_and(|arg| arg.ends_with("cairn-node"))
-            && args.contains(&wanted)
-        {
+        if args.first().is_some_and(|arg| arg.ends_with("cairn-node")) && args.contains(&wanted) {
             return pid;
         }
     }

@@ -1,7 +1,8 @@
-//! The adapter between the agent and the node-local volume engine (crate `storage`).
+//! This node's copies of volumes: the one adapter between the agent and the node-local
+//! volume store (`storage::Store`, in `DATA_DIR/volumes`).
 //!
 //! Every method may block on disk I/O: call it from `spawn_blocking`. Errors are
-//! mapped once, here, to gRPC statuses with the engine's message kept.
+//! mapped once, here, to gRPC statuses with the store's message kept.
 
 use std::path::Path;
 
@@ -20,7 +21,7 @@ pub struct Geometry {
     pub stripe_unit_bytes: u64,
 }
 
-/// A write as shipped to replicas: the engine's sequence number and per-block crc32c.
+/// A write as shipped to replicas: the store's sequence number and per-block crc32c.
 #[derive(Debug, Clone)]
 pub struct ShippedWrite {
     /// The primary's sequence number of this write.
@@ -29,9 +30,9 @@ pub struct ShippedWrite {
     pub checksums: Vec<u32>,
 }
 
-/// Maps an engine error to a gRPC status.
+/// Maps a volume store error to a gRPC status.
 pub fn status(error: StorageError) -> tonic::Status {
-    let message = format!("volume engine: {error}");
+    let message = format!("volume store: {error}");
     match error {
         StorageError::InvalidArgument { .. }
         | StorageError::Misaligned { .. }
@@ -58,14 +59,15 @@ pub struct DiskLayout {
     pub capacity_bytes: u64,
 }
 
-/// The node's volume engine.
+/// This node's copies of volumes, in its volume store.
 #[derive(Debug, Clone)]
-pub struct Engine {
+pub struct LocalVolumes {
     store: Store,
 }
 
-impl Engine {
-    /// Opens the engine in `dir`, adding file disks up to `layout.count` on first start.
+impl LocalVolumes {
+    /// Opens the volume store in `dir`, adding file disks up to `layout.count` on first
+    /// start.
     pub fn open(dir: &Path, layout: DiskLayout) -> Result<Self, StorageError> {
         let store = Store::open(dir, StoreOptions::default())?;
         let existing: Vec<String> = store.disks().into_iter().map(|disk| disk.name).collect();
@@ -83,7 +85,7 @@ impl Engine {
         Ok(Self { store })
     }
 
-    /// The engine's disks.
+    /// The volume store's disks.
     pub fn disks(&self) -> Vec<storage::DiskInfo> {
         self.store.disks()
     }
