@@ -336,6 +336,7 @@ pub fn schemas() -> Vec<(&'static str, String)> {
         ("check.schema.json", policy::report::json_schema()),
         ("diff.schema.json", crate::diff::json_schema()),
     ]);
+    all.extend(crate::placecmd::json_schemas());
     all
 }
 

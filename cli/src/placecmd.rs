@@ -9,8 +9,10 @@ use anyhow::{Context, bail};
 use compiler::Compilation;
 use compiler::diag::Diagnostic;
 use compiler::model::{Availability, Model, SlaClass};
-use compiler::place::{PlaceOptions, Placement, Unplaced};
+use compiler::place::{Candidate, PlaceOptions, Placement, Unplaced};
 use compiler::units::human_size;
+use schemars::JsonSchema;
+use serde::Serialize;
 
 use crate::cli::Format;
 use crate::frontend::{self, Warnings};
@@ -159,9 +161,12 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
             );
         };
         if args.format == Format::Json {
-            let doc =
-                serde_json::json!({ "format_version": 1, "vm": vm, "candidates": candidates });
-            writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+            let doc = ExplainJson {
+                candidates,
+                format_version: FORMAT_VERSION,
+                vm: vm.clone(),
+            };
+            writeln!(out, "{}", sorted_json(&doc)?)?;
             return Ok(0);
         }
         writeln!(out, "candidates for vm {vm} (best first):")?;
@@ -211,7 +216,7 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
         let after = compiler::place::place(model, &options, Some(&locator));
         let report = what_if(model, &placement, &after, &failed);
         match args.format {
-            Format::Json => writeln!(out, "{}", serde_json::to_string_pretty(&report.json)?)?,
+            Format::Json => writeln!(out, "{}", sorted_json(&report.json)?)?,
             Format::Text => out.write_all(report.text.as_bytes())?,
         }
         return Ok(if report.promises_kept { 0 } else { 1 });
@@ -303,9 +308,115 @@ fn write_unplaced(s: &mut String, u: &Unplaced) {
     }
 }
 
+/// The version of the JSON shapes of `--explain` and `--fail`.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Pretty JSON with every object's keys in alphabetical order, the order
+/// these documents have always had (they were built with `json!`).
+fn sorted_json(doc: &impl Serialize) -> serde_json::Result<String> {
+    serde_json::to_string_pretty(&serde_json::to_value(doc)?)
+}
+
+/// `cairn place --explain VM --format json`: the VM's site's nodes, best
+/// first.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ExplainJson {
+    /// Every node of the VM's site: the feasible ones by score, then those
+    /// a hard constraint rules out.
+    pub candidates: Vec<Candidate>,
+    /// The version of this shape.
+    pub format_version: u32,
+    /// The VM explained.
+    pub vm: String,
+}
+
+/// `cairn place --fail … --format json`: what happens to the VMs when nodes,
+/// racks or sites fail.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct WhatIfJson {
+    /// The VMs that ran on (or had their FT secondary on) what failed.
+    pub affected: Vec<AffectedVm>,
+    /// What failed: node names, `rack=NAME`, `site=NAME`.
+    pub failed: BTreeSet<String>,
+    /// The version of this shape.
+    pub format_version: u32,
+    /// VMs that did not run on what failed but lose their place to the
+    /// restarted ones.
+    pub preempted: Vec<String>,
+    /// Whether the availability promises hold.
+    pub promises: Promises,
+}
+
+/// One VM hit by the failure.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AffectedVm {
+    /// Its availability.
+    pub availability: Availability,
+    /// What happens, in words.
+    pub detail: String,
+    /// Where it runs afterwards (`null`: nowhere).
+    pub new_node: Option<String>,
+    /// Where it ran.
+    pub node: String,
+    /// What happens.
+    pub outcome: Outcome,
+    /// VM name.
+    pub vm: String,
+}
+
+/// What a failure does to a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// An FT VM continues on its secondary.
+    FailsOver,
+    /// An FT VM whose secondary failed keeps running and gets a new one.
+    ReProtects,
+    /// An HA (or FT) VM is restarted on another node.
+    Restarts,
+    /// The VM stays down.
+    Lost,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::FailsOver => "fails-over",
+            Outcome::ReProtects => "re-protects",
+            Outcome::Restarts => "restarts",
+            Outcome::Lost => "lost",
+        }
+    }
+}
+
+/// The availability promises after the failure.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Promises {
+    /// Every FT VM runs and has a secondary.
+    pub ft_protected: bool,
+    /// Every HA VM restarts.
+    pub ha_kept: bool,
+    /// Reserved-class VMs that stay down.
+    pub reserved_lost: u32,
+}
+
+/// The JSON Schemas of `--explain` and `--fail` output: file name and text.
+pub fn json_schemas() -> [(&'static str, String); 2] {
+    [
+        (
+            "place-explain.schema.json",
+            compiler::output_schema::<ExplainJson>(),
+        ),
+        (
+            "place-fail.schema.json",
+            compiler::output_schema::<WhatIfJson>(),
+        ),
+    ]
+}
+
 struct WhatIf {
     text: String,
-    json: serde_json::Value,
+    json: WhatIfJson,
     promises_kept: bool,
 }
 
@@ -344,7 +455,7 @@ fn what_if(
                     ft_unprotected += 1;
                 }
                 (
-                    "fails-over",
+                    Outcome::FailsOver,
                     format!(
                         "continues on its secondary {sec}; new secondary: {}",
                         new_secondary.unwrap_or_else(|| "none (unprotected)".to_owned())
@@ -357,7 +468,7 @@ fn what_if(
                     ft_unprotected += 1;
                 }
                 (
-                    "re-protects",
+                    Outcome::ReProtects,
                     format!(
                         "keeps running on {}; new secondary: {}",
                         v.node,
@@ -366,7 +477,7 @@ fn what_if(
                 )
             }
             Availability::Ha | Availability::Ft => match now {
-                Some(n) => ("restarts", format!("restarts on {}", n.node)),
+                Some(n) => (Outcome::Restarts, format!("restarts on {}", n.node)),
                 None => {
                     if vm.availability == Availability::Ft {
                         ft_unprotected += 1;
@@ -379,23 +490,33 @@ fn what_if(
                         .find(|u| u.name == v.name)
                         .and_then(|u| u.reasons.first())
                         .map_or_else(|| "no node can take it".to_owned(), |r| r.message.clone());
-                    ("lost", format!("cannot be restarted: {why}"))
+                    (Outcome::Lost, format!("cannot be restarted: {why}"))
                 }
             },
             Availability::None => (
-                "lost",
+                Outcome::Lost,
                 "not HA: stays down until the node returns".to_owned(),
             ),
         };
-        if outcome == "lost" && vm.sla.class == SlaClass::Reserved {
+        if outcome == Outcome::Lost && vm.sla.class == SlaClass::Reserved {
             lost_reserved += 1;
         }
         lines.push(format!(
             "  {:12} {:10} {} ({} on {})",
-            v.name, outcome, detail, vm.availability, v.node
+            v.name,
+            outcome.as_str(),
+            detail,
+            vm.availability,
+            v.node
         ));
-        entries.push(serde_json::json!({ "vm": v.name, "node": v.node, "availability": vm.availability, "outcome": outcome, "detail": detail,
-            "new_node": now.map(|n| n.node.clone()) }));
+        entries.push(AffectedVm {
+            availability: vm.availability,
+            detail,
+            new_node: now.map(|n| n.node.clone()),
+            node: v.node.clone(),
+            outcome,
+            vm: v.name.clone(),
+        });
     }
     let preempted: Vec<&str> = after
         .unplaced
@@ -438,13 +559,17 @@ fn what_if(
         },
         lost_reserved
     );
-    let json = serde_json::json!({
-        "format_version": 1,
-        "failed": failed,
-        "affected": entries,
-        "preempted": preempted,
-        "promises": { "ha_kept": lost_ha == 0, "ft_protected": ft_unprotected == 0, "reserved_lost": lost_reserved },
-    });
+    let json = WhatIfJson {
+        affected: entries,
+        failed: failed.clone(),
+        format_version: FORMAT_VERSION,
+        preempted: preempted.iter().map(|p| (*p).to_owned()).collect(),
+        promises: Promises {
+            ft_protected: ft_unprotected == 0,
+            ha_kept: lost_ha == 0,
+            reserved_lost: lost_reserved,
+        },
+    };
     WhatIf {
         text,
         json,

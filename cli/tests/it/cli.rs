@@ -172,6 +172,8 @@ fn checked_in_schemas_match_the_generated_ones() {
             "diff.schema.json",
             "graph.schema.json",
             "model.schema.json",
+            "place-explain.schema.json",
+            "place-fail.schema.json",
             "placement.schema.json",
             "plan.schema.json",
             "spec.schema.json",

@@ -186,6 +186,118 @@ fn place_and_graph_json_match_their_schemas() {
 }
 
 #[test]
+fn place_explain_and_what_if_json_match_their_schemas() {
+    let enterprise = repo_root().join("examples/enterprise");
+    let tmp = TempDir::new("schemas-place-explain");
+
+    let v = validator("place-explain.schema.json");
+    let doc = output(
+        &tmp.0,
+        &[
+            "place",
+            path(&enterprise),
+            "--explain",
+            "ledger-app",
+            "--format",
+            "json",
+        ],
+        &[0],
+    );
+    let candidates = doc["candidates"].as_array().expect("candidates");
+    assert!(candidates.iter().any(|c| c["chosen"] == json!(true)));
+    assert!(
+        candidates.iter().any(|c| c["feasible"] == json!(false)),
+        "a node ruled out exercises ruled_out_by"
+    );
+    assert_valid(&v, "place-explain.schema.json", &doc);
+    assert_version_required(&v, "place-explain.schema.json", &doc);
+    assert_rejected(&v, "place-explain", &doc, "no VM name", |d| {
+        d.as_object_mut().expect("doc").remove("vm");
+    });
+    assert_rejected(
+        &v,
+        "place-explain",
+        &doc,
+        "a candidate without `chosen`",
+        |d| {
+            d["candidates"][0]
+                .as_object_mut()
+                .expect("candidate")
+                .remove("chosen");
+        },
+    );
+    assert_rejected(&v, "place-explain", &doc, "a score that is a string", |d| {
+        d["candidates"][0]["parts"][0]["value"] = json!("97");
+    });
+
+    let v = validator("place-fail.schema.json");
+    // A rack: VMs restart and fail over. A site: every VM is lost (null
+    // new nodes, broken promises, exit 1).
+    for (fail, code) in [("rack=r1", 0), ("node=hq-r3-n1", 0), ("site=hq", 1)] {
+        let doc = output(
+            &tmp.0,
+            &[
+                "place",
+                path(&enterprise),
+                "--fail",
+                fail,
+                "--format",
+                "json",
+            ],
+            &[code],
+        );
+        assert!(!doc["affected"].as_array().expect("affected").is_empty());
+        // A failed node is named alone; racks and sites keep their kind.
+        let named = fail.strip_prefix("node=").unwrap_or(fail);
+        assert_eq!(doc["failed"], json!([named]));
+        assert_valid(&v, "place-fail.schema.json", &doc);
+        assert_version_required(&v, "place-fail.schema.json", &doc);
+        assert_rejected(&v, "place-fail", &doc, "an unknown outcome", |d| {
+            d["affected"][0]["outcome"] = json!("vanishes");
+        });
+        assert_rejected(&v, "place-fail", &doc, "an unknown availability", |d| {
+            d["affected"][0]["availability"] = json!("always");
+        });
+        assert_rejected(&v, "place-fail", &doc, "an entry without `new_node`", |d| {
+            d["affected"][0]
+                .as_object_mut()
+                .expect("entry")
+                .remove("new_node");
+        });
+        assert_rejected(&v, "place-fail", &doc, "a promise that is a string", |d| {
+            d["promises"]["ha_kept"] = json!("yes");
+        });
+        assert_rejected(&v, "place-fail", &doc, "a negative reserved count", |d| {
+            d["promises"]["reserved_lost"] = json!(-1);
+        });
+        assert_rejected(&v, "place-fail", &doc, "the same failure twice", |d| {
+            d["failed"] = json!([named, named]);
+        });
+    }
+    let site = output(
+        &tmp.0,
+        &[
+            "place",
+            path(&enterprise),
+            "--fail",
+            "site=hq",
+            "--format",
+            "json",
+        ],
+        &[1],
+    );
+    assert!(
+        site["affected"]
+            .as_array()
+            .expect("affected")
+            .iter()
+            .all(|a| a["outcome"] == json!("lost") && a["new_node"].is_null()),
+        "{site}"
+    );
+    assert_eq!(site["promises"]["ha_kept"], json!(false));
+}
+
+#[test]
 fn validate_json_matches_its_schema() {
     let v = validator("diagnostics.schema.json");
     let specs = repo_root().join("golden-tests/many-errors-at-once/specs");
