@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod cidr;
 pub mod diag;
 pub mod fmt;
 pub mod generate;

@@ -1,0 +1,185 @@
+//! Resolution, checking and expansion: the typed spec to the [`Model`].
+//!
+//! Resolves every name (with "did you mean" for unknown ones), applies
+//! node-class inheritance and defaults, expands vm-groups, and checks every
+//! rule of SPEC.md that does not need placement. Like the lowering, it keeps
+//! going after an error and always returns the model it could build.
+//!
+//! One module per object kind, in the order [`check`] runs them:
+//! `node_classes`, `sites` (racks and nodes) with `bonds` and `pools`,
+//! `slas`, `images`, `tenants` (networks, security groups, members), `vms`
+//! (VMs and vm-groups), `capacity` (quotas and reserved capacity over the
+//! expanded VMs), `affinities`, `protection`; `selectors` is what `select`,
+//! `applies-to` and `nodes` match. Each adds methods to the one `Checker`
+//! (the diagnostics and the span index); the helpers every kind uses
+//! (duplicate names, unknown references) are here.
+
+use std::collections::BTreeMap;
+
+use crate::diag::{Diagnostic, Span, suggestion};
+use crate::model::*;
+use crate::source::Sources;
+use crate::spec::{self, Name, SpecSet};
+
+mod affinities;
+mod bonds;
+mod capacity;
+mod images;
+mod node_classes;
+mod pools;
+mod protection;
+mod selectors;
+mod sites;
+mod slas;
+mod tenants;
+mod vms;
+
+pub use images::BUILTIN_IMAGES;
+pub use selectors::{matches_node, matches_vm};
+pub use slas::BUILTIN_SLA;
+
+/// Where each named object was declared, for messages of later phases
+/// (placement explanations, policy results).
+#[derive(Debug, Clone, Default)]
+pub struct SpanIndex {
+    objects: BTreeMap<(&'static str, String), Span>,
+}
+
+impl SpanIndex {
+    fn insert(&mut self, kind: &'static str, name: &str, span: Span) {
+        self.objects.entry((kind, name.to_owned())).or_insert(span);
+    }
+
+    /// The span of an object: kind is `vm`, `site`, `node`, `tenant`, `pool`
+    /// (as `site/pool`), `affinity`, … as in the spec language.
+    pub fn get(&self, kind: &'static str, name: &str) -> Option<Span> {
+        self.objects.get(&(kind, name.to_owned())).copied()
+    }
+}
+
+/// Checks a spec set and builds the model.
+pub fn check(sources: &Sources, set: &SpecSet, diags: &mut Vec<Diagnostic>) -> (Model, SpanIndex) {
+    let mut c = Checker {
+        sources,
+        diags,
+        spans: SpanIndex::default(),
+    };
+    let model = c.run(set);
+    (model, c.spans)
+}
+
+struct Checker<'a> {
+    sources: &'a Sources,
+    diags: &'a mut Vec<Diagnostic>,
+    spans: SpanIndex,
+}
+
+/// Reports names declared twice, pointing at both. Returns the first
+/// declaration of each name.
+fn unique<'n>(
+    diags: &mut Vec<Diagnostic>,
+    kind: &str,
+    scope: &str,
+    names: impl IntoIterator<Item = &'n Name>,
+) -> BTreeMap<String, Span> {
+    let mut seen: BTreeMap<String, Span> = BTreeMap::new();
+    for name in names {
+        if let Some(first) = seen.get(&name.value) {
+            diags.push(
+                Diagnostic::error(
+                    "cairn::resolve::duplicate_name",
+                    name.span,
+                    format!("{kind} `{}` is defined twice{scope}", name.value),
+                )
+                .with_label("defined again here")
+                .and_label(*first, "first defined here")
+                .with_help(format!(
+                    "{kind} names must be unique{scope}; rename or remove one of them"
+                )),
+            );
+        } else {
+            seen.insert(name.value.clone(), name.span);
+        }
+    }
+    seen
+}
+
+fn unknown(
+    code: &'static str,
+    r: &Name,
+    what: &str,
+    owner: &str,
+    candidates: &[&str],
+) -> Diagnostic {
+    Diagnostic::error(
+        code,
+        r.span,
+        format!(
+            "{owner} refers to {what} `{}`, which is not defined",
+            r.value
+        ),
+    )
+    .with_label(format!("unknown {what}"))
+    .with_help(suggestion(&r.value, candidates, what))
+}
+
+fn keys(map: &BTreeMap<String, impl Sized>) -> Vec<&str> {
+    map.keys().map(String::as_str).collect()
+}
+
+impl Checker<'_> {
+    fn push(&mut self, d: Diagnostic) {
+        self.diags.push(d);
+    }
+
+    fn run(&mut self, set: &SpecSet) -> Model {
+        let node_classes = self.node_classes(set);
+        let sites = self.sites(set, &node_classes);
+        let sla_profiles = self.sla_profiles(set);
+        let images = self.images(set);
+        let mut tenants = self.tenants(set, &sites);
+        let (mut vms, vm_groups) = self.vms(set, &sites, &tenants, &sla_profiles, &images);
+        // Everything derived from the VM list below (affinity and plan
+        // membership) follows name order, not declaration order.
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        self.quotas(set, &mut tenants, &vms);
+        self.reserved_capacity(set, &sites, &vms);
+        let affinities = self.affinities(set, &vms);
+        let protection_plans = self.protection_plans(set, &sites, &mut vms);
+        let mut model = Model {
+            format_version: FORMAT_VERSION,
+            node_classes: node_classes.into_values().collect(),
+            sites,
+            tenants,
+            sla_profiles: sla_profiles.into_values().collect(),
+            images: images.into_values().collect(),
+            vms,
+            vm_groups,
+            affinities,
+            protection_plans,
+        };
+        model.sites.sort_by(|a, b| a.name.cmp(&b.name));
+        model.tenants.sort_by(|a, b| a.name.cmp(&b.name));
+        model.vms.sort_by(|a, b| a.name.cmp(&b.name));
+        model.vm_groups.sort_by(|a, b| a.name.cmp(&b.name));
+        model.affinities.sort_by(|a, b| a.name.cmp(&b.name));
+        model.protection_plans.sort_by(|a, b| a.name.cmp(&b.name));
+        model
+    }
+}
+
+fn labels(kv: &[spec::KeyValue]) -> BTreeMap<String, String> {
+    kv.iter()
+        .map(|l| (l.key.value.clone(), l.value.value.clone()))
+        .collect()
+}
+
+fn list(items: &[&str], max: usize) -> String {
+    let shown: Vec<&str> = items.iter().copied().take(max).collect();
+    let more = items.len().saturating_sub(max);
+    if more > 0 {
+        format!("{} and {more} more", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}

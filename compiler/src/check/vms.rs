@@ -1,0 +1,394 @@
+//! `vm` and `vm-group`: names (groups expanded), references to tenant, site,
+//! SLA profile, image, pools, networks and security groups, and the rules of
+//! one VM (FT needs a reserved profile, a witness and two failure domains;
+//! Linux vCPU limit).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Checker, keys, labels, unique, unknown};
+use crate::diag::Diagnostic;
+use crate::lower::is_dns_label;
+use crate::model::*;
+use crate::spec::{self, Name, Spanned, SpecSet};
+use vm_config::limits::LINUX_VCPUS;
+
+impl Checker<'_> {
+    /// Resolves VMs and expands vm-groups.
+    pub(super) fn vms(
+        &mut self,
+        set: &SpecSet,
+        sites: &[Site],
+        tenants: &[Tenant],
+        slas: &BTreeMap<String, SlaProfile>,
+        images: &BTreeMap<String, Image>,
+    ) -> (Vec<Vm>, Vec<VmGroup>) {
+        unique(
+            self.diags,
+            "vm-group",
+            "",
+            set.vm_groups.iter().map(|g| &g.name),
+        );
+        // Expanded names first, so duplicates between VMs and group members
+        // point at both declarations.
+        let mut all_names: Vec<Name> = set.vms.iter().map(|v| v.name.clone()).collect();
+        for g in &set.vm_groups {
+            let n = g.replicas.as_ref().map_or(0, |r| r.value);
+            for i in 0..n {
+                all_names.push(Spanned {
+                    value: format!("{}-{i}", g.name.value),
+                    span: g.name.span,
+                });
+            }
+        }
+        unique(self.diags, "vm", "", all_names.iter());
+        let mut out = vec![];
+        let mut seen = BTreeSet::new();
+        for v in &set.vms {
+            if !seen.insert(v.name.value.clone()) {
+                continue;
+            }
+            self.spans.insert("vm", &v.name.value, v.name.span);
+            let owner = format!("vm `{}`", v.name.value);
+            if let Some(vm) = self.vm(
+                &v.name.value,
+                None,
+                &owner,
+                v.tenant.as_ref(),
+                v.site.as_ref(),
+                &v.body,
+                sites,
+                tenants,
+                slas,
+                images,
+            ) {
+                out.push(vm);
+            }
+        }
+        let mut groups = vec![];
+        let mut seen_groups = BTreeSet::new();
+        for g in &set.vm_groups {
+            if !seen_groups.insert(g.name.value.clone()) {
+                continue;
+            }
+            self.spans.insert("vm-group", &g.name.value, g.name.span);
+            let replicas = g.replicas.as_ref().map_or(0, |r| r.value);
+            let mut members = vec![];
+            for i in 0..replicas {
+                let name = format!("{}-{i}", g.name.value);
+                if name.len() > 63 {
+                    self.push(
+                        Diagnostic::error(
+                            "cairn::check::invalid_name",
+                            g.name.span,
+                            format!(
+                                "vm-group `{}` expands to `{name}`, longer than 63 characters",
+                                g.name.value
+                            ),
+                        )
+                        .with_help("shorten the group name"),
+                    );
+                    break;
+                }
+                debug_assert!(is_dns_label(&name) || !is_dns_label(&g.name.value));
+                members.push(name.clone());
+                if !seen.insert(name.clone()) {
+                    continue;
+                }
+                self.spans.insert("vm", &name, g.name.span);
+                // Report resolution problems once per group, not once per replica.
+                let owner = format!("vm-group `{}`", g.name.value);
+                let before = self.diags.len();
+                let vm = self.vm(
+                    &name,
+                    Some(&g.name.value),
+                    &owner,
+                    g.tenant.as_ref(),
+                    g.site.as_ref(),
+                    &g.body,
+                    sites,
+                    tenants,
+                    slas,
+                    images,
+                );
+                if i > 0 {
+                    self.diags.truncate(before);
+                }
+                out.extend(vm);
+            }
+            if let Some(m) = &g.max_unavailable
+                && m.value > replicas.max(1)
+            {
+                self.push(
+                    Diagnostic::warning(
+                        "cairn::check::max_unavailable_above_replicas",
+                        m.span,
+                        format!(
+                            "max-unavailable {} is more than the group's {replicas} replicas",
+                            m.value
+                        ),
+                    )
+                    .with_help("it allows taking the whole group down at once; lower it"),
+                );
+            }
+            groups.push(VmGroup {
+                name: g.name.value.clone(),
+                tenant: g
+                    .tenant
+                    .as_ref()
+                    .map(|t| t.value.clone())
+                    .unwrap_or_default(),
+                site: g.site.as_ref().map(|t| t.value.clone()).unwrap_or_default(),
+                replicas,
+                spread: g.spread.as_ref().map(|s| s.value),
+                max_unavailable: g.max_unavailable.as_ref().map_or(1, |m| m.value),
+                vms: members,
+            });
+        }
+        (out, groups)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn vm(
+        &mut self,
+        name: &str,
+        group: Option<&str>,
+        owner: &str,
+        tenant: Option<&Name>,
+        site: Option<&Name>,
+        body: &spec::VmBody,
+        sites: &[Site],
+        tenants: &[Tenant],
+        slas: &BTreeMap<String, SlaProfile>,
+        images: &BTreeMap<String, Image>,
+    ) -> Option<Vm> {
+        let tenant_names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
+        let site_names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+        let t = tenant.and_then(|t| {
+            let found = tenants.iter().find(|x| x.name == t.value);
+            if found.is_none() {
+                self.push(unknown(
+                    "cairn::resolve::unknown_tenant",
+                    t,
+                    "tenant",
+                    owner,
+                    &tenant_names,
+                ));
+            }
+            found
+        });
+        let s = site.and_then(|s| {
+            let found = sites.iter().find(|x| x.name == s.value);
+            if found.is_none() {
+                self.push(unknown(
+                    "cairn::resolve::unknown_site",
+                    s,
+                    "site",
+                    owner,
+                    &site_names,
+                ));
+            }
+            found
+        });
+        let sla_name = body.sla.as_ref().map_or("on-demand", |s| s.value.as_str());
+        let sla = match slas.get(sla_name) {
+            Some(p) => VmSla {
+                name: p.name.clone(),
+                class: p.class,
+                priority: p.priority,
+            },
+            None => {
+                if let Some(r) = &body.sla {
+                    self.push(unknown(
+                        "cairn::resolve::unknown_sla_profile",
+                        r,
+                        "sla-profile",
+                        owner,
+                        &keys(slas),
+                    ));
+                }
+                VmSla {
+                    name: sla_name.to_owned(),
+                    class: SlaClass::OnDemand,
+                    priority: 500,
+                }
+            }
+        };
+        if let Some(img) = &body.image
+            && !images.contains_key(&img.value)
+        {
+            self.push(unknown(
+                "cairn::resolve::unknown_image",
+                img,
+                "image",
+                owner,
+                &keys(images),
+            ));
+        }
+        // Linux finds its CPUs in cairn-vmm's MP table, which has less room than
+        // the built-in guest: a limit only the image says applies.
+        if let (Some(img), Some(cpu)) = (&body.image, &body.cpu)
+            && images.get(&img.value).is_some_and(|i| i.kernel.is_some())
+            && LINUX_VCPUS.check(u64::from(cpu.value)).is_err()
+        {
+            self.push(
+                Diagnostic::error(
+                    "cairn::check::linux_vcpus",
+                    cpu.span,
+                    format!("{owner} boots the Linux image `{}` on {} vCPUs; a Linux guest has at most {}", img.value, cpu.value, LINUX_VCPUS.max),
+                )
+                .and_label(img.span, "a Linux kernel")
+                .with_help(format!("{}; for example `cpu {}`", LINUX_VCPUS.rule(), LINUX_VCPUS.max)),
+            );
+        }
+        let mut disks = vec![];
+        let disk_names: Vec<Name> = body.disks.iter().map(|d| d.name.clone()).collect();
+        unique(
+            self.diags,
+            "disk",
+            &format!(" on {owner}"),
+            disk_names.iter(),
+        );
+        for d in &body.disks {
+            if let (Some(p), Some(s)) = (&d.pool, s)
+                && !s.pools.iter().any(|x| x.name == p.value)
+            {
+                let pools: Vec<&str> = s.pools.iter().map(|x| x.name.as_str()).collect();
+                let mut diag = unknown("cairn::resolve::unknown_pool", p, "pool", owner, &pools);
+                diag.message = format!(
+                    "{owner} puts disk `{}` in pool `{}`, which site `{}` does not have",
+                    d.name.value, p.value, s.name
+                );
+                self.push(diag);
+            }
+            disks.push(VmDisk {
+                name: d.name.value.clone(),
+                size_bytes: d.size.as_ref().map_or(0, |v| v.value),
+                pool: d.pool.as_ref().map(|p| p.value.clone()).unwrap_or_default(),
+                from_image: d.from_image.as_ref().is_some_and(|f| f.value),
+                prevent_destroy: d.prevent_destroy.as_ref().is_some_and(|f| f.value),
+            });
+        }
+        let mut nics = vec![];
+        for n in &body.nics {
+            if let (Some(net), Some(t)) = (&n.network, t) {
+                match t.networks.iter().find(|x| x.name == net.value) {
+                    None => {
+                        let nets: Vec<&str> = t.networks.iter().map(|x| x.name.as_str()).collect();
+                        let mut diag = unknown(
+                            "cairn::resolve::unknown_network",
+                            net,
+                            "network",
+                            owner,
+                            &nets,
+                        );
+                        diag.message = format!(
+                            "{owner} attaches to network `{}`, which tenant `{}` does not have",
+                            net.value, t.name
+                        );
+                        self.push(diag);
+                    }
+                    Some(found) => {
+                        if let Some(s) = s
+                            && found.site != s.name
+                            && !found.site.is_empty()
+                        {
+                            self.push(
+                                Diagnostic::error(
+                                    "cairn::check::network_on_other_site",
+                                    net.span,
+                                    format!("{owner} runs in site `{}` but network `{}` is in site `{}`", s.name, net.value, found.site),
+                                )
+                                .with_help("attach VMs to networks of their own site"),
+                            );
+                        }
+                    }
+                }
+            }
+            if let Some(t) = t {
+                for g in &n.security_groups {
+                    if !t.security_groups.iter().any(|x| x.name == g.value) {
+                        let sgs: Vec<&str> =
+                            t.security_groups.iter().map(|x| x.name.as_str()).collect();
+                        self.push(unknown(
+                            "cairn::resolve::unknown_security_group",
+                            g,
+                            "security-group",
+                            owner,
+                            &sgs,
+                        ));
+                    }
+                }
+            }
+            nics.push(VmNic {
+                network: n
+                    .network
+                    .as_ref()
+                    .map(|x| x.value.clone())
+                    .unwrap_or_default(),
+                security_groups: n.security_groups.iter().map(|g| g.value.clone()).collect(),
+            });
+        }
+        let availability = body
+            .availability
+            .as_ref()
+            .map_or(Availability::None, |a| a.value);
+        if availability == Availability::Ft
+            && let Some(a) = &body.availability
+        {
+            if sla.class != SlaClass::Reserved {
+                let mut d = Diagnostic::error(
+                    "cairn::check::ft_requires_reserved",
+                    a.span,
+                    format!("{owner} is fault tolerant but its SLA profile `{}` is of class `{}`", sla.name, sla.class),
+                )
+                .with_help("FT keeps a full secondary; it needs a profile of class `reserved` (e.g. `sla \"reserved\"`)");
+                if let Some(r) = &body.sla {
+                    d = d.and_label(r.span, "not reserved");
+                }
+                self.push(d);
+            }
+            if let Some(s) = s {
+                if s.witness.is_none() {
+                    self.push(
+                        Diagnostic::error("cairn::check::ft_without_witness", a.span, format!("{owner} is fault tolerant but site `{}` has no witness", s.name))
+                            .with_help("add `witness address=\"HOST:PORT\"` to the site: FT pairs need a quorum witness against split brain"),
+                    );
+                }
+                let domains = if s.racks.len() >= 2 {
+                    s.racks.len()
+                } else {
+                    s.nodes.len()
+                };
+                if domains < 2 {
+                    self.push(
+                        Diagnostic::error(
+                            "cairn::check::ft_without_failure_domains",
+                            a.span,
+                            format!("{owner} is fault tolerant but site `{}` has only {} node{}", s.name, s.nodes.len(), if s.nodes.len() == 1 { "" } else { "s" }),
+                        )
+                        .with_help("FT needs two failure domains (racks, or at least nodes) for its primary and secondary"),
+                    );
+                }
+            }
+        }
+        Some(Vm {
+            name: name.to_owned(),
+            tenant: tenant.map(|t| t.value.clone()).unwrap_or_default(),
+            site: site.map(|s| s.value.clone()).unwrap_or_default(),
+            group: group.map(str::to_owned),
+            cpu: body.cpu.as_ref().map_or(0, |c| c.value),
+            memory_bytes: body.memory.as_ref().map_or(0, |m| m.value),
+            sla,
+            availability,
+            image: body
+                .image
+                .as_ref()
+                .map(|i| i.value.clone())
+                .unwrap_or_default(),
+            disks,
+            nics,
+            tags: labels(&body.tags),
+            protection_plans: vec![],
+        })
+    }
+}

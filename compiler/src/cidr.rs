@@ -1,0 +1,174 @@
+//! IPv4 and IPv6 networks (`ADDRESS/PREFIX`): parsing with no host bits
+//! set, containment and overlap. Used by the tenant network checks; IPAM
+//! will hand out addresses from them.
+
+use std::net::IpAddr;
+
+/// An IPv4 or IPv6 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `ADDRESS/PREFIX` with no host bits set.
+    pub fn parse(s: &str) -> Result<Cidr, String> {
+        let (a, p) = s.split_once('/').ok_or("it has no `/PREFIX`")?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("`{a}` is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or(format!("the prefix length must be 0..={max}"))?;
+        let c = Cidr { addr, prefix };
+        if c.bits(addr) & !c.mask() != 0 {
+            return Err(format!(
+                "host bits are set; the network address is {}",
+                c.network_string()
+            ));
+        }
+        Ok(c)
+    }
+
+    fn width(&self) -> u32 {
+        if self.addr.is_ipv4() { 32 } else { 128 }
+    }
+
+    fn bits(&self, ip: IpAddr) -> u128 {
+        match ip {
+            IpAddr::V4(v) => u128::from(u32::from(v)),
+            IpAddr::V6(v) => u128::from(v),
+        }
+    }
+
+    fn mask(&self) -> u128 {
+        let w = self.width();
+        let all = if w == 32 {
+            u128::from(u32::MAX)
+        } else {
+            u128::MAX
+        };
+        if self.prefix == 0 {
+            0
+        } else {
+            all & !((1u128 << (w - u32::from(self.prefix))) - 1)
+        }
+    }
+
+    fn network_string(&self) -> String {
+        let bits = self.bits(self.addr) & self.mask();
+        let ip: IpAddr = if self.addr.is_ipv4() {
+            IpAddr::V4((bits as u32).into())
+        } else {
+            IpAddr::V6(bits.into())
+        };
+        format!("{ip}/{}", self.prefix)
+    }
+
+    /// Whether the network contains an address.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() == self.addr.is_ipv4() && self.bits(ip) & self.mask() == self.bits(self.addr)
+    }
+
+    /// Whether `ip` is the network's own address (its first, all host bits
+    /// zero), which no host may take; /31 and /32 (/127, /128) have none.
+    pub fn is_network_address(&self, ip: IpAddr) -> bool {
+        self.width() - u32::from(self.prefix) > 1 && self.bits(ip) == self.bits(self.addr)
+    }
+
+    /// The first host address: the one after the network address.
+    pub fn first_host(&self) -> String {
+        let bits = self.bits(self.addr) + 1;
+        let ip: IpAddr = if self.addr.is_ipv4() {
+            IpAddr::V4((bits as u32).into())
+        } else {
+            IpAddr::V6(bits.into())
+        };
+        ip.to_string()
+    }
+
+    /// Whether two networks share an address.
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        if self.addr.is_ipv4() != other.addr.is_ipv4() {
+            return false;
+        }
+        let shorter = if self.prefix <= other.prefix {
+            self
+        } else {
+            other
+        };
+        shorter.contains(if shorter == self {
+            other.addr
+        } else {
+            self.addr
+        })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("an address")
+    }
+
+    #[test]
+    fn parse_refuses_what_is_not_a_network_and_says_why() {
+        assert_eq!(Cidr::parse("10.0.0.0").unwrap_err(), "it has no `/PREFIX`");
+        assert_eq!(
+            Cidr::parse("10.0.0/8").unwrap_err(),
+            "`10.0.0` is not an IP address"
+        );
+        assert_eq!(
+            Cidr::parse("10.0.0.0/33").unwrap_err(),
+            "the prefix length must be 0..=32"
+        );
+        assert_eq!(
+            Cidr::parse("10.0.0.1/24").unwrap_err(),
+            "host bits are set; the network address is 10.0.0.0/24"
+        );
+        assert_eq!(
+            Cidr::parse("fd00::1/64").unwrap_err(),
+            "host bits are set; the network address is fd00::/64"
+        );
+        assert_eq!(
+            Cidr::parse("0.0.0.0/0").expect("all").to_string(),
+            "0.0.0.0/0"
+        );
+    }
+
+    #[test]
+    fn hosts_containment_and_overlap() {
+        let net = Cidr::parse("10.20.0.0/24").expect("valid");
+        assert!(net.contains(ip("10.20.0.255")));
+        assert!(!net.contains(ip("10.20.1.0")));
+        assert!(!net.contains(ip("::1")));
+        assert!(net.is_network_address(ip("10.20.0.0")));
+        assert_eq!(net.first_host(), "10.20.0.1");
+        // A /31 has no network address to keep free.
+        assert!(
+            !Cidr::parse("10.0.0.0/31")
+                .expect("valid")
+                .is_network_address(ip("10.0.0.0"))
+        );
+        let wide = Cidr::parse("10.0.0.0/8").expect("valid");
+        assert!(net.overlaps(&wide) && wide.overlaps(&net));
+        assert!(!net.overlaps(&Cidr::parse("10.20.1.0/24").expect("valid")));
+        assert!(!net.overlaps(&Cidr::parse("::/0").expect("valid")));
+        assert_eq!(
+            Cidr::parse("fd00::/64").expect("valid").first_host(),
+            "fd00::1"
+        );
+    }
+}
