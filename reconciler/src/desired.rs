@@ -1,36 +1,18 @@
 //! The desired state: what should run on which node, from the compiled model and
 //! the placement.
 //!
-//! [`place`] is the one function that decides VM → node: it runs the compiler's
-//! placement solver from the previous placement and adds where each volume's
-//! primary and replicas go on the node runtimes.
+//! [`place`] is the one function that decides VM → node and where each volume's
+//! copies go: the compiler's placement solver (`compiler::place`), from the
+//! previous placement. There is one placement type, the compiler's.
 
 use std::collections::BTreeMap;
 
 use compiler::Model;
 use serde::{Deserialize, Serialize};
 
-/// Where every VM and volume goes.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct Placement {
-    /// VM name → node name.
-    pub vms: BTreeMap<String, String>,
-    /// Volume name → its primary node and replica nodes.
-    pub volumes: BTreeMap<String, VolumePlacement>,
-    /// VMs that could not be placed, with the reason.
-    pub unplaced: BTreeMap<String, String>,
-    /// VMs pushed out by higher-priority VMs: victim → why.
-    pub preempted: BTreeMap<String, String>,
-}
-
-/// Where one volume's copies are.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct VolumePlacement {
-    /// Primary node.
-    pub node: String,
-    /// Replica nodes.
-    pub replicas: Vec<String>,
-}
+/// Where every VM and volume goes: the compiler's placement, stored as it is
+/// (VM → node and FT secondary; volume → stripe columns, primary and replicas).
+pub use compiler::place::Placement;
 
 /// A node of the spec.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +134,10 @@ pub struct Desired {
     pub volumes: BTreeMap<String, DesiredVolume>,
     /// The placement they came from.
     pub placement: Placement,
+    /// VMs without a node: name → why.
+    pub unplaced: BTreeMap<String, String>,
+    /// VMs pushed out by higher-priority VMs: name → why.
+    pub preempted: BTreeMap<String, String>,
     /// VM → tenant for every VM of the model (placed or not).
     pub tenants: BTreeMap<String, String>,
     /// Every volume the model names (its VM placed or not) → its VM. A volume in
@@ -170,155 +156,18 @@ pub fn volume_name(vm: &str, disk: &str) -> String {
     format!("{vm}-{disk}")
 }
 
-/// Places every VM and volume of the model, starting from `previous`.
-///
-/// VMs go where the compiler's placement solver (`compiler::place`) puts them,
-/// with the previous placement as its starting point (stability, preemption and
-/// explanations are the solver's). Volumes: the primary copy is on the VM's node
-/// (a node's volume engine serves the VM locally) and stays where it was (data
-/// does not move); replicas go to the other nodes the solver chose for the
-/// volume's stripe copies, else to the nodes of the site with the fewest copies.
+/// Places every VM and volume of the model, starting from `previous` (the
+/// compiler's solver: stability, preemption, explanations, and each volume's
+/// primary and replicas are its decisions).
 pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
-    place_solved(model, previous).0
-}
-
-/// [`place`], and the solver's own placement (its unplaced VMs carry the
-/// reasons, constraint by constraint, that diagnostics print with spans).
-pub fn place_solved(
-    model: &Model,
-    previous: Option<&Placement>,
-) -> (Placement, compiler::place::Placement) {
-    let mut placement = Placement::default();
-    let empty = Placement::default();
-    let previous = previous.unwrap_or(&empty);
-    let solver_previous = compiler::place::Placement {
-        format_version: compiler::place::FORMAT_VERSION,
-        vms: previous
-            .vms
-            .iter()
-            .filter_map(|(name, node)| {
-                let vm = model.vm(name)?;
-                Some(compiler::place::VmPlacement {
-                    name: name.clone(),
-                    tenant: vm.tenant.clone(),
-                    site: vm.site.clone(),
-                    node: node.clone(),
-                    secondary: None,
-                })
-            })
-            .collect(),
-        unplaced: vec![],
-        volumes: vec![],
-        nodes: vec![],
-        moves: vec![],
-    };
-    let solved = compiler::place::place(
+    compiler::place::place(
         model,
         &compiler::place::PlaceOptions {
-            previous: Some(solver_previous),
+            previous: previous.cloned(),
             failed_nodes: Default::default(),
         },
         None,
-    );
-    for vm in &solved.vms {
-        placement.vms.insert(vm.name.clone(), vm.node.clone());
-    }
-    for u in &solved.unplaced {
-        let reasons: Vec<String> = u.reasons.iter().map(|r| r.message.clone()).collect();
-        if u.reasons.iter().any(|r| r.constraint == "preempted") {
-            placement
-                .preempted
-                .insert(u.name.clone(), reasons.join("; "));
-        }
-        placement
-            .unplaced
-            .insert(u.name.clone(), reasons.join("; "));
-    }
-    // Nodes the solver put each volume's stripe copies on, in column order.
-    let mut solver_nodes: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for v in &solved.volumes {
-        let nodes = solver_nodes.entry(v.name.replace('/', "-")).or_default();
-        for copy in v.columns.iter().flatten() {
-            let node = copy.split('/').next().unwrap_or(copy).to_owned();
-            if !nodes.contains(&node) {
-                nodes.push(node);
-            }
-        }
-    }
-    let site_of: BTreeMap<&str, &str> = model
-        .sites
-        .iter()
-        .flat_map(|s| {
-            s.nodes
-                .iter()
-                .map(move |n| (n.name.as_str(), s.name.as_str()))
-        })
-        .collect();
-    // Volumes: primary on the VM's node (kept where it was: data does not move),
-    // replicas where the solver put stripe copies, then on the other nodes of the
-    // site with the fewest copies, by name.
-    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
-    for vm in &model.vms {
-        let Some(node) = placement.vms.get(&vm.name) else {
-            continue;
-        };
-        let site = model.site(&vm.site);
-        for disk in &vm.disks {
-            let name = volume_name(&vm.name, &disk.name);
-            let n_replicas = site
-                .and_then(|s| s.pools.iter().find(|p| p.name == disk.pool))
-                .map(|p| p.replicas.saturating_sub(1) as usize)
-                .unwrap_or(0);
-            // The primary is where the data is: a volume that exists keeps its
-            // primary and the replicas it has (a replica count change adds or
-            // drops copies; it never moves the data to a new primary).
-            let previous_copy = previous
-                .volumes
-                .get(&name)
-                .filter(|prev| site_of.contains_key(prev.node.as_str()));
-            let primary = previous_copy.map_or(node, |prev| &prev.node).clone();
-            let mut replicas: Vec<String> = previous_copy
-                .map(|prev| {
-                    prev.replicas
-                        .iter()
-                        .filter(|r| site_of.contains_key(r.as_str()) && **r != primary)
-                        .take(n_replicas)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            for candidate in solver_nodes.get(&name).into_iter().flatten() {
-                if replicas.len() >= n_replicas {
-                    break;
-                }
-                if *candidate != primary && !replicas.contains(candidate) {
-                    replicas.push(candidate.clone());
-                }
-            }
-            // Fallback only when the solver named too few nodes: the site's
-            // other nodes with the fewest copies (O(nodes) per volume).
-            if replicas.len() < n_replicas {
-                let mut others: Vec<(usize, &str)> = site_of
-                    .iter()
-                    .filter(|(n, s)| **s == vm.site && **n != primary)
-                    .filter(|(n, _)| !replicas.iter().any(|r| r == *n))
-                    .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
-                    .collect();
-                others.sort_unstable();
-                let missing = n_replicas - replicas.len();
-                replicas.extend(others.into_iter().take(missing).map(|(_, n)| n.to_owned()));
-            }
-            let placed = VolumePlacement {
-                node: primary,
-                replicas,
-            };
-            for n in std::iter::once(&placed.node).chain(&placed.replicas) {
-                *copies.entry(n.clone()).or_default() += 1;
-            }
-            placement.volumes.insert(name, placed);
-        }
-    }
-    (placement, solved)
+    )
 }
 
 /// A site's bond as `node` should have it: the capacity is this node's (its member
@@ -363,6 +212,22 @@ fn desired_bond(
 /// The desired state for a model and placement.
 pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement) -> Desired {
     let mut desired = Desired::default();
+    let vm_nodes: BTreeMap<&str, &str> = placement
+        .vms
+        .iter()
+        .map(|v| (v.name.as_str(), v.node.as_str()))
+        .collect();
+    let volumes_by_name: BTreeMap<String, &compiler::place::VolumePlacement> = placement
+        .volumes
+        .iter()
+        .map(|v| (v.runtime_name(), v))
+        .collect();
+    for u in &placement.unplaced {
+        desired.unplaced.insert(u.name.clone(), u.reason_text());
+        if u.preempted() {
+            desired.preempted.insert(u.name.clone(), u.reason_text());
+        }
+    }
     for site in &model.sites {
         for node in &site.nodes {
             desired.nodes.insert(
@@ -393,7 +258,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
             }
             desired.spec_volumes.insert(name, vm.name.clone());
         }
-        let Some(node) = placement.vms.get(&vm.name) else {
+        let Some(node) = vm_nodes.get(vm.name.as_str()) else {
             continue;
         };
         let image = model.images.iter().find(|i| i.name == vm.image);
@@ -419,7 +284,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
         let mut volumes = vec![];
         for disk in &vm.disks {
             let name = volume_name(&vm.name, &disk.name);
-            let Some(vp) = placement.volumes.get(&name) else {
+            let Some(vp) = volumes_by_name.get(&name) else {
                 continue;
             };
             let pool = site.and_then(|s| s.pools.iter().find(|p| p.name == disk.pool));
@@ -429,9 +294,9 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                     name: name.clone(),
                     vm: vm.name.clone(),
                     tenant: vm.tenant.clone(),
-                    node: vp.node.clone(),
+                    node: vp.primary.clone(),
                     replicas: vp.replicas.clone(),
-                    size_bytes: disk.size_bytes.div_ceil(4096) * 4096,
+                    size_bytes: disk.size_bytes,
                     stripe_width: pool.map(|p| p.stripe_width).unwrap_or(1),
                     stripe_unit_bytes: pool.map(|p| p.stripe_unit_bytes).unwrap_or(1 << 20),
                 },
@@ -443,7 +308,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
             DesiredVm {
                 name: vm.name.clone(),
                 tenant: vm.tenant.clone(),
-                node: node.clone(),
+                node: (*node).to_owned(),
                 vcpus: vm.cpu,
                 memory_bytes: vm.memory_bytes,
                 image,
@@ -452,6 +317,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
             },
         );
     }
+    drop((vm_nodes, volumes_by_name));
     desired.placement = placement;
     desired
 }

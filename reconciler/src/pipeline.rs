@@ -11,7 +11,9 @@ use sha2::{Digest, Sha256};
 use crate::apply::{ApplyEvents, ApplyOptions, Report, Settled, apply};
 use proto::v1::VolumeRole;
 
-use crate::desired::{self, BootImage, Desired, DesiredNode, Placement, VolumePlacement};
+use compiler::place::VolumePlacement;
+
+use crate::desired::{self, BootImage, Desired, DesiredNode, Placement};
 use crate::nodes::NodeApi;
 use crate::observe::{NodeObservation, Observed, observe};
 use crate::plan::{Plan, plan};
@@ -81,7 +83,8 @@ pub fn spec_nodes(model: &compiler::Model) -> BTreeMap<String, DesiredNode> {
 }
 
 /// What the nodes run, as a placement (used when the state store has none, e.g.
-/// after it was lost: placement then starts from reality).
+/// after it was lost: placement then starts from reality). Volumes are known
+/// only by their runtime names here.
 pub fn placement_from_observed(observed: &Observed) -> Placement {
     let mut p = Placement::default();
     for (node, obs) in &observed.nodes {
@@ -89,32 +92,64 @@ pub fn placement_from_observed(observed: &Observed) -> Placement {
             continue;
         };
         for vm in vms.values() {
-            p.vms.entry(vm.name.clone()).or_insert_with(|| node.clone());
+            if p.vm_node(&vm.name).is_none() {
+                p.vms.push(compiler::place::VmPlacement {
+                    name: vm.name.clone(),
+                    tenant: String::new(),
+                    site: String::new(),
+                    node: node.clone(),
+                    secondary: None,
+                });
+            }
         }
         for v in volumes.values().filter(|v| v.role != VolumeRole::Replica) {
-            p.volumes.insert(
-                v.name.clone(),
-                VolumePlacement {
-                    node: node.clone(),
-                    replicas: v.replica_peers.clone(),
-                },
-            );
+            p.volumes.push(observed_volume(node, v));
         }
     }
     p
 }
 
+fn observed_volume(node: &str, v: &crate::observe::ObservedVolume) -> VolumePlacement {
+    VolumePlacement {
+        name: v.name.clone(),
+        vm: String::new(),
+        pool: String::new(),
+        size_bytes: v.size_bytes,
+        column_bytes: 0,
+        columns: vec![],
+        degraded_columns: 0,
+        primary: node.to_owned(),
+        replicas: v.replica_peers.clone(),
+    }
+}
+
 /// The placement to start from: the stored one, with every volume a node
 /// reports where the node says its data is (the data decides, not the record).
 pub fn previous_placement(stored: Option<Placement>, observed: &Observed) -> Placement {
-    let seen = placement_from_observed(observed);
-    match stored {
-        None => seen,
-        Some(mut p) => {
-            p.volumes.extend(seen.volumes);
-            p
+    let Some(mut p) = stored else {
+        return placement_from_observed(observed);
+    };
+    let index: BTreeMap<String, usize> = p
+        .volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.runtime_name(), i))
+        .collect();
+    for (node, obs) in &observed.nodes {
+        let NodeObservation::Reachable { volumes, .. } = obs else {
+            continue;
+        };
+        for v in volumes.values().filter(|v| v.role != VolumeRole::Replica) {
+            match index.get(&v.name) {
+                Some(&i) => {
+                    p.volumes[i].primary = node.clone();
+                    p.volumes[i].replicas = v.replica_peers.clone();
+                }
+                None => p.volumes.push(observed_volume(node, v)),
+            }
         }
     }
+    p
 }
 
 /// A plan and what it was made from.
@@ -141,7 +176,8 @@ pub fn plan_against(
     previous: &Placement,
     protected_before: BTreeSet<String>,
 ) -> Planned {
-    let (placement, solved) = desired::place_solved(model, Some(previous));
+    let placement = desired::place(model, Some(previous));
+    let solved = placement.clone();
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
     let plan = plan(&desired, &observed, revision);

@@ -32,8 +32,12 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// The format of the state store's records (`meta/format_version`). Version 1
 /// had no marker; version 2 keys executions by execution id and journals
-/// `EXECUTION_ID/STEP` (version-1 records keyed by plan id are still read).
-pub const STATE_FORMAT_VERSION: u32 = 2;
+/// `EXECUTION_ID/STEP` (version-1 records keyed by plan id are still read);
+/// version 3 stores the compiler's placement as it is. A placement recorded by
+/// an older version is dropped when the store is opened: placement is then
+/// rebuilt from what the nodes run (VMs stay where they are, volumes where
+/// their data is), which is what losing it costs.
+pub const STATE_FORMAT_VERSION: u32 = 3;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -345,7 +349,11 @@ impl RedbStore {
                         });
                     }
                     Some(v) if v == STATE_FORMAT_VERSION => {}
-                    _ => {
+                    older => {
+                        if older.is_none_or(|v| v < 3) {
+                            meta.remove("placement")
+                                .map_err(|e| store.err("remove", e))?;
+                        }
                         let bytes =
                             serde_json::to_vec(&STATE_FORMAT_VERSION).expect("a number serializes");
                         meta.insert("format_version", bytes.as_slice())
@@ -743,11 +751,16 @@ mod tests {
             err.to_string().contains("written by a newer cairn"),
             "{err}"
         );
-        // A store from before the marker (version 1) is read and marked.
-        store.put_json(META, "format_version", &1u32).unwrap();
+        // A store of version 2 is read and marked; its placement (of another
+        // shape) is dropped, to be rebuilt from the nodes.
+        store.put_json(META, "format_version", &2u32).unwrap();
+        store
+            .put_json(META, "placement", &serde_json::json!({"vms": {"a": "n1"}}))
+            .unwrap();
         let reopened = RedbStore::open(&path).unwrap();
         let marked: Option<u32> = reopened.get_json(META, "format_version").unwrap();
         assert_eq!(marked, Some(STATE_FORMAT_VERSION));
+        assert!(reopened.placement().unwrap().is_none());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -347,7 +347,7 @@ pub fn status(
         vms,
         volumes,
         bonds,
-        unplaced: desired.placement.unplaced.keys().cloned().collect(),
+        unplaced: desired.unplaced.keys().cloned().collect(),
         drifted,
         last_apply: last,
         audit,

@@ -124,6 +124,77 @@ pub struct VolumePlacement {
     /// Columns with fewer live copies than the pool's replicas (after failures).
     #[serde(default)]
     pub degraded_columns: usize,
+    /// The node runtime's layout: the node holding the primary copy (the writer)
+    /// and the nodes holding its replicas. The primary is where the data is: it
+    /// stays on the node of the previous placement while that node is in the
+    /// site, else it is the VM's node; a replica count change adds or drops
+    /// replicas and never moves the primary.
+    #[serde(default)]
+    pub primary: String,
+    /// Replica nodes, in order.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+impl VolumePlacement {
+    /// The volume's name on node runtimes: `VM-DISK` (the placement's `VM/DISK`).
+    pub fn runtime_name(&self) -> String {
+        runtime_volume_name(&self.name)
+    }
+}
+
+/// The node runtime's name of a volume `VM/DISK`: `VM-DISK`.
+pub fn runtime_volume_name(name: &str) -> String {
+    name.replacen('/', "-", 1)
+}
+
+impl Unplaced {
+    /// Whether it was pushed out by a higher-priority VM (a spot VM preempted).
+    pub fn preempted(&self) -> bool {
+        self.reasons.iter().any(|r| r.constraint == "preempted")
+    }
+
+    /// Its reasons on one line, `; ` between them.
+    pub fn reason_text(&self) -> String {
+        self.reasons
+            .iter()
+            .map(|r| r.message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            format_version: FORMAT_VERSION,
+            vms: vec![],
+            unplaced: vec![],
+            volumes: vec![],
+            nodes: vec![],
+            moves: vec![],
+        }
+    }
+}
+
+impl Placement {
+    /// The node a VM is placed on.
+    pub fn vm_node(&self, vm: &str) -> Option<&str> {
+        self.vms
+            .iter()
+            .find(|v| v.name == vm)
+            .map(|v| v.node.as_str())
+    }
+
+    /// A volume by its runtime name (`VM-DISK`).
+    pub fn volume_by_runtime_name(&self, name: &str) -> Option<&VolumePlacement> {
+        self.volumes.iter().find(|v| v.runtime_name() == name)
+    }
+
+    /// An unplaced VM.
+    pub fn unplaced_vm(&self, vm: &str) -> Option<&Unplaced> {
+        self.unplaced.iter().find(|u| u.name == vm)
+    }
 }
 
 /// Resource use of a node.
@@ -1118,10 +1189,11 @@ fn finish(
         });
     }
     let placed: BTreeSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
-    let volumes = volumes
+    let mut volumes: Vec<VolumePlacement> = volumes
         .into_iter()
         .filter(|v| placed.contains(v.vm.as_str()))
         .collect();
+    runtime_layout(model, engine, &vms, &mut volumes, previous);
     let unplaced = model
         .vms
         .iter()
@@ -1157,6 +1229,104 @@ fn finish(
         volumes,
         nodes,
         moves,
+    }
+}
+
+/// Fills each volume's runtime layout (`primary`, `replicas`): the primary is
+/// where the data is (the previous placement's primary while that node is in
+/// the site, else the VM's node); replicas are the previous ones still in the
+/// site, then the nodes the solver put the stripe copies on, then the site's
+/// other nodes with the fewest copies so far (by name). Volumes are laid out in
+/// model order (VMs, then their disks), so the fewest-copies choice is stable.
+fn runtime_layout(
+    model: &Model,
+    engine: &Engine<'_>,
+    vms: &[VmPlacement],
+    volumes: &mut [VolumePlacement],
+    previous: Option<&Placement>,
+) {
+    let node_site: BTreeMap<&str, &str> = engine
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.site.as_str()))
+        .collect();
+    let vm_node: BTreeMap<&str, &str> = vms
+        .iter()
+        .map(|v| (v.name.as_str(), v.node.as_str()))
+        .collect();
+    // Keyed by the runtime name: a previous placement rebuilt from what the nodes
+    // report knows volumes only by that name.
+    let previous_volumes: BTreeMap<String, &VolumePlacement> = previous
+        .iter()
+        .flat_map(|p| p.volumes.iter())
+        .filter(|v| !v.primary.is_empty())
+        .map(|v| (v.runtime_name(), v))
+        .collect();
+    let index: BTreeMap<String, usize> = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.name.clone(), i))
+        .collect();
+    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    for vm in &model.vms {
+        let Some(&node) = vm_node.get(vm.name.as_str()) else {
+            continue;
+        };
+        let site = model.site(&vm.site);
+        for disk in &vm.disks {
+            let Some(&i) = index.get(&format!("{}/{}", vm.name, disk.name)) else {
+                continue;
+            };
+            let n_replicas = site
+                .and_then(|s| s.pools.iter().find(|p| p.name == disk.pool))
+                .map(|p| p.replicas.saturating_sub(1) as usize)
+                .unwrap_or(0);
+            let in_site = |n: &str| node_site.get(n).is_some_and(|s| *s == vm.site);
+            let before = previous_volumes
+                .get(&volumes[i].runtime_name())
+                .filter(|p| in_site(&p.primary));
+            let primary = before.map_or(node, |p| p.primary.as_str()).to_owned();
+            let mut replicas: Vec<String> = before
+                .map(|p| {
+                    p.replicas
+                        .iter()
+                        .filter(|r| in_site(r) && **r != primary)
+                        .take(n_replicas)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            let column_nodes: Vec<String> = volumes[i]
+                .columns
+                .iter()
+                .flatten()
+                .map(|copy| copy.split('/').next().unwrap_or(copy).to_owned())
+                .collect();
+            for candidate in column_nodes {
+                if replicas.len() >= n_replicas {
+                    break;
+                }
+                if candidate != primary && !replicas.contains(&candidate) {
+                    replicas.push(candidate);
+                }
+            }
+            if replicas.len() < n_replicas {
+                let mut others: Vec<(usize, &str)> = node_site
+                    .iter()
+                    .filter(|(n, s)| **s == vm.site && **n != primary)
+                    .filter(|(n, _)| !replicas.iter().any(|r| r == *n))
+                    .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
+                    .collect();
+                others.sort_unstable();
+                let missing = n_replicas - replicas.len();
+                replicas.extend(others.into_iter().take(missing).map(|(_, n)| n.to_owned()));
+            }
+            for n in std::iter::once(&primary).chain(&replicas) {
+                *copies.entry(n.clone()).or_default() += 1;
+            }
+            volumes[i].primary = primary;
+            volumes[i].replicas = replicas;
+        }
     }
 }
 

@@ -314,6 +314,8 @@ pub(crate) fn place_volumes(
                 .map(|c| c.iter().map(|&i| disks[i].id.clone()).collect())
                 .collect(),
             degraded_columns: 0,
+            primary: String::new(),
+            replicas: vec![],
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));

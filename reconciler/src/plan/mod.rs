@@ -98,7 +98,7 @@ fn finish(b: Builder<'_>, revision: &str) -> Plan {
             NodeObservation::Reachable { .. } => None,
         })
         .collect();
-    let unplaced = desired.placement.unplaced.clone();
+    let unplaced = desired.unplaced.clone();
     let spot_unplaced = unplaced
         .keys()
         .filter(|vm| desired.spot_vms.contains(*vm))

@@ -226,7 +226,11 @@ impl Plan {
     /// design (spot VMs): the specs do not validate, so the plan is never applied.
     pub fn blocking_unplaced(&self) -> impl Iterator<Item = (&String, &String)> {
         self.unplaced.iter().filter(|(vm, _)| {
-            !self.placement.preempted.contains_key(*vm) && !self.spot_unplaced.contains(*vm)
+            !self
+                .placement
+                .unplaced_vm(vm)
+                .is_some_and(compiler::place::Unplaced::preempted)
+                && !self.spot_unplaced.contains(*vm)
         })
     }
 

@@ -62,12 +62,11 @@ pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
                 continue;
             }
             let in_spec = desired.tenants.contains_key(*name);
-            let preempted = desired.placement.preempted.get(*name);
+            let preempted = desired.preempted.get(*name);
             if in_spec && !wanted_elsewhere && preempted.is_none() {
                 // Still in the spec but it cannot be placed now: a spec mistake
                 // (or a cluster too small) never deletes what runs. It stays.
                 let why = desired
-                    .placement
                     .unplaced
                     .get(*name)
                     .map_or("it has no node", String::as_str);
