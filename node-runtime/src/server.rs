@@ -62,6 +62,15 @@ pub async fn run(
         .map_err(|error| crate::node::NodeError::VolumeStore(error.to_string()))?
         .map_err(|error| crate::node::NodeError::VolumeStore(error.to_string()))?;
     let node = Node::open(config, local)?;
+    let converted = node.records.converted_on_open();
+    if converted > 0 {
+        println!(
+            "cairn-node {}: converted {converted} record(s) of {} from the previous format to format {}",
+            node.config.name,
+            files::RECORDS,
+            crate::records::FORMAT,
+        );
+    }
     // Expired request records go before the first request can look one up.
     let pruned = node.clone();
     tokio::task::spawn_blocking(move || pruned.prune_requests())

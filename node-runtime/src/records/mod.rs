@@ -510,3 +510,6 @@ impl Records {
         Ok(counted)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -13,5 +13,6 @@ mod lab;
 mod outcome;
 mod replication;
 mod resize;
+mod upgrade;
 mod vms;
 mod volume_access;
