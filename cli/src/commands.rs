@@ -49,21 +49,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// Compiles the specs; prints diagnostics. `Err(1)` when they have errors.
 fn load(dir: &Path, state: Option<&Path>) -> anyhow::Result<Result<Loaded, u8>> {
     let ctx = Ctx::new(dir, state)?;
-    let sources = crate::frontend::load(&ctx.spec_root, None)?;
-    let compilation = compiler::compile(&sources);
-    if !compilation.diagnostics.is_empty() {
-        let mut err = std::io::stderr().lock();
-        err.write_all(compiler::diag::render_all(&sources, &compilation.diagnostics).as_bytes())?;
-    }
-    if compilation.has_errors() {
-        eprintln!("the specs have errors; nothing was planned or applied");
-        return Ok(Err(1));
-    }
-    let revision = pipeline::revision(&sources);
+    let compiled = match crate::frontend::compile_specs(
+        &ctx.spec_root,
+        None,
+        crate::frontend::Warnings::Print,
+        "the specs have errors; nothing was planned or applied",
+    )? {
+        Ok(c) => c,
+        Err(code) => return Ok(Err(code)),
+    };
+    let revision = pipeline::revision(&compiled.sources);
     Ok(Ok(Loaded {
         ctx,
-        sources,
-        compilation,
+        sources: compiled.sources,
+        compilation: compiled.compilation,
         revision,
     }))
 }

@@ -321,6 +321,14 @@ pub async fn up(
             .arg("--disk-capacity")
             .arg(capacity.to_string())
             .args(network_args.get(&node.name).into_iter().flatten())
+            // Development hook: every node runs this cairn-vmm (e.g. a debug build,
+            // or a wrapper in tests) instead of the one beside cairn-node.
+            .args(
+                std::env::var_os("CAIRN_VMM_BIN")
+                    .map(|vmm| [std::ffi::OsString::from("--vmm-binary"), vmm])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

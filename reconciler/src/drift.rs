@@ -134,14 +134,7 @@ pub fn volume_in_sync(want: &DesiredVolume, have: &ObservedVolume) -> bool {
 /// A traffic class as plan and status word it: `storage min 300Mbps max 1Gbps
 /// weight 4`.
 pub fn traffic_text(t: &DesiredTraffic) -> String {
-    use compiler::units::format_bandwidth as bw;
-    format!(
-        "{} min {} max {} weight {}",
-        t.name,
-        bw(t.min_bps),
-        bw(t.max_bps),
-        t.weight
-    )
+    compiler::model::traffic_class_text(&t.name, t.min_bps, t.max_bps, t.weight)
 }
 
 /// `cairn-guest (built in)` or `kernel PATH [initrd PATH] [cmdline "…"]`.

@@ -356,19 +356,8 @@ pub fn status(
 
 fn bond_rows(desired: &Desired, observed: &Observed) -> Vec<BondRow> {
     use crate::observe::ObservedBond;
-    let traffic = |b: &ObservedBond| {
-        b.traffic
-            .iter()
-            .map(|t| {
-                format!(
-                    "{} {}/{} w{}",
-                    t.name,
-                    compiler::units::format_bandwidth(t.min_bps),
-                    compiler::units::format_bandwidth(t.max_bps),
-                    t.weight
-                )
-            })
-            .collect()
+    let traffic = |b: &ObservedBond| -> Vec<String> {
+        b.traffic.iter().map(crate::drift::traffic_text).collect()
     };
     let mut rows = vec![];
     for (node, wanted) in &desired.bonds {

@@ -93,6 +93,11 @@ impl Cluster {
 
     /// A quickstart copy without the spec files named in `without`.
     pub(crate) fn up_with(tag: &str, without: &[&str]) -> Cluster {
+        Self::up_with_env(tag, without, &[])
+    }
+
+    /// A quickstart copy without `without`, `dev up` run with `env`.
+    pub(crate) fn up_with_env(tag: &str, without: &[&str], env: &[(&str, &str)]) -> Cluster {
         let dir = TempDir::new(tag);
         copy_specs(&repo_root().join("examples/quickstart"), &dir.0);
         for file in without {
@@ -108,7 +113,16 @@ impl Cluster {
         }
         std::fs::write(&cluster_file, text).expect("write cluster.kdl");
         let cluster = Cluster { dir };
-        let up = cluster.cairn(&["dev", "up", "."]);
+        let out = cluster
+            .command(&["dev", "up", "."])
+            .envs(env.iter().copied())
+            .output()
+            .expect("cairn dev up runs");
+        let up = Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
         assert_eq!(up.code, 0, "dev up failed: {up:?}");
         assert!(up.stdout.contains("dev cluster up: 3 nodes"), "{up:?}");
         cluster

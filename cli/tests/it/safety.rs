@@ -661,3 +661,54 @@ fn a_corrupt_state_file_says_how_to_recover() {
         run.stderr
     );
 }
+
+#[test]
+fn a_vm_running_with_other_memory_than_its_spec_is_drift_in_status_and_plan() {
+    if !kvm_usable() {
+        eprintln!("skipped: /dev/kvm is not usable here, and applying the quickstart starts VMs");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    // A cairn-vmm that runs every VM with 48 MiB, whatever its node asked for:
+    // the VMM reports what it runs, and status must show it.
+    let tools = crate::TempDir::new("resizing-vmm");
+    let real = crate::engine::node_binaries().join("cairn-vmm");
+    let wrapper = tools.0.join("cairn-vmm");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = --config ] || exec {real} \"$@\"\nsed -e 's/\"memory_bytes\": *[0-9]*/\"memory_bytes\": {}/' \"$2\" > \"$2.vmm\" || exit 2\nexec {real} --config \"$2.vmm\"\n",
+            48u64 << 20,
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cluster = Cluster::up_with_env(
+        "memory-drift",
+        &[],
+        &[("CAIRN_VMM_BIN", wrapper.to_str().unwrap())],
+    );
+    assert_eq!(apply(&cluster).code, 0);
+    let status = cluster.status_json();
+    let db = status["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "db")
+        .unwrap()
+        .clone();
+    assert_eq!(db["state"], "running", "{db}");
+    assert_eq!(db["drift"], "definition", "{db}");
+    assert_eq!(db["detail"][0], "memory 48MiB → 128MiB", "{db}");
+    let text = cluster.cairn(&["status", "."]);
+    assert!(text.stdout.contains("definition"), "{}", text.stdout);
+    let plan = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(plan.code, 3, "{plan:?}");
+    assert!(plan.stdout.contains("-/+ vm db on "), "{}", plan.stdout);
+    assert!(
+        plan.stdout.contains("memory 48MiB → 128MiB"),
+        "{}",
+        plan.stdout
+    );
+}
