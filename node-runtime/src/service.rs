@@ -85,6 +85,7 @@ impl v1::inventory_server::Inventory for NodeService {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             started_at_unix_ms: self.node.started_at_unix_ms,
             networking: Some(networking),
+            protocol_version: Some(proto::protocol::current()),
         }))
     }
 }

@@ -243,13 +243,20 @@ impl Trust {
         keys
     }
 
-    /// Verifies a signed request for `method`; refusals are `UNAUTHENTICATED` with the reason.
+    /// Verifies a signed request for `method`; refusals are `UNAUTHENTICATED` with the
+    /// reason. First the caller's protocol version (`x-cairn-protocol`): another major
+    /// is `FAILED_PRECONDITION` naming both versions, before anything else is looked at.
     pub fn check<T: prost::Message>(
         &self,
         method: &str,
         role: Role,
         request: &tonic::Request<T>,
     ) -> Result<Caller, Status> {
+        let protocol = request
+            .metadata()
+            .get(proto::protocol::HEADER)
+            .map(|value| value.to_str().unwrap_or("(not ascii)"));
+        proto::protocol::check(protocol, &format!("node {}", self.this_node().name))?;
         let keys = self.trusted_for(role);
         if keys.is_empty() {
             return Err(Status::unauthenticated(format!(
@@ -261,6 +268,19 @@ impl Trust {
             Role::Controller => "controller",
             Role::ControllerOrPeer => "controller or peer",
         };
-        Ok(self.verifier.verify(method, request, &keys, role_name)?)
+        self.verifier
+            .verify(method, request, &keys, role_name)
+            .map_err(|error| {
+                let bad_signature = matches!(error, proto::auth::AuthError::BadSignature { .. });
+                let status = Status::from(error);
+                match proto::protocol::signature_hint(protocol) {
+                    Some(hint) if bad_signature => Status::with_metadata(
+                        status.code(),
+                        format!("{}; {hint}", status.message()),
+                        status.metadata().clone(),
+                    ),
+                    _ => status,
+                }
+            })
     }
 }

@@ -12,6 +12,7 @@
 //! | `x-cairn-timestamp` | milliseconds since the Unix epoch when the caller signed |
 //! | `x-cairn-nonce` | 16 random bytes, 32 hex characters, never reused |
 //! | `x-cairn-signature` | ed25519 signature, 128 hex characters, over [`signing_payload`] |
+//! | `x-cairn-protocol` | the caller's contract version, `MAJOR.MINOR` ([`crate::protocol`]; not signed) |
 //!
 //! The signed payload binds the format tag, the full gRPC method path, the target
 //! node's name and public key, the timestamp, the nonce and the SHA-256 of the
@@ -580,6 +581,11 @@ impl RequestSigner {
         insert_header(metadata, HEADER_TIMESTAMP, timestamp_ms.to_string())?;
         insert_header(metadata, HEADER_NONCE, nonce_hex)?;
         insert_header(metadata, HEADER_SIGNATURE, to_hex(&signature.to_bytes()))?;
+        insert_header(
+            metadata,
+            crate::protocol::HEADER,
+            crate::protocol::header_value(),
+        )?;
         Ok(request)
     }
 }
@@ -605,6 +611,11 @@ pub fn identity_probe<T>(message: T) -> tonic::Request<T> {
         HEADER_VERSION,
         tonic::metadata::MetadataValue::from_static(SIGNATURE_CONTEXT),
     );
+    if let Ok(version) = crate::protocol::header_value().parse() {
+        request
+            .metadata_mut()
+            .insert(crate::protocol::HEADER, version);
+    }
     request
 }
 

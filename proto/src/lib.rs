@@ -9,6 +9,8 @@
 //!   signature (format `cairn-req-v2`) over the method, the target node's name and
 //!   public key, a timestamp, a nonce and the SHA-256 of the encoded request body;
 //! - writes out the conversions of wire enums to status words once ([`convert`]);
+//! - names the contract's version and its rules ([`protocol`]: `MAJOR.MINOR`, sent as
+//!   `x-cairn-protocol` on every signed call, reported in the inventory);
 //! - offers [`client::NodeClient`], a connected client that signs every call, for the
 //!   reconciler and for node-to-node replication.
 //!
@@ -25,6 +27,7 @@
 pub mod auth;
 pub mod client;
 pub mod convert;
+pub mod protocol;
 
 /// Generated types of package `cairn.node.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

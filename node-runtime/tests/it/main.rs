@@ -11,6 +11,7 @@ mod harness;
 mod inventory;
 mod lab;
 mod outcome;
+mod protocol;
 mod replication;
 mod resize;
 mod upgrade;
