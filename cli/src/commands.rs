@@ -152,6 +152,44 @@ fn nothing_to_do(
     })
 }
 
+/// The policy gate of `apply`: the spec root's `policies/` judge the model, the
+/// plan's placement and the plan. `Ok(true)`: go on (warnings and advisory
+/// results printed); `Ok(false)`: refused, printed and audited.
+fn gate(loaded: &Loaded, store: &dyn StateStore, plan: &Plan) -> anyhow::Result<bool> {
+    let dir = loaded.ctx.spec_root.join("policies");
+    if !dir.is_dir() {
+        return Ok(true);
+    }
+    let policies = policy::set::PolicySet::load_dir(&dir)?;
+    match pipeline::policy_gate(&policies, loaded.model(), plan, &[]) {
+        Ok(report) => {
+            if !report.findings.is_empty() {
+                eprint!("{}", policy::report::text(&report));
+            }
+            Ok(true)
+        }
+        Err(PipelineError::PolicyDenied(denied)) => {
+            eprintln!(
+                "error: refusing to apply: the policies in {} deny this plan; nothing was sent:",
+                dir.display()
+            );
+            for d in &denied {
+                eprintln!("  {d}");
+            }
+            eprintln!(
+                "`cairn check {} --plan FILE` (with `cairn plan --format json` saved to FILE) shows the full report.",
+                loaded.ctx.spec_root.display()
+            );
+            store.audit(
+                "apply-refused",
+                serde_json::json!({"plan_id": plan.plan_id, "reason": "policy", "denied": denied}),
+            )?;
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Prints the diagnostics of VMs that cannot be placed (errors with spans; spot
 /// VMs get warnings), as `cairn validate` does.
 fn print_unplaced(loaded: &Loaded, solved: &compiler::place::Placement) -> anyhow::Result<()> {
@@ -364,6 +402,9 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
     }
     if plan.is_empty() {
         return nothing_to_do(&store, plan, interrupted.as_ref());
+    }
+    if !gate(&loaded, &store, plan)? {
+        return Ok(1);
     }
     let approved_before = interrupted.as_ref().is_some_and(|i| i.covers(plan));
     if approved_before {

@@ -38,6 +38,13 @@ pub enum PipelineError {
         #[source]
         source: serde_json::Error,
     },
+    /// The policies refused the plan (a hard- or soft-mandatory deny not
+    /// overridden); nothing was sent.
+    #[error("the policies refuse this plan: {}", .0.join("; "))]
+    PolicyDenied(Vec<String>),
+    /// The policies could not be evaluated.
+    #[error("the policies could not be evaluated: {0}")]
+    Policy(String),
     /// Images a plan needs cannot be read; nothing was sent.
     #[error("images the plan needs are missing; nothing was sent: {}", .0.join("; "))]
     MissingImages(Vec<String>),
@@ -209,6 +216,48 @@ pub async fn plan_revision<N: NodeApi>(
         &previous,
         store.protected_volumes()?,
     ))
+}
+
+/// The policy gate: `policies` judge the model with the plan's placement and the
+/// plan itself (the input `cairn check --plan` gives them). A blocking result
+/// (hard-mandatory deny, or soft-mandatory deny without an override) refuses
+/// the plan, one line per finding; advisory and warning results are returned in
+/// the report for the caller to show. An empty policy set passes.
+pub fn policy_gate(
+    policies: &policy::set::PolicySet,
+    model: &compiler::Model,
+    plan: &Plan,
+    overrides: &[policy::eval::Override],
+) -> Result<policy::eval::Report, PipelineError> {
+    let placement = serde_json::to_value(&plan.placement).expect("placements serialize");
+    let plan_json = serde_json::to_value(plan).expect("plans serialize");
+    let input = policy::eval::Input::new(model, Some(&placement), Some(&plan_json))
+        .map_err(|e| PipelineError::Policy(e.to_string()))?;
+    let report = policy::eval::evaluate(policies, &input, None, overrides)
+        .map_err(|e| PipelineError::Policy(e.to_string()))?;
+    if report.passed() {
+        return Ok(report);
+    }
+    let mut denied: Vec<String> = report
+        .findings
+        .iter()
+        .filter(|f| f.blocking)
+        .map(|f| format!("{}: {}", f.policy, f.message))
+        .collect();
+    denied.extend(
+        report
+            .policies
+            .iter()
+            .filter_map(|p| p.error.as_ref().map(|e| format!("{}: {e}", p.name))),
+    );
+    if denied.is_empty() {
+        denied.push(format!(
+            "{} blocking result(s), {} error(s)",
+            report.blocking(),
+            report.errors()
+        ));
+    }
+    Err(PipelineError::PolicyDenied(denied))
 }
 
 /// The image every desired VM boots.

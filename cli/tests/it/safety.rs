@@ -712,3 +712,41 @@ fn a_vm_running_with_other_memory_than_its_spec_is_drift_in_status_and_plan() {
         plan.stdout
     );
 }
+
+#[test]
+fn apply_is_gated_by_the_spec_roots_policies() {
+    if !kvm_usable() {
+        eprintln!("skipped: /dev/kvm is not usable here, and applying the quickstart starts VMs");
+        return;
+    }
+    let cluster = Cluster::up("policy-gate");
+    std::fs::create_dir_all(cluster.path().join("policies")).unwrap();
+    std::fs::write(
+        cluster.path().join("policies/no_deletes.rego"),
+        "# METADATA\n# title: No deletes\n# custom:\n#   enforcement: hard-mandatory\npackage cairn.no_deletes\n\nimport rego.v1\n\ndeny contains msg if {\n\tsome c in input.plan.changes\n\tc.kind == \"delete\"\n\tmsg := sprintf(\"the plan deletes %s %s\", [c.object, c.name])\n}\n",
+    )
+    .unwrap();
+    assert_eq!(apply(&cluster).code, 0, "creating passes the policy");
+    // Removing the backup VM deletes it: the policy refuses, nothing is sent.
+    let text = std::fs::read_to_string(cluster.path().join("workloads.kdl")).unwrap();
+    let start = text.find("vm \"backup\"").unwrap();
+    let end = start + text[start..].find("\n}\n").unwrap() + 3;
+    std::fs::write(
+        cluster.path().join("workloads.kdl"),
+        format!("{}{}", &text[..start], &text[end..]),
+    )
+    .unwrap();
+    let run = apply(&cluster);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("the policies in") && run.stderr.contains("deny this plan"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("the plan deletes vm backup"),
+        "{}",
+        run.stderr
+    );
+    assert!(vm_names(&cluster.status_json()).contains(&"backup".to_owned()));
+}
