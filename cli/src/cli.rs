@@ -364,6 +364,16 @@ pub enum DevCommand {
         /// Spec root (default: the current directory).
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// Also start a GitOps controller following this repository (bare or not),
+        /// with DIR/.cairn as its data directory; `dev down` stops it.
+        #[arg(long, value_name = "REPO")]
+        controller_repo: Option<PathBuf>,
+        /// The controller's trusted keys (default: DIR/.cairn/allowed-signers).
+        #[arg(long, value_name = "FILE", requires = "controller_repo")]
+        trusted_keys: Option<PathBuf>,
+        /// The controller's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:7400", requires = "controller_repo")]
+        controller_listen: String,
     },
     /// Stop the dev nodes (and their VMs) of a spec root.
     Down {
@@ -467,7 +477,23 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             } => crate::commands::volume_export(&dir, state.as_deref(), &target, &lifetime),
         },
         Command::Dev { command } => match command {
-            DevCommand::Up { dir } => crate::commands::dev_up(&dir),
+            DevCommand::Up {
+                dir,
+                controller_repo,
+                trusted_keys,
+                controller_listen,
+            } => {
+                let code = crate::commands::dev_up(&dir)?;
+                match controller_repo {
+                    Some(repo) if code == 0 => crate::dev::start_controller(
+                        &crate::ctx::Ctx::new(&dir, None)?,
+                        &repo,
+                        trusted_keys.as_deref(),
+                        &controller_listen,
+                    ),
+                    _ => Ok(code),
+                }
+            }
             DevCommand::Down { dir } => crate::commands::dev_down(&dir),
         },
         Command::ForceUnlock {

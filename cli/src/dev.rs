@@ -488,8 +488,118 @@ fn stop_all(ctx: &Ctx) -> anyhow::Result<Vec<(String, u32, bool)>> {
     Ok(out)
 }
 
+fn controller_pid_path(ctx: &Ctx) -> PathBuf {
+    ctx.cairn_dir.join("dev/controller.pid")
+}
+
+/// `cairn dev up --controller-repo REPO`: starts `cairn controller` on the dev
+/// cluster (data directory `.cairn`, so it signs with the key the dev nodes
+/// trust), in its own process group, logging to `.cairn/dev/controller.log`;
+/// waits until it serves `/healthz`. `dev down` stops it first.
+pub fn start_controller(
+    ctx: &Ctx,
+    repo: &std::path::Path,
+    trusted_keys: Option<&std::path::Path>,
+    listen: &str,
+) -> anyhow::Result<u8> {
+    if let Some(running) = controller::control::running(&ctx.cairn_dir) {
+        println!(
+            "controller: already running (pid {}) on {}",
+            running.pid, running.listen
+        );
+        return Ok(0);
+    }
+    let me = std::env::current_exe().context("cannot find the cairn binary")?;
+    let log_path = ctx.cairn_dir.join("dev/controller.log");
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("cannot create {}", log_path.display()))?;
+    let mut command = std::process::Command::new(me);
+    command
+        .arg("controller")
+        .arg("--repo")
+        .arg(std::path::absolute(repo)?)
+        .arg("--data-dir")
+        .arg(&ctx.cairn_dir)
+        .arg("--listen")
+        .arg(listen);
+    if let Some(keys) = trusted_keys {
+        command
+            .arg("--trusted-keys")
+            .arg(std::path::absolute(keys)?);
+    }
+    let child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("cannot start cairn controller")?;
+    std::fs::write(controller_pid_path(ctx), format!("{}\n", child.id()))?;
+    let url = format!("http://{listen}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let healthy =
+            controller::control::request(&url, "GET", "/healthz", None, Duration::from_secs(1))
+                .is_ok_and(|a| a.status == 200);
+        if healthy {
+            break;
+        }
+        if Instant::now() > deadline || !reconciler::state::process_alive(child.id()) {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            bail!(
+                "the controller did not come up on {listen}; last lines of {}:\n{}",
+                log_path.display(),
+                text.lines()
+                    .rev()
+                    .take(10)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "controller: following branch main of {} on {url} (pid {}, log {}); push signed commits there. Events: `curl -H \"Authorization: Bearer $(cat {})\" {url}/api/v1/events`",
+        repo.display(),
+        child.id(),
+        log_path.display(),
+        controller::control::token_path(&ctx.cairn_dir).display()
+    );
+    Ok(0)
+}
+
+/// Stops the controller `dev up` started (SIGTERM, SIGKILL after 30 s).
+fn stop_controller(ctx: &Ctx) -> Option<u32> {
+    let path = controller_pid_path(ctx);
+    let pid: u32 = std::fs::read_to_string(&path).ok()?.trim().parse().ok()?;
+    let _ = std::fs::remove_file(&path);
+    let ours = std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split('\0').any(|a| a == "controller"));
+    let raw = i32::try_from(pid).ok()?;
+    if !ours || !reconciler::state::process_alive(pid) {
+        return None;
+    }
+    // SAFETY: kill(2) of the controller process this dev cluster started (checked by its command line).
+    unsafe { libc::kill(raw, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reconciler::state::process_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if reconciler::state::process_alive(pid) {
+        // SAFETY: as above.
+        unsafe { libc::kill(raw, libc::SIGKILL) };
+    }
+    Some(pid)
+}
+
 /// `cairn dev down`.
 pub fn down(ctx: &Ctx) -> anyhow::Result<u8> {
+    if let Some(pid) = stop_controller(ctx) {
+        println!("controller: stopped (pid {pid})");
+    }
     let stopped = stop_all(ctx)?;
     if stopped.is_empty() {
         println!("no dev nodes were running for {}", ctx.spec_root.display());

@@ -135,6 +135,11 @@ pub(crate) async fn run(
             break;
         }
         let head = w.head();
+        if head.is_some() && w.good.as_ref().map(|g| &g.commit) == head.as_ref() {
+            // The branch is back on the applied commit (a force push): nothing
+            // newer is pending, whatever failed before.
+            w.attempt = None;
+        }
         let mut did_sync = false;
         if let Some(head) = head
             && w.due(&head)

@@ -607,16 +607,26 @@ fn the_http_interface_checks_token_and_host_and_its_metrics_pass_promtool() {
         assert!(metrics.contains(name), "{name} in:\n{metrics}");
     }
     if !have("promtool") && is_root() && have("apt-get") {
-        let _ = Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "prometheus",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output();
+        // Debian's prometheus package ships promtool; the package lists may need
+        // an update on a fresh machine.
+        for update in [false, true] {
+            if update {
+                let _ = Command::new("apt-get").args(["update", "-qq"]).output();
+            }
+            let _ = Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "prometheus",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .output();
+            if have("promtool") {
+                break;
+            }
+        }
     }
     if !have("promtool") {
         eprintln!(
@@ -780,4 +790,54 @@ impl GitOps {
             .iter()
             .any(|e| e.commit.as_deref() == Some(commit))
     }
+}
+
+#[test]
+fn a_node_that_stops_answering_is_reported_and_the_controller_keeps_going() {
+    if skip_without_tools() {
+        return;
+    }
+    let g = GitOps::up("ctl-node", None, &[]);
+    let (_, pid) = g
+        .cluster
+        .pids()
+        .into_iter()
+        .find(|(name, _)| name == "lab-3")
+        .expect("lab-3 runs");
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let event = loop {
+        if let Some(e) = g
+            .events()
+            .into_iter()
+            .find(|e| e["kind"] == "node" && e["object"] == "node lab-3")
+        {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "{}", g.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(event["result"], "unreachable", "{event}");
+    assert!(
+        event["reason"]
+            .as_str()
+            .unwrap()
+            .contains("its objects are left alone"),
+        "{event}"
+    );
+    let (_, metrics) = g.get("/metrics", false).expect("metrics");
+    assert!(
+        metrics.contains("cairn_controller_nodes{state=\"unreachable\"} 1"),
+        "{metrics}"
+    );
+    // Still serving, and a new commit is still synced (its plan leaves lab-3 alone).
+    assert_eq!(g.get("/readyz", false).map(|(s, _)| s), Some(200));
+    std::fs::write(g.dir().join("workloads.kdl"), "// still nothing\n").expect("workloads");
+    let commit = g.commit("trusted", "a commit while lab-3 is down");
+    g.push(false);
+    let e = g.wait_sync(&commit, Duration::from_secs(60));
+    assert!(
+        e["result"] == "succeeded" || e["result"] == "partial",
+        "{e}"
+    );
 }
