@@ -353,3 +353,204 @@ pub async fn settle<N: NodeApi>(
     }
     Ok(settled)
 }
+
+#[cfg(test)]
+mod tests {
+    //! Apply and settle against an in-process fake of the node API (tests only):
+    //! it records every request id it is sent and answers outcomes from that.
+
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+
+    use proto::v1;
+
+    use super::*;
+    use crate::desired::DesiredNode;
+    use crate::nodes::NodeError;
+    use crate::observe::NodeObservation;
+    use crate::plan::NodeAction;
+    use crate::state::{PlanRecord, RedbStore, new_execution_id, random_id};
+
+    #[derive(Clone, Default)]
+    struct FakeNodes {
+        /// Request ids carried out.
+        done: Arc<Mutex<Vec<String>>>,
+        /// Nodes that do not answer.
+        down: Arc<Mutex<BTreeSet<String>>>,
+    }
+
+    impl NodeApi for FakeNodes {
+        async fn observe(&self, _node: &DesiredNode) -> Result<NodeObservation, String> {
+            Err("not used".into())
+        }
+
+        async fn apply(
+            &self,
+            node: &str,
+            _address: &str,
+            request: v1::ApplyRequest,
+        ) -> Result<v1::ApplyResponse, NodeError> {
+            if self.down.lock().unwrap().contains(node) {
+                return Err(NodeError::Unreachable {
+                    node: node.into(),
+                    error: "down".into(),
+                });
+            }
+            let mut done = self.done.lock().unwrap();
+            let replayed = done.contains(&request.request_id);
+            if !replayed {
+                done.push(request.request_id.clone());
+            }
+            Ok(v1::ApplyResponse {
+                request_id: request.request_id,
+                replayed,
+                ..Default::default()
+            })
+        }
+
+        async fn get_outcome(
+            &self,
+            node: &str,
+            _address: &str,
+            request_id: &str,
+        ) -> Result<v1::GetOutcomeResponse, NodeError> {
+            if self.down.lock().unwrap().contains(node) {
+                return Err(NodeError::Unreachable {
+                    node: node.into(),
+                    error: "down".into(),
+                });
+            }
+            let done = self.done.lock().unwrap().iter().any(|r| r == request_id);
+            Ok(v1::GetOutcomeResponse {
+                request_id: request_id.into(),
+                outcome: if done {
+                    v1::Outcome::Succeeded
+                } else {
+                    v1::Outcome::NotFound
+                } as i32,
+                response: None,
+            })
+        }
+    }
+
+    fn start(node: &str, name: &str, id: usize) -> Step {
+        Step {
+            id,
+            wave: 0,
+            node: node.into(),
+            address: "fake".into(),
+            action: NodeAction::StartVm { name: name.into() },
+            depends_on: vec![],
+        }
+    }
+
+    fn plan_of(steps: Vec<Step>) -> Plan {
+        let mut plan: Plan = serde_json::from_value(serde_json::json!({
+            "format_version": 2, "plan_id": "p1", "revision": "r", "observed_digest": "d",
+            "summary": {"add": 0, "change": 0, "destroy": 0, "move": 0}, "changes": [],
+            "steps": [], "waves": 1, "unreachable": {}, "left_alone": [], "unplaced": {},
+            "placement": {"format_version": 1, "vms": [], "unplaced": [], "volumes": [], "nodes": [], "moves": []}
+        }))
+        .unwrap();
+        plan.steps = steps;
+        plan
+    }
+
+    fn store() -> (std::path::PathBuf, RedbStore) {
+        let dir = std::env::temp_dir().join(format!("cairn-apply-{}", random_id()));
+        let store = RedbStore::open(&dir.join("state.redb")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn the_same_plan_executed_twice_sends_new_request_ids_and_is_carried_out_twice() {
+        let (dir, store) = store();
+        let nodes = FakeNodes::default();
+        let plan = plan_of(vec![start("n1", "a", 0), start("n2", "b", 1)]);
+        for _ in 0..2 {
+            let execution = new_execution_id(&plan.plan_id);
+            let report = apply(
+                &plan,
+                &execution,
+                &store,
+                &nodes,
+                &ApplyOptions { parallelism: 2 },
+                &Silent,
+            )
+            .await
+            .unwrap();
+            assert!(!report.failed());
+            assert!(report.steps.iter().all(|s| !s.replayed), "{report:?}");
+        }
+        let done = nodes.done.lock().unwrap().clone();
+        assert_eq!(done.len(), 4, "{done:?}");
+        assert_eq!(done.iter().collect::<BTreeSet<_>>().len(), 4, "{done:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn settling_asks_the_nodes_and_never_sends_a_request_again() {
+        let (dir, store) = store();
+        let nodes = FakeNodes::default();
+        let plan = plan_of(vec![
+            start("n1", "a", 0),
+            start("n1", "b", 1),
+            start("n2", "c", 2),
+        ]);
+        let execution = new_execution_id(&plan.plan_id);
+        store
+            .start_execution(&PlanRecord {
+                execution_id: execution.clone(),
+                plan: serde_json::to_value(&plan).unwrap(),
+                finished: false,
+                ended: None,
+                started_at_unix_ms: 1,
+            })
+            .unwrap();
+        // The interrupted apply had three steps in flight: the node carried out
+        // the first, never got the second, and the third's node is down now.
+        for step in &plan.steps {
+            store
+                .journal(
+                    &execution,
+                    &StepRecord {
+                        step: step.id,
+                        request_id: request_id(&execution, step.id),
+                        status: StepStatus::Started,
+                        replayed: false,
+                        attempts: 1,
+                        error: None,
+                        at_unix_ms: 1,
+                    },
+                )
+                .unwrap();
+        }
+        nodes.done.lock().unwrap().push(request_id(&execution, 0));
+        nodes.down.lock().unwrap().insert("n2".into());
+        let settled = settle(&plan, &execution, &store, &nodes).await.unwrap();
+        assert_eq!((settled.done, settled.not_done), (1, 1));
+        assert_eq!(settled.unknown.len(), 1, "{:?}", settled.unknown);
+        assert!(
+            settled.unknown[0].contains("start_vm c@n2"),
+            "{:?}",
+            settled.unknown
+        );
+        let journal: Vec<StepStatus> = store
+            .journal_of(&execution)
+            .unwrap()
+            .iter()
+            .map(|r| r.status)
+            .collect();
+        assert_eq!(
+            journal,
+            vec![
+                StepStatus::Succeeded,
+                StepStatus::Abandoned,
+                StepStatus::Started
+            ]
+        );
+        // Settling asked; it sent nothing.
+        assert_eq!(nodes.done.lock().unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

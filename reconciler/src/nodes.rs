@@ -120,6 +120,20 @@ impl NodeApi for GrpcNodes {
                 node.address, inventory.node_name, node.name
             ));
         }
+        let speaks = proto::protocol::of_inventory(&inventory);
+        if speaks.major != proto::protocol::MAJOR {
+            return Err(format!(
+                "node {} speaks cairn.node protocol {}, this controller {}: upgrade {} (nodes are upgraded before controllers); its objects are left alone",
+                node.name,
+                proto::protocol::display(&speaks),
+                proto::protocol::display(&proto::protocol::current()),
+                if speaks.major < proto::protocol::MAJOR {
+                    "the node"
+                } else {
+                    "this controller"
+                }
+            ));
+        }
         let response = client
             .observe()
             .await
