@@ -44,16 +44,7 @@ fn main() -> anyhow::Result<()> {
             .args(["test", "-p", "cli", "--test", "it", "golden"])
             .env("UPDATE_GOLDEN", "1")),
         Some("schemas") => run(Command::new("cargo").args([
-            "run",
-            "-q",
-            "-p",
-            "cli",
-            "--bin",
-            "cairn",
-            "--",
-            "schema",
-            "--out",
-            "schemas",
+            "run", "-q", "-p", "cli", "--bin", "cairn", "--", "schema", "--out", "schemas",
         ])),
         Some("bench") => bench(),
         _ => {
