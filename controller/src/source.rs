@@ -214,3 +214,118 @@ pub fn watch_refs(
     }
     Ok(watcher)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A commit of `files` (path → text) on top of `parents`, moving `main` when asked.
+    fn commit(
+        repo: &Repository,
+        files: &[(&str, &str)],
+        parents: &[Oid],
+        update_main: bool,
+    ) -> Oid {
+        let mut index = git2::Index::new().unwrap();
+        for (path, text) in files {
+            let blob = repo.blob(text.as_bytes()).unwrap();
+            index
+                .add(&git2::IndexEntry {
+                    ctime: git2::IndexTime::new(0, 0),
+                    mtime: git2::IndexTime::new(0, 0),
+                    dev: 0,
+                    ino: 0,
+                    mode: 0o100644,
+                    uid: 0,
+                    gid: 0,
+                    file_size: text.len() as u32,
+                    id: blob,
+                    flags: 0,
+                    flags_extended: 0,
+                    path: path.as_bytes().to_vec(),
+                })
+                .unwrap();
+        }
+        let tree = repo.find_tree(index.write_tree_to(repo).unwrap()).unwrap();
+        let sig = git2::Signature::now("Op", "ops@example.com").unwrap();
+        let parents: Vec<git2::Commit> = parents
+            .iter()
+            .map(|p| repo.find_commit(*p).unwrap())
+            .collect();
+        let refs: Vec<&git2::Commit> = parents.iter().collect();
+        let oid = repo.commit(None, &sig, &sig, "c", &tree, &refs).unwrap();
+        if update_main {
+            repo.reference("refs/heads/main", oid, true, "test")
+                .unwrap();
+        }
+        oid
+    }
+
+    #[test]
+    fn the_path_to_verify_is_the_first_parent_history_since_the_applied_commit() {
+        let dir =
+            std::env::temp_dir().join(format!("cairn-source-{}", reconciler::state::random_id()));
+        let repo = Repository::init_bare(&dir).unwrap();
+        let source = GitSource {
+            repo: dir.clone(),
+            branch: "main".into(),
+            subdir: PathBuf::from("specs"),
+        };
+        assert_eq!(source.head().unwrap(), None, "no branch yet");
+        let spec = "tenant \"t\" {}\n";
+        let a = commit(&repo, &[("specs/a.kdl", spec), ("README", "x")], &[], true);
+        let b = commit(
+            &repo,
+            &[("specs/a.kdl", spec), ("specs/b.kdl", spec)],
+            &[a],
+            true,
+        );
+        let c = commit(&repo, &[("specs/a.kdl", spec)], &[b], true);
+        let ids = |v: &[Oid]| v.iter().map(Oid::to_string).collect::<Vec<_>>();
+        assert_eq!(source.head().unwrap(), Some(c.to_string()));
+        assert_eq!(source.path(None, &c.to_string()).unwrap(), ids(&[c]));
+        assert_eq!(
+            source.path(Some(&a.to_string()), &c.to_string()).unwrap(),
+            ids(&[b, c])
+        );
+        // A merge: only the first-parent path (the side commit is not on it).
+        let side = commit(&repo, &[("specs/a.kdl", spec)], &[b], false);
+        let merge = commit(&repo, &[("specs/a.kdl", spec)], &[c, side], true);
+        assert_eq!(
+            source
+                .path(Some(&c.to_string()), &merge.to_string())
+                .unwrap(),
+            ids(&[merge])
+        );
+        // A force push onto a rewritten history: every new commit down to where
+        // the histories meet.
+        let d = commit(&repo, &[("specs/a.kdl", spec)], &[a], false);
+        let e = commit(&repo, &[("specs/a.kdl", spec)], &[d], true);
+        assert_eq!(
+            source
+                .path(Some(&merge.to_string()), &e.to_string())
+                .unwrap(),
+            ids(&[d, e])
+        );
+        // An applied commit that is gone hides nothing.
+        assert_eq!(
+            source
+                .path(
+                    Some("0123456789012345678901234567890123456789"),
+                    &e.to_string()
+                )
+                .unwrap(),
+            ids(&[a, d, e])
+        );
+        // The subdirectory is the spec root; materialize writes the commit's files.
+        let sources = source.load(&b.to_string()).unwrap();
+        let paths: Vec<&str> = sources.files().map(|(id, _)| sources.path(id)).collect();
+        assert_eq!(paths, vec!["a.kdl", "b.kdl"]);
+        let out = dir.join("checkout");
+        source.materialize(&b.to_string(), &out).unwrap();
+        assert!(out.join("b.kdl").is_file() && !out.join("README").exists());
+        source.materialize(&c.to_string(), &out).unwrap();
+        assert!(!out.join("b.kdl").exists(), "replaced whole");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

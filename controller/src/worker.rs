@@ -989,31 +989,76 @@ impl Worker {
         serde_json::from_value(value).unwrap_or_else(|_| observed.clone())
     }
 
+    /// Why drift may not be repaired now, before looking at the plan.
+    fn repair_blocked(&self) -> Option<String> {
+        if !self.shared.config.self_heal {
+            Some("self-heal is off: reported, not repaired".to_owned())
+        } else if self.shared.paused.load(Ordering::SeqCst) {
+            Some("the controller is paused: reported, not repaired".to_owned())
+        } else if matches!(
+            &self.attempt,
+            Some(Attempt {
+                retry: Retry::Backoff { .. },
+                ..
+            })
+        ) {
+            Some("a newer commit's sync failed half-way and is retried: self-heal waits for it, so it never undoes half of a commit".to_owned())
+        } else {
+            None
+        }
+    }
+
     /// Observes every node of the applied commit, plans it again, and repairs
-    /// the drift (self-heal) or reports it.
+    /// the drift (self-heal) or reports it. An execution a dead controller (or
+    /// apply) left unfinished is settled first, and superseded by the repair or,
+    /// when nothing is left to do, marked so.
     async fn drift_check(&mut self) {
         let Some(good) = self.good.clone() else {
             return;
         };
+        let fail = |shared: &Shared, e: String| {
+            shared.record(vec![Event::new("drift", "failed").reason(e)]);
+        };
+        let store = match self.store() {
+            Ok(s) => s,
+            Err(e) => return fail(&self.shared, e),
+        };
+        let shared = self.shared.clone();
+        let mut busy = None;
+        let mut lock = None;
+        let mut interrupted = None;
+        let pending = store.unfinished_executions().is_ok_and(|u| !u.is_empty());
+        if pending && self.repair_blocked().is_none() {
+            busy = Some(shared.busy.lock().await);
+            match take_store_lock(
+                &self.shared,
+                &store,
+                &format!("cairn controller (settling, {})", short(&good.commit)),
+            ) {
+                Ok(l) => lock = Some(l),
+                Err(e) => return fail(&self.shared, e),
+            }
+            match pipeline::settle_interrupted(&store, &self.shared.nodes).await {
+                Ok(i) => {
+                    if let Some(i) = &i {
+                        self.shared.record(vec![
+                            Event::new("settled", "ok")
+                                .plan(&i.plan.plan_id)
+                                .reason(i.describe().trim().to_owned()),
+                        ]);
+                    }
+                    interrupted = i;
+                }
+                Err(e) => return fail(&self.shared, e.to_string()),
+            }
+        }
         let spec = pipeline::spec_nodes(&good.model);
         let observed = observe(&spec, &self.shared.nodes).await;
         self.note_observation(&observed);
-        let store = match self.store() {
-            Ok(s) => s,
-            Err(e) => {
-                self.shared
-                    .record(vec![Event::new("drift", "failed").reason(e)]);
-                return;
-            }
-        };
         let masked = self.mask_crash_loops(&observed);
         let (stored, protected) = match (store.placement(), store.protected_volumes()) {
             (Ok(p), Ok(v)) => (p, v),
-            (Err(e), _) | (_, Err(e)) => {
-                self.shared
-                    .record(vec![Event::new("drift", "failed").reason(e.to_string())]);
-                return;
-            }
+            (Err(e), _) | (_, Err(e)) => return fail(&self.shared, e.to_string()),
         };
         let previous = pipeline::previous_placement(stored, &observed);
         let planned = tokio::task::block_in_place(|| {
@@ -1028,6 +1073,11 @@ impl Worker {
         });
         let plan = &planned.plan;
         if plan.is_empty() {
+            if interrupted.is_some()
+                && let Err(e) = pipeline::nothing_to_do(&store, plan, interrupted.as_ref())
+            {
+                fail(&self.shared, e.to_string());
+            }
             self.last_drift = None;
             return;
         }
@@ -1036,21 +1086,9 @@ impl Worker {
         if new {
             self.shared.metrics.drift_found.inc_by(objects.len() as u64);
         }
-        let why_not = if !self.shared.config.self_heal {
-            Some("self-heal is off: reported, not repaired".to_owned())
-        } else if self.shared.paused.load(Ordering::SeqCst) {
-            Some("the controller is paused: reported, not repaired".to_owned())
-        } else if matches!(
-            &self.attempt,
-            Some(Attempt {
-                retry: Retry::Backoff { .. },
-                ..
-            })
-        ) {
-            Some("a newer commit's sync failed half-way and is retried: self-heal waits for it, so it never undoes half of a commit".to_owned())
-        } else {
+        let why_not = self.repair_blocked().or_else(|| {
             pipeline::unacceptable(plan).map(|w| format!("the repair cannot be applied: {w}"))
-        };
+        });
         if let Some(why) = why_not {
             if new {
                 self.shared.record(vec![
@@ -1071,30 +1109,20 @@ impl Worker {
                 .object(objects.join(", "))
                 .reason("repairing (self-heal)"),
         ]);
-        let shared = self.shared.clone();
-        let _busy = shared.busy.lock().await;
-        if shared.paused.load(Ordering::SeqCst) {
-            return;
-        }
-        let Ok(lock) = take_store_lock(
-            &self.shared,
-            &store,
-            &format!("cairn controller (repair of {})", short(&good.commit)),
-        ) else {
-            return;
-        };
-        match pipeline::settle_interrupted(&store, &self.shared.nodes).await {
-            Ok(None) => {}
-            Ok(Some(_)) => {
-                // An interrupted execution was there: plan again from what it left.
-                drop(lock);
-                self.shared.wake_drift.notify_one();
+        if busy.is_none() {
+            busy = Some(shared.busy.lock().await);
+            if shared.paused.load(Ordering::SeqCst) {
                 return;
             }
-            Err(e) => {
-                self.shared
-                    .record(vec![Event::new("drift", "failed").reason(e.to_string())]);
-                return;
+        }
+        if lock.is_none() {
+            match take_store_lock(
+                &self.shared,
+                &store,
+                &format!("cairn controller (repair of {})", short(&good.commit)),
+            ) {
+                Ok(l) => lock = Some(l),
+                Err(e) => return fail(&self.shared, e),
             }
         }
         let restarted: Vec<String> = plan
@@ -1103,8 +1131,11 @@ impl Worker {
             .filter(|c| c.object == "vm" && matches!(c.kind, ChangeKind::Start))
             .map(|c| c.name.clone())
             .collect();
-        let outcome = self.carry_out(&store, &planned, None, None).await;
+        let outcome = self
+            .carry_out(&store, &planned, interrupted.as_ref(), None)
+            .await;
         drop(lock);
+        drop(busy);
         let now = Instant::now();
         for vm in restarted {
             let c = self.crash.entry(vm).or_insert(CrashLoop {

@@ -797,7 +797,7 @@ fn a_node_that_stops_answering_is_reported_and_the_controller_keeps_going() {
     if skip_without_tools() {
         return;
     }
-    let g = GitOps::up("ctl-node", None, &[]);
+    let mut g = GitOps::up("ctl-node", None, &[]);
     let (_, pid) = g
         .cluster
         .pids()
@@ -840,4 +840,13 @@ fn a_node_that_stops_answering_is_reported_and_the_controller_keeps_going() {
         e["result"] == "succeeded" || e["result"] == "partial",
         "{e}"
     );
+    // SIGTERM: a graceful stop removes the lock and URL files, so `cairn apply`
+    // and `cairn status` no longer see a controller.
+    g.stop(false);
+    assert!(!g.data_dir().join("controller.lock").exists());
+    assert!(!g.data_dir().join("controller.url").exists());
+    let apply = g
+        .cluster
+        .cairn_unattended(&["apply", ".", "--auto-approve"]);
+    assert!(!apply.stderr.contains("a cairn controller"), "{apply:?}");
 }
