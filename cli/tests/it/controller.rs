@@ -135,7 +135,15 @@ impl GitOps {
     fn commit(&self, key: &str, message: &str) -> String {
         self.git(&["add", "-A"]);
         if key == "none" {
-            self.git(&["commit", "-q", "--allow-empty", "-m", message]);
+            self.git(&[
+                "-c",
+                "commit.gpgsign=false",
+                "commit",
+                "-q",
+                "--allow-empty",
+                "-m",
+                message,
+            ]);
         } else {
             let signing = format!("user.signingkey={}", self.keys.0.join(key).display());
             self.git(&[
