@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use compiler::Compilation;
 use compiler::diag::Diagnostic;
 use compiler::model::{Availability, Model, SlaClass};
-use compiler::place::{Candidate, PlaceOptions, Placement, Unplaced};
+use compiler::place::{Candidate, FailureSet, PlaceOptions, Placement, Unplaced};
 use compiler::units::human_size;
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -75,8 +75,8 @@ fn reason_line(r: &compiler::place::Reason) -> String {
     s
 }
 
-fn parse_failures(model: &Model, fail: &[String]) -> anyhow::Result<BTreeSet<String>> {
-    let mut out = BTreeSet::new();
+fn parse_failures(model: &Model, fail: &[String]) -> anyhow::Result<FailureSet> {
+    let mut out = FailureSet::default();
     for f in fail {
         let Some((kind, name)) = f.split_once('=') else {
             bail!("--fail takes node=NAME, rack=NAME or site=NAME, not `{f}`")
@@ -96,11 +96,12 @@ fn parse_failures(model: &Model, fail: &[String]) -> anyhow::Result<BTreeSet<Str
         if !exists {
             bail!("--fail {f}: no {kind} named `{name}` in the specs");
         }
-        out.insert(if kind == "node" {
-            name.to_owned()
-        } else {
-            f.clone()
-        });
+        let set = match kind {
+            "node" => &mut out.nodes,
+            "rack" => &mut out.racks,
+            _ => &mut out.sites,
+        };
+        set.insert(name.to_owned());
     }
     Ok(out)
 }
@@ -147,7 +148,7 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
     let model = &c.model;
     let base_options = PlaceOptions {
         previous,
-        failed_nodes: BTreeSet::new(),
+        failed: FailureSet::default(),
     };
     let mut out = std::io::stdout().lock();
     if let Some(vm) = &args.explain {
@@ -211,7 +212,7 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
         let failed = parse_failures(model, &args.fail)?;
         let options = PlaceOptions {
             previous: Some(placement.clone()),
-            failed_nodes: failed.clone(),
+            failed: failed.clone(),
         };
         let after = compiler::place::place(model, &options, Some(&locator));
         let report = what_if(model, &placement, &after, &failed);
@@ -420,19 +421,13 @@ struct WhatIf {
     promises_kept: bool,
 }
 
-fn what_if(
-    model: &Model,
-    before: &Placement,
-    after: &Placement,
-    failed: &BTreeSet<String>,
-) -> WhatIf {
+fn what_if(model: &Model, before: &Placement, after: &Placement, failed: &FailureSet) -> WhatIf {
     let node_failed = |node: &str| {
-        failed.contains(node)
-            || model.sites.iter().flat_map(|s| s.nodes.iter()).any(|n| {
-                n.name == node
-                    && (failed.contains(&format!("rack={}", n.rack))
-                        || failed.contains(&format!("site={}", n.site)))
-            })
+        model
+            .sites
+            .iter()
+            .flat_map(|s| s.nodes.iter())
+            .any(|n| n.name == node && failed.has_node(&n.name, &n.rack, &n.site))
     };
     let mut lines = vec![];
     let mut entries = vec![];
@@ -530,10 +525,7 @@ fn what_if(
         .map(|u| u.name.as_str())
         .collect();
     let kept = lost_ha == 0 && ft_unprotected == 0;
-    let mut text = format!(
-        "what if {} failed:\n",
-        failed.iter().cloned().collect::<Vec<_>>().join(", ")
-    );
+    let mut text = format!("what if {} failed:\n", failed.entries().join(", "));
     if lines.is_empty() {
         text.push_str("  no VM runs there\n");
     }
@@ -561,7 +553,7 @@ fn what_if(
     );
     let json = WhatIfJson {
         affected: entries,
-        failed: failed.clone(),
+        failed: failed.entries().into_iter().collect(),
         format_version: FORMAT_VERSION,
         preempted: preempted.iter().map(|p| (*p).to_owned()).collect(),
         promises: Promises {

@@ -164,7 +164,7 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
         model,
         &compiler::place::PlaceOptions {
             previous: previous.cloned(),
-            failed_nodes: Default::default(),
+            failed: Default::default(),
         },
         None,
     )

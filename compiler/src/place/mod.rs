@@ -238,8 +238,50 @@ pub struct Move {
 pub struct PlaceOptions {
     /// The previous placement (`--previous`): VMs stay where they are.
     pub previous: Option<Placement>,
-    /// Nodes treated as failed (`--fail`).
-    pub failed_nodes: BTreeSet<String>,
+    /// What is treated as failed (`--fail`, HA).
+    pub failed: FailureSet,
+}
+
+/// What a placement treats as failed: nodes, and whole racks and sites (a
+/// typed set, not `rack=NAME` strings).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FailureSet {
+    /// Failed nodes.
+    pub nodes: BTreeSet<String>,
+    /// Failed racks (every node in them).
+    pub racks: BTreeSet<String>,
+    /// Failed sites (every node in them).
+    pub sites: BTreeSet<String>,
+}
+
+impl FailureSet {
+    /// These nodes failed.
+    pub fn of_nodes<I: IntoIterator<Item = String>>(nodes: I) -> Self {
+        FailureSet {
+            nodes: nodes.into_iter().collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Whether nothing failed.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.racks.is_empty() && self.sites.is_empty()
+    }
+
+    /// Whether `node` (in `rack` of `site`) is down under this set.
+    pub fn has_node(&self, node: &str, rack: &str, site: &str) -> bool {
+        self.nodes.contains(node) || self.racks.contains(rack) || self.sites.contains(site)
+    }
+
+    /// One entry per failure as people and JSON outputs name it: `NODE`,
+    /// `rack=NAME`, `site=NAME`, sorted.
+    pub fn entries(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.nodes.iter().cloned().collect();
+        out.extend(self.racks.iter().map(|r| format!("rack={r}")));
+        out.extend(self.sites.iter().map(|s| format!("site={s}")));
+        out.sort();
+        out
+    }
 }
 
 /// Turns object spans into `file:line:column` for reasons.
@@ -389,7 +431,7 @@ pub(crate) enum Verdict {
 }
 
 impl<'m> Engine<'m> {
-    pub(crate) fn new(model: &'m Model, failed: &BTreeSet<String>) -> Engine<'m> {
+    pub(crate) fn new(model: &'m Model, failed: &FailureSet) -> Engine<'m> {
         let mut nodes = vec![];
         let mut interned: std::collections::HashMap<String, u32> = Default::default();
         let mut intern = |name: &str| -> u32 {
@@ -406,9 +448,7 @@ impl<'m> Engine<'m> {
                 nodes.push(NodeState {
                     name: n.name.clone(),
                     site: site.name.clone(),
-                    alive: !failed.contains(&n.name)
-                        && !failed.contains(&format!("rack={}", n.rack))
-                        && !failed.contains(&format!("site={}", site.name)),
+                    alive: !failed.has_node(&n.name, &n.rack, &site.name),
                     cap: Cost {
                         cpu_milli: n.allocatable.cpu * 1000,
                         memory: n.allocatable.memory_bytes,
@@ -911,7 +951,7 @@ pub(crate) fn order(model: &Model) -> Vec<&Vm> {
 
 /// Places every VM and volume of a model.
 pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>>) -> Placement {
-    let mut engine = Engine::new(model, &options.failed_nodes);
+    let mut engine = Engine::new(model, &options.failed);
     let previous: BTreeMap<&str, &VmPlacement> = options
         .previous
         .iter()

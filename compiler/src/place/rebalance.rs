@@ -20,7 +20,7 @@ pub fn rebalance(
     locator: Option<&Locator<'_>>,
 ) -> Placement {
     let _ = locator;
-    let mut engine = Engine::new(model, &options.failed_nodes);
+    let mut engine = Engine::new(model, &options.failed);
     for vm in order(model) {
         if let Some(p) = placement.vms.iter().find(|v| v.name == vm.name) {
             let node = engine.node_index[&p.node];

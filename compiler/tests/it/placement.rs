@@ -286,7 +286,7 @@ fn every_ha_vm_survives_the_loss_of_any_one_node() {
     for node in ["a1", "a2", "b1", "b2"] {
         let failed = PlaceOptions {
             previous: Some(p.clone()),
-            failed_nodes: [node.to_owned()].into(),
+            failed: compiler::place::FailureSet::of_nodes([node.to_owned()]),
         };
         let after = place(&model, &failed, None);
         for v in p.vms.iter().filter(|v| {
