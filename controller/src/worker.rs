@@ -810,7 +810,21 @@ impl Worker {
                 self.last_drift = None;
                 SyncEnd::Applied
             }
-            Err(e) => {
+            Err(Failure::MissingImages(e)) => {
+                // The commit's own files are missing: it fails the same way every
+                // time, so it waits for a new commit.
+                self.end_sync(
+                    commit,
+                    "failed",
+                    Some(e),
+                    Some(&plan.plan_id),
+                    detail,
+                    started,
+                    extra,
+                );
+                SyncEnd::Stalled
+            }
+            Err(Failure::Other(e)) => {
                 self.end_sync(
                     commit,
                     "failed",
@@ -832,10 +846,11 @@ impl Worker {
         planned: &Planned,
         interrupted: Option<&pipeline::Interrupted>,
         commit: Option<&str>,
-    ) -> Result<Done, String> {
+    ) -> Result<Done, Failure> {
         let plan = &planned.plan;
         if plan.is_empty() {
-            pipeline::nothing_to_do(store, plan, interrupted).map_err(|e| e.to_string())?;
+            pipeline::nothing_to_do(store, plan, interrupted)
+                .map_err(|e| Failure::Other(e.to_string()))?;
             return Ok(Done {
                 problems: plan.not_converged(),
                 ..Done::default()
@@ -860,7 +875,10 @@ impl Worker {
         )
         .await;
         events.flush();
-        let executed = executed.map_err(|e| e.to_string())?;
+        let executed = executed.map_err(|e| match e {
+            pipeline::PipelineError::MissingImages(_) => Failure::MissingImages(e.to_string()),
+            e => Failure::Other(e.to_string()),
+        })?;
         let count = |s: reconciler::state::StepStatus| {
             executed
                 .report
@@ -1182,7 +1200,7 @@ impl Worker {
                     Event::new("drift", "failed")
                         .commit(&good.commit)
                         .plan(&plan.plan_id)
-                        .reason(e),
+                        .reason(e.to_string()),
                 ]);
                 self.last_drift = Some(objects);
             }
@@ -1213,6 +1231,23 @@ impl Worker {
             }
             let task = tokio::spawn(watch_node(self.shared.clone(), node.address.clone()));
             self.watches.by_node.insert(name, (node.address, task));
+        }
+    }
+}
+
+/// Why an execution did not run.
+#[derive(Debug)]
+enum Failure {
+    /// Kernel or initrd files of the commit are missing; nothing was sent.
+    MissingImages(String),
+    /// Anything else (the state store, a journaled plan).
+    Other(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::MissingImages(e) | Failure::Other(e) => f.write_str(e),
         }
     }
 }
@@ -1317,5 +1352,19 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
             "controller": controller,
             "error": e,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_five_seconds_and_stops_at_five_minutes() {
+        let secs: Vec<u64> = [1, 2, 3, 4, 5, 6, 7, 40, u32::MAX]
+            .iter()
+            .map(|n| backoff(*n).as_secs())
+            .collect();
+        assert_eq!(secs, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
     }
 }
