@@ -28,6 +28,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("nbdinfo", "libnbd-bin"),
     ("nbdcopy", "libnbd-bin"),
     ("qemu-io", "qemu-utils"),
+    // The controller's /metrics is checked with Prometheus's own tool.
+    ("promtool", "prometheus"),
 ];
 
 fn main() -> anyhow::Result<()> {
