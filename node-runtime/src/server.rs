@@ -103,6 +103,15 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|error| ServerError::Reflection(error.to_string()))?;
 
+    // The standard gRPC health service (grpc.health.v1) that load balancers and
+    // probes ask: the whole server and each cairn service report SERVING while
+    // the node serves, NOT_SERVING once it shuts down. Unauthenticated, read-only.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(*service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let (shutdown_sender, shutdown_receiver) = tokio::sync::watch::channel(false);
     let service = NodeService::new(node.clone(), shutdown_receiver);
     let resync = tokio::spawn(node.volumes.clone().resync_loop(Duration::from_secs(1)));
@@ -129,11 +138,23 @@ pub async fn run(
     );
 
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let signal = async move {
-        shutdown.await;
-        let _ = shutdown_sender.send(true);
+    let signal = {
+        let health = health.clone();
+        async move {
+            shutdown.await;
+            health
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            for service in HEALTH_SERVICES {
+                health
+                    .set_service_status(*service, tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            let _ = shutdown_sender.send(true);
+        }
     };
     let result = Server::builder()
+        .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(v1::inventory_server::InventoryServer::new(service.clone()))
@@ -159,6 +180,15 @@ pub async fn run(
     result?;
     Ok(())
 }
+
+/// The services the health service reports on (besides the server as a whole, "").
+const HEALTH_SERVICES: &[&str] = &[
+    "cairn.node.v1.Inventory",
+    "cairn.node.v1.Observe",
+    "cairn.node.v1.Apply",
+    "cairn.node.v1.Watch",
+    "cairn.node.v1.Replication",
+];
 
 /// Installs SIGTERM and SIGINT handlers now (call it inside the tokio runtime, before
 /// the node announces its address, so an early signal is never lost) and returns a

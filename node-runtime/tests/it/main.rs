@@ -8,6 +8,7 @@ mod bonds;
 mod counters;
 mod exports;
 mod harness;
+mod health;
 mod inventory;
 mod lab;
 mod outcome;
