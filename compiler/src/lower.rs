@@ -752,6 +752,7 @@ impl Cx<'_> {
         // (out of range, not a number) has had its diagnostic and is not also
         // missing.
         let mut cpu_given = false;
+        let mut memory_given = false;
         self.suggested.clear();
         for c in self.children(node.children(), "node-class", "a `node-class`") {
             let n = c.node;
@@ -765,6 +766,7 @@ impl Cx<'_> {
                     self.once(&mut spec.cpu, v, n, first);
                 }
                 "memory" => {
+                    memory_given = true;
                     let v = self
                         .single_value(n)
                         .and_then(|e| self.size(e, "the memory size"));
@@ -801,7 +803,7 @@ impl Cx<'_> {
             )
             .help = Some("add `cpu 32` (hardware threads)".to_owned());
         }
-        if spec.memory.is_none() && !typos.contains(&"memory") {
+        if !memory_given && !typos.contains(&"memory") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
@@ -1237,6 +1239,7 @@ impl Cx<'_> {
         // Whether a `cpu` node is written at all: one whose value was refused
         // (out of range, not a number) has had its diagnostic and is not also
         // missing.
+        let mut image_given = false;
         let mut cpu_given = false;
         self.suggested.clear();
         for c in self.children(node.children(), path, &desc) {
@@ -1286,6 +1289,7 @@ impl Cx<'_> {
                     self.once(&mut b.availability, v, n, first);
                 }
                 "image" => {
+                    image_given = true;
                     let v = self
                         .single_value(n)
                         .and_then(|e| self.name_value(e, "the image"));
@@ -1403,7 +1407,7 @@ impl Cx<'_> {
             )
             .help = Some("add `memory \"4GiB\"`".to_owned());
         }
-        if b.image.is_none() && !typos.contains(&"image") {
+        if !image_given && !typos.contains(&"image") {
             self.err(
                 "cairn::schema::missing_node",
                 span,
