@@ -192,8 +192,8 @@ fn gate(loaded: &Loaded, store: &dyn StateStore, plan: &Plan) -> anyhow::Result<
 
 /// Prints the diagnostics of VMs that cannot be placed (errors with spans; spot
 /// VMs get warnings), as `cairn validate` does.
-fn print_unplaced(loaded: &Loaded, solved: &compiler::place::Placement) -> anyhow::Result<()> {
-    let diagnostics = crate::placecmd::unplaced_diagnostics(&loaded.compilation, solved);
+fn print_unplaced(loaded: &Loaded, placement: &compiler::place::Placement) -> anyhow::Result<()> {
+    let diagnostics = crate::placecmd::unplaced_diagnostics(&loaded.compilation, placement);
     if diagnostics.is_empty() {
         return Ok(());
     }
@@ -263,7 +263,7 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
         };
         let previous = placement_from_observed(&observed);
         let planned = plan_against(&loaded, observed, &previous, Default::default());
-        print_unplaced(&loaded, &planned.solved)?;
+        print_unplaced(&loaded, &planned.desired.placement)?;
         print_plan(&planned.plan, args.format, args.concise)?;
         return Ok(plan_exit(&planned.plan, args.detailed_exitcode));
     }
@@ -273,7 +273,7 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
     let started = Instant::now();
     let planned = runtime()?.block_on(make_plan(&loaded, &store, &nodes))?;
     let millis = started.elapsed().as_millis();
-    print_unplaced(&loaded, &planned.solved)?;
+    print_unplaced(&loaded, &planned.desired.placement)?;
     print_plan(&planned.plan, args.format, args.concise)?;
     let plan = &planned.plan;
     if let Some(out) = &args.out {
@@ -390,7 +390,7 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
             );
         }
     }
-    print_unplaced(&loaded, &planned.solved)?;
+    print_unplaced(&loaded, &planned.desired.placement)?;
     print!("{}", render::plan_text(plan, false));
     if let Some(why) = unacceptable(plan) {
         eprintln!("error: refusing to apply: {why}; nothing was sent");

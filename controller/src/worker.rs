@@ -415,6 +415,26 @@ impl Worker {
         RedbStore::open(&self.shared.config.state_path()).map_err(|e| e.to_string())
     }
 
+    /// Ends a sync as failed for a reason that may pass (retried with backoff).
+    fn transient_failure(
+        &self,
+        commit: &str,
+        reason: String,
+        detail: serde_json::Value,
+        started: Instant,
+    ) -> SyncEnd {
+        self.end_sync(
+            commit,
+            "failed",
+            Some(reason),
+            None,
+            detail,
+            started,
+            vec![],
+        );
+        SyncEnd::Transient
+    }
+
     /// Ends a sync: the sync event, the last sync, metrics.
     #[allow(clippy::too_many_arguments)]
     fn end_sync(
@@ -490,16 +510,7 @@ impl Worker {
         let path = match self.source.path(previous.as_deref(), commit) {
             Ok(p) => p,
             Err(e) => {
-                self.end_sync(
-                    commit,
-                    "failed",
-                    Some(e.to_string()),
-                    None,
-                    detail,
-                    started,
-                    vec![],
-                );
-                return SyncEnd::Transient;
+                return self.transient_failure(commit, e.to_string(), detail, started);
             }
         };
         let signers = match crate::trust::read_signers(&keys) {
@@ -513,16 +524,7 @@ impl Worker {
         let repo = match self.source.open() {
             Ok(r) => r,
             Err(e) => {
-                self.end_sync(
-                    commit,
-                    "failed",
-                    Some(e.to_string()),
-                    None,
-                    detail,
-                    started,
-                    vec![],
-                );
-                return SyncEnd::Transient;
+                return self.transient_failure(commit, e.to_string(), detail, started);
             }
         };
         let mut signer = None;
@@ -629,16 +631,7 @@ impl Worker {
         }
         let spec_root = self.shared.config.data_dir.join("checkout");
         if let Err(e) = self.source.materialize(commit, &spec_root) {
-            self.end_sync(
-                commit,
-                "failed",
-                Some(e.to_string()),
-                None,
-                detail,
-                started,
-                vec![],
-            );
-            return SyncEnd::Transient;
+            return self.transient_failure(commit, e.to_string(), detail, started);
         }
         let model = compilation.model;
         phase_done(&mut phases, "compile", t);
@@ -658,8 +651,7 @@ impl Worker {
         let store = match self.store() {
             Ok(s) => s,
             Err(e) => {
-                self.end_sync(commit, "failed", Some(e), None, detail, started, vec![]);
-                return SyncEnd::Transient;
+                return self.transient_failure(commit, e, detail, started);
             }
         };
         let lock = match take_store_lock(
@@ -669,24 +661,14 @@ impl Worker {
         ) {
             Ok(l) => l,
             Err(e) => {
-                self.end_sync(commit, "failed", Some(e), None, detail, started, vec![]);
-                return SyncEnd::Transient;
+                return self.transient_failure(commit, e, detail, started);
             }
         };
         let nodes = self.shared.nodes.clone();
         let interrupted = match pipeline::settle_interrupted(&store, &nodes).await {
             Ok(i) => i,
             Err(e) => {
-                self.end_sync(
-                    commit,
-                    "failed",
-                    Some(e.to_string()),
-                    None,
-                    detail,
-                    started,
-                    vec![],
-                );
-                return SyncEnd::Transient;
+                return self.transient_failure(commit, e.to_string(), detail, started);
             }
         };
         let mut extra = vec![];

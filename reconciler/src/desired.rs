@@ -317,7 +317,6 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
             },
         );
     }
-    drop((vm_nodes, volumes_by_name));
     desired.placement = placement;
     desired
 }

@@ -168,8 +168,6 @@ pub struct Planned {
     pub observed: Observed,
     /// The plan.
     pub plan: Plan,
-    /// The solver's placement (for diagnostics of unplaced VMs).
-    pub solved: compiler::place::Placement,
 }
 
 /// Plans `model` (of `revision`, whose images are relative to `spec_root`)
@@ -184,7 +182,6 @@ pub fn plan_against(
     protected_before: BTreeSet<String>,
 ) -> Planned {
     let placement = desired::place(model, Some(previous));
-    let solved = placement.clone();
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
     let plan = plan(&desired, &observed, revision);
@@ -192,7 +189,6 @@ pub fn plan_against(
         desired,
         observed,
         plan,
-        solved,
     }
 }
 
