@@ -25,6 +25,8 @@ const MAX_SOCKET_PATH: usize = 107;
 
 /// Longest network device name (`IFNAMSIZ` 16 with the NUL).
 const MAX_TAP_NAME: usize = 15;
+/// Longest NBD export name (the NBD protocol's limit for a name).
+pub const MAX_NBD_EXPORT_NAME: usize = 4096;
 
 /// One VM to run: what `cairn-node` writes and `cairn-vmm --config` reads. Paths and
 /// names only, never open files, so it can be stored and sent to another host.
@@ -92,16 +94,21 @@ pub enum BootSource {
     },
 }
 
-/// A disk: a file or block device served as a virtio-blk device. (Volumes of the
-/// storage engine are not attachable yet; they will be another source here.)
+/// A disk served as a virtio-blk device: a file or block device, or a volume of the
+/// node's volume engine reached over NBD on a unix socket (`nbd_export` set; `path` is
+/// then the socket the node serves the volume on, and every write the guest makes goes
+/// through the node's replicated write path).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
-    /// The file or block device (absolute path).
+    /// The file or block device, or the NBD server's unix socket (absolute path).
     pub path: PathBuf,
     /// Serve it read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// The NBD export name (the volume) when `path` is an NBD server's unix socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_export: Option<String>,
 }
 
 /// A NIC: a virtio-net device on an existing tap of the VMM's network namespace.
@@ -224,6 +231,16 @@ pub enum VmConfigError {
         /// The name.
         tap: String,
     },
+    /// An NBD export name that is empty or too long.
+    #[error(
+        "{field}: an NBD export name of {length} bytes; give 1 to {MAX_NBD_EXPORT_NAME} bytes (the volume's name)"
+    )]
+    NbdExport {
+        /// The field.
+        field: String,
+        /// Its length.
+        length: usize,
+    },
     /// Two NICs on one tap.
     #[error("{field}: tap `{tap}` is already used by nics[{first}]")]
     DuplicateTap {
@@ -259,6 +276,7 @@ impl VmConfigError {
             Self::ZeroTick => "tick_ms".into(),
             Self::RelativePath { field, .. }
             | Self::TapName { field, .. }
+            | Self::NbdExport { field, .. }
             | Self::DuplicateTap { field, .. }
             | Self::MulticastMac { field, .. } => field.clone(),
         }
@@ -334,6 +352,14 @@ impl VmConfig {
         within("disks", &limits::DISKS, self.disks.len() as u64)?;
         for (index, disk) in self.disks.iter().enumerate() {
             absolute(format!("disks[{index}].path"), &disk.path)?;
+            if let Some(export) = &disk.nbd_export
+                && (export.is_empty() || export.len() > MAX_NBD_EXPORT_NAME)
+            {
+                return Err(VmConfigError::NbdExport {
+                    field: format!("disks[{index}].nbd_export"),
+                    length: export.len(),
+                });
+            }
         }
         within("nics", &limits::NICS, self.nics.len() as u64)?;
         for (index, nic) in self.nics.iter().enumerate() {
@@ -400,6 +426,7 @@ mod tests {
         config.disks.push(DiskConfig {
             path: "/var/lib/disk.img".into(),
             read_only: true,
+            nbd_export: None,
         });
         config.validate().expect("valid");
         let text = serde_json::to_string(&config).unwrap();
@@ -492,6 +519,7 @@ mod tests {
                         c.disks.push(DiskConfig {
                             path: "/d".into(),
                             read_only: false,
+                            nbd_export: None,
                         });
                     }
                 }),
@@ -503,10 +531,22 @@ mod tests {
                     c.disks.push(DiskConfig {
                         path: "disk.img".into(),
                         read_only: false,
+                        nbd_export: None,
                     });
                 }),
                 "disks[0].path",
                 "not an absolute path",
+            ),
+            (
+                refused(|c| {
+                    c.disks.push(DiskConfig {
+                        path: "/run/disk.sock".into(),
+                        read_only: false,
+                        nbd_export: Some(String::new()),
+                    });
+                }),
+                "disks[0].nbd_export",
+                "an NBD export name of 0 bytes",
             ),
             (
                 refused(|c| {

@@ -214,6 +214,7 @@ fn config_from_flags(cli: Cli) -> Result<VmConfig, String> {
             Ok(DiskConfig {
                 path: absolute(path)?,
                 read_only: cli.disk_read_only,
+                nbd_export: None,
             })
         })
         .collect::<Result<_, String>>()?;

@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
@@ -25,6 +25,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::{self, ArchError};
 use crate::devices::block::{BlockBackend, FileBackend};
+use crate::devices::nbd_client::NbdBackend;
 use crate::devices::ports::GuestTelemetry;
 use crate::devices::serial::{COM1_IRQ, Console, SerialInterrupt};
 use crate::devices::virtio::Interrupt;
@@ -277,16 +278,21 @@ impl Vm {
                 })?;
             }
         }
-        let open_disk = |path: &Path, read_only: bool| {
-            FileBackend::open(path, read_only).map_err(|source| VmError::Disk {
-                path: path.to_path_buf(),
+        let open_disk = |disk: &vm_config::DiskConfig| -> Result<Arc<dyn BlockBackend>, VmError> {
+            let opened: std::io::Result<Arc<dyn BlockBackend>> = match &disk.nbd_export {
+                Some(export) => NbdBackend::connect(&disk.path, export, disk.read_only)
+                    .map(|d| Arc::new(d) as _),
+                None => FileBackend::open(&disk.path, disk.read_only).map(|d| Arc::new(d) as _),
+            };
+            opened.map_err(|source| VmError::Disk {
+                path: disk.path.clone(),
                 source,
             })
         };
         let disks: Vec<Arc<dyn BlockBackend>> = config
             .disks
             .iter()
-            .map(|disk| open_disk(&disk.path, disk.read_only).map(|d| Arc::new(d) as _))
+            .map(open_disk)
             .collect::<Result<_, _>>()?;
         let taps: Vec<Arc<fs::File>> = config
             .nics

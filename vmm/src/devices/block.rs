@@ -1,7 +1,9 @@
 //! The storage seam of the VMM: what a virtio-blk device reads and writes.
 //!
-//! The storage engine (crate `storage`) provides cairn volumes; the node agent adapts a
-//! volume to [`BlockBackend`]. [`FileBackend`] serves a plain file (or block device) and
+//! The storage engine (crate `storage`) provides cairn volumes; the node agent serves a
+//! VM's volumes over NBD on unix sockets and
+//! [`NbdBackend`](super::nbd_client::NbdBackend) adapts such an export to
+//! [`BlockBackend`]. [`FileBackend`] serves a plain file (or block device) and
 //! [`MemoryBackend`] a byte vector, for tests and fault injection.
 
 use std::fs::{File, OpenOptions};
