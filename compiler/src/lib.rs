@@ -26,6 +26,7 @@ pub mod place;
 pub mod shape;
 pub mod source;
 pub mod spec;
+pub mod sshkey;
 pub mod units;
 
 pub use diag::{Diagnostic, Severity, Span};

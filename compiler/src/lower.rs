@@ -1123,7 +1123,11 @@ impl Cx<'_> {
                     let role = self
                         .required(n, "role", "\"viewer\"")
                         .and_then(|e| self.keyword(e, "the role", Role::KEYWORDS, Role::parse));
-                    t.members.push(MemberSpec { email, role });
+                    let key = self
+                        .prop(n, "key")
+                        .and_then(|e| self.string(e, "the member's key"))
+                        .and_then(|k| self.member_key(k));
+                    t.members.push(MemberSpec { email, role, key });
                 }
                 "budget" => {
                     let b = BudgetSpec {
@@ -1562,6 +1566,30 @@ pub fn is_dns_label(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
+}
+
+impl Cx<'_> {
+    /// A member's `key=`: an SSH ed25519 public key; `None` (and a
+    /// diagnostic saying what is wrong and what is right) otherwise.
+    fn member_key(&mut self, k: Spanned<String>) -> Option<Spanned<String>> {
+        match crate::sshkey::parse(&k.value) {
+            Ok(key) => Some(Spanned {
+                value: key.canonical(),
+                span: k.span,
+            }),
+            Err(what) => {
+                self.err(
+                    "cairn::schema::invalid_key",
+                    k.span,
+                    format!("the member's key is not an SSH ed25519 public key: {what}"),
+                )
+                .help = Some(
+                    "write the line of the member's `id_ed25519.pub` (`ssh-keygen -t ed25519` makes it), e.g. key=\"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI… alice@laptop\"".to_owned(),
+                );
+                None
+            }
+        }
+    }
 }
 
 fn is_email(s: &str) -> bool {

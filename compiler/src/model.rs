@@ -301,6 +301,10 @@ pub struct Member {
     pub email: String,
     /// Role.
     pub role: Role,
+    /// SSH ed25519 public key (`ssh-ed25519 BASE64`, without comment): what
+    /// the controller trusts to sign this member's commits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// A monthly budget.

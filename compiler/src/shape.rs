@@ -182,7 +182,7 @@ pub static SHAPES: &[Shape] = &[
         ["vcpus", "memory", "storage", "vms"],
         []
     ),
-    shape!("tenant.member", NAME, ["role"], []),
+    shape!("tenant.member", NAME, ["role", "key"], []),
     shape!("tenant.budget", NONE, ["monthly", "currency"], []),
     shape!("tenant.network", NAME, ["site", "cidr", "gateway"], []),
     shape!("tenant.security-group", NAME, [], ["allow"]),

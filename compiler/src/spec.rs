@@ -260,6 +260,9 @@ pub struct MemberSpec {
     pub email: Spanned<String>,
     /// Role.
     pub role: Option<Spanned<Role>>,
+    /// `key=`: an SSH ed25519 public key, as `ssh-ed25519 BASE64` (its
+    /// comment dropped), checked when lowered.
+    pub key: Option<Spanned<String>>,
 }
 
 /// `budget`.

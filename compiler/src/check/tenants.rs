@@ -166,6 +166,7 @@ impl Checker<'_> {
                 .map(|m| Member {
                     email: m.email.value.clone(),
                     role: m.role.as_ref().map_or(Role::Viewer, |r| r.value),
+                    key: m.key.as_ref().map(|k| k.value.clone()),
                 })
                 .collect();
             members.sort_by(|a, b| a.email.cmp(&b.email));
