@@ -32,6 +32,7 @@
 
 #![warn(missing_docs)]
 
+pub mod authorize;
 pub mod commit;
 pub mod eval;
 pub mod report;
