@@ -433,6 +433,10 @@ impl Node {
                         .collect(),
                 }))
             }
+            Action::SetVolumeEpoch(set) => {
+                self.volumes.set_epoch(set).await?;
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
             Action::DeleteVolume(delete) => {
                 validate::name("delete_volume.name", &delete.name)?;
                 self.exports.unexport(&delete.name).await;

@@ -319,7 +319,7 @@ impl v1::replication_server::Replication for NodeService {
             .volumes
             .authorize_write(&request.volume, &caller)
             .await?;
-        self.node.volumes.replica_write(request).await?;
+        self.node.volumes.replica_write(request, &caller).await?;
         Ok(Response::new(v1::ReplicaWriteResponse {}))
     }
 

@@ -38,9 +38,14 @@ use redb::Durability;
 use tokio::sync::{Mutex, RwLock};
 use tonic::Status;
 
+mod epochs;
+
+pub use epochs::{DEFAULT_FREEZE, FREEZE_ENV};
+use epochs::{EpochState, WriterState};
+
 use crate::events::EventBus;
 use crate::local_volumes::{self, Geometry, LocalVolumes};
-use crate::records::{self, Count, Peer, Records, VolumeRecord, VolumeRole};
+use crate::records::{self, Count, Peer, Records, VolumeEpochRecord, VolumeRecord, VolumeRole};
 use crate::validate;
 
 impl VolumeRecord {
@@ -105,6 +110,14 @@ struct VolumeEntry {
     /// shipped: it starts above the durable high-water mark, which is raised before
     /// a number is used.
     next_sequence: AtomicU64,
+    /// The highest epoch this copy was told of (mirrors `volume_epochs`).
+    epoch: std::sync::Mutex<EpochState>,
+    /// Woken when a new epoch is installed (a frozen writer waits for it).
+    epoch_changed: tokio::sync::Notify,
+    /// The writer's view of copies that failed or caught up.
+    writer_state: std::sync::Mutex<WriterState>,
+    /// Bytes shipped to copies catching up.
+    resync_bytes: AtomicU64,
 }
 
 impl VolumeEntry {
@@ -116,6 +129,10 @@ impl VolumeEntry {
             health: std::sync::Mutex::new((Health::Healthy, String::new())),
             applied_writes: AtomicU64::new(0),
             next_sequence: AtomicU64::new(1),
+            epoch: std::sync::Mutex::new(EpochState::default()),
+            epoch_changed: tokio::sync::Notify::new(),
+            writer_state: std::sync::Mutex::new(WriterState::default()),
+            resync_bytes: AtomicU64::new(0),
         }
     }
 
@@ -152,6 +169,8 @@ pub struct Volumes {
     peer_directory: crate::trust::PeerDirectory,
     volumes: RwLock<BTreeMap<String, Arc<VolumeEntry>>>,
     peer_clients: std::sync::Mutex<BTreeMap<String, NodeClient>>,
+    /// How long a frozen write waits for the controller (see `epochs.rs`).
+    freeze_bound: Duration,
 }
 
 fn intent_key(volume: &str, offset: u64, length: u64) -> String {
@@ -209,6 +228,10 @@ impl Volumes {
             entry
                 .next_sequence
                 .store(records.sequence_high_water(&name)? + 1, Ordering::Relaxed);
+            if let Some(epoch) = records.get::<VolumeEpochRecord>(&name)? {
+                *entry.epoch.lock().unwrap_or_else(|p| p.into_inner()) =
+                    EpochState::from_record(&epoch);
+            }
             volumes.insert(name, Arc::new(entry));
         }
         Ok(Self {
@@ -221,6 +244,7 @@ impl Volumes {
             peer_directory,
             volumes: RwLock::new(volumes),
             peer_clients: std::sync::Mutex::new(BTreeMap::new()),
+            freeze_bound: epochs::freeze_bound(),
         })
     }
 
@@ -324,21 +348,27 @@ impl Volumes {
                 "this node holds the volume's primary, which only it writes",
             ));
         }
-        match self.key_of(&record.primary, &record.primary_key_hex) {
-            Some(writer) if writer == caller.key_hex => Ok(()),
+        // The epoch's writer (the primary unless the controller named another).
+        let writer = self.writer_name(&entry);
+        let recorded = if writer == record.primary {
+            record.primary_key_hex.as_str()
+        } else {
+            ""
+        };
+        match self.key_of(&writer, recorded) {
+            Some(key) if key == caller.key_hex => Ok(()),
             Some(_) => Err(self.denied(
                 caller,
                 "write",
                 volume,
-                &format!("only its primary, node {}, writes its copies", record.primary),
+                &format!("only its writer, node {writer}, writes its copies"),
             )),
             None => Err(self.denied(
                 caller,
                 "write",
                 volume,
                 &format!(
-                    "only its primary, node {}, writes its copies, and this node does not know that node's key (push it with SetPeers)",
-                    record.primary
+                    "only its writer, node {writer}, writes its copies, and this node does not know that node's key (push it with SetPeers)"
                 ),
             )),
         }
@@ -884,8 +914,20 @@ impl Volumes {
                 .remove_intent(&key, Durability::Immediate)
                 .map_err(records_status)?;
         }
+        for key in self
+            .records
+            .intents(&format!("{name}@"))
+            .map_err(records_status)?
+        {
+            self.records
+                .remove_intent(&key, Durability::Immediate)
+                .map_err(records_status)?;
+        }
         self.records
             .remove_intent(name, Durability::Immediate)
+            .map_err(records_status)?;
+        self.records
+            .remove::<VolumeEpochRecord>(name)
             .map_err(records_status)?;
         self.records
             .remove::<VolumeRecord>(name)
@@ -901,7 +943,8 @@ impl Volumes {
         Ok(())
     }
 
-    /// Writes to a primary volume, replicated; acknowledged only when every copy has it.
+    /// Writes to a primary volume, replicated; acknowledged only when every copy of the
+    /// in-sync set holds it durably (see `epochs.rs` for the frozen writer).
     pub async fn write(&self, name: &str, offset: u64, data: Vec<u8>) -> Result<WriteAck, Status> {
         let entry = self.entry(name).await?;
         if !entry.record.is_primary() {
@@ -912,13 +955,15 @@ impl Volumes {
         }
         validate::io_range("write_volume", offset, data.len() as u64, entry.size())?;
         let _guard = entry.write_lock.lock().await;
+        self.check_writer(&entry)?;
         if entry.record.replica_peers.is_empty() {
             let local = self.local.clone();
             let owned = name.to_string();
             blocking(move || local.write(&owned, offset, data)).await?;
             return Ok(WriteAck { copies: 1 });
         }
-        self.resync_locked(&entry).await?;
+        let deadline = std::time::Instant::now() + self.freeze_bound;
+        self.settle_locked(&entry, deadline).await?;
         let key = intent_key(name, offset, data.len() as u64);
         // The sequence number is the agent's, not the volume store's, so the local write and
         // the replica writes can run at the same time. It is made durable (with the
@@ -928,6 +973,11 @@ impl Volumes {
         self.records
             .put_intent(name, &key, sequence)
             .map_err(records_status)?;
+        let (epoch, in_sync, catching, outside) = self.targets(&entry);
+        // Every copy outside the in-sync set misses this write until it catches up.
+        for peer in &outside {
+            self.mark_dirty(&entry, &peer.name, offset, data.len() as u64)?;
+        }
         let checksums: Vec<u32> = data
             .chunks(storage::BLOCK_SIZE as usize)
             .map(crc32c::crc32c)
@@ -939,101 +989,87 @@ impl Volumes {
             let data = data.to_vec();
             blocking(move || local.write(&owned, offset, data))
         };
-        let remotes = entry.record.replica_peers.iter().map(|peer| {
+        let ship_all = |peers: Vec<Peer>| {
             let data = data.clone();
             let checksums = checksums.clone();
-            async move {
-                let mut client = self.peer_client(peer)?;
-                client
-                    .replica_write(v1::ReplicaWriteRequest {
-                        volume: name.to_string(),
-                        offset,
-                        data: data.to_vec(),
-                        sequence,
-                        checksums,
-                        resync: false,
-                    })
-                    .await
-                    .map_err(|status| peer_failure(peer, "write the replica", &status))
-            }
-        });
-        let (local_result, remote_results) = tokio::join!(local_write, join_all(remotes));
-        let mut remote_results = remote_results;
+            join_all(peers.into_iter().map(move |peer| {
+                let data = data.clone();
+                let checksums = checksums.clone();
+                async move {
+                    let result = self
+                        .ship(
+                            &peer,
+                            name,
+                            offset,
+                            data.to_vec(),
+                            checksums,
+                            sequence,
+                            epoch,
+                            "write the replica",
+                        )
+                        .await;
+                    (peer, result)
+                }
+            }))
+        };
+        let (local_result, in_sync_results, catching_results) =
+            tokio::join!(local_write, ship_all(in_sync), ship_all(catching));
         if let Err(status) = local_result {
-            remote_results.push(Err(Status::unavailable(format!(
-                "local copy: {}",
-                status.message()
-            ))));
-        }
-        let failures: Vec<String> = remote_results
-            .into_iter()
-            .filter_map(|result| result.err().map(|status| status.message().to_string()))
-            .collect();
-        if !failures.is_empty() {
             let detail = format!(
-                "write at offset {offset} not on every copy: {}",
-                failures.join("; ")
+                "write at offset {offset} failed on the local copy: {}",
+                status.message()
             );
             self.set_health(&entry, Health::Degraded, detail);
             return Err(Status::unavailable(format!(
-                "write to volume `{name}` was not acknowledged: {}",
-                failures.join("; ")
+                "write to volume `{name}` was not acknowledged: local copy: {}",
+                status.message()
             )));
         }
-        self.records
-            .remove_intent(&key, Durability::None)
-            .map_err(records_status)?;
-        self.set_health(&entry, Health::Healthy, String::new());
-        Ok(WriteAck {
-            copies: 1 + entry.record.replica_peers.len() as u32,
-        })
-    }
-
-    /// Copies every region with a pending write intent from this primary to all of its
-    /// replicas. Caller holds the volume's write lock.
-    async fn resync_locked(&self, entry: &VolumeEntry) -> Result<(), Status> {
-        let name = &entry.record.name;
-        let intents = self
-            .records
-            .intents(&format!("{name}/"))
-            .map_err(records_status)?;
-        for key in intents {
-            let Some((offset, length)) = parse_intent_key(&key) else {
-                continue;
-            };
-            let local = self.local.clone();
-            let owned = name.clone();
-            let (data, checksums) =
-                blocking(move || local.read_with_checksums(&owned, offset, length)).await?;
-            for peer in &entry.record.replica_peers {
-                let mut client = self.peer_client(peer)?;
-                client
-                    .replica_write(v1::ReplicaWriteRequest {
-                        volume: name.clone(),
-                        offset,
-                        data: data.clone(),
-                        sequence: 0,
-                        checksums: checksums.clone(),
-                        resync: true,
-                    })
-                    .await
-                    .map_err(|status| {
-                        let status = peer_failure(peer, "resynchronise the replica", &status);
-                        self.set_health(entry, Health::Degraded, status.message().to_string());
-                        Status::unavailable(format!(
-                            "volume `{name}` has regions not yet on every replica and {}",
-                            status.message()
-                        ))
-                    })?;
+        let mut copies = 1;
+        for (peer, result) in catching_results {
+            match result {
+                Ok(()) => {
+                    copies += 1;
+                    self.records
+                        .remove_intent(
+                            &epochs::dirty_key(name, &peer.name, offset, data.len() as u64),
+                            Durability::None,
+                        )
+                        .map_err(records_status)?;
+                }
+                Err(_) => {
+                    entry.writer_state().caught_up.remove(&peer.name);
+                }
             }
-            self.records
-                .remove_intent(&key, Durability::Immediate)
-                .map_err(records_status)?;
         }
-        Ok(())
+        let failures: Vec<Status> = in_sync_results
+            .into_iter()
+            .filter_map(|(_, result)| result.err())
+            .collect();
+        if let Some(fenced) = failures
+            .iter()
+            .find(|status| status.message().contains(epochs::FENCED))
+        {
+            return Err(Status::failed_precondition(fenced.message().to_string()));
+        }
+        if failures.is_empty() {
+            self.records
+                .remove_intent(&key, Durability::None)
+                .map_err(records_status)?;
+        } else {
+            // Frozen until the failed copies answer or leave the in-sync set.
+            self.settle_locked(&entry, deadline).await?;
+        }
+        let (_, in_sync_now, _, _) = self.targets(&entry);
+        copies += in_sync_now.len() as u32;
+        let (health, detail) = self.epoch_health(&entry, &entry.epoch());
+        self.set_health(&entry, health, detail);
+        Ok(WriteAck { copies })
     }
 
-    /// One pass of background resynchronisation over every primary with pending intents.
+    /// One pass of background work over every primary with replicas: pending write
+    /// intents are brought onto the in-sync copies (one attempt, no freeze), and copies
+    /// outside the in-sync set catch up.
     pub async fn resync_all(&self) {
         let entries: Vec<Arc<VolumeEntry>> = self
             .volumes
@@ -1049,13 +1085,18 @@ impl Volumes {
                 .intents(&format!("{}/", entry.record.name))
                 .map(|intents| !intents.is_empty())
                 .unwrap_or(false);
-            if !pending {
-                continue;
+            if pending {
+                let _guard = entry.write_lock.lock().await;
+                if self
+                    .settle_locked(&entry, std::time::Instant::now())
+                    .await
+                    .is_ok()
+                {
+                    let (health, detail) = self.epoch_health(&entry, &entry.epoch());
+                    self.set_health(&entry, health, detail);
+                }
             }
-            let _guard = entry.write_lock.lock().await;
-            if self.resync_locked(&entry).await.is_ok() {
-                self.set_health(&entry, Health::Healthy, String::new());
-            }
+            self.catch_up_all(&entry).await;
         }
     }
 
@@ -1068,8 +1109,12 @@ impl Volumes {
         }
     }
 
-    /// Writes to a replica (called by its primary).
-    pub async fn replica_write(&self, request: v1::ReplicaWriteRequest) -> Result<(), Status> {
+    /// Writes to a replica (called by its writer, under the copy's current epoch).
+    pub async fn replica_write(
+        &self,
+        request: v1::ReplicaWriteRequest,
+        caller: &ReplicationCaller,
+    ) -> Result<(), Status> {
         let entry = self.entry(&request.volume).await?;
         if entry.record.is_primary() {
             return Err(Status::failed_precondition(format!(
@@ -1092,6 +1137,7 @@ impl Volumes {
         // Serialised with read repair of this replica, which must not overwrite a
         // newer write with the bytes it fetched before it.
         let _guard = entry.write_lock.lock().await;
+        self.check_replica_epoch(&entry, request.epoch, caller)?;
         let local = self.local.clone();
         let v1::ReplicaWriteRequest {
             volume,
@@ -1100,6 +1146,7 @@ impl Volumes {
             sequence,
             checksums,
             resync,
+            epoch: _,
         } = request;
         if resync {
             blocking(move || local.overwrite(&volume, offset, data, checksums)).await?;
@@ -1121,6 +1168,7 @@ impl Volumes {
     ) -> Result<Vec<u8>, Status> {
         let entry = self.entry(name).await?;
         validate::io_range(field, offset, length, entry.size())?;
+        self.check_readable(&entry)?;
         let local = self.local.clone();
         let owned = name.to_string();
         match blocking(move || local.read(&owned, offset, length)).await {
@@ -1146,6 +1194,7 @@ impl Volumes {
     ) -> Result<(Vec<u8>, Vec<u32>), Status> {
         let entry = self.entry(name).await?;
         validate::io_range(field, offset, length, entry.size())?;
+        self.check_readable(&entry)?;
         let local = self.local.clone();
         let owned = name.to_string();
         blocking(move || local.read_with_checksums(&owned, offset, length)).await
@@ -1311,6 +1360,15 @@ impl Volumes {
             let name = record.name.clone();
             let allocated = blocking(move || local.allocated_bytes(&name)).await;
             let (mut health, mut detail) = entry.health();
+            let epoch = entry.epoch();
+            let writer = {
+                let state = entry.writer_state();
+                (state.awaiting_removal.clone(), state.caught_up.clone())
+            };
+            let writer = WriterState {
+                awaiting_removal: writer.0,
+                caught_up: writer.1,
+            };
             let allocated_bytes = match allocated {
                 Ok(bytes) => bytes,
                 Err(status) => {
@@ -1339,6 +1397,12 @@ impl Volumes {
                     .records
                     .counter(&generation_counter(&record.name))
                     .unwrap_or(0),
+                epoch: epoch.epoch,
+                epoch_writer: epoch.writer.clone(),
+                in_sync: epoch.in_sync.clone(),
+                awaiting_removal: writer.awaiting_removal.iter().cloned().collect(),
+                caught_up: writer.caught_up.iter().cloned().collect(),
+                resync_bytes: entry.resync_bytes.load(Ordering::Relaxed),
             });
         }
         out

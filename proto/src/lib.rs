@@ -78,6 +78,7 @@ pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
         Action::ExportVolume(_) => "export_volume",
         Action::UnexportVolume(_) => "unexport_volume",
         Action::ResizeVolume(_) => "resize_volume",
+        Action::SetVolumeEpoch(_) => "set_volume_epoch",
         Action::CreateVm(_) => "create_vm",
         Action::StartVm(_) => "start_vm",
         Action::StopVm(_) => "stop_vm",

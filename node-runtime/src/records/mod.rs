@@ -9,6 +9,8 @@
 //! - `volumes`, `vms`, `bonds`: the definitions the node was asked to keep
 //!   ([`VolumeRecord`], [`VmRecord`], [`BondRecord`]);
 //! - `peers`: the peer set pushed with `SetPeers` ([`PeerRecord`]);
+//! - `volume_epochs`: the highest epoch of each volume this copy was told of, with
+//!   its writer and in-sync set ([`VolumeEpochRecord`]);
 //! - `write_intents`: regions of replicated volumes that may differ between the
 //!   primary and its replicas (written before a replicated write, removed once every
 //!   copy acknowledged it), and each volume's sequence high-water mark;
@@ -42,7 +44,7 @@ pub use convert::{
 };
 pub use types::{
     BondRecord, Peer, PeerRecord, Record, RequestRecord, Table, TrafficClass, VmDefinition,
-    VmImage, VmNic, VmRecord, VolumeRecord, VolumeRole,
+    VmImage, VmNic, VmRecord, VolumeEpochRecord, VolumeRecord, VolumeRole,
 };
 
 const WRITE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("write_intents");

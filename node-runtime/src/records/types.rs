@@ -22,16 +22,19 @@ pub enum Table {
     Bonds,
     /// [`PeerRecord`]s by node name.
     Peers,
+    /// [`VolumeEpochRecord`]s by volume name.
+    VolumeEpochs,
 }
 
 impl Table {
     /// Every table of records.
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 6] = [
         Table::Requests,
         Table::Volumes,
         Table::Vms,
         Table::Bonds,
         Table::Peers,
+        Table::VolumeEpochs,
     ];
 
     /// The redb table's name.
@@ -42,6 +45,7 @@ impl Table {
             Table::Vms => "vms",
             Table::Bonds => "bonds",
             Table::Peers => "peers",
+            Table::VolumeEpochs => "volume_epochs",
         }
     }
 }
@@ -261,6 +265,33 @@ pub struct PeerRecord {
 impl PeerRecord {
     /// The version written.
     pub const VERSION: u32 = 1;
+}
+
+/// The highest epoch of a volume this copy was told of (`SetVolumeEpoch`, signed by
+/// the controller, the epoch authority): the copy refuses requests of older epochs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeEpochRecord {
+    /// [`VolumeEpochRecord::VERSION`] when written by this build.
+    pub version: u32,
+    /// The epoch (at least 1).
+    pub epoch: u64,
+    /// Node name of the volume's only writer at this epoch.
+    pub writer: String,
+    /// Node names of the copies in sync at this epoch, the writer included.
+    pub in_sync: Vec<String>,
+}
+
+impl VolumeEpochRecord {
+    /// The version written.
+    pub const VERSION: u32 = 1;
+}
+
+impl Record for VolumeEpochRecord {
+    const TABLE: Table = Table::VolumeEpochs;
+    const VERSION: u32 = VolumeEpochRecord::VERSION;
+    fn decode_unversioned(_bytes: &[u8]) -> Result<Self, String> {
+        Err("volume epochs were never stored unversioned".into())
+    }
 }
 
 impl Record for RequestRecord {

@@ -155,6 +155,7 @@ async fn a_peer_key_cannot_overwrite_a_replica_it_is_not_the_primary_of() {
             sequence,
             checksums: checksums.clone(),
             resync,
+            epoch: 0,
         };
         assert_denied(attacker.replica_write(overwrite).await, "v", "lab-1");
     }
@@ -167,6 +168,7 @@ async fn a_peer_key_cannot_overwrite_a_replica_it_is_not_the_primary_of() {
         sequence: 0,
         checksums: checksums.clone(),
         resync: true,
+        epoch: 0,
     };
     assert_denied(attacker.replica_write(overwrite).await, "v", "lab-3");
 
