@@ -10,6 +10,11 @@
 //! Exports do not survive a restart of the agent; sockets left by a crash are removed
 //! when it starts.
 //!
+//! A running VM's disks are exported the same way, to its `cairn-vmm` only
+//! ([`Exports::attach_vm`]): one server per disk on `DATA_DIR/exports/vm-VM-INDEX.sock`,
+//! started before the VMM is spawned and stopped when its process ends
+//! ([`Exports::detach_vm`]), so the export lives exactly as long as the VM runs.
+//!
 //! The server is given a [`ReplicatedDevice`] per export, not the volume store's volume:
 //! reads come from the local copy, but every write goes through
 //! [`Volumes::write`](crate::volumes::Volumes::write), so a write through NBD is
@@ -142,9 +147,25 @@ struct Export {
     generation: u64,
 }
 
+/// How a VM's disk was attached when its VMM was spawned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDisk {
+    /// The volume.
+    pub volume: String,
+    /// What the VMM is given: the volume's NBD socket and export name; `None` when the
+    /// disk could not be attached (`detail` says why).
+    pub config: Option<vm_config::DiskConfig>,
+    /// Whether this node holds the volume's primary copy (its data is local).
+    pub local: bool,
+    /// Why the disk is not attached.
+    pub detail: String,
+}
+
 #[derive(Debug, Default)]
 struct State {
     exports: BTreeMap<String, Export>,
+    /// The disk servers of each running VM, by VM name.
+    vm_disks: BTreeMap<String, Vec<NbdServer>>,
     generation: u64,
     stopped: bool,
 }
@@ -307,13 +328,113 @@ impl Exports {
 
     /// Stops every export (the node is stopping); later exports are refused.
     pub async fn shutdown(&self) {
-        let exports = {
+        let (exports, vm_disks) = {
             let mut state = lock(&self.state);
             state.stopped = true;
-            std::mem::take(&mut state.exports)
+            (
+                std::mem::take(&mut state.exports),
+                std::mem::take(&mut state.vm_disks),
+            )
         };
         for (_, export) in exports {
             stop(export.server).await;
         }
+        for server in vm_disks.into_values().flatten() {
+            stop(server).await;
+        }
+    }
+
+    /// The socket VM `vm`'s disk `index` is served on.
+    pub fn vm_disk_socket(&self, vm: &str, index: usize) -> PathBuf {
+        self.socket_dir.join(format!("vm-{vm}-{index}.sock"))
+    }
+
+    /// Exports each of `volumes` to VM `vm` (its disks, in order) on its own owner-only
+    /// socket, replacing the VM's previous disk servers, and says how each disk is
+    /// attached. A volume whose primary copy is here is attached, through the
+    /// replicated write path; one that is only a replica here, or is not here, is not
+    /// (this node does not forward to remote copies yet), and neither is one whose
+    /// server cannot start: `detail` says why.
+    pub async fn attach_vm(&self, vm: &str, volumes: &[String]) -> Result<Vec<VmDisk>, Status> {
+        self.detach_vm(vm).await;
+        if lock(&self.state).stopped {
+            return Err(Status::unavailable("the node is stopping"));
+        }
+        prepare_socket_dir(&self.socket_dir).map_err(|error| {
+            Status::internal(format!(
+                "cannot attach the disks of vm `{vm}`: cannot make the socket directory {}: {error}",
+                self.socket_dir.display()
+            ))
+        })?;
+        let mut disks = Vec::with_capacity(volumes.len());
+        let mut servers = Vec::new();
+        for (index, volume) in volumes.iter().enumerate() {
+            let mut disk = VmDisk {
+                volume: volume.clone(),
+                config: None,
+                local: false,
+                detail: String::new(),
+            };
+            match self.volumes.role_and_size(volume).await {
+                Err(status) => disk.detail = format!("not on this node: {}", status.message()),
+                Ok((false, _)) => {
+                    disk.detail = "this node holds a replica, not the primary copy; remote volumes are not served to VMs yet".into();
+                }
+                Ok((true, size_bytes)) => {
+                    disk.local = true;
+                    let device = ReplicatedDevice {
+                        volumes: self.volumes.clone(),
+                        name: volume.clone(),
+                        size_bytes,
+                        runtime: tokio::runtime::Handle::current(),
+                    };
+                    let devices = Arc::new(NbdExports::new());
+                    devices.insert(volume.as_str(), Arc::new(device));
+                    let socket = self.vm_disk_socket(vm, index);
+                    match NbdServer::start_unix(&socket, devices) {
+                        Ok(server) => {
+                            servers.push(server);
+                            disk.config = Some(vm_config::DiskConfig {
+                                path: socket,
+                                read_only: false,
+                                nbd_export: Some(volume.clone()),
+                            });
+                        }
+                        Err(error) => disk.detail = format!("cannot serve it: {error}"),
+                    }
+                }
+            }
+            disks.push(disk);
+        }
+        let stale = {
+            let mut state = lock(&self.state);
+            if state.stopped {
+                Some(servers)
+            } else {
+                state.vm_disks.insert(vm.to_string(), servers);
+                None
+            }
+        };
+        if let Some(servers) = stale {
+            for server in servers {
+                stop(server).await;
+            }
+            return Err(Status::unavailable("the node is stopping"));
+        }
+        Ok(disks)
+    }
+
+    /// Stops serving VM `vm`'s disks (its VMM ended): removes their sockets and closes
+    /// every connection to them. Missing is fine.
+    pub async fn detach_vm(&self, vm: &str) {
+        let removed = lock(&self.state).vm_disks.remove(vm);
+        for server in removed.into_iter().flatten() {
+            stop(server).await;
+        }
+    }
+
+    /// Whether VM `vm`'s disks are being served.
+    pub fn vm_attached(&self, vm: &str) -> bool {
+        lock(&self.state).vm_disks.contains_key(vm)
     }
 }

@@ -96,7 +96,7 @@ pub struct Node {
     /// Volumes.
     pub volumes: Arc<Volumes>,
     /// NBD exports.
-    pub exports: Exports,
+    pub exports: Arc<Exports>,
     /// VMs.
     pub vms: Vms,
     /// Bonds.
@@ -158,11 +158,16 @@ impl Node {
             signer,
             trust.peer_directory(),
         )?);
+        let exports = Arc::new(Exports::new(
+            volumes.clone(),
+            data_dir.join(crate::exports::SOCKET_DIR),
+        ));
         let vms = Vms::open(
             crate::vms::find_vmm_binary(config.vmm_binary.as_deref()),
             data_dir.join(files::VMS),
             records.clone(),
             events.clone(),
+            exports.clone(),
         )?;
         let netns = match &config.netns {
             Some(name) => network::NetNs::named_for_node(name.clone(), config.name.clone()),
@@ -181,7 +186,7 @@ impl Node {
             events.clone(),
         )?;
         Ok(Arc::new(Self {
-            exports: Exports::new(volumes.clone(), data_dir.join(crate::exports::SOCKET_DIR)),
+            exports,
             config,
             identity,
             trust,

@@ -131,15 +131,17 @@ impl v1::observe_server::Observe for NodeService {
                 }
             }
         }
+        let volumes = self
+            .node
+            .volumes
+            .statuses(|name| exports.uri_of(name))
+            .await;
+        crate::vms::fill_disk_copies(&mut vms, &volumes);
         Ok(Response::new(v1::ObserveResponse {
             node_name: self.node.config.name.clone(),
             observed_at_unix_ms: now_unix_ms(),
             vms,
-            volumes: self
-                .node
-                .volumes
-                .statuses(|name| exports.uri_of(name))
-                .await,
+            volumes,
             bonds: self.node.bonds.statuses().await,
             peers: self.node.trust.pushed_peers(),
             networking: Some(self.node.bonds.networking().await),

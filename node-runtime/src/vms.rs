@@ -22,6 +22,7 @@ use tokio::sync::Mutex;
 use tonic::Status;
 
 use crate::events::EventBus;
+use crate::exports::{Exports, VmDisk};
 use crate::records::{self, Count, Records};
 
 /// What the node keeps of a VM across restarts, stored as a [`records::VmRecord`].
@@ -69,6 +70,9 @@ struct VmRuntime {
     /// Why the node killed a VMM that was not seen running in time (its last exit
     /// says so once it is reaped).
     start_failure: Option<String>,
+    /// How the VM's disks were attached when its VMM was last spawned (empty while it
+    /// does not run).
+    disks: Vec<VmDisk>,
 }
 
 /// What [`Vms::spawn`] did.
@@ -126,6 +130,7 @@ pub struct Vms {
     run_dir: PathBuf,
     records: Arc<Records>,
     events: Arc<EventBus>,
+    exports: Arc<Exports>,
     vms: Arc<Mutex<BTreeMap<String, VmRuntime>>>,
 }
 
@@ -173,6 +178,9 @@ struct Heartbeat {
     age_ms: Option<f64>,
     uptime_ms: u64,
     nics: Vec<vmm::control::NicStatus>,
+    disks: Vec<vmm::control::BlockStatus>,
+    block_test: Option<String>,
+    block_tests: u64,
 }
 
 impl Heartbeat {
@@ -196,6 +204,19 @@ impl Heartbeat {
                 ..Default::default()
             })
             .collect();
+        // The VMM's virtio-blk devices are the attached disks, in order.
+        let attached = status.disks.iter_mut().filter(|disk| disk.attached);
+        for (disk, counters) in attached.zip(&self.disks) {
+            disk.reads = counters.reads;
+            disk.writes = counters.writes;
+            disk.bytes_read = counters.bytes_read;
+            disk.bytes_written = counters.bytes_written;
+            disk.errors = counters.errors;
+        }
+        if let Some(result) = self.block_test {
+            status.guest_block_test = result;
+            status.guest_block_tests = self.block_tests;
+        }
         let stale_ms = HEARTBEAT_STALE_AFTER.as_millis() as f64;
         status.heartbeats = self.total;
         status.heartbeat_age_ms = self.age_ms.map_or(0, |age| age.max(0.0).round() as u64);
@@ -222,6 +243,13 @@ fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
         age_ms: status.last_heartbeat_age_ms,
         uptime_ms: status.uptime_ms,
         nics: status.nics,
+        disks: status.disks,
+        // Only the built-in guest runs the self-test.
+        block_test: (status.boot != "linux")
+            .then(|| serde_json::to_value(status.block_test).ok())
+            .flatten()
+            .and_then(|value| value.as_str().map(str::to_string)),
+        block_tests: status.block_tests,
     })
 }
 
@@ -240,6 +268,7 @@ fn vmm_config(
     definition: &v1::CreateVm,
     vm_dir: &Path,
     network: Option<&NetNs>,
+    disks: &[VmDisk],
 ) -> Result<vm_config::VmConfig, Status> {
     let boot = match &definition.image {
         Some(v1::create_vm::Image::Builtin(builtin)) => vm_config::BootSource::Builtin {
@@ -268,7 +297,62 @@ fn vmm_config(
     );
     config.boot = boot;
     config.nics = nics;
+    config.disks = disks
+        .iter()
+        .filter_map(|disk| disk.config.clone())
+        .collect();
     Ok(config)
+}
+
+/// The disks of a VM as its definition lists them: attached (with the guest device
+/// index) when its running VMM was given them. [`fill_disk_copies`] adds where the
+/// data is and its copies; the VMM's counters are added by [`Heartbeat::apply`].
+fn disk_statuses(volumes: &[String], attached: &[VmDisk]) -> Vec<v1::VmDiskStatus> {
+    let mut device = 0u32;
+    volumes
+        .iter()
+        .map(|volume| {
+            let mut status = v1::VmDiskStatus {
+                volume: volume.clone(),
+                ..Default::default()
+            };
+            if let Some(disk) = attached.iter().find(|disk| &disk.volume == volume) {
+                status.detail = disk.detail.clone();
+                if disk.config.is_some() {
+                    status.attached = true;
+                    status.device = device;
+                    device += 1;
+                }
+            }
+            status
+        })
+        .collect()
+}
+
+/// Adds to each VM disk where its data is (`local`: the primary copy is on this node,
+/// `remote`: only a replica, `missing`) and its copies, from this node's volumes.
+pub fn fill_disk_copies(vms: &mut [VmStatus], volumes: &[v1::VolumeStatus]) {
+    for disk in vms.iter_mut().flat_map(|vm| vm.disks.iter_mut()) {
+        let Some(volume) = volumes.iter().find(|volume| volume.name == disk.volume) else {
+            disk.data = "missing".into();
+            continue;
+        };
+        let primary = volume.role == v1::VolumeRole::Primary as i32;
+        disk.data = if primary { "local" } else { "remote" }.into();
+        if primary {
+            disk.copies = 1 + volume.replica_peers.len() as u32;
+            disk.copies_in_sync = if volume.health == Health::Healthy as i32 {
+                disk.copies
+            } else {
+                1
+            };
+            if disk.detail.is_empty() && !volume.detail.is_empty() {
+                disk.detail = volume.detail.clone();
+            }
+        } else if disk.detail.is_empty() {
+            disk.detail = format!("the primary copy is on node {}", volume.primary);
+        }
+    }
 }
 
 fn state_name(state: VmState) -> String {
@@ -284,6 +368,7 @@ impl Vms {
         run_dir: PathBuf,
         records: Arc<Records>,
         events: Arc<EventBus>,
+        exports: Arc<Exports>,
     ) -> Result<Self, records::RecordsError> {
         let mut vms = BTreeMap::new();
         for (name, record) in records.list::<records::VmRecord>()? {
@@ -296,6 +381,7 @@ impl Vms {
                 stop_requested: false,
                 generation: 0,
                 start_failure: None,
+                disks: Vec::new(),
                 record,
             };
             if runtime.record.desired_running {
@@ -314,6 +400,7 @@ impl Vms {
             run_dir,
             records,
             events,
+            exports,
             vms: Arc::new(Mutex::new(vms)),
         })
     }
@@ -371,6 +458,7 @@ impl Vms {
                 stop_requested: false,
                 generation: 0,
                 start_failure: None,
+                disks: Vec::new(),
             },
         );
         Self::publish(&self.events, &definition.name, VmState::Stopped, "defined");
@@ -386,12 +474,13 @@ impl Vms {
         binary: &Path,
         definition: &v1::CreateVm,
         network: Option<&NetNs>,
+        disks: &[VmDisk],
     ) -> Result<tokio::process::Command, Status> {
         let vm_dir = self.run_dir.join(&definition.name);
         std::fs::create_dir_all(&vm_dir).map_err(|error| {
             Status::internal(format!("cannot create {}: {error}", vm_dir.display()))
         })?;
-        let config = vmm_config(definition, &vm_dir, network)?;
+        let config = vmm_config(definition, &vm_dir, network, disks)?;
         // The node's own output: a refusal here (a data directory whose control socket
         // path is too long, say) is this node's condition, not the request's.
         config.validate().map_err(|error| {
@@ -513,18 +602,24 @@ impl Vms {
                 "vm `{name}` has no stored definition"
             )));
         };
-        if !definition.volumes.is_empty() {
-            // cairn-vmm serves only files as virtio-blk disks; starting the VM without
-            // its volumes would be a lie, so refuse until there is a volume backend.
-            return Err(Status::failed_precondition(format!(
-                "vm `{name}` has volumes {:?}, but cairn-vmm can attach only file disks, not volume-engine volumes; start it without volumes",
-                definition.volumes
-            )));
-        }
-        let mut command = self.command(&binary, &definition, network)?;
-        let mut child = command.spawn().map_err(|error| {
-            Status::internal(format!("cannot spawn {}: {error}", binary.display()))
-        })?;
+        // Each volume is served to this VM's VMM alone, on its own socket, for as long
+        // as the process runs (the supervisor below stops the servers when it ends).
+        let disks = self.exports.attach_vm(name, &definition.volumes).await?;
+        let spawned = self
+            .command(&binary, &definition, network, &disks)
+            .and_then(|mut command| {
+                command.spawn().map_err(|error| {
+                    Status::internal(format!("cannot spawn {}: {error}", binary.display()))
+                })
+            });
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(status) => {
+                self.exports.detach_vm(name).await;
+                return Err(status);
+            }
+        };
+        runtime.disks = disks;
         let pid = child.id().unwrap_or(0);
         runtime.generation += 1;
         runtime.pid = pid;
@@ -554,6 +649,7 @@ impl Vms {
         let vms_handle = self.vms.clone();
         let events = self.events.clone();
         let kept = self.records.clone();
+        let exports = self.exports.clone();
         let owned_name = name.to_string();
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -564,6 +660,9 @@ impl Vms {
             if runtime.generation != generation {
                 return;
             }
+            // Under the lock, so a start that follows never has its servers stopped.
+            exports.detach_vm(&owned_name).await;
+            runtime.disks.clear();
             let (exit, clean) = match status {
                 Ok(status) => (status.to_string(), status.success()),
                 Err(error) => (format!("cannot wait for the process: {error}"), false),
@@ -810,6 +909,7 @@ impl Vms {
         }
         self.stop(name, Duration::from_secs(5)).await?;
         self.vms.lock().await.remove(name);
+        self.exports.detach_vm(name).await;
         self.records
             .remove::<records::VmRecord>(name)
             .map_err(|error| Status::internal(error.to_string()))?;
@@ -837,6 +937,7 @@ impl Vms {
                     None => (String::new(), None),
                 };
                 let kernel = kernel.unwrap_or_default();
+                let disks = disk_statuses(&definition.volumes, &runtime.disks);
                 VmStatus {
                     name: name.clone(),
                     state: runtime.state as i32,
@@ -860,6 +961,9 @@ impl Vms {
                     kernel_path: kernel.kernel_path,
                     initrd_path: kernel.initrd_path,
                     cmdline: kernel.cmdline,
+                    disks,
+                    guest_block_test: String::new(),
+                    guest_block_tests: 0,
                 }
             })
             .collect();
@@ -928,6 +1032,9 @@ mod tests {
             age_ms: Some(12.6),
             uptime_ms: 5_000,
             nics: vec![],
+            disks: vec![],
+            block_test: None,
+            block_tests: 0,
         }
         .apply(&mut status);
         assert_eq!(status.heartbeats, 17);
@@ -950,6 +1057,9 @@ mod tests {
             age_ms: Some(5.0),
             uptime_ms: 100,
             nics: vec![],
+            disks: vec![],
+            block_test: None,
+            block_tests: 0,
         }
         .apply(&mut status);
         assert_eq!((status.vcpus, status.memory_bytes), (2, 48 << 20));
@@ -974,7 +1084,7 @@ mod tests {
             ..Default::default()
         };
         let dir = Path::new("/var/lib/cairn/vms/app");
-        let config = vmm_config(&definition, dir, None).expect("config");
+        let config = vmm_config(&definition, dir, None, &[]).expect("config");
         config.validate().expect("valid");
         assert_eq!((config.vcpus, config.memory_bytes), (2, 64 << 20));
         assert_eq!(config.control_socket, dir.join("control.sock"));
@@ -1000,6 +1110,9 @@ mod tests {
             age_ms: Some(2_500.0),
             uptime_ms: 10_000,
             nics: vec![],
+            disks: vec![],
+            block_test: None,
+            block_tests: 0,
         }
         .apply(&mut stale);
         assert!(!stale.heartbeat_fresh);
@@ -1014,6 +1127,9 @@ mod tests {
             age_ms: None,
             uptime_ms: 300,
             nics: vec![],
+            disks: vec![],
+            block_test: None,
+            block_tests: 0,
         }
         .apply(&mut booting);
         assert!(!booting.heartbeat_fresh);
@@ -1028,6 +1144,9 @@ mod tests {
             age_ms: None,
             uptime_ms: 3_000,
             nics: vec![],
+            disks: vec![],
+            block_test: None,
+            block_tests: 0,
         }
         .apply(&mut silent);
         assert_eq!(silent.health, Health::Degraded as i32);

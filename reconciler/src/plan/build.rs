@@ -97,7 +97,11 @@ impl<'a> Builder<'a> {
     }
 
     pub(super) fn create_vm(&mut self, vm: &DesiredVm, depends_on: Vec<usize>) -> Vec<usize> {
-        let create = self.step(&vm.node, super::vms::vm_definition(vm), depends_on);
+        let create = self.step(
+            &vm.node,
+            super::vms::vm_definition(vm, self.desired),
+            depends_on,
+        );
         let start = self.step(
             &vm.node,
             NodeAction::StartVm {

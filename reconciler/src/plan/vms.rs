@@ -4,28 +4,37 @@ use proto::v1::VmState;
 
 use super::build::Builder;
 use super::{Change, ChangeKind, LeftAlone, NodeAction};
-use crate::desired::{BootImage, DesiredVm};
+use crate::desired::{BootImage, Desired, DesiredVm};
 use crate::drift;
 
 /// The `CreateVm` of a VM (also re-sent, unchanged, to repair its NICs).
-pub(super) fn vm_definition(vm: &DesiredVm) -> NodeAction {
+pub(super) fn vm_definition(vm: &DesiredVm, desired: &Desired) -> NodeAction {
     NodeAction::CreateVm {
         name: vm.name.clone(),
         vcpus: vm.vcpus,
         memory_bytes: vm.memory_bytes,
         image: vm.image.clone(),
-        volumes: attached_volumes(vm),
+        volumes: attached_volumes(vm, desired),
         tenant: vm.tenant.clone(),
         nics: vm.nics.clone(),
     }
 }
 
-/// The volumes a VM definition attaches. `cairn-vmm` cannot attach engine volumes
-/// yet (node-runtime refuses `StartVm` of a VM with volumes), so VMs are defined
-/// without attachments and their volumes are created beside them; switching this
-/// function to `vm.volumes.clone()` attaches them once the node supports it.
-fn attached_volumes(_vm: &DesiredVm) -> Vec<String> {
-    vec![]
+/// The volumes a VM definition attaches as its disks, in order: those whose primary
+/// copy is on the VM's node (the node serves each to the VM's VMM over NBD, through
+/// the replicated write path). A volume whose primary stayed on another node (after a
+/// cold move) is left out: the node cannot serve remote volumes to a VM yet.
+fn attached_volumes(vm: &DesiredVm, desired: &Desired) -> Vec<String> {
+    vm.volumes
+        .iter()
+        .filter(|name| {
+            desired
+                .volumes
+                .get(name.as_str())
+                .is_some_and(|volume| volume.node == vm.node)
+        })
+        .cloned()
+        .collect()
 }
 
 pub(super) fn vm_details(vm: &DesiredVm) -> Vec<String> {
@@ -193,7 +202,7 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
                 let will_start = o.is_down();
                 if diffs.is_empty() && !broken_nics.is_empty() && !will_start {
                     // Same definition again: the node makes the missing parts.
-                    let repair = b.step(&vm.node, vm_definition(vm), vec![]);
+                    let repair = b.step(&vm.node, vm_definition(vm, desired), vec![]);
                     b.changes.push(Change {
                         details: broken_nics,
                         steps: vec![repair],
