@@ -345,7 +345,20 @@ fn status_cmd(
             Ok(0)
         }
         Ok(json) => {
-            let code = crate::commands::status_cmd(dir, state, format)?;
+            // The controller judges the cluster against the commit it applied, not
+            // against the files in DIR (which may be older or newer than the branch).
+            let code = match serde_json::from_value::<reconciler::status::Status>(json.clone()) {
+                Ok(status) => {
+                    print!("{}", reconciler::status::text(&status));
+                    0
+                }
+                Err(e) => {
+                    eprintln!(
+                        "note: the controller's status is not in a shape this cairn reads ({e}); showing DIR's specs against the nodes"
+                    );
+                    crate::commands::status_cmd(dir, state, format)?
+                }
+            };
             print!("{}", controller::control::status_text(&json, &url));
             Ok(code)
         }
@@ -360,6 +373,7 @@ fn status_cmd(
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
     /// Start one cairn-node per node of the spec on its address; wait until all answer.
+    #[command(group(clap::ArgGroup::new("controller").args(["controller_repo", "gitops"])))]
     Up {
         /// Spec root (default: the current directory).
         #[arg(default_value = ".")]
@@ -368,11 +382,17 @@ pub enum DevCommand {
         /// with DIR/.cairn as its data directory; `dev down` stops it.
         #[arg(long, value_name = "REPO")]
         controller_repo: Option<PathBuf>,
+        /// Also make a bare repository seeded with DIR's specs, a working clone
+        /// that signs commits with a new dev key (trusted as a platform key), and
+        /// start a controller following it: then edit, commit and `git push`.
+        /// Everything is under DIR/.cairn/dev/gitops/ and kept across runs.
+        #[arg(long)]
+        gitops: bool,
         /// The controller's trusted keys (default: DIR/.cairn/allowed-signers).
         #[arg(long, value_name = "FILE", requires = "controller_repo")]
         trusted_keys: Option<PathBuf>,
         /// The controller's HTTP address.
-        #[arg(long, default_value = "127.0.0.1:7400", requires = "controller_repo")]
+        #[arg(long, default_value = "127.0.0.1:7400", requires = "controller")]
         controller_listen: String,
     },
     /// Stop the dev nodes (and their VMs) of a spec root.
@@ -480,18 +500,39 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             DevCommand::Up {
                 dir,
                 controller_repo,
+                gitops,
                 trusted_keys,
                 controller_listen,
             } => {
                 let code = crate::commands::dev_up(&dir)?;
+                if code != 0 {
+                    return Ok(code);
+                }
+                let ctx = crate::ctx::Ctx::new(&dir, None)?;
+                if gitops {
+                    let paths = crate::gitops::prepare(&ctx)?;
+                    let code = crate::dev::start_controller(
+                        &ctx,
+                        &paths.bare,
+                        Some(&paths.allowed_signers),
+                        &controller_listen,
+                    )?;
+                    if code == 0 {
+                        print!(
+                            "{}",
+                            crate::gitops::next_steps(&ctx, &paths, &controller_listen)
+                        );
+                    }
+                    return Ok(code);
+                }
                 match controller_repo {
-                    Some(repo) if code == 0 => crate::dev::start_controller(
-                        &crate::ctx::Ctx::new(&dir, None)?,
+                    Some(repo) => crate::dev::start_controller(
+                        &ctx,
                         &repo,
                         trusted_keys.as_deref(),
                         &controller_listen,
                     ),
-                    _ => Ok(code),
+                    None => Ok(code),
                 }
             }
             DevCommand::Down { dir } => crate::commands::dev_down(&dir),

@@ -16,6 +16,7 @@ mod ctx;
 mod dev;
 mod diff;
 mod frontend;
+mod gitops;
 mod placecmd;
 mod policy_cmd;
 mod progress;

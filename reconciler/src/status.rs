@@ -14,7 +14,7 @@ use proto::v1::VolumeRole;
 pub const STATUS_FORMAT_VERSION: u32 = 1;
 
 /// A node's row.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct NodeRow {
     /// Name.
     pub name: String,
@@ -31,7 +31,7 @@ pub struct NodeRow {
 }
 
 /// A VM's row.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct VmRow {
     /// Name.
     pub name: String,
@@ -57,12 +57,12 @@ pub struct VmRow {
     pub starts: u64,
     /// What differs, one line each (`memory 64MiB → 128MiB`; empty when the
     /// drift word says it all).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub detail: Vec<String>,
 }
 
 /// A volume's row (primaries).
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct VolumeRow {
     /// Name.
     pub name: String,
@@ -81,7 +81,7 @@ pub struct VolumeRow {
 }
 
 /// A bond's row: one per node and bond.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct BondRow {
     /// Bond name (the device).
     pub name: String,
@@ -108,7 +108,7 @@ pub struct BondRow {
 }
 
 /// The last apply, from the journal.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct LastApply {
     /// Plan id.
     pub plan_id: String,
@@ -139,7 +139,7 @@ pub struct LastApply {
 }
 
 /// `cairn status --format json`.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Status {
     /// [`STATUS_FORMAT_VERSION`].
     pub format_version: u32,

@@ -22,6 +22,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("git", "git"),
+    // The GitOps quickstart and the controller tests sign commits (gpg.format ssh).
+    ("ssh-keygen", "openssh-client"),
     ("ping", "iputils-ping"),
     ("objcopy", "binutils"),
     // NBD clients the storage and export tests run (nbdinfo --map, nbdcopy).
@@ -191,26 +193,60 @@ fn quickstart(root: &Path) -> anyhow::Result<()> {
     run(Command::new(&bin)
         .current_dir(root)
         .args(["validate", specs]))?;
+    // The dev cluster, and a controller following a bare repository seeded with
+    // the quickstart's specs: the controller applies them (no `apply` typed).
     run(Command::new(&bin)
         .current_dir(root)
-        .args(["dev", "up", specs]))?;
-    // Exit 3 means "changes pending" (the first run); 0 means already applied.
-    eprintln!("$ {} plan {specs} --detailed-exitcode", bin.display());
-    let plan = Command::new(&bin)
-        .current_dir(root)
-        .args(["plan", specs, "--detailed-exitcode"])
-        .status()
-        .context("cannot run cairn plan")?;
-    if !matches!(plan.code(), Some(0 | 3)) {
-        bail!("cairn plan failed with {plan}");
+        .args(["dev", "up", specs, "--gitops"]))?;
+    let work = root.join(specs).join(".cairn/dev/gitops/work");
+    let head = String::from_utf8(
+        Command::new("git")
+            .current_dir(&work)
+            .args(["rev-parse", "HEAD"])
+            .output()
+            .context("cannot run git")?
+            .stdout,
+    )?;
+    let head = head.trim();
+    eprintln!("waiting for the controller to apply commit {head} ...");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let out = Command::new(&bin)
+            .current_dir(root)
+            .args(["status", specs, "--format", "json"])
+            .output()
+            .context("cannot run cairn status")?;
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let last = &status["controller"]["last_sync"];
+        if last["commit"] == head {
+            match last["result"].as_str() {
+                Some("succeeded") => break,
+                Some(other) => {
+                    let log = root.join(specs).join(".cairn/dev/controller.log");
+                    bail!(
+                        "the controller's sync of {head} ended `{other}`: {last}; see {} and `{} status {specs}`",
+                        log.display(),
+                        bin.display()
+                    )
+                }
+                None => {}
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the controller did not apply {head} within 3 minutes; see {}/.cairn/dev/controller.log",
+                specs
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
     }
-    run(Command::new(&bin)
-        .current_dir(root)
-        .args(["apply", specs, "--auto-approve"]))?;
     run(Command::new(&bin).current_dir(root).args(["status", specs]))?;
     println!(
-        "\nThe dev cluster keeps running: 3 cairn-node processes on 127.0.0.11-13:7100, data under {specs}/.cairn/dev/ (as root each node has its own network namespace: `ip netns list | grep cairn-`, and `tc -n NS class show dev data` shows the bond's classes).\nTry: {0} status {specs} --format json   |   edit {specs}/workloads.kdl, then {0} plan {specs}\nStop it with: {0} dev down {specs}",
-        bin.display()
+        "\nThe dev cluster keeps running: 3 cairn-node processes on 127.0.0.11-13:7100 and a controller on 127.0.0.1:7400, data under {specs}/.cairn/ (as root each node has its own network namespace: `ip netns list | grep cairn-`, and `tc -n NS class show dev data` shows the bond's classes).\n\
+         Drive it with git: cd {work} && $EDITOR workloads.kdl && git commit -am 'change' && git push   (commits are signed with the dev key; the controller applies them)\n\
+         Watch: {bin} status {specs}   |   stop it all with: {bin} dev down {specs}",
+        work = work.display(),
+        bin = bin.display()
     );
     Ok(())
 }

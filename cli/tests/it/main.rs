@@ -4,6 +4,7 @@ mod cli;
 mod controller;
 mod diff;
 mod engine;
+mod gitops;
 mod golden;
 mod policy;
 mod safety;
