@@ -50,12 +50,24 @@ pub struct VerifiedCommit {
     pub line: usize,
 }
 
-/// Verifies `rev` of `repo` against `signers`.
-pub fn verify_commit(
-    repo: &git2::Repository,
-    rev: &str,
-    signers: &AllowedSigners,
-) -> Result<VerifiedCommit, CommitError> {
+/// A commit whose signature is good, by a key not yet judged: who may sign
+/// is the caller's question (the controller asks the platform keys and then
+/// the members of the last applied commit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCommit {
+    /// Full commit id.
+    pub id: String,
+    /// The signature, verified over the commit's content.
+    pub signature: SshSig,
+    /// Committer time (Unix seconds), what allowed-signers validity checks.
+    pub time: i64,
+    /// Committer e-mail.
+    pub committer_email: String,
+}
+
+/// Checks that `rev` carries a good SSHSIG (namespace `git`, ed25519) over
+/// its content, whoever the key belongs to.
+pub fn signature_of(repo: &git2::Repository, rev: &str) -> Result<SignedCommit, CommitError> {
     let commit = repo
         .revparse_single(rev)
         .and_then(|o| o.peel_to_commit())
@@ -84,13 +96,32 @@ pub fn verify_commit(
         .map_err(|_| sig_err(SigError::Malformed("the signature is not text".to_owned())))?;
     let sig = SshSig::parse_armored(text).map_err(sig_err)?;
     sig.verify(&signed, "git").map_err(sig_err)?;
-    let time = commit.committer().when().seconds();
-    let trusted = signers.check(&sig, "git", time).map_err(sig_err)?;
-    Ok(VerifiedCommit {
+    Ok(SignedCommit {
         id,
+        signature: sig,
+        time: commit.committer().when().seconds(),
+        committer_email: commit.committer().email().unwrap_or("").to_owned(),
+    })
+}
+
+/// Verifies `rev` of `repo` against `signers`.
+pub fn verify_commit(
+    repo: &git2::Repository,
+    rev: &str,
+    signers: &AllowedSigners,
+) -> Result<VerifiedCommit, CommitError> {
+    let signed = signature_of(repo, rev)?;
+    let trusted = signers
+        .check(&signed.signature, "git", signed.time)
+        .map_err(|source| CommitError::Signature {
+            id: signed.id.clone(),
+            source,
+        })?;
+    Ok(VerifiedCommit {
+        id: signed.id,
         principals: trusted.principals,
         fingerprint: trusted.fingerprint,
-        committer_email: commit.committer().email().unwrap_or("").to_owned(),
+        committer_email: signed.committer_email,
         line: trusted.line,
     })
 }

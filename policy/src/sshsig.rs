@@ -2,18 +2,20 @@
 //! and `git commit -S` with `gpg.format=ssh` make) and git's allowed-signers
 //! files (`gpg.ssh.allowedSignersFile`, `ssh-keygen -Y verify -f`).
 //!
-//! Only `ssh-ed25519` keys are supported; anything else is refused with a
-//! reason rather than waved through. Why not the `ssh-key` crate: the format
-//! is 60 lines to parse, and ed25519-dalek + sha2 are already dependencies of
-//! the workspace (plan signing), so this adds no new crate.
+//! The signature (its armor, its blob, the signed data and the ed25519
+//! verification) is RustCrypto's `ssh-key` crate: a controller trusts it with
+//! the whole cluster, so it is the maintained implementation, not a hand
+//! parser. Only `ssh-ed25519` keys are accepted (and weak, small-order keys
+//! are refused); anything else is refused with a reason rather than waved
+//! through. The allowed-signers file has no crate: its parser is here, and
+//! `fuzz/fuzz_targets/allowed_signers.rs` fuzzes it with the armor.
 
 use base64::Engine as _;
-use ed25519_dalek::{Signature, VerifyingKey};
-use sha2::{Digest, Sha256, Sha512};
+use sha2::{Digest, Sha256};
+use ssh_key::Algorithm;
+use ssh_key::encoding::Encode as _;
 
-const MAGIC: &[u8] = b"SSHSIG";
 const BEGIN: &str = "-----BEGIN SSH SIGNATURE-----";
-const END: &str = "-----END SSH SIGNATURE-----";
 
 /// Why a signature was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,7 +74,7 @@ pub enum SigError {
     },
 }
 
-/// A parsed SSHSIG blob.
+/// A parsed SSHSIG (by `ssh-key`), with its fields as cairn reports them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SshSig {
     /// The public key blob (`string "ssh-ed25519" string key`).
@@ -81,45 +83,16 @@ pub struct SshSig {
     pub namespace: String,
     /// `sha256` or `sha512`.
     pub hash_algorithm: String,
-    /// The signature blob (`string "ssh-ed25519" string sig`).
+    /// The raw signature bytes (64 for ed25519).
     pub signature: Vec<u8>,
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SigError> {
-        if self.0.len() < n {
-            return Err(SigError::Malformed("truncated".to_owned()));
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn u32(&mut self) -> Result<u32, SigError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn string(&mut self) -> Result<&'a [u8], SigError> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-    fn utf8(&mut self) -> Result<String, SigError> {
-        String::from_utf8(self.string()?.to_vec())
-            .map_err(|_| SigError::Malformed("a text field is not UTF-8".to_owned()))
-    }
-}
-
-fn put_string(out: &mut Vec<u8>, s: &[u8]) {
-    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
-    out.extend_from_slice(s);
+    inner: ssh_key::SshSig,
 }
 
 impl SshSig {
     /// Parses the armored form.
     pub fn parse_armored(text: &str) -> Result<SshSig, SigError> {
         let text = text.trim();
-        let Some(body) = text.strip_prefix(BEGIN) else {
+        if !text.starts_with(BEGIN) {
             let hint = if text.starts_with("-----BEGIN PGP SIGNATURE-----") {
                 " (it is an OpenPGP signature; cairn verifies SSH signatures, `gpg.format=ssh`)"
             } else if text.starts_with("-----BEGIN SIGNED MESSAGE-----") {
@@ -130,40 +103,41 @@ impl SshSig {
             return Err(SigError::NotSsh {
                 hint: hint.to_owned(),
             });
-        };
-        let Some(body) = body.trim_end().strip_suffix(END) else {
-            return Err(SigError::Malformed(format!("no `{END}` line")));
-        };
-        let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-        let blob = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .map_err(|e| SigError::Malformed(format!("bad base64: {e}")))?;
-        SshSig::parse_blob(&blob)
+        }
+        let inner = ssh_key::SshSig::from_pem(text).map_err(|e| match e {
+            // Built for ed25519 only, ssh-key does not know the other key
+            // types: say which one it was.
+            ssh_key::Error::AlgorithmUnknown | ssh_key::Error::AlgorithmUnsupported { .. } => {
+                SigError::Unsupported(peek_key_type(text).unwrap_or_else(|| e.to_string()))
+            }
+            e => SigError::Malformed(e.to_string()),
+        })?;
+        SshSig::from_inner(inner)
     }
 
-    /// Parses the binary blob.
+    /// Parses the binary blob (what the armor holds).
     pub fn parse_blob(blob: &[u8]) -> Result<SshSig, SigError> {
-        let mut r = Reader(blob);
-        if r.take(6)? != MAGIC {
-            return Err(SigError::Malformed("no SSHSIG preamble".to_owned()));
-        }
-        let version = r.u32()?;
-        if version != 1 {
-            return Err(SigError::Malformed(format!("unknown version {version}")));
-        }
-        let public_key = r.string()?.to_vec();
-        let namespace = r.utf8()?;
-        let _reserved = r.string()?;
-        let hash_algorithm = r.utf8()?;
-        let signature = r.string()?.to_vec();
-        if !r.0.is_empty() {
+        use ssh_key::encoding::Decode as _;
+        let mut reader = blob;
+        let inner =
+            ssh_key::SshSig::decode(&mut reader).map_err(|e| SigError::Malformed(e.to_string()))?;
+        if !reader.is_empty() {
             return Err(SigError::Malformed("trailing bytes".to_owned()));
         }
+        SshSig::from_inner(inner)
+    }
+
+    fn from_inner(inner: ssh_key::SshSig) -> Result<SshSig, SigError> {
+        let public_key = inner
+            .public_key()
+            .encode_vec()
+            .map_err(|e| SigError::Malformed(e.to_string()))?;
         Ok(SshSig {
             public_key,
-            namespace,
-            hash_algorithm,
-            signature,
+            namespace: inner.namespace().to_owned(),
+            hash_algorithm: inner.hash_alg().as_str().to_owned(),
+            signature: inner.signature_bytes().to_vec(),
+            inner,
         })
     }
 
@@ -182,43 +156,47 @@ impl SshSig {
                 expected: namespace.to_owned(),
             });
         }
-        let key = ed25519_key(&self.public_key)?;
-        let mut r = Reader(&self.signature);
-        let alg = String::from_utf8_lossy(r.string()?).into_owned();
-        if alg != "ssh-ed25519" {
-            return Err(SigError::Unsupported(alg));
+        let key = self.inner.public_key();
+        if key.algorithm() != Algorithm::Ed25519 {
+            return Err(SigError::Unsupported(key.algorithm().as_str().to_owned()));
         }
-        let sig: [u8; 64] = r
-            .string()?
-            .try_into()
-            .map_err(|_| SigError::Malformed("an ed25519 signature is 64 bytes".to_owned()))?;
-        let digest: Vec<u8> = match self.hash_algorithm.as_str() {
-            "sha512" => Sha512::digest(message).to_vec(),
-            "sha256" => Sha256::digest(message).to_vec(),
-            other => return Err(SigError::Hash(other.to_owned())),
-        };
-        let mut signed = MAGIC.to_vec();
-        put_string(&mut signed, self.namespace.as_bytes());
-        put_string(&mut signed, b"");
-        put_string(&mut signed, self.hash_algorithm.as_bytes());
-        put_string(&mut signed, &digest);
-        key.verify_strict(&signed, &Signature::from_bytes(&sig))
+        if self.inner.algorithm() != Algorithm::Ed25519 {
+            return Err(SigError::Unsupported(
+                self.inner.algorithm().as_str().to_owned(),
+            ));
+        }
+        // A small-order ("weak") key verifies signatures over many messages;
+        // ssh-key's verification does not refuse it, so this does.
+        if let Some(k) = key.ed25519()
+            && ed25519_dalek::VerifyingKey::from_bytes(&k.0).is_ok_and(|v| v.is_weak())
+        {
+            return Err(SigError::Malformed(
+                "the ed25519 key is a weak (small-order) point".to_owned(),
+            ));
+        }
+        ssh_key::PublicKey::from(key.clone())
+            .verify(namespace, message, &self.inner)
             .map_err(|_| SigError::BadSignature)
     }
 }
 
-fn ed25519_key(blob: &[u8]) -> Result<VerifyingKey, SigError> {
-    let mut r = Reader(blob);
-    let alg = String::from_utf8_lossy(r.string()?).into_owned();
-    if alg != "ssh-ed25519" {
-        return Err(SigError::Unsupported(alg));
-    }
-    let bytes: [u8; 32] = r
-        .string()?
-        .try_into()
-        .map_err(|_| SigError::Malformed("an ed25519 key is 32 bytes".to_owned()))?;
-    VerifyingKey::from_bytes(&bytes)
-        .map_err(|_| SigError::Malformed("not a valid ed25519 point".to_owned()))
+/// The key type named inside an armored signature (`ecdsa-sha2-nistp256`),
+/// for the message refusing it: `SSHSIG` u32 version, then the key blob,
+/// whose first string is its type.
+fn peek_key_type(armored: &str) -> Option<String> {
+    let b64: String = armored
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
+        .collect();
+    let blob = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    let key_blob = blob.get(14..)?;
+    let n = u32::from_be_bytes(key_blob.get(..4)?.try_into().ok()?) as usize;
+    let name = key_blob.get(4..4usize.checked_add(n)?)?;
+    let name = std::str::from_utf8(name).ok()?;
+    name.chars()
+        .all(|c| c.is_ascii_graphic())
+        .then(|| name.to_owned())
 }
 
 /// `SHA256:` + unpadded base64 of the SHA-256 of a key blob.

@@ -110,3 +110,37 @@ fn ssh_keygen_signatures_verify_and_everything_else_is_refused() {
     assert!(refused.is_err(), "a tampered signature verified");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn rsa_and_ecdsa_signatures_are_refused_as_unsupported_not_waved_through() {
+    let dir = temp_dir("sshsig-types");
+    let message = dir.join("msg.txt");
+    std::fs::write(&message, "vm ledger-db: cpu 8\n").expect("write");
+    for (kind, want) in [("rsa", "ssh-rsa"), ("ecdsa", "ecdsa-sha2-nistp256")] {
+        let key = dir.join(kind);
+        let Ok(out) = Command::new("ssh-keygen")
+            .args(["-q", "-t", kind, "-N", "", "-C", kind, "-f"])
+            .arg(&key)
+            .output()
+        else {
+            eprintln!("skipped: ssh-keygen is not installed (apt-get install openssh-client)");
+            return;
+        };
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let armored = sign(&key, "git", &message);
+        let _ = std::fs::remove_file(message.with_extension("txt.sig"));
+        let refused = SshSig::parse_armored(&armored)
+            .and_then(|s| s.verify(b"vm ledger-db: cpu 8\n", "git"));
+        match refused {
+            Err(SigError::Unsupported(alg)) => assert!(alg.starts_with(want), "{kind}: {alg}"),
+            other => panic!("{kind}: {other:?}"),
+        }
+    }
+    // Garbage inside a well-formed armor is malformed, not a panic.
+    let bad = "-----BEGIN SSH SIGNATURE-----\nU1NIU0lHAAAAAQ==\n-----END SSH SIGNATURE-----\n";
+    assert!(matches!(
+        SshSig::parse_armored(bad),
+        Err(SigError::Malformed(_))
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}
