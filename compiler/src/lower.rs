@@ -15,6 +15,8 @@ use crate::spec::*;
 use crate::units;
 use vm_config::limits::{self, Limit};
 
+mod reconcile;
+
 /// Parses every file and lowers it into one [`SpecSet`].
 pub fn lower_all(sources: &Sources, diags: &mut Vec<Diagnostic>) -> SpecSet {
     let mut set = SpecSet::default();
@@ -699,6 +701,7 @@ impl Cx<'_> {
                         set.protection_plans.push(x);
                     }
                 }
+                "reconcile" => set.reconcile.push(self.reconcile(node)),
                 _ => {}
             }
         }

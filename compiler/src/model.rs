@@ -13,6 +13,10 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod reconcile;
+
+pub use reconcile::{FreezeSchedule, FreezeTime, FreezeWindow, Reconcile, parse_utc_offset};
+
 pub use crate::spec::{
     AffinityKind, Availability, BondMode, Domain, Proto, Role, SlaClass, Strategy, TrafficKind,
 };
@@ -44,6 +48,9 @@ pub struct Model {
     pub affinities: Vec<Affinity>,
     /// Protection plans.
     pub protection_plans: Vec<ProtectionPlan>,
+    /// The `reconcile` block (absent: the defaults, [`Reconcile::default`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile: Option<Reconcile>,
 }
 
 /// CPU and memory.

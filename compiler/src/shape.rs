@@ -104,7 +104,8 @@ pub static SHAPES: &[Shape] = &[
             "vm",
             "vm-group",
             "affinity",
-            "protection-plan"
+            "protection-plan",
+            "reconcile"
         ]
     ),
     shape!(
@@ -249,6 +250,25 @@ pub static SHAPES: &[Shape] = &[
         []
     ),
     shape!("protection-plan.applies-to", NONE, any, []),
+    shape!(
+        "reconcile",
+        NONE,
+        [],
+        [
+            "auto-apply",
+            "self-heal",
+            "prune",
+            "drift-check",
+            "blast-radius",
+            "freeze"
+        ]
+    ),
+    shape!("reconcile.auto-apply", ONE, [], []),
+    shape!("reconcile.self-heal", ONE, [], []),
+    shape!("reconcile.prune", ONE, [], []),
+    shape!("reconcile.drift-check", NONE, ["every"], []),
+    shape!("reconcile.blast-radius", NONE, ["max"], []),
+    shape!("reconcile.freeze", NAME, ["from", "to", "zone"], []),
 ];
 
 /// The shape at a dotted path.

@@ -521,4 +521,38 @@ pub struct SpecSet {
     pub affinities: Vec<AffinitySpec>,
     /// Protection plans.
     pub protection_plans: Vec<ProtectionPlanSpec>,
+    /// `reconcile` blocks (at most one is valid; `check` reports the others).
+    pub reconcile: Vec<ReconcileSpec>,
+}
+
+/// `freeze` in the `reconcile` block (times checked by `check::reconcile`).
+#[derive(Debug, Clone)]
+pub struct FreezeSpec {
+    /// Name.
+    pub name: Name,
+    /// Start, as written.
+    pub from: Option<Spanned<String>>,
+    /// End, as written.
+    pub to: Option<Spanned<String>>,
+    /// UTC offset, as written (`+02:00`).
+    pub zone: Option<Spanned<String>>,
+}
+
+/// The `reconcile` block: the repository's own sync policy.
+#[derive(Debug, Clone)]
+pub struct ReconcileSpec {
+    /// The `reconcile` node.
+    pub span: Span,
+    /// `auto-apply`.
+    pub auto_apply: Option<Spanned<bool>>,
+    /// `self-heal`.
+    pub self_heal: Option<Spanned<bool>>,
+    /// `prune`.
+    pub prune: Option<Spanned<bool>>,
+    /// `drift-check every=` (ms).
+    pub drift_check: Option<Spanned<u64>>,
+    /// `blast-radius max=`.
+    pub blast_radius: Option<Spanned<u32>>,
+    /// `freeze` windows.
+    pub freezes: Vec<FreezeSpec>,
 }

@@ -28,6 +28,7 @@ mod images;
 mod node_classes;
 mod pools;
 mod protection;
+mod reconcile;
 mod selectors;
 mod sites;
 mod slas;
@@ -146,6 +147,7 @@ impl Checker<'_> {
         self.reserved_capacity(set, &sites, &vms);
         let affinities = self.affinities(set, &vms);
         let protection_plans = self.protection_plans(set, &sites, &mut vms);
+        let reconcile = self.reconcile(set);
         let mut model = Model {
             format_version: FORMAT_VERSION,
             node_classes: node_classes.into_values().collect(),
@@ -157,6 +159,7 @@ impl Checker<'_> {
             vm_groups,
             affinities,
             protection_plans,
+            reconcile,
         };
         model.sites.sort_by(|a, b| a.name.cmp(&b.name));
         model.tenants.sort_by(|a, b| a.name.cmp(&b.name));
