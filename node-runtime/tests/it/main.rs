@@ -16,5 +16,6 @@ mod protocol;
 mod replication;
 mod resize;
 mod upgrade;
+mod vm_disks;
 mod vms;
 mod volume_access;
