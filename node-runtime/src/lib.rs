@@ -24,6 +24,7 @@
 
 #![warn(missing_docs)]
 
+pub mod anchors;
 pub mod bonds;
 pub mod events;
 pub mod exports;

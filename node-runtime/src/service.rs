@@ -86,6 +86,7 @@ impl v1::inventory_server::Inventory for NodeService {
             started_at_unix_ms: self.node.started_at_unix_ms,
             networking: Some(networking),
             protocol_version: Some(proto::protocol::current()),
+            audit_anchors: self.node.trust.audit_anchors(),
         }))
     }
 }

@@ -49,6 +49,7 @@ pub struct Trust {
     file_peers: TrustedKeys,
     pushed_peers: Arc<RwLock<Vec<Peer>>>,
     verifier: Verifier,
+    anchors: crate::anchors::Anchors,
 }
 
 /// Errors of loading trust files.
@@ -134,6 +135,7 @@ impl Trust {
             file_peers,
             pushed_peers: Arc::new(RwLock::new(pushed_peers)),
             verifier: Verifier::with_log(DEFAULT_WINDOW, this, Box::new(log), remembered),
+            anchors: crate::anchors::Anchors::load(data_dir),
         })
     }
 
@@ -193,6 +195,11 @@ impl Trust {
             )
             .map_err(|error| error.to_string())?;
         Ok((caller.envelope, request))
+    }
+
+    /// The newest audit-log head each controller key sent (`crate::anchors`).
+    pub fn audit_anchors(&self) -> Vec<v1::AuditAnchor> {
+        self.anchors.list()
     }
 
     /// Number of controller keys.
@@ -268,7 +275,8 @@ impl Trust {
             Role::Controller => "controller",
             Role::ControllerOrPeer => "controller or peer",
         };
-        self.verifier
+        let caller = self
+            .verifier
             .verify(method, request, &keys, role_name)
             .map_err(|error| {
                 let bad_signature = matches!(error, proto::auth::AuthError::BadSignature { .. });
@@ -281,6 +289,13 @@ impl Trust {
                     ),
                     _ => status,
                 }
-            })
+            })?;
+        if let Some(head) = request.metadata().get(proto::anchor::HEADER)
+            && self.is_controller(&caller.key_hex)
+        {
+            self.anchors
+                .note(&caller.key_hex, head.to_str().unwrap_or("(not ascii)"));
+        }
+        Ok(caller)
     }
 }

@@ -541,12 +541,27 @@ impl Envelope {
 #[derive(Debug, Clone)]
 pub struct RequestSigner {
     identity: Identity,
+    audit_head: Option<crate::anchor::SharedHead>,
 }
 
 impl RequestSigner {
     /// A signer for `identity`.
     pub fn new(identity: Identity) -> Self {
-        Self { identity }
+        Self {
+            identity,
+            audit_head: None,
+        }
+    }
+
+    /// Also sends the audit log's head with every request ([`crate::anchor`]).
+    pub fn with_audit_head(mut self, head: crate::anchor::SharedHead) -> Self {
+        self.audit_head = Some(head);
+        self
+    }
+
+    /// The audit head it sends, if any.
+    pub fn audit_head(&self) -> Option<&crate::anchor::SharedHead> {
+        self.audit_head.as_ref()
     }
 
     /// The identity it signs with.
@@ -586,6 +601,9 @@ impl RequestSigner {
             crate::protocol::HEADER,
             crate::protocol::header_value(),
         )?;
+        if let Some(head) = self.audit_head.as_ref().and_then(|h| h.get()) {
+            insert_header(metadata, crate::anchor::HEADER, head.header_value())?;
+        }
         Ok(request)
     }
 }

@@ -24,6 +24,7 @@
 
 #![warn(missing_docs)]
 
+pub mod anchor;
 pub mod auth;
 pub mod client;
 pub mod convert;

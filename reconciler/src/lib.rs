@@ -22,6 +22,7 @@
 #![warn(missing_docs)]
 
 pub mod apply;
+pub mod audit;
 pub mod desired;
 pub mod drift;
 pub mod nodes;

@@ -10,7 +10,8 @@
 //!   `EXECUTION_ID.STEP`: unique per execution, so applying the same plan again
 //!   (the same specs and observation, e.g. scaling 3 → 4 → 3 → 4) sends new
 //!   requests instead of getting the first execution's outcomes back;
-//! - `audit`: sequence number → one audit entry (JSON) per plan/apply/unlock.
+//! - `audit`: sequence number → one audit entry per plan/apply/unlock/sync,
+//!   hash-chained and signed with the controller key (`crate::audit`).
 //!
 //! The database is opened for each operation and closed again, so `cairn status`
 //! and `cairn plan` work while an apply runs (redb allows one opener at a time;
@@ -28,7 +29,8 @@ use crate::desired::Placement;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
 const JOURNAL: TableDefinition<&str, &[u8]> = TableDefinition::new("journal");
-const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+use crate::audit::AUDIT;
+pub use crate::audit::AuditEntry;
 
 /// The format of the state store's records (`meta/format_version`). Version 1
 /// had no marker; version 2 keys executions by execution id and journals
@@ -36,8 +38,10 @@ const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// version 3 stores the compiler's placement as it is. A placement recorded by
 /// an older version is dropped when the store is opened: placement is then
 /// rebuilt from what the nodes run (VMs stay where they are, volumes where
-/// their data is), which is what losing it costs.
-pub const STATE_FORMAT_VERSION: u32 = 3;
+/// their data is), which is what losing it costs. Version 4 chains and signs
+/// the audit log (`crate::audit`); entries written before stay as they are and
+/// the chain starts after them with a signed `audit-chain-started` marker.
+pub const STATE_FORMAT_VERSION: u32 = 4;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +106,16 @@ pub enum StateError {
         given: String,
         /// The current id.
         current: Option<String>,
+    },
+    /// An audit entry cannot be signed.
+    #[error(
+        "state store {path}: audit entry `{event}` not written: the store was opened without the controller key that signs the audit log, and there is no controller.key next to it"
+    )]
+    AuditUnsigned {
+        /// The file.
+        path: String,
+        /// The event.
+        event: String,
     },
     /// The directory cannot be created.
     #[error("cannot create {path}: {source}")]
@@ -218,19 +232,6 @@ pub fn request_id(execution_id: &str, step: usize) -> String {
     format!("{execution_id}.{step}")
 }
 
-/// One audit log entry.
-#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
-pub struct AuditEntry {
-    /// When.
-    pub at_unix_ms: u64,
-    /// `$USER`.
-    pub user: String,
-    /// What happened (`apply`, `force-unlock`, ...).
-    pub event: String,
-    /// Detail.
-    pub detail: serde_json::Value,
-}
-
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -245,6 +246,8 @@ pub struct RedbStore {
     path: PathBuf,
     // Serialises openers inside this process (redb refuses a second open).
     guard: Mutex<()>,
+    // Signs audit entries; the head is shared with the request signer.
+    audit_key: Option<(proto::auth::Identity, proto::anchor::SharedHead)>,
 }
 
 /// The records that outlive a process: placement, applied revision, protected
@@ -322,6 +325,7 @@ impl RedbStore {
         let store = Self {
             path: path.to_owned(),
             guard: Mutex::new(()),
+            audit_key: None,
         };
         store.with_db(|db| {
             let tx = db.begin_write().map_err(|e| store.err("begin", e))?;
@@ -366,6 +370,48 @@ impl RedbStore {
         Ok(store)
     }
 
+    /// Signs audit entries with `identity` (the controller key) and keeps `head`
+    /// (shared with the request signer, `proto::anchor`) at the log's head.
+    pub fn with_audit_key(
+        mut self,
+        identity: proto::auth::Identity,
+        head: proto::anchor::SharedHead,
+    ) -> Result<Self, StateError> {
+        if let Some(current) = self.audit_head()? {
+            head.advance(current);
+        }
+        self.audit_key = Some((identity, head));
+        Ok(self)
+    }
+
+    /// The stored audit records, raw, in seq order (for `crate::audit::verify`).
+    pub fn audit_records(&self) -> Result<Vec<(u64, Vec<u8>)>, StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(AUDIT)
+                .map_err(|e| self.err("open table", e))?;
+            let mut out = vec![];
+            for entry in t.iter().map_err(|e| self.err("iter", e))? {
+                let (k, v) = entry.map_err(|e| self.err("iter", e))?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+    }
+
+    /// The audit log's head (its newest chained entry).
+    pub fn audit_head(&self) -> Result<Option<proto::anchor::Head>, StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(AUDIT)
+                .map_err(|e| self.err("open table", e))?;
+            let last = t.last().map_err(|e| self.err("last", e))?;
+            Ok(last.and_then(|(k, v)| crate::audit::head_of(&[(k.value(), v.value().to_vec())])))
+        })
+    }
+
     fn err(&self, operation: &'static str, error: impl Into<redb::Error>) -> StateError {
         StateError::Redb {
             path: self.path.display().to_string(),
@@ -390,6 +436,15 @@ impl RedbStore {
             }
         };
         f(&database)
+    }
+
+    /// Runs `f` on the open database, with the store's path for errors (tables kept by
+    /// other modules of this crate: the volume epochs, `crate::epochs`).
+    pub(crate) fn with_database<T>(
+        &self,
+        f: impl FnOnce(&Database, &Path) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        self.with_db(|database| f(database, &self.path))
     }
 
     fn get_json<T: DeserializeOwned>(
@@ -635,31 +690,54 @@ impl StateStore for RedbStore {
         })
     }
 
-    /// Appends to the audit log.
+    /// Appends to the audit log: chained and signed in one write transaction
+    /// (`crate::audit::append`).
     fn audit(&self, event: &str, detail: serde_json::Value) -> Result<(), StateError> {
+        // Opened without the key: the controller key next to the file (where the
+        // CLI's `.cairn/` and the controller's data directory keep both).
+        let found;
+        let (identity, head) = match &self.audit_key {
+            Some((identity, head)) => (identity, Some(head)),
+            None => {
+                found = self
+                    .path
+                    .parent()
+                    .map(|dir| dir.join("controller.key"))
+                    .and_then(|key| proto::auth::Identity::load(&key).ok())
+                    .ok_or_else(|| StateError::AuditUnsigned {
+                        path: self.path.display().to_string(),
+                        event: event.to_owned(),
+                    })?;
+                (&found, None)
+            }
+        };
         let entry = AuditEntry {
             at_unix_ms: now_ms(),
             user: std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned()),
             event: event.to_owned(),
             detail,
         };
-        let bytes = serde_json::to_vec(&entry).expect("audit entries serialize");
-        self.with_db(|db| {
+        let new_head = self.with_db(|db| {
             let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
-            {
+            let new_head = {
                 let mut t = tx
                     .open_table(AUDIT)
                     .map_err(|e| self.err("open table", e))?;
-                let next = t
-                    .last()
-                    .map_err(|e| self.err("last", e))?
-                    .map(|(k, _)| k.value() + 1)
-                    .unwrap_or(1);
-                t.insert(next, bytes.as_slice())
-                    .map_err(|e| self.err("insert", e))?;
-            }
-            tx.commit().map_err(|e| self.err("commit", e))
-        })
+                crate::audit::append(&mut t, identity, entry).map_err(|message| {
+                    StateError::Redb {
+                        path: self.path.display().to_string(),
+                        operation: "append audit entry",
+                        message,
+                    }
+                })?
+            };
+            tx.commit().map_err(|e| self.err("commit", e))?;
+            Ok(new_head)
+        })?;
+        if let Some(head) = head {
+            head.advance(new_head);
+        }
+        Ok(())
     }
 
     /// The audit log, oldest first.
@@ -672,7 +750,7 @@ impl StateStore for RedbStore {
             let mut out = vec![];
             for entry in t.iter().map_err(|e| self.err("iter", e))? {
                 let (_, v) = entry.map_err(|e| self.err("iter", e))?;
-                if let Ok(e) = serde_json::from_slice(v.value()) {
+                if let Some(e) = crate::audit::Record::decode(v.value()).entry() {
                     out.push(e);
                 }
             }
@@ -767,7 +845,13 @@ mod tests {
     #[test]
     fn journal_and_audit_round_trip() {
         let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
-        let store = RedbStore::open(&dir.join("state.redb")).unwrap();
+        let store = RedbStore::open(&dir.join("state.redb"))
+            .unwrap()
+            .with_audit_key(
+                proto::auth::Identity::generate().unwrap(),
+                proto::anchor::SharedHead::default(),
+            )
+            .unwrap();
         for step in [2, 0, 1] {
             store
                 .journal(
