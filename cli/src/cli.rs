@@ -253,6 +253,10 @@ pub struct ControllerRunArgs {
     /// Address of the HTTP interface (health, metrics, status, events).
     #[arg(long, default_value = "127.0.0.1:7400")]
     pub listen: std::net::SocketAddr,
+    /// Address of the standard gRPC health service (grpc.health.v1: SERVING
+    /// while ready), or `none`.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7401")]
+    pub grpc_listen: String,
     /// How often the branch is read even without a change notice.
     #[arg(long, default_value = "60s")]
     pub poll: String,
@@ -276,12 +280,20 @@ pub enum ControllerCommand {
         /// The controller's data directory.
         #[arg(long, value_name = "DIR", default_value = ".cairn")]
         data_dir: PathBuf,
+        /// The SSH key that signs the action (a private key, or a public key
+        /// whose private half ssh-agent holds); it must be a platform key of the
+        /// controller's trusted keys. Default: git's user.signingkey.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
     },
     /// Hand the cluster back to the controller.
     Resume {
         /// The controller's data directory.
         #[arg(long, value_name = "DIR", default_value = ".cairn")]
         data_dir: PathBuf,
+        /// The SSH key that signs the action (as for `pause`).
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
     },
     /// Measure push → sync started and push → converged on a dev cluster of the
     /// quickstart's shape, and print medians per phase.
@@ -296,12 +308,12 @@ fn duration_flag(flag: &str, text: &str) -> anyhow::Result<std::time::Duration> 
 
 fn controller_cmd(args: ControllerArgs) -> anyhow::Result<u8> {
     match args.command {
-        Some(ControllerCommand::Pause { data_dir }) => {
-            Ok(controller::control::pause_or_resume(&data_dir, true))
-        }
-        Some(ControllerCommand::Resume { data_dir }) => {
-            Ok(controller::control::pause_or_resume(&data_dir, false))
-        }
+        Some(ControllerCommand::Pause { data_dir, key }) => Ok(
+            controller::control::pause_or_resume(&data_dir, true, key.as_deref()),
+        ),
+        Some(ControllerCommand::Resume { data_dir, key }) => Ok(
+            controller::control::pause_or_resume(&data_dir, false, key.as_deref()),
+        ),
         Some(ControllerCommand::Bench(b)) => controller::bench::run(b),
         None => {
             let run = args.run;
@@ -319,6 +331,14 @@ fn controller_cmd(args: ControllerArgs) -> anyhow::Result<u8> {
                 trusted_keys: run.trusted_keys,
                 state: run.state,
                 listen: run.listen,
+                grpc_listen: match run.grpc_listen.as_str() {
+                    "none" | "off" => None,
+                    a => Some(a.parse().map_err(|e| {
+                        anyhow::anyhow!(
+                            "--grpc-listen {a}: {e} (an address such as 127.0.0.1:7401, or `none`)"
+                        )
+                    })?),
+                },
                 poll: duration_flag("poll", &run.poll)?,
                 drift_interval: duration_flag("drift-interval", &run.drift_interval)?,
                 self_heal: !run.no_self_heal,

@@ -303,6 +303,7 @@ fn measure(
             trusted_keys: Some(signers.to_owned()),
             state: None,
             listen: "127.0.0.1:0".parse().expect("address"),
+            grpc_listen: None,
             poll: Duration::from_secs(60),
             drift_interval: Duration::from_secs(30),
             self_heal: true,

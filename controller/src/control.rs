@@ -159,6 +159,18 @@ pub fn request(
     token: Option<&str>,
     timeout: Duration,
 ) -> Result<Answer, String> {
+    request_with_body(url, method, path, token, None, timeout)
+}
+
+/// [`request`] with a JSON body.
+pub fn request_with_body(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<Answer, String> {
     let authority = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("`{url}` is not an http:// URL"))?
@@ -173,8 +185,15 @@ pub fn request(
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let body = body.unwrap_or("");
+    let kind = if body.is_empty() {
+        ""
+    } else {
+        "Content-Type: application/json\r\n"
+    };
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     );
     stream
         .write_all(head.as_bytes())
@@ -227,10 +246,12 @@ pub fn endpoint(data_dir: &Path) -> Option<(String, Option<String>)> {
     Some((url.trim().to_owned(), token))
 }
 
-/// `cairn controller pause|resume --data-dir DIR`: asks the running controller
-/// (it waits for a sync in progress, then records the change), or, when none
-/// runs, writes the marker it reads when it starts. Returns the exit code.
-pub fn pause_or_resume(data_dir: &Path, pause: bool) -> u8 {
+/// `cairn controller pause|resume --data-dir DIR [--key KEY]`: asks the
+/// running controller with an action signed by `key` (or git's
+/// `user.signingkey`; see `crate::actions`) — it waits for a sync in progress,
+/// then records the change — or, when none runs, writes the marker it reads
+/// when it starts. Returns the exit code.
+pub fn pause_or_resume(data_dir: &Path, pause: bool, key: Option<&Path>) -> u8 {
     let verb = if pause { "pause" } else { "resume" };
     if running(data_dir).is_some() {
         let Some((url, token)) = endpoint(data_dir) else {
@@ -241,11 +262,23 @@ pub fn pause_or_resume(data_dir: &Path, pause: bool) -> u8 {
             );
             return 2;
         };
-        match request(
+        let key = match crate::actions::signing_key(key, data_dir) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        };
+        let action = crate::actions::Request {
+            action: verb,
+            path: &format!("/api/v1/{verb}"),
+            plan_id: None,
+        };
+        match crate::actions::perform(
             &url,
-            "POST",
-            &format!("/api/v1/{verb}"),
             token.as_deref(),
+            action,
+            &key,
             Duration::from_secs(600),
         ) {
             Ok(a) if a.status == 200 => {}

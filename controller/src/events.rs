@@ -5,6 +5,9 @@
 //!   drift, nodes, pauses. The newest [`KEEP`] are kept.
 //! - `meta`: `applied` → the last commit the controller applied ([`AppliedCommit`]),
 //!   `last_sync` → the last sync's summary ([`LastSync`]).
+//! - `action_nonces`: nonce → [`NonceRecord`], the challenges of signed actions
+//!   (`crate::actions`): issued, then used once; kept here so a restart can
+//!   neither forget an outstanding challenge nor accept a used one again.
 //!
 //! Why not a table in the reconciler's `state.redb`: that file is opened and closed
 //! for every operation so that `cairn plan`/`status` can read it while an apply
@@ -20,6 +23,10 @@ use serde::{Deserialize, Serialize};
 
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const NONCES: TableDefinition<&str, &[u8]> = TableDefinition::new("action_nonces");
+
+/// How long a used or expired action nonce is remembered after it expires.
+const NONCE_KEEP_MS: u64 = 24 * 3600 * 1000;
 
 /// How many events are kept.
 pub const KEEP: u64 = 20_000;
@@ -162,6 +169,7 @@ impl EventLog {
         let tx = log.db.begin_write().map_err(|e| log.err(e))?;
         tx.open_table(EVENTS).map_err(|e| log.err(e))?;
         tx.open_table(META).map_err(|e| log.err(e))?;
+        tx.open_table(NONCES).map_err(|e| log.err(e))?;
         tx.commit().map_err(|e| log.err(e))?;
         Ok(log)
     }
@@ -249,6 +257,88 @@ impl EventLog {
                 .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))
+    }
+}
+
+/// A challenge nonce of a signed action (`action_nonces`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NonceRecord {
+    /// When it was issued.
+    pub issued_unix_ms: u64,
+    /// After this it is refused.
+    pub expires_unix_ms: u64,
+    /// When it was used (it is refused from then on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_unix_ms: Option<u64>,
+    /// Who used it, and for what (`pause by ops@example.com (SHA256:…)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_by: Option<String>,
+}
+
+impl EventLog {
+    /// Records a new nonce (and forgets those expired for a day).
+    pub fn issue_nonce(&self, nonce: &str, record: &NonceRecord) -> Result<(), EventError> {
+        let bytes = serde_json::to_vec(record).expect("nonces serialize");
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut table = tx.open_table(NONCES).map_err(|e| self.err(e))?;
+            let cut = record.issued_unix_ms.saturating_sub(NONCE_KEEP_MS);
+            table
+                .retain(|_, v| {
+                    serde_json::from_slice::<NonceRecord>(v).is_ok_and(|r| r.expires_unix_ms >= cut)
+                })
+                .map_err(|e| self.err(e))?;
+            table
+                .insert(nonce, bytes.as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// The record of a nonce, if this log issued it.
+    pub fn nonce(&self, nonce: &str) -> Result<Option<NonceRecord>, EventError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(NONCES).map_err(|e| self.err(e))?;
+        let Some(v) = table.get(nonce).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice(v.value()).ok())
+    }
+
+    /// Marks a nonce used, in one transaction with the check that it was issued
+    /// and is unused: `Ok(None)` when this call used it, else what it found
+    /// (`Some` of a used record, or `None` inside `Err` when unknown).
+    pub fn use_nonce(
+        &self,
+        nonce: &str,
+        now_ms: u64,
+        by: &str,
+    ) -> Result<Result<(), Option<NonceRecord>>, EventError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let outcome = {
+            let mut table = tx.open_table(NONCES).map_err(|e| self.err(e))?;
+            let found: Option<NonceRecord> = table
+                .get(nonce)
+                .map_err(|e| self.err(e))?
+                .and_then(|v| serde_json::from_slice(v.value()).ok());
+            match found {
+                Some(r) if r.used_unix_ms.is_none() && r.expires_unix_ms > now_ms => {
+                    let used = NonceRecord {
+                        used_unix_ms: Some(now_ms),
+                        used_by: Some(by.to_owned()),
+                        ..r
+                    };
+                    let bytes = serde_json::to_vec(&used).expect("nonces serialize");
+                    table
+                        .insert(nonce, bytes.as_slice())
+                        .map_err(|e| self.err(e))?;
+                    Ok(())
+                }
+                other => Err(other),
+            }
+        };
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(outcome)
     }
 }
 

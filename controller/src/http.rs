@@ -7,7 +7,8 @@
 //! | `GET /metrics` | Prometheus text format |
 //! | `GET /api/v1/status` | the JSON of `cairn status` for the applied commit, plus `controller` |
 //! | `GET /api/v1/events?limit=N&kind=K` | events, newest first |
-//! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back |
+//! | `GET /api/v1/actions/challenge` | a nonce and binding to sign an action with ([`crate::actions`]) |
+//! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back (signed actions) |
 //!
 //! Loopback is not a security boundary: every request must name the listen
 //! address or localhost in its `Host` header (DNS rebinding), a browser's
@@ -47,6 +48,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/events", get(events))
+        .route(
+            "/api/v1/actions/challenge",
+            get(crate::actions::challenge_handler),
+        )
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
@@ -156,16 +161,28 @@ async fn events(State(shared): State<Arc<Shared>>, Query(q): Query<EventsQuery>)
     }
 }
 
-async fn pause(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.set_paused(true).await {
-        Ok(()) => axum::Json(serde_json::json!({"paused": true})).into_response(),
-        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e),
-    }
+async fn pause(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    set_paused(&shared, true, &body).await
 }
 
-async fn resume(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.set_paused(false).await {
-        Ok(()) => axum::Json(serde_json::json!({"paused": false})).into_response(),
+async fn resume(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    set_paused(&shared, false, &body).await
+}
+
+/// A signed pause or resume ([`crate::actions::authorize`]).
+async fn set_paused(shared: &Shared, paused: bool, body: &[u8]) -> Response {
+    let action = if paused { "pause" } else { "resume" };
+    let binding = crate::actions::Binding::current(shared);
+    let signed = match crate::actions::authorize(shared, action, body, &binding) {
+        Ok(a) => a,
+        Err(refusal) => return refusal.into_response(),
+    };
+    match shared.set_paused(paused, &signed).await {
+        Ok(()) => {
+            signed.audit(shared);
+            axum::Json(serde_json::json!({"paused": paused, "signer": signed.signer()}))
+                .into_response()
+        }
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
 }

@@ -27,9 +27,11 @@
 
 #![warn(missing_docs)]
 
+pub mod actions;
 pub mod bench;
 pub mod control;
 pub mod events;
+mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod source;
@@ -66,6 +68,8 @@ pub struct Config {
     pub state: Option<PathBuf>,
     /// HTTP address.
     pub listen: SocketAddr,
+    /// Address of the standard gRPC health service (`grpc.health.v1`); none: off.
+    pub grpc_listen: Option<SocketAddr>,
     /// How often the branch is read even without a change notice.
     pub poll: Duration,
     /// How often every node is observed and drift planned.
@@ -107,6 +111,9 @@ pub struct View {
     pub branch: String,
     /// The branch head when last read.
     pub head: Option<String>,
+    /// The digest of the last observation of the nodes (signed actions are bound to it).
+    #[serde(skip)]
+    pub observed_digest: Option<String>,
 }
 
 /// State shared by the worker and the HTTP interface.
@@ -170,8 +177,9 @@ impl Shared {
         }
     }
 
-    /// Sets paused (the marker file and the flag), waiting for work in progress.
-    pub async fn set_paused(&self, paused: bool) -> Result<(), String> {
+    /// Sets paused (the marker file and the flag), waiting for work in
+    /// progress; the event names who signed the action.
+    pub async fn set_paused(&self, paused: bool, by: &actions::Authorized) -> Result<(), String> {
         let _busy = self.busy.lock().await;
         let path = control::paused_path(&self.config.data_dir);
         if paused {
@@ -186,13 +194,18 @@ impl Shared {
         self.metrics.paused.set(i64::from(paused));
         self.view.lock().expect("view lock").paused = paused;
         if was != paused {
-            self.record(vec![if paused {
-                Event::new("paused", "ok").reason(
-                    "nothing is applied automatically; manual `cairn apply` is allowed until `cairn controller resume`",
-                )
+            let event = if paused {
+                Event::new("paused", "ok").reason(format!(
+                    "by {}: nothing is applied automatically; manual `cairn apply` is allowed until `cairn controller resume`",
+                    by.signer()
+                ))
             } else {
-                Event::new("resumed", "ok").reason("the branch head is applied again")
-            }]);
+                Event::new("resumed", "ok").reason(format!(
+                    "by {}: the branch head is applied again",
+                    by.signer()
+                ))
+            };
+            self.record(vec![event.detail(by.detail())]);
         }
         if !paused {
             self.wake.notify_one();
@@ -208,9 +221,12 @@ pub struct Handle {
     pub shared: Arc<Shared>,
     /// The address its HTTP interface listens on.
     pub address: SocketAddr,
+    /// The address of its gRPC health service.
+    pub grpc_address: Option<SocketAddr>,
     stop: tokio::sync::watch::Sender<bool>,
     worker: tokio::task::JoinHandle<()>,
     server: tokio::task::JoinHandle<()>,
+    grpc: Option<grpc::Health>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
 
@@ -219,6 +235,9 @@ impl Handle {
     /// the journal makes an interrupted apply safe to settle later), then the
     /// lock and URL files are removed.
     pub async fn stop(self, grace: Duration) {
+        if let Some(health) = &self.grpc {
+            health.not_serving().await;
+        }
         let _ = self.stop.send(true);
         self.shared.wake.notify_one();
         if tokio::time::timeout(grace, self.worker).await.is_err() {
@@ -228,6 +247,10 @@ impl Handle {
             );
         }
         self.server.abort();
+        let _ = self.server.await;
+        if let Some(health) = self.grpc {
+            health.end().await;
+        }
         self.shared
             .record(vec![Event::new("controller", "stopped")]);
         control::release(&self.shared.config.data_dir);
@@ -271,6 +294,14 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             )
         })?;
     let address = listener.local_addr()?;
+    let grpc_listener = match config.grpc_listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| {
+            format!(
+                "cannot listen on {a} for the gRPC health service (another controller? pass --grpc-listen ADDR, or `none`)"
+            )
+        })?),
+        None => None,
+    };
     control::take_lock(
         &data_dir,
         &control::ControllerLock {
@@ -341,13 +372,19 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(listener, shared.clone(), stopped.clone()));
+    let grpc = match grpc_listener {
+        Some(l) => Some(grpc::Health::serve(l, shared.clone()).await?),
+        None => None,
+    };
     let worker = tokio::spawn(worker::run(shared.clone(), source, stopped));
     Ok(Handle {
         shared,
         address,
+        grpc_address: grpc.as_ref().map(|g| g.address),
         stop,
         worker,
         server,
+        grpc,
         _watcher: watcher,
     })
 }
@@ -365,9 +402,13 @@ pub fn run(config: Config) -> anyhow::Result<u8> {
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let handle = start(config).await?;
         eprintln!(
-            "cairn controller: listening on http://{} (token in {}); stop with SIGTERM",
+            "cairn controller: listening on http://{} (token in {}){}; stop with SIGTERM",
             handle.address,
-            control::token_path(&handle.shared.config.data_dir).display()
+            control::token_path(&handle.shared.config.data_dir).display(),
+            handle
+                .grpc_address
+                .map(|a| format!(", gRPC health on {a}"))
+                .unwrap_or_default()
         );
         tokio::select! {
             _ = term.recv() => {}

@@ -885,6 +885,7 @@ impl Worker {
 
     /// Node state changes become events; node and VM metrics follow the observation.
     fn note_observation(&mut self, observed: &Observed) {
+        self.shared.view.lock().expect("view lock").observed_digest = Some(observed.digest());
         let mut events = vec![];
         let mut node_states: BTreeMap<String, i64> = BTreeMap::new();
         for (node, obs) in &observed.nodes {

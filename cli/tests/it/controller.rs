@@ -43,6 +43,7 @@ struct GitOps {
     keys: TempDir,
     bare: PathBuf,
     listen: String,
+    grpc_listen: String,
     extra_env: Vec<(String, String)>,
 }
 
@@ -93,6 +94,7 @@ impl GitOps {
             keys,
             bare: bare.clone(),
             listen: format!("127.0.0.1:{}", free_port()),
+            grpc_listen: format!("127.0.0.1:{}", free_port()),
             extra_env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -185,6 +187,8 @@ impl GitOps {
             &self.keys.0.join("allowed-signers").display().to_string(),
             "--listen",
             &self.listen,
+            "--grpc-listen",
+            &self.grpc_listen,
             "--drift-interval",
             "1s",
             "--parallelism",
@@ -291,6 +295,29 @@ impl GitOps {
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `cairn controller pause|resume --key KEY`, with no git configuration
+    /// but the repository's (so no user.signingkey of this machine's).
+    fn cairn_signed(&self, verb: &str, key: &str) -> crate::Run {
+        let key = self.keys.0.join(key).display().to_string();
+        let mut args = vec!["controller", verb, "--data-dir", ".cairn"];
+        if !key.ends_with("none") {
+            args.extend(["--key", key.as_str()]);
+        }
+        let out = self
+            .cluster
+            .command(&args)
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("cairn runs");
+        crate::Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
 
@@ -418,9 +445,7 @@ fn a_pushed_signed_commit_runs_without_apply_and_manual_apply_waits_for_pause() 
         "{refused:?}"
     );
     // Paused: manual apply is allowed (nothing to do: the same specs).
-    let paused = g
-        .cluster
-        .cairn(&["controller", "pause", "--data-dir", ".cairn"]);
+    let paused = g.cairn_signed("pause", "trusted");
     assert_eq!(paused.code, 0, "{paused:?}");
     // (Its exit code is the cluster's business: on a loaded machine a node may
     // answer too late and the apply says so. It is not refused.)
@@ -442,9 +467,7 @@ fn a_pushed_signed_commit_runs_without_apply_and_manual_apply_waits_for_pause() 
     g.push(false);
     let held = g.wait_event("sync", &second, Duration::from_secs(10));
     assert_eq!(held["result"], "held", "{held}");
-    let resumed = g
-        .cluster
-        .cairn(&["controller", "resume", "--data-dir", ".cairn"]);
+    let resumed = g.cairn_signed("resume", "trusted");
     assert_eq!(resumed.code, 0, "{resumed:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -595,6 +618,63 @@ fn the_http_interface_checks_token_and_host_and_its_metrics_pass_promtool() {
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut stream, &mut answer).expect("read");
     assert!(answer.starts_with("HTTP/1.1 421"), "{answer}");
+    // Pause and resume are signed actions: no key, a key that is not a
+    // platform key, then the platform key.
+    let unsigned = g.cairn_signed("pause", "none");
+    assert_eq!(unsigned.code, 2, "{unsigned:?}");
+    assert!(unsigned.stderr.contains("pass --key FILE"), "{unsigned:?}");
+    let untrusted = g.cairn_signed("pause", "other");
+    assert_eq!(untrusted.code, 2, "{untrusted:?}");
+    let other = run_ok(
+        Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(g.keys.0.join("other.pub")),
+    );
+    let other = other.split_whitespace().nth(1).expect("a fingerprint");
+    assert!(
+        untrusted.stderr.contains("answered 403")
+            && untrusted.stderr.contains(other)
+            && untrusted.stderr.contains("not a platform key"),
+        "{untrusted:?}"
+    );
+    assert_eq!(g.cluster.status_json()["controller"]["paused"], false);
+    let paused = g.cairn_signed("pause", "trusted");
+    assert_eq!(paused.code, 0, "{paused:?}");
+    assert_eq!(g.cluster.status_json()["controller"]["paused"], true);
+    let resumed = g.cairn_signed("resume", "trusted");
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    assert_eq!(g.cluster.status_json()["controller"]["paused"], false);
+    let signed: Vec<Value> = g
+        .events()
+        .into_iter()
+        .filter(|e| e["kind"] == "paused" || e["kind"] == "resumed")
+        .collect();
+    assert_eq!(signed.len(), 2, "{signed:?}");
+    assert!(
+        signed.iter().all(|e| e["detail"]["signer"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ops@example.com (SHA256:")),
+        "{signed:?}"
+    );
+    // The gRPC health service, asked by a real external client when Debian's
+    // python3-grpcio is installed: SERVING (field 1 = 1).
+    let probe = format!(
+        "import grpc\nch = grpc.insecure_channel('{}')\ncall = ch.unary_unary('/grpc.health.v1.Health/Check', request_serializer=lambda b: b, response_deserializer=lambda b: b)\nprint(call(b'', timeout=5).hex())\n",
+        g.grpc_listen
+    );
+    match Command::new("/usr/bin/python3")
+        .args(["-c", &probe])
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0801");
+        }
+        other => {
+            eprintln!("skipping the grpc.health.v1 probe (python3-grpcio missing?): {other:?}")
+        }
+    }
+
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(g.data_dir().join("controller.token"))
             .expect("token")
