@@ -154,6 +154,11 @@ pub enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// The audit log: `verify` proves it intact (hash chain, signatures, node anchors).
+    Audit {
+        #[command(subcommand)]
+        command: crate::audit::AuditCommand,
+    },
     /// Remove the apply lock of a dead `cairn apply` (its id is in the lock error).
     ForceUnlock {
         /// The lock id.
@@ -557,6 +562,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             DevCommand::Down { dir } => crate::commands::dev_down(&dir),
         },
+        Command::Audit { command } => crate::audit::run(command),
         Command::ForceUnlock {
             id,
             dir,

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use proto::auth::RequestSigner;
 
 use crate::cli::Format;
 use crate::ctx::Ctx;
@@ -269,7 +268,7 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
     }
     let store = loaded.ctx.store()?;
     let identity = loaded.ctx.identity()?;
-    let nodes = GrpcNodes::new(RequestSigner::new(identity.clone()));
+    let nodes = GrpcNodes::new(loaded.ctx.signer()?);
     let started = Instant::now();
     let planned = runtime()?.block_on(make_plan(&loaded, &store, &nodes))?;
     let millis = started.elapsed().as_millis();
@@ -373,7 +372,7 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
         Err(code) => return Ok(code),
     };
     let store = loaded.ctx.store()?;
-    let nodes = GrpcNodes::new(RequestSigner::new(loaded.ctx.identity()?));
+    let nodes = GrpcNodes::new(loaded.ctx.signer()?);
     let _lock = take_lock(&store, &command)?;
     let rt = runtime()?;
     let interrupted = rt.block_on(settle_interrupted(&store, &nodes))?;
@@ -479,7 +478,7 @@ fn apply_file(args: &ApplyArgs, command: &str) -> anyhow::Result<u8> {
     }
     let ctx = Ctx::new(&spec_root, args.state.as_deref().or(state.as_deref()))?;
     let store = ctx.store()?;
-    let nodes = GrpcNodes::new(RequestSigner::new(identity));
+    let nodes = GrpcNodes::new(ctx.signer()?);
     let _lock = take_lock(&store, command)?;
     let rt = runtime()?;
     let interrupted = rt.block_on(settle_interrupted(&store, &nodes))?;
@@ -526,7 +525,7 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
         Err(code) => return Ok(code),
     };
     let store = loaded.ctx.store()?;
-    let nodes = GrpcNodes::new(RequestSigner::new(loaded.ctx.identity()?));
+    let nodes = GrpcNodes::new(loaded.ctx.signer()?);
     let spec = spec_nodes(loaded.model());
     let observed = runtime()?.block_on(observe(&spec, &nodes));
     let previous = previous_placement(store.placement()?, &observed);
@@ -647,7 +646,7 @@ pub fn volume_export(
     }
     let volume = desired::volume_name(vm_name, disk_name);
     let store = loaded.ctx.store()?;
-    let nodes = GrpcNodes::new(RequestSigner::new(loaded.ctx.identity()?));
+    let nodes = GrpcNodes::new(loaded.ctx.signer()?);
     let spec = spec_nodes(loaded.model());
     let rt = runtime()?;
     let observed = rt.block_on(observe(&spec, &nodes));

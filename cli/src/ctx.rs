@@ -14,6 +14,9 @@ pub struct Ctx {
     pub cairn_dir: PathBuf,
     /// The state store file.
     pub state_path: PathBuf,
+    /// The audit log's head, shared by the store and the request signer
+    /// (`proto::anchor`): every node request carries it.
+    pub audit_head: proto::anchor::SharedHead,
 }
 
 impl Ctx {
@@ -30,6 +33,7 @@ impl Ctx {
             spec_root,
             cairn_dir,
             state_path,
+            audit_head: proto::anchor::SharedHead::default(),
         })
     }
 
@@ -45,8 +49,15 @@ impl Ctx {
         .context("controller identity")
     }
 
-    /// The state store.
+    /// The state store; its audit entries are signed with the controller key.
     pub fn store(&self) -> anyhow::Result<reconciler::state::RedbStore> {
-        Ok(reconciler::state::RedbStore::open(&self.state_path)?)
+        Ok(reconciler::state::RedbStore::open(&self.state_path)?
+            .with_audit_key(self.identity()?, self.audit_head.clone())?)
+    }
+
+    /// The request signer (the controller key), sending the audit log's head.
+    pub fn signer(&self) -> anyhow::Result<proto::auth::RequestSigner> {
+        Ok(proto::auth::RequestSigner::new(self.identity()?)
+            .with_audit_head(self.audit_head.clone()))
     }
 }

@@ -48,7 +48,6 @@ mod error;
 mod journal;
 mod meta;
 pub mod nbd;
-pub mod power_loss;
 mod replication;
 mod store;
 

@@ -1,5 +1,6 @@
 //! Integration tests of the `cairn` binary: golden cases and CLI behaviour.
 
+mod audit;
 mod cli;
 mod controller;
 mod diff;
