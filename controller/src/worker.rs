@@ -529,7 +529,11 @@ impl Worker {
         };
         let mut signer = None;
         for c in &path {
-            match crate::trust::verify(&repo, c, &signers, &keys) {
+            let authority = self.good.as_ref().map(|g| &g.model);
+            let subdir = &self.source.subdir;
+            match tokio::task::block_in_place(|| {
+                crate::trust::judge(&repo, subdir, c, authority, &signers, &keys)
+            }) {
                 Ok(s) => {
                     if c == commit {
                         signer = Some(s);
@@ -539,6 +543,7 @@ impl Worker {
                     self.shared.metrics.commits_refused.inc();
                     detail["refused_commit"] = json!(refusal.commit);
                     detail["signed_by"] = json!(refusal.signed_by);
+                    detail["refused_objects"] = json!(refusal.objects);
                     detail["checked"] = json!(path.len());
                     let reason = if refusal.commit == commit {
                         refusal.reason
