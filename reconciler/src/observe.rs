@@ -43,6 +43,45 @@ pub struct ObservedVm {
     /// How many times the node started its process (exactly-once checks).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub starts: u64,
+    /// Its disks (its volumes) as the node serves them to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<ObservedDisk>,
+    /// The built-in guest's last block self-test on its first disk (`pass`, …; empty
+    /// when unknown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub guest_block_test: String,
+}
+
+/// A VM's disk as its node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ObservedDisk {
+    /// The volume.
+    pub volume: String,
+    /// The running VM has it as a virtio-blk device (through its node's NBD export
+    /// and the replicated write path).
+    pub attached: bool,
+    /// The guest's device index when attached.
+    pub device: u32,
+    /// `local` (the node holds the primary copy), `remote` (a replica only) or
+    /// `missing`.
+    pub data: String,
+    /// Copies of the volume, and how many hold every acknowledged write.
+    pub copies: u32,
+    /// Copies in sync.
+    pub copies_in_sync: u32,
+    /// Why not attached, or what is wrong with the copies.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+    /// The guest's read and write requests and bytes on it since the VM started.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Bytes read.
+    pub bytes_read: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Failed requests.
+    pub errors: u64,
 }
 
 impl ObservedVm {
@@ -442,6 +481,25 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                             guest_up: n.guest_up,
                         })
                         .collect(),
+                    disks: v
+                        .disks
+                        .into_iter()
+                        .map(|d| ObservedDisk {
+                            volume: d.volume,
+                            attached: d.attached,
+                            device: d.device,
+                            data: d.data,
+                            copies: d.copies,
+                            copies_in_sync: d.copies_in_sync,
+                            detail: d.detail,
+                            reads: d.reads,
+                            writes: d.writes,
+                            bytes_read: d.bytes_read,
+                            bytes_written: d.bytes_written,
+                            errors: d.errors,
+                        })
+                        .collect(),
+                    guest_block_test: v.guest_block_test,
                 },
             )
         })

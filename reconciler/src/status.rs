@@ -55,6 +55,13 @@ pub struct VmRow {
     pub nics: Vec<crate::observe::ObservedNic>,
     /// How many times its node started its process (0: not reported).
     pub starts: u64,
+    /// Its disks (its volumes) as its node serves them: attached or not, where the
+    /// data is, copies in sync, the guest's I/O.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::observe::ObservedDisk>,
+    /// The built-in guest's last block self-test (`pass`, …; empty when unknown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub guest_block_test: String,
     /// What differs, one line each (`memory 64MiB → 128MiB`; empty when the
     /// drift word says it all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -256,6 +263,8 @@ pub fn status(
                 detail: drift.detail().to_vec(),
                 nics: o.map(|o| o.nics.clone()).unwrap_or_default(),
                 starts: o.map_or(0, |o| o.starts),
+                disks: o.map(|o| o.disks.clone()).unwrap_or_default(),
+                guest_block_test: o.map(|o| o.guest_block_test.clone()).unwrap_or_default(),
             }
         };
     for vm in desired.vms.values() {
@@ -446,6 +455,56 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The `disks:` section: each VM disk, attached or not, where its data is, its copies
+/// and the guest's I/O on it (nothing when no VM reports a disk).
+fn disks_text(status: &Status) -> String {
+    let mut rows = vec![vec![
+        "VM".into(),
+        "VOLUME".into(),
+        "ATTACHED".into(),
+        "DATA".into(),
+        "IN SYNC".into(),
+        "GUEST I/O (reads/writes, bytes)".into(),
+        "DETAIL".into(),
+    ]];
+    for v in &status.vms {
+        for d in &v.disks {
+            rows.push(vec![
+                v.name.clone(),
+                d.volume.clone(),
+                if d.attached {
+                    format!("vd{}", (b'a' + (d.device % 26) as u8) as char)
+                } else {
+                    "no".into()
+                },
+                d.data.clone(),
+                format!("{}/{}", d.copies_in_sync, d.copies),
+                format!(
+                    "{}/{}, {}/{}{}",
+                    d.reads,
+                    d.writes,
+                    compiler::units::human_size(d.bytes_read),
+                    compiler::units::human_size(d.bytes_written),
+                    if d.errors > 0 {
+                        format!(", {} errors", d.errors)
+                    } else {
+                        String::new()
+                    }
+                ),
+                if d.detail.is_empty() {
+                    "-".into()
+                } else {
+                    d.detail.clone()
+                },
+            ]);
+        }
+    }
+    if rows.len() == 1 {
+        return String::new();
+    }
+    format!("\ndisks:\n{}", table(&rows))
+}
+
 /// The status as text.
 pub fn text(status: &Status) -> String {
     let mut out = String::new();
@@ -504,6 +563,7 @@ pub fn text(status: &Status) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    out.push_str(&disks_text(status));
     out.push_str("\nvolumes:\n");
     let mut rows = vec![vec![
         "VOLUME".into(),
@@ -600,4 +660,81 @@ pub fn text(status: &Status) -> String {
         }
     );
     out
+}
+
+#[cfg(test)]
+mod disk_tests {
+    use super::*;
+    use crate::observe::ObservedDisk;
+
+    fn disk(volume: &str, attached: bool, data: &str, in_sync: u32, detail: &str) -> ObservedDisk {
+        ObservedDisk {
+            volume: volume.into(),
+            attached,
+            device: u32::from(!volume.ends_with("root")),
+            data: data.into(),
+            copies: 2,
+            copies_in_sync: in_sync,
+            detail: detail.into(),
+            reads: 3,
+            writes: 2,
+            bytes_read: 12 << 10,
+            bytes_written: 8 << 10,
+            errors: 0,
+        }
+    }
+
+    #[test]
+    fn each_vm_disk_shows_its_volume_attachment_data_copies_and_guest_io() {
+        let status = Status {
+            format_version: STATUS_FORMAT_VERSION,
+            applied: None,
+            nodes: vec![],
+            vms: vec![VmRow {
+                name: "db".into(),
+                tenant: "acme".into(),
+                node: "n1".into(),
+                desired_node: "n1".into(),
+                state: "running".into(),
+                health: "healthy".into(),
+                crash_count: 0,
+                drift: "none".into(),
+                nics: vec![],
+                starts: 1,
+                detail: vec![],
+                disks: vec![
+                    disk("db-root", true, "local", 2, ""),
+                    disk(
+                        "db-data",
+                        false,
+                        "remote",
+                        0,
+                        "the primary copy is on node n2",
+                    ),
+                ],
+                guest_block_test: "pass".into(),
+            }],
+            volumes: vec![],
+            bonds: vec![],
+            unplaced: vec![],
+            drifted: 0,
+            last_apply: None,
+            audit: vec![],
+        };
+        assert_eq!(
+            disks_text(&status),
+            "
+disks:
+  VM  VOLUME   ATTACHED  DATA    IN SYNC  GUEST I/O (reads/writes, bytes)  DETAIL
+  db  db-root  vda       local   2/2      3/2, 12KiB/8KiB                  -
+  db  db-data  no        remote  0/2      3/2, 12KiB/8KiB                  the primary copy is on node n2
+"
+        );
+        let json = serde_json::to_value(&status.vms[0]).unwrap();
+        assert_eq!(json["disks"][0]["data"], "local");
+        assert_eq!(json["guest_block_test"], "pass");
+        let mut none = status.clone();
+        none.vms[0].disks.clear();
+        assert_eq!(disks_text(&none), "", "no section without disks");
+    }
 }

@@ -113,6 +113,13 @@ impl FileEngine {
     /// Runs every operation to completion. Operations in one batch may run concurrently and
     /// in any order, so they must not overlap.
     pub fn run(&self, ops: &mut [IoOp<'_>]) -> io::Result<()> {
+        if let Some(recorder) = crate::power_loss::recorder() {
+            for op in ops.iter() {
+                if let IoOp::Write { file, offset, buf } = op {
+                    recorder.before_write(file, *offset, buf.len() as u64)?;
+                }
+            }
+        }
         match self {
             FileEngine::Sync => {
                 for op in ops.iter_mut() {
@@ -129,14 +136,22 @@ impl FileEngine {
 
     /// Makes every completed write to `files` durable (`fdatasync`), in parallel on io_uring.
     pub fn sync_data(&self, files: &[&File]) -> io::Result<()> {
+        let recorder = crate::power_loss::recorder();
+        let started = match recorder {
+            Some(recorder) => recorder.position()?,
+            None => 0,
+        };
         match self {
             FileEngine::Sync => {
                 for file in files {
                     file.sync_data()?;
                 }
-                Ok(())
             }
-            FileEngine::IoUring(engine) => engine.sync_data(files),
+            FileEngine::IoUring(engine) => engine.sync_data(files)?,
+        }
+        match recorder {
+            Some(recorder) => recorder.synced(files, started),
+            None => Ok(()),
         }
     }
 
@@ -173,6 +188,35 @@ impl FileEngine {
             }
             engine.sync_data(&files)
         };
+        if let Some(recorder) = crate::power_loss::recorder() {
+            // The plain path records through `run` and `sync_data`; the chained one
+            // here: the writes before they are submitted, the syncs once they completed.
+            // Every write is recorded before the sync starts, so the sync covers them.
+            let recorded = writes
+                .iter()
+                .try_for_each(|&(file, offset, buf)| {
+                    recorder.before_write(file, offset, buf.len() as u64)
+                })
+                .and_then(|()| recorder.position());
+            let started = match recorded {
+                Ok(started) => started,
+                Err(error) => return (Err(error), during()),
+            };
+            let (result, r) = match self {
+                FileEngine::Sync => (fallback(self), during()),
+                FileEngine::IoUring(engine) => {
+                    let (chained, r) = engine.write_sync_chained(writes, during);
+                    match chained {
+                        Ok(true) => (Ok(()), r),
+                        Ok(false) => (fallback(self), r),
+                        Err(e) => (Err(e), r),
+                    }
+                }
+            };
+            let files: Vec<&File> = writes.iter().map(|&(file, _, _)| file).collect();
+            let result = result.and_then(|()| recorder.synced(&files, started));
+            return (result, r);
+        }
         match self {
             FileEngine::Sync => {
                 let result = fallback(self);

@@ -48,6 +48,7 @@ mod error;
 mod journal;
 mod meta;
 pub mod nbd;
+pub mod power_loss;
 mod replication;
 mod store;
 

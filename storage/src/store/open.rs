@@ -27,7 +27,14 @@ impl Store {
             .map_err(io_err(format!("creating {}", dir.display())))?;
         let engine = FileEngine::new(options.engine).map_err(io_err("setting up io_uring"))?;
         let db_path = dir.join("meta.redb");
-        let db = Database::create(&db_path)?;
+        let db = match crate::power_loss::recorder() {
+            // Simulated power loss (tests only): meta.redb's writes are recorded too.
+            Some(recorder) => Database::builder().create_with_backend(
+                crate::power_loss::RecordingBackend::open(&db_path, recorder)
+                    .map_err(io_err(format!("opening {}", db_path.display())))?,
+            )?,
+            None => Database::create(&db_path)?,
+        };
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
