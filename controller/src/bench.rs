@@ -7,6 +7,9 @@
 //! ed25519 key (`ssh-keygen`) that signs every commit, a dev cluster (`cairn dev
 //! up`, the `cairn` binary running this), and a controller in this process.
 //! Each run pushes a commit adding N VMs (measured), then one removing them.
+//!
+//! `--noop` measures a sync with nothing to do instead (see [`noop`]): no
+//! cluster, a generated repository of `--nodes` nodes and `--vms` VMs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,12 +19,22 @@ use anyhow::{Context, bail};
 
 use crate::events::Event;
 
+pub mod noop;
+
 /// Flags of `cairn controller bench`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// VMs added by each measured commit.
-    #[arg(long, default_value_t = 20)]
-    pub vms: usize,
+    /// VMs added by each measured commit (default 20); with `--noop`, VMs of
+    /// the generated repository (default 10000).
+    #[arg(long)]
+    pub vms: Option<usize>,
+    /// Measure a sync with nothing to do (verify, compile, plan, policy) of a
+    /// generated repository against a recorded observation: no cluster.
+    #[arg(long)]
+    pub noop: bool,
+    /// With `--noop`: nodes of the generated repository.
+    #[arg(long, default_value_t = 1000, requires = "noop")]
+    pub nodes: usize,
     /// Measured runs.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -180,6 +193,9 @@ fn push(work: &Path, key: &Path, vms: usize, message: &str) -> anyhow::Result<(S
 
 /// `cairn controller bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    if args.noop {
+        return noop::run(args.nodes, args.vms.unwrap_or(10_000), args.runs, args.keep);
+    }
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -252,7 +268,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
     let col = |f: fn(&Sample) -> u64| median(samples.iter().map(f).collect());
     println!(
         "controller bench: a commit adding {} VMs on a 3-node dev cluster, {} runs (medians)",
-        args.vms, args.runs
+        args.vms.unwrap_or(20),
+        args.runs
     );
     for (i, s) in samples.iter().enumerate() {
         println!(
@@ -308,6 +325,8 @@ fn measure(
             drift_interval: Duration::from_secs(30),
             self_heal: true,
             parallelism: 8,
+            remote: None,
+            webhook_secret: None,
         })
         .await?;
         let outcome = async {
@@ -320,8 +339,8 @@ fn measure(
                 let (commit, at, push_ms) = push(
                     work,
                     key,
-                    args.vms,
-                    &format!("bench: add {} VMs ({run})", args.vms),
+                    args.vms.unwrap_or(20),
+                    &format!("bench: add {} VMs ({run})", args.vms.unwrap_or(20)),
                 )?;
                 let started =
                     wait_event(&handle, "sync-started", &commit, Duration::from_secs(30)).await?;
