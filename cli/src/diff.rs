@@ -59,6 +59,10 @@ pub struct DiffArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "markdown")]
     pub format: DiffFormat,
+    /// The platform keys a controller trusts (allowed-signers format): with
+    /// it, a head a controller would refuse (authorization) exits 1.
+    #[arg(long, value_name = "FILE")]
+    pub trusted_keys: Option<PathBuf>,
 }
 
 /// The version of the JSON shape.
@@ -116,6 +120,9 @@ struct Preview {
     policy: PolicyVerdict,
     policies_changed: Vec<String>,
     head_diagnostics: Option<String>,
+    /// Whether a controller following the base would accept the head's
+    /// commits (signatures and per-object authorization).
+    authorization: Option<crate::authz::Authorization>,
 }
 
 #[derive(Debug, Serialize, schemars::JsonSchema)]
@@ -373,7 +380,7 @@ pub fn run(args: DiffArgs) -> anyhow::Result<u8> {
         Some(rev) => policies_at(rev)?,
         None => PolicySet::load_dir(&dir.join("policies"))?,
     };
-    let preview = build(
+    let mut preview = build(
         &args.base,
         args.head.as_deref().unwrap_or("working tree"),
         &base,
@@ -381,6 +388,15 @@ pub fn run(args: DiffArgs) -> anyhow::Result<u8> {
         &base_policies,
         &head_policies,
     )?;
+    let authorization = crate::authz::preview(
+        &repo,
+        &prefix,
+        &args.base,
+        args.head.as_deref(),
+        args.trusted_keys.as_deref(),
+    )?;
+    let refused = args.trusted_keys.is_some() && !authorization.allowed;
+    preview.authorization = Some(authorization);
     let out = match args.format {
         DiffFormat::Markdown => markdown(&preview),
         DiffFormat::Text => text(&preview),
@@ -391,11 +407,13 @@ pub fn run(args: DiffArgs) -> anyhow::Result<u8> {
         }
     };
     print!("{out}");
-    Ok(if preview.head.compiles && preview.policy.passed {
-        0
-    } else {
-        1
-    })
+    Ok(
+        if preview.head.compiles && preview.policy.passed && !refused {
+            0
+        } else {
+            1
+        },
+    )
 }
 
 /// The JSON Schema of `cairn diff --format json`.
@@ -570,6 +588,7 @@ fn build(
         policy: verdict,
         policies_changed,
         head_diagnostics,
+        authorization: None,
     })
 }
 
@@ -1153,6 +1172,9 @@ fn markdown(p: &Preview) -> String {
                 .join(", ")
         );
     }
+    if let Some(a) = &p.authorization {
+        out.push_str(&crate::authz::markdown(a));
+    }
     out
 }
 
@@ -1208,6 +1230,9 @@ fn text(p: &Preview) -> String {
     }
     for c in &p.policies_changed {
         let _ = writeln!(out, "policy file changed: {c}");
+    }
+    if let Some(a) = &p.authorization {
+        out.push_str(&crate::authz::text(a));
     }
     out
 }

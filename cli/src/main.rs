@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 mod audit;
+mod authz;
 mod cli;
 mod commands;
 mod ctx;
