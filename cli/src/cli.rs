@@ -235,8 +235,10 @@ pub struct ControllerArgs {
 /// Flags of the controller daemon.
 #[derive(Debug, clap::Args)]
 pub struct ControllerRunArgs {
-    /// The spec repository: a local path, bare or not (operators push to it).
-    #[arg(long, value_name = "PATH")]
+    /// The spec repository: a local path, bare or not (operators push to it),
+    /// or a remote fetched into DATA_DIR/mirror.git: https://HOST/PATH,
+    /// ssh://[USER@]HOST[:PORT]/PATH or USER@HOST:PATH.
+    #[arg(long, value_name = "PATH|URL")]
     pub repo: Option<PathBuf>,
     /// The branch followed.
     #[arg(long, default_value = "main")]
@@ -274,6 +276,24 @@ pub struct ControllerRunArgs {
     /// Node actions in flight at once.
     #[arg(long, default_value_t = 8)]
     pub parallelism: usize,
+    /// Turns on POST /api/v1/webhook (GitHub, GitLab, Gitea, Forgejo push
+    /// events): the file holds the secret given to the forge's webhook.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_secret: Option<PathBuf>,
+    /// https remotes: a file of `USER:TOKEN` (or the token alone), read at each
+    /// fetch (else $CAIRN_GIT_TOKEN, user $CAIRN_GIT_USERNAME).
+    #[arg(long, value_name = "FILE")]
+    pub git_credentials: Option<PathBuf>,
+    /// https remotes: more certificate authorities (PEM), on top of the system's.
+    #[arg(long, value_name = "FILE")]
+    pub git_ca: Option<PathBuf>,
+    /// ssh remotes: the private key (its passphrase in $CAIRN_SSH_KEY_PASSPHRASE).
+    #[arg(long, value_name = "FILE")]
+    pub ssh_key: Option<PathBuf>,
+    /// ssh remotes: the server's host key must be in this file (OpenSSH's
+    /// format; default DATA_DIR/known_hosts).
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
 }
 
 /// `cairn controller` subcommands.
@@ -324,10 +344,20 @@ fn controller_cmd(args: ControllerArgs) -> anyhow::Result<u8> {
             let run = args.run;
             let Some(repo) = run.repo else {
                 eprintln!(
-                    "error: `cairn controller` needs --repo PATH (the spec repository to follow)"
+                    "error: `cairn controller` needs --repo PATH|URL (the spec repository to follow)"
                 );
                 return Ok(2);
             };
+            let remote = repo
+                .to_str()
+                .filter(|r| controller::remote::is_remote(r))
+                .map(|url| controller::remote::Remote {
+                    url: url.to_owned(),
+                    git_credentials: run.git_credentials,
+                    ssh_key: run.ssh_key,
+                    known_hosts: run.known_hosts,
+                    ca: run.git_ca,
+                });
             controller::run(controller::Config {
                 repo,
                 branch: run.branch,
@@ -348,6 +378,8 @@ fn controller_cmd(args: ControllerArgs) -> anyhow::Result<u8> {
                 drift_interval: duration_flag("drift-interval", &run.drift_interval)?,
                 self_heal: !run.no_self_heal,
                 parallelism: run.parallelism.max(1),
+                remote,
+                webhook_secret: run.webhook_secret,
             })
         }
     }

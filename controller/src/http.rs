@@ -9,6 +9,7 @@
 //! | `GET /api/v1/events?limit=N&kind=K` | events, newest first |
 //! | `GET /api/v1/actions/challenge` | a nonce and binding to sign an action with ([`crate::actions`]) |
 //! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back (signed actions) |
+//! | `POST /api/v1/webhook` | a forge's push event: fetch now (HMAC, no token; [`crate::webhook`]) |
 //!
 //! Loopback is not a security boundary: every request must name the listen
 //! address or localhost in its `Host` header (DNS rebinding), a browser's
@@ -55,6 +56,14 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
+        // After the guard: forges send neither the token nor the listen
+        // address as Host; the HMAC authenticates (crate::webhook).
+        .route(
+            "/api/v1/webhook",
+            post(crate::webhook::receive).layer(axum::extract::DefaultBodyLimit::max(
+                crate::webhook::MAX_BODY,
+            )),
+        )
         .with_state(shared)
 }
 

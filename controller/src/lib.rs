@@ -34,8 +34,10 @@ pub mod events;
 mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod remote;
 pub mod source;
 pub mod trust;
+pub mod webhook;
 mod worker;
 
 use std::net::SocketAddr;
@@ -78,9 +80,22 @@ pub struct Config {
     pub self_heal: bool,
     /// Node actions in flight at once.
     pub parallelism: usize,
+    /// A remote the repository is fetched from (`--repo https://…|ssh://…`):
+    /// `repo` is then ignored and the mirror `DATA_DIR/mirror.git` is read.
+    pub remote: Option<remote::Remote>,
+    /// `--webhook-secret FILE`: turns `POST /api/v1/webhook` on.
+    pub webhook_secret: Option<PathBuf>,
 }
 
 impl Config {
+    /// What is followed, as people name it: the remote's URL or the path.
+    pub fn source_name(&self) -> String {
+        match &self.remote {
+            Some(r) => r.url.clone(),
+            None => self.repo.display().to_string(),
+        }
+    }
+
     /// The trusted-keys file.
     pub fn trusted_keys_path(&self) -> PathBuf {
         self.trusted_keys
@@ -135,6 +150,10 @@ pub struct Shared {
     pub wake: tokio::sync::Notify,
     /// Wakes the worker for a drift check now (a node reported a VM crash).
     pub wake_drift: tokio::sync::Notify,
+    /// Wakes the fetcher of a remote source now (a webhook).
+    pub fetch: tokio::sync::Notify,
+    /// The rate limit of refused webhooks' events.
+    pub webhooks: webhook::Limiter,
     /// Held by the worker while it plans and applies: pausing waits for it.
     pub busy: tokio::sync::Mutex<()>,
     /// What `/api/v1/status` says of the controller.
@@ -265,8 +284,16 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let data_dir = std::fs::canonicalize(data_dir)?;
     let config = Config {
         data_dir: data_dir.clone(),
-        repo: std::fs::canonicalize(&config.repo)
-            .with_context(|| format!("the repository {} does not exist", config.repo.display()))?,
+        repo: match &config.remote {
+            Some(r) => remote::prepare(&data_dir, r).map_err(|e| anyhow::anyhow!(e))?,
+            None => std::fs::canonicalize(&config.repo).with_context(|| {
+                format!("the repository {} does not exist", config.repo.display())
+            })?,
+        },
+        webhook_secret: match &config.webhook_secret {
+            Some(p) => Some(webhook::check_secret(p).map_err(|e| anyhow::anyhow!(e))?),
+            None => None,
+        },
         trusted_keys: match &config.trusted_keys {
             Some(p) => Some(std::path::absolute(p)?),
             None => None,
@@ -308,7 +335,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             pid: std::process::id(),
             host: reconciler::state::hostname(),
             listen: address.to_string(),
-            repo: config.repo.display().to_string(),
+            repo: config.source_name(),
             branch: config.branch.clone(),
             since_unix_ms: reconciler::state::now_ms(),
         },
@@ -330,7 +357,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         view: Mutex::new(View {
             paused,
             last_sync,
-            repo: config.repo.display().to_string(),
+            repo: config.source_name(),
             branch: config.branch.clone(),
             ..View::default()
         }),
@@ -342,6 +369,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         paused: AtomicBool::new(paused),
         wake: tokio::sync::Notify::new(),
         wake_drift: tokio::sync::Notify::new(),
+        fetch: tokio::sync::Notify::new(),
+        webhooks: webhook::Limiter::default(),
         busy: tokio::sync::Mutex::new(()),
         good: Mutex::new(None),
         nodes: GrpcNodes::new(signer.clone()),
@@ -353,7 +382,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     shared.record(vec![Event::new("controller", "started").reason(format!(
         "following branch {} of {} (pid {}, http://{address}){}",
         shared.config.branch,
-        shared.config.repo.display(),
+        shared.config.source_name(),
         std::process::id(),
         if paused { "; paused" } else { "" }
     ))]);
@@ -376,6 +405,9 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         Some(l) => Some(grpc::Health::serve(l, shared.clone()).await?),
         None => None,
     };
+    if let Some(r) = shared.config.remote.clone() {
+        tokio::spawn(remote::run_fetcher(shared.clone(), r, stopped.clone()));
+    }
     let worker = tokio::spawn(worker::run(shared.clone(), source, stopped));
     Ok(Handle {
         shared,

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::TempDir;
 use crate::engine::{Cluster, free_port, kvm_usable};
 
-fn have(tool: &str) -> bool {
+pub(crate) fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .output()
@@ -21,7 +21,7 @@ fn have(tool: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn run_ok(cmd: &mut Command) -> String {
+pub(crate) fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("command runs");
     assert!(
         out.status.success(),
@@ -36,13 +36,15 @@ const VM_APP: &str = "vm \"app\" tenant=\"dev\" site=\"lab\" {\n    cpu 1\n    m
 
 /// A dev cluster whose spec directory is a git work clone pushing to a bare
 /// repository that a `cairn controller` follows.
-struct GitOps {
+pub(crate) struct GitOps {
     // Dropped first: the controller stops before the cluster goes down.
     controller: Option<Child>,
-    cluster: Cluster,
-    keys: TempDir,
-    bare: PathBuf,
-    listen: String,
+    pub(crate) cluster: Cluster,
+    pub(crate) keys: TempDir,
+    pub(crate) bare: PathBuf,
+    pub(crate) listen: String,
+    /// How the controller is told its source (default `--repo BARE`).
+    pub(crate) source_args: Vec<String>,
     grpc_listen: String,
     extra_env: Vec<(String, String)>,
 }
@@ -57,6 +59,19 @@ impl GitOps {
     /// The quickstart without its workloads (plus `workloads`, when given), committed
     /// with the trusted key, pushed, and a controller following it.
     fn up(tag: &str, workloads: Option<&str>, env: &[(&str, &str)]) -> GitOps {
+        let (mut g, first) = Self::prepare(tag, workloads, env);
+        g.start();
+        g.wait_sync(&first, Duration::from_secs(60));
+        g
+    }
+
+    /// [`GitOps::up`] without starting the controller: the first commit is
+    /// pushed; its id.
+    pub(crate) fn prepare(
+        tag: &str,
+        workloads: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> (GitOps, String) {
         let cluster = Cluster::up_with(tag, &["workloads.kdl"]);
         let keys = TempDir::new(&format!("{tag}-keys"));
         for name in ["trusted", "other"] {
@@ -88,7 +103,7 @@ impl GitOps {
                 .args(["init", "-q", "--bare", "-b", "main"])
                 .arg(&bare),
         );
-        let mut g = GitOps {
+        let g = GitOps {
             controller: None,
             cluster,
             keys,
@@ -99,24 +114,23 @@ impl GitOps {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            source_args: vec!["--repo".to_owned(), bare.display().to_string()],
         };
         g.git(&["remote", "add", "origin", &bare.display().to_string()]);
         let first = g.commit("trusted", "the cluster");
         g.push(false);
-        g.start();
-        g.wait_sync(&first, Duration::from_secs(60));
-        g
+        (g, first)
     }
 
-    fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         self.cluster.path()
     }
 
-    fn data_dir(&self) -> PathBuf {
+    pub(crate) fn data_dir(&self) -> PathBuf {
         self.dir().join(".cairn")
     }
 
-    fn git(&self, args: &[&str]) -> String {
+    pub(crate) fn git(&self, args: &[&str]) -> String {
         run_ok(
             Command::new("git")
                 .current_dir(self.dir())
@@ -134,7 +148,7 @@ impl GitOps {
 
     /// Commits everything, signed with `key` (`trusted`, `other`) or unsigned
     /// (`none`); returns the commit id.
-    fn commit(&self, key: &str, message: &str) -> String {
+    pub(crate) fn commit(&self, key: &str, message: &str) -> String {
         self.git(&["add", "-A"]);
         if key == "none" {
             self.git(&[
@@ -162,7 +176,7 @@ impl GitOps {
         self.git(&["rev-parse", "HEAD"]).trim().to_owned()
     }
 
-    fn push(&self, force: bool) {
+    pub(crate) fn push(&self, force: bool) {
         let mut args = vec!["push", "-q"];
         if force {
             args.push("-f");
@@ -171,7 +185,7 @@ impl GitOps {
         self.git(&args);
     }
 
-    fn start(&mut self) {
+    pub(crate) fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -179,8 +193,6 @@ impl GitOps {
             .expect("controller log");
         let mut cmd = self.cluster.command(&[
             "controller",
-            "--repo",
-            &self.bare.display().to_string(),
             "--data-dir",
             ".cairn",
             "--trusted-keys",
@@ -194,6 +206,7 @@ impl GitOps {
             "--parallelism",
             "1",
         ]);
+        cmd.args(&self.source_args);
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
@@ -216,7 +229,7 @@ impl GitOps {
     }
 
     /// Stops the controller: SIGTERM (graceful), or SIGKILL with `kill9`.
-    fn stop(&mut self, kill9: bool) {
+    pub(crate) fn stop(&mut self, kill9: bool) {
         let Some(mut child) = self.controller.take() else {
             return;
         };
@@ -234,7 +247,7 @@ impl GitOps {
         let _ = child.wait();
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         let mut out =
             std::fs::read_to_string(self.keys.0.join("controller.log")).unwrap_or_default();
         for node in ["lab-1", "lab-2", "lab-3"] {
@@ -250,14 +263,14 @@ impl GitOps {
         out
     }
 
-    fn token(&self) -> String {
+    pub(crate) fn token(&self) -> String {
         std::fs::read_to_string(self.data_dir().join("controller.token"))
             .expect("controller.token")
             .trim()
             .to_owned()
     }
 
-    fn get(&self, path: &str, auth: bool) -> Option<(u16, String)> {
+    pub(crate) fn get(&self, path: &str, auth: bool) -> Option<(u16, String)> {
         let token = auth.then(|| self.token());
         ::controller::control::request(
             &format!("http://{}", self.listen),
@@ -270,7 +283,7 @@ impl GitOps {
         .map(|a| (a.status, a.body))
     }
 
-    fn events(&self) -> Vec<Value> {
+    pub(crate) fn events(&self) -> Vec<Value> {
         let (status, body) = self
             .get("/api/v1/events?limit=2000", true)
             .expect("the controller answers");
@@ -279,7 +292,7 @@ impl GitOps {
     }
 
     /// Waits for an event of `kind` about `commit` (not a retry notice).
-    fn wait_event(&self, kind: &str, commit: &str, timeout: Duration) -> Value {
+    pub(crate) fn wait_event(&self, kind: &str, commit: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(e) = self
@@ -321,7 +334,7 @@ impl GitOps {
         }
     }
 
-    fn wait_sync(&self, commit: &str, timeout: Duration) -> Value {
+    pub(crate) fn wait_sync(&self, commit: &str, timeout: Duration) -> Value {
         self.wait_event("sync", commit, timeout)
     }
 
@@ -352,7 +365,7 @@ fn vmm_pid(cluster_dir: &Path, vm: &str) -> Option<u32> {
     None
 }
 
-fn skip_without_tools() -> bool {
+pub(crate) fn skip_without_tools() -> bool {
     for tool in ["git", "ssh-keygen"] {
         if !have(tool) {
             eprintln!("skipped: `{tool}` is not installed, and the test makes signed commits");
@@ -744,7 +757,7 @@ fn the_http_interface_checks_token_and_host_and_its_metrics_pass_promtool() {
     );
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()

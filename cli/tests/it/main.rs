@@ -3,6 +3,7 @@
 mod audit;
 mod cli;
 mod controller;
+mod controller_remote;
 mod diff;
 mod engine;
 mod gitops;
