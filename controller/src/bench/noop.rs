@@ -315,14 +315,13 @@ fn run_once(s: &Setup) -> anyhow::Result<Run> {
     let compile = ms(t);
 
     let t = Instant::now();
-    let planned = reconciler::pipeline::plan_against_with(
+    let planned = reconciler::pipeline::plan_against(
         &model,
         &s.checkout,
         &s.commit,
         s.observed.clone(),
         &s.previous,
         Default::default(),
-        &reconciler::plan::PlanOptions::default(),
     );
     if !planned.plan.steps.is_empty() {
         let first: Vec<String> = planned
