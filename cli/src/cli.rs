@@ -220,6 +220,20 @@ pub enum Command {
     /// The GitOps controller: follow a branch of a spec repository and keep the
     /// cluster matching its head (`pause`, `resume`, `bench` below).
     Controller(ControllerArgs),
+    /// Ask the controller to sync the branch head now, or approve a held plan.
+    Sync {
+        /// The controller (`http://HOST:PORT`; token from DATA_DIR/controller.token or
+        /// CAIRN_CONTROLLER_TOKEN); without it, the controller that runs for DATA_DIR.
+        #[arg(long, value_name = "URL")]
+        controller: Option<String>,
+        /// The controller's data directory.
+        #[arg(long, value_name = "DIR", default_value = ".cairn")]
+        data_dir: PathBuf,
+        /// Carry out this held plan (`GET /api/v1/plans`, the `held` event): only if
+        /// the branch head still plans to exactly this plan.
+        #[arg(long, value_name = "PLAN_ID")]
+        approve: Option<String>,
+    },
 }
 
 /// `cairn controller`: runs the daemon, or one of its subcommands.
@@ -614,5 +628,14 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Diff(args) => crate::diff::run(args),
         Command::VerifyCommit(args) => crate::verify::run(args),
         Command::Controller(args) => controller_cmd(args),
+        Command::Sync {
+            controller,
+            data_dir,
+            approve,
+        } => Ok(controller::sync_api::sync_command(
+            &data_dir,
+            controller.as_deref(),
+            approve.as_deref(),
+        )),
     }
 }

@@ -9,6 +9,7 @@
 //! | `GET /api/v1/events?limit=N&kind=K` | events, newest first |
 //! | `GET /api/v1/actions/challenge` | a nonce and binding to sign an action with ([`crate::actions`]) |
 //! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back (signed actions) |
+//! | `POST /api/v1/sync`, `GET /api/v1/plans`, `POST /api/v1/plans/ID/approve` | sync now, held plans, approve one ([`crate::sync_api`]; token only for now) |
 //! | `POST /api/v1/webhook` | a forge's push event: fetch now (HMAC, no token; [`crate::webhook`]) |
 //!
 //! Loopback is not a security boundary: every request must name the listen
@@ -55,6 +56,12 @@ fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
+        .route("/api/v1/sync", post(crate::sync_api::sync_handler))
+        .route("/api/v1/plans", get(crate::sync_api::plans_handler))
+        .route(
+            "/api/v1/plans/{plan_id}/approve",
+            post(crate::sync_api::approve_handler),
+        )
         .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
         // After the guard: forges send neither the token nor the listen
         // address as Host; the HMAC authenticates (crate::webhook).

@@ -31,11 +31,13 @@ pub mod actions;
 pub mod bench;
 pub mod control;
 pub mod events;
+pub mod gate;
 mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod remote;
 pub mod source;
+pub mod sync_api;
 pub mod trust;
 pub mod webhook;
 mod worker;
@@ -166,6 +168,10 @@ pub struct Shared {
     pub signer: RequestSigner,
     /// The address the HTTP interface listens on.
     pub address: SocketAddr,
+    /// The plan held for approval, if any (`GET /api/v1/plans`).
+    pub held: Mutex<Option<gate::HeldPlan>>,
+    /// `cairn sync` requests waiting for the worker.
+    pub requests: Mutex<Vec<sync_api::Request>>,
 }
 
 impl Shared {
@@ -376,6 +382,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         nodes: GrpcNodes::new(signer.clone()),
         signer,
         address,
+        held: Mutex::new(None),
+        requests: Mutex::new(vec![]),
     });
     std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))
         .with_context(|| format!("cannot write {}", control::url_path(&data_dir).display()))?;

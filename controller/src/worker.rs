@@ -26,6 +26,8 @@ use crate::Shared;
 use crate::events::{AppliedCommit, Event, LastSync};
 use crate::source::GitSource;
 
+mod gate_step;
+
 /// The commit applied last, compiled: what drift is planned against.
 #[derive(Debug)]
 pub struct Good {
@@ -56,6 +58,9 @@ enum Retry {
     Stalled { keys_stamp: Option<SystemTime> },
     /// After `at`.
     Backoff { failures: u32, at: Instant },
+    /// Held for approval: until a new commit, `cairn sync`, or `until` (the
+    /// end of a freeze window).
+    Held { until: Option<Instant> },
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +79,8 @@ enum SyncEnd {
     Transient,
     /// Paused before anything was applied.
     Held,
+    /// Held by the gate (`crate::gate`) for approval.
+    HeldForApproval { until: Option<Instant> },
 }
 
 #[derive(Debug)]
@@ -108,6 +115,8 @@ struct Worker {
     held_reported: Option<String>,
     source_error: Option<String>,
     watches: Watches,
+    /// The plan id `cairn sync --approve` approved, for the next sync.
+    approval: Option<String>,
 }
 
 /// Runs until `stop` turns true.
@@ -127,12 +136,17 @@ pub(crate) async fn run(
         held_reported: None,
         source_error: None,
         watches: Watches::default(),
+        approval: None,
     };
     w.restore();
     let mut next_drift = Instant::now();
     loop {
         if *stop.borrow() {
             break;
+        }
+        let asked = w.take_requests();
+        if asked.iter().any(|r| r.ask == crate::sync_api::Ask::Sync) {
+            next_drift = Instant::now();
         }
         let head = w.head();
         if head.is_some() && w.good.as_ref().map(|g| &g.commit) == head.as_ref() {
@@ -159,11 +173,12 @@ pub(crate) async fn run(
         }
         if !did_sync && Instant::now() >= next_drift {
             w.drift_check().await;
-            next_drift = Instant::now() + w.shared.config.drift_interval;
+            next_drift = Instant::now() + w.drift_interval();
         } else if did_sync {
             // The sync observed the nodes; the next drift check is a full interval away.
-            next_drift = Instant::now() + w.shared.config.drift_interval;
+            next_drift = Instant::now() + w.drift_interval();
         }
+        w.answer(asked, did_sync);
         if w.good.is_none() && w.attempt.is_some() {
             // Nothing applied yet and nothing to observe: ready once the first
             // sync was tried.
@@ -171,7 +186,7 @@ pub(crate) async fn run(
         }
         let mut wake_at = next_drift.min(Instant::now() + w.shared.config.poll);
         if let Some(Attempt {
-            retry: Retry::Backoff { at, .. },
+            retry: Retry::Backoff { at, .. } | Retry::Held { until: Some(at) },
             ..
         }) = &w.attempt
         {
@@ -367,6 +382,7 @@ impl Worker {
                     *stamp != keys_stamp(&self.shared.config.trusted_keys_path())
                 }
                 Retry::Backoff { at, .. } => Instant::now() >= *at,
+                Retry::Held { until } => until.is_some_and(|at| Instant::now() >= at),
             },
             _ => true,
         }
@@ -375,6 +391,10 @@ impl Worker {
     fn after_sync(&mut self, head: &str, end: SyncEnd) {
         self.attempt = match end {
             SyncEnd::Applied | SyncEnd::Held => None,
+            SyncEnd::HeldForApproval { until } => Some(Attempt {
+                commit: head.to_owned(),
+                retry: Retry::Held { until },
+            }),
             SyncEnd::Stalled => Some(Attempt {
                 commit: head.to_owned(),
                 retry: Retry::Stalled {
@@ -461,6 +481,9 @@ impl Worker {
             plan_id: plan_id.map(str::to_owned),
             reason,
         };
+        if result != "held" {
+            *self.shared.held.lock().expect("held lock") = None;
+        }
         let _ = self.shared.events.put("last_sync", &last);
         self.shared.view.lock().expect("view lock").last_sync = Some(last);
         let m = &self.shared.metrics;
@@ -684,22 +707,29 @@ impl Worker {
                     .reason(i.describe().trim().to_owned()),
             );
         }
-        let planned =
-            match pipeline::plan_revision(&model, &spec_root, commit, &store, &nodes).await {
-                Ok(p) => p,
-                Err(e) => {
-                    self.end_sync(
-                        commit,
-                        "failed",
-                        Some(e.to_string()),
-                        None,
-                        detail,
-                        started,
-                        extra,
-                    );
-                    return SyncEnd::Transient;
-                }
-            };
+        let limits = self.limits_for(commit, &model);
+        let options = reconciler::plan::PlanOptions {
+            prune: limits.reconcile.prune,
+        };
+        let planned = match pipeline::plan_revision_with(
+            &model, &spec_root, commit, &store, &nodes, &options,
+        )
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.end_sync(
+                    commit,
+                    "failed",
+                    Some(e.to_string()),
+                    None,
+                    detail,
+                    started,
+                    extra,
+                );
+                return SyncEnd::Transient;
+            }
+        };
         self.note_observation(&planned.observed);
         let plan = &planned.plan;
         phase_done(&mut phases, "plan", t);
@@ -724,6 +754,26 @@ impl Worker {
                 extra,
             );
             return SyncEnd::Stalled;
+        }
+        if !plan.unpruned.is_empty() {
+            detail["unpruned"] = json!(
+                plan.unpruned
+                    .iter()
+                    .map(|u| format!("{} {} on {}", u.object, u.name, u.node))
+                    .collect::<Vec<_>>()
+            );
+        }
+        let judged = gate_step::Judged {
+            commit,
+            model: &model,
+            planned: &planned,
+            limits: &limits,
+            signer: signer.as_ref(),
+            store: &store,
+            started,
+        };
+        if let Some(end) = self.judge(&judged, &mut detail, &mut phases, &mut extra) {
+            return end;
         }
 
         let t = Instant::now();
@@ -997,8 +1047,14 @@ impl Worker {
 
     /// Why drift may not be repaired now, before looking at the plan.
     fn repair_blocked(&self) -> Option<String> {
+        let limits = self.applied_limits();
         if !self.shared.config.self_heal {
             Some("self-heal is off: reported, not repaired".to_owned())
+        } else if let Some(l) = limits.as_ref().filter(|l| !l.reconcile.self_heal) {
+            Some(format!(
+                "self-heal is off ({}): reported, not repaired",
+                l.source
+            ))
         } else if self.shared.paused.load(Ordering::SeqCst) {
             Some("the controller is paused: reported, not repaired".to_owned())
         } else if matches!(
@@ -1067,14 +1123,18 @@ impl Worker {
             (Err(e), _) | (_, Err(e)) => return fail(&self.shared, e.to_string()),
         };
         let previous = pipeline::previous_placement(stored, &observed);
+        let limits = crate::gate::Limits::applied(&good.commit, &good.model);
         let planned = tokio::task::block_in_place(|| {
-            pipeline::plan_against(
+            pipeline::plan_against_with(
                 &good.model,
                 &good.spec_root,
                 &good.commit,
                 masked,
                 &previous,
                 protected,
+                &reconciler::plan::PlanOptions {
+                    prune: limits.reconcile.prune,
+                },
             )
         });
         let plan = &planned.plan;
@@ -1092,9 +1152,12 @@ impl Worker {
         if new {
             self.shared.metrics.drift_found.inc_by(objects.len() as u64);
         }
-        let why_not = self.repair_blocked().or_else(|| {
-            pipeline::unacceptable(plan).map(|w| format!("the repair cannot be applied: {w}"))
-        });
+        let why_not = self
+            .repair_blocked()
+            .or_else(|| {
+                pipeline::unacceptable(plan).map(|w| format!("the repair cannot be applied: {w}"))
+            })
+            .or_else(|| crate::gate::repair_over_budget(&limits, plan));
         if let Some(why) = why_not {
             if new {
                 self.shared.record(vec![

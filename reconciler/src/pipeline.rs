@@ -16,7 +16,7 @@ use compiler::place::VolumePlacement;
 use crate::desired::{self, BootImage, Desired, DesiredNode, Placement};
 use crate::nodes::NodeApi;
 use crate::observe::{NodeObservation, Observed, observe};
-use crate::plan::{Plan, plan};
+use crate::plan::{Plan, PlanOptions, plan_with};
 use crate::state::{
     Applied, PlanRecord, StateError, StateStore, StepRecord, StepStatus, new_execution_id, now_ms,
 };
@@ -181,10 +181,31 @@ pub fn plan_against(
     previous: &Placement,
     protected_before: BTreeSet<String>,
 ) -> Planned {
+    plan_against_with(
+        model,
+        spec_root,
+        revision,
+        observed,
+        previous,
+        protected_before,
+        &PlanOptions::default(),
+    )
+}
+
+/// [`plan_against`] with plan options (the controller's `prune`).
+pub fn plan_against_with(
+    model: &compiler::Model,
+    spec_root: &std::path::Path,
+    revision: &str,
+    observed: Observed,
+    previous: &Placement,
+    protected_before: BTreeSet<String>,
+    options: &PlanOptions,
+) -> Planned {
     let placement = desired::place(model, Some(previous));
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
-    let plan = plan(&desired, &observed, revision);
+    let plan = plan_with(&desired, &observed, revision, options);
     Planned {
         desired,
         observed,
@@ -201,16 +222,37 @@ pub async fn plan_revision<N: NodeApi>(
     store: &dyn StateStore,
     nodes: &N,
 ) -> Result<Planned, PipelineError> {
+    plan_revision_with(
+        model,
+        spec_root,
+        revision,
+        store,
+        nodes,
+        &PlanOptions::default(),
+    )
+    .await
+}
+
+/// [`plan_revision`] with plan options (the controller's `prune`).
+pub async fn plan_revision_with<N: NodeApi>(
+    model: &compiler::Model,
+    spec_root: &std::path::Path,
+    revision: &str,
+    store: &dyn StateStore,
+    nodes: &N,
+    options: &PlanOptions,
+) -> Result<Planned, PipelineError> {
     let spec = spec_nodes(model);
     let observed = observe(&spec, nodes).await;
     let previous = previous_placement(store.placement()?, &observed);
-    Ok(plan_against(
+    Ok(plan_against_with(
         model,
         spec_root,
         revision,
         observed,
         &previous,
         store.protected_volumes()?,
+        options,
     ))
 }
 

@@ -9,6 +9,7 @@ mod engine;
 mod gitops;
 mod golden;
 mod policy;
+mod reconcile;
 mod safety;
 mod schemas;
 mod verify;

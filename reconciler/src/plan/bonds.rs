@@ -106,7 +106,7 @@ pub(super) fn plan_bonds(b: &mut Builder<'_>) {
             });
         }
         for name in have.keys().filter(|n| !wanted.contains_key(*n)) {
-            if refused {
+            if refused || b.keep_unpruned("bond", name, node) {
                 continue;
             }
             let step = b.step(node, NodeAction::DeleteBond { name: name.clone() }, vec![]);

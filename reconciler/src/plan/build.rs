@@ -23,6 +23,10 @@ pub(super) struct Builder<'a> {
     pub(super) all_vm_deletes: Vec<usize>,
     /// Per volume, the steps that make or grow it (its VM waits for them).
     pub(super) volume_steps: BTreeMap<String, Vec<usize>>,
+    /// Delete objects no spec names (`PlanOptions::prune`).
+    pub(super) prune: bool,
+    /// Objects no spec names, kept because prune is off.
+    pub(super) unpruned: Vec<LeftAlone>,
 }
 
 impl<'a> Builder<'a> {
@@ -37,7 +41,24 @@ impl<'a> Builder<'a> {
             deleted_vm_steps: BTreeMap::new(),
             all_vm_deletes: vec![],
             volume_steps: BTreeMap::new(),
+            prune: true,
+            unpruned: vec![],
         }
+    }
+
+    /// With prune off, keeps an object no spec names (reported in
+    /// `Plan::unpruned`) and returns true: the caller plans no delete.
+    pub(super) fn keep_unpruned(&mut self, object: &str, name: &str, node: &str) -> bool {
+        if self.prune {
+            return false;
+        }
+        self.unpruned.push(LeftAlone {
+            object: object.to_owned(),
+            name: name.to_owned(),
+            node: node.to_owned(),
+            reason: "no spec names it any more; prune is off (`reconcile { prune #false }`), so it is left alone".to_owned(),
+        });
+        true
     }
 
     pub(super) fn address(&self, node: &str) -> String {

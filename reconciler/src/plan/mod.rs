@@ -32,7 +32,33 @@ use build::Builder;
 /// Computes the plan: bonds first (they depend on nothing), then VM deletes
 /// (they free room), volumes, and the VMs the specs want.
 pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
+    plan_with(desired, observed, revision, &PlanOptions::default())
+}
+
+/// How a plan is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanOptions {
+    /// Delete what no spec names any more (VMs, their volumes, bonds); off:
+    /// they are kept and listed in [`Plan::unpruned`] (the controller's
+    /// `reconcile { prune #false }`).
+    pub prune: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { prune: true }
+    }
+}
+
+/// [`plan`] with options.
+pub fn plan_with(
+    desired: &Desired,
+    observed: &Observed,
+    revision: &str,
+    options: &PlanOptions,
+) -> Plan {
     let mut b = Builder::new(desired, observed);
+    b.prune = options.prune;
     bonds::plan_bonds(&mut b);
     vms::plan_vm_deletes(&mut b);
     volumes::plan_volumes(&mut b);
@@ -115,6 +141,7 @@ fn finish(b: Builder<'_>, revision: &str) -> Plan {
         waves,
         unreachable,
         left_alone: b.left_alone,
+        unpruned: b.unpruned,
         unplaced,
         spot_unplaced,
         refused: b.refused,

@@ -199,6 +199,10 @@ pub struct Plan {
     pub unreachable: BTreeMap<String, String>,
     /// Objects not touched because their node did not answer.
     pub left_alone: Vec<LeftAlone>,
+    /// Objects no spec names any more, kept because the plan was made with
+    /// prune off (they are not deleted, and do not count as not converged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unpruned: Vec<LeftAlone>,
     /// VMs with no node: name → reason.
     pub unplaced: BTreeMap<String, String>,
     /// Those of them that are spot VMs (they wait for room by design; not an error).

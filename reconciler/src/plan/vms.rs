@@ -89,6 +89,9 @@ pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
                 });
                 continue;
             }
+            if !in_spec && b.keep_unpruned("vm", name, node) {
+                continue;
+            }
             if wanted_elsewhere {
                 // Handled as a move below when the target answers.
                 let target = &desired.vms[*name].node;

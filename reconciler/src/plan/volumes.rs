@@ -42,6 +42,9 @@ pub(super) fn plan_volumes(b: &mut Builder<'_>) {
         if desired.spec_volumes.contains_key(*name) {
             continue;
         }
+        if b.keep_unpruned("volume", name, node) {
+            continue;
+        }
         if desired.protected_volumes.contains(*name) {
             b.refused.push(Refused {
                 object: "volume".into(),
