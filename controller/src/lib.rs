@@ -35,6 +35,7 @@ pub mod gate;
 mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod notifications;
 pub mod remote;
 pub mod source;
 pub mod sync_api;
@@ -172,9 +173,24 @@ pub struct Shared {
     pub held: Mutex<Option<gate::HeldPlan>>,
     /// `cairn sync` requests waiting for the worker.
     pub requests: Mutex<Vec<sync_api::Request>>,
+    /// Sends chosen events to the receivers of `DATA_DIR/notify.kdl`.
+    pub notifier: std::sync::OnceLock<notifications::Notifier>,
 }
 
 impl Shared {
+    /// The state store, its audit log signed with the controller key; appends
+    /// move the audit head every node request carries (`proto::anchor`).
+    pub fn state_store(&self) -> Result<reconciler::state::RedbStore, String> {
+        reconciler::state::RedbStore::open(&self.config.state_path())
+            .and_then(|store| {
+                store.with_audit_key(
+                    self.signer.identity().clone(),
+                    self.signer.audit_head().cloned().unwrap_or_default(),
+                )
+            })
+            .map_err(|e| e.to_string())
+    }
+
     /// Records events (a failure to record is printed, never fatal).
     pub fn record(&self, events: Vec<Event>) {
         for e in &events {
@@ -196,6 +212,17 @@ impl Shared {
                     .map(|r| format!(": {r}"))
                     .unwrap_or_default()
             );
+        }
+        if let Some(notifier) = self.notifier.get() {
+            for e in &events {
+                for receiver in notifier.offer(e) {
+                    self.metrics.notification(&receiver, "dropped");
+                    eprintln!(
+                        "warning: the queue of notification receiver {receiver} is full; the {} {} event is not sent to it",
+                        e.kind, e.result
+                    );
+                }
+            }
         }
         if let Err(e) = self.events.record_all(events) {
             eprintln!("warning: {e}");
@@ -352,8 +379,9 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         &data_dir.join("controller.pub"),
     )
     .context("the controller key")?;
-    let signer = RequestSigner::new(identity);
+    let signer = RequestSigner::new(identity).with_audit_head(Default::default());
     let token = control::token(&data_dir).context("the API token")?;
+    let receivers = notifications::load(&data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let events = EventLog::open(&data_dir.join("events.redb"))?;
     let paused = control::is_paused(&data_dir);
     let metrics = Metrics::new();
@@ -384,6 +412,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         address,
         held: Mutex::new(None),
         requests: Mutex::new(vec![]),
+        notifier: std::sync::OnceLock::new(),
     });
     std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))
         .with_context(|| format!("cannot write {}", control::url_path(&data_dir).display()))?;
@@ -394,6 +423,10 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         std::process::id(),
         if paused { "; paused" } else { "" }
     ))]);
+    let _ = shared.notifier.set(notifications::Notifier::start(
+        receivers,
+        Arc::downgrade(&shared),
+    ));
     let wake_shared = shared.clone();
     let watcher =
         match source::watch_refs(&git_dir, Arc::new(move || wake_shared.wake.notify_one())) {

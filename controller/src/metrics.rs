@@ -29,6 +29,8 @@ pub struct Metrics {
     pub steps: IntCounterVec,
     /// Commits refused by trust.
     pub commits_refused: IntCounter,
+    /// Notifications by receiver and result (`sent`, `failed`, `dropped`).
+    pub notifications: IntCounterVec,
     /// 1 while paused.
     pub paused: IntGauge,
 }
@@ -128,6 +130,11 @@ impl Metrics {
                 "cairn_controller_commits_refused_total",
                 "Commits refused because they were unsigned or signed by an untrusted key.",
             ),
+            notifications: counter_vec(
+                "cairn_controller_notifications_total",
+                "Notifications to the receivers of notify.kdl, by receiver and result (sent, failed after every retry, dropped on a full queue).",
+                &["receiver", "result"],
+            ),
             paused,
             registry,
         }
@@ -140,6 +147,13 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut out)
             .expect("metrics encode");
         String::from_utf8(out).expect("metrics are UTF-8")
+    }
+
+    /// Counts one notification to `receiver` by result.
+    pub fn notification(&self, receiver: &str, result: &str) {
+        self.notifications
+            .with_label_values(&[receiver, result])
+            .inc();
     }
 
     /// Replaces a gauge family's values.

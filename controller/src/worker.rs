@@ -432,7 +432,7 @@ impl Worker {
     }
 
     fn store(&self) -> Result<RedbStore, String> {
-        RedbStore::open(&self.shared.config.state_path()).map_err(|e| e.to_string())
+        self.shared.state_store()
     }
 
     /// Ends a sync as failed for a reason that may pass (retried with backoff).
@@ -1372,7 +1372,7 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
     let spec = pipeline::spec_nodes(&good.model);
     let observed = observe(&spec, &shared.nodes).await;
     let built = (|| -> Result<serde_json::Value, String> {
-        let store = RedbStore::open(&shared.config.state_path()).map_err(|e| e.to_string())?;
+        let store = shared.state_store()?;
         let previous =
             pipeline::previous_placement(store.placement().map_err(|e| e.to_string())?, &observed);
         let placement = reconciler::desired::place(&good.model, Some(&previous));
