@@ -70,6 +70,17 @@ impl TestNode {
 
     /// Starts a node with extra command-line arguments.
     pub fn start_with_args(name: &str, data_dir: &Path, listen: &str, extra: &[&str]) -> TestNode {
+        Self::start_with_env(name, data_dir, listen, extra, &[])
+    }
+
+    /// Starts a node with extra command-line arguments and environment variables.
+    pub fn start_with_env(
+        name: &str,
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestNode {
         let address_file = data_dir.join("listen-address");
         let _ = std::fs::remove_file(&address_file);
         let log = std::fs::File::create(data_dir.join("node.log")).unwrap();
@@ -77,6 +88,7 @@ impl TestNode {
             .args(["--name", name, "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

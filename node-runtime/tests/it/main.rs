@@ -6,6 +6,7 @@ mod auth;
 mod bad_input;
 mod bonds;
 mod counters;
+mod epochs;
 mod exports;
 mod harness;
 mod health;

@@ -346,11 +346,10 @@ async fn kill_9_during_writes_loses_no_acknowledged_write() {
     }
     // Round 1: kill -9 a replica in the middle of a stream of writes; round 2: the
     // primary. Each round waits for writes to flow before the kill and after the restart.
+    // While the replica is down the primary's writes freeze (nothing is acknowledged
+    // without every in-sync copy, and no controller removes it here); they resume when
+    // it is back, or fail after the freeze bound (30 s): no count is asserted.
     let round_1 = crash_round(&mut nodes, 1, base.path(), &controller, 0..250).await;
-    assert!(
-        round_1.refused > 0,
-        "writes were refused while the replica was down"
-    );
     let round_2 = crash_round(&mut nodes, 0, base.path(), &controller, 250..500).await;
     assert!(
         round_2.refused > 0,

@@ -1,0 +1,533 @@
+//! Volume epochs as fencing, and the write semantics built on them (issue 15): real
+//! `cairn-node`s on 127.0.0.111-113, the test acting as the controller (the epoch
+//! authority) with signed `SetVolumeEpoch` requests, as `reconciler::epochs::react`
+//! decides them.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use proto::auth::Identity;
+use proto::client::NodeClient;
+use proto::v1::{
+    CreateVolume, ReadVolumeRequest, ReplicaReadRequest, ReplicaWriteRequest, SetVolumeEpoch,
+    VolumeStatus, WriteVolume, apply_request::Action, apply_response::Result as ApplyResult,
+};
+use tonic::Code;
+
+use crate::harness::{TestNode, apply_ok, controller, pattern, request};
+use crate::lab::{client_as, peer_of, push_peers};
+
+const VOLUME_BYTES: u64 = 32 << 20;
+const CHUNK: u64 = 64 << 10;
+
+fn start(
+    name: &str,
+    dir: &Path,
+    controller: &Identity,
+    listen: &str,
+    env: &[(&str, &str)],
+) -> TestNode {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("trusted-controllers"),
+        format!("{} test-controller\n", controller.public_key_hex()),
+    )
+    .unwrap();
+    TestNode::start_with_env(
+        name,
+        dir,
+        listen,
+        &["--disks", "2", "--disk-capacity", "268435456"],
+        env,
+    )
+}
+
+/// ep-a (primary) with replicas ep-b and ep-c, volume `v`.
+async fn cluster(base: &Path, controller: &Identity, env: &[(&str, &str)]) -> Vec<TestNode> {
+    let nodes: Vec<TestNode> = [("ep-a", "111"), ("ep-b", "112"), ("ep-c", "113")]
+        .iter()
+        .map(|(name, ip)| {
+            start(
+                name,
+                &base.join(name),
+                controller,
+                &format!("127.0.0.{ip}:0"),
+                env,
+            )
+        })
+        .collect();
+    push_peers(&nodes.iter().collect::<Vec<_>>(), controller).await;
+    let mut primary = nodes[0].client(controller).await;
+    apply_ok(
+        &mut primary,
+        "create-v",
+        Action::CreateVolume(CreateVolume {
+            name: "v".into(),
+            size_bytes: VOLUME_BYTES,
+            stripe_width: 2,
+            stripe_unit_bytes: 1 << 20,
+            replica_peers: vec![peer_of(&nodes[1]), peer_of(&nodes[2])],
+        }),
+    )
+    .await;
+    nodes
+}
+
+/// Sends the controller's `SetVolumeEpoch` to one node.
+async fn install(
+    node: &TestNode,
+    controller: &Identity,
+    epoch: u64,
+    writer: &str,
+    in_sync: &[&str],
+) -> Result<(), tonic::Status> {
+    let mut client = node.client(controller).await;
+    client
+        .apply(request(
+            &format!(
+                "epoch.v.{epoch}.{}.{writer}.{}",
+                node.name,
+                in_sync.join(".")
+            ),
+            Action::SetVolumeEpoch(SetVolumeEpoch {
+                name: "v".into(),
+                epoch,
+                writer: writer.into(),
+                in_sync: in_sync.iter().map(|name| name.to_string()).collect(),
+            }),
+        ))
+        .await
+        .map(|_| ())
+}
+
+/// Installs an epoch on `nodes`, in order (the writer last, as the authority does).
+async fn install_all(
+    nodes: &[&TestNode],
+    controller: &Identity,
+    epoch: u64,
+    writer: &str,
+    in_sync: &[&str],
+) {
+    for node in nodes {
+        install(node, controller, epoch, writer, in_sync)
+            .await
+            .unwrap_or_else(|status| panic!("install epoch {epoch} on {}: {status:?}", node.name));
+    }
+}
+
+async fn status(node: &TestNode, controller: &Identity) -> VolumeStatus {
+    let mut client = node.client(controller).await;
+    client
+        .observe()
+        .await
+        .unwrap()
+        .volumes
+        .into_iter()
+        .find(|volume| volume.name == "v")
+        .expect("volume v observed")
+}
+
+fn write(index: u64, seed: u64) -> Action {
+    Action::WriteVolume(WriteVolume {
+        name: "v".into(),
+        offset: index * CHUNK,
+        data: pattern(seed, CHUNK as usize),
+    })
+}
+
+/// Writes through the primary; the number of copies that hold it.
+async fn write_ok(client: &mut NodeClient, id: &str, index: u64, seed: u64) -> u32 {
+    let response = apply_ok(client, id, write(index, seed)).await;
+    match response.result {
+        Some(ApplyResult::WriteVolume(result)) => result.copies,
+        other => panic!("unexpected result {other:?}"),
+    }
+}
+
+fn stale_write(epoch: u64) -> ReplicaWriteRequest {
+    let data = vec![0xEE; 4096];
+    ReplicaWriteRequest {
+        volume: "v".into(),
+        offset: 0,
+        checksums: vec![crc32c::crc32c(&data)],
+        data,
+        sequence: 1_000_000,
+        resync: false,
+        epoch,
+    }
+}
+
+fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, parts: &[&str]) {
+    let status = result.expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    for part in parts {
+        assert!(
+            status.message().contains(part),
+            "`{}` does not say `{part}`",
+            status.message()
+        );
+    }
+}
+
+async fn read_range(node: &TestNode, controller: &Identity, offset: u64, length: u64) -> Vec<u8> {
+    let mut client = node.client(controller).await;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < offset + length {
+        let chunk = (offset + length - at).min(4 << 20);
+        out.extend(
+            client
+                .read_volume(ReadVolumeRequest {
+                    name: "v".into(),
+                    offset: at,
+                    length: chunk,
+                })
+                .await
+                .unwrap_or_else(|status| panic!("read {} at {at}: {status:?}", node.name)),
+        );
+        at += chunk;
+    }
+    out
+}
+
+/// The crc32c of every block of `offset..offset+length` of a copy, as the copy
+/// verified them (ReplicaRead, as the controller).
+async fn checksums(node: &TestNode, controller: &Identity, offset: u64, length: u64) -> Vec<u32> {
+    let mut client = node.client(controller).await;
+    let mut out = Vec::new();
+    let mut at = offset;
+    while at < offset + length {
+        let chunk = (offset + length - at).min(4 << 20);
+        out.extend(
+            client
+                .replica_read(ReplicaReadRequest {
+                    volume: "v".into(),
+                    offset: at,
+                    length: chunk,
+                })
+                .await
+                .unwrap_or_else(|status| panic!("checksums of {}: {status:?}", node.name))
+                .checksums,
+        );
+        at += chunk;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_with_a_stale_epoch_is_refused_by_every_copy() {
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let nodes = cluster(base.path(), &controller, &[]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let all = ["ep-a", "ep-b", "ep-c"];
+    install_all(&[b, c, a], &controller, 1, "ep-a", &all).await;
+    let mut primary = a.client(&controller).await;
+    assert_eq!(write_ok(&mut primary, "w1", 0, 1).await, 3);
+    // The authority raises the epoch (as it does before any writer change).
+    install_all(&[b, c, a], &controller, 2, "ep-a", &all).await;
+    assert_eq!(write_ok(&mut primary, "w2", 1, 2).await, 3);
+    for node in &nodes {
+        let seen = status(node, &controller).await;
+        assert_eq!(
+            (seen.epoch, seen.epoch_writer.as_str()),
+            (2, "ep-a"),
+            "{}",
+            node.name
+        );
+        assert_eq!(seen.in_sync, all, "{}", node.name);
+    }
+
+    // A ReplicaWrite of the writer under epoch 1 (a writer frozen since then) is
+    // refused by every replica, naming the volume, both epochs and the writer.
+    for replica in [b, c] {
+        let mut as_writer = client_as(a, replica).await;
+        assert_refused(
+            as_writer.replica_write(stale_write(1)).await,
+            &[
+                "volume `v`",
+                "under epoch 1",
+                "epoch 2 (writer ep-a",
+                "node ep-a",
+                "fenced",
+            ],
+        );
+        // ... and so is resynchronisation under the old epoch.
+        let mut resync = stale_write(1);
+        resync.resync = true;
+        resync.sequence = 0;
+        assert_refused(
+            as_writer.replica_write(resync).await,
+            &["under epoch 1", "fenced"],
+        );
+        // An epoch no authority installed here is refused too.
+        assert_refused(
+            as_writer.replica_write(stale_write(3)).await,
+            &["under epoch 3", "not installed it here"],
+        );
+    }
+    // A new writer's claim under an older epoch is refused by every copy, the primary's
+    // included.
+    for node in &nodes {
+        assert_refused(
+            install(node, &controller, 1, "ep-b", &["ep-b", "ep-c"]).await,
+            &[
+                "volume `v`",
+                "epoch 1 (writer ep-b) is older than epoch 2 (writer ep-a",
+            ],
+        );
+        // The same epoch with another writer is no new epoch.
+        assert_refused(
+            install(node, &controller, 2, "ep-b", &all).await,
+            &["a change needs a new epoch"],
+        );
+    }
+    // The authority makes ep-b the writer at epoch 3: ep-a is fenced, its writes fail
+    // and its old-epoch replica writes are refused.
+    install_all(&[b, c, a], &controller, 3, "ep-b", &all).await;
+    let fenced = primary.apply(request("w3", write(2, 3))).await;
+    assert_refused(fenced, &["node ep-a is fenced", "writer ep-b", "epoch 3"]);
+    let mut old_writer = client_as(a, c).await;
+    let denied = old_writer
+        .replica_write(stale_write(3))
+        .await
+        .expect_err("the old writer may not write");
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied.message().contains("only its writer, node ep-b"),
+        "{}",
+        denied.message()
+    );
+    // Nothing of the refused requests reached a copy; every copy holds what was
+    // acknowledged.
+    let expected: Vec<u8> = [pattern(1, CHUNK as usize), pattern(2, CHUNK as usize)].concat();
+    for node in &nodes {
+        assert!(
+            read_range(node, &controller, 0, 2 * CHUNK).await == expected,
+            "copy on {} changed",
+            node.name
+        );
+    }
+    // Epochs survive a restart (node.redb): the stale claim is still refused.
+    let mut restarted = nodes;
+    let address = restarted[2].address.clone();
+    restarted[2].kill_9();
+    restarted[2] = start(
+        "ep-c",
+        &base.path().join("ep-c"),
+        &controller,
+        &address,
+        &[],
+    );
+    assert_eq!(status(&restarted[2], &controller).await.epoch, 3);
+    let mut as_writer = client_as(&restarted[1], &restarted[2]).await;
+    assert_refused(
+        as_writer.replica_write(stale_write(2)).await,
+        &["under epoch 2", "epoch 3 (writer ep-b", "fenced"],
+    );
+}
+
+/// Waits until `check` holds for the writer's status, or panics after `within`.
+async fn wait_status(
+    node: &TestNode,
+    controller: &Identity,
+    within: Duration,
+    what: &str,
+    check: impl Fn(&VolumeStatus) -> bool,
+) -> VolumeStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        let seen = status(node, controller).await;
+        if check(&seen) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} within {within:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_returns_with_only_what_changed()
+ {
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    // Frozen writes fail after 3 s here (30 s by default).
+    let env = [("CAIRN_VOLUME_FREEZE_MS", "3000")];
+    let mut nodes = cluster(base.path(), &controller, &env).await;
+    let all = ["ep-a", "ep-b", "ep-c"];
+    {
+        let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+        install_all(&[b, c, a], &controller, 1, "ep-a", &all).await;
+    }
+    let mut primary = nodes[0].client(&controller).await;
+    // 4 MiB written and acknowledged by all three copies.
+    for index in 0..64 {
+        assert_eq!(
+            write_ok(&mut primary, &format!("w{index}"), index, index).await,
+            3
+        );
+    }
+
+    // kill -9 the replica ep-c while writes go on.
+    let c_address = nodes[2].address.clone();
+    nodes[2].kill_9();
+    // The next write freezes: it is not acknowledged, and fails after the bound.
+    let started = Instant::now();
+    let frozen = primary.apply(request("w-frozen", write(100, 100))).await;
+    let waited = started.elapsed();
+    let status_of = frozen.expect_err("a write without the failed copy is not acknowledged");
+    assert_eq!(status_of.code(), Code::Unavailable, "{status_of:?}");
+    assert!(
+        status_of.message().contains("frozen") && status_of.message().contains("ep-c"),
+        "{}",
+        status_of.message()
+    );
+    assert!(
+        waited >= Duration::from_millis(2900),
+        "failed after {waited:?}, before the bound"
+    );
+    let seen = wait_status(
+        &nodes[0],
+        &controller,
+        Duration::from_secs(5),
+        "frozen",
+        |s| s.awaiting_removal == ["ep-c"],
+    )
+    .await;
+    assert!(
+        seen.detail.contains("waiting for the authority"),
+        "{}",
+        seen.detail
+    );
+
+    // A write sent now waits (frozen) until the authority removes ep-c under epoch 2.
+    let writer = {
+        let address = nodes[0].address.clone();
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            let signer = proto::auth::RequestSigner::new(controller);
+            let mut client = NodeClient::connect_lazy(&address, signer).unwrap();
+            let started = Instant::now();
+            let result = client.apply(request("w-waits", write(101, 101))).await;
+            (started.elapsed(), result)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!writer.is_finished(), "the write waited for the authority");
+    {
+        let (a, b) = (&nodes[0], &nodes[1]);
+        install_all(&[b, a], &controller, 2, "ep-a", &["ep-a", "ep-b"]).await;
+    }
+    let (waited, result) = writer.await.unwrap();
+    let response = result.expect("acknowledged once the authority removed ep-c");
+    assert!(waited >= Duration::from_millis(700), "{waited:?}");
+    match response.result {
+        Some(ApplyResult::WriteVolume(result)) => assert_eq!(result.copies, 2),
+        other => panic!("{other:?}"),
+    }
+    // Writes continue, degraded: new regions and overwrites of old ones.
+    let mut changed: Vec<(u64, u64)> = vec![(100, 100), (101, 101)];
+    for index in 102..140 {
+        assert_eq!(
+            write_ok(&mut primary, &format!("w{index}"), index, index).await,
+            2
+        );
+        changed.push((index, index));
+    }
+    for index in [5, 6, 101] {
+        let seed = 1000 + index;
+        assert_eq!(
+            write_ok(&mut primary, &format!("o{index}"), index, seed).await,
+            2
+        );
+        changed.push((index, seed));
+    }
+
+    // ep-c returns (still at epoch 1). The authority installs epoch 2 on it: it is
+    // outside the in-sync set, so it serves no reads though its checksums verify.
+    nodes[2] = start(
+        "ep-c",
+        &base.path().join("ep-c"),
+        &controller,
+        &c_address,
+        &env,
+    );
+    assert_eq!(status(&nodes[2], &controller).await.epoch, 1);
+    install(&nodes[2], &controller, 2, "ep-a", &["ep-a", "ep-b"])
+        .await
+        .unwrap();
+    let mut stale = nodes[2].client(&controller).await;
+    assert_refused(
+        stale
+            .read_volume(ReadVolumeRequest {
+                name: "v".into(),
+                offset: 0,
+                length: 4096,
+            })
+            .await,
+        &["outside the in-sync set of epoch 2", "may be stale"],
+    );
+    // The writer catches it up with only what changed since it left.
+    let seen = wait_status(
+        &nodes[0],
+        &controller,
+        Duration::from_secs(20),
+        "caught up",
+        |s| s.caught_up == ["ep-c"],
+    )
+    .await;
+    let distinct: std::collections::BTreeSet<u64> =
+        changed.iter().map(|(index, _)| *index).collect();
+    let changed_bytes = distinct.len() as u64 * CHUNK;
+    eprintln!(
+        "resync shipped {} bytes to the returning copy ({} distinct 64 KiB regions changed; {} bytes were written in all)",
+        seen.resync_bytes,
+        distinct.len(),
+        (64 + changed.len() as u64) * CHUNK
+    );
+    assert_eq!(
+        seen.resync_bytes, changed_bytes,
+        "only what changed is shipped"
+    );
+    // The authority adds it back under epoch 3.
+    {
+        let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+        install_all(&[b, c, a], &controller, 3, "ep-a", &all).await;
+    }
+    assert_eq!(write_ok(&mut primary, "after", 140, 140).await, 3);
+    let length = 141 * CHUNK;
+    let reference = read_range(&nodes[0], &controller, 0, length).await;
+    for (index, seed) in changed.iter().chain([(140, 140)].iter()) {
+        let at = (*index * CHUNK) as usize;
+        // The last write of each region wins.
+        let last = changed
+            .iter()
+            .rev()
+            .find(|(i, _)| i == index)
+            .map_or(*seed, |(_, s)| *s);
+        assert!(
+            reference[at..at + CHUNK as usize] == pattern(last, CHUNK as usize)[..],
+            "region {index}"
+        );
+    }
+    let primary_sums = checksums(&nodes[0], &controller, 0, length).await;
+    for node in &nodes[1..] {
+        assert!(
+            read_range(node, &controller, 0, length).await == reference,
+            "copy on {} differs",
+            node.name
+        );
+        assert_eq!(
+            checksums(node, &controller, 0, length).await,
+            primary_sums,
+            "checksums of {}",
+            node.name
+        );
+    }
+    let healthy = status(&nodes[0], &controller).await;
+    assert_eq!(healthy.in_sync, all);
+    assert!(healthy.awaiting_removal.is_empty() && healthy.caught_up.is_empty());
+}
