@@ -7,6 +7,7 @@
 //! | 3 | the host cannot run the VM: no `/dev/kvm`, wrong API version, missing capability, guest memory or VM creation failed |
 //! | 4 | the guest crashed: triple fault (`KVM_EXIT_SHUTDOWN`), KVM internal or entry failure, an exit the VMM cannot handle |
 //! | 5 | the VMM itself failed while the VM ran (an ioctl error in a vCPU loop, a vCPU thread panic) |
+//! | 6 | fenced: the fence deadline the node set lapsed without a renewal ([`crate::fence`]); the vCPUs stopped and no frame was sent after it |
 //!
 //! A VMM killed by a signal (SIGKILL from the agent) has no exit code; the agent sees
 //! the signal.
@@ -21,3 +22,5 @@ pub const HOST: u8 = 3;
 pub const GUEST_CRASHED: u8 = 4;
 /// The VMM failed while running the VM.
 pub const VMM_FAILED: u8 = 5;
+/// The fence deadline lapsed: the VM stopped itself ([`crate::fence`]).
+pub const FENCED: u8 = 6;

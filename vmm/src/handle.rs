@@ -45,6 +45,9 @@ pub enum ControlError {
     /// The VM is no longer supervised.
     #[error("the VM is shutting down")]
     Gone,
+    /// The fence deadline cannot be moved.
+    #[error("{0}")]
+    Fence(String),
 }
 
 /// A cloneable handle to a running VM: status, pause/resume, power-off, reboot, the
@@ -150,6 +153,11 @@ impl VmHandle {
             disks,
             nics,
             net_replies: telemetry.net_replies(),
+            fence_deadline_boottime_ns: shared.fence.deadline_ns(),
+            fence_remaining_ms: shared
+                .fence
+                .deadline_ns()
+                .map(|d| (d as f64 - crate::fence::boottime_ns() as f64) / 1e6),
             exits: ExitCounts {
                 io_in: load(&exits.io_in),
                 io_out: load(&exits.io_out),
@@ -298,6 +306,14 @@ impl VmHandle {
             .pending_command
             .store(abi::CMD_BLOCK_TEST, Ordering::Release);
         Ok(())
+    }
+
+    /// Sets the fence deadline ([`crate::fence::Fence::set`]).
+    pub fn set_fence(&self, deadline_boottime_ns: u64) -> Result<(), ControlError> {
+        self.shared
+            .fence
+            .set(deadline_boottime_ns)
+            .map_err(ControlError::Fence)
     }
 
     /// Makes the built-in guest crash (triple fault), to exercise crash handling.

@@ -17,6 +17,8 @@
 //!   [`devices::block::BlockBackend`] and virtio-net devices on host taps, over
 //!   virtio-MMIO ([`devices`]);
 //! - tracks dirty pages with `KVM_MEM_LOG_DIRTY_PAGES` for live migration;
+//! - stops itself when the node's fence deadline lapses without a renewal ([`fence`]),
+//!   so a frozen or cut-off node cannot keep an HA VM running past its lease;
 //! - serves a line-delimited JSON control socket ([`control`]: the wire contract, the
 //!   server over a [`VmHandle`], the agent's client) whose status reports what runs (the
 //!   vCPUs created, the RAM mapped), and ends with an exit status that tells a clean
@@ -39,6 +41,7 @@ pub mod arch;
 pub mod control;
 pub mod devices;
 pub mod exit_code;
+pub mod fence;
 pub mod guest;
 pub mod handle;
 pub mod kvm;

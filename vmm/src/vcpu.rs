@@ -89,6 +89,8 @@ pub(crate) struct Shared {
     pub(crate) nets: Vec<NetSlot>,
     /// Set when the VM has ended: the network receive pumps return.
     pub(crate) pumps_stop: AtomicBool,
+    /// The fence deadline ([`crate::fence`]), checked before every `KVM_RUN`.
+    pub(crate) fence: Arc<crate::fence::Fence>,
     pub(crate) vcpu_threads: Mutex<Vec<libc::pthread_t>>,
     pub(crate) events: Sender<VmEvent>,
     pub(crate) boot_count: AtomicU64,
@@ -202,20 +204,26 @@ fn run_vcpu(index: usize, mut vcpu: VcpuFd, shared: &Shared, ram: &GuestRam) -> 
                 }
             }
         }
-        let terminal = match vcpu.run() {
-            Ok(exit) => handle_exit(index, exit, shared, ram),
-            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
-                shared.exits.interrupted.fetch_add(1, Ordering::Relaxed);
-                None
+        // The fence is checked before every entry: once the deadline lapses this vCPU
+        // never runs guest code again (the watcher kicks it out of a long KVM_RUN).
+        let terminal = if shared.fence.lapsed() {
+            Some(VmEvent::Fenced)
+        } else {
+            match vcpu.run() {
+                Ok(exit) => handle_exit(index, exit, shared, ram),
+                Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {
+                    shared.exits.interrupted.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Err(error) => Some(VmEvent::Failed(format!(
+                    "KVM_RUN on vCPU {index} failed: {error}"
+                ))),
             }
-            Err(error) => Some(VmEvent::Failed(format!(
-                "KVM_RUN on vCPU {index} failed: {error}"
-            ))),
         };
         if let Some(event) = terminal {
             let parks = matches!(
                 event,
-                VmEvent::Crashed(_) | VmEvent::Failed(_) | VmEvent::GuestPowerOff
+                VmEvent::Crashed(_) | VmEvent::Failed(_) | VmEvent::GuestPowerOff | VmEvent::Fenced
             );
             shared.send(event);
             if parks {

@@ -188,6 +188,11 @@ pub enum VmOutcome {
         /// What failed.
         reason: String,
     },
+    /// The fence deadline lapsed without a renewal: the VM stopped itself.
+    Fenced {
+        /// How late the vCPUs were stopped, after the deadline.
+        reason: String,
+    },
 }
 
 impl VmOutcome {
@@ -197,6 +202,7 @@ impl VmOutcome {
             Self::PoweredOff { .. } => exit_code::STOPPED,
             Self::Crashed { .. } => exit_code::GUEST_CRASHED,
             Self::Failed { .. } => exit_code::VMM_FAILED,
+            Self::Fenced { .. } => exit_code::FENCED,
         }
     }
 
@@ -206,6 +212,7 @@ impl VmOutcome {
             Self::PoweredOff { .. } => "stopped",
             Self::Crashed { .. } => "crashed",
             Self::Failed { .. } => "failed",
+            Self::Fenced { .. } => "fenced",
         }
     }
 
@@ -213,7 +220,7 @@ impl VmOutcome {
     pub fn detail(&self) -> &str {
         match self {
             Self::PoweredOff { by } => by,
-            Self::Crashed { reason } | Self::Failed { reason } => reason,
+            Self::Crashed { reason } | Self::Failed { reason } | Self::Fenced { reason } => reason,
         }
     }
 }
@@ -238,6 +245,8 @@ pub enum VmEvent {
     },
     /// Control: reboot.
     RequestReboot,
+    /// The fence deadline lapsed ([`crate::fence`]).
+    Fenced,
 }
 
 /// Something the supervising loop reports to its caller (the binary prints them).
@@ -385,6 +394,7 @@ impl Vm {
             })
             .collect();
         let block_stats = blocks.iter().map(VirtioMmioBlock::stats).collect();
+        let fence = Arc::new(crate::fence::Fence::default());
         let nets: Vec<NetSlot> = config
             .nics
             .iter()
@@ -392,7 +402,8 @@ impl Vm {
             .zip(VIRTIO_NET_IRQS)
             .map(|((nic, tap), irq)| {
                 let interrupt = (!builtin).then(|| line_interrupt(&vm_fd, irq));
-                let device = VirtioMmioNet::new(Arc::clone(&tap), nic.mac.0, interrupt);
+                let device = VirtioMmioNet::new(Arc::clone(&tap), nic.mac.0, interrupt)
+                    .with_fence(Arc::clone(&fence));
                 NetSlot {
                     stats: device.stats(),
                     device: Mutex::new(device),
@@ -429,6 +440,7 @@ impl Vm {
             block_stats,
             nets,
             pumps_stop: AtomicBool::new(false),
+            fence,
             vcpu_threads: Mutex::new(Vec::new()),
             events: sender,
             boot_count: AtomicU64::new(1),
@@ -555,6 +567,13 @@ impl Vm {
                 .spawn(move || receive_pump(&shared, &ram, index))
                 .map_err(VmError::Thread)?;
         }
+        {
+            let shared = Arc::clone(&self.shared);
+            thread::Builder::new()
+                .name("fence".into())
+                .spawn(move || fence_watch(&shared))
+                .map_err(VmError::Thread)?;
+        }
         let handle = VmHandle {
             shared: Arc::clone(&self.shared),
             vm_fd: Arc::clone(&self.vm_fd),
@@ -645,6 +664,20 @@ impl RunningVm {
                 }
                 VmEvent::Crashed(reason) => break VmOutcome::Crashed { reason },
                 VmEvent::Failed(reason) => break VmOutcome::Failed { reason },
+                VmEvent::Fenced => {
+                    let late = shared
+                        .fence
+                        .lapsed_at_ns()
+                        .zip(shared.fence.deadline_ns())
+                        .map_or(0, |(at, deadline)| at.saturating_sub(deadline));
+                    break VmOutcome::Fenced {
+                        reason: format!(
+                            "the fence deadline lapsed without a renewal (noticed {:.1} ms after it); vCPUs stopped, {} frames dropped at the tap",
+                            late as f64 / 1e6,
+                            shared.fence.frames_dropped()
+                        ),
+                    };
+                }
                 VmEvent::RequestPowerOff { force } => {
                     if force || !shared.builtin {
                         break VmOutcome::PoweredOff {
@@ -821,5 +854,16 @@ fn receive_pump(shared: &Shared, ram: &GuestRam, index: usize) {
                 );
             }
         }
+    }
+}
+
+/// Waits for the fence deadline ([`crate::fence`]); when it lapses, kicks every vCPU
+/// out of `KVM_RUN` (each then sees the lapse before it enters again) and ends the VM.
+/// Returns when the VM ends for another reason.
+fn fence_watch(shared: &Shared) {
+    let ended = || shared.pumps_stop.load(Ordering::Acquire);
+    if shared.fence.wait_lapse(ended, Duration::from_millis(500)) {
+        shared.kick_vcpus();
+        shared.send(VmEvent::Fenced);
     }
 }

@@ -44,6 +44,9 @@ pub fn execute(vm: &VmHandle, request: &Request) -> Response {
         }
         Request::BlockTest => vm.block_test(),
         Request::GuestCrash => vm.guest_crash(),
+        Request::SetFence {
+            deadline_boottime_ns,
+        } => vm.set_fence(*deadline_boottime_ns),
         Request::ConsoleTail { bytes } => {
             return match vm.console_tail(*bytes) {
                 Ok(console) => Response {

@@ -44,6 +44,13 @@ pub enum Request {
     BlockTest,
     /// Make the built-in guest crash (triple fault), to test crash handling.
     GuestCrash,
+    /// Set the fence deadline ([`crate::fence`]): an absolute `CLOCK_BOOTTIME` time in
+    /// nanoseconds after which the VM stops itself unless a later request moves it; 0
+    /// disarms. Refused once the deadline has lapsed.
+    SetFence {
+        /// `CLOCK_BOOTTIME` nanoseconds.
+        deadline_boottime_ns: u64,
+    },
     /// The last bytes of the serial console log.
     ConsoleTail {
         /// How many bytes (from the end); 4096 when absent.
@@ -164,6 +171,12 @@ pub struct VmStatus {
     /// ARP and ICMP echo requests the built-in guest has answered.
     #[serde(default)]
     pub net_replies: u64,
+    /// The fence deadline (`CLOCK_BOOTTIME` ns), when armed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_deadline_boottime_ns: Option<u64>,
+    /// Milliseconds left before the fence deadline (negative once it lapsed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_remaining_ms: Option<f64>,
     /// VM exits by kind.
     pub exits: ExitCounts,
 }

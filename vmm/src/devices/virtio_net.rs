@@ -82,6 +82,8 @@ pub struct VirtioMmioNet {
     mac: [u8; 6],
     tap: Arc<File>,
     stats: Arc<NetStats>,
+    /// The VM's fence: once it lapses no frame reaches the tap ([`crate::fence`]).
+    fence: Option<Arc<crate::fence::Fence>>,
 }
 
 impl VirtioMmioNet {
@@ -99,7 +101,14 @@ impl VirtioMmioNet {
             mac,
             tap,
             stats: Arc::new(NetStats::default()),
+            fence: None,
         }
+    }
+
+    /// The device checks `fence` before every tap write.
+    pub fn with_fence(mut self, fence: Arc<crate::fence::Fence>) -> Self {
+        self.fence = Some(fence);
+        self
     }
 
     /// The frame counters.
@@ -165,7 +174,17 @@ impl VirtioMmioNet {
                     break;
                 }
             };
+            // Past the fence deadline another incarnation may own this MAC: the frame
+            // is dropped, never written (the descriptor still completes, so the queue
+            // does not wedge meanwhile).
+            let fenced = self.fence.as_ref().filter(|fence| fence.lapsed());
             match self.gather(memory, head) {
+                Some(_) if fenced.is_some() => {
+                    if let Some(fence) = fenced {
+                        fence.frames_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+                }
                 Some(mut frame) => {
                     // No offloads were negotiated: whatever the header says, the frame
                     // is complete, so the tap gets a header without offload requests.
@@ -580,6 +599,47 @@ mod tests {
             stats.tx_bytes.load(Ordering::Relaxed),
             (bytes.len() - NET_HDR_LEN) as u64
         );
+    }
+
+    #[test]
+    fn once_the_fence_lapses_no_frame_reaches_the_tap_and_the_queue_still_completes() {
+        let (harness, _) = harness(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC);
+        let fence = Arc::new(crate::fence::Fence::default());
+        let mut harness = Harness {
+            device: harness.device.with_fence(Arc::clone(&fence)),
+            ..harness
+        };
+        // Armed, not lapsed: frames go out.
+        fence
+            .set(crate::fence::boottime_ns() + 60_000_000_000)
+            .expect("arm");
+        harness.transmit(&frame(b"before the deadline"));
+        let mut received = vec![0u8; 2048];
+        assert!(
+            harness.host.recv(&mut received).is_ok(),
+            "sent while the lease holds"
+        );
+        // Lapsed: the next frame is dropped, never written.
+        fence.set(crate::fence::boottime_ns() + 1).expect("move");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert!(fence.lapsed());
+        harness.transmit(&frame(b"after the deadline"));
+        harness
+            .host
+            .set_read_timeout(Some(std::time::Duration::from_millis(200)))
+            .expect("timeout");
+        assert!(
+            harness.host.recv(&mut received).is_err(),
+            "no frame reaches the tap after the fence deadline"
+        );
+        assert_eq!(fence.frames_dropped(), 1);
+        let (used, id, _) = test_driver::used(&harness.memory, TX_QUEUE as u64, 1);
+        assert_eq!(
+            (used, id),
+            (2, 0),
+            "the dropped chain went back to the driver"
+        );
+        assert_eq!(harness.device.stats().tx_frames.load(Ordering::Relaxed), 1);
     }
 
     #[test]

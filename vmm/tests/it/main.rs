@@ -4,6 +4,7 @@
 
 mod block;
 mod dirty;
+mod fence;
 mod lifecycle;
 mod linux_boot;
 mod net;
