@@ -175,7 +175,7 @@ impl FreezeTime {
                     || d > month_days[(m - 1) as usize]
                 {
                     return Err(format!(
-                        "`{s}` is not a date between 1970-01-01 and 9999-12-31"
+                        "`{s}` is not a calendar date (from 1970-01-01 to 9999-12-31)"
                     ));
                 }
                 Ok(FreezeTime::Once(
