@@ -467,6 +467,18 @@ impl Worker {
         started: Instant,
         extra: Vec<Event>,
     ) {
+        // Every sync's end is in the audit log, whatever its result.
+        let audited = self.shared.state_store().and_then(|store| {
+            store
+                .audit(
+                    "controller-sync",
+                    json!({"commit": commit, "plan_id": plan_id, "result": result, "reason": reason, "signer": detail["signer"], "author": detail["author"]}),
+                )
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = audited {
+            eprintln!("warning: the sync of {commit} is not in the audit log: {e}");
+        }
         let mut event = Event::new("sync", result).commit(commit).detail(detail);
         if let Some(p) = plan_id {
             event = event.plan(p);
@@ -826,10 +838,6 @@ impl Worker {
                     at_unix_ms: reconciler::state::now_ms(),
                 };
                 let _ = self.shared.events.put("applied", &applied);
-                let _ = store.audit(
-                    "controller-sync",
-                    json!({"commit": commit, "plan_id": plan.plan_id, "result": result, "signer": detail["signer"], "author": detail["author"]}),
-                );
                 self.end_sync(
                     commit,
                     result,
