@@ -25,6 +25,7 @@ pub mod apply;
 pub mod audit;
 pub mod desired;
 pub mod drift;
+pub mod epochs;
 pub mod nodes;
 pub mod observe;
 pub mod pipeline;

@@ -1,0 +1,711 @@
+//! The volumes' epoch authority: the one place a volume's epoch, its one writer and
+//! its in-sync set change (issue 15, "epochs as fencing").
+//!
+//! Kept in the state store (`state.redb`), two tables:
+//! - `volume_epochs`: volume → [`VolumeEpoch`] (JSON), the current epoch;
+//! - `volume_epoch_journal`: `VOLUME/EPOCH` (zero-padded) → [`EpochChange`] (JSON),
+//!   written in the same transaction as the change it records.
+//!
+//! Every change is a compare-and-swap: the caller names the epoch it saw, the change is
+//! refused ([`EpochError::Conflict`]) when the volume is at another, and it raises the
+//! epoch by one. (With etcd this becomes a transaction on the key's revision.)
+//!
+//! The nodes learn an epoch only from a signed `SetVolumeEpoch` ([`install`]), sent to
+//! every copy. [`react`] is the controller's half of the data-path protocol: from one
+//! observation of the nodes, the writer reporting an in-sync copy it cannot write
+//! (`awaiting_removal`: its writes are frozen) makes the authority remove that copy
+//! under a new epoch; the writer reporting a copy `caught_up` makes it add the copy
+//! back; every copy that reports an older epoch than the authority's gets the current
+//! one installed (the copies other than the writer first, so the writer's next write
+//! under the new epoch finds them ready).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use proto::v1::{SetVolumeEpoch, VolumeRole, VolumeStatus};
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{RedbStore, StateError, now_ms};
+
+const EPOCHS: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_epochs");
+const JOURNAL: TableDefinition<&str, &[u8]> = TableDefinition::new("volume_epoch_journal");
+
+/// A volume's epoch as the authority holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeEpoch {
+    /// The volume.
+    pub volume: String,
+    /// At least 1; only grows.
+    pub epoch: u64,
+    /// The node that alone writes the volume at this epoch.
+    pub writer: String,
+    /// The nodes whose copies hold every acknowledged write (the writer included).
+    pub in_sync: BTreeSet<String>,
+    /// Every node holding a copy, in sync or not.
+    pub copies: BTreeSet<String>,
+}
+
+/// One journaled change of a volume's epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochChange {
+    /// When (Unix ms).
+    pub at_unix_ms: u64,
+    /// The epoch before (0 when the authority adopted the volume).
+    pub previous: u64,
+    /// What changed ("adopted", "removed copy b", "added copy b", "writer a → b",
+    /// "raised").
+    pub change: String,
+    /// Why (the observation that caused it).
+    pub reason: String,
+    /// The state after the change.
+    pub state: VolumeEpoch,
+}
+
+/// Errors of the epoch authority.
+#[derive(Debug, thiserror::Error)]
+pub enum EpochError {
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Another change came first (compare-and-swap failed).
+    #[error(
+        "volume `{volume}` is at epoch {found}, not {expected}: another change came first; read it again"
+    )]
+    Conflict {
+        /// The volume.
+        volume: String,
+        /// The epoch the caller saw.
+        expected: u64,
+        /// The epoch stored.
+        found: u64,
+    },
+    /// The authority holds no epoch of the volume.
+    #[error("the epoch authority holds no epoch of volume `{volume}`")]
+    Unknown {
+        /// The volume.
+        volume: String,
+    },
+    /// The change would break an invariant.
+    #[error("volume `{volume}` at epoch {epoch}: {why}")]
+    Refused {
+        /// The volume.
+        volume: String,
+        /// Its epoch.
+        epoch: u64,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+fn redb_err<'p>(
+    path: &'p Path,
+    operation: &'static str,
+) -> impl Fn(redb::Error) -> StateError + 'p {
+    move |error| StateError::Redb {
+        path: path.display().to_string(),
+        operation,
+        message: error.to_string(),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
+        path: path.display().to_string(),
+        key: key.to_string(),
+        source,
+    })
+}
+
+/// The epoch authority over a state store.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochAuthority<'a> {
+    store: &'a RedbStore,
+}
+
+impl<'a> EpochAuthority<'a> {
+    /// The authority kept in `store`.
+    pub fn new(store: &'a RedbStore) -> Self {
+        Self { store }
+    }
+
+    /// The current epoch of a volume.
+    pub fn get(&self, volume: &str) -> Result<Option<VolumeEpoch>, EpochError> {
+        Ok(self.store.with_database(|database, path| {
+            let transaction = database
+                .begin_write()
+                .map_err(|e| redb_err(path, "begin")(e.into()))?;
+            let found = {
+                let table = transaction
+                    .open_table(EPOCHS)
+                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
+                let value = table
+                    .get(volume)
+                    .map_err(|e| redb_err(path, "get")(e.into()))?;
+                match value {
+                    Some(bytes) => Some(decode(path, volume, bytes.value())?),
+                    None => None,
+                }
+            };
+            transaction
+                .commit()
+                .map_err(|e| redb_err(path, "commit")(e.into()))?;
+            Ok(found)
+        })?)
+    }
+
+    /// The journal of a volume's epoch changes, oldest first.
+    pub fn journal(&self, volume: &str) -> Result<Vec<EpochChange>, EpochError> {
+        let prefix = format!("{volume}/");
+        Ok(self.store.with_database(|database, path| {
+            let transaction = database
+                .begin_write()
+                .map_err(|e| redb_err(path, "begin")(e.into()))?;
+            let mut out = Vec::new();
+            {
+                let table = transaction
+                    .open_table(JOURNAL)
+                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
+                for entry in table
+                    .range(prefix.as_str()..)
+                    .map_err(|e| redb_err(path, "range")(e.into()))?
+                {
+                    let (key, value) = entry.map_err(|e| redb_err(path, "range")(e.into()))?;
+                    if !key.value().starts_with(&prefix) {
+                        break;
+                    }
+                    out.push(decode(path, key.value(), value.value())?);
+                }
+            }
+            transaction
+                .commit()
+                .map_err(|e| redb_err(path, "commit")(e.into()))?;
+            Ok(out)
+        })?)
+    }
+
+    /// One journaled compare-and-swap: `change` edits the state read at `expected`
+    /// (`None`: the volume has no epoch yet) and names what it did; the epoch goes up
+    /// by one (to at least `floor + 1`).
+    fn change(
+        &self,
+        volume: &str,
+        expected: Option<u64>,
+        floor: u64,
+        reason: &str,
+        change: impl FnOnce(Option<VolumeEpoch>) -> Result<(VolumeEpoch, String), EpochError>,
+    ) -> Result<VolumeEpoch, EpochError> {
+        let mut outcome: Option<Result<VolumeEpoch, EpochError>> = None;
+        self.store.with_database(|database, path| {
+            let transaction = database
+                .begin_write()
+                .map_err(|e| redb_err(path, "begin")(e.into()))?;
+            {
+                let mut epochs = transaction
+                    .open_table(EPOCHS)
+                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
+                let current: Option<VolumeEpoch> = match epochs
+                    .get(volume)
+                    .map_err(|e| redb_err(path, "get")(e.into()))?
+                {
+                    Some(bytes) => Some(decode(path, volume, bytes.value())?),
+                    None => None,
+                };
+                let found = current.as_ref().map(|state| state.epoch);
+                if found != expected {
+                    outcome = Some(Err(match (expected, found) {
+                        (Some(expected), Some(found)) => EpochError::Conflict {
+                            volume: volume.to_string(),
+                            expected,
+                            found,
+                        },
+                        (Some(_), None) => EpochError::Unknown {
+                            volume: volume.to_string(),
+                        },
+                        (None, Some(found)) => EpochError::Conflict {
+                            volume: volume.to_string(),
+                            expected: 0,
+                            found,
+                        },
+                        (None, None) => unreachable!("equal"),
+                    }));
+                    return Ok(());
+                }
+                let previous = found.unwrap_or(0);
+                let (mut next, what) = match change(current) {
+                    Ok(changed) => changed,
+                    Err(error) => {
+                        outcome = Some(Err(error));
+                        return Ok(());
+                    }
+                };
+                next.epoch = previous.max(floor) + 1;
+                let record = EpochChange {
+                    at_unix_ms: now_ms(),
+                    previous,
+                    change: what,
+                    reason: reason.to_string(),
+                    state: next.clone(),
+                };
+                let state_bytes = serde_json::to_vec(&next).expect("epochs serialize");
+                epochs
+                    .insert(volume, state_bytes.as_slice())
+                    .map_err(|e| redb_err(path, "insert")(e.into()))?;
+                let mut journal = transaction
+                    .open_table(JOURNAL)
+                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
+                let journal_bytes = serde_json::to_vec(&record).expect("epochs serialize");
+                journal
+                    .insert(
+                        format!("{volume}/{:020}", next.epoch).as_str(),
+                        journal_bytes.as_slice(),
+                    )
+                    .map_err(|e| redb_err(path, "insert")(e.into()))?;
+                outcome = Some(Ok(next));
+            }
+            transaction
+                .commit()
+                .map_err(|e| redb_err(path, "commit")(e.into()))
+        })?;
+        outcome.expect("the transaction decided")
+    }
+
+    /// Takes over a volume the authority holds no epoch of: its writer, its copies and
+    /// which of them are in sync, at an epoch above `floor` (the highest any copy
+    /// reported), so every copy accepts it.
+    pub fn adopt(
+        &self,
+        volume: &str,
+        writer: &str,
+        copies: &BTreeSet<String>,
+        in_sync: &BTreeSet<String>,
+        floor: u64,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.change(volume, None, floor, reason, |_| {
+            let state = VolumeEpoch {
+                volume: volume.to_string(),
+                epoch: 0,
+                writer: writer.to_string(),
+                in_sync: in_sync.clone(),
+                copies: copies.clone(),
+            };
+            check(&state)?;
+            Ok((state, "adopted".to_string()))
+        })
+    }
+
+    fn edit(
+        &self,
+        volume: &str,
+        expected: u64,
+        reason: &str,
+        edit: impl FnOnce(&mut VolumeEpoch) -> Result<String, String>,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.change(volume, Some(expected), 0, reason, |current| {
+            let mut state = current.expect("the epoch was compared");
+            let what = edit(&mut state).map_err(|why| EpochError::Refused {
+                volume: volume.to_string(),
+                epoch: expected,
+                why,
+            })?;
+            check(&state)?;
+            Ok((state, what))
+        })
+    }
+
+    /// Raises the epoch with nothing else changed (fences every request of older ones).
+    pub fn raise_epoch(
+        &self,
+        volume: &str,
+        expected: u64,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.edit(volume, expected, reason, |_| Ok("raised".to_string()))
+    }
+
+    /// Makes `writer` (an in-sync copy) the volume's only writer.
+    pub fn set_writer(
+        &self,
+        volume: &str,
+        expected: u64,
+        writer: &str,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.edit(volume, expected, reason, |state| {
+            if !state.in_sync.contains(writer) {
+                return Err(format!(
+                    "node {writer} cannot become the writer: its copy is not in sync (in sync: {})",
+                    join(&state.in_sync)
+                ));
+            }
+            let what = format!("writer {} → {writer}", state.writer);
+            state.writer = writer.to_string();
+            Ok(what)
+        })
+    }
+
+    /// Removes a failed copy from the in-sync set (never the writer's).
+    pub fn remove_copy(
+        &self,
+        volume: &str,
+        expected: u64,
+        copy: &str,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.edit(volume, expected, reason, |state| {
+            if copy == state.writer {
+                return Err(format!(
+                    "the writer's copy (node {copy}) cannot leave the in-sync set; set another writer first"
+                ));
+            }
+            if !state.in_sync.remove(copy) {
+                return Err(format!(
+                    "node {copy} is not in the in-sync set ({})",
+                    join(&state.in_sync)
+                ));
+            }
+            Ok(format!("removed copy {copy}"))
+        })
+    }
+
+    /// Adds a copy that caught up back to the in-sync set.
+    pub fn add_copy(
+        &self,
+        volume: &str,
+        expected: u64,
+        copy: &str,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.edit(volume, expected, reason, |state| {
+            if !state.copies.contains(copy) {
+                return Err(format!(
+                    "node {copy} holds no copy of it (copies: {})",
+                    join(&state.copies)
+                ));
+            }
+            if !state.in_sync.insert(copy.to_string()) {
+                return Err(format!("node {copy} is in the in-sync set already"));
+            }
+            Ok(format!("added copy {copy}"))
+        })
+    }
+}
+
+fn join(names: &BTreeSet<String>) -> String {
+    names.iter().cloned().collect::<Vec<_>>().join(", ")
+}
+
+fn check(state: &VolumeEpoch) -> Result<(), EpochError> {
+    let refuse = |why: String| EpochError::Refused {
+        volume: state.volume.clone(),
+        epoch: state.epoch,
+        why,
+    };
+    if !state.in_sync.contains(&state.writer) {
+        return Err(refuse(format!(
+            "the writer {} must be in the in-sync set ({})",
+            state.writer,
+            join(&state.in_sync)
+        )));
+    }
+    if let Some(stranger) = state.in_sync.difference(&state.copies).next() {
+        return Err(refuse(format!(
+            "the in-sync set names node {stranger}, which holds no copy (copies: {})",
+            join(&state.copies)
+        )));
+    }
+    Ok(())
+}
+
+/// The `SetVolumeEpoch` that installs `state` on a copy.
+pub fn install(state: &VolumeEpoch) -> SetVolumeEpoch {
+    SetVolumeEpoch {
+        name: state.volume.clone(),
+        epoch: state.epoch,
+        writer: state.writer.clone(),
+        in_sync: state.in_sync.iter().cloned().collect(),
+    }
+}
+
+/// The request id of installing `state` on `node`: the same epoch on the same node is
+/// the same action (its recorded outcome is returned when it is sent again).
+pub fn request_id(state: &VolumeEpoch, node: &str) -> String {
+    format!("epoch.{}.{}.{node}", state.volume, state.epoch)
+}
+
+/// One `SetVolumeEpoch` for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Install {
+    /// The node holding the copy.
+    pub node: String,
+    /// Its request id ([`request_id`]).
+    pub request_id: String,
+    /// What to install.
+    pub request: SetVolumeEpoch,
+}
+
+/// What the authority decided from one observation.
+#[derive(Debug, Default)]
+pub struct Reaction {
+    /// Epoch changes made (journaled).
+    pub changes: Vec<VolumeEpoch>,
+    /// Installs to send, copies other than the writer first.
+    pub installs: Vec<Install>,
+}
+
+/// The authority's reaction to one observation: `observed` is each reachable node's
+/// name with its volume statuses (unreachable nodes are absent).
+pub fn react(
+    authority: &EpochAuthority<'_>,
+    observed: &[(String, Vec<VolumeStatus>)],
+) -> Result<Reaction, EpochError> {
+    let mut reaction = Reaction::default();
+    let mut volumes: BTreeSet<&str> = BTreeSet::new();
+    for (_, statuses) in observed {
+        volumes.extend(statuses.iter().map(|status| status.name.as_str()));
+    }
+    for volume in volumes {
+        let copies: Vec<(&str, &VolumeStatus)> = observed
+            .iter()
+            .filter_map(|(node, statuses)| {
+                statuses
+                    .iter()
+                    .find(|status| status.name == volume)
+                    .map(|status| (node.as_str(), status))
+            })
+            .collect();
+        let primary = copies
+            .iter()
+            .find(|(_, status)| status.role == VolumeRole::Primary as i32);
+        let mut state = match authority.get(volume)? {
+            Some(state) => state,
+            None => {
+                // Only a writer's report says which copies exist.
+                let Some((node, status)) = primary else {
+                    continue;
+                };
+                let all: BTreeSet<String> = std::iter::once(node.to_string())
+                    .chain(status.replica_peers.iter().cloned())
+                    .collect();
+                let in_sync: BTreeSet<String> = if status.in_sync.is_empty() {
+                    all.clone()
+                } else {
+                    status.in_sync.iter().cloned().collect()
+                };
+                let floor = copies.iter().map(|(_, s)| s.epoch).max().unwrap_or(0);
+                let writer = if status.epoch_writer.is_empty() {
+                    node.to_string()
+                } else {
+                    status.epoch_writer.clone()
+                };
+                let state = authority.adopt(
+                    volume,
+                    &writer,
+                    &all,
+                    &in_sync,
+                    floor,
+                    &format!("first seen on node {node}"),
+                )?;
+                reaction.changes.push(state.clone());
+                state
+            }
+        };
+        // The writer's report counts only when made at the authority's epoch: an
+        // older one may name a copy the authority has handled since.
+        if let Some((node, status)) = copies
+            .iter()
+            .find(|(node, _)| *node == state.writer)
+            .filter(|(_, status)| status.epoch == state.epoch)
+        {
+            for failed in &status.awaiting_removal {
+                if state.in_sync.contains(failed) && *failed != state.writer {
+                    state = authority.remove_copy(
+                        volume,
+                        state.epoch,
+                        failed,
+                        &format!("writer {node} cannot write it and froze its writes"),
+                    )?;
+                    reaction.changes.push(state.clone());
+                }
+            }
+            for back in &status.caught_up {
+                if !state.in_sync.contains(back) && state.copies.contains(back) {
+                    state = authority.add_copy(
+                        volume,
+                        state.epoch,
+                        back,
+                        &format!("writer {node} reports it caught up"),
+                    )?;
+                    reaction.changes.push(state.clone());
+                }
+            }
+        }
+        let mut behind: Vec<&str> = copies
+            .iter()
+            .filter(|(node, status)| status.epoch < state.epoch && state.copies.contains(*node))
+            .map(|(node, _)| *node)
+            .collect();
+        behind.sort_by_key(|node| *node == state.writer);
+        for node in behind {
+            reaction.installs.push(Install {
+                node: node.to_string(),
+                request_id: request_id(&state, node),
+                request: install(&state),
+            });
+        }
+    }
+    Ok(reaction)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(std::path::PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            Self(std::env::temp_dir().join(format!("cairn-epochs-{}", crate::state::random_id())))
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|name| name.to_string()).collect()
+    }
+
+    fn status(name: &str, role: VolumeRole, epoch: u64) -> VolumeStatus {
+        VolumeStatus {
+            name: name.into(),
+            role: role as i32,
+            epoch,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn changes_are_journaled_compare_and_swaps_that_raise_the_epoch() {
+        let dir = TempDir::new();
+        let store = RedbStore::open(&dir.0.join("state.redb")).unwrap();
+        let authority = EpochAuthority::new(&store);
+        let all = names(&["a", "b", "c"]);
+        let first = authority.adopt("vol", "a", &all, &all, 0, "test").unwrap();
+        assert_eq!(first.epoch, 1);
+        let removed = authority.remove_copy("vol", 1, "c", "c failed").unwrap();
+        assert_eq!(
+            (removed.epoch, removed.in_sync.clone()),
+            (2, names(&["a", "b"]))
+        );
+        // A change made on a stale read is refused, naming both epochs.
+        let conflict = authority.remove_copy("vol", 1, "b", "late").unwrap_err();
+        assert_eq!(
+            conflict.to_string(),
+            "volume `vol` is at epoch 2, not 1: another change came first; read it again"
+        );
+        let refused = authority.remove_copy("vol", 2, "a", "x").unwrap_err();
+        assert!(
+            refused.to_string().contains("the writer's copy (node a)"),
+            "{refused}"
+        );
+        let refused = authority.set_writer("vol", 2, "c", "x").unwrap_err();
+        assert!(refused.to_string().contains("not in sync"), "{refused}");
+        let moved = authority.set_writer("vol", 2, "b", "a failed").unwrap();
+        assert_eq!((moved.epoch, moved.writer.as_str()), (3, "b"));
+        let back = authority.add_copy("vol", 3, "c", "caught up").unwrap();
+        assert_eq!((back.epoch, back.in_sync.clone()), (4, all.clone()));
+        let raised = authority.raise_epoch("vol", 4, "fence").unwrap();
+        assert_eq!(raised.epoch, 5);
+        // Kept across opens, with every change journaled in order.
+        drop(store);
+        let store = RedbStore::open(&dir.0.join("state.redb")).unwrap();
+        let authority = EpochAuthority::new(&store);
+        assert_eq!(authority.get("vol").unwrap(), Some(raised));
+        let journal: Vec<(u64, String)> = authority
+            .journal("vol")
+            .unwrap()
+            .into_iter()
+            .map(|change| (change.state.epoch, change.change))
+            .collect();
+        assert_eq!(
+            journal,
+            vec![
+                (1, "adopted".to_string()),
+                (2, "removed copy c".to_string()),
+                (3, "writer a → b".to_string()),
+                (4, "added copy c".to_string()),
+                (5, "raised".to_string()),
+            ]
+        );
+        assert!(authority.get("other").unwrap().is_none());
+    }
+
+    #[test]
+    fn react_removes_a_copy_the_frozen_writer_reports_and_installs_everywhere_writer_last() {
+        let dir = TempDir::new();
+        let store = RedbStore::open(&dir.0.join("state.redb")).unwrap();
+        let authority = EpochAuthority::new(&store);
+        let mut primary = status("vol", VolumeRole::Primary, 0);
+        primary.replica_peers = vec!["b".into(), "c".into()];
+        let observed = vec![
+            ("a".to_string(), vec![primary.clone()]),
+            ("b".to_string(), vec![status("vol", VolumeRole::Replica, 0)]),
+            ("c".to_string(), vec![status("vol", VolumeRole::Replica, 0)]),
+        ];
+        let first = react(&authority, &observed).unwrap();
+        assert_eq!(first.changes.len(), 1);
+        let order: Vec<&str> = first.installs.iter().map(|i| i.node.as_str()).collect();
+        assert_eq!(order, vec!["b", "c", "a"]);
+        assert_eq!(first.installs[0].request_id, "epoch.vol.1.b");
+
+        // c died; the writer (now at epoch 1) froze and says so.
+        primary.epoch = 1;
+        primary.awaiting_removal = vec!["c".into()];
+        let observed = vec![
+            ("a".to_string(), vec![primary.clone()]),
+            ("b".to_string(), vec![status("vol", VolumeRole::Replica, 1)]),
+        ];
+        let second = react(&authority, &observed).unwrap();
+        assert_eq!(second.changes.len(), 1);
+        assert_eq!(second.changes[0].in_sync, names(&["a", "b"]));
+        let order: Vec<&str> = second.installs.iter().map(|i| i.node.as_str()).collect();
+        assert_eq!(order, vec!["b", "a"]);
+        assert_eq!(second.installs[1].request.epoch, 2);
+
+        // A report of an older epoch changes nothing (c is handled already).
+        let third = react(&authority, &observed).unwrap();
+        assert!(third.changes.is_empty());
+
+        // c is back (at epoch 1) and caught up: installed, then added.
+        primary.epoch = 2;
+        primary.awaiting_removal.clear();
+        let observed = vec![
+            ("a".to_string(), vec![primary.clone()]),
+            ("b".to_string(), vec![status("vol", VolumeRole::Replica, 2)]),
+            ("c".to_string(), vec![status("vol", VolumeRole::Replica, 1)]),
+        ];
+        let fourth = react(&authority, &observed).unwrap();
+        assert!(fourth.changes.is_empty());
+        assert_eq!(fourth.installs.len(), 1);
+        assert_eq!(fourth.installs[0].node, "c");
+        primary.caught_up = vec!["c".into()];
+        let observed = vec![
+            ("a".to_string(), vec![primary]),
+            ("b".to_string(), vec![status("vol", VolumeRole::Replica, 2)]),
+            ("c".to_string(), vec![status("vol", VolumeRole::Replica, 2)]),
+        ];
+        let fifth = react(&authority, &observed).unwrap();
+        assert_eq!(fifth.changes[0].in_sync, names(&["a", "b", "c"]));
+        assert_eq!(fifth.changes[0].epoch, 3);
+        assert_eq!(fifth.installs.len(), 3);
+    }
+}
