@@ -1,6 +1,7 @@
 //! Integration tests of the `cairn` binary: golden cases and CLI behaviour.
 
 mod audit;
+mod authorization;
 mod cli;
 mod controller;
 mod controller_remote;
