@@ -72,11 +72,7 @@ pub fn parse(text: &str) -> Result<PublicKey, String> {
         .decode(b64)
         .map_err(|e| format!("the key is not valid base64 ({e})"))?;
     let key = key_of_blob(&blob)?;
-    Ok(PublicKey {
-        blob,
-        key,
-        comment,
-    })
+    Ok(PublicKey { blob, key, comment })
 }
 
 /// The 32 key bytes of an `ssh-ed25519` blob.

@@ -126,11 +126,15 @@ fn rsa_and_ecdsa_signatures_are_refused_as_unsupported_not_waved_through() {
             eprintln!("skipped: ssh-keygen is not installed (apt-get install openssh-client)");
             return;
         };
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let armored = sign(&key, "git", &message);
         let _ = std::fs::remove_file(message.with_extension("txt.sig"));
-        let refused = SshSig::parse_armored(&armored)
-            .and_then(|s| s.verify(b"vm ledger-db: cpu 8\n", "git"));
+        let refused =
+            SshSig::parse_armored(&armored).and_then(|s| s.verify(b"vm ledger-db: cpu 8\n", "git"));
         match refused {
             Err(SigError::Unsupported(alg)) => assert!(alg.starts_with(want), "{kind}: {alg}"),
             other => panic!("{kind}: {other:?}"),
