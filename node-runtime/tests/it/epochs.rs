@@ -1,7 +1,8 @@
 //! Volume epochs as fencing, and the write semantics built on them (issue 15): real
-//! `cairn-node`s on 127.0.0.111-113, the test acting as the controller (the epoch
-//! authority) with signed `SetVolumeEpoch` requests, as `reconciler::epochs::react`
-//! decides them.
+//! `cairn-node`s on 127.0.0.111-113 and the controller's epoch authority
+//! (`reconciler::epochs`, in a real state store): each controller step observes the
+//! reachable nodes, lets `react` decide and sends its signed `SetVolumeEpoch`s. The
+//! stale-epoch test sends its (mostly refused) installs by hand.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,13 +34,59 @@ fn start(
         format!("{} test-controller\n", controller.public_key_hex()),
     )
     .unwrap();
+    // Every node's volume store records what a power cut would lose (debug builds).
+    let undo = undo_log(dir);
+    let mut env = env.to_vec();
+    env.push((storage::power_loss::ENV, undo.to_str().unwrap()));
     TestNode::start_with_env(
         name,
         dir,
         listen,
         &["--disks", "2", "--disk-capacity", "268435456"],
-        env,
+        &env,
     )
+}
+
+/// One step of the controller: observe the reachable `nodes`, let the epoch authority
+/// react, send what it decided. Returns the epoch changes it made.
+async fn controller_step(
+    authority: &reconciler::epochs::EpochAuthority<'_>,
+    nodes: &[&TestNode],
+    controller: &Identity,
+) -> Vec<reconciler::epochs::VolumeEpoch> {
+    let mut observed = Vec::new();
+    for node in nodes {
+        let mut client = node.client(controller).await;
+        observed.push((node.name.clone(), client.observe().await.unwrap().volumes));
+    }
+    let reaction = reconciler::epochs::react(authority, &observed).unwrap();
+    for install in &reaction.installs {
+        let node = nodes.iter().find(|node| node.name == install.node).unwrap();
+        let mut client = node.client(controller).await;
+        client
+            .apply(request(
+                &install.request_id,
+                Action::SetVolumeEpoch(install.request.clone()),
+            ))
+            .await
+            .unwrap_or_else(|status| panic!("install on {}: {status:?}", node.name));
+    }
+    reaction.changes
+}
+
+fn undo_log(dir: &Path) -> std::path::PathBuf {
+    dir.with_extension("power-loss")
+}
+
+/// kill -9 as a power cut: the node dies, then every write its volume store had not
+/// synced is discarded (`storage::power_loss`).
+fn power_cut(node: &mut TestNode) {
+    node.kill_9();
+    let cut = storage::power_loss::cut(&undo_log(&node.data_dir)).unwrap();
+    eprintln!(
+        "power cut of {}: {} unsynced writes discarded ({} bytes restored)",
+        node.name, cut.writes_discarded, cut.bytes_restored
+    );
 }
 
 /// ep-a (primary) with replicas ep-b and ep-c, volume `v`.
@@ -311,7 +358,7 @@ async fn a_request_with_a_stale_epoch_is_refused_by_every_copy() {
     // Epochs survive a restart (node.redb): the stale claim is still refused.
     let mut restarted = nodes;
     let address = restarted[2].address.clone();
-    restarted[2].kill_9();
+    power_cut(&mut restarted[2]);
     restarted[2] = start(
         "ep-c",
         &base.path().join("ep-c"),
@@ -358,9 +405,13 @@ async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_
     let env = [("CAIRN_VOLUME_FREEZE_MS", "3000")];
     let mut nodes = cluster(base.path(), &controller, &env).await;
     let all = ["ep-a", "ep-b", "ep-c"];
-    {
-        let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
-        install_all(&[b, c, a], &controller, 1, "ep-a", &all).await;
+    let state = reconciler::state::RedbStore::open(&base.path().join("state.redb")).unwrap();
+    let authority = reconciler::epochs::EpochAuthority::new(&state);
+    // The controller's first observation: it adopts the volume at epoch 1.
+    let changes = controller_step(&authority, &nodes.iter().collect::<Vec<_>>(), &controller).await;
+    assert_eq!(changes.len(), 1);
+    for node in &nodes {
+        assert_eq!(status(node, &controller).await.epoch, 1, "{}", node.name);
     }
     let mut primary = nodes[0].client(&controller).await;
     // 4 MiB written and acknowledged by all three copies.
@@ -371,9 +422,9 @@ async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_
         );
     }
 
-    // kill -9 the replica ep-c while writes go on.
+    // Cut the power of the replica ep-c while writes go on.
     let c_address = nodes[2].address.clone();
-    nodes[2].kill_9();
+    power_cut(&mut nodes[2]);
     // The next write freezes: it is not acknowledged, and fails after the bound.
     let started = Instant::now();
     let frozen = primary.apply(request("w-frozen", write(100, 100))).await;
@@ -417,10 +468,11 @@ async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_
     };
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(!writer.is_finished(), "the write waited for the authority");
-    {
-        let (a, b) = (&nodes[0], &nodes[1]);
-        install_all(&[b, a], &controller, 2, "ep-a", &["ep-a", "ep-b"]).await;
-    }
+    // The controller's next observation (ep-c unreachable) sees the frozen writer
+    // and removes ep-c under epoch 2.
+    let changes = controller_step(&authority, &[&nodes[0], &nodes[1]], &controller).await;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].epoch, 2);
     let (waited, result) = writer.await.unwrap();
     let response = result.expect("acknowledged once the authority removed ep-c");
     assert!(waited >= Duration::from_millis(700), "{waited:?}");
@@ -456,9 +508,12 @@ async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_
         &env,
     );
     assert_eq!(status(&nodes[2], &controller).await.epoch, 1);
-    install(&nodes[2], &controller, 2, "ep-a", &["ep-a", "ep-b"])
-        .await
-        .unwrap();
+    let changes = controller_step(&authority, &nodes.iter().collect::<Vec<_>>(), &controller).await;
+    assert!(
+        changes.is_empty(),
+        "a copy that is back changes no epoch by itself"
+    );
+    assert_eq!(status(&nodes[2], &controller).await.epoch, 2);
     let mut stale = nodes[2].client(&controller).await;
     assert_refused(
         stale
@@ -493,10 +548,28 @@ async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_
         "only what changed is shipped"
     );
     // The authority adds it back under epoch 3.
-    {
-        let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
-        install_all(&[b, c, a], &controller, 3, "ep-a", &all).await;
-    }
+    let changes = controller_step(&authority, &nodes.iter().collect::<Vec<_>>(), &controller).await;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].epoch, 3);
+    let journal: Vec<String> = authority
+        .journal("v")
+        .unwrap()
+        .into_iter()
+        .map(|change| {
+            format!(
+                "{} {}: {}",
+                change.state.epoch, change.change, change.reason
+            )
+        })
+        .collect();
+    assert_eq!(
+        journal,
+        [
+            "1 adopted: first seen on node ep-a",
+            "2 removed copy ep-c: writer ep-a cannot write it and froze its writes",
+            "3 added copy ep-c: writer ep-a reports it caught up",
+        ]
+    );
     assert_eq!(write_ok(&mut primary, "after", 140, 140).await, 3);
     let length = 141 * CHUNK;
     let reference = read_range(&nodes[0], &controller, 0, length).await;

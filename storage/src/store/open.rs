@@ -133,7 +133,7 @@ impl Store {
         self.inner
             .engine
             .write_all_at(&file, capacity, &zeros)
-            .and_then(|()| file.sync_data())
+            .and_then(|()| self.inner.engine.sync_data(&[&file]))
             .map_err(io_err(format!("clearing the journal of disk `{name}`")))?;
         let id = st.disks.keys().next_back().map_or(0, |&k| k + 1);
         let disk = Disk {
