@@ -1,0 +1,400 @@
+//! A VM disk's data path, measured through the whole node path against the same engine
+//! in-process and a raw file, in one run.
+//!
+//! `cargo bench -p node-runtime --bench vm_disk` drives cairn-vmm's virtio-blk backend
+//! for node volumes (`vmm::devices::nbd_client::NbdBackend`) directly — what a
+//! virtio-blk request of the guest becomes in the VMM — against a real `cairn-node`
+//! process: NBD on the node's owner-only unix socket → the node's replicated write
+//! path → the local copy and, with 2 copies, a replica `cairn-node` over gRPC on
+//! loopback. (The built-in guest issues one 4 KiB request per tick and cannot drive a
+//! load; its requests take exactly this path: same backend, same socket kind, same
+//! node code.) Baselines, on the same filesystem:
+//! - `engine`: the same volume store (`storage::Store`) in this process, writing the
+//!   same number of copies (2 copies: two stores, written in parallel, like the node's
+//!   primary and replica);
+//! - `file`: `pwrite` + `fdatasync` on a plain file.
+//!
+//! Cases: sequential 1 MiB writes (MiB/s) and 4 KiB random overwrites (latency p50 and
+//! p99), each write durable on every copy when it returns. Medians of `ROUNDS` runs;
+//! ratios against the in-process engine; the loopback round trip (TCP ping-pong of one
+//! byte) is printed for the latency budget (p50 < 2 × engine + one RTT per replica).
+//!
+//! Not a test: it asserts nothing and prints figures.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proto::auth::{Identity, RequestSigner};
+use proto::client::NodeClient;
+use proto::v1::{
+    ApplyRequest, CreateVolume, ExportVolume, Peer, SetPeers, apply_request::Action,
+    apply_response::Result as ApplyResult,
+};
+use storage::{DiskSource, Store, StoreOptions, VolumeSpec};
+use vmm::devices::block::BlockBackend;
+use vmm::devices::nbd_client::NbdBackend;
+
+const ROUNDS: usize = 3;
+const SEQUENTIAL_BYTES: u64 = 128 << 20;
+const VOLUME_BYTES: u64 = 256 << 20;
+const CHUNK: usize = 1 << 20;
+const RANDOM_WRITES: usize = 400;
+const STRIPE_WIDTH: u32 = 2;
+const STRIPE_UNIT: u64 = 1 << 20;
+
+struct Node {
+    name: String,
+    address: String,
+    key: String,
+    child: Child,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_node(name: &str, dir: &Path, controller: &Identity, ip: &str) -> Node {
+    std::fs::create_dir_all(dir).unwrap();
+    let trusted = format!("{}\n", controller.public_key_hex());
+    std::fs::write(dir.join("trusted-controllers"), trusted).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_cairn-node"))
+        .args(["--name", name, "--listen", &format!("{ip}:0"), "--data-dir"])
+        .arg(dir)
+        .args(["--disks", "2", "--disk-capacity", &(2u64 << 30).to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn cairn-node");
+    let mut node = Node {
+        name: name.into(),
+        address: String::new(),
+        key: String::new(),
+        child,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.address.is_empty() {
+        match std::fs::read_to_string(dir.join("listen-address")) {
+            Ok(text) if text.ends_with('\n') => node.address = text.trim().into(),
+            _ => {
+                assert!(Instant::now() < deadline, "node {name} did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    node.key = std::fs::read_to_string(dir.join("identity.pub"))
+        .unwrap()
+        .trim()
+        .into();
+    node
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * fraction).round() as usize]
+}
+
+/// A write of `data` at `offset` that is durable on every copy when it returns.
+type Writer<'a> = dyn Fn(&[u8], u64) + Sync + 'a;
+
+/// Sequential 1 MiB writes: MiB/s.
+fn sequential(write: &Writer<'_>) -> f64 {
+    let chunk: Vec<u8> = (0..CHUNK).map(|index| (index * 31 % 251) as u8).collect();
+    let started = Instant::now();
+    for index in 0..SEQUENTIAL_BYTES / CHUNK as u64 {
+        write(&chunk, index * CHUNK as u64);
+    }
+    SEQUENTIAL_BYTES as f64 / f64::from(1 << 20) / started.elapsed().as_secs_f64()
+}
+
+/// 4 KiB writes at pseudo-random 4 KiB-aligned offsets in the first
+/// `SEQUENTIAL_BYTES` (already written: overwrites): (p50, p99) in microseconds.
+fn random(write: &Writer<'_>, seed: u64) -> (f64, f64) {
+    let block = vec![0x5Au8; 4096];
+    let mut state = seed | 1;
+    let mut latencies: Vec<f64> = (0..RANDOM_WRITES)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let offset = (state % (SEQUENTIAL_BYTES / 4096)) * 4096;
+            let started = Instant::now();
+            write(&block, offset);
+            started.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&latencies, 0.5), percentile(&latencies, 0.99))
+}
+
+/// Loopback TCP round trip of one byte, median of 2000, in microseconds.
+fn loopback_rtt_us() -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let echo = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_nodelay(true).unwrap();
+        let mut byte = [0u8; 1];
+        while stream.read_exact(&mut byte).is_ok() {
+            if stream.write_all(&byte).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut byte = [1u8; 1];
+    let samples: Vec<f64> = (0..2000)
+        .map(|_| {
+            let started = Instant::now();
+            stream.write_all(&byte).unwrap();
+            stream.read_exact(&mut byte).unwrap();
+            started.elapsed().as_secs_f64() * 1e6
+        })
+        .collect();
+    drop(stream);
+    echo.join().unwrap();
+    median(samples)
+}
+
+fn engine_store(dir: &Path) -> Store {
+    let store = Store::open(dir, StoreOptions::default()).unwrap();
+    for disk in 0..STRIPE_WIDTH {
+        let capacity = 2u64 << 30;
+        store
+            .add_disk(&format!("d{disk}"), DiskSource::File { capacity })
+            .unwrap();
+    }
+    store
+}
+
+fn engine_volume(store: &Store, name: &str) -> storage::Volume {
+    store
+        .create_volume(&VolumeSpec {
+            name: name.into(),
+            size: VOLUME_BYTES,
+            stripe_unit: STRIPE_UNIT,
+            stripe_width: STRIPE_WIDTH as usize,
+            disks: vec![],
+        })
+        .unwrap()
+}
+
+/// A node volume with `replicas`, exported on the node's unix socket, as the backend
+/// cairn-vmm attaches for a VM disk.
+async fn node_backend(client: &mut NodeClient, name: &str, replicas: &[&Node]) -> Arc<NbdBackend> {
+    let create = Action::CreateVolume(CreateVolume {
+        name: name.into(),
+        size_bytes: VOLUME_BYTES,
+        stripe_width: STRIPE_WIDTH,
+        stripe_unit_bytes: STRIPE_UNIT,
+        replica_peers: replicas
+            .iter()
+            .map(|node| Peer {
+                name: node.name.clone(),
+                ..Default::default()
+            })
+            .collect(),
+    });
+    apply(client, format!("create-{name}"), create).await;
+    let export = Action::ExportVolume(ExportVolume {
+        name: name.into(),
+        lifetime_seconds: 0,
+    });
+    let response = apply(client, format!("export-{name}"), export).await;
+    let Some(ApplyResult::ExportVolume(export)) = response.result else {
+        panic!("export failed: {response:?}");
+    };
+    let socket = PathBuf::from(export.socket_path);
+    Arc::new(tokio::task::block_in_place(|| {
+        NbdBackend::connect(&socket, name, false).expect("connect to the export")
+    }))
+}
+
+async fn apply(client: &mut NodeClient, id: String, action: Action) -> proto::v1::ApplyResponse {
+    client
+        .apply(ApplyRequest {
+            request_id: id,
+            action: Some(action),
+        })
+        .await
+        .expect("apply")
+}
+
+#[derive(Default)]
+struct Figures {
+    sequential: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+impl Figures {
+    fn run(&mut self, write: &Writer<'_>, seed: u64) {
+        self.sequential.push(sequential(write));
+        let (p50, p99) = random(write, seed);
+        self.p50.push(p50);
+        self.p99.push(p99);
+    }
+
+    fn medians(&self) -> (f64, f64, f64) {
+        (
+            median(self.sequential.clone()),
+            median(self.p50.clone()),
+            median(self.p99.clone()),
+        )
+    }
+}
+
+fn main() {
+    if std::env::args().any(|argument| argument == "--list") {
+        return;
+    }
+    let base = tempfile::tempdir_in(
+        std::env::var_os("CAIRN_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into()),
+    )
+    .unwrap_or_else(|_| tempfile::tempdir().unwrap());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let controller = Identity::generate().unwrap();
+    let primary = start_node("vd-a", &base.path().join("a"), &controller, "127.0.0.73");
+    let replica = start_node("vd-b", &base.path().join("b"), &controller, "127.0.0.74");
+    let names = [
+        "file",
+        "engine-1copy",
+        "node-1copy",
+        "engine-2copies",
+        "node-2copies",
+    ];
+    let mut figures: Vec<Figures> = names.iter().map(|_| Figures::default()).collect();
+    let rtt = loopback_rtt_us();
+    runtime.block_on(async {
+        let signer = RequestSigner::new(controller.clone());
+        let peers: Vec<Peer> = [&primary, &replica]
+            .iter()
+            .map(|node| Peer {
+                name: node.name.clone(),
+                address: node.address.clone(),
+                public_key_hex: node.key.clone(),
+            })
+            .collect();
+        for node in [&primary, &replica] {
+            let mut client = NodeClient::connect(&node.address, signer.clone())
+                .await
+                .unwrap();
+            let set = Action::SetPeers(SetPeers {
+                peers: peers.clone(),
+            });
+            apply(&mut client, "peers".into(), set).await;
+        }
+        let mut client = NodeClient::connect(&primary.address, signer.clone())
+            .await
+            .unwrap();
+        let stores = [
+            engine_store(&base.path().join("engine-a")),
+            engine_store(&base.path().join("engine-b")),
+        ];
+        for round in 0..ROUNDS {
+            let seed = round as u64 + 7;
+            // Raw file.
+            let path = base.path().join(format!("raw-{round}.img"));
+            let file = std::fs::File::create(&path).unwrap();
+            let write = |data: &[u8], offset: u64| {
+                file.write_all_at(data, offset).unwrap();
+                file.sync_data().unwrap();
+            };
+            figures[0].run(&write, seed);
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            // The engine in-process, 1 copy.
+            let one = engine_volume(&stores[0], &format!("one-{round}"));
+            figures[1].run(
+                &|data: &[u8], offset| {
+                    one.write_at(offset, data).unwrap();
+                },
+                seed,
+            );
+            // Through the node, 1 copy.
+            let backend = node_backend(&mut client, &format!("one-{round}"), &[]).await;
+            tokio::task::block_in_place(|| {
+                figures[2].run(
+                    &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
+                    seed,
+                )
+            });
+            // The engine in-process, 2 copies written in parallel.
+            let copies = [
+                engine_volume(&stores[0], &format!("two-{round}")),
+                engine_volume(&stores[1], &format!("two-{round}")),
+            ];
+            let both = |data: &[u8], offset: u64| {
+                std::thread::scope(|scope| {
+                    let other = scope.spawn(|| copies[1].write_at(offset, data).map(drop));
+                    copies[0].write_at(offset, data).unwrap();
+                    other.join().unwrap().unwrap();
+                });
+            };
+            figures[3].run(&both, seed);
+            // Through the node, 2 copies (the primary and a replica node).
+            let backend = node_backend(&mut client, &format!("two-{round}"), &[&replica]).await;
+            tokio::task::block_in_place(|| {
+                figures[4].run(
+                    &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
+                    seed,
+                )
+            });
+        }
+    });
+    println!(
+        "VM disk data path, {ROUNDS} rounds, medians; sequential: {} MiB in 1 MiB writes; random: {RANDOM_WRITES} 4 KiB overwrites; volumes {STRIPE_WIDTH} × {} MiB stripes; every write durable on every copy when it returns",
+        SEQUENTIAL_BYTES >> 20,
+        STRIPE_UNIT >> 20
+    );
+    println!("loopback round trip (1-byte TCP ping-pong, median): {rtt:.1} us");
+    println!(
+        "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9}",
+        "case", "seq MiB/s", "p50 us", "p99 us", "seq/engine", "p50/engine"
+    );
+    let medians: Vec<(f64, f64, f64)> = figures.iter().map(Figures::medians).collect();
+    for (index, name) in names.iter().enumerate() {
+        let (speed, p50, p99) = medians[index];
+        let engine = if name.ends_with("2copies") {
+            medians[3]
+        } else {
+            medians[1]
+        };
+        println!(
+            "{name:<16} {speed:>10.1} {p50:>9.0} {p99:>9.0} {:>9.2}× {:>9.2}×",
+            speed / engine.0,
+            p50 / engine.1
+        );
+    }
+    for (node, engine, replicas) in [(2usize, 1usize, 0u32), (4, 3, 1)] {
+        let (speed, p50, _) = medians[node];
+        let (engine_speed, engine_p50, _) = medians[engine];
+        let p50_budget = 2.0 * engine_p50 + f64::from(replicas) * rtt;
+        println!(
+            "budget {}: throughput {:.2}× (≥ 0.70×: {}), p50 {p50:.0} us vs 2 × {engine_p50:.0} + {replicas} × {rtt:.0} = {p50_budget:.0} us ({})",
+            names[node],
+            speed / engine_speed,
+            if speed / engine_speed >= 0.7 {
+                "met"
+            } else {
+                "NOT met"
+            },
+            if p50 < p50_budget { "met" } else { "NOT met" },
+        );
+    }
+}
