@@ -1,0 +1,4 @@
+-----BEGIN PGP SIGNATURE-----
+
+iQEzBAABCAAdFiEE
+-----END PGP SIGNATURE-----
