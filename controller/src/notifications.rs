@@ -65,7 +65,7 @@ pub enum Format {
 }
 
 /// One receiver.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Receiver {
     /// Its name (metrics, events).
     pub name: String,
@@ -77,6 +77,18 @@ pub struct Receiver {
     pub events: Vec<String>,
     /// HMAC secret (json only).
     pub secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("name", &self.name)
+            .field("format", &self.format)
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &self.secret.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 impl Receiver {

@@ -740,22 +740,14 @@ impl StateStore for RedbStore {
         Ok(())
     }
 
-    /// The audit log, oldest first.
+    /// The audit log, oldest first (records that do not decode are left out;
+    /// `crate::audit::verify` names them).
     fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError> {
-        self.with_db(|db| {
-            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
-            let t = tx
-                .open_table(AUDIT)
-                .map_err(|e| self.err("open table", e))?;
-            let mut out = vec![];
-            for entry in t.iter().map_err(|e| self.err("iter", e))? {
-                let (_, v) = entry.map_err(|e| self.err("iter", e))?;
-                if let Some(e) = crate::audit::Record::decode(v.value()).entry() {
-                    out.push(e);
-                }
-            }
-            Ok(out)
-        })
+        Ok(self
+            .audit_records()?
+            .into_iter()
+            .filter_map(|(_, bytes)| crate::audit::Record::decode(&bytes).entry())
+            .collect())
     }
 }
 
