@@ -219,7 +219,7 @@ pub enum Command {
     VerifyCommit(crate::verify::VerifyArgs),
     /// The GitOps controller: follow a branch of a spec repository and keep the
     /// cluster matching its head (`pause`, `resume`, `bench` below).
-    Controller(ControllerArgs),
+    Controller(Box<ControllerArgs>),
     /// Ask the controller to sync the branch head now, or approve a held plan.
     Sync {
         /// The controller (`http://HOST:PORT`; token from DATA_DIR/controller.token or
@@ -233,6 +233,11 @@ pub enum Command {
         /// the branch head still plans to exactly this plan.
         #[arg(long, value_name = "PLAN_ID")]
         approve: Option<String>,
+        /// The SSH key that signs the action (a private key, or a public key
+        /// whose private half ssh-agent holds); it must be a platform key of the
+        /// controller's trusted keys. Default: git's user.signingkey.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
     },
 }
 
@@ -627,15 +632,17 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Policy { command } => crate::policy_cmd::policy(command),
         Command::Diff(args) => crate::diff::run(args),
         Command::VerifyCommit(args) => crate::verify::run(args),
-        Command::Controller(args) => controller_cmd(args),
+        Command::Controller(args) => controller_cmd(*args),
         Command::Sync {
             controller,
             data_dir,
             approve,
+            key,
         } => Ok(controller::sync_api::sync_command(
             &data_dir,
             controller.as_deref(),
             approve.as_deref(),
+            key.as_deref(),
         )),
     }
 }

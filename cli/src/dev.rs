@@ -522,6 +522,12 @@ pub fn start_controller(
         .arg(&ctx.cairn_dir)
         .arg("--listen")
         .arg(listen);
+    if listen != "127.0.0.1:7400" {
+        // Its gRPC health service listens on 127.0.0.1:7401 beside the
+        // quickstart's 7400; a dev controller elsewhere (tests) serves none,
+        // so it never takes that port from another one.
+        command.arg("--grpc-listen").arg("none");
+    }
     if let Some(keys) = trusted_keys {
         command
             .arg("--trusted-keys")

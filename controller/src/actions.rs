@@ -206,16 +206,15 @@ impl Authorized {
     }
 
     /// Appends `action-ACTION` with the signer to the state store's audit log
-    /// (a failure is printed: the action was taken, and its event names the signer).
-    pub fn audit(&self, shared: &Shared) {
+    /// (a failure is printed: the action is still taken, and its event names
+    /// the signer).
+    fn audit(&self, shared: &Shared) {
         use reconciler::state::StateStore as _;
-        let written = reconciler::state::RedbStore::open(&shared.config.state_path())
-            .map_err(|e| e.to_string())
-            .and_then(|store| {
-                store
-                    .audit(&format!("action-{}", self.document.action), self.detail())
-                    .map_err(|e| e.to_string())
-            });
+        let written = shared.state_store().and_then(|store| {
+            store
+                .audit(&format!("action-{}", self.document.action), self.detail())
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = written {
             eprintln!(
                 "warning: the {} by {} is not in the audit log: {e}",
@@ -287,8 +286,9 @@ pub fn challenge(shared: &Shared, binding: Binding) -> Result<Challenge, Refusal
 const HOW: &str = "get a challenge from GET /api/v1/actions/challenge, sign the action document with `ssh-keygen -Y sign -n cairn-action -f KEY` and POST {document, signature} (`cairn controller pause|resume --key KEY` does all of this)";
 
 /// Checks a signed action for `action` against `binding` (what it must still
-/// be bound to), and uses its nonce. A refusal is also recorded as an `action`
-/// event.
+/// be bound to), and uses its nonce. An authorized action is appended to the
+/// audit log (`action-ACTION`, with its signer) before the handler acts; a
+/// refusal is recorded as an `action refused` event.
 pub fn authorize(
     shared: &Shared,
     action: &str,
@@ -296,12 +296,13 @@ pub fn authorize(
     binding: &Binding,
 ) -> Result<Authorized, Refusal> {
     let outcome = check(shared, action, body, binding);
-    if let Err(r) = &outcome {
-        shared.record(vec![
+    match &outcome {
+        Ok(authorized) => authorized.audit(shared),
+        Err(r) => shared.record(vec![
             Event::new("action", "refused")
                 .object(action)
                 .reason(r.reason.clone()),
-        ]);
+        ]),
     }
     outcome
 }
@@ -439,8 +440,9 @@ pub(crate) async fn challenge_handler(
 
 /// The key that signs actions: `--key FILE`, else git's `user.signingkey` (a
 /// file, or a literal `ssh-ed25519 …`/`key::…` public key whose private half
-/// ssh-agent holds; written to `scratch` for ssh-keygen). `Err` says what to pass.
-pub fn signing_key(flag: Option<&Path>, scratch: &Path) -> Result<PathBuf, String> {
+/// ssh-agent holds; written to a temporary file for ssh-keygen). `Err` says
+/// what to pass.
+pub fn signing_key(flag: Option<&Path>) -> Result<PathBuf, String> {
     if let Some(path) = flag {
         if !path.exists() {
             return Err(format!(
@@ -464,7 +466,8 @@ pub fn signing_key(flag: Option<&Path>, scratch: &Path) -> Result<PathBuf, Strin
     };
     let literal = value.strip_prefix("key::").unwrap_or(&value);
     if literal.starts_with("ssh-") || literal.starts_with("ecdsa-") || literal.starts_with("sk-") {
-        let path = scratch.join("action-signing-key.pub");
+        let path =
+            std::env::temp_dir().join(format!("cairn-action-key-{}.pub", std::process::id()));
         std::fs::write(&path, format!("{literal}\n"))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         return Ok(path);

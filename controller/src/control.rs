@@ -262,7 +262,7 @@ pub fn pause_or_resume(data_dir: &Path, pause: bool, key: Option<&Path>) -> u8 {
             );
             return 2;
         };
-        let key = match crate::actions::signing_key(key, data_dir) {
+        let key = match crate::actions::signing_key(key) {
             Ok(k) => k,
             Err(e) => {
                 eprintln!("error: {e}");

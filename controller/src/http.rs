@@ -9,7 +9,7 @@
 //! | `GET /api/v1/events?limit=N&kind=K` | events, newest first |
 //! | `GET /api/v1/actions/challenge` | a nonce and binding to sign an action with ([`crate::actions`]) |
 //! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back (signed actions) |
-//! | `POST /api/v1/sync`, `GET /api/v1/plans`, `POST /api/v1/plans/ID/approve` | sync now, held plans, approve one ([`crate::sync_api`]; token only for now) |
+//! | `POST /api/v1/sync`, `GET /api/v1/plans`, `POST /api/v1/plans/ID/approve` | sync now, held plans, approve one ([`crate::sync_api`]; signed actions `sync` and `approve`) |
 //! | `POST /api/v1/webhook` | a forge's push event: fetch now (HMAC, no token; [`crate::webhook`]) |
 //!
 //! Loopback is not a security boundary: every request must name the listen
@@ -194,11 +194,8 @@ async fn set_paused(shared: &Shared, paused: bool, body: &[u8]) -> Response {
         Err(refusal) => return refusal.into_response(),
     };
     match shared.set_paused(paused, &signed).await {
-        Ok(()) => {
-            signed.audit(shared);
-            axum::Json(serde_json::json!({"paused": paused, "signer": signed.signer()}))
-                .into_response()
-        }
+        Ok(()) => axum::Json(serde_json::json!({"paused": paused, "signer": signed.signer()}))
+            .into_response(),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, &e),
     }
 }

@@ -4,9 +4,9 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /api/v1/sync` | sync the branch head now (a stalled or backing-off commit is tried again; nothing new: a drift check); answers when done |
+//! | `POST /api/v1/sync` (signed action `sync`) | sync the branch head now (a stalled or backing-off commit is tried again; nothing new: a drift check); answers when done |
 //! | `GET /api/v1/plans` | the plan held for approval (`{"plans": [...]}`, at most one: the head's) |
-//! | `POST /api/v1/plans/PLAN_ID/approve` | carry out the held plan, only if the head still plans to PLAN_ID (409 otherwise) |
+//! | `POST /api/v1/plans/PLAN_ID/approve` (signed action `approve`, bound to PLAN_ID) | carry out the held plan, only if the head still plans to PLAN_ID (409 otherwise) |
 //!
 //! The worker does the work: a request waits in `Shared::requests`, the worker
 //! takes it at the top of its loop and answers once the sync (or drift check)
@@ -59,8 +59,12 @@ async fn ask(shared: &Shared, what: Ask) -> Result<serde_json::Value, Response> 
     })
 }
 
-/// `POST /api/v1/sync`.
-pub async fn sync_handler(State(shared): State<Arc<Shared>>) -> Response {
+/// `POST /api/v1/sync` (a signed action: `crate::actions`).
+pub async fn sync_handler(State(shared): State<Arc<Shared>>, body: axum::body::Bytes) -> Response {
+    let binding = crate::actions::Binding::current(&shared);
+    if let Err(refusal) = crate::actions::authorize(&shared, "sync", &body, &binding) {
+        return refusal.into_response();
+    }
     match ask(&shared, Ask::Sync).await {
         Ok(v) => axum::Json(v).into_response(),
         Err(r) => r,
@@ -73,10 +77,11 @@ pub async fn plans_handler(State(shared): State<Arc<Shared>>) -> Response {
     axum::Json(json!({"plans": held.into_iter().collect::<Vec<_>>()})).into_response()
 }
 
-/// `POST /api/v1/plans/PLAN_ID/approve`.
+/// `POST /api/v1/plans/PLAN_ID/approve` (a signed action bound to PLAN_ID).
 pub async fn approve_handler(
     State(shared): State<Arc<Shared>>,
     UrlPath(plan_id): UrlPath<String>,
+    body: axum::body::Bytes,
 ) -> Response {
     let held = shared.held.lock().expect("held lock").clone();
     let Some(held) = held else {
@@ -90,6 +95,13 @@ pub async fn approve_handler(
             &held.commit[..held.commit.len().min(12)],
             held.plan_id
         ));
+    }
+    let binding = crate::actions::Binding {
+        plan_id: Some(plan_id.clone()),
+        ..crate::actions::Binding::current(&shared)
+    };
+    if let Err(refusal) = crate::actions::authorize(&shared, "approve", &body, &binding) {
+        return refusal.into_response();
     }
     match ask(&shared, Ask::Approve(plan_id.clone())).await {
         Ok(v) => {
@@ -116,10 +128,17 @@ fn conflict(reason: String) -> Response {
         .into_response()
 }
 
-/// `cairn sync [--controller URL] [--approve PLAN_ID]` against the controller
-/// of `data_dir` (or `url`); prints the outcome; the exit code (0: applied or
-/// nothing to do, 1: held, refused or failed, 2: no controller).
-pub fn sync_command(data_dir: &Path, url: Option<&str>, approve: Option<&str>) -> u8 {
+/// `cairn sync [--controller URL] [--approve PLAN_ID] [--key KEY]` against the
+/// controller of `data_dir` (or `url`), an action signed by `key` (or git's
+/// `user.signingkey`); prints the outcome; the exit code (0: applied or
+/// nothing to do, 1: held, refused or failed, 2: no controller, not signed or
+/// refused as unsigned).
+pub fn sync_command(
+    data_dir: &Path,
+    url: Option<&str>,
+    approve: Option<&str>,
+    key: Option<&Path>,
+) -> u8 {
     let Some((url, token)) = control::status_endpoint(data_dir, url) else {
         eprintln!(
             "error: no cairn controller runs for {} (pass --controller URL, or --data-dir DIR of a running controller)",
@@ -139,11 +158,23 @@ pub fn sync_command(data_dir: &Path, url: Option<&str>, approve: Option<&str>) -
         }
         None => "/api/v1/sync".to_owned(),
     };
-    let answer = match control::request(
+    let key = match crate::actions::signing_key(key) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let action = crate::actions::Request {
+        action: if approve.is_some() { "approve" } else { "sync" },
+        path: &path,
+        plan_id: approve,
+    };
+    let answer = match crate::actions::perform(
         &url,
-        "POST",
-        &path,
         token.as_deref(),
+        action,
+        &key,
         Duration::from_secs(900),
     ) {
         Ok(a) => a,

@@ -86,6 +86,8 @@ fn config(dir: &Path) -> controller::Config {
         drift_interval: Duration::from_secs(60),
         self_heal: true,
         parallelism: 1,
+        remote: None,
+        webhook_secret: None,
     }
 }
 
@@ -293,6 +295,14 @@ async fn only_a_fresh_action_signed_by_a_platform_key_pauses_and_each_works_once
     let a = tokio::task::block_in_place(|| api.post("pause", &body, true));
     assert_eq!(a.status, 200, "a challenge survives a restart: {a:?}");
 
+    // `cairn sync` is a signed action too.
+    let a = tokio::task::block_in_place(|| api.post("sync", "", true));
+    assert_eq!(a.status, 403, "{a:?}");
+    let sync = tokio::task::block_in_place(|| api.signed("sync", &trusted, |_| {}));
+    let a = tokio::task::block_in_place(|| api.post("sync", &sync, true));
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(a.body.contains("\"result\""), "{a:?}");
+
     // Every accepted action is in the audit log with its signer.
     use reconciler::state::StateStore as _;
     let store = reconciler::state::RedbStore::open(&handle.shared.config.state_path()).unwrap();
@@ -304,7 +314,7 @@ async fn only_a_fresh_action_signed_by_a_platform_key_pauses_and_each_works_once
         .filter(|e| e.contains("action-"))
         .collect();
     drop(store);
-    assert_eq!(audit.len(), 3, "{audit:?}");
+    assert_eq!(audit.len(), 4, "{audit:?}");
     assert!(
         audit.iter().all(|e| e.contains("ops@example.com")),
         "{audit:?}"

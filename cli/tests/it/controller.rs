@@ -319,19 +319,14 @@ impl GitOps {
         if !key.ends_with("none") {
             args.extend(["--key", key.as_str()]);
         }
-        let out = self
-            .cluster
+        self.cluster
             .command(&args)
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .stdin(Stdio::null())
             .output()
-            .expect("cairn runs");
-        crate::Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+            .expect("cairn runs")
+            .into()
     }
 
     pub(crate) fn wait_sync(&self, commit: &str, timeout: Duration) -> Value {

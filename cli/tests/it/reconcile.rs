@@ -33,9 +33,11 @@ fn skip() -> bool {
     false
 }
 
-/// `cairn sync ARGS --data-dir .cairn` in the cluster directory.
+/// `cairn sync ARGS --data-dir .cairn --key TRUSTED` in the cluster directory
+/// (a signed action).
 fn cairn_sync(g: &GitOps, args: &[&str]) -> crate::Run {
-    let mut all = vec!["sync", "--data-dir", ".cairn"];
+    let key = g.keys.0.join("trusted").display().to_string();
+    let mut all = vec!["sync", "--data-dir", ".cairn", "--key", key.as_str()];
     all.extend_from_slice(args);
     let out = g
         .cluster
