@@ -212,3 +212,44 @@ pub fn markdown(a: &Authorization) -> String {
     }
     out
 }
+
+/// `cairn check --base REV`: the authorization of the commits of `dir`'s
+/// repository from `base` to `HEAD`, appended to the rendered report (text:
+/// the section; JSON: an `authorization` member, the shape of `cairn diff`'s;
+/// SARIF and JUnit: unchanged). Returns the output and whether a controller
+/// would accept the push (always true without `--trusted-keys`: informational).
+pub fn append_to_check(
+    dir: &Path,
+    base: &str,
+    trusted_keys: Option<&Path>,
+    json: Option<bool>,
+    rendered: String,
+) -> anyhow::Result<(String, bool)> {
+    let repo = git2::Repository::discover(dir)
+        .with_context(|| format!("--base needs a git repository; {} is in none", dir.display()))?;
+    let workdir = repo
+        .workdir()
+        .context("the repository is bare")?
+        .canonicalize()?;
+    let prefix = dir
+        .canonicalize()?
+        .strip_prefix(&workdir)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let a = preview(&repo, &prefix, base, Some("HEAD"), trusted_keys)?;
+    let ok = trusted_keys.is_none() || a.allowed;
+    let out = match json {
+        None => rendered,
+        Some(false) => format!("{rendered}{}", text(&a)),
+        Some(true) => {
+            let mut v: serde_json::Value = serde_json::from_str(&rendered)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("authorization".to_owned(), serde_json::to_value(&a)?);
+            }
+            let mut s = serde_json::to_string_pretty(&v)?;
+            s.push('\n');
+            s
+        }
+    };
+    Ok((out, ok))
+}

@@ -56,6 +56,14 @@ pub struct CheckArgs {
     /// A plan JSON (`cairn plan --format json`) to check as `input.plan`.
     #[arg(long, value_name = "FILE")]
     pub plan: Option<PathBuf>,
+    /// Also judge the commits from REV (the target branch) to HEAD as a
+    /// controller following REV would (signatures, per-object authorization).
+    #[arg(long, value_name = "REV")]
+    pub base: Option<String>,
+    /// The platform keys for --base (allowed-signers format): with it, a push
+    /// a controller would refuse exits 1.
+    #[arg(long, value_name = "FILE", requires = "base")]
+    pub trusted_keys: Option<PathBuf>,
 }
 
 /// `cairn policy …`.
@@ -152,9 +160,23 @@ pub fn check(args: CheckArgs) -> anyhow::Result<u8> {
     };
     record_overrides(&args.dir, &report)?;
     let rendered = render(&report, args.format, &repo_prefix(&args.dir));
+    let (rendered, authorized) = match &args.base {
+        Some(base) => crate::authz::append_to_check(
+            &args.dir,
+            base,
+            args.trusted_keys.as_deref(),
+            match args.format {
+                CheckFormat::Text => Some(false),
+                CheckFormat::Json => Some(true),
+                CheckFormat::Sarif | CheckFormat::Junit => None,
+            },
+            rendered,
+        )?,
+        None => (rendered, true),
+    };
     let mut out = std::io::stdout().lock();
     out.write_all(rendered.as_bytes())?;
-    Ok(if report.passed() { 0 } else { 1 })
+    Ok(if report.passed() && authorized { 0 } else { 1 })
 }
 
 /// The report in a format.

@@ -314,6 +314,23 @@ fn cairn_diff_shows_the_controllers_authorization_verdict_before_merging() {
         ],
     );
     assert!(md.stdout.contains("#### Authorization ❌"), "{}", md.stdout);
+    // `cairn check --base` says the same after the policy report.
+    let check = crate::cairn(
+        &dir,
+        &["check", ".", "--base", "base", "--trusted-keys", &keys_arg],
+    );
+    assert_eq!(check.code, 1, "{}{}", check.stdout, check.stderr);
+    assert!(
+        check.stdout.contains("authorization: a controller following base would refuse")
+            && check.stdout.contains("vm db (workloads.kdl:13:4) changed"),
+        "{}",
+        check.stdout
+    );
+    let check = crate::cairn(&dir, &["check", ".", "--base", "base", "--format", "json"]);
+    assert_eq!(check.code, 0, "informational without --trusted-keys: {}", check.stderr);
+    let json: serde_json::Value = serde_json::from_str(&check.stdout).expect("JSON");
+    assert_eq!(json["authorization"]["allowed"], false, "{json}");
+    assert_eq!(json["passed"], true);
 
     // The operator's commit instead: accepted.
     git(&["reset", "-q", "--hard", "base"]);
