@@ -188,35 +188,32 @@ impl FileEngine {
             }
             engine.sync_data(&files)
         };
-        if let Some(recorder) = crate::power_loss::recorder() {
-            // The plain path records through `run` and `sync_data`; the chained one
-            // here: the writes before they are submitted, the syncs once they completed.
-            // Every write is recorded before the sync starts, so the sync covers them.
-            let recorded = writes
-                .iter()
-                .try_for_each(|&(file, offset, buf)| {
-                    recorder.before_write(file, offset, buf.len() as u64)
-                })
-                .and_then(|()| recorder.position());
-            let started = match recorded {
-                Ok(started) => started,
-                Err(error) => return (Err(error), during()),
-            };
-            let (result, r) = match self {
-                FileEngine::Sync => (fallback(self), during()),
-                FileEngine::IoUring(engine) => {
-                    let (chained, r) = engine.write_sync_chained(writes, during);
-                    match chained {
-                        Ok(true) => (Ok(()), r),
-                        Ok(false) => (fallback(self), r),
-                        Err(e) => (Err(e), r),
-                    }
-                }
-            };
-            let files: Vec<&File> = writes.iter().map(|&(file, _, _)| file).collect();
-            let result = result.and_then(|()| recorder.synced(&files, started));
-            return (result, r);
-        }
+        let Some(recorder) = crate::power_loss::recorder() else {
+            return self.write_sync_unrecorded(writes, during, fallback);
+        };
+        // Simulated power loss: every write is recorded before the sync starts (so the
+        // sync covers them), the sync once it completed.
+        let recorded = writes
+            .iter()
+            .try_for_each(|&(file, offset, buf)| {
+                recorder.before_write(file, offset, buf.len() as u64)
+            })
+            .and_then(|()| recorder.position());
+        let started = match recorded {
+            Ok(started) => started,
+            Err(error) => return (Err(error), during()),
+        };
+        let (result, r) = self.write_sync_unrecorded(writes, during, fallback);
+        let files: Vec<&File> = writes.iter().map(|&(file, _, _)| file).collect();
+        (result.and_then(|()| recorder.synced(&files, started)), r)
+    }
+
+    fn write_sync_unrecorded<R>(
+        &self,
+        writes: &[(&File, u64, &[u8])],
+        during: impl FnOnce() -> R,
+        fallback: impl Fn(&FileEngine) -> io::Result<()>,
+    ) -> (io::Result<()>, R) {
         match self {
             FileEngine::Sync => {
                 let result = fallback(self);

@@ -216,23 +216,24 @@ fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, parts: &[
     }
 }
 
+/// `offset..offset+length` in pieces of at most 4 MiB (the API's limit per call).
+fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, u64)> {
+    (offset..offset + length)
+        .step_by(4 << 20)
+        .map(move |at| (at, (offset + length - at).min(4 << 20)))
+}
+
 async fn read_range(node: &TestNode, controller: &Identity, offset: u64, length: u64) -> Vec<u8> {
     let mut client = node.client(controller).await;
     let mut out = Vec::new();
-    let mut at = offset;
-    while at < offset + length {
-        let chunk = (offset + length - at).min(4 << 20);
-        out.extend(
-            client
-                .read_volume(ReadVolumeRequest {
-                    name: "v".into(),
-                    offset: at,
-                    length: chunk,
-                })
-                .await
-                .unwrap_or_else(|status| panic!("read {} at {at}: {status:?}", node.name)),
-        );
-        at += chunk;
+    for (at, chunk) in pieces(offset, length) {
+        let request = ReadVolumeRequest {
+            name: "v".into(),
+            offset: at,
+            length: chunk,
+        };
+        let data = client.read_volume(request).await;
+        out.extend(data.unwrap_or_else(|status| panic!("read {}: {status:?}", node.name)));
     }
     out
 }
@@ -242,21 +243,17 @@ async fn read_range(node: &TestNode, controller: &Identity, offset: u64, length:
 async fn checksums(node: &TestNode, controller: &Identity, offset: u64, length: u64) -> Vec<u32> {
     let mut client = node.client(controller).await;
     let mut out = Vec::new();
-    let mut at = offset;
-    while at < offset + length {
-        let chunk = (offset + length - at).min(4 << 20);
+    for (at, chunk) in pieces(offset, length) {
+        let request = ReplicaReadRequest {
+            volume: "v".into(),
+            offset: at,
+            length: chunk,
+        };
+        let read = client.replica_read(request).await;
         out.extend(
-            client
-                .replica_read(ReplicaReadRequest {
-                    volume: "v".into(),
-                    offset: at,
-                    length: chunk,
-                })
-                .await
-                .unwrap_or_else(|status| panic!("checksums of {}: {status:?}", node.name))
+            read.unwrap_or_else(|status| panic!("checksums of {}: {status:?}", node.name))
                 .checksums,
         );
-        at += chunk;
     }
     out
 }
