@@ -51,7 +51,7 @@ pub const CONTEXT: &[u8] = b"cairn-audit-v1\0";
 /// The event of the marker entry that starts the chain after unchained entries.
 pub const CHAIN_STARTED: &str = "audit-chain-started";
 
-/// One audit log entry's content.
+/// One audit log entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AuditEntry {
     /// When.
