@@ -208,11 +208,10 @@ fn blast_radius_and_freeze_windows_hold_and_prune_off_leaves_a_removed_vm_runnin
     // Back to the three VMs, with a freeze window that holds now and prune off:
     // nothing to do, so it is applied, and its block governs from then on.
     let now_s = (reconciler::state::now_ms() / 1000) as i64;
+    // `YYYY-MM-DD HH:MM` (UTC) of an instant, from the controller's RFC 3339.
     let fmt = |s: i64| {
-        let days = s.div_euclid(86_400);
-        let (y, m, d) = civil(days);
-        let min = s.rem_euclid(86_400) / 60;
-        format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", min / 60, min % 60)
+        let t = ::controller::events::rfc3339(s as u64 * 1000);
+        format!("{} {}", &t[..10], &t[11..16])
     };
     let frozen = format!(
         "reconcile {{\n    prune #false\n    freeze \"release\" from=\"{}\" to=\"{}\" zone=\"UTC\"\n}}\n",
@@ -269,19 +268,6 @@ fn blast_radius_and_freeze_windows_hold_and_prune_off_leaves_a_removed_vm_runnin
         "{}",
         g.log()
     );
-}
-
-/// (year, month, day) of days since 1970-01-01.
-fn civil(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 const NO_BIG_VMS: &str = "# METADATA\n# title: No VM over 100 MiB\n# custom:\n#   enforcement: hard-mandatory\npackage cairn.nobig\n\nimport rego.v1\n\ndeny contains msg if {\n\tsome vm in input.vms\n\tvm.memory_bytes > 104857600\n\tmsg := sprintf(\"vm %s: %d bytes of memory is over 100 MiB\", [vm.name, vm.memory_bytes])\n}\n";
