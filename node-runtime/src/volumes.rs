@@ -1006,6 +1006,7 @@ impl Volumes {
                             sequence,
                             epoch,
                             "write the replica",
+                            epochs::remaining(deadline),
                         )
                         .await;
                     (peer, result)

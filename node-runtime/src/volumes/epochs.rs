@@ -50,6 +50,21 @@ pub const FREEZE_ENV: &str = "CAIRN_VOLUME_FREEZE_MS";
 /// How often a frozen writer retries the failed copy.
 const RETRY: Duration = Duration::from_millis(200);
 
+/// The least time a peer is given to answer one write, even past a frozen write's
+/// deadline (one last attempt).
+const MIN_ATTEMPT: Duration = Duration::from_millis(500);
+
+/// How long a copy catching up is given to answer each piece.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The time a peer is given to answer a write that must be done by `deadline`: a peer
+/// that stopped (SIGSTOP, a dropped link) must not hold the writer past its bound.
+pub fn remaining(deadline: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(MIN_ATTEMPT)
+}
+
 /// Marks a refusal because the caller's epoch is older than the copy's: the caller was
 /// fenced and must not wait for anything.
 pub const FENCED: &str = "is fenced";
@@ -411,21 +426,26 @@ impl Volumes {
         sequence: u64,
         epoch: u64,
         what: &str,
+        within: Duration,
     ) -> Result<(), Status> {
         let mut client = self.peer_client(peer)?;
-        client
-            .replica_write(v1::ReplicaWriteRequest {
-                volume: name.to_string(),
-                offset,
-                data,
-                sequence,
-                checksums,
-                resync: sequence == 0,
-                epoch,
-            })
-            .await
-            .map(|_| ())
-            .map_err(|status| peer_failure(peer, what, &status))
+        let call = client.replica_write(v1::ReplicaWriteRequest {
+            volume: name.to_string(),
+            offset,
+            data,
+            sequence,
+            checksums,
+            resync: sequence == 0,
+            epoch,
+        });
+        let status = match tokio::time::timeout(within, call).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(status)) => status,
+            Err(_) => {
+                Status::deadline_exceeded(format!("no answer within {} ms", within.as_millis()))
+            }
+        };
+        Err(peer_failure(peer, what, &status))
     }
 
     /// Records a dirty region of the copy on `node` durably (the volume's sequence
@@ -492,6 +512,7 @@ impl Volumes {
                             0,
                             epoch,
                             "resynchronise the replica",
+                            remaining(deadline),
                         )
                         .await;
                     if let Err(status) = result {
@@ -573,8 +594,18 @@ impl Volumes {
             let owned = name.clone();
             let (data, checksums) =
                 blocking(move || local.read_with_checksums(&owned, offset, length)).await?;
-            self.ship(peer, name, offset, data, checksums, 0, epoch, "catch up")
-                .await?;
+            self.ship(
+                peer,
+                name,
+                offset,
+                data,
+                checksums,
+                0,
+                epoch,
+                "catch up",
+                CATCH_UP_TIMEOUT,
+            )
+            .await?;
             shipped += length;
             entry.resync_bytes.fetch_add(length, Ordering::Relaxed);
         }
@@ -597,11 +628,37 @@ impl Volumes {
         Ok(shipped)
     }
 
+    /// Whether the node of `peer` answers a small read of the volume within a second.
+    async fn answers(&self, entry: &VolumeEntry, peer: &Peer) -> bool {
+        let Ok(mut client) = self.peer_client(peer) else {
+            return false;
+        };
+        let probe = client.replica_read(v1::ReplicaReadRequest {
+            volume: entry.record.name.clone(),
+            offset: 0,
+            length: storage::BLOCK_SIZE,
+        });
+        match tokio::time::timeout(Duration::from_secs(1), probe).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(status)) => !matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ),
+            Err(_) => false,
+        }
+    }
+
     /// Brings back every reachable copy outside the in-sync set of a writer.
     pub(super) async fn catch_up_all(&self, entry: &VolumeEntry) {
         let (_, _, catching, outside) = self.targets(entry);
         for peer in outside {
             if catching.iter().any(|caught| caught.name == peer.name) {
+                continue;
+            }
+            // A copy that does not answer is not waited for under the volume's lock
+            // (writes would stall behind it): any answer of its node, a refusal
+            // included, shows it is back.
+            if !self.answers(entry, &peer).await {
                 continue;
             }
             let _guard = entry.write_lock.lock().await;

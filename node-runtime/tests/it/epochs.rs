@@ -601,3 +601,64 @@ async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_
     assert_eq!(healthy.in_sync, all);
     assert!(healthy.awaiting_removal.is_empty() && healthy.caught_up.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_replica_holds_the_writer_no_longer_than_its_bound() {
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let env = [("CAIRN_VOLUME_FREEZE_MS", "2000")];
+    let nodes = cluster(base.path(), &controller, &env).await;
+    let state = reconciler::state::RedbStore::open(&base.path().join("state.redb")).unwrap();
+    let authority = reconciler::epochs::EpochAuthority::new(&state);
+    controller_step(&authority, &nodes.iter().collect::<Vec<_>>(), &controller).await;
+    let mut primary = nodes[0].client(&controller).await;
+    assert_eq!(write_ok(&mut primary, "w0", 0, 0).await, 3);
+    // SIGSTOP: the replica's connections stay open and nothing answers.
+    let stopped = nodes[2].pid() as libc::pid_t;
+    assert_eq!(unsafe { libc::kill(stopped, libc::SIGSTOP) }, 0);
+    let started = Instant::now();
+    let frozen = primary.apply(request("w1", write(1, 1))).await;
+    let waited = started.elapsed();
+    let refused = frozen.expect_err("not acknowledged without the stopped copy");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(6),
+        "failed after {waited:?}: the bound is 2 s"
+    );
+    // The authority removes it; writes go on at once although it still does not answer.
+    let changes = controller_step(&authority, &[&nodes[0], &nodes[1]], &controller).await;
+    assert_eq!(changes.len(), 1);
+    let started = Instant::now();
+    for index in 2..10 {
+        assert_eq!(
+            write_ok(&mut primary, &format!("w{index}"), index, index).await,
+            2
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "8 writes took {:?} beside a stopped copy",
+        started.elapsed()
+    );
+    assert_eq!(unsafe { libc::kill(stopped, libc::SIGCONT) }, 0);
+    controller_step(&authority, &nodes.iter().collect::<Vec<_>>(), &controller).await;
+    wait_status(
+        &nodes[0],
+        &controller,
+        Duration::from_secs(20),
+        "caught up",
+        |s| s.caught_up == ["ep-c"],
+    )
+    .await;
+    let changes = controller_step(&authority, &nodes.iter().collect::<Vec<_>>(), &controller).await;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(write_ok(&mut primary, "w10", 10, 10).await, 3);
+    let reference = read_range(&nodes[0], &controller, 0, 11 * CHUNK).await;
+    for node in &nodes[1..] {
+        assert!(
+            read_range(node, &controller, 0, 11 * CHUNK).await == reference,
+            "copy on {} differs",
+            node.name
+        );
+    }
+}
