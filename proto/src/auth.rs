@@ -13,6 +13,7 @@
 //! | `x-cairn-nonce` | 16 random bytes, 32 hex characters, never reused |
 //! | `x-cairn-signature` | ed25519 signature, 128 hex characters, over [`signing_payload`] |
 //! | `x-cairn-protocol` | the caller's contract version, `MAJOR.MINOR` ([`crate::protocol`]; not signed) |
+//! | `x-cairn-audit-head` | a controller's audit-log head, `SEQ:HASH_HEX` ([`crate::anchor`]; not signed, optional) |
 //!
 //! The signed payload binds the format tag, the full gRPC method path, the target
 //! node's name and public key, the timestamp, the nonce and the SHA-256 of the
@@ -644,6 +645,11 @@ pub struct TrustedKeys {
 }
 
 impl TrustedKeys {
+    /// Every key, lower-case hex, in key order.
+    pub fn keys_hex(&self) -> Vec<String> {
+        self.by_key.keys().map(|key| to_hex(key)).collect()
+    }
+
     /// No keys.
     pub fn new() -> Self {
         Self::default()
