@@ -11,14 +11,15 @@
 //! receiver "ops" {
 //!     format "json"              // or "slack"
 //!     url "http://127.0.0.1:9000/cairn"
-//!     events "sync:failed" "sync:held" "drift:found" "node:unreachable"
+//!     events "sync:failed" "held" "drift:found" "node:unreachable"
 //!     secret-file "/etc/cairn/ops.secret"   // json only, optional
 //! }
 //! ```
 //!
 //! `events` lists `KIND` or `KIND:RESULT` of [`crate::events::Event`] (the
-//! common ones: `sync:failed`, `sync:refused`, `sync:held` (held for approval or
-//! paused), `drift:found`, `node:unreachable`, `crash-loop`). The JSON format
+//! common ones: `sync:failed`, `sync:refused`, `held` (a plan held for approval;
+//! `sync:held` also covers a paused controller), `drift:found`,
+//! `node:unreachable`, `crash-loop`). The JSON format
 //! posts `{"format_version": 1, "receiver", "repo", "branch", "event": EVENT}`
 //! with `X-Cairn-Event: KIND:RESULT` and, with a secret, `X-Cairn-Signature:
 //! sha256=HEX`, the HMAC-SHA256 of the body with the secret file's content
