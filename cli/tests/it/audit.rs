@@ -36,7 +36,9 @@ fn audit_verify_finds_an_altered_entry_and_a_cut_tail_through_the_nodes_anchors(
     let intact = cluster.cairn(&["audit", "verify", "."]);
     assert_eq!(intact.code, 0, "{intact:?}");
     assert!(
-        intact.stdout.contains("intact: 4 entries, head entry 4 hash "),
+        intact
+            .stdout
+            .contains("intact: 4 entries, head entry 4 hash "),
         "{intact:?}"
     );
     assert!(
@@ -79,9 +81,9 @@ fn audit_verify_finds_an_altered_entry_and_a_cut_tail_through_the_nodes_anchors(
     let altered = cluster.cairn(&["audit", "verify", "."]);
     assert_eq!(altered.code, 1, "{altered:?}");
     assert!(
-        altered
-            .stderr
-            .contains("is broken at entry 2: its content (event `plan`) does not match its content hash"),
+        altered.stderr.contains(
+            "is broken at entry 2: its content (event `plan`) does not match its content hash"
+        ),
         "{altered:?}"
     );
 }
