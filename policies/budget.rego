@@ -11,33 +11,31 @@ gib := 1073741824
 
 prices := data.cairn_prices
 
-placed := {p.name: p | some p in input.placement.vms}
-
-# Instances holding compute. With a placement: the placed primary and
-# secondary (an unplaced VM costs no compute). Without: one, two for FT.
-instances(vm) := n if {
-	input.placement
-	p := placed[vm.name]
+# VM name -> instances holding compute. With a placement: the placed primary
+# and secondary, in one pass over it (a VM it does not name costs no compute:
+# none below). Without: one, two for FT. Looked up per VM rather than a
+# function called per VM, which made this policy the slowest at 10,000 VMs.
+instance_count := {p.name: n |
+	some p in input.placement.vms
 	n := count([x | some x in [p.node, object.get(p, "secondary", null)]; x != null])
-} else := 0 if {
+} if {
 	input.placement
-} else := 2 if {
+} else := {vm.name: instances_without_placement(vm) | some vm in input.vms}
+
+instances_without_placement(vm) := 2 if {
 	vm.availability == "ft"
 } else := 1
 
-vm_cost(vm) := c if {
-	p := prices.per_month[vm.sla.class]
-	storage_gib := sum([d.size_bytes | some d in vm.disks]) / gib
-	compute := vm.cpu * p.vcpu + (vm.memory_bytes / gib) * p.memory_gib
-	c := (instances(vm) * compute) + (storage_gib * p.storage_gib)
-}
-
 # Tenant name -> {[vm name, cost]}: one pass over the VMs (a comprehension
-# per tenant would be tenants x VMs).
+# per tenant would be tenants x VMs). The monthly cost of a VM: compute
+# (vCPUs and memory) per instance, plus its disks' storage once.
 vm_costs[tenant] contains [vm.name, cost] if {
 	some vm in input.vms
 	tenant := vm.tenant
-	cost := vm_cost(vm)
+	p := prices.per_month[vm.sla.class]
+	storage_gib := sum([d.size_bytes | some d in vm.disks]) / gib
+	compute := vm.cpu * p.vcpu + (vm.memory_bytes / gib) * p.memory_gib
+	cost := (object.get(instance_count, vm.name, 0) * compute) + (storage_gib * p.storage_gib)
 }
 
 # Tenant name -> estimated monthly cost, rounded to cents.

@@ -360,7 +360,8 @@ pub fn evaluate(
         findings: vec![],
         overrides: vec![],
     };
-    for policy in &set.policies {
+    let outcomes = judge_all(set, input);
+    for (policy, outcome) in set.policies.iter().zip(outcomes) {
         let mut result = PolicyResult {
             name: policy.name.clone(),
             path: policy.path.clone(),
@@ -371,12 +372,6 @@ pub fn evaluate(
             status: "pass",
             error: None,
         };
-        let outcome = engine_with(set, &[(&policy.path, &policy.text)]).and_then(|mut engine| {
-            engine.set_input(input.value.clone());
-            let deny = eval_messages(&mut engine, &policy.package, "deny")?;
-            let warn = eval_messages(&mut engine, &policy.package, "warn")?;
-            Ok((deny, warn))
-        });
         let (deny, warn) = match outcome {
             Ok(x) => x,
             Err(e) => {
@@ -468,24 +463,88 @@ pub fn evaluate(
     Ok(report)
 }
 
-/// Evaluates `data.PACKAGE.RULE` as a set (or array) of messages; an
-/// undefined rule is no messages.
-fn eval_messages(
-    engine: &mut regorus::Engine,
-    package: &str,
-    rule: &str,
-) -> Result<Vec<serde_json::Value>, String> {
-    let query = format!("data.{package}.{rule}");
-    let results = engine
-        .eval_query(query.clone(), false)
-        .map_err(|e| e.to_string())?;
-    let Some(value) = results
+/// The `deny` and `warn` messages of one policy, or why it could not be
+/// evaluated.
+type Outcome = Result<(Vec<serde_json::Value>, Vec<serde_json::Value>), String>;
+
+/// Evaluates every policy of `set` (each alone, in its own engine), on as many
+/// threads as there are cores and policies; the outcomes are in `set`'s order.
+fn judge_all(set: &PolicySet, input: &Input) -> Vec<Outcome> {
+    let judge = |policy: &crate::set::Policy| -> Outcome {
+        let mut engine = engine_with(set, &[(&policy.path, &policy.text)])?;
+        engine.set_input(input.value.clone());
+        eval_deny_and_warn(&mut engine, &policy.package)
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(set.policies.len());
+    if threads <= 1 {
+        return set.policies.iter().map(judge).collect();
+    }
+    // Each thread takes the next policy not taken yet; the slowest policy
+    // bounds the wall time rather than the sum of all of them.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let slots: Vec<std::sync::Mutex<Option<Outcome>>> =
+        set.policies.iter().map(|_| Default::default()).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(policy) = set.policies.get(i) else {
+                        break;
+                    };
+                    let outcome = judge(policy);
+                    *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+                }
+            });
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| {
+            slot.into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err("the policy was not evaluated".to_owned()))
+        })
+        .collect()
+}
+
+/// Evaluates `data.PACKAGE.deny` and `data.PACKAGE.warn` in one query, so the
+/// rules both use (a budget's per-tenant costs) are evaluated once: regorus
+/// forgets every rule's value between queries.
+fn eval_deny_and_warn(engine: &mut regorus::Engine, package: &str) -> Outcome {
+    // `[x | x := RULE]` is `[]` when the rule is undefined and `[value]`
+    // otherwise, so neither rule can make the other's answer vanish.
+    let query = format!(
+        "cairn_deny__ := [x | x := data.{package}.deny]; cairn_warn__ := [x | x := data.{package}.warn]"
+    );
+    let results = engine.eval_query(query, false).map_err(|e| e.to_string())?;
+    let bindings = results
         .result
         .first()
-        .and_then(|r| r.expressions.first())
-        .map(|e| e.value.clone())
-    else {
-        return Ok(vec![]);
+        .map(|r| r.bindings.clone())
+        .unwrap_or(regorus::Value::Undefined);
+    let deny = messages(&bindings, package, "deny", "cairn_deny__")?;
+    let warn = messages(&bindings, package, "warn", "cairn_warn__")?;
+    Ok((deny, warn))
+}
+
+/// The value of `data.PACKAGE.RULE` (bound to `var` as `[]` or `[value]`) as
+/// a set (or array) of messages; an undefined rule is no messages.
+fn messages(
+    bindings: &regorus::Value,
+    package: &str,
+    rule: &str,
+    var: &str,
+) -> Result<Vec<serde_json::Value>, String> {
+    let query = format!("data.{package}.{rule}");
+    let value = match &bindings[&regorus::Value::from(var)] {
+        regorus::Value::Array(a) => match a.first() {
+            Some(v) => v.clone(),
+            None => return Ok(vec![]),
+        },
+        _ => return Ok(vec![]),
     };
     let json = serde_json::to_value(&value).map_err(|e| e.to_string())?;
     match json {
