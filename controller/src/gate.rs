@@ -273,12 +273,76 @@ pub fn policies_at(
     .map_err(|e| e.to_string())
 }
 
-/// Whether the signer of a commit may waive a soft-mandatory policy. Every key
-/// of the controller's trusted-keys file is a platform key, and a platform key
-/// may waive any soft-mandatory policy. (Tenant member keys, when they may sign
-/// commits, waive only policies whose metadata names their role.)
-pub fn may_waive(signer: Option<&crate::trust::Signer>) -> bool {
-    signer.is_some()
+/// Why the signer of a commit may not make its overrides (`None`: it may). A
+/// platform key (a key of the controller's trusted-keys file) may override any
+/// soft-mandatory policy; a tenant member's key (of the commit applied last,
+/// `authority`) only a policy whose metadata names one of its roles
+/// (`custom: overridable-by: [admin]`).
+pub fn waiver_refusal(
+    signer: Option<&crate::trust::Signer>,
+    platform: &policy::sshsig::AllowedSigners,
+    authority: Option<&compiler::Model>,
+    policies: &policy::PolicySet,
+    overrides: &[Override],
+) -> Option<String> {
+    if overrides.is_empty() {
+        return None;
+    }
+    let Some(signer) = signer else {
+        return Some("the commit's signer is unknown, so it may not override policies".to_owned());
+    };
+    if platform
+        .signers
+        .iter()
+        .any(|s| policy::sshsig::fingerprint(&s.key) == signer.fingerprint)
+    {
+        return None;
+    }
+    let roles: Vec<String> = authority
+        .into_iter()
+        .flat_map(|m| &m.tenants)
+        .flat_map(|t| &t.members)
+        .filter(|m| {
+            m.key
+                .as_deref()
+                .and_then(|k| compiler::sshkey::parse(k).ok())
+                .is_some_and(|k| policy::sshsig::fingerprint(&k.blob) == signer.fingerprint)
+        })
+        .filter_map(|m| serde_json::to_value(m.role).ok()?.as_str().map(str::to_owned))
+        .collect();
+    let refused: Vec<String> = overrides
+        .iter()
+        .filter_map(|o| {
+            let p = policies.policy(&o.policy)?;
+            if p.overridable_by.iter().any(|r| roles.contains(r)) {
+                return None;
+            }
+            Some(if p.overridable_by.is_empty() {
+                format!(
+                    "{} (only platform keys may override it; its metadata may name roles that may: `overridable-by: [admin]` under `custom:`)",
+                    o.policy
+                )
+            } else {
+                format!(
+                    "{} (the roles that may override it: {})",
+                    o.policy,
+                    p.overridable_by.join(", ")
+                )
+            })
+        })
+        .collect();
+    (!refused.is_empty()).then(|| {
+        format!(
+            "its signer {} is not a platform key{} and may not override {}",
+            signer.describe(),
+            if roles.is_empty() {
+                String::new()
+            } else {
+                format!(" (member roles: {})", roles.join(", "))
+            },
+            refused.join("; ")
+        )
+    })
 }
 
 /// The policy report's parts an event keeps: advisory and warning results,

@@ -92,6 +92,9 @@ pub struct Policy {
     pub title: Option<String>,
     /// `description` from METADATA.
     pub description: Option<String>,
+    /// `custom.overridable-by`: tenant member roles whose keys may override
+    /// this (soft-mandatory) policy in a commit, besides platform keys.
+    pub overridable_by: Vec<String>,
     /// The module text.
     pub text: String,
 }
@@ -162,6 +165,7 @@ impl PolicySet {
                         enforcement,
                         title: meta.title,
                         description: meta.description,
+                        overridable_by: meta.overridable_by,
                         text,
                     });
                 }
@@ -288,9 +292,11 @@ struct Metadata {
     title: Option<String>,
     description: Option<String>,
     enforcement: Option<String>,
+    overridable_by: Vec<String>,
 }
 
-/// Reads `title`, `description` and `custom.enforcement` from the first
+/// Reads `title`, `description`, `custom.enforcement` and
+/// `custom.overridable-by` (a list of member roles) from the first
 /// `# METADATA` block: a run of comment lines after a `# METADATA` line.
 fn metadata(text: &str) -> Metadata {
     let mut meta = Metadata::default();
@@ -316,6 +322,15 @@ fn metadata(text: &str) -> Metadata {
             ("title", true) => meta.title = Some(value),
             ("description", true) => meta.description = Some(value),
             ("enforcement", false) => meta.enforcement = Some(value),
+            ("overridable-by", false) => {
+                meta.overridable_by = value
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .split(',')
+                    .map(|r| unquote(r.trim()))
+                    .filter(|r| !r.is_empty())
+                    .collect();
+            }
             _ => {}
         }
     }
@@ -344,6 +359,10 @@ mod tests {
         assert_eq!(p.package, "cairn.budget");
         assert_eq!(p.enforcement, Enforcement::SoftMandatory);
         assert_eq!(p.title.as_deref(), Some("Budget"));
+        assert!(p.overridable_by.is_empty());
+        let text = "# METADATA\n# custom:\n#   enforcement: soft-mandatory\n#   overridable-by: [admin, \"operator\"]\npackage cairn.x\n";
+        let set = PolicySet::from_files(vec![("policies/x.rego".into(), text.into())]).unwrap();
+        assert_eq!(set.policies[0].overridable_by, ["admin", "operator"]);
         assert_eq!(p.description.as_deref(), Some("Costs"));
     }
 

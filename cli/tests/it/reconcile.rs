@@ -372,3 +372,74 @@ fn the_policies_applied_last_gate_a_commit_and_a_soft_override_by_a_platform_key
     );
     assert_eq!(running(&g), ["app", "b", "c"]);
 }
+
+const TWO_VMS_ADMIN: &str = "# METADATA\n# title: At most two VMs\n# custom:\n#   enforcement: soft-mandatory\n#   overridable-by: [admin]\npackage cairn.two\n\nimport rego.v1\n\ndeny contains msg if {\n\tcount(input.vms) > 2\n\tmsg := sprintf(\"%d VMs is over two\", [count(input.vms)])\n}\n";
+
+const THREE_VMS: &str = "# METADATA\n# title: At most three VMs\n# custom:\n#   enforcement: soft-mandatory\npackage cairn.three\n\nimport rego.v1\n\ndeny contains msg if {\n\tcount(input.vms) > 3\n\tmsg := sprintf(\"%d VMs is over three\", [count(input.vms)])\n}\n";
+
+#[test]
+fn a_member_key_overrides_only_the_policies_whose_metadata_names_its_role() {
+    if skip() {
+        return;
+    }
+    let (mut g, _) = GitOps::prepare("rc-member", None, &[]);
+    let other = std::fs::read_to_string(g.keys.0.join("other.pub")).expect("other.pub");
+    let key: Vec<&str> = other.split_whitespace().take(2).collect();
+    let tenants = g.dir().join("tenants.kdl");
+    let text = std::fs::read_to_string(&tenants).expect("tenants.kdl");
+    let text = text.replace(
+        "member \"dev@example.com\" role=\"admin\"",
+        &format!(
+            "member \"dev@example.com\" role=\"admin\" key=\"{}\"",
+            key.join(" ")
+        ),
+    );
+    assert!(text.contains("key=\"ssh-ed25519 "), "{text}");
+    std::fs::write(&tenants, text).expect("tenants.kdl");
+    let policies = g.dir().join("policies");
+    std::fs::create_dir_all(&policies).expect("policies dir");
+    std::fs::write(policies.join("max-two-vms.rego"), TWO_VMS_ADMIN).expect("policy");
+    std::fs::write(policies.join("max-three-vms.rego"), THREE_VMS).expect("policy");
+    let first = push(&g, &vms(&["app"]), "dev's admin key, two policies");
+    g.start();
+    let sync = g.wait_sync(&first, Duration::from_secs(60));
+    assert_eq!(sync["result"], "succeeded", "{sync}\n{}", g.log());
+
+    // dev's admin (a member key) may override max-two-vms, not max-three-vms.
+    std::fs::write(g.dir().join("workloads.kdl"), vms(&["app", "b", "c", "d"])).expect("w");
+    let four = g.commit(
+        "other",
+        "four VMs\n\nPolicy-Override: max-two-vms: demo\nPolicy-Override: max-three-vms: demo",
+    );
+    g.push(false);
+    let refused = g.wait_sync(&four, Duration::from_secs(60));
+    assert_eq!(refused["result"], "refused", "{refused}");
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("is not a platform key (member roles: admin)"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("may not override max-three-vms (only platform keys may override it"),
+        "{reason}"
+    );
+    assert!(!reason.contains("may not override max-two-vms"), "{reason}");
+
+    std::fs::write(g.dir().join("workloads.kdl"), vms(&["app", "b", "c"])).expect("w");
+    let three = g.commit(
+        "other",
+        "three VMs\n\nPolicy-Override: max-two-vms: demo for dev",
+    );
+    g.push(false);
+    let sync = g.wait_sync(&three, Duration::from_secs(60));
+    assert_eq!(sync["result"], "succeeded", "{sync}\n{}", g.log());
+    assert_eq!(
+        sync["detail"]["policy"]["overrides"][0]["policy"],
+        "max-two-vms"
+    );
+    assert_eq!(
+        sync["detail"]["policy"]["overrides"][0]["status"],
+        "applied"
+    );
+    assert_eq!(running(&g), ["app", "b", "c"]);
+}

@@ -172,17 +172,20 @@ impl Worker {
                 }
             };
         drop(repo);
-        if !overrides.is_empty() && !gate::may_waive(j.signer) {
+        let platform = crate::trust::read_signers(&self.shared.config.trusted_keys_path())
+            .unwrap_or_default();
+        if let Some(why) = gate::waiver_refusal(
+            j.signer,
+            &platform,
+            self.good.as_ref().map(|g| &g.model),
+            &policies,
+            &overrides,
+        ) {
             return Some(refuse(
                 self,
                 format!(
-                    "commit {} asks to override {} but its signer may not waive policies (a platform key may); nothing was sent",
-                    short(j.commit),
-                    overrides
-                        .iter()
-                        .map(|o| o.policy.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    "commit {} asks to override policies, but {why}; nothing was sent",
+                    short(j.commit)
                 ),
                 detail,
                 extra,
