@@ -11,77 +11,25 @@
 //!
 //! Not a test: it asserts nothing and prints figures.
 
+mod common;
+
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use proto::auth::{Identity, RequestSigner};
+use common::{Node, apply, median, push_peers, setup};
+use proto::auth::RequestSigner;
 use proto::client::NodeClient;
 use proto::v1::{
-    ApplyRequest, CreateVolume, ExportVolume, Peer, SetPeers, WriteVolume, apply_request::Action,
+    CreateVolume, ExportVolume, Peer, WriteVolume, apply_request::Action,
     apply_response::Result as ApplyResult,
 };
 
 const ROUNDS: usize = 3;
 const TOTAL_BYTES: u64 = 64 << 20;
 const CHUNK: usize = 1 << 20;
-
-struct Node {
-    name: String,
-    dir: PathBuf,
-    address: String,
-    child: Child,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(name: &str, dir: &Path, controller: &Identity) -> Node {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("trusted-controllers"),
-        format!("{}\n", controller.public_key_hex()),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_cairn-node"))
-        .args(["--name", name, "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(["--disks", "4", "--disk-capacity", &(4u64 << 30).to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn cairn-node");
-    // The node is killed and reaped by `Node::drop`, also if it never starts.
-    let mut node = Node {
-        name: name.into(),
-        dir: dir.into(),
-        address: String::new(),
-        child,
-    };
-    let file = dir.join("listen-address");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&file)
-            && text.ends_with('\n')
-        {
-            node.address = text.trim().into();
-            return node;
-        }
-        assert!(Instant::now() < deadline, "node {name} did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
 
 fn mib_per_second(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / (1u64 << 20) as f64 / elapsed.as_secs_f64()
@@ -111,16 +59,6 @@ fn file_baseline(dir: &Path, round: usize) -> f64 {
     drop(file);
     let _ = std::fs::remove_file(path);
     speed
-}
-
-async fn apply(client: &mut NodeClient, id: String, action: Action) -> proto::v1::ApplyResponse {
-    client
-        .apply(ApplyRequest {
-            request_id: id,
-            action: Some(action),
-        })
-        .await
-        .expect("apply")
 }
 
 fn create(name: &str, replicas: &[&Node]) -> Action {
@@ -188,22 +126,17 @@ fn main() {
     if std::env::args().any(|argument| argument == "--list") {
         return;
     }
-    let base = tempfile::tempdir_in(
-        std::env::var_os("CAIRN_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into()),
-    )
-    .unwrap_or_else(|_| tempfile::tempdir().unwrap());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let controller = Identity::generate().unwrap();
+    let (base, runtime, controller) = setup();
     let nodes: Vec<Node> = ["a", "b", "c"]
         .iter()
         .map(|suffix| {
-            start(
+            Node::start(
                 &format!("bench-{suffix}"),
                 &base.path().join(suffix),
                 &controller,
+                "127.0.0.1:0",
+                4,
+                4 << 30,
             )
         })
         .collect();
@@ -228,30 +161,7 @@ fn main() {
     ];
     runtime.block_on(async {
         let signer = RequestSigner::new(controller.clone());
-        let peers: Vec<Peer> = nodes
-            .iter()
-            .map(|node| Peer {
-                name: node.name.clone(),
-                address: node.address.clone(),
-                public_key_hex: std::fs::read_to_string(node.dir.join("identity.pub"))
-                    .unwrap()
-                    .trim()
-                    .into(),
-            })
-            .collect();
-        for node in &nodes {
-            let mut client = NodeClient::connect(&node.address, signer.clone())
-                .await
-                .unwrap();
-            apply(
-                &mut client,
-                "peers".into(),
-                Action::SetPeers(SetPeers {
-                    peers: peers.clone(),
-                }),
-            )
-            .await;
-        }
+        push_peers(&nodes.iter().collect::<Vec<_>>(), &signer).await;
         let mut primary = NodeClient::connect(&nodes[0].address, signer.clone())
             .await
             .unwrap();

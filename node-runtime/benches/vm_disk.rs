@@ -21,19 +21,20 @@
 //!
 //! Not a test: it asserts nothing and prints figures.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use proto::auth::{Identity, RequestSigner};
+use common::{Node, apply, median, push_peers, setup};
+use proto::auth::RequestSigner;
 use proto::client::NodeClient;
 use proto::v1::{
-    ApplyRequest, CreateVolume, ExportVolume, Peer, SetPeers, apply_request::Action,
-    apply_response::Result as ApplyResult,
+    CreateVolume, ExportVolume, Peer, apply_request::Action, apply_response::Result as ApplyResult,
 };
 use storage::{DiskSource, Store, StoreOptions, VolumeSpec};
 use vmm::devices::block::BlockBackend;
@@ -46,60 +47,6 @@ const CHUNK: usize = 1 << 20;
 const RANDOM_WRITES: usize = 400;
 const STRIPE_WIDTH: u32 = 2;
 const STRIPE_UNIT: u64 = 1 << 20;
-
-struct Node {
-    name: String,
-    address: String,
-    key: String,
-    child: Child,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_node(name: &str, dir: &Path, controller: &Identity, ip: &str) -> Node {
-    std::fs::create_dir_all(dir).unwrap();
-    let trusted = format!("{}\n", controller.public_key_hex());
-    std::fs::write(dir.join("trusted-controllers"), trusted).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_cairn-node"))
-        .args(["--name", name, "--listen", &format!("{ip}:0"), "--data-dir"])
-        .arg(dir)
-        .args(["--disks", "2", "--disk-capacity", &(2u64 << 30).to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn cairn-node");
-    let mut node = Node {
-        name: name.into(),
-        address: String::new(),
-        key: String::new(),
-        child,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node.address.is_empty() {
-        match std::fs::read_to_string(dir.join("listen-address")) {
-            Ok(text) if text.ends_with('\n') => node.address = text.trim().into(),
-            _ => {
-                assert!(Instant::now() < deadline, "node {name} did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-    node.key = std::fs::read_to_string(dir.join("identity.pub"))
-        .unwrap()
-        .trim()
-        .into();
-    node
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
 
 fn percentile(sorted: &[f64], fraction: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * fraction).round() as usize]
@@ -222,16 +169,6 @@ async fn node_backend(client: &mut NodeClient, name: &str, replicas: &[&Node]) -
     }))
 }
 
-async fn apply(client: &mut NodeClient, id: String, action: Action) -> proto::v1::ApplyResponse {
-    client
-        .apply(ApplyRequest {
-            request_id: id,
-            action: Some(action),
-        })
-        .await
-        .expect("apply")
-}
-
 #[derive(Default)]
 struct Figures {
     sequential: Vec<f64>,
@@ -260,17 +197,24 @@ fn main() {
     if std::env::args().any(|argument| argument == "--list") {
         return;
     }
-    let base = tempfile::tempdir_in(
-        std::env::var_os("CAIRN_BENCH_DIR").unwrap_or_else(|| "/var/tmp".into()),
-    )
-    .unwrap_or_else(|_| tempfile::tempdir().unwrap());
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let controller = Identity::generate().unwrap();
-    let primary = start_node("vd-a", &base.path().join("a"), &controller, "127.0.0.73");
-    let replica = start_node("vd-b", &base.path().join("b"), &controller, "127.0.0.74");
+    let (base, runtime, controller) = setup();
+    let capacity = 2u64 << 30;
+    let primary = Node::start(
+        "vd-a",
+        &base.path().join("a"),
+        &controller,
+        "127.0.0.73:0",
+        2,
+        capacity,
+    );
+    let replica = Node::start(
+        "vd-b",
+        &base.path().join("b"),
+        &controller,
+        "127.0.0.74:0",
+        2,
+        capacity,
+    );
     let names = [
         "file",
         "engine-1copy",
@@ -282,23 +226,7 @@ fn main() {
     let rtt = loopback_rtt_us();
     runtime.block_on(async {
         let signer = RequestSigner::new(controller.clone());
-        let peers: Vec<Peer> = [&primary, &replica]
-            .iter()
-            .map(|node| Peer {
-                name: node.name.clone(),
-                address: node.address.clone(),
-                public_key_hex: node.key.clone(),
-            })
-            .collect();
-        for node in [&primary, &replica] {
-            let mut client = NodeClient::connect(&node.address, signer.clone())
-                .await
-                .unwrap();
-            let set = Action::SetPeers(SetPeers {
-                peers: peers.clone(),
-            });
-            apply(&mut client, "peers".into(), set).await;
-        }
+        push_peers(&[&primary, &replica], &signer).await;
         let mut client = NodeClient::connect(&primary.address, signer.clone())
             .await
             .unwrap();
