@@ -729,37 +729,6 @@ pub fn tree_files(
     Ok(out)
 }
 
-/// The files of a spec root on disk that are not specs (hidden directories
-/// and `target/` skipped), path → git blob id, like [`tree_files`].
-pub fn dir_files(root: &std::path::Path) -> BTreeMap<String, String> {
-    fn walk(root: &std::path::Path, rel: &str, out: &mut BTreeMap<String, String>) {
-        let Ok(rd) = std::fs::read_dir(root.join(rel)) else {
-            return;
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let path = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
-            };
-            let Ok(ft) = e.file_type() else { continue };
-            if ft.is_dir() {
-                if !name.starts_with('.') && !(rel.is_empty() && name == "target") {
-                    walk(root, &path, out);
-                }
-            } else if !name.ends_with(".kdl")
-                && let Ok(id) = git2::Oid::hash_file(git2::ObjectType::Blob, e.path())
-            {
-                out.insert(path, id.to_string());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, "", &mut out);
-    out
-}
-
 /// The text of refusals for an event: each object and its rule.
 pub fn refusal_text(refusals: &[Refusal]) -> String {
     refusals
