@@ -285,21 +285,8 @@ pub fn locator<'a>(
     sources: &'a compiler::Sources,
     spans: &'a compiler::check::SpanIndex,
 ) -> impl Fn(&str, &str) -> Option<String> + 'a {
-    const KINDS: &[&str] = &[
-        "vm",
-        "vm-group",
-        "tenant",
-        "site",
-        "node",
-        "node-class",
-        "rack",
-        "sla-profile",
-        "image",
-        "affinity",
-        "protection-plan",
-    ];
     move |kind: &str, name: &str| {
-        let k = KINDS.iter().find(|k| **k == kind)?;
+        let k = crate::eval::KINDS.iter().find(|k| **k == kind)?;
         let span = spans.get(k, name)?;
         let lc = compiler::diag::line_col(sources.text(span.file), span.start);
         Some(format!(

@@ -272,7 +272,7 @@ pub struct SpecLocator<'a> {
 }
 
 /// Object kinds a message may name, as the spec language spells them.
-const KINDS: &[&str] = &[
+pub(crate) const KINDS: &[&str] = &[
     "vm",
     "vm-group",
     "tenant",
