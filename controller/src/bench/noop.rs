@@ -191,7 +191,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// The timings of one run (ms).
+/// The timings of one run (ms of wall time), and the CPU time the process
+/// spent in it (every thread, user and system): on a shared machine the wall
+/// time includes waiting for a core, the CPU time does not.
 #[derive(Debug, Clone, Copy, Default)]
 struct Run {
     verify: f64,
@@ -199,6 +201,19 @@ struct Run {
     plan: f64,
     policy: f64,
     total: f64,
+    cpu: f64,
+}
+
+/// CPU time of the process so far (ms, every thread, user and system).
+fn cpu_ms() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    ms(usage.ru_utime) + ms(usage.ru_stime)
 }
 
 /// The repository, the key and what the runs start from.
@@ -295,6 +310,7 @@ fn source(repo: &Path) -> crate::source::GitSource {
 fn run_once(s: &Setup) -> anyhow::Result<Run> {
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     let started = Instant::now();
+    let cpu = cpu_ms();
     let src = source(&s.repo);
 
     let t = Instant::now();
@@ -365,6 +381,7 @@ fn run_once(s: &Setup) -> anyhow::Result<Run> {
         plan,
         policy,
         total: ms(started),
+        cpu: cpu_ms() - cpu,
     })
 }
 
@@ -395,13 +412,14 @@ pub fn run(nodes: usize, vms: usize, runs: usize, keep: bool) -> anyhow::Result<
     );
     for (i, r) in samples.iter().enumerate() {
         println!(
-            "  run {}: verify {:.1} ms, compile {:.1} ms, plan {:.1} ms, policy {:.1} ms, total {:.1} ms",
+            "  run {}: verify {:.1} ms, compile {:.1} ms, plan {:.1} ms, policy {:.1} ms, total {:.1} ms (CPU {:.1} ms)",
             i + 1,
             r.verify,
             r.compile,
             r.plan,
             r.policy,
-            r.total
+            r.total,
+            r.cpu
         );
     }
     let (compile, total) = (col(|r| r.compile), col(|r| r.total));
@@ -413,6 +431,10 @@ pub fn run(nodes: usize, vms: usize, runs: usize, keep: bool) -> anyhow::Result<
         "  total    {total:8.1} ms  = {:.2}x compile; budget 2000 ms: {:.2}x of budget",
         total / compile,
         total / 2000.0
+    );
+    println!(
+        "  CPU      {:8.1} ms  (every thread, user + system: the wall time adds waiting for a core on a loaded machine, and threads shorten it)",
+        col(|r| r.cpu)
     );
     Ok(0)
 }
