@@ -31,7 +31,7 @@ fn cluster(base: &Path, controller: &Identity, prefix: &str) -> Vec<TestNode> {
         .collect()
 }
 
-async fn push_peers(nodes: &[TestNode], controller: &Identity) {
+pub(crate) async fn push_peers(nodes: &[TestNode], controller: &Identity) {
     let peers: Vec<Peer> = nodes
         .iter()
         .map(|node| Peer {

@@ -7,15 +7,14 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use proto::auth::Identity;
 use proto::client::NodeClient;
 use proto::v1::{
-    CreateVm, CreateVolume, ExportVolume, Peer, ReadVolumeRequest, SetPeers, StartVm, StopVm,
-    VmState, VmStatus, apply_request::Action, apply_response::Result as ApplyResult,
-    create_vm::Image,
+    CreateVm, CreateVolume, ExportVolume, Peer, ReadVolumeRequest, StartVm, StopVm, VmState,
+    VmStatus, apply_request::Action, apply_response::Result as ApplyResult, create_vm::Image,
 };
 
 use crate::harness::{TestNode, apply_ok, controller};
+use crate::replication::push_peers;
 use crate::vms::vms_can_run;
 
 const VOLUME_BYTES: u64 = 8 << 20;
@@ -31,24 +30,6 @@ fn guest_pattern(disk_bytes: u64, round: u64) -> Vec<u8> {
             ((sector + i).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (round << 48)).to_le_bytes()
         })
         .collect()
-}
-
-async fn push_peers(nodes: &[&TestNode], controller: &Identity) {
-    let peers: Vec<Peer> = nodes
-        .iter()
-        .map(|node| Peer {
-            name: node.name.clone(),
-            address: node.address.clone(),
-            public_key_hex: node.public_key_hex(),
-        })
-        .collect();
-    for node in nodes {
-        let mut client = node.client(controller).await;
-        let action = Action::SetPeers(SetPeers {
-            peers: peers.clone(),
-        });
-        apply_ok(&mut client, "peers", action).await;
-    }
 }
 
 async fn observe_vm(client: &mut NodeClient, name: &str) -> VmStatus {
@@ -126,9 +107,12 @@ async fn the_guest_writes_its_disk_through_the_node_onto_both_copies_and_qemu_im
     }
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
-    let primary = TestNode::start_on("vd-a", &base.path().join("a"), &controller, "127.0.0.71");
-    let replica = TestNode::start_on("vd-b", &base.path().join("b"), &controller, "127.0.0.72");
-    push_peers(&[&primary, &replica], &controller).await;
+    let nodes = [
+        TestNode::start_on("vd-a", &base.path().join("a"), &controller, "127.0.0.71"),
+        TestNode::start_on("vd-b", &base.path().join("b"), &controller, "127.0.0.72"),
+    ];
+    push_peers(&nodes, &controller).await;
+    let [primary, replica] = &nodes;
     let mut client = primary.client(&controller).await;
     apply_ok(
         &mut client,
