@@ -6,6 +6,7 @@
 //! operator's commit to its own tenant's VMs is applied, and a merge by a
 //! platform key that brings in a viewer's commit is refused.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,13 +19,14 @@ fn vm(name: &str) -> String {
     APP.replace("\"app\"", &format!("\"{name}\""))
 }
 
-fn keygen(g: &GitOps, name: &str) -> String {
+/// A key `dir/NAME` made by ssh-keygen; its public line.
+fn keygen(dir: &Path, name: &str) -> String {
     run_ok(
         Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-            .arg(g.keys.0.join(name)),
+            .arg(dir.join(name)),
     );
-    std::fs::read_to_string(g.keys.0.join(format!("{name}.pub")))
+    std::fs::read_to_string(dir.join(format!("{name}.pub")))
         .expect("public key")
         .trim()
         .to_owned()
@@ -39,6 +41,17 @@ fn vm_names(g: &GitOps) -> Vec<String> {
         .collect()
 }
 
+/// Drops the branch's last commit (force-pushed next) and writes the
+/// workloads with app-2 added.
+fn drop_head_and_add_app_2(g: &GitOps) {
+    g.git(&["reset", "-q", "--hard", "HEAD~1"]);
+    std::fs::write(
+        g.dir().join("workloads.kdl"),
+        format!("{APP}{}", vm("app-2")),
+    )
+    .expect("workloads");
+}
+
 #[test]
 fn a_viewers_commit_is_refused_naming_the_object_and_an_operators_own_vm_is_applied() {
     if skip_without_tools() {
@@ -49,8 +62,8 @@ fn a_viewers_commit_is_refused_naming_the_object_and_an_operators_own_vm_is_appl
         return;
     }
     let (mut g, _) = GitOps::prepare("ctl-authz", Some(APP), &[]);
-    let operator = keygen(&g, "operator");
-    let viewer = keygen(&g, "viewer");
+    let operator = keygen(&g.keys.0, "operator");
+    let viewer = keygen(&g.keys.0, "viewer");
     let tenants_path = g.dir().join("tenants.kdl");
     let tenants = std::fs::read_to_string(&tenants_path).expect("tenants.kdl");
     let with_keys = tenants.replace(
@@ -108,12 +121,7 @@ fn a_viewers_commit_is_refused_naming_the_object_and_an_operators_own_vm_is_appl
 
     // The operator raises its own quota and adds the VM: the quota is
     // refused (platform-only), so nothing is applied.
-    g.git(&["reset", "-q", "--hard", "HEAD~1"]);
-    std::fs::write(
-        g.dir().join("workloads.kdl"),
-        format!("{APP}{}", vm("app-2")),
-    )
-    .expect("workloads");
+    drop_head_and_add_app_2(&g);
     std::fs::write(&tenants_path, with_keys.replace("vms=8", "vms=9")).expect("tenants");
     let quota = g.commit("operator", "operator: more VMs and app-2");
     g.push(true);
@@ -132,12 +140,7 @@ fn a_viewers_commit_is_refused_naming_the_object_and_an_operators_own_vm_is_appl
     );
 
     // The same operator, its own tenant's VM only: applied.
-    g.git(&["reset", "-q", "--hard", "HEAD~1"]);
-    std::fs::write(
-        g.dir().join("workloads.kdl"),
-        format!("{APP}{}", vm("app-2")),
-    )
-    .expect("workloads");
+    drop_head_and_add_app_2(&g);
     let own = g.commit("operator", "operator: add app-2");
     g.push(true);
     let e = g.wait_sync(&own, Duration::from_secs(90));
@@ -203,17 +206,7 @@ fn cairn_diff_shows_the_controllers_authorization_verdict_before_merging() {
     let tmp = crate::TempDir::new("authz-diff");
     let dir = tmp.0.join("repo");
     crate::copy_dir(&crate::repo_root().join("examples/quickstart"), &dir);
-    let key = |name: &str| -> String {
-        run_ok(
-            Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-                .arg(tmp.0.join(name)),
-        );
-        std::fs::read_to_string(tmp.0.join(format!("{name}.pub")))
-            .expect("public key")
-            .trim()
-            .to_owned()
-    };
+    let key = |name: &str| keygen(&tmp.0, name);
     let (platform, operator, viewer) = (key("platform"), key("operator"), key("viewer"));
     let keys = tmp.0.join("allowed-signers");
     std::fs::write(&keys, format!("root@example.com {platform}\n")).expect("keys");
@@ -321,13 +314,19 @@ fn cairn_diff_shows_the_controllers_authorization_verdict_before_merging() {
     );
     assert_eq!(check.code, 1, "{}{}", check.stdout, check.stderr);
     assert!(
-        check.stdout.contains("authorization: a controller following base would refuse")
+        check
+            .stdout
+            .contains("authorization: a controller following base would refuse")
             && check.stdout.contains("vm db (workloads.kdl:13:4) changed"),
         "{}",
         check.stdout
     );
     let check = crate::cairn(&dir, &["check", ".", "--base", "base", "--format", "json"]);
-    assert_eq!(check.code, 0, "informational without --trusted-keys: {}", check.stderr);
+    assert_eq!(
+        check.code, 0,
+        "informational without --trusted-keys: {}",
+        check.stderr
+    );
     let json: serde_json::Value = serde_json::from_str(&check.stdout).expect("JSON");
     assert_eq!(json["authorization"]["allowed"], false, "{json}");
     assert_eq!(json["passed"], true);
