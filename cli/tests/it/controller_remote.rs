@@ -24,6 +24,13 @@ use crate::engine::free_port;
 
 const SECRET: &str = "webhook s3cret";
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// A certificate authority and a server certificate for 127.0.0.1 (PEM files).
 struct Certs {
     ca: PathBuf,
@@ -441,6 +448,37 @@ impl GitOps {
         c
     }
 
+    /// Starts the controller on the remote `url` with `flags` (FLAG FILE), the
+    /// webhook secret and a poll of 60 s (so only webhooks explain a quick fetch).
+    fn follow(&mut self, url: &str, flags: &[(&str, &Path)]) {
+        let secret = self.keys.0.join("webhook-secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).expect("secret");
+        let mut args = vec!["--repo".to_owned(), url.to_owned()];
+        for (flag, file) in flags
+            .iter()
+            .chain([&("--webhook-secret", secret.as_path())])
+        {
+            args.extend([(*flag).to_owned(), file.display().to_string()]);
+        }
+        args.extend(["--poll".to_owned(), "60s".to_owned()]);
+        self.source_args = args;
+        self.start();
+    }
+
+    /// Sends `forge`'s webhook and waits for the fetch it asks for to fail
+    /// with a reason that says each of `why`; the controller stays up. The reason.
+    fn webhook_fetch_fails(&self, forge: &str, why: &[&str]) -> String {
+        let seq = self.last_seq();
+        assert_eq!(self.webhook(forge).0, 202);
+        let failed = self.event_after(seq, "fetch", "failed", Duration::from_secs(30));
+        let reason = failed["reason"].as_str().unwrap_or("").to_owned();
+        for w in why {
+            assert!(reason.contains(w), "{w:?} not in {failed}");
+        }
+        self.assert_alive();
+        reason
+    }
+
     fn webhook(&self, forge: &str) -> (u16, String) {
         let (headers, body) = forge_delivery(forge, SECRET);
         post_webhook(&self.listen, "cairn.example.com", &headers, &body)
@@ -476,24 +514,11 @@ fn an_https_remote_is_followed_through_webhooks_and_its_faults_are_events_that_c
     let mut server = Some(GitHttps::start(&g.keys.0, &certs, port, "bot", "t0ken-1"));
     let creds = g.keys.0.join("git-credentials");
     std::fs::write(&creds, "bot:t0ken-1\n").expect("credentials");
-    let secret = g.keys.0.join("webhook-secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).expect("secret");
     let url = format!("https://127.0.0.1:{port}/origin.git");
-    g.source_args = [
-        "--repo",
+    g.follow(
         &url,
-        "--git-ca",
-        &certs.ca.display().to_string(),
-        "--git-credentials",
-        &creds.display().to_string(),
-        "--webhook-secret",
-        &secret.display().to_string(),
-        "--poll",
-        "60s",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    g.start();
+        &[("--git-ca", &certs.ca), ("--git-credentials", &creds)],
+    );
     let e = g.wait_sync(&first, Duration::from_secs(60));
     assert_eq!(e["result"], "succeeded", "{e}");
     let fetched = g.event_after(0, "fetch", "updated", Duration::from_secs(5));
@@ -508,22 +533,43 @@ fn an_https_remote_is_followed_through_webhooks_and_its_faults_are_events_that_c
     // Each forge's push webhook is a hint to fetch now (the poll is 60 s).
     let mut figures = vec![];
     for forge in ["github", "gitlab", "gitea", "forgejo"] {
-        let commit = g.push_change(&format!("pushed, then a {forge} webhook"));
-        let t0 = Instant::now();
+        std::fs::write(g.dir().join("notes.txt"), format!("{forge}\n")).expect("notes");
+        let commit = g.commit("trusted", &format!("pushed, then a {forge} webhook"));
+        let (t0, pushed_ms) = (Instant::now(), now_ms());
+        g.push(false);
         let (status, body) = g.webhook(forge);
         assert_eq!(status, 202, "{forge}: {body}");
         assert!(body.contains("\"accepted\":true"), "{forge}: {body}");
-        g.wait_event("sync-started", &commit, Duration::from_secs(10));
+        let started = g.wait_event("sync-started", &commit, Duration::from_secs(30));
         let ms = t0.elapsed().as_millis();
-        figures.push(ms);
+        // Where the time went: push and POST, the fetch (its own measure),
+        // the worker picking it up (woken by the mirror's ref, or the fetcher).
+        let fetched = g.wait_event("fetch", &commit, Duration::from_secs(10));
+        let accepted_at = g
+            .events()
+            .iter()
+            .find(|e| e["kind"] == "webhook" && e["result"] == "accepted")
+            .and_then(|e| e["at_unix_ms"].as_u64())
+            .unwrap_or(0);
+        figures.push(format!(
+            "{forge} {ms} ms (push+POST {} ms, fetch {} ms, sync-started {} ms after the POST)",
+            accepted_at.saturating_sub(pushed_ms),
+            fetched["detail"]["ms"],
+            started["at_unix_ms"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(accepted_at)
+        ));
+        // The poll is 60 s: only the webhook explains a sync this early (the
+        // budget of 1 s is measured, not asserted, on this shared machine).
         assert!(
-            ms < 5000,
-            "{forge}: webhook → sync started took {ms} ms (poll is 60 s)"
+            ms < 15_000,
+            "{forge}: push + webhook → sync started took {ms} ms"
         );
         let e = g.wait_sync(&commit, Duration::from_secs(60));
         assert_eq!(e["result"], "succeeded", "{forge}: {e}");
     }
-    eprintln!("figure: webhook → sync started (https fetch included), per forge: {figures:?} ms");
+    eprintln!("figure: git push + webhook → sync started (https fetch included): {figures:?}");
     let accepted = g
         .events()
         .into_iter()
@@ -583,16 +629,8 @@ fn an_https_remote_is_followed_through_webhooks_and_its_faults_are_events_that_c
     // controller keeps running and keeps the applied commit.
     let applied = g.controller_view()["revision"].clone();
     *server.as_ref().unwrap().token.lock().unwrap() = "t0ken-2".to_owned();
-    let seq = g.last_seq();
-    assert_eq!(g.webhook("github").0, 202);
-    let failed = g.event_after(seq, "fetch", "failed", Duration::from_secs(15));
-    let reason = failed["reason"].as_str().unwrap_or("");
-    assert!(
-        reason.contains("refused the credentials") && reason.contains("git-credentials"),
-        "{failed}"
-    );
+    let reason = g.webhook_fetch_fails("github", &["refused the credentials", "git-credentials"]);
     assert!(!reason.contains("t0ken"), "no secret in events: {reason}");
-    g.assert_alive();
     assert_eq!(g.controller_view()["revision"], applied);
     // A rotated credentials file is read at the next fetch.
     std::fs::write(&creds, "bot:t0ken-2\n").expect("credentials");
@@ -609,16 +647,13 @@ fn an_https_remote_is_followed_through_webhooks_and_its_faults_are_events_that_c
     // The remote unreachable: an event with the reason, nothing else.
     drop(server.take());
     let unreached = g.push_change("pushed while the server is down");
-    let seq = g.last_seq();
-    assert_eq!(g.webhook("forgejo").0, 202);
-    let failed = g.event_after(seq, "fetch", "failed", Duration::from_secs(30));
-    let reason = failed["reason"].as_str().unwrap_or("");
-    assert!(
-        reason.contains(&format!("fetch of {url} failed"))
-            && reason.contains("keeps the commit applied last"),
-        "{failed}"
+    g.webhook_fetch_fails(
+        "forgejo",
+        &[
+            &format!("fetch of {url} failed"),
+            "keeps the commit applied last",
+        ],
     );
-    g.assert_alive();
     let (status, _) = g.get("/readyz", false).expect("readyz");
     assert_eq!(status, 200, "still ready");
     assert_eq!(g.controller_view()["revision"], pending.as_str());
@@ -750,24 +785,11 @@ fn an_ssh_remote_needs_a_known_host_key_and_an_authorized_key() {
     let key = ssh_dir.join("controller-key");
     std::fs::copy(ssh_dir.join("deploy"), &key).expect("key");
     let known_hosts = ssh_dir.join("known_hosts");
-    let secret = g.keys.0.join("webhook-secret");
-    std::fs::write(&secret, SECRET).expect("secret");
     let url = format!("ssh://root@127.0.0.1:{}{}", server.port, g.bare.display());
-    g.source_args = [
-        "--repo",
+    g.follow(
         &url,
-        "--ssh-key",
-        &key.display().to_string(),
-        "--known-hosts",
-        &known_hosts.display().to_string(),
-        "--webhook-secret",
-        &secret.display().to_string(),
-        "--poll",
-        "60s",
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    g.start();
+        &[("--ssh-key", &key), ("--known-hosts", &known_hosts)],
+    );
     // The host key is not known yet: refused, saying how to add it.
     let failed = g.event_after(0, "fetch", "failed", Duration::from_secs(30));
     let reason = failed["reason"].as_str().unwrap_or("");
@@ -790,13 +812,16 @@ fn an_ssh_remote_needs_a_known_host_key_and_an_authorized_key() {
     assert_eq!(e["result"], "succeeded", "{e}");
 
     // A push, then a webhook: fetched over ssh and synced.
-    let commit = g.push_change("pushed, fetched over ssh");
+    std::fs::write(g.dir().join("notes.txt"), "over ssh\n").expect("notes");
+    let commit = g.commit("trusted", "pushed, fetched over ssh");
     let t0 = Instant::now();
+    g.push(false);
     assert_eq!(g.webhook("github").0, 202);
-    g.wait_event("sync-started", &commit, Duration::from_secs(10));
+    g.wait_event("sync-started", &commit, Duration::from_secs(30));
+    let ms = t0.elapsed().as_millis();
     eprintln!(
-        "figure: webhook → sync started (ssh fetch included): {} ms",
-        t0.elapsed().as_millis()
+        "figure: git push + webhook → sync started (ssh fetch included): {ms} ms (the fetch {} ms)",
+        g.wait_event("fetch", &commit, Duration::from_secs(10))["detail"]["ms"]
     );
     assert_eq!(
         g.wait_sync(&commit, Duration::from_secs(60))["result"],
@@ -807,17 +832,7 @@ fn an_ssh_remote_needs_a_known_host_key_and_an_authorized_key() {
     std::fs::copy(ssh_dir.join("stranger"), &key).expect("key");
     let applied = g.controller_view()["revision"].clone();
     let later = g.push_change("not fetched with a stranger's key");
-    let seq = g.last_seq();
-    assert_eq!(g.webhook("forgejo").0, 202);
-    let failed = g.event_after(seq, "fetch", "failed", Duration::from_secs(30));
-    assert!(
-        failed["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("refused the key"),
-        "{failed}"
-    );
-    g.assert_alive();
+    g.webhook_fetch_fails("forgejo", &["refused the key"]);
     assert_eq!(g.controller_view()["revision"], applied);
     std::fs::copy(ssh_dir.join("deploy"), &key).expect("key");
     assert_eq!(g.webhook("gitea").0, 202);
@@ -836,16 +851,6 @@ fn an_ssh_remote_needs_a_known_host_key_and_an_authorized_key() {
         ),
     )
     .expect("known_hosts");
-    let seq = g.last_seq();
-    assert_eq!(g.webhook("github").0, 202);
-    let failed = g.event_after(seq, "fetch", "failed", Duration::from_secs(30));
-    assert!(
-        failed["reason"]
-            .as_str()
-            .unwrap_or("")
-            .contains("does not match the key"),
-        "{failed}"
-    );
-    g.assert_alive();
+    g.webhook_fetch_fails("github", &["does not match the key"]);
     drop(server);
 }
