@@ -313,6 +313,11 @@ pub struct ControllerRunArgs {
     /// format; default DATA_DIR/known_hosts).
     #[arg(long, value_name = "FILE")]
     pub known_hosts: Option<PathBuf>,
+    /// Notification receivers (KDL: `receiver "NAME" { format "json"|"slack"; url
+    /// "http://…"; events "sync:failed" …; secret-file FILE }`); default
+    /// DATA_DIR/notify.kdl when it exists.
+    #[arg(long, value_name = "FILE")]
+    pub notify: Option<PathBuf>,
 }
 
 /// `cairn controller` subcommands.
@@ -399,6 +404,7 @@ fn controller_cmd(args: ControllerArgs) -> anyhow::Result<u8> {
                 parallelism: run.parallelism.max(1),
                 remote,
                 webhook_secret: run.webhook_secret,
+                notify: run.notify,
             })
         }
     }

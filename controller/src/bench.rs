@@ -327,6 +327,7 @@ fn measure(
             parallelism: 8,
             remote: None,
             webhook_secret: None,
+            notify: None,
         })
         .await?;
         let outcome = async {

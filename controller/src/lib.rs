@@ -88,6 +88,9 @@ pub struct Config {
     pub remote: Option<remote::Remote>,
     /// `--webhook-secret FILE`: turns `POST /api/v1/webhook` on.
     pub webhook_secret: Option<PathBuf>,
+    /// `--notify FILE`: the notification receivers (default
+    /// `DATA_DIR/notify.kdl` when it exists; see [`notifications`]).
+    pub notify: Option<PathBuf>,
 }
 
 impl Config {
@@ -381,7 +384,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     .context("the controller key")?;
     let signer = RequestSigner::new(identity).with_audit_head(Default::default());
     let token = control::token(&data_dir).context("the API token")?;
-    let receivers = notifications::load(&data_dir).map_err(|e| anyhow::anyhow!(e))?;
+    let receivers = notifications::load(config.notify.as_deref(), &data_dir)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let events = EventLog::open(&data_dir.join("events.redb"))?;
     let paused = control::is_paused(&data_dir);
     let metrics = Metrics::new();

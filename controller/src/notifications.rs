@@ -3,9 +3,10 @@
 //!
 //! Receivers are operator configuration, not repository content (their URLs and
 //! secrets must not be in the spec repository anyone with push access reads):
-//! `DATA_DIR/notify.kdl`, next to the controller key and the API token, read
-//! when the controller starts (absent: no notifications; malformed: the
-//! controller does not start, naming the line):
+//! `cairn controller --notify FILE`, default `DATA_DIR/notify.kdl` (next to
+//! the controller key and the API token), read when the controller starts
+//! (absent: no notifications; malformed: the controller does not start,
+//! naming the line):
 //!
 //! ```kdl
 //! receiver "ops" {
@@ -103,13 +104,14 @@ impl Receiver {
     }
 }
 
-/// Reads `DATA_DIR/notify.kdl` (absent: no receivers).
-pub fn load(data_dir: &Path) -> Result<Vec<Receiver>, String> {
-    let path = data_dir.join(FILE);
+/// Reads `file` (`--notify FILE`: it must exist), else `DATA_DIR/notify.kdl`
+/// (absent: no receivers).
+pub fn load(file: Option<&Path>, data_dir: &Path) -> Result<Vec<Receiver>, String> {
+    let path = file.map_or_else(|| data_dir.join(FILE), Path::to_path_buf);
     match std::fs::read_to_string(&path) {
         Ok(text) => parse(&text, &path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && file.is_none() => Ok(vec![]),
+        Err(e) => Err(format!("--notify: cannot read {}: {e}", path.display())),
     }
 }
 
@@ -435,7 +437,7 @@ async fn deliver(receiver: Receiver, mut queue: mpsc::Receiver<Event>, shared: W
         match outcome {
             Ok(()) => shared.metrics.notification(&receiver.name, "sent"),
             Err(e) => {
-                shared.metrics.notification(&receiver.name, "failed");
+                // The event first: whoever sees the count finds the event.
                 shared.record(vec![
                     Event::new(KIND, "failed")
                         .object(format!("receiver {}", receiver.name))
@@ -444,6 +446,7 @@ async fn deliver(receiver: Receiver, mut queue: mpsc::Receiver<Event>, shared: W
                             event.kind, event.result, receiver.url
                         )),
                 ]);
+                shared.metrics.notification(&receiver.name, "failed");
             }
         }
     }

@@ -88,6 +88,7 @@ fn config(dir: &Path) -> controller::Config {
         parallelism: 1,
         remote: None,
         webhook_secret: None,
+        notify: None,
     }
 }
 

@@ -1,4 +1,4 @@
-//! Notifications (`DATA_DIR/notify.kdl`) from a controller started in-process
+//! Notifications (`--notify FILE`) from a controller started in-process
 //! (`controller::start`) whose only commit is signed but does not compile: its
 //! sync fails, and that one event reaches a generic JSON receiver (HMAC-signed)
 //! and a Slack-compatible one, exactly once each, although the first receiver
@@ -95,7 +95,7 @@ fn setup(dir: &Path, receivers: &str) {
     )
     .unwrap();
     std::fs::write(dir.join("secret"), "s3cret\n").unwrap();
-    std::fs::write(dir.join("data/notify.kdl"), receivers).unwrap();
+    std::fs::write(dir.join("notify.kdl"), receivers).unwrap();
     std::fs::write(
         dir.join("repo/cluster.kdl"),
         "site \"a\" {\n  bogus-node 1\n}\n",
@@ -181,6 +181,7 @@ receiver "closed" {{
         parallelism: 1,
         remote: None,
         webhook_secret: None,
+        notify: Some(dir.0.join("notify.kdl")),
     })
     .await
     .unwrap();
