@@ -308,7 +308,12 @@ pub fn waiver_refusal(
                 .and_then(|k| compiler::sshkey::parse(k).ok())
                 .is_some_and(|k| policy::sshsig::fingerprint(&k.blob) == signer.fingerprint)
         })
-        .filter_map(|m| serde_json::to_value(m.role).ok()?.as_str().map(str::to_owned))
+        .filter_map(|m| {
+            serde_json::to_value(m.role)
+                .ok()?
+                .as_str()
+                .map(str::to_owned)
+        })
         .collect();
     let refused: Vec<String> = overrides
         .iter()
@@ -391,6 +396,117 @@ mod tests {
         );
         assert!(overrides("x\n\nPolicy-Override: budget\n").is_err());
         assert!(overrides("no trailers: at all\n").unwrap().is_empty());
+    }
+
+    /// A plan with one change of each `kinds` (vm NAME-i on n1) and one step.
+    fn plan(kinds: &[&str]) -> Plan {
+        let changes: Vec<serde_json::Value> = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                serde_json::json!({"kind": k, "object": "vm", "name": format!("vm-{i}"),
+                    "tenant": "t", "node": "n1", "was_node": if *k == "move" { Some("n2") } else { None },
+                    "details": [], "steps": [0]})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "format_version": 2, "plan_id": "p1", "revision": "r", "observed_digest": "d",
+            "summary": {"add": 0, "change": 0, "destroy": 0, "move": 0}, "changes": changes,
+            "steps": [{"id": 0, "wave": 0, "node": "n1", "address": "a", "action": "start_vm",
+                       "name": "vm-0", "depends_on": []}],
+            "waves": 1, "unreachable": {}, "left_alone": [], "unplaced": {},
+            "placement": {"format_version": 1, "vms": [], "unplaced": [], "volumes": [], "nodes": [], "moves": []}
+        }))
+        .unwrap()
+    }
+
+    fn limits(r: Reconcile) -> Limits {
+        Limits {
+            reconcile: r,
+            source: "test".into(),
+        }
+    }
+
+    #[test]
+    fn the_blast_radius_counts_deletes_replaces_preemptions_and_moves() {
+        let p = plan(&[
+            "create", "update", "start", "delete", "replace", "preempt", "move",
+        ]);
+        assert_eq!(
+            destructive(&p),
+            [
+                "delete vm vm-3 on n1",
+                "replace vm vm-4 on n1",
+                "preempt vm vm-5 on n1",
+                "move vm vm-6 from n2 to n1"
+            ]
+        );
+        let budget = |max| Reconcile {
+            blast_radius: Some(max),
+            ..Reconcile::default()
+        };
+        assert!(holds(&limits(budget(4)), &p, 0).is_empty());
+        let held = holds(&limits(budget(3)), &p, 0);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].kind, "blast-radius");
+        assert!(
+            held[0]
+                .reason
+                .starts_with("blast radius 4 > budget 3 (test): the plan would delete vm vm-3"),
+            "{}",
+            held[0].reason
+        );
+        assert!(holds(&limits(Reconcile::default()), &p, 0).is_empty());
+    }
+
+    #[test]
+    fn auto_apply_off_and_a_freeze_window_hold_a_plan_but_never_an_empty_one() {
+        let p = plan(&["create"]);
+        let off = Reconcile {
+            auto_apply: false,
+            ..Reconcile::default()
+        };
+        let held = holds(&limits(off.clone()), &p, 0);
+        assert_eq!(held.len(), 1);
+        assert!(
+            held[0].reason.contains("cairn sync --approve p1"),
+            "{}",
+            held[0].reason
+        );
+        assert_eq!(
+            releases_in(&held, &off, 0),
+            None,
+            "only an approval releases it"
+        );
+        let mut empty = p.clone();
+        empty.steps.clear();
+        assert!(holds(&limits(off), &empty, 0).is_empty());
+
+        let window = compiler::model::FreezeWindow {
+            name: "nights".into(),
+            from: "22:00".into(),
+            to: "06:00".into(),
+            offset_minutes: 0,
+            schedule: compiler::model::FreezeSchedule::Daily {
+                from_minute: 22 * 60,
+                to_minute: 6 * 60,
+            },
+        };
+        let frozen = Reconcile {
+            freezes: vec![window],
+            ..Reconcile::default()
+        };
+        let at_23 = 23 * 3600;
+        let held = holds(&limits(frozen.clone()), &p, at_23);
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].kind, "freeze");
+        assert!(
+            held[0].reason.contains("it ends in 7h"),
+            "{}",
+            held[0].reason
+        );
+        assert_eq!(releases_in(&held, &frozen, at_23), Some(7 * 3600));
+        assert!(holds(&limits(frozen), &p, 12 * 3600).is_empty());
     }
 
     #[test]

@@ -353,6 +353,10 @@ fn the_policies_applied_last_gate_a_commit_and_a_soft_override_by_a_platform_key
     g.push(false);
     let sync = g.wait_sync(&overridden, Duration::from_secs(60));
     assert_eq!(sync["result"], "succeeded", "{sync}\n{}", g.log());
+    eprintln!(
+        "sync phases with the policy gate (2 policies, 3 VMs): {}",
+        sync["detail"]["phases"]
+    );
     let o = &sync["detail"]["policy"]["overrides"][0];
     assert_eq!(o["policy"], "max-two-vms", "{sync}");
     assert_eq!(o["status"], "applied", "{sync}");
