@@ -225,8 +225,12 @@ pub fn append_to_check(
     json: Option<bool>,
     rendered: String,
 ) -> anyhow::Result<(String, bool)> {
-    let repo = git2::Repository::discover(dir)
-        .with_context(|| format!("--base needs a git repository; {} is in none", dir.display()))?;
+    let repo = git2::Repository::discover(dir).with_context(|| {
+        format!(
+            "--base needs a git repository; {} is in none",
+            dir.display()
+        )
+    })?;
     let workdir = repo
         .workdir()
         .context("the repository is bare")?
