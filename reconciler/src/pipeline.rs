@@ -267,9 +267,9 @@ pub fn policy_gate(
     plan: &Plan,
     overrides: &[policy::eval::Override],
 ) -> Result<policy::eval::Report, PipelineError> {
-    let placement = serde_json::to_value(&plan.placement).expect("placements serialize");
-    let plan_json = serde_json::to_value(plan).expect("plans serialize");
-    let input = policy::eval::Input::new(model, Some(&placement), Some(&plan_json))
+    let input = policy::eval::Input::of_model(model)
+        .and_then(|i| i.with("placement", &plan.placement))
+        .and_then(|i| i.with("plan", plan))
         .map_err(|e| PipelineError::Policy(e.to_string()))?;
     let report = policy::eval::evaluate(policies, &input, None, overrides)
         .map_err(|e| PipelineError::Policy(e.to_string()))?;
