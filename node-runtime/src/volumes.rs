@@ -1047,12 +1047,6 @@ impl Volumes {
             .into_iter()
             .filter_map(|(_, result)| result.err())
             .collect();
-        if let Some(fenced) = failures
-            .iter()
-            .find(|status| status.message().contains(epochs::FENCED))
-        {
-            return Err(Status::failed_precondition(fenced.message().to_string()));
-        }
         if failures.is_empty() {
             self.records
                 .remove_intent(&key, Durability::None)

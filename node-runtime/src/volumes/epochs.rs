@@ -65,8 +65,11 @@ pub fn remaining(deadline: Instant) -> Duration {
         .max(MIN_ATTEMPT)
 }
 
-/// Marks a refusal because the caller's epoch is older than the copy's: the caller was
-/// fenced and must not wait for anything.
+/// Marks a refusal because the caller's epoch is older than the copy's. The writer that
+/// hears it freezes like for a failed copy, but names no copy for removal: either the
+/// controller's newer epoch reaches it too (installs go to the other copies first) and
+/// it goes on, or that epoch names another writer and its writes are refused from then
+/// on, or its bound passes; it acknowledges nothing meanwhile.
 pub const FENCED: &str = "is fenced";
 
 /// A volume's epoch as this copy knows it.
@@ -516,9 +519,6 @@ impl Volumes {
                         )
                         .await;
                     if let Err(status) = result {
-                        if status.message().contains(FENCED) {
-                            return Err(Status::failed_precondition(status.message().to_string()));
-                        }
                         key_failed = true;
                         failures.push((peer.name.clone(), status));
                     }
@@ -533,30 +533,41 @@ impl Volumes {
                 entry.writer_state().awaiting_removal.clear();
                 return Ok(());
             }
-            let failed: BTreeSet<String> = failures.iter().map(|(node, _)| node.clone()).collect();
+            // A copy that refused this writer's epoch as stale has not failed.
+            let failed: BTreeSet<String> = failures
+                .iter()
+                .filter(|(_, status)| !status.message().contains(FENCED))
+                .map(|(node, _)| node.clone())
+                .collect();
             let why: Vec<String> = failures
                 .iter()
                 .map(|(_, status)| status.message().to_string())
                 .collect();
-            entry.writer_state().awaiting_removal = failed.clone();
+            let waiting_for = if failed.is_empty() {
+                "the controller's newer epoch reaches this node (a copy refused this writer's epoch as stale)".to_string()
+            } else {
+                format!(
+                    "the controller removes the copy on {} from the in-sync set (or it answers again)",
+                    failed.iter().cloned().collect::<Vec<_>>().join(", ")
+                )
+            };
+            entry.writer_state().awaiting_removal = failed;
             let current = entry.epoch();
             self.set_health(
                 entry,
                 Health::Degraded,
                 format!(
-                    "degraded: waiting for the authority: writes are frozen at {} until the controller removes the copy on {} from the in-sync set (or it answers again): {}",
+                    "degraded: waiting for the authority: writes are frozen at {} until {waiting_for}: {}",
                     current.describe(),
-                    failed.iter().cloned().collect::<Vec<_>>().join(", "),
                     why.join("; ")
                 ),
             );
             let now = Instant::now();
             if now >= deadline {
                 return Err(Status::unavailable(format!(
-                    "write to volume `{name}` was not acknowledged: its writes are frozen for {} ms at {}, the copy on {} failed and the controller has not removed it from the in-sync set: {}",
+                    "write to volume `{name}` was not acknowledged: its writes are frozen for {} ms at {}, waiting until {waiting_for}: {}",
                     now.duration_since(frozen_since).as_millis(),
                     current.describe(),
-                    failed.into_iter().collect::<Vec<_>>().join(", "),
                     why.join("; ")
                 )));
             }

@@ -326,14 +326,39 @@ async fn a_request_with_a_stale_epoch_is_refused_by_every_copy() {
             &["a change needs a new epoch"],
         );
     }
-    // The authority makes ep-b the writer at epoch 3: ep-a is fenced, its writes fail
+    // Epoch 3 reaches the replicas before the writer (as the authority sends it): the
+    // writer's next write, refused by both as stale, is not acknowledged but waits, and
+    // goes through once epoch 3 reaches the writer too.
+    install_all(&[b, c], &controller, 3, "ep-a", &all).await;
+    let racing = {
+        let address = a.address.clone();
+        let controller = controller.clone();
+        tokio::spawn(async move {
+            let signer = proto::auth::RequestSigner::new(controller);
+            let mut client = NodeClient::connect_lazy(&address, signer).unwrap();
+            client.apply(request("w-race", write(1, 2))).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!racing.is_finished(), "a write refused as stale waits");
+    install(a, &controller, 3, "ep-a", &all).await.unwrap();
+    match racing
+        .await
+        .unwrap()
+        .expect("acknowledged at epoch 3")
+        .result
+    {
+        Some(ApplyResult::WriteVolume(result)) => assert_eq!(result.copies, 3),
+        other => panic!("{other:?}"),
+    }
+    // The authority makes ep-b the writer at epoch 4: ep-a is fenced, its writes fail
     // and its old-epoch replica writes are refused.
-    install_all(&[b, c, a], &controller, 3, "ep-b", &all).await;
+    install_all(&[b, c, a], &controller, 4, "ep-b", &all).await;
     let fenced = primary.apply(request("w3", write(2, 3))).await;
-    assert_refused(fenced, &["node ep-a is fenced", "writer ep-b", "epoch 3"]);
+    assert_refused(fenced, &["node ep-a is fenced", "writer ep-b", "epoch 4"]);
     let mut old_writer = client_as(a, c).await;
     let denied = old_writer
-        .replica_write(stale_write(3))
+        .replica_write(stale_write(4))
         .await
         .expect_err("the old writer may not write");
     assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
@@ -363,11 +388,11 @@ async fn a_request_with_a_stale_epoch_is_refused_by_every_copy() {
         &address,
         &[],
     );
-    assert_eq!(status(&restarted[2], &controller).await.epoch, 3);
+    assert_eq!(status(&restarted[2], &controller).await.epoch, 4);
     let mut as_writer = client_as(&restarted[1], &restarted[2]).await;
     assert_refused(
-        as_writer.replica_write(stale_write(2)).await,
-        &["under epoch 2", "epoch 3 (writer ep-b", "fenced"],
+        as_writer.replica_write(stale_write(3)).await,
+        &["under epoch 3", "epoch 4 (writer ep-b", "fenced"],
     );
 }
 
