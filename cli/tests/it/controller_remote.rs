@@ -600,11 +600,29 @@ fn an_https_remote_is_followed_through_webhooks_and_its_faults_are_events_that_c
     headers.push(("Origin", "https://evil.example".to_owned()));
     let (status, answer) = post_webhook(&g.listen, "cairn.example.com", &headers, &body);
     assert_eq!(status, 403, "{answer}");
+    // Signed, but a push to another branch, and GitHub's ping: no fetch either.
+    let (_, body) = forge_delivery("github", SECRET);
+    let other = String::from_utf8(body)
+        .expect("UTF-8")
+        .replace("refs/heads/main", "refs/heads/feature");
+    let sig = ::controller::webhook::signature(SECRET.as_bytes(), other.as_bytes());
+    let signed = |event: &str| {
+        vec![
+            ("X-GitHub-Event", event.to_owned()),
+            ("X-Hub-Signature-256", format!("sha256={sig}")),
+        ]
+    };
+    let host = "cairn.example.com";
+    let (status, answer) = post_webhook(&g.listen, host, &signed("push"), other.as_bytes());
+    assert_eq!(status, 202, "{answer}");
+    assert!(answer.contains("refs/heads/feature"), "{answer}");
+    let (status, answer) = post_webhook(&g.listen, host, &signed("ping"), other.as_bytes());
+    assert_eq!(status, 200, "{answer}");
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(
         server.as_ref().unwrap().requests(),
         before,
-        "a refused webhook fetches nothing"
+        "a refused webhook, another branch's push and a ping fetch nothing"
     );
     assert_ne!(g.controller_view()["head"], pending.as_str());
     let refusals = g
