@@ -474,7 +474,8 @@ impl Volumes {
     /// records each as a dirty region of every copy outside the set. While an in-sync
     /// copy fails the writer is frozen: it retries until the copy answers, or the
     /// controller installs an epoch without it, or `deadline` passes (`UNAVAILABLE`).
-    /// A copy saying this writer was fenced ends it at once (`FAILED_PRECONDITION`).
+    /// A copy refusing this writer's epoch as stale is waited out too (see [`FENCED`]);
+    /// a newer epoch naming another writer ends it (`FAILED_PRECONDITION`).
     /// Caller holds the volume's write lock.
     pub(super) async fn settle_locked(
         &self,
