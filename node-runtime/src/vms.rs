@@ -987,6 +987,18 @@ impl Vms {
         statuses
     }
 
+    /// Each running VM's name and control socket (the quorum loop pushes fence
+    /// deadlines through them).
+    pub async fn running_control_sockets(&self) -> Vec<(String, PathBuf)> {
+        self.vms
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, vm)| vm.state == VmState::Running && vm.pid != 0)
+            .map(|(name, _)| (name.clone(), self.run_dir.join(name).join("control.sock")))
+            .collect()
+    }
+
     /// Number of running VMs.
     pub async fn running(&self) -> u32 {
         self.vms
@@ -1098,6 +1110,114 @@ mod tests {
         );
         // Without the node's network namespace the VM runs without its NICs.
         assert!(config.nics.is_empty());
+    }
+
+    #[test]
+    fn each_disk_says_whether_it_is_attached_where_its_data_is_and_its_copies() {
+        let volumes = [
+            "a-root".to_string(),
+            "a-data".into(),
+            "a-logs".into(),
+            "a-gone".into(),
+        ];
+        let served = |volume: &str| VmDisk {
+            volume: volume.into(),
+            config: Some(vm_config::DiskConfig {
+                path: format!("/d/exports/{volume}.sock").into(),
+                read_only: false,
+                nbd_export: Some(volume.into()),
+            }),
+            local: true,
+            detail: String::new(),
+        };
+        let attached = [
+            served("a-root"),
+            VmDisk {
+                volume: "a-data".into(),
+                config: None,
+                local: false,
+                detail: "this node holds a replica".into(),
+            },
+            served("a-logs"),
+        ];
+        let mut vm = VmStatus {
+            disks: disk_statuses(&volumes, &attached),
+            ..running()
+        };
+        let volume = |name: &str, role: v1::VolumeRole, health: Health| v1::VolumeStatus {
+            name: name.into(),
+            role: role as i32,
+            health: health as i32,
+            replica_peers: vec!["n2".into(), "n3".into()],
+            primary: "n2".into(),
+            detail: if health == Health::Healthy {
+                ""
+            } else {
+                "n3 down"
+            }
+            .into(),
+            ..Default::default()
+        };
+        fill_disk_copies(
+            std::slice::from_mut(&mut vm),
+            &[
+                volume("a-root", v1::VolumeRole::Primary, Health::Healthy),
+                volume("a-data", v1::VolumeRole::Replica, Health::Healthy),
+                volume("a-logs", v1::VolumeRole::Primary, Health::Degraded),
+            ],
+        );
+        let seen: Vec<_> = vm
+            .disks
+            .iter()
+            .map(|d| {
+                let attached = d.attached.then_some(d.device);
+                (
+                    d.volume.as_str(),
+                    attached,
+                    d.data.as_str(),
+                    d.copies,
+                    d.copies_in_sync,
+                    d.detail.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                ("a-root", Some(0), "local", 3, 3, ""),
+                ("a-data", None, "remote", 0, 0, "this node holds a replica"),
+                // The second attached disk is the guest's second device.
+                ("a-logs", Some(1), "local", 3, 1, "n3 down"),
+                ("a-gone", None, "missing", 0, 0, ""),
+            ]
+        );
+        // The VMM's counters go to the attached disks, in device order.
+        let counters = |writes| vmm::control::BlockStatus {
+            reads: 1,
+            writes,
+            flushes: 0,
+            bytes_read: 4096,
+            bytes_written: writes * 4096,
+            errors: 0,
+        };
+        Heartbeat {
+            vcpus: 1,
+            memory_bytes: 32 << 20,
+            total: 3,
+            age_ms: Some(1.0),
+            uptime_ms: 50,
+            nics: vec![],
+            disks: vec![counters(5), counters(7)],
+            block_test: Some("pass".into()),
+            block_tests: 1,
+        }
+        .apply(&mut vm);
+        let writes: Vec<u64> = vm.disks.iter().map(|d| d.writes).collect();
+        assert_eq!(writes, [5, 0, 7, 0]);
+        assert_eq!(
+            (vm.guest_block_test.as_str(), vm.guest_block_tests),
+            ("pass", 1)
+        );
     }
 
     #[test]
