@@ -12,6 +12,7 @@ const FILES: &[&str] = &[
     "cairn/node/v1/apply.proto",
     "cairn/node/v1/watch.proto",
     "cairn/node/v1/replication.proto",
+    "cairn/node/v1/lease.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

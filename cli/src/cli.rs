@@ -476,6 +476,10 @@ pub enum DevCommand {
         /// The controller's HTTP address.
         #[arg(long, default_value = "127.0.0.1:7400", requires = "controller")]
         controller_listen: String,
+        /// The controller's gRPC address (health, and the leases the nodes renew
+        /// there: they fence their HA VMs when they lose quorum).
+        #[arg(long, default_value = "127.0.0.1:7401", requires = "controller")]
+        controller_grpc_listen: String,
     },
     /// Stop the dev nodes (and their VMs) of a spec root.
     Down {
@@ -585,8 +589,13 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 gitops,
                 trusted_keys,
                 controller_listen,
+                controller_grpc_listen,
             } => {
-                let code = crate::commands::dev_up(&dir)?;
+                let with_controller = gitops || controller_repo.is_some();
+                let code = crate::commands::dev_up(
+                    &dir,
+                    with_controller.then_some(controller_grpc_listen.as_str()),
+                )?;
                 if code != 0 {
                     return Ok(code);
                 }
@@ -598,6 +607,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         &paths.bare,
                         Some(&paths.allowed_signers),
                         &controller_listen,
+                        &controller_grpc_listen,
                     )?;
                     if code == 0 {
                         print!(
@@ -613,6 +623,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         &repo,
                         trusted_keys.as_deref(),
                         &controller_listen,
+                        &controller_grpc_listen,
                     ),
                     None => Ok(code),
                 }

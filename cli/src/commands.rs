@@ -546,13 +546,18 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
 }
 
 /// `cairn dev up`.
-pub fn dev_up(dir: &Path) -> anyhow::Result<u8> {
+pub fn dev_up(dir: &Path, lease_from: Option<&str>) -> anyhow::Result<u8> {
     let loaded = match load(dir, None)? {
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
     let nodes = spec_nodes(loaded.model());
-    runtime()?.block_on(crate::dev::up(&loaded.ctx, loaded.model(), &nodes))
+    runtime()?.block_on(crate::dev::up(
+        &loaded.ctx,
+        loaded.model(),
+        &nodes,
+        lease_from,
+    ))
 }
 
 /// `cairn dev down`.

@@ -227,6 +227,7 @@ pub async fn up(
     ctx: &Ctx,
     model: &compiler::Model,
     nodes: &BTreeMap<String, DesiredNode>,
+    lease_from: Option<&str>,
 ) -> anyhow::Result<u8> {
     let node_bin = find_binary("cairn-node").context(
         "cannot find the cairn-node binary next to cairn or on PATH; build it with `cargo build -p node-runtime` (or set CAIRN_NODE_BIN)",
@@ -321,6 +322,9 @@ pub async fn up(
             .arg("--disk-capacity")
             .arg(capacity.to_string())
             .args(network_args.get(&node.name).into_iter().flatten())
+            // With a controller, the node renews its lease there and fences its HA
+            // VMs when it loses quorum.
+            .args(lease_from.into_iter().flat_map(|a| ["--lease-from", a]))
             // Development hook: every node runs this cairn-vmm (e.g. a debug build,
             // or a wrapper in tests) instead of the one beside cairn-node.
             .args(
@@ -501,6 +505,7 @@ pub fn start_controller(
     repo: &std::path::Path,
     trusted_keys: Option<&std::path::Path>,
     listen: &str,
+    grpc_listen: &str,
 ) -> anyhow::Result<u8> {
     if let Some(running) = controller::control::running(&ctx.cairn_dir) {
         println!(
@@ -522,12 +527,8 @@ pub fn start_controller(
         .arg(&ctx.cairn_dir)
         .arg("--listen")
         .arg(listen);
-    if listen != "127.0.0.1:7400" {
-        // Its gRPC health service listens on 127.0.0.1:7401 beside the
-        // quickstart's 7400; a dev controller elsewhere (tests) serves none,
-        // so it never takes that port from another one.
-        command.arg("--grpc-listen").arg("none");
-    }
+    // Its gRPC listener: the health service and the nodes' leases.
+    command.arg("--grpc-listen").arg(grpc_listen);
     if let Some(keys) = trusted_keys {
         command
             .arg("--trusted-keys")

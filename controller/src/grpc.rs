@@ -4,7 +4,8 @@
 //! is SERVING while the controller is ready (as `/readyz`: after the first
 //! observation of the nodes), NOT_SERVING before, and NOT_SERVING from the
 //! moment it starts to shut down until it has stopped. Unauthenticated and
-//! read-only: it serves nothing else.
+//! read-only. The same listener serves the nodes' `Lease.Renew`
+//! ([`crate::lease`]), which is signed by each node's key.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +38,8 @@ impl Health {
         shared: Arc<Shared>,
     ) -> anyhow::Result<Health> {
         let address = listener.local_addr()?;
+        let leases = Arc::clone(&shared.leases);
+        let shared_for_leases = Arc::clone(&shared);
         let (reporter, service) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", ServingStatus::NotServing)
@@ -65,6 +68,9 @@ impl Health {
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(proto::v1::lease_server::LeaseServer::new(
+                    crate::lease::LeaseService::new(shared_for_leases, leases),
+                ))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 })

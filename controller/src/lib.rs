@@ -34,6 +34,7 @@ pub mod events;
 pub mod gate;
 mod grpc;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod notifications;
 pub mod remote;
@@ -178,6 +179,8 @@ pub struct Shared {
     pub requests: Mutex<Vec<sync_api::Request>>,
     /// Sends chosen events to the receivers of `DATA_DIR/notify.kdl`.
     pub notifier: std::sync::OnceLock<notifications::Notifier>,
+    /// The nodes' leases (`Lease.Renew` on the gRPC listener).
+    pub leases: Arc<lease::Leases>,
 }
 
 impl Shared {
@@ -417,6 +420,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         held: Mutex::new(None),
         requests: Mutex::new(vec![]),
         notifier: std::sync::OnceLock::new(),
+        leases: Arc::new(lease::Leases::new(lease::DEFAULT_TTL)),
     });
     std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))
         .with_context(|| format!("cannot write {}", control::url_path(&data_dir).display()))?;

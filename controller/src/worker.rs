@@ -1379,6 +1379,7 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
     };
     let spec = pipeline::spec_nodes(&good.model);
     let observed = observe(&spec, &shared.nodes).await;
+    let leases = shared.leases.rows(&good.model);
     let built = (|| -> Result<serde_json::Value, String> {
         let store = shared.state_store()?;
         let previous =
@@ -1404,6 +1405,7 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
     match built {
         Ok(mut value) => {
             value["controller"] = controller;
+            value["controller"]["leases"] = json!(leases);
             value
         }
         Err(e) => json!({

@@ -31,6 +31,7 @@ pub mod exports;
 pub mod inventory;
 pub mod local_volumes;
 pub mod node;
+pub mod quorum;
 pub mod records;
 pub mod server;
 pub mod service;

@@ -56,6 +56,15 @@ struct Args {
     /// Capacity of each file disk in bytes (sparse; default 16 GiB).
     #[arg(long, default_value_t = 16 << 30)]
     disk_capacity: u64,
+    /// The controller's gRPC address (`host:port`) to renew this node's lease with.
+    /// With it, the node pushes the end of its quorum (the lease, or a majority of its
+    /// site's peers) into each HA and FT VM as its fence deadline; without it no VM is
+    /// ever fenced.
+    #[arg(long, value_name = "ADDR")]
+    lease_from: Option<String>,
+    /// The lease length asked for until the controller grants one (T; renewals every T/3).
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(300..=600_000))]
+    lease_ttl_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -98,6 +107,12 @@ fn main() -> ExitCode {
         network_disabled: args.network_disabled,
         vm_start_timeout: std::time::Duration::from_millis(args.vm_start_timeout_ms),
         request_retention: std::time::Duration::from_secs(args.request_retention),
+        lease: args
+            .lease_from
+            .map(|controller| node_runtime::quorum::LeaseConfig {
+                controller,
+                ttl: std::time::Duration::from_millis(args.lease_ttl_ms),
+            }),
     };
     let disks = DiskLayout {
         count: args.disks,

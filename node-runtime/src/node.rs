@@ -49,6 +49,9 @@ pub struct NodeConfig {
     /// How long a StartVm waits to see the VM running (its VMM alive and the first
     /// guest heartbeat reported) before it kills the VMM and fails (default 10 s).
     pub vm_start_timeout: Duration,
+    /// Where to renew the lease that keeps HA and FT VMs running (`--lease-from`);
+    /// `None`: no fence is ever armed ([`crate::quorum`]).
+    pub lease: Option<crate::quorum::LeaseConfig>,
 }
 
 /// Errors of starting a node.
@@ -101,6 +104,8 @@ pub struct Node {
     pub vms: Vms,
     /// Bonds.
     pub bonds: crate::bonds::Bonds,
+    /// Leases and the site's quorum: the fence deadline of HA and FT VMs.
+    pub quorum: crate::quorum::Quorum,
     /// When the process started.
     pub started_at_unix_ms: u64,
     in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -185,8 +190,10 @@ impl Node {
             records.clone(),
             events.clone(),
         )?;
+        let quorum = crate::quorum::Quorum::open(data_dir);
         Ok(Arc::new(Self {
             exports,
+            quorum,
             config,
             identity,
             trust,

@@ -115,6 +115,11 @@ pub async fn run(
     let (shutdown_sender, shutdown_receiver) = tokio::sync::watch::channel(false);
     let service = NodeService::new(node.clone(), shutdown_receiver);
     let resync = tokio::spawn(node.volumes.clone().resync_loop(Duration::from_secs(1)));
+    let leases = node
+        .config
+        .lease
+        .clone()
+        .map(|lease| tokio::spawn(crate::quorum::run(node.clone(), lease)));
     let pruning = {
         let node = node.clone();
         tokio::spawn(async move {
@@ -165,6 +170,7 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(v1::watch_server::WatchServer::new(service.clone()))
+        .add_service(v1::quorum_server::QuorumServer::new(service.clone()))
         .add_service(
             v1::replication_server::ReplicationServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -173,6 +179,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
     resync.abort();
+    if let Some(leases) = leases {
+        leases.abort();
+    }
     pruning.abort();
     node.exports.shutdown().await;
     node.vms.kill_all().await;

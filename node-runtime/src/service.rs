@@ -211,6 +211,24 @@ impl v1::apply_server::Apply for NodeService {
 type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
+impl v1::quorum_server::Quorum for NodeService {
+    /// A site peer's quorum probe: signed by a trusted peer (or a controller).
+    async fn probe(
+        &self,
+        request: Request<v1::QuorumProbe>,
+    ) -> Result<Response<v1::QuorumProbeReply>, Status> {
+        let caller =
+            self.node
+                .trust
+                .check(methods::QUORUM_PROBE, Role::ControllerOrPeer, &request)?;
+        self.node.quorum.heard(&caller.name);
+        Ok(Response::new(v1::QuorumProbeReply {
+            node: self.node.config.name.clone(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
 impl v1::watch_server::Watch for NodeService {
     type WatchStream = WatchStream;
 

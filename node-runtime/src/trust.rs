@@ -202,6 +202,11 @@ impl Trust {
         self.anchors.list()
     }
 
+    /// The trusted controller keys, hex (the lease's renewals are addressed to one).
+    pub fn controller_keys_hex(&self) -> Vec<String> {
+        self.controllers.keys_hex()
+    }
+
     /// Number of controller keys.
     pub fn controller_count(&self) -> usize {
         self.controllers.len()

@@ -66,6 +66,10 @@ pub mod methods {
     pub const DELETE_REPLICA: &str = "/cairn.node.v1.Replication/DeleteReplica";
     /// `Replication.ResizeReplica`
     pub const RESIZE_REPLICA: &str = "/cairn.node.v1.Replication/ResizeReplica";
+    /// `Lease.Renew` (served by the controller)
+    pub const RENEW_LEASE: &str = "/cairn.node.v1.Lease/Renew";
+    /// `Quorum.Probe` (served by every node, called by its site's peers)
+    pub const QUORUM_PROBE: &str = "/cairn.node.v1.Quorum/Probe";
 }
 
 /// The name of the `ApplyRequest.action` oneof variant, as used in events and the

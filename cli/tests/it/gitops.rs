@@ -85,8 +85,18 @@ fn dev_up_gitops_ends_with_a_controller_that_a_signed_git_push_drives() {
     // Dropping the cluster runs `dev down`, which stops the controller too.
     let cluster = Cluster { dir };
     let listen = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", free_port());
     let out = cluster
-        .command(&["dev", "up", ".", "--gitops", "--controller-listen", &listen])
+        .command(&[
+            "dev",
+            "up",
+            ".",
+            "--gitops",
+            "--controller-listen",
+            &listen,
+            "--controller-grpc-listen",
+            &grpc,
+        ])
         .output()
         .expect("cairn dev up runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -9,6 +9,7 @@ mod diff;
 mod engine;
 mod gitops;
 mod golden;
+mod ha;
 mod policy;
 mod reconcile;
 mod safety;

@@ -1,0 +1,322 @@
+//! Leases and fencing on a real dev cluster with a controller (issue 16): a node
+//! whose agent is frozen stops its HA VMs by itself at its quorum's end and keeps
+//! its other VMs; a controller that is gone stops nothing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::TempDir;
+use crate::engine::{Cluster, copy_specs, free_port, kvm_usable};
+
+/// A control-socket status of a VM's cairn-vmm, or None when nothing answers.
+fn vmm_status(socket: &Path) -> Option<Value> {
+    let mut stream = UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream.write_all(b"{\"op\":\"status\"}\n").ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    let response: Value = serde_json::from_str(&line).ok()?;
+    Some(response["status"].clone())
+}
+
+/// The pid of the cairn-vmm whose command line names `vm_dir`.
+fn vmm_pid(vm_dir: &Path) -> Option<u32> {
+    let needle = vm_dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+            (cmdline.contains("cairn-vmm") && cmdline.contains(&needle)).then_some(pid)
+        })
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+fn signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill {signal} {pid}");
+}
+
+struct HaCluster {
+    cluster: Cluster,
+    /// Where each VM runs (from the controller's status).
+    placement: Vec<(String, String)>,
+}
+
+impl HaCluster {
+    fn status(&self) -> Value {
+        let out = self
+            .cluster
+            .command(&["status", ".", "--format", "json"])
+            .output()
+            .expect("cairn status runs");
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    fn vm_dir(&self, vm: &str) -> PathBuf {
+        let node = &self
+            .placement
+            .iter()
+            .find(|(v, _)| v == vm)
+            .expect("placed")
+            .1;
+        self.cluster
+            .path()
+            .join(".cairn/dev")
+            .join(node)
+            .join("vms")
+            .join(vm)
+    }
+
+    fn node_pid(&self, node: &str) -> u32 {
+        let pids: Value = serde_json::from_slice(
+            &std::fs::read(self.cluster.path().join(".cairn/dev/pids.json")).expect("pids.json"),
+        )
+        .expect("pids json");
+        pids[node]
+            .as_u64()
+            .or_else(|| pids[node]["pid"].as_u64())
+            .unwrap_or_else(|| panic!("no pid of {node} in {pids}")) as u32
+    }
+
+    fn wait<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Value) -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if let Some(t) = f(&s) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not within {timeout:?}; status: {s:#}\ncontroller log:\n{}",
+                std::fs::read_to_string(self.cluster.path().join(".cairn/dev/controller.log"))
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn up(tag: &str) -> Option<HaCluster> {
+        for tool in ["git", "ssh-keygen"] {
+            if Command::new(tool).arg("--help").output().is_err() {
+                eprintln!(
+                    "skipped: `{tool}` is not installed; the controller follows signed commits"
+                );
+                return None;
+            }
+        }
+        if !kvm_usable() {
+            eprintln!("skipped: /dev/kvm is not usable here, and the test fences running VMs");
+            return None;
+        }
+        let dir = TempDir::new(tag);
+        copy_specs(&crate::repo_root().join("examples/quickstart"), &dir.0);
+        let cluster_file = dir.0.join("cluster.kdl");
+        let mut text = std::fs::read_to_string(&cluster_file).expect("read cluster.kdl");
+        for n in 11..=13 {
+            text = text.replace(
+                &format!("127.0.0.{n}:7100"),
+                &format!("127.0.0.1:{}", free_port()),
+            );
+        }
+        std::fs::write(&cluster_file, text).expect("write cluster.kdl");
+        let cluster = Cluster { dir };
+        let listen = format!("127.0.0.1:{}", free_port());
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let out = cluster
+            .command(&[
+                "dev",
+                "up",
+                ".",
+                "--gitops",
+                "--controller-listen",
+                &listen,
+                "--controller-grpc-listen",
+                &grpc,
+            ])
+            .output()
+            .expect("cairn dev up runs");
+        assert!(
+            out.status.success(),
+            "dev up --gitops failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut ha = HaCluster {
+            cluster,
+            placement: Vec::new(),
+        };
+        // Every VM runs, and every node renews its lease.
+        ha.placement = ha.wait(
+            "the seed commit running, leases ready",
+            Duration::from_secs(90),
+            |s| {
+                let vms = s["vms"].as_array()?;
+                let running = vms.iter().filter(|v| v["state"] == "running").count();
+                let leases = s["controller"]["leases"].as_array()?;
+                let ready = leases.iter().all(|l| l["state"] == "ready");
+                (running == 5 && ready && leases.len() == 3).then(|| {
+                    vms.iter()
+                        .map(|v| {
+                            (
+                                v["name"].as_str().unwrap_or_default().to_owned(),
+                                v["node"].as_str().unwrap_or_default().to_owned(),
+                            )
+                        })
+                        .collect()
+                })
+            },
+        );
+        Some(ha)
+    }
+}
+
+#[test]
+fn a_frozen_node_agent_fences_its_ha_vms_at_its_quorums_end_and_keeps_the_others() {
+    let Some(ha) = HaCluster::up("ha-frozen-agent") else {
+        return;
+    };
+    // The node of `backup` (availability none) also runs HA VMs in the quickstart.
+    let node = ha
+        .placement
+        .iter()
+        .find(|(vm, _)| vm == "backup")
+        .expect("backup placed")
+        .1
+        .clone();
+    let ha_vms: Vec<String> = ha
+        .placement
+        .iter()
+        .filter(|(vm, n)| *n == node && vm != "backup")
+        .map(|(vm, _)| vm.clone())
+        .collect();
+    assert!(
+        !ha_vms.is_empty(),
+        "an HA VM shares {node} with backup: {:?}",
+        ha.placement
+    );
+    // The HA VMs' fences are armed and move; backup's is not armed.
+    for vm in &ha_vms {
+        let socket = ha.vm_dir(vm).join("control.sock");
+        let first = ha.wait("the fence armed", Duration::from_secs(10), |_| {
+            vmm_status(&socket)?["fence_deadline_boottime_ns"].as_u64()
+        });
+        ha.wait("the fence renewed", Duration::from_secs(10), |_| {
+            let now = vmm_status(&socket)?["fence_deadline_boottime_ns"].as_u64()?;
+            (now > first).then_some(())
+        });
+    }
+    let backup_socket = ha.vm_dir("backup").join("control.sock");
+    let backup = vmm_status(&backup_socket).expect("backup's VMM answers");
+    assert!(backup["fence_deadline_boottime_ns"].is_null(), "{backup:#}");
+
+    let ha_pids: Vec<u32> = ha_vms
+        .iter()
+        .map(|vm| vmm_pid(&ha.vm_dir(vm)).expect("HA VMM pid"))
+        .collect();
+    let backup_pid = vmm_pid(&ha.vm_dir("backup")).expect("backup VMM pid");
+    let agent = ha.node_pid(&node);
+
+    // Freeze the agent alone: nothing renews the fences any more.
+    signal(agent, "-STOP");
+    let frozen = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ha_pids.iter().any(|pid| alive(*pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped_after = frozen.elapsed();
+    let still: Vec<&u32> = ha_pids.iter().filter(|pid| alive(**pid)).collect();
+    // The controller says the node's lease lapsed while it is frozen.
+    let state = ha.wait(
+        "the frozen node no longer ready",
+        Duration::from_secs(10),
+        |s| {
+            let row = s["controller"]["leases"]
+                .as_array()?
+                .iter()
+                .find(|l| l["node"] == node.as_str())?
+                .clone();
+            (row["state"] != "ready").then_some(row)
+        },
+    );
+    let backup_alive = alive(backup_pid);
+    signal(agent, "-CONT");
+    assert!(
+        still.is_empty(),
+        "HA VMMs {still:?} still ran {stopped_after:?} after the freeze"
+    );
+    // T = 3 s from the last renewal's send (at most T/3 before the freeze), plus the
+    // VMM's stop: never later than T + 1 s after the freeze.
+    assert!(
+        stopped_after <= Duration::from_secs(4),
+        "the HA VMs stopped {stopped_after:?} after the agent froze"
+    );
+    assert!(backup_alive, "backup (availability none) keeps running");
+    eprintln!(
+        "agent of {node} frozen → its {} HA VM(s) stopped after {stopped_after:?}; controller: {}",
+        ha_pids.len(),
+        state
+    );
+}
+
+#[test]
+fn a_controller_that_is_gone_stops_no_vm() {
+    let Some(ha) = HaCluster::up("ha-controller-gone") else {
+        return;
+    };
+    let pids: Vec<u32> = ha
+        .placement
+        .iter()
+        .map(|(vm, _)| vmm_pid(&ha.vm_dir(vm)).expect("VMM pid"))
+        .collect();
+    let controller: u32 =
+        std::fs::read_to_string(ha.cluster.path().join(".cairn/dev/controller.pid"))
+            .expect("controller.pid")
+            .trim()
+            .parse()
+            .expect("pid");
+    // Frozen for three leases: every node loses its lease, but the site's nodes
+    // still reach each other, so each holds quorum and nothing is fenced.
+    signal(controller, "-STOP");
+    std::thread::sleep(Duration::from_secs(9));
+    let stopped: Vec<&u32> = pids.iter().filter(|pid| !alive(**pid)).collect();
+    signal(controller, "-CONT");
+    assert!(
+        stopped.is_empty(),
+        "VMMs {stopped:?} stopped while the controller was gone"
+    );
+    // The fences kept moving through the peers' quorum.
+    let vm = &ha
+        .placement
+        .iter()
+        .find(|(vm, _)| vm != "backup")
+        .expect("an HA VM")
+        .0;
+    let socket = ha.vm_dir(vm).join("control.sock");
+    let remaining = vmm_status(&socket).expect("VMM answers")["fence_remaining_ms"]
+        .as_f64()
+        .expect("armed");
+    assert!(
+        remaining > 0.0,
+        "the fence of {vm} is still in the future: {remaining} ms"
+    );
+}

@@ -1,0 +1,319 @@
+//! The controller's side of node leases (issue 16, item 1): `Lease.Renew` on the
+//! gRPC listener (`--grpc-listen`), and each node's lease state.
+//!
+//! A node renews every T/3 and counts its lease from the moment it SENT the renewal;
+//! this side counts from its grant, which is later, so the node's lease always ends
+//! first. With each grant the node gets its site's peers (for its quorum probes) and
+//! the names of its VMs that must stop when it loses quorum: its HA and FT VMs of
+//! the applied commit's placement ([`node_runtime`'s `quorum`] pushes the deadline into
+//! each one's VMM).
+//!
+//! Timer rules (T = `--lease-ttl`, default 3 s):
+//! - renewal every T/3 (the node's loop), each call bounded by T/3;
+//! - a node is `ready` while its last grant is younger than T, `suspect` after T;
+//! - it may only be declared `failed` once T + margin have passed since its last
+//!   grant AND a majority of its site reports not having heard from it: the node may
+//!   still hold quorum through its peers otherwise. The margin covers the VMM's fence
+//!   check (immediate, plus one vCPU kick), the time to stop its vCPUs (measured:
+//!   4–36 ms), and clock drift of CLOCK_BOOTTIME over T (negligible); 1 s is used;
+//! - a controller that starts waits T + margin before it calls any node `failed`
+//!   (it cannot know which grants its predecessor gave).
+//!
+//! Restarting a failed node's HA VMs elsewhere builds on this and is not done yet:
+//! the states are reported (status, metrics), and nothing acts on them.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto::auth::{NodeTarget, TrustedKeys, Verifier};
+use proto::methods;
+use proto::v1;
+use reconciler::state::StateStore as _;
+use tonic::{Request, Response, Status};
+
+use crate::Shared;
+
+/// The lease length granted (T).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
+/// What T + margin adds to T before a node may be declared failed.
+pub const MARGIN: Duration = Duration::from_secs(1);
+
+/// One node's lease as this controller process granted it.
+#[derive(Debug, Clone)]
+struct Granted {
+    last: Instant,
+    grants: u64,
+    incarnation: String,
+    /// Peers the node heard from at its last renewal, with how long ago.
+    heard: BTreeMap<String, Duration>,
+}
+
+/// The leases of every node, shared by the gRPC service and the status.
+#[derive(Debug)]
+pub struct Leases {
+    ttl: Duration,
+    started: Instant,
+    granted: Mutex<BTreeMap<String, Granted>>,
+    /// Node name → its public key, learned from its Inventory (as every controller
+    /// call to it is addressed).
+    keys: tokio::sync::Mutex<BTreeMap<String, String>>,
+}
+
+/// A node's lease state, as status and metrics say it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LeaseRow {
+    /// Node.
+    pub node: String,
+    /// `ready`, `suspect`, `failed` or `unknown` (never renewed with this controller).
+    pub state: &'static str,
+    /// Since its last grant.
+    pub last_grant_ms_ago: Option<u64>,
+    /// Grants given by this controller process.
+    pub grants: u64,
+    /// The node agent's incarnation at its last renewal.
+    pub incarnation: String,
+    /// Why it is in that state.
+    pub reason: String,
+}
+
+impl Leases {
+    /// Leases of length `ttl`.
+    pub fn new(ttl: Duration) -> Leases {
+        Leases {
+            ttl,
+            started: Instant::now(),
+            granted: Mutex::default(),
+            keys: tokio::sync::Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Granted>> {
+        self.granted.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Each node's state, for `site` membership from `model`.
+    pub fn rows(&self, model: &compiler::Model) -> Vec<LeaseRow> {
+        let granted = self.lock().clone();
+        let mut rows = Vec::new();
+        for site in &model.sites {
+            for node in &site.nodes {
+                let Some(g) = granted.get(&node.name) else {
+                    rows.push(LeaseRow {
+                        node: node.name.clone(),
+                        state: "unknown",
+                        last_grant_ms_ago: None,
+                        grants: 0,
+                        incarnation: String::new(),
+                        reason: "it has not renewed a lease with this controller (started without --lease-from?)".into(),
+                    });
+                    continue;
+                };
+                let age = g.last.elapsed();
+                let peers: Vec<&str> = site
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .filter(|n| *n != node.name)
+                    .collect();
+                // Peers that renew themselves and still heard this node within T.
+                let hearing = peers
+                    .iter()
+                    .filter(|peer| {
+                        granted.get(**peer).is_some_and(|p| {
+                            p.last.elapsed() < self.ttl
+                                && p.heard.get(&node.name).is_some_and(|ago| *ago < self.ttl)
+                        })
+                    })
+                    .count();
+                let not_hearing = peers
+                    .iter()
+                    .filter(|peer| {
+                        granted.get(**peer).is_some_and(|p| {
+                            p.last.elapsed() < self.ttl
+                                && p.heard.get(&node.name).is_none_or(|ago| *ago >= self.ttl)
+                        })
+                    })
+                    .count();
+                let site_size = peers.len() + 1;
+                let (state, reason) = if age < self.ttl {
+                    ("ready", format!("renewed {} ms ago", age.as_millis()))
+                } else if age < self.ttl + MARGIN || self.started.elapsed() < self.ttl + MARGIN {
+                    ("suspect", format!("no renewal for {} ms", age.as_millis()))
+                } else if not_hearing * 2 >= site_size {
+                    (
+                        "failed",
+                        format!(
+                            "no renewal for {} ms and {not_hearing} of its {} site peers no longer hear it: it has lost quorum and fenced its HA VMs",
+                            age.as_millis(),
+                            peers.len()
+                        ),
+                    )
+                } else {
+                    (
+                        "suspect",
+                        format!(
+                            "no renewal for {} ms, but {hearing} of its {} site peers still hear it (or cannot say): it may still hold quorum through them",
+                            age.as_millis(),
+                            peers.len()
+                        ),
+                    )
+                };
+                rows.push(LeaseRow {
+                    node: node.name.clone(),
+                    state,
+                    last_grant_ms_ago: Some(age.as_millis() as u64),
+                    grants: g.grants,
+                    incarnation: g.incarnation.clone(),
+                    reason,
+                });
+            }
+        }
+        rows
+    }
+}
+
+/// `Lease.Renew` over the shared controller state.
+#[derive(Debug, Clone)]
+pub struct LeaseService {
+    shared: Arc<Shared>,
+    leases: Arc<Leases>,
+    verifier: Arc<Verifier>,
+}
+
+impl LeaseService {
+    /// The service; requests must be addressed to this controller's key.
+    pub fn new(shared: Arc<Shared>, leases: Arc<Leases>) -> LeaseService {
+        let this = NodeTarget::of("controller", shared.signer.identity());
+        LeaseService {
+            shared,
+            leases,
+            verifier: Arc::new(Verifier::new(proto::auth::DEFAULT_WINDOW, this)),
+        }
+    }
+
+    /// The node's key: asked once with a controller-signed Inventory call.
+    async fn node_key(&self, name: &str, address: &str) -> Result<String, Status> {
+        if let Some(key) = self.leases.keys.lock().await.get(name) {
+            return Ok(key.clone());
+        }
+        let mut client = reconciler::nodes::connect(address, self.shared.signer.clone())
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "cannot reach node {name} at {address} to learn its key: {e}"
+                ))
+            })?;
+        let inventory = client
+            .get_inventory()
+            .await
+            .map_err(|s| Status::unavailable(format!("inventory of {name}: {}", s.message())))?;
+        if inventory.node_name != name {
+            return Err(Status::permission_denied(format!(
+                "the node at {address} calls itself `{}`, not `{name}`",
+                inventory.node_name
+            )));
+        }
+        self.leases
+            .keys
+            .lock()
+            .await
+            .insert(name.to_owned(), inventory.public_key_hex.clone());
+        Ok(inventory.public_key_hex)
+    }
+}
+
+#[tonic::async_trait]
+impl v1::lease_server::Lease for LeaseService {
+    async fn renew(
+        &self,
+        request: Request<v1::RenewLeaseRequest>,
+    ) -> Result<Response<v1::RenewLeaseReply>, Status> {
+        let good = self
+            .shared
+            .good
+            .lock()
+            .expect("good lock")
+            .clone()
+            .ok_or_else(|| Status::unavailable("no commit is applied yet: no lease to grant"))?;
+        let name = request.get_ref().node.clone();
+        let Some((site, node)) = good
+            .model
+            .sites
+            .iter()
+            .find_map(|s| s.nodes.iter().find(|n| n.name == name).map(|n| (s, n)))
+        else {
+            return Err(Status::permission_denied(format!(
+                "node `{name}` is not in the applied commit {}",
+                good.commit
+            )));
+        };
+        let key = self.node_key(&name, &node.address).await?;
+        let mut trusted = TrustedKeys::new();
+        trusted.insert(
+            proto::auth::parse_public_key(&key).map_err(|e| Status::internal(e.to_string()))?,
+            name.clone(),
+        );
+        self.verifier
+            .verify(methods::RENEW_LEASE, &request, &trusted, "node")
+            .map_err(Status::from)?;
+        // Every peer's key, so that the node can address its probes (learned once).
+        for peer in site.nodes.iter().filter(|n| n.name != name) {
+            let _ = self.node_key(&peer.name, &peer.address).await;
+        }
+        let keys = self.leases.keys.lock().await.clone();
+        let site_peers = site
+            .nodes
+            .iter()
+            .filter(|n| n.name != name)
+            .map(|n| v1::Peer {
+                name: n.name.clone(),
+                address: n.address.clone(),
+                public_key_hex: keys.get(&n.name).cloned().unwrap_or_default(),
+            })
+            .collect();
+        let placement = reconciler::state::RedbStore::open(&self.shared.config.state_path())
+            .ok()
+            .and_then(|store| store.placement().ok().flatten());
+        let fenced_vms = placement
+            .map(|p| {
+                p.vms
+                    .iter()
+                    .filter(|vm| vm.node == name)
+                    .filter(|vm| {
+                        good.model.vms.iter().any(|m| {
+                            m.name == vm.name
+                                && m.availability != compiler::model::Availability::None
+                        })
+                    })
+                    .map(|vm| vm.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let body = request.into_inner();
+        let grants = {
+            let mut granted = self.leases.lock();
+            let entry = granted.entry(name).or_insert(Granted {
+                last: Instant::now(),
+                grants: 0,
+                incarnation: String::new(),
+                heard: BTreeMap::new(),
+            });
+            entry.last = Instant::now();
+            entry.grants += 1;
+            entry.incarnation = body.incarnation;
+            entry.heard = body
+                .heard
+                .into_iter()
+                .map(|h| (h.node, Duration::from_millis(h.age_ms)))
+                .collect();
+            entry.grants
+        };
+        Ok(Response::new(v1::RenewLeaseReply {
+            ttl_ms: self.leases.ttl.as_millis() as u64,
+            grant: grants,
+            site_peers,
+            fenced_vms,
+        }))
+    }
+}

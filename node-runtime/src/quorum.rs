@@ -1,0 +1,348 @@
+//! Quorum and fencing on the node (issue 16): whether this node may keep running its
+//! HA and FT VMs, and the fence deadline it pushes into their `cairn-vmm`s.
+//!
+//! The node holds quorum while it holds either
+//! - a lease from the controller: renewed every `ttl / 3` with `Lease.Renew`, valid
+//!   until the renewal's SEND time + `ttl` (`CLOCK_BOOTTIME`); the controller counts
+//!   from its grant, which is later, so a late or retransmitted grant never stretches
+//!   the lease past what the controller believes; or
+//! - a majority of its site: itself and the site peers that answered a
+//!   `Quorum.Probe` sent in the same round, valid until that round's send time + `ttl`.
+//!   A controller that is down, restarting or failing over therefore stops nothing
+//!   while the site's nodes still reach each other.
+//!
+//! After every round the node pushes `max(lease, peers)` into each running VM of the
+//! controller's `fenced_vms` list (its HA and FT VMs) with the VMM's `set-fence`
+//! request ([`vmm::fence`]), only ever moving it later. When the node loses quorum,
+//! or is frozen (SIGSTOP) or killed, nothing moves the deadline any more and each VMM
+//! stops its vCPUs and its tap writes at the deadline by itself.
+//!
+//! The site's peers and the fenced VMs come with each grant and are kept in
+//! `DATA_DIR/quorum.json`, so a node restarted during a controller outage still probes
+//! its peers. A node started without `--lease-from` never arms a fence (there is no
+//! controller to restart its VMs elsewhere, so stopping them would buy nothing).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use proto::auth::{NodeTarget, RequestSigner};
+use proto::methods;
+use proto::v1;
+use serde::{Deserialize, Serialize};
+
+use crate::node::Node;
+
+/// How the node takes part in leases.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// The controller's gRPC address (`host:port`), where `Lease.Renew` is served.
+    pub controller: String,
+    /// The lease's length asked for until the controller says otherwise (T).
+    pub ttl: Duration,
+}
+
+/// What is kept across restarts (`DATA_DIR/quorum.json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct Kept {
+    /// The other nodes of this node's site: name, address, key.
+    peers: Vec<(String, String, String)>,
+    /// The VMs to fence (HA and FT VMs placed here).
+    fenced_vms: BTreeSet<String>,
+    /// The lease length the controller grants, ms.
+    ttl_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    kept: Kept,
+    /// `CLOCK_BOOTTIME` ns the controller's lease lasts until (0: none yet).
+    lease_until_ns: u64,
+    /// `CLOCK_BOOTTIME` ns the site majority lasts until (0: none yet).
+    peers_until_ns: u64,
+    /// Grants received by this process.
+    grants: u64,
+    /// Peers whose probe reached this node, and when.
+    heard: BTreeMap<String, Instant>,
+    /// The deadline last pushed into each VM.
+    pushed: BTreeMap<String, u64>,
+    /// Why the last renewal failed, if it did.
+    last_error: Option<String>,
+}
+
+/// The node's quorum state; the probe service writes `heard`, the loop the rest.
+#[derive(Debug)]
+pub struct Quorum {
+    path: PathBuf,
+    state: Mutex<State>,
+    /// Random per process: tells the controller an agent restart from a renewal.
+    incarnation: String,
+}
+
+/// What Observe or a test can see of the quorum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuorumView {
+    /// Until when (`CLOCK_BOOTTIME` ns) the node holds quorum; 0 when it never has.
+    pub holds_until_ns: u64,
+    /// The lease's end (0: none).
+    pub lease_until_ns: u64,
+    /// The site majority's end (0: none).
+    pub peers_until_ns: u64,
+    /// Grants received.
+    pub grants: u64,
+    /// VMs that are fenced.
+    pub fenced_vms: Vec<String>,
+    /// Why the last renewal failed.
+    pub last_error: Option<String>,
+}
+
+impl Quorum {
+    /// The quorum state of the node whose data directory holds `quorum.json`.
+    pub fn open(data_dir: &std::path::Path) -> Quorum {
+        let path = data_dir.join("quorum.json");
+        let kept = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        Quorum {
+            path,
+            state: Mutex::new(State {
+                kept,
+                ..State::default()
+            }),
+            incarnation: format!("{}-{}", std::process::id(), vmm::fence::boottime_ns()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A peer's probe arrived.
+    pub fn heard(&self, peer: &str) {
+        self.lock().heard.insert(peer.to_owned(), Instant::now());
+    }
+
+    /// The current view.
+    pub fn view(&self) -> QuorumView {
+        let state = self.lock();
+        QuorumView {
+            holds_until_ns: state.lease_until_ns.max(state.peers_until_ns),
+            lease_until_ns: state.lease_until_ns,
+            peers_until_ns: state.peers_until_ns,
+            grants: state.grants,
+            fenced_vms: state.kept.fenced_vms.iter().cloned().collect(),
+            last_error: state.last_error.clone(),
+        }
+    }
+
+    fn keep(&self, kept: &Kept) {
+        if let Ok(bytes) = serde_json::to_vec_pretty(kept) {
+            let temporary = self.path.with_extension("json.tmp");
+            if std::fs::write(&temporary, bytes).is_ok() {
+                let _ = std::fs::rename(&temporary, &self.path);
+            }
+        }
+    }
+}
+
+/// One round's timeout for each call: a third of the lease, so a round ends before
+/// the next is due.
+fn call_timeout(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(100))
+}
+
+async fn channel(address: &str, timeout: Duration) -> Result<tonic::transport::Channel, String> {
+    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        })
+}
+
+/// Renews the lease once; on success records it from `sent_ns`.
+async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), String> {
+    let quorum = &node.quorum;
+    let heard = {
+        let state = quorum.lock();
+        state
+            .heard
+            .iter()
+            .map(|(name, at)| v1::PeerHeard {
+                node: name.clone(),
+                age_ms: at.elapsed().as_millis() as u64,
+            })
+            .collect()
+    };
+    let controller_key = node
+        .trust
+        .controller_keys_hex()
+        .into_iter()
+        .next()
+        .ok_or("this node trusts no controller key")?;
+    let target = NodeTarget::new("controller", &controller_key).map_err(|e| e.to_string())?;
+    let request = RequestSigner::new(node.identity.clone())
+        .sign(
+            methods::RENEW_LEASE,
+            &target,
+            v1::RenewLeaseRequest {
+                node: node.config.name.clone(),
+                incarnation: quorum.incarnation.clone(),
+                heard,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    let timeout = call_timeout(config.ttl);
+    let mut client =
+        v1::lease_client::LeaseClient::new(channel(&config.controller, timeout).await?);
+    let reply = client
+        .renew(request)
+        .await
+        .map_err(|status| format!("the controller refused the renewal: {}", status.message()))?
+        .into_inner();
+    let ttl_ns = reply.ttl_ms.saturating_mul(1_000_000);
+    let kept = Kept {
+        peers: reply
+            .site_peers
+            .iter()
+            .map(|p| (p.name.clone(), p.address.clone(), p.public_key_hex.clone()))
+            .collect(),
+        fenced_vms: reply.fenced_vms.into_iter().collect(),
+        ttl_ms: reply.ttl_ms,
+    };
+    let changed = {
+        let mut state = quorum.lock();
+        state.lease_until_ns = state.lease_until_ns.max(sent_ns + ttl_ns);
+        state.grants += 1;
+        state.last_error = None;
+        let changed = state.kept != kept;
+        state.kept = kept.clone();
+        changed
+    };
+    if changed {
+        quorum.keep(&kept);
+    }
+    Ok(())
+}
+
+/// Probes every site peer at once; a majority (this node included) extends the
+/// peers' part of the quorum from `sent_ns`.
+async fn probe_peers(node: &Node, ttl: Duration, sent_ns: u64) {
+    let peers = node.quorum.lock().kept.peers.clone();
+    if peers.is_empty() {
+        return;
+    }
+    let timeout = call_timeout(ttl);
+    let signer = RequestSigner::new(node.identity.clone());
+    let probes = peers.iter().map(|(name, address, key)| {
+        let signer = signer.clone();
+        let me = node.config.name.clone();
+        async move {
+            let target = NodeTarget::new(name.clone(), key).map_err(|e| e.to_string())?;
+            let request = signer
+                .sign(methods::QUORUM_PROBE, &target, v1::QuorumProbe { node: me })
+                .map_err(|e| e.to_string())?;
+            let mut client = v1::quorum_client::QuorumClient::new(channel(address, timeout).await?);
+            tokio::time::timeout(timeout, client.probe(request))
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|s| s.message().to_owned())
+        }
+    });
+    let answered = futures_util::future::join_all(probes)
+        .await
+        .iter()
+        .filter(|r| r.is_ok())
+        .count();
+    // A majority of the site: this node and the peers that answered.
+    if (answered + 1) * 2 > peers.len() + 1 {
+        let mut state = node.quorum.lock();
+        state.peers_until_ns = state.peers_until_ns.max(sent_ns + ttl.as_nanos() as u64);
+    }
+}
+
+/// Pushes the quorum's end into every running fenced VM (only ever later), and
+/// disarms VMs that left the list.
+async fn push_fences(node: &Arc<Node>) {
+    let (until, fenced, pushed) = {
+        let state = node.quorum.lock();
+        (
+            state.lease_until_ns.max(state.peers_until_ns),
+            state.kept.fenced_vms.clone(),
+            state.pushed.clone(),
+        )
+    };
+    let running = node.vms.running_control_sockets().await;
+    let mut updates = Vec::new();
+    for (vm, socket) in running {
+        let deadline = if fenced.contains(&vm) {
+            if until == 0 || pushed.get(&vm).is_some_and(|p| *p >= until) {
+                continue;
+            }
+            until
+        } else if pushed.get(&vm).is_some_and(|p| *p != 0) {
+            0
+        } else {
+            continue;
+        };
+        updates.push((vm, socket, deadline));
+    }
+    for (vm, socket, deadline) in updates {
+        let sent = tokio::task::spawn_blocking(move || {
+            let mut client =
+                vmm::control::ControlClient::connect(&socket, Duration::from_millis(500))
+                    .map_err(|e| e.to_string())?;
+            let response = client
+                .request(&vmm::control::Request::SetFence {
+                    deadline_boottime_ns: deadline,
+                })
+                .map_err(|e| e.to_string())?;
+            if response.ok {
+                Ok(())
+            } else {
+                Err(response.error.unwrap_or_default())
+            }
+        })
+        .await;
+        if let Ok(Ok(())) = sent {
+            node.quorum.lock().pushed.insert(vm, deadline);
+        }
+    }
+}
+
+/// The lease loop: renew, probe, push, every `ttl / 3`, until the process ends.
+pub async fn run(node: Arc<Node>, config: LeaseConfig) {
+    let mut ttl = config.ttl;
+    loop {
+        let round = tokio::time::Instant::now();
+        let sent_ns = vmm::fence::boottime_ns();
+        let this_round = LeaseConfig {
+            ttl,
+            ..config.clone()
+        };
+        let (renewed, ()) = tokio::join!(
+            renew(&node, &this_round, sent_ns),
+            probe_peers(&node, ttl, sent_ns)
+        );
+        if let Err(error) = renewed {
+            node.quorum.lock().last_error = Some(error);
+        }
+        let granted = node.quorum.lock().kept.ttl_ms;
+        if granted > 0 {
+            ttl = Duration::from_millis(granted);
+        }
+        push_fences(&node).await;
+        tokio::time::sleep_until(round + ttl / 3).await;
+    }
+}
