@@ -409,7 +409,7 @@ fn check(
         return Err(Refusal::new(
             StatusCode::CONFLICT,
             format!(
-                "the cluster changed since you asked: {signer} signed `{action}` for {what} {signed_for}, and it is now {now_is}; nothing was done; run the command again"
+                "{CHANGED}: {signer} signed `{action}` for {what} {signed_for}, and it is now {now_is}; nothing was done; run the command again"
             ),
         ));
     }
@@ -532,10 +532,39 @@ pub struct Request<'a> {
     pub plan_id: Option<&'a str>,
 }
 
+/// The prefix of a 409 whose binding moved between challenge and action.
+const CHANGED: &str = "the cluster changed since you asked";
+
+/// How many times [`perform`] asks again when the cluster moved meanwhile.
+const ATTEMPTS: usize = 3;
+
 /// Asks the controller at `url` for a challenge, signs `request.action` with
-/// `key` and POSTs it to `request.path`. The answer (any status) or why it
-/// could not be sent.
+/// `key` and POSTs it to `request.path`. When the cluster moved between the
+/// challenge and the action (409 "the cluster changed since you asked": a
+/// drift check observed something else, a commit was applied), it asks and
+/// signs again, up to [`ATTEMPTS`] times: the operator asked for this action
+/// now, and each signature is still bound to the state it was made against
+/// (an approval stays bound to the plan id the operator gave). The answer (any
+/// status) or why it could not be sent.
 pub fn perform(
+    url: &str,
+    token: Option<&str>,
+    request: Request<'_>,
+    key: &Path,
+    timeout: Duration,
+) -> Result<crate::control::Answer, String> {
+    let mut attempt = 1;
+    loop {
+        let answer = perform_once(url, token, request, key, timeout)?;
+        if answer.status != 409 || !answer.body.starts_with(CHANGED) || attempt >= ATTEMPTS {
+            return Ok(answer);
+        }
+        eprintln!("note: {}; signing again", answer.body.trim());
+        attempt += 1;
+    }
+}
+
+fn perform_once(
     url: &str,
     token: Option<&str>,
     request: Request<'_>,

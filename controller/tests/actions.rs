@@ -296,6 +296,31 @@ async fn only_a_fresh_action_signed_by_a_platform_key_pauses_and_each_works_once
     let a = tokio::task::block_in_place(|| api.post("pause", &body, true));
     assert_eq!(a.status, 200, "a challenge survives a restart: {a:?}");
 
+    // The client half (what `cairn controller resume --key` runs).
+    let url = api.url.clone();
+    let token = api.token.clone();
+    let a = tokio::task::block_in_place(|| {
+        controller::actions::perform(
+            &url,
+            Some(&token),
+            controller::actions::Request {
+                action: "resume",
+                path: "/api/v1/resume",
+                plan_id: None,
+            },
+            &trusted,
+            Duration::from_secs(30),
+        )
+    })
+    .unwrap();
+    assert_eq!(a.status, 200, "{a:?}");
+    assert!(
+        !handle
+            .shared
+            .paused
+            .load(std::sync::atomic::Ordering::SeqCst)
+    );
+
     // `cairn sync` is a signed action too.
     let a = tokio::task::block_in_place(|| api.post("sync", "", true));
     assert_eq!(a.status, 403, "{a:?}");
@@ -315,7 +340,7 @@ async fn only_a_fresh_action_signed_by_a_platform_key_pauses_and_each_works_once
         .filter(|e| e.contains("action-"))
         .collect();
     drop(store);
-    assert_eq!(audit.len(), 4, "{audit:?}");
+    assert_eq!(audit.len(), 5, "{audit:?}");
     assert!(
         audit.iter().all(|e| e.contains("ops@example.com")),
         "{audit:?}"
