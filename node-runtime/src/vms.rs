@@ -155,10 +155,27 @@ pub fn find_vmm_binary(explicit: Option<&Path>) -> Option<PathBuf> {
     })
 }
 
-fn process_is_vmm(pid: u32) -> bool {
+/// Whether the process `pid` is the `cairn-vmm` this node started for the VM whose
+/// config is `config`: its program is a `cairn-vmm` and it runs exactly that config.
+/// A pid is reused by the kernel, and on a one-host dev cluster another node's VMM is
+/// also a `cairn-vmm`: matching the program name alone could kill someone else's VM.
+fn process_is_vmm_of(pid: u32, config: &Path) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("cairn-vmm"))
-        .unwrap_or(false)
+        .is_ok_and(|cmdline| cmdline_is_vmm_of(&cmdline, config))
+}
+
+fn cmdline_is_vmm_of(cmdline: &[u8], config: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut args = cmdline.split(|byte| *byte == 0);
+    let program_is_vmm = args.next().is_some_and(|program| {
+        Path::new(std::ffi::OsStr::from_bytes(program)).file_name()
+            == Some(std::ffi::OsStr::new("cairn-vmm"))
+    });
+    let args: Vec<&[u8]> = args.collect();
+    program_is_vmm
+        && args
+            .windows(2)
+            .any(|pair| pair[0] == b"--config" && pair[1] == config.as_os_str().as_bytes())
 }
 
 /// Per read and per write on a VMM control socket while observing.
@@ -386,7 +403,8 @@ impl Vms {
             };
             if runtime.record.desired_running {
                 let pid = runtime.record.last_pid;
-                if pid != 0 && process_is_vmm(pid) {
+                let config = run_dir.join(&name).join(VM_CONFIG_FILE);
+                if pid != 0 && process_is_vmm_of(pid, &config) {
                     // SAFETY: kill takes a pid and a signal number; it has no memory effects.
                     unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                 }
@@ -1023,6 +1041,37 @@ impl Vms {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_the_vmm_of_this_vm_on_this_node_is_recognised_by_its_command_line() {
+        let ours = std::path::Path::new("/data/lab-1/vms/web-0/vm-config.json");
+        let cmdline =
+            |program: &str, config: &str| format!("{program}\0--config\0{config}\0").into_bytes();
+        assert!(super::cmdline_is_vmm_of(
+            &cmdline(
+                "/opt/cairn/cairn-vmm",
+                "/data/lab-1/vms/web-0/vm-config.json"
+            ),
+            ours
+        ));
+        // Another node's VMM of a VM with the same name, on the same host.
+        assert!(!super::cmdline_is_vmm_of(
+            &cmdline(
+                "/opt/cairn/cairn-vmm",
+                "/data/lab-2/vms/web-0/vm-config.json"
+            ),
+            ours
+        ));
+        // A reused pid running something else that merely mentions the path.
+        assert!(!super::cmdline_is_vmm_of(
+            &cmdline("/usr/bin/less", "/data/lab-1/vms/web-0/vm-config.json"),
+            ours
+        ));
+        assert!(!super::cmdline_is_vmm_of(
+            b"cairn-vmm\0--vm-dir\0/x\0",
+            ours
+        ));
+    }
+
     use super::*;
 
     fn running() -> VmStatus {
