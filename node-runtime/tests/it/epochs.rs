@@ -640,6 +640,7 @@ async fn a_stopped_replica_holds_the_writer_no_longer_than_its_bound() {
     assert_eq!(write_ok(&mut primary, "w0", 0, 0).await, 3);
     // SIGSTOP: the replica's connections stay open and nothing answers.
     let stopped = nodes[2].pid() as libc::pid_t;
+    // SAFETY: kill(2) with a pid of our own child and a valid signal touches no memory.
     assert_eq!(unsafe { libc::kill(stopped, libc::SIGSTOP) }, 0);
     let started = Instant::now();
     let frozen = primary.apply(request("w1", write(1, 1))).await;
@@ -665,6 +666,7 @@ async fn a_stopped_replica_holds_the_writer_no_longer_than_its_bound() {
         "8 writes took {:?} beside a stopped copy",
         started.elapsed()
     );
+    // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(stopped, libc::SIGCONT) }, 0);
     controller_step(&authority, &nodes.iter().collect::<Vec<_>>(), &controller).await;
     wait_status(
