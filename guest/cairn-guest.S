@@ -221,6 +221,7 @@ block_self_test:
     call blk_request
     test eax, eax
     jnz .Ldevice_error
+    call block_checksum
     call check_pattern
     test eax, eax
     jnz .Lmismatch
@@ -272,6 +273,22 @@ fill_pattern:
     inc ecx
     cmp ecx, 512
     jb 1b
+    ret
+
+/* Reports on PORT_BLOCK_CHECKSUM the checksum of the 4 KiB buffer: the low 32 bits of
+   the wrapping sum of its 512 qwords, qword i rotated left by i. Clobbers rax, rcx, rdx. */
+block_checksum:
+    xor eax, eax
+    xor ecx, ecx
+1:
+    mov rdx, [BLK_BUF_ADDR + rcx * 8]
+    rol rdx, cl
+    add rax, rdx
+    inc ecx
+    cmp ecx, 512
+    jb 1b
+    mov dx, PORT_BLOCK_CHECKSUM
+    out dx, eax
     ret
 
 check_pattern:                      /* out: eax = 0 when the buffer holds the pattern */

@@ -149,6 +149,7 @@ impl VmHandle {
             ksm_mergeable: self.ram.mergeable(),
             block_test: telemetry.block_test(),
             block_tests: telemetry.block_tests.load(Ordering::Acquire),
+            block_checksum: telemetry.block_checksum.load(Ordering::Acquire),
             block: disks.first().cloned(),
             disks,
             nics,

@@ -160,6 +160,11 @@ pub struct VmStatus {
     pub block_test: BlockTestResult,
     /// Block self-tests completed.
     pub block_tests: u64,
+    /// The guest's checksum of the 4 KiB its last block self-test read back from its
+    /// first disk (low 32 bits of the wrapping sum of the qwords, qword i rotated left
+    /// by i mod 64); 0 before the first read.
+    #[serde(default)]
+    pub block_checksum: u64,
     /// virtio-blk counters of the first disk (the one the built-in guest tests), if any.
     pub block: Option<BlockStatus>,
     /// virtio-blk counters of every disk, in `--disk` order.

@@ -87,6 +87,8 @@ pub struct GuestTelemetry {
     pub block_result: AtomicU64,
     /// Number of block self-tests completed.
     pub block_tests: AtomicU64,
+    /// Checksum of the 4 KiB the last block self-test read back (guest-computed).
+    pub block_checksum: AtomicU64,
     /// Pages the guest reports having dirtied.
     pub pages_dirtied: AtomicU64,
     /// The command waiting for the guest to read it (`CMD_*`).
@@ -117,6 +119,7 @@ impl GuestTelemetry {
             boot_stage: AtomicU64::new(0),
             block_result: AtomicU64::new(0),
             block_tests: AtomicU64::new(0),
+            block_checksum: AtomicU64::new(0),
             pages_dirtied: AtomicU64::new(0),
             pending_command: AtomicU64::new(abi::CMD_NONE),
             limiter: Mutex::new(DirtyRateLimiter::new(dirty_pages_per_second, epoch)),
@@ -243,6 +246,10 @@ impl GuestTelemetry {
                 PortAction::Continue
             }
             abi::PORT_SLEEP_US => PortAction::Sleep(Duration::from_micros(value)),
+            abi::PORT_BLOCK_CHECKSUM => {
+                self.block_checksum.store(value, Ordering::Release);
+                PortAction::Continue
+            }
             abi::PORT_BLOCK_RESULT => {
                 self.block_result.store(value, Ordering::Release);
                 self.block_tests.fetch_add(1, Ordering::AcqRel);

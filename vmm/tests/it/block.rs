@@ -18,6 +18,18 @@ fn expected_pattern(sector: u64, round: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The guest's checksum of 4 KiB it read (guest/abi.inc `PORT_BLOCK_CHECKSUM`).
+fn guest_checksum(bytes: &[u8]) -> u64 {
+    let sum = bytes
+        .chunks(8)
+        .enumerate()
+        .fold(0u64, |sum, (index, qword)| {
+            let qword = u64::from_le_bytes(qword.try_into().expect("8 bytes"));
+            sum.wrapping_add(qword.rotate_left(index as u32 % 64))
+        });
+    sum & 0xFFFF_FFFF
+}
+
 #[test]
 fn the_guest_self_test_writes_the_disk_file_and_reads_it_back() {
     if !kvm_available("the_guest_self_test_writes_the_disk_file_and_reads_it_back") {
@@ -40,15 +52,25 @@ fn the_guest_self_test_writes_the_disk_file_and_reads_it_back() {
     assert_eq!((block.writes, block.reads, block.errors), (1, 1, 0));
     assert_eq!((block.bytes_written, block.bytes_read), (4096, 4096));
 
+    let sector = (1 << 20) / 512 - 8;
+    assert_eq!(
+        status.block_checksum,
+        guest_checksum(&expected_pattern(sector, 1)),
+        "the guest's checksum of what it read back"
+    );
+
     vm.request(&Request::BlockTest);
-    vm.wait_status(TIMEOUT, |status| {
+    let status = vm.wait_status(TIMEOUT, |status| {
         status.block_tests >= 2 && status.block_test == BlockTestResult::Pass
     });
+    assert_eq!(
+        status.block_checksum,
+        guest_checksum(&expected_pattern(sector, 2))
+    );
     vm.request(&Request::PowerOff { force: false });
     assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
 
     let bytes = std::fs::read(&disk).expect("read disk");
-    let sector = (1 << 20) / 512 - 8;
     assert_eq!(
         &bytes[(1 << 20) - 4096..],
         &expected_pattern(sector, 2)[..],
