@@ -539,71 +539,65 @@ const CHANGED: &str = "the cluster changed since you asked";
 const ATTEMPTS: usize = 3;
 
 /// Asks the controller at `url` for a challenge, signs `request.action` with
-/// `key` and POSTs it to `request.path`. When the cluster moved between the
-/// challenge and the action (409 "the cluster changed since you asked": a
-/// drift check observed something else, a commit was applied), it asks and
-/// signs again, up to [`ATTEMPTS`] times: the operator asked for this action
-/// now, and each signature is still bound to the state it was made against
-/// (an approval stays bound to the plan id the operator gave). The answer (any
-/// status) or why it could not be sent.
+/// `key` ([`signing_key`] of the `--key` flag) and POSTs it to
+/// `request.path`. When the cluster moved between the challenge and the action
+/// (409 "the cluster changed since you asked": a drift check observed
+/// something else, a commit was applied), it asks and signs again, up to
+/// [`ATTEMPTS`] times: the operator asked for this action now, and each
+/// signature is still bound to the state it was made against (an approval
+/// stays bound to the plan id the operator gave). The answer (any status) or
+/// why it could not be sent.
 pub fn perform(
     url: &str,
     token: Option<&str>,
     request: Request<'_>,
-    key: &Path,
+    key: Option<&Path>,
     timeout: Duration,
 ) -> Result<crate::control::Answer, String> {
+    let key = signing_key(key)?;
     let mut attempt = 1;
     loop {
-        let answer = perform_once(url, token, request, key, timeout)?;
+        let challenge = crate::control::request(
+            url,
+            "GET",
+            "/api/v1/actions/challenge",
+            token,
+            Duration::from_secs(30),
+        )?;
+        if challenge.status != 200 {
+            return Err(format!(
+                "the controller at {url} gave no challenge ({}): {}",
+                challenge.status,
+                challenge.body.trim()
+            ));
+        }
+        let challenge: Challenge = serde_json::from_str(&challenge.body)
+            .map_err(|e| format!("the controller at {url} gave a bad challenge: {e}"))?;
+        let mut document = ActionDocument::new(request.action, &challenge);
+        if let Some(plan) = request.plan_id {
+            document.plan_id = Some(plan.to_owned());
+        }
+        let document = document.text();
+        let signature = sign(&document, &key)?;
+        let body = serde_json::to_string(&SignedAction {
+            document,
+            signature,
+        })
+        .expect("signed actions serialize");
+        let answer = crate::control::request_with_body(
+            url,
+            "POST",
+            request.path,
+            token,
+            Some(&body),
+            timeout,
+        )?;
         if answer.status != 409 || !answer.body.starts_with(CHANGED) || attempt >= ATTEMPTS {
             return Ok(answer);
         }
         eprintln!("note: {}; signing again", answer.body.trim());
         attempt += 1;
     }
-}
-
-fn perform_once(
-    url: &str,
-    token: Option<&str>,
-    request: Request<'_>,
-    key: &Path,
-    timeout: Duration,
-) -> Result<crate::control::Answer, String> {
-    let Request {
-        action,
-        path,
-        plan_id,
-    } = request;
-    let answer = crate::control::request(
-        url,
-        "GET",
-        "/api/v1/actions/challenge",
-        token,
-        Duration::from_secs(30),
-    )?;
-    if answer.status != 200 {
-        return Err(format!(
-            "the controller at {url} gave no challenge ({}): {}",
-            answer.status,
-            answer.body.trim()
-        ));
-    }
-    let challenge: Challenge = serde_json::from_str(&answer.body)
-        .map_err(|e| format!("the controller at {url} gave a bad challenge: {e}"))?;
-    let mut document = ActionDocument::new(action, &challenge);
-    if let Some(plan) = plan_id {
-        document.plan_id = Some(plan.to_owned());
-    }
-    let document = document.text();
-    let signature = sign(&document, key)?;
-    let body = serde_json::to_string(&SignedAction {
-        document,
-        signature,
-    })
-    .expect("signed actions serialize");
-    crate::control::request_with_body(url, "POST", path, token, Some(&body), timeout)
 }
 
 #[cfg(test)]

@@ -262,13 +262,6 @@ pub fn pause_or_resume(data_dir: &Path, pause: bool, key: Option<&Path>) -> u8 {
             );
             return 2;
         };
-        let key = match crate::actions::signing_key(key) {
-            Ok(k) => k,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return 2;
-            }
-        };
         let action = crate::actions::Request {
             action: verb,
             path: &format!("/api/v1/{verb}"),
@@ -278,7 +271,7 @@ pub fn pause_or_resume(data_dir: &Path, pause: bool, key: Option<&Path>) -> u8 {
             &url,
             token.as_deref(),
             action,
-            &key,
+            key,
             Duration::from_secs(600),
         ) {
             Ok(a) if a.status == 200 => {}

@@ -158,13 +158,6 @@ pub fn sync_command(
         }
         None => "/api/v1/sync".to_owned(),
     };
-    let key = match crate::actions::signing_key(key) {
-        Ok(k) => k,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
-    };
     let action = crate::actions::Request {
         action: if approve.is_some() { "approve" } else { "sync" },
         path: &path,
@@ -174,7 +167,7 @@ pub fn sync_command(
         &url,
         token.as_deref(),
         action,
-        &key,
+        key,
         Duration::from_secs(900),
     ) {
         Ok(a) => a,

@@ -308,7 +308,7 @@ async fn only_a_fresh_action_signed_by_a_platform_key_pauses_and_each_works_once
                 path: "/api/v1/resume",
                 plan_id: None,
             },
-            &trusted,
+            Some(&trusted),
             Duration::from_secs(30),
         )
     })
