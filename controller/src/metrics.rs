@@ -31,6 +31,10 @@ pub struct Metrics {
     pub commits_refused: IntCounter,
     /// Notifications by receiver and result (`sent`, `failed`, `dropped`).
     pub notifications: IntCounterVec,
+    /// Fetches of a remote source by result (`updated`, `unchanged`, `failed`).
+    pub fetches: IntCounterVec,
+    /// Webhooks by result (`accepted`, `ignored`, `refused`).
+    pub webhooks: IntCounterVec,
     /// 1 while paused.
     pub paused: IntGauge,
 }
@@ -134,6 +138,16 @@ impl Metrics {
                 "cairn_controller_notifications_total",
                 "Notifications to the receivers of notify.kdl, by receiver and result (sent, failed after every retry, dropped on a full queue).",
                 &["receiver", "result"],
+            ),
+            fetches: counter_vec(
+                "cairn_controller_fetches_total",
+                "Fetches of the remote repository, by result (updated: the branch moved, unchanged, failed).",
+                &["result"],
+            ),
+            webhooks: counter_vec(
+                "cairn_controller_webhooks_total",
+                "Webhooks received, by result (accepted: a push to the followed branch, ignored, refused: bad or missing signature).",
+                &["result"],
             ),
             paused,
             registry,

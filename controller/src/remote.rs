@@ -673,6 +673,12 @@ pub(crate) async fn run_fetcher(
         };
         let result = result.unwrap_or_else(|e| Err(format!("the fetch panicked: {e}")));
         let ms = started.elapsed().as_millis() as u64;
+        let outcome = match &result {
+            Ok(f) if f.before != f.after => "updated",
+            Ok(_) => "unchanged",
+            Err(_) => "failed",
+        };
+        shared.metrics.fetches.with_label_values(&[outcome]).inc();
         match result {
             Ok(fetched) => {
                 let mut events = vec![];

@@ -245,7 +245,22 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+/// A valid webhook that asks for nothing (another event or branch, a ping).
+fn ignored(shared: &Shared, status: StatusCode, body: serde_json::Value) -> Response {
+    shared
+        .metrics
+        .webhooks
+        .with_label_values(&["ignored"])
+        .inc();
+    answer(status, body)
+}
+
 fn refused(shared: &Shared, status: StatusCode, reason: String) -> Response {
+    shared
+        .metrics
+        .webhooks
+        .with_label_values(&["refused"])
+        .inc();
     if let Some(suppressed) = shared.webhooks.admit() {
         let mut e = Event::new("webhook", "refused").reason(reason.clone());
         if suppressed > 0 {
@@ -288,13 +303,15 @@ pub(crate) async fn receive(
     };
     let event = text(&headers, forge.event_header()).unwrap_or("push");
     if event == "ping" {
-        return answer(
+        return ignored(
+            &shared,
             StatusCode::OK,
             serde_json::json!({"accepted": true, "forge": forge.name(), "pong": true}),
         );
     }
     if !forge.is_push(event) {
-        return answer(
+        return ignored(
+            &shared,
             StatusCode::ACCEPTED,
             serde_json::json!({"accepted": false, "forge": forge.name(), "reason": format!("{event:?} is not a push event: ignored")}),
         );
@@ -308,11 +325,17 @@ pub(crate) async fn receive(
     if let Some(r) = &pushed
         && *r != wanted
     {
-        return answer(
+        return ignored(
+            &shared,
             StatusCode::ACCEPTED,
             serde_json::json!({"accepted": false, "forge": forge.name(), "reason": format!("a push to {r}; the controller follows {wanted}")}),
         );
     }
+    shared
+        .metrics
+        .webhooks
+        .with_label_values(&["accepted"])
+        .inc();
     if shared.config.remote.is_some() {
         shared.fetch.notify_one();
     } else {

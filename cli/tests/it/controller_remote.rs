@@ -435,6 +435,18 @@ impl GitOps {
         serde_json::from_str::<Value>(&body).expect("status JSON")["controller"].clone()
     }
 
+    /// `/metrics` has each of these samples.
+    fn assert_metrics(&self, samples: &[&str]) {
+        let (status, text) = self.get("/metrics", false).expect("metrics");
+        assert_eq!(status, 200);
+        for sample in samples {
+            assert!(
+                text.lines().any(|l| l == *sample),
+                "{sample} not in /metrics:\n{text}"
+            );
+        }
+    }
+
     fn assert_alive(&self) {
         let (status, _) = self.get("/healthz", false).expect("the controller answers");
         assert_eq!(status, 200, "the controller is up");
@@ -631,6 +643,11 @@ fn an_https_remote_is_followed_through_webhooks_and_its_faults_are_events_that_c
         .filter(|e| e["kind"] == "webhook" && e["result"] == "refused")
         .count();
     assert_eq!(refusals, 3, "an event per refused webhook");
+    g.assert_metrics(&[
+        r#"cairn_controller_webhooks_total{result="accepted"} 4"#,
+        r#"cairn_controller_webhooks_total{result="ignored"} 2"#,
+        r#"cairn_controller_webhooks_total{result="refused"} 3"#,
+    ]);
     // The rest of the API keeps its guard: that Host is refused there.
     let auth = [("Authorization", format!("Bearer {}", g.token()))];
     let (status, _) = raw_request(
@@ -680,6 +697,7 @@ fn an_https_remote_is_followed_through_webhooks_and_its_faults_are_events_that_c
     assert_eq!(g.webhook("gitea").0, 202);
     let e = g.wait_sync(&unreached, Duration::from_secs(60));
     assert_eq!(e["result"], "succeeded", "{e}");
+    g.assert_metrics(&[r#"cairn_controller_fetches_total{result="failed"} 2"#]);
 
     // A force push that rewrites history: fetched as it is, verified again.
     g.git(&["reset", "-q", "--hard", &pending]);
