@@ -223,26 +223,16 @@ fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, u64)> {
         .map(move |at| (at, (offset + length - at).min(4 << 20)))
 }
 
-async fn read_range(node: &TestNode, controller: &Identity, offset: u64, length: u64) -> Vec<u8> {
+/// The bytes of `offset..offset+length` of a copy and the crc32c of every block, as
+/// the copy verified them (ReplicaRead, as the controller).
+async fn read_copy(
+    node: &TestNode,
+    controller: &Identity,
+    offset: u64,
+    length: u64,
+) -> (Vec<u8>, Vec<u32>) {
     let mut client = node.client(controller).await;
-    let mut out = Vec::new();
-    for (at, chunk) in pieces(offset, length) {
-        let request = ReadVolumeRequest {
-            name: "v".into(),
-            offset: at,
-            length: chunk,
-        };
-        let data = client.read_volume(request).await;
-        out.extend(data.unwrap_or_else(|status| panic!("read {}: {status:?}", node.name)));
-    }
-    out
-}
-
-/// The crc32c of every block of `offset..offset+length` of a copy, as the copy
-/// verified them (ReplicaRead, as the controller).
-async fn checksums(node: &TestNode, controller: &Identity, offset: u64, length: u64) -> Vec<u32> {
-    let mut client = node.client(controller).await;
-    let mut out = Vec::new();
+    let (mut data, mut sums) = (Vec::new(), Vec::new());
     for (at, chunk) in pieces(offset, length) {
         let request = ReplicaReadRequest {
             volume: "v".into(),
@@ -250,12 +240,15 @@ async fn checksums(node: &TestNode, controller: &Identity, offset: u64, length: 
             length: chunk,
         };
         let read = client.replica_read(request).await;
-        out.extend(
-            read.unwrap_or_else(|status| panic!("checksums of {}: {status:?}", node.name))
-                .checksums,
-        );
+        let read = read.unwrap_or_else(|status| panic!("read {}: {status:?}", node.name));
+        data.extend(read.data);
+        sums.extend(read.checksums);
     }
-    out
+    (data, sums)
+}
+
+async fn read_range(node: &TestNode, controller: &Identity, offset: u64, length: u64) -> Vec<u8> {
+    read_copy(node, controller, offset, length).await.0
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -608,7 +601,7 @@ async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_
             "region {index}"
         );
     }
-    let primary_sums = checksums(&nodes[0], &controller, 0, length).await;
+    let (_, primary_sums) = read_copy(&nodes[0], &controller, 0, length).await;
     for node in &nodes[1..] {
         assert!(
             read_range(node, &controller, 0, length).await == reference,
@@ -616,7 +609,7 @@ async fn a_killed_replica_freezes_the_writer_until_the_authority_removes_it_and_
             node.name
         );
         assert_eq!(
-            checksums(node, &controller, 0, length).await,
+            read_copy(node, &controller, 0, length).await.1,
             primary_sums,
             "checksums of {}",
             node.name
