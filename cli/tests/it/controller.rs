@@ -344,7 +344,7 @@ impl GitOps {
 }
 
 /// The pid of the cairn-vmm process of VM `vm` of this cluster.
-fn vmm_pid(cluster_dir: &Path, vm: &str) -> Option<u32> {
+pub(crate) fn vmm_pid(cluster_dir: &Path, vm: &str) -> Option<u32> {
     let needle = format!("{}/", cluster_dir.display());
     let vm_dir = format!("/vms/{vm}/");
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {

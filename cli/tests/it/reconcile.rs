@@ -447,3 +447,59 @@ fn a_member_key_overrides_only_the_policies_whose_metadata_names_its_role() {
     );
     assert_eq!(running(&g), ["app", "b", "c"]);
 }
+
+#[test]
+fn self_heal_off_in_the_applied_block_reports_a_killed_vm_and_leaves_it() {
+    if skip() {
+        return;
+    }
+    let specs = format!(
+        "reconcile {{\n    self-heal #false\n    drift-check every=\"1s\"\n}}\n{}",
+        vms(&["app"])
+    );
+    let (mut g, first) = GitOps::prepare("rc-heal", Some(&specs), &[]);
+    g.start();
+    let sync = g.wait_sync(&first, Duration::from_secs(60));
+    assert_eq!(sync["result"], "succeeded", "{sync}");
+    let pid = crate::controller::vmm_pid(g.dir(), "app").expect("app's cairn-vmm runs");
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let found = loop {
+        if let Some(e) = g
+            .events()
+            .into_iter()
+            .find(|e| e["kind"] == "drift" && e["result"] == "found")
+        {
+            break e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no drift event: {}",
+            g.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let reason = found["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&format!(
+            "self-heal is off (the reconcile block of commit {} (applied last))",
+            &first[..12]
+        )),
+        "{found}"
+    );
+    assert!(
+        found["object"].as_str().unwrap().contains("vm app"),
+        "{found}"
+    );
+    // Several drift checks later it is still down, and nothing was repaired.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(running(&g).is_empty(), "{}", g.log());
+    assert!(crate::controller::vmm_pid(g.dir(), "app").is_none());
+    assert!(
+        !g.events()
+            .iter()
+            .any(|e| e["kind"] == "drift" && e["result"] == "repaired")
+    );
+}
