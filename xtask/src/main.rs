@@ -34,6 +34,18 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
 ];
 
+/// Python modules of Debian's own python3 the tests use, and their packages: the
+/// controller's gRPC health service is probed with a real grpcio client
+/// (`grpc_health_probe` is not packaged in Debian).
+const PYTHON_MODULES: &[(&str, &str)] = &[("grpc", "python3-grpcio")];
+
+fn have_python_module(module: &str) -> bool {
+    Command::new("/usr/bin/python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -89,6 +101,12 @@ fn install_packages() -> anyhow::Result<()> {
         .iter()
         .filter(|(bin, _)| !have(bin))
         .map(|(_, pkg)| *pkg)
+        .chain(
+            PYTHON_MODULES
+                .iter()
+                .filter(|(module, _)| !have_python_module(module))
+                .map(|(_, pkg)| *pkg),
+        )
         .collect();
     missing.dedup();
     if missing.is_empty() {
