@@ -32,6 +32,8 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("qemu-io", "qemu-utils"),
     // The controller's /metrics is checked with Prometheus's own tool.
     ("promtool", "prometheus"),
+    // The controller's ssh:// remote test runs a private sshd.
+    ("sshd", "openssh-server"),
 ];
 
 /// Python modules of Debian's own python3 the tests use, and their packages: the
