@@ -198,6 +198,7 @@ struct Heartbeat {
     disks: Vec<vmm::control::BlockStatus>,
     block_test: Option<String>,
     block_tests: u64,
+    block_checksum: u64,
 }
 
 impl Heartbeat {
@@ -233,6 +234,7 @@ impl Heartbeat {
         if let Some(result) = self.block_test {
             status.guest_block_test = result;
             status.guest_block_tests = self.block_tests;
+            status.guest_block_checksum = self.block_checksum;
         }
         let stale_ms = HEARTBEAT_STALE_AFTER.as_millis() as f64;
         status.heartbeats = self.total;
@@ -267,6 +269,7 @@ fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
             .flatten()
             .and_then(|value| value.as_str().map(str::to_string)),
         block_tests: status.block_tests,
+        block_checksum: status.block_checksum,
     })
 }
 
@@ -982,6 +985,7 @@ impl Vms {
                     disks,
                     guest_block_test: String::new(),
                     guest_block_tests: 0,
+                    guest_block_checksum: 0,
                 }
             })
             .collect();
@@ -1096,6 +1100,7 @@ mod tests {
             disks: vec![],
             block_test: None,
             block_tests: 0,
+            block_checksum: 0,
         }
         .apply(&mut status);
         assert_eq!(status.heartbeats, 17);
@@ -1121,6 +1126,7 @@ mod tests {
             disks: vec![],
             block_test: None,
             block_tests: 0,
+            block_checksum: 0,
         }
         .apply(&mut status);
         assert_eq!((status.vcpus, status.memory_bytes), (2, 48 << 20));
@@ -1259,6 +1265,7 @@ mod tests {
             disks: vec![counters(5), counters(7)],
             block_test: Some("pass".into()),
             block_tests: 1,
+            block_checksum: 0x1234,
         }
         .apply(&mut vm);
         let writes: Vec<u64> = vm.disks.iter().map(|d| d.writes).collect();
@@ -1282,6 +1289,7 @@ mod tests {
             disks: vec![],
             block_test: None,
             block_tests: 0,
+            block_checksum: 0,
         }
         .apply(&mut stale);
         assert!(!stale.heartbeat_fresh);
@@ -1299,6 +1307,7 @@ mod tests {
             disks: vec![],
             block_test: None,
             block_tests: 0,
+            block_checksum: 0,
         }
         .apply(&mut booting);
         assert!(!booting.heartbeat_fresh);
@@ -1316,6 +1325,7 @@ mod tests {
             disks: vec![],
             block_test: None,
             block_tests: 0,
+            block_checksum: 0,
         }
         .apply(&mut silent);
         assert_eq!(silent.health, Health::Degraded as i32);

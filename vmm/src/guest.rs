@@ -60,3 +60,30 @@ impl BlockTestResult {
         }
     }
 }
+
+/// The 4 KiB the built-in guest's block self-test writes in round `round` (1 at boot,
+/// then one more per `block-test`) to the disk's last 8 sectors, from sector
+/// `first_sector` (guest/cairn-guest.S `pattern_value`: qword `i` is
+/// `(first_sector + i) * 0x9E3779B97F4A7C15 ^ round << 48`, little-endian).
+pub fn block_test_pattern(first_sector: u64, round: u64) -> Vec<u8> {
+    (0..512u64)
+        .flat_map(|index| {
+            ((first_sector + index).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (round << 48))
+                .to_le_bytes()
+        })
+        .collect()
+}
+
+/// The checksum the built-in guest reports (`PORT_BLOCK_CHECKSUM`) of the bytes its
+/// self-test read back: the low 32 bits of the wrapping sum of their qwords, qword `i`
+/// rotated left by `i mod 64`.
+pub fn block_checksum(bytes: &[u8]) -> u64 {
+    let sum = bytes
+        .chunks_exact(8)
+        .enumerate()
+        .fold(0u64, |sum, (index, qword)| {
+            let qword = u64::from_le_bytes(qword.try_into().expect("8 bytes"));
+            sum.wrapping_add(qword.rotate_left(index as u32 % 64))
+        });
+    sum & 0xFFFF_FFFF
+}

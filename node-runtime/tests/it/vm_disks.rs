@@ -20,16 +20,9 @@ use crate::vms::vms_can_run;
 const VOLUME_BYTES: u64 = 8 << 20;
 const SECTOR: u64 = 512;
 
-/// The 4 KiB the built-in guest's block self-test writes to the last 8 sectors of its
-/// first disk in round `round` (guest/cairn-guest.S `pattern_value`: qword `i` is
-/// `(sector + i) * 0x9E3779B97F4A7C15 ^ round << 48`).
+/// What the built-in guest's self-test writes in round `round` to the disk's last 4 KiB.
 fn guest_pattern(disk_bytes: u64, round: u64) -> Vec<u8> {
-    let sector = disk_bytes / SECTOR - 8;
-    (0..512u64)
-        .flat_map(|i| {
-            ((sector + i).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (round << 48)).to_le_bytes()
-        })
-        .collect()
+    vmm::guest::block_test_pattern(disk_bytes / SECTOR - 8, round)
 }
 
 async fn observe_vm(client: &mut NodeClient, name: &str) -> VmStatus {
@@ -170,6 +163,11 @@ async fn the_guest_writes_its_disk_through_the_node_onto_both_copies_and_qemu_im
     assert!(disk.reads >= 1 && disk.errors == 0, "{disk:?}");
 
     let expected = guest_pattern(VOLUME_BYTES, 1);
+    assert_eq!(
+        vm.guest_block_checksum,
+        vmm::guest::block_checksum(&expected),
+        "the guest read back what it wrote (its own checksum, through status)"
+    );
     let tail = read_tail_with_qemu_img(&mut client, "g-root", base.path()).await;
     assert!(
         tail == expected,
@@ -193,6 +191,10 @@ async fn the_guest_writes_its_disk_through_the_node_onto_both_copies_and_qemu_im
     let vm = await_block_tests(&mut client, "g", 2).await;
     assert_eq!(vm.guest_block_test, "pass", "{vm:?}");
     let expected = guest_pattern(VOLUME_BYTES, 2);
+    assert_eq!(
+        vm.guest_block_checksum,
+        vmm::guest::block_checksum(&expected)
+    );
     assert_ne!(expected, guest_pattern(VOLUME_BYTES, 1));
     let mut on_replica = replica.client(&controller).await;
     let copy = on_replica

@@ -3,32 +3,13 @@
 use std::time::Duration;
 
 use vmm::control::Request;
-use vmm::guest::BlockTestResult;
+use vmm::guest::{
+    BlockTestResult, block_checksum as guest_checksum, block_test_pattern as expected_pattern,
+};
 
 use crate::support::{VmProcess, disk_image, kvm_available};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What cairn-guest writes in self-test round `round` at first sector `sector`.
-fn expected_pattern(sector: u64, round: u64) -> Vec<u8> {
-    (0..512u64)
-        .flat_map(|index| {
-            ((sector + index).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (round << 48)).to_le_bytes()
-        })
-        .collect()
-}
-
-/// The guest's checksum of 4 KiB it read (guest/abi.inc `PORT_BLOCK_CHECKSUM`).
-fn guest_checksum(bytes: &[u8]) -> u64 {
-    let sum = bytes
-        .chunks(8)
-        .enumerate()
-        .fold(0u64, |sum, (index, qword)| {
-            let qword = u64::from_le_bytes(qword.try_into().expect("8 bytes"));
-            sum.wrapping_add(qword.rotate_left(index as u32 % 64))
-        });
-    sum & 0xFFFF_FFFF
-}
 
 #[test]
 fn the_guest_self_test_writes_the_disk_file_and_reads_it_back() {
