@@ -194,7 +194,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// The timings of one run (ms of wall time), and the CPU time the process
 /// spent in it (every thread, user and system): on a shared machine the wall
 /// time includes waiting for a core, the CPU time does not.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Run {
     verify: f64,
     compile: f64,
@@ -202,6 +202,8 @@ struct Run {
     policy: f64,
     total: f64,
     cpu: f64,
+    /// The gate's verdict: `passed` or `refused (N blocking)`.
+    verdict: String,
 }
 
 /// CPU time of the process so far (ms, every thread, user and system).
@@ -370,10 +372,13 @@ fn run_once(s: &Setup) -> anyhow::Result<Run> {
         dir: Path::new("policies"),
     })?;
     // A refusal is a verdict too: the gate's time is what is measured.
-    let verdict = reconciler::pipeline::policy_gate(&policies, &model, &planned.plan, &[]);
-    if let Err(reconciler::pipeline::PipelineError::Policy(e)) = verdict {
-        bail!("the policies could not be evaluated: {e}");
-    }
+    let verdict = match reconciler::pipeline::policy_gate(&policies, &model, &planned.plan, &[]) {
+        Ok(_) => "passed".to_owned(),
+        Err(reconciler::pipeline::PipelineError::PolicyDenied(why)) => {
+            format!("refused ({} blocking)", why.len())
+        }
+        Err(e) => bail!("{e}"),
+    };
     let policy = ms(t);
     Ok(Run {
         verify,
@@ -382,6 +387,7 @@ fn run_once(s: &Setup) -> anyhow::Result<Run> {
         policy,
         total: ms(started),
         cpu: cpu_ms() - cpu,
+        verdict,
     })
 }
 
@@ -422,6 +428,12 @@ pub fn run(nodes: usize, vms: usize, runs: usize, keep: bool) -> anyhow::Result<
             r.cpu
         );
     }
+    if let Some(r) = samples.last() {
+        println!(
+            "  the policy gate's verdict: {} (it is timed either way)",
+            r.verdict
+        );
+    }
     let (compile, total) = (col(|r| r.compile), col(|r| r.total));
     println!("  verify   {:8.1} ms", col(|r| r.verify));
     println!("  compile  {compile:8.1} ms  (the baseline)");
@@ -437,4 +449,42 @@ pub fn run(nodes: usize, vms: usize, runs: usize, keep: bool) -> anyhow::Result<
         col(|r| r.cpu)
     );
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The recorded observation leaves nothing to do (the bench fails on any
+    /// step), at a small scale: SSHSIG verification of a real signed commit,
+    /// compile, plan and the shipped policies included.
+    #[test]
+    fn a_generated_repository_has_nothing_to_do_against_its_recording() {
+        if std::process::Command::new("ssh-keygen")
+            .arg("-?")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: ssh-keygen is not installed (package openssh-client)");
+            return;
+        }
+        let tmp = std::env::temp_dir().join(format!("cairn-noop-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("temporary directory");
+        let s = super::setup(&tmp, 20, 100);
+        let run = s.as_ref().ok().map(super::run_once);
+        let _ = std::fs::remove_dir_all(&tmp);
+        let s = s.expect("setup");
+        assert!(
+            s.vms > 0 && s.steps_from_nothing > s.vms,
+            "{} VMs, {} steps",
+            s.vms,
+            s.steps_from_nothing
+        );
+        let run = run.expect("ran").expect("a sync with nothing to do");
+        assert!(run.compile > 0.0 && run.policy > 0.0 && run.total >= run.compile);
+        assert!(
+            run.verdict == "passed" || run.verdict.starts_with("refused"),
+            "{}",
+            run.verdict
+        );
+    }
 }
