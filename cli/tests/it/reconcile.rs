@@ -272,7 +272,16 @@ fn blast_radius_and_freeze_windows_hold_and_prune_off_leaves_a_removed_vm_runnin
 
 const NO_BIG_VMS: &str = "# METADATA\n# title: No VM over 100 MiB\n# custom:\n#   enforcement: hard-mandatory\npackage cairn.nobig\n\nimport rego.v1\n\ndeny contains msg if {\n\tsome vm in input.vms\n\tvm.memory_bytes > 104857600\n\tmsg := sprintf(\"vm %s: %d bytes of memory is over 100 MiB\", [vm.name, vm.memory_bytes])\n}\n";
 
-const TWO_VMS: &str = "# METADATA\n# title: At most two VMs\n# custom:\n#   enforcement: soft-mandatory\npackage cairn.two\n\nimport rego.v1\n\ndeny contains msg if {\n\tcount(input.vms) > 2\n\tmsg := sprintf(\"%d VMs is over two\", [count(input.vms)])\n}\n";
+/// A soft-mandatory policy `max-N-vms` denying more than `n` VMs (`word`: N
+/// in words); `roles`: its `overridable-by` list, when any.
+fn max_vms(n: usize, word: &str, roles: Option<&str>) -> String {
+    let roles = roles
+        .map(|r| format!("#   overridable-by: [{r}]\n"))
+        .unwrap_or_default();
+    format!(
+        "# METADATA\n# title: At most {word} VMs\n# custom:\n#   enforcement: soft-mandatory\n{roles}package cairn.max{n}\n\nimport rego.v1\n\ndeny contains msg if {{\n\tcount(input.vms) > {n}\n\tmsg := sprintf(\"%d VMs is over {word}\", [count(input.vms)])\n}}\n"
+    )
+}
 
 #[test]
 fn the_policies_applied_last_gate_a_commit_and_a_soft_override_by_a_platform_key_is_recorded() {
@@ -283,7 +292,7 @@ fn the_policies_applied_last_gate_a_commit_and_a_soft_override_by_a_platform_key
     let policies = g.dir().join("policies");
     std::fs::create_dir_all(&policies).expect("policies dir");
     std::fs::write(policies.join("no-big-vms.rego"), NO_BIG_VMS).expect("policy");
-    std::fs::write(policies.join("max-two-vms.rego"), TWO_VMS).expect("policy");
+    std::fs::write(policies.join("max-two-vms.rego"), max_vms(2, "two", None)).expect("policy");
     let first = push(&g, &vms(&["app"]), "policies and app");
     g.start();
     let sync = g.wait_sync(&first, Duration::from_secs(60));
@@ -377,10 +386,6 @@ fn the_policies_applied_last_gate_a_commit_and_a_soft_override_by_a_platform_key
     assert_eq!(running(&g), ["app", "b", "c"]);
 }
 
-const TWO_VMS_ADMIN: &str = "# METADATA\n# title: At most two VMs\n# custom:\n#   enforcement: soft-mandatory\n#   overridable-by: [admin]\npackage cairn.two\n\nimport rego.v1\n\ndeny contains msg if {\n\tcount(input.vms) > 2\n\tmsg := sprintf(\"%d VMs is over two\", [count(input.vms)])\n}\n";
-
-const THREE_VMS: &str = "# METADATA\n# title: At most three VMs\n# custom:\n#   enforcement: soft-mandatory\npackage cairn.three\n\nimport rego.v1\n\ndeny contains msg if {\n\tcount(input.vms) > 3\n\tmsg := sprintf(\"%d VMs is over three\", [count(input.vms)])\n}\n";
-
 #[test]
 fn a_member_key_overrides_only_the_policies_whose_metadata_names_its_role() {
     if skip() {
@@ -402,8 +407,16 @@ fn a_member_key_overrides_only_the_policies_whose_metadata_names_its_role() {
     std::fs::write(&tenants, text).expect("tenants.kdl");
     let policies = g.dir().join("policies");
     std::fs::create_dir_all(&policies).expect("policies dir");
-    std::fs::write(policies.join("max-two-vms.rego"), TWO_VMS_ADMIN).expect("policy");
-    std::fs::write(policies.join("max-three-vms.rego"), THREE_VMS).expect("policy");
+    std::fs::write(
+        policies.join("max-two-vms.rego"),
+        max_vms(2, "two", Some("admin")),
+    )
+    .expect("policy");
+    std::fs::write(
+        policies.join("max-three-vms.rego"),
+        max_vms(3, "three", None),
+    )
+    .expect("policy");
     let first = push(&g, &vms(&["app"]), "dev's admin key, two policies");
     g.start();
     let sync = g.wait_sync(&first, Duration::from_secs(60));
