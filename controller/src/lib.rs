@@ -219,19 +219,23 @@ impl Shared {
                     .unwrap_or_default()
             );
         }
-        if let Some(notifier) = self.notifier.get() {
-            for e in &events {
-                for receiver in notifier.offer(e) {
-                    self.metrics.notification(&receiver, "dropped");
-                    eprintln!(
-                        "warning: the queue of notification receiver {receiver} is full; the {} {} event is not sent to it",
-                        e.kind, e.result
-                    );
-                }
+        // Notified once recorded (a receiver that looks finds the event).
+        let notifier = self.notifier.get().filter(|n| n.receivers() > 0);
+        let copy = notifier.map(|_| events.clone());
+        let recorded = self
+            .events
+            .record_all(events)
+            .map_err(|e| eprintln!("warning: {e}"))
+            .ok();
+        let Some(notifier) = notifier else { return };
+        for e in recorded.or(copy).unwrap_or_default() {
+            for receiver in notifier.offer(&e) {
+                self.metrics.notification(&receiver, "dropped");
+                eprintln!(
+                    "warning: the queue of notification receiver {receiver} is full; the {} {} event is not sent to it",
+                    e.kind, e.result
+                );
             }
-        }
-        if let Err(e) = self.events.record_all(events) {
-            eprintln!("warning: {e}");
         }
     }
 
