@@ -172,8 +172,8 @@ impl Worker {
                 }
             };
         drop(repo);
-        let platform = crate::trust::read_signers(&self.shared.config.trusted_keys_path())
-            .unwrap_or_default();
+        let platform =
+            crate::trust::read_signers(&self.shared.config.trusted_keys_path()).unwrap_or_default();
         if let Some(why) = gate::waiver_refusal(
             j.signer,
             &platform,
