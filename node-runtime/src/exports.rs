@@ -258,18 +258,14 @@ impl Exports {
                         self.socket_dir.display()
                     ))
                 })?;
-                let device = ReplicatedDevice {
-                    volumes: self.volumes.clone(),
-                    name: name.to_string(),
-                    size_bytes,
-                    runtime: tokio::runtime::Handle::current(),
-                };
-                let devices = Arc::new(NbdExports::new());
-                devices.insert(name, Arc::new(device));
                 let socket_path = self.socket_dir.join(format!("{name}.sock"));
-                let server = NbdServer::start_unix(&socket_path, devices).map_err(|error| {
-                    Status::failed_precondition(format!("cannot export volume `{name}`: {error}"))
-                })?;
+                let server = self
+                    .serve(name, size_bytes, &socket_path)
+                    .map_err(|error| {
+                        Status::failed_precondition(format!(
+                            "cannot export volume `{name}`: {error}"
+                        ))
+                    })?;
                 let info = ExportInfo {
                     uri: server.uri(name),
                     socket_path,
@@ -344,6 +340,25 @@ impl Exports {
         }
     }
 
+    /// Starts an NBD server of volume `name` (through the replicated write path) on
+    /// `socket`.
+    fn serve(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        socket: &Path,
+    ) -> Result<NbdServer, storage::nbd::NbdError> {
+        let device = ReplicatedDevice {
+            volumes: self.volumes.clone(),
+            name: name.to_string(),
+            size_bytes,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let devices = Arc::new(NbdExports::new());
+        devices.insert(name, Arc::new(device));
+        NbdServer::start_unix(socket, devices)
+    }
+
     /// The socket VM `vm`'s disk `index` is served on.
     pub fn vm_disk_socket(&self, vm: &str, index: usize) -> PathBuf {
         self.socket_dir.join(format!("vm-{vm}-{index}.sock"))
@@ -382,16 +397,8 @@ impl Exports {
                 }
                 Ok((true, size_bytes)) => {
                     disk.local = true;
-                    let device = ReplicatedDevice {
-                        volumes: self.volumes.clone(),
-                        name: volume.clone(),
-                        size_bytes,
-                        runtime: tokio::runtime::Handle::current(),
-                    };
-                    let devices = Arc::new(NbdExports::new());
-                    devices.insert(volume.as_str(), Arc::new(device));
                     let socket = self.vm_disk_socket(vm, index);
-                    match NbdServer::start_unix(&socket, devices) {
+                    match self.serve(volume, size_bytes, &socket) {
                         Ok(server) => {
                             servers.push(server);
                             disk.config = Some(vm_config::DiskConfig {
