@@ -411,5 +411,29 @@ pub fn status_text(status: &serde_json::Value, url: &str) -> String {
             out.push_str(&format!("    {reason}\n"));
         }
     }
+    let leases = c["leases"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if !leases.is_empty() {
+        let states: Vec<String> = leases
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} {}",
+                    l["node"].as_str().unwrap_or("?"),
+                    l["state"].as_str().unwrap_or("?")
+                )
+            })
+            .collect();
+        out.push_str(&format!("  node leases: {}\n", states.join(", ")));
+        for lease in leases.iter().filter(|l| l["state"] != "ready") {
+            out.push_str(&format!(
+                "    {}: {}\n",
+                lease["node"].as_str().unwrap_or("?"),
+                lease["reason"].as_str().unwrap_or("")
+            ));
+        }
+    }
     out
 }

@@ -391,8 +391,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     .context("the controller key")?;
     let signer = RequestSigner::new(identity).with_audit_head(Default::default());
     let token = control::token(&data_dir).context("the API token")?;
-    let receivers = notifications::load(config.notify.as_deref(), &data_dir)
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let receivers =
+        notifications::load(config.notify.as_deref(), &data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let events = EventLog::open(&data_dir.join("events.redb"))?;
     let paused = control::is_paused(&data_dir);
     let metrics = Metrics::new();

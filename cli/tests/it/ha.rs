@@ -259,7 +259,12 @@ fn a_frozen_node_agent_fences_its_ha_vms_at_its_quorums_end_and_keeps_the_others
         },
     );
     let backup_alive = alive(backup_pid);
+    let text = ha.cluster.cairn(&["status", "."]).stdout;
     signal(agent, "-CONT");
+    assert!(
+        text.contains("node leases:") && !text.contains(&format!("{node} ready")),
+        "cairn status shows the frozen node's lease is not ready: {text}"
+    );
     assert!(
         still.is_empty(),
         "HA VMMs {still:?} still ran {stopped_after:?} after the freeze"
