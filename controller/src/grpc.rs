@@ -25,6 +25,8 @@ const FOLLOW: Duration = Duration::from_millis(200);
 pub(crate) struct Health {
     reporter: HealthReporter,
     follow: tokio::task::JoinHandle<()>,
+    /// Watches the nodes' leases for failures ([`crate::lease::watch_failures`]).
+    failures: tokio::task::JoinHandle<()>,
     server: tokio::task::JoinHandle<()>,
     stop: tokio::sync::watch::Sender<bool>,
     /// Where it listens.
@@ -40,6 +42,7 @@ impl Health {
         let address = listener.local_addr()?;
         let leases = Arc::clone(&shared.leases);
         let shared_for_leases = Arc::clone(&shared);
+        let failures = tokio::spawn(crate::lease::watch_failures(Arc::clone(&shared)));
         let (reporter, service) = tonic_health::server::health_reporter();
         reporter
             .set_service_status("", ServingStatus::NotServing)
@@ -82,6 +85,7 @@ impl Health {
         Ok(Health {
             reporter,
             follow,
+            failures,
             server,
             stop,
             address,
@@ -91,6 +95,7 @@ impl Health {
     /// NOT_SERVING from now on (the controller is shutting down).
     pub(crate) async fn not_serving(&self) {
         self.follow.abort();
+        self.failures.abort();
         while !self.follow.is_finished() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -19,8 +19,9 @@
 //! - a controller that starts waits T + margin before it calls any node `failed`
 //!   (it cannot know which grants its predecessor gave).
 //!
-//! Restarting a failed node's HA VMs elsewhere builds on this and is not done yet:
-//! the states are reported (status, metrics), and nothing acts on them.
+//! When a node becomes `failed`, [`watch_failures`] starts a drift check at once; its
+//! plan places the node's diskless HA and FT VMs elsewhere (nothing else moves; VMs
+//! with disks wait for their volumes' new writer, issue 15).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -86,6 +87,15 @@ impl Leases {
             granted: Mutex::default(),
             keys: tokio::sync::Mutex::default(),
         }
+    }
+
+    /// The nodes in state `failed` ([`Leases::rows`]).
+    pub fn failed_nodes(&self, model: &compiler::Model) -> std::collections::BTreeSet<String> {
+        self.rows(model)
+            .into_iter()
+            .filter(|r| r.state == "failed")
+            .map(|r| r.node)
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Granted>> {
@@ -315,5 +325,42 @@ impl v1::lease_server::Lease for LeaseService {
             site_peers,
             fenced_vms,
         }))
+    }
+}
+
+/// Watches the leases: when a node becomes `failed`, records a `node failed` event
+/// and starts a drift check at once, whose plan places the node's diskless HA VMs
+/// elsewhere (`PlanOptions::failed_nodes`); when it is back, `node returned`.
+pub async fn watch_failures(shared: Arc<Shared>) {
+    let mut failed = std::collections::BTreeSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let good = shared.good.lock().expect("good lock").clone();
+        let Some(good) = good else { continue };
+        let rows = shared.leases.rows(&good.model);
+        let now: std::collections::BTreeSet<String> = rows
+            .iter()
+            .filter(|r| r.state == "failed")
+            .map(|r| r.node.clone())
+            .collect();
+        for row in rows
+            .iter()
+            .filter(|r| now.contains(&r.node) && !failed.contains(&r.node))
+        {
+            shared.record(vec![
+                crate::events::Event::new("node", "failed")
+                    .object(format!("node {}", row.node))
+                    .reason(row.reason.clone()),
+            ]);
+        }
+        for node in failed.difference(&now) {
+            shared.record(vec![
+                crate::events::Event::new("node", "returned").object(format!("node {node}")),
+            ]);
+        }
+        if now.difference(&failed).next().is_some() {
+            shared.wake_drift.notify_one();
+        }
+        failed = now;
     }
 }

@@ -722,6 +722,7 @@ impl Worker {
         let limits = self.limits_for(commit, &model);
         let options = reconciler::plan::PlanOptions {
             prune: limits.reconcile.prune,
+            failed_nodes: self.shared.leases.failed_nodes(&model),
         };
         let planned = match pipeline::plan_revision_with(
             &model, &spec_root, commit, &store, &nodes, &options,
@@ -1142,6 +1143,7 @@ impl Worker {
                 protected,
                 &reconciler::plan::PlanOptions {
                     prune: limits.reconcile.prune,
+                    failed_nodes: self.shared.leases.failed_nodes(&good.model),
                 },
             )
         });

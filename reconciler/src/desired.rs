@@ -170,6 +170,68 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
     )
 }
 
+/// The placement when `failed` nodes are gone (HA, issue 16): only HA and FT VMs that
+/// ran on a failed node and have no disk are placed again elsewhere; nothing else
+/// moves. A VM with availability `none` stays down where it was (reported, left
+/// alone). A VM with disks stays too: its data needs a new writer from the current
+/// epoch's in-sync copies first (issue 15), and a volume is never made again empty
+/// elsewhere. Every volume keeps its previous layout.
+pub fn place_without(
+    model: &Model,
+    previous: &Placement,
+    failed: &std::collections::BTreeSet<String>,
+) -> Placement {
+    let mut placement = compiler::place::place(
+        model,
+        &compiler::place::PlaceOptions {
+            previous: Some(previous.clone()),
+            failed: compiler::place::FailureSet {
+                nodes: failed.clone(),
+                ..Default::default()
+            },
+        },
+        None,
+    );
+    let before: BTreeMap<&str, &compiler::place::VmPlacement> =
+        previous.vms.iter().map(|v| (v.name.as_str(), v)).collect();
+    let stays = |vm: &str| -> bool {
+        model.vms.iter().find(|m| m.name == vm).is_none_or(|m| {
+            m.availability == compiler::model::Availability::None || !m.disks.is_empty()
+        })
+    };
+    let mut kept = Vec::new();
+    for vm in &mut placement.vms {
+        if let Some(was) = before.get(vm.name.as_str())
+            && failed.contains(&was.node)
+            && stays(&vm.name)
+        {
+            *vm = (*was).clone();
+            kept.push(vm.name.clone());
+        }
+    }
+    // A VM left where it was is placed after all (it was not placed elsewhere).
+    for name in &kept {
+        placement.unplaced.retain(|u| &u.name != name);
+        if !placement.vms.iter().any(|v| &v.name == name)
+            && let Some(was) = before.get(name.as_str())
+        {
+            placement.vms.push((*was).clone());
+        }
+    }
+    placement.moves.retain(|m| !kept.contains(&m.vm));
+    let volumes_before: BTreeMap<&str, &compiler::place::VolumePlacement> = previous
+        .volumes
+        .iter()
+        .map(|v| (v.name.as_str(), v))
+        .collect();
+    for volume in &mut placement.volumes {
+        if let Some(was) = volumes_before.get(volume.name.as_str()) {
+            *volume = (*was).clone();
+        }
+    }
+    placement
+}
+
 /// A site's bond as `node` should have it: the capacity is this node's (its member
 /// NICs' speeds in the spec), not the site's slowest.
 fn desired_bond(

@@ -202,7 +202,11 @@ pub fn plan_against_with(
     protected_before: BTreeSet<String>,
     options: &PlanOptions,
 ) -> Planned {
-    let placement = desired::place(model, Some(previous));
+    let placement = if options.failed_nodes.is_empty() {
+        desired::place(model, Some(previous))
+    } else {
+        desired::place_without(model, previous, &options.failed_nodes)
+    };
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
     let plan = plan_with(&desired, &observed, revision, options);

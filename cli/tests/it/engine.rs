@@ -190,7 +190,7 @@ impl Drop for Cluster {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
             if alive(pid) && comm.trim() == "cairn-node" {
                 let _ = Command::new("kill")
-                    .args(["-9", &format!("-{pid}")])
+                    .args(["-s", "KILL", "--", &format!("-{pid}")])
                     .status();
             }
         }

@@ -36,17 +36,24 @@ pub fn plan(desired: &Desired, observed: &Observed, revision: &str) -> Plan {
 }
 
 /// How a plan is made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlanOptions {
     /// Delete what no spec names any more (VMs, their volumes, bonds); off:
     /// they are kept and listed in [`Plan::unpruned`] (the controller's
     /// `reconcile { prune #false }`).
     pub prune: bool,
+    /// Nodes the controller declared failed (their lease lapsed and their site no
+    /// longer hears them): their diskless HA and FT VMs are placed elsewhere
+    /// ([`crate::desired::place_without`]); nothing else moves.
+    pub failed_nodes: std::collections::BTreeSet<String>,
 }
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions { prune: true }
+        PlanOptions {
+            prune: true,
+            failed_nodes: Default::default(),
+        }
     }
 }
 
