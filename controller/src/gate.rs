@@ -73,19 +73,43 @@ pub struct Hold {
 /// The changes that count against the blast radius: deletes, replacements,
 /// preemptions and moves (`delete vm web-1 on lab-1`).
 pub fn destructive(plan: &Plan) -> Vec<String> {
+    destructive_except(plan, &Default::default())
+}
+
+/// [`destructive`] without the changes of the VMs in `skip`.
+fn destructive_except(plan: &Plan, skip: &std::collections::BTreeSet<String>) -> Vec<String> {
     plan.changes
         .iter()
         .filter(|c| {
             matches!(
                 c.kind,
                 ChangeKind::Delete | ChangeKind::Replace | ChangeKind::Preempt | ChangeKind::Move
-            )
+            ) && !(c.object == "vm" && skip.contains(&c.name))
         })
         .map(|c| match &c.was_node {
             Some(from) if c.kind == ChangeKind::Move => {
                 format!("move {} {} from {from} to {}", c.object, c.name, c.node)
             }
             _ => format!("{} {} {} on {}", c.kind.word(), c.object, c.name, c.node),
+        })
+        .collect()
+}
+
+/// The VMs a placement moves off a failed node (HA restarts), each as
+/// `vm NAME from NODE to NODE`.
+pub fn ha_restarts(
+    placement: &compiler::place::Placement,
+    failed_nodes: &std::collections::BTreeSet<String>,
+) -> Vec<(String, String)> {
+    placement
+        .moves
+        .iter()
+        .filter(|m| failed_nodes.contains(&m.from))
+        .map(|m| {
+            (
+                m.vm.clone(),
+                format!("vm {} from {} to {}", m.vm, m.from, m.to),
+            )
         })
         .collect()
 }
@@ -205,9 +229,14 @@ pub struct HeldPlan {
 }
 
 /// A repair (drift check) over the blast-radius budget is reported, not carried out.
-pub fn repair_over_budget(limits: &Limits, plan: &Plan) -> Option<String> {
+pub fn repair_over_budget(
+    limits: &Limits,
+    plan: &Plan,
+    restarted: &std::collections::BTreeSet<String>,
+) -> Option<String> {
     let max = limits.reconcile.blast_radius?;
-    let hits = destructive(plan);
+    // HA restarts (VMs moved off a node declared failed) are not held by the budget.
+    let hits = destructive_except(plan, restarted);
     (hits.len() > max as usize).then(|| {
         format!(
             "the repair would {} (blast radius {} > budget {max}, {}): reported, not repaired",

@@ -1133,6 +1133,7 @@ impl Worker {
         };
         let previous = pipeline::previous_placement(stored, &observed);
         let limits = crate::gate::Limits::applied(&good.commit, &good.model);
+        let failed_nodes = self.shared.leases.failed_nodes(&good.model);
         let planned = tokio::task::block_in_place(|| {
             pipeline::plan_against_with(
                 &good.model,
@@ -1143,7 +1144,7 @@ impl Worker {
                 protected,
                 &reconciler::plan::PlanOptions {
                     prune: limits.reconcile.prune,
-                    failed_nodes: self.shared.leases.failed_nodes(&good.model),
+                    failed_nodes: failed_nodes.clone(),
                 },
             )
         });
@@ -1158,6 +1159,9 @@ impl Worker {
             return;
         }
         let objects = drifted(plan);
+        let ha_restarts = crate::gate::ha_restarts(&planned.desired.placement, &failed_nodes);
+        let restarted_vms: std::collections::BTreeSet<String> =
+            ha_restarts.iter().map(|(vm, _)| vm.clone()).collect();
         let new = self.last_drift.as_ref() != Some(&objects);
         if new {
             self.shared.metrics.drift_found.inc_by(objects.len() as u64);
@@ -1167,7 +1171,7 @@ impl Worker {
             .or_else(|| {
                 pipeline::unacceptable(plan).map(|w| format!("the repair cannot be applied: {w}"))
             })
-            .or_else(|| crate::gate::repair_over_budget(&limits, plan));
+            .or_else(|| crate::gate::repair_over_budget(&limits, plan, &restarted_vms));
         if let Some(why) = why_not {
             if new {
                 self.shared.record(vec![
@@ -1213,6 +1217,22 @@ impl Worker {
         let outcome = self
             .carry_out(&store, &planned, interrupted.as_ref(), None)
             .await;
+        if !ha_restarts.is_empty() {
+            // Every HA restart is audited (it is not held by the blast radius).
+            let _ = store.audit(
+                "ha-restart",
+                json!({
+                    "commit": good.commit,
+                    "plan_id": plan.plan_id,
+                    "failed_nodes": failed_nodes,
+                    "restarts": ha_restarts.iter().map(|(_, what)| what).collect::<Vec<_>>(),
+                    "result": match &outcome {
+                        Ok(done) if done.failed == 0 && done.skipped == 0 => "succeeded",
+                        _ => "failed",
+                    },
+                }),
+            );
+        }
         drop(lock);
         drop(busy);
         let now = Instant::now();

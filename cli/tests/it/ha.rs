@@ -396,6 +396,21 @@ fn a_killed_nodes_diskless_ha_vms_run_on_the_others_within_seconds() {
         .and_then(|l| l.iter().find(|l| l["node"] == node.as_str()).cloned())
         .unwrap_or(Value::Null);
     assert_eq!(lease["state"], "failed", "{lease}");
+    // The restart is audited.
+    let audited = status["audit"].as_array().is_some_and(|a| {
+        a.iter().any(|e| {
+            e["event"] == "ha-restart"
+                && e["detail"]["restarts"].as_array().is_some_and(|r| {
+                    r.iter()
+                        .any(|m| m.as_str().is_some_and(|m| m.contains("web-0")))
+                })
+        })
+    });
+    assert!(
+        audited,
+        "an ha-restart audit entry names web-0: {:#}",
+        status["audit"]
+    );
     // `db` (availability ha, with a disk) and `backup` (availability none) are not
     // moved: they stay where they were, reported.
     for (vm, n) in &ha.placement {
