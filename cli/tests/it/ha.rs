@@ -60,6 +60,8 @@ struct HaCluster {
     cluster: Cluster,
     /// Where each VM runs (from the controller's status).
     placement: Vec<(String, String)>,
+    /// The `dev up` arguments (to start a node again).
+    up_args: Vec<String>,
 }
 
 impl HaCluster {
@@ -170,6 +172,18 @@ impl HaCluster {
         let mut ha = HaCluster {
             cluster,
             placement: Vec::new(),
+            up_args: [
+                "dev",
+                "up",
+                ".",
+                "--gitops",
+                "--controller-listen",
+                &listen,
+                "--controller-grpc-listen",
+                &grpc,
+            ]
+            .map(String::from)
+            .to_vec(),
         };
         // Every VM runs, and every node renews its lease.
         ha.placement = ha.wait(
@@ -422,4 +436,43 @@ fn a_killed_nodes_diskless_ha_vms_run_on_the_others_within_seconds() {
             assert_eq!(row["node"], node.as_str(), "{vm} is not moved: {row}");
         }
     }
+
+    // The node comes back: its lease is ready again, web-0 stays on its new node,
+    // and what is left of it on the old node is only to be deleted there.
+    let args: Vec<&str> = ha.up_args.iter().map(String::as_str).collect();
+    let up = ha.cluster.cairn(&args);
+    assert_eq!(up.code, 0, "{up:?}");
+    ha.wait(
+        "the node's lease ready again",
+        Duration::from_secs(30),
+        |s| {
+            let lease = s["controller"]["leases"]
+                .as_array()?
+                .iter()
+                .find(|l| l["node"] == node.as_str())?
+                .clone();
+            (lease["state"] == "ready").then_some(())
+        },
+    );
+    let plan = ha.cluster.cairn(&["plan", ".", "--format", "json"]);
+    let plan: Value = serde_json::from_str(&plan.stdout).expect("plan json");
+    let web0: Vec<String> = plan["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == "web-0")
+        .map(|c| {
+            format!(
+                "{} on {}",
+                c["kind"].as_str().unwrap_or("?"),
+                c["node"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    eprintln!("after {node} returned, the plan for web-0: {web0:?}");
+    assert!(
+        web0.iter()
+            .all(|c| c.starts_with("delete") && c.ends_with(node.as_str())),
+        "web-0 is not moved back; only its stopped copy on {node} goes: {web0:?}"
+    );
 }
