@@ -10,6 +10,8 @@
 //!
 //! `--noop` measures a sync with nothing to do instead (see [`noop`]): no
 //! cluster, a generated repository of `--nodes` nodes and `--vms` VMs.
+//! `--failover` measures HA: a node killed → its HA VMs running elsewhere (see
+//! [`failover`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,6 +21,7 @@ use anyhow::{Context, bail};
 
 use crate::events::Event;
 
+pub mod failover;
 pub mod noop;
 
 /// Flags of `cairn controller bench`.
@@ -30,8 +33,12 @@ pub struct BenchArgs {
     pub vms: Option<usize>,
     /// Measure a sync with nothing to do (verify, compile, plan, policy) of a
     /// generated repository against a recorded observation: no cluster.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "failover")]
     pub noop: bool,
+    /// Measure HA failover instead: a node killed (its agent and VMMs) → each of
+    /// its diskless HA VMs running elsewhere, over `--vms` HA VMs on 3 dev nodes.
+    #[arg(long)]
+    pub failover: bool,
     /// With `--noop`: nodes of the generated repository.
     #[arg(long, default_value_t = 1000, requires = "noop")]
     pub nodes: usize,
@@ -191,11 +198,9 @@ fn push(work: &Path, key: &Path, vms: usize, message: &str) -> anyhow::Result<(S
     Ok((commit, at, t.elapsed().as_millis() as u64))
 }
 
-/// `cairn controller bench`.
-pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
-    if args.noop {
-        return noop::run(args.nodes, args.vms.unwrap_or(10_000), args.runs, args.keep);
-    }
+/// A fresh temporary directory `NAME-PID`, or `None` (said why) when /dev/kvm is
+/// not usable: the cluster benchmarks start VMs.
+fn kvm_and_a_fresh_dir(name: &str) -> anyhow::Result<Option<PathBuf>> {
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -203,12 +208,26 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         .is_err()
     {
         eprintln!("cannot run: /dev/kvm is not usable here, and the benchmark starts VMs");
-        return Ok(1);
+        return Ok(None);
     }
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(Some(dir))
+}
+
+/// `cairn controller bench`.
+pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    if args.noop {
+        return noop::run(args.nodes, args.vms.unwrap_or(10_000), args.runs, args.keep);
+    }
+    if args.failover {
+        return failover::run(args.vms.unwrap_or(3), args.runs, args.keep);
+    }
+    let Some(tmp) = kvm_and_a_fresh_dir("cairn-controller-bench")? else {
+        return Ok(1);
+    };
     let cairn = std::env::current_exe()?;
-    let tmp = std::env::temp_dir().join(format!("cairn-controller-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
     let work = tmp.join("spec");
     let bare = tmp.join("origin.git");
     std::fs::create_dir_all(&work)?;

@@ -1208,10 +1208,13 @@ impl Worker {
                 Err(e) => return fail(&self.shared, e),
             }
         }
+        // Crash restarts in place, for the crash-loop backoff; an HA restart on
+        // another node is not a crash of the VM (its node failed).
         let restarted: Vec<String> = plan
             .changes
             .iter()
             .filter(|c| c.object == "vm" && matches!(c.kind, ChangeKind::Start))
+            .filter(|c| !restarted_vms.contains(&c.name))
             .map(|c| c.name.clone())
             .collect();
         let outcome = self
