@@ -276,5 +276,20 @@ fn bench() -> anyhow::Result<()> {
     run(Command::new("target/release/cairn").args(["bench", "--nodes", "1000", "--vms", "10000"]))?;
     run(Command::new("target/release/cairn").args([
         "bench", "--nodes", "10000", "--vms", "100000", "--runs", "3",
+    ]))?;
+    // The controller's budgets: a no-op sync at 1,000 nodes (no cluster), then on
+    // a dev cluster (cairn-node and cairn-vmm beside cairn, /dev/kvm) push →
+    // converged and HA failover.
+    run(Command::new("target/release/cairn").args([
+        "controller", "bench", "--noop", "--nodes", "1000", "--vms", "10000", "--runs", "5",
+    ]))?;
+    run(Command::new("cargo").args([
+        "build", "--release", "-p", "node-runtime", "-p", "vmm",
+    ]))?;
+    run(Command::new("target/release/cairn").args([
+        "controller", "bench", "--vms", "100", "--runs", "3",
+    ]))?;
+    run(Command::new("target/release/cairn").args([
+        "controller", "bench", "--failover", "--vms", "10", "--runs", "5",
     ]))
 }
