@@ -281,15 +281,32 @@ fn bench() -> anyhow::Result<()> {
     // a dev cluster (cairn-node and cairn-vmm beside cairn, /dev/kvm) push →
     // converged and HA failover.
     run(Command::new("target/release/cairn").args([
-        "controller", "bench", "--noop", "--nodes", "1000", "--vms", "10000", "--runs", "5",
+        "controller",
+        "bench",
+        "--noop",
+        "--nodes",
+        "1000",
+        "--vms",
+        "10000",
+        "--runs",
+        "5",
     ]))?;
-    run(Command::new("cargo").args([
-        "build", "--release", "-p", "node-runtime", "-p", "vmm",
+    run(Command::new("cargo").args(["build", "--release", "-p", "node-runtime", "-p", "vmm"]))?;
+    run(Command::new("target/release/cairn").args([
+        "controller",
+        "bench",
+        "--vms",
+        "100",
+        "--runs",
+        "3",
     ]))?;
     run(Command::new("target/release/cairn").args([
-        "controller", "bench", "--vms", "100", "--runs", "3",
-    ]))?;
-    run(Command::new("target/release/cairn").args([
-        "controller", "bench", "--failover", "--vms", "10", "--runs", "5",
+        "controller",
+        "bench",
+        "--failover",
+        "--vms",
+        "10",
+        "--runs",
+        "5",
     ]))
 }
