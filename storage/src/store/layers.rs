@@ -24,13 +24,7 @@ impl Store {
     pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<Snapshot> {
         validate_name("snapshot", name)?;
         let mut st = self.write_state();
-        let mut rec = st
-            .volumes
-            .get(volume)
-            .ok_or_else(|| StorageError::UnknownVolume {
-                name: volume.to_owned(),
-            })?
-            .clone();
+        let mut rec = st.volume(volume)?.clone();
         let key = (volume.to_owned(), name.to_owned());
         if st.snapshots.contains_key(&key) {
             return Err(StorageError::AlreadyExists {

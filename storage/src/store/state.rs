@@ -72,6 +72,15 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// The record of volume `name`, or [`StorageError::UnknownVolume`].
+    pub(crate) fn volume(&self, name: &str) -> Result<&VolumeRecord> {
+        self.volumes
+            .get(name)
+            .ok_or_else(|| StorageError::UnknownVolume {
+                name: name.to_owned(),
+            })
+    }
+
     /// The extent that holds stripe unit `stripe` as seen from `layer`, walking the parents.
     pub(crate) fn resolve(&self, mut layer: u64, stripe: u64) -> Option<Extent> {
         while layer != 0 {

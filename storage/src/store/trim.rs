@@ -9,7 +9,7 @@ use super::state::State;
 use super::{BLOCK_SIZE, Store, check_range, pieces};
 use crate::allocator::Allocator;
 use crate::crcs;
-use crate::error::{Result, StorageError};
+use crate::error::Result;
 use crate::meta::{CRCS, EXTENTS, Extent, PENDING, VOLUMES};
 
 impl Store {
@@ -22,13 +22,7 @@ impl Store {
         len: u64,
         replica_seq: Option<u64>,
     ) -> Result<u64> {
-        let mut rec = st
-            .volumes
-            .get(volume)
-            .ok_or_else(|| StorageError::UnknownVolume {
-                name: volume.to_owned(),
-            })?
-            .clone();
+        let mut rec = st.volume(volume)?.clone();
         check_range(volume, rec.geometry.size, offset, len)?;
         let su = rec.geometry.stripe_unit;
         let top = rec.top;

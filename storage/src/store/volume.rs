@@ -147,13 +147,7 @@ impl Store {
     /// Deletes a volume without snapshots and frees the extents only it used.
     pub fn delete_volume(&self, name: &str) -> Result<()> {
         let mut st = self.write_state();
-        let rec = st
-            .volumes
-            .get(name)
-            .ok_or_else(|| StorageError::UnknownVolume {
-                name: name.to_owned(),
-            })?
-            .clone();
+        let rec = st.volume(name)?.clone();
         let count = st.snapshots.keys().filter(|(v, _)| v == name).count();
         if count > 0 {
             return Err(StorageError::HasSnapshots {
@@ -189,13 +183,7 @@ impl Store {
             ));
         }
         let mut st = self.write_state();
-        let mut rec = st
-            .volumes
-            .get(name)
-            .ok_or_else(|| StorageError::UnknownVolume {
-                name: name.to_owned(),
-            })?
-            .clone();
+        let mut rec = st.volume(name)?.clone();
         let old_size = rec.geometry.size;
         if new_size < old_size {
             return Err(StorageError::invalid(
@@ -255,12 +243,7 @@ impl Volume {
     }
 
     fn record(&self, st: &State) -> Result<VolumeRecord> {
-        st.volumes
-            .get(&self.name)
-            .cloned()
-            .ok_or_else(|| StorageError::UnknownVolume {
-                name: self.name.clone(),
-            })
+        st.volume(&self.name).cloned()
     }
 
     /// Grows the volume in place (see [`Store::grow_volume`]).

@@ -64,12 +64,7 @@ impl Store {
             ));
         }
         let mut st = self.write_state();
-        let rec = st
-            .volumes
-            .get(&op.volume)
-            .ok_or_else(|| StorageError::UnknownVolume {
-                name: op.volume.clone(),
-            })?;
+        let rec = st.volume(&op.volume)?;
         if op.seq <= rec.seq {
             return Ok(ApplyOutcome::Duplicate {
                 volume_seq: rec.seq,
@@ -124,13 +119,7 @@ impl Store {
         mode: WriteMode,
         replica_seq: Option<u64>,
     ) -> Result<u64> {
-        let mut rec = st
-            .volumes
-            .get(volume)
-            .ok_or_else(|| StorageError::UnknownVolume {
-                name: volume.to_owned(),
-            })?
-            .clone();
+        let mut rec = st.volume(volume)?.clone();
         let geometry = rec.geometry.clone();
         check_io(volume, geometry.size, offset, data.len() as u64)?;
         let su = geometry.stripe_unit;
