@@ -126,25 +126,16 @@ impl Leases {
                     .map(|n| n.name.as_str())
                     .filter(|n| *n != node.name)
                     .collect();
-                // Peers that renew themselves and still heard this node within T.
-                let hearing = peers
+                // Of the peers that renew themselves (whose reports are fresh), those
+                // that no longer hear this node's probes; the others may still.
+                let reports: Vec<bool> = peers
                     .iter()
-                    .filter(|peer| {
-                        granted.get(**peer).is_some_and(|p| {
-                            p.last.elapsed() < self.ttl
-                                && p.heard.get(&node.name).is_some_and(|ago| *ago < self.ttl)
-                        })
-                    })
-                    .count();
-                let not_hearing = peers
-                    .iter()
-                    .filter(|peer| {
-                        granted.get(**peer).is_some_and(|p| {
-                            p.last.elapsed() < self.ttl
-                                && p.heard.get(&node.name).is_none_or(|ago| *ago >= self.ttl)
-                        })
-                    })
-                    .count();
+                    .filter_map(|peer| granted.get(*peer))
+                    .filter(|p| p.last.elapsed() < self.ttl)
+                    .map(|p| p.heard.get(&node.name).is_some_and(|ago| *ago < self.ttl))
+                    .collect();
+                let not_hearing = reports.iter().filter(|hears| !**hears).count();
+                let hearing = reports.len() - not_hearing;
                 let site_size = peers.len() + 1;
                 let (state, reason) = if age < self.ttl {
                     ("ready", format!("renewed {} ms ago", age.as_millis()))
@@ -154,7 +145,7 @@ impl Leases {
                     (
                         "failed",
                         format!(
-                            "no renewal for {} ms and {not_hearing} of its {} site peers no longer hear it: it has lost quorum and fenced its HA VMs",
+                            "no renewal for {} ms and {not_hearing} of its {} site peers no longer hear it: it has lost quorum, so its HA VMs' fences have lapsed; they are restarted elsewhere",
                             age.as_millis(),
                             peers.len()
                         ),
@@ -163,7 +154,7 @@ impl Leases {
                     (
                         "suspect",
                         format!(
-                            "no renewal for {} ms, but {hearing} of its {} site peers still hear it (or cannot say): it may still hold quorum through them",
+                            "no renewal for {} ms, but only {not_hearing} of its {} site peers report no longer hearing it ({hearing} still do; a majority of the site is needed): it may still hold quorum through them, so its VMs are not restarted elsewhere",
                             age.as_millis(),
                             peers.len()
                         ),

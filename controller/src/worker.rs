@@ -856,9 +856,13 @@ impl Worker {
                 self.last_drift = None;
                 SyncEnd::Applied
             }
-            Err(Failure::MissingImages(e)) => {
-                // The commit's own files are missing: it fails the same way every
-                // time, so it waits for a new commit.
+            Err(failure) => {
+                // Missing files of the commit itself fail the same way every time,
+                // so it waits for a new commit; anything else is retried.
+                let (e, end) = match failure {
+                    Failure::MissingImages(e) => (e, SyncEnd::Stalled),
+                    Failure::Other(e) => (e, SyncEnd::Transient),
+                };
                 self.end_sync(
                     commit,
                     "failed",
@@ -868,19 +872,7 @@ impl Worker {
                     started,
                     extra,
                 );
-                SyncEnd::Stalled
-            }
-            Err(Failure::Other(e)) => {
-                self.end_sync(
-                    commit,
-                    "failed",
-                    Some(e),
-                    Some(&plan.plan_id),
-                    detail,
-                    started,
-                    extra,
-                );
-                SyncEnd::Transient
+                end
             }
         }
     }

@@ -40,3 +40,14 @@ pub mod validate;
 pub mod vm_nics;
 pub mod vms;
 pub mod volumes;
+
+/// An error and every cause under it, one line: `what: why: why…`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}

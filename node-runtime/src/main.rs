@@ -131,13 +131,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let mut message = error.to_string();
-            let mut source = std::error::Error::source(&error);
-            while let Some(cause) = source {
-                message.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            eprintln!("cairn-node: {message}");
+            eprintln!("cairn-node: {}", node_runtime::error_chain(&error));
             ExitCode::from(2)
         }
     }

@@ -160,15 +160,7 @@ async fn channel(address: &str, timeout: Duration) -> Result<tonic::transport::C
         .timeout(timeout)
         .connect()
         .await
-        .map_err(|e| {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text.push_str(&format!(": {cause}"));
-                source = cause.source();
-            }
-            text
-        })
+        .map_err(|e| crate::error_chain(&e))
 }
 
 /// Renews the lease once; on success records it from `sent_ns`.

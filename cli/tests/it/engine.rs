@@ -62,6 +62,34 @@ pub(crate) fn kvm_usable() -> bool {
         .is_ok()
 }
 
+/// A copy of the quickstart's specs whose three nodes listen on free ports of
+/// 127.0.0.1 (the quickstart's own 127.0.0.11-13 belong to `cargo xtask quickstart`).
+pub(crate) fn quickstart_copy(tag: &str) -> TempDir {
+    let dir = TempDir::new(tag);
+    copy_specs(&repo_root().join("examples/quickstart"), &dir.0);
+    let cluster_file = dir.0.join("cluster.kdl");
+    let mut text = std::fs::read_to_string(&cluster_file).expect("read cluster.kdl");
+    for n in 11..=13 {
+        text = text.replace(
+            &format!("127.0.0.{n}:7100"),
+            &format!("127.0.0.1:{}", free_port()),
+        );
+    }
+    std::fs::write(&cluster_file, text).expect("write cluster.kdl");
+    dir
+}
+
+/// `cairn dev up . --gitops` with the controller's HTTP and gRPC on free ports.
+pub(crate) fn gitops_up_args() -> Vec<String> {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", free_port());
+    ["dev", "up", ".", "--gitops", "--controller-listen", &listen]
+        .into_iter()
+        .chain(["--controller-grpc-listen", &grpc])
+        .map(String::from)
+        .collect()
+}
+
 pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -98,20 +126,10 @@ impl Cluster {
 
     /// A quickstart copy without `without`, `dev up` run with `env`.
     pub(crate) fn up_with_env(tag: &str, without: &[&str], env: &[(&str, &str)]) -> Cluster {
-        let dir = TempDir::new(tag);
-        copy_specs(&repo_root().join("examples/quickstart"), &dir.0);
+        let dir = quickstart_copy(tag);
         for file in without {
             std::fs::remove_file(dir.0.join(file)).expect("remove spec file");
         }
-        let cluster_file = dir.0.join("cluster.kdl");
-        let mut text = std::fs::read_to_string(&cluster_file).expect("read cluster.kdl");
-        for n in 11..=13 {
-            text = text.replace(
-                &format!("127.0.0.{n}:7100"),
-                &format!("127.0.0.1:{}", free_port()),
-            );
-        }
-        std::fs::write(&cluster_file, text).expect("write cluster.kdl");
         let cluster = Cluster { dir };
         let out = cluster
             .command(&["dev", "up", "."])

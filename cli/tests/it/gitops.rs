@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::TempDir;
-use crate::engine::{Cluster, copy_specs, free_port, kvm_usable};
+use crate::engine::{Cluster, gitops_up_args, kvm_usable, quickstart_copy};
 
 fn have(tool: &str) -> bool {
     Command::new(tool)
@@ -71,32 +70,13 @@ fn dev_up_gitops_ends_with_a_controller_that_a_signed_git_push_drives() {
         eprintln!("skipped: /dev/kvm is not usable here, and the pushed commits start VMs");
         return;
     }
-    let dir = TempDir::new("gitops-quickstart");
-    copy_specs(&crate::repo_root().join("examples/quickstart"), &dir.0);
-    let cluster_file = dir.0.join("cluster.kdl");
-    let mut text = std::fs::read_to_string(&cluster_file).expect("read cluster.kdl");
-    for n in 11..=13 {
-        text = text.replace(
-            &format!("127.0.0.{n}:7100"),
-            &format!("127.0.0.1:{}", free_port()),
-        );
-    }
-    std::fs::write(&cluster_file, text).expect("write cluster.kdl");
     // Dropping the cluster runs `dev down`, which stops the controller too.
-    let cluster = Cluster { dir };
-    let listen = format!("127.0.0.1:{}", free_port());
-    let grpc = format!("127.0.0.1:{}", free_port());
+    let cluster = Cluster {
+        dir: quickstart_copy("gitops-quickstart"),
+    };
+    let args = gitops_up_args();
     let out = cluster
-        .command(&[
-            "dev",
-            "up",
-            ".",
-            "--gitops",
-            "--controller-listen",
-            &listen,
-            "--controller-grpc-listen",
-            &grpc,
-        ])
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .output()
         .expect("cairn dev up runs");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::TempDir;
-use crate::engine::{Cluster, copy_specs, free_port, kvm_usable};
+use crate::engine::{Cluster, gitops_up_args, kvm_usable, quickstart_copy};
 
 /// A control-socket status of a VM's cairn-vmm, or None when nothing answers.
 fn vmm_status(socket: &Path) -> Option<Value> {
@@ -135,32 +134,12 @@ impl HaCluster {
             eprintln!("skipped: /dev/kvm is not usable here, and the test fences running VMs");
             return None;
         }
-        let dir = TempDir::new(tag);
-        copy_specs(&crate::repo_root().join("examples/quickstart"), &dir.0);
-        let cluster_file = dir.0.join("cluster.kdl");
-        let mut text = std::fs::read_to_string(&cluster_file).expect("read cluster.kdl");
-        for n in 11..=13 {
-            text = text.replace(
-                &format!("127.0.0.{n}:7100"),
-                &format!("127.0.0.1:{}", free_port()),
-            );
-        }
-        std::fs::write(&cluster_file, text).expect("write cluster.kdl");
+        let dir = quickstart_copy(tag);
         edit(&dir.0);
         let cluster = Cluster { dir };
-        let listen = format!("127.0.0.1:{}", free_port());
-        let grpc = format!("127.0.0.1:{}", free_port());
+        let up_args = gitops_up_args();
         let out = cluster
-            .command(&[
-                "dev",
-                "up",
-                ".",
-                "--gitops",
-                "--controller-listen",
-                &listen,
-                "--controller-grpc-listen",
-                &grpc,
-            ])
+            .command(&up_args.iter().map(String::as_str).collect::<Vec<_>>())
             .output()
             .expect("cairn dev up runs");
         assert!(
@@ -172,18 +151,7 @@ impl HaCluster {
         let mut ha = HaCluster {
             cluster,
             placement: Vec::new(),
-            up_args: [
-                "dev",
-                "up",
-                ".",
-                "--gitops",
-                "--controller-listen",
-                &listen,
-                "--controller-grpc-listen",
-                &grpc,
-            ]
-            .map(String::from)
-            .to_vec(),
+            up_args,
         };
         // Every VM runs, and every node renews its lease.
         ha.placement = ha.wait(
