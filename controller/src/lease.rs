@@ -59,7 +59,14 @@ pub struct Leases {
     /// Node name → its public key, learned from its Inventory (as every controller
     /// call to it is addressed).
     keys: tokio::sync::Mutex<BTreeMap<String, String>>,
+    /// Node → its HA and FT VMs in the stored placement, and when that was read:
+    /// every node renews every T/3, so the state store is read at most once per T/3
+    /// for all of them.
+    fenced: Mutex<Option<(Instant, FencedByNode)>>,
 }
+
+/// Node → the names of its HA and FT VMs.
+type FencedByNode = BTreeMap<String, Vec<String>>;
 
 /// A node's lease state, as status and metrics say it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -86,7 +93,47 @@ impl Leases {
             started: Instant::now(),
             granted: Mutex::default(),
             keys: tokio::sync::Mutex::default(),
+            fenced: Mutex::default(),
         }
+    }
+
+    /// The VMs `node` must fence: its HA and FT VMs in the stored placement
+    /// (re-read when older than T/3).
+    fn fenced_vms(
+        &self,
+        node: &str,
+        model: &compiler::Model,
+        state: &std::path::Path,
+    ) -> Vec<String> {
+        let mut cache = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = cache
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < self.ttl / 3);
+        if !fresh {
+            let guarded: std::collections::BTreeSet<&str> = model
+                .vms
+                .iter()
+                .filter(|m| m.availability != compiler::model::Availability::None)
+                .map(|m| m.name.as_str())
+                .collect();
+            let mut by_node = FencedByNode::new();
+            let placement = reconciler::state::RedbStore::open(state)
+                .ok()
+                .and_then(|store| store.placement().ok().flatten());
+            for vm in placement.iter().flat_map(|p| &p.vms) {
+                if guarded.contains(vm.name.as_str()) {
+                    by_node
+                        .entry(vm.node.clone())
+                        .or_default()
+                        .push(vm.name.clone());
+                }
+            }
+            *cache = Some((Instant::now(), by_node));
+        }
+        cache
+            .as_ref()
+            .and_then(|(_, by_node)| by_node.get(node).cloned())
+            .unwrap_or_default()
     }
 
     /// The nodes in state `failed` ([`Leases::rows`]).
@@ -273,24 +320,9 @@ impl v1::lease_server::Lease for LeaseService {
                 public_key_hex: keys.get(&n.name).cloned().unwrap_or_default(),
             })
             .collect();
-        let placement = reconciler::state::RedbStore::open(&self.shared.config.state_path())
-            .ok()
-            .and_then(|store| store.placement().ok().flatten());
-        let fenced_vms = placement
-            .map(|p| {
-                p.vms
-                    .iter()
-                    .filter(|vm| vm.node == name)
-                    .filter(|vm| {
-                        good.model.vms.iter().any(|m| {
-                            m.name == vm.name
-                                && m.availability != compiler::model::Availability::None
-                        })
-                    })
-                    .map(|vm| vm.name.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let fenced_vms =
+            self.leases
+                .fenced_vms(&name, &good.model, &self.shared.config.state_path());
         let body = request.into_inner();
         let grants = {
             let mut granted = self.leases.lock();
