@@ -78,6 +78,8 @@ pub struct Quorum {
     state: Mutex<State>,
     /// Random per process: tells the controller an agent restart from a renewal.
     incarnation: String,
+    /// gRPC channels to the controller and the peers, by address.
+    channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
 }
 
 /// What Observe or a test can see of the quorum.
@@ -111,6 +113,7 @@ impl Quorum {
                 kept,
                 ..State::default()
             }),
+            channels: Mutex::default(),
             incarnation: format!("{}-{}", std::process::id(), vmm::fence::boottime_ns()),
         }
     }
@@ -153,14 +156,27 @@ fn call_timeout(ttl: Duration) -> Duration {
     (ttl / 3).max(Duration::from_millis(100))
 }
 
-async fn channel(address: &str, timeout: Duration) -> Result<tonic::transport::Channel, String> {
-    tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
-        .await
-        .map_err(|e| crate::error_chain(&e))
+impl Quorum {
+    /// The channel to `address`, made once and kept: it reconnects by itself, so a
+    /// round every T/3 does not open a new connection to the controller and to each
+    /// peer.
+    fn channel(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<tonic::transport::Channel, String> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(channel) = channels.get(address) {
+            return Ok(channel.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect_lazy();
+        channels.insert(address.to_owned(), channel.clone());
+        Ok(channel)
+    }
 }
 
 /// Renews the lease once; on success records it from `sent_ns`.
@@ -197,7 +213,7 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
         .map_err(|e| e.to_string())?;
     let timeout = call_timeout(config.ttl);
     let mut client =
-        v1::lease_client::LeaseClient::new(channel(&config.controller, timeout).await?);
+        v1::lease_client::LeaseClient::new(quorum.channel(&config.controller, timeout)?);
     let reply = client
         .renew(request)
         .await
@@ -245,7 +261,8 @@ async fn probe_peers(node: &Node, ttl: Duration, sent_ns: u64) {
             let request = signer
                 .sign(methods::QUORUM_PROBE, &target, v1::QuorumProbe { node: me })
                 .map_err(|e| e.to_string())?;
-            let mut client = v1::quorum_client::QuorumClient::new(channel(address, timeout).await?);
+            let mut client =
+                v1::quorum_client::QuorumClient::new(node.quorum.channel(address, timeout)?);
             tokio::time::timeout(timeout, client.probe(request))
                 .await
                 .map_err(|_| "timed out".to_string())?
