@@ -62,6 +62,11 @@ pub struct VmConfig {
     /// How long a graceful power-off waits for the guest, in milliseconds.
     #[serde(default = "default_power_off_grace_ms")]
     pub power_off_grace_ms: u64,
+    /// Which start of the VM this process is: an id the node generates for each spawn
+    /// and asks back over the control socket (`identify`) before it adopts a running
+    /// VMM after an agent restart. Empty when the VMM was not started by a node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub incarnation: String,
 }
 
 fn default_tick_ms() -> u64 {
@@ -318,6 +323,7 @@ impl VmConfig {
             tick_ms: default_tick_ms(),
             dirty_pages_per_second: 0,
             power_off_grace_ms: default_power_off_grace_ms(),
+            incarnation: String::new(),
         }
     }
 

@@ -59,6 +59,10 @@ pub struct VmHandle {
     pub(crate) ram: Arc<GuestRam>,
     pub(crate) started: Instant,
     pub(crate) console_log: std::path::PathBuf,
+    /// The VM's name, from its config.
+    pub(crate) name: String,
+    /// The incarnation id the node gave this process (empty when none).
+    pub(crate) incarnation: String,
 }
 
 impl VmHandle {
@@ -307,6 +311,16 @@ impl VmHandle {
             .pending_command
             .store(abi::CMD_BLOCK_TEST, Ordering::Release);
         Ok(())
+    }
+
+    /// Who this process is: the VM's name, the incarnation id the node gave it at
+    /// spawn, and its process id (what a restarted agent checks before adopting it).
+    pub fn identity(&self) -> crate::control::VmIdentity {
+        crate::control::VmIdentity {
+            name: self.name.clone(),
+            incarnation: self.incarnation.clone(),
+            pid: std::process::id(),
+        }
     }
 
     /// Sets the fence deadline ([`crate::fence::Fence::set`]).

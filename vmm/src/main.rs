@@ -249,6 +249,7 @@ fn config_from_flags(cli: Cli) -> Result<VmConfig, String> {
         tick_ms: cli.tick_ms.max(1),
         dirty_pages_per_second: cli.dirty_rate,
         power_off_grace_ms: cli.grace_ms,
+        incarnation: String::new(),
     })
 }
 

@@ -287,10 +287,13 @@ impl Vm {
                 })?;
             }
         }
+        // Shared by the vCPUs, the NICs and the NBD disks (which stop reconnecting
+        // once it lapses).
+        let fence = Arc::new(crate::fence::Fence::default());
         let open_disk = |disk: &vm_config::DiskConfig| -> Result<Arc<dyn BlockBackend>, VmError> {
             let opened: std::io::Result<Arc<dyn BlockBackend>> = match &disk.nbd_export {
                 Some(export) => NbdBackend::connect(&disk.path, export, disk.read_only)
-                    .map(|d| Arc::new(d) as _),
+                    .map(|d| Arc::new(d.with_fence(Arc::clone(&fence))) as _),
                 None => FileBackend::open(&disk.path, disk.read_only).map(|d| Arc::new(d) as _),
             };
             opened.map_err(|source| VmError::Disk {
@@ -394,7 +397,6 @@ impl Vm {
             })
             .collect();
         let block_stats = blocks.iter().map(VirtioMmioBlock::stats).collect();
-        let fence = Arc::new(crate::fence::Fence::default());
         let nets: Vec<NetSlot> = config
             .nics
             .iter()
@@ -580,6 +582,8 @@ impl Vm {
             ram: Arc::clone(&self.ram),
             started: Instant::now(),
             console_log: self.config.console_log.clone(),
+            name: self.config.name.clone(),
+            incarnation: self.config.incarnation.clone(),
         };
         Ok(RunningVm {
             vm: self,

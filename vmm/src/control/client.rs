@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use super::wire::{Request, Response, VmStatus};
+use super::wire::{Request, Response, VmIdentity, VmStatus};
 
 /// Errors of the control client.
 #[derive(Debug, thiserror::Error)]
@@ -70,5 +70,12 @@ impl ControlClient {
         self.request(&Request::Status)?
             .status
             .ok_or_else(|| ClientError::Malformed("status without status".into()))
+    }
+
+    /// Who the VMM is: its VM's name, its incarnation id and its pid.
+    pub fn identify(&mut self) -> Result<VmIdentity, ClientError> {
+        self.request(&Request::Identify)?
+            .identity
+            .ok_or_else(|| ClientError::Malformed("identify without identity".into()))
     }
 }

@@ -16,6 +16,8 @@
 //! {"op":"block-test"}                               -> {"ok":true}   (result in status.block_test)
 //! {"op":"guest-crash"}                              -> {"ok":true}   (the process then exits 4)
 //! {"op":"console-tail","bytes":4096}                -> {"ok":true,"console":"..."}
+//! {"op":"set-fence","deadline_boottime_ns":N}       -> {"ok":true}   (0 disarms; refused once lapsed)
+//! {"op":"identify"}                                 -> {"ok":true,"identity":{"name":..,"incarnation":..,"pid":N}}
 //! ```
 //!
 //! Errors: `{"ok":false,"error":"..."}`; the connection stays usable.
@@ -36,5 +38,5 @@ pub use client::{ClientError, ControlClient};
 pub use server::{ControlServer, execute, serve};
 pub use wire::{
     BlockStatus, DirtyLogAction, ExitCounts, NicStatus, PROTOCOL_VERSION, Request, Response,
-    VmStatus,
+    VmIdentity, VmStatus,
 };

@@ -47,6 +47,12 @@ pub fn execute(vm: &VmHandle, request: &Request) -> Response {
         Request::SetFence {
             deadline_boottime_ns,
         } => vm.set_fence(*deadline_boottime_ns),
+        Request::Identify => {
+            return Response {
+                identity: Some(vm.identity()),
+                ..Response::ok()
+            };
+        }
         Request::ConsoleTail { bytes } => {
             return match vm.console_tail(*bytes) {
                 Ok(console) => Response {

@@ -51,6 +51,9 @@ pub enum Request {
         /// `CLOCK_BOOTTIME` nanoseconds.
         deadline_boottime_ns: u64,
     },
+    /// Who this process is ([`VmIdentity`]): a restarted node agent asks before it
+    /// adopts a running VMM.
+    Identify,
     /// The last bytes of the serial console log.
     ConsoleTail {
         /// How many bytes (from the end); 4096 when absent.
@@ -88,6 +91,21 @@ pub struct Response {
     /// Console text, for `console-tail`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// Who answered, for `identify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<VmIdentity>,
+}
+
+/// Who a VMM process is: what a node agent that did not spawn it checks before it
+/// adopts it (with the process's start time from `/proc`, which it recorded at spawn).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmIdentity {
+    /// The VM's name (its config's `name`).
+    pub name: String,
+    /// The incarnation id the node passed in the config at spawn (empty when none).
+    pub incarnation: String,
+    /// The process id of the VMM that answered.
+    pub pid: u32,
 }
 
 fn default_tail_bytes() -> u64 {
@@ -103,6 +121,7 @@ impl Response {
             status: None,
             dirty_pages: None,
             console: None,
+            identity: None,
         }
     }
 
@@ -114,6 +133,7 @@ impl Response {
             status: None,
             dirty_pages: None,
             console: None,
+            identity: None,
         }
     }
 }
@@ -275,6 +295,7 @@ mod tests {
                 r#"{"op":"dirty-log","action":"fetch"}"#,
             ),
             (Request::GuestCrash, r#"{"op":"guest-crash"}"#),
+            (Request::Identify, r#"{"op":"identify"}"#),
         ];
         for (request, wire) in cases {
             assert_eq!(serde_json::to_string(&request).expect("serialize"), wire);

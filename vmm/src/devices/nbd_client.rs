@@ -15,18 +15,27 @@
 //! export allows several connections (`NBD_FLAG_CAN_MULTI_CONN`: nothing is cached per
 //! connection) the backend opens [`CONNECTIONS`] of them and each request takes an idle
 //! one; vCPU threads (and callers driving the backend from several threads) then have
-//! that many requests in flight. A connection that fails is reopened on its next use
-//! and the request tried once more (block reads and writes are idempotent); a second
-//! failure is the request's error.
+//! that many requests in flight.
+//!
+//! Reconnecting: a connection that fails is reopened and the request sent again (block
+//! reads and writes are idempotent): at once, then with a backoff from 10 ms doubling
+//! to 1 s, for up to [`RECONNECT_FOR`] (the volume's freeze bound, 30 s). Meanwhile
+//! the request, and the guest's I/O behind it, waits. This is what carries a VM
+//! through a restart of its node agent (an upgrade, or a crash): the old agent's
+//! server goes away with the request in flight, the new agent serves the disk again on
+//! the same socket path, and the write is sent again there, neither lost nor failed.
+//! Only after the bound is the request failed. A VM whose fence deadline lapses
+//! ([`NbdBackend::with_fence`]) stops retrying at once: a fenced VM must not write.
 
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::block::BlockBackend;
+use crate::fence::Fence;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
@@ -56,6 +65,13 @@ pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// A server that does not answer a request in this long fails it (the node's write
 /// path waits for every replica, which gives up on an unreachable peer sooner).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a request keeps reconnecting to a server that went away (the volume's
+/// freeze bound: a node agent restarting within it loses no I/O).
+pub const RECONNECT_FOR: Duration = Duration::from_secs(30);
+/// The first wait between reconnection attempts (after an immediate one); doubles.
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+/// The longest wait between reconnection attempts.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Longest option reply the handshake accepts.
 const MAX_OPTION_REPLY: u32 = 64 << 10;
 
@@ -77,6 +93,12 @@ pub struct NbdBackend {
     connections: Vec<Mutex<Option<UnixStream>>>,
     next: AtomicUsize,
     cookie: AtomicU64,
+    /// How long a request keeps reconnecting ([`RECONNECT_FOR`]).
+    reconnect_for: Duration,
+    /// The VM's fence: once it lapsed, no request is sent again.
+    fence: Option<Arc<Fence>>,
+    /// Requests that had to be sent again on a new connection.
+    resent: AtomicU64,
 }
 
 fn protocol(message: impl Into<String>) -> io::Error {
@@ -186,7 +208,27 @@ impl NbdBackend {
             connections,
             next: AtomicUsize::new(0),
             cookie: AtomicU64::new(1),
+            reconnect_for: RECONNECT_FOR,
+            fence: None,
+            resent: AtomicU64::new(0),
         })
+    }
+
+    /// Stops reconnecting once `fence` has lapsed (the VM is stopping and must not write).
+    pub fn with_fence(mut self, fence: Arc<Fence>) -> Self {
+        self.fence = Some(fence);
+        self
+    }
+
+    /// How long a request keeps reconnecting before it fails (default [`RECONNECT_FOR`]).
+    pub fn with_reconnect_for(mut self, bound: Duration) -> Self {
+        self.reconnect_for = bound;
+        self
+    }
+
+    /// Requests sent again on a new connection after theirs failed.
+    pub fn resent(&self) -> u64 {
+        self.resent.load(Ordering::Relaxed)
     }
 
     /// Connections open to the server (the queue depth the backend can keep).
@@ -208,8 +250,9 @@ impl NbdBackend {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Sends one request and reads its reply into `read_into` (reads); tried a second
-    /// time on a fresh connection when the first fails on the connection itself.
+    /// Sends one request and reads its reply into `read_into` (reads). When the
+    /// connection fails it is reopened and the request sent again: at once, then with
+    /// a growing backoff, for up to `reconnect_for`, unless the VM's fence lapses.
     fn request(
         &self,
         command: u16,
@@ -219,29 +262,56 @@ impl NbdBackend {
         read_into: &mut [u8],
     ) -> io::Result<()> {
         let mut guard = self.connection();
-        let mut last = None;
-        for _ in 0..2 {
-            if guard.is_none() {
-                match handshake(&self.socket, &self.export) {
-                    Ok((stream, _)) => *guard = Some(stream),
-                    Err(error) => {
-                        last = Some(error);
+        let started = Instant::now();
+        let mut backoff = BACKOFF_FIRST;
+        for attempt in 0u64.. {
+            let failure = match guard.as_mut() {
+                None => match handshake(&self.socket, &self.export) {
+                    Ok((stream, _)) => {
+                        *guard = Some(stream);
                         continue;
                     }
+                    Err(error) => error,
+                },
+                Some(stream) => {
+                    match self.exchange(stream, command, flags, offset, write, read_into) {
+                        Ok(Ok(())) => return Ok(()),
+                        // The server answered with an error: the connection is fine.
+                        Ok(Err(error)) => return Err(error),
+                        Err(error) => {
+                            *guard = None;
+                            error
+                        }
+                    }
                 }
+            };
+            if self.fence.as_ref().is_some_and(|fence| fence.lapsed()) {
+                return Err(io::Error::other(format!(
+                    "NBD export `{}` on {}: not sent again, the VM's fence deadline lapsed: {failure}",
+                    self.export,
+                    self.socket.display()
+                )));
             }
-            let stream = guard.as_mut().expect("connected above");
-            match self.exchange(stream, command, flags, offset, write, read_into) {
-                Ok(Ok(())) => return Ok(()),
-                // The server answered with an error: the connection is fine.
-                Ok(Err(error)) => return Err(error),
-                Err(error) => {
-                    *guard = None;
-                    last = Some(error);
-                }
+            if started.elapsed() >= self.reconnect_for {
+                return Err(io::Error::new(
+                    failure.kind(),
+                    format!(
+                        "NBD export `{}` on {}: the server could not be reached for {} ms: {failure}",
+                        self.export,
+                        self.socket.display(),
+                        self.reconnect_for.as_millis()
+                    ),
+                ));
+            }
+            if attempt == 0 {
+                self.resent.fetch_add(1, Ordering::Relaxed);
+            } else {
+                let left = self.reconnect_for.saturating_sub(started.elapsed());
+                std::thread::sleep(backoff.min(left));
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
-        Err(last.unwrap_or_else(|| io::Error::other("NBD request failed")))
+        unreachable!("the loop returns")
     }
 
     /// One request and its reply. The outer error is the connection's (it must be
@@ -467,5 +537,83 @@ mod tests {
         backend.read_at(&mut buffer, 0).expect("read after restart");
         assert_eq!(buffer, [7u8; 4096]);
         server.shutdown();
+    }
+
+    #[test]
+    fn a_write_while_the_server_is_gone_waits_and_lands_when_it_is_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, server, socket) = served(dir.path());
+        let backend = Arc::new(NbdBackend::connect(&socket, "vm-a-root", false).expect("connect"));
+        backend.write_at(&[1u8; 4096], 0).expect("first write");
+        // The node agent goes away (its server and every connection with it).
+        server.shutdown();
+        let _ = std::fs::remove_file(&socket);
+        let writer = {
+            let backend = Arc::clone(&backend);
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let result = backend.write_at(&[9u8; 4096], 8192);
+                (result, started.elapsed())
+            })
+        };
+        // A new agent serves the same volume on the same path 400 ms later.
+        std::thread::sleep(Duration::from_millis(400));
+        let exports = Arc::new(Exports::new());
+        exports.insert(
+            "vm-a-root",
+            Arc::new(store.volume("vm-a-root").expect("volume")),
+        );
+        let server = NbdServer::start_unix(&socket, exports).expect("restart");
+        let (result, waited) = writer.join().expect("writer");
+        result.expect("the write waited for the server instead of failing");
+        assert!(
+            waited >= Duration::from_millis(350),
+            "the write completed after {waited:?}, before the server was back"
+        );
+        assert!(backend.resent() >= 1);
+        let mut direct = vec![0u8; 4096];
+        let volume = store.volume("vm-a-root").expect("volume");
+        volume.read_at(8192, &mut direct).expect("store read");
+        assert_eq!(direct, vec![9u8; 4096], "the write is on the volume");
+        drop(backend);
+        server.shutdown();
+    }
+
+    #[test]
+    fn a_server_gone_longer_than_the_bound_or_a_lapsed_fence_fails_the_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_store, server, socket) = served(dir.path());
+        let backend = NbdBackend::connect(&socket, "vm-a-root", false)
+            .expect("connect")
+            .with_reconnect_for(Duration::from_millis(300));
+        server.shutdown();
+        let started = Instant::now();
+        let error = backend.write_at(&[1u8; 4096], 0).expect_err("no server");
+        let waited = started.elapsed();
+        assert!(
+            error
+                .to_string()
+                .contains("could not be reached for 300 ms"),
+            "{error}"
+        );
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "{waited:?}"
+        );
+        // With a lapsed fence it gives up at once: a fenced VM must not write.
+        let fence = Arc::new(Fence::default());
+        fence.set(crate::fence::boottime_ns() + 1).expect("arm");
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(fence.lapsed());
+        let fenced = backend
+            .with_fence(fence)
+            .with_reconnect_for(Duration::from_secs(30));
+        let started = Instant::now();
+        let error = fenced.write_at(&[1u8; 4096], 0).expect_err("fenced");
+        assert!(
+            error.to_string().contains("fence deadline lapsed"),
+            "{error}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }
