@@ -8,7 +8,10 @@
  *           it back, compare), brings up the first virtio-net device if there is one,
  *           then loops every tick: heartbeat, answer ARP and ICMP echo requests for
  *           its IPv4 address on the network device, dirty the number of pages the
- *           VMM's rate limiter grants, poll the command port.
+ *           VMM's rate limiter grants, poll the command port. Disk I/O commands
+ *           (CMD_DISK_IO) write a seeded pattern to, or read and checksum (CRC-32C), a
+ *           range of any of its disks; it counts its own requests, bytes and errors per
+ *           disk and reports them (PORT_IO_STAT_*) after each command and self-test.
  *   vCPU n: heartbeat every tick.
  *
  * Entry state (set by the VMM): rip = LOAD_ADDR, rdi = vCPU index,
@@ -39,6 +42,7 @@ _start:
     call heartbeat
     lea rsi, [rip + msg_banner]
     call serial_puts
+    call crc_init
     call block_self_test
     call net_init
 
@@ -87,6 +91,14 @@ main_loop:
     je ack_and_park
     cmp eax, CMD_CRASH
     je crash
+    cmp eax, CMD_DISK_IO
+    jne 6f
+    call disk_io
+    mov eax, CMD_DISK_IO
+    mov dx, PORT_ACK
+    out dx, eax
+    jmp 4f
+6:
     cmp eax, CMD_BLOCK_TEST
     jne 4f
     call block_self_test
@@ -153,59 +165,18 @@ serial_puts:
 block_self_test:
     push rbx
     push rbp
+    mov qword ptr [rip + cur_disk], 0
     mov ebx, VIRTIO_BLK_MMIO_BASE
-    mov eax, [rbx + 0x000]          /* MagicValue */
-    cmp eax, 0x74726976
-    jne .Lno_device
-    mov eax, [rbx + 0x004]          /* Version */
-    cmp eax, 2
-    jne .Lno_device
-    mov eax, [rbx + 0x008]          /* DeviceID: 2 = block */
-    cmp eax, 2
-    jne .Lno_device
-
-    mov dword ptr [rbx + 0x070], 0  /* Status: reset */
-    mov dword ptr [rbx + 0x070], 1  /* ACKNOWLEDGE */
-    mov dword ptr [rbx + 0x070], 3  /* | DRIVER */
-    mov dword ptr [rbx + 0x014], 1  /* DeviceFeaturesSel = 1 (bits 32..63) */
-    mov eax, [rbx + 0x010]
-    test eax, 1                     /* VIRTIO_F_VERSION_1 */
-    jz .Lfeatures_rejected
-    mov dword ptr [rbx + 0x024], 1  /* DriverFeaturesSel = 1 */
-    mov dword ptr [rbx + 0x020], 1  /* VERSION_1 */
-    mov dword ptr [rbx + 0x024], 0
-    mov dword ptr [rbx + 0x020], 0  /* no optional block features */
-    mov dword ptr [rbx + 0x070], 0xB /* | FEATURES_OK */
-    mov eax, [rbx + 0x070]
-    test eax, 8
-    jz .Lfeatures_rejected
-
-    mov dword ptr [rbx + 0x030], 0  /* QueueSel = 0 */
-    mov eax, [rbx + 0x034]          /* QueueNumMax */
-    cmp eax, VQ_SIZE
-    jb .Ldevice_error
-    mov dword ptr [rbx + 0x038], VQ_SIZE
-    mov edi, VQ_DESC_ADDR           /* clear descriptors and both rings */
-    xor eax, eax
-    mov ecx, 0x300 / 8
-    rep stosq
-    mov dword ptr [rbx + 0x080], VQ_DESC_ADDR
-    mov dword ptr [rbx + 0x084], 0
-    mov dword ptr [rbx + 0x090], VQ_AVAIL_ADDR
-    mov dword ptr [rbx + 0x094], 0
-    mov dword ptr [rbx + 0x0a0], VQ_USED_ADDR
-    mov dword ptr [rbx + 0x0a4], 0
-    mov dword ptr [rbx + 0x044], 1  /* QueueReady */
-    mov dword ptr [rbx + 0x070], 0xF /* | DRIVER_OK */
-
-    mov eax, [rbx + 0x100]          /* capacity in 512-byte sectors, two 32-bit reads */
-    mov edx, [rbx + 0x104]
-    shl rdx, 32
-    or rax, rdx
-    cmp rax, 8
+    call blk_init
+    cmp eax, IO_NO_DEVICE
+    je .Lno_device
+    cmp eax, IO_FEATURES_REJECTED
+    je .Lfeatures_rejected
+    test eax, eax
+    jnz .Ldevice_error
+    cmp rdx, 8
     jb .Ltoo_small
-    sub rax, 8
-    mov r8, rax                     /* r8 = first sector of the test block */
+    lea r8, [rdx - 8]               /* r8 = first sector of the test block */
 
     inc qword ptr [rip + test_round]
     call fill_pattern
@@ -251,8 +222,279 @@ block_self_test:
     mov dx, PORT_BLOCK_RESULT
     out dx, eax
     call serial_puts
+    call report_counters
     pop rbp
     pop rbx
+    ret
+
+/*
+ * Brings up the virtio-blk device at rbx (virtio-mmio version 2, VERSION_1 only, one
+ * split virtqueue of VQ_SIZE at VQ_DESC_ADDR; every disk uses the same queue memory
+ * and is brought up anew before each use, so only the device in use points at it).
+ * Returns eax = 0 and rdx = capacity in 512-byte sectors, or eax = IO_NO_DEVICE,
+ * IO_FEATURES_REJECTED or IO_DEVICE_ERROR. Clobbers rcx, rdi.
+ */
+blk_init:
+    mov eax, [rbx + 0x000]          /* MagicValue */
+    cmp eax, 0x74726976
+    jne .Linit_no_device
+    mov eax, [rbx + 0x004]          /* Version */
+    cmp eax, 2
+    jne .Linit_no_device
+    mov eax, [rbx + 0x008]          /* DeviceID: 2 = block */
+    cmp eax, 2
+    jne .Linit_no_device
+
+    mov dword ptr [rbx + 0x070], 0  /* Status: reset */
+    mov dword ptr [rbx + 0x070], 1  /* ACKNOWLEDGE */
+    mov dword ptr [rbx + 0x070], 3  /* | DRIVER */
+    mov dword ptr [rbx + 0x014], 1  /* DeviceFeaturesSel = 1 (bits 32..63) */
+    mov eax, [rbx + 0x010]
+    test eax, 1                     /* VIRTIO_F_VERSION_1 */
+    jz .Linit_features_rejected
+    mov dword ptr [rbx + 0x024], 1  /* DriverFeaturesSel = 1 */
+    mov dword ptr [rbx + 0x020], 1  /* VERSION_1 */
+    mov dword ptr [rbx + 0x024], 0
+    mov dword ptr [rbx + 0x020], 0  /* no optional block features */
+    mov dword ptr [rbx + 0x070], 0xB /* | FEATURES_OK */
+    mov eax, [rbx + 0x070]
+    test eax, 8
+    jz .Linit_features_rejected
+
+    mov dword ptr [rbx + 0x030], 0  /* QueueSel = 0 */
+    mov eax, [rbx + 0x034]          /* QueueNumMax */
+    cmp eax, VQ_SIZE
+    jb .Linit_device_error
+    mov dword ptr [rbx + 0x038], VQ_SIZE
+    mov edi, VQ_DESC_ADDR           /* clear descriptors and both rings */
+    xor eax, eax
+    mov ecx, 0x300 / 8
+    rep stosq
+    mov dword ptr [rbx + 0x080], VQ_DESC_ADDR
+    mov dword ptr [rbx + 0x084], 0
+    mov dword ptr [rbx + 0x090], VQ_AVAIL_ADDR
+    mov dword ptr [rbx + 0x094], 0
+    mov dword ptr [rbx + 0x0a0], VQ_USED_ADDR
+    mov dword ptr [rbx + 0x0a4], 0
+    mov dword ptr [rbx + 0x044], 1  /* QueueReady */
+    mov dword ptr [rbx + 0x070], 0xF /* | DRIVER_OK */
+
+    mov eax, [rbx + 0x100]          /* capacity in 512-byte sectors, two 32-bit reads */
+    mov edx, [rbx + 0x104]
+    shl rdx, 32
+    or rdx, rax
+    xor eax, eax
+    ret
+.Linit_no_device:
+    mov eax, IO_NO_DEVICE
+    ret
+.Linit_features_rejected:
+    mov eax, IO_FEATURES_REJECTED
+    ret
+.Linit_device_error:
+    mov eax, IO_DEVICE_ERROR
+    ret
+
+/*
+ * CMD_DISK_IO: reads the command's arguments (PORT_IO_*), brings up that disk, and
+ * writes the seeded pattern to (IO_OP_WRITE_PATTERN) or reads (IO_OP_READ_CHECKSUM)
+ * its sectors in requests of up to IO_BUF_SIZE bytes, computing the CRC-32C of the
+ * bytes written or read. Reports the checksum, the disk's counters and the result.
+ * Preserves r12-r15, rbx and rbp.
+ */
+disk_io:
+    push rbx
+    push rbp
+    push r12
+    push r13
+    push r14
+    push r15
+    mov dx, PORT_IO_OP
+    in eax, dx
+    mov r12d, eax                   /* r12 = operation */
+    mov dx, PORT_IO_DISK
+    in eax, dx
+    mov r13d, eax                   /* r13 = disk index */
+    mov dx, PORT_IO_SECTOR_HI
+    in eax, dx
+    mov r8d, eax
+    shl r8, 32
+    mov dx, PORT_IO_SECTOR_LO
+    in eax, dx
+    or r8, rax                      /* r8 = current sector */
+    mov dx, PORT_IO_SECTORS
+    in eax, dx
+    mov r14d, eax                   /* r14 = sectors left */
+    mov dx, PORT_IO_SEED_HI
+    in eax, dx
+    mov r15d, eax
+    shl r15, 32
+    mov dx, PORT_IO_SEED_LO
+    in eax, dx
+    or r15, rax                     /* r15 = seed */
+
+    mov eax, IO_BAD_REQUEST
+    cmp r13, IO_MAX_DISKS
+    jae .Lio_done                   /* no counters to report for a disk that cannot be */
+    mov [rip + cur_disk], r13
+    cmp r12d, IO_OP_WRITE_PATTERN
+    je 1f
+    cmp r12d, IO_OP_READ_CHECKSUM
+    jne .Lio_report
+1:
+    mov ebx, r13d
+    shl ebx, 12                     /* VIRTIO_MMIO_SIZE = 0x1000 */
+    add ebx, VIRTIO_BLK_MMIO_BASE
+    call blk_init
+    test eax, eax
+    jnz .Lio_report
+    mov eax, IO_OUT_OF_RANGE
+    mov rcx, r8
+    add rcx, r14
+    jc .Lio_report
+    cmp rcx, rdx
+    ja .Lio_report
+
+    mov ebp, 0xFFFFFFFF             /* ebp = CRC-32C so far */
+    mov r10d, IO_BUF_ADDR
+2:
+    test r14, r14
+    jz 4f
+    mov r11, r14                    /* this request: min(left, IO_BUF_SIZE / 512) sectors */
+    cmp r11, IO_BUF_SIZE / 512
+    jbe 3f
+    mov r11d, IO_BUF_SIZE / 512
+3:
+    sub r14, r11
+    shl r11d, 9                     /* r11 = bytes */
+    xor edi, edi                    /* VIRTIO_BLK_T_IN */
+    cmp r12d, IO_OP_WRITE_PATTERN
+    jne 5f
+    call fill_io_pattern
+    mov edi, 1                      /* VIRTIO_BLK_T_OUT */
+5:
+    call blk_rw
+    test eax, eax
+    jnz 6f
+    call crc_update
+    mov rax, r11
+    shr rax, 9
+    add r8, rax
+    jmp 2b
+6:
+    mov eax, IO_DEVICE_ERROR
+    jmp .Lio_report
+4:
+    mov eax, ebp
+    not eax
+    mov dx, PORT_IO_CHECKSUM
+    out dx, eax
+    mov eax, IO_OK
+.Lio_report:
+    mov ebx, eax
+    call report_counters
+    mov eax, ebx
+.Lio_done:
+    mov dx, PORT_IO_DONE
+    out dx, eax
+    pop r15
+    pop r14
+    pop r13
+    pop r12
+    pop rbp
+    pop rbx
+    ret
+
+/* Fills r11 bytes of the I/O buffer with the pattern of the sectors from r8: the qword
+   at disk byte offset 8q is splitmix64 output q + 1 for seed r15, i.e. mix(r15 + (q + 1)
+   * 0x9E3779B97F4A7C15). Clobbers rax, rcx, rdx, rsi. */
+fill_io_pattern:
+    mov rsi, r8
+    shl rsi, 6                      /* q of the first qword = sector * 64 */
+    xor ecx, ecx
+1:
+    lea rax, [rsi + 1]
+    mov rdx, 0x9E3779B97F4A7C15
+    imul rax, rdx
+    add rax, r15
+    mov rdx, rax
+    shr rdx, 30
+    xor rax, rdx
+    mov rdx, 0xBF58476D1CE4E5B9
+    imul rax, rdx
+    mov rdx, rax
+    shr rdx, 27
+    xor rax, rdx
+    mov rdx, 0x94D049BB133111EB
+    imul rax, rdx
+    mov rdx, rax
+    shr rdx, 31
+    xor rax, rdx
+    mov [IO_BUF_ADDR + rcx], rax
+    inc rsi
+    add ecx, 8
+    cmp ecx, r11d
+    jb 1b
+    ret
+
+/* Builds the CRC-32C (Castagnoli, reflected polynomial 0x82F63B78) byte table. */
+crc_init:
+    lea rdi, [rip + crc_table]
+    xor ecx, ecx
+1:
+    mov eax, ecx
+    mov edx, 8
+2:
+    shr eax, 1
+    jnc 3f
+    xor eax, 0x82F63B78
+3:
+    dec edx
+    jnz 2b
+    mov [rdi + rcx * 4], eax
+    inc ecx
+    cmp ecx, 256
+    jb 1b
+    ret
+
+/* ebp = CRC-32C register updated over r11 bytes at r10. Clobbers rax, rcx, rdx, rsi. */
+crc_update:
+    lea rsi, [rip + crc_table]
+    xor ecx, ecx
+1:
+    movzx eax, byte ptr [r10 + rcx]
+    xor eax, ebp
+    and eax, 0xFF
+    shr ebp, 8
+    xor ebp, [rsi + rax * 4]
+    inc ecx
+    cmp ecx, r11d
+    jb 1b
+    ret
+
+/* Reports the IO_STATS counters of disk [cur_disk] (PORT_IO_STAT_*). Clobbers rax,
+   rcx, rdx, rsi, rdi. */
+report_counters:
+    mov rcx, [rip + cur_disk]
+    mov rsi, rcx
+    shl rsi, 5                      /* IO_STATS * 8 bytes per disk */
+    lea rax, [rip + disk_counters]
+    add rsi, rax
+    shl ecx, 2                      /* PORT_IO_STAT_SELECT of counter 0 */
+    xor edi, edi
+1:
+    lea eax, [rcx + rdi]
+    mov dx, PORT_IO_STAT_SELECT
+    out dx, eax
+    mov rax, [rsi + rdi * 8]
+    mov dx, PORT_IO_STAT_LO
+    out dx, eax
+    shr rax, 32
+    mov dx, PORT_IO_STAT_HI
+    out dx, eax
+    inc edi
+    cmp edi, IO_STATS
+    jb 1b
     ret
 
 /* Pattern qword i = (round << 48) ^ (sector + i) * golden ratio constant. */
@@ -306,12 +548,20 @@ check_pattern:                      /* out: eax = 0 when the buffer holds the pa
     mov eax, 1
     ret
 
-/*
- * One virtio-blk request of 4 KiB at sector r8. edi = request type (0 in, 1 out).
- * Returns eax = virtio status byte (0 = OK), or 0xFF when the device did not complete
- * the request synchronously (the VMM completes it during the notify exit).
- */
+/* One virtio-blk request of 4 KiB at sector r8 from/to BLK_BUF_ADDR (see blk_rw). */
 blk_request:
+    mov r10d, BLK_BUF_ADDR
+    mov r11d, 4096
+    /* fall through */
+
+/*
+ * One virtio-blk request of r11 bytes (a multiple of 512) at sector r8 from/to the
+ * buffer at r10, on the device at rbx. edi = request type (0 in, 1 out). Returns eax =
+ * virtio status byte (0 = OK), or 0xFF when the device did not complete the request
+ * synchronously (the VMM completes it during the notify exit). Counts the request,
+ * its bytes or its failure in the counters of disk [cur_disk]. Clobbers rcx, rdx, rsi, r9.
+ */
+blk_rw:
     mov esi, BLK_REQ_ADDR
     mov [rsi], edi                  /* type */
     mov dword ptr [rsi + 4], 0      /* reserved */
@@ -323,8 +573,8 @@ blk_request:
     mov dword ptr [rsi + 8], 16
     mov word ptr [rsi + 12], 1      /* NEXT */
     mov word ptr [rsi + 14], 1
-    mov qword ptr [rsi + 16], BLK_BUF_ADDR
-    mov dword ptr [rsi + 24], 4096
+    mov [rsi + 16], r10
+    mov [rsi + 24], r11d
     mov eax, 1                      /* NEXT, and WRITE (device writes) for reads */
     test edi, edi
     jnz 1f
@@ -349,11 +599,26 @@ blk_request:
     mov esi, VQ_USED_ADDR
     movzx eax, word ptr [rsi + 2]   /* used idx must have caught up */
     cmp ax, r9w
+    mov eax, 0xFF
     jne 2f
     movzx eax, byte ptr [BLK_STATUS_ADDR]
-    ret
 2:
-    mov eax, 0xFF
+    mov rsi, [rip + cur_disk]       /* this disk's counters */
+    shl rsi, 5
+    lea rcx, [rip + disk_counters]
+    add rsi, rcx
+    inc qword ptr [rsi]             /* IO_STAT_REQUESTS */
+    test eax, eax
+    jnz 3f
+    lea rdx, [rsi + 8]              /* IO_STAT_BYTES_READ */
+    test edi, edi
+    jz 4f
+    lea rdx, [rsi + 16]             /* IO_STAT_BYTES_WRITTEN */
+4:
+    add [rdx], r11
+    ret
+3:
+    inc qword ptr [rsi + 24]        /* IO_STAT_ERRORS */
     ret
 
 /*
@@ -629,3 +894,6 @@ msg_net_fail:   .asciz "cairn-guest: network device FAILED\r\n"
     .section .data
     .balign 8
 test_round:     .quad 0
+cur_disk:       .quad 0             /* the disk whose counters requests update */
+disk_counters:  .fill IO_MAX_DISKS * IO_STATS, 8, 0
+crc_table:      .fill 256, 4, 0

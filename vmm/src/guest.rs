@@ -87,3 +87,53 @@ pub fn block_checksum(bytes: &[u8]) -> u64 {
         });
     sum & 0xFFFF_FFFF
 }
+
+/// The bytes the built-in guest's `write-pattern` puts at byte `offset` (a multiple of
+/// 8) of a disk for `seed`: the little-endian qword at disk offset `8q` is output `q + 1`
+/// of splitmix64 seeded with `seed` (guest/cairn-guest.S `fill_io_pattern`). The same
+/// bytes land at the same place whatever the range of the command that wrote them.
+pub fn disk_pattern(offset: u64, length: u64, seed: u64) -> Vec<u8> {
+    let first = offset / 8;
+    (first..first + length.div_ceil(8))
+        .flat_map(|q| {
+            splitmix64(seed.wrapping_add((q + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))).to_le_bytes()
+        })
+        .take(length as usize)
+        .collect()
+}
+
+/// The splitmix64 finalizer of `state`.
+fn splitmix64(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The checksum the built-in guest reports for a disk I/O command: CRC-32C
+/// (Castagnoli) of the bytes, as `crc32c::crc32c` computes it.
+pub fn disk_checksum(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pattern_depends_on_the_disk_offset_not_the_range() {
+        let whole = disk_pattern(0, 8192, 42);
+        assert_eq!(&whole[4096..], disk_pattern(4096, 4096, 42).as_slice());
+        assert_ne!(whole, disk_pattern(0, 8192, 43), "the seed matters");
+        // splitmix64 seeded with 0: its first output (a published test value).
+        assert_eq!(
+            &disk_pattern(0, 8, 0),
+            &0xE220_A839_7B1D_CDAFu64.to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn the_checksum_is_crc32c() {
+        assert_eq!(disk_checksum(b"123456789"), 0xE306_9283);
+    }
+}

@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 
-use crate::control::wire::{BlockStatus, ExitCounts, NicStatus, VmStatus};
+use crate::control::wire::{
+    BlockStatus, ExitCounts, GuestDiskAction, GuestDiskCounters, GuestDiskIoRequest,
+    GuestDiskIoResult, NicStatus, VmStatus,
+};
+use crate::devices::ports::DiskIoArgs;
 use crate::devices::virtio_net::format_mac;
 use crate::guest::{self, abi};
 use crate::memory::{DirtyBitmap, GuestRam, MemoryError};
@@ -48,6 +52,9 @@ pub enum ControlError {
     /// The fence deadline cannot be moved.
     #[error("{0}")]
     Fence(String),
+    /// A guest disk I/O command that cannot be carried out as asked.
+    #[error("guest disk I/O: {0}")]
+    GuestDiskIo(String),
 }
 
 /// A cloneable handle to a running VM: status, pause/resume, power-off, reboot, the
@@ -155,6 +162,18 @@ impl VmHandle {
             block_tests: telemetry.block_tests.load(Ordering::Acquire),
             block_checksum: telemetry.block_checksum.load(Ordering::Acquire),
             block: disks.first().cloned(),
+            guest_disks: (0..disks.len())
+                .map(|disk| {
+                    let [requests, bytes_read, bytes_written, errors] =
+                        telemetry.guest_disk_counters(disk);
+                    GuestDiskCounters {
+                        requests,
+                        bytes_read,
+                        bytes_written,
+                        errors,
+                    }
+                })
+                .collect(),
             disks,
             nics,
             net_replies: telemetry.net_replies(),
@@ -323,6 +342,104 @@ impl VmHandle {
         }
     }
 
+    /// Has the built-in guest write a pattern to, or read and checksum, a range of one of
+    /// its disks, and waits for its report (the `guest-disk-io` request).
+    pub fn guest_disk_io(
+        &self,
+        request: &GuestDiskIoRequest,
+    ) -> Result<GuestDiskIoResult, ControlError> {
+        let refuse = |message: String| Err(ControlError::GuestDiskIo(message));
+        if !self.shared.builtin {
+            return Err(ControlError::NeedsBuiltinGuest("guest-disk-io"));
+        }
+        let disks = self.shared.blocks.len();
+        let Some(block) = self.shared.blocks.get(request.disk as usize) else {
+            return refuse(format!(
+                "disk {} does not exist; the VM has {disks} disk(s), numbered from 0",
+                request.disk
+            ));
+        };
+        let (size, read_only) = {
+            let block = block.lock().expect("block lock");
+            (block.size_bytes(), block.read_only())
+        };
+        if request.offset % 512 != 0 || request.length % 512 != 0 || request.length == 0 {
+            return refuse(format!(
+                "offset {} and length {} must be multiples of 512 and the length at least 512",
+                request.offset, request.length
+            ));
+        }
+        if request.length > MAX_GUEST_IO_BYTES {
+            return refuse(format!(
+                "length {} is more than the {MAX_GUEST_IO_BYTES} bytes (1 GiB) one command may cover",
+                request.length
+            ));
+        }
+        if request
+            .offset
+            .checked_add(request.length)
+            .is_none_or(|end| end > size)
+        {
+            return refuse(format!(
+                "bytes {}..{} are beyond the end of disk {} ({size} bytes)",
+                request.offset,
+                request.offset.saturating_add(request.length),
+                request.disk
+            ));
+        }
+        if read_only && request.action == GuestDiskAction::WritePattern {
+            return refuse(format!("disk {} is read-only", request.disk));
+        }
+        if self.state() != RunState::Running {
+            return Err(ControlError::WrongState {
+                operation: "run guest disk I/O on",
+                state: self.state().name(),
+            });
+        }
+        let args = DiskIoArgs {
+            op: match request.action {
+                GuestDiskAction::WritePattern => abi::IO_OP_WRITE_PATTERN,
+                GuestDiskAction::ReadChecksum => abi::IO_OP_READ_CHECKSUM,
+            },
+            disk: request.disk,
+            sector: request.offset / 512,
+            sectors: (request.length / 512) as u32,
+            seed: request.seed,
+        };
+        let timeout = Duration::from_millis(request.timeout_ms.unwrap_or(30_000).max(1));
+        let started = Instant::now();
+        let report = self
+            .shared
+            .telemetry
+            .run_disk_io(args, timeout)
+            .map_err(|error| ControlError::GuestDiskIo(error.to_string()))?;
+        let [requests, bytes_read, bytes_written, errors] = report.counters;
+        let counters = GuestDiskCounters {
+            requests,
+            bytes_read,
+            bytes_written,
+            errors,
+        };
+        let failure = match report.result {
+            abi::IO_OK => {
+                return Ok(GuestDiskIoResult {
+                    crc32c: report.checksum,
+                    counters,
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+            abi::IO_NO_DEVICE => "the guest found no virtio-blk device there",
+            abi::IO_DEVICE_ERROR => "a virtio-blk request failed (see the VMM's block errors)",
+            abi::IO_OUT_OF_RANGE => "the range is beyond the capacity the device reports",
+            abi::IO_FEATURES_REJECTED => "the device refused the guest's features",
+            _ => "the guest refused the command",
+        };
+        refuse(format!(
+            "disk {}: {failure} (guest result {}; its counters: {requests} requests, {errors} errors)",
+            request.disk, report.result
+        ))
+    }
+
     /// Sets the fence deadline ([`crate::fence::Fence::set`]).
     pub fn set_fence(&self, deadline_boottime_ns: u64) -> Result<(), ControlError> {
         self.shared
@@ -349,6 +466,9 @@ impl VmHandle {
         self.shared.telemetry.wait_first_heartbeat(timeout)
     }
 }
+
+/// The most one guest disk I/O command may cover.
+pub const MAX_GUEST_IO_BYTES: u64 = 1 << 30;
 
 /// Resident set size of this process (`/proc/self/statm`), in bytes.
 pub fn process_rss_bytes() -> u64 {

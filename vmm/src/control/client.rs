@@ -65,6 +65,17 @@ impl ControlClient {
         Ok(response)
     }
 
+    /// Runs a disk I/O command in the built-in guest and returns its report. The
+    /// connection's read timeout must exceed the command's `timeout_ms`.
+    pub fn guest_disk_io(
+        &mut self,
+        request: super::wire::GuestDiskIoRequest,
+    ) -> Result<super::wire::GuestDiskIoResult, ClientError> {
+        self.request(&Request::GuestDiskIo(request))?
+            .guest_disk_io
+            .ok_or_else(|| ClientError::Malformed("guest-disk-io without its result".into()))
+    }
+
     /// The VM's status.
     pub fn status(&mut self) -> Result<VmStatus, ClientError> {
         self.request(&Request::Status)?

@@ -16,6 +16,9 @@
 //! {"op":"block-test"}                               -> {"ok":true}   (result in status.block_test)
 //! {"op":"guest-crash"}                              -> {"ok":true}   (the process then exits 4)
 //! {"op":"console-tail","bytes":4096}                -> {"ok":true,"console":"..."}
+//! {"op":"guest-disk-io","disk":0,"action":"write-pattern","offset":0,"length":65536,"seed":7}
+//!                                                   -> {"ok":true,"guest_disk_io":{"crc32c":N,"counters":{..},"elapsed_ms":N}}
+//!                                                      (also "read-checksum"; optional "timeout_ms", default 30000)
 //! {"op":"set-fence","deadline_boottime_ns":N}       -> {"ok":true}   (0 disarms; refused once lapsed)
 //! {"op":"identify"}                                 -> {"ok":true,"identity":{"name":..,"incarnation":..,"pid":N}}
 //! ```
@@ -40,3 +43,4 @@ pub use wire::{
     BlockStatus, DirtyLogAction, ExitCounts, NicStatus, PROTOCOL_VERSION, Request, Response,
     VmIdentity, VmStatus,
 };
+pub use wire::{GuestDiskAction, GuestDiskCounters, GuestDiskIoRequest, GuestDiskIoResult};

@@ -53,6 +53,15 @@ pub fn execute(vm: &VmHandle, request: &Request) -> Response {
                 ..Response::ok()
             };
         }
+        Request::GuestDiskIo(io) => {
+            return match vm.guest_disk_io(io) {
+                Ok(result) => Response {
+                    guest_disk_io: Some(result),
+                    ..Response::ok()
+                },
+                Err(error) => Response::error(error.to_string()),
+            };
+        }
         Request::ConsoleTail { bytes } => {
             return match vm.console_tail(*bytes) {
                 Ok(console) => Response {

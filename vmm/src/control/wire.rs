@@ -54,12 +54,69 @@ pub enum Request {
     /// Who this process is ([`VmIdentity`]): a restarted node agent asks before it
     /// adopts a running VMM.
     Identify,
+    /// Make the built-in guest write a seeded pattern to, or read and checksum, a range
+    /// of one of its disks through its own virtio-blk driver, and wait for its report.
+    GuestDiskIo(GuestDiskIoRequest),
     /// The last bytes of the serial console log.
     ConsoleTail {
         /// How many bytes (from the end); 4096 when absent.
         #[serde(default = "default_tail_bytes")]
         bytes: u64,
     },
+}
+
+/// What the built-in guest does on its disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestDiskAction {
+    /// Write the pattern of `seed` over the range (see [`crate::guest::disk_pattern`]).
+    WritePattern,
+    /// Read the range and report the CRC-32C of its bytes.
+    ReadChecksum,
+}
+
+/// A disk I/O command for the built-in guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDiskIoRequest {
+    /// Disk index, in `--disk` (VmConfig) order.
+    pub disk: u32,
+    /// What to do.
+    pub action: GuestDiskAction,
+    /// Byte offset, a multiple of 512.
+    pub offset: u64,
+    /// Bytes, a multiple of 512, at least 512, at most 1 GiB.
+    pub length: u64,
+    /// Pattern seed (write-pattern only).
+    #[serde(default)]
+    pub seed: u64,
+    /// How long to wait for the guest, in milliseconds (default 30000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What the built-in guest reported for a [`GuestDiskIoRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDiskIoResult {
+    /// CRC-32C of the bytes the guest wrote or read.
+    pub crc32c: u32,
+    /// The guest's own counters of that disk after the command.
+    pub counters: GuestDiskCounters,
+    /// Milliseconds from posting the command to the guest's report.
+    pub elapsed_ms: u64,
+}
+
+/// The built-in guest's own I/O counters of one disk, as it counts them in its driver
+/// and last reported them (zero for a Linux guest).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDiskCounters {
+    /// virtio-blk requests it submitted.
+    pub requests: u64,
+    /// Bytes it read.
+    pub bytes_read: u64,
+    /// Bytes it wrote.
+    pub bytes_written: u64,
+    /// Requests that failed.
+    pub errors: u64,
 }
 
 /// Operations on the dirty-page log.
@@ -88,6 +145,9 @@ pub struct Response {
     /// Dirty pages, for `dirty-log` `fetch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dirty_pages: Option<u64>,
+    /// The guest's report, for `guest-disk-io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_disk_io: Option<GuestDiskIoResult>,
     /// Console text, for `console-tail`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
@@ -120,6 +180,7 @@ impl Response {
             error: None,
             status: None,
             dirty_pages: None,
+            guest_disk_io: None,
             console: None,
             identity: None,
         }
@@ -132,6 +193,7 @@ impl Response {
             error: Some(message),
             status: None,
             dirty_pages: None,
+            guest_disk_io: None,
             console: None,
             identity: None,
         }
@@ -190,6 +252,10 @@ pub struct VmStatus {
     /// virtio-blk counters of every disk, in `--disk` order.
     #[serde(default)]
     pub disks: Vec<BlockStatus>,
+    /// The built-in guest's own I/O counters of every disk, in `--disk` order (as it
+    /// last reported them: after its self-test and after each disk I/O command).
+    #[serde(default)]
+    pub guest_disks: Vec<GuestDiskCounters>,
     /// virtio-net devices, in `--nic` order.
     #[serde(default)]
     pub nics: Vec<NicStatus>,
@@ -295,6 +361,17 @@ mod tests {
                 r#"{"op":"dirty-log","action":"fetch"}"#,
             ),
             (Request::GuestCrash, r#"{"op":"guest-crash"}"#),
+            (
+                Request::GuestDiskIo(GuestDiskIoRequest {
+                    disk: 1,
+                    action: GuestDiskAction::WritePattern,
+                    offset: 4096,
+                    length: 8192,
+                    seed: 7,
+                    timeout_ms: None,
+                }),
+                r#"{"op":"guest-disk-io","disk":1,"action":"write-pattern","offset":4096,"length":8192,"seed":7}"#,
+            ),
             (Request::Identify, r#"{"op":"identify"}"#),
         ];
         for (request, wire) in cases {

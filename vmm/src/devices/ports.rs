@@ -70,6 +70,65 @@ impl DirtyRateLimiter {
     }
 }
 
+/// One disk I/O command for the built-in guest (`CMD_DISK_IO`): what it reads from the
+/// `PORT_IO_*` ports once it has taken the command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskIoArgs {
+    /// `IO_OP_WRITE_PATTERN` or `IO_OP_READ_CHECKSUM`.
+    pub op: u64,
+    /// Disk index.
+    pub disk: u32,
+    /// First 512-byte sector.
+    pub sector: u64,
+    /// Number of sectors.
+    pub sectors: u32,
+    /// Pattern seed (write-pattern).
+    pub seed: u64,
+}
+
+/// What the guest reported for one disk I/O command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskIoReport {
+    /// The `IO_*` result.
+    pub result: u64,
+    /// CRC-32C of the bytes written or read (meaningful when `result` is `IO_OK`).
+    pub checksum: u32,
+    /// The guest's own counters of that disk after the command (`IO_STAT_*` order).
+    pub counters: [u64; IO_STATS],
+}
+
+/// Why a disk I/O command has no report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DiskIoWaitError {
+    /// Another guest command stayed pending the whole time.
+    #[error("another command for the guest stayed pending for {0:?}")]
+    Busy(Duration),
+    /// The guest did not take the command in time (paused, rebooting, hung).
+    #[error("the guest did not take the command within {0:?}")]
+    NotTaken(Duration),
+    /// The guest took the command but did not finish it in time.
+    #[error("the guest did not finish the command within {0:?} (it may still complete it)")]
+    NotFinished(Duration),
+}
+
+const IO_STATS: usize = abi::IO_STATS as usize;
+const IO_MAX_DISKS: usize = abi::IO_MAX_DISKS as usize;
+
+/// The host side of the disk I/O mailbox: the command posted, the one the guest took,
+/// its result, and the counters the guest reported. Each command has a ticket, so a
+/// late result of a command whose caller gave up is never taken for another's.
+#[derive(Debug, Default)]
+struct DiskIoMailbox {
+    next_ticket: u64,
+    posted: Option<(u64, DiskIoArgs)>,
+    taken: Option<(u64, DiskIoArgs)>,
+    checksum: u32,
+    done: Option<(u64, u64, u32)>,
+    stat_select: u32,
+    stat_low: u32,
+    counters: [[u64; IO_STATS]; IO_MAX_DISKS],
+}
+
 /// Counters and state the built-in guest reports, shared by vCPU threads and the
 /// control channel.
 #[derive(Debug)]
@@ -98,6 +157,9 @@ pub struct GuestTelemetry {
     dirty_end_page: u64,
     net_ipv4: u32,
     net_replies: AtomicU64,
+    disk_io: Mutex<DiskIoMailbox>,
+    disk_io_done: Condvar,
+    disk_io_turn: Mutex<()>,
 }
 
 impl GuestTelemetry {
@@ -127,6 +189,9 @@ impl GuestTelemetry {
             dirty_end_page: dirty_end / 4096,
             net_ipv4: 0,
             net_replies: AtomicU64::new(0),
+            disk_io: Mutex::new(DiskIoMailbox::default()),
+            disk_io_done: Condvar::new(),
+            disk_io_turn: Mutex::new(()),
         }
     }
 
@@ -178,6 +243,128 @@ impl GuestTelemetry {
         self.boot_stage.store(0, Ordering::Release);
         self.block_result.store(0, Ordering::Release);
         self.pending_command.store(abi::CMD_NONE, Ordering::Release);
+        // The guest starts again with zero counters and no command in hand.
+        let mut mailbox = self.disk_io.lock().expect("disk io lock");
+        mailbox.posted = None;
+        mailbox.taken = None;
+        mailbox.counters = Default::default();
+    }
+
+    /// The guest's own I/O counters of disk `disk` as it last reported them
+    /// (`IO_STAT_*` order; zeros before its first report).
+    pub fn guest_disk_counters(&self, disk: usize) -> [u64; IO_STATS] {
+        let mailbox = self.disk_io.lock().expect("disk io lock");
+        mailbox.counters.get(disk).copied().unwrap_or_default()
+    }
+
+    /// Posts a disk I/O command for the built-in guest and waits up to `timeout` for its
+    /// report. One command at a time: a second caller waits for the first.
+    pub fn run_disk_io(
+        &self,
+        args: DiskIoArgs,
+        timeout: Duration,
+    ) -> Result<DiskIoReport, DiskIoWaitError> {
+        let deadline = Instant::now() + timeout;
+        let _turn = self.disk_io_turn.lock().expect("disk io turn lock");
+        let ticket = {
+            let mut mailbox = self.disk_io.lock().expect("disk io lock");
+            mailbox.next_ticket += 1;
+            mailbox.posted = Some((mailbox.next_ticket, args));
+            mailbox.next_ticket
+        };
+        // The guest reads one command per tick: wait while another one is pending.
+        while self
+            .pending_command
+            .compare_exchange(
+                abi::CMD_NONE,
+                abi::CMD_DISK_IO,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            if Instant::now() >= deadline {
+                self.disk_io.lock().expect("disk io lock").posted = None;
+                return Err(DiskIoWaitError::Busy(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mailbox = self.disk_io.lock().expect("disk io lock");
+        let (mut mailbox, _) = self
+            .disk_io_done
+            .wait_timeout_while(
+                mailbox,
+                deadline.saturating_duration_since(Instant::now()),
+                |mailbox| mailbox.done.is_none_or(|(done, _, _)| done != ticket),
+            )
+            .expect("disk io lock");
+        match mailbox.done {
+            Some((done, result, checksum)) if done == ticket => Ok(DiskIoReport {
+                result,
+                checksum,
+                counters: mailbox
+                    .counters
+                    .get(args.disk as usize)
+                    .copied()
+                    .unwrap_or_default(),
+            }),
+            _ if mailbox.posted.is_some_and(|(posted, _)| posted == ticket) => {
+                // Withdraw it, so the guest never runs a command nobody waits for.
+                mailbox.posted = None;
+                let _ = self.pending_command.compare_exchange(
+                    abi::CMD_DISK_IO,
+                    abi::CMD_NONE,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                Err(DiskIoWaitError::NotTaken(timeout))
+            }
+            _ => Err(DiskIoWaitError::NotFinished(timeout)),
+        }
+    }
+
+    fn disk_io_arg(&self, port: u64) -> u32 {
+        let mailbox = self.disk_io.lock().expect("disk io lock");
+        let Some((_, args)) = mailbox.taken else {
+            return 0;
+        };
+        match port {
+            abi::PORT_IO_OP => args.op as u32,
+            abi::PORT_IO_DISK => args.disk,
+            abi::PORT_IO_SECTOR_LO => args.sector as u32,
+            abi::PORT_IO_SECTOR_HI => (args.sector >> 32) as u32,
+            abi::PORT_IO_SECTORS => args.sectors,
+            abi::PORT_IO_SEED_LO => args.seed as u32,
+            abi::PORT_IO_SEED_HI => (args.seed >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn disk_io_report(&self, port: u64, value: u32) {
+        let mut mailbox = self.disk_io.lock().expect("disk io lock");
+        match port {
+            abi::PORT_IO_CHECKSUM => mailbox.checksum = value,
+            abi::PORT_IO_STAT_SELECT => mailbox.stat_select = value,
+            abi::PORT_IO_STAT_LO => mailbox.stat_low = value,
+            abi::PORT_IO_STAT_HI => {
+                let select = mailbox.stat_select as usize;
+                let counter = u64::from(value) << 32 | u64::from(mailbox.stat_low);
+                if let Some(slot) = mailbox
+                    .counters
+                    .get_mut(select / IO_STATS)
+                    .and_then(|disk| disk.get_mut(select % IO_STATS))
+                {
+                    *slot = counter;
+                }
+            }
+            abi::PORT_IO_DONE => {
+                let ticket = mailbox.taken.take().map_or(0, |(ticket, _)| ticket);
+                let checksum = std::mem::take(&mut mailbox.checksum);
+                mailbox.done = Some((ticket, u64::from(value), checksum));
+                self.disk_io_done.notify_all();
+            }
+            _ => {}
+        }
     }
 
     /// The dirty-page rate in pages per second.
@@ -216,7 +403,15 @@ impl GuestTelemetry {
                     .take(Instant::now());
                 granted.min(u64::from(u32::MAX)) as u32
             }
-            abi::PORT_COMMAND => self.pending_command.swap(abi::CMD_NONE, Ordering::AcqRel) as u32,
+            abi::PORT_COMMAND => {
+                let command = self.pending_command.swap(abi::CMD_NONE, Ordering::AcqRel);
+                if command == abi::CMD_DISK_IO {
+                    let mut mailbox = self.disk_io.lock().expect("disk io lock");
+                    mailbox.taken = mailbox.posted.take();
+                }
+                command as u32
+            }
+            port @ abi::PORT_IO_OP..=abi::PORT_IO_SEED_HI => self.disk_io_arg(port),
             abi::PORT_NET_IPV4 => self.net_ipv4,
             _ => 0,
         }
@@ -261,6 +456,10 @@ impl GuestTelemetry {
             }
             abi::PORT_BOOT_STAGE => {
                 self.boot_stage.store(value, Ordering::Release);
+                PortAction::Continue
+            }
+            port @ abi::PORT_IO_CHECKSUM..=abi::PORT_IO_DONE => {
+                self.disk_io_report(port, value as u32);
                 PortAction::Continue
             }
             abi::PORT_ACK => match value {

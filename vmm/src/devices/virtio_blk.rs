@@ -85,6 +85,16 @@ impl VirtioMmioBlock {
         }
     }
 
+    /// The disk's size in bytes (the backend's).
+    pub fn size_bytes(&self) -> u64 {
+        self.backend.size()
+    }
+
+    /// Whether the disk refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.backend.read_only()
+    }
+
     /// The request counters.
     pub fn stats(&self) -> Arc<BlockStats> {
         Arc::clone(&self.stats)
