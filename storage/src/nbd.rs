@@ -1087,13 +1087,160 @@ fn block_status_payload(runs: &[AllocationRun], length: u32, req_one: bool) -> O
     (payload.len() > 4).then_some(payload)
 }
 
-fn transmission(
+/// Requests of one connection served at the same time (each by its own worker thread);
+/// the reader stops reading while that many are in flight.
+const QUEUE_DEPTH: usize = 16;
+
+/// One request of the transmission phase, as read from the socket.
+struct Request {
+    ticket: u64,
+    flags: u16,
+    command: u16,
+    handle: u64,
+    offset: u64,
+    len: u32,
+    /// A write's payload, or why it was refused while it was read.
+    payload: Result<Vec<u8>, (u32, String)>,
+}
+
+/// What a request does to the device, for ordering.
+#[derive(Debug, Clone, Copy)]
+enum Access {
+    /// Reads `[start, end)` (read, block status).
+    Read(u64, u64),
+    /// Changes `[start, end)` (write, trim, write zeroes).
+    Change(u64, u64),
+    /// Waits for every earlier change (flush).
+    Barrier,
+    /// Touches nothing.
+    None,
+}
+
+impl Access {
+    fn of(command: u16, offset: u64, len: u32) -> Access {
+        let end = offset.saturating_add(u64::from(len));
+        match command {
+            CMD_READ | CMD_BLOCK_STATUS => Access::Read(offset, end),
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => Access::Change(offset, end),
+            CMD_FLUSH => Access::Barrier,
+            _ => Access::None,
+        }
+    }
+
+    /// Whether `self`, received later, must wait for `earlier` to finish: overlapping
+    /// requests of which one changes the range keep their order, and a flush waits for
+    /// every change received before it.
+    fn waits_for(self, earlier: Access) -> bool {
+        let overlap = |a: u64, b: u64, c: u64, d: u64| a < d && c < b;
+        match (self, earlier) {
+            (Access::Barrier, Access::Change(..)) => true,
+            (Access::Change(a, b), Access::Change(c, d) | Access::Read(c, d))
+            | (Access::Read(a, b), Access::Change(c, d)) => overlap(a, b, c, d),
+            _ => false,
+        }
+    }
+}
+
+/// The requests of one connection in flight, by ticket (the order they were received).
+#[derive(Default)]
+struct InFlight {
+    requests: Mutex<BTreeMap<u64, Access>>,
+    finished: std::sync::Condvar,
+}
+
+impl InFlight {
+    fn admit(&self, ticket: u64, access: Access) {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ticket, access);
+    }
+
+    /// Waits until no request received before `ticket` that it must follow is in flight.
+    fn wait_turn(&self, ticket: u64, access: Access) {
+        let mut requests = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+        while requests
+            .range(..ticket)
+            .any(|(_, earlier)| access.waits_for(*earlier))
+        {
+            requests = self
+                .finished
+                .wait(requests)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn done(&self, ticket: u64) {
+        self.requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ticket);
+        self.finished.notify_all();
+    }
+}
+
+/// The transmission phase. Requests are read in order and served by up to
+/// [`QUEUE_DEPTH`] workers at once, replies sent as each finishes (NBD matches them by
+/// handle). Overlapping requests of which one changes the range are served in the
+/// order they were received, and a flush only after every change received before it
+/// finished (its reply then covers them all; every write is durable when acknowledged
+/// anyway, so FUA needs nothing more).
+fn transmission<W: Write + Send>(
     reader: &mut impl Read,
-    writer: &mut impl Write,
+    writer: W,
     dev: &dyn BlockDevice,
     session: &Session,
 ) -> Result<(), NbdError> {
-    let mut buf = Vec::new();
+    let writer = Mutex::new(writer);
+    let in_flight = InFlight::default();
+    let (sender, receiver) = std::sync::mpsc::sync_channel::<Request>(QUEUE_DEPTH);
+    let receiver = Mutex::new(receiver);
+    std::thread::scope(|scope| {
+        for _ in 0..QUEUE_DEPTH {
+            let (writer, in_flight, receiver) = (&writer, &in_flight, &receiver);
+            let spawned = std::thread::Builder::new()
+                .name("nbd-io".into())
+                .spawn_scoped(scope, move || {
+                    loop {
+                        let next = receiver.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(request) = next else {
+                            return;
+                        };
+                        let access = Access::of(request.command, request.offset, request.len);
+                        in_flight.wait_turn(request.ticket, access);
+                        let mut reply = Vec::new();
+                        let served = serve_request(dev, session, &request, &mut reply);
+                        let sent = served.and_then(|()| {
+                            let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
+                            writer.write_all(&reply)?;
+                            writer.flush()
+                        });
+                        in_flight.done(request.ticket);
+                        if sent.is_err() {
+                            // The client is gone; the reader sees it too.
+                            return;
+                        }
+                    }
+                });
+            if let Err(error) = spawned {
+                return Err(NbdError::Io(error));
+            }
+        }
+        let result = read_requests(reader, &sender, &in_flight);
+        // Workers finish what was received, then see the closed channel.
+        drop(sender);
+        result
+    })
+}
+
+/// Reads requests until `NBD_CMD_DISC`, an error or the end of the stream, handing each
+/// to the workers.
+fn read_requests(
+    reader: &mut impl Read,
+    sender: &std::sync::mpsc::SyncSender<Request>,
+    in_flight: &InFlight,
+) -> Result<(), NbdError> {
+    let mut ticket = 0u64;
     loop {
         let magic = read_u32(reader)?;
         if magic != REQUEST_MAGIC {
@@ -1104,156 +1251,191 @@ fn transmission(
         let handle = read_u64(reader)?;
         let offset = read_u64(reader)?;
         let len = read_u32(reader)?;
-        let size = dev.size().unwrap_or(0);
-        let in_range = offset
-            .checked_add(u64::from(len))
-            .is_some_and(|end| end <= size);
-        let out_of_range = || {
-            (
+        if command == CMD_DISC {
+            // The caller closes the socket once the requests in flight are answered.
+            return Ok(());
+        }
+        let payload = if command != CMD_WRITE {
+            Ok(Vec::new())
+        } else if len > MAX_REQUEST {
+            // Drain the payload so the stream stays in sync, then refuse.
+            io::copy(&mut reader.by_ref().take(u64::from(len)), &mut io::sink())?;
+            Err((
                 EINVAL,
-                format!(
-                    "offset {offset} + length {len} is past the end of the export ({size} bytes)"
-                ),
-            )
+                format!("write of {len} bytes is larger than the {MAX_REQUEST} allowed"),
+            ))
+        } else {
+            let mut data = vec![0u8; len as usize];
+            reader.read_exact(&mut data)?;
+            Ok(data)
         };
-        let read_only = || (EPERM, "the export is read-only".to_owned());
-        match command {
-            CMD_READ => {
-                let checked = if len > MAX_REQUEST {
-                    Err((
-                        EINVAL,
-                        format!("read of {len} bytes is larger than the {MAX_REQUEST} allowed"),
-                    ))
-                } else if !in_range {
-                    Err(out_of_range())
-                } else {
-                    buf.resize(len as usize, 0);
-                    read_any(dev, offset, &mut buf).map_err(storage_failure)
-                };
-                match checked {
-                    Ok(()) if session.structured => {
-                        chunk_header(
-                            writer,
-                            REPLY_FLAG_DONE,
-                            REPLY_TYPE_OFFSET_DATA,
-                            handle,
-                            8 + buf.len(),
-                        )?;
-                        writer.write_all(&offset.to_be_bytes())?;
-                        writer.write_all(&buf)?;
-                    }
-                    Ok(()) => {
-                        simple_reply(writer, 0, handle)?;
-                        writer.write_all(&buf)?;
-                    }
-                    Err((error, message)) => {
-                        error_reply(writer, session, handle, error, &message)?;
-                    }
+        ticket += 1;
+        in_flight.admit(ticket, Access::of(command, offset, len));
+        let request = Request {
+            ticket,
+            flags,
+            command,
+            handle,
+            offset,
+            len,
+            payload,
+        };
+        if sender.send(request).is_err() {
+            // Every worker ended: the client stopped reading replies.
+            in_flight.done(ticket);
+            return Err(NbdError::Protocol("the connection's workers ended".into()));
+        }
+    }
+}
+
+/// Serves one request, writing its reply into `writer`.
+fn serve_request(
+    dev: &dyn BlockDevice,
+    session: &Session,
+    request: &Request,
+    writer: &mut Vec<u8>,
+) -> io::Result<()> {
+    let Request {
+        flags,
+        command,
+        handle,
+        offset,
+        len,
+        ..
+    } = *request;
+    let size = dev.size().unwrap_or(0);
+    let in_range = offset
+        .checked_add(u64::from(len))
+        .is_some_and(|end| end <= size);
+    let out_of_range = || {
+        (
+            EINVAL,
+            format!("offset {offset} + length {len} is past the end of the export ({size} bytes)"),
+        )
+    };
+    let read_only = || (EPERM, "the export is read-only".to_owned());
+    match command {
+        CMD_READ => {
+            let mut buf = Vec::new();
+            let checked = if len > MAX_REQUEST {
+                Err((
+                    EINVAL,
+                    format!("read of {len} bytes is larger than the {MAX_REQUEST} allowed"),
+                ))
+            } else if !in_range {
+                Err(out_of_range())
+            } else {
+                buf.resize(len as usize, 0);
+                read_any(dev, offset, &mut buf).map_err(storage_failure)
+            };
+            match checked {
+                Ok(()) if session.structured => {
+                    chunk_header(
+                        writer,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        handle,
+                        8 + buf.len(),
+                    )?;
+                    writer.write_all(&offset.to_be_bytes())?;
+                    writer.write_all(&buf)?;
+                }
+                Ok(()) => {
+                    simple_reply(writer, 0, handle)?;
+                    writer.write_all(&buf)?;
+                }
+                Err((error, message)) => {
+                    error_reply(writer, session, handle, error, &message)?;
                 }
             }
-            CMD_WRITE => {
-                let result = if len > MAX_REQUEST {
-                    // Drain the payload so the stream stays in sync, then refuse.
-                    io::copy(&mut reader.by_ref().take(u64::from(len)), &mut io::sink())?;
-                    Err((
-                        EINVAL,
-                        format!("write of {len} bytes is larger than the {MAX_REQUEST} allowed"),
-                    ))
-                } else {
-                    buf.resize(len as usize, 0);
-                    reader.read_exact(&mut buf)?;
-                    if dev.read_only() {
-                        Err(read_only())
-                    } else if !in_range {
-                        let (_, message) = out_of_range();
-                        Err((ENOSPC, message))
-                    } else {
-                        write_any(dev, offset, &buf).map_err(storage_failure)
-                    }
-                };
-                status_reply(writer, session, handle, result)?;
-            }
-            CMD_DISC => {
-                // The caller closes the socket.
-                writer.flush()?;
-                return Ok(());
-            }
-            CMD_FLUSH => {
-                let result = dev.flush().map_err(storage_failure);
-                status_reply(writer, session, handle, result)?;
-            }
-            CMD_TRIM => {
-                let result = if dev.read_only() {
-                    Err(read_only())
-                } else if !in_range {
-                    Err(out_of_range())
-                } else {
-                    // Trim is advisory: only whole blocks inside the range are discarded.
-                    let bs = u64::from(dev.block_size());
-                    let start = offset.div_ceil(bs) * bs;
-                    let end = (offset + u64::from(len)) / bs * bs;
-                    if start < end {
-                        dev.trim(start, end - start).map_err(storage_failure)
-                    } else {
-                        Ok(())
-                    }
-                };
-                status_reply(writer, session, handle, result)?;
-            }
-            CMD_WRITE_ZEROES => {
-                let result = if dev.read_only() {
-                    Err(read_only())
-                } else if !in_range {
+        }
+        CMD_WRITE => {
+            let result = match &request.payload {
+                Err(refusal) => Err(refusal.clone()),
+                Ok(_) if dev.read_only() => Err(read_only()),
+                Ok(_) if !in_range => {
                     let (_, message) = out_of_range();
                     Err((ENOSPC, message))
+                }
+                Ok(data) => write_any(dev, offset, data).map_err(storage_failure),
+            };
+            status_reply(writer, session, handle, result)?;
+        }
+        CMD_FLUSH => {
+            let result = dev.flush().map_err(storage_failure);
+            status_reply(writer, session, handle, result)?;
+        }
+        CMD_TRIM => {
+            let result = if dev.read_only() {
+                Err(read_only())
+            } else if !in_range {
+                Err(out_of_range())
+            } else {
+                // Trim is advisory: only whole blocks inside the range are discarded.
+                let bs = u64::from(dev.block_size());
+                let start = offset.div_ceil(bs) * bs;
+                let end = (offset + u64::from(len)) / bs * bs;
+                if start < end {
+                    dev.trim(start, end - start).map_err(storage_failure)
                 } else {
-                    zero_any(dev, offset, u64::from(len)).map_err(storage_failure)
-                };
-                status_reply(writer, session, handle, result)?;
-            }
-            CMD_BLOCK_STATUS => {
-                let runs = if !session.base_allocation {
-                    Err((
-                        EINVAL,
-                        "select the base:allocation metadata context before asking for block status"
-                            .to_owned(),
-                    ))
-                } else if len == 0 || !in_range {
-                    Err(out_of_range())
-                } else {
-                    dev.allocation(offset, u64::from(len))
-                        .map_err(storage_failure)
-                };
-                let payload = runs.and_then(|runs| {
-                    block_status_payload(&runs, len, flags & CMD_FLAG_REQ_ONE != 0).ok_or((
-                        EIO,
-                        format!("the device reported no allocation at offset {offset}"),
-                    ))
-                });
-                match payload {
-                    Ok(payload) => {
-                        chunk_header(
-                            writer,
-                            REPLY_FLAG_DONE,
-                            REPLY_TYPE_BLOCK_STATUS,
-                            handle,
-                            payload.len(),
-                        )?;
-                        writer.write_all(&payload)?;
-                    }
-                    Err((error, message)) => {
-                        error_reply(writer, session, handle, error, &message)?;
-                    }
+                    Ok(())
+                }
+            };
+            status_reply(writer, session, handle, result)?;
+        }
+        CMD_WRITE_ZEROES => {
+            let result = if dev.read_only() {
+                Err(read_only())
+            } else if !in_range {
+                let (_, message) = out_of_range();
+                Err((ENOSPC, message))
+            } else {
+                zero_any(dev, offset, u64::from(len)).map_err(storage_failure)
+            };
+            status_reply(writer, session, handle, result)?;
+        }
+        CMD_BLOCK_STATUS => {
+            let runs = if !session.base_allocation {
+                Err((
+                    EINVAL,
+                    "select the base:allocation metadata context before asking for block status"
+                        .to_owned(),
+                ))
+            } else if len == 0 || !in_range {
+                Err(out_of_range())
+            } else {
+                dev.allocation(offset, u64::from(len))
+                    .map_err(storage_failure)
+            };
+            let payload = runs.and_then(|runs| {
+                block_status_payload(&runs, len, flags & CMD_FLAG_REQ_ONE != 0).ok_or((
+                    EIO,
+                    format!("the device reported no allocation at offset {offset}"),
+                ))
+            });
+            match payload {
+                Ok(payload) => {
+                    chunk_header(
+                        writer,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_BLOCK_STATUS,
+                        handle,
+                        payload.len(),
+                    )?;
+                    writer.write_all(&payload)?;
+                }
+                Err((error, message)) => {
+                    error_reply(writer, session, handle, error, &message)?;
                 }
             }
-            _ => error_reply(
-                writer,
-                session,
-                handle,
-                EINVAL,
-                &format!("unsupported command {command}"),
-            )?,
         }
-        writer.flush()?;
+        _ => error_reply(
+            writer,
+            session,
+            handle,
+            EINVAL,
+            &format!("unsupported command {command}"),
+        )?,
     }
+    Ok(())
 }
