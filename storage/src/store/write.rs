@@ -56,6 +56,27 @@ impl Store {
         &self,
         op: &crate::replication::ReplicaOp,
     ) -> Result<crate::replication::ApplyOutcome> {
+        self.apply_replica_op(op, true)
+    }
+
+    /// Applies a write shipped by the primary whose sequence number may be older than
+    /// the volume's: the primary has several writes in flight at once (never two that
+    /// overlap), so they can arrive in another order than they were numbered. The
+    /// caller knows the write was not applied yet (the agent remembers recent
+    /// sequence numbers); the volume's number becomes the higher of the two. Shipped
+    /// checksums are verified as in [`Store::apply_replica`].
+    pub fn apply_replica_unordered(
+        &self,
+        op: &crate::replication::ReplicaOp,
+    ) -> Result<crate::replication::ApplyOutcome> {
+        self.apply_replica_op(op, false)
+    }
+
+    fn apply_replica_op(
+        &self,
+        op: &crate::replication::ReplicaOp,
+        ordered: bool,
+    ) -> Result<crate::replication::ApplyOutcome> {
         use crate::replication::{ApplyOutcome, ReplicaPayload};
         if op.seq == 0 {
             return Err(StorageError::invalid(
@@ -65,11 +86,12 @@ impl Store {
         }
         let mut st = self.write_state();
         let rec = st.volume(&op.volume)?;
-        if op.seq <= rec.seq {
+        if ordered && op.seq <= rec.seq {
             return Ok(ApplyOutcome::Duplicate {
                 volume_seq: rec.seq,
             });
         }
+        let volume_seq = op.seq.max(rec.seq);
         match &op.payload {
             ReplicaPayload::Write { data, checksums } => {
                 check_io(&op.volume, rec.geometry.size, op.offset, data.len() as u64)?;
@@ -101,10 +123,10 @@ impl Store {
             }
             ReplicaPayload::Trim { length } => {
                 check_range(&op.volume, rec.geometry.size, op.offset, *length)?;
-                self.trim_locked(&mut st, &op.volume, op.offset, *length, Some(op.seq))?;
+                self.trim_locked(&mut st, &op.volume, op.offset, *length, Some(volume_seq))?;
             }
         }
-        Ok(ApplyOutcome::Applied { volume_seq: op.seq })
+        Ok(ApplyOutcome::Applied { volume_seq })
     }
 
     /// The shared write path; see the module docs for the ordering.
@@ -274,7 +296,8 @@ impl Store {
         drop((committed_table, pending, txn));
 
         let old_rec = rec.clone();
-        rec.seq = replica_seq.unwrap_or(rec.seq + 1);
+        // A replica write shipped out of order keeps the volume's higher number.
+        rec.seq = replica_seq.map_or(rec.seq + 1, |seq| seq.max(rec.seq));
         let touched: BTreeSet<u32> = new_extents
             .iter()
             .filter_map(|(_, e)| match e {

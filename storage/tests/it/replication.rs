@@ -47,6 +47,46 @@ fn replica_ops_converge_two_stores_and_retries_are_idempotent() {
     assert_eq!(peer.info().unwrap().seq, 3);
 }
 
+/// The primary has several writes in flight at once, so a replica can receive them in
+/// another order than they were numbered: the ordered path drops the older one as a
+/// duplicate, the unordered path (the agent knows it was never applied) applies it and
+/// keeps the higher number, also after the store is reopened.
+#[test]
+fn writes_arriving_out_of_sequence_are_applied_by_the_unordered_path() {
+    let (_d1, primary) = store_with_disks(1, 8 * MIB, EngineKind::Auto);
+    let (d2, replica) = store_with_disks(1, 8 * MIB, EngineKind::Auto);
+    let vol = primary.create_volume(&spec("r", 2 * MIB, 64 * 1024, 1)).unwrap();
+    replica
+        .create_volume(&spec("r", 2 * MIB, 64 * 1024, 1))
+        .unwrap();
+    let first = vol.write_replicated(0, pattern(50, 8192)).unwrap();
+    let second = vol.write_replicated(MIB, pattern(51, 8192)).unwrap();
+    assert_eq!(
+        replica.apply_replica(&second).unwrap(),
+        ApplyOutcome::Applied { volume_seq: 2 }
+    );
+    assert_eq!(
+        replica.apply_replica(&first).unwrap(),
+        ApplyOutcome::Duplicate { volume_seq: 2 },
+        "the ordered path cannot tell a late write from a retry"
+    );
+    assert_eq!(
+        replica.apply_replica_unordered(&first).unwrap(),
+        ApplyOutcome::Applied { volume_seq: 2 }
+    );
+    let peer = replica.volume("r").unwrap();
+    check_read(&peer, 0, &pattern(50, 8192));
+    check_read(&peer, MIB, &pattern(51, 8192));
+    assert_eq!(peer.info().unwrap().seq, 2);
+    drop(peer);
+    drop(replica);
+    let reopened = storage::Store::open(d2.path(), storage::StoreOptions::default()).unwrap();
+    let peer = reopened.volume("r").unwrap();
+    check_read(&peer, 0, &pattern(50, 8192));
+    check_read(&peer, MIB, &pattern(51, 8192));
+    assert_eq!(peer.info().unwrap().seq, 2);
+}
+
 #[test]
 fn a_replica_write_corrupted_in_transit_is_refused_and_changes_nothing() {
     let (_d1, primary) = store_with_disks(1, 4 * MIB, EngineKind::Auto);
