@@ -530,6 +530,43 @@ impl Cx<'_> {
         )
     }
 
+    /// A duration between `min` and `max` ms; outside, an out-of-range error at
+    /// the value naming both bounds.
+    fn duration_within(
+        &mut self,
+        entry: &KdlEntry,
+        what: &str,
+        min: u64,
+        max: u64,
+    ) -> Option<Spanned<u64>> {
+        let v = self.duration(entry, what)?;
+        if (min..=max).contains(&v.value) {
+            return Some(v);
+        }
+        // Whole days read better in hours (`24h`).
+        let bound = |ms: u64| {
+            if ms >= 86_400_000 && ms % 3_600_000 == 0 {
+                format!("{}h", ms / 3_600_000)
+            } else {
+                units::format_duration(ms)
+            }
+        };
+        self.err(
+            "cairn::schema::out_of_range",
+            v.span,
+            format!(
+                "{what} is {}, outside the valid range",
+                units::format_duration(v.value)
+            ),
+        )
+        .help = Some(format!(
+            "{what} must be between {} and {}",
+            bound(min),
+            bound(max)
+        ));
+        None
+    }
+
     fn keyword<T: Copy>(
         &mut self,
         entry: &KdlEntry,
@@ -828,6 +865,7 @@ impl Cx<'_> {
             rebalance_threshold: None,
             max_moves: None,
             witness: None,
+            failure_detect: None,
             racks: vec![],
             bonds: vec![],
             pools: vec![],
@@ -837,7 +875,7 @@ impl Cx<'_> {
             let n = c.node;
             if matches!(
                 c.name,
-                "overcommit" | "ha-reserve" | "scheduler" | "witness"
+                "overcommit" | "ha-reserve" | "scheduler" | "witness" | "failure-detect"
             ) {
                 let first = seen.iter().find(|(k, _)| *k == c.name).map(|(_, s)| *s);
                 if first.is_some() {
@@ -883,6 +921,16 @@ impl Cx<'_> {
                     site.witness = self
                         .required(n, "address", "\"10.0.9.5:7400\"")
                         .and_then(|e| self.address(e, "the witness address"));
+                }
+                "failure-detect" => {
+                    site.failure_detect = self.required(n, "after", "\"3s\"").and_then(|e| {
+                        self.duration_within(
+                            e,
+                            "the failure-detect time",
+                            crate::model::timers::MIN_DETECT_MS,
+                            crate::model::timers::MAX_DETECT_MS,
+                        )
+                    });
                 }
                 "rack" => site.racks.extend(self.rack(n)),
                 "bond" => site.bonds.extend(self.bond(n)),

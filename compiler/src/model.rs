@@ -14,8 +14,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 mod reconcile;
+pub mod timers;
 
-pub use reconcile::{FreezeSchedule, FreezeTime, FreezeWindow, Reconcile, parse_utc_offset};
+pub use reconcile::{
+    DEFAULT_CRASH_RESTART_LIMIT, DEFAULT_CRASH_RESTART_WINDOW_MS, FreezeSchedule, FreezeTime,
+    FreezeWindow, Reconcile, parse_utc_offset,
+};
 
 pub use crate::spec::{
     AffinityKind, Availability, BondMode, Domain, Proto, Role, SlaClass, Strategy, TrafficKind,
@@ -112,6 +116,10 @@ pub struct Site {
     pub scheduler: Scheduler,
     /// FT quorum witness `host:port`.
     pub witness: Option<String>,
+    /// `failure-detect after=` in ms: detect T, the nodes' lease length (absent:
+    /// 3 s; see [`timers::HaTimers`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_detect_ms: Option<u64>,
     /// Racks and their node names.
     pub racks: Vec<Rack>,
     /// Nodes, with inherited class settings applied.

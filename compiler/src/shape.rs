@@ -129,6 +129,7 @@ pub static SHAPES: &[Shape] = &[
             "ha-reserve",
             "scheduler",
             "witness",
+            "failure-detect",
             "rack",
             "bond",
             "pool"
@@ -136,6 +137,7 @@ pub static SHAPES: &[Shape] = &[
     ),
     shape!("site.overcommit", NONE, ["cpu", "memory"], []),
     shape!("site.ha-reserve", NONE, ["nodes"], []),
+    shape!("site.failure-detect", NONE, ["after"], []),
     shape!("site.scheduler", NONE, ["strategy"], ["rebalance"]),
     shape!(
         "site.scheduler.rebalance",
@@ -265,6 +267,7 @@ pub static SHAPES: &[Shape] = &[
     ),
     shape!("reconcile.auto-apply", ONE, [], []),
     shape!("reconcile.self-heal", ONE, [], []),
+            "crash-restart",
     shape!("reconcile.prune", ONE, [], []),
     shape!("reconcile.drift-check", NONE, ["every"], []),
     shape!("reconcile.blast-radius", NONE, ["max"], []),
@@ -273,6 +276,7 @@ pub static SHAPES: &[Shape] = &[
 
 /// The shape at a dotted path.
 pub fn shape(path: &str) -> Option<&'static Shape> {
+    shape!("reconcile.crash-restart", NONE, ["limit", "window"], []),
     SHAPES.iter().find(|s| s.path == path)
 }
 

@@ -230,6 +230,8 @@ pub struct SiteSpec {
     pub max_moves: Option<Spanned<u32>>,
     /// Witness address.
     pub witness: Option<Spanned<String>>,
+    /// `failure-detect after=` (ms).
+    pub failure_detect: Option<Spanned<u64>>,
     /// Racks.
     pub racks: Vec<RackSpec>,
     /// Bonds.
@@ -556,3 +558,5 @@ pub struct ReconcileSpec {
     /// `freeze` windows.
     pub freezes: Vec<FreezeSpec>,
 }
+    /// `crash-restart limit= window=` (window in ms).
+    pub crash_restart: Option<(Spanned<u32>, Spanned<u64>)>,

@@ -89,6 +89,14 @@ impl Checker<'_> {
             drift_check_ms: spec.drift_check.as_ref().map(|v| v.value),
             blast_radius: spec.blast_radius.as_ref().map(|v| v.value),
             freezes,
+            crash_restart_limit: spec
+                .crash_restart
+                .as_ref()
+                .map_or(defaults.crash_restart_limit, |(l, _)| l.value),
+            crash_restart_window_ms: spec
+                .crash_restart
+                .as_ref()
+                .map_or(defaults.crash_restart_window_ms, |(_, w)| w.value),
         }
     }
 

@@ -15,6 +15,7 @@ impl Cx<'_> {
             self_heal: None,
             prune: None,
             drift_check: None,
+            crash_restart: None,
             blast_radius: None,
             freezes: vec![],
         };
@@ -35,27 +36,22 @@ impl Cx<'_> {
                 "drift-check" => {
                     let v = self
                         .required(n, "every", "\"30s\"")
-                        .and_then(|e| self.duration(e, "the drift-check interval"));
-                    let v = v.and_then(|v| {
-                        if (1_000..=86_400_000).contains(&v.value) {
-                            Some(v)
-                        } else {
-                            self.err(
-                                "cairn::schema::out_of_range",
-                                v.span,
-                                format!(
-                                    "the drift-check interval is {}, outside the valid range",
-                                    crate::units::format_duration(v.value)
-                                ),
-                            )
-                            .help = Some(
-                                "the drift-check interval must be between 1s and 24h".to_owned(),
-                            );
-                            None
-                        }
-                    });
+                        .and_then(|e| {
+                            self.duration_within(e, "the drift-check interval", 1_000, 86_400_000)
+                        });
                     let first = r.drift_check.as_ref().map(|s| s.span);
                     self.once(&mut r.drift_check, v, n, first);
+                }
+                "crash-restart" => {
+                    let limit = self
+                        .required(n, "limit", "3")
+                        .and_then(|e| self.u32(e, "the crash-restart limit", 1, 1_000));
+                    let window = self.required(n, "window", "\"10m\"").and_then(|e| {
+                        self.duration_within(e, "the crash-restart window", 10_000, 86_400_000)
+                    });
+                    let v = limit.zip(window);
+                    let first = r.crash_restart.as_ref().map(|s| s.0.span);
+                    self.once(&mut r.crash_restart, v, n, first);
                 }
                 "blast-radius" => {
                     let v = self

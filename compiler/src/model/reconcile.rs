@@ -34,6 +34,26 @@ pub struct Reconcile {
     pub blast_radius: Option<u32>,
     /// Freeze windows: nothing is applied automatically inside one.
     pub freezes: Vec<FreezeWindow>,
+    /// `crash-restart limit=`: a VM that crashed this many times within the
+    /// window is restarted on another node instead of in place (default 3).
+    #[serde(default = "default_crash_restart_limit")]
+    pub crash_restart_limit: u32,
+    /// `crash-restart window=` in ms (default 10 minutes).
+    #[serde(default = "default_crash_restart_window_ms")]
+    pub crash_restart_window_ms: u64,
+}
+
+/// `crash-restart limit=` when the block does not say.
+pub const DEFAULT_CRASH_RESTART_LIMIT: u32 = 3;
+/// `crash-restart window=` when the block does not say (10 minutes).
+pub const DEFAULT_CRASH_RESTART_WINDOW_MS: u64 = 600_000;
+
+fn default_crash_restart_limit() -> u32 {
+    DEFAULT_CRASH_RESTART_LIMIT
+}
+
+fn default_crash_restart_window_ms() -> u64 {
+    DEFAULT_CRASH_RESTART_WINDOW_MS
 }
 
 impl Default for Reconcile {
@@ -45,6 +65,8 @@ impl Default for Reconcile {
             drift_check_ms: None,
             blast_radius: None,
             freezes: vec![],
+            crash_restart_limit: DEFAULT_CRASH_RESTART_LIMIT,
+            crash_restart_window_ms: DEFAULT_CRASH_RESTART_WINDOW_MS,
         }
     }
 }
