@@ -363,6 +363,10 @@ pub struct AffectedVm {
     pub outcome: Outcome,
     /// VM name.
     pub vm: String,
+    /// For a VM that restarts elsewhere: the worst-case time from the node's
+    /// failure to the VM running there with its first heartbeat, from its site's
+    /// timers (`failure-detect`: detect + margin + poll + restart estimate).
+    pub worst_restart_ms: Option<u64>,
 }
 
 /// What a failure does to a VM.
@@ -442,6 +446,7 @@ fn what_if(model: &Model, before: &Placement, after: &Placement, failed: &Failur
             continue;
         }
         let now = after.vms.iter().find(|x| x.name == v.name);
+        let mut restart_ms = None;
         let (outcome, detail) = match vm.availability {
             Availability::Ft if primary_down && !secondary_down => {
                 let sec = v.secondary.clone().unwrap_or_default();
@@ -472,7 +477,19 @@ fn what_if(model: &Model, before: &Placement, after: &Placement, failed: &Failur
                 )
             }
             Availability::Ha | Availability::Ft => match now {
-                Some(n) => (Outcome::Restarts, format!("restarts on {}", n.node)),
+                Some(n) => {
+                    let (worst, how) = compiler::model::timers::vm_worst_restart(model, &v.name)
+                        .unwrap_or_default();
+                    restart_ms = Some(worst);
+                    (
+                        Outcome::Restarts,
+                        format!(
+                            "restarts on {} within {:.1} s ({how})",
+                            n.node,
+                            worst as f64 / 1000.0
+                        ),
+                    )
+                }
                 None => {
                     if vm.availability == Availability::Ft {
                         ft_unprotected += 1;
@@ -511,6 +528,7 @@ fn what_if(model: &Model, before: &Placement, after: &Placement, failed: &Failur
             node: v.node.clone(),
             outcome,
             vm: v.name.clone(),
+            worst_restart_ms: restart_ms,
         });
     }
     let preempted: Vec<&str> = after
