@@ -322,6 +322,10 @@ pub async fn up(
             .arg("--disk-capacity")
             .arg(capacity.to_string())
             .args(network_args.get(&node.name).into_iter().flatten())
+            // The node's process group stands for the whole machine: its VMMs stay
+            // in it, so `dev down` and a power-loss test kill them with the agent
+            // (a kill of the agent alone still leaves them for the next to adopt).
+            .args(["--vmm-process-group", "agent"])
             // With a controller, the node renews its lease there and fences its HA
             // VMs when it loses quorum.
             .args(lease_from.into_iter().flat_map(|a| ["--lease-from", a]))

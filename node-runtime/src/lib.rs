@@ -40,6 +40,7 @@ pub mod validate;
 pub mod vm_nics;
 pub mod vms;
 pub mod volumes;
+pub mod watchdog;
 
 /// An error and every cause under it, one line: `what: why: why…`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {

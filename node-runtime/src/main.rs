@@ -65,6 +65,23 @@ struct Args {
     /// The lease length asked for until the controller grants one (T; renewals every T/3).
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(300..=600_000))]
     lease_ttl_ms: u64,
+    /// Kill every VM process when cairn-node stops gracefully (the old behaviour). By
+    /// default VMs keep running through a restart of the agent (an upgrade, a crash)
+    /// and the next agent adopts them after verifying each one's identity.
+    #[arg(long)]
+    stop_vms_on_exit: bool,
+    /// `own` (default): each cairn-vmm runs in a process group of its own, so a signal
+    /// to the agent's group does not reach the VMs; `agent`: VMMs stay in the agent's
+    /// group (`cairn dev up`, where a node's process group stands for the machine and
+    /// is killed as one).
+    #[arg(long, value_name = "own|agent", default_value = "own", value_parser = ["own", "agent"])]
+    vmm_process_group: String,
+    /// A watchdog device (e.g. /dev/watchdog) to arm and pet while the node holds
+    /// quorum; when it loses quorum the node stops petting and the device resets the
+    /// machine at its timeout. A graceful exit disarms it. Needs --lease-from. Never
+    /// armed without this flag.
+    #[arg(long, value_name = "PATH", requires = "lease_from")]
+    watchdog: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -113,6 +130,9 @@ fn main() -> ExitCode {
                 controller,
                 ttl: std::time::Duration::from_millis(args.lease_ttl_ms),
             }),
+        stop_vms_on_exit: args.stop_vms_on_exit,
+        vmm_own_process_group: args.vmm_process_group == "own",
+        watchdog: args.watchdog,
     };
     let disks = DiskLayout {
         count: args.disks,

@@ -52,6 +52,16 @@ pub struct NodeConfig {
     /// Where to renew the lease that keeps HA and FT VMs running (`--lease-from`);
     /// `None`: no fence is ever armed ([`crate::quorum`]).
     pub lease: Option<crate::quorum::LeaseConfig>,
+    /// Kill every VMM when the agent stops gracefully (`--stop-vms-on-exit`, the old
+    /// behaviour); by default they keep running and the next agent adopts them.
+    pub stop_vms_on_exit: bool,
+    /// Each VMM in a process group of its own (default), or in the agent's
+    /// (`--vmm-process-group agent`: `cairn dev up`, whose per-node group stands for
+    /// the whole machine).
+    pub vmm_own_process_group: bool,
+    /// The watchdog device to pet while the node holds quorum (`--watchdog PATH`);
+    /// `None`: none is armed ([`crate::watchdog`]).
+    pub watchdog: Option<PathBuf>,
 }
 
 /// Errors of starting a node.
@@ -173,6 +183,7 @@ impl Node {
             records.clone(),
             events.clone(),
             exports.clone(),
+            config.vmm_own_process_group,
         )?;
         let netns = match &config.netns {
             Some(name) => network::NetNs::named_for_node(name.clone(), config.name.clone()),

@@ -32,6 +32,15 @@ pub enum ServerError {
     /// The server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The watchdog device given cannot be opened.
+    #[error("cannot open the watchdog device {path} (--watchdog): {source}")]
+    Watchdog {
+        /// The device.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A file in the data directory could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -45,7 +54,8 @@ pub enum ServerError {
 
 /// Opens the node in its data directory, listens on `listen` and serves until
 /// `shutdown` completes (SIGTERM/SIGINT in the binary). On return every connection
-/// is closed and every VM process killed.
+/// is closed; VM processes keep running for the next agent to adopt (killed only with
+/// `stop_vms_on_exit`), and the watchdog, if armed, is disarmed.
 pub async fn run(
     config: NodeConfig,
     disks: DiskLayout,
@@ -77,6 +87,12 @@ pub async fn run(
         .await
         .map_err(|error| crate::node::NodeError::VolumeStore(error.to_string()))?
         .map_err(crate::node::NodeError::Records)?;
+
+    // VMMs that outlived the previous agent are adopted (or reported, saying why)
+    // before the node answers: their disks are served again, their fences renewed.
+    for line in node.vms.adopt_all().await {
+        println!("cairn-node {}: {line}", node.config.name);
+    }
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -120,6 +136,25 @@ pub async fn run(
         .lease
         .clone()
         .map(|lease| tokio::spawn(crate::quorum::run(node.clone(), lease)));
+    let (watchdog_stop, watchdog_stopped) = tokio::sync::watch::channel(false);
+    let watchdog = match &node.config.watchdog {
+        None => None,
+        Some(path) => {
+            let device = crate::watchdog::DeviceWatchdog::open(path).map_err(|source| {
+                ServerError::Watchdog {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+            let quorum = node.clone();
+            Some(tokio::spawn(crate::watchdog::run(
+                Box::new(device),
+                move || quorum.quorum.view().holds_until_ns,
+                crate::watchdog::PET_EVERY,
+                watchdog_stopped,
+            )))
+        }
+    };
     let pruning = {
         let node = node.clone();
         tokio::spawn(async move {
@@ -183,8 +218,15 @@ pub async fn run(
         leases.abort();
     }
     pruning.abort();
+    if let Some(watchdog) = watchdog {
+        // A graceful exit disarms it (the magic close); a crash does not.
+        let _ = watchdog_stop.send(true);
+        let _ = watchdog.await;
+    }
     node.exports.shutdown().await;
-    node.vms.kill_all().await;
+    if node.config.stop_vms_on_exit {
+        node.vms.kill_all().await;
+    }
     let _ = std::fs::remove_file(&address_file);
     result?;
     Ok(())

@@ -9,6 +9,14 @@
 //! without being asked to makes the VM `CRASHED` (with its exit status and a crash
 //! count); one that exits after a stop request makes it `STOPPED`. The agent never
 //! restarts a crashed VM on its own: healing is the reconciler's decision.
+//!
+//! VMMs outlive the agent ([`adopt`]): each runs in its own process group (unless
+//! `--vmm-process-group agent`), a graceful stop of the agent leaves them running
+//! (unless `--stop-vms-on-exit`), and the next agent adopts each one that proves to be
+//! the process it recorded at spawn (pidfd, start time, command line, and the
+//! incarnation id over the control socket).
+
+pub mod adopt;
 
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd as _;
@@ -32,8 +40,12 @@ pub struct KeptVm {
     pub definition: Option<v1::CreateVm>,
     /// Whether the VM should be running (it was started and not stopped).
     pub desired_running: bool,
-    /// Process id of the last cairn-vmm process, to clean up after an agent crash.
+    /// Process id of the last cairn-vmm process, for the next agent to adopt it.
     pub last_pid: u32,
+    /// Its start time (clock ticks since boot, `/proc/PID/stat` field 22); 0: unknown.
+    pub last_start_ticks: u64,
+    /// The incarnation id it was given at spawn.
+    pub incarnation: String,
 }
 
 impl From<records::VmRecord> for KeptVm {
@@ -42,17 +54,23 @@ impl From<records::VmRecord> for KeptVm {
             definition: record.definition.map(records::create_vm),
             desired_running: record.desired_running,
             last_pid: record.last_pid,
+            last_start_ticks: record.last_start_ticks,
+            incarnation: record.incarnation,
         }
     }
 }
 
 impl From<&KeptVm> for records::VmRecord {
     fn from(kept: &KeptVm) -> Self {
-        records::vm_record(
-            kept.definition.as_ref(),
-            kept.desired_running,
-            kept.last_pid,
-        )
+        records::VmRecord {
+            last_start_ticks: kept.last_start_ticks,
+            incarnation: kept.incarnation.clone(),
+            ..records::vm_record(
+                kept.definition.as_ref(),
+                kept.desired_running,
+                kept.last_pid,
+            )
+        }
     }
 }
 
@@ -94,6 +112,67 @@ struct Started {
     builtin: bool,
 }
 
+/// What records a VMM's end: the VM table, events, records and disk servers, and
+/// which VM and process generation it watches.
+struct Supervisor {
+    vms: Arc<Mutex<BTreeMap<String, VmRuntime>>>,
+    events: Arc<EventBus>,
+    records: Arc<Records>,
+    exports: Arc<Exports>,
+    name: String,
+    generation: u64,
+}
+
+impl Supervisor {
+    /// The VMM of this generation ended with `exit` (`clean`: exit status 0).
+    async fn ended(self, exit: String, clean: bool) {
+        let mut vms = self.vms.lock().await;
+        let Some(runtime) = vms.get_mut(&self.name) else {
+            return;
+        };
+        if runtime.generation != self.generation {
+            return;
+        }
+        // Under the lock, so a start that follows never has its servers stopped.
+        self.exports.detach_vm(&self.name).await;
+        runtime.disks.clear();
+        let failed_start = runtime.state == VmState::Starting;
+        runtime.pid = 0;
+        runtime.last_exit = match runtime.start_failure.take() {
+            Some(reason) => format!("{reason} ({exit})"),
+            None => exit.clone(),
+        };
+        if runtime.stop_requested || (clean && !failed_start) {
+            // cairn-vmm exits 0 only for a requested or guest-initiated power-off.
+            runtime.record.desired_running = false;
+            runtime.state = VmState::Stopped;
+            Vms::publish(
+                &self.events,
+                &self.name,
+                VmState::Stopped,
+                &runtime.last_exit,
+            );
+        } else {
+            if failed_start {
+                // It never ran: nothing to report as interrupted after a restart.
+                runtime.record.desired_running = false;
+            }
+            runtime.state = VmState::Crashed;
+            runtime.crash_count += 1;
+            Vms::publish(
+                &self.events,
+                &self.name,
+                VmState::Crashed,
+                &runtime.last_exit,
+            );
+        }
+        runtime.record.last_pid = 0;
+        let _ = self
+            .records
+            .put(&self.name, &records::VmRecord::from(&runtime.record));
+    }
+}
+
 /// How often a start looks at its VMM.
 const START_POLL: Duration = Duration::from_millis(20);
 
@@ -132,6 +211,8 @@ pub struct Vms {
     events: Arc<EventBus>,
     exports: Arc<Exports>,
     vms: Arc<Mutex<BTreeMap<String, VmRuntime>>>,
+    /// Whether each VMM gets a process group of its own (not the agent's).
+    own_process_group: bool,
 }
 
 /// Finds `cairn-vmm`: an explicit path, else next to the running `cairn-node`, else `PATH`.
@@ -380,15 +461,18 @@ fn state_name(state: VmState) -> String {
 }
 
 impl Vms {
-    /// Loads VM definitions. A VM that should be running but whose process belongs to
-    /// a previous agent is killed and reported `CRASHED` ("agent restarted"); the
-    /// reconciler decides whether to start it again.
+    /// Loads VM definitions. A VM that should be running is reported `CRASHED`
+    /// ("agent restarted") until [`Vms::adopt_all`] adopts its running VMM; the
+    /// reconciler decides whether to start one that was not adopted again.
+    /// `own_process_group`: each VMM spawned gets a process group of its own, so a
+    /// signal to the agent's group (a terminal's Ctrl-C, a group kill) does not reach it.
     pub fn open(
         vmm_binary: Option<PathBuf>,
         run_dir: PathBuf,
         records: Arc<Records>,
         events: Arc<EventBus>,
         exports: Arc<Exports>,
+        own_process_group: bool,
     ) -> Result<Self, records::RecordsError> {
         let mut vms = BTreeMap::new();
         for (name, record) in records.list::<records::VmRecord>()? {
@@ -405,12 +489,7 @@ impl Vms {
                 record,
             };
             if runtime.record.desired_running {
-                let pid = runtime.record.last_pid;
-                let config = run_dir.join(&name).join(VM_CONFIG_FILE);
-                if pid != 0 && process_is_vmm_of(pid, &config) {
-                    // SAFETY: kill takes a pid and a signal number; it has no memory effects.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                }
+                // Adopted (or not, saying why) by `adopt_all` before the node serves.
                 runtime.state = VmState::Crashed;
                 runtime.last_exit = "the node agent restarted while the VM was running".into();
             }
@@ -423,6 +502,7 @@ impl Vms {
             events,
             exports,
             vms: Arc::new(Mutex::new(vms)),
+            own_process_group,
         })
     }
 
@@ -430,6 +510,181 @@ impl Vms {
         self.records
             .put(name, &records::VmRecord::from(record))
             .map_err(|error| Status::internal(error.to_string()))
+    }
+
+    /// What records the end of the VMM of `name`'s process generation `generation`.
+    fn supervisor(&self, name: &str, generation: u64) -> Supervisor {
+        Supervisor {
+            vms: self.vms.clone(),
+            events: self.events.clone(),
+            records: self.records.clone(),
+            exports: self.exports.clone(),
+            name: name.to_string(),
+            generation,
+        }
+    }
+
+    /// Adopts the running VMM of every VM that should be running, after an agent
+    /// restart, once it has proved to be the process recorded at spawn
+    /// ([`adopt::verify`]): its disks are served again on the same sockets, its exit
+    /// is watched through its pidfd, and the quorum loop renews its fence as before. A
+    /// VM whose VMM is gone, or fails a check, stays `CRASHED` with a detail saying
+    /// why. Returns one line per VM, for the node's log.
+    pub async fn adopt_all(&self) -> Vec<String> {
+        let candidates: Vec<(String, KeptVm)> = self
+            .vms
+            .lock()
+            .await
+            .iter()
+            .filter(|(_, vm)| vm.record.desired_running && vm.record.last_pid != 0 && vm.pid == 0)
+            .map(|(name, vm)| (name.clone(), vm.record.clone()))
+            .collect();
+        let mut report = Vec::with_capacity(candidates.len());
+        for (name, kept) in candidates {
+            let started = std::time::Instant::now();
+            let vm_dir = self.run_dir.join(&name);
+            let checked = {
+                let (name, kept, vm_dir) = (name.clone(), kept.clone(), vm_dir.clone());
+                tokio::task::spawn_blocking(move || {
+                    adopt::verify(&adopt::Recorded {
+                        vm: &name,
+                        pid: kept.last_pid,
+                        start_ticks: kept.last_start_ticks,
+                        incarnation: &kept.incarnation,
+                        config: &vm_dir.join(VM_CONFIG_FILE),
+                        socket: &vm_dir.join("control.sock"),
+                    })
+                })
+                .await
+            };
+            let verdict = checked.unwrap_or_else(|error| {
+                adopt::Verdict::NotOurs(format!("the adoption checks did not run: {error}"))
+            });
+            let line = match verdict {
+                adopt::Verdict::Adopt(pidfd) => {
+                    let line = self.adopt(&name, &kept, pidfd).await;
+                    format!("{line} in {} ms", started.elapsed().as_millis())
+                }
+                adopt::Verdict::Gone(detail) | adopt::Verdict::NotOurs(detail) => {
+                    self.not_adopted(&name, &detail).await
+                }
+                adopt::Verdict::Unverified(pidfd, detail) => {
+                    // Ours for certain (pid, start time, command line), this incarnation
+                    // not: it must not run beside a new start of the VM.
+                    let killed = match pidfd.signal(libc::SIGKILL) {
+                        Ok(()) => {
+                            let until = std::time::Instant::now() + Duration::from_secs(2);
+                            while !pidfd.exited() && std::time::Instant::now() < until {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            "killed through its pidfd".to_string()
+                        }
+                        Err(error) => format!("killing it through its pidfd failed: {error}"),
+                    };
+                    self.not_adopted(&name, &format!("{detail}; not adopted, {killed}"))
+                        .await
+                }
+            };
+            report.push(line);
+        }
+        report
+    }
+
+    /// Makes the verified VMM `kept.last_pid` the VM's running process again.
+    async fn adopt(&self, name: &str, kept: &KeptVm, pidfd: adopt::PidFd) -> String {
+        let pid = kept.last_pid;
+        let volumes = kept
+            .definition
+            .as_ref()
+            .map(|definition| definition.volumes.clone())
+            .unwrap_or_default();
+        // Its disks are served again on the same sockets; its NBD client, which has
+        // been retrying since the old agent's servers went away, reconnects there.
+        let disks = match self.exports.attach_vm(name, &volumes).await {
+            Ok(disks) => disks,
+            Err(status) => volumes
+                .iter()
+                .map(|volume| VmDisk {
+                    volume: volume.clone(),
+                    config: None,
+                    local: false,
+                    detail: format!(
+                        "not served again after the agent restart: {}",
+                        status.message()
+                    ),
+                })
+                .collect(),
+        };
+        let unserved = self.unserved_disks(name, &disks);
+        let generation = {
+            let mut vms = self.vms.lock().await;
+            let Some(runtime) = vms.get_mut(name) else {
+                return format!("vm `{name}`: deleted while it was being adopted");
+            };
+            runtime.generation += 1;
+            runtime.pid = pid;
+            runtime.state = VmState::Running;
+            runtime.stop_requested = false;
+            runtime.start_failure = None;
+            runtime.last_exit.clear();
+            runtime.disks = disks;
+            runtime.generation
+        };
+        let supervisor = self.supervisor(name, generation);
+        let log = self.run_dir.join(name).join("vmm.log");
+        tokio::spawn(async move {
+            pidfd.exit().await;
+            let (exit, clean) = adopt::exit_from_log(&log);
+            supervisor.ended(exit, clean).await;
+        });
+        let mut detail = format!(
+            "adopted cairn-vmm pid {pid} after an agent restart (pidfd, start time, incarnation {} verified)",
+            kept.incarnation
+        );
+        if !unserved.is_empty() {
+            detail.push_str(&format!(
+                "; not served again (its I/O there waits, then fails): {}",
+                unserved.join(", ")
+            ));
+        }
+        Self::publish(&self.events, name, VmState::Running, &detail);
+        format!("vm `{name}`: {detail}")
+    }
+
+    /// The disk sockets the VMM of `name` was given (its `vm-config.json`) that
+    /// `disks` does not serve now.
+    fn unserved_disks(&self, name: &str, disks: &[VmDisk]) -> Vec<String> {
+        let path = self.run_dir.join(name).join(VM_CONFIG_FILE);
+        let given: Vec<vm_config::DiskConfig> = std::fs::read(&path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<vm_config::VmConfig>(&bytes).ok())
+            .map(|config| config.disks)
+            .unwrap_or_default();
+        given
+            .into_iter()
+            .filter(|disk| disk.nbd_export.is_some())
+            .filter(|disk| {
+                !disks
+                    .iter()
+                    .filter_map(|served| served.config.as_ref())
+                    .any(|served| served.path == disk.path)
+            })
+            .map(|disk| disk.path.display().to_string())
+            .collect()
+    }
+
+    /// Reports a VM whose VMM was not adopted `CRASHED`, saying why.
+    async fn not_adopted(&self, name: &str, detail: &str) -> String {
+        let mut vms = self.vms.lock().await;
+        let Some(runtime) = vms.get_mut(name) else {
+            return format!("vm `{name}`: deleted while it was being adopted");
+        };
+        runtime.state = VmState::Crashed;
+        runtime.last_exit = format!("the node agent restarted while the VM was running; {detail}");
+        runtime.record.last_pid = 0;
+        let _ = self.persist(name, &runtime.record);
+        Self::publish(&self.events, name, VmState::Crashed, &runtime.last_exit);
+        format!("vm `{name}`: {}", runtime.last_exit)
     }
 
     fn publish(events: &EventBus, name: &str, state: VmState, detail: &str) {
@@ -464,8 +719,7 @@ impl Vms {
         }
         let record = KeptVm {
             definition: Some(definition.clone()),
-            desired_running: false,
-            last_pid: 0,
+            ..KeptVm::default()
         };
         self.persist(&definition.name, &record)?;
         vms.insert(
@@ -496,12 +750,14 @@ impl Vms {
         definition: &v1::CreateVm,
         network: Option<&NetNs>,
         disks: &[VmDisk],
+        incarnation: &str,
     ) -> Result<tokio::process::Command, Status> {
         let vm_dir = self.run_dir.join(&definition.name);
         std::fs::create_dir_all(&vm_dir).map_err(|error| {
             Status::internal(format!("cannot create {}: {error}", vm_dir.display()))
         })?;
-        let config = vmm_config(definition, &vm_dir, network, disks)?;
+        let mut config = vmm_config(definition, &vm_dir, network, disks)?;
+        config.incarnation = incarnation.to_string();
         // The node's own output: a refusal here (a data directory whose control socket
         // path is too long, say) is this node's condition, not the request's.
         config.validate().map_err(|error| {
@@ -554,6 +810,10 @@ impl Vms {
             .stdout(log)
             .stderr(log_err)
             .kill_on_drop(false);
+        if self.own_process_group {
+            // Not the agent's group: the VM outlives the agent (see `adopt`).
+            command.process_group(0);
+        }
         Ok(command)
     }
 
@@ -626,8 +886,9 @@ impl Vms {
         // Each volume is served to this VM's VMM alone, on its own socket, for as long
         // as the process runs (the supervisor below stops the servers when it ends).
         let disks = self.exports.attach_vm(name, &definition.volumes).await?;
+        let incarnation = adopt::new_incarnation();
         let spawned = self
-            .command(&binary, &definition, network, &disks)
+            .command(&binary, &definition, network, &disks, &incarnation)
             .and_then(|mut command| {
                 command.spawn().map_err(|error| {
                     Status::internal(format!("cannot spawn {}: {error}", binary.display()))
@@ -649,6 +910,9 @@ impl Vms {
         runtime.start_failure = None;
         runtime.record.desired_running = true;
         runtime.record.last_pid = pid;
+        // What the next agent checks before it adopts this process.
+        runtime.record.last_start_ticks = adopt::start_ticks(pid).unwrap_or(0);
+        runtime.record.incarnation = incarnation;
         let record = runtime.record.clone();
         let generation = runtime.generation;
         // The record (with the new pid) and the start count move together.
@@ -667,49 +931,13 @@ impl Vms {
             &format!("cairn-vmm pid {pid}"),
         );
 
-        let vms_handle = self.vms.clone();
-        let events = self.events.clone();
-        let kept = self.records.clone();
-        let exports = self.exports.clone();
-        let owned_name = name.to_string();
+        let supervisor = self.supervisor(name, generation);
         tokio::spawn(async move {
-            let status = child.wait().await;
-            let mut vms = vms_handle.lock().await;
-            let Some(runtime) = vms.get_mut(&owned_name) else {
-                return;
-            };
-            if runtime.generation != generation {
-                return;
-            }
-            // Under the lock, so a start that follows never has its servers stopped.
-            exports.detach_vm(&owned_name).await;
-            runtime.disks.clear();
-            let (exit, clean) = match status {
+            let (exit, clean) = match child.wait().await {
                 Ok(status) => (status.to_string(), status.success()),
                 Err(error) => (format!("cannot wait for the process: {error}"), false),
             };
-            let failed_start = runtime.state == VmState::Starting;
-            runtime.pid = 0;
-            runtime.last_exit = match runtime.start_failure.take() {
-                Some(reason) => format!("{reason} ({exit})"),
-                None => exit.clone(),
-            };
-            if runtime.stop_requested || (clean && !failed_start) {
-                // cairn-vmm exits 0 only for a requested or guest-initiated power-off.
-                runtime.record.desired_running = false;
-                runtime.state = VmState::Stopped;
-                Self::publish(&events, &owned_name, VmState::Stopped, &runtime.last_exit);
-            } else {
-                if failed_start {
-                    // It never ran: nothing to report as interrupted after a restart.
-                    runtime.record.desired_running = false;
-                }
-                runtime.state = VmState::Crashed;
-                runtime.crash_count += 1;
-                Self::publish(&events, &owned_name, VmState::Crashed, &runtime.last_exit);
-            }
-            runtime.record.last_pid = 0;
-            let _ = kept.put(&owned_name, &records::VmRecord::from(&runtime.record));
+            supervisor.ended(exit, clean).await;
         });
         let builtin = matches!(definition.image, Some(v1::create_vm::Image::Builtin(_)));
         Ok(Spawned::Started(Started {
@@ -1031,8 +1259,8 @@ impl Vms {
             .count() as u32
     }
 
-    /// Kills every VM process (agent shutdown). The VMs stay `desired_running`, so the
-    /// next agent reports them crashed-by-restart.
+    /// Kills every VM process (agent shutdown with `--stop-vms-on-exit`). The VMs stay
+    /// `desired_running`, so the next agent reports them crashed-by-restart.
     pub async fn kill_all(&self) {
         for runtime in self.vms.lock().await.values() {
             if runtime.pid != 0 {

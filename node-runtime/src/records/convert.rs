@@ -107,6 +107,8 @@ pub fn vm_record(
         definition: definition.map(vm_definition),
         desired_running,
         last_pid,
+        last_start_ticks: 0,
+        incarnation: String::new(),
     }
 }
 

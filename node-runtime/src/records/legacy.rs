@@ -120,6 +120,8 @@ pub fn vm(bytes: &[u8]) -> Result<VmRecord, String> {
         definition: old.definition.as_ref().map(convert::vm_definition),
         desired_running: old.desired_running,
         last_pid: old.last_pid,
+        last_start_ticks: 0,
+        incarnation: String::new(),
     })
 }
 

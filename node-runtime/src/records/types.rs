@@ -204,8 +204,16 @@ pub struct VmRecord {
     pub definition: Option<VmDefinition>,
     /// Whether the VM should be running (it was started and not stopped).
     pub desired_running: bool,
-    /// Process id of the last cairn-vmm process, to clean up after an agent crash.
+    /// Process id of the last cairn-vmm process, for the next agent to adopt it.
     pub last_pid: u32,
+    /// That process's start time (clock ticks since boot, `/proc/PID/stat` field 22),
+    /// checked before adoption; 0 when unknown (written by an older agent).
+    #[serde(default)]
+    pub last_start_ticks: u64,
+    /// The incarnation id that process was given at spawn, asked back over its control
+    /// socket before adoption.
+    #[serde(default)]
+    pub incarnation: String,
 }
 
 impl VmRecord {

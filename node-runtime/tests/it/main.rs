@@ -1,6 +1,7 @@
 //! Integration tests of `cairn-node`: real processes on 127.0.0.1 with temporary
 //! data directories, spoken to over real gRPC.
 
+mod adopt;
 mod apply;
 mod auth;
 mod bad_input;

@@ -1,0 +1,500 @@
+//! Agent restarts are not node failures (issue 16, item 5): VMMs outlive `cairn-node`
+//! (kill -9 of the agent alone, or a graceful stop), and the next agent adopts each
+//! one only after it has proved to be the process recorded at spawn (pidfd, start
+//! time, `identify` with the incarnation id). Real processes, real KVM.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use proto::v1::{
+    self, CreateVm, CreateVolume, StartVm, StopVm, VmState, VmStatus, apply_request::Action,
+    create_vm::Image,
+};
+
+use crate::harness::{TestNode, apply_ok, controller};
+use crate::vms::vms_can_run;
+
+/// This helper's loopback address.
+const IP: &str = "127.0.0.161";
+/// The lease the fake controller grants: the VMMs' fence deadlines lapse this long
+/// after the last renewal was sent.
+const TTL_MS: u64 = 3_000;
+
+/// A controller that only grants leases: every VM it names is fenced.
+#[derive(Clone)]
+struct FakeController {
+    fenced: Vec<String>,
+    grants: Arc<AtomicU64>,
+}
+
+#[tonic::async_trait]
+impl v1::lease_server::Lease for FakeController {
+    async fn renew(
+        &self,
+        _request: tonic::Request<v1::RenewLeaseRequest>,
+    ) -> Result<tonic::Response<v1::RenewLeaseReply>, tonic::Status> {
+        let grant = self.grants.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok(tonic::Response::new(v1::RenewLeaseReply {
+            ttl_ms: TTL_MS,
+            grant,
+            site_peers: vec![],
+            fenced_vms: self.fenced.clone(),
+            renew_every_ms: 0,
+        }))
+    }
+}
+
+/// Serves the fake controller on this helper's address; returns its `host:port`.
+async fn fake_controller(fenced: &[&str]) -> (String, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind(format!("{IP}:0"))
+        .await
+        .expect("bind the fake controller");
+    let address = listener.local_addr().expect("address").to_string();
+    let grants = Arc::new(AtomicU64::new(0));
+    let service = FakeController {
+        fenced: fenced.iter().map(|vm| vm.to_string()).collect(),
+        grants: grants.clone(),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(v1::lease_server::LeaseServer::new(service))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (address, grants)
+}
+
+/// Starts (or restarts) the agent of `dir`, renewing its lease at `lease`.
+fn agent(dir: &Path, controller: &proto::auth::Identity, lease: &str) -> TestNode {
+    std::fs::write(
+        dir.join("trusted-controllers"),
+        format!("{} test-controller\n", controller.public_key_hex()),
+    )
+    .unwrap();
+    TestNode::start_with_args(
+        "adopter",
+        dir,
+        &format!("{IP}:0"),
+        &[
+            "--disks",
+            "1",
+            "--disk-capacity",
+            "268435456",
+            "--lease-from",
+            lease,
+            "--lease-ttl-ms",
+            &TTL_MS.to_string(),
+        ],
+    )
+}
+
+fn control(dir: &Path, vm: &str) -> PathBuf {
+    dir.join("vms").join(vm).join("control.sock")
+}
+
+/// The VMM's own status, asked on its control socket (no agent involved).
+fn vmm_status(dir: &Path, vm: &str) -> vmm::control::VmStatus {
+    vmm::control::ControlClient::connect(&control(dir, vm), Duration::from_secs(2))
+        .and_then(|mut client| client.status())
+        .expect("the VMM answers on its control socket")
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.trim().chars().next());
+        !matches!(state, Some('Z') | Some('X') | None)
+    })
+}
+
+async fn observe_vm(client: &mut proto::client::NodeClient, name: &str) -> VmStatus {
+    client
+        .observe()
+        .await
+        .expect("observe")
+        .vms
+        .into_iter()
+        .find(|vm| vm.name == name)
+        .expect("the VM is observed")
+}
+
+async fn observe_until(
+    client: &mut proto::client::NodeClient,
+    name: &str,
+    what: &str,
+    done: impl Fn(&VmStatus) -> bool,
+) -> VmStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let vm = observe_vm(client, name).await;
+        if done(&vm) {
+            return vm;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}: {vm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn builtin_vm(name: &str, volumes: &[&str]) -> Action {
+    Action::CreateVm(CreateVm {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 32 << 20,
+        image: Some(Image::Builtin("cairn-guest".into())),
+        volumes: volumes.iter().map(|v| v.to_string()).collect(),
+        ..Default::default()
+    })
+}
+
+/// Waits until the VMM's fence deadline is armed, returning it.
+async fn fence_armed(dir: &Path, vm: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(at) = vmm_status(dir, vm).fence_deadline_boottime_ns {
+            return at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fence pushed into {vm} in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running, fenced VM `guest` on a fresh agent.
+struct Setup {
+    dir: tempfile::TempDir,
+    identity: proto::auth::Identity,
+    lease: String,
+    node: TestNode,
+    pid: u32,
+}
+
+async fn running_fenced_vm(volumes: &[&str]) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = controller();
+    let (lease, _grants) = fake_controller(&["guest"]).await;
+    let node = agent(dir.path(), &identity, &lease);
+    let mut client = node.client(&identity).await;
+    for volume in volumes {
+        apply_ok(
+            &mut client,
+            &format!("volume-{volume}"),
+            Action::CreateVolume(CreateVolume {
+                name: volume.to_string(),
+                size_bytes: 8 << 20,
+                stripe_width: 1,
+                stripe_unit_bytes: 1 << 20,
+                replica_peers: vec![],
+            }),
+        )
+        .await;
+    }
+    apply_ok(&mut client, "create", builtin_vm("guest", volumes)).await;
+    apply_ok(
+        &mut client,
+        "start",
+        Action::StartVm(StartVm {
+            name: "guest".into(),
+        }),
+    )
+    .await;
+    let running = observe_vm(&mut client, "guest").await;
+    assert_eq!(running.state, VmState::Running as i32, "{running:?}");
+    fence_armed(dir.path(), "guest").await;
+    Setup {
+        pid: running.pid,
+        dir,
+        identity,
+        lease,
+        node,
+    }
+}
+
+/// Restarts the agent and waits until it reports `guest` running again; returns the
+/// new agent, its client, the VM and how long from spawn to that answer.
+async fn restart_and_adopt(
+    setup: &Setup,
+) -> (TestNode, proto::client::NodeClient, VmStatus, Duration) {
+    let started = Instant::now();
+    let node = agent(setup.dir.path(), &setup.identity, &setup.lease);
+    let mut client = node.client(&setup.identity).await;
+    let vm = observe_vm(&mut client, "guest").await;
+    let took = started.elapsed();
+    (node, client, vm, took)
+}
+
+/// What a restarted agent must show: the same VMM adopted, running, heartbeating,
+/// its fence renewed past 2 × T.
+async fn assert_adopted(setup: &Setup, mut client: proto::client::NodeClient, vm: VmStatus) {
+    let dir = setup.dir.path();
+    assert_eq!(vm.state, VmState::Running as i32, "{vm:?}");
+    assert_eq!(vm.pid, setup.pid, "the same cairn-vmm, not a new one");
+    assert_eq!(vm.starts, 1, "no second process was started: {vm:?}");
+    observe_until(&mut client, "guest", "a fresh heartbeat", |vm| {
+        vm.heartbeat_fresh
+    })
+    .await;
+    let first = fence_armed(dir, "guest").await;
+    // More than twice the lease: without renewals by the new agent the VMM would have
+    // fenced itself (exit 6) by now.
+    tokio::time::sleep(Duration::from_millis(2 * TTL_MS + 1_000)).await;
+    assert!(alive(setup.pid), "the adopted VMM ended");
+    let later = vmm_status(dir, "guest");
+    let renewed = later.fence_deadline_boottime_ns.unwrap_or(0);
+    assert!(
+        renewed > first + TTL_MS * 1_000_000,
+        "fence not renewed by the new agent: {first} then {renewed}"
+    );
+    assert!(later.fence_remaining_ms.unwrap_or(-1.0) > 0.0, "{later:?}");
+    let vm = observe_vm(&mut client, "guest").await;
+    assert_eq!(
+        (vm.state, vm.pid),
+        (VmState::Running as i32, setup.pid),
+        "{vm:?}"
+    );
+    assert!(vm.heartbeat_fresh, "{vm:?}");
+    // The adopted VMM's exit is watched (pidfd): a stop is reported STOPPED.
+    apply_ok(
+        &mut client,
+        "stop-adopted",
+        Action::StopVm(StopVm {
+            name: "guest".into(),
+            grace_ms: 5_000,
+        }),
+    )
+    .await;
+    let stopped = observe_until(&mut client, "guest", "stopped", |vm| {
+        vm.state == VmState::Stopped as i32
+    })
+    .await;
+    assert_eq!(stopped.pid, 0);
+    assert!(!alive(setup.pid));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_outlives_a_kill_9_of_its_agent_and_the_next_agent_adopts_it() {
+    if !vms_can_run() {
+        return;
+    }
+    let mut setup = running_fenced_vm(&[]).await;
+    let before = vmm_status(setup.dir.path(), "guest").heartbeat_total;
+    setup.node.kill_9();
+    // The agent is gone; the VMM is not, and its guest goes on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alive(setup.pid), "the VMM died with its agent");
+    let during = vmm_status(setup.dir.path(), "guest").heartbeat_total;
+    assert!(
+        during > before,
+        "heartbeats stopped: {before} then {during}"
+    );
+    let (node, client, vm, took) = restart_and_adopt(&setup).await;
+    eprintln!("kill -9 of the agent: restarted agent answered with the VM adopted after {took:?}");
+    assert!(
+        node.log()
+            .contains(&format!("adopted cairn-vmm pid {}", setup.pid)),
+        "{}",
+        node.log()
+    );
+    assert_adopted(&setup, client, vm).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_of_the_agent_leaves_its_vms_running_for_the_next_to_adopt() {
+    if !vms_can_run() {
+        return;
+    }
+    let mut setup = running_fenced_vm(&[]).await;
+    assert_eq!(setup.node.terminate(), Some(0), "graceful stop exits 0");
+    assert!(alive(setup.pid), "a graceful stop killed the VM");
+    let (_node, client, vm, took) = restart_and_adopt(&setup).await;
+    eprintln!("graceful restart of the agent: VM adopted, answered after {took:?}");
+    assert_adopted(&setup, client, vm).await;
+}
+
+/// Makes the next process forked on this host get `pid` (root: ns_last_pid), spawning
+/// `sleep 60` there; `None` when another process took the pid first every time.
+fn sleep_at_pid(pid: u32) -> Option<std::process::Child> {
+    for _ in 0..20 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).ok()?;
+        let child = std::process::Command::new("sleep").arg("60").spawn().ok()?;
+        if child.id() == pid {
+            return Some(child);
+        }
+        eprintln!("wanted pid {pid}, got {}", child.id());
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_reuses_the_recorded_pid_is_neither_adopted_nor_killed() {
+    if !vms_can_run() {
+        return;
+    }
+    let mut setup = running_fenced_vm(&[]).await;
+    setup.node.kill_9();
+    // The VMM dies while no agent watches, and its pid goes to someone else.
+    // SAFETY: kill of the VMM this test started (its pid from Observe).
+    unsafe { libc::kill(setup.pid as libc::pid_t, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(setup.pid) {
+        assert!(Instant::now() < deadline, "the VMM did not die");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Its zombie must be reaped (by init: its parent, the agent, is gone) before the
+    // pid can be reused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{}", setup.pid)).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let Some(mut impostor) = sleep_at_pid(setup.pid) else {
+        eprintln!(
+            "skipping: could not get pid {} again (not root, or the host forks too much)",
+            setup.pid
+        );
+        return;
+    };
+    let (_node, mut client, vm, _) = restart_and_adopt(&setup).await;
+    assert_eq!(vm.state, VmState::Crashed as i32, "{vm:?}");
+    assert_eq!(vm.pid, 0, "{vm:?}");
+    assert!(
+        vm.last_exit
+            .contains(&format!("pid {} is now another process", setup.pid))
+            && vm.last_exit.contains("not adopted and not touched"),
+        "{}",
+        vm.last_exit
+    );
+    assert!(
+        matches!(impostor.try_wait(), Ok(None)),
+        "the process at the reused pid was killed"
+    );
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+    // The reconciler may start it again: a new process.
+    apply_ok(
+        &mut client,
+        "start-again",
+        Action::StartVm(StartVm {
+            name: "guest".into(),
+        }),
+    )
+    .await;
+    let again = observe_vm(&mut client, "guest").await;
+    assert_eq!(again.state, VmState::Running as i32);
+    assert_ne!(again.pid, setup.pid);
+}
+
+/// Puts a fake control server in place of the VMM's socket (the VMM keeps its
+/// listener on the unlinked one) that says it is `guest` in another incarnation.
+fn impostor_socket(path: &Path, pid: u32) -> std::thread::JoinHandle<()> {
+    let fresh = path.with_extension("impostor");
+    let _ = std::fs::remove_file(&fresh);
+    let listener = std::os::unix::net::UnixListener::bind(&fresh).unwrap();
+    std::fs::rename(&fresh, path).unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(stream) = stream else { continue };
+            let mut writer = stream.try_clone().unwrap();
+            let mut line = String::new();
+            if BufReader::new(stream).read_line(&mut line).is_err() {
+                continue;
+            }
+            let answer = serde_json::json!({
+                "ok": true,
+                "identity": {"name": "guest", "incarnation": "impostor", "pid": pid},
+            });
+            let _ = writeln!(writer, "{answer}");
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vmm_whose_handshake_gives_another_incarnation_is_not_adopted() {
+    if !vms_can_run() {
+        return;
+    }
+    let mut setup = running_fenced_vm(&[]).await;
+    setup.node.kill_9();
+    let _impostor = impostor_socket(&control(setup.dir.path(), "guest"), setup.pid);
+    let (_node, _client, vm, _) = restart_and_adopt(&setup).await;
+    assert_eq!(vm.state, VmState::Crashed as i32, "{vm:?}");
+    assert!(
+        vm.last_exit
+            .contains("answered as vm `guest` incarnation `impostor`")
+            && vm.last_exit.contains("not adopted"),
+        "{}",
+        vm.last_exit
+    );
+    // It is this node's VMM of the VM (pid, start time, command line) but not provably
+    // this incarnation: killed through its pidfd so a new start cannot run beside it.
+    assert!(!alive(setup.pid), "the unverified VMM still runs");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn guest_disk_writes_across_an_agent_restart_wait_and_none_fails() {
+    if !vms_can_run() {
+        return;
+    }
+    let mut setup = running_fenced_vm(&["guest-root"]).await;
+    let dir = setup.dir.path().to_path_buf();
+    let socket = control(&dir, "guest");
+    // The guest writes its disk (its block self-test: 4 KiB written, read back and
+    // compared) over and over, through the agent's NBD server, while the agent is
+    // killed and started again.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let driver = {
+        let (stop, socket) = (stop.clone(), socket.clone());
+        std::thread::spawn(move || {
+            let mut asked = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                // A long timeout: a request waits while the disk's server is gone.
+                if let Ok(mut client) =
+                    vmm::control::ControlClient::connect(&socket, Duration::from_secs(30))
+                    && client.request(&vmm::control::Request::BlockTest).is_ok()
+                {
+                    asked += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            asked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = vmm_status(&dir, "guest");
+    setup.node.kill_9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_node, mut client, vm, took) = restart_and_adopt(&setup).await;
+    eprintln!("agent restarted under guest disk writes; VM adopted after {took:?}");
+    assert_eq!((vm.state, vm.pid), (VmState::Running as i32, setup.pid));
+    let disk = vm.disks.first().expect("the disk");
+    assert!(disk.attached, "the disk is served again: {disk:?}");
+    // Self-tests go on after the restart, and pass.
+    let target = before.block_tests + 5;
+    let vm = observe_until(&mut client, "guest", "five more self-tests", |vm| {
+        vm.guest_block_tests >= target
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let asked = driver.join().unwrap();
+    let after = vmm_status(&dir, "guest");
+    assert!(asked > 5, "only {asked} self-tests were asked for");
+    assert_eq!(vm.guest_block_test, "pass", "{vm:?}");
+    let counters = after.disks.first().expect("disk counters");
+    assert_eq!(
+        counters.errors, 0,
+        "a guest disk request failed: {counters:?}"
+    );
+    assert!(
+        counters.writes > before.disks.first().map_or(0, |d| d.writes),
+        "{counters:?}"
+    );
+}
