@@ -44,6 +44,7 @@ pub mod exit_code;
 pub mod fence;
 pub mod guest;
 pub mod handle;
+pub mod heartbeat_log;
 pub mod kvm;
 pub mod linux;
 pub mod memory;

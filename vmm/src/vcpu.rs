@@ -91,6 +91,9 @@ pub(crate) struct Shared {
     pub(crate) pumps_stop: AtomicBool,
     /// The fence deadline ([`crate::fence`]), checked before every `KVM_RUN`.
     pub(crate) fence: Arc<crate::fence::Fence>,
+    /// This incarnation's first and last heartbeat on the host's clocks, if its file
+    /// could be made ([`crate::heartbeat_log`]).
+    pub(crate) heartbeat_log: Option<crate::heartbeat_log::HeartbeatLog>,
     pub(crate) vcpu_threads: Mutex<Vec<libc::pthread_t>>,
     pub(crate) events: Sender<VmEvent>,
     pub(crate) boot_count: AtomicU64,
@@ -261,6 +264,11 @@ fn handle_exit(
             }
             if GuestTelemetry::owns(port) && data.len() == 4 {
                 let value = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+                if u64::from(port) == crate::guest::abi::PORT_HEARTBEAT
+                    && let Some(log) = &shared.heartbeat_log
+                {
+                    log.record(&shared.fence);
+                }
                 return match shared.telemetry.write(index, port, value) {
                     PortAction::Continue => None,
                     PortAction::FirstHeartbeat => Some(VmEvent::FirstHeartbeat),

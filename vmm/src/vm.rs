@@ -443,6 +443,10 @@ impl Vm {
             nets,
             pumps_stop: AtomicBool::new(false),
             fence,
+            heartbeat_log: config
+                .control_socket
+                .parent()
+                .and_then(|dir| crate::heartbeat_log::HeartbeatLog::create(dir).ok()),
             vcpu_threads: Mutex::new(Vec::new()),
             events: sender,
             boot_count: AtomicU64::new(1),
