@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use reconciler::apply::{ApplyEvents, ApplyOptions, StepOutcome};
-use reconciler::observe::{NodeObservation, Observed, observe};
+use reconciler::observe::{NodeObservation, Observed, observe_except};
 use reconciler::pipeline::{self, Planned};
 use reconciler::plan::{ChangeKind, Plan};
 use reconciler::state::{RedbStore, StateStore};
@@ -1116,7 +1116,8 @@ impl Worker {
             }
         }
         let spec = pipeline::spec_nodes(&good.model);
-        let observed = observe(&spec, &self.shared.nodes).await;
+        let failed = self.shared.leases.failed_nodes(&good.model);
+        let observed = observe_except(&spec, &self.shared.nodes, &failed).await;
         self.note_observation(&observed);
         let masked = self.mask_crash_loops(&observed);
         let (stored, protected) = match (store.placement(), store.protected_volumes()) {
@@ -1395,7 +1396,8 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
         return json!({"format_version": reconciler::status::STATUS_FORMAT_VERSION, "controller": controller});
     };
     let spec = pipeline::spec_nodes(&good.model);
-    let observed = observe(&spec, &shared.nodes).await;
+    let failed = shared.leases.failed_nodes(&good.model);
+    let observed = observe_except(&spec, &shared.nodes, &failed).await;
     let leases = shared.leases.rows(&good.model);
     let built = (|| -> Result<serde_json::Value, String> {
         let store = shared.state_store()?;

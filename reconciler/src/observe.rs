@@ -448,6 +448,33 @@ pub async fn observe<N: NodeApi>(nodes: &BTreeMap<String, DesiredNode>, api: &N)
     observed
 }
 
+/// [`observe`], except the nodes in `failed`: they are recorded unreachable at once.
+/// A node the controller declared failed is frozen, cut off or dead (its lease lapsed
+/// and its site no longer hears it); asking it would only wait [`OBSERVE_TIMEOUT`]
+/// before its HA VMs could restart elsewhere (found by the HA fault tests: a frozen
+/// node's VMs ran elsewhere after 15.8 s instead of about 5).
+pub async fn observe_except<N: NodeApi>(
+    nodes: &BTreeMap<String, DesiredNode>,
+    api: &N,
+    failed: &std::collections::BTreeSet<String>,
+) -> Observed {
+    let live: BTreeMap<String, DesiredNode> = nodes
+        .iter()
+        .filter(|(name, _)| !failed.contains(*name))
+        .map(|(name, node)| (name.clone(), node.clone()))
+        .collect();
+    let mut observed = observe(&live, api).await;
+    for name in nodes.keys().filter(|name| failed.contains(*name)) {
+        observed.nodes.insert(
+            name.clone(),
+            NodeObservation::Unreachable {
+                error: format!("{name} failed: its lease lapsed and its site no longer hears it"),
+            },
+        );
+    }
+    observed
+}
+
 /// A node's answer to Observe, with the public key its inventory gave, as an
 /// observation (the one place wire types become observed ones).
 pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -> NodeObservation {
