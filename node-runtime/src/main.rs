@@ -129,6 +129,7 @@ fn main() -> ExitCode {
             .map(|controller| node_runtime::quorum::LeaseConfig {
                 controller,
                 ttl: std::time::Duration::from_millis(args.lease_ttl_ms),
+                local_address: Some(args.listen.ip()).filter(|ip| !ip.is_unspecified()),
             }),
         stop_vms_on_exit: args.stop_vms_on_exit,
         vmm_own_process_group: args.vmm_process_group == "own",

@@ -41,6 +41,10 @@ pub struct LeaseConfig {
     pub controller: String,
     /// The lease's length asked for until the controller says otherwise (T).
     pub ttl: Duration,
+    /// The node's own address (its `--listen` IP, unless unspecified): renewals and
+    /// probes leave from it, so a partition of that address cuts them too (on one host
+    /// with several node addresses the route would otherwise pick 127.0.0.1).
+    pub local_address: Option<std::net::IpAddr>,
 }
 
 /// What is kept across restarts (`DATA_DIR/quorum.json`).
@@ -164,6 +168,7 @@ impl Quorum {
         &self,
         address: &str,
         timeout: Duration,
+        local_address: Option<std::net::IpAddr>,
     ) -> Result<tonic::transport::Channel, String> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(channel) = channels.get(address) {
@@ -173,6 +178,7 @@ impl Quorum {
             .map_err(|e| e.to_string())?
             .connect_timeout(timeout)
             .timeout(timeout)
+            .local_address(local_address)
             .connect_lazy();
         channels.insert(address.to_owned(), channel.clone());
         Ok(channel)
@@ -212,8 +218,11 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
         )
         .map_err(|e| e.to_string())?;
     let timeout = call_timeout(config.ttl);
-    let mut client =
-        v1::lease_client::LeaseClient::new(quorum.channel(&config.controller, timeout)?);
+    let mut client = v1::lease_client::LeaseClient::new(quorum.channel(
+        &config.controller,
+        timeout,
+        config.local_address,
+    )?);
     let reply = client
         .renew(request)
         .await
@@ -246,7 +255,8 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
 
 /// Probes every site peer at once; a majority (this node included) extends the
 /// peers' part of the quorum from `sent_ns`.
-async fn probe_peers(node: &Node, ttl: Duration, sent_ns: u64) {
+async fn probe_peers(node: &Node, config: &LeaseConfig, sent_ns: u64) {
+    let ttl = config.ttl;
     let peers = node.quorum.lock().kept.peers.clone();
     if peers.is_empty() {
         return;
@@ -261,8 +271,11 @@ async fn probe_peers(node: &Node, ttl: Duration, sent_ns: u64) {
             let request = signer
                 .sign(methods::QUORUM_PROBE, &target, v1::QuorumProbe { node: me })
                 .map_err(|e| e.to_string())?;
-            let mut client =
-                v1::quorum_client::QuorumClient::new(node.quorum.channel(address, timeout)?);
+            let mut client = v1::quorum_client::QuorumClient::new(node.quorum.channel(
+                address,
+                timeout,
+                config.local_address,
+            )?);
             tokio::time::timeout(timeout, client.probe(request))
                 .await
                 .map_err(|_| "timed out".to_string())?
@@ -342,7 +355,7 @@ pub async fn run(node: Arc<Node>, config: LeaseConfig) {
         };
         let (renewed, ()) = tokio::join!(
             renew(&node, &this_round, sent_ns),
-            probe_peers(&node, ttl, sent_ns)
+            probe_peers(&node, &this_round, sent_ns)
         );
         if let Err(error) = renewed {
             node.quorum.lock().last_error = Some(error);
