@@ -1266,9 +1266,22 @@ impl Cx<'_> {
             kernel: None,
             initrd: None,
             cmdline: None,
+            disk: None,
         };
         for c in self.children(node.children(), "image", "an `image`") {
             let n = c.node;
+            if c.name == "disk" {
+                let path = self
+                    .single_value(n)
+                    .and_then(|e| self.string(e, "the disk file"));
+                let format = self
+                    .prop(n, "format")
+                    .and_then(|e| self.string(e, "the disk format"));
+                let first = img.disk.as_ref().map(|d| d.path.span);
+                let disk = path.map(|path| ImageDiskSpec { path, format });
+                self.once(&mut img.disk, disk, n, first);
+                continue;
+            }
             let what = format!("the {}", c.name);
             let v = self.single_value(n).and_then(|e| self.string(e, &what));
             let slot = match c.name {

@@ -390,6 +390,51 @@ pub struct Image {
     pub initrd: Option<String>,
     /// Kernel command line.
     pub cmdline: Option<String>,
+    /// The disk content its `from-image` disks start from (imported once into a base
+    /// volume, of which each such disk is a copy-on-write clone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<ImageDisk>,
+}
+
+/// An image's disk file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ImageDisk {
+    /// Path relative to the spec root.
+    pub path: String,
+    /// The file's format, as `qemu-img convert -f` takes it.
+    pub format: ImageDiskFormat,
+}
+
+/// The format of an image's disk file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageDiskFormat {
+    /// Raw bytes.
+    Raw,
+    /// QEMU copy-on-write v2.
+    Qcow2,
+}
+
+impl ImageDiskFormat {
+    /// Every format, as written in a spec.
+    pub const ALL: [&'static str; 2] = ["raw", "qcow2"];
+
+    /// The format written `text`, if it is one.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "raw" => Some(Self::Raw),
+            "qcow2" => Some(Self::Qcow2),
+            _ => None,
+        }
+    }
+
+    /// As written in a spec (and given to `qemu-img -f`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
 }
 
 /// A VM (after vm-group expansion).

@@ -196,10 +196,16 @@ pub static SHAPES: &[Shape] = &[
         []
     ),
     shape!("sla-profile", NAME, ["class", "priority"], []),
-    shape!("image", NAME, ["builtin"], ["kernel", "initrd", "cmdline"]),
+    shape!(
+        "image",
+        NAME,
+        ["builtin"],
+        ["kernel", "initrd", "cmdline", "disk"]
+    ),
     shape!("image.kernel", ONE, [], []),
     shape!("image.initrd", ONE, [], []),
     shape!("image.cmdline", ONE, [], []),
+    shape!("image.disk", ONE, ["format"], []),
     shape!("vm", NAME, ["tenant", "site"], VM_BODY),
     shape!("vm.cpu", ONE, [], []),
     shape!("vm.memory", ONE, [], []),
@@ -261,22 +267,22 @@ pub static SHAPES: &[Shape] = &[
             "self-heal",
             "prune",
             "drift-check",
+            "crash-restart",
             "blast-radius",
             "freeze"
         ]
     ),
     shape!("reconcile.auto-apply", ONE, [], []),
     shape!("reconcile.self-heal", ONE, [], []),
-            "crash-restart",
     shape!("reconcile.prune", ONE, [], []),
     shape!("reconcile.drift-check", NONE, ["every"], []),
+    shape!("reconcile.crash-restart", NONE, ["limit", "window"], []),
     shape!("reconcile.blast-radius", NONE, ["max"], []),
     shape!("reconcile.freeze", NAME, ["from", "to", "zone"], []),
 ];
 
 /// The shape at a dotted path.
 pub fn shape(path: &str) -> Option<&'static Shape> {
-    shape!("reconcile.crash-restart", NONE, ["limit", "window"], []),
     SHAPES.iter().find(|s| s.path == path)
 }
 

@@ -354,6 +354,17 @@ pub struct ImageSpec {
     pub initrd: Option<Spanned<String>>,
     /// Kernel command line.
     pub cmdline: Option<Spanned<String>>,
+    /// `disk "PATH" format="raw"|"qcow2"`: the disk content `from-image` disks start from.
+    pub disk: Option<ImageDiskSpec>,
+}
+
+/// `disk` inside an `image`.
+#[derive(Debug, Clone)]
+pub struct ImageDiskSpec {
+    /// The file, relative to the spec root.
+    pub path: Spanned<String>,
+    /// `format=`.
+    pub format: Option<Spanned<String>>,
 }
 
 /// `disk` on a VM.
@@ -553,10 +564,10 @@ pub struct ReconcileSpec {
     pub prune: Option<Spanned<bool>>,
     /// `drift-check every=` (ms).
     pub drift_check: Option<Spanned<u64>>,
+    /// `crash-restart limit= window=` (window in ms).
+    pub crash_restart: Option<(Spanned<u32>, Spanned<u64>)>,
     /// `blast-radius max=`.
     pub blast_radius: Option<Spanned<u32>>,
     /// `freeze` windows.
     pub freezes: Vec<FreezeSpec>,
 }
-    /// `crash-restart limit= window=` (window in ms).
-    pub crash_restart: Option<(Spanned<u32>, Spanned<u64>)>,

@@ -47,6 +47,7 @@ impl Checker<'_> {
                         .with_help("add `kernel \"images/NAME/vmlinuz\"` inside the image, or write `image \"NAME\" builtin=\"cairn-guest\"`"),
                 );
             }
+            let disk = self.image_disk(i);
             for path in [&i.kernel, &i.initrd].into_iter().flatten() {
                 if !self.sources.has_other_file(&path.value) {
                     self.push(
@@ -63,9 +64,60 @@ impl Checker<'_> {
                     kernel: i.kernel.as_ref().map(|v| v.value.clone()),
                     initrd: i.initrd.as_ref().map(|v| v.value.clone()),
                     cmdline: i.cmdline.as_ref().map(|v| v.value.clone()),
+                    disk,
                 },
             );
         }
         out
+    }
+
+    /// An image's `disk "PATH" format=…`: the format must be one `qemu-img` is told;
+    /// a file that is not in the spec repository is a warning, like a missing kernel
+    /// (SPEC.md: image files may come later; `apply` imports it and needs it).
+    fn image_disk(&mut self, i: &crate::spec::ImageSpec) -> Option<ImageDisk> {
+        let d = i.disk.as_ref()?;
+        let format = match &d.format {
+            None => {
+                self.push(
+                    Diagnostic::error(
+                        "cairn::check::image_disk_format",
+                        d.path.span,
+                        format!("the disk file of image `{}` has no `format`", i.name.value),
+                    )
+                    .with_help(
+                        "say how the file is stored: `format=\"raw\"` or `format=\"qcow2\"`",
+                    ),
+                );
+                None
+            }
+            Some(f) => {
+                let parsed = ImageDiskFormat::parse(&f.value);
+                if parsed.is_none() {
+                    self.push(
+                        Diagnostic::error(
+                            "cairn::check::image_disk_format",
+                            f.span,
+                            format!("`{}` is not a disk file format", f.value),
+                        )
+                        .with_help(suggestion(
+                            &f.value,
+                            &ImageDiskFormat::ALL,
+                            "format",
+                        )),
+                    );
+                }
+                parsed
+            }
+        };
+        if !self.sources.has_other_file(&d.path.value) {
+            self.push(
+                Diagnostic::warning("cairn::check::image_disk_missing", d.path.span, format!("image `{}` names the disk file `{}`, which is not in the spec repository", i.name.value, d.path.value))
+                    .with_help("paths are relative to the spec root; it may be added later, but `apply` imports it from the repository (with qemu-img) and needs it"),
+            );
+        }
+        format.map(|format| ImageDisk {
+            path: d.path.value.clone(),
+            format,
+        })
     }
 }

@@ -249,6 +249,24 @@ impl Checker<'_> {
             disk_names.iter(),
         );
         for d in &body.disks {
+            if let (Some(from), Some(img)) = (&d.from_image, &body.image)
+                && from.value
+                && let Some(image) = images.get(&img.value)
+                && image.builtin.is_none()
+                && image.disk.is_none()
+            {
+                // A warning, not an error: SPEC.md's own examples start disks from a
+                // kernel image without a disk file, and every one of them validates.
+                self.push(
+                    Diagnostic::warning(
+                        "cairn::check::from_image_without_disk",
+                        from.span,
+                        format!("{owner} starts disk `{}` from image `{}`, which has no disk file: the disk starts empty", d.name.value, img.value),
+                    )
+                    .and_label(img.span, "this image")
+                    .with_help(format!("add `disk \"images/{}/root.qcow2\" format=\"qcow2\"` inside `image \"{}\"`, or drop `from-image=#true`", img.value, img.value)),
+                );
+            }
             if let (Some(p), Some(s)) = (&d.pool, s)
                 && !s.pools.iter().any(|x| x.name == p.value)
             {
