@@ -113,6 +113,7 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
+        *live_agents().entry(data_dir.to_path_buf()).or_default() += 1;
         TestNode {
             name: name.to_string(),
             data_dir: data_dir.to_path_buf(),
@@ -177,6 +178,52 @@ impl TestNode {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill_9();
+        // VMMs outlive their agent (it adopts them when it comes back): once no test
+        // agent of this data directory is left, its VMMs are killed too.
+        let mut live = live_agents();
+        let count = live.entry(self.data_dir.clone()).or_default();
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            live.remove(&self.data_dir);
+            kill_vmms_of(&self.data_dir);
+        }
+    }
+}
+
+/// Test agents alive per data directory.
+fn live_agents() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, usize>> {
+    static LIVE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<PathBuf, usize>>> =
+        std::sync::OnceLock::new();
+    LIVE.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// SIGKILLs every `cairn-vmm --config DATA_DIR/vms/...` process.
+pub fn kill_vmms_of(data_dir: &Path) {
+    let prefix = data_dir.join("vms");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_vmm = args
+            .first()
+            .is_some_and(|program| program.ends_with(b"/cairn-vmm") || *program == b"cairn-vmm");
+        let ours = args.windows(2).any(|pair| {
+            pair[0] == b"--config"
+                && Path::new(std::str::from_utf8(pair[1]).unwrap_or("")).starts_with(&prefix)
+        });
+        if is_vmm && ours {
+            // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
