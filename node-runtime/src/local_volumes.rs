@@ -219,4 +219,96 @@ impl LocalVolumes {
     ) -> Result<Vec<storage::AllocationRun>, StorageError> {
         storage::BlockDevice::allocation(&self.store.volume(name)?, offset, length)
     }
+
+    /// Takes a snapshot of a volume; an existing one of that name is fine (`false`).
+    pub fn snapshot(&self, volume: &str, snapshot: &str) -> Result<bool, StorageError> {
+        if self.has_snapshot(volume, snapshot) {
+            return Ok(false);
+        }
+        self.store.create_snapshot(volume, snapshot)?;
+        Ok(true)
+    }
+
+    /// Whether the volume has a snapshot of that name here.
+    pub fn has_snapshot(&self, volume: &str, snapshot: &str) -> bool {
+        self.store.snapshot(volume, snapshot).is_ok()
+    }
+
+    /// Deletes a snapshot; a missing one is fine (`false`).
+    pub fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<bool, StorageError> {
+        match self.store.delete_snapshot(volume, snapshot) {
+            Ok(()) => Ok(true),
+            Err(StorageError::UnknownSnapshot { .. } | StorageError::UnknownVolume { .. }) => {
+                Ok(false)
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The volume's snapshots here, by name.
+    pub fn snapshots(&self, volume: &str) -> Vec<storage::SnapshotInfo> {
+        self.store.snapshots(volume)
+    }
+
+    /// Reads a range of a snapshot (verified), with the crc32c of every 4 KiB block.
+    pub fn read_snapshot(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<(Vec<u8>, Vec<u32>), StorageError> {
+        let mut buffer = vec![0u8; length as usize];
+        self.store
+            .snapshot(volume, snapshot)?
+            .read_at(offset, &mut buffer)?;
+        let checksums = buffer
+            .chunks(storage::BLOCK_SIZE as usize)
+            .map(crc32c::crc32c)
+            .collect();
+        Ok((buffer, checksums))
+    }
+
+    /// Creates volume `name` as a copy-on-write clone of a snapshot. A volume of that
+    /// name that is already there with the snapshot's geometry is taken as that clone
+    /// (a retry after a crash between the clone and its record).
+    pub fn clone_snapshot(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        name: &str,
+    ) -> Result<Geometry, StorageError> {
+        let info = self
+            .store
+            .snapshots(volume)
+            .into_iter()
+            .find(|info| info.name == snapshot);
+        let source = self.store.volume(volume)?.info()?;
+        let Some(info) = info else {
+            return Err(StorageError::UnknownSnapshot {
+                volume: volume.to_string(),
+                snapshot: snapshot.to_string(),
+            });
+        };
+        let geometry = Geometry {
+            size_bytes: info.size,
+            stripe_width: source.columns.len() as u32,
+            stripe_unit_bytes: source.stripe_unit,
+        };
+        if let Ok(existing) = self.store.volume(name) {
+            let existing = existing.info()?;
+            if existing.size == geometry.size_bytes
+                && existing.stripe_unit == geometry.stripe_unit_bytes
+                && existing.columns.len() == geometry.stripe_width as usize
+            {
+                return Ok(geometry);
+            }
+            return Err(StorageError::AlreadyExists {
+                kind: "volume",
+                name: name.to_string(),
+            });
+        }
+        self.store.clone_snapshot(volume, snapshot, name)?;
+        Ok(geometry)
+    }
 }

@@ -456,12 +456,20 @@ impl Node {
                         .collect(),
                 }))
             }
+            Action::SnapshotVolume(_) | Action::DeleteSnapshot(_) | Action::CloneVolume(_) => {
+                self.volumes
+                    .apply_snapshot_action(action, signed.to_grant(request.clone()))
+                    .await
+            }
             Action::SetVolumeEpoch(set) => {
                 self.volumes.set_epoch(set).await?;
                 Ok(ApplyResult::Done(v1::Done {}))
             }
             Action::DeleteVolume(delete) => {
                 validate::name("delete_volume.name", &delete.name)?;
+                self.volumes
+                    .refuse_delete_with_snapshots(&delete.name)
+                    .await?;
                 self.exports.unexport(&delete.name).await;
                 self.volumes
                     .delete(&delete.name, signed.to_grant(request.clone()))

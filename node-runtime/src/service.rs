@@ -405,4 +405,42 @@ impl v1::replication_server::Replication for NodeService {
                 .await?,
         ))
     }
+
+    async fn replica_snapshot(
+        &self,
+        request: Request<v1::ReplicaSnapshotRequest>,
+    ) -> Result<Response<v1::ReplicaSnapshotResponse>, Status> {
+        let caller = self.replication_caller(methods::REPLICA_SNAPSHOT, &request, None)?;
+        let request = request.into_inner();
+        validate::name("replica_snapshot_request.volume", &request.volume)?;
+        validate::name("replica_snapshot_request.snapshot", &request.snapshot)?;
+        self.node
+            .volumes
+            .authorize_write(&request.volume, &caller)
+            .await?;
+        Ok(Response::new(
+            self.node
+                .volumes
+                .replica_snapshot(&request, &caller)
+                .await?,
+        ))
+    }
+
+    async fn clone_replica(
+        &self,
+        request: Request<v1::CloneReplicaRequest>,
+    ) -> Result<Response<v1::CloneReplicaResponse>, Status> {
+        let caller = self.replication_caller(
+            methods::CLONE_REPLICA,
+            &request,
+            request.get_ref().grant.as_ref(),
+        )?;
+        let request = request.into_inner();
+        validate::name("clone_replica_request.volume", &request.volume)?;
+        validate::name("clone_replica_request.snapshot", &request.snapshot)?;
+        validate::name("clone_replica_request.name", &request.name)?;
+        Ok(Response::new(
+            self.node.volumes.clone_replica(&request, &caller).await?,
+        ))
+    }
 }

@@ -274,3 +274,35 @@ fn readable_file(field: &str, what: &str, path: &str, node: &str) -> Result<(), 
     })?;
     Ok(())
 }
+
+/// The fields of a snapshot action (`SnapshotVolume`, `DeleteSnapshot`, `CloneVolume`):
+/// volume, snapshot and clone names are DNS labels, and a clone is not its own source.
+pub fn snapshot_action(action: &proto::v1::apply_request::Action) -> Result<(), Status> {
+    use proto::v1::apply_request::Action;
+    match action {
+        Action::SnapshotVolume(take) => {
+            name("snapshot_volume.volume", &take.volume)?;
+            name("snapshot_volume.snapshot", &take.snapshot)
+        }
+        Action::DeleteSnapshot(delete) => {
+            name("delete_snapshot.volume", &delete.volume)?;
+            name("delete_snapshot.snapshot", &delete.snapshot)
+        }
+        Action::CloneVolume(clone) => {
+            name("clone_volume.volume", &clone.volume)?;
+            name("clone_volume.snapshot", &clone.snapshot)?;
+            name("clone_volume.name", &clone.name)?;
+            if clone.name == clone.volume {
+                return Err(invalid(
+                    "clone_volume.name",
+                    format!(
+                        "`{}` is the source volume; a clone needs a name of its own",
+                        clone.name
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}

@@ -39,6 +39,7 @@ use tokio::sync::{Mutex, RwLock};
 use tonic::Status;
 
 mod epochs;
+mod snapshots;
 
 pub use epochs::{DEFAULT_FREEZE, FREEZE_ENV};
 use epochs::{EpochState, WriterState};
@@ -929,6 +930,7 @@ impl Volumes {
         self.records
             .remove::<VolumeEpochRecord>(name)
             .map_err(records_status)?;
+        self.forget_snapshots(name)?;
         self.records
             .remove::<VolumeRecord>(name)
             .map_err(records_status)?;
@@ -964,6 +966,7 @@ impl Volumes {
         }
         let deadline = std::time::Instant::now() + self.freeze_bound;
         self.settle_locked(&entry, deadline).await?;
+        self.settle_snapshots_locked(&entry, deadline).await?;
         let key = intent_key(name, offset, data.len() as u64);
         // The sequence number is the agent's, not the volume store's, so the local write and
         // the replica writes can run at the same time. It is made durable (with the
@@ -1398,6 +1401,7 @@ impl Volumes {
                 awaiting_removal: writer.awaiting_removal.iter().cloned().collect(),
                 caught_up: writer.caught_up.iter().cloned().collect(),
                 resync_bytes: entry.resync_bytes.load(Ordering::Relaxed),
+                snapshots: self.snapshot_statuses(&record.name).await,
             });
         }
         out

@@ -401,6 +401,30 @@ impl NodeClient {
             .await;
         Ok(self.checked(result)?.into_inner())
     }
+
+    /// `Replication.ReplicaSnapshot`: a replica takes (or deletes) a snapshot.
+    pub async fn replica_snapshot(
+        &mut self,
+        request: v1::ReplicaSnapshotRequest,
+    ) -> Result<v1::ReplicaSnapshotResponse, tonic::Status> {
+        let request = self.signed(methods::REPLICA_SNAPSHOT, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .replica_snapshot(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
+    /// `Replication.CloneReplica`: a replica's copy of a clone of a snapshot.
+    pub async fn clone_replica(
+        &mut self,
+        request: v1::CloneReplicaRequest,
+    ) -> Result<v1::CloneReplicaResponse, tonic::Status> {
+        let request = self.signed(methods::CLONE_REPLICA, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .clone_replica(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
 }
 
 /// Largest gRPC message either side sends or accepts: 4 MiB of data plus framing.

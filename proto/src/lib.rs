@@ -66,6 +66,10 @@ pub mod methods {
     pub const DELETE_REPLICA: &str = "/cairn.node.v1.Replication/DeleteReplica";
     /// `Replication.ResizeReplica`
     pub const RESIZE_REPLICA: &str = "/cairn.node.v1.Replication/ResizeReplica";
+    /// `Replication.ReplicaSnapshot`
+    pub const REPLICA_SNAPSHOT: &str = "/cairn.node.v1.Replication/ReplicaSnapshot";
+    /// `Replication.CloneReplica`
+    pub const CLONE_REPLICA: &str = "/cairn.node.v1.Replication/CloneReplica";
     /// `Lease.Renew` (served by the controller)
     pub const RENEW_LEASE: &str = "/cairn.node.v1.Lease/Renew";
     /// `Quorum.Probe` (served by every node, called by its site's peers)
@@ -84,6 +88,9 @@ pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
         Action::UnexportVolume(_) => "unexport_volume",
         Action::ResizeVolume(_) => "resize_volume",
         Action::SetVolumeEpoch(_) => "set_volume_epoch",
+        Action::SnapshotVolume(_) => "snapshot_volume",
+        Action::DeleteSnapshot(_) => "delete_snapshot",
+        Action::CloneVolume(_) => "clone_volume",
         Action::CreateVm(_) => "create_vm",
         Action::StartVm(_) => "start_vm",
         Action::StopVm(_) => "stop_vm",

@@ -43,8 +43,8 @@ pub use convert::{
     wire_peer,
 };
 pub use types::{
-    BondRecord, Peer, PeerRecord, Record, RequestRecord, Table, TrafficClass, VmDefinition,
-    VmImage, VmNic, VmRecord, VolumeEpochRecord, VolumeRecord, VolumeRole,
+    BondRecord, Peer, PeerRecord, Record, RequestRecord, SnapshotRecord, Table, TrafficClass,
+    VmDefinition, VmImage, VmNic, VmRecord, VolumeEpochRecord, VolumeRecord, VolumeRole,
 };
 
 const WRITE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("write_intents");

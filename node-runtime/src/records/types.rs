@@ -24,17 +24,20 @@ pub enum Table {
     Peers,
     /// [`VolumeEpochRecord`]s by volume name.
     VolumeEpochs,
+    /// [`SnapshotRecord`]s by `VOLUME/SNAPSHOT`.
+    VolumeSnapshots,
 }
 
 impl Table {
     /// Every table of records.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Requests,
         Table::Volumes,
         Table::Vms,
         Table::Bonds,
         Table::Peers,
         Table::VolumeEpochs,
+        Table::VolumeSnapshots,
     ];
 
     /// The redb table's name.
@@ -46,6 +49,7 @@ impl Table {
             Table::Bonds => "bonds",
             Table::Peers => "peers",
             Table::VolumeEpochs => "volume_epochs",
+            Table::VolumeSnapshots => "volume_snapshots",
         }
     }
 }
@@ -299,6 +303,38 @@ impl Record for VolumeEpochRecord {
     const VERSION: u32 = VolumeEpochRecord::VERSION;
     fn decode_unversioned(_bytes: &[u8]) -> Result<Self, String> {
         Err("volume epochs were never stored unversioned".into())
+    }
+}
+
+/// A snapshot of a volume as this copy keeps it, beside the volume store's own (which
+/// has no time): when the writer took it and, on the writer, which copies do not hold it
+/// yet. Key `VOLUME/SNAPSHOT`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// [`SnapshotRecord::VERSION`] when written by this build.
+    pub version: u32,
+    /// When the writer took it (Unix ms), the same on every copy.
+    pub created_at_unix_ms: u64,
+    /// Writer only: copies that do not hold the snapshot yet, each with the regions
+    /// `(offset, length)` where it differed from the writer when the snapshot was taken
+    /// (its dirty regions then; none for a copy that was in sync).
+    #[serde(default)]
+    pub pending: std::collections::BTreeMap<String, Vec<(u64, u64)>>,
+    /// Writer only: the snapshot was deleted here and these copies still hold it.
+    #[serde(default)]
+    pub deleting: Vec<String>,
+}
+
+impl SnapshotRecord {
+    /// The version written.
+    pub const VERSION: u32 = 1;
+}
+
+impl Record for SnapshotRecord {
+    const TABLE: Table = Table::VolumeSnapshots;
+    const VERSION: u32 = SnapshotRecord::VERSION;
+    fn decode_unversioned(_bytes: &[u8]) -> Result<Self, String> {
+        Err("volume snapshots were never stored unversioned".into())
     }
 }
 

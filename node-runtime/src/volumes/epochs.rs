@@ -587,6 +587,7 @@ impl Volumes {
     ) -> Result<u64, Status> {
         let name = &entry.record.name;
         let epoch = entry.epoch().epoch;
+        self.catch_up_snapshots_locked(entry, peer).await?;
         let keys = self
             .records
             .intents(&dirty_prefix(name, &peer.name))

@@ -17,6 +17,7 @@ mod outcome;
 mod protocol;
 mod replication;
 mod resize;
+mod snapshots;
 mod upgrade;
 mod vm_disks;
 mod vms;

@@ -109,6 +109,12 @@ impl Store {
                 name: n.clone(),
                 size: r.geometry.size,
                 seq: r.seq,
+                allocated: st
+                    .extents
+                    .range((r.layer, 0)..=(r.layer, u64::MAX))
+                    .filter(|(_, e)| matches!(e, Extent::At { .. }))
+                    .count() as u64
+                    * r.geometry.stripe_unit,
             })
             .collect()
     }

@@ -138,6 +138,10 @@ pub struct SnapshotInfo {
     pub size: u64,
     /// Volume sequence number when it was taken.
     pub seq: u64,
+    /// Bytes of disk allocated to extents owned by the snapshot's (frozen) layer: data
+    /// the volume overwrote since, or never overwrote, that only the snapshot's layer
+    /// holds (the volume and clones above it still read what they did not overwrite).
+    pub allocated: u64,
 }
 
 /// What [`Store::open`] recovered; all zero after a clean shutdown.
