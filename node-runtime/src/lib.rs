@@ -33,6 +33,7 @@ pub mod local_volumes;
 pub mod node;
 pub mod quorum;
 pub mod records;
+pub mod remote_disk;
 pub mod server;
 pub mod service;
 pub mod trust;

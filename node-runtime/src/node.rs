@@ -108,6 +108,8 @@ pub struct Node {
     pub events: Arc<EventBus>,
     /// Volumes.
     pub volumes: Arc<Volumes>,
+    /// Volumes this node reaches remotely (remote data: `remote_disk.rs`).
+    pub remote: Arc<crate::remote_disk::RemoteVolumes>,
     /// NBD exports.
     pub exports: Arc<Exports>,
     /// VMs.
@@ -177,6 +179,13 @@ impl Node {
             volumes.clone(),
             data_dir.join(crate::exports::SOCKET_DIR),
         ));
+        let remote = Arc::new(crate::remote_disk::RemoteVolumes::open(
+            &config.name,
+            records.clone(),
+            volumes.clone(),
+            RequestSigner::new(identity.clone()),
+            trust.peer_directory(),
+        )?);
         let vms = Vms::open(
             crate::vms::find_vmm_binary(config.vmm_binary.as_deref()),
             data_dir.join(files::VMS),
@@ -211,6 +220,7 @@ impl Node {
             records,
             events,
             volumes,
+            remote,
             vms,
             bonds,
             started_at_unix_ms: now_unix_ms(),
@@ -462,7 +472,12 @@ impl Node {
                     .await
             }
             Action::SetVolumeEpoch(set) => {
-                self.volumes.set_epoch(set).await?;
+                if self.volumes.exists(&set.name).await {
+                    self.volumes.set_epoch(set).await?;
+                } else {
+                    // No copy here: a client's epoch (remote data, `remote_disk.rs`).
+                    self.remote.set_epoch(set).await?;
+                }
                 Ok(ApplyResult::Done(v1::Done {}))
             }
             Action::DeleteVolume(delete) => {
@@ -474,6 +489,7 @@ impl Node {
                 self.volumes
                     .delete(&delete.name, signed.to_grant(request.clone()))
                     .await?;
+                self.remote.forget(&delete.name).await?;
                 Ok(ApplyResult::Done(v1::Done {}))
             }
             Action::WriteVolume(write) => {
@@ -521,10 +537,12 @@ impl Node {
                 validate::image_files(create, &self.config.name)?;
                 crate::vm_nics::validate(create)?;
                 for (index, volume) in create.volumes.iter().enumerate() {
-                    if !self.volumes.exists(volume).await {
+                    if !self.remote.knows(volume) && !self.volumes.exists(volume).await {
                         return Err(validate::invalid(
                             &format!("create_vm.volumes[{index}]"),
-                            format!("volume `{volume}` does not exist on this node"),
+                            format!(
+                                "volume `{volume}` does not exist on this node (no copy, and no epoch of it names this node a client)"
+                            ),
                         ));
                     }
                 }

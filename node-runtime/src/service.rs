@@ -138,6 +138,7 @@ impl v1::observe_server::Observe for NodeService {
             .statuses(|name| exports.uri_of(name))
             .await;
         crate::vms::fill_disk_copies(&mut vms, &volumes);
+        self.node.remote.fill_remote_disks(&mut vms).await;
         Ok(Response::new(v1::ObserveResponse {
             node_name: self.node.config.name.clone(),
             observed_at_unix_ms: now_unix_ms(),
@@ -403,6 +404,42 @@ impl v1::replication_server::Replication for NodeService {
                 .volumes
                 .resize_replica(&request.volume, request.size_bytes, &caller)
                 .await?,
+        ))
+    }
+
+    async fn client_open(
+        &self,
+        request: Request<v1::ClientOpenRequest>,
+    ) -> Result<Response<v1::ClientOpenResponse>, Status> {
+        let caller = self.replication_caller(methods::CLIENT_OPEN, &request, None)?;
+        let request = request.into_inner();
+        validate::name("client_open_request.volume", &request.volume)?;
+        Ok(Response::new(
+            self.node.volumes.client_open(&request, &caller).await?,
+        ))
+    }
+
+    async fn client_read(
+        &self,
+        request: Request<v1::ClientReadRequest>,
+    ) -> Result<Response<v1::ClientReadResponse>, Status> {
+        let caller = self.replication_caller(methods::CLIENT_READ, &request, None)?;
+        let request = request.into_inner();
+        validate::name("client_read_request.volume", &request.volume)?;
+        Ok(Response::new(
+            self.node.volumes.client_read(&request, &caller).await?,
+        ))
+    }
+
+    async fn client_write(
+        &self,
+        request: Request<v1::ClientWriteRequest>,
+    ) -> Result<Response<v1::ClientWriteResponse>, Status> {
+        let caller = self.replication_caller(methods::CLIENT_WRITE, &request, None)?;
+        let request = request.into_inner();
+        validate::name("client_write_request.volume", &request.volume)?;
+        Ok(Response::new(
+            self.node.volumes.client_write(request, &caller).await?,
         ))
     }
 

@@ -38,9 +38,11 @@ use redb::Durability;
 use tokio::sync::{Mutex, RwLock};
 use tonic::Status;
 
+mod clients;
 mod epochs;
 mod snapshots;
 
+pub use clients::{CLIENT_FENCED, ClientView, NOT_INSTALLED, block_checksums, validate_clients};
 pub use epochs::{DEFAULT_FREEZE, FREEZE_ENV};
 use epochs::{EpochState, WriterState};
 

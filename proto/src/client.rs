@@ -402,6 +402,45 @@ impl NodeClient {
         Ok(self.checked(result)?.into_inner())
     }
 
+    /// `Replication.ClientOpen`: a volume's size, for a node reaching it remotely.
+    pub async fn client_open(
+        &mut self,
+        request: v1::ClientOpenRequest,
+    ) -> Result<v1::ClientOpenResponse, tonic::Status> {
+        let request = self.signed(methods::CLIENT_OPEN, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .client_open(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
+    /// `Replication.ClientRead`: bytes of an in-sync copy and their per-block crc32c.
+    pub async fn client_read(
+        &mut self,
+        request: v1::ClientReadRequest,
+    ) -> Result<v1::ClientReadResponse, tonic::Status> {
+        let request = self.signed(methods::CLIENT_READ, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .client_read(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
+    /// `Replication.ClientWrite`: a write through the volume's writer, answered once
+    /// every in-sync copy holds it.
+    pub async fn client_write(
+        &mut self,
+        request: v1::ClientWriteRequest,
+    ) -> Result<v1::ClientWriteResponse, tonic::Status> {
+        let request = self.signed(methods::CLIENT_WRITE, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .client_write(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
     /// `Replication.ReplicaSnapshot`: a replica takes (or deletes) a snapshot.
     pub async fn replica_snapshot(
         &mut self,

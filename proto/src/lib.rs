@@ -66,6 +66,12 @@ pub mod methods {
     pub const DELETE_REPLICA: &str = "/cairn.node.v1.Replication/DeleteReplica";
     /// `Replication.ResizeReplica`
     pub const RESIZE_REPLICA: &str = "/cairn.node.v1.Replication/ResizeReplica";
+    /// `Replication.ClientOpen`
+    pub const CLIENT_OPEN: &str = "/cairn.node.v1.Replication/ClientOpen";
+    /// `Replication.ClientRead`
+    pub const CLIENT_READ: &str = "/cairn.node.v1.Replication/ClientRead";
+    /// `Replication.ClientWrite`
+    pub const CLIENT_WRITE: &str = "/cairn.node.v1.Replication/ClientWrite";
     /// `Replication.ReplicaSnapshot`
     pub const REPLICA_SNAPSHOT: &str = "/cairn.node.v1.Replication/ReplicaSnapshot";
     /// `Replication.CloneReplica`

@@ -44,6 +44,10 @@ pub struct VolumeEpoch {
     pub in_sync: BTreeSet<String>,
     /// Every node holding a copy, in sync or not.
     pub copies: BTreeSet<String>,
+    /// Nodes that do client I/O on the volume without a copy (they run a VM using it):
+    /// installed with the epoch, served by the copies only under it.
+    #[serde(default)]
+    pub clients: BTreeSet<String>,
 }
 
 /// One journaled change of a volume's epoch.
@@ -293,6 +297,7 @@ impl<'a> EpochAuthority<'a> {
                 writer: writer.to_string(),
                 in_sync: in_sync.clone(),
                 copies: copies.clone(),
+                clients: BTreeSet::new(),
             };
             check(&state)?;
             Ok((state, "adopted".to_string()))
@@ -429,6 +434,7 @@ pub fn install(state: &VolumeEpoch) -> SetVolumeEpoch {
         epoch: state.epoch,
         writer: state.writer.clone(),
         in_sync: state.in_sync.iter().cloned().collect(),
+        clients: state.clients.iter().cloned().collect(),
     }
 }
 

@@ -8,8 +8,27 @@
 use proto::v1;
 
 use super::types::{
-    BondRecord, Peer, PeerRecord, TrafficClass, VmDefinition, VmImage, VmNic, VmRecord, VolumeRole,
+    BondRecord, ClientVolumeRecord, Peer, PeerRecord, TrafficClass, VmDefinition, VmImage, VmNic,
+    VmRecord, VolumeRole,
 };
+
+/// A `SetVolumeEpoch` as a node holding no copy of the volume keeps it.
+pub fn client_volume_record(wire: &v1::SetVolumeEpoch) -> ClientVolumeRecord {
+    let v1::SetVolumeEpoch {
+        name: _,
+        epoch,
+        writer,
+        in_sync,
+        clients,
+    } = wire;
+    ClientVolumeRecord {
+        version: ClientVolumeRecord::VERSION,
+        epoch: *epoch,
+        writer: writer.clone(),
+        in_sync: in_sync.clone(),
+        clients: clients.clone(),
+    }
+}
 
 /// A wire peer as kept in a record.
 pub fn peer(wire: &v1::Peer) -> Peer {

@@ -10,7 +10,9 @@
 //!   ([`VolumeRecord`], [`VmRecord`], [`BondRecord`]);
 //! - `peers`: the peer set pushed with `SetPeers` ([`PeerRecord`]);
 //! - `volume_epochs`: the highest epoch of each volume this copy was told of, with
-//!   its writer and in-sync set ([`VolumeEpochRecord`]);
+//!   its writer, in-sync set and clients ([`VolumeEpochRecord`]);
+//! - `client_volumes`: volumes this node holds no copy of but reaches remotely, with
+//!   the epoch installed here ([`ClientVolumeRecord`]);
 //! - `write_intents`: regions of replicated volumes that may differ between the
 //!   primary and its replicas (written before a replicated write, removed once every
 //!   copy acknowledged it), and each volume's sequence high-water mark;
@@ -39,12 +41,13 @@ use redb::{
 };
 
 pub use convert::{
-    apply_bond, bond_record, create_vm, peer, peer_record, vm_definition, vm_record, volume_role,
-    wire_peer,
+    apply_bond, bond_record, client_volume_record, create_vm, peer, peer_record, vm_definition,
+    vm_record, volume_role, wire_peer,
 };
 pub use types::{
-    BondRecord, Peer, PeerRecord, Record, RequestRecord, SnapshotRecord, Table, TrafficClass,
-    VmDefinition, VmImage, VmNic, VmRecord, VolumeEpochRecord, VolumeRecord, VolumeRole,
+    BondRecord, ClientVolumeRecord, Peer, PeerRecord, Record, RequestRecord, SnapshotRecord, Table,
+    TrafficClass, VmDefinition, VmImage, VmNic, VmRecord, VolumeEpochRecord, VolumeRecord,
+    VolumeRole,
 };
 
 const WRITE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("write_intents");
@@ -154,8 +157,8 @@ fn decode<R: Record>(key: &str, bytes: &[u8]) -> Result<R, RecordsError> {
             supported: R::VERSION,
         });
     }
-    // Versions before `R::VERSION` would be upgraded here; every record type is at its
-    // first version.
+    // Versions before `R::VERSION` are upgraded here. Only `VolumeEpochRecord` has
+    // had a second version so far, and its new field (`clients`) defaults to empty.
     serde_json::from_slice(bytes).map_err(|error| corrupt(error.to_string()))
 }
 

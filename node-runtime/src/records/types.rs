@@ -24,19 +24,22 @@ pub enum Table {
     Peers,
     /// [`VolumeEpochRecord`]s by volume name.
     VolumeEpochs,
+    /// [`ClientVolumeRecord`]s by volume name.
+    ClientVolumes,
     /// [`SnapshotRecord`]s by `VOLUME/SNAPSHOT`.
     VolumeSnapshots,
 }
 
 impl Table {
     /// Every table of records.
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Requests,
         Table::Volumes,
         Table::Vms,
         Table::Bonds,
         Table::Peers,
         Table::VolumeEpochs,
+        Table::ClientVolumes,
         Table::VolumeSnapshots,
     ];
 
@@ -49,6 +52,7 @@ impl Table {
             Table::Bonds => "bonds",
             Table::Peers => "peers",
             Table::VolumeEpochs => "volume_epochs",
+            Table::ClientVolumes => "client_volumes",
             Table::VolumeSnapshots => "volume_snapshots",
         }
     }
@@ -291,11 +295,45 @@ pub struct VolumeEpochRecord {
     pub writer: String,
     /// Node names of the copies in sync at this epoch, the writer included.
     pub in_sync: Vec<String>,
+    /// Nodes that may do client I/O on the volume at this epoch without a copy (since
+    /// version 2; a version-1 record has none).
+    #[serde(default)]
+    pub clients: Vec<String>,
 }
 
 impl VolumeEpochRecord {
+    /// The version written: 2 added `clients`.
+    pub const VERSION: u32 = 2;
+}
+
+/// A volume this node holds no copy of but reaches remotely (it runs a VM using it):
+/// the highest epoch the controller installed here with this node among its clients
+/// (or, once moved away, without it: then this node is fenced).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientVolumeRecord {
+    /// [`ClientVolumeRecord::VERSION`] when written by this build.
+    pub version: u32,
+    /// The epoch (at least 1).
+    pub epoch: u64,
+    /// The node that writes the volume at this epoch (client writes go to it).
+    pub writer: String,
+    /// The copies in sync at this epoch (client reads go to the nearest).
+    pub in_sync: Vec<String>,
+    /// The nodes that may do client I/O at this epoch.
+    pub clients: Vec<String>,
+}
+
+impl ClientVolumeRecord {
     /// The version written.
     pub const VERSION: u32 = 1;
+}
+
+impl Record for ClientVolumeRecord {
+    const TABLE: Table = Table::ClientVolumes;
+    const VERSION: u32 = ClientVolumeRecord::VERSION;
+    fn decode_unversioned(_bytes: &[u8]) -> Result<Self, String> {
+        Err("client volumes were never stored unversioned".into())
+    }
 }
 
 impl Record for VolumeEpochRecord {

@@ -81,6 +81,8 @@ pub struct EpochState {
     pub writer: String,
     /// Empty at epoch 0 (every copy is in sync).
     pub in_sync: Vec<String>,
+    /// Nodes doing client I/O without a copy (`clients.rs`).
+    pub clients: Vec<String>,
 }
 
 impl EpochState {
@@ -89,6 +91,7 @@ impl EpochState {
             epoch: record.epoch,
             writer: record.writer.clone(),
             in_sync: record.in_sync.clone(),
+            clients: record.clients.clone(),
         }
     }
 
@@ -187,6 +190,7 @@ impl Volumes {
         for (index, node) in request.in_sync.iter().enumerate() {
             validate::name(&format!("set_volume_epoch.in_sync[{index}]"), node)?;
         }
+        super::clients::validate_clients(request)?;
         if !request.in_sync.contains(&request.writer) {
             return Err(validate::invalid(
                 "set_volume_epoch.in_sync",
@@ -224,6 +228,7 @@ impl Volumes {
             epoch: request.epoch,
             writer: request.writer.clone(),
             in_sync: request.in_sync.clone(),
+            clients: request.clients.clone(),
         };
         if request.epoch < current.epoch {
             return Err(Status::failed_precondition(format!(
@@ -254,6 +259,7 @@ impl Volumes {
             epoch: request.epoch,
             writer: request.writer.clone(),
             in_sync: request.in_sync.clone(),
+            clients: request.clients.clone(),
         };
         let records = self.records.clone();
         let key = request.name.clone();
@@ -719,6 +725,7 @@ mod tests {
             epoch: 3,
             writer: "a".into(),
             in_sync: vec!["a".into(), "b".into()],
+            clients: Vec::new(),
         };
         assert!(later.in_sync("b") && !later.in_sync("c"));
         assert_eq!(later.describe(), "epoch 3 (writer a, in sync: a, b)");

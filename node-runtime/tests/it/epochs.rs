@@ -141,6 +141,7 @@ async fn install(
                 epoch,
                 writer: writer.into(),
                 in_sync: in_sync.iter().map(|name| name.to_string()).collect(),
+                clients: Vec::new(),
             }),
         ))
         .await
