@@ -166,8 +166,8 @@ impl LocalVolumes {
         Ok(())
     }
 
-    /// Overwrites a range regardless of sequence numbers (resynchronisation from the
-    /// primary).
+    /// Overwrites a range where its blocks live, frozen layers included, regardless of
+    /// sequence numbers (read repair of a bad block from another copy).
     pub fn overwrite(
         &self,
         name: &str,
@@ -176,6 +176,23 @@ impl LocalVolumes {
         checksums: Vec<u32>,
     ) -> Result<(), StorageError> {
         self.store.volume(name)?.repair(&storage::RepairData {
+            offset,
+            data,
+            checksums,
+        })
+    }
+
+    /// Writes the writer's bytes of a range regardless of sequence numbers
+    /// (resynchronisation: intents, a copy catching up), copy on write: a snapshot of
+    /// this copy keeps its blocks.
+    pub fn resync(
+        &self,
+        name: &str,
+        offset: u64,
+        data: Vec<u8>,
+        checksums: Vec<u32>,
+    ) -> Result<(), StorageError> {
+        self.store.volume(name)?.resync(&storage::RepairData {
             offset,
             data,
             checksums,

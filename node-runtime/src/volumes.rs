@@ -1149,7 +1149,7 @@ impl Volumes {
             epoch: _,
         } = request;
         if resync {
-            blocking(move || local.overwrite(&volume, offset, data, checksums)).await?;
+            blocking(move || local.resync(&volume, offset, data, checksums)).await?;
         } else {
             blocking(move || local.apply_replica(&volume, sequence, offset, data, checksums))
                 .await?;

@@ -373,3 +373,154 @@ async fn a_snapshot_taken_during_writes_is_the_same_point_on_both_copies_and_clo
         "every byte is free again on both nodes"
     );
 }
+
+async fn install_epoch(client: &mut NodeClient, id: &str, epoch: u64, in_sync: &[&str]) {
+    apply_ok(
+        client,
+        id,
+        Action::SetVolumeEpoch(proto::v1::SetVolumeEpoch {
+            name: "v".into(),
+            epoch,
+            writer: "snapo-p".into(),
+            in_sync: in_sync.iter().map(|name| name.to_string()).collect(),
+            ..Default::default()
+        }),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_outside_the_in_sync_set_takes_the_snapshot_at_its_point_when_it_catches_up() {
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let primary = TestNode::start_on(
+        "snapo-p",
+        &base.path().join("p"),
+        &controller,
+        "127.0.0.133",
+    );
+    let replica = TestNode::start_on(
+        "snapo-r",
+        &base.path().join("r"),
+        &controller,
+        "127.0.0.134",
+    );
+    let peers: Vec<Peer> = [&primary, &replica]
+        .iter()
+        .map(|node| Peer {
+            name: node.name.clone(),
+            address: node.address.clone(),
+            public_key_hex: node.public_key_hex(),
+        })
+        .collect();
+    for node in [&primary, &replica] {
+        let mut client = node.client(&controller).await;
+        apply_ok(
+            &mut client,
+            "peers",
+            Action::SetPeers(SetPeers {
+                peers: peers.clone(),
+            }),
+        )
+        .await;
+    }
+    let mut on_primary = primary.client(&controller).await;
+    let mut on_replica = replica.client(&controller).await;
+    apply_ok(
+        &mut on_primary,
+        "create",
+        Action::CreateVolume(CreateVolume {
+            name: "v".into(),
+            size_bytes: BLOCK * BLOCKS,
+            stripe_width: 2,
+            stripe_unit_bytes: BLOCK,
+            replica_peers: vec![Peer {
+                name: replica.name.clone(),
+                ..Default::default()
+            }],
+        }),
+    )
+    .await;
+    let mut expected = vec![0u8; (BLOCK * BLOCKS) as usize];
+    let mut put = |bytes: &mut Vec<u8>, block: u64, seed: u64| {
+        let data = pattern(seed, BLOCK as usize);
+        bytes[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize].copy_from_slice(&data);
+        write("v", block * BLOCK, data)
+    };
+    for block in 0..BLOCKS {
+        let action = put(&mut expected, block, block + 1);
+        apply_ok(&mut on_primary, &format!("w{block}"), action).await;
+    }
+    // The authority takes the replica out of the in-sync set (the replica first, the
+    // writer last, as the controller installs).
+    install_epoch(&mut on_replica, "e1", 1, &["snapo-p"]).await;
+    install_epoch(&mut on_primary, "e1", 1, &["snapo-p"]).await;
+    // Writes the replica misses, then the snapshot, then writes after it to the same
+    // blocks: the replica's snapshot must hold the first, not the second.
+    for block in 0..4 {
+        let action = put(&mut expected, block, 100 + block);
+        apply_ok(&mut on_primary, &format!("x{block}"), action).await;
+    }
+    let at_snapshot = expected.clone();
+    let taken = apply_ok(&mut on_primary, "snap", snapshot("v", "s1")).await;
+    let Some(ApplyResult::Snapshot(taken)) = taken.result else {
+        panic!("unexpected result {taken:?}");
+    };
+    assert_eq!(
+        taken.copies,
+        vec!["snapo-p".to_string()],
+        "the copy outside the in-sync set does not hold it yet"
+    );
+    for (id, block, seed) in [("y0", 0, 200), ("y5", 5, 201), ("y2", 2, 202)] {
+        let action = put(&mut expected, block, seed);
+        apply_ok(&mut on_primary, id, action).await;
+    }
+    // The writer's background pass catches the copy up: the snapshot first, at its point.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let writer = status_of(&mut on_primary, "v").await;
+        let copy = status_of(&mut on_replica, "v").await;
+        let caught_up = writer.caught_up.contains(&"snapo-r".to_string());
+        let pending = writer
+            .snapshots
+            .iter()
+            .any(|snapshot| !snapshot.pending_copies.is_empty());
+        if caught_up && !pending && copy.snapshots.len() == 1 {
+            assert_eq!(copy.snapshots[0].name, "s1");
+            assert_eq!(
+                copy.snapshots[0].created_at_unix_ms,
+                taken.created_at_unix_ms
+            );
+            assert!(writer.resync_bytes > 0);
+            println!(
+                "caught up: {} bytes shipped to the returning copy",
+                writer.resync_bytes
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copy did not catch up: writer {writer:?}, copy {copy:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    install_epoch(&mut on_replica, "e2", 2, &["snapo-p", "snapo-r"]).await;
+    install_epoch(&mut on_primary, "e2", 2, &["snapo-p", "snapo-r"]).await;
+    // Both copies of the snapshot (read through a clone) are the volume at its point;
+    // both copies of the volume hold every write.
+    apply_ok(&mut on_primary, "clone", clone("v", "s1", "c")).await;
+    let on_p = read_all(&mut on_primary, "c").await;
+    let on_r = read_all(&mut on_replica, "c").await;
+    assert_eq!(
+        crc32c::crc32c(&on_p),
+        crc32c::crc32c(&at_snapshot),
+        "the writer's snapshot"
+    );
+    assert_eq!(
+        crc32c::crc32c(&on_r),
+        crc32c::crc32c(&at_snapshot),
+        "the returning copy's snapshot"
+    );
+    assert_eq!(read_all(&mut on_primary, "v").await, expected);
+    assert_eq!(read_all(&mut on_replica, "v").await, expected);
+}

@@ -427,6 +427,35 @@ impl Volume {
         Ok(())
     }
 
+    /// Writes another copy's bytes of a range (a returning replica catching up, a write
+    /// intent brought onto a replica): the checksums are verified like
+    /// [`Volume::repair`]'s, but the data goes to the volume's writable layer, copy on
+    /// write, as an ordinary write does, so snapshots and the bases of clones keep their
+    /// blocks ([`Volume::repair`] overwrites a block where it lives, frozen layers
+    /// included: right for a bad block, wrong for newer data). The sequence number does
+    /// not move.
+    pub fn resync(&self, data: &crate::replication::RepairData) -> Result<()> {
+        let actual = crc_blocks(&data.data);
+        if actual != data.checksums {
+            return Err(StorageError::invalid(
+                "checksums",
+                "resynchronised data does not match its crc32c (corrupted in transit)",
+            ));
+        }
+        let mut st = self.store.write_state();
+        let seq = self.record(&st)?.seq;
+        self.store.write_locked(
+            &mut st,
+            &self.name,
+            data.offset,
+            &data.data,
+            Some(&actual),
+            WriteMode::Normal,
+            Some(seq),
+        )?;
+        Ok(())
+    }
+
     /// Reads the whole volume and lists every block that fails its checksum.
     pub fn scrub(&self) -> Result<Vec<BadBlock>> {
         let info = self.info()?;

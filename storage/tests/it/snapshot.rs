@@ -127,3 +127,55 @@ fn snapshots_are_read_only_through_the_block_device_seam() {
         Err(StorageError::UnknownSnapshot { .. })
     ));
 }
+
+#[test]
+fn resync_writes_copy_on_write_and_repair_in_place() {
+    let (_dir, store) = store_with_disks(2, 16 * MIB, EngineKind::Auto);
+    let vol = store.create_volume(&spec("r", MIB, 64 * KIB, 2)).unwrap();
+    let a = pattern(20, 128 * KIB as usize);
+    vol.write_at(0, &a).unwrap();
+    let seq = vol.info().unwrap().seq;
+    let snap = store.create_snapshot("r", "s").unwrap();
+    // A resync of newer bytes lands in the volume's own layer: the snapshot keeps its
+    // blocks, the sequence number stays, the snapshot's layer owns what it held.
+    let b = pattern(21, 64 * KIB as usize);
+    let crcs: Vec<u32> = b.chunks(4096).map(crc32c::crc32c).collect();
+    vol.resync(&storage::RepairData {
+        offset: 0,
+        data: b.clone(),
+        checksums: crcs.clone(),
+    })
+    .unwrap();
+    let mut expected = a.clone();
+    expected[..b.len()].copy_from_slice(&b);
+    check_read(&vol, 0, &expected);
+    let mut buf = vec![0u8; a.len()];
+    snap.read_at(0, &mut buf).unwrap();
+    assert!(buf == a, "a resync must not change a snapshot");
+    assert_eq!(vol.info().unwrap().seq, seq);
+    assert_eq!(vol.info().unwrap().allocated, 64 * KIB);
+    // Data that does not match its checksums is refused, naming the field.
+    let err = vol
+        .resync(&storage::RepairData {
+            offset: 0,
+            data: pattern(22, 4096),
+            checksums: vec![0],
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, StorageError::InvalidArgument { field, .. } if *field == "checksums"),
+        "{err:?}"
+    );
+    // A repair of the same unit in the frozen layer overwrites it where it lives (for a
+    // bad block): the snapshot shows it.
+    let c = pattern(23, 64 * KIB as usize);
+    let crcs: Vec<u32> = c.chunks(4096).map(crc32c::crc32c).collect();
+    vol.repair(&storage::RepairData {
+        offset: 64 * KIB,
+        data: c.clone(),
+        checksums: crcs,
+    })
+    .unwrap();
+    snap.read_at(0, &mut buf).unwrap();
+    assert!(buf[64 * KIB as usize..] == c[..]);
+}
