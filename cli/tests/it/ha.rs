@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::engine::{Cluster, gitops_up_args, kvm_usable, quickstart_copy};
 
 /// A control-socket status of a VM's cairn-vmm, or None when nothing answers.
-fn vmm_status(socket: &Path) -> Option<Value> {
+pub(crate) fn vmm_status(socket: &Path) -> Option<Value> {
     let mut stream = UnixStream::connect(socket).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     stream.write_all(b"{\"op\":\"status\"}\n").ok()?;
@@ -24,19 +24,26 @@ fn vmm_status(socket: &Path) -> Option<Value> {
 }
 
 /// The pid of the cairn-vmm whose command line names `vm_dir`.
-fn vmm_pid(vm_dir: &Path) -> Option<u32> {
-    let needle = vm_dir.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
-            (cmdline.contains("cairn-vmm") && cmdline.contains(&needle)).then_some(pid)
-        })
+pub(crate) fn vmm_pid(vm_dir: &Path) -> Option<u32> {
+    vmm_pids(&vm_dir.to_string_lossy()).into_iter().next()
 }
 
-fn alive(pid: u32) -> bool {
+/// The pids of the cairn-vmm processes whose command line contains `needle`.
+pub(crate) fn vmm_pids(needle: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).ok()?;
+            (cmdline.contains("cairn-vmm") && cmdline.contains(needle)).then_some(pid)
+        })
+        .collect()
+}
+
+pub(crate) fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         !stat
             .rsplit(')')
@@ -47,7 +54,7 @@ fn alive(pid: u32) -> bool {
     })
 }
 
-fn signal(pid: u32, signal: &str) {
+pub(crate) fn signal(pid: u32, signal: &str) {
     let ok = Command::new("kill")
         .args([signal, &pid.to_string()])
         .status()
@@ -55,16 +62,18 @@ fn signal(pid: u32, signal: &str) {
     assert!(ok, "kill {signal} {pid}");
 }
 
-struct HaCluster {
-    cluster: Cluster,
+pub(crate) struct HaCluster {
+    pub(crate) cluster: Cluster,
     /// Where each VM runs (from the controller's status).
-    placement: Vec<(String, String)>,
+    pub(crate) placement: Vec<(String, String)>,
     /// The `dev up` arguments (to start a node again).
-    up_args: Vec<String>,
+    pub(crate) up_args: Vec<String>,
+    /// The nodes' `cairn-vmm` instead of the built one (`CAIRN_VMM_BIN`), if any.
+    pub(crate) vmm_bin: Option<PathBuf>,
 }
 
 impl HaCluster {
-    fn status(&self) -> Value {
+    pub(crate) fn status(&self) -> Value {
         let out = self
             .cluster
             .command(&["status", ".", "--format", "json"])
@@ -73,7 +82,7 @@ impl HaCluster {
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
 
-    fn vm_dir(&self, vm: &str) -> PathBuf {
+    pub(crate) fn vm_dir(&self, vm: &str) -> PathBuf {
         let node = &self
             .placement
             .iter()
@@ -88,7 +97,7 @@ impl HaCluster {
             .join(vm)
     }
 
-    fn node_pid(&self, node: &str) -> u32 {
+    pub(crate) fn node_pid(&self, node: &str) -> u32 {
         let pids: Value = serde_json::from_slice(
             &std::fs::read(self.cluster.path().join(".cairn/dev/pids.json")).expect("pids.json"),
         )
@@ -99,7 +108,12 @@ impl HaCluster {
             .unwrap_or_else(|| panic!("no pid of {node} in {pids}")) as u32
     }
 
-    fn wait<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut(&Value) -> Option<T>) -> T {
+    pub(crate) fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&Value) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
             let s = self.status();
@@ -122,6 +136,25 @@ impl HaCluster {
 
     /// A quickstart copy changed by `edit` before `dev up --gitops`.
     fn up_with(tag: &str, edit: impl Fn(&Path)) -> Option<HaCluster> {
+        Self::up_in(tag, edit, None)
+    }
+
+    /// `dev up` again (a node that was killed comes back; a controller too).
+    pub(crate) fn dev_up(&self) -> crate::Run {
+        let args: Vec<&str> = self.up_args.iter().map(String::as_str).collect();
+        let mut command = self.cluster.command(&args);
+        if let Some(vmm) = &self.vmm_bin {
+            command.env("CAIRN_VMM_BIN", vmm);
+        }
+        command.output().expect("cairn dev up runs").into()
+    }
+
+    /// Like `up_with`; with `vmm_bin`, every node runs that `cairn-vmm`.
+    pub(crate) fn up_in(
+        tag: &str,
+        edit: impl Fn(&Path),
+        vmm_bin: Option<PathBuf>,
+    ) -> Option<HaCluster> {
         for tool in ["git", "ssh-keygen"] {
             if Command::new(tool).arg("--help").output().is_err() {
                 eprintln!(
@@ -137,22 +170,19 @@ impl HaCluster {
         let dir = quickstart_copy(tag);
         edit(&dir.0);
         let cluster = Cluster { dir };
-        let up_args = gitops_up_args();
-        let out = cluster
-            .command(&up_args.iter().map(String::as_str).collect::<Vec<_>>())
-            .output()
-            .expect("cairn dev up runs");
-        assert!(
-            out.status.success(),
-            "dev up --gitops failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
         let mut ha = HaCluster {
             cluster,
             placement: Vec::new(),
-            up_args,
+            up_args: gitops_up_args(),
+            vmm_bin,
         };
+        let out = ha.dev_up();
+        assert!(
+            out.code == 0,
+            "dev up --gitops failed: {}\n{}",
+            out.stdout,
+            out.stderr
+        );
         // Every VM runs, and every node renews its lease.
         ha.placement = ha.wait(
             "the seed commit running, leases ready",

@@ -10,6 +10,7 @@ mod engine;
 mod gitops;
 mod golden;
 mod ha;
+mod ha_faults;
 mod policy;
 mod reconcile;
 mod safety;
