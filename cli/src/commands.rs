@@ -686,12 +686,22 @@ pub fn volume_export(
         return Ok(1);
     };
     let address = spec[&node].address.clone();
+    // A running VM's disk is exported read-only: a second writer beside its guest
+    // would change the disk under its file system (the node refuses a writable one).
+    let running_on = observed.nodes.iter().find_map(|(node, o)| match o {
+        NodeObservation::Reachable { vms, .. } => vms
+            .get(vm_name)
+            .filter(|vm| vm.is_running())
+            .map(|_| node.clone()),
+        NodeObservation::Unreachable { .. } => None,
+    });
     let request = proto::v1::ApplyRequest {
         request_id: format!("export-{}", reconciler::state::random_id()),
         action: Some(proto::v1::apply_request::Action::ExportVolume(
             proto::v1::ExportVolume {
                 name: volume.clone(),
                 lifetime_seconds: lifetime_ms.div_ceil(1000),
+                read_only: running_on.is_some(),
             },
         )),
     };
@@ -709,9 +719,14 @@ pub fn volume_export(
     };
     store.audit(
         "volume-export",
-        serde_json::json!({"volume": volume, "node": node, "uri": export.uri, "expires_at_unix_ms": export.expires_at_unix_ms}),
+        serde_json::json!({"volume": volume, "node": node, "uri": export.uri, "expires_at_unix_ms": export.expires_at_unix_ms, "read_only": export.read_only}),
     )?;
     println!("{}", export.uri);
+    if let Some(running) = &running_on {
+        eprintln!(
+            "read-only: vm `{vm_name}` is running on node {running}; stop it for a writable export"
+        );
+    }
     let until = if export.expires_at_unix_ms == 0 {
         "until it is unexported".to_owned()
     } else {

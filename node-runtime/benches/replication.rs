@@ -105,6 +105,7 @@ async fn nbd_writes(client: &mut NodeClient, volume: &str, image: &Path) -> f64 
         Action::ExportVolume(ExportVolume {
             name: volume.into(),
             lifetime_seconds: 0,
+            read_only: false,
         }),
     )
     .await;

@@ -158,6 +158,7 @@ async fn node_backend(client: &mut NodeClient, name: &str, replicas: &[&Node]) -
     let export = Action::ExportVolume(ExportVolume {
         name: name.into(),
         lifetime_seconds: 0,
+        read_only: false,
     });
     let response = apply(client, format!("export-{name}"), export).await;
     let Some(ApplyResult::ExportVolume(export)) = response.result else {

@@ -7,8 +7,18 @@
 //! `nbd+unix:///NAME?socket=PATH`, which qemu-img, qemu-io, nbdinfo and nbdcopy accept.
 //! An export may be given a lifetime: when it runs out the socket is removed and every
 //! connection to it is closed, as `UnexportVolume` and `DeleteVolume` do at once.
-//! Exports do not survive a restart of the agent; sockets left by a crash are removed
-//! when it starts.
+//!
+//! Exports survive a restart of the agent (kill -9 included): each one (volume, lifetime
+//! deadline, read-only) is kept in the node's records (`node.redb`, table `exports`)
+//! before `ExportVolume` answers, and [`Exports::restore`] serves it again on the same
+//! socket, so the same URI works; one whose deadline passed meanwhile is forgotten.
+//! Sockets left by a crash are removed at start before that.
+//!
+//! An export may be read-only (`NBD_FLAG_READ_ONLY`, writes refused with `EPERM`). A
+//! volume that is the disk of a running VM is exported read-only only: a second writer
+//! beside the guest would change the disk under its file system, so a writable export
+//! of it is refused, and a writable export is turned read-only (served again, its
+//! connections closed) when a VM using the volume starts.
 //!
 //! A running VM's disks are exported the same way, to its `cairn-vmm` only
 //! ([`Exports::attach_vm`]): one server per disk on `DATA_DIR/exports/vm-VM-INDEX.sock`,
@@ -22,16 +32,19 @@
 //! `Apply.WriteVolume`.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use storage::nbd::{Exports as NbdExports, NbdServer};
 use storage::{AllocationRun, BlockDevice, StorageError};
 use tonic::Status;
 
 use crate::events::now_unix_ms;
+use crate::records::Records;
 use crate::validate::MAX_IO_BYTES;
 use crate::volumes::Volumes;
 
@@ -45,6 +58,7 @@ pub struct ReplicatedDevice {
     volumes: Arc<Volumes>,
     name: String,
     size_bytes: u64,
+    read_only: bool,
     runtime: tokio::runtime::Handle,
 }
 
@@ -66,6 +80,10 @@ fn io_error(context: String, status: &Status) -> StorageError {
 impl BlockDevice for ReplicatedDevice {
     fn size(&self) -> storage::Result<u64> {
         Ok(self.size_bytes)
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> storage::Result<()> {
@@ -93,6 +111,16 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> storage::Result<()> {
+        if self.read_only {
+            // The NBD server refuses writes to a read-only export before they get here.
+            return Err(StorageError::Io {
+                context: format!("writing volume `{}`", self.name),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the export is read-only",
+                ),
+            });
+        }
         // NBD connections run on their own OS threads, outside the tokio runtime, so
         // blocking on the runtime here is allowed.
         for (index, chunk) in data.chunks(MAX_IO_BYTES as usize).enumerate() {
@@ -137,6 +165,23 @@ pub struct ExportInfo {
     pub socket_path: PathBuf,
     /// When the export closes (Unix ms); 0 if it has no lifetime.
     pub expires_at_unix_ms: u64,
+    /// Served read-only.
+    pub read_only: bool,
+}
+
+/// An export as the node's records keep it (JSON, table `exports`, keyed by volume).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ExportRecord {
+    /// [`ExportRecord::VERSION`] when written by this build.
+    version: u32,
+    /// When the export closes (Unix ms); 0 if it has no lifetime.
+    expires_at_unix_ms: u64,
+    /// Served read-only.
+    read_only: bool,
+}
+
+impl ExportRecord {
+    const VERSION: u32 = 1;
 }
 
 #[derive(Debug)]
@@ -164,8 +209,8 @@ pub struct VmDisk {
 #[derive(Debug, Default)]
 struct State {
     exports: BTreeMap<String, Export>,
-    /// The disk servers of each running VM, by VM name.
-    vm_disks: BTreeMap<String, Vec<NbdServer>>,
+    /// The disk servers of each running VM (volume, server), by VM name.
+    vm_disks: BTreeMap<String, Vec<(String, NbdServer)>>,
     generation: u64,
     stopped: bool,
 }
@@ -174,6 +219,7 @@ struct State {
 #[derive(Debug)]
 pub struct Exports {
     volumes: Arc<Volumes>,
+    records: Arc<Records>,
     socket_dir: PathBuf,
     state: Arc<Mutex<State>>,
 }
@@ -200,6 +246,15 @@ fn prepare_socket_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// The running VM whose disk volume `name` is, if any.
+fn attached_to(state: &State, name: &str) -> Option<String> {
+    state
+        .vm_disks
+        .iter()
+        .find(|(_, servers)| servers.iter().any(|(volume, _)| volume == name))
+        .map(|(vm, _)| vm.clone())
+}
+
 /// Stops a server off the async threads (it joins its accept thread).
 async fn stop(server: NbdServer) {
     let _ = tokio::task::spawn_blocking(move || server.shutdown()).await;
@@ -207,8 +262,8 @@ async fn stop(server: NbdServer) {
 
 impl Exports {
     /// No exports yet; sockets are made in `socket_dir`. Sockets left there by an agent
-    /// that crashed are removed (exports do not survive a restart).
-    pub fn new(volumes: Arc<Volumes>, socket_dir: PathBuf) -> Self {
+    /// that crashed are removed; [`Exports::restore`] serves the kept exports again.
+    pub fn new(volumes: Arc<Volumes>, records: Arc<Records>, socket_dir: PathBuf) -> Self {
         if let Ok(entries) = std::fs::read_dir(&socket_dir) {
             for entry in entries.flatten() {
                 if entry.path().extension().is_some_and(|ext| ext == "sock") {
@@ -218,18 +273,82 @@ impl Exports {
         }
         Self {
             volumes,
+            records,
             socket_dir,
             state: Arc::default(),
         }
     }
 
+    /// Serves again every export kept in the node's records (at start), with its
+    /// deadline and mode; forgets those whose deadline passed or whose volume is no
+    /// longer a primary here. Returns one line per export that could not be served.
+    pub async fn restore(&self) -> Vec<String> {
+        let kept = match self.records.exports() {
+            Ok(kept) => kept,
+            Err(error) => return vec![format!("cannot read the kept NBD exports: {error}")],
+        };
+        let mut problems = Vec::new();
+        for (name, bytes) in kept {
+            let record = match serde_json::from_slice::<ExportRecord>(&bytes) {
+                Ok(record) if record.version <= ExportRecord::VERSION => record,
+                Ok(record) => {
+                    problems.push(format!(
+                        "export of volume `{name}` was kept by a newer cairn-node (version {}); not served",
+                        record.version
+                    ));
+                    continue;
+                }
+                Err(error) => {
+                    problems.push(format!(
+                        "export of volume `{name}` in node.redb does not decode: {error}; forgotten"
+                    ));
+                    let _ = self.records.remove_export(&name);
+                    continue;
+                }
+            };
+            let expired =
+                record.expires_at_unix_ms != 0 && record.expires_at_unix_ms <= now_unix_ms();
+            let served = if expired {
+                Err(Status::deadline_exceeded(
+                    "its lifetime ran out while the node was down",
+                ))
+            } else {
+                self.export_until(&name, record.expires_at_unix_ms, record.read_only)
+                    .await
+            };
+            if let Err(status) = served {
+                let _ = self.records.remove_export(&name);
+                let mut line = format!("export of volume `{name}` not served again: ");
+                let _ = write!(line, "{}", status.message());
+                problems.push(line);
+            }
+        }
+        problems
+    }
+
     /// Exports a volume on its own owner-only unix socket and returns its URI. Exporting
-    /// an exported volume returns the same URI and sets its lifetime anew: `lifetime`
-    /// from now, or none (`None`: until unexported, deleted or the node stops).
+    /// an exported volume returns the same URI and sets its lifetime (and mode) anew:
+    /// `lifetime` from now, or none (`None`: until unexported or deleted). The export
+    /// is kept in the node's records before this returns, so it is served again after a
+    /// restart. A volume that is the disk of a running VM here is exported read-only
+    /// only.
     pub async fn export(
         &self,
         name: &str,
         lifetime: Option<Duration>,
+        read_only: bool,
+    ) -> Result<ExportInfo, Status> {
+        let expires_at_unix_ms =
+            lifetime.map_or(0, |lifetime| now_unix_ms() + lifetime.as_millis() as u64);
+        self.export_until(name, expires_at_unix_ms, read_only).await
+    }
+
+    /// [`Exports::export`] with its deadline (Unix ms, 0 for none).
+    async fn export_until(
+        &self,
+        name: &str,
+        expires_at_unix_ms: u64,
+        read_only: bool,
     ) -> Result<ExportInfo, Status> {
         let (primary, size_bytes) = self.volumes.role_and_size(name).await?;
         if !primary {
@@ -237,20 +356,44 @@ impl Exports {
                 "volume `{name}` is a replica on this node; export it from its primary"
             )));
         }
-        let expires_at_unix_ms =
-            lifetime.map_or(0, |lifetime| now_unix_ms() + lifetime.as_millis() as u64);
+        let (generation, replaced) = {
+            let mut state = lock(&self.state);
+            if state.stopped {
+                return Err(Status::unavailable("the node is stopping"));
+            }
+            if !read_only && let Some(vm) = attached_to(&state, name) {
+                return Err(Status::failed_precondition(format!(
+                    "volume `{name}` is a disk of vm `{vm}`, which is running on this node: a writable export would be a second writer under its guest; export it read-only (`read_only`), or stop the VM first"
+                )));
+            }
+            state.generation += 1;
+            let generation = state.generation;
+            let same_mode = state
+                .exports
+                .get(name)
+                .map(|existing| existing.info.read_only == read_only);
+            let replaced = match (same_mode, state.exports.get_mut(name)) {
+                (Some(true), Some(existing)) => {
+                    existing.generation = generation;
+                    existing.info.expires_at_unix_ms = expires_at_unix_ms;
+                    None
+                }
+                // Another mode: served anew on the same socket (clients learn the mode
+                // at the handshake, so open connections are closed).
+                (Some(false), _) => state.exports.remove(name),
+                _ => None,
+            };
+            (generation, replaced)
+        };
+        if let Some(old) = replaced {
+            stop(old.server).await;
+        }
         let mut state = lock(&self.state);
         if state.stopped {
             return Err(Status::unavailable("the node is stopping"));
         }
-        state.generation += 1;
-        let generation = state.generation;
-        let info = match state.exports.get_mut(name) {
-            Some(existing) => {
-                existing.generation = generation;
-                existing.info.expires_at_unix_ms = expires_at_unix_ms;
-                existing.info.clone()
-            }
+        let info = match state.exports.get(name) {
+            Some(existing) => existing.info.clone(),
             None => {
                 prepare_socket_dir(&self.socket_dir).map_err(|error| {
                     Status::internal(format!(
@@ -260,7 +403,7 @@ impl Exports {
                 })?;
                 let socket_path = self.socket_dir.join(format!("{name}.sock"));
                 let server = self
-                    .serve(name, size_bytes, &socket_path)
+                    .serve(name, size_bytes, &socket_path, read_only)
                     .map_err(|error| {
                         Status::failed_precondition(format!(
                             "cannot export volume `{name}`: {error}"
@@ -270,6 +413,7 @@ impl Exports {
                     uri: server.uri(name),
                     socket_path,
                     expires_at_unix_ms,
+                    read_only,
                 };
                 state.exports.insert(
                     name.to_string(),
@@ -282,9 +426,28 @@ impl Exports {
                 info
             }
         };
+        let record = ExportRecord {
+            version: ExportRecord::VERSION,
+            expires_at_unix_ms,
+            read_only,
+        };
+        let kept = serde_json::to_vec(&record)
+            .map_err(|error| error.to_string())
+            .and_then(|bytes| {
+                self.records
+                    .put_export(name, &bytes)
+                    .map_err(|error| error.to_string())
+            });
         drop(state);
-        if let Some(lifetime) = lifetime {
+        if let Err(error) = kept {
+            return Err(Status::internal(format!(
+                "volume `{name}` is exported but could not be kept for a restart: {error}"
+            )));
+        }
+        if expires_at_unix_ms != 0 {
+            let lifetime = Duration::from_millis(expires_at_unix_ms.saturating_sub(now_unix_ms()));
             let state = self.state.clone();
+            let records = self.records.clone();
             let name = name.to_string();
             tokio::spawn(async move {
                 tokio::time::sleep(lifetime).await;
@@ -292,6 +455,7 @@ impl Exports {
                     let mut state = lock(&state);
                     match state.exports.get(&name) {
                         Some(export) if export.generation == generation => {
+                            let _ = records.remove_export(&name);
                             state.exports.remove(&name)
                         }
                         _ => None,
@@ -307,11 +471,19 @@ impl Exports {
 
     /// Stops exporting a volume: removes its socket and closes every connection to it
     /// (missing is fine).
-    pub async fn unexport(&self, name: &str) {
-        let removed = lock(&self.state).exports.remove(name);
+    pub async fn unexport(&self, name: &str) -> Result<(), Status> {
+        let (removed, forgotten) = {
+            let mut state = lock(&self.state);
+            (state.exports.remove(name), self.records.remove_export(name))
+        };
         if let Some(export) = removed {
             stop(export.server).await;
         }
+        forgotten.map_err(|error| {
+            Status::internal(format!(
+                "the export of volume `{name}` is closed but could not be forgotten (it would come back after a restart): {error}"
+            ))
+        })
     }
 
     /// The URI of an exported volume.
@@ -322,7 +494,8 @@ impl Exports {
             .map(|export| export.info.uri.clone())
     }
 
-    /// Stops every export (the node is stopping); later exports are refused.
+    /// Stops every export (the node is stopping); later exports are refused. The kept
+    /// exports stay in the records and are served again at the next start.
     pub async fn shutdown(&self) {
         let (exports, vm_disks) = {
             let mut state = lock(&self.state);
@@ -335,7 +508,7 @@ impl Exports {
         for (_, export) in exports {
             stop(export.server).await;
         }
-        for server in vm_disks.into_values().flatten() {
+        for (_, server) in vm_disks.into_values().flatten() {
             stop(server).await;
         }
     }
@@ -347,11 +520,13 @@ impl Exports {
         name: &str,
         size_bytes: u64,
         socket: &Path,
+        read_only: bool,
     ) -> Result<NbdServer, storage::nbd::NbdError> {
         let device = ReplicatedDevice {
             volumes: self.volumes.clone(),
             name: name.to_string(),
             size_bytes,
+            read_only,
             runtime: tokio::runtime::Handle::current(),
         };
         let devices = Arc::new(NbdExports::new());
@@ -398,9 +573,9 @@ impl Exports {
                 Ok((true, size_bytes)) => {
                     disk.local = true;
                     let socket = self.vm_disk_socket(vm, index);
-                    match self.serve(volume, size_bytes, &socket) {
+                    match self.serve(volume, size_bytes, &socket, false) {
                         Ok(server) => {
-                            servers.push(server);
+                            servers.push((volume.clone(), server));
                             disk.config = Some(vm_config::DiskConfig {
                                 path: socket,
                                 read_only: false,
@@ -423,10 +598,32 @@ impl Exports {
             }
         };
         if let Some(servers) = stale {
-            for server in servers {
+            for (_, server) in servers {
                 stop(server).await;
             }
             return Err(Status::unavailable("the node is stopping"));
+        }
+        // A writable export of a disk would be a second writer beside the guest: it is
+        // served again read-only (its open connections are closed; clients reconnect
+        // and learn the mode at the handshake).
+        for disk in disks.iter().filter(|disk| disk.config.is_some()) {
+            let writable = lock(&self.state)
+                .exports
+                .get(&disk.volume)
+                .map(|export| (export.info.expires_at_unix_ms, export.info.read_only));
+            if let Some((expires_at_unix_ms, false)) = writable
+                && let Err(status) = self
+                    .export_until(&disk.volume, expires_at_unix_ms, true)
+                    .await
+            {
+                // It cannot stay writable: close it.
+                let _ = self.unexport(&disk.volume).await;
+                eprintln!(
+                    "cairn-node: the writable export of volume `{}` (a disk of vm `{vm}`) is closed: it could not be served read-only: {}",
+                    disk.volume,
+                    status.message()
+                );
+            }
         }
         Ok(disks)
     }
@@ -435,7 +632,7 @@ impl Exports {
     /// every connection to them. Missing is fine.
     pub async fn detach_vm(&self, vm: &str) {
         let removed = lock(&self.state).vm_disks.remove(vm);
-        for server in removed.into_iter().flatten() {
+        for (_, server) in removed.into_iter().flatten() {
             stop(server).await;
         }
     }

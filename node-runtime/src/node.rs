@@ -177,6 +177,7 @@ impl Node {
         )?);
         let exports = Arc::new(Exports::new(
             volumes.clone(),
+            records.clone(),
             data_dir.join(crate::exports::SOCKET_DIR),
         ));
         let remote = Arc::new(crate::remote_disk::RemoteVolumes::open(
@@ -485,7 +486,7 @@ impl Node {
                 self.volumes
                     .refuse_delete_with_snapshots(&delete.name)
                     .await?;
-                self.exports.unexport(&delete.name).await;
+                self.exports.unexport(&delete.name).await?;
                 self.volumes
                     .delete(&delete.name, signed.to_grant(request.clone()))
                     .await?;
@@ -520,16 +521,20 @@ impl Node {
                 }
                 let lifetime = (export.lifetime_seconds > 0)
                     .then(|| std::time::Duration::from_secs(export.lifetime_seconds));
-                let info = self.exports.export(&export.name, lifetime).await?;
+                let info = self
+                    .exports
+                    .export(&export.name, lifetime, export.read_only)
+                    .await?;
                 Ok(ApplyResult::ExportVolume(v1::ExportVolumeResult {
                     uri: info.uri,
                     socket_path: info.socket_path.display().to_string(),
                     expires_at_unix_ms: info.expires_at_unix_ms,
+                    read_only: info.read_only,
                 }))
             }
             Action::UnexportVolume(unexport) => {
                 validate::name("unexport_volume.name", &unexport.name)?;
-                self.exports.unexport(&unexport.name).await;
+                self.exports.unexport(&unexport.name).await?;
                 Ok(ApplyResult::Done(v1::Done {}))
             }
             Action::CreateVm(create) => {

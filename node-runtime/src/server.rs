@@ -87,6 +87,11 @@ pub async fn run(
         .await
         .map_err(|error| crate::node::NodeError::VolumeStore(error.to_string()))?
         .map_err(crate::node::NodeError::Records)?;
+    // NBD exports kept from before the restart are served again before the node
+    // answers (a client of such an export reconnects to the same URI).
+    for problem in node.exports.restore().await {
+        eprintln!("cairn-node {}: {problem}", node.config.name);
+    }
 
     // VMMs that outlived the previous agent are adopted (or reported, saying why)
     // before the node answers: their disks are served again, their fences renewed.

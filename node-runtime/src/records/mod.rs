@@ -20,7 +20,9 @@
 //!   forgotten (Unix ms), so a restart does not reopen the replay window;
 //! - `counters`: per-object counters that outlive their objects (`vm-starts/NAME`,
 //!   `volume-generation/NAME`), for proving that an effect happened exactly once;
-//! - `meta`: `format`, the version of this layout ([`FORMAT`]).
+//! - `meta`: `format`, the version of this layout ([`FORMAT`]);
+//! - `exports`: the NBD exports to serve again at start (volume → the export's JSON
+//!   with its own `version`: lifetime deadline, read-only; `exports.rs`).
 //!
 //! Versions: the records are the node's own types (`types.rs`), stored as JSON with a
 //! `version` field; wire types are converted to them in one place (`convert.rs`). A
@@ -54,6 +56,8 @@ const WRITE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("write_
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 const NONCES: TableDefinition<&[u8], u64> = TableDefinition::new("nonces");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// NBD exports to re-serve at start: volume name → the export's JSON (`exports.rs`).
+const EXPORTS: TableDefinition<&str, &[u8]> = TableDefinition::new("exports");
 
 /// The layout of `node.redb` this build writes: 2, versioned JSON records. Format 1
 /// (prost records, no `meta` table) is converted on open.
@@ -226,6 +230,7 @@ impl Records {
         redb_try!("create table", transaction.open_table(WRITE_INTENTS));
         redb_try!("create table", transaction.open_table(NONCES));
         redb_try!("create table", transaction.open_table(COUNTERS));
+        redb_try!("create table", transaction.open_table(EXPORTS));
         let found = {
             let meta = redb_try!("create table", transaction.open_table(META));
             redb_try!("get", meta.get("format")).map(|value| value.value())
@@ -427,15 +432,67 @@ impl Records {
         intent_key: &str,
         sequence: u64,
     ) -> Result<(), RecordsError> {
+        self.put_intents(volume, &[intent_key.to_string()], sequence)
+    }
+
+    /// Records several write intents of one volume and raises its sequence high-water
+    /// mark to at least `sequence`, in one durable transaction (one sync for writes
+    /// that arrived together: group commit). The mark never goes down.
+    pub fn put_intents(
+        &self,
+        volume: &str,
+        intent_keys: &[String],
+        sequence: u64,
+    ) -> Result<(), RecordsError> {
         let transaction = redb_try!("begin", self.database.begin_write());
         {
             let mut table = redb_try!("open table", transaction.open_table(WRITE_INTENTS));
-            redb_try!("insert", table.insert(intent_key, [].as_slice()));
-            let bytes = sequence.to_le_bytes();
+            for key in intent_keys {
+                redb_try!("insert", table.insert(key.as_str(), [].as_slice()));
+            }
+            let current = redb_try!("get", table.get(volume)).map_or(0, |value| {
+                u64::from_le_bytes(value.value().try_into().unwrap_or([0; 8]))
+            });
+            let bytes = sequence.max(current).to_le_bytes();
             redb_try!("insert", table.insert(volume, bytes.as_slice()));
         }
         redb_try!("commit", transaction.commit());
         Ok(())
+    }
+
+    /// Keeps an NBD export (its JSON, `exports.rs`) so it is served again after a
+    /// restart; durable.
+    pub fn put_export(&self, volume: &str, export: &[u8]) -> Result<(), RecordsError> {
+        let transaction = redb_try!("begin", self.database.begin_write());
+        {
+            let mut table = redb_try!("open table", transaction.open_table(EXPORTS));
+            redb_try!("insert", table.insert(volume, export));
+        }
+        redb_try!("commit", transaction.commit());
+        Ok(())
+    }
+
+    /// Forgets an NBD export (missing is fine); durable.
+    pub fn remove_export(&self, volume: &str) -> Result<(), RecordsError> {
+        let transaction = redb_try!("begin", self.database.begin_write());
+        {
+            let mut table = redb_try!("open table", transaction.open_table(EXPORTS));
+            redb_try!("remove", table.remove(volume));
+        }
+        redb_try!("commit", transaction.commit());
+        Ok(())
+    }
+
+    /// Every kept NBD export: volume name and its JSON.
+    pub fn exports(&self) -> Result<Vec<(String, Vec<u8>)>, RecordsError> {
+        let transaction = redb_try!("begin read", self.database.begin_read());
+        let table = redb_try!("open table", transaction.open_table(EXPORTS));
+        let mut out = Vec::new();
+        for entry in redb_try!("range", table.iter()) {
+            let (key, value) = redb_try!("iterate", entry);
+            out.push((key.value().to_string(), value.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// The sequence high-water mark of a volume (0 when none was recorded).

@@ -1,6 +1,7 @@
 //! NBD exports through the node API: an owner-only unix socket (`nbd+unix://` URI), a
-//! lifetime after which the socket and its connections are gone, and no descriptors
-//! left behind by finished clients.
+//! lifetime after which the socket and its connections are gone, no descriptors left
+//! behind by finished clients, exports kept across a restart, and a running VM's disk
+//! exported read-only only.
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -146,19 +147,32 @@ async fn export(
     name: &str,
     lifetime_seconds: u64,
 ) -> ExportVolumeResult {
-    let response = apply_ok(
-        client,
-        id,
-        Action::ExportVolume(ExportVolume {
-            name: name.into(),
-            lifetime_seconds,
-        }),
-    )
-    .await;
+    export_mode(client, id, name, lifetime_seconds, false)
+        .await
+        .unwrap_or_else(|status| panic!("export {id} failed: {status:?}"))
+}
+
+async fn export_mode(
+    client: &mut NodeClient,
+    id: &str,
+    name: &str,
+    lifetime_seconds: u64,
+    read_only: bool,
+) -> Result<ExportVolumeResult, tonic::Status> {
+    let response = client
+        .apply(request(
+            id,
+            Action::ExportVolume(ExportVolume {
+                name: name.into(),
+                lifetime_seconds,
+                read_only,
+            }),
+        ))
+        .await?;
     let Some(ApplyResult::ExportVolume(export)) = response.result else {
         panic!("unexpected result {response:?}");
     };
-    export
+    Ok(export)
 }
 
 async fn observed_uri(client: &mut NodeClient, name: &str) -> String {
@@ -203,6 +217,7 @@ async fn export_is_an_owner_only_unix_socket_that_closes_after_its_lifetime() {
             Action::ExportVolume(ExportVolume {
                 name: "disk".into(),
                 lifetime_seconds: 400 * 24 * 3600,
+                read_only: false,
             }),
         ))
         .await
@@ -387,4 +402,183 @@ async fn finished_nbd_clients_leave_no_descriptors_in_the_node() {
         "finished NBD clients left {} descriptors open in the node",
         after - before
     );
+}
+
+/// `nbdinfo --json URI`'s `is_read_only`.
+fn nbd_read_only(uri: &str) -> bool {
+    let out = run(Command::new("nbdinfo").arg("--json").arg(uri));
+    assert!(out.status.success(), "nbdinfo {uri}: {}", text(&out));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["exports"][0]["is_read_only"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("nbdinfo --json has no is_read_only: {info}"))
+}
+
+/// Issue 15, item 8: an export (and its lifetime) is kept in node.redb; after kill -9
+/// and a restart the node serves it again on the same socket, so qemu-img and nbdinfo
+/// read the same bytes through the same URI; one whose lifetime ran out meanwhile is
+/// not served again.
+#[tokio::test(flavor = "multi_thread")]
+async fn exports_survive_kill_9_of_the_node_with_their_uri_and_lifetime() {
+    if !have("qemu-img") || !have("nbdinfo") {
+        eprintln!("skipping: needs qemu-img (qemu-utils) and nbdinfo (libnbd-bin)");
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let data_dir = base.path().join("n");
+    let mut node = start_node("exp-c", &data_dir, &controller, "127.0.0.43");
+    let mut client = node.client(&controller).await;
+    let image = partly_written_volume(&mut client, "kept").await;
+    partly_written_volume(&mut client, "brief").await;
+    let kept = export(&mut client, "export-kept", "kept", 3600).await;
+    let brief = export(&mut client, "export-brief", "brief", 3).await;
+    let read_only = export_mode(&mut client, "export-brief-ro", "brief", 3, true)
+        .await
+        .unwrap();
+    assert!(read_only.read_only);
+    assert_eq!(read_only.uri, brief.uri);
+    assert!(
+        nbd_read_only(&brief.uri),
+        "the export was served again read-only"
+    );
+
+    node.kill_9();
+    std::thread::sleep(Duration::from_secs(3));
+    let node = start_node("exp-c", &data_dir, &controller, "127.0.0.43");
+    let mut client = node.client(&controller).await;
+    assert_eq!(observed_uri(&mut client, "kept").await, kept.uri);
+    let copy = base.path().join("copy.img");
+    let out = run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&kept.uri)
+        .arg(&copy));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        std::fs::read(&copy).unwrap() == image,
+        "the export after the restart reads other bytes"
+    );
+    assert!(!nbd_read_only(&kept.uri));
+    // Its lifetime is the one it was given before the restart.
+    let again = export(&mut client, "export-kept-again", "kept", 3600).await;
+    assert!(again.expires_at_unix_ms >= kept.expires_at_unix_ms);
+    // The brief one ran out while the node was down.
+    assert_eq!(observed_uri(&mut client, "brief").await, "");
+    assert!(!Path::new(&brief.socket_path).exists());
+    let out = run(Command::new("nbdinfo").arg(&brief.uri));
+    assert!(!out.status.success(), "{}", text(&out));
+    // Unexported: not served after the next restart either.
+    apply_ok(
+        &mut client,
+        "unexport-kept",
+        Action::UnexportVolume(UnexportVolume {
+            name: "kept".into(),
+        }),
+    )
+    .await;
+    drop(client);
+    let mut node = node;
+    node.kill_9();
+    let node = start_node("exp-c", &data_dir, &controller, "127.0.0.43");
+    let mut client = node.client(&controller).await;
+    assert_eq!(observed_uri(&mut client, "kept").await, "");
+    assert!(!Path::new(&kept.socket_path).exists());
+}
+
+/// Issue 15, item 8: a running VM's disk is exported read-only: a writable export is
+/// refused naming the VM, a read-only one reads the disk (nbdinfo says read-only, a
+/// qemu-io write is refused), and a writable export made while the VM was stopped
+/// turns read-only when it starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_running_vms_disk_is_exported_read_only() {
+    if !crate::vms::vms_can_run() {
+        return;
+    }
+    if !have("nbdinfo") || !have("qemu-io") {
+        eprintln!("skipping: needs nbdinfo (libnbd-bin) and qemu-io (qemu-utils)");
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let node = start_node("exp-d", &base.path().join("n"), &controller, "127.0.0.44");
+    let mut client = node.client(&controller).await;
+    let image = partly_written_volume(&mut client, "r-root").await;
+    apply_ok(
+        &mut client,
+        "create-r",
+        Action::CreateVm(proto::v1::CreateVm {
+            name: "r".into(),
+            vcpus: 1,
+            memory_bytes: 32 << 20,
+            image: Some(proto::v1::create_vm::Image::Builtin("cairn-guest".into())),
+            volumes: vec!["r-root".into()],
+            ..Default::default()
+        }),
+    )
+    .await;
+    // Stopped: writable.
+    let writable = export(&mut client, "export-w", "r-root", 0).await;
+    assert!(!writable.read_only);
+    assert!(!nbd_read_only(&writable.uri));
+
+    apply_ok(
+        &mut client,
+        "start-r",
+        Action::StartVm(proto::v1::StartVm { name: "r".into() }),
+    )
+    .await;
+    assert!(
+        nbd_read_only(&writable.uri),
+        "the writable export turned read-only when the VM started"
+    );
+    let refused = export_mode(&mut client, "export-w2", "r-root", 0, false)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("vm `r`") && refused.message().contains("read-only"),
+        "{}",
+        refused.message()
+    );
+    let read_only = export_mode(&mut client, "export-ro", "r-root", 0, true)
+        .await
+        .unwrap();
+    assert!(read_only.read_only);
+    assert_eq!(read_only.uri, writable.uri);
+    let out = run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x55 0 4096"])
+        .arg(&read_only.uri));
+    eprintln!("qemu-io write to the read-only export: {}", text(&out));
+    let said = text(&out);
+    assert!(
+        !out.status.success() || said.contains("ermission denied") || said.contains("read-only"),
+        "the write was not refused: {said}"
+    );
+    let copy = base.path().join("copy.img");
+    let out = run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&read_only.uri)
+        .arg(&copy));
+    assert!(out.status.success(), "{}", text(&out));
+    let read = std::fs::read(&copy).unwrap();
+    assert!(
+        read[..4096] == image[..4096],
+        "the refused write changed the disk"
+    );
+
+    // Stopped again: a writable export is allowed.
+    apply_ok(
+        &mut client,
+        "stop-r",
+        Action::StopVm(proto::v1::StopVm {
+            name: "r".into(),
+            grace_ms: 1000,
+        }),
+    )
+    .await;
+    let writable = export_mode(&mut client, "export-w3", "r-root", 0, false)
+        .await
+        .unwrap();
+    assert!(!writable.read_only);
+    assert!(!nbd_read_only(&writable.uri));
 }

@@ -139,6 +139,7 @@ async fn three_nodes_serve_a_replicated_striped_volume_that_qemu_img_reads_and_w
         Action::ExportVolume(ExportVolume {
             name: "disk".into(),
             lifetime_seconds: 0,
+            read_only: false,
         }),
     )
     .await;

@@ -61,6 +61,8 @@ async fn read_tail_with_qemu_img(client: &mut NodeClient, volume: &str, scratch:
         Action::ExportVolume(ExportVolume {
             name: volume.into(),
             lifetime_seconds: 60,
+            // The VM runs: its disk is exported read-only only.
+            read_only: true,
         }),
     )
     .await;
