@@ -39,6 +39,11 @@ pub struct BenchArgs {
     /// its diskless HA VMs running elsewhere, over `--vms` HA VMs on 3 dev nodes.
     #[arg(long)]
     pub failover: bool,
+    /// With `--failover`: cut the node off with nftables (every packet to or from its
+    /// address dropped) instead of killing it; the cluster runs in a network namespace
+    /// of its own. Needs root, `ip` and `nft`.
+    #[arg(long, requires = "failover")]
+    pub partition: bool,
     /// With `--noop`: nodes of the generated repository.
     #[arg(long, default_value_t = 1000, requires = "noop")]
     pub nodes: usize,
@@ -90,12 +95,18 @@ fn git(dir: &Path, key: &Path, args: &[&str]) -> anyhow::Result<String> {
 
 /// The spec files: three dev nodes big enough for `vms` VMs of 1 vCPU and 64 MiB.
 fn cluster_kdl(ports: &[u16]) -> String {
-    let nodes: String = ports
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    cluster_kdl_at(&addresses)
+}
+
+/// [`cluster_kdl`] with the nodes at `addresses` (`host:port`).
+fn cluster_kdl_at(addresses: &[String]) -> String {
+    let nodes: String = addresses
         .iter()
         .enumerate()
-        .map(|(i, p)| {
+        .map(|(i, a)| {
             format!(
-                "        node \"lab-{}\" class=\"bench\" address=\"127.0.0.1:{p}\"\n",
+                "        node \"lab-{}\" class=\"bench\" address=\"{a}\"\n",
                 i + 1
             )
         })
@@ -222,7 +233,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         return noop::run(args.nodes, args.vms.unwrap_or(10_000), args.runs, args.keep);
     }
     if args.failover {
-        return failover::run(args.vms.unwrap_or(3), args.runs, args.keep);
+        return failover::run(args.vms.unwrap_or(3), args.runs, args.keep, args.partition);
     }
     let Some(tmp) = kvm_and_a_fresh_dir("cairn-controller-bench")? else {
         return Ok(1);
