@@ -64,6 +64,21 @@ fn snapshot_result(
     }
 }
 
+/// What Apply answers for an action that made or changed a volume.
+pub fn volume_result(record: VolumeRecord) -> v1::VolumeResult {
+    v1::VolumeResult {
+        name: record.name,
+        size_bytes: record.size_bytes,
+        stripe_width: record.stripe_width,
+        stripe_unit_bytes: record.stripe_unit_bytes,
+        replica_peers: record
+            .replica_peers
+            .into_iter()
+            .map(|peer| peer.name)
+            .collect(),
+    }
+}
+
 impl Volumes {
     /// Carries out `SnapshotVolume`, `DeleteSnapshot` or `CloneVolume` (validated here;
     /// `grant` is the controller's signed request, forwarded to the replicas of a clone).
@@ -86,17 +101,7 @@ impl Volumes {
             }
             Action::CloneVolume(clone) => {
                 let record = self.clone_volume(clone, grant).await?;
-                Ok(ApplyResult::Volume(v1::VolumeResult {
-                    name: record.name,
-                    size_bytes: record.size_bytes,
-                    stripe_width: record.stripe_width,
-                    stripe_unit_bytes: record.stripe_unit_bytes,
-                    replica_peers: record
-                        .replica_peers
-                        .into_iter()
-                        .map(|peer| peer.name)
-                        .collect(),
-                }))
+                Ok(ApplyResult::Volume(volume_result(record)))
             }
             _ => Err(Status::internal("not a snapshot action")),
         }
@@ -644,14 +649,7 @@ impl Volumes {
         for result in join_all(clones).await {
             result?;
         }
-        let local = self.local.clone();
-        let (v, s, n) = (volume.clone(), snapshot.clone(), name.clone());
-        blocking(move || local.clone_snapshot(&v, &s, &n)).await?;
-        self.record_created(&record)?;
-        self.volumes
-            .write()
-            .await
-            .insert(name.clone(), Arc::new(VolumeEntry::new(record.clone())));
+        self.make_clone_copy(volume, snapshot, &record).await?;
         self.events
             .publish(v1::watch_event::Event::Volume(v1::VolumeEvent {
                 name: name.clone(),
@@ -738,15 +736,32 @@ impl Volumes {
                 self.node_name
             )));
         }
-        let local = self.local.clone();
-        let (v, s, n) = (volume.clone(), snapshot.clone(), name.clone());
-        blocking(move || local.clone_snapshot(&v, &s, &n)).await?;
-        self.record_created(&record)?;
-        self.volumes
-            .write()
-            .await
-            .insert(name.clone(), Arc::new(VolumeEntry::new(record)));
+        self.make_clone_copy(volume, snapshot, &record).await?;
         Ok(v1::CloneReplicaResponse { created: true })
+    }
+
+    /// This node's copy of a clone: in the volume store (a copy already there from a
+    /// crash before its record is taken), then its record (counted like a create), then
+    /// visible.
+    async fn make_clone_copy(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        record: &VolumeRecord,
+    ) -> Result<(), Status> {
+        let local = self.local.clone();
+        let (v, s, n) = (
+            volume.to_string(),
+            snapshot.to_string(),
+            record.name.clone(),
+        );
+        blocking(move || local.clone_snapshot(&v, &s, &n)).await?;
+        self.record_created(record)?;
+        self.volumes.write().await.insert(
+            record.name.clone(),
+            Arc::new(VolumeEntry::new(record.clone())),
+        );
+        Ok(())
     }
 
     /// Refuses to delete a volume that still has snapshots (the volume store keeps a

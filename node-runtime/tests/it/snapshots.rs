@@ -5,13 +5,14 @@
 use proto::auth::Identity;
 use proto::client::NodeClient;
 use proto::v1::{
-    CloneVolume, CreateVolume, DeleteSnapshot, DeleteVolume, Peer, ReadVolumeRequest, SetPeers,
+    CloneVolume, CreateVolume, DeleteSnapshot, DeleteVolume, Peer, ReadVolumeRequest,
     SnapshotVolume, VolumeStatus, WriteVolume, apply_request::Action,
     apply_response::Result as ApplyResult,
 };
 use tonic::Code;
 
 use crate::harness::{TestNode, apply_ok, controller, pattern, request};
+use crate::lab::push_peers;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
@@ -87,49 +88,25 @@ fn after(writes: u64) -> Vec<u8> {
     bytes
 }
 
+/// A writer and a replica node on `ips`, each with the other in its peer set.
 async fn two_nodes(
     base: &std::path::Path,
     controller: &Identity,
+    names: [&str; 2],
+    ips: [&str; 2],
 ) -> (TestNode, TestNode, NodeClient, NodeClient) {
-    let primary = TestNode::start_on("snap-p", &base.join("p"), controller, "127.0.0.131");
-    let replica = TestNode::start_on("snap-r", &base.join("r"), controller, "127.0.0.132");
-    let peers: Vec<Peer> = [&primary, &replica]
-        .iter()
-        .map(|node| Peer {
-            name: node.name.clone(),
-            address: node.address.clone(),
-            public_key_hex: node.public_key_hex(),
-        })
-        .collect();
-    for node in [&primary, &replica] {
-        let mut client = node.client(controller).await;
-        apply_ok(
-            &mut client,
-            "peers",
-            Action::SetPeers(SetPeers {
-                peers: peers.clone(),
-            }),
-        )
-        .await;
-    }
+    let primary = TestNode::start_on(names[0], &base.join("p"), controller, ips[0]);
+    let replica = TestNode::start_on(names[1], &base.join("r"), controller, ips[1]);
+    push_peers(&[&primary, &replica], controller).await;
     let on_primary = primary.client(controller).await;
     let on_replica = replica.client(controller).await;
     (primary, replica, on_primary, on_replica)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_snapshot_taken_during_writes_is_the_same_point_on_both_copies_and_clones_leave_it_alone()
-{
-    let base = tempfile::tempdir().unwrap();
-    let controller = controller();
-    let (_primary, replica, mut on_primary, mut on_replica) =
-        two_nodes(base.path(), &controller).await;
-    let free_before = (
-        free_bytes(&mut on_primary).await,
-        free_bytes(&mut on_replica).await,
-    );
+/// A 2-copy volume `v` of 16 × 64 KiB on the writer and `replica`.
+async fn create_v(client: &mut NodeClient, replica: &TestNode) {
     apply_ok(
-        &mut on_primary,
+        client,
         "create",
         Action::CreateVolume(CreateVolume {
             name: "v".into(),
@@ -143,6 +120,25 @@ async fn a_snapshot_taken_during_writes_is_the_same_point_on_both_copies_and_clo
         }),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_snapshot_taken_during_writes_is_the_same_point_on_both_copies_and_clones_leave_it_alone()
+{
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let (_primary, replica, mut on_primary, mut on_replica) = two_nodes(
+        base.path(),
+        &controller,
+        ["snap-p", "snap-r"],
+        ["127.0.0.131", "127.0.0.132"],
+    )
+    .await;
+    let free_before = (
+        free_bytes(&mut on_primary).await,
+        free_bytes(&mut on_replica).await,
+    );
+    create_v(&mut on_primary, &replica).await;
 
     // One writer, write after write; the snapshot is taken while it writes. The writes
     // acknowledged before the snapshot was asked for are in it; those asked for after
@@ -393,56 +389,16 @@ async fn install_epoch(client: &mut NodeClient, id: &str, epoch: u64, in_sync: &
 async fn a_copy_outside_the_in_sync_set_takes_the_snapshot_at_its_point_when_it_catches_up() {
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
-    let primary = TestNode::start_on(
-        "snapo-p",
-        &base.path().join("p"),
+    let (_primary, replica, mut on_primary, mut on_replica) = two_nodes(
+        base.path(),
         &controller,
-        "127.0.0.133",
-    );
-    let replica = TestNode::start_on(
-        "snapo-r",
-        &base.path().join("r"),
-        &controller,
-        "127.0.0.134",
-    );
-    let peers: Vec<Peer> = [&primary, &replica]
-        .iter()
-        .map(|node| Peer {
-            name: node.name.clone(),
-            address: node.address.clone(),
-            public_key_hex: node.public_key_hex(),
-        })
-        .collect();
-    for node in [&primary, &replica] {
-        let mut client = node.client(&controller).await;
-        apply_ok(
-            &mut client,
-            "peers",
-            Action::SetPeers(SetPeers {
-                peers: peers.clone(),
-            }),
-        )
-        .await;
-    }
-    let mut on_primary = primary.client(&controller).await;
-    let mut on_replica = replica.client(&controller).await;
-    apply_ok(
-        &mut on_primary,
-        "create",
-        Action::CreateVolume(CreateVolume {
-            name: "v".into(),
-            size_bytes: BLOCK * BLOCKS,
-            stripe_width: 2,
-            stripe_unit_bytes: BLOCK,
-            replica_peers: vec![Peer {
-                name: replica.name.clone(),
-                ..Default::default()
-            }],
-        }),
+        ["snapo-p", "snapo-r"],
+        ["127.0.0.133", "127.0.0.134"],
     )
     .await;
+    create_v(&mut on_primary, &replica).await;
     let mut expected = vec![0u8; (BLOCK * BLOCKS) as usize];
-    let mut put = |bytes: &mut Vec<u8>, block: u64, seed: u64| {
+    let put = |bytes: &mut Vec<u8>, block: u64, seed: u64| {
         let data = pattern(seed, BLOCK as usize);
         bytes[(block * BLOCK) as usize..((block + 1) * BLOCK) as usize].copy_from_slice(&data);
         write("v", block * BLOCK, data)

@@ -405,23 +405,33 @@ impl Volume {
     /// in extents shared with snapshots, whose content is by construction the same).
     /// Bypasses checksum verification of the old data; does not change the sequence number.
     pub fn repair(&self, repair: &crate::replication::RepairData) -> Result<()> {
-        let actual = crc_blocks(&repair.data);
-        if actual != repair.checksums {
+        self.write_verified(repair, WriteMode::Repair, "repair data")
+    }
+
+    /// Writes another copy's bytes, checked against their crc32c first, keeping the
+    /// sequence number: in place (`Repair`) or copy on write (`Normal`).
+    fn write_verified(
+        &self,
+        data: &crate::replication::RepairData,
+        mode: WriteMode,
+        what: &str,
+    ) -> Result<()> {
+        let actual = crc_blocks(&data.data);
+        if actual != data.checksums {
             return Err(StorageError::invalid(
                 "checksums",
-                "repair data does not match its crc32c (corrupted in transit)",
+                format!("{what} does not match its crc32c (corrupted in transit)"),
             ));
         }
         let mut st = self.store.write_state();
-        let rec = self.record(&st)?;
-        let seq = rec.seq;
+        let seq = self.record(&st)?.seq;
         self.store.write_locked(
             &mut st,
             &self.name,
-            repair.offset,
-            &repair.data,
+            data.offset,
+            &data.data,
             Some(&actual),
-            WriteMode::Repair,
+            mode,
             Some(seq),
         )?;
         Ok(())
@@ -435,25 +445,7 @@ impl Volume {
     /// included: right for a bad block, wrong for newer data). The sequence number does
     /// not move.
     pub fn resync(&self, data: &crate::replication::RepairData) -> Result<()> {
-        let actual = crc_blocks(&data.data);
-        if actual != data.checksums {
-            return Err(StorageError::invalid(
-                "checksums",
-                "resynchronised data does not match its crc32c (corrupted in transit)",
-            ));
-        }
-        let mut st = self.store.write_state();
-        let seq = self.record(&st)?.seq;
-        self.store.write_locked(
-            &mut st,
-            &self.name,
-            data.offset,
-            &data.data,
-            Some(&actual),
-            WriteMode::Normal,
-            Some(seq),
-        )?;
-        Ok(())
+        self.write_verified(data, WriteMode::Normal, "resynchronised data")
     }
 
     /// Reads the whole volume and lists every block that fails its checksum.
