@@ -62,6 +62,19 @@ pub(crate) fn signal(pid: u32, signal: &str) {
     assert!(ok, "kill {signal} {pid}");
 }
 
+/// The quickstart's web group without disks (a VM with disks waits for its volume's
+/// new writer) and without `spread "node"` (two nodes are left after one fails).
+pub(crate) fn diskless_web(dir: &Path) {
+    let path = dir.join("workloads.kdl");
+    let text = std::fs::read_to_string(&path).expect("read workloads.kdl");
+    let text: String = text
+        .lines()
+        .filter(|l| !l.contains("disk \"root\"") && !l.contains("spread \"node\""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, text).expect("write workloads.kdl");
+}
+
 pub(crate) struct HaCluster {
     pub(crate) cluster: Cluster,
     /// Where each VM runs (from the controller's status).
@@ -348,16 +361,7 @@ fn a_controller_that_is_gone_stops_no_vm() {
 fn a_killed_nodes_diskless_ha_vms_run_on_the_others_within_seconds() {
     // The web group without disks (a VM with disks waits for its volumes' new
     // writer, issue 15) and without `spread "node"` (two nodes are left).
-    let Some(ha) = HaCluster::up_with("ha-node-killed", |dir| {
-        let path = dir.join("workloads.kdl");
-        let text = std::fs::read_to_string(&path).expect("read workloads.kdl");
-        let text: String = text
-            .lines()
-            .filter(|l| !l.contains("disk \"root\"") && !l.contains("spread \"node\""))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        std::fs::write(&path, text).expect("write workloads.kdl");
-    }) else {
+    let Some(ha) = HaCluster::up_with("ha-node-killed", diskless_web) else {
         return;
     };
     let node = ha

@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use crate::TempDir;
 use crate::engine::node_binaries;
-use crate::ha::{HaCluster, alive, signal, vmm_pid, vmm_pids, vmm_status};
+use crate::ha::{HaCluster, alive, diskless_web, signal, vmm_pid, vmm_pids, vmm_status};
 
 /// The address the wrapper gives every VM's first NIC (each VM has its own tap; the
 /// test asks on one tap only).
@@ -233,14 +233,7 @@ impl Faults {
 }
 
 fn edit_spec(dir: &Path) {
-    let path = dir.join("workloads.kdl");
-    let text = std::fs::read_to_string(&path).expect("read workloads.kdl");
-    let text: String = text
-        .lines()
-        .filter(|l| !l.contains("disk \"root\"") && !l.contains("spread \"node\""))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&path, text).expect("write workloads.kdl");
+    diskless_web(dir);
     let path = dir.join("cluster.kdl");
     let text = std::fs::read_to_string(&path).expect("read cluster.kdl");
     let text: String = text
