@@ -41,6 +41,7 @@ pub mod remote;
 pub mod source;
 pub mod sync_api;
 pub mod trust;
+pub mod volume_epochs;
 pub mod webhook;
 mod worker;
 

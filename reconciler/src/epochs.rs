@@ -162,6 +162,29 @@ impl<'a> EpochAuthority<'a> {
         })?)
     }
 
+    /// Every volume's current epoch, by name.
+    pub fn all(&self) -> Result<Vec<VolumeEpoch>, EpochError> {
+        Ok(self.store.with_database(|database, path| {
+            let transaction = database
+                .begin_write()
+                .map_err(|e| redb_err(path, "begin")(e.into()))?;
+            let mut out = Vec::new();
+            {
+                let table = transaction
+                    .open_table(EPOCHS)
+                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
+                for entry in table.iter().map_err(|e| redb_err(path, "iter")(e.into()))? {
+                    let (key, value) = entry.map_err(|e| redb_err(path, "iter")(e.into()))?;
+                    out.push(decode(path, key.value(), value.value())?);
+                }
+            }
+            transaction
+                .commit()
+                .map_err(|e| redb_err(path, "commit")(e.into()))?;
+            Ok(out)
+        })?)
+    }
+
     /// The journal of a volume's epoch changes, oldest first.
     pub fn journal(&self, volume: &str) -> Result<Vec<EpochChange>, EpochError> {
         let prefix = format!("{volume}/");
@@ -378,6 +401,38 @@ impl<'a> EpochAuthority<'a> {
         })
     }
 
+    /// A failed node's copy leaves the in-sync set; if it was the writer's, `writer`
+    /// (an in-sync copy on a live node) becomes the writer in the same change.
+    pub fn fail_over(
+        &self,
+        volume: &str,
+        expected: u64,
+        failed: &BTreeSet<String>,
+        writer: &str,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.edit(volume, expected, reason, |state| {
+            if failed.contains(writer) || !state.in_sync.contains(writer) {
+                return Err(format!(
+                    "node {writer} cannot become the writer: its copy is not in sync on a live node (in sync: {}, failed: {})",
+                    join(&state.in_sync),
+                    join(failed)
+                ));
+            }
+            let mut what = Vec::new();
+            if state.writer != writer {
+                what.push(format!("writer {} → {writer}", state.writer));
+                state.writer = writer.to_string();
+            }
+            for node in failed {
+                if state.in_sync.remove(node) {
+                    what.push(format!("removed copy {node}"));
+                }
+            }
+            Ok(what.join(", "))
+        })
+    }
+
     /// Adds a copy that caught up back to the in-sync set.
     pub fn add_copy(
         &self,
@@ -566,6 +621,139 @@ pub fn react(
         }
     }
     Ok(reaction)
+}
+
+/// The nodes' volume statuses as [`react`] takes them, from the controller's
+/// observation (unreachable nodes are left out).
+pub fn statuses_of(observed: &crate::observe::Observed) -> Vec<(String, Vec<VolumeStatus>)> {
+    use crate::observe::NodeObservation;
+    observed
+        .nodes
+        .iter()
+        .filter_map(|(node, observation)| match observation {
+            NodeObservation::Reachable { volumes, .. } => Some((
+                node.clone(),
+                volumes
+                    .values()
+                    .map(|volume| {
+                        let epoch = volume.epoch.clone().unwrap_or_default();
+                        VolumeStatus {
+                            name: volume.name.clone(),
+                            role: volume.role as i32,
+                            replica_peers: volume.replica_peers.clone(),
+                            primary: volume.primary.clone(),
+                            epoch: epoch.epoch,
+                            epoch_writer: epoch.writer,
+                            in_sync: epoch.in_sync,
+                            awaiting_removal: epoch.awaiting_removal,
+                            caught_up: epoch.caught_up,
+                            ..Default::default()
+                        }
+                    })
+                    .collect(),
+            )),
+            NodeObservation::Unreachable { .. } => None,
+        })
+        .collect()
+}
+
+/// A volume that lost every in-sync copy with its failed nodes: it gets no new writer
+/// (a stale copy is never promoted) and its VM is not restarted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// The volume.
+    pub volume: String,
+    /// Why.
+    pub why: String,
+}
+
+/// The authority's reaction to failed nodes: every volume whose writer is on a failed
+/// node gets a new writer from its in-sync copies on live nodes (one that reported
+/// the volume at the current epoch first), and the failed nodes' copies leave the
+/// in-sync set, under a new epoch installed on every reachable copy (the writer
+/// last). Called before any VM of those volumes is restarted, so a stale writer that
+/// wakes up is refused by every copy.
+pub fn fail_over(
+    authority: &EpochAuthority<'_>,
+    observed: &[(String, Vec<VolumeStatus>)],
+    failed: &BTreeSet<String>,
+) -> Result<(Reaction, Vec<Unavailable>), EpochError> {
+    let mut reaction = Reaction::default();
+    let mut unavailable = Vec::new();
+    if failed.is_empty() {
+        return Ok((reaction, unavailable));
+    }
+    let reports = |volume: &str, node: &str| -> Option<u64> {
+        observed
+            .iter()
+            .find(|(name, _)| name == node)
+            .and_then(|(_, statuses)| statuses.iter().find(|status| status.name == volume))
+            .map(|status| status.epoch)
+    };
+    for state in authority.all()? {
+        if state.in_sync.is_disjoint(failed) {
+            continue;
+        }
+        let writer = if failed.contains(&state.writer) {
+            let mut candidates: Vec<&String> = state
+                .in_sync
+                .iter()
+                .filter(|node| !failed.contains(*node))
+                .filter(|node| reports(&state.volume, node).is_some())
+                .collect();
+            candidates.sort_by_key(|node| reports(&state.volume, node) != Some(state.epoch));
+            match candidates.first() {
+                Some(node) => (*node).clone(),
+                None => {
+                    unavailable.push(Unavailable {
+                        volume: state.volume.clone(),
+                        why: format!(
+                            "its writer {} failed and no other in-sync copy is on a reachable node (in sync at epoch {}: {})",
+                            state.writer,
+                            state.epoch,
+                            join(&state.in_sync)
+                        ),
+                    });
+                    continue;
+                }
+            }
+        } else {
+            state.writer.clone()
+        };
+        let failed_here: Vec<&String> = state.in_sync.intersection(failed).collect();
+        let next = authority.fail_over(
+            &state.volume,
+            state.epoch,
+            failed,
+            &writer,
+            &format!(
+                "node(s) {} failed",
+                failed_here
+                    .iter()
+                    .map(|node| node.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )?;
+        let mut nodes: Vec<&str> = next
+            .copies
+            .iter()
+            .chain(next.clients.iter())
+            .filter(|node| !failed.contains(*node))
+            .filter(|node| reports(&next.volume, node).is_some() || next.clients.contains(*node))
+            .map(|node| node.as_str())
+            .collect();
+        nodes.sort_by_key(|node| *node == next.writer);
+        for node in nodes {
+            reaction.installs.push(Install {
+                node: node.to_string(),
+                request_id: request_id(&next, node),
+                request: install(&next),
+            });
+        }
+        reaction.changes.push(next);
+    }
+    Ok((reaction, unavailable))
 }
 
 #[cfg(test)]

@@ -167,6 +167,27 @@ pub struct ObservedVolume {
     /// How many times a volume of this name was created on the node.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: u64,
+    /// The epoch this copy holds (absent before the controller set one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<ObservedEpoch>,
+}
+
+/// A volume's epoch as one copy holds it, and (on its writer) the writer's view of
+/// the copies (see `crate::epochs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedEpoch {
+    /// The epoch (at least 1).
+    pub epoch: u64,
+    /// Its one writer.
+    pub writer: String,
+    /// Its in-sync copies.
+    pub in_sync: Vec<String>,
+    /// On the writer: in-sync copies it cannot write (its writes are frozen).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub awaiting_removal: Vec<String>,
+    /// On the writer: copies outside the set that caught up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caught_up: Vec<String>,
 }
 
 /// A bond as a node reports it: the definition it keeps and the device read back.
@@ -547,6 +568,13 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                     primary: v.primary,
                     health: Health::from_wire(v.health),
                     generation: v.generation,
+                    epoch: (v.epoch > 0).then(|| ObservedEpoch {
+                        epoch: v.epoch,
+                        writer: v.epoch_writer,
+                        in_sync: v.in_sync,
+                        awaiting_removal: v.awaiting_removal,
+                        caught_up: v.caught_up,
+                    }),
                 },
             )
         })

@@ -128,6 +128,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
             primary: primary.to_owned(),
             health: Health::Healthy,
             generation: 1,
+            epoch: None,
         };
         if let Some((_, volumes, _)) = reachable(&mut observed, &v.node) {
             volumes.insert(v.name.clone(), copy(VolumeRole::Primary, "", &v.replicas));

@@ -1,0 +1,174 @@
+//! The controller as the volumes' epoch authority (issues 15 and 16).
+//!
+//! Every drift check, before it plans, the controller tends the epochs from the
+//! observation it just made ([`tend`]):
+//! 1. the failed nodes' copies leave their volumes' in-sync sets, and a volume whose
+//!    writer was on a failed node gets a new writer from its in-sync copies on live
+//!    nodes ([`reconciler::epochs::fail_over`]); a volume with none left is reported
+//!    unavailable and its VM is not restarted;
+//! 2. the writers' reports are acted on ([`reconciler::epochs::react`]): a copy the
+//!    writer froze on leaves the in-sync set, a copy that caught up comes back, and a
+//!    copy at an older epoch (a returning node) is told the current one;
+//! 3. every decided `SetVolumeEpoch` is sent, the writer's last.
+//!
+//! The plan then places a failed node's HA VMs with disks on their first disk's new
+//! writer ([`Tended::disk_writers`]), so the epoch is raised on every reachable copy
+//! before any VM restarts: a stale writer that wakes up is refused by every copy.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use reconciler::desired::DesiredNode;
+use reconciler::epochs::{EpochAuthority, Install, Unavailable};
+use reconciler::nodes::NodeApi;
+use reconciler::observe::Observed;
+use reconciler::state::RedbStore;
+
+use crate::Shared;
+use crate::events::Event;
+
+/// How long one `SetVolumeEpoch` may take.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What tending the epochs left for the plan.
+#[derive(Debug, Default)]
+pub struct Tended {
+    /// Each volume's writer at its current epoch (runtime name → node), for volumes
+    /// whose writer holds that epoch (its install succeeded or it reported it).
+    pub disk_writers: BTreeMap<String, String>,
+    /// Volumes that lost every in-sync copy.
+    pub unavailable: Vec<Unavailable>,
+}
+
+/// Tends the volumes' epochs from one observation (see the module documentation).
+pub async fn tend(
+    shared: &Shared,
+    store: &RedbStore,
+    nodes: &BTreeMap<String, DesiredNode>,
+    observed: &Observed,
+    failed: &BTreeSet<String>,
+) -> Tended {
+    let statuses = reconciler::epochs::statuses_of(observed);
+    let decided = tokio::task::block_in_place(|| {
+        let authority = EpochAuthority::new(store);
+        let (failover, unavailable) = reconciler::epochs::fail_over(&authority, &statuses, failed)?;
+        let reaction = reconciler::epochs::react(&authority, &statuses)?;
+        Ok::<_, reconciler::epochs::EpochError>((failover, reaction, unavailable))
+    });
+    let (failover, reaction, unavailable) = match decided {
+        Ok(decided) => decided,
+        Err(error) => {
+            shared
+                .record(vec![Event::new("volume-epoch", "failed").reason(format!(
+                    "the epoch authority could not decide: {error}"
+                ))]);
+            return Tended::default();
+        }
+    };
+    let mut events = Vec::new();
+    for change in failover.changes.iter().chain(&reaction.changes) {
+        let journal =
+            tokio::task::block_in_place(|| EpochAuthority::new(store).journal(&change.volume));
+        let what = journal
+            .ok()
+            .and_then(|journal| journal.into_iter().find(|c| c.state.epoch == change.epoch))
+            .map(|c| format!("{} ({})", c.change, c.reason))
+            .unwrap_or_default();
+        events.push(
+            Event::new("volume-epoch", "changed")
+                .object(format!("volume {}", change.volume))
+                .reason(format!(
+                    "epoch {}: writer {}, in sync: {}{}",
+                    change.epoch,
+                    change.writer,
+                    change
+                        .in_sync
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if what.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; {what}")
+                    }
+                )),
+        );
+    }
+    for lost in &unavailable {
+        events.push(
+            Event::new("volume", "unavailable")
+                .object(format!("volume {}", lost.volume))
+                .reason(lost.why.clone()),
+        );
+    }
+    let mut refused: BTreeSet<String> = BTreeSet::new();
+    let mut sent: BTreeSet<String> = BTreeSet::new();
+    for install in failover.installs.iter().chain(&reaction.installs) {
+        if !sent.insert(install.request_id.clone()) {
+            continue;
+        }
+        if let Err(why) = send(shared, nodes, install).await {
+            if install.node == install.request.writer {
+                refused.insert(install.request.name.clone());
+            }
+            events.push(
+                Event::new("volume-epoch", "not installed")
+                    .object(format!(
+                        "volume {} on node {}",
+                        install.request.name, install.node
+                    ))
+                    .reason(why),
+            );
+        }
+    }
+    if !events.is_empty() {
+        shared.record(events);
+    }
+    let all = tokio::task::block_in_place(|| EpochAuthority::new(store).all());
+    let disk_writers = all
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|state| !refused.contains(&state.volume))
+        .map(|state| (state.volume, state.writer))
+        .collect();
+    Tended {
+        disk_writers,
+        unavailable,
+    }
+}
+
+/// The writers the authority holds now (runtime volume name → node), without tending.
+pub fn writers(store: &RedbStore) -> BTreeMap<String, String> {
+    tokio::task::block_in_place(|| EpochAuthority::new(store).all())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|state| (state.volume, state.writer))
+        .collect()
+}
+
+async fn send(
+    shared: &Shared,
+    nodes: &BTreeMap<String, DesiredNode>,
+    install: &Install,
+) -> Result<(), String> {
+    let Some(node) = nodes.get(&install.node) else {
+        return Err(format!("node {} is not in the spec", install.node));
+    };
+    let request = proto::v1::ApplyRequest {
+        request_id: install.request_id.clone(),
+        action: Some(proto::v1::apply_request::Action::SetVolumeEpoch(
+            install.request.clone(),
+        )),
+    };
+    match tokio::time::timeout(
+        INSTALL_TIMEOUT,
+        shared.nodes.apply(&install.node, &node.address, request),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {} s", INSTALL_TIMEOUT.as_secs())),
+    }
+}
