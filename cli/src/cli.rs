@@ -149,6 +149,11 @@ pub enum Command {
         #[command(subcommand)]
         command: VolumeCommand,
     },
+    /// VMs: drive the built-in guest's disk I/O (`disk-io`).
+    Vm {
+        #[command(subcommand)]
+        command: crate::vmcmd::VmCommand,
+    },
     /// The local dev cluster: one cairn-node per node of the spec.
     Dev {
         #[command(subcommand)]
@@ -582,6 +587,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 state,
             } => crate::commands::volume_export(&dir, state.as_deref(), &target, &lifetime),
         },
+        Command::Vm { command } => crate::vmcmd::run(command),
         Command::Dev { command } => match command {
             DevCommand::Up {
                 dir,

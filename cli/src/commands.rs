@@ -23,8 +23,8 @@ use reconciler::render;
 use reconciler::state::{StateStore, now_ms};
 
 /// A compiled spec root.
-struct Loaded {
-    ctx: Ctx,
+pub(crate) struct Loaded {
+    pub(crate) ctx: Ctx,
     /// The spec files (placement diagnostics point into them).
     sources: compiler::Sources,
     compilation: compiler::Compilation,
@@ -32,12 +32,12 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn model(&self) -> &compiler::Model {
+    pub(crate) fn model(&self) -> &compiler::Model {
         &self.compilation.model
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -46,7 +46,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Compiles the specs; prints diagnostics. `Err(1)` when they have errors.
-fn load(dir: &Path, state: Option<&Path>) -> anyhow::Result<Result<Loaded, u8>> {
+pub(crate) fn load(dir: &Path, state: Option<&Path>) -> anyhow::Result<Result<Loaded, u8>> {
     let ctx = Ctx::new(dir, state)?;
     let compiled = match crate::frontend::compile_specs(
         &ctx.spec_root,

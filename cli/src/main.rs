@@ -23,6 +23,7 @@ mod placecmd;
 mod policy_cmd;
 mod progress;
 mod verify;
+mod vmcmd;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {

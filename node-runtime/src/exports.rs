@@ -30,6 +30,10 @@
 //! [`Volumes::write`](crate::volumes::Volumes::write), so a write through NBD is
 //! acknowledged to the client only once every replica has it, exactly like
 //! `Apply.WriteVolume`.
+//!
+//! A VM's disk whose volume has no primary copy here is served from a
+//! [`crate::remote_disk::RemoteDevice`] instead, when the volume's epoch names this node
+//! a client: reads from the nearest in-sync copy, writes through the epoch's writer.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -45,6 +49,7 @@ use tonic::Status;
 
 use crate::events::now_unix_ms;
 use crate::records::Records;
+use crate::remote_disk::RemoteVolumes;
 use crate::validate::MAX_IO_BYTES;
 use crate::volumes::Volumes;
 
@@ -222,6 +227,8 @@ pub struct Exports {
     records: Arc<Records>,
     socket_dir: PathBuf,
     state: Arc<Mutex<State>>,
+    /// The storage client for volumes with no copy here (`remote_disk.rs`).
+    remote: std::sync::OnceLock<Arc<RemoteVolumes>>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -276,7 +283,52 @@ impl Exports {
             records,
             socket_dir,
             state: Arc::default(),
+            remote: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives the exports the node's storage client, so a VM's disk whose volume has no
+    /// copy here is served remotely ([`RemoteVolumes`]).
+    pub fn set_remote(&self, remote: Arc<RemoteVolumes>) {
+        let _ = self.remote.set(remote);
+    }
+
+    /// Serves VM `vm`'s disk `index` from a [`crate::remote_disk::RemoteDevice`] when
+    /// the volume's epoch names this node a client; false when it does not (nothing
+    /// done). A client that cannot reach any copy leaves the disk detached, saying why.
+    async fn attach_remote(
+        &self,
+        vm: &str,
+        index: usize,
+        disk: &mut VmDisk,
+        servers: &mut Vec<(String, NbdServer)>,
+    ) -> bool {
+        let Some(remote) = self.remote.get() else {
+            return false;
+        };
+        let device = match remote.device(&disk.volume).await {
+            Ok(None) => return false,
+            Ok(Some(device)) => device,
+            Err(status) => {
+                disk.detail = format!("its data is on other nodes: {}", status.message());
+                return true;
+            }
+        };
+        let socket = self.vm_disk_socket(vm, index);
+        let devices = Arc::new(NbdExports::new());
+        devices.insert(disk.volume.clone(), Arc::new(device));
+        match NbdServer::start_unix(&socket, devices) {
+            Ok(server) => {
+                servers.push((disk.volume.clone(), server));
+                disk.config = Some(vm_config::DiskConfig {
+                    path: socket,
+                    read_only: false,
+                    nbd_export: Some(disk.volume.clone()),
+                });
+            }
+            Err(error) => disk.detail = format!("cannot serve it: {error}"),
+        }
+        true
     }
 
     /// Serves again every export kept in the node's records (at start), with its
@@ -542,9 +594,10 @@ impl Exports {
     /// Exports each of `volumes` to VM `vm` (its disks, in order) on its own owner-only
     /// socket, replacing the VM's previous disk servers, and says how each disk is
     /// attached. A volume whose primary copy is here is attached, through the
-    /// replicated write path; one that is only a replica here, or is not here, is not
-    /// (this node does not forward to remote copies yet), and neither is one whose
-    /// server cannot start: `detail` says why.
+    /// replicated write path; one that is only a replica here, or is not here, is
+    /// served remotely when its epoch names this node a client (`remote_disk.rs`), and
+    /// is not attached otherwise, nor is one whose server cannot start: `detail` says
+    /// why.
     pub async fn attach_vm(&self, vm: &str, volumes: &[String]) -> Result<Vec<VmDisk>, Status> {
         self.detach_vm(vm).await;
         if lock(&self.state).stopped {
@@ -566,9 +619,15 @@ impl Exports {
                 detail: String::new(),
             };
             match self.volumes.role_and_size(volume).await {
-                Err(status) => disk.detail = format!("not on this node: {}", status.message()),
+                Err(status) => {
+                    if !self.attach_remote(vm, index, &mut disk, &mut servers).await {
+                        disk.detail = format!("not on this node: {}", status.message());
+                    }
+                }
                 Ok((false, _)) => {
-                    disk.detail = "this node holds a replica, not the primary copy; remote volumes are not served to VMs yet".into();
+                    if !self.attach_remote(vm, index, &mut disk, &mut servers).await {
+                        disk.detail = "this node holds a replica, not the primary copy, and the volume's epoch does not name it a client (remote data)".into();
+                    }
                 }
                 Ok((true, size_bytes)) => {
                     disk.local = true;

@@ -28,6 +28,7 @@ pub mod anchors;
 pub mod bonds;
 pub mod events;
 pub mod exports;
+pub mod guest_io;
 pub mod inventory;
 pub mod local_volumes;
 pub mod node;

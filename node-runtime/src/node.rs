@@ -187,6 +187,7 @@ impl Node {
             RequestSigner::new(identity.clone()),
             trust.peer_directory(),
         )?);
+        exports.set_remote(remote.clone());
         let vms = Vms::open(
             crate::vms::find_vmm_binary(config.vmm_binary.as_deref()),
             data_dir.join(files::VMS),

@@ -196,6 +196,17 @@ impl v1::apply_server::Apply for NodeService {
         Ok(Response::new(v1::ReadVolumeResponse { data }))
     }
 
+    async fn guest_disk_io(
+        &self,
+        request: Request<v1::GuestDiskIoRequest>,
+    ) -> Result<Response<v1::GuestDiskIoResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::GUEST_DISK_IO, Role::Controller, &request)?;
+        let response = crate::guest_io::run(&self.node.vms, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
     async fn get_outcome(
         &self,
         request: Request<v1::GetOutcomeRequest>,

@@ -277,6 +277,7 @@ struct Heartbeat {
     uptime_ms: u64,
     nics: Vec<vmm::control::NicStatus>,
     disks: Vec<vmm::control::BlockStatus>,
+    guest_disks: Vec<vmm::control::GuestDiskCounters>,
     block_test: Option<String>,
     block_tests: u64,
     block_checksum: u64,
@@ -312,6 +313,7 @@ impl Heartbeat {
             disk.bytes_written = counters.bytes_written;
             disk.errors = counters.errors;
         }
+        crate::guest_io::fill_guest_counters(&mut status.disks, &self.guest_disks);
         if let Some(result) = self.block_test {
             status.guest_block_test = result;
             status.guest_block_tests = self.block_tests;
@@ -344,6 +346,7 @@ fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
         uptime_ms: status.uptime_ms,
         nics: status.nics,
         disks: status.disks,
+        guest_disks: status.guest_disks,
         // Only the built-in guest runs the self-test.
         block_test: (status.boot != "linux")
             .then(|| serde_json::to_value(status.block_test).ok())
@@ -466,6 +469,7 @@ impl Vms {
     /// reconciler decides whether to start one that was not adopted again.
     /// `own_process_group`: each VMM spawned gets a process group of its own, so a
     /// signal to the agent's group (a terminal's Ctrl-C, a group kill) does not reach it.
+            disk.copies_state = crate::guest_io::copies_state(volume).into();
     pub fn open(
         vmm_binary: Option<PathBuf>,
         run_dir: PathBuf,
@@ -1265,6 +1269,30 @@ impl Vms {
         for runtime in self.vms.lock().await.values() {
             if runtime.pid != 0 {
                 // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+    /// A running VM's control socket, whether it runs the built-in guest, and its disks
+    /// as its definition lists them (attached or not, with the guest device index).
+    pub async fn running_disks(
+        &self,
+        name: &str,
+    ) -> Result<(PathBuf, bool, Vec<v1::VmDiskStatus>), Status> {
+        let vms = self.vms.lock().await;
+        let Some(runtime) = vms.get(name) else {
+            return Err(Status::not_found(format!(
+                "no VM named {name} on this node"
+            )));
+        };
+        if runtime.state != VmState::Running || runtime.pid == 0 {
+            return Err(Status::failed_precondition(format!(
+                "VM {name} is {}, not running",
+                state_name(runtime.state)
+            )));
+        }
+        let definition = runtime.record.definition.clone().unwrap_or_default();
+        let builtin = matches!(definition.image, Some(v1::create_vm::Image::Builtin(_)));
+        let disks = disk_statuses(&definition.volumes, &runtime.disks);
+        Ok((self.run_dir.join(name).join("control.sock"), builtin, disks))
+    }
+
                 unsafe { libc::kill(runtime.pid as libc::pid_t, libc::SIGKILL) };
             }
         }
@@ -1342,6 +1370,7 @@ mod tests {
         let mut status = VmStatus {
             vcpus: 1,
             memory_bytes: 32 << 20,
+            guest_disks: vec![],
             ..running()
         };
         Heartbeat {
@@ -1368,6 +1397,7 @@ mod tests {
             memory_bytes: 64 << 20,
             image: Some(v1::create_vm::Image::Kernel(v1::KernelImage {
                 kernel_path: "/images/vmlinuz".into(),
+            guest_disks: vec![],
                 initrd_path: String::new(),
                 cmdline: String::new(),
             })),
@@ -1508,6 +1538,7 @@ mod tests {
     fn a_stale_or_missing_heartbeat_degrades_a_running_vm() {
         let mut stale = running();
         Heartbeat {
+            guest_disks: vec![],
             vcpus: 1,
             memory_bytes: 32 << 20,
             total: 17,
@@ -1532,6 +1563,7 @@ mod tests {
             age_ms: None,
             uptime_ms: 300,
             nics: vec![],
+            guest_disks: vec![],
             disks: vec![],
             block_test: None,
             block_tests: 0,
@@ -1550,6 +1582,7 @@ mod tests {
             age_ms: None,
             uptime_ms: 3_000,
             nics: vec![],
+            guest_disks: vec![],
             disks: vec![],
             block_test: None,
             block_tests: 0,
@@ -1559,3 +1592,4 @@ mod tests {
         assert_eq!(silent.health, Health::Degraded as i32);
     }
 }
+            guest_disks: vec![],

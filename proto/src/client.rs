@@ -321,6 +321,19 @@ impl NodeClient {
             .into_inner())
     }
 
+    /// `Apply.GuestDiskIo`: the built-in guest of a VM on this node writes a pattern to
+    /// or checksums a range of one of its disks, and this is its report.
+    pub async fn guest_disk_io(
+        &mut self,
+        request: v1::GuestDiskIoRequest,
+    ) -> Result<v1::GuestDiskIoResponse, tonic::Status> {
+        let request = self.signed(methods::GUEST_DISK_IO, request).await?;
+        let result = ApplyClient::new(self.channel.clone())
+            .guest_disk_io(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
     /// `Watch.Watch`: the event stream.
     pub async fn watch(
         &mut self,

@@ -54,6 +54,8 @@ pub mod methods {
     pub const READ_VOLUME: &str = "/cairn.node.v1.Apply/ReadVolume";
     /// `Apply.GetOutcome`
     pub const GET_OUTCOME: &str = "/cairn.node.v1.Apply/GetOutcome";
+    /// `Apply.GuestDiskIo`
+    pub const GUEST_DISK_IO: &str = "/cairn.node.v1.Apply/GuestDiskIo";
     /// `Watch.Watch`
     pub const WATCH: &str = "/cairn.node.v1.Watch/Watch";
     /// `Replication.EnsureReplica`

@@ -82,6 +82,29 @@ pub struct ObservedDisk {
     pub bytes_written: u64,
     /// Failed requests.
     pub errors: u64,
+    /// The copies at a glance: `in-sync`, `resyncing` or `degraded` (empty when the
+    /// node does not hold the primary copy, or does not say).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub copies_state: String,
+    /// The built-in guest's own count of its I/O on this disk (its driver's requests,
+    /// bytes and failures since it booted; zero for Linux guests).
+    #[serde(default)]
+    pub guest: GuestDiskCount,
+}
+
+/// The built-in guest's own count of its I/O on one disk.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+pub struct GuestDiskCount {
+    /// virtio-blk requests its driver submitted.
+    pub requests: u64,
+    /// Bytes it read.
+    pub bytes_read: u64,
+    /// Bytes it wrote.
+    pub bytes_written: u64,
+    /// Requests that failed.
+    pub errors: u64,
 }
 
 impl ObservedVm {
@@ -545,6 +568,13 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                             bytes_read: d.bytes_read,
                             bytes_written: d.bytes_written,
                             errors: d.errors,
+                            copies_state: d.copies_state,
+                            guest: GuestDiskCount {
+                                requests: d.guest_requests,
+                                bytes_read: d.guest_bytes_read,
+                                bytes_written: d.guest_bytes_written,
+                                errors: d.guest_errors,
+                            },
                         })
                         .collect(),
                     guest_block_test: v.guest_block_test,

@@ -463,8 +463,9 @@ fn disks_text(status: &Status) -> String {
         "VOLUME".into(),
         "ATTACHED".into(),
         "DATA".into(),
-        "IN SYNC".into(),
-        "GUEST I/O (reads/writes, bytes)".into(),
+        "COPIES IN SYNC".into(),
+        "VMM COUNT (reads/writes, bytes)".into(),
+        "GUEST COUNT (requests, bytes)".into(),
         "DETAIL".into(),
     ]];
     for v in &status.vms {
@@ -478,18 +479,23 @@ fn disks_text(status: &Status) -> String {
                     "no".into()
                 },
                 d.data.clone(),
-                format!("{}/{}", d.copies_in_sync, d.copies),
+                if d.copies_state.is_empty() {
+                    format!("{}/{}", d.copies_in_sync, d.copies)
+                } else {
+                    format!("{}/{} {}", d.copies_in_sync, d.copies, d.copies_state)
+                },
                 format!(
-                    "{}/{}, {}/{}{}",
+                    "{}/{}, {}{}",
                     d.reads,
                     d.writes,
-                    compiler::units::human_size(d.bytes_read),
-                    compiler::units::human_size(d.bytes_written),
-                    if d.errors > 0 {
-                        format!(", {} errors", d.errors)
-                    } else {
-                        String::new()
-                    }
+                    read_written(d.bytes_read, d.bytes_written),
+                    errors_suffix(d.errors)
+                ),
+                format!(
+                    "{}, {}{}",
+                    d.guest.requests,
+                    read_written(d.guest.bytes_read, d.guest.bytes_written),
+                    errors_suffix(d.guest.errors)
                 ),
                 if d.detail.is_empty() {
                     "-".into()
@@ -512,6 +518,24 @@ pub fn text(status: &Status) -> String {
         Some(a) => {
             let _ = writeln!(out, "applied: {} (plan {})", a.revision, a.plan_id);
         }
+/// `READ/WRITTEN` in human sizes.
+fn read_written(read: u64, written: u64) -> String {
+    format!(
+        "{}/{}",
+        compiler::units::human_size(read),
+        compiler::units::human_size(written)
+    )
+}
+
+/// `, N errors` when there were any.
+fn errors_suffix(errors: u64) -> String {
+    if errors > 0 {
+        format!(", {errors} errors")
+    } else {
+        String::new()
+    }
+}
+
         None => out.push_str("applied: nothing yet (run `cairn apply`)\n"),
     }
     out.push_str("\nnodes:\n");
@@ -695,6 +719,17 @@ mod disk_tests {
                 tenant: "acme".into(),
                 node: "n1".into(),
                 desired_node: "n1".into(),
+            copies_state: if data == "local" {
+                "in-sync".into()
+            } else {
+                String::new()
+            },
+            guest: crate::observe::GuestDiskCount {
+                requests: 5,
+                bytes_read: 12 << 10,
+                bytes_written: 8 << 10,
+                errors: u64::from(!attached),
+            },
                 state: "running".into(),
                 health: "healthy".into(),
                 crash_count: 0,
@@ -725,9 +760,9 @@ mod disk_tests {
             disks_text(&status),
             "
 disks:
-  VM  VOLUME   ATTACHED  DATA    IN SYNC  GUEST I/O (reads/writes, bytes)  DETAIL
-  db  db-root  vda       local   2/2      3/2, 12KiB/8KiB                  -
-  db  db-data  no        remote  0/2      3/2, 12KiB/8KiB                  the primary copy is on node n2
+  VM  VOLUME   ATTACHED  DATA    COPIES IN SYNC  VMM COUNT (reads/writes, bytes)  GUEST COUNT (requests, bytes)  DETAIL
+  db  db-root  vda       local   2/2 in-sync     3/2, 12KiB/8KiB                  5, 12KiB/8KiB                  -
+  db  db-data  no        remote  0/2             3/2, 12KiB/8KiB                  5, 12KiB/8KiB, 1 errors        the primary copy is on node n2
 "
         );
         let json = serde_json::to_value(&status.vms[0]).unwrap();
@@ -738,3 +773,5 @@ disks:
         assert_eq!(disks_text(&none), "", "no section without disks");
     }
 }
+        assert_eq!(json["disks"][0]["copies_state"], "in-sync");
+        assert_eq!(json["disks"][0]["guest"]["requests"], 5);
