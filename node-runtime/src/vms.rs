@@ -453,6 +453,7 @@ pub fn fill_disk_copies(vms: &mut [VmStatus], volumes: &[v1::VolumeStatus]) {
             if disk.detail.is_empty() && !volume.detail.is_empty() {
                 disk.detail = volume.detail.clone();
             }
+            disk.copies_state = crate::guest_io::copies_state(volume).into();
         } else if disk.detail.is_empty() {
             disk.detail = format!("the primary copy is on node {}", volume.primary);
         }
@@ -469,7 +470,6 @@ impl Vms {
     /// reconciler decides whether to start one that was not adopted again.
     /// `own_process_group`: each VMM spawned gets a process group of its own, so a
     /// signal to the agent's group (a terminal's Ctrl-C, a group kill) does not reach it.
-            disk.copies_state = crate::guest_io::copies_state(volume).into();
     pub fn open(
         vmm_binary: Option<PathBuf>,
         run_dir: PathBuf,
@@ -1253,22 +1253,6 @@ impl Vms {
             .collect()
     }
 
-    /// Number of running VMs.
-    pub async fn running(&self) -> u32 {
-        self.vms
-            .lock()
-            .await
-            .values()
-            .filter(|runtime| runtime.state == VmState::Running)
-            .count() as u32
-    }
-
-    /// Kills every VM process (agent shutdown with `--stop-vms-on-exit`). The VMs stay
-    /// `desired_running`, so the next agent reports them crashed-by-restart.
-    pub async fn kill_all(&self) {
-        for runtime in self.vms.lock().await.values() {
-            if runtime.pid != 0 {
-                // SAFETY: kill takes a pid and a signal number; it has no memory effects.
     /// A running VM's control socket, whether it runs the built-in guest, and its disks
     /// as its definition lists them (attached or not, with the guest device index).
     pub async fn running_disks(
@@ -1293,6 +1277,22 @@ impl Vms {
         Ok((self.run_dir.join(name).join("control.sock"), builtin, disks))
     }
 
+    /// Number of running VMs.
+    pub async fn running(&self) -> u32 {
+        self.vms
+            .lock()
+            .await
+            .values()
+            .filter(|runtime| runtime.state == VmState::Running)
+            .count() as u32
+    }
+
+    /// Kills every VM process (agent shutdown with `--stop-vms-on-exit`). The VMs stay
+    /// `desired_running`, so the next agent reports them crashed-by-restart.
+    pub async fn kill_all(&self) {
+        for runtime in self.vms.lock().await.values() {
+            if runtime.pid != 0 {
+                // SAFETY: kill takes a pid and a signal number; it has no memory effects.
                 unsafe { libc::kill(runtime.pid as libc::pid_t, libc::SIGKILL) };
             }
         }
@@ -1354,6 +1354,7 @@ mod tests {
             uptime_ms: 5_000,
             nics: vec![],
             disks: vec![],
+            guest_disks: vec![],
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
@@ -1370,7 +1371,6 @@ mod tests {
         let mut status = VmStatus {
             vcpus: 1,
             memory_bytes: 32 << 20,
-            guest_disks: vec![],
             ..running()
         };
         Heartbeat {
@@ -1381,6 +1381,7 @@ mod tests {
             uptime_ms: 100,
             nics: vec![],
             disks: vec![],
+            guest_disks: vec![],
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
@@ -1397,7 +1398,6 @@ mod tests {
             memory_bytes: 64 << 20,
             image: Some(v1::create_vm::Image::Kernel(v1::KernelImage {
                 kernel_path: "/images/vmlinuz".into(),
-            guest_disks: vec![],
                 initrd_path: String::new(),
                 cmdline: String::new(),
             })),
@@ -1521,6 +1521,7 @@ mod tests {
             uptime_ms: 50,
             nics: vec![],
             disks: vec![counters(5), counters(7)],
+            guest_disks: vec![],
             block_test: Some("pass".into()),
             block_tests: 1,
             block_checksum: 0x1234,
@@ -1538,7 +1539,6 @@ mod tests {
     fn a_stale_or_missing_heartbeat_degrades_a_running_vm() {
         let mut stale = running();
         Heartbeat {
-            guest_disks: vec![],
             vcpus: 1,
             memory_bytes: 32 << 20,
             total: 17,
@@ -1546,6 +1546,7 @@ mod tests {
             uptime_ms: 10_000,
             nics: vec![],
             disks: vec![],
+            guest_disks: vec![],
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
@@ -1563,8 +1564,8 @@ mod tests {
             age_ms: None,
             uptime_ms: 300,
             nics: vec![],
-            guest_disks: vec![],
             disks: vec![],
+            guest_disks: vec![],
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
@@ -1582,8 +1583,8 @@ mod tests {
             age_ms: None,
             uptime_ms: 3_000,
             nics: vec![],
-            guest_disks: vec![],
             disks: vec![],
+            guest_disks: vec![],
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
@@ -1592,4 +1593,3 @@ mod tests {
         assert_eq!(silent.health, Health::Degraded as i32);
     }
 }
-            guest_disks: vec![],

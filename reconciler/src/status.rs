@@ -511,13 +511,6 @@ fn disks_text(status: &Status) -> String {
     format!("\ndisks:\n{}", table(&rows))
 }
 
-/// The status as text.
-pub fn text(status: &Status) -> String {
-    let mut out = String::new();
-    match &status.applied {
-        Some(a) => {
-            let _ = writeln!(out, "applied: {} (plan {})", a.revision, a.plan_id);
-        }
 /// `READ/WRITTEN` in human sizes.
 fn read_written(read: u64, written: u64) -> String {
     format!(
@@ -536,6 +529,13 @@ fn errors_suffix(errors: u64) -> String {
     }
 }
 
+/// The status as text.
+pub fn text(status: &Status) -> String {
+    let mut out = String::new();
+    match &status.applied {
+        Some(a) => {
+            let _ = writeln!(out, "applied: {} (plan {})", a.revision, a.plan_id);
+        }
         None => out.push_str("applied: nothing yet (run `cairn apply`)\n"),
     }
     out.push_str("\nnodes:\n");
@@ -705,6 +705,17 @@ mod disk_tests {
             bytes_read: 12 << 10,
             bytes_written: 8 << 10,
             errors: 0,
+            copies_state: if data == "local" {
+                "in-sync".into()
+            } else {
+                String::new()
+            },
+            guest: crate::observe::GuestDiskCount {
+                requests: 5,
+                bytes_read: 12 << 10,
+                bytes_written: 8 << 10,
+                errors: u64::from(!attached),
+            },
         }
     }
 
@@ -719,17 +730,6 @@ mod disk_tests {
                 tenant: "acme".into(),
                 node: "n1".into(),
                 desired_node: "n1".into(),
-            copies_state: if data == "local" {
-                "in-sync".into()
-            } else {
-                String::new()
-            },
-            guest: crate::observe::GuestDiskCount {
-                requests: 5,
-                bytes_read: 12 << 10,
-                bytes_written: 8 << 10,
-                errors: u64::from(!attached),
-            },
                 state: "running".into(),
                 health: "healthy".into(),
                 crash_count: 0,
@@ -767,11 +767,11 @@ disks:
         );
         let json = serde_json::to_value(&status.vms[0]).unwrap();
         assert_eq!(json["disks"][0]["data"], "local");
+        assert_eq!(json["disks"][0]["copies_state"], "in-sync");
+        assert_eq!(json["disks"][0]["guest"]["requests"], 5);
         assert_eq!(json["guest_block_test"], "pass");
         let mut none = status.clone();
         none.vms[0].disks.clear();
         assert_eq!(disks_text(&none), "", "no section without disks");
     }
 }
-        assert_eq!(json["disks"][0]["copies_state"], "in-sync");
-        assert_eq!(json["disks"][0]["guest"]["requests"], 5);
