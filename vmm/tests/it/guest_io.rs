@@ -4,12 +4,12 @@
 
 use std::time::Duration;
 
-use vmm::control::{GuestDiskAction, GuestDiskIoRequest, Request};
+use vmm::control::{ControlClient, GuestDiskAction, GuestDiskIoRequest, Request};
 use vmm::guest::{disk_checksum, disk_pattern};
 
 use crate::support::{VmProcess, disk_image, kvm_available};
 
-const TIMEOUT: Duration = Duration::from_secs(20);
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn io(
     disk: u32,
@@ -24,7 +24,7 @@ fn io(
         offset,
         length,
         seed,
-        timeout_ms: Some(4_000), // within the test client's 5 s read timeout
+        timeout_ms: Some(25_000),
     }
 }
 
@@ -64,13 +64,20 @@ fn the_guest_writes_a_seeded_pattern_and_reports_its_crc32c_and_counters() {
     );
     assert_eq!(status.guest_disks[1].requests, 0);
 
-    // 200 KiB from 12 KiB on the second disk: four requests (64 KiB at most each).
-    let (offset, length, seed) = (12 << 10, 200 << 10, 0xC0FFEE);
+    // 136 KiB from 12 KiB on the second disk: three requests (64 KiB at most each).
+    // (On PVM the built-in guest's instructions are emulated, about 1 µs each: this
+    // takes seconds there, microseconds on hardware KVM.)
+    let (offset, length, seed) = (12 << 10, 136 << 10, 0xC0FFEE);
     let expected = disk_pattern(offset, length, seed);
-    let mut client = vm.client();
+    vm.client();
+    let mut client = ControlClient::connect(&vm.path("control.sock"), TIMEOUT).expect("connect");
     let written = client
         .guest_disk_io(io(1, GuestDiskAction::WritePattern, offset, length, seed))
         .expect("write-pattern");
+    eprintln!(
+        "write-pattern of 136 KiB in {} ms (guest-computed pattern and CRC-32C)",
+        written.elapsed_ms
+    );
     assert_eq!(
         written.crc32c,
         disk_checksum(&expected),
@@ -82,7 +89,7 @@ fn the_guest_writes_a_seeded_pattern_and_reports_its_crc32c_and_counters() {
             written.counters.bytes_written,
             written.counters.errors
         ),
-        (4, length, 0)
+        (3, length, 0)
     );
     let read = client
         .guest_disk_io(io(1, GuestDiskAction::ReadChecksum, offset, length, 0))
@@ -90,7 +97,7 @@ fn the_guest_writes_a_seeded_pattern_and_reports_its_crc32c_and_counters() {
     assert_eq!(read.crc32c, written.crc32c, "it reads back what it wrote");
     assert_eq!(
         (read.counters.requests, read.counters.bytes_read),
-        (8, length)
+        (6, length)
     );
     // A sub-range has the checksum of the same pattern bytes.
     let part = client
@@ -103,7 +110,7 @@ fn the_guest_writes_a_seeded_pattern_and_reports_its_crc32c_and_counters() {
     assert_eq!(status.guest_disks[1].bytes_read, length + 8192);
     assert_eq!(
         (status.disks[1].writes, status.disks[1].bytes_written),
-        (4, length),
+        (3, length),
         "the VMM counted the same requests"
     );
 
@@ -168,8 +175,8 @@ fn a_paused_guest_cannot_take_the_command_and_a_later_one_still_runs() {
         "a paused VM is refused at once"
     );
     vm.request(&Request::Resume);
-    let result = vm
-        .client()
+    let result = ControlClient::connect(&vm.path("control.sock"), TIMEOUT)
+        .expect("connect")
         .guest_disk_io(io(0, GuestDiskAction::WritePattern, 0, 4096, 9))
         .expect("write after resume");
     assert_eq!(result.crc32c, disk_checksum(&disk_pattern(0, 4096, 9)));
