@@ -545,7 +545,7 @@ impl Cx<'_> {
         }
         // Whole days read better in hours (`24h`).
         let bound = |ms: u64| {
-            if ms >= 86_400_000 && ms % 3_600_000 == 0 {
+            if ms >= 86_400_000 && ms.is_multiple_of(3_600_000) {
                 format!("{}h", ms / 3_600_000)
             } else {
                 units::format_duration(ms)

@@ -435,5 +435,47 @@ pub fn status_text(status: &serde_json::Value, url: &str) -> String {
             ));
         }
     }
+    out.push_str(&ha_times_text(&c["ha_restart_times"]));
+    out
+}
+
+/// `HA restart times (declared worst case | last measured):` and one line per HA VM.
+fn ha_times_text(rows: &serde_json::Value) -> String {
+    let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let seconds =
+        |ms: &serde_json::Value| format!("{:.2} s", ms.as_u64().unwrap_or(0) as f64 / 1000.0);
+    let mut out =
+        "  HA restart times (declared worst case after a node failure | last measured):\n"
+            .to_owned();
+    for row in rows {
+        let last = &row["last_restart"];
+        let measured = if last.is_null() {
+            "not restarted yet".to_owned()
+        } else {
+            format!(
+                "{} from {} to {} at {}{} (detected after {}, restarted in {})",
+                seconds(&last["measured_ms"]),
+                last["from"].as_str().unwrap_or("?"),
+                last["to"].as_str().unwrap_or("?"),
+                last["at"].as_str().unwrap_or("?"),
+                if last["succeeded"].as_bool().unwrap_or(false) {
+                    ""
+                } else {
+                    ", FAILED"
+                },
+                seconds(&last["detected_ms"]),
+                seconds(&last["restart_ms"]),
+            )
+        };
+        out.push_str(&format!(
+            "    {}: {} ({}) | {measured}\n",
+            row["vm"].as_str().unwrap_or("?"),
+            seconds(&row["declared_ms"]),
+            row["declared"].as_str().unwrap_or(""),
+        ));
+    }
     out
 }

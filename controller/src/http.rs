@@ -146,6 +146,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    crate::lease::node_metrics(&shared);
     (
         [(
             header::CONTENT_TYPE,

@@ -8,14 +8,18 @@
 //! the applied commit's placement ([`node_runtime`'s `quorum`] pushes the deadline into
 //! each one's VMM).
 //!
-//! Timer rules (T = `--lease-ttl`, default 3 s):
-//! - renewal every T/3 (the node's loop), each call bounded by T/3;
+//! Timer rules (T = the site's `failure-detect after=`, default 3 s; the figures
+//! come from [`compiler::model::timers::HaTimers`]):
+//! - renewal every T/3 (the node's loop; the grant says T and T/3), each call
+//!   bounded by T/3;
 //! - a node is `ready` while its last grant is younger than T, `suspect` after T;
 //! - it may only be declared `failed` once T + margin have passed since its last
 //!   grant AND a majority of its site reports not having heard from it: the node may
-//!   still hold quorum through its peers otherwise. The margin covers the VMM's fence
-//!   check (immediate, plus one vCPU kick), the time to stop its vCPUs (measured:
-//!   4–36 ms), and clock drift of CLOCK_BOOTTIME over T (negligible); 1 s is used;
+//!   still hold quorum through its peers otherwise. The margin is the larger of T/3
+//!   and the fence check, VM kill and drift: it covers the VMM's fence check
+//!   (immediate, plus one vCPU kick), the time to stop its vCPUs (measured:
+//!   4–36 ms), clock drift of CLOCK_BOOTTIME over T (≤ 100 ppm), and the T/3 its
+//!   peers take to report;
 //! - a controller that starts waits T + margin before it calls any node `failed`
 //!   (it cannot know which grants its predecessor gave).
 //!
@@ -34,11 +38,19 @@ use reconciler::state::StateStore as _;
 use tonic::{Request, Response, Status};
 
 use crate::Shared;
+use compiler::model::timers::HaTimers;
 
-/// The lease length granted (T).
-pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
-/// What T + margin adds to T before a node may be declared failed.
-pub const MARGIN: Duration = Duration::from_secs(1);
+/// The lease length granted (T) when a site does not say (`failure-detect after=`).
+pub const DEFAULT_TTL: Duration = Duration::from_millis(compiler::model::timers::DEFAULT_DETECT_MS);
+
+/// A site's T and margin as durations.
+fn site_timers(site: &compiler::model::Site) -> (Duration, Duration) {
+    let t = HaTimers::of(site);
+    (
+        Duration::from_millis(t.detect_ms),
+        Duration::from_millis(t.margin_ms),
+    )
+}
 
 /// One node's lease as this controller process granted it.
 #[derive(Debug, Clone)]
@@ -53,6 +65,8 @@ struct Granted {
 /// The leases of every node, shared by the gRPC service and the status.
 #[derive(Debug)]
 pub struct Leases {
+    /// The default T: the fenced-VM cache is re-read after T/3 (a placement
+    /// change, not a timer rule).
     ttl: Duration,
     started: Instant,
     granted: Mutex<BTreeMap<String, Granted>>,
@@ -63,6 +77,57 @@ pub struct Leases {
     /// every node renews every T/3, so the state store is read at most once per T/3
     /// for all of them.
     fenced: Mutex<Option<(Instant, FencedByNode)>>,
+    /// Failed node → when this controller declared it failed, and its last grant.
+    failed_at: Mutex<BTreeMap<String, FailedAt>>,
+    /// VM → its last HA restart, measured.
+    restarts: Mutex<BTreeMap<String, HaRestart>>,
+    /// Node → whether it answered the last observation.
+    reachable: Mutex<BTreeMap<String, bool>>,
+}
+
+/// When a node was declared failed.
+#[derive(Debug, Clone, Copy)]
+struct FailedAt {
+    detected: Instant,
+    last_grant: Option<Instant>,
+}
+
+/// One HA restart as it happened: the time it took against the declared worst case.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HaRestart {
+    /// The VM.
+    pub vm: String,
+    /// The failed node it ran on.
+    pub from: String,
+    /// Where it runs now.
+    pub to: String,
+    /// From its node's last lease grant (the latest the node can have failed) to
+    /// the VM running on `to` with its first heartbeat: what the declared figure
+    /// bounds.
+    pub measured_ms: u64,
+    /// Of that, until the node was declared failed.
+    pub detected_ms: u64,
+    /// From the declaration to running elsewhere (placement, start, first heartbeat).
+    pub restart_ms: u64,
+    /// The declared worst case ([`HaTimers::worst_restart_ms`]).
+    pub declared_ms: u64,
+    /// Whether it started (else `measured_ms` is when the attempt ended).
+    pub succeeded: bool,
+    /// When it ended (RFC 3339).
+    pub at: String,
+}
+
+/// One HA VM's declared worst-case restart time beside its last measured one.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HaTimesRow {
+    /// The VM.
+    pub vm: String,
+    /// Its site's timers, as `detect 3s + margin 1s + poll 100ms + restart 700ms`.
+    pub declared: String,
+    /// The declared worst case, ms.
+    pub declared_ms: u64,
+    /// Its last HA restart (none yet: `null`).
+    pub last_restart: Option<HaRestart>,
 }
 
 /// Node → the names of its HA and FT VMs.
@@ -83,6 +148,8 @@ pub struct LeaseRow {
     pub incarnation: String,
     /// Why it is in that state.
     pub reason: String,
+    /// Its site's detect T (`failure-detect after=`), ms.
+    pub detect_ms: u64,
 }
 
 impl Leases {
@@ -94,7 +161,112 @@ impl Leases {
             granted: Mutex::default(),
             keys: tokio::sync::Mutex::default(),
             fenced: Mutex::default(),
+            failed_at: Mutex::default(),
+            restarts: Mutex::default(),
+            reachable: Mutex::default(),
         }
+    }
+
+    /// Records that `nodes` were declared failed now (those not failed any more are
+    /// forgotten).
+    fn note_failed(&self, nodes: &std::collections::BTreeSet<String>) {
+        let grants = self.lock();
+        let mut failed = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
+        failed.retain(|n, _| nodes.contains(n));
+        for node in nodes {
+            failed.entry(node.clone()).or_insert(FailedAt {
+                detected: Instant::now(),
+                last_grant: grants.get(node).map(|g| g.last),
+            });
+        }
+    }
+
+    /// Records the HA restarts `moves` (VM, from, to) as ended now, each measured
+    /// from its failed node's last grant, beside its declared worst case.
+    pub fn note_restarts(
+        &self,
+        model: &compiler::Model,
+        moves: &[(String, String, String)],
+        succeeded: bool,
+    ) -> Vec<HaRestart> {
+        let now = Instant::now();
+        let failed = self
+            .failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut out = vec![];
+        for (vm, from, to) in moves {
+            let Some(at) = failed.get(from) else { continue };
+            let since_grant = at.last_grant.unwrap_or(at.detected);
+            let record = HaRestart {
+                vm: vm.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                measured_ms: now.duration_since(since_grant).as_millis() as u64,
+                detected_ms: at.detected.duration_since(since_grant).as_millis() as u64,
+                restart_ms: now.duration_since(at.detected).as_millis() as u64,
+                declared_ms: declared(model, vm).0,
+                succeeded,
+                at: crate::events::rfc3339(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                ),
+            };
+            self.restarts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(vm.clone(), record.clone());
+            out.push(record);
+        }
+        out
+    }
+
+    /// Every HA VM of `model`: its declared worst-case restart time and its last
+    /// measured one.
+    pub fn ha_times(&self, model: &compiler::Model) -> Vec<HaTimesRow> {
+        let restarts = self.restarts.lock().unwrap_or_else(|p| p.into_inner());
+        model
+            .vms
+            .iter()
+            .filter(|vm| vm.availability == compiler::model::Availability::Ha)
+            .map(|vm| {
+                let (declared_ms, declared) = declared(model, &vm.name);
+                HaTimesRow {
+                    vm: vm.name.clone(),
+                    declared,
+                    declared_ms,
+                    last_restart: restarts.get(&vm.name).cloned(),
+                }
+            })
+            .collect()
+    }
+
+    /// Which nodes answered the last observation.
+    pub fn note_reachable(&self, reachable: BTreeMap<String, bool>) {
+        *self.reachable.lock().unwrap_or_else(|p| p.into_inner()) = reachable;
+    }
+
+    /// Each node's state: `ready`, `suspect`, `failed`, `fenced` (it answers but
+    /// its lease lapsed and its site no longer hears it: it has lost quorum and its
+    /// HA VMs stopped themselves), `maintenance` (not set by anything yet) or
+    /// `unreachable` (it does not answer the controller's calls while its lease is
+    /// held, or it takes no leases).
+    pub fn node_states(&self, model: &compiler::Model) -> Vec<(String, &'static str)> {
+        let reachable = self
+            .reachable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.rows(model)
+            .into_iter()
+            .map(|row| {
+                let answers = reachable.get(&row.node).copied();
+                let state = node_state(row.state, answers);
+                (row.node, state)
+            })
+            .collect()
     }
 
     /// The VMs `node` must fence: its HA and FT VMs in the stored placement
@@ -154,6 +326,7 @@ impl Leases {
         let granted = self.lock().clone();
         let mut rows = Vec::new();
         for site in &model.sites {
+            let (ttl, margin) = site_timers(site);
             for node in &site.nodes {
                 let Some(g) = granted.get(&node.name) else {
                     rows.push(LeaseRow {
@@ -163,6 +336,7 @@ impl Leases {
                         grants: 0,
                         incarnation: String::new(),
                         reason: "it has not renewed a lease with this controller (started without --lease-from?)".into(),
+                        detect_ms: ttl.as_millis() as u64,
                     });
                     continue;
                 };
@@ -178,15 +352,15 @@ impl Leases {
                 let reports: Vec<bool> = peers
                     .iter()
                     .filter_map(|peer| granted.get(*peer))
-                    .filter(|p| p.last.elapsed() < self.ttl)
-                    .map(|p| p.heard.get(&node.name).is_some_and(|ago| *ago < self.ttl))
+                    .filter(|p| p.last.elapsed() < ttl)
+                    .map(|p| p.heard.get(&node.name).is_some_and(|ago| *ago < ttl))
                     .collect();
                 let not_hearing = reports.iter().filter(|hears| !**hears).count();
                 let hearing = reports.len() - not_hearing;
                 let site_size = peers.len() + 1;
-                let (state, reason) = if age < self.ttl {
+                let (state, reason) = if age < ttl {
                     ("ready", format!("renewed {} ms ago", age.as_millis()))
-                } else if age < self.ttl + MARGIN || self.started.elapsed() < self.ttl + MARGIN {
+                } else if age < ttl + margin || self.started.elapsed() < ttl + margin {
                     ("suspect", format!("no renewal for {} ms", age.as_millis()))
                 } else if not_hearing * 2 >= site_size {
                     (
@@ -214,11 +388,89 @@ impl Leases {
                     grants: g.grants,
                     incarnation: g.incarnation.clone(),
                     reason,
+                    detect_ms: ttl.as_millis() as u64,
                 });
             }
         }
         rows
     }
+}
+
+/// The node states, in the order status and metrics list them (CLI.md).
+pub const NODE_STATES: [&str; 6] = [
+    "ready",
+    "suspect",
+    "failed",
+    "fenced",
+    "maintenance",
+    "unreachable",
+];
+
+/// A node's state from its lease state and whether it answered the last
+/// observation (`None`: not observed yet).
+pub fn node_state(lease: &str, answers: Option<bool>) -> &'static str {
+    match (lease, answers) {
+        ("failed", Some(true)) => "fenced",
+        ("failed", _) => "failed",
+        ("suspect", _) => "suspect",
+        (_, Some(false)) => "unreachable",
+        _ => "ready",
+    }
+}
+
+/// A VM's declared worst-case HA restart time, and how it adds up.
+fn declared(model: &compiler::Model, vm: &str) -> (u64, String) {
+    compiler::model::timers::vm_worst_restart(model, vm).unwrap_or_default()
+}
+
+/// Sets the node state and HA restart time metrics from the leases, the last
+/// observation and the applied commit.
+pub fn node_metrics(shared: &Shared) {
+    let good = shared.good.lock().expect("good lock").clone();
+    let Some(good) = good else { return };
+    let metrics = &shared.metrics;
+    let states = shared.leases.node_states(&good.model);
+    metrics.node_state.reset();
+    let mut counts: BTreeMap<String, i64> =
+        NODE_STATES.iter().map(|s| ((*s).to_owned(), 0)).collect();
+    for (node, state) in &states {
+        *counts.entry((*state).to_owned()).or_default() += 1;
+        metrics
+            .node_state
+            .with_label_values(&[node.as_str(), state])
+            .set(1);
+    }
+    crate::metrics::Metrics::set_all(&metrics.nodes, &counts);
+    metrics.ha_declared.reset();
+    metrics.ha_measured.reset();
+    for row in shared.leases.ha_times(&good.model) {
+        metrics
+            .ha_declared
+            .with_label_values(&[row.vm.as_str()])
+            .set(row.declared_ms as f64 / 1000.0);
+        if let Some(last) = &row.last_restart {
+            metrics
+                .ha_measured
+                .with_label_values(&[row.vm.as_str()])
+                .set(last.measured_ms as f64 / 1000.0);
+        }
+    }
+}
+
+/// Adds to a status JSON each node's state (`nodes[].state`) and
+/// `controller.ha_restart_times[]` (each HA VM's declared worst case beside its
+/// last measured restart).
+pub fn status_overlay(shared: &Shared, model: &compiler::Model, status: &mut serde_json::Value) {
+    let states: BTreeMap<String, &str> = shared.leases.node_states(model).into_iter().collect();
+    if let Some(nodes) = status["nodes"].as_array_mut() {
+        for node in nodes {
+            let name = node["name"].as_str().unwrap_or_default();
+            if let Some(state) = states.get(name) {
+                node["state"] = serde_json::json!(state);
+            }
+        }
+    }
+    status["controller"]["ha_restart_times"] = serde_json::json!(shared.leases.ha_times(model));
 }
 
 /// `Lease.Renew` over the shared controller state.
@@ -342,11 +594,13 @@ impl v1::lease_server::Lease for LeaseService {
                 .collect();
             entry.grants
         };
+        let timers = HaTimers::of(site);
         Ok(Response::new(v1::RenewLeaseReply {
-            ttl_ms: self.leases.ttl.as_millis() as u64,
+            ttl_ms: timers.detect_ms,
             grant: grants,
             site_peers,
             fenced_vms,
+            renew_every_ms: timers.renew_every_ms,
         }))
     }
 }
@@ -376,6 +630,7 @@ pub async fn watch_failures(shared: Arc<Shared>) {
                     .reason(row.reason.clone()),
             ]);
         }
+        shared.leases.note_failed(&now);
         for node in failed.difference(&now) {
             shared.record(vec![
                 crate::events::Event::new("node", "returned").object(format!("node {node}")),
@@ -385,5 +640,28 @@ pub async fn watch_failures(shared: Arc<Shared>) {
             shared.wake_drift.notify_one();
         }
         failed = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_state_combines_its_lease_and_whether_it_answers() {
+        assert_eq!(node_state("ready", Some(true)), "ready");
+        assert_eq!(node_state("ready", None), "ready");
+        assert_eq!(node_state("ready", Some(false)), "unreachable");
+        assert_eq!(node_state("unknown", Some(false)), "unreachable");
+        assert_eq!(node_state("unknown", Some(true)), "ready");
+        assert_eq!(node_state("suspect", Some(true)), "suspect");
+        assert_eq!(node_state("suspect", Some(false)), "suspect");
+        assert_eq!(node_state("failed", Some(false)), "failed");
+        assert_eq!(node_state("failed", None), "failed");
+        // Alive but cut off from its lease and its site: it fenced itself.
+        assert_eq!(node_state("failed", Some(true)), "fenced");
+        for state in ["ready", "suspect", "failed", "fenced", "unreachable"] {
+            assert!(NODE_STATES.contains(&state));
+        }
     }
 }

@@ -3,8 +3,8 @@
 //! `promtool check metrics` reads as untyped samples without help.)
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the controller exports.
@@ -21,8 +21,16 @@ pub struct Metrics {
     pub drift_found: IntCounter,
     /// Drifted objects repaired.
     pub drift_repaired: IntCounter,
-    /// Nodes by state (`ready`, `unreachable`).
+    /// Nodes by state (`ready`, `suspect`, `failed`, `fenced`, `maintenance`,
+    /// `unreachable`; every state, 0 included).
     pub nodes: IntGaugeVec,
+    /// 1 for each node's state (`node`, `state`).
+    pub node_state: IntGaugeVec,
+    /// Each HA VM's declared worst-case restart time after its node fails.
+    pub ha_declared: GaugeVec,
+    /// Each HA VM's last measured restart time (its node's last grant → running
+    /// elsewhere with a heartbeat).
+    pub ha_measured: GaugeVec,
     /// VMs by state (`running`, `crashed`, ..., `crash-looping`).
     pub vms: IntGaugeVec,
     /// Apply steps by result.
@@ -58,6 +66,13 @@ impl Metrics {
         };
         let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let float_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
                 .register(Box::new(g.clone()))
                 .expect("unique metric");
@@ -117,8 +132,23 @@ impl Metrics {
             ),
             nodes: gauge_vec(
                 "cairn_controller_nodes",
-                "Nodes of the applied commit by state at the last observation.",
+                "Nodes of the applied commit by state (ready, suspect, failed, fenced, maintenance, unreachable), from their leases and the last observation.",
                 &["state"],
+            ),
+            node_state: gauge_vec(
+                "cairn_controller_node_state",
+                "1 for the state each node of the applied commit is in (ready, suspect, failed, fenced, maintenance, unreachable).",
+                &["node", "state"],
+            ),
+            ha_declared: float_gauge_vec(
+                "cairn_controller_ha_restart_declared_seconds",
+                "Each HA VM's declared worst-case restart time after its node fails, from its site's timers (detect + margin + poll + restart estimate).",
+                &["vm"],
+            ),
+            ha_measured: float_gauge_vec(
+                "cairn_controller_ha_restart_measured_seconds",
+                "Each HA VM's last measured restart time: from its failed node's last lease grant to the VM running elsewhere with a heartbeat.",
+                &["vm"],
             ),
             vms: gauge_vec(
                 "cairn_controller_vms",

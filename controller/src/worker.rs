@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
+use compiler::model::Reconcile;
 use reconciler::apply::{ApplyEvents, ApplyOptions, StepOutcome};
 use reconciler::observe::{NodeObservation, Observed, observe_except};
 use reconciler::pipeline::{self, Planned};
@@ -88,6 +89,18 @@ struct CrashLoop {
     restarts: u32,
     last_restart: Instant,
     reported_for: u32,
+    /// When the controller restarted it in place: each follows a crash.
+    restarted_at: Vec<Instant>,
+}
+
+/// Whether a VM that crashed again (its in-place restarts at `restarted_at`) has
+/// now crashed `limit` times within `window`: then it is restarted elsewhere.
+fn crashed_too_often(restarted_at: &[Instant], now: Instant, limit: u32, window: Duration) -> bool {
+    let recent = restarted_at
+        .iter()
+        .filter(|at| now.saturating_duration_since(**at) <= window)
+        .count();
+    recent + 1 >= limit as usize
 }
 
 /// Per-node Watch streams: a VM crash wakes a drift check at once.
@@ -110,6 +123,10 @@ struct Worker {
     good: Option<Arc<Good>>,
     attempt: Option<Attempt>,
     crash: BTreeMap<String, CrashLoop>,
+    /// VM → the node it crashed on too often: the next repair restarts it elsewhere.
+    crash_moves: BTreeMap<String, String>,
+    /// When the first crash-looping VM's backoff runs out: a drift check then.
+    crash_retry: Option<Instant>,
     reachable: BTreeMap<String, bool>,
     last_drift: Option<Vec<String>>,
     held_reported: Option<String>,
@@ -131,6 +148,8 @@ pub(crate) async fn run(
         good: None,
         attempt: None,
         crash: BTreeMap::new(),
+        crash_moves: BTreeMap::new(),
+        crash_retry: None,
         reachable: BTreeMap::new(),
         last_drift: None,
         held_reported: None,
@@ -177,6 +196,11 @@ pub(crate) async fn run(
         } else if did_sync {
             // The sync observed the nodes; the next drift check is a full interval away.
             next_drift = Instant::now() + w.drift_interval();
+        }
+        if let Some(at) = w.crash_retry {
+            // A crash-looping VM is restarted when its backoff runs out, not at the
+            // next drift interval.
+            next_drift = next_drift.min(at);
         }
         w.answer(asked, did_sync);
         if w.good.is_none() && w.attempt.is_some() {
@@ -723,6 +747,7 @@ impl Worker {
         let options = reconciler::plan::PlanOptions {
             prune: limits.reconcile.prune,
             failed_nodes: self.shared.leases.failed_nodes(&model),
+            ..Default::default()
         };
         let planned = match pipeline::plan_revision_with(
             &model, &spec_root, commit, &store, &nodes, &options,
@@ -943,15 +968,11 @@ impl Worker {
     fn note_observation(&mut self, observed: &Observed) {
         self.shared.view.lock().expect("view lock").observed_digest = Some(observed.digest());
         let mut events = vec![];
-        let mut node_states: BTreeMap<String, i64> = BTreeMap::new();
         for (node, obs) in &observed.nodes {
             let (up, error) = match obs {
                 NodeObservation::Reachable { .. } => (true, None),
                 NodeObservation::Unreachable { error } => (false, Some(error.clone())),
             };
-            *node_states
-                .entry(if up { "ready" } else { "unreachable" }.to_owned())
-                .or_default() += 1;
             let before = self.reachable.insert(node.clone(), up);
             if before != Some(up) && (before.is_some() || !up) {
                 let mut e = Event::new("node", if up { "ready" } else { "unreachable" })
@@ -966,7 +987,8 @@ impl Worker {
                 events.push(e);
             }
         }
-        crate::metrics::Metrics::set_all(&self.shared.metrics.nodes, &node_states);
+        self.shared.leases.note_reachable(self.reachable.clone());
+        crate::lease::node_metrics(&self.shared);
         let mut vm_states: BTreeMap<String, i64> = BTreeMap::new();
         if let Ok(value) = serde_json::to_value(observed)
             && let Some(nodes) = value["nodes"].as_object()
@@ -992,15 +1014,26 @@ impl Worker {
     /// Hides from the planner the crashed VMs whose restart backoff has not run
     /// out (they are shown as running, so the plan leaves them alone), and
     /// reports them as crash-looping.
-    fn mask_crash_loops(&mut self, observed: &Observed) -> Observed {
+    ///
+    /// A VM that has crashed `crash-restart limit=` times within `window=` (the
+    /// applied `reconcile` block) is not masked: it goes into `crash_moves`, and the
+    /// repair places it on another node.
+    fn mask_crash_loops(
+        &mut self,
+        observed: &Observed,
+        model: &compiler::Model,
+        limits: &Reconcile,
+    ) -> Observed {
         let now = Instant::now();
         let Ok(mut value) = serde_json::to_value(observed) else {
             return observed.clone();
         };
+        let window = Duration::from_millis(limits.crash_restart_window_ms);
+        self.crash_retry = None;
         let mut events = vec![];
         let mut running = BTreeSet::new();
         if let Some(nodes) = value["nodes"].as_object_mut() {
-            for node in nodes.values_mut() {
+            for (node_name, node) in nodes.iter_mut() {
                 let Some(vms) = node["vms"].as_object_mut() else {
                     continue;
                 };
@@ -1011,11 +1044,47 @@ impl Worker {
                             running.insert(name);
                         }
                         Some("crashed") => {
+                            let restarted_at = self
+                                .crash
+                                .get(&name)
+                                .map_or(&[][..], |c| &c.restarted_at[..]);
+                            // A VM with disks stays (its volume needs a new writer
+                            // first, as for HA): in place, with the backoff.
+                            let movable = model.vm(&name).is_some_and(|m| m.disks.is_empty());
+                            if movable
+                                && crashed_too_often(
+                                    restarted_at,
+                                    now,
+                                    limits.crash_restart_limit,
+                                    window,
+                                )
+                            {
+                                if self
+                                    .crash_moves
+                                    .insert(name.clone(), node_name.clone())
+                                    .is_none()
+                                {
+                                    events.push(
+                                        Event::new("crash-loop", "moving")
+                                            .object(format!("vm {name}"))
+                                            .reason(format!(
+                                                "vm {name} crashed {} times on {node_name} within {} (crash-restart limit={} window=\"{}\"): restarted on another node",
+                                                restarted_at.len() + 1,
+                                                compiler::units::format_duration(limits.crash_restart_window_ms),
+                                                limits.crash_restart_limit,
+                                                compiler::units::format_duration(limits.crash_restart_window_ms),
+                                            )),
+                                    );
+                                }
+                                continue;
+                            }
                             let Some(c) = self.crash.get_mut(&name) else {
                                 continue;
                             };
                             let until = c.last_restart + backoff(c.restarts);
                             if now < until {
+                                self.crash_retry =
+                                    Some(self.crash_retry.map_or(until, |at| at.min(until)));
                                 vm["state"] = json!("running");
                                 if c.reported_for != c.restarts {
                                     c.reported_for = c.restarts;
@@ -1119,7 +1188,8 @@ impl Worker {
         let failed = self.shared.leases.failed_nodes(&good.model);
         let observed = observe_except(&spec, &self.shared.nodes, &failed).await;
         self.note_observation(&observed);
-        let masked = self.mask_crash_loops(&observed);
+        let applied_reconcile = crate::gate::Limits::applied(&good.commit, &good.model).reconcile;
+        let masked = self.mask_crash_loops(&observed, &good.model, &applied_reconcile);
         let (stored, protected) = match (store.placement(), store.protected_volumes()) {
             (Ok(p), Ok(v)) => (p, v),
             (Err(e), _) | (_, Err(e)) => return fail(&self.shared, e.to_string()),
@@ -1138,6 +1208,7 @@ impl Worker {
                 &reconciler::plan::PlanOptions {
                     prune: limits.reconcile.prune,
                     failed_nodes: failed_nodes.clone(),
+                    crash_moves: self.crash_moves.clone(),
                 },
             )
         });
@@ -1210,9 +1281,75 @@ impl Worker {
             .filter(|c| !restarted_vms.contains(&c.name))
             .map(|c| c.name.clone())
             .collect();
+        let crash_moved: Vec<(String, String, String)> = planned
+            .desired
+            .placement
+            .moves
+            .iter()
+            .filter(|m| self.crash_moves.get(&m.vm) == Some(&m.from))
+            .map(|m| (m.vm.clone(), m.from.clone(), m.to.clone()))
+            .collect();
         let outcome = self
             .carry_out(&store, &planned, interrupted.as_ref(), None)
             .await;
+        let succeeded = matches!(&outcome, Ok(done) if done.failed == 0 && done.skipped == 0);
+        let ha_moves: Vec<(String, String, String)> = planned
+            .desired
+            .placement
+            .moves
+            .iter()
+            .filter(|m| failed_nodes.contains(&m.from))
+            .map(|m| (m.vm.clone(), m.from.clone(), m.to.clone()))
+            .collect();
+        let measured = self
+            .shared
+            .leases
+            .note_restarts(&good.model, &ha_moves, succeeded);
+        for (vm, from, to) in &crash_moved {
+            // Moved: its crash count starts again on the new node.
+            self.crash_moves.remove(vm);
+            self.crash.remove(vm);
+            let _ = store.audit(
+                "crash-move",
+                json!({
+                    "commit": good.commit,
+                    "plan_id": plan.plan_id,
+                    "vm": vm,
+                    "from": from,
+                    "to": to,
+                    "crash_restart_limit": applied_reconcile.crash_restart_limit,
+                    "crash_restart_window_ms": applied_reconcile.crash_restart_window_ms,
+                    "result": if succeeded { "succeeded" } else { "failed" },
+                }),
+            );
+            self.shared.record(vec![
+                Event::new("crash-loop", if succeeded { "moved" } else { "failed" })
+                    .commit(&good.commit)
+                    .plan(&plan.plan_id)
+                    .object(format!("vm {vm}"))
+                    .reason(format!(
+                        "vm {vm} restarted on {to} after crashing too often on {from}"
+                    )),
+            ]);
+        }
+        if !measured.is_empty() {
+            self.shared.record(
+                measured
+                    .iter()
+                    .map(|r| {
+                        Event::new("ha-restart", if r.succeeded { "ok" } else { "failed" })
+                            .commit(&good.commit)
+                            .plan(&plan.plan_id)
+                            .object(format!("vm {}", r.vm))
+                            .reason(format!(
+                                "vm {} from {} to {}: running {} ms after its node's last lease grant (declared worst case {} ms): detected after {} ms, restarted {} ms after that",
+                                r.vm, r.from, r.to, r.measured_ms, r.declared_ms, r.detected_ms, r.restart_ms
+                            ))
+                            .detail(json!(r))
+                    })
+                    .collect(),
+            );
+        }
         if !ha_restarts.is_empty() {
             // Every HA restart is audited (it is not held by the blast radius).
             let _ = store.audit(
@@ -1222,6 +1359,7 @@ impl Worker {
                     "plan_id": plan.plan_id,
                     "failed_nodes": failed_nodes,
                     "restarts": ha_restarts.iter().map(|(_, what)| what).collect::<Vec<_>>(),
+                    "measured": measured,
                     "result": match &outcome {
                         Ok(done) if done.failed == 0 && done.skipped == 0 => "succeeded",
                         _ => "failed",
@@ -1237,9 +1375,11 @@ impl Worker {
                 restarts: 0,
                 last_restart: now,
                 reported_for: 0,
+                restarted_at: vec![],
             });
             c.restarts += 1;
             c.last_restart = now;
+            c.restarted_at.push(now);
         }
         match outcome {
             Ok(done) if done.failed == 0 && done.skipped == 0 => {
@@ -1425,6 +1565,7 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
         Ok(mut value) => {
             value["controller"] = controller;
             value["controller"]["leases"] = json!(leases);
+            crate::lease::status_overlay(shared, &good.model, &mut value);
             value
         }
         Err(e) => json!({
@@ -1438,6 +1579,21 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kth_crash_within_the_window_moves_the_vm() {
+        let now = Instant::now();
+        let window = Duration::from_secs(600);
+        let ago = |s: u64| now.checked_sub(Duration::from_secs(s)).unwrap_or(now);
+        // limit 3: two restarts in place, the third crash moves it.
+        assert!(!crashed_too_often(&[], now, 3, window));
+        assert!(!crashed_too_often(&[ago(10)], now, 3, window));
+        assert!(crashed_too_often(&[ago(20), ago(10)], now, 3, window));
+        // Restarts older than the window do not count.
+        assert!(!crashed_too_often(&[ago(700), ago(10)], now, 3, window));
+        // limit 1: the first crash moves it.
+        assert!(crashed_too_often(&[], now, 1, window));
+    }
 
     #[test]
     fn backoff_doubles_from_five_seconds_and_stops_at_five_minutes() {

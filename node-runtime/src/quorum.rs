@@ -54,8 +54,11 @@ struct Kept {
     peers: Vec<(String, String, String)>,
     /// The VMs to fence (HA and FT VMs placed here).
     fenced_vms: BTreeSet<String>,
-    /// The lease length the controller grants, ms.
+    /// The lease length the controller grants, ms (its site's detect T).
     ttl_ms: u64,
+    /// How often the controller asks this node to renew, ms (0: `ttl_ms / 3`).
+    #[serde(default)]
+    renew_every_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +157,17 @@ impl Quorum {
     }
 }
 
+/// The renewal interval: what the controller asks for, never more than T/3 (two
+/// renewals may be lost before the lease lapses), and T/3 when it does not say.
+fn renew_interval(ttl: Duration, asked_ms: u64) -> Duration {
+    let third = ttl / 3;
+    if asked_ms == 0 {
+        third
+    } else {
+        Duration::from_millis(asked_ms).min(third)
+    }
+}
+
 /// One round's timeout for each call: a third of the lease, so a round ends before
 /// the next is due.
 fn call_timeout(ttl: Duration) -> Duration {
@@ -237,6 +251,7 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
             .collect(),
         fenced_vms: reply.fenced_vms.into_iter().collect(),
         ttl_ms: reply.ttl_ms,
+        renew_every_ms: reply.renew_every_ms,
     };
     let changed = {
         let mut state = quorum.lock();
@@ -344,8 +359,11 @@ async fn push_fences(node: &Arc<Node>) {
 }
 
 /// The lease loop: renew, probe, push, every `ttl / 3`, until the process ends.
+/// The controller's answer sets both (the site's `failure-detect after=`); until the
+/// first one, the node's own `--lease-ttl-ms`.
 pub async fn run(node: Arc<Node>, config: LeaseConfig) {
     let mut ttl = config.ttl;
+    let mut every = ttl / 3;
     loop {
         let round = tokio::time::Instant::now();
         let sent_ns = vmm::fence::boottime_ns();
@@ -360,11 +378,15 @@ pub async fn run(node: Arc<Node>, config: LeaseConfig) {
         if let Err(error) = renewed {
             node.quorum.lock().last_error = Some(error);
         }
-        let granted = node.quorum.lock().kept.ttl_ms;
+        let (granted, asked_every) = {
+            let state = node.quorum.lock();
+            (state.kept.ttl_ms, state.kept.renew_every_ms)
+        };
         if granted > 0 {
             ttl = Duration::from_millis(granted);
+            every = renew_interval(ttl, asked_every);
         }
         push_fences(&node).await;
-        tokio::time::sleep_until(round + ttl / 3).await;
+        tokio::time::sleep_until(round + every).await;
     }
 }

@@ -202,11 +202,12 @@ pub fn plan_against_with(
     protected_before: BTreeSet<String>,
     options: &PlanOptions,
 ) -> Planned {
-    let placement = if options.failed_nodes.is_empty() {
+    let mut placement = if options.failed_nodes.is_empty() {
         desired::place(model, Some(previous))
     } else {
         desired::place_without(model, previous, &options.failed_nodes)
     };
+    move_off(model, &mut placement, &options.crash_moves);
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
     let plan = plan_with(&desired, &observed, revision, options);
@@ -215,6 +216,58 @@ pub fn plan_against_with(
         observed,
         plan,
     }
+}
+
+/// Places each VM of `away` (VM → the node it crash-loops on) on another node of
+/// its site, as an HA move is placed: the placement with that node failed gives the
+/// VM's new node (where it fits even with every VM of that node moved, so it fits
+/// with them staying), and nothing else moves. A VM with disks stays (its volume
+/// needs a new writer first, as for HA), and so does one no other node can take.
+/// Returns the VMs moved.
+pub fn move_off(
+    model: &compiler::Model,
+    placement: &mut Placement,
+    away: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut moved = vec![];
+    for (vm, node) in away {
+        let diskless = model.vm(vm).is_some_and(|m| m.disks.is_empty());
+        let Some(at) = placement
+            .vms
+            .iter()
+            .position(|v| v.name == *vm && v.node == *node)
+        else {
+            continue;
+        };
+        if !diskless {
+            continue;
+        }
+        let without = compiler::place::place(
+            model,
+            &compiler::place::PlaceOptions {
+                previous: Some(placement.clone()),
+                failed: compiler::place::FailureSet::of_nodes([node.clone()]),
+            },
+            None,
+        );
+        let Some(elsewhere) = without
+            .vms
+            .iter()
+            .find(|v| v.name == *vm && v.node != *node)
+        else {
+            continue;
+        };
+        placement.vms[at] = elsewhere.clone();
+        placement.moves.retain(|m| m.vm != *vm);
+        placement.moves.push(compiler::place::Move {
+            vm: vm.clone(),
+            from: node.clone(),
+            to: elsewhere.node.clone(),
+            reason: format!("crash-looping on {node}: restarted elsewhere"),
+        });
+        moved.push(vm.clone());
+    }
+    moved
 }
 
 /// Observes every node the model names and plans against what they run, from the

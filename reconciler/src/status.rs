@@ -20,6 +20,11 @@ pub struct NodeRow {
     pub name: String,
     /// Address.
     pub address: String,
+    /// `ready`, `suspect`, `failed`, `fenced`, `maintenance` or `unreachable`
+    /// (CLI.md). Without a controller: `ready` when it answered, else
+    /// `unreachable`; the controller adds its leases (see controller/ARCHITECTURE.md).
+    #[serde(default)]
+    pub state: String,
     /// Whether it answered.
     pub reachable: bool,
     /// Why not.
@@ -219,6 +224,7 @@ pub fn status(
             Some(NodeObservation::Reachable { vms, volumes, .. }) => NodeRow {
                 name: name.clone(),
                 address: node.address.clone(),
+                state: "ready".to_owned(),
                 reachable: true,
                 error: None,
                 vms: vms.len(),
@@ -227,6 +233,7 @@ pub fn status(
             Some(NodeObservation::Unreachable { error }) => NodeRow {
                 name: name.clone(),
                 address: node.address.clone(),
+                state: "unreachable".to_owned(),
                 reachable: false,
                 error: Some(error.clone()),
                 vms: 0,
@@ -550,10 +557,17 @@ pub fn text(status: &Status) -> String {
         rows.push(vec![
             n.name.clone(),
             n.address.clone(),
-            if n.reachable {
-                "up".into()
-            } else {
-                format!("unreachable: {}", n.error.as_deref().unwrap_or(""))
+            match (&n.error, n.state.as_str()) {
+                (Some(error), state) => format!(
+                    "{}: {error}",
+                    if state.is_empty() {
+                        "unreachable"
+                    } else {
+                        state
+                    }
+                ),
+                (None, "") => "ready".into(),
+                (None, state) => state.to_owned(),
             },
             n.vms.to_string(),
             n.volumes.to_string(),

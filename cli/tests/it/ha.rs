@@ -121,6 +121,29 @@ impl HaCluster {
             .unwrap_or_else(|| panic!("no pid of {node} in {pids}")) as u32
     }
 
+    /// The node `vm` was placed on at the start.
+    pub(crate) fn node_of(&self, vm: &str) -> String {
+        self.placement
+            .iter()
+            .find(|(v, _)| v == vm)
+            .unwrap_or_else(|| panic!("{vm} placed: {:?}", self.placement))
+            .1
+            .clone()
+    }
+
+    /// kill -9 of `node`'s process group (its agent and every VMM), as if the power
+    /// went; returns when it was sent.
+    pub(crate) fn kill_node(&self, node: &str) -> Instant {
+        let agent = self.node_pid(node);
+        let killed = Instant::now();
+        let ok = Command::new("kill")
+            .args(["-s", "KILL", "--", &format!("-{agent}")])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -9 of {node}'s process group");
+        killed
+    }
+
     pub(crate) fn wait<T>(
         &self,
         what: &str,

@@ -11,6 +11,7 @@ mod gitops;
 mod golden;
 mod ha;
 mod ha_faults;
+mod ha_timers;
 mod policy;
 mod reconcile;
 mod safety;

@@ -34,11 +34,9 @@ impl Cx<'_> {
                     self.once(slot, v, n, first);
                 }
                 "drift-check" => {
-                    let v = self
-                        .required(n, "every", "\"30s\"")
-                        .and_then(|e| {
-                            self.duration_within(e, "the drift-check interval", 1_000, 86_400_000)
-                        });
+                    let v = self.required(n, "every", "\"30s\"").and_then(|e| {
+                        self.duration_within(e, "the drift-check interval", 1_000, 86_400_000)
+                    });
                     let first = r.drift_check.as_ref().map(|s| s.span);
                     self.once(&mut r.drift_check, v, n, first);
                 }

@@ -46,6 +46,10 @@ pub struct PlanOptions {
     /// longer hears them): their diskless HA and FT VMs are placed elsewhere
     /// ([`crate::desired::place_without`]); nothing else moves.
     pub failed_nodes: std::collections::BTreeSet<String>,
+    /// Crash moves: VM → the node it crashed on too often (the `reconcile` block's
+    /// `crash-restart limit= window=`); it is placed on another node
+    /// ([`crate::pipeline::move_off`]); nothing else moves.
+    pub crash_moves: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for PlanOptions {
@@ -53,6 +57,7 @@ impl Default for PlanOptions {
         PlanOptions {
             prune: true,
             failed_nodes: Default::default(),
+            crash_moves: Default::default(),
         }
     }
 }
