@@ -442,29 +442,9 @@ fn kill_our_group(pgid: i32) {
 /// SIGKILLs every `cairn-vmm --config DIR/...` process: the VMs of this dev cluster's
 /// nodes, wherever their process group is.
 fn kill_vmms_under(dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let vmm = args.first().is_some_and(|program| {
-            std::path::Path::new(&*String::from_utf8_lossy(program)).file_name()
-                == Some(std::ffi::OsStr::new("cairn-vmm"))
-        });
-        let ours = args.windows(2).any(|pair| {
-            pair[0] == b"--config"
-                && std::path::Path::new(&*String::from_utf8_lossy(pair[1])).starts_with(dir)
-        });
-        if vmm && ours && pid > 1 {
-            // SAFETY: kill(2) of a cairn-vmm whose config is in this dev cluster.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+    for pid in reconciler::state::vmms_under(dir) {
+        // SAFETY: kill(2) of a cairn-vmm whose config is in this dev cluster.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 

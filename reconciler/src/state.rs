@@ -784,9 +784,61 @@ pub fn process_alive(pid: u32) -> bool {
     }
 }
 
+/// The pids of the `cairn-vmm` processes whose `--config` file is under `dir` (the VMs
+/// of the nodes whose data directories are there, wherever their process groups are).
+pub fn vmms_under(dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<i32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|arg| String::from_utf8_lossy(arg).into_owned())
+                .collect();
+            let vmm = args.first().is_some_and(|program| {
+                Path::new(program).file_name() == Some(std::ffi::OsStr::new("cairn-vmm"))
+            });
+            let ours = args
+                .windows(2)
+                .any(|pair| pair[0] == "--config" && Path::new(&pair[1]).starts_with(dir));
+            (vmm && ours && pid > 1).then_some(pid)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vmms_under_a_directory_are_found_by_program_and_config() {
+        use std::os::unix::process::CommandExt as _;
+        let dir = std::env::temp_dir().join(format!("cairn-vmms-{}", random_id()));
+        let spawn = |program: &str, config: &std::path::Path| {
+            std::process::Command::new("sh")
+                .arg0(program)
+                .args(["-c", "sleep 30; true", "--config"])
+                .arg(config)
+                .spawn()
+                .unwrap()
+        };
+        let mut ours = spawn("/opt/cairn/cairn-vmm", &dir.join("n1/vms/a/vm-config.json"));
+        let mut elsewhere = spawn(
+            "/opt/cairn/cairn-vmm",
+            Path::new("/elsewhere/vm-config.json"),
+        );
+        let mut not_a_vmm = spawn("/usr/bin/less", &dir.join("n1/vms/b/vm-config.json"));
+        let found = vmms_under(&dir);
+        for child in [&mut ours, &mut elsewhere, &mut not_a_vmm] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert_eq!(found, vec![ours.id() as i32]);
+    }
 
     #[test]
     fn lock_refuses_a_live_holder_and_force_unlock_needs_the_id() {

@@ -15,7 +15,7 @@ use proto::v1::{
 };
 
 use crate::harness::{TestNode, apply_ok, controller};
-use crate::vms::vms_can_run;
+use crate::vms::{observe_vm, vms_can_run};
 
 /// This helper's loopback address.
 const IP: &str = "127.0.0.161";
@@ -108,17 +108,6 @@ fn alive(pid: u32) -> bool {
             .and_then(|(_, r)| r.trim().chars().next());
         !matches!(state, Some('Z') | Some('X') | None)
     })
-}
-
-async fn observe_vm(client: &mut proto::client::NodeClient, name: &str) -> VmStatus {
-    client
-        .observe()
-        .await
-        .expect("observe")
-        .vms
-        .into_iter()
-        .find(|vm| vm.name == name)
-        .expect("the VM is observed")
 }
 
 async fn observe_until(
@@ -234,7 +223,12 @@ async fn restart_and_adopt(
 /// its fence renewed past 2 × T.
 async fn assert_adopted(setup: &Setup, mut client: proto::client::NodeClient, vm: VmStatus) {
     let dir = setup.dir.path();
-    assert_eq!(vm.state, VmState::Running as i32, "{vm:?}");
+    assert_eq!(
+        vm.state,
+        VmState::Running as i32,
+        "{vm:?}\nvmm.log:\n{}",
+        std::fs::read_to_string(dir.join("vms/guest/vmm.log")).unwrap_or_default()
+    );
     assert_eq!(vm.pid, setup.pid, "the same cairn-vmm, not a new one");
     assert_eq!(vm.starts, 1, "no second process was started: {vm:?}");
     observe_until(&mut client, "guest", "a fresh heartbeat", |vm| {

@@ -201,29 +201,9 @@ fn live_agents() -> std::sync::MutexGuard<'static, std::collections::HashMap<Pat
 
 /// SIGKILLs every `cairn-vmm --config DATA_DIR/vms/...` process.
 pub fn kill_vmms_of(data_dir: &Path) {
-    let prefix = data_dir.join("vms");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_vmm = args
-            .first()
-            .is_some_and(|program| program.ends_with(b"/cairn-vmm") || *program == b"cairn-vmm");
-        let ours = args.windows(2).any(|pair| {
-            pair[0] == b"--config"
-                && Path::new(std::str::from_utf8(pair[1]).unwrap_or("")).starts_with(&prefix)
-        });
-        if is_vmm && ours {
-            // SAFETY: kill takes a pid and a signal number; it has no memory effects.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
+    for pid in reconciler::state::vmms_under(&data_dir.join("vms")) {
+        // SAFETY: kill takes a pid and a signal number; it has no memory effects.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 

@@ -368,7 +368,7 @@ fn kernel_vm(name: &str, kernel_path: &str, initrd_path: &str) -> Action {
     })
 }
 
-async fn observe_vm(client: &mut proto::client::NodeClient, name: &str) -> VmStatus {
+pub(crate) async fn observe_vm(client: &mut proto::client::NodeClient, name: &str) -> VmStatus {
     observe_vms(client)
         .await
         .remove(name)
