@@ -12,7 +12,7 @@ use proto::v1::{
 use tonic::Code;
 
 use crate::harness::{TestNode, apply_ok, controller, pattern, request};
-use crate::lab::push_peers;
+use crate::lab::{client_as, push_peers};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
@@ -127,7 +127,7 @@ async fn a_snapshot_taken_during_writes_is_the_same_point_on_both_copies_and_clo
 {
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
-    let (_primary, replica, mut on_primary, mut on_replica) = two_nodes(
+    let (primary, replica, mut on_primary, mut on_replica) = two_nodes(
         base.path(),
         &controller,
         ["snap-p", "snap-r"],
@@ -317,6 +317,45 @@ async fn a_snapshot_taken_during_writes_is_the_same_point_on_both_copies_and_clo
         on_the_replica
             .message()
             .contains("is a replica of node snap-p")
+    );
+    // Replication is authorised per volume: only the writer snapshots a copy (not a
+    // controller), and a clone's copy needs the controller's signed CloneVolume.
+    let by_controller = on_replica
+        .replica_snapshot(proto::v1::ReplicaSnapshotRequest {
+            volume: "v".into(),
+            snapshot: "s9".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        by_controller.code(),
+        Code::PermissionDenied,
+        "{by_controller:?}"
+    );
+    let mut as_primary = client_as(&primary, &replica).await;
+    let no_grant = as_primary
+        .clone_replica(proto::v1::CloneReplicaRequest {
+            volume: "v".into(),
+            snapshot: "s1".into(),
+            name: "sneaky".into(),
+            grant: None,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(no_grant.code(), Code::PermissionDenied, "{no_grant:?}");
+    assert!(
+        no_grant.message().contains("CloneVolume"),
+        "{}",
+        no_grant.message()
+    );
+    assert!(
+        !status_of(&mut on_replica, "v")
+            .await
+            .snapshots
+            .iter()
+            .any(|s| s.name == "s9"),
+        "nothing refused reached the copy"
     );
     let with_snapshots = refused(
         "bad-9",

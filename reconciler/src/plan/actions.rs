@@ -45,6 +45,31 @@ pub enum NodeAction {
         /// The new size.
         size_bytes: u64,
     },
+    /// `SnapshotVolume`: a copy-on-write snapshot, the same point of the write
+    /// sequence on every in-sync copy (sent to the volume's writer).
+    SnapshotVolume {
+        /// The volume.
+        volume: String,
+        /// The snapshot's name (unique per volume).
+        snapshot: String,
+    },
+    /// `DeleteSnapshot` on every copy of the volume (sent to its writer).
+    DeleteSnapshot {
+        /// The volume.
+        volume: String,
+        /// The snapshot.
+        snapshot: String,
+    },
+    /// `CloneVolume`: a new volume `name`, copy-on-write from a snapshot, whose copies
+    /// live where the source's do (sent to the source's writer).
+    CloneVolume {
+        /// The source volume.
+        volume: String,
+        /// Its snapshot.
+        snapshot: String,
+        /// The new volume.
+        name: String,
+    },
     /// `CreateVm`.
     CreateVm {
         /// Name.
@@ -110,6 +135,9 @@ impl NodeAction {
             NodeAction::CreateVolume { .. } => "create_volume",
             NodeAction::DeleteVolume { .. } => "delete_volume",
             NodeAction::ResizeVolume { .. } => "resize_volume",
+            NodeAction::SnapshotVolume { .. } => "snapshot_volume",
+            NodeAction::DeleteSnapshot { .. } => "delete_snapshot",
+            NodeAction::CloneVolume { .. } => "clone_volume",
             NodeAction::CreateVm { .. } => "create_vm",
             NodeAction::StartVm { .. } => "start_vm",
             NodeAction::StopVm { .. } => "stop_vm",
@@ -119,9 +147,12 @@ impl NodeAction {
         }
     }
 
-    /// The object's name.
+    /// The object's name (a snapshot action's: the snapshot's).
     pub fn name(&self) -> &str {
         match self {
+            NodeAction::SnapshotVolume { snapshot, .. }
+            | NodeAction::DeleteSnapshot { snapshot, .. } => snapshot,
+            NodeAction::CloneVolume { name, .. } => name,
             NodeAction::CreateVolume { name, .. }
             | NodeAction::DeleteVolume { name }
             | NodeAction::ResizeVolume { name, .. }
@@ -168,6 +199,27 @@ impl NodeAction {
                     size_bytes: *size_bytes,
                 })
             }
+            NodeAction::SnapshotVolume { volume, snapshot } => {
+                Action::SnapshotVolume(proto::v1::SnapshotVolume {
+                    volume: volume.clone(),
+                    snapshot: snapshot.clone(),
+                })
+            }
+            NodeAction::DeleteSnapshot { volume, snapshot } => {
+                Action::DeleteSnapshot(proto::v1::DeleteSnapshot {
+                    volume: volume.clone(),
+                    snapshot: snapshot.clone(),
+                })
+            }
+            NodeAction::CloneVolume {
+                volume,
+                snapshot,
+                name,
+            } => Action::CloneVolume(proto::v1::CloneVolume {
+                volume: volume.clone(),
+                snapshot: snapshot.clone(),
+                name: name.clone(),
+            }),
             NodeAction::CreateVm {
                 name,
                 vcpus,
