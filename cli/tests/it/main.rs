@@ -17,6 +17,7 @@ mod reconcile;
 mod safety;
 mod schemas;
 mod verify;
+mod vm_disk_io;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
