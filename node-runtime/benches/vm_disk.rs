@@ -19,6 +19,12 @@
 //! ratios against the in-process engine; the loopback round trip (TCP ping-pong of one
 //! byte) is printed for the latency budget (p50 < 2 × engine + one RTT per replica).
 //!
+//! Remote data (`remote-*`, when /dev/kvm and a built `cairn-vmm` are there): the same
+//! backend on the disk socket of a VM running on a third node, `vd-c`, that holds no
+//! copy (the volume's epoch names it a client): its storage client forwards every
+//! write to the writer (`Replication.ClientWrite`), which writes it like a local one.
+//! Compared with the local node path of the same number of copies.
+//!
 //! Not a test: it asserts nothing and prints figures.
 
 mod common;
@@ -34,7 +40,8 @@ use common::{Node, apply, median, push_peers, setup};
 use proto::auth::RequestSigner;
 use proto::client::NodeClient;
 use proto::v1::{
-    CreateVolume, ExportVolume, Peer, apply_request::Action, apply_response::Result as ApplyResult,
+    CreateVm, CreateVolume, ExportVolume, Peer, SetVolumeEpoch, StartVm, StopVm,
+    apply_request::Action, apply_response::Result as ApplyResult, create_vm::Image,
 };
 use storage::{DiskSource, Store, StoreOptions, VolumeSpec};
 use vmm::devices::block::BlockBackend;
@@ -170,6 +177,109 @@ async fn node_backend(client: &mut NodeClient, name: &str, replicas: &[&Node]) -
     }))
 }
 
+/// The `cairn-vmm` the client node runs its VMs with (its own I/O is not measured: the
+/// bench drives the node's disk socket itself), or why remote cases are skipped.
+fn vmm_for_remote() -> Result<PathBuf, String> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Err("/dev/kvm is not usable".into());
+    }
+    if let Some(path) = std::env::var_os("CAIRN_VMM_BINARY") {
+        return Ok(path.into());
+    }
+    // The newest build: an older one may not read this node's VM config.
+    let directory = Path::new(env!("CARGO_BIN_EXE_cairn-node"))
+        .parent()
+        .unwrap();
+    ["cairn-vmm", "../release/cairn-vmm", "../debug/cairn-vmm"]
+        .iter()
+        .map(|candidate| directory.join(candidate))
+        .filter_map(|candidate| Some((candidate.metadata().ok()?.modified().ok()?, candidate)))
+        .max()
+        .map(|(_, candidate)| candidate)
+        .ok_or_else(|| "cairn-vmm is not built (cargo build -p vmm)".into())
+}
+
+/// Volume `name` on `primary` (with `replicas`), its epoch naming `client` a client
+/// (installed on the replicas, the client, then the writer), and VM `name` running on
+/// `client` with it as its disk: the backend that VM's cairn-vmm has, on the client
+/// node's socket, whose storage client forwards every request.
+async fn remote_backend(
+    signer: &RequestSigner,
+    primary: &Node,
+    replicas: &[&Node],
+    client: &Node,
+    name: &str,
+) -> Result<Arc<NbdBackend>, String> {
+    let mut on_primary = NodeClient::connect(&primary.address, signer.clone())
+        .await
+        .unwrap();
+    let create = Action::CreateVolume(CreateVolume {
+        name: name.into(),
+        size_bytes: VOLUME_BYTES,
+        stripe_width: STRIPE_WIDTH,
+        stripe_unit_bytes: STRIPE_UNIT,
+        replica_peers: replicas.iter().map(|node| node.peer()).collect(),
+    });
+    apply(&mut on_primary, format!("create-{name}"), create).await;
+    let in_sync: Vec<String> = std::iter::once(primary)
+        .chain(replicas.iter().copied())
+        .map(|node| node.name.clone())
+        .collect();
+    for node in replicas.iter().copied().chain([client, primary]) {
+        let mut on_node = NodeClient::connect(&node.address, signer.clone())
+            .await
+            .unwrap();
+        let epoch = Action::SetVolumeEpoch(SetVolumeEpoch {
+            name: name.into(),
+            epoch: 1,
+            writer: primary.name.clone(),
+            in_sync: in_sync.clone(),
+            clients: vec![client.name.clone()],
+        });
+        apply(&mut on_node, format!("epoch-{name}"), epoch).await;
+    }
+    let mut on_client = NodeClient::connect(&client.address, signer.clone())
+        .await
+        .unwrap();
+    let vm = Action::CreateVm(CreateVm {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 32 << 20,
+        image: Some(Image::Builtin("cairn-guest".into())),
+        volumes: vec![name.into()],
+        ..Default::default()
+    });
+    apply(&mut on_client, format!("vm-{name}"), vm).await;
+    let start = Action::StartVm(StartVm { name: name.into() });
+    on_client
+        .apply(proto::v1::ApplyRequest {
+            request_id: format!("start-{name}"),
+            action: Some(start),
+        })
+        .await
+        .map_err(|status| format!("StartVm on {}: {}", client.name, status.message()))?;
+    let socket = client.dir.join(format!("exports/vm-{name}-0.sock"));
+    let backend = tokio::task::block_in_place(|| NbdBackend::connect(&socket, name, false))
+        .map_err(|error| format!("connect to {}: {error}", socket.display()))?;
+    Ok(Arc::new(backend))
+}
+
+async fn stop_vm(signer: &RequestSigner, node: &Node, name: &str) {
+    let mut on_node = NodeClient::connect(&node.address, signer.clone())
+        .await
+        .unwrap();
+    let stop = Action::StopVm(StopVm {
+        name: name.into(),
+        grace_ms: 1000,
+    });
+    apply(&mut on_node, format!("stop-{name}"), stop).await;
+}
+
 #[derive(Default)]
 struct Figures {
     sequential: Vec<f64>,
@@ -216,18 +326,36 @@ fn main() {
         2,
         capacity,
     );
+    let remote = vmm_for_remote();
+    let client_node = remote.as_ref().ok().map(|vmm| {
+        let vmm = vmm.display().to_string();
+        Node::start_with(
+            "vd-c",
+            &base.path().join("c"),
+            &controller,
+            "127.0.0.125:0",
+            2,
+            capacity,
+            &["--vmm-binary", &vmm],
+        )
+    });
     let names = [
         "file",
         "engine-1copy",
         "node-1copy",
         "engine-2copies",
         "node-2copies",
+        "remote-1copy",
+        "remote-2copies",
     ];
     let mut figures: Vec<Figures> = names.iter().map(|_| Figures::default()).collect();
     let rtt = loopback_rtt_us();
     runtime.block_on(async {
         let signer = RequestSigner::new(controller.clone());
-        push_peers(&[&primary, &replica], &signer).await;
+        match &client_node {
+            Some(node) => push_peers(&[&primary, &replica, node], &signer).await,
+            None => push_peers(&[&primary, &replica], &signer).await,
+        }
         let mut client = NodeClient::connect(&primary.address, signer.clone())
             .await
             .unwrap();
@@ -284,6 +412,28 @@ fn main() {
                     seed,
                 )
             });
+            // Through a VM's disk on a node with no copy, 1 and 2 copies.
+            if let Some(node) = &client_node {
+                for (index, replicas) in [(5usize, &[][..]), (6, &[&replica][..])] {
+                    let name = format!("r{}-{round}", index - 4);
+                    let backend =
+                        match remote_backend(&signer, &primary, replicas, node, &name).await {
+                            Ok(backend) => backend,
+                            Err(why) => {
+                                println!("remote case {name} skipped: {why}");
+                                continue;
+                            }
+                        };
+                    tokio::task::block_in_place(|| {
+                        figures[index].run(
+                            &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
+                            seed,
+                        )
+                    });
+                    drop(backend);
+                    stop_vm(&signer, node, &name).await;
+                }
+            }
         }
     });
     println!(
@@ -296,8 +446,17 @@ fn main() {
         "{:<16} {:>10} {:>9} {:>9} {:>9} {:>9}",
         "case", "seq MiB/s", "p50 us", "p99 us", "seq/engine", "p50/engine"
     );
-    let medians: Vec<(f64, f64, f64)> = figures.iter().map(Figures::medians).collect();
-    for (index, name) in names.iter().enumerate() {
+    // Remote cases run in every round or are left out.
+    let ran = if figures[5..]
+        .iter()
+        .all(|figures| figures.sequential.len() == ROUNDS)
+    {
+        names.len()
+    } else {
+        5
+    };
+    let medians: Vec<(f64, f64, f64)> = figures[..ran].iter().map(Figures::medians).collect();
+    for (index, name) in names[..ran].iter().enumerate() {
         let (speed, p50, p99) = medians[index];
         let engine = if name.ends_with("2copies") {
             medians[3]
@@ -325,5 +484,24 @@ fn main() {
             },
             if p50 < p50_budget { "met" } else { "NOT met" },
         );
+    }
+    // Remote data: the same number of copies, through a node without a copy.
+    if ran == names.len() {
+        for (remote, local) in [(5usize, 2usize), (6, 4)] {
+            let (speed, p50, p99) = medians[remote];
+            let (local_speed, local_p50, local_p99) = medians[local];
+            println!(
+                "{} vs {}: throughput {:.2}×; p50 {:.2}× (+{:.0} us), p99 {:.2}×",
+                names[remote],
+                names[local],
+                speed / local_speed,
+                p50 / local_p50,
+                p50 - local_p50,
+                p99 / local_p99
+            );
+        }
+    }
+    if let Err(why) = &remote {
+        println!("remote cases skipped: {why}");
     }
 }

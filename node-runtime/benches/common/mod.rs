@@ -37,6 +37,19 @@ impl Node {
         disks: u32,
         capacity: u64,
     ) -> Node {
+        Self::start_with(name, dir, controller, listen, disks, capacity, &[])
+    }
+
+    /// [`Node::start`] with extra command-line arguments.
+    pub fn start_with(
+        name: &str,
+        dir: &Path,
+        controller: &Identity,
+        listen: &str,
+        disks: u32,
+        capacity: u64,
+        extra: &[&str],
+    ) -> Node {
         std::fs::create_dir_all(dir).unwrap();
         let trusted = format!("{}\n", controller.public_key_hex());
         std::fs::write(dir.join("trusted-controllers"), trusted).unwrap();
@@ -45,6 +58,7 @@ impl Node {
             .arg(dir)
             .args(["--disks", &disks.to_string()])
             .args(["--disk-capacity", &capacity.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
