@@ -91,6 +91,9 @@ struct CrashLoop {
     reported_for: u32,
     /// When the controller restarted it in place: each follows a crash.
     restarted_at: Vec<Instant>,
+    /// A move elsewhere was planned and no other node could take it: it stays in
+    /// place, with the backoff.
+    stays: bool,
 }
 
 /// Whether a VM that crashed again (its in-place restarts at `restarted_at`) has
@@ -1040,6 +1043,7 @@ impl Worker {
                 for vm in vms.values_mut() {
                     let name = vm["name"].as_str().unwrap_or("").to_owned();
                     match vm["state"].as_str() {
+        let healing = self.repair_blocked().is_none();
                         Some("running") => {
                             running.insert(name);
                         }
@@ -1049,8 +1053,10 @@ impl Worker {
                                 .get(&name)
                                 .map_or(&[][..], |c| &c.restarted_at[..]);
                             // A VM with disks stays (its volume needs a new writer
-                            // first, as for HA): in place, with the backoff.
-                            let movable = model.vm(&name).is_some_and(|m| m.disks.is_empty());
+                            // first, as for HA): in place, with the backoff. Nothing
+                            // moves while repairs are off (self-heal, paused).
+                            let movable = model.vm(&name).is_some_and(|m| m.disks.is_empty())
+                                && !self.crash.get(&name).is_some_and(|c| c.stays);
                             if movable
                                 && crashed_too_often(
                                     restarted_at,
@@ -1063,6 +1069,7 @@ impl Worker {
                                     .crash_moves
                                     .insert(name.clone(), node_name.clone())
                                     .is_none()
+                                && healing
                                 {
                                     events.push(
                                         Event::new("crash-loop", "moving")
@@ -1321,6 +1328,28 @@ impl Worker {
                     "crash_restart_window_ms": applied_reconcile.crash_restart_window_ms,
                     "result": if succeeded { "succeeded" } else { "failed" },
                 }),
+        let unmoved: Vec<String> = self
+            .crash_moves
+            .keys()
+            .filter(|vm| !crash_moved.iter().any(|(moved, _, _)| moved == *vm))
+            .cloned()
+            .collect();
+        for vm in unmoved {
+            // No other node could take it (or it left the plan): in place, with the
+            // backoff, until it runs long enough to be forgiven.
+            if let Some(from) = self.crash_moves.remove(&vm) {
+                if let Some(c) = self.crash.get_mut(&vm) {
+                    c.stays = true;
+                }
+                self.shared.record(vec![
+                    Event::new("crash-loop", "stays")
+                        .object(format!("vm {vm}"))
+                        .reason(format!(
+                            "vm {vm} crashed too often on {from}, but no other node of its site can take it: restarted there, with the backoff"
+                        )),
+                ]);
+            }
+        }
             );
             self.shared.record(vec![
                 Event::new("crash-loop", if succeeded { "moved" } else { "failed" })
@@ -1392,6 +1421,7 @@ impl Worker {
                         .commit(&good.commit)
                         .plan(&plan.plan_id)
                         .object(objects.join(", ")),
+                stays: false,
                 ]);
                 self.last_drift = None;
             }
