@@ -1032,6 +1032,7 @@ impl Worker {
             return observed.clone();
         };
         let window = Duration::from_millis(limits.crash_restart_window_ms);
+        let healing = self.repair_blocked().is_none();
         self.crash_retry = None;
         let mut events = vec![];
         let mut running = BTreeSet::new();
@@ -1043,7 +1044,6 @@ impl Worker {
                 for vm in vms.values_mut() {
                     let name = vm["name"].as_str().unwrap_or("").to_owned();
                     match vm["state"].as_str() {
-        let healing = self.repair_blocked().is_none();
                         Some("running") => {
                             running.insert(name);
                         }
@@ -1058,6 +1058,7 @@ impl Worker {
                             let movable = model.vm(&name).is_some_and(|m| m.disks.is_empty())
                                 && !self.crash.get(&name).is_some_and(|c| c.stays);
                             if movable
+                                && healing
                                 && crashed_too_often(
                                     restarted_at,
                                     now,
@@ -1069,7 +1070,6 @@ impl Worker {
                                     .crash_moves
                                     .insert(name.clone(), node_name.clone())
                                     .is_none()
-                                && healing
                                 {
                                     events.push(
                                         Event::new("crash-loop", "moving")
@@ -1312,22 +1312,6 @@ impl Worker {
             .shared
             .leases
             .note_restarts(&good.model, &ha_moves, succeeded);
-        for (vm, from, to) in &crash_moved {
-            // Moved: its crash count starts again on the new node.
-            self.crash_moves.remove(vm);
-            self.crash.remove(vm);
-            let _ = store.audit(
-                "crash-move",
-                json!({
-                    "commit": good.commit,
-                    "plan_id": plan.plan_id,
-                    "vm": vm,
-                    "from": from,
-                    "to": to,
-                    "crash_restart_limit": applied_reconcile.crash_restart_limit,
-                    "crash_restart_window_ms": applied_reconcile.crash_restart_window_ms,
-                    "result": if succeeded { "succeeded" } else { "failed" },
-                }),
         let unmoved: Vec<String> = self
             .crash_moves
             .keys()
@@ -1350,6 +1334,22 @@ impl Worker {
                 ]);
             }
         }
+        for (vm, from, to) in &crash_moved {
+            // Moved: its crash count starts again on the new node.
+            self.crash_moves.remove(vm);
+            self.crash.remove(vm);
+            let _ = store.audit(
+                "crash-move",
+                json!({
+                    "commit": good.commit,
+                    "plan_id": plan.plan_id,
+                    "vm": vm,
+                    "from": from,
+                    "to": to,
+                    "crash_restart_limit": applied_reconcile.crash_restart_limit,
+                    "crash_restart_window_ms": applied_reconcile.crash_restart_window_ms,
+                    "result": if succeeded { "succeeded" } else { "failed" },
+                }),
             );
             self.shared.record(vec![
                 Event::new("crash-loop", if succeeded { "moved" } else { "failed" })
@@ -1405,6 +1405,7 @@ impl Worker {
                 last_restart: now,
                 reported_for: 0,
                 restarted_at: vec![],
+                stays: false,
             });
             c.restarts += 1;
             c.last_restart = now;
@@ -1421,7 +1422,6 @@ impl Worker {
                         .commit(&good.commit)
                         .plan(&plan.plan_id)
                         .object(objects.join(", ")),
-                stays: false,
                 ]);
                 self.last_drift = None;
             }
