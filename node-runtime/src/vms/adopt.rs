@@ -181,10 +181,17 @@ pub fn verify(recorded: &Recorded<'_>) -> Verdict {
             ));
         }
     };
-    let Some(ticks) = start_ticks(pid) else {
-        return Verdict::Gone(format!(
+    // An exited process (a zombie not reaped yet included) is gone, whoever it was.
+    let gone = || {
+        Verdict::Gone(format!(
             "its cairn-vmm (pid {pid}) ended while the node agent was down"
-        ));
+        ))
+    };
+    if pidfd.exited() {
+        return gone();
+    }
+    let Some(ticks) = start_ticks(pid) else {
+        return gone();
     };
     if recorded.start_ticks == 0 {
         // Recorded by an agent that kept no start time: the command line is all there
@@ -215,9 +222,7 @@ pub fn verify(recorded: &Recorded<'_>) -> Verdict {
         ));
     }
     if pidfd.exited() {
-        return Verdict::Gone(format!(
-            "its cairn-vmm (pid {pid}) ended while the node agent was down"
-        ));
+        return gone();
     }
     let identity = vmm::control::ControlClient::connect(recorded.socket, HANDSHAKE_TIMEOUT)
         .and_then(|mut client| client.identify());
