@@ -20,10 +20,10 @@ use tonic::Code;
 
 use crate::harness::{TestNode, apply_ok, controller, pattern, request};
 use crate::lab::{client_as, peer_of, push_peers, start_at_ip};
+use crate::vm_disks::{await_block_tests, observe_vm};
 use crate::vms::vms_can_run;
 
 const VOLUME_BYTES: u64 = 8 << 20;
-const SECTOR: u64 = 512;
 
 /// rd-a (primary of `volume`, replica on rd-b), rd-c and, with `fourth`, rd-d; every
 /// node knows every other (SetPeers).
@@ -346,33 +346,7 @@ async fn client_io_under_a_stale_epoch_or_from_a_node_not_named_is_refused_by_ev
 
 /// What the built-in guest's self-test writes in round `round` to the disk's last 4 KiB.
 fn guest_pattern(round: u64) -> Vec<u8> {
-    vmm::guest::block_test_pattern(VOLUME_BYTES / SECTOR - 8, round)
-}
-
-async fn observe_vm(client: &mut NodeClient, name: &str) -> VmStatus {
-    client
-        .observe()
-        .await
-        .expect("observe")
-        .vms
-        .into_iter()
-        .find(|vm| vm.name == name)
-        .expect("the VM is observed")
-}
-
-async fn await_block_tests(client: &mut NodeClient, name: &str, tests: u64) -> VmStatus {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let vm = observe_vm(client, name).await;
-        if vm.guest_block_tests >= tests {
-            return vm;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the guest did not complete block self-test {tests} in 30 s: {vm:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    crate::vm_disks::guest_pattern(VOLUME_BYTES, round)
 }
 
 /// rd-a and rd-b hold `g-root` (epoch 1 names rd-c a client); VM `g` runs on rd-c.

@@ -21,11 +21,11 @@ const VOLUME_BYTES: u64 = 8 << 20;
 const SECTOR: u64 = 512;
 
 /// What the built-in guest's self-test writes in round `round` to the disk's last 4 KiB.
-fn guest_pattern(disk_bytes: u64, round: u64) -> Vec<u8> {
+pub(crate) fn guest_pattern(disk_bytes: u64, round: u64) -> Vec<u8> {
     vmm::guest::block_test_pattern(disk_bytes / SECTOR - 8, round)
 }
 
-async fn observe_vm(client: &mut NodeClient, name: &str) -> VmStatus {
+pub(crate) async fn observe_vm(client: &mut NodeClient, name: &str) -> VmStatus {
     client
         .observe()
         .await
@@ -37,7 +37,7 @@ async fn observe_vm(client: &mut NodeClient, name: &str) -> VmStatus {
 }
 
 /// Waits until the guest has completed `tests` block self-tests.
-async fn await_block_tests(client: &mut NodeClient, name: &str, tests: u64) -> VmStatus {
+pub(crate) async fn await_block_tests(client: &mut NodeClient, name: &str, tests: u64) -> VmStatus {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let vm = observe_vm(client, name).await;
