@@ -363,7 +363,10 @@ impl VmHandle {
             let block = block.lock().expect("block lock");
             (block.size_bytes(), block.read_only())
         };
-        if request.offset % 512 != 0 || request.length % 512 != 0 || request.length == 0 {
+        if !request.offset.is_multiple_of(512)
+            || !request.length.is_multiple_of(512)
+            || request.length == 0
+        {
             return refuse(format!(
                 "offset {} and length {} must be multiples of 512 and the length at least 512",
                 request.offset, request.length
