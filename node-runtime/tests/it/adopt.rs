@@ -103,6 +103,17 @@ fn vmm_status(dir: &Path, vm: &str) -> vmm::control::VmStatus {
         .expect("the VMM answers on its control socket")
 }
 
+/// The process group of `pid` (field 5 of /proc/PID/stat).
+fn pgid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         let state = stat
@@ -280,6 +291,8 @@ async fn a_vm_outlives_a_kill_9_of_its_agent_and_the_next_agent_adopts_it() {
         return;
     }
     let mut setup = running_fenced_vm(&[]).await;
+    // A process group of its own: a signal to the agent's group does not reach it.
+    assert_eq!(pgid(setup.pid), Some(setup.pid));
     let before = vmm_status(setup.dir.path(), "guest").heartbeat_total;
     setup.node.kill_9();
     // The agent is gone; the VMM is not, and its guest goes on.
@@ -526,7 +539,11 @@ async fn with_stop_vms_on_exit_a_graceful_stop_still_kills_the_vms() {
         "stopper",
         dir.path(),
         &format!("{IP}:0"),
-        &[&args[..], &["--stop-vms-on-exit"]].concat(),
+        &[
+            &args[..],
+            &["--stop-vms-on-exit", "--vmm-process-group", "agent"],
+        ]
+        .concat(),
     );
     let mut client = node.client(&identity).await;
     apply_ok(&mut client, "create", builtin_vm("guest", &[])).await;
@@ -539,6 +556,9 @@ async fn with_stop_vms_on_exit_a_graceful_stop_still_kills_the_vms() {
     )
     .await;
     let pid = observe_vm(&mut client, "guest").await.pid;
+    // `--vmm-process-group agent` (what `cairn dev up` passes): the agent's group.
+    assert_eq!(pgid(pid), pgid(node.pid()));
+    assert_ne!(pgid(pid), Some(pid));
     assert_eq!(node.terminate(), Some(0));
     let deadline = Instant::now() + Duration::from_secs(5);
     while alive(pid) {
