@@ -48,7 +48,10 @@ pub async fn run(
             ));
         }
     };
-    if request.offset % 512 != 0 || request.length % 512 != 0 || request.length == 0 {
+    if !request.offset.is_multiple_of(512)
+        || !request.length.is_multiple_of(512)
+        || request.length == 0
+    {
         return Err(validate::invalid(
             &format!("{FIELD}.offset/length"),
             format!(

@@ -2,9 +2,11 @@
 //! (`Apply.GuestDiskIo`) the built-in guest writes a seeded pattern through virtio-blk
 //! onto its replicated volume and checksums it; the host-computed CRC-32C of the
 //! expected pattern matches the guest's, the bytes qemu-img reads back through the
-//! volume's NBD export, and the replica's copy. Observe shows the guest's own counters
+//! volume's NBD export (read-only while the VM runs, writable once it stopped), and the
+//! replica's copy. Observe shows the guest's own counters
 //! next to the VMM's and the copies in sync.
 
+use std::path::Path;
 use std::process::Command;
 
 use proto::client::NodeClient;
@@ -237,7 +239,10 @@ async fn the_guest_writes_a_pattern_that_qemu_img_reads_back_through_the_export_
         .expect("read the replica's copy");
     assert_eq!(disk_checksum(&copy), expected_crc, "the replica's copy");
 
-    // Stopped, the volume is exported and qemu-img reads the guest's bytes through NBD.
+    // While it runs, the volume is exported read-only and qemu-img reads the guest's
+    // bytes through NBD; stopped, a writable export serves the same bytes.
+    let image = read_with_qemu_img(&mut client, true, &base.path().join("running.img")).await;
+    assert_range_holds(&image, &expected, expected_crc);
     apply_ok(
         &mut client,
         "stop",
@@ -253,23 +258,29 @@ async fn the_guest_writes_a_pattern_that_qemu_img_reads_back_through_the_export_
         .await
         .expect_err("the VM is stopped");
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    let image = read_with_qemu_img(&mut client, false, &base.path().join("stopped.img")).await;
+    assert_range_holds(&image, &expected, expected_crc);
+}
+
+/// The whole data volume, read by `qemu-img convert` through its NBD export.
+async fn read_with_qemu_img(client: &mut NodeClient, read_only: bool, out: &Path) -> Vec<u8> {
     let exported = apply_ok(
-        &mut client,
-        "export",
+        client,
+        &format!("export-{read_only}"),
         Action::ExportVolume(ExportVolume {
             name: "g-data".into(),
             lifetime_seconds: 60,
-            ..Default::default()
+            read_only,
         }),
     )
     .await;
     let Some(ApplyResult::ExportVolume(export)) = exported.result else {
         panic!("unexpected result {exported:?}");
     };
-    let out = base.path().join("g-data.img");
+    assert_eq!(export.read_only, read_only, "{export:?}");
     let output = Command::new("qemu-img")
         .args(["convert", "-f", "raw", "-O", "raw", &export.uri])
-        .arg(&out)
+        .arg(out)
         .output()
         .expect("run qemu-img");
     assert!(
@@ -278,15 +289,20 @@ async fn the_guest_writes_a_pattern_that_qemu_img_reads_back_through_the_export_
         export.uri,
         String::from_utf8_lossy(&output.stderr)
     );
-    let image = std::fs::read(&out).expect("qemu-img's output");
+    let image = std::fs::read(out).expect("qemu-img's output");
     assert_eq!(image.len() as u64, DATA_BYTES);
+    image
+}
+
+/// `image` holds the expected pattern in the range and zeros before it.
+fn assert_range_holds(image: &[u8], expected: &[u8], expected_crc: u32) {
     let range = &image[OFFSET as usize..(OFFSET + LENGTH) as usize];
     assert_eq!(
         disk_checksum(range),
         expected_crc,
         "qemu-img reads through the export the bytes whose CRC-32C the guest reported"
     );
-    assert!(range == expected.as_slice(), "byte for byte");
+    assert!(range == expected, "byte for byte");
     assert!(
         image[..OFFSET as usize].iter().all(|byte| *byte == 0),
         "nothing before the range"
