@@ -138,6 +138,105 @@ pub async fn tend(
     }
 }
 
+/// Before a plan is carried out: each volume used by a VM placed on a node without a
+/// copy names that node among its clients (the node's storage client forwards the
+/// VM's I/O to the copies), under a new epoch installed on the copies first, then on
+/// the clients (a node no longer named is fenced by it). Nodes in `unreachable` are
+/// not asked.
+pub async fn set_clients(
+    shared: &Shared,
+    store: &RedbStore,
+    desired: &reconciler::desired::Desired,
+    unreachable: &BTreeSet<String>,
+) {
+    let mut wanted: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    for vm in desired.vms.values() {
+        for volume in &vm.volumes {
+            let Some(layout) = desired.volumes.get(volume) else {
+                continue;
+            };
+            if layout.node != vm.node && !layout.replicas.contains(&vm.node) {
+                wanted
+                    .entry(volume.as_str())
+                    .or_default()
+                    .insert(vm.node.clone());
+            }
+        }
+    }
+    let changed = tokio::task::block_in_place(|| {
+        let authority = EpochAuthority::new(store);
+        let mut changed = Vec::new();
+        for state in authority.all()? {
+            let want = wanted
+                .get(state.volume.as_str())
+                .cloned()
+                .unwrap_or_default();
+            if want == state.clients {
+                continue;
+            }
+            let before = state.clients.clone();
+            let next = authority.set_clients(
+                &state.volume,
+                state.epoch,
+                &want,
+                "a VM using it runs on a node without a copy (or no longer does)",
+            )?;
+            changed.push((next, before));
+        }
+        Ok::<_, reconciler::epochs::EpochError>(changed)
+    });
+    let changed = match changed {
+        Ok(changed) => changed,
+        Err(error) => {
+            shared.record(vec![Event::new("volume-epoch", "failed").reason(format!(
+                "the epoch authority could not set a volume's clients: {error}"
+            ))]);
+            return;
+        }
+    };
+    let mut events = Vec::new();
+    for (next, before) in changed {
+        events.push(
+            Event::new("volume-epoch", "changed")
+                .object(format!("volume {}", next.volume))
+                .reason(format!(
+                    "epoch {}: writer {}, clients: {}",
+                    next.epoch,
+                    next.writer,
+                    if next.clients.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        next.clients.iter().cloned().collect::<Vec<_>>().join(", ")
+                    }
+                )),
+        );
+        let mut copies: Vec<&String> = next.copies.iter().collect();
+        copies.sort_by_key(|node| **node == next.writer);
+        let targets = copies
+            .into_iter()
+            .chain(next.clients.iter())
+            .chain(before.difference(&next.clients))
+            .filter(|node| !unreachable.contains(*node));
+        for node in targets {
+            let install = Install {
+                node: node.clone(),
+                request_id: reconciler::epochs::request_id(&next, node),
+                request: reconciler::epochs::install(&next),
+            };
+            if let Err(why) = send(shared, &desired.nodes, &install).await {
+                events.push(
+                    Event::new("volume-epoch", "not installed")
+                        .object(format!("volume {} on node {node}", next.volume))
+                        .reason(why),
+                );
+            }
+        }
+    }
+    if !events.is_empty() {
+        shared.record(events);
+    }
+}
+
 /// The writers the authority holds now (runtime volume name → node), without tending.
 pub fn writers(store: &RedbStore) -> BTreeMap<String, String> {
     tokio::task::block_in_place(|| EpochAuthority::new(store).all())

@@ -750,6 +750,7 @@ impl Worker {
         let options = reconciler::plan::PlanOptions {
             prune: limits.reconcile.prune,
             failed_nodes: self.shared.leases.failed_nodes(&model),
+            disk_writers: crate::volume_epochs::writers(&store),
             ..Default::default()
         };
         let planned = match pipeline::plan_revision_with(
@@ -867,6 +868,11 @@ impl Worker {
                     at_unix_ms: reconciler::state::now_ms(),
                 };
                 let _ = self.shared.events.put("applied", &applied);
+                // New volumes get their epochs (the authority adopts them) at once,
+                // not at the next drift interval: a node may fail before that.
+                if plan.changes.iter().any(|c| c.object == "volume") {
+                    self.shared.wake_drift.notify_one();
+                }
                 self.end_sync(
                     commit,
                     result,
@@ -922,6 +928,11 @@ impl Worker {
                 ..Done::default()
             });
         }
+        // A VM placed on a node without a copy of its volume reaches it as a client.
+        let unreachable: std::collections::BTreeSet<String> =
+            plan.unreachable.keys().cloned().collect();
+        crate::volume_epochs::set_clients(&self.shared, store, &planned.desired, &unreachable)
+            .await;
         let events = StepEvents {
             shared: &self.shared,
             commit: commit.map(str::to_owned),
@@ -1204,6 +1215,17 @@ impl Worker {
         let previous = pipeline::previous_placement(stored, &observed);
         let limits = crate::gate::Limits::applied(&good.commit, &good.model);
         let failed_nodes = self.shared.leases.failed_nodes(&good.model);
+        // The volumes' epochs first: a failed node's volumes get their new writer
+        // before any VM of theirs restarts (safety, so not gated by self-heal).
+        let tended =
+            crate::volume_epochs::tend(&self.shared, &store, &spec, &observed, &failed_nodes).await;
+        // Copies on nodes failed for good or gone from the spec are rebuilt (a repair).
+        if self.repair_blocked().is_none() {
+            let (model, placement) = (&good.model, &previous);
+            let (observed, failed) = (&observed, &failed_nodes);
+            crate::rebuild::tend(&self.shared, &store, model, &spec, placement, observed, failed)
+                .await;
+        }
         let planned = tokio::task::block_in_place(|| {
             pipeline::plan_against_with(
                 &good.model,
@@ -1216,6 +1238,7 @@ impl Worker {
                     prune: limits.reconcile.prune,
                     failed_nodes: failed_nodes.clone(),
                     crash_moves: self.crash_moves.clone(),
+                    disk_writers: tended.disk_writers.clone(),
                 },
             )
         });
@@ -1540,7 +1563,14 @@ async fn watch_node(shared: Arc<Shared>, address: String) {
                     Some(WatchKind::Vm(vm)) if vm.state == proto::v1::VmState::Crashed as i32
                         || vm.state == proto::v1::VmState::Stopped as i32
                 );
-                if vm_down || gap {
+                // A writer frozen on a copy, or a copy that caught up, waits for the
+                // epoch authority (`volume_epochs`).
+                let volume_waits = matches!(
+                    &event.event,
+                    Some(WatchKind::Volume(volume)) if volume.detail.contains("waiting for the authority")
+                        || volume.detail.contains("caught up")
+                );
+                if vm_down || gap || volume_waits {
                     shared.wake_drift.notify_one();
                 }
             }

@@ -149,6 +149,10 @@ pub struct Desired {
     /// applied ones (so removing the disk and its protection in one change is
     /// still refused).
     pub protected_volumes: std::collections::BTreeSet<String>,
+    /// Volumes whose writer (at the epoch authority's current epoch) is not the node
+    /// of their layout's primary: volume → writer. A VM on the writer's node attaches
+    /// the volume there, and its layout's primary being down does not hold the VM.
+    pub moved_writers: BTreeMap<String, String>,
 }
 
 /// The name of a VM disk's volume.
@@ -173,13 +177,15 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
 /// The placement when `failed` nodes are gone (HA, issue 16): only HA and FT VMs that
 /// ran on a failed node and have no disk are placed again elsewhere; nothing else
 /// moves. A VM with availability `none` stays down where it was (reported, left
-/// alone). A VM with disks stays too: its data needs a new writer from the current
-/// epoch's in-sync copies first (issue 15), and a volume is never made again empty
-/// elsewhere. Every volume keeps its previous layout.
+/// alone). A VM with disks moves only once every disk's volume has a writer on a
+/// live node (`disk_writers`: the epoch authority promoted an in-sync copy), and it
+/// goes to its first disk's writer, where its data is; until then it stays (a volume
+/// is never made again empty elsewhere). Every volume keeps its previous layout.
 pub fn place_without(
     model: &Model,
     previous: &Placement,
     failed: &std::collections::BTreeSet<String>,
+    disk_writers: &BTreeMap<String, String>,
 ) -> Placement {
     let mut placement = compiler::place::place(
         model,
@@ -194,20 +200,85 @@ pub fn place_without(
     );
     let before: BTreeMap<&str, &compiler::place::VmPlacement> =
         previous.vms.iter().map(|v| (v.name.as_str(), v)).collect();
+    // Where a VM with disks can run now: its first disk's writer, when every disk
+    // has a writer on a live node.
+    let disk_node = |m: &compiler::model::Vm| -> Option<String> {
+        let writers: Vec<&String> = m
+            .disks
+            .iter()
+            .map(|d| disk_writers.get(&volume_name(&m.name, &d.name)))
+            .collect::<Option<Vec<_>>>()?;
+        if writers.iter().any(|w| failed.contains(*w)) {
+            return None;
+        }
+        writers.first().map(|w| (*w).clone())
+    };
     let stays = |vm: &str| -> bool {
         model.vms.iter().find(|m| m.name == vm).is_none_or(|m| {
-            m.availability == compiler::model::Availability::None || !m.disks.is_empty()
+            m.availability == compiler::model::Availability::None
+                || (!m.disks.is_empty() && disk_node(m).is_none())
         })
     };
     let mut kept = Vec::new();
     for vm in &mut placement.vms {
-        if let Some(was) = before.get(vm.name.as_str())
-            && failed.contains(&was.node)
-            && stays(&vm.name)
-        {
+        let Some(was) = before.get(vm.name.as_str()) else {
+            continue;
+        };
+        if !failed.contains(&was.node) {
+            continue;
+        }
+        if stays(&vm.name) {
             *vm = (*was).clone();
             kept.push(vm.name.clone());
+        } else if let Some(node) = model
+            .vms
+            .iter()
+            .find(|m| m.name == vm.name && !m.disks.is_empty())
+            .and_then(disk_node)
+        {
+            // Its data is on its writer's node: it runs there.
+            vm.node = node.clone();
+            placement.unplaced.retain(|u| u.name != vm.name);
+            match placement.moves.iter_mut().find(|m| m.vm == vm.name) {
+                Some(m) => m.to = node,
+                None => placement.moves.push(compiler::place::Move {
+                    vm: vm.name.clone(),
+                    from: was.node.clone(),
+                    to: node,
+                    reason: "its node failed; its disks' new writer is here".to_owned(),
+                }),
+            }
         }
+    }
+    // A VM with disks the placement could not fit goes to its writer all the same
+    // (`ha-reserve` admission kept the room).
+    for was in previous.vms.iter().filter(|v| failed.contains(&v.node)) {
+        if placement.vms.iter().any(|v| v.name == was.name) {
+            continue;
+        }
+        let Some(node) = model
+            .vms
+            .iter()
+            .find(|m| {
+                m.name == was.name
+                    && !m.disks.is_empty()
+                    && m.availability != compiler::model::Availability::None
+            })
+            .and_then(disk_node)
+        else {
+            continue;
+        };
+        placement.unplaced.retain(|u| u.name != was.name);
+        placement.vms.push(compiler::place::VmPlacement {
+            node: node.clone(),
+            ..was.clone()
+        });
+        placement.moves.push(compiler::place::Move {
+            vm: was.name.clone(),
+            from: was.node.clone(),
+            to: node,
+            reason: "its node failed; its disks' new writer is here".to_owned(),
+        });
     }
     // A VM left where it was is placed after all (it was not placed elsewhere).
     for name in &kept {

@@ -433,6 +433,31 @@ impl<'a> EpochAuthority<'a> {
         })
     }
 
+    /// Sets the nodes that do client I/O on the volume without a copy (a VM runs there):
+    /// a node dropped from the set is fenced by the new epoch.
+    pub fn set_clients(
+        &self,
+        volume: &str,
+        expected: u64,
+        clients: &BTreeSet<String>,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.edit(volume, expected, reason, |state| {
+            if let Some(copy) = clients.intersection(&state.copies).next() {
+                return Err(format!(
+                    "node {copy} holds a copy; only a node without one is a client"
+                ));
+            }
+            let what = format!(
+                "clients {{{}}} → {{{}}}",
+                join(&state.clients),
+                join(clients)
+            );
+            state.clients = clients.clone();
+            Ok(what)
+        })
+    }
+
     /// Adds a copy that caught up back to the in-sync set.
     pub fn add_copy(
         &self,

@@ -205,11 +205,27 @@ pub fn plan_against_with(
     let mut placement = if options.failed_nodes.is_empty() {
         desired::place(model, Some(previous))
     } else {
-        desired::place_without(model, previous, &options.failed_nodes)
+        desired::place_without(
+            model,
+            previous,
+            &options.failed_nodes,
+            &options.disk_writers,
+        )
     };
     move_off(model, &mut placement, &options.crash_moves);
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
+    desired.moved_writers = options
+        .disk_writers
+        .iter()
+        .filter(|(volume, writer)| {
+            desired
+                .volumes
+                .get(volume.as_str())
+                .is_some_and(|v| &v.node != *writer)
+        })
+        .map(|(volume, writer)| (volume.clone(), writer.clone()))
+        .collect();
     let plan = plan_with(&desired, &observed, revision, options);
     Planned {
         desired,

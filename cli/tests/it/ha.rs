@@ -166,7 +166,7 @@ impl HaCluster {
         }
     }
 
-    fn up(tag: &str) -> Option<HaCluster> {
+    pub(crate) fn up(tag: &str) -> Option<HaCluster> {
         Self::up_with(tag, |_| {})
     }
 
@@ -500,4 +500,105 @@ fn a_killed_nodes_diskless_ha_vms_run_on_the_others_within_seconds() {
             .all(|c| c.starts_with("delete") && c.ends_with(node.as_str())),
         "web-0 is not moved back; only its stopped copy on {node} goes: {web0:?}"
     );
+}
+
+#[test]
+fn a_killed_nodes_ha_vm_with_a_disk_runs_where_its_volume_got_a_new_writer() {
+    // `db` (HA, one disk of 2 copies) and the web group without `spread "node"`
+    // (two nodes are left).
+    let Some(ha) = HaCluster::up_with("ha-disk-killed", |dir| {
+        let path = dir.join("workloads.kdl");
+        let text = std::fs::read_to_string(&path).expect("read workloads.kdl");
+        let text: String = text
+            .lines()
+            .filter(|l| !l.contains("spread \"node\""))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&path, text).expect("write workloads.kdl");
+    }) else {
+        return;
+    };
+    let node = ha
+        .placement
+        .iter()
+        .find(|(vm, _)| vm == "db")
+        .expect("db placed")
+        .1
+        .clone();
+    // The controller adopted db-data's epoch (writer: db's node) at its drift check.
+    let writer_before = ha.wait(
+        "db-data's epoch adopted by the controller",
+        Duration::from_secs(60),
+        |_| {
+            let log = std::fs::read_to_string(ha.cluster.path().join(".cairn/dev/controller.log"))
+                .unwrap_or_default();
+            log.lines()
+                .find(|l| l.contains("volume-epoch") && l.contains("volume db-data"))
+                .map(str::to_owned)
+        },
+    );
+    assert!(
+        writer_before.contains(&format!("writer {node}")),
+        "{writer_before}"
+    );
+    let agent = ha.node_pid(&node);
+    let killed = Instant::now();
+    let ok = Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{agent}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kill -9 of {node}'s process group");
+    let moved = ha.wait(
+        "db running on another node with its disk attached",
+        Duration::from_secs(40),
+        |s| {
+            let vm = s["vms"]
+                .as_array()?
+                .iter()
+                .find(|v| v["name"] == "db")?
+                .clone();
+            let disk = vm["disks"].as_array()?.first()?.clone();
+            (vm["state"] == "running" && vm["node"] != node.as_str() && disk["attached"] == true)
+                .then_some(vm)
+        },
+    );
+    let took = killed.elapsed();
+    let new_node = moved["node"].as_str().unwrap_or_default().to_owned();
+    eprintln!("{node} killed → db running on {new_node} with its disk after {took:?}: {moved:#}");
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+    let disk = &moved["disks"][0];
+    assert_eq!(disk["volume"], "db-data", "{moved:#}");
+    assert_eq!(
+        disk["data"], "local",
+        "its data is on its new node: {moved:#}"
+    );
+    // The journaled epoch change: the new writer is db's new node, the failed copy out.
+    let log = std::fs::read_to_string(ha.cluster.path().join(".cairn/dev/controller.log"))
+        .unwrap_or_default();
+    for line in log.lines().filter(|l| {
+        ["node ", "volume-epoch", "drift", "apply", "sync"]
+            .iter()
+            .any(|kind| l.contains(kind))
+    }) {
+        eprintln!("  {}", line.chars().take(220).collect::<String>());
+    }
+    let change = log
+        .lines()
+        .find(|l| {
+            l.contains("volume db-data") && l.contains(&format!("writer {node} → {new_node}"))
+        })
+        .unwrap_or_else(|| panic!("no epoch change of db-data to {new_node}:\n{log}"));
+    assert!(change.contains(&format!("removed copy {node}")), "{change}");
+    // The guest's virtio-blk self-test (a write and a read back) passes on the new node,
+    // through the volume's new writer.
+    let tested = ha.wait(
+        "db's guest block test on its new node",
+        Duration::from_secs(30),
+        |s| {
+            let vm = s["vms"].as_array()?.iter().find(|v| v["name"] == "db")?;
+            let test = vm["guest_block_test"].as_str()?.to_owned();
+            (!test.is_empty()).then_some(test)
+        },
+    );
+    assert!(tested.contains("pass") || tested.contains("ok"), "{tested}");
 }

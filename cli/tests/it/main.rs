@@ -14,6 +14,7 @@ mod ha_faults;
 mod ha_timers;
 mod policy;
 mod reconcile;
+mod remote_disk;
 mod safety;
 mod schemas;
 mod verify;

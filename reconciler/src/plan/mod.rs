@@ -50,6 +50,10 @@ pub struct PlanOptions {
     /// `crash-restart limit= window=`); it is placed on another node
     /// ([`crate::pipeline::move_off`]); nothing else moves.
     pub crash_moves: std::collections::BTreeMap<String, String>,
+    /// Each volume's writer at its current epoch (runtime volume name → node), from
+    /// the epoch authority: an HA VM with disks on a failed node moves to the node of
+    /// its first disk's writer once every disk has a writer on a live node.
+    pub disk_writers: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for PlanOptions {
@@ -58,6 +62,7 @@ impl Default for PlanOptions {
             prune: true,
             failed_nodes: Default::default(),
             crash_moves: Default::default(),
+            disk_writers: Default::default(),
         }
     }
 }

@@ -20,21 +20,35 @@ pub(super) fn vm_definition(vm: &DesiredVm, desired: &Desired) -> NodeAction {
     }
 }
 
-/// The volumes a VM definition attaches as its disks, in order: those whose primary
-/// copy is on the VM's node (the node serves each to the VM's VMM over NBD, through
-/// the replicated write path). A volume whose primary stayed on another node (after a
-/// cold move) is left out: the node cannot serve remote volumes to a VM yet.
+/// The volumes a VM definition attaches as its disks, in order: those written on the
+/// VM's node (its primary copy, or a copy the epoch authority made the writer after the
+/// primary's node failed; the node serves each to the VM's VMM over NBD, through the
+/// replicated write path), and those of which the VM's node holds no copy (after a
+/// cold move: the node's storage client reaches the copies, the controller names it
+/// among the volume's clients before the plan runs). A volume of which the node holds
+/// a copy another node writes is left out.
 fn attached_volumes(vm: &DesiredVm, desired: &Desired) -> Vec<String> {
     vm.volumes
         .iter()
         .filter(|name| {
-            desired
-                .volumes
-                .get(name.as_str())
-                .is_some_and(|volume| volume.node == vm.node)
+            writer_of(name, desired).is_some_and(|node| node == vm.node)
+                || desired
+                    .volumes
+                    .get(name.as_str())
+                    .is_some_and(|v| v.node != vm.node && !v.replicas.contains(&vm.node))
         })
         .cloned()
         .collect()
+}
+
+/// The node that writes a volume now: the epoch authority's writer when it moved off
+/// the layout's primary, else the primary.
+fn writer_of<'d>(volume: &str, desired: &'d Desired) -> Option<&'d str> {
+    desired
+        .moved_writers
+        .get(volume)
+        .map(String::as_str)
+        .or_else(|| desired.volumes.get(volume).map(|v| v.node.as_str()))
 }
 
 pub(super) fn vm_details(vm: &DesiredVm) -> Vec<String> {
@@ -148,9 +162,15 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
     for vm in desired.vms.values() {
         // Left alone with its node, or with a volume that is left alone.
         let down = if observed.reachable(&vm.node) {
+            // A volume left alone with its primary's node holds the VM, unless its
+            // new writer is on the VM's node.
             b.left_alone
                 .iter()
-                .find(|l| l.object == "volume" && vm.volumes.contains(&l.name))
+                .find(|l| {
+                    l.object == "volume"
+                        && vm.volumes.contains(&l.name)
+                        && desired.moved_writers.get(&l.name) != Some(&vm.node)
+                })
                 .map(|l| l.node.clone())
         } else {
             Some(vm.node.clone())
