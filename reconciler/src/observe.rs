@@ -598,7 +598,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                     primary: v.primary,
                     health: Health::from_wire(v.health),
                     generation: v.generation,
-                    epoch: (v.epoch > 0).then(|| ObservedEpoch {
+                    epoch: (v.epoch > 0).then_some(ObservedEpoch {
                         epoch: v.epoch,
                         writer: v.epoch_writer,
                         in_sync: v.in_sync,
