@@ -308,6 +308,15 @@ impl Leases {
             .unwrap_or_default()
     }
 
+    /// How long ago this controller declared `node` failed, while it is.
+    pub fn failed_for(&self, node: &str) -> Option<Duration> {
+        self.failed_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .map(|at| at.detected.elapsed())
+    }
+
     /// The nodes in state `failed` ([`Leases::rows`]).
     pub fn failed_nodes(&self, model: &compiler::Model) -> std::collections::BTreeSet<String> {
         self.rows(model)

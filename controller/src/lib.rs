@@ -36,6 +36,7 @@ mod grpc;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod rebuild;
 pub mod notifications;
 pub mod remote;
 pub mod source;

@@ -468,6 +468,11 @@ impl Node {
                         .collect(),
                 }))
             }
+            Action::AddVolumeCopy(_) | Action::RemoveVolumeCopy(_) => {
+                self.volumes
+                    .apply_copy_action(action, signed.to_grant(request.clone()))
+                    .await
+            }
             Action::SnapshotVolume(_) | Action::DeleteSnapshot(_) | Action::CloneVolume(_) => {
                 self.volumes
                     .apply_snapshot_action(action, signed.to_grant(request.clone()))

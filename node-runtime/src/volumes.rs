@@ -39,6 +39,7 @@ use tokio::sync::{Mutex, RwLock};
 use tonic::Status;
 
 mod clients;
+mod copies;
 mod epochs;
 mod snapshots;
 
@@ -121,6 +122,9 @@ struct VolumeEntry {
     writer_state: std::sync::Mutex<WriterState>,
     /// Bytes shipped to copies catching up.
     resync_bytes: AtomicU64,
+    /// The other copies once AddVolumeCopy or RemoveVolumeCopy changed them on this
+    /// writer, and a catch-up's progress (`copies.rs`).
+    copies: std::sync::Mutex<copies::CopiesState>,
 }
 
 impl VolumeEntry {
@@ -136,6 +140,7 @@ impl VolumeEntry {
             epoch_changed: tokio::sync::Notify::new(),
             writer_state: std::sync::Mutex::new(WriterState::default()),
             resync_bytes: AtomicU64::new(0),
+            copies: std::sync::Mutex::default(),
         }
     }
 
@@ -297,7 +302,11 @@ impl Volumes {
 
     /// The nodes holding the other copies of a volume, as this copy's record names
     /// them (keys may be empty: see [`Volumes::key_of`]).
-    fn other_copies(&self, record: &VolumeRecord) -> Vec<Peer> {
+    fn other_copies(&self, entry: &VolumeEntry) -> Vec<Peer> {
+        if let Some(changed) = entry.changed_copies() {
+            return changed;
+        }
+        let record = &entry.record;
         if record.is_primary() {
             return record.replica_peers.clone();
         }
@@ -390,7 +399,7 @@ impl Volumes {
         let Some(entry) = self.volumes.read().await.get(volume).cloned() else {
             return Err(self.denied(caller, "read", volume, "this node holds no copy of it"));
         };
-        let copies = self.other_copies(&entry.record);
+        let copies = self.other_copies(&entry);
         if copies.iter().any(|copy| {
             self.key_of(&copy.name, &copy.public_key_hex).as_deref() == Some(&caller.key_hex)
         }) {
@@ -551,6 +560,7 @@ impl Volumes {
                         stripe_width: record.stripe_width,
                         stripe_unit_bytes: record.stripe_unit_bytes,
                         grant: Some(grant),
+                        copies: Vec::new(),
                     })
                     .await
                     .map_err(|status| peer_failure(peer, "create the replica", &status))
@@ -599,6 +609,9 @@ impl Volumes {
         }
         let volume = &request.volume;
         let (envelope, signed) = self.grant_of(caller, "create", volume, "CreateVolume")?;
+        if let Some(v1::apply_request::Action::AddVolumeCopy(add)) = &signed.action {
+            return self.added_copy_record(record, request, caller, envelope, add);
+        }
         let Some(v1::apply_request::Action::CreateVolume(create)) = &signed.action else {
             return Err(self.denied(
                 caller,
@@ -727,8 +740,11 @@ impl Volumes {
         let existing = self.volumes.read().await.get(volume).cloned();
         if !caller.controller {
             let (_, signed) = self.grant_of(caller, "delete", volume, "DeleteVolume")?;
+            // The writer forwarding the controller's RemoveVolumeCopy of this copy.
+            let removal = Self::removal_granted(signed, volume, &self.node_name);
             match &signed.action {
                 Some(v1::apply_request::Action::DeleteVolume(delete)) if delete.name == volume => {}
+                _ if removal => {}
                 _ => {
                     return Err(self.denied(
                         caller,
@@ -739,6 +755,7 @@ impl Volumes {
                 }
             }
             if let Some(entry) = &existing
+                && !removal
                 && !entry.record.is_primary()
                 && self
                     .key_of(&entry.record.primary, &entry.record.primary_key_hex)
@@ -1385,11 +1402,14 @@ impl Volumes {
                 stripe_unit_bytes: record.stripe_unit_bytes,
                 allocated_bytes,
                 health: health as i32,
-                replica_peers: record
-                    .replica_peers
-                    .iter()
-                    .map(|peer| peer.name.clone())
-                    .collect(),
+                replica_peers: match entry.changed_copies() {
+                    Some(others) => others.into_iter().map(|peer| peer.name).collect(),
+                    None => record
+                        .replica_peers
+                        .iter()
+                        .map(|peer| peer.name.clone())
+                        .collect(),
+                },
                 primary: record.primary.clone(),
                 export_uri: export_uri(&record.name).unwrap_or_default(),
                 detail,
@@ -1404,6 +1424,8 @@ impl Volumes {
                 caught_up: writer.caught_up.iter().cloned().collect(),
                 resync_bytes: entry.resync_bytes.load(Ordering::Relaxed),
                 snapshots: self.snapshot_statuses(&record.name).await,
+                resync_pending_bytes: self.resync_pending_bytes(&entry),
+                copies: self.copy_names(&entry).into_iter().collect(),
             });
         }
         out

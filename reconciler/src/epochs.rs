@@ -481,6 +481,61 @@ impl<'a> EpochAuthority<'a> {
     }
 }
 
+impl EpochAuthority<'_> {
+    /// A new copy on `node` (rebuilt or moved there): one of the volume's copies from
+    /// now on, outside the in-sync set. Its writer ships it every allocated byte
+    /// (`AddVolumeCopy`) and reports it caught up; only then does [`react`] add it to
+    /// the set. Installed on `node` too once its copy exists.
+    pub fn new_copy(
+        &self,
+        volume: &str,
+        expected: u64,
+        node: &str,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.edit(volume, expected, reason, |state| {
+            if state.clients.contains(node) {
+                return Err(format!(
+                    "node {node} is a client of it (a VM there uses it remotely); a copy there needs it out of the clients first"
+                ));
+            }
+            if !state.copies.insert(node.to_string()) {
+                return Err(format!(
+                    "node {node} holds a copy already (copies: {})",
+                    join(&state.copies)
+                ));
+            }
+            Ok(format!("new copy {node}"))
+        })
+    }
+
+    /// Forgets the copy on `node` entirely (lost with its node, or moved off it): it
+    /// leaves the in-sync set too if it was there. Never the writer's.
+    pub fn drop_copy(
+        &self,
+        volume: &str,
+        expected: u64,
+        node: &str,
+        reason: &str,
+    ) -> Result<VolumeEpoch, EpochError> {
+        self.edit(volume, expected, reason, |state| {
+            if node == state.writer {
+                return Err(format!(
+                    "the writer's copy (node {node}) cannot be dropped; set another writer first"
+                ));
+            }
+            if !state.copies.remove(node) {
+                return Err(format!(
+                    "node {node} holds no copy of it (copies: {})",
+                    join(&state.copies)
+                ));
+            }
+            state.in_sync.remove(node);
+            Ok(format!("dropped copy {node}"))
+        })
+    }
+}
+
 fn join(names: &BTreeSet<String>) -> String {
     names.iter().cloned().collect::<Vec<_>>().join(", ")
 }
@@ -866,6 +921,57 @@ mod tests {
             ]
         );
         assert!(authority.get("other").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_new_copy_joins_the_copies_outside_the_in_sync_set_and_a_lost_one_is_dropped() {
+        let dir = TempDir::new();
+        let store = RedbStore::open(&dir.0.join("state.redb")).unwrap();
+        let authority = EpochAuthority::new(&store);
+        let ab = names(&["a", "b"]);
+        authority.adopt("vol", "a", &ab, &ab, 0, "test").unwrap();
+        let lost = authority
+            .fail_over("vol", 1, &names(&["b"]), "a", "b failed")
+            .unwrap();
+        let new = authority.new_copy("vol", 2, "c", "b lost").unwrap();
+        assert_eq!(
+            (new.epoch, new.copies.clone(), new.in_sync.clone()),
+            (3, names(&["a", "b", "c"]), names(&["a"]))
+        );
+        let twice = authority.new_copy("vol", 3, "c", "again").unwrap_err();
+        assert!(
+            twice.to_string().contains("holds a copy already"),
+            "{twice}"
+        );
+        let writer = authority.drop_copy("vol", 3, "a", "x").unwrap_err();
+        assert!(
+            writer.to_string().contains("the writer's copy (node a)"),
+            "{writer}"
+        );
+        let dropped = authority.drop_copy("vol", 3, "b", "b lost").unwrap();
+        assert_eq!(
+            (
+                dropped.epoch,
+                dropped.copies.clone(),
+                dropped.in_sync.clone()
+            ),
+            (4, names(&["a", "c"]), names(&["a"]))
+        );
+        let none = authority.drop_copy("vol", 4, "b", "again").unwrap_err();
+        assert!(none.to_string().contains("holds no copy"), "{none}");
+        let back = authority.add_copy("vol", 4, "c", "caught up").unwrap();
+        assert_eq!(back.in_sync, names(&["a", "c"]));
+        assert_eq!(lost.in_sync, names(&["a"]));
+        let journal: Vec<String> = authority
+            .journal("vol")
+            .unwrap()
+            .into_iter()
+            .map(|change| change.change)
+            .collect();
+        assert_eq!(
+            journal[2..],
+            ["new copy c", "dropped copy b", "added copy c"].map(String::from)
+        );
     }
 
     #[test]

@@ -320,7 +320,10 @@ impl Volumes {
     pub(super) fn copy_names(&self, entry: &VolumeEntry) -> BTreeSet<String> {
         let record = &entry.record;
         let mut names = BTreeSet::new();
-        if record.is_primary() {
+        if let Some(others) = entry.changed_copies() {
+            names.insert(self.node_name.clone());
+            names.extend(others.into_iter().map(|peer| peer.name));
+        } else if record.is_primary() {
             names.insert(self.node_name.clone());
             names.extend(record.replica_peers.iter().map(|peer| peer.name.clone()));
         } else {
@@ -410,7 +413,7 @@ impl Volumes {
         let mut in_sync = Vec::new();
         let mut catching = Vec::new();
         let mut outside = Vec::new();
-        for peer in &entry.record.replica_peers {
+        for peer in &self.other_copies(entry) {
             if epoch.in_sync(&peer.name) {
                 in_sync.push(peer.clone());
             } else {
@@ -627,7 +630,9 @@ impl Volumes {
             .await?;
             shipped += length;
             entry.resync_bytes.fetch_add(length, Ordering::Relaxed);
+            entry.copies_state().shipping = shipped;
         }
+        entry.copies_state().shipping = 0;
         for key in keys {
             self.records
                 .remove_intent(&key, Durability::None)

@@ -18,10 +18,10 @@ use tonic::Code;
 use crate::harness::{TestNode, apply_ok, controller, pattern, request};
 use crate::lab::{client_as, peer_of, push_peers};
 
-const VOLUME_BYTES: u64 = 32 << 20;
-const CHUNK: u64 = 64 << 10;
+pub(crate) const VOLUME_BYTES: u64 = 32 << 20;
+pub(crate) const CHUNK: u64 = 64 << 10;
 
-fn start(
+pub(crate) fn start(
     name: &str,
     dir: &Path,
     controller: &Identity,
@@ -49,7 +49,7 @@ fn start(
 
 /// One step of the controller: observe the reachable `nodes`, let the epoch authority
 /// react, send what it decided. Returns the epoch changes it made.
-async fn controller_step(
+pub(crate) async fn controller_step(
     authority: &reconciler::epochs::EpochAuthority<'_>,
     nodes: &[&TestNode],
     controller: &Identity,
@@ -163,7 +163,7 @@ async fn install_all(
     }
 }
 
-async fn status(node: &TestNode, controller: &Identity) -> VolumeStatus {
+pub(crate) async fn status(node: &TestNode, controller: &Identity) -> VolumeStatus {
     let mut client = node.client(controller).await;
     client
         .observe()
@@ -184,7 +184,7 @@ fn write(index: u64, seed: u64) -> Action {
 }
 
 /// Writes through the primary; the number of copies that hold it.
-async fn write_ok(client: &mut NodeClient, id: &str, index: u64, seed: u64) -> u32 {
+pub(crate) async fn write_ok(client: &mut NodeClient, id: &str, index: u64, seed: u64) -> u32 {
     let response = apply_ok(client, id, write(index, seed)).await;
     match response.result {
         Some(ApplyResult::WriteVolume(result)) => result.copies,
@@ -205,7 +205,7 @@ fn stale_write(epoch: u64) -> ReplicaWriteRequest {
     }
 }
 
-fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, parts: &[&str]) {
+pub(crate) fn assert_refused(result: Result<impl std::fmt::Debug, tonic::Status>, parts: &[&str]) {
     let status = result.expect_err("refused");
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     for part in parts {
@@ -226,7 +226,7 @@ fn pieces(offset: u64, length: u64) -> impl Iterator<Item = (u64, u64)> {
 
 /// The bytes of `offset..offset+length` of a copy and the crc32c of every block, as
 /// the copy verified them (ReplicaRead, as the controller).
-async fn read_copy(
+pub(crate) async fn read_copy(
     node: &TestNode,
     controller: &Identity,
     offset: u64,
@@ -391,7 +391,7 @@ async fn a_request_with_a_stale_epoch_is_refused_by_every_copy() {
 }
 
 /// Waits until `check` holds for the writer's status, or panics after `within`.
-async fn wait_status(
+pub(crate) async fn wait_status(
     node: &TestNode,
     controller: &Identity,
     within: Duration,

@@ -6,6 +6,7 @@ mod apply;
 mod auth;
 mod bad_input;
 mod bonds;
+mod copies;
 mod counters;
 mod epochs;
 mod exports;

@@ -273,6 +273,7 @@ async fn a_peer_key_cannot_create_an_unrequested_volume() {
         stripe_width: 1,
         stripe_unit_bytes: 1 << 20,
         grant,
+        copies: Vec::new(),
     };
     let create_big = |replica: &TestNode| ApplyRequest {
         request_id: "create-big".into(),
