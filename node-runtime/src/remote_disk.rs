@@ -438,15 +438,15 @@ impl RemoteVolumes {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         for disk in vms.iter_mut().flat_map(|vm| vm.disks.iter_mut()) {
-            // A route lives as long as its device: the NBD server of a running VM.
-            if let Some(route) = served.get(&disk.volume).and_then(std::sync::Weak::upgrade) {
+            // A route lives as long as its device (the NBD server of a running VM, and
+            // a connection finishing after it stopped).
+            let route = served.get(&disk.volume).and_then(std::sync::Weak::upgrade);
+            if let Some(route) = route.filter(|_| disk.attached) {
                 let route = route.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if disk.attached {
-                    disk.data = "remote".into();
-                    disk.copies_in_sync = route.view.in_sync.len() as u32;
-                    disk.copies = disk.copies.max(disk.copies_in_sync);
-                    disk.detail = route.describe();
-                }
+                disk.data = "remote".into();
+                disk.copies_in_sync = route.view.in_sync.len() as u32;
+                disk.copies = disk.copies.max(disk.copies_in_sync);
+                disk.detail = route.describe();
             } else if disk.data == "missing"
                 && let Some(view) = self.view_of_record(&disk.volume)
             {
@@ -540,10 +540,10 @@ impl RemoteDevice {
             if view.epoch > held {
                 if !view.clients.contains(&self.remote.node_name) {
                     let why = format!(
-                        "node {} {CLIENT_FENCED}: volume `{}` is at {}, which no longer names it a client (its VM was moved away?)",
-                        self.remote.node_name,
+                        "{CLIENT_FENCED}: volume `{}` is at {}, which no longer names node {} a client (its VM was moved away?); its I/O fails",
                         self.name,
-                        describe(&view)
+                        describe(&view),
+                        self.remote.node_name
                     );
                     self.route.lock().unwrap_or_else(|p| p.into_inner()).fenced = Some(why.clone());
                     return Err(Status::failed_precondition(why));

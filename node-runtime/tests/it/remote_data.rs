@@ -349,14 +349,21 @@ fn guest_pattern(round: u64) -> Vec<u8> {
     crate::vm_disks::guest_pattern(VOLUME_BYTES, round)
 }
 
-/// rd-a and rd-b hold `g-root` (epoch 1 names rd-c a client); VM `g` runs on rd-c.
-async fn remote_vm(base: &Path, controller: &Identity) -> Vec<TestNode> {
-    let nodes = cluster(base, controller, "g-root", false).await;
+/// rd-a and rd-b hold `g-root` (epoch 1 names rd-c a client); VM `g` runs on rd-c
+/// (with `fourth`, rd-d is there too).
+async fn remote_vm(base: &Path, controller: &Identity, fourth: bool) -> Vec<TestNode> {
+    let nodes = cluster(base, controller, "g-root", fourth).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     install_ok(&[b, c, a], controller, "g-root", 1, &["rd-c"]).await;
-    let mut on_c = c.client(controller).await;
+    start_vm_on(c, controller).await;
+    nodes
+}
+
+/// Defines and starts VM `g` (built-in guest, disk `g-root`) on `node`.
+async fn start_vm_on(node: &TestNode, controller: &Identity) {
+    let mut client = node.client(controller).await;
     apply_ok(
-        &mut on_c,
+        &mut client,
         "create",
         Action::CreateVm(CreateVm {
             name: "g".into(),
@@ -369,12 +376,11 @@ async fn remote_vm(base: &Path, controller: &Identity) -> Vec<TestNode> {
     )
     .await;
     apply_ok(
-        &mut on_c,
+        &mut client,
         "start",
         Action::StartVm(StartVm { name: "g".into() }),
     )
     .await;
-    nodes
 }
 
 fn the_disk(vm: &VmStatus) -> &VmDiskStatus {
@@ -391,7 +397,7 @@ async fn a_vm_on_a_node_without_a_copy_reads_and_writes_its_disk_on_the_others()
     }
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
-    let nodes = remote_vm(base.path(), &controller).await;
+    let nodes = remote_vm(base.path(), &controller, false).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     assert!(copy_less(c, &controller).await, "rd-c holds no copy");
     let mut on_c = c.client(&controller).await;
@@ -516,7 +522,7 @@ async fn reads_fail_over_to_the_other_in_sync_copy_when_the_nearest_is_killed() 
     }
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
-    let mut nodes = remote_vm(base.path(), &controller).await;
+    let mut nodes = remote_vm(base.path(), &controller, false).await;
     let mut on_c = nodes[2].client(&controller).await;
     await_block_tests(&mut on_c, "g", 1).await;
     let detail = the_disk(&observe_vm(&mut on_c, "g").await).detail.clone();
@@ -559,4 +565,88 @@ async fn reads_fail_over_to_the_other_in_sync_copy_when_the_nearest_is_killed() 
     );
     let vm = observe_vm(&mut on_c, "g").await;
     assert_eq!(vm.state, VmState::Running as i32, "the guest keeps running");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_moved_vm_fences_its_old_node_and_finds_its_data_on_the_new_one() {
+    if !vms_can_run() {
+        return;
+    }
+    if !Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|output| output.status.success())
+    {
+        eprintln!("skipping: qemu-img is not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let nodes = remote_vm(base.path(), &controller, true).await;
+    let (a, b, c, d) = (&nodes[0], &nodes[1], &nodes[2], &nodes[3]);
+    let mut on_c = c.client(&controller).await;
+    let vm = await_block_tests(&mut on_c, "g", 1).await;
+    assert_eq!(vm.guest_block_test, "pass", "{vm:?}");
+    let whole = copy_bytes(a, &controller, "g-root", 0, VOLUME_BYTES).await;
+    assert!(whole[whole.len() - 4096..] == guest_pattern(1)[..]);
+
+    // The controller moves the VM to rd-d (epoch 2) while rd-c's guest still runs, as
+    // if rd-c were cut off: rd-c's storage client is fenced by every copy, learns the
+    // new epoch and fails the guest's I/O instead of writing.
+    install_ok(&[b, c, d, a], &controller, "g-root", 2, &["rd-d"]).await;
+    block_test(c).await;
+    let vm = await_block_tests(&mut on_c, "g", 2).await;
+    assert_ne!(
+        vm.guest_block_test, "pass",
+        "the fenced guest's write failed: {vm:?}"
+    );
+    let disk = the_disk(&vm);
+    assert!(disk.errors >= 1, "{disk:?}");
+    assert!(
+        disk.detail
+            .contains("the client is fenced: volume `g-root` is at epoch 2")
+            && disk.detail.contains("no longer names node rd-c a client"),
+        "status says rd-c is fenced: {}",
+        disk.detail
+    );
+    for copy in [a, b] {
+        let now = copy_bytes(copy, &controller, "g-root", 0, VOLUME_BYTES).await;
+        assert!(
+            now == whole,
+            "the fenced client changed nothing on {}",
+            copy.name
+        );
+    }
+
+    // The VM starts on rd-d: the disk it reads there is the one it left.
+    apply_ok(
+        &mut on_c,
+        "stop",
+        Action::StopVm(StopVm {
+            name: "g".into(),
+            grace_ms: 1000,
+        }),
+    )
+    .await;
+    start_vm_on(d, &controller).await;
+    let scratch = base.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    assert!(
+        read_through_the_client(d, &scratch) == whole,
+        "the moved VM's disk holds what it wrote before the move"
+    );
+    let mut on_d = d.client(&controller).await;
+    let vm = await_block_tests(&mut on_d, "g", 1).await;
+    assert_eq!(vm.guest_block_test, "pass", "{vm:?}");
+    assert_eq!(
+        vm.guest_block_checksum,
+        vmm::guest::block_checksum(&guest_pattern(1))
+    );
+    block_test(d).await;
+    let vm = await_block_tests(&mut on_d, "g", 2).await;
+    assert_eq!(vm.guest_block_test, "pass", "{vm:?}");
+    for copy in [a, b] {
+        let tail = copy_bytes(copy, &controller, "g-root", VOLUME_BYTES - 4096, 4096).await;
+        assert!(tail == guest_pattern(2), "{} holds rd-d's write", copy.name);
+    }
 }
