@@ -431,17 +431,7 @@ impl Node {
                         signed.to_grant(request.clone()),
                     )
                     .await?;
-                Ok(ApplyResult::Volume(v1::VolumeResult {
-                    name: record.name,
-                    size_bytes: record.size_bytes,
-                    stripe_width: record.stripe_width,
-                    stripe_unit_bytes: record.stripe_unit_bytes,
-                    replica_peers: record
-                        .replica_peers
-                        .into_iter()
-                        .map(|peer| peer.name)
-                        .collect(),
-                }))
+                Ok(ApplyResult::Volume(crate::volumes::volume_result(record)))
             }
             Action::CreateVolume(create) => {
                 validate::name("create_volume.name", &create.name)?;
@@ -456,17 +446,7 @@ impl Node {
                     .volumes
                     .create_primary(create, peers, signed.to_grant(request.clone()))
                     .await?;
-                Ok(ApplyResult::Volume(v1::VolumeResult {
-                    name: record.name,
-                    size_bytes: record.size_bytes,
-                    stripe_width: record.stripe_width,
-                    stripe_unit_bytes: record.stripe_unit_bytes,
-                    replica_peers: record
-                        .replica_peers
-                        .into_iter()
-                        .map(|peer| peer.name)
-                        .collect(),
-                }))
+                Ok(ApplyResult::Volume(crate::volumes::volume_result(record)))
             }
             Action::AddVolumeCopy(_) | Action::RemoveVolumeCopy(_) => {
                 self.volumes

@@ -43,6 +43,8 @@ mod copies;
 mod epochs;
 mod snapshots;
 
+pub use snapshots::volume_result;
+
 pub use clients::{CLIENT_FENCED, ClientView, NOT_INSTALLED, block_checksums, validate_clients};
 pub use epochs::{DEFAULT_FREEZE, FREEZE_ENV};
 use epochs::{EpochState, WriterState};
