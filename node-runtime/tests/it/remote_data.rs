@@ -10,7 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use proto::auth::Identity;
-use proto::client::NodeClient;
 use proto::v1::{
     ClientOpenRequest, ClientReadRequest, ClientWriteRequest, CreateVm, CreateVolume,
     ReadVolumeRequest, SetVolumeEpoch, StartVm, StopVm, VmDiskStatus, VmState, VmStatus,
