@@ -148,7 +148,10 @@ impl LocalVolumes {
         })
     }
 
-    /// Applies a write shipped by the primary (idempotent by sequence number).
+    /// Applies a write shipped by the writer, whatever its sequence number: the writer
+    /// has several writes in flight at once, so they arrive in any order, and the
+    /// agent tells retries and stale writes apart before this (`volumes/lock.rs`).
+    /// The volume keeps the highest number.
     pub fn apply_replica(
         &self,
         name: &str,
@@ -157,7 +160,7 @@ impl LocalVolumes {
         data: Vec<u8>,
         checksums: Vec<u32>,
     ) -> Result<(), StorageError> {
-        self.store.apply_replica(&ReplicaOp {
+        self.store.apply_replica_unordered(&ReplicaOp {
             volume: name.to_string(),
             seq: sequence,
             offset,

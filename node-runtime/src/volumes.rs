@@ -35,12 +35,13 @@ use proto::auth::{Envelope, NodeTarget, RequestSigner};
 use proto::client::NodeClient;
 use proto::v1::{self, Health, VolumeStatus};
 use redb::Durability;
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::RwLock;
 use tonic::Status;
 
 mod clients;
 mod copies;
 mod epochs;
+mod lock;
 mod snapshots;
 
 pub use snapshots::volume_result;
@@ -108,8 +109,9 @@ struct VolumeEntry {
     /// The volume's size now: ResizeVolume grows it in place (under the write lock, after
     /// the volume store and the stored record grew).
     size_bytes: AtomicU64,
-    /// Serialises writes (and resynchronisation) of one volume.
-    write_lock: Mutex<()>,
+    /// Writes hold it shared with their byte range; everything else (settling,
+    /// resynchronisation, epochs, resize, delete) whole (`lock.rs`).
+    write_lock: lock::VolumeLock,
     health: std::sync::Mutex<(Health, String)>,
     applied_writes: AtomicU64,
     /// Next sequence number shipped to replicas. Always above every number ever
@@ -134,7 +136,7 @@ impl VolumeEntry {
         Self {
             size_bytes: AtomicU64::new(record.size_bytes),
             record,
-            write_lock: Mutex::new(()),
+            write_lock: lock::VolumeLock::default(),
             health: std::sync::Mutex::new((Health::Healthy, String::new())),
             applied_writes: AtomicU64::new(0),
             next_sequence: AtomicU64::new(1),
@@ -977,7 +979,9 @@ impl Volumes {
             )));
         }
         validate::io_range("write_volume", offset, data.len() as u64, entry.size())?;
-        let _guard = entry.write_lock.lock().await;
+        // Writes run side by side, overlapping ones in turn (`lock.rs`).
+        let length = data.len() as u64;
+        let mut range = entry.write_lock.range(offset, length).await;
         self.check_writer(&entry)?;
         if entry.record.replica_peers.is_empty() {
             let local = self.local.clone();
@@ -986,17 +990,24 @@ impl Volumes {
             return Ok(WriteAck { copies: 1 });
         }
         let deadline = std::time::Instant::now() + self.freeze_bound;
-        self.settle_locked(&entry, deadline).await?;
-        self.settle_snapshots_locked(&entry, deadline).await?;
-        let key = intent_key(name, offset, data.len() as u64);
+        if self.needs_settle(&entry)? {
+            drop(range);
+            {
+                let _whole = entry.write_lock.lock().await;
+                self.check_writer(&entry)?;
+                self.settle_locked(&entry, deadline).await?;
+                self.settle_snapshots_locked(&entry, deadline).await?;
+            }
+            range = entry.write_lock.range(offset, length).await;
+        }
+        let key = intent_key(name, offset, length);
         // The sequence number is the agent's, not the volume store's, so the local write and
         // the replica writes can run at the same time. It is made durable (with the
-        // intent) before it is used, so no number is ever shipped twice, even across a
-        // crash of the primary.
+        // intent, in one commit with the intents of the writes beside it) before it is
+        // used, so no number is ever shipped twice, even across a crash of the primary.
         let sequence = entry.next_sequence.fetch_add(1, Ordering::Relaxed);
-        self.records
-            .put_intent(name, &key, sequence)
-            .map_err(records_status)?;
+        let in_flight = entry.write_lock.begin_intent(&key);
+        self.record_intent(&entry, key.clone(), sequence).await?;
         let (epoch, in_sync, catching, outside) = self.targets(&entry);
         // Every copy outside the in-sync set misses this write until it catches up.
         for peer in &outside {
@@ -1075,8 +1086,15 @@ impl Volumes {
             self.records
                 .remove_intent(&key, Durability::None)
                 .map_err(records_status)?;
+            drop(in_flight);
+            drop(range);
         } else {
-            // Frozen until the failed copies answer or leave the in-sync set.
+            // Frozen until the failed copies answer or leave the in-sync set: its
+            // intent is pending now, settled with the volume's lock whole (after the
+            // writes beside it, and before any that comes next).
+            drop(in_flight);
+            drop(range);
+            let _whole = entry.write_lock.lock().await;
             self.settle_locked(&entry, deadline).await?;
         }
         let (_, in_sync_now, _, _) = self.targets(&entry);
@@ -1102,7 +1120,11 @@ impl Volumes {
             let pending = self
                 .records
                 .intents(&format!("{}/", entry.record.name))
-                .map(|intents| !intents.is_empty())
+                .map(|intents| {
+                    intents
+                        .iter()
+                        .any(|key| !entry.write_lock.in_flight(key))
+                })
                 .unwrap_or(false);
             if pending {
                 let _guard = entry.write_lock.lock().await;
@@ -1170,8 +1192,15 @@ impl Volumes {
         if resync {
             blocking(move || local.resync(&volume, offset, data, checksums)).await?;
         } else {
+            // Writes in flight at once arrive in any order (`lock.rs`).
+            let length = data.len() as u64;
+            match entry.write_lock.arrival(sequence, offset, length) {
+                lock::Arrival::Seen | lock::Arrival::Stale => return Ok(()),
+                lock::Arrival::New => {}
+            }
             blocking(move || local.apply_replica(&volume, sequence, offset, data, checksums))
                 .await?;
+            entry.write_lock.applied(sequence, offset, length);
         }
         entry.applied_writes.fetch_add(1, Ordering::Relaxed);
         Ok(())

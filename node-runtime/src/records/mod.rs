@@ -215,6 +215,21 @@ pub struct Records {
     database: Database,
     /// Records converted from format 1 when the file was opened.
     converted: u64,
+    /// Nonces waiting for the next group commit ([`Records::put_nonce`]).
+    nonces: std::sync::Mutex<NonceQueue>,
+    /// Held by the caller committing a group of nonces.
+    nonce_leader: std::sync::Mutex<()>,
+}
+
+/// Nonces of requests that arrived together, committed in one transaction.
+#[derive(Debug, Default)]
+struct NonceQueue {
+    queued: Vec<([u8; 16], u64)>,
+    /// Tickets handed out (one per nonce), and the highest one committed or failed.
+    issued: u64,
+    settled: u64,
+    /// Recent groups that failed: (first ticket, last ticket, why).
+    failed: Vec<(u64, u64, String)>,
 }
 
 impl Records {
@@ -260,6 +275,8 @@ impl Records {
         Ok(Self {
             database,
             converted,
+            nonces: std::sync::Mutex::default(),
+            nonce_leader: std::sync::Mutex::default(),
         })
     }
 
@@ -268,16 +285,64 @@ impl Records {
         self.converted
     }
 
+    fn nonce_queue(&self) -> std::sync::MutexGuard<'_, NonceQueue> {
+        self.nonces
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Records an accepted request's nonce until `expires_at_ms`, durably (fsync
-    /// before returning): the request is carried out only after this.
+    /// before returning): the request is carried out only after this. Requests that
+    /// arrive together share one commit (group commit): the first caller commits every
+    /// nonce queued until then, those behind it find theirs committed.
     pub fn put_nonce(&self, nonce: &[u8; 16], expires_at_ms: u64) -> Result<(), RecordsError> {
-        let transaction = redb_try!("begin", self.database.begin_write());
-        {
-            let mut table = redb_try!("open table", transaction.open_table(NONCES));
-            redb_try!("insert", table.insert(nonce.as_slice(), expires_at_ms));
+        let ticket = {
+            let mut queued = self.nonce_queue();
+            queued.queued.push((*nonce, expires_at_ms));
+            queued.issued += 1;
+            queued.issued
+        };
+        let _leader = self
+            .nonce_leader
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (batch, first, last) = {
+            let mut queued = self.nonce_queue();
+            if queued.settled >= ticket {
+                return match queued
+                    .failed
+                    .iter()
+                    .find(|(first, last, _)| (*first..=*last).contains(&ticket))
+                {
+                    Some((_, _, message)) => Err(RecordsError::Redb {
+                        operation: "commit",
+                        message: message.clone(),
+                    }),
+                    None => Ok(()),
+                };
+            }
+            let batch = std::mem::take(&mut queued.queued);
+            (batch, queued.settled + 1, queued.issued)
+        };
+        let committed: Result<(), RecordsError> = (|| {
+            let transaction = redb_try!("begin", self.database.begin_write());
+            {
+                let mut table = redb_try!("open table", transaction.open_table(NONCES));
+                for (nonce, expires_at_ms) in &batch {
+                    redb_try!("insert", table.insert(nonce.as_slice(), *expires_at_ms));
+                }
+            }
+            redb_try!("commit", transaction.commit());
+            Ok(())
+        })();
+        let mut queued = self.nonce_queue();
+        queued.settled = last;
+        if let Err(error) = &committed {
+            queued.failed.push((first, last, error.to_string()));
+            let excess = queued.failed.len().saturating_sub(64);
+            queued.failed.drain(..excess);
         }
-        redb_try!("commit", transaction.commit());
-        Ok(())
+        committed
     }
 
     /// Every recorded nonce that expires after `now_ms`, with its expiry.

@@ -25,3 +25,4 @@ mod upgrade;
 mod vm_disks;
 mod vms;
 mod volume_access;
+mod write_queue;

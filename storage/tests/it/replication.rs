@@ -55,7 +55,9 @@ fn replica_ops_converge_two_stores_and_retries_are_idempotent() {
 fn writes_arriving_out_of_sequence_are_applied_by_the_unordered_path() {
     let (_d1, primary) = store_with_disks(1, 8 * MIB, EngineKind::Auto);
     let (d2, replica) = store_with_disks(1, 8 * MIB, EngineKind::Auto);
-    let vol = primary.create_volume(&spec("r", 2 * MIB, 64 * 1024, 1)).unwrap();
+    let vol = primary
+        .create_volume(&spec("r", 2 * MIB, 64 * 1024, 1))
+        .unwrap();
     replica
         .create_volume(&spec("r", 2 * MIB, 64 * 1024, 1))
         .unwrap();
