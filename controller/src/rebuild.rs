@@ -144,7 +144,10 @@ pub fn next_step(
         },
         None => Step::Wait(format!(
             "no node the pool allows has {size_bytes} bytes free in a failure domain without a live copy (live copies: {}; candidates: {})",
-            live.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", "),
+            live.iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             if candidates.is_empty() {
                 "none".to_string()
             } else {
@@ -250,7 +253,8 @@ pub async fn tend(
             .cloned()
             .collect()
     };
-    let states = tokio::task::block_in_place(|| EpochAuthority::new(store).all()).unwrap_or_default();
+    let states =
+        tokio::task::block_in_place(|| EpochAuthority::new(store).all()).unwrap_or_default();
     let mut events = Vec::new();
     for state in states {
         // A copy the authority dropped that the writer still lists.
@@ -272,13 +276,22 @@ pub async fn tend(
         else {
             continue;
         };
-        let site = spec.get(&state.writer).map(|n| n.site.clone()).unwrap_or_default();
+        let site = spec
+            .get(&state.writer)
+            .map(|n| n.site.clone())
+            .unwrap_or_default();
         let (domains, candidates) = candidates_of(model, placement, &site, &layout.pool, |node| {
             reachable(node) && !failed.contains(node) && spec.contains_key(node)
         });
         let wanted = 1 + layout.replicas.len();
-        let Some(step) = next_step(&state, &lost, wanted, layout.size_bytes, &domains, &candidates)
-        else {
+        let Some(step) = next_step(
+            &state,
+            &lost,
+            wanted,
+            layout.size_bytes,
+            &domains,
+            &candidates,
+        ) else {
             continue;
         };
         let event = match step {
@@ -313,7 +326,10 @@ async fn call(
     match tokio::time::timeout(within, shared.nodes.apply(node, &desired.address, request)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err(format!("node {node} gave no answer within {} s", within.as_secs())),
+        Err(_) => Err(format!(
+            "node {node} gave no answer within {} s",
+            within.as_secs()
+        )),
     }
 }
 
@@ -327,12 +343,19 @@ async fn add(
     lost: &BTreeSet<String>,
 ) -> Event {
     let object = format!("volume {}", state.volume);
-    let lost_here: Vec<&str> = state.copies.intersection(lost).map(String::as_str).collect();
+    let lost_here: Vec<&str> = state
+        .copies
+        .intersection(lost)
+        .map(String::as_str)
+        .collect();
     let action = proto::v1::apply_request::Action::AddVolumeCopy(proto::v1::AddVolumeCopy {
         volume: state.volume.clone(),
         peer: Some(proto::v1::Peer {
             name: node.to_string(),
-            address: spec.get(node).map(|n| n.address.clone()).unwrap_or_default(),
+            address: spec
+                .get(node)
+                .map(|n| n.address.clone())
+                .unwrap_or_default(),
             public_key_hex: String::new(),
         }),
     });
@@ -340,7 +363,10 @@ async fn add(
     if let Err(why) = call(shared, spec, &state.writer, id, action, ADD_TIMEOUT).await {
         return Event::new("volume-copy", "not added")
             .object(object)
-            .reason(format!("a new copy on {node} (writer {}): {why}", state.writer));
+            .reason(format!(
+                "a new copy on {node} (writer {}): {why}",
+                state.writer
+            ));
     }
     let reason = format!("rebuild of the lost copy on {}", lost_here.join(", "));
     let changed = tokio::task::block_in_place(|| {
@@ -415,14 +441,19 @@ async fn remove_on_writer(
     let id = format!("copy.remove.{}.{node}.{}", state.volume, state.epoch);
     let object = format!("volume {}", state.volume);
     match call(shared, spec, &state.writer, id, action, CALL_TIMEOUT).await {
-        Ok(()) => Event::new("volume-copy", "dropped").object(object).reason(format!(
-            "epoch {}: the lost copy on {node} is forgotten (copies: {})",
-            state.epoch,
-            state.copies.iter().cloned().collect::<Vec<_>>().join(", ")
-        )),
+        Ok(()) => Event::new("volume-copy", "dropped")
+            .object(object)
+            .reason(format!(
+                "epoch {}: the lost copy on {node} is forgotten (copies: {})",
+                state.epoch,
+                state.copies.iter().cloned().collect::<Vec<_>>().join(", ")
+            )),
         Err(why) => Event::new("volume-copy", "not dropped")
             .object(object)
-            .reason(format!("RemoveVolumeCopy of {node} on the writer {}: {why}", state.writer)),
+            .reason(format!(
+                "RemoveVolumeCopy of {node} on the writer {}: {why}",
+                state.writer
+            )),
     }
 }
 
@@ -455,10 +486,16 @@ mod tests {
 
     #[test]
     fn a_lost_copy_is_rebuilt_where_the_pool_allows_then_dropped() {
-        let domains: BTreeMap<String, String> = [("a", "r1"), ("b", "r2"), ("c", "r1"), ("d", "r3"), ("e", "r4")]
-            .iter()
-            .map(|(n, d)| (n.to_string(), d.to_string()))
-            .collect();
+        let domains: BTreeMap<String, String> = [
+            ("a", "r1"),
+            ("b", "r2"),
+            ("c", "r1"),
+            ("d", "r3"),
+            ("e", "r4"),
+        ]
+        .iter()
+        .map(|(n, d)| (n.to_string(), d.to_string()))
+        .collect();
         let candidates = vec![
             candidate("a", "r1", 1 << 40),
             candidate("c", "r1", 1 << 40),
@@ -469,7 +506,14 @@ mod tests {
         let lost = names(&["b"]);
         // Nothing lost: nothing to do.
         assert_eq!(
-            next_step(&state(&["a", "c"], &["a", "c"]), &lost, 2, 1 << 30, &domains, &candidates),
+            next_step(
+                &state(&["a", "c"], &["a", "c"]),
+                &lost,
+                2,
+                1 << 30,
+                &domains,
+                &candidates
+            ),
             None
         );
         // b lost: not on a (holds a copy), c (rack r1 holds a's copy), e (a client),
