@@ -422,7 +422,9 @@ pub fn run(vms: usize, runs: usize, keep: bool, partition: bool) -> anyhow::Resu
         // node's next grant naming it).
         let armed_by = Instant::now() + Duration::from_secs(30);
         let mut status = cluster.status();
-        while !all_armed(&dev, &Cluster::running(&status)) {
+        // (A status that could not be read has no VM: read it again.)
+        while Cluster::running(&status).len() != vms || !all_armed(&dev, &Cluster::running(&status))
+        {
             if Instant::now() > armed_by {
                 bail!(
                     "not every HA VM's fence is armed after 30 s (see {})",
