@@ -8,9 +8,9 @@ use std::path::Path;
 
 use proto::auth::Identity;
 use proto::v1::{
-    ApplyRequest, CreateVolume, DeleteReplicaRequest, DeleteVolume, EnsureReplicaRequest,
-    ReadVolumeRequest, ReplicaReadRequest, ReplicaWriteRequest, VolumeRole, WriteVolume,
-    apply_request::Action,
+    AddVolumeCopy, ApplyRequest, CreateVolume, DeleteReplicaRequest, DeleteVolume,
+    EnsureReplicaRequest, ReadVolumeRequest, RemoveVolumeCopy, ReplicaReadRequest,
+    ReplicaWriteRequest, VolumeRole, WriteVolume, apply_request::Action,
 };
 use tonic::Code;
 
@@ -336,4 +336,104 @@ async fn a_peer_key_cannot_create_an_unrequested_volume() {
         .unwrap();
     let names: Vec<&str> = replica.volumes.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["v"], "no volume was created");
+}
+
+/// A writer's forwarded AddVolumeCopy and RemoveVolumeCopy open `EnsureReplica` and
+/// `DeleteReplica` only as the controller signed them: for the node they were sent to,
+/// naming this node and this volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_key_cannot_add_or_remove_copies_the_controller_did_not_ask_for() {
+    let base = tempfile::tempdir().unwrap();
+    let lab = lab(base.path()).await;
+    let mut attacker = client_as(&lab.lab2, &lab.lab1).await;
+    let add = |volume: &str, peer: &TestNode| ApplyRequest {
+        request_id: "add-copy".into(),
+        action: Some(Action::AddVolumeCopy(AddVolumeCopy {
+            volume: volume.into(),
+            peer: Some(peer_of(peer)),
+        })),
+    };
+    let ensure = |grant| EnsureReplicaRequest {
+        volume: "big".into(),
+        primary: "lab-2".into(),
+        size_bytes: 64 << 20,
+        stripe_width: 1,
+        stripe_unit_bytes: 1 << 20,
+        grant,
+        copies: Vec::new(),
+    };
+    // Sent to lab-2, but naming lab-3 as the new copy.
+    let elsewhere = controller_grant(
+        &lab.controller,
+        &target_of(&lab.lab2),
+        add("big", &lab.lab3),
+    );
+    assert_denied(
+        attacker.ensure_replica(ensure(Some(elsewhere))).await,
+        "big",
+        "lab-1",
+    );
+    // Naming lab-1, but sent to lab-3 (captured).
+    let captured = controller_grant(
+        &lab.controller,
+        &target_of(&lab.lab3),
+        add("big", &lab.lab1),
+    );
+    assert_denied(
+        attacker.ensure_replica(ensure(Some(captured))).await,
+        "big",
+        "lab-1",
+    );
+    // Sent to lab-2 naming lab-1, for another volume.
+    let other = controller_grant(
+        &lab.controller,
+        &target_of(&lab.lab2),
+        add("small", &lab.lab1),
+    );
+    assert_denied(
+        attacker.ensure_replica(ensure(Some(other))).await,
+        "big",
+        "lab-1",
+    );
+    // A RemoveVolumeCopy sent to lab-2 of lab-3's copy does not delete lab-1's.
+    let remove = |node: &str| ApplyRequest {
+        request_id: "remove-copy".into(),
+        action: Some(Action::RemoveVolumeCopy(RemoveVolumeCopy {
+            volume: "v".into(),
+            node: node.into(),
+        })),
+    };
+    let not_here = controller_grant(&lab.controller, &target_of(&lab.lab2), remove("lab-3"));
+    let delete = |grant| DeleteReplicaRequest {
+        volume: "v".into(),
+        grant: Some(grant),
+    };
+    assert_denied(
+        attacker.delete_replica(delete(not_here)).await,
+        "v",
+        "lab-1",
+    );
+    // Of lab-1's copy, but sent to lab-3 (captured).
+    let captured = controller_grant(&lab.controller, &target_of(&lab.lab3), remove("lab-1"));
+    assert_denied(
+        attacker.delete_replica(delete(captured)).await,
+        "v",
+        "lab-1",
+    );
+    let names: Vec<String> = lab
+        .lab1
+        .client(&lab.controller)
+        .await
+        .observe()
+        .await
+        .unwrap()
+        .volumes
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, ["v"], "nothing was created or deleted");
+    assert_eq!(
+        read_local(&lab.lab1, &lab.controller, 64 << 10).await,
+        lab.written
+    );
 }
