@@ -214,7 +214,7 @@ async fn observe_vms(client: &mut proto::client::NodeClient) -> BTreeMap<String,
 }
 
 /// Polls Observe (up to 5 s) until `done` holds for the VMs, returning them.
-async fn observe_until(
+pub(crate) async fn observe_until(
     client: &mut proto::client::NodeClient,
     what: &str,
     done: impl Fn(&BTreeMap<String, VmStatus>) -> bool,
@@ -343,7 +343,7 @@ async fn several_vms_run_as_separate_kvm_processes_with_fresh_heartbeats_and_one
     }
 }
 
-fn start(name: &str) -> Action {
+pub(crate) fn start(name: &str) -> Action {
     Action::StartVm(StartVm { name: name.into() })
 }
 
