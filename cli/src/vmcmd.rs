@@ -20,34 +20,7 @@ pub enum VmCommand {
     /// guest's own counters of that disk. The same range written with the same seed
     /// always holds the same bytes, so `checksum` after `write-pattern` prints the same
     /// CRC while the data is intact.
-    DiskIo {
-        /// The VM.
-        vm: String,
-        /// `write-pattern` or `checksum`.
-        #[arg(value_enum)]
-        op: DiskIoOp,
-        /// Spec root (default: the current directory).
-        #[arg(default_value = ".")]
-        dir: PathBuf,
-        /// The disk: its name in the spec, or its index (0 = the VM's first disk).
-        #[arg(long)]
-        disk: String,
-        /// Where the range starts, in bytes or with a unit (`4KiB`); a multiple of 512.
-        #[arg(long, default_value = "0")]
-        offset: String,
-        /// How long the range is (`1MiB`); a multiple of 512, at most 1GiB.
-        #[arg(long, default_value = "1MiB")]
-        length: String,
-        /// The pattern's seed (write-pattern).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// How long to wait for the guest (at most 25s).
-        #[arg(long, default_value = "20s")]
-        timeout: String,
-        /// State store file (default: DIR/.cairn/state.redb).
-        #[arg(long, value_name = "PATH")]
-        state: Option<PathBuf>,
-    },
+    DiskIo(DiskIo),
 }
 
 /// What the guest does.
@@ -62,39 +35,38 @@ pub enum DiskIoOp {
 /// Runs `cairn vm …`; returns the exit code.
 pub fn run(command: VmCommand) -> anyhow::Result<u8> {
     match command {
-        VmCommand::DiskIo {
-            vm,
-            op,
-            dir,
-            disk,
-            offset,
-            length,
-            seed,
-            timeout,
-            state,
-        } => disk_io(&DiskIo {
-            vm,
-            op,
-            dir,
-            disk,
-            offset,
-            length,
-            seed,
-            timeout,
-            state,
-        }),
+        VmCommand::DiskIo(args) => disk_io(&args),
     }
 }
 
-struct DiskIo {
+/// The arguments of `cairn vm disk-io`.
+#[derive(Debug, clap::Args)]
+pub struct DiskIo {
+    /// The VM.
     vm: String,
+    /// `write-pattern` or `checksum`.
+    #[arg(value_enum)]
     op: DiskIoOp,
+    /// Spec root (default: the current directory).
+    #[arg(default_value = ".")]
     dir: PathBuf,
+    /// The disk: its name in the spec, or its index (0 = the VM's first disk).
+    #[arg(long)]
     disk: String,
+    /// Where the range starts, in bytes or with a unit (`4KiB`); a multiple of 512.
+    #[arg(long, default_value = "0")]
     offset: String,
+    /// How long the range is (`1MiB`); a multiple of 512, at most 1GiB.
+    #[arg(long, default_value = "1MiB")]
     length: String,
+    /// The pattern's seed (write-pattern).
+    #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How long to wait for the guest (at most 25s).
+    #[arg(long, default_value = "20s")]
     timeout: String,
+    /// State store file (default: DIR/.cairn/state.redb).
+    #[arg(long, value_name = "PATH")]
     state: Option<PathBuf>,
 }
 

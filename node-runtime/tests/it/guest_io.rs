@@ -18,8 +18,8 @@ use proto::v1::{
 use tonic::Code;
 use vmm::guest::{disk_checksum, disk_pattern};
 
-use crate::harness::{TestNode, apply_ok, controller};
-use crate::replication::push_peers;
+use crate::harness::{apply_ok, controller};
+use crate::vm_disks::{qemu_img_available, two_peers};
 use crate::vms::vms_can_run;
 
 const DATA_BYTES: u64 = 8 << 20;
@@ -77,24 +77,18 @@ impl Drop for KillOnDrop {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_guest_writes_a_pattern_that_qemu_img_reads_back_through_the_export_with_the_same_crc32c()
  {
-    if !vms_can_run() {
-        return;
-    }
-    if !Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|output| output.status.success())
-    {
-        eprintln!("skipping: qemu-img is not installed (apt-get install qemu-utils)");
+    if !vms_can_run() || !qemu_img_available() {
         return;
     }
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
-    let nodes = [
-        TestNode::start_on("gio-a", &base.path().join("a"), &controller, "127.0.0.141"),
-        TestNode::start_on("gio-b", &base.path().join("b"), &controller, "127.0.0.142"),
-    ];
-    push_peers(&nodes, &controller).await;
+    let nodes = two_peers(
+        base.path(),
+        ["gio-a", "gio-b"],
+        ["127.0.0.141", "127.0.0.142"],
+        &controller,
+    )
+    .await;
     let [primary, replica] = &nodes;
     let mut client = primary.client(&controller).await;
     for (name, size, peers) in [

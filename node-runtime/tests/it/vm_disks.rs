@@ -87,26 +87,47 @@ async fn read_tail_with_qemu_img(client: &mut NodeClient, volume: &str, scratch:
     image[image.len() - 4096..].to_vec()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_guest_writes_its_disk_through_the_node_onto_both_copies_and_qemu_img_reads_it_back() {
-    if !vms_can_run() {
-        return;
-    }
-    if !Command::new("qemu-img")
+/// Whether qemu-img runs here; says why a test skips when it does not.
+pub(crate) fn qemu_img_available() -> bool {
+    let runs = Command::new("qemu-img")
         .arg("--version")
         .output()
-        .is_ok_and(|output| output.status.success())
-    {
+        .is_ok_and(|output| output.status.success());
+    if !runs {
         eprintln!("skipping: qemu-img is not installed (apt-get install qemu-utils)");
+    }
+    runs
+}
+
+/// Two nodes under `base` (`a/`, `b/`) listening on `ips`, each a peer of the other.
+pub(crate) async fn two_peers(
+    base: &Path,
+    names: [&str; 2],
+    ips: [&str; 2],
+    controller: &proto::auth::Identity,
+) -> [TestNode; 2] {
+    let nodes = [
+        TestNode::start_on(names[0], &base.join("a"), controller, ips[0]),
+        TestNode::start_on(names[1], &base.join("b"), controller, ips[1]),
+    ];
+    push_peers(&nodes, controller).await;
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_guest_writes_its_disk_through_the_node_onto_both_copies_and_qemu_img_reads_it_back() {
+    if !vms_can_run() || !qemu_img_available() {
         return;
     }
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
-    let nodes = [
-        TestNode::start_on("vd-a", &base.path().join("a"), &controller, "127.0.0.71"),
-        TestNode::start_on("vd-b", &base.path().join("b"), &controller, "127.0.0.72"),
-    ];
-    push_peers(&nodes, &controller).await;
+    let nodes = two_peers(
+        base.path(),
+        ["vd-a", "vd-b"],
+        ["127.0.0.71", "127.0.0.72"],
+        &controller,
+    )
+    .await;
     let [primary, replica] = &nodes;
     let mut client = primary.client(&controller).await;
     apply_ok(

@@ -104,25 +104,7 @@ fn every_disk_gets_a_device_and_the_guest_tests_the_first() {
     if !kvm_available("every_disk_gets_a_device_and_the_guest_tests_the_first") {
         return;
     }
-    let dir = tempfile::tempdir().expect("temp dir");
-    let first = disk_image(dir.path(), 1 << 20);
-    let second = dir.path().join("data.img");
-    std::fs::write(&second, vec![0u8; 2 << 20]).expect("second disk");
-    let (first_arg, second_arg) = (
-        first.to_str().expect("utf-8").to_string(),
-        second.to_str().expect("utf-8").to_string(),
-    );
-    let mut vm = VmProcess::spawn_in(
-        dir,
-        &[
-            "--memory",
-            "32MiB",
-            "--disk",
-            &first_arg,
-            "--disk",
-            &second_arg,
-        ],
-    );
+    let (mut vm, first, second) = VmProcess::spawn_two_disks(2 << 20);
     let status = vm.wait_status(TIMEOUT, |status| status.block_tests >= 1);
     assert_eq!(status.block_test, BlockTestResult::Pass);
     assert_eq!(status.disks.len(), 2);

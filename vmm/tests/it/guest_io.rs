@@ -33,25 +33,7 @@ fn the_guest_writes_a_seeded_pattern_and_reports_its_crc32c_and_counters() {
     if !kvm_available("the_guest_writes_a_seeded_pattern_and_reports_its_crc32c_and_counters") {
         return;
     }
-    let dir = tempfile::tempdir().expect("temp dir");
-    let first = disk_image(dir.path(), 1 << 20);
-    let second = dir.path().join("data.img");
-    std::fs::write(&second, vec![0u8; 4 << 20]).expect("second disk");
-    let (first_arg, second_arg) = (
-        first.to_str().expect("utf-8").to_string(),
-        second.to_str().expect("utf-8").to_string(),
-    );
-    let mut vm = VmProcess::spawn_in(
-        dir,
-        &[
-            "--memory",
-            "32MiB",
-            "--disk",
-            &first_arg,
-            "--disk",
-            &second_arg,
-        ],
-    );
+    let (mut vm, _, second) = VmProcess::spawn_two_disks(4 << 20);
     let status = vm.wait_status(TIMEOUT, |status| status.block_tests >= 1);
     assert_eq!(status.guest_disks.len(), 2);
     assert_eq!(

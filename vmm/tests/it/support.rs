@@ -45,6 +45,27 @@ impl VmProcess {
         Self::spawn_in(dir, args)
     }
 
+    /// Spawns a 32 MiB VM with two disks in its directory: `disk.img` (1 MiB, as
+    /// [`disk_image`] makes it) and `data.img` (`second_bytes` of zeros); returns both
+    /// paths.
+    pub fn spawn_two_disks(second_bytes: usize) -> (Self, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let first = disk_image(dir.path(), 1 << 20);
+        let second = dir.path().join("data.img");
+        std::fs::write(&second, vec![0u8; second_bytes]).expect("second disk");
+        let args = [
+            "--memory",
+            "32MiB",
+            "--disk",
+            first.to_str().expect("utf-8"),
+            "--disk",
+            second.to_str().expect("utf-8"),
+        ]
+        .map(str::to_owned);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        (Self::spawn_in(dir, &args), first, second)
+    }
+
     /// Spawns into an existing directory (for disks prepared in it).
     pub fn spawn_in(dir: tempfile::TempDir, args: &[&str]) -> Self {
         Self::spawn_via(&[], dir, args)
