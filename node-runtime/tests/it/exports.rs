@@ -294,14 +294,8 @@ async fn export_is_an_owner_only_unix_socket_that_closes_after_its_lifetime() {
         );
     }
     if have("qemu-img") {
-        let copy = base.path().join("copy.img");
-        let out = run(Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw"])
-            .arg(&exported.uri)
-            .arg(&copy));
-        assert!(out.status.success(), "{}", text(&out));
         assert!(
-            std::fs::read(&copy).unwrap() == image,
+            qemu_img_copy(&exported.uri, base.path()) == image,
             "qemu-img copy differs"
         );
     }
@@ -404,6 +398,22 @@ async fn finished_nbd_clients_leave_no_descriptors_in_the_node() {
     );
 }
 
+/// The export's bytes, as `qemu-img convert` copies them into `scratch/copy.img`.
+fn qemu_img_copy(uri: &str, scratch: &Path) -> Vec<u8> {
+    let copy = scratch.join("copy.img");
+    let _ = std::fs::remove_file(&copy);
+    let out = run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(uri)
+        .arg(&copy));
+    assert!(
+        out.status.success(),
+        "qemu-img convert {uri}: {}",
+        text(&out)
+    );
+    std::fs::read(&copy).unwrap()
+}
+
 /// `nbdinfo --json URI`'s `is_read_only`.
 fn nbd_read_only(uri: &str) -> bool {
     let out = run(Command::new("nbdinfo").arg("--json").arg(uri));
@@ -448,14 +458,8 @@ async fn exports_survive_kill_9_of_the_node_with_their_uri_and_lifetime() {
     let node = start_node("exp-c", &data_dir, &controller, "127.0.0.43");
     let mut client = node.client(&controller).await;
     assert_eq!(observed_uri(&mut client, "kept").await, kept.uri);
-    let copy = base.path().join("copy.img");
-    let out = run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&kept.uri)
-        .arg(&copy));
-    assert!(out.status.success(), "{}", text(&out));
     assert!(
-        std::fs::read(&copy).unwrap() == image,
+        qemu_img_copy(&kept.uri, base.path()) == image,
         "the export after the restart reads other bytes"
     );
     assert!(!nbd_read_only(&kept.uri));
@@ -554,13 +558,7 @@ async fn a_running_vms_disk_is_exported_read_only() {
         !out.status.success() || said.contains("ermission denied") || said.contains("read-only"),
         "the write was not refused: {said}"
     );
-    let copy = base.path().join("copy.img");
-    let out = run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(&read_only.uri)
-        .arg(&copy));
-    assert!(out.status.success(), "{}", text(&out));
-    let read = std::fs::read(&copy).unwrap();
+    let read = qemu_img_copy(&read_only.uri, base.path());
     assert!(
         read[..4096] == image[..4096],
         "the refused write changed the disk"
