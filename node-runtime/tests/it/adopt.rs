@@ -546,39 +546,39 @@ async fn the_watchdog_is_armed_only_when_asked_petted_while_the_lease_holds_and_
         format!("{} test-controller\n", identity.public_key_hex()),
     )
     .unwrap();
+    // A start that must fail: its exit code and what it said.
+    let refused = |extra: &[&std::ffi::OsStr]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-node"))
+            .args([
+                "--name",
+                "dog",
+                "--listen",
+                &format!("{IP}:0"),
+                "--data-dir",
+            ])
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
     // Without a lease the node never holds quorum: a watchdog would reset the host.
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-node"))
-        .args([
-            "--name",
-            "dog",
-            "--listen",
-            &format!("{IP}:0"),
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .args(["--watchdog", "/dev/null"])
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let (code, stderr) = refused(&["--watchdog".as_ref(), "/dev/null".as_ref()]);
+    assert_eq!(code, Some(2));
     assert!(stderr.contains("--lease-from"), "{stderr}");
     // A device that cannot be opened stops the start, naming it.
     let (lease, _) = fake_controller(&[]).await;
-    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-node"))
-        .args([
-            "--name",
-            "dog",
-            "--listen",
-            &format!("{IP}:0"),
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .args(["--lease-from", &lease, "--watchdog"])
-        .arg(dir.path().join("no-such-watchdog"))
-        .output()
-        .unwrap();
-    assert_eq!(missing.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&missing.stderr);
+    let missing = dir.path().join("no-such-watchdog");
+    let (code, stderr) = refused(&[
+        "--lease-from".as_ref(),
+        lease.as_ref(),
+        "--watchdog".as_ref(),
+        missing.as_os_str(),
+    ]);
+    assert_eq!(code, Some(2));
     assert!(
         stderr.contains("cannot open the watchdog device") && stderr.contains("no-such-watchdog"),
         "{stderr}"
