@@ -473,7 +473,11 @@ async fn guest_disk_writes_across_an_agent_restart_wait_and_none_fails() {
     assert_eq!(still.disks.first().map(|d| d.errors), Some(0), "{still:?}");
     let (_node, mut client, vm, took) = restart_and_adopt(&setup).await;
     eprintln!("agent restarted under guest disk writes; VM adopted after {took:?}");
-    assert_eq!((vm.state, vm.pid), (VmState::Running as i32, setup.pid));
+    assert_eq!(
+        (vm.state, vm.pid),
+        (VmState::Running as i32, setup.pid),
+        "{vm:?}"
+    );
     let disk = vm.disks.first().expect("the disk");
     assert!(disk.attached, "the disk is served again: {disk:?}");
     // Self-tests go on after the restart, and pass.
@@ -604,7 +608,7 @@ async fn the_watchdog_is_armed_only_when_asked_petted_while_the_lease_holds_and_
         pets.len() >= 2 && pets.iter().all(|b| *b == 0),
         "pets while the lease holds: {pets:?}"
     );
-    assert_eq!(node.terminate(), Some(0));
+    assert_eq!(node.terminate(), Some(0), "{}", node.log());
     let written = std::fs::read(&device).unwrap();
     assert_eq!(
         written.last(),
