@@ -137,7 +137,7 @@ impl v1::observe_server::Observe for NodeService {
             .volumes
             .statuses(|name| exports.uri_of(name))
             .await;
-        crate::vms::fill_disk_copies(&mut vms, &volumes);
+        crate::vms::fill_disk_copies(&self.node.config.name, &mut vms, &volumes);
         self.node.remote.fill_remote_disks(&mut vms).await;
         Ok(Response::new(v1::ObserveResponse {
             node_name: self.node.config.name.clone(),
@@ -378,6 +378,25 @@ impl v1::replication_server::Replication for NodeService {
             )
             .await?;
         Ok(Response::new(v1::ReplicaReadResponse { data, checksums }))
+    }
+
+    async fn replica_recent(
+        &self,
+        request: Request<v1::ReplicaRecentRequest>,
+    ) -> Result<Response<v1::ReplicaRecentResponse>, Status> {
+        let caller = self.replication_caller(methods::REPLICA_RECENT, &request, None)?;
+        let request = request.into_inner();
+        validate::name("replica_recent_request.volume", &request.volume)?;
+        self.node
+            .volumes
+            .authorize_read(&request.volume, &caller)
+            .await?;
+        let response = self
+            .node
+            .volumes
+            .recent(&request.volume, request.reconcile)
+            .await?;
+        Ok(Response::new(response))
     }
 
     async fn delete_replica(

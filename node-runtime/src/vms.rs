@@ -433,18 +433,34 @@ fn disk_statuses(volumes: &[String], attached: &[VmDisk]) -> Vec<v1::VmDiskStatu
         .collect()
 }
 
-/// Adds to each VM disk where its data is (`local`: the primary copy is on this node,
-/// `remote`: only a replica, `missing`) and its copies, from this node's volumes.
-pub fn fill_disk_copies(vms: &mut [VmStatus], volumes: &[v1::VolumeStatus]) {
+/// Adds to each VM disk where its data is (`local`: this node's copy is the writer's,
+/// the epoch's or else the primary; `remote`: only a replica, `missing`) and its
+/// copies, from the volumes of this node (`node`).
+pub fn fill_disk_copies(node: &str, vms: &mut [VmStatus], volumes: &[v1::VolumeStatus]) {
     for disk in vms.iter_mut().flat_map(|vm| vm.disks.iter_mut()) {
         let Some(volume) = volumes.iter().find(|volume| volume.name == disk.volume) else {
             disk.data = "missing".into();
             continue;
         };
         let primary = volume.role == v1::VolumeRole::Primary as i32;
-        disk.data = if primary { "local" } else { "remote" }.into();
-        if primary {
-            disk.copies = 1 + volume.replica_peers.len() as u32;
+        let writer = if volume.epoch_writer.is_empty() {
+            primary
+        } else {
+            volume.epoch_writer == node
+        };
+        disk.data = if writer { "local" } else { "remote" }.into();
+        if writer {
+            disk.copies = if primary {
+                1 + volume.replica_peers.len() as u32
+            } else {
+                // A replica promoted to writer: its layout's primary and the in-sync
+                // copies (other replicas outside the set are not named here).
+                let mut names: std::collections::BTreeSet<&str> =
+                    volume.in_sync.iter().map(String::as_str).collect();
+                names.insert(volume.primary.as_str());
+                names.insert(node);
+                names.len() as u32
+            };
             disk.copies_in_sync = if volume.health == Health::Healthy as i32 {
                 disk.copies
             } else {
@@ -1472,6 +1488,7 @@ mod tests {
             ..Default::default()
         };
         fill_disk_copies(
+            "n1",
             std::slice::from_mut(&mut vm),
             &[
                 volume("a-root", v1::VolumeRole::Primary, Health::Healthy),

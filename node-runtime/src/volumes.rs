@@ -42,6 +42,7 @@ mod clients;
 mod copies;
 mod epochs;
 mod lock;
+mod promotion;
 mod snapshots;
 
 pub use snapshots::volume_result;
@@ -49,6 +50,7 @@ pub use snapshots::volume_result;
 pub use clients::{CLIENT_FENCED, ClientView, NOT_INSTALLED, block_checksums, validate_clients};
 pub use epochs::{DEFAULT_FREEZE, FREEZE_ENV};
 use epochs::{EpochState, WriterState};
+use promotion::Recent;
 
 use crate::events::EventBus;
 use crate::local_volumes::{self, Geometry, LocalVolumes};
@@ -126,6 +128,8 @@ struct VolumeEntry {
     writer_state: std::sync::Mutex<WriterState>,
     /// Bytes shipped to copies catching up.
     resync_bytes: AtomicU64,
+    /// This copy's recent replica writes (see `promotion.rs`).
+    recent: std::sync::Mutex<Recent>,
     /// The other copies once AddVolumeCopy or RemoveVolumeCopy changed them on this
     /// writer, and a catch-up's progress (`copies.rs`).
     copies: std::sync::Mutex<copies::CopiesState>,
@@ -144,6 +148,7 @@ impl VolumeEntry {
             epoch_changed: tokio::sync::Notify::new(),
             writer_state: std::sync::Mutex::new(WriterState::default()),
             resync_bytes: AtomicU64::new(0),
+            recent: std::sync::Mutex::new(Recent::at_start(true)),
             copies: std::sync::Mutex::default(),
         }
     }
@@ -244,6 +249,19 @@ impl Volumes {
                 *entry.epoch.lock().unwrap_or_else(|p| p.into_inner()) =
                     EpochState::from_record(&epoch);
             }
+            let writer = {
+                let epoch = entry.epoch();
+                if epoch.writer.is_empty() {
+                    entry.record.is_primary()
+                } else {
+                    epoch.writer == node_name
+                }
+            };
+            *entry.recent() = Recent::at_start(writer);
+            // A promoted copy that restarted may have stopped before it reconciled
+            // the in-sync copies (`promotion.rs`): it reconciles again (cheap: the
+            // others' recent regions).
+            entry.writer_state().reconcile_pending = writer && !entry.record.is_primary();
             volumes.insert(name, Arc::new(entry));
         }
         Ok(Self {
@@ -305,12 +323,25 @@ impl Volumes {
     }
 
     /// The nodes holding the other copies of a volume, as this copy's record names
-    /// them (keys may be empty: see [`Volumes::key_of`]).
+    /// them, or as AddVolumeCopy and RemoveVolumeCopy changed them (keys may be empty:
+    /// see [`Volumes::key_of`]).
     fn other_copies(&self, entry: &VolumeEntry) -> Vec<Peer> {
-        if let Some(changed) = entry.changed_copies() {
-            return changed;
+        let mut copies = entry
+            .changed_copies()
+            .unwrap_or_else(|| self.recorded_copies(&entry.record));
+        let directory = self
+            .peer_directory
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for copy in copies.iter_mut().filter(|copy| copy.address.is_empty()) {
+            if let Some(known) = directory.iter().find(|peer| peer.name == copy.name) {
+                copy.address = known.address.clone();
+            }
         }
-        let record = &entry.record;
+        copies
+    }
+
+    fn recorded_copies(&self, record: &VolumeRecord) -> Vec<Peer> {
         if record.is_primary() {
             return record.replica_peers.clone();
         }
@@ -356,12 +387,15 @@ impl Volumes {
                 "only the volume's primary writes its replicas; controllers write through Apply.WriteVolume on the primary",
             ));
         }
-        if record.is_primary() {
+        if self.is_writer(&entry) {
             return Err(self.denied(
                 caller,
                 "write",
                 volume,
-                "this node holds the volume's primary, which only it writes",
+                &format!(
+                    "this node is the volume's writer at {}, which only it writes",
+                    entry.epoch().describe()
+                ),
             ));
         }
         // The epoch's writer (the primary unless the controller named another).
@@ -972,10 +1006,12 @@ impl Volumes {
     /// in-sync set holds it durably (see `epochs.rs` for the frozen writer).
     pub async fn write(&self, name: &str, offset: u64, data: Vec<u8>) -> Result<WriteAck, Status> {
         let entry = self.entry(name).await?;
-        if !entry.record.is_primary() {
+        self.check_writer(&entry)?;
+        if !self.is_writer(&entry) {
             return Err(Status::failed_precondition(format!(
                 "volume `{name}` on node {} is a replica of node {}; write to the primary",
-                self.node_name, entry.record.primary
+                self.node_name,
+                self.writer_name(&entry)
             )));
         }
         validate::io_range("write_volume", offset, data.len() as u64, entry.size())?;
@@ -983,7 +1019,7 @@ impl Volumes {
         let length = data.len() as u64;
         let mut range = entry.write_lock.range(offset, length).await;
         self.check_writer(&entry)?;
-        if entry.record.replica_peers.is_empty() {
+        if self.other_copies(&entry).is_empty() {
             let local = self.local.clone();
             let owned = name.to_string();
             blocking(move || local.write(&owned, offset, data)).await?;
@@ -1005,7 +1041,7 @@ impl Volumes {
         // the replica writes can run at the same time. It is made durable (with the
         // intent, in one commit with the intents of the writes beside it) before it is
         // used, so no number is ever shipped twice, even across a crash of the primary.
-        let sequence = entry.next_sequence.fetch_add(1, Ordering::Relaxed);
+        let sequence = self.take_sequence(&entry);
         let in_flight = entry.write_lock.begin_intent(&key);
         self.record_intent(&entry, key.clone(), sequence).await?;
         let (epoch, in_sync, catching, outside) = self.targets(&entry);
@@ -1113,19 +1149,16 @@ impl Volumes {
             .read()
             .await
             .values()
-            .filter(|entry| entry.record.is_primary() && !entry.record.replica_peers.is_empty())
+            .filter(|entry| self.is_writer(entry) && !self.other_copies(entry).is_empty())
             .cloned()
             .collect();
         for entry in entries {
-            let pending = self
-                .records
-                .intents(&format!("{}/", entry.record.name))
-                .map(|intents| {
-                    intents
-                        .iter()
-                        .any(|key| !entry.write_lock.in_flight(key))
-                })
-                .unwrap_or(false);
+            let pending = entry.writer_state().reconcile_pending
+                || self
+                    .records
+                    .intents(&format!("{}/", entry.record.name))
+                    .map(|intents| intents.iter().any(|key| !entry.write_lock.in_flight(key)))
+                    .unwrap_or(false);
             if pending {
                 let _guard = entry.write_lock.lock().await;
                 if self
@@ -1157,10 +1190,12 @@ impl Volumes {
         caller: &ReplicationCaller,
     ) -> Result<(), Status> {
         let entry = self.entry(&request.volume).await?;
-        if entry.record.is_primary() {
+        if self.is_writer(&entry) {
             return Err(Status::failed_precondition(format!(
-                "volume `{}` on node {} is a primary, not a replica; refusing a replica write",
-                request.volume, self.node_name
+                "volume `{}` on node {} is written by this node at {}; refusing a replica write",
+                request.volume,
+                self.node_name,
+                entry.epoch().describe()
             )));
         }
         validate::io_range(
@@ -1189,11 +1224,11 @@ impl Volumes {
             resync,
             epoch: _,
         } = request;
+        let length = data.len() as u64;
         if resync {
             blocking(move || local.resync(&volume, offset, data, checksums)).await?;
         } else {
             // Writes in flight at once arrive in any order (`lock.rs`).
-            let length = data.len() as u64;
             match entry.write_lock.arrival(sequence, offset, length) {
                 lock::Arrival::Seen | lock::Arrival::Stale => return Ok(()),
                 lock::Arrival::New => {}
@@ -1203,6 +1238,7 @@ impl Volumes {
             entry.write_lock.applied(sequence, offset, length);
         }
         entry.applied_writes.fetch_add(1, Ordering::Relaxed);
+        entry.recent().push(offset, length);
         Ok(())
     }
 
@@ -1416,6 +1452,7 @@ impl Volumes {
             let writer = WriterState {
                 awaiting_removal: writer.0,
                 caught_up: writer.1,
+                reconcile_pending: false,
             };
             let allocated_bytes = match allocated {
                 Ok(bytes) => bytes,
@@ -1489,9 +1526,10 @@ impl Volumes {
         &self.local
     }
 
-    /// Whether the volume is a primary here, and its size.
+    /// Whether this node writes the volume (its epoch's writer, else its primary),
+    /// and its size: only the writer's copy serves a VM or a writable export.
     pub async fn role_and_size(&self, name: &str) -> Result<(bool, u64), Status> {
         let entry = self.entry(name).await?;
-        Ok((entry.record.is_primary(), entry.size()))
+        Ok((self.is_writer(&entry), entry.size()))
     }
 }

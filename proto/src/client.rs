@@ -390,6 +390,19 @@ impl NodeClient {
         Ok(self.checked(result)?.into_inner())
     }
 
+    /// `Replication.ReplicaRecent`: where a copy may differ from the others.
+    pub async fn replica_recent(
+        &mut self,
+        request: v1::ReplicaRecentRequest,
+    ) -> Result<v1::ReplicaRecentResponse, tonic::Status> {
+        let request = self.signed(methods::REPLICA_RECENT, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .replica_recent(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
     /// `Replication.DeleteReplica`.
     pub async fn delete_replica(
         &mut self,

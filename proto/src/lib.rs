@@ -64,6 +64,8 @@ pub mod methods {
     pub const REPLICA_WRITE: &str = "/cairn.node.v1.Replication/ReplicaWrite";
     /// `Replication.ReplicaRead`
     pub const REPLICA_READ: &str = "/cairn.node.v1.Replication/ReplicaRead";
+    /// `Replication.ReplicaRecent`
+    pub const REPLICA_RECENT: &str = "/cairn.node.v1.Replication/ReplicaRecent";
     /// `Replication.DeleteReplica`
     pub const DELETE_REPLICA: &str = "/cairn.node.v1.Replication/DeleteReplica";
     /// `Replication.ResizeReplica`

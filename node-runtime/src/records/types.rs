@@ -299,10 +299,15 @@ pub struct VolumeEpochRecord {
     /// version 2; a version-1 record has none).
     #[serde(default)]
     pub clients: Vec<String>,
+    /// The writer of the last epoch whose in-sync set held this copy (since version 2;
+    /// empty: unknown). A copy that left the set under another writer than the current
+    /// one may hold writes the current writer never had (`volumes/promotion.rs`).
+    #[serde(default)]
+    pub last_in_sync_writer: String,
 }
 
 impl VolumeEpochRecord {
-    /// The version written: 2 added `clients`.
+    /// The version written: 2 added `clients` and `last_in_sync_writer`.
     pub const VERSION: u32 = 2;
 }
 

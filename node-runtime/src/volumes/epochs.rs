@@ -121,6 +121,9 @@ pub struct WriterState {
     pub awaiting_removal: BTreeSet<String>,
     /// Copies outside the in-sync set that hold every write now.
     pub caught_up: BTreeSet<String>,
+    /// This copy became the writer and has not reconciled the in-sync copies yet
+    /// (`promotion.rs`): no write goes out before it has.
+    pub reconcile_pending: bool,
 }
 
 /// The intent key of a dirty region of the copy on `node`.
@@ -218,7 +221,7 @@ impl Volumes {
         // On a replica, a write under the old epoch that is being applied finishes
         // first; none starts after this returns. (The writer's own lock may be held by
         // a frozen write waiting for exactly this epoch, so it is not taken there.)
-        let _guard = if entry.record.is_primary() {
+        let _guard = if self.is_writer(&entry) {
             None
         } else {
             Some(entry.write_lock.lock().await)
@@ -260,6 +263,17 @@ impl Volumes {
             writer: request.writer.clone(),
             in_sync: request.in_sync.clone(),
             clients: request.clients.clone(),
+            last_in_sync_writer: if wanted.in_sync(&self.node_name) {
+                request.writer.clone()
+            } else {
+                self.records
+                    .get::<VolumeEpochRecord>(&request.name)
+                    .ok()
+                    .flatten()
+                    .map(|previous| previous.last_in_sync_writer)
+                    .filter(|writer| !writer.is_empty())
+                    .unwrap_or_else(|| current.writer.clone())
+            },
         };
         let records = self.records.clone();
         let key = request.name.clone();
@@ -267,11 +281,27 @@ impl Volumes {
             .await
             .map_err(|error| Status::internal(error.to_string()))?
             .map_err(records_status)?;
+        let was_writer = self.is_writer(&entry);
         *entry.epoch.lock().unwrap_or_else(|p| p.into_inner()) = wanted.clone();
+        let is_writer = self.is_writer(&entry);
         {
             let mut writer = entry.writer_state();
             writer.caught_up.retain(|node| !wanted.in_sync(node));
             writer.awaiting_removal.retain(|node| wanted.in_sync(node));
+            if is_writer && !was_writer {
+                // Promoted: reconcile the in-sync copies before the first write.
+                writer.reconcile_pending = true;
+            }
+        }
+        if is_writer {
+            entry.next_sequence.fetch_max(
+                super::promotion::sequence_floor(wanted.epoch),
+                Ordering::Relaxed,
+            );
+        } else if wanted.in_sync(&self.node_name) {
+            // A former writer back in the set: the writer overwrote its in-flight
+            // regions while it caught up.
+            self.drop_stale_intents(&request.name)?;
         }
         entry.epoch_changed.notify_waiters();
         let (health, detail) = self.epoch_health(&entry, &wanted);
@@ -502,6 +532,11 @@ impl Volumes {
                 .map_err(records_status)?;
             let (epoch, in_sync, _, outside) = self.targets(entry);
             let mut failures: Vec<(String, Status)> = Vec::new();
+            if entry.writer_state().reconcile_pending {
+                failures = self
+                    .reconcile_locked(entry, &in_sync, epoch, deadline)
+                    .await;
+            }
             for key in intents {
                 let Some((offset, length)) = parse_intent_key(&key) else {
                     continue;
@@ -601,10 +636,13 @@ impl Volumes {
             .records
             .intents(&dirty_prefix(name, &peer.name))
             .map_err(records_status)?;
-        let ranges: Vec<(u64, u64)> = keys
+        let mut ranges: Vec<(u64, u64)> = keys
             .iter()
             .filter_map(|key| parse_intent_key(key))
             .collect();
+        // What the copy itself may hold that this writer does not (a former writer's
+        // in-flight writes, writes it applied from a writer that failed).
+        ranges.extend(self.catch_up_regions(entry, peer).await?);
         let mut ranges = merge_ranges(ranges, validate::MAX_IO_BYTES);
         if ranges.is_empty() {
             // Nothing changed: one block proves the copy is there and at this epoch.

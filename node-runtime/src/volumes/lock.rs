@@ -267,9 +267,12 @@ impl Volumes {
     }
 
     /// Whether a write must settle the volume first (with the lock whole): an intent
-    /// that no write in flight owns (a failed write, or one from before a crash), or a
-    /// snapshot an in-sync copy has not taken.
+    /// that no write in flight owns (a failed write, or one from before a crash), a
+    /// reconciliation after a promotion, or a snapshot an in-sync copy has not taken.
     pub(super) fn needs_settle(&self, entry: &VolumeEntry) -> Result<bool, Status> {
+        if entry.writer_state().reconcile_pending {
+            return Ok(true);
+        }
         let name = &entry.record.name;
         let pending = self
             .records

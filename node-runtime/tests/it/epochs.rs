@@ -683,3 +683,180 @@ async fn a_stopped_replica_holds_the_writer_no_longer_than_its_bound() {
         );
     }
 }
+
+/// The observed volume statuses of `nodes`, as the controller gives them to the
+/// authority.
+async fn observe_all(
+    nodes: &[&TestNode],
+    controller: &Identity,
+) -> Vec<(String, Vec<VolumeStatus>)> {
+    let mut observed = Vec::new();
+    for node in nodes {
+        let mut client = node.client(controller).await;
+        observed.push((node.name.clone(), client.observe().await.unwrap().volumes));
+    }
+    observed
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_writers_node_fails_an_in_sync_replica_becomes_the_writer_and_the_old_one_returns_as_its_copy()
+ {
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let state = reconciler::state::RedbStore::open(&base.path().join("state.redb")).unwrap();
+    let authority = reconciler::epochs::EpochAuthority::new(&state);
+    let mut nodes = cluster(base.path(), &controller, &[]).await;
+    {
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        let adopted = controller_step(&authority, &all, &controller).await;
+        assert_eq!(adopted.len(), 1, "{adopted:?}");
+        assert_eq!(adopted[0].writer, "ep-a");
+    }
+    let mut primary = nodes[0].client(&controller).await;
+    for index in 0..4 {
+        assert_eq!(
+            write_ok(&mut primary, &format!("w{index}"), index, index).await,
+            3
+        );
+    }
+    // A write the writer had in flight when its node died: it reached ep-c only, and
+    // was never acknowledged.
+    let in_flight = 5 * CHUNK;
+    {
+        let data = pattern(99, 4096);
+        let mut as_writer = client_as(&nodes[0], &nodes[2]).await;
+        as_writer
+            .replica_write(ReplicaWriteRequest {
+                volume: "v".into(),
+                offset: in_flight,
+                checksums: vec![crc32c::crc32c(&data)],
+                data,
+                sequence: 1 << 30,
+                resync: false,
+                epoch: 1,
+            })
+            .await
+            .unwrap();
+    }
+    assert_ne!(
+        read_range(&nodes[1], &controller, in_flight, 4096).await,
+        read_range(&nodes[2], &controller, in_flight, 4096).await,
+        "the in-flight write is on ep-c only"
+    );
+    let a_address = nodes[0].address.clone();
+    power_cut(&mut nodes[0]);
+
+    // The authority: ep-a failed. ep-b (in sync, reachable) becomes the writer.
+    let failed: std::collections::BTreeSet<String> = ["ep-a".to_string()].into();
+    let survivors = [&nodes[1], &nodes[2]];
+    let observed = observe_all(&survivors, &controller).await;
+    let started = Instant::now();
+    let (failover, unavailable) =
+        reconciler::epochs::fail_over(&authority, &observed, &failed).unwrap();
+    assert!(unavailable.is_empty(), "{unavailable:?}");
+    assert_eq!(failover.changes.len(), 1);
+    let epoch = &failover.changes[0];
+    assert_eq!(epoch.writer, "ep-b");
+    assert_eq!(
+        epoch.in_sync.iter().map(String::as_str).collect::<Vec<_>>(),
+        ["ep-b", "ep-c"]
+    );
+    assert_eq!(
+        failover.installs.last().map(|i| i.node.as_str()),
+        Some("ep-b"),
+        "the new writer is told last"
+    );
+    for install in &failover.installs {
+        let node = survivors.iter().find(|n| n.name == install.node).unwrap();
+        let mut client = node.client(&controller).await;
+        client
+            .apply(request(
+                &install.request_id,
+                Action::SetVolumeEpoch(install.request.clone()),
+            ))
+            .await
+            .unwrap();
+    }
+    let journal = authority.journal("v").unwrap();
+    assert!(
+        journal
+            .last()
+            .is_some_and(|c| c.change == "writer ep-a → ep-b, removed copy ep-a"
+                && c.reason.contains("ep-a failed")),
+        "{journal:?}"
+    );
+
+    // The new writer writes (2 copies), after reconciling the in-flight region: ep-c
+    // now holds what ep-b holds there.
+    let mut writer = nodes[1].client(&controller).await;
+    assert_eq!(write_ok(&mut writer, "w-after", 6, 6).await, 2);
+    eprintln!(
+        "failover to ep-b and its first write: {} ms",
+        started.elapsed().as_millis()
+    );
+    assert_eq!(
+        read_range(&nodes[1], &controller, in_flight, 4096).await,
+        read_range(&nodes[2], &controller, in_flight, 4096).await,
+        "the new writer reconciled the region the old writer had in flight"
+    );
+    // A write through ep-c (not the writer) is refused, naming the writer.
+    let mut not_writer = nodes[2].client(&controller).await;
+    let refused = not_writer
+        .apply(request("w-c", write(7, 7)))
+        .await
+        .expect_err("ep-c is not the writer");
+    assert!(refused.message().contains("ep-b"), "{refused:?}");
+    // Every acknowledged write is on both survivors.
+    for index in [0, 1, 2, 3, 6] {
+        for node in survivors {
+            assert_eq!(
+                read_range(node, &controller, index * CHUNK, CHUNK).await,
+                pattern(index, CHUNK as usize),
+                "write {index} on {}",
+                node.name
+            );
+        }
+    }
+
+    // ep-a returns: told the current epoch, it is a copy of ep-b; it refuses writes,
+    // is caught up by ep-b and comes back into the in-sync set.
+    nodes[0] = start(
+        "ep-a",
+        &base.path().join("ep-a"),
+        &controller,
+        &a_address,
+        &[],
+    );
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let changes = controller_step(&authority, &all, &controller).await;
+    assert!(changes.is_empty(), "{changes:?}");
+    let mut old_writer = nodes[0].client(&controller).await;
+    let refused = old_writer
+        .apply(request("w-a", write(8, 8)))
+        .await
+        .expect_err("ep-a is no longer the writer");
+    assert!(refused.message().contains("ep-b"), "{refused:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        controller_step(&authority, &all, &controller).await;
+        let seen = status(&nodes[1], &controller).await;
+        if seen.in_sync.iter().any(|n| n == "ep-a") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ep-a was not brought back in sync: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let length = 8 * CHUNK;
+    let (_, reference) = read_copy(&nodes[1], &controller, 0, length).await;
+    for node in &nodes {
+        let (_, sums) = read_copy(node, &controller, 0, length).await;
+        assert_eq!(
+            sums, reference,
+            "checksums of {} differ from ep-b's",
+            node.name
+        );
+    }
+}
