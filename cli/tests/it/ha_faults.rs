@@ -611,7 +611,7 @@ fn an_agent_killed_or_frozen_alone_lets_its_vmms_fence_themselves_before_the_res
     let killed = Instant::now();
     let died = death_of(pid, Duration::from_secs(10));
     let died_after = killed.elapsed();
-    let second = f.wait_running_elsewhere(vm, &first, Duration::from_secs(30));
+    let second = f.wait_running_elsewhere(vm, &first, Duration::from_secs(60));
     eprintln!(
         "agent of {first} killed: web-0's VMM stopped after {died_after:?}, web-0 running on {second} after {:?}",
         killed.elapsed()
@@ -644,7 +644,7 @@ fn an_agent_killed_or_frozen_alone_lets_its_vmms_fence_themselves_before_the_res
     let died_after = frozen.elapsed();
     // The VMM is the frozen agent's child: its exit code is in its log.
     let code = vmm_exit_code(&dir);
-    let third = f.wait_running_elsewhere(vm, &second, Duration::from_secs(30));
+    let third = f.wait_running_elsewhere(vm, &second, Duration::from_secs(60));
     let moved_after = frozen.elapsed();
     signal(agent, "-CONT");
     eprintln!(
@@ -689,7 +689,7 @@ fn a_whole_node_frozen_for_10_s_wakes_with_its_ha_vms_fenced_and_silent() {
     group("STOP");
     let frozen = Instant::now();
     let frozen_ns = realtime_ns();
-    let moved_to = f.wait_running_elsewhere(vm, &node, Duration::from_secs(30));
+    let moved_to = f.wait_running_elsewhere(vm, &node, Duration::from_secs(60));
     let moved_after = frozen.elapsed();
     std::thread::sleep(Duration::from_secs(10).saturating_sub(frozen.elapsed()));
     assert!(alive(pid), "a stopped VMM still exists");
@@ -742,7 +742,7 @@ fn a_node_cut_off_by_nftables_fences_its_ha_vms_which_run_elsewhere_and_stay_dea
     let died = death_of(pid, Duration::from_secs(10));
     let fenced_after = cut.elapsed();
     let code = vmm_exit_code(&dir);
-    let moved_to = f.wait_running_elsewhere(vm, &node, Duration::from_secs(30));
+    let moved_to = f.wait_running_elsewhere(vm, &node, Duration::from_secs(60));
     let moved_after = cut.elapsed();
     eprintln!(
         "{node} ({address}) cut off: web-0 fenced there after {fenced_after:?}, running on {moved_to} after {moved_after:?}"
@@ -842,7 +842,7 @@ fn a_vm_restarted_by_ha_is_fenced_on_its_new_node_cut_off_at_once() {
     cut_off(&address_of(&second), true);
     cut_off(&address_of(&first), false);
     eprintln!("web-0 moved {first} → {second}; {second} cut off at its first heartbeat there");
-    f.wait_running_elsewhere(vm, &second, Duration::from_secs(30));
+    f.wait_running_elsewhere(vm, &second, Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
     let spans = beats.never_twice(vm);
     cut_off(&address_of(&second), false);
@@ -878,8 +878,16 @@ fn a_controller_gone_10_s_then_killed_and_restarted_stops_no_vm_and_fails_no_nod
     // Each VM's heartbeat stays fresh all along (sampled every 250 ms).
     let fresh = |when: &str| {
         for (vm, _) in &before {
-            let status = vmm_status(&f.ha.vm_dir(vm).join("control.sock"))
-                .unwrap_or_else(|| panic!("{vm}'s VMM answers {when}"));
+            // Three tries: a VMM on a loaded machine may miss one 2 s answer.
+            let socket = f.ha.vm_dir(vm).join("control.sock");
+            let status = (0..3).find_map(|_| vmm_status(&socket)).unwrap_or_else(|| {
+                let dir = f.ha.vm_dir(vm);
+                panic!(
+                    "{vm}'s VMM answers {when}: its VMM now {:?}; vmm.log:\n{}",
+                    vmm_pid(&dir),
+                    std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default()
+                )
+            });
             let age = status["last_heartbeat_age_ms"].as_f64().unwrap_or(f64::MAX);
             assert!(age < 1000.0, "{vm}'s last heartbeat {age} ms old {when}");
         }
@@ -923,7 +931,8 @@ fn a_controller_gone_10_s_then_killed_and_restarted_stops_no_vm_and_fails_no_nod
         assert_eq!(
             vmm_pid(&f.ha.vm_dir(vm)),
             Some(*pid),
-            "{vm} runs in the same VMM"
+            "{vm} runs in the same VMM; controller log:\n{}",
+            std::fs::read_to_string(f.dev().join("controller.log")).unwrap_or_default()
         );
         assert_eq!(&files(vm), files_before, "{vm} has no new incarnation");
     }
