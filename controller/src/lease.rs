@@ -308,13 +308,14 @@ impl Leases {
             .unwrap_or_default()
     }
 
-    /// How long ago this controller declared `node` failed, while it is.
-    pub fn failed_for(&self, node: &str) -> Option<Duration> {
-        self.failed_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    /// How long `node` has not renewed its lease: since its last grant, else since
+    /// this controller started. (A dead node's state goes from `failed` to
+    /// `unreachable` and back; its silence only grows.)
+    pub fn silent_for(&self, node: &str) -> Duration {
+        self.lock()
             .get(node)
-            .map(|at| at.detected.elapsed())
+            .map(|granted| granted.last.elapsed())
+            .unwrap_or_else(|| self.started.elapsed())
     }
 
     /// The nodes in state `failed` ([`Leases::rows`]).

@@ -2,11 +2,13 @@
 //!
 //! Every drift check, after the epochs were tended ([`crate::volume_epochs::tend`]),
 //! each volume the epoch authority holds is looked at ([`tend`]). A copy is *lost*
-//! when its node left the spec (removed or drained out of it) or has been `failed`
-//! for at least the rebuild delay ([`REBUILD_DELAY`], `CAIRN_REBUILD_DELAY_MS`): a
-//! node that comes back sooner only resynchronises what changed. For a volume with
+//! when its node left the spec (removed or drained out of it), or is failed or
+//! unreachable and has not renewed its lease for at least the rebuild delay
+//! ([`REBUILD_DELAY`], `CAIRN_REBUILD_DELAY_MS`; a dead node's state goes from
+//! `failed` to `unreachable` and back, its silence only grows): a node that comes
+//! back sooner only resynchronises what changed. For a volume with
 //! lost copies, one step at a time ([`next_step`]):
-//! 1. while it has fewer live copies than its layout wants (primary and replicas),
+//! 1. while it has fewer live copies than its pool keeps (`replicas`),
 //!    a new copy goes to a node the pool allows: in the writer's site, holding no
 //!    copy and no client of the volume, in a failure domain (node, rack or site as
 //!    the pool says) no live copy is in, with enough room left on the pool's disks
@@ -161,24 +163,20 @@ pub fn next_step(
     })
 }
 
-/// The failure domains of every node of `site` for `pool`, and the nodes a copy of
-/// the pool may go to there (reachable, not failed), with the room the placement
-/// leaves on the pool's disks.
+/// The failure domains of every node of `site` for `pool`, the nodes a copy of the
+/// pool may go to there (reachable, not failed) with the room the placement leaves on
+/// the pool's disks, and how many copies the pool keeps (`None`: no such pool).
 fn candidates_of(
     model: &compiler::Model,
     placement: &Placement,
     site: &str,
     pool: &str,
     usable: impl Fn(&str) -> bool,
-) -> (BTreeMap<String, String>, Vec<Candidate>) {
+) -> Option<(BTreeMap<String, String>, Vec<Candidate>, usize)> {
     let mut domains = BTreeMap::new();
     let mut candidates = Vec::new();
-    let Some(site) = model.sites.iter().find(|s| s.name == site) else {
-        return (domains, candidates);
-    };
-    let Some(pool) = site.pools.iter().find(|p| p.name == pool) else {
-        return (domains, candidates);
-    };
+    let site = model.sites.iter().find(|s| s.name == site)?;
+    let pool = site.pools.iter().find(|p| p.name == pool)?;
     let mut used: BTreeMap<&str, u64> = BTreeMap::new();
     for volume in &placement.volumes {
         for copy in volume.columns.iter().flatten() {
@@ -217,7 +215,7 @@ fn candidates_of(
             free_bytes,
         });
     }
-    (domains, candidates)
+    Some((domains, candidates, pool.replicas.max(1) as usize))
 }
 
 /// One rebuild check (see the module documentation).
@@ -244,11 +242,8 @@ pub async fn tend(
             .flat_map(|state| state.copies.iter())
             .filter(|node| {
                 !spec.contains_key(*node)
-                    || (failed.contains(*node)
-                        && shared
-                            .leases
-                            .failed_for(node)
-                            .is_some_and(|since| since >= delay))
+                    || ((failed.contains(*node) || !reachable(node))
+                        && shared.leases.silent_for(node) >= delay)
             })
             .cloned()
             .collect()
@@ -280,10 +275,15 @@ pub async fn tend(
             .get(&state.writer)
             .map(|n| n.site.clone())
             .unwrap_or_default();
-        let (domains, candidates) = candidates_of(model, placement, &site, &layout.pool, |node| {
-            reachable(node) && !failed.contains(node) && spec.contains_key(node)
-        });
-        let wanted = 1 + layout.replicas.len();
+        // The copies the pool keeps (the stored layout may list a new copy beside the
+        // lost one already).
+        let usable =
+            |node: &str| reachable(node) && !failed.contains(node) && spec.contains_key(node);
+        let Some((domains, candidates, wanted)) =
+            candidates_of(model, placement, &site, &layout.pool, usable)
+        else {
+            continue;
+        };
         let Some(step) = next_step(
             &state,
             &lost,

@@ -13,6 +13,7 @@ mod ha;
 mod ha_faults;
 mod ha_timers;
 mod policy;
+mod rebuild;
 mod reconcile;
 mod remote_disk;
 mod safety;
