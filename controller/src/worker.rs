@@ -1223,8 +1223,16 @@ impl Worker {
         if self.repair_blocked().is_none() {
             let (model, placement) = (&good.model, &previous);
             let (observed, failed) = (&observed, &failed_nodes);
-            crate::rebuild::tend(&self.shared, &store, model, &spec, placement, observed, failed)
-                .await;
+            crate::rebuild::tend(
+                &self.shared,
+                &store,
+                model,
+                &spec,
+                placement,
+                observed,
+                failed,
+            )
+            .await;
         }
         let planned = tokio::task::block_in_place(|| {
             pipeline::plan_against_with(

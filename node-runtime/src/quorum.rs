@@ -320,6 +320,8 @@ async fn push_fences(node: &Arc<Node>) {
             state.pushed.clone(),
         )
     };
+    // New VMMs start armed with the quorum's end (`Vms::set_quorum_end`).
+    node.vms.set_quorum_end(until);
     let running = node.vms.running_control_sockets().await;
     let mut updates = Vec::new();
     for (vm, socket) in running {
@@ -328,7 +330,9 @@ async fn push_fences(node: &Arc<Node>) {
                 continue;
             }
             until
-        } else if pushed.get(&vm).is_some_and(|p| *p != 0) {
+        } else if until != 0 || pushed.get(&vm).is_none_or(|p| *p != 0) {
+            // Not an HA or FT VM: disarmed, every round while the node holds a lease
+            // (a new incarnation of it started armed, `Vms::set_quorum_end`).
             0
         } else {
             continue;

@@ -437,42 +437,6 @@ impl v1::replication_server::Replication for NodeService {
         ))
     }
 
-    async fn client_open(
-        &self,
-        request: Request<v1::ClientOpenRequest>,
-    ) -> Result<Response<v1::ClientOpenResponse>, Status> {
-        let caller = self.replication_caller(methods::CLIENT_OPEN, &request, None)?;
-        let request = request.into_inner();
-        validate::name("client_open_request.volume", &request.volume)?;
-        Ok(Response::new(
-            self.node.volumes.client_open(&request, &caller).await?,
-        ))
-    }
-
-    async fn client_read(
-        &self,
-        request: Request<v1::ClientReadRequest>,
-    ) -> Result<Response<v1::ClientReadResponse>, Status> {
-        let caller = self.replication_caller(methods::CLIENT_READ, &request, None)?;
-        let request = request.into_inner();
-        validate::name("client_read_request.volume", &request.volume)?;
-        Ok(Response::new(
-            self.node.volumes.client_read(&request, &caller).await?,
-        ))
-    }
-
-    async fn client_write(
-        &self,
-        request: Request<v1::ClientWriteRequest>,
-    ) -> Result<Response<v1::ClientWriteResponse>, Status> {
-        let caller = self.replication_caller(methods::CLIENT_WRITE, &request, None)?;
-        let request = request.into_inner();
-        validate::name("client_write_request.volume", &request.volume)?;
-        Ok(Response::new(
-            self.node.volumes.client_write(request, &caller).await?,
-        ))
-    }
-
     async fn replica_snapshot(
         &self,
         request: Request<v1::ReplicaSnapshotRequest>,
@@ -508,6 +472,42 @@ impl v1::replication_server::Replication for NodeService {
         validate::name("clone_replica_request.name", &request.name)?;
         Ok(Response::new(
             self.node.volumes.clone_replica(&request, &caller).await?,
+        ))
+    }
+
+    async fn client_open(
+        &self,
+        request: Request<v1::ClientOpenRequest>,
+    ) -> Result<Response<v1::ClientOpenResponse>, Status> {
+        let caller = self.replication_caller(methods::CLIENT_OPEN, &request, None)?;
+        let request = request.into_inner();
+        validate::name("client_open_request.volume", &request.volume)?;
+        Ok(Response::new(
+            self.node.volumes.client_open(&request, &caller).await?,
+        ))
+    }
+
+    async fn client_read(
+        &self,
+        request: Request<v1::ClientReadRequest>,
+    ) -> Result<Response<v1::ClientReadResponse>, Status> {
+        let caller = self.replication_caller(methods::CLIENT_READ, &request, None)?;
+        let request = request.into_inner();
+        validate::name("client_read_request.volume", &request.volume)?;
+        Ok(Response::new(
+            self.node.volumes.client_read(&request, &caller).await?,
+        ))
+    }
+
+    async fn client_write(
+        &self,
+        request: Request<v1::ClientWriteRequest>,
+    ) -> Result<Response<v1::ClientWriteResponse>, Status> {
+        let caller = self.replication_caller(methods::CLIENT_WRITE, &request, None)?;
+        let request = request.into_inner();
+        validate::name("client_write_request.volume", &request.volume)?;
+        Ok(Response::new(
+            self.node.volumes.client_write(request, &caller).await?,
         ))
     }
 }

@@ -213,6 +213,10 @@ pub struct Vms {
     vms: Arc<Mutex<BTreeMap<String, VmRuntime>>>,
     /// Whether each VMM gets a process group of its own (not the agent's).
     own_process_group: bool,
+    /// The end of this node's quorum (`CLOCK_BOOTTIME` ns; 0: no lease is kept), set
+    /// by the quorum loop: a VMM starts with it as its fence deadline, so a VM
+    /// restarted here by HA is fenced before this node's next lease names it.
+    quorum_end_ns: std::sync::atomic::AtomicU64,
 }
 
 /// Finds `cairn-vmm`: an explicit path, else next to the running `cairn-node`, else `PATH`.
@@ -523,6 +527,7 @@ impl Vms {
             exports,
             vms: Arc::new(Mutex::new(vms)),
             own_process_group,
+            quorum_end_ns: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -778,6 +783,9 @@ impl Vms {
         })?;
         let mut config = vmm_config(definition, &vm_dir, network, disks)?;
         config.incarnation = incarnation.to_string();
+        config.fence_deadline_boottime_ns = self
+            .quorum_end_ns
+            .load(std::sync::atomic::Ordering::Acquire);
         // The node's own output: a refusal here (a data directory whose control socket
         // path is too long, say) is this node's condition, not the request's.
         config.validate().map_err(|error| {
@@ -1255,6 +1263,12 @@ impl Vms {
             }
         }
         statuses
+    }
+
+    /// Sets the end of this node's quorum, the fence deadline new VMMs start with.
+    pub fn set_quorum_end(&self, end_ns: u64) {
+        self.quorum_end_ns
+            .store(end_ns, std::sync::atomic::Ordering::Release);
     }
 
     /// Each running VM's name and control socket (the quorum loop pushes fence

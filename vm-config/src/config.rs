@@ -67,6 +67,16 @@ pub struct VmConfig {
     /// VMM after an agent restart. Empty when the VMM was not started by a node.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub incarnation: String,
+    /// The fence deadline the VM starts with (`CLOCK_BOOTTIME` ns; 0: not armed): the
+    /// end of its node's quorum at spawn, so a VM restarted by HA is fenced from its
+    /// first instruction, before its node's next lease names it (the node's quorum
+    /// loop then renews it, or disarms it if it is not an HA or FT VM).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub fence_deadline_boottime_ns: u64,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 fn default_tick_ms() -> u64 {
@@ -324,6 +334,7 @@ impl VmConfig {
             dirty_pages_per_second: 0,
             power_off_grace_ms: default_power_off_grace_ms(),
             incarnation: String::new(),
+            fence_deadline_boottime_ns: 0,
         }
     }
 

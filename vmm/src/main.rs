@@ -250,6 +250,7 @@ fn config_from_flags(cli: Cli) -> Result<VmConfig, String> {
         dirty_pages_per_second: cli.dirty_rate,
         power_off_grace_ms: cli.grace_ms,
         incarnation: String::new(),
+        fence_deadline_boottime_ns: 0,
     })
 }
 

@@ -290,6 +290,10 @@ impl Vm {
         // Shared by the vCPUs, the NICs and the NBD disks (which stop reconnecting
         // once it lapses).
         let fence = Arc::new(crate::fence::Fence::default());
+        if config.fence_deadline_boottime_ns != 0 {
+            // Armed from the start (the node's quorum end at spawn).
+            let _ = fence.set(config.fence_deadline_boottime_ns);
+        }
         let open_disk = |disk: &vm_config::DiskConfig| -> Result<Arc<dyn BlockBackend>, VmError> {
             let opened: std::io::Result<Arc<dyn BlockBackend>> = match &disk.nbd_export {
                 Some(export) => NbdBackend::connect(&disk.path, export, disk.read_only)
