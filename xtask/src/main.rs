@@ -34,6 +34,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("promtool", "prometheus"),
     // The controller's ssh:// remote test runs a private sshd.
     ("sshd", "openssh-server"),
+    // The HA partition tests and `controller bench --failover --partition` cut a
+    // node's address with nftables.
+    ("nft", "nftables"),
 ];
 
 /// Python modules of Debian's own python3 the tests use, and their packages: the
