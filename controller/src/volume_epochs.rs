@@ -102,25 +102,42 @@ pub async fn tend(
                 .reason(lost.why.clone()),
         );
     }
-    let mut refused: BTreeSet<String> = BTreeSet::new();
-    let mut sent: BTreeSet<String> = BTreeSet::new();
+    // One volume's installs in order (the writer's last); the volumes at once, so a
+    // slow node delays only its own volumes' new epochs.
+    let mut by_volume: BTreeMap<&str, Vec<&Install>> = BTreeMap::new();
+    let mut sent: BTreeSet<&str> = BTreeSet::new();
     for install in failover.installs.iter().chain(&reaction.installs) {
-        if !sent.insert(install.request_id.clone()) {
-            continue;
+        if sent.insert(install.request_id.as_str()) {
+            by_volume
+                .entry(install.request.name.as_str())
+                .or_default()
+                .push(install);
         }
-        if let Err(why) = send(shared, nodes, install).await {
-            if install.node == install.request.writer {
-                refused.insert(install.request.name.clone());
+    }
+    let outcomes =
+        futures_util::future::join_all(by_volume.into_values().map(|installs| async move {
+            let mut failures = Vec::new();
+            for install in installs {
+                if let Err(why) = send(shared, nodes, install).await {
+                    failures.push((install, why));
+                }
             }
-            events.push(
-                Event::new("volume-epoch", "not installed")
-                    .object(format!(
-                        "volume {} on node {}",
-                        install.request.name, install.node
-                    ))
-                    .reason(why),
-            );
+            failures
+        }))
+        .await;
+    let mut refused: BTreeSet<String> = BTreeSet::new();
+    for (install, why) in outcomes.into_iter().flatten() {
+        if install.node == install.request.writer {
+            refused.insert(install.request.name.clone());
         }
+        events.push(
+            Event::new("volume-epoch", "not installed")
+                .object(format!(
+                    "volume {} on node {}",
+                    install.request.name, install.node
+                ))
+                .reason(why),
+        );
     }
     if !events.is_empty() {
         shared.record(events);
