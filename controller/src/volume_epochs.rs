@@ -164,6 +164,7 @@ pub async fn set_clients(
     shared: &Shared,
     store: &RedbStore,
     desired: &reconciler::desired::Desired,
+    observed: &Observed,
     unreachable: &BTreeSet<String>,
 ) {
     let mut wanted: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
@@ -235,6 +236,15 @@ pub async fn set_clients(
             .chain(before.difference(&next.clients))
             .filter(|node| !unreachable.contains(*node));
         for node in targets {
+            // The client finds the copies, and the copies know the client's key, in
+            // the peer set.
+            if let Err(why) = push_peers(shared, desired, observed, node).await {
+                events.push(
+                    Event::new("volume-epoch", "not installed")
+                        .object(format!("peer set of node {node}"))
+                        .reason(why),
+                );
+            }
             let install = Install {
                 node: node.clone(),
                 request_id: reconciler::epochs::request_id(&next, node),
@@ -254,6 +264,50 @@ pub async fn set_clients(
     }
 }
 
+/// Pushes the peer set (every node of the spec that answered, with its address and
+/// key) to a node of a volume with clients: a client's storage client finds the
+/// copies there, and a copy recognises the client's key (`peers.NODE.DIGEST`, so the
+/// same set is sent once).
+async fn push_peers(
+    shared: &Shared,
+    desired: &reconciler::desired::Desired,
+    observed: &Observed,
+    node: &str,
+) -> Result<(), String> {
+    use reconciler::observe::NodeObservation;
+    use sha2::{Digest, Sha256};
+    let peers: Vec<proto::v1::Peer> = desired
+        .nodes
+        .values()
+        .filter(|peer| peer.name != node)
+        .filter_map(|peer| match observed.nodes.get(&peer.name) {
+            Some(NodeObservation::Reachable { public_key_hex, .. }) => Some(proto::v1::Peer {
+                name: peer.name.clone(),
+                address: peer.address.clone(),
+                public_key_hex: public_key_hex.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let mut hash = Sha256::new();
+    for peer in &peers {
+        hash.update(format!(
+            "{} {} {}\n",
+            peer.name, peer.address, peer.public_key_hex
+        ));
+    }
+    let digest = proto::auth::to_hex(&hash.finalize()[..8]);
+    let action = proto::v1::apply_request::Action::SetPeers(proto::v1::SetPeers { peers });
+    apply(
+        shared,
+        &desired.nodes,
+        node,
+        &format!("peers.{node}.{digest}"),
+        action,
+    )
+    .await
+}
+
 /// The writers the authority holds now (runtime volume name → node), without tending.
 pub fn writers(store: &RedbStore) -> BTreeMap<String, String> {
     tokio::task::block_in_place(|| EpochAuthority::new(store).all())
@@ -268,18 +322,28 @@ async fn send(
     nodes: &BTreeMap<String, DesiredNode>,
     install: &Install,
 ) -> Result<(), String> {
-    let Some(node) = nodes.get(&install.node) else {
-        return Err(format!("node {} is not in the spec", install.node));
+    let action = proto::v1::apply_request::Action::SetVolumeEpoch(install.request.clone());
+    apply(shared, nodes, &install.node, &install.request_id, action).await
+}
+
+/// One action on one node, within [`INSTALL_TIMEOUT`].
+async fn apply(
+    shared: &Shared,
+    nodes: &BTreeMap<String, DesiredNode>,
+    node: &str,
+    request_id: &str,
+    action: proto::v1::apply_request::Action,
+) -> Result<(), String> {
+    let Some(target) = nodes.get(node) else {
+        return Err(format!("node {node} is not in the spec"));
     };
     let request = proto::v1::ApplyRequest {
-        request_id: install.request_id.clone(),
-        action: Some(proto::v1::apply_request::Action::SetVolumeEpoch(
-            install.request.clone(),
-        )),
+        request_id: request_id.to_owned(),
+        action: Some(action),
     };
     match tokio::time::timeout(
         INSTALL_TIMEOUT,
-        shared.nodes.apply(&install.node, &node.address, request),
+        shared.nodes.apply(node, &target.address, request),
     )
     .await
     {

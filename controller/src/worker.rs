@@ -931,8 +931,14 @@ impl Worker {
         // A VM placed on a node without a copy of its volume reaches it as a client.
         let unreachable: std::collections::BTreeSet<String> =
             plan.unreachable.keys().cloned().collect();
-        crate::volume_epochs::set_clients(&self.shared, store, &planned.desired, &unreachable)
-            .await;
+        crate::volume_epochs::set_clients(
+            &self.shared,
+            store,
+            &planned.desired,
+            &planned.observed,
+            &unreachable,
+        )
+        .await;
         let events = StepEvents {
             shared: &self.shared,
             commit: commit.map(str::to_owned),
