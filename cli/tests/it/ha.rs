@@ -401,13 +401,7 @@ fn a_killed_nodes_diskless_ha_vms_run_on_the_others_within_seconds() {
         .map(|(vm, _)| vm.clone())
         .collect();
     // As if the power went: the agent and every VMM of its process group.
-    let agent = ha.node_pid(&node);
-    let killed = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-s", "KILL", "--", &format!("-{agent}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -9 of {node}'s process group");
+    let killed = ha.kill_node(&node);
     let moved = ha.wait(
         "web-0 running on another node",
         Duration::from_secs(30),
@@ -541,13 +535,7 @@ fn a_killed_nodes_ha_vm_with_a_disk_runs_where_its_volume_got_a_new_writer() {
         writer_before.contains(&format!("writer {node}")),
         "{writer_before}"
     );
-    let agent = ha.node_pid(&node);
-    let killed = Instant::now();
-    let ok = Command::new("kill")
-        .args(["-s", "KILL", "--", &format!("-{agent}")])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill -9 of {node}'s process group");
+    let killed = ha.kill_node(&node);
     let moved = ha.wait(
         "db running on another node with its disk attached",
         Duration::from_secs(40),
