@@ -28,6 +28,7 @@ use crate::events::{AppliedCommit, Event, LastSync};
 use crate::source::GitSource;
 
 mod gate_step;
+mod lease_bound;
 
 /// The commit applied last, compiled: what drift is planned against.
 #[derive(Debug)]
@@ -731,7 +732,7 @@ impl Worker {
                 return self.transient_failure(commit, e, detail, started);
             }
         };
-        let nodes = self.shared.nodes.clone();
+        let nodes = lease_bound::LeaseBound::new(self.shared.clone());
         let interrupted = match pipeline::settle_interrupted(&store, &nodes).await {
             Ok(i) => i,
             Err(e) => {
@@ -945,9 +946,11 @@ impl Worker {
             plan_id: plan.plan_id.clone(),
             buffer: std::sync::Mutex::new((vec![], None)),
         };
+        // Each step waits on its node only while the node holds its lease.
+        let nodes = lease_bound::LeaseBound::new(self.shared.clone());
         let executed = pipeline::execute(
             store,
-            &self.shared.nodes,
+            &nodes,
             plan,
             &pipeline::images_of(&planned.desired),
             &ApplyOptions {
@@ -1194,7 +1197,8 @@ impl Worker {
                 Ok(l) => lock = Some(l),
                 Err(e) => return fail(&self.shared, e),
             }
-            match pipeline::settle_interrupted(&store, &self.shared.nodes).await {
+            let nodes = lease_bound::LeaseBound::new(self.shared.clone());
+            match pipeline::settle_interrupted(&store, &nodes).await {
                 Ok(i) => {
                     if let Some(i) = &i {
                         self.shared.record(vec![

@@ -1,0 +1,121 @@
+//! Node calls bounded by the node's lease (issue 16).
+//!
+//! The worker does one unit of work at a time, so a step its apply waits on holds
+//! every HA restart behind it. A node cut off while a step to it is in flight (a VM
+//! restarted by HA whose new node is cut off before it answered) used to hold the
+//! drift check for the call's 60 s timeout. [`LeaseBound`] is the node API the
+//! worker applies and settles with: each `Apply` and `GetOutcome` to a node runs
+//! until it is answered or until the controller declares that node `failed` (its
+//! lease lapsed T + margin ago and its site no longer hears it), whichever comes
+//! first; a call to a node already failed is not sent. Steps to other nodes run on
+//! (the apply engine has them in flight side by side), so one lost node costs the
+//! round at most T + margin after its last grant, not 60 s.
+//!
+//! An abandoned step is journaled `failed` with why, exactly as a step whose call
+//! timed out: its request id is never sent again (the next execution has new ids),
+//! and whatever the node did is seen by the next observation; the next drift check
+//! (woken by the failure itself, `lease::watch_failures`) decides again with that
+//! node failed. A start the cut-off node still carries out is harmless: its VMM
+//! starts fenced with its node's quorum end and stops itself when that lapses.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::v1;
+use reconciler::desired::DesiredNode;
+use reconciler::nodes::{NodeApi, NodeError};
+use reconciler::observe::NodeObservation;
+
+use crate::Shared;
+
+/// How often a call in flight looks at its node's lease.
+const POLL: Duration = Duration::from_millis(50);
+
+/// The controller's nodes, each call bounded by its node's lease.
+#[derive(Debug, Clone)]
+pub(crate) struct LeaseBound {
+    shared: Arc<Shared>,
+}
+
+impl LeaseBound {
+    pub(crate) fn new(shared: Arc<Shared>) -> LeaseBound {
+        LeaseBound { shared }
+    }
+
+    /// Why `node` is declared failed now, if it is.
+    fn failed(&self, node: &str) -> Option<String> {
+        let good = self.shared.good.lock().expect("good lock").clone()?;
+        self.shared
+            .leases
+            .rows(&good.model)
+            .into_iter()
+            .find(|row| row.node == node && row.state == "failed")
+            .map(|row| row.reason)
+    }
+
+    /// Resolves once `node` is declared failed, with why.
+    async fn lost(&self, node: &str) -> String {
+        loop {
+            if let Some(reason) = self.failed(node) {
+                return reason;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// `call` to `node`, unless or until `node` is declared failed.
+    async fn bounded<T>(
+        &self,
+        node: &str,
+        what: &str,
+        call: impl Future<Output = Result<T, NodeError>>,
+    ) -> Result<T, NodeError> {
+        let abandoned = |reason: String, when: &str| NodeError::Unreachable {
+            node: node.to_owned(),
+            error: format!(
+                "{what} abandoned {when}: {node} is declared failed ({reason}); what it did is seen by the next observation, and the next drift check decides again"
+            ),
+        };
+        if let Some(reason) = self.failed(node) {
+            return Err(abandoned(reason, "before it was sent"));
+        }
+        tokio::select! {
+            biased;
+            answer = call => answer,
+            reason = self.lost(node) => Err(abandoned(reason, "in flight")),
+        }
+    }
+}
+
+impl NodeApi for LeaseBound {
+    async fn observe(&self, node: &DesiredNode) -> Result<NodeObservation, String> {
+        self.shared.nodes.observe(node).await
+    }
+
+    async fn apply(
+        &self,
+        node: &str,
+        address: &str,
+        request: v1::ApplyRequest,
+    ) -> Result<v1::ApplyResponse, NodeError> {
+        let what = format!("request {}", request.request_id);
+        self.bounded(node, &what, self.shared.nodes.apply(node, address, request))
+            .await
+    }
+
+    async fn get_outcome(
+        &self,
+        node: &str,
+        address: &str,
+        request_id: &str,
+    ) -> Result<v1::GetOutcomeResponse, NodeError> {
+        let what = format!("the outcome of {request_id}");
+        self.bounded(
+            node,
+            &what,
+            self.shared.nodes.get_outcome(node, address, request_id),
+        )
+        .await
+    }
+}
