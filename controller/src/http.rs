@@ -62,6 +62,8 @@ fn router(shared: Arc<Shared>) -> Router {
             "/api/v1/plans/{plan_id}/approve",
             post(crate::sync_api::approve_handler),
         )
+        // The web console (`crate::console`): its own session check inside.
+        .merge(crate::console::router(shared.clone()))
         .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
         // After the guard: forges send neither the token nor the listen
         // address as Host; the HMAC authenticates (crate::webhook).

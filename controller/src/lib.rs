@@ -29,6 +29,7 @@
 
 pub mod actions;
 pub mod bench;
+pub mod console;
 pub mod control;
 pub mod events;
 pub mod gate;
