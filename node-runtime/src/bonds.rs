@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 use tonic::Status;
 
 use crate::events::EventBus;
+use crate::network_backend::NetworkBackend;
 use crate::records::{self, BondRecord, Records};
 use crate::validate;
 
@@ -31,6 +32,8 @@ pub struct Bonds {
     records: Arc<Records>,
     events: Arc<EventBus>,
     monitors: Mutex<BTreeMap<String, FailoverMonitor>>,
+    /// Makes and reads back the devices (the host's, or simulated).
+    network: Arc<dyn NetworkBackend>,
 }
 
 fn network_status(error: network::NetworkError) -> Status {
@@ -111,15 +114,17 @@ fn definitions(records: &Records) -> Result<Vec<(String, v1::ApplyBond)>, record
 
 impl Bonds {
     /// Loads bond definitions and restarts the failover monitors of fallback bonds.
-    /// `unavailable` says why network actions are refused (then nothing is touched).
+    /// `unavailable` says why network actions are refused (then nothing is touched);
+    /// `network` makes the devices ([`crate::network_backend::HostNetwork`]: netlink).
     pub fn open(
         netns: NetNs,
         unavailable: Option<String>,
         records: Arc<Records>,
         events: Arc<EventBus>,
+        network: Arc<dyn NetworkBackend>,
     ) -> Result<Self, records::RecordsError> {
         let mut monitors = BTreeMap::new();
-        let definitions = if unavailable.is_some() {
+        let definitions = if unavailable.is_some() || !network.is_host() {
             Vec::new()
         } else {
             definitions(&records)?
@@ -142,7 +147,13 @@ impl Bonds {
             records,
             events,
             monitors: Mutex::new(monitors),
+            network,
         })
+    }
+
+    /// The backend that makes the node's bonds and VM NICs.
+    pub fn network(&self) -> Arc<dyn NetworkBackend> {
+        self.network.clone()
     }
 
     /// The network namespace bonds (and the node's NICs) live in.
@@ -154,7 +165,7 @@ impl Bonds {
     pub fn refusal(&self) -> Option<String> {
         self.unavailable
             .clone()
-            .or_else(|| network_unavailable(&self.netns))
+            .or_else(|| self.network.unavailable(&self.netns))
     }
 
     fn refuse(&self, what: &str, bond: &str) -> Result<(), Status> {
@@ -179,7 +190,8 @@ impl Bonds {
             return networking;
         }
         let netns = self.netns.clone();
-        match tokio::task::spawn_blocking(move || network::detect_bonding(&netns)).await {
+        let backend = self.network.clone();
+        match tokio::task::spawn_blocking(move || backend.bonding(&netns)).await {
             Ok(Ok(capability)) => {
                 networking.bond_implementation = capability.backend.as_str().to_string();
                 networking.bond_implementation_reason = capability.reason;
@@ -216,12 +228,12 @@ impl Bonds {
         }
         let netns = self.netns.clone();
         let applied_spec = spec.clone();
-        let report =
-            tokio::task::spawn_blocking(move || network::apply_bond(&netns, &applied_spec))
-                .await
-                .map_err(|error| Status::internal(error.to_string()))?
-                .map_err(network_status)?;
-        if report.backend == BondBackend::BridgeFallback {
+        let backend = self.network.clone();
+        let used = tokio::task::spawn_blocking(move || backend.apply_bond(&netns, &applied_spec))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?
+            .map_err(network_status)?;
+        if used == BondBackend::BridgeFallback {
             let netns = self.netns.clone();
             let monitor =
                 tokio::task::spawn_blocking(move || FailoverMonitor::start(&netns, &spec))
@@ -236,12 +248,12 @@ impl Bonds {
         self.publish(
             &bond.name,
             Health::Healthy,
-            format!("applied ({})", report.backend.as_str()),
+            format!("applied ({})", used.as_str()),
             false,
         );
         Ok(v1::BondResult {
             name: bond.name.clone(),
-            implementation: report.backend.as_str().to_string(),
+            implementation: used.as_str().to_string(),
         })
     }
 
@@ -256,7 +268,8 @@ impl Bonds {
         }
         let netns = self.netns.clone();
         let owned = name.to_string();
-        tokio::task::spawn_blocking(move || network::remove_bond(&netns, &owned))
+        let backend = self.network.clone();
+        tokio::task::spawn_blocking(move || backend.remove_bond(&netns, &owned))
             .await
             .map_err(|error| Status::internal(error.to_string()))?
             .map_err(network_status)?;
@@ -274,6 +287,7 @@ impl Bonds {
         };
         let netns = self.netns.clone();
         let refusal = self.refusal();
+        let backend = self.network.clone();
         tokio::task::spawn_blocking(move || {
             definitions
                 .into_iter()
@@ -283,7 +297,7 @@ impl Bonds {
                         status.detail = format!("cannot be read back: {reason}");
                         status
                     }
-                    None => observe_one(&netns, &name, &bond),
+                    None => backend.observe_bond(&netns, &name, &bond),
                 })
                 .collect()
         })
@@ -311,7 +325,8 @@ fn definition_status(name: &str, bond: &v1::ApplyBond) -> BondStatus {
     }
 }
 
-fn observe_one(netns: &NetNs, name: &str, bond: &v1::ApplyBond) -> BondStatus {
+/// A bond read back from the kernel and compared with its definition.
+pub(crate) fn observe_one(netns: &NetNs, name: &str, bond: &v1::ApplyBond) -> BondStatus {
     let mut status = definition_status(name, bond);
     let observed = match bond_spec(bond).map(|spec| network::observe_bond(netns, &spec)) {
         Ok(Ok(observed)) => observed,

@@ -13,8 +13,8 @@ use node_runtime::node::NodeConfig;
 #[command(name = "cairn-node", version)]
 struct Args {
     /// The node's name (a DNS label, as in the spec).
-    #[arg(long)]
-    name: String,
+    #[arg(long, required_unless_present = "simulate")]
+    name: Option<String>,
     /// Address to serve gRPC on, e.g. 127.0.0.1:7100 (port 0 picks a free port; the
     /// chosen address is written to DATA_DIR/listen-address).
     #[arg(long)]
@@ -82,11 +82,23 @@ struct Args {
     /// armed without this flag.
     #[arg(long, value_name = "PATH", requires = "lease_from")]
     watchdog: Option<PathBuf>,
+    /// Serve N simulated nodes from this process (scale and fault tests): the same
+    /// node API over a simulated hypervisor and network. Node i is named
+    /// `--simulate-prefix` + i, listens on the --listen port + i and keeps its data in
+    /// DATA_DIR/NAME; fault commands (kill, start, slow, fail) on the loopback address
+    /// written to DATA_DIR/control-address.
+    #[arg(long, value_name = "N", conflicts_with_all = ["name", "netns", "network_disabled", "watchdog", "vmm_binary"], value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    simulate: Option<u64>,
+    /// With --simulate: the node names' prefix (`n`: n0, n1, … as `cairn gen` names them).
+    #[arg(long, default_value = "n", requires = "simulate")]
+    simulate_prefix: String,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Err(error) = node_runtime::validate::name("--name", &args.name) {
+    if let Some(name) = &args.name
+        && let Err(error) = node_runtime::validate::name("--name", name)
+    {
         eprintln!("cairn-node: {}", error.message());
         return ExitCode::from(2);
     }
@@ -114,8 +126,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let disks = DiskLayout {
+        count: args.disks,
+        capacity_bytes: args.disk_capacity,
+    };
+    if let Some(nodes) = args.simulate {
+        return simulate(&runtime, &args, nodes as usize, disks);
+    }
     let config = NodeConfig {
-        name: args.name,
+        name: args.name.unwrap_or_default(),
         data_dir: args.data_dir,
         trusted_controller_keys: args.trusted_controller_keys,
         trusted_peer_keys: args.trusted_peer_keys,
@@ -134,10 +153,9 @@ fn main() -> ExitCode {
         stop_vms_on_exit: args.stop_vms_on_exit,
         vmm_own_process_group: args.vmm_process_group == "own",
         watchdog: args.watchdog,
-    };
-    let disks = DiskLayout {
-        count: args.disks,
-        capacity_bytes: args.disk_capacity,
+        hypervisor: None,
+        network: None,
+        faults: None,
     };
     let shutdown = {
         let _context = runtime.enter();
@@ -153,6 +171,43 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("cairn-node: {}", node_runtime::error_chain(&error));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `cairn-node --simulate N`.
+fn simulate(
+    runtime: &tokio::runtime::Runtime,
+    args: &Args,
+    nodes: usize,
+    disks: DiskLayout,
+) -> ExitCode {
+    let config = node_runtime::simulate::SimulateConfig {
+        nodes,
+        prefix: args.simulate_prefix.clone(),
+        listen: args.listen,
+        data_dir: args.data_dir.clone(),
+        disks,
+        lease: args
+            .lease_from
+            .clone()
+            .map(|controller| node_runtime::quorum::LeaseConfig {
+                controller,
+                ttl: std::time::Duration::from_millis(args.lease_ttl_ms),
+                local_address: None,
+            }),
+        trusted_controller_keys: args.trusted_controller_keys.clone(),
+        request_retention: std::time::Duration::from_secs(args.request_retention),
+    };
+    let shutdown = {
+        let _context = runtime.enter();
+        node_runtime::server::termination_signal()
+    };
+    match runtime.block_on(node_runtime::simulate::run(config, shutdown)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cairn-node --simulate: {error}");
             ExitCode::from(2)
         }
     }

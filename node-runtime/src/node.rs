@@ -62,6 +62,16 @@ pub struct NodeConfig {
     /// The watchdog device to pet while the node holds quorum (`--watchdog PATH`);
     /// `None`: none is armed ([`crate::watchdog`]).
     pub watchdog: Option<PathBuf>,
+    /// The hypervisor VMs run on; `None`: a `cairn-vmm` process per VM
+    /// ([`crate::hypervisor::ProcessHypervisor`]). `cairn-node --simulate` sets a
+    /// simulated one ([`crate::simulate`]).
+    pub hypervisor: Option<Arc<dyn crate::hypervisor::Hypervisor>>,
+    /// The network bonds and VM NICs are made in; `None`: the host's (netlink,
+    /// [`crate::network_backend::HostNetwork`]). `cairn-node --simulate` sets a
+    /// simulated one.
+    pub network: Option<Arc<dyn crate::network_backend::NetworkBackend>>,
+    /// Faults injected into every call (`cairn-node --simulate`); `None` for a real node.
+    pub faults: Option<Arc<crate::simulate::Faults>>,
 }
 
 /// Errors of starting a node.
@@ -188,13 +198,18 @@ impl Node {
             trust.peer_directory(),
         )?);
         exports.set_remote(remote.clone());
+        let hypervisor = config.hypervisor.clone().unwrap_or_else(|| {
+            Arc::new(crate::hypervisor::ProcessHypervisor {
+                binary: crate::vms::find_vmm_binary(config.vmm_binary.as_deref()),
+                own_process_group: config.vmm_own_process_group,
+            })
+        });
         let vms = Vms::open(
-            crate::vms::find_vmm_binary(config.vmm_binary.as_deref()),
+            hypervisor,
             data_dir.join(files::VMS),
             records.clone(),
             events.clone(),
             exports.clone(),
-            config.vmm_own_process_group,
         )?;
         let netns = match &config.netns {
             Some(name) => network::NetNs::named_for_node(name.clone(), config.name.clone()),
@@ -211,6 +226,10 @@ impl Node {
             config.network_disabled.clone(),
             records.clone(),
             events.clone(),
+            config
+                .network
+                .clone()
+                .unwrap_or_else(|| Arc::new(crate::network_backend::HostNetwork)),
         )?;
         let quorum = crate::quorum::Quorum::open(data_dir);
         Ok(Arc::new(Self {
@@ -238,8 +257,9 @@ impl Node {
         }
         let netns = self.bonds.netns().clone();
         let definition = definition.clone();
+        let network = self.bonds.network();
         tokio::task::spawn_blocking(move || {
-            crate::vm_nics::ensure(
+            network.ensure_vm_nics(
                 &netns,
                 &definition.name,
                 &definition.tenant,
@@ -592,8 +612,9 @@ impl Node {
                 if nics > 0 && self.bonds.refusal().is_none() {
                     let netns = self.bonds.netns().clone();
                     let name = delete.name.clone();
+                    let network = self.bonds.network();
                     tokio::task::spawn_blocking(move || {
-                        crate::vm_nics::remove(&netns, &name, nics)
+                        network.remove_vm_nics(&netns, &name, nics)
                     })
                     .await
                     .map_err(|error| Status::internal(error.to_string()))?;

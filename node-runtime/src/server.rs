@@ -199,6 +199,7 @@ pub async fn run(
         }
     };
     let result = Server::builder()
+        .layer(crate::simulate::FaultLayer(node.config.faults.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -105,6 +105,7 @@ impl v1::observe_server::Observe for NodeService {
         let definitions = self.node.vms.definitions().await;
         let refusal = self.node.bonds.refusal();
         let netns = self.node.bonds.netns().clone();
+        let network = self.node.bonds.network();
         let mut nics = tokio::task::spawn_blocking(move || {
             let views: Vec<crate::vm_nics::VmNics<'_>> = definitions
                 .values()
@@ -115,7 +116,7 @@ impl v1::observe_server::Observe for NodeService {
                     nics: &d.nics,
                 })
                 .collect();
-            crate::vm_nics::statuses(&netns, refusal.as_deref(), &views)
+            network.vm_nic_statuses(&netns, refusal.as_deref(), &views)
         })
         .await
         .map_err(|error| Status::internal(error.to_string()))?;

@@ -19,7 +19,6 @@
 pub mod adopt;
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +30,7 @@ use tonic::Status;
 
 use crate::events::EventBus;
 use crate::exports::{Exports, VmDisk};
+use crate::hypervisor::{Hypervisor, VmmStatus as Heartbeat};
 use crate::records::{self, Count, Records};
 
 /// What the node keeps of a VM across restarts, stored as a [`records::VmRecord`].
@@ -205,14 +205,13 @@ fn log_tail(path: &Path) -> String {
 /// Every VM of the node.
 #[derive(Debug)]
 pub struct Vms {
-    vmm_binary: Option<PathBuf>,
+    /// Launches, asks, fences and signals the VMMs (`cairn-vmm` processes, or simulated).
+    hypervisor: Arc<dyn Hypervisor>,
     run_dir: PathBuf,
     records: Arc<Records>,
     events: Arc<EventBus>,
     exports: Arc<Exports>,
     vms: Arc<Mutex<BTreeMap<String, VmRuntime>>>,
-    /// Whether each VMM gets a process group of its own (not the agent's).
-    own_process_group: bool,
     /// The end of this node's quorum (`CLOCK_BOOTTIME` ns; 0: no lease is kept), set
     /// by the quorum loop: a VMM starts with it as its fence deadline, so a VM
     /// restarted here by HA is fenced before this node's next lease names it.
@@ -270,23 +269,6 @@ pub const CONTROL_TIMEOUT: Duration = Duration::from_millis(200);
 /// long after boot) is reported `HEALTH_DEGRADED`.
 pub const HEARTBEAT_STALE_AFTER: Duration = Duration::from_secs(2);
 
-/// What a VMM's `status` says: what it runs (vCPUs, guest RAM), its guest's
-/// heartbeats and its NICs.
-#[derive(Debug, Clone, PartialEq)]
-struct Heartbeat {
-    vcpus: u32,
-    memory_bytes: u64,
-    total: u64,
-    age_ms: Option<f64>,
-    uptime_ms: u64,
-    nics: Vec<vmm::control::NicStatus>,
-    disks: Vec<vmm::control::BlockStatus>,
-    guest_disks: Vec<vmm::control::GuestDiskCounters>,
-    block_test: Option<String>,
-    block_tests: u64,
-    block_checksum: u64,
-}
-
 impl Heartbeat {
     /// Fills the fields of a running VM's status that its VMM knows — the vCPUs and
     /// memory it runs (not the definition's), heartbeats, NICs — and degrades its
@@ -335,30 +317,6 @@ impl Heartbeat {
             status.health = Health::Degraded as i32;
         }
     }
-}
-
-/// Asks the VMM behind `socket` for its status; `None` when it cannot be reached or
-/// does not answer in time.
-fn query_heartbeat(socket: &Path) -> Option<Heartbeat> {
-    let mut client = vmm::control::ControlClient::connect(socket, CONTROL_TIMEOUT).ok()?;
-    let status = client.status().ok()?;
-    Some(Heartbeat {
-        vcpus: status.vcpus,
-        memory_bytes: status.memory_bytes,
-        total: status.heartbeat_total,
-        age_ms: status.last_heartbeat_age_ms,
-        uptime_ms: status.uptime_ms,
-        nics: status.nics,
-        disks: status.disks,
-        guest_disks: status.guest_disks,
-        // Only the built-in guest runs the self-test.
-        block_test: (status.boot != "linux")
-            .then(|| serde_json::to_value(status.block_test).ok())
-            .flatten()
-            .and_then(|value| value.as_str().map(str::to_string)),
-        block_tests: status.block_tests,
-        block_checksum: status.block_checksum,
-    })
 }
 
 /// The counter (in the node's records) of how many times a VM of this name had its
@@ -488,15 +446,14 @@ impl Vms {
     /// Loads VM definitions. A VM that should be running is reported `CRASHED`
     /// ("agent restarted") until [`Vms::adopt_all`] adopts its running VMM; the
     /// reconciler decides whether to start one that was not adopted again.
-    /// `own_process_group`: each VMM spawned gets a process group of its own, so a
-    /// signal to the agent's group (a terminal's Ctrl-C, a group kill) does not reach it.
+    /// `hypervisor` launches the VMMs ([`crate::hypervisor::ProcessHypervisor`]: a
+    /// `cairn-vmm` process each).
     pub fn open(
-        vmm_binary: Option<PathBuf>,
+        hypervisor: Arc<dyn Hypervisor>,
         run_dir: PathBuf,
         records: Arc<Records>,
         events: Arc<EventBus>,
         exports: Arc<Exports>,
-        own_process_group: bool,
     ) -> Result<Self, records::RecordsError> {
         let mut vms = BTreeMap::new();
         for (name, record) in records.list::<records::VmRecord>()? {
@@ -520,13 +477,12 @@ impl Vms {
             vms.insert(name, runtime);
         }
         Ok(Self {
-            vmm_binary,
+            hypervisor,
             run_dir,
             records,
             events,
             exports,
             vms: Arc::new(Mutex::new(vms)),
-            own_process_group,
             quorum_end_ns: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -769,18 +725,15 @@ impl Vms {
         })
     }
 
-    fn command(
+    /// The `VmConfig` the VMM of `definition` runs, checked.
+    fn launch_config(
         &self,
-        binary: &Path,
         definition: &v1::CreateVm,
         network: Option<&NetNs>,
         disks: &[VmDisk],
         incarnation: &str,
-    ) -> Result<tokio::process::Command, Status> {
+    ) -> Result<vm_config::VmConfig, Status> {
         let vm_dir = self.run_dir.join(&definition.name);
-        std::fs::create_dir_all(&vm_dir).map_err(|error| {
-            Status::internal(format!("cannot create {}: {error}", vm_dir.display()))
-        })?;
         let mut config = vmm_config(definition, &vm_dir, network, disks)?;
         config.incarnation = incarnation.to_string();
         config.fence_deadline_boottime_ns = self
@@ -794,55 +747,24 @@ impl Vms {
                 definition.name
             ))
         })?;
-        let config_path = vm_dir.join(VM_CONFIG_FILE);
-        let text = serde_json::to_string_pretty(&config).expect("a VmConfig serializes");
-        std::fs::write(&config_path, text).map_err(|error| {
-            Status::internal(format!("cannot write {}: {error}", config_path.display()))
-        })?;
-        let mut command = tokio::process::Command::new(binary);
-        command.arg("--config").arg(&config_path);
-        if let Some(netns) = network
-            && !definition.nics.is_empty()
-        {
-            // The taps live in the node's namespace: the VMM runs there too (its
-            // control socket is a file, so the node still reaches it).
-            if let Some(name) = netns.name() {
-                let path = Path::new(network::netns::NETNS_RUN_DIR).join(name);
-                let namespace = std::fs::File::open(&path).map_err(|error| {
-                    Status::failed_precondition(format!(
-                        "node {}: cannot open the network namespace {}: {error}",
-                        netns.node(),
-                        path.display()
-                    ))
-                })?;
-                // SAFETY: the closure runs in the child between fork and exec and only
-                // calls setns(2), which is async-signal-safe; `namespace` is an open
-                // file (O_CLOEXEC, so the VMM does not inherit it) moved into it.
-                unsafe {
-                    command.pre_exec(move || {
-                        if libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-            }
+        Ok(config)
+    }
+
+    /// The VM's disks: served to its VMM (one NBD server each), or, on a hypervisor
+    /// that reads no disk (simulated), listed as not attached, saying so.
+    async fn attach_disks(&self, name: &str, volumes: &[String]) -> Result<Vec<VmDisk>, Status> {
+        if self.hypervisor.serves_disks() {
+            return self.exports.attach_vm(name, volumes).await;
         }
-        let log = std::fs::File::create(vm_dir.join("vmm.log"))
-            .map_err(|error| Status::internal(format!("cannot create the VMM log: {error}")))?;
-        let log_err = log
-            .try_clone()
-            .map_err(|error| Status::internal(format!("cannot open the VMM log: {error}")))?;
-        command
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            .kill_on_drop(false);
-        if self.own_process_group {
-            // Not the agent's group: the VM outlives the agent (see `adopt`).
-            command.process_group(0);
-        }
-        Ok(command)
+        Ok(volumes
+            .iter()
+            .map(|volume| VmDisk {
+                volume: volume.clone(),
+                config: None,
+                local: false,
+                detail: "a simulated VM reads no disk: none is served".into(),
+            })
+            .collect())
     }
 
     /// Starts a defined VM (running already is fine) and waits until it is seen
@@ -896,15 +818,8 @@ impl Vms {
             VmState::Starting => return Ok(Spawned::AnotherStartRunning),
             _ => {}
         }
-        let Some(binary) = self.vmm_binary.clone() else {
-            return Err(Status::failed_precondition(
-                "cannot start VMs: the `cairn-vmm` binary was not found next to cairn-node or on PATH (pass --vmm-binary)",
-            ));
-        };
-        if !Path::new("/dev/kvm").exists() {
-            return Err(Status::failed_precondition(
-                "cannot start VMs: /dev/kvm does not exist on this node",
-            ));
+        if let Some(reason) = self.hypervisor.unavailable() {
+            return Err(Status::failed_precondition(reason));
         }
         let Some(definition) = runtime.record.definition.clone() else {
             return Err(Status::internal(format!(
@@ -913,24 +828,23 @@ impl Vms {
         };
         // Each volume is served to this VM's VMM alone, on its own socket, for as long
         // as the process runs (the supervisor below stops the servers when it ends).
-        let disks = self.exports.attach_vm(name, &definition.volumes).await?;
+        let disks = self.attach_disks(name, &definition.volumes).await?;
         let incarnation = adopt::new_incarnation();
-        let spawned = self
-            .command(&binary, &definition, network, &disks, &incarnation)
-            .and_then(|mut command| {
-                command.spawn().map_err(|error| {
-                    Status::internal(format!("cannot spawn {}: {error}", binary.display()))
-                })
-            });
-        let mut child = match spawned {
-            Ok(child) => child,
+        let vm_dir = self.run_dir.join(name);
+        // The VMM joins the node's namespace only when it has NICs there.
+        let netns = network.filter(|_| !definition.nics.is_empty());
+        let launched = self
+            .launch_config(&definition, network, &disks, &incarnation)
+            .and_then(|config| self.hypervisor.launch(&config, &vm_dir, netns));
+        let launched = match launched {
+            Ok(launched) => launched,
             Err(status) => {
                 self.exports.detach_vm(name).await;
                 return Err(status);
             }
         };
         runtime.disks = disks;
-        let pid = child.id().unwrap_or(0);
+        let pid = launched.pid;
         runtime.generation += 1;
         runtime.pid = pid;
         runtime.state = VmState::Starting;
@@ -960,11 +874,9 @@ impl Vms {
         );
 
         let supervisor = self.supervisor(name, generation);
+        let exit = launched.exit;
         tokio::spawn(async move {
-            let (exit, clean) = match child.wait().await {
-                Ok(status) => (status.to_string(), status.success()),
-                Err(error) => (format!("cannot wait for the process: {error}"), false),
-            };
+            let (exit, clean) = exit.await;
             supervisor.ended(exit, clean).await;
         });
         let builtin = matches!(definition.image, Some(v1::create_vm::Image::Builtin(_)));
@@ -1015,10 +927,12 @@ impl Vms {
                 }
             }
             let probe = socket.clone();
-            let seen = tokio::task::spawn_blocking(move || query_heartbeat(&probe))
-                .await
-                .ok()
-                .flatten();
+            let hypervisor = self.hypervisor.clone();
+            let seen =
+                tokio::task::spawn_blocking(move || hypervisor.status(&probe, CONTROL_TIMEOUT))
+                    .await
+                    .ok()
+                    .flatten();
             if let Some(heartbeat) = seen
                 && (heartbeat.total > 0 || !started.builtin)
             {
@@ -1070,8 +984,7 @@ impl Vms {
                 && runtime.pid == started.pid
             {
                 runtime.start_failure = Some(reason.clone());
-                // SAFETY: kill takes a pid and a signal number; it has no memory effects.
-                unsafe { libc::kill(started.pid as libc::pid_t, libc::SIGKILL) };
+                self.hypervisor.signal(started.pid, libc::SIGKILL);
             }
         }
         let reaped_by = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -1117,8 +1030,7 @@ impl Vms {
             runtime.stop_requested = true;
             runtime.pid
         };
-        // SAFETY: kill takes a pid and a signal number; it has no memory effects.
-        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        self.hypervisor.signal(pid, libc::SIGTERM);
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             if self
@@ -1131,8 +1043,7 @@ impl Vms {
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                self.hypervisor.signal(pid, libc::SIGKILL);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 if self
                     .vms
@@ -1251,9 +1162,12 @@ impl Vms {
             .filter(|(_, status)| status.state == VmState::Running as i32 && status.pid != 0)
             .map(|(index, status)| {
                 let socket = self.run_dir.join(&status.name).join("control.sock");
+                let hypervisor = self.hypervisor.clone();
                 (
                     index,
-                    tokio::task::spawn_blocking(move || query_heartbeat(&socket)),
+                    tokio::task::spawn_blocking(move || {
+                        hypervisor.status(&socket, CONTROL_TIMEOUT)
+                    }),
                 )
             })
             .collect();
@@ -1269,6 +1183,11 @@ impl Vms {
     pub fn set_quorum_end(&self, end_ns: u64) {
         self.quorum_end_ns
             .store(end_ns, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The hypervisor the VMMs run on (the quorum loop fences through it).
+    pub fn hypervisor(&self) -> Arc<dyn Hypervisor> {
+        self.hypervisor.clone()
     }
 
     /// Each running VM's name and control socket (the quorum loop pushes fence
@@ -1322,8 +1241,7 @@ impl Vms {
     pub async fn kill_all(&self) {
         for runtime in self.vms.lock().await.values() {
             if runtime.pid != 0 {
-                // SAFETY: kill takes a pid and a signal number; it has no memory effects.
-                unsafe { libc::kill(runtime.pid as libc::pid_t, libc::SIGKILL) };
+                self.hypervisor.signal(runtime.pid, libc::SIGKILL);
             }
         }
     }

@@ -1,0 +1,650 @@
+//! `cairn-node --simulate N`: N nodes served from one process, for scale and fault
+//! tests of the controller.
+//!
+//! Each simulated node is a real node agent ([`crate::server::run`]: the same gRPC
+//! services, signatures, request-id records, volume store and Watch stream) on a port
+//! of its own, with two backends swapped: a [`SimHypervisor`] instead of `cairn-vmm`
+//! processes (a VM "runs" as soon as it is started, reports heartbeats, vCPUs and
+//! memory of its definition, and stops when signalled) and a [`SimNetwork`] instead of
+//! netlink (bonds and VM NICs are recorded, reported healthy, and never touch the
+//! host). Volumes are the real volume store in each node's data directory (sparse
+//! file disks, nothing is written by a plan), replicated between simulated nodes over
+//! the real Replication service.
+//!
+//! One port per node, not one port with the node named in metadata: the controller
+//! learns a node's identity from its address (the unsigned identity probe), peers
+//! replicate to `address` from the peer set, and a dead node must refuse connections
+//! exactly like a dead machine; a shared port would need a router in front of the
+//! services and a dead node would still accept TCP.
+//!
+//! Faults (a line protocol on a loopback TCP port, its address written to
+//! `DATA_DIR/control-address`; one command per line, answered `ok …` or `error …`):
+//! - `kill NODE`: the node dies (its server stops, connections are refused, its lease
+//!   renewals stop, its simulated VMs are gone with it);
+//! - `start NODE`: it comes back (same data directory: records kept; its VMs crashed);
+//! - `slow NODE MS`: every call to it waits MS milliseconds first (0: off);
+//! - `fail NODE METHOD|* [off]`: calls whose gRPC path contains METHOD (`Apply`,
+//!   `Observe`, `*` for all) fail `UNAVAILABLE` "injected fault" until `off`;
+//! - `nodes`: one line, every node with `up`/`down`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use network::{BondBackend, BondSpec, NetNs, NetworkError, bond::BondCapability};
+use proto::v1::{self, BondStatus, Health, VmNicStatus};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use tonic::Status;
+use tonic::codegen::http;
+
+use crate::hypervisor::{Hypervisor, Launched, VmmStatus};
+use crate::local_volumes::DiskLayout;
+use crate::network_backend::NetworkBackend;
+use crate::node::NodeConfig;
+use crate::vm_nics::VmNics;
+
+/// Process ids of simulated VMMs start here: above any Linux `pid_max` (at most
+/// 2^22), so a signal or pidfd for one can never reach a real process.
+const FIRST_SIM_PID: u32 = 1 << 30;
+static NEXT_PID: AtomicU32 = AtomicU32::new(FIRST_SIM_PID);
+
+#[derive(Debug)]
+struct SimVm {
+    pid: u32,
+    vcpus: u32,
+    memory_bytes: u64,
+    started: Instant,
+    fence_ns: u64,
+    ended: Option<tokio::sync::oneshot::Sender<(String, bool)>>,
+}
+
+/// A hypervisor whose VMs run nowhere: started at once, heartbeating while they run.
+#[derive(Debug, Default)]
+pub struct SimHypervisor {
+    /// By control socket path (unique per VM and node).
+    vms: Mutex<HashMap<PathBuf, SimVm>>,
+}
+
+impl SimHypervisor {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, SimVm>> {
+        self.vms.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every VM ends (the node lost power).
+    pub fn power_off(&self) {
+        for (_, mut vm) in self.lock().drain() {
+            if let Some(ended) = vm.ended.take() {
+                let _ = ended.send(("the simulated node died".into(), false));
+            }
+        }
+    }
+
+    /// VMs running now.
+    pub fn running(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+impl Hypervisor for SimHypervisor {
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+
+    fn launch(
+        &self,
+        config: &vm_config::VmConfig,
+        vm_dir: &Path,
+        _netns: Option<&NetNs>,
+    ) -> Result<Launched, Status> {
+        let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        self.lock().insert(
+            vm_dir.join("control.sock"),
+            SimVm {
+                pid,
+                vcpus: config.vcpus,
+                memory_bytes: config.memory_bytes,
+                started: Instant::now(),
+                fence_ns: config.fence_deadline_boottime_ns,
+                ended: Some(sender),
+            },
+        );
+        Ok(Launched {
+            pid,
+            exit: Box::pin(async move {
+                receiver
+                    .await
+                    .unwrap_or_else(|_| ("the simulated node stopped".into(), false))
+            }),
+        })
+    }
+
+    fn status(&self, socket: &Path, _timeout: Duration) -> Option<VmmStatus> {
+        let vms = self.lock();
+        let vm = vms.get(socket)?;
+        let uptime_ms = vm.started.elapsed().as_millis() as u64;
+        Some(VmmStatus {
+            vcpus: vm.vcpus,
+            memory_bytes: vm.memory_bytes,
+            // One heartbeat at start and every 500 ms after, like the built-in guest.
+            total: 1 + uptime_ms / 500,
+            age_ms: Some((uptime_ms % 500) as f64),
+            uptime_ms,
+            nics: Vec::new(),
+            disks: Vec::new(),
+            guest_disks: Vec::new(),
+            block_test: None,
+            block_tests: 0,
+            block_checksum: 0,
+        })
+    }
+
+    fn set_fence(&self, socket: &Path, deadline_boottime_ns: u64) -> Result<(), String> {
+        match self.lock().get_mut(socket) {
+            Some(vm) => {
+                vm.fence_ns = deadline_boottime_ns;
+                Ok(())
+            }
+            None => Err("no such simulated VM".into()),
+        }
+    }
+
+    fn signal(&self, pid: u32, signal: libc::c_int) {
+        let mut vms = self.lock();
+        let Some(key) = vms
+            .iter()
+            .find(|(_, vm)| vm.pid == pid)
+            .map(|(key, _)| key.clone())
+        else {
+            return;
+        };
+        if let Some(mut vm) = vms.remove(&key)
+            && let Some(ended) = vm.ended.take()
+        {
+            // cairn-vmm powers off and exits 0 on SIGTERM; SIGKILL is a kill.
+            let exit = if signal == libc::SIGTERM {
+                ("exit status: 0".to_string(), true)
+            } else {
+                (format!("signal: {signal} (simulated)"), false)
+            };
+            let _ = ended.send(exit);
+        }
+    }
+
+    fn serves_disks(&self) -> bool {
+        false
+    }
+}
+
+/// A network whose bonds and taps exist only in memory, always healthy.
+#[derive(Debug, Default)]
+pub struct SimNetwork {
+    bonds: Mutex<BTreeMap<String, BondSpec>>,
+}
+
+impl NetworkBackend for SimNetwork {
+    fn unavailable(&self, _netns: &NetNs) -> Option<String> {
+        None
+    }
+
+    fn bonding(&self, _netns: &NetNs) -> Result<BondCapability, NetworkError> {
+        Ok(BondCapability {
+            backend: BondBackend::KernelBond,
+            reason: "simulated".into(),
+        })
+    }
+
+    fn apply_bond(&self, _netns: &NetNs, spec: &BondSpec) -> Result<BondBackend, NetworkError> {
+        self.bonds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(spec.name.clone(), spec.clone());
+        Ok(BondBackend::KernelBond)
+    }
+
+    fn remove_bond(&self, _netns: &NetNs, name: &str) -> Result<(), NetworkError> {
+        self.bonds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        Ok(())
+    }
+
+    fn observe_bond(&self, _netns: &NetNs, name: &str, bond: &v1::ApplyBond) -> BondStatus {
+        let exists = self
+            .bonds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name);
+        BondStatus {
+            name: name.to_string(),
+            mode: bond.mode.clone(),
+            members: bond.members.clone(),
+            active_members: if exists {
+                bond.members.clone()
+            } else {
+                Vec::new()
+            },
+            health: if exists {
+                Health::Healthy
+            } else {
+                Health::Failed
+            } as i32,
+            implementation: BondBackend::KernelBond.as_str().to_string(),
+            detail: if exists {
+                String::new()
+            } else {
+                "the bond device does not exist".into()
+            },
+            mtu: bond.mtu,
+            traffic: bond.traffic.clone(),
+            capacity_bps: bond.capacity_bps,
+            miimon_ms: bond.miimon_ms,
+            exists,
+            drift: Vec::new(),
+        }
+    }
+
+    fn ensure_vm_nics(
+        &self,
+        _netns: &NetNs,
+        _vm: &str,
+        _tenant: &str,
+        _nics: &[v1::VmNic],
+    ) -> Result<(), Status> {
+        Ok(())
+    }
+
+    fn remove_vm_nics(&self, _netns: &NetNs, _vm: &str, _count: usize) {}
+
+    fn vm_nic_statuses(
+        &self,
+        _netns: &NetNs,
+        _refusal: Option<&str>,
+        vms: &[VmNics<'_>],
+    ) -> BTreeMap<String, Vec<VmNicStatus>> {
+        vms.iter()
+            .map(|vm| {
+                let nics = vm
+                    .nics
+                    .iter()
+                    .enumerate()
+                    .map(|(index, nic)| VmNicStatus {
+                        network: nic.network.clone(),
+                        tap: format!("sim{index}"),
+                        bridge: format!("sim-{}", nic.network),
+                        ready: true,
+                        mac: crate::vm_nics::mac(vm.vm, index),
+                        ..VmNicStatus::default()
+                    })
+                    .collect();
+                (vm.vm.to_string(), nics)
+            })
+            .collect()
+    }
+
+    fn is_host(&self) -> bool {
+        false
+    }
+}
+
+/// The faults injected into one simulated node's calls.
+#[derive(Debug, Default)]
+pub struct Faults {
+    delay_ms: AtomicU64,
+    failing: Mutex<Vec<String>>,
+}
+
+impl Faults {
+    /// Every call waits `ms` first (0: off).
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Calls whose path contains `pattern` (`*`: all) fail, or no longer (`on` false).
+    pub fn set_failing(&self, pattern: &str, on: bool) {
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        failing.retain(|p| p != pattern);
+        if on {
+            failing.push(pattern.to_string());
+        }
+    }
+
+    fn fails(&self, path: &str) -> bool {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|p| p == "*" || path.contains(p.as_str()))
+    }
+}
+
+/// A tower layer that applies a node's [`Faults`] to every gRPC call; without faults
+/// (every real node) it passes each call straight through.
+#[derive(Debug, Clone, Default)]
+pub struct FaultLayer(pub Option<Arc<Faults>>);
+
+impl<S> tower_layer::Layer<S> for FaultLayer {
+    type Service = FaultService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        FaultService {
+            inner,
+            faults: self.0.clone(),
+        }
+    }
+}
+
+/// The service of [`FaultLayer`].
+#[derive(Debug, Clone)]
+pub struct FaultService<S> {
+    inner: S,
+    faults: Option<Arc<Faults>>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for FaultService<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<S::Response, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let Some(faults) = self.faults.clone() else {
+            return Box::pin(self.inner.call(request));
+        };
+        // The clone is not ready; the one polled ready takes this call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let delay = faults.delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
+            let path = request.uri().path().to_string();
+            if faults.fails(&path) {
+                return Ok(Status::unavailable(format!("injected fault: {path} fails")).into_http());
+            }
+            inner.call(request).await
+        })
+    }
+}
+
+/// How `cairn-node --simulate` runs.
+#[derive(Debug, Clone)]
+pub struct SimulateConfig {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Node names: `PREFIX` + index (`n0`, `n1`, … with prefix `n`, as `cairn gen`).
+    pub prefix: String,
+    /// Node `i` listens on this address's port + `i`.
+    pub listen: SocketAddr,
+    /// Data directories: `DATA_DIR/NAME`; the control address in `DATA_DIR/control-address`.
+    pub data_dir: PathBuf,
+    /// File disks of each node's volume store, and their size.
+    pub disks: DiskLayout,
+    /// The controller to renew leases with (`None`: no leases).
+    pub lease: Option<crate::quorum::LeaseConfig>,
+    /// Trusted controller keys of every node (default `DATA_DIR/NAME/trusted-controllers`,
+    /// else `DATA_DIR/trusted-controllers`).
+    pub trusted_controller_keys: Option<PathBuf>,
+    /// Request-id retention.
+    pub request_retention: Duration,
+}
+
+struct SimNode {
+    config: NodeConfig,
+    listen: SocketAddr,
+    faults: Arc<Faults>,
+    hypervisor: Arc<SimHypervisor>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl SimNode {
+    fn up(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    fn start(&mut self, disks: DiskLayout) {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let config = self.config.clone();
+        let listen = self.listen;
+        let name = config.name.clone();
+        self.task = Some(tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(error) = crate::server::run(config, disks, listen, shutdown).await {
+                eprintln!(
+                    "cairn-node --simulate: node {name}: {}",
+                    crate::error_chain(&error)
+                );
+            }
+        }));
+        self.stop = Some(stop);
+    }
+
+    async fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            // A graceful stop waits for calls in flight; a dead node does not.
+            if tokio::time::timeout(Duration::from_secs(2), task)
+                .await
+                .is_err()
+            {
+                eprintln!(
+                    "cairn-node --simulate: node {} did not stop within 2 s",
+                    self.config.name
+                );
+            }
+        }
+        self.hypervisor.power_off();
+    }
+}
+
+/// Runs the simulated nodes until `shutdown` completes. Node `i` is `PREFIX{i}` on
+/// port `listen.port() + i`.
+pub async fn run(
+    config: SimulateConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    if config.listen.port() == 0 {
+        return Err("--simulate needs a fixed --listen port (node i listens on PORT + i)".into());
+    }
+    if usize::from(config.listen.port()) + config.nodes > 65_536 {
+        return Err(format!(
+            "{} nodes from port {} run past port 65535",
+            config.nodes,
+            config.listen.port()
+        ));
+    }
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    let shared_keys = config.data_dir.join("trusted-controllers");
+    let mut nodes: BTreeMap<String, SimNode> = BTreeMap::new();
+    for index in 0..config.nodes {
+        let name = format!("{}{index}", config.prefix);
+        crate::validate::name("--simulate node name", &name)
+            .map_err(|s| s.message().to_string())?;
+        let data_dir = config.data_dir.join(&name);
+        let own_keys = data_dir.join("trusted-controllers");
+        let trusted = config
+            .trusted_controller_keys
+            .clone()
+            .or_else(|| (!own_keys.exists() && shared_keys.exists()).then(|| shared_keys.clone()));
+        let listen = SocketAddr::new(config.listen.ip(), config.listen.port() + index as u16);
+        let faults = Arc::new(Faults::default());
+        let hypervisor = Arc::new(SimHypervisor::default());
+        let node_config = NodeConfig {
+            name: name.clone(),
+            data_dir,
+            trusted_controller_keys: trusted,
+            trusted_peer_keys: None,
+            vmm_binary: None,
+            netns: None,
+            network_disabled: None,
+            vm_start_timeout: Duration::from_secs(10),
+            request_retention: config.request_retention,
+            lease: config
+                .lease
+                .clone()
+                .map(|lease| crate::quorum::LeaseConfig {
+                    local_address: Some(listen.ip()).filter(|ip| !ip.is_unspecified()),
+                    ..lease
+                }),
+            stop_vms_on_exit: false,
+            vmm_own_process_group: true,
+            watchdog: None,
+            hypervisor: Some(hypervisor.clone()),
+            network: Some(Arc::new(SimNetwork::default())),
+            faults: Some(faults.clone()),
+        };
+        let mut node = SimNode {
+            config: node_config,
+            listen,
+            faults,
+            hypervisor,
+            stop: None,
+            task: None,
+        };
+        node.start(config.disks);
+        nodes.insert(name, node);
+        // Let each node bind before the next opens its stores (a burst of opens
+        // on 2 cores starves the first ones' servers).
+        if index % 64 == 63 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let control = tokio::net::TcpListener::bind(SocketAddr::new(config.listen.ip(), 0))
+        .await
+        .map_err(|e| format!("cannot listen for fault commands: {e}"))?;
+    let control_address = control.local_addr().map_err(|e| e.to_string())?;
+    let control_file = config.data_dir.join("control-address");
+    std::fs::write(&control_file, format!("{control_address}\n"))
+        .map_err(|e| format!("cannot write {}: {e}", control_file.display()))?;
+    println!(
+        "cairn-node --simulate: {} nodes {}0..{}{} on {}:{}..{}, fault commands on {control_address}",
+        config.nodes,
+        config.prefix,
+        config.prefix,
+        config.nodes.saturating_sub(1),
+        config.listen.ip(),
+        config.listen.port(),
+        usize::from(config.listen.port()) + config.nodes - 1,
+    );
+    let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
+    let disks = config.disks;
+    let serve = {
+        let nodes = nodes.clone();
+        async move {
+            loop {
+                let Ok((stream, _)) = control.accept().await else {
+                    continue;
+                };
+                let nodes = nodes.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = tokio::io::BufReader::new(read).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let answer = command(&nodes, &line, disks).await;
+                        if write
+                            .write_all(format!("{answer}\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    };
+    tokio::select! {
+        () = shutdown => {}
+        () = serve => {}
+    }
+    let mut nodes = nodes.lock().await;
+    for node in nodes.values_mut() {
+        if let Some(stop) = node.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+    for node in nodes.values_mut() {
+        if let Some(task) = node.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+    let _ = std::fs::remove_file(&control_file);
+    Ok(())
+}
+
+/// Carries out one fault command; the answer line.
+async fn command(
+    nodes: &tokio::sync::Mutex<BTreeMap<String, SimNode>>,
+    line: &str,
+    disks: DiskLayout,
+) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut nodes = nodes.lock().await;
+    if words.first() == Some(&"nodes") {
+        let list: Vec<String> = nodes
+            .iter()
+            .map(|(name, node)| format!("{name}={}", if node.up() { "up" } else { "down" }))
+            .collect();
+        return format!("ok {}", list.join(" "));
+    }
+    let (Some(verb), Some(name)) = (words.first(), words.get(1)) else {
+        return "error expected `kill NODE`, `start NODE`, `slow NODE MS`, `fail NODE METHOD|* [off]` or `nodes`".into();
+    };
+    let Some(node) = nodes.get_mut(*name) else {
+        return format!("error no simulated node `{name}`");
+    };
+    match (*verb, words.get(2)) {
+        ("kill", None) => {
+            node.kill().await;
+            format!("ok {name} is down")
+        }
+        ("start", None) => {
+            if node.up() {
+                return format!("ok {name} is up already");
+            }
+            node.start(disks);
+            format!("ok {name} started")
+        }
+        ("slow", Some(ms)) => match ms.parse::<u64>() {
+            Ok(ms) => {
+                node.faults.set_delay(ms);
+                format!("ok {name} answers after {ms} ms")
+            }
+            Err(_) => format!("error `{ms}` is not a number of milliseconds"),
+        },
+        ("fail", Some(method)) => {
+            let on = words.get(3) != Some(&"off");
+            node.faults.set_failing(method, on);
+            format!(
+                "ok calls to {name} matching `{method}` {}",
+                if on { "fail" } else { "no longer fail" }
+            )
+        }
+        _ => format!("error cannot parse `{line}`"),
+    }
+}
