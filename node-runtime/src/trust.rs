@@ -50,6 +50,7 @@ pub struct Trust {
     pushed_peers: Arc<RwLock<Vec<Peer>>>,
     verifier: Verifier,
     anchors: crate::anchors::Anchors,
+    fence_tokens: crate::fencing::FenceTokens,
 }
 
 /// Errors of loading trust files.
@@ -136,6 +137,7 @@ impl Trust {
             pushed_peers: Arc::new(RwLock::new(pushed_peers)),
             verifier: Verifier::with_log(DEFAULT_WINDOW, this, Box::new(log), remembered),
             anchors: crate::anchors::Anchors::load(data_dir),
+            fence_tokens: crate::fencing::FenceTokens::load(data_dir),
         })
     }
 
@@ -300,6 +302,12 @@ impl Trust {
         {
             self.anchors
                 .note(&caller.key_hex, head.to_str().unwrap_or("(not ascii)"));
+        }
+        if let Some(token) = request.metadata().get(proto::fence::HEADER)
+            && self.is_controller(&caller.key_hex)
+        {
+            self.fence_tokens
+                .admit(&caller.key_hex, token.to_str().unwrap_or("(not ascii)"))?;
         }
         Ok(caller)
     }

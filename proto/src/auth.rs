@@ -14,6 +14,7 @@
 //! | `x-cairn-signature` | ed25519 signature, 128 hex characters, over [`signing_payload`] |
 //! | `x-cairn-protocol` | the caller's contract version, `MAJOR.MINOR` ([`crate::protocol`]; not signed) |
 //! | `x-cairn-audit-head` | a controller's audit-log head, `SEQ:HASH_HEX` ([`crate::anchor`]; not signed, optional) |
+//! | `x-cairn-fence-token` | an elected controller's fencing token, decimal ([`crate::fence`]; not signed, optional) |
 //!
 //! The signed payload binds the format tag, the full gRPC method path, the target
 //! node's name and public key, the timestamp, the nonce and the SHA-256 of the
@@ -196,6 +197,9 @@ pub enum AuthError {
     /// The operating system's random source failed.
     #[error("random source failed: {0}")]
     Random(String),
+    /// This controller must not call a node now (`crate::fence`).
+    #[error("not signed: {0}")]
+    Fenced(String),
 }
 
 impl From<AuthError> for tonic::Status {
@@ -543,6 +547,7 @@ impl Envelope {
 pub struct RequestSigner {
     identity: Identity,
     audit_head: Option<crate::anchor::SharedHead>,
+    fence: Option<crate::fence::SharedFence>,
 }
 
 impl RequestSigner {
@@ -551,12 +556,20 @@ impl RequestSigner {
         Self {
             identity,
             audit_head: None,
+            fence: None,
         }
     }
 
     /// Also sends the audit log's head with every request ([`crate::anchor`]).
     pub fn with_audit_head(mut self, head: crate::anchor::SharedHead) -> Self {
         self.audit_head = Some(head);
+        self
+    }
+
+    /// Also sends the fencing token of an elected controller with every request, and
+    /// signs nothing while that controller must not act ([`crate::fence`]).
+    pub fn with_fence(mut self, fence: crate::fence::SharedFence) -> Self {
+        self.fence = Some(fence);
         self
     }
 
@@ -578,6 +591,12 @@ impl RequestSigner {
         target: &NodeTarget,
         message: T,
     ) -> Result<tonic::Request<T>, AuthError> {
+        let token = match &self.fence {
+            Some(fence) => fence
+                .check(std::time::Instant::now())
+                .map_err(AuthError::Fenced)?,
+            None => None,
+        };
         let nonce_hex = to_hex(&random_bytes::<16>()?);
         let timestamp_ms = now_unix_ms();
         let payload = signing_payload(
@@ -604,6 +623,9 @@ impl RequestSigner {
         )?;
         if let Some(head) = self.audit_head.as_ref().and_then(|h| h.get()) {
             insert_header(metadata, crate::anchor::HEADER, head.header_value())?;
+        }
+        if let Some(token) = token {
+            insert_header(metadata, crate::fence::HEADER, token.to_string())?;
         }
         Ok(request)
     }

@@ -28,6 +28,7 @@ pub mod anchor;
 pub mod auth;
 pub mod client;
 pub mod convert;
+pub mod fence;
 pub mod protocol;
 
 /// Generated types of package `cairn.node.v1`.

@@ -117,6 +117,25 @@ pub enum StateError {
         /// The event.
         event: String,
     },
+    /// The etcd store failed (`--state etcd://…`, the `state-etcd` crate).
+    #[error("state store {url}: {operation}: {message}")]
+    Etcd {
+        /// The store's URL.
+        url: String,
+        /// What was being done.
+        operation: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// A write by a controller that is not (or no longer) the leader: refused by its
+    /// own timer or by etcd's comparison of the fencing token.
+    #[error("state store {url}: write refused: {why}")]
+    Fenced {
+        /// The store's URL.
+        url: String,
+        /// Why.
+        why: String,
+    },
     /// The directory cannot be created.
     #[error("cannot create {path}: {source}")]
     Io {
@@ -302,6 +321,16 @@ pub trait StateStore: Send + Sync {
 
     /// Writes one journal record (durably: redb commits are fsynced).
     fn journal(&self, execution_id: &str, record: &StepRecord) -> Result<(), StateError>;
+
+    /// Writes several journal records of one execution (a wave's batch: the etcd
+    /// store makes it one transaction per 100 records instead of one each). All or
+    /// none of each transaction is written.
+    fn journal_many(&self, execution_id: &str, records: &[StepRecord]) -> Result<(), StateError> {
+        for record in records {
+            self.journal(execution_id, record)?;
+        }
+        Ok(())
+    }
 
     /// The journal of one execution, by step.
     fn journal_of(&self, execution_id: &str) -> Result<Vec<StepRecord>, StateError>;
@@ -659,6 +688,27 @@ impl StateStore for RedbStore {
             &format!("{execution_id}/{:06}", record.step),
             record,
         )
+    }
+
+    /// Writes several journal records in one write transaction.
+    fn journal_many(&self, execution_id: &str, records: &[StepRecord]) -> Result<(), StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
+            {
+                let mut t = tx
+                    .open_table(JOURNAL)
+                    .map_err(|e| self.err("open table", e))?;
+                for record in records {
+                    let bytes = serde_json::to_vec(record).expect("state records serialize");
+                    t.insert(
+                        format!("{execution_id}/{:06}", record.step).as_str(),
+                        bytes.as_slice(),
+                    )
+                    .map_err(|e| self.err("insert", e))?;
+                }
+            }
+            tx.commit().map_err(|e| self.err("commit", e))
+        })
     }
 
     /// The journal of one execution, by step.

@@ -1,0 +1,287 @@
+//! The election of one leader among controller replicas, through an etcd lease.
+//!
+//! A replica that finds the election key (`PREFIX/election`) absent grants itself a
+//! lease of TTL seconds and, in one transaction, creates the key on that lease if it
+//! is still absent. The winner's fencing token is the key's create revision (etcd
+//! revisions only grow; lease ids do not). It renews the lease every TTL/3 and counts
+//! its leadership from each keepalive's SEND time plus the TTL etcd granted: the
+//! lease cannot expire at etcd before that, so the leader always stops first
+//! ([`proto::fence::SharedFence`], checked before every node request and every
+//! store write). A keepalive that fails or is not answered before that time ends the
+//! leadership: the token stays (so the signer refuses), the lease is revoked
+//! (the key, and the apply lock on the lease, go at once) and the replica campaigns
+//! again. The others poll the key every TTL/10; the first to find it gone wins.
+//!
+//! A new leader waits out one TTL after winning before its first node call
+//! (`not_before`): a node the old leader could still reach has by then either seen
+//! the old leader stop by its own timer, or the new leader's higher token first.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use proto::fence::{FenceState, SharedFence};
+
+use crate::store::EtcdStore;
+
+/// The default lease TTL of the election.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
+
+/// What a replica knows of the election.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Status {
+    /// This replica leads (and may act now: its timer has not lapsed).
+    pub leading: bool,
+    /// The fencing token of this replica's leadership (0: it never led).
+    pub token: i64,
+    /// Who leads, as the leader named itself (its HTTP URL), when known.
+    pub leader: Option<String>,
+    /// How many times this replica won.
+    pub terms: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    lease: Option<i64>,
+    leader: Option<String>,
+    terms: u64,
+    won_at: Option<Instant>,
+}
+
+/// One replica's side of the election.
+#[derive(Debug)]
+pub struct Election {
+    key: String,
+    me: String,
+    ttl: Duration,
+    fence: SharedFence,
+    inner: Mutex<Inner>,
+}
+
+impl Election {
+    /// Starts campaigning on `store`'s runtime as `me` (how followers name the leader:
+    /// its HTTP URL). `fence` is shared with the request signer.
+    pub fn start(
+        store: &EtcdStore,
+        me: impl Into<String>,
+        ttl: Duration,
+        fence: SharedFence,
+    ) -> Arc<Election> {
+        let election = Arc::new(Election {
+            key: store.target().key("election"),
+            me: me.into(),
+            ttl: ttl.max(Duration::from_secs(2)),
+            fence,
+            inner: Mutex::new(Inner::default()),
+        });
+        let client = store.client();
+        let running = election.clone();
+        store.spawn(async move { running.run(client).await });
+        election
+    }
+
+    /// The election key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The lease TTL.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The fence this election sets.
+    pub fn fence(&self) -> &SharedFence {
+        &self.fence
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The leader's lease, while this replica leads.
+    pub fn lease(&self) -> Option<i64> {
+        self.inner().lease
+    }
+
+    /// The fencing token while this replica may act (its timer has not lapsed), else
+    /// why not.
+    pub fn acting_token(&self) -> Result<i64, String> {
+        let state = self.fence.get();
+        if state.token == 0 {
+            return Err(format!(
+                "this controller is not the leader{}",
+                self.inner()
+                    .leader
+                    .as_ref()
+                    .map(|l| format!(" ({l} leads)"))
+                    .unwrap_or_default()
+            ));
+        }
+        match state.acting_until {
+            Some(until) if Instant::now() < until => Ok(state.token as i64),
+            _ => Err(format!(
+                "this controller's leadership (fencing token {}) has lapsed",
+                state.token
+            )),
+        }
+    }
+
+    /// What this replica knows.
+    pub fn status(&self) -> Status {
+        let inner = self.inner();
+        Status {
+            leading: self.acting_token().is_ok(),
+            token: self.fence.get().token as i64,
+            leader: inner.leader.clone(),
+            terms: inner.terms,
+        }
+    }
+
+    /// Whether this replica may call nodes now: it leads, its timer holds, and it
+    /// waited out the TTL since it won.
+    pub fn ready(&self) -> bool {
+        matches!(self.fence.check(Instant::now()), Ok(Some(_)))
+    }
+
+    /// Waits until [`Election::ready`].
+    pub async fn wait_ready(&self) {
+        while !self.ready() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// When this replica last won, if it leads.
+    pub fn won_at(&self) -> Option<Instant> {
+        self.inner().won_at
+    }
+
+    /// A store write found another controller's key: this replica is deposed.
+    pub(crate) fn deposed(&self, token: i64) {
+        let mut state = self.fence.get();
+        if state.token as i64 == token {
+            state.acting_until = None;
+            self.fence.set(state);
+        }
+    }
+
+    async fn run(self: Arc<Self>, client: Client) {
+        loop {
+            if let Err(e) = self.term(client.clone()).await {
+                eprintln!("cairn controller: election: {e}");
+                tokio::time::sleep(self.poll()).await;
+            }
+        }
+    }
+
+    fn poll(&self) -> Duration {
+        (self.ttl / 10).max(Duration::from_millis(100))
+    }
+
+    /// Waits for the key to be free, campaigns once, and leads until the lease is lost.
+    async fn term(&self, mut client: Client) -> Result<(), etcd_client::Error> {
+        loop {
+            let current = client.get(self.key.as_str(), None).await?;
+            match current.kvs().first() {
+                Some(kv) => {
+                    self.inner().leader = Some(String::from_utf8_lossy(kv.value()).into_owned());
+                    tokio::time::sleep(self.poll()).await;
+                }
+                None => break,
+            }
+        }
+        let sent = Instant::now();
+        let lease = client.lease_grant(self.ttl.as_secs() as i64, None).await?;
+        let granted = Duration::from_secs(lease.ttl().max(0) as u64);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                self.key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(
+                self.key.as_str(),
+                self.me.as_str(),
+                Some(PutOptions::new().with_lease(lease.id())),
+            )]);
+        let won = client.txn(txn).await?;
+        if !won.succeeded() {
+            let _ = client.lease_revoke(lease.id()).await;
+            return Ok(());
+        }
+        let token = won.header().map_or(0, |h| h.revision());
+        let now = Instant::now();
+        {
+            let mut inner = self.inner();
+            inner.lease = Some(lease.id());
+            inner.leader = Some(self.me.clone());
+            inner.terms += 1;
+            inner.won_at = Some(now);
+        }
+        self.fence.set(FenceState {
+            token: token as u64,
+            acting_until: Some(sent + granted),
+            not_before: Some(now + granted),
+        });
+        eprintln!(
+            "cairn controller: elected leader (fencing token {token}, lease TTL {} s); first node call in {} ms",
+            granted.as_secs(),
+            granted.as_millis()
+        );
+        let why = self.lead(&mut client, lease.id()).await;
+        let mut state = self.fence.get();
+        state.acting_until = None;
+        self.fence.set(state);
+        self.inner().lease = None;
+        eprintln!("cairn controller: lost leadership (fencing token {token}): {why}");
+        let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease.id())).await;
+        Ok(())
+    }
+
+    /// Renews the lease every TTL/3 until it is lost; returns why.
+    async fn lead(&self, client: &mut Client, lease: i64) -> String {
+        let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+            Ok(pair) => pair,
+            Err(e) => return format!("keepalive stream: {e}"),
+        };
+        loop {
+            tokio::time::sleep(self.ttl / 3).await;
+            let state = self.fence.get();
+            let Some(until) = state.acting_until else {
+                return "a store write found another leader's key".to_owned();
+            };
+            let sent = Instant::now();
+            if sent >= until {
+                return "the lease TTL passed since the last answered keepalive".to_owned();
+            }
+            let answer = tokio::time::timeout(until - sent, async {
+                keeper.keep_alive().await?;
+                stream.message().await
+            })
+            .await;
+            match answer {
+                Ok(Ok(Some(response))) if response.ttl() > 0 => {
+                    // The key itself must still be this term's (deleted by hand, or
+                    // this replica's lease outlived it): else another may lead.
+                    match client.get(self.key.as_str(), None).await {
+                        Ok(current)
+                            if current.kvs().first().map(|kv| kv.create_revision())
+                                == Some(state.token as i64) => {}
+                        Ok(_) => return "the election key is no longer this term's".to_owned(),
+                        Err(e) => return format!("reading the election key: {e}"),
+                    }
+                    let mut state = self.fence.get();
+                    if state.acting_until.is_none() {
+                        return "a store write found another leader's key".to_owned();
+                    }
+                    state.acting_until = Some(sent + Duration::from_secs(response.ttl() as u64));
+                    self.fence.set(state);
+                }
+                Ok(Ok(Some(_))) => return "etcd says the lease expired".to_owned(),
+                Ok(Ok(None)) => return "the keepalive stream ended".to_owned(),
+                Ok(Err(e)) => return format!("keepalive: {e}"),
+                Err(_) => return "no keepalive answered within the lease TTL".to_owned(),
+            }
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The reconciler's state store in etcd (`--state etcd://HOST:PORT[,…]/PREFIX`) and
+//! the election of one leader among controller replicas (issue 24, items 1–2).
+//!
+//! [`EtcdStore`] implements `reconciler::state::StateStore` with the same records as
+//! the redb store, under `PREFIX/`; [`election::Election`] elects one controller
+//! through an etcd lease and gives it a fencing token (the election key's create
+//! revision) that every write of the store compares in its transaction and every
+//! node request carries (`proto::fence`).
+//!
+//! This is a crate of its own, not a module of `reconciler`: the reconciler depends
+//! on `compiler`, `policy` and `proto` only, and the etcd client (generated gRPC code
+//! and its own runtime thread) is needed only by the controller.
+
+#![warn(missing_docs)]
+
+pub mod election;
+mod store;
+#[doc(hidden)]
+pub mod testing;
+
+pub use election::Election;
+pub use store::{EtcdStore, Target};
