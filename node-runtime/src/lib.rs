@@ -28,6 +28,7 @@ pub mod anchors;
 pub mod bonds;
 pub mod events;
 pub mod exports;
+pub mod fencing;
 pub mod guest_io;
 pub mod hypervisor;
 pub mod inventory;
