@@ -225,6 +225,11 @@ pub enum Command {
     /// The GitOps controller: follow a branch of a spec repository and keep the
     /// cluster matching its head (`pause`, `resume`, `bench` below).
     Controller(Box<ControllerArgs>),
+    /// Node operations through the controller (`maintenance`).
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Ask the controller to sync the branch head now, or approve a held plan.
     Sync {
         /// The controller (`http://HOST:PORT`; token from DATA_DIR/controller.token or
@@ -241,6 +246,34 @@ pub enum Command {
         /// The SSH key that signs the action (a private key, or a public key
         /// whose private half ssh-agent holds); it must be a platform key of the
         /// controller's trusted keys. Default: git's user.signingkey.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
+}
+
+/// `cairn node` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Put a node in maintenance (no VM is placed on it any more: new VMs, HA
+    /// restarts and crash moves go elsewhere; the VMs on it stay and are named)
+    /// or take it out.
+    Maintenance {
+        /// The node (as the applied commit names it).
+        node: String,
+        /// Enter maintenance.
+        #[arg(long, conflicts_with = "off", required_unless_present = "off")]
+        on: bool,
+        /// Leave maintenance.
+        #[arg(long)]
+        off: bool,
+        /// The controller (`http://HOST:PORT`; token from DATA_DIR/controller.token or
+        /// CAIRN_CONTROLLER_TOKEN); without it, the controller that runs for DATA_DIR.
+        #[arg(long, value_name = "URL")]
+        controller: Option<String>,
+        /// The controller's data directory.
+        #[arg(long, value_name = "DIR", default_value = ".cairn")]
+        data_dir: PathBuf,
+        /// The SSH key that signs the action (as for `cairn sync`).
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
     },
@@ -656,6 +689,23 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Diff(args) => crate::diff::run(args),
         Command::VerifyCommit(args) => crate::verify::run(args),
         Command::Controller(args) => controller_cmd(*args),
+        Command::Node {
+            command:
+                NodeCommand::Maintenance {
+                    node,
+                    on,
+                    off: _,
+                    controller,
+                    data_dir,
+                    key,
+                },
+        } => Ok(controller::maintenance::command(
+            &data_dir,
+            controller.as_deref(),
+            &node,
+            on,
+            key.as_deref(),
+        )),
         Command::Sync {
             controller,
             data_dir,

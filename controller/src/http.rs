@@ -10,6 +10,7 @@
 //! | `GET /api/v1/actions/challenge` | a nonce and binding to sign an action with ([`crate::actions`]) |
 //! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back (signed actions) |
 //! | `POST /api/v1/sync`, `GET /api/v1/plans`, `POST /api/v1/plans/ID/approve` | sync now, held plans, approve one ([`crate::sync_api`]; signed actions `sync` and `approve`) |
+//! | `POST /api/v1/nodes/NODE/maintenance/{on,off}` | a node in or out of maintenance ([`crate::maintenance`]; signed actions `maintenance-on:NODE`, `maintenance-off:NODE`) |
 //! | `POST /api/v1/webhook` | a forge's push event: fetch now (HMAC, no token; [`crate::webhook`]) |
 //!
 //! Loopback is not a security boundary: every request must name the listen
@@ -58,6 +59,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/resume", post(resume))
         .route("/api/v1/sync", post(crate::sync_api::sync_handler))
         .route("/api/v1/plans", get(crate::sync_api::plans_handler))
+        .route(
+            "/api/v1/nodes/{node}/maintenance/{switch}",
+            post(crate::maintenance::handler),
+        )
         .route(
             "/api/v1/plans/{plan_id}/approve",
             post(crate::sync_api::approve_handler),

@@ -250,7 +250,7 @@ impl Leases {
 
     /// Each node's state: `ready`, `suspect`, `failed`, `fenced` (it answers but
     /// its lease lapsed and its site no longer hears it: it has lost quorum and its
-    /// HA VMs stopped themselves), `maintenance` (not set by anything yet) or
+    /// HA VMs stopped themselves) or
     /// `unreachable` (it does not answer the controller's calls while its lease is
     /// held, or it takes no leases).
     pub fn node_states(&self, model: &compiler::Model) -> Vec<(String, &'static str)> {
@@ -439,7 +439,7 @@ pub fn node_metrics(shared: &Shared) {
     let good = shared.good.lock().expect("good lock").clone();
     let Some(good) = good else { return };
     let metrics = &shared.metrics;
-    let states = shared.leases.node_states(&good.model);
+    let states = crate::maintenance::node_states(shared, &good.model);
     metrics.node_state.reset();
     let mut counts: BTreeMap<String, i64> =
         NODE_STATES.iter().map(|s| ((*s).to_owned(), 0)).collect();
@@ -471,7 +471,9 @@ pub fn node_metrics(shared: &Shared) {
 /// `controller.ha_restart_times[]` (each HA VM's declared worst case beside its
 /// last measured restart).
 pub fn status_overlay(shared: &Shared, model: &compiler::Model, status: &mut serde_json::Value) {
-    let states: BTreeMap<String, &str> = shared.leases.node_states(model).into_iter().collect();
+    let states: BTreeMap<String, &str> = crate::maintenance::node_states(shared, model)
+        .into_iter()
+        .collect();
     if let Some(nodes) = status["nodes"].as_array_mut() {
         for node in nodes {
             let name = node["name"].as_str().unwrap_or_default();

@@ -36,6 +36,7 @@ pub mod gate;
 mod grpc;
 pub mod http;
 pub mod lease;
+pub mod maintenance;
 pub mod metrics;
 pub mod notifications;
 pub mod rebuild;
@@ -184,6 +185,8 @@ pub struct Shared {
     pub notifier: std::sync::OnceLock<notifications::Notifier>,
     /// The nodes' leases (`Lease.Renew` on the gRPC listener).
     pub leases: Arc<lease::Leases>,
+    /// The nodes an operator put in maintenance.
+    pub maintenance: maintenance::Maintenance,
 }
 
 impl Shared {
@@ -398,6 +401,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         notifications::load(config.notify.as_deref(), &data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let events = EventLog::open(&data_dir.join("events.redb"))?;
     let paused = control::is_paused(&data_dir);
+    let maintenance = maintenance::Maintenance::load(&data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let metrics = Metrics::new();
     metrics.paused.set(i64::from(paused));
     let last_sync: Option<LastSync> = events.get("last_sync").ok().flatten();
@@ -428,6 +432,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         requests: Mutex::new(vec![]),
         notifier: std::sync::OnceLock::new(),
         leases: Arc::new(lease::Leases::new(lease::DEFAULT_TTL)),
+        maintenance,
     });
     std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))
         .with_context(|| format!("cannot write {}", control::url_path(&data_dir).display()))?;

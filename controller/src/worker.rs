@@ -752,6 +752,7 @@ impl Worker {
             prune: limits.reconcile.prune,
             failed_nodes: self.shared.leases.failed_nodes(&model),
             disk_writers: crate::volume_epochs::writers(&store),
+            maintenance: self.shared.maintenance.nodes(),
             ..Default::default()
         };
         let planned = match pipeline::plan_revision_with(
@@ -1257,6 +1258,7 @@ impl Worker {
                     failed_nodes: failed_nodes.clone(),
                     crash_moves: self.crash_moves.clone(),
                     disk_writers: tended.disk_writers.clone(),
+                    maintenance: self.shared.maintenance.nodes(),
                 },
             )
         });
@@ -1643,6 +1645,7 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
         Ok(mut value) => {
             value["controller"] = controller;
             value["controller"]["leases"] = json!(leases);
+            value["controller"]["maintenance"] = json!(shared.maintenance.entries());
             crate::lease::status_overlay(shared, &good.model, &mut value);
             value
         }

@@ -213,6 +213,7 @@ pub fn plan_against_with(
         )
     };
     move_off(model, &mut placement, &options.crash_moves);
+    keep_off(model, previous, &mut placement, options);
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
     desired.moved_writers = options
@@ -284,6 +285,98 @@ pub fn move_off(
         moved.push(vm.clone());
     }
     moved
+}
+
+/// Keeps VMs off the nodes in maintenance (`options.maintenance`): a VM the
+/// placement put on one where `previous` did not have it there (a new VM, an HA
+/// restart, a crash move) goes where the placement with those nodes (and the failed
+/// ones) out of service puts it, with its new volumes; when that has no room for
+/// it, it is unplaced, saying why. The VMs already on a node in maintenance stay
+/// (there is no live migration: the operator moves them), and nothing else moves.
+/// Returns the VMs it kept off.
+pub fn keep_off(
+    model: &compiler::Model,
+    previous: &Placement,
+    placement: &mut Placement,
+    options: &PlanOptions,
+) -> Vec<String> {
+    let maintenance = &options.maintenance;
+    let before: BTreeMap<&str, &str> = previous
+        .vms
+        .iter()
+        .map(|v| (v.name.as_str(), v.node.as_str()))
+        .collect();
+    let landed: Vec<String> = placement
+        .vms
+        .iter()
+        .filter(|v| {
+            maintenance.contains(&v.node) && before.get(v.name.as_str()) != Some(&v.node.as_str())
+        })
+        .map(|v| v.name.clone())
+        .collect();
+    if landed.is_empty() {
+        return landed;
+    }
+    let out: BTreeSet<String> = maintenance
+        .iter()
+        .chain(&options.failed_nodes)
+        .cloned()
+        .collect();
+    let elsewhere = desired::place_without(model, previous, &out, &options.disk_writers);
+    for vm in &landed {
+        let Some(at) = placement.vms.iter().position(|v| v.name == *vm) else {
+            continue;
+        };
+        let there = placement.vms[at].node.clone();
+        let new = !before.contains_key(vm.as_str());
+        placement.moves.retain(|m| m.vm != *vm);
+        match elsewhere
+            .vms
+            .iter()
+            .find(|v| v.name == *vm && !out.contains(&v.node))
+        {
+            Some(fits) => {
+                placement.vms[at] = fits.clone();
+                if let Some(from) = before.get(vm.as_str()) {
+                    placement.moves.push(compiler::place::Move {
+                        vm: vm.clone(),
+                        from: (*from).to_owned(),
+                        to: fits.node.clone(),
+                        reason: format!("{there} is in maintenance: placed elsewhere"),
+                    });
+                }
+                if new {
+                    placement.volumes.retain(|v| v.vm != *vm);
+                    placement
+                        .volumes
+                        .extend(elsewhere.volumes.iter().filter(|v| v.vm == *vm).cloned());
+                }
+            }
+            None => {
+                let was = placement.vms.remove(at);
+                if new {
+                    placement.volumes.retain(|v| v.vm != *vm);
+                }
+                placement.unplaced.retain(|u| u.name != *vm);
+                placement.unplaced.push(compiler::place::Unplaced {
+                    name: was.name,
+                    tenant: was.tenant,
+                    site: was.site,
+                    previous_node: before.get(vm.as_str()).map(|n| (*n).to_owned()),
+                    reasons: vec![compiler::place::Reason {
+                        constraint: "maintenance".to_owned(),
+                        message: format!(
+                            "it fits only on {there}, which is in maintenance (`cairn node maintenance {there} --off` ends it)"
+                        ),
+                        nodes_filtered: maintenance.len(),
+                        nodes: maintenance.iter().take(5).cloned().collect(),
+                        source: None,
+                    }],
+                });
+            }
+        }
+    }
+    landed
 }
 
 /// Observes every node the model names and plans against what they run, from the
@@ -651,4 +744,89 @@ pub fn nothing_to_do(
         })?;
     }
     Ok(converged)
+}
+
+#[cfg(test)]
+mod keep_off_tests {
+    use super::*;
+
+    fn quickstart() -> compiler::Model {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let sources = compiler::source::Sources::load_dir(&root).expect("the quickstart loads");
+        let compilation = compiler::compile(&sources);
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        compilation.model
+    }
+
+    fn node_of<'a>(placement: &'a Placement, vm: &str) -> Option<&'a str> {
+        placement
+            .vms
+            .iter()
+            .find(|v| v.name == vm)
+            .map(|v| v.node.as_str())
+    }
+
+    #[test]
+    fn a_new_vm_is_not_placed_on_a_node_in_maintenance_and_the_vms_there_stay() {
+        let model = quickstart();
+        let all = desired::place(&model, None);
+        let mut previous = all.clone();
+        previous.vms.retain(|v| v.name != "backup");
+        previous.volumes.retain(|v| v.vm != "backup");
+        // Without maintenance, the new VM goes where the placement puts it: M.
+        let mut placement = desired::place(&model, Some(&previous));
+        let m = node_of(&placement, "backup")
+            .expect("backup placed")
+            .to_owned();
+        let options = PlanOptions {
+            maintenance: BTreeSet::from([m.clone()]),
+            ..Default::default()
+        };
+        let kept = keep_off(&model, &previous, &mut placement, &options);
+        assert_eq!(kept, vec!["backup".to_owned()]);
+        let now = node_of(&placement, "backup").expect("backup placed elsewhere");
+        assert_ne!(now, m, "{placement:#?}");
+        for v in placement.volumes.iter().filter(|v| v.vm == "backup") {
+            assert!(
+                v.columns
+                    .iter()
+                    .flatten()
+                    .all(|c| !c.starts_with(&format!("{m}/"))),
+                "backup's new volume is not on {m}: {v:?}"
+            );
+        }
+        // The VMs already on M stay there, and nothing else moved.
+        for v in &previous.vms {
+            assert_eq!(
+                node_of(&placement, &v.name),
+                Some(v.node.as_str()),
+                "{}",
+                v.name
+            );
+        }
+        assert!(placement.moves.is_empty(), "{:?}", placement.moves);
+        // Every node in maintenance: it is unplaced, saying why.
+        let mut placement = desired::place(&model, Some(&previous));
+        let every = PlanOptions {
+            maintenance: model
+                .sites
+                .iter()
+                .flat_map(|s| &s.nodes)
+                .map(|n| n.name.clone())
+                .collect(),
+            ..Default::default()
+        };
+        keep_off(&model, &previous, &mut placement, &every);
+        assert_eq!(node_of(&placement, "backup"), None);
+        let unplaced = placement
+            .unplaced
+            .iter()
+            .find(|u| u.name == "backup")
+            .expect("backup unplaced");
+        assert_eq!(unplaced.reasons[0].constraint, "maintenance");
+        assert!(
+            unplaced.reasons[0].message.contains("--off"),
+            "{unplaced:?}"
+        );
+    }
 }

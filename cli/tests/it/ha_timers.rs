@@ -11,7 +11,7 @@ use serde_json::Value;
 use crate::ha::{HaCluster, diskless_web, signal, vmm_pid};
 
 /// `GET PATH` from the controller's HTTP API with its token.
-fn get(ha: &HaCluster, path: &str) -> String {
+pub(crate) fn get(ha: &HaCluster, path: &str) -> String {
     let (url, token) = ::controller::control::endpoint(&ha.cluster.path().join(".cairn"))
         .expect("the controller wrote its URL");
     let answer = ::controller::control::request(

@@ -54,6 +54,11 @@ pub struct PlanOptions {
     /// the epoch authority: an HA VM with disks on a failed node moves to the node of
     /// its first disk's writer once every disk has a writer on a live node.
     pub disk_writers: std::collections::BTreeMap<String, String>,
+    /// Nodes an operator put in maintenance (`cairn node maintenance NODE --on`):
+    /// no VM is placed on them that was not there before (a new VM, an HA
+    /// restart, a crash move goes elsewhere: [`crate::pipeline::keep_off`]); the
+    /// VMs already there stay.
+    pub maintenance: std::collections::BTreeSet<String>,
 }
 
 impl Default for PlanOptions {
@@ -63,6 +68,7 @@ impl Default for PlanOptions {
             failed_nodes: Default::default(),
             crash_moves: Default::default(),
             disk_writers: Default::default(),
+            maintenance: Default::default(),
         }
     }
 }

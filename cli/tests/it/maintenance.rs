@@ -1,0 +1,187 @@
+//! `cairn node maintenance NODE --on|--off` on a real dev cluster with a controller:
+//! the node shows `maintenance` in the status (JSON and text) and `/metrics`, the
+//! VMs on it stay and are named, and an HA restart off a failed node goes to the
+//! other node, never to the one in maintenance.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::ha::{HaCluster, diskless_web, vmm_pid};
+use crate::ha_timers::get;
+
+fn node_state(status: &Value, node: &str) -> Option<String> {
+    status["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["name"] == node)?["state"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+#[test]
+fn a_node_in_maintenance_keeps_its_vms_gets_no_ha_restart_and_shows_it() {
+    let Some(ha) = HaCluster::up_in("maintenance", diskless_web, None) else {
+        return;
+    };
+    let nodes = ["lab-1", "lab-2", "lab-3"];
+    let on = |node: &str| -> Vec<String> {
+        ha.placement
+            .iter()
+            .filter(|(_, n)| n == node)
+            .map(|(vm, _)| vm.clone())
+            .collect()
+    };
+    // The node to fail runs a diskless HA VM (web-N) and not db (a VM with a disk
+    // goes to its volume's new writer); the node in maintenance runs VMs too.
+    let failing = nodes
+        .iter()
+        .find(|n| {
+            let vms = on(n);
+            vms.iter().any(|v| v.starts_with("web-")) && !vms.contains(&"db".to_owned())
+        })
+        .expect("a node runs a web VM and not db")
+        .to_string();
+    let kept = nodes
+        .iter()
+        .filter(|n| **n != failing)
+        .max_by_key(|n| on(n).len())
+        .expect("another node")
+        .to_string();
+    let other = nodes
+        .iter()
+        .find(|n| **n != failing && **n != kept)
+        .expect("a third node")
+        .to_string();
+    let key = ha.cluster.path().join(".cairn/dev/gitops/operator_ed25519");
+    let key = key.to_string_lossy();
+    let maintenance = |node: &str, switch: &str| {
+        ha.cluster.cairn(&[
+            "node",
+            "maintenance",
+            node,
+            switch,
+            "--data-dir",
+            ".cairn",
+            "--key",
+            &key,
+        ])
+    };
+
+    // A node the applied commit does not name: exit 1, naming the nodes.
+    let unknown = maintenance("lab-9", "--on");
+    assert_eq!(unknown.code, 1, "{unknown:?}");
+    assert!(
+        unknown.stderr.contains("lab-9") && unknown.stderr.contains("lab-1, lab-2, lab-3"),
+        "{unknown:?}"
+    );
+
+    let vms_kept = on(&kept);
+    let pids: Vec<u32> = vms_kept
+        .iter()
+        .map(|vm| vmm_pid(&ha.vm_dir(vm)).expect("its VMM"))
+        .collect();
+    let entered = maintenance(&kept, "--on");
+    assert_eq!(entered.code, 0, "{entered:?}");
+    assert!(
+        entered
+            .stdout
+            .contains(&format!("{kept} is in maintenance")),
+        "{entered:?}"
+    );
+    for vm in &vms_kept {
+        assert!(
+            entered.stdout.contains(vm.as_str()),
+            "names {vm}: {entered:?}"
+        );
+    }
+    let again = maintenance(&kept, "--on");
+    assert!(
+        again.code == 0 && again.stdout.contains("already in maintenance"),
+        "{again:?}"
+    );
+
+    // Status (JSON, text), /metrics.
+    let status = ha.status();
+    assert_eq!(
+        node_state(&status, &kept).as_deref(),
+        Some("maintenance"),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["controller"]["maintenance"][0]["node"], kept,
+        "{:#}",
+        status["controller"]
+    );
+    let text = ha.cluster.cairn(&["status", "."]).stdout;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(kept.as_str()) && l.contains("maintenance")),
+        "{text}"
+    );
+    let metrics = get(&ha, "/metrics");
+    for sample in [
+        format!("cairn_controller_node_state{{node=\"{kept}\",state=\"maintenance\"}} 1"),
+        "cairn_controller_nodes{state=\"maintenance\"} 1".to_owned(),
+    ] {
+        assert!(metrics.contains(&sample), "{sample} in:\n{metrics}");
+    }
+
+    // The failing node's HA VMs restart on the other node, never on `kept`.
+    let moving: Vec<String> = on(&failing)
+        .into_iter()
+        .filter(|vm| vm.starts_with("web-"))
+        .collect();
+    let killed = ha.kill_node(&failing);
+    let mut landed = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while landed.len() < moving.len() {
+        let status = ha.status();
+        for row in status["vms"].as_array().into_iter().flatten() {
+            let (Some(vm), Some(node)) = (row["name"].as_str(), row["node"].as_str()) else {
+                continue;
+            };
+            if !moving.iter().any(|m| m == vm) || node == failing {
+                continue;
+            }
+            assert_ne!(
+                node, kept,
+                "{vm} was restarted on {kept}, in maintenance: {row}"
+            );
+            if row["state"] == "running" {
+                landed.insert(vm.to_owned(), node.to_owned());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{moving:?} running elsewhere; now {landed:?}; status {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "{failing} killed: {landed:?} after {:?} ({kept} in maintenance)",
+        killed.elapsed()
+    );
+    assert!(landed.values().all(|n| *n == other), "{landed:?}");
+    // The VMs on the node in maintenance stayed, in the same VMMs.
+    for (vm, pid) in vms_kept.iter().zip(&pids) {
+        assert_eq!(vmm_pid(&ha.vm_dir(vm)), Some(*pid), "{vm} runs on in place");
+    }
+
+    let left = maintenance(&kept, "--off");
+    assert!(
+        left.code == 0 && left.stdout.contains("out of maintenance"),
+        "{left:?}"
+    );
+    let status = ha.status();
+    assert_ne!(
+        node_state(&status, &kept).as_deref(),
+        Some("maintenance"),
+        "{status:#}"
+    );
+    assert_eq!(
+        status["controller"]["maintenance"],
+        serde_json::json!([]),
+        "{status:#}"
+    );
+}

@@ -1,0 +1,373 @@
+//! Nodes in maintenance, set by an operator (`cairn node maintenance NODE --on|--off`,
+//! `POST /api/v1/nodes/NODE/maintenance/{on,off}`: the token and a signed action, as
+//! every API call that changes something).
+//!
+//! What maintenance means (as a Nomad node made ineligible, or a vSphere host in
+//! maintenance mode, except that nothing is moved away by itself): no VM is placed
+//! on the node that was not there before, so a new VM, an HA restart off a failed
+//! node and a crash move go elsewhere (`reconciler::pipeline::keep_off`, through
+//! `PlanOptions::maintenance`, in syncs and drift checks); the VMs already on it stay
+//! and keep running, and stay protected (HA, crash restarts in place). cairn has no
+//! live migration yet, so entering maintenance with VMs on the node is accepted, and
+//! the answer names every VM still there: they must be moved (or stopped) before the
+//! node may be powered off; until then an operator powering it off gets an HA
+//! failover. The node shows `maintenance` in `cairn status`, `/api/v1/status`
+//! (`nodes[].state`, `controller.maintenance[]`) and `/metrics`, unless its lease
+//! says `failed` or `fenced` (then HA acts on its VMs, and that is what is shown).
+//!
+//! Kept in `DATA_DIR/controller.maintenance` (JSON, replaced atomically), read when
+//! the controller starts: maintenance survives restarts of the controller.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use crate::Shared;
+use crate::events::Event;
+
+/// One node in maintenance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The node.
+    pub node: String,
+    /// Since when (RFC 3339).
+    pub since: String,
+    /// Who set it (the action's signer).
+    pub by: String,
+}
+
+/// The nodes in maintenance, with their file.
+#[derive(Debug)]
+pub struct Maintenance {
+    path: PathBuf,
+    nodes: Mutex<BTreeMap<String, Entry>>,
+}
+
+/// `DATA_DIR/controller.maintenance`.
+pub fn path(data_dir: &Path) -> PathBuf {
+    data_dir.join("controller.maintenance")
+}
+
+impl Maintenance {
+    /// Reads the file (none: no node is in maintenance).
+    pub fn load(data_dir: &Path) -> Result<Maintenance, String> {
+        let path = path(data_dir);
+        let nodes = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<Vec<Entry>>(&bytes)
+                .map_err(|e| {
+                    format!(
+                        "{} is not a list of nodes in maintenance ({e}); fix or remove it",
+                        path.display()
+                    )
+                })?
+                .into_iter()
+                .map(|e| (e.node.clone(), e))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        Ok(Maintenance {
+            path,
+            nodes: Mutex::new(nodes),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The nodes in maintenance.
+    pub fn nodes(&self) -> BTreeSet<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    /// Every entry, by node.
+    pub fn entries(&self) -> Vec<Entry> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Puts `node` in maintenance or takes it out, durably; whether it changed.
+    pub fn set(&self, node: &str, on: bool, by: &str) -> Result<bool, String> {
+        let mut nodes = self.lock();
+        let mut next = nodes.clone();
+        let changed = if on {
+            if next.contains_key(node) {
+                false
+            } else {
+                next.insert(
+                    node.to_owned(),
+                    Entry {
+                        node: node.to_owned(),
+                        since: crate::events::rfc3339(reconciler::state::now_ms()),
+                        by: by.to_owned(),
+                    },
+                );
+                true
+            }
+        } else {
+            next.remove(node).is_some()
+        };
+        if changed {
+            let list: Vec<&Entry> = next.values().collect();
+            let text = serde_json::to_vec_pretty(&list).expect("entries serialize");
+            let tmp = self.path.with_extension("maintenance.tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, &self.path))
+                .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
+            *nodes = next;
+        }
+        Ok(changed)
+    }
+}
+
+/// A node's state with maintenance: `maintenance` unless its lease says `failed`
+/// or `fenced` (HA acts on it then).
+pub fn state(lease_state: &'static str, in_maintenance: bool) -> &'static str {
+    match lease_state {
+        "failed" | "fenced" => lease_state,
+        _ if in_maintenance => "maintenance",
+        other => other,
+    }
+}
+
+/// Each node's state (`lease::Leases::node_states`) with maintenance.
+pub fn node_states(shared: &Shared, model: &compiler::Model) -> Vec<(String, &'static str)> {
+    let maintenance = shared.maintenance.nodes();
+    shared
+        .leases
+        .node_states(model)
+        .into_iter()
+        .map(|(node, s)| {
+            let s = state(s, maintenance.contains(&node));
+            (node, s)
+        })
+        .collect()
+}
+
+/// The VMs of the stored placement on `node`.
+fn vms_on(shared: &Shared, node: &str) -> Result<Vec<String>, String> {
+    use reconciler::state::StateStore as _;
+    let store = shared.state_store()?;
+    Ok(store
+        .placement()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .flat_map(|p| &p.vms)
+        .filter(|v| v.node == node || v.secondary.as_deref() == Some(node))
+        .map(|v| v.name.clone())
+        .collect())
+}
+
+fn refuse(status: StatusCode, why: String) -> Response {
+    (status, format!("{why}\n")).into_response()
+}
+
+/// `POST /api/v1/nodes/{node}/maintenance/{on|off}`: a signed action
+/// `maintenance-on:NODE` or `maintenance-off:NODE` (the node is part of what is
+/// signed). Answers `{node, maintenance, changed, vms_on_node, message}`.
+pub(crate) async fn handler(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((node, switch)): UrlPath<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let on = match switch.as_str() {
+        "on" => true,
+        "off" => false,
+        other => {
+            return refuse(
+                StatusCode::NOT_FOUND,
+                format!("`{other}`: maintenance is switched `on` or `off`"),
+            );
+        }
+    };
+    let good = shared.good.lock().expect("good lock").clone();
+    let known: Vec<String> = good
+        .iter()
+        .flat_map(|g| g.model.sites.iter().flat_map(|s| &s.nodes))
+        .map(|n| n.name.clone())
+        .collect();
+    if !known.contains(&node) {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!(
+                "node `{node}` is not in the applied commit (its nodes: {})",
+                if known.is_empty() {
+                    "none yet".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+    }
+    let action = action(&node, on);
+    let binding = crate::actions::Binding::current(&shared);
+    let signed = match crate::actions::authorize(&shared, &action, &body, &binding) {
+        Ok(a) => a,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let changed = match shared.maintenance.set(&node, on, &signed.signer()) {
+        Ok(c) => c,
+        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let vms = match vms_on(&shared, &node) {
+        Ok(v) => v,
+        Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let message = message(&node, on, changed, &vms);
+    if changed {
+        shared.record(vec![
+            Event::new(
+                "node",
+                if on {
+                    "maintenance"
+                } else {
+                    "maintenance ended"
+                },
+            )
+            .object(format!("node {node}"))
+            .reason(format!("{message} (by {})", signed.signer())),
+        ]);
+        crate::lease::node_metrics(&shared);
+    }
+    axum::Json(serde_json::json!({
+        "node": node,
+        "maintenance": on,
+        "changed": changed,
+        "vms_on_node": vms,
+        "message": message,
+    }))
+    .into_response()
+}
+
+/// The signed action's name: the node and the switch are part of what is signed.
+pub fn action(node: &str, on: bool) -> String {
+    format!("maintenance-{}:{node}", if on { "on" } else { "off" })
+}
+
+/// What the operator is told.
+fn message(node: &str, on: bool, changed: bool, vms: &[String]) -> String {
+    if !on {
+        return if changed {
+            format!("{node} is out of maintenance: VMs may be placed on it again")
+        } else {
+            format!("{node} was not in maintenance")
+        };
+    }
+    let head = if changed {
+        format!(
+            "{node} is in maintenance: no VM is placed on it any more (new VMs, HA restarts and crash moves go elsewhere)"
+        )
+    } else {
+        format!("{node} was already in maintenance")
+    };
+    if vms.is_empty() {
+        format!("{head}; no VM is placed on it: it may be powered off")
+    } else {
+        format!(
+            "{head}; {} VM{} still run{} on it and stay{} there (cairn has no live migration yet): {}; move them (a spec change, or stop them) before powering {node} off, or HA restarts the HA ones elsewhere when it fails",
+            vms.len(),
+            if vms.len() == 1 { "" } else { "s" },
+            if vms.len() == 1 { "s" } else { "" },
+            if vms.len() == 1 { "s" } else { "" },
+            vms.join(", ")
+        )
+    }
+}
+
+/// `cairn node maintenance NODE --on|--off`: asks the controller (of `data_dir`, or
+/// at `url`) with an action signed by `key`. Returns the exit code.
+pub fn command(data_dir: &Path, url: Option<&str>, node: &str, on: bool, key: Option<&Path>) -> u8 {
+    let Some((url, token)) = crate::control::status_endpoint(data_dir, url) else {
+        eprintln!(
+            "error: no cairn controller runs for {} (pass --controller URL, or --data-dir DIR of a running controller)",
+            data_dir.display()
+        );
+        return 2;
+    };
+    let path = format!(
+        "/api/v1/nodes/{node}/maintenance/{}",
+        if on { "on" } else { "off" }
+    );
+    let action = action(node, on);
+    let request = crate::actions::Request {
+        action: &action,
+        path: &path,
+        plan_id: None,
+    };
+    let answer = match crate::actions::perform(
+        &url,
+        token.as_deref(),
+        request,
+        key,
+        std::time::Duration::from_secs(60),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    match (
+        answer.status,
+        serde_json::from_str::<serde_json::Value>(&answer.body),
+    ) {
+        (200, Ok(v)) => {
+            println!("{}", v["message"].as_str().unwrap_or_default());
+            0
+        }
+        (404, _) => {
+            eprintln!("error: {}", answer.body.trim());
+            1
+        }
+        (status, _) => {
+            eprintln!(
+                "error: the controller at {url} answered {status}: {}",
+                answer.body.trim()
+            );
+            2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maintenance_shows_unless_the_lease_says_failed_or_fenced() {
+        assert_eq!(state("ready", true), "maintenance");
+        assert_eq!(state("suspect", true), "maintenance");
+        assert_eq!(state("unreachable", true), "maintenance");
+        assert_eq!(state("failed", true), "failed");
+        assert_eq!(state("fenced", true), "fenced");
+        assert_eq!(state("ready", false), "ready");
+    }
+
+    #[test]
+    fn entering_maintenance_names_the_vms_still_there() {
+        let m = message("lab-2", true, true, &["web-0".into(), "db".into()]);
+        assert!(m.contains("2 VMs still run on it"), "{m}");
+        assert!(m.contains("web-0, db"), "{m}");
+        assert!(message("lab-2", true, true, &[]).contains("it may be powered off"));
+        assert!(message("lab-2", false, false, &[]).contains("was not in maintenance"));
+    }
+
+    #[test]
+    fn the_set_survives_a_reload() {
+        let dir = std::env::temp_dir().join(format!("cairn-maint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = Maintenance::load(&dir).unwrap();
+        assert!(m.set("lab-2", true, "alice").unwrap());
+        assert!(!m.set("lab-2", true, "alice").unwrap());
+        let again = Maintenance::load(&dir).unwrap();
+        assert_eq!(again.nodes(), BTreeSet::from(["lab-2".to_owned()]));
+        assert!(again.set("lab-2", false, "alice").unwrap());
+        assert!(Maintenance::load(&dir).unwrap().nodes().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
