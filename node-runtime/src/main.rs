@@ -92,6 +92,10 @@ struct Args {
     /// With --simulate: the node names' prefix (`n`: n0, n1, … as `cairn gen` names them).
     #[arg(long, default_value = "n", requires = "simulate")]
     simulate_prefix: String,
+    /// With --simulate: the nodes' names and addresses instead, one `NAME HOST:PORT` a
+    /// line (what `cairn dev up --simulate` writes); N must be their number.
+    #[arg(long, value_name = "FILE", requires = "simulate")]
+    simulate_nodes: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -183,10 +187,34 @@ fn simulate(
     nodes: usize,
     disks: DiskLayout,
 ) -> ExitCode {
+    let listed = match &args.simulate_nodes {
+        None => node_runtime::simulate::numbered(nodes, &args.simulate_prefix, args.listen),
+        Some(file) => std::fs::read_to_string(file)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))
+            .and_then(|text| {
+                node_runtime::simulate::parse_nodes(&file.display().to_string(), &text)
+            })
+            .and_then(|listed| {
+                if listed.len() == nodes {
+                    Ok(listed)
+                } else {
+                    Err(format!(
+                        "--simulate {nodes} but {} lists {} nodes",
+                        file.display(),
+                        listed.len()
+                    ))
+                }
+            }),
+    };
+    let listed = match listed {
+        Ok(listed) => listed,
+        Err(error) => {
+            eprintln!("cairn-node --simulate: {error}");
+            return ExitCode::from(2);
+        }
+    };
     let config = node_runtime::simulate::SimulateConfig {
-        nodes,
-        prefix: args.simulate_prefix.clone(),
-        listen: args.listen,
+        nodes: listed,
         data_dir: args.data_dir.clone(),
         disks,
         lease: args

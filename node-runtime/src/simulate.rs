@@ -389,12 +389,8 @@ where
 /// How `cairn-node --simulate` runs.
 #[derive(Debug, Clone)]
 pub struct SimulateConfig {
-    /// Number of nodes.
-    pub nodes: usize,
-    /// Node names: `PREFIX` + index (`n0`, `n1`, … with prefix `n`, as `cairn gen`).
-    pub prefix: String,
-    /// Node `i` listens on this address's port + `i`.
-    pub listen: SocketAddr,
+    /// Each node's name and address.
+    pub nodes: Vec<(String, SocketAddr)>,
     /// Data directories: `DATA_DIR/NAME`; the control address in `DATA_DIR/control-address`.
     pub data_dir: PathBuf,
     /// File disks of each node's volume store, and their size.
@@ -461,28 +457,75 @@ impl SimNode {
     }
 }
 
-/// Runs the simulated nodes until `shutdown` completes. Node `i` is `PREFIX{i}` on
-/// port `listen.port() + i`.
+/// The nodes of `cairn-node --simulate N`: `PREFIX{i}` on port `listen.port() + i`.
+pub fn numbered(
+    nodes: usize,
+    prefix: &str,
+    listen: SocketAddr,
+) -> Result<Vec<(String, SocketAddr)>, String> {
+    if listen.port() == 0 {
+        return Err("--simulate needs a fixed --listen port (node i listens on PORT + i)".into());
+    }
+    if usize::from(listen.port()) + nodes > 65_536 {
+        return Err(format!(
+            "{nodes} nodes from port {} run past port 65535",
+            listen.port()
+        ));
+    }
+    Ok((0..nodes)
+        .map(|i| {
+            (
+                format!("{prefix}{i}"),
+                SocketAddr::new(listen.ip(), listen.port() + i as u16),
+            )
+        })
+        .collect())
+}
+
+/// The nodes listed in `text` (`--simulate-nodes FILE`): one `NAME HOST:PORT` a line,
+/// `#` comments.
+pub fn parse_nodes(file: &str, text: &str) -> Result<Vec<(String, SocketAddr)>, String> {
+    let mut nodes: Vec<(String, SocketAddr)> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = format!("{file}:{}", number + 1);
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(address), None) = (words.next(), words.next(), words.next()) else {
+            return Err(format!("{at}: expected `NAME HOST:PORT`, found `{line}`"));
+        };
+        let address: SocketAddr = address
+            .parse()
+            .map_err(|e| format!("{at}: `{address}` is not an IP address and port: {e}"))?;
+        if nodes.iter().any(|(n, a)| n == name || *a == address) {
+            return Err(format!(
+                "{at}: node `{name}` or address {address} is listed twice"
+            ));
+        }
+        nodes.push((name.to_string(), address));
+    }
+    if nodes.is_empty() {
+        return Err(format!("{file}: lists no node"));
+    }
+    Ok(nodes)
+}
+
+/// Runs the simulated nodes until `shutdown` completes.
 pub async fn run(
     config: SimulateConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    if config.listen.port() == 0 {
-        return Err("--simulate needs a fixed --listen port (node i listens on PORT + i)".into());
-    }
-    if usize::from(config.listen.port()) + config.nodes > 65_536 {
-        return Err(format!(
-            "{} nodes from port {} run past port 65535",
-            config.nodes,
-            config.listen.port()
-        ));
-    }
+    let Some(first) = config.nodes.first().map(|(_, address)| *address) else {
+        return Err("no node to simulate".into());
+    };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
     let shared_keys = config.data_dir.join("trusted-controllers");
     let mut nodes: BTreeMap<String, SimNode> = BTreeMap::new();
-    for index in 0..config.nodes {
-        let name = format!("{}{index}", config.prefix);
+    for (index, (name, listen)) in config.nodes.iter().enumerate() {
+        let (name, listen) = (name.clone(), *listen);
         crate::validate::name("--simulate node name", &name)
             .map_err(|s| s.message().to_string())?;
         let data_dir = config.data_dir.join(&name);
@@ -491,7 +534,6 @@ pub async fn run(
             .trusted_controller_keys
             .clone()
             .or_else(|| (!own_keys.exists() && shared_keys.exists()).then(|| shared_keys.clone()));
-        let listen = SocketAddr::new(config.listen.ip(), config.listen.port() + index as u16);
         let faults = Arc::new(Faults::default());
         let hypervisor = Arc::new(SimHypervisor::default());
         let node_config = NodeConfig {
@@ -534,7 +576,7 @@ pub async fn run(
             tokio::task::yield_now().await;
         }
     }
-    let control = tokio::net::TcpListener::bind(SocketAddr::new(config.listen.ip(), 0))
+    let control = tokio::net::TcpListener::bind(SocketAddr::new(first.ip(), 0))
         .await
         .map_err(|e| format!("cannot listen for fault commands: {e}"))?;
     let control_address = control.local_addr().map_err(|e| e.to_string())?;
@@ -542,14 +584,9 @@ pub async fn run(
     std::fs::write(&control_file, format!("{control_address}\n"))
         .map_err(|e| format!("cannot write {}: {e}", control_file.display()))?;
     println!(
-        "cairn-node --simulate: {} nodes {}0..{}{} on {}:{}..{}, fault commands on {control_address}",
-        config.nodes,
-        config.prefix,
-        config.prefix,
-        config.nodes.saturating_sub(1),
-        config.listen.ip(),
-        config.listen.port(),
-        usize::from(config.listen.port()) + config.nodes - 1,
+        "cairn-node --simulate: {} nodes ({} on {first} first), fault commands on {control_address}",
+        config.nodes.len(),
+        config.nodes[0].0,
     );
     let nodes = Arc::new(tokio::sync::Mutex::new(nodes));
     let disks = config.disks;
