@@ -403,6 +403,11 @@ pub struct ImageDisk {
     pub path: String,
     /// The file's format, as `qemu-img convert -f` takes it.
     pub format: ImageDiskFormat,
+    /// Where the spec names the file (`FILE:LINE:COL`), for the messages of an import
+    /// that fails; not part of the model's JSON.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub at: String,
 }
 
 /// The format of an image's disk file.

@@ -31,6 +31,7 @@ pub mod exports;
 pub mod fencing;
 pub mod guest_io;
 pub mod hypervisor;
+pub mod import;
 pub mod inventory;
 pub mod local_volumes;
 pub mod network_backend;

@@ -82,6 +82,10 @@ pub struct DesiredVolume {
     pub stripe_width: u32,
     /// Stripe unit.
     pub stripe_unit_bytes: u64,
+    /// A `from-image=#true` disk of an image with a disk file: the base volume it is
+    /// cloned from (`crate::images`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_image: Option<crate::images::ImageBase>,
 }
 
 /// A QoS traffic class of a bond.
@@ -153,6 +157,9 @@ pub struct Desired {
     /// of their layout's primary: volume → writer. A VM on the writer's node attaches
     /// the volume there, and its layout's primary being down does not hold the VM.
     pub moved_writers: BTreeMap<String, String>,
+    /// `image-NAME` of every image with a disk file: base volumes of these images are
+    /// kept (`crate::images::base_image`).
+    pub image_bases: std::collections::BTreeSet<String>,
 }
 
 /// The name of a VM disk's volume.
@@ -379,6 +386,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
             desired.bonds.insert(node.name.clone(), bonds);
         }
     }
+    desired.image_bases = crate::images::kept_bases(model);
     for vm in &model.vms {
         desired.tenants.insert(vm.name.clone(), vm.tenant.clone());
         if vm.sla.class == compiler::model::SlaClass::Spot {
@@ -421,6 +429,11 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                 continue;
             };
             let pool = site.and_then(|s| s.pools.iter().find(|p| p.name == disk.pool));
+            let from_image = disk
+                .from_image
+                .then(|| model.images.iter().find(|i| i.name == vm.image))
+                .flatten()
+                .and_then(|i| crate::images::desired_base(i, spec_root, vp));
             desired.volumes.insert(
                 name.clone(),
                 DesiredVolume {
@@ -432,6 +445,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                     size_bytes: disk.size_bytes,
                     stripe_width: pool.map(|p| p.stripe_width).unwrap_or(1),
                     stripe_unit_bytes: pool.map(|p| p.stripe_unit_bytes).unwrap_or(1 << 20),
+                    from_image,
                 },
             );
             volumes.push(name);

@@ -26,6 +26,7 @@ pub mod audit;
 pub mod desired;
 pub mod drift;
 pub mod epochs;
+pub mod images;
 pub mod nodes;
 pub mod observe;
 pub mod pipeline;

@@ -193,6 +193,9 @@ pub struct ObservedVolume {
     /// The epoch this copy holds (absent before the controller set one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<ObservedEpoch>,
+    /// Its snapshots' names (a base volume's `image` snapshot: `crate::images`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<String>,
 }
 
 /// A volume's epoch as one copy holds it, and (on its writer) the writer's view of
@@ -605,6 +608,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                         awaiting_removal: v.awaiting_removal,
                         caught_up: v.caught_up,
                     }),
+                    snapshots: v.snapshots.into_iter().map(|s| s.name).collect(),
                 },
             )
         })

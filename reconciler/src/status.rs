@@ -319,6 +319,12 @@ pub fn status(
         for v in vols.values().filter(|v| v.role != VolumeRole::Replica) {
             seen.insert(v.name.clone());
             let drift = match desired.volumes.get(&v.name) {
+                // An image's base volume, kept while its image is in the spec.
+                None if crate::images::base_image(&v.name)
+                    .is_some_and(|i| desired.image_bases.contains(i)) =>
+                {
+                    "none"
+                }
                 None => "not-in-spec",
                 Some(d) if d.node != *node => "wrong-node",
                 Some(d) if d.size_bytes != v.size_bytes => "definition",

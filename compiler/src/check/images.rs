@@ -118,6 +118,7 @@ impl Checker<'_> {
         format.map(|format| ImageDisk {
             path: d.path.value.clone(),
             format,
+            at: crate::diag::location(self.sources, d.path.span),
         })
     }
 }

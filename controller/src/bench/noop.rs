@@ -129,6 +129,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
             health: Health::Healthy,
             generation: 1,
             epoch: None,
+            snapshots: vec![],
         };
         if let Some((_, volumes, _)) = reachable(&mut observed, &v.node) {
             volumes.insert(v.name.clone(), copy(VolumeRole::Primary, "", &v.replicas));

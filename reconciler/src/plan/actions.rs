@@ -70,6 +70,19 @@ pub enum NodeAction {
         /// The new volume.
         name: String,
     },
+    /// `ImportImage`: an image's disk file written into its base volume (sent to the
+    /// base's writer; `crate::images`).
+    ImportImage {
+        /// The base volume.
+        volume: String,
+        /// The disk file (absolute, read on the node).
+        path: String,
+        /// `raw` or `qcow2`.
+        format: String,
+        /// Where the spec names the file (`FILE:LINE:COL`).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        source: String,
+    },
     /// `CreateVm`.
     CreateVm {
         /// Name.
@@ -138,6 +151,7 @@ impl NodeAction {
             NodeAction::SnapshotVolume { .. } => "snapshot_volume",
             NodeAction::DeleteSnapshot { .. } => "delete_snapshot",
             NodeAction::CloneVolume { .. } => "clone_volume",
+            NodeAction::ImportImage { .. } => "import_image",
             NodeAction::CreateVm { .. } => "create_vm",
             NodeAction::StartVm { .. } => "start_vm",
             NodeAction::StopVm { .. } => "stop_vm",
@@ -153,6 +167,7 @@ impl NodeAction {
             NodeAction::SnapshotVolume { snapshot, .. }
             | NodeAction::DeleteSnapshot { snapshot, .. } => snapshot,
             NodeAction::CloneVolume { name, .. } => name,
+            NodeAction::ImportImage { volume, .. } => volume,
             NodeAction::CreateVolume { name, .. }
             | NodeAction::DeleteVolume { name }
             | NodeAction::ResizeVolume { name, .. }
@@ -219,6 +234,17 @@ impl NodeAction {
                 volume: volume.clone(),
                 snapshot: snapshot.clone(),
                 name: name.clone(),
+            }),
+            NodeAction::ImportImage {
+                volume,
+                path,
+                format,
+                source,
+            } => Action::ImportImage(proto::v1::ImportImage {
+                volume: volume.clone(),
+                path: path.clone(),
+                format: format.clone(),
+                source: source.clone(),
             }),
             NodeAction::CreateVm {
                 name,

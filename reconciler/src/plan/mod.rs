@@ -16,6 +16,7 @@
 mod actions;
 mod bonds;
 mod build;
+mod images;
 mod types;
 mod vms;
 mod volumes;

@@ -39,7 +39,7 @@ pub(super) fn plan_volumes(b: &mut Builder<'_>) {
         }
     }
     for (name, (node, o)) in &observed_primaries {
-        if desired.spec_volumes.contains_key(*name) {
+        if desired.spec_volumes.contains_key(*name) || super::images::kept(b, name) {
             continue;
         }
         if b.keep_unpruned("volume", name, node) {
@@ -54,15 +54,33 @@ pub(super) fn plan_volumes(b: &mut Builder<'_>) {
             });
             continue;
         }
+        let mut steps = vec![];
+        if crate::images::is_base(name) && !o.snapshots.is_empty() {
+            // An image's base that left the spec: its snapshot goes first (clones
+            // made from it stay).
+            steps.push(b.step(
+                node,
+                NodeAction::DeleteSnapshot {
+                    volume: (*name).to_owned(),
+                    snapshot: crate::images::BASE_SNAPSHOT.to_owned(),
+                },
+                b.all_vm_deletes.clone(),
+            ));
+        }
         let delete = b.step(
             node,
             NodeAction::DeleteVolume {
                 name: (*name).to_owned(),
             },
-            b.all_vm_deletes.clone(),
+            if steps.is_empty() {
+                b.all_vm_deletes.clone()
+            } else {
+                steps.clone()
+            },
         );
+        steps.push(delete);
         b.changes.push(Change {
-            steps: vec![delete],
+            steps,
             details: vec![format!(
                 "DATA LOSS: its {} of data{} are deleted; no spec names it any more",
                 compiler::units::human_size(o.size_bytes),
@@ -76,6 +94,7 @@ pub(super) fn plan_volumes(b: &mut Builder<'_>) {
             ..Change::new(ChangeKind::Delete, "volume", name, "", node)
         });
     }
+    let mut bases = super::images::Bases::new();
     for v in desired.volumes.values() {
         let observed_copy = observed_primaries.get(v.name.as_str());
         let in_sync =
@@ -96,6 +115,11 @@ pub(super) fn plan_volumes(b: &mut Builder<'_>) {
             continue;
         }
         match observed_copy {
+            None if v.from_image.is_some() => {
+                let base = v.from_image.as_ref().expect("from an image");
+                let steps = super::images::create_from_image(b, v, base, &mut bases);
+                b.volume_steps.insert(v.name.clone(), steps);
+            }
             None => {
                 let s = b.create_volume(v, vec![]);
                 b.volume_steps.insert(v.name.clone(), vec![s]);
