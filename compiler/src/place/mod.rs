@@ -23,8 +23,10 @@
 //!
 //! The output (`Placement`) is a JSON contract: `cairn place --format json`.
 
+pub mod binpack;
 mod explain;
 mod graph;
+mod pack;
 mod rebalance;
 mod volumes;
 
@@ -1045,12 +1047,16 @@ pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>
             };
             engine.assign(vm, node, secondary);
         }
+        let mut fresh: Vec<&Vm> = vec![];
         for vm in &phase {
             if engine.assigned.contains_key(&vm.name) {
                 continue;
             }
             match engine.best(vm) {
-                Some((node, secondary)) => engine.assign(vm, node, secondary),
+                Some((node, secondary)) => {
+                    engine.assign(vm, node, secondary);
+                    fresh.push(vm);
+                }
                 None => {
                     let mut reasons = engine.reasons(vm, locator);
                     if phase_spot && previous.contains_key(vm.name.as_str()) {
@@ -1069,6 +1075,7 @@ pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>
                 }
             }
         }
+        pack::improve_fresh(&mut engine, &fresh);
     }
     ha_admission(model, &mut engine, &mut unplaced, locator);
     finish(model, &engine, volumes, unplaced, options.previous.as_ref())

@@ -3,6 +3,7 @@
 
 mod fmt;
 mod kdl_fast;
+mod packing;
 mod placement;
 mod robustness;
 
