@@ -311,8 +311,10 @@ pub struct ControllerRunArgs {
     /// DATA_DIR/allowed-signers).
     #[arg(long, value_name = "FILE")]
     pub trusted_keys: Option<PathBuf>,
-    /// State store file (default: DATA_DIR/state.redb).
-    #[arg(long, value_name = "PATH")]
+    /// State store: a redb file (default: DATA_DIR/state.redb), or
+    /// etcd://HOST:PORT[,HOST:PORT…]/PREFIX shared by controller replicas, one of which
+    /// leads (elected through an etcd lease; the others serve the read-only API).
+    #[arg(long, value_name = "PATH|etcd://HOSTS/PREFIX")]
     pub state: Option<PathBuf>,
     /// Address of the HTTP interface (health, metrics, status, events).
     #[arg(long, default_value = "127.0.0.1:7400")]

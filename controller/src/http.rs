@@ -125,6 +125,12 @@ async fn guard(State(shared): State<Arc<Shared>>, request: Request, next: Next) 
             "a bearer token is required: `Authorization: Bearer $(cat DATA_DIR/controller.token)`",
         );
     }
+    if request.uri().path().starts_with("/api/")
+        && request.method() != axum::http::Method::GET
+        && let Some(why) = crate::replicas::refusal(&shared)
+    {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, &why);
+    }
     next.run(request).await
 }
 

@@ -271,12 +271,7 @@ impl Leases {
 
     /// The VMs `node` must fence: its HA and FT VMs in the stored placement
     /// (re-read when older than T/3).
-    fn fenced_vms(
-        &self,
-        node: &str,
-        model: &compiler::Model,
-        state: &std::path::Path,
-    ) -> Vec<String> {
+    fn fenced_vms(&self, node: &str, model: &compiler::Model, shared: &Shared) -> Vec<String> {
         let mut cache = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = cache
             .as_ref()
@@ -289,7 +284,8 @@ impl Leases {
                 .map(|m| m.name.as_str())
                 .collect();
             let mut by_node = FencedByNode::new();
-            let placement = reconciler::state::RedbStore::open(state)
+            let placement = shared
+                .state_store()
                 .ok()
                 .and_then(|store| store.placement().ok().flatten());
             for vm in placement.iter().flat_map(|p| &p.vms) {
@@ -584,9 +580,7 @@ impl v1::lease_server::Lease for LeaseService {
                 public_key_hex: keys.get(&n.name).cloned().unwrap_or_default(),
             })
             .collect();
-        let fenced_vms =
-            self.leases
-                .fenced_vms(&name, &good.model, &self.shared.config.state_path());
+        let fenced_vms = self.leases.fenced_vms(&name, &good.model, &self.shared);
         let body = request.into_inner();
         let grants = {
             let mut granted = self.leases.lock();

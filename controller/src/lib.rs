@@ -41,6 +41,7 @@ pub mod metrics;
 pub mod notifications;
 pub mod rebuild;
 pub mod remote;
+pub mod replicas;
 pub mod source;
 pub mod sync_api;
 pub mod trust;
@@ -74,7 +75,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Trusted keys (allowed-signers format); default `DATA_DIR/allowed-signers`.
     pub trusted_keys: Option<PathBuf>,
-    /// State store file; default `DATA_DIR/state.redb`.
+    /// State store file; default `DATA_DIR/state.redb`; `etcd://HOSTS/PREFIX`: shared
+    /// with controller replicas, one of which leads ([`replicas`]).
     pub state: Option<PathBuf>,
     /// HTTP address.
     pub listen: SocketAddr,
@@ -114,10 +116,11 @@ impl Config {
             .unwrap_or_else(|| self.data_dir.join("allowed-signers"))
     }
 
-    /// The state store file.
+    /// The state store file (with an etcd store: the local one of the volume epochs).
     pub fn state_path(&self) -> PathBuf {
         self.state
             .clone()
+            .filter(|s| !replicas::is_etcd(s))
             .unwrap_or_else(|| self.data_dir.join("state.redb"))
     }
 }
@@ -185,6 +188,8 @@ pub struct Shared {
     pub notifier: std::sync::OnceLock<notifications::Notifier>,
     /// The nodes' leases (`Lease.Renew` on the gRPC listener).
     pub leases: Arc<lease::Leases>,
+    /// The etcd store and the election, with `--state etcd://…`.
+    pub replicas: Option<replicas::Replicas>,
     /// The nodes an operator put in maintenance.
     pub maintenance: maintenance::Maintenance,
 }
@@ -192,12 +197,16 @@ pub struct Shared {
 impl Shared {
     /// The state store, its audit log signed with the controller key; appends
     /// move the audit head every node request carries (`proto::anchor`).
-    pub fn state_store(&self) -> Result<reconciler::state::RedbStore, String> {
+    pub fn state_store(&self) -> Result<replicas::ControllerStore, String> {
+        let head = self.signer.audit_head().cloned().unwrap_or_default();
         reconciler::state::RedbStore::open(&self.config.state_path())
-            .and_then(|store| {
-                store.with_audit_key(
-                    self.signer.identity().clone(),
-                    self.signer.audit_head().cloned().unwrap_or_default(),
+            .and_then(|store| store.with_audit_key(self.signer.identity().clone(), head.clone()))
+            .and_then(|local| {
+                replicas::ControllerStore::open(
+                    local,
+                    self.replicas.as_ref(),
+                    self.signer.identity(),
+                    head,
                 )
             })
             .map_err(|e| e.to_string())
@@ -348,7 +357,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
             None => None,
         },
         state: match &config.state {
-            Some(p) => Some(std::path::absolute(p)?),
+            Some(p) if !replicas::is_etcd(p) => Some(std::path::absolute(p)?),
+            Some(url) => Some(url.clone()),
             None => None,
         },
         ..config
@@ -395,7 +405,17 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         &data_dir.join("controller.pub"),
     )
     .context("the controller key")?;
-    let signer = RequestSigner::new(identity).with_audit_head(Default::default());
+    let fence = proto::fence::SharedFence::default();
+    let signer = RequestSigner::new(identity)
+        .with_audit_head(Default::default())
+        .with_fence(fence.clone());
+    let replicas = match config.state.as_deref().filter(|s| replicas::is_etcd(s)) {
+        Some(url) => Some(
+            replicas::Replicas::start(&url.to_string_lossy(), &format!("http://{address}"), fence)
+                .context("the shared state store")?,
+        ),
+        None => None,
+    };
     let token = control::token(&data_dir).context("the API token")?;
     let receivers =
         notifications::load(config.notify.as_deref(), &data_dir).map_err(|e| anyhow::anyhow!(e))?;
@@ -432,6 +452,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         requests: Mutex::new(vec![]),
         notifier: std::sync::OnceLock::new(),
         leases: Arc::new(lease::Leases::new(lease::DEFAULT_TTL)),
+        replicas,
         maintenance,
     });
     std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))

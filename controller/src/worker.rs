@@ -20,7 +20,9 @@ use reconciler::apply::{ApplyEvents, ApplyOptions, StepOutcome};
 use reconciler::observe::{NodeObservation, Observed, observe_except};
 use reconciler::pipeline::{self, Planned};
 use reconciler::plan::{ChangeKind, Plan};
-use reconciler::state::{RedbStore, StateStore};
+use reconciler::state::StateStore;
+
+use crate::replicas::ControllerStore;
 use serde_json::json;
 
 use crate::Shared;
@@ -164,6 +166,7 @@ pub(crate) async fn run(
     w.restore();
     let mut next_drift = Instant::now();
     loop {
+        crate::replicas::wait_leader(&w.shared, &mut stop).await;
         if *stop.borrow() {
             break;
         }
@@ -302,7 +305,7 @@ impl ApplyEvents for StepEvents<'_> {
 
 /// The apply lock of the state store, released when dropped.
 struct StoreLock<'a> {
-    store: &'a RedbStore,
+    store: &'a ControllerStore,
     id: String,
 }
 
@@ -314,7 +317,7 @@ impl Drop for StoreLock<'_> {
 
 fn take_store_lock<'a>(
     shared: &Shared,
-    store: &'a RedbStore,
+    store: &'a ControllerStore,
     command: &str,
 ) -> Result<StoreLock<'a>, String> {
     match store.lock(command) {
@@ -459,7 +462,7 @@ impl Worker {
         };
     }
 
-    fn store(&self) -> Result<RedbStore, String> {
+    fn store(&self) -> Result<ControllerStore, String> {
         self.shared.state_store()
     }
 
@@ -916,7 +919,7 @@ impl Worker {
     /// Executes a plan (or records that there is nothing to do).
     async fn carry_out(
         &self,
-        store: &RedbStore,
+        store: &ControllerStore,
         planned: &Planned,
         interrupted: Option<&pipeline::Interrupted>,
         commit: Option<&str>,
@@ -1611,6 +1614,9 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
         "branch": view.branch,
         "head": view.head,
     });
+    if let Some(replicas) = &shared.replicas {
+        controller["replicas"] = replicas.status();
+    }
     let good = shared.good.lock().expect("good lock").clone();
     let Some(good) = good else {
         return json!({"format_version": reconciler::status::STATUS_FORMAT_VERSION, "controller": controller});

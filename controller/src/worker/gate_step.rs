@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use reconciler::pipeline::{self, PipelineError, Planned};
-use reconciler::state::{RedbStore, StateStore};
+use reconciler::state::StateStore;
+
+use crate::replicas::ControllerStore;
 use serde_json::json;
 
 use super::{SyncEnd, Worker, short};
@@ -19,7 +21,7 @@ pub(super) struct Judged<'a> {
     pub planned: &'a Planned,
     pub limits: &'a Limits,
     pub signer: Option<&'a crate::trust::Signer>,
-    pub store: &'a RedbStore,
+    pub store: &'a ControllerStore,
     pub started: Instant,
 }
 
