@@ -198,6 +198,10 @@ pub enum Command {
         /// Seed of the pseudo-random choices.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Address the nodes for a simulated cluster: node n{i} at this IP and port + i,
+        /// what `cairn-node --simulate NODES --listen ADDR` serves.
+        #[arg(long, value_name = "IP:PORT")]
+        simulate: Option<std::net::SocketAddr>,
     },
     /// Measure the compiler on generated repositories and print medians.
     Bench {
@@ -520,6 +524,10 @@ pub enum DevCommand {
         /// there: they fence their HA VMs when they lose quorum).
         #[arg(long, default_value = "127.0.0.1:7401", requires = "controller")]
         controller_grpc_listen: String,
+        /// Serve every node from one simulated `cairn-node --simulate` process (no
+        /// VMs, no network changes; scale and fault tests) instead of one real node each.
+        #[arg(long)]
+        simulate: bool,
     },
     /// Stop the dev nodes (and their VMs) of a spec root.
     Down {
@@ -631,12 +639,15 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 trusted_keys,
                 controller_listen,
                 controller_grpc_listen,
+                simulate,
             } => {
                 let with_controller = gitops || controller_repo.is_some();
-                let code = crate::commands::dev_up(
-                    &dir,
-                    with_controller.then_some(controller_grpc_listen.as_str()),
-                )?;
+                let lease_from = with_controller.then_some(controller_grpc_listen.as_str());
+                let code = if simulate {
+                    crate::simulate::dev_up(&dir, lease_from)?
+                } else {
+                    crate::commands::dev_up(&dir, lease_from)?
+                };
                 if code != 0 {
                     return Ok(code);
                 }
@@ -684,7 +695,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             nodes,
             vms,
             seed,
-        } => frontend::generate(&out, nodes, vms, seed),
+            simulate,
+        } => frontend::generate(&out, nodes, vms, seed, simulate),
         Command::Bench { nodes, vms, runs } => frontend::bench(nodes, vms, runs),
         Command::Check(args) => crate::policy_cmd::check(args),
         Command::Policy { command } => crate::policy_cmd::policy(command),

@@ -37,7 +37,7 @@ use reconciler::desired::DesiredNode;
 use reconciler::nodes::connect;
 
 /// Where the node binaries are.
-fn find_binary(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_binary(name: &str) -> Option<PathBuf> {
     let env = format!("CAIRN_{}_BIN", name.replace('-', "_").to_uppercase());
     if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
@@ -187,7 +187,7 @@ fn teardown_network(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     Ok(removed)
 }
 
-fn read_pids(ctx: &Ctx) -> BTreeMap<String, u32> {
+pub(crate) fn read_pids(ctx: &Ctx) -> BTreeMap<String, u32> {
     std::fs::read_to_string(pids_path(ctx))
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -198,7 +198,7 @@ fn read_pids(ctx: &Ctx) -> BTreeMap<String, u32> {
 /// spec: as many disk files as the node has disks, or as the widest stripe of its
 /// site's pools needs (a node's volume engine stripes over its own disks), each
 /// the size of its smallest disk.
-fn disks_of(model: &compiler::Model, node: &str) -> (usize, u64) {
+pub(crate) fn disks_of(model: &compiler::Model, node: &str) -> (usize, u64) {
     let Some((site, spec_node)) = model
         .sites
         .iter()
@@ -459,7 +459,7 @@ fn stop_started(pids: &BTreeMap<String, u32>, started: &[String]) {
     }
 }
 
-fn write_pids(ctx: &Ctx, pids: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+pub(crate) fn write_pids(ctx: &Ctx, pids: &BTreeMap<String, u32>) -> anyhow::Result<()> {
     let path = pids_path(ctx);
     std::fs::write(&path, serde_json::to_string_pretty(pids)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))

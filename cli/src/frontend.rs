@@ -341,14 +341,24 @@ pub fn schemas() -> Vec<(&'static str, String)> {
 }
 
 /// `cairn gen`.
-pub fn generate(out: &Path, nodes: usize, vms: usize, seed: u64) -> anyhow::Result<u8> {
+pub fn generate(
+    out: &Path,
+    nodes: usize,
+    vms: usize,
+    seed: u64,
+    simulate: Option<std::net::SocketAddr>,
+) -> anyhow::Result<u8> {
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         anyhow::bail!(
             "{} exists and is not empty; choose a new directory",
             out.display()
         );
     }
-    let files = compiler::generate::generate(&compiler::generate::GenConfig { nodes, vms, seed });
+    let mut files =
+        compiler::generate::generate(&compiler::generate::GenConfig { nodes, vms, seed });
+    if let Some(base) = simulate {
+        crate::simulate::simulated_addresses(&mut files, base)?;
+    }
     for (path, text) in &files {
         let path = out.join(path);
         if let Some(parent) = path.parent() {
@@ -361,6 +371,15 @@ pub fn generate(out: &Path, nodes: usize, vms: usize, seed: u64) -> anyhow::Resu
         files.len(),
         out.display()
     );
+    if let Some(base) = simulate {
+        println!(
+            "simulated nodes n0..n{} at {}:{}..; serve them with `cairn-node --simulate {nodes} --listen {base} --data-dir DIR` or `cairn dev up --simulate {}`",
+            nodes.saturating_sub(1),
+            base.ip(),
+            base.port(),
+            out.display()
+        );
+    }
     Ok(0)
 }
 

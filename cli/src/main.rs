@@ -22,6 +22,7 @@ mod gitops;
 mod placecmd;
 mod policy_cmd;
 mod progress;
+mod simulate;
 mod verify;
 mod vmcmd;
 

@@ -23,6 +23,7 @@ use crate::events::Event;
 
 pub mod failover;
 pub mod noop;
+pub mod simulate;
 
 /// Flags of `cairn controller bench`.
 #[derive(Debug, Clone, clap::Args)]
@@ -35,6 +36,17 @@ pub struct BenchArgs {
     /// generated repository against a recorded observation: no cluster.
     #[arg(long, conflicts_with = "failover")]
     pub noop: bool,
+    /// Measure the controller on a simulated cluster (`cairn-node --simulate`) of
+    /// `--nodes` nodes and `--vms` VMs: observing every node, the first apply, a
+    /// no-change sync and a change of `--change` VMs, with peak memory.
+    #[arg(long, conflicts_with_all = ["noop", "failover"])]
+    pub simulate: bool,
+    /// With `--simulate`: VMs added and removed by the measured change.
+    #[arg(long, default_value_t = 1000, requires = "simulate")]
+    pub change: usize,
+    /// With `--simulate`: the controller's node actions in flight at once.
+    #[arg(long, default_value_t = 8, requires = "simulate")]
+    pub parallelism: usize,
     /// Measure HA failover instead: a node killed (its agent and VMMs) → each of
     /// its diskless HA VMs running elsewhere, over `--vms` HA VMs on 3 dev nodes.
     #[arg(long)]
@@ -44,8 +56,8 @@ pub struct BenchArgs {
     /// of its own. Needs root, `ip` and `nft`.
     #[arg(long, requires = "failover")]
     pub partition: bool,
-    /// With `--noop`: nodes of the generated repository.
-    #[arg(long, default_value_t = 1000, requires = "noop")]
+    /// With `--noop` or `--simulate`: nodes of the repository.
+    #[arg(long, default_value_t = 1000)]
     pub nodes: usize,
     /// Measured runs.
     #[arg(long, default_value_t = 3)]
@@ -231,6 +243,16 @@ fn kvm_and_a_fresh_dir(name: &str) -> anyhow::Result<Option<PathBuf>> {
 pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
     if args.noop {
         return noop::run(args.nodes, args.vms.unwrap_or(10_000), args.runs, args.keep);
+    }
+    if args.simulate {
+        return simulate::run(
+            args.nodes,
+            args.vms.unwrap_or(10_000),
+            args.change,
+            args.runs,
+            args.parallelism,
+            args.keep,
+        );
     }
     if args.failover {
         return failover::run(args.vms.unwrap_or(3), args.runs, args.keep, args.partition);

@@ -438,21 +438,23 @@ impl SimNode {
     }
 
     async fn kill(&mut self) {
+        // Calls that arrive while it stops fail, as on a machine that lost power.
+        self.faults.set_failing("*", true);
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            // A graceful stop waits for calls in flight; a dead node does not.
-            if tokio::time::timeout(Duration::from_secs(2), task)
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(Duration::from_secs(10), &mut task)
                 .await
                 .is_err()
-            {
-                eprintln!(
-                    "cairn-node --simulate: node {} did not stop within 2 s",
-                    self.config.name
-                );
-            }
+        {
+            eprintln!(
+                "cairn-node --simulate: node {} did not stop within 10 s; aborted",
+                self.config.name
+            );
+            task.abort();
         }
+        self.faults.set_failing("*", false);
         self.hypervisor.power_off();
     }
 }

@@ -1,0 +1,440 @@
+//! `cairn controller bench --simulate`: the controller against a simulated cluster
+//! (`cairn-node --simulate N`, issue 24). A benchmark, not a test: it prints medians.
+//!
+//! Setup (not measured): a spec repository of `--nodes` nodes in sites of 50 (one
+//! bond per site) and `--vms` diskless HA VMs in one vm-group per site, committed
+//! signed into a bare repository; one `cairn-node --simulate` process serving every
+//! node on 127.0.0.42 (consecutive ports), trusting the controller key; the
+//! controller in this process (so its peak memory is this process's).
+//!
+//! Measured:
+//! - observe: every node observed once (`reconciler::observe::observe`, what the
+//!   controller's plan does), before the first apply and after it;
+//! - first apply: controller start → the first sync succeeded (every VM created
+//!   and started), with the sync's phases;
+//! - no-change sync: an empty commit pushed → its sync succeeded (`--runs` times);
+//! - a change of `--change` VMs: a commit adding them (one more vm-group per site)
+//!   pushed → converged, then one removing them (`--runs` times each);
+//! - peak memory (VmHWM, reset before each phase through /proc/self/clear_refs) of
+//!   this process, and the simulator's.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use super::{free_port, git, median, run_ok, wait_event};
+
+/// Nodes per site (sites are the lease and quorum domain).
+const PER_SITE: usize = 50;
+
+fn spec(nodes: usize, vms: usize, base: u16) -> String {
+    let sites = nodes.div_ceil(PER_SITE);
+    let mut text = String::from(
+        "node-class \"sim\" {\n    cpu 64\n    memory \"512GiB\"\n    host-reserve cpu=2 memory=\"16GiB\"\n    disk \"disk0\" size=\"1TiB\" class=\"ssd\"\n    nic \"eth0\" speed=\"25Gbps\"\n    nic \"eth1\" speed=\"25Gbps\"\n}\n\nimage \"tiny\" builtin=\"cairn-guest\"\n\n",
+    );
+    for s in 0..sites {
+        text.push_str(&format!(
+            "site \"s{s}\" {{\n    overcommit cpu=4.0 memory=1.0\n    rack \"r{s}\" {{\n"
+        ));
+        for i in s * PER_SITE..((s + 1) * PER_SITE).min(nodes) {
+            text.push_str(&format!(
+                "        node \"n{i}\" class=\"sim\" address=\"127.0.0.42:{}\"\n",
+                usize::from(base) + i
+            ));
+        }
+        text.push_str("    }\n    bond \"data\" mode=\"active-backup\" {\n        members \"eth0\" \"eth1\"\n    }\n    pool \"local\" disk-class=\"ssd\" replicas=2 failure-domain=\"node\" {\n        stripe-width 1\n        stripe-unit \"64KiB\"\n    }\n}\n\n");
+    }
+    text.push_str(&format!(
+        "tenant \"sim\" {{\n    quota vcpus={q} memory=\"{m}GiB\" storage=\"10GiB\" vms={q}\n    member \"bench@example.com\" role=\"admin\"\n}}\n",
+        q = vms * 2 + 10_000,
+        m = (vms * 2 + 10_000) / 16 + 1,
+    ));
+    text
+}
+
+/// One vm-group per site, `vms` VMs spread over them; named `PREFIX{site}`.
+fn workloads(nodes: usize, vms: usize, prefix: &str) -> String {
+    let sites = nodes.div_ceil(PER_SITE);
+    let mut text = String::new();
+    for s in 0..sites {
+        let here = vms / sites + usize::from(s < vms % sites);
+        if here == 0 {
+            continue;
+        }
+        text.push_str(&format!(
+            "vm-group \"{prefix}{s}\" tenant=\"sim\" site=\"s{s}\" replicas={here} {{\n    cpu 1\n    memory \"64MiB\"\n    image \"tiny\"\n    availability \"ha\"\n}}\n"
+        ));
+    }
+    text
+}
+
+/// This process's peak resident memory (VmHWM) in MiB.
+fn peak_mib(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_owned(),
+    };
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// Resets this process's VmHWM to its current RSS.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn commit_and_push(work: &Path, key: &Path, message: &str) -> anyhow::Result<(String, u64)> {
+    git(work, key, &["add", "-A"])?;
+    git(
+        work,
+        key,
+        &["commit", "-q", "-S", "--allow-empty", "-m", message],
+    )?;
+    let commit = git(work, key, &["rev-parse", "HEAD"])?.trim().to_owned();
+    let at = reconciler::state::now_ms();
+    git(work, key, &["push", "-q", "origin", "HEAD:main"])?;
+    Ok((commit, at))
+}
+
+/// What one sync took: push → its sync event, and its phases.
+#[derive(Debug, Clone, Default)]
+struct Synced {
+    total_ms: u64,
+    compile_ms: u64,
+    plan_ms: u64,
+    apply_ms: u64,
+    steps: u64,
+}
+
+async fn synced(
+    handle: &crate::Handle,
+    commit: &str,
+    since_ms: u64,
+    timeout: Duration,
+) -> anyhow::Result<Synced> {
+    let done = wait_event(handle, "sync", commit, timeout).await?;
+    if done.result != "succeeded" {
+        bail!("the sync of {commit} did not succeed: {done:?}");
+    }
+    let detail = done.detail.clone().unwrap_or_default();
+    let phase = |name: &str| detail["phases"][format!("{name}_ms")].as_u64().unwrap_or(0);
+    Ok(Synced {
+        total_ms: done.at_unix_ms.saturating_sub(since_ms),
+        compile_ms: phase("compile"),
+        plan_ms: phase("plan"),
+        apply_ms: phase("apply"),
+        steps: detail["steps"].as_u64().unwrap_or(0),
+    })
+}
+
+fn line(what: &str, s: &Synced) -> String {
+    format!(
+        "{what}: {} ms (compile {} ms, plan {} ms, apply {} ms, {} steps)",
+        s.total_ms, s.compile_ms, s.plan_ms, s.apply_ms, s.steps
+    )
+}
+
+fn median_of(samples: &[Synced]) -> Synced {
+    let m = |f: fn(&Synced) -> u64| median(samples.iter().map(f).collect());
+    Synced {
+        total_ms: m(|s| s.total_ms),
+        compile_ms: m(|s| s.compile_ms),
+        plan_ms: m(|s| s.plan_ms),
+        apply_ms: m(|s| s.apply_ms),
+        steps: m(|s| s.steps),
+    }
+}
+
+fn node_binary() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("CAIRN_NODE_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let me = std::env::current_exe()?;
+    let beside = me
+        .parent()
+        .context("the binary's directory")?
+        .join("cairn-node");
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    bail!(
+        "no cairn-node next to {} (build it: cargo build --release -p node-runtime, or set CAIRN_NODE_BIN)",
+        me.display()
+    )
+}
+
+/// A base port from which `count` consecutive ports are free on 127.0.0.42.
+fn free_ports(count: usize) -> anyhow::Result<u16> {
+    for base in (20_000..60_000 - count).step_by(count.max(100) + 7) {
+        let base = base as u16;
+        if (0..count).all(|i| std::net::TcpListener::bind(("127.0.0.42", base + i as u16)).is_ok())
+        {
+            return Ok(base);
+        }
+    }
+    bail!("no {count} consecutive free ports on 127.0.0.42")
+}
+
+/// `cairn controller bench --simulate`.
+pub fn run(
+    nodes: usize,
+    vms: usize,
+    change: usize,
+    runs: usize,
+    parallelism: usize,
+    keep: bool,
+) -> anyhow::Result<u8> {
+    let node_bin = node_binary()?;
+    let tmp = std::env::temp_dir().join(format!("cairn-sim-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let work = tmp.join("spec");
+    let bare = tmp.join("origin.git");
+    let sim_dir = tmp.join("sim");
+    std::fs::create_dir_all(&work)?;
+    std::fs::create_dir_all(&sim_dir)?;
+    let key = tmp.join("key");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
+            .arg(&key),
+    )?;
+    let public = std::fs::read_to_string(tmp.join("key.pub"))?;
+    let signers = tmp.join("allowed-signers");
+    std::fs::write(&signers, format!("bench@example.com {public}"))?;
+    let controller = proto::auth::Identity::load_or_create(
+        &work.join(".cairn/controller.key"),
+        &work.join(".cairn/controller.pub"),
+    )?;
+    std::fs::write(
+        sim_dir.join("trusted-controllers"),
+        format!("{} cairn-controller\n", controller.public_key_hex()),
+    )?;
+    let base = free_ports(nodes)?;
+    std::fs::write(work.join("cluster.kdl"), spec(nodes, vms, base))?;
+    std::fs::write(work.join("workloads.kdl"), workloads(nodes, vms, "g"))?;
+    std::fs::write(work.join(".gitignore"), ".cairn/\n")?;
+    run_ok(
+        Command::new("git")
+            .current_dir(&work)
+            .args(["init", "-q", "-b", "main"]),
+    )?;
+    run_ok(
+        Command::new("git")
+            .args(["init", "-q", "--bare", "-b", "main"])
+            .arg(&bare),
+    )?;
+    git(
+        &work,
+        &key,
+        &["remote", "add", "origin", &bare.display().to_string()],
+    )?;
+    let log = std::fs::File::create(tmp.join("simulator.log"))?;
+    let started = Instant::now();
+    let mut simulator = Command::new(&node_bin)
+        .arg("--simulate")
+        .arg(nodes.to_string())
+        .arg("--listen")
+        .arg(format!("127.0.0.42:{base}"))
+        .arg("--data-dir")
+        .arg(&sim_dir)
+        .args(["--disks", "1", "--disk-capacity", "1073741824"])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", node_bin.display()))?;
+    let simulator_pid = simulator.id();
+    let result = measure(
+        nodes,
+        vms,
+        change,
+        runs,
+        parallelism,
+        &work,
+        &bare,
+        &key,
+        &signers,
+        started,
+        simulator_pid,
+        base,
+    );
+    // SAFETY: kill(2) of the simulator this function spawned (its pid, not a group).
+    unsafe { libc::kill(simulator_pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while simulator.try_wait()?.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if simulator.try_wait()?.is_none() {
+        let _ = simulator.kill();
+        let _ = simulator.wait();
+    }
+    if keep {
+        eprintln!("kept {}", tmp.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result?;
+    Ok(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    nodes: usize,
+    vms: usize,
+    change: usize,
+    runs: usize,
+    parallelism: usize,
+    work: &Path,
+    bare: &Path,
+    key: &Path,
+    signers: &Path,
+    started: Instant,
+    simulator: u32,
+    base: u16,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (first, _) = commit_and_push(work, key, "bench: the cluster")?;
+        // Every node answers before anything is measured.
+        let spec_nodes: std::collections::BTreeMap<String, reconciler::desired::DesiredNode> =
+            (0..nodes)
+                .map(|i| {
+                    let node = reconciler::desired::DesiredNode {
+                        name: format!("n{i}"),
+                        site: format!("s{}", i / PER_SITE),
+                        address: format!("127.0.0.42:{}", usize::from(base) + i),
+                    };
+                    (node.name.clone(), node)
+                })
+                .collect();
+        let identity = proto::auth::Identity::load(&work.join(".cairn/controller.key"))?;
+        let api = reconciler::nodes::GrpcNodes::new(proto::auth::RequestSigner::new(identity));
+        let deadline = Instant::now() + Duration::from_secs(120 + nodes as u64 / 10);
+        let observe_ms = loop {
+            let t = Instant::now();
+            let observed = reconciler::observe::observe(&spec_nodes, &api).await;
+            let reachable = observed
+                .nodes
+                .values()
+                .filter(|n| matches!(n, reconciler::observe::NodeObservation::Reachable { .. }))
+                .count();
+            if reachable == nodes {
+                break t.elapsed().as_millis() as u64;
+            }
+            if Instant::now() > deadline {
+                bail!("only {reachable} of {nodes} simulated nodes answer after {:?}", started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        println!(
+            "simulator: {nodes} nodes answering {} ms after its start; observing every node (first, connections new): {observe_ms} ms",
+            started.elapsed().as_millis()
+        );
+        let mut warm = vec![];
+        for _ in 0..runs {
+            let t = Instant::now();
+            let _ = reconciler::observe::observe(&spec_nodes, &api).await;
+            warm.push(t.elapsed().as_millis() as u64);
+        }
+        println!("observing every node (empty nodes, connections open): median {} ms of {warm:?}", median(warm.clone()));
+        drop(api);
+
+        reset_peak();
+        let start_ms = reconciler::state::now_ms();
+        let handle = crate::start(crate::Config {
+            repo: bare.to_owned(),
+            branch: "main".to_owned(),
+            subdir: PathBuf::new(),
+            data_dir: work.join(".cairn"),
+            trusted_keys: Some(signers.to_owned()),
+            state: None,
+            listen: format!("127.0.0.1:{}", free_port()?).parse()?,
+            grpc_listen: None,
+            poll: Duration::from_secs(60),
+            drift_interval: Duration::from_secs(3600),
+            self_heal: true,
+            parallelism,
+            remote: None,
+            webhook_secret: None,
+            notify: None,
+        })
+        .await?;
+        let outcome = async {
+            let first_apply =
+                synced(&handle, &first, start_ms, Duration::from_secs(3600)).await?;
+            println!(
+                "{}; {:.0} VMs/s; controller peak memory {} MiB",
+                line(&format!("first apply of {vms} VMs on {nodes} nodes (controller start → synced)"), &first_apply),
+                vms as f64 * 1000.0 / first_apply.total_ms.max(1) as f64,
+                peak_mib(None)
+            );
+            let identity = proto::auth::Identity::load(&work.join(".cairn/controller.key"))?;
+            let api = reconciler::nodes::GrpcNodes::new(proto::auth::RequestSigner::new(identity));
+            let mut full = vec![];
+            for _ in 0..runs.max(1) {
+                let t = Instant::now();
+                let _ = reconciler::observe::observe(&spec_nodes, &api).await;
+                full.push(t.elapsed().as_millis() as u64);
+            }
+            println!(
+                "observing every node with {vms} VMs running (its own connections): median {} ms of {full:?}",
+                median(full.clone())
+            );
+            drop(api);
+
+            reset_peak();
+            let mut noop = vec![];
+            for run in 0..runs {
+                let (commit, at) = commit_and_push(work, key, &format!("bench: nothing ({run})"))?;
+                noop.push(synced(&handle, &commit, at, Duration::from_secs(600)).await?);
+            }
+            for (i, s) in noop.iter().enumerate() {
+                println!("  {}", line(&format!("no-change sync run {}", i + 1), s));
+            }
+            println!(
+                "{}; controller peak memory {} MiB",
+                line("no-change sync, push → synced, median", &median_of(&noop)),
+                peak_mib(None)
+            );
+
+            reset_peak();
+            let (mut added, mut removed) = (vec![], vec![]);
+            for run in 0..runs {
+                std::fs::write(
+                    work.join("workloads.kdl"),
+                    workloads(nodes, vms, "g") + &workloads(nodes, change, "c"),
+                )?;
+                let (commit, at) =
+                    commit_and_push(work, key, &format!("bench: {change} more VMs ({run})"))?;
+                added.push(synced(&handle, &commit, at, Duration::from_secs(1800)).await?);
+                std::fs::write(work.join("workloads.kdl"), workloads(nodes, vms, "g"))?;
+                let (commit, at) =
+                    commit_and_push(work, key, &format!("bench: {change} VMs fewer ({run})"))?;
+                removed.push(synced(&handle, &commit, at, Duration::from_secs(1800)).await?);
+            }
+            for (i, (a, r)) in added.iter().zip(&removed).enumerate() {
+                println!("  run {}: {}; {}", i + 1, line("add", a), line("remove", r));
+            }
+            println!(
+                "{}; {}; controller peak memory {} MiB",
+                line(&format!("{change}-VM change, push → converged, median: add"), &median_of(&added)),
+                line("remove", &median_of(&removed)),
+                peak_mib(None)
+            );
+            println!("simulator peak memory {} MiB", peak_mib(Some(simulator)));
+            Ok::<(), anyhow::Error>(())
+        }
+        .await;
+        handle.stop(Duration::from_secs(30)).await;
+        outcome
+    })
+}
