@@ -12,6 +12,7 @@ mod golden;
 mod ha;
 mod ha_faults;
 mod ha_timers;
+mod image_disk;
 mod maintenance;
 mod policy;
 mod rebuild;
