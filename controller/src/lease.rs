@@ -283,20 +283,29 @@ impl Leases {
                 .filter(|m| m.availability != compiler::model::Availability::None)
                 .map(|m| m.name.as_str())
                 .collect();
-            let mut by_node = FencedByNode::new();
+            // A store that cannot be read now (a sync holds it open) keeps the last
+            // list: an empty one would tell every node to disarm its HA VMs.
             let placement = shared
                 .state_store()
-                .ok()
-                .and_then(|store| store.placement().ok().flatten());
-            for vm in placement.iter().flat_map(|p| &p.vms) {
-                if guarded.contains(vm.name.as_str()) {
-                    by_node
-                        .entry(vm.node.clone())
-                        .or_default()
-                        .push(vm.name.clone());
+                .and_then(|store| store.placement().map_err(|e| e.to_string()));
+            match placement {
+                Ok(placement) => {
+                    let mut by_node = FencedByNode::new();
+                    for vm in placement.iter().flat_map(|p| &p.vms) {
+                        if guarded.contains(vm.name.as_str()) {
+                            by_node
+                                .entry(vm.node.clone())
+                                .or_default()
+                                .push(vm.name.clone());
+                        }
+                    }
+                    *cache = Some((Instant::now(), by_node));
                 }
+                Err(error) if cache.is_none() => {
+                    eprintln!("cairn controller: the fenced VMs are not known yet: {error}");
+                }
+                Err(_) => {}
             }
-            *cache = Some((Instant::now(), by_node));
         }
         cache
             .as_ref()

@@ -87,6 +87,10 @@ pub struct Quorum {
     incarnation: String,
     /// gRPC channels to the controller and the peers, by address.
     channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
+    /// One push of fence deadlines at a time: a renewal and a probe majority each push
+    /// as soon as they extend the quorum, and two pushes racing could leave a VMM with
+    /// the earlier deadline while `pushed` records the later one.
+    pushing: tokio::sync::Mutex<()>,
 }
 
 /// What Observe or a test can see of the quorum.
@@ -121,6 +125,7 @@ impl Quorum {
                 ..State::default()
             }),
             channels: Mutex::default(),
+            pushing: tokio::sync::Mutex::new(()),
             incarnation: format!("{}-{}", std::process::id(), vmm::fence::boottime_ns()),
         }
     }
@@ -257,7 +262,6 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
         let mut state = quorum.lock();
         state.lease_until_ns = state.lease_until_ns.max(sent_ns + ttl_ns);
         state.grants += 1;
-        state.last_error = None;
         let changed = state.kept != kept;
         state.kept = kept.clone();
         changed
@@ -269,15 +273,16 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
 }
 
 /// Probes every site peer at once; a majority (this node included) extends the
-/// peers' part of the quorum from `sent_ns`.
-async fn probe_peers(node: &Node, config: &LeaseConfig, sent_ns: u64) {
+/// peers' part of the quorum from `sent_ns`. True when it did.
+async fn probe_peers(node: &Node, config: &LeaseConfig, sent_ns: u64) -> bool {
     let ttl = config.ttl;
     let peers = node.quorum.lock().kept.peers.clone();
     if peers.is_empty() {
-        return;
+        return false;
     }
     let timeout = call_timeout(ttl);
     let signer = RequestSigner::new(node.identity.clone());
+    let started = Instant::now();
     let probes = peers.iter().map(|(name, address, key)| {
         let signer = signer.clone();
         let me = node.config.name.clone();
@@ -297,21 +302,36 @@ async fn probe_peers(node: &Node, config: &LeaseConfig, sent_ns: u64) {
                 .map_err(|s| s.message().to_owned())
         }
     });
-    let answered = futures_util::future::join_all(probes)
-        .await
-        .iter()
-        .filter(|r| r.is_ok())
-        .count();
+    let results = futures_util::future::join_all(probes).await;
+    let answered = results.iter().filter(|r| r.is_ok()).count();
     // A majority of the site: this node and the peers that answered.
-    if (answered + 1) * 2 > peers.len() + 1 {
+    let majority = (answered + 1) * 2 > peers.len() + 1;
+    if majority {
         let mut state = node.quorum.lock();
         state.peers_until_ns = state.peers_until_ns.max(sent_ns + ttl.as_nanos() as u64);
+    } else {
+        let failed: Vec<String> = peers
+            .iter()
+            .zip(&results)
+            .filter_map(|((name, _, _), result)| {
+                result.as_ref().err().map(|e| format!("{name}: {e}"))
+            })
+            .collect();
+        eprintln!(
+            "cairn-node: quorum: {answered} of {} site peers answered within {} ms (round took {} ms; {}); the site majority is not renewed",
+            peers.len(),
+            timeout.as_millis(),
+            started.elapsed().as_millis(),
+            failed.join("; ")
+        );
     }
+    majority
 }
 
 /// Pushes the quorum's end into every running fenced VM (only ever later), and
 /// disarms VMs that left the list.
 async fn push_fences(node: &Arc<Node>) {
+    let _one_at_a_time = node.quorum.pushing.lock().await;
     let (until, fenced, pushed) = {
         let state = node.quorum.lock();
         (
@@ -339,25 +359,38 @@ async fn push_fences(node: &Arc<Node>) {
         };
         updates.push((vm, socket, deadline));
     }
-    for (vm, socket, deadline) in updates {
-        let sent = tokio::task::spawn_blocking(move || {
-            let mut client =
-                vmm::control::ControlClient::connect(&socket, Duration::from_millis(500))
+    // All at once: one slow VMM (up to the 500 ms timeout) must not delay the others'
+    // renewal.
+    let sends = updates
+        .into_iter()
+        .map(|(vm, socket, deadline)| async move {
+            let sent = tokio::task::spawn_blocking(move || {
+                let mut client =
+                    vmm::control::ControlClient::connect(&socket, Duration::from_millis(500))
+                        .map_err(|e| e.to_string())?;
+                let response = client
+                    .request(&vmm::control::Request::SetFence {
+                        deadline_boottime_ns: deadline,
+                    })
                     .map_err(|e| e.to_string())?;
-            let response = client
-                .request(&vmm::control::Request::SetFence {
-                    deadline_boottime_ns: deadline,
-                })
-                .map_err(|e| e.to_string())?;
-            if response.ok {
-                Ok(())
-            } else {
-                Err(response.error.unwrap_or_default())
+                if response.ok {
+                    Ok(())
+                } else {
+                    Err(response.error.unwrap_or_default())
+                }
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            (vm, deadline, sent)
+        });
+    for (vm, deadline, sent) in futures_util::future::join_all(sends).await {
+        match sent {
+            Ok(()) => {
+                node.quorum.lock().pushed.insert(vm, deadline);
             }
-        })
-        .await;
-        if let Ok(Ok(())) = sent {
-            node.quorum.lock().pushed.insert(vm, deadline);
+            Err(error) => {
+                eprintln!("cairn-node: quorum: the fence deadline of {vm} was not pushed: {error}")
+            }
         }
     }
 }
@@ -368,6 +401,8 @@ async fn push_fences(node: &Arc<Node>) {
 pub async fn run(node: Arc<Node>, config: LeaseConfig) {
     let mut ttl = config.ttl;
     let mut every = ttl / 3;
+    // Every round's outcome on stderr, for diagnosis.
+    let trace = std::env::var_os("CAIRN_QUORUM_TRACE").is_some();
     loop {
         let round = tokio::time::Instant::now();
         let sent_ns = vmm::fence::boottime_ns();
@@ -375,12 +410,52 @@ pub async fn run(node: Arc<Node>, config: LeaseConfig) {
             ttl,
             ..config.clone()
         };
-        let (renewed, ()) = tokio::join!(
-            renew(&node, &this_round, sent_ns),
-            probe_peers(&node, &this_round, sent_ns)
-        );
-        if let Err(error) = renewed {
-            node.quorum.lock().last_error = Some(error);
+        // Each half pushes the deadlines as soon as it extends the quorum: a controller
+        // that is frozen holds its renewal for the whole call timeout (T/3), and a push
+        // only after both would leave the VMMs a third of T less margin.
+        let renewal = async {
+            let renewed = renew(&node, &this_round, sent_ns).await;
+            if renewed.is_ok() {
+                push_fences(&node).await;
+            }
+            renewed
+        };
+        let probes = async {
+            if probe_peers(&node, &this_round, sent_ns).await {
+                push_fences(&node).await;
+            }
+        };
+        let (renewed, ()) = tokio::join!(renewal, probes);
+        if trace {
+            let state = node.quorum.lock();
+            let now = vmm::fence::boottime_ns();
+            eprintln!(
+                "cairn-node: quorum round: {} ms; renewal {}; lease {} ms left, site majority {} ms left",
+                round.elapsed().as_millis(),
+                match &renewed {
+                    Ok(()) => "granted".to_string(),
+                    Err(error) => error.clone(),
+                },
+                (state.lease_until_ns as i128 - now as i128) / 1_000_000,
+                (state.peers_until_ns as i128 - now as i128) / 1_000_000,
+            );
+        }
+        match renewed {
+            Err(error) => {
+                let mut state = node.quorum.lock();
+                if state.last_error.is_none() {
+                    eprintln!("cairn-node: quorum: the lease was not renewed: {error}");
+                }
+                state.last_error = Some(error);
+            }
+            Ok(()) => {
+                let mut state = node.quorum.lock();
+                if let Some(error) = state.last_error.take() {
+                    eprintln!(
+                        "cairn-node: quorum: the lease is renewed again (last failure: {error})"
+                    );
+                }
+            }
         }
         let (granted, asked_every) = {
             let state = node.quorum.lock();

@@ -769,6 +769,29 @@ pub trait NonceLog: std::fmt::Debug + Send + Sync {
     fn record(&self, nonce: &[u8; 16], expires_at_ms: u64) -> Result<(), String>;
 }
 
+/// Whether a replay of `method` changes nothing on the node: reads and liveness probes.
+/// Their nonces are kept in memory only (a replay within the window is still refused,
+/// but one after a restart finds nothing to repeat). Everything else is recorded in
+/// the [`NonceLog`] before it is carried out. The cost is the point: the log syncs a
+/// file, and on a busy disk a site peer's `Quorum.Probe` that waited for that sync
+/// behind every other request's (1–3 s under load) let a healthy node lose its site
+/// majority, and with it fence its HA VMs during a controller outage.
+pub fn replay_changes_nothing(method: &str) -> bool {
+    use crate::methods;
+    [
+        methods::GET_INVENTORY,
+        methods::OBSERVE,
+        methods::READ_VOLUME,
+        methods::GET_OUTCOME,
+        methods::WATCH,
+        methods::REPLICA_READ,
+        methods::REPLICA_RECENT,
+        methods::CLIENT_READ,
+        methods::QUORUM_PROBE,
+    ]
+    .contains(&method)
+}
+
 /// Verifies signed requests for one node and keeps the replay cache. One per server.
 #[derive(Debug)]
 pub struct Verifier {
@@ -903,7 +926,7 @@ impl Verifier {
                 window_ms: self.window.as_millis(),
             });
         }
-        self.remember_nonce(nonce, now)?;
+        self.remember_nonce(nonce, now, !replay_changes_nothing(method))?;
         Ok(Caller {
             envelope: Envelope {
                 key_hex: signed.key_hex.clone(),
@@ -994,7 +1017,7 @@ impl Verifier {
     /// the log). The nonce is recorded only after the signature verified, so a forger
     /// cannot fill the cache. Entries live for twice the window: a timestamp older than
     /// that is refused as stale anyway.
-    fn remember_nonce(&self, nonce: [u8; 16], now: u128) -> Result<(), AuthError> {
+    fn remember_nonce(&self, nonce: [u8; 16], now: u128, durable: bool) -> Result<(), AuthError> {
         let expiry = now + 2 * self.window.as_millis();
         {
             let mut seen = self
@@ -1013,7 +1036,7 @@ impl Verifier {
         }
         // Outside the lock: the log may sync a file. A concurrent copy of the request
         // already finds the nonce in memory.
-        if let Some(log) = &self.log
+        if let Some(log) = self.log.as_ref().filter(|_| durable)
             && let Err(problem) = log.record(&nonce, u64::try_from(expiry).unwrap_or(u64::MAX))
         {
             // Not recorded durably: forget it, so a retry of the same request is judged
@@ -1324,11 +1347,11 @@ mod tests {
         let log = std::sync::Arc::new(MemoryLog::default());
         let first = Verifier::with_log(DEFAULT_WINDOW, target.clone(), Box::new(log.clone()), []);
         let request = signer
-            .sign(crate::methods::OBSERVE, &target, GetInventoryRequest {})
+            .sign(crate::methods::APPLY, &target, GetInventoryRequest {})
             .unwrap();
         first
             .verify(
-                crate::methods::OBSERVE,
+                crate::methods::APPLY,
                 &request,
                 &trusted(&controller),
                 "controller",
@@ -1339,12 +1362,41 @@ mod tests {
         // A restart: a new verifier that starts from what the log kept.
         let second = Verifier::with_log(DEFAULT_WINDOW, target, Box::new(log.clone()), recorded);
         let replay = second.verify(
-            crate::methods::OBSERVE,
+            crate::methods::APPLY,
             &request,
             &trusted(&controller),
             "controller",
         );
         assert!(matches!(replay, Err(AuthError::Replayed)));
+    }
+
+    #[test]
+    fn a_probe_or_a_read_is_refused_as_a_replay_but_never_waits_for_the_log() {
+        let controller = Identity::generate().unwrap();
+        let signer = RequestSigner::new(controller.clone());
+        let target = NodeTarget::of("n1", &Identity::generate().unwrap());
+        let log = std::sync::Arc::new(MemoryLog::default());
+        let verifier =
+            Verifier::with_log(DEFAULT_WINDOW, target.clone(), Box::new(log.clone()), []);
+        for method in [crate::methods::QUORUM_PROBE, crate::methods::OBSERVE] {
+            let request = signer
+                .sign(method, &target, GetInventoryRequest {})
+                .unwrap();
+            verifier
+                .verify(method, &request, &trusted(&controller), "controller")
+                .unwrap();
+            let replay = verifier.verify(method, &request, &trusted(&controller), "controller");
+            assert!(
+                matches!(replay, Err(AuthError::Replayed)),
+                "{method}: {replay:?}"
+            );
+        }
+        assert!(
+            log.0.lock().unwrap().is_empty(),
+            "nothing was written to the log"
+        );
+        assert!(!replay_changes_nothing(crate::methods::APPLY));
+        assert!(!replay_changes_nothing(crate::methods::REPLICA_WRITE));
     }
 
     #[test]

@@ -83,7 +83,13 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Removes the directory, unless a failing test runs with `CAIRN_KEEP_FAILED` set
+    /// (its logs are then left to read).
     fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("CAIRN_KEEP_FAILED").is_some() {
+            eprintln!("kept {} (CAIRN_KEEP_FAILED)", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
