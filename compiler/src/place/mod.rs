@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 
 pub use explain::{Candidate, ScorePart, explain_vm};
 pub use graph::{Graph, GraphEdge, GraphNode, build_graph};
+pub use pack::{SiteBound, consolidate, optimize};
 pub use rebalance::rebalance;
 
 use crate::check::{SpanIndex, matches_node};

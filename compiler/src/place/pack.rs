@@ -18,13 +18,18 @@
 //! checks) against a fixed limit, never a clock, and breaks every tie by
 //! name: the same input gives the same bytes.
 
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 use super::binpack::{self, Dim2};
-use super::{Cost, Engine, Verdict, cost};
-use crate::model::{Availability, Strategy, Vm};
+use super::{Cost, Engine, PlaceOptions, Placement, Verdict, cost, finish, order};
+use crate::model::{Availability, Model, Strategy, Vm};
 
 /// Work (candidate checks; a verdict counts [`VERDICT_WORK`]) the search
 /// may spend on one site.
-pub(crate) const WORK_LIMIT: u64 = 20_000_000;
+pub(crate) const WORK_LIMIT: u64 = 2_000_000;
 const VERDICT_WORK: u64 = 16;
 /// Steps of one attempt to empty a node, per VM it held at first.
 const STEPS_PER_VM: usize = 24;
@@ -506,4 +511,198 @@ pub(crate) fn repack<'m>(
         engine.assign(v, n, None);
     }
     e
+}
+
+/// How close a site's packing is to the best possible (`cairn place
+/// --optimize`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SiteBound {
+    /// Site.
+    pub site: String,
+    /// Nodes holding VMs after the exact search.
+    pub nodes_used: usize,
+    /// No placement that keeps the other VMs where they are uses fewer.
+    pub lower_bound: usize,
+    /// Whether `nodes_used` equals the bound (optimal, proven).
+    pub proven_optimal: bool,
+    /// VMs the search could move (placed anew, vCPU and memory constraints only).
+    pub vms_searched: usize,
+    /// Search steps spent, and the limit.
+    pub work: u64,
+    /// The work limit.
+    pub work_limit: u64,
+}
+
+/// `cairn place --optimize`: the exact search ([`binpack::search_bins`]
+/// with `work_limit` steps per site) over each `pack` site's VMs placed
+/// anew whose only hard constraints are vCPUs and memory, against the other
+/// VMs where they are; the gap to the proven lower bound per site.
+pub fn optimize(
+    model: &Model,
+    placement: &Placement,
+    options: &PlaceOptions,
+    work_limit: u64,
+) -> (Placement, Vec<SiteBound>) {
+    let mut engine = Engine::new(model, &options.failed);
+    for vm in order(model) {
+        if let Some(p) = placement.vms.iter().find(|v| v.name == vm.name) {
+            let node = engine.node_index[&p.node];
+            let secondary = p.secondary.as_ref().map(|s| engine.node_index[s]);
+            engine.assign(vm, node, secondary);
+        }
+    }
+    let kept = |vm: &Vm| {
+        options
+            .previous
+            .as_ref()
+            .is_some_and(|prev| prev.vm_node(&vm.name) == placement.vm_node(&vm.name))
+    };
+    let mut bounds = vec![];
+    for site in &model.sites {
+        if site.scheduler.strategy != Strategy::Pack {
+            continue;
+        }
+        let movable: Vec<&Vm> = model
+            .vms
+            .iter()
+            .filter(|v| v.site == site.name && v.availability != Availability::Ft)
+            .filter(|v| engine.assigned.contains_key(&v.name) && !kept(v))
+            .filter(|v| capacity_only(&engine, v))
+            .collect();
+        let e = repack(&mut engine, &site.name, &movable, work_limit);
+        let nodes_used = engine.site_nodes.get(&site.name).map_or(0, |ns| {
+            ns.iter().filter(|&&n| engine.nodes[n].vms > 0).count()
+        });
+        let lower_bound = e.lower_bound.min(nodes_used);
+        bounds.push(SiteBound {
+            site: site.name.clone(),
+            nodes_used,
+            lower_bound,
+            proven_optimal: nodes_used == lower_bound,
+            vms_searched: movable.len(),
+            work: e.work,
+            work_limit,
+        });
+    }
+    let unplaced = placement
+        .unplaced
+        .iter()
+        .map(|u| (u.name.clone(), u.reasons.clone()))
+        .collect();
+    let out = finish(
+        model,
+        &engine,
+        placement.volumes.clone(),
+        unplaced,
+        options.previous.as_ref(),
+    );
+    (out, bounds)
+}
+
+/// `cairn place --rebalance --consolidate`: frees whole nodes of each `pack`
+/// or `spread` site by moving their VMs into the site's other used nodes
+/// (the local search's inserts and swaps, every hard constraint checked),
+/// nodes with the fewest VMs first, within the site's `max-moves` and each
+/// group's `max-unavailable`. FT VMs do not move. Returns the placement with
+/// its moves and the nodes freed per site.
+pub fn consolidate(
+    model: &Model,
+    placement: &Placement,
+    options: &PlaceOptions,
+) -> (Placement, Vec<(String, Vec<String>)>) {
+    let mut engine = Engine::new(model, &options.failed);
+    for vm in order(model) {
+        if let Some(p) = placement.vms.iter().find(|v| v.name == vm.name) {
+            let node = engine.node_index[&p.node];
+            let secondary = p.secondary.as_ref().map(|s| engine.node_index[s]);
+            engine.assign(vm, node, secondary);
+        }
+    }
+    let before: BTreeMap<String, usize> = engine
+        .assigned
+        .iter()
+        .map(|(k, &(n, _))| (k.clone(), n))
+        .collect();
+    let mut freed_per_site = vec![];
+    for site in &model.sites {
+        let movable: Vec<&Vm> = model
+            .vms
+            .iter()
+            .filter(|v| v.site == site.name && v.availability != Availability::Ft)
+            .filter(|v| engine.assigned.contains_key(&v.name))
+            .collect();
+        let max_moves = site.scheduler.max_moves as usize;
+        let mut search = Search::new(&mut engine, &site.name, movable);
+        let mut freed = vec![];
+        loop {
+            let mut candidates = search.emptiable();
+            candidates.sort_by_key(|&n| search.on[n].len());
+            let mut progress = false;
+            for b in candidates {
+                if search.work > search.limit {
+                    break;
+                }
+                let mark = search.log.len();
+                if !search.empty(b, &|_| true) {
+                    continue;
+                }
+                if within_budget(model, &search, &before, max_moves) {
+                    freed.push(search.engine.nodes[b].name.clone());
+                    progress = true;
+                    break;
+                }
+                search.revert(mark);
+            }
+            if !progress {
+                break;
+            }
+        }
+        freed_per_site.push((site.name.clone(), freed));
+    }
+    let unplaced = placement
+        .unplaced
+        .iter()
+        .map(|u| (u.name.clone(), u.reasons.clone()))
+        .collect();
+    let mut out = finish(
+        model,
+        &engine,
+        placement.volumes.clone(),
+        unplaced,
+        Some(placement),
+    );
+    for m in &mut out.moves {
+        m.reason = "consolidate: frees its node".to_owned();
+    }
+    (out, freed_per_site)
+}
+
+/// Whether the VMs moved so far stay within `max_moves` and each group's
+/// `max-unavailable`.
+fn within_budget(
+    model: &Model,
+    search: &Search<'_, '_>,
+    before: &BTreeMap<String, usize>,
+    max_moves: usize,
+) -> bool {
+    let mut moved = 0;
+    let mut per_group: BTreeMap<&str, u32> = BTreeMap::new();
+    for (v, at) in search.vms.iter().zip(&search.at) {
+        if before.get(&v.name) == at.as_ref() {
+            continue;
+        }
+        moved += 1;
+        if let Some(g) = v.group.as_deref() {
+            *per_group.entry(g).or_default() += 1;
+        }
+    }
+    moved <= max_moves
+        && per_group.iter().all(|(g, &n)| {
+            let limit = model
+                .vm_groups
+                .iter()
+                .find(|x| x.name == *g)
+                .map_or(1, |x| x.max_unavailable);
+            n <= limit
+        })
 }
