@@ -590,6 +590,8 @@ impl v1::lease_server::Lease for LeaseService {
             })
             .collect();
         let fenced_vms = self.leases.fenced_vms(&name, &good.model, &self.shared);
+        // HA VMs a restart may start here are armed from their first instruction.
+        let fenced_vms = crate::fence_list::with_moving(&self.shared, &good.model, &name, fenced_vms);
         let body = request.into_inner();
         let grants = {
             let mut granted = self.leases.lock();

@@ -32,6 +32,7 @@ pub mod bench;
 pub mod console;
 pub mod control;
 pub mod events;
+pub mod fence_list;
 pub mod gate;
 mod grpc;
 pub mod http;

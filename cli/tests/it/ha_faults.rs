@@ -847,6 +847,20 @@ fn a_vm_restarted_by_ha_is_fenced_on_its_new_node_cut_off_at_once() {
     eprintln!("web-0 moved {first} → {second}; {second} cut off at its first heartbeat there");
     let third = f.wait_running_elsewhere(vm, &second, Duration::from_secs(60));
     let moved_after = second_cut.elapsed();
+    let log = std::fs::read_to_string(f.dev().join("controller.log")).unwrap_or_default();
+    for line in log.lines().filter(|l| {
+        [
+            "node failed",
+            "node returned",
+            "drift",
+            "ha-restart",
+            "abandoned",
+        ]
+        .iter()
+        .any(|k| l.contains(k))
+    }) {
+        eprintln!("  controller: {}", &line[..line.len().min(300)]);
+    }
     eprintln!(
         "web-0 runs on {third} {} ms after {second} was cut off",
         moved_after.as_millis()
