@@ -196,6 +196,43 @@ pub struct ObservedVolume {
     /// Its snapshots' names (a base volume's `image` snapshot: `crate::images`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<String>,
+    /// On the writer: copies outside the in-sync set being caught up or rebuilt.
+    /// Volatile (bytes move every second): not serialized, so not in the digest.
+    #[serde(skip)]
+    pub resync: Option<ObservedResync>,
+}
+
+/// A writer's copies outside the in-sync set and what it still owes them: a rebuild's
+/// progress (`crate::status::VolumeRebuild`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedResync {
+    /// Copies outside the in-sync set.
+    pub copies: Vec<String>,
+    /// Of them, the caught-up ones (they join the set at the next epoch).
+    pub caught_up: Vec<String>,
+    /// The writer's allocated bytes (a new copy is owed every one of them).
+    pub allocated_bytes: u64,
+    /// Bytes still to ship (their dirty regions, merged).
+    pub pending_bytes: u64,
+    /// Bytes shipped to copies catching up since the writer's node started.
+    pub shipped_bytes: u64,
+}
+
+/// The resync a volume's writer reports, when a copy is outside its in-sync set.
+fn observed_resync(v: &proto::v1::VolumeStatus) -> Option<ObservedResync> {
+    let outside: Vec<String> = v
+        .copies
+        .iter()
+        .filter(|c| !v.in_sync.contains(c))
+        .cloned()
+        .collect();
+    (v.epoch > 0 && (!outside.is_empty() || v.resync_pending_bytes > 0)).then(|| ObservedResync {
+        copies: outside,
+        caught_up: v.caught_up.clone(),
+        allocated_bytes: v.allocated_bytes,
+        pending_bytes: v.resync_pending_bytes,
+        shipped_bytes: v.resync_bytes,
+    })
 }
 
 /// A volume's epoch as one copy holds it, and (on its writer) the writer's view of
@@ -589,6 +626,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
         .volumes
         .into_iter()
         .map(|v| {
+            let resync = observed_resync(&v);
             (
                 v.name.clone(),
                 ObservedVolume {
@@ -608,6 +646,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                         awaiting_removal: v.awaiting_removal,
                         caught_up: v.caught_up,
                     }),
+                    resync,
                     snapshots: v.snapshots.into_iter().map(|s| s.name).collect(),
                 },
             )

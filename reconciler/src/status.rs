@@ -90,6 +90,104 @@ pub struct VolumeRow {
     pub size_bytes: u64,
     /// How many times a volume of this name was created on its node (0: not reported).
     pub generation: u64,
+    /// Copies being rebuilt or caught up, as the volume's writer reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<VolumeRebuild>,
+}
+
+/// A volume's copies outside its in-sync set and the writer's progress towards them
+/// (issue 15 item 7: a lost copy rebuilt on another node, a returning copy caught up).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema)]
+pub struct VolumeRebuild {
+    /// The writer that ships the data.
+    pub writer: String,
+    /// The copies being rebuilt or caught up (outside the in-sync set).
+    pub copies: Vec<String>,
+    /// Of them, those that hold every write now: they join the in-sync set at the
+    /// controller's next epoch.
+    pub caught_up: Vec<String>,
+    /// Bytes the writer still owes them (their dirty regions, merged).
+    pub pending_bytes: u64,
+    /// The writer's allocated bytes: what a new copy receives in all.
+    pub allocated_bytes: u64,
+    /// Bytes shipped to copies catching up since the writer's node started.
+    pub shipped_bytes: u64,
+    /// How much of the allocated bytes no copy is owed any more (0-100): a new copy's
+    /// progress.
+    pub percent_done: u32,
+}
+
+/// The writer's rebuild progress for `volume`, from its own observation.
+fn volume_rebuild(observed: &Observed, volume: &str) -> Option<VolumeRebuild> {
+    observed.nodes.iter().find_map(|(node, obs)| {
+        let NodeObservation::Reachable { volumes, .. } = obs else {
+            return None;
+        };
+        let v = volumes.get(volume)?;
+        if v.epoch.as_ref().is_none_or(|e| e.writer != *node) {
+            return None;
+        }
+        let r = v.resync.as_ref()?;
+        let owed = r.pending_bytes.min(r.allocated_bytes);
+        let percent_done = ((r.allocated_bytes - owed) * 100)
+            .checked_div(r.allocated_bytes)
+            .map_or(100, |p| p as u32);
+        Some(VolumeRebuild {
+            writer: node.clone(),
+            copies: r.copies.clone(),
+            caught_up: r.caught_up.clone(),
+            pending_bytes: r.pending_bytes,
+            allocated_bytes: r.allocated_bytes,
+            shipped_bytes: r.shipped_bytes,
+            percent_done,
+        })
+    })
+}
+
+/// `  ~ volume V: rebuilding on lab-3 from lab-1: 62% (8MiB left of 21MiB allocated; 13MiB shipped since lab-1 started)`.
+fn rebuild_lines(status: &Status) -> String {
+    let human = compiler::units::human_size;
+    let mut out = String::new();
+    for v in &status.volumes {
+        let Some(r) = &v.rebuild else {
+            continue;
+        };
+        let waiting: Vec<&String> = r
+            .copies
+            .iter()
+            .filter(|c| !r.caught_up.contains(c))
+            .collect();
+        let copies = |list: &[&String]| {
+            list.iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !waiting.is_empty() {
+            let _ = writeln!(
+                out,
+                "  ~ volume {}: copy on {} catching up from {}: {}% ({} left of {} allocated; {} shipped since {} started)",
+                v.name,
+                copies(&waiting),
+                r.writer,
+                r.percent_done,
+                human(r.pending_bytes),
+                human(r.allocated_bytes),
+                human(r.shipped_bytes),
+                r.writer
+            );
+        }
+        let done: Vec<&String> = r.caught_up.iter().collect();
+        if !done.is_empty() {
+            let _ = writeln!(
+                out,
+                "  ~ volume {}: copy on {} caught up; it joins the in-sync set at the controller's next epoch",
+                v.name,
+                copies(&done)
+            );
+        }
+    }
+    out
 }
 
 /// A bond's row: one per node and bond.
@@ -338,6 +436,7 @@ pub fn status(
                 drift: drift.into(),
                 size_bytes: v.size_bytes,
                 generation: v.generation,
+                rebuild: volume_rebuild(observed, &v.name),
             });
         }
     }
@@ -355,6 +454,7 @@ pub fn status(
             .into(),
             size_bytes: d.size_bytes,
             generation: 0,
+            rebuild: None,
         });
     }
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
@@ -626,6 +726,7 @@ pub fn text(status: &Status) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    out.push_str(&rebuild_lines(status));
     if !status.bonds.is_empty() {
         out.push_str("\nbonds:\n");
         let mut rows = vec![vec![
@@ -793,5 +894,116 @@ disks:
         let mut none = status.clone();
         none.vms[0].disks.clear();
         assert_eq!(disks_text(&none), "", "no section without disks");
+    }
+
+    #[test]
+    fn a_rebuild_shows_the_writers_progress_and_caught_up_copies() {
+        use crate::observe::{
+            NodeObservation, Observed, ObservedEpoch, ObservedResync, ObservedVolume,
+        };
+        let volume = |writer: &str, resync: Option<ObservedResync>| ObservedVolume {
+            name: "db-data".into(),
+            role: VolumeRole::Primary,
+            size_bytes: 256 << 20,
+            stripe_width: 2,
+            stripe_unit_bytes: 64 << 10,
+            replica_peers: vec![],
+            primary: String::new(),
+            health: proto::v1::Health::Healthy,
+            generation: 1,
+            epoch: Some(ObservedEpoch {
+                epoch: 3,
+                writer: writer.into(),
+                in_sync: vec!["lab-1".into()],
+                awaiting_removal: vec![],
+                caught_up: vec![],
+            }),
+            snapshots: vec![],
+            resync,
+        };
+        let node = |v: ObservedVolume| NodeObservation::Reachable {
+            public_key_hex: String::new(),
+            vms: Default::default(),
+            volumes: [(v.name.clone(), v)].into_iter().collect(),
+            bonds: Default::default(),
+            networking: Default::default(),
+        };
+        let resync = ObservedResync {
+            copies: vec!["lab-3".into()],
+            caught_up: vec![],
+            allocated_bytes: 21 << 20,
+            pending_bytes: 8 << 20,
+            shipped_bytes: 13 << 20,
+        };
+        let mut observed = Observed {
+            nodes: [
+                (
+                    "lab-1".to_owned(),
+                    node(volume("lab-1", Some(resync.clone()))),
+                ),
+                // A copy that is not the writer: its numbers are not used.
+                (
+                    "lab-3".to_owned(),
+                    node(volume("lab-1", Some(ObservedResync::default()))),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let r = volume_rebuild(&observed, "db-data").expect("a rebuild");
+        assert_eq!((r.writer.as_str(), r.percent_done), ("lab-1", 61));
+        let row = VolumeRow {
+            name: "db-data".into(),
+            node: "lab-1".into(),
+            replicas: vec!["lab-3".into()],
+            health: "healthy".into(),
+            drift: "none".into(),
+            size_bytes: 256 << 20,
+            generation: 1,
+            rebuild: Some(r),
+        };
+        let status = Status {
+            format_version: STATUS_FORMAT_VERSION,
+            applied: None,
+            nodes: vec![],
+            vms: vec![],
+            volumes: vec![row.clone()],
+            bonds: vec![],
+            unplaced: vec![],
+            drifted: 0,
+            last_apply: None,
+            audit: vec![],
+        };
+        assert_eq!(
+            rebuild_lines(&status),
+            "  ~ volume db-data: copy on lab-3 catching up from lab-1: 61% (8MiB left of 21MiB allocated; 13MiB shipped since lab-1 started)\n"
+        );
+        let json = serde_json::to_value(&status.volumes[0]).unwrap();
+        assert_eq!(json["rebuild"]["pending_bytes"], 8 << 20);
+        assert_eq!(json["rebuild"]["copies"][0], "lab-3");
+        // Caught up: nothing owed, waiting for the controller's epoch.
+        if let Some(NodeObservation::Reachable { volumes, .. }) = observed.nodes.get_mut("lab-1") {
+            volumes.get_mut("db-data").unwrap().resync = Some(ObservedResync {
+                caught_up: vec!["lab-3".into()],
+                pending_bytes: 0,
+                ..resync
+            });
+        }
+        let r = volume_rebuild(&observed, "db-data").expect("a rebuild");
+        assert_eq!(r.percent_done, 100);
+        let status = Status {
+            volumes: vec![VolumeRow {
+                rebuild: Some(r),
+                ..row
+            }],
+            ..status
+        };
+        assert_eq!(
+            rebuild_lines(&status),
+            "  ~ volume db-data: copy on lab-3 caught up; it joins the in-sync set at the controller's next epoch\n"
+        );
+        // No epoch, or nothing outside the set: no rebuild.
+        observed.nodes.remove("lab-1");
+        assert_eq!(volume_rebuild(&observed, "db-data"), None);
     }
 }

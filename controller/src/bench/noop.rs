@@ -130,6 +130,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
             generation: 1,
             epoch: None,
             snapshots: vec![],
+            resync: None,
         };
         if let Some((_, volumes, _)) = reachable(&mut observed, &v.node) {
             volumes.insert(v.name.clone(), copy(VolumeRole::Primary, "", &v.replicas));
