@@ -20,6 +20,7 @@ mod reconcile;
 mod remote_disk;
 mod safety;
 mod schemas;
+mod simulate;
 mod verify;
 mod vm_disk_io;
 

@@ -207,6 +207,7 @@ pub fn run(
     let public = std::fs::read_to_string(tmp.join("key.pub"))?;
     let signers = tmp.join("allowed-signers");
     std::fs::write(&signers, format!("bench@example.com {public}"))?;
+    std::fs::create_dir_all(work.join(".cairn"))?;
     let controller = proto::auth::Identity::load_or_create(
         &work.join(".cairn/controller.key"),
         &work.join(".cairn/controller.pub"),
