@@ -216,22 +216,30 @@ pub async fn apply<N: NodeApi>(
         // before it is sent, so a crash leaves only the in-flight ones `started`.
         let parallelism = options.parallelism.max(1);
         loop {
-            while tasks.len() < parallelism
-                && let Some((step, attempts)) = ready.pop_front()
+            let mut starting = vec![];
+            while tasks.len() + starting.len() < parallelism
+                && let Some(next) = ready.pop_front()
             {
+                starting.push(next);
+            }
+            // The steps sent together are journaled together (one transaction).
+            let records: Vec<StepRecord> = starting
+                .iter()
+                .map(|(step, attempts)| StepRecord {
+                    step: step.id,
+                    request_id: request_id(execution_id, step.id),
+                    status: StepStatus::Started,
+                    replayed: false,
+                    attempts: attempts + 1,
+                    error: None,
+                    at_unix_ms: now_ms(),
+                })
+                .collect();
+            if !records.is_empty() {
+                store.journal_many(execution_id, &records)?;
+            }
+            for (step, attempts) in starting {
                 let id = request_id(execution_id, step.id);
-                store.journal(
-                    execution_id,
-                    &StepRecord {
-                        step: step.id,
-                        request_id: id.clone(),
-                        status: StepStatus::Started,
-                        replayed: false,
-                        attempts: attempts + 1,
-                        error: None,
-                        at_unix_ms: now_ms(),
-                    },
-                )?;
                 let nodes = nodes.clone();
                 tasks.spawn(async move {
                     let sent = Instant::now();
@@ -249,17 +257,19 @@ pub async fn apply<N: NodeApi>(
             let Some(joined) = tasks.join_next().await else {
                 break;
             };
-            let Ok((step, attempts, result, elapsed)) = joined else {
-                continue;
-            };
-            let what = describe(&step);
-            let (status, replayed, error) = match result {
-                Ok(replayed) => (StepStatus::Succeeded, replayed, None),
-                Err(e) => (StepStatus::Failed, false, Some(e)),
-            };
-            store.journal(
-                execution_id,
-                &StepRecord {
+            // Every outcome that is in is journaled in one transaction.
+            let mut joined = vec![joined];
+            while let Some(more) = tasks.try_join_next() {
+                joined.push(more);
+            }
+            let mut records = vec![];
+            let mut ended = vec![];
+            for (step, attempts, result, elapsed) in joined.into_iter().flatten() {
+                let (status, replayed, error) = match result {
+                    Ok(replayed) => (StepStatus::Succeeded, replayed, None),
+                    Err(e) => (StepStatus::Failed, false, Some(e)),
+                };
+                records.push(StepRecord {
                     step: step.id,
                     request_id: request_id(execution_id, step.id),
                     status,
@@ -267,18 +277,21 @@ pub async fn apply<N: NodeApi>(
                     attempts,
                     error: error.clone(),
                     at_unix_ms: now_ms(),
-                },
-            )?;
-            let outcome = StepOutcome {
-                step: step.id,
-                what,
-                status,
-                replayed,
-                error,
-                millis: elapsed.as_millis() as u64,
-            };
-            events.step_ended(&outcome);
-            outcomes.insert(step.id, outcome);
+                });
+                ended.push(StepOutcome {
+                    step: step.id,
+                    what: describe(&step),
+                    status,
+                    replayed,
+                    error,
+                    millis: elapsed.as_millis() as u64,
+                });
+            }
+            store.journal_many(execution_id, &records)?;
+            for outcome in ended {
+                events.step_ended(&outcome);
+                outcomes.insert(outcome.step, outcome);
+            }
         }
     }
     events.finished();

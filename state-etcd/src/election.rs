@@ -129,9 +129,10 @@ impl Election {
 
     /// What this replica knows.
     pub fn status(&self) -> Status {
+        let leading = self.acting_token().is_ok();
         let inner = self.inner();
         Status {
-            leading: self.acting_token().is_ok(),
+            leading,
             token: self.fence.get().token as i64,
             leader: inner.leader.clone(),
             terms: inner.terms,
@@ -283,5 +284,80 @@ impl Election {
                 Err(_) => return "no keepalive answered within the lease TTL".to_owned(),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reconciler::state::{StateError, StateStore, StepRecord, StepStatus};
+
+    fn record() -> StepRecord {
+        StepRecord {
+            step: 0,
+            request_id: "e.0".into(),
+            status: StepStatus::Started,
+            replayed: false,
+            attempts: 1,
+            error: None,
+            at_unix_ms: 1,
+        }
+    }
+
+    fn wait(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what} within 15 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn one_replica_leads_a_follower_cannot_write_and_a_deposed_leader_is_refused_by_etcd() {
+        let Some((etcd, _dir)) = crate::store::tests::etcd(23796) else {
+            return;
+        };
+        let ttl = Duration::from_secs(3);
+        let open = |me: &str| {
+            let store = EtcdStore::open(&etcd.url("el")).unwrap();
+            let election = Election::start(&store, me, ttl, SharedFence::default());
+            (store.with_election(election.clone()), election)
+        };
+        let (store_a, a) = open("a");
+        wait("a leads", || a.status().leading);
+        let (store_b, b) = open("b");
+        wait("b sees a", || b.status().leader.as_deref() == Some("a"));
+        // The follower writes nothing; the leader writes, but calls no node before
+        // it waited out one TTL.
+        let refused = store_b.journal("e", &record()).unwrap_err();
+        assert!(
+            matches!(&refused, StateError::Fenced { why, .. } if why.contains("not the leader (a leads)")),
+            "{refused}"
+        );
+        store_a.journal("e", &record()).unwrap();
+        let won = a.won_at().unwrap();
+        assert_eq!(a.ready(), won.elapsed() >= ttl);
+        wait("a may call nodes", || a.ready());
+        assert!(won.elapsed() >= ttl);
+        // The key goes (as when a's lease expires while a is frozen): a's timer still
+        // holds, so its write reaches etcd, which refuses it by the token.
+        let token_a = a.status().token;
+        let mut client = store_a.client();
+        let key = a.key().to_owned();
+        let (done, deleted) = std::sync::mpsc::channel();
+        store_a.spawn(async move {
+            let _ = done.send(client.delete(key, None).await.map(|r| r.deleted()));
+        });
+        assert_eq!(deleted.recv().unwrap().unwrap(), 1);
+        let refused = store_a.journal("e", &record()).unwrap_err();
+        assert!(
+            matches!(&refused, StateError::Fenced { why, .. } if why.contains(&format!("fencing token {token_a} is no longer"))),
+            "{refused}"
+        );
+        assert!(a.acting_token().is_err());
+        wait("b leads", || b.status().leading);
+        assert!(b.status().token > token_a);
+        store_b.journal("e", &record()).unwrap();
+        assert!(store_a.journal("e", &record()).is_err());
     }
 }
