@@ -823,7 +823,7 @@ impl StateStore for EtcdStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testing::Etcd;
     use reconciler::state::StepStatus;
