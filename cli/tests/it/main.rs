@@ -18,6 +18,7 @@ mod policy;
 mod rebuild;
 mod reconcile;
 mod remote_disk;
+mod replicas;
 mod safety;
 mod schemas;
 mod simulate;
