@@ -3,6 +3,7 @@
 mod audit;
 mod authorization;
 mod cli;
+mod console;
 mod controller;
 mod controller_remote;
 mod diff;

@@ -204,9 +204,18 @@ impl Snapshot {
         out
     }
 
-    /// CPU (vCPUs) and memory (bytes) of `node`: its VMs by SLA class against
-    /// its overcommitted capacity.
-    pub fn node_use(&self, node: &str) -> (Use, Use) {
+    /// The status's VMs by the node they are on.
+    pub fn vms_by_node(&self) -> BTreeMap<&str, Vec<&VmRow>> {
+        let mut out: BTreeMap<&str, Vec<&VmRow>> = BTreeMap::new();
+        for v in self.vms() {
+            out.entry(v.node.as_str()).or_default().push(v);
+        }
+        out
+    }
+
+    /// CPU (vCPUs) and memory (bytes) of `node`: `vms` (those on it) by SLA
+    /// class against its overcommitted capacity.
+    pub fn node_use(&self, node: &str, vms: &[&VmRow]) -> (Use, Use) {
         let (mut cpu, mut mem) = (Use::default(), Use::default());
         let Some(model) = self.model() else {
             return (cpu, mem);
@@ -219,8 +228,8 @@ impl Snapshot {
             cpu.capacity = scaled(n.allocatable.cpu, site.overcommit.cpu);
             mem.capacity = scaled(n.allocatable.memory_bytes, site.overcommit.memory);
         }
-        for row in self.vms().iter().filter(|v| v.node == node) {
-            let Some(vm) = model.vms.iter().find(|v| v.name == row.name) else {
+        for row in vms {
+            let Some(vm) = model.vm(&row.name) else {
                 continue;
             };
             let (c, m) = match vm.sla.class {

@@ -68,10 +68,7 @@ pub fn svg(graph: &Graph) -> String {
         } else {
             n.id.clone()
         };
-        let link = n
-            .id
-            .strip_prefix("vm/")
-            .map(super::data::vm_path);
+        let link = n.id.strip_prefix("vm/").map(super::data::vm_path);
         if let Some(href) = &link {
             let _ = write!(out, r#"<a href="{}">"#, escape(href));
         }

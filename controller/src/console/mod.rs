@@ -69,11 +69,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/graph", get(graph_page))
         .route("/tenants", get(tenants))
         .route("/logout", axum::routing::post(logout))
-        .layer(axum::middleware::from_fn_with_state(shared, require_session))
+        .layer(axum::middleware::from_fn_with_state(
+            shared,
+            require_session,
+        ))
         // Open to all who pass the guard: the login form and its style sheet.
         .route("/login", get(login_form).post(login))
         .route("/console.css", get(css))
         .route("/console.js", get(js))
+        // Browsers ask for it on their own; there is none.
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
 }
 
 /// The cookie value of a session that ends at `expires_unix_ms`.
@@ -159,7 +164,9 @@ async fn require_session(
         .into_response()
 }
 
-/// No framing (clickjacking), no inline script or style, no referrer, no cache.
+/// No framing (clickjacking), no inline script or style, no referrer to other
+/// sites (`no-referrer` would make browsers send `Origin: null` with the login
+/// form, which the guard refuses), no cache.
 fn with_security_headers(mut r: Response) -> Response {
     let h = r.headers_mut();
     h.insert(
@@ -173,7 +180,10 @@ fn with_security_headers(mut r: Response) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
@@ -399,7 +409,8 @@ pub(crate) fn plan_view(shared: &Shared, plan_id: &str) -> Option<pages::PlanVie
         .map(|(_, r)| r)
         .filter(|r| r.plan.get("plan_id").and_then(|p| p.as_str()) == Some(plan_id))
         .collect();
-    let plan: reconciler::plan::Plan = serde_json::from_value(records.first()?.plan.clone()).ok()?;
+    let plan: reconciler::plan::Plan =
+        serde_json::from_value(records.first()?.plan.clone()).ok()?;
     let text = reconciler::render::plan_text(&plan, false);
     let executions = records
         .into_iter()
@@ -424,7 +435,9 @@ async fn sync(State(shared): State<Arc<Shared>>, Path(seq): Path<u64>) -> Respon
         .into_iter()
         .find(|e| e.seq == seq);
     let Some(e) = found else {
-        return not_found(&format!("No sync event {seq} (the newest 20,000 events are kept)."));
+        return not_found(&format!(
+            "No sync event {seq} (the newest 20,000 events are kept)."
+        ));
     };
     let plan = e.plan_id.as_deref().and_then(|p| plan_view(&shared, p));
     page(pages::sync(&s, &e, plan.as_ref()))
@@ -607,7 +620,8 @@ async fn live(State(shared): State<Arc<Shared>>) -> Response {
             }
             for e in fresh.iter().rev() {
                 if let Ok(data) = serde_json::to_string(e) {
-                    st.queue.push_back(SseEvent::default().event("event").data(data));
+                    st.queue
+                        .push_back(SseEvent::default().event("event").data(data));
                 }
             }
             if tokio::time::Instant::now() >= st.next_observe {
@@ -615,11 +629,8 @@ async fn live(State(shared): State<Arc<Shared>>) -> Response {
                 if let Some(states) = live_states(&st.shared).await
                     && st.last_states.as_ref() != Some(&states)
                 {
-                    st.queue.push_back(
-                        SseEvent::default()
-                            .event("states")
-                            .data(states.to_string()),
-                    );
+                    st.queue
+                        .push_back(SseEvent::default().event("states").data(states.to_string()));
                     st.last_states = Some(states);
                 }
             }
@@ -628,8 +639,10 @@ async fn live(State(shared): State<Arc<Shared>>) -> Response {
             }
         }
     });
+    // A comment every second when nothing else was sent: a closed page is
+    // noticed on that write and its stream (and its observations) end.
     Sse::new(stream)
-        .keep_alive(KeepAlive::default())
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(1)))
         .into_response()
 }
 
@@ -656,7 +669,12 @@ mod tests {
     fn the_cookie_or_the_bearer_token_signs_in() {
         let mut h = HeaderMap::new();
         assert!(!signed_in(&h, "tok", 5));
-        h.insert(header::COOKIE, format!("a=b; {COOKIE}={}", session_cookie("tok", 10)).parse().unwrap());
+        h.insert(
+            header::COOKIE,
+            format!("a=b; {COOKIE}={}", session_cookie("tok", 10))
+                .parse()
+                .unwrap(),
+        );
         assert!(signed_in(&h, "tok", 5));
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, "Bearer tok".parse().unwrap());

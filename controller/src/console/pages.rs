@@ -3,6 +3,8 @@
 //! escapes every value it inserts, so a tenant-controlled name is text, never
 //! markup.
 
+use std::collections::HashMap;
+
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
 
@@ -93,7 +95,7 @@ pub fn state_class(state: &str) -> &'static str {
             "s-ok"
         }
         "pending" | "suspect" | "maintenance" | "degraded" | "unknown" | "held" | "partial"
-        | "scheduled" | "started" | "found" | "reported" => "s-warn",
+        | "scheduled" | "started" | "found" | "reported" | "changed" => "s-warn",
         "stopped" | "skipped" => "s-idle",
         _ => "s-bad",
     }
@@ -310,7 +312,7 @@ pub fn topology(s: &Snapshot) -> Markup {
     let Some(model) = s.model() else {
         return layout("Topology", Nav::Topology, no_commit());
     };
-    let status = s.status.as_ref();
+    let by = ByNode::of(s);
     let body = html! {
         h1 { "Topology" }
         p.legend {
@@ -325,7 +327,7 @@ pub fn topology(s: &Snapshot) -> Markup {
                     div.rack {
                         @for name in &rack.nodes {
                             @if let Some(node) = site.nodes.iter().find(|n| &n.name == name) {
-                                (node_box(s, node, status))
+                                (node_box(s, node, &by))
                             }
                         }
                     }
@@ -336,27 +338,50 @@ pub fn topology(s: &Snapshot) -> Markup {
     layout("Topology", Nav::Topology, body)
 }
 
-fn node_box(
-    s: &Snapshot,
-    node: &compiler::model::Node,
-    status: Option<&reconciler::status::Status>,
-) -> Markup {
-    let row = status.and_then(|st| st.nodes.iter().find(|n| n.name == node.name));
-    let word = row.map(data::node_state).unwrap_or_else(|| "unknown".into());
-    let (cpu, mem) = s.node_use(&node.name);
-    let vms: Vec<&reconciler::status::VmRow> =
-        s.vms().iter().filter(|v| v.node == node.name).collect();
-    let bonds: Vec<&reconciler::status::BondRow> = status
-        .map(|st| st.bonds.iter().filter(|b| b.node == node.name).collect())
-        .unwrap_or_default();
-    let volumes: Vec<&reconciler::status::VolumeRow> = status
-        .map(|st| {
-            st.volumes
-                .iter()
-                .filter(|v| v.node == node.name || v.replicas.contains(&node.name))
-                .collect()
-        })
-        .unwrap_or_default();
+/// What the topology shows of each node, grouped once.
+struct ByNode<'a> {
+    rows: HashMap<&'a str, &'a reconciler::status::NodeRow>,
+    vms: std::collections::BTreeMap<&'a str, Vec<&'a reconciler::status::VmRow>>,
+    bonds: HashMap<&'a str, Vec<&'a reconciler::status::BondRow>>,
+    volumes: HashMap<&'a str, Vec<&'a reconciler::status::VolumeRow>>,
+}
+
+impl<'a> ByNode<'a> {
+    fn of(s: &'a Snapshot) -> ByNode<'a> {
+        let mut by = ByNode {
+            rows: HashMap::new(),
+            vms: s.vms_by_node(),
+            bonds: HashMap::new(),
+            volumes: HashMap::new(),
+        };
+        if let Some(st) = &s.status {
+            by.rows = st.nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+            for b in &st.bonds {
+                by.bonds.entry(b.node.as_str()).or_default().push(b);
+            }
+            for v in &st.volumes {
+                by.volumes.entry(v.node.as_str()).or_default().push(v);
+                for r in v.replicas.iter().filter(|r| **r != v.node) {
+                    by.volumes.entry(r.as_str()).or_default().push(v);
+                }
+            }
+        }
+        by
+    }
+}
+
+fn node_box(s: &Snapshot, node: &compiler::model::Node, by: &ByNode<'_>) -> Markup {
+    let name = node.name.as_str();
+    let row = by.rows.get(name).copied();
+    let word = row
+        .map(data::node_state)
+        .unwrap_or_else(|| "unknown".into());
+    let vms: &[&reconciler::status::VmRow] = by.vms.get(name).map(|v| &v[..]).unwrap_or_default();
+    let (cpu, mem) = s.node_use(name, vms);
+    let bonds: &[&reconciler::status::BondRow] =
+        by.bonds.get(name).map(|v| &v[..]).unwrap_or_default();
+    let volumes: &[&reconciler::status::VolumeRow] =
+        by.volumes.get(name).map(|v| &v[..]).unwrap_or_default();
     let disk_total: u64 = node.disks.iter().map(|d| d.size_bytes).sum();
     let volume_bytes: u64 = volumes.iter().map(|v| v.size_bytes).sum();
     html! {
@@ -366,7 +391,7 @@ fn node_box(
             (bar("CPU", &cpu, vcpus))
             (bar("Memory", &mem, bytes))
             div.vmchips aria-label={ "VMs on " (node.name) } {
-                @for v in &vms {
+                @for v in vms {
                     a class={ "vmchip " (state_class(&v.state)) } href=(vm_path(&v.name)) data-vm=(v.name) data-state=(v.state)
                         aria-label={ "vm " (v.name) ": " (v.state) } { (v.name) }
                 }
@@ -376,7 +401,7 @@ fn node_box(
                 "disks " (bytes(disk_total)) " (" (node.disks.len()) "), volumes here " (bytes(volume_bytes))
                 " (" (volumes.len()) ")"
             }
-            @for b in &bonds {
+            @for b in bonds {
                 p.small {
                     "bond " strong { (b.name) } " " (b.mode) " " (state(&b.health)) "; active "
                     @if b.active_members.is_empty() { "none" } @else { (b.active_members.join(", ")) }
@@ -721,7 +746,10 @@ pub struct PlanView {
     /// `cairn plan`'s text of it.
     pub text: String,
     /// Each execution (oldest first) with its journal.
-    pub executions: Vec<(reconciler::state::PlanRecord, Vec<reconciler::state::StepRecord>)>,
+    pub executions: Vec<(
+        reconciler::state::PlanRecord,
+        Vec<reconciler::state::StepRecord>,
+    )>,
 }
 
 /// `/syncs/SEQ`: one sync with its policy results, plan and apply report.
@@ -892,9 +920,13 @@ impl EventFilter {
         (self.kind.is_empty() || e.kind == self.kind)
             && (self.result.is_empty() || e.result == self.result)
             && (self.object.is_empty()
-                || e.object.as_deref().is_some_and(|o| o.contains(&self.object)))
+                || e.object
+                    .as_deref()
+                    .is_some_and(|o| o.contains(&self.object)))
             && (self.commit.is_empty()
-                || e.commit.as_deref().is_some_and(|c| c.starts_with(&self.commit)))
+                || e.commit
+                    .as_deref()
+                    .is_some_and(|c| c.starts_with(&self.commit)))
             && self.before.is_none_or(|b| e.seq < b)
     }
 
@@ -926,8 +958,18 @@ pub struct AuditView {
 /// `/events`: the filtered event log and the audit log.
 pub fn events(s: &Snapshot, f: &EventFilter, events: &[Event], audit: &AuditView) -> Markup {
     let kinds = [
-        "sync", "sync-started", "step", "drift", "crash-loop", "node", "settled", "paused",
-        "resumed", "source", "controller", "held",
+        "sync",
+        "sync-started",
+        "step",
+        "drift",
+        "crash-loop",
+        "node",
+        "settled",
+        "paused",
+        "resumed",
+        "source",
+        "controller",
+        "held",
     ];
     let body = html! {
         h1 { "Events and audit" }
