@@ -843,9 +843,6 @@ mod disk_tests {
     #[test]
     fn each_vm_disk_shows_its_volume_attachment_data_copies_and_guest_io() {
         let status = Status {
-            format_version: STATUS_FORMAT_VERSION,
-            applied: None,
-            nodes: vec![],
             vms: vec![VmRow {
                 name: "db".into(),
                 tenant: "acme".into(),
@@ -870,12 +867,7 @@ mod disk_tests {
                 ],
                 guest_block_test: "pass".into(),
             }],
-            volumes: vec![],
-            bonds: vec![],
-            unplaced: vec![],
-            drifted: 0,
-            last_apply: None,
-            audit: vec![],
+            ..empty_status()
         };
         assert_eq!(
             disks_text(&status),
@@ -894,6 +886,21 @@ disks:
         let mut none = status.clone();
         none.vms[0].disks.clear();
         assert_eq!(disks_text(&none), "", "no section without disks");
+    }
+
+    fn empty_status() -> Status {
+        Status {
+            format_version: STATUS_FORMAT_VERSION,
+            applied: None,
+            nodes: vec![],
+            vms: vec![],
+            volumes: vec![],
+            bonds: vec![],
+            unplaced: vec![],
+            drifted: 0,
+            last_apply: None,
+            audit: vec![],
+        }
     }
 
     #[test]
@@ -963,16 +970,8 @@ disks:
             rebuild: Some(r),
         };
         let status = Status {
-            format_version: STATUS_FORMAT_VERSION,
-            applied: None,
-            nodes: vec![],
-            vms: vec![],
             volumes: vec![row.clone()],
-            bonds: vec![],
-            unplaced: vec![],
-            drifted: 0,
-            last_apply: None,
-            audit: vec![],
+            ..empty_status()
         };
         assert_eq!(
             rebuild_lines(&status),

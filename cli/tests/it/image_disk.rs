@@ -24,6 +24,17 @@ fn run(what: &str, command: &mut Command) {
     );
 }
 
+/// An empty 8 MiB qcow2 file.
+fn create_qcow2(path: &Path) {
+    run(
+        "qemu-img create",
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg("8M"),
+    );
+}
+
 /// The VMs and the image. Both VMs are pinned to lab-1, so their disks' copies go to
 /// the same nodes (and share a base).
 fn workloads(vms: &[&str], file: &str) -> String {
@@ -118,13 +129,7 @@ fn a_from_image_disk_is_a_clone_of_the_image_imported_once_and_bad_files_name_th
     );
     // A qcow2 file whose L1 table offset is wrong: the node's qemu-img refuses it, and the
     // failed step names the file and the line.
-    run(
-        "qemu-img create",
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&seed)
-            .arg("8M"),
-    );
+    create_qcow2(&seed);
     let mut header = std::fs::read(&seed).expect("read seed");
     header[40..48].copy_from_slice(&0x1234u64.to_be_bytes()); // l1_table_offset
     std::fs::write(&seed, &header).expect("break seed");
@@ -144,13 +149,7 @@ fn a_from_image_disk_is_a_clone_of_the_image_imported_once_and_bad_files_name_th
 
     // The image: 8 MiB qcow2 with two written ranges, the rest a hole.
     std::fs::remove_file(&seed).expect("remove seed");
-    run(
-        "qemu-img create",
-        Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&seed)
-            .arg("8M"),
-    );
+    create_qcow2(&seed);
     run(
         "qemu-io write",
         Command::new("qemu-io")
