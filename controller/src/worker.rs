@@ -1218,7 +1218,8 @@ impl Worker {
         }
         let spec = pipeline::spec_nodes(&good.model);
         let failed = self.shared.leases.failed_nodes(&good.model);
-        let observed = observe_except(&spec, &self.shared.nodes, &failed).await;
+        let nodes = lease_bound::LeaseBound::new(self.shared.clone());
+        let observed = observe_except(&spec, &nodes, &failed).await;
         self.note_observation(&observed);
         let applied_reconcile = crate::gate::Limits::applied(&good.commit, &good.model).reconcile;
         let masked = self.mask_crash_loops(&observed, &good.model, &applied_reconcile);

@@ -322,7 +322,14 @@ pub fn keep_off(
         .chain(&options.failed_nodes)
         .cloned()
         .collect();
-    let elsewhere = desired::place_without(model, previous, &out, &options.disk_writers);
+    // Without the `ha-reserve` admission: with nodes out of service it would refuse
+    // every HA VM (no room left to lose one more node), and an HA restart is not held
+    // by admission (which already kept the room).
+    let mut relaxed = model.clone();
+    for site in &mut relaxed.sites {
+        site.ha_reserve_nodes = 0;
+    }
+    let elsewhere = desired::place_without(&relaxed, previous, &out, &options.disk_writers);
     for vm in &landed {
         let Some(at) = placement.vms.iter().position(|v| v.name == *vm) else {
             continue;
@@ -828,5 +835,60 @@ mod keep_off_tests {
             unplaced.reasons[0].message.contains("--off"),
             "{unplaced:?}"
         );
+    }
+
+    #[test]
+    fn an_ha_restart_off_a_failed_node_skips_the_node_in_maintenance() {
+        // The dev cluster's web VMs without disks and without spread (as the HA tests).
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let files = ["cluster.kdl", "tenants.kdl", "workloads.kdl"].map(|f| {
+            let text = std::fs::read_to_string(root.join(f)).expect("quickstart file");
+            let text: String = text
+                .lines()
+                .filter(|l| !l.contains("disk \"root\"") && !l.contains("spread \"node\""))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            (f.to_owned(), text)
+        });
+        let compilation = compiler::compile(&compiler::source::Sources::from_files(files));
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        let model = compilation.model;
+        let mut previous = desired::place(&model, None);
+        for v in &mut previous.vms {
+            v.node = match v.name.as_str() {
+                "db" | "web-2" => "lab-1",
+                "backup" | "web-0" => "lab-2",
+                _ => "lab-3",
+            }
+            .to_owned();
+        }
+        let failed = BTreeSet::from(["lab-2".to_owned()]);
+        let mut placement = desired::place_without(&model, &previous, &failed, &BTreeMap::new());
+        // Without maintenance, web-0 restarts on lab-3 (the spread strategy).
+        assert_eq!(node_of(&placement, "web-0"), Some("lab-3"));
+        let options = PlanOptions {
+            failed_nodes: failed,
+            maintenance: BTreeSet::from(["lab-3".to_owned()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            keep_off(&model, &previous, &mut placement, &options),
+            vec!["web-0".to_owned()]
+        );
+        assert_eq!(
+            node_of(&placement, "web-0"),
+            Some("lab-1"),
+            "{placement:#?}"
+        );
+        assert!(
+            placement
+                .moves
+                .iter()
+                .any(|m| m.vm == "web-0" && m.from == "lab-2" && m.to == "lab-1"),
+            "{:?}",
+            placement.moves
+        );
+        assert_eq!(node_of(&placement, "web-1"), Some("lab-3"), "stays");
+        assert!(placement.unplaced.is_empty(), "{:?}", placement.unplaced);
     }
 }

@@ -7,7 +7,9 @@
 //! worker applies and settles with: each `Apply` and `GetOutcome` to a node runs
 //! until it is answered or until the controller declares that node `failed` (its
 //! lease lapsed T + margin ago and its site no longer hears it), whichever comes
-//! first; a call to a node already failed is not sent. Steps to other nodes run on
+//! first; a call to a node already failed is not sent. An observation too (a drift
+//! check woken by a node's broken Watch stream observed it until the 5 s timeout
+//! while the node was declared failed meanwhile). Steps to other nodes run on
 //! (the apply engine has them in flight side by side), so one lost node costs the
 //! round at most T + margin after its last grant, not 60 s.
 //!
@@ -90,7 +92,14 @@ impl LeaseBound {
 
 impl NodeApi for LeaseBound {
     async fn observe(&self, node: &DesiredNode) -> Result<NodeObservation, String> {
-        self.shared.nodes.observe(node).await
+        tokio::select! {
+            biased;
+            answer = self.shared.nodes.observe(node) => answer,
+            reason = self.lost(&node.name) => Err(format!(
+                "observation abandoned: {} is declared failed ({reason})",
+                node.name
+            )),
+        }
     }
 
     async fn apply(
