@@ -74,7 +74,7 @@ impl Anchors {
                 crate::events::now_unix_ms(),
             ),
         );
-        if let Err(e) = write_atomically(&self.path, &by_key) {
+        if let Err(e) = write_atomically(&self.path, &*by_key) {
             eprintln!(
                 "cairn-node: cannot record the audit anchor in {}: {e}",
                 self.path.display()
@@ -98,14 +98,13 @@ impl Anchors {
     }
 }
 
-fn write_atomically(
-    path: &Path,
-    by_key: &BTreeMap<String, (u64, String, u64)>,
-) -> std::io::Result<()> {
+/// Writes `value` as JSON to `path` atomically (temporary file, fsync, rename); also
+/// the fencing tokens' file (`crate::fencing`).
+pub(crate) fn write_atomically<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     use std::io::Write;
     let temporary = path.with_extension("json.tmp");
     let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(&serde_json::to_vec(by_key).expect("anchors serialize"))?;
+    file.write_all(&serde_json::to_vec(value).expect("JSON values serialize"))?;
     file.sync_all()?;
     std::fs::rename(&temporary, path)
 }

@@ -64,7 +64,7 @@ impl FenceTokens {
         if token > highest {
             let mut next = by_key.clone();
             next.insert(controller_key_hex.to_owned(), token);
-            write_atomically(&self.path, &next).map_err(|e| {
+            crate::anchors::write_atomically(&self.path, &next).map_err(|e| {
                 tonic::Status::unavailable(format!(
                     "cannot record fencing token {token} in {}: {e}",
                     self.path.display()
@@ -84,15 +84,6 @@ impl FenceTokens {
             .copied()
             .unwrap_or(0)
     }
-}
-
-fn write_atomically(path: &Path, by_key: &BTreeMap<String, u64>) -> std::io::Result<()> {
-    use std::io::Write;
-    let temporary = path.with_extension("json.tmp");
-    let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(&serde_json::to_vec(by_key).expect("tokens serialize"))?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)
 }
 
 #[cfg(test)]

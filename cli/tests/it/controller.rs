@@ -32,7 +32,7 @@ pub(crate) fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-const VM_APP: &str = "vm \"app\" tenant=\"dev\" site=\"lab\" {\n    cpu 1\n    memory \"64MiB\"\n    image \"tiny\"\n}\n";
+pub(crate) const VM_APP: &str = "vm \"app\" tenant=\"dev\" site=\"lab\" {\n    cpu 1\n    memory \"64MiB\"\n    image \"tiny\"\n}\n";
 
 /// A dev cluster whose spec directory is a git work clone pushing to a bare
 /// repository that a `cairn controller` follows.

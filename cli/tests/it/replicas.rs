@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::controller::{GitOps, run_ok, skip_without_tools};
+use crate::controller::{GitOps, VM_APP, run_ok, skip_without_tools};
 use crate::engine::{free_port, kvm_usable};
 
-const VM_APP: &str = "vm \"app\" tenant=\"dev\" site=\"lab\" {\n    cpu 1\n    memory \"64MiB\"\n    image \"tiny\"\n}\n";
 /// The election's lease TTL in these tests.
 const TTL: Duration = Duration::from_secs(3);
 
