@@ -253,7 +253,7 @@ fn pages_of(f: &Fixture) -> Vec<(&'static str, String)> {
     vec![
         ("login.html", pages::login(None, "/vms").into_string()),
         ("overview.html", pages::overview(s).into_string()),
-        ("topology.html", pages::topology(s).into_string()),
+        ("topology.html", pages::topology(s, None).into_string()),
         (
             "vms.html",
             pages::vms(s, &VmFilter::default()).into_string(),
@@ -543,7 +543,16 @@ fn a_1000_node_10000_vm_cluster_is_filtered_and_paginated_on_the_server() {
             .expect("app-42")
             .into_string()
     });
-    timed("topology", &|| pages::topology(&s).into_string());
+    let racks = timed("topology", &|| pages::topology(&s, None).into_string());
+    assert!(
+        racks.contains(r#"<a href="/topology?rack=r7">Rack r7</a>: 50 nodes, 500 VMs"#)
+            && !racks.contains("article"),
+        "a large cluster's topology lists its racks"
+    );
+    let rack = timed("topology?rack=r7", &|| {
+        pages::topology(&s, Some("r7")).into_string()
+    });
+    assert_eq!(rack.matches("<article").count(), 50);
     timed("tenants", &|| pages::tenants(&s).into_string());
     timed("graph", &|| {
         let (svg, n, w) = controller::console::graph_svg(s.model().expect("model"));

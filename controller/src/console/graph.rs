@@ -15,8 +15,15 @@ const BOX_W: usize = 200;
 const BOX_H: usize = 18;
 const MARGIN: usize = 10;
 
+/// Above this many vertices, each wave's vertices are drawn as one box per
+/// kind with its count (a page stays small; `cairn graph` has every vertex).
+pub const MAX_VERTICES: usize = 1500;
+
 /// The SVG of `graph`.
 pub fn svg(graph: &Graph) -> String {
+    if graph.nodes.len() > MAX_VERTICES {
+        return svg(&by_kind(graph));
+    }
     let mut position: HashMap<&str, (usize, usize)> = HashMap::new();
     let mut rows = 0;
     for (wave, ids) in graph.waves.iter().enumerate() {
@@ -88,6 +95,49 @@ pub fn svg(graph: &Graph) -> String {
     }
     out.push_str("</svg>");
     out
+}
+
+/// The graph of kinds: one vertex `KIND ×N` per wave and kind, an edge
+/// where any of their vertices had one.
+fn by_kind(graph: &Graph) -> Graph {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut count: BTreeMap<(usize, &str), usize> = BTreeMap::new();
+    let mut group: HashMap<&str, (usize, &str)> = HashMap::new();
+    for n in &graph.nodes {
+        *count.entry((n.wave, n.kind.as_str())).or_default() += 1;
+        group.insert(n.id.as_str(), (n.wave, n.kind.as_str()));
+    }
+    let id =
+        |(wave, kind): (usize, &str)| format!("{kind} ×{} (wave {wave})", count[&(wave, kind)]);
+    let mut waves = vec![vec![]; graph.waves.len()];
+    let mut nodes = vec![];
+    for (&(wave, kind), _) in &count {
+        waves[wave].push(id((wave, kind)));
+        nodes.push(compiler::place::GraphNode {
+            id: id((wave, kind)),
+            kind: kind.to_owned(),
+            wave,
+        });
+    }
+    let edges: BTreeSet<(String, String)> = graph
+        .edges
+        .iter()
+        .filter_map(|e| {
+            Some((
+                id(*group.get(e.from.as_str())?),
+                id(*group.get(e.to.as_str())?),
+            ))
+        })
+        .collect();
+    Graph {
+        format_version: graph.format_version,
+        nodes,
+        edges: edges
+            .into_iter()
+            .map(|(from, to)| compiler::place::GraphEdge { from, to })
+            .collect(),
+        waves,
+    }
 }
 
 /// Escapes text and attribute values for XML.

@@ -329,8 +329,16 @@ async fn overview(State(shared): State<Arc<Shared>>) -> Response {
     page(pages::overview(&snapshot(&shared, true).await))
 }
 
-async fn topology(State(shared): State<Arc<Shared>>) -> Response {
-    page(pages::topology(&snapshot(&shared, true).await))
+#[derive(Debug, serde::Deserialize)]
+struct RackQuery {
+    rack: Option<String>,
+}
+
+async fn topology(State(shared): State<Arc<Shared>>, Query(q): Query<RackQuery>) -> Response {
+    page(pages::topology(
+        &snapshot(&shared, true).await,
+        q.rack.as_deref(),
+    ))
 }
 
 async fn vms(State(shared): State<Arc<Shared>>, Query(f): Query<pages::VmFilter>) -> Response {

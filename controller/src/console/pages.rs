@@ -308,11 +308,17 @@ fn vcpus(n: u64) -> String {
 }
 
 /// `/topology`: sites, racks, nodes with their use, VMs, disks and bonds.
-pub fn topology(s: &Snapshot) -> Markup {
+pub fn topology(s: &Snapshot, rack: Option<&str>) -> Markup {
     let Some(model) = s.model() else {
         return layout("Topology", Nav::Topology, no_commit());
     };
     let by = ByNode::of(s);
+    let nodes: usize = model.sites.iter().map(|site| site.nodes.len()).sum();
+    // A large cluster shows its racks first, one rack's nodes per page.
+    let shown = |name: &str| match rack {
+        Some(r) => r == name,
+        None => nodes <= TOPOLOGY_ALL_NODES,
+    };
     let body = html! {
         h1 { "Topology" }
         p.legend {
@@ -323,12 +329,21 @@ pub fn topology(s: &Snapshot) -> Markup {
                 h2 id={ "site-" (site.name) } { "Site " (site.name) }
                 p.small { "overcommit cpu ×" (site.overcommit.cpu) ", memory ×" (site.overcommit.memory) }
                 @for rack in &site.racks {
-                    h3 { "Rack " (rack.name) }
-                    div.rack {
-                        @for name in &rack.nodes {
-                            @if let Some(node) = site.nodes.iter().find(|n| &n.name == name) {
-                                (node_box(s, node, &by))
+                    @if shown(&rack.name) {
+                        h3 { "Rack " (rack.name) }
+                        div.rack {
+                            @for name in &rack.nodes {
+                                @if let Some(node) = site.nodes.iter().find(|n| &n.name == name) {
+                                    (node_box(s, node, &by))
+                                }
                             }
+                        }
+                    } @else {
+                        p {
+                            a href={ "/topology?rack=" (data::path_segment(&rack.name)) } { "Rack " (rack.name) }
+                            ": " (rack.nodes.len()) " nodes, "
+                            (rack.nodes.iter().map(|n| by.vms.get(n.as_str()).map_or(0, Vec::len)).sum::<usize>()) " VMs; not ready: "
+                            (rack.nodes.iter().filter(|n| by.rows.get(n.as_str()).is_none_or(|r| data::node_state(r) != "ready")).count())
                         }
                     }
                 }
@@ -337,6 +352,9 @@ pub fn topology(s: &Snapshot) -> Markup {
     };
     layout("Topology", Nav::Topology, body)
 }
+
+/// Up to this many nodes the topology shows every node at once.
+pub const TOPOLOGY_ALL_NODES: usize = 200;
 
 /// What the topology shows of each node, grouped once.
 struct ByNode<'a> {
