@@ -131,7 +131,9 @@ pub struct HaTimesRow {
 }
 
 /// Node → the names of its HA and FT VMs.
-type FencedByNode = BTreeMap<String, Vec<String>>;
+/// By node: its HA and FT VMs (fenced), and its VMs of availability `none`
+/// (unguarded: the only ones it disarms).
+type FencedByNode = BTreeMap<String, (Vec<String>, Vec<String>)>;
 
 /// A node's lease state, as status and metrics say it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -269,22 +271,30 @@ impl Leases {
             .collect()
     }
 
-    /// The VMs `node` must fence: its HA and FT VMs in the stored placement
-    /// (re-read when older than T/3).
-    fn fenced_vms(&self, node: &str, model: &compiler::Model, shared: &Shared) -> Vec<String> {
+    /// The VMs `node` must fence (its HA and FT VMs in the stored placement) and those
+    /// it may disarm (its VMs of availability `none`), re-read when older than T/3.
+    /// A VM in neither list (an HA VM restarted there a moment ago) stays armed.
+    fn fenced_vms(
+        &self,
+        node: &str,
+        model: &compiler::Model,
+        shared: &Shared,
+    ) -> (Vec<String>, Vec<String>) {
         let mut cache = self.fenced.lock().unwrap_or_else(|p| p.into_inner());
         let fresh = cache
             .as_ref()
             .is_some_and(|(at, _)| at.elapsed() < self.ttl / 3);
         if !fresh {
-            let guarded: std::collections::BTreeSet<&str> = model
+            let guarded: BTreeMap<&str, bool> = model
                 .vms
                 .iter()
-                .filter(|m| m.availability != compiler::model::Availability::None)
-                .map(|m| m.name.as_str())
+                .map(|m| {
+                    let guarded = m.availability != compiler::model::Availability::None;
+                    (m.name.as_str(), guarded)
+                })
                 .collect();
             // A store that cannot be read now (a sync holds it open) keeps the last
-            // list: an empty one would tell every node to disarm its HA VMs.
+            // lists.
             let placement = shared
                 .state_store()
                 .and_then(|store| store.placement().map_err(|e| e.to_string()));
@@ -292,11 +302,11 @@ impl Leases {
                 Ok(placement) => {
                     let mut by_node = FencedByNode::new();
                     for vm in placement.iter().flat_map(|p| &p.vms) {
-                        if guarded.contains(vm.name.as_str()) {
-                            by_node
-                                .entry(vm.node.clone())
-                                .or_default()
-                                .push(vm.name.clone());
+                        let lists = by_node.entry(vm.node.clone()).or_default();
+                        match guarded.get(vm.name.as_str()) {
+                            Some(true) => lists.0.push(vm.name.clone()),
+                            Some(false) => lists.1.push(vm.name.clone()),
+                            None => {}
                         }
                     }
                     *cache = Some((Instant::now(), by_node));
@@ -589,9 +599,10 @@ impl v1::lease_server::Lease for LeaseService {
                 public_key_hex: keys.get(&n.name).cloned().unwrap_or_default(),
             })
             .collect();
-        let fenced_vms = self.leases.fenced_vms(&name, &good.model, &self.shared);
+        let (fenced_vms, unguarded_vms) = self.leases.fenced_vms(&name, &good.model, &self.shared);
         // HA VMs a restart may start here are armed from their first instruction.
-        let fenced_vms = crate::fence_list::with_moving(&self.shared, &good.model, &name, fenced_vms);
+        let fenced_vms =
+            crate::fence_list::with_moving(&self.shared, &good.model, &name, fenced_vms);
         let body = request.into_inner();
         let grants = {
             let mut granted = self.leases.lock();
@@ -618,6 +629,7 @@ impl v1::lease_server::Lease for LeaseService {
             site_peers,
             fenced_vms,
             renew_every_ms: timers.renew_every_ms,
+            unguarded_vms,
         }))
     }
 }

@@ -11,9 +11,12 @@
 //!   A controller that is down, restarting or failing over therefore stops nothing
 //!   while the site's nodes still reach each other.
 //!
-//! After every round the node pushes `max(lease, peers)` into each running VM of the
-//! controller's `fenced_vms` list (its HA and FT VMs) with the VMM's `set-fence`
-//! request ([`vmm::fence`]), only ever moving it later. When the node loses quorum,
+//! As soon as a round extends either part, the node pushes `max(lease, peers)` into
+//! each running VM with the VMM's `set-fence` request ([`vmm::fence`]), only ever
+//! moving it later, except the VMs the controller's grant names as of availability
+//! `none` (`unguarded_vms`), which it disarms. A VM that no grant names yet (an HA VM
+//! restarted here a moment ago) is therefore fenced like the HA VMs it may be, never
+//! disarmed by a list that lags the placement. When the node loses quorum,
 //! or is frozen (SIGSTOP) or killed, nothing moves the deadline any more and each VMM
 //! stops its vCPUs and its tap writes at the deadline by itself.
 //!
@@ -54,6 +57,9 @@ struct Kept {
     peers: Vec<(String, String, String)>,
     /// The VMs to fence (HA and FT VMs placed here).
     fenced_vms: BTreeSet<String>,
+    /// The VMs of availability `none` placed here: the only ones disarmed.
+    #[serde(default)]
+    unguarded_vms: BTreeSet<String>,
     /// The lease length the controller grants, ms (its site's detect T).
     ttl_ms: u64,
     /// How often the controller asks this node to renew, ms (0: `ttl_ms / 3`).
@@ -255,6 +261,7 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
             .map(|p| (p.name.clone(), p.address.clone(), p.public_key_hex.clone()))
             .collect(),
         fenced_vms: reply.fenced_vms.into_iter().collect(),
+        unguarded_vms: reply.unguarded_vms.into_iter().collect(),
         ttl_ms: reply.ttl_ms,
         renew_every_ms: reply.renew_every_ms,
     };
@@ -332,11 +339,11 @@ async fn probe_peers(node: &Node, config: &LeaseConfig, sent_ns: u64) -> bool {
 /// disarms VMs that left the list.
 async fn push_fences(node: &Arc<Node>) {
     let _one_at_a_time = node.quorum.pushing.lock().await;
-    let (until, fenced, pushed) = {
+    let (until, unguarded, pushed) = {
         let state = node.quorum.lock();
         (
             state.lease_until_ns.max(state.peers_until_ns),
-            state.kept.fenced_vms.clone(),
+            state.kept.unguarded_vms.clone(),
             state.pushed.clone(),
         )
     };
@@ -345,14 +352,19 @@ async fn push_fences(node: &Arc<Node>) {
     let running = node.vms.running_control_sockets().await;
     let mut updates = Vec::new();
     for (vm, socket) in running {
-        let deadline = if fenced.contains(&vm) {
+        // Only a VM the controller names as of availability `none` is disarmed. Every
+        // other one keeps the quorum's end, also one the controller's `fenced_vms`
+        // does not name yet: an HA VM restarted here a moment ago, before the
+        // placement that puts it here was stored, was disarmed by that gap, and with
+        // this node cut off then it ran on while the controller restarted it elsewhere.
+        let deadline = if !unguarded.contains(&vm) {
             if until == 0 || pushed.get(&vm).is_some_and(|p| *p >= until) {
                 continue;
             }
             until
         } else if until != 0 || pushed.get(&vm).is_none_or(|p| *p != 0) {
-            // Not an HA or FT VM: disarmed, every round while the node holds a lease
-            // (a new incarnation of it started armed, `Vms::set_quorum_end`).
+            // Disarmed every round while the node holds quorum (a new incarnation of
+            // it started armed, `Vms::set_quorum_end`).
             0
         } else {
             continue;

@@ -45,6 +45,7 @@ impl v1::lease_server::Lease for FakeController {
             site_peers: vec![],
             fenced_vms: self.fenced.clone(),
             renew_every_ms: 0,
+            unguarded_vms: vec![],
         }))
     }
 }
