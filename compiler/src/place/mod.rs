@@ -1048,12 +1048,27 @@ pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>
             };
             engine.assign(vm, node, secondary);
         }
+        // In pack sites, spot VMs hold their previous nodes while the new
+        // VMs are placed (pack would otherwise fill exactly the room they
+        // use, and push them out for nothing); a new VM that finds no node
+        // releases them.
+        let mut held: Vec<&Vm> = vec![];
+        if !phase_spot {
+            held = pack::hold_spot(&mut engine, &ordered, &previous);
+        }
         let mut fresh: Vec<&Vm> = vec![];
         for vm in &phase {
             if engine.assigned.contains_key(&vm.name) {
                 continue;
             }
-            match engine.best(vm) {
+            let mut best = engine.best(vm);
+            if best.is_none() && !held.is_empty() {
+                for h in held.drain(..) {
+                    engine.unassign(h);
+                }
+                best = engine.best(vm);
+            }
+            match best {
                 Some((node, secondary)) => {
                     engine.assign(vm, node, secondary);
                     fresh.push(vm);
@@ -1077,6 +1092,9 @@ pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>
             }
         }
         pack::improve_fresh(&mut engine, &fresh);
+        for h in held {
+            engine.unassign(h);
+        }
     }
     ha_admission(model, &mut engine, &mut unplaced, locator);
     finish(model, &engine, volumes, unplaced, options.previous.as_ref())

@@ -25,11 +25,11 @@ use serde::{Deserialize, Serialize};
 
 use super::binpack::{self, Dim2};
 use super::{Cost, Engine, PlaceOptions, Placement, Verdict, cost, finish, order};
-use crate::model::{Availability, Model, Strategy, Vm};
+use crate::model::{Availability, Model, SlaClass, Strategy, Vm};
 
 /// Work (candidate checks; a verdict counts [`VERDICT_WORK`]) the search
 /// may spend on one site.
-pub(crate) const WORK_LIMIT: u64 = 2_000_000;
+pub(crate) const WORK_LIMIT: u64 = 300_000;
 const VERDICT_WORK: u64 = 16;
 /// Steps of one attempt to empty a node, per VM it held at first.
 const STEPS_PER_VM: usize = 24;
@@ -370,6 +370,43 @@ struct Swap {
     out: [usize; 2],
 }
 
+/// Assigns the spot VMs of `pack` sites to their previous nodes where every
+/// hard constraint still holds there (before the other VMs are placed anew);
+/// returns them, to be unassigned again before the spot pass.
+pub(crate) fn hold_spot<'m>(
+    engine: &mut Engine<'m>,
+    ordered: &[&'m Vm],
+    previous: &BTreeMap<&str, &super::VmPlacement>,
+) -> Vec<&'m Vm> {
+    let mut held = vec![];
+    for &vm in ordered {
+        if vm.sla.class != SlaClass::Spot
+            || vm.availability == Availability::Ft
+            || engine.model.site(&vm.site).map(|s| s.scheduler.strategy) != Some(Strategy::Pack)
+        {
+            continue;
+        }
+        let Some(&node) = previous
+            .get(vm.name.as_str())
+            .and_then(|p| engine.node_index.get(&p.node))
+        else {
+            continue;
+        };
+        if engine.nodes[node].site == vm.site
+            && matches!(engine.verdict(vm, node, None), Verdict::Fits)
+        {
+            engine.assign(vm, node, None);
+            held.push(vm);
+        }
+    }
+    held
+}
+
+/// The repack runs on sites with at most this many capacity-only VMs placed
+/// anew (bin completion scans the VMs left at every step); larger sites get
+/// the local search only.
+pub(crate) const REPACK_MAX_VMS: usize = 1_500;
+
 /// Search steps the bin-completion repack may spend on one site, and on
 /// each count of nodes it tries.
 pub(crate) const REPACK_WORK: u64 = 600_000;
@@ -398,7 +435,9 @@ pub(crate) fn improve_fresh<'m>(engine: &mut Engine<'m>, fresh: &[&'m Vm]) {
             .copied()
             .filter(|v| capacity_only(engine, v))
             .collect();
-        repack(engine, &site.name, &free, REPACK_WORK);
+        if free.len() <= REPACK_MAX_VMS {
+            repack(engine, &site.name, &free, REPACK_WORK);
+        }
         Search::new(engine, &site.name, movable).empty_nodes();
     }
 }
