@@ -78,6 +78,12 @@ pub enum Command {
         /// Move VMs toward the strategy's optimum within max-moves and max-unavailable.
         #[arg(long)]
         rebalance: bool,
+        /// With --rebalance: the fewest moves that free whole nodes; says how many.
+        #[arg(long, requires = "rebalance")]
+        consolidate: bool,
+        /// Exact search for pack sites (work-limited); reports the gap to the proven bound.
+        #[arg(long)]
+        optimize: bool,
     },
     /// Print the dependency graph and its waves.
     Graph {
@@ -571,6 +577,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             explain,
             fail,
             rebalance,
+            consolidate,
+            optimize,
         } => crate::placecmd::place(&crate::placecmd::PlaceArgs {
             dir,
             format,
@@ -578,6 +586,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             explain,
             fail,
             rebalance,
+            consolidate,
+            optimize,
         }),
         Command::Graph { dir, format } => crate::placecmd::graph(&dir, format),
         Command::Plan {

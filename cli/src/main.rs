@@ -19,6 +19,7 @@ mod dev;
 mod diff;
 mod frontend;
 mod gitops;
+mod packbench;
 mod placecmd;
 mod policy_cmd;
 mod progress;

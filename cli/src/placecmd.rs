@@ -121,6 +121,10 @@ pub struct PlaceArgs {
     pub fail: Vec<String>,
     /// Rebalance.
     pub rebalance: bool,
+    /// With rebalance: free whole nodes.
+    pub consolidate: bool,
+    /// Exact search for pack sites.
+    pub optimize: bool,
 }
 
 /// `cairn place`.
@@ -205,7 +209,34 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
         return Ok(0);
     }
     let mut placement = compiler::place::place(model, &base_options, Some(&locator));
-    if args.rebalance {
+    let mut notes = String::new();
+    if args.optimize {
+        let (optimized, bounds) = compiler::place::optimize(
+            model,
+            &placement,
+            &base_options,
+            compiler::place::binpack::DEFAULT_WORK_LIMIT,
+        );
+        placement = optimized;
+        notes.push_str(&optimize_text(&bounds));
+    }
+    if args.rebalance && args.consolidate {
+        let (consolidated, freed) = compiler::place::consolidate(model, &placement, &base_options);
+        placement = consolidated;
+        for (site, nodes) in freed {
+            let _ = writeln!(
+                notes,
+                "consolidate site {site}: {} node{} freed{}",
+                nodes.len(),
+                if nodes.len() == 1 { "" } else { "s" },
+                if nodes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", nodes.join(", "))
+                }
+            );
+        }
+    } else if args.rebalance {
         placement = compiler::place::rebalance(model, &placement, &base_options, Some(&locator));
     }
     if !args.fail.is_empty() {
@@ -223,8 +254,14 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
         return Ok(if report.promises_kept { 0 } else { 1 });
     }
     match args.format {
-        Format::Json => out.write_all(compiler::place::placement_json(&placement).as_bytes())?,
-        Format::Text => out.write_all(placement_text(model, &placement).as_bytes())?,
+        Format::Json => {
+            out.write_all(compiler::place::placement_json(&placement).as_bytes())?;
+            eprint!("{notes}");
+        }
+        Format::Text => {
+            out.write_all(placement_text(model, &placement).as_bytes())?;
+            out.write_all(notes.as_bytes())?;
+        }
     }
     let diags = unplaced_diagnostics(c, &placement);
     if !diags.is_empty() {
@@ -235,6 +272,29 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
     } else {
         0
     })
+}
+
+/// `--optimize`: per pack site, the nodes used against the proven bound.
+fn optimize_text(bounds: &[compiler::place::SiteBound]) -> String {
+    let mut s = String::new();
+    for b in bounds {
+        let verdict = if b.proven_optimal {
+            "optimal (proven)".to_owned()
+        } else {
+            let gap = b.nodes_used - b.lower_bound;
+            format!(
+                "gap {gap} node{} ({:.1}%) to the bound, not closed within the work limit",
+                if gap == 1 { "" } else { "s" },
+                100.0 * gap as f64 / b.lower_bound.max(1) as f64
+            )
+        };
+        let _ = writeln!(
+            s,
+            "optimize site {}: {} nodes used, lower bound {}: {verdict} ({} VMs searched, {} of {} steps)",
+            b.site, b.nodes_used, b.lower_bound, b.vms_searched, b.work, b.work_limit
+        );
+    }
+    s
 }
 
 /// The text view of a placement.
