@@ -111,7 +111,7 @@ fn by_kind(graph: &Graph) -> Graph {
         |(wave, kind): (usize, &str)| format!("{kind} ×{} (wave {wave})", count[&(wave, kind)]);
     let mut waves = vec![vec![]; graph.waves.len()];
     let mut nodes = vec![];
-    for (&(wave, kind), _) in &count {
+    for &(wave, kind) in count.keys() {
         waves[wave].push(id((wave, kind)));
         nodes.push(compiler::place::GraphNode {
             id: id((wave, kind)),
