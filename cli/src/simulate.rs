@@ -235,7 +235,16 @@ mod tests {
             .1;
         assert!(infra.contains("node \"n0\" class=\"std\" address=\"127.0.0.41:20000\"\n"));
         assert!(infra.contains("node \"n39\" class=\"std\" address=\"127.0.0.41:20039\"\n"));
-        assert!(!infra.contains("address=\"10."), "{infra}");
+        // Only the nodes move: the witness keeps its address.
+        let left: Vec<&str> = infra
+            .lines()
+            .filter(|l| l.trim_start().starts_with("node ") && l.contains("address=\"10."))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(
+            infra.contains("witness address=\"10.255.0.1:7400\""),
+            "{infra}"
+        );
         let high: SocketAddr = "127.0.0.41:65530".parse().expect("address");
         let error = simulated_addresses(&mut files, high).expect_err("past 65535");
         assert!(error.to_string().contains("port 65536"), "{error}");
