@@ -186,7 +186,9 @@ impl EtcdStore {
                     ConnectOptions::new()
                         .with_connect_timeout(Duration::from_secs(3))
                         .with_timeout(CALL_TIMEOUT)
-                        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2)),
+                        // Lenient: a busy machine missed 2 s pings and tore the
+                        // connection down at start.
+                        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10)),
                 ),
             )
             .await
@@ -200,8 +202,16 @@ impl EtcdStore {
             audit_key: None,
             election: None,
         };
-        store.check_format()?;
-        Ok(store)
+        // etcd may still be starting (or busy): retried for 10 s.
+        let deadline = std::time::Instant::now() + CALL_TIMEOUT;
+        loop {
+            match store.check_format() {
+                Err(StateError::Etcd { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                done => return done.map(|()| store),
+            }
+        }
     }
 
     /// The store's URL.
