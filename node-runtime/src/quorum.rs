@@ -373,28 +373,17 @@ async fn push_fences(node: &Arc<Node>) {
     }
     // All at once: one slow VMM (up to the 500 ms timeout) must not delay the others'
     // renewal.
-    let sends = updates
-        .into_iter()
-        .map(|(vm, socket, deadline)| async move {
-            let sent = tokio::task::spawn_blocking(move || {
-                let mut client =
-                    vmm::control::ControlClient::connect(&socket, Duration::from_millis(500))
-                        .map_err(|e| e.to_string())?;
-                let response = client
-                    .request(&vmm::control::Request::SetFence {
-                        deadline_boottime_ns: deadline,
-                    })
-                    .map_err(|e| e.to_string())?;
-                if response.ok {
-                    Ok(())
-                } else {
-                    Err(response.error.unwrap_or_default())
-                }
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+    // Through the hypervisor seam (`cairn-vmm`'s `set-fence`, or a simulated VM's).
+    let hypervisor = node.vms.hypervisor();
+    let sends = updates.into_iter().map(|(vm, socket, deadline)| {
+        let hypervisor = hypervisor.clone();
+        async move {
+            let sent = tokio::task::spawn_blocking(move || hypervisor.set_fence(&socket, deadline))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
             (vm, deadline, sent)
-        });
+        }
+    });
     for (vm, deadline, sent) in futures_util::future::join_all(sends).await {
         match sent {
             Ok(()) => {
@@ -448,8 +437,8 @@ pub async fn run(node: Arc<Node>, config: LeaseConfig) {
                     Ok(()) => "granted".to_string(),
                     Err(error) => error.clone(),
                 },
-                (state.lease_until_ns as i128 - now as i128) / 1_000_000,
-                (state.peers_until_ns as i128 - now as i128) / 1_000_000,
+                (i128::from(state.lease_until_ns) - i128::from(now)) / 1_000_000,
+                (i128::from(state.peers_until_ns) - i128::from(now)) / 1_000_000,
             );
         }
         match renewed {

@@ -1,6 +1,6 @@
 //! The version of the contract: `cairn.node.v1` at [`MAJOR`].[`MINOR`].
 //!
-//! Every signed call carries it as metadata ([`HEADER`], `x-cairn-protocol: 1.1`), and
+//! Every signed call carries it as metadata ([`HEADER`], `x-cairn-protocol: 1.2`), and
 //! a node reports its own in `GetInventoryResponse.protocol_version`. The rules:
 //!
 //! - [`MINOR`] grows with every additive change (a field, a message, an rpc, an action).
@@ -15,14 +15,19 @@
 //!   1.0, accepted.
 //!
 //! History: 1.0 is the contract before versions were reported; 1.1 added
-//! `ProtocolVersion`, `GetInventoryResponse.protocol_version` and the header.
+//! `ProtocolVersion`, `GetInventoryResponse.protocol_version` and the header; 1.2 added
+//! the VM-disk and HA contract of issues 15 and 16: remote data (`ClientOpen`,
+//! `ClientRead`, `ClientWrite`, `SetVolumeEpoch.clients`), promotion
+//! (`ReplicaRecent`), copies added and removed (`AddVolumeCopy`, `RemoveVolumeCopy`),
+//! snapshots, clones and image imports, the lease's `unguarded_vms`, and the
+//! `x-cairn-fence-token` header of an elected controller.
 
 use crate::v1;
 
 /// The major version this build speaks.
 pub const MAJOR: u32 = 1;
 /// The minor version this build speaks.
-pub const MINOR: u32 = 1;
+pub const MINOR: u32 = 2;
 /// Metadata key of the caller's protocol version, `MAJOR.MINOR`.
 pub const HEADER: &str = "x-cairn-protocol";
 
@@ -34,7 +39,7 @@ pub fn current() -> v1::ProtocolVersion {
     }
 }
 
-/// The header value of this build's version (`"1.1"`).
+/// The header value of this build's version (`"1.2"`).
 pub fn header_value() -> String {
     format!("{MAJOR}.{MINOR}")
 }
@@ -124,8 +129,8 @@ mod tests {
 
     #[test]
     fn versions_parse_and_majors_are_checked() {
-        assert_eq!(header_value(), "1.1");
-        assert_eq!(parse("1.1"), Some(current()));
+        assert_eq!(header_value(), "1.2");
+        assert_eq!(parse("1.2"), Some(current()));
         assert_eq!(parse("2.0").map(|v| v.major), Some(2));
         assert_eq!(parse("1"), None);
         assert_eq!(parse("one.two"), None);
@@ -137,7 +142,7 @@ mod tests {
         };
         assert_eq!(
             newer,
-            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.1 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
+            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.2 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
         );
         let Err(ProtocolRefusal::OtherMajor(older)) = check(Some("0.4"), "node lab-1") else {
             panic!("another major is refused");
@@ -147,8 +152,8 @@ mod tests {
             check(Some("v1"), "node lab-1"),
             Err(ProtocolRefusal::Malformed(_))
         ));
-        assert!(signature_hint(Some("1.2")).is_some());
-        assert_eq!(signature_hint(Some("1.1")), None);
+        assert!(signature_hint(Some("1.3")).is_some());
+        assert_eq!(signature_hint(Some("1.2")), None);
         assert_eq!(signature_hint(None), None);
         let old_node = v1::GetInventoryResponse::default();
         assert_eq!(display(&of_inventory(&old_node)), "1.0");

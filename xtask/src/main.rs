@@ -37,6 +37,12 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // The HA partition tests and `controller bench --failover --partition` cut a
     // node's address with nftables.
     ("nft", "nftables"),
+    // The console's browser test drives a headless Chromium over the DevTools protocol.
+    ("chromium", "chromium"),
+    // Controller replicas on etcd: the state-etcd tests and the replicas test start a
+    // real etcd; the etcd-client crate's build compiles etcd's protos with protoc.
+    ("etcd", "etcd-server"),
+    ("protoc", "protobuf-compiler"),
 ];
 
 /// Python modules of Debian's own python3 the tests use, and their packages: the
