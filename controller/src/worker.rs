@@ -1607,7 +1607,7 @@ async fn watch_node(shared: Arc<Shared>, address: String) {
 /// now, plus the controller.
 pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
     let view = shared.view.lock().expect("view lock").clone();
-    let controller = json!({
+    let mut controller = json!({
         "revision": view.revision,
         "last_sync": view.last_sync,
         "paused": view.paused,
