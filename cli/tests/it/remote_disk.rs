@@ -24,7 +24,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// `cairn vm disk-io db OP --disk data …`: the guest's CRC-32C of the range.
-fn guest_io(ha: &HaCluster, op: &str, seed: u64) -> String {
+pub(crate) fn guest_io(ha: &HaCluster, op: &str, seed: u64) -> String {
     let seed = seed.to_string();
     let started = std::time::Instant::now();
     // 64 KiB: the built-in guest's instructions are emulated here (PVM), so a guest
