@@ -40,8 +40,8 @@ pub struct Event {
     pub at: String,
     /// When, milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
-    /// `sync-started`, `sync`, `step`, `drift`, `crash-loop`, `node`, `settled`,
-    /// `paused`, `resumed`, `source`, `controller`.
+    /// `sync-started`, `sync`, `step`, `drift`, `vm` (crashed, from a node's watch),
+    /// `crash-loop`, `node`, `settled`, `paused`, `resumed`, `source`, `controller`.
     pub kind: String,
     /// The commit it is about.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1594,6 +1594,18 @@ async fn watch_node(shared: Arc<Shared>, address: String) {
                     Some(WatchKind::Volume(volume)) if volume.detail.contains("waiting for the authority")
                         || volume.detail.contains("caught up")
                 );
+                // A crash is an event of its own, at once: the console paints the VM
+                // red from it even when self-heal restarts it before the next
+                // observation (the browser test under CI load never saw `crashed`).
+                if let Some(WatchKind::Vm(vm)) = &event.event
+                    && vm.state == proto::v1::VmState::Crashed as i32
+                {
+                    shared.record(vec![
+                        crate::events::Event::new("vm", "crashed")
+                            .object(format!("vm {}", vm.name))
+                            .reason(format!("on the node at {address}: {}", vm.detail)),
+                    ]);
+                }
                 if vm_down || gap || volume_waits {
                     shared.wake_drift.notify_one();
                 }

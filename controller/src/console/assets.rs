@@ -111,6 +111,12 @@ pub const JS: &str = r#"
   });
   source.addEventListener("event", function (m) {
     var e = JSON.parse(m.data);
+    // A crash reported by its node: red at once, before the next observation.
+    if (e.kind === "vm" && e.result === "crashed" && e.object && e.object.indexOf("vm ") === 0) {
+      var crashed = e.object.slice(3);
+      (seen[crashed] = seen[crashed] || []).push([Date.now(), "crashed"]);
+      paint("data-vm", crashed, "crashed");
+    }
     var list = document.getElementById("recent-events");
     if (!list) return;
     var li = document.createElement("li");
