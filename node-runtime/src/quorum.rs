@@ -251,7 +251,9 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
     let reply = client
         .renew(request)
         .await
-        .map_err(|status| format!("the controller refused the renewal: {}", status.message()))?
+        // Not "refused": most failures are a timeout or a lost connection, and the
+        // message says which (or what the controller answered).
+        .map_err(|status| format!("the renewal to the controller failed: {}", status.message()))?
         .into_inner();
     let ttl_ns = reply.ttl_ms.saturating_mul(1_000_000);
     let kept = Kept {
