@@ -1523,7 +1523,11 @@ impl Worker {
             if self.watches.by_node.contains_key(&name) {
                 continue;
             }
-            let task = tokio::spawn(watch_node(self.shared.clone(), node.address.clone()));
+            let task = tokio::spawn(watch_node(
+                self.shared.clone(),
+                name.clone(),
+                node.address.clone(),
+            ));
             self.watches.by_node.insert(name, (node.address, task));
         }
     }
@@ -1572,7 +1576,7 @@ fn drifted(plan: &Plan) -> Vec<String> {
 
 /// Follows one node's Watch stream; a VM that crashed or stopped, or a gap in
 /// the sequence, wakes a drift check. Reconnects every few seconds.
-async fn watch_node(shared: Arc<Shared>, address: String) {
+async fn watch_node(shared: Arc<Shared>, node: String, address: String) {
     use proto::v1::watch_event::Event as WatchKind;
     loop {
         if let Ok(mut client) = reconciler::nodes::connect(&address, shared.signer.clone()).await
@@ -1603,7 +1607,7 @@ async fn watch_node(shared: Arc<Shared>, address: String) {
                     shared.record(vec![
                         crate::events::Event::new("vm", "crashed")
                             .object(format!("vm {}", vm.name))
-                            .reason(format!("on the node at {address}: {}", vm.detail)),
+                            .reason(format!("on {node}: {}", vm.detail)),
                     ]);
                 }
                 if vm_down || gap || volume_waits {
