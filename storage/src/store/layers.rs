@@ -3,7 +3,12 @@
 //! A snapshot freezes a volume's top layer and gives the volume a new empty one on top
 //! (two rows: O(1)); a clone is a new empty layer on top of a snapshot's layer. Layers
 //! are refcounted (volume, snapshot, child layer); the last release frees the layer's
-//! extents and checksums and cascades to its parent.
+//! extents and checksums and cascades to its parent. A layer that only one child layer
+//! still references once its snapshot is deleted is folded into that child
+//! ([`fold_into_only_child`]): the stripe units the child overwrote are freed (the
+//! blocks unique to the deleted snapshot), the others move up a layer. That is what
+//! makes retention of a chain of snapshots free space: deleting the oldest snapshot of
+//! a volume frees exactly the data that no newer snapshot and not the volume still see.
 
 use std::collections::BTreeMap;
 
@@ -115,6 +120,7 @@ impl Store {
                     .filter(|(_, e)| matches!(e, Extent::At { .. }))
                     .count() as u64
                     * r.geometry.stripe_unit,
+                unique: unique_units(&st, r.layer) * r.geometry.stripe_unit,
             })
             .collect()
     }
@@ -131,7 +137,10 @@ impl Store {
         };
         let mut plan = ReleasePlan::new(&st);
         let txn = self.inner.db.begin_write()?;
-        release_layer(&mut plan, &st, &txn, snap.layer)?;
+        let kept = release_layer(&mut plan, &st, &txn, snap.layer)?;
+        if let Some(layer) = kept {
+            fold_into_only_child(&mut plan, &st, &txn, layer, Some(&key))?;
+        }
         txn.open_table(SNAPSHOTS)?.remove((volume, name))?;
         write_disk_rows(&txn, &st, &plan.disks)?;
         self.checkpoint_commit(txn, &mut st)?;
@@ -202,6 +211,8 @@ impl Store {
 pub(super) struct ReleasePlan {
     layers: BTreeMap<u64, Layer>,
     removed_extents: Vec<(u64, u64)>,
+    /// Extents that moved to another layer (a fold), at their new key.
+    added_extents: Vec<((u64, u64), Extent)>,
     /// Allocators of the disks that got space back.
     pub(super) disks: BTreeMap<u32, Allocator>,
 }
@@ -211,6 +222,7 @@ impl ReleasePlan {
         ReleasePlan {
             layers: st.layers.clone(),
             removed_extents: Vec::new(),
+            added_extents: Vec::new(),
             disks: BTreeMap::new(),
         }
     }
@@ -219,6 +231,9 @@ impl ReleasePlan {
         st.layers = self.layers;
         for key in self.removed_extents {
             st.extents.remove(&key);
+        }
+        for (key, extent) in self.added_extents {
+            st.extents.insert(key, extent);
         }
         for (id, alloc) in self.disks {
             if let Some(d) = st.disks.get_mut(&id) {
@@ -229,13 +244,14 @@ impl ReleasePlan {
 }
 
 /// Drops one reference on `layer`; a layer nobody references any more is freed with its
-/// extents and checksums, and its parent loses a reference in turn.
+/// extents and checksums, and its parent loses a reference in turn. Returns the layer
+/// where the cascade stopped (still referenced), if any.
 pub(super) fn release_layer(
     plan: &mut ReleasePlan,
     st: &State,
     txn: &redb::WriteTransaction,
     mut layer: u64,
-) -> Result<()> {
+) -> Result<Option<u64>> {
     let su = extent_size(st, layer);
     let mut layers_table = txn.open_table(LAYERS)?;
     let mut extents_table = txn.open_table(EXTENTS)?;
@@ -248,7 +264,7 @@ pub(super) fn release_layer(
         entry.refs -= 1;
         if entry.refs > 0 {
             layers_table.insert(layer, (entry.parent, entry.refs))?;
-            break;
+            return Ok(Some(layer));
         }
         let parent = entry.parent;
         plan.layers.remove(&layer);
@@ -267,6 +283,101 @@ pub(super) fn release_layer(
             }
         }
         layer = parent;
+    }
+    Ok(None)
+}
+
+/// The one child layer of `layer` when nothing else references it: no snapshot freezes
+/// it (but `ignore`, being deleted), no volume writes on it, and exactly one layer has
+/// it as parent. `layers` is the layer table as it will be.
+fn only_child(
+    layers: &BTreeMap<u64, Layer>,
+    st: &State,
+    layer: u64,
+    ignore: Option<&(String, String)>,
+) -> Option<u64> {
+    let entry = layers.get(&layer)?;
+    if entry.refs != 1
+        || st.volumes.values().any(|v| v.top == layer)
+        || st
+            .snapshots
+            .iter()
+            .any(|(key, s)| s.layer == layer && Some(key) != ignore)
+    {
+        return None;
+    }
+    let mut children = layers
+        .iter()
+        .filter(|(_, l)| l.parent == layer)
+        .map(|(&id, _)| id);
+    let child = children.next()?;
+    children.next().is_none().then_some(child)
+}
+
+/// Stripe units of `layer` holding data that its one child layer shadows (every reader
+/// above goes through the child, which copied or zeroed the whole unit): the data only
+/// a snapshot of `layer` still sees, freed when that snapshot is deleted. 0 when
+/// `layer` has several children (clones) or none.
+fn unique_units(st: &State, layer: u64) -> u64 {
+    let mut children = st
+        .layers
+        .iter()
+        .filter(|(_, l)| l.parent == layer)
+        .map(|(&id, _)| id);
+    let (Some(child), None) = (children.next(), children.next()) else {
+        return 0;
+    };
+    st.extents
+        .range((layer, 0)..=(layer, u64::MAX))
+        .filter(|&(&(_, stripe), e)| {
+            matches!(e, Extent::At { .. }) && st.extents.contains_key(&(child, stripe))
+        })
+        .count() as u64
+}
+
+/// Folds `layer` into its only child when nothing else references it (see
+/// [`only_child`]): units the child shadows are freed with their checksums, the others
+/// move into the child (an extent still belongs to exactly one layer; checksums are
+/// keyed by physical block, so they move with it), and the child takes `layer`'s parent.
+/// What every remaining reader sees is unchanged.
+pub(super) fn fold_into_only_child(
+    plan: &mut ReleasePlan,
+    st: &State,
+    txn: &redb::WriteTransaction,
+    layer: u64,
+    ignore: Option<&(String, String)>,
+) -> Result<()> {
+    let Some(child) = only_child(&plan.layers, st, layer, ignore) else {
+        return Ok(());
+    };
+    let su = extent_size(st, layer);
+    let mut layers_table = txn.open_table(LAYERS)?;
+    let mut extents_table = txn.open_table(EXTENTS)?;
+    let mut committed = txn.open_table(CRCS)?;
+    let mut pending = txn.open_table(PENDING)?;
+    for (&(l, stripe), &extent) in st.extents.range((layer, 0)..=(layer, u64::MAX)) {
+        plan.removed_extents.push((l, stripe));
+        extents_table.remove((l, stripe))?;
+        if st.extents.contains_key(&(child, stripe)) {
+            if let Extent::At { disk, offset } = extent {
+                let blocks = offset / BLOCK_SIZE..(offset + su) / BLOCK_SIZE;
+                crcs::clear(&mut committed, disk, blocks.start, blocks.end)?;
+                crcs::clear(&mut pending, disk, blocks.start, blocks.end)?;
+                plan.disks
+                    .entry(disk)
+                    .or_insert_with(|| st.disks[&disk].alloc.clone())
+                    .release(offset, su);
+            }
+        } else {
+            extents_table.insert((child, stripe), extent.to_raw())?;
+            plan.added_extents.push(((child, stripe), extent));
+        }
+    }
+    let parent = plan.layers.remove(&layer).map_or(0, |l| l.parent);
+    layers_table.remove(layer)?;
+    if let Some(entry) = plan.layers.get_mut(&child) {
+        entry.parent = parent;
+        layers_table.insert(child, (entry.parent, entry.refs))?;
     }
     Ok(())
 }

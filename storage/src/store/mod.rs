@@ -142,6 +142,10 @@ pub struct SnapshotInfo {
     /// the volume overwrote since, or never overwrote, that only the snapshot's layer
     /// holds (the volume and clones above it still read what they did not overwrite).
     pub allocated: u64,
+    /// Bytes of disk only this snapshot still sees: data the next layer up (the next
+    /// snapshot, or the volume) overwrote since. Deleting the snapshot frees exactly
+    /// these (0 while clones of it exist: they see it all).
+    pub unique: u64,
 }
 
 /// What [`Store::open`] recovered; all zero after a clean shutdown.

@@ -4,7 +4,7 @@
 use std::fs::File;
 
 use super::checkpoint::write_disk_rows;
-use super::layers::{ReleasePlan, release_layer};
+use super::layers::{ReleasePlan, fold_into_only_child, release_layer};
 use super::state::{Disk, Layer, State};
 use super::write::WriteMode;
 use super::{
@@ -157,7 +157,11 @@ impl Store {
         }
         let mut plan = ReleasePlan::new(&st);
         let txn = self.inner.db.begin_write()?;
-        release_layer(&mut plan, &st, &txn, rec.top)?;
+        if let Some(kept) = release_layer(&mut plan, &st, &txn, rec.top)? {
+            // A clone's base whose snapshot is gone and that one other layer still
+            // builds on.
+            fold_into_only_child(&mut plan, &st, &txn, kept, None)?;
+        }
         txn.open_table(VOLUMES)?.remove(name)?;
         write_disk_rows(&txn, &st, &plan.disks)?;
         self.checkpoint_commit(txn, &mut st)?;
