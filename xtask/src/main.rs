@@ -43,6 +43,9 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // real etcd; the etcd-client crate's build compiles etcd's protos with protoc.
     ("etcd", "etcd-server"),
     ("protoc", "protobuf-compiler"),
+    // protoc alone has no well-known types: etcd-client's protos import
+    // google/protobuf/descriptor.proto (a fresh machine failed the build without it).
+    ("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
 ];
 
 /// Python modules of Debian's own python3 the tests use, and their packages: the
@@ -92,7 +95,11 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A program on the PATH, or a file when given as an absolute path.
 fn have(program: &str) -> bool {
+    if program.starts_with('/') {
+        return Path::new(program).is_file();
+    }
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
         .unwrap_or(false)
