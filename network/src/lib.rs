@@ -43,7 +43,9 @@ pub mod failover;
 pub mod inventory;
 pub mod netns;
 pub mod nl;
+pub mod overlay;
 pub mod qos;
+pub mod secgroup;
 pub mod spec;
 pub mod tenant;
 
@@ -171,6 +173,28 @@ pub enum NetworkError {
         node: String,
         /// Why.
         reason: String,
+    },
+    /// A tenant network segment cannot be made as asked.
+    #[error("node `{node}`, tenant `{tenant}`, network `{network}`: {problem}")]
+    Segment {
+        /// Node.
+        node: String,
+        /// Tenant.
+        tenant: String,
+        /// Network.
+        network: String,
+        /// What is wrong and what would be right.
+        problem: String,
+    },
+    /// An `ip`, `bridge` or `nft` command failed.
+    #[error("node `{node}`: `{command}` failed: {detail}")]
+    Command {
+        /// Node.
+        node: String,
+        /// The command line.
+        command: String,
+        /// Its error output.
+        detail: String,
     },
     /// The failover monitor could not start.
     #[error("cannot start the failover monitor: {0}")]

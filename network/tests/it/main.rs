@@ -9,6 +9,7 @@ mod common;
 mod dev_cluster;
 mod failover;
 mod netns;
+mod overlay;
 mod refusal;
 mod steering;
 mod tenant;

@@ -1,0 +1,808 @@
+//! Security groups with nftables (issue 19), programmed with `nft -j` and read
+//! back with `nft -j list` for drift, in the node's namespace.
+//!
+//! Bridge conntrack is missing on the build machines, br_netfilter is present
+//! (network/ARCHITECTURE.md), so a NIC's group is enforced in two tables that
+//! are replaced together in one `nft` transaction:
+//!
+//! - `table bridge cairn_sg`, chain `mark` (forward, priority -200, before
+//!   br_netfilter): a frame leaving on a guarded tap gets the NIC's mark.
+//! - `table inet cairn_sg`: chain `zone` (prerouting, priority -300) puts every
+//!   port of a tenant network (taps, VXLAN, gateway leg) in the network's
+//!   conntrack zone, so two tenants' overlapping addresses never share a
+//!   connection entry; chain `fw` (forward, reached through br_netfilter) jumps
+//!   per mark to the NIC's chain `nic_<tap>`: established/related accepted,
+//!   invalid dropped, each allow rule of the NIC's groups, then drop.
+//!
+//! Every rule carries a comment `cairn:<hash>` of its chain and expression, so
+//! the read-back compares rule lists by comment, in order: a rule deleted,
+//! added or reordered by hand is drift, and [`apply_firewall`] repairs it by
+//! replacing both tables. (A rule edited in place under its comment is not seen:
+//! nft normalises expressions on read-back, so they are not compared.)
+//!
+//! The same rule builder programs a tenant's router namespace
+//! ([`apply_router_firewall`]): forwarding between the tenant's networks is
+//! dropped unless an allow rule admits it to a guarded NIC's address (stateless
+//! there, because a distributed gateway routes a request and its reply on
+//! different nodes; the stateful check is the NIC's chain).
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::NetworkError;
+use crate::netns::NetNs;
+
+/// Name of both tables (bridge and inet families).
+pub const TABLE: &str = "cairn_sg";
+/// Name of the router namespace's table.
+pub const ROUTER_TABLE: &str = "cairn_rt";
+/// The bits of the packet mark cairn uses for guarded NICs.
+pub const MARK_BASE: u32 = 0x0c00_0000;
+
+/// Protocol of an allow rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP (all types).
+    Icmp,
+    /// Any protocol.
+    Any,
+}
+
+impl Proto {
+    /// Parses `tcp`, `udp`, `icmp` or `any`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "tcp" => Some(Self::Tcp),
+            "udp" => Some(Self::Udp),
+            "icmp" => Some(Self::Icmp),
+            "any" | "" => Some(Self::Any),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+            Self::Any => "any",
+        }
+    }
+}
+
+/// An IPv4 prefix `a.b.c.d/n`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Prefix {
+    /// Address.
+    pub addr: Ipv4Addr,
+    /// Length.
+    pub len: u8,
+}
+
+impl Prefix {
+    /// Parses `a.b.c.d/n` (or a bare address, /32).
+    pub fn parse(text: &str) -> Option<Self> {
+        let (a, l) = text.split_once('/').unwrap_or((text, "32"));
+        let len: u8 = l.parse().ok()?;
+        (len <= 32).then_some(())?;
+        Some(Self {
+            addr: a.parse().ok()?,
+            len,
+        })
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// One allow rule (ingress to the NICs that list its group).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AllowRule {
+    /// The group it comes from (for messages).
+    pub group: String,
+    /// Source prefix.
+    pub from: Prefix,
+    /// Destination prefix; `None`: any address of the NIC.
+    pub to: Option<Prefix>,
+    /// Protocol.
+    pub proto: Proto,
+    /// First and last destination port (TCP/UDP only).
+    pub ports: Option<(u16, u16)>,
+}
+
+impl std::fmt::Display for AllowRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: allow {}", self.group, self.proto.as_str())?;
+        match self.ports {
+            Some((a, b)) if a == b => write!(f, " {a}")?,
+            Some((a, b)) => write!(f, " {a}-{b}")?,
+            None => {}
+        }
+        write!(f, " from {}", self.from)?;
+        if let Some(to) = self.to {
+            write!(f, " to {to}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A NIC with at least one security group on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardedNic {
+    /// Its tap.
+    pub tap: String,
+    /// Its address, when IPAM gave one (used by the router namespace's rules).
+    pub ipv4: Option<Ipv4Addr>,
+    /// The allow rules of every group it lists, in order.
+    pub rules: Vec<AllowRule>,
+}
+
+/// A tenant network's ports on this node and its conntrack zone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zone {
+    /// Zone id, 1..=65535 ([`zone_id`]).
+    pub id: u16,
+    /// Bridge ports: taps, VXLAN device, gateway leg.
+    pub ports: Vec<String>,
+}
+
+/// The node's security-group state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallSpec {
+    /// Guarded NICs.
+    pub nics: Vec<GuardedNic>,
+    /// Conntrack zones per tenant network.
+    pub zones: Vec<Zone>,
+}
+
+/// The conntrack zone of a tenant network (FNV of tenant/network, never 0).
+pub fn zone_id(tenant: &str, network: &str) -> u16 {
+    let z = (crate::fnv1a(format!("zone/{tenant}/{network}").as_bytes()) & 0xffff) as u16;
+    z.max(1)
+}
+
+fn nic_chain(tap: &str) -> String {
+    format!("nic_{tap}")
+}
+
+fn comment_for(chain: &str, expr: &Value) -> String {
+    let h = crate::fnv1a(format!("{chain}\n{expr}").as_bytes());
+    format!("cairn:{:012x}", h & 0xffff_ffff_ffff)
+}
+
+/// One rule of the desired ruleset.
+#[derive(Debug, Clone)]
+struct Rule {
+    family: &'static str,
+    table: &'static str,
+    chain: String,
+    expr: Value,
+    what: String,
+}
+
+#[derive(Debug, Clone)]
+struct Chain {
+    family: &'static str,
+    table: &'static str,
+    name: String,
+    hook: Option<(&'static str, i32, &'static str)>,
+}
+
+fn eq(left: Value, right: Value) -> Value {
+    json!({"match": {"op": "==", "left": left, "right": right}})
+}
+
+fn prefix(p: Prefix) -> Value {
+    if p.len == 32 {
+        json!(p.addr.to_string())
+    } else {
+        json!({"prefix": {"addr": p.addr.to_string(), "len": p.len}})
+    }
+}
+
+fn allow_expr(rule: &AllowRule, daddr: Option<Ipv4Addr>) -> Value {
+    let mut e = vec![eq(
+        json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+        prefix(rule.from),
+    )];
+    if let Some(to) = rule.to {
+        e.push(eq(
+            json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+            prefix(to),
+        ));
+    }
+    if let Some(d) = daddr {
+        e.push(eq(
+            json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+            json!(d.to_string()),
+        ));
+    }
+    proto_and_ports(rule, "dport", &mut e);
+    Value::Array(e)
+}
+
+/// Appends the rule's protocol and port matches (`field`: `dport` for requests,
+/// `sport` for answers) and the verdict.
+fn proto_and_ports(rule: &AllowRule, field: &str, e: &mut Vec<Value>) {
+    match rule.proto {
+        Proto::Any => {}
+        p => e.push(eq(json!({"meta": {"key": "l4proto"}}), json!(p.as_str()))),
+    }
+    if let (Some((a, b)), Proto::Tcp | Proto::Udp) = (rule.ports, rule.proto) {
+        let right = if a == b {
+            json!(a)
+        } else {
+            json!({"range": [a, b]})
+        };
+        e.push(eq(
+            json!({"payload": {"protocol": "th", "field": field}}),
+            right,
+        ));
+    }
+    e.push(json!({"accept": null}));
+}
+
+fn established() -> Value {
+    json!([
+        {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+        {"accept": null}
+    ])
+}
+
+fn invalid_drop() -> Value {
+    json!([
+        {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["invalid"]}},
+        {"drop": null}
+    ])
+}
+
+fn counted_drop() -> Value {
+    json!([{"counter": null}, {"drop": null}])
+}
+
+fn desired(spec: &FirewallSpec) -> (Vec<Chain>, Vec<Rule>) {
+    let mut chains = Vec::new();
+    let mut rules = Vec::new();
+    if spec.nics.is_empty() {
+        return (chains, rules);
+    }
+    chains.push(Chain {
+        family: "bridge",
+        table: TABLE,
+        name: "mark".into(),
+        hook: Some(("forward", -200, "accept")),
+    });
+    chains.push(Chain {
+        family: "inet",
+        table: TABLE,
+        name: "zone".into(),
+        hook: Some(("prerouting", -300, "accept")),
+    });
+    chains.push(Chain {
+        family: "inet",
+        table: TABLE,
+        name: "fw".into(),
+        hook: Some(("forward", 0, "accept")),
+    });
+    let mut zones = spec.zones.clone();
+    zones.sort_by_key(|z| z.id);
+    for z in &zones {
+        let mut ports = z.ports.clone();
+        ports.sort();
+        for port in ports {
+            rules.push(Rule {
+                family: "inet",
+                table: TABLE,
+                chain: "zone".into(),
+                expr: json!([
+                    eq(json!({"meta": {"key": "iifname"}}), json!(port)),
+                    {"mangle": {"key": {"ct": {"key": "zone"}}, "value": z.id}}
+                ]),
+                what: format!("zone {} for port {port}", z.id),
+            });
+        }
+    }
+    let mut nics = spec.nics.clone();
+    nics.sort_by(|a, b| a.tap.cmp(&b.tap));
+    for (i, nic) in nics.iter().enumerate() {
+        let mark = MARK_BASE | (i as u32 + 1);
+        let chain = nic_chain(&nic.tap);
+        rules.push(Rule {
+            family: "bridge",
+            table: TABLE,
+            chain: "mark".into(),
+            expr: json!([
+                eq(json!({"meta": {"key": "oifname"}}), json!(nic.tap)),
+                {"mangle": {"key": {"meta": {"key": "mark"}}, "value": mark}}
+            ]),
+            what: format!("mark frames to {}", nic.tap),
+        });
+        rules.push(Rule {
+            family: "inet",
+            table: TABLE,
+            chain: "fw".into(),
+            expr: json!([
+                eq(json!({"meta": {"key": "mark"}}), json!(mark)),
+                {"jump": {"target": chain}}
+            ]),
+            what: format!("send {}'s traffic to {chain}", nic.tap),
+        });
+        chains.push(Chain {
+            family: "inet",
+            table: TABLE,
+            name: chain.clone(),
+            hook: None,
+        });
+        let mut push = |expr: Value, what: String| {
+            rules.push(Rule {
+                family: "inet",
+                table: TABLE,
+                chain: chain.clone(),
+                expr,
+                what: format!("{}: {what}", nic.tap),
+            })
+        };
+        push(established(), "accept established, related".into());
+        push(invalid_drop(), "drop invalid".into());
+        for r in &nic.rules {
+            push(allow_expr(r, None), r.to_string());
+        }
+        push(counted_drop(), "drop the rest".into());
+    }
+    (chains, rules)
+}
+
+fn reverse_expr(rule: &AllowRule, nic: Ipv4Addr) -> Value {
+    let mut e = vec![
+        eq(
+            json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+            json!(nic.to_string()),
+        ),
+        eq(
+            json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+            prefix(rule.from),
+        ),
+    ];
+    proto_and_ports(rule, "sport", &mut e);
+    Value::Array(e)
+}
+
+/// The router namespace's rules. They are stateless (`notrack`): with a gateway on
+/// every node, a request is routed on the client's node and its reply on the
+/// server's, so no router sees both directions. Each allow rule admits its
+/// requests to the guarded NIC's address and the NIC's answers back; the stateful
+/// check is the destination NIC's own chain on its node, which sees both.
+fn router_desired(rules_in: &[(Ipv4Addr, AllowRule)]) -> (Vec<Chain>, Vec<Rule>) {
+    let chains = vec![
+        Chain {
+            family: "inet",
+            table: ROUTER_TABLE,
+            name: "raw".into(),
+            hook: Some(("prerouting", -300, "accept")),
+        },
+        Chain {
+            family: "inet",
+            table: ROUTER_TABLE,
+            name: "fw".into(),
+            hook: Some(("forward", 0, "drop")),
+        },
+    ];
+    let mut rules = vec![Rule {
+        family: "inet",
+        table: ROUTER_TABLE,
+        chain: "raw".into(),
+        expr: json!([{"notrack": null}]),
+        what: "no connection tracking (routing is asymmetric)".into(),
+    }];
+    for (daddr, r) in rules_in {
+        rules.push(Rule {
+            family: "inet",
+            table: ROUTER_TABLE,
+            chain: "fw".into(),
+            expr: allow_expr(r, Some(*daddr)),
+            what: format!("to {daddr}: {r}"),
+        });
+        rules.push(Rule {
+            family: "inet",
+            table: ROUTER_TABLE,
+            chain: "fw".into(),
+            expr: reverse_expr(r, *daddr),
+            what: format!("answers of {daddr}: {r}"),
+        });
+    }
+    rules.push(Rule {
+        family: "inet",
+        table: ROUTER_TABLE,
+        chain: "fw".into(),
+        expr: counted_drop(),
+        what: "drop the rest".into(),
+    });
+    (chains, rules)
+}
+
+fn transaction(tables: &[(&str, &str)], chains: &[Chain], rules: &[Rule]) -> Value {
+    let mut cmds = Vec::new();
+    for (family, table) in tables {
+        // add-then-delete makes the delete succeed whether or not the table exists.
+        cmds.push(json!({"add": {"table": {"family": family, "name": table}}}));
+        cmds.push(json!({"delete": {"table": {"family": family, "name": table}}}));
+    }
+    let mut made = std::collections::BTreeSet::new();
+    for c in chains {
+        if made.insert((c.family, c.table)) {
+            cmds.push(json!({"add": {"table": {"family": c.family, "name": c.table}}}));
+        }
+        let mut chain = json!({"family": c.family, "table": c.table, "name": c.name});
+        if let Some((hook, prio, policy)) = c.hook {
+            chain["type"] = json!("filter");
+            chain["hook"] = json!(hook);
+            chain["prio"] = json!(prio);
+            chain["policy"] = json!(policy);
+        }
+        cmds.push(json!({"add": {"chain": chain}}));
+    }
+    for r in rules {
+        cmds.push(json!({"add": {"rule": {
+            "family": r.family, "table": r.table, "chain": r.chain,
+            "comment": comment_for(&r.chain, &r.expr), "expr": r.expr,
+        }}}));
+    }
+    json!({ "nftables": cmds })
+}
+
+fn nft(ns: &NetNs, args: &[&str], stdin: Option<String>) -> Result<String, NetworkError> {
+    use std::io::Write;
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let shown = format!("nft {}", args.join(" "));
+    let node = ns.node().to_owned();
+    let out = ns
+        .run(move || -> std::io::Result<std::process::Output> {
+            let mut child = std::process::Command::new("nft")
+                .args(&args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?;
+            if let Some(text) = stdin {
+                child
+                    .stdin
+                    .take()
+                    .expect("stdin is piped")
+                    .write_all(text.as_bytes())?;
+            }
+            drop(child.stdin.take());
+            child.wait_with_output()
+        })
+        .map_err(NetworkError::Netns)?
+        .map_err(|e| NetworkError::Command {
+            node: node.clone(),
+            command: shown.clone(),
+            detail: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(NetworkError::Command {
+            node,
+            command: shown,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+/// A base chain's hook, priority and policy as read back.
+type Hook = Option<(String, i64, String)>;
+
+/// A table as read back: per chain, its hook and its rules' comments in order.
+#[derive(Debug, Default)]
+struct ObservedTable {
+    exists: bool,
+    chains: std::collections::BTreeMap<String, (Hook, Vec<String>)>,
+}
+
+fn read_table(ns: &NetNs, family: &str, table: &str) -> Result<ObservedTable, NetworkError> {
+    let text = match nft(ns, &["-j", "list", "table", family, table], None) {
+        Ok(t) => t,
+        Err(NetworkError::Command { detail, .. })
+            if detail.contains("No such file or directory") =>
+        {
+            return Ok(ObservedTable::default());
+        }
+        Err(e) => return Err(e),
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| NetworkError::Command {
+        node: ns.node().to_owned(),
+        command: format!("nft -j list table {family} {table}"),
+        detail: format!("unreadable JSON: {e}"),
+    })?;
+    let mut t = ObservedTable {
+        exists: true,
+        ..ObservedTable::default()
+    };
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(c) = item.get("chain") {
+            let name = c["name"].as_str().unwrap_or_default().to_owned();
+            let hook = c["hook"].as_str().map(|h| {
+                (
+                    h.to_owned(),
+                    c["prio"].as_i64().unwrap_or_default(),
+                    c["policy"].as_str().unwrap_or_default().to_owned(),
+                )
+            });
+            t.chains.entry(name).or_default().0 = hook;
+        } else if let Some(r) = item.get("rule") {
+            let chain = r["chain"].as_str().unwrap_or_default().to_owned();
+            let comment = r["comment"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("handle {}", r["handle"]));
+            t.chains.entry(chain).or_default().1.push(comment);
+        }
+    }
+    Ok(t)
+}
+
+fn drift_of(
+    ns: &NetNs,
+    tables: &[(&str, &str)],
+    chains: &[Chain],
+    rules: &[Rule],
+) -> Result<Vec<String>, NetworkError> {
+    let mut drift = Vec::new();
+    for (family, table) in tables {
+        let have = read_table(ns, family, table)?;
+        let want_chains: Vec<&Chain> = chains
+            .iter()
+            .filter(|c| c.family == *family && c.table == *table)
+            .collect();
+        if want_chains.is_empty() {
+            if have.exists {
+                drift.push(format!(
+                    "table {family} {table} exists, but no NIC here has a security group"
+                ));
+            }
+            continue;
+        }
+        if !have.exists {
+            drift.push(format!("table {family} {table} is missing"));
+            continue;
+        }
+        for c in &want_chains {
+            let Some((hook, have_rules)) = have.chains.get(&c.name) else {
+                drift.push(format!("chain {family} {table} {} is missing", c.name));
+                continue;
+            };
+            let want_hook = c
+                .hook
+                .map(|(h, p, pol)| (h.to_owned(), i64::from(p), pol.to_owned()));
+            if *hook != want_hook {
+                drift.push(format!(
+                    "chain {family} {table} {}: hook {hook:?}, want {want_hook:?}",
+                    c.name
+                ));
+            }
+            let want: Vec<(String, &Rule)> = rules
+                .iter()
+                .filter(|r| r.family == *family && r.table == *table && r.chain == c.name)
+                .map(|r| (comment_for(&r.chain, &r.expr), r))
+                .collect();
+            for (comment, r) in &want {
+                if !have_rules.contains(comment) {
+                    drift.push(format!(
+                        "chain {family} {table} {}: rule missing: {}",
+                        c.name, r.what
+                    ));
+                }
+            }
+            for comment in have_rules {
+                if !want.iter().any(|(w, _)| w == comment) {
+                    drift.push(format!(
+                        "chain {family} {table} {}: a rule cairn did not make ({comment})",
+                        c.name
+                    ));
+                }
+            }
+            let order: Vec<&String> = have_rules
+                .iter()
+                .filter(|h| want.iter().any(|(w, _)| w == *h))
+                .collect();
+            let want_order: Vec<&String> = want
+                .iter()
+                .map(|(w, _)| w)
+                .filter(|w| have_rules.contains(w))
+                .collect();
+            if order != want_order {
+                drift.push(format!(
+                    "chain {family} {table} {}: rules out of order",
+                    c.name
+                ));
+            }
+        }
+        for name in have.chains.keys() {
+            if !want_chains.iter().any(|c| &c.name == name) {
+                drift.push(format!("chain {family} {table} {name} is not cairn's"));
+            }
+        }
+    }
+    Ok(drift)
+}
+
+const NODE_TABLES: [(&str, &str); 2] = [("bridge", TABLE), ("inet", TABLE)];
+
+fn bridge_nf_call(ns: &NetNs) -> Result<Option<bool>, NetworkError> {
+    let v = ns
+        .run(|| std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables"))
+        .map_err(NetworkError::Netns)?;
+    Ok(v.ok().map(|t| t.trim() == "1"))
+}
+
+/// Reads the node's security-group tables back and lists every difference
+/// from `spec` (empty: converged).
+pub fn firewall_drift(ns: &NetNs, spec: &FirewallSpec) -> Result<Vec<String>, NetworkError> {
+    let (chains, rules) = desired(spec);
+    let mut drift = drift_of(ns, &NODE_TABLES, &chains, &rules)?;
+    if !spec.nics.is_empty() && bridge_nf_call(ns)? == Some(false) {
+        drift.push(
+            "net.bridge.bridge-nf-call-iptables is 0: bridged traffic bypasses the groups".into(),
+        );
+    }
+    Ok(drift)
+}
+
+/// Converges the node's security groups: when [`firewall_drift`] finds any
+/// difference, both tables are replaced in one `nft` transaction (a packet sees
+/// the old rules or the new, never none). Returns the drift that was repaired.
+pub fn apply_firewall(ns: &NetNs, spec: &FirewallSpec) -> Result<Vec<String>, NetworkError> {
+    if !spec.nics.is_empty() {
+        match bridge_nf_call(ns)? {
+            None => {
+                return Err(NetworkError::Command {
+                    node: ns.node().to_owned(),
+                    command: "read net.bridge.bridge-nf-call-iptables".into(),
+                    detail: "br_netfilter is not available: stateful security groups on bridged taps need it (or bridge conntrack)".into(),
+                });
+            }
+            Some(false) => {
+                let node = ns.node().to_owned();
+                ns.run(|| std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1"))
+                    .map_err(NetworkError::Netns)?
+                    .map_err(|e| NetworkError::Command {
+                        node,
+                        command: "sysctl net.bridge.bridge-nf-call-iptables=1".into(),
+                        detail: e.to_string(),
+                    })?;
+            }
+            Some(true) => {}
+        }
+    }
+    let drift = firewall_drift(ns, spec)?;
+    if drift.is_empty() {
+        return Ok(drift);
+    }
+    let (chains, rules) = desired(spec);
+    // Nothing guarded: the transaction only removes both tables.
+    let tx = transaction(&NODE_TABLES, &chains, &rules);
+    nft(ns, &["-j", "-f", "-"], Some(tx.to_string()))?;
+    Ok(drift)
+}
+
+/// Reads a tenant router namespace's forwarding table back and lists drift.
+pub fn router_firewall_drift(
+    router: &NetNs,
+    rules: &[(Ipv4Addr, AllowRule)],
+) -> Result<Vec<String>, NetworkError> {
+    let (chains, r) = router_desired(rules);
+    drift_of(router, &[("inet", ROUTER_TABLE)], &chains, &r)
+}
+
+/// Converges a tenant router namespace's forwarding rules: routed traffic
+/// between the tenant's networks is dropped unless an allow rule admits it to
+/// the address `(daddr, rule)` of a guarded NIC, or it is that NIC's answer.
+pub fn apply_router_firewall(
+    router: &NetNs,
+    rules: &[(Ipv4Addr, AllowRule)],
+) -> Result<Vec<String>, NetworkError> {
+    let drift = router_firewall_drift(router, rules)?;
+    if drift.is_empty() {
+        return Ok(drift);
+    }
+    let (chains, r) = router_desired(rules);
+    let tx = transaction(&[("inet", ROUTER_TABLE)], &chains, &r);
+    nft(router, &["-j", "-f", "-"], Some(tx.to_string()))?;
+    Ok(drift)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(proto: Proto, ports: Option<(u16, u16)>) -> AllowRule {
+        AllowRule {
+            group: "db".into(),
+            from: Prefix::parse("10.20.0.0/24").unwrap(),
+            to: None,
+            proto,
+            ports,
+        }
+    }
+
+    #[test]
+    fn rules_render_to_nft_json() {
+        let e = allow_expr(&rule(Proto::Tcp, Some((5432, 5432))), None).to_string();
+        assert!(
+            e.contains(r#""right":{"prefix":{"addr":"10.20.0.0","len":24}}"#),
+            "{e}"
+        );
+        assert!(
+            e.contains(r#""right":"tcp""#) && e.contains(r#""right":5432"#),
+            "{e}"
+        );
+        let e = allow_expr(&rule(Proto::Udp, Some((8000, 8100))), None).to_string();
+        assert!(e.contains(r#"{"range":[8000,8100]}"#), "{e}");
+        let e = allow_expr(&rule(Proto::Icmp, Some((1, 2))), None).to_string();
+        assert!(!e.contains("dport"), "ICMP has no ports: {e}");
+        let e = allow_expr(&rule(Proto::Any, None), None).to_string();
+        assert!(!e.contains("l4proto"), "{e}");
+        assert_eq!(
+            rule(Proto::Tcp, Some((5432, 5432))).to_string(),
+            "db: allow tcp 5432 from 10.20.0.0/24"
+        );
+    }
+
+    #[test]
+    fn comments_follow_the_rule_and_marks_are_distinct() {
+        let a = allow_expr(&rule(Proto::Tcp, Some((5432, 5432))), None);
+        let b = allow_expr(&rule(Proto::Tcp, Some((5433, 5433))), None);
+        assert_ne!(comment_for("nic_x", &a), comment_for("nic_x", &b));
+        assert_ne!(comment_for("nic_x", &a), comment_for("nic_y", &a));
+        let spec = FirewallSpec {
+            nics: vec![
+                GuardedNic {
+                    tap: "ctb".into(),
+                    ipv4: None,
+                    rules: vec![],
+                },
+                GuardedNic {
+                    tap: "cta".into(),
+                    ipv4: None,
+                    rules: vec![],
+                },
+            ],
+            zones: vec![],
+        };
+        let (chains, rules) = desired(&spec);
+        assert_eq!(chains.len(), 5);
+        let marks: Vec<String> = rules
+            .iter()
+            .filter(|r| r.chain == "mark")
+            .map(|r| r.expr.to_string())
+            .collect();
+        assert_eq!(marks.len(), 2);
+        assert!(marks[0].contains("cta") && marks[1].contains("ctb"));
+        assert_ne!(marks[0], marks[1]);
+        assert!(desired(&FirewallSpec::default()).0.is_empty());
+    }
+
+    #[test]
+    fn prefixes_parse() {
+        assert_eq!(
+            Prefix::parse("10.0.0.5").map(|p| p.len),
+            Some(32),
+            "bare address"
+        );
+        assert!(Prefix::parse("10.0.0.0/33").is_none());
+        assert!(Prefix::parse("x/8").is_none());
+        assert_eq!(Proto::parse("any"), Some(Proto::Any));
+        assert_eq!(Proto::parse("sctp"), None);
+    }
+}

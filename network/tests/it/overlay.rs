@@ -1,0 +1,581 @@
+//! Tenant segments across node namespaces (issue 19), with real traffic: probe
+//! namespaces stand in for VMs (a veth named like the VM's tap on the tenant
+//! bridge, the guest's MAC and address on the other end), because the probes
+//! must speak TCP where the built-in guest cannot.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use network::NetNs;
+use network::dev_cluster::{self, DevNode};
+use network::overlay::{
+    Gateway, RemoteNic, SegmentSpec, apply_segment, format_mac, gateway_mac, plan_segment,
+    remove_segment,
+};
+use network::secgroup::{
+    AllowRule, FirewallSpec, GuardedNic, Prefix, Proto, Zone, apply_firewall,
+    apply_router_firewall, firewall_drift, zone_id,
+};
+use network::tenant::{ensure_tenant_bridge, tenant_bridge_name, vm_tap_name};
+
+use crate::common::require_netns;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Three node namespaces on one switch, each with `nic0` holding its underlay
+/// address 192.168.41.N/24 (MTU 1500). Everything is named `c-…` and removed on drop.
+struct Cluster {
+    prefix: String,
+    nodes: Vec<DevNode>,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("c-ov{}x{n}-", std::process::id() % 100_000);
+        let _ = dev_cluster::teardown(&prefix);
+        let switch = dev_cluster::create_switch(&prefix).expect("switch");
+        let nodes = (1..=3)
+            .map(|i| {
+                let node =
+                    dev_cluster::add_node(&switch, &format!("{prefix}n{i}"), &format!("n{i}"), 1)
+                        .expect("node");
+                dev_cluster::add_address(&node.ns(), "nic0", IpAddr::V4(vtep(i)), 24)
+                    .expect("underlay address");
+                node
+            })
+            .collect();
+        Self { prefix, nodes }
+    }
+
+    fn ns(&self, i: usize) -> NetNs {
+        self.nodes[i - 1].ns()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Err(e) = dev_cluster::teardown(&self.prefix) {
+            eprintln!("teardown of {} failed: {e}", self.prefix);
+        }
+    }
+}
+
+fn vtep(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 41, i as u8)
+}
+
+fn sh(args: &[&str]) -> std::process::Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run command")
+}
+
+fn ok(args: &[&str]) {
+    let out = sh(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A probe "VM": namespace `<prefix>vm-<name>`, eth0 with `mac` and `ip/24`,
+/// default route via `gw`; the node side is a veth named like the VM's tap,
+/// on the tenant network's bridge.
+struct Probe {
+    netns: String,
+    tap: String,
+    mac: [u8; 6],
+    ip: Ipv4Addr,
+}
+
+fn probe_mac(name: &str) -> [u8; 6] {
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    [0x02, 0xc0, b[0], b[1], b[2], b[3]]
+}
+
+fn probe(c: &Cluster, node: usize, name: &str, tenant: &str, network: &str, ip: Ipv4Addr) -> Probe {
+    let ns = c.ns(node);
+    ensure_tenant_bridge(&ns, tenant, network, 1450).expect("bridge");
+    let netns = format!("{}vm-{name}", c.prefix);
+    network::netns::create_netns(&netns).expect("probe netns");
+    let tap = vm_tap_name(name, 0);
+    let mac = probe_mac(name);
+    let node_ns = ns.name().unwrap().to_owned();
+    let gw = Ipv4Addr::new(ip.octets()[0], ip.octets()[1], ip.octets()[2], 1).to_string();
+    ok(&[
+        "ip", "-n", &node_ns, "link", "add", &tap, "mtu", "1450", "type", "veth", "peer", "name",
+        "eth0", "netns", &netns,
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        &node_ns,
+        "link",
+        "set",
+        &tap,
+        "master",
+        &tenant_bridge_name(tenant, network),
+        "up",
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        &netns,
+        "link",
+        "set",
+        "eth0",
+        "address",
+        &format_mac(&mac),
+        "mtu",
+        "1450",
+        "up",
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        &netns,
+        "addr",
+        "add",
+        &format!("{ip}/24"),
+        "dev",
+        "eth0",
+    ]);
+    ok(&["ip", "-n", &netns, "route", "add", "default", "via", &gw]);
+    Probe {
+        netns,
+        tap,
+        mac,
+        ip,
+    }
+}
+
+fn remove_probe(c: &Cluster, node: usize, p: &Probe) {
+    let node_ns = c.ns(node).name().unwrap().to_owned();
+    let _ = sh(&["ip", "-n", &node_ns, "link", "del", &p.tap]);
+    network::netns::delete_netns(&p.netns).expect("delete probe netns");
+}
+
+fn ping(from: &Probe, to: Ipv4Addr) -> bool {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &from.netns,
+        "ping",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        &to.to_string(),
+    ])
+    .status
+    .success()
+}
+
+/// Pings until one answer arrives or `within` passes.
+fn ping_within(from: &Probe, to: Ipv4Addr, within: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if ping(from, to) {
+            return true;
+        }
+    }
+    false
+}
+
+fn neighbour_mac(p: &Probe, ip: Ipv4Addr) -> String {
+    let out = sh(&["ip", "-n", &p.netns, "neigh", "show", &ip.to_string()]);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn remote(p: &Probe, node: usize) -> RemoteNic {
+    RemoteNic {
+        mac: p.mac,
+        ipv4: Some(p.ip),
+        vtep: vtep(node),
+    }
+}
+
+fn segment(
+    tenant: &str,
+    network: &str,
+    vni: u32,
+    node: usize,
+    gw: Ipv4Addr,
+    remotes: Vec<RemoteNic>,
+) -> SegmentSpec {
+    SegmentSpec {
+        tenant: tenant.into(),
+        network: network.into(),
+        vni,
+        mtu: 1450,
+        local_vtep: vtep(node),
+        gateway: Some(Gateway {
+            address: gw,
+            prefix_len: 24,
+        }),
+        remotes,
+    }
+}
+
+fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
+    Ipv4Addr::new(a, b, c, d)
+}
+
+#[test]
+fn a_network_spans_nodes_and_tenants_stay_apart() {
+    require_netns!();
+    let c = Cluster::new();
+    let (n1, n2, n3) = (c.ns(1), c.ns(2), c.ns(3));
+    // Tenant alpha, network app (10.20.0.0/24) on n1 and n2; tenant beta uses the
+    // same CIDR with the same addresses swapped over the nodes.
+    let a1 = probe(&c, 1, "a1", "alpha", "app", ip(10, 20, 0, 11));
+    let a2 = probe(&c, 2, "a2", "alpha", "app", ip(10, 20, 0, 12));
+    let b1 = probe(&c, 2, "b1", "beta", "app", ip(10, 20, 0, 11));
+    let b2 = probe(&c, 1, "b2", "beta", "app", ip(10, 20, 0, 12));
+    let gw = ip(10, 20, 0, 1);
+    let alpha1 = segment("alpha", "app", 5001, 1, gw, vec![remote(&a2, 2)]);
+    let alpha2 = segment("alpha", "app", 5001, 2, gw, vec![remote(&a1, 1)]);
+    let beta1 = segment("beta", "app", 5002, 1, gw, vec![remote(&b1, 2)]);
+    let beta2 = segment("beta", "app", 5002, 2, gw, vec![remote(&b2, 1)]);
+    for (ns, spec) in [(&n1, &alpha1), (&n2, &alpha2), (&n1, &beta1), (&n2, &beta2)] {
+        assert!(!apply_segment(ns, spec).expect("apply").is_empty());
+        assert_eq!(
+            apply_segment(ns, spec).expect("apply again"),
+            Vec::<String>::new()
+        );
+    }
+    // Both directions across nodes, each tenant to its own VM of the same address.
+    assert!(ping_within(&a1, a2.ip, Duration::from_secs(3)), "a1 -> a2");
+    assert!(ping(&a2, a1.ip), "a2 -> a1");
+    assert!(ping(&b1, b2.ip) && ping(&b2, b1.ip), "beta across nodes");
+    assert_eq!(
+        neighbour_mac(&a1, a2.ip),
+        format_mac(&a2.mac),
+        "alpha reached alpha's VM"
+    );
+    assert_eq!(
+        neighbour_mac(&b2, b1.ip),
+        format_mac(&b1.mac),
+        "beta reached beta's VM"
+    );
+    // The distributed gateway answers on both nodes with the same MAC.
+    assert!(ping(&a1, gw) && ping(&a2, gw));
+    let gmac = format_mac(&gateway_mac("alpha", "app"));
+    assert_eq!(neighbour_mac(&a1, gw), gmac);
+    assert_eq!(neighbour_mac(&a2, gw), gmac);
+    assert_ne!(
+        neighbour_mac(&b1, gw),
+        gmac,
+        "each tenant has its own gateway"
+    );
+    // Another network of alpha (db, 10.30.0.0/24) without any rule: not reachable.
+    let d2 = probe(&c, 2, "d2", "alpha", "db", ip(10, 30, 0, 5));
+    let db1 = segment(
+        "alpha",
+        "db",
+        5003,
+        1,
+        ip(10, 30, 0, 1),
+        vec![remote(&d2, 2)],
+    );
+    let db2 = segment("alpha", "db", 5003, 2, ip(10, 30, 0, 1), vec![]);
+    apply_segment(&n1, &db1).expect("db on n1");
+    apply_segment(&n2, &db2).expect("db on n2");
+    for i in 1..=2 {
+        let router = NetNs::named(network::overlay::router_netns_name(&c.ns(i), "alpha"));
+        apply_router_firewall(&router, &[]).expect("router firewall");
+    }
+    assert!(ping(&d2, ip(10, 30, 0, 1)), "db's own gateway answers");
+    assert!(
+        !ping(&a1, d2.ip),
+        "app -> db is routed only where a group allows it"
+    );
+    assert!(!ping(&b2, d2.ip), "beta cannot reach alpha's db");
+
+    // Drift: a hand-deleted FDB entry is seen and repaired.
+    let vx = network::overlay::vxlan_name("alpha", "app");
+    ok(&[
+        "bridge",
+        "-n",
+        n1.name().unwrap(),
+        "fdb",
+        "del",
+        &format_mac(&a2.mac),
+        "dev",
+        &vx,
+        "self",
+    ]);
+    let (_, steps) = plan_segment(&n1, &alpha1).expect("plan");
+    let lines: Vec<String> = steps.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        lines,
+        vec![format!(
+            "fdb {}: missing, want {}",
+            format_mac(&a2.mac),
+            vtep(2)
+        )]
+    );
+    assert!(!ping(&a1, a2.ip), "the deleted entry cut a1 off a2");
+    apply_segment(&n1, &alpha1).expect("repair");
+    assert!(ping_within(&a1, a2.ip, Duration::from_secs(2)), "repaired");
+
+    // a2 moves to n3: the entries follow it, the old node drops the segment.
+    remove_probe(&c, 2, &a2);
+    let a2 = probe(&c, 3, "a2", "alpha", "app", ip(10, 20, 0, 12));
+    let alpha3 = segment("alpha", "app", 5001, 3, gw, vec![remote(&a1, 1)]);
+    let alpha1 = segment("alpha", "app", 5001, 1, gw, vec![remote(&a2, 3)]);
+    let moved = Instant::now();
+    apply_segment(&n3, &alpha3).expect("n3");
+    let changed = apply_segment(&n1, &alpha1).expect("n1");
+    assert_eq!(
+        changed,
+        vec![format!(
+            "fdb {}: points to {}, want {}",
+            format_mac(&a2.mac),
+            vtep(2),
+            vtep(3)
+        )]
+    );
+    remove_segment(&n2, "alpha", "app").expect("n2 leaves");
+    assert!(
+        ping_within(&a1, a2.ip, Duration::from_secs(3)),
+        "a1 -> moved a2"
+    );
+    eprintln!(
+        "moved VM: entries on 3 nodes programmed and a ping answered {:?} after the move began",
+        moved.elapsed()
+    );
+    assert!(
+        ping(&a2, a1.ip) && ping(&a2, gw),
+        "moved a2 -> a1 and its new node's gateway"
+    );
+    let _ = b1;
+}
+
+#[test]
+fn a_segment_that_would_fragment_is_refused() {
+    require_netns!();
+    let c = Cluster::new();
+    let mut spec = segment("alpha", "app", 5001, 1, ip(10, 20, 0, 1), vec![]);
+    spec.mtu = 1500;
+    let e = apply_segment(&c.ns(1), &spec).unwrap_err().to_string();
+    assert!(
+        e.contains("segment MTU 1500 does not fit underlay device nic0 (MTU 1500)")
+            && e.contains("at most 1450"),
+        "{e}"
+    );
+    spec.mtu = 1450;
+    spec.local_vtep = ip(192, 168, 99, 9);
+    let e = apply_segment(&c.ns(1), &spec).unwrap_err().to_string();
+    assert!(e.contains("192.168.99.9 is on no device"), "{e}");
+    // Nothing was made.
+    let (obs, _) = plan_segment(&c.ns(1), &spec).expect("plan");
+    assert_eq!(obs.vni, 0);
+}
+
+/// Accepts connections on `ip:port` inside the probe's namespace until dropped.
+fn listen(p: &Probe, port: u16) -> TcpListener {
+    let addr = SocketAddr::from((p.ip, port));
+    let l = NetNs::named(p.netns.clone())
+        .run(move || TcpListener::bind(addr))
+        .expect("enter probe")
+        .expect("bind");
+    let accept = l.try_clone().expect("clone listener");
+    std::thread::spawn(move || {
+        for s in accept.incoming() {
+            drop(s);
+        }
+    });
+    l
+}
+
+fn connects(from: &Probe, to: Ipv4Addr, port: u16) -> bool {
+    let addr = SocketAddr::from((to, port));
+    NetNs::named(from.netns.clone())
+        .run(move || TcpStream::connect_timeout(&addr, Duration::from_millis(700)).is_ok())
+        .expect("enter probe")
+}
+
+fn db_rule(port: u16) -> AllowRule {
+    AllowRule {
+        group: "db".into(),
+        from: Prefix::parse("10.20.0.0/24").unwrap(),
+        to: None,
+        proto: Proto::Tcp,
+        ports: Some((port, port)),
+    }
+}
+
+#[test]
+fn a_security_group_admits_only_its_sources_and_repairs_deleted_rules() {
+    require_netns!();
+    let c = Cluster::new();
+    let (n1, n2) = (c.ns(1), c.ns(2));
+    // alpha: app (10.20.0.0/24) a1 on n1; db (10.30.0.0/24) db on n2 with group
+    // "db" (tcp 5432 from app), and d1, another db NIC, on n1 without a group.
+    let a1 = probe(&c, 1, "a1", "alpha", "app", ip(10, 20, 0, 11));
+    let db = probe(&c, 2, "db", "alpha", "db", ip(10, 30, 0, 5));
+    let d1 = probe(&c, 1, "d1", "alpha", "db", ip(10, 30, 0, 6));
+    let app_gw = ip(10, 20, 0, 1);
+    let db_gw = ip(10, 30, 0, 1);
+    let segments = [
+        (1, segment("alpha", "app", 5001, 1, app_gw, vec![])),
+        (
+            2,
+            segment("alpha", "app", 5001, 2, app_gw, vec![remote(&a1, 1)]),
+        ),
+        (
+            1,
+            segment("alpha", "db", 5002, 1, db_gw, vec![remote(&db, 2)]),
+        ),
+        (
+            2,
+            segment("alpha", "db", 5002, 2, db_gw, vec![remote(&d1, 1)]),
+        ),
+    ];
+    for (i, s) in &segments {
+        apply_segment(&c.ns(*i), s).expect("segment");
+    }
+    let _l1 = listen(&db, 5432);
+    let _l2 = listen(&db, 5433);
+    let firewall = |rules: Vec<AllowRule>| {
+        let zone = |network: &str, ports: Vec<String>| Zone {
+            id: zone_id("alpha", network),
+            ports,
+        };
+        let seg_ports = |network: &str| {
+            vec![
+                network::overlay::vxlan_name("alpha", network),
+                network::overlay::gateway_leg_name("alpha", network),
+            ]
+        };
+        let mut db_ports = seg_ports("db");
+        db_ports.push(db.tap.clone());
+        let node2 = FirewallSpec {
+            nics: vec![GuardedNic {
+                tap: db.tap.clone(),
+                ipv4: Some(db.ip),
+                rules: rules.clone(),
+            }],
+            zones: vec![zone("db", db_ports), zone("app", seg_ports("app"))],
+        };
+        let routed: Vec<(Ipv4Addr, AllowRule)> = rules.iter().map(|r| (db.ip, r.clone())).collect();
+        (node2, routed)
+    };
+    let (node2, routed) = firewall(vec![db_rule(5432)]);
+    let start = Instant::now();
+    assert!(!apply_firewall(&n2, &node2).expect("firewall").is_empty());
+    for i in 1..=2 {
+        let router = NetNs::named(network::overlay::router_netns_name(&c.ns(i), "alpha"));
+        apply_router_firewall(&router, &routed).expect("router firewall");
+    }
+    eprintln!(
+        "security groups programmed on 2 nodes in {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        firewall_drift(&n2, &node2).expect("drift"),
+        Vec::<String>::new()
+    );
+    assert!(apply_firewall(&n2, &node2).expect("again").is_empty());
+
+    assert!(
+        connects(&a1, db.ip, 5432),
+        "app -> db:5432 is allowed (routed on n1, over VXLAN)"
+    );
+    assert!(!connects(&a1, db.ip, 5433), "app -> db:5433 is not");
+    assert!(
+        !connects(&d1, db.ip, 5432),
+        "db's own network is not an allowed source"
+    );
+    assert!(!ping(&a1, db.ip), "no ICMP rule");
+    assert!(
+        ping(&db, d1.ip),
+        "the guarded NIC's own traffic out and its replies pass"
+    );
+
+    // A rule deleted by hand with nft: drift, the effect, the repair.
+    let chain = format!("nic_{}", db.tap);
+    let list = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        n2.name().unwrap(),
+        "nft",
+        "-a",
+        "list",
+        "chain",
+        "inet",
+        "cairn_sg",
+        &chain,
+    ]);
+    let text = String::from_utf8_lossy(&list.stdout).into_owned();
+    let handle = text
+        .lines()
+        .find(|l| l.contains("dport 5432"))
+        .and_then(|l| l.rsplit("handle ").next())
+        .expect("the 5432 rule")
+        .trim()
+        .to_owned();
+    ok(&[
+        "ip",
+        "netns",
+        "exec",
+        n2.name().unwrap(),
+        "nft",
+        "delete",
+        "rule",
+        "inet",
+        "cairn_sg",
+        &chain,
+        "handle",
+        &handle,
+    ]);
+    let drift = firewall_drift(&n2, &node2).expect("drift");
+    assert_eq!(
+        drift,
+        vec![format!(
+            "chain inet cairn_sg {chain}: rule missing: {}: db: allow tcp 5432 from 10.20.0.0/24",
+            db.tap
+        )]
+    );
+    assert!(!connects(&a1, db.ip, 5432), "the deletion took effect");
+    assert_eq!(apply_firewall(&n2, &node2).expect("repair"), drift);
+    assert!(connects(&a1, db.ip, 5432), "repaired");
+
+    // A changed group (5433 added): time until it takes effect on both nodes.
+    let (node2, routed) = firewall(vec![db_rule(5432), db_rule(5433)]);
+    let start = Instant::now();
+    apply_firewall(&n2, &node2).expect("change");
+    for i in 1..=2 {
+        let router = NetNs::named(network::overlay::router_netns_name(&c.ns(i), "alpha"));
+        apply_router_firewall(&router, &routed).expect("router change");
+    }
+    let programmed = start.elapsed();
+    let mut effective = None;
+    while start.elapsed() < Duration::from_secs(3) {
+        if connects(&a1, db.ip, 5433) {
+            effective = Some(start.elapsed());
+            break;
+        }
+    }
+    eprintln!(
+        "changed security group: programmed on 2 nodes in {programmed:?}, first allowed connection after {effective:?}"
+    );
+    assert!(effective.is_some(), "5433 allowed after the change");
+    let _ = n1;
+}
