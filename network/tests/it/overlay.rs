@@ -579,3 +579,155 @@ fn a_security_group_admits_only_its_sources_and_repairs_deleted_rules() {
     assert!(effective.is_some(), "5433 allowed after the change");
     let _ = n1;
 }
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Round-trip times of `count` pings, in milliseconds.
+fn rtts(from: &str, to: Ipv4Addr, count: u32) -> Vec<f64> {
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        from,
+        "ping",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.01",
+        "-W",
+        "1",
+        &to.to_string(),
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.trim_end_matches(" ms").parse().ok())
+        .collect()
+}
+
+/// iperf3 from `client` to `server_ip` (server in `server`), 2 s, Gbit/s received.
+fn iperf(server: &str, client: &str, server_ip: Ipv4Addr) -> f64 {
+    let mut srv = Command::new("ip")
+        .args(["netns", "exec", server, "iperf3", "-s", "-1", "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        client,
+        "iperf3",
+        "-J",
+        "-t",
+        "2",
+        "-p",
+        "5201",
+        "-c",
+        &server_ip.to_string(),
+    ]);
+    let _ = srv.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("bits_per_second")
+        / 1e9
+}
+
+/// Measurements (run with `--ignored --nocapture`): same-node against cross-node
+/// latency, overlay throughput against a raw veth, medians, in one run.
+#[test]
+#[ignore = "measurement: run explicitly"]
+fn measure_overlay_latency_and_throughput() {
+    require_netns!();
+    if Command::new("iperf3").arg("-v").output().is_err() {
+        eprintln!("skipping: iperf3 is not installed");
+        return;
+    }
+    let c = Cluster::new();
+    let a1 = probe(&c, 1, "a1", "alpha", "app", ip(10, 20, 0, 11));
+    let a2 = probe(&c, 2, "a2", "alpha", "app", ip(10, 20, 0, 12));
+    let a3 = probe(&c, 1, "a3", "alpha", "app", ip(10, 20, 0, 13));
+    let gw = ip(10, 20, 0, 1);
+    apply_segment(
+        &c.ns(1),
+        &segment("alpha", "app", 5001, 1, gw, vec![remote(&a2, 2)]),
+    )
+    .expect("n1");
+    apply_segment(
+        &c.ns(2),
+        &segment(
+            "alpha",
+            "app",
+            5001,
+            2,
+            gw,
+            vec![remote(&a1, 1), remote(&a3, 1)],
+        ),
+    )
+    .expect("n2");
+    assert!(ping_within(&a1, a2.ip, Duration::from_secs(3)));
+    assert!(ping_within(&a1, a3.ip, Duration::from_secs(3)));
+    // Raw baseline: two namespaces joined by one veth, same MTU as the segment.
+    let (r1, r2) = (format!("{}raw1", c.prefix), format!("{}raw2", c.prefix));
+    network::netns::create_netns(&r1).expect("raw1");
+    network::netns::create_netns(&r2).expect("raw2");
+    ok(&[
+        "ip", "-n", &r1, "link", "add", "eth0", "mtu", "1450", "type", "veth", "peer", "name",
+        "eth0", "netns", &r2,
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        &r1,
+        "addr",
+        "add",
+        "10.99.0.1/24",
+        "dev",
+        "eth0",
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        &r2,
+        "addr",
+        "add",
+        "10.99.0.2/24",
+        "dev",
+        "eth0",
+    ]);
+    ok(&["ip", "-n", &r1, "link", "set", "eth0", "up"]);
+    ok(&["ip", "-n", &r2, "link", "set", "eth0", "up"]);
+    let raw_ip = ip(10, 99, 0, 2);
+    let same = rtts(&a1.netns, a3.ip, 200);
+    let cross = rtts(&a1.netns, a2.ip, 200);
+    let raw = rtts(&r1, raw_ip, 200);
+    let (ms, mc, mr) = (
+        median(same.clone()),
+        median(cross.clone()),
+        median(raw.clone()),
+    );
+    eprintln!(
+        "latency (ping, 200 each, median): raw veth {mr:.3} ms, same node (bridge) {ms:.3} ms, \
+         across nodes (VXLAN) {mc:.3} ms; cross/same {:.2}",
+        mc / ms
+    );
+    let mut overlay = Vec::new();
+    let mut baseline = Vec::new();
+    for _ in 0..3 {
+        baseline.push(iperf(&r2, &r1, raw_ip));
+        overlay.push(iperf(&a2.netns, &a1.netns, a2.ip));
+    }
+    let (o, b) = (median(overlay.clone()), median(baseline.clone()));
+    eprintln!(
+        "throughput (iperf3 -t 2, 3 runs, median): raw veth {b:.2} Gbit/s {baseline:.2?}, \
+         overlay across nodes {o:.2} Gbit/s {overlay:.2?}; overlay/raw {:.2}",
+        o / b
+    );
+    assert!(same.len() >= 190 && cross.len() >= 190 && raw.len() >= 190);
+    assert!(o > 0.0 && b > 0.0);
+}
