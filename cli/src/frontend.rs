@@ -290,17 +290,39 @@ pub fn model_text(c: &Compilation) -> String {
                 q.and_then(|q| q.storage_bytes).map(format_size)
             ),
         );
+        for n in &t.networks {
+            let _ = writeln!(
+                s,
+                "  network {} in {}: {} gateway {} vni {}{}",
+                n.name,
+                n.site,
+                n.cidr,
+                n.gateway.as_deref().unwrap_or("none"),
+                n.vni,
+                if n.external { ", external" } else { "" }
+            );
+        }
     }
     let width = m.vms.iter().map(|v| v.name.len()).max().unwrap_or(4).max(4);
     let _ = writeln!(
         s,
-        "{:width$}  {:10} {:8} {:>4} {:>8}  {:24} {:5} {:>5}",
+        "{:width$}  {:10} {:8} {:>4} {:>8}  {:24} {:5} {:>5}  ADDRESSES",
         "VM", "TENANT", "SITE", "CPU", "MEMORY", "SLA", "AVAIL", "DISKS"
     );
     for v in &m.vms {
+        let addresses: Vec<String> = v
+            .nics
+            .iter()
+            .map(|n| format!("{}={}", n.network, n.address.as_deref().unwrap_or("none")))
+            .collect();
+        let addresses = if addresses.is_empty() {
+            "-".to_owned()
+        } else {
+            addresses.join(" ")
+        };
         let _ = writeln!(
             s,
-            "{:width$}  {:10} {:8} {:>4} {:>8}  {:24} {:5} {:>5}",
+            "{:width$}  {:10} {:8} {:>4} {:>8}  {:24} {:5} {:>5}  {addresses}",
             v.name,
             v.tenant,
             v.site,

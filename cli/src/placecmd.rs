@@ -328,18 +328,46 @@ pub fn placement_text(model: &Model, p: &Placement) -> String {
     let width = p.vms.iter().map(|v| v.name.len()).max().unwrap_or(2).max(2);
     let _ = writeln!(
         s,
-        "{:width$}  {:10} {:14} {:14} VOLUMES",
+        "{:width$}  {:10} {:14} {:14} VOLUMES  ADDRESSES",
         "VM", "TENANT", "NODE", "SECONDARY"
     );
     for v in &p.vms {
         let vols = p.volumes.iter().filter(|x| x.vm == v.name).count();
+        let addresses: Vec<String> = p
+            .addresses
+            .iter()
+            .filter(|a| a.vm == v.name)
+            .map(|a| format!("{}={}", a.network, a.address))
+            .collect();
+        let addresses = if addresses.is_empty() {
+            "-".to_owned()
+        } else {
+            addresses.join(" ")
+        };
         let _ = writeln!(
             s,
-            "{:width$}  {:10} {:14} {:14} {vols}",
+            "{:width$}  {:10} {:14} {:14} {vols:<7}  {addresses}",
             v.name,
             v.tenant,
             v.node,
             v.secondary.as_deref().unwrap_or("-")
+        );
+    }
+    for n in &p.networks {
+        let _ = writeln!(
+            s,
+            "network {}/{}: {} gateway {} vni {}{}, on {}",
+            n.tenant,
+            n.name,
+            n.cidr,
+            n.gateway.as_deref().unwrap_or("none"),
+            n.vni,
+            if n.external { ", external" } else { "" },
+            if n.nodes.is_empty() {
+                "no node".to_owned()
+            } else {
+                n.nodes.join(" ")
+            }
         );
     }
     for m in &p.moves {

@@ -1,6 +1,6 @@
 //! IPv4 and IPv6 networks (`ADDRESS/PREFIX`): parsing with no host bits
-//! set, containment and overlap. Used by the tenant network checks; IPAM
-//! will hand out addresses from them.
+//! set, containment and overlap. Used by the tenant network checks and by
+//! IPAM ([`crate::ipam`]), which hands out addresses from them.
 
 use std::net::IpAddr;
 
@@ -89,6 +89,22 @@ impl Cidr {
             IpAddr::V6(bits.into())
         };
         ip.to_string()
+    }
+
+    /// An IPv4 network's first and last address (network and broadcast
+    /// included) as integers; none for IPv6.
+    pub fn ipv4_bounds(&self) -> Option<(u32, u32)> {
+        let std::net::IpAddr::V4(a) = self.addr else {
+            return None;
+        };
+        let first = u32::from(a);
+        let size = 1u64 << (32 - u32::from(self.prefix));
+        Some((first, (u64::from(first) + size - 1) as u32))
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
     }
 
     /// Whether two networks share an address.

@@ -100,13 +100,13 @@ pub fn generate(config: &GenConfig) -> Vec<(String, String)> {
             10_000 + 1000 * (t % 7)
         );
         for s in 0..n_sites {
+            // A /20 per tenant and site (4,093 addresses: room for every NIC
+            // IPAM gives out), disjoint across the whole repository.
+            let idx = (t * n_sites + s) % 4096;
+            let (b, c) = (idx / 16, (idx % 16) * 16);
             let _ = writeln!(
                 tenants,
-                "    network \"net-{s}\" site=\"site-{s}\" cidr=\"10.{}.{}.0/24\" gateway=\"10.{}.{}.1\"",
-                100 + t / 256,
-                t % 256,
-                100 + t / 256,
-                t % 256
+                "    network \"net-{s}\" site=\"site-{s}\" cidr=\"10.{b}.{c}.0/20\" gateway=\"10.{b}.{c}.1\""
             );
         }
         tenants.push_str("    security-group \"web\" {\n        allow from=\"0.0.0.0/0\" proto=\"tcp\" port=443\n    }\n}\n");

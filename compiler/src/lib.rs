@@ -19,6 +19,7 @@ pub mod cidr;
 pub mod diag;
 pub mod fmt;
 pub mod generate;
+pub mod ipam;
 pub mod kdl_fast;
 pub mod lower;
 pub mod model;

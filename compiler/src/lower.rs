@@ -330,6 +330,78 @@ impl Cx<'_> {
         })
     }
 
+    /// A port (`5432`) or an inclusive port range (`"8000-8100"`), each port
+    /// 1..=65535, the first not above the last.
+    fn port_range(&mut self, entry: &KdlEntry) -> Option<Spanned<PortRange>> {
+        let what = "the port";
+        let span = self.sp(entry.span());
+        let text = match entry.value() {
+            KdlValue::Integer(_) => {
+                let p = self.u32(entry, what, 1, 65_535)?;
+                return Some(Spanned {
+                    value: PortRange {
+                        first: p.value,
+                        last: p.value,
+                    },
+                    span,
+                });
+            }
+            KdlValue::String(s) => s.clone(),
+            _ => {
+                self.wrong_type(
+                    entry,
+                    what,
+                    "a whole number or a range",
+                    "`5432` or \"8000-8100\"",
+                );
+                return None;
+            }
+        };
+        let port = |t: &str| t.trim().parse::<u64>().ok();
+        let parsed = match text.split_once('-') {
+            Some((a, b)) => port(a).zip(port(b)),
+            None => port(&text).map(|p| (p, p)),
+        };
+        let valid = |p: u64| (1..=65_535).contains(&p);
+        if parsed.is_some_and(|(a, b)| !valid(a) || !valid(b)) {
+            self.err(
+                "cairn::schema::out_of_range",
+                span,
+                format!("the port `{text}` is outside 1..=65535"),
+            )
+            .help = Some("TCP and UDP ports are 1 to 65535".to_owned());
+            return None;
+        }
+        let parsed = parsed.map(|(a, b)| (a as u32, b as u32));
+        match parsed {
+            Some((first, last)) if first <= last => Some(Spanned {
+                value: PortRange { first, last },
+                span,
+            }),
+            Some((first, last)) => {
+                self.err(
+                    "cairn::schema::out_of_range",
+                    span,
+                    format!("the port range `{text}` runs backwards ({first} is above {last})"),
+                )
+                .help = Some(format!("write the lower port first: \"{last}-{first}\""));
+                None
+            }
+            None => {
+                self.err(
+                    "cairn::schema::wrong_type",
+                    span,
+                    format!("the port `{text}` is neither a port nor a range of ports"),
+                )
+                .help = Some(
+                    "write a port 1..=65535 (`port=5432`) or a range FIRST-LAST (`port=\"8000-8100\"`)"
+                        .to_owned(),
+                );
+                None
+            }
+        }
+    }
+
     /// A VM's vCPU count, checked against what the runtime runs.
     fn vcpu_count(&mut self, entry: &KdlEntry) -> Option<Spanned<u32>> {
         let what = "the vCPU count";
@@ -1217,11 +1289,15 @@ impl Cx<'_> {
                     let gateway = self
                         .prop(n, "gateway")
                         .and_then(|e| self.string(e, "the gateway"));
+                    let external = self
+                        .prop(n, "external")
+                        .and_then(|e| self.bool(e, "external"));
                     t.networks.push(NetworkSpec {
                         name,
                         site,
                         cidr,
                         gateway,
+                        external,
                     });
                 }
                 "security-group" => {
@@ -1239,12 +1315,13 @@ impl Cx<'_> {
                             from: self
                                 .required(an, "from", "\"fin-app\"")
                                 .and_then(|e| self.string(e, "the source")),
+                            to: self
+                                .prop(an, "to")
+                                .and_then(|e| self.string(e, "the destination")),
                             proto: self.prop(an, "proto").and_then(|e| {
                                 self.keyword(e, "the protocol", Proto::KEYWORDS, Proto::parse)
                             }),
-                            port: self
-                                .prop(an, "port")
-                                .and_then(|e| self.u32(e, "the port", 1, 65_535)),
+                            port: self.prop(an, "port").and_then(|e| self.port_range(e)),
                         });
                     }
                     t.security_groups.push(sg);
@@ -1432,10 +1509,14 @@ impl Cx<'_> {
                         )
                         .help = Some(limits::NICS.rule());
                     }
+                    let address = self
+                        .prop(n, "address")
+                        .and_then(|e| self.string(e, "the address"));
                     b.nics.push(VmNicSpec {
                         span,
                         network,
                         security_groups,
+                        address,
                     });
                 }
                 "tag" => b.tags.extend(self.key_value(n, "tag")),

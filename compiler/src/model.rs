@@ -340,8 +340,18 @@ pub struct Network {
     pub site: String,
     /// CIDR.
     pub cidr: String,
-    /// Gateway.
+    /// Gateway: answers on every node that hosts the network (distributed).
     pub gateway: Option<String>,
+    /// VXLAN network identifier: 24-bit, 4096 or above, unique across the
+    /// repository (see [`crate::ipam`]). The placement's copy is the one kept
+    /// across recompiles; this one is what a compile with no previous
+    /// placement gives.
+    #[serde(default)]
+    pub vni: u32,
+    /// `external=#true`: its VMs reach outside the cloud through the node's
+    /// management side, with SNAT.
+    #[serde(default)]
+    pub external: bool,
 }
 
 /// A security group.
@@ -353,15 +363,31 @@ pub struct SecurityGroup {
     pub allow: Vec<AllowRule>,
 }
 
-/// An allow rule.
+/// An allow rule: traffic arriving at a NIC that lists the group is let in
+/// when its source lies in `from_cidr`, its destination in `to_cidr` (when
+/// given), its protocol is `proto` (`any`: every one) and its destination
+/// port in `port..=port_end` (when given).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AllowRule {
-    /// Source network name or CIDR.
+    /// Source network name or CIDR, as written.
     pub from: String,
+    /// The source as a CIDR: the network's, or `from` itself.
+    #[serde(default)]
+    pub from_cidr: String,
+    /// Destination network name or CIDR, as written (none: any address of the NIC).
+    #[serde(default)]
+    pub to: Option<String>,
+    /// The destination as a CIDR (none: any).
+    #[serde(default)]
+    pub to_cidr: Option<String>,
     /// Protocol.
     pub proto: Proto,
-    /// Port (none: all).
+    /// Port, or the first port of a range (none: all; always none for `icmp`
+    /// and `any`).
     pub port: Option<u32>,
+    /// The last port of a range (inclusive); none for a single port.
+    #[serde(default)]
+    pub port_end: Option<u32>,
 }
 
 /// An SLA profile.
@@ -508,6 +534,15 @@ pub struct VmNic {
     pub network: String,
     /// Security groups.
     pub security_groups: Vec<String>,
+    /// Its IPv4 address in the network (dotted quad; the prefix is the
+    /// network's): pinned by the operator, or given by IPAM
+    /// ([`crate::ipam`]). The placement's copy is the one kept across
+    /// recompiles. None on an IPv6 network (IPAM is IPv4 only).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Whether the operator pinned the address (`address=`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pinned: bool,
 }
 
 /// A VM group.

@@ -187,12 +187,17 @@ pub static SHAPES: &[Shape] = &[
     ),
     shape!("tenant.member", NAME, ["role", "key"], []),
     shape!("tenant.budget", NONE, ["monthly", "currency"], []),
-    shape!("tenant.network", NAME, ["site", "cidr", "gateway"], []),
+    shape!(
+        "tenant.network",
+        NAME,
+        ["site", "cidr", "gateway", "external"],
+        []
+    ),
     shape!("tenant.security-group", NAME, [], ["allow"]),
     shape!(
         "tenant.security-group.allow",
         NONE,
-        ["from", "proto", "port"],
+        ["from", "to", "proto", "port"],
         []
     ),
     shape!("sla-profile", NAME, ["class", "priority"], []),
@@ -218,7 +223,12 @@ pub static SHAPES: &[Shape] = &[
         ["size", "pool", "from-image", "prevent-destroy"],
         []
     ),
-    shape!("vm.nic", NONE, ["network", "security-groups"], []),
+    shape!(
+        "vm.nic",
+        NONE,
+        ["network", "security-groups", "address"],
+        []
+    ),
     shape!("vm.tag", PAIR, [], []),
     shape!("vm-group", NAME, ["tenant", "site", "replicas"], GROUP_BODY),
     shape!("vm-group.spread", ONE, [], []),
@@ -234,7 +244,12 @@ pub static SHAPES: &[Shape] = &[
         ["size", "pool", "from-image", "prevent-destroy"],
         []
     ),
-    shape!("vm-group.nic", NONE, ["network", "security-groups"], []),
+    shape!(
+        "vm-group.nic",
+        NONE,
+        ["network", "security-groups", "address"],
+        []
+    ),
     shape!("vm-group.tag", PAIR, [], []),
     shape!(
         "affinity",

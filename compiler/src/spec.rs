@@ -289,6 +289,8 @@ pub struct NetworkSpec {
     pub cidr: Option<Spanned<String>>,
     /// Gateway address text.
     pub gateway: Option<Spanned<String>>,
+    /// `external=#true`: egress with SNAT through the node's management side.
+    pub external: Option<Spanned<bool>>,
 }
 
 /// `allow` in a security group.
@@ -298,10 +300,21 @@ pub struct AllowSpec {
     pub span: Span,
     /// Network name or CIDR.
     pub from: Option<Spanned<String>>,
+    /// Destination network name or CIDR (absent: any address of the NIC).
+    pub to: Option<Spanned<String>>,
     /// Protocol.
     pub proto: Option<Spanned<Proto>>,
-    /// Port.
-    pub port: Option<Spanned<u32>>,
+    /// Port or inclusive port range (`port=5432`, `port="8000-8100"`).
+    pub port: Option<Spanned<PortRange>>,
+}
+
+/// An inclusive range of TCP/UDP ports; a single port is `first == last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// First port.
+    pub first: u32,
+    /// Last port (inclusive).
+    pub last: u32,
 }
 
 /// `security-group`.
@@ -391,6 +404,8 @@ pub struct VmNicSpec {
     pub network: Option<Name>,
     /// Security groups (comma- or space-separated in the spec).
     pub security_groups: Vec<Name>,
+    /// A pinned IPv4 address (`address="10.20.0.15"`), as written.
+    pub address: Option<Spanned<String>>,
 }
 
 /// The body shared by `vm` and `vm-group`.

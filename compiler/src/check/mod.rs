@@ -25,6 +25,7 @@ mod affinities;
 mod bonds;
 mod capacity;
 mod images;
+mod ipam;
 mod node_classes;
 mod pools;
 mod protection;
@@ -64,6 +65,7 @@ pub fn check(sources: &Sources, set: &SpecSet, diags: &mut Vec<Diagnostic>) -> (
         sources,
         diags,
         spans: SpanIndex::default(),
+        pinned: BTreeMap::new(),
     };
     let model = c.run(set);
     (model, c.spans)
@@ -73,6 +75,8 @@ struct Checker<'a> {
     sources: &'a Sources,
     diags: &'a mut Vec<Diagnostic>,
     spans: SpanIndex,
+    /// The span of each pinned NIC address: (VM, NIC index) → `address=`.
+    pinned: BTreeMap<(String, usize), Span>,
 }
 
 /// Reports names declared twice, pointing at both. Returns the first
@@ -143,6 +147,7 @@ impl Checker<'_> {
         // Everything derived from the VM list below (affinity and plan
         // membership) follows name order, not declaration order.
         vms.sort_by(|a, b| a.name.cmp(&b.name));
+        self.addresses(&mut tenants, &mut vms);
         self.quotas(set, &mut tenants, &vms);
         self.reserved_capacity(set, &sites, &vms);
         let affinities = self.affinities(set, &vms);

@@ -94,6 +94,27 @@ impl Checker<'_> {
                         ),
                     }
                 }
+                let external = n.external.as_ref().is_some_and(|e| e.value);
+                if let Some(e) = &n.external
+                    && e.value
+                    && n.gateway.is_none()
+                {
+                    let example = cidr.map_or_else(|| "10.20.0.1".to_owned(), |c| c.first_host());
+                    self.push(
+                        Diagnostic::error(
+                            "cairn::check::external_without_gateway",
+                            e.span,
+                            format!("network `{}` is external but has no gateway: its VMs reach outside through the gateway, which SNATs them to the node's management address", n.name.value),
+                        )
+                        .with_help(format!("give it a gateway, e.g. gateway=\"{example}\", or remove external=#true")),
+                    );
+                }
+                let span = n.cidr.as_ref().map_or(n.name.span, |c| c.span);
+                self.spans.insert(
+                    "network",
+                    &format!("{}/{}", t.name.value, n.name.value),
+                    span,
+                );
                 if let Some(cidr) = cidr {
                     parsed.push((n, cidr));
                 }
@@ -102,6 +123,8 @@ impl Checker<'_> {
                     site: n.site.as_ref().map(|s| s.value.clone()).unwrap_or_default(),
                     cidr: n.cidr.as_ref().map(|c| c.value.clone()).unwrap_or_default(),
                     gateway: n.gateway.as_ref().map(|g| g.value.clone()),
+                    vni: 0,
+                    external,
                 });
             }
             for (i, (a, ca)) in parsed.iter().enumerate() {
@@ -128,29 +151,46 @@ impl Checker<'_> {
                     }
                 }
             }
-            let network_names: Vec<&str> =
-                t.networks.iter().map(|n| n.name.value.as_str()).collect();
             let mut groups = vec![];
             for sg in &t.security_groups {
                 let mut allow = vec![];
                 for a in &sg.allow {
-                    if let Some(from) = &a.from
-                        && !network_names.contains(&from.value.as_str())
-                        && Cidr::parse(&from.value).is_err()
-                    {
-                        self.push(
-                            Diagnostic::error(
-                                "cairn::resolve::unknown_network",
-                                from.span,
-                                format!("security-group `{}` allows from `{}`, which is neither a network of tenant `{}` nor a CIDR", sg.name.value, from.value, t.name.value),
-                            )
-                            .with_help(suggestion(&from.value, &network_names, "network")),
-                        );
-                    }
+                    let from_cidr = a
+                        .from
+                        .as_ref()
+                        .and_then(|f| self.rule_end(t, &sg.name.value, "from", f, &parsed));
+                    let to_cidr =
+                        a.to.as_ref()
+                            .and_then(|f| self.rule_end(t, &sg.name.value, "to", f, &parsed));
+                    let proto = a.proto.as_ref().map_or(Proto::Tcp, |p| p.value);
+                    let ports = a.port.as_ref().filter(|p| {
+                        let takes_ports = matches!(proto, Proto::Tcp | Proto::Udp);
+                        if !takes_ports {
+                            self.push(
+                                Diagnostic::error(
+                                    "cairn::check::port_without_ports",
+                                    p.span,
+                                    format!(
+                                        "security-group `{}` gives a port for proto=\"{}\", which has no ports",
+                                        sg.name.value,
+                                        proto.as_str()
+                                    ),
+                                )
+                                .with_help("ports apply to proto=\"tcp\" and proto=\"udp\"; remove `port`, or choose one of them"),
+                            );
+                        }
+                        takes_ports
+                    });
                     allow.push(AllowRule {
                         from: a.from.as_ref().map(|f| f.value.clone()).unwrap_or_default(),
-                        proto: a.proto.as_ref().map_or(Proto::Tcp, |p| p.value),
-                        port: a.port.as_ref().map(|p| p.value),
+                        from_cidr: from_cidr.unwrap_or_default(),
+                        to: a.to.as_ref().map(|f| f.value.clone()),
+                        to_cidr,
+                        proto,
+                        port: ports.map(|p| p.value.first),
+                        port_end: ports
+                            .filter(|p| p.value.last != p.value.first)
+                            .map(|p| p.value.last),
                     });
                 }
                 groups.push(SecurityGroup {
@@ -194,5 +234,55 @@ impl Checker<'_> {
             });
         }
         out
+    }
+}
+
+impl Checker<'_> {
+    /// One end (`from` or `to`) of an allow rule as a CIDR: the network of
+    /// the tenant by that name, or the CIDR written; an error otherwise.
+    fn rule_end(
+        &mut self,
+        t: &spec::TenantSpec,
+        group: &str,
+        key: &str,
+        end: &spec::Spanned<String>,
+        networks: &[(&spec::NetworkSpec, Cidr)],
+    ) -> Option<String> {
+        if let Some((_, cidr)) = networks.iter().find(|(n, _)| n.name.value == end.value) {
+            return Some(cidr.to_string());
+        }
+        if t.networks.iter().any(|n| n.name.value == end.value) {
+            // A network whose own CIDR is invalid: reported there.
+            return None;
+        }
+        match Cidr::parse(&end.value) {
+            Ok(c) => Some(c.to_string()),
+            Err(why) => {
+                let names: Vec<&str> = t.networks.iter().map(|n| n.name.value.as_str()).collect();
+                let looks_like_cidr =
+                    end.value.contains('/') || end.value.parse::<IpAddr>().is_ok();
+                let help = match (looks_like_cidr, why.contains("network address")) {
+                    (true, true) => format!("`{}` is not a valid CIDR: {why}", end.value),
+                    (true, false) => format!(
+                        "`{}` is not a valid CIDR: {why}; write e.g. \"10.20.0.0/24\"",
+                        end.value
+                    ),
+                    (false, _) => suggestion(&end.value, &names, "network"),
+                };
+                let direction = if key == "from" { "from" } else { "to" };
+                self.push(
+                    Diagnostic::error(
+                        "cairn::resolve::unknown_network",
+                        end.span,
+                        format!(
+                            "security-group `{group}` allows {direction} `{}`, which is neither a network of tenant `{}` nor a CIDR",
+                            end.value, t.name.value
+                        ),
+                    )
+                    .with_help(help),
+                );
+                None
+            }
+        }
     }
 }

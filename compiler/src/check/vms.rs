@@ -337,6 +337,22 @@ impl Checker<'_> {
                     }
                 }
             }
+            let mut address = None;
+            if let Some(a) = &n.address {
+                if let Some(group) = group {
+                    self.push(
+                        Diagnostic::error(
+                            "cairn::check::pinned_address_in_group",
+                            a.span,
+                            format!("vm-group `{group}` pins the address {} on a NIC: every replica would have it", a.value),
+                        )
+                        .with_help("remove `address` (IPAM gives each replica its own), or pin addresses on single `vm`s"),
+                    );
+                } else {
+                    self.pinned.insert((name.to_owned(), nics.len()), a.span);
+                    address = Some(a.value.clone());
+                }
+            }
             nics.push(VmNic {
                 network: n
                     .network
@@ -344,6 +360,8 @@ impl Checker<'_> {
                     .map(|x| x.value.clone())
                     .unwrap_or_default(),
                 security_groups: n.security_groups.iter().map(|g| g.value.clone()).collect(),
+                pinned: address.is_some(),
+                address,
             });
         }
         let availability = body

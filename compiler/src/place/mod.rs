@@ -40,6 +40,8 @@ pub use graph::{Graph, GraphEdge, GraphNode, build_graph};
 pub use pack::{SiteBound, consolidate, optimize};
 pub use rebalance::rebalance;
 
+pub use crate::ipam::{NetworkPlacement, NicAddress};
+
 use crate::check::{SpanIndex, matches_node};
 use crate::model::{AffinityKind, Availability, Domain, Model, Node, SlaClass, Strategy, Vm};
 use crate::source::Sources;
@@ -62,6 +64,14 @@ pub struct Placement {
     pub nodes: Vec<NodeLoad>,
     /// VMs whose node differs from the previous placement.
     pub moves: Vec<Move>,
+    /// Every tenant network with its VNI and the nodes its segment spans,
+    /// sorted by tenant then name ([`crate::ipam`]; kept across placements).
+    #[serde(default)]
+    pub networks: Vec<NetworkPlacement>,
+    /// The IPv4 address of every VM NIC (placed or not), sorted by VM then
+    /// NIC index ([`crate::ipam`]; kept across placements).
+    #[serde(default)]
+    pub addresses: Vec<NicAddress>,
 }
 
 /// A placed VM.
@@ -176,11 +186,28 @@ impl Default for Placement {
             volumes: vec![],
             nodes: vec![],
             moves: vec![],
+            networks: vec![],
+            addresses: vec![],
         }
     }
 }
 
 impl Placement {
+    /// The address of a VM's NIC (by its index in the VM's `nics`).
+    pub fn nic_address(&self, vm: &str, nic: usize) -> Option<&str> {
+        self.addresses
+            .iter()
+            .find(|a| a.vm == vm && a.nic as usize == nic)
+            .map(|a| a.address.as_str())
+    }
+
+    /// A tenant network as placed.
+    pub fn network(&self, tenant: &str, name: &str) -> Option<&NetworkPlacement> {
+        self.networks
+            .iter()
+            .find(|n| n.tenant == tenant && n.name == name)
+    }
+
     /// The node a VM is placed on.
     pub fn vm_node(&self, vm: &str) -> Option<&str> {
         self.vms
@@ -1214,9 +1241,21 @@ fn finish(
     model: &Model,
     engine: &Engine<'_>,
     volumes: Vec<VolumePlacement>,
-    unplaced: BTreeMap<String, Vec<Reason>>,
+    mut unplaced: BTreeMap<String, Vec<Reason>>,
     previous: Option<&Placement>,
 ) -> Placement {
+    let alloc = crate::ipam::allocate(&model.tenants, &model.vms, previous);
+    // A VM with a NIC no address is left for (only the addresses held back
+    // after a removal can cause it: the compile refuses a network too small
+    // for its NICs) is not started this time.
+    let mut starved: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    for (vm, _, tenant, network) in &alloc.starved {
+        starved
+            .entry(vm.as_str())
+            .or_default()
+            .push((tenant.as_str(), network.as_str()));
+    }
+    let mut dropped: Vec<(&Vm, usize, Option<usize>)> = vec![];
     let mut vms = vec![];
     let mut moves = vec![];
     let prev: BTreeMap<&str, &VmPlacement> = previous
@@ -1228,6 +1267,20 @@ fn finish(
         let Some(&(node, secondary)) = engine.assigned.get(&vm.name) else {
             continue;
         };
+        if let Some(nets) = starved.get(vm.name.as_str()) {
+            dropped.push((vm, node, secondary));
+            let (_, network) = nets[0];
+            unplaced.entry(vm.name.clone()).or_default().push(Reason {
+                constraint: "address".to_owned(),
+                message: format!(
+                    "network `{network}` has no free address for it: the rest are in use or held back for one placement after their VMs were removed"
+                ),
+                nodes_filtered: 0,
+                nodes: vec![],
+                source: None,
+            });
+            continue;
+        }
         let node_name = engine.nodes[node].name.clone();
         if let Some(p) = prev.get(vm.name.as_str())
             && p.node != node_name
@@ -1273,7 +1326,7 @@ fn finish(
             })
         })
         .collect();
-    let nodes = engine
+    let mut nodes: Vec<NodeLoad> = engine
         .nodes
         .iter()
         .map(|n| NodeLoad {
@@ -1288,6 +1341,13 @@ fn finish(
             vms: n.vms,
         })
         .collect();
+    for (vm, node, secondary) in dropped {
+        unload(&mut nodes, vm, node, false);
+        if let Some(s) = secondary {
+            unload(&mut nodes, vm, s, true);
+        }
+    }
+    let networks = network_placements(model, &vms, &alloc);
     Placement {
         format_version: FORMAT_VERSION,
         vms,
@@ -1295,7 +1355,71 @@ fn finish(
         volumes,
         nodes,
         moves,
+        networks,
+        addresses: alloc.addresses,
     }
+}
+
+/// Takes a VM's load (as `Engine::load` adds it) off a node's figures.
+fn unload(nodes: &mut [NodeLoad], vm: &Vm, i: usize, full: bool) {
+    let Some(n) = nodes.get_mut(i) else { return };
+    n.vms = n.vms.saturating_sub(1);
+    let (cpu, mem) = if full || vm.sla.class == SlaClass::Reserved {
+        (&mut n.cpu_reserved, &mut n.memory_reserved_bytes)
+    } else {
+        (&mut n.cpu_shared, &mut n.memory_shared_bytes)
+    };
+    *cpu = cpu.saturating_sub(u64::from(vm.cpu));
+    *mem = mem.saturating_sub(vm.memory_bytes);
+}
+
+/// Every tenant network with its VNI and the nodes hosting its placed VMs.
+fn network_placements(
+    model: &Model,
+    vms: &[VmPlacement],
+    alloc: &crate::ipam::Allocation,
+) -> Vec<NetworkPlacement> {
+    let mut hosts: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
+    for p in vms {
+        let Some(vm) = model.vm(&p.name) else {
+            continue;
+        };
+        for nic in &vm.nics {
+            let set = hosts
+                .entry((vm.tenant.as_str(), nic.network.as_str()))
+                .or_default();
+            set.insert(p.node.as_str());
+            if let Some(s) = &p.secondary {
+                set.insert(s.as_str());
+            }
+        }
+    }
+    let mut out: Vec<NetworkPlacement> = model
+        .tenants
+        .iter()
+        .flat_map(|t| {
+            let hosts = &hosts;
+            t.networks.iter().map(move |n| NetworkPlacement {
+                tenant: t.name.clone(),
+                name: n.name.clone(),
+                site: n.site.clone(),
+                cidr: n.cidr.clone(),
+                gateway: n.gateway.clone(),
+                external: n.external,
+                vni: alloc
+                    .vnis
+                    .get(&(t.name.clone(), n.name.clone()))
+                    .copied()
+                    .unwrap_or(0),
+                nodes: hosts
+                    .get(&(t.name.as_str(), n.name.as_str()))
+                    .map(|s| s.iter().map(|n| (*n).to_owned()).collect())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)));
+    out
 }
 
 /// Fills each volume's runtime layout (`primary`, `replicas`): the primary is

@@ -22,3 +22,9 @@ impl Rng {
         (self.next() % n.max(1) as u64) as usize
     }
 }
+
+// Nodes in maintenance (issue 16).
+mod maintenance;
+
+// Addresses and VNIs (issue 19).
+mod ipam;

@@ -9,7 +9,7 @@ use compiler::model::{Availability, Model};
 use compiler::place::{PlaceOptions, Placement, place, rebalance};
 use compiler::{Sources, compile};
 
-fn model_of(files: Vec<(String, String)>) -> Model {
+pub(crate) fn model_of(files: Vec<(String, String)>) -> Model {
     let sources = Sources::from_files(files);
     let c = compile(&sources);
     let errors: Vec<String> = c
