@@ -537,7 +537,8 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
         .map(|(_, record)| reconciler::status::last_apply(&record, &store));
     let mut audit = store.audit_log()?;
     audit.drain(..audit.len().saturating_sub(5));
-    let status = reconciler::status::status(&desired, &observed, store.applied()?, last, audit);
+    let mut status = reconciler::status::status(&desired, &observed, store.applied()?, last, audit);
+    reconciler::status::mark_maintenance(&mut status, &loaded.model().nodes_in_maintenance());
     match format {
         Format::Text => print!("{}", reconciler::status::text(&status)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),

@@ -1038,10 +1038,14 @@ impl Cx<'_> {
             let address = self
                 .required(n, "address", "\"10.0.1.11:7100\"")
                 .and_then(|e| self.address(e, "the node address"));
+            let maintenance = self
+                .prop(n, "maintenance")
+                .and_then(|e| self.bool(e, "maintenance"));
             let mut spec = NodeSpec {
                 name,
                 class,
                 address,
+                maintenance,
                 labels: vec![],
                 disks: vec![],
                 nics: vec![],

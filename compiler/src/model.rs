@@ -184,6 +184,12 @@ pub struct Node {
     pub nics: Vec<Nic>,
     /// Labels (class labels overridden by the node's).
     pub labels: BTreeMap<String, String>,
+    /// `maintenance=#true`: the node takes no VM that was not on it before (new VMs,
+    /// HA restarts and crash moves go elsewhere, a volume's new writer is never
+    /// chosen there), the VMs already on it stay, and `ha-reserve` admission counts
+    /// no room on it. Also set at run time by `cairn node maintenance NODE --on`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub maintenance: bool,
 }
 
 /// A bond.
@@ -623,6 +629,37 @@ pub struct Replication {
 }
 
 impl Model {
+    /// The nodes in maintenance (`maintenance=#true`), by name.
+    pub fn nodes_in_maintenance(&self) -> std::collections::BTreeSet<String> {
+        self.sites
+            .iter()
+            .flat_map(|s| &s.nodes)
+            .filter(|n| n.maintenance)
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// This model with `nodes` in maintenance too (the operator's
+    /// `cairn node maintenance`); borrowed when that changes nothing.
+    pub fn with_maintenance<'a>(
+        &'a self,
+        nodes: &std::collections::BTreeSet<String>,
+    ) -> std::borrow::Cow<'a, Model> {
+        let adds = self
+            .sites
+            .iter()
+            .flat_map(|s| &s.nodes)
+            .any(|n| !n.maintenance && nodes.contains(&n.name));
+        if !adds {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut model = self.clone();
+        for n in model.sites.iter_mut().flat_map(|s| &mut s.nodes) {
+            n.maintenance |= nodes.contains(&n.name);
+        }
+        std::borrow::Cow::Owned(model)
+    }
+
     /// A VM by name.
     pub fn vm(&self, name: &str) -> Option<&Vm> {
         self.vms

@@ -150,7 +150,7 @@ pub static SHAPES: &[Shape] = &[
     shape!(
         "site.rack.node",
         NAME,
-        ["class", "address"],
+        ["class", "address", "maintenance"],
         ["label", "disk", "nic"]
     ),
     shape!("site.rack.node.label", PAIR, [], []),

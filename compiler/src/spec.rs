@@ -143,6 +143,8 @@ pub struct NodeSpec {
     pub class: Option<Name>,
     /// `host:port` of its cairn-node.
     pub address: Option<Spanned<String>>,
+    /// `maintenance=#true`: no new VM is placed on it.
+    pub maintenance: Option<Spanned<bool>>,
     /// Extra labels.
     pub labels: Vec<KeyValue>,
     /// Extra disks.

@@ -17,6 +17,11 @@
 //!
 //! Kept in `DATA_DIR/controller.maintenance` (JSON, replaced atomically), read when
 //! the controller starts: maintenance survives restarts of the controller.
+//!
+//! A spec can say the same (`node … maintenance=#true`, docs/spec-reference.md): the
+//! compiler's placement then does it for every command, and the controller treats
+//! the union of both sets alike ([`closed_nodes`]); `--off` ends only the operator's
+//! (the spec's ends with a commit).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -135,9 +140,33 @@ pub fn state(lease_state: &'static str, in_maintenance: bool) -> &'static str {
     }
 }
 
+/// The nodes in maintenance: the operator's and the applied spec's
+/// (`maintenance=#true`).
+pub fn closed_nodes(shared: &Shared, model: &compiler::Model) -> BTreeSet<String> {
+    let mut nodes = shared.maintenance.nodes();
+    nodes.extend(model.nodes_in_maintenance());
+    nodes
+}
+
+/// Every entry: the operator's, then the spec's not set by the operator (`by`
+/// is `spec`, `since` empty).
+pub fn all_entries(shared: &Shared, model: &compiler::Model) -> Vec<Entry> {
+    let mut entries = shared.maintenance.entries();
+    for node in model.nodes_in_maintenance() {
+        if !entries.iter().any(|e| e.node == node) {
+            entries.push(Entry {
+                node,
+                since: String::new(),
+                by: "spec".to_owned(),
+            });
+        }
+    }
+    entries
+}
+
 /// Each node's state (`lease::Leases::node_states`) with maintenance.
 pub fn node_states(shared: &Shared, model: &compiler::Model) -> Vec<(String, &'static str)> {
-    let maintenance = shared.maintenance.nodes();
+    let maintenance = closed_nodes(shared, model);
     shared
         .leases
         .node_states(model)
@@ -218,7 +247,15 @@ pub(crate) async fn handler(
         Ok(v) => v,
         Err(e) => return refuse(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    let message = message(&node, on, changed, &vms);
+    let mut message = message(&node, on, changed, &vms);
+    let in_spec = good
+        .iter()
+        .any(|g| g.model.nodes_in_maintenance().contains(&node));
+    if !on && in_spec {
+        message.push_str(&format!(
+            "; but the applied spec has `maintenance=#true` on {node}, which keeps it in maintenance until a commit removes it"
+        ));
+    }
     if changed {
         shared.record(vec![
             Event::new(

@@ -4,8 +4,8 @@
 //! observation it just made ([`tend`]):
 //! 1. the failed nodes' copies leave their volumes' in-sync sets, and a volume whose
 //!    writer was on a failed node gets a new writer from its in-sync copies on live
-//!    nodes ([`reconciler::epochs::fail_over`]); a volume with none left is reported
-//!    unavailable and its VM is not restarted;
+//!    nodes, never on a node in maintenance ([`reconciler::epochs::fail_over_avoiding`]);
+//!    a volume with none left is reported unavailable and its VM is not restarted;
 //! 2. the writers' reports are acted on ([`reconciler::epochs::react`]): a copy the
 //!    writer froze on leaves the in-sync set, a copy that caught up comes back, and a
 //!    copy at an older epoch (a returning node) is told the current one;
@@ -47,11 +47,13 @@ pub async fn tend(
     nodes: &BTreeMap<String, DesiredNode>,
     observed: &Observed,
     failed: &BTreeSet<String>,
+    maintenance: &BTreeSet<String>,
 ) -> Tended {
     let statuses = reconciler::epochs::statuses_of(observed);
     let decided = tokio::task::block_in_place(|| {
         let authority = EpochAuthority::new(store);
-        let (failover, unavailable) = reconciler::epochs::fail_over(&authority, &statuses, failed)?;
+        let (failover, unavailable) =
+            reconciler::epochs::fail_over_avoiding(&authority, &statuses, failed, maintenance)?;
         let reaction = reconciler::epochs::react(&authority, &statuses)?;
         Ok::<_, reconciler::epochs::EpochError>((failover, reaction, unavailable))
     });

@@ -1232,8 +1232,16 @@ impl Worker {
         let failed_nodes = self.shared.leases.failed_nodes(&good.model);
         // The volumes' epochs first: a failed node's volumes get their new writer
         // before any VM of theirs restarts (safety, so not gated by self-heal).
-        let tended =
-            crate::volume_epochs::tend(&self.shared, &store, &spec, &observed, &failed_nodes).await;
+        let closed = crate::maintenance::closed_nodes(&self.shared, &good.model);
+        let tended = crate::volume_epochs::tend(
+            &self.shared,
+            &store,
+            &spec,
+            &observed,
+            &failed_nodes,
+            &closed,
+        )
+        .await;
         // Copies on nodes failed for good or gone from the spec are rebuilt (a repair).
         if self.repair_blocked().is_none() {
             let (model, placement) = (&good.model, &previous);
@@ -1668,7 +1676,8 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
         Ok(mut value) => {
             value["controller"] = controller;
             value["controller"]["leases"] = json!(leases);
-            value["controller"]["maintenance"] = json!(shared.maintenance.entries());
+            value["controller"]["maintenance"] =
+                json!(crate::maintenance::all_entries(shared, &good.model));
             crate::lease::status_overlay(shared, &good.model, &mut value);
             value
         }

@@ -758,6 +758,19 @@ pub fn fail_over(
     observed: &[(String, Vec<VolumeStatus>)],
     failed: &BTreeSet<String>,
 ) -> Result<(Reaction, Vec<Unavailable>), EpochError> {
+    fail_over_avoiding(authority, observed, failed, &BTreeSet::new())
+}
+
+/// [`fail_over`], never choosing a new writer on a node of `maintenance` (a node in
+/// maintenance takes no new VM, and an HA VM with disks restarts on its first disk's
+/// writer): a volume whose only other in-sync copies are there gets no new writer
+/// and is reported unavailable, saying so, until one of them leaves maintenance.
+pub fn fail_over_avoiding(
+    authority: &EpochAuthority<'_>,
+    observed: &[(String, Vec<VolumeStatus>)],
+    failed: &BTreeSet<String>,
+    maintenance: &BTreeSet<String>,
+) -> Result<(Reaction, Vec<Unavailable>), EpochError> {
     let mut reaction = Reaction::default();
     let mut unavailable = Vec::new();
     if failed.is_empty() {
@@ -782,8 +795,26 @@ pub fn fail_over(
                 .filter(|node| reports(&state.volume, node).is_some())
                 .collect();
             candidates.sort_by_key(|node| reports(&state.volume, node) != Some(state.epoch));
+            let closed: Vec<&String> = candidates
+                .iter()
+                .copied()
+                .filter(|node| maintenance.contains(*node))
+                .collect();
+            candidates.retain(|node| !maintenance.contains(*node));
             match candidates.first() {
                 Some(node) => (*node).clone(),
+                None if !closed.is_empty() => {
+                    let closed: BTreeSet<String> = closed.into_iter().cloned().collect();
+                    unavailable.push(Unavailable {
+                        volume: state.volume.clone(),
+                        why: format!(
+                            "its writer {} failed and its other in-sync copies are on nodes in maintenance ({}), where no new writer is chosen; `cairn node maintenance NODE --off` (or `maintenance=#false` in the spec) lets one take over",
+                            state.writer,
+                            join(&closed)
+                        ),
+                    });
+                    continue;
+                }
                 None => {
                     unavailable.push(Unavailable {
                         volume: state.volume.clone(),
@@ -921,6 +952,61 @@ mod tests {
             ]
         );
         assert!(authority.get("other").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_new_writer_is_never_chosen_on_a_node_in_maintenance() {
+        let dir = TempDir::new();
+        let store = RedbStore::open(&dir.0.join("state.redb")).unwrap();
+        let authority = EpochAuthority::new(&store);
+        let abc = names(&["a", "b", "c"]);
+        authority.adopt("v1", "a", &abc, &abc, 0, "test").unwrap();
+        let ab = names(&["a", "b"]);
+        authority.adopt("v2", "a", &ab, &ab, 0, "test").unwrap();
+        // b is the first candidate by name; with b in maintenance, c takes v1.
+        let observed = vec![
+            (
+                "b".to_string(),
+                vec![
+                    status("v1", VolumeRole::Replica, 1),
+                    status("v2", VolumeRole::Replica, 1),
+                ],
+            ),
+            ("c".to_string(), vec![status("v1", VolumeRole::Replica, 1)]),
+        ];
+        let (plain, _) = fail_over(&authority, &observed, &names(&["a"])).unwrap();
+        let b = |v: &str| (v.to_owned(), "b".to_owned());
+        assert_eq!(
+            writers(&plain),
+            vec![b("v1"), b("v2")],
+            "without maintenance, b"
+        );
+        let dir = TempDir::new();
+        let store = RedbStore::open(&dir.0.join("state.redb")).unwrap();
+        let authority = EpochAuthority::new(&store);
+        authority.adopt("v1", "a", &abc, &abc, 0, "test").unwrap();
+        authority.adopt("v2", "a", &ab, &ab, 0, "test").unwrap();
+        let (reaction, unavailable) =
+            fail_over_avoiding(&authority, &observed, &names(&["a"]), &names(&["b"])).unwrap();
+        assert_eq!(writers(&reaction), vec![("v1".to_owned(), "c".to_owned())]);
+        // v2's only other copy is on b: no writer, reported, nothing raised.
+        assert_eq!(unavailable.len(), 1);
+        assert_eq!(unavailable[0].volume, "v2");
+        assert!(
+            unavailable[0].why.contains("nodes in maintenance (b)")
+                && unavailable[0].why.contains("--off"),
+            "{}",
+            unavailable[0].why
+        );
+        assert_eq!(authority.get("v2").unwrap().unwrap().writer, "a");
+    }
+
+    fn writers(reaction: &Reaction) -> Vec<(String, String)> {
+        reaction
+            .changes
+            .iter()
+            .map(|c| (c.volume.clone(), c.writer.clone()))
+            .collect()
     }
 
     #[test]

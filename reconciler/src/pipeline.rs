@@ -202,11 +202,24 @@ pub fn plan_against_with(
     protected_before: BTreeSet<String>,
     options: &PlanOptions,
 ) -> Planned {
+    // The operator's nodes in maintenance are placed as the spec's
+    // (`maintenance=#true`): they keep their VMs, take no new one, and `ha-reserve`
+    // admission counts no room on them.
+    let closed = model.with_maintenance(&options.maintenance);
+    let model = closed.as_ref();
     let mut placement = if options.failed_nodes.is_empty() {
         desired::place(model, Some(previous))
     } else {
+        // An HA restart is not held by `ha-reserve` admission: admission kept the
+        // room before the failure, and with a node gone (or one more in
+        // maintenance since) it would refuse the very VMs being restarted, and with
+        // them the whole plan.
+        let mut restart = model.clone();
+        for site in &mut restart.sites {
+            site.ha_reserve_nodes = 0;
+        }
         desired::place_without(
-            model,
+            &restart,
             previous,
             &options.failed_nodes,
             &options.disk_writers,
@@ -287,7 +300,9 @@ pub fn move_off(
     moved
 }
 
-/// Keeps VMs off the nodes in maintenance (`options.maintenance`): a VM the
+/// Keeps VMs off the nodes in maintenance (the spec's `maintenance=#true` and
+/// `options.maintenance`; the placement already does, this is the last guard for
+/// what a later step moved, e.g. a crash move or a writer's node): a VM the
 /// placement put on one where `previous` did not have it there (a new VM, an HA
 /// restart, a crash move) goes where the placement with those nodes (and the failed
 /// ones) out of service puts it, with its new volumes; when that has no room for
@@ -300,7 +315,9 @@ pub fn keep_off(
     placement: &mut Placement,
     options: &PlanOptions,
 ) -> Vec<String> {
-    let maintenance = &options.maintenance;
+    let mut maintenance = model.nodes_in_maintenance();
+    maintenance.extend(options.maintenance.iter().cloned());
+    let maintenance = &maintenance;
     let before: BTreeMap<&str, &str> = previous
         .vms
         .iter()
@@ -835,6 +852,43 @@ mod keep_off_tests {
             unplaced.reasons[0].message.contains("--off"),
             "{unplaced:?}"
         );
+    }
+
+    #[test]
+    fn the_spec_flag_and_the_operators_set_both_keep_a_new_vm_off_through_the_plan() {
+        let model = quickstart();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let mut previous = desired::place(&model, None);
+        previous.vms.retain(|v| v.name != "backup");
+        previous.volumes.retain(|v| v.vm != "backup");
+        let m = node_of(&desired::place(&model, Some(&previous)), "backup")
+            .expect("backup placed")
+            .to_owned();
+        let mut flagged = model.clone();
+        for n in flagged.sites.iter_mut().flat_map(|s| &mut s.nodes) {
+            n.maintenance = n.name == m;
+        }
+        let operator = PlanOptions {
+            maintenance: BTreeSet::from([m.clone()]),
+            ..Default::default()
+        };
+        for (model, options) in [(&flagged, &PlanOptions::default()), (&model, &operator)] {
+            let planned = plan_against_with(
+                model,
+                &root,
+                "test",
+                Observed::default(),
+                &previous,
+                BTreeSet::new(),
+                options,
+            );
+            let placement = &planned.desired.placement;
+            let now = node_of(placement, "backup").expect("backup placed elsewhere");
+            assert_ne!(now, m);
+            for v in &previous.vms {
+                assert_eq!(node_of(placement, &v.name), Some(v.node.as_str()));
+            }
+        }
     }
 
     #[test]

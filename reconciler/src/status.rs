@@ -308,6 +308,17 @@ pub fn last_apply(
     }
 }
 
+/// Shows the nodes of `maintenance` (the spec's `maintenance=#true`) as
+/// `maintenance`, whether they answer or not (the controller's own overlay does the
+/// same, and keeps `failed` and `fenced`, which it alone knows).
+pub fn mark_maintenance(status: &mut Status, maintenance: &std::collections::BTreeSet<String>) {
+    for node in status.nodes.iter_mut() {
+        if maintenance.contains(&node.name) {
+            node.state = "maintenance".to_owned();
+        }
+    }
+}
+
 /// Builds the status.
 pub fn status(
     desired: &Desired,

@@ -128,8 +128,11 @@ impl Checker<'_> {
     pub(super) fn reserved_capacity(&mut self, set: &SpecSet, sites: &[Site], vms: &[Vm]) {
         for s in sites {
             let n_reserve = s.ha_reserve_nodes as usize;
-            let mut cpus: Vec<u64> = s.nodes.iter().map(|n| n.allocatable.cpu).collect();
-            let mut mems: Vec<u64> = s.nodes.iter().map(|n| n.allocatable.memory_bytes).collect();
+            // A node in maintenance takes no VM: its room does not count.
+            let open = || s.nodes.iter().filter(|n| !n.maintenance);
+            let closed = s.nodes.len() - open().count();
+            let mut cpus: Vec<u64> = open().map(|n| n.allocatable.cpu).collect();
+            let mut mems: Vec<u64> = open().map(|n| n.allocatable.memory_bytes).collect();
             cpus.sort_unstable_by(|a, b| b.cmp(a));
             mems.sort_unstable_by(|a, b| b.cmp(a));
             let cpu_cap: u64 = cpus.iter().skip(n_reserve).sum();
@@ -150,7 +153,7 @@ impl Checker<'_> {
             let Some(spec) = set.sites.iter().find(|x| x.name.value == s.name) else {
                 continue;
             };
-            let after = if n_reserve > 0 {
+            let mut after = if n_reserve > 0 {
                 format!(
                     " after reserving {n_reserve} node{} for HA",
                     if n_reserve == 1 { "" } else { "s" }
@@ -158,6 +161,13 @@ impl Checker<'_> {
             } else {
                 String::new()
             };
+            if closed > 0 {
+                after.push_str(&format!(
+                    "{} without its {closed} node{} in maintenance",
+                    if n_reserve > 0 { " and" } else { "" },
+                    if closed == 1 { "" } else { "s" }
+                ));
+            }
             if cpu_need > cpu_cap {
                 self.push(
                     Diagnostic::error(

@@ -133,6 +133,7 @@ impl Checker<'_> {
                             |n| &n.name,
                         ),
                         labels: labels_map,
+                        maintenance: n.maintenance.as_ref().is_some_and(|m| m.value),
                     });
                 }
             }

@@ -50,7 +50,7 @@ pub fn explain_vm(
         .map(|v| v.node.clone());
     // Rebuild the state as it was when this VM's turn came (the VMs placed
     // before it), so the ranking shows the decision the placement made.
-    let mut engine = Engine::new(model, &options.failed);
+    let mut engine = Engine::new(model, options);
     for other in order(model) {
         if other.name == vm_name {
             break;

@@ -344,6 +344,9 @@ pub(crate) struct NodeState {
     pub name: String,
     pub site: String,
     pub alive: bool,
+    /// In maintenance: only the VMs that were on it before may stay
+    /// ([`Engine::stays`]); `ha-reserve` admission counts no room on it.
+    pub closed: bool,
     pub cap: Cost,
     pub used: Cost,
     pub cpu_reserved: u64,
@@ -440,6 +443,9 @@ pub(crate) struct Engine<'m> {
     pub group_scope: BTreeMap<String, Domain>,
     /// Alive domains (interned ids) per (site, scope), fixed for a run.
     pub domains: BTreeMap<(String, Domain), Vec<u32>>,
+    /// Where each VM of the previous placement was (primary, FT secondary): the
+    /// only VMs a node in maintenance keeps.
+    pub stays: BTreeMap<String, [Option<usize>; 2]>,
 }
 
 /// What the hard constraints of one VM need, computed once per decision
@@ -461,7 +467,8 @@ pub(crate) enum Verdict {
 }
 
 impl<'m> Engine<'m> {
-    pub(crate) fn new(model: &'m Model, failed: &FailureSet) -> Engine<'m> {
+    pub(crate) fn new(model: &'m Model, options: &PlaceOptions) -> Engine<'m> {
+        let failed = &options.failed;
         let mut nodes = vec![];
         let mut interned: std::collections::HashMap<String, u32> = Default::default();
         let mut intern = |name: &str| -> u32 {
@@ -479,6 +486,7 @@ impl<'m> Engine<'m> {
                     name: n.name.clone(),
                     site: site.name.clone(),
                     alive: !failed.has_node(&n.name, &n.rack, &site.name),
+                    closed: n.maintenance,
                     cap: Cost {
                         cpu_milli: n.allocatable.cpu * 1000,
                         memory: n.allocatable.memory_bytes,
@@ -531,9 +539,10 @@ impl<'m> Engine<'m> {
                 domains.insert((site.clone(), scope), set.into_iter().collect());
             }
         }
-        Engine {
+        let mut engine = Engine {
             model,
             nodes,
+            stays: BTreeMap::new(),
             node_index,
             site_nodes,
             rules,
@@ -544,6 +553,20 @@ impl<'m> Engine<'m> {
             model_nodes,
             group_scope,
             domains,
+        };
+        if let Some(previous) = &options.previous {
+            engine.may_stay(previous);
+        }
+        engine
+    }
+
+    /// The VMs of `placement` may stay where it has them, a node in maintenance
+    /// included (it keeps the VMs it has and takes no new one).
+    pub(crate) fn may_stay(&mut self, placement: &Placement) {
+        for v in &placement.vms {
+            let at = |n: Option<&String>| n.and_then(|n| self.node_index.get(n).copied());
+            let here = [at(Some(&v.node)), at(v.secondary.as_ref())];
+            self.stays.insert(v.name.clone(), here);
         }
     }
 
@@ -596,6 +619,14 @@ impl<'m> Engine<'m> {
         let n = &self.nodes[i];
         if !n.alive {
             return Verdict::Ruled("failed", "the node is failed".to_owned());
+        }
+        if n.closed
+            && !self
+                .stays
+                .get(&vm.name)
+                .is_some_and(|at| at.contains(&Some(i)))
+        {
+            return Verdict::Ruled("maintenance", "the node is in maintenance".to_owned());
         }
         if let Some(p) = primary {
             let scope = ft_scope(self.model, &vm.site);
@@ -930,6 +961,14 @@ impl<'m> Engine<'m> {
                         .and_then(|g| locator.and_then(|l| l.at("vm-group", g))),
                 ),
                 "failed" => ("failed".to_owned(), format!("{n} {} failed", were(n)), None),
+                "maintenance" => (
+                    "maintenance".to_owned(),
+                    format!(
+                        "{n} {} in maintenance (it keeps the VMs it has, and takes no new one)",
+                        if n == 1 { "node is" } else { "nodes are" }
+                    ),
+                    None,
+                ),
                 other => (other.to_owned(), format!("{n}: {detail}"), None),
             };
             out.push(Reason {
@@ -981,7 +1020,7 @@ pub(crate) fn order(model: &Model) -> Vec<&Vm> {
 
 /// Places every VM and volume of a model.
 pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>>) -> Placement {
-    let mut engine = Engine::new(model, &options.failed);
+    let mut engine = Engine::new(model, options);
     let previous: BTreeMap<&str, &VmPlacement> = options
         .previous
         .iter()
@@ -1183,9 +1222,12 @@ fn ha_admission(
                         .cmp(&cost(model, a).cpu_milli)
                         .then(a.name.cmp(&b.name))
                 });
+                // A node in maintenance takes no HA restart: its room does not count.
                 let mut free: Vec<Cost> = nodes
                     .iter()
-                    .filter(|i| !lost.contains(i) && engine.nodes[**i].alive)
+                    .filter(|i| {
+                        !lost.contains(i) && engine.nodes[**i].alive && !engine.nodes[**i].closed
+                    })
                     .map(|&i| engine.nodes[i].free())
                     .collect();
                 let mut failed: Vec<&Vm> = vec![];

@@ -475,7 +475,7 @@ pub(crate) fn repack<'m>(
         .map(|v| {
             v.iter()
                 .copied()
-                .filter(|&i| engine.nodes[i].alive)
+                .filter(|&i| engine.nodes[i].alive && !engine.nodes[i].closed)
                 .collect()
         })
         .unwrap_or_default();
@@ -582,7 +582,8 @@ pub fn optimize(
     options: &PlaceOptions,
     work_limit: u64,
 ) -> (Placement, Vec<SiteBound>) {
-    let mut engine = Engine::new(model, &options.failed);
+    let mut engine = Engine::new(model, options);
+    engine.may_stay(placement);
     for vm in order(model) {
         if let Some(p) = placement.vms.iter().find(|v| v.name == vm.name) {
             let node = engine.node_index[&p.node];
@@ -649,7 +650,8 @@ pub fn consolidate(
     placement: &Placement,
     options: &PlaceOptions,
 ) -> (Placement, Vec<(String, Vec<String>)>) {
-    let mut engine = Engine::new(model, &options.failed);
+    let mut engine = Engine::new(model, options);
+    engine.may_stay(placement);
     for vm in order(model) {
         if let Some(p) = placement.vms.iter().find(|v| v.name == vm.name) {
             let node = engine.node_index[&p.node];

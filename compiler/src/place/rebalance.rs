@@ -20,7 +20,8 @@ pub fn rebalance(
     locator: Option<&Locator<'_>>,
 ) -> Placement {
     let _ = locator;
-    let mut engine = Engine::new(model, &options.failed);
+    let mut engine = Engine::new(model, options);
+    engine.may_stay(placement);
     for vm in order(model) {
         if let Some(p) = placement.vms.iter().find(|v| v.name == vm.name) {
             let node = engine.node_index[&p.node];

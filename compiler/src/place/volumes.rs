@@ -18,6 +18,8 @@ struct DiskState {
     capacity: u64,
     used: u64,
     alive: bool,
+    /// Its node is not in maintenance: a new copy may go there.
+    open: bool,
 }
 
 impl DiskState {
@@ -41,7 +43,7 @@ impl FreeHeap {
             heap: disks
                 .iter()
                 .enumerate()
-                .filter(|(_, d)| d.alive)
+                .filter(|(_, d)| d.alive && d.open)
                 .map(|(i, d)| (d.free(), std::cmp::Reverse(i), 0))
                 .collect(),
             version: vec![0; disks.len()],
@@ -93,6 +95,7 @@ pub(crate) fn place_volumes(
                     .node_index
                     .get(&n.name)
                     .is_some_and(|&i| engine.nodes[i].alive);
+                let open = !n.maintenance;
                 for d in n.disks.iter().filter(|d| d.class == p.disk_class) {
                     let domain = match p.failure_domain {
                         Domain::Node => n.name.clone(),
@@ -108,6 +111,7 @@ pub(crate) fn place_volumes(
                         capacity: (d.size_bytes as f64 * p.thin_overcommit) as u64,
                         used: 0,
                         alive,
+                        open,
                     });
                 }
             }
@@ -183,6 +187,7 @@ pub(crate) fn place_volumes(
                                 .iter_mut()
                                 .filter(|d| {
                                     d.alive
+                                        && d.open
                                         && !domains.contains(&d.domain)
                                         && d.capacity.saturating_sub(d.used) >= column
                                 })
@@ -273,7 +278,7 @@ pub(crate) fn place_volumes(
                 let mut by_domain: BTreeMap<&str, u64> = BTreeMap::new();
                 for d in disks
                     .iter()
-                    .filter(|d| d.alive && d.capacity.saturating_sub(d.used) >= column)
+                    .filter(|d| d.alive && d.open && d.capacity.saturating_sub(d.used) >= column)
                 {
                     *by_domain.entry(d.domain.as_str()).or_default() += 1;
                 }
@@ -281,7 +286,7 @@ pub(crate) fn place_volumes(
             };
             let full: Vec<String> = disks
                 .iter()
-                .filter(|d| d.capacity.saturating_sub(d.used) < column || !d.alive)
+                .filter(|d| d.capacity.saturating_sub(d.used) < column || !d.alive || !d.open)
                 .map(|d| d.id.clone())
                 .collect();
             failures.push((
