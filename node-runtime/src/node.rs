@@ -478,6 +478,10 @@ impl Node {
                     .apply_snapshot_action(action, signed.to_grant(request.clone()))
                     .await
             }
+            Action::SetProtection(set) => {
+                self.volumes.set_protection(set).await?;
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
             Action::ImportImage(import) => {
                 crate::import::import(&self.volumes, &self.exports, import).await?;
                 Ok(ApplyResult::Done(v1::Done {}))

@@ -136,6 +136,11 @@ pub async fn run(
     let (shutdown_sender, shutdown_receiver) = tokio::sync::watch::channel(false);
     let service = NodeService::new(node.clone(), shutdown_receiver);
     let resync = tokio::spawn(node.volumes.clone().resync_loop(Duration::from_secs(1)));
+    let protection = tokio::spawn(
+        node.volumes
+            .clone()
+            .protection_loop(Duration::from_millis(250)),
+    );
     let leases = node
         .config
         .lease
@@ -220,6 +225,7 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, signal)
         .await;
     resync.abort();
+    protection.abort();
     if let Some(leases) = leases {
         leases.abort();
     }

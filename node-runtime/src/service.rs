@@ -148,6 +148,7 @@ impl v1::observe_server::Observe for NodeService {
             bonds: self.node.bonds.statuses().await,
             peers: self.node.trust.pushed_peers(),
             networking: Some(self.node.bonds.networking().await),
+            protections: self.node.volumes.protection_statuses(),
         }))
     }
 }

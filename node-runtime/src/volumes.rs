@@ -43,6 +43,7 @@ mod copies;
 mod epochs;
 mod lock;
 mod promotion;
+mod protection;
 mod snapshots;
 
 pub use snapshots::volume_result;
@@ -188,6 +189,8 @@ pub struct Volumes {
     peer_clients: std::sync::Mutex<BTreeMap<String, NodeClient>>,
     /// How long a frozen write waits for the controller (see `epochs.rs`).
     freeze_bound: Duration,
+    /// What the protection schedules did since the node started (`protection.rs`).
+    protection_runs: std::sync::Mutex<BTreeMap<String, protection::Run>>,
 }
 
 fn intent_key(volume: &str, offset: u64, length: u64) -> String {
@@ -275,6 +278,7 @@ impl Volumes {
             volumes: RwLock::new(volumes),
             peer_clients: std::sync::Mutex::new(BTreeMap::new()),
             freeze_bound: epochs::freeze_bound(),
+            protection_runs: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 

@@ -105,6 +105,7 @@ pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
         Action::AddVolumeCopy(_) => "add_volume_copy",
         Action::RemoveVolumeCopy(_) => "remove_volume_copy",
         Action::ImportImage(_) => "import_image",
+        Action::SetProtection(_) => "set_protection",
         Action::CreateVm(_) => "create_vm",
         Action::StartVm(_) => "start_vm",
         Action::StopVm(_) => "stop_vm",

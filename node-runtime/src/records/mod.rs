@@ -47,9 +47,9 @@ pub use convert::{
     vm_record, volume_role, wire_peer,
 };
 pub use types::{
-    BondRecord, ClientVolumeRecord, Peer, PeerRecord, Record, RequestRecord, SnapshotRecord, Table,
-    TrafficClass, VmDefinition, VmImage, VmNic, VmRecord, VolumeEpochRecord, VolumeRecord,
-    VolumeRole,
+    BondRecord, ClientVolumeRecord, Peer, PeerRecord, ProtectionRecord, Record, RequestRecord,
+    SnapshotRecord, Table, TrafficClass, VmDefinition, VmImage, VmNic, VmRecord, VolumeEpochRecord,
+    VolumeRecord, VolumeRole,
 };
 
 const WRITE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("write_intents");

@@ -28,11 +28,13 @@ pub enum Table {
     ClientVolumes,
     /// [`SnapshotRecord`]s by `VOLUME/SNAPSHOT`.
     VolumeSnapshots,
+    /// [`ProtectionRecord`]s by VM name.
+    Protections,
 }
 
 impl Table {
     /// Every table of records.
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Requests,
         Table::Volumes,
         Table::Vms,
@@ -41,6 +43,7 @@ impl Table {
         Table::VolumeEpochs,
         Table::ClientVolumes,
         Table::VolumeSnapshots,
+        Table::Protections,
     ];
 
     /// The redb table's name.
@@ -54,6 +57,7 @@ impl Table {
             Table::VolumeEpochs => "volume_epochs",
             Table::ClientVolumes => "client_volumes",
             Table::VolumeSnapshots => "volume_snapshots",
+            Table::Protections => "protections",
         }
     }
 }
@@ -371,6 +375,37 @@ pub struct SnapshotRecord {
 impl SnapshotRecord {
     /// The version written.
     pub const VERSION: u32 = 1;
+}
+
+/// A VM's snapshot schedule this node holds (`Apply.SetProtection`, issue 18): the
+/// node takes the group snapshots itself, controller or not. Key: the VM's name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectionRecord {
+    /// [`ProtectionRecord::VERSION`] when written by this build.
+    pub version: u32,
+    /// The protection plan it comes from.
+    pub plan: String,
+    /// The VM's volumes (all its disks).
+    pub volumes: Vec<String>,
+    /// Interval (ms).
+    pub every_ms: u64,
+    /// Scheduled snapshots kept per volume.
+    pub keep: u32,
+    /// When the schedule was set (Unix ms): the first snapshot is due one interval later.
+    pub since_unix_ms: u64,
+}
+
+impl ProtectionRecord {
+    /// The version written.
+    pub const VERSION: u32 = 1;
+}
+
+impl Record for ProtectionRecord {
+    const TABLE: Table = Table::Protections;
+    const VERSION: u32 = ProtectionRecord::VERSION;
+    fn decode_unversioned(_bytes: &[u8]) -> Result<Self, String> {
+        Err("protection schedules were never stored unversioned".into())
+    }
 }
 
 impl Record for SnapshotRecord {

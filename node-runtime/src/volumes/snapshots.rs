@@ -108,7 +108,10 @@ impl Volumes {
     }
 
     /// The snapshot records of one volume, by snapshot name.
-    fn snapshot_records(&self, volume: &str) -> Result<Vec<(String, SnapshotRecord)>, Status> {
+    pub(super) fn snapshot_records(
+        &self,
+        volume: &str,
+    ) -> Result<Vec<(String, SnapshotRecord)>, Status> {
         let prefix = format!("{volume}/");
         Ok(self
             .records
@@ -134,7 +137,11 @@ impl Volumes {
     }
 
     /// The entry of a volume this node writes (its primary, and the epoch's writer).
-    async fn writer_entry(&self, volume: &str, verb: &str) -> Result<Arc<VolumeEntry>, Status> {
+    pub(super) async fn writer_entry(
+        &self,
+        volume: &str,
+        verb: &str,
+    ) -> Result<Arc<VolumeEntry>, Status> {
         let entry = self.entry(volume).await?;
         if !entry.record.is_primary() {
             return Err(Status::failed_precondition(format!(
@@ -158,6 +165,21 @@ impl Volumes {
         let _guard = entry.write_lock.lock().await;
         self.check_writer(&entry)?;
         let deadline = Instant::now() + self.freeze_bound;
+        self.snapshot_locked(&entry, snapshot, now_unix_ms(), deadline)
+            .await
+    }
+
+    /// [`Volumes::snapshot`] once the caller holds the volume's write lock whole (a
+    /// group snapshot holds every volume's at once: `protection.rs`). `created_at` is
+    /// the time recorded for a new snapshot (the same for every volume of a group).
+    pub(super) async fn snapshot_locked(
+        &self,
+        entry: &VolumeEntry,
+        snapshot: &str,
+        created_at: u64,
+        deadline: Instant,
+    ) -> Result<v1::SnapshotResult, Status> {
+        let volume = entry.record.name.as_str();
         let local = self.local.clone();
         let (owned_volume, owned_snapshot) = (volume.to_string(), snapshot.to_string());
         let taken =
@@ -180,9 +202,9 @@ impl Volumes {
                 // Every write before this one is on every in-sync copy; none is in
                 // flight (the lock), so this is one point of the write sequence.
                 if !entry.record.replica_peers.is_empty() {
-                    self.settle_locked(&entry, deadline).await?;
+                    self.settle_locked(entry, deadline).await?;
                 }
-                let (_, in_sync, _, outside) = self.targets(&entry);
+                let (_, in_sync, _, outside) = self.targets(entry);
                 let mut pending = BTreeMap::new();
                 for peer in &in_sync {
                     pending.insert(peer.name.clone(), Vec::new());
@@ -202,7 +224,7 @@ impl Volumes {
                 }
                 let record = SnapshotRecord {
                     version: SnapshotRecord::VERSION,
-                    created_at_unix_ms: now_unix_ms(),
+                    created_at_unix_ms: created_at,
                     pending,
                     deleting: Vec::new(),
                 };
@@ -223,11 +245,11 @@ impl Volumes {
             }
         };
         let record = self
-            .ship_snapshot_locked(&entry, snapshot, record, deadline)
+            .ship_snapshot_locked(entry, snapshot, record, deadline)
             .await?;
         let size = self.snapshot_size(volume, snapshot).await?;
         let copies = self
-            .copy_names(&entry)
+            .copy_names(entry)
             .into_iter()
             .filter(|node| !record.pending.contains_key(node))
             .collect();
@@ -815,6 +837,7 @@ impl Volumes {
                     pending_copies: record
                         .map(|r| r.pending.keys().cloned().collect())
                         .unwrap_or_default(),
+                    unique_bytes: info.unique,
                     name: info.name,
                 }
             })

@@ -4,6 +4,7 @@
 mod adopt;
 mod apply;
 mod auth;
+mod auto_snapshots;
 mod bad_input;
 mod bonds;
 mod copies;

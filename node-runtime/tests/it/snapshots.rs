@@ -54,7 +54,7 @@ async fn read_all(client: &mut NodeClient, volume: &str) -> Vec<u8> {
         .unwrap_or_else(|status| panic!("read {volume}: {status:?}"))
 }
 
-async fn status_of(client: &mut NodeClient, volume: &str) -> VolumeStatus {
+pub(crate) async fn status_of(client: &mut NodeClient, volume: &str) -> VolumeStatus {
     client
         .observe()
         .await
