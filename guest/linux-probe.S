@@ -5,7 +5,8 @@
  * initrd placement and checksum, the loader type, the code segment and the MP table's
  * processor count and checksum. It lets the
  * VMM's Linux boot path be tested end to end on hosts (PVM) where a real kernel cannot
- * boot. It then acknowledges a power-off on the cairn-guest ACK port.
+ * boot. It then acknowledges a power-off on the cairn-guest ACK port, or, with
+ * "cairn.probe=stay" on the command line, heartbeats every 10 ms until stopped.
  *
  * Only the setup header is meaningful in the setup sectors; the VMM never runs real-mode
  * code. The protected-mode part starts at file offset (setup_sects + 1) * 512 = 1024.
@@ -182,6 +183,24 @@ startup_64:
 14:
     call crlf
 
+    /* With "cairn.probe=stay" on the command line the probe keeps running instead of
+       powering off: it heartbeats every 10 ms (its counter in r13), so a VMM can save,
+       migrate and restore a VM on the Linux path (in-kernel irqchip, PIT, clock). */
+    mov esi, [rbx + 0x228]
+    call find_stay
+    test eax, eax
+    jz 20f
+    mov r13d, 1
+21:
+    inc r13
+    mov eax, r13d
+    mov dx, PORT_HEARTBEAT
+    out dx, eax
+    mov eax, 10000
+    mov dx, PORT_SLEEP_US
+    out dx, eax
+    jmp 21b
+20:
     mov eax, CMD_POWER_OFF
     mov dx, PORT_ACK
     out dx, eax
@@ -190,6 +209,33 @@ startup_64:
     mov dx, PORT_SLEEP_US
     out dx, eax
     jmp 6b
+
+/* eax = 1 when the NUL-terminated string at rsi contains msg_stay, else 0.
+   Clobbers rsi, rdi, r8, r10. */
+find_stay:
+1:
+    cmp byte ptr [rsi], 0
+    je 4f
+    lea rdi, [rip + msg_stay]
+    mov r8, rsi
+2:
+    mov r10b, [rdi]
+    test r10b, r10b
+    jz 3f
+    cmp r10b, [r8]
+    jne 5f
+    inc rdi
+    inc r8
+    jmp 2b
+5:
+    inc rsi
+    jmp 1b
+3:
+    mov eax, 1
+    ret
+4:
+    xor eax, eax
+    ret
 
 /* Writes the NUL-terminated string at rsi to COM1. */
 puts:
@@ -240,6 +286,7 @@ puthex:
     jnz 1b
     ret
 
+msg_stay:    .asciz "cairn.probe=stay"
 msg_entered: .asciz "cairn-linux-probe: entered\r\n"
 msg_cmdline: .asciz "cmdline="
 msg_e820:    .asciz "e820-entries="

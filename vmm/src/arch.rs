@@ -7,7 +7,9 @@
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use crate::guest::abi;
 
@@ -319,8 +321,8 @@ pub fn patch_cpuid(cpuid: &mut CpuId, index: u8, count: u8) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::GuestMemoryMmap;
     use kvm_bindings::kvm_cpuid_entry2;
-    use vm_memory::GuestMemoryMmap;
 
     #[test]
     fn gdt_entries_decode_to_flat_long_mode_segments() {
@@ -373,8 +375,7 @@ mod tests {
 
     #[test]
     fn page_tables_identity_map_with_2_mib_pages() {
-        let memory =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("map");
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("map");
         let mapped = write_identity_page_tables(&memory, 5 << 30).expect("write");
         assert_eq!(mapped, 5 << 30);
         let pml4: u64 = memory.read_obj(GuestAddress(PML4_ADDR)).expect("read");

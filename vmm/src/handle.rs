@@ -52,6 +52,9 @@ pub enum ControlError {
     /// The fence deadline cannot be moved.
     #[error("{0}")]
     Fence(String),
+    /// A live-migration request that cannot be carried out.
+    #[error("migration: {0}")]
+    Migration(String),
     /// A guest disk I/O command that cannot be carried out as asked.
     #[error("guest disk I/O: {0}")]
     GuestDiskIo(String),
@@ -132,8 +135,22 @@ impl VmHandle {
                 tap_reattached: load(&net.tap_reattached),
             })
             .collect();
+        let migration = shared.migration.status();
+        // A migration's source stops its vCPU threads at the switch-over; to the agent
+        // that VM is paused (its threads come back on abort), not exiting.
+        let frozen = migration.as_ref().is_some_and(|status| {
+            status.role == "source"
+                && matches!(
+                    status.phase.as_str(),
+                    "stop-and-copy" | "ready-to-commit" | "failed-paused"
+                )
+        });
         VmStatus {
-            state: self.state().name().to_string(),
+            state: if frozen {
+                RunState::Paused.name().to_string()
+            } else {
+                self.state().name().to_string()
+            },
             boot: if shared.builtin {
                 guest::BUILTIN_NAME.to_string()
             } else {
@@ -192,6 +209,7 @@ impl VmHandle {
                 interrupted: load(&exits.interrupted),
                 other: load(&exits.other),
             },
+            migration,
         }
     }
 
@@ -280,6 +298,15 @@ impl VmHandle {
             .map_err(|_| ControlError::Gone)
     }
 
+    /// Turns the built-in guest's burn mode on or off (its tick sleeps skipped).
+    pub fn set_burn(&self, on: bool) -> Result<(), ControlError> {
+        if !self.shared.builtin {
+            return Err(ControlError::NeedsBuiltinGuest("set-burn"));
+        }
+        self.shared.telemetry.set_burn(on);
+        Ok(())
+    }
+
     /// Sets the built-in guest's dirty-page rate.
     pub fn set_dirty_rate(&self, pages_per_second: u64) -> Result<(), ControlError> {
         if !self.shared.builtin {
@@ -313,7 +340,7 @@ impl VmHandle {
     }
 
     /// The guest's memory, for bounds-checked reads of dirty pages (migration).
-    pub fn guest_memory(&self) -> &vm_memory::GuestMemoryMmap {
+    pub fn guest_memory(&self) -> &crate::memory::GuestMemoryMmap {
         self.ram.memory()
     }
 
@@ -467,6 +494,169 @@ impl VmHandle {
     /// [`crate::Vm::create`] to it.
     pub fn wait_first_heartbeat(&self, timeout: Duration) -> Option<Duration> {
         self.shared.telemetry.wait_first_heartbeat(timeout)
+    }
+}
+
+impl VmHandle {
+    /// Starts a live migration to `to` ([`crate::migration::run_source`]) on its own
+    /// thread; returns once it has begun.
+    pub fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<(), ControlError> {
+        if self.state() != RunState::Running {
+            return Err(ControlError::WrongState {
+                operation: "migrate",
+                state: self.state().name(),
+            });
+        }
+        self.shared
+            .migration
+            .begin(crate::control::MigrationStatus {
+                role: "source".into(),
+                phase: "pre-copy".into(),
+                peer: to.to_string(),
+                memory_bytes: self.ram.size_bytes(),
+                resident_bytes: self.ram.resident_bytes(),
+                ..Default::default()
+            })
+            .map_err(ControlError::Migration)?;
+        let hello = crate::migration::Hello {
+            protocol: crate::migration::PROTOCOL_VERSION,
+            memory_bytes: self.ram.size_bytes(),
+            vcpus: self.shared.vcpus as u32,
+            disks: self.shared.blocks.len() as u32,
+            nics: self.shared.nets.len() as u32,
+            builtin: self.shared.builtin,
+        };
+        let request = crate::migration::MigrateRequest {
+            to: to.to_string(),
+            max_downtime: Duration::from_millis(max_downtime_ms),
+        };
+        let source: Arc<dyn crate::migration::SourceVm> = Arc::new(self.clone());
+        std::thread::Builder::new()
+            .name("migrate".into())
+            .spawn(move || crate::migration::run_source(source, request, hello))
+            .map_err(|error| {
+                self.shared.migration.end();
+                ControlError::Migration(format!("cannot start the migration thread: {error}"))
+            })?;
+        Ok(())
+    }
+
+    /// The migration's status, if one ever began.
+    pub fn migration_status(&self) -> Option<crate::control::MigrationStatus> {
+        self.shared.migration.status()
+    }
+
+    /// The commander's decision ([`crate::migration::Decision`]); waits up to 10 s for
+    /// the migration to act on it and returns its status then.
+    pub fn migration_decide(
+        &self,
+        decision: crate::migration::Decision,
+    ) -> Result<crate::control::MigrationStatus, ControlError> {
+        let status = self
+            .shared
+            .migration
+            .status()
+            .ok_or_else(|| ControlError::Migration("no migration was started".into()))?;
+        let allowed = match (status.role.as_str(), decision) {
+            ("source", crate::migration::Decision::Commit) => {
+                matches!(status.phase.as_str(), "ready-to-commit" | "failed-paused")
+            }
+            ("source", crate::migration::Decision::Abort) => matches!(
+                status.phase.as_str(),
+                "pre-copy" | "stop-and-copy" | "ready-to-commit" | "failed-paused"
+            ),
+            ("destination", crate::migration::Decision::Commit) => status.phase == "ready",
+            _ => matches!(status.phase.as_str(), "incoming" | "receiving" | "ready"),
+        };
+        if !allowed {
+            return Err(ControlError::Migration(format!(
+                "cannot {} a migration whose {} is {}",
+                match decision {
+                    crate::migration::Decision::Commit => "commit",
+                    crate::migration::Decision::Abort => "abort",
+                },
+                status.role,
+                status.phase
+            )));
+        }
+        self.shared
+            .migration
+            .decide(decision)
+            .map_err(ControlError::Migration)?;
+        let settled = |status: &crate::control::MigrationStatus| {
+            matches!(
+                status.phase.as_str(),
+                "committed" | "aborted" | "failed-resumed" | "failed"
+            )
+        };
+        Ok(self
+            .shared
+            .migration
+            .wait_status(Duration::from_secs(10), settled)
+            .unwrap_or(status))
+    }
+
+    /// CRC-32C of all guest RAM.
+    pub fn memory_hash(&self) -> u32 {
+        self.ram.crc32c()
+    }
+
+    /// The destination's received and re-saved state JSON.
+    pub fn migration_states(&self) -> Option<[String; 2]> {
+        self.shared.migration.states()
+    }
+}
+
+impl crate::migration::SourceVm for VmHandle {
+    fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    fn cell(&self) -> &crate::migration::MigrationCell {
+        &self.shared.migration
+    }
+
+    fn set_dirty_logging(&self, on: bool) -> Result<(), String> {
+        VmHandle::set_dirty_logging(self, on).map_err(|error| error.to_string())
+    }
+
+    fn take_dirty(&self) -> Result<DirtyBitmap, String> {
+        self.ram
+            .take_dirty_bitmap(&self.vm_fd)
+            .map_err(|error| error.to_string())
+    }
+
+    fn take_vmm_dirty(&self) -> DirtyBitmap {
+        self.ram.take_vmm_dirty_bitmap()
+    }
+
+    fn request_freeze(&self) {
+        if self.shared.events.send(VmEvent::MigrationFreeze).is_err() {
+            self.shared
+                .migration
+                .set_freeze(Err("the VM is shutting down".into()));
+        }
+    }
+
+    fn request_resume(&self) {
+        if self.shared.events.send(VmEvent::MigrationResume).is_err() {
+            self.shared
+                .migration
+                .set_resume(Err("the VM is shutting down".into()));
+        }
+    }
+
+    fn committed(&self, peer: &str) {
+        self.shared
+            .send(VmEvent::MigrationCommitted(peer.to_string()));
+    }
+
+    fn pause(&self, paused: bool) {
+        let _ = if paused { self.pause() } else { self.resume() };
+    }
+
+    fn set_throttle(&self, percent: u8) {
+        self.shared.telemetry.set_throttle(percent);
     }
 }
 

@@ -48,7 +48,9 @@ pub mod heartbeat_log;
 pub mod kvm;
 pub mod linux;
 pub mod memory;
+pub mod migration;
 pub mod mptable;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 

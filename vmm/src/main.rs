@@ -7,8 +7,15 @@
 //!           [--kernel BZIMAGE [--initrd FILE] [--cmdline TEXT]]
 //!           [--serial-log FILE] [--control-socket PATH] [--memory-mib N]
 //!           [--tick-ms 10] [--dirty-rate PAGES_PER_SECOND] [--grace-ms 2000]
+//! cairn-vmm (--config VM.json | VM flags) --incoming HOST:PORT
 //! cairn-vmm --host-info
 //! ```
+//!
+//! With `--incoming` the process is a live migration's destination: it builds the same
+//! VM without loading a guest, serves its control socket, listens on HOST:PORT for one
+//! source (`migrate` control request there), and runs the VM only after
+//! `migrate-commit` (exit 7 when aborted or failed before that; see vmm/ARCHITECTURE.md,
+//! "Live migration").
 //!
 //! The VM is a `vm_config::VmConfig`: read from `--config` (what the node writes), or
 //! built from the flags (for people and tests); either way it is validated once and
@@ -46,8 +53,10 @@ struct Cli {
     host_info: bool,
     /// Run the VM this JSON file describes (a `vm_config::VmConfig`, as cairn-node
     /// writes it); no other VM flag may be given.
-    #[arg(long, exclusive = true)]
+    #[arg(long, conflicts_with_all = ["vm_dir", "memory", "memory_mib", "serial_log", "control_socket", "builtin", "disk", "nic", "kernel"])]
     config: Option<PathBuf>,
+    #[arg(long)]
+    incoming: Option<String>,
     /// The VM's directory: console.log and control.sock live here unless
     /// --serial-log / --control-socket say otherwise.
     #[arg(long, required_unless_present_any = ["host_info", "control_socket", "config"])]
@@ -254,8 +263,63 @@ fn config_from_flags(cli: Cli) -> Result<VmConfig, String> {
     })
 }
 
+/// The destination of a live migration: builds the VM without a guest, serves the
+/// control socket, receives memory and state, and starts the VM once committed.
+fn receive(
+    config: VmConfig,
+    address: &str,
+) -> Result<(vmm::vm::RunningVm, control::ControlServer), u8> {
+    let name = config.name.clone();
+    let socket = config.control_socket.clone();
+    let mut vm =
+        Vm::create_incoming(config).map_err(|error| fail(&name, &error, error.exit_code()))?;
+    let listener = std::net::TcpListener::bind(address).map_err(|error| {
+        eprintln!("error: vm {name}: cannot listen for the migration on {address}: {error}");
+        exit_code::USAGE
+    })?;
+    let server = control::serve(&socket, vm.handle()).map_err(|error| {
+        eprintln!(
+            "error: vm {name}: cannot serve the control socket {}: {error}",
+            socket.display()
+        );
+        exit_code::USAGE
+    })?;
+    emit(json!({
+        "event": "incoming",
+        "name": name,
+        "pid": std::process::id(),
+        "listening": listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "control_socket": socket,
+    }));
+    let not_run = |outcome: &str, detail: String| {
+        server.drain(Duration::from_millis(500));
+        let _ = std::fs::remove_file(&socket);
+        let code = exit_code::MIGRATION_NOT_COMMITTED;
+        emit(json!({"event": "exited", "outcome": outcome, "detail": detail, "exit_code": code}));
+        code
+    };
+    match vm.receive_migration(&listener) {
+        Ok((vmm::migration::Decision::Commit, link)) => {
+            let running = vm
+                .start()
+                .map_err(|error| fail(&name, &error, error.exit_code()))?;
+            vmm::migration::confirm_started(link);
+            Ok((running, server))
+        }
+        Ok((vmm::migration::Decision::Abort, _)) => Err(not_run(
+            "migration-aborted",
+            "the migration was aborted before the commit; this VM never ran here".into(),
+        )),
+        Err(error) => {
+            eprintln!("error: vm {name}: incoming migration failed: {error}");
+            Err(not_run("migration-failed", error))
+        }
+    }
+}
+
 fn run(cli: Cli) -> u8 {
     let termination = block_termination_signals();
+    let incoming = cli.incoming.clone();
     let config = match &cli.config {
         Some(path) => read_config(path),
         None => config_from_flags(cli),
@@ -270,24 +334,33 @@ fn run(cli: Cli) -> u8 {
     let name = config.name.clone();
     let socket = config.control_socket.clone();
     let console_log = config.console_log.clone();
-    let vm = match Vm::create(config) {
-        Ok(vm) => vm,
-        Err(error) => return fail(&name, &error, error.exit_code()),
-    };
-    let running = match vm.start() {
-        Ok(running) => running,
-        Err(error) => return fail(&name, &error, error.exit_code()),
-    };
-    let server = match control::serve(&socket, running.handle()) {
-        Ok(server) => server,
-        Err(error) => {
-            eprintln!(
-                "error: vm {name}: cannot serve the control socket {}: {error}",
-                socket.display()
-            );
-            let _ = running.handle().power_off(true);
-            let _ = running.wait();
-            return exit_code::USAGE;
+    let (running, server) = match incoming {
+        Some(address) => match receive(config, &address) {
+            Ok(started) => started,
+            Err(code) => return code,
+        },
+        None => {
+            let vm = match Vm::create(config) {
+                Ok(vm) => vm,
+                Err(error) => return fail(&name, &error, error.exit_code()),
+            };
+            let running = match vm.start() {
+                Ok(running) => running,
+                Err(error) => return fail(&name, &error, error.exit_code()),
+            };
+            let server = match control::serve(&socket, running.handle()) {
+                Ok(server) => server,
+                Err(error) => {
+                    eprintln!(
+                        "error: vm {name}: cannot serve the control socket {}: {error}",
+                        socket.display()
+                    );
+                    let _ = running.handle().power_off(true);
+                    let _ = running.wait();
+                    return exit_code::USAGE;
+                }
+            };
+            (running, server)
         }
     };
     let handle = running.handle();

@@ -12,9 +12,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::VmFd;
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+/// Guest memory as the VMM maps it: every write the VMM makes through vm-memory's
+/// accessors (virtio-net receive buffers, virtio-blk data and used rings, the guest
+/// loader) sets the page's bit in a VMM-side bitmap, because KVM's dirty log sees only
+/// what the vCPUs write. Live migration ORs the two ([`GuestRam::take_dirty_bitmap`]).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -227,21 +232,69 @@ impl GuestRam {
         self.mergeable
     }
 
-    /// The pages written since the previous call (or since logging started), from
-    /// `KVM_GET_DIRTY_LOG` on every slot; the call clears the log. This is what a live
-    /// migration's pre-copy rounds read.
+    /// The pages written since the previous call (or since logging started): those the
+    /// vCPUs wrote (`KVM_GET_DIRTY_LOG` on every slot) and those the VMM itself wrote
+    /// through vm-memory (its own bitmap, which KVM's log misses); the call clears both.
+    /// This is what a live migration's pre-copy rounds read.
     pub fn take_dirty_bitmap(&self, vm: &VmFd) -> Result<DirtyBitmap, MemoryError> {
         let mut ranges = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
-            let bitmap = vm
+            let mut bitmap = vm
                 .get_dirty_log(slot as u32, region.len() as usize)
                 .map_err(|source| MemoryError::Kvm {
                     what: "KVM_GET_DIRTY_LOG",
                     source,
                 })?;
+            for (word, vmm_word) in bitmap
+                .iter_mut()
+                .zip(std::ops::Deref::deref(region).bitmap().get_and_reset())
+            {
+                *word |= vmm_word;
+            }
             ranges.push((region.start_addr().0, bitmap));
         }
         Ok(DirtyBitmap { ranges })
+    }
+
+    /// The pages the VMM wrote since the previous read (its own bitmap only); clears it.
+    pub fn take_vmm_dirty_bitmap(&self) -> DirtyBitmap {
+        DirtyBitmap {
+            ranges: self
+                .memory
+                .iter()
+                .map(|region| {
+                    (
+                        region.start_addr().0,
+                        std::ops::Deref::deref(region).bitmap().get_and_reset(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// CRC-32C of all guest RAM, range after range: equal on both sides of a migration
+    /// at switch-over. Meaningful while the vCPUs are paused.
+    pub fn crc32c(&self) -> u32 {
+        use vm_memory::Bytes as _;
+        const CHUNK: u64 = 1 << 20;
+        let mut crc = 0u32;
+        let mut buffer = vec![0u8; CHUNK as usize];
+        for (start, length) in ram_ranges(self.size_bytes) {
+            let mut offset = 0;
+            while offset < length {
+                let chunk = CHUNK.min(length - offset) as usize;
+                // In bounds: the range is mapped RAM.
+                if self
+                    .memory
+                    .read_slice(&mut buffer[..chunk], GuestAddress(start + offset))
+                    .is_ok()
+                {
+                    crc = crc32c::crc32c_append(crc, &buffer[..chunk]);
+                }
+                offset += chunk as u64;
+            }
+        }
+        crc
     }
 
     /// Number of pages written since the previous read of the dirty log; clears the log.

@@ -7,7 +7,9 @@
 //! the boot processor), an ISA bus, one I/O APIC (ID = vCPU count, at 0xfec00000), ISA
 //! IRQs 0..=23 routed 1:1 to I/O APIC pins, LINT0 as ExtINT and LINT1 as NMI.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 /// Guest-physical address of the MP floating pointer structure (639 KiB).
 pub const MPTABLE_START: u64 = 0x9fc00;

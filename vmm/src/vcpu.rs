@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     pub(crate) boot_count: AtomicU64,
     pub(crate) vcpus: usize,
     pub(crate) builtin: bool,
+    /// The live migration under way or last done ([`crate::migration`]).
+    pub(crate) migration: crate::migration::MigrationCell,
 }
 
 impl Shared {

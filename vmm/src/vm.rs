@@ -193,13 +193,18 @@ pub enum VmOutcome {
         /// How late the vCPUs were stopped, after the deadline.
         reason: String,
     },
+    /// The VM was live-migrated and the move committed: it runs at the destination.
+    Migrated {
+        /// The destination's address.
+        to: String,
+    },
 }
 
 impl VmOutcome {
     /// The process exit status for this outcome ([`exit_code`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::PoweredOff { .. } => exit_code::STOPPED,
+            Self::PoweredOff { .. } | Self::Migrated { .. } => exit_code::STOPPED,
             Self::Crashed { .. } => exit_code::GUEST_CRASHED,
             Self::Failed { .. } => exit_code::VMM_FAILED,
             Self::Fenced { .. } => exit_code::FENCED,
@@ -213,6 +218,7 @@ impl VmOutcome {
             Self::Crashed { .. } => "crashed",
             Self::Failed { .. } => "failed",
             Self::Fenced { .. } => "fenced",
+            Self::Migrated { .. } => "migrated",
         }
     }
 
@@ -221,6 +227,7 @@ impl VmOutcome {
         match self {
             Self::PoweredOff { by } => by,
             Self::Crashed { reason } | Self::Failed { reason } | Self::Fenced { reason } => reason,
+            Self::Migrated { to } => to,
         }
     }
 }
@@ -247,6 +254,13 @@ pub enum VmEvent {
     RequestReboot,
     /// The fence deadline lapsed ([`crate::fence`]).
     Fenced,
+    /// Migration: stop the vCPUs for the switch-over, drain and flush block I/O, save
+    /// the state (answered through [`crate::migration::MigrationCell`]).
+    MigrationFreeze,
+    /// Migration: start the stopped vCPUs again (the migration failed or was aborted).
+    MigrationResume,
+    /// Migration: the commander committed; the VM runs at this destination now.
+    MigrationCommitted(String),
 }
 
 /// Something the supervising loop reports to its caller (the binary prints them).
@@ -269,6 +283,8 @@ pub struct Vm {
     shared: Arc<Shared>,
     events: Receiver<VmEvent>,
     kernel: Option<(Vec<u8>, Option<Vec<u8>>, String)>,
+    /// The [`crate::state::SAVED_MSRS`] this host's KVM supports.
+    msr_indices: Vec<u32>,
 }
 
 impl Vm {
@@ -278,6 +294,17 @@ impl Vm {
     /// checks `/dev/kvm`, creates the VM, maps and registers memory, creates devices and
     /// vCPUs, and loads the guest. Nothing runs yet.
     pub fn create(config: VmConfig) -> Result<Self, VmError> {
+        Self::build(config, false)
+    }
+
+    /// [`Vm::create`] for the destination of a live migration (`cairn-vmm --incoming`):
+    /// the same VM — memory, devices, vCPUs with their CPUID — but no guest loaded and
+    /// its vCPUs paused: memory and state come from the source ([`crate::migration`]).
+    pub fn create_incoming(config: VmConfig) -> Result<Self, VmError> {
+        Self::build(config, true)
+    }
+
+    fn build(config: VmConfig, incoming: bool) -> Result<Self, VmError> {
         config.validate()?;
         for file in [&config.console_log, &config.control_socket] {
             if let Some(directory) = file.parent() {
@@ -435,7 +462,11 @@ impl Vm {
         }
         let shared = Arc::new(Shared {
             run: Mutex::new(RunControl {
-                state: RunState::Running,
+                state: if incoming {
+                    RunState::Paused
+                } else {
+                    RunState::Running
+                },
                 paused: 0,
             }),
             run_changed: Condvar::new(),
@@ -456,9 +487,22 @@ impl Vm {
             boot_count: AtomicU64::new(1),
             vcpus: usize::from(vcpu_count),
             builtin,
+            migration: crate::migration::MigrationCell::default(),
         });
 
         let cpuid = arch::supported_cpuid(&kvm)?;
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map(|list| {
+                crate::state::SAVED_MSRS
+                    .into_iter()
+                    .filter(|index| list.as_slice().contains(index))
+                    .collect()
+            })
+            .map_err(|source| VmError::Create {
+                what: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?;
         let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
         for index in 0..vcpu_count {
             let vcpu = vm_fd
@@ -478,9 +522,164 @@ impl Vm {
             shared,
             events,
             kernel,
+            msr_indices,
         };
-        vm.load_guest(true)?;
+        if incoming {
+            for (index, vcpu) in vm.vcpus.iter().enumerate() {
+                arch::setup_cpuid(vcpu, &vm.cpuid, index as u8, vcpu_count)?;
+            }
+        } else {
+            vm.load_guest(true)?;
+        }
         Ok(vm)
+    }
+
+    /// Saves the state of the stopped VM (its vCPU fds are here, not in threads):
+    /// completes each vCPU's pending I/O, then saves vCPUs, in-kernel devices and the
+    /// emulated devices ([`crate::state`]).
+    pub fn save_state(&mut self) -> Result<crate::state::VmState, String> {
+        let irqchip = !self.shared.builtin;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for (index, vcpu) in self.vcpus.iter_mut().enumerate() {
+            crate::state::complete_pending_io(vcpu);
+            vcpus.push(
+                crate::state::VcpuState::save(vcpu, index, &self.msr_indices, irqchip)
+                    .map_err(|error| error_chain(&error))?,
+            );
+        }
+        let (irqchip_state, pit, clock) = crate::state::save_vm_devices(&self.vm_fd, irqchip)
+            .map_err(|error| error_chain(&error))?;
+        let shared = &self.shared;
+        let virtio = |transport| crate::state::VirtioDeviceState {
+            version: crate::state::STATE_VERSION,
+            transport,
+        };
+        Ok(crate::state::VmState {
+            version: crate::state::STATE_VERSION,
+            vcpus,
+            irqchip: irqchip_state,
+            pit,
+            clock,
+            serial: shared.console.lock().expect("console lock").save_state(),
+            ports: shared.telemetry.save_state(),
+            blocks: shared
+                .blocks
+                .iter()
+                .map(|block| virtio(block.lock().expect("block lock").save_state()))
+                .collect(),
+            nets: shared
+                .nets
+                .iter()
+                .map(|net| virtio(net.device.lock().expect("net lock").save_state()))
+                .collect(),
+            boot_count: shared.boot_count.load(Ordering::Acquire),
+        })
+    }
+
+    /// Restores a saved state into this VM, which must not have run (the destination
+    /// of a migration, built by [`Vm::create_incoming`]).
+    pub fn restore_state(&mut self, state: &crate::state::VmState) -> Result<(), String> {
+        let shared = &self.shared;
+        let mismatch = |what: &str, theirs: usize, ours: usize| {
+            format!("the state has {theirs} {what}, this VM {ours}")
+        };
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(mismatch("vCPUs", state.vcpus.len(), self.vcpus.len()));
+        }
+        if state.blocks.len() != shared.blocks.len() {
+            return Err(mismatch("disks", state.blocks.len(), shared.blocks.len()));
+        }
+        if state.nets.len() != shared.nets.len() {
+            return Err(mismatch("NICs", state.nets.len(), shared.nets.len()));
+        }
+        if state.irqchip.is_some() == shared.builtin {
+            return Err(
+                "the state's interrupt controller does not match this VM's guest kind".into(),
+            );
+        }
+        crate::state::restore_vm_devices(&self.vm_fd, state)
+            .map_err(|error| error_chain(&error))?;
+        for (index, (vcpu, saved)) in self.vcpus.iter().zip(&state.vcpus).enumerate() {
+            saved
+                .restore(vcpu, index)
+                .map_err(|error| error_chain(&error))?;
+        }
+        shared
+            .console
+            .lock()
+            .expect("console lock")
+            .restore_state(&state.serial)?;
+        shared.telemetry.restore_state(&state.ports)?;
+        for (block, saved) in shared.blocks.iter().zip(&state.blocks) {
+            block
+                .lock()
+                .expect("block lock")
+                .restore_state(&saved.transport)?;
+        }
+        for (net, saved) in shared.nets.iter().zip(&state.nets) {
+            net.device
+                .lock()
+                .expect("net lock")
+                .restore_state(&saved.transport)?;
+        }
+        shared.boot_count.store(state.boot_count, Ordering::Release);
+        Ok(())
+    }
+
+    /// A handle on this VM before it starts (the destination of a migration serves its
+    /// control socket while it receives).
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            shared: Arc::clone(&self.shared),
+            vm_fd: Arc::clone(&self.vm_fd),
+            ram: Arc::clone(&self.ram),
+            started: Instant::now(),
+            console_log: self.config.console_log.clone(),
+            name: self.config.name.clone(),
+            incarnation: self.config.incarnation.clone(),
+        }
+    }
+
+    /// What a migration's source and destination compare before memory moves.
+    pub fn migration_hello(&self) -> crate::migration::Hello {
+        crate::migration::Hello {
+            protocol: crate::migration::PROTOCOL_VERSION,
+            memory_bytes: self.config.memory_bytes,
+            vcpus: self.config.vcpus,
+            disks: self.config.disks.len() as u32,
+            nics: self.config.nics.len() as u32,
+            builtin: self.shared.builtin,
+        }
+    }
+
+    /// Receives a live migration on `listener` ([`crate::migration::receive`]): memory,
+    /// then state, then the commander's decision.
+    pub fn receive_migration(
+        &mut self,
+        listener: &std::net::TcpListener,
+    ) -> Result<(crate::migration::Decision, Option<std::net::TcpStream>), String> {
+        let _ = self
+            .shared
+            .migration
+            .begin(crate::control::MigrationStatus {
+                role: "destination".into(),
+                phase: "incoming".into(),
+                memory_bytes: self.config.memory_bytes,
+                ..Default::default()
+            });
+        let result = crate::migration::receive(self, listener);
+        let phase = match &result {
+            Ok((crate::migration::Decision::Commit, _)) => "committed",
+            Ok((crate::migration::Decision::Abort, _)) => "aborted",
+            Err(_) => "failed",
+        };
+        let error = result.as_ref().err().cloned();
+        self.shared.migration.update(|status| {
+            status.phase = phase.into();
+            status.error = error;
+        });
+        self.shared.migration.end();
+        result
     }
 
     /// Writes the guest into memory and puts every vCPU in its boot state (first boot and
@@ -584,15 +783,7 @@ impl Vm {
                 .spawn(move || fence_watch(&shared))
                 .map_err(VmError::Thread)?;
         }
-        let handle = VmHandle {
-            shared: Arc::clone(&self.shared),
-            vm_fd: Arc::clone(&self.vm_fd),
-            ram: Arc::clone(&self.ram),
-            started: Instant::now(),
-            console_log: self.config.console_log.clone(),
-            name: self.config.name.clone(),
-            incarnation: self.config.incarnation.clone(),
-        };
+        let handle = self.handle();
         Ok(RunningVm {
             vm: self,
             vcpu_threads: handles,
@@ -613,6 +804,28 @@ impl Drop for RunningVm {
     /// However the VM ends (waited for or dropped), its receive pumps stop with it.
     fn drop(&mut self) {
         self.vm.shared.pumps_stop.store(true, Ordering::Release);
+    }
+}
+
+impl crate::migration::DestinationVm for Vm {
+    fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    fn cell(&self) -> &crate::migration::MigrationCell {
+        &self.shared.migration
+    }
+
+    fn hello(&self) -> crate::migration::Hello {
+        self.migration_hello()
+    }
+
+    fn restore_and_resave(
+        &mut self,
+        state: &crate::state::VmState,
+    ) -> Result<crate::state::VmState, String> {
+        self.restore_state(state)?;
+        self.save_state()
     }
 }
 
@@ -702,6 +915,15 @@ impl RunningVm {
                         .store(abi::CMD_POWER_OFF, Ordering::Release);
                     power_off_deadline.get_or_insert(Instant::now() + self.vm.power_off_grace());
                 }
+                VmEvent::MigrationFreeze => {
+                    let result = self.freeze_for_migration();
+                    shared.migration.set_freeze(result);
+                }
+                VmEvent::MigrationResume => {
+                    let result = self.resume_after_migration();
+                    shared.migration.set_resume(result);
+                }
+                VmEvent::MigrationCommitted(to) => break VmOutcome::Migrated { to },
                 VmEvent::RequestReboot => {
                     if shared.builtin {
                         shared
@@ -760,6 +982,43 @@ impl RunningVm {
         }
     }
 
+    /// Migration's switch-over on the source: stops the vCPU threads (a block request
+    /// completes inside the exit that issued it, so once every vCPU thread has returned
+    /// none is in flight), waits out a receive delivery in progress, flushes every disk,
+    /// and saves the state. The vCPU fds stay here until a resume or the end.
+    fn freeze_for_migration(&mut self) -> Result<crate::state::VmState, String> {
+        if !self.vm.vcpus.is_empty() {
+            return Err("the vCPUs are already stopped".into());
+        }
+        let vcpus = self.stop_vcpus()?;
+        self.vm.vcpus = vcpus;
+        let shared = &self.vm.shared;
+        for net in &shared.nets {
+            // A delivery that began while the vCPUs ran finishes under this lock; the
+            // pump checks the run state under it, so none begins after.
+            drop(net.device.lock().expect("net lock"));
+        }
+        for (index, block) in shared.blocks.iter().enumerate() {
+            block
+                .lock()
+                .expect("block lock")
+                .flush_backend()
+                .map_err(|error| format!("flushing disk {index}: {error}"))?;
+        }
+        self.vm.save_state()
+    }
+
+    /// Starts the vCPUs stopped by [`RunningVm::freeze_for_migration`] again.
+    fn resume_after_migration(&mut self) -> Result<(), String> {
+        if self.vm.vcpus.is_empty() {
+            return Ok(());
+        }
+        let vcpus = std::mem::take(&mut self.vm.vcpus);
+        self.vcpu_threads = spawn_vcpus(&self.vm.shared, &self.vm.ram, vcpus)
+            .map_err(|error| format!("restarting the vCPUs: {error}"))?;
+        Ok(())
+    }
+
     /// Warm reboot: stop the vCPUs, reload the guest, reset registers, start again.
     fn reboot(&mut self, notify: &mut impl FnMut(&Notification)) -> Result<(), VmOutcome> {
         let vcpus = self
@@ -784,6 +1043,17 @@ impl RunningVm {
         notify(&Notification::Rebooted(boot));
         Ok(())
     }
+}
+
+/// An error and its sources, one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    message
 }
 
 /// An interrupt that pulses ISA/I/O APIC line `irq` (edge) on the in-kernel irqchip.
@@ -844,8 +1114,10 @@ fn receive_pump(shared: &Shared, ram: &GuestRam, index: usize) {
                 }
             }
         };
-        let running = shared.lock_run().state == RunState::Running;
+        // The run state is read under the device lock, so a migration's freeze, which
+        // takes this lock after stopping the vCPUs, knows no delivery follows it.
         let mut device = slot.device.lock().expect("net lock");
+        let running = shared.lock_run().state == RunState::Running;
         if !running {
             held = Some(length);
             drop(

@@ -12,6 +12,7 @@
 //! {"op":"power-off","force":false}                  -> {"ok":true}   (the process then exits 0)
 //! {"op":"reboot"}                                   -> {"ok":true}
 //! {"op":"set-dirty-rate","pages_per_second":1000}   -> {"ok":true}
+//! {"op":"set-burn","on":true}                         -> {"ok":true}   (tick sleeps skipped)
 //! {"op":"dirty-log","action":"start"|"stop"|"fetch"} -> {"ok":true,"dirty_pages":N} (fetch)
 //! {"op":"block-test"}                               -> {"ok":true}   (result in status.block_test)
 //! {"op":"guest-crash"}                              -> {"ok":true}   (the process then exits 4)
@@ -40,7 +41,7 @@ pub mod wire;
 pub use client::{ClientError, ControlClient};
 pub use server::{ControlServer, execute, serve};
 pub use wire::{
-    BlockStatus, DirtyLogAction, ExitCounts, NicStatus, PROTOCOL_VERSION, Request, Response,
-    VmIdentity, VmStatus,
+    BlockStatus, DirtyLogAction, ExitCounts, MigrationStatus, NicStatus, PROTOCOL_VERSION, Request,
+    Response, VmIdentity, VmStatus,
 };
 pub use wire::{GuestDiskAction, GuestDiskCounters, GuestDiskIoRequest, GuestDiskIoResult};

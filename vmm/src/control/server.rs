@@ -25,6 +25,7 @@ pub fn execute(vm: &VmHandle, request: &Request) -> Response {
         Request::PowerOff { force } => vm.power_off(*force),
         Request::Reboot => vm.reboot(),
         Request::SetDirtyRate { pages_per_second } => vm.set_dirty_rate(*pages_per_second),
+        Request::SetBurn { on } => vm.set_burn(*on),
         Request::DirtyLog {
             action: DirtyLogAction::Start,
         } => vm.set_dirty_logging(true),
@@ -40,6 +41,59 @@ pub fn execute(vm: &VmHandle, request: &Request) -> Response {
                     ..Response::ok()
                 },
                 Err(error) => Response::error(error.to_string()),
+            };
+        }
+        Request::Migrate {
+            to,
+            max_downtime_ms,
+        } => {
+            return match vm.migrate(to, *max_downtime_ms) {
+                Ok(()) => Response {
+                    migration: vm.migration_status(),
+                    ..Response::ok()
+                },
+                Err(error) => Response::error(error.to_string()),
+            };
+        }
+        Request::MigrationStatus => {
+            return match vm.migration_status() {
+                Some(status) => Response {
+                    migration: Some(status),
+                    ..Response::ok()
+                },
+                None => Response::error("no migration was started".into()),
+            };
+        }
+        Request::MigrateCommit | Request::MigrateAbort => {
+            let decision = if matches!(request, Request::MigrateCommit) {
+                crate::migration::Decision::Commit
+            } else {
+                crate::migration::Decision::Abort
+            };
+            return match vm.migration_decide(decision) {
+                Ok(status) => Response {
+                    migration: Some(status),
+                    ..Response::ok()
+                },
+                Err(error) => Response::error(error.to_string()),
+            };
+        }
+        Request::MemoryHash => {
+            return Response {
+                memory_crc32c: Some(vm.memory_hash()),
+                ..Response::ok()
+            };
+        }
+        Request::MigrationState => {
+            return match vm.migration_states() {
+                Some(states) => Response {
+                    vm_states: Some(states),
+                    ..Response::ok()
+                },
+                None => Response::error(
+                    "no state was received (only a migration's destination has one, once ready)"
+                        .into(),
+                ),
             };
         }
         Request::BlockTest => vm.block_test(),

@@ -35,6 +35,13 @@ pub enum Request {
         /// Pages per second (0 stops dirtying).
         pages_per_second: u64,
     },
+    /// Burn mode of the built-in guest: its tick sleeps are skipped, so it uses all the
+    /// CPU it is given and its heartbeat counter counts the loops it ran (the CPU
+    /// contention test of SLA classes).
+    SetBurn {
+        /// On or off.
+        on: bool,
+    },
     /// Control or read the KVM dirty-page log.
     DirtyLog {
         /// What to do.
@@ -57,6 +64,32 @@ pub enum Request {
     /// Make the built-in guest write a seeded pattern to, or read and checksum, a range
     /// of one of its disks through its own virtio-blk driver, and wait for its report.
     GuestDiskIo(GuestDiskIoRequest),
+    /// Start a live migration of this VM to a `cairn-vmm --incoming ADDR` destination
+    /// (pre-copy over TCP, see vmm/ARCHITECTURE.md "Live migration"). Answers at once;
+    /// `migration-status` (or `status.migration`) follows it to `ready-to-commit`.
+    Migrate {
+        /// The destination's `HOST:PORT`.
+        to: String,
+        /// The downtime the last round may take (default 50 ms): pre-copy rounds go on
+        /// until the dirty remainder is expected to be sent within it.
+        #[serde(default = "default_max_downtime_ms")]
+        max_downtime_ms: u64,
+    },
+    /// The migration's progress and figures.
+    MigrationStatus,
+    /// The commit point: whoever recorded the destination as the VM's owner says so.
+    /// On the destination: start the VM. On the source: tell the destination to start
+    /// (if the link still works) and exit 0; the source never runs again.
+    MigrateCommit,
+    /// Give the migration up. On the source: resume the VM (after the final state was
+    /// sent, only the commander may decide this). On the destination: discard it.
+    MigrateAbort,
+    /// CRC-32C of all guest RAM (meaningful while paused: a migration's source and
+    /// destination give the same at `ready-to-commit`).
+    MemoryHash,
+    /// The destination's copy of the state it received and the state it saves again
+    /// after restoring it (the save → restore → save check), as JSON text.
+    MigrationState,
     /// The last bytes of the serial console log.
     ConsoleTail {
         /// How many bytes (from the end); 4096 when absent.
@@ -154,6 +187,62 @@ pub struct Response {
     /// Who answered, for `identify`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<VmIdentity>,
+    /// The migration, for `migrate`, `migration-status`, `migrate-commit`, `migrate-abort`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+    /// CRC-32C of guest RAM, for `memory-hash`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_crc32c: Option<u32>,
+    /// `[received, restored-and-saved-again]` state JSON, for `migration-state`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_states: Option<[String; 2]>,
+}
+
+/// One side of a live migration: where it is and what it cost so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// `source` or `destination`.
+    pub role: String,
+    /// Source: `pre-copy`, `stop-and-copy`, `ready-to-commit`, `committed`, `aborted`
+    /// (running again), `failed-resumed` (failed before the final state left: running
+    /// again), `failed-paused` (failed after it left: paused until `migrate-commit` or
+    /// `migrate-abort`). Destination: `incoming`, `receiving`, `ready`, `committed`
+    /// (running), `aborted`, `failed`.
+    pub phase: String,
+    /// The peer's address.
+    pub peer: String,
+    /// Memory rounds sent (the first full copy is round 1; the final round included).
+    pub rounds: u32,
+    /// Guest pages sent (or received).
+    pub pages: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// Guest memory resident when the migration began.
+    pub resident_bytes: u64,
+    /// Dirty pages found by each round's log read (KVM's and the VMM's own writes).
+    pub dirty_pages_per_round: Vec<u64>,
+    /// Of those, pages only the VMM wrote (virtio receive and completions), per round.
+    pub vmm_dirty_pages_per_round: Vec<u64>,
+    /// Link rate measured over the rounds, in MB/s.
+    pub link_mb_per_s: f64,
+    /// vCPU throttle applied by auto-converge, in percent (0: none).
+    pub throttle_percent: u8,
+    /// Source: from the pause to the destination's `ready`, in ms (the switch-over's
+    /// share of the downtime; the commit adds the commander's round trip).
+    pub paused_ms: f64,
+    /// From the start to `ready` (or now), in ms.
+    pub total_ms: f64,
+    /// Whether the destination confirmed that it started (source, after commit).
+    pub destination_started: bool,
+    /// What went wrong, for the failed phases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn default_max_downtime_ms() -> u64 {
+    50
 }
 
 /// Who a VMM process is: what a node agent that did not spawn it checks before it
@@ -183,6 +272,9 @@ impl Response {
             guest_disk_io: None,
             console: None,
             identity: None,
+            migration: None,
+            memory_crc32c: None,
+            vm_states: None,
         }
     }
 
@@ -196,6 +288,9 @@ impl Response {
             guest_disk_io: None,
             console: None,
             identity: None,
+            migration: None,
+            memory_crc32c: None,
+            vm_states: None,
         }
     }
 }
@@ -270,6 +365,9 @@ pub struct VmStatus {
     pub fence_remaining_ms: Option<f64>,
     /// VM exits by kind.
     pub exits: ExitCounts,
+    /// The live migration under way or last done, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
 }
 
 /// A virtio-net device and its frame counters.
@@ -361,6 +459,10 @@ mod tests {
                 r#"{"op":"dirty-log","action":"fetch"}"#,
             ),
             (Request::GuestCrash, r#"{"op":"guest-crash"}"#),
+            (
+                Request::SetBurn { on: true },
+                r#"{"op":"set-burn","on":true}"#,
+            ),
             (
                 Request::GuestDiskIo(GuestDiskIoRequest {
                     disk: 1,

@@ -160,6 +160,34 @@ pub struct GuestTelemetry {
     disk_io: Mutex<DiskIoMailbox>,
     disk_io_done: Condvar,
     disk_io_turn: Mutex<()>,
+    throttle_percent: AtomicU64,
+    /// Burn mode (`set-burn`): the guest's tick sleeps are skipped, so its main loop
+    /// runs without pause and uses all the CPU it is given; its heartbeat counter
+    /// then counts the loops it ran (a CPU-contention load and its measure).
+    burn: std::sync::atomic::AtomicBool,
+}
+
+/// The [`PortsState`] format this VMM writes and reads.
+pub const PORTS_STATE_VERSION: u16 = 1;
+
+/// The saved state of the cairn-guest port interface ([`GuestTelemetry::save_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[allow(missing_docs)]
+pub struct PortsState {
+    pub version: u16,
+    pub heartbeats: Vec<u64>,
+    pub boot_stage: u64,
+    pub block_result: u64,
+    pub block_tests: u64,
+    pub block_checksum: u64,
+    pub pages_dirtied: u64,
+    pub pending_command: u64,
+    pub dirty_rate: u64,
+    pub net_replies: u64,
+    pub disk_io_counters: Vec<[u64; IO_STATS]>,
+    /// The disk I/O command the guest took and has not finished: `[op, disk, sector,
+    /// sectors, seed]` (it reads them again on the destination).
+    pub disk_io_taken: Option<[u64; 5]>,
 }
 
 impl GuestTelemetry {
@@ -192,6 +220,8 @@ impl GuestTelemetry {
             disk_io: Mutex::new(DiskIoMailbox::default()),
             disk_io_done: Condvar::new(),
             disk_io_turn: Mutex::new(()),
+            throttle_percent: AtomicU64::new(0),
+            burn: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -367,6 +397,107 @@ impl GuestTelemetry {
         }
     }
 
+    /// The guest-visible state of the port interface (migration): the guest's counters
+    /// as last reported, its boot stage and block results, the pending command, the
+    /// dirty rate and the disk I/O counters. Host-side times (first heartbeat, heartbeat
+    /// age) are not state: the destination measures its own.
+    pub fn save_state(&self) -> PortsState {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Acquire);
+        let mailbox = self.disk_io.lock().expect("disk io lock");
+        PortsState {
+            version: PORTS_STATE_VERSION,
+            heartbeats: self.heartbeats.iter().map(load).collect(),
+            boot_stage: load(&self.boot_stage),
+            block_result: load(&self.block_result),
+            block_tests: load(&self.block_tests),
+            block_checksum: load(&self.block_checksum),
+            pages_dirtied: load(&self.pages_dirtied),
+            pending_command: load(&self.pending_command),
+            dirty_rate: self.dirty_rate(),
+            net_replies: self.net_replies(),
+            disk_io_counters: mailbox.counters.to_vec(),
+            disk_io_taken: mailbox.taken.map(|(_, args)| {
+                [
+                    args.op,
+                    u64::from(args.disk),
+                    args.sector,
+                    u64::from(args.sectors),
+                    args.seed,
+                ]
+            }),
+        }
+    }
+
+    /// Takes over a saved port state.
+    pub fn restore_state(&self, state: &PortsState) -> Result<(), String> {
+        if state.version != PORTS_STATE_VERSION {
+            return Err(format!(
+                "guest port state version {} (this VMM reads {PORTS_STATE_VERSION})",
+                state.version
+            ));
+        }
+        if state.heartbeats.len() != self.heartbeats.len() {
+            return Err(format!(
+                "guest port state of {} vCPUs for a VM of {}",
+                state.heartbeats.len(),
+                self.heartbeats.len()
+            ));
+        }
+        for (counter, value) in self.heartbeats.iter().zip(&state.heartbeats) {
+            counter.store(*value, Ordering::Release);
+        }
+        self.boot_stage.store(state.boot_stage, Ordering::Release);
+        self.block_result
+            .store(state.block_result, Ordering::Release);
+        self.block_tests.store(state.block_tests, Ordering::Release);
+        self.block_checksum
+            .store(state.block_checksum, Ordering::Release);
+        self.pages_dirtied
+            .store(state.pages_dirtied, Ordering::Release);
+        self.pending_command
+            .store(state.pending_command, Ordering::Release);
+        self.net_replies.store(state.net_replies, Ordering::Release);
+        self.set_dirty_rate(state.dirty_rate);
+        let mut mailbox = self.disk_io.lock().expect("disk io lock");
+        for (slot, saved) in mailbox.counters.iter_mut().zip(&state.disk_io_counters) {
+            *slot = *saved;
+        }
+        // The command's waiter stayed on the source; its report here finds none.
+        mailbox.taken = state
+            .disk_io_taken
+            .map(|[op, disk, sector, sectors, seed]| {
+                (
+                    0,
+                    DiskIoArgs {
+                        op,
+                        disk: disk as u32,
+                        sector,
+                        sectors: sectors as u32,
+                        seed,
+                    },
+                )
+            });
+        Ok(())
+    }
+
+    /// Turns burn mode on or off (see the `burn` field).
+    pub fn set_burn(&self, on: bool) {
+        self.burn.store(on, Ordering::Release);
+    }
+
+    /// Whether burn mode is on.
+    pub fn burning(&self) -> bool {
+        self.burn.load(Ordering::Acquire)
+    }
+
+    /// Throttles the guest's metered dirtying to `percent` of its rate less (migration's
+    /// auto-converge: the built-in guest's dirtier is paced by the VMM, so pausing its
+    /// vCPUs alone would not slow it; a CPU-bound dirtier slows with its vCPU time).
+    pub fn set_throttle(&self, percent: u8) {
+        self.throttle_percent
+            .store(u64::from(percent.min(99)), Ordering::Release);
+    }
+
     /// The dirty-page rate in pages per second.
     pub fn dirty_rate(&self) -> u64 {
         self.limiter.lock().expect("limiter lock").rate()
@@ -401,6 +532,8 @@ impl GuestTelemetry {
                     .lock()
                     .expect("limiter lock")
                     .take(Instant::now());
+                let throttle = self.throttle_percent.load(Ordering::Acquire);
+                let granted = granted * (100 - throttle) / 100;
                 granted.min(u64::from(u32::MAX)) as u32
             }
             abi::PORT_COMMAND => {
@@ -440,6 +573,7 @@ impl GuestTelemetry {
                 self.pages_dirtied.fetch_add(value, Ordering::AcqRel);
                 PortAction::Continue
             }
+            abi::PORT_SLEEP_US if self.burning() => PortAction::Continue,
             abi::PORT_SLEEP_US => PortAction::Sleep(Duration::from_micros(value)),
             abi::PORT_BLOCK_CHECKSUM => {
                 self.block_checksum.store(value, Ordering::Release);

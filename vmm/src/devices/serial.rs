@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
-use vm_superio::{Serial, Trigger, serial::NoEvents};
+use vm_superio::{Serial, Trigger, serial::NoEvents, serial::SerialState};
 
 /// First I/O port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -66,6 +66,27 @@ impl<W: io::Write> io::Write for CappedWriter<W> {
     }
 }
 
+/// The format version of [`ConsoleState`].
+pub const CONSOLE_STATE_VERSION: u16 = 1;
+
+/// The 16550's saved state (migration): vm-superio's `SerialState`, mirrored so that
+/// serde stays on this side of the boundary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[allow(missing_docs)]
+pub struct ConsoleState {
+    pub version: u16,
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 /// How the UART raises its interrupt.
 #[derive(Debug, Clone)]
 pub enum SerialInterrupt {
@@ -96,6 +117,63 @@ pub struct Console {
 }
 
 impl Console {
+    /// The UART's registers and receive buffer (migration).
+    pub fn save_state(&self) -> ConsoleState {
+        let state = self.serial.state();
+        ConsoleState {
+            version: CONSOLE_STATE_VERSION,
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer,
+        }
+    }
+
+    /// Takes over saved UART registers, keeping this VMM's log file and interrupt line.
+    pub fn restore_state(&mut self, state: &ConsoleState) -> Result<(), String> {
+        if state.version != CONSOLE_STATE_VERSION {
+            return Err(format!(
+                "serial state version {} (this VMM reads {CONSOLE_STATE_VERSION})",
+                state.version
+            ));
+        }
+        let saved = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        // `from_state` consumes the writer and interrupt: swap a placeholder in while
+        // the serial is rebuilt around them.
+        let interrupt = self.serial.interrupt_evt().clone();
+        let placeholder = Serial::new(
+            SerialInterrupt::None,
+            CappedWriter::new(
+                LineWriter::new(
+                    File::open("/dev/null").map_err(|error| format!("/dev/null: {error}"))?,
+                ),
+                0,
+                0,
+            ),
+        );
+        let writer = std::mem::replace(&mut self.serial, placeholder).into_writer();
+        self.serial = Serial::from_state(&saved, interrupt, NoEvents, writer)
+            .map_err(|error| format!("serial state refused: {error:?}"))?;
+        Ok(())
+    }
+
     /// Creates the console, appending to `log_path` (created if missing).
     pub fn new(log_path: &Path, interrupt: SerialInterrupt) -> io::Result<Self> {
         let file = OpenOptions::new()

@@ -13,7 +13,9 @@
 
 use std::sync::atomic::{Ordering, fence};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 /// `MagicValue` register content ("virt").
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -75,7 +77,9 @@ impl Descriptor {
 pub struct QueueFault;
 
 /// A split virtqueue as the driver configured it, and the device's positions in it.
-#[derive(Debug, Default, Clone, Copy)]
+/// It is also the queue's saved state for migration: these seven fields are all a
+/// split queue's device side holds (the rings themselves are guest memory).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Queue {
     /// Number of descriptors (a power of two, at most [`QUEUE_SIZE_MAX`]).
     pub size: u16,
@@ -172,6 +176,36 @@ impl Queue {
     }
 }
 
+/// The saved state of one virtio-MMIO [`Transport`] (migration): the registers the
+/// driver wrote and the queues' positions.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// Format version of this value ([`TRANSPORT_STATE_VERSION`]).
+    pub version: u16,
+    /// The device type (checked on restore: a state restores only into its own kind).
+    pub device_id: u32,
+    /// Features the device offered (checked on restore: the destination must offer the
+    /// same, or the driver's negotiated set may not hold there).
+    pub device_features: u64,
+    /// `DeviceFeaturesSel`.
+    pub device_features_select: u32,
+    /// `DriverFeaturesSel`.
+    pub driver_features_select: u32,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// Device status.
+    pub status: u32,
+    /// `QueueSel`.
+    pub queue_select: u32,
+    /// The queues.
+    pub queues: Vec<Queue>,
+    /// `InterruptStatus`.
+    pub interrupt_status: u32,
+}
+
+/// The [`TransportState`] format this VMM writes and reads.
+pub const TRANSPORT_STATE_VERSION: u16 = 1;
+
 /// The common registers of one virtio-MMIO device: feature negotiation, status,
 /// queue configuration and the interrupt status.
 #[derive(Debug)]
@@ -210,6 +244,55 @@ impl Transport {
             interrupt_status: 0,
             interrupt,
         }
+    }
+
+    /// The saved state (migration).
+    pub fn save(&self) -> TransportState {
+        TransportState {
+            version: TRANSPORT_STATE_VERSION,
+            device_id: self.device_id,
+            device_features: self.device_features,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            queues: self.queues.clone(),
+            interrupt_status: self.interrupt_status,
+        }
+    }
+
+    /// Takes over a saved state; refuses one of another version, device type, feature
+    /// set or queue count.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        if state.version != TRANSPORT_STATE_VERSION {
+            return Err(format!(
+                "virtio transport state version {} (this VMM reads {TRANSPORT_STATE_VERSION})",
+                state.version
+            ));
+        }
+        if state.device_id != self.device_id
+            || state.device_features != self.device_features
+            || state.queues.len() != self.queues.len()
+        {
+            return Err(format!(
+                "virtio device {} with features {:#x} and {} queues cannot take the state of device {} with features {:#x} and {} queues",
+                self.device_id,
+                self.device_features,
+                self.queues.len(),
+                state.device_id,
+                state.device_features,
+                state.queues.len()
+            ));
+        }
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.queue_select = state.queue_select;
+        self.queues = state.queues.clone();
+        self.interrupt_status = state.interrupt_status;
+        Ok(())
     }
 
     /// Features the device offers.

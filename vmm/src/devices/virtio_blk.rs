@@ -14,7 +14,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::block::BlockBackend;
 pub use super::virtio::Interrupt;
@@ -71,6 +73,21 @@ pub struct VirtioMmioBlock {
 }
 
 impl VirtioMmioBlock {
+    /// The device's saved state (migration): its transport and queues. The device
+    /// holds nothing else between requests (every request completes in the notify that
+    /// started it, or for receive in one delivery under the device lock).
+    pub fn save_state(&self) -> crate::devices::virtio::TransportState {
+        self.transport.save()
+    }
+
+    /// Takes over a saved state ([`crate::devices::virtio::Transport::restore`]).
+    pub fn restore_state(
+        &mut self,
+        state: &crate::devices::virtio::TransportState,
+    ) -> Result<(), String> {
+        self.transport.restore(state)
+    }
+
     /// A device serving `backend`. `interrupt`, when given, is called after used-ring
     /// updates (Linux guests); the built-in guest polls and needs none.
     pub fn new(backend: Arc<dyn BlockBackend>, interrupt: Option<Interrupt>) -> Self {
@@ -83,6 +100,12 @@ impl VirtioMmioBlock {
             stats: Arc::new(BlockStats::default()),
             transport: Transport::new(DEVICE_ID_BLOCK, features, 1, interrupt),
         }
+    }
+
+    /// Flushes the backend (migration's switch-over: every write the guest was told is
+    /// done is on the disk before the destination may write it).
+    pub fn flush_backend(&self) -> std::io::Result<()> {
+        self.backend.flush()
     }
 
     /// The disk's size in bytes (the backend's).
@@ -316,8 +339,7 @@ mod tests {
 
     /// Brings a device up the way a driver does, with `features`.
     fn driver(disk_bytes: u64, features: u64) -> (Driver, u32) {
-        let memory =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
         let backend = Arc::new(MemoryBackend::new(disk_bytes));
         let device = VirtioMmioBlock::new(backend.clone(), None);
         let device = std::cell::RefCell::new(device);

@@ -24,7 +24,9 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemoryMmap;
 
 use super::virtio::{Interrupt, QueueFault, Transport, VIRTIO_F_VERSION_1};
 
@@ -87,6 +89,21 @@ pub struct VirtioMmioNet {
 }
 
 impl VirtioMmioNet {
+    /// The device's saved state (migration): its transport and queues. The device
+    /// holds nothing else between requests (every request completes in the notify that
+    /// started it, or for receive in one delivery under the device lock).
+    pub fn save_state(&self) -> crate::devices::virtio::TransportState {
+        self.transport.save()
+    }
+
+    /// Takes over a saved state ([`crate::devices::virtio::Transport::restore`]).
+    pub fn restore_state(
+        &mut self,
+        state: &crate::devices::virtio::TransportState,
+    ) -> Result<(), String> {
+        self.transport.restore(state)
+    }
+
     /// A device with address `mac` whose frames go to and come from `tap` (a tap opened
     /// by [`open_tap`], or in tests any packet-preserving file such as a datagram
     /// socket). `interrupt` is raised after used-ring updates (Linux guests).
@@ -470,8 +487,7 @@ mod tests {
     }
 
     fn harness(features: u64) -> (Harness, u32) {
-        let memory =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("memory");
         let (host, device_end) = UnixDatagram::pair().expect("socketpair");
         host.set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .expect("timeout");

@@ -8,6 +8,7 @@ mod fence;
 mod guest_io;
 mod lifecycle;
 mod linux_boot;
+mod migrate;
 mod net;
 mod support;
 mod usage;
