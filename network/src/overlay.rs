@@ -812,21 +812,20 @@ fn fix_vxlan(ns: &NetNs, vxlan: &str, bridge: &str, mtu: u32) -> Result<(), Netw
     )
 }
 
-fn check_underlay(ns: &NetNs, spec: &SegmentSpec) -> Result<(), NetworkError> {
+/// The device of `ns` that holds `addr` (the underlay), with its MTU.
+pub fn underlay_device(ns: &NetNs, addr: Ipv4Addr) -> Result<Option<(String, u32)>, NetworkError> {
     let nl = |e| NetworkError::netlink(ns, e);
     let mut rtnl = Rtnl::open(ns).map_err(nl)?;
-    let links = rtnl.links().map_err(nl)?;
-    let mut found = None;
-    for l in &links {
-        if rtnl
-            .ipv4_addresses(l.index)
-            .map_err(nl)?
-            .contains(&spec.local_vtep)
-        {
-            found = Some((l.name.clone(), l.mtu));
-            break;
+    for l in rtnl.links().map_err(nl)? {
+        if rtnl.ipv4_addresses(l.index).map_err(nl)?.contains(&addr) {
+            return Ok(Some((l.name, l.mtu)));
         }
     }
+    Ok(None)
+}
+
+fn check_underlay(ns: &NetNs, spec: &SegmentSpec) -> Result<(), NetworkError> {
+    let found = underlay_device(ns, spec.local_vtep)?;
     let bad = |problem: String| NetworkError::Segment {
         node: ns.node().to_owned(),
         tenant: spec.tenant.clone(),
