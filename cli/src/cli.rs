@@ -150,7 +150,7 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         controller: Option<String>,
     },
-    /// Volumes of VMs: export one to local NBD clients.
+    /// Volumes of VMs: export one to local NBD clients, list its snapshots, restore it.
     Volume {
         #[command(subcommand)]
         command: VolumeCommand,
@@ -562,6 +562,40 @@ pub enum VolumeCommand {
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
     },
+    /// List a VM disk's snapshots per site (oldest first): when each was taken, its
+    /// size, the bytes only it holds (what deleting it frees) and the copies holding it.
+    Snapshots {
+        /// `VM/DISK`.
+        target: String,
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
+    /// Restore a VM disk from one of its snapshots: in place (the VM must be stopped;
+    /// refused while it runs) or into a new volume (`--as NAME`; `VM/DISK` names that
+    /// disk's volume). Audited.
+    Restore {
+        /// `VM/DISK`.
+        target: String,
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// The snapshot (`cairn volume snapshots VM/DISK` lists them).
+        #[arg(long, value_name = "ID")]
+        snapshot: String,
+        /// Restore into this new volume instead of in place.
+        #[arg(long = "as", value_name = "NAME")]
+        into: Option<String>,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
 }
 
 /// Runs a command; returns the exit code.
@@ -639,6 +673,27 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 lifetime,
                 state,
             } => crate::commands::volume_export(&dir, state.as_deref(), &target, &lifetime),
+            VolumeCommand::Snapshots {
+                target,
+                dir,
+                format,
+                state,
+            } => crate::volumecmd::snapshots(&dir, state.as_deref(), &target, format),
+            VolumeCommand::Restore {
+                target,
+                dir,
+                snapshot,
+                into,
+                state,
+            } => crate::volumecmd::restore(
+                &dir,
+                state.as_deref(),
+                &crate::volumecmd::RestoreArgs {
+                    target: &target,
+                    snapshot: &snapshot,
+                    into: into.as_deref(),
+                },
+            ),
         },
         Command::Vm { command } => crate::vmcmd::run(command),
         Command::Dev { command } => match command {

@@ -619,10 +619,6 @@ pub fn volume_export(
     target: &str,
     lifetime: &str,
 ) -> anyhow::Result<u8> {
-    let Some((vm_name, disk_name)) = target.split_once('/') else {
-        eprintln!("error: `{target}` is not VM/DISK (for example `db/data`)");
-        return Ok(2);
-    };
     let lifetime_ms = match compiler::units::parse_duration(lifetime) {
         Ok(ms) => ms,
         Err(e) => {
@@ -634,23 +630,11 @@ pub fn volume_export(
         Ok(l) => l,
         Err(code) => return Ok(code),
     };
-    let Some(vm) = loaded.model().vm(vm_name) else {
-        eprintln!("error: no vm `{vm_name}` in the specs");
-        return Ok(1);
+    let (vm_name, _, volume) = match crate::volumecmd::resolve(loaded.model(), target) {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
     };
-    if !vm.disks.iter().any(|d| d.name == disk_name) {
-        let disks: Vec<&str> = vm.disks.iter().map(|d| d.name.as_str()).collect();
-        eprintln!(
-            "error: vm `{vm_name}` has no disk `{disk_name}`; its disks: {}",
-            if disks.is_empty() {
-                "none".to_owned()
-            } else {
-                disks.join(", ")
-            }
-        );
-        return Ok(1);
-    }
-    let volume = desired::volume_name(vm_name, disk_name);
+    let vm_name = vm_name.as_str();
     let store = loaded.ctx.store()?;
     let nodes = GrpcNodes::new(loaded.ctx.signer()?);
     let spec = spec_nodes(loaded.model());

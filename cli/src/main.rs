@@ -26,6 +26,7 @@ mod progress;
 mod simulate;
 mod verify;
 mod vmcmd;
+mod volumecmd;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {

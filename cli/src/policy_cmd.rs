@@ -259,7 +259,7 @@ fn record_overrides(dir: &Path, report: &Report) -> anyhow::Result<()> {
 }
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
-fn rfc3339(secs: i64) -> String {
+pub(crate) fn rfc3339(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     // Howard Hinnant's civil_from_days.

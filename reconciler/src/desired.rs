@@ -157,9 +157,52 @@ pub struct Desired {
     /// of their layout's primary: volume → writer. A VM on the writer's node attaches
     /// the volume there, and its layout's primary being down does not hold the VM.
     pub moved_writers: BTreeMap<String, String>,
+    /// Snapshot schedules by VM (`protections`).
+    pub protections: BTreeMap<String, DesiredProtection>,
     /// `image-NAME` of every image with a disk file: base volumes of these images are
     /// kept (`crate::images::base_image`).
     pub image_bases: std::collections::BTreeSet<String>,
+}
+
+/// A VM's snapshot schedule (its protection plan's `snapshot every=… keep=…`), held by
+/// the writer of the VM's volumes (`Apply.SetProtection`, issue 18).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredProtection {
+    /// The plan it comes from.
+    pub plan: String,
+    /// The VM's volumes (all its disks, in spec order).
+    pub volumes: Vec<String>,
+    /// Interval (ms).
+    pub every_ms: u64,
+    /// Scheduled snapshots kept per volume.
+    pub keep: u32,
+}
+
+/// The snapshot schedule of a placed VM with disks (`volumes`) when a protection plan
+/// with a `snapshot` schedule applies to it. Of several such plans the one with the
+/// shortest interval wins (it protects at least as well as the others), the larger
+/// `keep` on a tie.
+fn protection_of(
+    model: &Model,
+    vm: &compiler::model::Vm,
+    volumes: &[String],
+) -> Option<DesiredProtection> {
+    if volumes.is_empty() {
+        return None;
+    }
+    let (plan, schedule) = model
+        .protection_plans
+        .iter()
+        .filter(|p| vm.protection_plans.contains(&p.name))
+        .filter_map(|p| p.snapshot.as_ref().map(|s| (p, s)))
+        .filter(|(_, s)| s.every_ms > 0 && s.keep > 0)
+        .min_by_key(|(p, s)| (s.every_ms, std::cmp::Reverse(s.keep), p.name.clone()))?;
+    Some(DesiredProtection {
+        plan: plan.name.clone(),
+        volumes: volumes.to_vec(),
+        every_ms: schedule.every_ms,
+        keep: schedule.keep,
+    })
 }
 
 /// The name of a VM disk's volume.
@@ -449,6 +492,9 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                 },
             );
             volumes.push(name);
+        }
+        if let Some(protection) = protection_of(model, vm, &volumes) {
+            desired.protections.insert(vm.name.clone(), protection);
         }
         desired.vms.insert(
             vm.name.clone(),

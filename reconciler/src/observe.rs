@@ -202,6 +202,33 @@ pub struct ObservedVolume {
     pub resync: Option<ObservedResync>,
 }
 
+/// A snapshot schedule a node holds (`ProtectionStatus`, issue 18). The schedule is
+/// stable; what it did (its last snapshot, missed runs) moves every interval, so it is
+/// not serialized (not in the digest a plan file is bound to).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedProtection {
+    /// The plan it comes from.
+    pub plan: String,
+    /// The VM's volumes.
+    pub volumes: Vec<String>,
+    /// Interval (ms).
+    pub every_ms: u64,
+    /// Kept per volume.
+    pub keep: u32,
+    /// The newest group snapshot it took and when (Unix ms); empty before the first.
+    #[serde(skip)]
+    pub last_snapshot: String,
+    /// When the last snapshot was taken (Unix ms).
+    #[serde(skip)]
+    pub last_snapshot_at_unix_ms: u64,
+    /// Runs missed since the node started, and why the last one failed.
+    #[serde(skip)]
+    pub missed: u64,
+    /// Why the last run failed (empty when it did not).
+    #[serde(skip)]
+    pub last_error: String,
+}
+
 /// A writer's copies outside the in-sync set and what it still owes them: a rebuild's
 /// progress (`crate::status::VolumeRebuild`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -314,6 +341,9 @@ pub enum NodeObservation {
         /// Its networking.
         #[serde(default)]
         networking: ObservedNetworking,
+        /// Snapshot schedules it holds, by VM.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        protections: BTreeMap<String, ObservedProtection>,
     },
     /// It did not answer in time or refused.
     Unreachable {
@@ -321,6 +351,9 @@ pub enum NodeObservation {
         error: String,
     },
 }
+
+/// The names a node's snapshot schedule gives its snapshots (`auto-<Unix ms>`).
+pub const SCHEDULED_SNAPSHOT_PREFIX: &str = "auto-";
 
 /// What every node reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -647,7 +680,15 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                         caught_up: v.caught_up,
                     }),
                     resync,
-                    snapshots: v.snapshots.into_iter().map(|s| s.name).collect(),
+                    // A schedule's own snapshots (`auto-…`, one every interval) are
+                    // left out: the plan does not act on them, and the digest a
+                    // plan file is bound to stays the same while they come and go.
+                    snapshots: v
+                        .snapshots
+                        .into_iter()
+                        .map(|s| s.name)
+                        .filter(|name| !name.starts_with(SCHEDULED_SNAPSHOT_PREFIX))
+                        .collect(),
                 },
             )
         })
@@ -693,12 +734,32 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
             bond_implementation: n.bond_implementation,
         })
         .unwrap_or_default();
+    let protections = response
+        .protections
+        .into_iter()
+        .map(|p| {
+            (
+                p.vm,
+                ObservedProtection {
+                    plan: p.plan,
+                    volumes: p.volumes,
+                    every_ms: p.every_ms,
+                    keep: p.keep,
+                    last_snapshot: p.last_snapshot,
+                    last_snapshot_at_unix_ms: p.last_snapshot_at_unix_ms,
+                    missed: p.missed,
+                    last_error: p.last_error,
+                },
+            )
+        })
+        .collect();
     NodeObservation::Reachable {
         public_key_hex,
         vms,
         volumes,
         bonds,
         networking,
+        protections,
     }
 }
 

@@ -945,6 +945,7 @@ disks:
             volumes: [(v.name.clone(), v)].into_iter().collect(),
             bonds: Default::default(),
             networking: Default::default(),
+            protections: Default::default(),
         };
         let resync = ObservedResync {
             copies: vec!["lab-3".into()],

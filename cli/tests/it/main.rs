@@ -16,6 +16,7 @@ mod ha_timers;
 mod image_disk;
 mod maintenance;
 mod policy;
+mod protection;
 mod rebuild;
 mod reconcile;
 mod remote_disk;

@@ -78,6 +78,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
                     unavailable: String::new(),
                     bond_implementation: "kernel-bond".to_owned(),
                 },
+                protections: Default::default(),
             },
         );
     }
@@ -139,6 +140,29 @@ pub fn observation_of(desired: &Desired) -> Observed {
             if let Some((_, volumes, _)) = reachable(&mut observed, r) {
                 volumes.insert(v.name.clone(), copy(VolumeRole::Replica, &v.node, &[]));
             }
+        }
+    }
+    // Each protected VM's schedule on the writer of its first disk.
+    for (vm, p) in &desired.protections {
+        let writer = p.volumes.first().and_then(|first| {
+            desired
+                .moved_writers
+                .get(first)
+                .or_else(|| desired.volumes.get(first).map(|v| &v.node))
+        });
+        if let Some(NodeObservation::Reachable { protections, .. }) =
+            writer.and_then(|node| observed.nodes.get_mut(node))
+        {
+            protections.insert(
+                vm.clone(),
+                reconciler::observe::ObservedProtection {
+                    plan: p.plan.clone(),
+                    volumes: p.volumes.clone(),
+                    every_ms: p.every_ms,
+                    keep: p.keep,
+                    ..Default::default()
+                },
+            );
         }
     }
     for (node, wanted) in &desired.bonds {

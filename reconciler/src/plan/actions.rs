@@ -139,6 +139,20 @@ pub enum NodeAction {
         /// Name.
         name: String,
     },
+    /// `SetProtection`: the VM's snapshot schedule, held and run by the writer of its
+    /// volumes (`every_ms` 0 removes it; issue 18).
+    SetProtection {
+        /// The VM.
+        vm: String,
+        /// The protection plan.
+        plan: String,
+        /// The VM's volumes (all its disks).
+        volumes: Vec<String>,
+        /// Interval (ms); 0 removes the schedule.
+        every_ms: u64,
+        /// Scheduled snapshots kept per volume.
+        keep: u32,
+    },
 }
 
 impl NodeAction {
@@ -158,6 +172,7 @@ impl NodeAction {
             NodeAction::DeleteVm { .. } => "delete_vm",
             NodeAction::ApplyBond { .. } => "apply_bond",
             NodeAction::DeleteBond { .. } => "delete_bond",
+            NodeAction::SetProtection { .. } => "set_protection",
         }
     }
 
@@ -177,6 +192,7 @@ impl NodeAction {
             | NodeAction::DeleteVm { name }
             | NodeAction::ApplyBond { name, .. }
             | NodeAction::DeleteBond { name } => name,
+            NodeAction::SetProtection { vm, .. } => vm,
         }
     }
 
@@ -319,6 +335,19 @@ impl NodeAction {
             NodeAction::DeleteBond { name } => {
                 Action::DeleteBond(proto::v1::DeleteBond { name: name.clone() })
             }
+            NodeAction::SetProtection {
+                vm,
+                plan,
+                volumes,
+                every_ms,
+                keep,
+            } => Action::SetProtection(proto::v1::SetProtection {
+                vm: vm.clone(),
+                plan: plan.clone(),
+                volumes: volumes.clone(),
+                every_ms: *every_ms,
+                keep: *keep,
+            }),
         };
         proto::v1::ApplyRequest {
             request_id: request_id.to_owned(),

@@ -17,6 +17,7 @@ mod actions;
 mod bonds;
 mod build;
 mod images;
+mod protection;
 mod types;
 mod vms;
 mod volumes;
@@ -87,6 +88,7 @@ pub fn plan_with(
     vms::plan_vm_deletes(&mut b);
     volumes::plan_volumes(&mut b);
     vms::plan_vms(&mut b);
+    protection::plan_protections(&mut b);
     finish(b, revision)
 }
 
