@@ -500,7 +500,12 @@ impl VmHandle {
 impl VmHandle {
     /// Starts a live migration to `to` ([`crate::migration::run_source`]) on its own
     /// thread; returns once it has begun.
-    pub fn migrate(&self, to: &str, max_downtime_ms: u64) -> Result<(), ControlError> {
+    pub fn migrate(
+        &self,
+        to: &str,
+        max_downtime_ms: u64,
+        stop_and_copy: bool,
+    ) -> Result<(), ControlError> {
         if self.state() != RunState::Running {
             return Err(ControlError::WrongState {
                 operation: "migrate",
@@ -529,6 +534,7 @@ impl VmHandle {
         let request = crate::migration::MigrateRequest {
             to: to.to_string(),
             max_downtime: Duration::from_millis(max_downtime_ms),
+            stop_and_copy,
         };
         let source: Arc<dyn crate::migration::SourceVm> = Arc::new(self.clone());
         std::thread::Builder::new()

@@ -360,6 +360,8 @@ pub struct MigrateRequest {
     pub to: String,
     /// The downtime the final round may take.
     pub max_downtime: Duration,
+    /// No pre-copy: stop first, then send everything (the benchmark's baseline).
+    pub stop_and_copy: bool,
 }
 
 /// Where the source failed: before the final state began to leave (the source may
@@ -426,7 +428,7 @@ impl Throttle {
 pub fn run_source(vm: Arc<dyn SourceVm>, request: MigrateRequest, hello: Hello) {
     let started = Instant::now();
     let mut throttle = Throttle::new(Arc::clone(&vm));
-    let outcome = precopy_and_switch(&vm, &request, &hello, started, &throttle);
+    let outcome = precopy_and_switch(&vm, &request, &hello, started, &mut throttle);
     throttle.stop();
     vm.set_throttle(0);
     let cell = vm.cell();
@@ -502,7 +504,7 @@ fn precopy_and_switch(
     request: &MigrateRequest,
     hello: &Hello,
     started: Instant,
-    throttle: &Throttle,
+    throttle: &mut Throttle,
 ) -> Result<Link, SourceFailure> {
     use SourceFailure::{AfterFinal, BeforeFinal};
     let cell = vm.cell();
@@ -563,60 +565,69 @@ fn precopy_and_switch(
         rate
     };
 
-    // Round 1: everything the guest ever wrote.
-    let (pages, writing) =
-        send_pages(&mut writer, ram, all_pages(ram), true).map_err(before("sending memory"))?;
-    let mut rate_mb = account(
-        pages,
-        writing,
-        &mut bytes_sent,
-        &mut pages_sent,
-        &mut send_time,
-    );
-
-    let mut previous_dirty = u64::MAX;
-    let mut throttle_percent = 0u8;
-    let pending = loop {
-        if cell.decision() == Some(Decision::Abort) {
-            return Err(BeforeFinal(
-                "aborted by the commander during pre-copy".into(),
-            ));
-        }
-        let vmm_only = vm.take_vmm_dirty();
-        let dirty = union(vm.take_dirty().map_err(BeforeFinal)?, &vmm_only);
-        let count = dirty.count();
-        cell.update(|status| {
-            status.dirty_pages_per_round.push(count);
-            status.vmm_dirty_pages_per_round.push(vmm_only.count());
-        });
-        let expected_ms = count as f64 * (PAGE_SIZE + 8) as f64 / (rate_mb.max(0.001) * 1e3);
-        let rounds = cell.status().map_or(0, |status| status.rounds);
-        if expected_ms <= request.max_downtime.as_secs_f64() * 1000.0 || rounds >= MAX_ROUNDS {
-            break dirty;
-        }
-        // Not shrinking by a quarter a round: the guest dirties about as fast as the
-        // link carries. Throttle its vCPUs harder each such round.
-        if rounds >= 2 && count * 4 > previous_dirty * 3 {
-            throttle_percent = (throttle_percent + 20).min(95);
-            throttle.set(throttle_percent);
-            vm.set_throttle(throttle_percent);
-            cell.update(|status| status.throttle_percent = throttle_percent);
-        }
-        previous_dirty = count;
+    // Stop-and-copy (the benchmark's baseline): no pre-copy round at all.
+    let pending = if request.stop_and_copy {
+        None
+    } else {
+        // Round 1: everything the guest ever wrote.
         let (pages, writing) =
-            send_pages(&mut writer, ram, dirty.pages(), false).map_err(before("sending memory"))?;
-        rate_mb = account(
+            send_pages(&mut writer, ram, all_pages(ram), true).map_err(before("sending memory"))?;
+        let mut rate_mb = account(
             pages,
             writing,
             &mut bytes_sent,
             &mut pages_sent,
             &mut send_time,
         );
+
+        let mut previous_dirty = u64::MAX;
+        let mut throttle_percent = 0u8;
+        let pending = loop {
+            if cell.decision() == Some(Decision::Abort) {
+                return Err(BeforeFinal(
+                    "aborted by the commander during pre-copy".into(),
+                ));
+            }
+            let vmm_only = vm.take_vmm_dirty();
+            let dirty = union(vm.take_dirty().map_err(BeforeFinal)?, &vmm_only);
+            let count = dirty.count();
+            cell.update(|status| {
+                status.dirty_pages_per_round.push(count);
+                status.vmm_dirty_pages_per_round.push(vmm_only.count());
+            });
+            let expected_ms = count as f64 * (PAGE_SIZE + 8) as f64 / (rate_mb.max(0.001) * 1e3);
+            let rounds = cell.status().map_or(0, |status| status.rounds);
+            if expected_ms <= request.max_downtime.as_secs_f64() * 1000.0 || rounds >= MAX_ROUNDS {
+                break dirty;
+            }
+            // Not shrinking by a quarter a round: the guest dirties about as fast as the
+            // link carries. Throttle its vCPUs harder each such round.
+            if rounds >= 2 && count * 4 > previous_dirty * 3 {
+                throttle_percent = (throttle_percent + 20).min(95);
+                throttle.set(throttle_percent);
+                vm.set_throttle(throttle_percent);
+                cell.update(|status| status.throttle_percent = throttle_percent);
+            }
+            previous_dirty = count;
+            let (pages, writing) = send_pages(&mut writer, ram, dirty.pages(), false)
+                .map_err(before("sending memory"))?;
+            rate_mb = account(
+                pages,
+                writing,
+                &mut bytes_sent,
+                &mut pages_sent,
+                &mut send_time,
+            );
+        };
+        Some(pending)
     };
 
     // Switch-over: the vCPUs stop for good here (until a decision or a failure before
     // the final state leaves), block requests are drained and flushed, state is saved.
-    throttle.set(0);
+    // The duty cycle ends before the stop (its thread joined, the vCPUs running), so
+    // no late pause or resume of it can touch the vCPUs after the freeze.
+    throttle.stop();
+    vm.set_throttle(0);
     vm.pause(false);
     cell.update(|status| status.phase = "stop-and-copy".into());
     let paused_at = Instant::now();
@@ -636,9 +647,11 @@ fn precopy_and_switch(
         status.dirty_pages_per_round.push(last.count());
         status.vmm_dirty_pages_per_round.push(vmm_only.count());
     });
-    let last = union(last, &pending);
-    let (pages, writing) = send_pages(&mut writer, ram, last.pages(), false)
-        .map_err(before("sending the last memory round"))?;
+    let (pages, writing) = match pending {
+        Some(pending) => send_pages(&mut writer, ram, union(last, &pending).pages(), false),
+        None => send_pages(&mut writer, ram, all_pages(ram), true),
+    }
+    .map_err(before("sending the last memory round"))?;
     account(
         pages,
         writing,
@@ -675,8 +688,10 @@ pub trait DestinationVm {
     fn cell(&self) -> &MigrationCell;
     /// This VM's [`Hello`], to compare with the source's.
     fn hello(&self) -> Hello;
-    /// Restores the state, then saves it again; returns the second save.
-    fn restore_and_resave(&mut self, state: &VmState) -> Result<VmState, String>;
+    /// Restores the state into the VM.
+    fn restore(&mut self, state: &VmState) -> Result<(), String>;
+    /// Saves the restored state again (the save → restore → save check).
+    fn resave(&mut self) -> Result<VmState, String>;
 }
 
 /// The destination side: accepts one source on `listener`, receives memory and state,
@@ -766,27 +781,25 @@ pub fn receive(
             other => return Err(error_text(other, &payload)),
         }
     };
-    let resaved = match vm.restore_and_resave(&state) {
-        Ok(resaved) => resaved,
-        Err(error) => {
-            let _ = write_frame(&mut writer, frame::ERROR, error.as_bytes());
-            return Err(error);
-        }
-    };
-    vm.cell().set_states([
-        serde_json::to_string(&state).expect("state serializes"),
-        serde_json::to_string(&resaved).expect("state serializes"),
-    ]);
+    if let Err(error) = vm.restore(&state) {
+        let _ = write_frame(&mut writer, frame::ERROR, error.as_bytes());
+        return Err(error);
+    }
     vm.cell().update(|status| {
         status.phase = "ready".into();
         status.pages = pages;
         status.bytes = bytes;
         status.total_ms = started.elapsed().as_secs_f64() * 1000.0;
     });
-    write_frame(&mut writer, frame::READY, &[]).map_err(|error| {
-        // Not fatal: the source may still learn the outcome from its commander.
-        format!("answering ready: {error}")
-    })?;
+    // A link that breaks here is not fatal: this side holds everything, and the
+    // commander may still commit it on the control socket.
+    let _ = write_frame(&mut writer, frame::READY, &[]);
+    // The second save is for the save → restore → save check, off the downtime's path.
+    let resaved = vm.resave()?;
+    vm.cell().set_states([
+        serde_json::to_string(&state).expect("state serializes"),
+        serde_json::to_string(&resaved).expect("state serializes"),
+    ]);
     // From here the link only carries the source's relay of the decision; the control
     // socket can bring it too, and a broken link changes nothing.
     let cell_reader = {

@@ -538,10 +538,19 @@ impl Vm {
     /// completes each vCPU's pending I/O, then saves vCPUs, in-kernel devices and the
     /// emulated devices ([`crate::state`]).
     pub fn save_state(&mut self) -> Result<crate::state::VmState, String> {
+        self.save_state_with(true)
+    }
+
+    /// [`Vm::save_state`]; `complete_io` false for vCPUs that never ran (the destination
+    /// saving again what it restored: it has no pending I/O, and a first `KVM_RUN` there
+    /// costs time on some hosts).
+    fn save_state_with(&mut self, complete_io: bool) -> Result<crate::state::VmState, String> {
         let irqchip = !self.shared.builtin;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for (index, vcpu) in self.vcpus.iter_mut().enumerate() {
-            crate::state::complete_pending_io(vcpu);
+            if complete_io {
+                crate::state::complete_pending_io(vcpu);
+            }
             vcpus.push(
                 crate::state::VcpuState::save(vcpu, index, &self.msr_indices, irqchip)
                     .map_err(|error| error_chain(&error))?,
@@ -820,12 +829,12 @@ impl crate::migration::DestinationVm for Vm {
         self.migration_hello()
     }
 
-    fn restore_and_resave(
-        &mut self,
-        state: &crate::state::VmState,
-    ) -> Result<crate::state::VmState, String> {
-        self.restore_state(state)?;
-        self.save_state()
+    fn restore(&mut self, state: &crate::state::VmState) -> Result<(), String> {
+        self.restore_state(state)
+    }
+
+    fn resave(&mut self) -> Result<crate::state::VmState, String> {
+        self.save_state_with(false)
     }
 }
 

@@ -46,8 +46,9 @@ pub fn execute(vm: &VmHandle, request: &Request) -> Response {
         Request::Migrate {
             to,
             max_downtime_ms,
+            stop_and_copy,
         } => {
-            return match vm.migrate(to, *max_downtime_ms) {
+            return match vm.migrate(to, *max_downtime_ms, *stop_and_copy) {
                 Ok(()) => Response {
                     migration: vm.migration_status(),
                     ..Response::ok()

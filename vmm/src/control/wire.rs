@@ -74,6 +74,10 @@ pub enum Request {
         /// until the dirty remainder is expected to be sent within it.
         #[serde(default = "default_max_downtime_ms")]
         max_downtime_ms: u64,
+        /// Skip pre-copy: stop the VM first, then send all of its memory (the
+        /// benchmark's baseline; a downtime of the whole transfer).
+        #[serde(default)]
+        stop_and_copy: bool,
     },
     /// The migration's progress and figures.
     MigrationStatus,

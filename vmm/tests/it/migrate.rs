@@ -51,6 +51,7 @@ fn start_migration(source: &mut VmProcess, to: String, max_downtime_ms: u64) {
         &Request::Migrate {
             to,
             max_downtime_ms,
+            stop_and_copy: false,
         },
     );
     assert!(response.ok, "{response:?}");
@@ -109,7 +110,13 @@ fn heartbeat_windows(dir: &Path) -> Vec<(u64, u64)> {
 /// The received state and the state the destination saved again after restoring it,
 /// with time-derived fields zeroed, as JSON bytes.
 fn states_without_clocks(destination: &mut VmProcess) -> (String, String, vmm::state::VmState) {
-    let response = call(destination, &Request::MigrationState);
+    // The destination saves again just after it answers ready.
+    let mut response = call(destination, &Request::MigrationState);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while response.vm_states.is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+        response = call(destination, &Request::MigrationState);
+    }
     let Some([received, resaved]) = response.vm_states else {
         panic!("no states: {:?}", response.error);
     };
@@ -142,6 +149,16 @@ fn touch_all_memory(source: &mut VmProcess, memory: u64) {
             pages_per_second: 0,
         },
     );
+    // The guest may still be working through the last large grant (no heartbeats
+    // meanwhile): wait until it ticks again.
+    let settled = wait_until(Duration::from_secs(60), || {
+        source
+            .status()
+            .last_heartbeat_age_ms
+            .is_some_and(|age| age < 30.0)
+            && heartbeats_advance(source)
+    });
+    assert!(settled, "the guest never went back to its tick");
     let resident = source.status().guest_resident_bytes;
     assert!(
         resident >= memory * 9 / 10,
