@@ -912,6 +912,136 @@ pub fn remove_router(ns: &NetNs, tenant: &str) -> Result<(), NetworkError> {
     Ok(())
 }
 
+/// The uplink of a tenant's router namespace into the node's: node side `cup…`,
+/// router side `cux…` (12 hex digits of the tenant).
+pub fn uplink_names(tenant: &str) -> (String, String) {
+    let h = crate::fnv1a(format!("up/{tenant}").as_bytes()) & 0xffff_ffff_ffff;
+    (format!("cup{h:012x}"), format!("cux{h:012x}"))
+}
+
+/// The uplink's /30 in 169.254.0.0/16 (link-local, never routed beyond the node):
+/// the node side's address and the router side's.
+pub fn uplink_addresses(tenant: &str) -> (Ipv4Addr, Ipv4Addr) {
+    let h = crate::fnv1a(format!("uplink/{tenant}").as_bytes());
+    let (a, b) = (((h >> 8) & 0xff) as u8, (h & 0xfc) as u8);
+    (
+        Ipv4Addr::new(169, 254, a, b | 1),
+        Ipv4Addr::new(169, 254, a, b | 2),
+    )
+}
+
+/// Name of the node namespace's egress table (`inet`).
+pub const EGRESS_TABLE: &str = "cairn_egress";
+
+/// Gives the tenant's router namespace (which must exist: a segment with a gateway
+/// made it) an uplink into the node's namespace for its external networks: a veth
+/// pair on a link-local /30, the router's default route through it, forwarding on
+/// in the node's namespace, and the node masquerading what comes from any uplink
+/// (169.254.0.0/16) on its way out of any other device. The router's own rules
+/// (`secgroup::apply_router` with an `Egress`) decide which networks may use it
+/// and masquerade them onto the uplink. Returns the changes made.
+pub fn ensure_egress(ns: &NetNs, tenant: &str) -> Result<Vec<String>, NetworkError> {
+    let router_name = router_netns_name(ns, tenant);
+    let router = NetNs::named_for_node(router_name.clone(), ns.node());
+    if !router.exists() {
+        return Err(NetworkError::Segment {
+            node: ns.node().to_owned(),
+            tenant: tenant.to_owned(),
+            network: String::new(),
+            problem: format!(
+                "egress needs the tenant's router namespace {router_name}: give an external network a gateway"
+            ),
+        });
+    }
+    let (up, ux) = uplink_names(tenant);
+    let (node_addr, router_addr) = uplink_addresses(tenant);
+    let nl = |e| NetworkError::netlink(ns, e);
+    let rl = |e| NetworkError::netlink(&router, e);
+    let mut local = Rtnl::open(ns).map_err(nl)?;
+    let mut remote = Rtnl::open(&router).map_err(rl)?;
+    let mut done = Vec::new();
+    if local.link(&up).map_err(nl)?.is_none() || remote.link(&ux).map_err(rl)?.is_none() {
+        local.delete_link(&up).map_err(nl)?;
+        remote.delete_link(&ux).map_err(rl)?;
+        local.create_veth(&up, &ux, Some(&router)).map_err(nl)?;
+        done.push(format!("create uplink {up}/{ux} for tenant {tenant}"));
+    }
+    let node_cidr = format!("{node_addr}/30");
+    let router_cidr = format!("{router_addr}/30");
+    let via = node_addr.to_string();
+    run(ns, "ip", &["addr", "replace", &node_cidr, "dev", &up])?;
+    run(ns, "ip", &["link", "set", &up, "up"])?;
+    run(
+        &router,
+        "ip",
+        &["addr", "replace", &router_cidr, "dev", &ux],
+    )?;
+    run(&router, "ip", &["link", "set", &ux, "up"])?;
+    run(
+        &router,
+        "ip",
+        &["route", "replace", "default", "via", &via, "dev", &ux],
+    )?;
+    let node = ns.node().to_owned();
+    ns.run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
+        .map_err(NetworkError::Netns)?
+        .map_err(|e| NetworkError::Command {
+            node: node.clone(),
+            command: "sysctl net.ipv4.ip_forward=1".into(),
+            detail: e.to_string(),
+        })?;
+    let table = format!(
+        "table inet {EGRESS_TABLE} {{\n chain uplink_nat {{\n  type nat hook postrouting priority 100; policy accept;\n  \
+         ip saddr 169.254.0.0/16 oifname != \"cup*\" masquerade comment \"cairn: uplinks out\"\n }}\n}}\n"
+    );
+    let exists = ns
+        .run(|| {
+            std::process::Command::new("nft")
+                .args(["list", "table", "inet", EGRESS_TABLE])
+                .output()
+        })
+        .map_err(NetworkError::Netns)?
+        .map(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("cairn: uplinks out")
+        })
+        .unwrap_or(false);
+    if !exists {
+        let script =
+            format!("add table inet {EGRESS_TABLE}\ndelete table inet {EGRESS_TABLE}\n{table}");
+        let out = ns
+            .run(move || -> std::io::Result<std::process::Output> {
+                use std::io::Write;
+                let mut child = std::process::Command::new("nft")
+                    .args(["-f", "-"])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()?;
+                child
+                    .stdin
+                    .take()
+                    .expect("piped")
+                    .write_all(script.as_bytes())?;
+                child.wait_with_output()
+            })
+            .map_err(NetworkError::Netns)?
+            .map_err(|e| NetworkError::Command {
+                node: node.clone(),
+                command: "nft -f - (egress table)".into(),
+                detail: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(NetworkError::Command {
+                node,
+                command: "nft -f - (egress table)".into(),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        done.push(format!("table inet {EGRESS_TABLE}: masquerade uplinks"));
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

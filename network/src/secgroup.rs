@@ -377,13 +377,35 @@ fn reverse_expr(rule: &AllowRule, nic: Ipv4Addr) -> Value {
     Value::Array(e)
 }
 
+/// What a tenant's router namespace enforces.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterSpec {
+    /// Guarded NICs' addresses with each of their allow rules.
+    pub guarded: Vec<(Ipv4Addr, AllowRule)>,
+    /// The tenant's network prefixes on this node (traffic between them is not
+    /// tracked when there is egress).
+    pub tenant_cidrs: Vec<Prefix>,
+    /// Egress through the node, for external networks.
+    pub egress: Option<Egress>,
+}
+
+/// Egress of a tenant's external networks through the router's uplink, masqueraded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Egress {
+    /// The router side of the uplink.
+    pub uplink: String,
+    /// The external networks' prefixes.
+    pub cidrs: Vec<Prefix>,
+}
+
 /// The router namespace's rules. They are stateless (`notrack`): with a gateway on
 /// every node, a request is routed on the client's node and its reply on the
 /// server's, so no router sees both directions. Each allow rule admits its
 /// requests to the guarded NIC's address and the NIC's answers back; the stateful
 /// check is the destination NIC's own chain on its node, which sees both.
-fn router_desired(rules_in: &[(Ipv4Addr, AllowRule)]) -> (Vec<Chain>, Vec<Rule>) {
-    let chains = vec![
+fn router_desired(spec: &RouterSpec) -> (Vec<Chain>, Vec<Rule>) {
+    let rules_in = &spec.guarded;
+    let mut chains = vec![
         Chain {
             family: "inet",
             table: ROUTER_TABLE,
@@ -397,13 +419,72 @@ fn router_desired(rules_in: &[(Ipv4Addr, AllowRule)]) -> (Vec<Chain>, Vec<Rule>)
             hook: Some(("forward", 0, "drop")),
         },
     ];
-    let mut rules = vec![Rule {
-        family: "inet",
-        table: ROUTER_TABLE,
-        chain: "raw".into(),
-        expr: json!([{"notrack": null}]),
-        what: "no connection tracking (routing is asymmetric)".into(),
-    }];
+    let mut rules = Vec::new();
+    if spec.egress.is_none() {
+        rules.push(Rule {
+            family: "inet",
+            table: ROUTER_TABLE,
+            chain: "raw".into(),
+            expr: json!([{"notrack": null}]),
+            what: "no connection tracking (routing is asymmetric)".into(),
+        });
+    } else {
+        // Egress is masqueraded, which needs conntrack: only traffic between the
+        // tenant's own networks goes untracked.
+        for p in &spec.tenant_cidrs {
+            rules.push(Rule {
+                family: "inet",
+                table: ROUTER_TABLE,
+                chain: "raw".into(),
+                expr: json!([
+                    eq(json!({"payload": {"protocol": "ip", "field": "daddr"}}), prefix(*p)),
+                    {"notrack": null}
+                ]),
+                what: format!("no connection tracking to {p} (routing is asymmetric)"),
+            });
+        }
+    }
+    if let Some(egress) = &spec.egress {
+        chains.push(Chain {
+            family: "inet",
+            table: ROUTER_TABLE,
+            name: "uplink_nat".into(),
+            hook: Some(("postrouting", 100, "accept")),
+        });
+        let oif = |op: &str| json!({"match": {"op": op, "left": {"meta": {"key": "oifname"}}, "right": egress.uplink}});
+        let iif = json!({"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": egress.uplink}});
+        for p in &egress.cidrs {
+            let from = eq(
+                json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+                prefix(*p),
+            );
+            rules.push(Rule {
+                family: "inet",
+                table: ROUTER_TABLE,
+                chain: "fw".into(),
+                expr: json!([from.clone(), oif("=="), {"accept": null}]),
+                what: format!("egress from external network {p}"),
+            });
+            rules.push(Rule {
+                family: "inet",
+                table: ROUTER_TABLE,
+                chain: "uplink_nat".into(),
+                expr: json!([from, oif("=="), {"masquerade": null}]),
+                what: format!("masquerade {p} on the uplink"),
+            });
+        }
+        rules.push(Rule {
+            family: "inet",
+            table: ROUTER_TABLE,
+            chain: "fw".into(),
+            expr: json!([
+                iif,
+                {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}},
+                {"accept": null}
+            ]),
+            what: "answers to egress".into(),
+        });
+    }
     for (daddr, r) in rules_in {
         rules.push(Rule {
             family: "inet",
@@ -444,7 +525,12 @@ fn transaction(tables: &[(&str, &str)], chains: &[Chain], rules: &[Rule]) -> Val
         }
         let mut chain = json!({"family": c.family, "table": c.table, "name": c.name});
         if let Some((hook, prio, policy)) = c.hook {
-            chain["type"] = json!("filter");
+            // The one NAT chain is named `uplink_nat`; every other base chain filters.
+            chain["type"] = json!(if c.name == "uplink_nat" {
+                "nat"
+            } else {
+                "filter"
+            });
             chain["hook"] = json!(hook);
             chain["prio"] = json!(prio);
             chain["policy"] = json!(policy);
@@ -701,7 +787,18 @@ pub fn router_firewall_drift(
     router: &NetNs,
     rules: &[(Ipv4Addr, AllowRule)],
 ) -> Result<Vec<String>, NetworkError> {
-    let (chains, r) = router_desired(rules);
+    router_drift(
+        router,
+        &RouterSpec {
+            guarded: rules.to_vec(),
+            ..RouterSpec::default()
+        },
+    )
+}
+
+/// Reads a tenant router namespace's tables back and lists drift from `spec`.
+pub fn router_drift(router: &NetNs, spec: &RouterSpec) -> Result<Vec<String>, NetworkError> {
+    let (chains, r) = router_desired(spec);
     drift_of(router, &[("inet", ROUTER_TABLE)], &chains, &r)
 }
 
@@ -712,11 +809,23 @@ pub fn apply_router_firewall(
     router: &NetNs,
     rules: &[(Ipv4Addr, AllowRule)],
 ) -> Result<Vec<String>, NetworkError> {
-    let drift = router_firewall_drift(router, rules)?;
+    apply_router(
+        router,
+        &RouterSpec {
+            guarded: rules.to_vec(),
+            ..RouterSpec::default()
+        },
+    )
+}
+
+/// Converges a tenant router namespace's tables to `spec` (forwarding between the
+/// tenant's networks as [`apply_router_firewall`], plus egress when given).
+pub fn apply_router(router: &NetNs, spec: &RouterSpec) -> Result<Vec<String>, NetworkError> {
+    let drift = router_drift(router, spec)?;
     if drift.is_empty() {
         return Ok(drift);
     }
-    let (chains, r) = router_desired(rules);
+    let (chains, r) = router_desired(spec);
     let tx = transaction(&[("inet", ROUTER_TABLE)], &chains, &r);
     nft(router, &["-j", "-f", "-"], Some(tx.to_string()))?;
     Ok(drift)

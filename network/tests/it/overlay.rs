@@ -731,3 +731,95 @@ fn measure_overlay_latency_and_throughput() {
     assert!(same.len() >= 190 && cross.len() >= 190 && raw.len() >= 190);
     assert!(o > 0.0 && b > 0.0);
 }
+
+#[test]
+fn an_external_network_reaches_out_masqueraded_and_others_do_not() {
+    require_netns!();
+    let c = Cluster::new();
+    let n1 = c.ns(1);
+    let switch = dev_cluster::create_switch(&c.prefix).expect("switch");
+    let outside = ip(192, 168, 41, 100);
+    let host = dev_cluster::add_endpoint(
+        &switch,
+        &format!("{}out", c.prefix),
+        IpAddr::V4(outside),
+        24,
+    )
+    .expect("outside host");
+    let e1 = probe(&c, 1, "e1", "alpha", "pub", ip(10, 50, 0, 11));
+    let a1 = probe(&c, 1, "a1", "alpha", "app", ip(10, 20, 0, 11));
+    apply_segment(
+        &n1,
+        &segment("alpha", "pub", 5101, 1, ip(10, 50, 0, 1), vec![]),
+    )
+    .expect("pub");
+    apply_segment(
+        &n1,
+        &segment("alpha", "app", 5102, 1, ip(10, 20, 0, 1), vec![]),
+    )
+    .expect("app");
+    let made = network::overlay::ensure_egress(&n1, "alpha").expect("egress");
+    assert!(!made.is_empty());
+    assert!(
+        network::overlay::ensure_egress(&n1, "alpha")
+            .expect("again")
+            .is_empty()
+    );
+    let router = NetNs::named(network::overlay::router_netns_name(&n1, "alpha"));
+    let spec = network::secgroup::RouterSpec {
+        guarded: vec![],
+        tenant_cidrs: vec![
+            Prefix::parse("10.50.0.0/24").unwrap(),
+            Prefix::parse("10.20.0.0/24").unwrap(),
+        ],
+        egress: Some(network::secgroup::Egress {
+            uplink: network::overlay::uplink_names("alpha").1,
+            cidrs: vec![Prefix::parse("10.50.0.0/24").unwrap()],
+        }),
+    };
+    network::secgroup::apply_router(&router, &spec).expect("router");
+    assert_eq!(
+        network::secgroup::router_drift(&router, &spec).expect("drift"),
+        Vec::<String>::new()
+    );
+    // The outside host counts what it sees, by source.
+    let out_ns = host.netns.clone();
+    let rules = "table inet seen {\n chain input {\n  type filter hook input priority 0;\n  ip saddr 192.168.41.1 icmp type echo-request counter\n  ip saddr 10.0.0.0/8 counter\n }\n}\n";
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &out_ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    assert!(
+        ping_within(&e1, outside, Duration::from_secs(3)),
+        "external network reaches out"
+    );
+    assert!(
+        !ping(&a1, outside),
+        "a network not marked external does not"
+    );
+    assert!(
+        !ping(&a1, e1.ip) && !ping(&e1, a1.ip),
+        "no rule routes app and pub to each other"
+    );
+    let seen = sh(&[
+        "ip", "netns", "exec", &out_ns, "nft", "list", "table", "inet", "seen",
+    ]);
+    let seen = String::from_utf8_lossy(&seen.stdout).into_owned();
+    let count = |needle: &str| -> u64 {
+        seen.lines()
+            .find(|l| l.contains(needle))
+            .and_then(|l| l.split("packets ").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("192.168.41.1") >= 1,
+        "the outside sees the node's address: {seen}"
+    );
+    assert_eq!(count("10.0.0.0/8"), 0, "never a tenant address: {seen}");
+}
