@@ -52,6 +52,11 @@ pub(super) struct Run {
     last_error: String,
 }
 
+/// Whether a snapshot is a schedule's own (`auto-<Unix ms>`).
+pub(super) fn is_scheduled(name: &str) -> bool {
+    scheduled_at(name).is_some()
+}
+
 /// The time a scheduled snapshot's name says it was taken.
 fn scheduled_at(name: &str) -> Option<u64> {
     name.strip_prefix(PREFIX)?.parse().ok()

@@ -787,11 +787,25 @@ impl Volumes {
     }
 
     /// Refuses to delete a volume that still has snapshots (the volume store keeps a
-    /// volume's layers while its snapshots exist), naming them.
+    /// volume's layers while its snapshots exist), naming them. The snapshots a
+    /// protection schedule took (`auto-…`, `protection.rs`) go with the volume: on its
+    /// writer they are deleted first, on every copy.
     pub async fn refuse_delete_with_snapshots(&self, volume: &str) -> Result<(), Status> {
         let local = self.local.clone();
         let owned = volume.to_string();
-        let snapshots = blocking(move || Ok(local.snapshots(&owned))).await?;
+        let mut snapshots = blocking(move || Ok(local.snapshots(&owned))).await?;
+        let writer = match self.volumes.read().await.get(volume) {
+            Some(entry) => entry.record.is_primary(),
+            None => false,
+        };
+        if writer {
+            for info in &snapshots {
+                if super::protection::is_scheduled(&info.name) {
+                    self.delete_snapshot(volume, &info.name).await?;
+                }
+            }
+            snapshots.retain(|info| !super::protection::is_scheduled(&info.name));
+        }
         if snapshots.is_empty() {
             return Ok(());
         }

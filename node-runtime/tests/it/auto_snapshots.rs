@@ -280,6 +280,24 @@ async fn a_node_snapshots_every_disk_of_a_vm_at_one_instant_on_schedule_and_keep
         .find(|s| s.name == data[0])
         .unwrap();
     assert_eq!(oldest.unique_bytes, UNIT, "{oldest:?}");
+
+    // A volume whose disk left the specs is deleted with its scheduled snapshots (on
+    // every copy); a snapshot of another name would still refuse it.
+    apply_ok(
+        &mut on_writer,
+        "delete-data",
+        Action::DeleteVolume(DeleteVolume {
+            name: "db-data".into(),
+        }),
+    )
+    .await;
+    for client in [&mut on_writer, &mut on_replica] {
+        let volumes = client.observe().await.unwrap().volumes;
+        assert!(
+            volumes.iter().all(|v| v.name != "db-data"),
+            "db-data is gone from both copies"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
