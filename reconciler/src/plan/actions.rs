@@ -87,6 +87,9 @@ pub enum NodeAction {
     CreateVm {
         /// Name.
         name: String,
+        /// Each NIC's IPv4 address (IPAM), in the order of `nics`; empty: none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        addresses: Vec<String>,
         /// vCPUs.
         vcpus: u32,
         /// Memory.
@@ -200,6 +203,22 @@ impl NodeAction {
     pub fn to_request(&self, request_id: &str) -> proto::v1::ApplyRequest {
         use proto::v1::apply_request::Action;
         use proto::v1::create_vm::Image;
+        // Each NIC's address (IPAM) goes into the definition's NIC, in order.
+        if let NodeAction::CreateVm { addresses, .. } = self
+            && !addresses.is_empty()
+        {
+            let mut bare = self.clone();
+            if let NodeAction::CreateVm { addresses, .. } = &mut bare {
+                addresses.clear();
+            }
+            let mut request = bare.to_request(request_id);
+            if let Some(Action::CreateVm(definition)) = &mut request.action {
+                for (nic, address) in definition.nics.iter_mut().zip(addresses) {
+                    nic.ipv4 = address.clone();
+                }
+            }
+            return request;
+        }
         let action = match self {
             NodeAction::CreateVolume {
                 name,
@@ -263,6 +282,7 @@ impl NodeAction {
                 source: source.clone(),
             }),
             NodeAction::CreateVm {
+                addresses: _,
                 name,
                 vcpus,
                 memory_bytes,

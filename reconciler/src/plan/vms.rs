@@ -10,6 +10,7 @@ use crate::drift;
 /// The `CreateVm` of a VM (also re-sent, unchanged, to repair its NICs).
 pub(super) fn vm_definition(vm: &DesiredVm, desired: &Desired) -> NodeAction {
     NodeAction::CreateVm {
+        addresses: nic_addresses(vm, desired),
         name: vm.name.clone(),
         vcpus: vm.vcpus,
         memory_bytes: vm.memory_bytes,
@@ -51,7 +52,21 @@ fn writer_of<'d>(volume: &str, desired: &'d Desired) -> Option<&'d str> {
         .or_else(|| desired.volumes.get(volume).map(|v| v.node.as_str()))
 }
 
-pub(super) fn vm_details(vm: &DesiredVm) -> Vec<String> {
+/// Each NIC's IPv4 address from the placement's IPAM, in the order of the VM's
+/// NICs ("" where a NIC has none: an IPv6 network).
+fn nic_addresses(vm: &DesiredVm, desired: &Desired) -> Vec<String> {
+    (0..vm.nics.len())
+        .map(|i| {
+            desired
+                .placement
+                .nic_address(&vm.name, i)
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+pub(super) fn vm_details(vm: &DesiredVm, desired: &Desired) -> Vec<String> {
     let image = match &vm.image {
         BootImage::Builtin(b) => format!("image {b} (built in)"),
         BootImage::Kernel { kernel, .. } => format!("kernel {kernel}"),
@@ -65,7 +80,17 @@ pub(super) fn vm_details(vm: &DesiredVm) -> Vec<String> {
         line.push_str(&format!(", volumes {}", vm.volumes.join(" ")));
     }
     if !vm.nics.is_empty() {
-        line.push_str(&format!(", nics {}", vm.nics.join(" ")));
+        let addresses = nic_addresses(vm, desired);
+        let nics: Vec<String> = vm
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, network)| match addresses.get(i) {
+                Some(address) if !address.is_empty() => format!("{network}={address}"),
+                _ => network.clone(),
+            })
+            .collect();
+        line.push_str(&format!(", nics {}", nics.join(" ")));
     }
     vec![line]
 }
@@ -202,7 +227,7 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
             (None, None) => {
                 let steps = b.create_vm(vm, deps);
                 b.changes.push(Change {
-                    details: vm_details(vm),
+                    details: vm_details(vm, desired),
                     steps,
                     ..Change::new(ChangeKind::Create, "vm", &vm.name, &vm.tenant, &vm.node)
                 });
@@ -269,5 +294,36 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod address_tests {
+    use super::*;
+
+    #[test]
+    fn create_vm_carries_each_nics_address_from_the_placement() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let sources = compiler::source::Sources::load_dir(&root).expect("the quickstart loads");
+        let compilation = compiler::compile(&sources);
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        let placement = crate::desired::place(&compilation.model, None);
+        let desired = crate::desired::desired(&compilation.model, &root, placement.clone());
+        let address = placement
+            .nic_address("db", 0)
+            .expect("db's NIC has an address");
+        let vm = desired.vms.get("db").expect("db is placed");
+        let request = vm_definition(vm, &desired).to_request("test");
+        let Some(proto::v1::apply_request::Action::CreateVm(definition)) = request.action else {
+            panic!("not a create_vm: {request:?}");
+        };
+        assert_eq!(definition.nics.len(), 1);
+        assert_eq!(definition.nics[0].network, "dev-net");
+        assert_eq!(definition.nics[0].ipv4, address);
+        let details = vm_details(vm, &desired).join(" ");
+        assert!(
+            details.contains(&format!("nics dev-net={address}")),
+            "{details}"
+        );
     }
 }
