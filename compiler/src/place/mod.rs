@@ -107,7 +107,7 @@ pub struct Unplaced {
 /// One constraint that ruled out nodes for a VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Reason {
-    /// Stable identifier: `cpu`, `memory`, `affinity:NAME`, `spread`, `ft-domain`, `pool`, `ha-reserve`, `preempted`, `failed`, `site`.
+    /// Stable identifier: `cpu`, `memory`, `affinity:NAME`, `spread`, `ft-domain`, `pool`, `ha-reserve`, `preempted`, `failed`, `site`, `maintenance`, `address` (its network has no address left but those held back after a removal).
     pub constraint: String,
     /// What it means, for people.
     pub message: String,
