@@ -70,12 +70,14 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn unavailable(&self) -> Option<String>;
 
     /// Launches the VMM of `config` (its run directory `vm_dir`); with `netns` it runs
-    /// in that network namespace (where its taps are).
+    /// in that network namespace (where its taps are); with `placement` it enters the
+    /// VM's cgroup before it runs (between fork and exec).
     fn launch(
         &self,
         config: &vm_config::VmConfig,
         vm_dir: &Path,
         netns: Option<&NetNs>,
+        placement: Option<crate::cgroups::Placement>,
     ) -> Result<Launched, Status>;
 
     /// Asks the VMM behind `socket` for its status; `None` when it does not answer
@@ -123,6 +125,7 @@ impl Hypervisor for ProcessHypervisor {
         config: &vm_config::VmConfig,
         vm_dir: &Path,
         netns: Option<&NetNs>,
+        placement: Option<crate::cgroups::Placement>,
     ) -> Result<Launched, Status> {
         let Some(binary) = &self.binary else {
             return Err(Status::failed_precondition(
@@ -162,6 +165,14 @@ impl Hypervisor for ProcessHypervisor {
                         Ok(())
                     });
                 }
+            }
+        }
+        if let Some(placement) = placement {
+            // SAFETY: the closure runs in the child between fork and exec and only
+            // calls write(2) on descriptors opened before the fork (close-on-exec), which
+            // is async-signal-safe: the VMM is in its VM's cgroup before it runs.
+            unsafe {
+                command.pre_exec(move || placement.enter());
             }
         }
         let log = std::fs::File::create(vm_dir.join("vmm.log"))

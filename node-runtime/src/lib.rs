@@ -26,6 +26,7 @@
 
 pub mod anchors;
 pub mod bonds;
+pub mod cgroups;
 pub mod events;
 pub mod exports;
 pub mod fencing;
@@ -34,6 +35,7 @@ pub mod hypervisor;
 pub mod import;
 pub mod inventory;
 pub mod local_volumes;
+pub mod metrics;
 pub mod network_backend;
 pub mod node;
 pub mod quorum;

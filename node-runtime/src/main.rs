@@ -76,6 +76,24 @@ struct Args {
     /// is killed as one).
     #[arg(long, value_name = "own|agent", default_value = "own", value_parser = ["own", "agent"])]
     vmm_process_group: String,
+    /// `auto` (default): each VMM runs in a cgroup of its VM's SLA class (cgroup v2
+    /// when it offers cpu and memory, else v1), under `cairn-NAME`; `off`: none.
+    #[arg(long, value_name = "auto|off", default_value = "auto", value_parser = ["auto", "off"])]
+    cgroups: String,
+    /// The cgroup (a path below each hierarchy's mount) to make the node's
+    /// `cairn-NAME` parent in; default: the agent's own cgroup.
+    #[arg(long, value_name = "PATH")]
+    cgroup_parent: Option<String>,
+    /// Serve the node's Prometheus `/metrics` (per-VM usage with vm, tenant and sla
+    /// labels, node totals, KSM) on this address, e.g. 127.0.0.1:9100; the bound
+    /// address is written to DATA_DIR/metrics-address.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Runtime preemption: while the host's available memory (MemAvailable) is below
+    /// this size (e.g. 2GiB), stop spot VMs, lowest priority first, one every 0.5 s,
+    /// each with an event saying why. Default: off.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    preempt_below_available: Option<u64>,
     /// A watchdog device (e.g. /dev/watchdog) to arm and pet while the node holds
     /// quorum; when it loses quorum the node stops petting and the device resets the
     /// machine at its timeout. A graceful exit disarms it. Needs --lease-from. Never
@@ -160,6 +178,12 @@ fn main() -> ExitCode {
         hypervisor: None,
         network: None,
         faults: None,
+        sla: node_runtime::node::SlaConfig {
+            enforce: args.cgroups == "auto",
+            cgroup_parent: args.cgroup_parent,
+            metrics_listen: args.metrics_listen,
+            preempt_below_available: args.preempt_below_available.unwrap_or(0),
+        },
     };
     let shutdown = {
         let _context = runtime.enter();
@@ -239,4 +263,12 @@ fn simulate(
             ExitCode::from(2)
         }
     }
+}
+
+/// A size on the command line ("2GiB", "512MiB", bytes), in the spec's grammar.
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    if let Ok(bytes) = text.parse::<u64>() {
+        return Ok(bytes);
+    }
+    vm_config::size::parse_size(text).map_err(|error| error.to_string())
 }

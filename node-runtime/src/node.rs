@@ -72,6 +72,24 @@ pub struct NodeConfig {
     pub network: Option<Arc<dyn crate::network_backend::NetworkBackend>>,
     /// Faults injected into every call (`cairn-node --simulate`); `None` for a real node.
     pub faults: Option<Arc<crate::simulate::Faults>>,
+    /// SLA classes on the node: cgroups, preemption, the metrics listener.
+    pub sla: SlaConfig,
+}
+
+/// How the node enforces SLA classes and reports usage.
+#[derive(Debug, Clone, Default)]
+pub struct SlaConfig {
+    /// Put every VMM in a cgroup of its VM's class (`--cgroups auto`, the default of a
+    /// real node; a simulated node enforces none).
+    pub enforce: bool,
+    /// The cgroup (below each hierarchy's mount) under which the node's parent
+    /// `cairn-NODE` is made (`--cgroup-parent`); `None`: the agent's own cgroup.
+    pub cgroup_parent: Option<String>,
+    /// Where to serve `/metrics` (`--metrics-listen`); `None`: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Stop spot VMs while memory available is below this many bytes
+    /// (`--preempt-below-available`); 0: never.
+    pub preempt_below_available: u64,
 }
 
 /// Errors of starting a node.
@@ -204,13 +222,21 @@ impl Node {
                 own_process_group: config.vmm_own_process_group,
             })
         });
-        let vms = Vms::open(
+        let mut vms = Vms::open(
             hypervisor,
             data_dir.join(files::VMS),
             records.clone(),
             events.clone(),
             exports.clone(),
         )?;
+        if config.sla.enforce {
+            vms.set_cgroups(crate::cgroups::Cgroups::detect(
+                &config.name,
+                config.sla.cgroup_parent.as_deref(),
+            ));
+        } else {
+            vms.set_cgroups(Err("--cgroups off".into()));
+        }
         let netns = match &config.netns {
             Some(name) => network::NetNs::named_for_node(name.clone(), config.name.clone()),
             None => network::NetNs::current(config.name.clone()),

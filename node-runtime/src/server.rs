@@ -98,6 +98,33 @@ pub async fn run(
     for line in node.vms.adopt_all().await {
         println!("cairn-node {}: {line}", node.config.name);
     }
+    // How SLA classes are enforced here (cgroup v1 or v2, where), or why not.
+    println!("cairn-node {}: {}", node.config.name, node.vms.cgroup_summary().1);
+    for line in node.vms.prune_cgroups().await {
+        println!("cairn-node {}: {line}", node.config.name);
+    }
+    let below = node.config.sla.preempt_below_available;
+    if below > 0 {
+        println!(
+            "cairn-node {}: spot VMs are preempted while less than {} MiB of memory is available",
+            node.config.name,
+            below >> 20
+        );
+        tokio::spawn(crate::vms::sla::preemption_loop(node.clone(), below));
+    }
+    if let Some(listen) = node.config.sla.metrics_listen {
+        let bound = crate::metrics::serve(node.clone(), listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                address: listen.to_string(),
+                source,
+            })?;
+        let _ = std::fs::write(
+            node.data_dir().join("metrics-address"),
+            format!("{bound}\n"),
+        );
+        println!("cairn-node {}: /metrics on http://{bound}/metrics", node.config.name);
+    }
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await

@@ -99,6 +99,7 @@ impl Hypervisor for SimHypervisor {
         config: &vm_config::VmConfig,
         vm_dir: &Path,
         _netns: Option<&NetNs>,
+        _placement: Option<crate::cgroups::Placement>,
     ) -> Result<Launched, Status> {
         let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = tokio::sync::oneshot::channel();
@@ -561,6 +562,7 @@ pub async fn run(
             hypervisor: Some(hypervisor.clone()),
             network: Some(Arc::new(SimNetwork::default())),
             faults: Some(faults.clone()),
+            sla: crate::node::SlaConfig::default(),
         };
         let mut node = SimNode {
             config: node_config,

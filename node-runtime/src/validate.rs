@@ -104,6 +104,15 @@ pub fn within(field: &str, limit: &Limit, value: u64) -> Result<(), Status> {
 pub fn vm_resources(create: &proto::v1::CreateVm) -> Result<(), Status> {
     let vcpus = u64::from(create.vcpus);
     within("create_vm.vcpus", &limits::VCPUS, vcpus)?;
+    if crate::cgroups::SlaClass::parse(&create.sla).is_none() {
+        return Err(invalid(
+            "create_vm.sla",
+            format!(
+                "`{}` is not an SLA class; use \"reserved\", \"on-demand\" or \"spot\" (empty: on-demand)",
+                create.sla
+            ),
+        ));
+    }
     if matches!(create.image, Some(proto::v1::create_vm::Image::Kernel(_))) {
         within("create_vm.vcpus", &limits::LINUX_VCPUS, vcpus)?;
     }

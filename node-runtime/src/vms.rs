@@ -17,6 +17,7 @@
 //! incarnation id over the control socket).
 
 pub mod adopt;
+pub mod sla;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -85,8 +86,8 @@ struct VmRuntime {
     /// Bumped on every start so a supervisor task of an older process does not
     /// overwrite the state of a newer one.
     generation: u64,
-    /// Why the node killed a VMM that was not seen running in time (its last exit
-    /// says so once it is reaped).
+    /// Why the node ended a VMM itself: not seen running in time, or preempted under
+    /// memory pressure (its last exit says so once it is reaped).
     start_failure: Option<String>,
     /// How the VM's disks were attached when its VMM was last spawned (empty while it
     /// does not run).
@@ -216,6 +217,11 @@ pub struct Vms {
     /// by the quorum loop: a VMM starts with it as its fence deadline, so a VM
     /// restarted here by HA is fenced before this node's next lease names it.
     quorum_end_ns: std::sync::atomic::AtomicU64,
+    /// The node's cgroups, where each VMM runs in a cgroup of its VM's SLA class;
+    /// `None`: not enforced (`cgroup_detail` says why).
+    cgroups: Option<Arc<crate::cgroups::Cgroups>>,
+    /// How SLA classes are enforced, or why not.
+    cgroup_detail: String,
 }
 
 /// Finds `cairn-vmm`: an explicit path, else next to the running `cairn-node`, else `PATH`.
@@ -484,7 +490,112 @@ impl Vms {
             exports,
             vms: Arc::new(Mutex::new(vms)),
             quorum_end_ns: std::sync::atomic::AtomicU64::new(0),
+            cgroups: None,
+            cgroup_detail: "SLA classes are not enforced: no cgroups were set up".into(),
         })
+    }
+
+    /// Enforces SLA classes with `cgroups` (`Err`: why they cannot be).
+    pub fn set_cgroups(&mut self, cgroups: Result<crate::cgroups::Cgroups, String>) {
+        match cgroups {
+            Ok(cgroups) => {
+                self.cgroup_detail = cgroups.describe();
+                self.cgroups = Some(Arc::new(cgroups));
+            }
+            Err(why) => {
+                self.cgroup_detail = format!("SLA classes are not enforced: {why}");
+                self.cgroups = None;
+            }
+        }
+    }
+
+    /// The cgroup version SLA classes are enforced with ("v1", "v2"; empty: none),
+    /// and the detail (where, or why not).
+    pub fn cgroup_summary(&self) -> (String, String) {
+        (
+            self.cgroups
+                .as_ref()
+                .map_or(String::new(), |c| c.version_name().to_string()),
+            self.cgroup_detail.clone(),
+        )
+    }
+
+    /// Stops the running spot VM of the lowest priority (ties: the largest resident
+    /// memory first, then by name), saying `why` in its event and last exit; the VMM
+    /// is killed at once (memory pressure does not wait for a grace period). Returns
+    /// the VM stopped, or `None` when no spot VM runs.
+    pub async fn preempt_one(&self, why: &str) -> Option<String> {
+        let victim = {
+            let mut vms = self.vms.lock().await;
+            let victim = vms
+                .iter()
+                .filter(|(_, vm)| vm.state == VmState::Running && vm.pid != 0)
+                .filter_map(|(name, vm)| {
+                    let definition = vm.record.definition.as_ref()?;
+                    (sla::class_of(definition) == crate::cgroups::SlaClass::Spot).then(|| {
+                        let resident = sla::process_usage(vm.pid).resident_bytes;
+                        (definition.priority, std::cmp::Reverse(resident), name.clone())
+                    })
+                })
+                .min()?
+                .2;
+            let runtime = vms.get_mut(&victim)?;
+            let reason = format!("preempted: {why}");
+            runtime.start_failure = Some(reason.clone());
+            Self::publish(&self.events, &victim, VmState::Running, &reason);
+            victim
+        };
+        let _ = self.stop(&victim, Duration::ZERO).await;
+        Some(victim)
+    }
+
+    /// Removes the cgroups of VMs this node no longer keeps (left by a node killed
+    /// before it deleted them, or by a data directory that was wiped); one line each.
+    pub async fn prune_cgroups(&self) -> Vec<String> {
+        let Some(cgroups) = &self.cgroups else {
+            return Vec::new();
+        };
+        let vms = self.vms.lock().await;
+        cgroups
+            .list()
+            .into_iter()
+            .filter(|name| !vms.contains_key(name))
+            .map(|name| match cgroups.remove(&name) {
+                Ok(()) => format!("removed the cgroup of vm `{name}`, which this node does not keep"),
+                Err(error) => format!("the cgroup of vm `{name}`, which this node does not keep, stays: {error}"),
+            })
+            .collect()
+    }
+
+    /// Writes the class's values into the VM's cgroup where they differ (and, for a
+    /// running VMM, moves it in if it is not there), publishing what was repaired.
+    fn repair_cgroup(&self, definition: &v1::CreateVm, pid: u32, state: VmState) {
+        let Some(cgroups) = &self.cgroups else {
+            return;
+        };
+        if pid == 0 && !cgroups.exists(&definition.name) {
+            return;
+        }
+        let settings = sla::settings_of(definition);
+        match cgroups.ensure(&definition.name, &settings, (pid != 0).then_some(pid)) {
+            Ok(written) if written.is_empty() => {}
+            Ok(written) => Self::publish(
+                &self.events,
+                &definition.name,
+                state,
+                &format!(
+                    "cgroup of class {} repaired: {}",
+                    sla::class_of(definition).name(),
+                    written.join(", ")
+                ),
+            ),
+            Err(error) => Self::publish(
+                &self.events,
+                &definition.name,
+                state,
+                &format!("cgroup not repaired: {error}"),
+            ),
+        }
     }
 
     fn persist(&self, name: &str, record: &KeptVm) -> Result<(), Status> {
@@ -685,8 +796,30 @@ impl Vms {
     /// Defines a VM (idempotent for the same definition).
     pub async fn create(&self, definition: v1::CreateVm) -> Result<v1::VmResult, Status> {
         let mut vms = self.vms.lock().await;
-        if let Some(existing) = vms.get(&definition.name) {
+        if let Some(existing) = vms.get_mut(&definition.name) {
             if existing.record.definition.as_ref() == Some(&definition) {
+                // The same definition again is the repair path: the class's cgroup
+                // values are written back where they drifted.
+                self.repair_cgroup(&definition, existing.pid, existing.state);
+                return Ok(v1::VmResult {
+                    name: definition.name.clone(),
+                    state: state_name(existing.state),
+                    pid: existing.pid,
+                });
+            }
+            if existing
+                .record
+                .definition
+                .as_ref()
+                .is_some_and(|kept| sla::only_sla_differs(kept, &definition))
+            {
+                // A new SLA class or priority is applied in place: the VM keeps running
+                // and its cgroup gets the new class's values.
+                let mut record = existing.record.clone();
+                record.definition = Some(definition.clone());
+                self.persist(&definition.name, &record)?;
+                existing.record = record;
+                self.repair_cgroup(&definition, existing.pid, existing.state);
                 return Ok(v1::VmResult {
                     name: definition.name.clone(),
                     state: state_name(existing.state),
@@ -833,9 +966,10 @@ impl Vms {
         let vm_dir = self.run_dir.join(name);
         // The VMM joins the node's namespace only when it has NICs there.
         let netns = network.filter(|_| !definition.nics.is_empty());
-        let launched = self
-            .launch_config(&definition, network, &disks, &incarnation)
-            .and_then(|config| self.hypervisor.launch(&config, &vm_dir, netns));
+        let launched = self.placement(&definition).and_then(|placement| {
+            self.launch_config(&definition, network, &disks, &incarnation)
+                .and_then(|config| self.hypervisor.launch(&config, &vm_dir, netns, placement))
+        });
         let launched = match launched {
             Ok(launched) => launched,
             Err(status) => {
@@ -885,6 +1019,29 @@ impl Vms {
             generation,
             builtin,
         }))
+    }
+
+    /// The VM's cgroup made with its class's values, opened for its VMM to enter
+    /// before it runs; `None` where SLA classes are not enforced. A cgroup that cannot
+    /// be made fails the start (the class would not hold).
+    fn placement(
+        &self,
+        definition: &v1::CreateVm,
+    ) -> Result<Option<crate::cgroups::Placement>, Status> {
+        let Some(cgroups) = &self.cgroups else {
+            return Ok(None);
+        };
+        let fail = |error: String| {
+            Status::failed_precondition(format!(
+                "vm `{}` cannot be given its {} cgroup on this node: {error}",
+                definition.name,
+                sla::class_of(definition).name()
+            ))
+        };
+        cgroups
+            .ensure(&definition.name, &sla::settings_of(definition), None)
+            .map_err(fail)?;
+        cgroups.placement(&definition.name).map(Some).map_err(fail)
     }
 
     /// Waits until the VMM spawned as `started` is seen running (then `RUNNING`), or
@@ -1098,6 +1255,16 @@ impl Vms {
         self.stop(name, Duration::from_secs(5)).await?;
         self.vms.lock().await.remove(name);
         self.exports.detach_vm(name).await;
+        if let Some(cgroups) = &self.cgroups
+            && let Err(error) = cgroups.remove(name)
+        {
+            Self::publish(
+                &self.events,
+                name,
+                VmState::Stopped,
+                &format!("deleted; its cgroup was not removed: {error}"),
+            );
+        }
         self.records
             .remove::<records::VmRecord>(name)
             .map_err(|error| Status::internal(error.to_string()))?;
@@ -1119,6 +1286,22 @@ impl Vms {
             .iter()
             .map(|(name, runtime)| {
                 let definition = runtime.record.definition.clone().unwrap_or_default();
+                let class = sla::class_of(&definition);
+                let cgroup = self.cgroups.as_ref().map(|cgroups| {
+                    if runtime.pid == 0 && !cgroups.exists(name) {
+                        v1::VmCgroup {
+                            version: cgroups.version_name().into(),
+                            path: cgroups.path_of(name),
+                            memory_path: cgroups.memory_path_of(name),
+                            detail: "made when the VM starts".into(),
+                            ..Default::default()
+                        }
+                    } else {
+                        cgroups.observe(name, &sla::settings_of(&definition), runtime.pid)
+                    }
+                });
+                let usage = (runtime.state == VmState::Running && runtime.pid != 0)
+                    .then(|| sla::process_usage(runtime.pid));
                 let (image_builtin, kernel) = match definition.image {
                     Some(v1::create_vm::Image::Builtin(builtin)) => (builtin, None),
                     Some(v1::create_vm::Image::Kernel(kernel)) => (String::new(), Some(kernel)),
@@ -1127,6 +1310,13 @@ impl Vms {
                 let kernel = kernel.unwrap_or_default();
                 let disks = disk_statuses(&definition.volumes, &runtime.disks);
                 VmStatus {
+                    sla: class.name().into(),
+                    priority: definition.priority,
+                    cgroup: Some(cgroup.unwrap_or_else(|| v1::VmCgroup {
+                        detail: self.cgroup_detail.clone(),
+                        ..Default::default()
+                    })),
+                    usage,
                     name: name.clone(),
                     state: runtime.state as i32,
                     health: match runtime.state {
@@ -1175,6 +1365,9 @@ impl Vms {
             if let Ok(Some(heartbeat)) = query.await {
                 heartbeat.apply(&mut statuses[index]);
             }
+        }
+        for status in &mut statuses {
+            sla::add_io(status);
         }
         statuses
     }

@@ -61,6 +61,13 @@ pub struct DesiredVm {
     pub volumes: Vec<String>,
     /// Its NICs' tenant networks, in order.
     pub nics: Vec<String>,
+    /// Its SLA class ("reserved", "spot"; empty: on-demand), enforced by the node's
+    /// cgroups.
+    #[serde(default)]
+    pub sla: String,
+    /// A spot VM's SLA priority (spot VMs are preempted lowest first); 0 otherwise.
+    #[serde(default)]
+    pub priority: u32,
 }
 
 /// A volume as it should be.
@@ -507,6 +514,19 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                 image,
                 volumes,
                 nics: vm.nics.iter().map(|n| n.network.clone()).collect(),
+                // On-demand is what a node assumes when a definition names no class,
+                // and only a spot VM's priority is used on the node (preemption order):
+                // the plan carries neither otherwise.
+                sla: if vm.sla.class == compiler::model::SlaClass::OnDemand {
+                    String::new()
+                } else {
+                    vm.sla.class.to_string()
+                },
+                priority: if vm.sla.class == compiler::model::SlaClass::Spot {
+                    vm.sla.priority
+                } else {
+                    0
+                },
             },
         );
     }

@@ -19,6 +19,9 @@ pub enum VmDrift {
     NotRunning,
     /// NICs not ready on a node that can make them: one `repair:` line each.
     Nics(Vec<String>),
+    /// Its node enforces another SLA class or priority, or its cgroup drifted: one
+    /// `repair:` line each (the same definition again repairs it in place).
+    Sla(Vec<String>),
     /// It runs on another node than the placement's.
     WrongNode,
     /// Its node answered but does not have it.
@@ -40,6 +43,7 @@ impl VmDrift {
             VmDrift::Definition(_) => "definition",
             VmDrift::NotRunning => "not-running",
             VmDrift::Nics(_) => "nics",
+            VmDrift::Sla(_) => "sla",
             VmDrift::WrongNode => "wrong-node",
             VmDrift::Missing => "missing",
             VmDrift::Unknown => "unknown",
@@ -51,7 +55,7 @@ impl VmDrift {
     /// What differs, one line each (empty when the word says it all).
     pub fn detail(&self) -> &[String] {
         match self {
-            VmDrift::Definition(lines) | VmDrift::Nics(lines) => lines,
+            VmDrift::Definition(lines) | VmDrift::Nics(lines) | VmDrift::Sla(lines) => lines,
             _ => &[],
         }
     }
@@ -70,6 +74,10 @@ pub fn vm(want: &DesiredVm, have: &ObservedVm, can_network: bool) -> VmDrift {
     let repairs = nic_repairs(have, can_network);
     if !repairs.is_empty() {
         return VmDrift::Nics(repairs);
+    }
+    let repairs = sla_repairs(want, have);
+    if !repairs.is_empty() {
+        return VmDrift::Sla(repairs);
     }
     VmDrift::None
 }
@@ -122,6 +130,34 @@ pub fn nic_repairs(have: &ObservedVm, can_network: bool) -> Vec<String> {
         .filter(|(_, n)| !n.ready)
         .map(|(i, n)| format!("repair: nic {i} ({}): {}", n.network, n.detail))
         .collect()
+}
+
+/// How a VM's SLA on its node differs from its spec, one `repair:` line each: another
+/// class or priority (applied in place by a CreateVm with the new class), or cgroup
+/// values that drifted from what the class asks (written back by the same CreateVm).
+/// Nothing for a node that reports no class (an older node).
+pub fn sla_repairs(want: &DesiredVm, have: &ObservedVm) -> Vec<String> {
+    if have.sla.is_empty() {
+        return vec![];
+    }
+    let class = if want.sla.is_empty() {
+        "on-demand"
+    } else {
+        want.sla.as_str()
+    };
+    let mut lines = vec![];
+    if have.sla != class || have.priority != want.priority {
+        lines.push(format!(
+            "repair: sla {} (priority {}) → {class} (priority {})",
+            have.sla, have.priority, want.priority
+        ));
+    }
+    lines.extend(
+        have.cgroup_drift
+            .iter()
+            .map(|drift| format!("repair: cgroup: {drift}")),
+    );
+    lines
 }
 
 /// Whether a volume's primary copy has the size and striping of its spec.

@@ -50,6 +50,21 @@ pub struct ObservedVm {
     /// when unknown).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub guest_block_test: String,
+    /// The SLA class the node enforces for it (empty from nodes that do not report
+    /// one) and its priority.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sla: String,
+    /// Its SLA priority as the node keeps it.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub priority: u32,
+    /// Values of its cgroup that differ from what its class asks (a CreateVm of the
+    /// same definition repairs them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup_drift: Vec<String>,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 /// A VM's disk as its node reports it.
@@ -651,6 +666,9 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                         })
                         .collect(),
                     guest_block_test: v.guest_block_test,
+                    sla: v.sla,
+                    priority: v.priority,
+                    cgroup_drift: v.cgroup.map(|c| c.drift).unwrap_or_default(),
                 },
             )
         })

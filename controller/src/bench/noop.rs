@@ -115,6 +115,9 @@ pub fn observation_of(desired: &Desired) -> Observed {
                 starts: 1,
                 disks: vec![],
                 guest_block_test: String::new(),
+                sla: String::new(),
+                priority: 0,
+                cgroup_drift: vec![],
             },
         );
     }

@@ -79,6 +79,8 @@ pub fn vm_definition(wire: &v1::CreateVm) -> VmDefinition {
         volumes,
         tenant,
         nics,
+        sla,
+        priority,
     } = wire;
     VmDefinition {
         name: name.clone(),
@@ -112,6 +114,8 @@ pub fn vm_definition(wire: &v1::CreateVm) -> VmDefinition {
                 }
             })
             .collect(),
+        sla: sla.clone(),
+        priority: *priority,
     }
 }
 
@@ -141,6 +145,8 @@ pub fn create_vm(definition: VmDefinition) -> v1::CreateVm {
         volumes,
         tenant,
         nics,
+        sla,
+        priority,
     } = definition;
     v1::CreateVm {
         name,
@@ -168,6 +174,8 @@ pub fn create_vm(definition: VmDefinition) -> v1::CreateVm {
                 ipv4: nic.ipv4,
             })
             .collect(),
+        sla,
+        priority,
     }
 }
 
@@ -254,6 +262,8 @@ mod tests {
                 mtu: 9000,
                 ipv4: "10.0.0.2".into(),
             }],
+            sla: "reserved".into(),
+            priority: 1000,
         };
         assert_eq!(create_vm(vm_definition(&kernel)), kernel);
         let builtin = v1::CreateVm {

@@ -30,6 +30,8 @@ fn kernel_vm() -> v1::CreateVm {
             mtu: 0,
             ipv4: "10.0.0.2".into(),
         }],
+        sla: String::new(),
+        priority: 0,
     }
 }
 
@@ -225,6 +227,8 @@ fn bytes_of_the_previous_version_decode() {
             volumes: Vec::new(),
             tenant: "tenant-a".into(),
             nics: Vec::new(),
+            sla: String::new(),
+            priority: 0,
         }),
         desired_running: true,
         last_pid: 11_412,

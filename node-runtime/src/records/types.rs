@@ -205,6 +205,17 @@ pub struct VmDefinition {
     pub tenant: String,
     /// NICs, in order.
     pub nics: Vec<VmNic>,
+    /// SLA class ("reserved", "on-demand", "spot"; empty: on-demand). Absent in
+    /// records written before SLA classes reached the node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sla: String,
+    /// SLA priority.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// A VM this node keeps: its definition and what it should be doing.

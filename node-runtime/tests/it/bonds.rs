@@ -338,6 +338,7 @@ async fn vm_nics_are_taps_on_tenant_bridges_repaired_by_the_same_definition_and_
                 ipv4: String::new(),
             },
         ],
+        ..Default::default()
     };
     let ip = |args: &[&str]| {
         let out = std::process::Command::new("ip")
@@ -445,6 +446,7 @@ async fn a_started_vm_answers_ping_through_its_tap_on_the_tenant_bridge() {
             mtu: 0,
             ipv4: "10.214.0.2".into(),
         }],
+        ..Default::default()
     };
     apply_ok(&mut client, "vm-1", Action::CreateVm(vm)).await;
     apply_ok(

@@ -110,6 +110,7 @@ async fn a_node_keeps_what_the_previous_version_recorded() {
             volumes: vec!["data".into()],
             tenant: "finance".into(),
             nics: vec![],
+            ..Default::default()
         }),
     )
     .await;

@@ -104,6 +104,12 @@ pub enum NodeAction {
         /// NICs: tenant network names, in order.
         #[serde(default)]
         nics: Vec<String>,
+        /// SLA class the node enforces with cgroups (empty: on-demand).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        sla: String,
+        /// SLA priority (spot VMs are preempted lowest first).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        priority: u32,
     },
     /// `StartVm`.
     StartVm {
@@ -290,6 +296,8 @@ impl NodeAction {
                 volumes,
                 tenant,
                 nics,
+                sla,
+                priority,
             } => Action::CreateVm(proto::v1::CreateVm {
                 name: name.clone(),
                 vcpus: *vcpus,
@@ -316,6 +324,8 @@ impl NodeAction {
                         ipv4: String::new(),
                     })
                     .collect(),
+                sla: sla.clone(),
+                priority: *priority,
             }),
             NodeAction::StartVm { name } => {
                 Action::StartVm(proto::v1::StartVm { name: name.clone() })
@@ -374,4 +384,8 @@ impl NodeAction {
             action: Some(action),
         }
     }
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }

@@ -18,6 +18,8 @@ pub(super) fn vm_definition(vm: &DesiredVm, desired: &Desired) -> NodeAction {
         volumes: attached_volumes(vm, desired),
         tenant: vm.tenant.clone(),
         nics: vm.nics.clone(),
+        sla: vm.sla.clone(),
+        priority: vm.priority,
     }
 }
 
@@ -246,7 +248,8 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
             }
             (Some(o), _) => {
                 let diffs = drift::vm_definition(vm, o);
-                let broken_nics = drift::nic_repairs(o, observed.can_network(&vm.node));
+                let mut broken_nics = drift::nic_repairs(o, observed.can_network(&vm.node));
+                broken_nics.extend(drift::sla_repairs(vm, o));
                 let will_start = o.is_down();
                 if diffs.is_empty() && !broken_nics.is_empty() && !will_start {
                     // Same definition again: the node makes the missing parts.
