@@ -140,7 +140,15 @@ impl v1::observe_server::Observe for NodeService {
             .await;
         crate::vms::fill_disk_copies(&self.node.config.name, &mut vms, &volumes);
         self.node.remote.fill_remote_disks(&mut vms).await;
+        let (cgroup_version, cgroup_detail) = self.node.vms.cgroup_summary();
+        let usage = crate::vms::sla::node_usage(
+            &vms,
+            &cgroup_version,
+            &cgroup_detail,
+            self.node.config.sla.preempt_below_available,
+        );
         Ok(Response::new(v1::ObserveResponse {
+            usage: Some(usage),
             node_name: self.node.config.name.clone(),
             observed_at_unix_ms: now_unix_ms(),
             vms,

@@ -21,6 +21,7 @@ mod protocol;
 mod remote_data;
 mod replication;
 mod resize;
+mod sla;
 mod snapshots;
 mod upgrade;
 mod vm_disks;
