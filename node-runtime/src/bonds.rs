@@ -34,6 +34,9 @@ pub struct Bonds {
     monitors: Mutex<BTreeMap<String, FailoverMonitor>>,
     /// Makes and reads back the devices (the host's, or simulated).
     network: Arc<dyn NetworkBackend>,
+    /// The tenant segments and security-group drift of the latest Observe
+    /// (`Node::segment_statuses`), reported in `Networking`.
+    segments: std::sync::Mutex<(Vec<v1::NetworkSegmentStatus>, Vec<String>)>,
 }
 
 fn network_status(error: network::NetworkError) -> Status {
@@ -148,7 +151,20 @@ impl Bonds {
             events,
             monitors: Mutex::new(monitors),
             network,
+            segments: std::sync::Mutex::new((Vec::new(), Vec::new())),
         })
+    }
+
+    /// Keeps the segments and security-group drift just read back, for
+    /// [`Bonds::networking`] to report.
+    pub fn set_segment_statuses(
+        &self,
+        segments: Vec<v1::NetworkSegmentStatus>,
+        drift: Vec<String>,
+    ) {
+        if let Ok(mut kept) = self.segments.lock() {
+            *kept = (segments, drift);
+        }
     }
 
     /// The backend that makes the node's bonds and VM NICs.
@@ -181,8 +197,12 @@ impl Bonds {
     /// Where the node's NICs and bonds live, whether network actions are possible
     /// and which bond implementation this kernel gets.
     pub async fn networking(&self) -> v1::Networking {
+        let (segments, firewall_drift) =
+            self.segments.lock().map(|s| s.clone()).unwrap_or_default();
         let mut networking = v1::Networking {
             netns: self.netns.name().unwrap_or_default().to_string(),
+            segments,
+            firewall_drift,
             ..Default::default()
         };
         if let Some(reason) = self.refusal() {

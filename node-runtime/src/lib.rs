@@ -44,6 +44,7 @@ pub mod remote_disk;
 pub mod server;
 pub mod service;
 pub mod simulate;
+pub mod segments;
 pub mod trust;
 pub mod validate;
 pub mod vm_nics;

@@ -144,6 +144,8 @@ pub struct Node {
     pub vms: Vms,
     /// Bonds.
     pub bonds: crate::bonds::Bonds,
+    /// Tenant network segments and security groups (issue 19).
+    pub segments: crate::segments::Segments,
     /// Leases and the site's quorum: the fence deadline of HA and FT VMs.
     pub quorum: crate::quorum::Quorum,
     /// When the process started.
@@ -258,6 +260,9 @@ impl Node {
                 .unwrap_or_else(|| Arc::new(crate::network_backend::HostNetwork)),
         )?;
         let quorum = crate::quorum::Quorum::open(data_dir);
+        let segments = crate::segments::Segments::open(data_dir).map_err(|error| {
+            NodeError::Netns(format!("cannot read the segment definitions: {error}"))
+        })?;
         Ok(Arc::new(Self {
             exports,
             quorum,
@@ -270,6 +275,7 @@ impl Node {
             remote,
             vms,
             bonds,
+            segments,
             started_at_unix_ms: now_unix_ms(),
             in_flight: tokio::sync::Mutex::new(HashMap::new()),
         }))
@@ -294,6 +300,136 @@ impl Node {
         })
         .await
         .map_err(|error| Status::internal(error.to_string()))?
+    }
+
+    /// Whether segments are made here: not where network actions are refused, and
+    /// never by a simulated network (`--simulate` keeps the definitions only).
+    fn segments_refusal(&self) -> Option<String> {
+        if let Some(reason) = self.bonds.refusal() {
+            return Some(reason);
+        }
+        (!self.bonds.network().is_host())
+            .then(|| "the node's network is simulated: segments are kept, not made".to_owned())
+    }
+
+    /// Converges a tenant network segment, the tenant's router rules and the node's
+    /// security groups; keeps the definition once it is made.
+    async fn apply_segment(&self, segment: &v1::ApplyNetworkSegment) -> Result<(), Status> {
+        // Every field is checked before anything else (an MTU of 0 is resolved
+        // against the real underlay later).
+        crate::segments::segment_spec(segment, Some(1500))?;
+        if let Some(reason) = self.segments_refusal() {
+            if self.bonds.refusal().is_some() {
+                return Err(Status::failed_precondition(format!(
+                    "node {}: network actions are refused here: {reason}",
+                    self.config.name
+                )));
+            }
+            return self
+                .segments
+                .put(segment)
+                .await
+                .map_err(crate::segments::internal);
+        }
+        let mut all: Vec<v1::ApplyNetworkSegment> = self
+            .segments
+            .all()
+            .await
+            .into_iter()
+            .filter(|s| (&s.tenant, &s.network) != (&segment.tenant, &segment.network))
+            .collect();
+        all.push(segment.clone());
+        let definitions = self.vms.definitions().await;
+        let netns = self.bonds.netns().clone();
+        let wanted = segment.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::segments::apply_blocking(&netns, &wanted, &all, &definitions)
+        })
+        .await
+        .map_err(crate::segments::internal)??;
+        self.segments
+            .put(segment)
+            .await
+            .map_err(crate::segments::internal)
+    }
+
+    async fn delete_segment(&self, delete: &v1::DeleteNetworkSegment) -> Result<(), Status> {
+        validate::name("delete_network_segment.tenant", &delete.tenant)?;
+        validate::name("delete_network_segment.network", &delete.network)?;
+        self.segments
+            .remove(&delete.tenant, &delete.network)
+            .await
+            .map_err(crate::segments::internal)?;
+        if self.segments_refusal().is_some() {
+            return Ok(());
+        }
+        let remaining = self.segments.all().await;
+        let definitions = self.vms.definitions().await;
+        let netns = self.bonds.netns().clone();
+        let (tenant, network) = (delete.tenant.clone(), delete.network.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::segments::remove_blocking(&netns, &tenant, &network, &remaining, &definitions)
+        })
+        .await
+        .map_err(crate::segments::internal)?
+        .map_err(|error| Status::failed_precondition(error.to_string()))
+    }
+
+    /// Converges the tenant routers' rules and the node's security groups (after a
+    /// VM is defined or deleted: its NICs join or leave them).
+    async fn program_segments(&self) -> Result<(), Status> {
+        if self.segments_refusal().is_some() {
+            return Ok(());
+        }
+        let all = self.segments.all().await;
+        if all.is_empty() {
+            return Ok(());
+        }
+        let definitions = self.vms.definitions().await;
+        let netns = self.bonds.netns().clone();
+        tokio::task::spawn_blocking(move || {
+            crate::segments::program_blocking(&netns, &all, &definitions)
+        })
+        .await
+        .map_err(crate::segments::internal)?
+        .map(|_| ())
+        .map_err(|error| Status::failed_precondition(error.to_string()))
+    }
+
+    /// Every segment as read back, and the node's security-group drift (Observe).
+    pub async fn segment_statuses(
+        &self,
+        definitions: &std::collections::BTreeMap<String, v1::CreateVm>,
+    ) -> (Vec<v1::NetworkSegmentStatus>, Vec<String>) {
+        let all = self.segments.all().await;
+        if let Some(reason) = self.segments_refusal() {
+            let statuses = all
+                .iter()
+                .map(|s| v1::NetworkSegmentStatus {
+                    tenant: s.tenant.clone(),
+                    network: s.network.clone(),
+                    vni: s.vni,
+                    drift: vec![format!("not made: {reason}")],
+                    ..Default::default()
+                })
+                .collect();
+            return (statuses, Vec::new());
+        }
+        if all.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let definitions = definitions.clone();
+        let netns = self.bonds.netns().clone();
+        tokio::task::spawn_blocking(move || {
+            crate::segments::statuses_blocking(&netns, &all, &definitions)
+        })
+        .await
+        .unwrap_or_else(|error| {
+            (
+                Vec::new(),
+                vec![format!("cannot read the segments: {error}")],
+            )
+        })
     }
 
     /// Drops request-id records older than the retention period.
@@ -598,7 +734,10 @@ impl Node {
                     // otherwise, whose taps are in use.
                     self.ensure_vm_nics(create).await?;
                 }
-                Ok(ApplyResult::Vm(self.vms.create(create.clone()).await?))
+                let created = self.vms.create(create.clone()).await?;
+                // A NIC that lists security groups is filtered from its first frame.
+                self.program_segments().await?;
+                Ok(ApplyResult::Vm(created))
             }
             Action::StartVm(start) => {
                 validate::name("start_vm.name", &start.name)?;
@@ -652,7 +791,16 @@ impl Node {
                     })
                     .await
                     .map_err(|error| Status::internal(error.to_string()))?;
+                    self.program_segments().await?;
                 }
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
+            Action::ApplyNetworkSegment(segment) => {
+                self.apply_segment(segment).await?;
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
+            Action::DeleteNetworkSegment(delete) => {
+                self.delete_segment(delete).await?;
                 Ok(ApplyResult::Done(v1::Done {}))
             }
             Action::ApplyBond(bond) => Ok(ApplyResult::Bond(self.bonds.apply(bond).await?)),

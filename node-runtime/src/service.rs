@@ -106,6 +106,10 @@ impl v1::observe_server::Observe for NodeService {
         let refusal = self.node.bonds.refusal();
         let netns = self.node.bonds.netns().clone();
         let network = self.node.bonds.network();
+        let (segments, firewall_drift) = self.node.segment_statuses(&definitions).await;
+        self.node
+            .bonds
+            .set_segment_statuses(segments, firewall_drift);
         let mut nics = tokio::task::spawn_blocking(move || {
             let views: Vec<crate::vm_nics::VmNics<'_>> = definitions
                 .values()

@@ -92,6 +92,8 @@ pub mod methods {
 pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
     use v1::apply_request::Action;
     match action {
+        Action::ApplyNetworkSegment(_) => "apply_network_segment",
+        Action::DeleteNetworkSegment(_) => "delete_network_segment",
         Action::CreateVolume(_) => "create_volume",
         Action::DeleteVolume(_) => "delete_volume",
         Action::WriteVolume(_) => "write_volume",

@@ -2,6 +2,7 @@
 //! data directories, spoken to over real gRPC.
 
 mod adopt;
+mod segments;
 mod apply;
 mod auth;
 mod auto_snapshots;
