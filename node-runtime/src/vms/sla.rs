@@ -100,23 +100,9 @@ pub fn add_io(status: &mut v1::VmStatus) {
     usage.net_tx_frames = status.nics.iter().map(|nic| nic.tx_frames).sum();
 }
 
-fn meminfo(key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix(key))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib * 1024)
-}
-
 /// Memory available now (MemAvailable), bytes.
 pub fn memory_available() -> u64 {
-    meminfo("MemAvailable:").unwrap_or(0)
+    crate::inventory::memory().available_bytes
 }
 
 /// PSI `some avg10` of memory, percent; `None` without PSI.
@@ -136,6 +122,7 @@ pub fn node_usage(
     preempt_below: u64,
 ) -> v1::NodeUsage {
     let ksm = |name: &str| read_u64(format!("/sys/kernel/mm/ksm/{name}")).unwrap_or(0);
+    let memory = crate::inventory::memory();
     let running: Vec<&v1::VmStatus> = vms
         .iter()
         .filter(|vm| vm.state == v1::VmState::Running as i32)
@@ -151,8 +138,8 @@ pub fn node_usage(
         cgroup_version: cgroup_version.into(),
         cgroup_detail: cgroup_detail.into(),
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        memory_bytes: meminfo("MemTotal:").unwrap_or(0),
-        memory_available_bytes: memory_available(),
+        memory_bytes: memory.total_bytes,
+        memory_available_bytes: memory.available_bytes,
         vm_vcpus: running.iter().map(|vm| vm.vcpus).sum(),
         vm_memory_bytes: running.iter().map(|vm| vm.memory_bytes).sum(),
         vm_cpu_ns: usage(|u| u.cpu_ns),

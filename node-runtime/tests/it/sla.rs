@@ -185,6 +185,20 @@ fn promtool_accepts(text: &str) {
     );
 }
 
+/// Deletes the VMs (each with its own request id).
+async fn delete_vms(client: &mut NodeClient, names: &[&str]) {
+    for name in names {
+        apply_ok(
+            client,
+            &format!("{name}-delete"),
+            Action::DeleteVm(DeleteVm {
+                name: (*name).into(),
+            }),
+        )
+        .await;
+    }
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
     values[values.len() / 2]
@@ -326,12 +340,7 @@ async fn each_vmm_runs_in_its_class_cgroup_which_is_read_back_repaired_and_remov
     assert_eq!(moved.cgroup.unwrap().cpu_weight, 1);
 
     // Deleting a VM removes its cgroup.
-    apply_ok(
-        &mut client,
-        "r-delete",
-        Action::DeleteVm(DeleteVm { name: "r".into() }),
-    )
-    .await;
+    delete_vms(&mut client, &["r"]).await;
     let gone = if version == "v1" {
         vec![
             cgroup_dir("v1", "cpu", &rc.path),
@@ -343,12 +352,7 @@ async fn each_vmm_runs_in_its_class_cgroup_which_is_read_back_repaired_and_remov
     for dir in &gone {
         assert!(!dir.exists(), "{} is left", dir.display());
     }
-    apply_ok(
-        &mut client,
-        "s-delete",
-        Action::DeleteVm(DeleteVm { name: "s".into() }),
-    )
-    .await;
+    delete_vms(&mut client, &["s"]).await;
 }
 
 /// The contention test and benchmark: a reserved VM and a spot VM on one CPU (every
@@ -395,7 +399,10 @@ async fn a_reserved_vm_keeps_its_cpu_beside_a_burning_spot_vm() {
     let spot_usage_before = observe_vm(&mut client, "s").await.usage.unwrap().cpu_ns;
     // The reserved VMM burned through most of the windows: its CPU time shows it.
     let reserved_cpu = observe_vm(&mut client, "r").await.usage.unwrap().cpu_ns;
-    assert!(reserved_cpu > 2_000_000_000, "reserved VMM CPU {reserved_cpu} ns");
+    assert!(
+        reserved_cpu > 2_000_000_000,
+        "reserved VMM CPU {reserved_cpu} ns"
+    );
     // Control: the spot VM in the reserved class too (applied in place); both now
     // have the same weight and share the CPU.
     apply_ok(
@@ -421,14 +428,7 @@ async fn a_reserved_vm_keeps_its_cpu_beside_a_burning_spot_vm() {
         equal_ratio <= 0.75,
         "with equal classes the reserved guest still kept {equal_ratio:.3}: the measure does not see contention ({equal:?})"
     );
-    for name in ["r", "s"] {
-        apply_ok(
-            &mut client,
-            &format!("{name}-delete"),
-            Action::DeleteVm(DeleteVm { name: name.into() }),
-        )
-        .await;
-    }
+    delete_vms(&mut client, &["r", "s"]).await;
 }
 
 /// Turns KSM on (merging fast) and puts the host's settings back when dropped.
@@ -587,30 +587,12 @@ async fn twenty_identical_guests_share_pages_and_the_node_reports_what_proc_says
         converged.as_secs_f64()
     );
     drop(ksm);
-    for name in &names {
-        apply_ok(
-            &mut client,
-            &format!("{name}-d"),
-            Action::DeleteVm(DeleteVm { name: name.clone() }),
-        )
-        .await;
-    }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    delete_vms(&mut client, &names).await;
 }
 
 fn mem_available() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("MemAvailable:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap()
-        * 1024
+    node_runtime::inventory::memory().available_bytes
 }
 
 /// A file in /dev/shm (shared memory: it lowers MemAvailable), removed when dropped.
@@ -744,12 +726,5 @@ async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
         threshold >> 20,
         first_stop.unwrap().as_secs_f64() * 1000.0
     );
-    for name in ["r", "o", "s0", "s10"] {
-        apply_ok(
-            &mut client,
-            &format!("{name}-d"),
-            Action::DeleteVm(DeleteVm { name: name.into() }),
-        )
-        .await;
-    }
+    delete_vms(&mut client, &["r", "o", "s0", "s10"]).await;
 }
