@@ -209,22 +209,6 @@ impl NodeAction {
     pub fn to_request(&self, request_id: &str) -> proto::v1::ApplyRequest {
         use proto::v1::apply_request::Action;
         use proto::v1::create_vm::Image;
-        // Each NIC's address (IPAM) goes into the definition's NIC, in order.
-        if let NodeAction::CreateVm { addresses, .. } = self
-            && !addresses.is_empty()
-        {
-            let mut bare = self.clone();
-            if let NodeAction::CreateVm { addresses, .. } = &mut bare {
-                addresses.clear();
-            }
-            let mut request = bare.to_request(request_id);
-            if let Some(Action::CreateVm(definition)) = &mut request.action {
-                for (nic, address) in definition.nics.iter_mut().zip(addresses) {
-                    nic.ipv4 = address.clone();
-                }
-            }
-            return request;
-        }
         let action = match self {
             NodeAction::CreateVolume {
                 name,
@@ -288,7 +272,7 @@ impl NodeAction {
                 source: source.clone(),
             }),
             NodeAction::CreateVm {
-                addresses: _,
+                addresses,
                 name,
                 vcpus,
                 memory_bytes,
@@ -316,12 +300,14 @@ impl NodeAction {
                 }),
                 volumes: volumes.clone(),
                 tenant: tenant.clone(),
+                // Each NIC's IPAM address, in order ("" where it has none).
                 nics: nics
                     .iter()
-                    .map(|network| proto::v1::VmNic {
+                    .enumerate()
+                    .map(|(i, network)| proto::v1::VmNic {
                         network: network.clone(),
                         mtu: 0,
-                        ipv4: String::new(),
+                        ipv4: addresses.get(i).cloned().unwrap_or_default(),
                     })
                     .collect(),
                 sla: sla.clone(),
