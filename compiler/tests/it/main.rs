@@ -2,6 +2,7 @@
 //! fast parser against kdl-rs, placement, and `cairn fmt` keeping meaning.
 
 mod fmt;
+mod ipam;
 mod kdl_fast;
 mod packing;
 mod placement;
@@ -25,6 +26,3 @@ impl Rng {
 
 // Nodes in maintenance (issue 16).
 mod maintenance;
-
-// Addresses and VNIs (issue 19).
-mod ipam;
