@@ -16,7 +16,10 @@
 //!   (heartbeats, dirty-page rate, commands), virtio-blk devices backed by a
 //!   [`devices::block::BlockBackend`] and virtio-net devices on host taps, over
 //!   virtio-MMIO ([`devices`]);
-//! - tracks dirty pages with `KVM_MEM_LOG_DIRTY_PAGES` for live migration;
+//! - tracks dirty pages with `KVM_MEM_LOG_DIRTY_PAGES` and its own writes, saves and
+//!   restores VM state as versioned values ([`state`]) and live-migrates a VM to another
+//!   `cairn-vmm` over TCP with pre-copy, auto-converge and one commit point
+//!   ([`migration`]);
 //! - stops itself when the node's fence deadline lapses without a renewal ([`fence`]),
 //!   so a frozen or cut-off node cannot keep an HA VM running past its lease;
 //! - serves a line-delimited JSON control socket ([`control`]: the wire contract, the
@@ -26,8 +29,8 @@
 //!
 //! What it does not do: attach storage-engine volumes (only files and block devices),
 //! create taps (the node does), ACPI (Linux finds its CPUs through an MP table),
-//! interrupts for the built-in guest (it polls), migration itself
-//! (only the dirty log it needs), cgroups (the agent places the process in one).
+//! interrupts for the built-in guest (it polls), post-copy migration,
+//! the migration's commit record (the node's), cgroups (the agent places the process in one).
 //!
 //! Invariants:
 //! - one process, one VM: nothing here keeps global state that a second VM would share;

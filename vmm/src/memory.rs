@@ -363,6 +363,21 @@ mod tests {
     }
 
     #[test]
+    fn the_vmms_own_writes_are_in_its_dirty_bitmap() {
+        let ram = GuestRam::new(16 << 20).expect("map 16 MiB");
+        let _ = ram.take_vmm_dirty_bitmap();
+        ram.memory()
+            .write_obj(7u32, GuestAddress(5 * PAGE_SIZE + 8))
+            .expect("in bounds");
+        ram.memory()
+            .write_slice(&[1u8; 4096], GuestAddress(9 * PAGE_SIZE))
+            .expect("in bounds");
+        let pages: Vec<u64> = ram.take_vmm_dirty_bitmap().pages().collect();
+        assert_eq!(pages, vec![5 * PAGE_SIZE, 9 * PAGE_SIZE]);
+        assert_eq!(ram.take_vmm_dirty_bitmap().count(), 0, "reading clears it");
+    }
+
+    #[test]
     fn invalid_sizes_are_refused() {
         assert!(matches!(
             GuestRam::new(1 << 20),

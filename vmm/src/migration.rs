@@ -46,6 +46,12 @@ mod frame {
     pub const ABORT: u8 = 8;
     /// Either way: UTF-8 text of why this side gives up.
     pub const ERROR: u8 = 9;
+    /// Source → destination: the end of a pre-copy round; answer with `SYNC_ACK` once
+    /// everything before it was received (the link rate is measured to that answer, not
+    /// to the socket buffer).
+    pub const SYNC: u8 = 10;
+    /// Destination → source: the round arrived.
+    pub const SYNC_ACK: u8 = 11;
 }
 
 /// Largest frame accepted (a state with 64 vCPUs is well under this).
@@ -57,6 +63,10 @@ const PAGES_PER_FRAME: usize = 256;
 pub const MAX_ROUNDS: u32 = 30;
 /// How long a socket read or write may block before the link counts as broken.
 const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+/// A round smaller than this says little about the link (it fits in socket buffers and
+/// one round trip dominates): it neither measures the rate nor needs one to be sent in
+/// the final round.
+const SMALL_ROUND_BYTES: u64 = 256 << 10;
 
 /// What the source says first: enough of its configuration to refuse a destination
 /// that could not hold the VM.
@@ -546,6 +556,10 @@ fn precopy_and_switch(
     let mut bytes_sent = 0u64;
     let mut pages_sent = 0u64;
     let mut send_time = Duration::ZERO;
+    // The link rate from the pre-copy rounds big enough to say something, each timed
+    // from its first page to the destination's SYNC_ACK.
+    let mut rate_bytes = 0u64;
+    let mut rate_time = Duration::ZERO;
     let account = |pages: u64,
                    elapsed: Duration,
                    bytes_sent: &mut u64,
@@ -554,15 +568,35 @@ fn precopy_and_switch(
         *pages_sent += pages;
         *bytes_sent += pages * (8 + PAGE_SIZE) + 5 * pages.div_ceil(PAGES_PER_FRAME as u64);
         *send_time += elapsed;
-        let rate = *bytes_sent as f64 / send_time.as_secs_f64().max(1e-6) / 1e6;
         cell.update(|status| {
             status.rounds += 1;
             status.pages = *pages_sent;
             status.bytes = *bytes_sent;
-            status.link_mb_per_s = rate;
             status.total_ms = started.elapsed().as_secs_f64() * 1000.0;
         });
-        rate
+    };
+    let sync_round = |writer: &mut BufWriter<TcpStream>,
+                          reader: &mut BufReader<TcpStream>,
+                          pages: u64,
+                          round_start: Instant,
+                          rate_bytes: &mut u64,
+                          rate_time: &mut Duration|
+     -> Result<(), SourceFailure> {
+        write_frame(writer, frame::SYNC, &[])
+            .and_then(|()| writer.flush())
+            .map_err(before("ending a round"))?;
+        match read_frame(reader).map_err(before("waiting for the round's acknowledgement"))? {
+            (frame::SYNC_ACK, _) => {}
+            (kind, payload) => return Err(BeforeFinal(error_text(kind, &payload))),
+        }
+        let bytes = pages * (8 + PAGE_SIZE);
+        if bytes >= SMALL_ROUND_BYTES {
+            *rate_bytes += bytes;
+            *rate_time += round_start.elapsed();
+            let rate = *rate_bytes as f64 / rate_time.as_secs_f64().max(1e-6) / 1e6;
+            cell.update(|status| status.link_mb_per_s = rate);
+        }
+        Ok(())
     };
 
     // Stop-and-copy (the benchmark's baseline): no pre-copy round at all.
@@ -570,15 +604,24 @@ fn precopy_and_switch(
         None
     } else {
         // Round 1: everything the guest ever wrote.
+        let round_start = Instant::now();
         let (pages, writing) =
             send_pages(&mut writer, ram, all_pages(ram), true).map_err(before("sending memory"))?;
-        let mut rate_mb = account(
+        account(
             pages,
             writing,
             &mut bytes_sent,
             &mut pages_sent,
             &mut send_time,
         );
+        sync_round(
+            &mut writer,
+            &mut reader,
+            pages,
+            round_start,
+            &mut rate_bytes,
+            &mut rate_time,
+        )?;
 
         let mut previous_dirty = u64::MAX;
         let mut throttle_percent = 0u8;
@@ -595,9 +638,13 @@ fn precopy_and_switch(
                 status.dirty_pages_per_round.push(count);
                 status.vmm_dirty_pages_per_round.push(vmm_only.count());
             });
-            let expected_ms = count as f64 * (PAGE_SIZE + 8) as f64 / (rate_mb.max(0.001) * 1e3);
+            let remainder = count * (PAGE_SIZE + 8);
             let rounds = cell.status().map_or(0, |status| status.rounds);
-            if expected_ms <= request.max_downtime.as_secs_f64() * 1000.0 || rounds >= MAX_ROUNDS {
+            let fits = remainder <= SMALL_ROUND_BYTES
+                || (rate_bytes > 0
+                    && remainder as f64 / rate_bytes as f64 * rate_time.as_secs_f64()
+                        <= request.max_downtime.as_secs_f64());
+            if fits || rounds >= MAX_ROUNDS {
                 break dirty;
             }
             // Not shrinking by a quarter a round: the guest dirties about as fast as the
@@ -609,15 +656,24 @@ fn precopy_and_switch(
                 cell.update(|status| status.throttle_percent = throttle_percent);
             }
             previous_dirty = count;
+            let round_start = Instant::now();
             let (pages, writing) = send_pages(&mut writer, ram, dirty.pages(), false)
                 .map_err(before("sending memory"))?;
-            rate_mb = account(
+            account(
                 pages,
                 writing,
                 &mut bytes_sent,
                 &mut pages_sent,
                 &mut send_time,
             );
+            sync_round(
+                &mut writer,
+                &mut reader,
+                pages,
+                round_start,
+                &mut rate_bytes,
+                &mut rate_time,
+            )?;
         };
         Some(pending)
     };
@@ -772,6 +828,10 @@ pub fn receive(
                     status.pages = pages;
                     status.bytes = bytes;
                 });
+            }
+            frame::SYNC => {
+                write_frame(&mut writer, frame::SYNC_ACK, &[])
+                    .map_err(io_error("acknowledging a round"))?;
             }
             frame::STATE => {
                 break serde_json::from_slice(&payload)

@@ -525,6 +525,13 @@ impl Vm {
             msr_indices,
         };
         if incoming {
+            // Before the control socket is served: it answers `incoming` from the start.
+            let _ = vm.shared.migration.begin(crate::control::MigrationStatus {
+                role: "destination".into(),
+                phase: "incoming".into(),
+                memory_bytes: vm.config.memory_bytes,
+                ..Default::default()
+            });
             for (index, vcpu) in vm.vcpus.iter().enumerate() {
                 arch::setup_cpuid(vcpu, &vm.cpuid, index as u8, vcpu_count)?;
             }
@@ -667,15 +674,7 @@ impl Vm {
         &mut self,
         listener: &std::net::TcpListener,
     ) -> Result<(crate::migration::Decision, Option<std::net::TcpStream>), String> {
-        let _ = self
-            .shared
-            .migration
-            .begin(crate::control::MigrationStatus {
-                role: "destination".into(),
-                phase: "incoming".into(),
-                memory_bytes: self.config.memory_bytes,
-                ..Default::default()
-            });
+        // The cell's status began in `create_incoming`, before the socket was served.
         let result = crate::migration::receive(self, listener);
         let phase = match &result {
             Ok((crate::migration::Decision::Commit, _)) => "committed",

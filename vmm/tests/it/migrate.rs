@@ -168,7 +168,7 @@ fn touch_all_memory(source: &mut VmProcess, memory: u64) {
 
 fn disk_path(dir: &Path) -> PathBuf {
     let path = dir.join("data.img");
-    std::fs::write(&path, vec![0u8; 1 << 20]).expect("disk");
+    std::fs::write(&path, vec![0u8; 4 << 20]).expect("disk");
     path
 }
 
@@ -192,8 +192,10 @@ fn a_builtin_guest_moves_live_with_its_memory_disk_writes_and_heartbeats() {
     );
     let (mut destination, address) = spawn_destination(&args);
 
-    // A 256 KiB write by the guest's own driver (about 2 s here) that spans the move.
-    let (offset, length, seed) = (128u64 << 10, 256u64 << 10, 0x5eed_u64);
+    // A 2 MiB write by the guest's own driver (several seconds here) that spans the
+    // move: its completions are written by the VMM (used ring, status byte), which
+    // KVM's dirty log does not see.
+    let (offset, length, seed) = (128u64 << 10, 2u64 << 20, 0x5eed_u64);
     let socket = source.path("control.sock");
     let writer = std::thread::spawn(move || {
         let mut client =
@@ -209,7 +211,8 @@ fn a_builtin_guest_moves_live_with_its_memory_disk_writes_and_heartbeats() {
         }));
     });
     source.wait_status(Duration::from_secs(30), |status| {
-        status.guest_disks[0].requests > 1
+        // The VMM has carried out the first of the command's 32 requests of 64 KiB.
+        status.disks[0].writes >= 2
     });
     start_migration(&mut source, address, 50);
     let status = wait_phase(&mut source, Duration::from_secs(60), &["ready-to-commit"]);
@@ -258,6 +261,9 @@ fn a_builtin_guest_moves_live_with_its_memory_disk_writes_and_heartbeats() {
         status.total_ms
     );
     assert!(status.bytes >= status.resident_bytes * 9 / 10, "{status:?}");
+    // (Whether one of the command's completions falls inside this short migration is a
+    // matter of timing, so the VMM-written count is printed above, not asserted; the
+    // bitmap itself is tested in vmm::memory's unit tests.)
 
     // The commit: the source relays it, the destination starts, the source exits 0.
     let committed = call(&mut source, &Request::MigrateCommit);
@@ -415,9 +421,12 @@ fn a_destination_killed_after_the_final_state_leaves_the_source_paused_until_tol
     assert!(heartbeats_advance(&mut source), "the source runs again");
 }
 
+/// The protocol's READY frame kind (vmm::migration, "frame").
+const READY_FRAME: u8 = 5;
+
 /// A TCP relay between source and destination that forwards everything except the
-/// destination's `READY` frame (its second frame): the link breaks right after the
-/// destination has received the final state.
+/// destination's `READY` frame: the link breaks right after the destination has
+/// received the final state.
 fn relay_dropping_ready(destination: String) -> String {
     let listener = TcpListener::bind(format!("{LOOPBACK}:0")).expect("bind relay");
     let address = listener.local_addr().expect("address").to_string();
@@ -433,7 +442,7 @@ fn relay_dropping_ready(destination: String) -> String {
         });
         let mut upstream_read = upstream;
         let mut source_write = source;
-        for frame_index in 0.. {
+        loop {
             let mut header = [0u8; 5];
             if upstream_read.read_exact(&mut header).is_err() {
                 break;
@@ -443,7 +452,7 @@ fn relay_dropping_ready(destination: String) -> String {
             if upstream_read.read_exact(&mut payload).is_err() {
                 break;
             }
-            if frame_index == 1 {
+            if header[0] == READY_FRAME {
                 // READY: cut both ways instead.
                 let _ = source_write.shutdown(Shutdown::Both);
                 let _ = upstream_read.shutdown(Shutdown::Both);
@@ -509,5 +518,90 @@ fn an_abort_before_the_source_connects_ends_the_destination_without_running() {
     assert_eq!(
         exit.code(),
         Some(i32::from(vmm::exit_code::MIGRATION_NOT_COMMITTED))
+    );
+}
+
+/// A TCP relay that carries the source's stream at most `bytes_per_second` (a slow
+/// link), and the destination's answers unchanged.
+fn slow_relay(destination: String, bytes_per_second: u64) -> String {
+    let listener = TcpListener::bind(format!("{LOOPBACK}:0")).expect("bind relay");
+    let address = listener.local_addr().expect("address").to_string();
+    std::thread::spawn(move || {
+        let (source, _) = listener.accept().expect("source connects");
+        let upstream = TcpStream::connect(&destination).expect("destination");
+        let (mut back_read, mut back_write) = (
+            upstream.try_clone().expect("clone"),
+            source.try_clone().expect("clone"),
+        );
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_read, &mut back_write);
+        });
+        let (mut source, mut upstream) = (source, upstream);
+        let started = Instant::now();
+        let mut carried = 0u64;
+        let mut buffer = vec![0u8; 64 << 10];
+        while let Ok(read) = source.read(&mut buffer) {
+            if read == 0 || upstream.write_all(&buffer[..read]).is_err() {
+                break;
+            }
+            carried += read as u64;
+            let due = Duration::from_secs_f64(carried as f64 / bytes_per_second as f64);
+            std::thread::sleep(due.saturating_sub(started.elapsed()));
+        }
+        let _ = upstream.shutdown(Shutdown::Both);
+    });
+    address
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_target_allows_is_throttled_until_it_converges() {
+    if !crate::support::kvm_available("a_guest_dirtying_faster…") {
+        return;
+    }
+    let args = ["--memory", "32MiB"];
+    let mut source = spawn_source(&args);
+    call(
+        &mut source,
+        &Request::SetDirtyRate {
+            pages_per_second: 20_000,
+        },
+    );
+    let (mut destination, address) = spawn_destination(&args);
+    // An 8 MB/s link (2,000 pages/s) against a guest asked to dirty 20,000 pages/s:
+    // pre-copy does not converge by itself, so auto-converge must throttle the guest.
+    let relay = slow_relay(address, 8_000_000);
+    start_migration(&mut source, relay, 50);
+    let status = wait_phase(&mut source, Duration::from_secs(120), &["ready-to-commit"]);
+    eprintln!(
+        "slow link: {} rounds, dirty pages per round {:?}, throttle {} %, paused {:.1} ms, total {:.0} ms",
+        status.rounds,
+        status.dirty_pages_per_round,
+        status.throttle_percent,
+        status.paused_ms,
+        status.total_ms
+    );
+    assert!(
+        status.throttle_percent >= 20,
+        "auto-converge engaged: {status:?}"
+    );
+    assert!(status.rounds >= 3, "{status:?}");
+    assert_eq!(
+        call(&mut source, &Request::MemoryHash).memory_crc32c,
+        call(&mut destination, &Request::MemoryHash).memory_crc32c,
+        "same memory despite the dirtying"
+    );
+    // Aborted: the source runs again at its full rate, unthrottled.
+    let aborted = call(&mut source, &Request::MigrateAbort);
+    assert_eq!(aborted.migration.expect("status").phase, "aborted");
+    let before = source.status().pages_dirtied;
+    // (It reports a batch when it is done; a batch of 50,000 pages takes a while here.)
+    source.wait_status(Duration::from_secs(30), |status| {
+        status.state == "running" && status.pages_dirtied > before + 10_000
+    });
+    let exit = destination.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        exit.code(),
+        Some(i32::from(vmm::exit_code::MIGRATION_NOT_COMMITTED)),
+        "the destination was told to abort"
     );
 }
