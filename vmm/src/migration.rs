@@ -448,8 +448,10 @@ pub fn run_source(vm: Arc<dyn SourceVm>, request: MigrateRequest, hello: Hello) 
             // The destination cannot have the final state: the VM is ours to run.
             let _ = vm.set_dirty_logging(false);
             let resumed = resume(vm.as_ref());
+            // An abort the commander asked for during pre-copy is no failure.
+            let aborted = cell.decision() == Some(Decision::Abort);
             cell.update(|status| {
-                status.phase = "failed-resumed".into();
+                status.phase = if aborted { "aborted" } else { "failed-resumed" }.into();
                 status.error = Some(match &resumed {
                     Ok(()) => error.clone(),
                     Err(resume_error) => format!("{error}; resuming failed too: {resume_error}"),
@@ -576,11 +578,11 @@ fn precopy_and_switch(
         });
     };
     let sync_round = |writer: &mut BufWriter<TcpStream>,
-                          reader: &mut BufReader<TcpStream>,
-                          pages: u64,
-                          round_start: Instant,
-                          rate_bytes: &mut u64,
-                          rate_time: &mut Duration|
+                      reader: &mut BufReader<TcpStream>,
+                      pages: u64,
+                      round_start: Instant,
+                      rate_bytes: &mut u64,
+                      rate_time: &mut Duration|
      -> Result<(), SourceFailure> {
         write_frame(writer, frame::SYNC, &[])
             .and_then(|()| writer.flush())

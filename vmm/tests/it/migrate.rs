@@ -605,3 +605,37 @@ fn a_guest_dirtying_faster_than_the_target_allows_is_throttled_until_it_converge
         "the destination was told to abort"
     );
 }
+
+#[test]
+fn an_abort_during_pre_copy_keeps_the_source_running_and_ends_the_destination() {
+    if !crate::support::kvm_available("an_abort_during_pre_copy…") {
+        return;
+    }
+    let args = ["--memory", "32MiB"];
+    let mut source = spawn_source(&args);
+    call(
+        &mut source,
+        &Request::SetDirtyRate {
+            pages_per_second: 20_000,
+        },
+    );
+    let (mut destination, address) = spawn_destination(&args);
+    // A slow link keeps the migration in pre-copy long enough to abort it there.
+    let relay = slow_relay(address, 4_000_000);
+    start_migration(&mut source, relay, 50);
+    let status = &mut source;
+    assert!(wait_until(Duration::from_secs(30), || migration(status)
+        .rounds
+        >= 1));
+    let aborted = call(&mut source, &Request::MigrateAbort);
+    assert!(aborted.ok, "{aborted:?}");
+    let status = wait_phase(&mut source, Duration::from_secs(30), &["aborted"]);
+    assert!(status.rounds < 30, "{status:?}");
+    assert_eq!(source.status().state, "running");
+    assert!(heartbeats_advance(&mut source), "the source runs on");
+    let exit = destination.wait_exit(Duration::from_secs(30));
+    assert_eq!(
+        exit.code(),
+        Some(i32::from(vmm::exit_code::MIGRATION_NOT_COMMITTED))
+    );
+}
