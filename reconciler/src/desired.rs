@@ -139,6 +139,8 @@ pub struct Desired {
     pub nodes: BTreeMap<String, DesiredNode>,
     /// Bonds by node, then bond name.
     pub bonds: BTreeMap<String, BTreeMap<String, DesiredBond>>,
+    /// Tenant network segments by node, then `tenant/network` (issue 19).
+    pub segments: BTreeMap<String, BTreeMap<String, crate::segments::DesiredSegment>>,
     /// VMs by name (placed ones only).
     pub vms: BTreeMap<String, DesiredVm>,
     /// Volumes by name.
@@ -530,6 +532,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
             },
         );
     }
+    desired.segments = crate::segments::desired_segments(model, &desired.nodes, &placement);
     desired.placement = placement;
     desired
 }

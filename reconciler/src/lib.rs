@@ -32,5 +32,6 @@ pub mod observe;
 pub mod pipeline;
 pub mod plan;
 pub mod render;
+pub mod segments;
 pub mod state;
 pub mod status;

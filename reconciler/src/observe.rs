@@ -336,11 +336,34 @@ pub struct ObservedNetworking {
     pub unavailable: String,
     /// `kernel-bond` or `bridge-fallback`.
     pub bond_implementation: String,
+    /// Tenant network segments the node keeps, by `tenant/network` (issue 19).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub segments: BTreeMap<String, ObservedSegment>,
+    /// Differences of the node's security-group tables from its NICs' groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firewall_drift: Vec<String>,
+}
+
+/// A tenant network segment as a node reads it back.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedSegment {
+    /// VXLAN network identifier of the definition.
+    pub vni: u32,
+    /// MTU read back (0: the devices are missing).
+    pub mtu: u32,
+    /// Local VTEP read back.
+    pub local_vtep: String,
+    /// Remote forwarding entries read back (`MAC -> VTEP`).
+    pub fdb: Vec<String>,
+    /// Differences from the definition (router rules included).
+    pub drift: Vec<String>,
 }
 
 /// One node's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
+// One value per node, built once per observation: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum NodeObservation {
     /// It answered.
     Reachable {
@@ -750,6 +773,23 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
             netns: n.netns,
             unavailable: n.unavailable_reason,
             bond_implementation: n.bond_implementation,
+            segments: n
+                .segments
+                .into_iter()
+                .map(|s| {
+                    (
+                        crate::segments::segment_key(&s.tenant, &s.network),
+                        ObservedSegment {
+                            vni: s.vni,
+                            mtu: s.mtu,
+                            local_vtep: s.local_vtep,
+                            fdb: s.fdb,
+                            drift: s.drift,
+                        },
+                    )
+                })
+                .collect(),
+            firewall_drift: n.firewall_drift,
         })
         .unwrap_or_default();
     let protections = response

@@ -77,6 +77,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
                     netns: String::new(),
                     unavailable: String::new(),
                     bond_implementation: "kernel-bond".to_owned(),
+                    ..Default::default()
                 },
                 protections: Default::default(),
             },

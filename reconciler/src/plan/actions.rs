@@ -162,6 +162,16 @@ pub enum NodeAction {
         /// Scheduled snapshots kept per volume.
         keep: u32,
     },
+    /// `ApplyNetworkSegment`: make, change or repair a tenant network's segment on
+    /// the node (issue 19).
+    ApplyNetworkSegment(crate::segments::DesiredSegment),
+    /// `DeleteNetworkSegment`.
+    DeleteNetworkSegment {
+        /// Tenant.
+        tenant: String,
+        /// Network.
+        network: String,
+    },
 }
 
 impl NodeAction {
@@ -182,6 +192,8 @@ impl NodeAction {
             NodeAction::ApplyBond { .. } => "apply_bond",
             NodeAction::DeleteBond { .. } => "delete_bond",
             NodeAction::SetProtection { .. } => "set_protection",
+            NodeAction::ApplyNetworkSegment(_) => "apply_network_segment",
+            NodeAction::DeleteNetworkSegment { .. } => "delete_network_segment",
         }
     }
 
@@ -202,6 +214,8 @@ impl NodeAction {
             | NodeAction::ApplyBond { name, .. }
             | NodeAction::DeleteBond { name } => name,
             NodeAction::SetProtection { vm, .. } => vm,
+            NodeAction::ApplyNetworkSegment(segment) => &segment.network,
+            NodeAction::DeleteNetworkSegment { network, .. } => network,
         }
     }
 
@@ -364,11 +378,74 @@ impl NodeAction {
                 every_ms: *every_ms,
                 keep: *keep,
             }),
+            NodeAction::ApplyNetworkSegment(segment) => {
+                Action::ApplyNetworkSegment(segment_request(segment))
+            }
+            NodeAction::DeleteNetworkSegment { tenant, network } => {
+                Action::DeleteNetworkSegment(proto::v1::DeleteNetworkSegment {
+                    tenant: tenant.clone(),
+                    network: network.clone(),
+                })
+            }
         };
+        let mut action = action;
+        // Every VM NIC has the segments' MTU, so the tap and the segment agree on
+        // the bridge's (crate::segments).
+        if let Action::CreateVm(definition) = &mut action {
+            for nic in &mut definition.nics {
+                nic.mtu = crate::segments::SEGMENT_MTU;
+            }
+        }
         proto::v1::ApplyRequest {
             request_id: request_id.to_owned(),
             action: Some(action),
         }
+    }
+}
+
+fn segment_request(s: &crate::segments::DesiredSegment) -> proto::v1::ApplyNetworkSegment {
+    proto::v1::ApplyNetworkSegment {
+        tenant: s.tenant.clone(),
+        network: s.network.clone(),
+        vni: s.vni,
+        mtu: s.mtu,
+        local_vtep: s.local_vtep.clone(),
+        gateway: s.gateway.clone(),
+        prefix_len: s.prefix_len,
+        remotes: s
+            .remotes
+            .iter()
+            .map(|r| proto::v1::SegmentRemote {
+                vm: r.vm.clone(),
+                mac: r.mac.clone(),
+                ipv4: r.ipv4.clone(),
+                vtep: r.vtep.clone(),
+            })
+            .collect(),
+        guarded: s
+            .guarded
+            .iter()
+            .map(|g| proto::v1::GuardedNic {
+                vm: g.vm.clone(),
+                nic: g.nic,
+                network: g.network.clone(),
+                ipv4: g.ipv4.clone(),
+                groups: g.groups.clone(),
+                allow: g
+                    .allow
+                    .iter()
+                    .map(|r| proto::v1::SecurityRule {
+                        group: r.group.clone(),
+                        from_cidr: r.from_cidr.clone(),
+                        to_cidr: r.to_cidr.clone(),
+                        proto: r.proto.clone(),
+                        port: r.port,
+                        port_end: r.port_end,
+                    })
+                    .collect(),
+            })
+            .collect(),
+        external: s.external,
     }
 }
 

@@ -18,6 +18,7 @@ mod bonds;
 mod build;
 mod images;
 mod protection;
+mod segments;
 mod types;
 mod vms;
 mod volumes;
@@ -89,6 +90,7 @@ pub fn plan_with(
     volumes::plan_volumes(&mut b);
     vms::plan_vms(&mut b);
     protection::plan_protections(&mut b);
+    segments::plan_segments(&mut b);
     finish(b, revision)
 }
 

@@ -1,0 +1,494 @@
+//! Tenant network segments (issue 19): per node, each segment `desired.segments`
+//! names is made, changed or repaired; segments the node keeps that are no longer
+//! wanted there are deleted.
+
+use std::collections::BTreeSet;
+
+use super::build::Builder;
+use super::{Change, ChangeKind, LeftAlone, NodeAction};
+use crate::observe::{NodeObservation, ObservedSegment};
+use crate::segments::DesiredSegment;
+
+fn segment_details(s: &DesiredSegment) -> Vec<String> {
+    let mut out = vec![format!(
+        "vni {} over {}, mtu {}, {} remote NIC(s){}{}",
+        s.vni,
+        s.local_vtep,
+        s.mtu,
+        s.remotes.len(),
+        if s.gateway.is_empty() {
+            String::new()
+        } else {
+            format!(", gateway {}/{}", s.gateway, s.prefix_len)
+        },
+        if s.external { ", external" } else { "" },
+    )];
+    out.extend(
+        s.remotes
+            .iter()
+            .map(|r| format!("{} {} ({}) -> {}", r.vm, r.ipv4, r.mac, r.vtep)),
+    );
+    out
+}
+
+/// What differs between the wanted segment and the one read back (empty: none).
+fn segment_diff(want: &DesiredSegment, have: &ObservedSegment) -> Vec<String> {
+    let mut out = vec![];
+    if want.vni != have.vni {
+        out.push(format!("vni {} -> {}", have.vni, want.vni));
+    }
+    if want.local_vtep != have.local_vtep {
+        out.push(format!(
+            "local vtep {} -> {}",
+            if have.local_vtep.is_empty() {
+                "none"
+            } else {
+                &have.local_vtep
+            },
+            want.local_vtep
+        ));
+    }
+    if want.mtu != have.mtu {
+        out.push(format!("mtu {} -> {}", have.mtu, want.mtu));
+    }
+    let want_fdb = want.fdb();
+    let have_fdb: BTreeSet<String> = have.fdb.iter().cloned().collect();
+    for entry in want_fdb.difference(&have_fdb) {
+        out.push(format!("+ fdb {entry}"));
+    }
+    for entry in have_fdb.difference(&want_fdb) {
+        out.push(format!("- fdb {entry}"));
+    }
+    if out.is_empty() {
+        out.extend(have.drift.iter().map(|d| format!("repair: {d}")));
+    }
+    out
+}
+
+/// Segments: each wanted segment the node lacks is created; one whose VNI, VTEP,
+/// MTU or forwarding entries differ (a VM moved, a member joined or left), or that
+/// the node reports drift for, is applied again (the node changes only what
+/// differs). Security-group drift of the node is repaired by applying its first
+/// wanted segment again (the node reprograms the groups from all its segments).
+/// A node running its network in a named namespace (`networking.netns`, the dev
+/// cluster) has no VTEP (see `crate::segments`) and is skipped.
+/// Segments depend on nothing (their steps are in the first wave); a delete waits
+/// for the VM deletes on that node. A node that refuses network actions has its
+/// segments left alone with its reason.
+pub(super) fn plan_segments(b: &mut Builder<'_>) {
+    let desired = b.desired;
+    let empty = Default::default();
+    let nodes: BTreeSet<&String> = desired
+        .segments
+        .keys()
+        .chain(b.observed.nodes.keys())
+        .collect();
+    for node in nodes {
+        let wanted = desired.segments.get(node).unwrap_or(&empty);
+        let Some(NodeObservation::Reachable { networking, .. }) = b.observed.nodes.get(node) else {
+            if b.observed.nodes.contains_key(node) {
+                b.left_alone.extend(wanted.keys().map(|name| LeftAlone {
+                    object: "segment".into(),
+                    name: name.clone(),
+                    node: node.clone(),
+                    reason: String::new(),
+                }));
+            }
+            continue;
+        };
+        if !networking.netns.is_empty() {
+            // The VTEP is the node's address (crate::segments::vtep_of), which is
+            // not in a named namespace the node runs its network in (the dev
+            // cluster's: its gRPC stays on the host's loopback). Without an
+            // underlay address in the spec such a node gets no segment.
+            continue;
+        }
+        let site = desired.nodes.get(node).map(|n| n.site.clone());
+        let refused = !networking.unavailable.is_empty();
+        let mut firewall_repaired = networking.firewall_drift.is_empty();
+        for want in wanted.values() {
+            let (kind, mut details) = match networking.segments.get(&want.key()) {
+                None => (ChangeKind::Create, segment_details(want)),
+                Some(have) => (ChangeKind::Update, segment_diff(want, have)),
+            };
+            if !firewall_repaired && kind == ChangeKind::Update {
+                details.extend(
+                    networking
+                        .firewall_drift
+                        .iter()
+                        .map(|d| format!("repair: security groups: {d}")),
+                );
+            }
+            if details.is_empty() {
+                continue;
+            }
+            if refused {
+                b.left_alone.push(LeftAlone {
+                    object: "segment".into(),
+                    name: want.key(),
+                    node: node.clone(),
+                    reason: format!(
+                        "network actions are refused there: {}",
+                        networking.unavailable
+                    ),
+                });
+                continue;
+            }
+            firewall_repaired = true;
+            let step = b.step(node, NodeAction::ApplyNetworkSegment(want.clone()), vec![]);
+            b.changes.push(Change {
+                site: site.clone(),
+                details,
+                steps: vec![step],
+                ..Change::new(kind, "segment", &want.key(), &want.tenant, node)
+            });
+        }
+        if refused {
+            continue;
+        }
+        let deletes: Vec<String> = networking
+            .segments
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in deletes {
+            if b.keep_unpruned("segment", &key, node) {
+                continue;
+            }
+            let (tenant, network) = key.split_once('/').unwrap_or(("", key.as_str()));
+            let depends = b.deleted_vm_steps.get(node).cloned().unwrap_or_default();
+            let step = b.step(
+                node,
+                NodeAction::DeleteNetworkSegment {
+                    tenant: tenant.to_owned(),
+                    network: network.to_owned(),
+                },
+                depends,
+            );
+            b.changes.push(Change {
+                site: site.clone(),
+                details: vec!["no VM of its tenant is placed on this node any more".into()],
+                steps: vec![step],
+                ..Change::new(ChangeKind::Delete, "segment", &key, tenant, node)
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use crate::desired::{self, Desired};
+    use crate::observe::{NodeObservation, Observed, ObservedNetworking, ObservedSegment};
+    use crate::plan::{ChangeKind, NodeAction, Plan, PlanOptions, plan, plan_with};
+
+    fn quickstart() -> (compiler::Model, std::path::PathBuf) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let sources = compiler::source::Sources::load_dir(&root).unwrap();
+        let compilation = compiler::compile(&sources);
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        (compilation.model, root)
+    }
+
+    fn desired_with(placement: Option<desired::Placement>) -> Desired {
+        let (model, root) = quickstart();
+        let placement = placement.unwrap_or_else(|| desired::place(&model, None));
+        desired::desired(&model, &root, placement)
+    }
+
+    /// Every node reachable, with exactly the segments `desired` wants (converged).
+    fn observed_as(desired: &Desired) -> Observed {
+        let mut observed = Observed::default();
+        for node in desired.nodes.keys() {
+            let segments = desired
+                .segments
+                .get(node)
+                .into_iter()
+                .flatten()
+                .map(|(k, s)| {
+                    (
+                        k.clone(),
+                        ObservedSegment {
+                            vni: s.vni,
+                            mtu: s.mtu,
+                            local_vtep: s.local_vtep.clone(),
+                            fdb: s.fdb().into_iter().collect(),
+                            drift: vec![],
+                        },
+                    )
+                })
+                .collect();
+            observed.nodes.insert(
+                node.clone(),
+                NodeObservation::Reachable {
+                    public_key_hex: String::new(),
+                    vms: Default::default(),
+                    volumes: Default::default(),
+                    bonds: Default::default(),
+                    networking: ObservedNetworking {
+                        segments,
+                        ..Default::default()
+                    },
+                    protections: Default::default(),
+                },
+            );
+        }
+        observed
+    }
+
+    fn networking<'a>(observed: &'a mut Observed, node: &str) -> &'a mut ObservedNetworking {
+        match observed.nodes.get_mut(node) {
+            Some(NodeObservation::Reachable { networking, .. }) => networking,
+            _ => panic!("{node} not reachable"),
+        }
+    }
+
+    fn segment_changes(plan: &Plan) -> BTreeMap<(String, String), (ChangeKind, Vec<String>)> {
+        plan.changes
+            .iter()
+            .filter(|c| c.object == "segment")
+            .map(|c| {
+                (
+                    (c.node.clone(), c.name.clone()),
+                    (c.kind, c.details.clone()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_network_spans_the_nodes_of_its_vms_with_entries_for_the_others() {
+        let desired = desired_with(None);
+        let dev = desired
+            .placement
+            .networks
+            .iter()
+            .find(|n| n.name == "dev-net")
+            .unwrap();
+        assert!(dev.nodes.len() >= 2, "dev-net spans {:?}", dev.nodes);
+        let dev_nics = desired
+            .placement
+            .addresses
+            .iter()
+            .filter(|a| a.network == "dev-net")
+            .count();
+        assert_eq!(dev_nics, 4, "web-0..2 and db");
+        for node in &dev.nodes {
+            let s = &desired.segments[node]["dev/dev-net"];
+            assert_eq!(
+                (s.vni, s.mtu, s.gateway.as_str()),
+                (dev.vni, 1450, "10.77.0.1")
+            );
+            assert_eq!(s.prefix_len, 24);
+            assert_eq!(
+                s.local_vtep,
+                desired.nodes[node].address.replace(":7100", "")
+            );
+            let here = desired
+                .vms
+                .values()
+                .filter(|v| &v.node == node && v.tenant == "dev")
+                .count();
+            assert_eq!(s.remotes.len(), dev_nics - here, "{node}: {:?}", s.remotes);
+            for r in &s.remotes {
+                let there = &desired.vms[&r.vm].node;
+                assert_ne!(there, node);
+                assert_eq!(r.vtep, desired.nodes[there].address.replace(":7100", ""));
+                assert_eq!(
+                    Some(r.ipv4.as_str()),
+                    desired.placement.nic_address(&r.vm, 0)
+                );
+            }
+        }
+        // A fresh cluster: a create per (node, segment), in the first wave.
+        let mut empty = observed_as(&desired);
+        for node in desired.nodes.keys() {
+            networking(&mut empty, node).segments.clear();
+        }
+        let first = plan(&desired, &empty, "r1");
+        let created = segment_changes(&first);
+        let wanted: usize = desired.segments.values().map(|s| s.len()).sum();
+        assert_eq!(created.len(), wanted);
+        assert!(created.values().all(|(k, _)| *k == ChangeKind::Create));
+        let step = first
+            .steps
+            .iter()
+            .find(|s| s.action.word() == "apply_network_segment")
+            .unwrap();
+        assert_eq!(step.wave, 0);
+        // The wire request carries what the desired segment says; VM NICs get its MTU.
+        let NodeAction::ApplyNetworkSegment(seg) = &step.action else {
+            panic!()
+        };
+        let request = step.action.to_request("x.1");
+        let Some(proto::v1::apply_request::Action::ApplyNetworkSegment(wire)) = request.action
+        else {
+            panic!()
+        };
+        assert_eq!(
+            (wire.vni, wire.mtu, wire.remotes.len()),
+            (seg.vni, 1450, seg.remotes.len())
+        );
+        let create_vm = first
+            .steps
+            .iter()
+            .find(|s| s.action.word() == "create_vm")
+            .unwrap();
+        let Some(proto::v1::apply_request::Action::CreateVm(vm)) =
+            create_vm.action.to_request("x.2").action
+        else {
+            panic!()
+        };
+        assert!(vm.nics.iter().all(|n| n.mtu == 1450), "{:?}", vm.nics);
+        // Converged: nothing to do.
+        let again = plan(&desired, &observed_as(&desired), "r1");
+        assert!(segment_changes(&again).is_empty(), "{:?}", again.changes);
+    }
+
+    #[test]
+    fn a_moved_vm_updates_the_entries_on_every_node_of_its_network() {
+        let before = desired_with(None);
+        let observed = observed_as(&before);
+        let mut placement = before.placement.clone();
+        let was = before.vms["db"].node.clone();
+        let to = before.nodes.keys().find(|n| **n != was).unwrap().clone();
+        placement
+            .vms
+            .iter_mut()
+            .find(|v| v.name == "db")
+            .unwrap()
+            .node = to.clone();
+        for n in placement
+            .networks
+            .iter_mut()
+            .filter(|n| n.name == "dev-net")
+        {
+            n.nodes.push(to.clone());
+            n.nodes.sort();
+            n.nodes.dedup();
+        }
+        let after = desired_with(Some(placement));
+        let changes = segment_changes(&plan(&after, &observed, "r2"));
+        let db_mac = crate::segments::default_mac("db", 0);
+        // db's node of old now points at the new node; the new node no longer has
+        // an entry for db (it is local there).
+        for (node, s) in &after.segments {
+            let Some(seg) = s.get("dev/dev-net") else {
+                continue;
+            };
+            if before.segments.get(node).and_then(|s| s.get("dev/dev-net")) == Some(seg) {
+                continue;
+            }
+            let (kind, details) = &changes[&(node.clone(), "dev/dev-net".to_owned())];
+            if before
+                .segments
+                .get(node)
+                .is_some_and(|s| s.contains_key("dev/dev-net"))
+            {
+                assert_eq!(*kind, ChangeKind::Update);
+                assert!(
+                    details.iter().any(|d| d.contains(&db_mac)),
+                    "{node}: {details:?}"
+                );
+            }
+        }
+        // The node db left now sends db's frames to the node it moved to.
+        let to_vtep = after.segments[&to]["dev/dev-net"].local_vtep.clone();
+        let on_was = &changes[&(was.clone(), "dev/dev-net".to_owned())].1;
+        assert!(
+            on_was.contains(&format!("+ fdb {db_mac} -> {to_vtep}")),
+            "{on_was:?}"
+        );
+        assert!(changes.contains_key(&(to.clone(), "dev/dev-net".to_owned())));
+        assert!(changes.contains_key(&(was.clone(), "dev/dev-net".to_owned())));
+        let on_to = &changes[&(to.clone(), "dev/dev-net".to_owned())].1;
+        assert!(
+            on_to
+                .iter()
+                .any(|d| d.starts_with("- fdb") && d.contains(&db_mac))
+                || before
+                    .segments
+                    .get(&to)
+                    .is_none_or(|s| !s.contains_key("dev/dev-net")),
+            "{on_to:?}"
+        );
+    }
+
+    #[test]
+    fn a_segment_no_longer_wanted_is_deleted_unless_prune_is_off() {
+        let desired = desired_with(None);
+        let mut observed = observed_as(&desired);
+        let node = desired.nodes.keys().next().unwrap().clone();
+        networking(&mut observed, &node)
+            .segments
+            .insert("gone/old-net".into(), ObservedSegment::default());
+        let p = plan(&desired, &observed, "r3");
+        let changes = segment_changes(&p);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert_eq!(
+            changes[&(node.clone(), "gone/old-net".to_owned())].0,
+            ChangeKind::Delete
+        );
+        assert!(p.steps.iter().any(|s| s.action
+            == NodeAction::DeleteNetworkSegment {
+                tenant: "gone".into(),
+                network: "old-net".into()
+            }));
+        let kept = plan_with(
+            &desired,
+            &observed,
+            "r3",
+            &PlanOptions {
+                prune: false,
+                ..Default::default()
+            },
+        );
+        assert!(segment_changes(&kept).is_empty());
+        assert!(kept.unpruned.iter().any(|u| u.name == "gone/old-net"));
+    }
+
+    #[test]
+    fn drift_is_repaired_and_refusing_nodes_are_left_alone() {
+        let desired = desired_with(None);
+        let mut observed = observed_as(&desired);
+        let (node, segs) = desired.segments.iter().next().unwrap();
+        let key = segs.keys().next().unwrap().clone();
+        networking(&mut observed, node)
+            .segments
+            .get_mut(&key)
+            .unwrap()
+            .drift = vec!["fdb 02:ca:00:00:00:01: missing, want 127.0.0.12".into()];
+        let changes = segment_changes(&plan(&desired, &observed, "r4"));
+        assert_eq!(
+            changes[&(node.clone(), key.clone())],
+            (
+                ChangeKind::Update,
+                vec!["repair: fdb 02:ca:00:00:00:01: missing, want 127.0.0.12".into()]
+            )
+        );
+        // Security-group drift: one segment of the node is applied again.
+        let mut observed = observed_as(&desired);
+        networking(&mut observed, node).firewall_drift = vec!["rule cairn:ab missing".into()];
+        let changes = segment_changes(&plan(&desired, &observed, "r5"));
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(changes[&(node.clone(), key.clone())].1[0].contains("security groups"));
+        // A node whose network lives in a named namespace (the dev cluster): its
+        // address is not there, so it has no VTEP and gets no segment.
+        let mut observed = observed_as(&desired);
+        networking(&mut observed, node).segments.clear();
+        networking(&mut observed, node).netns = "cairn-0123-lab-1".into();
+        let p = plan(&desired, &observed, "r7");
+        assert!(segment_changes(&p).iter().all(|((n, _), _)| n != node));
+        // A node that refuses network actions: left alone with its reason.
+        let mut observed = observed_as(&desired);
+        networking(&mut observed, node).segments.clear();
+        networking(&mut observed, node).unavailable = "not running as root".into();
+        let p = plan(&desired, &observed, "r6");
+        assert!(segment_changes(&p).is_empty());
+        assert!(p.left_alone.iter().any(|l| l.object == "segment"
+            && &l.node == node
+            && l.reason.contains("not running as root")));
+    }
+}

@@ -1,0 +1,284 @@
+//! Tenant network segments (issue 19): per node, what `ApplyNetworkSegment` should
+//! make there, built from the placement (`networks`: VNI, member nodes, gateway,
+//! CIDR, external; `addresses`: each NIC's address, whose VM runs on a node) and the
+//! model's security groups.
+//!
+//! - A tenant's networks are all made on every node that hosts any of that tenant's
+//!   VMs (the union of its networks' `nodes`): the tenant's router namespace routes
+//!   between its networks on each node, so a network with no VM on a node still
+//!   needs its leg there.
+//! - `remotes`: every NIC on the network whose VM runs on another node, with the
+//!   MAC the node gives it ([`default_mac`], the same function as
+//!   `vmm::devices::virtio_net::default_mac`) and that node's VTEP.
+//! - `guarded`: every NIC of the tenant's placed VMs that lists security groups,
+//!   with the rules resolved (the node enforces those of VMs it runs and admits the
+//!   others' traffic in the router namespace).
+//! - VTEP (underlay address): the IPv4 host of the node's `address` (the address the
+//!   controller reaches its cairn-node at). The spec has no underlay address of its
+//!   own; on the dev cluster and on a host whose management address sits on its
+//!   bond that is the right one. A node whose address is a host name gets no
+//!   segment, nor does a node that runs its network in a named namespace
+//!   (Observe's `networking.netns`: the dev cluster, whose gRPC stays on the
+//!   host's loopback, so the address is not in the node's namespace and the node
+//!   would refuse the VTEP). An underlay address per node in the spec would lift
+//!   both limits.
+//! - MTU: [`SEGMENT_MTU`] (a 1500 underlay minus the 50 bytes of VXLAN), sent
+//!   explicitly, and every VM NIC is created with the same MTU
+//!   (`NodeAction::to_request`), so the tap and the segment agree on the bridge's
+//!   MTU.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use compiler::Model;
+use serde::{Deserialize, Serialize};
+
+use crate::desired::{DesiredNode, Placement};
+
+/// The MTU of every tenant network segment and of every VM NIC: a 1500-byte
+/// underlay minus VXLAN's 50 bytes (the node refuses more than its underlay allows).
+pub const SEGMENT_MTU: u32 = 1450;
+
+/// A NIC on another node: its frames go to that node's VTEP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SegmentRemote {
+    /// The VM.
+    pub vm: String,
+    /// Its MAC on this network.
+    pub mac: String,
+    /// Its IPv4 address (empty: none).
+    pub ipv4: String,
+    /// The VTEP of the node it runs on.
+    pub vtep: String,
+}
+
+/// One resolved allow rule of a security group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SegmentRule {
+    /// The group.
+    pub group: String,
+    /// Source prefix.
+    pub from_cidr: String,
+    /// Destination prefix (empty: any address of the NIC).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub to_cidr: String,
+    /// `tcp`, `udp`, `icmp` or `any`.
+    pub proto: String,
+    /// First destination port (0: all).
+    #[serde(default)]
+    pub port: u32,
+    /// Last destination port (0: = port).
+    #[serde(default)]
+    pub port_end: u32,
+}
+
+/// A NIC of the tenant that lists security groups.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct GuardedNic {
+    /// The VM.
+    pub vm: String,
+    /// Index of the NIC in the VM's definition.
+    pub nic: u32,
+    /// Its network.
+    pub network: String,
+    /// Its address (empty: none).
+    pub ipv4: String,
+    /// The groups it lists.
+    pub groups: Vec<String>,
+    /// Their rules.
+    pub allow: Vec<SegmentRule>,
+}
+
+/// What one node should have of one tenant network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct DesiredSegment {
+    /// Tenant.
+    pub tenant: String,
+    /// Network.
+    pub network: String,
+    /// VXLAN network identifier (from the placement).
+    pub vni: u32,
+    /// Segment MTU.
+    pub mtu: u32,
+    /// This node's VTEP.
+    pub local_vtep: String,
+    /// Gateway (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub gateway: String,
+    /// The network's prefix length.
+    pub prefix_len: u32,
+    /// NICs of this network on other nodes.
+    pub remotes: Vec<SegmentRemote>,
+    /// The tenant's NICs with security groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guarded: Vec<GuardedNic>,
+    /// Egress through the node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub external: bool,
+}
+
+impl DesiredSegment {
+    /// `tenant/network`, the key of a segment on a node.
+    pub fn key(&self) -> String {
+        segment_key(&self.tenant, &self.network)
+    }
+
+    /// The forwarding entries as the node reports them (`MAC -> VTEP`).
+    pub fn fdb(&self) -> BTreeSet<String> {
+        self.remotes
+            .iter()
+            .map(|r| format!("{} -> {}", r.mac, r.vtep))
+            .collect()
+    }
+}
+
+/// `tenant/network`.
+pub fn segment_key(tenant: &str, network: &str) -> String {
+    format!("{tenant}/{network}")
+}
+
+/// The MAC a node gives NIC `index` of `vm` (FNV-1a over the name, a NUL and the
+/// index as 8 little-endian bytes, under the locally administered prefix
+/// 02:ca): the same function as `vmm::devices::virtio_net::default_mac`, which the
+/// reconciler cannot link.
+pub fn default_mac(vm: &str, index: usize) -> String {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in vm.bytes().chain([0]).chain((index as u64).to_le_bytes()) {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let [a, b, c, d] = hash.to_be_bytes();
+    format!("02:ca:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
+/// A node's VTEP: the IPv4 host of its `host:port` address; None for a host name.
+pub fn vtep_of(node: &DesiredNode) -> Option<String> {
+    let host = node
+        .address
+        .rsplit_once(':')
+        .map_or(node.address.as_str(), |(h, _)| h);
+    host.parse::<Ipv4Addr>().ok().map(|a| a.to_string())
+}
+
+/// Per node, the segments it should have, by `tenant/network`.
+pub fn desired_segments(
+    model: &Model,
+    nodes: &BTreeMap<String, DesiredNode>,
+    placement: &Placement,
+) -> BTreeMap<String, BTreeMap<String, DesiredSegment>> {
+    let vm_node: BTreeMap<&str, &str> = placement
+        .vms
+        .iter()
+        .map(|v| (v.name.as_str(), v.node.as_str()))
+        .collect();
+    let vtep = |node: &str| nodes.get(node).and_then(vtep_of);
+    let mut out: BTreeMap<String, BTreeMap<String, DesiredSegment>> = BTreeMap::new();
+    for tenant in &model.tenants {
+        let networks: Vec<_> = placement
+            .networks
+            .iter()
+            // IPv6 networks have no segment yet (IPAM and the overlay are IPv4).
+            .filter(|n| n.tenant == tenant.name && !n.cidr.contains(':'))
+            .collect();
+        let tenant_nodes: BTreeSet<&str> = networks
+            .iter()
+            .flat_map(|n| n.nodes.iter().map(String::as_str))
+            .filter(|n| nodes.contains_key(*n))
+            .collect();
+        let mut guarded = vec![];
+        for vm in model.vms.iter().filter(|v| v.tenant == tenant.name) {
+            if !vm_node.contains_key(vm.name.as_str()) {
+                continue;
+            }
+            for (i, nic) in vm.nics.iter().enumerate() {
+                if nic.security_groups.is_empty() {
+                    continue;
+                }
+                let allow = nic
+                    .security_groups
+                    .iter()
+                    .filter_map(|g| tenant.security_groups.iter().find(|s| &s.name == g))
+                    .flat_map(|g| {
+                        g.allow.iter().map(|r| SegmentRule {
+                            group: g.name.clone(),
+                            from_cidr: r.from_cidr.clone(),
+                            to_cidr: r.to_cidr.clone().unwrap_or_default(),
+                            proto: r.proto.to_string(),
+                            port: r.port.unwrap_or(0),
+                            port_end: r.port_end.unwrap_or(0),
+                        })
+                    })
+                    .collect();
+                guarded.push(GuardedNic {
+                    vm: vm.name.clone(),
+                    nic: i as u32,
+                    network: nic.network.clone(),
+                    ipv4: placement
+                        .nic_address(&vm.name, i)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    groups: nic.security_groups.clone(),
+                    allow,
+                });
+            }
+        }
+        for network in &networks {
+            let prefix_len = network
+                .cidr
+                .rsplit_once('/')
+                .and_then(|(_, p)| p.parse().ok())
+                .unwrap_or(32);
+            for node in &tenant_nodes {
+                let Some(local_vtep) = vtep(node) else {
+                    continue;
+                };
+                let remotes = placement
+                    .addresses
+                    .iter()
+                    .filter(|a| a.tenant == tenant.name && a.network == network.name)
+                    .filter_map(|a| {
+                        let there = *vm_node.get(a.vm.as_str())?;
+                        (there != *node).then(|| {
+                            Some(SegmentRemote {
+                                vm: a.vm.clone(),
+                                mac: default_mac(&a.vm, a.nic as usize),
+                                ipv4: a.address.clone(),
+                                vtep: vtep(there)?,
+                            })
+                        })?
+                    })
+                    .collect();
+                let segment = DesiredSegment {
+                    tenant: tenant.name.clone(),
+                    network: network.name.clone(),
+                    vni: network.vni,
+                    mtu: SEGMENT_MTU,
+                    local_vtep,
+                    gateway: network.gateway.clone().unwrap_or_default(),
+                    prefix_len,
+                    remotes,
+                    guarded: guarded.clone(),
+                    external: network.external,
+                };
+                out.entry((*node).to_owned())
+                    .or_default()
+                    .insert(segment.key(), segment);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mac_is_the_vmms() {
+        // FNV-1a of "web-0\0" and 0u64 little-endian (recomputed outside Rust).
+        let mac = default_mac("web-0", 0);
+        assert_eq!(mac, "02:ca:a0:ea:53:e4");
+        assert_ne!(mac, default_mac("web-0", 1));
+        assert_ne!(mac, default_mac("web-1", 0));
+    }
+}
