@@ -65,6 +65,12 @@ pub struct BenchArgs {
     /// Keep the temporary directory (its path is printed).
     #[arg(long)]
     pub keep: bool,
+    /// With `--failover`: the three nodes listen on this IPv4 address and the next
+    /// two, the controller on the one after them (default: 127.0.0.1 with free ports; with
+    /// `--partition`, 127.0.0.21-23 in the bench's own network namespace, named by
+    /// `CAIRN_BENCH_NETNS`).
+    #[arg(long, requires = "failover")]
+    pub failover_address: Option<std::net::Ipv4Addr>,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -255,7 +261,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         );
     }
     if args.failover {
-        return failover::run(args.vms.unwrap_or(3), args.runs, args.keep, args.partition);
+        return failover::run(
+            args.vms.unwrap_or(3),
+            args.runs,
+            args.keep,
+            args.partition,
+            args.failover_address,
+        );
     }
     let Some(tmp) = kvm_and_a_fresh_dir("cairn-controller-bench")? else {
         return Ok(1);
