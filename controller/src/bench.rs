@@ -11,7 +11,8 @@
 //! `--noop` measures a sync with nothing to do instead (see [`noop`]): no
 //! cluster, a generated repository of `--nodes` nodes and `--vms` VMs.
 //! `--failover` measures HA: a node killed → its HA VMs running elsewhere (see
-//! [`failover`]).
+//! [`failover`]). `--console` measures the web console's page loads once the
+//! VMs run (see [`console`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,6 +22,7 @@ use anyhow::{Context, bail};
 
 use crate::events::Event;
 
+pub mod console;
 pub mod failover;
 pub mod noop;
 pub mod simulate;
@@ -56,6 +58,11 @@ pub struct BenchArgs {
     /// of its own. Needs root, `ip` and `nft`.
     #[arg(long, requires = "failover")]
     pub partition: bool,
+    /// Measure the web console instead: each page's load time over HTTP (cold, in
+    /// use, at once), once a commit of `--vms` VMs (default 8, the quickstart's size) runs;
+    /// with `--simulate`, on the simulated cluster after its first apply.
+    #[arg(long, conflicts_with_all = ["noop", "failover"])]
+    pub console: bool,
     /// With `--noop` or `--simulate`: nodes of the repository.
     #[arg(long, default_value_t = 1000)]
     pub nodes: usize,
@@ -258,6 +265,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
             args.runs,
             args.parallelism,
             args.keep,
+            args.console,
         );
     }
     if args.failover {
@@ -329,6 +337,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
         let _ = std::fs::remove_dir_all(&tmp);
     }
     let samples = result?;
+    if args.console {
+        return Ok(0);
+    }
     let col = |f: fn(&Sample) -> u64| median(samples.iter().map(f).collect());
     println!(
         "controller bench: a commit adding {} VMs on a 3-node dev cluster, {} runs (medians)",
@@ -400,6 +411,16 @@ fn measure(
                 bail!("the first sync did not succeed: {e:?}");
             }
             let mut samples = vec![];
+            if args.console {
+                let vms = args.vms.unwrap_or(8);
+                let (commit, _, _) = push(work, key, vms, &format!("bench: {vms} VMs"))?;
+                let done = wait_event(&handle, "sync", &commit, Duration::from_secs(600)).await?;
+                if done.result != "succeeded" {
+                    bail!("the sync of {commit} did not succeed: {done:?}");
+                }
+                console::measure(&handle, "bench-0", args.runs).await?;
+                return Ok(samples);
+            }
             for run in 0..args.runs {
                 let (commit, at, push_ms) = push(
                     work,

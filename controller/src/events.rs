@@ -217,15 +217,27 @@ impl EventLog {
 
     /// The newest `limit` events, newest first; `kind` filters.
     pub fn newest(&self, limit: usize, kind: Option<&str>) -> Result<Vec<Event>, EventError> {
+        self.newest_where(usize::MAX, limit, kind, |_| true)
+    }
+
+    /// The newest `limit` events of `kind` that `admits`, among the newest `scan`
+    /// records: a page of a filtered list reads only as far back as it must.
+    pub fn newest_where(
+        &self,
+        scan: usize,
+        limit: usize,
+        kind: Option<&str>,
+        admits: impl Fn(&Event) -> bool,
+    ) -> Result<Vec<Event>, EventError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         let mut out = vec![];
-        for row in table.iter().map_err(|e| self.err(e))?.rev() {
+        for row in table.iter().map_err(|e| self.err(e))?.rev().take(scan) {
             let (_, v) = row.map_err(|e| self.err(e))?;
             let Ok(event) = serde_json::from_slice::<Event>(v.value()) else {
                 continue;
             };
-            if kind.is_some_and(|k| k != event.kind) {
+            if kind.is_some_and(|k| k != event.kind) || !admits(&event) {
                 continue;
             }
             out.push(event);

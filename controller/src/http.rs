@@ -170,8 +170,11 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// Observed now, always; the console's pages then reuse this answer while it is young.
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
-    axum::Json(crate::worker::status_json(&shared).await).into_response()
+    let value = Arc::new(crate::worker::status_json(&shared).await);
+    shared.status_view.put(value.clone());
+    axum::Json(&*value).into_response()
 }
 
 /// `?limit=N&kind=K`.

@@ -33,6 +33,7 @@ pub mod console;
 pub mod control;
 pub mod events;
 pub mod fence_list;
+pub mod fresh;
 pub mod gate;
 mod grpc;
 pub mod http;
@@ -193,6 +194,14 @@ pub struct Shared {
     pub replicas: Option<replicas::Replicas>,
     /// The nodes an operator put in maintenance.
     pub maintenance: maintenance::Maintenance,
+    /// The status the console's pages share (`/api/v1/status`'s value), made at most
+    /// once at a time and forgotten when an event is recorded.
+    pub status_view: fresh::Fresh<Arc<serde_json::Value>>,
+    /// The VM and node states the console's live streams share.
+    pub live_view: fresh::Fresh<Option<serde_json::Value>>,
+    /// When a console page was last loaded (Unix ms), and whether the task that keeps
+    /// `status_view` young while the console is in use runs.
+    pub console_use: console::Use,
 }
 
 impl Shared {
@@ -235,6 +244,9 @@ impl Shared {
                     .unwrap_or_default()
             );
         }
+        // Something happened: the console's next page load or live tick observes anew.
+        self.status_view.invalidate();
+        self.live_view.invalidate();
         // Notified once recorded (a receiver that looks finds the event).
         let notifier = self.notifier.get().filter(|n| n.receivers() > 0);
         let copy = notifier.map(|_| events.clone());
@@ -455,6 +467,9 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         leases: Arc::new(lease::Leases::new(lease::DEFAULT_TTL)),
         replicas,
         maintenance,
+        status_view: fresh::Fresh::default(),
+        live_view: fresh::Fresh::default(),
+        console_use: console::Use::default(),
     });
     std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))
         .with_context(|| format!("cannot write {}", control::url_path(&data_dir).display()))?;

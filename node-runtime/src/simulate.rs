@@ -525,6 +525,12 @@ pub async fn run(
     };
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|e| format!("cannot create {}: {e}", config.data_dir.display()))?;
+    // Per node: its listener, its records' and volumes' files, the controller's and
+    // peers' connections (10,000 nodes went past the default 20,000).
+    let wanted = config.nodes.len() as u64 * 8 + 1024;
+    if let Err(e) = proto::client::raise_open_file_limit(wanted) {
+        eprintln!("warning: {e}");
+    }
     let shared_keys = config.data_dir.join("trusted-controllers");
     let mut nodes: BTreeMap<String, SimNode> = BTreeMap::new();
     for (index, (name, listen)) in config.nodes.iter().enumerate() {

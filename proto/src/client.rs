@@ -494,3 +494,87 @@ impl NodeClient {
 
 /// Largest gRPC message either side sends or accepts: 4 MiB of data plus framing.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024 + 64 * 1024;
+
+/// Raises this process's open-file limit to at least `wanted` descriptors (soft,
+/// and hard as far as the process may: root up to `fs.nr_open`), for a controller
+/// that holds a connection per node or a simulator that serves thousands of nodes.
+/// Returns the soft limit now in force; a limit already high enough is left alone.
+pub fn raise_open_file_limit(wanted: u64) -> Result<u64, String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(format!(
+            "cannot read the open-file limit: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if limit.rlim_cur >= wanted {
+        return Ok(limit.rlim_cur);
+    }
+    let raised = libc::rlimit {
+        rlim_cur: wanted,
+        rlim_max: limit.rlim_max.max(wanted),
+    };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return Ok(wanted);
+    }
+    // Not allowed past the hard limit (not root): as far as it goes.
+    let capped = libc::rlimit {
+        rlim_cur: limit.rlim_max,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &capped) } != 0 {
+        return Err(format!(
+            "cannot raise the open-file limit to {wanted}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Err(format!(
+        "the open-file limit is {} (the hard limit) and {wanted} are needed: raise it (ulimit -Hn, or run as root)",
+        limit.rlim_max
+    ))
+}
+
+#[cfg(test)]
+mod open_file_limit_tests {
+    use super::*;
+
+    fn limits() -> (u64, u64) {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid pointer to a local rlimit.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) }, 0);
+        (l.rlim_cur, l.rlim_max)
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_and_never_lowered() {
+        let (soft, hard) = limits();
+        // Already enough: left alone.
+        assert_eq!(raise_open_file_limit(1).unwrap(), soft);
+        assert_eq!(limits(), (soft, hard));
+        // Within the hard limit: raised to exactly that.
+        if soft < hard {
+            let wanted = soft + 1;
+            assert_eq!(raise_open_file_limit(wanted).unwrap(), wanted);
+            assert_eq!(limits().0, wanted);
+        }
+        // Past the hard limit: root raises both, others get the hard limit and an
+        // error saying what to do.
+        let past = limits().1 + 16;
+        match raise_open_file_limit(past) {
+            Ok(now) => assert_eq!((now, limits()), (past, (past, past))),
+            Err(e) => {
+                assert!(e.contains("hard limit"), "{e}");
+                assert_eq!(limits().0, limits().1);
+            }
+        }
+    }
+}

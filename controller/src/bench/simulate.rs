@@ -189,8 +189,13 @@ pub fn run(
     runs: usize,
     parallelism: usize,
     keep: bool,
+    console: bool,
 ) -> anyhow::Result<u8> {
     let node_bin = node_binary()?;
+    // A connection per node, and the git and state files around them.
+    if let Err(e) = proto::client::raise_open_file_limit(nodes as u64 * 4 + 1024) {
+        eprintln!("warning: {e}");
+    }
     let tmp = std::env::temp_dir().join(format!("cairn-sim-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let work = tmp.join("spec");
@@ -264,6 +269,7 @@ pub fn run(
         started,
         simulator_pid,
         base,
+        console,
     );
     // SAFETY: kill(2) of the simulator this function spawned (its pid, not a group).
     unsafe { libc::kill(simulator_pid as i32, libc::SIGTERM) };
@@ -298,6 +304,7 @@ fn measure(
     started: Instant,
     simulator: u32,
     base: u16,
+    console: bool,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -391,6 +398,10 @@ fn measure(
                 median(full.clone())
             );
             drop(api);
+            if console {
+                // The web console on this cluster: its first VM's page, every list.
+                return super::console::measure(&handle, "g0-0", runs).await;
+            }
 
             reset_peak();
             let mut noop = vec![];

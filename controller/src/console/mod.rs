@@ -288,15 +288,70 @@ async fn js() -> Response {
         .into_response()
 }
 
+/// How old a status a page may show: page loads within it share one
+/// observation of the nodes (an event recorded since makes the next load observe
+/// anew, and the live stream keeps an open page current).
+pub const PAGE_STATUS_MAX_AGE: Duration = Duration::from_secs(2);
+
+/// How long the console counts as in use after a page load: while it is, a task
+/// renews the pages' status before it is [`PAGE_STATUS_MAX_AGE`] old, so a page
+/// loads from it instead of observing every node (issue 23's 200 ms).
+const IN_USE: Duration = Duration::from_secs(60);
+
+/// The console's use: the last page load, and the renewing task.
+#[derive(Debug, Default)]
+pub struct Use {
+    last_load_unix_ms: std::sync::atomic::AtomicU64,
+    renewing: std::sync::atomic::AtomicBool,
+}
+
+/// Notes a page load, and starts the renewing task unless it runs.
+fn in_use(shared: &Arc<Shared>) {
+    use std::sync::atomic::Ordering;
+    let u = &shared.console_use;
+    u.last_load_unix_ms
+        .store(reconciler::state::now_ms(), Ordering::SeqCst);
+    if u.renewing.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let weak = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        loop {
+            // Renewed at half the age a page accepts: a load never waits for it.
+            tokio::time::sleep(PAGE_STATUS_MAX_AGE / 2).await;
+            let Some(shared) = weak.upgrade() else { return };
+            let idle = reconciler::state::now_ms()
+                .saturating_sub(shared.console_use.last_load_unix_ms.load(Ordering::SeqCst))
+                > IN_USE.as_millis() as u64;
+            if idle {
+                shared.console_use.renewing.store(false, Ordering::SeqCst);
+                return;
+            }
+            shared
+                .status_view
+                .get(PAGE_STATUS_MAX_AGE / 2, || async {
+                    Arc::new(crate::worker::status_json(&shared).await)
+                })
+                .await;
+        }
+    });
+}
+
 /// What one page load reads: the controller's view, the applied commit, the
 /// held plan, recent events, and with `observe` the status (the value of
-/// `/api/v1/status`, observed now).
-pub(crate) async fn snapshot(shared: &Shared, observe: bool) -> Snapshot {
+/// `/api/v1/status`, observed at most [`PAGE_STATUS_MAX_AGE`] ago).
+pub(crate) async fn snapshot(shared: &Arc<Shared>, observe: bool) -> Snapshot {
+    in_use(shared);
     let (status, status_error) = if observe {
-        let value = crate::worker::status_json(shared).await;
+        let value = shared
+            .status_view
+            .get(PAGE_STATUS_MAX_AGE, || async {
+                Arc::new(crate::worker::status_json(shared).await)
+            })
+            .await;
         let error = value["error"].as_str().map(str::to_owned);
         match value.get("nodes") {
-            Some(_) => match serde_json::from_value(value) {
+            Some(_) => match serde_json::from_value((*value).clone()) {
                 Ok(s) => (Some(s), error),
                 Err(e) => (None, Some(format!("the status does not parse: {e}"))),
             },
@@ -371,12 +426,8 @@ async fn vm(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> Resp
     });
     let events = shared
         .events
-        .newest(5_000, None)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| about_vm(e, &name))
-        .take(pages::PAGE_SIZE)
-        .collect();
+        .newest_where(5_000, pages::PAGE_SIZE, None, |e| about_vm(e, &name))
+        .unwrap_or_default();
     let extra = pages::VmExtra { candidates, events };
     match pages::vm(&s, &name, &extra) {
         Some(m) => page(m),
@@ -501,12 +552,8 @@ async fn events(
     let kind = (!f.kind.is_empty()).then_some(f.kind.as_str());
     let shown: Vec<Event> = shared
         .events
-        .newest(crate::events::KEEP as usize, kind)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|e| f.admits(e))
-        .take(pages::PAGE_SIZE)
-        .collect();
+        .newest_where(usize::MAX, pages::PAGE_SIZE, kind, |e| f.admits(e))
+        .unwrap_or_default();
     let audit = audit_view(&shared, 20);
     page(pages::events(&s, &f, &shown, &audit))
 }
@@ -534,8 +581,16 @@ async fn tenants(State(shared): State<Arc<Shared>>) -> Response {
     page(pages::tenants(&snapshot(&shared, false).await))
 }
 
-/// VM and node states for the live updates: VM → state word, node → state.
+/// VM and node states for the live updates: VM → state word, node → state. Every
+/// open page's stream shares one observation per tick.
 pub(crate) async fn live_states(shared: &Shared) -> Option<serde_json::Value> {
+    shared
+        .live_view
+        .get(LIVE_OBSERVE / 2, || observe_live_states(shared))
+        .await
+}
+
+async fn observe_live_states(shared: &Shared) -> Option<serde_json::Value> {
     let model = shared.good.lock().expect("good lock").clone()?;
     let model = &model.model;
     let failed = shared.leases.failed_nodes(model);
