@@ -99,7 +99,11 @@ pub async fn run(
         println!("cairn-node {}: {line}", node.config.name);
     }
     // How SLA classes are enforced here (cgroup v1 or v2, where), or why not.
-    println!("cairn-node {}: {}", node.config.name, node.vms.cgroup_summary().1);
+    println!(
+        "cairn-node {}: {}",
+        node.config.name,
+        node.vms.cgroup_summary().1
+    );
     for line in node.vms.prune_cgroups().await {
         println!("cairn-node {}: {line}", node.config.name);
     }
@@ -123,7 +127,10 @@ pub async fn run(
             node.data_dir().join("metrics-address"),
             format!("{bound}\n"),
         );
-        println!("cairn-node {}: /metrics on http://{bound}/metrics", node.config.name);
+        println!(
+            "cairn-node {}: /metrics on http://{bound}/metrics",
+            node.config.name
+        );
     }
 
     let listener = tokio::net::TcpListener::bind(listen)

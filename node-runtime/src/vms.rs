@@ -534,7 +534,11 @@ impl Vms {
                     let definition = vm.record.definition.as_ref()?;
                     (sla::class_of(definition) == crate::cgroups::SlaClass::Spot).then(|| {
                         let resident = sla::process_usage(vm.pid).resident_bytes;
-                        (definition.priority, std::cmp::Reverse(resident), name.clone())
+                        (
+                            definition.priority,
+                            std::cmp::Reverse(resident),
+                            name.clone(),
+                        )
                     })
                 })
                 .min()?
@@ -561,8 +565,12 @@ impl Vms {
             .into_iter()
             .filter(|name| !vms.contains_key(name))
             .map(|name| match cgroups.remove(&name) {
-                Ok(()) => format!("removed the cgroup of vm `{name}`, which this node does not keep"),
-                Err(error) => format!("the cgroup of vm `{name}`, which this node does not keep, stays: {error}"),
+                Ok(()) => {
+                    format!("removed the cgroup of vm `{name}`, which this node does not keep")
+                }
+                Err(error) => format!(
+                    "the cgroup of vm `{name}`, which this node does not keep, stays: {error}"
+                ),
             })
             .collect()
     }

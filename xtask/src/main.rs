@@ -45,7 +45,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("protoc", "protobuf-compiler"),
     // protoc alone has no well-known types: etcd-client's protos import
     // google/protobuf/descriptor.proto (a fresh machine failed the build without it).
-    ("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
+    (
+        "/usr/include/google/protobuf/descriptor.proto",
+        "libprotobuf-dev",
+    ),
 ];
 
 /// Python modules of Debian's own python3 the tests use, and their packages: the

@@ -2,7 +2,6 @@
 //! data directories, spoken to over real gRPC.
 
 mod adopt;
-mod segments;
 mod apply;
 mod auth;
 mod auto_snapshots;
@@ -22,6 +21,7 @@ mod protocol;
 mod remote_data;
 mod replication;
 mod resize;
+mod segments;
 mod sla;
 mod snapshots;
 mod upgrade;
