@@ -418,7 +418,7 @@ fn measure(
                 if done.result != "succeeded" {
                     bail!("the sync of {commit} did not succeed: {done:?}");
                 }
-                console::measure(&handle, "bench-0", args.runs).await?;
+                console::measure(&handle, "bench-0", args.runs, 200.0).await?;
                 return Ok(samples);
             }
             for run in 0..args.runs {

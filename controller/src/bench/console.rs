@@ -64,7 +64,14 @@ fn median_ms(mut values: Vec<Duration>) -> f64 {
 }
 
 /// Loads every page `runs` times cold and warm and prints the medians.
-pub async fn measure(handle: &crate::Handle, vm: &str, runs: usize) -> anyhow::Result<()> {
+/// `budget_ms`: issue 23's budget for this cluster (200 ms for the quickstart, 1 s
+/// for 1,000 nodes and 10,000 VMs).
+pub async fn measure(
+    handle: &crate::Handle,
+    vm: &str,
+    runs: usize,
+    budget_ms: f64,
+) -> anyhow::Result<()> {
     let runs = runs.max(1);
     let mut healthz = vec![];
     for _ in 0..runs {
@@ -105,9 +112,17 @@ pub async fn measure(handle: &crate::Handle, vm: &str, runs: usize) -> anyhow::R
         );
     }
     println!(
-        "slowest page: cold {worst_cold:.1} ms, in use {worst_use:.1} ms (budget 200 ms for the quickstart: {} in use, {} cold)",
-        if worst_use < 200.0 { "met" } else { "NOT met" },
-        if worst_cold < 200.0 { "met" } else { "NOT met" }
+        "slowest page: cold {worst_cold:.1} ms, in use {worst_use:.1} ms (budget {budget_ms:.0} ms: {} in use, {} cold)",
+        if worst_use < budget_ms {
+            "met"
+        } else {
+            "NOT met"
+        },
+        if worst_cold < budget_ms {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     Ok(())
 }
