@@ -9,8 +9,8 @@
 //! back sooner only resynchronises what changed. For a volume with
 //! lost copies, one step at a time ([`next_step`]):
 //! 1. while it has fewer live copies than its pool keeps (`replicas`),
-//!    a new copy goes to a node the pool allows: in the writer's site, holding no
-//!    copy and no client of the volume, in a failure domain (node, rack or site as
+//!    a new copy goes to a node the pool allows: in the writer's site, not in
+//!    maintenance, holding no copy and no client of the volume, in a failure domain (node, rack or site as
 //!    the pool says) no live copy is in, with enough room left on the pool's disks
 //!    there by the placement's accounting; most room first. `AddVolumeCopy` on the
 //!    writer first (it makes the copy and marks every allocated byte dirty for it),
@@ -250,6 +250,7 @@ pub async fn tend(
     };
     let states =
         tokio::task::block_in_place(|| EpochAuthority::new(store).all()).unwrap_or_default();
+    let closed = crate::maintenance::closed_nodes(shared, model);
     let mut events = Vec::new();
     for state in states {
         // A copy the authority dropped that the writer still lists.
@@ -277,8 +278,14 @@ pub async fn tend(
             .unwrap_or_default();
         // The copies the pool keeps (the stored layout may list a new copy beside the
         // lost one already).
-        let usable =
-            |node: &str| reachable(node) && !failed.contains(node) && spec.contains_key(node);
+        // A node in maintenance (the spec's flag or the operator's) takes no new copy,
+        // as the placement gives it none.
+        let usable = |node: &str| {
+            reachable(node)
+                && !failed.contains(node)
+                && spec.contains_key(node)
+                && !closed.contains(node)
+        };
         let Some((domains, candidates, wanted)) =
             candidates_of(model, placement, &site, &layout.pool, usable)
         else {
