@@ -211,8 +211,9 @@ impl NetworkError {
     }
 }
 
-/// FNV-1a, 64-bit: the stable hash behind deterministic device names.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a, 64-bit: the stable hash behind deterministic device names (and the node's
+/// cgroup names).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);

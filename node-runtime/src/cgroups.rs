@@ -4,7 +4,8 @@
 //! ([`Cgroups::detect`]): cgroup v2 when its root offers both, else the v1 `cpu` and
 //! `memory` hierarchies, else none (the node runs its VMs without enforcement and says
 //! why in its log and in Observe). Every VM gets a cgroup of its own, `vm-NAME`, under a
-//! parent named by the node, `cairn-NODE` (several nodes may share one host), below the
+//! parent named by the node, `cairn-NODE-HASH` (the node's data directory hashed:
+//! several nodes, even of one name, may share one host), below the
 //! agent's own cgroup in that hierarchy (or `--cgroup-parent`). The VMM is placed in it
 //! between fork and exec ([`Placement`]): it never runs a guest instruction outside it.
 //!

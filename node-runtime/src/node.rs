@@ -232,8 +232,17 @@ impl Node {
             exports.clone(),
         )?;
         if config.sla.enforce {
+            // Named by the node and its data directory: nodes of several dev clusters or
+            // tests share a host and their names (lab-1), and a node prunes the VM
+            // cgroups under its parent that it does not keep (CI saw one node remove
+            // another's fresh VM cgroup: its VMM's spawn failed with ENODEV).
+            let id = format!(
+                "{}-{:08x}",
+                config.name,
+                network::fnv1a(data_dir.as_os_str().as_encoded_bytes()) as u32
+            );
             vms.set_cgroups(crate::cgroups::Cgroups::detect(
-                &config.name,
+                &id,
                 config.sla.cgroup_parent.as_deref(),
             ));
         } else {

@@ -908,6 +908,17 @@ mod tests {
             Path::new("/elsewhere/vm-config.json"),
         );
         let mut not_a_vmm = spawn("/usr/bin/less", &dir.join("n1/vms/b/vm-config.json"));
+        // Until a child has exec'd, /proc shows the test's own command line (CI saw
+        // nothing found on a loaded machine).
+        for child in [&ours, &elsewhere, &not_a_vmm] {
+            let cmdline = format!("/proc/{}/cmdline", child.id());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !std::fs::read(&cmdline).is_ok_and(|c| c.windows(8).any(|w| w == b"--config"))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let found = vmms_under(&dir);
         for child in [&mut ours, &mut elsewhere, &mut not_a_vmm] {
             let _ = child.kill();

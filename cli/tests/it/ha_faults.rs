@@ -137,7 +137,9 @@ impl Faults {
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\n# Test hook: the built-in guest answers ARP for {ip} on its first NIC.\nprev=\nfor a; do\n  [ \"$prev\" = --config ] && sed -i '0,/\"mac\": \"[^\"]*\"/s//&, \"ipv4\": \"{ip}\"/' \"$a\"\n  prev=$a\ndone\nexec {vmm} \"$@\"\n",
+                // The first NIC's address (IPAM gives one since issue 19) becomes {ip};
+                // a NIC without one gets it after its MAC.
+                "#!/bin/sh\n# Test hook: the built-in guest answers ARP for {ip} on its first NIC.\nprev=\nfor a; do\n  if [ \"$prev\" = --config ]; then\n    if grep -q '\"ipv4\"' \"$a\"; then\n      sed -i '0,/\"ipv4\": \"[^\"]*\"/s//\"ipv4\": \"{ip}\"/' \"$a\"\n    else\n      sed -i '0,/\"mac\": \"[^\"]*\"/s//&, \"ipv4\": \"{ip}\"/' \"$a\"\n    fi\n  fi\n  prev=$a\ndone\nexec {vmm} \"$@\"\n",
                 ip = std::net::Ipv4Addr::from(GUEST_IP),
                 vmm = node_binaries().join("cairn-vmm").display()
             ),

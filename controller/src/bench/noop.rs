@@ -83,6 +83,23 @@ pub fn observation_of(desired: &Desired) -> Observed {
             },
         );
     }
+    // Each node's tenant network segments as defined.
+    for (node, segments) in &desired.segments {
+        if let Some(NodeObservation::Reachable { networking, .. }) = observed.nodes.get_mut(node) {
+            for (key, s) in segments {
+                networking.segments.insert(
+                    key.clone(),
+                    reconciler::observe::ObservedSegment {
+                        vni: s.vni,
+                        mtu: s.mtu,
+                        local_vtep: s.local_vtep.clone(),
+                        fdb: s.fdb().into_iter().collect(),
+                        drift: vec![],
+                    },
+                );
+            }
+        }
+    }
     for vm in desired.vms.values() {
         let Some((vms, _, _)) = reachable(&mut observed, &vm.node) else {
             continue;
