@@ -72,12 +72,14 @@ fn quickstart() -> Fixture {
             vms,
             volumes,
             bonds,
+            networking,
             ..
         } = answer
         {
             vms.clear();
             volumes.clear();
             bonds.clear();
+            networking.segments.clear();
         }
     }
     let plan = reconciler::plan::plan(&desired, &empty, "a1b2c3d4e5f60718");
