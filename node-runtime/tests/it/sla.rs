@@ -531,7 +531,7 @@ async fn twenty_identical_guests_share_pages_and_the_node_reports_what_proc_says
     // KSM is settled, so both reads agree with it.
     // Pages the guests keep writing (their stacks) are unmerged and merged again
     // while KSM runs, so a figure may move between two reads: each is checked against
-    // the kernel's just before and just after, and the check is repeated (up to 10
+    // the kernel's just before and just after, and the check is repeated (up to 30
     // times) until no figure moved in between.
     let mut attempt = 0;
     let (observed, sys_before, sys_after) = loop {
