@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// The newest value, made at most once at a time.
 pub struct Fresh<T> {
-    latest: Mutex<Option<(Instant, u64, T)>>,
+    latest: Mutex<Option<(Instant, T)>>,
     /// Held while a value is being made.
     flight: tokio::sync::Mutex<()>,
     /// Counts invalidations: a value made while one happened is not stored as fresh.
@@ -38,7 +38,7 @@ impl<T> std::fmt::Debug for Fresh<T> {
             .latest
             .lock()
             .ok()
-            .and_then(|l| l.as_ref().map(|(at, _, _)| at.elapsed()));
+            .and_then(|l| l.as_ref().map(|(at, _)| at.elapsed()));
         f.debug_struct("Fresh").field("age", &age).finish()
     }
 }
@@ -86,18 +86,15 @@ impl<T: Clone> Fresh<T> {
         let mut latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
         // Something happened while it was made: it may not show it; keep nothing.
         if self.generation() == generation {
-            *latest = Some((Instant::now(), generation, value));
+            *latest = Some((Instant::now(), value));
         }
     }
 
     fn young(&self, max_age: Duration) -> Option<T> {
         let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
         match &*latest {
-            Some((at, generation, value))
-                if at.elapsed() < max_age && *generation == self.generation() =>
-            {
-                Some(value.clone())
-            }
+            // An invalidation empties it, so a value present is a current one.
+            Some((at, value)) if at.elapsed() < max_age => Some(value.clone()),
             _ => None,
         }
     }
