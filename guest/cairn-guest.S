@@ -7,8 +7,9 @@
  *           virtio-blk self-test (write a pattern to the last 4 KiB of the disk, read
  *           it back, compare), brings up the first virtio-net device if there is one,
  *           then loops every tick: heartbeat, answer ARP and ICMP echo requests for
- *           its IPv4 address on the network device, dirty the number of pages the
- *           VMM's rate limiter grants, poll the command port. Disk I/O commands
+ *           its IPv4 address on the network device, echo what was typed on the
+ *           serial port, dirty the number of pages the VMM's rate limiter grants,
+ *           poll the command port. Disk I/O commands
  *           (CMD_DISK_IO) write a seeded pattern to, or read and checksum (CRC-32C), a
  *           range of any of its disks; it counts its own requests, bytes and errors per
  *           disk and reports them (PORT_IO_STAT_*) after each command and self-test.
@@ -57,6 +58,7 @@ _start:
 main_loop:
     call heartbeat
     call net_poll
+    call serial_echo
 
     /* Dirty as many pages as the VMM grants for this tick, round-robin. */
     mov dx, PORT_DIRTY_QUOTA
@@ -135,6 +137,27 @@ heartbeat:
     mov eax, r12d
     mov dx, PORT_HEARTBEAT
     out dx, eax
+    ret
+
+/*
+ * Echoes every byte typed into COM1 (`cairn vm console`'s input) back out, a carriage
+ * return as CR LF, so a console shows that the guest received what was typed.
+ * Clobbers eax, edx.
+ */
+serial_echo:
+    mov dx, PORT_SERIAL + 5         /* line status register */
+    in al, dx
+    test al, 0x01                   /* data ready */
+    jz 2f
+    mov dx, PORT_SERIAL
+    in al, dx                       /* receive buffer */
+    out dx, al                      /* the UART never holds the transmitter busy */
+    cmp al, 13
+    jne serial_echo
+    mov al, 10
+    out dx, al
+    jmp serial_echo
+2:
     ret
 
 /* Writes the NUL-terminated string at rsi to COM1. Clobbers eax, edx, rsi. */

@@ -90,6 +90,12 @@ impl VmHandle {
         Ok(String::from_utf8_lossy(&tail).into_owned())
     }
 
+    /// Types `data` into the serial console; how many bytes its receive FIFO took.
+    pub fn console_input(&self, data: &[u8]) -> u32 {
+        let mut console = self.shared.console.lock().expect("console lock");
+        console.enqueue_input(data) as u32
+    }
+
     /// The current run state.
     pub fn state(&self) -> RunState {
         self.shared.lock_run().state

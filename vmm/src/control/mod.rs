@@ -17,6 +17,8 @@
 //! {"op":"block-test"}                               -> {"ok":true}   (result in status.block_test)
 //! {"op":"guest-crash"}                              -> {"ok":true}   (the process then exits 4)
 //! {"op":"console-tail","bytes":4096}                -> {"ok":true,"console":"..."}
+//! {"op":"console-input","data":[104,105,10]}        -> {"ok":true,"console_accepted":3}
+//!                                                      (into the UART's 64-byte receive FIFO)
 //! {"op":"guest-disk-io","disk":0,"action":"write-pattern","offset":0,"length":65536,"seed":7}
 //!                                                   -> {"ok":true,"guest_disk_io":{"crc32c":N,"counters":{..},"elapsed_ms":N}}
 //!                                                      (also "read-checksum"; optional "timeout_ms", default 30000)

@@ -117,6 +117,12 @@ pub fn execute(vm: &VmHandle, request: &Request) -> Response {
                 Err(error) => Response::error(error.to_string()),
             };
         }
+        Request::ConsoleInput { data } => {
+            return Response {
+                console_accepted: Some(vm.console_input(data)),
+                ..Response::ok()
+            };
+        }
         Request::ConsoleTail { bytes } => {
             return match vm.console_tail(*bytes) {
                 Ok(console) => Response {

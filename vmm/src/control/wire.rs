@@ -94,6 +94,12 @@ pub enum Request {
     /// The destination's copy of the state it received and the state it saves again
     /// after restoring it (the save → restore → save check), as JSON text.
     MigrationState,
+    /// Bytes typed into the serial console (its UART's receive FIFO, 64 bytes): the
+    /// answer's `console_accepted` says how many it took.
+    ConsoleInput {
+        /// The bytes.
+        data: Vec<u8>,
+    },
     /// The last bytes of the serial console log.
     ConsoleTail {
         /// How many bytes (from the end); 4096 when absent.
@@ -188,6 +194,9 @@ pub struct Response {
     /// Console text, for `console-tail`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// Bytes the UART took, for `console-input`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console_accepted: Option<u32>,
     /// Who answered, for `identify`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<VmIdentity>,
@@ -275,6 +284,7 @@ impl Response {
             dirty_pages: None,
             guest_disk_io: None,
             console: None,
+            console_accepted: None,
             identity: None,
             migration: None,
             memory_crc32c: None,
@@ -291,6 +301,7 @@ impl Response {
             dirty_pages: None,
             guest_disk_io: None,
             console: None,
+            console_accepted: None,
             identity: None,
             migration: None,
             memory_crc32c: None,

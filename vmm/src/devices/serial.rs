@@ -187,6 +187,12 @@ impl Console {
         })
     }
 
+    /// Bytes typed into the console: as many as the UART's 64-byte receive FIFO takes
+    /// (0 when it is full; the sender tries the rest again).
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        self.serial.enqueue_raw_bytes(input).unwrap_or(0)
+    }
+
     /// A guest `in` from register `offset` (0..8).
     pub fn read(&mut self, offset: u8) -> u8 {
         self.serial.read(offset)

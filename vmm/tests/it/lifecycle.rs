@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use vmm::control::Request;
 
-use crate::support::{VmProcess, kvm_available};
+use crate::support::{VmProcess, kvm_available, wait_until};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -119,6 +119,38 @@ fn reboot_restarts_the_guest_in_the_same_process() {
     vm.request(&Request::PowerOff { force: false });
     assert_eq!(vm.wait_exit(TIMEOUT).code(), Some(0));
     assert!(vm.stdout().contains(r#""event":"rebooted""#));
+}
+
+#[test]
+fn console_input_reaches_the_guest_which_echoes_it() {
+    if !kvm_available("console_input_reaches_the_guest_which_echoes_it") {
+        return;
+    }
+    let mut vm = VmProcess::spawn(&["--memory", "32MiB"]);
+    vm.wait_status(TIMEOUT, |status| status.boot_stage == 2);
+    let typed = b"typed-into-com1\r";
+    let answer = vm.request(&Request::ConsoleInput {
+        data: typed.to_vec(),
+    });
+    assert_eq!(answer.console_accepted, Some(typed.len() as u32));
+    // The log holds only what the guest transmitted: the line is there because the
+    // guest read each byte from the receive buffer and sent it back.
+    assert!(
+        wait_until(TIMEOUT, || vm.console().contains("typed-into-com1\r\n")),
+        "no echo in {:?}",
+        vm.console()
+    );
+    // The FIFO holds 64 bytes: a paused guest reads nothing, so the rest is refused
+    // and the sender learns how much was taken.
+    vm.request(&Request::Pause);
+    let many = vec![b'x'; 100];
+    let first = vm.request(&Request::ConsoleInput { data: many.clone() });
+    assert_eq!(first.console_accepted, Some(64));
+    let full = vm.request(&Request::ConsoleInput { data: many });
+    assert_eq!(full.console_accepted, Some(0));
+    vm.request(&Request::Resume);
+    vm.request(&Request::PowerOff { force: true });
+    vm.wait_exit(TIMEOUT);
 }
 
 #[test]
