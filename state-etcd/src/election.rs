@@ -312,70 +312,213 @@ mod tests {
         }
     }
 
+    /// A replica under test: its name, its fenced store and its election.
+    struct Replica {
+        name: &'static str,
+        store: EtcdStore,
+        election: Arc<Election>,
+    }
+
+    /// How many terms a phase may be retried over (each retry needs a lapse).
+    const TERMS: usize = 5;
+
+    /// Runs `phase` with the replica that leads now (its index and token) until it
+    /// passes within one term. Under load a leader's keepalive can go unanswered for a
+    /// TTL (a fresh-clone CI run saw "lost leadership" right after an election): it then
+    /// steps down and campaigns again, which is the design, not a failure. A phase that
+    /// fails is retried only when that leader's term did end meanwhile (it no longer
+    /// leads, or it won again: `terms` moved), at most [`TERMS`] times; a failure
+    /// within one live term fails the test.
+    fn in_one_term<T>(
+        what: &str,
+        replicas: &[&Replica],
+        mut phase: impl FnMut(usize, i64) -> Result<T, String>,
+    ) -> T {
+        let mut lapses = vec![];
+        for _ in 0..TERMS {
+            let mut leader = None;
+            wait(&format!("{what}: a leader"), || {
+                leader = replicas.iter().position(|r| r.election.status().leading);
+                leader.is_some()
+            });
+            let i = leader.expect("waited");
+            let before = replicas[i].election.status();
+            match phase(i, before.token) {
+                Ok(done) => return done,
+                Err(failure) => {
+                    let after = replicas[i].election.status();
+                    assert!(
+                        !after.leading || after.terms != before.terms,
+                        "{what}: failed while {} led in one live term (token {}): {failure}",
+                        replicas[i].name,
+                        before.token
+                    );
+                    eprintln!(
+                        "{what}: {}'s term (token {}) lapsed meanwhile ({failure}); again with the next leader",
+                        replicas[i].name, before.token
+                    );
+                    lapses.push(failure);
+                }
+            }
+        }
+        panic!("{what}: the leader's term lapsed {TERMS} times: {lapses:?}");
+    }
+
+    /// The reason of a fenced refusal, or what else happened.
+    fn fenced(result: Result<(), StateError>) -> Result<String, String> {
+        match result {
+            Err(StateError::Fenced { why, .. }) => Ok(why),
+            Err(other) => Err(format!("not a fenced refusal: {other}")),
+            Ok(()) => Err("the write was accepted".to_owned()),
+        }
+    }
+
     #[test]
     fn one_replica_leads_a_follower_cannot_write_and_a_deposed_leader_is_refused_by_etcd() {
         let Some((etcd, _dir)) = crate::store::tests::etcd(23796) else {
             return;
         };
         let ttl = Duration::from_secs(3);
-        let open = |me: &str| {
+        let open = |name: &'static str| {
             let store = EtcdStore::open(&etcd.url("el")).unwrap();
-            let election = Election::start(&store, me, ttl, SharedFence::default());
-            (store.with_election(election.clone()), election)
+            let election = Election::start(&store, name, ttl, SharedFence::default());
+            Replica {
+                name,
+                store: store.with_election(election.clone()),
+                election,
+            }
         };
-        let (store_a, a) = open("a");
-        wait("a leads", || a.status().leading);
-        let (store_b, b) = open("b");
-        wait("b sees a", || b.status().leader.as_deref() == Some("a"));
-        // The follower writes nothing; the leader writes, but calls no node before
-        // it waited out one TTL.
-        let refused = store_b.journal("e", &record()).unwrap_err();
-        assert!(
-            matches!(&refused, StateError::Fenced { why, .. } if why.contains("not the leader (a leads)")),
-            "{refused}"
+        let a = open("a");
+        wait("a leads", || a.election.status().leading);
+        let b = open("b");
+        wait("b sees a leader", || b.election.status().leader.is_some());
+        let replicas = [&a, &b];
+
+        // The follower writes nothing, naming the leader; the leader writes, but calls
+        // no node before it waited out one TTL since it won.
+        in_one_term(
+            "a follower is refused and the leader writes",
+            &replicas,
+            |i, _| {
+                let (leader, follower) = (replicas[i], replicas[1 - i]);
+                let name = leader.name;
+                // The follower learns who leads by its poll (TTL/10).
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while follower.election.status().leader.as_deref() != Some(name) {
+                    if Instant::now() > deadline {
+                        return Err(format!("{} does not see {name} lead", follower.name));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let why = fenced(follower.store.journal("e", &record()))?;
+                // A follower that never led says who leads; one that led before says its
+                // own leadership lapsed (it keeps its token, so nothing is signed with it).
+                let expected = if follower.election.status().terms == 0 {
+                    format!("not the leader ({name} leads)")
+                } else {
+                    "has lapsed".to_owned()
+                };
+                assert!(why.contains(&expected), "{}: {why}", follower.name);
+                leader
+                    .store
+                    .journal("e", &record())
+                    .map_err(|e| format!("{name}'s write: {e}"))?;
+                // It may call nodes only once one TTL passed since it won.
+                let won = leader.election.won_at().ok_or("no longer leads")?;
+                let before = won.elapsed();
+                if leader.election.ready() {
+                    assert!(
+                        won.elapsed() >= ttl,
+                        "{name} ready {:?} after it won",
+                        won.elapsed()
+                    );
+                } else if before >= ttl {
+                    return Err(format!("{name} not ready {before:?} after it won"));
+                }
+                let deadline = Instant::now() + ttl * 2;
+                while !leader.election.ready() {
+                    if Instant::now() > deadline {
+                        return Err(format!("{name} not ready {:?} after it won", won.elapsed()));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                assert!(
+                    won.elapsed() >= ttl,
+                    "{name} ready {:?} after it won",
+                    won.elapsed()
+                );
+                Ok(())
+            },
         );
-        store_a.journal("e", &record()).unwrap();
-        let won = a.won_at().unwrap();
-        assert_eq!(a.ready(), won.elapsed() >= ttl);
-        wait("a may call nodes", || a.ready());
-        assert!(won.elapsed() >= ttl);
-        // The key goes (as when a's lease expires while a is frozen): a's timer still
-        // holds, so its write reaches etcd, which refuses it by the token.
-        let token_a = a.status().token;
-        let mut client = store_a.client();
-        let key = a.key().to_owned();
-        let (done, deleted) = std::sync::mpsc::channel();
-        store_a.spawn(async move {
-            let _ = done.send(client.delete(key, None).await.map(|r| r.deleted()));
-        });
-        assert_eq!(deleted.recv().unwrap().unwrap(), 1);
-        // a's write with token_a is refused by etcd, unless a already won a new term
-        // (its lease is alive and it campaigns again at once): then it writes with a
-        // higher token, never with token_a.
-        match store_a.journal("e", &record()) {
-            Err(refused) => assert!(
-                matches!(&refused, StateError::Fenced { why, .. } if why.contains(&format!("fencing token {token_a} is no longer"))),
-                "{refused}"
-            ),
-            Ok(()) => assert!(
-                a.status().leading && a.status().token > token_a,
-                "a wrote after its key was deleted without a new term: {:?}",
-                a.status()
-            ),
-        }
-        // A new term: b, or a again (its lease is alive and it campaigns again at once;
-        // the CI run saw a win token 6 first). Either way the new leader's token is
-        // higher and only its store writes.
+        // The key goes (as when the leader's lease expires while it is frozen): its
+        // timer still holds, so its write reaches etcd, which refuses it by the token.
+        let token = in_one_term(
+            "a deposed leader is refused by etcd",
+            &replicas,
+            |i, token| {
+                let leader = replicas[i];
+                let mut client = leader.store.client();
+                let key = leader.election.key().to_owned();
+                let (done, deleted) = std::sync::mpsc::channel();
+                leader.store.spawn(async move {
+                    let _ = done.send(client.delete(key, None).await.map(|r| r.deleted()));
+                });
+                let deleted = deleted.recv().unwrap().map_err(|e| e.to_string())?;
+                if deleted != 1 {
+                    return Err("the election key was gone already".to_owned());
+                }
+                match leader.store.journal("e", &record()) {
+                    // Refused by etcd's compare: the store names the token.
+                    Err(StateError::Fenced { why, .. })
+                        if why.contains(&format!("fencing token {token} is no longer")) =>
+                    {
+                        Ok(token)
+                    }
+                    // The leader saw its key go first (its keepalive loop reads the key each
+                    // TTL/3) or lapsed: refused before etcd; the compare was not tested.
+                    Err(StateError::Fenced { why, .. }) if why.contains("has lapsed") => {
+                        Err(format!(
+                            "{} stepped down before its write reached etcd: {why}",
+                            leader.name
+                        ))
+                    }
+                    Err(other) => panic!("{}: {other}", leader.name),
+                    Ok(()) => {
+                        // Only in a new term, with a higher token, never with `token`.
+                        let now = leader.election.status();
+                        assert!(
+                            now.leading && now.token > token,
+                            "{} wrote after its key was deleted without a new term: {now:?}",
+                            leader.name
+                        );
+                        Err(format!("{} won a new term before its write", leader.name))
+                    }
+                }
+            },
+        );
+        // A new term: the other replica, or the deposed one again (its lease is alive
+        // and it campaigns again at once; a CI run saw that first). Either way the new
+        // leader's token is higher and only its store writes.
         wait("a new term leads", || {
-            b.status().leading || (a.status().leading && a.status().token > token_a)
+            replicas
+                .iter()
+                .any(|r| r.election.status().leading && r.election.status().token > token)
         });
-        let (leader, follower, token) = if b.status().leading {
-            (&store_b, &store_a, b.status().token)
-        } else {
-            (&store_a, &store_b, a.status().token)
-        };
-        assert!(token > token_a);
-        leader.journal("e", &record()).unwrap();
-        assert!(follower.journal("e", &record()).is_err());
+        in_one_term("the new leader writes and only it", &replicas, |i, new| {
+            assert!(
+                new > token,
+                "{} leads with token {new} after {token}",
+                replicas[i].name
+            );
+            replicas[i]
+                .store
+                .journal("e", &record())
+                .map_err(|e| format!("{}'s write: {e}", replicas[i].name))?;
+            let why = fenced(replicas[1 - i].store.journal("e", &record()))?;
+            if replicas[1 - i].election.status().leading {
+                return Err(format!("both lead: {why}"));
+            }
+            Ok(())
+        });
     }
 }
