@@ -60,6 +60,8 @@ pub struct VmmStatus {
     pub block_tests: u64,
     /// The self-test's checksum.
     pub block_checksum: u64,
+    /// Boots of the guest in this process (1 after a start; a reboot adds one).
+    pub boot_count: u64,
 }
 
 /// The operations of a hypervisor backend. Blocking methods are called off the async
@@ -223,6 +225,7 @@ impl Hypervisor for ProcessHypervisor {
                 .and_then(|value| value.as_str().map(str::to_string)),
             block_tests: status.block_tests,
             block_checksum: status.block_checksum,
+            boot_count: status.boot_count,
         })
     }
 

@@ -38,6 +38,7 @@ pub mod local_volumes;
 pub mod metrics;
 pub mod network_backend;
 pub mod node;
+pub mod operate;
 pub mod quorum;
 pub mod records;
 pub mod remote_disk;

@@ -783,6 +783,9 @@ impl Node {
                         .await?,
                 ))
             }
+            Action::RebootVm(reboot) => Ok(ApplyResult::Vm(
+                crate::operate::reboot(&self.vms, reboot).await?,
+            )),
             Action::DeleteVm(delete) => {
                 validate::name("delete_vm.name", &delete.name)?;
                 let nics = self

@@ -221,6 +221,28 @@ impl v1::apply_server::Apply for NodeService {
         Ok(Response::new(response))
     }
 
+    async fn read_console(
+        &self,
+        request: Request<v1::ReadConsoleRequest>,
+    ) -> Result<Response<v1::ReadConsoleResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::READ_CONSOLE, Role::Controller, &request)?;
+        let response = crate::operate::read_console(&self.node.vms, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
+    async fn write_console(
+        &self,
+        request: Request<v1::WriteConsoleRequest>,
+    ) -> Result<Response<v1::WriteConsoleResponse>, Status> {
+        self.node
+            .trust
+            .check(methods::WRITE_CONSOLE, Role::Controller, &request)?;
+        let response = crate::operate::write_console(&self.node.vms, request.into_inner()).await?;
+        Ok(Response::new(response))
+    }
+
     async fn get_outcome(
         &self,
         request: Request<v1::GetOutcomeRequest>,

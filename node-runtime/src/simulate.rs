@@ -141,6 +141,7 @@ impl Hypervisor for SimHypervisor {
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
+            boot_count: 1,
         })
     }
 

@@ -313,6 +313,7 @@ impl Heartbeat {
         }
         let stale_ms = HEARTBEAT_STALE_AFTER.as_millis() as f64;
         status.heartbeats = self.total;
+        status.boot_count = self.boot_count;
         status.heartbeat_age_ms = self.age_ms.map_or(0, |age| age.max(0.0).round() as u64);
         status.heartbeat_fresh = self.age_ms.is_some_and(|age| age <= stale_ms);
         let stale = match self.age_ms {
@@ -1351,6 +1352,7 @@ impl Vms {
                     guest_block_test: String::new(),
                     guest_block_tests: 0,
                     guest_block_checksum: 0,
+                    boot_count: 0,
                 }
             })
             .collect();
@@ -1425,6 +1427,14 @@ impl Vms {
         let builtin = matches!(definition.image, Some(v1::create_vm::Image::Builtin(_)));
         let disks = disk_statuses(&definition.volumes, &runtime.disks);
         Ok((self.run_dir.join(name).join("control.sock"), builtin, disks))
+    }
+
+    /// A VM's run directory (its console log and control socket are there), its state
+    /// and its VMM's pid (0 when none runs); `None` for a VM not defined here.
+    pub async fn run_state(&self, name: &str) -> Option<(PathBuf, VmState, u32)> {
+        let vms = self.vms.lock().await;
+        let runtime = vms.get(name)?;
+        Some((self.run_dir.join(name), runtime.state, runtime.pid))
     }
 
     /// Number of running VMs.
@@ -1507,6 +1517,7 @@ mod tests {
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
+            boot_count: 1,
         }
         .apply(&mut status);
         assert_eq!(status.heartbeats, 17);
@@ -1534,6 +1545,7 @@ mod tests {
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
+            boot_count: 1,
         }
         .apply(&mut status);
         assert_eq!((status.vcpus, status.memory_bytes), (2, 48 << 20));
@@ -1675,6 +1687,7 @@ mod tests {
             block_test: Some("pass".into()),
             block_tests: 1,
             block_checksum: 0x1234,
+            boot_count: 1,
         }
         .apply(&mut vm);
         let writes: Vec<u64> = vm.disks.iter().map(|d| d.writes).collect();
@@ -1700,6 +1713,7 @@ mod tests {
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
+            boot_count: 1,
         }
         .apply(&mut stale);
         assert!(!stale.heartbeat_fresh);
@@ -1719,6 +1733,7 @@ mod tests {
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
+            boot_count: 1,
         }
         .apply(&mut booting);
         assert!(!booting.heartbeat_fresh);
@@ -1738,6 +1753,7 @@ mod tests {
             block_test: None,
             block_tests: 0,
             block_checksum: 0,
+            boot_count: 1,
         }
         .apply(&mut silent);
         assert_eq!(silent.health, Health::Degraded as i32);

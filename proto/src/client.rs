@@ -334,6 +334,32 @@ impl NodeClient {
         Ok(self.checked(result)?.into_inner())
     }
 
+    /// `Apply.ReadConsole`: a VM's console output from an offset (waits up to
+    /// `wait_ms` for some).
+    pub async fn read_console(
+        &mut self,
+        request: v1::ReadConsoleRequest,
+    ) -> Result<v1::ReadConsoleResponse, tonic::Status> {
+        let request = self.signed(methods::READ_CONSOLE, request).await?;
+        let result = ApplyClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .read_console(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
+    /// `Apply.WriteConsole`: bytes typed into a running VM's serial console.
+    pub async fn write_console(
+        &mut self,
+        request: v1::WriteConsoleRequest,
+    ) -> Result<v1::WriteConsoleResponse, tonic::Status> {
+        let request = self.signed(methods::WRITE_CONSOLE, request).await?;
+        let result = ApplyClient::new(self.channel.clone())
+            .write_console(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
     /// `Watch.Watch`: the event stream.
     pub async fn watch(
         &mut self,

@@ -57,6 +57,10 @@ pub mod methods {
     pub const GET_OUTCOME: &str = "/cairn.node.v1.Apply/GetOutcome";
     /// `Apply.GuestDiskIo`
     pub const GUEST_DISK_IO: &str = "/cairn.node.v1.Apply/GuestDiskIo";
+    /// `Apply.ReadConsole`
+    pub const READ_CONSOLE: &str = "/cairn.node.v1.Apply/ReadConsole";
+    /// `Apply.WriteConsole`
+    pub const WRITE_CONSOLE: &str = "/cairn.node.v1.Apply/WriteConsole";
     /// `Watch.Watch`
     pub const WATCH: &str = "/cairn.node.v1.Watch/Watch";
     /// `Replication.EnsureReplica`
@@ -92,6 +96,7 @@ pub mod methods {
 pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
     use v1::apply_request::Action;
     match action {
+        Action::RebootVm(_) => "reboot_vm",
         Action::ApplyNetworkSegment(_) => "apply_network_segment",
         Action::DeleteNetworkSegment(_) => "delete_network_segment",
         Action::CreateVolume(_) => "create_volume",
