@@ -14,9 +14,11 @@
 #![warn(missing_docs)]
 
 pub mod election;
+pub mod node_leases;
 mod store;
 #[doc(hidden)]
 pub mod testing;
 
 pub use election::Election;
+pub use node_leases::{NodeLease, NodeLeases};
 pub use store::{EtcdStore, Target};

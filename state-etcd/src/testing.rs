@@ -83,6 +83,12 @@ impl Etcd {
     }
 
     /// `etcd://HOST:PORT/PREFIX`.
+    /// The etcd process's id (to freeze it in a fault test).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// `etcd://…/PREFIX` for this etcd.
     pub fn url(&self, prefix: &str) -> String {
         format!("etcd://{}/{prefix}", self.client)
     }
