@@ -155,7 +155,8 @@ pub enum Command {
         #[command(subcommand)]
         command: VolumeCommand,
     },
-    /// VMs: drive the built-in guest's disk I/O (`disk-io`).
+    /// VMs: reboot one, attach to its serial console (through the controller), or
+    /// drive the built-in guest's disk I/O (`disk-io`).
     Vm {
         #[command(subcommand)]
         command: crate::vmcmd::VmCommand,

@@ -3,6 +3,10 @@
 //! one of its disks through its own virtio-blk driver, on the node that runs it
 //! (`Apply.GuestDiskIo`, signed with the controller key like every node call). Prints
 //! the guest's checksum and its own I/O counters of that disk.
+//!
+//! `cairn vm reboot VM` and `cairn vm console VM` go through the controller
+//! (`controller::vm_actions`): actions signed with the operator's key and audited
+//! with their signer (issue 20).
 
 use std::path::PathBuf;
 
@@ -21,6 +25,65 @@ pub enum VmCommand {
     /// always holds the same bytes, so `checksum` after `write-pattern` prints the same
     /// CRC while the data is intact.
     DiskIo(DiskIo),
+    /// Reboot a running VM now, through the controller (an action signed with your
+    /// key, audited with its signer). The desired state is unchanged: the VM keeps
+    /// its node, disks and NICs. Prints when the new boot began.
+    Reboot(OperatorArgs),
+    /// Attach to a VM's serial console through the controller (an action signed with
+    /// your key, audited with its signer): what the guest prints shows here, what you
+    /// type goes to the guest. Detach with Ctrl-] (`--detach-key`). With stdin not a
+    /// terminal, what it holds is typed and the console detaches once stdin ends
+    /// and the output has been quiet for `--linger`.
+    Console(ConsoleArgs),
+}
+
+/// The VM and the controller to ask (`cairn vm reboot`, `cairn vm console`).
+#[derive(Debug, clap::Args)]
+pub struct OperatorArgs {
+    /// The VM.
+    vm: String,
+    /// The controller (`http://HOST:PORT`; token from DATA_DIR/controller.token or
+    /// CAIRN_CONTROLLER_TOKEN); without it, the controller that runs for DATA_DIR.
+    #[arg(long, value_name = "URL")]
+    controller: Option<String>,
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR", default_value = ".cairn")]
+    data_dir: PathBuf,
+    /// The SSH key that signs the action (a private key, or a public key whose
+    /// private half ssh-agent holds); it must be a platform key of the controller's
+    /// trusted keys. Default: git's user.signingkey.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+}
+
+/// The arguments of `cairn vm console`.
+#[derive(Debug, clap::Args)]
+pub struct ConsoleArgs {
+    #[command(flatten)]
+    target: OperatorArgs,
+    /// The key that detaches: `^]` (Ctrl-], the default), `^A` … `^Z`, `^\\`, `^^`, `^_`.
+    #[arg(long, default_value = "^]", value_parser = detach_key)]
+    detach_key: u8,
+    /// How much of the output before attaching to show first (`4KiB`; `0` for none).
+    #[arg(long, default_value = "4KiB", value_parser = |t: &str| size_arg("tail", t))]
+    tail: u64,
+    /// With stdin not a terminal: how long to go on showing output after stdin ended.
+    #[arg(long, default_value = "2s", value_parser = |t: &str| compiler::units::parse_duration(t)
+        .map_err(|e| format!("{e} (for example `2s`)")))]
+    linger: u64,
+}
+
+/// `^]` → 0x1d.
+fn detach_key(text: &str) -> Result<u8, String> {
+    let bytes = text.as_bytes();
+    match bytes {
+        [b'^', c] if (b'@'..=b'_').contains(&c.to_ascii_uppercase()) => {
+            Ok(c.to_ascii_uppercase() - b'@')
+        }
+        _ => Err(format!(
+            "`{text}` is not a control key; write it as `^]`, `^A` … `^Z`, `^\\`, `^^` or `^_`"
+        )),
+    }
 }
 
 /// What the guest does.
@@ -36,6 +99,23 @@ pub enum DiskIoOp {
 pub fn run(command: VmCommand) -> anyhow::Result<u8> {
     match command {
         VmCommand::DiskIo(args) => disk_io(&args),
+        VmCommand::Reboot(args) => Ok(controller::vm_actions::reboot_command(
+            &args.data_dir,
+            args.controller.as_deref(),
+            &args.vm,
+            args.key.as_deref(),
+        )),
+        VmCommand::Console(args) => Ok(controller::vm_actions::console_command(
+            &args.target.data_dir,
+            args.target.controller.as_deref(),
+            &args.target.vm,
+            args.target.key.as_deref(),
+            &controller::vm_actions::ConsoleOptions {
+                detach: args.detach_key,
+                tail_bytes: args.tail,
+                linger: std::time::Duration::from_millis(args.linger),
+            },
+        )),
     }
 }
 

@@ -64,6 +64,22 @@ fn router(shared: Arc<Shared>) -> Router {
             post(crate::maintenance::handler),
         )
         .route(
+            "/api/v1/vms/{vm}/reboot",
+            post(crate::vm_actions::reboot_handler),
+        )
+        .route(
+            "/api/v1/vms/{vm}/console",
+            post(crate::vm_actions::attach_handler),
+        )
+        .route(
+            "/api/v1/console/{session}",
+            get(crate::vm_actions::read_handler).delete(crate::vm_actions::detach_handler),
+        )
+        .route(
+            "/api/v1/console/{session}/input",
+            post(crate::vm_actions::input_handler),
+        )
+        .route(
             "/api/v1/plans/{plan_id}/approve",
             post(crate::sync_api::approve_handler),
         )

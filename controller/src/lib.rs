@@ -47,6 +47,7 @@ pub mod replicas;
 pub mod source;
 pub mod sync_api;
 pub mod trust;
+pub mod vm_actions;
 pub mod volume_epochs;
 pub mod webhook;
 mod worker;

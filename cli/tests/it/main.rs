@@ -26,6 +26,7 @@ mod schemas;
 mod simulate;
 mod verify;
 mod vm_disk_io;
+mod vm_operator;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
