@@ -937,6 +937,7 @@ impl Cx<'_> {
             rebalance_threshold: None,
             max_moves: None,
             witness: None,
+            witness_alternate: None,
             failure_detect: None,
             racks: vec![],
             bonds: vec![],
@@ -993,6 +994,27 @@ impl Cx<'_> {
                     site.witness = self
                         .required(n, "address", "\"10.0.9.5:7400\"")
                         .and_then(|e| self.address(e, "the witness address"));
+                    site.witness_alternate = self
+                        .prop(n, "alternate")
+                        .and_then(|e| self.address(e, "the alternate witness address"));
+                    if let (Some(preferred), Some(alternate)) =
+                        (&site.witness, &site.witness_alternate)
+                        && preferred.value == alternate.value
+                    {
+                        let span = alternate.span;
+                        self.err(
+                            "cairn::schema::invalid_value",
+                            span,
+                            format!(
+                                "the alternate witness `{}` is the preferred one",
+                                alternate.value
+                            ),
+                        )
+                        .help = Some(
+                            "name a second witness on another host, or leave `alternate=` out"
+                                .to_owned(),
+                        );
+                    }
                 }
                 "failure-detect" => {
                     site.failure_detect = self.required(n, "after", "\"3s\"").and_then(|e| {

@@ -114,8 +114,13 @@ pub struct Site {
     pub ha_reserve_nodes: u32,
     /// Scheduler settings.
     pub scheduler: Scheduler,
-    /// FT quorum witness `host:port`.
+    /// The site's quorum witness `host:port` (`witness address=`, the preferred one):
+    /// HA nodes cut off from the controller and FT pairs ask it.
     pub witness: Option<String>,
+    /// The alternate witness (`witness alternate=`), used while the preferred one
+    /// cannot be reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub witness_alternate: Option<String>,
     /// `failure-detect after=` in ms: detect T, the nodes' lease length (absent:
     /// 3 s; see [`timers::HaTimers`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]

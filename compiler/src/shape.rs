@@ -145,7 +145,7 @@ pub static SHAPES: &[Shape] = &[
         ["threshold", "max-moves"],
         []
     ),
-    shape!("site.witness", NONE, ["address"], []),
+    shape!("site.witness", NONE, ["address", "alternate"], []),
     shape!("site.rack", NAME, [], ["node"]),
     shape!(
         "site.rack.node",

@@ -232,6 +232,9 @@ pub struct SiteSpec {
     pub max_moves: Option<Spanned<u32>>,
     /// Witness address.
     pub witness: Option<Spanned<String>>,
+    /// `witness alternate=`: the alternate witness, used while the preferred one
+    /// (`address=`) cannot be reached.
+    pub witness_alternate: Option<Spanned<String>>,
     /// `failure-detect after=` (ms).
     pub failure_detect: Option<Spanned<u64>>,
     /// Racks.

@@ -187,6 +187,7 @@ impl Checker<'_> {
                     max_moves: s.max_moves.as_ref().map_or(10, |v| v.value),
                 },
                 witness: s.witness.as_ref().map(|w| w.value.clone()),
+                witness_alternate: s.witness_alternate.as_ref().map(|w| w.value.clone()),
                 failure_detect_ms: s.failure_detect.as_ref().map(|v| v.value),
                 racks,
                 nodes,

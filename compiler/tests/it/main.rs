@@ -26,3 +26,5 @@ impl Rng {
 
 // Nodes in maintenance (issue 16).
 mod maintenance;
+// The site's quorum witness (issues 16 and 22).
+mod witness;
