@@ -131,9 +131,53 @@ impl std::fmt::Display for Cidr {
     }
 }
 
+/// Checks a node's underlay address `A.B.C.D/N` (issue 19): an IPv4 host address
+/// with a prefix of 8 to 30 that is neither the network's nor its broadcast address.
+/// Returns the address and the prefix length, or what is wrong.
+pub fn underlay_host(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or("has no `/PREFIX` (the underlay subnet's length)")?;
+    let addr: std::net::Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("has `{a}`, which is not an IPv4 address"))?;
+    let prefix: u8 = p
+        .parse()
+        .ok()
+        .filter(|p| (8..=30).contains(p))
+        .ok_or("needs a prefix length of 8 to 30")?;
+    let host_bits = (1u32 << (32 - u32::from(prefix))) - 1;
+    let bits = u32::from(addr) & host_bits;
+    if bits == 0 {
+        return Err("is its subnet's network address".to_owned());
+    }
+    if bits == host_bits {
+        return Err("is its subnet's broadcast address".to_owned());
+    }
+    Ok((addr, prefix))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_underlay_is_a_host_address_with_its_prefix() {
+        assert_eq!(
+            underlay_host("10.255.0.11/24").expect("valid"),
+            ("10.255.0.11".parse().expect("ip"), 24)
+        );
+        for (bad, why) in [
+            ("10.255.0.11", "has no `/PREFIX`"),
+            ("fd00::1/64", "not an IPv4 address"),
+            ("10.255.0.11/31", "8 to 30"),
+            ("10.255.0.0/24", "network address"),
+            ("10.255.0.255/24", "broadcast address"),
+        ] {
+            let e = underlay_host(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("an address")

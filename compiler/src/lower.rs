@@ -1045,6 +1045,24 @@ impl Cx<'_> {
         Some(s)
     }
 
+    /// A node's `underlay="A.B.C.D/N"`: an IPv4 host address (not the network's
+    /// or broadcast address) with a prefix length of 8 to 30.
+    fn underlay(&mut self, entry: &KdlEntry) -> Option<Spanned<String>> {
+        let s = self.string(entry, "the underlay address")?;
+        if let Err(problem) = crate::cidr::underlay_host(&s.value) {
+            self.err(
+                "cairn::schema::invalid_value",
+                s.span,
+                format!("underlay address `{}` {problem}", s.value),
+            )
+            .help = Some(
+                "write the node's tunnel endpoint address on its guest bond with its prefix, e.g. \"10.255.0.11/24\"".to_owned(),
+            );
+            return None;
+        }
+        Some(s)
+    }
+
     fn rack(&mut self, node: &KdlNode) -> Option<RackSpec> {
         let name = self.name(node)?;
         let mut rack = RackSpec {
@@ -1060,6 +1078,7 @@ impl Cx<'_> {
             let address = self
                 .required(n, "address", "\"10.0.1.11:7100\"")
                 .and_then(|e| self.address(e, "the node address"));
+            let underlay = self.prop(n, "underlay").and_then(|e| self.underlay(e));
             let maintenance = self
                 .prop(n, "maintenance")
                 .and_then(|e| self.bool(e, "maintenance"));
@@ -1067,6 +1086,7 @@ impl Cx<'_> {
                 name,
                 class,
                 address,
+                underlay,
                 maintenance,
                 labels: vec![],
                 disks: vec![],

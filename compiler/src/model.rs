@@ -179,6 +179,12 @@ pub struct Node {
     pub class: String,
     /// `host:port` of its cairn-node.
     pub address: String,
+    /// `underlay="A.B.C.D/N"`: its underlay address (the VXLAN tunnel endpoint of
+    /// its tenant networks) with the underlay subnet's prefix; cairn-node makes it on
+    /// the bond carrying the `guest` class. None: the host of `address` is the
+    /// tunnel endpoint, and must already be on a device of the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub underlay: Option<String>,
     /// Hardware.
     pub capacity: Resources,
     /// Capacity net of host-reserve.

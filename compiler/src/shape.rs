@@ -150,7 +150,7 @@ pub static SHAPES: &[Shape] = &[
     shape!(
         "site.rack.node",
         NAME,
-        ["class", "address", "maintenance"],
+        ["class", "address", "underlay", "maintenance"],
         ["label", "disk", "nic"]
     ),
     shape!("site.rack.node.label", PAIR, [], []),

@@ -143,6 +143,9 @@ pub struct NodeSpec {
     pub class: Option<Name>,
     /// `host:port` of its cairn-node.
     pub address: Option<Spanned<String>>,
+    /// `underlay="A.B.C.D/N"`: the node's underlay (VXLAN tunnel endpoint) address
+    /// and prefix, made on the bond that carries the `guest` class.
+    pub underlay: Option<Spanned<String>>,
     /// `maintenance=#true`: no new VM is placed on it.
     pub maintenance: Option<Spanned<bool>>,
     /// Extra labels.

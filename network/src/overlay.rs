@@ -824,6 +824,42 @@ pub fn underlay_device(ns: &NetNs, addr: Ipv4Addr) -> Result<Option<(String, u32
     Ok(None)
 }
 
+/// Makes the node's underlay address (`spec.local_vtep`/`prefix_len`) on `device`
+/// (the bond that carries the guest class) unless some device of the node already
+/// holds it.
+/// Returns what it did (`None`: nothing to do). The device must exist: the bond
+/// is made by `apply_bond`, and a segment asking for its address first is refused
+/// with that reason.
+pub fn ensure_underlay(
+    ns: &NetNs,
+    spec: &SegmentSpec,
+    device: &str,
+    prefix_len: u8,
+) -> Result<Option<String>, NetworkError> {
+    let addr = spec.local_vtep;
+    if underlay_device(ns, addr)?.is_some() {
+        return Ok(None);
+    }
+    let nl = |e| NetworkError::netlink(ns, e);
+    let mut rtnl = Rtnl::open(ns).map_err(nl)?;
+    let Some(link) = rtnl.link(device).map_err(nl)? else {
+        return Err(NetworkError::Segment {
+            node: ns.node().to_owned(),
+            tenant: spec.tenant.clone(),
+            network: spec.network.clone(),
+            problem: format!(
+                "the underlay address {addr}/{prefix_len} belongs on device {device}, which does not exist \
+                 (the bond carrying the guest class is made first by ApplyBond)"
+            ),
+        });
+    };
+    rtnl.add_address(link.index, addr.into(), prefix_len)
+        .map_err(nl)?;
+    Ok(Some(format!(
+        "underlay address {addr}/{prefix_len} on {device}"
+    )))
+}
+
 fn check_underlay(ns: &NetNs, spec: &SegmentSpec) -> Result<(), NetworkError> {
     let found = underlay_device(ns, spec.local_vtep)?;
     let bad = |problem: String| NetworkError::Segment {

@@ -327,6 +327,7 @@ impl Node {
         // Every field is checked before anything else (an MTU of 0 is resolved
         // against the real underlay later).
         crate::segments::segment_spec(segment, Some(1500))?;
+        crate::segments::underlay_request(segment)?;
         if let Some(reason) = self.segments_refusal() {
             if self.bonds.refusal().is_some() {
                 return Err(Status::failed_precondition(format!(
@@ -418,6 +419,7 @@ impl Node {
                     tenant: s.tenant.clone(),
                     network: s.network.clone(),
                     vni: s.vni,
+                    definition_digest: crate::segments::definition_digest(s),
                     drift: vec![format!("not made: {reason}")],
                     ..Default::default()
                 })

@@ -363,16 +363,65 @@ fn failed(netns: &NetNs, seg: &v1::ApplyNetworkSegment, e: impl std::fmt::Displa
     ))
 }
 
+/// The underlay address the node is asked to make (`underlay_device`,
+/// `underlay_prefix_len`), checked; None when `local_vtep` must already be there.
+pub fn underlay_request(seg: &v1::ApplyNetworkSegment) -> Result<Option<(String, u8)>, Status> {
+    if seg.underlay_prefix_len == 0 {
+        return Ok(None);
+    }
+    let len = u8::try_from(seg.underlay_prefix_len)
+        .ok()
+        .filter(|l| (1..=32).contains(l))
+        .ok_or_else(|| {
+            validate::invalid(
+                "apply_network_segment.underlay_prefix_len",
+                format!(
+                    "{} is not a prefix length of 1 to 32",
+                    seg.underlay_prefix_len
+                ),
+            )
+        })?;
+    if !network::spec::valid_ifname(&seg.underlay_device) {
+        return Err(validate::invalid(
+            "apply_network_segment.underlay_device",
+            format!(
+                "{:?} is not an interface name (the bond carrying the guest class, e.g. \"data\")",
+                seg.underlay_device
+            ),
+        ));
+    }
+    Ok(Some((seg.underlay_device.clone(), len)))
+}
+
+/// SHA-256 (hex) of a segment definition as protobuf: what Observe reports as
+/// `definition_digest`, and what the reconciler compares with its own.
+pub fn definition_digest(seg: &v1::ApplyNetworkSegment) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(seg.encode_to_vec())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Converges `seg` (blocking: netlink, `ip`, `nft`), then the tenant's router rules
-/// and the node's security groups over `all` (which includes `seg`).
+/// and the node's security groups over `all` (which includes `seg`). With an
+/// underlay request the node's underlay address is made on the bond first.
 pub fn apply_blocking(
     netns: &NetNs,
     seg: &v1::ApplyNetworkSegment,
     all: &[v1::ApplyNetworkSegment],
     definitions: &BTreeMap<String, v1::CreateVm>,
 ) -> Result<Vec<String>, Status> {
+    let underlay = underlay_request(seg)?;
     let spec = segment_spec(seg, underlay_mtu(netns, &seg.local_vtep))?;
-    let mut done = overlay::apply_segment(netns, &spec).map_err(|e| failed(netns, seg, e))?;
+    let mut done = Vec::new();
+    if let Some((device, len)) = underlay {
+        done.extend(
+            overlay::ensure_underlay(netns, &spec, &device, len)
+                .map_err(|e| failed(netns, seg, e))?,
+        );
+    }
+    done.extend(overlay::apply_segment(netns, &spec).map_err(|e| failed(netns, seg, e))?);
     done.extend(program_blocking(netns, all, definitions).map_err(|e| failed(netns, seg, e))?);
     Ok(done)
 }
@@ -419,8 +468,15 @@ pub fn statuses_blocking(
                 tenant: seg.tenant.clone(),
                 network: seg.network.clone(),
                 vni: seg.vni,
+                definition_digest: definition_digest(seg),
                 ..Default::default()
             };
+            if seg.underlay_prefix_len != 0 && underlay_mtu(netns, &seg.local_vtep).is_none() {
+                status.drift.push(format!(
+                    "underlay address {}/{} is on no device (want it on {})",
+                    seg.local_vtep, seg.underlay_prefix_len, seg.underlay_device
+                ));
+            }
             let spec = match segment_spec(seg, underlay_mtu(netns, &seg.local_vtep)) {
                 Ok(s) => s,
                 Err(e) => {
@@ -521,6 +577,8 @@ mod tests {
                 allow: vec![rule(5432, 0)],
             }],
             external: false,
+            underlay_prefix_len: 0,
+            underlay_device: String::new(),
         }
     }
 

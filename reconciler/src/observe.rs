@@ -357,6 +357,9 @@ pub struct ObservedSegment {
     pub fdb: Vec<String>,
     /// Differences from the definition (router rules included).
     pub drift: Vec<String>,
+    /// SHA-256 of the definition the node keeps (empty: the node reports none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub definition_digest: String,
 }
 
 /// One node's answer.
@@ -785,6 +788,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                             local_vtep: s.local_vtep,
                             fdb: s.fdb,
                             drift: s.drift,
+                            definition_digest: s.definition_digest,
                         },
                     )
                 })

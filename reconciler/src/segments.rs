@@ -115,6 +115,18 @@ pub struct DesiredSegment {
     /// Egress through the node.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub external: bool,
+    /// The underlay subnet's prefix length when the node makes its underlay address
+    /// (`local_vtep`) itself, from the spec's `underlay=` (0: the node's address is
+    /// the VTEP and must already be on a device).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub underlay_prefix_len: u32,
+    /// The bond that carries the guest class, where that address is made.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub underlay_device: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl DesiredSegment {
@@ -151,6 +163,64 @@ pub fn default_mac(vm: &str, index: usize) -> String {
     format!("02:ca:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
 }
 
+/// A node's underlay as the spec gives it: the VTEP address and, when the node makes
+/// it itself (`underlay="A.B.C.D/N"`), the prefix length and the bond that carries
+/// the guest class (the site's bond with a `guest` traffic class, else its first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    /// VTEP address.
+    pub vtep: String,
+    /// Prefix length (0: the address is already on a device).
+    pub prefix_len: u32,
+    /// The bond the node puts it on (empty with prefix 0).
+    pub device: String,
+}
+
+/// Each node's underlay from the model: `underlay=` when given, else the IPv4 host
+/// of its address ([`vtep_of`]); a node with neither is left out.
+pub fn underlays(
+    model: &Model,
+    nodes: &BTreeMap<String, DesiredNode>,
+) -> BTreeMap<String, Underlay> {
+    let mut out = BTreeMap::new();
+    for site in &model.sites {
+        let device = site
+            .bonds
+            .iter()
+            .find(|b| {
+                b.traffic
+                    .iter()
+                    .any(|t| t.name == compiler::spec::TrafficKind::Guest)
+            })
+            .or(site.bonds.first())
+            .map(|b| b.name.clone())
+            .unwrap_or_default();
+        for node in &site.nodes {
+            let given = node.underlay.as_deref().and_then(|u| {
+                let (addr, len) = u.split_once('/')?;
+                Some(Underlay {
+                    vtep: addr.parse::<Ipv4Addr>().ok()?.to_string(),
+                    prefix_len: len.parse().ok()?,
+                    device: device.clone(),
+                })
+            });
+            let underlay = given.or_else(|| {
+                Some(Underlay {
+                    vtep: vtep_of(nodes.get(&node.name)?)?,
+                    prefix_len: 0,
+                    device: String::new(),
+                })
+            });
+            if let Some(u) = underlay
+                && nodes.contains_key(&node.name)
+            {
+                out.insert(node.name.clone(), u);
+            }
+        }
+    }
+    out
+}
+
 /// A node's VTEP: the IPv4 host of its `host:port` address; None for a host name.
 pub fn vtep_of(node: &DesiredNode) -> Option<String> {
     let host = node
@@ -171,7 +241,8 @@ pub fn desired_segments(
         .iter()
         .map(|v| (v.name.as_str(), v.node.as_str()))
         .collect();
-    let vtep = |node: &str| nodes.get(node).and_then(vtep_of);
+    let underlays = underlays(model, nodes);
+    let vtep = |node: &str| underlays.get(node).map(|u| u.vtep.clone());
     let mut out: BTreeMap<String, BTreeMap<String, DesiredSegment>> = BTreeMap::new();
     for tenant in &model.tenants {
         let networks: Vec<_> = placement
@@ -229,7 +300,7 @@ pub fn desired_segments(
                 .and_then(|(_, p)| p.parse().ok())
                 .unwrap_or(32);
             for node in &tenant_nodes {
-                let Some(local_vtep) = vtep(node) else {
+                let Some(local) = underlays.get(*node) else {
                     continue;
                 };
                 let remotes = placement
@@ -253,12 +324,14 @@ pub fn desired_segments(
                     network: network.name.clone(),
                     vni: network.vni,
                     mtu: SEGMENT_MTU,
-                    local_vtep,
+                    local_vtep: local.vtep.clone(),
                     gateway: network.gateway.clone().unwrap_or_default(),
                     prefix_len,
                     remotes,
                     guarded: guarded.clone(),
                     external: network.external,
+                    underlay_prefix_len: local.prefix_len,
+                    underlay_device: local.device.clone(),
                 };
                 out.entry((*node).to_owned())
                     .or_default()

@@ -42,6 +42,20 @@ impl Checker<'_> {
             })
             .collect();
         unique(self.diags, "node address", "", addresses.iter());
+        // Two nodes with one tunnel endpoint would swallow each other's VXLAN traffic.
+        let underlays: Vec<Name> = set
+            .sites
+            .iter()
+            .flat_map(|s| s.racks.iter().flat_map(|r| r.nodes.iter()))
+            .filter_map(|n| n.underlay.clone())
+            .map(|mut u| {
+                if let Some((host, _)) = u.value.split_once('/') {
+                    u.value = host.to_owned();
+                }
+                u
+            })
+            .collect();
+        unique(self.diags, "node underlay address", "", underlays.iter());
         let class_names: Vec<&str> = classes.keys().map(String::as_str).collect();
         let mut seen_sites = BTreeSet::new();
         let mut out = vec![];
@@ -119,6 +133,7 @@ impl Checker<'_> {
                             .as_ref()
                             .map(|a| a.value.clone())
                             .unwrap_or_default(),
+                        underlay: n.underlay.as_ref().map(|u| u.value.clone()),
                         capacity,
                         allocatable: Resources {
                             cpu: capacity.cpu.saturating_sub(reserve.cpu),

@@ -530,8 +530,8 @@ fn fmt_keeps_rebalance_continuation_with_trailing_comment() {
 fn fmt_keeps_continuation_on_node_line() {
     check_quickstart_edit(
         "cluster.kdl",
-        "node \"lab-2\" class=\"laptop\" address=\"127.0.0.12:7100\"",
-        "node \"lab-2\" \\ // the second laptop\n            class=\"laptop\" \\\n            address=\"127.0.0.12:7100\" {\n        }",
+        "node \"lab-2\" class=\"laptop\" address=\"127.0.0.12:7100\" underlay=\"10.255.0.12/24\"",
+        "node \"lab-2\" \\ // the second laptop\n            class=\"laptop\" \\\n            address=\"127.0.0.12:7100\" underlay=\"10.255.0.12/24\" {\n        }",
     );
     check_quickstart_edit(
         "cluster.kdl",

@@ -95,6 +95,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
                         local_vtep: s.local_vtep.clone(),
                         fdb: s.fdb().into_iter().collect(),
                         drift: vec![],
+                        ..Default::default()
                     },
                 );
             }

@@ -124,6 +124,7 @@ fn segment(local: &str, remotes: Vec<SegmentRemote>, icmp_from: &str) -> ApplyNe
             }],
         }],
         external: false,
+        ..Default::default()
     }
 }
 

@@ -446,7 +446,20 @@ fn segment_request(s: &crate::segments::DesiredSegment) -> proto::v1::ApplyNetwo
             })
             .collect(),
         external: s.external,
+        underlay_prefix_len: s.underlay_prefix_len,
+        underlay_device: s.underlay_device.clone(),
     }
+}
+
+/// SHA-256 (hex) of the `ApplyNetworkSegment` this segment is sent as: equal to the
+/// `definition_digest` a node reports for the definition it keeps.
+pub fn segment_digest(s: &crate::segments::DesiredSegment) -> String {
+    use prost::Message;
+    use sha2::Digest;
+    sha2::Sha256::digest(segment_request(s).encode_to_vec())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn is_zero(value: &u32) -> bool {

@@ -62,6 +62,17 @@ fn segment_diff(want: &DesiredSegment, have: &ObservedSegment) -> Vec<String> {
     if out.is_empty() {
         out.extend(have.drift.iter().map(|d| format!("repair: {d}")));
     }
+    // Everything else the node keeps (security groups, gateway, external, underlay)
+    // is compared by digest: a node that reports none (older) is not asked again.
+    if out.is_empty()
+        && !have.definition_digest.is_empty()
+        && have.definition_digest != super::actions::segment_digest(want)
+    {
+        out.push(
+            "definition changed (security groups, gateway, external or underlay; digest differs)"
+                .to_owned(),
+        );
+    }
     out
 }
 
@@ -96,13 +107,24 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
             }
             continue;
         };
-        if !networking.netns.is_empty() {
-            // The VTEP is the node's address (crate::segments::vtep_of), which is
-            // not in a named namespace the node runs its network in (the dev
-            // cluster's: its gRPC stays on the host's loopback). Without an
-            // underlay address in the spec such a node gets no segment.
+        if !networking.netns.is_empty() && wanted.values().any(|w| w.underlay_prefix_len == 0) {
+            // Without `underlay=` the VTEP is the node's address
+            // (crate::segments::vtep_of), which is not in a named namespace the node
+            // runs its network in (the dev cluster's: its gRPC stays on the host's
+            // loopback), so such a node gets no segment.
             continue;
         }
+        // The node makes its underlay address on the bond: after that bond's step.
+        let bond_steps: Vec<usize> = b
+            .steps
+            .iter()
+            .filter(|st| {
+                st.node == *node
+                    && matches!(&st.action, NodeAction::ApplyBond { name, .. }
+                        if wanted.values().any(|w| &w.underlay_device == name))
+            })
+            .map(|st| st.id)
+            .collect();
         let site = desired.nodes.get(node).map(|n| n.site.clone());
         let refused = !networking.unavailable.is_empty();
         let mut firewall_repaired = networking.firewall_drift.is_empty();
@@ -135,7 +157,11 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
                 continue;
             }
             firewall_repaired = true;
-            let step = b.step(node, NodeAction::ApplyNetworkSegment(want.clone()), vec![]);
+            let step = b.step(
+                node,
+                NodeAction::ApplyNetworkSegment(want.clone()),
+                bond_steps.clone(),
+            );
             b.changes.push(Change {
                 site: site.clone(),
                 details,
@@ -216,6 +242,7 @@ mod tests {
                             local_vtep: s.local_vtep.clone(),
                             fdb: s.fdb().into_iter().collect(),
                             drift: vec![],
+                            definition_digest: crate::plan::actions::segment_digest(s),
                         },
                     )
                 })
@@ -282,9 +309,14 @@ mod tests {
                 (dev.vni, 1450, "10.77.0.1")
             );
             assert_eq!(s.prefix_len, 24);
+            // The spec's `underlay=`, made by the node on the guest bond.
             assert_eq!(
-                s.local_vtep,
-                desired.nodes[node].address.replace(":7100", "")
+                (
+                    s.local_vtep.as_str(),
+                    s.underlay_prefix_len,
+                    s.underlay_device.as_str()
+                ),
+                (underlay(node), 24, "data")
             );
             let here = desired
                 .vms
@@ -295,14 +327,14 @@ mod tests {
             for r in &s.remotes {
                 let there = &desired.vms[&r.vm].node;
                 assert_ne!(there, node);
-                assert_eq!(r.vtep, desired.nodes[there].address.replace(":7100", ""));
+                assert_eq!(r.vtep, underlay(there));
                 assert_eq!(
                     Some(r.ipv4.as_str()),
                     desired.placement.nic_address(&r.vm, 0)
                 );
             }
         }
-        // A fresh cluster: a create per (node, segment), in the first wave.
+        // A fresh cluster: a create per (node, segment).
         let mut empty = observed_as(&desired);
         for node in desired.nodes.keys() {
             networking(&mut empty, node).segments.clear();
@@ -317,7 +349,13 @@ mod tests {
             .iter()
             .find(|s| s.action.word() == "apply_network_segment")
             .unwrap();
-        assert_eq!(step.wave, 0);
+        // After the node's bond (`data`), where the node makes its underlay address.
+        assert_eq!(step.wave, 1);
+        assert!(step.depends_on.iter().all(|d| {
+            let bond = &first.steps[*d];
+            bond.node == step.node && bond.action.word() == "apply_bond"
+        }));
+        assert_eq!(step.depends_on.len(), 1);
         // The wire request carries what the desired segment says; VM NICs get its MTU.
         let NodeAction::ApplyNetworkSegment(seg) = &step.action else {
             panic!()
@@ -416,6 +454,66 @@ mod tests {
         );
     }
 
+    /// The quickstart's `underlay=` host for a node (`lab-2` -> 10.255.0.12).
+    fn underlay(node: &str) -> &'static str {
+        match node {
+            "lab-1" => "10.255.0.11",
+            "lab-2" => "10.255.0.12",
+            "lab-3" => "10.255.0.13",
+            _ => panic!("{node}"),
+        }
+    }
+
+    #[test]
+    fn a_changed_security_group_is_seen_by_its_digest_alone() {
+        let desired = desired_with(None);
+        let observed = observed_as(&desired);
+        let (mut model, root) = quickstart();
+        let dev = model.tenants.iter_mut().find(|t| t.name == "dev").unwrap();
+        dev.security_groups.push(compiler::model::SecurityGroup {
+            name: "db".into(),
+            allow: vec![compiler::model::AllowRule {
+                from: "dev-net".into(),
+                from_cidr: "10.77.0.0/24".into(),
+                to: None,
+                to_cidr: None,
+                proto: compiler::spec::Proto::Tcp,
+                port: Some(5432),
+                port_end: None,
+            }],
+        });
+        let db = model.vms.iter_mut().find(|v| v.name == "db").unwrap();
+        db.nics[0].security_groups = vec!["db".into()];
+        let changed = desired::desired(&model, &root, desired.placement.clone());
+        let changes = segment_changes(&plan(&changed, &observed, "r9"));
+        // Nothing the node reads back differs (VNI, VTEP, MTU, entries): only the
+        // digest of the definition tells. Every node of the tenant gets it again.
+        let dev_nodes: Vec<&String> = changed
+            .segments
+            .iter()
+            .filter(|(_, s)| s.contains_key("dev/dev-net"))
+            .map(|(n, _)| n)
+            .collect();
+        assert!(!dev_nodes.is_empty());
+        for node in dev_nodes {
+            let (kind, details) = &changes[&(node.clone(), "dev/dev-net".to_owned())];
+            assert_eq!(*kind, ChangeKind::Update);
+            assert!(details[0].contains("digest differs"), "{details:?}");
+        }
+        assert!(
+            changes.keys().all(|(_, k)| k == "dev/dev-net"),
+            "ops is unchanged: {changes:?}"
+        );
+        // A node that reports no digest (older) is not asked again for it.
+        let mut old = observed_as(&desired);
+        for node in desired.nodes.keys() {
+            for s in networking(&mut old, node).segments.values_mut() {
+                s.definition_digest.clear();
+            }
+        }
+        assert!(segment_changes(&plan(&changed, &old, "r10")).is_empty());
+    }
+
     #[test]
     fn a_segment_no_longer_wanted_is_deleted_unless_prune_is_off() {
         let desired = desired_with(None);
@@ -474,12 +572,30 @@ mod tests {
         let changes = segment_changes(&plan(&desired, &observed, "r5"));
         assert_eq!(changes.len(), 1, "{changes:?}");
         assert!(changes[&(node.clone(), key.clone())].1[0].contains("security groups"));
-        // A node whose network lives in a named namespace (the dev cluster): its
-        // address is not there, so it has no VTEP and gets no segment.
+        // A node whose network lives in a named namespace (the dev cluster) gets its
+        // segments when the spec gives it an underlay (the node makes that address
+        // on its bond, after the bond's own step)...
         let mut observed = observed_as(&desired);
         networking(&mut observed, node).segments.clear();
         networking(&mut observed, node).netns = "cairn-0123-lab-1".into();
         let p = plan(&desired, &observed, "r7");
+        assert!(segment_changes(&p).iter().any(|((n, _), _)| n == node));
+        // ... and none without one: its address is not in that namespace.
+        let (mut model, root) = quickstart();
+        for n in model.sites.iter_mut().flat_map(|s| s.nodes.iter_mut()) {
+            n.underlay = None;
+        }
+        let bare = desired::desired(&model, &root, desired::place(&model, None));
+        assert!(
+            bare.segments
+                .values()
+                .flat_map(|s| s.values())
+                .all(|s| { s.underlay_prefix_len == 0 && s.local_vtep.starts_with("127.0.0.") })
+        );
+        let mut observed = observed_as(&bare);
+        networking(&mut observed, node).segments.clear();
+        networking(&mut observed, node).netns = "cairn-0123-lab-1".into();
+        let p = plan(&bare, &observed, "r8");
         assert!(segment_changes(&p).iter().all(|((n, _), _)| n != node));
         // A node that refuses network actions: left alone with its reason.
         let mut observed = observed_as(&desired);
