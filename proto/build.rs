@@ -13,6 +13,7 @@ const FILES: &[&str] = &[
     "cairn/node/v1/watch.proto",
     "cairn/node/v1/replication.proto",
     "cairn/node/v1/lease.proto",
+    "cairn/node/v1/witness.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

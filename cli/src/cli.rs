@@ -236,6 +236,29 @@ pub enum Command {
     /// The GitOps controller: follow a branch of a spec repository and keep the
     /// cluster matching its head (`pause`, `resume`, `bench` below).
     Controller(Box<ControllerArgs>),
+    /// The quorum witness of a site (`witness address=` in the spec): short,
+    /// exclusive, numbered grants that decide which side of a partition keeps an HA
+    /// node's VMs (and, later, which side of an FT pair runs).
+    Witness {
+        /// Where to listen (`host:port`, the site's `witness address=`).
+        #[arg(long, value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// Its data directory: its identity and the grant numbers it gave (kept
+        /// durably; never delete it, a new one would give lower numbers).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Controller keys (`HEX NAME` per line). Default: DATA_DIR/trusted-controllers.
+        #[arg(long, value_name = "FILE")]
+        trusted_controller_keys: Option<PathBuf>,
+        /// Node keys, each with its node's name (`HEX NAME` per line). Default:
+        /// DATA_DIR/trusted-nodes.
+        #[arg(long, value_name = "FILE")]
+        trusted_node_keys: Option<PathBuf>,
+        /// The longest lease it grants, ms; after a restart it grants nobody new for
+        /// that long.
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        max_lease_ms: u64,
+    },
     /// Node operations through the controller (`maintenance`).
     Node {
         #[command(subcommand)]
@@ -769,6 +792,26 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Diff(args) => crate::diff::run(args),
         Command::VerifyCommit(args) => crate::verify::run(args),
         Command::Controller(args) => controller_cmd(*args),
+        Command::Witness {
+            listen,
+            data_dir,
+            trusted_controller_keys,
+            trusted_node_keys,
+            max_lease_ms,
+        } => {
+            let config = controller::witness::WitnessConfig {
+                data_dir,
+                controller_keys: trusted_controller_keys,
+                node_keys: trusted_node_keys,
+                max_lease: std::time::Duration::from_millis(max_lease_ms.max(1)),
+            };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(controller::witness::serve(listen, config))?;
+            Ok(0)
+        }
         Command::Node {
             command:
                 NodeCommand::Maintenance {

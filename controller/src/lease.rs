@@ -23,6 +23,17 @@
 //! - a controller that starts waits T + margin before it calls any node `failed`
 //!   (it cannot know which grants its predecessor gave).
 //!
+//! - where the site has a quorum witness (`witness address= [alternate=]`), a node cut
+//!   off from the controller may keep quorum through the witness's grant of
+//!   `node/NAME` instead of its peers; so a node that would be `failed` by the rules
+//!   above stays `suspect` until this controller holds that grant itself at every
+//!   witness the node may be using (the one it reported in its last renewal and the
+//!   one the last grant named), and the key has been free of anyone else's grant for
+//!   the margin ([`witness_claims`], every 100 ms). The consent holds until the node
+//!   renews again. A node that holds the grant is never declared failed; with the
+//!   witness out of reach, neither side gets it: the node fences, and its VMs are
+//!   not restarted elsewhere (never twice, at the cost of availability).
+//!
 //! When a node becomes `failed`, [`watch_failures`] starts a drift check at once; its
 //! plan places the node's diskless HA and FT VMs elsewhere (nothing else moves; VMs
 //! with disks wait for their volumes' new writer, issue 15).
@@ -60,6 +71,39 @@ struct Granted {
     incarnation: String,
     /// Peers the node heard from at its last renewal, with how long ago.
     heard: BTreeMap<String, Duration>,
+    /// The witness the node said it uses at its last renewal ("" none).
+    witness_used: String,
+    /// The witness this controller's last grant to it named ("" none).
+    witness_sent: String,
+}
+
+/// The HA witness grant's length, ms: a node cut off from the controller renews it
+/// every 100 ms (`node_runtime::quorum::WITNESS_EVERY`); the controller holds it as
+/// long.
+pub const WITNESS_LEASE_MS: u64 = 800;
+
+/// The controller's hold of one node's grant at one witness.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    /// Until when (counted from the claim's send time).
+    until: Instant,
+    /// Since when the key was free of anyone else's grant (None: never held).
+    free_since: Option<Instant>,
+}
+
+/// What the controller knows of the witnesses.
+#[derive(Debug, Default)]
+struct WitnessBook {
+    /// Node → witness address → this controller's hold of `node/NAME` there.
+    holds: BTreeMap<String, BTreeMap<String, Hold>>,
+    /// Node → its last grant's time when the witness consented to its failure.
+    consent: BTreeMap<String, Instant>,
+    /// Node → the last witness answer, in words.
+    notes: BTreeMap<String, String>,
+    /// Witness address → when it last answered this controller.
+    answered: BTreeMap<String, Instant>,
+    /// Clients by address.
+    clients: BTreeMap<String, Arc<proto::witness::WitnessClient>>,
 }
 
 /// The leases of every node, shared by the gRPC service and the status.
@@ -83,6 +127,8 @@ pub struct Leases {
     restarts: Mutex<BTreeMap<String, HaRestart>>,
     /// Node → whether it answered the last observation.
     reachable: Mutex<BTreeMap<String, bool>>,
+    /// The witnesses' grants this controller holds and their consents.
+    witness: Mutex<WitnessBook>,
 }
 
 /// When a node was declared failed.
@@ -152,6 +198,10 @@ pub struct LeaseRow {
     pub reason: String,
     /// Its site's detect T (`failure-detect after=`), ms.
     pub detect_ms: u64,
+    /// It would be `failed`, but the site's witness has not consented yet (this
+    /// controller claims the node's witness grant while this is true).
+    #[serde(skip)]
+    pub awaits_witness: bool,
 }
 
 impl Leases {
@@ -166,7 +216,45 @@ impl Leases {
             failed_at: Mutex::default(),
             restarts: Mutex::default(),
             reachable: Mutex::default(),
+            witness: Mutex::default(),
         }
+    }
+
+    fn witness_book(&self) -> std::sync::MutexGuard<'_, WitnessBook> {
+        self.witness.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The witness a node of `site` must use: the preferred one, unless it has not
+    /// answered this controller for 2 s while the alternate has.
+    fn active_witness(&self, site: &compiler::model::Site) -> Option<String> {
+        let preferred = site.witness.clone()?;
+        let Some(alternate) = site.witness_alternate.clone() else {
+            return Some(preferred);
+        };
+        let book = self.witness_book();
+        let recent = |address: &str| {
+            book.answered
+                .get(address)
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(2))
+        };
+        if !recent(&preferred) && recent(&alternate) {
+            Some(alternate)
+        } else {
+            Some(preferred)
+        }
+    }
+
+    /// Whether the witness consented to `node`'s failure since its grant at `last`.
+    fn witness_consents(&self, node: &str, last: Instant) -> bool {
+        self.witness_book().consent.get(node) == Some(&last)
+    }
+
+    fn witness_note(&self, node: &str) -> String {
+        self.witness_book()
+            .notes
+            .get(node)
+            .cloned()
+            .unwrap_or_else(|| "not asked yet".to_owned())
     }
 
     /// Records that `nodes` were declared failed now (those not failed any more are
@@ -362,6 +450,7 @@ impl Leases {
                         incarnation: String::new(),
                         reason: "it has not renewed a lease with this controller (started without --lease-from?)".into(),
                         detect_ms: ttl.as_millis() as u64,
+                        awaits_witness: false,
                     });
                     continue;
                 };
@@ -383,10 +472,25 @@ impl Leases {
                 let not_hearing = reports.iter().filter(|hears| !**hears).count();
                 let hearing = reports.len() - not_hearing;
                 let site_size = peers.len() + 1;
+                let mut awaits_witness = false;
                 let (state, reason) = if age < ttl {
                     ("ready", format!("renewed {} ms ago", age.as_millis()))
                 } else if age < ttl + margin || self.started.elapsed() < ttl + margin {
                     ("suspect", format!("no renewal for {} ms", age.as_millis()))
+                } else if not_hearing * 2 >= site_size
+                    && site.witness.is_some()
+                    && !self.witness_consents(&node.name, g.last)
+                {
+                    awaits_witness = true;
+                    (
+                        "suspect",
+                        format!(
+                            "no renewal for {} ms and {not_hearing} of its {} site peers no longer hear it, but the site's witness has not consented yet ({}): the node may hold its witness grant, so its VMs are not restarted elsewhere",
+                            age.as_millis(),
+                            peers.len(),
+                            self.witness_note(&node.name)
+                        ),
+                    )
                 } else if not_hearing * 2 >= site_size {
                     (
                         "failed",
@@ -414,11 +518,183 @@ impl Leases {
                     incarnation: g.incarnation.clone(),
                     reason,
                     detect_ms: ttl.as_millis() as u64,
+                    awaits_witness,
                 });
             }
         }
         rows
     }
+}
+
+/// The witness client of `address` (made once), signed by the controller's key.
+fn witness_client(
+    shared: &Shared,
+    address: &str,
+) -> Result<Arc<proto::witness::WitnessClient>, String> {
+    let mut book = shared.leases.witness_book();
+    if let Some(client) = book.clients.get(address) {
+        return Ok(Arc::clone(client));
+    }
+    let client = Arc::new(proto::witness::WitnessClient::new(
+        address,
+        shared.signer.clone(),
+        Duration::from_millis(300),
+        None,
+    )?);
+    book.clients.insert(address.to_owned(), Arc::clone(&client));
+    Ok(client)
+}
+
+/// Every 100 ms: claims `node/NAME` as `controller` at each witness a node that
+/// would be `failed` (or is) may be using, and consents to its failure once every
+/// one of them is held and has been free of the node's grant for the site's margin;
+/// every 500 ms it asks each declared witness who is there, so that the lease
+/// replies name the alternate while the preferred is out of reach.
+pub async fn witness_claims(shared: Arc<Shared>) {
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ticks += 1;
+        let good = shared.good.lock().expect("good lock").clone();
+        let Some(good) = good else { continue };
+        if ticks.is_multiple_of(5) {
+            let addresses: std::collections::BTreeSet<String> = good
+                .model
+                .sites
+                .iter()
+                .flat_map(|s| s.witness.iter().chain(&s.witness_alternate))
+                .cloned()
+                .collect();
+            let asks = addresses.into_iter().map(|address| {
+                let shared = Arc::clone(&shared);
+                async move {
+                    let client = witness_client(&shared, &address)?;
+                    client
+                        .query(&proto::witness::node_key("-"))
+                        .await
+                        .map_err(|s| s.message().to_owned())?;
+                    shared
+                        .leases
+                        .witness_book()
+                        .answered
+                        .insert(address, Instant::now());
+                    Ok::<(), String>(())
+                }
+            });
+            let _ = futures_util::future::join_all(asks).await;
+        }
+        let rows = shared.leases.rows(&good.model);
+        let wanted: Vec<(String, compiler::model::Site)> =
+            rows.iter()
+                .filter(|r| r.awaits_witness || r.state == "failed")
+                .filter_map(|r| {
+                    let site = good.model.sites.iter().find(|s| {
+                        s.witness.is_some() && s.nodes.iter().any(|n| n.name == r.node)
+                    })?;
+                    Some((r.node.clone(), site.clone()))
+                })
+                .collect();
+        {
+            let mut book = shared.leases.witness_book();
+            book.holds.retain(|n, _| wanted.iter().any(|(w, _)| w == n));
+        }
+        let claims = wanted.into_iter().map(|(node, site)| {
+            let shared = Arc::clone(&shared);
+            async move { claim_for(&shared, &node, &site).await }
+        });
+        let _ = futures_util::future::join_all(claims).await;
+    }
+}
+
+/// One round of claims for `node` (see [`witness_claims`]).
+async fn claim_for(shared: &Shared, node: &str, site: &compiler::model::Site) {
+    let Some(last) = shared.leases.lock().get(node).cloned() else {
+        return;
+    };
+    // The witnesses the node may be using; one that never had any cannot hold one.
+    let addresses: std::collections::BTreeSet<String> = [&last.witness_used, &last.witness_sent]
+        .into_iter()
+        .filter(|a| !a.is_empty())
+        .cloned()
+        .collect();
+    let margin = Duration::from_millis(HaTimers::of(site).margin_ms);
+    let mut notes = Vec::new();
+    let mut all_held = true;
+    for address in &addresses {
+        let sent = Instant::now();
+        let answer = match witness_client(shared, address) {
+            Ok(client) => client
+                .claim(
+                    &proto::witness::node_key(node),
+                    proto::witness::CONTROLLER,
+                    WITNESS_LEASE_MS,
+                )
+                .await
+                .map_err(|s| s.message().to_owned()),
+            Err(error) => Err(error),
+        };
+        let mut book = shared.leases.witness_book();
+        match answer {
+            Ok(grant) if grant.granted => {
+                book.answered.insert(address.clone(), Instant::now());
+                let holds = book.holds.entry(node.to_owned()).or_default();
+                let until = sent + Duration::from_millis(grant.lease_ms);
+                let free_since = match holds.get(address) {
+                    // Held without a gap: the key stayed free of anyone else.
+                    Some(hold) if hold.until > sent => hold.free_since,
+                    _ if grant.free_ms == u64::MAX => None,
+                    _ => Some(
+                        sent.checked_sub(Duration::from_millis(grant.free_ms))
+                            .unwrap_or(sent),
+                    ),
+                };
+                holds.insert(address.clone(), Hold { until, free_since });
+                let waited = free_since.is_none_or(|since| since.elapsed() >= margin);
+                if !waited {
+                    all_held = false;
+                }
+                notes.push(format!(
+                    "{address}: held by the controller, grant {}{}",
+                    grant.number,
+                    if waited {
+                        String::new()
+                    } else {
+                        format!(
+                            ", free for {} ms of the {} ms margin",
+                            free_since.map_or(0, |s| s.elapsed().as_millis()),
+                            margin.as_millis()
+                        )
+                    }
+                ));
+            }
+            Ok(grant) => {
+                book.answered.insert(address.clone(), Instant::now());
+                if let Some(holds) = book.holds.get_mut(node) {
+                    holds.remove(address);
+                }
+                all_held = false;
+                notes.push(format!(
+                    "{address}: `{}` holds it (grant {}, {} ms left)",
+                    grant.holder, grant.number, grant.valid_ms
+                ));
+            }
+            Err(error) => {
+                if let Some(holds) = book.holds.get_mut(node) {
+                    holds.remove(address);
+                }
+                all_held = false;
+                notes.push(format!("{address}: unreachable ({error})"));
+            }
+        }
+    }
+    let mut book = shared.leases.witness_book();
+    if addresses.is_empty() {
+        notes.push("the node was never given a witness".to_owned());
+    }
+    if all_held && book.consent.get(node) != Some(&last.last) {
+        book.consent.insert(node.to_owned(), last.last);
+    }
+    book.notes.insert(node.to_owned(), notes.join("; "));
 }
 
 /// The node states, in the order status and metrics list them (CLI.md).
@@ -600,6 +876,7 @@ impl v1::lease_server::Lease for LeaseService {
             })
             .collect();
         let (fenced_vms, unguarded_vms) = self.leases.fenced_vms(&name, &good.model, &self.shared);
+        let witness = self.leases.active_witness(site).unwrap_or_default();
         // HA VMs a restart may start here are armed from their first instruction.
         let fenced_vms =
             crate::fence_list::with_moving(&self.shared, &good.model, &name, fenced_vms);
@@ -611,10 +888,14 @@ impl v1::lease_server::Lease for LeaseService {
                 grants: 0,
                 incarnation: String::new(),
                 heard: BTreeMap::new(),
+                witness_used: String::new(),
+                witness_sent: String::new(),
             });
             entry.last = Instant::now();
             entry.grants += 1;
             entry.incarnation = body.incarnation;
+            entry.witness_used = body.witness;
+            entry.witness_sent = witness.clone();
             entry.heard = body
                 .heard
                 .into_iter()
@@ -630,6 +911,12 @@ impl v1::lease_server::Lease for LeaseService {
             fenced_vms,
             renew_every_ms: timers.renew_every_ms,
             unguarded_vms,
+            witness_lease_ms: if witness.is_empty() {
+                0
+            } else {
+                WITNESS_LEASE_MS
+            },
+            witness,
         }))
     }
 }
@@ -638,6 +925,14 @@ impl v1::lease_server::Lease for LeaseService {
 /// and starts a drift check at once, whose plan places the node's diskless HA VMs
 /// elsewhere (`PlanOptions::failed_nodes`); when it is back, `node returned`.
 pub async fn watch_failures(shared: Arc<Shared>) {
+    // The witness claims run beside it and end with it.
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _claims = Abort(tokio::spawn(witness_claims(Arc::clone(&shared))));
     let mut failed = std::collections::BTreeSet::new();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -50,6 +50,7 @@ pub mod trust;
 pub mod vm_actions;
 pub mod volume_epochs;
 pub mod webhook;
+pub mod witness;
 mod worker;
 
 use std::net::SocketAddr;

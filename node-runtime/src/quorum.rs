@@ -20,6 +20,15 @@
 //! or is frozen (SIGSTOP) or killed, nothing moves the deadline any more and each VMM
 //! stops its vCPUs and its tap writes at the deadline by itself.
 //!
+//! - or, where its site has a quorum witness (`cairn witness`), the witness's grant of
+//!   `node/NAME`: once a renewal is overdue (less than T/2 of the lease left) the
+//!   node claims it every 100 ms at the witness the controller's last grant named,
+//!   and holds quorum until the claim's SEND time + the witness lease (a few hundred
+//!   ms). The controller claims the same key before it declares this node failed, so
+//!   at most one of them wins: a node that holds it is never restarted elsewhere, a
+//!   node that cannot get it (the controller has it, or the witness is out of reach)
+//!   fences at the end of what it holds.
+//!
 //! The site's peers and the fenced VMs come with each grant and are kept in
 //! `DATA_DIR/quorum.json`, so a node restarted during a controller outage still probes
 //! its peers. A node started without `--lease-from` never arms a fence (there is no
@@ -65,6 +74,21 @@ struct Kept {
     /// How often the controller asks this node to renew, ms (0: `ttl_ms / 3`).
     #[serde(default)]
     renew_every_ms: u64,
+    /// The site's witness this node claims at ("" none).
+    #[serde(default)]
+    witness: String,
+    /// The witness grant's length, ms.
+    #[serde(default)]
+    witness_lease_ms: u64,
+}
+
+impl State {
+    /// The quorum's end: the latest of the lease, the site majority and the witness.
+    fn holds_until_ns(&self) -> u64 {
+        self.lease_until_ns
+            .max(self.peers_until_ns)
+            .max(self.witness_until_ns)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -82,6 +106,12 @@ struct State {
     pushed: BTreeMap<String, u64>,
     /// Why the last renewal failed, if it did.
     last_error: Option<String>,
+    /// `CLOCK_BOOTTIME` ns the witness grant lasts until (0: none yet).
+    witness_until_ns: u64,
+    /// Who holds this node's witness grant, and its number, as last answered.
+    witness_holder: (String, u64),
+    /// Why the last witness claim failed, if it did.
+    witness_error: Option<String>,
 }
 
 /// The node's quorum state; the probe service writes `heard`, the loop the rest.
@@ -97,6 +127,8 @@ pub struct Quorum {
     /// as soon as they extend the quorum, and two pushes racing could leave a VMM with
     /// the earlier deadline while `pushed` records the later one.
     pushing: tokio::sync::Mutex<()>,
+    /// The witness client, by address.
+    witnesses: Mutex<BTreeMap<String, Arc<proto::witness::WitnessClient>>>,
 }
 
 /// What Observe or a test can see of the quorum.
@@ -108,6 +140,10 @@ pub struct QuorumView {
     pub lease_until_ns: u64,
     /// The site majority's end (0: none).
     pub peers_until_ns: u64,
+    /// The witness grant's end (0: none).
+    pub witness_until_ns: u64,
+    /// Who holds this node's witness grant (as last answered), and its number.
+    pub witness_holder: (String, u64),
     /// Grants received.
     pub grants: u64,
     /// VMs that are fenced.
@@ -132,6 +168,7 @@ impl Quorum {
             }),
             channels: Mutex::default(),
             pushing: tokio::sync::Mutex::new(()),
+            witnesses: Mutex::default(),
             incarnation: format!("{}-{}", std::process::id(), vmm::fence::boottime_ns()),
         }
     }
@@ -149,13 +186,21 @@ impl Quorum {
     pub fn view(&self) -> QuorumView {
         let state = self.lock();
         QuorumView {
-            holds_until_ns: state.lease_until_ns.max(state.peers_until_ns),
+            holds_until_ns: state.holds_until_ns(),
             lease_until_ns: state.lease_until_ns,
             peers_until_ns: state.peers_until_ns,
+            witness_until_ns: state.witness_until_ns,
+            witness_holder: state.witness_holder.clone(),
             grants: state.grants,
             fenced_vms: state.kept.fenced_vms.iter().cloned().collect(),
             last_error: state.last_error.clone(),
         }
+    }
+
+    /// Who holds this node's witness grant as last answered ("" when it has not
+    /// asked), and its number: what a peer's probe is told.
+    pub fn witness_holder(&self) -> (String, u64) {
+        self.lock().witness_holder.clone()
     }
 
     fn keep(&self, kept: &Kept) {
@@ -213,16 +258,17 @@ impl Quorum {
 /// Renews the lease once; on success records it from `sent_ns`.
 async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), String> {
     let quorum = &node.quorum;
-    let heard = {
+    let (heard, witness) = {
         let state = quorum.lock();
-        state
+        let heard = state
             .heard
             .iter()
             .map(|(name, at)| v1::PeerHeard {
                 node: name.clone(),
                 age_ms: at.elapsed().as_millis() as u64,
             })
-            .collect()
+            .collect();
+        (heard, state.kept.witness.clone())
     };
     let controller_key = node
         .trust
@@ -239,6 +285,7 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
                 node: node.config.name.clone(),
                 incarnation: quorum.incarnation.clone(),
                 heard,
+                witness,
             },
         )
         .map_err(|e| e.to_string())?;
@@ -266,6 +313,8 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
         unguarded_vms: reply.unguarded_vms.into_iter().collect(),
         ttl_ms: reply.ttl_ms,
         renew_every_ms: reply.renew_every_ms,
+        witness: reply.witness,
+        witness_lease_ms: reply.witness_lease_ms,
     };
     let changed = {
         let mut state = quorum.lock();
@@ -344,7 +393,7 @@ async fn push_fences(node: &Arc<Node>) {
     let (until, unguarded, pushed) = {
         let state = node.quorum.lock();
         (
-            state.lease_until_ns.max(state.peers_until_ns),
+            state.holds_until_ns(),
             state.kept.unguarded_vms.clone(),
             state.pushed.clone(),
         )
@@ -398,12 +447,124 @@ async fn push_fences(node: &Arc<Node>) {
     }
 }
 
+/// How often the node claims its witness grant while its lease is overdue.
+pub const WITNESS_EVERY: Duration = Duration::from_millis(100);
+
+/// The witness client of `address`, made once.
+fn witness_client(
+    node: &Node,
+    address: &str,
+    timeout: Duration,
+    local_address: Option<std::net::IpAddr>,
+) -> Result<Arc<proto::witness::WitnessClient>, String> {
+    let mut clients = node
+        .quorum
+        .witnesses
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(client) = clients.get(address) {
+        return Ok(Arc::clone(client));
+    }
+    let client = Arc::new(proto::witness::WitnessClient::new(
+        address,
+        RequestSigner::new(node.identity.clone()),
+        timeout,
+        local_address,
+    )?);
+    clients.insert(address.to_owned(), Arc::clone(&client));
+    Ok(client)
+}
+
+/// The witness loop: every [`WITNESS_EVERY`], while the controller's lease has less
+/// than half of T left (a renewal is overdue) and the site has a witness, claims
+/// `node/NAME` there; a grant extends the quorum to the claim's send time + the
+/// witness lease and pushes the fences at once.
+async fn witness_loop(node: Arc<Node>, config: LeaseConfig) {
+    let trace = std::env::var_os("CAIRN_QUORUM_TRACE").is_some();
+    loop {
+        let tick = tokio::time::Instant::now();
+        let (address, lease_ms, ttl, lease_until) = {
+            let state = node.quorum.lock();
+            let ttl = if state.kept.ttl_ms > 0 {
+                Duration::from_millis(state.kept.ttl_ms)
+            } else {
+                config.ttl
+            };
+            (
+                state.kept.witness.clone(),
+                state.kept.witness_lease_ms,
+                ttl,
+                state.lease_until_ns,
+            )
+        };
+        let sent_ns = vmm::fence::boottime_ns();
+        let overdue = lease_until < sent_ns + (ttl / 2).as_nanos() as u64;
+        if !address.is_empty() && lease_ms > 0 && overdue {
+            let timeout = Duration::from_millis(lease_ms / 3).max(WITNESS_EVERY);
+            let answer = match witness_client(&node, &address, timeout, config.local_address) {
+                Ok(client) => client
+                    .claim(
+                        &proto::witness::node_key(&node.config.name),
+                        &node.config.name,
+                        lease_ms,
+                    )
+                    .await
+                    .map_err(|status| status.message().to_owned()),
+                Err(error) => Err(error),
+            };
+            let granted = {
+                let mut state = node.quorum.lock();
+                let (granted, error) = match answer {
+                    Ok(grant) if grant.granted => {
+                        let until = sent_ns + grant.lease_ms.min(lease_ms) * 1_000_000;
+                        state.witness_until_ns = state.witness_until_ns.max(until);
+                        state.witness_holder = (grant.holder, grant.number);
+                        (true, None)
+                    }
+                    Ok(grant) => {
+                        let reason = format!("refused: {}", grant.reason);
+                        state.witness_holder = (grant.holder, grant.number);
+                        (false, Some(reason))
+                    }
+                    Err(error) => (false, Some(error)),
+                };
+                match (&error, &state.witness_error) {
+                    (Some(error), None) => eprintln!(
+                        "cairn-node: quorum: the witness {address} did not grant node/{}: {error}",
+                        node.config.name
+                    ),
+                    (None, last) if trace || last.is_some() => eprintln!(
+                        "cairn-node: quorum: the witness {address} grants node/{} (number {}; last failure: {last:?})",
+                        node.config.name, state.witness_holder.1
+                    ),
+                    _ => {}
+                }
+                state.witness_error = error;
+                granted
+            };
+            if granted {
+                push_fences(&node).await;
+            }
+        }
+        tokio::time::sleep_until(tick + WITNESS_EVERY).await;
+    }
+}
+
 /// The lease loop: renew, probe, push, every `ttl / 3`, until the process ends.
 /// The controller's answer sets both (the site's `failure-detect after=`); until the
 /// first one, the node's own `--lease-ttl-ms`.
 pub async fn run(node: Arc<Node>, config: LeaseConfig) {
     let mut ttl = config.ttl;
     let mut every = ttl / 3;
+    let witness = tokio::spawn(witness_loop(Arc::clone(&node), config.clone()));
+    // The witness loop ends with this one (it holds the node).
+    struct Abort(tokio::task::JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _witness = Abort(witness);
     // Every round's outcome on stderr, for diagnosis.
     let trace = std::env::var_os("CAIRN_QUORUM_TRACE").is_some();
     loop {

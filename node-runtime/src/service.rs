@@ -270,8 +270,11 @@ impl v1::quorum_server::Quorum for NodeService {
                 .trust
                 .check(methods::QUORUM_PROBE, Role::ControllerOrPeer, &request)?;
         self.node.quorum.heard(&caller.name);
+        let (witness_holder, witness_number) = self.node.quorum.witness_holder();
         Ok(Response::new(v1::QuorumProbeReply {
             node: self.node.config.name.clone(),
+            witness_holder,
+            witness_number,
         }))
     }
 }

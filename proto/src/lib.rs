@@ -30,6 +30,7 @@ pub mod client;
 pub mod convert;
 pub mod fence;
 pub mod protocol;
+pub mod witness;
 
 /// Generated types of package `cairn.node.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
@@ -89,6 +90,10 @@ pub mod methods {
     pub const RENEW_LEASE: &str = "/cairn.node.v1.Lease/Renew";
     /// `Quorum.Probe` (served by every node, called by its site's peers)
     pub const QUORUM_PROBE: &str = "/cairn.node.v1.Quorum/Probe";
+    /// `Witness.Claim` (served by `cairn witness`)
+    pub const WITNESS_CLAIM: &str = "/cairn.node.v1.Witness/Claim";
+    /// `Witness.Query` (served by `cairn witness`)
+    pub const WITNESS_QUERY: &str = "/cairn.node.v1.Witness/Query";
 }
 
 /// The name of the `ApplyRequest.action` oneof variant, as used in events and the

@@ -46,6 +46,8 @@ impl v1::lease_server::Lease for FakeController {
             fenced_vms: self.fenced.clone(),
             renew_every_ms: 0,
             unguarded_vms: vec![],
+            witness: String::new(),
+            witness_lease_ms: 0,
         }))
     }
 }
