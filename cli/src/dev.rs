@@ -20,6 +20,13 @@
 //! spec), so the controller reaches it as before. `cairn dev down` deletes every
 //! namespace of the prefix (their veths, bridges and qdiscs go with them).
 //!
+//! Witnesses: every site `witness` of the spec (its `address=` and its `alternate=`)
+//! gets a `cairn witness` on that address, started before the nodes, with its data
+//! directory under `.cairn/dev/witness-SITE` (`-alternate`), trusting the controller
+//! key and the site's node keys; their pids are in `.cairn/dev/witnesses.json` and
+//! `dev down` stops them after the nodes. A witness left running is kept (its grant
+//! numbers only ever rise); its data directory is never wiped.
+//!
 //! Without that capability nodes run with `--network-disabled REASON`: they never
 //! touch the host's network, report the reason in Inventory and Observe, and refuse
 //! network actions; `cairn plan` shows their bonds as not made, with the reason.
@@ -270,6 +277,7 @@ pub async fn up(
             return Err(error);
         }
     };
+    start_witnesses(ctx, model, &keys, &controller.public_key_hex())?;
     let mut started = vec![];
     for node in nodes.values() {
         let dir = dev_dir.join(&node.name);
@@ -405,6 +413,137 @@ pub async fn up(
         ctx.spec_root.display(),
     );
     Ok(0)
+}
+
+fn witnesses_path(ctx: &Ctx) -> PathBuf {
+    ctx.cairn_dir.join("dev/witnesses.json")
+}
+
+/// Whether `pid` is the `cairn witness` of data directory `dir`.
+fn is_witness(pid: u32, dir: &std::path::Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+        let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+        args.contains(&b"witness".as_slice()) && args.contains(&dir.as_os_str().as_encoded_bytes())
+    })
+}
+
+/// Starts a `cairn witness` for every witness address of the spec's sites that has
+/// none running (see the module's comment); waits until each listens.
+fn start_witnesses(
+    ctx: &Ctx,
+    model: &compiler::Model,
+    node_keys: &BTreeMap<String, String>,
+    controller_key: &str,
+) -> anyhow::Result<()> {
+    let path = witnesses_path(ctx);
+    let mut pids: BTreeMap<String, u32> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let dev_dir = ctx.cairn_dir.join("dev");
+    for site in &model.sites {
+        let declared = [
+            (format!("witness-{}", site.name), site.witness.as_ref()),
+            (
+                format!("witness-{}-alternate", site.name),
+                site.witness_alternate.as_ref(),
+            ),
+        ];
+        for (name, address) in declared {
+            let Some(address) = address else { continue };
+            let dir = dev_dir.join(&name);
+            if let Some(pid) = pids.get(&name)
+                && is_witness(*pid, &dir)
+            {
+                println!("{name}: already running (pid {pid}) on {address}");
+                continue;
+            }
+            let listen: std::net::SocketAddr = address.parse().with_context(|| {
+                format!(
+                    "site {}'s witness address `{address}` is not IP:PORT; `cairn dev up` starts witnesses on IP addresses only",
+                    site.name
+                )
+            })?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::write(
+                dir.join("trusted-controllers"),
+                format!("{controller_key} cairn-controller\n"),
+            )?;
+            let nodes: String = site
+                .nodes
+                .iter()
+                .filter_map(|n| node_keys.get(&n.name).map(|k| format!("{k} {}\n", n.name)))
+                .collect();
+            std::fs::write(dir.join("trusted-nodes"), nodes)?;
+            let log = std::fs::File::create(dir.join("witness.log"))?;
+            let me = std::env::current_exe().context("cannot find the cairn binary")?;
+            let child = std::process::Command::new(me)
+                .arg("witness")
+                .arg("--listen")
+                .arg(address)
+                .arg("--data-dir")
+                .arg(&dir)
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .process_group(0)
+                .spawn()
+                .context("cannot start cairn witness")?;
+            pids.insert(name.clone(), child.id());
+            std::fs::write(&path, serde_json::to_string_pretty(&pids)? + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_err()
+            {
+                if Instant::now() > deadline || !reconciler::state::process_alive(child.id()) {
+                    bail!(
+                        "{name} did not come up on {address}; its log:\n{}",
+                        std::fs::read_to_string(dir.join("witness.log")).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!(
+                "{name}: up on {address} (pid {}, data {})",
+                child.id(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Stops the witnesses `dev up` started (SIGTERM, SIGKILL after 10 s).
+fn stop_witnesses(ctx: &Ctx) -> Vec<(String, u32)> {
+    let path = witnesses_path(ctx);
+    let pids: BTreeMap<String, u32> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(&path);
+    let mut stopped = vec![];
+    for (name, pid) in pids {
+        let dir = ctx.cairn_dir.join("dev").join(&name);
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
+        if !is_witness(pid, &dir) {
+            continue;
+        }
+        // SAFETY: kill(2) of the witness this dev cluster started (checked by its command line).
+        unsafe { libc::kill(raw, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reconciler::state::process_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if reconciler::state::process_alive(pid) && is_witness(pid, &dir) {
+            // SAFETY: as above.
+            unsafe { libc::kill(raw, libc::SIGKILL) };
+        }
+        stopped.push((name, pid));
+    }
+    stopped
 }
 
 /// Kills the process group `pgid` only when it is provably one of ours: some
@@ -632,6 +771,9 @@ pub fn down(ctx: &Ctx) -> anyhow::Result<u8> {
             "{name}: stopped (pid {pid}{})",
             if *killed { ", killed after 10 s" } else { "" }
         );
+    }
+    for (name, pid) in stop_witnesses(ctx) {
+        println!("{name}: stopped (pid {pid})");
     }
     // After the nodes: their failover monitors work in these namespaces.
     let removed = teardown_network(ctx)?;
