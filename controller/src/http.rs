@@ -186,11 +186,17 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
-/// Observed now, always; the console's pages then reuse this answer while it is young.
+/// Observed now, always; the console's pages then show this answer.
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
-    let value = Arc::new(crate::worker::status_json(&shared).await);
-    shared.status_view.put(value.clone());
-    axum::Json(&*value).into_response()
+    let (value, observed_unix_ms) =
+        crate::worker::status_json(&shared, std::time::Duration::ZERO).await;
+    let view = Arc::new(crate::console::StatusView::new(
+        value,
+        observed_unix_ms,
+        crate::console::applied_commit(&shared),
+    ));
+    shared.status_view.put(view.clone());
+    axum::Json(&view.json).into_response()
 }
 
 /// `?limit=N&kind=K`.

@@ -196,14 +196,55 @@ pub struct Shared {
     pub replicas: Option<replicas::Replicas>,
     /// The nodes an operator put in maintenance.
     pub maintenance: maintenance::Maintenance,
-    /// The status the console's pages share (`/api/v1/status`'s value), made at most
-    /// once at a time and forgotten when an event is recorded.
-    pub status_view: fresh::Fresh<Arc<serde_json::Value>>,
+    /// The newest observation of the applied commit's nodes: the worker's own
+    /// (each sync and drift check puts it), else made by whoever needs a younger
+    /// one (the console, `/api/v1/status`); stale once an event is recorded.
+    pub observed: fresh::Fresh<Arc<Observation>>,
+    /// The status the console's pages share (`/api/v1/status`'s value, parsed
+    /// once), kept by `console::keep_status` from the controller's start and
+    /// served stale-while-revalidate: stale once an event is recorded.
+    pub status_view: Arc<fresh::Fresh<Arc<console::StatusView>>>,
     /// The VM and node states the console's live streams share.
     pub live_view: fresh::Fresh<Option<serde_json::Value>>,
-    /// When a console page was last loaded (Unix ms), and whether the task that keeps
-    /// `status_view` young while the console is in use runs.
+    /// When a console page was last loaded (Unix ms): while the console is in use
+    /// its status is kept younger.
     pub console_use: console::Use,
+}
+
+/// One observation of the applied commit's nodes, with when it was made.
+#[derive(Debug)]
+pub struct Observation {
+    /// When it started (milliseconds since the Unix epoch; the worker's: when it
+    /// was handed over, just after it was made).
+    pub at_unix_ms: u64,
+    /// What the nodes answered (failed nodes: unreachable, not asked).
+    pub observed: reconciler::observe::Observed,
+}
+
+impl Shared {
+    /// The applied commit's nodes observed at most `max_age` ago and with no event
+    /// recorded since: the worker's or another reader's observation when there is
+    /// one, else observed now (once for every concurrent caller).
+    pub(crate) async fn observation(
+        &self,
+        model: &compiler::Model,
+        max_age: Duration,
+    ) -> Arc<Observation> {
+        self.observed
+            .get(max_age, || async {
+                // Its start: what it shows is at most this old.
+                let at_unix_ms = reconciler::state::now_ms();
+                let spec = reconciler::pipeline::spec_nodes(model);
+                let failed = self.leases.failed_nodes(model);
+                let observed =
+                    reconciler::observe::observe_except(&spec, &self.nodes, &failed).await;
+                Arc::new(Observation {
+                    at_unix_ms,
+                    observed,
+                })
+            })
+            .await
+    }
 }
 
 impl Shared {
@@ -246,7 +287,9 @@ impl Shared {
                     .unwrap_or_default()
             );
         }
-        // Something happened: the console's next page load or live tick observes anew.
+        // Something happened: the console's next page load or live tick observes
+        // anew (a page shows the stale status meanwhile, with its age).
+        self.observed.invalidate();
         self.status_view.invalidate();
         self.live_view.invalidate();
         // Notified once recorded (a receiver that looks finds the event).
@@ -469,10 +512,13 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         leases: Arc::new(lease::Leases::new(lease::DEFAULT_TTL)),
         replicas,
         maintenance,
-        status_view: fresh::Fresh::default(),
+        observed: fresh::Fresh::default(),
+        status_view: Arc::default(),
         live_view: fresh::Fresh::default(),
         console_use: console::Use::default(),
     });
+    // The console's status, from now on: the first page does not wait for it.
+    tokio::spawn(console::keep_status(Arc::downgrade(&shared)));
     std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))
         .with_context(|| format!("cannot write {}", control::url_path(&data_dir).display()))?;
     shared.record(vec![Event::new("controller", "started").reason(format!(

@@ -37,8 +37,8 @@ mod lease_bound;
 pub struct Good {
     /// Full commit id.
     pub commit: String,
-    /// Its compiled model.
-    pub model: compiler::Model,
+    /// Its compiled model (shared with the console's page loads, never copied).
+    pub model: Arc<compiler::Model>,
     /// Its files, written out (image paths resolve against it).
     pub spec_root: PathBuf,
 }
@@ -365,7 +365,7 @@ impl Worker {
             .map_err(|e| e.to_string())?;
         Ok(Good {
             commit: commit.to_owned(),
-            model: compilation.model,
+            model: Arc::new(compilation.model),
             spec_root,
         })
     }
@@ -595,7 +595,7 @@ impl Worker {
         };
         let mut signer = None;
         for c in &path {
-            let authority = self.good.as_ref().map(|g| &g.model);
+            let authority = self.good.as_ref().map(|g| &*g.model);
             let subdir = &self.source.subdir;
             match tokio::task::block_in_place(|| {
                 crate::trust::judge(&repo, subdir, c, authority, &signers, &keys)
@@ -889,7 +889,7 @@ impl Worker {
                 );
                 self.set_good(Good {
                     commit: commit.to_owned(),
-                    model,
+                    model: Arc::new(model),
                     spec_root,
                 });
                 self.last_drift = None;
@@ -994,6 +994,11 @@ impl Worker {
     /// Node state changes become events; node and VM metrics follow the observation.
     fn note_observation(&mut self, observed: &Observed) {
         self.shared.view.lock().expect("view lock").observed_digest = Some(observed.digest());
+        // The console's status and live states are made from it while it is young.
+        self.shared.observed.put(Arc::new(crate::Observation {
+            at_unix_ms: reconciler::state::now_ms(),
+            observed: observed.clone(),
+        }));
         let mut events = vec![];
         for (node, obs) in &observed.nodes {
             let (up, error) = match obs {
@@ -1628,8 +1633,12 @@ async fn watch_node(shared: Arc<Shared>, node: String, address: String) {
 }
 
 /// The JSON of `/api/v1/status`: `cairn status` of the applied commit, observed
-/// now, plus the controller.
-pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
+/// at most `max_age` ago (`Duration::ZERO`: now), plus the controller; and when
+/// the nodes were observed (none before the first applied commit).
+pub(crate) async fn status_json(
+    shared: &Shared,
+    max_age: Duration,
+) -> (serde_json::Value, Option<u64>) {
     let view = shared.view.lock().expect("view lock").clone();
     let mut controller = json!({
         "revision": view.revision,
@@ -1644,16 +1653,18 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
     }
     let good = shared.good.lock().expect("good lock").clone();
     let Some(good) = good else {
-        return json!({"format_version": reconciler::status::STATUS_FORMAT_VERSION, "controller": controller});
+        return (
+            json!({"format_version": reconciler::status::STATUS_FORMAT_VERSION, "controller": controller}),
+            None,
+        );
     };
-    let spec = pipeline::spec_nodes(&good.model);
-    let failed = shared.leases.failed_nodes(&good.model);
-    let observed = observe_except(&spec, &shared.nodes, &failed).await;
+    let observation = shared.observation(&good.model, max_age).await;
+    let observed = &observation.observed;
     let leases = shared.leases.rows(&good.model);
     let built = (|| -> Result<serde_json::Value, String> {
         let store = shared.state_store()?;
         let previous =
-            pipeline::previous_placement(store.placement().map_err(|e| e.to_string())?, &observed);
+            pipeline::previous_placement(store.placement().map_err(|e| e.to_string())?, observed);
         let placement = reconciler::desired::place(&good.model, Some(&previous));
         let desired = reconciler::desired::desired(&good.model, &good.spec_root, placement);
         let last = store
@@ -1665,14 +1676,14 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
         audit.drain(..audit.len().saturating_sub(5));
         let status = reconciler::status::status(
             &desired,
-            &observed,
+            observed,
             store.applied().map_err(|e| e.to_string())?,
             last,
             audit,
         );
         serde_json::to_value(&status).map_err(|e| e.to_string())
     })();
-    match built {
+    let value = match built {
         Ok(mut value) => {
             value["controller"] = controller;
             value["controller"]["leases"] = json!(leases);
@@ -1686,7 +1697,8 @@ pub(crate) async fn status_json(shared: &Shared) -> serde_json::Value {
             "controller": controller,
             "error": e,
         }),
-    }
+    };
+    (value, Some(observation.at_unix_ms))
 }
 
 #[cfg(test)]

@@ -192,8 +192,11 @@ fn quickstart() -> Fixture {
             commit: APPLIED.into(),
             model: Arc::new(model),
         }),
-        status: Some(status),
+        status: Some(Arc::new(status)),
         status_error: None,
+        // Observed 3 s before the page: pages show its age.
+        status_observed_unix_ms: Some(NOW - 3_000),
+        status_revalidating: false,
         held: None,
         events,
     };
@@ -247,7 +250,7 @@ fn pages_of(f: &Fixture) -> Vec<(&'static str, String)> {
         entries: s
             .status
             .as_ref()
-            .map(|st| st.audit.clone())
+            .map(|st| st.audit.iter().cloned().enumerate().collect())
             .unwrap_or_default(),
     };
     let (svg, vertices, waves) = controller::console::graph_svg(s.model().expect("model"));
@@ -410,7 +413,7 @@ fn a_script_tag_in_a_tag_value_or_a_name_is_shown_as_text() {
         model: Arc::new(model),
     });
     // A VM no spec names, reported by a node under a hostile name.
-    let status = f.snapshot.status.as_mut().expect("status");
+    let status = Arc::make_mut(f.snapshot.status.as_mut().expect("status"));
     let mut stray = status.vms[0].clone();
     stray.name = "<img src=x onerror=alert(2)>".into();
     status.vms.push(stray);
@@ -499,7 +502,7 @@ fn a_1000_node_10000_vm_cluster_is_filtered_and_paginated_on_the_server() {
             commit: APPLIED.into(),
             model: Arc::new(model),
         }),
-        status: Some(status),
+        status: Some(Arc::new(status)),
         ..Snapshot::default()
     };
     let timed = |name: &str, render: &dyn Fn() -> String| {

@@ -2,11 +2,14 @@
 //! load from a running controller over HTTP, on the bench's dev cluster once the
 //! measured commit's VMs run (issue 23's budget: under 200 ms for the quickstart).
 //!
-//! Each page is loaded `runs` times three ways: cold (the shared status forgotten
-//! first, so the load observes every node and reads the state store, as the
-//! first load after an event or after a minute unused does), in use (1.2 s after
-//! the previous load, as an operator clicks through: the renewing task has kept
-//! the status young) and at once (right after another load: the same status).
+//! Each page is loaded `runs` times three ways: cold (the shared observation and
+//! status made stale first, as after an event or a minute unused: the page
+//! shows the stale status with its age and a new one is made behind it), in use
+//! (1.2 s after the previous load, as an operator clicks through: the keeper has
+//! kept the status young) and at once (right after another load). Then, once:
+//! how long the revalidation behind a cold load took (an observation of every
+//! node, the state store read and the status parsed), and the overview of a
+//! controller that never observed (the one load that waits for it).
 //! The baseline in the same command is `/healthz`: the HTTP floor of this server
 //! on this machine.
 
@@ -90,7 +93,7 @@ pub async fn measure(
     for path in pages(vm) {
         let (mut cold, mut used, mut warm, mut size) = (vec![], vec![], vec![], 0);
         for _ in 0..runs {
-            handle.shared.status_view.invalidate();
+            stale(handle);
             let (status, bytes, took) = get(handle, &path).await?;
             if status != 200 {
                 bail!("GET {path} answered {status}");
@@ -107,10 +110,51 @@ pub async fn measure(
         worst_cold = worst_cold.max(cold);
         worst_use = worst_use.max(used);
         println!(
-            "  {path:<14} cold {cold:>7.1} ms  in use {used:>7.1} ms  at once {warm:>7.1} ms  ({} KiB)",
-            size / 1024
+            "  {path:<14} cold {cold:>7.1} ms  in use {used:>7.1} ms  at once {warm:>7.1} ms  ({} KiB; cold {:.0}x, in use {:.0}x /healthz)",
+            size / 1024,
+            cold / floor.max(0.001),
+            used / floor.max(0.001)
         );
     }
+    // The revalidation behind a cold load, and a controller that never observed.
+    let (mut behind, mut never) = (vec![], vec![]);
+    for _ in 0..runs {
+        stale(handle);
+        let made = Instant::now();
+        get(handle, "/").await?;
+        let deadline = made + Duration::from_secs(120);
+        while handle
+            .shared
+            .status_view
+            .peek()
+            .is_none_or(|(_, _, stale)| stale)
+        {
+            if Instant::now() > deadline {
+                bail!("the status was not revalidated within 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        behind.push(made.elapsed());
+        handle.shared.observed.forget();
+        handle.shared.status_view.forget();
+        let (status, _, took) = get(handle, "/").await?;
+        if status != 200 {
+            bail!("GET / answered {status}");
+        }
+        never.push(took);
+    }
+    let (behind, never) = (median_ms(behind), median_ms(never));
+    println!(
+        "  behind a cold load: the status renewed {behind:.1} ms after it (observing every node, reading the state store, parsing); the page did not wait for it"
+    );
+    println!(
+        "  never observed: the overview of a controller with no status yet {never:.1} ms (the one load that waits; the controller observes from its start, so only a load in its first seconds can)"
+    );
+    println!(
+        "  ratio to /healthz: slowest cold {:.1}x, slowest in use {:.1}x",
+        worst_cold / floor.max(0.001),
+        worst_use / floor.max(0.001)
+    );
     println!(
         "slowest page: cold {worst_cold:.1} ms, in use {worst_use:.1} ms (budget {budget_ms:.0} ms: {} in use, {} cold)",
         if worst_use < budget_ms {
@@ -125,4 +169,10 @@ pub async fn measure(
         }
     );
     Ok(())
+}
+
+/// Makes the shared observation and status stale, as a recorded event does.
+fn stale(handle: &crate::Handle) {
+    handle.shared.observed.invalidate();
+    handle.shared.status_view.invalidate();
 }

@@ -24,11 +24,16 @@ pub struct Snapshot {
     pub controller: crate::View,
     /// The applied commit and its compiled model.
     pub applied: Option<Applied>,
-    /// `cairn status` of the applied commit, observed now (none before the
+    /// `cairn status` of the applied commit, as last observed (none before the
     /// first applied commit).
-    pub status: Option<Status>,
+    pub status: Option<Arc<Status>>,
     /// Why the status could not be built.
     pub status_error: Option<String>,
+    /// When the status's nodes were observed (ms since the Unix epoch): the
+    /// pages show its age.
+    pub status_observed_unix_ms: Option<u64>,
+    /// The status was stale or old, and a newer one is being made behind it.
+    pub status_revalidating: bool,
     /// The plan held for approval.
     pub held: Option<crate::gate::HeldPlan>,
     /// Recent events, newest first.
@@ -279,6 +284,14 @@ pub fn path_segment(s: &str) -> String {
 /// The first 12 digits of a commit id.
 pub fn short(commit: &str) -> &str {
     &commit[..commit.len().min(12)]
+}
+
+/// `text` cut to its first `longest` characters, with `…` when cut.
+pub fn clip(text: &str, longest: usize) -> String {
+    match text.char_indices().nth(longest) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
 }
 
 /// The first line of a text.

@@ -8,7 +8,8 @@
 //! | `GET /vms?tenant&sla&availability&state&q&page` | the VM table (filtered and paginated on the server) |
 //! | `GET /vms/NAME` | one VM: placement explanation, disks and copies, NICs, events |
 //! | `GET /syncs`, `/syncs/SEQ`, `/plans/ID` | syncs, a sync's policy results, plan and apply report |
-//! | `GET /events?kind&result&object&commit&before` | the event log and the audit chain's verification |
+//! | `GET /events?kind&result&object&commit&before` | the event log, the audit chain's verification, its newest entries summarized |
+//! | `GET /audit/N` | one audit entry whole (an apply's report of every step) |
 //! | `GET /graph` | the applied commit's dependency graph (SVG made here) |
 //! | `GET /tenants` | quota and budget use |
 //! | `GET /events/live` | Server-Sent Events: VM and node states, new events |
@@ -48,6 +49,7 @@ pub use data::Snapshot;
 
 use crate::Shared;
 use crate::events::Event;
+use crate::fresh;
 
 /// The session cookie's name.
 pub const COOKIE: &str = "cairn_console";
@@ -66,6 +68,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router<Arc<Shared>> {
         .route("/plans/{plan_id}", get(plan))
         .route("/events", get(events))
         .route("/events/live", get(live))
+        .route("/audit/{index}", get(audit_entry))
         .route("/graph", get(graph_page))
         .route("/tenants", get(tenants))
         .route("/logout", axum::routing::post(logout))
@@ -288,77 +291,214 @@ async fn js() -> Response {
         .into_response()
 }
 
-/// How old a status a page may show: page loads within it share one
-/// observation of the nodes (an event recorded since makes the next load observe
-/// anew, and the live stream keeps an open page current).
+/// How old a status a page serves without starting a new one behind it: older,
+/// the page still shows it at once (with its age) and a new one is made in the
+/// background for the next load (stale-while-revalidate).
 pub const PAGE_STATUS_MAX_AGE: Duration = Duration::from_secs(2);
 
-/// How long the console counts as in use after a page load: while it is, a task
-/// renews the pages' status before it is [`PAGE_STATUS_MAX_AGE`] old, so a page
-/// loads from it instead of observing every node (issue 23's 200 ms).
+/// How long the console counts as in use after a page load: while it is,
+/// [`keep_status`] renews the status before it is [`PAGE_STATUS_MAX_AGE`] old.
 const IN_USE: Duration = Duration::from_secs(60);
 
-/// The console's use: the last page load, and the renewing task.
+/// Unused, the status is renewed when it is this old (or from the worker's own
+/// observation, which costs no node call, whenever that is newer).
+const IDLE_MAX_AGE: Duration = Duration::from_secs(30);
+
+/// How often [`keep_status`] looks.
+const KEEP_TICK: Duration = Duration::from_millis(250);
+
+/// The console's use: the last page load.
 #[derive(Debug, Default)]
 pub struct Use {
     last_load_unix_ms: std::sync::atomic::AtomicU64,
-    renewing: std::sync::atomic::AtomicBool,
 }
 
-/// Notes a page load, and starts the renewing task unless it runs.
-fn in_use(shared: &Arc<Shared>) {
-    use std::sync::atomic::Ordering;
-    let u = &shared.console_use;
-    u.last_load_unix_ms
-        .store(reconciler::state::now_ms(), Ordering::SeqCst);
-    if u.renewing.swap(true, Ordering::SeqCst) {
-        return;
+impl Use {
+    fn note(&self) {
+        self.last_load_unix_ms.store(
+            reconciler::state::now_ms(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
-    let weak = Arc::downgrade(shared);
-    tokio::spawn(async move {
-        loop {
-            // Renewed at half the age a page accepts: a load never waits for it.
-            tokio::time::sleep(PAGE_STATUS_MAX_AGE / 2).await;
-            let Some(shared) = weak.upgrade() else { return };
-            let idle = reconciler::state::now_ms()
-                .saturating_sub(shared.console_use.last_load_unix_ms.load(Ordering::SeqCst))
-                > IN_USE.as_millis() as u64;
-            if idle {
-                shared.console_use.renewing.store(false, Ordering::SeqCst);
-                return;
+
+    fn in_use(&self) -> bool {
+        let last = self
+            .last_load_unix_ms
+            .load(std::sync::atomic::Ordering::SeqCst);
+        last > 0 && reconciler::state::now_ms().saturating_sub(last) <= IN_USE.as_millis() as u64
+    }
+}
+
+/// The status the pages show: the value `/api/v1/status` answers, parsed once
+/// for every page that shows it.
+#[derive(Debug)]
+pub struct StatusView {
+    /// `/api/v1/status`'s value.
+    pub json: serde_json::Value,
+    /// When its nodes were observed (ms since the Unix epoch; none before the
+    /// first applied commit).
+    pub observed_unix_ms: Option<u64>,
+    /// The applied commit it was made for.
+    pub commit: Option<String>,
+    parsed: std::sync::OnceLock<(Option<Arc<reconciler::status::Status>>, Option<String>)>,
+}
+
+impl StatusView {
+    /// A status value, observed at `observed_unix_ms`, of `commit`.
+    pub fn new(
+        json: serde_json::Value,
+        observed_unix_ms: Option<u64>,
+        commit: Option<String>,
+    ) -> StatusView {
+        StatusView {
+            json,
+            observed_unix_ms,
+            commit,
+            parsed: Default::default(),
+        }
+    }
+
+    /// The status parsed (once), and why there is none or it is partial.
+    pub fn parsed(&self) -> &(Option<Arc<reconciler::status::Status>>, Option<String>) {
+        self.parsed.get_or_init(|| {
+            use serde::Deserialize as _;
+            let error = self.json["error"].as_str().map(str::to_owned);
+            if self.json.get("nodes").is_none() {
+                return (None, error);
             }
+            match reconciler::status::Status::deserialize(&self.json) {
+                Ok(s) => (Some(Arc::new(s)), error),
+                Err(e) => (None, Some(format!("the status does not parse: {e}"))),
+            }
+        })
+    }
+}
+
+/// The commit the controller has applied, if any.
+pub(crate) fn applied_commit(shared: &Shared) -> Option<String> {
+    shared
+        .good
+        .lock()
+        .expect("good lock")
+        .as_ref()
+        .map(|g| g.commit.clone())
+}
+
+/// Makes the pages' status: observed at most `max_age` ago (the worker's
+/// observation when it is that young), and parsed for the pages.
+async fn make_status(shared: &Shared, max_age: Duration) -> Arc<StatusView> {
+    let commit = applied_commit(shared);
+    let (json, observed) = crate::worker::status_json(shared, max_age).await;
+    let view = StatusView::new(json, observed, commit);
+    // Parsed here, in the background, rather than by the first page.
+    let _ = view.parsed();
+    Arc::new(view)
+}
+
+/// Keeps the pages' status from the controller's start: made at once (so the
+/// first page does not wait), renewed each second while the console is in use,
+/// rebuilt from the worker's own observation whenever that is newer (no node
+/// call), and otherwise renewed when it is [`IDLE_MAX_AGE`] old. Pages never wait
+/// for it ([`snapshot`] serves the newest and, when it is old, revalidates).
+pub(crate) async fn keep_status(shared: std::sync::Weak<Shared>) {
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let in_use = shared.console_use.in_use();
+        let renew_at = if in_use {
+            PAGE_STATUS_MAX_AGE / 2
+        } else {
+            IDLE_MAX_AGE
+        };
+        let current = shared.status_view.peek();
+        let now = reconciler::state::now_ms();
+        let commit = applied_commit(&shared);
+        // The worker observed since (and nothing happened since): free to use.
+        let newer_observation = shared.observed.peek().is_some_and(|(o, _, stale)| {
+            !stale
+                && current
+                    .as_ref()
+                    .is_none_or(|(v, _, _)| v.observed_unix_ms.is_none_or(|at| o.at_unix_ms > at))
+        });
+        let due = match &current {
+            None => Some(renew_at),
+            Some((view, age, stale)) => {
+                // How old what it shows is: its observation's age.
+                let age = view
+                    .observed_unix_ms
+                    .map(|at| Duration::from_millis(now.saturating_sub(at)))
+                    .unwrap_or(*age);
+                if view.commit != commit {
+                    Some(Duration::ZERO)
+                } else if newer_observation {
+                    Some(Duration::MAX)
+                } else if age >= renew_at || (in_use && *stale) {
+                    Some(renew_at)
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(max_age) = due {
+            let s = shared.clone();
             shared
                 .status_view
-                .get(PAGE_STATUS_MAX_AGE / 2, || async {
-                    Arc::new(crate::worker::status_json(&shared).await)
-                })
+                .refresh(|| async move { make_status(&s, max_age).await })
                 .await;
         }
-    });
+        drop(shared);
+        tokio::time::sleep(KEEP_TICK).await;
+    }
 }
 
 /// What one page load reads: the controller's view, the applied commit, the
-/// held plan, recent events, and with `observe` the status (the value of
-/// `/api/v1/status`, observed at most [`PAGE_STATUS_MAX_AGE`] ago).
+/// held plan, recent events, and with `observe` the status (the newest the
+/// controller has, however old, with its age: see [`keep_status`]).
 pub(crate) async fn snapshot(shared: &Arc<Shared>, observe: bool) -> Snapshot {
-    in_use(shared);
-    let (status, status_error) = if observe {
-        let value = shared
+    shared.console_use.note();
+    let (status, status_error, status_observed_unix_ms, status_revalidating) = if observe {
+        let s = shared.clone();
+        let mut served = shared
             .status_view
-            .get(PAGE_STATUS_MAX_AGE, || async {
-                Arc::new(crate::worker::status_json(shared).await)
+            .serve(PAGE_STATUS_MAX_AGE, move || async move {
+                make_status(&s, PAGE_STATUS_MAX_AGE).await
             })
             .await;
-        let error = value["error"].as_str().map(str::to_owned);
-        match value.get("nodes") {
-            Some(_) => match serde_json::from_value((*value).clone()) {
-                Ok(s) => (Some(s), error),
-                Err(e) => (None, Some(format!("the status does not parse: {e}"))),
-            },
-            None => (None, error),
+        // A status made before the controller had a commit (it just started and
+        // restored its applied commit since) shows nothing of it: this is the
+        // one wait, for the first status of the commit. A status of the previous
+        // commit (one was just applied) is shown, marked as being renewed.
+        let commit = applied_commit(shared);
+        if served.value.commit.is_some() && served.value.commit != commit {
+            served.revalidating = true;
         }
+        for _ in 0..2 {
+            if served.value.commit.is_some() || commit.is_none() {
+                break;
+            }
+            let s = shared.clone();
+            shared
+                .status_view
+                .refresh(|| async move { make_status(&s, PAGE_STATUS_MAX_AGE).await })
+                .await;
+            if let Some((value, age, stale)) = shared.status_view.peek() {
+                served = fresh::Served {
+                    value,
+                    age,
+                    revalidating: stale,
+                };
+            }
+        }
+        let (status, error) = served.value.parsed().clone();
+        (
+            status,
+            error,
+            served.value.observed_unix_ms,
+            served.revalidating,
+        )
     } else {
-        (None, None)
+        (None, None, None, false)
     };
     let applied = shared
         .good
@@ -367,7 +507,7 @@ pub(crate) async fn snapshot(shared: &Arc<Shared>, observe: bool) -> Snapshot {
         .clone()
         .map(|g| data::Applied {
             commit: g.commit.clone(),
-            model: Arc::new(g.model.clone()),
+            model: Arc::clone(&g.model),
         });
     Snapshot {
         now_unix_ms: reconciler::state::now_ms(),
@@ -375,6 +515,8 @@ pub(crate) async fn snapshot(shared: &Arc<Shared>, observe: bool) -> Snapshot {
         applied,
         status,
         status_error,
+        status_observed_unix_ms,
+        status_revalidating,
         held: shared.held.lock().expect("held lock").clone(),
         events: shared.events.newest(20, None).unwrap_or_default(),
     }
@@ -538,10 +680,27 @@ pub(crate) fn audit_view(shared: &Shared, newest: usize) -> pages::AuditView {
             .map_err(|b| format!("entry {}: {}", b.seq, b.problem)),
         Err(e) => Err(e.to_string()),
     };
-    let mut entries = store.audit_log().unwrap_or_default();
-    entries.reverse();
-    entries.truncate(newest);
+    let entries: Vec<(usize, reconciler::state::AuditEntry)> = store
+        .audit_log()
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .rev()
+        .take(newest)
+        .collect();
     pages::AuditView { verified, entries }
+}
+
+async fn audit_entry(State(shared): State<Arc<Shared>>, Path(index): Path<usize>) -> Response {
+    let entry = shared
+        .state_store()
+        .ok()
+        .and_then(|store| store.audit_log().ok())
+        .and_then(|mut log| (index < log.len()).then(|| log.swap_remove(index)));
+    match entry {
+        Some(e) => page(pages::audit_entry(index, &e, reconciler::state::now_ms())),
+        None => not_found(&format!("No audit entry {index}.")),
+    }
 }
 
 async fn events(
@@ -593,9 +752,9 @@ pub(crate) async fn live_states(shared: &Shared) -> Option<serde_json::Value> {
 async fn observe_live_states(shared: &Shared) -> Option<serde_json::Value> {
     let model = shared.good.lock().expect("good lock").clone()?;
     let model = &model.model;
-    let failed = shared.leases.failed_nodes(model);
-    let spec = reconciler::pipeline::spec_nodes(model);
-    let observed = reconciler::observe::observe_except(&spec, &shared.nodes, &failed).await;
+    // The shared observation: the worker's, the status's or another stream's.
+    let observation = shared.observation(model, LIVE_OBSERVE / 2).await;
+    let observed = &observation.observed;
     let mut vms = serde_json::Map::new();
     for vm in &model.vms {
         vms.insert(vm.name.clone(), "pending".into());

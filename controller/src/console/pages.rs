@@ -3,7 +3,7 @@
 //! escapes every value it inserts, so a tenant-controlled name is text, never
 //! markup.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
@@ -123,6 +123,22 @@ fn time(at: &str, at_unix_ms: u64, now: u64) -> Markup {
     html! { time datetime=(at) title=(at) { (ago(now, at_unix_ms)) } }
 }
 
+/// How old the status a page shows is: pages show the newest the controller has
+/// at once and never wait for the nodes; an old or stale one is renewed behind
+/// the page (the live updates then paint the change).
+fn observed_note(s: &Snapshot) -> Markup {
+    html! {
+        @if let Some(at) = s.status_observed_unix_ms {
+            p.small.observed {
+                "Nodes observed "
+                (time(&crate::events::rfc3339(at), at, s.now_unix_ms))
+                @if s.status_revalidating { "; a newer observation is being made (reload to see it)" }
+                "."
+            }
+        }
+    }
+}
+
 /// The login page: the controller's token, exchanged for a session cookie.
 pub fn login(error: Option<&str>, next: &str) -> Markup {
     layout(
@@ -161,6 +177,7 @@ pub fn overview(s: &Snapshot) -> Markup {
     });
     let body = html! {
         h1 { "Overview" }
+        (observed_note(s))
         div.cards {
             section.card aria-labelledby="h-sync" {
                 h2 #h-sync { "Last sync" }
@@ -321,6 +338,7 @@ pub fn topology(s: &Snapshot, rack: Option<&str>) -> Markup {
     };
     let body = html! {
         h1 { "Topology" }
+        (observed_note(s))
         p.legend {
             span { i.r {} "reserved" } span { i.o {} "on-demand" } span { i.sp {} "spot" } span { i.f {} "free (of the overcommitted capacity)" }
         }
@@ -522,6 +540,7 @@ pub fn vms(s: &Snapshot, f: &VmFilter) -> Markup {
     let states = options(lines.iter().map(|l| l.row.state.as_str()).collect());
     let body = html! {
         h1 { "VMs" }
+        (observed_note(s))
         form.filters method="get" action="/vms" {
             (select("tenant", "Tenant", &tenants, &f.tenant))
             (select("sla", "SLA", &slas, &f.sla))
@@ -593,6 +612,7 @@ pub fn vm(s: &Snapshot, name: &str, extra: &VmExtra) -> Option<Markup> {
     });
     let body = html! {
         h1 { "VM " (name) }
+        (observed_note(s))
         div.cards {
             section.card aria-labelledby="h-now" {
                 h2 #h-now { "Now" }
@@ -969,8 +989,66 @@ impl EventFilter {
 pub struct AuditView {
     /// `Ok(summary line)` or `Err(what is broken)`.
     pub verified: Result<String, String>,
-    /// The newest entries, newest first.
-    pub entries: Vec<reconciler::state::AuditEntry>,
+    /// The newest entries, newest first, each with its position in the log
+    /// (`/audit/N` shows its whole detail).
+    pub entries: Vec<(usize, reconciler::state::AuditEntry)>,
+}
+
+/// An audit entry's detail in one short line: its plain fields, lists and
+/// objects as counts, an apply report as its step results. Entries such as an
+/// apply of 10,000 steps carry megabytes; the events page shows this and links
+/// to the whole (`/audit/N`).
+pub fn audit_summary(detail: &serde_json::Value) -> String {
+    use serde_json::Value;
+    const LONGEST: usize = 200;
+    let Some(fields) = detail.as_object() else {
+        let text = detail.to_string();
+        return data::clip(&text, LONGEST);
+    };
+    let mut parts = vec![];
+    if let Some(steps) = detail["steps"].as_array() {
+        let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+        for step in steps {
+            *by.entry(step["status"].as_str().unwrap_or("?"))
+                .or_default() += 1;
+        }
+        let counts: Vec<String> = by.iter().map(|(k, n)| format!("{n} {k}")).collect();
+        parts.push(format!("{} steps ({})", steps.len(), counts.join(", ")));
+    }
+    for (key, value) in fields {
+        if key == "steps" && value.is_array() {
+            continue;
+        }
+        let shown = match value {
+            Value::String(text) => data::clip(text, 80),
+            Value::Array(items) => format!("{} items", items.len()),
+            Value::Object(inner) => format!("{} fields", inner.len()),
+            other => other.to_string(),
+        };
+        parts.push(format!("{key}={shown}"));
+    }
+    data::clip(&parts.join(" "), LONGEST)
+}
+
+/// `/audit/N`: one audit entry whole.
+pub fn audit_entry(index: usize, entry: &reconciler::state::AuditEntry, now: u64) -> Markup {
+    let at = crate::events::rfc3339(entry.at_unix_ms);
+    let plan = ["plan_id", "plan"]
+        .iter()
+        .find_map(|k| entry.detail[*k].as_str());
+    let body = html! {
+        h1 { "Audit entry " (index) }
+        dl.kv {
+            dt { "when" } dd { (time(&at, entry.at_unix_ms, now)) }
+            dt { "user" } dd { (entry.user) }
+            dt { "event" } dd { (entry.event) }
+            @if let Some(p) = plan { dt { "plan" } dd { a href={ "/plans/" (data::path_segment(p)) } { (p) } } }
+        }
+        h2 { "Detail" }
+        pre { (serde_json::to_string_pretty(&entry.detail).unwrap_or_default()) }
+        p { a href="/events#audit" { "the audit log" } }
+    };
+    layout("Audit entry", Nav::Events, body)
 }
 
 /// `/events`: the filtered event log and the audit log.
@@ -1011,12 +1089,12 @@ pub fn events(s: &Snapshot, f: &EventFilter, events: &[Event], audit: &AuditView
         table {
             thead { tr { th { "when" } th { "user" } th { "event" } th { "detail" } } }
             tbody {
-                @for a in &audit.entries {
+                @for (index, a) in &audit.entries {
                     tr {
                         td { (crate::events::rfc3339(a.at_unix_ms)) }
                         td { (a.user) }
                         td { (a.event) }
-                        td { code { (a.detail.to_string()) } }
+                        td { code { (audit_summary(&a.detail)) } " " a href={ "/audit/" (index) } { "detail" } }
                     }
                 }
             }

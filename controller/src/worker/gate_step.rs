@@ -98,7 +98,7 @@ impl Worker {
     /// The limits a sync of `commit` is judged by.
     pub(super) fn limits_for(&self, commit: &str, model: &compiler::Model) -> Limits {
         Limits::of(
-            self.good.as_ref().map(|g| (g.commit.as_str(), &g.model)),
+            self.good.as_ref().map(|g| (g.commit.as_str(), &*g.model)),
             (commit, model),
         )
     }
@@ -179,7 +179,7 @@ impl Worker {
         if let Some(why) = gate::waiver_refusal(
             j.signer,
             &platform,
-            self.good.as_ref().map(|g| &g.model),
+            self.good.as_ref().map(|g| &*g.model),
             &policies,
             &overrides,
         ) {
