@@ -316,6 +316,53 @@ impl Volumes {
         Ok(self.with_copies(entry, &others))
     }
 
+    /// A copy that is not the writer learns the copies an epoch's in-sync set names
+    /// that it does not know (`in_sync`): a copy the writer added after this one was
+    /// made (`AddVolumeCopy` tells only the new copy the others, not the others the
+    /// new one) and the authority put in the set once the writer reported it caught
+    /// up (the epoch is the controller's, signed: the authority over the copies). Each
+    /// is recorded among the volume's copies, durably, so a later writer here (after a
+    /// fail-over) writes it too.
+    pub(super) fn learn_copies(
+        &self,
+        entry: &VolumeEntry,
+        in_sync: &[String],
+    ) -> Result<(), Status> {
+        if self.is_writer(entry) {
+            return Ok(());
+        }
+        let known = self.copy_names(entry);
+        let strangers: Vec<&String> = in_sync
+            .iter()
+            .filter(|node| !known.contains(node.as_str()) && **node != self.node_name)
+            .collect();
+        if strangers.is_empty() {
+            return Ok(());
+        }
+        let mut others = self.other_copies(entry);
+        {
+            let directory = self
+                .peer_directory
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for stranger in strangers {
+                // By name, as the new copy itself records the others: the address and
+                // key are looked up when the copy is written (`other_copies`,
+                // `key_of`), from the pushed peer set when there is one.
+                others.push(match directory.iter().find(|peer| peer.name == *stranger) {
+                    Some(peer) => records::peer(peer),
+                    None => Peer {
+                        name: stranger.clone(),
+                        address: String::new(),
+                        public_key_hex: String::new(),
+                    },
+                });
+            }
+        }
+        self.keep_copies(entry, others)?;
+        Ok(())
+    }
+
     /// The volume's record as a result: `replica_peers` are its other copies.
     fn with_copies(&self, entry: &VolumeEntry, others: &[Peer]) -> VolumeRecord {
         VolumeRecord {

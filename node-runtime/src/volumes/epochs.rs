@@ -204,6 +204,7 @@ impl Volumes {
             ));
         }
         let entry = self.entry(&request.name).await?;
+        self.learn_copies(&entry, &request.in_sync)?;
         let copies = self.copy_names(&entry);
         if let Some(stranger) = request
             .in_sync
