@@ -1479,6 +1479,13 @@ impl Cx<'_> {
                     let first = b.availability.as_ref().map(|s| s.span);
                     self.once(&mut b.availability, v, n, first);
                 }
+                "power" => {
+                    let v = self.single_value(n).and_then(|e| {
+                        self.keyword(e, "the power state", Power::KEYWORDS, Power::parse)
+                    });
+                    let first = b.power.as_ref().map(|s| s.span);
+                    self.once(&mut b.power, v, n, first);
+                }
                 "image" => {
                     image_given = true;
                     let v = self

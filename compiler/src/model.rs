@@ -22,7 +22,8 @@ pub use reconcile::{
 };
 
 pub use crate::spec::{
-    AffinityKind, Availability, BondMode, Domain, Proto, Role, SlaClass, Strategy, TrafficKind,
+    AffinityKind, Availability, BondMode, Domain, Power, Proto, Role, SlaClass, Strategy,
+    TrafficKind,
 };
 
 /// The version of the model's JSON shape. Bumped on any incompatible change.
@@ -504,6 +505,10 @@ pub struct Vm {
     pub sla: VmSla,
     /// Availability.
     pub availability: Availability,
+    /// `off`: defined on its node and kept (placed, its disks kept) but not
+    /// running (`power "off"`). Left out of the JSON when `on`.
+    #[serde(default = "power_on", skip_serializing_if = "is_on")]
+    pub power: Power,
     /// Image.
     pub image: String,
     /// Disks (volumes).
@@ -514,6 +519,14 @@ pub struct Vm {
     pub tags: BTreeMap<String, String>,
     /// Protection plans that apply to it.
     pub protection_plans: Vec<String>,
+}
+
+fn power_on() -> Power {
+    Power::On
+}
+
+fn is_on(power: &Power) -> bool {
+    *power == Power::On
 }
 
 /// A VM's resolved SLA.

@@ -59,6 +59,7 @@ const VM_BODY: &[&str] = &[
     "memory",
     "sla",
     "availability",
+    "power",
     "image",
     "disk",
     "nic",
@@ -71,6 +72,7 @@ const GROUP_BODY: &[&str] = &[
     "memory",
     "sla",
     "availability",
+    "power",
     "image",
     "disk",
     "nic",
@@ -216,6 +218,7 @@ pub static SHAPES: &[Shape] = &[
     shape!("vm.memory", ONE, [], []),
     shape!("vm.sla", ONE, [], []),
     shape!("vm.availability", ONE, [], []),
+    shape!("vm.power", ONE, [], []),
     shape!("vm.image", ONE, [], []),
     shape!(
         "vm.disk",
@@ -237,6 +240,7 @@ pub static SHAPES: &[Shape] = &[
     shape!("vm-group.memory", ONE, [], []),
     shape!("vm-group.sla", ONE, [], []),
     shape!("vm-group.availability", ONE, [], []),
+    shape!("vm-group.power", ONE, [], []),
     shape!("vm-group.image", ONE, [], []),
     shape!(
         "vm-group.disk",

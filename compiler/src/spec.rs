@@ -76,6 +76,10 @@ keyword_enum!(
     Availability { None => "none", Ha => "ha", Ft => "ft" }
 );
 keyword_enum!(
+    /// A VM's power state (`power "off"`: defined and kept, not running).
+    Power { On => "on", Off => "off" }
+);
+keyword_enum!(
     /// Affinity kind.
     AffinityKind { Apart => "apart", Together => "together", Node => "node" }
 );
@@ -427,6 +431,8 @@ pub struct VmBody {
     pub sla: Option<Name>,
     /// Availability.
     pub availability: Option<Spanned<Availability>>,
+    /// Power state (`power "off"`).
+    pub power: Option<Spanned<Power>>,
     /// Image.
     pub image: Option<Name>,
     /// Disks.

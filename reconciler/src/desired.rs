@@ -68,6 +68,10 @@ pub struct DesiredVm {
     /// A spot VM's SLA priority (spot VMs are preempted lowest first); 0 otherwise.
     #[serde(default)]
     pub priority: u32,
+    /// `power "off"`: defined on its node but not running (a running one is
+    /// stopped; removing it starts the VM again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub power_off: bool,
 }
 
 /// A volume as it should be.
@@ -529,6 +533,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                 } else {
                     0
                 },
+                power_off: vm.power == compiler::model::Power::Off,
             },
         );
     }

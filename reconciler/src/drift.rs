@@ -17,6 +17,8 @@ pub enum VmDrift {
     Definition(Vec<String>),
     /// Stopped or crashed.
     NotRunning,
+    /// Its spec says `power "off"` but it runs.
+    NotStopped,
     /// NICs not ready on a node that can make them: one `repair:` line each.
     Nics(Vec<String>),
     /// Its node enforces another SLA class or priority, or its cgroup drifted: one
@@ -35,13 +37,15 @@ pub enum VmDrift {
 }
 
 impl VmDrift {
-    /// The word of `cairn status` (`none`, `definition`, `not-running`, `nics`,
-    /// `wrong-node`, `missing`, `unknown`, `unplaced`, `not-in-spec`).
+    /// The word of `cairn status` (`none`, `definition`, `not-running`,
+    /// `not-stopped`, `nics`, `wrong-node`, `missing`, `unknown`, `unplaced`,
+    /// `not-in-spec`).
     pub fn word(&self) -> &'static str {
         match self {
             VmDrift::None => "none",
             VmDrift::Definition(_) => "definition",
             VmDrift::NotRunning => "not-running",
+            VmDrift::NotStopped => "not-stopped",
             VmDrift::Nics(_) => "nics",
             VmDrift::Sla(_) => "sla",
             VmDrift::WrongNode => "wrong-node",
@@ -67,6 +71,14 @@ pub fn vm(want: &DesiredVm, have: &ObservedVm, can_network: bool) -> VmDrift {
     let definition = vm_definition(want, have);
     if !definition.is_empty() {
         return VmDrift::Definition(definition);
+    }
+    if want.power_off {
+        // Kept defined and stopped: its NICs and cgroup are made when it starts.
+        return if have.is_running() {
+            VmDrift::NotStopped
+        } else {
+            VmDrift::None
+        };
     }
     if have.state != VmState::Running {
         return VmDrift::NotRunning;

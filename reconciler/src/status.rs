@@ -54,7 +54,7 @@ pub struct VmRow {
     /// Unrequested exits.
     pub crash_count: u32,
     /// `none`, `missing`, `not-in-spec`, `wrong-node`, `definition`, `not-running`,
-    /// `nics` (a NIC's tap or bridge is missing or down), `unknown`.
+    /// `not-stopped` (its spec says `power "off"`), `nics` (a NIC's tap or bridge is missing or down), `unknown`.
     pub drift: String,
     /// Its NICs as the node made them (tap on the tenant network's bridge).
     pub nics: Vec<crate::observe::ObservedNic>,

@@ -151,3 +151,93 @@ fn console_shows_output_and_delivers_input_and_a_reboot_is_a_new_boot_both_audit
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(boots(&socket), Some(2));
 }
+
+/// Whether the plan has a `vm db on NODE — VERB` line.
+fn plan_line(plan: &str, verb: &str) -> bool {
+    plan.lines()
+        .any(|l| l.contains("vm db on") && l.trim_end().ends_with(&format!("— {verb}")))
+}
+
+fn vm_row(status: &Value, vm: &str) -> Value {
+    status["vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|v| v["name"] == vm))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn power_off_stops_a_vm_and_keeps_it_defined_and_removing_it_starts_it_again() {
+    if !crate::engine::kvm_usable() {
+        eprintln!("skipped: /dev/kvm is not usable here, and the test runs VMs");
+        return;
+    }
+    let cluster = crate::engine::Cluster::up("power-off");
+    let applied = cluster.cairn_unattended(&["apply", ".", "--auto-approve"]);
+    assert_eq!(applied.code, 0, "{applied:?}");
+    let status = cluster.status_json();
+    let row = vm_row(&status, "db");
+    assert_eq!(row["state"], "running", "{row:#}");
+    let node = row["node"].as_str().expect("db's node").to_owned();
+    let vm_dir = cluster.path().join(".cairn/dev").join(&node).join("vms/db");
+    let socket = vm_dir.join("control.sock");
+    let pid = crate::ha::vmm_pid(&vm_dir).expect("db's VMM");
+    let beats =
+        |socket: &std::path::Path| vmm_status(socket).and_then(|s| s["heartbeat_total"].as_u64());
+    assert!(beats(&socket).is_some_and(|b| b > 0), "db's guest beats");
+
+    // power "off": the plan stops it, and only that.
+    let workloads = cluster.path().join("workloads.kdl");
+    let original = std::fs::read_to_string(&workloads).expect("workloads.kdl");
+    let off = original.replace(
+        "vm \"db\" tenant=\"dev\" site=\"lab\" {\n",
+        "vm \"db\" tenant=\"dev\" site=\"lab\" {\n    power \"off\"\n",
+    );
+    assert_ne!(off, original, "db's block found");
+    std::fs::write(&workloads, &off).expect("write workloads.kdl");
+    let plan = cluster.cairn(&["plan", "."]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(
+        plan_line(&plan.stdout, "stop") && plan.stdout.contains("power \"off\" in its spec"),
+        "{plan:?}"
+    );
+    assert!(
+        plan.stdout.contains("0 to add, 1 to change, 0 to destroy"),
+        "only db stops: {plan:?}"
+    );
+    let applied = cluster.cairn_unattended(&["apply", ".", "--auto-approve"]);
+    assert_eq!(applied.code, 0, "{applied:?}");
+    assert!(!crate::ha::alive(pid), "db's VMM ended");
+    assert_eq!(beats(&socket), None, "no heartbeat: nothing answers");
+    let row = vm_row(&cluster.status_json(), "db");
+    assert_eq!(row["state"], "stopped", "{row:#}");
+    assert_eq!(
+        row["drift"], "none",
+        "stopped is what the spec says: {row:#}"
+    );
+    assert_eq!(row["node"], node.as_str(), "kept on its node: {row:#}");
+    assert!(vm_dir.join("vm-config.json").exists(), "still defined");
+    let again = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(again.code, 0, "nothing to do once stopped: {again:?}");
+
+    // Without it, the plan starts the VM again: a new process, the guest beats.
+    std::fs::write(&workloads, &original).expect("write workloads.kdl");
+    let plan = cluster.cairn(&["plan", "."]);
+    assert!(plan_line(&plan.stdout, "start"), "{plan:?}");
+    let applied = cluster.cairn_unattended(&["apply", ".", "--auto-approve"]);
+    assert_eq!(applied.code, 0, "{applied:?}");
+    let row = vm_row(&cluster.status_json(), "db");
+    assert_eq!(row["state"], "running", "{row:#}");
+    let started = crate::ha::vmm_pid(&vm_dir).expect("db's VMM again");
+    assert_ne!(started, pid);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while beats(&socket).is_none_or(|b| b == 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        beats(&socket).is_some_and(|b| b > 0),
+        "db's guest beats again"
+    );
+    let log = std::fs::read_to_string(vm_dir.join("console.log")).expect("console.log");
+    assert_eq!(log.matches("cairn-guest: up").count(), 2, "{log}");
+}

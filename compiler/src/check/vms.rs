@@ -416,6 +416,7 @@ impl Checker<'_> {
             memory_bytes: body.memory.as_ref().map_or(0, |m| m.value),
             sla,
             availability,
+            power: body.power.as_ref().map_or(Power::On, |p| p.value),
             image: body
                 .image
                 .as_ref()
@@ -426,5 +427,50 @@ impl Checker<'_> {
             tags: labels(&body.tags),
             protection_plans: vec![],
         })
+    }
+}
+
+#[cfg(test)]
+mod power_tests {
+    use crate::model::Power;
+    use crate::source::Sources;
+
+    fn compiled(power: &str) -> crate::Compilation {
+        let text = format!(
+            "node-class \"n\" {{\n    cpu 4\n    memory \"16GiB\"\n}}\nsite \"s\" {{\n    rack \"r\" {{\n        node \"n1\" class=\"n\" address=\"127.0.0.1:1\"\n    }}\n}}\ntenant \"t\"\nimage \"tiny\" builtin=\"cairn-guest\"\nvm \"a\" tenant=\"t\" site=\"s\" {{\n{power}    cpu 1\n    memory \"64MiB\"\n    image \"tiny\"\n}}\nvm-group \"g\" tenant=\"t\" site=\"s\" replicas=2 {{\n{power}    cpu 1\n    memory \"64MiB\"\n    image \"tiny\"\n}}\n"
+        );
+        crate::compile(&Sources::from_files([("main.kdl".to_owned(), text)]))
+    }
+
+    #[test]
+    fn power_off_reaches_the_model_for_vms_and_group_replicas_and_on_is_the_default() {
+        let off = compiled("    power \"off\"\n");
+        assert!(!off.has_errors(), "{:?}", off.diagnostics);
+        let powers: Vec<Power> = off.model.vms.iter().map(|v| v.power).collect();
+        assert_eq!(powers, vec![Power::Off; 3]);
+        let json = serde_json::to_string(&off.model).expect("model JSON");
+        assert!(json.contains("\"power\":\"off\""), "{json}");
+        let default = compiled("");
+        assert!(default.model.vms.iter().all(|v| v.power == Power::On));
+        // `on` is left out of the JSON: models without the line are unchanged.
+        let json = serde_json::to_string(&default.model).expect("model JSON");
+        assert!(!json.contains("\"power\""), "{json}");
+    }
+
+    #[test]
+    fn an_unknown_power_state_is_an_error_naming_the_keywords() {
+        let bad = compiled("    power \"sleep\"\n");
+        let messages: Vec<String> = bad
+            .diagnostics
+            .iter()
+            .filter(|d| d.is_error())
+            .map(|d| format!("{} {}", d.message, d.help.clone().unwrap_or_default()))
+            .collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("sleep") && m.contains("off")),
+            "{messages:?}"
+        );
     }
 }

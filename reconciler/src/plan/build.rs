@@ -117,12 +117,16 @@ impl<'a> Builder<'a> {
         )
     }
 
+    /// Define a VM and start it, unless its spec says `power "off"`.
     pub(super) fn create_vm(&mut self, vm: &DesiredVm, depends_on: Vec<usize>) -> Vec<usize> {
         let create = self.step(
             &vm.node,
             super::vms::vm_definition(vm, self.desired),
             depends_on,
         );
+        if vm.power_off {
+            return vec![create];
+        }
         let start = self.step(
             &vm.node,
             NodeAction::StartVm {

@@ -250,7 +250,11 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
                 let diffs = drift::vm_definition(vm, o);
                 let mut broken_nics = drift::nic_repairs(o, observed.can_network(&vm.node));
                 broken_nics.extend(drift::sla_repairs(vm, o));
-                let will_start = o.is_down();
+                if vm.power_off {
+                    // Stopped on purpose: its taps and cgroup are made when it starts.
+                    broken_nics.clear();
+                }
+                let will_start = o.is_down() && !vm.power_off;
                 if diffs.is_empty() && !broken_nics.is_empty() && !will_start {
                     // Same definition again: the node makes the missing parts.
                     let repair = b.step(&vm.node, vm_definition(vm, desired), vec![]);
@@ -271,6 +275,23 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
                         steps,
                         ..Change::new(ChangeKind::Replace, "vm", &vm.name, &vm.tenant, &vm.node)
                     });
+                } else if vm.power_off {
+                    if o.is_running() {
+                        let stop = b.step(
+                            &vm.node,
+                            NodeAction::StopVm {
+                                name: vm.name.clone(),
+                            },
+                            vec![],
+                        );
+                        b.changes.push(Change {
+                            details: vec![
+                                "power \"off\" in its spec: stopped, kept defined".into(),
+                            ],
+                            steps: vec![stop],
+                            ..Change::new(ChangeKind::Stop, "vm", &vm.name, &vm.tenant, &vm.node)
+                        });
+                    }
                 } else if o.is_down() {
                     let start = b.step(
                         &vm.node,
