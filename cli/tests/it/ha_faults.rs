@@ -48,16 +48,20 @@ fn realtime_ns() -> u64 {
         .as_nanos() as u64
 }
 
-/// The test thread inside a fresh network namespace (`cairn-h7-TAG-PID`, loopback up);
-/// on drop it goes home and deletes the namespace.
-struct PrivateNet {
+/// The test thread inside a fresh network namespace (`PREFIX-TAG-PID`, loopback up;
+/// PREFIX is `CAIRN_TEST_NETNS_PREFIX`, default `cairn-h7`, so that several agents on
+/// one machine keep to their own names); on drop it goes home and deletes the
+/// namespace.
+pub(crate) struct PrivateNet {
     name: String,
     home: File,
 }
 
 impl PrivateNet {
-    fn enter(tag: &str) -> PrivateNet {
-        let name = format!("cairn-h7-{tag}-{}", std::process::id());
+    pub(crate) fn enter(tag: &str) -> PrivateNet {
+        let prefix =
+            std::env::var("CAIRN_TEST_NETNS_PREFIX").unwrap_or_else(|_| "cairn-h7".to_owned());
+        let name = format!("{prefix}-{tag}-{}", std::process::id());
         let home = File::open("/proc/thread-self/ns/net").expect("this thread's netns");
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
@@ -94,8 +98,8 @@ impl Drop for PrivateNet {
 /// A dev cluster in its own namespace: the quickstart's nodes on 127.0.0.171–173, the
 /// web group without disks and without `spread "node"` (an HA restart moves only
 /// diskless VMs, issue 15), every guest answering ARP for [`GUEST_IP`].
-struct Faults {
-    ha: HaCluster,
+pub(crate) struct Faults {
+    pub(crate) ha: HaCluster,
     _wrapper: TempDir,
     _net: PrivateNet,
 }
@@ -114,7 +118,7 @@ impl Drop for Faults {
     }
 }
 
-fn needs(tool: &str, why: &str) -> bool {
+pub(crate) fn needs(tool: &str, why: &str) -> bool {
     if Command::new(tool).arg("--version").output().is_err() {
         eprintln!("skipped: `{tool}` is not installed; {why}");
         return false;
@@ -124,6 +128,12 @@ fn needs(tool: &str, why: &str) -> bool {
 
 impl Faults {
     fn up(tag: &str) -> Option<Faults> {
+        Self::up_with(tag, edit_spec)
+    }
+
+    /// Like `up`, with the quickstart changed by `edit` (which should call
+    /// [`edit_spec`] for the fixed node addresses).
+    pub(crate) fn up_with(tag: &str, edit: fn(&Path)) -> Option<Faults> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("skipped: not root; the test makes network namespaces and taps");
@@ -151,7 +161,7 @@ impl Faults {
             .is_ok_and(|s| s.success());
         assert!(ok, "chmod the wrapper");
         let net = PrivateNet::enter(tag);
-        let ha = HaCluster::up_in(tag, edit_spec, Some(script))?;
+        let ha = HaCluster::up_in(tag, edit, Some(script))?;
         Some(Faults {
             ha,
             _wrapper: wrapper,
@@ -159,7 +169,7 @@ impl Faults {
         })
     }
 
-    fn node_of(&self, vm: &str, status: &Value) -> Option<String> {
+    pub(crate) fn node_of(&self, vm: &str, status: &Value) -> Option<String> {
         let row = status["vms"]
             .as_array()?
             .iter()
@@ -167,11 +177,11 @@ impl Faults {
         Some(row["node"].as_str()?.to_owned())
     }
 
-    fn vm_dir_on(&self, node: &str, vm: &str) -> PathBuf {
+    pub(crate) fn vm_dir_on(&self, node: &str, vm: &str) -> PathBuf {
         self.dev().join(node).join("vms").join(vm)
     }
 
-    fn dev(&self) -> PathBuf {
+    pub(crate) fn dev(&self) -> PathBuf {
         self.ha.cluster.path().join(".cairn/dev")
     }
 
@@ -213,7 +223,7 @@ impl Faults {
             .collect()
     }
 
-    fn wait_running_elsewhere(&self, vm: &str, node: &str, timeout: Duration) -> String {
+    pub(crate) fn wait_running_elsewhere(&self, vm: &str, node: &str, timeout: Duration) -> String {
         self.ha.wait(
             &format!("{vm} running on another node than {node}"),
             timeout,
@@ -221,7 +231,7 @@ impl Faults {
         )
     }
 
-    fn wait_lease(&self, node: &str, state: &str, timeout: Duration) {
+    pub(crate) fn wait_lease(&self, node: &str, state: &str, timeout: Duration) {
         self.ha
             .wait(&format!("{node}'s lease {state}"), timeout, |s| {
                 let lease = s["controller"]["leases"]
@@ -234,7 +244,7 @@ impl Faults {
     }
 }
 
-fn edit_spec(dir: &Path) {
+pub(crate) fn edit_spec(dir: &Path) {
     diskless_web(dir);
     let path = dir.join("cluster.kdl");
     let text = std::fs::read_to_string(&path).expect("read cluster.kdl");
@@ -259,20 +269,20 @@ fn edit_spec(dir: &Path) {
 
 /// The first and last heartbeat of one incarnation (realtime ns).
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Span {
-    first: u64,
-    last: u64,
+pub(crate) struct Span {
+    pub(crate) first: u64,
+    pub(crate) last: u64,
 }
 
 /// Every heartbeat record of one VM on every node, kept as it was last seen.
-struct Heartbeats {
+pub(crate) struct Heartbeats {
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<BTreeMap<String, Span>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Heartbeats {
-    fn watch(dev: PathBuf, vm: &str) -> Heartbeats {
+    pub(crate) fn watch(dev: PathBuf, vm: &str) -> Heartbeats {
         let stop = Arc::new(AtomicBool::new(false));
         let seen: Arc<Mutex<BTreeMap<String, Span>>> = Arc::default();
         let (s, k, vm) = (Arc::clone(&stop), Arc::clone(&seen), vm.to_owned());
@@ -301,13 +311,13 @@ impl Heartbeats {
         }
     }
 
-    fn now(&self) -> BTreeMap<String, Span> {
+    pub(crate) fn now(&self) -> BTreeMap<String, Span> {
         self.seen.lock().expect("lock").clone()
     }
 
     /// Stops watching; asserts that no two incarnations overlap and returns them in
     /// order of their first heartbeat.
-    fn never_twice(mut self, vm: &str) -> Vec<(String, Span)> {
+    pub(crate) fn never_twice(mut self, vm: &str) -> Vec<(String, Span)> {
         std::thread::sleep(Duration::from_millis(100));
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
@@ -555,7 +565,7 @@ fn assert_silent_after(vm: &str, node: &str, frames: &[u64], new_first: u64) {
 }
 
 /// The first heartbeat of the newest incarnation not on `old_node`.
-fn new_first(spans: &[(String, Span)], old_node: &str) -> u64 {
+pub(crate) fn new_first(spans: &[(String, Span)], old_node: &str) -> u64 {
     spans
         .iter()
         .rev()
@@ -565,7 +575,7 @@ fn new_first(spans: &[(String, Span)], old_node: &str) -> u64 {
 }
 
 /// Polls until `pid` is gone; returns when (realtime ns; at most 5 ms late).
-fn death_of(pid: u32, timeout: Duration) -> Option<u64> {
+pub(crate) fn death_of(pid: u32, timeout: Duration) -> Option<u64> {
     let deadline = Instant::now() + timeout;
     while alive(pid) {
         if Instant::now() > deadline {
@@ -577,7 +587,7 @@ fn death_of(pid: u32, timeout: Duration) -> Option<u64> {
 }
 
 /// The exit code a VMM wrote in its `vmm.log` (its last `exited` event).
-fn vmm_exit_code(vm_dir: &Path) -> Option<i64> {
+pub(crate) fn vmm_exit_code(vm_dir: &Path) -> Option<i64> {
     std::fs::read_to_string(vm_dir.join("vmm.log"))
         .ok()?
         .lines()
@@ -588,7 +598,7 @@ fn vmm_exit_code(vm_dir: &Path) -> Option<i64> {
 }
 
 /// No VMM runs `vm` on `node` for `during`.
-fn assert_stays_dead(f: &Faults, node: &str, vm: &str, during: Duration) {
+pub(crate) fn assert_stays_dead(f: &Faults, node: &str, vm: &str, during: Duration) {
     let dir = f.vm_dir_on(node, vm);
     let until = Instant::now() + during;
     while Instant::now() < until {
@@ -777,7 +787,7 @@ fn a_node_cut_off_by_nftables_fences_its_ha_vms_which_run_elsewhere_and_stay_dea
 
 /// Drops (or stops dropping) every packet to or from `address` in this thread's
 /// namespace (on loopback every packet passes output; input too, for good measure).
-fn cut_off(address: &str, cut: bool) {
+pub(crate) fn cut_off(address: &str, cut: bool) {
     let table = format!("cairn_partition_{}", address.replace('.', "_"));
     let rules = if cut {
         format!(
@@ -801,7 +811,7 @@ fn cut_off(address: &str, cut: bool) {
     assert!(child.wait().is_ok_and(|s| s.success()), "nft -f: {rules}");
 }
 
-fn address_of(node: &str) -> String {
+pub(crate) fn address_of(node: &str) -> String {
     let n: u8 = node.trim_start_matches("lab-").parse().expect("lab-N");
     format!("127.0.0.{}", 170 + n)
 }

@@ -13,6 +13,7 @@ mod golden;
 mod ha;
 mod ha_faults;
 mod ha_timers;
+mod ha_witness;
 mod image_disk;
 mod maintenance;
 mod policy;
