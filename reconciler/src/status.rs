@@ -10,6 +10,9 @@ use crate::observe::{NodeObservation, Observed, ObservedVm};
 use crate::state::{Applied, StepStatus};
 use proto::v1::VolumeRole;
 
+mod networks;
+pub use networks::{NicRow, SegmentRow};
+
 /// Version of the status JSON.
 pub const STATUS_FORMAT_VERSION: u32 = 1;
 
@@ -263,6 +266,13 @@ pub struct Status {
     pub volumes: Vec<VolumeRow>,
     /// Bonds, by node then name.
     pub bonds: Vec<BondRow>,
+    /// Every VM NIC on a tenant network: address, VNI, security groups and the drift
+    /// of its segment on its node (issue 19).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<NicRow>,
+    /// Every tenant network segment per node: VNI, VTEP, MTU, entries, drift.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<SegmentRow>,
     /// VMs with no node.
     pub unplaced: Vec<String>,
     /// Objects that drifted.
@@ -470,9 +480,16 @@ pub fn status(
     }
     volumes.sort_by(|a, b| a.name.cmp(&b.name));
     let bonds = bond_rows(desired, observed);
+    let (networks, segments) = networks::rows(desired, observed);
     let drifted = vms.iter().filter(|v| v.drift != "none").count()
         + volumes.iter().filter(|v| v.drift != "none").count()
-        + bonds.iter().filter(|b| b.drift != "none").count();
+        + bonds.iter().filter(|b| b.drift != "none").count()
+        // A segment the node cannot make (refused, no underlay) is reported, not
+        // counted: the plan does not act on it either.
+        + segments
+            .iter()
+            .filter(|s| !matches!(s.drift.as_str(), "none" | "refused" | "no-underlay"))
+            .count();
     Status {
         format_version: STATUS_FORMAT_VERSION,
         applied,
@@ -480,6 +497,8 @@ pub fn status(
         vms,
         volumes,
         bonds,
+        networks,
+        segments,
         unplaced: desired.unplaced.keys().cloned().collect(),
         drifted,
         last_apply: last,
@@ -781,6 +800,7 @@ pub fn text(status: &Status) -> String {
             let _ = writeln!(out, "  ! bond {} on {}: {}", b.name, b.node, b.detail);
         }
     }
+    out.push_str(&networks::text(&status.networks, &status.segments));
     for u in &status.unplaced {
         let _ = writeln!(out, "! vm {u} has no node (see `cairn plan`)");
     }
@@ -907,6 +927,8 @@ disks:
             vms: vec![],
             volumes: vec![],
             bonds: vec![],
+            networks: vec![],
+            segments: vec![],
             unplaced: vec![],
             drifted: 0,
             last_apply: None,

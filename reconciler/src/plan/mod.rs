@@ -26,6 +26,9 @@ mod volumes;
 use sha2::{Digest, Sha256};
 
 pub use actions::{NodeAction, PeerRef};
+#[cfg(test)]
+pub(crate) use actions::segment_digest;
+pub(crate) use segments::segment_diff;
 pub use types::*;
 
 use crate::desired::Desired;

@@ -32,7 +32,7 @@ fn segment_details(s: &DesiredSegment) -> Vec<String> {
 }
 
 /// What differs between the wanted segment and the one read back (empty: none).
-fn segment_diff(want: &DesiredSegment, have: &ObservedSegment) -> Vec<String> {
+pub(crate) fn segment_diff(want: &DesiredSegment, have: &ObservedSegment) -> Vec<String> {
     let mut out = vec![];
     if want.vni != have.vni {
         out.push(format!("vni {} -> {}", have.vni, want.vni));
