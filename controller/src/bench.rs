@@ -78,6 +78,12 @@ pub struct BenchArgs {
     /// `CAIRN_BENCH_NETNS`).
     #[arg(long, requires = "failover")]
     pub failover_address: Option<std::net::Ipv4Addr>,
+    /// With `--failover`: the site declares a quorum witness (`cairn dev up` starts
+    /// it), on the address after the controller's (default: 127.0.0.1 with a free
+    /// port), so each restart waits for the controller to hold the failed node's
+    /// witness grant.
+    #[arg(long, requires = "failover")]
+    pub witness: bool,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -275,6 +281,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
             args.keep,
             args.partition,
             args.failover_address,
+            args.witness,
         );
     }
     let Some(tmp) = kvm_and_a_fresh_dir("cairn-controller-bench")? else {

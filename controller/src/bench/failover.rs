@@ -356,6 +356,7 @@ pub fn run(
     keep: bool,
     partition: bool,
     address: Option<std::net::Ipv4Addr>,
+    witness: bool,
 ) -> anyhow::Result<u8> {
     if partition && let Some(why) = partition_missing() {
         eprintln!("cannot run --partition: {why}");
@@ -391,6 +392,21 @@ pub fn run(
         )
     } else {
         cluster_kdl(&[free_port()?, free_port()?, free_port()?])
+    };
+    // The witness on the address after the controller's (never cut with a node).
+    let kdl = if witness {
+        let at = if address.is_some() || partition {
+            format!("{}:7400", node_ip(5))
+        } else {
+            format!("127.0.0.1:{}", free_port()?)
+        };
+        kdl.replacen(
+            "    overcommit cpu=4.0 memory=1.0\n",
+            &format!("    overcommit cpu=4.0 memory=1.0\n    witness address=\"{at}\"\n"),
+            1,
+        )
+    } else {
+        kdl
     };
     std::fs::write(dir.join("cluster.kdl"), kdl)?;
     std::fs::write(dir.join("workloads.kdl"), workloads(vms))?;
