@@ -46,6 +46,10 @@ pub struct BenchArgs {
     /// With `--simulate`: VMs added and removed by the measured change.
     #[arg(long, default_value_t = 1000, requires = "simulate")]
     pub change: usize,
+    /// With `--simulate`: the IPv4 address the simulated nodes listen on (consecutive
+    /// ports from a free base).
+    #[arg(long, default_value = "127.0.0.42", requires = "simulate")]
+    pub simulate_address: std::net::Ipv4Addr,
     /// With `--simulate`: the controller's node actions in flight at once.
     #[arg(long, default_value_t = 8, requires = "simulate")]
     pub parallelism: usize,
@@ -272,6 +276,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
             args.parallelism,
             args.keep,
             args.console,
+            args.simulate_address,
         );
     }
     if args.failover {

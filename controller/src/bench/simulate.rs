@@ -4,7 +4,7 @@
 //! Setup (not measured): a spec repository of `--nodes` nodes in sites of 50 (one
 //! bond per site) and `--vms` diskless HA VMs in one vm-group per site, committed
 //! signed into a bare repository; one `cairn-node --simulate` process serving every
-//! node on 127.0.0.42 (consecutive ports), trusting the controller key; the
+//! node on `--simulate-address` (127.0.0.42 by default; consecutive ports), trusting the controller key; the
 //! controller in this process (so its peak memory is this process's).
 //!
 //! Measured:
@@ -18,6 +18,7 @@
 //! - peak memory (VmHWM, reset before each phase through /proc/self/clear_refs) of
 //!   this process, and the simulator's.
 
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use super::{free_port, git, median, run_ok, wait_event};
 /// Nodes per site (sites are the lease and quorum domain).
 const PER_SITE: usize = 50;
 
-fn spec(nodes: usize, vms: usize, base: u16) -> String {
+fn spec(nodes: usize, vms: usize, ip: Ipv4Addr, base: u16) -> String {
     let sites = nodes.div_ceil(PER_SITE);
     let mut text = String::from(
         "node-class \"sim\" {\n    cpu 64\n    memory \"512GiB\"\n    host-reserve cpu=2 memory=\"16GiB\"\n    disk \"disk0\" size=\"1TiB\" class=\"ssd\"\n    nic \"eth0\" speed=\"25Gbps\"\n    nic \"eth1\" speed=\"25Gbps\"\n}\n\nimage \"tiny\" builtin=\"cairn-guest\"\n\n",
@@ -40,7 +41,7 @@ fn spec(nodes: usize, vms: usize, base: u16) -> String {
         ));
         for i in s * PER_SITE..((s + 1) * PER_SITE).min(nodes) {
             text.push_str(&format!(
-                "        node \"n{i}\" class=\"sim\" address=\"127.0.0.42:{}\"\n",
+                "        node \"n{i}\" class=\"sim\" address=\"{ip}:{}\"\n",
                 usize::from(base) + i
             ));
         }
@@ -110,6 +111,8 @@ struct Synced {
     plan_ms: u64,
     apply_ms: u64,
     steps: u64,
+    /// Nodes the sync found not answering (a `partial` sync; 0 when it succeeded).
+    unanswered: u64,
 }
 
 async fn synced(
@@ -119,9 +122,15 @@ async fn synced(
     timeout: Duration,
 ) -> anyhow::Result<Synced> {
     let done = wait_event(handle, "sync", commit, timeout).await?;
-    if done.result != "succeeded" {
+    // A partial sync (nodes that did not answer in time) is still a measurement:
+    // reported with how many did not answer.
+    if done.result != "succeeded" && done.result != "partial" {
         bail!("the sync of {commit} did not succeed: {done:?}");
     }
+    let unanswered = done
+        .reason
+        .as_deref()
+        .map_or(0, |r| r.matches(" did not answer (").count() as u64);
     let detail = done.detail.clone().unwrap_or_default();
     let phase = |name: &str| detail["phases"][format!("{name}_ms")].as_u64().unwrap_or(0);
     Ok(Synced {
@@ -130,13 +139,23 @@ async fn synced(
         plan_ms: phase("plan"),
         apply_ms: phase("apply"),
         steps: detail["steps"].as_u64().unwrap_or(0),
+        unanswered,
     })
 }
 
 fn line(what: &str, s: &Synced) -> String {
     format!(
-        "{what}: {} ms (compile {} ms, plan {} ms, apply {} ms, {} steps)",
-        s.total_ms, s.compile_ms, s.plan_ms, s.apply_ms, s.steps
+        "{what}: {} ms (compile {} ms, plan {} ms, apply {} ms, {} steps){}",
+        s.total_ms,
+        s.compile_ms,
+        s.plan_ms,
+        s.apply_ms,
+        s.steps,
+        if s.unanswered > 0 {
+            format!("; PARTIAL: {} nodes did not answer", s.unanswered)
+        } else {
+            String::new()
+        }
     )
 }
 
@@ -148,6 +167,7 @@ fn median_of(samples: &[Synced]) -> Synced {
         plan_ms: m(|s| s.plan_ms),
         apply_ms: m(|s| s.apply_ms),
         steps: m(|s| s.steps),
+        unanswered: m(|s| s.unanswered),
     }
 }
 
@@ -169,19 +189,19 @@ fn node_binary() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// A base port from which `count` consecutive ports are free on 127.0.0.42.
-fn free_ports(count: usize) -> anyhow::Result<u16> {
+/// A base port from which `count` consecutive ports are free on `ip`.
+fn free_ports(ip: Ipv4Addr, count: usize) -> anyhow::Result<u16> {
     for base in (20_000..60_000 - count).step_by(count.max(100) + 7) {
         let base = base as u16;
-        if (0..count).all(|i| std::net::TcpListener::bind(("127.0.0.42", base + i as u16)).is_ok())
-        {
+        if (0..count).all(|i| std::net::TcpListener::bind((ip, base + i as u16)).is_ok()) {
             return Ok(base);
         }
     }
-    bail!("no {count} consecutive free ports on 127.0.0.42")
+    bail!("no {count} consecutive free ports on {ip}")
 }
 
 /// `cairn controller bench --simulate`.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     nodes: usize,
     vms: usize,
@@ -190,6 +210,7 @@ pub fn run(
     parallelism: usize,
     keep: bool,
     console: bool,
+    ip: Ipv4Addr,
 ) -> anyhow::Result<u8> {
     let node_bin = node_binary()?;
     // A connection per node, and the git and state files around them.
@@ -221,8 +242,8 @@ pub fn run(
         sim_dir.join("trusted-controllers"),
         format!("{} cairn-controller\n", controller.public_key_hex()),
     )?;
-    let base = free_ports(nodes)?;
-    std::fs::write(work.join("cluster.kdl"), spec(nodes, vms, base))?;
+    let base = free_ports(ip, nodes)?;
+    std::fs::write(work.join("cluster.kdl"), spec(nodes, vms, ip, base))?;
     std::fs::write(work.join("workloads.kdl"), workloads(nodes, vms, "g"))?;
     std::fs::write(work.join(".gitignore"), ".cairn/\n")?;
     run_ok(
@@ -246,7 +267,7 @@ pub fn run(
         .arg("--simulate")
         .arg(nodes.to_string())
         .arg("--listen")
-        .arg(format!("127.0.0.42:{base}"))
+        .arg(format!("{ip}:{base}"))
         .arg("--data-dir")
         .arg(&sim_dir)
         .args(["--disks", "1", "--disk-capacity", "1073741824"])
@@ -268,7 +289,7 @@ pub fn run(
         &signers,
         started,
         simulator_pid,
-        base,
+        (ip, base),
         console,
     );
     // SAFETY: kill(2) of the simulator this function spawned (its pid, not a group).
@@ -303,7 +324,7 @@ fn measure(
     signers: &Path,
     started: Instant,
     simulator: u32,
-    base: u16,
+    (ip, base): (Ipv4Addr, u16),
     console: bool,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -319,7 +340,7 @@ fn measure(
                     let node = reconciler::desired::DesiredNode {
                         name: format!("n{i}"),
                         site: format!("s{}", i / PER_SITE),
-                        address: format!("127.0.0.42:{}", usize::from(base) + i),
+                        address: format!("{ip}:{}", usize::from(base) + i),
                     };
                     (node.name.clone(), node)
                 })
