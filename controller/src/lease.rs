@@ -69,8 +69,9 @@ struct Granted {
     last: Instant,
     grants: u64,
     incarnation: String,
-    /// Peers the node heard from at its last renewal, with how long ago.
-    heard: BTreeMap<String, Duration>,
+    /// Its site peers it had not heard from within T at its last renewal (what the
+    /// failure rule asks; an empty set, a small etcd record, while its site is whole).
+    not_hearing: std::collections::BTreeSet<String>,
     /// The witness the node said it uses at its last renewal ("" none).
     witness_used: String,
     /// The witness this controller's last grant to it named ("" none).
@@ -129,6 +130,9 @@ pub struct Leases {
     reachable: Mutex<BTreeMap<String, bool>>,
     /// The witnesses' grants this controller holds and their consents.
     witness: Mutex<WitnessBook>,
+    /// With controller replicas: every replica's grants through etcd, and this
+    /// replica's URL (issue 24 item 3).
+    shared: Option<(Arc<state_etcd::NodeLeases>, String)>,
 }
 
 /// When a node was declared failed.
@@ -217,7 +221,46 @@ impl Leases {
             restarts: Mutex::default(),
             reachable: Mutex::default(),
             witness: Mutex::default(),
+            shared: None,
         }
+    }
+
+    /// With controller replicas: records every grant in etcd (`replicas.node_leases`)
+    /// and counts each node from the latest grant any replica gave, so a new leader
+    /// knows the grants its predecessor gave and waits T + margin from them
+    /// (issue 24 item 3).
+    pub fn shared_through(mut self, replicas: Option<&crate::replicas::Replicas>) -> Leases {
+        self.shared = replicas.map(|r| (r.node_leases.clone(), r.me.clone()));
+        self
+    }
+
+    /// Every node's latest grant: this process's, or another replica's seen in etcd
+    /// (counted from when this replica first saw it, and only up to its last
+    /// complete read of etcd: `state_etcd::NodeLeases::seen`), whichever is later.
+    /// Both only make a node look younger: none is declared failed sooner than by the
+    /// replica that granted its last lease.
+    fn merged(&self) -> BTreeMap<String, Granted> {
+        let mut granted = self.lock().clone();
+        let Some((shared, _)) = &self.shared else {
+            return granted;
+        };
+        for (node, seen) in shared.seen() {
+            if granted.get(&node).is_none_or(|g| g.last < seen.at) {
+                let lease = seen.lease;
+                granted.insert(
+                    node,
+                    Granted {
+                        last: seen.at,
+                        grants: lease.grants,
+                        incarnation: lease.incarnation,
+                        not_hearing: lease.not_hearing,
+                        witness_used: lease.witness_used,
+                        witness_sent: lease.witness_sent,
+                    },
+                );
+            }
+        }
+        granted
     }
 
     fn witness_book(&self) -> std::sync::MutexGuard<'_, WitnessBook> {
@@ -260,7 +303,7 @@ impl Leases {
     /// Records that `nodes` were declared failed now (those not failed any more are
     /// forgotten).
     fn note_failed(&self, nodes: &std::collections::BTreeSet<String>) {
-        let grants = self.lock();
+        let grants = self.merged();
         let mut failed = self.failed_at.lock().unwrap_or_else(|p| p.into_inner());
         failed.retain(|n, _| nodes.contains(n));
         for node in nodes {
@@ -415,7 +458,7 @@ impl Leases {
     /// this controller started. (A dead node's state goes from `failed` to
     /// `unreachable` and back; its silence only grows.)
     pub fn silent_for(&self, node: &str) -> Duration {
-        self.lock()
+        self.merged()
             .get(node)
             .map(|granted| granted.last.elapsed())
             .unwrap_or_else(|| self.started.elapsed())
@@ -436,7 +479,7 @@ impl Leases {
 
     /// Each node's state, for `site` membership from `model`.
     pub fn rows(&self, model: &compiler::Model) -> Vec<LeaseRow> {
-        let granted = self.lock().clone();
+        let granted = self.merged();
         let mut rows = Vec::new();
         for site in &model.sites {
             let (ttl, margin) = site_timers(site);
@@ -467,7 +510,7 @@ impl Leases {
                     .iter()
                     .filter_map(|peer| granted.get(*peer))
                     .filter(|p| p.last.elapsed() < ttl)
-                    .map(|p| p.heard.get(&node.name).is_some_and(|ago| *ago < ttl))
+                    .map(|p| !p.not_hearing.contains(&node.name))
                     .collect();
                 let not_hearing = reports.iter().filter(|hears| !**hears).count();
                 let hearing = reports.len() - not_hearing;
@@ -608,7 +651,7 @@ pub async fn witness_claims(shared: Arc<Shared>) {
 
 /// One round of claims for `node` (see [`witness_claims`]).
 async fn claim_for(shared: &Shared, node: &str, site: &compiler::model::Site) {
-    let Some(last) = shared.leases.lock().get(node).cloned() else {
+    let Some(last) = shared.leases.merged().get(node).cloned() else {
         return;
     };
     // The witnesses the node may be using; one that never had any cannot hold one.
@@ -881,13 +924,27 @@ impl v1::lease_server::Lease for LeaseService {
         let fenced_vms =
             crate::fence_list::with_moving(&self.shared, &good.model, &name, fenced_vms);
         let body = request.into_inner();
-        let grants = {
+        let timers = HaTimers::of(site);
+        let heard: BTreeMap<String, u64> =
+            body.heard.into_iter().map(|h| (h.node, h.age_ms)).collect();
+        let not_hearing = site
+            .nodes
+            .iter()
+            .filter(|n| n.name != name)
+            .filter(|n| {
+                heard
+                    .get(&n.name)
+                    .is_none_or(|age| *age >= timers.detect_ms)
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        let granted = {
             let mut granted = self.leases.lock();
-            let entry = granted.entry(name).or_insert(Granted {
+            let entry = granted.entry(name.clone()).or_insert(Granted {
                 last: Instant::now(),
                 grants: 0,
                 incarnation: String::new(),
-                heard: BTreeMap::new(),
+                not_hearing: Default::default(),
                 witness_used: String::new(),
                 witness_sent: String::new(),
             });
@@ -896,14 +953,23 @@ impl v1::lease_server::Lease for LeaseService {
             entry.incarnation = body.incarnation;
             entry.witness_used = body.witness;
             entry.witness_sent = witness.clone();
-            entry.heard = body
-                .heard
-                .into_iter()
-                .map(|h| (h.node, Duration::from_millis(h.age_ms)))
-                .collect();
-            entry.grants
+            entry.not_hearing = not_hearing;
+            entry.clone()
         };
-        let timers = HaTimers::of(site);
+        let grants = granted.grants;
+        if let Some((shared, me)) = &self.leases.shared {
+            shared.granted(
+                &name,
+                state_etcd::NodeLease {
+                    grants,
+                    incarnation: granted.incarnation,
+                    not_hearing: granted.not_hearing,
+                    granted_by: me.clone(),
+                    witness_used: granted.witness_used,
+                    witness_sent: granted.witness_sent,
+                },
+            );
+        }
         Ok(Response::new(v1::RenewLeaseReply {
             ttl_ms: timers.detect_ms,
             grant: grants,

@@ -509,7 +509,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         held: Mutex::new(None),
         requests: Mutex::new(vec![]),
         notifier: std::sync::OnceLock::new(),
-        leases: Arc::new(lease::Leases::new(lease::DEFAULT_TTL)),
+        leases: Arc::new(lease::Leases::new(lease::DEFAULT_TTL).shared_through(replicas.as_ref())),
         replicas,
         maintenance,
         observed: fresh::Fresh::default(),

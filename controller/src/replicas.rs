@@ -14,10 +14,11 @@
 //! (`reconciler::pipeline::settle_interrupted`: every step in flight is asked
 //! about, never sent again) and plans afresh: no step is carried out twice.
 //!
-//! What stays per replica: the event log (`events.redb`: what this replica did),
-//! the volume epochs (`state.redb` in the data directory: not yet in etcd), the
-//! node leases (nodes renew with one controller's `--grpc-listen`), pause and
-//! maintenance files.
+//! Node leases are shared too: each replica records the grants it gives in etcd and
+//! sees everyone's (`state_etcd::NodeLeases`, used by `lease::Leases`), so a new
+//! leader knows the grants its predecessor gave. What stays per replica: the event
+//! log (`events.redb`: what this replica did), the volume epochs (`state.redb` in the
+//! data directory: not yet in etcd), pause and maintenance files.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use reconciler::desired::Placement;
 use reconciler::state::{
     Applied, AuditEntry, LockInfo, PlanRecord, RedbStore, StateError, StateStore, StepRecord,
 };
-use state_etcd::{Election, EtcdStore};
+use state_etcd::{Election, EtcdStore, NodeLeases};
 
 use crate::Shared;
 
@@ -49,6 +50,10 @@ pub struct Replicas {
     pub store: EtcdStore,
     /// The election.
     pub election: Arc<Election>,
+    /// Every replica's node lease grants (issue 24 item 3).
+    pub node_leases: Arc<NodeLeases>,
+    /// This replica's HTTP URL (how followers name it, and who granted a lease).
+    pub me: String,
 }
 
 impl Replicas {
@@ -57,9 +62,12 @@ impl Replicas {
     pub fn start(url: &str, me: &str, fence: SharedFence) -> Result<Replicas, StateError> {
         let store = EtcdStore::open(url)?;
         let election = Election::start(&store, me, lease_ttl(), fence);
+        let node_leases = NodeLeases::start(&store, Some(election.clone()));
         Ok(Replicas {
             store: store.with_election(election.clone()),
             election,
+            node_leases,
+            me: me.to_owned(),
         })
     }
 

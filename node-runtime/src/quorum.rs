@@ -49,7 +49,11 @@ use crate::node::Node;
 /// How the node takes part in leases.
 #[derive(Debug, Clone)]
 pub struct LeaseConfig {
-    /// The controller's gRPC address (`host:port`), where `Lease.Renew` is served.
+    /// The controller's gRPC address (`host:port`), where `Lease.Renew` is served;
+    /// with controller replicas, each replica's, comma-separated: a renewal goes to
+    /// one, and after a failed one the next renewal goes to the next (a follower
+    /// grants leases once it knows the applied commit; every grant is shared through
+    /// etcd, issue 24 item 3).
     pub controller: String,
     /// The lease's length asked for until the controller says otherwise (T).
     pub ttl: Duration,
@@ -129,6 +133,8 @@ pub struct Quorum {
     pushing: tokio::sync::Mutex<()>,
     /// The witness client, by address.
     witnesses: Mutex<BTreeMap<String, Arc<proto::witness::WitnessClient>>>,
+    /// Which of the controller addresses renewals go to (moves on after a failure).
+    controller_at: std::sync::atomic::AtomicUsize,
 }
 
 /// What Observe or a test can see of the quorum.
@@ -169,6 +175,7 @@ impl Quorum {
             channels: Mutex::default(),
             pushing: tokio::sync::Mutex::new(()),
             witnesses: Mutex::default(),
+            controller_at: Default::default(),
             incarnation: format!("{}-{}", std::process::id(), vmm::fence::boottime_ns()),
         }
     }
@@ -290,8 +297,22 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
         )
         .map_err(|e| e.to_string())?;
     let timeout = call_timeout(config.ttl);
+    let controllers: Vec<&str> = config
+        .controller
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let at = quorum
+        .controller_at
+        .load(std::sync::atomic::Ordering::Relaxed)
+        % controllers.len().max(1);
+    let address = controllers
+        .get(at)
+        .copied()
+        .unwrap_or(config.controller.as_str());
     let mut client = v1::lease_client::LeaseClient::new(quorum.channel(
-        &config.controller,
+        address,
         timeout,
         config.local_address,
     )?);
@@ -300,7 +321,13 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
         .await
         // Not "refused": most failures are a timeout or a lost connection, and the
         // message says which (or what the controller answered).
-        .map_err(|status| format!("the renewal to the controller failed: {}", status.message()))?
+        .map_err(|status| {
+            // With replicas, the next renewal asks the next one.
+            quorum
+                .controller_at
+                .store(at + 1, std::sync::atomic::Ordering::Relaxed);
+            format!("the renewal to the controller failed: {}", status.message())
+        })?
         .into_inner();
     let ttl_ns = reply.ttl_ms.saturating_mul(1_000_000);
     let kept = Kept {

@@ -56,6 +56,12 @@ pub struct NodeLease {
     pub not_hearing: BTreeSet<String>,
     /// The replica that granted it (its HTTP URL).
     pub granted_by: String,
+    /// The quorum witness the node said it uses ("" none).
+    #[serde(default)]
+    pub witness_used: String,
+    /// The witness the grant named ("" none).
+    #[serde(default)]
+    pub witness_sent: String,
 }
 
 /// A record as this replica saw it.
@@ -309,6 +315,8 @@ mod tests {
             incarnation: "i1".into(),
             not_hearing: BTreeSet::new(),
             granted_by: by.into(),
+            witness_used: String::new(),
+            witness_sent: String::new(),
         }
     }
 
