@@ -599,6 +599,19 @@ impl Exports {
     /// is not attached otherwise, nor is one whose server cannot start: `detail` says
     /// why.
     pub async fn attach_vm(&self, vm: &str, volumes: &[String]) -> Result<Vec<VmDisk>, Status> {
+        self.attach_vm_as(vm, volumes, false).await
+    }
+
+    /// [`Exports::attach_vm`] for a live migration's destination (`incoming`): a local
+    /// copy that is not the writer yet is served as well, through the same write path
+    /// (which refuses writes until the commit's epoch makes this node the writer; the
+    /// destination's guest writes nothing before the commit).
+    pub async fn attach_vm_as(
+        &self,
+        vm: &str,
+        volumes: &[String],
+        incoming: bool,
+    ) -> Result<Vec<VmDisk>, Status> {
         self.detach_vm(vm).await;
         if lock(&self.state).stopped {
             return Err(Status::unavailable("the node is stopping"));
@@ -624,12 +637,12 @@ impl Exports {
                         disk.detail = format!("not on this node: {}", status.message());
                     }
                 }
-                Ok((false, _)) => {
+                Ok((false, _)) if !incoming => {
                     if !self.attach_remote(vm, index, &mut disk, &mut servers).await {
                         disk.detail = "this node holds a replica, not the primary copy, and the volume's epoch does not name it a client (remote data)".into();
                     }
                 }
-                Ok((true, size_bytes)) => {
+                Ok((_, size_bytes)) => {
                     disk.local = true;
                     let socket = self.vm_disk_socket(vm, index);
                     match self.serve(volume, size_bytes, &socket, false) {

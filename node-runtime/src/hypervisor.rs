@@ -97,6 +97,23 @@ pub trait Hypervisor: Send + Sync + Debug {
     fn serves_disks(&self) -> bool {
         true
     }
+
+    /// Launches the VMM of `config` as a live migration's destination listening on
+    /// `listen` (`cairn-vmm --incoming`; see [`Hypervisor::launch`] for the rest).
+    /// A hypervisor that cannot migrate refuses.
+    fn launch_incoming(
+        &self,
+        config: &vm_config::VmConfig,
+        vm_dir: &Path,
+        netns: Option<&NetNs>,
+        placement: Option<crate::cgroups::Placement>,
+        listen: &str,
+    ) -> Result<Launched, Status> {
+        let _ = (config, vm_dir, netns, placement, listen);
+        Err(Status::failed_precondition(
+            "this node's hypervisor cannot migrate VMs live",
+        ))
+    }
 }
 
 /// The real hypervisor: one `cairn-vmm` process per VM on KVM.
@@ -108,26 +125,16 @@ pub struct ProcessHypervisor {
     pub own_process_group: bool,
 }
 
-impl Hypervisor for ProcessHypervisor {
-    fn unavailable(&self) -> Option<String> {
-        if self.binary.is_none() {
-            return Some(
-                "cannot start VMs: the `cairn-vmm` binary was not found next to cairn-node or on PATH (pass --vmm-binary)"
-                    .into(),
-            );
-        }
-        if !Path::new("/dev/kvm").exists() {
-            return Some("cannot start VMs: /dev/kvm does not exist on this node".into());
-        }
-        None
-    }
-
-    fn launch(
+impl ProcessHypervisor {
+    /// Spawns `cairn-vmm` for `config` (with `--incoming ADDR` for a migration's
+    /// destination).
+    fn spawn_vmm(
         &self,
         config: &vm_config::VmConfig,
         vm_dir: &Path,
         netns: Option<&NetNs>,
         placement: Option<crate::cgroups::Placement>,
+        incoming: Option<&str>,
     ) -> Result<Launched, Status> {
         let Some(binary) = &self.binary else {
             return Err(Status::failed_precondition(
@@ -144,6 +151,9 @@ impl Hypervisor for ProcessHypervisor {
         })?;
         let mut command = tokio::process::Command::new(binary);
         command.arg("--config").arg(&config_path);
+        if let Some(listen) = incoming {
+            command.arg("--incoming").arg(listen);
+        }
         if let Some(netns) = netns {
             // The taps live in the node's namespace: the VMM runs there too (its
             // control socket is a file, so the node still reaches it).
@@ -204,6 +214,42 @@ impl Hypervisor for ProcessHypervisor {
                 }
             }),
         })
+    }
+}
+
+impl Hypervisor for ProcessHypervisor {
+    fn unavailable(&self) -> Option<String> {
+        if self.binary.is_none() {
+            return Some(
+                "cannot start VMs: the `cairn-vmm` binary was not found next to cairn-node or on PATH (pass --vmm-binary)"
+                    .into(),
+            );
+        }
+        if !Path::new("/dev/kvm").exists() {
+            return Some("cannot start VMs: /dev/kvm does not exist on this node".into());
+        }
+        None
+    }
+
+    fn launch(
+        &self,
+        config: &vm_config::VmConfig,
+        vm_dir: &Path,
+        netns: Option<&NetNs>,
+        placement: Option<crate::cgroups::Placement>,
+    ) -> Result<Launched, Status> {
+        self.spawn_vmm(config, vm_dir, netns, placement, None)
+    }
+
+    fn launch_incoming(
+        &self,
+        config: &vm_config::VmConfig,
+        vm_dir: &Path,
+        netns: Option<&NetNs>,
+        placement: Option<crate::cgroups::Placement>,
+        listen: &str,
+    ) -> Result<Launched, Status> {
+        self.spawn_vmm(config, vm_dir, netns, placement, Some(listen))
     }
 
     fn status(&self, socket: &Path, timeout: Duration) -> Option<VmmStatus> {

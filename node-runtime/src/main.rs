@@ -50,6 +50,12 @@ struct Args {
     /// guest's first heartbeat reported) before it kills the VMM and fails.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     vm_start_timeout_ms: u64,
+    /// The address a VM migrating to this node is received on (a live migration's
+    /// destination VMM listens there, port chosen by the kernel). It must be reachable
+    /// from the other nodes' VMMs; inside `--netns` for VMs with NICs (their VMMs run
+    /// there). Default: the --listen address's host (127.0.0.1 when unspecified).
+    #[arg(long)]
+    migration_address: Option<std::net::IpAddr>,
     /// Number of file disks created under DATA_DIR/volumes/disks on first start.
     #[arg(long, default_value_t = 4)]
     disks: u32,
@@ -164,6 +170,9 @@ fn main() -> ExitCode {
         netns: args.netns,
         network_disabled: args.network_disabled,
         vm_start_timeout: std::time::Duration::from_millis(args.vm_start_timeout_ms),
+        migration_address: args.migration_address.or_else(|| {
+            Some(args.listen.ip()).filter(|ip| !ip.is_unspecified())
+        }),
         request_retention: std::time::Duration::from_secs(args.request_retention),
         lease: args
             .lease_from

@@ -49,6 +49,9 @@ pub struct NodeConfig {
     /// How long a StartVm waits to see the VM running (its VMM alive and the first
     /// guest heartbeat reported) before it kills the VMM and fails (default 10 s).
     pub vm_start_timeout: Duration,
+    /// Where a VM migrating to this node is received (`--migration-address`); `None`:
+    /// 127.0.0.1.
+    pub migration_address: Option<std::net::IpAddr>,
     /// Where to renew the lease that keeps HA and FT VMs running (`--lease-from`);
     /// `None`: no fence is ever armed ([`crate::quorum`]).
     pub lease: Option<crate::quorum::LeaseConfig>,
@@ -290,6 +293,84 @@ impl Node {
         }))
     }
 
+    /// The live-migration actions (`vms::migration`).
+    async fn migration_action(&self, action: &Action) -> Result<ApplyResult, Status> {
+        let wait = |ms: u32, field: &str| -> Result<Duration, Status> {
+            if ms > crate::vms::migration::MAX_WAIT_MS {
+                return Err(validate::invalid(
+                    field,
+                    format!(
+                        "{ms} is more than {} (the node API's calls time out at 30 s)",
+                        crate::vms::migration::MAX_WAIT_MS
+                    ),
+                ));
+            }
+            Ok(Duration::from_millis(u64::from(if ms == 0 {
+                crate::vms::migration::MAX_WAIT_MS
+            } else {
+                ms
+            })))
+        };
+        let result = match action {
+            Action::PrepareIncomingVm(prepare) => {
+                validate::name("prepare_incoming_vm.name", &prepare.name)?;
+                if let Some(definition) = self.vms.definition(&prepare.name).await {
+                    self.ensure_vm_nics(&definition).await?;
+                }
+                let network = self
+                    .bonds
+                    .refusal()
+                    .is_none()
+                    .then(|| self.bonds.netns().clone());
+                let ip = self
+                    .config
+                    .migration_address
+                    .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+                return Ok(ApplyResult::Incoming(
+                    self.vms
+                        .prepare_incoming(
+                            &prepare.name,
+                            network.as_ref(),
+                            ip,
+                            self.config.vm_start_timeout,
+                        )
+                        .await?,
+                ));
+            }
+            Action::MigrateVm(migrate) => {
+                validate::name("migrate_vm.name", &migrate.name)?;
+                validate::address("migrate_vm.to", &migrate.to)?;
+                let timeout = wait(migrate.timeout_ms, "migrate_vm.timeout_ms")?;
+                let downtime = if migrate.max_downtime_ms == 0 {
+                    50
+                } else {
+                    u64::from(migrate.max_downtime_ms)
+                };
+                self.vms
+                    .migrate(
+                        &migrate.name,
+                        &migrate.to,
+                        downtime,
+                        migrate.stop_and_copy,
+                        timeout,
+                    )
+                    .await?
+            }
+            Action::CommitMigration(commit) => {
+                validate::name("commit_migration.name", &commit.name)?;
+                self.vms
+                    .commit_migration(&commit.name, self.config.vm_start_timeout)
+                    .await?
+            }
+            Action::AbortMigration(abort) => {
+                validate::name("abort_migration.name", &abort.name)?;
+                self.vms.abort_migration(&abort.name).await?
+            }
+            _ => return Err(Status::internal("not a migration action")),
+        };
+        Ok(ApplyResult::Migration(result))
+    }
+
     /// Makes (or repairs) a VM's NIC taps, unless network actions are refused here
     /// (then Observe reports the NICs as not made, with the reason).
     async fn ensure_vm_nics(&self, definition: &v1::CreateVm) -> Result<(), Status> {
@@ -328,6 +409,7 @@ impl Node {
         // against the real underlay later).
         crate::segments::segment_spec(segment, Some(1500))?;
         crate::segments::underlay_request(segment)?;
+        let _changing = self.segments.changing().await;
         if let Some(reason) = self.segments_refusal() {
             if self.bonds.refusal().is_some() {
                 return Err(Status::failed_precondition(format!(
@@ -366,6 +448,7 @@ impl Node {
     async fn delete_segment(&self, delete: &v1::DeleteNetworkSegment) -> Result<(), Status> {
         validate::name("delete_network_segment.tenant", &delete.tenant)?;
         validate::name("delete_network_segment.network", &delete.network)?;
+        let _changing = self.segments.changing().await;
         self.segments
             .remove(&delete.tenant, &delete.network)
             .await
@@ -391,6 +474,7 @@ impl Node {
         if self.segments_refusal().is_some() {
             return Ok(());
         }
+        let _changing = self.segments.changing().await;
         let all = self.segments.all().await;
         if all.is_empty() {
             return Ok(());
@@ -766,6 +850,10 @@ impl Node {
                         .await?,
                 ))
             }
+            Action::PrepareIncomingVm(_)
+            | Action::MigrateVm(_)
+            | Action::CommitMigration(_)
+            | Action::AbortMigration(_) => self.migration_action(action).await,
             Action::StopVm(stop) => {
                 validate::name("stop_vm.name", &stop.name)?;
                 if stop.grace_ms > 600_000 {

@@ -555,6 +555,7 @@ pub async fn run(
             netns: None,
             network_disabled: None,
             vm_start_timeout: Duration::from_secs(10),
+            migration_address: None,
             request_retention: config.request_retention,
             lease: config
                 .lease

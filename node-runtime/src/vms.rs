@@ -17,6 +17,7 @@
 //! incarnation id over the control socket).
 
 pub mod adopt;
+pub mod migration;
 pub mod sla;
 
 use std::collections::BTreeMap;
@@ -92,6 +93,9 @@ struct VmRuntime {
     /// How the VM's disks were attached when its VMM was last spawned (empty while it
     /// does not run).
     disks: Vec<VmDisk>,
+    /// While its VMM is a live migration's destination not yet committed: the address
+    /// it listens on ([`migration`]).
+    incoming: Option<String>,
 }
 
 /// What [`Vms::spawn`] did.
@@ -138,12 +142,25 @@ impl Supervisor {
         self.exports.detach_vm(&self.name).await;
         runtime.disks.clear();
         let failed_start = runtime.state == VmState::Starting;
+        let not_committed = runtime.incoming.take().is_some();
         runtime.pid = 0;
         runtime.last_exit = match runtime.start_failure.take() {
             Some(reason) => format!("{reason} ({exit})"),
             None => exit.clone(),
         };
-        if runtime.stop_requested || (clean && !failed_start) {
+        if not_committed {
+            // A migration's destination that never ran (aborted or failed before the
+            // commit): the VM did not run here, nothing crashed.
+            runtime.record.desired_running = false;
+            runtime.state = VmState::Stopped;
+            runtime.last_exit = format!("migration not committed: {}", runtime.last_exit);
+            Vms::publish(
+                &self.events,
+                &self.name,
+                VmState::Stopped,
+                &runtime.last_exit,
+            );
+        } else if runtime.stop_requested || (clean && !failed_start) {
             // cairn-vmm exits 0 only for a requested or guest-initiated power-off.
             runtime.record.desired_running = false;
             runtime.state = VmState::Stopped;
@@ -474,6 +491,7 @@ impl Vms {
                 generation: 0,
                 start_failure: None,
                 disks: Vec::new(),
+                incoming: None,
                 record,
             };
             if runtime.record.desired_running {
@@ -857,6 +875,7 @@ impl Vms {
                 generation: 0,
                 start_failure: None,
                 disks: Vec::new(),
+                incoming: None,
             },
         );
         Self::publish(&self.events, &definition.name, VmState::Stopped, "defined");
@@ -894,9 +913,14 @@ impl Vms {
 
     /// The VM's disks: served to its VMM (one NBD server each), or, on a hypervisor
     /// that reads no disk (simulated), listed as not attached, saying so.
-    async fn attach_disks(&self, name: &str, volumes: &[String]) -> Result<Vec<VmDisk>, Status> {
+    async fn attach_disks(
+        &self,
+        name: &str,
+        volumes: &[String],
+        incoming: bool,
+    ) -> Result<Vec<VmDisk>, Status> {
         if self.hypervisor.serves_disks() {
-            return self.exports.attach_vm(name, volumes).await;
+            return self.exports.attach_vm_as(name, volumes, incoming).await;
         }
         Ok(volumes
             .iter()
@@ -968,16 +992,45 @@ impl Vms {
                 "vm `{name}` has no stored definition"
             )));
         };
+        let (pid, generation) = self
+            .launch_vmm(runtime, name, &definition, network, None)
+            .await?;
+        let builtin = matches!(definition.image, Some(v1::create_vm::Image::Builtin(_)));
+        Ok(Spawned::Started(Started {
+            pid,
+            generation,
+            builtin,
+        }))
+    }
+
+    /// Spawns the VMM of `definition` into `runtime` (state `STARTING`), with its disks
+    /// served and its exit supervised; with `incoming`, as a live migration's
+    /// destination listening there ([`migration`]). Returns its pid and generation.
+    async fn launch_vmm(
+        &self,
+        runtime: &mut VmRuntime,
+        name: &str,
+        definition: &v1::CreateVm,
+        network: Option<&NetNs>,
+        incoming: Option<&str>,
+    ) -> Result<(u32, u64), Status> {
         // Each volume is served to this VM's VMM alone, on its own socket, for as long
         // as the process runs (the supervisor below stops the servers when it ends).
-        let disks = self.attach_disks(name, &definition.volumes).await?;
+        let disks = self
+            .attach_disks(name, &definition.volumes, incoming.is_some())
+            .await?;
         let incarnation = adopt::new_incarnation();
         let vm_dir = self.run_dir.join(name);
         // The VMM joins the node's namespace only when it has NICs there.
         let netns = network.filter(|_| !definition.nics.is_empty());
-        let launched = self.placement(&definition).and_then(|placement| {
-            self.launch_config(&definition, network, &disks, &incarnation)
-                .and_then(|config| self.hypervisor.launch(&config, &vm_dir, netns, placement))
+        let launched = self.placement(definition).and_then(|placement| {
+            self.launch_config(definition, network, &disks, &incarnation)
+                .and_then(|config| match incoming {
+                    None => self.hypervisor.launch(&config, &vm_dir, netns, placement),
+                    Some(listen) => self
+                        .hypervisor
+                        .launch_incoming(&config, &vm_dir, netns, placement, listen),
+                })
         });
         let launched = match launched {
             Ok(launched) => launched,
@@ -993,7 +1046,9 @@ impl Vms {
         runtime.state = VmState::Starting;
         runtime.stop_requested = false;
         runtime.start_failure = None;
-        runtime.record.desired_running = true;
+        // A migration's destination runs only once committed: nothing restarts it before.
+        runtime.record.desired_running = incoming.is_none();
+        runtime.incoming = incoming.map(|_| String::new());
         runtime.record.last_pid = pid;
         // What the next agent checks before it adopts this process.
         runtime.record.last_start_ticks = adopt::start_ticks(pid).unwrap_or(0);
@@ -1013,7 +1068,10 @@ impl Vms {
             &self.events,
             name,
             VmState::Starting,
-            &format!("cairn-vmm pid {pid}"),
+            &match incoming {
+                None => format!("cairn-vmm pid {pid}"),
+                Some(_) => format!("incoming migration: cairn-vmm pid {pid}"),
+            },
         );
 
         let supervisor = self.supervisor(name, generation);
@@ -1022,12 +1080,7 @@ impl Vms {
             let (exit, clean) = exit.await;
             supervisor.ended(exit, clean).await;
         });
-        let builtin = matches!(definition.image, Some(v1::create_vm::Image::Builtin(_)));
-        Ok(Spawned::Started(Started {
-            pid,
-            generation,
-            builtin,
-        }))
+        Ok((pid, generation))
     }
 
     /// The VM's cgroup made with its class's values, opened for its VMM to enter

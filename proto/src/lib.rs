@@ -125,5 +125,9 @@ pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
         Action::ApplyBond(_) => "apply_bond",
         Action::DeleteBond(_) => "delete_bond",
         Action::SetPeers(_) => "set_peers",
+        Action::PrepareIncomingVm(_) => "prepare_incoming_vm",
+        Action::MigrateVm(_) => "migrate_vm",
+        Action::CommitMigration(_) => "commit_migration",
+        Action::AbortMigration(_) => "abort_migration",
     }
 }

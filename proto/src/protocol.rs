@@ -23,14 +23,17 @@
 //! `x-cairn-fence-token` header of an elected controller. 1.3 adds (with the other
 //! 1.3 additions marked in the .proto files) issue 19's tenant networks:
 //! `ApplyNetworkSegment`, `DeleteNetworkSegment` and `Networking.segments` /
-//! `Networking.firewall_drift`.
+//! `Networking.firewall_drift`. 1.4 adds (with the other 1.4 additions marked in the
+//! .proto files) issue 17's live migration: `PrepareIncomingVm`, `MigrateVm`,
+//! `CommitMigration`, `AbortMigration` and their `IncomingVmResult` /
+//! `MigrationResult`.
 
 use crate::v1;
 
 /// The major version this build speaks.
 pub const MAJOR: u32 = 1;
 /// The minor version this build speaks.
-pub const MINOR: u32 = 3;
+pub const MINOR: u32 = 4;
 /// Metadata key of the caller's protocol version, `MAJOR.MINOR`.
 pub const HEADER: &str = "x-cairn-protocol";
 
@@ -42,7 +45,7 @@ pub fn current() -> v1::ProtocolVersion {
     }
 }
 
-/// The header value of this build's version (`"1.3"`).
+/// The header value of this build's version (`"1.4"`).
 pub fn header_value() -> String {
     format!("{MAJOR}.{MINOR}")
 }
@@ -132,8 +135,8 @@ mod tests {
 
     #[test]
     fn versions_parse_and_majors_are_checked() {
-        assert_eq!(header_value(), "1.3");
-        assert_eq!(parse("1.3"), Some(current()));
+        assert_eq!(header_value(), "1.4");
+        assert_eq!(parse("1.4"), Some(current()));
         assert_eq!(parse("2.0").map(|v| v.major), Some(2));
         assert_eq!(parse("1"), None);
         assert_eq!(parse("one.two"), None);
@@ -145,7 +148,7 @@ mod tests {
         };
         assert_eq!(
             newer,
-            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.3 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
+            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.4 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
         );
         let Err(ProtocolRefusal::OtherMajor(older)) = check(Some("0.4"), "node lab-1") else {
             panic!("another major is refused");
@@ -155,8 +158,8 @@ mod tests {
             check(Some("v1"), "node lab-1"),
             Err(ProtocolRefusal::Malformed(_))
         ));
-        assert!(signature_hint(Some("1.4")).is_some());
-        assert_eq!(signature_hint(Some("1.3")), None);
+        assert!(signature_hint(Some("1.5")).is_some());
+        assert_eq!(signature_hint(Some("1.4")), None);
         assert_eq!(signature_hint(None), None);
         let old_node = v1::GetInventoryResponse::default();
         assert_eq!(display(&of_inventory(&old_node)), "1.0");

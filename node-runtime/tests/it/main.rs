@@ -16,6 +16,7 @@ mod harness;
 mod health;
 mod inventory;
 mod lab;
+mod migrate;
 mod outcome;
 mod protocol;
 mod remote_data;

@@ -188,6 +188,31 @@ pub struct PortsState {
     /// The disk I/O command the guest took and has not finished: `[op, disk, sector,
     /// sectors, seed]` (it reads them again on the destination).
     pub disk_io_taken: Option<[u64; 5]>,
+    /// The disk I/O command posted for the guest and not taken yet (`pending_command`
+    /// says so): the destination hands it to the guest, which carries it out there
+    /// (its waiter stayed on the source). Absent in states saved before it existed.
+    #[serde(default)]
+    pub disk_io_posted: Option<[u64; 5]>,
+}
+
+fn args_of([op, disk, sector, sectors, seed]: [u64; 5]) -> DiskIoArgs {
+    DiskIoArgs {
+        op,
+        disk: disk as u32,
+        sector,
+        sectors: sectors as u32,
+        seed,
+    }
+}
+
+fn saved_args(args: &DiskIoArgs) -> [u64; 5] {
+    [
+        args.op,
+        u64::from(args.disk),
+        args.sector,
+        u64::from(args.sectors),
+        args.seed,
+    ]
 }
 
 impl GuestTelemetry {
@@ -416,15 +441,11 @@ impl GuestTelemetry {
             dirty_rate: self.dirty_rate(),
             net_replies: self.net_replies(),
             disk_io_counters: mailbox.counters.to_vec(),
-            disk_io_taken: mailbox.taken.map(|(_, args)| {
-                [
-                    args.op,
-                    u64::from(args.disk),
-                    args.sector,
-                    u64::from(args.sectors),
-                    args.seed,
-                ]
-            }),
+            disk_io_taken: mailbox.taken.map(|(_, args)| saved_args(&args)),
+            disk_io_posted: mailbox
+                .posted
+                .filter(|_| load(&self.pending_command) == abi::CMD_DISK_IO)
+                .map(|(_, args)| saved_args(&args)),
         }
     }
 
@@ -463,20 +484,13 @@ impl GuestTelemetry {
             *slot = *saved;
         }
         // The command's waiter stayed on the source; its report here finds none.
-        mailbox.taken = state
-            .disk_io_taken
-            .map(|[op, disk, sector, sectors, seed]| {
-                (
-                    0,
-                    DiskIoArgs {
-                        op,
-                        disk: disk as u32,
-                        sector,
-                        sectors: sectors as u32,
-                        seed,
-                    },
-                )
-            });
+        mailbox.taken = state.disk_io_taken.map(|saved| (0, args_of(saved)));
+        mailbox.posted = state.disk_io_posted.map(|saved| (0, args_of(saved)));
+        if state.pending_command == abi::CMD_DISK_IO && mailbox.posted.is_none() {
+            // A state from before `disk_io_posted`: the command's arguments are lost,
+            // so it is not handed to the guest at all.
+            self.pending_command.store(abi::CMD_NONE, Ordering::Release);
+        }
         Ok(())
     }
 
