@@ -270,6 +270,8 @@ pub(crate) async fn handler(
             .reason(format!("{message} (by {})", signed.signer())),
         ]);
         crate::lease::node_metrics(&shared);
+        // A drift check now: the node's volume copies start moving (`rebuild.rs`).
+        shared.wake_drift.notify_one();
     }
     axum::Json(serde_json::json!({
         "node": node,
@@ -297,7 +299,7 @@ fn message(node: &str, on: bool, changed: bool, vms: &[String]) -> String {
     }
     let head = if changed {
         format!(
-            "{node} is in maintenance: no VM is placed on it any more (new VMs, HA restarts and crash moves go elsewhere)"
+            "{node} is in maintenance: no VM is placed on it any more (new VMs, HA restarts and crash moves go elsewhere), and every volume copy it holds is moved live to another node (`cairn status` shows each move's progress; a copy is deleted there once its replacement is in sync)"
         )
     } else {
         format!("{node} was already in maintenance")

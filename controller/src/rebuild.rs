@@ -25,6 +25,15 @@
 //! A copy the writer still lists but the authority dropped is removed from the
 //! writer again on the next check (a lost `RemoveVolumeCopy` is retried). A lost
 //! writer's copy is left alone: the fail-over moves the writer first.
+//!
+//! A copy on a node in maintenance (the spec's `maintenance=#true`, "drain live", or
+//! the operator's `cairn node maintenance --on`) is *leaving*: it is moved live by the
+//! same steps. It stays in the in-sync set and takes every write while its
+//! replacement catches up from the writer, so the volume never has fewer in-sync
+//! copies than before; only once the replacement joined the set under a new epoch is
+//! the leaving copy dropped (and deleted on its node, which still answers). A leaving
+//! *writer's* copy gets its replacement too, but is dropped only after the writer
+//! moved (the VM's live migration hands the writer over; nothing here does).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -90,26 +99,46 @@ pub enum Step {
     Wait(String),
 }
 
-/// The next step for a volume at `state` whose copies on `lost` nodes are lost, with
+/// The next step for a volume at `state` whose copies on `lost` nodes are lost and
+/// whose copies on `leaving` nodes (in maintenance: still live) are to be moved, with
 /// `wanted` copies in its layout and `size_bytes`; `domains` gives each node's
-/// failure domain, `candidates` the nodes a copy may go to. `None`: nothing is lost.
+/// failure domain, `candidates` the nodes a copy may go to. `None`: nothing is lost
+/// or leaving.
 pub fn next_step(
     state: &VolumeEpoch,
     lost: &BTreeSet<String>,
+    leaving: &BTreeSet<String>,
     wanted: usize,
     size_bytes: u64,
     domains: &BTreeMap<String, String>,
     candidates: &[Candidate],
 ) -> Option<Step> {
     let lost_here: Vec<&String> = state.copies.intersection(lost).collect();
-    let first = lost_here.first()?;
+    let leaving_here: Vec<&String> = state
+        .copies
+        .intersection(leaving)
+        .filter(|node| !lost.contains(*node))
+        .collect();
+    if lost_here.is_empty() && leaving_here.is_empty() {
+        return None;
+    }
     if lost_here.contains(&&state.writer) {
         return Some(Step::Wait(format!(
             "the writer's copy on node {} is lost: the writer moves first",
             state.writer
         )));
     }
-    let live: Vec<&String> = state.copies.difference(lost).collect();
+    // Lost copies go first, then leaving ones; the writer's copy never (it is
+    // dropped after the writer moved).
+    let droppable = lost_here
+        .iter()
+        .chain(leaving_here.iter())
+        .find(|node| ***node != state.writer);
+    let live: Vec<&String> = state
+        .copies
+        .iter()
+        .filter(|node| !lost.contains(*node) && !leaving.contains(*node))
+        .collect();
     let catching: Vec<&str> = live
         .iter()
         .filter(|node| !state.in_sync.contains(**node))
@@ -122,8 +151,18 @@ pub fn next_step(
         )));
     }
     if live.len() >= wanted {
-        return Some(Step::Drop {
-            node: (*first).clone(),
+        return Some(match droppable {
+            Some(node) => Step::Drop {
+                node: (**node).clone(),
+            },
+            None => Step::Wait(format!(
+                "the writer's copy on node {} is leaving (its node is in maintenance): {} in sync without it; it is dropped once the writer moved (the VM's live migration hands it over)",
+                state.writer,
+                live.iter()
+                    .map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
         });
     }
     let taken: BTreeSet<&str> = live
@@ -262,7 +301,7 @@ pub async fn tend(
                 .iter()
                 .filter(|node| !state.copies.contains(*node))
             {
-                events.push(remove_on_writer(shared, spec, &state, stale).await);
+                events.push(remove_on_writer(shared, spec, &state, stale, "dropped copy").await);
             }
         }
         let Some(layout) = placement
@@ -294,6 +333,7 @@ pub async fn tend(
         let Some(step) = next_step(
             &state,
             &lost,
+            &closed,
             wanted,
             layout.size_bytes,
             &domains,
@@ -305,8 +345,20 @@ pub async fn tend(
             Step::Wait(why) => Event::new("volume-copy", "waiting")
                 .object(format!("volume {}", state.volume))
                 .reason(why),
-            Step::Add { node } => add(shared, store, spec, &state, &node, &lost).await,
-            Step::Drop { node } => drop_lost(shared, store, spec, &state, &node).await,
+            Step::Add { node } => {
+                let why = replaced(&state, &lost, &closed);
+                add(shared, store, spec, &state, &node, &why).await
+            }
+            Step::Drop { node } => {
+                let why = if lost.contains(&node) {
+                    "its node failed long ago or left the spec, and enough copies are in sync without it".to_string()
+                } else {
+                    format!(
+                        "moved off node {node} (in maintenance): enough copies are in sync without it"
+                    )
+                };
+                drop_copy(shared, store, spec, &state, &node, &why).await
+            }
         };
         events.push(event);
     }
@@ -340,21 +392,46 @@ async fn call(
     }
 }
 
-/// A new copy on `node`: made by the writer, then the authority's.
+/// Why a volume gets a new copy: the copies it replaces, lost ones first, then those
+/// on nodes in maintenance (`leaving`).
+fn replaced(state: &VolumeEpoch, lost: &BTreeSet<String>, leaving: &BTreeSet<String>) -> String {
+    let names = |set: &BTreeSet<String>, skip: &BTreeSet<String>| -> Vec<String> {
+        state
+            .copies
+            .intersection(set)
+            .filter(|node| !skip.contains(*node))
+            .cloned()
+            .collect()
+    };
+    let lost_here = names(lost, &BTreeSet::new());
+    let leaving_here = names(leaving, lost);
+    let mut why = Vec::new();
+    if !lost_here.is_empty() {
+        why.push(format!(
+            "rebuild of the lost copy on {}",
+            lost_here.join(", ")
+        ));
+    }
+    if !leaving_here.is_empty() {
+        why.push(format!(
+            "live move of the copy on {} (in maintenance)",
+            leaving_here.join(", ")
+        ));
+    }
+    why.join("; ")
+}
+
+/// A new copy on `node`: made by the writer, then the authority's; `reason` says which
+/// copies it replaces.
 async fn add(
     shared: &Shared,
     store: &RedbStore,
     spec: &BTreeMap<String, DesiredNode>,
     state: &VolumeEpoch,
     node: &str,
-    lost: &BTreeSet<String>,
+    reason: &str,
 ) -> Event {
     let object = format!("volume {}", state.volume);
-    let lost_here: Vec<&str> = state
-        .copies
-        .intersection(lost)
-        .map(String::as_str)
-        .collect();
     let action = proto::v1::apply_request::Action::AddVolumeCopy(proto::v1::AddVolumeCopy {
         volume: state.volume.clone(),
         peer: Some(proto::v1::Peer {
@@ -375,38 +452,44 @@ async fn add(
                 state.writer
             ));
     }
-    let reason = format!("rebuild of the lost copy on {}", lost_here.join(", "));
     let changed = tokio::task::block_in_place(|| {
-        EpochAuthority::new(store).new_copy(&state.volume, state.epoch, node, &reason)
+        EpochAuthority::new(store).new_copy(&state.volume, state.epoch, node, reason)
     });
     match changed {
-        Ok(next) => Event::new("volume-copy", "rebuilding").object(object).reason(format!(
-            "epoch {}: new copy on {node} made by the writer {} ({reason}); it joins the in-sync set once it holds every allocated byte",
-            next.epoch, state.writer
-        )),
+        Ok(next) => {
+            // The new copy gets the epoch now, so the writer starts shipping at once
+            // (it ships nothing to a copy that lacks it); a refusal is retried by the
+            // next observation's `react`.
+            if let Err(event) = install_everywhere(shared, spec, &next).await {
+                shared.record(vec![event]);
+            }
+            Event::new("volume-copy", "rebuilding").object(object).reason(format!(
+                "epoch {}: new copy on {node} made by the writer {} ({reason}); it joins the in-sync set once it holds every allocated byte",
+                next.epoch, state.writer
+            ))
+        }
         Err(error) => Event::new("volume-copy", "not added")
             .object(object)
-            .reason(format!("the writer made the copy on {node}; the authority: {error}")),
+            .reason(format!(
+                "the writer made the copy on {node}; the authority: {error}"
+            )),
     }
 }
 
-/// The lost copy on `node` is forgotten: the authority, its epoch on the live copies
-/// (the writer last), then the writer.
-async fn drop_lost(
+/// The copy on `node` (lost, or moved off a node in maintenance) is forgotten: the
+/// authority (`why` journaled), its epoch on the remaining copies (the writer last),
+/// then the writer, which deletes it on its node if that answers.
+async fn drop_copy(
     shared: &Shared,
     store: &RedbStore,
     spec: &BTreeMap<String, DesiredNode>,
     state: &VolumeEpoch,
     node: &str,
+    why: &str,
 ) -> Event {
     let object = format!("volume {}", state.volume);
     let changed = tokio::task::block_in_place(|| {
-        EpochAuthority::new(store).drop_copy(
-            &state.volume,
-            state.epoch,
-            node,
-            "its node failed long ago or left the spec, and enough copies are in sync without it",
-        )
+        EpochAuthority::new(store).drop_copy(&state.volume, state.epoch, node, why)
     });
     let next = match changed {
         Ok(next) => next,
@@ -416,30 +499,54 @@ async fn drop_lost(
                 .reason(error.to_string());
         }
     };
+    if let Err(event) = install_everywhere(shared, spec, &next).await {
+        return event;
+    }
+    let what = if why.starts_with("moved off") {
+        "moved copy"
+    } else {
+        "lost copy"
+    };
+    remove_on_writer(shared, spec, &next, node, what).await
+}
+
+/// Installs `next` on every copy it names (the writer last), so the change takes
+/// effect now rather than at the next observation. A copy outside the in-sync set
+/// that does not take it (a lost node) is passed over; an in-sync one stops the
+/// install before the writer (whose writes it would refuse), and is the event.
+async fn install_everywhere(
+    shared: &Shared,
+    spec: &BTreeMap<String, DesiredNode>,
+    next: &VolumeEpoch,
+) -> Result<(), Event> {
     let mut order: Vec<&String> = next.copies.iter().collect();
     order.sort_by_key(|copy| **copy == next.writer);
     for copy in order {
         let install = Install {
             node: copy.clone(),
-            request_id: reconciler::epochs::request_id(&next, copy),
-            request: reconciler::epochs::install(&next),
+            request_id: reconciler::epochs::request_id(next, copy),
+            request: reconciler::epochs::install(next),
         };
         let action = proto::v1::apply_request::Action::SetVolumeEpoch(install.request);
-        if let Err(why) = call(shared, spec, copy, install.request_id, action, CALL_TIMEOUT).await {
-            return Event::new("volume-epoch", "not installed")
+        if let Err(why) = call(shared, spec, copy, install.request_id, action, CALL_TIMEOUT).await
+            && next.in_sync.contains(copy)
+        {
+            return Err(Event::new("volume-epoch", "not installed")
                 .object(format!("volume {} on node {copy}", next.volume))
-                .reason(why);
+                .reason(why));
         }
     }
-    remove_on_writer(shared, spec, &next, node).await
+    Ok(())
 }
 
-/// `RemoveVolumeCopy` of `node`'s copy on the writer.
+/// `RemoveVolumeCopy` of `node`'s copy on the writer; `what` names it in the event
+/// ("lost copy", "moved copy").
 async fn remove_on_writer(
     shared: &Shared,
     spec: &BTreeMap<String, DesiredNode>,
     state: &VolumeEpoch,
     node: &str,
+    what: &str,
 ) -> Event {
     let action = proto::v1::apply_request::Action::RemoveVolumeCopy(proto::v1::RemoveVolumeCopy {
         volume: state.volume.clone(),
@@ -451,7 +558,7 @@ async fn remove_on_writer(
         Ok(()) => Event::new("volume-copy", "dropped")
             .object(object)
             .reason(format!(
-                "epoch {}: the lost copy on {node} is forgotten (copies: {})",
+                "epoch {}: the {what} on {node} is forgotten (copies: {})",
                 state.epoch,
                 state.copies.iter().cloned().collect::<Vec<_>>().join(", ")
             )),
@@ -511,11 +618,13 @@ mod tests {
             candidate("f", "r5", 1 << 20),
         ];
         let lost = names(&["b"]);
+        let none = BTreeSet::new();
         // Nothing lost: nothing to do.
         assert_eq!(
             next_step(
                 &state(&["a", "c"], &["a", "c"]),
                 &lost,
+                &none,
                 2,
                 1 << 30,
                 &domains,
@@ -527,30 +636,110 @@ mod tests {
         // f (too small): on d.
         let lost_b = state(&["a", "b"], &["a"]);
         assert_eq!(
-            next_step(&lost_b, &lost, 2, 1 << 30, &domains, &candidates),
+            next_step(&lost_b, &lost, &none, 2, 1 << 30, &domains, &candidates),
             Some(Step::Add { node: "d".into() })
         );
         // While d catches up, nothing else.
         let catching = state(&["a", "b", "d"], &["a"]);
         assert!(matches!(
-            next_step(&catching, &lost, 2, 1 << 30, &domains, &candidates),
+            next_step(&catching, &lost, &none, 2, 1 << 30, &domains, &candidates),
             Some(Step::Wait(why)) if why.contains("on d is catching up")
         ));
         // d in sync: b is dropped.
         let rebuilt = state(&["a", "b", "d"], &["a", "d"]);
         assert_eq!(
-            next_step(&rebuilt, &lost, 2, 1 << 30, &domains, &candidates),
+            next_step(&rebuilt, &lost, &none, 2, 1 << 30, &domains, &candidates),
             Some(Step::Drop { node: "b".into() })
         );
         // No room anywhere allowed: waits, saying why.
         assert!(matches!(
-            next_step(&lost_b, &lost, 2, 1 << 40, &domains, &candidates),
+            next_step(&lost_b, &lost, &none, 2, 1 << 40, &domains, &candidates),
             Some(Step::Wait(why)) if why.contains("no node the pool allows")
         ));
         // The writer's own copy lost: the writer moves first.
         assert!(matches!(
-            next_step(&lost_b, &names(&["a"]), 2, 1 << 30, &domains, &candidates),
+            next_step(&lost_b, &names(&["a"]), &none, 2, 1 << 30, &domains, &candidates),
             Some(Step::Wait(why)) if why.contains("the writer moves first")
         ));
+    }
+
+    #[test]
+    fn a_copy_on_a_node_in_maintenance_is_moved_live_and_dropped_only_once_its_replacement_is_in_sync()
+     {
+        let domains: BTreeMap<String, String> = [("a", "a"), ("b", "b"), ("c", "c"), ("d", "d")]
+            .iter()
+            .map(|(n, d)| (n.to_string(), d.to_string()))
+            .collect();
+        let candidates = vec![candidate("c", "c", 1 << 40), candidate("d", "d", 1 << 30)];
+        let none = BTreeSet::new();
+        let leaving = names(&["b"]);
+        // b is in maintenance, its copy in sync and live: a new copy goes to c (the
+        // most room) while b keeps taking writes.
+        let before = state(&["a", "b"], &["a", "b"]);
+        assert_eq!(
+            next_step(&before, &none, &leaving, 2, 1 << 30, &domains, &candidates),
+            Some(Step::Add { node: "c".into() })
+        );
+        // b is never dropped while c catches up.
+        let catching = state(&["a", "b", "c"], &["a", "b"]);
+        assert!(matches!(
+            next_step(&catching, &none, &leaving, 2, 1 << 30, &domains, &candidates),
+            Some(Step::Wait(why)) if why.contains("on c is catching up")
+        ));
+        // c in sync: b is dropped (though it is in sync itself).
+        let moved = state(&["a", "b", "c"], &["a", "b", "c"]);
+        assert_eq!(
+            next_step(&moved, &none, &leaving, 2, 1 << 30, &domains, &candidates),
+            Some(Step::Drop { node: "b".into() })
+        );
+        // Out of maintenance before the end: nothing more moves (three copies stay).
+        assert_eq!(
+            next_step(&moved, &none, &none, 2, 1 << 30, &domains, &candidates),
+            None
+        );
+        // A lost copy is dropped before a leaving one.
+        assert_eq!(
+            next_step(
+                &state(&["a", "b", "c", "d"], &["a", "b", "c", "d"]),
+                &names(&["d"]),
+                &leaving,
+                2,
+                1 << 30,
+                &domains,
+                &candidates
+            ),
+            Some(Step::Drop { node: "d".into() })
+        );
+        // The writer's node in maintenance: its replacement is made, but the writer's
+        // copy stays until the writer moved.
+        let writer_leaving = names(&["a"]);
+        let only = state(&["a", "b"], &["a", "b"]);
+        assert_eq!(
+            next_step(
+                &only,
+                &none,
+                &writer_leaving,
+                2,
+                1 << 30,
+                &domains,
+                &candidates
+            ),
+            Some(Step::Add { node: "c".into() })
+        );
+        let replaced = state(&["a", "b", "c"], &["a", "b", "c"]);
+        assert!(matches!(
+            next_step(&replaced, &none, &writer_leaving, 2, 1 << 30, &domains, &candidates),
+            Some(Step::Wait(why)) if why.contains("dropped once the writer moved")
+        ));
+        // A leaving copy is replaced in another failure domain than the live ones.
+        let racks: BTreeMap<String, String> = [("a", "r1"), ("b", "r2"), ("c", "r1"), ("d", "r3")]
+            .iter()
+            .map(|(n, d)| (n.to_string(), d.to_string()))
+            .collect();
+        let in_racks = vec![candidate("c", "r1", 1 << 40), candidate("d", "r3", 1 << 30)];
+        assert_eq!(
+            next_step(&before, &none, &leaving, 2, 1 << 30, &racks, &in_racks),
+            Some(Step::Add { node: "d".into() })
+        );
     }
 }
