@@ -120,6 +120,34 @@ impl WitnessClient {
         false
     }
 
+    /// Signs `message` for `method` and sends it with `send`; asks for the witness's
+    /// identity again once when it refuses the one learned.
+    async fn call<M, F, Fut>(
+        &self,
+        method: &str,
+        message: M,
+        send: F,
+    ) -> Result<v1::WitnessGrant, tonic::Status>
+    where
+        M: prost::Message + Clone,
+        F: Fn(Raw<Channel>, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<v1::WitnessGrant>, tonic::Status>>,
+    {
+        let mut attempt = 0;
+        loop {
+            let target = self.target().await?;
+            let request = self
+                .signer
+                .sign(method, &target, message.clone())
+                .map_err(|e| tonic::Status::internal(e.to_string()))?;
+            match send(Raw::new(self.channel.clone()), request).await {
+                Ok(answer) => return Ok(answer.into_inner()),
+                Err(status) if attempt == 0 && self.forget_after(&status) => attempt += 1,
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
     /// `Witness.Claim` of `key` for `claimant` (the signer's trusted name), for
     /// `lease_ms`. A refusal to grant is an answer (`granted` false, with the holder),
     /// not an error.
@@ -134,19 +162,12 @@ impl WitnessClient {
             claimant: claimant.to_owned(),
             lease_ms,
         };
-        for attempt in 0..2 {
-            let target = self.target().await?;
-            let request = self
-                .signer
-                .sign(methods::WITNESS_CLAIM, &target, message.clone())
-                .map_err(|e| tonic::Status::internal(e.to_string()))?;
-            match Raw::new(self.channel.clone()).claim(request).await {
-                Ok(answer) => return Ok(answer.into_inner()),
-                Err(status) if attempt == 0 && self.forget_after(&status) => continue,
-                Err(status) => return Err(status),
-            }
-        }
-        unreachable!("the loop returns on its second attempt")
+        self.call(
+            methods::WITNESS_CLAIM,
+            message,
+            |mut raw, request| async move { raw.claim(request).await },
+        )
+        .await
     }
 
     /// `Witness.Query` of `key`.
@@ -154,18 +175,11 @@ impl WitnessClient {
         let message = v1::WitnessQuery {
             key: key.to_owned(),
         };
-        for attempt in 0..2 {
-            let target = self.target().await?;
-            let request = self
-                .signer
-                .sign(methods::WITNESS_QUERY, &target, message.clone())
-                .map_err(|e| tonic::Status::internal(e.to_string()))?;
-            match Raw::new(self.channel.clone()).query(request).await {
-                Ok(answer) => return Ok(answer.into_inner()),
-                Err(status) if attempt == 0 && self.forget_after(&status) => continue,
-                Err(status) => return Err(status),
-            }
-        }
-        unreachable!("the loop returns on its second attempt")
+        self.call(
+            methods::WITNESS_QUERY,
+            message,
+            |mut raw, request| async move { raw.query(request).await },
+        )
+        .await
     }
 }

@@ -796,6 +796,11 @@ pub(crate) fn cut_off(address: &str, cut: bool) {
     } else {
         format!("delete table inet {table}\n")
     };
+    nft(&rules);
+}
+
+/// Loads `rules` with `nft -f -`.
+pub(crate) fn nft(rules: &str) {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())

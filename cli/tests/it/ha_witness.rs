@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::TempDir;
 use crate::ha::{alive, vmm_pid};
 use crate::ha_faults::{
-    Faults, Heartbeats, address_of, cut_off, death_of, edit_spec, needs, vmm_exit_code,
+    Faults, Heartbeats, address_of, cut_off, death_of, edit_spec, needs, nft, vmm_exit_code,
 };
 
 /// The site's witness, inside the test's namespace.
@@ -62,22 +62,6 @@ fn cut_except(address: &str, except: &str, cut: bool) {
     nft(&rules);
 }
 
-fn nft(rules: &str) {
-    use std::io::Write as _;
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("nft runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(rules.as_bytes())
-        .expect("write the rules");
-    assert!(child.wait().is_ok_and(|s| s.success()), "nft -f: {rules}");
-}
-
 fn lease_of(status: &Value, node: &str) -> Value {
     status["controller"]["leases"]
         .as_array()
@@ -104,17 +88,41 @@ fn up(tag: &str) -> Option<Faults> {
     Faults::up_with(tag, with_witness)
 }
 
+/// web-0 in a fresh cluster: where it runs, that node's address, the heartbeat
+/// collector, its VM directory there and its VMM's pid.
+struct Watched {
+    node: String,
+    address: String,
+    beats: Heartbeats,
+    dir: std::path::PathBuf,
+    pid: u32,
+}
+
+fn watch_web_0(f: &Faults) -> Watched {
+    let node = f.node_of("web-0", &f.ha.status()).expect("web-0 runs");
+    let dir = f.vm_dir_on(&node, "web-0");
+    Watched {
+        address: address_of(&node),
+        beats: Heartbeats::watch(f.dev(), "web-0"),
+        pid: vmm_pid(&dir).expect("web-0's VMM"),
+        dir,
+        node,
+    }
+}
+
 #[test]
 fn a_node_cut_off_but_reaching_the_witness_keeps_its_ha_vm_and_only_one_side_ever_runs_it() {
     let Some(f) = up("wit-hold") else {
         return;
     };
     let vm = "web-0";
-    let node = f.node_of(vm, &f.ha.status()).expect("web-0 runs");
-    let address = address_of(&node);
-    let beats = Heartbeats::watch(f.dev(), vm);
-    let dir = f.vm_dir_on(&node, vm);
-    let pid = vmm_pid(&dir).expect("web-0's VMM");
+    let Watched {
+        node,
+        address,
+        beats,
+        dir,
+        pid,
+    } = watch_web_0(&f);
 
     // Cut from the controller and both peers; the witness is still reached by the
     // node and by the controller.
@@ -184,11 +192,13 @@ fn with_the_witness_out_of_reach_of_both_sides_the_node_fences_and_nothing_resta
         return;
     };
     let vm = "web-0";
-    let node = f.node_of(vm, &f.ha.status()).expect("web-0 runs");
-    let address = address_of(&node);
-    let beats = Heartbeats::watch(f.dev(), vm);
-    let dir = f.vm_dir_on(&node, vm);
-    let pid = vmm_pid(&dir).expect("web-0's VMM");
+    let Watched {
+        node,
+        address,
+        beats,
+        dir,
+        pid,
+    } = watch_web_0(&f);
 
     cut_off(WITNESS, true);
     cut_off(&address, true);

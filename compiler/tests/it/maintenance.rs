@@ -43,7 +43,7 @@ fn site(maintenance: Option<&str>, ha_reserve: bool) -> String {
     s
 }
 
-fn compiled(files: Vec<(String, String)>) -> (Model, Vec<String>) {
+pub(crate) fn compiled(files: Vec<(String, String)>) -> (Model, Vec<String>) {
     let sources = Sources::from_files(files);
     let c = compile(&sources);
     let errors = c

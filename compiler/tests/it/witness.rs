@@ -2,8 +2,6 @@
 //! preferred and the alternate address reach the model; a bad or repeated address is
 //! an error naming the file and line.
 
-use compiler::{Sources, compile};
-
 fn site(witness: &str) -> String {
     format!(
         "node-class \"n\" {{\n    cpu 4\n    memory \"16GiB\"\n}}\nsite \"s\" {{\n    {witness}\n    rack \"a\" {{\n        node \"a1\" class=\"n\" address=\"127.0.0.1:1\"\n    }}\n}}\n"
@@ -11,15 +9,7 @@ fn site(witness: &str) -> String {
 }
 
 fn compiled(text: &str) -> (compiler::Model, Vec<String>) {
-    let sources = Sources::from_files(vec![("a.kdl".to_owned(), text.to_owned())]);
-    let c = compile(&sources);
-    let errors = c
-        .diagnostics
-        .iter()
-        .filter(|d| d.is_error())
-        .map(|d| compiler::diag::render(&sources, d))
-        .collect();
-    (c.model, errors)
+    crate::maintenance::compiled(vec![("a.kdl".to_owned(), text.to_owned())])
 }
 
 #[test]
