@@ -12,9 +12,20 @@
 //! virtual size, a raw file's length), before anything is sent; a file that cannot be
 //! read or is not what its `format` says refuses the plan, naming the file and where
 //! the spec names it. The node checks it again with `qemu-img info` before it writes.
+//!
+//! A base holds one *version* of the file: its content's SHA-256 ([`file_version`]) is
+//! part of the base's name. When the file changes, the next plan names a new base, which
+//! is imported beside the old one: disks made before keep the blocks of the version
+//! they were cloned from (their layer chain holds them, whatever becomes of the old
+//! base), and new `from-image` disks are clones of the new version. The hash is
+//! computed once per file state: it is remembered by device, inode, size and
+//! modification time, so a plan reads the file again only when one of those moved, and
+//! a file touched without a change in its bytes (a fresh checkout) keeps its base.
 
+use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -41,6 +52,10 @@ pub struct ImageBase {
     /// The base's size: the file's virtual size rounded up to 4 KiB; `Err` says why
     /// the file cannot be imported.
     pub size: Result<u64, String>,
+    /// The file's version this base holds: the SHA-256 of its bytes, hex (empty when
+    /// the file cannot be read).
+    #[serde(default)]
+    pub version: String,
 }
 
 impl ImageBase {
@@ -55,11 +70,18 @@ impl ImageBase {
 }
 
 /// The base volume of `image` whose copies live on `primary` and `replicas` (in that
-/// order: the clone's primary is the base's primary), for the file `path`: a DNS label
-/// of at most 63 characters, `image-NAME-HASH`.
-pub fn base_name(image: &str, path: &str, primary: &str, replicas: &[String]) -> String {
+/// order: the clone's primary is the base's primary), for the file `path` at `version`
+/// (its content's hash, [`file_version`]): a DNS label of at most 63 characters,
+/// `image-NAME-HASH`.
+pub fn base_name(
+    image: &str,
+    path: &str,
+    version: &str,
+    primary: &str,
+    replicas: &[String],
+) -> String {
     let mut hasher = Sha256::new();
-    for part in [path, primary]
+    for part in [path, version, primary]
         .into_iter()
         .chain(replicas.iter().map(String::as_str))
     {
@@ -91,7 +113,7 @@ pub fn is_base(volume: &str) -> bool {
 
 /// The sanitized image part of a base's name (`image-NAME`), without the hash.
 fn image_part(image: &str) -> String {
-    let probe = base_name(image, "", "", &[]);
+    let probe = base_name(image, "", "", "", &[]);
     probe
         .rsplit_once('-')
         .map(|(head, _)| head.to_owned())
@@ -125,14 +147,80 @@ pub fn desired_base(
     let disk = image.disk.as_ref()?;
     let path = spec_root.join(&disk.path).display().to_string();
     let format = disk.format.as_str().to_owned();
+    let (size, version) = match inspect(Path::new(&path), &format)
+        .and_then(|size| Ok((round_up(size), file_version(Path::new(&path))?)))
+    {
+        Ok((size, version)) => (Ok(size), version),
+        Err(why) => (Err(why), String::new()),
+    };
     Some(ImageBase {
-        name: base_name(&image.name, &path, &vp.primary, &vp.replicas),
+        name: base_name(&image.name, &path, &version, &vp.primary, &vp.replicas),
         image: image.name.clone(),
-        size: inspect(Path::new(&path), &format).map(round_up),
+        size,
+        version,
         path,
         format,
         at: disk.at.clone(),
     })
+}
+
+/// What a file's hash is remembered by: device, inode, size, modification time (ns).
+type FileState = (u64, u64, u64, i64, i64);
+
+/// Hashes computed so far, by path and [`FileState`].
+static VERSIONS: Mutex<Option<HashMap<PathBuf, (FileState, String)>>> = Mutex::new(None);
+
+/// The version of the disk file `path`: the SHA-256 of its bytes, hex. Computed again
+/// only when the file's device, inode, size or modification time moved since the last
+/// call in this process; a file that changes while it is read (its state differs
+/// before and after) is read again, up to three times.
+pub fn file_version(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let state = |meta: &std::fs::Metadata| -> FileState {
+        (
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            meta.mtime(),
+            meta.mtime_nsec(),
+        )
+    };
+    let unreadable = |e: std::io::Error| format!("it cannot be read: {e}");
+    let before = state(&std::fs::metadata(path).map_err(unreadable)?);
+    if let Some((seen, hash)) = VERSIONS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(path))
+        && *seen == before
+    {
+        return Ok(hash.clone());
+    }
+    let mut before = before;
+    for _ in 0..3 {
+        let mut file = std::fs::File::open(path).map_err(unreadable)?;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buffer).map_err(unreadable)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+        let after = state(&file.metadata().map_err(unreadable)?);
+        if after == before {
+            let hash = proto::auth::to_hex(&hasher.finalize());
+            VERSIONS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert_with(HashMap::new)
+                .insert(path.to_owned(), (after, hash.clone()));
+            return Ok(hash);
+        }
+        before = after;
+    }
+    Err("it kept changing while it was read (three tries): import it once it is written".to_owned())
 }
 
 const QCOW2_MAGIC: [u8; 4] = [b'Q', b'F', b'I', 0xfb];
@@ -196,13 +284,27 @@ mod tests {
     #[test]
     fn base_names_are_dns_labels_per_image_file_and_copies() {
         let r = vec!["lab-2".to_owned()];
-        let a = base_name("Debian_12", "/s/images/d.qcow2", "lab-1", &r);
+        let a = base_name("Debian_12", "/s/images/d.qcow2", "v1", "lab-1", &r);
         assert!(a.starts_with("image-debian-12-"), "{a}");
         assert!(a.len() <= 63);
-        assert_eq!(a, base_name("Debian_12", "/s/images/d.qcow2", "lab-1", &r));
-        assert_ne!(a, base_name("Debian_12", "/s/images/d.qcow2", "lab-2", &r));
-        assert_ne!(a, base_name("Debian_12", "/s/images/e.qcow2", "lab-1", &r));
-        let long = base_name(&"x".repeat(80), "/p", "n", &[]);
+        assert_eq!(
+            a,
+            base_name("Debian_12", "/s/images/d.qcow2", "v1", "lab-1", &r)
+        );
+        assert_ne!(
+            a,
+            base_name("Debian_12", "/s/images/d.qcow2", "v1", "lab-2", &r)
+        );
+        assert_ne!(
+            a,
+            base_name("Debian_12", "/s/images/e.qcow2", "v1", "lab-1", &r)
+        );
+        // Another version of the file: another base.
+        assert_ne!(
+            a,
+            base_name("Debian_12", "/s/images/d.qcow2", "v2", "lab-1", &r)
+        );
+        let long = base_name(&"x".repeat(80), "/p", "", "n", &[]);
         assert!(long.len() <= 63, "{long}");
         assert!(is_base(&long) && !is_base("db-data"));
         assert_eq!(base_image(&a), Some("image-debian-12"));
@@ -244,6 +346,34 @@ mod tests {
         assert!(inspect(&r, "raw").unwrap_err().contains("empty"));
         assert_eq!(round_up(1), 4096);
         assert_eq!(round_up(8192), 8192);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_files_version_is_its_content_hash_and_follows_every_change() {
+        let dir = std::env::temp_dir().join(format!("cairn-versions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("d.raw");
+        std::fs::write(&f, vec![1u8; 8192]).unwrap();
+        let one = file_version(&f).unwrap();
+        assert_eq!(one.len(), 64);
+        assert_eq!(file_version(&f).unwrap(), one, "remembered");
+        // Same size, other bytes: another version (the modification time moved).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, vec![2u8; 8192]).unwrap();
+        let two = file_version(&f).unwrap();
+        assert_ne!(two, one);
+        // The same bytes written again (a fresh checkout): the same version.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&f, vec![2u8; 8192]).unwrap();
+        assert_eq!(file_version(&f).unwrap(), two);
+        // Replaced by another file (another inode) of the first bytes.
+        let g = dir.join("g.raw");
+        std::fs::write(&g, vec![1u8; 8192]).unwrap();
+        std::fs::rename(&g, &f).unwrap();
+        assert_eq!(file_version(&f).unwrap(), one);
+        let e = file_version(&dir.join("missing")).unwrap_err();
+        assert!(e.contains("cannot be read"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,7 +4,9 @@
 //! reads back through its NBD export exactly the image's bytes; a second VM whose disk
 //! lands on the same nodes is cloned from the same base without a second import. A
 //! missing file, a file that is not qcow2 and a qcow2 file qemu-img cannot read are
-//! refused, naming the spec file and line.
+//! refused, naming the spec file and line. A file touched without a change imports
+//! nothing; a changed file is imported again as a new base version, which new disks
+//! are cloned from while the existing ones keep their bytes.
 
 use std::path::Path;
 use std::process::Command;
@@ -73,6 +75,18 @@ fn actions(plan: &serde_json::Value) -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+/// The disk bytes of the qcow2 file `qcow2` (converted to raw at `out`).
+fn raw_bytes(qcow2: &Path, out: &Path) -> Vec<u8> {
+    run(
+        "qemu-img convert to raw",
+        Command::new("qemu-img")
+            .args(["convert", "-f", "qcow2", "-O", "raw"])
+            .arg(qcow2)
+            .arg(out),
+    );
+    std::fs::read(out).expect("read the raw bytes")
 }
 
 /// The bytes of `vm`'s `root` disk, read through `cairn volume export` with qemu-img.
@@ -159,15 +173,7 @@ fn a_from_image_disk_is_a_clone_of_the_image_imported_once_and_bad_files_name_th
             .args(["-c", "write -q -P 0x17 8128k 64k"])
             .arg(&seed),
     );
-    let expected_raw = dir.join("expected.raw");
-    run(
-        "qemu-img convert to raw",
-        Command::new("qemu-img")
-            .args(["convert", "-f", "qcow2", "-O", "raw"])
-            .arg(&seed)
-            .arg(&expected_raw),
-    );
-    let expected = std::fs::read(&expected_raw).expect("read expected");
+    let expected = raw_bytes(&seed, &dir.join("expected.raw"));
     assert_eq!(expected.len(), 8 << 20);
 
     let plan = plan_json(&cluster);
@@ -179,8 +185,10 @@ fn a_from_image_disk_is_a_clone_of_the_image_imported_once_and_bad_files_name_th
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| panic!("an import step: {steps:?}"));
     assert!(base.starts_with("image-seed-"), "{base}");
-    // The base was created by the failed apply: it is imported again, not made again.
+    // The failed apply created the broken file's base; the file changed since, so this
+    // version gets a base of its own.
     for want in [
+        ("create_volume", base.as_str()),
         ("snapshot_volume", base.as_str()),
         ("clone_volume", "sa-root"),
         ("resize_volume", "sa-root"),
@@ -192,10 +200,6 @@ fn a_from_image_disk_is_a_clone_of_the_image_imported_once_and_bad_files_name_th
         );
     }
     let started = std::time::Instant::now();
-    assert!(
-        !steps.iter().any(|(a, _)| a == "create_volume"),
-        "{steps:?}"
-    );
     let apply = cluster.cairn(&["apply", ".", "--auto-approve"]);
     assert_eq!(apply.code, 0, "{apply:?}");
     eprintln!(
@@ -254,6 +258,77 @@ fn a_from_image_disk_is_a_clone_of_the_image_imported_once_and_bad_files_name_th
         .find(|v| v["name"] == base.as_str())
         .unwrap_or_else(|| panic!("{base} in {volumes:?}"));
     assert_eq!(row["drift"], "none", "{row}");
+    let again = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(again.code, 0, "converged: {again:?}");
+
+    // Touched, same bytes (a fresh checkout): nothing to import.
+    let bytes_now = std::fs::read(&seed).expect("read seed");
+    std::fs::write(&seed, &bytes_now).expect("rewrite seed");
+    let again = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
+    assert_eq!(
+        again.code, 0,
+        "a touched file is the same version: {again:?}"
+    );
+
+    // The file changes: a new VM's disk is a clone of a new base holding the new
+    // version; sa and sb keep the bytes they were cloned from.
+    run(
+        "qemu-io write",
+        Command::new("qemu-io")
+            .args(["-f", "qcow2"])
+            .args(["-c", "write -q -P 0x99 2M 256k"])
+            .arg(&seed),
+    );
+    let expected_new = raw_bytes(&seed, &dir.join("expected-new.raw"));
+    assert_ne!(expected_new, expected);
+    std::fs::write(&spec, workloads(&["sa", "sb", "sc"], "images/seed.qcow2")).expect("write spec");
+    let plan = plan_json(&cluster);
+    let steps = actions(&plan);
+    eprintln!("plan for sc after the file changed: {steps:?}");
+    let new_base = steps
+        .iter()
+        .find(|(a, _)| a == "import_image")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("the new version imported: {steps:?}"));
+    assert_ne!(new_base, base);
+    assert!(
+        plan["steps"]
+            .as_array()
+            .expect("steps")
+            .iter()
+            .any(|s| s["action"] == "clone_volume"
+                && s["volume"] == new_base.as_str()
+                && s["name"] == "sc-root"),
+        "sc-root cloned from {new_base}: {plan:#}"
+    );
+    for vm in ["sa-root", "sb-root"] {
+        assert!(
+            !steps.iter().any(|(_, n)| n == vm),
+            "{vm} untouched: {steps:?}"
+        );
+    }
+    let text = cluster.cairn(&["plan", "."]);
+    let changed = text
+        .stdout
+        .lines()
+        .find(|l| l.contains("the disk file changed since"))
+        .unwrap_or_else(|| panic!("the plan says the file changed: {}", text.stdout));
+    // The base sa and sb were cloned from, and the broken file's (another version).
+    assert!(changed.contains(&base), "{changed}");
+    let apply = cluster.cairn(&["apply", ".", "--auto-approve"]);
+    assert_eq!(apply.code, 0, "{apply:?}");
+    let sc = disk_bytes(&cluster, "sc", &dir.join("sc.raw"));
+    assert!(
+        sc[..8 << 20] == expected_new[..],
+        "sc-root holds the new version"
+    );
+    for vm in ["sa", "sb"] {
+        let old = disk_bytes(&cluster, vm, &dir.join(format!("{vm}.raw")));
+        assert!(
+            old[..8 << 20] == expected[..],
+            "{vm}-root keeps the version it was cloned from"
+        );
+    }
     let again = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
     assert_eq!(again.code, 0, "converged: {again:?}");
 }

@@ -1,5 +1,7 @@
-//! `from-image` disks (issue 15 item 5): the image's disk file imported once into a
-//! base volume where the disk's copies go, snapshotted, and cloned copy on write.
+//! `from-image` disks (issue 15 item 5): the image's disk file imported once per
+//! version (its content hash, `images::file_version`) into a base volume where the
+//! disk's copies go, snapshotted, and cloned copy on write. A changed file gets a new
+//! base beside the old one; existing disks keep the version they were cloned from.
 //!
 //! Steps for a new `from-image` disk whose base is not there yet, all on the disk's
 //! primary node: `create_volume` (the base: the file's virtual size, the disk's pool
@@ -41,6 +43,34 @@ fn observed_base(b: &Builder<'_>, node: &str, base: &str) -> Option<bool> {
             .filter(|o| o.role != VolumeRole::Replica)
             .map(|o| o.snapshots.iter().any(|s| s == BASE_SNAPSHOT)),
         _ => None,
+    }
+}
+
+/// Bases of `base`'s image on `v`'s primary node that hold another version of the
+/// file (or another file): the current version with their copies would have another
+/// name.
+fn older_bases(b: &Builder<'_>, v: &DesiredVolume, base: &ImageBase) -> Vec<String> {
+    let Some(image) = crate::images::base_image(&base.name) else {
+        return vec![];
+    };
+    match b.observed.nodes.get(&v.node) {
+        Some(NodeObservation::Reachable { volumes, .. }) => volumes
+            .values()
+            .filter(|o| o.role != VolumeRole::Replica && o.name != base.name)
+            .filter(|o| crate::images::base_image(&o.name) == Some(image))
+            .filter(|o| {
+                let now = crate::images::base_name(
+                    &base.image,
+                    &base.path,
+                    &base.version,
+                    &v.node,
+                    &o.replica_peers,
+                );
+                now != o.name
+            })
+            .map(|o| o.name.clone())
+            .collect(),
+        _ => vec![],
     }
 }
 
@@ -92,12 +122,20 @@ fn ready_base(
             );
             steps.push(snapshot);
             let mut details = vec![format!(
-                "image `{}`: {} ({}, {}) imported with qemu-img, snapshot `{BASE_SNAPSHOT}`",
+                "image `{}`: {} ({}, {}, sha256 {}) imported with qemu-img, snapshot `{BASE_SNAPSHOT}`",
                 base.image,
                 base.file_text(),
                 base.format,
-                human(size)
+                human(size),
+                base.version.get(..12).unwrap_or(&base.version)
             )];
+            let older = older_bases(b, v, base);
+            if seen.is_none() && !older.is_empty() {
+                details.push(format!(
+                    "the disk file changed since {} was imported: disks cloned before keep that version, new ones start from this one",
+                    older.join(", ")
+                ));
+            }
             if !v.replicas.is_empty() {
                 details.push(format!("replica on {}", v.replicas.join(", ")));
             }
