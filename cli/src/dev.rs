@@ -43,9 +43,11 @@ use crate::ctx::Ctx;
 use reconciler::desired::DesiredNode;
 use reconciler::nodes::connect;
 
-/// Where the node binaries are.
+/// Where the node binaries are: `CAIRN_NODE_BIN` for `cairn-node` (`CAIRN_VMM_BIN` for
+/// `cairn-vmm`), else beside `cairn`, else on PATH.
 pub(crate) fn find_binary(name: &str) -> Option<PathBuf> {
-    let env = format!("CAIRN_{}_BIN", name.replace('-', "_").to_uppercase());
+    let short = name.strip_prefix("cairn-").unwrap_or(name);
+    let env = format!("CAIRN_{}_BIN", short.replace('-', "_").to_uppercase());
     if let Some(p) = std::env::var_os(env) {
         return Some(PathBuf::from(p));
     }

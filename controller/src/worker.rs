@@ -133,6 +133,8 @@ struct Worker {
     crash_moves: BTreeMap<String, String>,
     /// When the first crash-looping VM's backoff runs out: a drift check then.
     crash_retry: Option<Instant>,
+    /// Spot VMs their node preempted: placed again where there is room.
+    preemptions: crate::preemption::Preemptions,
     reachable: BTreeMap<String, bool>,
     last_drift: Option<Vec<String>>,
     held_reported: Option<String>,
@@ -156,6 +158,7 @@ pub(crate) async fn run(
         crash: BTreeMap::new(),
         crash_moves: BTreeMap::new(),
         crash_retry: None,
+        preemptions: Default::default(),
         reachable: BTreeMap::new(),
         last_drift: None,
         held_reported: None,
@@ -1228,6 +1231,8 @@ impl Worker {
         self.note_observation(&observed);
         let applied_reconcile = crate::gate::Limits::applied(&good.commit, &good.model).reconcile;
         let masked = self.mask_crash_loops(&observed, &good.model, &applied_reconcile);
+        let mut preempt_events = vec![];
+        let preempted = self.preemptions.observe(&observed, &mut preempt_events);
         let (stored, protected) = match (store.placement(), store.protected_volumes()) {
             (Ok(p), Ok(v)) => (p, v),
             (Err(e), _) | (_, Err(e)) => return fail(&self.shared, e.to_string()),
@@ -1276,9 +1281,15 @@ impl Worker {
                     crash_moves: self.crash_moves.clone(),
                     disk_writers: tended.disk_writers.clone(),
                     maintenance: self.shared.maintenance.nodes(),
+                    preempted: preempted.clone(),
                 },
             )
         });
+        self.preemptions
+            .planned(&preempted, &planned.desired, &mut preempt_events);
+        if !preempt_events.is_empty() {
+            self.shared.record(preempt_events);
+        }
         let plan = &planned.plan;
         if plan.is_empty() {
             if interrupted.is_some()

@@ -61,6 +61,10 @@ pub struct ObservedVm {
     /// same definition repairs them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cgroup_drift: Vec<String>,
+    /// Why its node stopped it under memory pressure (`preempted: …`, the node's
+    /// last exit) while it stays stopped; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub preempted: String,
 }
 
 fn is_zero_u32(n: &u32) -> bool {
@@ -707,6 +711,13 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                     sla: v.sla,
                     priority: v.priority,
                     cgroup_drift: v.cgroup.map(|c| c.drift).unwrap_or_default(),
+                    preempted: if v.state == proto::v1::VmState::Stopped as i32
+                        && v.last_exit.starts_with("preempted: ")
+                    {
+                        v.last_exit.clone()
+                    } else {
+                        String::new()
+                    },
                 },
             )
         })

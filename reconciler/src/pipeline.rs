@@ -226,6 +226,7 @@ pub fn plan_against_with(
         )
     };
     move_off(model, &mut placement, &options.crash_moves);
+    move_preempted(model, &mut placement, &options.preempted);
     keep_off(model, previous, &mut placement, options);
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
@@ -296,6 +297,89 @@ pub fn move_off(
             reason: format!("crash-looping on {node}: restarted elsewhere"),
         });
         moved.push(vm.clone());
+    }
+    moved
+}
+
+/// Re-places the spot VMs their node stopped under memory pressure (`preempted`: VM →
+/// that node): a diskless one goes where the placement without that node puts it
+/// (the move says why); one with disks (its data is on that node), or one no other
+/// node has room for, is unplaced with constraint `runtime-preempted`, so the plan
+/// leaves it stopped where it is and status says why. Nothing else moves. Returns
+/// the VMs moved.
+pub fn move_preempted(
+    model: &compiler::Model,
+    placement: &mut Placement,
+    preempted: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut moved = vec![];
+    for (vm, node) in preempted {
+        let Some(at) = placement
+            .vms
+            .iter()
+            .position(|v| v.name == *vm && v.node == *node)
+        else {
+            continue;
+        };
+        let diskless = model.vm(vm).is_some_and(|m| m.disks.is_empty());
+        let elsewhere = diskless
+            .then(|| {
+                let without = compiler::place::place(
+                    model,
+                    &compiler::place::PlaceOptions {
+                        previous: Some(placement.clone()),
+                        failed: compiler::place::FailureSet::of_nodes([node.clone()]),
+                    },
+                    None,
+                );
+                without
+                    .vms
+                    .iter()
+                    .find(|v| v.name == *vm && v.node != *node)
+                    .cloned()
+            })
+            .flatten();
+        placement.moves.retain(|m| m.vm != *vm);
+        match elsewhere {
+            Some(fits) => {
+                placement.moves.push(compiler::place::Move {
+                    vm: vm.clone(),
+                    from: node.clone(),
+                    to: fits.node.clone(),
+                    reason: format!(
+                        "preempted on {node} (memory pressure): placed where there is room"
+                    ),
+                });
+                placement.vms[at] = fits;
+                moved.push(vm.clone());
+            }
+            None => {
+                let was = placement.vms.remove(at);
+                let message = if diskless {
+                    format!(
+                        "preempted on {node} (memory pressure), and no other node of its site has room for it: it waits, stopped"
+                    )
+                } else {
+                    format!(
+                        "preempted on {node} (memory pressure); its disks are there, so it waits there, stopped, for the node to have room"
+                    )
+                };
+                placement.unplaced.retain(|u| u.name != *vm);
+                placement.unplaced.push(compiler::place::Unplaced {
+                    name: was.name,
+                    tenant: was.tenant,
+                    site: was.site,
+                    previous_node: Some(node.clone()),
+                    reasons: vec![compiler::place::Reason {
+                        constraint: "runtime-preempted".to_owned(),
+                        message,
+                        nodes_filtered: 1,
+                        nodes: vec![node.clone()],
+                        source: None,
+                    }],
+                });
+            }
+        }
     }
     moved
 }
@@ -944,5 +1028,95 @@ mod keep_off_tests {
         );
         assert_eq!(node_of(&placement, "web-1"), Some("lab-3"), "stays");
         assert!(placement.unplaced.is_empty(), "{:?}", placement.unplaced);
+    }
+}
+
+#[cfg(test)]
+mod preemption_tests {
+    use super::*;
+
+    fn quickstart() -> (compiler::Model, Placement) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let sources = compiler::source::Sources::load_dir(&root).expect("the quickstart loads");
+        let compilation = compiler::compile(&sources);
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        let placement = desired::place(&compilation.model, None);
+        (compilation.model, placement)
+    }
+
+    fn node_of<'p>(placement: &'p Placement, vm: &str) -> Option<&'p str> {
+        placement
+            .vms
+            .iter()
+            .find(|v| v.name == vm)
+            .map(|v| v.node.as_str())
+    }
+
+    #[test]
+    fn a_preempted_diskless_vm_moves_to_a_node_with_room_and_one_with_disks_waits_saying_why() {
+        let (mut model, mut placement) = quickstart();
+        // A diskless `backup` moves; nothing else does.
+        for vm in &mut model.vms {
+            if vm.name == "backup" {
+                vm.disks.clear();
+            }
+        }
+        let before = placement.clone();
+        let from = node_of(&placement, "backup")
+            .expect("backup placed")
+            .to_owned();
+        let preempted = BTreeMap::from([("backup".to_owned(), from.clone())]);
+        let moved = move_preempted(&model, &mut placement, &preempted);
+        assert_eq!(moved, vec!["backup".to_owned()]);
+        let to = node_of(&placement, "backup").expect("still placed");
+        assert_ne!(to, from);
+        let the_move = placement
+            .moves
+            .iter()
+            .find(|m| m.vm == "backup")
+            .expect("a move");
+        assert!(
+            the_move.reason.contains(&format!("preempted on {from}")),
+            "{the_move:?}"
+        );
+        for vm in &before.vms {
+            if vm.name != "backup" {
+                assert_eq!(
+                    node_of(&placement, &vm.name),
+                    Some(vm.node.as_str()),
+                    "{}",
+                    vm.name
+                );
+            }
+        }
+
+        // With its disk, its data is on that node: it waits there, unplaced, saying
+        // why (not `preempted`, which would delete it).
+        let (model, mut placement) = quickstart();
+        let from = node_of(&placement, "backup")
+            .expect("backup placed")
+            .to_owned();
+        let preempted = BTreeMap::from([("backup".to_owned(), from.clone())]);
+        assert!(move_preempted(&model, &mut placement, &preempted).is_empty());
+        assert_eq!(node_of(&placement, "backup"), None);
+        let unplaced = placement
+            .unplaced
+            .iter()
+            .find(|u| u.name == "backup")
+            .expect("unplaced");
+        assert!(!unplaced.preempted());
+        assert_eq!(unplaced.previous_node.as_deref(), Some(from.as_str()));
+        assert!(
+            unplaced.reason_text().contains("its disks are there"),
+            "{}",
+            unplaced.reason_text()
+        );
+
+        // A VM its node did not preempt (or one placed elsewhere now) is not touched.
+        let (model, mut placement) = quickstart();
+        let before = placement.clone();
+        let elsewhere = BTreeMap::from([("backup".to_owned(), "no-such-node".to_owned())]);
+        assert!(move_preempted(&model, &mut placement, &elsewhere).is_empty());
+        assert_eq!(placement, before);
     }
 }

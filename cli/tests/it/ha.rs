@@ -83,6 +83,8 @@ pub(crate) struct HaCluster {
     pub(crate) up_args: Vec<String>,
     /// The nodes' `cairn-vmm` instead of the built one (`CAIRN_VMM_BIN`), if any.
     pub(crate) vmm_bin: Option<PathBuf>,
+    /// The nodes' `cairn-node` instead of the built one (`CAIRN_NODE_BIN`), if any.
+    pub(crate) node_bin: Option<PathBuf>,
 }
 
 impl HaCluster {
@@ -182,6 +184,9 @@ impl HaCluster {
         if let Some(vmm) = &self.vmm_bin {
             command.env("CAIRN_VMM_BIN", vmm);
         }
+        if let Some(node) = &self.node_bin {
+            command.env("CAIRN_NODE_BIN", node);
+        }
         command.output().expect("cairn dev up runs").into()
     }
 
@@ -190,6 +195,17 @@ impl HaCluster {
         tag: &str,
         edit: impl Fn(&Path),
         vmm_bin: Option<PathBuf>,
+    ) -> Option<HaCluster> {
+        Self::up_with_binaries(tag, edit, vmm_bin, None)
+    }
+
+    /// Like `up_in`; with `node_bin`, every node runs that `cairn-node` (a wrapper
+    /// that adds flags, say).
+    pub(crate) fn up_with_binaries(
+        tag: &str,
+        edit: impl Fn(&Path),
+        vmm_bin: Option<PathBuf>,
+        node_bin: Option<PathBuf>,
     ) -> Option<HaCluster> {
         for tool in ["git", "ssh-keygen"] {
             if Command::new(tool).arg("--help").output().is_err() {
@@ -211,6 +227,7 @@ impl HaCluster {
             placement: Vec::new(),
             up_args: gitops_up_args(),
             vmm_bin,
+            node_bin,
         };
         let out = ha.dev_up();
         assert!(

@@ -25,6 +25,7 @@ mod replicas;
 mod safety;
 mod schemas;
 mod simulate;
+mod spot_preemption;
 mod verify;
 mod vm_disk_io;
 mod vm_operator;

@@ -65,6 +65,10 @@ pub struct PlanOptions {
     /// restart, a crash move goes elsewhere: [`crate::pipeline::keep_off`]); the
     /// VMs already there stay.
     pub maintenance: std::collections::BTreeSet<String>,
+    /// Spot VMs a node stopped under memory pressure: VM → that node. Each is placed
+    /// where there is room on another node, or left unplaced (stopped where it is)
+    /// saying why ([`crate::pipeline::move_preempted`]); nothing else moves.
+    pub preempted: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for PlanOptions {
@@ -75,6 +79,7 @@ impl Default for PlanOptions {
             crash_moves: Default::default(),
             disk_writers: Default::default(),
             maintenance: Default::default(),
+            preempted: Default::default(),
         }
     }
 }
