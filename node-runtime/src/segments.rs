@@ -33,6 +33,11 @@ use crate::validate;
 pub struct Segments {
     dir: PathBuf,
     defs: tokio::sync::Mutex<BTreeMap<(String, String), v1::ApplyNetworkSegment>>,
+    /// Held by every change (apply, delete, reprogramming): the node's group tables
+    /// and router rules are computed from all kept segments, so two segments applied
+    /// at once would each program the tables without the other (seen: the first
+    /// apply of the quickstart left one network's conntrack zone rules out).
+    changing: tokio::sync::Mutex<()>,
 }
 
 fn file_name(tenant: &str, network: &str) -> String {
@@ -62,7 +67,13 @@ impl Segments {
         Ok(Self {
             dir,
             defs: tokio::sync::Mutex::new(defs),
+            changing: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// Serializes changes to the node's segments and the tables computed from them.
+    pub async fn changing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changing.lock().await
     }
 
     /// Keeps `seg` (replacing its earlier definition), durably.
