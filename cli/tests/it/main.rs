@@ -26,6 +26,7 @@ mod safety;
 mod schemas;
 mod simulate;
 mod spot_preemption;
+mod tenant_networks;
 mod verify;
 mod vm_disk_io;
 mod vm_operator;
