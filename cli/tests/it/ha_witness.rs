@@ -28,6 +28,8 @@ use crate::ha_faults::{
 
 /// The site's witness, inside the test's namespace.
 const WITNESS: &str = "127.0.0.180";
+/// The site's alternate witness, for the test that takes the preferred one away.
+const ALTERNATE: &str = "127.0.0.181";
 
 fn with_witness(dir: &Path) {
     edit_spec(dir);
@@ -37,6 +39,18 @@ fn with_witness(dir: &Path) {
     let text = text.replacen(
         "ha-reserve nodes=1",
         &format!("ha-reserve nodes=1\n    witness address=\"{WITNESS}:7400\""),
+        1,
+    );
+    std::fs::write(&path, text).expect("write cluster.kdl");
+}
+
+fn with_two_witnesses(dir: &Path) {
+    with_witness(dir);
+    let path = dir.join("cluster.kdl");
+    let text = std::fs::read_to_string(&path).expect("read cluster.kdl");
+    let text = text.replacen(
+        &format!("witness address=\"{WITNESS}:7400\""),
+        &format!("witness address=\"{WITNESS}:7400\" alternate=\"{ALTERNATE}:7400\""),
         1,
     );
     std::fs::write(&path, text).expect("write cluster.kdl");
@@ -79,13 +93,17 @@ fn runs_elsewhere(status: &Value, vm: &str, node: &str) -> bool {
 }
 
 fn up(tag: &str) -> Option<Faults> {
+    up_with(tag, with_witness)
+}
+
+fn up_with(tag: &str, edit: fn(&Path)) -> Option<Faults> {
     if !needs(
         "nft",
         "the partitions are nftables rules (apt install nftables)",
     ) {
         return None;
     }
-    Faults::up_with(tag, with_witness)
+    Faults::up_with(tag, edit)
 }
 
 /// web-0 in a fresh cluster: where it runs, that node's address, the heartbeat
@@ -243,6 +261,98 @@ fn with_the_witness_out_of_reach_of_both_sides_the_node_fences_and_nothing_resta
     let spans = beats.never_twice(vm);
     assert!(spans.len() >= 2, "{spans:?}");
     cut_off(&address, false);
+    f.wait_lease(&node, "ready", Duration::from_secs(30));
+}
+
+#[test]
+fn with_the_preferred_witness_gone_the_nodes_move_to_the_alternate_and_it_decides_alone() {
+    let Some(f) = up_with("wit-alt", with_two_witnesses) else {
+        return;
+    };
+    let vm = "web-0";
+    let Watched {
+        node,
+        address,
+        beats,
+        dir,
+        pid,
+    } = watch_web_0(&f);
+    // The preferred witness is gone for everyone: after 2 s without its answers the
+    // controller names the alternate in every grant, and each node keeps it.
+    cut_off(WITNESS, true);
+    let gone = Instant::now();
+    let alternate = format!("{ALTERNATE}:7400");
+    for n in 1..=3 {
+        let path = f.dev().join(format!("lab-{n}")).join("quorum.json");
+        loop {
+            let kept: Value = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or(Value::Null);
+            if kept["witness"] == alternate.as_str() {
+                break;
+            }
+            assert!(
+                gone.elapsed() < Duration::from_secs(30),
+                "lab-{n} still uses {} 30 s after the preferred witness went",
+                kept["witness"]
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!(
+        "every node uses the alternate witness {:?} after the preferred went",
+        gone.elapsed()
+    );
+    // One more renewal (T/3 = 1 s), so the controller has heard each node report
+    // the alternate as the witness it uses: until then it must assume a node whose
+    // last answer may have been lost still claims at the preferred one, and would
+    // claim at both (a node cut off in that round is restarted only once the
+    // preferred answers again; the first run of this test cut it there).
+    std::thread::sleep(Duration::from_millis(2500));
+    // Cut off but reaching the alternate: the node keeps web-0 and nothing
+    // restarts it.
+    cut_except(&address, ALTERNATE, true);
+    let cut = Instant::now();
+    while cut.elapsed() < Duration::from_secs(10) {
+        assert!(
+            alive(pid),
+            "{node} holds its grant at the alternate, yet web-0 stopped (exit {:?})",
+            vmm_exit_code(&dir)
+        );
+        let status = f.ha.status();
+        assert!(
+            !runs_elsewhere(&status, vm, &node),
+            "web-0 restarted elsewhere while {node} held its grant at the alternate: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let reason = lease_of(&f.ha.status(), &node)["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.contains(&format!("{alternate}: `{node}` holds it")),
+        "{reason}"
+    );
+    // And without the alternate too: fenced, then restarted elsewhere, never twice.
+    cut_off(&address, true);
+    let cut_all = Instant::now();
+    assert!(
+        death_of(pid, Duration::from_secs(10)).is_some(),
+        "{node} lost both witnesses, yet web-0 ran on"
+    );
+    let moved_to = f.wait_running_elsewhere(vm, &node, Duration::from_secs(60));
+    eprintln!(
+        "{node} cut from the alternate too: web-0 running on {moved_to} after {:?}",
+        cut_all.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let spans = beats.never_twice(vm);
+    assert!(spans.len() >= 2, "{spans:?}");
+    cut_off(&address, false);
+    cut_except(&address, ALTERNATE, false);
+    cut_off(WITNESS, false);
     f.wait_lease(&node, "ready", Duration::from_secs(30));
 }
 
