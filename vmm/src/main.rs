@@ -300,6 +300,10 @@ fn receive(
     };
     match vm.receive_migration(&listener) {
         Ok((vmm::migration::Decision::Commit, link)) => {
+            let announced = vm.announce_nics();
+            if announced > 0 {
+                emit(json!({"event": "announced", "name": name, "frames": announced}));
+            }
             let running = vm
                 .start()
                 .map_err(|error| fail(&name, &error, error.exit_code()))?;

@@ -771,6 +771,28 @@ impl Vm {
         &self.vm_fd
     }
 
+    /// After a live migration, before the guest runs here: each NIC announces itself
+    /// on its tap ([`crate::devices::virtio_net::announcement`]: a gratuitous ARP with
+    /// the guest's address where the config names one, else a RARP for its MAC), so the
+    /// bridge and the neighbours find the VM on this node at once. Returns how many
+    /// frames left (none once the fence lapsed).
+    pub fn announce_nics(&self) -> usize {
+        if self.shared.fence.lapsed() {
+            return 0;
+        }
+        let mut sent = 0;
+        for (slot, nic) in self.shared.nets.iter().zip(&self.config.nics) {
+            let frame = crate::devices::virtio_net::announcement(
+                slot.mac,
+                nic.ipv4.map(|address| address.octets()),
+            );
+            if io::Write::write(&mut &*slot.tap, &frame).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    }
+
     /// Starts the vCPU threads.
     pub fn start(mut self) -> Result<RunningVm, VmError> {
         install_kick_handler();

@@ -466,6 +466,36 @@ pub fn format_mac(mac: [u8; 6]) -> String {
         .join(":")
 }
 
+/// The frame a NIC announces itself with after a live migration (issue 17), behind a
+/// zero vnet header, ready for the tap: with the guest's IPv4 address, a gratuitous
+/// ARP request (sender and target that address, broadcast), which moves the bridge's
+/// forwarding entry and every neighbour's ARP entry; without one (a Linux guest
+/// configures its own), QEMU's self-announce, a RARP request for the MAC (ethertype
+/// 0x8035), which moves the forwarding entries only.
+pub fn announcement(mac: [u8; 6], ipv4: Option<[u8; 4]>) -> Vec<u8> {
+    let mut frame = vec![0u8; NET_HDR_LEN];
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&mac);
+    let (ethertype, operation, address) = match ipv4 {
+        Some(address) => ([0x08, 0x06], 1u16, address),
+        None => ([0x80, 0x35], 3u16, [0; 4]),
+    };
+    frame.extend_from_slice(&ethertype);
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, the operation.
+    frame.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4]);
+    frame.extend_from_slice(&operation.to_be_bytes());
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&address);
+    match ipv4 {
+        Some(_) => frame.extend_from_slice(&[0; 6]),
+        None => frame.extend_from_slice(&mac),
+    }
+    frame.extend_from_slice(&address);
+    // Padded to Ethernet's 60-byte minimum.
+    frame.resize(NET_HDR_LEN + 60, 0);
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::net::UnixDatagram;
@@ -574,6 +604,27 @@ mod tests {
                     .mmio_write(&self.memory, 0x050, &1u32.to_le_bytes())
             );
         }
+    }
+
+    #[test]
+    fn a_moved_nic_announces_itself_with_a_gratuitous_arp_or_a_rarp() {
+        let mac = [0x02, 0xca, 1, 2, 3, 4];
+        let garp = announcement(mac, Some([10, 20, 0, 5]));
+        let frame = &garp[NET_HDR_LEN..];
+        assert_eq!(frame.len(), 60);
+        assert_eq!(&frame[..6], &[0xff; 6], "broadcast");
+        assert_eq!(&frame[6..12], &mac);
+        assert_eq!(&frame[12..14], &[0x08, 0x06], "ARP");
+        assert_eq!(&frame[20..22], &[0, 1], "request");
+        assert_eq!(&frame[22..28], &mac, "sender MAC");
+        assert_eq!(&frame[28..32], &[10, 20, 0, 5], "sender address");
+        assert_eq!(&frame[32..38], &[0; 6]);
+        assert_eq!(&frame[38..42], &[10, 20, 0, 5], "target address = sender's");
+        let rarp = announcement(mac, None);
+        let frame = &rarp[NET_HDR_LEN..];
+        assert_eq!(&frame[12..14], &[0x80, 0x35], "RARP");
+        assert_eq!(&frame[20..22], &[0, 3], "reverse request");
+        assert_eq!(&frame[32..38], &mac, "target MAC = its own");
     }
 
     #[test]
