@@ -480,7 +480,9 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         notifications::load(config.notify.as_deref(), &data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let events = EventLog::open(&data_dir.join("events.redb"))?;
     let paused = control::is_paused(&data_dir);
-    let maintenance = maintenance::Maintenance::load(&data_dir).map_err(|e| anyhow::anyhow!(e))?;
+    let maintenance = maintenance::Maintenance::load(&data_dir)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .shared_through(replicas.as_ref().map(|r| r.store.clone()));
     let metrics = Metrics::new();
     metrics.paused.set(i64::from(paused));
     let last_sync: Option<LastSync> = events.get("last_sync").ok().flatten();

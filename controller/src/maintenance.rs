@@ -51,7 +51,14 @@ pub struct Entry {
 pub struct Maintenance {
     path: PathBuf,
     nodes: Mutex<BTreeMap<String, Entry>>,
+    /// With controller replicas the set lives in etcd (`controller/maintenance`), so
+    /// every replica sees what the leader set, and a new leader keeps it; read again
+    /// when the copy here is older than [`SHARED_MAX_AGE`].
+    shared: Option<(state_etcd::EtcdStore, Mutex<Option<std::time::Instant>>)>,
 }
+
+/// How old the copy of the shared set may be before it is read again.
+pub const SHARED_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `DATA_DIR/controller.maintenance`.
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -79,11 +86,37 @@ impl Maintenance {
         Ok(Maintenance {
             path,
             nodes: Mutex::new(nodes),
+            shared: None,
         })
     }
 
+    /// With controller replicas: the set is the one in `store` (issue 24), not the
+    /// file (which is left as it is).
+    pub fn shared_through(mut self, store: Option<state_etcd::EtcdStore>) -> Maintenance {
+        self.shared = store.map(|s| (s, Mutex::new(None)));
+        self
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((store, read_at)) = &self.shared {
+            let mut read_at = read_at.lock().unwrap_or_else(|p| p.into_inner());
+            if read_at.is_none_or(|at| at.elapsed() >= SHARED_MAX_AGE) {
+                // Unreadable now: the last copy stands.
+                match store.controller_record::<Vec<Entry>>("maintenance") {
+                    Ok(list) => {
+                        *nodes = list
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|e| (e.node.clone(), e))
+                            .collect();
+                        *read_at = Some(std::time::Instant::now());
+                    }
+                    Err(e) => eprintln!("cairn controller: the nodes in maintenance: {e}"),
+                }
+            }
+        }
+        nodes
     }
 
     /// The nodes in maintenance.
@@ -117,7 +150,13 @@ impl Maintenance {
         } else {
             next.remove(node).is_some()
         };
-        if changed {
+        if changed && let Some((store, _)) = &self.shared {
+            let list: Vec<&Entry> = next.values().collect();
+            store
+                .set_controller_record("maintenance", &list)
+                .map_err(|e| e.to_string())?;
+            *nodes = next;
+        } else if changed {
             let list: Vec<&Entry> = next.values().collect();
             let text = serde_json::to_vec_pretty(&list).expect("entries serialize");
             let tmp = self.path.with_extension("maintenance.tmp");
@@ -407,6 +446,39 @@ mod tests {
         assert_eq!(again.nodes(), BTreeSet::from(["lab-2".to_owned()]));
         assert!(again.set("lab-2", false, "alice").unwrap());
         assert!(Maintenance::load(&dir).unwrap().nodes().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn with_replicas_the_set_is_the_one_in_etcd_and_every_replica_sees_it() {
+        let dir = std::env::temp_dir().join(format!("cairn-maint-etcd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let etcd = match state_etcd::testing::Etcd::start("127.0.0.71", 23798, &dir) {
+            Ok(etcd) => etcd,
+            Err(why) => {
+                eprintln!("skipped: {why}");
+                return;
+            }
+        };
+        let store = || Some(state_etcd::EtcdStore::open(&etcd.url("m")).unwrap());
+        let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
+        std::fs::create_dir_all(&a_dir).unwrap();
+        std::fs::create_dir_all(&b_dir).unwrap();
+        let a = Maintenance::load(&a_dir).unwrap().shared_through(store());
+        let b = Maintenance::load(&b_dir).unwrap().shared_through(store());
+        assert!(a.set("lab-2", true, "alice").unwrap());
+        // Not in a's data directory: in etcd, where b reads it.
+        assert!(!path(&a_dir).exists());
+        std::thread::sleep(SHARED_MAX_AGE);
+        assert_eq!(b.nodes(), BTreeSet::from(["lab-2".to_owned()]));
+        assert_eq!(b.entries()[0].by, "alice");
+        // A replica started later (a new leader) has it at once.
+        let c = Maintenance::load(&dir).unwrap().shared_through(store());
+        assert_eq!(c.nodes(), BTreeSet::from(["lab-2".to_owned()]));
+        assert!(c.set("lab-2", false, "bob").unwrap());
+        std::thread::sleep(SHARED_MAX_AGE);
+        assert!(a.nodes().is_empty());
+        drop(etcd);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

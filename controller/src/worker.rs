@@ -173,6 +173,7 @@ pub(crate) async fn run(
         if *stop.borrow() {
             break;
         }
+        w.follow_shared_applied();
         let asked = w.take_requests();
         if asked.iter().any(|r| r.ask == crate::sync_api::Ask::Sync) {
             next_drift = Instant::now();
@@ -338,9 +339,12 @@ fn take_store_lock<'a>(
 }
 
 impl Worker {
-    /// The applied commit recorded by an earlier run, compiled again.
+    /// The applied commit recorded by an earlier run (with replicas: by whichever
+    /// replica led, from etcd), compiled again.
     fn restore(&mut self) {
-        let applied: Option<AppliedCommit> = self.shared.events.get("applied").ok().flatten();
+        let applied: Option<AppliedCommit> = self
+            .shared_applied()
+            .or_else(|| self.shared.events.get("applied").ok().flatten());
         let Some(applied) = applied else {
             return;
         };
@@ -354,6 +358,36 @@ impl Worker {
                     )),
             ]),
         }
+    }
+
+    /// With replicas: the applied commit the leader recorded in etcd.
+    fn shared_applied(&self) -> Option<AppliedCommit> {
+        let replicas = self.shared.replicas.as_ref()?;
+        match replicas.store.controller_record("applied") {
+            Ok(applied) => applied,
+            Err(e) => {
+                eprintln!("cairn controller: the shared applied commit: {e}");
+                None
+            }
+        }
+    }
+
+    /// With replicas, at the top of every round as leader: takes over the applied
+    /// commit another replica recorded (a new leader verifies new commits from it,
+    /// with its member keys, and checks drift against it).
+    fn follow_shared_applied(&mut self) {
+        let Some(applied) = self.shared_applied() else {
+            return;
+        };
+        if self
+            .good
+            .as_ref()
+            .is_some_and(|g| g.commit == applied.commit)
+        {
+            return;
+        }
+        let _ = self.shared.events.put("applied", &applied);
+        self.restore();
     }
 
     fn compile_good(&self, commit: &str) -> Result<Good, String> {
@@ -876,6 +910,12 @@ impl Worker {
                     at_unix_ms: reconciler::state::now_ms(),
                 };
                 let _ = self.shared.events.put("applied", &applied);
+                // With replicas, every replica (a new leader above all) knows it.
+                if let Some(replicas) = &self.shared.replicas
+                    && let Err(e) = replicas.store.set_controller_record("applied", &applied)
+                {
+                    eprintln!("cairn controller: the applied commit not shared: {e}");
+                }
                 // New volumes get their epochs (the authority adopts them) at once,
                 // not at the next drift interval: a node may fail before that.
                 if plan.changes.iter().any(|c| c.object == "volume") {

@@ -10,6 +10,8 @@
 //! | `audit/SEQ` | one sealed audit entry (seq zero-padded to 20) |
 //! | `chunks/KEY/GENERATION/N` | chunk N of a large value's generation |
 //! | `election` | the leader (`crate::election`) |
+//! | `controller/NAME` | the controller's shared records (`applied`: the applied commit; `maintenance`: the nodes in maintenance) |
+//! | `leases/NODE` | a node's last lease grant by any replica (`crate::node_leases`) |
 //!
 //! etcd takes at most 1.5 MiB per request and 128 operations per transaction by
 //! default. A value up to 512 KiB is stored as it is; a larger one (the placement of
@@ -457,6 +459,26 @@ impl EtcdStore {
                 ),
             ],
         )
+    }
+
+    /// A record of the controller's own under `PREFIX/controller/NAME` (the applied
+    /// commit, the nodes in maintenance: what every replica must see the same), as
+    /// JSON; `None` when absent.
+    pub fn controller_record<T: DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
+        self.get_json(&format!("controller/{name}"))
+    }
+
+    /// Writes [`EtcdStore::controller_record`] `name` (fenced like every write: only
+    /// the leader's lands).
+    pub fn set_controller_record<T: Serialize>(
+        &self,
+        name: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        self.put_json(&format!("controller/{name}"), value)
     }
 
     fn get_json<T: DeserializeOwned>(&self, rest: &str) -> Result<Option<T>, StateError> {
