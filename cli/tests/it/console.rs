@@ -18,6 +18,7 @@ use reconciler::observe::NodeObservation;
 use crate::repo_root;
 
 mod browser;
+mod stale;
 
 /// The clock of the golden pages: 2025-12-01T14:40:00Z.
 const NOW: u64 = 1_764_600_000_000;

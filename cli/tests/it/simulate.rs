@@ -25,7 +25,7 @@ fn have(tool: &str) -> bool {
 }
 
 /// A base port from which `count` consecutive ports are free on `ip`.
-fn free_ports(ip: &str, count: u16) -> u16 {
+pub(crate) fn free_ports(ip: &str, count: u16) -> u16 {
     for attempt in 0..200u16 {
         let base = 20_000 + (std::process::id() as u16 % 200) * 100 + attempt * 61;
         let all = (0..count).all(|i| std::net::TcpListener::bind((ip, base + i)).is_ok());
@@ -65,7 +65,7 @@ fn spec(ip: &str, base: u16) -> (String, String) {
 }
 
 /// One fault command to the simulator; its answer line.
-fn fault(dir: &Path, command: &str) -> String {
+pub(crate) fn fault(dir: &Path, command: &str) -> String {
     let address = std::fs::read_to_string(dir.join(".cairn/dev/control-address"))
         .expect("the simulator wrote its control address");
     let mut stream =
@@ -79,6 +79,34 @@ fn fault(dir: &Path, command: &str) -> String {
         .read_line(&mut answer)
         .expect("answer");
     answer.trim().to_owned()
+}
+
+/// `cairn dev up --simulate --gitops` of `(cluster.kdl, workloads.kdl)` in a new
+/// directory, the controller on `listen` and `grpc`; dropping the cluster runs
+/// `dev down` (the simulator and the controller stop).
+pub(crate) fn up_with_controller(
+    tag: &str,
+    (cluster_kdl, workloads_kdl): (String, String),
+    listen: &str,
+    grpc: &str,
+) -> (Cluster, crate::Run) {
+    let dir = TempDir::new(tag);
+    std::fs::write(dir.0.join("cluster.kdl"), cluster_kdl).expect("write");
+    std::fs::write(dir.0.join("workloads.kdl"), workloads_kdl).expect("write");
+    let cluster = Cluster { dir };
+    let up = cluster.cairn(&[
+        "dev",
+        "up",
+        ".",
+        "--simulate",
+        "--gitops",
+        "--controller-listen",
+        listen,
+        "--controller-grpc-listen",
+        grpc,
+    ]);
+    assert_eq!(up.code, 0, "dev up --simulate --gitops: {up:?}");
+    (cluster, up)
 }
 
 fn wait<T>(
@@ -125,27 +153,10 @@ fn a_simulated_cluster_of_50_nodes_converges_and_a_killed_node_is_declared_faile
     let ip = "127.0.0.41";
     let nodes = (SITES * PER_SITE) as u16;
     let base = free_ports(ip, nodes);
-    let dir = TempDir::new("simulate");
-    let (cluster_kdl, workloads_kdl) = spec(ip, base);
-    std::fs::write(dir.0.join("cluster.kdl"), cluster_kdl).expect("write");
-    std::fs::write(dir.0.join("workloads.kdl"), workloads_kdl).expect("write");
-    // Dropping the cluster runs `dev down`: the simulator and the controller stop.
-    let cluster = Cluster { dir };
     let listen = format!("127.0.0.1:{}", free_port());
     let grpc = format!("127.0.0.1:{}", free_port());
     let started = Instant::now();
-    let up = cluster.cairn(&[
-        "dev",
-        "up",
-        ".",
-        "--simulate",
-        "--gitops",
-        "--controller-listen",
-        &listen,
-        "--controller-grpc-listen",
-        &grpc,
-    ]);
-    assert_eq!(up.code, 0, "dev up --simulate --gitops: {up:?}");
+    let (cluster, up) = up_with_controller("simulate", spec(ip, base), &listen, &grpc);
     assert!(
         up.stdout
             .contains(&format!("simulated dev cluster up: {nodes} nodes")),

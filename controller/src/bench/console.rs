@@ -110,7 +110,7 @@ pub async fn measure(
         worst_cold = worst_cold.max(cold);
         worst_use = worst_use.max(used);
         println!(
-            "  {path:<14} cold {cold:>7.1} ms  in use {used:>7.1} ms  at once {warm:>7.1} ms  ({} KiB; cold {:.0}x, in use {:.0}x /healthz)",
+            "  {path:<14} cold {cold:>7.1} ms  in use {used:>7.1} ms  at once {warm:>7.1} ms  ({} KiB; cold {:.1}x, in use {:.1}x /healthz)",
             size / 1024,
             cold / floor.max(0.001),
             used / floor.max(0.001)
