@@ -115,20 +115,43 @@ async fn locate(shared: &Shared, vm: &str) -> Result<(String, String, bool), Res
     Ok((node, address, running))
 }
 
+/// [`locate`], then the signed action `verb:VM` checked (and audited).
+async fn locate_signed(
+    shared: &Shared,
+    verb: &str,
+    vm: &str,
+    body: &[u8],
+) -> Result<(String, String, bool, crate::actions::Authorized), Response> {
+    let (node, address, running) = locate(shared, vm).await?;
+    let binding = crate::actions::Binding::current(shared);
+    let signed = crate::actions::authorize(shared, &action(verb, vm), body, &binding)
+        .map_err(IntoResponse::into_response)?;
+    Ok((node, address, running, signed))
+}
+
+/// An event of `vm` that names the action's signer.
+fn signed_event(
+    result: &str,
+    vm: &str,
+    reason: String,
+    signed: &crate::actions::Authorized,
+) -> Event {
+    Event::new("vm", result)
+        .object(format!("vm {vm}"))
+        .reason(format!("{reason} (by {})", signed.signer()))
+        .detail(signed.detail())
+}
+
 /// `POST /api/v1/vms/{vm}/reboot`.
 pub(crate) async fn reboot_handler(
     State(shared): State<Arc<Shared>>,
     UrlPath(vm): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let (node, address, running) = match locate(&shared, &vm).await {
+    let (node, address, running, signed) = match locate_signed(&shared, "reboot", &vm, &body).await
+    {
         Ok(found) => found,
         Err(refusal) => return refusal,
-    };
-    let binding = crate::actions::Binding::current(&shared);
-    let signed = match crate::actions::authorize(&shared, &action("reboot", &vm), &body, &binding) {
-        Ok(a) => a,
-        Err(refusal) => return refusal.into_response(),
     };
     if !running {
         return refuse(
@@ -163,12 +186,12 @@ pub(crate) async fn reboot_handler(
     match answer {
         Ok(_) => {
             let message = format!("{vm} rebooted on {node} in {elapsed_ms} ms");
-            shared.record(vec![
-                Event::new("vm", "rebooted")
-                    .object(format!("vm {vm}"))
-                    .reason(format!("{message} (by {})", signed.signer()))
-                    .detail(signed.detail()),
-            ]);
+            shared.record(vec![signed_event(
+                "rebooted",
+                &vm,
+                message.clone(),
+                &signed,
+            )]);
             axum::Json(serde_json::json!({
                 "vm": vm,
                 "node": node,
@@ -178,12 +201,12 @@ pub(crate) async fn reboot_handler(
             .into_response()
         }
         Err(why) => {
-            shared.record(vec![
-                Event::new("vm", "reboot failed")
-                    .object(format!("vm {vm}"))
-                    .reason(format!("node {node}: {why} (by {})", signed.signer()))
-                    .detail(signed.detail()),
-            ]);
+            shared.record(vec![signed_event(
+                "reboot failed",
+                &vm,
+                format!("node {node}: {why}"),
+                &signed,
+            )]);
             refuse(StatusCode::BAD_GATEWAY, format!("node {node}: {why}"))
         }
     }
@@ -195,15 +218,10 @@ pub(crate) async fn attach_handler(
     UrlPath(vm): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let (node, address, running) = match locate(&shared, &vm).await {
+    let (node, address, running, signed) = match locate_signed(&shared, "console", &vm, &body).await
+    {
         Ok(found) => found,
         Err(refusal) => return refusal,
-    };
-    let binding = crate::actions::Binding::current(&shared);
-    let signed = match crate::actions::authorize(&shared, &action("console", &vm), &body, &binding)
-    {
-        Ok(a) => a,
-        Err(refusal) => return refusal.into_response(),
     };
     let mut bytes = [0u8; 32];
     if let Err(e) = std::fs::File::open("/dev/urandom")
@@ -231,12 +249,12 @@ pub(crate) async fn attach_handler(
             },
         );
     }
-    shared.record(vec![
-        Event::new("vm", "console attached")
-            .object(format!("vm {vm}"))
-            .reason(format!("on node {node} (by {})", signed.signer()))
-            .detail(signed.detail()),
-    ]);
+    shared.record(vec![signed_event(
+        "console attached",
+        &vm,
+        format!("on node {node}"),
+        &signed,
+    )]);
     axum::Json(serde_json::json!({
         "session": id,
         "vm": vm,

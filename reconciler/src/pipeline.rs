@@ -858,7 +858,7 @@ pub fn nothing_to_do(
 mod keep_off_tests {
     use super::*;
 
-    fn quickstart() -> compiler::Model {
+    pub(super) fn quickstart() -> compiler::Model {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
         let sources = compiler::source::Sources::load_dir(&root).expect("the quickstart loads");
         let compilation = compiler::compile(&sources);
@@ -866,7 +866,7 @@ mod keep_off_tests {
         compilation.model
     }
 
-    fn node_of<'a>(placement: &'a Placement, vm: &str) -> Option<&'a str> {
+    pub(super) fn node_of<'a>(placement: &'a Placement, vm: &str) -> Option<&'a str> {
         placement
             .vms
             .iter()
@@ -1033,23 +1033,13 @@ mod keep_off_tests {
 
 #[cfg(test)]
 mod preemption_tests {
+    use super::keep_off_tests::node_of;
     use super::*;
 
     fn quickstart() -> (compiler::Model, Placement) {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-        let sources = compiler::source::Sources::load_dir(&root).expect("the quickstart loads");
-        let compilation = compiler::compile(&sources);
-        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
-        let placement = desired::place(&compilation.model, None);
-        (compilation.model, placement)
-    }
-
-    fn node_of<'p>(placement: &'p Placement, vm: &str) -> Option<&'p str> {
-        placement
-            .vms
-            .iter()
-            .find(|v| v.name == vm)
-            .map(|v| v.node.as_str())
+        let model = super::keep_off_tests::quickstart();
+        let placement = desired::place(&model, None);
+        (model, placement)
     }
 
     #[test]
