@@ -600,6 +600,10 @@ pub async fn witness_claims(shared: Arc<Shared>) {
         ticks += 1;
         let good = shared.good.lock().expect("good lock").clone();
         let Some(good) = good else { continue };
+        // Nothing to do (and no second pass over every lease) without a witness.
+        if good.model.sites.iter().all(|s| s.witness.is_none()) {
+            continue;
+        }
         if ticks.is_multiple_of(5) {
             let addresses: std::collections::BTreeSet<String> = good
                 .model
