@@ -174,6 +174,7 @@ pub(crate) async fn run(
             break;
         }
         w.follow_shared_applied();
+        w.update_watches();
         let asked = w.take_requests();
         if asked.iter().any(|r| r.ask == crate::sync_api::Ask::Sync) {
             next_drift = Instant::now();
@@ -1570,6 +1571,16 @@ impl Worker {
         let Some(good) = &self.good else {
             return;
         };
+        // A follower calls no node (it knows the applied commit from etcd, to serve
+        // and grant leases); it opens the streams once it leads.
+        if self
+            .shared
+            .replicas
+            .as_ref()
+            .is_some_and(|r| !r.election.ready())
+        {
+            return;
+        }
         let spec = pipeline::spec_nodes(&good.model);
         let stale: Vec<String> = self
             .watches
