@@ -289,8 +289,8 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
     /// Put a node in maintenance (no VM is placed on it any more: new VMs, HA
-    /// restarts and crash moves go elsewhere; the VMs on it stay and are named)
-    /// or take it out.
+    /// restarts and crash moves go elsewhere; its volume copies are moved live to
+    /// other nodes; the VMs on it stay and are named) or take it out.
     Maintenance {
         /// The node (as the applied commit names it).
         node: String,
