@@ -403,3 +403,262 @@ async fn a_source_killed_after_the_commit_leaves_the_destination_running_alone()
     assert_eq!(on_a.pid, 0);
     crate::harness::kill_vmms_of(&nodes[1].data_dir);
 }
+
+/// A `cairn-vmm` wrapper for the figures: the node's config with the guest ticking
+/// every 1 ms (so a heartbeat log resolves the downtime to a millisecond), `--incoming`
+/// passed on.
+fn vmm_ticking_every_ms(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let real = crate::vms::vmm_binary().expect("cairn-vmm is built");
+    let path = dir.join("fast-tick-cairn-vmm");
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\n\
+             [ \"$1\" = --config ] || exit 2\n\
+             config=\"$2\"\n\
+             sed -e 's/\"tick_ms\": *[0-9]*/\"tick_ms\": 1/' \"$config\" > \"$config.vmm\" || exit 2\n\
+             shift 2\n\
+             exec {} --config \"$config.vmm\" \"$@\"\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn vmm_request(socket: &Path, request: vmm::control::Request) -> vmm::control::Response {
+    let mut client =
+        vmm::control::ControlClient::connect(socket, Duration::from_secs(5)).expect("connect");
+    client.request(&request).expect("request")
+}
+
+/// The heartbeat log of VMM `pid` under `vm_dir`: (first, last) `CLOCK_BOOTTIME` ns.
+fn heartbeat_window(vm_dir: &Path, pid: u32) -> Option<(u64, u64)> {
+    let entries = std::fs::read_dir(vm_dir.join("heartbeats")).ok()?;
+    let path = entries.flatten().map(|entry| entry.path()).find(|path| {
+        path.file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with(&format!("{pid}-")))
+    })?;
+    let recorded = vmm::heartbeat_log::read(&path)?;
+    Some((recorded.first.1, recorded.last.1))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Downtime through the whole node path (issue 17 step 5), not a test: run with
+/// `cargo test --release -p node-runtime --test it migrate::node_path_downtime --
+/// --ignored --nocapture` (`CAIRN_BENCH_RUNS`, default 5). A diskless 256 MiB built-in
+/// guest, all RAM touched, then dirtying 5,000 pages/s (20 MB/s, the VMM bench's
+/// "moderate writes"), moves back and forth between two nodes on loopback, each run as
+/// the controller does it: CreateVm + PrepareIncomingVm on the destination, MigrateVm
+/// on the source, CommitMigration on the source then the destination, DeleteVm on the
+/// source. Downtime = the source's last heartbeat → the destination's first (heartbeat
+/// logs, 1 ms tick), so it includes the commit's gRPC round trips. Baseline in the same
+/// command: the same path with `stop_and_copy`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: prints figures, asserts none"]
+async fn node_path_downtime() {
+    if !vms_can_run() {
+        return;
+    }
+    let runs: usize = std::env::var("CAIRN_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let vmm = vmm_ticking_every_ms(dir.path());
+    let nodes: Vec<TestNode> = [("mb-a", "55"), ("mb-b", "56")]
+        .iter()
+        .map(|(name, ip)| {
+            let data_dir = dir.path().join(name);
+            std::fs::create_dir_all(&data_dir).unwrap();
+            std::fs::write(
+                data_dir.join("trusted-controllers"),
+                format!("{}\n", controller.public_key_hex()),
+            )
+            .unwrap();
+            TestNode::start_with_args(
+                name,
+                &data_dir,
+                &format!("127.0.0.{ip}:0"),
+                &["--vmm-binary", vmm.to_str().unwrap()],
+            )
+        })
+        .collect();
+    let memory: u64 = 256 << 20;
+    let definition = CreateVm {
+        name: "mv".into(),
+        vcpus: 1,
+        memory_bytes: memory,
+        image: Some(Image::Builtin("cairn-guest".into())),
+        ..Default::default()
+    };
+    let mut clients = [
+        nodes[0].client(&controller).await,
+        nodes[1].client(&controller).await,
+    ];
+    apply_ok(
+        &mut clients[0],
+        "create-0",
+        Action::CreateVm(definition.clone()),
+    )
+    .await;
+    apply_ok(
+        &mut clients[0],
+        "start-0",
+        Action::StartVm(StartVm { name: "mv".into() }),
+    )
+    .await;
+    let mut figures: Vec<(bool, [f64; 4])> = Vec::new();
+    let mut source = 0;
+    for run in 0..2 * runs {
+        let stop_and_copy = run % 2 == 1;
+        let destination = 1 - source;
+        let socket = socket(&nodes[source]);
+        // Touch all RAM, then dirty at 5,000 pages/s; wait until it ticks steadily.
+        vmm_request(
+            &socket,
+            vmm::control::Request::SetDirtyRate {
+                pages_per_second: 400_000,
+            },
+        );
+        let pages = (memory - (2 << 20)) / 4096;
+        let touched_from = vmm_request(&socket, vmm::control::Request::Status)
+            .status
+            .unwrap()
+            .pages_dirtied;
+        loop {
+            let status = vmm_request(&socket, vmm::control::Request::Status)
+                .status
+                .unwrap();
+            if status.pages_dirtied >= touched_from + pages {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        vmm_request(
+            &socket,
+            vmm::control::Request::SetDirtyRate {
+                pages_per_second: 5_000,
+            },
+        );
+        loop {
+            let before = vmm_request(&socket, vmm::control::Request::Status)
+                .status
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let after = vmm_request(&socket, vmm::control::Request::Status)
+                .status
+                .unwrap();
+            if after.heartbeat_total >= before.heartbeat_total + 20
+                && after.last_heartbeat_age_ms.is_some_and(|age| age < 5.0)
+            {
+                break;
+            }
+        }
+        let source_pid = vm_on(&mut clients[source]).await.pid;
+        let started = Instant::now();
+        let id = |what: &str| format!("{what}-{run}");
+        apply_ok(
+            &mut clients[destination],
+            &id("create"),
+            Action::CreateVm(definition.clone()),
+        )
+        .await;
+        let prepared = apply_ok(
+            &mut clients[destination],
+            &id("prepare"),
+            Action::PrepareIncomingVm(PrepareIncomingVm { name: "mv".into() }),
+        )
+        .await;
+        let Some(apply_response::Result::Incoming(incoming)) = prepared.result else {
+            panic!("{prepared:?}");
+        };
+        let ready = migration(
+            apply_ok(
+                &mut clients[source],
+                &id("migrate"),
+                Action::MigrateVm(MigrateVm {
+                    name: "mv".into(),
+                    to: incoming.listen_address.clone(),
+                    max_downtime_ms: 50,
+                    stop_and_copy,
+                    timeout_ms: 0,
+                }),
+            )
+            .await,
+        );
+        assert_eq!(ready.phase, "ready-to-commit", "{ready:?}");
+        let commit = |what: &str| Action::CommitMigration(CommitMigration { name: what.into() });
+        apply_ok(&mut clients[source], &id("commit"), commit("mv")).await;
+        apply_ok(&mut clients[destination], &id("commit"), commit("mv")).await;
+        let total_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let (_, last) = heartbeat_window(&nodes[source].data_dir.join("vms/mv"), source_pid)
+            .expect("the source's heartbeat log");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let first = loop {
+            if let Some((first, _)) =
+                heartbeat_window(&nodes[destination].data_dir.join("vms/mv"), incoming.pid)
+            {
+                break first;
+            }
+            assert!(Instant::now() < deadline, "no heartbeat on the destination");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let downtime_ms = first.saturating_sub(last) as f64 / 1e6;
+        eprintln!(
+            "run {run} ({}): downtime {downtime_ms:.1} ms, paused {:.1} ms, total {total_ms:.0} ms, {} rounds, bytes/memory {:.2}",
+            if stop_and_copy {
+                "stop-and-copy"
+            } else {
+                "pre-copy"
+            },
+            ready.paused_ms,
+            ready.rounds,
+            ready.bytes_sent as f64 / memory as f64
+        );
+        figures.push((
+            stop_and_copy,
+            [
+                downtime_ms,
+                ready.paused_ms,
+                total_ms,
+                ready.bytes_sent as f64 / memory as f64,
+            ],
+        ));
+        apply_ok(
+            &mut clients[source],
+            &id("delete"),
+            Action::DeleteVm(proto::v1::DeleteVm { name: "mv".into() }),
+        )
+        .await;
+        source = destination;
+    }
+    let column = |stop: bool, i: usize| -> f64 {
+        let mut values: Vec<f64> = figures
+            .iter()
+            .filter(|(s, _)| *s == stop)
+            .map(|(_, f)| f[i])
+            .collect();
+        median(&mut values)
+    };
+    eprintln!(
+        "256 MiB, 5,000 pages/s, medians of {runs}: pre-copy downtime {:.1} ms (paused {:.1} ms, total {:.0} ms, bytes/memory {:.2}); stop-and-copy downtime {:.1} ms; ratio {:.3}",
+        column(false, 0),
+        column(false, 1),
+        column(false, 2),
+        column(false, 3),
+        column(true, 0),
+        column(false, 0) / column(true, 0)
+    );
+    for node in &nodes {
+        crate::harness::kill_vmms_of(&node.data_dir);
+    }
+}

@@ -12,7 +12,7 @@ use tonic::Code;
 
 use crate::harness::{TestNode, apply_ok, controller, request};
 
-fn vmm_binary() -> Option<PathBuf> {
+pub(crate) fn vmm_binary() -> Option<PathBuf> {
     let node = PathBuf::from(env!("CARGO_BIN_EXE_cairn-node"));
     let candidate = node.parent()?.join("cairn-vmm");
     candidate.is_file().then_some(candidate)
