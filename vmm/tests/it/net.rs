@@ -32,7 +32,10 @@ impl TapNamespace {
             eprintln!("skipping {test}: no ping (Debian package iputils-ping)");
             return None;
         }
-        let name = format!("cairn-vmmnet-{}", std::process::id());
+        // One per test: the tests of this binary run side by side in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let index = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("cairn-vmmnet-{}-{index}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
         let made = Command::new("ip")
             .args(["netns", "add", &name])
@@ -263,6 +266,14 @@ fn a_migrated_nic_announces_itself_and_the_bridge_moves_it_to_the_new_tap() {
         .call(&vmm::control::Request::MigrateCommit)
         .expect("commit");
     assert!(committed.ok, "{committed:?}");
+    let moved = crate::support::wait_until(Duration::from_secs(2), || {
+        fdb_port(&namespace, GUEST_MAC).as_deref() == Some("vmtap1")
+    });
+    assert!(
+        moved,
+        "the bridge moved the guest's MAC to the destination's tap: {:?}",
+        fdb_port(&namespace, GUEST_MAC)
+    );
     let mut lines = Vec::new();
     for _ in 0..2 {
         line.clear();
@@ -272,14 +283,6 @@ fn a_migrated_nic_announces_itself_and_the_bridge_moves_it_to_the_new_tap() {
     assert!(
         lines[0].contains("\"announced\"") && lines[0].contains("\"frames\":1"),
         "the destination announced its NIC before it started: {lines:?}"
-    );
-    let moved = crate::support::wait_until(Duration::from_secs(2), || {
-        fdb_port(&namespace, GUEST_MAC).as_deref() == Some("vmtap1")
-    });
-    assert!(
-        moved,
-        "the bridge moved the guest's MAC to the destination's tap: {:?}",
-        fdb_port(&namespace, GUEST_MAC)
     );
     let ping = namespace.run(&format!("ping -c 3 -i 0.2 -W 2 {GUEST_IP}"));
     let report = String::from_utf8_lossy(&ping.stdout);
