@@ -10,6 +10,7 @@ mod dev_cluster;
 mod failover;
 mod netns;
 mod overlay;
+mod overlay_support;
 mod refusal;
 mod steering;
 mod tenant;
