@@ -76,8 +76,12 @@ fn controller_key(ctx: &Ctx) -> anyhow::Result<VerifyingKey> {
 }
 
 fn verify(dir: &Path, state: Option<&Path>, offline: bool) -> anyhow::Result<u8> {
-    let ctx = Ctx::new(dir, state)?;
-    if !ctx.state_path.exists() {
+    // Controller replicas keep the log in etcd (`--state etcd://HOSTS/PREFIX`).
+    let etcd = state
+        .and_then(|s| s.to_str())
+        .filter(|s| s.starts_with("etcd://"));
+    let ctx = Ctx::new(dir, if etcd.is_some() { None } else { state })?;
+    if etcd.is_none() && !ctx.state_path.exists() {
         eprintln!(
             "error: there is no state store at {} (nothing was applied from {} yet, or pass --state PATH)",
             ctx.state_path.display(),
@@ -86,23 +90,28 @@ fn verify(dir: &Path, state: Option<&Path>, offline: bool) -> anyhow::Result<u8>
         return Ok(1);
     }
     let key = controller_key(&ctx)?;
-    let store = reconciler::state::RedbStore::open(&ctx.state_path)?;
-    let records = store.audit_records()?;
+    let (where_, records) = match etcd {
+        Some(url) => {
+            let store = state_etcd::EtcdStore::open(url)?;
+            (store.url().to_owned(), store.audit_records()?)
+        }
+        None => {
+            let store = reconciler::state::RedbStore::open(&ctx.state_path)?;
+            (ctx.state_path.display().to_string(), store.audit_records()?)
+        }
+    };
     let summary = match audit::verify(&records, &key) {
         Ok(s) => s,
         Err(broken) => {
             eprintln!(
-                "error: the audit log in {} is broken at entry {}: {}",
-                ctx.state_path.display(),
-                broken.seq,
-                broken.problem
+                "error: the audit log in {where_} is broken at entry {}: {}",
+                broken.seq, broken.problem
             );
             return Ok(1);
         }
     };
     println!(
-        "audit log {}: intact: {} entries{}, head entry {} hash {}, signed by controller key {}",
-        ctx.state_path.display(),
+        "audit log {where_}: intact: {} entries{}, head entry {} hash {}, signed by controller key {}",
         summary.entries,
         if summary.unchained > 0 {
             format!(

@@ -450,6 +450,20 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
     let mut all = names.clone();
     all.push("app5".into());
     all_running_once(&g, &all, &|| logs(&replicas));
+    // The audit log the three leaders wrote in etcd is one intact chain, signed by the
+    // controller key (`cairn audit verify --state etcd://…`).
+    let verified = crate::cairn(
+        g.dir(),
+        &["audit", "verify", ".", "--state", &url, "--offline"],
+    );
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    assert!(
+        verified
+            .stdout
+            .contains(&format!("audit log {url}: intact:")),
+        "{}",
+        verified.stdout
+    );
     drop(replicas);
     drop(etcd);
 }
