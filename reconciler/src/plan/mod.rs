@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 pub use actions::{NodeAction, PeerRef};
 #[cfg(test)]
-pub(crate) use actions::segment_digest;
+pub(crate) use segments::tests::{desired_with as quickstart_desired, observed_as as segments_converged};
 pub(crate) use segments::segment_diff;
 pub use types::*;
 

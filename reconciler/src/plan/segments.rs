@@ -203,7 +203,7 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use crate::desired::{self, Desired};
@@ -218,14 +218,14 @@ mod tests {
         (compilation.model, root)
     }
 
-    fn desired_with(placement: Option<desired::Placement>) -> Desired {
+    pub(crate) fn desired_with(placement: Option<desired::Placement>) -> Desired {
         let (model, root) = quickstart();
         let placement = placement.unwrap_or_else(|| desired::place(&model, None));
         desired::desired(&model, &root, placement)
     }
 
     /// Every node reachable, with exactly the segments `desired` wants (converged).
-    fn observed_as(desired: &Desired) -> Observed {
+    pub(crate) fn observed_as(desired: &Desired) -> Observed {
         let mut observed = Observed::default();
         for node in desired.nodes.keys() {
             let segments = desired

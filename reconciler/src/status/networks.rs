@@ -274,62 +274,11 @@ pub fn text(nics: &[NicRow], segments: &[SegmentRow]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired;
-    use crate::observe::{ObservedNetworking, ObservedSegment};
-
-    fn quickstart() -> Desired {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-        let sources = compiler::source::Sources::load_dir(&root).unwrap();
-        let c = compiler::compile(&sources);
-        assert!(!c.has_errors(), "{:?}", c.diagnostics);
-        let placement = desired::place(&c.model, None);
-        desired::desired(&c.model, &root, placement)
-    }
-
-    /// Every node answers with the segments `desired` wants, converged.
-    fn converged(desired: &Desired) -> Observed {
-        let mut observed = Observed::default();
-        for node in desired.nodes.keys() {
-            let segments = desired
-                .segments
-                .get(node)
-                .into_iter()
-                .flatten()
-                .map(|(k, s)| {
-                    let have = ObservedSegment {
-                        vni: s.vni,
-                        mtu: s.mtu,
-                        local_vtep: s.local_vtep.clone(),
-                        fdb: s.fdb().into_iter().collect(),
-                        drift: vec![],
-                        definition_digest: crate::plan::segment_digest(s),
-                    };
-                    (k.clone(), have)
-                })
-                .collect();
-            observed.nodes.insert(
-                node.clone(),
-                NodeObservation::Reachable {
-                    public_key_hex: String::new(),
-                    vms: Default::default(),
-                    volumes: Default::default(),
-                    bonds: Default::default(),
-                    networking: ObservedNetworking {
-                        netns: format!("cairn-0123-{node}"),
-                        segments,
-                        ..Default::default()
-                    },
-                    protections: Default::default(),
-                },
-            );
-        }
-        observed
-    }
 
     #[test]
     fn nics_show_address_vni_and_groups_and_segments_their_drift() {
-        let desired = quickstart();
-        let mut observed = converged(&desired);
+        let desired = crate::plan::quickstart_desired(None);
+        let mut observed = crate::plan::segments_converged(&desired);
         let (nics, segments) = rows(&desired, &observed);
         let db = nics.iter().find(|n| n.vm == "db").unwrap();
         assert_eq!(
