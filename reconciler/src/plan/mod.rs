@@ -26,9 +26,11 @@ mod volumes;
 use sha2::{Digest, Sha256};
 
 pub use actions::{NodeAction, PeerRef};
-#[cfg(test)]
-pub(crate) use segments::tests::{desired_with as quickstart_desired, observed_as as segments_converged};
 pub(crate) use segments::segment_diff;
+#[cfg(test)]
+pub(crate) use segments::tests::{
+    desired_with as quickstart_desired, observed_as as segments_converged,
+};
 pub use types::*;
 
 use crate::desired::Desired;
