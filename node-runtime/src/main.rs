@@ -170,9 +170,9 @@ fn main() -> ExitCode {
         netns: args.netns,
         network_disabled: args.network_disabled,
         vm_start_timeout: std::time::Duration::from_millis(args.vm_start_timeout_ms),
-        migration_address: args.migration_address.or_else(|| {
-            Some(args.listen.ip()).filter(|ip| !ip.is_unspecified())
-        }),
+        migration_address: args
+            .migration_address
+            .or_else(|| Some(args.listen.ip()).filter(|ip| !ip.is_unspecified())),
         request_retention: std::time::Duration::from_secs(args.request_retention),
         lease: args
             .lease_from
