@@ -57,7 +57,7 @@ pub use engine::{EngineKind, FileEngine, IoOp};
 pub use error::{Result, StorageError};
 pub use replication::{ApplyOutcome, RepairData, ReplicaOp, ReplicaPayload};
 pub use store::{
-    BLOCK_SIZE, BadBlock, DiskInfo, DiskSource, Location, MAX_IO, MAX_STRIPE_UNIT,
+    BLOCK_SIZE, BadBlock, ChangedUnits, DiskInfo, DiskSource, Location, MAX_IO, MAX_STRIPE_UNIT,
     MAX_STRIPE_WIDTH, MIN_STRIPE_UNIT, RecoveryReport, Snapshot, SnapshotInfo, Store, StoreOptions,
     Volume, VolumeInfo, VolumeSpec, WriteReceipt,
 };

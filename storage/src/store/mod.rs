@@ -43,7 +43,7 @@ use redb::Database;
 use crate::engine::{EngineKind, FileEngine};
 use crate::error::{Result, StorageError};
 
-pub use layers::Snapshot;
+pub use layers::{ChangedUnits, Snapshot};
 use state::State;
 pub use volume::Volume;
 

@@ -310,3 +310,52 @@ fn deleting_a_middle_snapshot_keeps_its_neighbours() {
     assert!(buf == a);
     check_read(&vol, 0, &c);
 }
+
+/// The units a delta between two snapshots must consider: exactly those written (or
+/// trimmed) in between, also after the snapshot in the middle was deleted (its layer
+/// folded into the next); the first delta is every unit with data.
+#[test]
+fn changed_units_between_snapshots_are_the_units_written_in_between() {
+    const UNIT: u64 = 64 * KIB;
+    let (_dir, store) = store_with_disks(2, 16 * MIB, EngineKind::Auto);
+    let vol = store.create_volume(&spec("v", 16 * UNIT, UNIT, 2)).unwrap();
+    vol.write_at(0, &pattern(50, (3 * UNIT) as usize)).unwrap();
+    store.create_snapshot("v", "a").unwrap();
+    vol.write_at(5 * UNIT, &pattern(51, UNIT as usize)).unwrap();
+    vol.write_at(UNIT, &pattern(52, 4096)).unwrap();
+    store.create_snapshot("v", "b").unwrap();
+    vol.trim(0, UNIT).unwrap();
+    vol.trim(10 * UNIT, UNIT).unwrap();
+    vol.write_at(2 * UNIT, &pattern(53, 4096)).unwrap();
+    store.create_snapshot("v", "c").unwrap();
+    vol.write_at(7 * UNIT, &pattern(54, 4096)).unwrap();
+
+    let units =
+        |base: Option<&str>, snap: &str| store.changed_units("v", base, snap).unwrap().units;
+    assert_eq!(
+        units(None, "a"),
+        vec![0, 1, 2],
+        "the first delta is all the data"
+    );
+    assert_eq!(units(Some("a"), "b"), vec![1, 5]);
+    assert_eq!(
+        units(Some("b"), "c"),
+        vec![0, 2],
+        "a trimmed unit that held data is a change; one that never did is not"
+    );
+    assert_eq!(units(Some("a"), "c"), vec![0, 1, 2, 5]);
+    let err = store.changed_units("v", Some("c"), "a").unwrap_err();
+    assert!(err.to_string().contains("not older"), "{err}");
+    store.delete_snapshot("v", "b").unwrap();
+    assert_eq!(
+        units(Some("a"), "c"),
+        vec![0, 1, 2, 5],
+        "b's layer folded into c's"
+    );
+    let info = store.changed_units("v", None, "c").unwrap();
+    assert_eq!((info.unit_bytes, info.size), (UNIT, 16 * UNIT));
+    assert!(matches!(
+        store.changed_units("v", Some("zz"), "c"),
+        Err(StorageError::UnknownSnapshot { .. })
+    ));
+}
