@@ -2,7 +2,7 @@
 //! names is made, changed or repaired; segments the node keeps that are no longer
 //! wanted there are deleted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::build::Builder;
 use super::{Change, ChangeKind, LeftAlone, NodeAction};
@@ -89,6 +89,31 @@ pub(crate) fn segment_diff(want: &DesiredSegment, have: &ObservedSegment) -> Vec
 pub(super) fn plan_segments(b: &mut Builder<'_>) {
     let desired = b.desired;
     let empty = Default::default();
+    // A VM still in the specs that cannot be placed now keeps running where it runs
+    // (`plan_vm_deletes`), but the wanted segments no longer count it: changing or
+    // deleting its tenant's segments would cut a running VM off its network. Until
+    // the specs give it room, its tenant's segments are only ever created, never
+    // changed or deleted.
+    let mut frozen: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for left in b.left_alone.iter().filter(|l| l.object == "vm") {
+        if desired.vms.contains_key(&left.name) || !desired.unplaced.contains_key(&left.name) {
+            continue;
+        }
+        if let Some(tenant) = desired.tenants.get(&left.name) {
+            frozen
+                .entry(tenant.clone())
+                .or_default()
+                .push(left.name.clone());
+        }
+    }
+    let frozen_reason = |tenant: &str| {
+        frozen.get(tenant).map(|vms| {
+            format!(
+                "VM {} of its tenant cannot be placed now and runs on; its network stays as it is until the specs give it room",
+                vms.join(", ")
+            )
+        })
+    };
     let nodes: BTreeSet<&String> = desired
         .segments
         .keys()
@@ -156,6 +181,17 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
                 });
                 continue;
             }
+            if kind == ChangeKind::Update
+                && let Some(reason) = frozen_reason(&want.tenant)
+            {
+                b.left_alone.push(LeftAlone {
+                    object: "segment".into(),
+                    name: want.key(),
+                    node: node.clone(),
+                    reason,
+                });
+                continue;
+            }
             firewall_repaired = true;
             let step = b.step(
                 node,
@@ -183,6 +219,15 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
                 continue;
             }
             let (tenant, network) = key.split_once('/').unwrap_or(("", key.as_str()));
+            if let Some(reason) = frozen_reason(tenant) {
+                b.left_alone.push(LeftAlone {
+                    object: "segment".into(),
+                    name: key.clone(),
+                    node: node.clone(),
+                    reason,
+                });
+                continue;
+            }
             let depends = b.deleted_vm_steps.get(node).cloned().unwrap_or_default();
             let step = b.step(
                 node,
@@ -512,6 +557,87 @@ pub(crate) mod tests {
             }
         }
         assert!(segment_changes(&plan(&changed, &old, "r10")).is_empty());
+    }
+
+    /// A spec mistake that leaves a running VM unplaced (the CI failure of session 10:
+    /// three web VMs made too big) must not change or delete its tenant's segments:
+    /// that would cut the VM, which keeps running, off its network.
+    #[test]
+    fn a_running_vm_that_cannot_be_placed_keeps_its_network_as_it_is() {
+        let before = desired_with(None);
+        let was = before.vms["web-0"].node.clone();
+        let mut observed = observed_as(&before);
+        let wire = proto::v1::ObserveResponse {
+            vms: vec![proto::v1::VmStatus {
+                name: "web-0".into(),
+                state: proto::v1::VmState::Running as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let NodeObservation::Reachable { vms: running, .. } =
+            crate::observe::from_wire(String::new(), wire)
+        else {
+            unreachable!("from_wire always answers Reachable")
+        };
+        let Some(NodeObservation::Reachable { vms, .. }) = observed.nodes.get_mut(&was) else {
+            panic!("{was} is observed")
+        };
+        vms.extend(running);
+        // The placer, as it answers when web-0 no longer fits: web-0 unplaced, and
+        // dev-net only on the nodes its other VMs are on.
+        let mut placement = before.placement.clone();
+        placement.vms.retain(|v| v.name != "web-0");
+        placement.unplaced.push(compiler::place::Unplaced {
+            name: "web-0".into(),
+            tenant: "dev".into(),
+            site: "lab".into(),
+            previous_node: None,
+            reasons: vec![],
+        });
+        let still: BTreeMap<String, ()> = placement
+            .vms
+            .iter()
+            .filter(|v| v.tenant == "dev")
+            .map(|v| (v.node.clone(), ()))
+            .collect();
+        for n in placement.networks.iter_mut().filter(|n| n.tenant == "dev") {
+            n.nodes.retain(|node| still.contains_key(node));
+        }
+        let after = desired_with(Some(placement));
+        assert!(after.unplaced.contains_key("web-0"));
+        // Without the guard, this desired state changes dev-net: web-0's entries
+        // go from the other nodes (and its node's segment, if no other dev VM is there).
+        let unguarded = plan(&after, &observed_as(&before), "r4");
+        assert!(
+            segment_changes(&unguarded)
+                .values()
+                .any(|(k, _)| matches!(k, ChangeKind::Update | ChangeKind::Delete)),
+            "the case must be one that would change the segments: {:?}",
+            unguarded.changes
+        );
+        let p = plan(&after, &observed, "r4");
+        assert!(
+            p.left_alone
+                .iter()
+                .any(|l| l.object == "vm" && l.name == "web-0"),
+            "{:?}",
+            p.left_alone
+        );
+        let changes = segment_changes(&p);
+        assert!(
+            changes
+                .iter()
+                .all(|((_, key), (k, _))| *k == ChangeKind::Create || !key.starts_with("dev/")),
+            "{changes:?}"
+        );
+        let kept: Vec<_> = p
+            .left_alone
+            .iter()
+            .filter(|l| l.object == "segment" && l.name == "dev/dev-net")
+            .collect();
+        assert!(!kept.is_empty(), "{:?}", p.left_alone);
+        assert!(kept.iter().all(|l| l.reason.contains("web-0")), "{kept:?}");
     }
 
     #[test]
