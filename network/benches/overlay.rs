@@ -164,6 +164,7 @@ fn security_group_change() {
                 tap: db.tap.clone(),
                 ipv4: Some(db.ip),
                 rules: rules.clone(),
+                dhcp_server: None,
             }],
             zones: vec![
                 Zone {

@@ -38,6 +38,7 @@
 pub mod announce;
 pub mod bond;
 pub mod dev_cluster;
+pub mod dhcp;
 pub mod drift;
 pub mod failover;
 pub mod inventory;

@@ -145,6 +145,11 @@ pub struct GuardedNic {
     pub ipv4: Option<Ipv4Addr>,
     /// The allow rules of every group it lists, in order.
     pub rules: Vec<AllowRule>,
+    /// Its network's DHCP server (the gateway, where cairn serves DHCP): its answers
+    /// (UDP 67 to 68) are admitted, since a DHCP exchange is not one connection to
+    /// conntrack (the request goes to the broadcast address).
+    #[serde(default)]
+    pub dhcp_server: Option<Ipv4Addr>,
 }
 
 /// A tenant network's ports on this node and its conntrack zone.
@@ -354,6 +359,21 @@ fn desired(spec: &FirewallSpec) -> (Vec<Chain>, Vec<Rule>) {
         };
         push(established(), "accept established, related".into());
         push(invalid_drop(), "drop invalid".into());
+        if let Some(server) = nic.dhcp_server {
+            push(
+                json!([
+                    eq(
+                        json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+                        json!(server.to_string()),
+                    ),
+                    eq(json!({"meta": {"key": "l4proto"}}), json!("udp")),
+                    eq(json!({"payload": {"protocol": "th", "field": "sport"}}), json!(67)),
+                    eq(json!({"payload": {"protocol": "th", "field": "dport"}}), json!(68)),
+                    {"accept": null}
+                ]),
+                format!("accept DHCP answers from {server}"),
+            );
+        }
         for r in &nic.rules {
             push(allow_expr(r, None), r.to_string());
         }
@@ -880,11 +900,13 @@ mod tests {
                     tap: "ctb".into(),
                     ipv4: None,
                     rules: vec![],
+                    dhcp_server: None,
                 },
                 GuardedNic {
                     tap: "cta".into(),
                     ipv4: None,
                     rules: vec![],
+                    dhcp_server: None,
                 },
             ],
             zones: vec![],

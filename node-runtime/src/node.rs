@@ -434,8 +434,9 @@ impl Node {
         let definitions = self.vms.definitions().await;
         let netns = self.bonds.netns().clone();
         let wanted = segment.clone();
+        let dhcp_dir = self.segments.dhcp_dir();
         tokio::task::spawn_blocking(move || {
-            crate::segments::apply_blocking(&netns, &wanted, &all, &definitions)
+            crate::segments::apply_blocking(&netns, &dhcp_dir, &wanted, &all, &definitions)
         })
         .await
         .map_err(crate::segments::internal)??;
@@ -460,8 +461,16 @@ impl Node {
         let definitions = self.vms.definitions().await;
         let netns = self.bonds.netns().clone();
         let (tenant, network) = (delete.tenant.clone(), delete.network.clone());
+        let dhcp_dir = self.segments.dhcp_dir();
         tokio::task::spawn_blocking(move || {
-            crate::segments::remove_blocking(&netns, &tenant, &network, &remaining, &definitions)
+            crate::segments::remove_blocking(
+                &netns,
+                &dhcp_dir,
+                &tenant,
+                &network,
+                &remaining,
+                &definitions,
+            )
         })
         .await
         .map_err(crate::segments::internal)?
@@ -481,8 +490,9 @@ impl Node {
         }
         let definitions = self.vms.definitions().await;
         let netns = self.bonds.netns().clone();
+        let dhcp_dir = self.segments.dhcp_dir();
         tokio::task::spawn_blocking(move || {
-            crate::segments::program_blocking(&netns, &all, &definitions)
+            crate::segments::program_blocking(&netns, &dhcp_dir, &all, &definitions)
         })
         .await
         .map_err(crate::segments::internal)?
@@ -515,8 +525,9 @@ impl Node {
         }
         let definitions = definitions.clone();
         let netns = self.bonds.netns().clone();
+        let dhcp_dir = self.segments.dhcp_dir();
         tokio::task::spawn_blocking(move || {
-            crate::segments::statuses_blocking(&netns, &all, &definitions)
+            crate::segments::statuses_blocking(&netns, &dhcp_dir, &all, &definitions)
         })
         .await
         .unwrap_or_else(|error| {

@@ -19,6 +19,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use network::NetNs;
+use network::dhcp::{self, DhcpHost, DhcpSpec};
 use network::overlay::{self, Gateway, RemoteNic, SegmentSpec};
 use network::secgroup::{self, AllowRule, FirewallSpec, GuardedNic, Prefix, Proto, Zone};
 use network::tenant::vm_tap_name;
@@ -102,6 +103,11 @@ impl Segments {
     /// Every definition, by tenant and network.
     pub async fn all(&self) -> Vec<v1::ApplyNetworkSegment> {
         self.defs.lock().await.values().cloned().collect()
+    }
+
+    /// Where the DHCP servers' files live (`<data dir>/segments/dhcp`).
+    pub fn dhcp_dir(&self) -> PathBuf {
+        self.dir.join("dhcp")
     }
 }
 
@@ -296,6 +302,7 @@ pub fn firewall_spec(
                 tap,
                 ipv4: g.ipv4.parse().ok(),
                 rules: rules_of(g),
+                dhcp_server: seg.gateway.parse().ok(),
             });
         }
     }
@@ -414,11 +421,80 @@ pub fn definition_digest(seg: &v1::ApplyNetworkSegment) -> String {
         .collect()
 }
 
-/// Converges `seg` (blocking: netlink, `ip`, `nft`), then the tenant's router rules
-/// and the node's security groups over `all` (which includes `seg`). With an
-/// underlay request the node's underlay address is made on the bond first.
+/// The DHCP server of `seg` on this node, when it has a gateway (DHCP is served
+/// from the gateway address in the tenant's router namespace; a network without a
+/// gateway has no DHCP). Static leases: every NIC of the network with an address,
+/// the VMs defined here (MAC as cairn-vmm gives it) and the `remotes`.
+pub fn dhcp_spec(
+    seg: &v1::ApplyNetworkSegment,
+    mtu: u32,
+    definitions: &BTreeMap<String, v1::CreateVm>,
+) -> Option<DhcpSpec> {
+    let gateway: Ipv4Addr = seg.gateway.parse().ok()?;
+    let prefix_len = u8::try_from(seg.prefix_len).ok().filter(|l| *l <= 32)?;
+    let mut hosts = Vec::new();
+    for def in definitions.values().filter(|d| d.tenant == seg.tenant) {
+        for (i, nic) in def.nics.iter().enumerate() {
+            if nic.network != seg.network {
+                continue;
+            }
+            let (Ok(ipv4), Some(mac)) = (
+                nic.ipv4.parse::<Ipv4Addr>(),
+                overlay::parse_mac(&crate::vm_nics::mac(&def.name, i)),
+            ) else {
+                continue;
+            };
+            hosts.push(DhcpHost {
+                mac,
+                ipv4,
+                name: def.name.clone(),
+            });
+        }
+    }
+    for r in &seg.remotes {
+        if let (Ok(ipv4), Some(mac)) = (r.ipv4.parse::<Ipv4Addr>(), overlay::parse_mac(&r.mac)) {
+            hosts.push(DhcpHost {
+                mac,
+                ipv4,
+                name: r.vm.clone(),
+            });
+        }
+    }
+    hosts.sort();
+    hosts.dedup_by(|a, b| a.mac == b.mac);
+    Some(DhcpSpec {
+        tenant: seg.tenant.clone(),
+        network: seg.network.clone(),
+        gateway,
+        prefix_len,
+        mtu,
+        hosts,
+    })
+}
+
+/// The DHCP servers wanted on this node: one per segment with a gateway.
+fn dhcp_specs(
+    netns: &NetNs,
+    all: &[v1::ApplyNetworkSegment],
+    definitions: &BTreeMap<String, v1::CreateVm>,
+) -> Vec<DhcpSpec> {
+    all.iter()
+        .filter_map(|seg| {
+            let mtu = segment_spec(seg, underlay_mtu(netns, &seg.local_vtep))
+                .ok()?
+                .mtu;
+            dhcp_spec(seg, mtu, definitions)
+        })
+        .collect()
+}
+
+/// Converges `seg` (blocking: netlink, `ip`, `nft`), then the tenant's router rules,
+/// the node's security groups and the DHCP servers over `all` (which includes
+/// `seg`). With an underlay request the node's underlay address is made on the bond
+/// first.
 pub fn apply_blocking(
     netns: &NetNs,
+    dhcp_dir: &Path,
     seg: &v1::ApplyNetworkSegment,
     all: &[v1::ApplyNetworkSegment],
     definitions: &BTreeMap<String, v1::CreateVm>,
@@ -433,13 +509,18 @@ pub fn apply_blocking(
         );
     }
     done.extend(overlay::apply_segment(netns, &spec).map_err(|e| failed(netns, seg, e))?);
-    done.extend(program_blocking(netns, all, definitions).map_err(|e| failed(netns, seg, e))?);
+    done.extend(
+        program_blocking(netns, dhcp_dir, all, definitions).map_err(|e| failed(netns, seg, e))?,
+    );
     Ok(done)
 }
 
-/// Converges every tenant router's rules and the node's security groups.
+/// Converges every tenant router's rules, the node's security groups and the DHCP
+/// servers (started, reloaded or restarted as their segment changed; stopped for a
+/// network that has none any more).
 pub fn program_blocking(
     netns: &NetNs,
+    dhcp_dir: &Path,
     all: &[v1::ApplyNetworkSegment],
     definitions: &BTreeMap<String, v1::CreateVm>,
 ) -> Result<Vec<String>, network::NetworkError> {
@@ -463,12 +544,26 @@ pub fn program_blocking(
         netns,
         &firewall_spec(all, definitions),
     )?);
+    let wanted = dhcp_specs(netns, all, definitions);
+    for (tenant, network) in dhcp::configured(dhcp_dir) {
+        if !wanted
+            .iter()
+            .any(|d| d.tenant == tenant && d.network == network)
+        {
+            done.extend(dhcp::stop_dhcp(dhcp_dir, &tenant, &network));
+        }
+    }
+    for spec in &wanted {
+        done.extend(dhcp::converge_dhcp(netns, dhcp_dir, spec)?);
+    }
     Ok(done)
 }
 
-/// Each segment as read back, and the node's security-group drift.
+/// Each segment as read back (its DHCP server's drift included), and the node's
+/// security-group drift.
 pub fn statuses_blocking(
     netns: &NetNs,
+    dhcp_dir: &Path,
     all: &[v1::ApplyNetworkSegment],
     definitions: &BTreeMap<String, v1::CreateVm>,
 ) -> (Vec<v1::NetworkSegmentStatus>, Vec<String>) {
@@ -525,6 +620,11 @@ pub fn statuses_blocking(
                 }
                 Err(e) => status.drift.push(format!("cannot read the segment: {e}")),
             }
+            if let Some(dhcp) = dhcp_spec(seg, spec.mtu, definitions) {
+                status
+                    .drift
+                    .extend(dhcp::dhcp_drift(netns, dhcp_dir, &dhcp));
+            }
             status
         })
         .collect();
@@ -537,16 +637,20 @@ pub fn statuses_blocking(
 /// its last segment on the node.
 pub fn remove_blocking(
     netns: &NetNs,
+    dhcp_dir: &Path,
     tenant: &str,
     network: &str,
     remaining: &[v1::ApplyNetworkSegment],
     definitions: &BTreeMap<String, v1::CreateVm>,
 ) -> Result<(), network::NetworkError> {
+    // Its DHCP server first: a process inside the router namespace would keep it
+    // alive after its file is gone.
+    dhcp::stop_dhcp(dhcp_dir, tenant, network);
     overlay::remove_segment(netns, tenant, network)?;
     if !remaining.iter().any(|s| s.tenant == tenant) {
         overlay::remove_router(netns, tenant)?;
     }
-    program_blocking(netns, remaining, definitions).map(|_| ())
+    program_blocking(netns, dhcp_dir, remaining, definitions).map(|_| ())
 }
 
 #[cfg(test)]

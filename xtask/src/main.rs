@@ -43,6 +43,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     // real etcd; the etcd-client crate's build compiles etcd's protos with protoc.
     ("etcd", "etcd-server"),
     ("protoc", "protobuf-compiler"),
+    // Tenant networks' DHCP: cairn-node runs dnsmasq per network (issue 19); the
+    // tests' probe "VMs" ask for leases with busybox's udhcpc.
+    ("/usr/sbin/dnsmasq", "dnsmasq-base"),
+    ("busybox", "busybox"),
     // protoc alone has no well-known types: etcd-client's protos import
     // google/protobuf/descriptor.proto (a fresh machine failed the build without it).
     (

@@ -7,6 +7,7 @@ mod announce_v6;
 mod bond;
 mod common;
 mod dev_cluster;
+mod dhcp;
 mod failover;
 mod netns;
 mod overlay;

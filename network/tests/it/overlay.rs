@@ -220,6 +220,7 @@ fn a_security_group_admits_only_its_sources_and_repairs_deleted_rules() {
                 tap: db.tap.clone(),
                 ipv4: Some(db.ip),
                 rules: rules.clone(),
+                dhcp_server: None,
             }],
             zones: vec![zone("db", db_ports), zone("app", seg_ports("app"))],
         };

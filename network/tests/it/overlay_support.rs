@@ -109,34 +109,13 @@ pub fn probe(
     let mac = probe_mac(name);
     let node_ns = ns.name().unwrap().to_owned();
     let gw = Ipv4Addr::new(ip.octets()[0], ip.octets()[1], ip.octets()[2], 1).to_string();
-    ok(&[
-        "ip", "-n", &node_ns, "link", "add", &tap, "mtu", "1450", "type", "veth", "peer", "name",
-        "eth0", "netns", &netns,
-    ]);
-    ok(&[
-        "ip",
-        "-n",
+    attach_nic(
         &node_ns,
-        "link",
-        "set",
         &tap,
-        "master",
-        &tenant_bridge_name(tenant, network),
-        "up",
-    ]);
-    ok(&[
-        "ip",
-        "-n",
         &netns,
-        "link",
-        "set",
-        "eth0",
-        "address",
-        &format_mac(&mac),
-        "mtu",
-        "1450",
-        "up",
-    ]);
+        &tenant_bridge_name(tenant, network),
+        &mac,
+    );
     ok(&[
         "ip",
         "-n",
@@ -154,6 +133,31 @@ pub fn probe(
         mac,
         ip,
     }
+}
+
+/// A veth from the node namespace's `bridge` (node side named `tap`, like a VM's
+/// tap) to `eth0` in `netns` with `mac`, MTU 1450, both up.
+pub fn attach_nic(node_ns: &str, tap: &str, netns: &str, bridge: &str, mac: &[u8; 6]) {
+    ok(&[
+        "ip", "-n", node_ns, "link", "add", tap, "mtu", "1450", "type", "veth", "peer", "name",
+        "eth0", "netns", netns,
+    ]);
+    ok(&[
+        "ip", "-n", node_ns, "link", "set", tap, "master", bridge, "up",
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        netns,
+        "link",
+        "set",
+        "eth0",
+        "address",
+        &format_mac(mac),
+        "mtu",
+        "1450",
+        "up",
+    ]);
 }
 
 pub fn remove_probe(c: &Cluster, node: usize, p: &Probe) {
