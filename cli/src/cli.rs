@@ -115,6 +115,11 @@ pub enum Command {
         /// file) instead of asking the nodes; uses no state store (offline review, tests).
         #[arg(long, value_name = "FILE", conflicts_with = "out")]
         observed: Option<PathBuf>,
+        /// Move running VMs cold (stop, delete, create, start on the new node) instead
+        /// of live: without it, moving a running VM is one `migrate_vm` step (a live
+        /// migration; it runs on its old node until the commit).
+        #[arg(long)]
+        cold: bool,
         /// State store file (default: DIR/.cairn/state.redb).
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
@@ -130,6 +135,12 @@ pub enum Command {
         /// Node actions in flight at once.
         #[arg(long, default_value_t = 8)]
         parallelism: usize,
+        /// Move running VMs cold (stop, delete, create, start on the new node) instead
+        /// of live: without it, moving a running VM is one `migrate_vm` step (a live
+        /// migration; it runs on its old node until the commit). A plan file keeps
+        /// the steps it was made with.
+        #[arg(long)]
+        cold: bool,
         /// State store file (default: DIR/.cairn/state.redb).
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
@@ -290,7 +301,9 @@ pub enum Command {
 pub enum NodeCommand {
     /// Put a node in maintenance (no VM is placed on it any more: new VMs, HA
     /// restarts and crash moves go elsewhere; its volume copies are moved live to
-    /// other nodes; the VMs on it stay and are named) or take it out.
+    /// other nodes; its running diskless VMs migrate live to other nodes, at most
+    /// the site's max-moves and each group's max-unavailable at a time, in the order
+    /// the plan shows; VMs with disks stay and are named) or take it out.
     Maintenance {
         /// The node (as the applied commit names it).
         node: String,
@@ -655,6 +668,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             detailed_exitcode,
             concise,
             observed,
+            cold,
             state,
         } => crate::commands::plan_cmd(crate::commands::PlanArgs {
             dir,
@@ -664,11 +678,13 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             detailed_exitcode,
             concise,
             observed,
+            cold,
         }),
         Command::Apply {
             target,
             auto_approve,
             parallelism,
+            cold,
             state,
         } => {
             if let Some(why) = controller::control::manual_apply_refusal(
@@ -682,6 +698,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 state,
                 auto_approve,
                 parallelism,
+                cold,
             })
         }
         Command::Status {

@@ -71,15 +71,25 @@ fn plan_against(
     observed: Observed,
     previous: &Placement,
     protected_before: std::collections::BTreeSet<String>,
+    cold: bool,
 ) -> Planned {
-    pipeline::plan_against(
+    pipeline::plan_against_with(
         loaded.model(),
         &loaded.ctx.spec_root,
         &loaded.revision,
         observed,
         previous,
         protected_before,
+        &move_options(cold),
     )
+}
+
+/// The plan options of `cairn plan`/`apply`: `--cold` moves running VMs cold.
+fn move_options(cold: bool) -> reconciler::plan::PlanOptions {
+    reconciler::plan::PlanOptions {
+        cold,
+        ..Default::default()
+    }
 }
 
 /// Observes and plans.
@@ -87,13 +97,15 @@ async fn make_plan(
     loaded: &Loaded,
     store: &dyn StateStore,
     nodes: &GrpcNodes,
+    cold: bool,
 ) -> Result<Planned, PipelineError> {
-    pipeline::plan_revision(
+    pipeline::plan_revision_with(
         loaded.model(),
         &loaded.ctx.spec_root,
         &loaded.revision,
         store,
         nodes,
+        &move_options(cold),
     )
     .await
 }
@@ -231,6 +243,8 @@ pub struct PlanArgs {
     pub concise: bool,
     /// A recorded observation to plan against (no nodes, no state store).
     pub observed: Option<PathBuf>,
+    /// Move running VMs cold instead of live.
+    pub cold: bool,
 }
 
 fn print_plan(plan: &Plan, format: Format, concise: bool) -> anyhow::Result<()> {
@@ -261,7 +275,7 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
             }
         };
         let previous = placement_from_observed(&observed);
-        let planned = plan_against(&loaded, observed, &previous, Default::default());
+        let planned = plan_against(&loaded, observed, &previous, Default::default(), args.cold);
         print_unplaced(&loaded, &planned.desired.placement)?;
         print_plan(&planned.plan, args.format, args.concise)?;
         return Ok(plan_exit(&planned.plan, args.detailed_exitcode));
@@ -270,7 +284,7 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
     let identity = loaded.ctx.identity()?;
     let nodes = GrpcNodes::new(loaded.ctx.signer()?);
     let started = Instant::now();
-    let planned = runtime()?.block_on(make_plan(&loaded, &store, &nodes))?;
+    let planned = runtime()?.block_on(make_plan(&loaded, &store, &nodes, args.cold))?;
     let millis = started.elapsed().as_millis();
     print_unplaced(&loaded, &planned.desired.placement)?;
     print_plan(&planned.plan, args.format, args.concise)?;
@@ -322,6 +336,8 @@ pub struct ApplyArgs {
     pub auto_approve: bool,
     /// Steps in flight.
     pub parallelism: usize,
+    /// Move running VMs cold instead of live.
+    pub cold: bool,
 }
 
 /// Releases the apply lock when dropped.
@@ -376,7 +392,7 @@ pub fn apply_cmd(args: ApplyArgs) -> anyhow::Result<u8> {
     let _lock = take_lock(&store, &command)?;
     let rt = runtime()?;
     let interrupted = rt.block_on(settle_interrupted(&store, &nodes))?;
-    let planned = rt.block_on(make_plan(&loaded, &store, &nodes))?;
+    let planned = rt.block_on(make_plan(&loaded, &store, &nodes, args.cold))?;
     let plan = &planned.plan;
     if let Some(i) = &interrupted {
         print!("{}", i.describe());

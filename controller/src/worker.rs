@@ -1323,6 +1323,7 @@ impl Worker {
                     disk_writers: tended.disk_writers.clone(),
                     maintenance: self.shared.maintenance.nodes(),
                     preempted: preempted.clone(),
+                    ..Default::default()
                 },
             )
         });

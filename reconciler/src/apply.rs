@@ -238,8 +238,19 @@ pub async fn apply<N: NodeApi>(
             if !records.is_empty() {
                 store.journal_many(execution_id, &records)?;
             }
+            // A live migration runs here, not as a task: it writes its commit record
+            // to the store (`crate::migrate`). The tasks in flight go on meanwhile.
+            let mut inline = vec![];
             for (step, attempts) in starting {
                 let id = request_id(execution_id, step.id);
+                if matches!(step.action, crate::plan::NodeAction::MigrateVm { .. }) {
+                    let sent = Instant::now();
+                    let result = crate::migrate::run(&step, &id, store, nodes)
+                        .await
+                        .map(|()| false);
+                    inline.push(Ok((step, attempts + 1, result, sent.elapsed())));
+                    continue;
+                }
                 let nodes = nodes.clone();
                 tasks.spawn(async move {
                     let sent = Instant::now();
@@ -254,11 +265,14 @@ pub async fn apply<N: NodeApi>(
                     (step, attempts + 1, result, sent.elapsed())
                 });
             }
-            let Some(joined) = tasks.join_next().await else {
-                break;
-            };
+            let mut joined = inline;
+            if joined.is_empty() {
+                let Some(next) = tasks.join_next().await else {
+                    break;
+                };
+                joined.push(next);
+            }
             // Every outcome that is in is journaled in one transaction.
-            let mut joined = vec![joined];
             while let Some(more) = tasks.try_join_next() {
                 joined.push(more);
             }
@@ -333,25 +347,39 @@ pub async fn settle<N: NodeApi>(
             continue;
         };
         let what = describe(step);
-        let answer = nodes
-            .get_outcome(&step.node, &step.address, &record.request_id)
-            .await;
-        let outcome = match answer {
-            Ok(a) => a.outcome(),
-            Err(e) => {
-                settled.unknown.push(format!("{what}: {e}"));
-                continue;
+        // A migration: its record decides (finished if it names the destination,
+        // else given up: the source resumes). Any other step: its node's outcome.
+        let done = if matches!(step.action, crate::plan::NodeAction::MigrateVm { .. }) {
+            crate::migrate::settle_step(step, &record.request_id, store, nodes)
+                .await?
+                .map_err(Some)
+        } else {
+            match nodes
+                .get_outcome(&step.node, &step.address, &record.request_id)
+                .await
+            {
+                Ok(a) if a.outcome() == proto::v1::Outcome::Succeeded => Ok(()),
+                Ok(_) => Err(None),
+                Err(e) => {
+                    settled.unknown.push(format!("{what}: {e}"));
+                    continue;
+                }
             }
         };
-        let (status, error) = if outcome == proto::v1::Outcome::Succeeded {
-            settled.done += 1;
-            (StepStatus::Succeeded, None)
-        } else {
-            settled.not_done += 1;
-            (
-                StepStatus::Abandoned,
-                Some("interrupted before its node carried it out; not sent again".to_owned()),
-            )
+        let (status, error) = match done {
+            Ok(()) => {
+                settled.done += 1;
+                (StepStatus::Succeeded, None)
+            }
+            Err(why) => {
+                settled.not_done += 1;
+                (
+                    StepStatus::Abandoned,
+                    Some(why.unwrap_or_else(|| {
+                        "interrupted before its node carried it out; not sent again".to_owned()
+                    })),
+                )
+            }
         };
         store.journal(
             execution_id,

@@ -27,6 +27,7 @@ pub mod desired;
 pub mod drift;
 pub mod epochs;
 pub mod images;
+pub mod migrate;
 pub mod nodes;
 pub mod observe;
 pub mod pipeline;

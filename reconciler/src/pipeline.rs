@@ -241,7 +241,11 @@ pub fn plan_against_with(
         })
         .map(|(volume, writer)| (volume.clone(), writer.clone()))
         .collect();
-    let plan = plan_with(&desired, &observed, revision, options);
+    let options = PlanOptions {
+        drain_after: drain_order(model, previous, &desired.placement, options),
+        ..options.clone()
+    };
+    let plan = plan_with(&desired, &observed, revision, &options);
     Planned {
         desired,
         observed,
@@ -390,9 +394,11 @@ pub fn move_preempted(
 /// placement put on one where `previous` did not have it there (a new VM, an HA
 /// restart, a crash move) goes where the placement with those nodes (and the failed
 /// ones) out of service puts it, with its new volumes; when that has no room for
-/// it, it is unplaced, saying why. The VMs already on a node in maintenance stay
-/// (there is no live migration: the operator moves them), and nothing else moves.
-/// Returns the VMs it kept off.
+/// it, it is unplaced, saying why. The diskless VMs already on a node in maintenance
+/// are drained: placed elsewhere the same way (a live migration when they run), or
+/// left where they are when no other node has room; those with disks stay (their
+/// writer cannot be handed over yet). Nothing else moves. Returns the VMs it kept
+/// off or drained.
 pub fn keep_off(
     model: &compiler::Model,
     previous: &Placement,
@@ -407,11 +413,16 @@ pub fn keep_off(
         .iter()
         .map(|v| (v.name.as_str(), v.node.as_str()))
         .collect();
+    // A new VM or one moved there, and (the drain) a diskless VM that was there:
+    // its move is a live migration when it runs (`plan::vms`). A VM with disks stays:
+    // its volumes' writer would have to be handed over at the commit first.
     let landed: Vec<String> = placement
         .vms
         .iter()
         .filter(|v| {
-            maintenance.contains(&v.node) && before.get(v.name.as_str()) != Some(&v.node.as_str())
+            maintenance.contains(&v.node)
+                && (before.get(v.name.as_str()) != Some(&v.node.as_str())
+                    || model.vm(&v.name).is_some_and(|m| m.disks.is_empty()))
         })
         .map(|v| v.name.clone())
         .collect();
@@ -431,18 +442,48 @@ pub fn keep_off(
         site.ha_reserve_nodes = 0;
     }
     let elsewhere = desired::place_without(&relaxed, previous, &out, &options.disk_writers);
+    let mut drain_to: Option<Placement> = None;
     for vm in &landed {
         let Some(at) = placement.vms.iter().position(|v| v.name == *vm) else {
             continue;
         };
         let there = placement.vms[at].node.clone();
         let new = !before.contains_key(vm.as_str());
+        let drained = before.get(vm.as_str()) == Some(&there.as_str());
+        // A drained VM goes where the placement with those nodes out puts it (not
+        // `place_without`, which keeps a VM that is not HA where it was).
+        let fits = if drained {
+            drain_to
+                .get_or_insert_with(|| {
+                    compiler::place::place(
+                        &relaxed,
+                        &compiler::place::PlaceOptions {
+                            previous: Some(previous.clone()),
+                            failed: compiler::place::FailureSet {
+                                nodes: out.clone(),
+                                ..Default::default()
+                            },
+                        },
+                        None,
+                    )
+                })
+                .vms
+                .iter()
+                .find(|v| v.name == *vm && !out.contains(&v.node))
+                .cloned()
+        } else {
+            elsewhere
+                .vms
+                .iter()
+                .find(|v| v.name == *vm && !out.contains(&v.node))
+                .cloned()
+        };
+        if drained && fits.is_none() {
+            // No room elsewhere: it stays where it runs until there is.
+            continue;
+        }
         placement.moves.retain(|m| m.vm != *vm);
-        match elsewhere
-            .vms
-            .iter()
-            .find(|v| v.name == *vm && !out.contains(&v.node))
-        {
+        match fits {
             Some(fits) => {
                 placement.vms[at] = fits.clone();
                 if let Some(from) = before.get(vm.as_str()) {
@@ -450,7 +491,11 @@ pub fn keep_off(
                         vm: vm.clone(),
                         from: (*from).to_owned(),
                         to: fits.node.clone(),
-                        reason: format!("{there} is in maintenance: placed elsewhere"),
+                        reason: if drained {
+                            format!("{there} is in maintenance: drained")
+                        } else {
+                            format!("{there} is in maintenance: placed elsewhere")
+                        },
                     });
                 }
                 if new {
@@ -485,6 +530,72 @@ pub fn keep_off(
         }
     }
     landed
+}
+
+/// The order of a drain (issue 17): the VMs moving off nodes in maintenance, by
+/// name, each waiting for the move `max-moves` (its site's) places before it and for
+/// the move `max-unavailable` places before it in its own group. Returns VM → the
+/// VMs whose moves it waits for (the plan makes its steps depend on theirs).
+pub fn drain_order(
+    model: &compiler::Model,
+    previous: &Placement,
+    placement: &Placement,
+    options: &PlanOptions,
+) -> BTreeMap<String, Vec<String>> {
+    let mut maintenance = model.nodes_in_maintenance();
+    maintenance.extend(options.maintenance.iter().cloned());
+    let mut drained: Vec<(&str, &str)> = previous
+        .vms
+        .iter()
+        .filter(|v| maintenance.contains(&v.node))
+        .filter(|v| {
+            placement
+                .vms
+                .iter()
+                .any(|p| p.name == v.name && p.node != v.node)
+        })
+        .map(|v| {
+            let site = model
+                .vm(&v.name)
+                .map_or(v.site.as_str(), |m| m.site.as_str());
+            (v.name.as_str(), site)
+        })
+        .collect();
+    drained.sort();
+    let mut after: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut per_site: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut per_group: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (vm, site) in drained {
+        let mut waits = vec![];
+        let max_moves = model
+            .sites
+            .iter()
+            .find(|s| s.name == site)
+            .map_or(1, |s| s.scheduler.max_moves.max(1)) as usize;
+        let earlier = per_site.entry(site).or_default();
+        if earlier.len() >= max_moves {
+            waits.push(earlier[earlier.len() - max_moves].to_owned());
+        }
+        earlier.push(vm);
+        if let Some(group) = model.vm(vm).and_then(|m| m.group.as_deref()) {
+            let limit = model
+                .vm_groups
+                .iter()
+                .find(|g| g.name == group)
+                .map_or(1, |g| g.max_unavailable.max(1)) as usize;
+            let earlier = per_group.entry(group).or_default();
+            if earlier.len() >= limit {
+                waits.push(earlier[earlier.len() - limit].to_owned());
+            }
+            earlier.push(vm);
+        }
+        waits.sort();
+        waits.dedup();
+        if !waits.is_empty() {
+            after.insert(vm.to_owned(), waits);
+        }
+    }
+    after
 }
 
 /// Observes every node the model names and plans against what they run, from the
@@ -1009,9 +1120,10 @@ mod keep_off_tests {
             maintenance: BTreeSet::from(["lab-3".to_owned()]),
             ..Default::default()
         };
+        // web-0 is kept off lab-3; web-1, diskless on lab-3, is drained (issue 17).
         assert_eq!(
             keep_off(&model, &previous, &mut placement, &options),
-            vec!["web-0".to_owned()]
+            vec!["web-0".to_owned(), "web-1".to_owned()]
         );
         assert_eq!(
             node_of(&placement, "web-0"),
@@ -1026,7 +1138,15 @@ mod keep_off_tests {
             "{:?}",
             placement.moves
         );
-        assert_eq!(node_of(&placement, "web-1"), Some("lab-3"), "stays");
+        assert_eq!(node_of(&placement, "web-1"), Some("lab-1"), "drained");
+        assert!(
+            placement
+                .moves
+                .iter()
+                .any(|m| m.vm == "web-1" && m.from == "lab-3" && m.reason.contains("drained")),
+            "{:?}",
+            placement.moves
+        );
         assert!(placement.unplaced.is_empty(), "{:?}", placement.unplaced);
     }
 }

@@ -340,6 +340,27 @@ pub trait StateStore: Send + Sync {
 
     /// The audit log, oldest first.
     fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError>;
+
+    /// Records a live migration's phase durably (issue 17): `committed` is the
+    /// commit point that names the destination the VM's owner. Written as an audit
+    /// entry (`migration`), so every store keeps it in the same signed chain, in one
+    /// durable write.
+    fn record_migration(&self, record: &crate::migrate::MigrationRecord) -> Result<(), StateError> {
+        self.audit(
+            crate::migrate::MIGRATION_EVENT,
+            serde_json::to_value(record).expect("migration records serialize"),
+        )
+    }
+
+    /// Every migration record, oldest first.
+    fn migrations(&self) -> Result<Vec<crate::migrate::MigrationRecord>, StateError> {
+        Ok(self
+            .audit_log()?
+            .into_iter()
+            .filter(|e| e.event == crate::migrate::MIGRATION_EVENT)
+            .filter_map(|e| serde_json::from_value(e.detail).ok())
+            .collect())
+    }
 }
 
 impl RedbStore {

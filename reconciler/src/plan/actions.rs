@@ -126,6 +126,22 @@ pub enum NodeAction {
         /// Name.
         name: String,
     },
+    /// `migrate_vm`: a running VM moved live to this step's node (issue 17). Not one
+    /// node request but the commander's sequence (`crate::migrate`): `definition` (a
+    /// `CreateVm`) and `PrepareIncomingVm` here, `MigrateVm` on `from`, the durable
+    /// commit record naming this node, `CommitMigration` on both, `DeleteVm` on `from`.
+    MigrateVm {
+        /// Name.
+        name: String,
+        /// The node it runs on now (the source).
+        from: String,
+        /// The source's address.
+        from_address: String,
+        /// The downtime the last pre-copy round may take (ms).
+        max_downtime_ms: u32,
+        /// The VM's definition on this node (a `create_vm`).
+        definition: Box<NodeAction>,
+    },
     /// `ApplyBond`: create, change or repair a bond and its QoS classes.
     ApplyBond {
         /// Name (the device).
@@ -189,6 +205,7 @@ impl NodeAction {
             NodeAction::StartVm { .. } => "start_vm",
             NodeAction::StopVm { .. } => "stop_vm",
             NodeAction::DeleteVm { .. } => "delete_vm",
+            NodeAction::MigrateVm { .. } => "migrate_vm",
             NodeAction::ApplyBond { .. } => "apply_bond",
             NodeAction::DeleteBond { .. } => "delete_bond",
             NodeAction::SetProtection { .. } => "set_protection",
@@ -211,6 +228,7 @@ impl NodeAction {
             | NodeAction::StartVm { name }
             | NodeAction::StopVm { name }
             | NodeAction::DeleteVm { name }
+            | NodeAction::MigrateVm { name, .. }
             | NodeAction::ApplyBond { name, .. }
             | NodeAction::DeleteBond { name } => name,
             NodeAction::SetProtection { vm, .. } => vm,
@@ -219,11 +237,16 @@ impl NodeAction {
         }
     }
 
-    /// The wire request (the one place actions become protobuf).
+    /// The wire request (the one place actions become protobuf). A `migrate_vm` is
+    /// several requests (`crate::migrate`); its first, the destination's `CreateVm`,
+    /// is what this returns for it.
     pub fn to_request(&self, request_id: &str) -> proto::v1::ApplyRequest {
         use proto::v1::apply_request::Action;
         use proto::v1::create_vm::Image;
         let action = match self {
+            NodeAction::MigrateVm { definition, .. } => {
+                return definition.to_request(request_id);
+            }
             NodeAction::CreateVolume {
                 name,
                 size_bytes,

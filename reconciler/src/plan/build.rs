@@ -27,6 +27,12 @@ pub(super) struct Builder<'a> {
     pub(super) prune: bool,
     /// Objects no spec names, kept because prune is off.
     pub(super) unpruned: Vec<LeftAlone>,
+    /// Move running VMs cold (`PlanOptions::cold`), never live.
+    pub(super) cold: bool,
+    /// A drain's order: VM → the VMs whose moves it waits for.
+    pub(super) drain_after: BTreeMap<String, Vec<String>>,
+    /// Per moved VM, the last step of its move (the VMs draining after it wait for it).
+    pub(super) moved: BTreeMap<String, usize>,
 }
 
 impl<'a> Builder<'a> {
@@ -43,6 +49,9 @@ impl<'a> Builder<'a> {
             volume_steps: BTreeMap::new(),
             prune: true,
             unpruned: vec![],
+            cold: false,
+            drain_after: BTreeMap::new(),
+            moved: BTreeMap::new(),
         }
     }
 
@@ -144,15 +153,26 @@ impl<'a> Builder<'a> {
         name: &str,
         running: bool,
     ) -> (Vec<usize>, usize) {
+        self.remove_vm_after(node, name, running, vec![])
+    }
+
+    /// [`Self::remove_vm`] once `after` succeeded.
+    pub(super) fn remove_vm_after(
+        &mut self,
+        node: &str,
+        name: &str,
+        running: bool,
+        after: Vec<usize>,
+    ) -> (Vec<usize>, usize) {
         let mut steps = vec![];
-        let mut deps = vec![];
+        let mut deps = after;
         if running {
             let stop = self.step(
                 node,
                 NodeAction::StopVm {
                     name: name.to_owned(),
                 },
-                vec![],
+                std::mem::take(&mut deps),
             );
             steps.push(stop);
             deps.push(stop);

@@ -71,6 +71,12 @@ pub struct PlanOptions {
     /// where there is room on another node, or left unplaced (stopped where it is)
     /// saying why ([`crate::pipeline::move_preempted`]); nothing else moves.
     pub preempted: std::collections::BTreeMap<String, String>,
+    /// Move running VMs cold (stop, delete, create, start; `cairn plan --cold`)
+    /// instead of live (one `migrate_vm` step).
+    pub cold: bool,
+    /// A drain's order (set by [`crate::pipeline::drain_order`]): VM → the VMs whose
+    /// moves its move waits for (`max-moves`, `max-unavailable`).
+    pub drain_after: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Default for PlanOptions {
@@ -82,6 +88,8 @@ impl Default for PlanOptions {
             disk_writers: Default::default(),
             maintenance: Default::default(),
             preempted: Default::default(),
+            cold: false,
+            drain_after: Default::default(),
         }
     }
 }
@@ -95,6 +103,8 @@ pub fn plan_with(
 ) -> Plan {
     let mut b = Builder::new(desired, observed);
     b.prune = options.prune;
+    b.cold = options.cold;
+    b.drain_after = options.drain_after.clone();
     bonds::plan_bonds(&mut b);
     vms::plan_vm_deletes(&mut b);
     volumes::plan_volumes(&mut b);

@@ -180,7 +180,34 @@ pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
     }
 }
 
-/// VMs the specs want: created, moved (cold), replaced when their definition
+/// The downtime a live migration's last pre-copy round may take (issue 17's goal).
+pub(crate) const MAX_DOWNTIME_MS: u32 = 50;
+
+/// Why a running VM's move cannot be a live migration (`None`: it can). A VM with
+/// disks needs its volumes' writer handed over at the commit, which the commander
+/// does not do yet; a VM with NICs runs in its node's network namespace, where the
+/// nodes report no migration address the other node's VMM can reach.
+fn live_refusal(vm: &DesiredVm, cold: bool) -> Option<String> {
+    if cold {
+        Some("--cold asked for a cold move".to_owned())
+    } else if vm.power_off {
+        Some("its spec says power \"off\"".to_owned())
+    } else if !vm.volumes.is_empty() {
+        Some(format!(
+            "its disks ({}) would need their writer handed over at the commit, which the controller does not do yet",
+            vm.volumes.join(" ")
+        ))
+    } else if !vm.nics.is_empty() {
+        Some(
+            "its NICs run in the nodes' network namespaces, where no node reports a migration address yet"
+                .to_owned(),
+        )
+    } else {
+        None
+    }
+}
+
+/// VMs the specs want: created, moved (live or cold), replaced when their definition
 /// changed, repaired (NICs), or started when stopped or crashed.
 pub(super) fn plan_vms(b: &mut Builder<'_>) {
     let desired = b.desired;
@@ -236,12 +263,63 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
             }
             (None, Some((old, o))) => {
                 let running = o.is_running();
-                let (mut steps, delete) = b.remove_vm(old, &vm.name, running);
+                let live = running.then(|| live_refusal(vm, b.cold));
+                // A drain's order: this move waits for the moves before it.
+                let waits: Vec<usize> = b
+                    .drain_after
+                    .get(&vm.name)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|w| b.moved.get(w))
+                    .copied()
+                    .collect();
+                let order = b.drain_after.get(&vm.name).map(|w| {
+                    format!(
+                        "after the move of {} (max-moves, max-unavailable)",
+                        w.join(", ")
+                    )
+                });
+                if let Some(None) = live {
+                    deps.extend(&waits);
+                    // One step: the commander's migration sequence (`crate::migrate`).
+                    let migrate = b.step(
+                        &vm.node,
+                        NodeAction::MigrateVm {
+                            name: vm.name.clone(),
+                            from: (*old).to_owned(),
+                            from_address: b.address(old),
+                            max_downtime_ms: MAX_DOWNTIME_MS,
+                            definition: Box::new(vm_definition(vm, desired)),
+                        },
+                        deps,
+                    );
+                    let mut details = vec![format!(
+                        "live migration: pre-copy, downtime target {MAX_DOWNTIME_MS} ms; it runs on {old} until the commit"
+                    )];
+                    details.extend(order);
+                    b.changes.push(Change {
+                        was_node: Some((*old).to_owned()),
+                        details,
+                        steps: vec![migrate],
+                        ..Change::new(ChangeKind::Move, "vm", &vm.name, &vm.tenant, &vm.node)
+                    });
+                    b.moved.insert(vm.name.clone(), migrate);
+                    continue;
+                }
+                let (mut steps, delete) = b.remove_vm_after(old, &vm.name, running, waits);
                 deps.push(delete);
                 steps.extend(b.create_vm(vm, deps));
+                if let Some(last) = steps.last() {
+                    b.moved.insert(vm.name.clone(), *last);
+                }
+                let mut details = vec!["cold move: stopped there, started here".to_owned()];
+                if let Some(Some(why)) = live {
+                    details.push(format!("not live: {why}"));
+                }
+                details.extend(order);
                 b.changes.push(Change {
                     was_node: Some((*old).to_owned()),
-                    details: vec!["cold move: stopped there, started here".into()],
+                    details,
                     steps,
                     ..Change::new(ChangeKind::Move, "vm", &vm.name, &vm.tenant, &vm.node)
                 });

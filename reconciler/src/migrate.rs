@@ -1,0 +1,706 @@
+//! Live migration, the commander's half (issue 17): one `migrate_vm` step of a plan
+//! carried out as the node API 1.4 sequence, with one commit point.
+//!
+//! 1. `CreateVm` and `PrepareIncomingVm` on the destination (its VMM listens);
+//! 2. `MigrateVm` on the source: pre-copy until the rest fits the downtime target,
+//!    then the source pauses, drains its in-flight requests and sends the final
+//!    state; it answers `ready-to-commit` (or a failure phase);
+//! 3. **the commit point**: a durable [`MigrationRecord`] naming the destination
+//!    ([`StateStore::record_migration`]: the audit log, in the same store and the
+//!    same signed chain as every other controller decision);
+//! 4. `CommitMigration` on the source (it tells the destination to start and exits)
+//!    and on the destination (it starts the VM if the source's word did not arrive);
+//! 5. `DeleteVm` on the source, and the record of what happened (figures).
+//!
+//! The rule that keeps exactly one VM running: the source is told to resume
+//! (`AbortMigration`) only while no record names the destination, i.e. before 3.
+//! After it, a failure never resumes the source: it stays paused until the
+//! destination's commit is retried (`finish`, from `crate::apply::settle`).
+//! Diskless VMs only, for now: a VM with disks would also need its volumes' writer
+//! handed over in the same record (`plan::vms::live_refusal` keeps those cold).
+
+use std::time::{Duration, Instant};
+
+use proto::v1;
+use proto::v1::apply_request::Action;
+use proto::v1::apply_response::Result as Answer;
+use serde::{Deserialize, Serialize};
+
+use crate::nodes::NodeApi;
+use crate::plan::{NodeAction, Step};
+use crate::state::{StateError, StateStore, now_ms};
+
+/// The audit event a migration record is written as.
+pub const MIGRATION_EVENT: &str = "migration";
+
+/// How often the destination's commit is tried before the step fails (the source
+/// stays paused; the next apply's settle tries again).
+const COMMIT_ATTEMPTS: u32 = 3;
+
+/// The figures of one migration (from the source's `MigrationResult`, and the
+/// commander's clock for the downtime).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationFigures {
+    /// `pre-copy` or `stop-and-copy`.
+    pub mode: String,
+    /// From the source's pause to the destination's commit answer (the VMM's
+    /// paused time plus the commit's round trips): what the guest lost, at most.
+    pub downtime_ms: f64,
+    /// The source VMM's paused time (pause → the destination held the final state).
+    pub paused_ms: f64,
+    /// From `PrepareIncomingVm` to the destination running.
+    pub total_ms: f64,
+    /// Bytes the source sent.
+    pub bytes_sent: u64,
+    /// The guest's memory.
+    pub memory_bytes: u64,
+    /// Pre-copy rounds.
+    pub rounds: u32,
+}
+
+/// One migration as the store keeps it: the commit record and what came of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// The VM.
+    pub vm: String,
+    /// The source node.
+    pub from: String,
+    /// The destination node.
+    pub to: String,
+    /// `committed` (the commit point: the destination owns the VM), `completed`
+    /// (it runs there) or `aborted` (it runs on the source; `error` says why).
+    pub phase: String,
+    /// The step's request id (`EXECUTION.STEP`).
+    pub request_id: String,
+    /// When.
+    pub at_unix_ms: u64,
+    /// What happened (completed migrations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figures: Option<MigrationFigures>,
+    /// What went wrong (aborted; or a left-over a completed one could not clean).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+impl MigrationRecord {
+    /// The node that owns the VM by this record.
+    pub fn owner(&self) -> &str {
+        if self.phase == "aborted" {
+            &self.from
+        } else {
+            &self.to
+        }
+    }
+}
+
+/// The last migration record of each VM, from `records` (oldest first).
+pub fn last_of(
+    records: Vec<MigrationRecord>,
+) -> std::collections::BTreeMap<String, MigrationRecord> {
+    let mut last = std::collections::BTreeMap::new();
+    for r in records {
+        last.insert(r.vm.clone(), r);
+    }
+    last
+}
+
+struct Parts<'a> {
+    name: &'a str,
+    from: &'a str,
+    from_address: &'a str,
+    to: &'a str,
+    to_address: &'a str,
+    max_downtime_ms: u32,
+    definition: &'a NodeAction,
+}
+
+fn parts(step: &Step) -> Option<Parts<'_>> {
+    match &step.action {
+        NodeAction::MigrateVm {
+            name,
+            from,
+            from_address,
+            max_downtime_ms,
+            definition,
+        } => Some(Parts {
+            name,
+            from,
+            from_address,
+            to: &step.node,
+            to_address: &step.address,
+            max_downtime_ms: *max_downtime_ms,
+            definition,
+        }),
+        _ => None,
+    }
+}
+
+async fn call<N: NodeApi>(
+    nodes: &N,
+    node: &str,
+    address: &str,
+    request_id: String,
+    action: Action,
+) -> Result<Option<Answer>, String> {
+    nodes
+        .apply(
+            node,
+            address,
+            v1::ApplyRequest {
+                request_id,
+                action: Some(action),
+            },
+        )
+        .await
+        .map(|r| r.result)
+        .map_err(|e| e.to_string())
+}
+
+/// Carries out a `migrate_vm` step (`request_id`: the step's). `Ok` when the VM runs
+/// on the destination; `Err` says what failed and where the VM runs.
+pub async fn run<N: NodeApi>(
+    step: &Step,
+    request_id: &str,
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Result<(), String> {
+    let Some(p) = parts(step) else {
+        return Err(format!("{} is not a migrate_vm step", step.action.word()));
+    };
+    let id = |what: &str| format!("{request_id}.{what}");
+    let started = Instant::now();
+    let name = p.name.to_owned();
+    // 1. The destination: defined, then its VMM waiting for the state.
+    let to_listen = async {
+        call(
+            nodes,
+            p.to,
+            p.to_address,
+            id("create"),
+            p.definition
+                .to_request("")
+                .action
+                .ok_or("the definition has no action")?,
+        )
+        .await
+        .map_err(|e| format!("defining it on {}: {e}", p.to))?;
+        match call(
+            nodes,
+            p.to,
+            p.to_address,
+            id("prepare"),
+            Action::PrepareIncomingVm(v1::PrepareIncomingVm { name: name.clone() }),
+        )
+        .await
+        {
+            Ok(Some(Answer::Incoming(incoming))) => Ok(incoming.listen_address),
+            Ok(other) => Err(format!(
+                "preparing it on {}: unexpected answer {other:?}",
+                p.to
+            )),
+            Err(e) => Err(format!("preparing it on {}: {e}", p.to)),
+        }
+    }
+    .await;
+    let listen = match to_listen {
+        Ok(listen) => listen,
+        Err(why) => return Err(abort(&p, request_id, store, nodes, why).await),
+    };
+    // 2. The source: pre-copy up to the switch-over.
+    let migrated = call(
+        nodes,
+        p.from,
+        p.from_address,
+        id("migrate"),
+        Action::MigrateVm(v1::MigrateVm {
+            name: name.clone(),
+            to: listen,
+            max_downtime_ms: p.max_downtime_ms,
+            stop_and_copy: false,
+            timeout_ms: 0,
+        }),
+    )
+    .await;
+    let source = match migrated {
+        Ok(Some(Answer::Migration(m))) if m.phase == "ready-to-commit" => m,
+        Ok(Some(Answer::Migration(m))) => {
+            let why = format!("the source {} answered `{}`: {}", p.from, m.phase, m.error);
+            return Err(abort(&p, request_id, store, nodes, why).await);
+        }
+        Ok(other) => {
+            let why = format!("the source {} answered {other:?}", p.from);
+            return Err(abort(&p, request_id, store, nodes, why).await);
+        }
+        Err(e) => {
+            let why = format!("migrating on the source {}: {e}", p.from);
+            return Err(abort(&p, request_id, store, nodes, why).await);
+        }
+    };
+    let ready = Instant::now();
+    // 3. The commit point.
+    let mut record = MigrationRecord {
+        vm: name.clone(),
+        from: p.from.to_owned(),
+        to: p.to.to_owned(),
+        phase: "committed".to_owned(),
+        request_id: request_id.to_owned(),
+        at_unix_ms: now_ms(),
+        figures: None,
+        error: String::new(),
+    };
+    if let Err(e) = store.record_migration(&record) {
+        let why = format!("the commit record could not be written: {e}");
+        return Err(abort(&p, request_id, store, nodes, why).await);
+    }
+    // 4. and 5.
+    let finished = finish(&record, p.from_address, p.to_address, request_id, nodes).await;
+    let downtime = ready.elapsed().as_secs_f64() * 1000.0 + source.paused_ms;
+    match finished {
+        Ok(leftover) => {
+            record.phase = "completed".to_owned();
+            record.at_unix_ms = now_ms();
+            record.error = leftover;
+            record.figures = Some(MigrationFigures {
+                mode: source.mode.clone(),
+                downtime_ms: (downtime * 10.0).round() / 10.0,
+                paused_ms: (source.paused_ms * 10.0).round() / 10.0,
+                total_ms: (started.elapsed().as_secs_f64() * 10_000.0).round() / 10.0,
+                bytes_sent: source.bytes_sent,
+                memory_bytes: source.memory_bytes,
+                rounds: source.rounds,
+            });
+            store
+                .record_migration(&record)
+                .map_err(|e| format!("it runs on {}, but the record of it: {e}", p.to))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The commit, after the record named the destination: the source is told (it may
+/// be gone: its word is not needed), the destination is told until it answers
+/// (a few tries), then the source's copy is deleted. `Ok` with a note of what was
+/// left over (a source that could not be deleted), `Err` when the destination did
+/// not start: the VM then runs nowhere and its source stays paused (never resumed:
+/// the record names the destination) until a later `finish` gets through.
+pub async fn finish<N: NodeApi>(
+    record: &MigrationRecord,
+    from_address: &str,
+    to_address: &str,
+    request_id: &str,
+    nodes: &N,
+) -> Result<String, String> {
+    let id = |what: &str| format!("{request_id}.{what}");
+    let commit = || {
+        Action::CommitMigration(v1::CommitMigration {
+            name: record.vm.clone(),
+        })
+    };
+    // The source's answer does not matter: it is committed either way.
+    let _ = call(
+        nodes,
+        &record.from,
+        from_address,
+        id("commit-src"),
+        commit(),
+    )
+    .await;
+    let mut last = String::new();
+    let mut started = false;
+    for attempt in 1..=COMMIT_ATTEMPTS {
+        match call(
+            nodes,
+            &record.to,
+            to_address,
+            id(&format!("commit-dst-{attempt}")),
+            commit(),
+        )
+        .await
+        {
+            Ok(_) => {
+                started = true;
+                break;
+            }
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    if !started {
+        return Err(format!(
+            "committed to {} (the record names it), but it did not start: {last}; the source {} stays paused, the next apply commits it again",
+            record.to, record.from
+        ));
+    }
+    match call(
+        nodes,
+        &record.from,
+        from_address,
+        id("delete-src"),
+        Action::DeleteVm(v1::DeleteVm {
+            name: record.vm.clone(),
+        }),
+    )
+    .await
+    {
+        Ok(_) => Ok(String::new()),
+        Err(e) => Ok(format!(
+            "its copy on {} is left (the next plan deletes it): {e}",
+            record.from
+        )),
+    }
+}
+
+/// Before the commit point: the source resumes (or never stopped), the destination's
+/// VMM ends and its definition is removed (so the next plan migrates again rather
+/// than starting a second copy), and the abort is recorded. Returns the error.
+async fn abort<N: NodeApi>(
+    p: &Parts<'_>,
+    request_id: &str,
+    store: &dyn StateStore,
+    nodes: &N,
+    why: String,
+) -> String {
+    abort_as(p, request_id, request_id, store, nodes, why).await
+}
+
+/// [`abort`] with its requests named after `ids` (settle's), recorded under the
+/// step's `request_id`.
+async fn abort_as<N: NodeApi>(
+    p: &Parts<'_>,
+    ids: &str,
+    request_id: &str,
+    store: &dyn StateStore,
+    nodes: &N,
+    why: String,
+) -> String {
+    let id = |what: &str| format!("{ids}.{what}");
+    let abort = || {
+        Action::AbortMigration(v1::AbortMigration {
+            name: p.name.to_owned(),
+        })
+    };
+    let mut notes = vec![];
+    if let Err(e) = call(nodes, p.from, p.from_address, id("abort-src"), abort()).await {
+        notes.push(format!("the source's abort: {e}"));
+    }
+    let _ = call(nodes, p.to, p.to_address, id("abort-dst"), abort()).await;
+    let _ = call(
+        nodes,
+        p.to,
+        p.to_address,
+        id("undefine-dst"),
+        Action::DeleteVm(v1::DeleteVm {
+            name: p.name.to_owned(),
+        }),
+    )
+    .await;
+    let mut error = format!("live migration to {} aborted: {why}", p.to);
+    if !notes.is_empty() {
+        error.push_str(&format!(" ({})", notes.join("; ")));
+    }
+    let record = MigrationRecord {
+        vm: p.name.to_owned(),
+        from: p.from.to_owned(),
+        to: p.to.to_owned(),
+        phase: "aborted".to_owned(),
+        request_id: request_id.to_owned(),
+        at_unix_ms: now_ms(),
+        figures: None,
+        error: error.clone(),
+    };
+    if let Err(e) = store.record_migration(&record) {
+        error.push_str(&format!(" (the abort's record: {e})"));
+    }
+    error
+}
+
+/// What settling an interrupted `migrate_vm` step did: the last record of its
+/// request id decides. Named the destination (`committed`): the commit is finished
+/// ([`finish`]); else (no record, the apply died before the commit point): the
+/// source resumes and the destination's copy goes.
+pub async fn settle_step<N: NodeApi>(
+    step: &Step,
+    request_id: &str,
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Result<Result<(), String>, StateError> {
+    let Some(p) = parts(step) else {
+        return Ok(Err("not a migrate_vm step".to_owned()));
+    };
+    let record = store
+        .migrations()?
+        .into_iter()
+        .rev()
+        .find(|r| r.request_id == request_id);
+    let settle_id = format!("{request_id}.settle");
+    Ok(match record {
+        Some(r) if r.phase == "completed" => Ok(()),
+        Some(r) if r.phase == "aborted" => Err(r.error),
+        Some(mut r) => match finish(&r, p.from_address, p.to_address, &settle_id, nodes).await {
+            Ok(leftover) => {
+                r.phase = "completed".to_owned();
+                r.at_unix_ms = now_ms();
+                r.error = leftover;
+                store.record_migration(&r)?;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        None => Err(abort_as(
+            &p,
+            &settle_id,
+            request_id,
+            store,
+            nodes,
+            "the apply that ran it was interrupted before the commit".to_owned(),
+        )
+        .await),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    //! The commander's sequence against a fake node API that answers as the node
+    //! does (the real nodes' half is tested in node-runtime/tests/it/migrate.rs; the
+    //! whole path with real processes in cli/tests/it/migration.rs).
+
+    use std::collections::BTreeSet;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::desired::DesiredNode;
+    use crate::nodes::NodeError;
+    use crate::observe::NodeObservation;
+    use crate::state::{RedbStore, random_id};
+
+    /// Records `NODE ACTION` per request; fails the actions of `failing`.
+    #[derive(Clone, Default)]
+    struct Fake {
+        calls: Arc<Mutex<Vec<String>>>,
+        failing: Arc<Mutex<BTreeSet<String>>>,
+        store: Arc<Mutex<Option<std::path::PathBuf>>>,
+    }
+
+    impl NodeApi for Fake {
+        async fn observe(&self, _node: &DesiredNode) -> Result<NodeObservation, String> {
+            Err("not used".into())
+        }
+
+        async fn apply(
+            &self,
+            node: &str,
+            _address: &str,
+            request: v1::ApplyRequest,
+        ) -> Result<v1::ApplyResponse, NodeError> {
+            let word = proto::action_name(request.action.as_ref().expect("an action"));
+            let call = format!("{node} {word}");
+            // The record must name the destination before any commit is sent.
+            if word == "commit_migration"
+                && let Some(path) = self.store.lock().unwrap().clone()
+            {
+                let store = RedbStore::open(&path).unwrap();
+                let last = last_of(store.migrations().unwrap());
+                assert_eq!(last["mv"].phase, "committed", "commit before the record");
+            }
+            self.calls.lock().unwrap().push(call.clone());
+            if self.failing.lock().unwrap().contains(&call) {
+                return Err(NodeError::Unreachable {
+                    node: node.into(),
+                    error: "link down".into(),
+                });
+            }
+            let result = match request.action {
+                Some(Action::PrepareIncomingVm(_)) => {
+                    Some(Answer::Incoming(v1::IncomingVmResult {
+                        name: "mv".into(),
+                        listen_address: "127.0.0.1:4000".into(),
+                        pid: 1,
+                    }))
+                }
+                Some(Action::MigrateVm(_)) => Some(Answer::Migration(v1::MigrationResult {
+                    phase: "ready-to-commit".into(),
+                    mode: "pre-copy".into(),
+                    rounds: 3,
+                    bytes_sent: 70 << 20,
+                    memory_bytes: 64 << 20,
+                    paused_ms: 7.5,
+                    ..Default::default()
+                })),
+                _ => None,
+            };
+            Ok(v1::ApplyResponse {
+                request_id: request.request_id,
+                result,
+                ..Default::default()
+            })
+        }
+
+        async fn get_outcome(
+            &self,
+            _node: &str,
+            _address: &str,
+            _request_id: &str,
+        ) -> Result<v1::GetOutcomeResponse, NodeError> {
+            Err(NodeError::Unreachable {
+                node: "x".into(),
+                error: "not used".into(),
+            })
+        }
+    }
+
+    fn step() -> Step {
+        Step {
+            id: 0,
+            wave: 0,
+            node: "dst".into(),
+            address: "127.0.0.2:7100".into(),
+            action: NodeAction::MigrateVm {
+                name: "mv".into(),
+                from: "src".into(),
+                from_address: "127.0.0.1:7100".into(),
+                max_downtime_ms: 50,
+                definition: Box::new(NodeAction::CreateVm {
+                    name: "mv".into(),
+                    addresses: vec![],
+                    vcpus: 1,
+                    memory_bytes: 64 << 20,
+                    image: crate::desired::BootImage::Builtin("cairn-guest".into()),
+                    volumes: vec![],
+                    tenant: "t".into(),
+                    nics: vec![],
+                    sla: String::new(),
+                    priority: 0,
+                }),
+            },
+            depends_on: vec![],
+        }
+    }
+
+    fn lab() -> (std::path::PathBuf, RedbStore, Fake) {
+        let dir = std::env::temp_dir().join(format!("cairn-migrate-{}", random_id()));
+        let path = dir.join("state.redb");
+        let store = RedbStore::open(&path).unwrap();
+        // The audit log is signed with the controller key next to the store.
+        proto::auth::Identity::load_or_create(
+            &dir.join("controller.key"),
+            &dir.join("controller.pub"),
+        )
+        .unwrap();
+        let fake = Fake::default();
+        *fake.store.lock().unwrap() = Some(path);
+        (dir, store, fake)
+    }
+
+    fn calls(fake: &Fake) -> Vec<String> {
+        fake.calls.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn a_migration_commits_after_its_record_and_deletes_the_source_last() {
+        let (dir, store, fake) = lab();
+        run(&step(), "e.0", &store, &fake).await.unwrap();
+        assert_eq!(
+            calls(&fake),
+            [
+                "dst create_vm",
+                "dst prepare_incoming_vm",
+                "src migrate_vm",
+                "src commit_migration",
+                "dst commit_migration",
+                "src delete_vm"
+            ]
+        );
+        let last = last_of(store.migrations().unwrap());
+        let r = &last["mv"];
+        assert_eq!((r.phase.as_str(), r.owner()), ("completed", "dst"));
+        let f = r.figures.as_ref().unwrap();
+        assert_eq!(
+            (f.rounds, f.bytes_sent, f.mode.as_str()),
+            (3, 70 << 20, "pre-copy")
+        );
+        assert!(f.downtime_ms >= f.paused_ms, "{f:?}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failure_before_the_record_resumes_the_source_and_removes_the_destination() {
+        let (dir, store, fake) = lab();
+        fake.failing.lock().unwrap().insert("src migrate_vm".into());
+        let error = run(&step(), "e.0", &store, &fake).await.unwrap_err();
+        assert!(
+            error.contains("aborted") && error.contains("link down"),
+            "{error}"
+        );
+        let calls = calls(&fake);
+        assert!(!calls.iter().any(|c| c.contains("commit")), "{calls:?}");
+        assert!(
+            calls.contains(&"src abort_migration".to_owned()),
+            "{calls:?}"
+        );
+        assert!(calls.contains(&"dst delete_vm".to_owned()), "{calls:?}");
+        let last = last_of(store.migrations().unwrap());
+        assert_eq!(
+            (last["mv"].phase.as_str(), last["mv"].owner()),
+            ("aborted", "src")
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_the_record_the_source_is_never_resumed_and_settle_finishes_the_commit() {
+        let (dir, store, fake) = lab();
+        // The link to the destination breaks after the record: its commit fails.
+        fake.failing
+            .lock()
+            .unwrap()
+            .insert("dst commit_migration".into());
+        let error = run(&step(), "e.0", &store, &fake).await.unwrap_err();
+        assert!(error.contains("stays paused"), "{error}");
+        let before = calls(&fake);
+        assert!(!before.iter().any(|c| c.contains("abort")), "{before:?}");
+        assert!(!before.contains(&"src delete_vm".to_owned()), "{before:?}");
+        let last = last_of(store.migrations().unwrap());
+        assert_eq!(
+            (last["mv"].phase.as_str(), last["mv"].owner()),
+            ("committed", "dst")
+        );
+        // The link is back: settling the step finishes the commit, never an abort.
+        fake.failing.lock().unwrap().clear();
+        settle_step(&step(), "e.0", &store, &fake)
+            .await
+            .unwrap()
+            .unwrap();
+        let after = calls(&fake)[before.len()..].to_vec();
+        assert_eq!(
+            after,
+            [
+                "src commit_migration",
+                "dst commit_migration",
+                "src delete_vm"
+            ]
+        );
+        let last = last_of(store.migrations().unwrap());
+        assert_eq!(last["mv"].phase, "completed");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn settling_a_migration_with_no_record_gives_it_up_on_the_source() {
+        let (dir, store, fake) = lab();
+        let error = settle_step(&step(), "e.0", &store, &fake)
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(error.contains("interrupted before the commit"), "{error}");
+        let calls = calls(&fake);
+        assert_eq!(
+            calls,
+            [
+                "src abort_migration",
+                "dst abort_migration",
+                "dst delete_vm"
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
