@@ -270,6 +270,17 @@ impl LocalVolumes {
         self.store.snapshots(volume)
     }
 
+    /// The stripe units that may differ between two snapshots of a volume (all units
+    /// with data when `base` is `None`): delta replication (`volumes/delta.rs`).
+    pub fn changed_units(
+        &self,
+        volume: &str,
+        base: Option<&str>,
+        snapshot: &str,
+    ) -> Result<storage::ChangedUnits, StorageError> {
+        self.store.changed_units(volume, base, snapshot)
+    }
+
     /// Reads a range of a snapshot (verified), with the crc32c of every 4 KiB block.
     pub fn read_snapshot(
         &self,

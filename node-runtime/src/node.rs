@@ -750,6 +750,14 @@ impl Node {
                 self.volumes.set_protection(set).await?;
                 Ok(ApplyResult::Done(v1::Done {}))
             }
+            Action::ReplicateVolume(set) => Ok(match self.volumes.replicate_volume(set).await? {
+                Some(result) => ApplyResult::Replication(result),
+                None => ApplyResult::Done(v1::Done {}),
+            }),
+            Action::AcceptReplication(set) => {
+                self.volumes.accept_replication(set).await?;
+                Ok(ApplyResult::Done(v1::Done {}))
+            }
             Action::ImportImage(import) => {
                 crate::import::import(&self.volumes, &self.exports, import).await?;
                 Ok(ApplyResult::Done(v1::Done {}))

@@ -175,6 +175,11 @@ pub async fn run(
             .clone()
             .protection_loop(Duration::from_millis(250)),
     );
+    let replication = tokio::spawn(
+        node.volumes
+            .clone()
+            .replication_loop(Duration::from_millis(250)),
+    );
     let leases = node
         .config
         .lease
@@ -260,6 +265,7 @@ pub async fn run(
         .await;
     resync.abort();
     protection.abort();
+    replication.abort();
     if let Some(leases) = leases {
         leases.abort();
     }

@@ -514,6 +514,52 @@ impl v1::replication_server::Replication for NodeService {
         ))
     }
 
+    async fn delta_status(
+        &self,
+        request: Request<v1::DeltaStatusRequest>,
+    ) -> Result<Response<v1::DeltaStatusResponse>, Status> {
+        let caller = self.replication_caller(methods::DELTA_STATUS, &request, None)?;
+        let request = request.into_inner();
+        validate::name("delta_status_request.volume", &request.volume)?;
+        Ok(Response::new(
+            self.node
+                .volumes
+                .delta_status(&request.volume, &caller.key_hex, &caller.description)
+                .await?,
+        ))
+    }
+
+    async fn delta_write(
+        &self,
+        request: Request<v1::DeltaWriteRequest>,
+    ) -> Result<Response<v1::DeltaWriteResponse>, Status> {
+        let caller = self.replication_caller(methods::DELTA_WRITE, &request, None)?;
+        let request = request.into_inner();
+        validate::name("delta_write_request.volume", &request.volume)?;
+        Ok(Response::new(
+            self.node
+                .volumes
+                .delta_write(request, &caller.key_hex, &caller.description)
+                .await?,
+        ))
+    }
+
+    async fn delta_commit(
+        &self,
+        request: Request<v1::DeltaCommitRequest>,
+    ) -> Result<Response<v1::DeltaCommitResponse>, Status> {
+        let caller = self.replication_caller(methods::DELTA_COMMIT, &request, None)?;
+        let request = request.into_inner();
+        validate::name("delta_commit_request.volume", &request.volume)?;
+        validate::name("delta_commit_request.snapshot", &request.snapshot)?;
+        Ok(Response::new(
+            self.node
+                .volumes
+                .delta_commit(request, &caller.key_hex, &caller.description)
+                .await?,
+        ))
+    }
+
     async fn client_open(
         &self,
         request: Request<v1::ClientOpenRequest>,

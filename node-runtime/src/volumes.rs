@@ -183,6 +183,8 @@ pub struct Volumes {
     local: LocalVolumes,
     records: Arc<Records>,
     events: Arc<EventBus>,
+    /// Delta replication to another site: its schedules and locks (`delta.rs`).
+    delta: delta::State,
     signer: RequestSigner,
     peer_directory: crate::trust::PeerDirectory,
     volumes: RwLock<BTreeMap<String, Arc<VolumeEntry>>>,
@@ -268,6 +270,7 @@ impl Volumes {
             volumes.insert(name, Arc::new(entry));
         }
         Ok(Self {
+            delta: delta::State::default(),
             node_name: node_name.to_string(),
             own_key_hex: signer.identity().public_key_hex(),
             local,
@@ -1537,3 +1540,6 @@ impl Volumes {
         Ok((self.is_writer(&entry), entry.size()))
     }
 }
+
+/// Delta replication to another site (issue 18).
+mod delta;

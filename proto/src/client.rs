@@ -454,6 +454,44 @@ impl NodeClient {
         Ok(self.checked(result)?.into_inner())
     }
 
+    /// `Replication.DeltaStatus`: what a replication target holds and how far the
+    /// transfer in progress got.
+    pub async fn delta_status(
+        &mut self,
+        request: v1::DeltaStatusRequest,
+    ) -> Result<v1::DeltaStatusResponse, tonic::Status> {
+        let request = self.signed(methods::DELTA_STATUS, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .delta_status(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
+    /// `Replication.DeltaWrite`: one piece of a delta.
+    pub async fn delta_write(
+        &mut self,
+        request: v1::DeltaWriteRequest,
+    ) -> Result<v1::DeltaWriteResponse, tonic::Status> {
+        let request = self.signed(methods::DELTA_WRITE, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .delta_write(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
+    /// `Replication.DeltaCommit`: the end of a delta, manifests compared.
+    pub async fn delta_commit(
+        &mut self,
+        request: v1::DeltaCommitRequest,
+    ) -> Result<v1::DeltaCommitResponse, tonic::Status> {
+        let request = self.signed(methods::DELTA_COMMIT, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .delta_commit(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
     /// `Replication.ClientOpen`: a volume's size, for a node reaching it remotely.
     pub async fn client_open(
         &mut self,

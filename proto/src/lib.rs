@@ -86,6 +86,12 @@ pub mod methods {
     pub const REPLICA_SNAPSHOT: &str = "/cairn.node.v1.Replication/ReplicaSnapshot";
     /// `Replication.CloneReplica`
     pub const CLONE_REPLICA: &str = "/cairn.node.v1.Replication/CloneReplica";
+    /// `Replication.DeltaStatus` (delta replication to another site, issue 18)
+    pub const DELTA_STATUS: &str = "/cairn.node.v1.Replication/DeltaStatus";
+    /// `Replication.DeltaWrite`
+    pub const DELTA_WRITE: &str = "/cairn.node.v1.Replication/DeltaWrite";
+    /// `Replication.DeltaCommit`
+    pub const DELTA_COMMIT: &str = "/cairn.node.v1.Replication/DeltaCommit";
     /// `Lease.Renew` (served by the controller)
     pub const RENEW_LEASE: &str = "/cairn.node.v1.Lease/Renew";
     /// `Quorum.Probe` (served by every node, called by its site's peers)
@@ -118,6 +124,8 @@ pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
         Action::RemoveVolumeCopy(_) => "remove_volume_copy",
         Action::ImportImage(_) => "import_image",
         Action::SetProtection(_) => "set_protection",
+        Action::ReplicateVolume(_) => "replicate_volume",
+        Action::AcceptReplication(_) => "accept_replication",
         Action::CreateVm(_) => "create_vm",
         Action::StartVm(_) => "start_vm",
         Action::StopVm(_) => "stop_vm",

@@ -47,7 +47,8 @@ pub use convert::{
     vm_record, volume_role, wire_peer,
 };
 pub use types::{
-    BondRecord, ClientVolumeRecord, Peer, PeerRecord, ProtectionRecord, Record, RequestRecord,
+    BondRecord, ClientVolumeRecord, Peer, PeerRecord, ProtectionRecord, Record, ReplicationReceive,
+    ReplicationRecord, ReplicationSend, RequestRecord,
     SnapshotRecord, Table, TrafficClass, VmDefinition, VmImage, VmNic, VmRecord, VolumeEpochRecord,
     VolumeRecord, VolumeRole,
 };

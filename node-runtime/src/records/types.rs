@@ -30,11 +30,13 @@ pub enum Table {
     VolumeSnapshots,
     /// [`ProtectionRecord`]s by VM name.
     Protections,
+    /// [`ReplicationRecord`]s by volume name (delta replication, issue 18).
+    Replications,
 }
 
 impl Table {
     /// Every table of records.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Requests,
         Table::Volumes,
         Table::Vms,
@@ -44,6 +46,7 @@ impl Table {
         Table::ClientVolumes,
         Table::VolumeSnapshots,
         Table::Protections,
+        Table::Replications,
     ];
 
     /// The redb table's name.
@@ -58,6 +61,7 @@ impl Table {
             Table::ClientVolumes => "client_volumes",
             Table::VolumeSnapshots => "volume_snapshots",
             Table::Protections => "protections",
+            Table::Replications => "replications",
         }
     }
 }
@@ -416,6 +420,67 @@ impl Record for ProtectionRecord {
     const VERSION: u32 = ProtectionRecord::VERSION;
     fn decode_unversioned(_bytes: &[u8]) -> Result<Self, String> {
         Err("protection schedules were never stored unversioned".into())
+    }
+}
+
+/// Delta replication of one volume to another site (issue 18), either side. Key: the
+/// volume's name here. An additive table: an older node never reads it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationRecord {
+    /// [`ReplicationRecord::VERSION`] when written by this build.
+    pub version: u32,
+    /// This node writes the volume and ships its snapshots (`Apply.ReplicateVolume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<ReplicationSend>,
+    /// This node holds the target volume and accepts deltas (`Apply.AcceptReplication`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive: Option<ReplicationReceive>,
+}
+
+/// The sending side's schedule and pins.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationSend {
+    /// The target node.
+    pub target: Peer,
+    /// Its volume.
+    pub target_volume: String,
+    /// Interval (ms); 0: shipped only on request.
+    pub every_ms: u64,
+    /// Snapshots the target keeps.
+    pub keep: u32,
+    /// The last snapshot the target committed: the base of the next delta, kept from
+    /// local retention.
+    pub last_shipped: String,
+    /// The snapshot being shipped (kept from retention until it is committed, so an
+    /// interrupted transfer resumes with the same delta).
+    pub shipping: String,
+}
+
+/// The receiving side's source and progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationReceive {
+    /// The only node that may ship into the volume, by name and key.
+    pub source: Peer,
+    /// Snapshots received and committed, oldest first.
+    pub snapshots: Vec<String>,
+    /// The transfer in progress: its snapshot (empty: none).
+    pub receiving: String,
+    /// Its base (empty: a full copy).
+    pub receiving_base: String,
+    /// Every piece below this offset is durable here.
+    pub next_offset: u64,
+}
+
+impl ReplicationRecord {
+    /// The version written.
+    pub const VERSION: u32 = 1;
+}
+
+impl Record for ReplicationRecord {
+    const TABLE: Table = Table::Replications;
+    const VERSION: u32 = ReplicationRecord::VERSION;
+    fn decode_unversioned(_bytes: &[u8]) -> Result<Self, String> {
+        Err("replication records were never stored unversioned".into())
     }
 }
 

@@ -324,10 +324,16 @@ impl Volumes {
     /// Deletes the oldest scheduled snapshots of `volume` beyond `keep`.
     async fn retain(&self, volume: &str, keep: u32) -> Result<(), Status> {
         let mut scheduled: Vec<(u64, String)> = Vec::new();
+        // The base of the next delta to another site and the snapshot in transfer
+        // stay (`delta.rs`), beyond `keep` if need be.
+        let pinned = self.replication_pins(volume);
         for (name, record) in self.snapshot_records(volume)? {
             let Some(at) = scheduled_at(&name) else {
                 continue;
             };
+            if pinned.contains(&name) {
+                continue;
+            }
             if record.deleting.is_empty() {
                 scheduled.push((at, name));
             } else {

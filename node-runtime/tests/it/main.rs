@@ -8,6 +8,7 @@ mod auto_snapshots;
 mod bad_input;
 mod bonds;
 mod copies;
+mod delta_replication;
 mod counters;
 mod epochs;
 mod exports;
