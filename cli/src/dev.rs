@@ -589,6 +589,19 @@ fn kill_vmms_under(dir: &std::path::Path) {
     }
 }
 
+/// Stops the DHCP servers (dnsmasq) of every node data dir under `dir`.
+fn stop_dhcp_under(dir: &std::path::Path) {
+    let Ok(nodes) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for node in nodes.flatten() {
+        let dhcp = node.path().join("segments").join("dhcp");
+        for (tenant, network) in network::dhcp::configured(&dhcp) {
+            network::dhcp::stop_dhcp(&dhcp, &tenant, &network);
+        }
+    }
+}
+
 /// Stops nodes this run started (when a later one cannot start).
 fn stop_started(pids: &BTreeMap<String, u32>, started: &[String]) {
     for name in started {
@@ -639,6 +652,9 @@ fn stop_all(ctx: &Ctx) -> anyhow::Result<Vec<(String, u32, bool)>> {
     // VMMs outlive their agent: one adopted by a node restarted alone is still in the
     // group of the agent that spawned it, which pids.json no longer names.
     kill_vmms_under(&ctx.cairn_dir.join("dev"));
+    // Tenant networks' DHCP servers outlive their agent too (a node restarted alone
+    // keeps the running one): each node's data dir records them.
+    stop_dhcp_under(&ctx.cairn_dir.join("dev"));
     for (_, pid, _) in &out {
         let deadline = Instant::now() + Duration::from_secs(5);
         while reconciler::state::process_alive(*pid) && Instant::now() < deadline {

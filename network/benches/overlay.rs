@@ -1,11 +1,16 @@
-//! Tenant network measurements (issue 19): `cargo bench -p network --bench overlay`.
+//! Tenant network measurements (issue 19): `cargo bench -p network --bench overlay`
+//! (`-- dhcp`, `-- latency`, `-- security`: only those sections).
 //! Needs root (network namespaces), iperf3 and nft; says why and exits 0 otherwise.
 //! Prints medians with their baseline in the same run:
 //! - latency: ping round trips, same node (bridge) and across nodes (VXLAN), against
 //!   a raw veth;
 //! - throughput: iperf3 across the overlay against a raw veth of the same MTU;
 //! - a changed security group: the time to program it on the nodes (the node's
-//!   group table and each tenant router) and until the first connection it allows.
+//!   group table and each tenant router) and until the first connection it allows;
+//! - DHCP (needs dnsmasq and busybox): the time to a lease (busybox udhcpc, from its
+//!   start to the address) from cairn's dnsmasq on a segment, and from a NIC added
+//!   to the plan (the server reloaded) to its lease, against the same dnsmasq
+//!   options on a raw veth.
 
 #[path = "../tests/it/overlay_support.rs"]
 mod support;
@@ -15,6 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use network::NetNs;
+use network::dhcp::{DhcpHost, DhcpSpec, converge_dhcp};
 use network::overlay::apply_segment;
 use network::secgroup::{
     AllowRule, FirewallSpec, GuardedNic, Zone, apply_firewall, apply_router_firewall, zone_id,
@@ -32,8 +38,167 @@ fn main() {
             return;
         }
     }
-    latency_and_throughput();
-    security_group_change();
+    // `cargo bench -p network --bench overlay -- dhcp` runs only the sections named.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| name.contains(o.as_str()));
+    if wanted("latency_and_throughput") {
+        latency_and_throughput();
+    }
+    if wanted("security_group_change") {
+        security_group_change();
+    }
+    if wanted("dhcp_lease") {
+        dhcp_lease();
+    }
+}
+
+fn dhcp_lease() {
+    if network::dhcp::dnsmasq_binary().is_none()
+        || Command::new("busybox").arg("--help").output().is_err()
+    {
+        println!("dhcp: skipped: dnsmasq (dnsmasq-base) or busybox is not installed");
+        return;
+    }
+    let c = Cluster::new();
+    let n1 = c.ns(1);
+    let gw = ip(10, 20, 0, 1);
+    apply_segment(&n1, &segment("alpha", "app", 5001, 1, gw, vec![])).expect("segment");
+    let dir = std::env::temp_dir().join(format!("{}dhcp", c.prefix));
+    std::fs::create_dir_all(&dir).expect("scratch");
+    let node_ns = n1.name().unwrap().to_owned();
+    let bridge = network::tenant::tenant_bridge_name("alpha", "app");
+    let nic = |name: &str, mac: [u8; 6]| {
+        let netns = format!("{}vm-{name}", c.prefix);
+        network::netns::create_netns(&netns).expect("probe netns");
+        let tap = network::tenant::vm_tap_name(name, 0);
+        attach_nic(&node_ns, &tap, &netns, &bridge, &mac);
+        Nic {
+            netns,
+            tap,
+            script: dir.join(format!("{name}.sh")),
+            out: dir.join(format!("{name}.out")),
+        }
+    };
+    let host = |mac: [u8; 6], last: u8| DhcpHost {
+        mac,
+        ipv4: ip(10, 20, 0, last),
+        name: format!("vm-{last}"),
+    };
+    let mut spec = DhcpSpec {
+        tenant: "alpha".into(),
+        network: "app".into(),
+        gateway: gw,
+        prefix_len: 24,
+        mtu: 1450,
+        hosts: vec![host([2, 0xd0, 0, 0, 0, 21], 21)],
+    };
+    converge_dhcp(&n1, &dir, &spec).expect("dhcp");
+    let d1 = nic("d1", [2, 0xd0, 0, 0, 0, 21]);
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let lease_ms = |n: &Nic, want: &str| {
+        let (lease, took) = n.udhcpc();
+        assert_eq!(lease.expect("a lease").ip, want);
+        ms(took)
+    };
+    let segment_runs: Vec<f64> = (0..10).map(|_| lease_ms(&d1, "10.20.0.21")).collect();
+    // A NIC added to the plan: from the change (hosts rewritten, SIGHUP) to its lease.
+    let d2 = nic("d2", [2, 0xd0, 0, 0, 0, 30]);
+    let mut added = Vec::new();
+    for i in 0..5u8 {
+        let mac = [2, 0xd0, 0, 0, 1, i];
+        let out = Command::new("ip")
+            .args(["-n", &d2.netns, "link", "set", "eth0", "address"])
+            .arg(network::overlay::format_mac(&mac))
+            .output()
+            .expect("ip");
+        assert!(out.status.success());
+        spec.hosts.push(host(mac, 40 + i));
+        let start = Instant::now();
+        converge_dhcp(&n1, &dir, &spec).expect("reload");
+        let (lease, _) = d2.udhcpc();
+        assert_eq!(
+            lease.expect("added NIC leased").ip,
+            format!("10.20.0.{}", 40 + i)
+        );
+        added.push(ms(start.elapsed()));
+    }
+    // Baseline: the same dnsmasq options on a raw veth (no bridge, no segment).
+    let (rs, rc) = (format!("{}rawsrv", c.prefix), format!("{}rawcli", c.prefix));
+    network::netns::create_netns(&rs).expect("raw server");
+    network::netns::create_netns(&rc).expect("raw client");
+    ok(&[
+        "ip", "-n", &rs, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+        &rc,
+    ]);
+    ok(&[
+        "ip",
+        "-n",
+        &rs,
+        "addr",
+        "add",
+        "10.20.0.1/24",
+        "dev",
+        "eth0",
+    ]);
+    ok(&["ip", "-n", &rs, "link", "set", "eth0", "up"]);
+    ok(&[
+        "ip",
+        "-n",
+        &rc,
+        "link",
+        "set",
+        "eth0",
+        "address",
+        &network::overlay::format_mac(&[2, 0xd0, 0, 0, 0, 21]),
+        "up",
+    ]);
+    let raw_spec = DhcpSpec {
+        hosts: vec![host([2, 0xd0, 0, 0, 0, 21], 21)],
+        ..spec.clone()
+    };
+    let raw_files = network::dhcp::DhcpFiles::new(&dir, "raw", "raw");
+    std::fs::write(&raw_files.hosts, network::dhcp::hosts_text(&raw_spec)).expect("hosts");
+    std::fs::write(&raw_files.names, network::dhcp::names_text(&raw_spec)).expect("names");
+    std::fs::write(
+        &raw_files.conf,
+        network::dhcp::config_text(&raw_spec, &raw_files, "eth0", 0),
+    )
+    .expect("conf");
+    let mut raw_server = Command::new("ip")
+        .args(["netns", "exec", &rs])
+        .arg(network::dhcp::dnsmasq_binary().unwrap())
+        .arg("--keep-in-foreground")
+        .arg(format!("--conf-file={}", raw_files.conf.display()))
+        .spawn()
+        .expect("raw dnsmasq");
+    std::thread::sleep(Duration::from_millis(300));
+    let raw_nic = Nic {
+        netns: rc.clone(),
+        tap: String::new(),
+        script: dir.join("raw.sh"),
+        out: dir.join("raw.out"),
+    };
+    let raw_runs: Vec<f64> = (0..10).map(|_| lease_ms(&raw_nic, "10.20.0.21")).collect();
+    let _ = raw_server.kill();
+    let _ = raw_server.wait();
+    network::dhcp::stop_dhcp(&dir, "alpha", "app");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (s, a, r) = (
+        median(segment_runs.clone()),
+        median(added.clone()),
+        median(raw_runs.clone()),
+    );
+    println!(
+        "dhcp: time to a lease (udhcpc start to address, median of 10): segment {s:.1} ms, raw veth {r:.1} ms, segment/raw {:.2}; runs segment {segment_runs:.1?}, raw {raw_runs:.1?}",
+        s / r
+    );
+    println!(
+        "dhcp: a NIC added to the plan, change to lease (median of 5): {a:.1} ms (runs {added:.1?}); /raw lease {:.2}",
+        a / r
+    );
 }
 
 fn latency_and_throughput() {

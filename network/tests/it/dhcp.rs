@@ -19,7 +19,7 @@ use network::secgroup::{FirewallSpec, GuardedNic, Zone, apply_firewall, zone_id}
 use network::tenant::{tenant_bridge_name, vm_tap_name};
 
 use crate::common::require_netns;
-use crate::overlay_support::{attach_nic, ok};
+use crate::overlay_support::{Nic, attach_nic, ok};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -113,95 +113,6 @@ impl Drop for DhcpNode {
             eprintln!("teardown of {} failed: {e}", self.prefix);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A probe NIC and its DHCP client's files.
-pub struct Nic {
-    pub netns: String,
-    pub tap: String,
-    script: PathBuf,
-    out: PathBuf,
-}
-
-/// What a client got: the environment udhcpc gave its script on `bound`.
-#[derive(Debug, Default)]
-pub struct Lease {
-    pub ip: String,
-    pub subnet: String,
-    pub router: String,
-    pub dns: String,
-    pub lease: String,
-    pub mtu: String,
-    pub hostname: String,
-}
-
-impl Nic {
-    /// Runs `busybox udhcpc` once (2 discovers, 1 s apart); on a lease its script
-    /// puts the address on eth0, as a guest's client would. Returns the lease and
-    /// the time the client took.
-    pub fn udhcpc(&self) -> (Option<Lease>, Duration) {
-        std::fs::write(
-            &self.script,
-            format!(
-                "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\n\
-                 echo \"ip=$ip\nsubnet=$subnet\nrouter=$router\ndns=$dns\nlease=$lease\nmtu=$mtu\nhostname=$hostname\" > {out}\n\
-                 ip addr flush dev $interface\nip addr add $ip/$mask dev $interface\n",
-                out = self.out.display()
-            ),
-        )
-        .expect("script");
-        ok(&["chmod", "+x", self.script.to_str().unwrap()]);
-        let _ = std::fs::remove_file(&self.out);
-        let start = Instant::now();
-        let status = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.netns,
-                "busybox",
-                "udhcpc",
-                "-i",
-                "eth0",
-            ])
-            .args([
-                "-n", "-q", "-f", "-t", "2", "-T", "1", "-O", "mtu", "-O", "hostname",
-            ])
-            .arg("-s")
-            .arg(&self.script)
-            .output()
-            .expect("udhcpc");
-        let took = start.elapsed();
-        if !status.status.success() {
-            return (None, took);
-        }
-        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
-        let get = |k: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_default()
-                .to_owned()
-        };
-        (
-            Some(Lease {
-                ip: get("ip"),
-                subnet: get("subnet"),
-                router: get("router"),
-                dns: get("dns"),
-                lease: get("lease"),
-                mtu: get("mtu"),
-                hostname: get("hostname"),
-            }),
-            took,
-        )
-    }
-
-    pub fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.netns])
-            .args(args)
-            .output()
-            .expect("run in probe")
     }
 }
 

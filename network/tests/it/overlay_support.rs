@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use network::tenant::{ensure_tenant_bridge, tenant_bridge_name, vm_tap_name};
 pub static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Three node namespaces on one switch, each with `nic0` holding its underlay
-/// address 192.168.41.N/24 (MTU 1500). Everything is named `c-…` and removed on drop.
+/// address 192.168.41.N/24 (MTU 1500). Everything is named `i-…` and removed on drop.
 pub struct Cluster {
     pub prefix: String,
     pub nodes: Vec<DevNode>,
@@ -26,7 +27,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn new() -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("c-ov{}x{n}-", std::process::id() % 100_000);
+        let prefix = format!("i-ov{}x{n}-", std::process::id() % 100_000);
         let _ = dev_cluster::teardown(&prefix);
         let switch = dev_cluster::create_switch(&prefix).expect("switch");
         let nodes = (1..=3)
@@ -327,4 +328,93 @@ pub fn iperf(server: &str, client: &str, server_ip: Ipv4Addr) -> f64 {
         .as_f64()
         .expect("bits_per_second")
         / 1e9
+}
+
+/// A probe NIC and its DHCP client's files.
+pub struct Nic {
+    pub netns: String,
+    pub tap: String,
+    pub script: PathBuf,
+    pub out: PathBuf,
+}
+
+/// What a client got: the environment udhcpc gave its script on `bound`.
+#[derive(Debug, Default)]
+pub struct Lease {
+    pub ip: String,
+    pub subnet: String,
+    pub router: String,
+    pub dns: String,
+    pub lease: String,
+    pub mtu: String,
+    pub hostname: String,
+}
+
+impl Nic {
+    /// Runs `busybox udhcpc` once (2 discovers, 1 s apart); on a lease its script
+    /// puts the address on eth0, as a guest's client would. Returns the lease and
+    /// the time the client took.
+    pub fn udhcpc(&self) -> (Option<Lease>, Duration) {
+        std::fs::write(
+            &self.script,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\n\
+                 echo \"ip=$ip\nsubnet=$subnet\nrouter=$router\ndns=$dns\nlease=$lease\nmtu=$mtu\nhostname=$hostname\" > {out}\n\
+                 ip addr flush dev $interface\nip addr add $ip/$mask dev $interface\n",
+                out = self.out.display()
+            ),
+        )
+        .expect("script");
+        ok(&["chmod", "+x", self.script.to_str().unwrap()]);
+        let _ = std::fs::remove_file(&self.out);
+        let start = Instant::now();
+        let status = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "busybox",
+                "udhcpc",
+                "-i",
+                "eth0",
+            ])
+            .args([
+                "-n", "-q", "-f", "-t", "2", "-T", "1", "-O", "mtu", "-O", "hostname",
+            ])
+            .arg("-s")
+            .arg(&self.script)
+            .output()
+            .expect("udhcpc");
+        let took = start.elapsed();
+        if !status.status.success() {
+            return (None, took);
+        }
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let get = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_default()
+                .to_owned()
+        };
+        (
+            Some(Lease {
+                ip: get("ip"),
+                subnet: get("subnet"),
+                router: get("router"),
+                dns: get("dns"),
+                lease: get("lease"),
+                mtu: get("mtu"),
+                hostname: get("hostname"),
+            }),
+            took,
+        )
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .args(args)
+            .output()
+            .expect("run in probe")
+    }
 }

@@ -1,7 +1,9 @@
 //! Tenant network segments through the node API (issue 19): two `cairn-node`
 //! processes in two node namespaces on one switch, a built-in guest on one, probe
 //! namespaces on the other's tenant bridge, VXLAN between them, a security group on
-//! the guest's NIC. Namespaces are named `c-…`, nodes listen on 127.0.0.41/42.
+//! the guest's NIC, and the network's DHCP on n1 asked by a real client (busybox
+//! udhcpc in a probe namespace with a defined VM's MAC). Namespaces are named `i-…`,
+//! nodes listen on 127.0.0.41/42.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -25,7 +27,18 @@ struct Node {
     client: proto::client::NodeClient,
     netns: String,
     _node: crate::harness::TestNode,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    /// Stops the DHCP servers the node started (they outlive the agent by design,
+    /// like its VMs).
+    fn drop(&mut self) {
+        let dir = self.dir.path().join("segments/dhcp");
+        for (tenant, network) in network::dhcp::configured(&dir) {
+            network::dhcp::stop_dhcp(&dir, &tenant, &network);
+        }
+    }
 }
 
 async fn start(name: &str, netns: &str, listen: &str) -> Node {
@@ -43,7 +56,7 @@ async fn start(name: &str, netns: &str, listen: &str) -> Node {
         client,
         netns: netns.to_owned(),
         _node: node,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -146,7 +159,7 @@ async fn a_guest_is_reached_over_vxlan_only_by_the_sources_its_group_allows() {
     if !crate::vms::vms_can_run() {
         return;
     }
-    let prefix = format!("c-seg{}-", std::process::id() % 100_000);
+    let prefix = format!("i-seg{}-", std::process::id() % 100_000);
     let _ = dev_cluster::teardown(&prefix);
     let _cleanup = Namespaces(prefix.clone());
     let switch = dev_cluster::create_switch(&prefix).expect("switch");
@@ -162,19 +175,7 @@ async fn a_guest_is_reached_over_vxlan_only_by_the_sources_its_group_allows() {
     let mut n2 = start("n2", &names[1], "127.0.0.42:0").await;
 
     // The guest db-1 on n2 (its NIC at the segment MTU), started.
-    let vm = proto::v1::CreateVm {
-        name: "db-1".into(),
-        vcpus: 1,
-        memory_bytes: 32 << 20,
-        image: Some(proto::v1::create_vm::Image::Builtin("cairn-guest".into())),
-        tenant: "alpha".into(),
-        nics: vec![proto::v1::VmNic {
-            network: "db".into(),
-            mtu: 1450,
-            ipv4: "10.30.0.5".into(),
-        }],
-        ..Default::default()
-    };
+    let vm = guest_on_db("db-1", "10.30.0.5");
     apply_ok(&mut n2.client, "vm", Action::CreateVm(vm)).await;
     apply_ok(
         &mut n2.client,
@@ -300,6 +301,8 @@ async fn a_guest_is_reached_over_vxlan_only_by_the_sources_its_group_allows() {
     );
     assert!(ping(&a, "10.30.0.5"), "repaired");
 
+    dhcp_on_n1(&prefix, &mut n1, &on_n1).await;
+
     // A segment that would fragment over the 1500-byte underlay is refused, named.
     let mut too_big = on_n1.clone();
     too_big.mtu = 1500;
@@ -318,4 +321,166 @@ async fn a_guest_is_reached_over_vxlan_only_by_the_sources_its_group_allows() {
         "{}",
         refused.message()
     );
+}
+
+/// A built-in guest of tenant alpha with one NIC on db at the segment MTU.
+fn guest_on_db(name: &str, ipv4: &str) -> proto::v1::CreateVm {
+    proto::v1::CreateVm {
+        name: name.into(),
+        vcpus: 1,
+        memory_bytes: 32 << 20,
+        image: Some(proto::v1::create_vm::Image::Builtin("cairn-guest".into())),
+        tenant: "alpha".into(),
+        nics: vec![proto::v1::VmNic {
+            network: "db".into(),
+            mtu: 1450,
+            ipv4: ipv4.into(),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Runs busybox udhcpc once in `netns` (2 discovers 1 s apart); the lease's
+/// `ip router mtu` when one came.
+fn udhcpc(netns: &str, scratch: &std::path::Path) -> Option<String> {
+    let script = scratch.join("udhcpc.sh");
+    let out = scratch.join("udhcpc.out");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = bound ] && echo \"$ip $router $mtu\" > {}\nexit 0\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    assert!(
+        run(&["chmod", "+x", script.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let _ = std::fs::remove_file(&out);
+    let status = run(&[
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        "busybox",
+        "udhcpc",
+        "-i",
+        "eth0",
+        "-n",
+        "-q",
+        "-f",
+        "-t",
+        "2",
+        "-T",
+        "1",
+        "-O",
+        "mtu",
+        "-s",
+        script.to_str().unwrap(),
+    ]);
+    status.status.success().then(|| {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    })
+}
+
+/// DHCP through the node API: a VM defined on n1 (not started) is a static lease
+/// of n1's server for alpha/db; a probe with its MAC on n1's bridge gets its address,
+/// the gateway and the segment MTU. dnsmasq killed is drift in Observe, repaired by
+/// the same segment; the segment deleted stops it.
+async fn dhcp_on_n1(prefix: &str, n1: &mut Node, on_n1: &ApplyNetworkSegment) {
+    if network::dhcp::dnsmasq_binary().is_none()
+        || std::process::Command::new("busybox")
+            .arg("--help")
+            .output()
+            .is_err()
+    {
+        eprintln!("skipping the DHCP part: dnsmasq (dnsmasq-base) or busybox is not installed");
+        return;
+    }
+    let vm = guest_on_db("app-1", "10.30.0.20");
+    apply_ok(&mut n1.client, "vm-app", Action::CreateVm(vm)).await;
+    let mac = node_runtime::vm_nics::mac("app-1", 0);
+    // The probe stands in for app-1's NIC: its MAC, no address.
+    let netns = format!("{prefix}app1");
+    network::netns::create_netns(&netns).expect("probe netns");
+    let bridge = network::tenant::tenant_bridge_name("alpha", "db");
+    for args in [
+        vec![
+            "ip", "-n", &n1.netns, "link", "add", "papp1", "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ],
+        vec![
+            "ip", "-n", &n1.netns, "link", "set", "papp1", "master", &bridge, "up",
+        ],
+        vec![
+            "ip", "-n", &netns, "link", "set", "eth0", "address", &mac, "up",
+        ],
+    ] {
+        assert!(run(&args).status.success(), "{args:?}");
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    assert_eq!(
+        udhcpc(&netns, scratch.path()).as_deref(),
+        Some("10.30.0.20 10.30.0.1 1450"),
+        "app-1's planned address, the gateway and the segment MTU"
+    );
+    eprintln!("lease through the node's DHCP in {:?}", started.elapsed());
+    let drift = |o: proto::v1::ObserveResponse| o.networking.unwrap().segments[0].drift.clone();
+    assert_eq!(
+        drift(n1.client.observe().await.unwrap()),
+        Vec::<String>::new()
+    );
+
+    // The fault: dnsmasq killed. Observe reports it; the same segment repairs it.
+    let pid_file = n1.dir.path().join("segments/dhcp/alpha.db.pid");
+    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+    assert!(run(&["kill", "-9", pid.trim()]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let d = drift(n1.client.observe().await.unwrap());
+        if d == vec!["dhcp: dnsmasq is not running".to_owned()] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drift never reported: {d:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(udhcpc(&netns, scratch.path()), None, "no server, no lease");
+    apply_ok(
+        &mut n1.client,
+        "seg-dhcp-repair",
+        Action::ApplyNetworkSegment(on_n1.clone()),
+    )
+    .await;
+    assert_eq!(
+        drift(n1.client.observe().await.unwrap()),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        udhcpc(&netns, scratch.path()).as_deref(),
+        Some("10.30.0.20 10.30.0.1 1450")
+    );
+
+    // The segment goes: its server stops.
+    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+    apply_ok(
+        &mut n1.client,
+        "seg-delete",
+        Action::DeleteNetworkSegment(proto::v1::DeleteNetworkSegment {
+            tenant: "alpha".into(),
+            network: "db".into(),
+        }),
+    )
+    .await;
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid.trim())).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("dnsmasq"),
+        "dnsmasq {pid} still runs"
+    );
+    assert!(!pid_file.exists());
 }
