@@ -58,6 +58,7 @@ _start:
 main_loop:
     call heartbeat
     call net_poll
+    call beacon
     call serial_echo
 
     /* Dirty as many pages as the VMM grants for this tick, round-robin. */
@@ -943,6 +944,86 @@ net_answer:
     out dx, eax
     ret
 
+
+/*
+ * The beacon: when the VMM names a target (PORT_BEACON_IPV4, PORT_BEACON_PORT) and the
+ * network device is up, sends one UDP datagram to it, Ethernet broadcast, carrying
+ * BEACON_MAGIC and the beacon counter (incremented first: 1, 2, 3, ...). The counter
+ * lives in guest memory, so a VM resumed from an older state would send old numbers
+ * again: fault-tolerance tests read it on the host. Preserves rbx, r12-r15, rbp.
+ */
+beacon:
+    cmp dword ptr [NET_STATE_ADDR], 1
+    jne 9f
+    mov dx, PORT_BEACON_IPV4
+    in eax, dx
+    test eax, eax
+    jz 9f
+    mov r11d, eax                   /* destination address, packet order */
+    mov dx, PORT_BEACON_PORT
+    in eax, dx
+    rol ax, 8                       /* to network order */
+    mov r9d, eax
+    mov edi, BEACON_BUF_ADDR
+    mov qword ptr [rdi], 0          /* virtio header: 12 bytes of zero */
+    mov dword ptr [rdi + 8], 0
+    mov dword ptr [rdi + 12], 0xFFFFFFFF /* Ethernet destination: broadcast */
+    mov word ptr [rdi + 16], 0xFFFF
+    mov eax, [NET_STATE_ADDR + 8]   /* Ethernet source: us */
+    mov [rdi + 18], eax
+    mov ax, [NET_STATE_ADDR + 12]
+    mov [rdi + 22], ax
+    mov word ptr [rdi + 24], 0x0008 /* IPv4 */
+    mov word ptr [rdi + 26], 0x0045 /* version 4, header 20 bytes, TOS 0 */
+    mov word ptr [rdi + 28], 0x2C00 /* total length 44 */
+    mov word ptr [rdi + 30], 0      /* identification */
+    mov word ptr [rdi + 32], 0x0040 /* don't fragment */
+    mov word ptr [rdi + 34], 0x1140 /* TTL 64, protocol UDP */
+    mov word ptr [rdi + 36], 0      /* header checksum, below */
+    mov eax, [NET_STATE_ADDR + 4]   /* source address: ours (0 when none) */
+    mov [rdi + 38], eax
+    mov [rdi + 42], r11d
+    xor eax, eax                    /* one's complement sum of the ten header words */
+    xor ecx, ecx
+1:
+    movzx edx, word ptr [rdi + 26 + rcx * 2]
+    add eax, edx
+    inc ecx
+    cmp ecx, 10
+    jb 1b
+    mov edx, eax
+    shr edx, 16
+    and eax, 0xFFFF
+    add eax, edx
+    mov edx, eax
+    shr edx, 16
+    add eax, edx
+    not eax
+    mov [rdi + 36], ax
+    mov [rdi + 46], r9w             /* UDP source port */
+    mov [rdi + 48], r9w             /* UDP destination port */
+    mov word ptr [rdi + 50], 0x1800 /* UDP length 24 */
+    mov word ptr [rdi + 52], 0      /* no UDP checksum */
+    mov rax, BEACON_MAGIC
+    mov [rdi + 54], rax
+    mov rax, [rip + beacon_counter]
+    inc rax
+    mov [rip + beacon_counter], rax
+    mov [rdi + 62], rax
+    mov [NET_TXQ_ADDR], rdi         /* transmit on queue 1, descriptor 0 */
+    mov dword ptr [NET_TXQ_ADDR + 8], BEACON_FRAME_LEN
+    mov dword ptr [NET_TXQ_ADDR + 12], 0
+    movzx eax, word ptr [NET_TXQ_ADDR + 0x102]
+    mov edx, eax
+    and edx, VQ_SIZE - 1
+    mov word ptr [NET_TXQ_ADDR + 0x104 + rdx * 2], 0
+    inc eax
+    mov [NET_TXQ_ADDR + 0x102], ax
+    mov r11d, VIRTIO_NET_MMIO_BASE
+    mov dword ptr [r11 + 0x050], 1  /* notify queue 1: the VMM sends it now */
+9:
+    ret
+
     .section .rodata
 msg_banner:     .asciz "cairn-guest: up\r\n"
 msg_block_pass: .asciz "cairn-guest: block self-test pass\r\n"
@@ -956,4 +1037,5 @@ msg_net_fail:   .asciz "cairn-guest: network device FAILED\r\n"
 test_round:     .quad 0
 cur_disk:       .quad 0             /* the disk whose counters requests update */
 disk_counters:  .fill IO_MAX_DISKS * IO_STATS, 8, 0
+beacon_counter: .quad 0            /* the last beacon's number */
 crc_ready:      .byte 0             /* the CRC-32C tables are built */

@@ -55,6 +55,12 @@ pub enum ControlError {
     /// A live-migration request that cannot be carried out.
     #[error("migration: {0}")]
     Migration(String),
+    /// A fault-tolerance request that cannot be carried out.
+    #[error("fault tolerance: {0}")]
+    Ft(String),
+    /// A beacon target that is not one.
+    #[error("beacon: {0}")]
+    Beacon(String),
     /// A guest disk I/O command that cannot be carried out as asked.
     #[error("guest disk I/O: {0}")]
     GuestDiskIo(String),
@@ -216,6 +222,7 @@ impl VmHandle {
                 other: load(&exits.other),
             },
             migration,
+            ft: shared.ft.status(),
         }
     }
 
@@ -458,6 +465,14 @@ impl VmHandle {
         };
         let failure = match report.result {
             abi::IO_OK => {
+                // The answer is output like a frame: on a fault-tolerance primary it
+                // leaves only once the checkpoint holding the guest's report is
+                // acknowledged (its writes are then on the secondary's copy).
+                if !self.shared.ft.wait_committed(timeout) {
+                    return Err(ControlError::GuestDiskIo(
+                        "the guest finished, but the checkpoint holding it was not acknowledged by the fault-tolerance secondary in time".into(),
+                    ));
+                }
                 return Ok(GuestDiskIoResult {
                     crc32c: report.checksum,
                     counters,
@@ -512,6 +527,11 @@ impl VmHandle {
         max_downtime_ms: u64,
         stop_and_copy: bool,
     ) -> Result<(), ControlError> {
+        if self.shared.ft.active() {
+            return Err(ControlError::Migration(
+                "fault tolerance runs on this VM: stop it first (ft-stop)".into(),
+            ));
+        }
         if self.state() != RunState::Running {
             return Err(ControlError::WrongState {
                 operation: "migrate",
@@ -616,6 +636,113 @@ impl VmHandle {
     /// The destination's received and re-saved state JSON.
     pub fn migration_states(&self) -> Option<[String; 2]> {
         self.shared.migration.states()
+    }
+}
+
+impl VmHandle {
+    /// Makes this VM a fault-tolerance primary checkpointing to `to` every `epoch_ms`
+    /// ([`crate::ft::run_primary`], on its own thread).
+    pub fn ft_start(&self, to: &str, epoch_ms: u64, sync_disks: bool) -> Result<(), ControlError> {
+        if self.state() != RunState::Running {
+            return Err(ControlError::WrongState {
+                operation: "start fault tolerance on",
+                state: self.state().name(),
+            });
+        }
+        if !(1..=10_000).contains(&epoch_ms) {
+            return Err(ControlError::Ft(format!(
+                "epoch_ms {epoch_ms} is out of range: give 1 to 10000 (default {})",
+                crate::ft::DEFAULT_EPOCH_MS
+            )));
+        }
+        crate::ft::start_primary(
+            self,
+            crate::ft::FtRequest {
+                to: to.to_string(),
+                epoch: Duration::from_millis(epoch_ms),
+                sync_disks,
+            },
+        )
+        .map_err(ControlError::Ft)
+    }
+
+    /// Fault tolerance's status, if this VM is or was one side of a pair.
+    pub fn ft_status(&self) -> Option<crate::control::wire::FtStatus> {
+        self.shared.ft.status()
+    }
+
+    /// Promotes this secondary; answers once its vCPUs run (or after 10 s).
+    pub fn ft_promote(&self) -> Result<crate::control::wire::FtStatus, ControlError> {
+        self.shared.ft.promote().map_err(ControlError::Ft)?;
+        self.shared
+            .ft
+            .wait_status(Duration::from_secs(10), |status| {
+                matches!(status.phase.as_str(), "promoted" | "stopped")
+            });
+        self.ft_status()
+            .ok_or_else(|| ControlError::Ft("no status".into()))
+    }
+
+    /// Ends fault tolerance here (a primary runs alone, a secondary gives up); answers
+    /// once that is done (or after 10 s).
+    pub fn ft_stop(&self) -> Result<crate::control::wire::FtStatus, ControlError> {
+        self.shared.ft.stop().map_err(ControlError::Ft)?;
+        self.shared
+            .ft
+            .wait_status(Duration::from_secs(10), |status| {
+                matches!(status.phase.as_str(), "unprotected" | "stopped")
+            });
+        self.ft_status()
+            .ok_or_else(|| ControlError::Ft("no status".into()))
+    }
+
+    /// Points the built-in guest's beacon at `target` (`IPV4:PORT`) or stops it.
+    pub fn set_beacon(&self, target: Option<&str>) -> Result<(), ControlError> {
+        if !self.shared.builtin {
+            return Err(ControlError::NeedsBuiltinGuest("set-beacon"));
+        }
+        let target = target
+            .map(|text| {
+                text.parse::<std::net::SocketAddrV4>().map_err(|_| {
+                    ControlError::Beacon(format!(
+                        "{text:?} is not an IPv4 address and port (e.g. 10.0.0.1:7000)"
+                    ))
+                })
+            })
+            .transpose()?;
+        if target.is_some_and(|target| target.ip().is_unspecified() || target.port() == 0) {
+            return Err(ControlError::Beacon(
+                "the beacon needs a non-zero address and port".into(),
+            ));
+        }
+        self.shared.telemetry.set_beacon(target);
+        Ok(())
+    }
+
+    /// A secondary that will not run: why (its status says `stopped`).
+    pub fn ft_failed(&self, error: &str) {
+        self.shared.ft.failed(error);
+    }
+
+    /// A secondary's vCPUs run: its promotion is done.
+    pub fn ft_promoted(&self) {
+        self.shared.ft.promoted();
+    }
+
+    /// Fault tolerance: stop the vCPUs for a checkpoint (answered through the
+    /// migration cell's freeze slot).
+    pub(crate) fn request_checkpoint_freeze(&self) {
+        if self.shared.events.send(VmEvent::CheckpointFreeze).is_err() {
+            self.shared
+                .migration
+                .set_freeze(Err("the VM is shutting down".into()));
+        }
+    }
+
+    /// Starts the vCPUs a freeze stopped again and waits for it.
+    pub(crate) fn resume_after_freeze(&self) -> Result<(), String> {
+        crate::migration::SourceVm::request_resume(self);
+        self.shared.migration.wait_resume(Duration::from_secs(10))
     }
 }
 

@@ -45,6 +45,7 @@ pub mod control;
 pub mod devices;
 pub mod exit_code;
 pub mod fence;
+pub mod ft;
 pub mod guest;
 pub mod handle;
 pub mod heartbeat_log;

@@ -8,6 +8,7 @@
 //!           [--serial-log FILE] [--control-socket PATH] [--memory-mib N]
 //!           [--tick-ms 10] [--dirty-rate PAGES_PER_SECOND] [--grace-ms 2000]
 //! cairn-vmm (--config VM.json | VM flags) --incoming HOST:PORT
+//! cairn-vmm (--config VM.json | VM flags) --ft-secondary HOST:PORT
 //! cairn-vmm --host-info
 //! ```
 //!
@@ -16,6 +17,12 @@
 //! source (`migrate` control request there), and runs the VM only after
 //! `migrate-commit` (exit 7 when aborted or failed before that; see vmm/ARCHITECTURE.md,
 //! "Live migration").
+//!
+//! With `--ft-secondary` the process is a fault-tolerant VM's secondary: built the same
+//! way, it receives one primary's checkpoints (`ft-start` control request there) on
+//! HOST:PORT, holds the last complete one, and runs the VM from it only after
+//! `ft-promote` (exit 7 after `ft-stop` or when nothing can be resumed; see
+//! vmm/ARCHITECTURE.md, "Fault tolerance").
 //!
 //! The VM is a `vm_config::VmConfig`: read from `--config` (what the node writes), or
 //! built from the flags (for people and tests); either way it is validated once and
@@ -57,6 +64,10 @@ struct Cli {
     config: Option<PathBuf>,
     #[arg(long)]
     incoming: Option<String>,
+    /// Be a fault-tolerant VM's secondary: receive checkpoints on HOST:PORT and run
+    /// the VM only once promoted (`ft-promote`).
+    #[arg(long, conflicts_with = "incoming")]
+    ft_secondary: Option<String>,
     /// The VM's directory: console.log and control.sock live here unless
     /// --serial-log / --control-socket say otherwise.
     #[arg(long, required_unless_present_any = ["host_info", "control_socket", "config"])]
@@ -263,18 +274,40 @@ fn config_from_flags(cli: Cli) -> Result<VmConfig, String> {
     })
 }
 
-/// The destination of a live migration: builds the VM without a guest, serves the
-/// control socket, receives memory and state, and starts the VM once committed.
-fn receive(
-    config: VmConfig,
-    address: &str,
-) -> Result<(vmm::vm::RunningVm, control::ControlServer), u8> {
+/// A VM built to receive its memory and state from a peer, before it runs.
+struct Waiting {
+    vm: Vm,
+    listener: std::net::TcpListener,
+    server: control::ControlServer,
+    name: String,
+    socket: PathBuf,
+}
+
+/// Whom a VM built without a guest waits for.
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    /// A live migration's source (`--incoming`).
+    MigrationSource,
+    /// A fault-tolerant VM's primary (`--ft-secondary`).
+    FtPrimary,
+}
+
+/// Builds the VM (no guest loaded), listens on `address` for its peer, serves the
+/// control socket and prints its event with the address it listens on.
+fn wait_for_peer(config: VmConfig, address: &str, peer: Peer) -> Result<Waiting, u8> {
     let name = config.name.clone();
     let socket = config.control_socket.clone();
-    let mut vm =
-        Vm::create_incoming(config).map_err(|error| fail(&name, &error, error.exit_code()))?;
+    let (created, event, what) = match peer {
+        Peer::MigrationSource => (Vm::create_incoming(config), "incoming", "the migration"),
+        Peer::FtPrimary => (
+            Vm::create_ft_secondary(config),
+            "ft-secondary",
+            "checkpoints",
+        ),
+    };
+    let vm = created.map_err(|error| fail(&name, &error, error.exit_code()))?;
     let listener = std::net::TcpListener::bind(address).map_err(|error| {
-        eprintln!("error: vm {name}: cannot listen for the migration on {address}: {error}");
+        eprintln!("error: vm {name}: cannot listen for {what} on {address}: {error}");
         exit_code::USAGE
     })?;
     let server = control::serve(&socket, vm.handle()).map_err(|error| {
@@ -285,45 +318,98 @@ fn receive(
         exit_code::USAGE
     })?;
     emit(json!({
-        "event": "incoming",
+        "event": event,
         "name": name,
         "pid": std::process::id(),
         "listening": listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "control_socket": socket,
     }));
-    let not_run = |outcome: &str, detail: String| {
-        server.drain(Duration::from_millis(500));
-        let _ = std::fs::remove_file(&socket);
+    Ok(Waiting {
+        vm,
+        listener,
+        server,
+        name,
+        socket,
+    })
+}
+
+impl Waiting {
+    /// The VM never ran here: lets the control socket's last answers out and exits
+    /// with [`exit_code::MIGRATION_NOT_COMMITTED`].
+    fn not_run(&self, outcome: &str, detail: String) -> u8 {
+        self.server.drain(Duration::from_millis(500));
+        let _ = std::fs::remove_file(&self.socket);
         let code = exit_code::MIGRATION_NOT_COMMITTED;
         emit(json!({"event": "exited", "outcome": outcome, "detail": detail, "exit_code": code}));
         code
-    };
-    match vm.receive_migration(&listener) {
-        Ok((vmm::migration::Decision::Commit, link)) => {
-            let announced = vm.announce_nics();
-            if announced > 0 {
-                emit(json!({"event": "announced", "name": name, "frames": announced}));
-            }
-            let running = vm
-                .start()
-                .map_err(|error| fail(&name, &error, error.exit_code()))?;
-            vmm::migration::confirm_started(link);
-            Ok((running, server))
+    }
+
+    /// Announces the NICs and starts the vCPUs from the state received.
+    fn start(self) -> Result<(vmm::vm::RunningVm, control::ControlServer), u8> {
+        let announced = self.vm.announce_nics();
+        if announced > 0 {
+            emit(json!({"event": "announced", "name": self.name, "frames": announced}));
         }
-        Ok((vmm::migration::Decision::Abort, _)) => Err(not_run(
+        let name = self.name;
+        let running = self
+            .vm
+            .start()
+            .map_err(|error| fail(&name, &error, error.exit_code()))?;
+        Ok((running, self.server))
+    }
+}
+
+/// The destination of a live migration: builds the VM without a guest, serves the
+/// control socket, receives memory and state, and starts the VM once committed.
+fn receive(
+    config: VmConfig,
+    address: &str,
+) -> Result<(vmm::vm::RunningVm, control::ControlServer), u8> {
+    let mut waiting = wait_for_peer(config, address, Peer::MigrationSource)?;
+    match waiting.vm.receive_migration(&waiting.listener) {
+        Ok((vmm::migration::Decision::Commit, link)) => {
+            let started = waiting.start()?;
+            vmm::migration::confirm_started(link);
+            Ok(started)
+        }
+        Ok((vmm::migration::Decision::Abort, _)) => Err(waiting.not_run(
             "migration-aborted",
             "the migration was aborted before the commit; this VM never ran here".into(),
         )),
         Err(error) => {
-            eprintln!("error: vm {name}: incoming migration failed: {error}");
-            Err(not_run("migration-failed", error))
+            eprintln!(
+                "error: vm {}: incoming migration failed: {error}",
+                waiting.name
+            );
+            Err(waiting.not_run("migration-failed", error))
         }
     }
+}
+
+/// A fault-tolerance secondary: builds the VM without a guest, serves the control
+/// socket, applies the primary's checkpoints, and starts the VM from the last complete
+/// one once promoted.
+fn secondary(
+    config: VmConfig,
+    address: &str,
+) -> Result<(vmm::vm::RunningVm, control::ControlServer), u8> {
+    let mut waiting = wait_for_peer(config, address, Peer::FtPrimary)?;
+    if let Err(error) = waiting.vm.run_ft_secondary(&waiting.listener) {
+        waiting.vm.handle().ft_failed(&error);
+        return Err(waiting.not_run("ft-not-promoted", error));
+    }
+    let handle = waiting.vm.handle();
+    let name = waiting.name.clone();
+    let started = waiting.start()?;
+    handle.ft_promoted();
+    emit(json!({"event": "promoted", "name": name}));
+    Ok(started)
 }
 
 fn run(cli: Cli) -> u8 {
     let termination = block_termination_signals();
     let incoming = cli.incoming.clone();
+    let ft_secondary = cli.ft_secondary.clone();
     let config = match &cli.config {
         Some(path) => read_config(path),
         None => config_from_flags(cli),
@@ -338,12 +424,16 @@ fn run(cli: Cli) -> u8 {
     let name = config.name.clone();
     let socket = config.control_socket.clone();
     let console_log = config.console_log.clone();
-    let (running, server) = match incoming {
-        Some(address) => match receive(config, &address) {
+    let (running, server) = match (incoming, ft_secondary) {
+        (Some(address), _) => match receive(config, &address) {
             Ok(started) => started,
             Err(code) => return code,
         },
-        None => {
+        (None, Some(address)) => match secondary(config, &address) {
+            Ok(started) => started,
+            Err(code) => return code,
+        },
+        (None, None) => {
             let vm = match Vm::create(config) {
                 Ok(vm) => vm,
                 Err(error) => return fail(&name, &error, error.exit_code()),

@@ -27,7 +27,7 @@ use crate::state::VmState;
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Frame kinds. A frame is `kind: u8`, `length: u32` (little endian), `length` bytes.
-mod frame {
+pub(crate) mod frame {
     /// Source → destination: JSON [`super::Hello`].
     pub const HELLO: u8 = 1;
     /// Destination → source: the configuration matches; send memory.
@@ -52,17 +52,31 @@ mod frame {
     pub const SYNC: u8 = 10;
     /// Destination → source: the round arrived.
     pub const SYNC_ACK: u8 = 11;
+    /// Fault tolerance (`crate::ft`), primary → secondary: pages of the checkpoint
+    /// being sent, like `PAGES`; the secondary stages them until `CKPT_END`.
+    pub const CKPT_PAGES: u8 = 12;
+    /// Primary → secondary: guest disk writes of the checkpoint, each `disk: u32`,
+    /// `offset: u64`, `length: u32`, bytes; staged until `CKPT_END`.
+    pub const CKPT_DISK: u8 = 13;
+    /// Primary → secondary: JSON `crate::ft::CheckpointEnd` (epoch and VM state), the
+    /// checkpoint's last frame: the secondary applies what it staged, then acknowledges.
+    pub const CKPT_END: u8 = 14;
+    /// Secondary → primary: checkpoint `epoch: u64` is complete and durable there.
+    pub const CKPT_ACK: u8 = 15;
+    /// Primary → secondary: disk contents of the initial copy (the `CKPT_DISK` record),
+    /// written at once.
+    pub const DISK_SYNC: u8 = 16;
 }
 
 /// Largest frame accepted (a state with 64 vCPUs is well under this).
 const MAX_FRAME: u32 = 64 << 20;
 /// Pages per `PAGES` frame.
-const PAGES_PER_FRAME: usize = 256;
+pub(crate) const PAGES_PER_FRAME: usize = 256;
 /// Most pre-copy rounds before the switch-over is forced (auto-converge has throttled
 /// the guest hard by then).
 pub const MAX_ROUNDS: u32 = 30;
 /// How long a socket read or write may block before the link counts as broken.
-const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const LINK_TIMEOUT: Duration = Duration::from_secs(10);
 /// A round smaller than this says little about the link (it fits in socket buffers and
 /// one round trip dominates): it neither measures the rate nor needs one to be sent in
 /// the final round.
@@ -146,6 +160,11 @@ impl MigrationCell {
         Ok(())
     }
 
+    /// Whether a migration is under way.
+    pub fn active(&self) -> bool {
+        self.lock().active
+    }
+
     /// The migration ended (committed, aborted, failed and resumed).
     pub fn end(&self) {
         self.lock().active = false;
@@ -215,7 +234,7 @@ impl MigrationCell {
         self.changed.notify_all();
     }
 
-    fn wait_freeze(&self, timeout: Duration) -> Result<VmState, String> {
+    pub(crate) fn wait_freeze(&self, timeout: Duration) -> Result<VmState, String> {
         let inner = self.lock();
         let (mut inner, _) = self
             .changed
@@ -227,7 +246,7 @@ impl MigrationCell {
             .unwrap_or_else(|| Err(format!("the VM did not stop within {timeout:?}")))
     }
 
-    fn wait_resume(&self, timeout: Duration) -> Result<(), String> {
+    pub(crate) fn wait_resume(&self, timeout: Duration) -> Result<(), String> {
         let inner = self.lock();
         let (mut inner, _) = self
             .changed
@@ -237,6 +256,12 @@ impl MigrationCell {
             .resume
             .take()
             .unwrap_or_else(|| Err(format!("the VM did not resume within {timeout:?}")))
+    }
+
+    /// Forgets a migration status (an FT secondary is built like a destination but is
+    /// none).
+    pub(crate) fn clear(&self) {
+        *self.lock() = CellInner::default();
     }
 
     /// The destination's received and re-saved state (JSON).
@@ -249,13 +274,13 @@ impl MigrationCell {
     }
 }
 
-fn write_frame(writer: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
+pub(crate) fn write_frame(writer: &mut impl Write, kind: u8, payload: &[u8]) -> io::Result<()> {
     writer.write_all(&[kind])?;
     writer.write_all(&(payload.len() as u32).to_le_bytes())?;
     writer.write_all(payload)
 }
 
-fn read_frame(reader: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
+pub(crate) fn read_frame(reader: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     let mut header = [0u8; 5];
     reader.read_exact(&mut header)?;
     let length = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
@@ -270,7 +295,7 @@ fn read_frame(reader: &mut impl Read) -> io::Result<(u8, Vec<u8>)> {
     Ok((header[0], payload))
 }
 
-fn error_text(kind: u8, payload: &[u8]) -> String {
+pub(crate) fn error_text(kind: u8, payload: &[u8]) -> String {
     if kind == frame::ERROR {
         format!("the peer gave up: {}", String::from_utf8_lossy(payload))
     } else {
@@ -307,7 +332,7 @@ pub trait SourceVm: Send + Sync {
 /// the socket (the link's share, without reading and zero-checking memory). `skip_zero`
 /// leaves out pages that are all zeros (the first round: the destination's fresh
 /// memory is zero).
-fn send_pages(
+pub(crate) fn send_pages(
     writer: &mut impl Write,
     ram: &GuestRam,
     pages: impl Iterator<Item = u64>,
@@ -346,7 +371,7 @@ fn send_pages(
     Ok((sent, writing))
 }
 
-fn all_pages(ram: &GuestRam) -> impl Iterator<Item = u64> {
+pub(crate) fn all_pages(ram: &GuestRam) -> impl Iterator<Item = u64> {
     ram_ranges(ram.size_bytes())
         .into_iter()
         .flat_map(|(start, length)| {
@@ -354,7 +379,7 @@ fn all_pages(ram: &GuestRam) -> impl Iterator<Item = u64> {
         })
 }
 
-fn union(mut first: DirtyBitmap, second: &DirtyBitmap) -> DirtyBitmap {
+pub(crate) fn union(mut first: DirtyBitmap, second: &DirtyBitmap) -> DirtyBitmap {
     for ((_, words), (_, other)) in first.ranges.iter_mut().zip(&second.ranges) {
         for (word, other) in words.iter_mut().zip(other) {
             *word |= other;

@@ -101,6 +101,10 @@ pub(crate) struct Shared {
     pub(crate) builtin: bool,
     /// The live migration under way or last done ([`crate::migration`]).
     pub(crate) migration: crate::migration::MigrationCell,
+    /// Fault tolerance ([`crate::ft`]): status, decisions, the NICs' output gate.
+    pub(crate) ft: crate::ft::FtCell,
+    /// Every disk's write journal (the disks' backends, in `--disk` order).
+    pub(crate) disk_journals: Vec<Arc<crate::ft::DiskJournal>>,
 }
 
 impl Shared {

@@ -261,6 +261,10 @@ pub enum VmEvent {
     MigrationResume,
     /// Migration: the commander committed; the VM runs at this destination now.
     MigrationCommitted(String),
+    /// Fault tolerance: stop the vCPUs for a checkpoint and save the state, without
+    /// flushing the disks (the secondary's copy is the durable one; answered through
+    /// the migration cell like [`VmEvent::MigrationFreeze`]).
+    CheckpointFreeze,
 }
 
 /// Something the supervising loop reports to its caller (the binary prints them).
@@ -332,11 +336,18 @@ impl Vm {
                 source,
             })
         };
-        let disks: Vec<Arc<dyn BlockBackend>> = config
+        // Every disk behind its write journal: fault tolerance records the writes of
+        // each epoch there (nothing is recorded otherwise) and a secondary writes its
+        // checkpoints through it ([`crate::ft`]).
+        let disk_journals: Vec<Arc<crate::ft::DiskJournal>> = config
             .disks
             .iter()
-            .map(open_disk)
+            .map(|disk| open_disk(disk).map(|opened| Arc::new(crate::ft::DiskJournal::new(opened))))
             .collect::<Result<_, _>>()?;
+        let disks: Vec<Arc<dyn BlockBackend>> = disk_journals
+            .iter()
+            .map(|journal| Arc::clone(journal) as Arc<dyn BlockBackend>)
+            .collect();
         let taps: Vec<Arc<fs::File>> = config
             .nics
             .iter()
@@ -428,6 +439,7 @@ impl Vm {
             })
             .collect();
         let block_stats = blocks.iter().map(VirtioMmioBlock::stats).collect();
+        let ft = crate::ft::FtCell::default();
         let nets: Vec<NetSlot> = config
             .nics
             .iter()
@@ -436,7 +448,8 @@ impl Vm {
             .map(|((nic, tap), irq)| {
                 let interrupt = (!builtin).then(|| line_interrupt(&vm_fd, irq));
                 let device = VirtioMmioNet::new(Arc::clone(&tap), nic.mac.0, interrupt)
-                    .with_fence(Arc::clone(&fence));
+                    .with_fence(Arc::clone(&fence))
+                    .with_gate(Arc::clone(&ft.gate));
                 NetSlot {
                     stats: device.stats(),
                     device: Mutex::new(device),
@@ -488,6 +501,8 @@ impl Vm {
             vcpus: usize::from(vcpu_count),
             builtin,
             migration: crate::migration::MigrationCell::default(),
+            ft,
+            disk_journals,
         });
 
         let cpuid = arch::supported_cpuid(&kvm)?;
@@ -666,6 +681,27 @@ impl Vm {
             nics: self.config.nics.len() as u32,
             builtin: self.shared.builtin,
         }
+    }
+
+    /// [`Vm::create`] for a fault-tolerance secondary (`cairn-vmm --ft-secondary`):
+    /// built like a migration's destination (no guest loaded, vCPUs paused), its memory,
+    /// disks and state come from the primary's checkpoints ([`crate::ft`]).
+    pub fn create_ft_secondary(config: VmConfig) -> Result<Self, VmError> {
+        let vm = Self::build(config, true)?;
+        vm.shared.migration.clear();
+        Ok(vm)
+    }
+
+    /// Runs as a fault-tolerance secondary on `listener` until the commander promotes
+    /// it ([`crate::ft::run_secondary`]); then restores the last complete checkpoint
+    /// into this VM, which the caller starts. An error: stopped, or nothing to resume.
+    pub fn run_ft_secondary(&mut self, listener: &std::net::TcpListener) -> Result<(), String> {
+        let listener = listener
+            .try_clone()
+            .map_err(|error| format!("listening socket: {error}"))?;
+        let state = crate::ft::run_secondary(&self.handle(), listener, 0)?;
+        self.restore_state(&state)
+            .map_err(|error| format!("restoring the checkpoint: {error}"))
     }
 
     /// Receives a live migration on `listener` ([`crate::migration::receive`]): memory,
@@ -946,7 +982,11 @@ impl RunningVm {
                     power_off_deadline.get_or_insert(Instant::now() + self.vm.power_off_grace());
                 }
                 VmEvent::MigrationFreeze => {
-                    let result = self.freeze_for_migration();
+                    let result = self.freeze_for_migration(true);
+                    shared.migration.set_freeze(result);
+                }
+                VmEvent::CheckpointFreeze => {
+                    let result = self.freeze_for_migration(false);
                     shared.migration.set_freeze(result);
                 }
                 VmEvent::MigrationResume => {
@@ -1015,8 +1055,10 @@ impl RunningVm {
     /// Migration's switch-over on the source: stops the vCPU threads (a block request
     /// completes inside the exit that issued it, so once every vCPU thread has returned
     /// none is in flight), waits out a receive delivery in progress, flushes every disk,
-    /// and saves the state. The vCPU fds stay here until a resume or the end.
-    fn freeze_for_migration(&mut self) -> Result<crate::state::VmState, String> {
+    /// and saves the state. The vCPU fds stay here until a resume or the end. A
+    /// checkpoint of fault tolerance does not `flush` (its writes are made durable on
+    /// the secondary's copy).
+    fn freeze_for_migration(&mut self, flush: bool) -> Result<crate::state::VmState, String> {
         if !self.vm.vcpus.is_empty() {
             return Err("the vCPUs are already stopped".into());
         }
@@ -1028,7 +1070,7 @@ impl RunningVm {
             // pump checks the run state under it, so none begins after.
             drop(net.device.lock().expect("net lock"));
         }
-        for (index, block) in shared.blocks.iter().enumerate() {
+        for (index, block) in shared.blocks.iter().enumerate().filter(|_| flush) {
             block
                 .lock()
                 .expect("block lock")

@@ -97,6 +97,45 @@ pub fn execute(vm: &VmHandle, request: &Request) -> Response {
                 ),
             };
         }
+        Request::FtStart {
+            to,
+            epoch_ms,
+            sync_disks,
+        } => {
+            return match vm.ft_start(to, *epoch_ms, *sync_disks) {
+                Ok(()) => Response {
+                    ft: vm.ft_status(),
+                    ..Response::ok()
+                },
+                Err(error) => Response::error(error.to_string()),
+            };
+        }
+        Request::FtStatus => {
+            return match vm.ft_status() {
+                Some(status) => Response {
+                    ft: Some(status),
+                    ..Response::ok()
+                },
+                None => {
+                    Response::error("this VM is no fault-tolerance primary or secondary".into())
+                }
+            };
+        }
+        Request::FtPromote | Request::FtStop => {
+            let result = if matches!(request, Request::FtPromote) {
+                vm.ft_promote()
+            } else {
+                vm.ft_stop()
+            };
+            return match result {
+                Ok(status) => Response {
+                    ft: Some(status),
+                    ..Response::ok()
+                },
+                Err(error) => Response::error(error.to_string()),
+            };
+        }
+        Request::SetBeacon { target } => vm.set_beacon(target.as_deref()),
         Request::BlockTest => vm.block_test(),
         Request::GuestCrash => vm.guest_crash(),
         Request::SetFence {

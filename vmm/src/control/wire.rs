@@ -94,6 +94,36 @@ pub enum Request {
     /// The destination's copy of the state it received and the state it saves again
     /// after restoring it (the save → restore → save check), as JSON text.
     MigrationState,
+    /// Fault tolerance: make this VM a primary that checkpoints to the `cairn-vmm
+    /// --ft-secondary ADDR` at `to` every `epoch_ms` (vmm/ARCHITECTURE.md "Fault
+    /// tolerance"). Answers at once; `ft-status` follows it to `protected`.
+    FtStart {
+        /// The secondary's `HOST:PORT`.
+        to: String,
+        /// The epoch in milliseconds (default 30).
+        #[serde(default = "default_epoch_ms")]
+        epoch_ms: u64,
+        /// Copy every disk whole first (default true; false when the secondary's
+        /// copies are known equal).
+        #[serde(default = "default_true")]
+        sync_disks: bool,
+    },
+    /// Fault tolerance's state and figures ([`FtStatus`]).
+    FtStatus,
+    /// The commander's promotion of a secondary: restore the last complete checkpoint
+    /// and run the VM here. Refused without a complete checkpoint.
+    FtPromote,
+    /// The commander's end of fault tolerance: a primary releases the output it holds
+    /// and runs alone; a secondary gives up (exits 7, never having run).
+    FtStop,
+    /// Points the built-in guest's beacon (a UDP datagram carrying an increasing
+    /// counter every tick, Ethernet broadcast on its first NIC) at `target`
+    /// (`IPV4:PORT`), or stops it (absent).
+    SetBeacon {
+        /// `IPV4:PORT`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        target: Option<String>,
+    },
     /// Bytes typed into the serial console (its UART's receive FIFO, 64 bytes): the
     /// answer's `console_accepted` says how many it took.
     ConsoleInput {
@@ -209,6 +239,71 @@ pub struct Response {
     /// `[received, restored-and-saved-again]` state JSON, for `migration-state`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_states: Option<[String; 2]>,
+    /// Fault tolerance, for `ft-start`, `ft-status`, `ft-promote`, `ft-stop`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<FtStatus>,
+}
+
+/// One side of a fault-tolerant pair ([`crate::ft`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FtStatus {
+    /// `primary` or `secondary`.
+    pub role: String,
+    /// Primary: `connecting`, `initial-copy`, `protected`, `secondary-lost` (output
+    /// held until `ft-stop`), `unprotected` (runs alone). Secondary: `waiting`,
+    /// `initial-copy`, `protected`, `primary-lost` (holds its last checkpoint, waits
+    /// for `ft-promote`), `failed` (nothing to resume), `promoting`, `promoted`,
+    /// `stopped`.
+    pub phase: String,
+    /// The other side's address.
+    pub peer: String,
+    /// The epoch length in ms.
+    pub epoch_ms: u64,
+    /// Primary: the last checkpoint taken. Secondary: the last complete one.
+    pub epoch: u64,
+    /// The last checkpoint the secondary acknowledged (complete and durable there).
+    pub last_acked: u64,
+    /// Bytes of the initial copy (memory and disks).
+    pub initial_bytes: u64,
+    /// Duration of the initial copy in ms (primary).
+    pub initial_ms: f64,
+    /// Bytes on the wire so far.
+    pub bytes_total: u64,
+    /// Bytes of the last checkpoint.
+    pub last_epoch_bytes: u64,
+    /// Median bytes per checkpoint (recent 512).
+    pub median_epoch_bytes: f64,
+    /// Median dirty pages per checkpoint (recent 512).
+    pub median_epoch_pages: f64,
+    /// Median time the VM stayed paused per checkpoint, in ms (primary).
+    pub median_paused_ms: f64,
+    /// Median time from a checkpoint's pause to its acknowledgement, in ms (primary).
+    pub median_ack_ms: f64,
+    /// Median time a transmitted frame was held before it left, in ms (primary): the
+    /// added latency of output.
+    pub median_output_delay_ms: f64,
+    /// Frames held now (primary).
+    pub frames_held: u64,
+    /// Frames released after their checkpoint's acknowledgement (primary).
+    pub frames_released: u64,
+    /// Frames dropped: past the hold limit or the fence (primary).
+    pub frames_discarded: u64,
+    /// Guest disk writes shipped with checkpoints (primary: writes; secondary:
+    /// frames applied).
+    pub disk_writes_shipped: u64,
+    /// Secondary: from `ft-promote` to the vCPUs running, in ms.
+    pub promote_ms: f64,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+fn default_epoch_ms() -> u64 {
+    crate::ft::DEFAULT_EPOCH_MS
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// One side of a live migration: where it is and what it cost so far.
@@ -289,6 +384,7 @@ impl Response {
             migration: None,
             memory_crc32c: None,
             vm_states: None,
+            ft: None,
         }
     }
 
@@ -306,6 +402,7 @@ impl Response {
             migration: None,
             memory_crc32c: None,
             vm_states: None,
+            ft: None,
         }
     }
 }
@@ -383,6 +480,9 @@ pub struct VmStatus {
     /// The live migration under way or last done, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationStatus>,
+    /// Fault tolerance, when this VM is or was one side of a pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<FtStatus>,
 }
 
 /// A virtio-net device and its frame counters.

@@ -165,6 +165,10 @@ pub struct GuestTelemetry {
     /// runs without pause and uses all the CPU it is given; its heartbeat counter
     /// then counts the loops it ran (a CPU-contention load and its measure).
     burn: std::sync::atomic::AtomicBool,
+    /// The beacon's target (`set-beacon`): the IPv4 address as it sits in a packet
+    /// (0: no beacon) and the UDP port, answered on `PORT_BEACON_IPV4`/`_PORT`.
+    beacon_ipv4: AtomicU64,
+    beacon_port: AtomicU64,
 }
 
 /// The [`PortsState`] format this VMM writes and reads.
@@ -193,6 +197,9 @@ pub struct PortsState {
     /// (its waiter stayed on the source). Absent in states saved before it existed.
     #[serde(default)]
     pub disk_io_posted: Option<[u64; 5]>,
+    /// The beacon's target: `[IPv4 as it sits in a packet, UDP port]` (absent: none).
+    #[serde(default)]
+    pub beacon: Option<[u64; 2]>,
 }
 
 fn args_of([op, disk, sector, sectors, seed]: [u64; 5]) -> DiskIoArgs {
@@ -247,7 +254,22 @@ impl GuestTelemetry {
             disk_io_turn: Mutex::new(()),
             throttle_percent: AtomicU64::new(0),
             burn: std::sync::atomic::AtomicBool::new(false),
+            beacon_ipv4: AtomicU64::new(0),
+            beacon_port: AtomicU64::new(0),
         }
+    }
+
+    /// Points the built-in guest's beacon at `target` (a UDP datagram with its
+    /// increasing counter every tick, see `guest/abi.inc`), or stops it (`None`).
+    pub fn set_beacon(&self, target: Option<std::net::SocketAddrV4>) {
+        let (address, port) = target.map_or((0, 0), |target| {
+            (
+                u64::from(u32::from_le_bytes(target.ip().octets())),
+                u64::from(target.port()),
+            )
+        });
+        self.beacon_port.store(port, Ordering::Release);
+        self.beacon_ipv4.store(address, Ordering::Release);
     }
 
     /// Gives the guest `address` for its first network device (answered on
@@ -446,6 +468,9 @@ impl GuestTelemetry {
                 .posted
                 .filter(|_| load(&self.pending_command) == abi::CMD_DISK_IO)
                 .map(|(_, args)| saved_args(&args)),
+            beacon: Some(load(&self.beacon_ipv4))
+                .filter(|address| *address != 0)
+                .map(|address| [address, load(&self.beacon_port)]),
         }
     }
 
@@ -479,6 +504,9 @@ impl GuestTelemetry {
             .store(state.pending_command, Ordering::Release);
         self.net_replies.store(state.net_replies, Ordering::Release);
         self.set_dirty_rate(state.dirty_rate);
+        let [address, port] = state.beacon.unwrap_or([0, 0]);
+        self.beacon_port.store(port, Ordering::Release);
+        self.beacon_ipv4.store(address, Ordering::Release);
         let mut mailbox = self.disk_io.lock().expect("disk io lock");
         for (slot, saved) in mailbox.counters.iter_mut().zip(&state.disk_io_counters) {
             *slot = *saved;
@@ -560,6 +588,8 @@ impl GuestTelemetry {
             }
             port @ abi::PORT_IO_OP..=abi::PORT_IO_SEED_HI => self.disk_io_arg(port),
             abi::PORT_NET_IPV4 => self.net_ipv4,
+            abi::PORT_BEACON_IPV4 => self.beacon_ipv4.load(Ordering::Acquire) as u32,
+            abi::PORT_BEACON_PORT => self.beacon_port.load(Ordering::Acquire) as u32,
             _ => 0,
         }
     }

@@ -86,6 +86,9 @@ pub struct VirtioMmioNet {
     stats: Arc<NetStats>,
     /// The VM's fence: once it lapses no frame reaches the tap ([`crate::fence`]).
     fence: Option<Arc<crate::fence::Fence>>,
+    /// Fault tolerance's output commit: while it holds, frames wait there for their
+    /// checkpoint's acknowledgement instead of reaching the tap ([`crate::ft`]).
+    gate: Option<Arc<crate::ft::OutputGate>>,
 }
 
 impl VirtioMmioNet {
@@ -119,7 +122,14 @@ impl VirtioMmioNet {
             tap,
             stats: Arc::new(NetStats::default()),
             fence: None,
+            gate: None,
         }
+    }
+
+    /// Frames go through `gate` (held while fault tolerance runs).
+    pub fn with_gate(mut self, gate: Arc<crate::ft::OutputGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// The device checks `fence` before every tap write.
@@ -206,18 +216,23 @@ impl VirtioMmioNet {
                     // No offloads were negotiated: whatever the header says, the frame
                     // is complete, so the tap gets a header without offload requests.
                     frame[..NET_HDR_LEN].fill(0);
+                    let length = (frame.len() - NET_HDR_LEN) as u64;
+                    // Fault tolerance holds the frame until its checkpoint is
+                    // acknowledged (or drops it past the hold limit): it counts as sent.
+                    let unheld = match &self.gate {
+                        Some(gate) => gate.hold(&self.tap, frame),
+                        None => Some(frame),
+                    };
                     // A tap takes a frame whole or not at all; a short count would be
                     // a broken frame, so it counts as an error like a failed write.
-                    match (&*self.tap).write(&frame) {
-                        Ok(written) if written == frame.len() => {
-                            self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-                            self.stats
-                                .tx_bytes
-                                .fetch_add((frame.len() - NET_HDR_LEN) as u64, Ordering::Relaxed);
-                        }
-                        Ok(_) | Err(_) => {
-                            self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
-                        }
+                    let sent = unheld.is_none_or(|frame| {
+                        matches!((&*self.tap).write(&frame), Ok(written) if written == frame.len())
+                    });
+                    if sent {
+                        self.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
+                        self.stats.tx_bytes.fetch_add(length, Ordering::Relaxed);
+                    } else {
+                        self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 None => {

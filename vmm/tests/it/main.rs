@@ -5,6 +5,7 @@
 mod block;
 mod dirty;
 mod fence;
+mod ft;
 mod guest_io;
 mod lifecycle;
 mod linux_boot;

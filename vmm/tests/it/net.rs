@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{VmProcess, kvm_available};
+use crate::support::{TestNamespace, VmProcess, kvm_available};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const GUEST_MAC: &str = "02:ca:00:00:00:02";
@@ -12,71 +12,24 @@ const GUEST_IP: &str = "10.213.0.2";
 const HOST_IP: &str = "10.213.0.1";
 
 /// A network namespace holding one tap with the host's address; deleted on drop.
-struct TapNamespace {
-    name: String,
-}
+type TapNamespace = TestNamespace;
 
-impl TapNamespace {
-    /// `None` (with the reason printed) where this host cannot make one.
-    fn new(test: &str) -> Option<Self> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipping {test}: needs root for a network namespace and a tap");
-            return None;
-        }
-        if !std::path::Path::new("/dev/net/tun").exists() {
-            eprintln!("skipping {test}: no /dev/net/tun");
-            return None;
-        }
-        if Command::new("ping").arg("-V").output().is_err() {
-            eprintln!("skipping {test}: no ping (Debian package iputils-ping)");
-            return None;
-        }
-        // One per test: the tests of this binary run side by side in one process.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let index = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("cairn-vmmnet-{}-{index}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        let made = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|status| status.success());
-        if !made {
-            eprintln!("skipping {test}: cannot create a network namespace here");
-            return None;
-        }
-        let namespace = Self { name };
-        for command in [
+/// `None` (with the reason printed) where this host cannot make one.
+fn tap_namespace(test: &str) -> Option<TapNamespace> {
+    if Command::new("ping").arg("-V").output().is_err() {
+        eprintln!("skipping {test}: no ping (Debian package iputils-ping)");
+        return None;
+    }
+    TestNamespace::new(
+        test,
+        "cairn-vmmnet",
+        &[
             "ip link set lo up",
             "ip tuntap add dev vmtap0 mode tap vnet_hdr",
             &format!("ip addr add {HOST_IP}/24 dev vmtap0"),
             "ip link set vmtap0 up",
-        ] {
-            let output = namespace.run(command);
-            assert!(
-                output.status.success(),
-                "{command}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Some(namespace)
-    }
-
-    fn run(&self, command: &str) -> std::process::Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(command.split_whitespace())
-            .output()
-            .expect("ip netns exec")
-    }
-}
-
-impl Drop for TapNamespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+        ],
+    )
 }
 
 #[test]
@@ -85,7 +38,7 @@ fn the_builtin_guest_answers_arp_and_ping_through_its_tap() {
     if !kvm_available(test) {
         return;
     }
-    let Some(namespace) = TapNamespace::new(test) else {
+    let Some(namespace) = tap_namespace(test) else {
         return;
     };
     let nic = format!("tap=vmtap0,mac={GUEST_MAC},ipv4={GUEST_IP}");
@@ -187,10 +140,10 @@ fn a_migrated_nic_announces_itself_and_the_bridge_moves_it_to_the_new_tap() {
     if !kvm_available(test) {
         return;
     }
-    let Some(namespace) = TapNamespace::new(test) else {
+    let Some(namespace) = tap_namespace(test) else {
         return;
     };
-    for command in [
+    namespace.run_all(&[
         &format!("ip addr del {HOST_IP}/24 dev vmtap0"),
         "ip tuntap add dev vmtap1 mode tap vnet_hdr",
         "ip link add br0 type bridge",
@@ -199,14 +152,7 @@ fn a_migrated_nic_announces_itself_and_the_bridge_moves_it_to_the_new_tap() {
         &format!("ip addr add {HOST_IP}/24 dev br0"),
         "ip link set vmtap1 up",
         "ip link set br0 up",
-    ] {
-        let output = namespace.run(command);
-        assert!(
-            output.status.success(),
-            "{command}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
+    ]);
     let prefix = ["ip", "netns", "exec", namespace.name.as_str()];
     let nic = |tap: &str| format!("tap={tap},mac={GUEST_MAC},ipv4={GUEST_IP}");
     let source_nic = nic("vmtap0");

@@ -228,3 +228,72 @@ pub fn disk_image(dir: &Path, bytes: u64) -> PathBuf {
     file.set_len(bytes).expect("size disk");
     path
 }
+
+/// A network namespace of one test's own (`PREFIX-PID-N`: the tests of this binary run
+/// side by side in one process), set up by commands run in it; deleted on drop.
+pub struct TestNamespace {
+    pub name: String,
+}
+
+impl TestNamespace {
+    /// `None` (with the reason printed) where this host cannot make one: needs root and
+    /// `/dev/net/tun`. Runs `setup` in it, each command asserted to succeed.
+    pub fn new(test: &str, prefix: &str, setup: &[&str]) -> Option<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping {test}: needs root for a network namespace and taps");
+            return None;
+        }
+        if !Path::new("/dev/net/tun").exists() {
+            eprintln!("skipping {test}: no /dev/net/tun");
+            return None;
+        }
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let index = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{prefix}-{}-{index}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let made = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|status| status.success());
+        if !made {
+            eprintln!("skipping {test}: cannot create a network namespace here");
+            return None;
+        }
+        let namespace = Self { name };
+        namespace.run_all(setup);
+        Some(namespace)
+    }
+
+    /// Runs `command` (split at spaces) in the namespace.
+    pub fn run(&self, command: &str) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(command.split_whitespace())
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// Runs each command, asserting it succeeds.
+    pub fn run_all(&self, commands: &[&str]) {
+        for command in commands {
+            let output = self.run(command);
+            assert!(
+                output.status.success(),
+                "{command}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
