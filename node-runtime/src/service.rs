@@ -344,8 +344,24 @@ impl NodeService {
         request: &Request<T>,
         grant: Option<&v1::ControllerGrant>,
     ) -> Result<ReplicationCaller, Status> {
+        self.replication_caller_as(method, request, grant, false)
+    }
+
+    /// [`NodeService::replication_caller`] for a request that may be bound to this
+    /// process's replica session (`in_session`: its nonce is kept in memory only).
+    fn replication_caller_as<T: prost::Message>(
+        &self,
+        method: &str,
+        request: &Request<T>,
+        grant: Option<&v1::ControllerGrant>,
+        in_session: bool,
+    ) -> Result<ReplicationCaller, Status> {
         let trust = &self.node.trust;
-        let caller = trust.check(method, Role::ControllerOrPeer, request)?;
+        let caller = if in_session {
+            trust.check_in_session(method, Role::ControllerOrPeer, request)?
+        } else {
+            trust.check(method, Role::ControllerOrPeer, request)?
+        };
         Ok(ReplicationCaller {
             controller: trust.is_controller(&caller.key_hex),
             description: trust.describe(&caller.key_hex),
@@ -384,7 +400,14 @@ impl v1::replication_server::Replication for NodeService {
         &self,
         request: Request<v1::ReplicaWriteRequest>,
     ) -> Result<Response<v1::ReplicaWriteResponse>, Status> {
-        let caller = self.replication_caller(methods::REPLICA_WRITE, &request, None)?;
+        // A write naming this run's session keeps its nonce in memory only; one naming
+        // another run's is refused before anything is done (`volumes/sessions.rs`).
+        let in_session = self
+            .node
+            .volumes
+            .in_session(&request.get_ref().replica_boot)?;
+        let caller =
+            self.replication_caller_as(methods::REPLICA_WRITE, &request, None, in_session)?;
         let request = request.into_inner();
         validate::name("replica_write_request.volume", &request.volume)?;
         self.node
@@ -392,7 +415,9 @@ impl v1::replication_server::Replication for NodeService {
             .authorize_write(&request.volume, &caller)
             .await?;
         self.node.volumes.replica_write(request, &caller).await?;
-        Ok(Response::new(v1::ReplicaWriteResponse {}))
+        Ok(Response::new(v1::ReplicaWriteResponse {
+            replica_boot: self.node.volumes.boot_id().to_vec(),
+        }))
     }
 
     async fn replica_read(

@@ -266,6 +266,28 @@ impl Trust {
         role: Role,
         request: &tonic::Request<T>,
     ) -> Result<Caller, Status> {
+        self.check_as(method, role, request, false)
+    }
+
+    /// [`Trust::check`] for a request the caller has bound to this process's
+    /// session (a `ReplicaWrite` naming this run's boot id): its nonce is kept in memory
+    /// only ([`proto::auth::Nonces::InMemory`]).
+    pub fn check_in_session<T: prost::Message>(
+        &self,
+        method: &str,
+        role: Role,
+        request: &tonic::Request<T>,
+    ) -> Result<Caller, Status> {
+        self.check_as(method, role, request, true)
+    }
+
+    fn check_as<T: prost::Message>(
+        &self,
+        method: &str,
+        role: Role,
+        request: &tonic::Request<T>,
+        in_session: bool,
+    ) -> Result<Caller, Status> {
         let protocol = request
             .metadata()
             .get(proto::protocol::HEADER)
@@ -282,21 +304,26 @@ impl Trust {
             Role::Controller => "controller",
             Role::ControllerOrPeer => "controller or peer",
         };
-        let caller = self
+        let nonces = if in_session {
+            proto::auth::Nonces::InMemory
+        } else {
+            proto::auth::Nonces::ByMethod
+        };
+        let verified = self
             .verifier
-            .verify(method, request, &keys, role_name)
-            .map_err(|error| {
-                let bad_signature = matches!(error, proto::auth::AuthError::BadSignature { .. });
-                let status = Status::from(error);
-                match proto::protocol::signature_hint(protocol) {
-                    Some(hint) if bad_signature => Status::with_metadata(
-                        status.code(),
-                        format!("{}; {hint}", status.message()),
-                        status.metadata().clone(),
-                    ),
-                    _ => status,
-                }
-            })?;
+            .verify_as(method, request, &keys, role_name, nonces);
+        let caller = verified.map_err(|error| {
+            let bad_signature = matches!(error, proto::auth::AuthError::BadSignature { .. });
+            let status = Status::from(error);
+            match proto::protocol::signature_hint(protocol) {
+                Some(hint) if bad_signature => Status::with_metadata(
+                    status.code(),
+                    format!("{}; {hint}", status.message()),
+                    status.metadata().clone(),
+                ),
+                _ => status,
+            }
+        })?;
         if let Some(head) = request.metadata().get(proto::anchor::HEADER)
             && self.is_controller(&caller.key_hex)
         {

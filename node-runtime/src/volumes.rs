@@ -38,12 +38,14 @@ use redb::Durability;
 use tokio::sync::RwLock;
 use tonic::Status;
 
+mod activity;
 mod clients;
 mod copies;
 mod epochs;
 mod lock;
 mod promotion;
 mod protection;
+mod sessions;
 mod snapshots;
 
 pub use snapshots::volume_result;
@@ -193,6 +195,42 @@ pub struct Volumes {
     freeze_bound: Duration,
     /// What the protection schedules did since the node started (`protection.rs`).
     protection_runs: std::sync::Mutex<BTreeMap<String, protection::Run>>,
+    /// This process's replica session (`sessions.rs`).
+    boot_id: [u8; 16],
+    /// The replicas' sessions this writer learned, by peer.
+    replica_boots: std::sync::Mutex<BTreeMap<String, Vec<u8>>>,
+}
+
+/// After a start: the extents a writer left hot (`activity.rs`) become pending intents
+/// of their regions (at most [`validate::MAX_IO_BYTES`] each, within the volume),
+/// durably, so the settle before the next write ships them to the in-sync copies.
+fn activity_to_intents(
+    records: &Records,
+    volume: &str,
+    size: u64,
+) -> Result<(), records::RecordsError> {
+    let hot = records.intents(&activity::hot_prefix(volume))?;
+    if hot.is_empty() {
+        return Ok(());
+    }
+    let mut keys = Vec::new();
+    for index in hot.iter().filter_map(|key| activity::parse_hot_key(key)) {
+        let end = index
+            .saturating_add(1)
+            .saturating_mul(activity::EXTENT)
+            .min(size);
+        let mut offset = index.saturating_mul(activity::EXTENT);
+        while offset < end {
+            let length = (end - offset).min(validate::MAX_IO_BYTES);
+            keys.push(intent_key(volume, offset, length));
+            offset += length;
+        }
+    }
+    records.put_intents(volume, &keys, 0)?;
+    for key in hot {
+        records.remove_intent(&key, Durability::Immediate)?;
+    }
+    Ok(())
 }
 
 fn intent_key(volume: &str, offset: u64, length: u64) -> String {
@@ -246,6 +284,7 @@ impl Volumes {
     ) -> Result<Self, records::RecordsError> {
         let mut volumes = BTreeMap::new();
         for (name, record) in records.list::<VolumeRecord>()? {
+            activity_to_intents(&records, &name, record.size_bytes)?;
             let entry = VolumeEntry::new(record);
             entry
                 .next_sequence
@@ -282,6 +321,8 @@ impl Volumes {
             peer_clients: std::sync::Mutex::new(BTreeMap::new()),
             freeze_bound: epochs::freeze_bound(),
             protection_runs: std::sync::Mutex::new(BTreeMap::new()),
+            boot_id: sessions::boot_id(),
+            replica_boots: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -983,6 +1024,12 @@ impl Volumes {
             .records
             .intents(&format!("{name}@"))
             .map_err(records_status)?
+            .into_iter()
+            .chain(
+                self.records
+                    .intents(&activity::hot_prefix(name))
+                    .map_err(records_status)?,
+            )
         {
             self.records
                 .remove_intent(&key, Durability::Immediate)
@@ -1045,12 +1092,15 @@ impl Volumes {
         }
         let key = intent_key(name, offset, length);
         // The sequence number is the agent's, not the volume store's, so the local write and
-        // the replica writes can run at the same time. It is made durable (with the
-        // intent, in one commit with the intents of the writes beside it) before it is
-        // used, so no number is ever shipped twice, even across a crash of the primary.
+        // the replica writes can run at the same time. A durable high-water mark covers
+        // it before it is used (reserved ahead, `activity.rs`), so no number is ever
+        // shipped twice, even across a crash of the primary; and the write's extent is
+        // hot, so a crash leaves its region to be settled.
         let sequence = self.take_sequence(&entry);
         let in_flight = entry.write_lock.begin_intent(&key);
-        self.record_intent(&entry, key.clone(), sequence).await?;
+        let intent = self
+            .record_intent(&entry, key.clone(), offset, length, sequence)
+            .await?;
         let (epoch, in_sync, catching, outside) = self.targets(&entry);
         // Every copy outside the in-sync set misses this write until it catches up.
         for peer in &outside {
@@ -1079,7 +1129,7 @@ impl Volumes {
                             &peer,
                             name,
                             offset,
-                            data.to_vec(),
+                            data,
                             checksums,
                             sequence,
                             epoch,
@@ -1094,6 +1144,8 @@ impl Volumes {
         let (local_result, in_sync_results, catching_results) =
             tokio::join!(local_write, ship_all(in_sync), ship_all(catching));
         if let Err(status) = local_result {
+            // The replicas may hold it: the region stays pending.
+            intent.keep()?;
             let detail = format!(
                 "write at offset {offset} failed on the local copy: {}",
                 status.message()
@@ -1126,12 +1178,11 @@ impl Volumes {
             .filter_map(|(_, result)| result.err())
             .collect();
         if failures.is_empty() {
-            self.records
-                .remove_intent(&key, Durability::None)
-                .map_err(records_status)?;
+            intent.done();
             drop(in_flight);
             drop(range);
         } else {
+            intent.keep()?;
             // Frozen until the failed copies answer or leave the in-sync set: its
             // intent is pending now, settled with the volume's lock whole (after the
             // writes beside it, and before any that comes next).
@@ -1178,6 +1229,7 @@ impl Volumes {
                 }
             }
             self.catch_up_all(&entry).await;
+            self.cool(&entry).await;
         }
     }
 
@@ -1230,6 +1282,7 @@ impl Volumes {
             checksums,
             resync,
             epoch: _,
+            replica_boot: _,
         } = request;
         let length = data.len() as u64;
         if resync {

@@ -318,6 +318,12 @@ pub fn from_hex<const N: usize>(text: &str) -> Result<[u8; N], String> {
     Ok(out)
 }
 
+/// A fresh session id: 16 bytes from the operating system's random source (a replica's
+/// boot id, see [`Nonces::InMemory`]).
+pub fn session_id() -> Result<[u8; 16], AuthError> {
+    random_bytes::<16>()
+}
+
 fn random_bytes<const N: usize>() -> Result<[u8; N], AuthError> {
     let mut out = [0u8; N];
     getrandom::fill(&mut out).map_err(|error| AuthError::Random(error.to_string()))?;
@@ -792,6 +798,15 @@ pub fn replay_changes_nothing(method: &str) -> bool {
     .contains(&method)
 }
 
+/// Where [`Verifier::verify_as`] keeps an accepted nonce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nonces {
+    /// In the [`NonceLog`] unless [`replay_changes_nothing`] says the method may skip it.
+    ByMethod,
+    /// In memory only: the request is bound to this process's session.
+    InMemory,
+}
+
 /// Verifies signed requests for one node and keeps the replay cache. One per server.
 #[derive(Debug)]
 pub struct Verifier {
@@ -863,6 +878,23 @@ impl Verifier {
         trusted: &TrustedKeys,
         role: &'static str,
     ) -> Result<Caller, AuthError> {
+        self.verify_as(method, request, trusted, role, Nonces::ByMethod)
+    }
+
+    /// [`Verifier::verify`] keeping the nonce as `nonces` says. [`Nonces::InMemory`]
+    /// is sound only when the caller refuses, by something in the signed body, every
+    /// request that was not made for this very process (a `ReplicaWrite` naming this
+    /// run's boot id, drawn at random at start): within the process the in-memory
+    /// cache outlives the timestamp window, and a copy captured before a restart names
+    /// another session and is refused.
+    pub fn verify_as<T: Message>(
+        &self,
+        method: &str,
+        request: &tonic::Request<T>,
+        trusted: &TrustedKeys,
+        role: &'static str,
+        nonces: Nonces,
+    ) -> Result<Caller, AuthError> {
         let metadata = request.metadata();
         match metadata.get(HEADER_VERSION).map(|value| value.to_str()) {
             None if metadata.get(HEADER_SIGNATURE).is_some() => {
@@ -926,7 +958,11 @@ impl Verifier {
                 window_ms: self.window.as_millis(),
             });
         }
-        self.remember_nonce(nonce, now, !replay_changes_nothing(method))?;
+        let durable = match nonces {
+            Nonces::ByMethod => !replay_changes_nothing(method),
+            Nonces::InMemory => false,
+        };
+        self.remember_nonce(nonce, now, durable)?;
         Ok(Caller {
             envelope: Envelope {
                 key_hex: signed.key_hex.clone(),

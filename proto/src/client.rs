@@ -403,6 +403,19 @@ impl NodeClient {
         Ok(())
     }
 
+    /// `Replication.ReplicaWrite`, with the replica's answer (its session's boot id).
+    pub async fn replica_write_in_session(
+        &mut self,
+        request: v1::ReplicaWriteRequest,
+    ) -> Result<v1::ReplicaWriteResponse, tonic::Status> {
+        let request = self.signed(methods::REPLICA_WRITE, request).await?;
+        let result = ReplicationClient::new(self.channel.clone())
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .replica_write(request)
+            .await;
+        Ok(self.checked(result)?.into_inner())
+    }
+
     /// `Replication.ReplicaRead`: verified bytes and their per-block crc32c.
     pub async fn replica_read(
         &mut self,

@@ -26,14 +26,17 @@
 //! `Networking.firewall_drift`. 1.4 adds (with the other 1.4 additions marked in the
 //! .proto files) issue 17's live migration: `PrepareIncomingVm`, `MigrateVm`,
 //! `CommitMigration`, `AbortMigration` and their `IncomingVmResult` /
-//! `MigrationResult`.
+//! `MigrationResult`. 1.5 adds issue 15's replica sessions:
+//! `ReplicaWriteRequest.replica_boot` and `ReplicaWriteResponse.replica_boot` (a
+//! writer sets the field only after a 1.5 replica gave it one, so it still writes to
+//! 1.4 replicas).
 
 use crate::v1;
 
 /// The major version this build speaks.
 pub const MAJOR: u32 = 1;
 /// The minor version this build speaks.
-pub const MINOR: u32 = 4;
+pub const MINOR: u32 = 5;
 /// Metadata key of the caller's protocol version, `MAJOR.MINOR`.
 pub const HEADER: &str = "x-cairn-protocol";
 
@@ -45,7 +48,7 @@ pub fn current() -> v1::ProtocolVersion {
     }
 }
 
-/// The header value of this build's version (`"1.4"`).
+/// The header value of this build's version (`"1.5"`).
 pub fn header_value() -> String {
     format!("{MAJOR}.{MINOR}")
 }
@@ -135,8 +138,8 @@ mod tests {
 
     #[test]
     fn versions_parse_and_majors_are_checked() {
-        assert_eq!(header_value(), "1.4");
-        assert_eq!(parse("1.4"), Some(current()));
+        assert_eq!(header_value(), "1.5");
+        assert_eq!(parse("1.5"), Some(current()));
         assert_eq!(parse("2.0").map(|v| v.major), Some(2));
         assert_eq!(parse("1"), None);
         assert_eq!(parse("one.two"), None);
@@ -148,7 +151,7 @@ mod tests {
         };
         assert_eq!(
             newer,
-            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.4 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
+            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.5 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
         );
         let Err(ProtocolRefusal::OtherMajor(older)) = check(Some("0.4"), "node lab-1") else {
             panic!("another major is refused");
@@ -158,8 +161,8 @@ mod tests {
             check(Some("v1"), "node lab-1"),
             Err(ProtocolRefusal::Malformed(_))
         ));
-        assert!(signature_hint(Some("1.5")).is_some());
-        assert_eq!(signature_hint(Some("1.4")), None);
+        assert!(signature_hint(Some("1.6")).is_some());
+        assert_eq!(signature_hint(Some("1.5")), None);
         assert_eq!(signature_hint(None), None);
         let old_node = v1::GetInventoryResponse::default();
         assert_eq!(display(&of_inventory(&old_node)), "1.0");

@@ -26,6 +26,7 @@
 //! new epoch when Observe reports it in `caught_up`.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ use tonic::Status;
 
 use super::{
     ReplicationCaller, VolumeEntry, Volumes, blocking, parse_intent_key, peer_failure,
-    records_status,
+    records_status, sessions,
 };
 use crate::records::{Peer, VolumeEpochRecord};
 use crate::validate;
@@ -464,28 +465,45 @@ impl Volumes {
         peer: &Peer,
         name: &str,
         offset: u64,
-        data: Vec<u8>,
+        data: Arc<Vec<u8>>,
         checksums: Vec<u32>,
         sequence: u64,
         epoch: u64,
         what: &str,
         within: Duration,
     ) -> Result<(), Status> {
+        let deadline = Instant::now() + within;
         let mut client = self.peer_client(peer)?;
-        let call = client.replica_write(v1::ReplicaWriteRequest {
-            volume: name.to_string(),
-            offset,
-            data,
-            sequence,
-            checksums,
-            resync: sequence == 0,
-            epoch,
-        });
-        let status = match tokio::time::timeout(within, call).await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(status)) => status,
-            Err(_) => {
-                Status::deadline_exceeded(format!("no answer within {} ms", within.as_millis()))
+        // In the replica's session when this writer knows it (`sessions.rs`); a replica
+        // that restarted since refuses it and names its new one: re-sent once with it.
+        let mut retried = false;
+        let status = loop {
+            let call = client.replica_write_in_session(v1::ReplicaWriteRequest {
+                volume: name.to_string(),
+                offset,
+                data: data.to_vec(),
+                sequence,
+                checksums: checksums.clone(),
+                resync: sequence == 0,
+                epoch,
+                replica_boot: self.replica_session(&peer.name),
+            });
+            let status = match tokio::time::timeout(remaining(deadline), call).await {
+                Ok(Ok(answer)) => {
+                    self.learn_session(&peer.name, answer.replica_boot);
+                    return Ok(());
+                }
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    Status::deadline_exceeded(format!("no answer within {} ms", within.as_millis()))
+                }
+            };
+            match sessions::offered_boot(&status) {
+                Some(boot) if !retried => {
+                    self.learn_session(&peer.name, boot);
+                    retried = true;
+                }
+                _ => break status,
             }
         };
         Err(peer_failure(peer, what, &status))
@@ -549,6 +567,7 @@ impl Volumes {
                 let owned = name.clone();
                 let (data, checksums) =
                     blocking(move || local.read_with_checksums(&owned, offset, length)).await?;
+                let data = Arc::new(data);
                 let mut key_failed = false;
                 for peer in &in_sync {
                     let result = self
@@ -659,7 +678,7 @@ impl Volumes {
                 peer,
                 name,
                 offset,
-                data,
+                std::sync::Arc::new(data),
                 checksums,
                 0,
                 epoch,

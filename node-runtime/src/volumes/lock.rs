@@ -13,10 +13,12 @@
 //!   flight* ([`VolumeLock::begin_intent`]) from just before it is recorded until it
 //!   is removed; only intents that are not in flight (a write that failed, or a crash)
 //!   are brought onto the copies by a settle, which takes the lock whole.
-//! - **Group commit.** Writes that arrive together record their intents and the
-//!   sequence high-water mark in one durable transaction of `node.redb`
+//! - **Group commit.** Writes that arrive together and need a record (an extent that
+//!   is not hot yet, or a sequence number past the reserved high-water mark:
+//!   `activity.rs`) make it in one durable transaction of `node.redb`
 //!   ([`Volumes::record_intent`]): the first becomes the leader and commits every
-//!   intent queued until then; those behind it find theirs committed.
+//!   record queued until then; those behind it find theirs committed. Most writes
+//!   need none.
 //! - **Replica writes out of order.** The writer numbers its writes when they start,
 //!   but several are shipped at once, so a replica can receive number 7 before 6 (they
 //!   never overlap: overlapping writes are in flight one at a time). The volume store
@@ -31,7 +33,7 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::{Notify, RwLock, RwLockReadGuard, RwLockWriteGuard, oneshot};
 use tonic::Status;
 
-use super::{VolumeEntry, Volumes, records_status};
+use super::{VolumeEntry, Volumes, activity, records_status};
 use crate::records::SnapshotRecord;
 
 /// How many applied replica writes a copy remembers for telling late writes from
@@ -61,6 +63,8 @@ pub struct VolumeLock {
     leader: tokio::sync::Mutex<()>,
     /// A replica's recent writes: sequence number → (offset, end).
     applied: Mutex<BTreeMap<u64, (u64, u64)>>,
+    /// The writer's hot extents (`activity.rs`).
+    pub(super) activity: activity::Activity,
 }
 
 #[derive(Debug, Default)]
@@ -71,7 +75,9 @@ struct Ranges {
 
 #[derive(Debug)]
 struct Queued {
-    key: String,
+    /// Hot extents to record.
+    keys: Vec<String>,
+    /// The high-water mark to record.
     sequence: u64,
     done: oneshot::Sender<Result<(), String>>,
 }
@@ -121,6 +127,56 @@ impl Drop for InFlight<'_> {
                 in_flight.remove(&self.key);
             }
         }
+    }
+}
+
+/// A write's hold on its hot extents (`activity.rs`). A write that ends without
+/// [`WriteIntent::done`] or [`WriteIntent::keep`] (its future dropped mid-way) keeps
+/// its region: recorded durably as a pending intent before its extents may cool.
+pub struct WriteIntent<'a> {
+    volumes: &'a Volumes,
+    entry: &'a VolumeEntry,
+    key: String,
+    first: u64,
+    last: u64,
+    /// Extents the write never entered.
+    missing: Vec<u64>,
+    settled: bool,
+}
+
+impl WriteIntent<'_> {
+    /// Every in-sync copy holds the write: nothing to keep.
+    pub fn done(mut self) {
+        self.settled = true;
+    }
+
+    /// The write failed somewhere: its region becomes a pending intent, durably, for
+    /// the settle to bring onto the copies.
+    pub fn keep(mut self) -> Result<(), Status> {
+        self.record()?;
+        self.settled = true;
+        Ok(())
+    }
+
+    fn record(&self) -> Result<(), Status> {
+        self.volumes
+            .records
+            .put_intent(&self.entry.record.name, &self.key, 0)
+            .map_err(records_status)
+    }
+}
+
+impl Drop for WriteIntent<'_> {
+    fn drop(&mut self) {
+        if !self.settled && self.record().is_err() {
+            // Not recorded: the extents stay hot (never cooled), so the region is
+            // still settled after the next start.
+            return;
+        }
+        self.entry
+            .write_lock
+            .activity
+            .leave(self.first, self.last, &self.missing);
     }
 }
 
@@ -223,46 +279,107 @@ impl VolumeLock {
 }
 
 impl Volumes {
-    /// Records a write's intent and raises the volume's sequence high-water mark to at
-    /// least `sequence`, durably, together with the intents of the writes queued at the
-    /// same moment (one commit for all of them: group commit).
-    pub(super) async fn record_intent(
-        &self,
-        entry: &VolumeEntry,
+    /// Makes a write's region known to survive a crash before it is shipped
+    /// (`activity.rs`): the extents it touches are hot, and the volume's sequence
+    /// high-water mark covers `sequence`. Only when one of them is not yet is
+    /// anything committed: the missing hot extents and a mark [`activity::RESERVE`]
+    /// numbers ahead, durably, together with those of the writes queued at the same
+    /// moment (one commit for all of them: group commit). The write's own region
+    /// (`key`) is recorded durably only if it fails or is abandoned
+    /// ([`WriteIntent`]).
+    pub(super) async fn record_intent<'a>(
+        &'a self,
+        entry: &'a VolumeEntry,
         key: String,
+        offset: u64,
+        length: u64,
         sequence: u64,
-    ) -> Result<(), Status> {
+    ) -> Result<WriteIntent<'a>, Status> {
         let lock = &entry.write_lock;
+        let (first, last) = activity::extents(offset, length);
+        let missing = lock.activity.enter(first, last);
+        let mut intent = WriteIntent {
+            volumes: self,
+            entry,
+            key,
+            first,
+            last,
+            missing,
+            settled: false,
+        };
+        if intent.missing.is_empty() && lock.activity.covers(sequence) {
+            return Ok(intent);
+        }
+        let name = &entry.record.name;
+        let keys: Vec<String> = intent
+            .missing
+            .iter()
+            .map(|index| activity::hot_key(name, *index))
+            .collect();
         let (done, mut result) = oneshot::channel();
         guard(&lock.queued).push(Queued {
-            key,
-            sequence,
+            keys,
+            sequence: sequence.saturating_add(activity::RESERVE - 1),
             done,
         });
+        let committed = {
+            let _leader = lock.leader.lock().await;
+            match result.try_recv() {
+                // A leader before this one committed it.
+                Ok(committed) => committed,
+                Err(_) => {
+                    let batch = std::mem::take(&mut *guard(&lock.queued));
+                    let keys: Vec<String> = batch
+                        .iter()
+                        .flat_map(|queued| queued.keys.iter().cloned())
+                        .collect();
+                    let high_water = batch
+                        .iter()
+                        .map(|queued| queued.sequence)
+                        .max()
+                        .unwrap_or(0);
+                    let committed = self
+                        .records
+                        .put_intents(name, &keys, high_water)
+                        .map_err(|error| records_status(error).message().to_string());
+                    if committed.is_ok() {
+                        lock.activity.reserved_up_to(high_water);
+                    }
+                    for queued in batch {
+                        let _ = queued.done.send(committed.clone());
+                    }
+                    result.try_recv().unwrap_or_else(|_| {
+                        Err("the write's intent was not in the group it committed".into())
+                    })
+                }
+            }
+        };
+        match committed {
+            Ok(()) => {
+                lock.activity.entered(&intent.missing);
+                intent.missing.clear();
+                Ok(intent)
+            }
+            Err(message) => {
+                // Nothing was shipped: nothing to keep.
+                intent.settled = true;
+                Err(Status::internal(message))
+            }
+        }
+    }
+
+    /// Forgets the hot extents of `entry` that saw no write for
+    /// [`activity::COOL_AFTER`] (their records removed without a sync). Serialised
+    /// with the group commit, so an extent a write just made hot again is never
+    /// removed after it was recorded.
+    pub(super) async fn cool(&self, entry: &VolumeEntry) {
+        let lock = &entry.write_lock;
         let _leader = lock.leader.lock().await;
-        if let Ok(result) = result.try_recv() {
-            // A leader before this one committed it.
-            return result.map_err(Status::internal);
-        }
-        let batch = std::mem::take(&mut *guard(&lock.queued));
-        let keys: Vec<String> = batch.iter().map(|queued| queued.key.clone()).collect();
-        let high_water = batch
-            .iter()
-            .map(|queued| queued.sequence)
-            .max()
-            .unwrap_or(0);
-        let committed = self
-            .records
-            .put_intents(&entry.record.name, &keys, high_water)
-            .map_err(|error| records_status(error).message().to_string());
-        for queued in batch {
-            let _ = queued.done.send(committed.clone());
-        }
-        match result.try_recv() {
-            Ok(result) => result.map_err(Status::internal),
-            Err(_) => Err(Status::internal(
-                "the write's intent was not in the group it committed",
-            )),
+        for index in lock.activity.cool(activity::COOL_AFTER) {
+            let key = activity::hot_key(&entry.record.name, index);
+            if let Err(error) = self.records.remove_intent(&key, redb::Durability::None) {
+                eprintln!("cairn-node: could not cool {key}: {error}");
+            }
         }
     }
 

@@ -253,7 +253,7 @@ impl Volumes {
             let owned = name.clone();
             let read = blocking(move || local.read_with_checksums(&owned, offset, length)).await;
             let (data, checksums) = match read {
-                Ok(read) => read,
+                Ok((data, checksums)) => (std::sync::Arc::new(data), checksums),
                 Err(status) => {
                     failures.push((self.node_name.clone(), status));
                     return failures;

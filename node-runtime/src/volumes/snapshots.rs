@@ -432,7 +432,7 @@ impl Volumes {
                         peer,
                         volume,
                         offset,
-                        data,
+                        std::sync::Arc::new(data),
                         checksums,
                         0,
                         epoch,

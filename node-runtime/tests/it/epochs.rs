@@ -80,7 +80,7 @@ fn undo_log(dir: &Path) -> std::path::PathBuf {
 
 /// kill -9 as a power cut: the node dies, then every write its volume store had not
 /// synced is discarded (`storage::power_loss`).
-fn power_cut(node: &mut TestNode) {
+pub(crate) fn power_cut(node: &mut TestNode) {
     node.kill_9();
     let cut = storage::power_loss::cut(&undo_log(&node.data_dir)).unwrap();
     eprintln!(
@@ -91,7 +91,19 @@ fn power_cut(node: &mut TestNode) {
 
 /// ep-a (primary) with replicas ep-b and ep-c, volume `v`.
 async fn cluster(base: &Path, controller: &Identity, env: &[(&str, &str)]) -> Vec<TestNode> {
-    let nodes: Vec<TestNode> = [("ep-a", "111"), ("ep-b", "112"), ("ep-c", "113")]
+    let names = [("ep-a", "111"), ("ep-b", "112"), ("ep-c", "113")];
+    cluster_of(base, controller, env, &names).await
+}
+
+/// `names` (name, last byte of its 127.0.0.X address): the first is the primary of
+/// volume `v`, the others its replicas.
+pub(crate) async fn cluster_of(
+    base: &Path,
+    controller: &Identity,
+    env: &[(&str, &str)],
+    names: &[(&str, &str)],
+) -> Vec<TestNode> {
+    let nodes: Vec<TestNode> = names
         .iter()
         .map(|(name, ip)| {
             start(
@@ -113,7 +125,7 @@ async fn cluster(base: &Path, controller: &Identity, env: &[(&str, &str)]) -> Ve
             size_bytes: VOLUME_BYTES,
             stripe_width: 2,
             stripe_unit_bytes: 1 << 20,
-            replica_peers: vec![peer_of(&nodes[1]), peer_of(&nodes[2])],
+            replica_peers: nodes[1..].iter().map(peer_of).collect(),
         }),
     )
     .await;
@@ -175,7 +187,7 @@ pub(crate) async fn status(node: &TestNode, controller: &Identity) -> VolumeStat
         .expect("volume v observed")
 }
 
-fn write(index: u64, seed: u64) -> Action {
+pub(crate) fn write(index: u64, seed: u64) -> Action {
     Action::WriteVolume(WriteVolume {
         name: "v".into(),
         offset: index * CHUNK,
@@ -202,6 +214,7 @@ fn stale_write(epoch: u64) -> ReplicaWriteRequest {
         sequence: 1_000_000,
         resync: false,
         epoch,
+        replica_boot: Vec::new(),
     }
 }
 
@@ -734,6 +747,7 @@ async fn the_writers_node_fails_an_in_sync_replica_becomes_the_writer_and_the_ol
                 sequence: 1 << 30,
                 resync: false,
                 epoch: 1,
+                replica_boot: Vec::new(),
             })
             .await
             .unwrap();

@@ -30,4 +30,5 @@ mod upgrade;
 mod vm_disks;
 mod vms;
 mod volume_access;
+mod write_intents;
 mod write_queue;

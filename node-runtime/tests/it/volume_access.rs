@@ -156,6 +156,7 @@ async fn a_peer_key_cannot_overwrite_a_replica_it_is_not_the_primary_of() {
             checksums: checksums.clone(),
             resync,
             epoch: 0,
+            replica_boot: Vec::new(),
         };
         assert_denied(attacker.replica_write(overwrite).await, "v", "lab-1");
     }
@@ -169,6 +170,7 @@ async fn a_peer_key_cannot_overwrite_a_replica_it_is_not_the_primary_of() {
         checksums: checksums.clone(),
         resync: true,
         epoch: 0,
+        replica_boot: Vec::new(),
     };
     assert_denied(attacker.replica_write(overwrite).await, "v", "lab-3");
 
