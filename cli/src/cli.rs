@@ -301,9 +301,9 @@ pub enum Command {
 pub enum NodeCommand {
     /// Put a node in maintenance (no VM is placed on it any more: new VMs, HA
     /// restarts and crash moves go elsewhere; its volume copies are moved live to
-    /// other nodes; its running diskless VMs migrate live to other nodes, at most
-    /// the site's max-moves and each group's max-unavailable at a time, in the order
-    /// the plan shows; VMs with disks stay and are named) or take it out.
+    /// other nodes; its VMs without disks or NICs migrate live to other nodes, at
+    /// most the site's max-moves and each group's max-unavailable at a time, in the
+    /// order the plan shows; the others stay and are named) or take it out.
     Maintenance {
         /// The node (as the applied commit names it).
         node: String,

@@ -206,6 +206,7 @@ pub async fn run<N: NodeApi>(
         Ok(listen) => listen,
         Err(why) => return Err(abort(&p, request_id, store, nodes, why).await),
     };
+    hold("prepared").await;
     // 2. The source: pre-copy up to the switch-over.
     let migrated = call(
         nodes,
@@ -252,6 +253,7 @@ pub async fn run<N: NodeApi>(
         let why = format!("the commit record could not be written: {e}");
         return Err(abort(&p, request_id, store, nodes, why).await);
     }
+    hold("committed").await;
     // 4. and 5.
     let finished = finish(&record, p.from_address, p.to_address, request_id, nodes).await;
     let downtime = ready.elapsed().as_secs_f64() * 1000.0 + source.paused_ms;
@@ -275,6 +277,26 @@ pub async fn run<N: NodeApi>(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Test hook (the fault tests of `cli/tests/it/migration.rs`; not for operators):
+/// with `CAIRN_MIGRATE_HOLD=POINT:MARKER:MS`, a migration reaching `POINT`
+/// (`prepared`: the destination listens, the source was not asked yet; `committed`:
+/// the record names the destination, nobody was told) creates the file `MARKER`
+/// and waits `MS` milliseconds, for the test to kill a process then.
+async fn hold(point: &str) {
+    let Ok(spec) = std::env::var("CAIRN_MIGRATE_HOLD") else {
+        return;
+    };
+    let mut parts = spec.splitn(3, ':');
+    let (Some(at), Some(marker), Some(ms)) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    if at != point {
+        return;
+    }
+    let _ = std::fs::write(marker, point);
+    tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
 }
 
 /// The commit, after the record named the destination: the source is told (it may

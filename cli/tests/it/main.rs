@@ -16,6 +16,7 @@ mod ha_timers;
 mod ha_witness;
 mod image_disk;
 mod maintenance;
+mod migration;
 mod policy;
 mod protection;
 mod rebuild;

@@ -1,0 +1,220 @@
+//! Live migration through `cairn plan` and `cairn apply` on a real dev cluster
+//! (issue 17): two nodes on 127.0.0.31-32 (helper H's range), one diskless VM
+//! without NICs. Draining its node (`maintenance=#true`) plans one `migrate_vm`
+//! step; apply moves it live (the guest's heartbeat counter goes on, no reboot).
+//! The faults are real: kill -9 of the destination's VMM before the commit (the
+//! source runs on, alone), kill -9 of the source's VMM after the commit record
+//! (the destination runs, alone).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::TempDir;
+use crate::engine::{Cluster, free_port, kvm_usable};
+use crate::ha::{vmm_pids, vmm_status};
+
+fn specs(dir: &Path, maintenance: Option<&str>, ports: (u16, u16)) {
+    let flag = |node: &str| {
+        if maintenance == Some(node) {
+            " maintenance=#true"
+        } else {
+            ""
+        }
+    };
+    let cluster = format!(
+        r#"node-class "small" {{
+    cpu 4
+    memory "4GiB"
+    host-reserve cpu=1 memory="512MiB"
+    nic "eth0" speed="1Gbps"
+}}
+
+site "lab" {{
+    rack "desk" {{
+        node "n-1" class="small" address="127.0.0.31:{}"{}
+        node "n-2" class="small" address="127.0.0.32:{}"{}
+    }}
+}}
+"#,
+        ports.0,
+        flag("n-1"),
+        ports.1,
+        flag("n-2")
+    );
+    std::fs::write(dir.join("cluster.kdl"), cluster).expect("write cluster.kdl");
+    std::fs::write(
+        dir.join("workloads.kdl"),
+        r#"tenant "dev" {
+    quota vcpus=4 memory="1GiB" vms=4
+    member "dev@example.com" role="admin"
+}
+
+image "tiny" builtin="cairn-guest"
+
+vm "mv" tenant="dev" site="lab" {
+    cpu 1
+    memory "64MiB"
+    image "tiny"
+}
+"#,
+    )
+    .expect("write workloads.kdl");
+}
+
+fn vm_row(status: &Value) -> Value {
+    status["vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|v| v["name"] == "mv"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// The VMM of `mv` on `node`: (pid, its control socket).
+fn vmm_on(cluster: &Cluster, node: &str) -> Option<(u32, std::path::PathBuf)> {
+    let dir = cluster.path().join(".cairn/dev").join(node).join("vms/mv");
+    let pid = *vmm_pids(&dir.to_string_lossy()).first()?;
+    Some((pid, dir.join("control.sock")))
+}
+
+fn heartbeats(socket: &Path) -> Option<u64> {
+    vmm_status(socket)?["heartbeat_total"].as_u64()
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "{what} not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `cairn apply --auto-approve` with the migration hold hook at `point`; kills the
+/// VMM of `mv` on `victim` with SIGKILL when the hold is reached; returns the run.
+fn apply_killing(cluster: &Cluster, point: &str, victim: &str) -> crate::Run {
+    let marker = cluster.path().join(format!("hold-{point}"));
+    let child = cluster
+        .command(&["apply", ".", "--auto-approve"])
+        .env(
+            "CAIRN_MIGRATE_HOLD",
+            format!("{point}:{}:1500", marker.display()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cairn apply runs");
+    wait_for("the hold", Duration::from_secs(60), || {
+        marker.exists().then_some(())
+    });
+    let (pid, _) = vmm_on(cluster, victim).expect("the victim's VMM runs");
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(killed, "kill -9 {pid}");
+    let out = child.wait_with_output().expect("cairn apply ends");
+    crate::Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn draining_a_node_moves_its_vm_live_and_a_killed_side_leaves_exactly_one_running() {
+    if !kvm_usable() {
+        eprintln!("skipped: /dev/kvm is not usable here; the test migrates a running VM");
+        return;
+    }
+    let dir = TempDir::new("migration");
+    let ports = (free_port(), free_port());
+    specs(&dir.0, None, ports);
+    let cluster = Cluster { dir };
+    let up = cluster.cairn(&["dev", "up", "."]);
+    assert_eq!(up.code, 0, "{up:?}");
+    let first = cluster.cairn_unattended(&["apply", ".", "--auto-approve"]);
+    assert_eq!(first.code, 0, "{first:?}");
+    let row = vm_row(&cluster.status_json());
+    assert_eq!(row["state"], "running", "{row:#}");
+    let a = row["node"].as_str().expect("a node").to_owned();
+    let b = if a == "n-1" { "n-2" } else { "n-1" }.to_owned();
+
+    // Drain A: one migrate_vm step, live; --cold keeps the old four.
+    specs(cluster.path(), Some(&a), ports);
+    let plan = cluster.cairn(&["plan", "."]);
+    assert!(
+        plan.stdout.contains(&format!("migrate_vm mv@{b}"))
+            && plan.stdout.contains("live migration"),
+        "{plan:?}"
+    );
+    let cold = cluster.cairn(&["plan", ".", "--cold"]);
+    assert!(
+        cold.stdout.contains(&format!("stop_vm mv@{a}")) && !cold.stdout.contains("migrate_vm"),
+        "{cold:?}"
+    );
+
+    // 1. The destination's VMM dies before the commit: the source runs on, alone.
+    let (source_pid, source_socket) = vmm_on(&cluster, &a).expect("the source's VMM");
+    let before = heartbeats(&source_socket).expect("the source's heartbeats");
+    let run = apply_killing(&cluster, "prepared", &b);
+    eprintln!("the apply that lost its destination before the commit: {run:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("aborted"), "{run:?}");
+    let after = wait_for(
+        "the source's heartbeats going on",
+        Duration::from_secs(10),
+        || heartbeats(&source_socket).filter(|h| *h > before),
+    );
+    assert!(after > before);
+    assert_eq!(vmm_on(&cluster, &a).map(|v| v.0), Some(source_pid));
+    assert!(vmm_on(&cluster, &b).is_none(), "a destination VMM is left");
+    let row = vm_row(&cluster.status_json());
+    assert_eq!(
+        (row["node"].as_str(), row["state"].as_str()),
+        (Some(a.as_str()), Some("running")),
+        "{row:#}"
+    );
+
+    // 2. The source's VMM dies after the commit record: the destination runs, alone.
+    let run = apply_killing(&cluster, "committed", &a);
+    eprintln!("the apply that lost its source after the commit: {run:?}");
+    assert_eq!(run.code, 0, "{run:?}");
+    let row = wait_for(
+        "mv running on the destination",
+        Duration::from_secs(30),
+        || {
+            let row = vm_row(&cluster.status_json());
+            (row["node"] == b.as_str() && row["state"] == "running").then_some(row)
+        },
+    );
+    assert!(
+        vmm_on(&cluster, &a).is_none(),
+        "the source's VMM runs: {row:#}\n{run:?}"
+    );
+    let (_, socket) = vmm_on(&cluster, &b).expect("the destination's VMM");
+    let moved = heartbeats(&socket).expect("the destination's heartbeats");
+    assert!(moved >= after, "the guest rebooted: {moved} < {after}");
+    // The run's own result: the VM runs on B (the next plan has nothing to move).
+    let plan = cluster.cairn(&["plan", "."]);
+    assert!(!plan.stdout.contains("migrate_vm"), "{plan:?}\n{run:?}");
+
+    // 3. A clean drain back to A, measured: the heartbeat counter goes on.
+    specs(cluster.path(), Some(&b), ports);
+    let before = heartbeats(&socket).expect("heartbeats on B");
+    let run = cluster.cairn_unattended(&["apply", ".", "--auto-approve"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    eprintln!("the clean drain: {run:?}");
+    let (_, socket) = vmm_on(&cluster, &a).expect("the VMM on A again");
+    let now = heartbeats(&socket).expect("heartbeats on A");
+    assert!(now >= before, "the guest rebooted: {now} < {before}");
+    let status = cluster.status_json();
+    let row = vm_row(&status);
+    assert_eq!(row["node"], a.as_str(), "{row:#}");
+    eprintln!("last migration: {:#}", row["last_migration"]);
+}
