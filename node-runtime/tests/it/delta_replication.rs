@@ -31,9 +31,9 @@ fn write(offset: u64, data: Vec<u8>) -> Action {
     })
 }
 
-async fn read_all(client: &mut NodeClient, volume: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(SIZE as usize);
-    for offset in (0..SIZE).step_by((4 * MIB) as usize) {
+async fn read_all(client: &mut NodeClient, volume: &str, size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size as usize);
+    for offset in (0..size).step_by((4 * MIB) as usize) {
         out.extend(
             client
                 .read_volume(ReadVolumeRequest {
@@ -142,7 +142,7 @@ async fn ship_in_background(
 }
 
 /// The bytes of snapshot `name` of `vol-dr` on the target, through a clone.
-async fn target_snapshot(target: &mut NodeClient, name: &str) -> Vec<u8> {
+async fn target_snapshot(target: &mut NodeClient, name: &str, size: u64) -> Vec<u8> {
     let clone = format!("check-{name}");
     apply_ok(
         target,
@@ -154,7 +154,7 @@ async fn target_snapshot(target: &mut NodeClient, name: &str) -> Vec<u8> {
         }),
     )
     .await;
-    read_all(target, &clone).await
+    read_all(target, &clone, size).await
 }
 
 /// Waits until the target has durably received part of snapshot `name`.
@@ -278,9 +278,9 @@ async fn snapshots_ship_as_deltas_verified_and_resume_after_a_drop_and_a_kill() 
     );
     let mut points = points;
     points.push(("s2", now.clone()));
-    assert_eq!(read_all(&mut on_target, "vol-dr").await, now);
+    assert_eq!(read_all(&mut on_target, "vol-dr", SIZE).await, now);
     assert!(
-        target_snapshot(&mut on_target, "s1").await == points[0].1,
+        target_snapshot(&mut on_target, "s1", SIZE).await == points[0].1,
         "s1 on the target is the source's s1"
     );
 
@@ -318,7 +318,7 @@ async fn snapshots_ship_as_deltas_verified_and_resume_after_a_drop_and_a_kill() 
         40 * MIB - resumed.resumed_from,
         "nothing below the progress mark is sent again"
     );
-    assert_eq!(read_all(&mut on_target, "vol-dr").await, now);
+    assert_eq!(read_all(&mut on_target, "vol-dr", SIZE).await, now);
 
     // 4. kill -9 of the receiver in the middle of a delta, restarted on its address.
     let more = pattern(400, (16 * MIB) as usize);
@@ -354,7 +354,7 @@ async fn snapshots_ship_as_deltas_verified_and_resume_after_a_drop_and_a_kill() 
     assert_eq!(status.snapshots, vec!["s3", "s4"]);
     for (name, bytes) in &points[2..] {
         assert!(
-            &target_snapshot(&mut on_target, name).await == bytes,
+            &target_snapshot(&mut on_target, name, SIZE).await == bytes,
             "snapshot {name} on the target holds the source's bytes of that time"
         );
     }
@@ -376,5 +376,145 @@ async fn snapshots_ship_as_deltas_verified_and_resume_after_a_drop_and_a_kill() 
     assert!(
         refused.message().contains("only node dr-src"),
         "{refused:?}"
+    );
+}
+
+/// The schedules alone (no controller after the first actions): the source takes a
+/// snapshot every second and ships the newest every second; a writer appends
+/// numbered blocks; the source is killed with kill -9. The target then holds a
+/// crash-consistent point in time: every write acknowledged before the newest
+/// replicated snapshot was taken, none after, and that point is at most a few
+/// intervals old (the RPO). Nodes on 127.0.0.68 (source) and 127.0.0.69 (target).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scheduled_replication_leaves_the_target_a_recent_point_in_time_when_the_source_dies() {
+    const SMALL: u64 = 16 * MIB;
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let mut source = TestNode::start_on(
+        "sched-src",
+        &base.path().join("src"),
+        &controller,
+        "127.0.0.68",
+    );
+    let target = TestNode::start_on(
+        "sched-dst",
+        &base.path().join("dst"),
+        &controller,
+        "127.0.0.69",
+    );
+    push_peers(&[&source, &target], &controller).await;
+    let mut on_source = source.client(&controller).await;
+    let mut on_target = target.client(&controller).await;
+    for (client, name) in [(&mut on_source, "vol"), (&mut on_target, "vol-dr")] {
+        apply_ok(
+            client,
+            &format!("create-{name}"),
+            Action::CreateVolume(CreateVolume {
+                name: name.into(),
+                size_bytes: SMALL,
+                stripe_width: 2,
+                stripe_unit_bytes: UNIT,
+                replica_peers: vec![],
+            }),
+        )
+        .await;
+    }
+    apply_ok(
+        &mut on_target,
+        "accept",
+        Action::AcceptReplication(AcceptReplication {
+            volume: "vol-dr".into(),
+            source: Some(target_peer(&source)),
+        }),
+    )
+    .await;
+    apply_ok(
+        &mut on_source,
+        "protect",
+        Action::SetProtection(proto::v1::SetProtection {
+            vm: "db".into(),
+            plan: "gold".into(),
+            volumes: vec!["vol".into()],
+            every_ms: 1000,
+            keep: 2,
+        }),
+    )
+    .await;
+    let schedule = Action::ReplicateVolume(ReplicateVolume {
+        volume: "vol".into(),
+        target: Some(target_peer(&target)),
+        target_volume: "vol-dr".into(),
+        every_ms: 1000,
+        keep: 3,
+        now: false,
+    });
+    apply_ok(&mut on_source, "replicate", schedule).await;
+
+    // Block k holds write k; each write's acknowledgement time is kept.
+    let block = |k: u64| {
+        let mut data = pattern(1000 + k, 4096);
+        data[..8].copy_from_slice(&k.to_le_bytes());
+        data
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let mut acked = Vec::new();
+    let started = Instant::now();
+    let mut k = 0u64;
+    while started.elapsed() < Duration::from_secs(6) {
+        apply_ok(&mut on_source, &format!("w{k}"), write(k * 4096, block(k))).await;
+        acked.push(now_ms());
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The source's retention keeps its newest 2 plus the pinned base (and a snapshot
+    // in transfer).
+    let kept = crate::snapshots::status_of(&mut on_source, "vol")
+        .await
+        .snapshots
+        .len();
+    assert!((2..=4).contains(&kept), "the source keeps {kept} snapshots");
+    source.kill_9();
+    let lost_at = now_ms();
+
+    let mut as_source = client_as(&source, &target).await;
+    let status = as_source
+        .delta_status(DeltaStatusRequest {
+            volume: "vol-dr".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        (1..=3).contains(&status.snapshots.len()),
+        "the target keeps at most 3: {:?}",
+        status.snapshots
+    );
+    let newest = status.snapshots.last().unwrap().clone();
+    let taken_at: u64 = newest.strip_prefix("auto-").unwrap().parse().unwrap();
+    let rpo = lost_at - taken_at;
+    let bytes = target_snapshot(&mut on_target, &newest, SMALL).await;
+    let present = (0..k)
+        .take_while(|&i| bytes[(i * 4096) as usize..((i + 1) * 4096) as usize] == block(i))
+        .count() as u64;
+    assert!(
+        bytes[(present * 4096) as usize..].iter().all(|&b| b == 0),
+        "a prefix of the writes and nothing after it: write {present} is missing but a later one is there"
+    );
+    let before = acked.iter().filter(|&&at| at < taken_at).count() as u64;
+    eprintln!(
+        "{k} writes; the newest replicated snapshot {newest} holds {present} ({before} acknowledged before it was taken); RPO at the loss {rpo} ms; target holds {:?}",
+        status.snapshots
+    );
+    assert!(
+        present >= before && present <= before + 1,
+        "every write acknowledged before the snapshot, none much after: {present} present, {before} acknowledged before"
+    );
+    assert!(
+        rpo < 5000,
+        "snapshot and replication every 1 s: the newest replicated point is {rpo} ms old"
     );
 }
