@@ -340,11 +340,26 @@ fn main() {
     }
     let (base, runtime, controller) = setup();
     let capacity = 2u64 << 30;
+    // The nodes' loopback addresses: `CAIRN_BENCH_LOOPBACK=A,B,C` (a helper's own
+    // range on a shared machine), else 127.0.0.73, .74 and .125.
+    let loopback: Vec<String> = std::env::var("CAIRN_BENCH_LOOPBACK")
+        .ok()
+        .map(|list| {
+            list.split(',')
+                .map(|ip| format!("{}:0", ip.trim()))
+                .collect()
+        })
+        .filter(|list: &Vec<String>| list.len() == 3)
+        .unwrap_or_else(|| {
+            ["127.0.0.73:0", "127.0.0.74:0", "127.0.0.125:0"]
+                .map(String::from)
+                .to_vec()
+        });
     let primary = Node::start(
         "vd-a",
         &base.path().join("a"),
         &controller,
-        "127.0.0.73:0",
+        &loopback[0],
         2,
         capacity,
     );
@@ -352,7 +367,7 @@ fn main() {
         "vd-b",
         &base.path().join("b"),
         &controller,
-        "127.0.0.74:0",
+        &loopback[1],
         2,
         capacity,
     );
@@ -363,7 +378,7 @@ fn main() {
             "vd-c",
             &base.path().join("c"),
             &controller,
-            "127.0.0.125:0",
+            &loopback[2],
             2,
             capacity,
             &["--vmm-binary", &vmm],
@@ -379,6 +394,13 @@ fn main() {
         "remote-2copies",
     ];
     let mut figures: Vec<Figures> = names.iter().map(|_| Figures::default()).collect();
+    // `CAIRN_BENCH_CASES=node-1copy,engine-1copy` runs only those cases (to profile one).
+    let cases = std::env::var("CAIRN_BENCH_CASES").ok();
+    let wanted = |index: usize| {
+        cases
+            .as_deref()
+            .is_none_or(|list| list.split(',').any(|case| case.trim() == names[index]))
+    };
     let rtt = loopback_rtt_us();
     runtime.block_on(async {
         let signer = RequestSigner::new(controller.clone());
@@ -396,55 +418,68 @@ fn main() {
         for round in 0..ROUNDS {
             let seed = round as u64 + 7;
             // Raw file.
-            let path = base.path().join(format!("raw-{round}.img"));
-            let file = std::fs::File::create(&path).unwrap();
-            let write = |data: &[u8], offset: u64| {
-                file.write_all_at(data, offset).unwrap();
-                file.sync_data().unwrap();
-            };
-            figures[0].run(&write, seed);
-            drop(file);
-            let _ = std::fs::remove_file(&path);
+            if wanted(0) {
+                let path = base.path().join(format!("raw-{round}.img"));
+                let file = std::fs::File::create(&path).unwrap();
+                let write = |data: &[u8], offset: u64| {
+                    file.write_all_at(data, offset).unwrap();
+                    file.sync_data().unwrap();
+                };
+                figures[0].run(&write, seed);
+                drop(file);
+                let _ = std::fs::remove_file(&path);
+            }
             // The engine in-process, 1 copy.
-            let one = engine_volume(&stores[0], &format!("one-{round}"));
-            figures[1].run(
-                &|data: &[u8], offset| {
-                    one.write_at(offset, data).unwrap();
-                },
-                seed,
-            );
+            if wanted(1) {
+                let one = engine_volume(&stores[0], &format!("one-{round}"));
+                figures[1].run(
+                    &|data: &[u8], offset| {
+                        one.write_at(offset, data).unwrap();
+                    },
+                    seed,
+                );
+            }
             // Through the node, 1 copy.
-            let backend = node_backend(&mut client, &format!("one-{round}"), &[]).await;
-            tokio::task::block_in_place(|| {
-                figures[2].run(
-                    &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
-                    seed,
-                )
-            });
-            // The engine in-process, 2 copies written in parallel.
-            let copies = [
-                engine_volume(&stores[0], &format!("two-{round}")),
-                engine_volume(&stores[1], &format!("two-{round}")),
-            ];
-            let both = |data: &[u8], offset: u64| {
-                std::thread::scope(|scope| {
-                    let other = scope.spawn(|| copies[1].write_at(offset, data).map(drop));
-                    copies[0].write_at(offset, data).unwrap();
-                    other.join().unwrap().unwrap();
+            if wanted(2) {
+                let backend = node_backend(&mut client, &format!("one-{round}"), &[]).await;
+                tokio::task::block_in_place(|| {
+                    figures[2].run(
+                        &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
+                        seed,
+                    )
                 });
-            };
-            figures[3].run(&both, seed);
+            }
+            // The engine in-process, 2 copies written in parallel.
+            if wanted(3) {
+                let copies = [
+                    engine_volume(&stores[0], &format!("two-{round}")),
+                    engine_volume(&stores[1], &format!("two-{round}")),
+                ];
+                let both = |data: &[u8], offset: u64| {
+                    std::thread::scope(|scope| {
+                        let other = scope.spawn(|| copies[1].write_at(offset, data).map(drop));
+                        copies[0].write_at(offset, data).unwrap();
+                        other.join().unwrap().unwrap();
+                    });
+                };
+                figures[3].run(&both, seed);
+            }
             // Through the node, 2 copies (the primary and a replica node).
-            let backend = node_backend(&mut client, &format!("two-{round}"), &[&replica]).await;
-            tokio::task::block_in_place(|| {
-                figures[4].run(
-                    &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
-                    seed,
-                )
-            });
+            if wanted(4) {
+                let backend = node_backend(&mut client, &format!("two-{round}"), &[&replica]).await;
+                tokio::task::block_in_place(|| {
+                    figures[4].run(
+                        &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
+                        seed,
+                    )
+                });
+            }
             // Through a VM's disk on a node with no copy, 1 and 2 copies.
             if let Some(node) = &client_node {
                 for (index, replicas) in [(5usize, &[][..]), (6, &[&replica][..])] {
+                    if !wanted(index) {
+                        continue;
+                    }
                     let name = format!("r{}-{round}", index - 4);
                     let backend =
                         match remote_backend(&signer, &primary, replicas, node, &name).await {
