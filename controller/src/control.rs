@@ -55,6 +55,23 @@ pub fn paused_path(data_dir: &Path) -> PathBuf {
     data_dir.join("controller.paused")
 }
 
+/// The name of the pause's record in the shared store with controller replicas
+/// (`PREFIX/controller/paused`).
+pub const SHARED_PAUSE: &str = "paused";
+
+/// The pause, as controller replicas share it through etcd (issue 24): the leader
+/// writes it, every replica follows it at the top of each round, and a replica
+/// that becomes leader starts from it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedPause {
+    /// Paused.
+    pub paused: bool,
+    /// Who signed the pause or resume.
+    pub by: String,
+    /// When, seconds since the Unix epoch.
+    pub at_unix: u64,
+}
+
 /// The controller that manages `data_dir`, if one runs (its lock names a live
 /// process on this host; a lock of another host is believed).
 pub fn running(data_dir: &Path) -> Option<ControllerLock> {

@@ -318,7 +318,21 @@ impl Shared {
     pub async fn set_paused(&self, paused: bool, by: &actions::Authorized) -> Result<(), String> {
         let _busy = self.busy.lock().await;
         let path = control::paused_path(&self.config.data_dir);
-        if paused {
+        if let Some(replicas) = &self.replicas {
+            // With replicas the pause is etcd's `controller/paused` (written by the
+            // leader, fenced), so a new leader stays paused; the file is not used.
+            let record = control::SharedPause {
+                paused,
+                by: by.signer(),
+                at_unix: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+            };
+            replicas
+                .store
+                .set_controller_record(control::SHARED_PAUSE, &record)
+                .map_err(|e| format!("cannot record the pause in the shared store: {e}"))?;
+        } else if paused {
             std::fs::write(&path, "paused through the controller's API\n")
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         } else if let Err(e) = std::fs::remove_file(&path)
@@ -326,9 +340,7 @@ impl Shared {
         {
             return Err(format!("cannot remove {}: {e}", path.display()));
         }
-        let was = self.paused.swap(paused, Ordering::SeqCst);
-        self.metrics.paused.set(i64::from(paused));
-        self.view.lock().expect("view lock").paused = paused;
+        let was = self.set_paused_flag(paused);
         if was != paused {
             let event = if paused {
                 Event::new("paused", "ok").reason(format!(
@@ -347,6 +359,29 @@ impl Shared {
             self.wake.notify_one();
         }
         Ok(())
+    }
+}
+
+impl Shared {
+    /// Sets the paused flag, its metric and the status view; returns what it was.
+    pub(crate) fn set_paused_flag(&self, paused: bool) -> bool {
+        let was = self.paused.swap(paused, Ordering::SeqCst);
+        self.metrics.paused.set(i64::from(paused));
+        self.view.lock().expect("view lock").paused = paused;
+        was
+    }
+
+    /// With replicas: the pause recorded in etcd (`None`: never recorded, or
+    /// unreadable now, when the flag stays as it is).
+    pub(crate) fn shared_pause(&self) -> Option<control::SharedPause> {
+        let replicas = self.replicas.as_ref()?;
+        match replicas.store.controller_record(control::SHARED_PAUSE) {
+            Ok(record) => record,
+            Err(e) => {
+                eprintln!("cairn controller: the shared pause: {e}");
+                None
+            }
+        }
     }
 }
 
@@ -479,7 +514,22 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let receivers =
         notifications::load(config.notify.as_deref(), &data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let events = EventLog::open(&data_dir.join("events.redb"))?;
-    let paused = control::is_paused(&data_dir);
+    // With replicas, the pause is the shared one (a new leader stays paused); a
+    // replica that never saw one recorded starts from its file as before.
+    let paused = match replicas.as_ref().map(|r| {
+        r.store
+            .controller_record::<control::SharedPause>(control::SHARED_PAUSE)
+    }) {
+        Some(Ok(Some(record))) => record.paused,
+        Some(Err(e)) => {
+            // Followed again at the top of every round as leader.
+            eprintln!(
+                "cairn controller: the shared pause: {e}; this replica's file decides for now"
+            );
+            control::is_paused(&data_dir)
+        }
+        _ => control::is_paused(&data_dir),
+    };
     let maintenance = maintenance::Maintenance::load(&data_dir)
         .map_err(|e| anyhow::anyhow!(e))?
         .shared_through(replicas.as_ref().map(|r| r.store.clone()));

@@ -18,7 +18,8 @@
 //! sees everyone's (`state_etcd::NodeLeases`, used by `lease::Leases`), so a new
 //! leader knows the grants its predecessor gave. What stays per replica: the event
 //! log (`events.redb`: what this replica did), the volume epochs (`state.redb` in the
-//! data directory: not yet in etcd), pause and maintenance files.
+//! data directory: not yet in etcd) and held plans; the applied commit, the nodes in
+//! maintenance and the pause are etcd's `controller/…` records.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -174,6 +174,7 @@ pub(crate) async fn run(
             break;
         }
         w.follow_shared_applied();
+        w.follow_shared_pause();
         w.update_watches();
         let asked = w.take_requests();
         if asked.iter().any(|r| r.ask == crate::sync_api::Ask::Sync) {
@@ -389,6 +390,30 @@ impl Worker {
         }
         let _ = self.shared.events.put("applied", &applied);
         self.restore();
+    }
+
+    /// With replicas, at the top of every round as leader: the pause another
+    /// replica recorded (a leader that took over keeps an operator's pause, and a
+    /// resume given to the previous leader is followed here).
+    fn follow_shared_pause(&mut self) {
+        let Some(record) = self.shared.shared_pause() else {
+            return;
+        };
+        if self.shared.set_paused_flag(record.paused) != record.paused {
+            let (kind, what) = if record.paused {
+                (
+                    "paused",
+                    "nothing is applied automatically until `cairn controller resume`",
+                )
+            } else {
+                ("resumed", "the branch head is applied again")
+            };
+            self.shared
+                .record(vec![Event::new(kind, "ok").reason(format!(
+                    "taken over from the shared store (set by {}): {what}",
+                    record.by
+                ))]);
+        }
     }
 
     fn compile_good(&self, commit: &str) -> Result<Good, String> {

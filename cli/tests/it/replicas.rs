@@ -464,6 +464,83 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
         "{}",
         verified.stdout
     );
+
+    // An operator's pause outlives the leader that took it: paused through the
+    // third, which is then killed, the second (woken above, still running) leads
+    // paused and holds a new commit until it is resumed through it.
+    let paused = controller_action(&g, &replicas[third], "pause");
+    assert_eq!(paused.code, 0, "{}{}", paused.stdout, paused.stderr);
+    replicas[third].kill9();
+    wait(
+        "the second leads again",
+        Duration::from_secs(30),
+        &|| logs(&replicas),
+        || replicas[second].leading().then_some(()),
+    );
+    std::fs::write(
+        g.dir().join("workloads.kdl"),
+        format!(
+            "{}{}",
+            std::fs::read_to_string(g.dir().join("workloads.kdl")).unwrap(),
+            VM_APP.replace("\"app\"", "\"app6\"")
+        ),
+    )
+    .unwrap();
+    let sixth = g.commit("trusted", "a sixth VM, pushed while paused");
+    g.push(false);
+    let held = wait(
+        "the new leader holds it, paused",
+        Duration::from_secs(60),
+        &|| logs(&replicas),
+        || replicas[second].has_event("sync", &sixth),
+    );
+    assert_eq!(held["result"], "held", "{held:#}");
+    assert!(
+        replicas[second]
+            .events()
+            .iter()
+            .any(|e| e["kind"] == "paused"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("taken over from the shared store"))),
+        "{}",
+        logs(&replicas)
+    );
+    let resumed = controller_action(&g, &replicas[second], "resume");
+    assert_eq!(resumed.code, 0, "{}{}", resumed.stdout, resumed.stderr);
+    wait(
+        "the second syncs it once resumed",
+        Duration::from_secs(60),
+        &|| logs(&replicas),
+        || {
+            replicas[second].events().into_iter().find(|e| {
+                e["kind"] == "sync"
+                    && e["commit"] == sixth.as_str()
+                    && e["result"] != "held"
+                    && e["result"] != "scheduled"
+            })
+        },
+    );
     drop(replicas);
     drop(etcd);
+}
+
+/// `cairn controller pause|resume` through replica `r`, signed with the trusted key.
+fn controller_action(g: &GitOps, r: &Replica, verb: &str) -> crate::Run {
+    let key = g.keys.0.join("trusted").display().to_string();
+    g.cluster
+        .command(&[
+            "controller",
+            verb,
+            "--data-dir",
+            &r.data_dir.display().to_string(),
+            "--key",
+            &key,
+        ])
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("cairn runs")
+        .into()
 }
