@@ -18,9 +18,9 @@ use vmm::control::{GuestDiskAction, GuestDiskIoRequest, Request, Response};
 
 use crate::support::{TestNamespace, VmProcess, kvm_available, wait_until};
 
-const LOOPBACK: &str = "127.0.0.81";
+pub(crate) const LOOPBACK: &str = "127.0.0.81";
 const HOST_IP: &str = "10.214.0.1";
-const GUEST_IP: &str = "10.214.0.2";
+pub(crate) const GUEST_IP: &str = "10.214.0.2";
 const GUEST_MAC: &str = "02:ca:00:00:00:81";
 const BEACON_PORT: u16 = 7081;
 const MAGIC: u64 = u64::from_le_bytes(*b"CAIRNBCN");
@@ -47,7 +47,7 @@ pub(crate) fn pair_namespace(test: &str) -> Option<TestNamespace> {
 }
 
 /// Spawns a VMM in `namespace` on `tap` with the pair's MAC and address, a 1 MiB disk
-/// of its own, and `extra`; returns it and its disk's path.
+/// of its own, and `extra` (e.g. its tick); returns it and its disk's path.
 pub(crate) fn spawn_side(
     namespace: &TestNamespace,
     tap: &str,
@@ -59,8 +59,6 @@ pub(crate) fn spawn_side(
     let mut args = vec![
         "--memory",
         "32MiB",
-        "--tick-ms",
-        "10",
         "--nic",
         &nic,
         "--disk",
@@ -90,10 +88,13 @@ impl Pair {
         }
         let namespace = pair_namespace(test)?;
         let collector = Collector::start(&namespace.name);
-        let (mut primary, _) = spawn_side(&namespace, "mtap0", &[]);
+        let (mut primary, _) = spawn_side(&namespace, "mtap0", &["--tick-ms", "10"]);
         let listen = format!("{LOOPBACK}:0");
-        let (mut secondary, secondary_disk) =
-            spawn_side(&namespace, "mtap1", &["--ft-secondary", &listen]);
+        let (mut secondary, secondary_disk) = spawn_side(
+            &namespace,
+            "mtap1",
+            &["--tick-ms", "10", "--ft-secondary", &listen],
+        );
         let address = listening_address(&mut secondary);
         primary.wait_status(Duration::from_secs(10), |status| {
             status.nics.first().is_some_and(|nic| nic.driver_ok)
