@@ -555,6 +555,7 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
     audit.drain(..audit.len().saturating_sub(5));
     let mut status = reconciler::status::status(&desired, &observed, store.applied()?, last, audit);
     reconciler::status::mark_maintenance(&mut status, &loaded.model().nodes_in_maintenance());
+    reconciler::status::mark_migrations(&mut status, store.migrations()?);
     match format {
         Format::Text => print!("{}", reconciler::status::text(&status)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),

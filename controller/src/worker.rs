@@ -1761,14 +1761,16 @@ pub(crate) async fn status_json(
             .pop()
             .map(|(_, record)| reconciler::status::last_apply(&record, &store));
         let mut audit = store.audit_log().map_err(|e| e.to_string())?;
+        let migrations = reconciler::migrate::records_in(&audit);
         audit.drain(..audit.len().saturating_sub(5));
-        let status = reconciler::status::status(
+        let mut status = reconciler::status::status(
             &desired,
             observed,
             store.applied().map_err(|e| e.to_string())?,
             last,
             audit,
         );
+        reconciler::status::mark_migrations(&mut status, migrations);
         serde_json::to_value(&status).map_err(|e| e.to_string())
     })();
     let value = match built {

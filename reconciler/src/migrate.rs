@@ -39,7 +39,7 @@ const COMMIT_ATTEMPTS: u32 = 3;
 
 /// The figures of one migration (from the source's `MigrationResult`, and the
 /// commander's clock for the downtime).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MigrationFigures {
     /// `pre-copy` or `stop-and-copy`.
     pub mode: String,
@@ -59,7 +59,7 @@ pub struct MigrationFigures {
 }
 
 /// One migration as the store keeps it: the commit record and what came of it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct MigrationRecord {
     /// The VM.
     pub vm: String,
@@ -91,6 +91,15 @@ impl MigrationRecord {
             &self.to
         }
     }
+}
+
+/// The migration records among audit entries (oldest first, as given).
+pub fn records_in(audit: &[crate::audit::AuditEntry]) -> Vec<MigrationRecord> {
+    audit
+        .iter()
+        .filter(|e| e.event == MIGRATION_EVENT)
+        .filter_map(|e| serde_json::from_value(e.detail.clone()).ok())
+        .collect()
 }
 
 /// The last migration record of each VM, from `records` (oldest first).

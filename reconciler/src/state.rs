@@ -354,12 +354,7 @@ pub trait StateStore: Send + Sync {
 
     /// Every migration record, oldest first.
     fn migrations(&self) -> Result<Vec<crate::migrate::MigrationRecord>, StateError> {
-        Ok(self
-            .audit_log()?
-            .into_iter()
-            .filter(|e| e.event == crate::migrate::MIGRATION_EVENT)
-            .filter_map(|e| serde_json::from_value(e.detail).ok())
-            .collect())
+        Ok(crate::migrate::records_in(&self.audit_log()?))
     }
 }
 

@@ -74,6 +74,10 @@ pub struct VmRow {
     /// drift word says it all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub detail: Vec<String>,
+    /// Its last live migration (issue 17): where from and to, how it ended, and its
+    /// figures (downtime, total time, bytes sent, rounds, pre-copy or stop-and-copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_migration: Option<crate::migrate::MigrationRecord>,
 }
 
 /// A volume's row (primaries).
@@ -329,6 +333,51 @@ pub fn mark_maintenance(status: &mut Status, maintenance: &std::collections::BTr
     }
 }
 
+/// Gives each VM its last live migration from the store's records (oldest first).
+pub fn mark_migrations(status: &mut Status, records: Vec<crate::migrate::MigrationRecord>) {
+    let mut last = crate::migrate::last_of(records);
+    for vm in status.vms.iter_mut() {
+        vm.last_migration = last.remove(&vm.name);
+    }
+}
+
+/// The VMs' last migrations, one line each ("" without any).
+fn migrations_text(status: &Status) -> String {
+    let mut out = String::new();
+    for v in &status.vms {
+        let Some(m) = &v.last_migration else {
+            continue;
+        };
+        if out.is_empty() {
+            out.push_str(
+                "
+last migrations:
+",
+            );
+        }
+        let _ = write!(out, "  {} {} -> {}: {}", v.name, m.from, m.to, m.phase);
+        if let Some(f) = &m.figures {
+            let _ = write!(
+                out,
+                ", {}, downtime {:.1} ms (paused {:.1} ms), total {:.0} ms, {} sent ({:.2}x memory), {} round{}",
+                f.mode,
+                f.downtime_ms,
+                f.paused_ms,
+                f.total_ms,
+                compiler::units::human_size(f.bytes_sent),
+                f.bytes_sent as f64 / f.memory_bytes.max(1) as f64,
+                f.rounds,
+                if f.rounds == 1 { "" } else { "s" }
+            );
+        }
+        if !m.error.is_empty() {
+            let _ = write!(out, " ({})", m.error);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Builds the status.
 pub fn status(
     desired: &Desired,
@@ -391,6 +440,7 @@ pub fn status(
                 starts: o.map_or(0, |o| o.starts),
                 disks: o.map(|o| o.disks.clone()).unwrap_or_default(),
                 guest_block_test: o.map(|o| o.guest_block_test.clone()).unwrap_or_default(),
+                last_migration: None,
             }
         };
     for vm in desired.vms.values() {
@@ -737,6 +787,7 @@ pub fn text(status: &Status) -> String {
         ]);
     }
     out.push_str(&table(&rows));
+    out.push_str(&migrations_text(status));
     out.push_str(&disks_text(status));
     out.push_str("\nvolumes:\n");
     let mut rows = vec![vec![
@@ -897,6 +948,7 @@ mod disk_tests {
                     ),
                 ],
                 guest_block_test: "pass".into(),
+                last_migration: None,
             }],
             ..empty_status()
         };
@@ -917,6 +969,77 @@ disks:
         let mut none = status.clone();
         none.vms[0].disks.clear();
         assert_eq!(disks_text(&none), "", "no section without disks");
+    }
+
+    #[test]
+    fn each_vm_shows_its_last_migration_in_text_and_json() {
+        let record = |vm: &str, phase: &str, rounds: u32| crate::migrate::MigrationRecord {
+            vm: vm.into(),
+            from: "n1".into(),
+            to: "n2".into(),
+            phase: phase.into(),
+            request_id: "e.0".into(),
+            at_unix_ms: 1,
+            figures: (phase == "completed").then(|| crate::migrate::MigrationFigures {
+                mode: "pre-copy".into(),
+                downtime_ms: 12.3,
+                paused_ms: 7.0,
+                total_ms: 1474.0,
+                bytes_sent: 70 << 20,
+                memory_bytes: 64 << 20,
+                rounds,
+            }),
+            error: String::new(),
+        };
+        let row = |name: &str| VmRow {
+            name: name.into(),
+            tenant: "acme".into(),
+            node: "n2".into(),
+            desired_node: "n2".into(),
+            state: "running".into(),
+            health: "healthy".into(),
+            crash_count: 0,
+            drift: "none".into(),
+            nics: vec![],
+            starts: 1,
+            detail: vec![],
+            disks: vec![],
+            guest_block_test: String::new(),
+            last_migration: None,
+        };
+        let mut status = Status {
+            vms: vec![row("web"), row("db")],
+            ..empty_status()
+        };
+        assert_eq!(
+            migrations_text(&status),
+            "",
+            "no section without migrations"
+        );
+        // The last record of each VM counts (an earlier one is replaced).
+        mark_migrations(
+            &mut status,
+            vec![record("web", "committed", 0), record("web", "completed", 3)],
+        );
+        assert_eq!(
+            migrations_text(&status),
+            "
+last migrations:
+  web n1 -> n2: completed, pre-copy, downtime 12.3 ms (paused 7.0 ms), total 1474 ms, 70MiB sent (1.09x memory), 3 rounds
+"
+        );
+        let json = serde_json::to_value(&status.vms[0]).unwrap();
+        let m = &json["last_migration"];
+        assert_eq!(
+            (m["from"].as_str(), m["to"].as_str()),
+            (Some("n1"), Some("n2"))
+        );
+        assert_eq!(m["figures"]["downtime_ms"], 12.3);
+        assert_eq!(m["figures"]["bytes_sent"], 70u64 << 20);
+        assert_eq!(m["figures"]["rounds"], 3);
+        assert_eq!(m["figures"]["mode"], "pre-copy");
+        let db = serde_json::to_value(&status.vms[1]).unwrap();
+        assert!(db.get("last_migration").is_none(), "{db}");
     }
 
     fn empty_status() -> Status {

@@ -204,17 +204,95 @@ fn draining_a_node_moves_its_vm_live_and_a_killed_side_leaves_exactly_one_runnin
     let plan = cluster.cairn(&["plan", "."]);
     assert!(!plan.stdout.contains("migrate_vm"), "{plan:?}\n{run:?}");
 
-    // 3. A clean drain back to A, measured: the heartbeat counter goes on.
+    // 3. A clean drain back to A, measured: the heartbeat counter goes on, and the
+    // downtime from the VMMs' heartbeat logs (the source's last heartbeat to the
+    // destination's first; the built-in guest beats every 10 ms, so ±10 ms).
     specs(cluster.path(), Some(&b), ports);
     let before = heartbeats(&socket).expect("heartbeats on B");
+    let source_logs = cluster
+        .path()
+        .join(".cairn/dev")
+        .join(&b)
+        .join("vms/mv/heartbeats");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        // The source's last heartbeat, read until the apply ends (its directory may
+        // go with the source's DeleteVm; `last` is rewritten at every heartbeat).
+        std::thread::spawn(move || {
+            let mut last = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                for (_, l) in heartbeat_logs(&source_logs) {
+                    last = last.max(l);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            last
+        })
+    };
     let run = cluster.cairn_unattended(&["apply", ".", "--auto-approve"]);
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let source_last = watcher.join().expect("the watcher");
     assert_eq!(run.code, 0, "{run:?}");
     eprintln!("the clean drain: {run:?}");
     let (_, socket) = vmm_on(&cluster, &a).expect("the VMM on A again");
     let now = heartbeats(&socket).expect("heartbeats on A");
     assert!(now >= before, "the guest rebooted: {now} < {before}");
+    let destination = cluster
+        .path()
+        .join(".cairn/dev")
+        .join(&a)
+        .join("vms/mv/heartbeats");
+    let destination_first = heartbeat_logs(&destination)
+        .into_iter()
+        .map(|(first, _)| first)
+        .filter(|first| *first > source_last)
+        .min()
+        .expect("the destination's first heartbeat after the source's last");
+    let downtime_ms = (destination_first - source_last) as f64 / 1e6;
     let status = cluster.status_json();
     let row = vm_row(&status);
     assert_eq!(row["node"], a.as_str(), "{row:#}");
-    eprintln!("last migration: {:#}", row["last_migration"]);
+    let m = &row["last_migration"];
+    assert_eq!(
+        (m["from"].as_str(), m["to"].as_str(), m["phase"].as_str()),
+        (Some(b.as_str()), Some(a.as_str()), Some("completed")),
+        "{row:#}"
+    );
+    let f = &m["figures"];
+    assert_eq!(f["mode"], "pre-copy", "{f:#}");
+    assert!(f["rounds"].as_u64() >= Some(1), "{f:#}");
+    assert!(f["bytes_sent"].as_u64() > Some(0), "{f:#}");
+    let text = cluster.cairn(&["status", "."]);
+    assert!(
+        text.stdout.contains("last migrations:")
+            && text
+                .stdout
+                .contains(&format!("mv {b} -> {a}: completed, pre-copy")),
+        "{text:?}"
+    );
+    eprintln!(
+        "downtime from the heartbeat logs: {downtime_ms:.1} ms; the commander's figures: {f}"
+    );
+    assert!(downtime_ms < 5_000.0, "{downtime_ms} ms");
+}
+
+/// Each heartbeat log in `dir`: (first, last) heartbeat, `CLOCK_BOOTTIME` ns.
+fn heartbeat_logs(dir: &Path) -> Vec<(u64, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let text = std::fs::read_to_string(entry.path()).ok()?;
+            let mut lines = text.lines();
+            let mut boottime = |tag: &str| -> Option<u64> {
+                let mut fields = lines.next()?.split_whitespace();
+                (fields.next()? == tag).then_some(())?;
+                fields.nth(1)?.parse().ok()
+            };
+            Some((boottime("first")?, boottime("last")?))
+        })
+        .collect()
 }
