@@ -53,11 +53,16 @@ pub fn ensure_tenant_bridge(
     let mut actions = Vec::new();
     let link = match rtnl.link(&name).map_err(nl)? {
         Some(l) => l,
-        None => {
-            rtnl.create_bridge(&name, None, Some(mtu)).map_err(nl)?;
-            actions.push(format!("create bridge {name} for {tenant}/{network}"));
-            rtnl.require_link(&name).map_err(nl)?
-        }
+        None => match rtnl.create_bridge(&name, None, Some(mtu)) {
+            Ok(()) => {
+                actions.push(format!("create bridge {name} for {tenant}/{network}"));
+                rtnl.require_link(&name).map_err(nl)?
+            }
+            // Made in between by the other path that makes it (a VM's NICs and the
+            // network's segment are made at once; seen: "File exists" failing a
+            // CreateVm on the dev cluster): the checks below still apply.
+            Err(e) => rtnl.link(&name).map_err(nl)?.ok_or_else(|| nl(e))?,
+        },
     };
     if link.kind.as_deref() != Some("bridge") {
         return Err(NetworkError::DeviceConflict {

@@ -302,7 +302,12 @@ pub fn firewall_spec(
                 tap,
                 ipv4: g.ipv4.parse().ok(),
                 rules: rules_of(g),
-                dhcp_server: seg.gateway.parse().ok(),
+                // Its own network's gateway (every segment of the tenant lists all
+                // the tenant's guarded NICs, so `seg` may be another network's).
+                dhcp_server: segments
+                    .iter()
+                    .find(|s| s.tenant == seg.tenant && s.network == g.network)
+                    .and_then(|s| s.gateway.parse().ok()),
             });
         }
     }
@@ -750,6 +755,13 @@ mod tests {
         let fw = firewall_spec(std::slice::from_ref(&seg), &defs);
         assert_eq!(fw.nics.len(), 1);
         assert_eq!(fw.nics[0].tap, vm_tap_name("db-1", 0));
+        assert_eq!(fw.nics[0].dhcp_server, Some(Ipv4Addr::new(10, 30, 0, 1)));
+        // Listed by another network's segment first, it still gets its own gateway.
+        let mut other = seg.clone();
+        other.network = "fin-app".into();
+        other.gateway = "10.20.0.1".into();
+        let both = firewall_spec(&[other, seg.clone()], &defs);
+        assert_eq!(both.nics[0].dhcp_server, Some(Ipv4Addr::new(10, 30, 0, 1)));
         assert_eq!(fw.zones[0].ports.len(), 3, "vxlan, gateway leg, tap");
         let routed = router_rules(std::slice::from_ref(&seg), "finance");
         assert_eq!(routed.len(), 1);

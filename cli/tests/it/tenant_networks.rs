@@ -75,6 +75,49 @@ impl Probe {
         ])
     }
 
+    /// Gives up the address and asks DHCP for one, as a guest's client would
+    /// (busybox udhcpc; its script puts the address and the default route back).
+    /// Returns the lease's `address router mtu`, or None without a lease.
+    fn dhcp(&self) -> Option<String> {
+        let script = std::env::temp_dir().join(format!("{}.udhcpc", self.ns));
+        let out = std::env::temp_dir().join(format!("{}.lease", self.ns));
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\necho \"$ip $router $mtu\" > {}\nip addr add $ip/$mask dev $interface\nip route add default via $router\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        must(&["chmod", "+x", script.to_str().unwrap()]);
+        must(&["ip", "-n", &self.ns, "addr", "flush", "dev", "eth0"]);
+        let leased = runs(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns,
+            "busybox",
+            "udhcpc",
+            "-i",
+            "eth0",
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "3",
+            "-T",
+            "1",
+            "-O",
+            "mtu",
+            "-s",
+            script.to_str().unwrap(),
+        ]);
+        let lease = std::fs::read_to_string(&out).ok().filter(|_| leased);
+        let _ = std::fs::remove_file(&script);
+        let _ = std::fs::remove_file(&out);
+        lease.map(|l| l.trim().to_owned())
+    }
+
     /// Pings with a few tries (the first may wait for the neighbour entry).
     fn reaches(&self, to: &str) -> bool {
         (0..3).any(|_| self.ping(to))
@@ -183,7 +226,7 @@ fn stand_in(cluster: &Cluster, status: &Value, vm: &str, gateway: &str) -> Probe
     let tap = network::tenant::vm_tap_name(vm, 0);
     let bridge = network::tenant::tenant_bridge_name(tenant, network);
     let mac = reconciler::segments::default_mac(vm, 0);
-    let ns = format!("c-tn{}-{vm}", std::process::id() % 100_000);
+    let ns = format!("i-tn{}-{vm}", std::process::id() % 100_000);
     let probe = Probe {
         vm: vm.to_owned(),
         ns: ns.clone(),
@@ -304,6 +347,24 @@ fn tenant_networks_span_nodes_isolate_tenants_and_enforce_security_groups() {
         !admin.ping(&web0),
         "dev-admin reached dev-net with no rule routing it"
     );
+
+    // DHCP from the plan: each network's server on the probe's node hands the
+    // probe its planned address, its gateway and the segment MTU (a guest that
+    // asks instead of keeping a static address gets the same).
+    if runs(&["busybox", "true"]) {
+        for (p, gateway) in [(&p0, "10.77.0.1"), (&intruder, "10.78.0.1")] {
+            assert_eq!(
+                p.dhcp(),
+                Some(format!("{} {gateway} 1450", p.address)),
+                "{} on {}",
+                p.vm,
+                p.node
+            );
+        }
+        assert!(p0.reaches(&p1.address), "the leased address works");
+    } else {
+        eprintln!("DHCP part skipped: busybox (udhcpc) is not installed");
+    }
 
     // Security group db on pg: TCP 5432 from dev-net only.
     for p in [&p0, &p1] {
