@@ -3,15 +3,16 @@
 //! every API call that changes something).
 //!
 //! What maintenance means (as a Nomad node made ineligible, or a vSphere host in
-//! maintenance mode, except that nothing is moved away by itself): no VM is placed
-//! on the node that was not there before, so a new VM, an HA restart off a failed
-//! node and a crash move go elsewhere (`reconciler::pipeline::keep_off`, through
-//! `PlanOptions::maintenance`, in syncs and drift checks); the VMs already on it stay
-//! and keep running, and stay protected (HA, crash restarts in place). cairn has no
-//! live migration yet, so entering maintenance with VMs on the node is accepted, and
-//! the answer names every VM still there: they must be moved (or stopped) before the
-//! node may be powered off; until then an operator powering it off gets an HA
-//! failover. The node shows `maintenance` in `cairn status`, `/api/v1/status`
+//! maintenance mode): no VM is placed on the node that was not there before, so a
+//! new VM, an HA restart off a failed node and a crash move go elsewhere
+//! (`reconciler::pipeline::keep_off`, through `PlanOptions::maintenance`, in syncs
+//! and drift checks); the VMs on it that can move live (no disks, no NICs) are
+//! drained by live migrations (`reconciler::migrate`, ordered within `max-moves` and
+//! `max-unavailable`); the others stay and keep running, and stay protected (HA,
+//! crash restarts in place). Entering maintenance with VMs on the node is accepted,
+//! and the answer names every VM there: those that stay must be moved (or stopped)
+//! before the node may be powered off; until then an operator powering it off gets
+//! an HA failover. The node shows `maintenance` in `cairn status`, `/api/v1/status`
 //! (`nodes[].state`, `controller.maintenance[]`) and `/metrics`, unless its lease
 //! says `failed` or `fenced` (then HA acts on its VMs, and that is what is shown).
 //!
@@ -347,10 +348,9 @@ fn message(node: &str, on: bool, changed: bool, vms: &[String]) -> String {
         format!("{head}; no VM is placed on it: it may be powered off")
     } else {
         format!(
-            "{head}; {} VM{} still run{} on it and stay{} there (cairn has no live migration yet): {}; move them (a spec change, or stop them) before powering {node} off, or HA restarts the HA ones elsewhere when it fails",
+            "{head}; {} VM{} still run{} on it: {}; those without disks or NICs migrate live to other nodes (the plan shows the order), the others stay: move them (a spec change, or stop them) before powering {node} off, or HA restarts the HA ones elsewhere when it fails",
             vms.len(),
             if vms.len() == 1 { "" } else { "s" },
-            if vms.len() == 1 { "s" } else { "" },
             if vms.len() == 1 { "s" } else { "" },
             vms.join(", ")
         )
