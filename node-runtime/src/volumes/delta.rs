@@ -78,6 +78,23 @@ pub(super) struct State {
     shipping: tokio::sync::Mutex<()>,
     /// One piece (or commit) received at a time.
     receiving: tokio::sync::Mutex<()>,
+    /// Per-unit SHA-256 of the last snapshot shipped (source) or committed (target),
+    /// by volume: the next manifest rehashes only the units that changed.
+    hashes: std::sync::Mutex<UnitHashes>,
+    /// On the target, the ranges written by the transfer in progress, by volume, and
+    /// whether they are all of it (false when this process did not see it start).
+    touched: std::sync::Mutex<BTreeMap<String, Touched>>,
+}
+
+/// By volume: a snapshot and the SHA-256 of each of its stripe units.
+type UnitHashes = BTreeMap<String, (String, Vec<[u8; 32]>)>;
+
+/// What a transfer in progress wrote on the target.
+#[derive(Debug, Default)]
+struct Touched {
+    snapshot: String,
+    complete: bool,
+    ranges: Vec<(u64, u64)>,
 }
 
 /// One piece to send: data, or a range that reads as zeros.
@@ -91,19 +108,30 @@ enum Piece {
 fn manifest(
     size: u64,
     unit_bytes: u64,
-    mut read: impl FnMut(u64, u64) -> Result<Vec<u8>, storage::StorageError>,
+    mut unit_hash: impl FnMut(u64, u64, u64) -> Result<[u8; 32], storage::StorageError>,
 ) -> Result<(Vec<u8>, Vec<[u8; 32]>), storage::StorageError> {
-    let mut root = Sha256::new();
     let mut units = Vec::new();
     let mut offset = 0;
     while offset < size {
         let length = unit_bytes.min(size - offset);
-        let digest: [u8; 32] = Sha256::digest(read(offset, length)?).into();
-        root.update(digest);
-        units.push(digest);
+        units.push(unit_hash(offset / unit_bytes, offset, length)?);
         offset += length;
     }
-    Ok((root.finalize().to_vec(), units))
+    Ok((root_of(&units), units))
+}
+
+/// The manifest over the per-unit hashes.
+fn root_of(units: &[[u8; 32]]) -> Vec<u8> {
+    let mut root = Sha256::new();
+    for unit in units {
+        root.update(unit);
+    }
+    root.finalize().to_vec()
+}
+
+/// The SHA-256 of `length` zero bytes (a unit no layer holds).
+fn zero_hash(length: u64) -> [u8; 32] {
+    Sha256::digest(vec![0u8; length as usize]).into()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -181,6 +209,20 @@ impl Volumes {
         }
         record.version = ReplicationRecord::VERSION;
         self.records.put(volume, &record).map_err(records_status)
+    }
+
+    fn delta_hashes(&self) -> std::sync::MutexGuard<'_, UnitHashes> {
+        self.delta
+            .hashes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn delta_touched(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Touched>> {
+        self.delta
+            .touched
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn replication_due(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, u64>> {
@@ -455,6 +497,7 @@ impl Volumes {
                 .sum(),
             ..Default::default()
         };
+        let mut read_hashes: BTreeMap<u64, [u8; 32]> = BTreeMap::new();
         for &index in &changed.units {
             let unit_start = index * unit;
             let unit_end = (unit_start + unit).min(changed.size);
@@ -465,9 +508,11 @@ impl Volumes {
             let local = self.local.clone();
             let (owned_volume, owned_snapshot, owned_base) =
                 (volume.to_string(), snapshot.clone(), base.clone());
-            let pieces = blocking(move || {
+            let (pieces, hash) = blocking(move || {
                 let length = unit_end - from;
                 let (new, _) = local.read_snapshot(&owned_volume, &owned_snapshot, from, length)?;
+                let hash: Option<[u8; 32]> =
+                    (from == unit_start).then(|| Sha256::digest(&new).into());
                 let old = if owned_base.is_empty() {
                     None
                 } else {
@@ -479,9 +524,12 @@ impl Volumes {
                 };
                 let mut pieces = Vec::new();
                 diff_pieces(from, &new, old.as_deref(), &mut pieces);
-                Ok(pieces)
+                Ok((pieces, hash))
             })
             .await?;
+            if let Some(hash) = hash {
+                read_hashes.insert(index, hash);
+            }
             let count = pieces.len();
             for (n, piece) in pieces.into_iter().enumerate() {
                 let mut request = v1::DeltaWriteRequest {
@@ -511,14 +559,42 @@ impl Volumes {
                 within(&send.target.name, "DeltaWrite", client.delta_write(request)).await?;
             }
         }
+        // The manifest: the base's unit hashes with the changed units rehashed when
+        // this process shipped the base; else every unit holding data read (the others
+        // are zeros).
+        let cached = self
+            .delta_hashes()
+            .get(volume)
+            .filter(|(name, _)| !base.is_empty() && *name == base)
+            .map(|(_, hashes)| hashes.clone());
+        let data_units: std::collections::BTreeSet<u64> = if cached.is_some() || base.is_empty() {
+            changed.units.iter().copied().collect()
+        } else {
+            let local = self.local.clone();
+            let (owned_volume, owned_snapshot) = (volume.to_string(), snapshot.clone());
+            blocking(move || local.changed_units(&owned_volume, None, &owned_snapshot))
+                .await?
+                .units
+                .into_iter()
+                .collect()
+        };
         let local = self.local.clone();
         let (owned_volume, owned_snapshot) = (volume.to_string(), snapshot.clone());
         let size = changed.size;
-        let (ours, _) = blocking(move || {
-            manifest(size, unit, |offset, length| {
-                local
-                    .read_snapshot(&owned_volume, &owned_snapshot, offset, length)
-                    .map(|(data, _)| data)
+        let (ours, unit_hashes) = blocking(move || {
+            manifest(size, unit, |index, offset, length| {
+                if let Some(hash) = read_hashes.get(&index) {
+                    return Ok(*hash);
+                }
+                if !data_units.contains(&index) {
+                    return Ok(match &cached {
+                        Some(hashes) if (index as usize) < hashes.len() => hashes[index as usize],
+                        _ => zero_hash(length),
+                    });
+                }
+                let (data, _) =
+                    local.read_snapshot(&owned_volume, &owned_snapshot, offset, length)?;
+                Ok(Sha256::digest(&data).into())
             })
         })
         .await?;
@@ -549,6 +625,8 @@ impl Volumes {
             )));
         }
         result.manifest_sha256 = ours;
+        self.delta_hashes()
+            .insert(volume.to_string(), (snapshot.clone(), unit_hashes));
         send.last_shipped = snapshot.clone();
         send.shipping.clear();
         record.send = Some(send.clone());
@@ -691,6 +769,14 @@ impl Volumes {
             receive.receiving = request.snapshot.clone();
             receive.receiving_base = request.base.clone();
             receive.next_offset = 0;
+            self.delta_touched().insert(
+                volume.clone(),
+                Touched {
+                    snapshot: request.snapshot.clone(),
+                    complete: true,
+                    ranges: Vec::new(),
+                },
+            );
         }
         let length = if request.data.is_empty() {
             request.zero_length
@@ -740,6 +826,19 @@ impl Volumes {
                 at += chunk;
             }
         }
+        {
+            let mut touched = self.delta_touched();
+            let entry = touched.entry(volume.clone()).or_default();
+            if entry.snapshot != request.snapshot {
+                // This process did not see the transfer start (a restart).
+                *entry = Touched {
+                    snapshot: request.snapshot.clone(),
+                    complete: false,
+                    ranges: Vec::new(),
+                };
+            }
+            entry.ranges.push((request.offset, length));
+        }
         receive.next_offset = receive.next_offset.max(request.covered_to);
         record.receive = Some(receive);
         self.put_replication_record(&volume, record)?;
@@ -778,21 +877,59 @@ impl Volumes {
                 )));
             }
         }
+        // Incremental when this process committed the base and saw the whole transfer:
+        // the base's unit hashes, the units the transfer wrote read again. Otherwise
+        // every unit is read.
+        let unit = request.unit_bytes;
+        let incremental = if committed {
+            None
+        } else {
+            let hashes = self.delta_hashes();
+            let touched = self.delta_touched();
+            match (hashes.get(&volume), touched.get(&volume)) {
+                (Some((base, hashes)), touched)
+                    if !request.base.is_empty() && *base == request.base =>
+                {
+                    match touched {
+                        Some(t) if t.snapshot == request.snapshot && t.complete => {
+                            let units: std::collections::BTreeSet<u64> = t
+                                .ranges
+                                .iter()
+                                .flat_map(|&(offset, length)| {
+                                    offset / unit..(offset + length).div_ceil(unit)
+                                })
+                                .collect();
+                            Some((hashes.clone(), units))
+                        }
+                        // A delta that changed nothing wrote nothing.
+                        None if receive.next_offset == 0 => {
+                            Some((hashes.clone(), Default::default()))
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            }
+        };
         let local = self.local.clone();
         let (owned_volume, owned_snapshot) = (volume.clone(), request.snapshot.clone());
-        let unit = request.unit_bytes;
-        let (ours, _) = blocking(move || {
-            if committed {
-                manifest(size, unit, |offset, length| {
+        let (ours, unit_hashes) = blocking(move || {
+            manifest(size, unit, |index, offset, length| {
+                if let Some((hashes, units)) = &incremental
+                    && !units.contains(&index)
+                    && (index as usize) < hashes.len()
+                {
+                    return Ok(hashes[index as usize]);
+                }
+                let data = if committed {
                     local
-                        .read_snapshot(&owned_volume, &owned_snapshot, offset, length)
-                        .map(|(data, _)| data)
-                })
-            } else {
-                manifest(size, unit, |offset, length| {
-                    local.read(&owned_volume, offset, length)
-                })
-            }
+                        .read_snapshot(&owned_volume, &owned_snapshot, offset, length)?
+                        .0
+                } else {
+                    local.read(&owned_volume, offset, length)?
+                };
+                Ok(Sha256::digest(&data).into())
+            })
         })
         .await?;
         if ours != request.manifest_sha256 {
@@ -804,6 +941,9 @@ impl Volumes {
                 hex(&request.manifest_sha256)
             )));
         }
+        self.delta_hashes()
+            .insert(volume.clone(), (request.snapshot.clone(), unit_hashes));
+        self.delta_touched().remove(&volume);
         if !committed {
             match self.snapshot(&volume, &request.snapshot).await {
                 Ok(_) => {}
