@@ -445,6 +445,54 @@ async fn abort_as<N: NodeApi>(
     error
 }
 
+/// Finishes every migration whose last record is `committed` (the record names the
+/// destination, which was not seen running yet: its commit failed, or the apply
+/// died after the record), whether or not its execution finished: run before a
+/// plan, so that a plan never sees the paused source and the waiting destination as
+/// two copies. Returns one line per migration it tried (`vm: finished` or why not).
+pub async fn finish_pending<N: NodeApi>(
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Result<Vec<String>, StateError> {
+    let pending: Vec<MigrationRecord> = last_of(store.migrations()?)
+        .into_values()
+        .filter(|r| r.phase == "committed")
+        .collect();
+    if pending.is_empty() {
+        return Ok(vec![]);
+    }
+    let executions = store.executions()?;
+    let mut out = vec![];
+    for record in pending {
+        let step = record
+            .request_id
+            .rsplit_once('.')
+            .and_then(|(execution, step)| {
+                let step: usize = step.parse().ok()?;
+                let (_, e) = executions
+                    .iter()
+                    .find(|(_, e)| e.execution_id == execution)?;
+                let plan: crate::plan::Plan = serde_json::from_value(e.plan.clone()).ok()?;
+                plan.steps.get(step).cloned()
+            });
+        let Some(step) = step else {
+            out.push(format!(
+                "{}: its migration's step {} is not in the store; commit it on {} by hand",
+                record.vm, record.request_id, record.to
+            ));
+            continue;
+        };
+        match settle_step(&step, &record.request_id, store, nodes).await? {
+            Ok(()) => out.push(format!(
+                "{}: migration to {} finished",
+                record.vm, record.to
+            )),
+            Err(e) => out.push(format!("{}: {e}", record.vm)),
+        }
+    }
+    Ok(out)
+}
+
 /// What settling an interrupted `migrate_vm` step did: the last record of its
 /// request id decides. Named the destination (`committed`): the commit is finished
 /// ([`finish`]); else (no record, the apply died before the commit point): the
@@ -463,7 +511,7 @@ pub async fn settle_step<N: NodeApi>(
         .into_iter()
         .rev()
         .find(|r| r.request_id == request_id);
-    let settle_id = format!("{request_id}.settle");
+    let settle_id = format!("{request_id}.settle-{}", now_ms());
     Ok(match record {
         Some(r) if r.phase == "completed" => Ok(()),
         Some(r) if r.phase == "aborted" => Err(r.error),
@@ -601,6 +649,7 @@ mod tests {
                     nics: vec![],
                     sla: String::new(),
                     priority: 0,
+                    nic_mtu: 0,
                 }),
             },
             depends_on: vec![],

@@ -823,6 +823,9 @@ pub async fn settle_interrupted<N: NodeApi>(
             settled,
         });
     }
+    // A live migration committed (the record names its destination) but not seen
+    // running there is finished before anything is planned (`crate::migrate`).
+    crate::migrate::finish_pending(store, nodes).await?;
     Ok(newest)
 }
 

@@ -296,3 +296,182 @@ fn heartbeat_logs(dir: &Path) -> Vec<(u64, u64)> {
         })
         .collect()
 }
+
+/// A private network namespace for a dev cluster (the nftables faults stay in it).
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Option<Netns> {
+        let name = format!("h-mig-{}", std::process::id());
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Netns(name);
+        (ok(&["-n", &ns.0, "link", "set", "lo", "up"])).then_some(ns)
+    }
+
+    /// Runs `nft` in the namespace.
+    fn nft(&self, script: &str) {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &self.0, "nft", script])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "nft {script}");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// `cairn ARGS` in `ns`, in the cluster's directory.
+fn cairn_in(ns: &Netns, cluster: &Cluster, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &ns.0, env!("CARGO_BIN_EXE_cairn")])
+        .args(args)
+        .current_dir(cluster.path())
+        .env("NO_COLOR", "1")
+        .env(
+            "CAIRN_NODE_BIN",
+            crate::engine::node_binaries().join("cairn-node"),
+        )
+        .stdin(Stdio::null());
+    c
+}
+
+fn run_of(out: std::process::Output) -> crate::Run {
+    crate::Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `cairn apply` in `ns` holding at `point`; runs `fault` when the hold is reached.
+fn apply_breaking(ns: &Netns, cluster: &Cluster, point: &str, fault: impl FnOnce()) -> crate::Run {
+    let marker = cluster.path().join(format!("hold-net-{point}"));
+    let child = cairn_in(ns, cluster, &["apply", ".", "--auto-approve"])
+        .env(
+            "CAIRN_MIGRATE_HOLD",
+            format!("{point}:{}:1500", marker.display()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cairn apply runs");
+    wait_for("the hold", Duration::from_secs(60), || {
+        marker.exists().then_some(())
+    });
+    fault();
+    run_of(child.wait_with_output().expect("cairn apply ends"))
+}
+
+#[test]
+fn a_link_broken_before_the_commit_keeps_the_source_and_after_it_the_destination() {
+    if !kvm_usable() {
+        eprintln!("skipped: /dev/kvm is not usable here; the test migrates a running VM");
+        return;
+    }
+    let Some(ns) = Netns::new() else {
+        eprintln!("skipped: cannot make a network namespace (needs root and iproute2)");
+        return;
+    };
+    if Command::new("ip")
+        .args(["netns", "exec", &ns.0, "nft", "list", "ruleset"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        eprintln!("skipped: nft does not run here");
+        return;
+    }
+    let dir = TempDir::new("migration-link");
+    let ports = (free_port(), free_port());
+    specs(&dir.0, None, ports);
+    let cluster = Cluster { dir };
+    let cairn = |args: &[&str]| run_of(cairn_in(&ns, &cluster, args).output().expect("cairn"));
+    let up = cairn(&["dev", "up", "."]);
+    assert_eq!(up.code, 0, "{up:?}");
+    let first = cairn(&["apply", ".", "--auto-approve"]);
+    assert_eq!(first.code, 0, "{first:?}");
+    let status = || -> Value {
+        serde_json::from_str(&cairn(&["status", ".", "--format", "json"]).stdout)
+            .unwrap_or(Value::Null)
+    };
+    let a = vm_row(&status())["node"]
+        .as_str()
+        .expect("a node")
+        .to_owned();
+    let (b, b_ip, b_port) = if a == "n-1" {
+        ("n-2", "127.0.0.32", ports.1)
+    } else {
+        ("n-1", "127.0.0.31", ports.0)
+    };
+    specs(cluster.path(), Some(&a), ports);
+    let (source_pid, source_socket) = vmm_on(&cluster, &a).expect("the source's VMM");
+
+    // Before the commit: every connection to the destination but its agent's is
+    // reset (the source VMM cannot reach the destination VMM). The source runs on.
+    let before = heartbeats(&source_socket).expect("heartbeats");
+    let run = apply_breaking(&ns, &cluster, "prepared", || {
+        ns.nft(&format!(
+            "add table inet hmig; add chain inet hmig out {{ type filter hook output priority 0; }}; add rule inet hmig out ip daddr {b_ip} tcp dport != {b_port} reject with tcp reset"
+        ));
+    });
+    eprintln!("the link broken before the commit: {run:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("aborted"), "{run:?}");
+    ns.nft("delete table inet hmig");
+    wait_for("the source beating on", Duration::from_secs(10), || {
+        heartbeats(&source_socket).filter(|h| *h > before)
+    });
+    assert_eq!(vmm_on(&cluster, &a).map(|v| v.0), Some(source_pid));
+    assert!(vmm_on(&cluster, b).is_none(), "a destination VMM is left");
+
+    // After the commit record: every connection to the destination is reset, its
+    // agent's included. Its commit cannot get through: the apply fails, and the
+    // source is not resumed (the record names the destination).
+    let run = apply_breaking(&ns, &cluster, "committed", || {
+        ns.nft(&format!(
+            "add table inet hmig; add chain inet hmig out {{ type filter hook output priority 0; }}; add rule inet hmig out ip daddr {b_ip} reject with tcp reset"
+        ));
+    });
+    eprintln!("the link broken after the commit: {run:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("stays paused"), "{run:?}");
+    let frozen = heartbeats(&source_socket);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        heartbeats(&source_socket),
+        frozen,
+        "the source runs again after the commit record"
+    );
+    // The link is back: the next apply settles the migration from its record and
+    // the destination runs, alone, with the guest's counter going on.
+    ns.nft("delete table inet hmig");
+    let settled = cairn(&["apply", ".", "--auto-approve"]);
+    eprintln!("the apply after the link came back: {settled:?}");
+    let row = wait_for(
+        "mv running on the destination",
+        Duration::from_secs(30),
+        || {
+            let row = vm_row(&status());
+            (row["node"] == b && row["state"] == "running").then_some(row)
+        },
+    );
+    let (_, socket) = vmm_on(&cluster, b).expect("the destination's VMM");
+    assert!(heartbeats(&socket) >= frozen, "the guest rebooted");
+    assert!(
+        vmm_on(&cluster, &a).is_none(),
+        "the source's VMM is left: {row:#}"
+    );
+    assert_eq!(row["last_migration"]["phase"], "completed", "{row:#}");
+    let _ = cairn(&["dev", "down", "."]);
+}
