@@ -161,6 +161,7 @@ impl v1::observe_server::Observe for NodeService {
             peers: self.node.trust.pushed_peers(),
             networking: Some(self.node.bonds.networking().await),
             protections: self.node.volumes.protection_statuses(),
+            replications: self.node.volumes.replication_statuses(),
         }))
     }
 }

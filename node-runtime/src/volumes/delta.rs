@@ -84,6 +84,8 @@ pub(super) struct State {
     /// On the target, the ranges written by the transfer in progress, by volume, and
     /// whether they are all of it (false when this process did not see it start).
     touched: std::sync::Mutex<BTreeMap<String, Touched>>,
+    /// Why the last scheduled transfer of each volume failed (removed on success).
+    errors: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 /// By volume: a snapshot and the SHA-256 of each of its stripe units.
@@ -246,6 +248,60 @@ impl Volumes {
         }
     }
 
+    /// Every volume's replication state, for Observe.
+    pub fn replication_statuses(&self) -> Vec<v1::ReplicationStatus> {
+        let records = self.records.list::<ReplicationRecord>().unwrap_or_default();
+        let errors = self
+            .delta
+            .errors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        let now = now_unix_ms();
+        let mut out = Vec::new();
+        for (volume, record) in records {
+            if let Some(send) = record.send {
+                let at = self
+                    .snapshot_records(&volume)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|(name, _)| *name == send.last_shipped)
+                    .map_or(0, |(_, snapshot)| snapshot.created_at_unix_ms);
+                out.push(v1::ReplicationStatus {
+                    volume: volume.clone(),
+                    role: "source".into(),
+                    peer: send.target.name,
+                    peer_volume: send.target_volume,
+                    every_ms: send.every_ms,
+                    keep: send.keep,
+                    last_replicated: send.last_shipped,
+                    last_replicated_at_unix_ms: at,
+                    rpo_ms: if at == 0 { 0 } else { now.saturating_sub(at) },
+                    in_transfer: send.shipping,
+                    transferred_to: 0,
+                    last_error: errors.get(&volume).cloned().unwrap_or_default(),
+                });
+            }
+            if let Some(receive) = record.receive {
+                let newest = receive.snapshots.last().cloned().unwrap_or_default();
+                // Scheduled snapshots carry the source's time in their name.
+                let at = super::protection::scheduled_at(&newest).unwrap_or(0);
+                out.push(v1::ReplicationStatus {
+                    volume,
+                    role: "target".into(),
+                    peer: receive.source.name,
+                    last_replicated: newest,
+                    last_replicated_at_unix_ms: at,
+                    rpo_ms: if at == 0 { 0 } else { now.saturating_sub(at) },
+                    in_transfer: receive.receiving,
+                    transferred_to: receive.next_offset,
+                    ..Default::default()
+                });
+            }
+        }
+        out
+    }
+
     // --- the source -------------------------------------------------------------
 
     /// `Apply.ReplicateVolume`: holds (or drops) the volume's replication schedule;
@@ -343,7 +399,18 @@ impl Volumes {
                 if now < due {
                     continue;
                 }
-                let next = match self.ship_delta(&volume).await {
+                let shipped = self.ship_delta(&volume).await;
+                let mut errors = self
+                    .delta
+                    .errors
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                match &shipped {
+                    Ok(_) => errors.remove(&volume),
+                    Err(status) => errors.insert(volume.clone(), status.message().to_string()),
+                };
+                drop(errors);
+                let next = match shipped {
                     Ok(_) => due.max(now.saturating_sub(send.every_ms)) + send.every_ms,
                     Err(status) => {
                         self.replication_event(

@@ -57,8 +57,9 @@ pub(super) fn is_scheduled(name: &str) -> bool {
     scheduled_at(name).is_some()
 }
 
-/// The time a scheduled snapshot's name says it was taken.
-fn scheduled_at(name: &str) -> Option<u64> {
+/// The time a scheduled snapshot's name says it was taken (a replicated snapshot
+/// keeps its name: `delta.rs`).
+pub(super) fn scheduled_at(name: &str) -> Option<u64> {
     name.strip_prefix(PREFIX)?.parse().ok()
 }
 

@@ -478,6 +478,23 @@ async fn scheduled_replication_leaves_the_target_a_recent_point_in_time_when_the
         .snapshots
         .len();
     assert!((2..=4).contains(&kept), "the source keeps {kept} snapshots");
+    // Observe on both sides: the last replicated snapshot and its age (the RPO).
+    let sent = on_source.observe().await.unwrap().replications;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (sent[0].role.as_str(), sent[0].peer.as_str()),
+        ("source", "sched-dst")
+    );
+    assert!(sent[0].last_replicated.starts_with("auto-"), "{sent:?}");
+    assert!(sent[0].rpo_ms > 0 && sent[0].rpo_ms < 5000, "{sent:?}");
+    assert_eq!(sent[0].last_error, "");
+    let received = on_target.observe().await.unwrap().replications;
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received[0].role, "target");
+    assert!(
+        received[0].rpo_ms > 0 && received[0].rpo_ms < 5000,
+        "{received:?}"
+    );
     source.kill_9();
     let lost_at = now_ms();
 
