@@ -22,10 +22,11 @@
 //!   host's loopback, so the address is not in the node's namespace and the node
 //!   would refuse the VTEP). An underlay address per node in the spec would lift
 //!   both limits.
-//! - MTU: [`SEGMENT_MTU`] (a 1500 underlay minus the 50 bytes of VXLAN), sent
-//!   explicitly, and every VM NIC is created with the same MTU
-//!   (`NodeAction::to_request`), so the tap and the segment agree on the bridge's
-//!   MTU.
+//! - MTU: the site's guest bond MTU minus the 50 bytes of VXLAN ([`segment_mtus`];
+//!   [`SEGMENT_MTU`], 1450, for a 1500 bond or a site without bonds), sent
+//!   explicitly, and every VM NIC is created with its node's segment MTU
+//!   (`NodeAction::CreateVm::nic_mtu`), so the tap and the segment agree on the
+//!   bridge's MTU. The node refuses a segment MTU its underlay device cannot carry.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -38,6 +39,10 @@ use crate::desired::{DesiredNode, Placement};
 /// The MTU of every tenant network segment and of every VM NIC: a 1500-byte
 /// underlay minus VXLAN's 50 bytes (the node refuses more than its underlay allows).
 pub const SEGMENT_MTU: u32 = 1450;
+
+/// Bytes of VXLAN encapsulation over IPv4 (outer IP 20, UDP 8, VXLAN 8, inner
+/// Ethernet 14): the segment MTU is the underlay's minus this.
+pub const VXLAN_OVERHEAD: u32 = 50;
 
 /// A NIC on another node: its frames go to that node's VTEP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -221,6 +226,32 @@ pub fn underlays(
     out
 }
 
+/// Each site's segment MTU: the MTU of the bond that carries the guest class (the
+/// site's first bond if none does) minus VXLAN's 50 bytes; [`SEGMENT_MTU`] for a
+/// site without bonds (or a bond without an MTU).
+pub fn segment_mtus(model: &Model) -> BTreeMap<&str, u32> {
+    model
+        .sites
+        .iter()
+        .map(|site| {
+            let bond = site
+                .bonds
+                .iter()
+                .find(|b| {
+                    b.traffic
+                        .iter()
+                        .any(|t| t.name == compiler::spec::TrafficKind::Guest)
+                })
+                .or(site.bonds.first());
+            let mtu = bond
+                .map(|b| b.mtu)
+                .filter(|m| *m > VXLAN_OVERHEAD)
+                .map_or(SEGMENT_MTU, |m| m - VXLAN_OVERHEAD);
+            (site.name.as_str(), mtu)
+        })
+        .collect()
+}
+
 /// A node's VTEP: the IPv4 host of its `host:port` address; None for a host name.
 pub fn vtep_of(node: &DesiredNode) -> Option<String> {
     let host = node
@@ -242,6 +273,7 @@ pub fn desired_segments(
         .map(|v| (v.name.as_str(), v.node.as_str()))
         .collect();
     let underlays = underlays(model, nodes);
+    let mtus = segment_mtus(model);
     let vtep = |node: &str| underlays.get(node).map(|u| u.vtep.clone());
     let mut out: BTreeMap<String, BTreeMap<String, DesiredSegment>> = BTreeMap::new();
     for tenant in &model.tenants {
@@ -323,7 +355,10 @@ pub fn desired_segments(
                     tenant: tenant.name.clone(),
                     network: network.name.clone(),
                     vni: network.vni,
-                    mtu: SEGMENT_MTU,
+                    mtu: mtus
+                        .get(network.site.as_str())
+                        .copied()
+                        .unwrap_or(SEGMENT_MTU),
                     local_vtep: local.vtep.clone(),
                     gateway: network.gateway.clone().unwrap_or_default(),
                     prefix_len,

@@ -431,6 +431,54 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_segment_and_nic_mtu_follow_the_guest_bond() {
+        // The quickstart's bond has MTU 1500: segments and NICs at 1450, and the
+        // plan JSON keeps no nic_mtu (the default).
+        let desired = desired_with(None);
+        assert!(
+            desired
+                .segments
+                .values()
+                .flat_map(|s| s.values())
+                .all(|s| s.mtu == 1450)
+        );
+        // A jumbo bond (9000): every segment and every VM NIC at 8950.
+        let (mut model, root) = quickstart();
+        for bond in model.sites.iter_mut().flat_map(|s| s.bonds.iter_mut()) {
+            bond.mtu = 9000;
+        }
+        let placement = desired::place(&model, None);
+        let jumbo = desired::desired(&model, &root, placement);
+        let segments: Vec<u32> = jumbo
+            .segments
+            .values()
+            .flat_map(|s| s.values().map(|s| s.mtu))
+            .collect();
+        assert!(!segments.is_empty() && segments.iter().all(|m| *m == 8950));
+        let observed = observed_as(&jumbo);
+        let made = plan(&jumbo, &observed, "r");
+        let mut nics = 0;
+        for step in &made.steps {
+            if let NodeAction::CreateVm { nic_mtu, .. } = &step.action {
+                assert_eq!(*nic_mtu, 8950);
+                let Some(proto::v1::apply_request::Action::CreateVm(vm)) =
+                    step.action.to_request("x").action
+                else {
+                    panic!("a CreateVm request");
+                };
+                for nic in &vm.nics {
+                    assert_eq!(nic.mtu, 8950, "{}", vm.name);
+                    nics += 1;
+                }
+            }
+        }
+        assert!(nics > 0, "{made:?}");
+        let default = plan(&desired, &observed_as(&desired), "r");
+        let json = serde_json::to_string(&default).unwrap();
+        assert!(!json.contains("nic_mtu"), "left out at 1450");
+    }
+
+    #[test]
     fn a_moved_vm_updates_the_entries_on_every_node_of_its_network() {
         let before = desired_with(None);
         let observed = observed_as(&before);

@@ -20,7 +20,23 @@ pub(super) fn vm_definition(vm: &DesiredVm, desired: &Desired) -> NodeAction {
         nics: vm.nics.clone(),
         sla: vm.sla.clone(),
         priority: vm.priority,
+        nic_mtu: nic_mtu(vm, desired),
     }
+}
+
+/// The MTU of `vm`'s NICs: its node's segment MTU for its networks (the site's
+/// guest bond MTU minus 50); 0 for the default 1450 (`NodeAction::CreateVm`).
+fn nic_mtu(vm: &DesiredVm, desired: &Desired) -> u32 {
+    desired
+        .segments
+        .get(&vm.node)
+        .and_then(|s| {
+            s.values()
+                .find(|s| s.tenant == vm.tenant && vm.nics.contains(&s.network))
+        })
+        .map(|s| s.mtu)
+        .filter(|m| *m != crate::segments::SEGMENT_MTU)
+        .unwrap_or(0)
 }
 
 /// The volumes a VM definition attaches as its disks, in order: those written on the
