@@ -449,3 +449,69 @@ fn a_lost_secondary_keeps_the_primarys_output_held_until_ft_stop() {
     check_counters(&collector.snapshot());
     assert!(!primary.status().dirty_logging);
 }
+
+#[test]
+fn bad_requests_are_refused_and_a_stopped_secondary_exits_without_running() {
+    let test = "bad_requests_are_refused_and_a_stopped_secondary_exits_without_running";
+    if !kvm_available(test) {
+        return;
+    }
+    let mut primary = VmProcess::spawn(&["--memory", "32MiB"]);
+    primary.wait_status(Duration::from_secs(10), |status| status.heartbeat_total > 0);
+    let refused = call(
+        &mut primary,
+        &Request::FtStart {
+            to: format!("{LOOPBACK}:1"),
+            epoch_ms: 0,
+            sync_disks: false,
+        },
+    );
+    let error = refused.error.unwrap_or_default();
+    assert!(
+        error.contains("epoch_ms 0 is out of range: give 1 to 10000"),
+        "{error}"
+    );
+    let refused = call(
+        &mut primary,
+        &Request::SetBeacon {
+            target: Some("10.0.0.1".into()),
+        },
+    );
+    let error = refused.error.unwrap_or_default();
+    assert!(
+        error.contains("\"10.0.0.1\" is not an IPv4 address and port"),
+        "{error}"
+    );
+    let refused = call(&mut primary, &Request::FtPromote);
+    let error = refused.error.unwrap_or_default();
+    assert!(error.contains("not a fault-tolerance secondary"), "{error}");
+    // Nobody listens there: the primary stays unprotected and says why.
+    let response = call(
+        &mut primary,
+        &Request::FtStart {
+            to: format!("{LOOPBACK}:1"),
+            epoch_ms: 30,
+            sync_disks: false,
+        },
+    );
+    assert!(response.ok, "{response:?}");
+    let status = wait_ft(&mut primary, Duration::from_secs(10), |status| {
+        status.phase == "unprotected"
+    });
+    assert!(
+        status
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("connecting to the secondary"),
+        "{status:#?}"
+    );
+
+    let listen = format!("{LOOPBACK}:0");
+    let mut secondary = VmProcess::spawn(&["--memory", "32MiB", "--ft-secondary", &listen]);
+    listening_address(&mut secondary);
+    let stopped = call(&mut secondary, &Request::FtStop);
+    assert!(stopped.ok, "{stopped:?}");
+    let exit = secondary.wait_exit(Duration::from_secs(10));
+    assert_eq!(exit.code(), Some(7), "{}", secondary.stderr());
+}
