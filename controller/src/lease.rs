@@ -78,10 +78,22 @@ struct Granted {
     witness_sent: String,
 }
 
-/// The HA witness grant's length, ms: a node cut off from the controller renews it
-/// every 100 ms (`node_runtime::quorum::WITNESS_EVERY`); the controller holds it as
-/// long.
-pub const WITNESS_LEASE_MS: u64 = 800;
+/// The HA witness grant's length, ms (sent to the nodes in every lease grant): a node
+/// cut off from the controller renews it every 100 ms
+/// (`node_runtime::quorum::WITNESS_EVERY`); the controller holds it as long.
+///
+/// Every stall between two of the node's granted claims must fit in it: the 100 ms
+/// period, a claim that times out (a third of the lease) and its retry, and the push
+/// of the new deadline into the VMMs (`set-fence`, up to 500 ms per VMM). 800 ms did
+/// not even cover one timed-out claim and one slow push; on the loaded 2-core build
+/// machine pushes took up to 531 ms and granted claims came up to 626 ms apart, and
+/// about one run in five of the alternate-witness test fenced a node that held its
+/// grant. 2 s (the witness's default `--max-lease-ms`, so it is never cut) tolerates
+/// a stall as long as a lost controller renewal does (T - T/3 at the default T). It
+/// costs nothing when a node dies or is cut off from the witness too at once (it never
+/// claims, the key is free); only a node that held its grant and then lost the
+/// witness as well is restarted elsewhere up to 1.2 s later than with 800 ms.
+pub const WITNESS_LEASE_MS: u64 = 2000;
 
 /// The controller's hold of one node's grant at one witness.
 #[derive(Debug, Clone, Copy)]
@@ -268,19 +280,26 @@ impl Leases {
     }
 
     /// The witness a node of `site` must use: the preferred one, unless it has not
-    /// answered this controller for 2 s while the alternate has.
+    /// answered this controller for 2 s and the alternate answered since. Once on
+    /// the alternate, the grants name it until the preferred answers again: a slow
+    /// answer or two of the alternate (under load) must not switch the nodes back to
+    /// a preferred witness that is still gone, which fenced a node cut off right
+    /// after (every switch costs a round in which the node is claimed at both).
     fn active_witness(&self, site: &compiler::model::Site) -> Option<String> {
         let preferred = site.witness.clone()?;
         let Some(alternate) = site.witness_alternate.clone() else {
             return Some(preferred);
         };
         let book = self.witness_book();
-        let recent = |address: &str| {
-            book.answered
-                .get(address)
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(2))
+        let last = |address: &str| book.answered.get(address).copied();
+        let preferred_recent =
+            last(&preferred).is_some_and(|at| at.elapsed() < Duration::from_secs(2));
+        let alternate_since = match (last(&preferred), last(&alternate)) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(p), Some(a)) => a > p,
         };
-        if !recent(&preferred) && recent(&alternate) {
+        if !preferred_recent && alternate_since {
             Some(alternate)
         } else {
             Some(preferred)
@@ -680,6 +699,10 @@ async fn claim_for(shared: &Shared, node: &str, site: &compiler::model::Site) {
                 .map_err(|s| s.message().to_owned()),
             Err(error) => Err(error),
         };
+        // The witness answered before this: the key's lapse it reports (`free_ms`
+        // before its answer) is counted back from now, never from the send, so the
+        // margin is never shortened by the round trip.
+        let received = Instant::now();
         let mut book = shared.leases.witness_book();
         match answer {
             Ok(grant) if grant.granted => {
@@ -691,8 +714,9 @@ async fn claim_for(shared: &Shared, node: &str, site: &compiler::model::Site) {
                     Some(hold) if hold.until > sent => hold.free_since,
                     _ if grant.free_ms == u64::MAX => None,
                     _ => Some(
-                        sent.checked_sub(Duration::from_millis(grant.free_ms))
-                            .unwrap_or(sent),
+                        received
+                            .checked_sub(Duration::from_millis(grant.free_ms))
+                            .unwrap_or(received),
                     ),
                 };
                 holds.insert(address.clone(), Hold { until, free_since });
@@ -726,9 +750,9 @@ async fn claim_for(shared: &Shared, node: &str, site: &compiler::model::Site) {
                 ));
             }
             Err(error) => {
-                if let Some(holds) = book.holds.get_mut(node) {
-                    holds.remove(address);
-                }
+                // No answer is no consent this round, but the hold stays until its
+                // end: a claim that only timed out (under load) must not restart
+                // the margin if the next one renews the same grant in time.
                 all_held = false;
                 notes.push(format!("{address}: unreachable ({error})"));
             }

@@ -309,6 +309,7 @@ impl Witness {
         let free_ms = free_since.map_or(u64::MAX, |since| {
             now.saturating_duration_since(since).as_millis() as u64
         });
+        let writing = Instant::now();
         let number = match recorded {
             Some(record) if record.holder == claimant => record.number,
             _ => {
@@ -332,6 +333,17 @@ impl Witness {
                 number
             }
         };
+        // Each time a key is taken (not renewed while live): who, and how long it had
+        // been free, so that a holder that let its grant lapse shows in the log.
+        eprintln!(
+            "cairn witness: {key} granted to `{claimant}`, number {number}, for {lease_ms} ms ({}; the book took {} ms)",
+            if free_ms == u64::MAX {
+                "never held before".to_owned()
+            } else {
+                format!("free for {free_ms} ms")
+            },
+            writing.elapsed().as_millis()
+        );
         let until = now + lease;
         state.live.insert(
             key.to_owned(),

@@ -23,11 +23,13 @@
 //! - or, where its site has a quorum witness (`cairn witness`), the witness's grant of
 //!   `node/NAME`: once a renewal is overdue (less than T/2 of the lease left) the
 //!   node claims it every 100 ms at the witness the controller's last grant named,
-//!   and holds quorum until the claim's SEND time + the witness lease (a few hundred
-//!   ms). The controller claims the same key before it declares this node failed, so
-//!   at most one of them wins: a node that holds it is never restarted elsewhere, a
-//!   node that cannot get it (the controller has it, or the witness is out of reach)
-//!   fences at the end of what it holds.
+//!   and holds quorum until the claim's SEND time + the witness lease (2 s, as the
+//!   grant says: it covers a timed-out claim and a slow push of the deadlines under
+//!   load, `controller::lease::WITNESS_LEASE_MS`). The controller claims the same
+//!   key before it declares this node failed, so at most one of them wins: a node
+//!   that holds it is never restarted elsewhere, a node that cannot get it (the
+//!   controller has it, or the witness is out of reach) fences at the end of what it
+//!   holds.
 //!
 //! The site's peers and the fenced VMs come with each grant and are kept in
 //! `DATA_DIR/quorum.json`, so a node restarted during a controller outage still probes
@@ -508,6 +510,8 @@ fn witness_client(
 /// witness lease and pushes the fences at once.
 async fn witness_loop(node: Arc<Node>, config: LeaseConfig) {
     let trace = std::env::var_os("CAIRN_QUORUM_TRACE").is_some();
+    // The send time of the last granted claim (0: none in this stretch).
+    let mut last_granted_ns = 0u64;
     loop {
         let tick = tokio::time::Instant::now();
         let (address, lease_ms, ttl, lease_until) = {
@@ -528,6 +532,7 @@ async fn witness_loop(node: Arc<Node>, config: LeaseConfig) {
         let overdue = lease_until < sent_ns + (ttl / 2).as_nanos() as u64;
         if !address.is_empty() && lease_ms > 0 && overdue {
             let timeout = Duration::from_millis(lease_ms / 3).max(WITNESS_EVERY);
+            let claimed = Instant::now();
             let answer = match witness_client(&node, &address, timeout, config.local_address) {
                 Ok(client) => client
                     .claim(
@@ -555,9 +560,13 @@ async fn witness_loop(node: Arc<Node>, config: LeaseConfig) {
                     }
                     Err(error) => (false, Some(error)),
                 };
+                let took = claimed.elapsed().as_millis();
+                let left_ms = (i128::from(state.holds_until_ns())
+                    - i128::from(vmm::fence::boottime_ns()))
+                    / 1_000_000;
                 match (&error, &state.witness_error) {
                     (Some(error), None) => eprintln!(
-                        "cairn-node: quorum: the witness {address} did not grant node/{}: {error}",
+                        "cairn-node: quorum: the witness {address} did not grant node/{}: {error} (the claim took {took} ms; the quorum holds {left_ms} ms more)",
                         node.config.name
                     ),
                     (None, last) if trace || last.is_some() => eprintln!(
@@ -566,12 +575,34 @@ async fn witness_loop(node: Arc<Node>, config: LeaseConfig) {
                     ),
                     _ => {}
                 }
+                // Two granted claims further apart than half the witness lease: the
+                // node came close to losing its grant (the claims or the pushes were
+                // slow); said always, for diagnosis.
+                if granted {
+                    let gap_ms = sent_ns.saturating_sub(last_granted_ns) / 1_000_000;
+                    if last_granted_ns != 0 && gap_ms * 2 > lease_ms {
+                        eprintln!(
+                            "cairn-node: quorum: the witness {address} granted node/{} {gap_ms} ms after the last grant's claim (of its {lease_ms} ms lease; this claim took {took} ms)",
+                            node.config.name
+                        );
+                    }
+                    last_granted_ns = sent_ns;
+                }
                 state.witness_error = error;
                 granted
             };
             if granted {
+                let pushing = Instant::now();
                 push_fences(&node).await;
+                let pushed_ms = pushing.elapsed().as_millis();
+                if u64::try_from(pushed_ms).unwrap_or(u64::MAX) * 4 > lease_ms {
+                    eprintln!(
+                        "cairn-node: quorum: pushing the fence deadlines after a witness grant took {pushed_ms} ms (of its {lease_ms} ms lease)"
+                    );
+                }
             }
+        } else {
+            last_granted_ns = 0;
         }
         tokio::time::sleep_until(tick + WITNESS_EVERY).await;
     }
