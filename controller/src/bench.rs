@@ -24,6 +24,7 @@ use crate::events::Event;
 
 pub mod console;
 pub mod failover;
+pub mod leases;
 pub mod noop;
 pub mod simulate;
 
@@ -67,7 +68,11 @@ pub struct BenchArgs {
     /// with `--simulate`, on the simulated cluster after its first apply.
     #[arg(long, conflicts_with_all = ["noop", "failover"])]
     pub console: bool,
-    /// With `--noop` or `--simulate`: nodes of the repository.
+    /// Measure what the lease service computes per node renewal and per status
+    /// read at `--nodes` nodes (and a tenth of them, the baseline): no processes.
+    #[arg(long, conflicts_with_all = ["noop", "failover", "simulate", "console"])]
+    pub leases: bool,
+    /// With `--noop`, `--simulate` or `--leases`: nodes of the repository.
     #[arg(long, default_value_t = 1000)]
     pub nodes: usize,
     /// Measured runs.
@@ -264,6 +269,9 @@ fn kvm_and_a_fresh_dir(name: &str) -> anyhow::Result<Option<PathBuf>> {
 
 /// `cairn controller bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    if args.leases {
+        return leases::run(args.nodes, args.runs);
+    }
     if args.noop {
         return noop::run(args.nodes, args.vms.unwrap_or(10_000), args.runs, args.keep);
     }

@@ -19,8 +19,6 @@
 
 use std::collections::BTreeSet;
 
-use reconciler::state::StateStore as _;
-
 use crate::Shared;
 
 /// `fenced` (the node's own HA and FT VMs) and the HA and FT VMs of its site whose
@@ -38,36 +36,21 @@ pub fn with_moving(
     else {
         return fenced;
     };
-    let quiet: BTreeSet<String> = shared
-        .leases
-        .rows(model)
-        .into_iter()
-        .filter(|r| r.node != node && site.nodes.iter().any(|n| n.name == r.node))
-        .filter(|r| {
-            r.last_grant_ms_ago
-                .is_some_and(|ago| ago.saturating_mul(3) >= r.detect_ms.saturating_mul(2))
-        })
-        .map(|r| r.node)
-        .collect();
+    // Per renewal: the site's nodes only (`Leases::rows` is O(cluster) and ran here
+    // on every renewal, O(cluster²) per renewal period).
+    let quiet: BTreeSet<String> = shared.leases.quiet_peers(site, node);
     if quiet.is_empty() {
         return fenced;
     }
-    let guarded: BTreeSet<&str> = model
-        .vms
-        .iter()
-        .filter(|m| m.availability != compiler::model::Availability::None && m.site == site.name)
-        .map(|m| m.name.as_str())
-        .collect();
-    let placement = shared
-        .state_store()
-        .ok()
-        .and_then(|store| store.placement().ok().flatten());
-    for vm in placement.iter().flat_map(|p| &p.vms) {
-        if quiet.contains(&vm.node)
-            && guarded.contains(vm.name.as_str())
-            && !fenced.contains(&vm.name)
-        {
-            fenced.push(vm.name.clone());
+    // Their HA and FT VMs from the lease service's lists by node (the stored
+    // placement, read at most every T/3), not the store on every renewal: with a
+    // peer quiet (a node failing) every renewal of its site would read and decode
+    // the whole placement.
+    for peer in &quiet {
+        for vm in shared.leases.fenced_vms(peer, model, shared).0 {
+            if !fenced.contains(&vm) {
+                fenced.push(vm);
+            }
         }
     }
     fenced

@@ -38,7 +38,7 @@
 //! plan places the node's diskless HA and FT VMs elsewhere (nothing else moves; VMs
 //! with disks wait for their volumes' new writer, issue 15).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -237,6 +237,13 @@ impl Leases {
         }
     }
 
+    /// As if this controller had started at `at` (its start-up grace, T + margin
+    /// in which no node is failed, counts from it; tests and `bench --leases`).
+    pub(crate) fn started_at(mut self, at: Instant) -> Leases {
+        self.started = at;
+        self
+    }
+
     /// With controller replicas: records every grant in etcd (`replicas.node_leases`)
     /// and counts each node from the latest grant any replica gave, so a new leader
     /// knows the grants its predecessor gave and waits T + margin from them
@@ -273,6 +280,71 @@ impl Leases {
             }
         }
         granted
+    }
+
+    /// [`Leases::merged`] of the nodes of `site` other than `node` whose lease is
+    /// two thirds over (they missed a renewal: their HA and FT VMs may be restarted
+    /// on any node of the site soon; [`crate::fence_list::with_moving`]). Asked on
+    /// every renewal, so it looks up the site's nodes only: O(site), where
+    /// [`Leases::rows`] is O(cluster).
+    pub fn quiet_peers(&self, site: &compiler::model::Site, node: &str) -> BTreeSet<String> {
+        let (ttl, _) = site_timers(site);
+        let granted = self.lock();
+        site.nodes
+            .iter()
+            .filter(|n| n.name != node)
+            .filter(|n| {
+                let local = granted.get(&n.name).map(|g| g.last);
+                let seen = self.shared.as_ref().and_then(|(s, _)| s.seen_at(&n.name));
+                // As in `merged`: the later of the two; never granted: not quiet.
+                local.max(seen).is_some_and(|last| {
+                    last.elapsed().as_millis().saturating_mul(3)
+                        >= ttl.as_millis().saturating_mul(2)
+                })
+            })
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// Per node, (peers hearing it, peers no longer hearing it) among the site's
+    /// nodes that renew themselves, counted the way `rows` counted them before it
+    /// counted each site's reports once: per node, over its peers, O(site²). Kept
+    /// as the reference of `rows`' test and the baseline of `bench --leases`.
+    pub(crate) fn per_node_counts(&self, model: &compiler::Model) -> Vec<(String, usize, usize)> {
+        let granted = self.merged();
+        let mut out = vec![];
+        for site in &model.sites {
+            let (ttl, _) = site_timers(site);
+            for node in &site.nodes {
+                let reports: Vec<bool> = site
+                    .nodes
+                    .iter()
+                    .filter(|p| p.name != node.name)
+                    .filter_map(|p| granted.get(&p.name))
+                    .filter(|p| p.last.elapsed() < ttl)
+                    .map(|p| !p.not_hearing.contains(&node.name))
+                    .collect();
+                let not_hearing = reports.iter().filter(|h| !**h).count();
+                out.push((node.name.clone(), reports.len() - not_hearing, not_hearing));
+            }
+        }
+        out
+    }
+
+    /// Records a grant as the renewal handler does, at `last`, with the node's
+    /// report of the site peers it no longer hears (tests and `bench --leases`).
+    pub(crate) fn note_grant(&self, node: &str, last: Instant, not_hearing: BTreeSet<String>) {
+        self.lock().insert(
+            node.to_owned(),
+            Granted {
+                last,
+                grants: 1,
+                incarnation: String::new(),
+                not_hearing,
+                witness_used: String::new(),
+                witness_sent: String::new(),
+            },
+        );
     }
 
     fn witness_book(&self) -> std::sync::MutexGuard<'_, WitnessBook> {
@@ -424,7 +496,7 @@ impl Leases {
     /// The VMs `node` must fence (its HA and FT VMs in the stored placement) and those
     /// it may disarm (its VMs of availability `none`), re-read when older than T/3.
     /// A VM in neither list (an HA VM restarted there a moment ago) stays armed.
-    fn fenced_vms(
+    pub(crate) fn fenced_vms(
         &self,
         node: &str,
         model: &compiler::Model,
@@ -496,12 +568,25 @@ impl Leases {
         self.granted.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Each node's state, for `site` membership from `model`.
+    /// Each node's state, for `site` membership from `model`. O(cluster): each
+    /// site's reports of who no longer hears whom are counted once, not per node.
     pub fn rows(&self, model: &compiler::Model) -> Vec<LeaseRow> {
         let granted = self.merged();
         let mut rows = Vec::new();
         for site in &model.sites {
             let (ttl, margin) = site_timers(site);
+            // The site's nodes that renew themselves (whose reports are fresh), and
+            // for each node how many of them no longer hear it.
+            let mut fresh: BTreeSet<&str> = BTreeSet::new();
+            let mut not_hearing_of: BTreeMap<&str, usize> = BTreeMap::new();
+            for n in &site.nodes {
+                if let Some(g) = granted.get(&n.name).filter(|g| g.last.elapsed() < ttl) {
+                    fresh.insert(&n.name);
+                    for other in &g.not_hearing {
+                        *not_hearing_of.entry(other.as_str()).or_default() += 1;
+                    }
+                }
+            }
             for node in &site.nodes {
                 let Some(g) = granted.get(&node.name) else {
                     rows.push(LeaseRow {
@@ -517,23 +602,14 @@ impl Leases {
                     continue;
                 };
                 let age = g.last.elapsed();
-                let peers: Vec<&str> = site
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .filter(|n| *n != node.name)
-                    .collect();
+                let peer_count = site.nodes.len() - 1;
                 // Of the peers that renew themselves (whose reports are fresh), those
-                // that no longer hear this node's probes; the others may still.
-                let reports: Vec<bool> = peers
-                    .iter()
-                    .filter_map(|peer| granted.get(*peer))
-                    .filter(|p| p.last.elapsed() < ttl)
-                    .map(|p| !p.not_hearing.contains(&node.name))
-                    .collect();
-                let not_hearing = reports.iter().filter(|hears| !**hears).count();
-                let hearing = reports.len() - not_hearing;
-                let site_size = peers.len() + 1;
+                // that no longer hear this node's probes; the others may still. (A
+                // node's own report never names itself.)
+                let reports = fresh.len() - usize::from(fresh.contains(node.name.as_str()));
+                let not_hearing = not_hearing_of.get(node.name.as_str()).copied().unwrap_or(0);
+                let hearing = reports - not_hearing;
+                let site_size = peer_count + 1;
                 let mut awaits_witness = false;
                 let (state, reason) = if age < ttl {
                     ("ready", format!("renewed {} ms ago", age.as_millis()))
@@ -549,7 +625,7 @@ impl Leases {
                         format!(
                             "no renewal for {} ms and {not_hearing} of its {} site peers no longer hear it, but the site's witness has not consented yet ({}): the node may hold its witness grant, so its VMs are not restarted elsewhere",
                             age.as_millis(),
-                            peers.len(),
+                            peer_count,
                             self.witness_note(&node.name)
                         ),
                     )
@@ -559,7 +635,7 @@ impl Leases {
                         format!(
                             "no renewal for {} ms and {not_hearing} of its {} site peers no longer hear it: it has lost quorum, so its HA VMs' fences have lapsed; they are restarted elsewhere",
                             age.as_millis(),
-                            peers.len()
+                            peer_count
                         ),
                     )
                 } else {
@@ -568,7 +644,7 @@ impl Leases {
                         format!(
                             "no renewal for {} ms, but only {not_hearing} of its {} site peers report no longer hearing it ({hearing} still do; a majority of the site is needed): it may still hold quorum through them, so its VMs are not restarted elsewhere",
                             age.as_millis(),
-                            peers.len()
+                            peer_count
                         ),
                     )
                 };
@@ -1064,6 +1140,76 @@ pub async fn watch_failures(shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::bench::leases::{leases_for, model_of};
+
+    #[test]
+    fn rows_count_each_sites_reports_as_the_per_node_count_did() {
+        let model = model_of(40);
+        let (mut suspects, mut failed) = (0, 0);
+        for seed in 1..=20 {
+            let leases = leases_for(&model, seed);
+            let rows = leases.rows(&model);
+            let reference = leases.per_node_counts(&model);
+            assert_eq!(rows.len(), reference.len());
+            for (row, (node, hearing, not_hearing)) in rows.iter().zip(&reference) {
+                assert_eq!(&row.node, node);
+                // The counts are in the reasons of suspect and failed rows, and
+                // decide between them.
+                if row.state == "suspect" && row.reason.contains("site peers report") {
+                    suspects += 1;
+                    assert!(
+                        row.reason.contains(&format!("only {not_hearing} of"))
+                            && row.reason.contains(&format!("({hearing} still do")),
+                        "{node}: hearing {hearing}, not {not_hearing}: {}",
+                        row.reason
+                    );
+                }
+                // Failed, or (the generated site has a witness) waiting for the
+                // witness's consent to be.
+                if row.reason.contains("site peers no longer hear it") {
+                    failed += 1;
+                    assert!(
+                        row.reason.contains(&format!("and {not_hearing} of its")),
+                        "{node}: not hearing {not_hearing}: {}",
+                        row.reason
+                    );
+                }
+            }
+        }
+        // Both counted outcomes occur, so the comparison above is not vacuous.
+        assert!(
+            suspects > 0 && failed > 0,
+            "suspect {suspects}, failed {failed}"
+        );
+    }
+
+    #[test]
+    fn quiet_peers_are_the_site_nodes_whose_grant_is_two_thirds_old() {
+        let model = model_of(40);
+        let leases = leases_for(&model, 3);
+        let rows = leases.rows(&model);
+        for site in &model.sites {
+            for node in &site.nodes {
+                let expected: BTreeSet<String> = rows
+                    .iter()
+                    .filter(|r| r.node != node.name && site.nodes.iter().any(|n| n.name == r.node))
+                    .filter(|r| {
+                        r.last_grant_ms_ago.is_some_and(|ago| {
+                            ago.saturating_mul(3) >= r.detect_ms.saturating_mul(2)
+                        })
+                    })
+                    .map(|r| r.node.clone())
+                    .collect();
+                assert_eq!(
+                    leases.quiet_peers(site, &node.name),
+                    expected,
+                    "{}",
+                    node.name
+                );
+            }
+        }
+    }
 
     #[test]
     fn a_node_state_combines_its_lease_and_whether_it_answers() {

@@ -148,6 +148,15 @@ impl NodeLeases {
             .collect()
     }
 
+    /// [`NodeLeases::seen`]'s `at` of one node, without copying every node's (a
+    /// lease renewal asks this of each node of its site).
+    pub fn seen_at(&self, node: &str) -> Option<Instant> {
+        let view = self.view.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = view.fresh_at?.elapsed();
+        let (_, seen) = view.nodes.get(node)?;
+        Some((seen.at + stale).min(Instant::now()))
+    }
+
     /// When the view was last known complete.
     pub fn fresh_at(&self) -> Option<Instant> {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).fresh_at
