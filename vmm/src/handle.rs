@@ -283,6 +283,8 @@ impl VmHandle {
             RunState::Paused => {
                 run.state = RunState::Running;
                 self.shared.run_changed.notify_all();
+                drop(run);
+                self.shared.wake_receive_pumps();
                 Ok(())
             }
         }

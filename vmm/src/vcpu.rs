@@ -130,6 +130,17 @@ impl Shared {
         }
     }
 
+    /// Wakes every NIC's receive pump (after a pause or freeze ends): a frame it held
+    /// while the vCPUs were stopped is delivered now, not at its next poll. Takes each
+    /// device lock, so it must not be called with the run-state lock held (the pump
+    /// takes the run-state lock under the device lock).
+    pub(crate) fn wake_receive_pumps(&self) {
+        for net in &self.nets {
+            let _device = net.device.lock().expect("net lock");
+            net.rx_ready.notify_all();
+        }
+    }
+
     pub(crate) fn set_state(&self, state: RunState) {
         let mut run = self.lock_run();
         run.state = state;

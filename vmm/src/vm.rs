@@ -1088,12 +1088,8 @@ impl RunningVm {
         let vcpus = std::mem::take(&mut self.vm.vcpus);
         self.vcpu_threads = spawn_vcpus(&self.vm.shared, &self.vm.ram, vcpus)
             .map_err(|error| format!("restarting the vCPUs: {error}"))?;
-        // A receive pump that held a frame while the vCPUs were stopped delivers it now,
-        // not at its next poll (100 ms): a checkpoint pauses the VM every epoch.
-        for net in &self.vm.shared.nets {
-            let _device = net.device.lock().expect("net lock");
-            net.rx_ready.notify_all();
-        }
+        // A checkpoint pauses the VM every epoch: what arrived meanwhile goes in now.
+        self.vm.shared.wake_receive_pumps();
         Ok(())
     }
 
