@@ -37,6 +37,9 @@ pub struct Bonds {
     /// The tenant segments and security-group drift of the latest Observe
     /// (`Node::segment_statuses`), reported in `Networking`.
     segments: std::sync::Mutex<(Vec<v1::NetworkSegmentStatus>, Vec<String>)>,
+    /// The node's `--migration-address` ([`Bonds::with_migration_address`]; default
+    /// 127.0.0.1).
+    migration_address: std::net::IpAddr,
 }
 
 fn network_status(error: network::NetworkError) -> Status {
@@ -152,7 +155,60 @@ impl Bonds {
             monitors: Mutex::new(monitors),
             network,
             segments: std::sync::Mutex::new((Vec::new(), Vec::new())),
+            migration_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         })
+    }
+
+    /// Sets the node's `--migration-address` (where incoming VMs without NICs listen,
+    /// in the agent's namespace).
+    pub fn with_migration_address(mut self, address: std::net::IpAddr) -> Self {
+        self.migration_address = address;
+        self
+    }
+
+    /// Where an incoming VM with NICs listens (issue 17): its VMM runs in the node's
+    /// network namespace, so the address must be there and reachable from the other
+    /// nodes' namespaces. In the agent's own namespace (production) that is
+    /// `--migration-address`; in a named one (`cairn dev up`) `--migration-address`
+    /// when a device there holds it, else the underlay address (local VTEP) of the
+    /// node's tenant segments, which a device there holds once a segment made it: the
+    /// nodes' underlay subnet connects them. `None`: network actions are refused, or
+    /// no such address is there (such VMs then move cold).
+    pub async fn nic_migration_address(&self) -> Option<std::net::IpAddr> {
+        if self.refusal().is_some() {
+            return None;
+        }
+        if self.netns.name().is_none() {
+            return Some(self.migration_address);
+        }
+        if !self.network.is_host() {
+            return None;
+        }
+        let mut candidates: Vec<std::net::Ipv4Addr> = vec![];
+        if let std::net::IpAddr::V4(a) = self.migration_address
+            && !a.is_loopback()
+        {
+            candidates.push(a);
+        }
+        if let Ok(kept) = self.segments.lock() {
+            for seg in &kept.0 {
+                if let Ok(a) = seg.local_vtep.parse::<std::net::Ipv4Addr>()
+                    && !candidates.contains(&a)
+                {
+                    candidates.push(a);
+                }
+            }
+        }
+        let netns = self.netns.clone();
+        tokio::task::spawn_blocking(move || {
+            candidates
+                .into_iter()
+                .find(|a| matches!(network::overlay::underlay_device(&netns, *a), Ok(Some(_))))
+        })
+        .await
+        .ok()
+        .flatten()
+        .map(std::net::IpAddr::V4)
     }
 
     /// Keeps the segments and security-group drift just read back, for
@@ -209,6 +265,11 @@ impl Bonds {
             networking.unavailable_reason = reason;
             return networking;
         }
+        networking.migration_address = self
+            .nic_migration_address()
+            .await
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let netns = self.netns.clone();
         let backend = self.network.clone();
         match tokio::task::spawn_blocking(move || backend.bonding(&netns)).await {

@@ -270,7 +270,12 @@ impl Node {
                 .network
                 .clone()
                 .unwrap_or_else(|| Arc::new(crate::network_backend::HostNetwork)),
-        )?;
+        )?
+        .with_migration_address(
+            config
+                .migration_address
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        );
         let quorum = crate::quorum::Quorum::open(data_dir);
         let segments = crate::segments::Segments::open(data_dir).map_err(|error| {
             NodeError::Netns(format!("cannot read the segment definitions: {error}"))
@@ -314,18 +319,33 @@ impl Node {
         let result = match action {
             Action::PrepareIncomingVm(prepare) => {
                 validate::name("prepare_incoming_vm.name", &prepare.name)?;
-                if let Some(definition) = self.vms.definition(&prepare.name).await {
-                    self.ensure_vm_nics(&definition).await?;
+                let definition = self.vms.definition(&prepare.name).await;
+                if let Some(definition) = &definition {
+                    self.ensure_vm_nics(definition).await?;
                 }
                 let network = self
                     .bonds
                     .refusal()
                     .is_none()
                     .then(|| self.bonds.netns().clone());
-                let ip = self
+                let general = self
                     .config
                     .migration_address
                     .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+                // A VM with NICs is received in the node's namespace, where its VMM
+                // runs: on the address reported as `Networking.migration_address`.
+                let ip = if definition.as_ref().is_some_and(|d| !d.nics.is_empty())
+                    && network.is_some()
+                {
+                    self.bonds.nic_migration_address().await.ok_or_else(|| {
+                        Status::failed_precondition(format!(
+                            "node {}: VM {} has NICs, but this node has no migration address in its network namespace (neither --migration-address nor a tenant segment's underlay address is on a device there); move it cold",
+                            self.config.name, prepare.name
+                        ))
+                    })?
+                } else {
+                    general
+                };
                 return Ok(ApplyResult::Incoming(
                     self.vms
                         .prepare_incoming(

@@ -29,7 +29,9 @@
 //! `MigrationResult`. 1.5 adds issue 15's replica sessions:
 //! `ReplicaWriteRequest.replica_boot` and `ReplicaWriteResponse.replica_boot` (a
 //! writer sets the field only after a 1.5 replica gave it one, so it still writes to
-//! 1.4 replicas).
+//! 1.4 replicas), and issue 17's `Networking.migration_address` (where a VM with
+//! NICs migrating to the node is received; a 1.4 node leaves it empty, so such VMs
+//! move to it cold).
 
 use crate::v1;
 

@@ -346,6 +346,10 @@ pub struct ObservedNetworking {
     /// Differences of the node's security-group tables from its NICs' groups.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub firewall_drift: Vec<String>,
+    /// Where a VM with NICs migrating to the node is received, inside `netns`
+    /// (issue 17; empty: none, such VMs move to it cold).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub migration_address: String,
 }
 
 /// A tenant network segment as a node reads it back.
@@ -436,6 +440,21 @@ impl Observed {
             self.nodes.get(node),
             Some(NodeObservation::Reachable { networking, .. }) if networking.unavailable.is_empty()
         )
+    }
+
+    /// Where a VM with NICs migrating to `node` is received (Observe's
+    /// `networking.migration_address`); `None`: the node did not answer, or has no
+    /// such address (a VM with NICs moves to or from it cold).
+    pub fn nic_migration_address(&self, node: &str) -> Option<&str> {
+        match self.nodes.get(node) {
+            Some(NodeObservation::Reachable { networking, .. })
+                if networking.unavailable.is_empty()
+                    && !networking.migration_address.is_empty() =>
+            {
+                Some(networking.migration_address.as_str())
+            }
+            _ => None,
+        }
     }
 
     /// Whether a node answered.
@@ -817,6 +836,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                 })
                 .collect(),
             firewall_drift: n.firewall_drift,
+            migration_address: n.migration_address,
         })
         .unwrap_or_default();
     let protections = response

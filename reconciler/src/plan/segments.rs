@@ -547,6 +547,124 @@ pub(crate) mod tests {
         );
     }
 
+    /// Issue 17: a running VM with NICs moves live only when both nodes report a
+    /// migration address in their namespaces; the same plan points the tenant
+    /// segments' forwarding entries at its new node.
+    #[test]
+    fn a_running_vm_with_nics_moves_live_when_both_nodes_report_a_migration_address() {
+        let before = desired_with(None);
+        let was = before.vms["db"].node.clone();
+        let to = before.nodes.keys().find(|n| **n != was).unwrap().clone();
+        let mut observed = observed_as(&before);
+        let wire = proto::v1::ObserveResponse {
+            vms: vec![proto::v1::VmStatus {
+                name: "db".into(),
+                state: proto::v1::VmState::Running as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let NodeObservation::Reachable { vms: running, .. } =
+            crate::observe::from_wire(String::new(), wire)
+        else {
+            unreachable!("from_wire always answers Reachable")
+        };
+        let Some(NodeObservation::Reachable { vms, .. }) = observed.nodes.get_mut(&was) else {
+            panic!("{was} is observed")
+        };
+        vms.extend(running);
+        let mut placement = before.placement.clone();
+        placement
+            .vms
+            .iter_mut()
+            .find(|v| v.name == "db")
+            .unwrap()
+            .node = to.clone();
+        for n in placement
+            .networks
+            .iter_mut()
+            .filter(|n| n.name == "dev-net")
+        {
+            n.nodes.push(to.clone());
+            n.nodes.sort();
+            n.nodes.dedup();
+        }
+        let mut after = desired_with(Some(placement));
+        // Without disks (their writer's hand-over is not built): only the NIC decides.
+        after.vms.get_mut("db").unwrap().volumes.clear();
+        let db_change = |plan: &Plan| {
+            plan.changes
+                .iter()
+                .find(|c| c.object == "vm" && c.name == "db")
+                .cloned()
+                .expect("db moves")
+        };
+        let migrates = |plan: &Plan| {
+            plan.steps
+                .iter()
+                .filter(|s| matches!(&s.action, NodeAction::MigrateVm { name, .. } if name == "db"))
+                .count()
+        };
+        // No node reports a migration address: cold, saying why.
+        let cold = plan(&after, &observed, "r1");
+        let change = db_change(&cold);
+        assert_eq!(migrates(&cold), 0);
+        assert!(
+            change
+                .details
+                .iter()
+                .any(|d| d.starts_with("not live: its NICs")
+                    && d.contains(&was)
+                    && d.contains(&to)
+                    && d.contains("no migration address")),
+            "{:?}",
+            change.details
+        );
+        // Only the source reports one: still cold, naming the destination alone.
+        networking(&mut observed, &was).migration_address = underlay(&was).to_owned();
+        let change = db_change(&plan(&after, &observed, "r2"));
+        assert!(
+            change
+                .details
+                .iter()
+                .any(|d| d.contains(&format!("and {to} reports no migration address"))),
+            "{:?}",
+            change.details
+        );
+        // A node whose network actions are refused has none, whatever it says.
+        networking(&mut observed, &to).migration_address = underlay(&to).to_owned();
+        networking(&mut observed, &to).unavailable = "not running as root".into();
+        assert_eq!(migrates(&plan(&after, &observed, "r3")), 0);
+        // Both report one: one migrate_vm step on the destination, from the source.
+        networking(&mut observed, &to).unavailable.clear();
+        let live = plan(&after, &observed, "r4");
+        let change = db_change(&live);
+        assert_eq!(change.steps.len(), 1, "{:?}", change.details);
+        let step = &live.steps[change.steps[0]];
+        assert_eq!(step.node, to);
+        let NodeAction::MigrateVm {
+            from, definition, ..
+        } = &step.action
+        else {
+            panic!("not a migrate_vm: {:?}", step.action)
+        };
+        assert_eq!(from, &was);
+        let NodeAction::CreateVm { nics, .. } = definition.as_ref() else {
+            panic!("the definition is a create_vm")
+        };
+        assert_eq!(nics.len(), 1);
+        assert!(!change.details.iter().any(|d| d.starts_with("not live")));
+        // The node db left now sends its frames to the node it moved to.
+        let db_mac = crate::segments::default_mac("db", 0);
+        let to_vtep = after.segments[&to]["dev/dev-net"].local_vtep.clone();
+        let changes = segment_changes(&live);
+        let on_was = &changes[&(was.clone(), "dev/dev-net".to_owned())].1;
+        assert!(
+            on_was.contains(&format!("+ fdb {db_mac} -> {to_vtep}")),
+            "{on_was:?}"
+        );
+    }
+
     /// The quickstart's `underlay=` host for a node (`lab-2` -> 10.255.0.12).
     fn underlay(node: &str) -> &'static str {
         match node {

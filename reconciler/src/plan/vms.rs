@@ -201,9 +201,16 @@ pub(crate) const MAX_DOWNTIME_MS: u32 = 50;
 
 /// Why a running VM's move cannot be a live migration (`None`: it can). A VM with
 /// disks needs its volumes' writer handed over at the commit, which the commander
-/// does not do yet; a VM with NICs runs in its node's network namespace, where the
-/// nodes report no migration address the other node's VMM can reach.
-fn live_refusal(vm: &DesiredVm, cold: bool) -> Option<String> {
+/// does not do yet. A VM with NICs runs in its node's network namespace: both nodes
+/// must report a migration address there (Observe's `networking.migration_address`:
+/// the destination's VMM listens on it, the source's, in its own namespace, sends to
+/// it).
+fn live_refusal(
+    vm: &DesiredVm,
+    cold: bool,
+    observed: &crate::observe::Observed,
+    from: &str,
+) -> Option<String> {
     if cold {
         Some("--cold asked for a cold move".to_owned())
     } else if vm.power_off {
@@ -214,10 +221,17 @@ fn live_refusal(vm: &DesiredVm, cold: bool) -> Option<String> {
             vm.volumes.join(" ")
         ))
     } else if !vm.nics.is_empty() {
-        Some(
-            "its NICs run in the nodes' network namespaces, where no node reports a migration address yet"
-                .to_owned(),
-        )
+        let missing: Vec<&str> = [from, vm.node.as_str()]
+            .into_iter()
+            .filter(|n| observed.nic_migration_address(n).is_none())
+            .collect();
+        (!missing.is_empty()).then(|| {
+            format!(
+                "its NICs run in the nodes' network namespaces, and {} report{} no migration address there",
+                missing.join(" and "),
+                if missing.len() == 1 { "s" } else { "" }
+            )
+        })
     } else {
         None
     }
@@ -279,7 +293,7 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
             }
             (None, Some((old, o))) => {
                 let running = o.is_running();
-                let live = running.then(|| live_refusal(vm, b.cold));
+                let live = running.then(|| live_refusal(vm, b.cold, observed, old));
                 // A drain's order: this move waits for the moves before it.
                 let waits: Vec<usize> = b
                     .drain_after
