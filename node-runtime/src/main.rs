@@ -100,6 +100,12 @@ struct Args {
     /// each with an event saying why. Default: off.
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     preempt_below_available: Option<u64>,
+    /// Runtime preemption for CPU: while some runnable task waits for a CPU more than
+    /// this percentage of a 1 s window (PSI /proc/pressure/cpu "some"; without PSI,
+    /// /proc/stat procs_running against the CPUs), stop spot VMs, lowest priority
+    /// first, one per window, each with an event saying why. 1-100; default: off.
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(1..=100))]
+    preempt_above_cpu_pressure: Option<u32>,
     /// A watchdog device (e.g. /dev/watchdog) to arm and pet while the node holds
     /// quorum; when it loses quorum the node stops petting and the device resets the
     /// machine at its timeout. A graceful exit disarms it. Needs --lease-from. Never
@@ -192,6 +198,7 @@ fn main() -> ExitCode {
             cgroup_parent: args.cgroup_parent,
             metrics_listen: args.metrics_listen,
             preempt_below_available: args.preempt_below_available.unwrap_or(0),
+            preempt_above_cpu_pressure: args.preempt_above_cpu_pressure.unwrap_or(0),
         },
     };
     let shutdown = {

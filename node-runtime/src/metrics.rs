@@ -132,7 +132,7 @@ pub fn render(vms: &[v1::VmStatus], usage: &v1::NodeUsage) -> String {
             f.sample(name, &labels(vm), pick(vm));
         }
     }
-    let node: [(&str, &str, f64); 12] = [
+    let node: [(&str, &str, f64); 13] = [
         (
             "cairn_node_cpus",
             "Online CPUs of the node.",
@@ -193,6 +193,11 @@ pub fn render(vms: &[v1::VmStatus], usage: &v1::NodeUsage) -> String {
             "PSI memory some avg10, percent (-1: no PSI).",
             usage.memory_pressure_some_avg10,
         ),
+        (
+            "cairn_node_cpu_pressure_some_avg10",
+            "PSI cpu some avg10, percent (-1: no PSI).",
+            usage.cpu_pressure_some_avg10,
+        ),
     ];
     for (name, help, value) in node {
         f.header(name, "gauge", help);
@@ -220,7 +225,13 @@ pub fn render(vms: &[v1::VmStatus], usage: &v1::NodeUsage) -> String {
 pub async fn scrape(node: &Node) -> String {
     let vms = node.vms.statuses().await;
     let (version, detail) = node.vms.cgroup_summary();
-    let usage = crate::vms::sla::node_usage(&vms, &version, &detail, 0);
+    let usage = crate::vms::sla::node_usage(
+        &vms,
+        &version,
+        &detail,
+        node.config.sla.preempt_below_available,
+        node.config.sla.preempt_above_cpu_pressure,
+    );
     render(&vms, &usage)
 }
 

@@ -93,6 +93,10 @@ pub struct SlaConfig {
     /// Stop spot VMs while memory available is below this many bytes
     /// (`--preempt-below-available`); 0: never.
     pub preempt_below_available: u64,
+    /// Stop busy spot VMs while CPU pressure (percent of a 1 s window in which some
+    /// runnable task waited for a CPU) is above this (`--preempt-above-cpu-pressure`);
+    /// 0: never.
+    pub preempt_above_cpu_pressure: u32,
 }
 
 /// Errors of starting a node.

@@ -116,6 +116,15 @@ pub async fn run(
         );
         tokio::spawn(crate::vms::sla::preemption_loop(node.clone(), below));
     }
+    let above = node.config.sla.preempt_above_cpu_pressure;
+    if above > 0 {
+        println!(
+            "cairn-node {}: busy spot VMs are preempted while some task waits for a CPU more than {above}% of a 1 s window ({})",
+            node.config.name,
+            crate::vms::sla::CpuPressureSource::detect().name()
+        );
+        tokio::spawn(crate::vms::sla::cpu_preemption_loop(node.clone(), above));
+    }
     if let Some(listen) = node.config.sla.metrics_listen {
         let bound = crate::metrics::serve(node.clone(), listen)
             .await

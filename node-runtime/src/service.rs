@@ -150,6 +150,7 @@ impl v1::observe_server::Observe for NodeService {
             &cgroup_version,
             &cgroup_detail,
             self.node.config.sla.preempt_below_available,
+            self.node.config.sla.preempt_above_cpu_pressure,
         );
         Ok(Response::new(v1::ObserveResponse {
             usage: Some(usage),
