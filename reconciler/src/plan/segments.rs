@@ -193,11 +193,24 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
                 continue;
             }
             firewall_repaired = true;
-            let step = b.step(
-                node,
-                NodeAction::ApplyNetworkSegment(want.clone()),
-                bond_steps.clone(),
-            );
+            // A VM migrating live runs on its old node until the commit: an entry
+            // pointing at its new node is made after its `migrate_vm` step (during
+            // pre-copy it would cut the VM off). The new node's own segment (the
+            // VM's bridge there) does not wait.
+            let mut depends = bond_steps.clone();
+            for (vm, step) in &b.moved {
+                if let NodeAction::MigrateVm { .. } = &b.steps[*step].action
+                    && b.steps[*step].node != *node
+                    && want.remotes.iter().any(|r| r.vm == *vm)
+                {
+                    depends.push(*step);
+                    details.push(format!(
+                        "after the live migration of {vm}: its entries point at {} from the commit",
+                        b.steps[*step].node
+                    ));
+                }
+            }
+            let step = b.step(node, NodeAction::ApplyNetworkSegment(want.clone()), depends);
             b.changes.push(Change {
                 site: site.clone(),
                 details,
@@ -663,6 +676,20 @@ pub(crate) mod tests {
             on_was.contains(&format!("+ fdb {db_mac} -> {to_vtep}")),
             "{on_was:?}"
         );
+        // ... once the migration committed, not during pre-copy; the new node's
+        // segment does not wait.
+        let segment_step = |node: &str| {
+            live.steps
+                .iter()
+                .find(|s| {
+                    s.node == node
+                        && matches!(&s.action, NodeAction::ApplyNetworkSegment(w) if w.network == "dev-net")
+                })
+                .expect("a dev-net segment step")
+        };
+        assert!(segment_step(&was).depends_on.contains(&step.id));
+        assert!(segment_step(&was).wave > step.wave);
+        assert!(!segment_step(&to).depends_on.contains(&step.id));
     }
 
     /// The quickstart's `underlay=` host for a node (`lab-2` -> 10.255.0.12).
