@@ -176,12 +176,21 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     crate::lease::node_metrics(&shared);
+    let mut text = shared.metrics.encode();
+    // The nodes' usage (per VM and per node against capacity) from their last answers.
+    let good = shared.good.lock().expect("good lock").clone();
+    if let Some(good) = good {
+        text.push_str(&crate::usage_metrics::of_model(
+            &good.model,
+            &shared.nodes.usage().snapshot(),
+        ));
+    }
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        shared.metrics.encode(),
+        text,
     )
         .into_response()
 }

@@ -48,6 +48,7 @@ pub mod replicas;
 pub mod source;
 pub mod sync_api;
 pub mod trust;
+pub mod usage_metrics;
 pub mod vm_actions;
 pub mod volume_epochs;
 pub mod webhook;

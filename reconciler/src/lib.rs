@@ -36,3 +36,4 @@ pub mod render;
 pub mod segments;
 pub mod state;
 pub mod status;
+pub mod usage;

@@ -71,6 +71,7 @@ pub trait NodeApi: Clone + Send + Sync + 'static {
 pub struct GrpcNodes {
     signer: RequestSigner,
     clients: Arc<Mutex<BTreeMap<String, NodeClient>>>,
+    usage: crate::usage::UsageBoard,
 }
 
 impl GrpcNodes {
@@ -79,7 +80,14 @@ impl GrpcNodes {
         Self {
             signer,
             clients: Arc::default(),
+            usage: Default::default(),
         }
+    }
+
+    /// The usage each node reported in its last Observe answer (kept out of the
+    /// observation: [`crate::usage`]).
+    pub fn usage(&self) -> &crate::usage::UsageBoard {
+        &self.usage
     }
 
     async fn client(&self, node: &str, address: &str) -> Result<NodeClient, NodeError> {
@@ -138,6 +146,7 @@ impl NodeApi for GrpcNodes {
             .observe()
             .await
             .map_err(|s| format!("observe of {} refused: {}", node.address, s.message()))?;
+        self.usage.record(&node.name, &response);
         Ok(crate::observe::from_wire(
             inventory.public_key_hex,
             response,

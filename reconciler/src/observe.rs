@@ -92,23 +92,54 @@ pub struct ObservedDisk {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
     /// The guest's read and write requests and bytes on it since the VM started.
+    /// These counters move with the guest's I/O, so [`Observed::digest`] sees them
+    /// as 0 ([`counter`]).
+    #[serde(serialize_with = "counter")]
     pub reads: u64,
     /// Write requests.
+    #[serde(serialize_with = "counter")]
     pub writes: u64,
     /// Bytes read.
+    #[serde(serialize_with = "counter")]
     pub bytes_read: u64,
     /// Bytes written.
+    #[serde(serialize_with = "counter")]
     pub bytes_written: u64,
     /// Failed requests.
+    #[serde(serialize_with = "counter")]
     pub errors: u64,
     /// The copies at a glance: `in-sync`, `resyncing` or `degraded` (empty when the
     /// node does not hold the primary copy, or does not say).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub copies_state: String,
     /// The built-in guest's own count of its I/O on this disk (its driver's requests,
-    /// bytes and failures since it booted; zero for Linux guests).
-    #[serde(default)]
+    /// bytes and failures since it booted; zero for Linux guests; 0 to the digest).
+    #[serde(default, serialize_with = "guest_counter")]
     pub guest: GuestDiskCount,
+}
+
+thread_local! {
+    /// Set while [`Observed::digest`] serializes: counters are written as 0 then.
+    static DIGESTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A counter that moves while nothing changes (a guest's I/O): written as it is,
+/// except into [`Observed::digest`], which sees 0, so a plan file or a signed
+/// action's binding does not go stale because a guest wrote a block.
+fn counter<S: serde::Serializer>(value: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(if DIGESTING.with(std::cell::Cell::get) {
+        0
+    } else {
+        *value
+    })
+}
+
+fn guest_counter<S: serde::Serializer>(value: &GuestDiskCount, s: S) -> Result<S::Ok, S::Error> {
+    if DIGESTING.with(std::cell::Cell::get) {
+        GuestDiskCount::default().serialize(s)
+    } else {
+        value.serialize(s)
+    }
 }
 
 /// The built-in guest's own count of its I/O on one disk.
@@ -413,8 +444,18 @@ pub struct Observed {
 
 impl Observed {
     /// SHA-256 (hex) of the canonical JSON of the observation. Volatile fields
-    /// (pids, timestamps, allocated bytes) are not part of it.
+    /// (pids, timestamps, allocated bytes) are not part of it; counters (a disk's
+    /// I/O) count as 0; usage (CPU time, resident memory, KSM, I/O) is not in an
+    /// observation at all ([`crate::usage`]).
     pub fn digest(&self) -> String {
+        struct Digesting;
+        impl Drop for Digesting {
+            fn drop(&mut self) {
+                DIGESTING.with(|d| d.set(false));
+            }
+        }
+        DIGESTING.with(|d| d.set(true));
+        let _digesting = Digesting;
         let bytes = serde_json::to_vec(self).expect("observations serialize");
         proto::auth::to_hex(&Sha256::digest(&bytes))
     }

@@ -1,0 +1,245 @@
+//! What the nodes' VMs use (issue 20): per VM its CPU time, resident and KSM-shared
+//! memory, disk and network I/O; per node its totals against its capacity. Every
+//! Observe answer carries them (`VmStatus.usage`, `ObserveResponse.usage`), and
+//! [`crate::nodes::GrpcNodes`] keeps the last answer of each node here, in a
+//! [`UsageBoard`], beside the observation and never in it: these counters move
+//! every second, and [`crate::observe::Observed::digest`] binds plan files and
+//! signed actions, which would go stale whenever a counter moved.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use proto::v1;
+
+/// One VM's usage as its node reported it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VmUsageRow {
+    /// The VM.
+    pub vm: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its SLA class as the node enforces it (`on-demand` when the node names none).
+    pub sla: String,
+    /// Whether its process runs (a stopped VM reports no usage).
+    pub running: bool,
+    /// Its defined vCPUs and memory.
+    pub vcpus: u32,
+    /// Defined memory, bytes.
+    pub memory_bytes: u64,
+    /// The node's counters and gauges for it.
+    pub usage: v1::VmUsage,
+    /// CPUs it used between this node's last two answers (CPU time over wall
+    /// time); `None` after the first answer, or when its process restarted.
+    pub cpu_cores: Option<f64>,
+}
+
+/// A node's last usage report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeUsageReport {
+    /// When the controller received it (Unix ms).
+    pub at_unix_ms: u64,
+    /// The node's totals and capacity.
+    pub node: v1::NodeUsage,
+    /// Its VMs, by name.
+    pub vms: BTreeMap<String, VmUsageRow>,
+}
+
+impl NodeUsageReport {
+    /// The report in an Observe answer received at `at_unix_ms`; `previous` (the
+    /// node's report before) gives each VM's CPU rate.
+    pub fn of(
+        response: &v1::ObserveResponse,
+        at_unix_ms: u64,
+        previous: Option<&NodeUsageReport>,
+    ) -> Self {
+        let vms = response
+            .vms
+            .iter()
+            .map(|vm| {
+                let usage = vm.usage.unwrap_or_default();
+                let running = vm.state == v1::VmState::Running as i32;
+                let cpu_cores = previous
+                    .and_then(|p| Some((p.at_unix_ms, p.vms.get(&vm.name)?)))
+                    .filter(|(_, before)| before.running && running)
+                    .and_then(|(then, before)| {
+                        let wall_ns = at_unix_ms.checked_sub(then)?.checked_mul(1_000_000)?;
+                        let used = usage.cpu_ns.checked_sub(before.usage.cpu_ns)?;
+                        (wall_ns > 0).then(|| used as f64 / wall_ns as f64)
+                    });
+                let row = VmUsageRow {
+                    vm: vm.name.clone(),
+                    tenant: vm.tenant.clone(),
+                    sla: if vm.sla.is_empty() {
+                        "on-demand".to_owned()
+                    } else {
+                        vm.sla.clone()
+                    },
+                    running,
+                    vcpus: vm.vcpus,
+                    memory_bytes: vm.memory_bytes,
+                    usage,
+                    cpu_cores,
+                };
+                (vm.name.clone(), row)
+            })
+            .collect();
+        Self {
+            at_unix_ms,
+            node: response.usage.clone().unwrap_or_default(),
+            vms,
+        }
+    }
+
+    /// The CPUs its running VMs used between the node's last two answers (the VMs
+    /// without a rate yet count nothing), and whether every running VM had one.
+    pub fn vm_cpu_cores(&self) -> (f64, bool) {
+        let running = self.vms.values().filter(|vm| vm.running);
+        let mut complete = true;
+        let mut sum = 0.0;
+        for vm in running {
+            match vm.cpu_cores {
+                Some(cores) => sum += cores,
+                None => complete = false,
+            }
+        }
+        (sum, complete)
+    }
+}
+
+/// The last usage report of every node that answered (shared by clones).
+#[derive(Debug, Clone, Default)]
+pub struct UsageBoard {
+    reports: Arc<Mutex<BTreeMap<String, NodeUsageReport>>>,
+}
+
+impl UsageBoard {
+    /// Keeps the usage in `node`'s Observe answer, received now.
+    pub fn record(&self, node: &str, response: &v1::ObserveResponse) {
+        self.record_at(node, response, crate::state::now_ms());
+    }
+
+    /// [`Self::record`] received at `at_unix_ms`.
+    pub fn record_at(&self, node: &str, response: &v1::ObserveResponse, at_unix_ms: u64) {
+        let mut reports = self.reports.lock().expect("usage lock");
+        let report = NodeUsageReport::of(response, at_unix_ms, reports.get(node));
+        reports.insert(node.to_owned(), report);
+    }
+
+    /// Every node's last report.
+    pub fn snapshot(&self) -> BTreeMap<String, NodeUsageReport> {
+        self.reports.lock().expect("usage lock").clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::{NodeObservation, Observed, from_wire};
+
+    /// An Observe answer: one running VM with a disk, whose usage and I/O counters
+    /// are `n` times a base.
+    fn answer(n: u64, state: v1::VmState) -> v1::ObserveResponse {
+        v1::ObserveResponse {
+            node_name: "lab-1".into(),
+            observed_at_unix_ms: 1000 * n,
+            vms: vec![v1::VmStatus {
+                name: "db".into(),
+                state: state as i32,
+                vcpus: 2,
+                memory_bytes: 1 << 30,
+                pid: 100 + n as u32,
+                tenant: "dev".into(),
+                sla: "reserved".into(),
+                priority: 1000,
+                heartbeats: 7 * n,
+                disks: vec![v1::VmDiskStatus {
+                    volume: "db-data".into(),
+                    attached: true,
+                    data: "local".into(),
+                    copies: 2,
+                    copies_in_sync: 2,
+                    reads: 10 * n,
+                    writes: 20 * n,
+                    bytes_read: 4096 * n,
+                    bytes_written: 8192 * n,
+                    guest_requests: 30 * n,
+                    guest_bytes_read: 4096 * n,
+                    guest_bytes_written: 8192 * n,
+                    ..Default::default()
+                }],
+                usage: Some(v1::VmUsage {
+                    cpu_ns: 500_000_000 * n,
+                    resident_bytes: (100 << 20) + n * 4096,
+                    ksm_merging_pages: 3 * n,
+                    ksm_shared_bytes: 3 * n * 4096,
+                    disk_bytes_read: 4096 * n,
+                    disk_bytes_written: 8192 * n,
+                    net_rx_frames: 11 * n,
+                    net_tx_frames: 13 * n,
+                }),
+                ..Default::default()
+            }],
+            usage: Some(v1::NodeUsage {
+                cpus: 2,
+                memory_bytes: 8 << 30,
+                memory_available_bytes: (6 << 30) - n * 4096,
+                vm_vcpus: 2,
+                vm_cpu_ns: 500_000_000 * n,
+                vm_resident_bytes: (100 << 20) + n * 4096,
+                ksm_pages_sharing: 3 * n,
+                memory_pressure_some_avg10: n as f64,
+                cpu_pressure_some_avg10: 2.0 * n as f64,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn observed(response: v1::ObserveResponse) -> Observed {
+        Observed {
+            nodes: [("lab-1".to_owned(), from_wire("ab".repeat(32), response))]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// A moving counter (CPU time, resident memory, KSM, a disk's and a NIC's I/O,
+    /// the node's available memory and pressure) leaves the digest as it was, while
+    /// the board sees it move; a change that matters (the VM stopped) moves it.
+    #[test]
+    fn moving_usage_counters_do_not_change_the_digest() {
+        let (one, two) = (
+            answer(1, v1::VmState::Running),
+            answer(2, v1::VmState::Running),
+        );
+        let (first, second) = (observed(one.clone()), observed(two.clone()));
+        assert_eq!(first.digest(), second.digest());
+        // The counters are still in the observation (status shows them) …
+        let NodeObservation::Reachable { vms, .. } = &second.nodes["lab-1"] else {
+            panic!("reachable");
+        };
+        assert_eq!(vms["db"].disks[0].bytes_written, 16384);
+        let json = serde_json::to_value(&vms["db"].disks[0]).unwrap();
+        assert_eq!(json["bytes_written"], 16384);
+        assert_eq!(json["guest"]["requests"], 60);
+        // … and not in the digest, which still sees the state.
+        assert_ne!(
+            first.digest(),
+            observed(answer(2, v1::VmState::Stopped)).digest()
+        );
+        // The board sees them move and derives the CPU rate: 0.5 s of CPU over 1 s.
+        let board = UsageBoard::default();
+        board.record_at("lab-1", &one, 10_000);
+        let report = &board.snapshot()["lab-1"];
+        assert_eq!(report.vms["db"].cpu_cores, None);
+        board.record_at("lab-1", &two, 11_000);
+        let report = &board.snapshot()["lab-1"];
+        let db = &report.vms["db"];
+        assert_eq!(db.usage.cpu_ns, 1_000_000_000);
+        assert_eq!(db.usage.net_tx_frames, 26);
+        assert_eq!((db.tenant.as_str(), db.sla.as_str()), ("dev", "reserved"));
+        assert!((db.cpu_cores.unwrap() - 0.5).abs() < 1e-9);
+        assert_eq!(report.node.cpus, 2);
+        assert_eq!(report.vm_cpu_cores(), (db.cpu_cores.unwrap(), true));
+    }
+}
