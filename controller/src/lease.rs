@@ -1011,17 +1011,19 @@ impl v1::lease_server::Lease for LeaseService {
         for peer in site.nodes.iter().filter(|n| n.name != name) {
             let _ = self.node_key(&peer.name, &peer.address).await;
         }
-        let keys = self.leases.keys.lock().await.clone();
-        let site_peers = site
-            .nodes
-            .iter()
-            .filter(|n| n.name != name)
-            .map(|n| v1::Peer {
-                name: n.name.clone(),
-                address: n.address.clone(),
-                public_key_hex: keys.get(&n.name).cloned().unwrap_or_default(),
-            })
-            .collect();
+        // The site's keys only (not a copy of every node's, per renewal).
+        let site_peers = {
+            let keys = self.leases.keys.lock().await;
+            site.nodes
+                .iter()
+                .filter(|n| n.name != name)
+                .map(|n| v1::Peer {
+                    name: n.name.clone(),
+                    address: n.address.clone(),
+                    public_key_hex: keys.get(&n.name).cloned().unwrap_or_default(),
+                })
+                .collect()
+        };
         let (fenced_vms, unguarded_vms) = self.leases.fenced_vms(&name, &good.model, &self.shared);
         let witness = self.leases.active_witness(site).unwrap_or_default();
         // HA VMs a restart may start here are armed from their first instruction.
