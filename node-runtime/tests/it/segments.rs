@@ -484,3 +484,192 @@ async fn dhcp_on_n1(prefix: &str, n1: &mut Node, on_n1: &ApplyNetworkSegment) {
     );
     assert!(!pid_file.exists());
 }
+
+/// Issue 17: a VM with NICs moves live between two nodes that run their network in
+/// named namespaces. Each reports its migration address there (n1 from
+/// `--migration-address`, a device of its namespace holding it; n2 from its
+/// segment's underlay address, and none before it has a segment); the destination
+/// listens on it, the source's VMM (in its namespace) sends to it over the
+/// underlay, and after the commit and the segments re-pointed, a probe on n2's
+/// bridge reaches the guest, now on n1, over VXLAN. Nodes on 127.0.0.91/92
+/// (helper O's range), namespaces `o-mig…`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_guest_with_a_nic_moves_live_and_is_reached_on_its_network_after() {
+    if let Err(why) = network::netns_capability() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    if !crate::vms::vms_can_run() {
+        return;
+    }
+    let prefix = format!("o-mig{}-", std::process::id() % 100_000);
+    let _ = dev_cluster::teardown(&prefix);
+    let _cleanup = Namespaces(prefix.clone());
+    let switch = dev_cluster::create_switch(&prefix).expect("switch");
+    let mut names = Vec::new();
+    for (i, name) in ["n1", "n2"].iter().enumerate() {
+        let netns = format!("{prefix}{name}");
+        let node = dev_cluster::add_node(&switch, &netns, name, 1).expect("node namespace");
+        let vtep: IpAddr = format!("192.168.43.{}", i + 1).parse().unwrap();
+        dev_cluster::add_address(&node.ns(), "nic0", vtep, 24).expect("underlay");
+        names.push(netns);
+    }
+    let start_n1 = async {
+        let dir = tempfile::tempdir().unwrap();
+        let controller = controller();
+        std::fs::write(
+            dir.path().join("trusted-controllers"),
+            format!("{}\n", controller.public_key_hex()),
+        )
+        .unwrap();
+        let node = crate::harness::TestNode::start_with_args(
+            "n1",
+            dir.path(),
+            "127.0.0.91:0",
+            &["--netns", &names[0], "--migration-address", "192.168.43.1"],
+        );
+        let client = node.client(&controller).await;
+        Node {
+            client,
+            netns: names[0].clone(),
+            _node: node,
+            dir,
+        }
+    };
+    let mut n1 = start_n1.await;
+    let mut n2 = start("n2", &names[1], "127.0.0.92:0").await;
+    let address = |o: proto::v1::ObserveResponse| o.networking.unwrap().migration_address;
+    assert_eq!(address(n1.client.observe().await.unwrap()), "192.168.43.1");
+    assert_eq!(
+        address(n2.client.observe().await.unwrap()),
+        "",
+        "n2's --migration-address is its loopback gRPC host, not in its namespace, and it has no segment yet"
+    );
+
+    // db-1 runs on n2; both nodes have the segment (n1 the destination's bridge).
+    let probe_mac = "02:c0:00:00:00:08";
+    apply_ok(
+        &mut n1.client,
+        "seg",
+        Action::ApplyNetworkSegment(segment("192.168.43.1", vec![], "10.30.0.0/24")),
+    )
+    .await;
+    apply_ok(
+        &mut n2.client,
+        "seg",
+        Action::ApplyNetworkSegment(segment("192.168.43.2", vec![], "10.30.0.0/24")),
+    )
+    .await;
+    apply_ok(
+        &mut n2.client,
+        "vm",
+        Action::CreateVm(guest_on_db("db-1", "10.30.0.5")),
+    )
+    .await;
+    apply_ok(
+        &mut n2.client,
+        "vm-start",
+        Action::StartVm(proto::v1::StartVm {
+            name: "db-1".into(),
+        }),
+    )
+    .await;
+    assert_eq!(address(n2.client.observe().await.unwrap()), "192.168.43.2");
+    let guest_mac = n2.client.observe().await.unwrap().vms[0].nics[0]
+        .mac
+        .clone();
+
+    // The commander's sequence, as the controller runs it (reconciler::migrate).
+    apply_ok(
+        &mut n1.client,
+        "mig-create",
+        Action::CreateVm(guest_on_db("db-1", "10.30.0.5")),
+    )
+    .await;
+    let prepared = apply_ok(
+        &mut n1.client,
+        "mig-prepare",
+        Action::PrepareIncomingVm(proto::v1::PrepareIncomingVm {
+            name: "db-1".into(),
+        }),
+    )
+    .await;
+    let Some(proto::v1::apply_response::Result::Incoming(incoming)) = prepared.result else {
+        panic!("not an incoming result: {prepared:?}");
+    };
+    assert!(
+        incoming.listen_address.starts_with("192.168.43.1:"),
+        "{incoming:?}"
+    );
+    let migrated = apply_ok(
+        &mut n2.client,
+        "mig-migrate",
+        Action::MigrateVm(proto::v1::MigrateVm {
+            name: "db-1".into(),
+            to: incoming.listen_address,
+            max_downtime_ms: 50,
+            stop_and_copy: false,
+            timeout_ms: 0,
+        }),
+    )
+    .await;
+    let Some(proto::v1::apply_response::Result::Migration(ready)) = migrated.result else {
+        panic!("not a migration result: {migrated:?}");
+    };
+    assert_eq!(ready.phase, "ready-to-commit", "{ready:?}");
+    let commit = || {
+        Action::CommitMigration(proto::v1::CommitMigration {
+            name: "db-1".into(),
+        })
+    };
+    apply_ok(&mut n2.client, "mig-commit-src", commit()).await;
+    apply_ok(&mut n1.client, "mig-commit-dst", commit()).await;
+    apply_ok(
+        &mut n2.client,
+        "mig-delete",
+        Action::DeleteVm(proto::v1::DeleteVm {
+            name: "db-1".into(),
+        }),
+    )
+    .await;
+    let on_n1 = n1.client.observe().await.unwrap().vms;
+    assert_eq!(on_n1.len(), 1);
+    assert_eq!(on_n1[0].state, proto::v1::VmState::Running as i32);
+    assert_eq!(on_n1[0].nics[0].mac, guest_mac, "the same NIC");
+    eprintln!(
+        "db-1 moved live n2 -> n1: {} rounds, paused {} ms, total {} ms",
+        ready.rounds, ready.paused_ms, ready.total_ms
+    );
+
+    // The plan's next segments: db-1 local on n1, remote on n2 at n1's VTEP.
+    apply_ok(
+        &mut n1.client,
+        "seg-2",
+        Action::ApplyNetworkSegment(segment(
+            "192.168.43.1",
+            vec![remote("probe", probe_mac, "10.30.0.8", "192.168.43.2")],
+            "10.30.0.0/24",
+        )),
+    )
+    .await;
+    apply_ok(
+        &mut n2.client,
+        "seg-2",
+        Action::ApplyNetworkSegment(segment(
+            "192.168.43.2",
+            vec![remote("db-1", &guest_mac, "10.30.0.5", "192.168.43.1")],
+            "10.30.0.0/24",
+        )),
+    )
+    .await;
+    let p = probe(&prefix, &n2.netns, "pr", probe_mac, "10.30.0.8");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ping(&p, "10.30.0.5") {
+        assert!(
+            Instant::now() < deadline,
+            "the probe on n2 never reached the migrated guest on n1 over VXLAN"
+        );
+    }
+    crate::harness::kill_vmms_of(n1.dir.path());
+    crate::harness::kill_vmms_of(n2.dir.path());
+}
