@@ -48,9 +48,8 @@ pub use convert::{
 };
 pub use types::{
     BondRecord, ClientVolumeRecord, Peer, PeerRecord, ProtectionRecord, Record, ReplicationReceive,
-    ReplicationRecord, ReplicationSend, RequestRecord,
-    SnapshotRecord, Table, TrafficClass, VmDefinition, VmImage, VmNic, VmRecord, VolumeEpochRecord,
-    VolumeRecord, VolumeRole,
+    ReplicationRecord, ReplicationSend, RequestRecord, SnapshotRecord, Table, TrafficClass,
+    VmDefinition, VmImage, VmNic, VmRecord, VolumeEpochRecord, VolumeRecord, VolumeRole,
 };
 
 const WRITE_INTENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("write_intents");
