@@ -366,23 +366,41 @@ mod tests {
         // A's own grants come back to it the same way.
         wait("a sees its own", || a.seen().len() == 2);
         assert!(other.seen().is_empty(), "{:?}", other.seen());
-        // While etcd answers, a silent node's silence grows with the clock.
+        // While etcd answers, a silent node's silence grows with the clock: by as
+        // much as the view's last complete read moved on (reads every POLL; how many
+        // land in a given wall-clock window depends on the machine's load, so the
+        // test waits for them instead of timing them).
         let silence = || Instant::now().saturating_duration_since(b.seen()["n2"].at);
-        let before = silence();
-        std::thread::sleep(Duration::from_millis(500));
-        assert!(silence() >= before + Duration::from_millis(400));
+        let (before, fresh_before) = (silence(), b.fresh_at().unwrap());
+        wait("two reads later", || {
+            b.fresh_at()
+                .is_some_and(|f| f >= fresh_before + Duration::from_millis(400))
+        });
+        let (after, fresh_after) = (silence(), b.fresh_at().unwrap());
+        let moved = fresh_after - fresh_before;
+        assert!(
+            after >= before + moved.saturating_sub(Duration::from_millis(50)),
+            "n2's silence went from {before:?} to {after:?} while the view moved on {moved:?}"
+        );
         // etcd stops answering (frozen): the view is no longer known complete, and
-        // the silence stops growing at the last complete read.
+        // the silence stops growing at the last complete read, which was sent before
+        // the freeze (a read in flight then may still land, late on a loaded machine).
         let pid = etcd.pid();
+        let stopped = Instant::now();
         // SAFETY: kill(2) of the etcd process this test started (SIGSTOP).
         unsafe { libc_kill(pid, 19) };
-        std::thread::sleep(Duration::from_millis(2 * POLL.as_millis() as u64));
-        let fresh = b.fresh_at().unwrap();
+        std::thread::sleep(Duration::from_millis(2 * POLL.as_millis() as u64 + 1200));
         let frozen = silence();
         std::thread::sleep(Duration::from_millis(1200));
         let later = silence();
+        let fresh = b.fresh_at().unwrap();
         // SAFETY: as above (SIGCONT).
         unsafe { libc_kill(pid, 18) };
+        assert!(
+            fresh <= stopped,
+            "a read completed that was sent {:?} after etcd was frozen",
+            fresh - stopped
+        );
         assert!(
             later <= frozen + Duration::from_millis(50),
             "n2's silence grew from {frozen:?} to {later:?} while etcd was frozen"
