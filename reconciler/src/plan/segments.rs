@@ -109,8 +109,10 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
     let frozen_reason = |tenant: &str| {
         frozen.get(tenant).map(|vms| {
             format!(
-                "VM {} of its tenant cannot be placed now and runs on; its network stays as it is until the specs give it room",
-                vms.join(", ")
+                "{} {} of its tenant cannot be placed now and {} on; its network stays as it is until the specs give it room",
+                if vms.len() == 1 { "VM" } else { "VMs" },
+                vms.join(", "),
+                if vms.len() == 1 { "runs" } else { "run" }
             )
         })
     };
@@ -328,6 +330,27 @@ pub(crate) mod tests {
             Some(NodeObservation::Reachable { networking, .. }) => networking,
             _ => panic!("{node} not reachable"),
         }
+    }
+
+    /// `vm` observed running on `node` (as the node's Observe answer would say it).
+    fn runs_on(observed: &mut Observed, node: &str, vm: &str) {
+        let wire = proto::v1::ObserveResponse {
+            vms: vec![proto::v1::VmStatus {
+                name: vm.into(),
+                state: proto::v1::VmState::Running as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let NodeObservation::Reachable { vms: running, .. } =
+            crate::observe::from_wire(String::new(), wire)
+        else {
+            unreachable!("from_wire always answers Reachable")
+        };
+        let Some(NodeObservation::Reachable { vms, .. }) = observed.nodes.get_mut(node) else {
+            panic!("{node} is observed")
+        };
+        vms.extend(running);
     }
 
     fn segment_changes(plan: &Plan) -> BTreeMap<(String, String), (ChangeKind, Vec<String>)> {
@@ -569,23 +592,7 @@ pub(crate) mod tests {
         let was = before.vms["db"].node.clone();
         let to = before.nodes.keys().find(|n| **n != was).unwrap().clone();
         let mut observed = observed_as(&before);
-        let wire = proto::v1::ObserveResponse {
-            vms: vec![proto::v1::VmStatus {
-                name: "db".into(),
-                state: proto::v1::VmState::Running as i32,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let NodeObservation::Reachable { vms: running, .. } =
-            crate::observe::from_wire(String::new(), wire)
-        else {
-            unreachable!("from_wire always answers Reachable")
-        };
-        let Some(NodeObservation::Reachable { vms, .. }) = observed.nodes.get_mut(&was) else {
-            panic!("{was} is observed")
-        };
-        vms.extend(running);
+        runs_on(&mut observed, &was, "db");
         let mut placement = before.placement.clone();
         placement
             .vms
@@ -760,23 +767,7 @@ pub(crate) mod tests {
         let before = desired_with(None);
         let was = before.vms["web-0"].node.clone();
         let mut observed = observed_as(&before);
-        let wire = proto::v1::ObserveResponse {
-            vms: vec![proto::v1::VmStatus {
-                name: "web-0".into(),
-                state: proto::v1::VmState::Running as i32,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        let NodeObservation::Reachable { vms: running, .. } =
-            crate::observe::from_wire(String::new(), wire)
-        else {
-            unreachable!("from_wire always answers Reachable")
-        };
-        let Some(NodeObservation::Reachable { vms, .. }) = observed.nodes.get_mut(&was) else {
-            panic!("{was} is observed")
-        };
-        vms.extend(running);
+        runs_on(&mut observed, &was, "web-0");
         // The placer, as it answers when web-0 no longer fits: web-0 unplaced, and
         // dev-net only on the nodes its other VMs are on.
         let mut placement = before.placement.clone();
