@@ -203,15 +203,36 @@ pub fn names_text(spec: &DhcpSpec) -> String {
     names.into_iter().collect()
 }
 
-/// Whether process `pid` has a UDP socket bound to port 67 (read from its own
-/// `/proc/PID/net/udp`, i.e. in its network namespace).
+/// Whether process `pid` itself holds a UDP socket bound to port 67. The table
+/// `/proc/PID/net/udp` lists every socket of the process's network namespace, so
+/// a socket counts only when one of the process's own descriptors is it: a
+/// dnsmasq killed a moment ago may still hold its socket while its successor
+/// has not yet exec'd (the fresh CI run saw that race).
 fn dhcp_socket_bound(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/net/udp")).is_ok_and(|t| {
-        t.lines().skip(1).any(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|a| a.ends_with(":0043"))
+    let Ok(table) = std::fs::read_to_string(format!("/proc/{pid}/net/udp")) else {
+        return false;
+    };
+    let inodes: BTreeSet<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let local = fields.get(1)?;
+            local
+                .ends_with(":0043")
+                .then(|| fields.get(9).map(|i| format!("socket:[{i}]")))
+                .flatten()
         })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.contains(target.to_string_lossy().as_ref()))
     })
 }
 
@@ -454,6 +475,35 @@ pub fn configured(dir: &Path) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_port_67_socket_counts_only_for_the_process_that_holds_it() {
+        // The fresh CI run's race: a dying dnsmasq still held port 67 in the
+        // namespace while its successor had not exec'd, and the namespace-wide
+        // table said the successor was ready.
+        let socket = match std::net::UdpSocket::bind("127.0.0.1:67") {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "skipping: cannot bind 127.0.0.1:67 ({e}); needs root and a free port 67"
+                );
+                return;
+            }
+        };
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        assert!(dhcp_socket_bound(std::process::id()), "we hold it");
+        assert!(
+            !dhcp_socket_bound(other.id()),
+            "a process of the same namespace that does not hold it"
+        );
+        drop(socket);
+        assert!(!dhcp_socket_bound(std::process::id()), "closed");
+        let _ = other.kill();
+        let _ = other.wait();
+    }
 
     fn spec() -> DhcpSpec {
         DhcpSpec {
