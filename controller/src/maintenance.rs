@@ -453,13 +453,11 @@ mod tests {
     fn with_replicas_the_set_is_the_one_in_etcd_and_every_replica_sees_it() {
         let dir = std::env::temp_dir().join(format!("cairn-maint-etcd-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let etcd = match state_etcd::testing::Etcd::start("127.0.0.71", 23798, &dir) {
-            Ok(etcd) => etcd,
-            Err(why) => {
-                eprintln!("skipped: {why}");
-                return;
-            }
-        };
+        if let Err(why) = state_etcd::testing::binary() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let etcd = state_etcd::testing::Etcd::start("127.0.0.71", 23798, &dir).expect("etcd");
         let store = || Some(state_etcd::EtcdStore::open(&etcd.url("m")).unwrap());
         let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
         std::fs::create_dir_all(&a_dir).unwrap();

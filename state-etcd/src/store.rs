@@ -860,16 +860,19 @@ pub(crate) mod tests {
     use crate::testing::Etcd;
     use reconciler::state::StepStatus;
 
-    /// etcd on 127.0.0.31 at `port`, or `None` with the reason printed.
+    /// etcd on 127.0.0.31 at `port` (its peers at `port + 1`: tests must not share
+    /// either), or `None` with the reason printed when there is no etcd binary.
+    /// Any other failure to start fails the test.
     pub(crate) fn etcd(port: u16) -> Option<(Etcd, tempfile::TempDir)> {
-        let dir = tempfile::tempdir().unwrap();
-        match Etcd::start("127.0.0.31", port, dir.path()) {
-            Ok(etcd) => Some((etcd, dir)),
-            Err(why) => {
-                eprintln!("skipped: {why}");
-                None
-            }
+        if let Err(why) = crate::testing::binary() {
+            eprintln!("skipped: {why}");
+            return None;
         }
+        let dir = tempfile::tempdir().unwrap();
+        Some((
+            Etcd::start("127.0.0.31", port, dir.path()).expect("etcd starts"),
+            dir,
+        ))
     }
 
     fn step(step: usize, status: StepStatus) -> StepRecord {

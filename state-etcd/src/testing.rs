@@ -38,6 +38,14 @@ impl Etcd {
     /// port), in a fresh directory under `parent`; waits until it answers.
     pub fn start(host: &str, client_port: u16, parent: &std::path::Path) -> Result<Etcd, String> {
         let binary = binary()?;
+        // Both ports must be free: etcd that cannot bind exits, and a connect to the
+        // port would then reach whoever holds it (a test's etcd whose peer port was
+        // this client port answered for a frozen one in CI).
+        for port in [client_port, client_port + 1] {
+            std::net::TcpListener::bind((host, port)).map_err(|e| {
+                format!("cannot start etcd: {host}:{port} is not free ({e}); pick other ports")
+            })?;
+        }
         let dir = parent.join(format!("etcd-{host}-{client_port}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -78,6 +86,17 @@ impl Etcd {
                 ));
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        // It is ours that answers: a child that exited (say, its port was taken in
+        // between) is an error, not a running etcd.
+        std::thread::sleep(Duration::from_millis(100));
+        if let Ok(Some(status)) = etcd.child.try_wait() {
+            let log = std::fs::read_to_string(etcd.dir.join("etcd.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            return Err(format!(
+                "etcd on {address} exited ({status}) although the port answered:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
         }
         Ok(etcd)
     }
