@@ -394,6 +394,7 @@ fn security_group_change() {
                     ports: seg_ports("app"),
                 },
             ],
+            guests: vec![],
         };
         let routed: Vec<(Ipv4Addr, AllowRule)> = rules.iter().map(|r| (db.ip, r.clone())).collect();
         apply_firewall(&n2, &node2).expect("node table");

@@ -36,6 +36,8 @@ use crate::netns::NetNs;
 
 /// Name of both tables (bridge and inet families).
 pub const TABLE: &str = "cairn_sg";
+/// Name of the node's guest-guard table (bridge family).
+pub const GUARD_TABLE: &str = "cairn_guard";
 /// Name of the router namespace's table.
 pub const ROUTER_TABLE: &str = "cairn_rt";
 /// The bits of the packet mark cairn uses for guarded NICs.
@@ -168,6 +170,11 @@ pub struct FirewallSpec {
     pub nics: Vec<GuardedNic>,
     /// Conntrack zones per tenant network.
     pub zones: Vec<Zone>,
+    /// Every guest tap on a tenant network here (guarded or not): the guest guard
+    /// (table `bridge cairn_guard`) drops what only a gateway may send from them:
+    /// DHCP and DHCPv6 server answers and IPv6 router advertisements and redirects.
+    #[serde(default)]
+    pub guests: Vec<String>,
 }
 
 /// The conntrack zone of a tenant network (FNV of tenant/network, never 0).
@@ -275,9 +282,59 @@ fn counted_drop() -> Value {
     json!([{"counter": null}, {"drop": null}])
 }
 
+/// The guest guard: frames entering the bridge from a guest's tap that only a
+/// network's gateway may send are dropped before anything else sees them (bridge
+/// prerouting, stateless, so it needs neither conntrack nor br_netfilter): a
+/// guest's DHCP server answers (UDP source port 67), DHCPv6 server or relay answers
+/// (source port 547), and ICMPv6 router advertisements and redirects. Without it a
+/// guest running a DHCP server or radvd hands its neighbours its own address and
+/// router, and the first answer wins.
+fn guard_desired(guests: &[String], chains: &mut Vec<Chain>, rules: &mut Vec<Rule>) {
+    if guests.is_empty() {
+        return;
+    }
+    chains.push(Chain {
+        family: "bridge",
+        table: GUARD_TABLE,
+        name: "guests".into(),
+        hook: Some(("prerouting", -300, "accept")),
+    });
+    let mut taps = guests.to_vec();
+    taps.sort();
+    taps.dedup();
+    let from_guests = eq(json!({"meta": {"key": "iifname"}}), json!({"set": taps}));
+    let drops = [
+        (
+            json!({"payload": {"protocol": "udp", "field": "sport"}}),
+            json!(67),
+            "DHCP server answers",
+        ),
+        (
+            json!({"payload": {"protocol": "udp", "field": "sport"}}),
+            json!(547),
+            "DHCPv6 server answers",
+        ),
+        (
+            json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
+            json!({"set": ["nd-router-advert", "nd-redirect"]}),
+            "IPv6 router advertisements and redirects",
+        ),
+    ];
+    for (left, right, what) in drops {
+        rules.push(Rule {
+            family: "bridge",
+            table: GUARD_TABLE,
+            chain: "guests".into(),
+            expr: json!([from_guests, eq(left, right), {"counter": null}, {"drop": null}]),
+            what: format!("drop {what} from guests"),
+        });
+    }
+}
+
 fn desired(spec: &FirewallSpec) -> (Vec<Chain>, Vec<Rule>) {
     let mut chains = Vec::new();
     let mut rules = Vec::new();
+    guard_desired(&spec.guests, &mut chains, &mut rules);
     if spec.nics.is_empty() {
         return (chains, rules);
     }
@@ -673,9 +730,12 @@ fn drift_of(
             .collect();
         if want_chains.is_empty() {
             if have.exists {
-                drift.push(format!(
-                    "table {family} {table} exists, but no NIC here has a security group"
-                ));
+                let why = if *table == GUARD_TABLE {
+                    "no guest NIC is here"
+                } else {
+                    "no NIC here has a security group"
+                };
+                drift.push(format!("table {family} {table} exists, but {why}"));
             }
             continue;
         }
@@ -743,7 +803,8 @@ fn drift_of(
     Ok(drift)
 }
 
-const NODE_TABLES: [(&str, &str); 2] = [("bridge", TABLE), ("inet", TABLE)];
+const NODE_TABLES: [(&str, &str); 3] =
+    [("bridge", TABLE), ("inet", TABLE), ("bridge", GUARD_TABLE)];
 
 fn bridge_nf_call(ns: &NetNs) -> Result<Option<bool>, NetworkError> {
     let v = ns
@@ -910,6 +971,7 @@ mod tests {
                 },
             ],
             zones: vec![],
+            guests: vec![],
         };
         let (chains, rules) = desired(&spec);
         assert_eq!(chains.len(), 5);
@@ -922,6 +984,27 @@ mod tests {
         assert!(marks[0].contains("cta") && marks[1].contains("ctb"));
         assert_ne!(marks[0], marks[1]);
         assert!(desired(&FirewallSpec::default()).0.is_empty());
+    }
+
+    #[test]
+    fn the_guest_guard_covers_every_guest_tap_without_groups() {
+        let spec = FirewallSpec {
+            guests: vec!["ctb".into(), "cta".into(), "cta".into()],
+            ..FirewallSpec::default()
+        };
+        let (chains, rules) = desired(&spec);
+        assert_eq!(chains.len(), 1, "only the guard: no NIC has a group");
+        assert_eq!((chains[0].table, chains[0].family), (GUARD_TABLE, "bridge"));
+        assert_eq!(chains[0].hook, Some(("prerouting", -300, "accept")));
+        assert_eq!(rules.len(), 3);
+        for r in &rules {
+            let e = r.expr.to_string();
+            assert!(e.contains(r#"{"set":["cta","ctb"]}"#), "{e}");
+            assert!(e.ends_with(r#"{"counter":null},{"drop":null}]"#), "{e}");
+        }
+        assert!(rules[0].expr.to_string().contains(r#""right":67}"#));
+        assert!(rules[1].expr.to_string().contains(r#""right":547"#));
+        assert!(rules[2].expr.to_string().contains("nd-router-advert"));
     }
 
     #[test]

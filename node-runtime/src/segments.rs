@@ -269,6 +269,7 @@ pub fn firewall_spec(
 ) -> FirewallSpec {
     let mut nics: BTreeMap<String, GuardedNic> = BTreeMap::new();
     let mut zones = Vec::new();
+    let mut guests = Vec::new();
     for seg in segments {
         let mut ports = vec![overlay::vxlan_name(&seg.tenant, &seg.network)];
         if !seg.gateway.is_empty() {
@@ -277,7 +278,9 @@ pub fn firewall_spec(
         for def in definitions.values().filter(|d| d.tenant == seg.tenant) {
             for (i, nic) in def.nics.iter().enumerate() {
                 if nic.network == seg.network {
-                    ports.push(vm_tap_name(&def.name, u16::try_from(i).unwrap_or(u16::MAX)));
+                    let tap = vm_tap_name(&def.name, u16::try_from(i).unwrap_or(u16::MAX));
+                    guests.push(tap.clone());
+                    ports.push(tap);
                 }
             }
         }
@@ -314,6 +317,7 @@ pub fn firewall_spec(
     FirewallSpec {
         nics: nics.into_values().collect(),
         zones,
+        guests,
     }
 }
 
@@ -763,6 +767,11 @@ mod tests {
         let both = firewall_spec(&[other, seg.clone()], &defs);
         assert_eq!(both.nics[0].dhcp_server, Some(Ipv4Addr::new(10, 30, 0, 1)));
         assert_eq!(fw.zones[0].ports.len(), 3, "vxlan, gateway leg, tap");
+        assert_eq!(
+            fw.guests,
+            vec![vm_tap_name("db-1", 0)],
+            "the guest guard's taps"
+        );
         let routed = router_rules(std::slice::from_ref(&seg), "finance");
         assert_eq!(routed.len(), 1);
         assert_eq!(routed[0].0, Ipv4Addr::new(10, 30, 0, 5));

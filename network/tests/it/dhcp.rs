@@ -47,8 +47,13 @@ pub const GW: Ipv4Addr = Ipv4Addr::new(10, 20, 0, 1);
 
 impl DhcpNode {
     pub fn new(mtu: u32) -> Self {
+        Self::named("i-dh", mtu)
+    }
+
+    /// The same with namespaces named `<tag><pid>x<n>-…`.
+    pub fn named(tag: &str, mtu: u32) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("i-dh{}x{n}-", std::process::id() % 100_000);
+        let prefix = format!("{tag}{}x{n}-", std::process::id() % 100_000);
         let _ = dev_cluster::teardown(&prefix);
         let switch = dev_cluster::create_switch(&prefix).expect("switch");
         let node = dev_cluster::add_node(&switch, &format!("{prefix}n1"), "n1", 1).expect("node");
@@ -68,7 +73,7 @@ impl DhcpNode {
             remotes: vec![],
         };
         apply_segment(&ns, &spec).expect("segment");
-        let dir = std::env::temp_dir().join(format!("i-dhcp-{}", prefix.trim_end_matches('-')));
+        let dir = std::env::temp_dir().join(format!("{tag}cp-{}", prefix.trim_end_matches('-')));
         Self { prefix, ns, dir }
     }
 
@@ -250,6 +255,7 @@ fn a_planned_nic_gets_its_address_gateway_dns_and_mtu_and_others_get_nothing() {
                 stranger.tap.clone(),
             ],
         }],
+        guests: vec![],
     };
     apply_firewall(&node.ns, &guarded(None)).expect("group without the DHCP rule");
     assert!(web.udhcpc().0.is_none(), "the group drops DHCP answers");

@@ -9,6 +9,7 @@ mod common;
 mod dev_cluster;
 mod dhcp;
 mod failover;
+mod guest_guard;
 mod netns;
 mod overlay;
 mod overlay_support;

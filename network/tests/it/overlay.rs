@@ -223,6 +223,7 @@ fn a_security_group_admits_only_its_sources_and_repairs_deleted_rules() {
                 dhcp_server: None,
             }],
             zones: vec![zone("db", db_ports), zone("app", seg_ports("app"))],
+            guests: vec![],
         };
         let routed: Vec<(Ipv4Addr, AllowRule)> = rules.iter().map(|r| (db.ip, r.clone())).collect();
         (node2, routed)

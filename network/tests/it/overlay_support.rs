@@ -360,7 +360,7 @@ impl Nic {
             format!(
                 "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\n\
                  echo \"ip=$ip\nsubnet=$subnet\nrouter=$router\ndns=$dns\nlease=$lease\nmtu=$mtu\nhostname=$hostname\" > {out}\n\
-                 ip addr flush dev $interface\nip addr add $ip/$mask dev $interface\n",
+                 ip -4 addr flush dev $interface\nip addr add $ip/$mask dev $interface\n",
                 out = self.out.display()
             ),
         )
