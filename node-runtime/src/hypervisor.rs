@@ -62,6 +62,8 @@ pub struct VmmStatus {
     pub block_checksum: u64,
     /// Boots of the guest in this process (1 after a start; a reboot adds one).
     pub boot_count: u64,
+    /// Fault tolerance, when this VMM is or was one side of a pair.
+    pub ft: Option<vmm::control::wire::FtStatus>,
 }
 
 /// The operations of a hypervisor backend. Blocking methods are called off the async
@@ -114,6 +116,23 @@ pub trait Hypervisor: Send + Sync + Debug {
             "this node's hypervisor cannot migrate VMs live",
         ))
     }
+
+    /// Launches the VMM of `config` as a fault-tolerant VM's secondary receiving
+    /// checkpoints on `listen` (`cairn-vmm --ft-secondary`; see [`Hypervisor::launch`]
+    /// for the rest). A hypervisor that cannot checkpoint refuses.
+    fn launch_ft_secondary(
+        &self,
+        config: &vm_config::VmConfig,
+        vm_dir: &Path,
+        netns: Option<&NetNs>,
+        placement: Option<crate::cgroups::Placement>,
+        listen: &str,
+    ) -> Result<Launched, Status> {
+        let _ = (config, vm_dir, netns, placement, listen);
+        Err(Status::failed_precondition(
+            "this node's hypervisor cannot run fault-tolerant VMs",
+        ))
+    }
 }
 
 /// The real hypervisor: one `cairn-vmm` process per VM on KVM.
@@ -126,15 +145,16 @@ pub struct ProcessHypervisor {
 }
 
 impl ProcessHypervisor {
-    /// Spawns `cairn-vmm` for `config` (with `--incoming ADDR` for a migration's
-    /// destination).
+    /// Spawns `cairn-vmm` for `config` (with `peer` = `("--incoming", ADDR)` for a
+    /// migration's destination, `("--ft-secondary", ADDR)` for a fault-tolerance
+    /// secondary).
     fn spawn_vmm(
         &self,
         config: &vm_config::VmConfig,
         vm_dir: &Path,
         netns: Option<&NetNs>,
         placement: Option<crate::cgroups::Placement>,
-        incoming: Option<&str>,
+        peer: Option<(&str, &str)>,
     ) -> Result<Launched, Status> {
         let Some(binary) = &self.binary else {
             return Err(Status::failed_precondition(
@@ -151,8 +171,8 @@ impl ProcessHypervisor {
         })?;
         let mut command = tokio::process::Command::new(binary);
         command.arg("--config").arg(&config_path);
-        if let Some(listen) = incoming {
-            command.arg("--incoming").arg(listen);
+        if let Some((flag, listen)) = peer {
+            command.arg(flag).arg(listen);
         }
         if let Some(netns) = netns {
             // The taps live in the node's namespace: the VMM runs there too (its
@@ -249,7 +269,30 @@ impl Hypervisor for ProcessHypervisor {
         placement: Option<crate::cgroups::Placement>,
         listen: &str,
     ) -> Result<Launched, Status> {
-        self.spawn_vmm(config, vm_dir, netns, placement, Some(listen))
+        self.spawn_vmm(
+            config,
+            vm_dir,
+            netns,
+            placement,
+            Some(("--incoming", listen)),
+        )
+    }
+
+    fn launch_ft_secondary(
+        &self,
+        config: &vm_config::VmConfig,
+        vm_dir: &Path,
+        netns: Option<&NetNs>,
+        placement: Option<crate::cgroups::Placement>,
+        listen: &str,
+    ) -> Result<Launched, Status> {
+        self.spawn_vmm(
+            config,
+            vm_dir,
+            netns,
+            placement,
+            Some(("--ft-secondary", listen)),
+        )
     }
 
     fn status(&self, socket: &Path, timeout: Duration) -> Option<VmmStatus> {
@@ -272,6 +315,7 @@ impl Hypervisor for ProcessHypervisor {
             block_tests: status.block_tests,
             block_checksum: status.block_checksum,
             boot_count: status.boot_count,
+            ft: status.ft,
         })
     }
 

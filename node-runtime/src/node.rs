@@ -302,54 +302,48 @@ impl Node {
         }))
     }
 
+    /// Where a VM defined here receives a peer VMM's stream (a migration's, or a
+    /// fault-tolerant primary's checkpoints), and the namespace its VMM runs in: a VM
+    /// with NICs is received in the node's namespace, where its VMM runs, on the
+    /// address reported as `Networking.migration_address`; any other on the node's
+    /// `--migration-address`. Makes (or repairs) the VM's NIC taps first.
+    async fn receive_address(
+        &self,
+        name: &str,
+        without: &str,
+    ) -> Result<(std::net::IpAddr, Option<network::NetNs>), Status> {
+        let definition = self.vms.definition(name).await;
+        if let Some(definition) = &definition {
+            self.ensure_vm_nics(definition).await?;
+        }
+        let network = self
+            .bonds
+            .refusal()
+            .is_none()
+            .then(|| self.bonds.netns().clone());
+        let general = self
+            .config
+            .migration_address
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+        let ip = if definition.as_ref().is_some_and(|d| !d.nics.is_empty()) && network.is_some() {
+            self.bonds.nic_migration_address().await.ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "node {}: VM {name} has NICs, but this node has no migration address in its network namespace (neither --migration-address nor a tenant segment's underlay address is on a device there); {without}",
+                    self.config.name
+                ))
+            })?
+        } else {
+            general
+        };
+        Ok((ip, network))
+    }
+
     /// The live-migration actions (`vms::migration`).
     async fn migration_action(&self, action: &Action) -> Result<ApplyResult, Status> {
-        let wait = |ms: u32, field: &str| -> Result<Duration, Status> {
-            if ms > crate::vms::migration::MAX_WAIT_MS {
-                return Err(validate::invalid(
-                    field,
-                    format!(
-                        "{ms} is more than {} (the node API's calls time out at 30 s)",
-                        crate::vms::migration::MAX_WAIT_MS
-                    ),
-                ));
-            }
-            Ok(Duration::from_millis(u64::from(if ms == 0 {
-                crate::vms::migration::MAX_WAIT_MS
-            } else {
-                ms
-            })))
-        };
         let result = match action {
             Action::PrepareIncomingVm(prepare) => {
                 validate::name("prepare_incoming_vm.name", &prepare.name)?;
-                let definition = self.vms.definition(&prepare.name).await;
-                if let Some(definition) = &definition {
-                    self.ensure_vm_nics(definition).await?;
-                }
-                let network = self
-                    .bonds
-                    .refusal()
-                    .is_none()
-                    .then(|| self.bonds.netns().clone());
-                let general = self
-                    .config
-                    .migration_address
-                    .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
-                // A VM with NICs is received in the node's namespace, where its VMM
-                // runs: on the address reported as `Networking.migration_address`.
-                let ip = if definition.as_ref().is_some_and(|d| !d.nics.is_empty())
-                    && network.is_some()
-                {
-                    self.bonds.nic_migration_address().await.ok_or_else(|| {
-                        Status::failed_precondition(format!(
-                            "node {}: VM {} has NICs, but this node has no migration address in its network namespace (neither --migration-address nor a tenant segment's underlay address is on a device there); move it cold",
-                            self.config.name, prepare.name
-                        ))
-                    })?
-                } else {
-                    general
-                };
+                let (ip, network) = self.receive_address(&prepare.name, "move it cold").await?;
                 return Ok(ApplyResult::Incoming(
                     self.vms
                         .prepare_incoming(
@@ -364,7 +358,7 @@ impl Node {
             Action::MigrateVm(migrate) => {
                 validate::name("migrate_vm.name", &migrate.name)?;
                 validate::address("migrate_vm.to", &migrate.to)?;
-                let timeout = wait(migrate.timeout_ms, "migrate_vm.timeout_ms")?;
+                let timeout = max_wait(migrate.timeout_ms, "migrate_vm.timeout_ms")?;
                 let downtime = if migrate.max_downtime_ms == 0 {
                     50
                 } else {
@@ -393,6 +387,63 @@ impl Node {
             _ => return Err(Status::internal("not a migration action")),
         };
         Ok(ApplyResult::Migration(result))
+    }
+
+    /// The fault-tolerance actions (`vms::ft`).
+    async fn ft_action(&self, action: &Action) -> Result<ApplyResult, Status> {
+        let result = match action {
+            Action::PrepareFtSecondary(prepare) => {
+                validate::name("prepare_ft_secondary.name", &prepare.name)?;
+                let (ip, network) = self
+                    .receive_address(
+                        &prepare.name,
+                        "its secondary cannot receive checkpoints here",
+                    )
+                    .await?;
+                self.vms
+                    .prepare_ft_secondary(
+                        &prepare.name,
+                        network.as_ref(),
+                        ip,
+                        self.config.vm_start_timeout,
+                    )
+                    .await?
+            }
+            Action::StartFt(start) => {
+                validate::name("start_ft.name", &start.name)?;
+                validate::address("start_ft.to", &start.to)?;
+                if start.epoch_ms > 10_000 {
+                    return Err(validate::invalid(
+                        "start_ft.epoch_ms",
+                        format!(
+                            "{} is more than 10000 (10 s); an epoch is 1 to 10000 ms, 0 for the default 30",
+                            start.epoch_ms
+                        ),
+                    ));
+                }
+                let epoch_ms = if start.epoch_ms == 0 {
+                    vmm::ft::DEFAULT_EPOCH_MS
+                } else {
+                    u64::from(start.epoch_ms)
+                };
+                let timeout = max_wait(start.timeout_ms, "start_ft.timeout_ms")?;
+                self.vms
+                    .start_ft(&start.name, &start.to, epoch_ms, start.sync_disks, timeout)
+                    .await?
+            }
+            Action::PromoteFt(promote) => {
+                validate::name("promote_ft.name", &promote.name)?;
+                self.vms
+                    .promote_ft(&promote.name, self.config.vm_start_timeout)
+                    .await?
+            }
+            Action::StopFt(stop) => {
+                validate::name("stop_ft.name", &stop.name)?;
+                self.vms.stop_ft(&stop.name).await?
+            }
+            _ => return Err(Status::internal("not a fault-tolerance action")),
+        };
+        Ok(ApplyResult::Ft(result))
     }
 
     /// Makes (or repairs) a VM's NIC taps, unless network actions are refused here
@@ -897,6 +948,10 @@ impl Node {
             | Action::MigrateVm(_)
             | Action::CommitMigration(_)
             | Action::AbortMigration(_) => self.migration_action(action).await,
+            Action::PrepareFtSecondary(_)
+            | Action::StartFt(_)
+            | Action::PromoteFt(_)
+            | Action::StopFt(_) => self.ft_action(action).await,
             Action::StopVm(stop) => {
                 validate::name("stop_vm.name", &stop.name)?;
                 if stop.grace_ms > 600_000 {
@@ -1035,6 +1090,23 @@ impl Node {
         }
         Ok(resolved)
     }
+}
+
+/// A wait of a live-migration or fault-tolerance action: `ms` (0 = the most), at most
+/// [`crate::vms::migration::MAX_WAIT_MS`] (within the node API's 30 s call timeout).
+fn max_wait(ms: u32, field: &str) -> Result<Duration, Status> {
+    let most = crate::vms::migration::MAX_WAIT_MS;
+    if ms > most {
+        return Err(validate::invalid(
+            field,
+            format!("{ms} is more than {most} (the node API's calls time out at 30 s)"),
+        ));
+    }
+    Ok(Duration::from_millis(u64::from(if ms == 0 {
+        most
+    } else {
+        ms
+    })))
 }
 
 fn validate_create_vm(create: &v1::CreateVm) -> Result<(), Status> {

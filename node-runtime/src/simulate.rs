@@ -142,6 +142,7 @@ impl Hypervisor for SimHypervisor {
             block_tests: 0,
             block_checksum: 0,
             boot_count: 1,
+            ft: None,
         })
     }
 

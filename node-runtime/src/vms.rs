@@ -17,6 +17,7 @@
 //! incarnation id over the control socket).
 
 pub mod adopt;
+pub mod ft;
 pub mod migration;
 pub mod sla;
 
@@ -96,6 +97,18 @@ struct VmRuntime {
     /// While its VMM is a live migration's destination not yet committed: the address
     /// it listens on ([`migration`]).
     incoming: Option<String>,
+    /// While its VMM is a fault-tolerant VM's secondary not yet promoted: the address
+    /// it receives checkpoints on ([`ft`]).
+    ft_secondary: Option<String>,
+}
+
+/// Whom a VMM spawned without running its guest waits for ([`Vms::launch_vmm`]).
+#[derive(Debug, Clone, Copy)]
+enum PeerWait<'a> {
+    /// A live migration's source; the VMM listens on this address.
+    Migration(&'a str),
+    /// A fault-tolerant VM's primary; the VMM receives checkpoints on this address.
+    FtPrimary(&'a str),
 }
 
 /// What [`Vms::spawn`] did.
@@ -143,12 +156,28 @@ impl Supervisor {
         runtime.disks.clear();
         let failed_start = runtime.state == VmState::Starting;
         let not_committed = runtime.incoming.take().is_some();
+        let not_promoted = runtime.ft_secondary.take().is_some();
         runtime.pid = 0;
         runtime.last_exit = match runtime.start_failure.take() {
             Some(reason) => format!("{reason} ({exit})"),
             None => exit.clone(),
         };
-        if not_committed {
+        if not_promoted {
+            // A fault-tolerance secondary that was never promoted (stopped, its
+            // primary gone before a complete checkpoint, or killed): it never ran here.
+            runtime.record.desired_running = false;
+            runtime.state = VmState::Stopped;
+            runtime.last_exit = format!(
+                "fault-tolerance secondary not promoted: {}",
+                runtime.last_exit
+            );
+            Vms::publish(
+                &self.events,
+                &self.name,
+                VmState::Stopped,
+                &runtime.last_exit,
+            );
+        } else if not_committed {
             // A migration's destination that never ran (aborted or failed before the
             // commit): the VM did not run here, nothing crashed.
             runtime.record.desired_running = false;
@@ -299,6 +328,7 @@ impl Heartbeat {
     fn apply(self, status: &mut VmStatus) {
         status.vcpus = self.vcpus;
         status.memory_bytes = self.memory_bytes;
+        status.ft = self.ft.as_ref().map(ft::wire);
         // The VMM's view of each NIC, by tap; the node's Observe adds its own view
         // (tap, bridge) to the same entries.
         status.nics = self
@@ -492,6 +522,7 @@ impl Vms {
                 start_failure: None,
                 disks: Vec::new(),
                 incoming: None,
+                ft_secondary: None,
                 record,
             };
             if runtime.record.desired_running {
@@ -876,6 +907,7 @@ impl Vms {
                 start_failure: None,
                 disks: Vec::new(),
                 incoming: None,
+                ft_secondary: None,
             },
         );
         Self::publish(&self.events, &definition.name, VmState::Stopped, "defined");
@@ -1004,20 +1036,21 @@ impl Vms {
     }
 
     /// Spawns the VMM of `definition` into `runtime` (state `STARTING`), with its disks
-    /// served and its exit supervised; with `incoming`, as a live migration's
-    /// destination listening there ([`migration`]). Returns its pid and generation.
+    /// served and its exit supervised; with `peer`, as a live migration's destination
+    /// ([`migration`]) or a fault-tolerance secondary ([`ft`]) listening there.
+    /// Returns its pid and generation.
     async fn launch_vmm(
         &self,
         runtime: &mut VmRuntime,
         name: &str,
         definition: &v1::CreateVm,
         network: Option<&NetNs>,
-        incoming: Option<&str>,
+        peer: Option<PeerWait<'_>>,
     ) -> Result<(u32, u64), Status> {
         // Each volume is served to this VM's VMM alone, on its own socket, for as long
         // as the process runs (the supervisor below stops the servers when it ends).
         let disks = self
-            .attach_disks(name, &definition.volumes, incoming.is_some())
+            .attach_disks(name, &definition.volumes, peer.is_some())
             .await?;
         let incarnation = adopt::new_incarnation();
         let vm_dir = self.run_dir.join(name);
@@ -1025,11 +1058,14 @@ impl Vms {
         let netns = network.filter(|_| !definition.nics.is_empty());
         let launched = self.placement(definition).and_then(|placement| {
             self.launch_config(definition, network, &disks, &incarnation)
-                .and_then(|config| match incoming {
+                .and_then(|config| match peer {
                     None => self.hypervisor.launch(&config, &vm_dir, netns, placement),
-                    Some(listen) => self
+                    Some(PeerWait::Migration(listen)) => self
                         .hypervisor
                         .launch_incoming(&config, &vm_dir, netns, placement, listen),
+                    Some(PeerWait::FtPrimary(listen)) => self
+                        .hypervisor
+                        .launch_ft_secondary(&config, &vm_dir, netns, placement, listen),
                 })
         });
         let launched = match launched {
@@ -1046,9 +1082,11 @@ impl Vms {
         runtime.state = VmState::Starting;
         runtime.stop_requested = false;
         runtime.start_failure = None;
-        // A migration's destination runs only once committed: nothing restarts it before.
-        runtime.record.desired_running = incoming.is_none();
-        runtime.incoming = incoming.map(|_| String::new());
+        // A migration's destination runs only once committed, a fault-tolerance
+        // secondary only once promoted: nothing restarts either before.
+        runtime.record.desired_running = peer.is_none();
+        runtime.incoming = matches!(peer, Some(PeerWait::Migration(_))).then(String::new);
+        runtime.ft_secondary = matches!(peer, Some(PeerWait::FtPrimary(_))).then(String::new);
         runtime.record.last_pid = pid;
         // What the next agent checks before it adopts this process.
         runtime.record.last_start_ticks = adopt::start_ticks(pid).unwrap_or(0);
@@ -1068,9 +1106,12 @@ impl Vms {
             &self.events,
             name,
             VmState::Starting,
-            &match incoming {
+            &match peer {
                 None => format!("cairn-vmm pid {pid}"),
-                Some(_) => format!("incoming migration: cairn-vmm pid {pid}"),
+                Some(PeerWait::Migration(_)) => format!("incoming migration: cairn-vmm pid {pid}"),
+                Some(PeerWait::FtPrimary(_)) => {
+                    format!("fault-tolerance secondary: cairn-vmm pid {pid}")
+                }
             },
         );
 
@@ -1341,10 +1382,15 @@ impl Vms {
     /// not answer, or that does not run, reports its definition's vCPUs and memory,
     /// zero heartbeat fields and its state-derived health.
     pub async fn statuses(&self) -> Vec<VmStatus> {
-        let mut statuses: Vec<VmStatus> = self
-            .vms
-            .lock()
-            .await
+        let table = self.vms.lock().await;
+        // Fault-tolerance secondaries waiting to be promoted: their VMM is asked for
+        // its `ft` block only.
+        let secondaries: std::collections::BTreeSet<String> = table
+            .iter()
+            .filter(|(_, runtime)| runtime.ft_secondary.is_some() && runtime.pid != 0)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut statuses: Vec<VmStatus> = table
             .iter()
             .map(|(name, runtime)| {
                 let definition = runtime.record.definition.clone().unwrap_or_default();
@@ -1406,9 +1452,11 @@ impl Vms {
                     guest_block_tests: 0,
                     guest_block_checksum: 0,
                     boot_count: 0,
+                    ft: None,
                 }
             })
             .collect();
+        drop(table);
         let queries: Vec<_> = statuses
             .iter()
             .enumerate()
@@ -1428,6 +1476,19 @@ impl Vms {
             if let Ok(Some(heartbeat)) = query.await {
                 heartbeat.apply(&mut statuses[index]);
             }
+        }
+        for status in statuses
+            .iter_mut()
+            .filter(|status| secondaries.contains(&status.name))
+        {
+            let socket = self.run_dir.join(&status.name).join("control.sock");
+            let hypervisor = self.hypervisor.clone();
+            let seen =
+                tokio::task::spawn_blocking(move || hypervisor.status(&socket, CONTROL_TIMEOUT))
+                    .await
+                    .ok()
+                    .flatten();
+            status.ft = seen.and_then(|seen| seen.ft).map(|ft| ft::wire(&ft));
         }
         for status in &mut statuses {
             sla::add_io(status);
@@ -1571,6 +1632,7 @@ mod tests {
             block_tests: 0,
             block_checksum: 0,
             boot_count: 1,
+            ft: None,
         }
         .apply(&mut status);
         assert_eq!(status.heartbeats, 17);
@@ -1599,6 +1661,7 @@ mod tests {
             block_tests: 0,
             block_checksum: 0,
             boot_count: 1,
+            ft: None,
         }
         .apply(&mut status);
         assert_eq!((status.vcpus, status.memory_bytes), (2, 48 << 20));
@@ -1741,6 +1804,7 @@ mod tests {
             block_tests: 1,
             block_checksum: 0x1234,
             boot_count: 1,
+            ft: None,
         }
         .apply(&mut vm);
         let writes: Vec<u64> = vm.disks.iter().map(|d| d.writes).collect();
@@ -1767,6 +1831,7 @@ mod tests {
             block_tests: 0,
             block_checksum: 0,
             boot_count: 1,
+            ft: None,
         }
         .apply(&mut stale);
         assert!(!stale.heartbeat_fresh);
@@ -1787,6 +1852,7 @@ mod tests {
             block_tests: 0,
             block_checksum: 0,
             boot_count: 1,
+            ft: None,
         }
         .apply(&mut booting);
         assert!(!booting.heartbeat_fresh);
@@ -1807,6 +1873,7 @@ mod tests {
             block_tests: 0,
             block_checksum: 0,
             boot_count: 1,
+            ft: None,
         }
         .apply(&mut silent);
         assert_eq!(silent.health, Health::Degraded as i32);

@@ -137,5 +137,9 @@ pub fn action_name(action: &v1::apply_request::Action) -> &'static str {
         Action::MigrateVm(_) => "migrate_vm",
         Action::CommitMigration(_) => "commit_migration",
         Action::AbortMigration(_) => "abort_migration",
+        Action::PrepareFtSecondary(_) => "prepare_ft_secondary",
+        Action::StartFt(_) => "start_ft",
+        Action::PromoteFt(_) => "promote_ft",
+        Action::StopFt(_) => "stop_ft",
     }
 }

@@ -31,14 +31,15 @@
 //! writer sets the field only after a 1.5 replica gave it one, so it still writes to
 //! 1.4 replicas), and issue 17's `Networking.migration_address` (where a VM with
 //! NICs migrating to the node is received; a 1.4 node leaves it empty, so such VMs
-//! move to it cold).
+//! move to it cold). 1.6 adds issue 22's fault-tolerant VMs: `PrepareFtSecondary`,
+//! `StartFt`, `PromoteFt`, `StopFt`, their `FtResult`, and `VmStatus.ft` (`VmFt`).
 
 use crate::v1;
 
 /// The major version this build speaks.
 pub const MAJOR: u32 = 1;
 /// The minor version this build speaks.
-pub const MINOR: u32 = 5;
+pub const MINOR: u32 = 6;
 /// Metadata key of the caller's protocol version, `MAJOR.MINOR`.
 pub const HEADER: &str = "x-cairn-protocol";
 
@@ -50,7 +51,7 @@ pub fn current() -> v1::ProtocolVersion {
     }
 }
 
-/// The header value of this build's version (`"1.5"`).
+/// The header value of this build's version (`"1.6"`).
 pub fn header_value() -> String {
     format!("{MAJOR}.{MINOR}")
 }
@@ -140,8 +141,8 @@ mod tests {
 
     #[test]
     fn versions_parse_and_majors_are_checked() {
-        assert_eq!(header_value(), "1.5");
-        assert_eq!(parse("1.5"), Some(current()));
+        assert_eq!(header_value(), "1.6");
+        assert_eq!(parse("1.6"), Some(current()));
         assert_eq!(parse("2.0").map(|v| v.major), Some(2));
         assert_eq!(parse("1"), None);
         assert_eq!(parse("one.two"), None);
@@ -153,7 +154,7 @@ mod tests {
         };
         assert_eq!(
             newer,
-            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.5 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
+            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.6 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
         );
         let Err(ProtocolRefusal::OtherMajor(older)) = check(Some("0.4"), "node lab-1") else {
             panic!("another major is refused");
@@ -163,8 +164,8 @@ mod tests {
             check(Some("v1"), "node lab-1"),
             Err(ProtocolRefusal::Malformed(_))
         ));
-        assert!(signature_hint(Some("1.6")).is_some());
-        assert_eq!(signature_hint(Some("1.5")), None);
+        assert!(signature_hint(Some("1.7")).is_some());
+        assert_eq!(signature_hint(Some("1.6")), None);
         assert_eq!(signature_hint(None), None);
         let old_node = v1::GetInventoryResponse::default();
         assert_eq!(display(&of_inventory(&old_node)), "1.0");

@@ -41,7 +41,7 @@ const SOURCE_SETTLED: [&str; 5] = [
 ];
 
 /// One control request to the VMM behind `socket`, off the async runtime.
-async fn control(socket: PathBuf, request: Request) -> Result<Response, String> {
+pub(super) async fn control(socket: PathBuf, request: Request) -> Result<Response, String> {
     tokio::task::spawn_blocking(move || {
         let mut client = ControlClient::connect(&socket, CONTROL).map_err(|e| e.to_string())?;
         let response = client.request(&request).map_err(|e| e.to_string())?;
@@ -90,24 +90,26 @@ fn result_of(name: &str, status: &MigrationStatus, stop_and_copy: bool) -> v1::M
     }
 }
 
-/// The address the VMM printed in its log (`{"event":"incoming","listening":ADDR}`).
-fn listening_address(log: &Path) -> Option<String> {
+/// The address the VMM printed in its log (`{"event":EVENT,"listening":ADDR}`; the
+/// event is `incoming` for a migration's destination, `ft-secondary` for a
+/// fault-tolerance secondary).
+pub(super) fn listening_address(log: &Path, event: &str) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
     text.lines().find_map(|line| {
         let value: serde_json::Value = serde_json::from_str(line).ok()?;
-        (value.get("event")?.as_str()? == "incoming")
+        (value.get("event")?.as_str()? == event)
             .then(|| value.get("listening")?.as_str().map(str::to_string))
             .flatten()
     })
 }
 
 impl Vms {
-    fn control_socket(&self, name: &str) -> PathBuf {
+    pub(super) fn control_socket(&self, name: &str) -> PathBuf {
         self.run_dir.join(name).join("control.sock")
     }
 
     /// Waits (up to 5 s) until the VMM `pid` of `name` is reaped.
-    async fn await_reaped(&self, name: &str, pid: u32) {
+    pub(super) async fn await_reaped(&self, name: &str, pid: u32) {
         let reaped_by = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < reaped_by {
             let reaped = self
@@ -165,13 +167,19 @@ impl Vms {
                 )));
             };
             let listen = std::net::SocketAddr::new(listen_ip, 0).to_string();
-            self.launch_vmm(runtime, name, &definition, network, Some(&listen))
-                .await?
+            self.launch_vmm(
+                runtime,
+                name,
+                &definition,
+                network,
+                Some(super::PeerWait::Migration(&listen)),
+            )
+            .await?
         };
         let log = self.run_dir.join(name).join("vmm.log");
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(address) = listening_address(&log) {
+            if let Some(address) = listening_address(&log, "incoming") {
                 let mut vms = self.vms.lock().await;
                 if let Some(runtime) = vms.get_mut(name)
                     && runtime.generation == generation

@@ -12,6 +12,7 @@ mod counters;
 mod delta_replication;
 mod epochs;
 mod exports;
+mod ft;
 mod guest_io;
 mod harness;
 mod health;

@@ -1,0 +1,498 @@
+//! Fault-tolerant VMs through the node API (issue 22): two `cairn-node` processes in two
+//! node namespaces on one switch (checkpoints over the underlay 192.168.43.0/24), a
+//! built-in guest with a NIC whose beacon (a UDP datagram carrying an increasing
+//! counter every 10 ms tick) goes to a collector on its node's tenant bridge. The
+//! commander's sequence as the controller would run it: CreateVm on both,
+//! PrepareFtSecondary on n2, StartFt on n1; the secondary's VMM killed (the primary
+//! holds its output until StopFt), re-protection, then the primary's VMM killed and
+//! PromoteFt on n2. The collectors' counters never repeat or go back. Nodes on
+//! 127.0.0.51/52 (helper Q's range), namespaces `q-ft…`.
+
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use network::dev_cluster;
+use proto::v1::{self, VmState, apply_request::Action, apply_response};
+use tonic::Code;
+use vmm::control::{ControlClient, Request};
+
+use crate::harness::{apply_ok, controller, request};
+
+const COLLECTOR_IP: &str = "10.30.0.1";
+const BEACON_PORT: u16 = 7091;
+const MAGIC: u64 = u64::from_le_bytes(*b"CAIRNBCN");
+const VM: &str = "ft-1";
+
+/// Tears the namespaces down and kills the VMMs of both nodes, even when the test
+/// fails half-way (the VMMs lead process groups of their own and outlive the nodes).
+struct Cleanup {
+    prefix: String,
+    dirs: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            crate::harness::kill_vmms_of(dir);
+        }
+        let _ = dev_cluster::teardown(&self.prefix);
+    }
+}
+
+struct Node {
+    client: proto::client::NodeClient,
+    _node: crate::harness::TestNode,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn start(name: &str, netns: &str, listen: &str, migration: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let controller = controller();
+        std::fs::write(
+            dir.path().join("trusted-controllers"),
+            format!("{}\n", controller.public_key_hex()),
+        )
+        .unwrap();
+        let node = crate::harness::TestNode::start_with_args(
+            name,
+            dir.path(),
+            listen,
+            &["--netns", netns, "--migration-address", migration],
+        );
+        let client = node.client(&controller).await;
+        Self {
+            client,
+            _node: node,
+            dir,
+        }
+    }
+
+    async fn vm(&mut self) -> v1::VmStatus {
+        let observed = self.client.observe().await.expect("observe");
+        observed
+            .vms
+            .into_iter()
+            .find(|vm| vm.name == VM)
+            .expect("the VM is defined here")
+    }
+
+    /// Observes until `done` holds (or panics after `timeout` with the last status).
+    async fn wait_vm(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        done: impl Fn(&v1::VmStatus) -> bool,
+    ) -> v1::VmStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let vm = self.vm().await;
+            if done(&vm) {
+                return vm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {timeout:?}; last status {vm:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("vms").join(VM).join("control.sock")
+    }
+
+    async fn ft(&mut self, id: &str, action: Action) -> v1::FtResult {
+        let response = apply_ok(&mut self.client, id, action).await;
+        match response.result {
+            Some(apply_response::Result::Ft(result)) => result,
+            other => panic!("{id}: not an FT result: {other:?}"),
+        }
+    }
+}
+
+/// A UDP socket on `COLLECTOR_IP:BEACON_PORT` inside `namespace` (a thread that entered
+/// it), recording each beacon's counter and arrival.
+struct Collector {
+    received: Arc<Mutex<Vec<(u64, Instant)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Collector {
+    fn start(namespace: &str) -> Self {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let path = format!("{}/{namespace}", network::netns::NETNS_RUN_DIR);
+        let thread = {
+            let received = Arc::clone(&received);
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let file = std::fs::File::open(&path).expect("the namespace's file");
+                // SAFETY: a valid namespace fd; only this thread changes namespace.
+                let entered = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(entered, 0, "setns into {path}");
+                let socket =
+                    UdpSocket::bind((COLLECTOR_IP, BEACON_PORT)).expect("bind the collector");
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(20)))
+                    .expect("timeout");
+                ready_tx.send(()).expect("ready");
+                let mut buffer = [0u8; 64];
+                while !stop.load(Ordering::Acquire) {
+                    let Ok(length) = socket.recv(&mut buffer) else {
+                        continue;
+                    };
+                    let at = Instant::now();
+                    if length == 16
+                        && u64::from_le_bytes(buffer[..8].try_into().expect("8")) == MAGIC
+                    {
+                        let counter = u64::from_le_bytes(buffer[8..16].try_into().expect("8"));
+                        received.lock().expect("lock").push((counter, at));
+                    }
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the collector is listening");
+        Self {
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.received.lock().expect("lock").len()
+    }
+
+    fn snapshot(&self) -> Vec<(u64, Instant)> {
+        self.received.lock().expect("lock").clone()
+    }
+
+    async fn wait_count(&self, at_least: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.count() < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} beacons, expected {at_least}",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(args: &[&str]) {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("command runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn guest() -> v1::CreateVm {
+    v1::CreateVm {
+        name: VM.into(),
+        vcpus: 1,
+        memory_bytes: 32 << 20,
+        image: Some(v1::create_vm::Image::Builtin("cairn-guest".into())),
+        tenant: "alpha".into(),
+        nics: vec![v1::VmNic {
+            network: "db".into(),
+            mtu: 1450,
+            ipv4: "10.30.0.5".into(),
+        }],
+        ..Default::default()
+    }
+}
+
+fn control(socket: &Path, request: &Request) -> vmm::control::Response {
+    let mut client =
+        ControlClient::connect(socket, Duration::from_secs(5)).expect("the control socket");
+    client.request(request).expect("the control socket answers")
+}
+
+/// Every counter the outside world saw, in the order it saw them, only increases.
+fn check_counters(received: &[(u64, Instant)]) {
+    for pair in received.windows(2) {
+        assert!(
+            pair[1].0 > pair[0].0,
+            "the beacon counter went from {} to {}: a repeat or a rollback reached the outside world",
+            pair[0].0,
+            pair[1].0
+        );
+    }
+}
+
+fn start_ft(to: &str) -> Action {
+    Action::StartFt(v1::StartFt {
+        name: VM.into(),
+        to: to.into(),
+        epoch_ms: 30,
+        sync_disks: true,
+        timeout_ms: 0,
+    })
+}
+
+fn prepare() -> Action {
+    Action::PrepareFtSecondary(v1::PrepareFtSecondary { name: VM.into() })
+}
+
+fn promote() -> Action {
+    Action::PromoteFt(v1::PromoteFt { name: VM.into() })
+}
+
+fn stop_ft() -> Action {
+    Action::StopFt(v1::StopFt { name: VM.into() })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_protected_guest_survives_its_primarys_vmm_killed_with_no_repeated_output() {
+    if let Err(why) = network::netns_capability() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    if !crate::vms::vms_can_run() {
+        return;
+    }
+    let prefix = format!("q-ft{}-", std::process::id() % 100_000);
+    let _ = dev_cluster::teardown(&prefix);
+    let mut cleanup = Cleanup {
+        prefix: prefix.clone(),
+        dirs: Vec::new(),
+    };
+    let switch = dev_cluster::create_switch(&prefix).expect("switch");
+    let mut names = Vec::new();
+    for (i, name) in ["n1", "n2"].iter().enumerate() {
+        let netns = format!("{prefix}{name}");
+        let node = dev_cluster::add_node(&switch, &netns, name, 1).expect("node namespace");
+        let ip: std::net::IpAddr = format!("192.168.43.{}", i + 1).parse().unwrap();
+        dev_cluster::add_address(&node.ns(), "nic0", ip, 24).expect("underlay");
+        names.push(netns);
+    }
+    let mut n1 = Node::start("n1", &names[0], "127.0.0.51:0", "192.168.43.1").await;
+    cleanup.dirs.push(n1.dir.path().to_path_buf());
+    let mut n2 = Node::start("n2", &names[1], "127.0.0.52:0", "192.168.43.2").await;
+    cleanup.dirs.push(n2.dir.path().to_path_buf());
+
+    // The VM defined on both nodes; each node's tenant bridge gets the collector's
+    // address (the beacon is an Ethernet broadcast on the guest's NIC).
+    for node in [&mut n1, &mut n2] {
+        apply_ok(&mut node.client, "create", Action::CreateVm(guest())).await;
+    }
+    let bridge = network::tenant::tenant_bridge_name("alpha", "db");
+    for netns in &names {
+        run(&[
+            "ip",
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{COLLECTOR_IP}/24"),
+            "dev",
+            &bridge,
+        ]);
+        run(&["ip", "-n", netns, "link", "set", &bridge, "up"]);
+    }
+    let on_n1 = Collector::start(&names[0]);
+    let on_n2 = Collector::start(&names[1]);
+
+    // Bad requests are refused, naming what is wrong.
+    let refused = n2
+        .client
+        .apply(request("bad-promote", promote()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("no fault-tolerance secondary here"),
+        "{refused:?}"
+    );
+    let mut too_long = start_ft("192.168.43.2:1");
+    if let Action::StartFt(start) = &mut too_long {
+        start.epoch_ms = 20_000;
+    }
+    let refused = n1
+        .client
+        .apply(request("bad-epoch", too_long))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("start_ft.epoch_ms"),
+        "{refused:?}"
+    );
+
+    apply_ok(
+        &mut n1.client,
+        "start",
+        Action::StartVm(v1::StartVm { name: VM.into() }),
+    )
+    .await;
+    let beacon = control(
+        &n1.socket(),
+        &Request::SetBeacon {
+            target: Some(format!("{COLLECTOR_IP}:{BEACON_PORT}")),
+        },
+    );
+    assert!(beacon.ok, "{beacon:?}");
+    on_n1
+        .wait_count(20, "the unprotected primary's beacons")
+        .await;
+
+    // A running VM cannot be a secondary; the one defined on n2 can.
+    let refused = n1
+        .client
+        .apply(request("bad-prepare", prepare()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("runs on this node already"),
+        "{refused:?}"
+    );
+
+    // --- protect, lose the secondary, run alone, protect again ---
+    let secondary = n2.ft("prepare-1", prepare()).await;
+    assert!(
+        secondary.listen_address.starts_with("192.168.43.2:"),
+        "{secondary:?}"
+    );
+    let again = n2.ft("prepare-1b", prepare()).await;
+    assert_eq!(again.listen_address, secondary.listen_address, "idempotent");
+    let protected = n1
+        .ft("protect-1", start_ft(&secondary.listen_address))
+        .await;
+    let ft = protected.ft.expect("ft status");
+    assert_eq!(
+        (ft.role.as_str(), ft.phase.as_str()),
+        ("primary", "protected"),
+        "{ft:?}"
+    );
+    assert!(ft.last_acked > 0, "{ft:?}");
+    let on_secondary = n2.vm().await;
+    assert_eq!(on_secondary.state, VmState::Starting as i32);
+    let side = on_secondary.ft.expect("the secondary reports its ft block");
+    assert_eq!(side.role, "secondary", "{side:?}");
+    assert_eq!(side.phase, "protected", "{side:?}");
+
+    // Kill the secondary's VMM: the primary holds its output until StopFt.
+    let secondary_pid = on_secondary.pid as i32;
+    // SAFETY: kill takes a pid and a signal number.
+    unsafe { libc::kill(secondary_pid, libc::SIGKILL) };
+    n1.wait_vm(
+        Duration::from_secs(20),
+        "the primary sees its secondary lost",
+        |vm| {
+            vm.ft
+                .as_ref()
+                .is_some_and(|ft| ft.phase == "secondary-lost")
+        },
+    )
+    .await;
+    let n2_stopped = n2
+        .wait_vm(
+            Duration::from_secs(20),
+            "the killed secondary is stopped",
+            |vm| vm.state == VmState::Stopped as i32,
+        )
+        .await;
+    assert!(
+        n2_stopped.last_exit.contains("not promoted"),
+        "{n2_stopped:?}"
+    );
+    let held_from = on_n1.count();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        on_n1.count(),
+        held_from,
+        "no beacon may leave a primary whose secondary is lost before StopFt"
+    );
+    let alone = n1.ft("alone", stop_ft()).await;
+    assert_eq!(alone.ft.expect("ft").phase, "unprotected");
+    on_n1
+        .wait_count(held_from + 80, "the held and new beacons after StopFt")
+        .await;
+
+    // Re-protection: a new secondary on n2, a full copy again.
+    let secondary = n2.ft("prepare-2", prepare()).await;
+    let protected = n1
+        .ft("protect-2", start_ft(&secondary.listen_address))
+        .await;
+    assert_eq!(protected.ft.expect("ft").phase, "protected");
+    let before = on_n1.count();
+    on_n1
+        .wait_count(before + 30, "beacons of the protected primary")
+        .await;
+    let primary = n1.vm().await;
+    let ft = primary.ft.clone().expect("ft");
+    assert!(ft.last_acked > 1, "{ft:?}");
+    assert!(ft.median_output_delay_ms > 0.0, "{ft:?}");
+
+    // --- the failover: the primary's VMM killed, the secondary promoted ---
+    let killed_at = Instant::now();
+    // SAFETY: kill takes a pid and a signal number.
+    unsafe { libc::kill(primary.pid as i32, libc::SIGKILL) };
+    n1.wait_vm(
+        Duration::from_secs(20),
+        "the killed primary is reaped",
+        |vm| vm.pid == 0,
+    )
+    .await;
+    let asked = Instant::now();
+    let promoted = n2.ft("promote", promote()).await;
+    let promote_call = asked.elapsed();
+    let running = promoted.vm.expect("the promoted VM runs");
+    assert_eq!(running.state, "VM_STATE_RUNNING", "{running:?}");
+    on_n2
+        .wait_count(50, "the promoted secondary's beacons")
+        .await;
+    let first_after = on_n2.snapshot()[0].1;
+    let last_before = on_n1.snapshot().last().expect("beacons").1;
+
+    let mut seen = on_n1.snapshot();
+    seen.extend(on_n2.snapshot());
+    check_counters(&seen);
+    let n1_last = on_n1.snapshot().last().expect("beacons").0;
+    let n2_first = on_n2.snapshot()[0].0;
+    println!(
+        "failover: kill -9 of the primary's VMM -> the promoted guest's first beacon {:?} (PromoteFt answered in {promote_call:?}, VMM promote_ms {:.2}); last beacon before {n1_last}, first after {n2_first} ({} lost, none repeated); outside gap {:?}; per checkpoint: median {:.0} bytes, output held {:.2} ms",
+        first_after - killed_at,
+        promoted.ft.as_ref().map_or(0.0, |ft| ft.promote_ms),
+        n2_first - n1_last - 1,
+        first_after - last_before,
+        ft.median_epoch_bytes,
+        ft.median_output_delay_ms,
+    );
+    let now_on_n2 = n2.vm().await;
+    assert_eq!(now_on_n2.state, VmState::Running as i32, "{now_on_n2:?}");
+    assert_eq!(now_on_n2.ft.map(|ft| ft.phase).as_deref(), Some("promoted"));
+    // Replays: promoting again answers the running VM; StopFt with no VMM is fine.
+    let again = n2.ft("promote-again", promote()).await;
+    assert_eq!(again.vm.expect("running").state, "VM_STATE_RUNNING");
+    n1.ft("stop-dead", stop_ft()).await;
+    assert_eq!(n1.vm().await.state, VmState::Crashed as i32);
+    drop(cleanup);
+}
