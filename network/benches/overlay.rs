@@ -147,6 +147,7 @@ fn dhcp_lease() {
         prefix_len: 24,
         mtu: 1450,
         hosts: vec![host([2, 0xd0, 0, 0, 0, 21], 21)],
+        upstream: vec![],
     };
     converge_dhcp(&n1, &dir, &spec).expect("dhcp");
     let d1 = nic("d1", [2, 0xd0, 0, 0, 0, 21]);

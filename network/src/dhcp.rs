@@ -7,8 +7,10 @@
 //! the plan gets no offer (dnsmasq logs "no address available") and the DHCP server
 //! never hands out an address IPAM did not give. The offer carries the subnet mask,
 //! the gateway as router (option 3) and as DNS server (option 6: the same dnsmasq
-//! answers the network's VM names from the hosts file, and nothing else: it has no
-//! upstream), the segment MTU (option 26, forced: clients that do not ask still get
+//! answers the network's VM names from the hosts file; every other name under
+//! `.cairn` is answered locally, not found; other names are forwarded to
+//! [`DhcpSpec::upstream`], the node's resolvers, for an external network, and
+//! refused for an isolated one), the segment MTU (option 26, forced: clients that do not ask still get
 //! it) and a lease of [`LEASE_SECS`].
 //!
 //! Broadcasts never leave a node (no flood entry in the segment), so each node's
@@ -24,7 +26,7 @@
 //! its process group, and a reaper thread waits for it.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -66,6 +68,43 @@ pub struct DhcpSpec {
     pub mtu: u32,
     /// Static leases.
     pub hosts: Vec<DhcpHost>,
+    /// Where names outside `.cairn` are forwarded: the node's resolvers for an
+    /// external network ([`system_resolvers`]); empty for an isolated network, whose
+    /// gateway refuses them.
+    pub upstream: Vec<Ipv4Addr>,
+}
+
+/// The IPv4 resolvers of a `resolv.conf` text that a tenant router namespace can
+/// reach through its uplink: loopback and unspecified addresses are the node's own
+/// (a stub such as systemd-resolved's 127.0.0.53) and are left out, and so are IPv6
+/// resolvers (egress is IPv4).
+pub fn resolvers_in(resolv_conf: &str) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for line in resolv_conf.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        if let Some(Ok(IpAddr::V4(a))) = words.next().map(str::parse::<IpAddr>)
+            && !a.is_loopback()
+            && !a.is_unspecified()
+            && !out.contains(&a)
+        {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// The node's resolvers for external networks: `/etc/resolv.conf`'s, or, when it
+/// names only a local stub, systemd-resolved's upstreams
+/// (`/run/systemd/resolve/resolv.conf`). Empty when neither names one.
+pub fn system_resolvers() -> Vec<Ipv4Addr> {
+    ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"]
+        .iter()
+        .map(|p| resolvers_in(&std::fs::read_to_string(p).unwrap_or_default()))
+        .find(|r| !r.is_empty())
+        .unwrap_or_default()
 }
 
 /// The files of one network's instance.
@@ -140,6 +179,8 @@ pub fn config_text(spec: &DhcpSpec, files: &DhcpFiles, interface: &str, ifindex:
         "no-poll".into(),
         format!("domain={domain}"),
         format!("local=/{domain}/"),
+        // Other networks' names are never asked of the node's resolvers.
+        "local=/cairn/".into(),
         "dhcp-authoritative".into(),
         format!(
             "dhcp-range=set:cairn,{network},static,{mask},{}s",
@@ -157,9 +198,24 @@ pub fn config_text(spec: &DhcpSpec, files: &DhcpFiles, interface: &str, ifindex:
         "pid-file=".into(),
         format!("log-facility={}", files.log.display()),
         "log-dhcp".into(),
-        String::new(),
     ]
+    .into_iter()
+    .chain(upstream_lines(&spec.upstream))
+    .chain([String::new()])
+    .collect::<Vec<_>>()
     .join("\n")
+}
+
+/// An external network's forwarding: names without a dot and private reverse
+/// lookups stay local, the rest goes to the resolvers in order. None: `no-resolv`
+/// and no server, so dnsmasq answers REFUSED.
+fn upstream_lines(upstream: &[Ipv4Addr]) -> Vec<String> {
+    if upstream.is_empty() {
+        return Vec::new();
+    }
+    let mut lines = vec!["domain-needed".to_owned(), "bogus-priv".to_owned()];
+    lines.extend(upstream.iter().map(|a| format!("server={a}")));
+    lines
 }
 
 /// The hosts file: `MAC,ADDRESS,NAME` per static lease, sorted.
@@ -303,7 +359,8 @@ pub fn dhcp_drift(ns: &NetNs, dir: &Path, spec: &DhcpSpec) -> Vec<String> {
             {
                 format!("dhcp: dnsmasq is bound to an older {interface} (now ifindex {ifindex})")
             } else {
-                "dhcp: configuration differs (gateway, prefix or MTU)".to_owned()
+                "dhcp: configuration differs (gateway, prefix, MTU or upstream resolvers)"
+                    .to_owned()
             },
         );
     }
@@ -527,7 +584,44 @@ mod tests {
                     name: "web-0".into(),
                 },
             ],
+            upstream: vec![],
         }
+    }
+
+    #[test]
+    fn an_external_network_forwards_to_the_reachable_resolvers_and_an_isolated_one_refuses() {
+        let files = DhcpFiles::new(Path::new("/d"), "dev", "dev-net");
+        let isolated = config_text(&spec(), &files, "cgw0", 7);
+        assert!(isolated.contains("no-resolv\n") && !isolated.contains("server="));
+        assert!(isolated.contains("local=/cairn/\n"), "{isolated}");
+        let resolvers = resolvers_in(
+            "# generated\nsearch example.org\nnameserver 127.0.0.53\nnameserver 10.255.255.53\n\
+             nameserver ::1\nnameserver 2001:db8::53\nnameserver 192.0.2.53 # second\n\
+             nameserver 10.255.255.53\nnameserver bogus\n",
+        );
+        assert_eq!(
+            resolvers,
+            vec![
+                Ipv4Addr::new(10, 255, 255, 53),
+                Ipv4Addr::new(192, 0, 2, 53)
+            ]
+        );
+        assert!(resolvers_in("nameserver 127.0.0.53\noptions edns0\n").is_empty());
+        let external = config_text(
+            &DhcpSpec {
+                upstream: resolvers,
+                ..spec()
+            },
+            &files,
+            "cgw0",
+            7,
+        );
+        assert!(
+            external
+                .ends_with("domain-needed\nbogus-priv\nserver=10.255.255.53\nserver=192.0.2.53\n"),
+            "{external}"
+        );
+        assert!(external.contains("local=/dev-net.dev.cairn/\nlocal=/cairn/\n"));
     }
 
     #[test]

@@ -478,6 +478,13 @@ pub fn dhcp_spec(
         prefix_len,
         mtu,
         hosts,
+        // An external network's gateway forwards other names to the node's
+        // resolvers through the tenant's uplink; an isolated one refuses them.
+        upstream: if seg.external {
+            dhcp::system_resolvers()
+        } else {
+            Vec::new()
+        },
     })
 }
 

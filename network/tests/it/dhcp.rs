@@ -107,6 +107,7 @@ impl DhcpNode {
             prefix_len: 24,
             mtu,
             hosts,
+            upstream: vec![],
         }
     }
 }
@@ -210,7 +211,7 @@ fn a_planned_nic_gets_its_address_gateway_dns_and_mtu_and_others_get_nothing() {
     let spec = node.spec(1400, hosts.clone());
     assert_eq!(
         dhcp_drift(&node.ns, &node.dir, &spec),
-        vec!["dhcp: configuration differs (gateway, prefix or MTU)".to_owned()]
+        vec!["dhcp: configuration differs (gateway, prefix, MTU or upstream resolvers)".to_owned()]
     );
     let made = converge_dhcp(&node.ns, &node.dir, &spec).expect("restart");
     assert!(

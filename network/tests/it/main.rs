@@ -8,6 +8,7 @@ mod bond;
 mod common;
 mod dev_cluster;
 mod dhcp;
+mod dns;
 mod failover;
 mod guest_guard;
 mod netns;
