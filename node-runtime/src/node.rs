@@ -155,6 +155,8 @@ pub struct Node {
     pub segments: crate::segments::Segments,
     /// Leases and the site's quorum: the fence deadline of HA and FT VMs.
     pub quorum: crate::quorum::Quorum,
+    /// Fault-tolerant VMs under the witness's guard (`vms::ft_guard`).
+    pub ft_guards: crate::vms::ft_guard::Guards,
     /// When the process started.
     pub started_at_unix_ms: u64,
     in_flight: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -297,6 +299,7 @@ impl Node {
             vms,
             bonds,
             segments,
+            ft_guards: crate::vms::ft_guard::Guards::default(),
             started_at_unix_ms: now_unix_ms(),
             in_flight: tokio::sync::Mutex::new(HashMap::new()),
         }))
@@ -400,14 +403,22 @@ impl Node {
                         "its secondary cannot receive checkpoints here",
                     )
                     .await?;
-                self.vms
+                let lease = witness_of(
+                    "prepare_ft_secondary",
+                    &prepare.witness,
+                    prepare.witness_lease_ms,
+                )?;
+                let prepared = self
+                    .vms
                     .prepare_ft_secondary(
                         &prepare.name,
                         network.as_ref(),
                         ip,
                         self.config.vm_start_timeout,
                     )
-                    .await?
+                    .await?;
+                self.ft_guards.set(&prepare.name, &prepare.witness, lease);
+                prepared
             }
             Action::StartFt(start) => {
                 validate::name("start_ft.name", &start.name)?;
@@ -427,18 +438,24 @@ impl Node {
                     u64::from(start.epoch_ms)
                 };
                 let timeout = max_wait(start.timeout_ms, "start_ft.timeout_ms")?;
-                self.vms
+                let lease = witness_of("start_ft", &start.witness, start.witness_lease_ms)?;
+                let started = self
+                    .vms
                     .start_ft(&start.name, &start.to, epoch_ms, start.sync_disks, timeout)
-                    .await?
+                    .await?;
+                self.ft_guards.set(&start.name, &start.witness, lease);
+                started
             }
             Action::PromoteFt(promote) => {
                 validate::name("promote_ft.name", &promote.name)?;
+                self.ft_guards.set(&promote.name, "", 0);
                 self.vms
                     .promote_ft(&promote.name, self.config.vm_start_timeout)
                     .await?
             }
             Action::StopFt(stop) => {
                 validate::name("stop_ft.name", &stop.name)?;
+                self.ft_guards.set(&stop.name, "", 0);
                 self.vms.stop_ft(&stop.name).await?
             }
             _ => return Err(Status::internal("not a fault-tolerance action")),
@@ -1090,6 +1107,21 @@ impl Node {
         }
         Ok(resolved)
     }
+}
+
+/// The witness lease of a fault-tolerance action naming `witness` (0 = the default;
+/// at most 10 s), with the witness's address checked.
+fn witness_of(action: &str, witness: &str, lease_ms: u32) -> Result<u64, Status> {
+    if !witness.is_empty() {
+        validate::address(&format!("{action}.witness"), witness)?;
+    }
+    if lease_ms > 10_000 {
+        return Err(validate::invalid(
+            &format!("{action}.witness_lease_ms"),
+            format!("{lease_ms} is more than 10000 (10 s); 0 for the default 1000"),
+        ));
+    }
+    Ok(u64::from(lease_ms))
 }
 
 /// A wait of a live-migration or fault-tolerance action: `ms` (0 = the most), at most

@@ -194,6 +194,11 @@ pub async fn run(
         .lease
         .clone()
         .map(|lease| tokio::spawn(crate::quorum::run(node.clone(), lease)));
+    // Fault-tolerant VMs under the witness's guard; claims leave from the listen address.
+    let ft_guard = tokio::spawn(crate::vms::ft_guard::run(
+        node.clone(),
+        Some(listen.ip()).filter(|ip| !ip.is_unspecified()),
+    ));
     let (watchdog_stop, watchdog_stopped) = tokio::sync::watch::channel(false);
     let watchdog = match &node.config.watchdog {
         None => None,
@@ -275,6 +280,7 @@ pub async fn run(
     resync.abort();
     protection.abort();
     replication.abort();
+    ft_guard.abort();
     if let Some(leases) = leases {
         leases.abort();
     }

@@ -102,6 +102,7 @@ impl v1::observe_server::Observe for NodeService {
             .check(methods::OBSERVE, Role::Controller, &request)?;
         let exports = &self.node.exports;
         let mut vms = self.node.vms.statuses().await;
+        self.node.ft_guards.fill(&mut vms);
         let definitions = self.node.vms.definitions().await;
         let refusal = self.node.bonds.refusal();
         let netns = self.node.bonds.netns().clone();

@@ -18,6 +18,7 @@
 
 pub mod adopt;
 pub mod ft;
+pub mod ft_guard;
 pub mod migration;
 pub mod sla;
 

@@ -57,6 +57,7 @@ pub fn wire(status: &FtStatus) -> v1::VmFt {
         disk_writes_shipped: status.disk_writes_shipped,
         promote_ms: status.promote_ms,
         error: status.error.clone().unwrap_or_default(),
+        ..Default::default()
     }
 }
 
@@ -333,6 +334,25 @@ impl Vms {
         answer.pid = pid;
         answer.vm = Some(running);
         Ok(answer)
+    }
+
+    /// Ends the VMM of `name` at once (SIGKILL): the witness gave the VM to the other
+    /// side of its pair. The VM is `STOPPED` with `fenced: WHY` as its last exit.
+    pub async fn fence_now(&self, name: &str, why: &str) {
+        let pid = {
+            let mut vms = self.vms.lock().await;
+            let Some(runtime) = vms.get_mut(name) else {
+                return;
+            };
+            if runtime.pid == 0 {
+                return;
+            }
+            runtime.stop_requested = true;
+            runtime.start_failure = Some(format!("fenced: {why}"));
+            runtime.pid
+        };
+        self.hypervisor.signal(pid, libc::SIGKILL);
+        self.await_reaped(name, pid).await;
     }
 
     /// Ends fault tolerance on this side. A primary releases the output it held, in

@@ -251,11 +251,15 @@ fn start_ft(to: &str) -> Action {
         epoch_ms: 30,
         sync_disks: true,
         timeout_ms: 0,
+        ..Default::default()
     })
 }
 
 fn prepare() -> Action {
-    Action::PrepareFtSecondary(v1::PrepareFtSecondary { name: VM.into() })
+    Action::PrepareFtSecondary(v1::PrepareFtSecondary {
+        name: VM.into(),
+        ..Default::default()
+    })
 }
 
 fn promote() -> Action {
@@ -266,16 +270,26 @@ fn stop_ft() -> Action {
     Action::StopFt(v1::StopFt { name: VM.into() })
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_protected_guest_survives_its_primarys_vmm_killed_with_no_repeated_output() {
+/// Two nodes in namespaces on one switch, the VM defined on both, a collector on
+/// each node's tenant bridge.
+struct Setup {
+    names: Vec<String>,
+    cleanup: Cleanup,
+    n1: Node,
+    n2: Node,
+    on_n1: Collector,
+    on_n2: Collector,
+}
+
+async fn setup(tag: &str) -> Option<Setup> {
     if let Err(why) = network::netns_capability() {
         eprintln!("skipping: {why}");
-        return;
+        return None;
     }
     if !crate::vms::vms_can_run() {
-        return;
+        return None;
     }
-    let prefix = format!("q-ft{}-", std::process::id() % 100_000);
+    let prefix = format!("q-ft{tag}{}-", std::process::id() % 100_000);
     let _ = dev_cluster::teardown(&prefix);
     let mut cleanup = Cleanup {
         prefix: prefix.clone(),
@@ -316,6 +330,30 @@ async fn a_protected_guest_survives_its_primarys_vmm_killed_with_no_repeated_out
     }
     let on_n1 = Collector::start(&names[0]);
     let on_n2 = Collector::start(&names[1]);
+
+    Some(Setup {
+        names,
+        cleanup,
+        n1,
+        n2,
+        on_n1,
+        on_n2,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_protected_guest_survives_its_primarys_vmm_killed_with_no_repeated_output() {
+    let Some(Setup {
+        names: _,
+        cleanup,
+        mut n1,
+        mut n2,
+        on_n1,
+        on_n2,
+    }) = setup("a").await
+    else {
+        return;
+    };
 
     // Bad requests are refused, naming what is wrong.
     let refused = n2
@@ -494,5 +532,219 @@ async fn a_protected_guest_survives_its_primarys_vmm_killed_with_no_repeated_out
     assert_eq!(again.vm.expect("running").state, "VM_STATE_RUNNING");
     n1.ft("stop-dead", stop_ft()).await;
     assert_eq!(n1.vm().await.state, VmState::Crashed as i32);
+    drop(cleanup);
+}
+
+/// A `cairn witness` process (the `cairn` binary built next to the test's), trusting
+/// both nodes' keys; killed on drop.
+struct Witness {
+    child: std::process::Child,
+    address: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Witness {
+    fn start(address: &str, nodes: &[(&str, String)]) -> Option<Witness> {
+        let exe = std::env::current_exe().ok()?;
+        let binary = exe.parent()?.parent()?.join("cairn");
+        if !binary.exists() {
+            eprintln!(
+                "skipping: {} is not built (cargo build -p cli --bin cairn)",
+                binary.display()
+            );
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let trusted: String = nodes
+            .iter()
+            .map(|(name, key)| format!("{key} {name}\n"))
+            .collect();
+        std::fs::write(dir.path().join("trusted-nodes"), trusted).unwrap();
+        let child = std::process::Command::new(binary)
+            .args(["witness", "--listen", address, "--data-dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("cairn witness starts");
+        let socket: std::net::SocketAddr = address.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect_timeout(&socket, Duration::from_millis(100)).is_err() {
+            assert!(Instant::now() < deadline, "the witness did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(Witness {
+            child,
+            address: address.to_owned(),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn guarded(mut action: Action, witness: &str) -> Action {
+    match &mut action {
+        Action::StartFt(start) => start.witness = witness.into(),
+        Action::PrepareFtSecondary(prepare) => prepare.witness = witness.into(),
+        _ => {}
+    }
+    action
+}
+
+/// Issue 22 item 3 with a real `cairn witness` (127.0.0.53): the nodes decide by
+/// themselves which side of a pair runs, with no commander after StartFt. (1) The
+/// primary's VMM killed -9: the secondary's node waits for the primary's grant of
+/// `vm/ft-1` to lapse, wins it and promotes; the beacons never repeat or go back.
+/// (2) Protected again the other way round, then the underlay between the nodes cut
+/// (a silent partition: no error on either VMM's link) while both reach the witness:
+/// the primary's node holds the grant and runs alone, releasing its output; the
+/// secondary's node is refused and never promotes. Exactly one side runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_witness_lets_exactly_one_side_of_a_pair_run() {
+    let Some(Setup {
+        names,
+        cleanup,
+        mut n1,
+        mut n2,
+        on_n1,
+        on_n2,
+    }) = setup("w").await
+    else {
+        return;
+    };
+    let keys = [
+        ("n1", n1._node.public_key_hex()),
+        ("n2", n2._node.public_key_hex()),
+    ];
+    let Some(witness) = Witness::start("127.0.0.53:7453", &keys) else {
+        return;
+    };
+    let at = witness.address.clone();
+
+    apply_ok(
+        &mut n1.client,
+        "start",
+        Action::StartVm(v1::StartVm { name: VM.into() }),
+    )
+    .await;
+    let beacon = control(
+        &n1.socket(),
+        &Request::SetBeacon {
+            target: Some(format!("{COLLECTOR_IP}:{BEACON_PORT}")),
+        },
+    );
+    assert!(beacon.ok, "{beacon:?}");
+    on_n1
+        .wait_count(20, "the unprotected primary's beacons")
+        .await;
+    let secondary = n2.ft("prepare-1", guarded(prepare(), &at)).await;
+    let protected = n1
+        .ft(
+            "protect-1",
+            guarded(start_ft(&secondary.listen_address), &at),
+        )
+        .await;
+    assert_eq!(protected.ft.expect("ft").phase, "protected");
+    let primary = n1
+        .wait_vm(Duration::from_secs(20), "n1 holds vm/ft-1", |vm| {
+            vm.ft.as_ref().is_some_and(|ft| ft.witness_holder == "n1")
+        })
+        .await;
+    println!("n1 guard: {}", primary.ft.as_ref().unwrap().guard);
+
+    // (1) kill -9 of the primary's VMM; nobody but the nodes and the witness acts.
+    let before = on_n1.count();
+    on_n1
+        .wait_count(before + 20, "beacons of the protected primary")
+        .await;
+    let killed_at = Instant::now();
+    // SAFETY: kill takes a pid and a signal number.
+    unsafe { libc::kill(primary.pid as i32, libc::SIGKILL) };
+    let promoted = n2
+        .wait_vm(Duration::from_secs(30), "n2 promotes by itself", |vm| {
+            vm.state == VmState::Running as i32
+        })
+        .await;
+    let ft = promoted.ft.clone().expect("ft");
+    assert_eq!(ft.witness_holder, "n2", "{ft:?}");
+    on_n2
+        .wait_count(30, "the promoted secondary's beacons")
+        .await;
+    let failover = on_n2.snapshot()[0].1 - killed_at;
+    let mut seen = on_n1.snapshot();
+    seen.extend(on_n2.snapshot());
+    check_counters(&seen);
+    println!(
+        "witness failover: kill -9 of the primary's VMM -> the promoted guest's first beacon {failover:?} (witness lease 1000 ms, grant {}); n2 guard: {}",
+        ft.witness_number, ft.guard
+    );
+    assert!(
+        ft.witness_number > primary.ft.as_ref().unwrap().witness_number,
+        "a new holder gets a higher number: {ft:?}"
+    );
+
+    // (2) The other way round: n2 primary (running alone, guarded), n1 secondary.
+    let secondary = n1.ft("prepare-2", guarded(prepare(), &at)).await;
+    let protected = n2
+        .ft(
+            "protect-2",
+            guarded(start_ft(&secondary.listen_address), &at),
+        )
+        .await;
+    assert_eq!(protected.ft.expect("ft").phase, "protected");
+    n2.wait_vm(
+        Duration::from_secs(20),
+        "n2 holds vm/ft-1 protected",
+        |vm| {
+            vm.ft
+                .as_ref()
+                .is_some_and(|ft| ft.guard.starts_with("protected, holding"))
+        },
+    )
+    .await;
+    let n1_beacons = on_n1.count();
+    // The silent partition: the underlay between the nodes goes down.
+    run(&["ip", "-n", &names[1], "link", "set", "nic0", "down"]);
+    let cut_at = Instant::now();
+    let alone = n2
+        .wait_vm(Duration::from_secs(30), "n2 runs alone", |vm| {
+            vm.ft.as_ref().is_some_and(|ft| ft.phase == "unprotected")
+        })
+        .await;
+    println!(
+        "partition: n2 (holding the grant) runs alone {:?} after the cut: {}",
+        cut_at.elapsed(),
+        alone.ft.as_ref().unwrap().guard
+    );
+    let released = on_n2.count();
+    on_n2
+        .wait_count(released + 50, "n2's beacons after it runs alone")
+        .await;
+    // n1's secondary saw no checkpoint for as long: refused, never promoted.
+    let waiting = n1
+        .wait_vm(Duration::from_secs(30), "n1's secondary is refused", |vm| {
+            vm.ft
+                .as_ref()
+                .is_some_and(|ft| ft.guard.contains("not promoted"))
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = n1.vm().await;
+    assert_eq!(still.state, VmState::Starting as i32, "{still:?}");
+    assert_eq!(
+        on_n1.count(),
+        n1_beacons,
+        "n1's secondary never ran: no beacon left n1 after the failover"
+    );
+    println!("n1 guard: {}", waiting.ft.unwrap().guard);
+    let mut seen = on_n1.snapshot();
+    seen.extend(on_n2.snapshot());
+    check_counters(&seen);
+    drop(witness);
     drop(cleanup);
 }

@@ -1,0 +1,483 @@
+//! The witness's side of fault tolerance on the node (issue 22 item 3): which side of
+//! a fault-tolerant pair may run when the two lose each other.
+//!
+//! `StartFt` and `PrepareFtSecondary` with a `witness` put the VM under guard here; one
+//! loop ([`run`], every [`EVERY`]) looks at each guarded VM's VMM (`ft-status`) and
+//! claims the VM's key `vm/NAME` at the witness (signed by this node's key, leaving
+//! from its `--listen` address), as the VMM's phase asks:
+//!
+//! | side, VMM phase | claim | granted | refused (another holds it) | witness unreachable |
+//! |---|---|---|---|---|
+//! | primary, protecting | renew | hold it: the secondary's claim is refused while this side lives | — (the holder promoted: fenced) | nothing: the secondary only claims once its link broke |
+//! | primary, `secondary-lost` | yes | `ft-stop`: release the held output and run alone | fence (the VMM is killed) | nothing: the output stays held |
+//! | secondary, `primary-lost` | yes | `ft-promote` (PromoteFt) | wait while the holder's grant runs out; once the holder renews it (it lives), `ft-stop` | nothing: never promotes without a grant |
+//! | running alone (`unprotected`, `promoted`) | renew | the VMM's fence deadline moves to the claim's SEND time + the lease | fence | nothing: the VMM stops at its deadline |
+//!
+//! At most one side ever holds the grant (the witness), the primary releases output
+//! only while a checkpoint's acknowledgement or its own grant says it may, and the
+//! secondary runs only with the grant: exactly one side runs on, and with the witness
+//! out of reach of both, neither runs alone (the primary holds its output, the
+//! secondary waits).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::auth::RequestSigner;
+use proto::v1;
+use vmm::control::wire::FtStatus;
+
+use crate::node::Node;
+
+/// How often each guarded VM is looked at and its grant renewed.
+pub const EVERY: Duration = Duration::from_millis(100);
+
+/// The witness lease asked for when the action names none.
+pub const DEFAULT_LEASE_MS: u64 = 1000;
+
+/// One guarded VM.
+#[derive(Debug, Clone, Default)]
+pub struct Guard {
+    /// The witness's `HOST:PORT`.
+    pub witness: String,
+    /// The lease asked for, ms.
+    pub lease_ms: u64,
+    /// Who holds `vm/NAME` as last answered.
+    pub holder: String,
+    /// The holder's grant number.
+    pub number: u64,
+    /// The last thing the guard did or saw, in words (Observe's `VmFt.guard`).
+    pub last: String,
+    /// Secondary, refused: the holder's grant end (`CLOCK_BOOTTIME` ns) at the first
+    /// refusal; a later end means the holder renewed it and lives.
+    refused_end_ns: u64,
+    /// Running alone after this guard's `ft-stop` or promotion.
+    alone: bool,
+    /// The end of this side's last grant (`CLOCK_BOOTTIME` ns; 0: none).
+    until_ns: u64,
+    /// Whether this guard set the VMM's fence deadline.
+    armed: bool,
+    /// The pair's progress (primary: last acknowledged; secondary: last complete
+    /// checkpoint) and when it last moved.
+    progress: Option<(u64, std::time::Instant)>,
+    /// Done: nothing more to guard (the VMM ended, fenced, or stopped).
+    done: bool,
+    /// Which [`Guards::set`] made it (a newer one replaces what an older look saw).
+    generation: u64,
+}
+
+/// The node's guarded VMs.
+#[derive(Debug, Default)]
+pub struct Guards {
+    table: Mutex<BTreeMap<String, Guard>>,
+    clients: Mutex<BTreeMap<String, Arc<proto::witness::WitnessClient>>>,
+}
+
+impl Guards {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Guard>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Puts `vm` under guard with `witness` (a new guard: what an older one saw is
+    /// forgotten). An empty witness takes it out of guard.
+    pub fn set(&self, vm: &str, witness: &str, lease_ms: u64) {
+        let mut table = self.lock();
+        let old = table.get(vm);
+        let generation = old.map_or(0, |old| old.generation) + 1;
+        // A fence deadline an older guard set stays the VMM's until this one moves it.
+        let (armed, until_ns) = old.map_or((false, 0), |old| (old.armed, old.until_ns));
+        if witness.is_empty() {
+            table.remove(vm);
+            return;
+        }
+        table.insert(
+            vm.to_owned(),
+            Guard {
+                witness: witness.to_owned(),
+                lease_ms: if lease_ms == 0 {
+                    DEFAULT_LEASE_MS
+                } else {
+                    lease_ms
+                },
+                last: "guarding".into(),
+                generation,
+                armed,
+                until_ns,
+                ..Guard::default()
+            },
+        );
+    }
+
+    /// Fills each guarded VM's `ft` block with the guard's view.
+    pub fn fill(&self, vms: &mut [v1::VmStatus]) {
+        let table = self.lock();
+        for vm in vms {
+            if let (Some(guard), Some(ft)) = (table.get(&vm.name), vm.ft.as_mut()) {
+                ft.witness = guard.witness.clone();
+                ft.witness_holder = guard.holder.clone();
+                ft.witness_number = guard.number;
+                ft.guard = guard.last.clone();
+            }
+        }
+    }
+
+    fn client(
+        &self,
+        node: &Node,
+        address: &str,
+        timeout: Duration,
+        local_address: Option<std::net::IpAddr>,
+    ) -> Result<Arc<proto::witness::WitnessClient>, String> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(client) = clients.get(address) {
+            return Ok(Arc::clone(client));
+        }
+        let client = Arc::new(proto::witness::WitnessClient::new(
+            address,
+            RequestSigner::new(node.identity.clone()),
+            timeout,
+            local_address,
+        )?);
+        clients.insert(address.to_owned(), Arc::clone(&client));
+        Ok(client)
+    }
+}
+
+/// What a claim came to.
+enum Claim {
+    /// Granted, valid until this `CLOCK_BOOTTIME` ns (the claim's send time + lease).
+    Granted(u64),
+    /// Another holds it, until this `CLOCK_BOOTTIME` ns as the witness counts.
+    Refused(u64),
+    /// No answer.
+    Unreachable(String),
+}
+
+async fn claim(
+    node: &Node,
+    vm: &str,
+    guard: &mut Guard,
+    local_address: Option<std::net::IpAddr>,
+) -> Claim {
+    let timeout = Duration::from_millis(guard.lease_ms / 3).max(EVERY);
+    let client = match node
+        .ft_guards
+        .client(node, &guard.witness, timeout, local_address)
+    {
+        Ok(client) => client,
+        Err(error) => return Claim::Unreachable(error),
+    };
+    let sent_ns = vmm::fence::boottime_ns();
+    match client
+        .claim(
+            &proto::witness::vm_key(vm),
+            &node.config.name,
+            guard.lease_ms,
+        )
+        .await
+    {
+        Ok(grant) => {
+            guard.holder = grant.holder.clone();
+            guard.number = grant.number;
+            let now = vmm::fence::boottime_ns();
+            if grant.granted {
+                Claim::Granted(sent_ns + grant.lease_ms.min(guard.lease_ms) * 1_000_000)
+            } else {
+                Claim::Refused(now + grant.valid_ms * 1_000_000)
+            }
+        }
+        Err(status) => Claim::Unreachable(status.message().to_owned()),
+    }
+}
+
+/// The VMM's fault-tolerance status, `None` when it does not answer or is no side.
+async fn status_of(node: &Node, vm: &str) -> Option<FtStatus> {
+    let (dir, _, pid) = node.vms.run_state(vm).await?;
+    if pid == 0 {
+        return None;
+    }
+    let hypervisor = node.vms.hypervisor();
+    let socket = dir.join("control.sock");
+    tokio::task::spawn_blocking(move || hypervisor.status(&socket, crate::vms::CONTROL_TIMEOUT))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|status| status.ft)
+}
+
+/// Ends the VMM of `vm`: the witness gave the other side the VM.
+async fn fence(node: &Node, vm: &str, why: &str) {
+    eprintln!("cairn-node: ft: fencing vm {vm}: {why}");
+    node.vms.fence_now(vm, why).await;
+}
+
+/// Pushes the grant's end into the VMM as its fence deadline.
+async fn push_deadline(node: &Node, vm: &str, until_ns: u64) -> Result<(), String> {
+    let Some((dir, _, pid)) = node.vms.run_state(vm).await else {
+        return Ok(());
+    };
+    if pid == 0 {
+        return Ok(());
+    }
+    let hypervisor = node.vms.hypervisor();
+    let socket = dir.join("control.sock");
+    tokio::task::spawn_blocking(move || hypervisor.set_fence(&socket, until_ns))
+        .await
+        .map_err(|error| error.to_string())?
+}
+
+/// How long a pair's checkpoints may stop advancing (no acknowledgement on the
+/// primary, no new complete checkpoint on the secondary) before the guard takes the
+/// link for lost: a silent partition blocks the VMMs' reads without an error.
+pub fn stale_after(epoch_ms: u64) -> Duration {
+    Duration::from_millis((epoch_ms * 20).max(2000))
+}
+
+/// The guard's view of the pair's progress: false when its checkpoints stopped.
+fn advancing(guard: &mut Guard, status: &FtStatus) -> bool {
+    let progress = if status.role == "primary" {
+        status.last_acked
+    } else {
+        status.epoch
+    };
+    let now = std::time::Instant::now();
+    match guard.progress {
+        Some((seen, _)) if seen == progress => {}
+        _ => guard.progress = Some((progress, now)),
+    }
+    guard
+        .progress
+        .is_none_or(|(_, at)| now.duration_since(at) < stale_after(status.epoch_ms))
+}
+
+/// The other side has it: the VMM is ended.
+async fn lost(node: &Node, vm: &str, guard: &mut Guard, when: &str) {
+    let why = format!(
+        "{when}the witness {} gave {} to {} (grant {})",
+        guard.witness,
+        proto::witness::vm_key(vm),
+        guard.holder,
+        guard.number
+    );
+    fence(node, vm, &why).await;
+    guard.last = format!("fenced: {why}");
+    guard.done = true;
+}
+
+/// Arms the VMM's fence at `until` (the end of this side's grant).
+async fn arm(node: &Node, vm: &str, guard: &mut Guard, until: u64) -> bool {
+    match push_deadline(node, vm, until).await {
+        Ok(()) => {
+            guard.armed = true;
+            true
+        }
+        Err(error) => {
+            guard.last = format!("could not push the grant's end as its fence deadline: {error}");
+            false
+        }
+    }
+}
+
+/// One look at one guarded VM; the guard's new state.
+async fn tend(
+    node: &Node,
+    vm: &str,
+    mut guard: Guard,
+    local_address: Option<std::net::IpAddr>,
+) -> Guard {
+    let Some(status) = status_of(node, vm).await else {
+        let running = node
+            .vms
+            .run_state(vm)
+            .await
+            .is_some_and(|(_, _, pid)| pid != 0);
+        if !running {
+            guard.last = "its VMM does not run here: nothing to guard".into();
+            guard.done = true;
+        }
+        return guard;
+    };
+    let key = proto::witness::vm_key(vm);
+    let alone = guard.alone
+        || (status.role == "primary" && status.phase == "unprotected")
+        || (status.role == "secondary" && status.phase == "promoted");
+    let healthy = advancing(&mut guard, &status);
+    let primary = status.role == "primary";
+    let protecting = matches!(
+        status.phase.as_str(),
+        "connecting" | "initial-copy" | "protected"
+    );
+    if alone {
+        match claim(node, vm, &mut guard, local_address).await {
+            Claim::Granted(until) => {
+                guard.alone = true;
+                guard.until_ns = until;
+                if arm(node, vm, &mut guard, until).await {
+                    guard.last = format!("runs alone, holding {key} (grant {})", guard.number);
+                }
+            }
+            Claim::Refused(_) => lost(node, vm, &mut guard, "").await,
+            Claim::Unreachable(error) => {
+                guard.last = format!(
+                    "runs alone; the witness {} does not answer ({error}): the VMM stops at the end of its grant",
+                    guard.witness
+                );
+            }
+        }
+    } else if primary && protecting && (healthy || status.phase != "protected") {
+        // Protecting: hold the key, so that a secondary whose link broke cannot be
+        // promoted while this side lives. No deadline: a witness outage alone does not
+        // stop a healthy pair (the secondary claims only once its link is lost).
+        match claim(node, vm, &mut guard, local_address).await {
+            Claim::Granted(until) => {
+                guard.until_ns = until;
+                if guard.armed && push_deadline(node, vm, 0).await.is_ok() {
+                    guard.armed = false;
+                }
+                guard.last = format!("protected, holding {key} (grant {})", guard.number);
+            }
+            Claim::Refused(_) => {
+                lost(node, vm, &mut guard, "while this primary was protected, ").await
+            }
+            Claim::Unreachable(error) => {
+                guard.last = format!(
+                    "protected; the witness {} does not answer ({error})",
+                    guard.witness
+                )
+            }
+        }
+    } else if primary && (protecting || status.phase == "secondary-lost") {
+        // The secondary is lost (its link broke, or checkpoints stopped being
+        // acknowledged): run alone only with the grant; meanwhile the output stays held
+        // and the VMM stops at the end of the last grant.
+        let trouble = if status.phase == "secondary-lost" {
+            "secondary lost"
+        } else {
+            "no checkpoint acknowledged lately"
+        };
+        match claim(node, vm, &mut guard, local_address).await {
+            Claim::Granted(until) if vmm::fence::boottime_ns() + 50_000_000 < until => {
+                guard.until_ns = until;
+                // Within the grant: the secondary cannot be promoted before it lapses.
+                if arm(node, vm, &mut guard, until).await {
+                    match node.vms.stop_ft(vm).await {
+                        Ok(_) => {
+                            guard.alone = true;
+                            guard.last = format!(
+                                "{trouble}; won {key} (grant {}): runs alone, its held output released",
+                                guard.number
+                            );
+                            eprintln!("cairn-node: ft: vm {vm}: {}", guard.last);
+                        }
+                        Err(error) => guard.last = format!("ft-stop failed: {}", error.message()),
+                    }
+                }
+            }
+            Claim::Granted(_) => guard.last = format!("{trouble}; the grant came too late to use"),
+            Claim::Refused(_) => lost(node, vm, &mut guard, &format!("{trouble}, and ")).await,
+            Claim::Unreachable(error) => {
+                if !guard.armed && guard.until_ns > 0 {
+                    let until = guard.until_ns;
+                    arm(node, vm, &mut guard, until).await;
+                }
+                guard.last = format!(
+                    "{trouble}; the witness {} does not answer ({error}): the output stays held and the VMM stops at the end of its last grant",
+                    guard.witness
+                );
+            }
+        }
+    } else if !primary
+        && (status.phase == "primary-lost" || (status.phase == "protected" && !healthy))
+    {
+        let broken = status.phase == "primary-lost";
+        match claim(node, vm, &mut guard, local_address).await {
+            Claim::Granted(_) => {
+                let promoted = node.vms.promote_ft(vm, node.config.vm_start_timeout).await;
+                match promoted {
+                    Ok(_) => {
+                        guard.alone = true;
+                        guard.last =
+                            format!("primary lost; won {key} (grant {}): promoted", guard.number);
+                        eprintln!("cairn-node: ft: vm {vm}: {}", guard.last);
+                    }
+                    Err(error) => {
+                        guard.last =
+                            format!("won {key} but the promotion failed: {}", error.message())
+                    }
+                }
+            }
+            Claim::Refused(until) => {
+                if guard.refused_end_ns == 0 {
+                    guard.refused_end_ns = until;
+                }
+                // The holder renewed since the first refusal: it lives. With the link
+                // broken (its primary VMM is gone or ended it), this secondary gives up;
+                // with checkpoints only stalled, it waits (never promoted meanwhile).
+                let renewed = until > guard.refused_end_ns + 2 * EVERY.as_nanos() as u64;
+                if renewed && broken {
+                    let stopped = node.vms.stop_ft(vm).await;
+                    guard.last = format!(
+                        "primary lost, and {} renews {key} (grant {}): this secondary gave up{}",
+                        guard.holder,
+                        guard.number,
+                        stopped
+                            .err()
+                            .map(|e| format!(" (ft-stop: {})", e.message()))
+                            .unwrap_or_default()
+                    );
+                    eprintln!("cairn-node: ft: vm {vm}: {}", guard.last);
+                    guard.done = true;
+                } else {
+                    guard.last = format!(
+                        "{}; {} holds {key} (grant {}) for {} ms more: not promoted",
+                        if broken {
+                            "primary lost"
+                        } else {
+                            "no checkpoint lately"
+                        },
+                        guard.holder,
+                        guard.number,
+                        until.saturating_sub(vmm::fence::boottime_ns()) / 1_000_000
+                    );
+                }
+            }
+            Claim::Unreachable(error) => {
+                guard.last = format!(
+                    "primary lost; the witness {} does not answer ({error}): not promoted",
+                    guard.witness
+                )
+            }
+        }
+    } else {
+        guard.refused_end_ns = 0;
+        guard.last = format!("{} {}: nothing to claim", status.role, status.phase);
+    }
+    guard
+}
+
+/// The guard loop: every [`EVERY`], each guarded VM is tended (see the module's table).
+pub async fn run(node: Arc<Node>, local_address: Option<std::net::IpAddr>) {
+    loop {
+        let tick = tokio::time::Instant::now();
+        let guarded: Vec<(String, Guard)> = node
+            .ft_guards
+            .lock()
+            .iter()
+            .filter(|(_, guard)| !guard.done)
+            .map(|(vm, guard)| (vm.clone(), guard.clone()))
+            .collect();
+        for (vm, guard) in guarded {
+            let generation = guard.generation;
+            let tended = tend(&node, &vm, guard, local_address).await;
+            let mut table = node.ft_guards.lock();
+            // Unless a new guard replaced it meanwhile.
+            if table
+                .get(&vm)
+                .is_some_and(|kept| kept.generation == generation)
+            {
+                table.insert(vm, tended);
+            }
+        }
+        tokio::time::sleep_until(tick + EVERY).await;
+    }
+}
