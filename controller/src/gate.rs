@@ -17,7 +17,7 @@
 use compiler::model::Reconcile;
 use policy::eval::Override;
 use reconciler::plan::{ChangeKind, Plan};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The limits a sync is judged by, and where they come from.
 #[derive(Debug, Clone)]
@@ -68,6 +68,32 @@ pub struct Hold {
     pub kind: &'static str,
     /// For people.
     pub reason: String,
+}
+
+/// A hold as recorded (controller replicas share the held plan through etcd).
+#[derive(Deserialize)]
+struct HoldRecord {
+    kind: String,
+    reason: String,
+}
+
+impl<'de> serde::Deserialize<'de> for Hold {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Hold, D::Error> {
+        let record = HoldRecord::deserialize(d)?;
+        let kind = ["auto-apply", "freeze", "blast-radius"]
+            .into_iter()
+            .find(|k| *k == record.kind)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "unknown hold `{}`: expected auto-apply, freeze or blast-radius",
+                    record.kind
+                ))
+            })?;
+        Ok(Hold {
+            kind,
+            reason: record.reason,
+        })
+    }
 }
 
 /// The changes that count against the blast radius: deletes, replacements,
@@ -210,7 +236,7 @@ pub fn human_secs(secs: i64) -> String {
 }
 
 /// A plan held for approval (`GET /api/v1/plans`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeldPlan {
     /// The plan id to approve.
     pub plan_id: String,

@@ -40,10 +40,9 @@ use std::time::Duration;
 
 use compiler::place::Placement;
 use reconciler::desired::DesiredNode;
-use reconciler::epochs::{EpochAuthority, Install, VolumeEpoch};
+use reconciler::epochs::{EpochAuthority, EpochStore, Install, VolumeEpoch};
 use reconciler::nodes::NodeApi;
 use reconciler::observe::{NodeObservation, Observed};
-use reconciler::state::RedbStore;
 
 use crate::Shared;
 use crate::events::Event;
@@ -260,7 +259,7 @@ fn candidates_of(
 /// One rebuild check (see the module documentation).
 pub async fn tend(
     shared: &Shared,
-    store: &RedbStore,
+    store: &dyn EpochStore,
     model: &compiler::Model,
     spec: &BTreeMap<String, DesiredNode>,
     placement: &Placement,
@@ -425,7 +424,7 @@ fn replaced(state: &VolumeEpoch, lost: &BTreeSet<String>, leaving: &BTreeSet<Str
 /// copies it replaces.
 async fn add(
     shared: &Shared,
-    store: &RedbStore,
+    store: &dyn EpochStore,
     spec: &BTreeMap<String, DesiredNode>,
     state: &VolumeEpoch,
     node: &str,
@@ -481,7 +480,7 @@ async fn add(
 /// then the writer, which deletes it on its node if that answers.
 async fn drop_copy(
     shared: &Shared,
-    store: &RedbStore,
+    store: &dyn EpochStore,
     spec: &BTreeMap<String, DesiredNode>,
     state: &VolumeEpoch,
     node: &str,

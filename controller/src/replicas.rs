@@ -16,22 +16,24 @@
 //!
 //! Node leases are shared too: each replica records the grants it gives in etcd and
 //! sees everyone's (`state_etcd::NodeLeases`, used by `lease::Leases`), so a new
-//! leader knows the grants its predecessor gave. What stays per replica: the event
-//! log (`events.redb`: what this replica did), the volume epochs (`state.redb` in the
-//! data directory: not yet in etcd) and held plans; the applied commit, the nodes in
-//! maintenance and the pause are etcd's `controller/…` records.
+//! leader knows the grants its predecessor gave. The volume epochs are in etcd too
+//! ([`ControllerStore::epoch_store`]). What stays per replica: the event log
+//! (`events.redb`: what this replica did) and held plans; the applied commit, the
+//! nodes in maintenance and the pause are etcd's `controller/…` records.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use proto::fence::SharedFence;
 use reconciler::desired::Placement;
+use reconciler::epochs::{EpochChange, EpochStore, Swapped, VolumeEpoch};
 use reconciler::state::{
     Applied, AuditEntry, LockInfo, PlanRecord, RedbStore, StateError, StateStore, StepRecord,
 };
 use state_etcd::{Election, EtcdStore, NodeLeases};
 
 use crate::Shared;
+use crate::gate::HeldPlan;
 
 /// The leader election's lease TTL (`CAIRN_ETCD_LEASE_TTL_S`, whole seconds, at least
 /// 2; default 3).
@@ -145,9 +147,71 @@ pub fn refusal(shared: &Shared) -> Option<String> {
     ))
 }
 
+/// The etcd record (`PREFIX/controller/held`) of the plan held for approval.
+const HELD: &str = "held";
+
+/// The plan held for approval (`GET /api/v1/plans`, the approval's check, the
+/// console). A follower reads the leader's from etcd (its own is not kept); the
+/// leader and a single controller answer from `Shared::held`.
+pub fn held_plan(shared: &Shared) -> Option<HeldPlan> {
+    held_in(shared.replicas.as_ref(), &shared.held)
+}
+
+/// Holds `plan` for approval (or none): kept in `Shared::held` and, with replicas,
+/// written to etcd (fenced: only the leader's lands) when it changed, so that every
+/// replica shows it and a new leader takes it over.
+pub fn set_held_plan(shared: &Shared, plan: Option<HeldPlan>) {
+    set_held_in(shared.replicas.as_ref(), &shared.held, plan);
+}
+
+/// With replicas, at the top of every round as leader: the held plan recorded in
+/// etcd (a new leader holds its predecessor's plan at once, so `cairn sync
+/// --approve ID` reaches it before its first sync holds the head again).
+pub fn follow_shared_held(shared: &Shared) {
+    follow_held_in(shared.replicas.as_ref(), &shared.held);
+}
+
+type HeldSlot = std::sync::Mutex<Option<HeldPlan>>;
+
+fn held_in(replicas: Option<&Replicas>, local: &HeldSlot) -> Option<HeldPlan> {
+    if let Some(replicas) = replicas
+        && replicas.election.acting_token().is_err()
+    {
+        match replicas.store.controller_record::<Option<HeldPlan>>(HELD) {
+            Ok(held) => return held.flatten(),
+            Err(e) => eprintln!("cairn controller: the shared held plan: {e}"),
+        }
+    }
+    local.lock().expect("held lock").clone()
+}
+
+fn set_held_in(replicas: Option<&Replicas>, local: &HeldSlot, plan: Option<HeldPlan>) {
+    let mut held = local.lock().expect("held lock");
+    if *held == plan {
+        return;
+    }
+    if let Some(replicas) = replicas
+        && let Err(e) = replicas.store.set_controller_record(HELD, &plan)
+    {
+        eprintln!("cairn controller: cannot record the held plan in the shared store: {e}");
+    }
+    *held = plan;
+}
+
+fn follow_held_in(replicas: Option<&Replicas>, local: &HeldSlot) {
+    let Some(replicas) = replicas else {
+        return;
+    };
+    match replicas.store.controller_record::<Option<HeldPlan>>(HELD) {
+        Ok(recorded) => *local.lock().expect("held lock") = recorded.flatten(),
+        Err(e) => eprintln!("cairn controller: the shared held plan: {e}"),
+    }
+}
+
 /// The controller's state store: the shared etcd store with replicas, else the redb
-/// file. It dereferences to the data directory's redb store, which keeps the volume
-/// epochs in both cases (`reconciler::epochs` is redb only so far).
+/// file. The volume epochs (`reconciler::epochs::EpochStore`) are where the rest is:
+/// in etcd with replicas, so a new leader holds every epoch its predecessor raised.
+/// It dereferences to the data directory's redb store.
 #[derive(Debug)]
 pub struct ControllerStore {
     local: RedbStore,
@@ -170,6 +234,16 @@ impl ControllerStore {
     }
 }
 
+impl ControllerStore {
+    /// Where the volume epochs are: etcd with replicas, else the redb file.
+    pub fn epoch_store(&self) -> &dyn EpochStore {
+        match &self.shared {
+            Some(store) => store,
+            None => &self.local,
+        }
+    }
+}
+
 impl std::ops::Deref for ControllerStore {
     type Target = RedbStore;
 
@@ -182,6 +256,11 @@ impl std::ops::Deref for ControllerStore {
 macro_rules! delegate {
     ($( fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
         impl StateStore for ControllerStore {
+            // The volumes' epochs stay in the data directory's redb store.
+            fn epoch_authority(&self) -> Option<reconciler::epochs::EpochAuthority<'_>> {
+                Some(reconciler::epochs::EpochAuthority::new(&self.local))
+            }
+
             $(
                 fn $name(&self $(, $arg: $ty)*) -> $ret {
                     match &self.shared {
@@ -213,4 +292,285 @@ delegate! {
     fn journal_of(&self, execution_id: &str) -> Result<Vec<StepRecord>, StateError>;
     fn audit(&self, event: &str, detail: serde_json::Value) -> Result<(), StateError>;
     fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError>;
+}
+
+impl EpochStore for ControllerStore {
+    fn epoch_store_name(&self) -> String {
+        self.epoch_store().epoch_store_name()
+    }
+
+    fn epoch(&self, volume: &str) -> Result<Option<VolumeEpoch>, StateError> {
+        self.epoch_store().epoch(volume)
+    }
+
+    fn epochs(&self) -> Result<Vec<VolumeEpoch>, StateError> {
+        self.epoch_store().epochs()
+    }
+
+    fn epoch_journal(&self, volume: &str) -> Result<Vec<EpochChange>, StateError> {
+        self.epoch_store().epoch_journal(volume)
+    }
+
+    fn swap_epoch(
+        &self,
+        expected: Option<u64>,
+        change: &EpochChange,
+    ) -> Result<Swapped, StateError> {
+        self.epoch_store().swap_epoch(expected, change)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+
+    use reconciler::epochs::{EpochAuthority, EpochError};
+
+    use super::*;
+
+    const CHILD: &str = "CAIRN_TEST_EPOCH_LEADER";
+    const NAME: &str = "replicas::tests::the_epochs_and_the_held_plan_a_leader_recorded_are_the_next_leaders_after_a_kill_9";
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A replica as the controller makes it: its epochs in etcd when replicated.
+    fn replica(url: &str, me: &str, dir: &std::path::Path) -> (Replicas, ControllerStore) {
+        let replicas = Replicas::start(url, me, SharedFence::default()).unwrap();
+        let local =
+            RedbStore::open(&dir.join(format!("{}.redb", me.replace(['/', ':'], "_")))).unwrap();
+        let store = ControllerStore {
+            local,
+            shared: Some(replicas.store.clone()),
+        };
+        (replicas, store)
+    }
+
+    fn plan() -> HeldPlan {
+        HeldPlan {
+            plan_id: "p-1234".to_owned(),
+            commit: "c0ffee".repeat(6),
+            at: "2026-12-03T00:00:00.000Z".to_owned(),
+            holds: vec![crate::gate::Hold {
+                kind: "auto-apply",
+                reason: "auto-apply is off".to_owned(),
+            }],
+            destructive: vec!["delete vm web-1 on lab-1".to_owned()],
+            summary: Default::default(),
+            steps: 3,
+        }
+    }
+
+    /// The held plan recorded in etcd, as any replica reads it.
+    fn recorded(replicas: &Replicas) -> Option<HeldPlan> {
+        replicas
+            .store
+            .controller_record::<Option<HeldPlan>>(HELD)
+            .unwrap()
+            .flatten()
+    }
+
+    fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `f` as the leader: waits until this replica leads, and again after a term
+    /// that lapsed meanwhile (under load a keepalive can go unanswered for a TTL; the
+    /// write is then refused before it is sent, or by etcd's fencing compare).
+    fn as_leader<T>(replicas: &Replicas, mut f: impl FnMut() -> Result<T, EpochError>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            wait("this replica leads", Duration::from_secs(90), || {
+                replicas.election.acting_token().is_ok()
+            });
+            match f() {
+                Err(EpochError::State(StateError::Fenced { why, .. })) => {
+                    assert!(Instant::now() < deadline, "fenced until the end: {why}");
+                    eprintln!("fenced ({why}); again with the next term");
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
+    /// The first leader, in a process of its own (this test binary run again): it
+    /// leads, raises the volume's epoch twice, says so, and waits to be killed.
+    fn leader_child(url: &str) {
+        let dir = std::env::temp_dir().join(format!("cairn-epoch-leader-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (replicas, store) = replica(url, "http://127.0.0.36:1", &dir);
+        let authority = EpochAuthority::new(store.epoch_store());
+        let abc = names(&["a", "b", "c"]);
+        // Each step only if not done yet, so a term that lapsed between two is resumed.
+        let moved = as_leader(&replicas, || {
+            let state = match authority.get("vol")? {
+                Some(state) => state,
+                None => authority.adopt("vol", "a", &abc, &abc, 0, "first seen")?,
+            };
+            if state.epoch > 1 {
+                return Ok(state);
+            }
+            authority.fail_over("vol", state.epoch, &names(&["a"]), "b", "node a failed")
+        });
+        // A plan held for approval, recorded as the worker does.
+        let slot = std::sync::Mutex::new(None);
+        as_leader(&replicas, || {
+            set_held_in(Some(&replicas), &slot, Some(plan()));
+            if recorded(&replicas) == Some(plan()) {
+                return Ok(());
+            }
+            // Not written (the term lapsed): the next term writes it again.
+            *slot.lock().unwrap() = None;
+            Err(EpochError::State(StateError::Fenced {
+                url: url.to_owned(),
+                why: "the held plan was not recorded".to_owned(),
+            }))
+        });
+        println!(
+            "EPOCH {} TOKEN {}",
+            moved.epoch,
+            replicas.election.status().token
+        );
+        // Nothing in the local file: a successor could not read it.
+        assert!(store.local.epoch("vol").unwrap().is_none());
+        std::thread::sleep(Duration::from_secs(120));
+        std::process::exit(1);
+    }
+
+    /// Kills the first leader if the test ends early.
+    struct Child(std::process::Child);
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    #[test]
+    fn the_epochs_and_the_held_plan_a_leader_recorded_are_the_next_leaders_after_a_kill_9() {
+        if let Ok(url) = std::env::var(CHILD) {
+            return leader_child(&url);
+        }
+        if let Err(why) = state_etcd::testing::binary() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("cairn-replica-epochs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let etcd = state_etcd::testing::Etcd::start("127.0.0.35", 23804, &dir).expect("etcd");
+        let url = etcd.url("epochs");
+        let mut child = Child(
+            std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(CHILD, &url)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        // Its line, read on a thread so a silent child fails the test on time.
+        let stdout = child.0.stdout.take().unwrap();
+        let (lines, said) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                // After the harness's "test NAME ... " on the same line.
+                if let Some(at) = line.find("EPOCH ") {
+                    let _ = lines.send(line[at + "EPOCH ".len()..].to_owned());
+                }
+            }
+        });
+        let line = said
+            .recv_timeout(Duration::from_secs(90))
+            .expect("the first leader raised the epoch");
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let (epoch, first_token): (u64, i64) =
+            (parts[0].parse().unwrap(), parts[2].parse().unwrap());
+        assert_eq!(epoch, 2);
+
+        // A second replica, a follower while the first lives, reads the epoch there.
+        let (replicas, store) = replica(&url, "http://127.0.0.37:1", &dir);
+        let authority = EpochAuthority::new(store.epoch_store());
+        let held = authority.get("vol").unwrap().unwrap();
+        assert_eq!((held.epoch, held.writer.as_str()), (2, "b"));
+        assert_eq!(held.in_sync, names(&["b", "c"]));
+        assert!(store.local.epoch("vol").unwrap().is_none());
+        // And the held plan: a follower shows the leader's.
+        let slot = std::sync::Mutex::new(None);
+        assert_eq!(held_in(Some(&replicas), &slot), Some(plan()));
+
+        // kill -9 of the leader; the follower leads once its lease lapsed.
+        let killed = Instant::now();
+        // SAFETY: kill(2) of the child this test spawned.
+        assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGKILL) }, 0);
+        let _ = child.0.wait();
+        wait("the second replica leads", Duration::from_secs(60), || {
+            replicas.election.acting_token().is_ok()
+        });
+        let token = replicas.election.status().token;
+        assert!(token > first_token, "token {token} after {first_token}");
+        eprintln!(
+            "the second replica leads {} ms after the kill -9 (token {token})",
+            killed.elapsed().as_millis()
+        );
+
+        // The new leader holds the epoch its predecessor set, with its journal, and
+        // carries on from it; a change from an older epoch is refused.
+        let held = authority.get("vol").unwrap().unwrap();
+        assert_eq!((held.epoch, held.writer.as_str()), (2, "b"));
+        let conflict = authority.raise_epoch("vol", 1, "stale").unwrap_err();
+        assert!(
+            matches!(
+                conflict,
+                EpochError::Conflict {
+                    expected: 1,
+                    found: 2,
+                    ..
+                }
+            ),
+            "{conflict}"
+        );
+        let back = as_leader(&replicas, || {
+            authority.add_copy("vol", 2, "a", "a caught up")
+        });
+        assert_eq!(back.epoch, 3);
+        // The plan held by the killed leader is this one's at the top of its round:
+        // `cairn sync --approve p-1234` finds it here.
+        follow_held_in(Some(&replicas), &slot);
+        assert_eq!(held_in(Some(&replicas), &slot), Some(plan()));
+        // Released (a new commit, or carried out): no replica shows it any more.
+        as_leader(&replicas, || {
+            set_held_in(Some(&replicas), &slot, None);
+            if recorded(&replicas).is_none() {
+                return Ok(());
+            }
+            *slot.lock().unwrap() = Some(plan());
+            Err(EpochError::State(StateError::Fenced {
+                url: url.clone(),
+                why: "the release was not recorded".to_owned(),
+            }))
+        });
+        let changes: Vec<String> = authority
+            .journal("vol")
+            .unwrap()
+            .into_iter()
+            .map(|c| c.change)
+            .collect();
+        assert_eq!(
+            changes,
+            ["adopted", "writer a → b, removed copy a", "added copy a"]
+        );
+        drop(replicas);
+        drop(etcd);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -73,7 +73,7 @@ pub async fn sync_handler(State(shared): State<Arc<Shared>>, body: axum::body::B
 
 /// `GET /api/v1/plans`.
 pub async fn plans_handler(State(shared): State<Arc<Shared>>) -> Response {
-    let held = shared.held.lock().expect("held lock").clone();
+    let held = crate::replicas::held_plan(&shared);
     axum::Json(json!({"plans": held.into_iter().collect::<Vec<_>>()})).into_response()
 }
 
@@ -83,7 +83,7 @@ pub async fn approve_handler(
     UrlPath(plan_id): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Response {
-    let held = shared.held.lock().expect("held lock").clone();
+    let held = crate::replicas::held_plan(&shared);
     let Some(held) = held else {
         return conflict(format!(
             "no plan is held, so plan {plan_id} was not carried out (`cairn sync` syncs the branch head now)"

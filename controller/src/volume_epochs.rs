@@ -19,10 +19,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use reconciler::desired::DesiredNode;
-use reconciler::epochs::{EpochAuthority, Install, Unavailable};
+use reconciler::epochs::{EpochAuthority, EpochStore, Install, Unavailable};
 use reconciler::nodes::NodeApi;
 use reconciler::observe::Observed;
-use reconciler::state::RedbStore;
 
 use crate::Shared;
 use crate::events::Event;
@@ -43,7 +42,7 @@ pub struct Tended {
 /// Tends the volumes' epochs from one observation (see the module documentation).
 pub async fn tend(
     shared: &Shared,
-    store: &RedbStore,
+    store: &dyn EpochStore,
     nodes: &BTreeMap<String, DesiredNode>,
     observed: &Observed,
     failed: &BTreeSet<String>,
@@ -164,7 +163,7 @@ pub async fn tend(
 /// not asked.
 pub async fn set_clients(
     shared: &Shared,
-    store: &RedbStore,
+    store: &dyn EpochStore,
     desired: &reconciler::desired::Desired,
     observed: &Observed,
     unreachable: &BTreeSet<String>,
@@ -311,7 +310,7 @@ async fn push_peers(
 }
 
 /// The writers the authority holds now (runtime volume name → node), without tending.
-pub fn writers(store: &RedbStore) -> BTreeMap<String, String> {
+pub fn writers(store: &dyn EpochStore) -> BTreeMap<String, String> {
     tokio::task::block_in_place(|| EpochAuthority::new(store).all())
         .unwrap_or_default()
         .into_iter()

@@ -175,6 +175,7 @@ pub(crate) async fn run(
         }
         w.follow_shared_applied();
         w.follow_shared_pause();
+        crate::replicas::follow_shared_held(&w.shared);
         w.update_watches();
         let asked = w.take_requests();
         if asked.iter().any(|r| r.ask == crate::sync_api::Ask::Sync) {
@@ -588,7 +589,7 @@ impl Worker {
             reason,
         };
         if result != "held" {
-            *self.shared.held.lock().expect("held lock") = None;
+            crate::replicas::set_held_plan(&self.shared, None);
         }
         let _ = self.shared.events.put("last_sync", &last);
         self.shared.view.lock().expect("view lock").last_sync = Some(last);

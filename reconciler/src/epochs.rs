@@ -125,21 +125,55 @@ fn decode<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// The epoch authority over a state store.
-#[derive(Debug, Clone, Copy)]
-pub struct EpochAuthority<'a> {
-    store: &'a RedbStore,
+/// What [`EpochStore::swap_epoch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swapped {
+    /// The new state and its journal record were stored, in one transaction.
+    Stored,
+    /// Nothing was written: the volume is at this epoch (`None`: it has none), not at
+    /// the one expected.
+    Found(Option<u64>),
 }
 
-impl<'a> EpochAuthority<'a> {
-    /// The authority kept in `store`.
-    pub fn new(store: &'a RedbStore) -> Self {
-        Self { store }
+/// Where the authority keeps the epochs and their journal: the data directory's
+/// `state.redb` ([`RedbStore`], one controller) or etcd (`state_etcd::EtcdStore`,
+/// shared by controller replicas, so a new leader holds its predecessor's epochs).
+///
+/// Every change goes through [`EpochStore::swap_epoch`], a compare-and-swap on the
+/// volume's epoch: epochs only grow (each change raises it by at least one), so
+/// comparing the epoch number compares the whole state.
+pub trait EpochStore: Send + Sync {
+    /// Where the epochs are (for messages).
+    fn epoch_store_name(&self) -> String;
+    /// The current epoch of a volume.
+    fn epoch(&self, volume: &str) -> Result<Option<VolumeEpoch>, StateError>;
+    /// Every volume's current epoch, by name.
+    fn epochs(&self) -> Result<Vec<VolumeEpoch>, StateError>;
+    /// The journal of a volume's changes, oldest first.
+    fn epoch_journal(&self, volume: &str) -> Result<Vec<EpochChange>, StateError>;
+    /// Stores `change.state` as its volume's epoch and journals `change` under
+    /// `VOLUME/EPOCH`, both or neither, only when the volume is at `expected` (`None`:
+    /// the authority holds no epoch of it yet).
+    fn swap_epoch(
+        &self,
+        expected: Option<u64>,
+        change: &EpochChange,
+    ) -> Result<Swapped, StateError>;
+}
+
+/// The journal key of a volume's change to `epoch` (zero-padded: key order is epoch
+/// order).
+pub fn journal_key(volume: &str, epoch: u64) -> String {
+    format!("{volume}/{epoch:020}")
+}
+
+impl EpochStore for RedbStore {
+    fn epoch_store_name(&self) -> String {
+        self.path().display().to_string()
     }
 
-    /// The current epoch of a volume.
-    pub fn get(&self, volume: &str) -> Result<Option<VolumeEpoch>, EpochError> {
-        Ok(self.store.with_database(|database, path| {
+    fn epoch(&self, volume: &str) -> Result<Option<VolumeEpoch>, StateError> {
+        self.with_database(|database, path| {
             let transaction = database
                 .begin_write()
                 .map_err(|e| redb_err(path, "begin")(e.into()))?;
@@ -159,12 +193,11 @@ impl<'a> EpochAuthority<'a> {
                 .commit()
                 .map_err(|e| redb_err(path, "commit")(e.into()))?;
             Ok(found)
-        })?)
+        })
     }
 
-    /// Every volume's current epoch, by name.
-    pub fn all(&self) -> Result<Vec<VolumeEpoch>, EpochError> {
-        Ok(self.store.with_database(|database, path| {
+    fn epochs(&self) -> Result<Vec<VolumeEpoch>, StateError> {
+        self.with_database(|database, path| {
             let transaction = database
                 .begin_write()
                 .map_err(|e| redb_err(path, "begin")(e.into()))?;
@@ -182,13 +215,12 @@ impl<'a> EpochAuthority<'a> {
                 .commit()
                 .map_err(|e| redb_err(path, "commit")(e.into()))?;
             Ok(out)
-        })?)
+        })
     }
 
-    /// The journal of a volume's epoch changes, oldest first.
-    pub fn journal(&self, volume: &str) -> Result<Vec<EpochChange>, EpochError> {
+    fn epoch_journal(&self, volume: &str) -> Result<Vec<EpochChange>, StateError> {
         let prefix = format!("{volume}/");
-        Ok(self.store.with_database(|database, path| {
+        self.with_database(|database, path| {
             let transaction = database
                 .begin_write()
                 .map_err(|e| redb_err(path, "begin")(e.into()))?;
@@ -212,12 +244,96 @@ impl<'a> EpochAuthority<'a> {
                 .commit()
                 .map_err(|e| redb_err(path, "commit")(e.into()))?;
             Ok(out)
-        })?)
+        })
+    }
+
+    fn swap_epoch(
+        &self,
+        expected: Option<u64>,
+        change: &EpochChange,
+    ) -> Result<Swapped, StateError> {
+        let volume = change.state.volume.as_str();
+        self.with_database(|database, path| {
+            let transaction = database
+                .begin_write()
+                .map_err(|e| redb_err(path, "begin")(e.into()))?;
+            {
+                let mut epochs = transaction
+                    .open_table(EPOCHS)
+                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
+                let found = match epochs
+                    .get(volume)
+                    .map_err(|e| redb_err(path, "get")(e.into()))?
+                {
+                    Some(bytes) => Some(decode::<VolumeEpoch>(path, volume, bytes.value())?.epoch),
+                    None => None,
+                };
+                if found != expected {
+                    return Ok(Swapped::Found(found));
+                }
+                let state_bytes = serde_json::to_vec(&change.state).expect("epochs serialize");
+                epochs
+                    .insert(volume, state_bytes.as_slice())
+                    .map_err(|e| redb_err(path, "insert")(e.into()))?;
+                let mut journal = transaction
+                    .open_table(JOURNAL)
+                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
+                let journal_bytes = serde_json::to_vec(change).expect("epochs serialize");
+                journal
+                    .insert(
+                        journal_key(volume, change.state.epoch).as_str(),
+                        journal_bytes.as_slice(),
+                    )
+                    .map_err(|e| redb_err(path, "insert")(e.into()))?;
+            }
+            transaction
+                .commit()
+                .map_err(|e| redb_err(path, "commit")(e.into()))?;
+            Ok(Swapped::Stored)
+        })
+    }
+}
+
+/// The epoch authority over an [`EpochStore`].
+#[derive(Clone, Copy)]
+pub struct EpochAuthority<'a> {
+    store: &'a dyn EpochStore,
+}
+
+impl std::fmt::Debug for EpochAuthority<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EpochAuthority")
+            .field("store", &self.store.epoch_store_name())
+            .finish()
+    }
+}
+
+impl<'a> EpochAuthority<'a> {
+    /// The authority kept in `store`.
+    pub fn new(store: &'a dyn EpochStore) -> Self {
+        Self { store }
+    }
+
+    /// The current epoch of a volume.
+    pub fn get(&self, volume: &str) -> Result<Option<VolumeEpoch>, EpochError> {
+        Ok(self.store.epoch(volume)?)
+    }
+
+    /// Every volume's current epoch, by name.
+    pub fn all(&self) -> Result<Vec<VolumeEpoch>, EpochError> {
+        Ok(self.store.epochs()?)
+    }
+
+    /// The journal of a volume's epoch changes, oldest first.
+    pub fn journal(&self, volume: &str) -> Result<Vec<EpochChange>, EpochError> {
+        Ok(self.store.epoch_journal(volume)?)
     }
 
     /// One journaled compare-and-swap: `change` edits the state read at `expected`
     /// (`None`: the volume has no epoch yet) and names what it did; the epoch goes up
-    /// by one (to at least `floor + 1`).
+    /// by one (to at least `floor + 1`). The store writes it only if the volume is
+    /// still at `expected` (another authority, a controller replica that led before,
+    /// may have changed it since it was read).
     fn change(
         &self,
         volume: &str,
@@ -226,79 +342,25 @@ impl<'a> EpochAuthority<'a> {
         reason: &str,
         change: impl FnOnce(Option<VolumeEpoch>) -> Result<(VolumeEpoch, String), EpochError>,
     ) -> Result<VolumeEpoch, EpochError> {
-        let mut outcome: Option<Result<VolumeEpoch, EpochError>> = None;
-        self.store.with_database(|database, path| {
-            let transaction = database
-                .begin_write()
-                .map_err(|e| redb_err(path, "begin")(e.into()))?;
-            {
-                let mut epochs = transaction
-                    .open_table(EPOCHS)
-                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
-                let current: Option<VolumeEpoch> = match epochs
-                    .get(volume)
-                    .map_err(|e| redb_err(path, "get")(e.into()))?
-                {
-                    Some(bytes) => Some(decode(path, volume, bytes.value())?),
-                    None => None,
-                };
-                let found = current.as_ref().map(|state| state.epoch);
-                if found != expected {
-                    outcome = Some(Err(match (expected, found) {
-                        (Some(expected), Some(found)) => EpochError::Conflict {
-                            volume: volume.to_string(),
-                            expected,
-                            found,
-                        },
-                        (Some(_), None) => EpochError::Unknown {
-                            volume: volume.to_string(),
-                        },
-                        (None, Some(found)) => EpochError::Conflict {
-                            volume: volume.to_string(),
-                            expected: 0,
-                            found,
-                        },
-                        (None, None) => unreachable!("equal"),
-                    }));
-                    return Ok(());
-                }
-                let previous = found.unwrap_or(0);
-                let (mut next, what) = match change(current) {
-                    Ok(changed) => changed,
-                    Err(error) => {
-                        outcome = Some(Err(error));
-                        return Ok(());
-                    }
-                };
-                next.epoch = previous.max(floor) + 1;
-                let record = EpochChange {
-                    at_unix_ms: now_ms(),
-                    previous,
-                    change: what,
-                    reason: reason.to_string(),
-                    state: next.clone(),
-                };
-                let state_bytes = serde_json::to_vec(&next).expect("epochs serialize");
-                epochs
-                    .insert(volume, state_bytes.as_slice())
-                    .map_err(|e| redb_err(path, "insert")(e.into()))?;
-                let mut journal = transaction
-                    .open_table(JOURNAL)
-                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
-                let journal_bytes = serde_json::to_vec(&record).expect("epochs serialize");
-                journal
-                    .insert(
-                        format!("{volume}/{:020}", next.epoch).as_str(),
-                        journal_bytes.as_slice(),
-                    )
-                    .map_err(|e| redb_err(path, "insert")(e.into()))?;
-                outcome = Some(Ok(next));
-            }
-            transaction
-                .commit()
-                .map_err(|e| redb_err(path, "commit")(e.into()))
-        })?;
-        outcome.expect("the transaction decided")
+        let current = self.store.epoch(volume)?;
+        let found = current.as_ref().map(|state| state.epoch);
+        if found != expected {
+            return Err(conflict(volume, expected, found));
+        }
+        let previous = found.unwrap_or(0);
+        let (mut next, what) = change(current)?;
+        next.epoch = previous.max(floor) + 1;
+        let record = EpochChange {
+            at_unix_ms: now_ms(),
+            previous,
+            change: what,
+            reason: reason.to_string(),
+            state: next.clone(),
+        };
+        match self.store.swap_epoch(expected, &record)? {
+            Swapped::Stored => Ok(next),
+            Swapped::Found(found) => Err(conflict(volume, expected, found)),
+        }
     }
 
     /// Takes over a volume the authority holds no epoch of: its writer, its copies and
@@ -536,6 +598,20 @@ impl EpochAuthority<'_> {
     }
 }
 
+/// The error of a compare-and-swap that found `found` where `expected` was.
+fn conflict(volume: &str, expected: Option<u64>, found: Option<u64>) -> EpochError {
+    match (expected, found) {
+        (Some(_), None) => EpochError::Unknown {
+            volume: volume.to_string(),
+        },
+        (expected, found) => EpochError::Conflict {
+            volume: volume.to_string(),
+            expected: expected.unwrap_or(0),
+            found: found.unwrap_or(0),
+        },
+    }
+}
+
 fn join(names: &BTreeSet<String>) -> String {
     names.iter().cloned().collect::<Vec<_>>().join(", ")
 }
@@ -610,6 +686,13 @@ pub fn react(
     for (_, statuses) in observed {
         volumes.extend(statuses.iter().map(|status| status.name.as_str()));
     }
+    // One read of every epoch, not one per volume (a round trip each with etcd); a
+    // change made since is caught by the compare-and-swap of the next change.
+    let mut known: std::collections::BTreeMap<String, VolumeEpoch> = authority
+        .all()?
+        .into_iter()
+        .map(|state| (state.volume.clone(), state))
+        .collect();
     for volume in volumes {
         let copies: Vec<(&str, &VolumeStatus)> = observed
             .iter()
@@ -623,7 +706,7 @@ pub fn react(
         let primary = copies
             .iter()
             .find(|(_, status)| status.role == VolumeRole::Primary as i32);
-        let mut state = match authority.get(volume)? {
+        let mut state = match known.remove(volume) {
             Some(state) => state,
             None => {
                 // Only a writer's report says which copies exist.

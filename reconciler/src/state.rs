@@ -359,6 +359,11 @@ pub trait StateStore: Send + Sync {
 }
 
 impl RedbStore {
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The store at `path`; its directory is created, the file on first write.
     pub fn open(path: &Path) -> Result<Self, StateError> {
         if let Some(parent) = path.parent() {

@@ -14,11 +14,14 @@
 #![warn(missing_docs)]
 
 pub mod election;
+mod epochs;
+pub mod log;
 pub mod node_leases;
 mod store;
 #[doc(hidden)]
 pub mod testing;
 
 pub use election::Election;
+pub use log::SharedLog;
 pub use node_leases::{NodeLease, NodeLeases};
 pub use store::{EtcdStore, Target};

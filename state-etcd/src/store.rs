@@ -244,6 +244,14 @@ impl EtcdStore {
         self
     }
 
+    /// The same store, its writes not fenced (records every replica writes).
+    pub(crate) fn unfenced(&self) -> EtcdStore {
+        EtcdStore {
+            election: None,
+            ..self.clone()
+        }
+    }
+
     /// The election the store's writes are fenced by.
     pub fn election(&self) -> Option<&Arc<Election>> {
         self.election.as_ref()
@@ -284,7 +292,7 @@ impl EtcdStore {
         }
     }
 
-    fn run<T: Send + 'static>(
+    pub(crate) fn run<T: Send + 'static>(
         &self,
         operation: &'static str,
         future: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
@@ -313,7 +321,7 @@ impl EtcdStore {
 
     /// Commits `ops` when `compares` hold (and, with an election, the fencing token):
     /// `Ok(false)` when one of `compares` failed; a failed fencing compare is an error.
-    fn commit(
+    pub(crate) fn commit(
         &self,
         operation: &'static str,
         compares: Vec<Compare>,
@@ -352,7 +360,7 @@ impl EtcdStore {
         Ok(())
     }
 
-    fn get(&self, rest: &str) -> Result<Option<(Vec<u8>, i64, i64)>, StateError> {
+    pub(crate) fn get(&self, rest: &str) -> Result<Option<(Vec<u8>, i64, i64)>, StateError> {
         let key = self.target.key(rest);
         let mut client = self.client.clone();
         let response = self.run("get", async move { client.get(key, None).await })?;
@@ -488,7 +496,11 @@ impl EtcdStore {
         self.decode(rest, &bytes).map(Some)
     }
 
-    fn decode<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T, StateError> {
+    pub(crate) fn decode<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<T, StateError> {
         serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
             path: self.url.clone(),
             key: key.to_owned(),
@@ -505,7 +517,11 @@ impl EtcdStore {
 
     /// Every key under `PREFIX/rest` (keys relative to `PREFIX/`) with its value, in
     /// key order, read in pages at one revision.
-    fn range(&self, rest: &str, keys_only: bool) -> Result<Vec<(String, Vec<u8>)>, StateError> {
+    pub(crate) fn range(
+        &self,
+        rest: &str,
+        keys_only: bool,
+    ) -> Result<Vec<(String, Vec<u8>)>, StateError> {
         let start = self.target.key(rest);
         let end = prefix_end(&start);
         let strip = self.target.prefix.len() + 1;
@@ -864,13 +880,18 @@ pub(crate) mod tests {
     /// either), or `None` with the reason printed when there is no etcd binary.
     /// Any other failure to start fails the test.
     pub(crate) fn etcd(port: u16) -> Option<(Etcd, tempfile::TempDir)> {
+        etcd_on("127.0.0.31", port)
+    }
+
+    /// [`etcd`] on `host`.
+    pub(crate) fn etcd_on(host: &str, port: u16) -> Option<(Etcd, tempfile::TempDir)> {
         if let Err(why) = crate::testing::binary() {
             eprintln!("skipped: {why}");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
         Some((
-            Etcd::start("127.0.0.31", port, dir.path()).expect("etcd starts"),
+            Etcd::start(host, port, dir.path()).expect("etcd starts"),
             dir,
         ))
     }

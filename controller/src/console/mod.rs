@@ -517,7 +517,7 @@ pub(crate) async fn snapshot(shared: &Arc<Shared>, observe: bool) -> Snapshot {
         status_error,
         status_observed_unix_ms,
         status_revalidating,
-        held: shared.held.lock().expect("held lock").clone(),
+        held: crate::replicas::held_plan(shared),
         events: shared.events.newest(20, None).unwrap_or_default(),
     }
 }

@@ -58,7 +58,7 @@ impl Worker {
         } else if self.shared.paused.load(std::sync::atomic::Ordering::SeqCst) {
             json!({"result": "paused", "reason": "the controller is paused: nothing is applied until `cairn controller resume`"})
         } else {
-            let held = self.shared.held.lock().expect("held lock").clone();
+            let held = crate::replicas::held_plan(&self.shared);
             match (held, &self.good) {
                 (Some(h), _) => json!({
                     "result": "held", "commit": h.commit, "plan_id": h.plan_id,
@@ -301,7 +301,7 @@ impl Worker {
             j.started,
             std::mem::take(extra),
         );
-        *self.shared.held.lock().expect("held lock") = Some(held);
+        crate::replicas::set_held_plan(&self.shared, Some(held));
         let until = gate::releases_in(&holds, &j.limits.reconcile, now_s)
             .map(|s| Instant::now() + Duration::from_secs(s.max(1) as u64));
         Some(SyncEnd::HeldForApproval { until })
