@@ -745,10 +745,14 @@ impl Cx<'_> {
                         let priority = self
                             .required(node, "priority", "500")
                             .and_then(|e| self.u32(e, "the priority", 0, 1000));
+                        let cpu_pinning = self
+                            .prop(node, "cpu-pinning")
+                            .and_then(|e| self.bool(e, "cpu-pinning"));
                         set.sla_profiles.push(SlaProfileSpec {
                             name,
                             class,
                             priority,
+                            cpu_pinning,
                         });
                     }
                 }

@@ -419,6 +419,11 @@ pub struct SlaProfile {
     pub priority: u32,
     /// Whether cairn defines it.
     pub builtin: bool,
+    /// `cpu-pinning=#true` (reserved profiles only): each of its VMs gets as many
+    /// dedicated CPUs of its node as it has vCPUs, which no other VM runs on. Left
+    /// out of the JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cpu_pinning: bool,
 }
 
 /// An image.
@@ -538,6 +543,10 @@ pub struct VmSla {
     pub class: SlaClass,
     /// Priority.
     pub priority: u32,
+    /// Its profile's `cpu-pinning=#true`: dedicated CPUs on its node. Left out of the
+    /// JSON when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cpu_pinning: bool,
 }
 
 /// A VM disk (a volume).

@@ -202,7 +202,12 @@ pub static SHAPES: &[Shape] = &[
         ["from", "to", "proto", "port"],
         []
     ),
-    shape!("sla-profile", NAME, ["class", "priority"], []),
+    shape!(
+        "sla-profile",
+        NAME,
+        ["class", "priority", "cpu-pinning"],
+        []
+    ),
     shape!(
         "image",
         NAME,

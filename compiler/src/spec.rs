@@ -364,6 +364,8 @@ pub struct SlaProfileSpec {
     pub class: Option<Spanned<SlaClass>>,
     /// Priority.
     pub priority: Option<Spanned<u32>>,
+    /// `cpu-pinning=#true`: dedicated CPUs for its (reserved) VMs.
+    pub cpu_pinning: Option<Spanned<bool>>,
 }
 
 /// `image`.

@@ -80,6 +80,9 @@ pub struct Settings {
     pub memory_low: u64,
     /// v1 memory.soft_limit_in_bytes (`None`: no soft limit).
     pub soft_limit: Option<u64>,
+    /// CPUs of its own (a cpuset of dedicated CPUs, `crate::cpusets`); 0: it shares
+    /// the node's CPUs.
+    pub dedicated_cpus: u32,
 }
 
 impl Settings {
@@ -94,6 +97,7 @@ impl Settings {
                 memory_min: limit,
                 memory_low: 0,
                 soft_limit: None,
+                dedicated_cpus: 0,
             },
             SlaClass::OnDemand => Settings {
                 cpu_weight: (100 * vcpus).min(10_000),
@@ -101,6 +105,7 @@ impl Settings {
                 memory_min: 0,
                 memory_low: memory_bytes,
                 soft_limit: Some(memory_bytes),
+                dedicated_cpus: 0,
             },
             SlaClass::Spot => Settings {
                 cpu_weight: 1,
@@ -108,6 +113,7 @@ impl Settings {
                 memory_min: 0,
                 memory_low: 0,
                 soft_limit: Some(0),
+                dedicated_cpus: 0,
             },
         }
     }
@@ -147,6 +153,10 @@ pub struct Cgroups {
     relative: String,
     /// v1: the parent's path below the memory hierarchy's mount, when it differs.
     memory_relative: Option<String>,
+    /// Dedicated CPUs (`None`: the host has no cpuset controller the node can use;
+    /// `cpuset_detail` says why).
+    cpusets: Option<std::sync::Arc<crate::cpusets::Cpusets>>,
+    cpuset_detail: String,
 }
 
 /// What was read back of one VM's cgroup.
@@ -217,7 +227,8 @@ fn read_u64(path: &Path) -> Result<u64, String> {
         .map_err(|_| format!("{} holds `{text}`, not a number", path.display()))
 }
 
-fn read_pids(path: &Path) -> Vec<u32> {
+/// The numbers (pids, tids) a cgroup file lists, one a line.
+pub(crate) fn read_pids(path: &Path) -> Vec<u32> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -261,7 +272,28 @@ fn own_path(proc_self_cgroup: &str, controller: Option<&str>) -> String {
     "/".into()
 }
 
-fn join(mount: &str, relative: &str) -> PathBuf {
+/// The VMs that have a cgroup (a `vm-NAME` directory) under any of `parents`, sorted.
+pub(crate) fn vm_names(parents: &[PathBuf]) -> Vec<String> {
+    let mut names: Vec<String> = parents
+        .iter()
+        .filter_map(|parent| std::fs::read_dir(parent).ok())
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.path().is_dir())
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.strip_prefix("vm-"))
+                .map(str::to_string)
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+pub(crate) fn join(mount: &str, relative: &str) -> PathBuf {
     PathBuf::from(format!(
         "{}/{}",
         mount.trim_end_matches('/'),
@@ -273,10 +305,90 @@ impl Cgroups {
     /// Detects the hierarchy on this host and makes the node's parent cgroup,
     /// `cairn-NODE`, below `parent` (a path below each hierarchy's mount) or else the
     /// agent's own cgroup. `Err` says why SLA classes cannot be enforced.
-    pub fn detect(node: &str, parent: Option<&str>) -> Result<Cgroups, String> {
+    /// `dedicated`: the CPUs it may dedicate to VMs (`--dedicated-cpus`; `None`: every
+    /// CPU of its cpuset but the lowest).
+    pub fn detect(
+        node: &str,
+        parent: Option<&str>,
+        dedicated: Option<&str>,
+    ) -> Result<Cgroups, String> {
         let mounts_text = read_text(Path::new("/proc/self/mounts"))?;
         let self_cgroup = read_text(Path::new("/proc/self/cgroup"))?;
-        Self::detect_in(&mounts_text, &self_cgroup, node, parent)
+        let mut cgroups = Self::detect_in(&mounts_text, &self_cgroup, node, parent)?;
+        cgroups.detect_cpusets(&mounts_text, &self_cgroup, node, parent, dedicated);
+        Ok(cgroups)
+    }
+
+    /// Sets up the node's cpusets (dedicated CPUs): in the v2 parent when cgroup v2 is
+    /// used and offers `cpuset`, else in the v1 cpuset hierarchy. Where neither can be
+    /// used, `cpuset_detail` says why and VMs that ask for dedicated CPUs are refused.
+    pub fn detect_cpusets(
+        &mut self,
+        mounts_text: &str,
+        self_cgroup: &str,
+        node: &str,
+        parent: Option<&str>,
+        dedicated: Option<&str>,
+    ) {
+        let leaf = format!("cairn-{node}");
+        let made = match &self.version {
+            Version::V2 { parent: dir } => {
+                let controllers = read_text(&dir.join("cgroup.controllers")).unwrap_or_default();
+                if controllers.split_whitespace().any(|c| c == "cpuset") {
+                    crate::cpusets::Cpusets::v2(dir.clone(), self.relative.clone(), dedicated)
+                } else {
+                    Err(format!(
+                        "cgroup v2 offers `{}` to {}, not cpuset",
+                        controllers.trim(),
+                        dir.display()
+                    ))
+                }
+            }
+            Version::V1 { .. } => {
+                let mount = mounts(mounts_text).into_iter().find(|(_, kind, options)| {
+                    kind == "cgroup" && options.iter().any(|o| o == "cpuset")
+                });
+                match mount {
+                    Some((mount, _, _)) => {
+                        let base = parent
+                            .map(str::to_string)
+                            .unwrap_or_else(|| own_path(self_cgroup, Some("cpuset")));
+                        crate::cpusets::Cpusets::v1(&mount, &base, &leaf, dedicated)
+                    }
+                    None => Err("the cgroup v1 cpuset hierarchy is not mounted".into()),
+                }
+            }
+        };
+        match made {
+            Ok(cpusets) => {
+                self.cpuset_detail.clear();
+                self.cpusets = Some(std::sync::Arc::new(cpusets));
+            }
+            Err(why) => {
+                self.cpuset_detail = format!("no dedicated CPUs: {why}");
+                self.cpusets = None;
+            }
+        }
+    }
+
+    /// The CPUs the node may dedicate and those of them free now (formatted lists;
+    /// both empty without cpusets).
+    pub fn dedicated_summary(&self) -> (String, String) {
+        self.cpusets.as_ref().map_or_else(Default::default, |c| {
+            (
+                crate::cpusets::format_list(&c.dedicable()),
+                crate::cpusets::format_list(&c.free()),
+            )
+        })
+    }
+
+    /// The CPUs dedicated to `vm` ("1-2"; empty: it shares).
+    pub fn dedicated_to(&self, vm: &str) -> String {
+        self.cpusets
+            .as_ref()
+            .and_then(|c| c.assigned(vm))
+            .map(|cpus| crate::cpusets::format_list(&cpus))
+            .unwrap_or_default()
     }
 
     /// [`Cgroups::detect`] from the given `/proc/self/mounts` and `/proc/self/cgroup`.
@@ -304,6 +416,8 @@ impl Cgroups {
                     },
                     relative,
                     memory_relative: None,
+                    cpusets: None,
+                    cpuset_detail: "no dedicated CPUs: cpusets not set up".into(),
                 };
                 cgroups.make_parent_v2(mount, &base)?;
                 return Ok(cgroups);
@@ -359,6 +473,8 @@ impl Cgroups {
             memory_relative: (base_cpu != base_memory)
                 .then(|| format!("{}/{leaf}", base_memory.trim_end_matches('/'))),
             version: Version::V1 { cpu, memory },
+            cpusets: None,
+            cpuset_detail: "no dedicated CPUs: cpusets not set up".into(),
         })
     }
 
@@ -377,12 +493,20 @@ impl Cgroups {
             chain.push(dir.clone());
         }
         chain.push(parent.clone());
+        let offers_cpuset = read_text(&Path::new(mount).join("cgroup.controllers"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .any(|c| c == "cpuset");
         for dir in chain {
             let control = dir.join("cgroup.subtree_control");
             let enabled = read_text(&control).unwrap_or_default();
-            if enabled.split_whitespace().any(|c| c == "cpu")
-                && enabled.split_whitespace().any(|c| c == "memory")
-            {
+            let has = |c: &str| enabled.split_whitespace().any(|x| x == c);
+            if has("cpu") && has("memory") && (has("cpuset") || !offers_cpuset) {
+                continue;
+            }
+            // cpuset where the hierarchy offers it (dedicated CPUs); a failure to enable
+            // it leaves cpu and memory, and the node says why it dedicates none.
+            if offers_cpuset && write_value(&control, "+cpu +memory +cpuset").is_ok() {
                 continue;
             }
             write_value(&control, "+cpu +memory").map_err(|error| {
@@ -404,13 +528,21 @@ impl Cgroups {
 
     /// The version and where the parent is, for the node's log.
     pub fn describe(&self) -> String {
-        match &self.version {
+        let base = match &self.version {
             Version::V1 { cpu, memory } => format!(
                 "cgroup v1: VM cgroups under {} and {}",
                 cpu.display(),
                 memory.display()
             ),
             Version::V2 { parent } => format!("cgroup v2: VM cgroups under {}", parent.display()),
+        };
+        match &self.cpusets {
+            Some(cpusets) => format!(
+                "{base}; dedicated CPUs {} (cpusets under {})",
+                crate::cpusets::format_list(&cpusets.dedicable()),
+                cpusets.parent_dir().display()
+            ),
+            None => format!("{base}; {}", self.cpuset_detail),
         }
     }
 
@@ -549,13 +681,26 @@ impl Cgroups {
                 }
             }
         }
+        match &self.cpusets {
+            Some(cpusets) => written.extend(cpusets.ensure(vm, settings.dedicated_cpus, pid)?),
+            None if settings.dedicated_cpus > 0 => {
+                return Err(format!(
+                    "it asks for {} dedicated CPUs, and this node has none to give ({})",
+                    settings.dedicated_cpus, self.cpuset_detail
+                ));
+            }
+            None => {}
+        }
         Ok(written)
     }
 
     /// Opens the VM's cgroup.procs files for a VMM to enter between fork and exec.
     pub fn placement(&self, vm: &str) -> Result<Placement, String> {
-        let procs = self
-            .dirs(vm)
+        let mut dirs = self.dirs(vm);
+        if let Some(cpusets) = self.cpusets.as_ref().filter(|c| c.separate()) {
+            dirs.push(cpusets.dir(vm));
+        }
+        let procs = dirs
             .into_iter()
             .map(|dir| {
                 let path = dir.join("cgroup.procs");
@@ -653,6 +798,14 @@ impl Cgroups {
         if pid != 0 && !status.holds_vmm {
             drift.push(format!("the VMM (pid {pid}) is not in the cgroup"));
         }
+        if let Some(cpusets) = &self.cpusets {
+            cpusets.observe(vm, settings.dedicated_cpus, pid, &mut status, &mut drift);
+        } else if settings.dedicated_cpus > 0 {
+            drift.push(format!(
+                "it has no dedicated CPUs; its definition asks {} ({})",
+                settings.dedicated_cpus, self.cpuset_detail
+            ));
+        }
         status.cpu_shares = observed.cpu_shares;
         status.cpu_weight = observed.cpu_weight;
         status.memory_max_bytes = if observed.memory_max >= V1_UNLIMITED {
@@ -667,8 +820,12 @@ impl Cgroups {
         status
     }
 
-    /// Removes the VM's cgroup (its VMM has ended). Missing is fine.
+    /// Removes the VM's cgroup (its VMM has ended), giving back its dedicated CPUs.
+    /// Missing is fine.
     pub fn remove(&self, vm: &str) -> Result<(), String> {
+        if let Some(cpusets) = &self.cpusets {
+            cpusets.remove(vm)?;
+        }
         for dir in self.dirs(vm) {
             match std::fs::remove_dir(&dir) {
                 Ok(()) => {}
@@ -681,32 +838,23 @@ impl Cgroups {
 
     /// The VMs that have a cgroup under the node's parent (any hierarchy).
     pub fn list(&self) -> Vec<String> {
-        let parents = match &self.version {
+        let mut parents = match &self.version {
             Version::V1 { cpu, memory } => vec![cpu.clone(), memory.clone()],
             Version::V2 { parent } => vec![parent.clone()],
         };
-        let mut names: Vec<String> = parents
-            .iter()
-            .filter_map(|parent| std::fs::read_dir(parent).ok())
-            .flatten()
-            .flatten()
-            .filter(|entry| entry.path().is_dir())
-            .filter_map(|entry| {
-                entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|name| name.strip_prefix("vm-"))
-                    .map(str::to_string)
-            })
-            .collect();
-        names.sort();
-        names.dedup();
-        names
+        if let Some(cpusets) = self.cpusets.as_ref().filter(|c| c.separate()) {
+            parents.push(cpusets.parent_dir().to_path_buf());
+        }
+        vm_names(&parents)
     }
 
     /// Whether the VM's cgroup exists (any of its directories).
     pub fn exists(&self, vm: &str) -> bool {
         self.dirs(vm).iter().any(|dir| dir.exists())
+            || self
+                .cpusets
+                .as_ref()
+                .is_some_and(|c| c.separate() && c.dir(vm).exists())
     }
 }
 
@@ -805,7 +953,7 @@ mod tests {
         );
         assert_eq!(
             std::fs::read_to_string(root.join("cairn-n1/cgroup.subtree_control")).unwrap(),
-            "+cpu +memory"
+            "+cpu +memory +cpuset"
         );
     }
 }

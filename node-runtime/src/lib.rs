@@ -27,6 +27,7 @@
 pub mod anchors;
 pub mod bonds;
 pub mod cgroups;
+pub mod cpusets;
 pub mod events;
 pub mod exports;
 pub mod fencing;

@@ -90,6 +90,12 @@ struct Args {
     /// `cairn-NAME` parent in; default: the agent's own cgroup.
     #[arg(long, value_name = "PATH")]
     cgroup_parent: Option<String>,
+    /// The CPUs this node may dedicate to reserved VMs whose SLA profile has
+    /// `cpu-pinning=#true` (a kernel CPU list, e.g. 4-15); each such VM gets as many of
+    /// them as it has vCPUs, in a cpuset no other VM of the node holds. Default: every
+    /// CPU of the node's cpuset but the lowest.
+    #[arg(long, value_name = "LIST")]
+    dedicated_cpus: Option<String>,
     /// Serve the node's Prometheus `/metrics` (per-VM usage with vm, tenant and sla
     /// labels, node totals, KSM) on this address, e.g. 127.0.0.1:9100; the bound
     /// address is written to DATA_DIR/metrics-address.
@@ -196,6 +202,7 @@ fn main() -> ExitCode {
         sla: node_runtime::node::SlaConfig {
             enforce: args.cgroups == "auto",
             cgroup_parent: args.cgroup_parent,
+            dedicated_cpus: args.dedicated_cpus,
             metrics_listen: args.metrics_listen,
             preempt_below_available: args.preempt_below_available.unwrap_or(0),
             preempt_above_cpu_pressure: args.preempt_above_cpu_pressure.unwrap_or(0),

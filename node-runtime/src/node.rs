@@ -88,6 +88,10 @@ pub struct SlaConfig {
     /// The cgroup (below each hierarchy's mount) under which the node's parent
     /// `cairn-NODE` is made (`--cgroup-parent`); `None`: the agent's own cgroup.
     pub cgroup_parent: Option<String>,
+    /// The CPUs the node may dedicate to VMs whose SLA profile pins them
+    /// (`--dedicated-cpus`, a kernel CPU list); `None`: every CPU of its cpuset but the
+    /// lowest.
+    pub dedicated_cpus: Option<String>,
     /// Where to serve `/metrics` (`--metrics-listen`); `None`: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Stop spot VMs while memory available is below this many bytes

@@ -113,6 +113,21 @@ pub fn vm_resources(create: &proto::v1::CreateVm) -> Result<(), Status> {
             ),
         ));
     }
+    if create.dedicated_cpus
+        && crate::cgroups::SlaClass::parse(&create.sla) != Some(crate::cgroups::SlaClass::Reserved)
+    {
+        return Err(invalid(
+            "create_vm.dedicated_cpus",
+            format!(
+                "dedicated CPUs are for reserved VMs; this VM's class is \"{}\" (set sla \"reserved\" or leave dedicated_cpus false)",
+                if create.sla.is_empty() {
+                    "on-demand"
+                } else {
+                    &create.sla
+                }
+            ),
+        ));
+    }
     if matches!(create.image, Some(proto::v1::create_vm::Image::Kernel(_))) {
         within("create_vm.vcpus", &limits::LINUX_VCPUS, vcpus)?;
     }

@@ -1133,6 +1133,12 @@ impl Vms {
         definition: &v1::CreateVm,
     ) -> Result<Option<crate::cgroups::Placement>, Status> {
         let Some(cgroups) = &self.cgroups else {
+            if definition.dedicated_cpus {
+                return Err(Status::failed_precondition(format!(
+                    "vm `{}` asks for dedicated CPUs, and this node gives none: {}",
+                    definition.name, self.cgroup_detail
+                )));
+            }
             return Ok(None);
         };
         let fail = |error: String| {
@@ -1421,6 +1427,11 @@ impl Vms {
                 VmStatus {
                     sla: class.name().into(),
                     priority: definition.priority,
+                    dedicated_cpus: self
+                        .cgroups
+                        .as_ref()
+                        .map(|cgroups| cgroups.dedicated_to(name))
+                        .unwrap_or_default(),
                     cgroup: Some(cgroup.unwrap_or_else(|| v1::VmCgroup {
                         detail: self.cgroup_detail.clone(),
                         ..Default::default()

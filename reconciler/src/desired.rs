@@ -68,6 +68,9 @@ pub struct DesiredVm {
     /// A spot VM's SLA priority (spot VMs are preempted lowest first); 0 otherwise.
     #[serde(default)]
     pub priority: u32,
+    /// Its SLA profile's `cpu-pinning=#true`: the node gives it dedicated CPUs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dedicated_cpus: bool,
     /// `power "off"`: defined on its node but not running (a running one is
     /// stopped; removing it starts the VM again).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -534,6 +537,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                     0
                 },
                 power_off: vm.power == compiler::model::Power::Off,
+                dedicated_cpus: vm.sla.cpu_pinning,
             },
         );
     }

@@ -164,6 +164,20 @@ pub fn sla_repairs(want: &DesiredVm, have: &ObservedVm) -> Vec<String> {
             have.sla, have.priority, want.priority
         ));
     }
+    // Dedicated CPUs: the node says which it gave (a node that reports a class
+    // reports them too); the cgroup drift lines below name a cpuset that differs.
+    if want.dedicated_cpus && have.dedicated_cpus.is_empty() {
+        lines.push(format!(
+            "repair: dedicated CPUs: none, its profile pins {} vCPU{}",
+            want.vcpus,
+            if want.vcpus == 1 { "" } else { "s" }
+        ));
+    } else if !want.dedicated_cpus && !have.dedicated_cpus.is_empty() {
+        lines.push(format!(
+            "repair: dedicated CPUs {} given back: its profile no longer pins",
+            have.dedicated_cpus
+        ));
+    }
     lines.extend(
         have.cgroup_drift
             .iter()
@@ -262,4 +276,74 @@ pub fn bond_definition_diff(want: &DesiredBond, have: &ObservedBond) -> Vec<Stri
         }
     }
     out
+}
+
+#[cfg(test)]
+mod pinning_tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_profile_reaches_create_vm_and_missing_or_extra_dedicated_cpus_are_repaired() {
+        let text = "node-class \"n\" {\n    cpu 4\n    memory \"16GiB\"\n}\nsite \"s\" {\n    rack \"r\" {\n        node \"n1\" class=\"n\" address=\"127.0.0.1:1\"\n    }\n}\ntenant \"t\"\nimage \"tiny\" builtin=\"cairn-guest\"\nsla-profile \"pinned\" class=\"reserved\" priority=900 cpu-pinning=#true\nvm \"db\" tenant=\"t\" site=\"s\" {\n    sla \"pinned\"\n    cpu 2\n    memory \"64MiB\"\n    image \"tiny\"\n}\nvm \"web\" tenant=\"t\" site=\"s\" {\n    sla \"reserved\"\n    cpu 1\n    memory \"64MiB\"\n    image \"tiny\"\n}\n";
+        let compilation = compiler::compile(&compiler::source::Sources::from_files([(
+            "main.kdl".to_owned(),
+            text.to_owned(),
+        )]));
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        let placement = crate::desired::place(&compilation.model, None);
+        let desired =
+            crate::desired::desired(&compilation.model, std::path::Path::new("."), placement);
+        let db = desired.vms.get("db").unwrap();
+        let web = desired.vms.get("web").unwrap();
+        assert!(db.dedicated_cpus && !web.dedicated_cpus);
+        let request = crate::plan::NodeAction::CreateVm {
+            addresses: vec![],
+            name: db.name.clone(),
+            vcpus: db.vcpus,
+            memory_bytes: db.memory_bytes,
+            image: db.image.clone(),
+            volumes: vec![],
+            tenant: db.tenant.clone(),
+            nics: vec![],
+            sla: db.sla.clone(),
+            priority: db.priority,
+            dedicated_cpus: db.dedicated_cpus,
+            nic_mtu: 0,
+        }
+        .to_request("test");
+        let Some(proto::v1::apply_request::Action::CreateVm(definition)) = request.action else {
+            panic!("not a create_vm: {request:?}");
+        };
+        assert!(definition.dedicated_cpus && definition.sla == "reserved");
+
+        let observed = |dedicated: &str, drift: &[&str]| -> ObservedVm {
+            serde_json::from_value(serde_json::json!({
+                "name": "db", "state": "running", "health": "healthy", "vcpus": 2,
+                "memory_bytes": 64 << 20, "crash_count": 0, "volumes": [],
+                "sla": "reserved", "dedicated_cpus": dedicated,
+                "cgroup_drift": drift,
+            }))
+            .unwrap()
+        };
+        assert!(sla_repairs(db, &observed("1-2", &[])).is_empty());
+        assert_eq!(
+            sla_repairs(db, &observed("", &[])),
+            vec!["repair: dedicated CPUs: none, its profile pins 2 vCPUs".to_string()]
+        );
+        assert_eq!(
+            sla_repairs(
+                db,
+                &observed("1-2", &["cpuset.cpus is 0-3, its dedicated CPUs are 1-2"])
+            ),
+            vec!["repair: cgroup: cpuset.cpus is 0-3, its dedicated CPUs are 1-2".to_string()]
+        );
+        let unpinned = DesiredVm {
+            dedicated_cpus: false,
+            ..db.clone()
+        };
+        assert_eq!(
+            sla_repairs(&unpinned, &observed("1-2", &[])),
+            vec!["repair: dedicated CPUs 1-2 given back: its profile no longer pins".to_string()]
+        );
+    }
 }

@@ -649,6 +649,7 @@ mod tests {
                     nics: vec![],
                     sla: String::new(),
                     priority: 0,
+                    dedicated_cpus: false,
                     nic_mtu: 0,
                 }),
             },

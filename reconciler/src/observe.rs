@@ -61,6 +61,9 @@ pub struct ObservedVm {
     /// same definition repairs them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cgroup_drift: Vec<String>,
+    /// The CPUs its node dedicates to it ("1-2"; empty: it shares its node's CPUs).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dedicated_cpus: String,
     /// Why its node stopped it under memory pressure (`preempted: …`, the node's
     /// last exit) while it stays stopped; empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -771,6 +774,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                     sla: v.sla,
                     priority: v.priority,
                     cgroup_drift: v.cgroup.map(|c| c.drift).unwrap_or_default(),
+                    dedicated_cpus: v.dedicated_cpus,
                     preempted: if v.state == proto::v1::VmState::Stopped as i32
                         && v.last_exit.starts_with("preempted: ")
                     {

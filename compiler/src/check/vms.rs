@@ -195,6 +195,7 @@ impl Checker<'_> {
                 name: p.name.clone(),
                 class: p.class,
                 priority: p.priority,
+                cpu_pinning: p.cpu_pinning,
             },
             None => {
                 if let Some(r) = &body.sla {
@@ -210,6 +211,7 @@ impl Checker<'_> {
                     name: sla_name.to_owned(),
                     class: SlaClass::OnDemand,
                     priority: 500,
+                    cpu_pinning: false,
                 }
             }
         };

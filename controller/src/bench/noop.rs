@@ -137,6 +137,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
                 sla: String::new(),
                 priority: 0,
                 cgroup_drift: vec![],
+                dedicated_cpus: String::new(),
                 preempted: String::new(),
             },
         );

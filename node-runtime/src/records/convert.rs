@@ -81,6 +81,7 @@ pub fn vm_definition(wire: &v1::CreateVm) -> VmDefinition {
         nics,
         sla,
         priority,
+        dedicated_cpus,
     } = wire;
     VmDefinition {
         name: name.clone(),
@@ -116,6 +117,7 @@ pub fn vm_definition(wire: &v1::CreateVm) -> VmDefinition {
             .collect(),
         sla: sla.clone(),
         priority: *priority,
+        dedicated_cpus: *dedicated_cpus,
     }
 }
 
@@ -147,6 +149,7 @@ pub fn create_vm(definition: VmDefinition) -> v1::CreateVm {
         nics,
         sla,
         priority,
+        dedicated_cpus,
     } = definition;
     v1::CreateVm {
         name,
@@ -176,6 +179,7 @@ pub fn create_vm(definition: VmDefinition) -> v1::CreateVm {
             .collect(),
         sla,
         priority,
+        dedicated_cpus,
     }
 }
 
@@ -264,6 +268,7 @@ mod tests {
             }],
             sla: "reserved".into(),
             priority: 1000,
+            dedicated_cpus: true,
         };
         assert_eq!(create_vm(vm_definition(&kernel)), kernel);
         let builtin = v1::CreateVm {

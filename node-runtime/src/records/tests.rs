@@ -32,6 +32,7 @@ fn kernel_vm() -> v1::CreateVm {
         }],
         sla: String::new(),
         priority: 0,
+        dedicated_cpus: false,
     }
 }
 
@@ -229,6 +230,7 @@ fn bytes_of_the_previous_version_decode() {
             nics: Vec::new(),
             sla: String::new(),
             priority: 0,
+            dedicated_cpus: false,
         }),
         desired_running: true,
         last_pid: 11_412,

@@ -216,6 +216,10 @@ pub struct VmDefinition {
     /// SLA priority.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub priority: u32,
+    /// Whether the VM gets CPUs of its own (a cpuset of dedicated CPUs). Absent in
+    /// records written before pinning reached the node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dedicated_cpus: bool,
 }
 
 fn is_zero(value: &u32) -> bool {

@@ -1,5 +1,5 @@
 //! A VM's SLA class on the node and what it uses: the class's cgroup settings
-//! ([`crate::cgroups`]), and usage read from `/proc` and `/sys/kernel/mm/ksm`.
+//! ([`crate::cgroups`], dedicated CPUs [`crate::cpusets`]), and usage read from `/proc` and `/sys/kernel/mm/ksm`.
 
 use std::path::Path;
 
@@ -15,19 +15,27 @@ pub fn class_of(definition: &v1::CreateVm) -> SlaClass {
 
 /// The cgroup values the definition's class asks.
 pub fn settings_of(definition: &v1::CreateVm) -> Settings {
-    Settings::of(
-        class_of(definition),
-        definition.vcpus,
-        definition.memory_bytes,
-    )
+    Settings {
+        dedicated_cpus: if definition.dedicated_cpus {
+            definition.vcpus.max(1)
+        } else {
+            0
+        },
+        ..Settings::of(
+            class_of(definition),
+            definition.vcpus,
+            definition.memory_bytes,
+        )
+    }
 }
 
-/// Whether two definitions differ only in their SLA class or priority (applied in
-/// place: the VM's cgroup is rewritten, the VM keeps running).
+/// Whether two definitions differ only in their SLA class, priority or dedicated CPUs
+/// (applied in place: the VM's cgroup is rewritten, the VM keeps running).
 pub fn only_sla_differs(a: &v1::CreateVm, b: &v1::CreateVm) -> bool {
     let strip = |definition: &v1::CreateVm| v1::CreateVm {
         sla: String::new(),
         priority: 0,
+        dedicated_cpus: false,
         ..definition.clone()
     };
     strip(a) == strip(b)
@@ -306,6 +314,9 @@ pub fn node_usage(
         cpu_pressure_some_avg10: cpu_pressure_psi().map_or(-1.0, |(avg10, _)| avg10),
         preempt_above_cpu_pressure: preempt_above_cpu,
         cpu_pressure_source: CpuPressureSource::detect().name().into(),
+        // Filled by the caller, which knows the node's cpusets.
+        dedicated_cpus: String::new(),
+        dedicated_cpus_free: String::new(),
     }
 }
 

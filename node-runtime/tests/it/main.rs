@@ -20,6 +20,7 @@ mod inventory;
 mod lab;
 mod migrate;
 mod outcome;
+mod pinning;
 mod protocol;
 mod remote_data;
 mod replication;

@@ -110,6 +110,9 @@ pub enum NodeAction {
         /// SLA priority (spot VMs are preempted lowest first).
         #[serde(default, skip_serializing_if = "is_zero")]
         priority: u32,
+        /// Dedicated CPUs (its SLA profile's `cpu-pinning=#true`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        dedicated_cpus: bool,
         /// Its NICs' MTU: the segment MTU of its node's site (the guest bond's MTU
         /// minus 50); 0 (left out of the JSON): 1450, a 1500-byte underlay's.
         #[serde(default, skip_serializing_if = "is_zero")]
@@ -323,6 +326,7 @@ impl NodeAction {
                 nics,
                 sla,
                 priority,
+                dedicated_cpus,
                 nic_mtu,
             } => Action::CreateVm(proto::v1::CreateVm {
                 name: name.clone(),
@@ -360,6 +364,7 @@ impl NodeAction {
                     .collect(),
                 sla: sla.clone(),
                 priority: *priority,
+                dedicated_cpus: *dedicated_cpus,
             }),
             NodeAction::StartVm { name } => {
                 Action::StartVm(proto::v1::StartVm { name: name.clone() })

@@ -20,6 +20,7 @@ pub(super) fn vm_definition(vm: &DesiredVm, desired: &Desired) -> NodeAction {
         nics: vm.nics.clone(),
         sla: vm.sla.clone(),
         priority: vm.priority,
+        dedicated_cpus: vm.dedicated_cpus,
         nic_mtu: nic_mtu(vm, desired),
     }
 }
