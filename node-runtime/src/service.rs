@@ -146,13 +146,14 @@ impl v1::observe_server::Observe for NodeService {
         crate::vms::fill_disk_copies(&self.node.config.name, &mut vms, &volumes);
         self.node.remote.fill_remote_disks(&mut vms).await;
         let (cgroup_version, cgroup_detail) = self.node.vms.cgroup_summary();
-        let usage = crate::vms::sla::node_usage(
+        let mut usage = crate::vms::sla::node_usage(
             &vms,
             &cgroup_version,
             &cgroup_detail,
             self.node.config.sla.preempt_below_available,
             self.node.config.sla.preempt_above_cpu_pressure,
         );
+        (usage.dedicated_cpus, usage.dedicated_cpus_free) = self.node.vms.dedicated_summary();
         Ok(Response::new(v1::ObserveResponse {
             usage: Some(usage),
             node_name: self.node.config.name.clone(),
@@ -616,14 +617,7 @@ impl v1::replication_server::Replication for NodeService {
         &self,
         request: Request<v1::ClientWriteRequest>,
     ) -> Result<Response<v1::ClientWriteResponse>, Status> {
-        // In the writer's session like a ReplicaWrite (`volumes/sessions.rs`): a remote
-        // write naming this run's boot id keeps its nonce in memory only.
-        let in_session = self
-            .node
-            .volumes
-            .in_session(&request.get_ref().writer_boot)?;
-        let caller =
-            self.replication_caller_as(methods::CLIENT_WRITE, &request, None, in_session)?;
+        let caller = self.replication_caller(methods::CLIENT_WRITE, &request, None)?;
         let request = request.into_inner();
         validate::name("client_write_request.volume", &request.volume)?;
         Ok(Response::new(
