@@ -6,13 +6,14 @@
 //! claims the VM's key `vm/NAME` at the witness (signed by this node's key, leaving
 //! from its `--listen` address), as the VMM's phase asks:
 //!
-//! | side, VMM phase | claim | granted | refused (another holds it) | witness unreachable |
-//! |---|---|---|---|---|
-//! | primary, protecting | renew | hold it: the secondary's claim is refused while this side lives | — (the holder promoted: fenced) | nothing: the secondary only claims once its link broke |
-//! | primary, `secondary-lost` | yes | `ft-stop`: release the held output and run alone | fence (the VMM is killed) | nothing: the output stays held |
-//! | secondary, `primary-lost` | yes | `ft-promote` (PromoteFt) | wait while the holder's grant runs out; once the holder renews it (it lives), `ft-stop` | nothing: never promotes without a grant |
-//! | running alone (`unprotected`, `promoted`) | renew | the VMM's fence deadline moves to the claim's SEND time + the lease | fence | nothing: the VMM stops at its deadline |
+//! | side, VMM phase | granted | refused (another holds it) | witness unreachable |
+//! |---|---|---|---|
+//! | primary, protecting | holds it (no fence deadline: a witness outage stops no healthy pair) | fenced | nothing |
+//! | primary, `secondary-lost` or acknowledgements stalled ([`stale_after`]) | the grant's end becomes the VMM's fence deadline, then `ft-stop` (held output released, runs alone) | fenced | output stays held; the VMM stops at its last grant's end |
+//! | secondary, `primary-lost` or checkpoints stalled | PromoteFt | waits while the holder's grant runs out; gives up (`ft-stop`) once the holder renews with the link broken | waits: never promotes without a grant |
+//! | running alone (`unprotected`, `promoted`) | renews; the fence deadline moves to the claim's send time + the lease | fenced | the VMM stops at its deadline |
 //!
+//! A silent partition blocks the VMMs' reads without an error: hence the stalls.
 //! At most one side ever holds the grant (the witness), the primary releases output
 //! only while a checkpoint's acknowledgement or its own grant says it may, and the
 //! secondary runs only with the grant: exactly one side runs on, and with the witness
