@@ -148,6 +148,7 @@ fn dhcp_lease() {
         mtu: 1450,
         hosts: vec![host([2, 0xd0, 0, 0, 0, 21], 21)],
         upstream: vec![],
+        ipv6_gateway: None,
     };
     converge_dhcp(&n1, &dir, &spec).expect("dhcp");
     let d1 = nic("d1", [2, 0xd0, 0, 0, 0, 21]);

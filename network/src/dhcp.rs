@@ -26,14 +26,14 @@
 //! its process group, and a reaper thread waits for it.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::NetworkError;
 use crate::netns::NetNs;
 use crate::nl::Rtnl;
-use crate::overlay::{format_mac, gateway_device_name, router_netns_name};
+use crate::overlay::{format_mac, gateway_device_name, router_netns_name, slaac_address};
 
 /// Lease time handed out, in seconds. The addresses are static, so a lease only
 /// bounds how long a guest keeps an address after its VM's NIC left the plan.
@@ -72,6 +72,10 @@ pub struct DhcpSpec {
     /// external network ([`system_resolvers`]); empty for an isolated network, whose
     /// gateway refuses them.
     pub upstream: Vec<Ipv4Addr>,
+    /// The network's IPv6 gateway (its /64), when it has one: the server then sends
+    /// router advertisements (SLAAC prefix, the gateway as router and DNS server,
+    /// the segment MTU) and answers the VMs' SLAAC addresses by name.
+    pub ipv6_gateway: Option<Ipv6Addr>,
 }
 
 /// The IPv4 resolvers of a `resolv.conf` text that a tenant router namespace can
@@ -200,10 +204,29 @@ pub fn config_text(spec: &DhcpSpec, files: &DhcpFiles, interface: &str, ifindex:
         "log-dhcp".into(),
     ]
     .into_iter()
+    .chain(ipv6_lines(spec, interface))
     .chain(upstream_lines(&spec.upstream))
     .chain([String::new()])
     .collect::<Vec<_>>()
     .join("\n")
+}
+
+/// IPv6: router advertisements only (no DHCPv6: guests take their addresses by
+/// SLAAC, which their MACs decide), every 60 s and on solicitation, with the /64 of
+/// the gateway (autonomous), the segment MTU and the gateway as DNS server (RDNSS).
+fn ipv6_lines(spec: &DhcpSpec, interface: &str) -> Vec<String> {
+    let Some(gw) = spec.ipv6_gateway else {
+        return Vec::new();
+    };
+    vec![
+        "enable-ra".into(),
+        format!(
+            "dhcp-range=set:cairn6,::,constructor:{interface},ra-only,64,{}s",
+            LEASE_SECS
+        ),
+        format!("ra-param={interface},mtu:{},60", spec.mtu),
+        format!("dhcp-option=option6:dns-server,[{gw}]"),
+    ]
 }
 
 /// An external network's forwarding: names without a dot and private reverse
@@ -254,10 +277,17 @@ pub fn running_pid(files: &DhcpFiles) -> Option<u32> {
 /// The names file: `ADDRESS NAME.<network>.<tenant>.cairn NAME` per static lease.
 pub fn names_text(spec: &DhcpSpec) -> String {
     let domain = format!("{}.{}.cairn", spec.network, spec.tenant);
+    let domain = domain.as_str();
     let names: BTreeSet<String> = spec
         .hosts
         .iter()
         .map(|h| format!("{} {}.{domain} {}\n", h.ipv4, h.name, h.name))
+        .chain(spec.ipv6_gateway.into_iter().flat_map(|gw| {
+            spec.hosts.iter().map(move |h| {
+                let v6 = slaac_address(gw, &h.mac);
+                format!("{v6} {}.{domain} {}\n", h.name, h.name)
+            })
+        }))
         .collect();
     names.into_iter().collect()
 }
@@ -585,7 +615,33 @@ mod tests {
                 },
             ],
             upstream: vec![],
+            ipv6_gateway: None,
         }
+    }
+
+    #[test]
+    fn an_ipv6_network_gets_router_advertisements_and_aaaa_names() {
+        let files = DhcpFiles::new(Path::new("/d"), "dev", "dev-net");
+        assert!(!config_text(&spec(), &files, "cgw0", 7).contains("enable-ra"));
+        let v6 = DhcpSpec {
+            ipv6_gateway: Some("fd00:20::1".parse().unwrap()),
+            ..spec()
+        };
+        let conf = config_text(&v6, &files, "cgw0", 7);
+        for line in [
+            "enable-ra\n",
+            "dhcp-range=set:cairn6,::,constructor:cgw0,ra-only,64,3600s\n",
+            "ra-param=cgw0,mtu:1450,60\n",
+            "dhcp-option=option6:dns-server,[fd00:20::1]\n",
+        ] {
+            assert!(conf.contains(line), "{line:?} missing from\n{conf}");
+        }
+        let names = names_text(&v6);
+        assert!(
+            names.contains("fd00:20::ff:fe00:5 web-0.dev-net.dev.cairn web-0\n"),
+            "{names}"
+        );
+        assert!(names.contains("10.20.0.5 web-0.dev-net.dev.cairn web-0\n"));
     }
 
     #[test]

@@ -18,7 +18,7 @@
 //! `AF_INET` neighbour dumps). [`plan_segment`] compares the two and lists the
 //! steps; empty means converged, so it is also the drift report.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::NLM_F_DUMP;
 use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
@@ -112,6 +112,39 @@ pub struct Gateway {
     pub address: Ipv4Addr,
     /// The network's prefix length.
     pub prefix_len: u8,
+    /// The network's IPv6 gateway address, when it has an IPv6 prefix (always a
+    /// /64: guests take their addresses by SLAAC from the gateway's router
+    /// advertisements, [`slaac_address`]).
+    #[serde(default)]
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// The modified EUI-64 interface identifier of `mac` (RFC 4291 appendix A).
+fn eui64(mac: &[u8; 6]) -> [u8; 8] {
+    [
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ]
+}
+
+/// The address a guest with `mac` takes by SLAAC in the /64 of `prefix` (a
+/// guest's kernel default, `addr_gen_mode` eui64): the network's IPv6 IPAM, which
+/// the MAC (deterministic per VM NIC) decides.
+pub fn slaac_address(prefix: Ipv6Addr, mac: &[u8; 6]) -> Ipv6Addr {
+    let mut o = prefix.octets();
+    o[8..].copy_from_slice(&eui64(mac));
+    Ipv6Addr::from(o)
+}
+
+/// The link-local address of `mac` (`fe80::/64` with its EUI-64).
+pub fn link_local_address(mac: &[u8; 6]) -> Ipv6Addr {
+    slaac_address(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), mac)
 }
 
 /// One tenant network's segment on one node.
@@ -176,14 +209,14 @@ pub enum SegmentStep {
     /// A remote NIC's neighbour entry is missing or wrong.
     SetNeighbour {
         /// Address.
-        ip: Ipv4Addr,
+        ip: IpAddr,
         /// MAC.
         mac: String,
     },
     /// A neighbour entry no remote NIC has.
     DeleteNeighbour {
         /// Address.
-        ip: Ipv4Addr,
+        ip: IpAddr,
     },
     /// The gateway leg (router namespace, veth, address, MAC) is missing or off.
     Gateway {
@@ -230,8 +263,8 @@ pub struct ObservedSegment {
     pub mtu: u32,
     /// Remote entries: MAC → VTEP, sorted.
     pub fdb: Vec<(String, Ipv4Addr)>,
-    /// Neighbour entries: address → MAC, sorted.
-    pub neighbours: Vec<(Ipv4Addr, String)>,
+    /// Neighbour entries: address → MAC, sorted (IPv4, then IPv6).
+    pub neighbours: Vec<(IpAddr, String)>,
     /// The router namespace holding the gateway, when the network has one.
     pub router_netns: Option<String>,
     /// Every difference from the spec (empty: converged).
@@ -335,6 +368,7 @@ struct NeighEntry {
     ifindex: u32,
     mac: Option<[u8; 6]>,
     dst: Option<Ipv4Addr>,
+    dst6: Option<Ipv6Addr>,
     on_device: bool,
     on_bridge: bool,
     permanent: bool,
@@ -362,6 +396,7 @@ fn dump_neighbours(
                 ifindex: n.header.ifindex,
                 mac: None,
                 dst: None,
+                dst6: None,
                 on_device: n.header.flags.contains(NeighbourFlags::Own),
                 on_bridge: n.header.flags.contains(NeighbourFlags::Controller),
                 permanent: n.header.state == NeighbourState::Permanent,
@@ -374,6 +409,9 @@ fn dump_neighbours(
                         e.mac = Some(m);
                     }
                     NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => e.dst = Some(*a),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                        e.dst6 = Some(*a)
+                    }
                     // A bridge's entries name it (NDA_MASTER); NTF_MASTER is a request flag.
                     NeighbourAttribute::Controller(_) => e.on_bridge = true,
                     // An AF_BRIDGE dump's VTEP comes as raw bytes.
@@ -500,7 +538,7 @@ pub fn plan_segment(
     let own_mac = vx.as_ref().and_then(|v| v.mac);
     let mut have_fdb: std::collections::BTreeMap<[u8; 6], Ipv4Addr> = Default::default();
     let mut have_bridge_fdb: std::collections::BTreeSet<[u8; 6]> = Default::default();
-    let mut have_neigh: std::collections::BTreeMap<Ipv4Addr, [u8; 6]> = Default::default();
+    let mut have_neigh: std::collections::BTreeMap<IpAddr, [u8; 6]> = Default::default();
     if let (Some(index), false) = (vx_index, fresh_vxlan) {
         for e in dump_neighbours(&mut rtnl, AddressFamily::Bridge).map_err(nl)? {
             let Some(mac) = e.mac else { continue };
@@ -522,16 +560,31 @@ pub fn plan_segment(
                 continue;
             }
             if let (Some(ip), Some(mac)) = (e.dst, e.mac) {
-                have_neigh.insert(ip, mac);
+                have_neigh.insert(IpAddr::V4(ip), mac);
+            }
+        }
+        for e in dump_neighbours(&mut rtnl, AddressFamily::Inet6).map_err(nl)? {
+            if e.ifindex != index || !e.permanent {
+                continue;
+            }
+            if let (Some(ip), Some(mac)) = (e.dst6, e.mac) {
+                have_neigh.insert(IpAddr::V6(ip), mac);
             }
         }
     }
     let mut want_fdb: std::collections::BTreeMap<[u8; 6], Ipv4Addr> = Default::default();
-    let mut want_neigh: std::collections::BTreeMap<Ipv4Addr, [u8; 6]> = Default::default();
+    let mut want_neigh: std::collections::BTreeMap<IpAddr, [u8; 6]> = Default::default();
+    let prefix6 = spec.gateway.and_then(|g| g.ipv6);
     for r in &spec.remotes {
         want_fdb.insert(r.mac, r.vtep);
         if let Some(ip) = r.ipv4 {
-            want_neigh.insert(ip, r.mac);
+            want_neigh.insert(IpAddr::V4(ip), r.mac);
+        }
+        // With an IPv6 prefix the VXLAN proxy also answers neighbour solicitations
+        // for the remote NIC's SLAAC and link-local addresses (no flooding).
+        if let Some(p) = prefix6 {
+            want_neigh.insert(IpAddr::V6(slaac_address(p, &r.mac)), r.mac);
+            want_neigh.insert(IpAddr::V6(link_local_address(&r.mac)), r.mac);
         }
     }
     for (mac, vtep) in &want_fdb {
@@ -650,6 +703,19 @@ fn gateway_drift(
     let addrs = rtnl.ipv4_addresses(l.index).map_err(nl)?;
     if !addrs.contains(&g.address) {
         why.push(format!("{dev} lacks {}/{}", g.address, g.prefix_len));
+    }
+    if let Some(v6) = g.ipv6 {
+        let addrs = rtnl.ipv6_addresses(l.index).map_err(nl)?;
+        if !addrs.iter().any(|a| a.addr == v6 && a.prefix_len == 64) {
+            why.push(format!("{dev} lacks {v6}/64"));
+        }
+        let forwarding = router
+            .run(|| std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/forwarding"))
+            .map_err(NetworkError::Netns)?
+            .unwrap_or_default();
+        if forwarding.trim() != "1" {
+            why.push("the router does not forward IPv6".into());
+        }
     }
     Ok(why)
 }
@@ -917,14 +983,28 @@ fn ensure_gateway(ns: &NetNs, spec: &SegmentSpec, g: Gateway) -> Result<(), Netw
     run(&router, "ip", &["link", "set", "lo", "up"])?;
     let cidr = format!("{}/{}", g.address, g.prefix_len);
     run(&router, "ip", &["addr", "replace", &cidr, "dev", &dev])?;
-    router
-        .run(|| std::fs::write("/proc/sys/net/ipv4/ip_forward", "1"))
-        .map_err(NetworkError::Netns)?
-        .map_err(|e| NetworkError::Command {
-            node: ns.node().to_owned(),
-            command: format!("sysctl net.ipv4.ip_forward=1 in {router_name}"),
-            detail: e.to_string(),
-        })?;
+    let mut sysctls = vec!["/proc/sys/net/ipv4/ip_forward"];
+    if let Some(v6) = g.ipv6 {
+        // The same address on every node: duplicate address detection would fail
+        // where a gateway answers for itself, so none.
+        let cidr = format!("{v6}/64");
+        run(
+            &router,
+            "ip",
+            &["-6", "addr", "replace", &cidr, "dev", &dev, "nodad"],
+        )?;
+        sysctls.push("/proc/sys/net/ipv6/conf/all/forwarding");
+    }
+    for path in sysctls {
+        router
+            .run(move || std::fs::write(path, "1"))
+            .map_err(NetworkError::Netns)?
+            .map_err(|e| NetworkError::Command {
+                node: ns.node().to_owned(),
+                command: format!("write 1 to {path} in {router_name}"),
+                detail: e.to_string(),
+            })?;
+    }
     Ok(())
 }
 
@@ -1081,6 +1161,20 @@ pub fn ensure_egress(ns: &NetNs, tenant: &str) -> Result<Vec<String>, NetworkErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slaac_addresses_are_the_macs_eui64() {
+        let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+        assert_eq!(
+            link_local_address(&mac),
+            "fe80::5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            slaac_address("fd00:20::1".parse().unwrap(), &mac),
+            "fd00:20::5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap(),
+            "the /64 of the gateway, the interface identifier of the MAC"
+        );
+    }
 
     #[test]
     fn names_fit_and_differ() {

@@ -26,7 +26,7 @@
 //! there, because a distributed gateway routes a request and its reply on
 //! different nodes; the stateful check is the NIC's chain).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -79,25 +79,38 @@ impl Proto {
     }
 }
 
-/// An IPv4 prefix `a.b.c.d/n`.
+/// An IPv4 prefix `a.b.c.d/n` or an IPv6 prefix `x:y::/n`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Prefix {
     /// Address.
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     /// Length.
     pub len: u8,
 }
 
 impl Prefix {
-    /// Parses `a.b.c.d/n` (or a bare address, /32).
+    /// Parses `a.b.c.d/n` or `x:y::/n` (or a bare address: /32, /128).
     pub fn parse(text: &str) -> Option<Self> {
-        let (a, l) = text.split_once('/').unwrap_or((text, "32"));
-        let len: u8 = l.parse().ok()?;
-        (len <= 32).then_some(())?;
-        Some(Self {
-            addr: a.parse().ok()?,
-            len,
-        })
+        let (a, l) = text
+            .split_once('/')
+            .map_or((text, None), |(a, l)| (a, Some(l)));
+        let addr: IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match l {
+            Some(l) => l.parse().ok()?,
+            None => max,
+        };
+        (len <= max).then_some(())?;
+        Some(Self { addr, len })
+    }
+
+    /// The payload protocol nft matches its addresses with (`ip`, `ip6`).
+    fn family(&self) -> &'static str {
+        if self.addr.is_ipv4() { "ip" } else { "ip6" }
+    }
+
+    fn is_host(&self) -> bool {
+        self.len == if self.addr.is_ipv4() { 32 } else { 128 }
     }
 }
 
@@ -215,7 +228,7 @@ fn eq(left: Value, right: Value) -> Value {
 }
 
 fn prefix(p: Prefix) -> Value {
-    if p.len == 32 {
+    if p.is_host() {
         json!(p.addr.to_string())
     } else {
         json!({"prefix": {"addr": p.addr.to_string(), "len": p.len}})
@@ -223,13 +236,14 @@ fn prefix(p: Prefix) -> Value {
 }
 
 fn allow_expr(rule: &AllowRule, daddr: Option<Ipv4Addr>) -> Value {
+    let ip = rule.from.family();
     let mut e = vec![eq(
-        json!({"payload": {"protocol": "ip", "field": "saddr"}}),
+        json!({"payload": {"protocol": ip, "field": "saddr"}}),
         prefix(rule.from),
     )];
     if let Some(to) = rule.to {
         e.push(eq(
-            json!({"payload": {"protocol": "ip", "field": "daddr"}}),
+            json!({"payload": {"protocol": to.family(), "field": "daddr"}}),
             prefix(to),
         ));
     }
@@ -416,6 +430,19 @@ fn desired(spec: &FirewallSpec) -> (Vec<Chain>, Vec<Rule>) {
         };
         push(established(), "accept established, related".into());
         push(invalid_drop(), "drop invalid".into());
+        // IPv6 neighbour discovery is not tracked (conntrack leaves it untracked):
+        // without it no IPv6 exchange starts; router advertisements reach a guest
+        // only from its gateway (the guest guard drops them from taps).
+        push(
+            json!([
+                eq(
+                    json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
+                    json!({"set": ["nd-neighbor-solicit", "nd-neighbor-advert", "nd-router-advert"]}),
+                ),
+                {"accept": null}
+            ]),
+            "accept IPv6 neighbour discovery and router advertisements".into(),
+        );
         if let Some(server) = nic.dhcp_server {
             push(
                 json!([
@@ -562,7 +589,8 @@ fn router_desired(spec: &RouterSpec) -> (Vec<Chain>, Vec<Rule>) {
             what: "answers to egress".into(),
         });
     }
-    for (daddr, r) in rules_in {
+    // Routing between a tenant's networks is IPv4 (its IPv6 is dropped there).
+    for (daddr, r) in rules_in.iter().filter(|(_, r)| r.from.addr.is_ipv4()) {
         rules.push(Rule {
             family: "inet",
             table: ROUTER_TABLE,
@@ -806,9 +834,13 @@ fn drift_of(
 const NODE_TABLES: [(&str, &str); 3] =
     [("bridge", TABLE), ("inet", TABLE), ("bridge", GUARD_TABLE)];
 
-fn bridge_nf_call(ns: &NetNs) -> Result<Option<bool>, NetworkError> {
+/// The br_netfilter switches that pass bridged IPv4 and IPv6 to the inet hooks
+/// (per namespace): with either at 0 that family bypasses the groups.
+const BRIDGE_NF_CALLS: [&str; 2] = ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"];
+
+fn bridge_nf_call(ns: &NetNs, name: &'static str) -> Result<Option<bool>, NetworkError> {
     let v = ns
-        .run(|| std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables"))
+        .run(move || std::fs::read_to_string(format!("/proc/sys/net/bridge/{name}")))
         .map_err(NetworkError::Netns)?;
     Ok(v.ok().map(|t| t.trim() == "1"))
 }
@@ -818,10 +850,17 @@ fn bridge_nf_call(ns: &NetNs) -> Result<Option<bool>, NetworkError> {
 pub fn firewall_drift(ns: &NetNs, spec: &FirewallSpec) -> Result<Vec<String>, NetworkError> {
     let (chains, rules) = desired(spec);
     let mut drift = drift_of(ns, &NODE_TABLES, &chains, &rules)?;
-    if !spec.nics.is_empty() && bridge_nf_call(ns)? == Some(false) {
-        drift.push(
-            "net.bridge.bridge-nf-call-iptables is 0: bridged traffic bypasses the groups".into(),
-        );
+    for name in BRIDGE_NF_CALLS {
+        if !spec.nics.is_empty() && bridge_nf_call(ns, name)? == Some(false) {
+            let family = if name.ends_with("ip6tables") {
+                "IPv6"
+            } else {
+                "IPv4"
+            };
+            drift.push(format!(
+                "net.bridge.{name} is 0: bridged {family} traffic bypasses the groups"
+            ));
+        }
     }
     Ok(drift)
 }
@@ -830,22 +869,22 @@ pub fn firewall_drift(ns: &NetNs, spec: &FirewallSpec) -> Result<Vec<String>, Ne
 /// difference, both tables are replaced in one `nft` transaction (a packet sees
 /// the old rules or the new, never none). Returns the drift that was repaired.
 pub fn apply_firewall(ns: &NetNs, spec: &FirewallSpec) -> Result<Vec<String>, NetworkError> {
-    if !spec.nics.is_empty() {
-        match bridge_nf_call(ns)? {
+    for name in BRIDGE_NF_CALLS.iter().filter(|_| !spec.nics.is_empty()) {
+        match bridge_nf_call(ns, name)? {
             None => {
                 return Err(NetworkError::Command {
                     node: ns.node().to_owned(),
-                    command: "read net.bridge.bridge-nf-call-iptables".into(),
+                    command: format!("read net.bridge.{name}"),
                     detail: "br_netfilter is not available: stateful security groups on bridged taps need it (or bridge conntrack)".into(),
                 });
             }
             Some(false) => {
                 let node = ns.node().to_owned();
-                ns.run(|| std::fs::write("/proc/sys/net/bridge/bridge-nf-call-iptables", "1"))
+                ns.run(move || std::fs::write(format!("/proc/sys/net/bridge/{name}"), "1"))
                     .map_err(NetworkError::Netns)?
                     .map_err(|e| NetworkError::Command {
                         node,
-                        command: "sysctl net.bridge.bridge-nf-call-iptables=1".into(),
+                        command: format!("sysctl net.bridge.{name}=1"),
                         detail: e.to_string(),
                     })?;
             }
@@ -1016,6 +1055,29 @@ mod tests {
         );
         assert!(Prefix::parse("10.0.0.0/33").is_none());
         assert!(Prefix::parse("x/8").is_none());
+        let v6 = Prefix::parse("fd00:20::/64").unwrap();
+        assert_eq!((v6.len, v6.family()), (64, "ip6"));
+        assert_eq!(Prefix::parse("fd00::5").map(|p| p.len), Some(128));
+        assert!(Prefix::parse("fd00::/129").is_none());
+        let rule = AllowRule {
+            from: v6,
+            ..rule(Proto::Tcp, Some((5432, 5432)))
+        };
+        let e = allow_expr(&rule, None).to_string();
+        assert!(
+            e.contains(r#""protocol":"ip6""#)
+                && e.contains(r#"{"prefix":{"addr":"fd00:20::","len":64}}"#),
+            "{e}"
+        );
+        assert_eq!(rule.to_string(), "db: allow tcp 5432 from fd00:20::/64");
+        let (_, routed) = router_desired(&RouterSpec {
+            guarded: vec![(Ipv4Addr::new(10, 20, 0, 5), rule)],
+            ..RouterSpec::default()
+        });
+        assert!(
+            routed.iter().all(|r| !r.expr.to_string().contains("ip6")),
+            "routing between networks is IPv4: an IPv6 rule adds nothing there"
+        );
         assert_eq!(Proto::parse("any"), Some(Proto::Any));
         assert_eq!(Proto::parse("sctp"), None);
     }

@@ -190,6 +190,7 @@ pub fn segment_spec(
         Some(Gateway {
             address: ipv4("apply_network_segment.gateway", &seg.gateway)?,
             prefix_len: u8::try_from(seg.prefix_len).unwrap_or(u8::MAX),
+            ipv6: None,
         })
     };
     let mut remotes = Vec::with_capacity(seg.remotes.len());
@@ -351,7 +352,7 @@ pub fn router_spec(segments: &[v1::ApplyNetworkSegment], tenant: &str) -> secgro
         let len = u8::try_from(s.prefix_len).ok().filter(|l| *l <= 32)?;
         let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
         Some(Prefix {
-            addr: Ipv4Addr::from(u32::from(gw) & mask),
+            addr: std::net::IpAddr::V4(Ipv4Addr::from(u32::from(gw) & mask)),
             len,
         })
     };
@@ -485,6 +486,8 @@ pub fn dhcp_spec(
         } else {
             Vec::new()
         },
+
+        ipv6_gateway: None,
     })
 }
 

@@ -69,6 +69,7 @@ impl DhcpNode {
             gateway: Some(Gateway {
                 address: GW,
                 prefix_len: 24,
+                ipv6: None,
             }),
             remotes: vec![],
         };
@@ -108,6 +109,7 @@ impl DhcpNode {
             mtu,
             hosts,
             upstream: vec![],
+            ipv6_gateway: None,
         }
     }
 }

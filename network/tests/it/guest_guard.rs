@@ -17,7 +17,7 @@ use network::secgroup::{FirewallSpec, GUARD_TABLE, apply_firewall, firewall_drif
 
 use crate::common::require_netns;
 use crate::dhcp::{DhcpNode, dhcp_tools_missing};
-use crate::overlay_support::{Nic, ok, sh};
+use crate::overlay_support::{Nic, ok, sh, wait_for};
 
 /// The rogue guest's dnsmasq; killed on drop (before the namespaces go).
 struct Rogue {
@@ -95,19 +95,6 @@ impl Drop for Rogue {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -11,6 +11,7 @@ mod dhcp;
 mod dns;
 mod failover;
 mod guest_guard;
+mod ipv6;
 mod netns;
 mod overlay;
 mod overlay_support;

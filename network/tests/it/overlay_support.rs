@@ -26,8 +26,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new() -> Self {
+        Self::named("i-ov")
+    }
+
+    /// The same with namespaces named `<tag><pid>x<n>-…`.
+    pub fn named(tag: &str) -> Self {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let prefix = format!("i-ov{}x{n}-", std::process::id() % 100_000);
+        let prefix = format!("{tag}{}x{n}-", std::process::id() % 100_000);
         let _ = dev_cluster::teardown(&prefix);
         let switch = dev_cluster::create_switch(&prefix).expect("switch");
         let nodes = (1..=3)
@@ -168,6 +173,11 @@ pub fn remove_probe(c: &Cluster, node: usize, p: &Probe) {
 }
 
 pub fn ping(from: &Probe, to: Ipv4Addr) -> bool {
+    ping_addr(from, &to.to_string())
+}
+
+/// One ping (IPv4 or IPv6, `ADDR%eth0` for a link-local one), 1 s to answer.
+pub fn ping_addr(from: &Probe, to: &str) -> bool {
     sh(&[
         "ip",
         "netns",
@@ -178,7 +188,7 @@ pub fn ping(from: &Probe, to: Ipv4Addr) -> bool {
         "1",
         "-W",
         "1",
-        &to.to_string(),
+        to,
     ])
     .status
     .success()
@@ -230,8 +240,23 @@ pub fn segment(
         gateway: Some(Gateway {
             address: gw,
             prefix_len: 24,
+            ipv6: None,
         }),
         remotes,
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds (true) or `within` passes (false).
+pub fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -241,8 +266,12 @@ pub fn ip(a: u8, b: u8, c: u8, d: u8) -> Ipv4Addr {
 
 /// Accepts connections on `ip:port` inside the probe's namespace until dropped.
 pub fn listen(p: &Probe, port: u16) -> TcpListener {
-    let addr = SocketAddr::from((p.ip, port));
-    let l = NetNs::named(p.netns.clone())
+    listen_at(&p.netns, SocketAddr::from((p.ip, port)))
+}
+
+/// Accepts connections on `addr` inside namespace `netns` until dropped.
+pub fn listen_at(netns: &str, addr: SocketAddr) -> TcpListener {
+    let l = NetNs::named(netns.to_owned())
         .run(move || TcpListener::bind(addr))
         .expect("enter probe")
         .expect("bind");
