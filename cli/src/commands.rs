@@ -99,13 +99,24 @@ async fn make_plan(
     nodes: &GrpcNodes,
     cold: bool,
 ) -> Result<Planned, PipelineError> {
+    let mut options = move_options(cold);
+    // The writers the epoch authority holds (a live migration hands a VM's disks'
+    // writer over): a VM's definition attaches a volume where its writer is.
+    if let Some(authority) = store.epoch_authority() {
+        options.disk_writers = authority
+            .all()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|state| (state.volume, state.writer))
+            .collect();
+    }
     pipeline::plan_revision_with(
         loaded.model(),
         &loaded.ctx.spec_root,
         &loaded.revision,
         store,
         nodes,
-        &move_options(cold),
+        &options,
     )
     .await
 }

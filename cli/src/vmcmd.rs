@@ -206,13 +206,19 @@ fn disk_io(args: &DiskIo) -> anyhow::Result<u8> {
     let spec = reconciler::pipeline::spec_nodes(loaded.model());
     let rt = runtime()?;
     let observed = rt.block_on(observe(&spec, &nodes));
-    let running = observed.nodes.iter().find_map(|(node, o)| match o {
-        NodeObservation::Reachable { vms, .. } => vms
-            .get(&args.vm)
-            .filter(|vm| vm.is_running())
-            .map(|_| node.clone()),
-        NodeObservation::Unreachable { .. } => None,
-    });
+    // A VM that runs beats one starting: during a live migration the destination's
+    // copy is starting (it waits for the state) while the source's runs.
+    let on = |running: fn(&reconciler::observe::ObservedVm) -> bool| {
+        observed.nodes.iter().find_map(|(node, o)| match o {
+            NodeObservation::Reachable { vms, .. } => vms
+                .get(&args.vm)
+                .filter(|vm| running(vm))
+                .map(|_| node.clone()),
+            NodeObservation::Unreachable { .. } => None,
+        })
+    };
+    let running =
+        on(|vm| vm.state == proto::v1::VmState::Running).or_else(|| on(|vm| vm.is_running()));
     let Some(node) = running else {
         eprintln!(
             "error: vm `{}` is not running on any node that answered; `cairn status` shows where it is",

@@ -256,9 +256,9 @@ impl std::ops::Deref for ControllerStore {
 macro_rules! delegate {
     ($( fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty; )*) => {
         impl StateStore for ControllerStore {
-            // The volumes' epochs stay in the data directory's redb store.
+            // The volumes' epochs: in etcd with replicas, else the redb file.
             fn epoch_authority(&self) -> Option<reconciler::epochs::EpochAuthority<'_>> {
-                Some(reconciler::epochs::EpochAuthority::new(&self.local))
+                Some(reconciler::epochs::EpochAuthority::new(self.epoch_store()))
             }
 
             $(

@@ -182,6 +182,7 @@ pub async fn set_clients(
             }
         }
     }
+    keep_sources(&mut wanted, desired, observed);
     let changed = tokio::task::block_in_place(|| {
         let authority = EpochAuthority::new(store);
         let mut changed = Vec::new();
@@ -262,6 +263,44 @@ pub async fn set_clients(
     }
     if !events.is_empty() {
         shared.record(events);
+    }
+}
+
+/// A VM that runs only on a node other than its placement's (a live migration not
+/// committed yet, or a move the plan has yet to make) keeps that node among the
+/// clients of each of its volumes it holds no copy of: the running VM's writes go on
+/// being served until the migration's commit hands them over (`reconciler::migrate`),
+/// and the destination can attach meanwhile.
+fn keep_sources<'d>(
+    wanted: &mut BTreeMap<&'d str, BTreeSet<String>>,
+    desired: &'d reconciler::desired::Desired,
+    observed: &Observed,
+) {
+    for (name, copies) in observed.vms() {
+        let Some(vm) = desired.vms.get(name) else {
+            continue;
+        };
+        let running: Vec<&str> = copies
+            .iter()
+            .filter(|(_, o)| o.is_running())
+            .map(|(node, _)| *node)
+            .collect();
+        if running.contains(&vm.node.as_str()) {
+            continue;
+        }
+        for node in running {
+            for volume in &vm.volumes {
+                let Some(layout) = desired.volumes.get(volume) else {
+                    continue;
+                };
+                if layout.node != node && !layout.replicas.iter().any(|r| r == node) {
+                    wanted
+                        .entry(volume.as_str())
+                        .or_default()
+                        .insert(node.to_owned());
+                }
+            }
+        }
     }
 }
 

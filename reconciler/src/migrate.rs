@@ -16,8 +16,27 @@
 //! (`AbortMigration`) only while no record names the destination, i.e. before 3.
 //! After it, a failure never resumes the source: it stays paused until the
 //! destination's commit is retried (`finish`, from `crate::apply::settle`).
-//! Diskless VMs only, for now: a VM with disks would also need its volumes' writer
-//! handed over in the same record (`plan::vms::live_refusal` keeps those cold).
+//!
+//! Disks do not move (issue 17: "their writer is handed over with an epoch change at
+//! switch-over"). For a VM with volumes ([`MigratingVolume`]s in the step), through
+//! the store's epoch authority ([`StateStore::epoch_authority`]):
+//! - before the prepare ([`ready_volumes`]): a volume the authority holds no epoch of
+//!   is adopted (epoch 0 on the nodes: the primary writes, every copy in sync); a
+//!   destination holding a copy must hold an in-sync one (else the migration is not
+//!   started); a destination without a copy is named among the volume's clients
+//!   (its storage client reaches the copies; the source, a copy or a client, keeps
+//!   writing); the peer set goes to the destination and every copy (the new writer
+//!   reaches the others, they know its key);
+//! - the commit record lists the hand-over it decides (`handover`);
+//! - after the record, before any `CommitMigration` ([`hand_over`], also when a
+//!   settle finishes the commit): a destination holding a copy becomes the writer
+//!   (`set_writer`), else a source that was a client leaves the clients; the epoch
+//!   is installed on every copy, the writer last, then on the clients and the
+//!   dropped source (fenced). The destination's guest writes nothing before its
+//!   commit, and the source's VMM drained its in-flight requests at the pause, so
+//!   no write of either side is lost or refused. An install the new writer did not
+//!   take keeps the commit from being sent (the source stays paused, as for any
+//!   failure after the record; the next settle tries again).
 
 use std::time::{Duration, Instant};
 
@@ -26,8 +45,9 @@ use proto::v1::apply_request::Action;
 use proto::v1::apply_response::Result as Answer;
 use serde::{Deserialize, Serialize};
 
+use crate::epochs::{EpochAuthority, EpochError, VolumeEpoch};
 use crate::nodes::NodeApi;
-use crate::plan::{NodeAction, Step};
+use crate::plan::{MigratingVolume, NodeAction, PeerRef, Step};
 use crate::state::{StateError, StateStore, now_ms};
 
 /// The audit event a migration record is written as.
@@ -80,6 +100,10 @@ pub struct MigrationRecord {
     /// What went wrong (aborted; or a left-over a completed one could not clean).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// The volumes' epoch hand-over the commit decides, one line per volume
+    /// (`VOLUME: writer SRC -> DST` or `VOLUME: client SRC -> DST`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub handover: Vec<String>,
 }
 
 impl MigrationRecord {
@@ -121,6 +145,8 @@ struct Parts<'a> {
     to_address: &'a str,
     max_downtime_ms: u32,
     definition: &'a NodeAction,
+    volumes: &'a [MigratingVolume],
+    peers: &'a [PeerRef],
 }
 
 fn parts(step: &Step) -> Option<Parts<'_>> {
@@ -131,6 +157,8 @@ fn parts(step: &Step) -> Option<Parts<'_>> {
             from_address,
             max_downtime_ms,
             definition,
+            volumes,
+            peers,
         } => Some(Parts {
             name,
             from,
@@ -139,6 +167,8 @@ fn parts(step: &Step) -> Option<Parts<'_>> {
             to_address: &step.address,
             max_downtime_ms: *max_downtime_ms,
             definition,
+            volumes,
+            peers,
         }),
         _ => None,
     }
@@ -179,6 +209,10 @@ pub async fn run<N: NodeApi>(
     let id = |what: &str| format!("{request_id}.{what}");
     let started = Instant::now();
     let name = p.name.to_owned();
+    // 0. The disks: adopted, the destination's copy in sync or the destination a client.
+    if let Err(why) = ready_volumes(&p, request_id, store, nodes).await {
+        return Err(abort(&p, request_id, store, nodes, why).await);
+    }
     // 1. The destination: defined, then its VMM waiting for the state.
     let to_listen = async {
         call(
@@ -257,6 +291,10 @@ pub async fn run<N: NodeApi>(
         at_unix_ms: now_ms(),
         figures: None,
         error: String::new(),
+        handover: match handover_lines(&p, store) {
+            Ok(lines) => lines,
+            Err(why) => return Err(abort(&p, request_id, store, nodes, why).await),
+        },
     };
     if let Err(e) = store.record_migration(&record) {
         let why = format!("the commit record could not be written: {e}");
@@ -264,7 +302,7 @@ pub async fn run<N: NodeApi>(
     }
     hold("committed").await;
     // 4. and 5.
-    let finished = finish(&record, p.from_address, p.to_address, request_id, nodes).await;
+    let finished = finish(&record, &p, request_id, store, nodes).await;
     let downtime = ready.elapsed().as_secs_f64() * 1000.0 + source.paused_ms;
     match finished {
         Ok(leftover) => {
@@ -314,14 +352,22 @@ async fn hold(point: &str) {
 /// left over (a source that could not be deleted), `Err` when the destination did
 /// not start: the VM then runs nowhere and its source stays paused (never resumed:
 /// the record names the destination) until a later `finish` gets through.
-pub async fn finish<N: NodeApi>(
+async fn finish<N: NodeApi>(
     record: &MigrationRecord,
-    from_address: &str,
-    to_address: &str,
+    p: &Parts<'_>,
     request_id: &str,
+    store: &dyn StateStore,
     nodes: &N,
 ) -> Result<String, String> {
+    let (from_address, to_address) = (p.from_address, p.to_address);
     let id = |what: &str| format!("{request_id}.{what}");
+    // The disks' writer (or clients) first: the destination writes from its commit.
+    hand_over(p, store, nodes).await.map_err(|why| {
+        format!(
+            "committed to {} (the record names it), but its disks were not handed over: {why}; the source {} stays paused, the next apply commits it again",
+            record.to, record.from
+        )
+    })?;
     let commit = || {
         Action::CommitMigration(v1::CommitMigration {
             name: record.vm.clone(),
@@ -438,6 +484,7 @@ async fn abort_as<N: NodeApi>(
         at_unix_ms: now_ms(),
         figures: None,
         error: error.clone(),
+        handover: vec![],
     };
     if let Err(e) = store.record_migration(&record) {
         error.push_str(&format!(" (the abort's record: {e})"));
@@ -515,7 +562,7 @@ pub async fn settle_step<N: NodeApi>(
     Ok(match record {
         Some(r) if r.phase == "completed" => Ok(()),
         Some(r) if r.phase == "aborted" => Err(r.error),
-        Some(mut r) => match finish(&r, p.from_address, p.to_address, &settle_id, nodes).await {
+        Some(mut r) => match finish(&r, &p, &settle_id, store, nodes).await {
             Ok(leftover) => {
                 r.phase = "completed".to_owned();
                 r.at_unix_ms = now_ms();
@@ -535,6 +582,273 @@ pub async fn settle_step<N: NodeApi>(
         )
         .await),
     })
+}
+
+/// How often an epoch change is tried again after another change came first.
+const EPOCH_ATTEMPTS: u32 = 3;
+
+/// The authority the hand-over goes through; `None` for a VM without volumes.
+fn authority<'s>(
+    p: &Parts<'_>,
+    store: &'s dyn StateStore,
+) -> Result<Option<EpochAuthority<'s>>, String> {
+    if p.volumes.is_empty() {
+        return Ok(None);
+    }
+    store.epoch_authority().map(Some).ok_or_else(|| {
+        format!(
+            "its disks ({}) need their writer handed over, and this state store keeps no volume epochs",
+            p.volumes
+                .iter()
+                .map(|v| v.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+    })
+}
+
+/// A compare-and-swap on a volume's epoch, read again when another change came first:
+/// `change` returns the new state to make from the current one, or `None` when
+/// nothing is to change.
+fn change_epoch(
+    authority: &EpochAuthority<'_>,
+    volume: &str,
+    change: impl Fn(&EpochAuthority<'_>, &VolumeEpoch) -> Option<Result<VolumeEpoch, EpochError>>,
+) -> Result<VolumeEpoch, String> {
+    for _ in 0..EPOCH_ATTEMPTS {
+        let state = authority
+            .get(volume)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the epoch authority holds no epoch of volume {volume}"))?;
+        match change(authority, &state) {
+            None => return Ok(state),
+            Some(Ok(next)) => return Ok(next),
+            Some(Err(EpochError::Conflict { .. })) => continue,
+            Some(Err(e)) => return Err(e.to_string()),
+        }
+    }
+    Err(format!(
+        "volume {volume}'s epoch kept changing under the migration ({EPOCH_ATTEMPTS} tries)"
+    ))
+}
+
+fn address_of<'a>(p: &'a Parts<'_>, node: &str) -> Option<&'a str> {
+    if node == p.to {
+        Some(p.to_address)
+    } else if node == p.from {
+        Some(p.from_address)
+    } else {
+        p.peers
+            .iter()
+            .find(|peer| peer.name == node)
+            .map(|peer| peer.address.as_str())
+    }
+}
+
+/// Installs `state` on its copies (the writer last), its clients, then on `fenced`
+/// (nodes it no longer names). `Err` only when the writer (or `must`) did not take
+/// it; the other refusals are returned as notes (the controller's drift check
+/// installs the current epoch on a copy behind).
+async fn install_everywhere<N: NodeApi>(
+    p: &Parts<'_>,
+    state: &VolumeEpoch,
+    fenced: &[&str],
+    must: &str,
+    nodes: &N,
+) -> Result<Vec<String>, String> {
+    let mut order: Vec<&str> = state
+        .copies
+        .iter()
+        .map(String::as_str)
+        .filter(|n| *n != state.writer)
+        .collect();
+    order.push(&state.writer);
+    order.extend(state.clients.iter().map(String::as_str));
+    order.extend(fenced.iter().copied());
+    let mut notes = vec![];
+    for node in order {
+        let result = match address_of(p, node) {
+            Some(address) => call(
+                nodes,
+                node,
+                address,
+                crate::epochs::request_id(state, node),
+                Action::SetVolumeEpoch(crate::epochs::install(state)),
+            )
+            .await
+            .map(|_| ()),
+            None => Err("its address is not known (it did not answer the plan)".to_owned()),
+        };
+        if let Err(e) = result {
+            let line = format!(
+                "volume {} epoch {} not installed on {node}: {e}",
+                state.volume, state.epoch
+            );
+            if node == state.writer || node == must {
+                return Err(line);
+            }
+            notes.push(line);
+        }
+    }
+    Ok(notes)
+}
+
+/// Before the prepare (see the module documentation). `Err`: the migration is not
+/// started, and why.
+async fn ready_volumes<N: NodeApi>(
+    p: &Parts<'_>,
+    request_id: &str,
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Result<(), String> {
+    let Some(authority) = authority(p, store)? else {
+        return Ok(());
+    };
+    // The peer set first: a client finds the copies there, a copy its key.
+    let peers = v1::SetPeers {
+        peers: p
+            .peers
+            .iter()
+            .map(|peer| v1::Peer {
+                name: peer.name.clone(),
+                address: peer.address.clone(),
+                public_key_hex: peer.public_key_hex.clone(),
+            })
+            .collect(),
+    };
+    let mut told = std::collections::BTreeSet::new();
+    for node in p
+        .volumes
+        .iter()
+        .flat_map(|v| v.copies.iter().map(String::as_str))
+        .chain([p.to])
+    {
+        if !told.insert(node) {
+            continue;
+        }
+        if let Some(address) = address_of(p, node) {
+            call(
+                nodes,
+                node,
+                address,
+                format!("{request_id}.peers-{node}"),
+                Action::SetPeers(peers.clone()),
+            )
+            .await
+            .map_err(|e| format!("the peer set on {node}: {e}"))?;
+        }
+    }
+    for volume in p.volumes {
+        let known = authority.get(&volume.name).map_err(|e| e.to_string())?;
+        if known.is_none() {
+            let copies: std::collections::BTreeSet<String> =
+                volume.copies.iter().cloned().collect();
+            let writer = volume.copies.first().cloned().unwrap_or_default();
+            match authority.adopt(
+                &volume.name,
+                &writer,
+                &copies,
+                &copies,
+                0,
+                &format!(
+                    "adopted for the live migration of {} (epoch 0 on the nodes: the primary writes, every copy in sync)",
+                    p.name
+                ),
+            ) {
+                Ok(_) | Err(EpochError::Conflict { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let to = p.to.to_owned();
+        let state = change_epoch(&authority, &volume.name, |authority, state| {
+            if state.copies.contains(&to) || state.clients.contains(&to) {
+                return None;
+            }
+            let mut clients = state.clients.clone();
+            clients.insert(to.clone());
+            Some(authority.set_clients(
+                &state.volume,
+                state.epoch,
+                &clients,
+                &format!(
+                    "{} migrates live to {to}, which holds no copy: it reads and writes as a client",
+                    p.name
+                ),
+            ))
+        })?;
+        if state.copies.contains(&to) && !state.in_sync.contains(&to) {
+            return Err(format!(
+                "{to}'s copy of volume {} is not in sync (in sync: {}), so it cannot become the writer",
+                volume.name,
+                state.in_sync.iter().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        install_everywhere(p, &state, &[], p.to, nodes).await?;
+    }
+    Ok(())
+}
+
+/// The hand-over the commit decides, one line per volume (from the authority now).
+fn handover_lines(p: &Parts<'_>, store: &dyn StateStore) -> Result<Vec<String>, String> {
+    let Some(authority) = authority(p, store)? else {
+        return Ok(vec![]);
+    };
+    let mut lines = vec![];
+    for volume in p.volumes {
+        let state = authority
+            .get(&volume.name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the epoch authority holds no epoch of {}", volume.name))?;
+        lines.push(if state.copies.contains(p.to) {
+            format!("{}: writer {} -> {}", volume.name, state.writer, p.to)
+        } else if state.clients.contains(p.from) {
+            format!("{}: client {} -> {}", volume.name, p.from, p.to)
+        } else {
+            format!("{}: client {} (writer {})", volume.name, p.to, state.writer)
+        });
+    }
+    Ok(lines)
+}
+
+/// After the record, before any `CommitMigration` (see the module documentation);
+/// idempotent, so a settle that finishes the commit runs it again.
+async fn hand_over<N: NodeApi>(
+    p: &Parts<'_>,
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Result<(), String> {
+    let Some(authority) = authority(p, store)? else {
+        return Ok(());
+    };
+    for volume in p.volumes {
+        let (to, from) = (p.to.to_owned(), p.from.to_owned());
+        let reason = format!(
+            "the live migration of {} from {from} to {to} committed",
+            p.name
+        );
+        // The writer, where the destination holds a copy.
+        change_epoch(&authority, &volume.name, |authority, state| {
+            (state.copies.contains(&to) && state.writer != to)
+                .then(|| authority.set_writer(&state.volume, state.epoch, &to, &reason))
+        })?;
+        // The clients: the source leaves them, the destination without a copy is one.
+        let state = change_epoch(&authority, &volume.name, |authority, state| {
+            let mut clients = state.clients.clone();
+            clients.remove(&from);
+            if !state.copies.contains(&to) {
+                clients.insert(to.clone());
+            }
+            (clients != state.clients)
+                .then(|| authority.set_clients(&state.volume, state.epoch, &clients, &reason))
+        })?;
+        let fenced: Vec<&str> = if state.copies.contains(p.from) {
+            vec![]
+        } else {
+            vec![p.from]
+        };
+        install_everywhere(p, &state, &fenced, p.to, nodes).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -652,6 +966,8 @@ mod tests {
                     dedicated_cpus: false,
                     nic_mtu: 0,
                 }),
+                volumes: vec![],
+                peers: vec![],
             },
             depends_on: vec![],
         }
@@ -763,6 +1079,108 @@ mod tests {
         let last = last_of(store.migrations().unwrap());
         assert_eq!(last["mv"].phase, "completed");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// `step()` with a disk whose copies are on `copies`.
+    fn step_with_disk(copies: &[&str]) -> Step {
+        let mut step = step();
+        if let NodeAction::MigrateVm { volumes, peers, .. } = &mut step.action {
+            *volumes = vec![MigratingVolume {
+                name: "mv-data".into(),
+                copies: copies.iter().map(|c| (*c).to_owned()).collect(),
+            }];
+            *peers = ["src", "dst", "third"]
+                .iter()
+                .map(|n| PeerRef {
+                    name: (*n).into(),
+                    address: format!("{n}:7100"),
+                    public_key_hex: "00".into(),
+                })
+                .collect();
+        }
+        step
+    }
+
+    #[tokio::test]
+    async fn a_disks_writer_moves_to_the_destinations_copy_before_either_commit() {
+        let (dir, store, fake) = lab();
+        run(&step_with_disk(&["src", "dst"]), "e.0", &store, &fake)
+            .await
+            .unwrap();
+        let calls = calls(&fake);
+        let at = |c: &str| calls.iter().position(|x| x == c).unwrap_or(usize::MAX);
+        // Adopted (epoch 1, src writes) before the prepare; the writer moved (epoch 2)
+        // and installed on src, then dst, before the first commit.
+        assert!(
+            at("dst set_peers") < at("dst prepare_incoming_vm"),
+            "{calls:?}"
+        );
+        assert!(
+            at("src set_volume_epoch") < at("dst prepare_incoming_vm"),
+            "{calls:?}"
+        );
+        let commit = calls
+            .iter()
+            .position(|c| c == "src commit_migration")
+            .unwrap();
+        assert_eq!(
+            calls[commit - 2..commit],
+            ["src set_volume_epoch", "dst set_volume_epoch"],
+            "{calls:?}"
+        );
+        let state = store
+            .epoch_authority()
+            .unwrap()
+            .get("mv-data")
+            .unwrap()
+            .unwrap();
+        assert_eq!((state.epoch, state.writer.as_str()), (2, "dst"));
+        let last = last_of(store.migrations().unwrap());
+        assert_eq!(last["mv"].handover, ["mv-data: writer src -> dst"]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_destination_without_a_copy_is_a_client_from_the_prepare_and_an_unsynced_copy_refuses()
+     {
+        let (dir, store, fake) = lab();
+        run(&step_with_disk(&["src", "third"]), "e.0", &store, &fake)
+            .await
+            .unwrap();
+        let authority = store.epoch_authority().unwrap();
+        let state = authority.get("mv-data").unwrap().unwrap();
+        assert_eq!(state.writer, "src", "the writer's copy stays where it is");
+        assert_eq!(state.clients.iter().collect::<Vec<_>>(), ["dst"]);
+        let seen = calls(&fake);
+        assert!(
+            seen.iter().position(|c| c == "dst set_volume_epoch")
+                < seen.iter().position(|c| c == "dst prepare_incoming_vm"),
+            "{seen:?}"
+        );
+        // dst's copy out of sync: not started, the source untouched.
+        let (dir2, store2, fake2) = lab();
+        let all: std::collections::BTreeSet<String> = ["src".to_owned(), "dst".to_owned()].into();
+        let adopted = store2
+            .epoch_authority()
+            .unwrap()
+            .adopt("mv-data", "src", &all, &all, 0, "test")
+            .unwrap();
+        store2
+            .epoch_authority()
+            .unwrap()
+            .remove_copy("mv-data", adopted.epoch, "dst", "test")
+            .unwrap();
+        let error = run(&step_with_disk(&["src", "dst"]), "e.0", &store2, &fake2)
+            .await
+            .unwrap_err();
+        assert!(error.contains("not in sync"), "{error}");
+        assert!(
+            !calls(&fake2).iter().any(|c| c.contains("migrate_vm")),
+            "{:?}",
+            calls(&fake2)
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir2).unwrap();
     }
 
     #[tokio::test]

@@ -415,18 +415,16 @@ pub fn keep_off(
         .map(|v| (v.name.as_str(), v.node.as_str()))
         .collect();
     // A new VM or one moved there, and (the drain) a VM that was there and can move
-    // live (`plan::vms`, when it runs): without disks (their writer would have to be
-    // handed over at the commit) and without NICs (no migration address in the
-    // nodes' namespaces yet). The others stay, as before.
+    // live (`plan::vms`, when it runs; its disks stay, their writer is handed over at
+    // the commit): without NICs (this placement has no observation to tell whether
+    // both nodes report a migration address). The others stay, as before.
     let landed: Vec<String> = placement
         .vms
         .iter()
         .filter(|v| {
             maintenance.contains(&v.node)
                 && (before.get(v.name.as_str()) != Some(&v.node.as_str())
-                    || model
-                        .vm(&v.name)
-                        .is_some_and(|m| m.disks.is_empty() && m.nics.is_empty()))
+                    || model.vm(&v.name).is_some_and(|m| m.nics.is_empty()))
         })
         .map(|v| v.name.clone())
         .collect();

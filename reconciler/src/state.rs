@@ -274,6 +274,12 @@ pub struct RedbStore {
 /// [`RedbStore`] keeps them in one redb file; an etcd store will implement the
 /// same trait for controller replicas.
 pub trait StateStore: Send + Sync {
+    /// The volumes' epoch authority this store keeps (`crate::epochs`), if it keeps
+    /// one: a live migration of a VM with disks hands their writer over through it.
+    fn epoch_authority(&self) -> Option<crate::epochs::EpochAuthority<'_>> {
+        None
+    }
+
     /// The last applied placement.
     fn placement(&self) -> Result<Option<Placement>, StateError>;
 
@@ -568,6 +574,10 @@ impl RedbStore {
 }
 
 impl StateStore for RedbStore {
+    fn epoch_authority(&self) -> Option<crate::epochs::EpochAuthority<'_>> {
+        Some(crate::epochs::EpochAuthority::new(self))
+    }
+
     /// The last applied placement.
     fn placement(&self) -> Result<Option<Placement>, StateError> {
         self.get_json(META, "placement")

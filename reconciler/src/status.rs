@@ -990,6 +990,7 @@ disks:
                 rounds,
             }),
             error: String::new(),
+            handover: vec![],
         };
         let row = |name: &str| VmRow {
             name: name.into(),

@@ -17,6 +17,7 @@ mod ha_witness;
 mod image_disk;
 mod maintenance;
 mod migration;
+mod migration_disks;
 mod policy;
 mod protection;
 mod rebuild;

@@ -17,6 +17,19 @@ use crate::engine::{Cluster, free_port, kvm_usable};
 use crate::ha::{vmm_pids, vmm_status};
 
 fn specs(dir: &Path, maintenance: Option<&str>, ports: (u16, u16)) {
+    two_node_specs(dir, maintenance, ("127.0.0.31", "127.0.0.32"), ports, false);
+}
+
+/// Two nodes `n-1`, `n-2` at `ips` (`maintenance=#true` on `maintenance`) and one VM
+/// `mv` of 64 MiB without NICs; with `disk`, each node has a disk, the site a pool
+/// with a copy on each node, and `mv` a 64 MiB disk `data` in it.
+pub(crate) fn two_node_specs(
+    dir: &Path,
+    maintenance: Option<&str>,
+    ips: (&str, &str),
+    ports: (u16, u16),
+    disk: bool,
+) {
     let flag = |node: &str| {
         if maintenance == Some(node) {
             " maintenance=#true"
@@ -24,47 +37,61 @@ fn specs(dir: &Path, maintenance: Option<&str>, ports: (u16, u16)) {
             ""
         }
     };
+    let (class_disk, pool, quota, vm_disk) = if disk {
+        (
+            "\n    disk \"disk0\" size=\"1GiB\" class=\"ssd\"",
+            "    pool \"local\" disk-class=\"ssd\" replicas=2 failure-domain=\"node\" {\n        stripe-width 1\n        stripe-unit \"64KiB\"\n    }\n",
+            " storage=\"1GiB\"",
+            "\n    disk \"data\" size=\"64MiB\" pool=\"local\"",
+        )
+    } else {
+        ("", "", "", "")
+    };
     let cluster = format!(
         r#"node-class "small" {{
     cpu 4
     memory "4GiB"
-    host-reserve cpu=1 memory="512MiB"
+    host-reserve cpu=1 memory="512MiB"{class_disk}
     nic "eth0" speed="1Gbps"
 }}
 
 site "lab" {{
     rack "desk" {{
-        node "n-1" class="small" address="127.0.0.31:{}"{}
-        node "n-2" class="small" address="127.0.0.32:{}"{}
+        node "n-1" class="small" address="{}:{}"{}
+        node "n-2" class="small" address="{}:{}"{}
     }}
-}}
+{pool}}}
 "#,
+        ips.0,
         ports.0,
         flag("n-1"),
+        ips.1,
         ports.1,
         flag("n-2")
     );
     std::fs::write(dir.join("cluster.kdl"), cluster).expect("write cluster.kdl");
     std::fs::write(
         dir.join("workloads.kdl"),
-        r#"tenant "dev" {
-    quota vcpus=4 memory="1GiB" vms=4
+        format!(
+            r#"tenant "dev" {{
+    quota vcpus=4 memory="1GiB"{quota} vms=4
     member "dev@example.com" role="admin"
-}
+}}
 
 image "tiny" builtin="cairn-guest"
 
-vm "mv" tenant="dev" site="lab" {
+vm "mv" tenant="dev" site="lab" {{
     cpu 1
     memory "64MiB"
-    image "tiny"
-}
-"#,
+    image "tiny"{vm_disk}
+}}
+"#
+        ),
     )
     .expect("write workloads.kdl");
 }
 
-fn vm_row(status: &Value) -> Value {
+pub(crate) fn vm_row(status: &Value) -> Value {
     status["vms"]
         .as_array()
         .and_then(|vms| vms.iter().find(|v| v["name"] == "mv"))
@@ -73,17 +100,17 @@ fn vm_row(status: &Value) -> Value {
 }
 
 /// The VMM of `mv` on `node`: (pid, its control socket).
-fn vmm_on(cluster: &Cluster, node: &str) -> Option<(u32, std::path::PathBuf)> {
+pub(crate) fn vmm_on(cluster: &Cluster, node: &str) -> Option<(u32, std::path::PathBuf)> {
     let dir = cluster.path().join(".cairn/dev").join(node).join("vms/mv");
     let pid = *vmm_pids(&dir.to_string_lossy()).first()?;
     Some((pid, dir.join("control.sock")))
 }
 
-fn heartbeats(socket: &Path) -> Option<u64> {
+pub(crate) fn heartbeats(socket: &Path) -> Option<u64> {
     vmm_status(socket)?["heartbeat_total"].as_u64()
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(t) = f() {
@@ -278,7 +305,7 @@ fn draining_a_node_moves_its_vm_live_and_a_killed_side_leaves_exactly_one_runnin
 }
 
 /// Each heartbeat log in `dir`: (first, last) heartbeat, `CLOCK_BOOTTIME` ns.
-fn heartbeat_logs(dir: &Path) -> Vec<(u64, u64)> {
+pub(crate) fn heartbeat_logs(dir: &Path) -> Vec<(u64, u64)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return vec![];
     };

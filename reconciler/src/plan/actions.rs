@@ -16,6 +16,15 @@ pub struct PeerRef {
     pub public_key_hex: String,
 }
 
+/// A volume of a migrating VM (`NodeAction::MigrateVm`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct MigratingVolume {
+    /// The volume's runtime name.
+    pub name: String,
+    /// The nodes holding a copy, the layout's primary first.
+    pub copies: Vec<String>,
+}
+
 /// One node action.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -148,6 +157,16 @@ pub enum NodeAction {
         max_downtime_ms: u32,
         /// The VM's definition on this node (a `create_vm`).
         definition: Box<NodeAction>,
+        /// The VM's volumes, each with its copies (the layout's primary first): their
+        /// writer (or, where this node holds no copy, their clients) is handed over in
+        /// the commit (`crate::migrate`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        volumes: Vec<MigratingVolume>,
+        /// The peer set (every node of the spec that answered, with its key) pushed to
+        /// the volumes' copies and this node before the hand-over, so the new writer
+        /// reaches the other copies and they know its key. Empty without volumes.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        peers: Vec<PeerRef>,
     },
     /// `ApplyBond`: create, change or repair a bond and its QoS classes.
     ApplyBond {

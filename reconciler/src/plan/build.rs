@@ -103,6 +103,21 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// Every node of the spec that answered, with its address and key (what the
+    /// controller pushes with `SetPeers`).
+    pub(super) fn peer_set(&self) -> Vec<PeerRef> {
+        self.desired
+            .nodes
+            .keys()
+            .map(|n| PeerRef {
+                name: n.clone(),
+                address: self.address(n),
+                public_key_hex: self.public_key(n),
+            })
+            .filter(|p| !p.public_key_hex.is_empty())
+            .collect()
+    }
+
     pub(super) fn create_volume(&mut self, v: &DesiredVolume, depends_on: Vec<usize>) -> usize {
         let replicas = v
             .replicas

@@ -25,7 +25,7 @@ mod volumes;
 
 use sha2::{Digest, Sha256};
 
-pub use actions::{NodeAction, PeerRef};
+pub use actions::{MigratingVolume, NodeAction, PeerRef};
 pub(crate) use segments::segment_diff;
 #[cfg(test)]
 pub(crate) use segments::tests::{

@@ -61,6 +61,19 @@ fn attached_volumes(vm: &DesiredVm, desired: &Desired) -> Vec<String> {
         .collect()
 }
 
+/// The `CreateVm` of a VM migrating live to its node: every volume is attached. A
+/// copy there that is not the writer yet is served to the incoming VMM as the
+/// writer's in-sync copy (the node refuses its writes until the commit's epoch names
+/// it the writer); without a copy there the node's storage client reaches the copies
+/// (`crate::migrate` names the node among the volume's clients before the prepare).
+fn migration_definition(vm: &DesiredVm, desired: &Desired) -> NodeAction {
+    let mut definition = vm_definition(vm, desired);
+    if let NodeAction::CreateVm { volumes, .. } = &mut definition {
+        volumes.clone_from(&vm.volumes);
+    }
+    definition
+}
+
 /// The node that writes a volume now: the epoch authority's writer when it moved off
 /// the layout's primary, else the primary.
 fn writer_of<'d>(volume: &str, desired: &'d Desired) -> Option<&'d str> {
@@ -201,13 +214,15 @@ pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
 pub(crate) const MAX_DOWNTIME_MS: u32 = 50;
 
 /// Why a running VM's move cannot be a live migration (`None`: it can). A VM with
-/// disks needs its volumes' writer handed over at the commit, which the commander
-/// does not do yet. A VM with NICs runs in its node's network namespace: both nodes
+/// disks moves live too: its disks stay where their copies are, and the commit hands
+/// their writer over (`crate::migrate`); only a volume the placement has no layout of
+/// keeps it cold. A VM with NICs runs in its node's network namespace: both nodes
 /// must report a migration address there (Observe's `networking.migration_address`:
 /// the destination's VMM listens on it, the source's, in its own namespace, sends to
 /// it).
 fn live_refusal(
     vm: &DesiredVm,
+    desired: &Desired,
     cold: bool,
     observed: &crate::observe::Observed,
     from: &str,
@@ -216,10 +231,13 @@ fn live_refusal(
         Some("--cold asked for a cold move".to_owned())
     } else if vm.power_off {
         Some("its spec says power \"off\"".to_owned())
-    } else if !vm.volumes.is_empty() {
+    } else if let Some(volume) = vm
+        .volumes
+        .iter()
+        .find(|v| !desired.volumes.contains_key(v.as_str()))
+    {
         Some(format!(
-            "its disks ({}) would need their writer handed over at the commit, which the controller does not do yet",
-            vm.volumes.join(" ")
+            "its disk's volume {volume} has no layout in the placement, so its writer cannot be handed over"
         ))
     } else if !vm.nics.is_empty() {
         let missing: Vec<&str> = [from, vm.node.as_str()]
@@ -236,6 +254,44 @@ fn live_refusal(
     } else {
         None
     }
+}
+
+/// The volumes of a VM migrating live, each with its copies (primary first).
+fn migrating_volumes(vm: &DesiredVm, desired: &Desired) -> Vec<super::MigratingVolume> {
+    vm.volumes
+        .iter()
+        .filter_map(|name| desired.volumes.get(name.as_str()))
+        .map(|v| super::MigratingVolume {
+            name: v.name.clone(),
+            copies: std::iter::once(v.node.clone())
+                .chain(v.replicas.iter().cloned())
+                .collect(),
+        })
+        .collect()
+}
+
+/// `disks stay: the writer of VOL moves to NODE at the commit (its copy there)`, or
+/// `NODE reaches VOL's copies as a client from the prepare`, one clause per volume.
+fn handover_line(vm: &DesiredVm, desired: &Desired) -> String {
+    let clauses: Vec<String> = migrating_volumes(vm, desired)
+        .iter()
+        .map(|v| {
+            if v.copies.contains(&vm.node) {
+                format!(
+                    "{} writer -> {} at the commit (its copy there)",
+                    v.name, vm.node
+                )
+            } else {
+                format!(
+                    "{} read and written from {} as a client of {}",
+                    v.name,
+                    vm.node,
+                    v.copies.join(", ")
+                )
+            }
+        })
+        .collect();
+    format!("disks stay: {}", clauses.join("; "))
 }
 
 /// VMs the specs want: created, moved (live or cold), replaced when their definition
@@ -294,7 +350,7 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
             }
             (None, Some((old, o))) => {
                 let running = o.is_running();
-                let live = running.then(|| live_refusal(vm, b.cold, observed, old));
+                let live = running.then(|| live_refusal(vm, desired, b.cold, observed, old));
                 // A drain's order: this move waits for the moves before it.
                 let waits: Vec<usize> = b
                     .drain_after
@@ -312,6 +368,12 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
                 });
                 if let Some(None) = live {
                     deps.extend(&waits);
+                    let volumes = migrating_volumes(vm, desired);
+                    let peers = if volumes.is_empty() {
+                        vec![]
+                    } else {
+                        b.peer_set()
+                    };
                     // One step: the commander's migration sequence (`crate::migrate`).
                     let migrate = b.step(
                         &vm.node,
@@ -320,13 +382,18 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
                             from: (*old).to_owned(),
                             from_address: b.address(old),
                             max_downtime_ms: MAX_DOWNTIME_MS,
-                            definition: Box::new(vm_definition(vm, desired)),
+                            definition: Box::new(migration_definition(vm, desired)),
+                            volumes,
+                            peers,
                         },
                         deps,
                     );
                     let mut details = vec![format!(
                         "live migration: pre-copy, downtime target {MAX_DOWNTIME_MS} ms; it runs on {old} until the commit"
                     )];
+                    if !vm.volumes.is_empty() {
+                        details.push(handover_line(vm, desired));
+                    }
                     details.extend(order);
                     b.changes.push(Change {
                         was_node: Some((*old).to_owned()),
