@@ -479,8 +479,9 @@ async fn push_fences(node: &Arc<Node>) {
 /// How often the node claims its witness grant while its lease is overdue.
 pub const WITNESS_EVERY: Duration = Duration::from_millis(100);
 
-/// The witness client of `address`, made once.
-fn witness_client(
+/// The witness client of `address`, made once (the HA claims and the FT guard,
+/// `vms::ft_guard`, share it).
+pub(crate) fn witness_client(
     node: &Node,
     address: &str,
     timeout: Duration,

@@ -23,8 +23,8 @@ use tonic::Status;
 use vmm::control::Request;
 use vmm::control::wire::FtStatus;
 
-use super::migration::{control, listening_address};
-use super::{PeerWait, Started, Vms, log_tail, state_name};
+use super::migration::{Waiter, control};
+use super::{Started, Vms, state_name};
 
 /// How often [`Vms::start_ft`] reads the primary's progress.
 const POLL: Duration = Duration::from_millis(10);
@@ -91,99 +91,23 @@ impl Vms {
         listen_ip: IpAddr,
         timeout: Duration,
     ) -> Result<v1::FtResult, Status> {
-        let (pid, generation) = {
-            let mut vms = self.vms.lock().await;
-            let Some(runtime) = vms.get_mut(name) else {
-                return Err(Status::not_found(format!(
-                    "vm `{name}` is not defined on this node; create it first (CreateVm) before preparing it as a fault-tolerance secondary"
-                )));
-            };
-            match &runtime.ft_secondary {
-                Some(address) if runtime.pid != 0 && !address.is_empty() => {
-                    return Ok(v1::FtResult {
-                        name: name.to_string(),
-                        listen_address: address.clone(),
-                        pid: runtime.pid,
-                        ..Default::default()
-                    });
-                }
-                // Another prepare waits for this VMM to listen: wait with it.
-                Some(_) if runtime.pid != 0 => (runtime.pid, runtime.generation),
-                _ => {
-                    if runtime.pid != 0 || runtime.state == VmState::Running {
-                        return Err(Status::failed_precondition(format!(
-                            "vm `{name}` runs on this node already ({}, pid {}): it cannot be a fault-tolerance secondary here",
-                            state_name(runtime.state),
-                            runtime.pid
-                        )));
-                    }
-                    if let Some(reason) = self.hypervisor.unavailable() {
-                        return Err(Status::failed_precondition(reason));
-                    }
-                    let Some(definition) = runtime.record.definition.clone() else {
-                        return Err(Status::internal(format!(
-                            "vm `{name}` has no stored definition"
-                        )));
-                    };
-                    if !definition.volumes.is_empty() {
-                        return Err(Status::failed_precondition(format!(
-                            "vm `{name}` has volumes ({}): a fault-tolerant VM's disks need a copy of their own on each side, written only by that side's VMM, which this node does not provide yet; only VMs without volumes can be protected",
-                            definition.volumes.join(", ")
-                        )));
-                    }
-                    let listen = std::net::SocketAddr::new(listen_ip, 0).to_string();
-                    self.launch_vmm(
-                        runtime,
-                        name,
-                        &definition,
-                        network,
-                        Some(PeerWait::FtPrimary(&listen)),
-                    )
-                    .await?
-                }
-            }
-        };
-        let log = self.run_dir.join(name).join("vmm.log");
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(address) = listening_address(&log, "ft-secondary") {
-                let mut vms = self.vms.lock().await;
-                if let Some(runtime) = vms.get_mut(name)
-                    && runtime.generation == generation
-                    && runtime.pid == pid
-                    && runtime.ft_secondary.is_some()
-                {
-                    runtime.ft_secondary = Some(address.clone());
-                    return Ok(v1::FtResult {
-                        name: name.to_string(),
-                        listen_address: address,
-                        pid,
-                        ..Default::default()
-                    });
-                }
-            }
-            let ended = self
-                .vms
-                .lock()
-                .await
-                .get(name)
-                .is_none_or(|runtime| runtime.generation != generation || runtime.pid == 0);
-            if ended {
-                return Err(Status::failed_precondition(format!(
-                    "vm `{name}`: the fault-tolerance secondary's cairn-vmm (pid {pid}) ended before it listened{}",
-                    log_tail(&log)
-                )));
-            }
-            if tokio::time::Instant::now() >= deadline {
-                self.hypervisor.signal(pid, libc::SIGKILL);
-                return Err(Status::deadline_exceeded(format!(
-                    "vm `{name}`: the fault-tolerance secondary's cairn-vmm (pid {pid}) did not listen within {} ms and was killed{}",
-                    timeout.as_millis(),
-                    log_tail(&log)
-                )));
-            }
-            tokio::time::sleep(POLL).await;
+        if let Some(definition) = self.definition(name).await
+            && !definition.volumes.is_empty()
+        {
+            return Err(Status::failed_precondition(format!(
+                "vm `{name}` has volumes ({}): a fault-tolerant VM's disks need a copy of their own on each side, written only by that side's VMM, which this node does not provide yet; only VMs without volumes can be protected",
+                definition.volumes.join(", ")
+            )));
         }
+        let (listen_address, pid) = self
+            .prepare_waiting(name, network, listen_ip, timeout, Waiter::FtSecondary)
+            .await?;
+        Ok(v1::FtResult {
+            name: name.to_string(),
+            listen_address,
+            pid,
+            ..Default::default()
+        })
     }
 
     /// Makes the running VM a primary checkpointing to the secondary VMM at `to` and
@@ -199,20 +123,8 @@ impl Vms {
         sync_disks: bool,
         timeout: Duration,
     ) -> Result<v1::FtResult, Status> {
-        {
-            let vms = self.vms.lock().await;
-            let Some(runtime) = vms.get(name) else {
-                return Err(Status::not_found(format!(
-                    "vm `{name}` is not defined on this node"
-                )));
-            };
-            if runtime.state != VmState::Running || runtime.pid == 0 {
-                return Err(Status::failed_precondition(format!(
-                    "vm `{name}` is {} on this node, not running: only a running VM can be a fault-tolerance primary",
-                    state_name(runtime.state)
-                )));
-            }
-        }
+        self.require_running(name, "only a running VM can be a fault-tolerance primary")
+            .await?;
         let socket = self.control_socket(name);
         let fail = |error: String| {
             Status::failed_precondition(format!(

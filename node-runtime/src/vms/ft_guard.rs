@@ -9,7 +9,7 @@
 //! | side, VMM phase | granted | refused (another holds it) | witness unreachable |
 //! |---|---|---|---|
 //! | primary, protecting | holds it (no fence deadline: a witness outage stops no healthy pair) | fenced | nothing |
-//! | primary, `secondary-lost` or acknowledgements stalled ([`stale_after`]) | the grant's end becomes the VMM's fence deadline, then `ft-stop` (held output released, runs alone) | fenced | output stays held; the VMM stops at its last grant's end |
+//! | primary, `secondary-lost` or acknowledgements stalled ([`stale_after`]) | the grant's end becomes the VMM's fence deadline, then `ft-stop` (held output released, runs alone) | fenced | output stays held; the VMM stops at its last grant's end (fenced at once when that has passed) |
 //! | secondary, `primary-lost` or checkpoints stalled | PromoteFt | waits while the holder's grant runs out; gives up (`ft-stop`) once the holder renews with the link broken | waits: never promotes without a grant |
 //! | running alone (`unprotected`, `promoted`) | renews; the fence deadline moves to the claim's send time + the lease | fenced | the VMM stops at its deadline |
 //!
@@ -24,7 +24,6 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::auth::RequestSigner;
 use proto::v1;
 use vmm::control::wire::FtStatus;
 
@@ -71,7 +70,6 @@ pub struct Guard {
 #[derive(Debug, Default)]
 pub struct Guards {
     table: Mutex<BTreeMap<String, Guard>>,
-    clients: Mutex<BTreeMap<String, Arc<proto::witness::WitnessClient>>>,
 }
 
 impl Guards {
@@ -121,27 +119,6 @@ impl Guards {
             }
         }
     }
-
-    fn client(
-        &self,
-        node: &Node,
-        address: &str,
-        timeout: Duration,
-        local_address: Option<std::net::IpAddr>,
-    ) -> Result<Arc<proto::witness::WitnessClient>, String> {
-        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(client) = clients.get(address) {
-            return Ok(Arc::clone(client));
-        }
-        let client = Arc::new(proto::witness::WitnessClient::new(
-            address,
-            RequestSigner::new(node.identity.clone()),
-            timeout,
-            local_address,
-        )?);
-        clients.insert(address.to_owned(), Arc::clone(&client));
-        Ok(client)
-    }
 }
 
 /// What a claim came to.
@@ -161,10 +138,7 @@ async fn claim(
     local_address: Option<std::net::IpAddr>,
 ) -> Claim {
     let timeout = Duration::from_millis(guard.lease_ms / 3).max(EVERY);
-    let client = match node
-        .ft_guards
-        .client(node, &guard.witness, timeout, local_address)
-    {
+    let client = match crate::quorum::witness_client(node, &guard.witness, timeout, local_address) {
         Ok(client) => client,
         Err(error) => return Claim::Unreachable(error),
     };
@@ -377,14 +351,26 @@ async fn tend(
             Claim::Granted(_) => guard.last = format!("{trouble}; the grant came too late to use"),
             Claim::Refused(_) => lost(node, vm, &mut guard, &format!("{trouble}, and ")).await,
             Claim::Unreachable(error) => {
-                if !guard.armed && guard.until_ns > 0 {
-                    let until = guard.until_ns;
-                    arm(node, vm, &mut guard, until).await;
+                // No lease, no running on: the VMM stops at the end of its last grant
+                // (at once when that has passed); its output stays held until then.
+                let until = guard.until_ns;
+                if until <= vmm::fence::boottime_ns() {
+                    let why = format!(
+                        "{trouble}, and the witness {} does not answer ({error}) after its last grant ended",
+                        guard.witness
+                    );
+                    fence(node, vm, &why).await;
+                    guard.last = format!("fenced: {why}");
+                    guard.done = true;
+                } else {
+                    if !guard.armed {
+                        arm(node, vm, &mut guard, until).await;
+                    }
+                    guard.last = format!(
+                        "{trouble}; the witness {} does not answer ({error}): the output stays held and the VMM stops at the end of its last grant",
+                        guard.witness
+                    );
                 }
-                guard.last = format!(
-                    "{trouble}; the witness {} does not answer ({error}): the output stays held and the VMM stops at the end of its last grant",
-                    guard.witness
-                );
             }
         }
     } else if !primary

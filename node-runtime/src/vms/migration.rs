@@ -103,6 +103,62 @@ pub(super) fn listening_address(log: &Path, event: &str) -> Option<String> {
     })
 }
 
+/// Whom a VMM spawned without running its guest waits for, as [`Vms::prepare_waiting`]
+/// names and records it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Waiter {
+    /// A live migration's destination.
+    Migration,
+    /// A fault-tolerant VM's secondary.
+    FtSecondary,
+}
+
+impl Waiter {
+    /// Where the runtime keeps the address it listens on.
+    fn slot(self, runtime: &mut super::VmRuntime) -> &mut Option<String> {
+        match self {
+            Self::Migration => &mut runtime.incoming,
+            Self::FtSecondary => &mut runtime.ft_secondary,
+        }
+    }
+
+    /// The VMM's event that names the address.
+    fn event(self) -> &'static str {
+        match self {
+            Self::Migration => "incoming",
+            Self::FtSecondary => "ft-secondary",
+        }
+    }
+
+    fn role(self) -> &'static str {
+        match self {
+            Self::Migration => "a migration's destination",
+            Self::FtSecondary => "a fault-tolerance secondary",
+        }
+    }
+
+    fn process(self) -> &'static str {
+        match self {
+            Self::Migration => "the incoming cairn-vmm",
+            Self::FtSecondary => "the fault-tolerance secondary's cairn-vmm",
+        }
+    }
+
+    fn first(self) -> &'static str {
+        match self {
+            Self::Migration => "before preparing a migration to it",
+            Self::FtSecondary => "before preparing it as a fault-tolerance secondary",
+        }
+    }
+
+    fn peer(self, listen: &str) -> super::PeerWait<'_> {
+        match self {
+            Self::Migration => super::PeerWait::Migration(listen),
+            Self::FtSecondary => super::PeerWait::FtPrimary(listen),
+        }
+    }
+}
+
 impl Vms {
     pub(super) fn control_socket(&self, name: &str) -> PathBuf {
         self.run_dir.join(name).join("control.sock")
@@ -135,62 +191,83 @@ impl Vms {
         listen_ip: IpAddr,
         timeout: Duration,
     ) -> Result<v1::IncomingVmResult, Status> {
+        let (listen_address, pid) = self
+            .prepare_waiting(name, network, listen_ip, timeout, Waiter::Migration)
+            .await?;
+        Ok(v1::IncomingVmResult {
+            name: name.to_string(),
+            listen_address,
+            pid,
+        })
+    }
+
+    /// Spawns the VM's VMM as `waiter` (a migration's destination, a fault-tolerance
+    /// secondary) listening on `listen_ip`, port chosen by the kernel, and answers with
+    /// its address and pid once it listens. The VM must be defined here and not run;
+    /// one already prepared answers again (one being prepared is waited for).
+    pub(super) async fn prepare_waiting(
+        &self,
+        name: &str,
+        network: Option<&NetNs>,
+        listen_ip: IpAddr,
+        timeout: Duration,
+        waiter: Waiter,
+    ) -> Result<(String, u32), Status> {
         let (pid, generation) = {
             let mut vms = self.vms.lock().await;
             let Some(runtime) = vms.get_mut(name) else {
                 return Err(Status::not_found(format!(
-                    "vm `{name}` is not defined on this node; create it first (CreateVm) before preparing a migration to it"
+                    "vm `{name}` is not defined on this node; create it first (CreateVm) {}",
+                    waiter.first()
                 )));
             };
-            if let Some(address) = &runtime.incoming
-                && runtime.pid != 0
-            {
-                return Ok(v1::IncomingVmResult {
-                    name: name.to_string(),
-                    listen_address: address.clone(),
-                    pid: runtime.pid,
-                });
+            match waiter.slot(runtime).clone() {
+                Some(address) if runtime.pid != 0 && !address.is_empty() => {
+                    return Ok((address, runtime.pid));
+                }
+                // Another prepare waits for this VMM to listen: wait with it.
+                Some(_) if runtime.pid != 0 => (runtime.pid, runtime.generation),
+                _ => {
+                    if runtime.pid != 0 || runtime.state == VmState::Running {
+                        return Err(Status::failed_precondition(format!(
+                            "vm `{name}` runs on this node already ({}, pid {}): it cannot be {} here",
+                            state_name(runtime.state),
+                            runtime.pid,
+                            waiter.role()
+                        )));
+                    }
+                    if let Some(reason) = self.hypervisor.unavailable() {
+                        return Err(Status::failed_precondition(reason));
+                    }
+                    let Some(definition) = runtime.record.definition.clone() else {
+                        return Err(Status::internal(format!(
+                            "vm `{name}` has no stored definition"
+                        )));
+                    };
+                    let listen = std::net::SocketAddr::new(listen_ip, 0).to_string();
+                    self.launch_vmm(
+                        runtime,
+                        name,
+                        &definition,
+                        network,
+                        Some(waiter.peer(&listen)),
+                    )
+                    .await?
+                }
             }
-            if runtime.pid != 0 || runtime.state == VmState::Running {
-                return Err(Status::failed_precondition(format!(
-                    "vm `{name}` runs on this node already ({}, pid {}): it cannot be a migration's destination here",
-                    state_name(runtime.state),
-                    runtime.pid
-                )));
-            }
-            if let Some(reason) = self.hypervisor.unavailable() {
-                return Err(Status::failed_precondition(reason));
-            }
-            let Some(definition) = runtime.record.definition.clone() else {
-                return Err(Status::internal(format!(
-                    "vm `{name}` has no stored definition"
-                )));
-            };
-            let listen = std::net::SocketAddr::new(listen_ip, 0).to_string();
-            self.launch_vmm(
-                runtime,
-                name,
-                &definition,
-                network,
-                Some(super::PeerWait::Migration(&listen)),
-            )
-            .await?
         };
         let log = self.run_dir.join(name).join("vmm.log");
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            if let Some(address) = listening_address(&log, "incoming") {
+            if let Some(address) = listening_address(&log, waiter.event()) {
                 let mut vms = self.vms.lock().await;
                 if let Some(runtime) = vms.get_mut(name)
                     && runtime.generation == generation
                     && runtime.pid == pid
+                    && waiter.slot(runtime).is_some()
                 {
-                    runtime.incoming = Some(address.clone());
-                    return Ok(v1::IncomingVmResult {
-                        name: name.to_string(),
-                        listen_address: address,
-                        pid,
-                    });
+                    *waiter.slot(runtime) = Some(address.clone());
+                    return Ok((address, pid));
                 }
             }
             let ended = self
@@ -201,20 +278,40 @@ impl Vms {
                 .is_none_or(|runtime| runtime.generation != generation || runtime.pid == 0);
             if ended {
                 return Err(Status::failed_precondition(format!(
-                    "vm `{name}`: the incoming cairn-vmm (pid {pid}) ended before it listened{}",
+                    "vm `{name}`: {} (pid {pid}) ended before it listened{}",
+                    waiter.process(),
                     log_tail(&log)
                 )));
             }
             if tokio::time::Instant::now() >= deadline {
                 self.hypervisor.signal(pid, libc::SIGKILL);
                 return Err(Status::deadline_exceeded(format!(
-                    "vm `{name}`: the incoming cairn-vmm (pid {pid}) did not listen within {} ms and was killed{}",
+                    "vm `{name}`: {} (pid {pid}) did not listen within {} ms and was killed{}",
+                    waiter.process(),
                     timeout.as_millis(),
                     log_tail(&log)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Refuses a VM that is not defined here or does not run (`to_be`: what only a
+    /// running VM can be).
+    pub(super) async fn require_running(&self, name: &str, to_be: &str) -> Result<(), Status> {
+        let vms = self.vms.lock().await;
+        let Some(runtime) = vms.get(name) else {
+            return Err(Status::not_found(format!(
+                "vm `{name}` is not defined on this node"
+            )));
+        };
+        if runtime.state != VmState::Running || runtime.pid == 0 {
+            return Err(Status::failed_precondition(format!(
+                "vm `{name}` is {} on this node, not running: {to_be}",
+                state_name(runtime.state)
+            )));
+        }
+        Ok(())
     }
 
     /// Migrates the running VM to the destination VMM at `to` and answers when it is
@@ -229,20 +326,8 @@ impl Vms {
         stop_and_copy: bool,
         timeout: Duration,
     ) -> Result<v1::MigrationResult, Status> {
-        {
-            let vms = self.vms.lock().await;
-            let Some(runtime) = vms.get(name) else {
-                return Err(Status::not_found(format!(
-                    "vm `{name}` is not defined on this node"
-                )));
-            };
-            if runtime.state != VmState::Running || runtime.pid == 0 {
-                return Err(Status::failed_precondition(format!(
-                    "vm `{name}` is {} on this node, not running: only a running VM migrates live",
-                    state_name(runtime.state)
-                )));
-            }
-        }
+        self.require_running(name, "only a running VM migrates live")
+            .await?;
         let socket = self.control_socket(name);
         let fail = |error: String| {
             Status::failed_precondition(format!("vm `{name}`: migration to {to}: {error}"))

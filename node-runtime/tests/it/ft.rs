@@ -102,6 +102,26 @@ impl Node {
         }
     }
 
+    /// Starts the VM here and points its beacon at the collector on this node's bridge.
+    async fn start_beaconing(&mut self, collector: &Collector) {
+        apply_ok(
+            &mut self.client,
+            "start",
+            Action::StartVm(v1::StartVm { name: VM.into() }),
+        )
+        .await;
+        let beacon = control(
+            &self.socket(),
+            &Request::SetBeacon {
+                target: Some(format!("{COLLECTOR_IP}:{BEACON_PORT}")),
+            },
+        );
+        assert!(beacon.ok, "{beacon:?}");
+        collector
+            .wait_count(20, "the unprotected primary's beacons")
+            .await;
+    }
+
     fn socket(&self) -> PathBuf {
         self.dir.path().join("vms").join(VM).join("control.sock")
     }
@@ -383,22 +403,7 @@ async fn a_protected_guest_survives_its_primarys_vmm_killed_with_no_repeated_out
         "{refused:?}"
     );
 
-    apply_ok(
-        &mut n1.client,
-        "start",
-        Action::StartVm(v1::StartVm { name: VM.into() }),
-    )
-    .await;
-    let beacon = control(
-        &n1.socket(),
-        &Request::SetBeacon {
-            target: Some(format!("{COLLECTOR_IP}:{BEACON_PORT}")),
-        },
-    );
-    assert!(beacon.ok, "{beacon:?}");
-    on_n1
-        .wait_count(20, "the unprotected primary's beacons")
-        .await;
+    n1.start_beaconing(&on_n1).await;
 
     // A running VM cannot be a secondary; the one defined on n2 can.
     let refused = n1
@@ -603,7 +608,10 @@ fn guarded(mut action: Action, witness: &str) -> Action {
 /// (2) Protected again the other way round, then the underlay between the nodes cut
 /// (a silent partition: no error on either VMM's link) while both reach the witness:
 /// the primary's node holds the grant and runs alone, releasing its output; the
-/// secondary's node is refused and never promotes. Exactly one side runs.
+/// secondary's node is refused and never promotes. Exactly one side runs. (3) Healed,
+/// protected again, the witness killed -9 (the healthy pair runs on) and the same
+/// partition: the primary's node fences its VMM (its last grant has ended), the
+/// secondary's never promotes: neither side runs alone without a lease.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_witness_lets_exactly_one_side_of_a_pair_run() {
     let Some(Setup {
@@ -626,22 +634,7 @@ async fn the_witness_lets_exactly_one_side_of_a_pair_run() {
     };
     let at = witness.address.clone();
 
-    apply_ok(
-        &mut n1.client,
-        "start",
-        Action::StartVm(v1::StartVm { name: VM.into() }),
-    )
-    .await;
-    let beacon = control(
-        &n1.socket(),
-        &Request::SetBeacon {
-            target: Some(format!("{COLLECTOR_IP}:{BEACON_PORT}")),
-        },
-    );
-    assert!(beacon.ok, "{beacon:?}");
-    on_n1
-        .wait_count(20, "the unprotected primary's beacons")
-        .await;
+    n1.start_beaconing(&on_n1).await;
     let secondary = n2.ft("prepare-1", guarded(prepare(), &at)).await;
     let protected = n1
         .ft(
@@ -745,6 +738,81 @@ async fn the_witness_lets_exactly_one_side_of_a_pair_run() {
     let mut seen = on_n1.snapshot();
     seen.extend(on_n2.snapshot());
     check_counters(&seen);
+
+    // (3) Healed and protected again, then the witness killed and the same partition:
+    // without a lease neither side runs alone.
+    run(&["ip", "-n", &names[1], "link", "set", "nic0", "up"]);
+    n1.ft("give-up", stop_ft()).await;
+    n1.wait_vm(
+        Duration::from_secs(20),
+        "n1's old secondary stopped",
+        |vm| vm.state == VmState::Stopped as i32,
+    )
+    .await;
+    let secondary = n1.ft("prepare-3", guarded(prepare(), &at)).await;
+    let protected = n2
+        .ft(
+            "protect-3",
+            guarded(start_ft(&secondary.listen_address), &at),
+        )
+        .await;
+    assert_eq!(protected.ft.expect("ft").phase, "protected");
+    n2.wait_vm(Duration::from_secs(20), "n2 holds vm/ft-1 again", |vm| {
+        vm.ft
+            .as_ref()
+            .is_some_and(|ft| ft.guard.starts_with("protected, holding"))
+    })
+    .await;
     drop(witness);
+    n2.wait_vm(Duration::from_secs(20), "n2 sees the witness gone", |vm| {
+        vm.ft
+            .as_ref()
+            .is_some_and(|ft| ft.guard.contains("does not answer"))
+    })
+    .await;
+    let protected_on = on_n2.count();
+    on_n2
+        .wait_count(
+            protected_on + 20,
+            "a healthy pair runs on without its witness",
+        )
+        .await;
+    let n1_beacons = on_n1.count();
+    run(&["ip", "-n", &names[1], "link", "set", "nic0", "down"]);
+    let cut_at = Instant::now();
+    let stopped = n2
+        .wait_vm(
+            Duration::from_secs(30),
+            "n2's primary stops without a lease",
+            |vm| vm.pid == 0,
+        )
+        .await;
+    assert!(stopped.last_exit.contains("fenced"), "{stopped:?}");
+    let n2_beacons = on_n2.count();
+    let waiting = n1
+        .wait_vm(
+            Duration::from_secs(30),
+            "n1's secondary finds no witness",
+            |vm| {
+                vm.ft
+                    .as_ref()
+                    .is_some_and(|ft| ft.guard.contains("does not answer"))
+            },
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = n1.vm().await;
+    assert_eq!(still.state, VmState::Starting as i32, "{still:?}");
+    assert_eq!(on_n1.count(), n1_beacons, "n1's secondary never ran");
+    assert_eq!(on_n2.count(), n2_beacons, "n2 sent nothing once stopped");
+    println!(
+        "witness gone, then partitioned: n2 fenced {:?} after the cut ({}); n1: {}",
+        cut_at.elapsed(),
+        stopped.last_exit,
+        waiting.ft.expect("ft").guard
+    );
+    let mut seen = on_n1.snapshot();
+    seen.extend(on_n2.snapshot());
+    check_counters(&seen);
     drop(cleanup);
 }
