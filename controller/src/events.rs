@@ -9,6 +9,10 @@
 //!   (`crate::actions`): issued, then used once; kept here so a restart can
 //!   neither forget an outstanding challenge nor accept a used one again.
 //!
+//! With controller replicas the events are also appended to etcd's shared log
+//! ([`EventLog::share_through`], `state_etcd::SharedLog`) and read from it, so every
+//! replica shows one history; each event then names the replica that recorded it.
+//!
 //! Why not a table in the reconciler's `state.redb`: that file is opened and closed
 //! for every operation so that `cairn plan`/`status` can read it while an apply
 //! runs (redb allows one opener per file); the controller writes an event every
@@ -61,6 +65,10 @@ pub struct Event {
     /// More (a sync: author, signer, steps, phase durations).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
+    /// With controller replicas: the replica that recorded it (its HTTP URL), since
+    /// every replica shows one shared history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 impl Event {
@@ -78,6 +86,7 @@ impl Event {
             result: result.to_owned(),
             reason: None,
             detail: None,
+            replica: None,
         }
     }
 
@@ -147,11 +156,13 @@ pub struct EventError {
     message: String,
 }
 
-/// `DATA_DIR/events.redb`, open for the controller's life.
+/// `DATA_DIR/events.redb`, open for the controller's life; with controller replicas
+/// the events are also etcd's shared log ([`EventLog::share_through`]).
 #[derive(Debug)]
 pub struct EventLog {
     db: Database,
     path: String,
+    shared: std::sync::OnceLock<(state_etcd::SharedLog, String)>,
 }
 
 impl EventLog {
@@ -165,6 +176,7 @@ impl EventLog {
         let log = EventLog {
             db,
             path: path.display().to_string(),
+            shared: std::sync::OnceLock::new(),
         };
         let tx = log.db.begin_write().map_err(|e| log.err(e))?;
         tx.open_table(EVENTS).map_err(|e| log.err(e))?;
@@ -181,11 +193,59 @@ impl EventLog {
         }
     }
 
-    /// Appends events (one transaction); returns them with their sequence numbers.
+    /// With controller replicas: every replica appends its events to `log` (etcd)
+    /// and reads the events from it, so `GET /api/v1/events` and the console show
+    /// one history whichever replica answers, and a new leader shows its
+    /// predecessor's; each event names the replica that recorded it (`me`, its
+    /// HTTP URL). The file keeps this replica's own, read when etcd cannot be.
+    pub fn share_through(&self, log: state_etcd::SharedLog, me: &str) {
+        let _ = self.shared.set((log, me.to_owned()));
+    }
+
+    /// Appends events (one transaction); returns them with their sequence numbers
+    /// (the shared log's with replicas).
     pub fn record_all(&self, events: Vec<Event>) -> Result<Vec<Event>, EventError> {
         if events.is_empty() {
             return Ok(events);
         }
+        let Some((shared, me)) = self.shared.get() else {
+            return self.record_locally(events);
+        };
+        let events = events
+            .into_iter()
+            .map(|event| Event {
+                replica: Some(me.clone()),
+                ..event
+            })
+            .collect();
+        let local = self.record_locally(events)?;
+        // Stored without their number: a record's number is its key's.
+        let records: Vec<Vec<u8>> = local
+            .iter()
+            .map(|event| {
+                serde_json::to_vec(&Event {
+                    seq: 0,
+                    ..event.clone()
+                })
+                .expect("events serialize")
+            })
+            .collect();
+        match shared.append(&records) {
+            Ok(first) => Ok(local
+                .into_iter()
+                .zip(first..)
+                .map(|(event, seq)| Event { seq, ..event })
+                .collect()),
+            Err(e) => {
+                eprintln!(
+                    "warning: events not recorded in the shared log ({e}); this replica's file has them"
+                );
+                Ok(local)
+            }
+        }
+    }
+
+    fn record_locally(&self, events: Vec<Event>) -> Result<Vec<Event>, EventError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(events.len());
         {
@@ -229,6 +289,25 @@ impl EventLog {
         kind: Option<&str>,
         admits: impl Fn(&Event) -> bool,
     ) -> Result<Vec<Event>, EventError> {
+        if let Some((shared, _)) = self.shared.get() {
+            let mut out = vec![];
+            let read = shared.newest(scan, |seq, bytes| {
+                let Ok(event) = serde_json::from_slice::<Event>(bytes) else {
+                    return true;
+                };
+                if kind.is_some_and(|k| k != event.kind) || !admits(&event) {
+                    return true;
+                }
+                out.push(Event { seq, ..event });
+                out.len() < limit
+            });
+            match read {
+                Ok(()) => return Ok(out),
+                Err(e) => eprintln!(
+                    "warning: the shared event log cannot be read ({e}); showing this replica's own events"
+                ),
+            }
+        }
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = tx.open_table(EVENTS).map_err(|e| self.err(e))?;
         let mut out = vec![];
@@ -424,6 +503,72 @@ mod tests {
         .unwrap();
         let applied: AppliedCommit = log.get("applied").unwrap().unwrap();
         assert_eq!(applied.commit, "a");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn with_replicas_every_replica_shows_the_same_events_from_etcd() {
+        if let Err(why) = state_etcd::testing::binary() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        let dir =
+            std::env::temp_dir().join(format!("cairn-events-{}", reconciler::state::random_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let etcd = state_etcd::testing::Etcd::start("127.0.0.35", 23809, &dir).expect("etcd");
+        let replica = |name: &str| {
+            let log = EventLog::open(&dir.join(format!("{name}.redb"))).unwrap();
+            let store = state_etcd::EtcdStore::open(&etcd.url("ev")).unwrap();
+            log.share_through(
+                state_etcd::SharedLog::new(&store, "events", KEEP),
+                &format!("http://{name}"),
+            );
+            log
+        };
+        let (a, b) = (replica("a"), replica("b"));
+        // a leads and syncs; b, a follower, shows what a did.
+        let recorded = a
+            .record_all(vec![
+                Event::new("sync-started", "started").commit("c1"),
+                Event::new("sync", "succeeded").commit("c1").plan("p1"),
+            ])
+            .unwrap();
+        assert_eq!(recorded.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+        let seen = b.newest(10, None).unwrap();
+        assert_eq!(seen, recorded.iter().rev().cloned().collect::<Vec<_>>());
+        // a dies; b leads and records: one history, numbered on, on both.
+        b.record_all(vec![Event::new("drift", "repaired").object("vm web-1")])
+            .unwrap();
+        let c = replica("c");
+        for log in [&a, &b, &c] {
+            let all = log.newest(10, None).unwrap();
+            assert_eq!(
+                all.iter().map(|e| e.replica.as_deref()).collect::<Vec<_>>(),
+                [Some("http://b"), Some("http://a"), Some("http://a")],
+                "each event names the replica that recorded it"
+            );
+            assert_eq!(
+                all.iter()
+                    .map(|e| (e.seq, e.kind.as_str()))
+                    .collect::<Vec<_>>(),
+                [(3, "drift"), (2, "sync"), (1, "sync-started")]
+            );
+            assert_eq!(
+                log.newest(10, Some("sync")).unwrap()[0].plan_id.as_deref(),
+                Some("p1")
+            );
+            assert_eq!(log.newest(1, None).unwrap().len(), 1);
+        }
+        // Each file still holds only its own replica's.
+        let own = |log: &EventLog| {
+            let table = log.db.begin_read().unwrap();
+            table.open_table(EVENTS).unwrap().len().unwrap()
+        };
+        assert_eq!((own(&a), own(&b), own(&c)), (2, 1, 0));
+        // etcd gone: a replica shows its own events rather than nothing.
+        drop(etcd);
+        let fallback = a.newest(10, None).unwrap();
+        assert_eq!(fallback.len(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

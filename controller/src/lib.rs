@@ -515,6 +515,12 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     let receivers =
         notifications::load(config.notify.as_deref(), &data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let events = EventLog::open(&data_dir.join("events.redb"))?;
+    if let Some(r) = &replicas {
+        events.share_through(
+            state_etcd::SharedLog::new(&r.store, "events", events::KEEP),
+            &r.me,
+        );
+    }
     // With replicas, the pause is the shared one (a new leader stays paused); a
     // replica that never saw one recorded starts from its file as before.
     let paused = match replicas.as_ref().map(|r| {

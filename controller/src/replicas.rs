@@ -171,6 +171,38 @@ pub fn follow_shared_held(shared: &Shared) {
     follow_held_in(shared.replicas.as_ref(), &shared.held);
 }
 
+/// The etcd record (`PREFIX/controller/last_sync`) of the leader's last sync.
+const LAST_SYNC: &str = "last_sync";
+
+/// What the controller shows of itself (`controller` in `/api/v1/status`, the
+/// console): a follower shows the leader's last sync from etcd, not its own (it
+/// syncs nothing, or synced when it led before).
+pub fn view(shared: &Shared) -> crate::View {
+    let mut view = shared.view.lock().expect("view lock").clone();
+    if let Some(replicas) = &shared.replicas
+        && replicas.election.acting_token().is_err()
+    {
+        match replicas
+            .store
+            .controller_record::<crate::events::LastSync>(LAST_SYNC)
+        {
+            Ok(Some(last)) => view.last_sync = Some(last),
+            Ok(None) => {}
+            Err(e) => eprintln!("cairn controller: the shared last sync: {e}"),
+        }
+    }
+    view
+}
+
+/// With replicas, the leader records each sync's summary in etcd (fenced).
+pub fn record_last_sync(shared: &Shared, last: &crate::events::LastSync) {
+    if let Some(replicas) = &shared.replicas
+        && let Err(e) = replicas.store.set_controller_record(LAST_SYNC, last)
+    {
+        eprintln!("cairn controller: cannot record the last sync in the shared store: {e}");
+    }
+}
+
 type HeldSlot = std::sync::Mutex<Option<HeldPlan>>;
 
 fn held_in(replicas: Option<&Replicas>, local: &HeldSlot) -> Option<HeldPlan> {

@@ -592,6 +592,7 @@ impl Worker {
             crate::replicas::set_held_plan(&self.shared, None);
         }
         let _ = self.shared.events.put("last_sync", &last);
+        crate::replicas::record_last_sync(&self.shared, &last);
         self.shared.view.lock().expect("view lock").last_sync = Some(last);
         let m = &self.shared.metrics;
         m.syncs.with_label_values(&[result]).inc();
@@ -1728,7 +1729,7 @@ pub(crate) async fn status_json(
     shared: &Shared,
     max_age: Duration,
 ) -> (serde_json::Value, Option<u64>) {
-    let view = shared.view.lock().expect("view lock").clone();
+    let view = crate::replicas::view(shared);
     let mut controller = json!({
         "revision": view.revision,
         "last_sync": view.last_sync,

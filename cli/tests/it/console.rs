@@ -38,6 +38,7 @@ fn event(seq: u64, kind: &str, result: &str) -> Event {
         result: result.to_owned(),
         reason: None,
         detail: None,
+        replica: None,
     }
 }
 

@@ -122,10 +122,25 @@ impl Replica {
         self.replicas()["leading"] == true
     }
 
+    /// The events this replica recorded (every replica shows one shared history).
     fn events(&self) -> Vec<Value> {
+        let me = self.url();
+        self.all_events()
+            .into_iter()
+            .filter(|e| e["replica"] == me.as_str())
+            .collect()
+    }
+
+    /// The shared history, as this replica shows it.
+    fn all_events(&self) -> Vec<Value> {
         self.get("/api/v1/events?limit=2000")
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
+    }
+
+    /// Its HTTP URL (how events and followers name it).
+    fn url(&self) -> String {
+        format!("http://{}", self.listen)
     }
 
     fn has_event(&self, kind: &str, commit: &str) -> Option<Value> {
@@ -351,6 +366,27 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
         logs(&replicas)
     );
     all_running_once(&g, &names, &|| logs(&replicas));
+    // Every replica shows the one history: the follower shows the killed leader's
+    // steps and the new leader's sync, and the new leader's last sync as its own.
+    let follower = others.iter().copied().find(|i| *i != second).unwrap();
+    let history = replicas[follower].all_events();
+    let by = |replica: usize, kind: &str| {
+        history.iter().any(|e| {
+            e["replica"] == replicas[replica].url().as_str()
+                && e["kind"] == kind
+                && e["commit"] == commit.as_str()
+        })
+    };
+    assert!(
+        by(leader, "step") && by(second, "sync"),
+        "the follower's events hold the killed leader's steps and the new leader's sync:\n{history:#?}"
+    );
+    let status = replicas[follower].get("/api/v1/status").unwrap();
+    assert_eq!(
+        status["controller"]["last_sync"]["commit"], sync["commit"],
+        "a follower shows the leader's last sync: {:#}",
+        status["controller"]
+    );
     let second_token = replicas[second].replicas()["fencing_token"]
         .as_u64()
         .unwrap();

@@ -511,7 +511,7 @@ pub(crate) async fn snapshot(shared: &Arc<Shared>, observe: bool) -> Snapshot {
         });
     Snapshot {
         now_unix_ms: reconciler::state::now_ms(),
-        controller: shared.view.lock().expect("view lock").clone(),
+        controller: crate::replicas::view(shared),
         applied,
         status,
         status_error,
