@@ -816,3 +816,175 @@ async fn the_witness_lets_exactly_one_side_of_a_pair_run() {
     check_counters(&seen);
     drop(cleanup);
 }
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The first beacon `collector` saw at or after `from`, as time after `from`.
+fn first_beacon_after(collector: &Collector, from: Instant) -> Option<Duration> {
+    collector
+        .snapshot()
+        .iter()
+        .find(|(_, at)| *at >= from)
+        .map(|(_, at)| *at - from)
+}
+
+/// Failover figures through the whole node path, `CAIRN_FT_RUNS` rounds (default 5),
+/// the pair swapping nodes each round: (a) the commander's path: the primary's VMM
+/// killed -9, the test sees it reaped (Observe) and sends PromoteFt: kill → PromoteFt
+/// answered (the promoted guest's first heartbeat seen by the node) and kill → its
+/// first beacon at the collector; (b) the witness's path (a real `cairn witness`,
+/// lease `CAIRN_FT_LEASE_MS`, default 1000 ms): kill → the first beacon, the nodes deciding alone. Baseline in the
+/// same command: a cold StartVm of the same VM (spawn → first heartbeat, answered).
+/// Medians printed.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark: prints figures, asserts none"]
+async fn ft_failover_figures() {
+    let Some(Setup {
+        names: _,
+        cleanup,
+        mut n1,
+        mut n2,
+        on_n1,
+        on_n2,
+    }) = setup("b").await
+    else {
+        return;
+    };
+    let keys = [
+        ("n1", n1._node.public_key_hex()),
+        ("n2", n2._node.public_key_hex()),
+    ];
+    let Some(witness) = Witness::start("127.0.0.54:7454", &keys) else {
+        return;
+    };
+    let at = witness.address.clone();
+    let runs: usize = std::env::var("CAIRN_FT_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let lease_ms: u32 = std::env::var("CAIRN_FT_LEASE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    // Baseline: cold starts on n2 (the VM is defined there, not running).
+    let mut cold = Vec::new();
+    for run in 0..runs {
+        let started = Instant::now();
+        apply_ok(
+            &mut n2.client,
+            &format!("cold-{run}"),
+            Action::StartVm(v1::StartVm { name: VM.into() }),
+        )
+        .await;
+        cold.push(started.elapsed().as_secs_f64() * 1000.0);
+        apply_ok(
+            &mut n2.client,
+            &format!("cold-stop-{run}"),
+            Action::StopVm(v1::StopVm {
+                name: VM.into(),
+                grace_ms: 0,
+            }),
+        )
+        .await;
+    }
+    n1.start_beaconing(&on_n1).await;
+    let (mut answered, mut beacon, mut through_witness) = (Vec::new(), Vec::new(), Vec::new());
+    let mut primary_on_n1 = true;
+    for round in 0..2 * runs {
+        let by_witness = round >= runs;
+        let witness_of = |action: Action| {
+            if !by_witness {
+                return action;
+            }
+            match guarded(action, &at) {
+                Action::StartFt(mut start) => {
+                    start.witness_lease_ms = lease_ms;
+                    Action::StartFt(start)
+                }
+                Action::PrepareFtSecondary(mut prepare) => {
+                    prepare.witness_lease_ms = lease_ms;
+                    Action::PrepareFtSecondary(prepare)
+                }
+                other => other,
+            }
+        };
+        let (primary, secondary, collector) = if primary_on_n1 {
+            (&mut n1, &mut n2, &on_n2)
+        } else {
+            (&mut n2, &mut n1, &on_n1)
+        };
+        let prepared = secondary
+            .ft(&format!("b-prepare-{round}"), witness_of(prepare()))
+            .await;
+        primary
+            .ft(
+                &format!("b-protect-{round}"),
+                witness_of(start_ft(&prepared.listen_address)),
+            )
+            .await;
+        let vm = primary
+            .wait_vm(Duration::from_secs(20), "protected a while", |vm| {
+                vm.ft.as_ref().is_some_and(|ft| ft.last_acked > 20)
+                    && (!by_witness
+                        || vm
+                            .ft
+                            .as_ref()
+                            .is_some_and(|ft| ft.guard.starts_with("protected, holding")))
+            })
+            .await;
+        let killed_at = Instant::now();
+        // SAFETY: kill takes a pid and a signal number.
+        unsafe { libc::kill(vm.pid as i32, libc::SIGKILL) };
+        if by_witness {
+            secondary
+                .wait_vm(Duration::from_secs(30), "promoted by its node", |vm| {
+                    vm.state == VmState::Running as i32
+                })
+                .await;
+        } else {
+            primary
+                .wait_vm(Duration::from_secs(20), "reaped", |vm| vm.pid == 0)
+                .await;
+            secondary.ft(&format!("b-promote-{round}"), promote()).await;
+            answered.push(killed_at.elapsed().as_secs_f64() * 1000.0);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let first = loop {
+            if let Some(first) = first_beacon_after(collector, killed_at) {
+                break first;
+            }
+            assert!(Instant::now() < deadline, "no beacon after the promotion");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let ms = first.as_secs_f64() * 1000.0;
+        if by_witness {
+            through_witness.push(ms);
+        } else {
+            beacon.push(ms);
+        }
+        primary_on_n1 = !primary_on_n1;
+    }
+    let mut seen: Vec<(u64, Instant)> = on_n1.snapshot();
+    seen.extend(on_n2.snapshot());
+    seen.sort_by_key(|(_, at)| *at);
+    let monotonic = seen.windows(2).all(|pair| pair[1].0 > pair[0].0);
+    let base = median(cold.clone());
+    println!(
+        "FT failover, {runs} runs each (medians): commander path kill -9 -> PromoteFt answered {:.1} ms, -> first beacon {:.1} ms; witness path (lease {lease_ms} ms) kill -9 -> first beacon {:.1} ms; baseline cold StartVm -> first heartbeat {:.1} ms; ratios {:.2} / {:.2} / {:.2}; beacons monotonic over all rounds: {monotonic}",
+        median(answered.clone()),
+        median(beacon.clone()),
+        median(through_witness.clone()),
+        base,
+        median(answered.clone()) / base,
+        median(beacon.clone()) / base,
+        median(through_witness.clone()) / base,
+    );
+    println!(
+        "runs: commander answered {answered:.1?}; beacon {beacon:.1?}; witness {through_witness:.1?}; cold {cold:.1?}"
+    );
+    drop(witness);
+    drop(cleanup);
+}
