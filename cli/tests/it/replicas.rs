@@ -233,8 +233,12 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
     }
     let (g, first) = GitOps::prepare("replicas", None, &[]);
     let etcd_dir = crate::TempDir::new("replicas-etcd");
-    let etcd = state_etcd::testing::Etcd::start("127.0.0.31", free_port(), &etcd_dir.0)
-        .expect("etcd starts");
+    let etcd = state_etcd::testing::Etcd::start(
+        "127.0.0.31",
+        crate::simulate::free_ports("127.0.0.31", 2),
+        &etcd_dir.0,
+    )
+    .expect("etcd starts");
     let url = etcd.url("cairn");
     let delay = [("CAIRN_APPLY_STEP_DELAY_MS", "400")];
     let mut replicas: Vec<Replica> = (1..=3)
