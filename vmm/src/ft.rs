@@ -122,8 +122,11 @@ impl OutputGate {
     }
 
     /// Starts holding; what is transmitted from now on belongs to checkpoint `epoch`.
+    /// The hold times measured are this protection's: an earlier one's (frames held
+    /// through a lost secondary, for instance) are forgotten.
     fn start(&self, epoch: u64) {
-        let _inner = self.lock();
+        let mut inner = self.lock();
+        inner.delays_ms.clear();
         self.epoch.store(epoch, Ordering::Release);
         self.holding.store(true, Ordering::Release);
     }
@@ -1107,6 +1110,11 @@ mod tests {
         assert_eq!(reader.recv(&mut buffer).expect("frame"), 1);
         assert_eq!(buffer[0], 2);
         assert_eq!(gate.released.load(Ordering::Relaxed), 2);
+        assert!(gate.median_delay_ms() >= 0.0 && !gate.lock().delays_ms.is_empty());
+        // A new protection measures its own hold times only.
+        gate.release_all(&fence);
+        gate.start(1);
+        assert!(gate.lock().delays_ms.is_empty());
     }
 
     #[test]
