@@ -1342,12 +1342,16 @@ impl Cx<'_> {
                     let external = self
                         .prop(n, "external")
                         .and_then(|e| self.bool(e, "external"));
+                    let ipv6 = self
+                        .prop(n, "ipv6")
+                        .and_then(|e| self.string(e, "the IPv6 prefix"));
                     t.networks.push(NetworkSpec {
                         name,
                         site,
                         cidr,
                         gateway,
                         external,
+                        ipv6,
                     });
                 }
                 "security-group" => {

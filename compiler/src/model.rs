@@ -370,6 +370,11 @@ pub struct Network {
     /// management side, with SNAT.
     #[serde(default)]
     pub external: bool,
+    /// `ipv6="PREFIX/64"` (an addition to SPEC.md): the network's IPv6 prefix. Its
+    /// gateway is `PREFIX::1` on every node, which sends router advertisements;
+    /// guests take `PREFIX` + the EUI-64 of their MAC by SLAAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<String>,
 }
 
 /// A security group.

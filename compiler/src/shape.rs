@@ -192,7 +192,7 @@ pub static SHAPES: &[Shape] = &[
     shape!(
         "tenant.network",
         NAME,
-        ["site", "cidr", "gateway", "external"],
+        ["site", "cidr", "gateway", "external", "ipv6"],
         []
     ),
     shape!("tenant.security-group", NAME, [], ["allow"]),

@@ -303,6 +303,9 @@ pub struct NetworkSpec {
     pub gateway: Option<Spanned<String>>,
     /// `external=#true`: egress with SNAT through the node's management side.
     pub external: Option<Spanned<bool>>,
+    /// `ipv6="fd00:20::/64"`: the network's IPv6 prefix (a /64), an addition to
+    /// SPEC.md.
+    pub ipv6: Option<Spanned<String>>,
 }
 
 /// `allow` in a security group.

@@ -175,6 +175,23 @@ pub fn allow_rule(field: &str, r: &v1::SecurityRule) -> Result<AllowRule, Status
     })
 }
 
+/// The segment's IPv6 gateway (empty: none); it must be an IPv6 unicast address.
+fn ipv6_gateway(seg: &v1::ApplyNetworkSegment) -> Result<Option<std::net::Ipv6Addr>, Status> {
+    if seg.ipv6_gateway.is_empty() {
+        return Ok(None);
+    }
+    match seg.ipv6_gateway.parse::<std::net::Ipv6Addr>() {
+        Ok(a) if !a.is_multicast() && !a.is_unspecified() => Ok(Some(a)),
+        _ => Err(validate::invalid(
+            "apply_network_segment.ipv6_gateway",
+            format!(
+                "`{}` is not an IPv6 unicast address (want the network's PREFIX::1, e.g. fd00:20::1)",
+                seg.ipv6_gateway
+            ),
+        )),
+    }
+}
+
 /// Checks an `ApplyNetworkSegment` and turns it into the `network` crate's spec;
 /// `underlay_mtu` fills in an MTU of 0.
 pub fn segment_spec(
@@ -184,13 +201,20 @@ pub fn segment_spec(
     validate::name("apply_network_segment.tenant", &seg.tenant)?;
     validate::name("apply_network_segment.network", &seg.network)?;
     let local_vtep = ipv4("apply_network_segment.local_vtep", &seg.local_vtep)?;
+    let ipv6 = ipv6_gateway(seg)?;
     let gateway = if seg.gateway.is_empty() {
+        if ipv6.is_some() {
+            return Err(validate::invalid(
+                "apply_network_segment.ipv6_gateway",
+                "an IPv6 gateway needs the network's IPv4 gateway (`gateway`): both live on the same gateway leg",
+            ));
+        }
         None
     } else {
         Some(Gateway {
             address: ipv4("apply_network_segment.gateway", &seg.gateway)?,
             prefix_len: u8::try_from(seg.prefix_len).unwrap_or(u8::MAX),
-            ipv6: None,
+            ipv6,
         })
     };
     let mut remotes = Vec::with_capacity(seg.remotes.len());
@@ -487,7 +511,7 @@ pub fn dhcp_spec(
             Vec::new()
         },
 
-        ipv6_gateway: None,
+        ipv6_gateway: ipv6_gateway(seg).ok().flatten(),
     })
 }
 
@@ -713,6 +737,7 @@ mod tests {
             external: false,
             underlay_prefix_len: 0,
             underlay_device: String::new(),
+            ipv6_gateway: String::new(),
         }
     }
 
@@ -742,6 +767,47 @@ mod tests {
         let e = segment_spec(&seg, Some(1500)).unwrap_err();
         assert!(e.message().contains("guarded[0].allow[0].port_end"), "{e}");
         assert!(allow_rule("r", &rule(70000, 0)).is_err());
+    }
+
+    #[test]
+    fn an_ipv6_gateway_reaches_the_segment_and_its_server_or_is_named() {
+        let mut seg = segment();
+        assert_eq!(
+            segment_spec(&seg, Some(1500))
+                .unwrap()
+                .gateway
+                .unwrap()
+                .ipv6,
+            None
+        );
+        seg.ipv6_gateway = "fd00:20::1".into();
+        let want = Some("fd00:20::1".parse().unwrap());
+        assert_eq!(
+            segment_spec(&seg, Some(1500))
+                .unwrap()
+                .gateway
+                .unwrap()
+                .ipv6,
+            want
+        );
+        let dhcp = dhcp_spec(&seg, 1450, &BTreeMap::new()).expect("a gateway serves");
+        assert_eq!(dhcp.ipv6_gateway, want);
+        for bad in ["10.0.0.1", "ff02::1", "fd00::/64"] {
+            seg.ipv6_gateway = bad.into();
+            let e = segment_spec(&seg, Some(1500)).unwrap_err();
+            assert!(
+                e.message().contains("apply_network_segment.ipv6_gateway")
+                    && e.message().contains("not an IPv6 unicast address"),
+                "{bad}: {e}"
+            );
+        }
+        seg.ipv6_gateway = "fd00:20::1".into();
+        seg.gateway.clear();
+        let e = segment_spec(&seg, Some(1500)).unwrap_err();
+        assert!(
+            e.message().contains("needs the network's IPv4 gateway"),
+            "{e}"
+        );
     }
 
     #[test]

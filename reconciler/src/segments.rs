@@ -128,6 +128,23 @@ pub struct DesiredSegment {
     /// The bond that carries the guest class, where that address is made.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub underlay_device: String,
+    /// The network's IPv6 gateway (`PREFIX::1` of its `ipv6=` /64; empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub ipv6_gateway: String,
+}
+
+/// The IPv6 gateway of a network's `ipv6=` /64: its `::1` (empty without one).
+pub fn ipv6_gateway(network: &compiler::model::Network) -> String {
+    network
+        .ipv6
+        .as_deref()
+        .and_then(|p| p.split_once('/')?.0.parse::<std::net::Ipv6Addr>().ok())
+        .map(|p| {
+            let mut o = p.octets();
+            o[15] = 1;
+            std::net::Ipv6Addr::from(o).to_string()
+        })
+        .unwrap_or_default()
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -302,13 +319,27 @@ pub fn desired_segments(
                     .iter()
                     .filter_map(|g| tenant.security_groups.iter().find(|s| &s.name == g))
                     .flat_map(|g| {
-                        g.allow.iter().map(|r| SegmentRule {
-                            group: g.name.clone(),
-                            from_cidr: r.from_cidr.clone(),
-                            to_cidr: r.to_cidr.clone().unwrap_or_default(),
-                            proto: r.proto.to_string(),
-                            port: r.port.unwrap_or(0),
-                            port_end: r.port_end.unwrap_or(0),
+                        g.allow.iter().flat_map(|r| {
+                            let rule = |from_cidr: String| SegmentRule {
+                                group: g.name.clone(),
+                                from_cidr,
+                                to_cidr: r.to_cidr.clone().unwrap_or_default(),
+                                proto: r.proto.to_string(),
+                                port: r.port.unwrap_or(0),
+                                port_end: r.port_end.unwrap_or(0),
+                            };
+                            // A source network with an IPv6 /64 is admitted on it too
+                            // (a `to` narrows IPv4 only, so the IPv6 rule has none).
+                            let v6 = tenant
+                                .networks
+                                .iter()
+                                .find(|n| n.name == r.from)
+                                .and_then(|n| n.ipv6.clone())
+                                .map(|p| SegmentRule {
+                                    to_cidr: String::new(),
+                                    ..rule(p)
+                                });
+                            std::iter::once(rule(r.from_cidr.clone())).chain(v6)
                         })
                     })
                     .collect();
@@ -367,6 +398,12 @@ pub fn desired_segments(
                     external: network.external,
                     underlay_prefix_len: local.prefix_len,
                     underlay_device: local.device.clone(),
+                    ipv6_gateway: tenant
+                        .networks
+                        .iter()
+                        .find(|n| n.name == network.name)
+                        .map(ipv6_gateway)
+                        .unwrap_or_default(),
                 };
                 out.entry((*node).to_owned())
                     .or_default()

@@ -94,6 +94,32 @@ impl Checker<'_> {
                         ),
                     }
                 }
+                let ipv6 = n.ipv6.as_ref().and_then(|p| {
+                    let problem = match Cidr::parse(&p.value) {
+                        Ok(c) if c.prefix() == 64 && c.ipv4_bounds().is_none() => {
+                            return Some(p.value.clone());
+                        }
+                        Ok(c) if c.ipv4_bounds().is_some() => {
+                            "an IPv4 CIDR (the network's IPv4 CIDR is `cidr`)".to_owned()
+                        }
+                        Ok(c) => format!(
+                            "a /{}: guests take their addresses by SLAAC, which needs a /64",
+                            c.prefix()
+                        ),
+                        Err(why) => format!("not a valid CIDR: {why}"),
+                    };
+                    self.push(
+                        Diagnostic::error(
+                            "cairn::check::invalid_ipv6_prefix",
+                            p.span,
+                            format!("`{}` is {problem}", p.value),
+                        )
+                        .with_help(
+                            "write an IPv6 /64 with no host bits set, e.g. \"fd00:20::/64\"",
+                        ),
+                    );
+                    None
+                });
                 let external = n.external.as_ref().is_some_and(|e| e.value);
                 if let Some(e) = &n.external
                     && e.value
@@ -125,6 +151,7 @@ impl Checker<'_> {
                     gateway: n.gateway.as_ref().map(|g| g.value.clone()),
                     vni: 0,
                     external,
+                    ipv6,
                 });
             }
             for (i, (a, ca)) in parsed.iter().enumerate() {

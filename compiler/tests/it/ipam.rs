@@ -470,3 +470,48 @@ tenant "u" {
     }
     assert_eq!(rendered.len(), 6, "{all}");
 }
+
+#[test]
+fn a_network_takes_an_ipv6_slash_64_and_bad_ones_are_errors_at_the_value() {
+    let tenants = r#"
+tenant "u" {
+    network "app" site="s" cidr="10.20.0.0/24" gateway="10.20.0.1" ipv6="fd00:20::/64"
+    network "db" site="s" cidr="10.21.0.0/24" gateway="10.21.0.1"
+}
+"#;
+    let files = vec![("c.kdl", SMALL.to_owned()), ("u.kdl", tenants.to_owned())];
+    let model = model_of(&files);
+    let u = model.tenants.iter().find(|t| t.name == "u").expect("u");
+    let ipv6: Vec<Option<&str>> = u.networks.iter().map(|n| n.ipv6.as_deref()).collect();
+    assert_eq!(ipv6, vec![Some("fd00:20::/64"), None]);
+
+    for (value, expected) in [
+        (
+            "fd00:20::/48",
+            "`fd00:20::/48` is a /48: guests take their addresses by SLAAC, which needs a /64",
+        ),
+        (
+            "10.30.0.0/24",
+            "`10.30.0.0/24` is an IPv4 CIDR (the network's IPv4 CIDR is `cidr`)",
+        ),
+        (
+            "fd00:20::1/64",
+            "`fd00:20::1/64` is not a valid CIDR: host bits are set",
+        ),
+        ("nonsense", "`nonsense` is not a valid CIDR"),
+    ] {
+        let bad = format!(
+            "tenant \"u\" {{\n    network \"app\" site=\"s\" cidr=\"10.20.0.0/24\" gateway=\"10.20.0.1\" ipv6=\"{value}\"\n}}\n"
+        );
+        let files = vec![("c.kdl", SMALL.to_owned()), ("u.kdl", bad)];
+        let (sources, c) = compiled(&files);
+        let d = c
+            .diagnostics
+            .iter()
+            .find(|d| d.code == "cairn::check::invalid_ipv6_prefix")
+            .unwrap_or_else(|| panic!("{value}: {:?}", c.diagnostics));
+        assert!(d.message.starts_with(expected), "{value}: {}", d.message);
+        let text = compiler::diag::render(&sources, d);
+        assert!(text.contains("u.kdl:2:"), "the span is the value: {text}");
+    }
+}

@@ -498,6 +498,7 @@ fn segment_request(s: &crate::segments::DesiredSegment) -> proto::v1::ApplyNetwo
         external: s.external,
         underlay_prefix_len: s.underlay_prefix_len,
         underlay_device: s.underlay_device.clone(),
+        ipv6_gateway: s.ipv6_gateway.clone(),
     }
 }
 
