@@ -70,6 +70,8 @@ pub struct Guard {
 #[derive(Debug, Default)]
 pub struct Guards {
     table: Mutex<BTreeMap<String, Guard>>,
+    /// The last generation given out (never reused, even after a removal).
+    generations: std::sync::atomic::AtomicU64,
 }
 
 impl Guards {
@@ -78,16 +80,20 @@ impl Guards {
     }
 
     /// Puts `vm` under guard with `witness` (a new guard: what an older one saw is
-    /// forgotten). An empty witness takes it out of guard.
-    pub fn set(&self, vm: &str, witness: &str, lease_ms: u64) {
+    /// forgotten). An empty witness takes it out of guard. Returns whether the older
+    /// guard had left a fence deadline in the VMM.
+    pub fn set(&self, vm: &str, witness: &str, lease_ms: u64) -> bool {
         let mut table = self.lock();
         let old = table.get(vm);
-        let generation = old.map_or(0, |old| old.generation) + 1;
+        let generation = self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
         // A fence deadline an older guard set stays the VMM's until this one moves it.
         let (armed, until_ns) = old.map_or((false, 0), |old| (old.armed, old.until_ns));
         if witness.is_empty() {
             table.remove(vm);
-            return;
+            return armed;
         }
         table.insert(
             vm.to_owned(),
@@ -105,6 +111,7 @@ impl Guards {
                 ..Guard::default()
             },
         );
+        armed
     }
 
     /// Fills each guarded VM's `ft` block with the guard's view.
@@ -184,6 +191,16 @@ async fn status_of(node: &Node, vm: &str) -> Option<FtStatus> {
 async fn fence(node: &Node, vm: &str, why: &str) {
     eprintln!("cairn-node: ft: fencing vm {vm}: {why}");
     node.vms.fence_now(vm, why).await;
+}
+
+/// Ends the guard of `vm` (the commander decides from now on) and disarms the fence
+/// deadline it had set, if any.
+pub async fn release(node: &Node, vm: &str) {
+    if node.ft_guards.set(vm, "", 0)
+        && let Err(error) = push_deadline(node, vm, 0).await
+    {
+        eprintln!("cairn-node: ft: vm {vm}: cannot disarm the guard's fence deadline: {error}");
+    }
 }
 
 /// Pushes the grant's end into the VMM as its fence deadline.
