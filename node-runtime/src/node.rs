@@ -396,6 +396,16 @@ impl Node {
         Ok(ApplyResult::Migration(result))
     }
 
+    /// Puts a fault-tolerant VM under the witness's guard, or (no witness) ends its
+    /// guard.
+    async fn guard_ft(&self, name: &str, witness: &str, lease_ms: u64) {
+        if witness.is_empty() {
+            crate::vms::ft_guard::release(self, name).await;
+        } else {
+            self.ft_guards.set(name, witness, lease_ms);
+        }
+    }
+
     /// The fault-tolerance actions (`vms::ft`).
     async fn ft_action(&self, action: &Action) -> Result<ApplyResult, Status> {
         let result = match action {
@@ -421,7 +431,7 @@ impl Node {
                         self.config.vm_start_timeout,
                     )
                     .await?;
-                self.ft_guards.set(&prepare.name, &prepare.witness, lease);
+                self.guard_ft(&prepare.name, &prepare.witness, lease).await;
                 prepared
             }
             Action::StartFt(start) => {
@@ -447,19 +457,19 @@ impl Node {
                     .vms
                     .start_ft(&start.name, &start.to, epoch_ms, start.sync_disks, timeout)
                     .await?;
-                self.ft_guards.set(&start.name, &start.witness, lease);
+                self.guard_ft(&start.name, &start.witness, lease).await;
                 started
             }
             Action::PromoteFt(promote) => {
                 validate::name("promote_ft.name", &promote.name)?;
-                self.ft_guards.set(&promote.name, "", 0);
+                crate::vms::ft_guard::release(self, &promote.name).await;
                 self.vms
                     .promote_ft(&promote.name, self.config.vm_start_timeout)
                     .await?
             }
             Action::StopFt(stop) => {
                 validate::name("stop_ft.name", &stop.name)?;
-                self.ft_guards.set(&stop.name, "", 0);
+                crate::vms::ft_guard::release(self, &stop.name).await;
                 self.vms.stop_ft(&stop.name).await?
             }
             _ => return Err(Status::internal("not a fault-tolerance action")),
