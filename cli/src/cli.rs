@@ -161,6 +161,27 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         controller: Option<String>,
     },
+    /// Start a lost site's protected VMs at their plan's `to-site`. Only `--drill` is
+    /// built: every VM of SITE replicated to another site boots from its newest
+    /// replicated snapshot there, without NICs, and is removed again; SITE is not
+    /// touched. Audited.
+    Failover {
+        /// The site.
+        #[arg(long)]
+        site: String,
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// A restore drill: boot, check running and healthy, remove.
+        #[arg(long)]
+        drill: bool,
+        /// How long a drill VM may take to run and be healthy.
+        #[arg(long, default_value = "60s")]
+        limit: String,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
     /// Volumes of VMs: export one to local NBD clients, list its snapshots, restore it.
     Volume {
         #[command(subcommand)]
@@ -707,6 +728,25 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             state,
             controller,
         } => status_cmd(&dir, state.as_deref(), format, controller.as_deref()),
+        Command::Failover {
+            site,
+            dir,
+            drill,
+            limit,
+            state,
+        } => match compiler::units::parse_duration(&limit) {
+            Ok(ms) => crate::failover::failover(
+                &dir,
+                state.as_deref(),
+                &site,
+                drill,
+                std::time::Duration::from_millis(ms),
+            ),
+            Err(e) => {
+                eprintln!("error: --limit {limit}: {e} (for example `60s`)");
+                Ok(2)
+            }
+        },
         Command::Volume { command } => match command {
             VolumeCommand::Export {
                 target,

@@ -714,7 +714,8 @@ pub fn volume_export(
             proto::v1::ExportVolume {
                 name: volume.clone(),
                 lifetime_seconds: lifetime_ms.div_ceil(1000),
-                read_only: running_on.is_some(),
+                // A DR copy is written by its replication only.
+                read_only: running_on.is_some() || target.contains('@'),
             },
         )),
     };
@@ -735,7 +736,11 @@ pub fn volume_export(
         serde_json::json!({"volume": volume, "node": node, "uri": export.uri, "expires_at_unix_ms": export.expires_at_unix_ms, "read_only": export.read_only}),
     )?;
     println!("{}", export.uri);
-    if let Some(running) = &running_on {
+    if target.contains('@') {
+        eprintln!(
+            "read-only: {volume} is a DR copy, written by its replication only; `cairn volume restore {target} --snapshot ID --as NAME` makes a writable volume of one of its snapshots"
+        );
+    } else if let Some(running) = &running_on {
         eprintln!(
             "read-only: vm `{vm_name}` is running on node {running}; stop it for a writable export"
         );

@@ -17,6 +17,7 @@ mod commands;
 mod ctx;
 mod dev;
 mod diff;
+mod failover;
 mod frontend;
 mod gitops;
 mod packbench;

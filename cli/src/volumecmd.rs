@@ -72,15 +72,22 @@ fn is_writer(copy: &Copy) -> bool {
     }
 }
 
-/// `VM/DISK` → (vm, disk, volume), checked against the specs; `Err(exit code)` after
-/// printing why.
+/// `VM/DISK` → (vm, disk, volume), checked against the specs; `VM/DISK@SITE` names
+/// the disk's DR copy at SITE (a site its protection plans replicate to, issue 18);
+/// `Err(exit code)` after printing why.
 pub(crate) fn resolve(
     model: &compiler::Model,
     target: &str,
 ) -> Result<(String, String, String), u8> {
     let Some((vm_name, disk_name)) = target.split_once('/') else {
-        eprintln!("error: `{target}` is not VM/DISK (for example `db/data`)");
+        eprintln!(
+            "error: `{target}` is not VM/DISK or VM/DISK@SITE (for example `db/data`, or `db/data@dr` for its DR copy at site dr)"
+        );
         return Err(2);
+    };
+    let (disk_name, site) = match disk_name.split_once('@') {
+        Some((disk, site)) => (disk, Some(site)),
+        None => (disk_name, None),
     };
     let Some(vm) = model.vm(vm_name) else {
         eprintln!("error: no vm `{vm_name}` in the specs");
@@ -97,6 +104,30 @@ pub(crate) fn resolve(
             }
         );
         return Err(1);
+    }
+    if let Some(site) = site {
+        let sites: Vec<&str> = model
+            .protection_plans
+            .iter()
+            .filter(|p| vm.protection_plans.contains(&p.name))
+            .flat_map(|p| p.replicate.iter().map(|r| r.to_site.as_str()))
+            .collect();
+        if !sites.contains(&site) {
+            eprintln!(
+                "error: vm `{vm_name}` has no DR copy at site `{site}`: {}",
+                if sites.is_empty() {
+                    "no protection plan of it replicates (`replicate to-site=…`)".to_owned()
+                } else {
+                    format!("its protection plans replicate to {}", sites.join(", "))
+                }
+            );
+            return Err(1);
+        }
+        return Ok((
+            vm_name.to_owned(),
+            disk_name.to_owned(),
+            compiler::place::dr_volume_name(vm_name, site, disk_name),
+        ));
     }
     Ok((
         vm_name.to_owned(),
@@ -141,17 +172,50 @@ pub fn snapshots(
     };
     let nodes = spec_nodes(loaded.model());
     let signer = loaded.ctx.signer()?;
-    let (copies, down) = runtime()?.block_on(copies_of(&nodes, &signer, &volume));
-    let Some(writer) = copies.first() else {
+    let rt = runtime()?;
+    let (copies, down) = rt.block_on(copies_of(&nodes, &signer, &volume));
+    if copies.is_empty() {
         return Ok(no_copy(&volume, &down));
+    }
+    // The disk's own volume, then its DR copies at the sites its plans replicate to
+    // (`VM-DISK-dr-SITE`, issue 18) when one is asked for by `VM/DISK` (not `@SITE`).
+    let mut sites = vec![(volume.clone(), target.contains('@'), copies)];
+    if !target.contains('@')
+        && let Some(m) = loaded.model().vm(&vm)
+    {
+        let mut dr_sites: Vec<&str> = loaded
+            .model()
+            .protection_plans
+            .iter()
+            .filter(|p| m.protection_plans.contains(&p.name))
+            .flat_map(|p| p.replicate.iter().map(|r| r.to_site.as_str()))
+            .filter(|s| *s != m.site)
+            .collect();
+        dr_sites.dedup();
+        for site in dr_sites {
+            let dr = compiler::place::dr_volume_name(&vm, site, &disk);
+            let (dr_copies, _) = rt.block_on(copies_of(&nodes, &signer, &dr));
+            if !dr_copies.is_empty() {
+                sites.push((dr, true, dr_copies));
+            }
+        }
+    }
+    let site_of = |copies: &[Copy]| {
+        copies
+            .first()
+            .and_then(|w| nodes.get(&w.node))
+            .map(|n| n.site.clone())
+            .unwrap_or_default()
     };
-    let site = nodes
-        .get(&writer.node)
-        .map(|n| n.site.clone())
-        .unwrap_or_default();
-    let mut rows: Vec<&v1::SnapshotStatus> = writer.status.snapshots.iter().collect();
-    rows.sort_by_key(|s| (s.created_at_unix_ms, s.name.clone()));
-    let holders = |name: &str| -> Vec<String> {
+    let rows_of = |copies: &[Copy]| -> Vec<v1::SnapshotStatus> {
+        let mut rows: Vec<v1::SnapshotStatus> = copies
+            .first()
+            .map(|w| w.status.snapshots.clone())
+            .unwrap_or_default();
+        rows.sort_by_key(|s| (s.created_at_unix_ms, s.name.clone()));
+        rows
+    };
+    let holders = |copies: &[Copy], name: &str| -> Vec<String> {
         copies
             .iter()
             .filter(|c| c.status.snapshots.iter().any(|s| s.name == name))
@@ -159,17 +223,29 @@ pub fn snapshots(
             .collect()
     };
     if matches!(format, Format::Json) {
-        let snapshots: Vec<serde_json::Value> = rows
+        let sites: Vec<serde_json::Value> = sites
             .iter()
-            .map(|s| {
+            .map(|(name, dr_copy, copies)| {
+                let snapshots: Vec<serde_json::Value> = rows_of(copies)
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({
+                            "name": s.name,
+                            "created_at_unix_ms": s.created_at_unix_ms,
+                            "size_bytes": s.size_bytes,
+                            "unique_bytes": s.unique_bytes,
+                            "scheduled": s.name.starts_with(reconciler::observe::SCHEDULED_SNAPSHOT_PREFIX),
+                            "copies": holders(copies, &s.name),
+                            "pending_copies": s.pending_copies,
+                        })
+                    })
+                    .collect();
                 serde_json::json!({
-                    "name": s.name,
-                    "created_at_unix_ms": s.created_at_unix_ms,
-                    "size_bytes": s.size_bytes,
-                    "unique_bytes": s.unique_bytes,
-                    "scheduled": s.name.starts_with(reconciler::observe::SCHEDULED_SNAPSHOT_PREFIX),
-                    "copies": holders(&s.name),
-                    "pending_copies": s.pending_copies,
+                    "site": site_of(copies),
+                    "volume": name,
+                    "dr_copy": dr_copy,
+                    "writer": copies.first().map(|w| w.node.clone()).unwrap_or_default(),
+                    "snapshots": snapshots,
                 })
             })
             .collect();
@@ -178,32 +254,37 @@ pub fn snapshots(
             "vm": vm,
             "disk": disk,
             "volume": volume,
-            "sites": [{"site": site, "writer": writer.node, "snapshots": snapshots}],
+            "sites": sites,
             "unreachable": down,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(0);
     }
     let human = compiler::units::human_size;
-    println!(
-        "volume {volume} (vm {vm}, disk {disk}), site {site}: {} snapshot(s), writer {}",
-        rows.len(),
-        writer.node
-    );
-    for s in &rows {
-        let pending = if s.pending_copies.is_empty() {
-            String::new()
-        } else {
-            format!(", not yet on {}", s.pending_copies.join(" "))
-        };
+    for (name, dr_copy, copies) in &sites {
+        let rows = rows_of(copies);
         println!(
-            "  {:<22} {}  size {:>8}  unique {:>8}  on {}{pending}",
-            s.name,
-            utc(s.created_at_unix_ms),
-            human(s.size_bytes),
-            human(s.unique_bytes),
-            holders(&s.name).join(" ")
+            "{} {name} (vm {vm}, disk {disk}), site {}: {} snapshot(s), writer {}",
+            if *dr_copy { "DR copy" } else { "volume" },
+            site_of(copies),
+            rows.len(),
+            copies.first().map(|w| w.node.as_str()).unwrap_or_default()
         );
+        for s in &rows {
+            let pending = if s.pending_copies.is_empty() {
+                String::new()
+            } else {
+                format!(", not yet on {}", s.pending_copies.join(" "))
+            };
+            println!(
+                "  {:<22} {}  size {:>8}  unique {:>8}  on {}{pending}",
+                s.name,
+                utc(s.created_at_unix_ms),
+                human(s.size_bytes),
+                human(s.unique_bytes),
+                holders(copies, &s.name).join(" ")
+            );
+        }
     }
     if !down.is_empty() {
         eprintln!("not answering: {}", down.join(", "));

@@ -45,7 +45,9 @@ pub struct Event {
     /// When, milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
     /// `sync-started`, `sync`, `step`, `drift`, `vm` (crashed, from a node's watch),
-    /// `crash-loop`, `node`, `settled`, `paused`, `resumed`, `source`, `controller`.
+    /// `crash-loop`, `node`, `settled`, `paused`, `resumed`, `source`, `controller`,
+    /// `protection` (a snapshot schedule or a replication failed, missed runs, or
+    /// works again: `crate::protection_events`).
     pub kind: String,
     /// The commit it is about.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,7 +59,8 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub object: Option<String>,
     /// `started`, `succeeded`, `partial`, `failed`, `refused`, `found`,
-    /// `repaired`, `reported`, `skipped`, `unreachable`, `ready`, `held`, `ok`.
+    /// `repaired`, `reported`, `skipped`, `unreachable`, `ready`, `held`, `ok`,
+    /// `missed`.
     pub result: String,
     /// Why (the root cause, for people).
     #[serde(skip_serializing_if = "Option::is_none")]

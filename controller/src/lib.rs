@@ -42,6 +42,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod notifications;
 pub mod preemption;
+pub mod protection_events;
 pub mod rebuild;
 pub mod remote;
 pub mod replicas;

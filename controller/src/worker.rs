@@ -135,6 +135,8 @@ struct Worker {
     crash_retry: Option<Instant>,
     /// Spot VMs their node preempted: placed again where there is room.
     preemptions: crate::preemption::Preemptions,
+    /// What the protection schedules and replications last reported (issue 18).
+    protection_events: crate::protection_events::ProtectionEvents,
     reachable: BTreeMap<String, bool>,
     last_drift: Option<Vec<String>>,
     held_reported: Option<String>,
@@ -159,6 +161,7 @@ pub(crate) async fn run(
         crash_moves: BTreeMap::new(),
         crash_retry: None,
         preemptions: Default::default(),
+        protection_events: Default::default(),
         reachable: BTreeMap::new(),
         last_drift: None,
         held_reported: None,
@@ -1297,6 +1300,10 @@ impl Worker {
         let nodes = lease_bound::LeaseBound::new(self.shared.clone());
         let observed = observe_except(&spec, &nodes, &failed).await;
         self.note_observation(&observed);
+        let protection_events = self.protection_events.observe(&observed);
+        if !protection_events.is_empty() {
+            self.shared.record(protection_events);
+        }
         let applied_reconcile = crate::gate::Limits::applied(&good.commit, &good.model).reconcile;
         let masked = self.mask_crash_loops(&observed, &good.model, &applied_reconcile);
         let mut preempt_events = vec![];

@@ -175,6 +175,8 @@ pub struct Desired {
     pub moved_writers: BTreeMap<String, String>,
     /// Snapshot schedules by VM (`protections`).
     pub protections: BTreeMap<String, DesiredProtection>,
+    /// Delta replications to another site, by source volume (`replicate to-site=`).
+    pub replications: BTreeMap<String, DesiredReplication>,
     /// `image-NAME` of every image with a disk file: base volumes of these images are
     /// kept (`crate::images::base_image`).
     pub image_bases: std::collections::BTreeSet<String>,
@@ -194,6 +196,108 @@ pub struct DesiredProtection {
     pub keep: u32,
 }
 
+/// A protected disk's delta replication to its DR copy at another site (the
+/// protection plan's `replicate to-site= pool= every= keep=`, issue 18): the source
+/// volume's writer ships its snapshots (`Apply.ReplicateVolume`), the DR copy's
+/// writer accepts them from that node only (`Apply.AcceptReplication`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredReplication {
+    /// The protected VM.
+    pub vm: String,
+    /// The plan it comes from.
+    pub plan: String,
+    /// The source volume (`VM-DISK`).
+    pub volume: String,
+    /// The target site and its pool.
+    pub site: String,
+    /// Pool at the target site.
+    pub pool: String,
+    /// The DR copy (`VM-DISK-dr-SITE`), a volume of `desired.volumes`.
+    pub target_volume: String,
+    /// Interval (ms).
+    pub every_ms: u64,
+    /// Snapshots the DR copy keeps.
+    pub keep: u32,
+}
+
+/// The first `replicate` of `vm`'s plans (in spec order) that names `site`, with
+/// its plan.
+fn replication_to<'m>(
+    model: &'m Model,
+    vm: &compiler::model::Vm,
+    site: &str,
+) -> Option<(
+    &'m compiler::model::ProtectionPlan,
+    &'m compiler::model::Replication,
+)> {
+    model
+        .protection_plans
+        .iter()
+        .filter(|p| vm.protection_plans.contains(&p.name))
+        .flat_map(|p| p.replicate.iter().map(move |r| (p, r)))
+        .find(|(_, r)| r.to_site == site)
+}
+
+/// The DR copies of the placement as desired volumes, and the replications into
+/// them from the VMs' placed volumes. A DR copy is wanted whether its VM is placed
+/// or not (it outlives the VM's site); its replication only while the source volume
+/// is placed.
+fn dr_copies(model: &Model, placement: &Placement, desired: &mut Desired) {
+    for dr in &placement.dr_volumes {
+        let Some((stand_in, disk)) = dr.name.split_once('/') else {
+            continue;
+        };
+        let Some((_, site)) = stand_in.split_once(".dr.") else {
+            continue;
+        };
+        let Some(vm) = model.vms.iter().find(|v| v.name == dr.vm) else {
+            continue;
+        };
+        let target = compiler::place::dr_volume_name(&vm.name, site, disk);
+        desired.spec_volumes.insert(target.clone(), vm.name.clone());
+        if dr.primary.is_empty() {
+            continue;
+        }
+        let pool = model
+            .site(site)
+            .and_then(|s| s.pools.iter().find(|p| p.name == dr.pool));
+        desired.volumes.insert(
+            target.clone(),
+            DesiredVolume {
+                name: target.clone(),
+                vm: vm.name.clone(),
+                tenant: vm.tenant.clone(),
+                node: dr.primary.clone(),
+                replicas: dr.replicas.clone(),
+                size_bytes: dr.size_bytes,
+                stripe_width: pool.map(|p| p.stripe_width).unwrap_or(1),
+                stripe_unit_bytes: pool.map(|p| p.stripe_unit_bytes).unwrap_or(1 << 20),
+                from_image: None,
+            },
+        );
+        let source = volume_name(&vm.name, disk);
+        let (Some((plan, r)), true) = (
+            replication_to(model, vm, site),
+            desired.volumes.contains_key(&source),
+        ) else {
+            continue;
+        };
+        desired.replications.insert(
+            source.clone(),
+            DesiredReplication {
+                vm: vm.name.clone(),
+                plan: plan.name.clone(),
+                volume: source,
+                site: site.to_owned(),
+                pool: r.pool.clone(),
+                target_volume: target,
+                every_ms: r.every_ms,
+                keep: r.keep,
+            },
+        );
+    }
+}
+
 /// The snapshot schedule of a placed VM with disks (`volumes`) when a protection plan
 /// with a `snapshot` schedule applies to it. Of several such plans the one with the
 /// shortest interval wins (it protects at least as well as the others), the larger
@@ -206,18 +310,32 @@ fn protection_of(
     if volumes.is_empty() {
         return None;
     }
-    let (plan, schedule) = model
+    let schedule = model
         .protection_plans
         .iter()
         .filter(|p| vm.protection_plans.contains(&p.name))
         .filter_map(|p| p.snapshot.as_ref().map(|s| (p, s)))
         .filter(|(_, s)| s.every_ms > 0 && s.keep > 0)
-        .min_by_key(|(p, s)| (s.every_ms, std::cmp::Reverse(s.keep), p.name.clone()))?;
+        .min_by_key(|(p, s)| (s.every_ms, std::cmp::Reverse(s.keep), p.name.clone()))
+        .map(|(p, s)| (p, s.every_ms, s.keep))
+        // Replication ships snapshots: a plan that replicates without a `snapshot`
+        // schedule snapshots at its replication's interval and keeps as many.
+        .or_else(|| {
+            model
+                .protection_plans
+                .iter()
+                .filter(|p| vm.protection_plans.contains(&p.name))
+                .flat_map(|p| p.replicate.iter().map(move |r| (p, r)))
+                .filter(|(_, r)| r.every_ms > 0 && r.keep > 0 && r.to_site != vm.site)
+                .min_by_key(|(p, r)| (r.every_ms, std::cmp::Reverse(r.keep), p.name.clone()))
+                .map(|(p, r)| (p, r.every_ms, r.keep))
+        });
+    let (plan, every_ms, keep) = schedule?;
     Some(DesiredProtection {
         plan: plan.name.clone(),
         volumes: volumes.to_vec(),
-        every_ms: schedule.every_ms,
-        keep: schedule.keep,
+        every_ms,
+        keep,
     })
 }
 
@@ -541,6 +659,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
             },
         );
     }
+    dr_copies(model, &placement, &mut desired);
     desired.segments = crate::segments::desired_segments(model, &desired.nodes, &placement);
     desired.placement = placement;
     desired

@@ -255,6 +255,45 @@ pub struct ObservedVolume {
     pub resync: Option<ObservedResync>,
 }
 
+/// A volume's delta replication as a node reports it (`ReplicationStatus`, issue
+/// 18). Who ships to whom, how often and how many are kept is stable; what it did
+/// (the last replicated snapshot, its age, the transfer, the error) moves, so it is
+/// not serialized (not in the digest a plan file is bound to).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedReplication {
+    /// `source` (this node ships) or `target` (it receives).
+    pub role: String,
+    /// The other node.
+    pub peer: String,
+    /// On the source: the target's volume.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_volume: String,
+    /// On the source: the schedule's interval (ms; 0: on request only).
+    #[serde(default)]
+    pub every_ms: u64,
+    /// On the source: snapshots the target keeps.
+    #[serde(default)]
+    pub keep: u32,
+    /// The newest snapshot the target committed, as far as this node knows.
+    #[serde(skip)]
+    pub last_replicated: String,
+    /// When the source took it (Unix ms; 0: unknown).
+    #[serde(skip)]
+    pub last_replicated_at_unix_ms: u64,
+    /// Its age when the node answered: the recovery point achieved.
+    #[serde(skip)]
+    pub rpo_ms: u64,
+    /// The snapshot in transfer (empty: none).
+    #[serde(skip)]
+    pub in_transfer: String,
+    /// On the target: bytes of the transfer written so far (its progress mark).
+    #[serde(skip)]
+    pub transferred_to: u64,
+    /// On the source: why the last scheduled transfer failed (empty after a success).
+    #[serde(skip)]
+    pub last_error: String,
+}
+
 /// A snapshot schedule a node holds (`ProtectionStatus`, issue 18). The schedule is
 /// stable; what it did (its last snapshot, missed runs) moves every interval, so it is
 /// not serialized (not in the digest a plan file is bound to).
@@ -427,6 +466,9 @@ pub enum NodeObservation {
         /// Snapshot schedules it holds, by VM.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         protections: BTreeMap<String, ObservedProtection>,
+        /// Delta replications it ships or receives, by its volume (issue 18).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        replications: BTreeMap<String, ObservedReplication>,
     },
     /// It did not answer in time or refused.
     Unreachable {
@@ -903,6 +945,28 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
             )
         })
         .collect();
+    let replications = response
+        .replications
+        .into_iter()
+        .map(|r| {
+            (
+                r.volume,
+                ObservedReplication {
+                    role: r.role,
+                    peer: r.peer,
+                    peer_volume: r.peer_volume,
+                    every_ms: r.every_ms,
+                    keep: r.keep,
+                    last_replicated: r.last_replicated,
+                    last_replicated_at_unix_ms: r.last_replicated_at_unix_ms,
+                    rpo_ms: r.rpo_ms,
+                    in_transfer: r.in_transfer,
+                    transferred_to: r.transferred_to,
+                    last_error: r.last_error,
+                },
+            )
+        })
+        .collect();
     NodeObservation::Reachable {
         public_key_hex,
         vms,
@@ -910,6 +974,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
         bonds,
         networking,
         protections,
+        replications,
     }
 }
 

@@ -11,7 +11,9 @@ use crate::state::{Applied, StepStatus};
 use proto::v1::VolumeRole;
 
 mod networks;
+mod protection;
 pub use networks::{NicRow, SegmentRow};
+pub use protection::{ProtectionRow, ReplicationRow};
 
 /// Version of the status JSON.
 pub const STATUS_FORMAT_VERSION: u32 = 1;
@@ -277,6 +279,10 @@ pub struct Status {
     /// Every tenant network segment per node: VNI, VTEP, MTU, entries, drift.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub segments: Vec<SegmentRow>,
+    /// Every protected VM: its snapshot schedule and its disks' replications to
+    /// other sites, as their nodes report them (issue 18).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protection: Vec<ProtectionRow>,
     /// VMs with no node.
     pub unplaced: Vec<String>,
     /// Objects that drifted.
@@ -549,6 +555,7 @@ pub fn status(
         bonds,
         networks,
         segments,
+        protection: protection::rows(desired, observed),
         unplaced: desired.unplaced.keys().cloned().collect(),
         drifted,
         last_apply: last,
@@ -852,6 +859,10 @@ pub fn text(status: &Status) -> String {
         }
     }
     out.push_str(&networks::text(&status.networks, &status.segments));
+    out.push_str(&protection::text(
+        &status.protection,
+        crate::state::now_ms(),
+    ));
     for u in &status.unplaced {
         let _ = writeln!(out, "! vm {u} has no node (see `cairn plan`)");
     }
@@ -1053,6 +1064,7 @@ last migrations:
             bonds: vec![],
             networks: vec![],
             segments: vec![],
+            protection: vec![],
             unplaced: vec![],
             drifted: 0,
             last_apply: None,
@@ -1092,6 +1104,7 @@ last migrations:
             bonds: Default::default(),
             networking: Default::default(),
             protections: Default::default(),
+            replications: Default::default(),
         };
         let resync = ObservedResync {
             copies: vec!["lab-3".into()],

@@ -7,6 +7,7 @@ mod console;
 mod controller;
 mod controller_remote;
 mod diff;
+mod dr_replication;
 mod engine;
 mod gitops;
 mod golden;

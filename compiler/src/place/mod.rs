@@ -72,6 +72,17 @@ pub struct Placement {
     /// NIC index ([`crate::ipam`]; kept across placements).
     #[serde(default)]
     pub addresses: Vec<NicAddress>,
+    /// The DR copies of protected VMs' disks (issue 18): for every disk of a VM a
+    /// protection plan with `replicate to-site=S pool=P` applies to, one volume in
+    /// pool `P` of site `S`, named `VM.dr.S/DISK` (runtime `VM-DISK-dr-S`), its
+    /// `vm` the protected VM. Placed like any volume (columns, copies in distinct
+    /// failure domains, the previous layout kept), whether the VM itself is placed
+    /// or not: the copy outlives the loss of the VM's site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dr_volumes: Vec<VolumePlacement>,
+    /// DR copies that do not fit their pool: `VM.dr.SITE` with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dr_unplaced: Vec<Unplaced>,
 }
 
 /// A placed VM.
@@ -161,6 +172,21 @@ pub fn runtime_volume_name(name: &str) -> String {
     name.replacen('/', "-", 1)
 }
 
+/// The node runtime's name of the DR copy at `site` of `vm`'s disk `disk`
+/// (`Placement::dr_volumes`, whose own names are `VM.dr.SITE/DISK`):
+/// `VM-DISK-dr-SITE`, a DNS label like every runtime name.
+pub fn dr_volume_name(vm: &str, site: &str, disk: &str) -> String {
+    format!("{vm}-{disk}-dr-{site}")
+}
+
+/// The runtime name of a DR copy of the placement (`VM.dr.SITE/DISK`); `None` for
+/// any other volume.
+pub fn dr_runtime_name(placement_name: &str) -> Option<String> {
+    let (stand_in, disk) = placement_name.split_once('/')?;
+    let (vm, site) = stand_in.split_once(".dr.")?;
+    Some(dr_volume_name(vm, site, disk))
+}
+
 impl Unplaced {
     /// Whether it was pushed out by a higher-priority VM (a spot VM preempted).
     pub fn preempted(&self) -> bool {
@@ -188,6 +214,8 @@ impl Default for Placement {
             moves: vec![],
             networks: vec![],
             addresses: vec![],
+            dr_volumes: vec![],
+            dr_unplaced: vec![],
         }
     }
 }
@@ -1056,10 +1084,23 @@ pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>
         );
         false
     });
+    // The DR copies are placed after every VM's own disks (which claim their room
+    // first), as the disks of one stand-in VM per protected VM and target site.
+    let dr_vms = volumes::dr_stand_ins(model);
+    let mut with_dr = ordered.clone();
+    with_dr.extend(dr_vms.iter());
     let (volumes, volume_failures) =
-        volumes::place_volumes(model, &engine, options.previous.as_ref(), &ordered);
+        volumes::place_volumes(model, &engine, options.previous.as_ref(), &with_dr);
+    let (dr_volumes, volumes): (Vec<VolumePlacement>, Vec<VolumePlacement>) = volumes
+        .into_iter()
+        .partition(|v| volumes::dr_of(&v.name).is_some());
+    let mut dr_failures = vec![];
     for (vm, reason) in volume_failures {
-        unplaced.insert(vm, vec![reason]);
+        if volumes::dr_of(&vm).is_some() {
+            dr_failures.push((vm, reason));
+        } else {
+            unplaced.insert(vm, vec![reason]);
+        }
     }
     let spot = |v: &&Vm| v.sla.class == SlaClass::Spot;
     for phase_spot in [false, true] {
@@ -1163,7 +1204,28 @@ pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>
         }
     }
     ha_admission(model, &mut engine, &mut unplaced, locator);
-    finish(model, &engine, volumes, unplaced, options.previous.as_ref())
+    let mut placement = finish(model, &engine, volumes, unplaced, options.previous.as_ref());
+    placement.dr_volumes =
+        volumes::dr_layout(model, &engine, dr_volumes, options.previous.as_ref());
+    placement.dr_unplaced = dr_failures
+        .into_iter()
+        .map(|(name, reason)| {
+            let (vm, site) = volumes::dr_of(&name).unwrap_or_default();
+            Unplaced {
+                tenant: model
+                    .vms
+                    .iter()
+                    .find(|v| v.name == vm)
+                    .map(|v| v.tenant.clone())
+                    .unwrap_or_default(),
+                site: site.to_owned(),
+                previous_node: None,
+                reasons: vec![reason],
+                name,
+            }
+        })
+        .collect();
+    placement
 }
 
 /// HA admission control: after the loss of any one node of a site with
@@ -1399,6 +1461,8 @@ fn finish(
         moves,
         networks,
         addresses: alloc.addresses,
+        dr_volumes: vec![],
+        dr_unplaced: vec![],
     }
 }
 

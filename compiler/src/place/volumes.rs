@@ -135,7 +135,7 @@ pub(crate) fn place_volumes(
     }
     let prev: BTreeMap<&str, &VolumePlacement> = previous
         .iter()
-        .flat_map(|p| p.volumes.iter())
+        .flat_map(|p| p.volumes.iter().chain(&p.dr_volumes))
         .map(|v| (v.name.as_str(), v))
         .collect();
     let mut out = vec![];
@@ -334,4 +334,115 @@ pub(crate) fn place_volumes(
 fn column_bytes(size: u64, width: u32, unit: u64) -> u64 {
     let per = size.div_ceil(u64::from(width));
     per.div_ceil(unit) * unit
+}
+
+/// The stand-in VM whose disks are `vm`'s DR copies at `site`: `VM.dr.SITE`.
+fn dr_name(vm: &str, site: &str) -> String {
+    format!("{vm}.dr.{site}")
+}
+
+/// `(VM, SITE)` of a DR stand-in's name `VM.dr.SITE`, or of a DR copy's
+/// `VM.dr.SITE/DISK` (VM names are DNS labels, so no VM or disk of the spec is
+/// named like that).
+pub(crate) fn dr_of(name: &str) -> Option<(&str, &str)> {
+    let stand_in = name.split('/').next().unwrap_or_default();
+    stand_in.split_once(".dr.")
+}
+
+/// One stand-in VM per protected VM with disks and per site a protection plan of it
+/// replicates to (`replicate to-site= pool=`; the first plan naming a site gives the
+/// pool): the VM's disks, of the same sizes, in that pool of that site.
+pub(crate) fn dr_stand_ins(model: &Model) -> Vec<Vm> {
+    let mut out = vec![];
+    for vm in model.vms.iter().filter(|v| !v.disks.is_empty()) {
+        let mut sites: Vec<&str> = vec![];
+        let replications = model
+            .protection_plans
+            .iter()
+            .filter(|p| vm.protection_plans.contains(&p.name))
+            .flat_map(|p| &p.replicate);
+        for r in replications {
+            if r.to_site == vm.site || sites.contains(&r.to_site.as_str()) {
+                continue;
+            }
+            sites.push(&r.to_site);
+            let mut stand_in = vm.clone();
+            stand_in.name = dr_name(&vm.name, &r.to_site);
+            stand_in.site = r.to_site.clone();
+            for disk in &mut stand_in.disks {
+                disk.pool = r.pool.clone();
+                disk.from_image = false;
+            }
+            out.push(stand_in);
+        }
+    }
+    out
+}
+
+/// The runtime layout of the DR copies (`primary`, `replicas`): the previous
+/// primary while its node is in the target site (the data is there), else the node
+/// of the first column's first copy; replicas are the other nodes of the columns'
+/// copies, then the site's other nodes by name, up to the pool's `replicas - 1`.
+/// Each copy's `vm` becomes the protected VM.
+pub(crate) fn dr_layout(
+    model: &Model,
+    engine: &Engine<'_>,
+    mut dr: Vec<VolumePlacement>,
+    previous: Option<&Placement>,
+) -> Vec<VolumePlacement> {
+    // The volumes a node reported (`previous.volumes`, by runtime name) win over
+    // the stored layout: the data decides.
+    let before: BTreeMap<String, &str> = previous
+        .iter()
+        .flat_map(|p| p.dr_volumes.iter().chain(&p.volumes))
+        .filter(|v| !v.primary.is_empty())
+        .map(|v| {
+            let name = super::dr_runtime_name(&v.name).unwrap_or_else(|| v.runtime_name());
+            (name, v.primary.as_str())
+        })
+        .collect();
+    for volume in &mut dr {
+        let Some((vm, site)) = dr_of(&volume.name).map(|(v, s)| (v.to_owned(), s.to_owned()))
+        else {
+            continue;
+        };
+        let site_nodes: Vec<&str> = engine
+            .nodes
+            .iter()
+            .filter(|n| n.site == site)
+            .map(|n| n.name.as_str())
+            .collect();
+        let n_replicas = model
+            .site(&site)
+            .and_then(|s| s.pools.iter().find(|p| p.name == volume.pool))
+            .map(|p| p.replicas.saturating_sub(1) as usize)
+            .unwrap_or(0);
+        let column_nodes: Vec<&str> = volume
+            .columns
+            .iter()
+            .flatten()
+            .map(|copy| copy.split('/').next().unwrap_or(copy))
+            .collect();
+        let runtime = super::dr_runtime_name(&volume.name).unwrap_or_default();
+        let primary = before
+            .get(&runtime)
+            .copied()
+            .filter(|p| site_nodes.contains(p))
+            .or_else(|| column_nodes.first().copied())
+            .unwrap_or_default()
+            .to_owned();
+        let mut replicas: Vec<String> = vec![];
+        for candidate in column_nodes.iter().chain(&site_nodes) {
+            if replicas.len() >= n_replicas {
+                break;
+            }
+            if *candidate != primary && !replicas.iter().any(|r| r == candidate) {
+                replicas.push((*candidate).to_owned());
+            }
+        }
+        volume.primary = primary;
+        volume.replicas = replicas;
+        volume.vm = vm;
+    }
+    dr
 }

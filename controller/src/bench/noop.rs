@@ -80,6 +80,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
                     ..Default::default()
                 },
                 protections: Default::default(),
+                replications: Default::default(),
             },
         );
     }

@@ -214,6 +214,28 @@ pub enum NodeAction {
         /// Network.
         network: String,
     },
+    /// `ReplicateVolume`: the source volume's writer ships its snapshots to the DR
+    /// copy at another site every `every_ms` (0 removes the schedule; issue 18).
+    ReplicateVolume {
+        /// The source volume.
+        volume: String,
+        /// The node holding the DR copy's writer.
+        target: PeerRef,
+        /// The DR copy.
+        target_volume: String,
+        /// Interval (ms); 0 removes the schedule.
+        every_ms: u64,
+        /// Snapshots the DR copy keeps.
+        keep: u32,
+    },
+    /// `AcceptReplication`: the DR copy's writer lets `source` (and only it) ship
+    /// into `volume` (an empty source name stops accepting).
+    AcceptReplication {
+        /// The DR copy.
+        volume: String,
+        /// The source volume's writer.
+        source: PeerRef,
+    },
 }
 
 impl NodeAction {
@@ -237,6 +259,8 @@ impl NodeAction {
             NodeAction::SetProtection { .. } => "set_protection",
             NodeAction::ApplyNetworkSegment(_) => "apply_network_segment",
             NodeAction::DeleteNetworkSegment { .. } => "delete_network_segment",
+            NodeAction::ReplicateVolume { .. } => "replicate_volume",
+            NodeAction::AcceptReplication { .. } => "accept_replication",
         }
     }
 
@@ -260,6 +284,8 @@ impl NodeAction {
             NodeAction::SetProtection { vm, .. } => vm,
             NodeAction::ApplyNetworkSegment(segment) => &segment.network,
             NodeAction::DeleteNetworkSegment { network, .. } => network,
+            NodeAction::ReplicateVolume { volume, .. }
+            | NodeAction::AcceptReplication { volume, .. } => volume,
         }
     }
 
@@ -445,6 +471,26 @@ impl NodeAction {
                     network: network.clone(),
                 })
             }
+            NodeAction::ReplicateVolume {
+                volume,
+                target,
+                target_volume,
+                every_ms,
+                keep,
+            } => Action::ReplicateVolume(proto::v1::ReplicateVolume {
+                volume: volume.clone(),
+                target: Some(peer(target)),
+                target_volume: target_volume.clone(),
+                every_ms: *every_ms,
+                keep: *keep,
+                now: false,
+            }),
+            NodeAction::AcceptReplication { volume, source } => {
+                Action::AcceptReplication(proto::v1::AcceptReplication {
+                    volume: volume.clone(),
+                    source: Some(peer(source)),
+                })
+            }
         };
         proto::v1::ApplyRequest {
             request_id: request_id.to_owned(),
@@ -515,4 +561,13 @@ pub fn segment_digest(s: &crate::segments::DesiredSegment) -> String {
 
 fn is_zero(value: &u32) -> bool {
     *value == 0
+}
+
+/// A peer as the node API names it.
+fn peer(p: &PeerRef) -> proto::v1::Peer {
+    proto::v1::Peer {
+        name: p.name.clone(),
+        address: p.address.clone(),
+        public_key_hex: p.public_key_hex.clone(),
+    }
 }

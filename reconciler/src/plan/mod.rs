@@ -26,6 +26,7 @@ mod volumes;
 use sha2::{Digest, Sha256};
 
 pub use actions::{MigratingVolume, NodeAction, PeerRef};
+pub use protection::drill_definition;
 pub(crate) use segments::segment_diff;
 #[cfg(test)]
 pub(crate) use segments::tests::{

@@ -319,6 +319,7 @@ pub(crate) mod tests {
                         ..Default::default()
                     },
                     protections: Default::default(),
+                    replications: Default::default(),
                 },
             );
         }
