@@ -373,35 +373,38 @@ async fn finish<N: NodeApi>(
             name: record.vm.clone(),
         })
     };
-    // The source's answer does not matter: it is committed either way.
-    let _ = call(
+    // Both sides are told at once: the source relays the commit to the destination
+    // and exits (its answer does not matter: it is committed either way, and it may
+    // be gone); the destination starts on whichever word comes first, and is told
+    // until it answers (a few tries). Waiting for the source's exit first kept the
+    // destination's commit behind the source VMM's teardown (~0.5 s with a disk).
+    let source = call(
         nodes,
         &record.from,
         from_address,
         id("commit-src"),
         commit(),
-    )
-    .await;
-    let mut last = String::new();
-    let mut started = false;
-    for attempt in 1..=COMMIT_ATTEMPTS {
-        match call(
-            nodes,
-            &record.to,
-            to_address,
-            id(&format!("commit-dst-{attempt}")),
-            commit(),
-        )
-        .await
-        {
-            Ok(_) => {
-                started = true;
-                break;
+    );
+    let destination = async {
+        let mut last = String::new();
+        for attempt in 1..=COMMIT_ATTEMPTS {
+            match call(
+                nodes,
+                &record.to,
+                to_address,
+                id(&format!("commit-dst-{attempt}")),
+                commit(),
+            )
+            .await
+            {
+                Ok(_) => return (true, last),
+                Err(e) => last = e,
             }
-            Err(e) => last = e,
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+        (false, last)
+    };
+    let (_, (started, last)) = tokio::join!(source, destination);
     if !started {
         return Err(format!(
             "committed to {} (the record names it), but it did not start: {last}; the source {} stays paused, the next apply commits it again",
