@@ -50,7 +50,16 @@ use storage::{DiskSource, Store, StoreOptions, VolumeSpec};
 use vmm::devices::block::BlockBackend;
 use vmm::devices::nbd_client::NbdBackend;
 
+/// Rounds per case (`CAIRN_BENCH_ROUNDS=N` for more); every figure is their median.
 const ROUNDS: usize = 3;
+
+fn rounds() -> usize {
+    std::env::var("CAIRN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .filter(|&rounds| rounds > 0)
+        .unwrap_or(ROUNDS)
+}
 const SEQUENTIAL_BYTES: u64 = 128 << 20;
 const VOLUME_BYTES: u64 = 256 << 20;
 const CHUNK: usize = 1 << 20;
@@ -402,6 +411,7 @@ fn main() {
             .is_none_or(|list| list.split(',').any(|case| case.trim() == names[index]))
     };
     let rtt = loopback_rtt_us();
+    let rounds = rounds();
     runtime.block_on(async {
         let signer = RequestSigner::new(controller.clone());
         match &client_node {
@@ -415,7 +425,7 @@ fn main() {
             engine_store(&base.path().join("engine-a")),
             engine_store(&base.path().join("engine-b")),
         ];
-        for round in 0..ROUNDS {
+        for round in 0..rounds {
             let seed = round as u64 + 7;
             // Raw file.
             if wanted(0) {
@@ -502,7 +512,7 @@ fn main() {
         }
     });
     println!(
-        "VM disk data path, {ROUNDS} rounds, medians; sequential: {} MiB in 1 MiB writes, one at a time (qd1) and {DEPTH} in flight (qd{DEPTH}); random: {RANDOM_WRITES} 4 KiB overwrites one at a time; volumes {STRIPE_WIDTH} × {} MiB stripes; every write durable on every copy when it returns",
+        "VM disk data path, {rounds} rounds, medians; sequential: {} MiB in 1 MiB writes, one at a time (qd1) and {DEPTH} in flight (qd{DEPTH}); random: {RANDOM_WRITES} 4 KiB overwrites one at a time; volumes {STRIPE_WIDTH} × {} MiB stripes; every write durable on every copy when it returns",
         SEQUENTIAL_BYTES >> 20,
         STRIPE_UNIT >> 20
     );

@@ -116,6 +116,14 @@ impl BlockDevice for ReplicatedDevice {
     }
 
     fn write_at(&self, offset: u64, data: &[u8]) -> storage::Result<()> {
+        self.write_owned(offset, data.to_vec())
+    }
+
+    /// The NBD server's path: its payload buffer goes down to the store (and, with
+    /// replicas, into the replicas' requests) without another copy, and a volume
+    /// without replicas is written by this connection's own thread
+    /// ([`Volumes::write_from_thread`]).
+    fn write_owned(&self, offset: u64, data: Vec<u8>) -> storage::Result<()> {
         if self.read_only {
             // The NBD server refuses writes to a read-only export before they get here.
             return Err(StorageError::Io {
@@ -126,18 +134,24 @@ impl BlockDevice for ReplicatedDevice {
                 ),
             });
         }
-        // NBD connections run on their own OS threads, outside the tokio runtime, so
-        // blocking on the runtime here is allowed.
-        for (index, chunk) in data.chunks(MAX_IO_BYTES as usize).enumerate() {
-            let chunk_offset = offset + (index as u64) * MAX_IO_BYTES;
-            self.runtime
-                .block_on(self.volumes.write(&self.name, chunk_offset, chunk.to_vec()))
+        let write = |chunk_offset: u64, chunk: Vec<u8>| {
+            // NBD connections run on their own OS threads, outside the tokio runtime,
+            // so blocking on the runtime here is allowed.
+            self.volumes
+                .write_from_thread(&self.runtime, &self.name, chunk_offset, chunk)
+                .map(drop)
                 .map_err(|status| {
                     io_error(
                         format!("writing volume `{}` at {chunk_offset}", self.name),
                         &status,
                     )
-                })?;
+                })
+        };
+        if data.len() as u64 <= MAX_IO_BYTES {
+            return write(offset, data);
+        }
+        for (index, chunk) in data.chunks(MAX_IO_BYTES as usize).enumerate() {
+            write(offset + (index as u64) * MAX_IO_BYTES, chunk.to_vec())?;
         }
         Ok(())
     }

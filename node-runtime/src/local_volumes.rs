@@ -21,15 +21,6 @@ pub struct Geometry {
     pub stripe_unit_bytes: u64,
 }
 
-/// A write as shipped to replicas: the store's sequence number and per-block crc32c.
-#[derive(Debug, Clone)]
-pub struct ShippedWrite {
-    /// The primary's sequence number of this write.
-    pub sequence: u64,
-    /// crc32c of every 4 KiB block.
-    pub checksums: Vec<u32>,
-}
-
 /// Maps a volume store error to a gRPC status.
 pub fn status(error: StorageError) -> tonic::Status {
     let message = format!("volume store: {error}");
@@ -130,22 +121,11 @@ impl LocalVolumes {
         }
     }
 
-    /// Writes durably; returns what to ship to replicas.
-    pub fn write(
-        &self,
-        name: &str,
-        offset: u64,
-        data: Vec<u8>,
-    ) -> Result<ShippedWrite, StorageError> {
-        let op = self.store.volume(name)?.write_replicated(offset, data)?;
-        let checksums = match op.payload {
-            ReplicaPayload::Write { checksums, .. } => checksums,
-            ReplicaPayload::Trim { .. } => Vec::new(),
-        };
-        Ok(ShippedWrite {
-            sequence: op.seq,
-            checksums,
-        })
+    /// Writes durably. The block checksums are computed by the store as it writes (the
+    /// writer's replicas get theirs from `Volumes::write`), so the bytes are read once.
+    pub fn write(&self, name: &str, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+        self.store.volume(name)?.write_at(offset, data)?;
+        Ok(())
     }
 
     /// Applies a write shipped by the writer, whatever its sequence number: the writer

@@ -38,7 +38,9 @@ use tonic::{Code, Status};
 use crate::records::{self, ClientVolumeRecord, Records};
 use crate::trust::PeerDirectory;
 use crate::validate::{self, MAX_IO_BYTES};
-use crate::volumes::{CLIENT_FENCED, ClientView, NOT_INSTALLED, Volumes, block_checksums};
+use crate::volumes::{
+    CLIENT_FENCED, ClientView, NOT_INSTALLED, Volumes, block_checksums, sessions,
+};
 
 /// How long one read is given on one copy before the next copy is tried.
 const READ_ATTEMPT: Duration = Duration::from_secs(5);
@@ -658,6 +660,9 @@ impl RemoteDevice {
     async fn write_chunk(&self, offset: u64, data: &[u8]) -> Result<(), Status> {
         let deadline = Instant::now() + self.remote.freeze_bound;
         let checksums = block_checksums(data);
+        let volumes = &self.remote.volumes;
+        // Re-sends with a boot id the writer offered, at most once per new id.
+        let mut offered_before: Option<Vec<u8>> = None;
         loop {
             let route = self.route();
             if let Some(why) = &route.fenced {
@@ -673,6 +678,9 @@ impl RemoteDevice {
                         data: data.to_vec(),
                         epoch: route.view.epoch,
                         checksums: checksums.clone(),
+                        // In the writer's session when this node knows it: no durable
+                        // nonce on the writer (`volumes/sessions.rs`).
+                        writer_boot: volumes.replica_session(&writer),
                     }),
                 )
                 .await
@@ -680,7 +688,21 @@ impl RemoteDevice {
                 Err(status) => Err(status),
             };
             match result {
-                Ok(_) => return Ok(()),
+                Ok(answer) => {
+                    volumes.learn_session(&writer, answer.writer_boot);
+                    return Ok(());
+                }
+                // The writer restarted since this node learned its session: it refused
+                // the write before doing anything and named its new one; the same
+                // bytes again, in that session.
+                Err(status)
+                    if sessions::offered_boot(&status)
+                        .is_some_and(|boot| offered_before.as_ref() != Some(&boot)) =>
+                {
+                    let boot = sessions::offered_boot(&status).unwrap_or_default();
+                    volumes.learn_session(&writer, boot.clone());
+                    offered_before = Some(boot);
+                }
                 Err(status) if stale_epoch(&status) => {
                     self.follow_epoch(&status, deadline).await?;
                 }

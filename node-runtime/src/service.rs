@@ -617,7 +617,14 @@ impl v1::replication_server::Replication for NodeService {
         &self,
         request: Request<v1::ClientWriteRequest>,
     ) -> Result<Response<v1::ClientWriteResponse>, Status> {
-        let caller = self.replication_caller(methods::CLIENT_WRITE, &request, None)?;
+        // In the writer's session like a ReplicaWrite (`volumes/sessions.rs`): a remote
+        // write naming this run's boot id keeps its nonce in memory only.
+        let in_session = self
+            .node
+            .volumes
+            .in_session(&request.get_ref().writer_boot)?;
+        let caller =
+            self.replication_caller_as(methods::CLIENT_WRITE, &request, None, in_session)?;
         let request = request.into_inner();
         validate::name("client_write_request.volume", &request.volume)?;
         Ok(Response::new(

@@ -45,7 +45,7 @@ mod epochs;
 mod lock;
 mod promotion;
 mod protection;
-mod sessions;
+pub(crate) mod sessions;
 mod snapshots;
 
 pub use snapshots::volume_result;
@@ -1059,6 +1059,36 @@ impl Volumes {
     /// Writes to a primary volume, replicated; acknowledged only when every copy of the
     /// in-sync set holds it durably (see `epochs.rs` for the frozen writer).
     pub async fn write(&self, name: &str, offset: u64, data: Vec<u8>) -> Result<WriteAck, Status> {
+        self.write_as(name, offset, data, false).await
+    }
+
+    /// [`Volumes::write`] called from a thread outside the runtime, which may block: an
+    /// NBD connection's worker (a VM's disk, an export). A volume without other copies
+    /// is written by that thread itself, so a guest's write goes from the socket to the
+    /// store without a hand-off to the blocking pool and back (the 1-copy qd1 gap,
+    /// ARCHITECTURE "Benchmarks"); with replicas the local copy is written on the
+    /// blocking pool while the replicas are shipped, exactly as [`Volumes::write`] does.
+    ///
+    /// Must not be called from a runtime thread (`Handle::block_on` panics there).
+    pub fn write_from_thread(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        name: &str,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<WriteAck, Status> {
+        runtime.block_on(self.write_as(name, offset, data, true))
+    }
+
+    /// [`Volumes::write`]; `on_own_thread`: the caller is a thread outside the runtime
+    /// ([`Volumes::write_from_thread`]), which writes a single copy itself.
+    async fn write_as(
+        &self,
+        name: &str,
+        offset: u64,
+        data: Vec<u8>,
+        on_own_thread: bool,
+    ) -> Result<WriteAck, Status> {
         let entry = self.entry(name).await?;
         self.check_writer(&entry)?;
         if !self.is_writer(&entry) {
@@ -1074,9 +1104,18 @@ impl Volumes {
         let mut range = entry.write_lock.range(offset, length).await;
         self.check_writer(&entry)?;
         if self.other_copies(&entry).is_empty() {
-            let local = self.local.clone();
-            let owned = name.to_string();
-            blocking(move || local.write(&owned, offset, data)).await?;
+            if on_own_thread {
+                // Still under the range lock: whatever takes the volume's lock whole
+                // (a copy added, a snapshot, a resize) waits for this write.
+                self.local
+                    .write(name, offset, &data)
+                    .map_err(local_volumes::status)?;
+            } else {
+                let local = self.local.clone();
+                let owned = name.to_string();
+                blocking(move || local.write(&owned, offset, &data)).await?;
+            }
+            drop(range);
             return Ok(WriteAck { copies: 1 });
         }
         let deadline = std::time::Instant::now() + self.freeze_bound;
@@ -1114,8 +1153,8 @@ impl Volumes {
         let local_write = {
             let local = self.local.clone();
             let owned = name.to_string();
-            let data = data.to_vec();
-            blocking(move || local.write(&owned, offset, data))
+            let data = data.clone();
+            blocking(move || local.write(&owned, offset, &data))
         };
         let ship_all = |peers: Vec<Peer>| {
             let data = data.clone();

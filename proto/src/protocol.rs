@@ -32,7 +32,10 @@
 //! 1.4 replicas), and issue 17's `Networking.migration_address` (where a VM with
 //! NICs migrating to the node is received; a 1.4 node leaves it empty, so such VMs
 //! move to it cold). 1.6 adds issue 22's fault-tolerant VMs: `PrepareFtSecondary`,
-//! `StartFt`, `PromoteFt`, `StopFt`, their `FtResult`, and `VmStatus.ft` (`VmFt`).
+//! `StartFt`, `PromoteFt`, `StopFt`, their `FtResult`, and `VmStatus.ft` (`VmFt`), and
+//! issue 15's writer sessions for remote data: `ClientWriteRequest.writer_boot` and
+//! `ClientWriteResponse.writer_boot` (a client sets the field only after a 1.6 writer
+//! gave it one, so it still writes through 1.5 writers).
 
 use crate::v1;
 

@@ -22,6 +22,12 @@ pub trait BlockDevice: Send + Sync {
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Writes `data` at `offset`, durably.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// [`BlockDevice::write_at`] with a buffer the device may keep: a device that hands
+    /// the bytes on (to another thread, a replica, a request) takes them without a copy.
+    /// The NBD server passes each write's payload here as it read it from the socket.
+    fn write_owned(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.write_at(offset, &data)
+    }
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
     /// Discards a range (advisory).

@@ -31,7 +31,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 
 use crate::device::{AllocationRun, BlockDevice};
@@ -956,11 +956,11 @@ fn read_any(dev: &dyn BlockDevice, offset: u64, buf: &mut [u8]) -> Result<(), St
     Ok(())
 }
 
-fn write_any(dev: &dyn BlockDevice, offset: u64, data: &[u8]) -> Result<(), StorageError> {
+fn write_any(dev: &dyn BlockDevice, offset: u64, data: Vec<u8>) -> Result<(), StorageError> {
     let bs = u64::from(dev.block_size());
     let (start, len) = aligned(offset, data.len() as u64, bs);
     if start == offset && len == data.len() as u64 {
-        return dev.write_at(offset, data);
+        return dev.write_owned(offset, data);
     }
     let mut tmp = vec![0u8; len as usize];
     // Only the partial head and tail blocks need the old content.
@@ -970,8 +970,8 @@ fn write_any(dev: &dyn BlockDevice, offset: u64, data: &[u8]) -> Result<(), Stor
         dev.read_at(start + len - bs, &mut tmp[tail..])?;
     }
     let skip = (offset - start) as usize;
-    tmp[skip..skip + data.len()].copy_from_slice(data);
-    dev.write_at(start, &tmp)
+    tmp[skip..skip + data.len()].copy_from_slice(&data);
+    dev.write_owned(start, tmp)
 }
 
 fn zero_any(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<(), StorageError> {
@@ -979,10 +979,10 @@ fn zero_any(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<(), StorageE
     let inner_start = offset.div_ceil(bs) * bs;
     let inner_end = (offset + len) / bs * bs;
     if inner_start >= inner_end {
-        return write_any(dev, offset, &vec![0u8; len as usize]);
+        return write_any(dev, offset, vec![0u8; len as usize]);
     }
     if inner_start > offset {
-        write_any(dev, offset, &vec![0u8; (inner_start - offset) as usize])?;
+        write_any(dev, offset, vec![0u8; (inner_start - offset) as usize])?;
     }
     for chunk_start in (inner_start..inner_end).step_by(MAX_REQUEST as usize) {
         dev.write_zeroes(
@@ -994,7 +994,7 @@ fn zero_any(dev: &dyn BlockDevice, offset: u64, len: u64) -> Result<(), StorageE
         write_any(
             dev,
             inner_end,
-            &vec![0u8; (offset + len - inner_end) as usize],
+            vec![0u8; (offset + len - inner_end) as usize],
         )?;
     }
     Ok(())
@@ -1179,12 +1179,119 @@ impl InFlight {
     }
 }
 
+/// Hands requests from a connection's reader to its workers, the most recently idle
+/// worker first. With one request at a time the same worker serves every request, so
+/// the same thread submits every write to the store: io_uring keeps its async workers
+/// per submitting thread, and a write from a thread whose workers went cold (or were
+/// never created) waits for them to be woken or spawned. A shared queue handed each
+/// request to the worker that had waited longest, rotating over all of them.
+struct Handoff {
+    state: Mutex<HandoffState>,
+    /// One per worker: woken when a request is put in its slot, or at the end.
+    wake: Vec<std::sync::Condvar>,
+    /// Woken when a queued request is taken (the reader waits for room).
+    room: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct HandoffState {
+    /// Idle workers, the most recent last.
+    idle: Vec<usize>,
+    /// A request given to a worker that was idle.
+    slots: Vec<Option<Request>>,
+    /// Requests waiting for a worker (every worker was busy).
+    queue: std::collections::VecDeque<Request>,
+    /// The reader is done: workers finish what is there, then end.
+    closed: bool,
+    /// Workers still running.
+    live: usize,
+}
+
+impl Handoff {
+    fn new(workers: usize) -> Handoff {
+        Handoff {
+            state: Mutex::new(HandoffState {
+                slots: (0..workers).map(|_| None).collect(),
+                live: workers,
+                ..HandoffState::default()
+            }),
+            wake: (0..workers).map(|_| std::sync::Condvar::new()).collect(),
+            room: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HandoffState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives `request` to the most recently idle worker, or queues it (waiting while
+    /// [`QUEUE_DEPTH`] are queued). `Err` gives it back when every worker has ended.
+    fn give(&self, request: Request) -> Result<(), Request> {
+        let mut state = self.lock();
+        while state.live > 0 && state.idle.is_empty() && state.queue.len() >= QUEUE_DEPTH {
+            state = self.room.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        if state.live == 0 {
+            return Err(request);
+        }
+        match state.idle.pop() {
+            Some(worker) => {
+                state.slots[worker] = Some(request);
+                self.wake[worker].notify_one();
+            }
+            None => state.queue.push_back(request),
+        }
+        Ok(())
+    }
+
+    /// The next request for `worker`; `None` once the reader is done and nothing is left.
+    fn take(&self, worker: usize) -> Option<Request> {
+        let mut state = self.lock();
+        loop {
+            if let Some(request) = state.slots[worker].take() {
+                return Some(request);
+            }
+            if let Some(request) = state.queue.pop_front() {
+                state.idle.retain(|&idle| idle != worker);
+                self.room.notify_one();
+                return Some(request);
+            }
+            if state.closed {
+                state.idle.retain(|&idle| idle != worker);
+                return None;
+            }
+            if !state.idle.contains(&worker) {
+                state.idle.push(worker);
+            }
+            state = self.wake[worker]
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        for wake in &self.wake {
+            wake.notify_all();
+        }
+    }
+
+    /// A worker ends (its client stopped reading replies).
+    fn leave(&self, worker: usize) {
+        let mut state = self.lock();
+        state.live -= 1;
+        state.idle.retain(|&idle| idle != worker);
+        self.room.notify_all();
+    }
+}
+
 /// The transmission phase. Requests are read in order and served by up to
 /// [`QUEUE_DEPTH`] workers at once, replies sent as each finishes (NBD matches them by
 /// handle). Overlapping requests of which one changes the range are served in the
 /// order they were received, and a flush only after every change received before it
 /// finished (its reply then covers them all; every write is durable when acknowledged
-/// anyway, so FUA needs nothing more).
+/// anyway, so FUA needs nothing more). Requests go to the most recently idle worker
+/// ([`Handoff`]).
 fn transmission<W: Write + Send>(
     reader: &mut impl Read,
     writer: W,
@@ -1193,23 +1300,18 @@ fn transmission<W: Write + Send>(
 ) -> Result<(), NbdError> {
     let writer = Mutex::new(writer);
     let in_flight = InFlight::default();
-    let (sender, receiver) = std::sync::mpsc::sync_channel::<Request>(QUEUE_DEPTH);
-    let receiver = Mutex::new(receiver);
+    let handoff = Handoff::new(QUEUE_DEPTH);
     std::thread::scope(|scope| {
-        for _ in 0..QUEUE_DEPTH {
-            let (writer, in_flight, receiver) = (&writer, &in_flight, &receiver);
+        for worker in 0..QUEUE_DEPTH {
+            let (writer, in_flight, handoff) = (&writer, &in_flight, &handoff);
             let spawned = std::thread::Builder::new()
                 .name("nbd-io".into())
                 .spawn_scoped(scope, move || {
-                    loop {
-                        let next = receiver.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        let Ok(request) = next else {
-                            return;
-                        };
+                    while let Some(mut request) = handoff.take(worker) {
                         let access = Access::of(request.command, request.offset, request.len);
                         in_flight.wait_turn(request.ticket, access);
                         let mut reply = Vec::new();
-                        let served = serve_request(dev, session, &request, &mut reply);
+                        let served = serve_request(dev, session, &mut request, &mut reply);
                         let sent = served.and_then(|()| {
                             let mut writer = writer.lock().unwrap_or_else(|p| p.into_inner());
                             writer.write_all(&reply)?;
@@ -1218,17 +1320,19 @@ fn transmission<W: Write + Send>(
                         in_flight.done(request.ticket);
                         if sent.is_err() {
                             // The client is gone; the reader sees it too.
-                            return;
+                            break;
                         }
                     }
+                    handoff.leave(worker);
                 });
             if let Err(error) = spawned {
+                handoff.close();
                 return Err(NbdError::Io(error));
             }
         }
-        let result = read_requests(reader, &sender, &in_flight);
-        // Workers finish what was received, then see the closed channel.
-        drop(sender);
+        let result = read_requests(reader, &handoff, &in_flight);
+        // Workers finish what was received, then see the end.
+        handoff.close();
         result
     })
 }
@@ -1237,7 +1341,7 @@ fn transmission<W: Write + Send>(
 /// to the workers.
 fn read_requests(
     reader: &mut impl Read,
-    sender: &std::sync::mpsc::SyncSender<Request>,
+    handoff: &Handoff,
     in_flight: &InFlight,
 ) -> Result<(), NbdError> {
     let mut ticket = 0u64;
@@ -1265,8 +1369,23 @@ fn read_requests(
                 format!("write of {len} bytes is larger than the {MAX_REQUEST} allowed"),
             ))
         } else {
-            let mut data = vec![0u8; len as usize];
-            reader.read_exact(&mut data)?;
+            // Read into spare capacity, not a zeroed buffer: this buffer is the one the
+            // device gets (`write_owned`), so a write's bytes are copied once, out of the
+            // socket.
+            let mut data = Vec::with_capacity(len as usize);
+            reader
+                .by_ref()
+                .take(u64::from(len))
+                .read_to_end(&mut data)?;
+            if data.len() != len as usize {
+                return Err(NbdError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the connection closed after {} of a write's {len} bytes",
+                        data.len()
+                    ),
+                )));
+            }
             Ok(data)
         };
         ticket += 1;
@@ -1280,7 +1399,7 @@ fn read_requests(
             len,
             payload,
         };
-        if sender.send(request).is_err() {
+        if handoff.give(request).is_err() {
             // Every worker ended: the client stopped reading replies.
             in_flight.done(ticket);
             return Err(NbdError::Protocol("the connection's workers ended".into()));
@@ -1292,7 +1411,7 @@ fn read_requests(
 fn serve_request(
     dev: &dyn BlockDevice,
     session: &Session,
-    request: &Request,
+    request: &mut Request,
     writer: &mut Vec<u8>,
 ) -> io::Result<()> {
     let Request {
@@ -1350,8 +1469,10 @@ fn serve_request(
             }
         }
         CMD_WRITE => {
-            let result = match &request.payload {
-                Err(refusal) => Err(refusal.clone()),
+            // The payload goes to the device as it is (`write_owned`), not copied.
+            let payload = std::mem::replace(&mut request.payload, Ok(Vec::new()));
+            let result = match payload {
+                Err(refusal) => Err(refusal),
                 Ok(_) if dev.read_only() => Err(read_only()),
                 Ok(_) if !in_range => {
                     let (_, message) = out_of_range();

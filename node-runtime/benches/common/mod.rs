@@ -53,7 +53,11 @@ impl Node {
         std::fs::create_dir_all(dir).unwrap();
         let trusted = format!("{}\n", controller.public_key_hex());
         std::fs::write(dir.join("trusted-controllers"), trusted).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_cairn-node"))
+        // `CAIRN_BENCH_NODE_BINARY=PATH`: another build of cairn-node (a saved copy of
+        // the one before a change), so one bench binary compares both.
+        let binary = std::env::var_os("CAIRN_BENCH_NODE_BINARY")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_cairn-node").into());
+        let child = Command::new(binary)
             .args(["--name", name, "--listen", listen, "--data-dir"])
             .arg(dir)
             .args(["--disks", &disks.to_string()])

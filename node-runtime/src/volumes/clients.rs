@@ -226,6 +226,9 @@ impl Volumes {
         let ack = self
             .write(&request.volume, request.offset, request.data)
             .await?;
-        Ok(v1::ClientWriteResponse { copies: ack.copies })
+        Ok(v1::ClientWriteResponse {
+            copies: ack.copies,
+            writer_boot: self.boot_id().to_vec(),
+        })
     }
 }

@@ -16,6 +16,14 @@
 //!   with it. A write without a boot id (the first one, a 1.4 writer) has its nonce
 //!   recorded durably, as before.
 //!
+//! `ClientWrite` (remote data: a client node writing through the volume's writer,
+//! protocol 1.6) uses the same session, the writer's: the writer answers with its boot
+//! id (`ClientWriteResponse.writer_boot`), the client names it in its next writes
+//! (`ClientWriteRequest.writer_boot`, signed), and a write naming another run's is
+//! refused before anything is written, with the current one in the same metadata. A
+//! node keeps one boot id per peer for both (`replica_session`): one process answers
+//! both calls. The argument below holds word for word with "writer" for "replica".
+//!
 //! Why a replay is still refused (the property the durable nonce gave):
 //! - within one process: the signature covers the body (boot id included), the target
 //!   node's name and key, the timestamp and the nonce; a timestamp is accepted within
@@ -73,7 +81,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 }
 
 /// The boot id a replica's refusal offers (see [`Volumes::session_refusal`]).
-pub(super) fn offered_boot(status: &Status) -> Option<Vec<u8>> {
+pub(crate) fn offered_boot(status: &Status) -> Option<Vec<u8>> {
     let text = status.metadata().get(BOOT_HEADER)?.to_str().ok()?;
     unhex(text).filter(|boot| boot.len() == 16)
 }
@@ -84,7 +92,8 @@ impl Volumes {
         &self.boot_id
     }
 
-    /// Whether a `ReplicaWrite` naming `offered` belongs to this process's session:
+    /// Whether a `ReplicaWrite` or `ClientWrite` naming `offered` belongs to this
+    /// process's session:
     /// `Ok(false)` when it names none (its nonce must be durable), `Ok(true)` when it
     /// names this one (in memory is enough), and the refusal when it names another.
     pub fn in_session(&self, offered: &[u8]) -> Result<bool, Status> {
@@ -101,7 +110,7 @@ impl Volumes {
         Err(Status::with_metadata(
             tonic::Code::FailedPrecondition,
             format!(
-                "node {} refuses a replica write of another session (boot id {}): this run's boot id is {} (the node restarted since the writer learned it); re-send naming this one",
+                "node {} refuses a write of another session (boot id {}): this run's boot id is {} (the node restarted since the sender learned it); re-send naming this one",
                 self.node_name,
                 hex(offered),
                 hex(&self.boot_id)
@@ -110,8 +119,10 @@ impl Volumes {
         ))
     }
 
-    /// The session this writer knows for `peer` (empty: none yet).
-    pub(super) fn replica_session(&self, peer: &str) -> Vec<u8> {
+    /// The session this node knows for `peer` (empty: none yet): the boot id of the
+    /// peer's process, as its last `ReplicaWrite` or `ClientWrite` answer gave it (one
+    /// process serves both, so one id covers both).
+    pub(crate) fn replica_session(&self, peer: &str) -> Vec<u8> {
         self.replica_boots
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -121,7 +132,7 @@ impl Volumes {
     }
 
     /// Remembers the session `peer` answered with (an empty one is forgotten).
-    pub(super) fn learn_session(&self, peer: &str, boot: Vec<u8>) {
+    pub(crate) fn learn_session(&self, peer: &str, boot: Vec<u8>) {
         let mut boots = self
             .replica_boots
             .lock()

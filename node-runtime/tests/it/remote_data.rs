@@ -9,18 +9,20 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use proto::auth::Identity;
+use proto::auth::{Identity, RequestSigner};
+use proto::methods;
 use proto::v1::{
     ClientOpenRequest, ClientReadRequest, ClientWriteRequest, CreateVm, CreateVolume,
     ReadVolumeRequest, SetVolumeEpoch, StartVm, StopVm, VmDiskStatus, VmState, VmStatus,
-    apply_request::Action, create_vm::Image,
+    apply_request::Action, create_vm::Image, replication_client::ReplicationClient,
 };
 use tonic::Code;
 
 use crate::harness::{TestNode, apply_ok, controller, pattern, request};
-use crate::lab::{client_as, peer_of, push_peers, start_at_ip};
+use crate::lab::{client_as, identity_of, peer_of, push_peers, start_at_ip, target_of};
 use crate::vm_disks::{await_block_tests, observe_vm};
 use crate::vms::vms_can_run;
+use crate::write_intents::session_refusal;
 
 const VOLUME_BYTES: u64 = 8 << 20;
 
@@ -150,6 +152,94 @@ fn write_request(epoch: u64, offset: u64, data: &[u8]) -> ClientWriteRequest {
         data: data.to_vec(),
         epoch,
         checksums: data.chunks(4096).map(crc32c::crc32c).collect(),
+        writer_boot: Vec::new(),
+    }
+}
+
+/// A client write in the writer's session (`ClientWriteRequest.writer_boot`, protocol
+/// 1.6) keeps its nonce in memory only on the writer; a captured copy is refused as a
+/// replay while the writer runs, and after the writer restarts (kill -9) it names a
+/// session that no longer exists and is refused before anything is written, with the
+/// new session in `x-cairn-replica-boot`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_captured_client_write_is_refused_again_and_after_the_writer_restarts() {
+    let base = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let mut nodes = cluster(base.path(), &controller, "v", false).await;
+    install_ok(
+        &[&nodes[1], &nodes[2], &nodes[0]],
+        &controller,
+        "v",
+        1,
+        &["rd-c"],
+    )
+    .await;
+    // rd-c's first write names no session and learns the writer's.
+    let first = client_as(&nodes[2], &nodes[0])
+        .await
+        .client_write(write_request(1, 0, &pattern(21, 8192)))
+        .await
+        .expect("a client write outside a session");
+    let boot = first.writer_boot;
+    assert_eq!(boot.len(), 16, "the writer names its session");
+    // A signed write in that session, captured.
+    let data = pattern(22, 8192);
+    let mut in_session = write_request(1, 1 << 20, &data);
+    in_session.writer_boot = boot.clone();
+    let signed = RequestSigner::new(identity_of(&nodes[2]))
+        .sign(methods::CLIENT_WRITE, &target_of(&nodes[0]), in_session)
+        .unwrap();
+    let copy = |signed: &tonic::Request<ClientWriteRequest>| {
+        let mut again = tonic::Request::new(signed.get_ref().clone());
+        *again.metadata_mut() = signed.metadata().clone();
+        again
+    };
+    let mut raw = ReplicationClient::connect(format!("http://{}", nodes[0].address))
+        .await
+        .unwrap();
+    let answer = raw.client_write(copy(&signed)).await.unwrap().into_inner();
+    assert_eq!(
+        (answer.copies, answer.writer_boot.clone()),
+        (2, boot.clone()),
+        "written on both copies, in the same session"
+    );
+    for copy in [&nodes[0], &nodes[1]] {
+        assert!(
+            copy_bytes(copy, &controller, "v", 1 << 20, data.len() as u64).await == data,
+            "{} holds the session write",
+            copy.name
+        );
+    }
+    let replayed = raw.client_write(copy(&signed)).await.unwrap_err();
+    assert_eq!(replayed.code(), Code::Unauthenticated, "{replayed:?}");
+    assert!(replayed.message().contains("replayed"), "{replayed:?}");
+
+    // The writer restarts: its in-memory nonces are gone, and so is the session.
+    nodes[0].kill_9();
+    let address = nodes[0].address.clone();
+    nodes[0] = TestNode::start_at("rd-a", &base.path().join("rd-a"), &address);
+    let mut raw = ReplicationClient::connect(format!("http://{}", nodes[0].address))
+        .await
+        .unwrap();
+    let refused = raw.client_write(copy(&signed)).await.unwrap_err();
+    let offered = session_refusal(&refused);
+    let old: String = boot.iter().map(|byte| format!("{byte:02x}")).collect();
+    assert!(offered.len() == 32 && offered != old, "{offered} vs {old}");
+    // Nothing was written by the refused copy: overwrite the range in the new session
+    // and compare both copies.
+    let again = pattern(23, 8192);
+    let written = client_as(&nodes[2], &nodes[0])
+        .await
+        .client_write(write_request(1, 1 << 20, &again))
+        .await
+        .expect("a client write after the writer's restart");
+    assert_eq!(written.copies, 2);
+    for copy in [&nodes[0], &nodes[1]] {
+        assert!(
+            copy_bytes(copy, &controller, "v", 1 << 20, again.len() as u64).await == again,
+            "{} holds the write after the restart",
+            copy.name
+        );
     }
 }
 
@@ -396,7 +486,7 @@ async fn a_vm_on_a_node_without_a_copy_reads_and_writes_its_disk_on_the_others()
     }
     let base = tempfile::tempdir().unwrap();
     let controller = controller();
-    let nodes = remote_vm(base.path(), &controller, false).await;
+    let mut nodes = remote_vm(base.path(), &controller, false).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     assert!(copy_less(c, &controller).await, "rd-c holds no copy");
     let mut on_c = c.client(&controller).await;
@@ -433,6 +523,14 @@ async fn a_vm_on_a_node_without_a_copy_reads_and_writes_its_disk_on_the_others()
         let tail = copy_bytes(copy, &controller, "g-root", VOLUME_BYTES - 4096, 4096).await;
         assert!(tail == expected, "{} holds the guest's write", copy.name);
     }
+
+    // The writer is killed -9 and restarts: rd-c's storage client still names the old
+    // process's session (`writer_boot`), so its next write is refused before anything
+    // is written, names the new session, and is re-sent by the client itself.
+    let address = a.address.clone();
+    nodes[0].kill_9();
+    nodes[0] = TestNode::start_at("rd-a", &base.path().join("rd-a"), &address);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
 
     // Round 2 (other bytes), asked of the VMM on rd-c.
     block_test(c).await;

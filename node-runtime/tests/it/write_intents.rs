@@ -217,15 +217,7 @@ async fn a_captured_session_write_is_refused_again_and_after_the_replica_restart
         .await
         .unwrap();
     let refused = raw.replica_write(copy(&signed)).await.unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("another session"), "{refused:?}");
-    let offered = refused
-        .metadata()
-        .get("x-cairn-replica-boot")
-        .expect("the refusal names the new session")
-        .to_str()
-        .unwrap()
-        .to_string();
+    let offered = session_refusal(&refused);
     assert_eq!(offered.len(), 32);
     assert_ne!(
         offered,
@@ -239,4 +231,18 @@ async fn a_captured_session_write_is_refused_again_and_after_the_replica_restart
     let a = read_copy(&nodes[0], &controller, CHUNK, 2 * CHUNK).await;
     let b = read_copy(&nodes[1], &controller, CHUNK, 2 * CHUNK).await;
     assert!(a == b, "the copies differ");
+}
+
+/// The new session a refusal of another session's write offers (hex), after checking
+/// it is that refusal (`volumes/sessions.rs`).
+pub(crate) fn session_refusal(refused: &tonic::Status) -> String {
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("another session"), "{refused:?}");
+    refused
+        .metadata()
+        .get("x-cairn-replica-boot")
+        .expect("the refusal names the new session")
+        .to_str()
+        .unwrap()
+        .to_string()
 }

@@ -236,15 +236,18 @@ impl NbdBackend {
         self.connections.len()
     }
 
-    /// An idle connection if there is one, else waits for the next in turn.
+    /// The first idle connection if there is one, else waits for the next in turn.
+    /// The first, not the next in turn: one request at a time then always goes over the
+    /// same connection, so the server's same worker thread serves it (its store writes
+    /// keep their io_uring workers warm: storage's `nbd::Handoff`).
     fn connection(&self) -> MutexGuard<'_, Option<UnixStream>> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let count = self.connections.len();
-        for step in 0..count {
-            if let Ok(guard) = self.connections[(start + step) % count].try_lock() {
+        for connection in &self.connections {
+            if let Ok(guard) = connection.try_lock() {
                 return guard;
             }
         }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let count = self.connections.len();
         self.connections[start % count]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
