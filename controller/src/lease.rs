@@ -929,6 +929,48 @@ pub struct LeaseService {
     shared: Arc<Shared>,
     leases: Arc<Leases>,
     verifier: Arc<Verifier>,
+    /// The applied model's [`NodeIndex`], made again when the model changes (the
+    /// model is kept with it, so a new one is never mistaken for it).
+    index: Arc<Mutex<Option<IndexedModel>>>,
+}
+
+/// A model with its [`NodeIndex`].
+type IndexedModel = (Arc<compiler::Model>, Arc<NodeIndex>);
+
+/// Where each node of a model is: name → (site, node) positions. Made once per
+/// applied model, O(cluster), so that a renewal finds its node and site in O(1)
+/// instead of scanning every site's nodes.
+#[derive(Debug, Default)]
+pub struct NodeIndex(std::collections::HashMap<String, (usize, usize)>);
+
+impl NodeIndex {
+    /// The index of `model`'s nodes.
+    pub fn of(model: &compiler::Model) -> NodeIndex {
+        NodeIndex(
+            model
+                .sites
+                .iter()
+                .enumerate()
+                .flat_map(|(s, site)| {
+                    site.nodes
+                        .iter()
+                        .enumerate()
+                        .map(move |(n, node)| (node.name.clone(), (s, n)))
+                })
+                .collect(),
+        )
+    }
+
+    /// The site and node named `name` in `model` (the model the index was made of).
+    pub fn locate<'m>(
+        &self,
+        model: &'m compiler::Model,
+        name: &str,
+    ) -> Option<(&'m compiler::model::Site, &'m compiler::model::Node)> {
+        let (s, n) = *self.0.get(name)?;
+        let site = model.sites.get(s)?;
+        Some((site, site.nodes.get(n)?))
+    }
 }
 
 impl LeaseService {
@@ -939,6 +981,20 @@ impl LeaseService {
             shared,
             leases,
             verifier: Arc::new(Verifier::new(proto::auth::DEFAULT_WINDOW, this)),
+            index: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The [`NodeIndex`] of `model` (made on the first renewal after it changed).
+    fn index_of(&self, model: &Arc<compiler::Model>) -> Arc<NodeIndex> {
+        let mut cached = self.index.lock().expect("index lock");
+        match &*cached {
+            Some((of, index)) if Arc::ptr_eq(of, model) => index.clone(),
+            _ => {
+                let index = Arc::new(NodeIndex::of(model));
+                *cached = Some((model.clone(), index.clone()));
+                index
+            }
         }
     }
 
@@ -987,12 +1043,8 @@ impl v1::lease_server::Lease for LeaseService {
             .clone()
             .ok_or_else(|| Status::unavailable("no commit is applied yet: no lease to grant"))?;
         let name = request.get_ref().node.clone();
-        let Some((site, node)) = good
-            .model
-            .sites
-            .iter()
-            .find_map(|s| s.nodes.iter().find(|n| n.name == name).map(|n| (s, n)))
-        else {
+        let index = self.index_of(&good.model);
+        let Some((site, node)) = index.locate(&good.model, &name) else {
             return Err(Status::permission_denied(format!(
                 "node `{name}` is not in the applied commit {}",
                 good.commit
@@ -1144,6 +1196,22 @@ mod tests {
     use super::*;
 
     use crate::bench::leases::{leases_for, model_of};
+
+    #[test]
+    fn the_node_index_finds_every_node_and_its_site_as_the_scan_did() {
+        let model = model_of(1_200);
+        assert!(model.sites.len() >= 3, "several sites");
+        let index = NodeIndex::of(&model);
+        for site in &model.sites {
+            for node in &site.nodes {
+                let (found_site, found) = index.locate(&model, &node.name).unwrap();
+                assert_eq!(found_site.name, site.name);
+                assert_eq!(found.name, node.name);
+                assert!(std::ptr::eq(found, node));
+            }
+        }
+        assert!(index.locate(&model, "no-such-node").is_none());
+    }
 
     #[test]
     fn rows_count_each_sites_reports_as_the_per_node_count_did() {

@@ -12,7 +12,9 @@
 //! per site per renewal ([`Leases::per_node_counts`], kept as the baseline). The
 //! figures printed: the median of each, the CPU that one renewal period of every
 //! node costs (as a share of one core), and the same at a tenth of the nodes
-//! (linear: ×10; quadratic: ×100).
+//! (linear: ×10; quadratic: ×100). Also a renewal's lookup of its node and site:
+//! through the applied model's [`crate::lease::NodeIndex`], and by scanning every
+//! site's nodes as the handler did before.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -115,6 +117,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 struct Figures {
     nodes: usize,
+    /// A renewal's lookup of its node and site: now through the applied model's
+    /// index, before by scanning every site's nodes.
+    lookup: Duration,
+    lookup_before: Duration,
     renewal: Duration,
     rows: Duration,
     /// The rows' counts as computed before (per node over its peers): what each
@@ -130,6 +136,9 @@ fn measure(nodes: usize, runs: usize) -> Figures {
         .iter()
         .flat_map(|s| s.nodes.iter().map(move |n| (s, n.name.as_str())))
         .collect();
+    let index = crate::lease::NodeIndex::of(&model);
+    let mut lookup = vec![];
+    let mut lookup_before = vec![];
     let mut renewal = vec![];
     let mut rows = vec![];
     let mut before = vec![];
@@ -143,6 +152,20 @@ fn measure(nodes: usize, runs: usize) -> Figures {
         }
         renewal.push(started.elapsed() / sample.len() as u32);
         let started = Instant::now();
+        for (_, node) in &sample {
+            sink += index.locate(&model, node).map_or(0, |(s, _)| s.nodes.len());
+        }
+        lookup.push(started.elapsed() / sample.len() as u32);
+        let started = Instant::now();
+        for (_, node) in &sample {
+            sink += model
+                .sites
+                .iter()
+                .find_map(|s| s.nodes.iter().find(|n| n.name == *node).map(|_| s))
+                .map_or(0, |s| s.nodes.len());
+        }
+        lookup_before.push(started.elapsed() / sample.len() as u32);
+        let started = Instant::now();
         sink += leases.rows(&model).len();
         rows.push(started.elapsed());
         let started = Instant::now();
@@ -152,6 +175,8 @@ fn measure(nodes: usize, runs: usize) -> Figures {
     std::hint::black_box(sink);
     Figures {
         nodes: all.len(),
+        lookup: median(lookup),
+        lookup_before: median(lookup_before),
         renewal: median(renewal),
         rows: median(rows),
         before: median(before),
@@ -176,6 +201,12 @@ pub fn run(nodes: usize, runs: usize) -> anyhow::Result<u8> {
             share(f.renewal),
             share(f.before)
         );
+        println!(
+            "{} nodes: a renewal's node and site lookup now (the applied model's index) median {:.5} ms, before (every site's nodes scanned) {:.4} ms",
+            f.nodes,
+            ms(f.lookup),
+            ms(f.lookup_before)
+        );
     }
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
     println!(
@@ -191,6 +222,15 @@ pub fn run(nodes: usize, runs: usize) -> anyhow::Result<u8> {
         "at {} nodes, per renewal: before / now {:.0}x",
         measured.nodes,
         ratio(measured.before, measured.renewal)
+    );
+    println!(
+        "lookup: ratio {} / {} nodes now {:.1}x, before {:.1}x; at {} nodes before / now {:.0}x",
+        measured.nodes,
+        baseline.nodes,
+        ratio(measured.lookup, baseline.lookup),
+        ratio(measured.lookup_before, baseline.lookup_before),
+        measured.nodes,
+        ratio(measured.lookup_before, measured.lookup)
     );
     Ok(0)
 }
