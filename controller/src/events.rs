@@ -166,7 +166,14 @@ pub struct EventLog {
     db: Database,
     path: String,
     shared: std::sync::OnceLock<(state_etcd::SharedLog, String)>,
+    /// When the shared log last failed: for [`SHARED_RETRY`] after, events are
+    /// written and read locally only (a frozen etcd answers nothing for its call
+    /// timeout, which would stall every caller recording an event).
+    shared_failed: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long the shared log is left alone after it failed.
+const SHARED_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl EventLog {
     /// Opens (creates) the log.
@@ -180,6 +187,7 @@ impl EventLog {
             db,
             path: path.display().to_string(),
             shared: std::sync::OnceLock::new(),
+            shared_failed: std::sync::Mutex::new(None),
         };
         let tx = log.db.begin_write().map_err(|e| log.err(e))?;
         tx.open_table(EVENTS).map_err(|e| log.err(e))?;
@@ -205,13 +213,26 @@ impl EventLog {
         let _ = self.shared.set((log, me.to_owned()));
     }
 
+    /// The shared log, unless it failed less than [`SHARED_RETRY`] ago.
+    fn shared_up(&self) -> Option<&state_etcd::SharedLog> {
+        let (log, _) = self.shared.get()?;
+        let failed = *self.shared_failed.lock().expect("failed lock");
+        failed
+            .is_none_or(|at| at.elapsed() >= SHARED_RETRY)
+            .then_some(log)
+    }
+
+    fn shared_down(&self) {
+        *self.shared_failed.lock().expect("failed lock") = Some(std::time::Instant::now());
+    }
+
     /// Appends events (one transaction); returns them with their sequence numbers
     /// (the shared log's with replicas).
     pub fn record_all(&self, events: Vec<Event>) -> Result<Vec<Event>, EventError> {
         if events.is_empty() {
             return Ok(events);
         }
-        let Some((shared, me)) = self.shared.get() else {
+        let Some((_, me)) = self.shared.get() else {
             return self.record_locally(events);
         };
         let events = events
@@ -222,6 +243,9 @@ impl EventLog {
             })
             .collect();
         let local = self.record_locally(events)?;
+        let Some(shared) = self.shared_up() else {
+            return Ok(local);
+        };
         // Stored without their number: a record's number is its key's.
         let records: Vec<Vec<u8>> = local
             .iter()
@@ -240,8 +264,10 @@ impl EventLog {
                 .map(|(event, seq)| Event { seq, ..event })
                 .collect()),
             Err(e) => {
+                self.shared_down();
                 eprintln!(
-                    "warning: events not recorded in the shared log ({e}); this replica's file has them"
+                    "warning: events not recorded in the shared log ({e}); this replica's file has them (the shared log is tried again in {} s)",
+                    SHARED_RETRY.as_secs()
                 );
                 Ok(local)
             }
@@ -292,7 +318,7 @@ impl EventLog {
         kind: Option<&str>,
         admits: impl Fn(&Event) -> bool,
     ) -> Result<Vec<Event>, EventError> {
-        if let Some((shared, _)) = self.shared.get() {
+        if let Some(shared) = self.shared_up() {
             let mut out = vec![];
             let read = shared.newest(scan, |seq, bytes| {
                 let Ok(event) = serde_json::from_slice::<Event>(bytes) else {
@@ -306,9 +332,12 @@ impl EventLog {
             });
             match read {
                 Ok(()) => return Ok(out),
-                Err(e) => eprintln!(
-                    "warning: the shared event log cannot be read ({e}); showing this replica's own events"
-                ),
+                Err(e) => {
+                    self.shared_down();
+                    eprintln!(
+                        "warning: the shared event log cannot be read ({e}); showing this replica's own events"
+                    );
+                }
             }
         }
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
@@ -572,6 +601,14 @@ mod tests {
         drop(etcd);
         let fallback = a.newest(10, None).unwrap();
         assert_eq!(fallback.len(), 2);
+        // Left alone for a while after it failed: recorded and read locally.
+        assert!(a.shared_up().is_none());
+        let local = a
+            .record_all(vec![Event::new("node", "unreachable")])
+            .unwrap();
+        assert_eq!(local[0].seq, 3, "this replica's own numbering");
+        assert_eq!(local[0].replica.as_deref(), Some("http://a"));
+        assert_eq!(a.newest(10, None).unwrap().len(), 3);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
