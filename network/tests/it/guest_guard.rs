@@ -215,7 +215,8 @@ fn a_guest_running_dhcp_and_router_advertisements_configures_no_neighbour() {
     let rogue = Rogue::start(&rogue_nic, &node.dir);
 
     // Without the guard the rogue configures its neighbour: the test can fail.
-    let (lease, _) = early.udhcpc();
+    // Up to 3 tries: a positive check on a loaded machine.
+    let lease = (0..3).find_map(|_| early.udhcpc().0);
     let lease = lease.expect("without the guard the rogue's offer is taken");
     assert!(lease.ip.starts_with("10.20.0.20"), "{lease:?}");
     assert_eq!(lease.router, "10.20.0.250");
