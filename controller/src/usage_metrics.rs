@@ -98,6 +98,16 @@ pub fn render(
             "gauge",
             "The VM's defined memory.",
         ),
+        (
+            "cairn_controller_vm_zswap_bytes",
+            "gauge",
+            "zswap's compressed bytes of the VM's pages (cgroup v2 memory.stat zswap; 0 on v1).",
+        ),
+        (
+            "cairn_controller_vm_zswapped_bytes",
+            "gauge",
+            "The VM's pages zswap holds, uncompressed (cgroup v2 memory.stat zswapped; 0 on v1).",
+        ),
     ];
     let mut vms: Vec<Family> = vm_families
         .iter()
@@ -172,6 +182,30 @@ pub fn render(
             "cairn_controller_node_usage_age_seconds",
             "Age of the node's last usage report.",
         ),
+        (
+            "cairn_controller_node_zswap_enabled",
+            "1 when zswap is on on the node (the host's setting).",
+        ),
+        (
+            "cairn_controller_node_zswap_pool_bytes",
+            "zswap's compressed pool on the node (/proc/meminfo Zswap).",
+        ),
+        (
+            "cairn_controller_node_zswapped_bytes",
+            "Pages zswap holds on the node, uncompressed (/proc/meminfo Zswapped).",
+        ),
+        (
+            "cairn_controller_node_zswap_saved_bytes",
+            "Memory zswap saves on the node (Zswapped - Zswap).",
+        ),
+        (
+            "cairn_controller_node_swap_total_bytes",
+            "Swap on the node (SwapTotal), which zswap needs behind it.",
+        ),
+        (
+            "cairn_controller_node_swap_free_bytes",
+            "Swap free on the node (SwapFree).",
+        ),
     ];
     let mut nodes: Vec<Family> = node_families
         .iter()
@@ -207,6 +241,15 @@ pub fn render(
         put(14, usage.cpu_pressure_some_avg10);
         put(15, usage.memory_pressure_some_avg10);
         put(16, now_ms.saturating_sub(report.at_unix_ms) as f64 / 1000.0);
+        put(17, f64::from(u8::from(usage.zswap_enabled)));
+        put(18, usage.zswap_pool_bytes as f64);
+        put(19, usage.zswapped_bytes as f64);
+        put(
+            20,
+            usage.zswapped_bytes.saturating_sub(usage.zswap_pool_bytes) as f64,
+        );
+        put(21, usage.swap_total_bytes as f64);
+        put(22, usage.swap_free_bytes as f64);
         vm_cpu_seconds
             .samples
             .push((label.clone(), usage.vm_cpu_ns as f64 / 1e9));
@@ -230,6 +273,8 @@ pub fn render(
                 Some(u.net_tx_frames as f64),
                 Some(f64::from(row.vcpus)),
                 Some(row.memory_bytes as f64),
+                Some(u.zswap_bytes as f64),
+                Some(u.zswapped_bytes as f64),
             ];
             for (family, value) in vms.iter_mut().zip(values) {
                 if let Some(value) = value {
@@ -293,6 +338,8 @@ mod tests {
                 disk_bytes_written: 8192,
                 net_rx_frames: 5,
                 net_tx_frames: 6,
+                zswap_bytes: 1024,
+                zswapped_bytes: 8192,
             }),
             ..Default::default()
         };
@@ -314,6 +361,11 @@ mod tests {
                 page_size: 4096,
                 cpu_pressure_some_avg10: 1.5,
                 memory_pressure_some_avg10: -1.0,
+                zswap_enabled: true,
+                zswap_pool_bytes: 6 << 20,
+                zswapped_bytes: 138 << 20,
+                swap_total_bytes: 512 << 20,
+                swap_free_bytes: 300 << 20,
                 ..Default::default()
             }),
             ..Default::default()
@@ -344,6 +396,14 @@ mod tests {
             "cairn_controller_node_allocatable_cpus{node=\"lab-2\"} 4",
             "cairn_controller_node_usage_age_seconds{node=\"lab-1\"} 2",
             "cairn_controller_node_vm_cpu_seconds_total{node=\"lab-1\"} 24",
+            "cairn_controller_vm_zswapped_bytes{node=\"lab-1\",vm=\"db\",tenant=\"dev\",sla=\"reserved\"} 8192",
+            "cairn_controller_vm_zswap_bytes{node=\"lab-1\",vm=\"db\",tenant=\"dev\",sla=\"reserved\"} 1024",
+            "cairn_controller_node_zswap_enabled{node=\"lab-1\"} 1",
+            "cairn_controller_node_zswap_pool_bytes{node=\"lab-1\"} 6291456",
+            "cairn_controller_node_zswapped_bytes{node=\"lab-1\"} 144703488",
+            "cairn_controller_node_zswap_saved_bytes{node=\"lab-1\"} 138412032",
+            "cairn_controller_node_swap_total_bytes{node=\"lab-1\"} 536870912",
+            "cairn_controller_node_swap_free_bytes{node=\"lab-1\"} 314572800",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

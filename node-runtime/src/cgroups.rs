@@ -272,6 +272,19 @@ fn own_path(proc_self_cgroup: &str, controller: Option<&str>) -> String {
     "/".into()
 }
 
+/// `zswap` and `zswapped` of a cgroup v2 `memory.stat` (`None` when it lists neither).
+pub fn zswap_in_memory_stat(stat: &str) -> Option<(u64, u64)> {
+    let field = |key: &str| {
+        stat.lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+    };
+    match (field("zswap"), field("zswapped")) {
+        (None, None) => None,
+        (zswap, zswapped) => Some((zswap.unwrap_or(0), zswapped.unwrap_or(0))),
+    }
+}
+
 /// The VMs that have a cgroup (a `vm-NAME` directory) under any of `parents`, sorted.
 pub(crate) fn vm_names(parents: &[PathBuf]) -> Vec<String> {
     let mut names: Vec<String> = parents
@@ -818,6 +831,17 @@ impl Cgroups {
         status.memory_soft_limit_bytes = observed.soft_limit;
         status.drift = drift;
         status
+    }
+
+    /// cgroup v2: the VM's zswap (`memory.stat` `zswap`, the compressed bytes of its
+    /// pages in the pool, and `zswapped`, those pages uncompressed). `None` on v1, which
+    /// does not count zswap per cgroup, and where the kernel does not list them.
+    pub fn zswap_of(&self, vm: &str) -> Option<(u64, u64)> {
+        let Version::V2 { parent } = &self.version else {
+            return None;
+        };
+        let stat = std::fs::read_to_string(parent.join(Self::leaf(vm)).join("memory.stat")).ok()?;
+        zswap_in_memory_stat(&stat)
     }
 
     /// Removes the VM's cgroup (its VMM has ended), giving back its dedicated CPUs.

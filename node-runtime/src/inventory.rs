@@ -34,24 +34,27 @@ pub fn cpu() -> Cpu {
     }
 }
 
+/// A field of /proc/meminfo's text (`key` without its colon) in bytes; `None` when
+/// the kernel does not list it.
+pub fn meminfo_bytes(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib * 1024)
+}
+
 /// Total and available memory from /proc/meminfo.
 pub fn memory() -> Memory {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map_or(0, |kib| kib * 1024)
-    };
     Memory {
-        total_bytes: field("MemTotal:"),
-        available_bytes: field("MemAvailable:"),
+        total_bytes: meminfo_bytes(&text, "MemTotal").unwrap_or(0),
+        available_bytes: meminfo_bytes(&text, "MemAvailable").unwrap_or(0),
     }
 }
 

@@ -56,7 +56,7 @@ pub fn render(vms: &[v1::VmStatus], usage: &v1::NodeUsage) -> String {
         )
     };
     type Pick = fn(&v1::VmStatus) -> f64;
-    let per_vm: [(&str, &str, &str, Pick); 10] = [
+    let per_vm: [(&str, &str, &str, Pick); 11] = [
         (
             "cairn_node_vm_cpu_seconds_total",
             "counter",
@@ -125,6 +125,12 @@ pub fn render(vms: &[v1::VmStatus], usage: &v1::NodeUsage) -> String {
             "Values of the VM's cgroup that differ from what its class asks.",
             |vm| vm.cgroup.as_ref().map_or(0.0, |c| c.drift.len() as f64),
         ),
+        (
+            "cairn_node_vm_zswapped_bytes",
+            "gauge",
+            "The VM's pages held compressed by zswap, uncompressed (cgroup v2 memory.stat zswapped; 0 on v1).",
+            |vm| vm.usage.as_ref().map_or(0.0, |u| u.zswapped_bytes as f64),
+        ),
     ];
     for (name, kind, help, pick) in per_vm {
         f.header(name, kind, help);
@@ -132,7 +138,7 @@ pub fn render(vms: &[v1::VmStatus], usage: &v1::NodeUsage) -> String {
             f.sample(name, &labels(vm), pick(vm));
         }
     }
-    let node: [(&str, &str, f64); 13] = [
+    let node: [(&str, &str, f64); 19] = [
         (
             "cairn_node_cpus",
             "Online CPUs of the node.",
@@ -197,6 +203,36 @@ pub fn render(vms: &[v1::VmStatus], usage: &v1::NodeUsage) -> String {
             "cairn_node_cpu_pressure_some_avg10",
             "PSI cpu some avg10, percent (-1: no PSI).",
             usage.cpu_pressure_some_avg10,
+        ),
+        (
+            "cairn_node_zswap_enabled",
+            "1 when zswap is on (/sys/module/zswap/parameters/enabled; the host's setting).",
+            f64::from(u8::from(usage.zswap_enabled)),
+        ),
+        (
+            "cairn_node_zswap_pool_bytes",
+            "zswap's compressed pool (/proc/meminfo Zswap).",
+            usage.zswap_pool_bytes as f64,
+        ),
+        (
+            "cairn_node_zswapped_bytes",
+            "Pages zswap holds, uncompressed (/proc/meminfo Zswapped).",
+            usage.zswapped_bytes as f64,
+        ),
+        (
+            "cairn_node_zswap_saved_bytes",
+            "Memory zswap saves against keeping its pages uncompressed (Zswapped - Zswap).",
+            usage.zswapped_bytes.saturating_sub(usage.zswap_pool_bytes) as f64,
+        ),
+        (
+            "cairn_node_swap_total_bytes",
+            "Swap behind zswap (/proc/meminfo SwapTotal).",
+            usage.swap_total_bytes as f64,
+        ),
+        (
+            "cairn_node_swap_free_bytes",
+            "Swap free (/proc/meminfo SwapFree).",
+            usage.swap_free_bytes as f64,
         ),
     ];
     for (name, help, value) in node {
@@ -293,6 +329,7 @@ mod tests {
             usage: Some(v1::VmUsage {
                 cpu_ns: 1_500_000_000,
                 ksm_merging_pages: 7,
+                zswapped_bytes: 8192,
                 ..Default::default()
             }),
             ..Default::default()
@@ -301,6 +338,10 @@ mod tests {
             cgroup_version: "v1".into(),
             ksm_pages_sharing: 3,
             page_size: 4096,
+            zswap_enabled: true,
+            zswap_pool_bytes: 1 << 20,
+            zswapped_bytes: 5 << 20,
+            swap_total_bytes: 512 << 20,
             ..Default::default()
         };
         let text = render(&[vm], &usage);
@@ -308,6 +349,16 @@ mod tests {
             "cairn_node_vm_cpu_seconds_total{vm=\"web-0\",tenant=\"shop \\\"eu\\\"\",sla=\"spot\"} 1.5"
         ), "{text}");
         assert!(text.contains("cairn_node_ksm_saved_bytes 12288"), "{text}");
+        for line in [
+            "cairn_node_zswap_enabled 1",
+            "cairn_node_zswap_pool_bytes 1048576",
+            "cairn_node_zswapped_bytes 5242880",
+            "cairn_node_zswap_saved_bytes 4194304",
+            "cairn_node_swap_total_bytes 536870912",
+            "cairn_node_vm_zswapped_bytes{vm=\"web-0\",tenant=\"shop \\\"eu\\\"\",sla=\"spot\"} 8192",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
         assert!(
             text.contains("cairn_node_cgroup_info{version=\"v1\"} 1"),
             "{text}"

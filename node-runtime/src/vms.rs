@@ -1415,8 +1415,15 @@ impl Vms {
                         cgroups.observe(name, &sla::settings_of(&definition), runtime.pid)
                     }
                 });
-                let usage = (runtime.state == VmState::Running && runtime.pid != 0)
-                    .then(|| sla::process_usage(runtime.pid));
+                let usage = (runtime.state == VmState::Running && runtime.pid != 0).then(|| {
+                    let mut usage = sla::process_usage(runtime.pid);
+                    if let Some((zswap, zswapped)) =
+                        self.cgroups.as_ref().and_then(|c| c.zswap_of(name))
+                    {
+                        (usage.zswap_bytes, usage.zswapped_bytes) = (zswap, zswapped);
+                    }
+                    usage
+                });
                 let (image_builtin, kernel) = match definition.image {
                     Some(v1::create_vm::Image::Builtin(builtin)) => (builtin, None),
                     Some(v1::create_vm::Image::Kernel(kernel)) => (String::new(), Some(kernel)),

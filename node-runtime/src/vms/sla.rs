@@ -65,19 +65,10 @@ pub fn cpu_ns(pid: u32) -> Option<u64> {
     Some((utime + stime) * 1_000_000_000 / clock_ticks_per_second())
 }
 
+/// A `KEY:  N kB` field of `/proc/PID/status` in bytes (the format of /proc/meminfo).
 fn status_kib(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(key))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib * 1024)
+    crate::inventory::meminfo_bytes(&status, key.trim_end_matches(':'))
 }
 
 fn read_u64(path: impl AsRef<Path>) -> Option<u64> {
@@ -106,6 +97,67 @@ pub fn add_io(status: &mut v1::VmStatus) {
     usage.disk_bytes_written = status.disks.iter().map(|disk| disk.bytes_written).sum();
     usage.net_rx_frames = status.nics.iter().map(|nic| nic.rx_frames).sum();
     usage.net_tx_frames = status.nics.iter().map(|nic| nic.tx_frames).sum();
+}
+
+/// zswap on this host: whether it is on, its compressor, what it holds
+/// (`/proc/meminfo` `Zswap`, `Zswapped`) and the swap behind it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Zswap {
+    /// `/sys/module/zswap/parameters/enabled` is Y.
+    pub enabled: bool,
+    /// Its compressor ("lzo", "zstd").
+    pub compressor: String,
+    /// The compressed pool (`Zswap`), bytes.
+    pub pool_bytes: u64,
+    /// The pages in the pool, uncompressed (`Zswapped`), bytes.
+    pub stored_bytes: u64,
+    /// SwapTotal, bytes: the swap behind zswap.
+    pub swap_total_bytes: u64,
+    /// SwapFree, bytes.
+    pub swap_free_bytes: u64,
+    /// Why it is absent or off; empty when on.
+    pub detail: String,
+}
+
+impl Zswap {
+    /// From the text of `/proc/meminfo` and zswap's `enabled` and `compressor`
+    /// parameters (`None`: the kernel has no zswap module).
+    pub fn from_texts(meminfo: &str, enabled: Option<&str>, compressor: Option<&str>) -> Zswap {
+        let field = |key: &str| crate::inventory::meminfo_bytes(meminfo, key);
+        let enabled_now = enabled.is_some_and(|e| matches!(e.trim(), "Y" | "y" | "1"));
+        let swap_total_bytes = field("SwapTotal").unwrap_or(0);
+        let detail = if enabled.is_none() || field("Zswap").is_none() {
+            "this kernel has no zswap".to_string()
+        } else if !enabled_now {
+            "zswap is off (/sys/module/zswap/parameters/enabled is N; the host's setting)"
+                .to_string()
+        } else if swap_total_bytes == 0 {
+            "zswap is on but the host has no swap, so it holds nothing".to_string()
+        } else {
+            String::new()
+        };
+        Zswap {
+            enabled: enabled_now,
+            compressor: compressor.map(|c| c.trim().to_string()).unwrap_or_default(),
+            pool_bytes: field("Zswap").unwrap_or(0),
+            stored_bytes: field("Zswapped").unwrap_or(0),
+            swap_total_bytes,
+            swap_free_bytes: field("SwapFree").unwrap_or(0),
+            detail,
+        }
+    }
+
+    /// This host's.
+    pub fn read() -> Zswap {
+        let parameter = |name: &str| {
+            std::fs::read_to_string(format!("/sys/module/zswap/parameters/{name}")).ok()
+        };
+        Zswap::from_texts(
+            &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+            parameter("enabled").as_deref(),
+            parameter("compressor").as_deref(),
+        )
+    }
 }
 
 /// Memory available now (MemAvailable), bytes.
@@ -283,6 +335,7 @@ pub fn node_usage(
 ) -> v1::NodeUsage {
     let ksm = |name: &str| read_u64(format!("/sys/kernel/mm/ksm/{name}")).unwrap_or(0);
     let memory = crate::inventory::memory();
+    let zswap = Zswap::read();
     let running: Vec<&v1::VmStatus> = vms
         .iter()
         .filter(|vm| vm.state == v1::VmState::Running as i32)
@@ -317,6 +370,13 @@ pub fn node_usage(
         // Filled by the caller, which knows the node's cpusets.
         dedicated_cpus: String::new(),
         dedicated_cpus_free: String::new(),
+        zswap_enabled: zswap.enabled,
+        zswap_compressor: zswap.compressor,
+        zswap_pool_bytes: zswap.pool_bytes,
+        zswapped_bytes: zswap.stored_bytes,
+        swap_total_bytes: zswap.swap_total_bytes,
+        swap_free_bytes: zswap.swap_free_bytes,
+        zswap_detail: zswap.detail,
     }
 }
 
@@ -482,5 +542,65 @@ mod tests {
         assert!(window.sample());
         let percent = window.percent().unwrap();
         assert!((0.0..=100.0).contains(&percent), "{percent}");
+    }
+
+    #[test]
+    fn zswap_is_read_from_meminfo_and_its_parameters_and_says_why_it_is_off() {
+        let meminfo = "MemTotal:  8000000 kB\nSwapTotal:   524284 kB\nSwapFree:    400000 kB\nZswap:         6553 kB\nZswapped:    141824 kB\n";
+        let on = Zswap::from_texts(meminfo, Some("Y\n"), Some("lzo\n"));
+        assert_eq!(
+            on,
+            Zswap {
+                enabled: true,
+                compressor: "lzo".into(),
+                pool_bytes: 6553 * 1024,
+                stored_bytes: 141824 * 1024,
+                swap_total_bytes: 524284 * 1024,
+                swap_free_bytes: 400000 * 1024,
+                detail: String::new(),
+            }
+        );
+        let off = Zswap::from_texts(meminfo, Some("N\n"), Some("lzo\n"));
+        assert!(
+            !off.enabled && off.detail.contains("enabled is N"),
+            "{off:?}"
+        );
+        let no_swap = Zswap::from_texts(
+            "SwapTotal: 0 kB\nZswap: 0 kB\nZswapped: 0 kB\n",
+            Some("Y"),
+            None,
+        );
+        assert!(no_swap.detail.contains("no swap"), "{no_swap:?}");
+        let absent = Zswap::from_texts("MemTotal: 1 kB\n", None, None);
+        assert_eq!(absent.detail, "this kernel has no zswap");
+        assert_eq!(
+            crate::cgroups::zswap_in_memory_stat("anon 4096\nzswap 1234\nzswapped 8192\nfile 0\n"),
+            Some((1234, 8192))
+        );
+        assert_eq!(crate::cgroups::zswap_in_memory_stat("anon 4096\n"), None);
+    }
+
+    #[test]
+    fn this_kernels_zswap_reading_is_what_proc_and_sys_say() {
+        let zswap = Zswap::read();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        // Read independently: the second word of the line, in KiB.
+        let kib = |key: &str| {
+            meminfo.lines().find_map(|line| {
+                let mut words = line.split_whitespace();
+                (words.next() == Some(key))
+                    .then(|| words.next().unwrap().parse::<u64>().unwrap() * 1024)
+            })
+        };
+        assert_eq!(Some(zswap.swap_total_bytes), kib("SwapTotal:"));
+        assert_eq!(Some(zswap.pool_bytes), kib("Zswap:").or(Some(0)));
+        match std::fs::read_to_string("/sys/module/zswap/parameters/enabled") {
+            Ok(enabled) => {
+                assert_eq!(zswap.enabled, enabled.trim() == "Y", "{zswap:?}");
+                assert!(!zswap.compressor.is_empty(), "{zswap:?}");
+                eprintln!("zswap here: {zswap:?}");
+            }
+            Err(_) => assert_eq!(zswap.detail, "this kernel has no zswap"),
+        }
     }
 }
