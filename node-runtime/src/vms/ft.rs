@@ -219,20 +219,10 @@ impl Vms {
             .map_err(|error| {
                 Status::failed_precondition(format!("vm `{name}`: promotion refused: {error}"))
             })?;
-        {
-            let mut vms = self.vms.lock().await;
-            if let Some(runtime) = vms.get_mut(name)
-                && runtime.generation == generation
-            {
-                runtime.ft_secondary = None;
-                runtime.record.desired_running = true;
-                let record = runtime.record.clone();
-                self.persist(name, &record)?;
-            }
-        }
         let running = self
-            .await_running(
+            .now_runs_here(
                 name,
+                Waiter::FtSecondary,
                 Started {
                     pid,
                     generation,

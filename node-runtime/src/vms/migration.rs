@@ -296,6 +296,30 @@ impl Vms {
         }
     }
 
+    /// The VMM `started` waited as `waiter` and was told to run (committed, promoted):
+    /// the VM is kept as running here from now on, and the answer comes once it is seen
+    /// running.
+    pub(super) async fn now_runs_here(
+        &self,
+        name: &str,
+        waiter: Waiter,
+        started: Started,
+        timeout: Duration,
+    ) -> Result<v1::VmResult, Status> {
+        {
+            let mut vms = self.vms.lock().await;
+            if let Some(runtime) = vms.get_mut(name)
+                && runtime.generation == started.generation
+            {
+                *waiter.slot(runtime) = None;
+                runtime.record.desired_running = true;
+                let record = runtime.record.clone();
+                self.persist(name, &record)?;
+            }
+        }
+        self.await_running(name, started, timeout).await
+    }
+
     /// Refuses a VM that is not defined here or does not run (`to_be`: what only a
     /// running VM can be).
     pub(super) async fn require_running(&self, name: &str, to_be: &str) -> Result<(), Status> {
@@ -475,20 +499,10 @@ impl Vms {
                 )));
             }
         }
-        {
-            let mut vms = self.vms.lock().await;
-            if let Some(runtime) = vms.get_mut(name)
-                && runtime.generation == generation
-            {
-                runtime.incoming = None;
-                runtime.record.desired_running = true;
-                let record = runtime.record.clone();
-                self.persist(name, &record)?;
-            }
-        }
         let running = self
-            .await_running(
+            .now_runs_here(
                 name,
+                Waiter::Migration,
                 Started {
                     pid,
                     generation,

@@ -592,6 +592,17 @@ impl Drop for Witness {
     }
 }
 
+/// [`setup`] and a witness at `address` trusting both nodes.
+async fn setup_with_witness(tag: &str, address: &str) -> Option<(Setup, Witness)> {
+    let setup = setup(tag).await?;
+    let keys = [
+        ("n1", setup.n1._node.public_key_hex()),
+        ("n2", setup.n2._node.public_key_hex()),
+    ];
+    let witness = Witness::start(address, &keys)?;
+    Some((setup, witness))
+}
+
 fn guarded(mut action: Action, witness: &str) -> Action {
     match &mut action {
         Action::StartFt(start) => start.witness = witness.into(),
@@ -614,22 +625,18 @@ fn guarded(mut action: Action, witness: &str) -> Action {
 /// secondary's never promotes: neither side runs alone without a lease.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_witness_lets_exactly_one_side_of_a_pair_run() {
-    let Some(Setup {
-        names,
-        cleanup,
-        mut n1,
-        mut n2,
-        on_n1,
-        on_n2,
-    }) = setup("w").await
+    let Some((
+        Setup {
+            names,
+            cleanup,
+            mut n1,
+            mut n2,
+            on_n1,
+            on_n2,
+        },
+        witness,
+    )) = setup_with_witness("w", "127.0.0.53:7453").await
     else {
-        return;
-    };
-    let keys = [
-        ("n1", n1._node.public_key_hex()),
-        ("n2", n2._node.public_key_hex()),
-    ];
-    let Some(witness) = Witness::start("127.0.0.53:7453", &keys) else {
         return;
     };
     let at = witness.address.clone();
@@ -842,22 +849,18 @@ fn first_beacon_after(collector: &Collector, from: Instant) -> Option<Duration> 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a benchmark: prints figures, asserts none"]
 async fn ft_failover_figures() {
-    let Some(Setup {
-        names: _,
-        cleanup,
-        mut n1,
-        mut n2,
-        on_n1,
-        on_n2,
-    }) = setup("b").await
+    let Some((
+        Setup {
+            names: _,
+            cleanup,
+            mut n1,
+            mut n2,
+            on_n1,
+            on_n2,
+        },
+        witness,
+    )) = setup_with_witness("b", "127.0.0.54:7454").await
     else {
-        return;
-    };
-    let keys = [
-        ("n1", n1._node.public_key_hex()),
-        ("n2", n2._node.public_key_hex()),
-    ];
-    let Some(witness) = Witness::start("127.0.0.54:7454", &keys) else {
         return;
     };
     let at = witness.address.clone();
