@@ -649,7 +649,8 @@ fn address_of<'a>(p: &'a Parts<'_>, node: &str) -> Option<&'a str> {
 }
 
 /// Installs `state` on its copies (the writer last), its clients, then on `fenced`
-/// (nodes it no longer names). `Err` only when the writer (or `must`) did not take
+/// (nodes it no longer names); with `at_once`, on all of them at the same time.
+/// `Err` only when the writer (or `must`) did not take
 /// it; the other refusals are returned as notes (the controller's drift check
 /// installs the current epoch on a copy behind).
 async fn install_everywhere<N: NodeApi>(
@@ -657,6 +658,7 @@ async fn install_everywhere<N: NodeApi>(
     state: &VolumeEpoch,
     fenced: &[&str],
     must: &str,
+    at_once: bool,
     nodes: &N,
 ) -> Result<Vec<String>, String> {
     let mut order: Vec<&str> = state
@@ -668,20 +670,35 @@ async fn install_everywhere<N: NodeApi>(
     order.push(&state.writer);
     order.extend(state.clients.iter().map(String::as_str));
     order.extend(fenced.iter().copied());
+    let install = |node: &str| {
+        let address = address_of(p, node).map(str::to_owned);
+        let node = node.to_owned();
+        async move {
+            match address {
+                Some(address) => call(
+                    nodes,
+                    &node,
+                    &address,
+                    crate::epochs::request_id(state, &node),
+                    Action::SetVolumeEpoch(crate::epochs::install(state)),
+                )
+                .await
+                .map(|_| ()),
+                None => Err("its address is not known (it did not answer the plan)".to_owned()),
+            }
+        }
+    };
+    let results = if at_once {
+        join_all(order.iter().map(|node| install(node)).collect()).await
+    } else {
+        let mut results = vec![];
+        for node in &order {
+            results.push(install(node).await);
+        }
+        results
+    };
     let mut notes = vec![];
-    for node in order {
-        let result = match address_of(p, node) {
-            Some(address) => call(
-                nodes,
-                node,
-                address,
-                crate::epochs::request_id(state, node),
-                Action::SetVolumeEpoch(crate::epochs::install(state)),
-            )
-            .await
-            .map(|_| ()),
-            None => Err("its address is not known (it did not answer the plan)".to_owned()),
-        };
+    for (node, result) in order.into_iter().zip(results) {
         if let Err(e) = result {
             let line = format!(
                 "volume {} epoch {} not installed on {node}: {e}",
@@ -694,6 +711,33 @@ async fn install_everywhere<N: NodeApi>(
         }
     }
     Ok(notes)
+}
+
+/// Every future of `futures` run at once; their outputs in order.
+async fn join_all<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|output| output.expect("every future is ready"))
+        .collect()
 }
 
 /// Before the prepare (see the module documentation). `Err`: the migration is not
@@ -786,7 +830,7 @@ async fn ready_volumes<N: NodeApi>(
                 state.in_sync.iter().cloned().collect::<Vec<_>>().join(", ")
             ));
         }
-        install_everywhere(p, &state, &[], p.to, nodes).await?;
+        install_everywhere(p, &state, &[], p.to, false, nodes).await?;
     }
     Ok(())
 }
@@ -849,7 +893,9 @@ async fn hand_over<N: NodeApi>(
         } else {
             vec![p.from]
         };
-        install_everywhere(p, &state, &fenced, p.to, nodes).await?;
+        // At once: the new writer writes only after its commit, and the old one is
+        // paused with its requests drained, so no copy needs the epoch before another.
+        install_everywhere(p, &state, &fenced, p.to, true, nodes).await?;
     }
     Ok(())
 }
