@@ -649,7 +649,7 @@ mod tests {
             (set.target_volume.as_str(), set.every_ms, set.keep, set.now),
             ("db-data-dr-west", 1000, 2, false)
         );
-        assert_eq!(set.target.unwrap().address, "127.0.0.73:7100");
+        assert_eq!(set.target.unwrap().address, "127.0.0.22:7100");
         let change = first
             .changes
             .iter()
