@@ -81,6 +81,16 @@ pub enum Command {
         /// With --rebalance: the fewest moves that free whole nodes; says how many.
         #[arg(long, requires = "rebalance")]
         consolidate: bool,
+        /// With --rebalance: weigh VMs by their measured load, a JSON file
+        /// `{"vms": {"db": {"cpu_cores": 1.5, "resident_bytes": 2147483648}}}` (VMs
+        /// left out count their declared size); moves still fit by declared size.
+        #[arg(
+            long,
+            value_name = "FILE",
+            requires = "rebalance",
+            conflicts_with = "consolidate"
+        )]
+        usage: Option<PathBuf>,
         /// Exact search for pack sites (work-limited); reports the gap to the proven bound.
         #[arg(long)]
         optimize: bool,
@@ -670,6 +680,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             fail,
             rebalance,
             consolidate,
+            usage,
             optimize,
         } => crate::placecmd::place(&crate::placecmd::PlaceArgs {
             dir,
@@ -679,6 +690,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             fail,
             rebalance,
             consolidate,
+            usage,
             optimize,
         }),
         Command::Graph { dir, format } => crate::placecmd::graph(&dir, format),

@@ -123,6 +123,8 @@ pub struct PlaceArgs {
     pub rebalance: bool,
     /// With rebalance: free whole nodes.
     pub consolidate: bool,
+    /// With rebalance: the measured load to weigh VMs by (a JSON file).
+    pub usage: Option<std::path::PathBuf>,
     /// Exact search for pack sites.
     pub optimize: bool,
 }
@@ -236,6 +238,16 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
                 }
             );
         }
+    } else if let (true, Some(path)) = (args.rebalance, &args.usage) {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --usage {}", path.display()))?;
+        let load: compiler::place::MeasuredLoad = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a measured load: expected {{\"vms\": {{\"VM\": {{\"cpu_cores\": 1.5, \"resident_bytes\": 2147483648}}}}}}",
+                path.display()
+            )
+        })?;
+        placement = compiler::place::rebalance_measured(model, &placement, &base_options, &load);
     } else if args.rebalance {
         placement = compiler::place::rebalance(model, &placement, &base_options, Some(&locator));
     }

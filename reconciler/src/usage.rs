@@ -131,6 +131,63 @@ impl UsageBoard {
     }
 }
 
+/// The measured load `cairn place --rebalance` weighs VMs by
+/// ([`compiler::place::rebalance_measured`]): every running VM whose CPU rate is known
+/// (two answers of its node) with its resident memory. A VM left out counts its
+/// declared size there.
+pub fn measured_load(reports: &BTreeMap<String, NodeUsageReport>) -> compiler::place::MeasuredLoad {
+    let vms = reports
+        .values()
+        .flat_map(|report| report.vms.values())
+        .filter(|row| row.running)
+        .filter_map(|row| {
+            Some((
+                row.vm.clone(),
+                compiler::place::VmLoad {
+                    cpu_cores: row.cpu_cores?,
+                    resident_bytes: row.usage.resident_bytes,
+                },
+            ))
+        })
+        .collect();
+    compiler::place::MeasuredLoad { vms }
+}
+
+#[cfg(test)]
+mod measured_tests {
+    use super::*;
+
+    #[test]
+    fn the_boards_cpu_rates_and_resident_memory_become_the_measured_load() {
+        let answer = |cpu_s: u64| v1::ObserveResponse {
+            vms: vec![v1::VmStatus {
+                name: "db".into(),
+                state: v1::VmState::Running as i32,
+                usage: Some(v1::VmUsage {
+                    cpu_ns: cpu_s * 1_000_000_000,
+                    resident_bytes: 3 << 30,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let board = UsageBoard::default();
+        board.record_at("lab-1", &answer(10), 1_000);
+        // One answer: no rate yet, so the VM is left out (its declared size counts).
+        assert!(measured_load(&board.snapshot()).vms.is_empty());
+        board.record_at("lab-1", &answer(13), 3_000);
+        let load = measured_load(&board.snapshot());
+        assert_eq!(
+            load.vms.get("db"),
+            Some(&compiler::place::VmLoad {
+                cpu_cores: 1.5,
+                resident_bytes: 3 << 30,
+            })
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +233,8 @@ mod tests {
                     disk_bytes_written: 8192 * n,
                     net_rx_frames: 11 * n,
                     net_tx_frames: 13 * n,
+                    zswap_bytes: 1024 * n,
+                    zswapped_bytes: 8192 * n,
                 }),
                 ..Default::default()
             }],

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 pub use explain::{Candidate, ScorePart, explain_vm};
 pub use graph::{Graph, GraphEdge, GraphNode, build_graph};
 pub use pack::{SiteBound, consolidate, optimize};
-pub use rebalance::rebalance;
+pub use rebalance::{MeasuredLoad, VmLoad, rebalance, rebalance_measured};
 
 pub use crate::ipam::{NetworkPlacement, NicAddress};
 
