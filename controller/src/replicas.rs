@@ -363,6 +363,7 @@ mod tests {
     use super::*;
 
     const CHILD: &str = "CAIRN_TEST_EPOCH_LEADER";
+    const CHILD_DIR: &str = "CAIRN_TEST_EPOCH_LEADER_DIR";
     const NAME: &str = "replicas::tests::the_epochs_and_the_held_plan_a_leader_recorded_are_the_next_leaders_after_a_kill_9";
 
     fn names(list: &[&str]) -> BTreeSet<String> {
@@ -435,8 +436,8 @@ mod tests {
     /// The first leader, in a process of its own (this test binary run again): it
     /// leads, raises the volume's epoch twice, says so, and waits to be killed.
     fn leader_child(url: &str) {
-        let dir = std::env::temp_dir().join(format!("cairn-epoch-leader-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // Under the test's directory, which the test removes (this process is killed).
+        let dir = std::path::PathBuf::from(std::env::var_os(CHILD_DIR).unwrap());
         let (replicas, store) = replica(url, "http://127.0.0.36:1", &dir);
         let authority = EpochAuthority::new(store.epoch_store());
         let abc = names(&["a", "b", "c"]);
@@ -503,6 +504,7 @@ mod tests {
             std::process::Command::new(std::env::current_exe().unwrap())
                 .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
                 .env(CHILD, &url)
+                .env(CHILD_DIR, &dir)
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .unwrap(),
