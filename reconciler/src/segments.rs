@@ -427,3 +427,61 @@ mod tests {
         assert_ne!(mac, default_mac("web-1", 0));
     }
 }
+
+#[cfg(test)]
+mod ipv6_tests {
+    /// The quickstart with `ipv6=` on dev-net and the db VM's NIC in a group that
+    /// admits TCP 5432 from dev-net.
+    fn desired_v6() -> crate::desired::Desired {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let files: Vec<(String, String)> = ["cluster.kdl", "tenants.kdl", "workloads.kdl"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(root.join(f)).unwrap();
+                let text = text
+                    .replace(
+                        r#"gateway="10.77.0.1""#,
+                        r#"gateway="10.77.0.1" ipv6="fd00:77::/64"
+    security-group "db" {
+        allow from="dev-net" proto="tcp" port=5432
+    }"#,
+                    )
+                    .replace(
+                        "    nic network=\"dev-net\"\n    tag \"app\" \"db\"",
+                        "    nic network=\"dev-net\" security-groups=\"db\"\n    tag \"app\" \"db\"",
+                    );
+                ((*f).to_owned(), text)
+            })
+            .collect();
+        let sources = compiler::source::Sources::from_files(files);
+        let c = compiler::compile(&sources);
+        assert!(!c.has_errors(), "{:?}", c.diagnostics);
+        let placement = crate::desired::place(&c.model, None);
+        crate::desired::desired(&c.model, &root, placement)
+    }
+
+    #[test]
+    fn an_ipv6_network_sends_its_gateway_and_admits_its_prefix_in_groups() {
+        let desired = desired_v6();
+        let mut seen = 0;
+        for segments in desired.segments.values() {
+            for s in segments.values() {
+                let want = if s.network == "dev-net" {
+                    "fd00:77::1"
+                } else {
+                    ""
+                };
+                assert_eq!(s.ipv6_gateway, want, "{}", s.key());
+                if s.tenant != "dev" {
+                    continue;
+                }
+                seen += 1;
+                let db = s.guarded.iter().find(|g| g.vm == "db").expect("db guarded");
+                let from: Vec<&str> = db.allow.iter().map(|r| r.from_cidr.as_str()).collect();
+                assert_eq!(from, vec!["10.77.0.0/24", "fd00:77::/64"]);
+                assert!(db.allow.iter().all(|r| r.port == 5432 && r.proto == "tcp"));
+            }
+        }
+        assert!(seen >= 2, "dev-net spans several nodes");
+    }
+}
