@@ -120,6 +120,16 @@ impl Checker<'_> {
                     );
                     None
                 });
+                if let (Some(p), None) = (&n.ipv6, &n.gateway) {
+                    self.push(
+                        Diagnostic::error(
+                            "cairn::check::ipv6_without_gateway",
+                            p.span,
+                            format!("network `{}` has an IPv6 prefix but no gateway: its IPv6 gateway and router advertisements live beside the IPv4 gateway", n.name.value),
+                        )
+                        .with_help("give it a gateway, e.g. gateway=\"10.20.0.1\", or remove ipv6="),
+                    );
+                }
                 let external = n.external.as_ref().is_some_and(|e| e.value);
                 if let Some(e) = &n.external
                     && e.value

@@ -514,4 +514,18 @@ tenant "u" {
         let text = compiler::diag::render(&sources, d);
         assert!(text.contains("u.kdl:2:"), "the span is the value: {text}");
     }
+    let bad = "tenant \"u\" {\n    network \"app\" site=\"s\" cidr=\"10.20.0.0/24\" ipv6=\"fd00:20::/64\"\n}\n";
+    let files = vec![("c.kdl", SMALL.to_owned()), ("u.kdl", bad.to_owned())];
+    let (_, c) = compiled(&files);
+    let d = c
+        .diagnostics
+        .iter()
+        .find(|d| d.code == "cairn::check::ipv6_without_gateway")
+        .unwrap_or_else(|| panic!("{:?}", c.diagnostics));
+    assert!(
+        d.message
+            .contains("network `app` has an IPv6 prefix but no gateway"),
+        "{}",
+        d.message
+    );
 }
