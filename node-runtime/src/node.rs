@@ -257,6 +257,7 @@ impl Node {
             vms.set_cgroups(crate::cgroups::Cgroups::detect(
                 &id,
                 config.sla.cgroup_parent.as_deref(),
+                config.sla.dedicated_cpus.as_deref(),
             ));
         } else {
             vms.set_cgroups(Err("--cgroups off".into()));

@@ -571,6 +571,14 @@ impl Vms {
         )
     }
 
+    /// The CPUs the node may dedicate and those free now (empty without cpusets).
+    pub fn dedicated_summary(&self) -> (String, String) {
+        self.cgroups
+            .as_ref()
+            .map(|cgroups| cgroups.dedicated_summary())
+            .unwrap_or_default()
+    }
+
     /// Stops the running spot VM of the lowest priority (ties: the largest resident
     /// memory first, then by name), saying `why` in its event and last exit; the VMM
     /// is killed at once (memory pressure does not wait for a grace period). Returns
