@@ -69,7 +69,12 @@ fn have_python_module(module: &str) -> bool {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+    // `cargo xtask` sets CARGO_MANIFEST_DIR when it runs us: prefer it to the
+    // compile-time path, which names another checkout when target/ is shared.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+    let root = manifest_dir
         .parent()
         .context("xtask lives in the workspace")?
         .to_owned();
