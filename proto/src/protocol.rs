@@ -35,7 +35,11 @@
 //! `StartFt`, `PromoteFt`, `StopFt`, their `FtResult`, and `VmStatus.ft` (`VmFt`), and
 //! issue 15's writer sessions for remote data: `ClientWriteRequest.writer_boot` and
 //! `ClientWriteResponse.writer_boot` (a client sets the field only after a 1.6 writer
-//! gave it one, so it still writes through 1.5 writers).
+//! gave it one, so it still writes through 1.5 writers); also issue 20's
+//! `CreateVm.dedicated_cpus` with `VmStatus.dedicated_cpus` and
+//! `NodeUsage.dedicated_cpus`/`dedicated_cpus_free`, the zswap figures of Observe, and
+//! issue 19's `ApplyNetworkSegment.ipv6_gateway` (left empty for a network without
+//! IPv6, so a 1.5 node sees the same segment).
 
 use crate::v1;
 
