@@ -121,36 +121,44 @@ pub(crate) fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> 
     }
 }
 
-/// `cairn apply --auto-approve` with the migration hold hook at `point`; kills the
-/// VMM of `mv` on `victim` with SIGKILL when the hold is reached; returns the run.
-fn apply_killing(cluster: &Cluster, point: &str, victim: &str) -> crate::Run {
-    let marker = cluster.path().join(format!("hold-{point}"));
+/// `cairn apply --auto-approve` with the migration hold hook at `point` (holding
+/// `hold_ms`, the hook touching `marker`); kills the VMM of `mv` on `victim` with
+/// SIGKILL when the hold is reached; returns the run.
+pub(crate) fn apply_held(
+    cluster: &Cluster,
+    point: &str,
+    marker: &Path,
+    hold_ms: u64,
+    victim: Option<&str>,
+) -> crate::Run {
     let child = cluster
         .command(&["apply", ".", "--auto-approve"])
         .env(
             "CAIRN_MIGRATE_HOLD",
-            format!("{point}:{}:1500", marker.display()),
+            format!("{point}:{}:{hold_ms}", marker.display()),
         )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("cairn apply runs");
-    wait_for("the hold", Duration::from_secs(60), || {
+    wait_for("the hold", Duration::from_secs(120), || {
         marker.exists().then_some(())
     });
-    let (pid, _) = vmm_on(cluster, victim).expect("the victim's VMM runs");
-    let killed = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(killed, "kill -9 {pid}");
-    let out = child.wait_with_output().expect("cairn apply ends");
-    crate::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    if let Some(victim) = victim {
+        let (pid, _) = vmm_on(cluster, victim).expect("the victim's VMM runs");
+        let killed = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(killed, "kill -9 {pid}");
     }
+    run_of(child.wait_with_output().expect("cairn apply ends"))
+}
+
+fn apply_killing(cluster: &Cluster, point: &str, victim: &str) -> crate::Run {
+    let marker = cluster.path().join(format!("hold-{point}"));
+    apply_held(cluster, point, &marker, 1500, Some(victim))
 }
 
 #[test]

@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use crate::TempDir;
 use crate::engine::{Cluster, free_port, kvm_usable};
-use crate::migration::{heartbeat_logs, heartbeats, two_node_specs, vm_row, vmm_on, wait_for};
+use crate::migration::{
+    apply_held, heartbeat_logs, heartbeats, two_node_specs, vm_row, vmm_on, wait_for,
+};
 
 const VOLUME: &str = "mv-data";
 
@@ -138,36 +140,10 @@ fn apply_writing(
         acked.clone(),
         first_seed,
     );
-    let child = cluster
-        .command(&["apply", ".", "--auto-approve"])
-        .env(
-            "CAIRN_MIGRATE_HOLD",
-            format!("{point}:{}:2000", marker.display()),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cairn apply runs");
-    wait_for("the hold", Duration::from_secs(120), || {
-        marker.exists().then_some(())
-    });
-    if let Some(victim) = kill {
-        let (pid, _) = vmm_on(cluster, victim).expect("the victim's VMM runs");
-        let killed = Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(killed, "kill -9 {pid}");
-    }
-    let out = child.wait_with_output().expect("cairn apply ends");
+    let run = apply_held(cluster, point, &marker, 2000, kill);
     stop.store(true, Ordering::SeqCst);
     writer.join().expect("the writer thread");
-    crate::Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    run
 }
 
 /// Every acknowledged write reads back (through the node the VM runs on now).
