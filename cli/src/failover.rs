@@ -102,7 +102,12 @@ pub fn failover(
     let mut drills = vec![];
     for (vm, dr_site) in targets {
         let drill = match prepare(&desired, &observed, vm, &dr_site) {
-            Ok((node, snapshot, at, clones)) => {
+            Ok(DrillSource {
+                node,
+                snapshot,
+                at_unix_ms: at,
+                clones,
+            }) => {
                 let address = spec[&node].address.clone();
                 let (passed, restore_ms, detail) = rt
                     .block_on(run(
@@ -168,15 +173,24 @@ pub fn failover(
     })
 }
 
-/// The DR copies' writer, the newest snapshot every disk's DR copy committed, its
-/// time, and (DR copy, clone) per disk; or why the VM cannot be drilled.
-#[allow(clippy::type_complexity)]
+/// What a drill of one VM boots from.
+struct DrillSource {
+    /// The node that writes every DR copy of the VM's disks.
+    node: String,
+    /// The newest snapshot every DR copy committed, and its time.
+    snapshot: String,
+    at_unix_ms: u64,
+    /// (DR copy, clone) per disk.
+    clones: Vec<(String, String)>,
+}
+
+/// What a drill of `vm` at `dr_site` boots from, or why the VM cannot be drilled.
 fn prepare(
     desired: &desired::Desired,
     observed: &Observed,
     vm: &compiler::model::Vm,
     dr_site: &str,
-) -> Result<(String, String, u64, Vec<(String, String)>), String> {
+) -> Result<DrillSource, String> {
     let mut node: Option<String> = None;
     let mut snapshot: Option<(String, u64)> = None;
     let mut clones = vec![];
@@ -233,7 +247,12 @@ fn prepare(
     let (Some(node), Some((snapshot, at))) = (node, snapshot) else {
         return Err("it has no disk".into());
     };
-    Ok((node, snapshot, at, clones))
+    Ok(DrillSource {
+        node,
+        snapshot,
+        at_unix_ms: at,
+        clones,
+    })
 }
 
 /// Clones, defines, starts, waits for running and healthy, then removes everything:
