@@ -10,7 +10,7 @@
 //! |---|---|---|---|
 //! | primary, protecting | holds it (no fence deadline: a witness outage stops no healthy pair) | fenced | nothing |
 //! | primary, `secondary-lost` or acknowledgements stalled ([`stale_after`]) | the grant's end becomes the VMM's fence deadline, then `ft-stop` (held output released, runs alone) | fenced | output stays held; the VMM stops at its last grant's end (fenced at once when that has passed) |
-//! | secondary, `primary-lost` or checkpoints stalled | PromoteFt | waits while the holder's grant runs out; gives up (`ft-stop`) once the holder renews with the link broken | waits: never promotes without a grant |
+//! | secondary, `primary-lost` or checkpoints stalled | PromoteFt | waits while the holder's grant runs out; gives up (`ft-stop`) once the holder proves it lives (two renewals, [`Guard::holder_renewed`]) with the link broken | waits: never promotes without a grant |
 //! | running alone (`unprotected`, `promoted`) | renews; the fence deadline moves to the claim's send time + the lease | fenced | the VMM stops at its deadline |
 //!
 //! A silent partition blocks the VMMs' reads without an error: hence the stalls.
@@ -48,9 +48,12 @@ pub struct Guard {
     pub number: u64,
     /// The last thing the guard did or saw, in words (Observe's `VmFt.guard`).
     pub last: String,
-    /// Secondary, refused: the holder's grant end (`CLOCK_BOOTTIME` ns) at the first
-    /// refusal; a later end means the holder renewed it and lives.
+    /// Secondary, refused: the latest the holder's grant could end (`CLOCK_BOOTTIME`
+    /// ns) as of the first refusal, then as of its last proven renewal.
     refused_end_ns: u64,
+    /// Secondary, refused: renewals by the holder proven since the first refusal (one
+    /// can be a claim the holder sent before it died; two mean it lives).
+    renewals_seen: u8,
     /// Running alone after this guard's `ft-stop` or promotion.
     alone: bool,
     /// The end of this side's last grant (`CLOCK_BOOTTIME` ns; 0: none).
@@ -64,6 +67,25 @@ pub struct Guard {
     done: bool,
     /// Which [`Guards::set`] made it (a newer one replaces what an older look saw).
     generation: u64,
+}
+
+impl Guard {
+    /// A secondary refused with the holder's grant ending between `earliest` and
+    /// `latest`: whether the holder has proved it lives, by renewing twice since the
+    /// first refusal. A renewal counts only when its earliest end passes the latest the
+    /// previous one could end, so a late answer proves nothing; and one renewal can be
+    /// a claim the holder sent just before its VMM died. With the link broken (the
+    /// primary VMM is gone or ended it), such a secondary gives up; with checkpoints
+    /// only stalled, it waits (never promoted meanwhile).
+    fn holder_renewed(&mut self, earliest: u64, latest: u64) -> bool {
+        if self.refused_end_ns == 0 {
+            self.refused_end_ns = latest;
+        } else if earliest > self.refused_end_ns {
+            self.refused_end_ns = latest;
+            self.renewals_seen = self.renewals_seen.saturating_add(1);
+        }
+        self.renewals_seen >= 2
+    }
 }
 
 /// The node's guarded VMs.
@@ -132,8 +154,10 @@ impl Guards {
 enum Claim {
     /// Granted, valid until this `CLOCK_BOOTTIME` ns (the claim's send time + lease).
     Granted(u64),
-    /// Another holds it, until this `CLOCK_BOOTTIME` ns as the witness counts.
-    Refused(u64),
+    /// Another holds it. The grant's end in `CLOCK_BOOTTIME` ns lies between the two:
+    /// the claim's send time + the validity left, and its answer's arrival + the same
+    /// (the witness counted it in between). A late answer moves only the upper bound.
+    Refused { earliest: u64, latest: u64 },
     /// No answer.
     Unreachable(String),
 }
@@ -165,7 +189,10 @@ async fn claim(
             if grant.granted {
                 Claim::Granted(sent_ns + grant.lease_ms.min(guard.lease_ms) * 1_000_000)
             } else {
-                Claim::Refused(now + grant.valid_ms * 1_000_000)
+                Claim::Refused {
+                    earliest: sent_ns + grant.valid_ms * 1_000_000,
+                    latest: now + grant.valid_ms * 1_000_000,
+                }
             }
         }
         Err(status) => Claim::Unreachable(status.message().to_owned()),
@@ -308,7 +335,7 @@ async fn tend(
                     guard.last = format!("runs alone, holding {key} (grant {})", guard.number);
                 }
             }
-            Claim::Refused(_) => lost(node, vm, &mut guard, "").await,
+            Claim::Refused { .. } => lost(node, vm, &mut guard, "").await,
             Claim::Unreachable(error) => {
                 guard.last = format!(
                     "runs alone; the witness {} does not answer ({error}): the VMM stops at the end of its grant",
@@ -328,7 +355,7 @@ async fn tend(
                 }
                 guard.last = format!("protected, holding {key} (grant {})", guard.number);
             }
-            Claim::Refused(_) => {
+            Claim::Refused { .. } => {
                 lost(node, vm, &mut guard, "while this primary was protected, ").await
             }
             Claim::Unreachable(error) => {
@@ -366,7 +393,7 @@ async fn tend(
                 }
             }
             Claim::Granted(_) => guard.last = format!("{trouble}; the grant came too late to use"),
-            Claim::Refused(_) => lost(node, vm, &mut guard, &format!("{trouble}, and ")).await,
+            Claim::Refused { .. } => lost(node, vm, &mut guard, &format!("{trouble}, and ")).await,
             Claim::Unreachable(error) => {
                 // No lease, no running on: the VMM stops at the end of its last grant
                 // (at once when that has passed); its output stays held until then.
@@ -410,14 +437,9 @@ async fn tend(
                     }
                 }
             }
-            Claim::Refused(until) => {
-                if guard.refused_end_ns == 0 {
-                    guard.refused_end_ns = until;
-                }
-                // The holder renewed since the first refusal: it lives. With the link
-                // broken (its primary VMM is gone or ended it), this secondary gives up;
-                // with checkpoints only stalled, it waits (never promoted meanwhile).
-                let renewed = until > guard.refused_end_ns + 2 * EVERY.as_nanos() as u64;
+            Claim::Refused { earliest, latest } => {
+                let renewed = guard.holder_renewed(earliest, latest);
+                let until = latest;
                 if renewed && broken {
                     let stopped = node.vms.stop_ft(vm).await;
                     guard.last = format!(
@@ -454,6 +476,7 @@ async fn tend(
         }
     } else {
         guard.refused_end_ns = 0;
+        guard.renewals_seen = 0;
         guard.last = format!("{} {}: nothing to claim", status.role, status.phase);
     }
     guard
@@ -483,5 +506,36 @@ pub async fn run(node: Arc<Node>, local_address: Option<std::net::IpAddr>) {
             }
         }
         tokio::time::sleep_until(tick + EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Guard;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn late_answers_and_one_last_claim_do_not_prove_the_holder_lives() {
+        let mut guard = Guard::default();
+        // First refusal at t=1000 ms, answered at once: the grant ends at 1900 ms.
+        assert!(!guard.holder_renewed(1900 * MS, 1900 * MS));
+        // The same grant, its answer 400 ms late: the upper bound moves, nothing proven.
+        assert!(!guard.holder_renewed(1800 * MS, 2200 * MS));
+        // One renewal the dead holder had in flight (sent before it died, ends 2300 ms),
+        // then only the same grant seen again, late or not.
+        assert!(!guard.holder_renewed(2300 * MS, 2350 * MS));
+        assert!(!guard.holder_renewed(2250 * MS, 2600 * MS));
+        assert!(!guard.holder_renewed(2300 * MS, 2300 * MS));
+        assert_eq!(guard.renewals_seen, 1);
+    }
+
+    #[test]
+    fn a_holder_renewing_every_tick_is_seen_alive_after_two_renewals() {
+        let mut guard = Guard::default();
+        assert!(!guard.holder_renewed(1000 * MS, 1010 * MS));
+        // Renewed 100 ms later; answers take 10 ms.
+        assert!(!guard.holder_renewed(1100 * MS, 1110 * MS));
+        assert!(guard.holder_renewed(1200 * MS, 1210 * MS));
     }
 }
