@@ -39,7 +39,8 @@
 //! `CreateVm.dedicated_cpus` with `VmStatus.dedicated_cpus` and
 //! `NodeUsage.dedicated_cpus`/`dedicated_cpus_free`, the zswap figures of Observe, and
 //! issue 19's `ApplyNetworkSegment.ipv6_gateway` (left empty for a network without
-//! IPv6, so a 1.5 node sees the same segment).
+//! IPv6, so a 1.5 node sees the same segment) and `SegmentRemote.also_vtep` (a
+//! migrating VM's second destination, left empty otherwise).
 
 use crate::v1;
 
@@ -142,6 +143,50 @@ pub fn signature_hint(header: Option<&str>) -> Option<String> {
     })
 }
 
+/// A request field a node acts on only from some minor on. An older node decodes the
+/// request without it (prost drops unknown fields) and carries out the rest, so a
+/// caller must not send such a request to it: [`requires`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    /// The first minor (of [`MAJOR`]) that acts on it.
+    pub minor: u32,
+    /// What it is, for messages (`dedicated CPUs (CreateVm.dedicated_cpus)`).
+    pub what: &'static str,
+    /// What an older node does instead.
+    pub older: &'static str,
+}
+
+/// `CreateVm.dedicated_cpus` (a reserved sla-profile's `cpu-pinning=#true`): a 1.5
+/// node ignores it and runs the VM on the CPUs every VM shares.
+pub const DEDICATED_CPUS: Since = Since {
+    minor: 6,
+    what: "dedicated CPUs (CreateVm.dedicated_cpus)",
+    older: "ignores the field and runs the VM on the CPUs its other VMs share",
+};
+
+/// Whether `node`, which speaks `speaks`, acts on `feature` that `object` ("vm db")
+/// needs; `Err` says what is wrong and what would be right, `fix` naming the spec's
+/// way out ("remove cpu-pinning from its sla-profile").
+pub fn requires(
+    feature: Since,
+    speaks: &v1::ProtocolVersion,
+    node: &str,
+    object: &str,
+    fix: &str,
+) -> Result<(), String> {
+    if speaks.major > MAJOR || (speaks.major == MAJOR && speaks.minor >= feature.minor) {
+        return Ok(());
+    }
+    Err(format!(
+        "{object} needs {}, and node {node} speaks cairn.node protocol {}, which has them only from {MAJOR}.{} on: {node} {}. Upgrade cairn-node on {node} to {MAJOR}.{} or later, place {object} on a node that speaks it (a node affinity), or {fix}",
+        feature.what,
+        display(speaks),
+        feature.minor,
+        feature.older,
+        feature.minor,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +221,29 @@ mod tests {
         assert_eq!(signature_hint(None), None);
         let old_node = v1::GetInventoryResponse::default();
         assert_eq!(display(&of_inventory(&old_node)), "1.0");
+    }
+
+    #[test]
+    fn dedicated_cpus_are_refused_for_a_node_before_1_6_naming_vm_node_and_the_way_out() {
+        let version = |major, minor| v1::ProtocolVersion { major, minor };
+        let fix = "remove cpu-pinning from its sla-profile";
+        for ok in [version(1, 6), version(1, 7), version(2, 0)] {
+            assert_eq!(
+                requires(DEDICATED_CPUS, &ok, "lab-1", "vm db", fix),
+                Ok(()),
+                "{ok:?}"
+            );
+        }
+        assert_eq!(
+            requires(DEDICATED_CPUS, &version(1, 5), "lab-1", "vm db", fix),
+            Err("vm db needs dedicated CPUs (CreateVm.dedicated_cpus), and node lab-1 speaks cairn.node protocol 1.5, which has them only from 1.6 on: lab-1 ignores the field and runs the VM on the CPUs its other VMs share. Upgrade cairn-node on lab-1 to 1.6 or later, place vm db on a node that speaks it (a node affinity), or remove cpu-pinning from its sla-profile".to_owned())
+        );
+        // A node that reports no version is 1.0.
+        let silent = of_inventory(&v1::GetInventoryResponse::default());
+        assert!(
+            requires(DEDICATED_CPUS, &silent, "lab-2", "vm db", fix)
+                .is_err_and(|e| e.contains("speaks cairn.node protocol 1.0"))
+        );
+        const { assert!(DEDICATED_CPUS.minor <= MINOR, "this build acts on it") };
     }
 }

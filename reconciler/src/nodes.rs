@@ -37,6 +37,45 @@ pub enum NodeError {
         /// The node's message.
         message: String,
     },
+    /// Not sent: the node speaks a protocol version that would not carry it out as
+    /// asked ([`proto::protocol::requires`]).
+    #[error("{message}")]
+    Unsupported {
+        /// Node name.
+        node: String,
+        /// What is wrong and what would be right.
+        message: String,
+    },
+}
+
+/// A request `node` (speaking `speaks`) must not be sent, because it would not carry
+/// it out as asked: a VM with dedicated CPUs for a node before 1.6, which ignores
+/// `CreateVm.dedicated_cpus` (the VM would run unpinned while the plan says pinned).
+pub fn unsupported(
+    node: &str,
+    speaks: &v1::ProtocolVersion,
+    request: &v1::ApplyRequest,
+) -> Result<(), NodeError> {
+    let Some(v1::apply_request::Action::CreateVm(vm)) = &request.action else {
+        return Ok(());
+    };
+    if !vm.dedicated_cpus {
+        return Ok(());
+    }
+    proto::protocol::requires(
+        proto::protocol::DEDICATED_CPUS,
+        speaks,
+        node,
+        &format!("vm {}", vm.name),
+        &format!(
+            "remove cpu-pinning from its sla-profile `{}` (its VM then shares CPUs)",
+            vm.sla
+        ),
+    )
+    .map_err(|message| NodeError::Unsupported {
+        node: node.to_owned(),
+        message,
+    })
 }
 
 /// What the reconciler asks of node runtimes. Implementations are cheap to clone
@@ -72,6 +111,8 @@ pub struct GrpcNodes {
     signer: RequestSigner,
     clients: Arc<Mutex<BTreeMap<String, NodeClient>>>,
     usage: crate::usage::UsageBoard,
+    /// The protocol version each node reported in its last inventory, by node.
+    versions: Arc<std::sync::Mutex<BTreeMap<String, v1::ProtocolVersion>>>,
 }
 
 impl GrpcNodes {
@@ -81,6 +122,7 @@ impl GrpcNodes {
             signer,
             clients: Arc::default(),
             usage: Default::default(),
+            versions: Arc::default(),
         }
     }
 
@@ -129,6 +171,10 @@ impl NodeApi for GrpcNodes {
             ));
         }
         let speaks = proto::protocol::of_inventory(&inventory);
+        self.versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node.name.clone(), speaks);
         if speaks.major != proto::protocol::MAJOR {
             return Err(format!(
                 "node {} speaks cairn.node protocol {}, this controller {}: upgrade {} (nodes are upgraded before controllers); its objects are left alone",
@@ -160,6 +206,28 @@ impl NodeApi for GrpcNodes {
         request: v1::ApplyRequest,
     ) -> Result<v1::ApplyResponse, NodeError> {
         let mut client = self.client(node, address).await?;
+        if unsupported(node, &proto::protocol::current(), &request).is_ok()
+            && unsupported(node, &v1::ProtocolVersion::default(), &request).is_err()
+        {
+            // Only a request that needs a newer node than some: its node's version,
+            // from its last inventory (asked now when this process has none).
+            let known = self
+                .versions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(node)
+                .copied();
+            let speaks = match known {
+                Some(speaks) => speaks,
+                None => proto::protocol::of_inventory(
+                    &client
+                        .get_inventory()
+                        .await
+                        .map_err(|s| refused(node, &s))?,
+                ),
+            };
+            unsupported(node, &speaks, &request)?;
+        }
         client.apply(request).await.map_err(|s| refused(node, &s))
     }
 
@@ -203,4 +271,55 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+
+    fn create_vm(dedicated_cpus: bool) -> v1::ApplyRequest {
+        v1::ApplyRequest {
+            request_id: "r1".into(),
+            action: Some(v1::apply_request::Action::CreateVm(v1::CreateVm {
+                name: "db".into(),
+                sla: "pinned".into(),
+                dedicated_cpus,
+                ..Default::default()
+            })),
+        }
+    }
+
+    #[test]
+    fn a_pinned_vm_is_not_sent_to_a_node_before_1_6_and_the_error_names_vm_node_and_fixes() {
+        let old = v1::ProtocolVersion { major: 1, minor: 5 };
+        let Err(NodeError::Unsupported { node, message }) =
+            unsupported("lab-1", &old, &create_vm(true))
+        else {
+            panic!("a pinned VM for a 1.5 node is refused");
+        };
+        assert_eq!(node, "lab-1");
+        for part in [
+            "vm db needs dedicated CPUs",
+            "node lab-1 speaks cairn.node protocol 1.5",
+            "Upgrade cairn-node on lab-1 to 1.6 or later",
+            "place vm db on a node that speaks it",
+            "remove cpu-pinning from its sla-profile `pinned`",
+        ] {
+            assert!(message.contains(part), "{part:?} in {message}");
+        }
+        // The same VM unpinned goes to a 1.5 node; the pinned one to a 1.6 node.
+        assert_eq!(unsupported("lab-1", &old, &create_vm(false)), Ok(()));
+        assert_eq!(
+            unsupported("lab-1", &proto::protocol::current(), &create_vm(true)),
+            Ok(())
+        );
+        // Other actions are not gated.
+        let start = v1::ApplyRequest {
+            request_id: "r2".into(),
+            action: Some(v1::apply_request::Action::StartVm(v1::StartVm {
+                name: "db".into(),
+            })),
+        };
+        assert_eq!(unsupported("lab-1", &old, &start), Ok(()));
+    }
 }
