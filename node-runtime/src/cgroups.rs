@@ -314,6 +314,88 @@ pub(crate) fn join(mount: &str, relative: &str) -> PathBuf {
     ))
 }
 
+/// The name of a node's parent cgroup below `cairn-`: `NAME-HASH`, the hash of its
+/// data directory as given (nodes of several dev clusters or tests share a host and
+/// their names, lab-1; each prunes only its own parent's VM cgroups).
+pub fn node_id(name: &str, data_dir: &std::ffi::OsStr) -> String {
+    format!(
+        "{name}-{:08x}",
+        network::fnv1a(data_dir.as_encoded_bytes()) as u32
+    )
+}
+
+/// The node ids ([`node_id`]) of the `cairn-node` processes running on this host, from
+/// their command lines (`--name`, `--data-dir`).
+pub fn live_node_ids() -> std::collections::BTreeSet<String> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .filter_map(|cmdline| node_id_of_cmdline(&cmdline))
+        .collect()
+}
+
+/// The node id of a `cairn-node` command line (NUL-separated), if it is one.
+fn node_id_of_cmdline(cmdline: &[u8]) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let program = std::path::Path::new(std::ffi::OsStr::from_bytes(args.first()?));
+    if program.file_name()? != "cairn-node" {
+        return None;
+    }
+    let value = |flag: &str| {
+        let with_equals = format!("{flag}=");
+        args.iter().enumerate().find_map(|(i, arg)| {
+            if *arg == flag.as_bytes() {
+                args.get(i + 1).copied()
+            } else {
+                arg.strip_prefix(with_equals.as_bytes())
+            }
+        })
+    };
+    let name = std::str::from_utf8(value("--name")?).ok()?;
+    Some(node_id(
+        name,
+        std::ffi::OsStr::from_bytes(value("--data-dir")?),
+    ))
+}
+
+/// Whether `dir` names a node parent of the node called `name`: `cairn-NAME-HASH`.
+fn is_parent_of(dir: &str, name: &str) -> bool {
+    dir.strip_prefix("cairn-")
+        .and_then(|rest| rest.strip_prefix(name))
+        .and_then(|rest| rest.strip_prefix('-'))
+        .is_some_and(|hash| hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Removes `dir` and the cgroups below it, deepest first, where no process is in
+/// them (rmdir only: the kernel refuses a cgroup with tasks or children). Returns
+/// whether `dir` is gone.
+fn remove_empty_tree(dir: &Path) -> bool {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_tree(&entry.path());
+            }
+        }
+    }
+    if !read_pids(&dir.join("cgroup.procs")).is_empty() {
+        return false;
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => true,
+        Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
 impl Cgroups {
     /// Detects the hierarchy on this host and makes the node's parent cgroup,
     /// `cairn-NODE`, below `parent` (a path below each hierarchy's mount) or else the
@@ -860,8 +942,9 @@ impl Cgroups {
         Ok(())
     }
 
-    /// The VMs that have a cgroup under the node's parent (any hierarchy).
-    pub fn list(&self) -> Vec<String> {
+    /// The node's parent directories: v1 cpu, memory and (when it has one) cpuset;
+    /// v2 the one parent.
+    pub fn parents(&self) -> Vec<PathBuf> {
         let mut parents = match &self.version {
             Version::V1 { cpu, memory } => vec![cpu.clone(), memory.clone()],
             Version::V2 { parent } => vec![parent.clone()],
@@ -869,7 +952,99 @@ impl Cgroups {
         if let Some(cpusets) = self.cpusets.as_ref().filter(|c| c.separate()) {
             parents.push(cpusets.parent_dir().to_path_buf());
         }
-        vm_names(&parents)
+        parents.dedup();
+        parents
+    }
+
+    /// Whether no process is in any of the VM's cgroups.
+    fn vm_is_empty(&self, vm: &str) -> bool {
+        let mut dirs = self.dirs(vm);
+        if let Some(cpusets) = self.cpusets.as_ref().filter(|c| c.separate()) {
+            dirs.push(cpusets.dir(vm));
+        }
+        dirs.iter()
+            .all(|dir| read_pids(&dir.join("cgroup.procs")).is_empty())
+    }
+
+    /// At a clean exit: removes the cgroups of the VMs no process runs in, then the
+    /// node's parents where they are empty. A VMM that outlives the agent (to be
+    /// adopted by the next one) keeps its cgroup, its dedicated CPUs and so the
+    /// parent. Returns one line per parent: removed, or why it stays.
+    pub fn remove_on_exit(&self) -> Vec<String> {
+        let vms = self.list();
+        let running: Vec<&String> = vms.iter().filter(|vm| !self.vm_is_empty(vm)).collect();
+        for vm in vms.iter().filter(|vm| !running.contains(vm)) {
+            let _ = self.remove(vm);
+        }
+        self.parents()
+            .into_iter()
+            .map(|parent| match std::fs::remove_dir(&parent) {
+                Ok(()) => format!("removed its cgroup {}", parent.display()),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    format!("its cgroup {} was gone", parent.display())
+                }
+                Err(error) => format!(
+                    "its cgroup {} stays ({error}): {} VM(s) still run in it{}",
+                    parent.display(),
+                    running.len(),
+                    if running.is_empty() {
+                        String::new()
+                    } else {
+                        format!(
+                            " ({})",
+                            running
+                                .iter()
+                                .map(|v| v.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    }
+                ),
+            })
+            .collect()
+    }
+
+    /// At start: removes the parents of earlier nodes of this node's name (`cairn-NAME-*`
+    /// beside its own, in every hierarchy it uses) that no running `cairn-node` owns
+    /// (`live`: [`live_node_ids`]) and no process is in: nodes killed before their
+    /// exit (kill -9, a crash, a test's end) leave them. Returns the directories
+    /// removed.
+    pub fn remove_stale_parents(
+        &self,
+        name: &str,
+        live: &std::collections::BTreeSet<String>,
+    ) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for parent in self.parents() {
+            let Some(beside) = parent.parent() else {
+                continue;
+            };
+            let Ok(entries) = std::fs::read_dir(beside) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Some(dir) = entry.file_name().to_str().map(str::to_owned) else {
+                    continue;
+                };
+                if path == parent
+                    || !is_parent_of(&dir, name)
+                    || live.contains(&dir["cairn-".len()..])
+                    || !entry.file_type().is_ok_and(|t| t.is_dir())
+                {
+                    continue;
+                }
+                if remove_empty_tree(&path) {
+                    removed.push(path);
+                }
+            }
+        }
+        removed
+    }
+
+    /// The VMs that have a cgroup under the node's parent (any hierarchy).
+    pub fn list(&self) -> Vec<String> {
+        vm_names(&self.parents())
     }
 
     /// Whether the VM's cgroup exists (any of its directories).

@@ -249,11 +249,7 @@ impl Node {
             // tests share a host and their names (lab-1), and a node prunes the VM
             // cgroups under its parent that it does not keep (CI saw one node remove
             // another's fresh VM cgroup: its VMM's spawn failed with ENODEV).
-            let id = format!(
-                "{}-{:08x}",
-                config.name,
-                network::fnv1a(data_dir.as_os_str().as_encoded_bytes()) as u32
-            );
+            let id = crate::cgroups::node_id(&config.name, data_dir.as_os_str());
             vms.set_cgroups(crate::cgroups::Cgroups::detect(
                 &id,
                 config.sla.cgroup_parent.as_deref(),

@@ -107,6 +107,9 @@ pub async fn run(
     for line in node.vms.prune_cgroups().await {
         println!("cairn-node {}: {line}", node.config.name);
     }
+    for line in node.vms.remove_stale_cgroup_parents(&node.config.name) {
+        println!("cairn-node {}: {line}", node.config.name);
+    }
     let below = node.config.sla.preempt_below_available;
     if below > 0 {
         println!(
@@ -293,6 +296,14 @@ pub async fn run(
     node.exports.shutdown().await;
     if node.config.stop_vms_on_exit {
         node.vms.kill_all().await;
+    }
+    // A clean exit leaves no empty cgroup behind (a VMM that runs on keeps its own).
+    for line in node
+        .vms
+        .remove_cgroups_on_exit(node.config.stop_vms_on_exit)
+        .await
+    {
+        println!("cairn-node {}: {line}", node.config.name);
     }
     let _ = std::fs::remove_file(&address_file);
     result?;

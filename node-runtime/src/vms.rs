@@ -634,6 +634,45 @@ impl Vms {
             .collect()
     }
 
+    /// At start: removes the empty parent cgroups that earlier nodes of this name left
+    /// (killed before their exit) and no running node owns; one line per removal.
+    pub fn remove_stale_cgroup_parents(&self, name: &str) -> Vec<String> {
+        let Some(cgroups) = &self.cgroups else {
+            return Vec::new();
+        };
+        cgroups
+            .remove_stale_parents(name, &crate::cgroups::live_node_ids())
+            .into_iter()
+            .map(|dir| {
+                format!(
+                    "removed {}, an empty cgroup an earlier node of this name left",
+                    dir.display()
+                )
+            })
+            .collect()
+    }
+
+    /// At a clean exit: the cgroups of VMs no process runs in, then the node's parent
+    /// cgroups where empty (a VMM that outlives the agent keeps its own and the
+    /// parent). With `wait`, the VMMs were just killed: gives them up to a second to
+    /// leave their cgroups. One line per parent.
+    pub async fn remove_cgroups_on_exit(&self, wait: bool) -> Vec<String> {
+        let Some(cgroups) = &self.cgroups else {
+            return Vec::new();
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let lines = cgroups.remove_on_exit();
+            if !wait
+                || std::time::Instant::now() >= deadline
+                || lines.iter().all(|l| !l.contains(" stays ("))
+            {
+                return lines;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Writes the class's values into the VM's cgroup where they differ (and, for a
     /// running VMM, moves it in if it is not there), publishing what was repaired.
     fn repair_cgroup(&self, definition: &v1::CreateVm, pid: u32, state: VmState) {

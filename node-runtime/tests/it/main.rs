@@ -7,6 +7,7 @@ mod auth;
 mod auto_snapshots;
 mod bad_input;
 mod bonds;
+mod cgroup_parents;
 mod copies;
 mod counters;
 mod delta_replication;
