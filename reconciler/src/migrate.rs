@@ -474,6 +474,7 @@ async fn abort_as<N: NodeApi>(
         }),
     )
     .await;
+    notes.extend(release_destination(p, store, nodes).await);
     let mut error = format!("live migration to {} aborted: {why}", p.to);
     if !notes.is_empty() {
         error.push_str(&format!(" ({})", notes.join("; ")));
@@ -493,6 +494,61 @@ async fn abort_as<N: NodeApi>(
         error.push_str(&format!(" (the abort's record: {e})"));
     }
     error
+}
+
+/// After an abort: a destination without a copy that [`ready_volumes`] made a client
+/// of the VM's volumes leaves their clients again (the VM runs on the source alone,
+/// so without this a `cairn apply` with no controller, whose `set_clients` would
+/// drop it, left it there for good), and the new epoch is installed on the copies,
+/// the clients and the destination. Returns notes for what failed: the abort
+/// stands either way.
+async fn release_destination<N: NodeApi>(
+    p: &Parts<'_>,
+    store: &dyn StateStore,
+    nodes: &N,
+) -> Vec<String> {
+    let authority = match authority(p, store) {
+        Ok(Some(authority)) => authority,
+        Ok(None) => return vec![],
+        Err(e) => return vec![e],
+    };
+    let to = p.to.to_owned();
+    let reason = format!(
+        "the live migration of {} to {to} was aborted: it runs on {} alone",
+        p.name, p.from
+    );
+    let mut notes = vec![];
+    for volume in p.volumes {
+        let client =
+            |state: &VolumeEpoch| !state.copies.contains(&to) && state.clients.contains(&to);
+        match authority.get(&volume.name) {
+            Ok(Some(state)) if client(&state) => {}
+            Ok(_) => continue,
+            Err(e) => {
+                notes.push(format!("volume {}: {e}", volume.name));
+                continue;
+            }
+        }
+        let changed = change_epoch(&authority, &volume.name, |authority, state| {
+            client(state).then(|| {
+                let mut clients = state.clients.clone();
+                clients.remove(&to);
+                authority.set_clients(&state.volume, state.epoch, &clients, &reason)
+            })
+        });
+        let installed = match changed {
+            Ok(state) => install_everywhere(p, &state, &[p.to], &state.writer, true, nodes).await,
+            Err(e) => Err(e),
+        };
+        match installed {
+            Ok(more) => notes.extend(more),
+            Err(e) => notes.push(format!(
+                "{to} is still a client of volume {}: {e}",
+                volume.name
+            )),
+        }
+    }
+    notes
 }
 
 /// Finishes every migration whose last record is `committed` (the record names the
@@ -1228,6 +1284,55 @@ mod tests {
             "{:?}",
             calls(&fake2)
         );
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir2).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_abort_before_the_commit_takes_a_copyless_destination_out_of_the_clients() {
+        let (dir, store, fake) = lab();
+        fake.failing.lock().unwrap().insert("src migrate_vm".into());
+        let error = run(&step_with_disk(&["src", "third"]), "e.0", &store, &fake)
+            .await
+            .unwrap_err();
+        assert!(error.contains("aborted"), "{error}");
+        let state = store
+            .epoch_authority()
+            .unwrap()
+            .get("mv-data")
+            .unwrap()
+            .unwrap();
+        assert!(state.clients.is_empty(), "{state:?}");
+        assert_eq!(state.writer, "src");
+        // Adopted (1), dst a client (2), dst out again (3), installed on the copies
+        // and on dst, after the destination's VM was deleted.
+        assert_eq!(state.epoch, 3, "{state:?}");
+        let calls = calls(&fake);
+        let deleted = calls.iter().position(|c| c == "dst delete_vm").unwrap();
+        let after: BTreeSet<&str> = calls[deleted..].iter().map(String::as_str).collect();
+        for node in ["src", "third", "dst"] {
+            assert!(
+                after.contains(format!("{node} set_volume_epoch").as_str()),
+                "{calls:?}"
+            );
+        }
+        // A destination holding a copy keeps it: nothing changes at the abort.
+        let (dir2, store2, fake2) = lab();
+        fake2
+            .failing
+            .lock()
+            .unwrap()
+            .insert("src migrate_vm".into());
+        run(&step_with_disk(&["src", "dst"]), "e.0", &store2, &fake2)
+            .await
+            .unwrap_err();
+        let state = store2
+            .epoch_authority()
+            .unwrap()
+            .get("mv-data")
+            .unwrap()
+            .unwrap();
+        assert_eq!((state.epoch, state.writer.as_str()), (1, "src"));
         std::fs::remove_dir_all(dir).unwrap();
         std::fs::remove_dir_all(dir2).unwrap();
     }

@@ -227,7 +227,7 @@ pub fn plan_against_with(
     };
     move_off(model, &mut placement, &options.crash_moves);
     move_preempted(model, &mut placement, &options.preempted);
-    keep_off(model, previous, &mut placement, options);
+    keep_off(model, previous, &mut placement, options, &observed);
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
     desired.moved_writers = options
@@ -395,16 +395,19 @@ pub fn move_preempted(
 /// restart, a crash move) goes where the placement with those nodes (and the failed
 /// ones) out of service puts it, with its new volumes; when that has no room for
 /// it, it is unplaced, saying why. The VMs already on a node in maintenance that can
-/// move live (no disks, no NICs) are drained: placed elsewhere the same way (a live
-/// migration when they run), or left where they are when no other node has room;
-/// the others stay (their disks' writer cannot be handed over at a commit yet, and
-/// the nodes' namespaces have no migration address). Nothing else moves. Returns the
+/// move live are drained: placed elsewhere the same way (a live migration when they
+/// run; their disks stay, their writer is handed over at the commit), or left where
+/// they are when no other node has room. A VM with NICs can move live only between
+/// nodes that report a migration address in their network namespace (`observed`,
+/// [`Observed::nic_migration_address`]): it is drained when its node reports one and
+/// the node it would go to does too, else it stays. Nothing else moves. Returns the
 /// VMs it kept off or drained.
 pub fn keep_off(
     model: &compiler::Model,
     previous: &Placement,
     placement: &mut Placement,
     options: &PlanOptions,
+    observed: &Observed,
 ) -> Vec<String> {
     let mut maintenance = model.nodes_in_maintenance();
     maintenance.extend(options.maintenance.iter().cloned());
@@ -414,17 +417,22 @@ pub fn keep_off(
         .iter()
         .map(|v| (v.name.as_str(), v.node.as_str()))
         .collect();
+    // Whether a VM with NICs can move live to or from `node` (`plan::vms::live_refusal`
+    // asks the same of both nodes).
+    let has_nics = |vm: &str| model.vm(vm).is_some_and(|m| !m.nics.is_empty());
+    let nic_ready = |node: &str| observed.nic_migration_address(node).is_some();
     // A new VM or one moved there, and (the drain) a VM that was there and can move
     // live (`plan::vms`, when it runs; its disks stay, their writer is handed over at
-    // the commit): without NICs (this placement has no observation to tell whether
-    // both nodes report a migration address). The others stay, as before.
+    // the commit): with NICs only when its node reports a migration address (the
+    // destination's is checked once it is placed). The others stay, as before.
     let landed: Vec<String> = placement
         .vms
         .iter()
         .filter(|v| {
             maintenance.contains(&v.node)
                 && (before.get(v.name.as_str()) != Some(&v.node.as_str())
-                    || model.vm(&v.name).is_some_and(|m| m.nics.is_empty()))
+                    || !has_nics(&v.name)
+                    || nic_ready(&v.node))
         })
         .map(|v| v.name.clone())
         .collect();
@@ -480,8 +488,13 @@ pub fn keep_off(
                 .find(|v| v.name == *vm && !out.contains(&v.node))
                 .cloned()
         };
-        if drained && fits.is_none() {
-            // No room elsewhere: it stays where it runs until there is.
+        if drained
+            && fits
+                .as_ref()
+                .is_none_or(|f| has_nics(vm) && !nic_ready(&f.node))
+        {
+            // No room elsewhere (or, with NICs, no migration address where there is):
+            // it stays where it runs until there is.
             continue;
         }
         placement.moves.retain(|m| m.vm != *vm);
@@ -1006,7 +1019,13 @@ mod keep_off_tests {
             maintenance: BTreeSet::from([m.clone()]),
             ..Default::default()
         };
-        let kept = keep_off(&model, &previous, &mut placement, &options);
+        let kept = keep_off(
+            &model,
+            &previous,
+            &mut placement,
+            &options,
+            &Observed::default(),
+        );
         assert_eq!(kept, vec!["backup".to_owned()]);
         let now = node_of(&placement, "backup").expect("backup placed elsewhere");
         assert_ne!(now, m, "{placement:#?}");
@@ -1040,7 +1059,13 @@ mod keep_off_tests {
                 .collect(),
             ..Default::default()
         };
-        keep_off(&model, &previous, &mut placement, &every);
+        keep_off(
+            &model,
+            &previous,
+            &mut placement,
+            &every,
+            &Observed::default(),
+        );
         assert_eq!(node_of(&placement, "backup"), None);
         let unplaced = placement
             .unplaced
@@ -1126,7 +1151,13 @@ mod keep_off_tests {
             ..Default::default()
         };
         assert_eq!(
-            keep_off(&model, &previous, &mut placement, &options),
+            keep_off(
+                &model,
+                &previous,
+                &mut placement,
+                &options,
+                &Observed::default()
+            ),
             vec!["web-0".to_owned()]
         );
         assert_eq!(
@@ -1142,9 +1173,50 @@ mod keep_off_tests {
             "{:?}",
             placement.moves
         );
-        // web-1 has a NIC: it cannot move live, so the drain leaves it (issue 17).
+        // web-1 has a NIC and no node reports a migration address: it cannot move
+        // live, so the drain leaves it (issue 17).
         assert_eq!(node_of(&placement, "web-1"), Some("lab-3"), "stays");
         assert!(placement.unplaced.is_empty(), "{:?}", placement.unplaced);
+        // lab-3 reports one, lab-1 (the only node left) does not: it still stays.
+        let reports = |observed: &mut Observed, node: &str, address: &str| {
+            let wire = proto::v1::ObserveResponse {
+                networking: Some(proto::v1::Networking {
+                    migration_address: address.to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            observed.nodes.insert(
+                node.to_owned(),
+                crate::observe::from_wire(String::new(), wire),
+            );
+        };
+        let mut observed = Observed::default();
+        reports(&mut observed, "lab-3", "10.255.0.13");
+        reports(&mut observed, "lab-1", "");
+        let restart =
+            || desired::place_without(&model, &previous, &options.failed_nodes, &BTreeMap::new());
+        let mut placement = restart();
+        keep_off(&model, &previous, &mut placement, &options, &observed);
+        assert_eq!(node_of(&placement, "web-1"), Some("lab-3"), "stays");
+        // Both report one: web-1 is drained to lab-1 (a live migration when it runs).
+        reports(&mut observed, "lab-1", "10.255.0.11");
+        let mut placement = restart();
+        let kept = keep_off(&model, &previous, &mut placement, &options, &observed);
+        assert!(kept.contains(&"web-1".to_owned()), "{kept:?}");
+        assert_eq!(
+            node_of(&placement, "web-1"),
+            Some("lab-1"),
+            "{placement:#?}"
+        );
+        assert!(
+            placement
+                .moves
+                .iter()
+                .any(|m| m.vm == "web-1" && m.from == "lab-3" && m.reason.contains("drained")),
+            "{:?}",
+            placement.moves
+        );
     }
 }
 

@@ -19,6 +19,7 @@ mod image_disk;
 mod maintenance;
 mod migration;
 mod migration_disks;
+mod migration_nics;
 mod policy;
 mod protection;
 mod rebuild;
