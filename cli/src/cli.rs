@@ -465,6 +465,27 @@ pub enum ControllerCommand {
     /// Measure push → sync started and push → converged on a dev cluster of the
     /// quickstart's shape, and print medians per phase.
     Bench(controller::bench::BenchArgs),
+    /// Write the control plane's state in etcd (placement, plans, journal, epochs,
+    /// audit, events) to FILE, read at one revision; the election, the apply lock
+    /// and node lease grants are left out.
+    Backup {
+        /// The controllers' state store.
+        #[arg(long, value_name = "etcd://HOSTS/PREFIX")]
+        state: String,
+        /// The backup file (JSON lines; written whole or not at all).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Restore a backup into an empty etcd prefix (another etcd, or another prefix),
+    /// or finish a restore of the same file that was cut off. Controllers started on
+    /// it get fencing tokens above every token of the backed-up cluster.
+    Restore {
+        /// The empty state store to restore into.
+        #[arg(long, value_name = "etcd://HOSTS/PREFIX")]
+        state: String,
+        /// The backup file (`cairn controller backup`).
+        file: PathBuf,
+    },
 }
 
 fn duration_flag(flag: &str, text: &str) -> anyhow::Result<std::time::Duration> {
@@ -482,6 +503,10 @@ fn controller_cmd(args: ControllerArgs) -> anyhow::Result<u8> {
             controller::control::pause_or_resume(&data_dir, false, key.as_deref()),
         ),
         Some(ControllerCommand::Bench(b)) => controller::bench::run(b),
+        Some(ControllerCommand::Backup { state, out }) => crate::statebackup::backup(&state, &out),
+        Some(ControllerCommand::Restore { state, file }) => {
+            crate::statebackup::restore(&state, &file)
+        }
         None => {
             let run = args.run;
             let Some(repo) = run.repo else {

@@ -25,6 +25,7 @@ mod placecmd;
 mod policy_cmd;
 mod progress;
 mod simulate;
+mod statebackup;
 mod verify;
 mod vmcmd;
 mod volumecmd;

@@ -117,6 +117,15 @@ pub enum StateError {
         /// The event.
         event: String,
     },
+    /// The etcd store's prefix holds a restore that did not finish (`cairn controller
+    /// restore` was cut off): nothing may use it until the same restore is run again.
+    #[error("state store {url}: {message}")]
+    Unfinished {
+        /// The store's URL.
+        url: String,
+        /// What happened and what to do.
+        message: String,
+    },
     /// The etcd store failed (`--state etcd://…`, the `state-etcd` crate).
     #[error("state store {url}: {operation}: {message}")]
     Etcd {

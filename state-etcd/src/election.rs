@@ -15,6 +15,13 @@
 //! A new leader waits out one TTL after winning before its first node call
 //! (`not_before`): a node the old leader could still reach has by then either seen
 //! the old leader stop by its own timer, or the new leader's higher token first.
+//!
+//! The token nodes see is the create revision plus the store's token base
+//! (`PREFIX/meta/token_base`, absent: 0). A restore into a new etcd
+//! ([`crate::backup`]) starts its revisions low again; it sets the base above every
+//! token the backed-up cluster could have issued, so the nodes, which refuse a token
+//! lower than the highest they have seen, accept the restored control plane's leader.
+//! etcd's own compares use the revision ([`Election::revision_of`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -46,6 +53,8 @@ struct Inner {
     leader: Option<String>,
     terms: u64,
     won_at: Option<Instant>,
+    /// The token base read when the current term began.
+    base: u64,
 }
 
 /// One replica's side of the election.
@@ -93,6 +102,11 @@ impl Election {
     /// The fence this election sets.
     pub fn fence(&self) -> &SharedFence {
         &self.fence
+    }
+
+    /// The election key's create revision that `token` (as given to nodes) stands for.
+    pub fn revision_of(&self, token: i64) -> i64 {
+        token - self.inner().base as i64
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -191,6 +205,7 @@ impl Election {
                 None => break,
             }
         }
+        let base = token_base(&mut client, &self.key).await?;
         let sent = Instant::now();
         let lease = client.lease_grant(self.ttl.as_secs() as i64, None).await?;
         let granted = Duration::from_secs(lease.ttl().max(0) as u64);
@@ -210,10 +225,12 @@ impl Election {
             let _ = client.lease_revoke(lease.id()).await;
             return Ok(());
         }
-        let token = won.header().map_or(0, |h| h.revision());
+        let revision = won.header().map_or(0, |h| h.revision());
+        let token = revision + base as i64;
         let now = Instant::now();
         {
             let mut inner = self.inner();
+            inner.base = base;
             inner.lease = Some(lease.id());
             inner.leader = Some(self.me.clone());
             inner.terms += 1;
@@ -267,7 +284,7 @@ impl Election {
                     match client.get(self.key.as_str(), None).await {
                         Ok(current)
                             if current.kvs().first().map(|kv| kv.create_revision())
-                                == Some(state.token as i64) => {}
+                                == Some(self.revision_of(state.token as i64)) => {}
                         Ok(_) => return "the election key is no longer this term's".to_owned(),
                         Err(e) => return format!("reading the election key: {e}"),
                     }
@@ -285,6 +302,19 @@ impl Election {
             }
         }
     }
+}
+
+/// The token base of the store whose election key is `key` (`PREFIX/election`).
+async fn token_base(client: &mut Client, key: &str) -> Result<u64, etcd_client::Error> {
+    let prefix = key.strip_suffix("/election").unwrap_or(key);
+    let found = client
+        .get(format!("{prefix}/{}", crate::backup::TOKEN_BASE), None)
+        .await?;
+    Ok(found
+        .kvs()
+        .first()
+        .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.trim().parse().ok())
+        .unwrap_or(0))
 }
 
 #[cfg(test)]
@@ -470,7 +500,7 @@ mod tests {
                 match leader.store.journal("e", &record()) {
                     // Refused by etcd's compare: the store names the token.
                     Err(StateError::Fenced { why, .. })
-                        if why.contains(&format!("fencing token {token} is no longer")) =>
+                        if why.contains(&format!("fencing token {token} (election revision")) =>
                     {
                         Ok(token)
                     }

@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backup;
 pub mod election;
 mod epochs;
 pub mod log;

@@ -163,6 +163,22 @@ pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
 impl EtcdStore {
     /// Connects to the store at `url` (`etcd://…`) and checks its records' format.
     pub fn open(url: &str) -> Result<EtcdStore, StateError> {
+        let store = EtcdStore::connect(url)?;
+        // etcd may still be starting (or busy): retried for 10 s.
+        let deadline = std::time::Instant::now() + CALL_TIMEOUT;
+        loop {
+            match store.check_format() {
+                Err(StateError::Etcd { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                done => return done.map(|()| store),
+            }
+        }
+    }
+
+    /// Connects to the store at `url` without looking at its records (a backup or a
+    /// restore looks at them itself).
+    pub(crate) fn connect(url: &str) -> Result<EtcdStore, StateError> {
         let target = Target::parse(url).map_err(|message| StateError::Etcd {
             url: url.to_owned(),
             operation: "parse",
@@ -196,24 +212,14 @@ impl EtcdStore {
             .await
         };
         let client = block(&runtime, &url, "connect", connect)?;
-        let store = EtcdStore {
+        Ok(EtcdStore {
             target,
             url,
             client,
             runtime,
             audit_key: None,
             election: None,
-        };
-        // etcd may still be starting (or busy): retried for 10 s.
-        let deadline = std::time::Instant::now() + CALL_TIMEOUT;
-        loop {
-            match store.check_format() {
-                Err(StateError::Etcd { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                done => return done.map(|()| store),
-            }
-        }
+        })
     }
 
     /// The store's URL.
@@ -273,6 +279,10 @@ impl EtcdStore {
 
     fn check_format(&self) -> Result<(), StateError> {
         let key = self.target.key("meta/format_version");
+        let restoring = self.target.key(crate::backup::RESTORING);
+        if let Some((sha, _, _)) = self.get(crate::backup::RESTORING)? {
+            return Err(crate::backup::unfinished(self, &sha));
+        }
         match self.get_json::<u32>("meta/format_version")? {
             Some(found) if found > STATE_FORMAT_VERSION => Err(StateError::Newer {
                 path: self.url.clone(),
@@ -282,11 +292,21 @@ impl EtcdStore {
             None => {
                 // Not fenced: every replica writes the same value, once.
                 let bytes = serde_json::to_vec(&STATE_FORMAT_VERSION).expect("numbers serialize");
+                // Not while a restore began meanwhile (it writes the version last).
                 let txn = Txn::new()
-                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .when([
+                        Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                        Compare::create_revision(restoring, CompareOp::Equal, 0),
+                    ])
                     .and_then([TxnOp::put(key, bytes, None)]);
                 let mut client = self.client.clone();
-                self.run("write format version", async move { client.txn(txn).await })?;
+                let written =
+                    self.run("write format version", async move { client.txn(txn).await })?;
+                if !written.succeeded()
+                    && let Some((sha, _, _)) = self.get(crate::backup::RESTORING)?
+                {
+                    return Err(crate::backup::unfinished(self, &sha));
+                }
                 Ok(())
             }
         }
@@ -315,7 +335,11 @@ impl EtcdStore {
         let token = election.acting_token().map_err(|why| self.fenced(why))?;
         Ok(Some((
             token,
-            Compare::create_revision(election.key(), CompareOp::Equal, token),
+            Compare::create_revision(
+                election.key(),
+                CompareOp::Equal,
+                election.revision_of(token),
+            ),
         )))
     }
 
@@ -343,10 +367,11 @@ impl EtcdStore {
             let mut client = self.client.clone();
             let current = self.run(operation, async move { client.get(key, None).await })?;
             let now = current.kvs().first().map(|kv| kv.create_revision());
-            if now != Some(token) {
+            let revision = election.revision_of(token);
+            if now != Some(revision) {
                 election.deposed(token);
                 return Err(self.fenced(format!(
-                    "this controller's fencing token {token} is no longer the election key's create revision ({}): another controller leads",
+                    "this controller's fencing token {token} (election revision {revision}) is no longer the election key's create revision ({}): another controller leads",
                     now.map_or_else(|| "no leader".to_owned(), |r| r.to_string())
                 )));
             }

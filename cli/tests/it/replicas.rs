@@ -561,8 +561,124 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
             })
         },
     );
+
+    // The control plane lost and restored from a backup into a new etcd: the restored
+    // controller leads with a token above every token the nodes saw (its etcd's
+    // revisions start low again), syncs a new commit, ran nothing twice, and its
+    // audit chain is the old one.
+    let file = g.keys.0.join("state-backup.jsonl");
+    let backed = crate::cairn(
+        g.dir(),
+        &[
+            "controller",
+            "backup",
+            "--state",
+            &url,
+            "--out",
+            &file.display().to_string(),
+        ],
+    );
+    assert_eq!(backed.code, 0, "{}{}", backed.stdout, backed.stderr);
+    assert!(backed.stdout.contains("backed up"), "{}", backed.stdout);
+    let last_token = node_tokens(&g.data_dir()).into_iter().max().unwrap();
     drop(replicas);
     drop(etcd);
+    let new_dir = crate::TempDir::new("replicas-etcd-restored");
+    let new_etcd = state_etcd::testing::Etcd::start(
+        "127.0.0.31",
+        crate::simulate::free_ports("127.0.0.31", 2),
+        &new_dir.0,
+    )
+    .expect("the new etcd starts");
+    let new_url = new_etcd.url("restored");
+    let restored = crate::cairn(
+        g.dir(),
+        &[
+            "controller",
+            "restore",
+            "--state",
+            &new_url,
+            &file.display().to_string(),
+        ],
+    );
+    assert_eq!(restored.code, 0, "{}{}", restored.stdout, restored.stderr);
+    let again = crate::cairn(
+        g.dir(),
+        &[
+            "controller",
+            "restore",
+            "--state",
+            &new_url,
+            &file.display().to_string(),
+        ],
+    );
+    assert_eq!(again.code, 1, "{}{}", again.stdout, again.stderr);
+    assert!(
+        again.stderr.contains("only into an empty prefix"),
+        "{}",
+        again.stderr
+    );
+    let replicas = vec![Replica::start(&g, 0, &new_url, &[])];
+    wait(
+        "the restored controller leads",
+        Duration::from_secs(30),
+        &|| logs(&replicas),
+        || replicas[0].leading().then_some(()),
+    );
+    let restored_token = replicas[0].replicas()["fencing_token"].as_u64().unwrap();
+    assert!(
+        restored_token > last_token,
+        "the restored leader's token {restored_token} outranks the nodes' {last_token}"
+    );
+    wait(
+        "every node accepted the restored leader's token",
+        Duration::from_secs(30),
+        &|| logs(&replicas),
+        || {
+            node_tokens(&g.data_dir())
+                .iter()
+                .all(|t| *t == restored_token)
+                .then_some(())
+        },
+    );
+    std::fs::write(
+        g.dir().join("workloads.kdl"),
+        format!(
+            "{}{}",
+            std::fs::read_to_string(g.dir().join("workloads.kdl")).unwrap(),
+            VM_APP.replace("\"app\"", "\"app7\"")
+        ),
+    )
+    .unwrap();
+    let seventh = g.commit("trusted", "a seventh VM, after the restore");
+    g.push(false);
+    let synced = wait(
+        "the restored controller syncs it",
+        Duration::from_secs(90),
+        &|| logs(&replicas),
+        || replicas[0].has_event("sync", &seventh),
+    );
+    assert!(
+        synced["result"] == "succeeded" || synced["result"] == "partial",
+        "{synced}\n{}",
+        logs(&replicas)
+    );
+    let mut all = all.clone();
+    all.push("app6".into());
+    all.push("app7".into());
+    all_running_once(&g, &all, &|| logs(&replicas));
+    let verified = crate::cairn(
+        g.dir(),
+        &["audit", "verify", ".", "--state", &new_url, "--offline"],
+    );
+    assert_eq!(verified.code, 0, "{}{}", verified.stdout, verified.stderr);
+    eprintln!(
+        "restore: {} / {}; the restored leader's token {restored_token} (the nodes had {last_token})",
+        backed.stdout.trim(),
+        restored.stdout.trim()
+    );
+    drop(replicas);
+    drop(new_etcd);
 }
 
 /// `cairn controller pause|resume` through replica `r`, signed with the trusted key.
