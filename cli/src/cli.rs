@@ -332,7 +332,8 @@ pub enum Command {
 pub enum NodeCommand {
     /// Put a node in maintenance (no VM is placed on it any more: new VMs, HA
     /// restarts and crash moves go elsewhere; its volume copies are moved live to
-    /// other nodes; its VMs without disks or NICs migrate live to other nodes, at
+    /// other nodes; its VMs migrate live to other nodes (with NICs where both nodes
+    /// report a migration address), at
     /// most the site's max-moves and each group's max-unavailable at a time, in the
     /// order the plan shows; the others stay and are named) or take it out.
     Maintenance {

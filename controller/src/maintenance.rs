@@ -6,7 +6,8 @@
 //! maintenance mode): no VM is placed on the node that was not there before, so a
 //! new VM, an HA restart off a failed node and a crash move go elsewhere
 //! (`reconciler::pipeline::keep_off`, through `PlanOptions::maintenance`, in syncs
-//! and drift checks); the VMs on it that can move live (no disks, no NICs) are
+//! and drift checks); the VMs on it that can move live (their disks stay and their
+//! writer is handed over; with NICs when both nodes report a migration address) are
 //! drained by live migrations (`reconciler::migrate`, ordered within `max-moves` and
 //! `max-unavailable`); the others stay and keep running, and stay protected (HA,
 //! crash restarts in place). Entering maintenance with VMs on the node is accepted,
@@ -348,7 +349,7 @@ fn message(node: &str, on: bool, changed: bool, vms: &[String]) -> String {
         format!("{head}; no VM is placed on it: it may be powered off")
     } else {
         format!(
-            "{head}; {} VM{} still run{} on it: {}; those without disks or NICs migrate live to other nodes (the plan shows the order), the others stay: move them (a spec change, or stop them) before powering {node} off, or HA restarts the HA ones elsewhere when it fails",
+            "{head}; {} VM{} still run{} on it: {}; they migrate live to other nodes (the plan shows the order; their disks stay, their writer is handed over), those with NICs only where both nodes report a migration address; a VM that cannot move live (power \"off\", a disk without a layout, NICs without a migration address, or no room elsewhere) stays: move it (a spec change, or stop it) before powering {node} off, or HA restarts the HA ones elsewhere when it fails",
             vms.len(),
             if vms.len() == 1 { "" } else { "s" },
             if vms.len() == 1 { "s" } else { "" },

@@ -1,13 +1,15 @@
 //! `cairn node maintenance NODE --on|--off` on a real dev cluster with a controller:
 //! the node shows `maintenance` in the status (JSON and text) and `/metrics`, the
-//! VMs on it stay and are named, and an HA restart off a failed node goes to the
+//! VMs on it are named and drained live by the controller (they have NICs, and every
+//! node reports a migration address in its namespace: each runs on another node in a
+//! new VMM, its guest not rebooted), and an HA restart off a failed node goes to the
 //! other node, never to the one in maintenance.
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::ha::{HaCluster, diskless_web, vmm_pid};
+use crate::ha::{HaCluster, diskless_web, vmm_pid, vmm_status};
 use crate::ha_timers::get;
 
 fn node_state(status: &Value, node: &str) -> Option<String> {
@@ -19,8 +21,29 @@ fn node_state(status: &Value, node: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The heartbeat counter of the guest whose VMM's directory is `dir`.
+fn heartbeats(dir: &std::path::Path) -> Option<u64> {
+    vmm_status(&dir.join("control.sock"))?["heartbeat_total"].as_u64()
+}
+
+/// [`heartbeats`] once the VMM there answers (within 30 s).
+fn wait_for_beats(dir: &std::path::Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(beats) = heartbeats(dir) {
+            return beats;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no VMM answers in {}",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
-fn a_node_in_maintenance_keeps_its_vms_gets_no_ha_restart_and_shows_it() {
+fn a_node_in_maintenance_is_drained_live_gets_no_ha_restart_and_shows_it() {
     let Some(ha) = HaCluster::up_in("maintenance", diskless_web, None) else {
         return;
     };
@@ -79,9 +102,9 @@ fn a_node_in_maintenance_keeps_its_vms_gets_no_ha_restart_and_shows_it() {
 
     let vms_kept = on(&kept);
     assert!(!vms_kept.is_empty(), "{kept} runs VMs: {:?}", ha.placement);
-    let pids: Vec<u32> = vms_kept
+    let beats: Vec<u64> = vms_kept
         .iter()
-        .map(|vm| vmm_pid(&ha.vm_dir(vm)).expect("its VMM"))
+        .map(|vm| heartbeats(&ha.vm_dir(vm)).expect("its VMM's heartbeats"))
         .collect();
     let entered = maintenance(&kept, "--on");
     assert_eq!(entered.code, 0, "{entered:?}");
@@ -129,9 +152,68 @@ fn a_node_in_maintenance_keeps_its_vms_gets_no_ha_restart_and_shows_it() {
         assert!(metrics.contains(&sample), "{sample} in:\n{metrics}");
     }
 
+    // The controller drains `kept` live: each of its VMs runs on another node, in a
+    // new VMM whose guest's heartbeat counter went on (no reboot), none on `kept`.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let drained = loop {
+        let status = ha.status();
+        let rows: Vec<(String, String)> = status["vms"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["state"] == "running")
+            .filter_map(|r| {
+                Some((
+                    r["name"].as_str()?.to_owned(),
+                    r["node"].as_str()?.to_owned(),
+                ))
+            })
+            .collect();
+        let elsewhere: Vec<(String, String)> = vms_kept
+            .iter()
+            .filter_map(|vm| {
+                rows.iter()
+                    .find(|(n, node)| n == vm && *node != kept)
+                    .cloned()
+            })
+            .collect();
+        if elsewhere.len() == vms_kept.len() {
+            break elsewhere;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{vms_kept:?} not drained off {kept}: {status:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for ((vm, node), before) in drained.iter().zip(&beats) {
+        assert_eq!(
+            vmm_pid(&ha.vm_dir(vm)),
+            None,
+            "{vm}'s VMM on {kept} is gone"
+        );
+        let dir = ha
+            .cluster
+            .path()
+            .join(".cairn/dev")
+            .join(node)
+            .join("vms")
+            .join(vm);
+        let after = wait_for_beats(&dir);
+        assert!(
+            after >= *before,
+            "{vm} rebooted: {after} heartbeats on {node} < {before} on {kept}"
+        );
+        eprintln!("{vm}: drained live {kept} -> {node}, heartbeats {before} -> {after}");
+    }
+
     // The failing node's HA VMs restart on the other node, never on `kept`.
-    let moving: Vec<String> = on(&failing)
+    let moving: Vec<String> = ha.status()["vms"]
+        .as_array()
         .into_iter()
+        .flatten()
+        .filter(|r| r["node"] == failing.as_str())
+        .filter_map(|r| r["name"].as_str().map(str::to_owned))
         .filter(|vm| vm.starts_with("web-"))
         .collect();
     let killed = ha.kill_node(&failing);
@@ -174,10 +256,6 @@ fn a_node_in_maintenance_keeps_its_vms_gets_no_ha_restart_and_shows_it() {
         eprintln!("  controller: {}", &line[..line.len().min(300)]);
     }
     assert!(landed.values().all(|n| *n == other), "{landed:?}");
-    // The VMs on the node in maintenance stayed, in the same VMMs.
-    for (vm, pid) in vms_kept.iter().zip(&pids) {
-        assert_eq!(vmm_pid(&ha.vm_dir(vm)), Some(*pid), "{vm} runs on in place");
-    }
 
     let left = maintenance(&kept, "--off");
     assert!(
