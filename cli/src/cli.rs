@@ -170,6 +170,10 @@ pub enum Command {
         /// controller that runs for DIR/.cairn (its controller.url) is asked.
         #[arg(long, value_name = "URL")]
         controller: Option<String>,
+        /// Show the status of a recorded observation (JSON, the `observed` object of a
+        /// plan file) instead of asking the nodes: no controller, no state store.
+        #[arg(long, value_name = "FILE", conflicts_with = "controller")]
+        observed: Option<PathBuf>,
     },
     /// Start a lost site's protected VMs at their plan's `to-site`. Only `--drill` is
     /// built: every VM of SITE replicated to another site boots from its newest
@@ -764,7 +768,15 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             dir,
             format,
             state,
+            controller: _,
+            observed: Some(observed),
+        } => crate::commands::status_observed(&dir, state.as_deref(), format, &observed),
+        Command::Status {
+            dir,
+            format,
+            state,
             controller,
+            observed: None,
         } => status_cmd(&dir, state.as_deref(), format, controller.as_deref()),
         Command::Failover {
             site,

@@ -273,17 +273,9 @@ pub fn plan_cmd(args: PlanArgs) -> anyhow::Result<u8> {
         Err(code) => return Ok(code),
     };
     if let Some(path) = &args.observed {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read observation {}", path.display()))?;
-        let observed: Observed = match serde_json::from_str(&text) {
+        let observed = match recorded_observation(path)? {
             Ok(o) => o,
-            Err(e) => {
-                eprintln!(
-                    "error: {} is not a recorded observation: {e}",
-                    path.display()
-                );
-                return Ok(1);
-            }
+            Err(code) => return Ok(code),
         };
         let previous = placement_from_observed(&observed);
         let planned = plan_against(&loaded, observed, &previous, Default::default(), args.cold);
@@ -567,6 +559,49 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
     let mut status = reconciler::status::status(&desired, &observed, store.applied()?, last, audit);
     reconciler::status::mark_maintenance(&mut status, &loaded.model().nodes_in_maintenance());
     reconciler::status::mark_migrations(&mut status, store.migrations()?);
+    match format {
+        Format::Text => print!("{}", reconciler::status::text(&status)),
+        Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+    }
+    Ok(0)
+}
+
+/// A recorded observation (`--observed FILE` of plan and status), or exit code 1 with
+/// the error printed when the file is not one.
+fn recorded_observation(path: &Path) -> anyhow::Result<Result<Observed, u8>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read observation {}", path.display()))?;
+    Ok(serde_json::from_str(&text).map_err(|e| {
+        eprintln!(
+            "error: {} is not a recorded observation: {e}",
+            path.display()
+        );
+        1
+    }))
+}
+
+/// `cairn status --observed FILE`: the status of a recorded observation, without
+/// nodes, controller or state store (what was applied, the audit and migrations are
+/// left out), so what status prints can be pinned by golden tests.
+pub fn status_observed(
+    dir: &Path,
+    state: Option<&Path>,
+    format: Format,
+    path: &Path,
+) -> anyhow::Result<u8> {
+    let loaded = match load(dir, state)? {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    let observed = match recorded_observation(path)? {
+        Ok(o) => o,
+        Err(code) => return Ok(code),
+    };
+    let previous = placement_from_observed(&observed);
+    let placement = desired::place(loaded.model(), Some(&previous));
+    let desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
+    let mut status = reconciler::status::status(&desired, &observed, None, None, vec![]);
+    reconciler::status::mark_maintenance(&mut status, &loaded.model().nodes_in_maintenance());
     match format {
         Format::Text => print!("{}", reconciler::status::text(&status)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&status)?),

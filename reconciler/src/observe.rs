@@ -119,6 +119,11 @@ pub struct ObservedDisk {
     /// bytes and failures since it booted; zero for Linux guests; 0 to the digest).
     #[serde(default, serialize_with = "guest_counter")]
     pub guest: GuestDiskCount,
+    /// Its copies' catch-up while one is outside the in-sync set: the progress its
+    /// volume's writer reports, filled in by status (a node's own observation of a
+    /// VM disk never carries it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<crate::status::VolumeRebuild>,
 }
 
 thread_local! {
@@ -143,6 +148,12 @@ fn guest_counter<S: serde::Serializer>(value: &GuestDiskCount, s: S) -> Result<S
     } else {
         value.serialize(s)
     }
+}
+
+/// Whether a volume's resync is left out: when there is none, and always from
+/// [`Observed::digest`] (its bytes move every second).
+fn resync_left_out(resync: &Option<ObservedResync>) -> bool {
+    resync.is_none() || DIGESTING.with(std::cell::Cell::get)
 }
 
 /// The built-in guest's own count of its I/O on one disk.
@@ -250,8 +261,9 @@ pub struct ObservedVolume {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<String>,
     /// On the writer: copies outside the in-sync set being caught up or rebuilt.
-    /// Volatile (bytes move every second): not serialized, so not in the digest.
-    #[serde(skip)]
+    /// Volatile (bytes move every second): serialized (a recorded observation shows
+    /// it to `cairn status --observed`) but never into [`Observed::digest`].
+    #[serde(default, skip_serializing_if = "resync_left_out")]
     pub resync: Option<ObservedResync>,
 }
 
@@ -810,6 +822,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                                 bytes_written: d.guest_bytes_written,
                                 errors: d.guest_errors,
                             },
+                            rebuild: None,
                         })
                         .collect(),
                     guest_block_test: v.guest_block_test,

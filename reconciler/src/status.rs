@@ -153,6 +153,21 @@ fn volume_rebuild(observed: &Observed, volume: &str) -> Option<VolumeRebuild> {
     })
 }
 
+/// A VM's disks as its node reports them, each with its volume writer's catch-up
+/// progress while a copy is outside the in-sync set (that writer may be another node).
+fn disks_with_rebuild(
+    observed: &Observed,
+    disks: &[crate::observe::ObservedDisk],
+) -> Vec<crate::observe::ObservedDisk> {
+    disks
+        .iter()
+        .map(|d| crate::observe::ObservedDisk {
+            rebuild: volume_rebuild(observed, &d.volume),
+            ..d.clone()
+        })
+        .collect()
+}
+
 /// `  ~ volume V: rebuilding on lab-3 from lab-1: 62% (8MiB left of 21MiB allocated; 13MiB shipped since lab-1 started)`.
 fn rebuild_lines(status: &Status) -> String {
     let human = compiler::units::human_size;
@@ -444,7 +459,9 @@ pub fn status(
                 detail: drift.detail().to_vec(),
                 nics: o.map(|o| o.nics.clone()).unwrap_or_default(),
                 starts: o.map_or(0, |o| o.starts),
-                disks: o.map(|o| o.disks.clone()).unwrap_or_default(),
+                disks: o
+                    .map(|o| disks_with_rebuild(observed, &o.disks))
+                    .unwrap_or_default(),
                 guest_block_test: o.map(|o| o.guest_block_test.clone()).unwrap_or_default(),
                 last_migration: None,
             }
@@ -679,11 +696,7 @@ fn disks_text(status: &Status) -> String {
                     "no".into()
                 },
                 d.data.clone(),
-                if d.copies_state.is_empty() {
-                    format!("{}/{}", d.copies_in_sync, d.copies)
-                } else {
-                    format!("{}/{} {}", d.copies_in_sync, d.copies, d.copies_state)
-                },
+                copies_text(d),
                 format!(
                     "{}/{}, {}{}",
                     d.reads,
@@ -709,6 +722,35 @@ fn disks_text(status: &Status) -> String {
         return String::new();
     }
     format!("\ndisks:\n{}", table(&rows))
+}
+
+/// `2/2 in-sync`, `1/2 degraded`, `1/2 resyncing 62% (8MiB left)`: the copies in
+/// sync, their state, and the writer's progress while one catches up.
+fn copies_text(d: &crate::observe::ObservedDisk) -> String {
+    let mut out = format!("{}/{}", d.copies_in_sync, d.copies);
+    let catching_up = d
+        .rebuild
+        .as_ref()
+        .filter(|r| r.copies.iter().any(|c| !r.caught_up.contains(c)));
+    let state = match (d.copies_state.as_str(), catching_up) {
+        ("", Some(_)) => "resyncing",
+        (state, _) => state,
+    };
+    if !state.is_empty() {
+        out.push(' ');
+        out.push_str(state);
+    }
+    if let Some(r) = catching_up {
+        let _ = write!(
+            out,
+            " {}% ({} left)",
+            r.percent_done,
+            compiler::units::human_size(r.pending_bytes)
+        );
+    } else if d.rebuild.is_some() {
+        out.push_str(" (caught up, joins at the next epoch)");
+    }
+    out
 }
 
 /// `READ/WRITTEN` in human sizes.
@@ -930,6 +972,7 @@ mod disk_tests {
                 bytes_written: 8 << 10,
                 errors: u64::from(!attached),
             },
+            rebuild: None,
         }
     }
 
@@ -980,6 +1023,37 @@ disks:
         let mut none = status.clone();
         none.vms[0].disks.clear();
         assert_eq!(disks_text(&none), "", "no section without disks");
+    }
+
+    #[test]
+    fn a_disk_whose_copy_catches_up_shows_the_writers_progress() {
+        let rebuild = VolumeRebuild {
+            writer: "n1".into(),
+            copies: vec!["n3".into()],
+            caught_up: vec![],
+            pending_bytes: 8 << 20,
+            allocated_bytes: 32 << 20,
+            shipped_bytes: 24 << 20,
+            percent_done: 75,
+        };
+        let mut d = disk("db-data", true, "local", 1, "");
+        d.copies_state = "resyncing".into();
+        d.rebuild = Some(rebuild.clone());
+        assert_eq!(copies_text(&d), "1/2 resyncing 75% (8MiB left)");
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["rebuild"]["percent_done"], 75);
+        assert_eq!(json["rebuild"]["pending_bytes"], 8 << 20);
+        // The VM runs where no copy is: its node does not say; the writer's report does.
+        d.copies_state.clear();
+        assert_eq!(copies_text(&d), "1/2 resyncing 75% (8MiB left)");
+        d.rebuild = Some(VolumeRebuild {
+            caught_up: vec!["n3".into()],
+            ..rebuild
+        });
+        assert_eq!(copies_text(&d), "1/2 (caught up, joins at the next epoch)");
+        d.rebuild = None;
+        d.copies_state = "degraded".into();
+        assert_eq!(copies_text(&d), "1/2 degraded");
     }
 
     #[test]
@@ -1130,6 +1204,18 @@ last migrations:
         };
         let r = volume_rebuild(&observed, "db-data").expect("a rebuild");
         assert_eq!((r.writer.as_str(), r.percent_done), ("lab-1", 61));
+        // A recorded observation keeps the resync (for `cairn status --observed`);
+        // the digest a plan file is bound to does not see it move.
+        let recorded: Observed =
+            serde_json::from_value(serde_json::to_value(&observed).unwrap()).unwrap();
+        assert_eq!(volume_rebuild(&recorded, "db-data").as_ref(), Some(&r));
+        let digest = observed.digest();
+        if let NodeObservation::Reachable { volumes, .. } = observed.nodes.get_mut("lab-1").unwrap()
+        {
+            volumes.get_mut("db-data").unwrap().resync = None;
+        }
+        assert_eq!(observed.digest(), digest, "the resync is not in the digest");
+        observed = recorded;
         let row = VolumeRow {
             name: "db-data".into(),
             node: "lab-1".into(),
