@@ -251,6 +251,16 @@ pub async fn apply<N: NodeApi>(
                     inline.push(Ok((step, attempts + 1, result, sent.elapsed())));
                     continue;
                 }
+                if matches!(step.action, crate::plan::NodeAction::ProtectVm { .. }) {
+                    // An FT pair's sequence (`crate::ft`), several requests.
+                    let nodes = nodes.clone();
+                    tasks.spawn(async move {
+                        let sent = Instant::now();
+                        let result = crate::ft::run(&step, &id, &nodes).await.map(|()| false);
+                        (step, attempts + 1, result, sent.elapsed())
+                    });
+                    continue;
+                }
                 let nodes = nodes.clone();
                 tasks.spawn(async move {
                     let sent = Instant::now();
@@ -352,6 +362,10 @@ pub async fn settle<N: NodeApi>(
         let done = if matches!(step.action, crate::plan::NodeAction::MigrateVm { .. }) {
             crate::migrate::settle_step(step, &record.request_id, store, nodes)
                 .await?
+                .map_err(Some)
+        } else if matches!(step.action, crate::plan::NodeAction::ProtectVm { .. }) {
+            crate::ft::settle_step(step, &record.request_id, nodes)
+                .await
                 .map_err(Some)
         } else {
             match nodes

@@ -75,6 +75,21 @@ pub struct DesiredVm {
     /// stopped; removing it starts the VM again).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub power_off: bool,
+    /// `availability "ft"` with a placed secondary: the pair (issue 22).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<DesiredFt>,
+}
+
+/// An FT VM's pair: the secondary's node and what both sides are told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredFt {
+    /// The secondary's node (another failure domain than `DesiredVm::node`).
+    pub secondary: String,
+    /// The site's witness `HOST:PORT` (the preferred one; empty: none, the
+    /// commander alone decides).
+    pub witness: String,
+    /// Checkpoint epoch (ms; 0: the node's default, 30).
+    pub epoch_ms: u32,
 }
 
 /// A volume as it should be.
@@ -356,6 +371,29 @@ pub fn place(model: &Model, previous: Option<&Placement>) -> Placement {
         },
         None,
     )
+}
+
+/// An FT VM's pair from its placement: `None` unless its availability is `ft` and
+/// the placement gave it a secondary.
+fn ft_pair(
+    vm: &compiler::model::Vm,
+    placement: &Placement,
+    site: Option<&compiler::model::Site>,
+) -> Option<DesiredFt> {
+    if vm.availability != compiler::model::Availability::Ft {
+        return None;
+    }
+    let secondary = placement
+        .vms
+        .iter()
+        .find(|p| p.name == vm.name)?
+        .secondary
+        .clone()?;
+    Some(DesiredFt {
+        secondary,
+        witness: site.and_then(|s| s.witness.clone()).unwrap_or_default(),
+        epoch_ms: 0,
+    })
 }
 
 /// The placement when `failed` nodes are gone (HA, issue 16): only HA and FT VMs that
@@ -656,6 +694,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
                 },
                 power_off: vm.power == compiler::model::Power::Off,
                 dedicated_cpus: vm.sla.cpu_pinning,
+                ft: ft_pair(vm, &placement, site),
             },
         );
     }

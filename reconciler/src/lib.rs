@@ -26,6 +26,7 @@ pub mod audit;
 pub mod desired;
 pub mod drift;
 pub mod epochs;
+pub mod ft;
 pub mod images;
 pub mod migrate;
 pub mod nodes;

@@ -68,6 +68,73 @@ pub struct ObservedVm {
     /// last exit) while it stays stopped; empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub preempted: String,
+    /// Its fault-tolerance side as its node reports it (issue 22): a protected
+    /// primary, a waiting secondary, a promoted one; `None` for a VM its node runs
+    /// without FT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft: Option<ObservedFt>,
+}
+
+/// One side of an FT pair as its node reports it (`VmStatus.ft`). Its figures are
+/// counters: they count as 0 in [`Observed::digest`] (a plan file stays valid while
+/// the pair checkpoints).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct ObservedFt {
+    /// `primary` or `secondary`.
+    pub role: String,
+    /// Primary: `connecting`, `initial-copy`, `protected`, `secondary-lost`,
+    /// `unprotected`; secondary: `waiting`, `initial-copy`, `protected`,
+    /// `primary-lost`, `failed`, `promoting`, `promoted`, `stopped`.
+    pub phase: String,
+    /// The other side's checkpoint address.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer: String,
+    /// Epoch length (ms).
+    #[serde(default)]
+    pub epoch_ms: u64,
+    /// Primary: the last checkpoint taken; secondary: the last complete one.
+    #[serde(default, serialize_with = "counter")]
+    pub epoch: u64,
+    /// The last checkpoint the secondary acknowledged.
+    #[serde(default, serialize_with = "counter")]
+    pub last_acked: u64,
+    /// Median bytes per checkpoint.
+    #[serde(default, serialize_with = "counter")]
+    pub median_epoch_bytes: u64,
+    /// The added latency of output: how long a frame was held (median, µs).
+    #[serde(default, serialize_with = "counter")]
+    pub median_output_delay_us: u64,
+    /// A promoted secondary: promotion → vCPUs running (µs).
+    #[serde(default, serialize_with = "counter")]
+    pub promote_us: u64,
+    /// Who holds `vm/NAME` at the witness as last answered (empty: no guard).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub witness_holder: String,
+    /// The witness grant's number.
+    #[serde(default, serialize_with = "counter")]
+    pub witness_number: u64,
+    /// The VMM's or the guard's last error.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+}
+
+impl ObservedFt {
+    fn from_wire(f: proto::v1::VmFt) -> ObservedFt {
+        ObservedFt {
+            role: f.role,
+            phase: f.phase,
+            peer: f.peer,
+            epoch_ms: f.epoch_ms,
+            epoch: f.epoch,
+            last_acked: f.last_acked,
+            median_epoch_bytes: f.median_epoch_bytes.max(0.0).round() as u64,
+            median_output_delay_us: (f.median_output_delay_ms.max(0.0) * 1000.0).round() as u64,
+            promote_us: (f.promote_ms.max(0.0) * 1000.0).round() as u64,
+            witness_holder: f.witness_holder,
+            witness_number: f.witness_number,
+            error: f.error,
+        }
+    }
 }
 
 fn is_zero_u32(n: &u32) -> bool {
@@ -837,6 +904,7 @@ pub fn from_wire(public_key_hex: String, response: proto::v1::ObserveResponse) -
                     } else {
                         String::new()
                     },
+                    ft: v.ft.map(ObservedFt::from_wire),
                 },
             )
         })

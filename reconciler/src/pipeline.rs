@@ -156,7 +156,36 @@ pub fn previous_placement(stored: Option<Placement>, observed: &Observed) -> Pla
             }
         }
     }
+    swap_promoted(&mut p, observed);
     p
+}
+
+/// An FT VM whose secondary was promoted (its node reports the VM with ft phase
+/// `promoted`, issue 22) runs on its secondary's node: the pair is swapped, so the
+/// placement starts from where it runs and its former primary's node is the
+/// secondary to re-protect on (or the placement picks another when that node
+/// failed). Returns the VMs swapped.
+pub fn swap_promoted(p: &mut Placement, observed: &Observed) -> Vec<String> {
+    let mut swapped = vec![];
+    for vm in &mut p.vms {
+        let Some(secondary) = vm.secondary.clone() else {
+            continue;
+        };
+        let promoted = match observed.nodes.get(&secondary) {
+            Some(NodeObservation::Reachable { vms, .. }) => vms.get(&vm.name).is_some_and(|o| {
+                o.is_running()
+                    && o.ft
+                        .as_ref()
+                        .is_some_and(|f| f.role == "secondary" && f.phase == "promoted")
+            }),
+            _ => false,
+        };
+        if promoted {
+            vm.secondary = Some(std::mem::replace(&mut vm.node, secondary));
+            swapped.push(vm.name.clone());
+        }
+    }
+    swapped
 }
 
 /// A plan and what it was made from.

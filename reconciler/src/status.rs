@@ -10,8 +10,10 @@ use crate::observe::{NodeObservation, Observed, ObservedVm};
 use crate::state::{Applied, StepStatus};
 use proto::v1::VolumeRole;
 
+mod ft;
 mod networks;
 mod protection;
+pub use ft::FtRow;
 pub use networks::{NicRow, SegmentRow};
 pub use protection::{ProtectionRow, ReplicationRow};
 
@@ -298,6 +300,10 @@ pub struct Status {
     /// other sites, as their nodes report them (issue 18).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protection: Vec<ProtectionRow>,
+    /// Every FT VM's pair: primary, secondary, state, epoch, last acknowledged
+    /// checkpoint, bytes per checkpoint, added output latency (issue 22).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ft: Vec<FtRow>,
     /// VMs with no node.
     pub unplaced: Vec<String>,
     /// Objects that drifted.
@@ -492,6 +498,13 @@ pub fn status(
             {
                 continue;
             }
+            // An FT VM's secondary: shown in the fault-tolerance section.
+            if wanted
+                .and_then(|w| w.ft.as_ref())
+                .is_some_and(|f| f.secondary == *node)
+            {
+                continue;
+            }
             // In the spec but without a node now: it is kept, not removed.
             let drift = if desired.tenants.contains_key(*name) {
                 VmDrift::Unplaced
@@ -573,6 +586,7 @@ pub fn status(
         networks,
         segments,
         protection: protection::rows(desired, observed),
+        ft: ft::rows(desired, observed),
         unplaced: desired.unplaced.keys().cloned().collect(),
         drifted,
         last_apply: last,
@@ -905,6 +919,7 @@ pub fn text(status: &Status) -> String {
         &status.protection,
         crate::state::now_ms(),
     ));
+    out.push_str(&ft::text(&status.ft));
     for u in &status.unplaced {
         let _ = writeln!(out, "! vm {u} has no node (see `cairn plan`)");
     }
@@ -1139,6 +1154,7 @@ last migrations:
             networks: vec![],
             segments: vec![],
             protection: vec![],
+            ft: vec![],
             unplaced: vec![],
             drifted: 0,
             last_apply: None,

@@ -140,6 +140,7 @@ pub fn observation_of(desired: &Desired) -> Observed {
                 cgroup_drift: vec![],
                 dedicated_cpus: String::new(),
                 preempted: String::new(),
+                ft: None,
             },
         );
     }

@@ -168,6 +168,27 @@ pub enum NodeAction {
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         peers: Vec<PeerRef>,
     },
+    /// `protect_vm`: an FT VM running on this step's node (its primary) gets its
+    /// secondary on `secondary` (issue 22). Not one node request but the commander's
+    /// sequence (`crate::ft`): `definition` (a `CreateVm`) and `PrepareFtSecondary` on
+    /// the secondary's node, then `StartFt` here to the address the secondary
+    /// listens on; both sides hold the witness's `vm/NAME` from then.
+    ProtectVm {
+        /// Name.
+        name: String,
+        /// The secondary's node.
+        secondary: String,
+        /// Its address.
+        secondary_address: String,
+        /// The VM's definition on the secondary's node (a `create_vm`).
+        definition: Box<NodeAction>,
+        /// The site's witness `HOST:PORT` (empty: none).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        witness: String,
+        /// Checkpoint epoch (ms; 0: the node's default, 30).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        epoch_ms: u32,
+    },
     /// `ApplyBond`: create, change or repair a bond and its QoS classes.
     ApplyBond {
         /// Name (the device).
@@ -254,6 +275,7 @@ impl NodeAction {
             NodeAction::StopVm { .. } => "stop_vm",
             NodeAction::DeleteVm { .. } => "delete_vm",
             NodeAction::MigrateVm { .. } => "migrate_vm",
+            NodeAction::ProtectVm { .. } => "protect_vm",
             NodeAction::ApplyBond { .. } => "apply_bond",
             NodeAction::DeleteBond { .. } => "delete_bond",
             NodeAction::SetProtection { .. } => "set_protection",
@@ -279,6 +301,7 @@ impl NodeAction {
             | NodeAction::StopVm { name }
             | NodeAction::DeleteVm { name }
             | NodeAction::MigrateVm { name, .. }
+            | NodeAction::ProtectVm { name, .. }
             | NodeAction::ApplyBond { name, .. }
             | NodeAction::DeleteBond { name } => name,
             NodeAction::SetProtection { vm, .. } => vm,
@@ -291,7 +314,9 @@ impl NodeAction {
 
     /// The wire request (the one place actions become protobuf). A `migrate_vm` is
     /// several requests (`crate::migrate`); its first, the destination's `CreateVm`,
-    /// is what this returns for it.
+    /// is what this returns for it. A `protect_vm` is several too (`crate::ft`); this
+    /// returns its last, the primary's `StartFt`, without the secondary's address
+    /// (known only once the secondary listens).
     pub fn to_request(&self, request_id: &str) -> proto::v1::ApplyRequest {
         use proto::v1::apply_request::Action;
         use proto::v1::create_vm::Image;
@@ -299,6 +324,20 @@ impl NodeAction {
             NodeAction::MigrateVm { definition, .. } => {
                 return definition.to_request(request_id);
             }
+            NodeAction::ProtectVm {
+                name,
+                witness,
+                epoch_ms,
+                ..
+            } => Action::StartFt(proto::v1::StartFt {
+                name: name.clone(),
+                to: String::new(),
+                epoch_ms: *epoch_ms,
+                sync_disks: true,
+                timeout_ms: 0,
+                witness: witness.clone(),
+                witness_lease_ms: 0,
+            }),
             NodeAction::CreateVolume {
                 name,
                 size_bytes,

@@ -16,6 +16,7 @@
 mod actions;
 mod bonds;
 mod build;
+mod ft;
 mod images;
 mod protection;
 mod segments;
@@ -110,6 +111,7 @@ pub fn plan_with(
     vms::plan_vm_deletes(&mut b);
     volumes::plan_volumes(&mut b);
     vms::plan_vms(&mut b);
+    ft::plan_ft(&mut b);
     protection::plan_protections(&mut b);
     segments::plan_segments(&mut b);
     finish(b, revision)

@@ -138,7 +138,8 @@ pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
         for (node, vm) in copies {
             let wanted_here = desired.vms.get(*name).is_some_and(|d| d.node == *node);
             let wanted_elsewhere = desired.vms.get(*name).is_some_and(|d| d.node != *node);
-            if wanted_here {
+            if wanted_here || super::ft::is_secondary(desired, name, node) {
+                // An FT VM's secondary's copy is wanted there too (`plan_ft`).
                 continue;
             }
             let in_spec = desired.tenants.contains_key(*name);
@@ -299,8 +300,20 @@ fn handover_line(vm: &DesiredVm, desired: &Desired) -> String {
 pub(super) fn plan_vms(b: &mut Builder<'_>) {
     let desired = b.desired;
     let observed = b.observed;
-    let observed_vms = observed.vms();
+    // An FT VM's copy on its secondary's node is its secondary, not a copy to move.
+    let observed_vms = super::ft::without_secondaries(desired, observed.vms());
     for vm in desired.vms.values() {
+        if let Some(why) = super::ft::takeover_pending(vm, observed) {
+            // Starting the primary again would run a second copy of the guest beside
+            // the secondary that is about to resume it.
+            b.left_alone.push(LeftAlone {
+                object: "vm".into(),
+                name: vm.name.clone(),
+                node: vm.node.clone(),
+                reason: why,
+            });
+            continue;
+        }
         // Left alone with its node, or with a volume that is left alone.
         let down = if observed.reachable(&vm.node) {
             // A volume left alone with its primary's node holds the VM, unless its
