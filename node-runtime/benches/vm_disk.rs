@@ -28,6 +28,11 @@
 //! write to the writer (`Replication.ClientWrite`), which writes it like a local one.
 //! Compared with the local node path of the same number of copies.
 //!
+//! `node-1copy-kbuf` and `node-2copies-kbuf`: the same node path with the backend's
+//! connections at the kernel's default socket buffer instead of cairn-vmm's
+//! (`nbd_client::SOCKET_BUFFER`), run right after the case they compare with in each
+//! round; the ratio of the two is printed.
+//!
 //! Not a test: it asserts nothing and prints figures.
 
 mod common;
@@ -48,7 +53,7 @@ use proto::v1::{
 };
 use storage::{DiskSource, Store, StoreOptions, VolumeSpec};
 use vmm::devices::block::BlockBackend;
-use vmm::devices::nbd_client::NbdBackend;
+use vmm::devices::nbd_client::{NbdBackend, SOCKET_BUFFER};
 
 /// Rounds per case (`CAIRN_BENCH_ROUNDS=N` for more); every figure is their median.
 const ROUNDS: usize = 3;
@@ -179,7 +184,14 @@ fn engine_volume(store: &Store, name: &str) -> storage::Volume {
 
 /// A node volume with `replicas`, exported on the node's unix socket, as the backend
 /// cairn-vmm attaches for a VM disk.
-async fn node_backend(client: &mut NodeClient, name: &str, replicas: &[&Node]) -> Arc<NbdBackend> {
+/// `socket_buffer`: what the backend's connections ask for (`nbd_client::SOCKET_BUFFER`
+/// as cairn-vmm does, or 0 for the kernel's default: the `-kbuf` cases).
+async fn node_backend(
+    client: &mut NodeClient,
+    name: &str,
+    replicas: &[&Node],
+    socket_buffer: usize,
+) -> Arc<NbdBackend> {
     let create = Action::CreateVolume(CreateVolume {
         name: name.into(),
         size_bytes: VOLUME_BYTES,
@@ -205,7 +217,8 @@ async fn node_backend(client: &mut NodeClient, name: &str, replicas: &[&Node]) -
     };
     let socket = PathBuf::from(export.socket_path);
     Arc::new(tokio::task::block_in_place(|| {
-        NbdBackend::connect(&socket, name, false).expect("connect to the export")
+        NbdBackend::connect_with_buffer(&socket, name, false, socket_buffer)
+            .expect("connect to the export")
     }))
 }
 
@@ -401,6 +414,8 @@ fn main() {
         "node-2copies",
         "remote-1copy",
         "remote-2copies",
+        "node-1copy-kbuf",
+        "node-2copies-kbuf",
     ];
     let mut figures: Vec<Figures> = names.iter().map(|_| Figures::default()).collect();
     // `CAIRN_BENCH_CASES=node-1copy,engine-1copy` runs only those cases (to profile one).
@@ -449,15 +464,18 @@ fn main() {
                     seed,
                 );
             }
-            // Through the node, 1 copy.
-            if wanted(2) {
-                let backend = node_backend(&mut client, &format!("one-{round}"), &[]).await;
-                tokio::task::block_in_place(|| {
-                    figures[2].run(
-                        &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
-                        seed,
-                    )
-                });
+            // Through the node, 1 copy; then with the kernel's default socket buffer.
+            for (index, buffer, name) in [(2usize, SOCKET_BUFFER, "one"), (7, 0, "onek")] {
+                if wanted(index) {
+                    let name = format!("{name}-{round}");
+                    let backend = node_backend(&mut client, &name, &[], buffer).await;
+                    tokio::task::block_in_place(|| {
+                        figures[index].run(
+                            &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
+                            seed,
+                        )
+                    });
+                }
             }
             // The engine in-process, 2 copies written in parallel.
             if wanted(3) {
@@ -474,15 +492,19 @@ fn main() {
                 };
                 figures[3].run(&both, seed);
             }
-            // Through the node, 2 copies (the primary and a replica node).
-            if wanted(4) {
-                let backend = node_backend(&mut client, &format!("two-{round}"), &[&replica]).await;
-                tokio::task::block_in_place(|| {
-                    figures[4].run(
-                        &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
-                        seed,
-                    )
-                });
+            // Through the node, 2 copies (the primary and a replica node); then with the
+            // kernel's default socket buffer.
+            for (index, buffer, name) in [(4usize, SOCKET_BUFFER, "two"), (8, 0, "twok")] {
+                if wanted(index) {
+                    let name = format!("{name}-{round}");
+                    let backend = node_backend(&mut client, &name, &[&replica], buffer).await;
+                    tokio::task::block_in_place(|| {
+                        figures[index].run(
+                            &|data: &[u8], offset| backend.write_at(data, offset).unwrap(),
+                            seed,
+                        )
+                    });
+                }
             }
             // Through a VM's disk on a node with no copy, 1 and 2 copies.
             if let Some(node) = &client_node {
@@ -535,7 +557,7 @@ fn main() {
             println!("{name:<16} skipped");
             continue;
         }
-        let engine = if name.ends_with("2copies") {
+        let engine = if name.contains("2copies") {
             medians[3]
         } else {
             medians[1]
@@ -560,6 +582,22 @@ fn main() {
             in_flight / engine_in_flight,
             met(in_flight / engine_in_flight),
             if p50 < p50_budget { "met" } else { "NOT met" },
+        );
+    }
+    // The socket buffer: cairn-vmm's against the kernel's default, the same path.
+    for (node, default) in [(2usize, 7usize), (4, 8)] {
+        let (speed, in_flight, p50, _) = medians[node];
+        let (kernel_speed, kernel_in_flight, kernel_p50, _) = medians[default];
+        if speed.is_nan() || kernel_speed.is_nan() {
+            continue;
+        }
+        println!(
+            "{} vs {}: throughput qd1 {:.2}×, qd{DEPTH} {:.2}×; p50 {:.2}×",
+            names[node],
+            names[default],
+            speed / kernel_speed,
+            in_flight / kernel_in_flight,
+            p50 / kernel_p50
         );
     }
     // Remote data: the same number of copies, through a node without a copy.

@@ -26,8 +26,15 @@
 //! the same socket path, and the write is sent again there, neither lost nor failed.
 //! Only after the bound is the request failed. A VM whose fence deadline lapses
 //! ([`NbdBackend::with_fence`]) stops retrying at once: a fenced VM must not write.
+//!
+//! Socket buffers: each connection asks for [`SOCKET_BUFFER`] bytes of send and receive
+//! buffer (`SO_SNDBUFFORCE`, which root may set beyond `net.core.wmem_max`, else
+//! `SO_SNDBUF` up to that limit). With the kernel's default (`wmem_default`, 208 KiB
+//! here) a 1 MiB write crosses the socket in five pieces, each a wake-up of the node's
+//! reader; with the larger buffer the request's header and payload go in one `writev`.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -62,6 +69,9 @@ const CMD_FLAG_FUA: u16 = 1;
 pub const CONNECTIONS: usize = 4;
 /// Largest request sent (larger reads and writes are split).
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Send and receive buffer each connection asks for: room for a whole 1 MiB request
+/// and more (the kernel counts its bookkeeping in it too).
+pub const SOCKET_BUFFER: usize = 4 << 20;
 /// A server that does not answer a request in this long fails it (the node's write
 /// path waits for every replica, which gives up on an unreachable peer sooner).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -99,6 +109,8 @@ pub struct NbdBackend {
     fence: Option<Arc<Fence>>,
     /// Requests that had to be sent again on a new connection.
     resent: AtomicU64,
+    /// Socket buffer each connection asks for (0: the kernel's default).
+    socket_buffer: usize,
 }
 
 fn protocol(message: impl Into<String>) -> io::Error {
@@ -123,10 +135,51 @@ fn read_u64(stream: &mut UnixStream) -> io::Result<u64> {
     Ok(u64::from_be_bytes(bytes))
 }
 
+/// Sets one socket buffer option: `force` (root, beyond the sysctl limit), else
+/// `plain` (capped at the limit by the kernel).
+fn set_buffer(stream: &UnixStream, force: libc::c_int, plain: libc::c_int, bytes: usize) {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for option in [force, plain] {
+        // SAFETY: the descriptor is an open socket owned by `stream` for the whole call;
+        // `value` is a live c_int and the length given is its size.
+        let result = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if result == 0 {
+            return;
+        }
+    }
+    // Neither took: the connection works with the kernel's default, only slower.
+}
+
 /// Connects and negotiates `export` with `NBD_OPT_GO`; the stream is then in the
-/// transmission phase.
-fn handshake(socket: &Path, export: &str) -> io::Result<(UnixStream, ExportInfo)> {
+/// transmission phase. `socket_buffer` (0: the default) sizes its buffers.
+fn handshake(
+    socket: &Path,
+    export: &str,
+    socket_buffer: usize,
+) -> io::Result<(UnixStream, ExportInfo)> {
     let mut stream = UnixStream::connect(socket)?;
+    if socket_buffer > 0 {
+        set_buffer(
+            &stream,
+            libc::SO_SNDBUFFORCE,
+            libc::SO_SNDBUF,
+            socket_buffer,
+        );
+        set_buffer(
+            &stream,
+            libc::SO_RCVBUFFORCE,
+            libc::SO_RCVBUF,
+            socket_buffer,
+        );
+    }
     stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     if read_u64(&mut stream)? != NBDMAGIC || read_u64(&mut stream)? != IHAVEOPT {
@@ -188,7 +241,18 @@ impl NbdBackend {
     /// Connects to `export` on the NBD server listening on `socket`. `read_only` serves
     /// the disk read-only even when the export is writable.
     pub fn connect(socket: &Path, export: &str, read_only: bool) -> io::Result<Self> {
-        let (first, info) = handshake(socket, export)?;
+        Self::connect_with_buffer(socket, export, read_only, SOCKET_BUFFER)
+    }
+
+    /// [`NbdBackend::connect`] with connections that ask for `socket_buffer` bytes of
+    /// socket buffer (0: the kernel's default; benchmarks compare the two).
+    pub fn connect_with_buffer(
+        socket: &Path,
+        export: &str,
+        read_only: bool,
+        socket_buffer: usize,
+    ) -> io::Result<Self> {
+        let (first, info) = handshake(socket, export, socket_buffer)?;
         let count = if info.flags & TFLAG_CAN_MULTI_CONN != 0 {
             CONNECTIONS
         } else {
@@ -196,7 +260,7 @@ impl NbdBackend {
         };
         let mut connections = vec![Mutex::new(Some(first))];
         for _ in 1..count {
-            let (stream, _) = handshake(socket, export)?;
+            let (stream, _) = handshake(socket, export, socket_buffer)?;
             connections.push(Mutex::new(Some(stream)));
         }
         Ok(Self {
@@ -211,6 +275,7 @@ impl NbdBackend {
             reconnect_for: RECONNECT_FOR,
             fence: None,
             resent: AtomicU64::new(0),
+            socket_buffer,
         })
     }
 
@@ -269,7 +334,7 @@ impl NbdBackend {
         let mut backoff = BACKOFF_FIRST;
         for attempt in 0u64.. {
             let failure = match guard.as_mut() {
-                None => match handshake(&self.socket, &self.export) {
+                None => match handshake(&self.socket, &self.export, self.socket_buffer) {
                     Ok((stream, _)) => {
                         *guard = Some(stream);
                         continue;
@@ -341,11 +406,16 @@ impl NbdBackend {
         header[8..16].copy_from_slice(&cookie.to_be_bytes());
         header[16..24].copy_from_slice(&offset.to_be_bytes());
         header[24..28].copy_from_slice(&(length as u32).to_be_bytes());
-        if write.is_empty() {
-            stream.write_all(&header)?;
-        } else {
-            stream.write_all(&header)?;
-            stream.write_all(write)?;
+        // Header and payload in one writev where the socket buffer takes both.
+        let mut slices = [IoSlice::new(&header), IoSlice::new(write)];
+        let mut slices = &mut slices[..];
+        while !slices.is_empty() {
+            match stream.write_vectored(slices) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(sent) => IoSlice::advance_slices(&mut slices, sent),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
         }
         let mut reply = [0u8; 16];
         stream.read_exact(&mut reply)?;
@@ -460,6 +530,72 @@ mod tests {
         let socket = dir.join("disk.sock");
         let server = NbdServer::start_unix(&socket, exports).expect("server");
         (store, server, socket)
+    }
+
+    /// A socket's send buffer as the kernel reports it (it doubles what was set).
+    fn send_buffer(stream: &UnixStream) -> usize {
+        let mut value: libc::c_int = 0;
+        let mut length = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the descriptor is an open socket owned by `stream`; `value` and
+        // `length` are live, writable and sized for SO_SNDBUF's int.
+        let result = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&raw mut value).cast(),
+                &mut length,
+            )
+        };
+        assert_eq!(result, 0, "getsockopt: {}", io::Error::last_os_error());
+        usize::try_from(value).expect("a size")
+    }
+
+    #[test]
+    fn connections_take_a_whole_request_in_their_socket_buffer_and_a_write_still_lands() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_store, _server, socket) = served(dir.path());
+        let backend = NbdBackend::connect(&socket, "vm-a-root", false).expect("connect");
+        for connection in &backend.connections {
+            let guard = connection.lock().expect("lock");
+            let stream = guard.as_ref().expect("connected");
+            // Root gets SOCKET_BUFFER (the kernel reports it doubled) through
+            // SO_SNDBUFFORCE, whatever net.core.wmem_max says; anyone else what that
+            // limit allows.
+            let got = send_buffer(stream);
+            if is_root() {
+                assert!(got >= SOCKET_BUFFER, "{got} bytes of send buffer");
+            } else {
+                eprintln!("not root: {got} bytes of send buffer (net.core.wmem_max)");
+            }
+        }
+        let kernel_default = NbdBackend::connect_with_buffer(&socket, "vm-a-root", false, 0)
+            .expect("connect with the default");
+        let default = send_buffer(
+            kernel_default.connections[0]
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .expect("connected"),
+        );
+        eprintln!("send buffer: {default} bytes by default, set: see above");
+        // A 4 MiB write (one request, header and payload in one writev) reads back.
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        backend.write_at(&data, 8 << 20).expect("write");
+        let mut back = vec![0u8; data.len()];
+        kernel_default.read_at(&mut back, 8 << 20).expect("read");
+        assert!(back == data, "the bytes read back");
+    }
+
+    /// Whether this process runs as root (SO_SNDBUFFORCE needs CAP_NET_ADMIN).
+    fn is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|ids| ids.split_whitespace().nth(1))
+                == Some("0")
+        })
     }
 
     #[test]
