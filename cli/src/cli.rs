@@ -196,6 +196,22 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         state: Option<PathBuf>,
     },
+    /// Bring a failed-over site's VMs back: ship the DR site's changes to it as a
+    /// delta from the common snapshot, then start them there.
+    Failback {
+        /// The site that failed over.
+        #[arg(long)]
+        site: String,
+        /// Spec root (default: the current directory).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// How long a VM may take to run and be healthy again.
+        #[arg(long, default_value = "60s")]
+        limit: String,
+        /// State store file (default: DIR/.cairn/state.redb).
+        #[arg(long, value_name = "PATH")]
+        state: Option<PathBuf>,
+    },
     /// Volumes of VMs: export one to local NBD clients, list its snapshots, restore it.
     Volume {
         #[command(subcommand)]
@@ -790,6 +806,23 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 state.as_deref(),
                 &site,
                 drill,
+                std::time::Duration::from_millis(ms),
+            ),
+            Err(e) => {
+                eprintln!("error: --limit {limit}: {e} (for example `60s`)");
+                Ok(2)
+            }
+        },
+        Command::Failback {
+            site,
+            dir,
+            limit,
+            state,
+        } => match compiler::units::parse_duration(&limit) {
+            Ok(ms) => crate::failover::failback(
+                &dir,
+                state.as_deref(),
+                &site,
                 std::time::Duration::from_millis(ms),
             ),
             Err(e) => {

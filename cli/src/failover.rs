@@ -10,10 +10,7 @@
 //! snapshots and replications stay as they are. Signed with the cluster's controller
 //! key like `cairn volume restore`, and audited (`failover-drill`).
 //!
-//! A real failover (without `--drill`) needs what is not built yet: the standby
-//! controller at the DR site with a replicated catalog, the site epoch a partitioned
-//! site must see, and the mapping of networks to the DR site; it is refused with
-//! that said.
+//! Without `--drill` it is a real failover of a lost site (`crate::site_failover`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -65,26 +62,9 @@ pub fn failover(
         return Ok(1);
     }
     if !drill {
-        eprintln!(
-            "error: a real failover of site {site} is not built yet (it needs the standby controller at the DR site, the site epoch a partitioned site must see, and a mapping of networks to the DR site); `cairn failover --site {site} --drill` boots each protected VM's newest replicated snapshot at its DR site and removes it again, without touching site {site}"
-        );
-        return Ok(2);
+        return crate::site_failover::failover(&loaded, site, limit);
     }
-    let targets: Vec<(&compiler::model::Vm, String)> = model
-        .vms
-        .iter()
-        .filter(|v| v.site == site && !v.disks.is_empty())
-        .filter_map(|vm| {
-            model
-                .protection_plans
-                .iter()
-                .filter(|p| vm.protection_plans.contains(&p.name))
-                .flat_map(|p| &p.replicate)
-                .map(|r| r.to_site.clone())
-                .find(|t| t != site)
-                .map(|t| (vm, t))
-        })
-        .collect();
+    let targets = replicated_vms(model, site);
     if targets.is_empty() {
         eprintln!(
             "error: no VM of site {site} is replicated to another site (a protection plan's `replicate to-site=…`)"
@@ -173,19 +153,60 @@ pub fn failover(
     })
 }
 
-/// What a drill of one VM boots from.
-struct DrillSource {
+/// `cairn failback --site SITE`; returns the exit code.
+pub fn failback(
+    dir: &Path,
+    state: Option<&Path>,
+    site: &str,
+    limit: Duration,
+) -> anyhow::Result<u8> {
+    let loaded = match load(dir, state)? {
+        Ok(l) => l,
+        Err(code) => return Ok(code),
+    };
+    if loaded.model().site(site).is_none() {
+        eprintln!("error: no site `{site}` in the specs");
+        return Ok(1);
+    }
+    crate::site_failover::failback(&loaded, site, limit)
+}
+
+/// Every VM of `site` with disks that a protection plan replicates to another site,
+/// with that site (the first such `replicate` of its plans).
+pub(crate) fn replicated_vms<'m>(
+    model: &'m compiler::Model,
+    site: &str,
+) -> Vec<(&'m compiler::model::Vm, String)> {
+    model
+        .vms
+        .iter()
+        .filter(|v| v.site == site && !v.disks.is_empty())
+        .filter_map(|vm| {
+            model
+                .protection_plans
+                .iter()
+                .filter(|p| vm.protection_plans.contains(&p.name))
+                .flat_map(|p| &p.replicate)
+                .map(|r| r.to_site.clone())
+                .find(|t| t != site)
+                .map(|t| (vm, t))
+        })
+        .collect()
+}
+
+/// What a drill (or a failover) of one VM boots from.
+pub(crate) struct DrillSource {
     /// The node that writes every DR copy of the VM's disks.
-    node: String,
+    pub(crate) node: String,
     /// The newest snapshot every DR copy committed, and its time.
-    snapshot: String,
-    at_unix_ms: u64,
+    pub(crate) snapshot: String,
+    pub(crate) at_unix_ms: u64,
     /// (DR copy, clone) per disk.
-    clones: Vec<(String, String)>,
+    pub(crate) clones: Vec<(String, String)>,
 }
 
 /// What a drill of `vm` at `dr_site` boots from, or why the VM cannot be drilled.
-fn prepare(
+pub(crate) fn prepare(
     desired: &desired::Desired,
     observed: &Observed,
     vm: &compiler::model::Vm,

@@ -25,6 +25,7 @@ mod placecmd;
 mod policy_cmd;
 mod progress;
 mod simulate;
+mod site_failover;
 mod statebackup;
 mod verify;
 mod vmcmd;

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+pub mod failover;
+
 use compiler::Model;
 use serde::{Deserialize, Serialize};
 
@@ -195,6 +197,9 @@ pub struct Desired {
     /// `image-NAME` of every image with a disk file: base volumes of these images are
     /// kept (`crate::images::base_image`).
     pub image_bases: std::collections::BTreeSet<String>,
+    /// VMs of a failed-over site (`failover`) → that site: they run at the DR
+    /// site from their DR copies, and a copy left at the lost site is only deleted.
+    pub failed_over: BTreeMap<String, String>,
 }
 
 /// A VM's snapshot schedule (its protection plan's `snapshot every=… keep=…`), held by
@@ -311,6 +316,7 @@ fn dr_copies(model: &Model, placement: &Placement, desired: &mut Desired) {
             },
         );
     }
+    failover::apply(placement, desired);
 }
 
 /// The snapshot schedule of a placed VM with disks (`volumes`) when a protection plan

@@ -83,6 +83,66 @@ pub struct Placement {
     /// DR copies that do not fit their pool: `VM.dr.SITE` with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dr_unplaced: Vec<Unplaced>,
+    /// Every failover of a site to its DR site (issue 18), oldest first: the site
+    /// epoch. While the newest of a site is not failed back, its VMs run at the DR
+    /// site from their DR copies and no node of the failed site may run them or ship
+    /// into those copies. Kept across placements (a placement only carries it on).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failovers: Vec<SiteFailover>,
+}
+
+/// One failover of a site (`cairn failover --site SITE`), as the placement records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct SiteFailover {
+    /// The site that was lost.
+    pub site: String,
+    /// The site its VMs run at now.
+    pub to_site: String,
+    /// The site's epoch: 1 for its first failover, one more for each next one.
+    pub epoch: u64,
+    /// When it was recorded (Unix ms).
+    pub at_unix_ms: u64,
+    /// When `cairn failback` brought the VMs back (Unix ms; absent: still failed over).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_back_at_unix_ms: Option<u64>,
+    /// The VMs that run at `to_site`.
+    pub vms: Vec<FailedOverVm>,
+}
+
+/// A VM of a failed-over site: where it runs and from which point in time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FailedOverVm {
+    /// VM name.
+    pub name: String,
+    /// The DR site's node it runs on (the writer of its DR copies).
+    pub node: String,
+    /// Its disks' DR copies (runtime names, in disk order): its disks now.
+    pub volumes: Vec<String>,
+    /// The replicated snapshot it came back from (every DR copy holds it).
+    pub snapshot: String,
+    /// When the source took that snapshot (Unix ms): the recovery point.
+    pub snapshot_at_unix_ms: u64,
+}
+
+impl Placement {
+    /// The failover of `site` in force (not failed back), if any.
+    pub fn failover_of(&self, site: &str) -> Option<&SiteFailover> {
+        self.failovers
+            .iter()
+            .rev()
+            .find(|f| f.site == site)
+            .filter(|f| f.failed_back_at_unix_ms.is_none())
+    }
+
+    /// The site's epoch: the number of its failovers so far (0: never failed over).
+    pub fn site_epoch(&self, site: &str) -> u64 {
+        self.failovers
+            .iter()
+            .filter(|f| f.site == site)
+            .map(|f| f.epoch)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// A placed VM.
@@ -216,6 +276,7 @@ impl Default for Placement {
             addresses: vec![],
             dr_volumes: vec![],
             dr_unplaced: vec![],
+            failovers: vec![],
         }
     }
 }
@@ -1207,6 +1268,11 @@ pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>
     let mut placement = finish(model, &engine, volumes, unplaced, options.previous.as_ref());
     placement.dr_volumes =
         volumes::dr_layout(model, &engine, dr_volumes, options.previous.as_ref());
+    placement.failovers = options
+        .previous
+        .as_ref()
+        .map(|p| p.failovers.clone())
+        .unwrap_or_default();
     placement.dr_unplaced = dr_failures
         .into_iter()
         .map(|(name, reason)| {
@@ -1463,6 +1529,7 @@ fn finish(
         addresses: alloc.addresses,
         dr_volumes: vec![],
         dr_unplaced: vec![],
+        failovers: vec![],
     }
 }
 

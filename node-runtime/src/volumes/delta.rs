@@ -744,11 +744,25 @@ impl Volumes {
                     .eq_ignore_ascii_case(&source.public_key_hex)
         });
         if !same {
+            // A new source starts from the snapshots this volume holds, oldest first:
+            // one the source holds too is the base of its first delta (a reversed
+            // replication after a failover ships only what changed since the common
+            // snapshot). The delta then applies to this volume's live data, so a
+            // caller seeding a volume written since its newest snapshot reverts it
+            // first; the manifest comparison at the commit refuses it otherwise.
+            let mut held: Vec<(String, u64)> = self
+                .snapshot_records(&set.volume)?
+                .into_iter()
+                .filter(|(_, snapshot)| snapshot.deleting.is_empty())
+                .map(|(name, snapshot)| (name, snapshot.created_at_unix_ms))
+                .collect();
+            held.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
             record.receive = Some(ReplicationReceive {
                 source: Peer {
                     public_key_hex: source.public_key_hex.to_ascii_lowercase(),
                     ..source
                 },
+                snapshots: held.into_iter().map(|(name, _)| name).collect(),
                 ..Default::default()
             });
             self.put_replication_record(&set.volume, record)?;

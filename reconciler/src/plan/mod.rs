@@ -27,7 +27,7 @@ mod volumes;
 use sha2::{Digest, Sha256};
 
 pub use actions::{MigratingVolume, NodeAction, PeerRef};
-pub use protection::drill_definition;
+pub use protection::{drill_definition, vm_definition_of};
 pub(crate) use segments::segment_diff;
 #[cfg(test)]
 pub(crate) use segments::tests::{

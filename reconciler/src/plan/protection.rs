@@ -150,6 +150,15 @@ pub fn drill_definition(
     definition
 }
 
+/// The definition (`CreateVm`) the plan gives `vm` on its node: what a failover
+/// defines at the DR site and a failback at the VM's own site.
+pub fn vm_definition_of(
+    vm: &crate::desired::DesiredVm,
+    desired: &crate::desired::Desired,
+) -> NodeAction {
+    super::vms::vm_definition(vm, desired)
+}
+
 fn replication_text(r: &DesiredReplication, target: &str) -> String {
     format!(
         "plan {}: its snapshots shipped every {} to DR copy {} on {target} (site {}, pool {}), as the 4 KiB blocks changed since the newest snapshot both hold; the newest {} kept there",

@@ -164,7 +164,8 @@ pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
             if !in_spec && b.keep_unpruned("vm", name, node) {
                 continue;
             }
-            if wanted_elsewhere {
+            // A copy a failover left at its lost site is deleted, never moved from.
+            if wanted_elsewhere && !crate::desired::failover::left_behind(desired, name, node) {
                 // Handled as a move below when the target answers.
                 let target = &desired.vms[*name].node;
                 if !observed.reachable(target) {
@@ -186,6 +187,17 @@ pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
                 Some(why) => (
                     ChangeKind::Preempt,
                     vec![why.clone(), "its volumes are kept".to_owned()],
+                ),
+                None if crate::desired::failover::left_behind(desired, name, node) => (
+                    ChangeKind::Delete,
+                    vec![format!(
+                        "its site failed over: it runs on {} (site {}); this copy is deleted, never started again (its volumes are kept for `cairn failback`)",
+                        desired.vms[*name].node,
+                        desired
+                            .nodes
+                            .get(&desired.vms[*name].node)
+                            .map_or("", |n| n.site.as_str())
+                    )],
                 ),
                 None if wanted_elsewhere => (
                     ChangeKind::Delete,
@@ -343,7 +355,9 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
             .cloned()
             .unwrap_or_default();
         let here = copies.iter().find(|(n, _)| *n == vm.node).map(|(_, o)| *o);
-        let elsewhere = copies.iter().find(|(n, _)| *n != vm.node);
+        let elsewhere = copies
+            .iter()
+            .find(|(n, _)| *n != vm.node && !crate::desired::failover::left_behind(desired, &vm.name, n));
         let mut deps: Vec<usize> = vm
             .volumes
             .iter()
