@@ -81,19 +81,36 @@ pub async fn run<N: NodeApi>(step: &Step, request_id: &str, nodes: &N) -> Result
     )
     .await
     .map_err(|e| format!("defining its secondary on {secondary}: {e}"))?;
-    let listen = match call(
-        nodes,
-        secondary,
-        secondary_address,
-        id("prepare"),
-        Action::PrepareFtSecondary(v1::PrepareFtSecondary {
-            name: name.clone(),
-            witness: witness.clone(),
-            witness_lease_ms: 0,
-        }),
-    )
-    .await
+    let prepare = |what: &str| {
+        call(
+            nodes,
+            secondary,
+            secondary_address,
+            id(what),
+            Action::PrepareFtSecondary(v1::PrepareFtSecondary {
+                name: name.clone(),
+                witness: witness.clone(),
+                witness_lease_ms: 0,
+            }),
+        )
+    };
+    let mut prepared = prepare("prepare").await;
+    if prepared
+        .as_ref()
+        .is_err_and(|e| e.contains("no migration address"))
     {
+        // A node learns the underlay address of a segment this plan just made at its
+        // next Observe (it reports it as its migration address from then): one
+        // Observe, and the secondary is asked again.
+        let node = crate::desired::DesiredNode {
+            name: secondary.clone(),
+            site: String::new(),
+            address: secondary_address.clone(),
+        };
+        let _ = nodes.observe(&node).await;
+        prepared = prepare("prepare-again").await;
+    }
+    let listen = match prepared {
         Ok(Some(Answer::Ft(ft))) if !ft.listen_address.is_empty() => ft.listen_address,
         Ok(other) => {
             return Err(format!(

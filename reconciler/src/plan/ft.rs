@@ -130,6 +130,20 @@ pub(super) fn plan_ft(b: &mut Builder<'_>) {
             continue;
         }
         let mut deps = primary_steps;
+        // The pair's nodes' bonds and segments first: a secondary of a VM with NICs
+        // receives checkpoints on its node's underlay address.
+        deps.extend(
+            b.steps
+                .iter()
+                .filter(|s| {
+                    (s.node == vm.node || s.node == ft.secondary)
+                        && matches!(
+                            s.action,
+                            NodeAction::ApplyBond { .. } | NodeAction::ApplyNetworkSegment(_)
+                        )
+                })
+                .map(|s| s.id),
+        );
         let mut steps = vec![];
         let mut details = vec![format!(
             "fault tolerance: secondary on {}, checkpoints every {} ms, witness {}",

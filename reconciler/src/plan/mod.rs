@@ -111,9 +111,10 @@ pub fn plan_with(
     vms::plan_vm_deletes(&mut b);
     volumes::plan_volumes(&mut b);
     vms::plan_vms(&mut b);
-    ft::plan_ft(&mut b);
     protection::plan_protections(&mut b);
     segments::plan_segments(&mut b);
+    // After the segments: a secondary with NICs listens on its node's underlay.
+    ft::plan_ft(&mut b);
     finish(b, revision)
 }
 
