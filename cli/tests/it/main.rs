@@ -6,7 +6,6 @@ mod cli;
 mod console;
 mod controller;
 mod controller_remote;
-mod cpu_preemption;
 mod diff;
 mod dr_replication;
 mod engine;
