@@ -294,9 +294,18 @@ fn a_node_in_maintenance_has_its_copies_moved_live_while_the_guest_writes() {
                     .and_then(|v| v.iter().find(|v| v["name"] == "db-data"))
                     .map(|v| v["rebuild"].clone())
                     .filter(|r| !r.is_null())
-                    && progress.last() != Some(&r["percent_done"])
                 {
-                    progress.push(r["percent_done"].clone());
+                    // The VM's disk row carries the same progress (issue 15 item 6).
+                    let disk = s["vms"]
+                        .as_array()
+                        .and_then(|vms| vms.iter().find(|v| v["name"] == "db"))
+                        .and_then(|vm| vm["disks"].as_array())
+                        .and_then(|d| d.iter().find(|d| d["volume"] == "db-data"))
+                        .map(|d| d["rebuild"].clone());
+                    assert_eq!(disk.as_ref(), Some(&r), "db's disk row in {s:#}");
+                    if progress.last() != Some(&r["percent_done"]) {
+                        progress.push(r["percent_done"].clone());
+                    }
                 }
                 lines
                     .iter()
