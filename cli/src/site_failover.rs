@@ -99,7 +99,8 @@ async fn healthy(client: &mut NodeClient, vm: &str, limit: Duration) -> anyhow::
 }
 
 /// Puts `volume` back to `snapshot` (a clone of it, compared piece by piece, the
-/// differing pieces written back through the writer): the bytes written.
+/// differing pieces written back through the writer): the bytes of the 4 KiB blocks
+/// that differed.
 async fn revert(
     client: &mut NodeClient,
     volume: &str,
@@ -129,6 +130,12 @@ async fn revert(
         let want = client.read_volume(read(&clone)).await?;
         let have = client.read_volume(read(volume)).await?;
         if want != have {
+            let differing = want
+                .chunks(4096)
+                .zip(have.chunks(4096))
+                .filter(|(w, h)| w != h)
+                .count() as u64;
+            written += differing * 4096;
             client
                 .apply(v1::ApplyRequest {
                     request_id: id("write"),
@@ -139,7 +146,6 @@ async fn revert(
                     })),
                 })
                 .await?;
-            written += length;
         }
         offset += length;
     }
@@ -316,7 +322,7 @@ fn failover_locked(
             Ok(reverted) => {
                 if reverted > 0 {
                     println!(
-                        "{}: a delta was half received; its DR copies were put back to {} ({} written back)",
+                        "{}: a delta was half received; its DR copies were put back to {} ({} of 4 KiB blocks that differed)",
                         vm.name,
                         source.snapshot,
                         compiler::units::human_size(reverted)

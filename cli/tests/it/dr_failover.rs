@@ -1,6 +1,7 @@
 //! A real failover of a lost site and the failback (issue 18), on a real two-site dev
 //! cluster (`examples/dr`, east-1 on 127.0.0.74, west-1 on 127.0.0.75): db's guest
-//! writes a pattern at east (192 KiB across a stripe unit's end); once a snapshot taken after it is at west, east-1 is
+//! writes a pattern at east (192 KiB across a stripe unit's end); once a snapshot taken after it is at west,
+//! west-1 is stopped (SIGSTOP) while the guest writes 64 KiB more, and east-1 is
 //! killed with its VMM (kill -9 of its process group: the site's power is lost);
 //! `cairn failover --site east` starts db at west from its DR copy and the guest
 //! reads the same checksum there; east-1 returns and neither runs db nor writes into
@@ -74,19 +75,33 @@ fn a_lost_site_fails_over_with_its_data_stays_fenced_when_it_returns_and_fails_b
     let written = now_ms();
     let point = replicated_after(&cluster, written);
 
+    // East's last writes never reach west: west-1's agent is stopped (SIGSTOP)
+    // while db's guest writes 64 KiB and east snapshots them.
+    let pid_of = |name: &str| {
+        cluster
+            .pids()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+            .expect(name)
+    };
+    let signal = |signal: &str, target: String| {
+        let sent = Command::new("kill")
+            .args(["-s", signal, "--", &target])
+            .status()
+            .expect("kill");
+        assert!(sent.success(), "kill -s {signal} {target}");
+    };
+    let (east, west) = (pid_of("east-1"), pid_of("west-1"));
+    signal("STOP", west.to_string());
+    guest(&cluster, "write-pattern", "8MiB", "64KiB", "5");
+    let unshipped = guest(&cluster, "checksum", "8MiB", "64KiB", "0");
+    std::thread::sleep(Duration::from_millis(1500));
+
     // East's power is lost: its agent and db's VMM, kill -9 as one process group.
-    let east = cluster
-        .pids()
-        .into_iter()
-        .find(|(n, _)| n == "east-1")
-        .map(|(_, p)| p)
-        .expect("east-1's pid");
     let lost = now_ms();
-    let kill = Command::new("kill")
-        .args(["-s", "KILL", "--", &format!("-{east}")])
-        .status()
-        .expect("kill");
-    assert!(kill.success());
+    signal("KILL", format!("-{east}"));
+    signal("CONT", west.to_string());
     let started = Instant::now();
     while crate::engine::alive(east) {
         assert!(started.elapsed() < Duration::from_secs(10), "east-1 died");
@@ -121,8 +136,11 @@ fn a_lost_site_fails_over_with_its_data_stays_fenced_when_it_returns_and_fails_b
         first,
         "db's data at west"
     );
+    // East's unshipped writes are not there.
+    let before_them = guest(&cluster, "checksum", "8MiB", "64KiB", "0");
+    assert_ne!(before_them, unshipped);
     eprintln!(
-        "figures: RPO {} ms (the point in time at the loss), RTO {rto_ms} ms (failover command to db running healthy at west)",
+        "figures: RPO {} ms at the loss (west-1 was stopped for east's last writes), RTO {rto_ms} ms (failover command to db running healthy at west)",
         lost.saturating_sub(at)
     );
 
@@ -172,6 +190,15 @@ fn a_lost_site_fails_over_with_its_data_stays_fenced_when_it_returns_and_fails_b
     assert!(
         back.stdout.contains("shipped as a delta from auto-"),
         "{back:?}"
+    );
+    // East's own writes after that snapshot are discarded, counted, not mixed in.
+    assert!(
+        back.stdout.contains("; 64KiB written at east after auto-"),
+        "{back:?}"
+    );
+    assert_eq!(
+        guest(&cluster, "checksum", "8MiB", "64KiB", "0"),
+        before_them
     );
     assert_eq!(guest(&cluster, "checksum", "960KiB", "192KiB", "0"), first);
     assert_eq!(guest(&cluster, "checksum", "5MiB", "128KiB", "0"), second);
