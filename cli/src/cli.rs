@@ -91,6 +91,20 @@ pub enum Command {
             conflicts_with = "consolidate"
         )]
         usage: Option<PathBuf>,
+        /// With --rebalance: weigh VMs by the load the controller measured (its
+        /// `GET /api/v1/usage`, the nodes' last answers); VMs it has no rate for count
+        /// their declared size.
+        #[arg(
+            long,
+            requires = "rebalance",
+            conflicts_with_all = ["consolidate", "usage"]
+        )]
+        measured: bool,
+        /// With --measured: the controller (`http://HOST:PORT`; token from
+        /// DIR/.cairn/controller.token or CAIRN_CONTROLLER_TOKEN); without it, the
+        /// controller that runs for DIR/.cairn.
+        #[arg(long, value_name = "URL", requires = "measured")]
+        controller: Option<String>,
         /// Exact search for pack sites (work-limited); reports the gap to the proven bound.
         #[arg(long)]
         optimize: bool,
@@ -727,6 +741,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             rebalance,
             consolidate,
             usage,
+            measured,
+            controller,
             optimize,
         } => crate::placecmd::place(&crate::placecmd::PlaceArgs {
             dir,
@@ -737,6 +753,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             rebalance,
             consolidate,
             usage,
+            measured: measured.then_some(controller),
             optimize,
         }),
         Command::Graph { dir, format } => crate::placecmd::graph(&dir, format),

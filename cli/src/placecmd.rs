@@ -125,8 +125,34 @@ pub struct PlaceArgs {
     pub consolidate: bool,
     /// With rebalance: the measured load to weigh VMs by (a JSON file).
     pub usage: Option<std::path::PathBuf>,
+    /// With rebalance: the load the controller measured (`Some(None)`: the controller
+    /// that runs for DIR/.cairn; `Some(Some(URL))`: that one).
+    pub measured: Option<Option<String>>,
     /// Exact search for pack sites.
     pub optimize: bool,
+}
+
+/// The measured load from the controller at `url` (else the one that runs for
+/// DIR/.cairn): its URL and `GET /api/v1/usage`.
+fn controller_load(
+    dir: &std::path::Path,
+    url: Option<&str>,
+) -> anyhow::Result<(String, compiler::place::MeasuredLoad)> {
+    let data_dir = dir.join(".cairn");
+    let Some((url, token)) = controller::control::status_endpoint(&data_dir, url) else {
+        anyhow::bail!(
+            "--measured: no controller runs for {} (no controller.url and lock there); start one, or name it with --controller http://HOST:PORT",
+            data_dir.display()
+        );
+    };
+    let answer = controller::control::fetch_json(&url, "/api/v1/usage", token.as_deref())
+        .map_err(|e| anyhow::anyhow!("--measured: {e}"))?;
+    let load = serde_json::from_value(answer).map_err(|e| {
+        anyhow::anyhow!(
+            "--measured: the controller at {url} answered GET /api/v1/usage with no measured load ({e}); is it older than this cairn?"
+        )
+    })?;
+    Ok((url, load))
 }
 
 /// `cairn place`.
@@ -248,6 +274,16 @@ pub fn place(args: &PlaceArgs) -> anyhow::Result<u8> {
             )
         })?;
         placement = compiler::place::rebalance_measured(model, &placement, &base_options, &load);
+    } else if let (true, Some(url)) = (args.rebalance, &args.measured) {
+        let load = controller_load(&args.dir, url.as_deref())?;
+        let _ = writeln!(
+            notes,
+            "measured load from {}: {} running VM{} with a CPU rate (the others count their declared size)",
+            load.0,
+            load.1.vms.len(),
+            if load.1.vms.len() == 1 { "" } else { "s" }
+        );
+        placement = compiler::place::rebalance_measured(model, &placement, &base_options, &load.1);
     } else if args.rebalance {
         placement = compiler::place::rebalance(model, &placement, &base_options, Some(&locator));
     }

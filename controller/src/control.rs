@@ -379,7 +379,12 @@ pub fn status_endpoint(data_dir: &Path, url: Option<&str>) -> Option<(String, Op
 
 /// `GET /api/v1/status`.
 pub fn fetch_status(url: &str, token: Option<&str>) -> Result<serde_json::Value, String> {
-    let answer = request(url, "GET", "/api/v1/status", token, Duration::from_secs(30))?;
+    fetch_json(url, "/api/v1/status", token)
+}
+
+/// `GET path` of the controller at `url`, its JSON answer.
+pub fn fetch_json(url: &str, path: &str, token: Option<&str>) -> Result<serde_json::Value, String> {
+    let answer = request(url, "GET", path, token, Duration::from_secs(30))?;
     if answer.status != 200 {
         return Err(format!(
             "the controller at {url} answered {}: {}",

@@ -51,6 +51,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/usage", get(usage))
         .route(
             "/api/v1/actions/challenge",
             get(crate::actions::challenge_handler),
@@ -193,6 +194,21 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         text,
     )
         .into_response()
+}
+
+/// The measured load of the running VMs (issue 20), what `cairn place --rebalance
+/// --measured` weighs them by: `{"format_version": 1, "vms": {"db": {"cpu_cores":
+/// 0.9, "resident_bytes": N}}}` from the nodes' answers, each CPU rate over a second
+/// or more (`reconciler::usage::measured_load`, `RATE_WINDOW_MS`); a VM whose node
+/// has not answered twice has no rate yet and is left out. The same JSON is a
+/// `--usage FILE`.
+async fn usage(State(shared): State<Arc<Shared>>) -> Response {
+    let load = reconciler::usage::measured_load(&shared.nodes.usage().snapshot());
+    axum::Json(serde_json::json!({
+        "format_version": 1,
+        "vms": load.vms,
+    }))
+    .into_response()
 }
 
 /// Observed now, always; the console's pages then show this answer.

@@ -110,7 +110,22 @@ impl NodeUsageReport {
 #[derive(Debug, Clone, Default)]
 pub struct UsageBoard {
     reports: Arc<Mutex<BTreeMap<String, NodeUsageReport>>>,
+    /// Each node's answers of the last [`HISTORY_MS`], oldest first: where a CPU rate
+    /// starts.
+    history: Arc<Mutex<BTreeMap<String, std::collections::VecDeque<NodeUsageReport>>>>,
 }
+
+/// A CPU rate is taken over at least this long when the node answered that long ago.
+/// The controller asks a node for every status and drift check, often a few
+/// milliseconds apart; CPU time moves in clock ticks (10 ms), so a rate over two such
+/// answers read 0 for a guest burning a whole CPU.
+pub const RATE_WINDOW_MS: u64 = 1_000;
+
+/// No rate over less than this (the node's first answers).
+pub const MIN_RATE_WINDOW_MS: u64 = 250;
+
+/// How long answers are kept to start rates from.
+pub const HISTORY_MS: u64 = 10_000;
 
 impl UsageBoard {
     /// Keeps the usage in `node`'s Observe answer, received now.
@@ -119,9 +134,22 @@ impl UsageBoard {
     }
 
     /// [`Self::record`] received at `at_unix_ms`.
+    /// Each VM's CPU rate runs from the node's newest earlier answer at least
+    /// [`RATE_WINDOW_MS`] old, else from its oldest one kept if that is at least
+    /// [`MIN_RATE_WINDOW_MS`] old.
     pub fn record_at(&self, node: &str, response: &v1::ObserveResponse, at_unix_ms: u64) {
         let mut reports = self.reports.lock().expect("usage lock");
-        let report = NodeUsageReport::of(response, at_unix_ms, reports.get(node));
+        let mut history = self.history.lock().expect("usage lock");
+        let past = history.entry(node.to_owned()).or_default();
+        past.retain(|r| r.at_unix_ms <= at_unix_ms && at_unix_ms - r.at_unix_ms <= HISTORY_MS);
+        let age = |r: &NodeUsageReport| at_unix_ms - r.at_unix_ms;
+        let base = past
+            .iter()
+            .rev()
+            .find(|r| age(r) >= RATE_WINDOW_MS)
+            .or_else(|| past.front().filter(|r| age(r) >= MIN_RATE_WINDOW_MS));
+        let report = NodeUsageReport::of(response, at_unix_ms, base);
+        past.push_back(report.clone());
         reports.insert(node.to_owned(), report);
     }
 
@@ -185,6 +213,21 @@ mod measured_tests {
                 resident_bytes: 3 << 30,
             })
         );
+        // Answers a few ms apart (a status and a drift check at once) rate from the
+        // answer a second or more before: 1.5 s of CPU more over 1.005 s.
+        let answer_ms = |cpu_ms: u64| {
+            let mut a = answer(0);
+            a.vms[0].usage.as_mut().unwrap().cpu_ns = cpu_ms * 1_000_000;
+            a
+        };
+        board.record_at("lab-1", &answer_ms(14_500), 4_000);
+        board.record_at("lab-1", &answer_ms(14_500), 4_005);
+        let cores = measured_load(&board.snapshot()).vms["db"].cpu_cores;
+        assert!((cores - 1.5 / 1.005).abs() < 1e-9, "{cores}");
+        // A node's first answers, less than 250 ms apart: no rate yet.
+        board.record_at("lab-2", &answer(1), 10_000);
+        board.record_at("lab-2", &answer(2), 10_100);
+        assert_eq!(board.snapshot()["lab-2"].vms["db"].cpu_cores, None);
     }
 }
 

@@ -33,7 +33,7 @@ impl Drop for Pressure {
 
 /// The quickstart with its spot VM `backup` replaced by a diskless spot VM `batch`
 /// that prefers lab-1 (a soft affinity: it may go elsewhere).
-fn spot_on_lab_1(dir: &Path) {
+pub(crate) fn spot_on_lab_1(dir: &Path) {
     let path = dir.join("workloads.kdl");
     let text = std::fs::read_to_string(&path).expect("read workloads.kdl");
     let start = text
@@ -45,12 +45,34 @@ fn spot_on_lab_1(dir: &Path) {
     std::fs::write(&path, text).expect("write workloads.kdl");
 }
 
-fn vm_row(status: &Value, vm: &str) -> Option<Value> {
+pub(crate) fn vm_row(status: &Value, vm: &str) -> Option<Value> {
     status["vms"]
         .as_array()?
         .iter()
         .find(|v| v["name"] == vm)
         .cloned()
+}
+
+/// A `cairn-node` wrapper in `scratch` that adds `flags` (shell words) to lab-1's
+/// command line only, with `cairn-vmm` beside it (`dev up` wants it there).
+pub(crate) fn lab_1_node_wrapper(scratch: &Path, flags: &str) -> PathBuf {
+    let wrapper = scratch.join("cairn-node");
+    let real = crate::engine::node_binaries().join("cairn-node");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = lab-1 ]; then exec {real} \"$@\" {flags}; fi\ndone\nexec {real} \"$@\"\n",
+            real = real.display(),
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::os::unix::fs::symlink(
+        crate::engine::node_binaries().join("cairn-vmm"),
+        scratch.join("cairn-vmm"),
+    )
+    .expect("cairn-vmm beside the wrapper");
+    wrapper
 }
 
 #[test]
@@ -62,24 +84,13 @@ fn a_spot_vm_preempted_under_memory_pressure_is_started_again_on_a_node_with_roo
     let scratch = std::env::temp_dir().join(format!("g-preempt-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).expect("scratch dir");
     let threshold = scratch.join("threshold");
-    let wrapper = scratch.join("cairn-node");
-    let real = crate::engine::node_binaries().join("cairn-node");
-    std::fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = lab-1 ]; then exec {real} \"$@\" --preempt-below-available \"$(cat {threshold})\"; fi\ndone\nexec {real} \"$@\"\n",
-            real = real.display(),
-            threshold = threshold.display()
+    let wrapper = lab_1_node_wrapper(
+        &scratch,
+        &format!(
+            "--preempt-below-available \"$(cat {})\"",
+            threshold.display()
         ),
-    )
-    .expect("write the wrapper");
-    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    // `dev up` wants cairn-vmm beside the node binary it is given.
-    std::os::unix::fs::symlink(
-        crate::engine::node_binaries().join("cairn-vmm"),
-        scratch.join("cairn-vmm"),
-    )
-    .expect("cairn-vmm beside the wrapper");
+    );
     // Preempt below 1 GiB less than what is available now; 2 GiB of pressure cross it.
     let below = mem_available().saturating_sub(1 << 30);
     std::fs::write(&threshold, below.to_string()).expect("threshold");
