@@ -23,6 +23,7 @@ use proto::v1;
 use proto::v1::apply_request::Action;
 use proto::v1::apply_response::Result as Answer;
 
+use crate::migrate::call;
 use crate::nodes::NodeApi;
 use crate::plan::{NodeAction, Step};
 
@@ -31,27 +32,6 @@ pub const PRIMARY_PROTECTING: [&str; 3] = ["connecting", "initial-copy", "protec
 
 /// Phases of a secondary that hold (or are receiving) the primary's checkpoints.
 pub const SECONDARY_HOLDING: [&str; 3] = ["waiting", "initial-copy", "protected"];
-
-async fn call<N: NodeApi>(
-    nodes: &N,
-    node: &str,
-    address: &str,
-    request_id: String,
-    action: Action,
-) -> Result<Option<Answer>, String> {
-    nodes
-        .apply(
-            node,
-            address,
-            v1::ApplyRequest {
-                request_id,
-                action: Some(action),
-            },
-        )
-        .await
-        .map(|r| r.result)
-        .map_err(|e| e.to_string())
-}
 
 /// Carries out a `protect_vm` step (`request_id`: the step's). `Ok` once the
 /// primary's first checkpoint is acknowledged; `Err` says which side failed and how.

@@ -174,7 +174,8 @@ fn parts(step: &Step) -> Option<Parts<'_>> {
     }
 }
 
-async fn call<N: NodeApi>(
+/// One request of a commander's sequence (also `crate::ft`'s): the node's answer.
+pub(crate) async fn call<N: NodeApi>(
     nodes: &N,
     node: &str,
     address: &str,
