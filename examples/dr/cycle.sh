@@ -51,9 +51,10 @@ until "$CAIRN" volume snapshots db/data . --format json |
 done
 "$CAIRN" status . | sed -n '/^replication:/,$p'
 
-step "bytes shipped per delta so far (east-1's log)"
+step "bytes shipped per delta so far (east-1's log; the guest also wrote 4 KiB at boot, its block self-test)"
 grep -o 'snapshot auto-[0-9]* (base [^)]*) to [^:]*:[^:]*: [0-9]* data + [0-9]* zero bytes ([0-9]* on the wire)' \
-    .cairn/dev/east-1/node.log | tail -5 || true
+    .cairn/dev/east-1/node.log | tee deltas.txt || true
+awk '{ d += $(NF-9); z += $(NF-6); n++ } END { printf "%d deltas: %d data + %d zero bytes in all\n", n, d, z }' deltas.txt
 
 step "site east is lost: east-1 and db's VMM, kill -9"
 east_pid=$(sed -n 's/.*"east-1": *\([0-9]*\).*/\1/p' .cairn/dev/pids.json)
