@@ -103,7 +103,24 @@ pub struct RemoteNic {
     pub ipv4: Option<Ipv4Addr>,
     /// The underlay address (VTEP) of the node it runs on.
     pub vtep: Ipv4Addr,
+    /// While the VM migrates live, the VTEP of the other node of the migration:
+    /// its frames then go to both, so the VM is reached on whichever node runs it,
+    /// before and after the switch-over (make before break). The VXLAN FDB keeps
+    /// one destination per unicast MAC (`bridge fdb append` of a second is
+    /// ignored, measured), so the MAC then has no entry of its own on the VXLAN
+    /// device and the all-zero entry names both VTEPs: the device sends a copy of
+    /// each frame the bridge gives it for the MAC to each (see [`FLOOD_MAC`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub also_vtep: Option<Ipv4Addr>,
 }
+
+/// The VXLAN device's all-zero entry: frames for a MAC with no entry of its own
+/// (and broadcasts) go to every destination it names. A segment has it only while
+/// a remote NIC migrates live (`RemoteNic::also_vtep`), naming the two nodes of
+/// each migration; ARP requests and IPv6 neighbour solicitations never use it
+/// (the VXLAN proxy answers them), the bridge still sends a migrating MAC only to
+/// the VXLAN port (its `master static` entry stays).
+pub const FLOOD_MAC: &str = "00:00:00:00:00:00";
 
 /// The network's gateway on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,6 +211,16 @@ pub enum SegmentStep {
         /// What is there now.
         have: Option<Ipv4Addr>,
     },
+    /// The all-zero entry lacks a node of a live migration ([`FLOOD_MAC`]).
+    SetFlood {
+        /// The VTEP.
+        vtep: Ipv4Addr,
+    },
+    /// The all-zero entry names a node no live migration needs.
+    DeleteFlood {
+        /// The VTEP.
+        vtep: Ipv4Addr,
+    },
     /// The bridge does not send a remote MAC to the VXLAN port.
     SetBridgeFdb {
         /// Guest MAC.
@@ -235,6 +262,14 @@ impl std::fmt::Display for SegmentStep {
                 Some(h) => write!(f, "fdb {mac}: points to {h}, want {vtep}"),
                 None => write!(f, "fdb {mac}: missing, want {vtep}"),
             },
+            Self::SetFlood { vtep } => write!(
+                f,
+                "fdb {FLOOD_MAC}: missing dst {vtep} (a VM migrating live)"
+            ),
+            Self::DeleteFlood { vtep } => write!(
+                f,
+                "fdb {FLOOD_MAC} dst {vtep}: no VM migrates live through it"
+            ),
             Self::SetBridgeFdb { mac } => write!(f, "bridge fdb {mac}: missing"),
             Self::DeleteFdb { mac, bridge } => write!(
                 f,
@@ -261,7 +296,8 @@ pub struct ObservedSegment {
     pub local_vtep: Option<Ipv4Addr>,
     /// MTU of the VXLAN device.
     pub mtu: u32,
-    /// Remote entries: MAC → VTEP, sorted.
+    /// Remote entries: MAC → VTEP, sorted; the all-zero entry ([`FLOOD_MAC`],
+    /// only during live migrations) once per VTEP it names.
     pub fdb: Vec<(String, Ipv4Addr)>,
     /// Neighbour entries: address → MAC, sorted (IPv4, then IPv6).
     pub neighbours: Vec<(IpAddr, String)>,
@@ -537,19 +573,26 @@ pub fn plan_segment(
     let vx_index = vx.as_ref().map(|v| v.index);
     let own_mac = vx.as_ref().and_then(|v| v.mac);
     let mut have_fdb: std::collections::BTreeMap<[u8; 6], Ipv4Addr> = Default::default();
+    let mut have_flood: std::collections::BTreeSet<Ipv4Addr> = Default::default();
     let mut have_bridge_fdb: std::collections::BTreeSet<[u8; 6]> = Default::default();
     let mut have_neigh: std::collections::BTreeMap<IpAddr, [u8; 6]> = Default::default();
     if let (Some(index), false) = (vx_index, fresh_vxlan) {
         for e in dump_neighbours(&mut rtnl, AddressFamily::Bridge).map_err(nl)? {
             let Some(mac) = e.mac else { continue };
-            if e.ifindex != index || Some(mac) == own_mac || mac == [0; 6] {
+            if e.ifindex != index || Some(mac) == own_mac {
                 continue;
             }
             if e.on_device {
-                if let Some(dst) = e.dst {
-                    have_fdb.insert(mac, dst);
+                match e.dst {
+                    Some(dst) if mac == [0; 6] => {
+                        have_flood.insert(dst);
+                    }
+                    Some(dst) => {
+                        have_fdb.insert(mac, dst);
+                    }
+                    None => {}
                 }
-            } else if e.on_bridge && !e.permanent {
+            } else if e.on_bridge && !e.permanent && mac != [0; 6] {
                 // `master static` makes a static entry (NUD_NOARP); permanent
                 // ones are the bridge's own addresses.
                 have_bridge_fdb.insert(mac);
@@ -572,11 +615,21 @@ pub fn plan_segment(
             }
         }
     }
+    // A migrating NIC's frames go to both nodes through the all-zero entry (the
+    // VXLAN FDB keeps one destination per unicast MAC), its own entry is removed.
     let mut want_fdb: std::collections::BTreeMap<[u8; 6], Ipv4Addr> = Default::default();
+    let mut want_bridge: std::collections::BTreeSet<[u8; 6]> = Default::default();
+    let mut want_flood: std::collections::BTreeSet<Ipv4Addr> = Default::default();
     let mut want_neigh: std::collections::BTreeMap<IpAddr, [u8; 6]> = Default::default();
     let prefix6 = spec.gateway.and_then(|g| g.ipv6);
     for r in &spec.remotes {
-        want_fdb.insert(r.mac, r.vtep);
+        want_bridge.insert(r.mac);
+        match r.also_vtep {
+            Some(also) => want_flood.extend([r.vtep, also]),
+            None => {
+                want_fdb.insert(r.mac, r.vtep);
+            }
+        }
         if let Some(ip) = r.ipv4 {
             want_neigh.insert(IpAddr::V4(ip), r.mac);
         }
@@ -587,6 +640,11 @@ pub fn plan_segment(
             want_neigh.insert(IpAddr::V6(link_local_address(&r.mac)), r.mac);
         }
     }
+    // Make before break: the all-zero entry's new destinations first, its old
+    // ones last, so a migrating MAC always has a way to the node running it.
+    for vtep in want_flood.difference(&have_flood) {
+        steps.push(SegmentStep::SetFlood { vtep: *vtep });
+    }
     for (mac, vtep) in &want_fdb {
         if have_fdb.get(mac) != Some(vtep) {
             steps.push(SegmentStep::SetFdb {
@@ -595,6 +653,8 @@ pub fn plan_segment(
                 have: have_fdb.get(mac).copied(),
             });
         }
+    }
+    for mac in &want_bridge {
         if !have_bridge_fdb.contains(mac) {
             steps.push(SegmentStep::SetBridgeFdb {
                 mac: format_mac(mac),
@@ -610,12 +670,15 @@ pub fn plan_segment(
         }
     }
     for mac in &have_bridge_fdb {
-        if !want_fdb.contains_key(mac) {
+        if !want_bridge.contains(mac) {
             steps.push(SegmentStep::DeleteFdb {
                 mac: format_mac(mac),
                 bridge: true,
             });
         }
+    }
+    for vtep in have_flood.difference(&want_flood) {
+        steps.push(SegmentStep::DeleteFlood { vtep: *vtep });
     }
     for (ip, mac) in &want_neigh {
         if have_neigh.get(ip) != Some(mac) {
@@ -630,7 +693,11 @@ pub fn plan_segment(
             steps.push(SegmentStep::DeleteNeighbour { ip: *ip });
         }
     }
-    observed.fdb = have_fdb.iter().map(|(m, v)| (format_mac(m), *v)).collect();
+    observed.fdb = have_flood
+        .iter()
+        .map(|v| (FLOOD_MAC.to_owned(), *v))
+        .chain(have_fdb.iter().map(|(m, v)| (format_mac(m), *v)))
+        .collect();
     observed.neighbours = have_neigh
         .iter()
         .map(|(ip, m)| (*ip, format_mac(m)))
@@ -793,24 +860,9 @@ pub fn apply_segment(ns: &NetNs, spec: &SegmentSpec) -> Result<Vec<String>, Netw
                 fix_vxlan(ns, &vxlan, &bridge, spec.mtu)?;
             }
             SegmentStep::FixVxlan { .. } => fix_vxlan(ns, &vxlan, &bridge, spec.mtu)?,
-            SegmentStep::SetFdb { mac, vtep, .. } => {
-                let vtep = vtep.to_string();
-                run(
-                    ns,
-                    "bridge",
-                    &[
-                        "fdb",
-                        "replace",
-                        mac,
-                        "dev",
-                        &vxlan,
-                        "dst",
-                        &vtep,
-                        "self",
-                        "permanent",
-                    ],
-                )?;
-            }
+            SegmentStep::SetFdb { mac, vtep, .. } => vxlan_fdb(ns, "replace", mac, &vxlan, *vtep)?,
+            SegmentStep::SetFlood { vtep } => vxlan_fdb(ns, "append", FLOOD_MAC, &vxlan, *vtep)?,
+            SegmentStep::DeleteFlood { vtep } => vxlan_fdb(ns, "del", FLOOD_MAC, &vxlan, *vtep)?,
             SegmentStep::SetBridgeFdb { mac } => {
                 run(
                     ns,
@@ -853,6 +905,22 @@ pub fn apply_segment(ns: &NetNs, spec: &SegmentSpec) -> Result<Vec<String>, Netw
         done.push(step.to_string());
     }
     Ok(done)
+}
+
+/// `bridge fdb OP MAC dev VXLAN dst VTEP self`, `permanent` unless deleting.
+fn vxlan_fdb(
+    ns: &NetNs,
+    op: &str,
+    mac: &str,
+    vxlan: &str,
+    vtep: Ipv4Addr,
+) -> Result<(), NetworkError> {
+    let vtep = vtep.to_string();
+    let mut args = vec!["fdb", op, mac, "dev", vxlan, "dst", &vtep, "self"];
+    if op != "del" {
+        args.push("permanent");
+    }
+    run(ns, "bridge", &args)
 }
 
 fn fix_vxlan(ns: &NetNs, vxlan: &str, bridge: &str, mtu: u32) -> Result<(), NetworkError> {

@@ -233,6 +233,11 @@ pub fn segment_spec(
                 Some(ipv4(&format!("{field}.ipv4"), &r.ipv4)?)
             },
             vtep: ipv4(&format!("{field}.vtep"), &r.vtep)?,
+            also_vtep: if r.also_vtep.is_empty() {
+                None
+            } else {
+                Some(ipv4(&format!("{field}.also_vtep"), &r.also_vtep)?)
+            },
         });
     }
     if seg.external && seg.gateway.is_empty() {
@@ -725,6 +730,7 @@ mod tests {
                 mac: "02:00:00:00:00:02".into(),
                 ipv4: "10.30.0.6".into(),
                 vtep: "10.0.0.2".into(),
+                also_vtep: String::new(),
             }],
             guarded: vec![v1::GuardedNic {
                 vm: "db-1".into(),

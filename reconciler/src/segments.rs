@@ -55,6 +55,10 @@ pub struct SegmentRemote {
     pub ipv4: String,
     /// The VTEP of the node it runs on.
     pub vtep: String,
+    /// While the VM migrates live, the VTEP of the node it runs on until the
+    /// commit: its frames go to both (make before break). Empty: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub also_vtep: String,
 }
 
 /// One resolved allow rule of a security group.
@@ -161,10 +165,25 @@ impl DesiredSegment {
     pub fn fdb(&self) -> BTreeSet<String> {
         self.remotes
             .iter()
-            .map(|r| format!("{} -> {}", r.mac, r.vtep))
+            .flat_map(|r| {
+                // A migrating NIC's frames go to both nodes through the VXLAN
+                // device's all-zero entry (`network::overlay::FLOOD_MAC`).
+                if r.also_vtep.is_empty() {
+                    vec![format!("{} -> {}", r.mac, r.vtep)]
+                } else {
+                    vec![
+                        format!("{FLOOD_MAC} -> {}", r.vtep),
+                        format!("{FLOOD_MAC} -> {}", r.also_vtep),
+                    ]
+                }
+            })
             .collect()
     }
 }
+
+/// The all-zero MAC of a VXLAN device's flood entry, which names both nodes of a
+/// live migration (the node crate's `network::overlay::FLOOD_MAC`).
+pub const FLOOD_MAC: &str = "00:00:00:00:00:00";
 
 /// `tenant/network`.
 pub fn segment_key(tenant: &str, network: &str) -> String {
@@ -378,6 +397,7 @@ pub fn desired_segments(
                                 mac: default_mac(&a.vm, a.nic as usize),
                                 ipv4: a.address.clone(),
                                 vtep: vtep(there)?,
+                                also_vtep: String::new(),
                             })
                         })?
                     })

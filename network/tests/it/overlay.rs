@@ -423,3 +423,186 @@ fn an_external_network_reaches_out_masqueraded_and_others_do_not() {
     );
     assert_eq!(count("10.0.0.0/8"), 0, "never a tenant address: {seen}");
 }
+
+/// Make before break for a VM migrating live (issue 19): on a third node its
+/// frames go to both the node it runs on and the one it moves to. The VXLAN FDB
+/// keeps one destination per unicast MAC (checked here: `bridge fdb append` of a
+/// second is ignored), so its own entry gives way to the all-zero entry naming
+/// both nodes (read back as such: no drift); the bridge still sends the MAC to the
+/// VXLAN port only. Afterwards its entry names the new node first, then the
+/// all-zero entry goes.
+#[test]
+fn a_migrating_mac_goes_to_both_nodes_until_the_old_one_is_dropped() {
+    require_netns!();
+    let c = Cluster::named("f-mb");
+    let (n1, n2, n3) = (c.ns(1), c.ns(2), c.ns(3));
+    let gw = ip(10, 20, 0, 1);
+    // a1 on n1 (the third node) talks to vm, which runs on n2 and moves to n3; l1
+    // is another NIC on n1, which must not see vm's frames.
+    let a1 = probe(&c, 1, "a1", "alpha", "app", ip(10, 20, 0, 11));
+    let l1 = probe(&c, 1, "l1", "alpha", "app", ip(10, 20, 0, 13));
+    let old = probe(&c, 2, "vm", "alpha", "app", ip(10, 20, 0, 12));
+    let here = vec![remote(&a1, 1), remote(&l1, 1)];
+    apply_segment(
+        &n1,
+        &segment("alpha", "app", 5001, 1, gw, vec![remote(&old, 2)]),
+    )
+    .unwrap();
+    apply_segment(&n2, &segment("alpha", "app", 5001, 2, gw, here.clone())).unwrap();
+    apply_segment(&n3, &segment("alpha", "app", 5001, 3, gw, here)).unwrap();
+    assert!(
+        ping_within(&a1, old.ip, Duration::from_secs(3)),
+        "a1 -> vm on n2"
+    );
+    let vx = network::overlay::vxlan_name("alpha", "app");
+    let n1_name = n1.name().unwrap().to_owned();
+    // The kernel's rule this design follows: no second destination for a MAC.
+    ok(&[
+        "bridge",
+        "-n",
+        &n1_name,
+        "fdb",
+        "append",
+        &format_mac(&old.mac),
+        "dev",
+        &vx,
+        "dst",
+        &vtep(3).to_string(),
+        "self",
+        "permanent",
+    ]);
+    let (observed, steps) = plan_segment(
+        &n1,
+        &segment("alpha", "app", 5001, 1, gw, vec![remote(&old, 2)]),
+    )
+    .unwrap();
+    assert!(steps.is_empty(), "{steps:?}");
+    assert_eq!(
+        observed.fdb,
+        vec![(format_mac(&old.mac), vtep(2))],
+        "append was ignored"
+    );
+    // During the migration: vm at n3, also at n2.
+    let both = segment(
+        "alpha",
+        "app",
+        5001,
+        1,
+        gw,
+        vec![network::overlay::RemoteNic {
+            also_vtep: Some(vtep(2)),
+            ..remote(&old, 3)
+        }],
+    );
+    let flood = network::overlay::FLOOD_MAC;
+    assert_eq!(
+        apply_segment(&n1, &both).unwrap(),
+        vec![
+            format!("fdb {flood}: missing dst {} (a VM migrating live)", vtep(2)),
+            format!("fdb {flood}: missing dst {} (a VM migrating live)", vtep(3)),
+            format!("fdb {}: no remote NIC has this MAC", format_mac(&old.mac)),
+        ]
+    );
+    let (observed, steps) = plan_segment(&n1, &both).unwrap();
+    assert!(steps.is_empty(), "both destinations read back: {steps:?}");
+    assert_eq!(
+        observed.fdb,
+        vec![(flood.to_owned(), vtep(2)), (flood.to_owned(), vtep(3))]
+    );
+    // The copy to n3 reaches the VM's NIC there too once it exists (its MAC and
+    // address, as after the switch-over): a1's echo requests are answered twice.
+    let new = format!("{}vm-vm-new", c.prefix);
+    network::netns::create_netns(&new).unwrap();
+    attach_nic(
+        n3.name().unwrap(),
+        &network::tenant::vm_tap_name("vm-new", 0),
+        &new,
+        &network::tenant::tenant_bridge_name("alpha", "app"),
+        &old.mac,
+    );
+    ok(&[
+        "ip",
+        "-n",
+        &new,
+        "addr",
+        "add",
+        "10.20.0.12/24",
+        "dev",
+        "eth0",
+    ]);
+    // Three echo requests: ping's own summary shows duplicates.
+    let ping_once = |from: &Probe| {
+        let args = ["-c", "3", "-i", "0.2", "-w", "3", "10.20.0.12"];
+        let out = sh(&[&["ip", "netns", "exec", &from.netns, "ping"][..], &args].concat());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = ping_once(&a1);
+    assert!(text.contains("DUP!"), "both nodes got the frame: {text}");
+    // The other NIC on n1 saw none of them (the bridge sends vm's MAC to VXLAN
+    // only): a counter of frames to vm's MAC at l1's NIC stays at 0.
+    let mac = format_mac(&old.mac);
+    let nft = |script: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &l1.netns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    nft(&format!(
+        "table netdev f {{\n chain rx {{\n type filter hook ingress device \"eth0\" priority 0;\n ether daddr {mac} counter\n }}\n}}\n"
+    ));
+    let text = ping_once(&a1);
+    assert!(text.contains("DUP!"), "{text}");
+    let out = sh(&[
+        "ip", "netns", "exec", &l1.netns, "nft", "list", "table", "netdev", "f",
+    ]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("counter packets 0 "),
+        "l1 received vm's frames: {listing}"
+    );
+    // The VM leaves n2 (its NIC goes): a1 still reaches it at n3 with no change on n1.
+    let _ = sh(&["ip", "-n", n2.name().unwrap(), "link", "del", &old.tap]);
+    network::netns::delete_netns(&old.netns).unwrap();
+    assert!(
+        ping(&a1, old.ip),
+        "a1 -> vm on n3 before n1 is reprogrammed"
+    );
+    // After the commit: its own entry at n3 first, then the all-zero entry goes.
+    let after = segment("alpha", "app", 5001, 1, gw, vec![remote(&old, 3)]);
+    assert_eq!(
+        apply_segment(&n1, &after).unwrap(),
+        vec![
+            format!("fdb {}: missing, want {}", format_mac(&old.mac), vtep(3)),
+            format!(
+                "fdb {flood} dst {}: no VM migrates live through it",
+                vtep(2)
+            ),
+            format!(
+                "fdb {flood} dst {}: no VM migrates live through it",
+                vtep(3)
+            ),
+        ]
+    );
+    let (observed, steps) = plan_segment(&n1, &after).unwrap();
+    assert!(steps.is_empty(), "{steps:?}");
+    assert_eq!(observed.fdb, vec![(format_mac(&old.mac), vtep(3))]);
+    let text = ping_once(&a1);
+    assert!(
+        text.contains(" 0% packet loss") && !text.contains("DUP!"),
+        "{text}"
+    );
+    let _ = network::netns::delete_netns(&new);
+}

@@ -220,6 +220,7 @@ pub fn remote(p: &Probe, node: usize) -> RemoteNic {
         mac: p.mac,
         ipv4: Some(p.ip),
         vtep: vtep(node),
+        also_vtep: None,
     }
 }
 

@@ -555,6 +555,7 @@ fn segment_request(s: &crate::segments::DesiredSegment) -> proto::v1::ApplyNetwo
                 mac: r.mac.clone(),
                 ipv4: r.ipv4.clone(),
                 vtep: r.vtep.clone(),
+                also_vtep: r.also_vtep.clone(),
             })
             .collect(),
         guarded: s

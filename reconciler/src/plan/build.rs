@@ -70,6 +70,45 @@ impl<'a> Builder<'a> {
         true
     }
 
+    /// Makes `step` wait for `on` as well (a step made after it), and moves every
+    /// step's wave to the length of its longest dependency chain again. Returns
+    /// false, changing nothing, when `on` already waits for `step` (a cycle).
+    pub(super) fn add_dependency(&mut self, step: usize, on: usize) -> bool {
+        if self.steps[step].depends_on.contains(&on) {
+            return true;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut todo = vec![on];
+        while let Some(s) = todo.pop() {
+            if s == step {
+                return false;
+            }
+            if seen.insert(s) {
+                todo.extend(self.steps[s].depends_on.iter().copied());
+            }
+        }
+        self.steps[step].depends_on.push(on);
+        // Waves only grow, and the dependencies form no cycle: this ends.
+        loop {
+            let mut changed = false;
+            for i in 0..self.steps.len() {
+                let wave = self.steps[i]
+                    .depends_on
+                    .iter()
+                    .map(|d| self.steps[*d].wave + 1)
+                    .max()
+                    .unwrap_or(0);
+                if wave > self.steps[i].wave {
+                    self.steps[i].wave = wave;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return true;
+            }
+        }
+    }
+
     pub(super) fn address(&self, node: &str) -> String {
         self.desired
             .nodes

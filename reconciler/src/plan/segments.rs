@@ -76,6 +76,22 @@ pub(crate) fn segment_diff(want: &DesiredSegment, have: &ObservedSegment) -> Vec
     out
 }
 
+/// The VTEP a migrating VM's source node has on segment `key`: the one the plan
+/// wants there, else the one the node reports (its last VM of the tenant leaving).
+fn source_vtep(b: &Builder<'_>, from: &str, key: &str) -> Option<String> {
+    if let Some(s) = b.desired.segments.get(from).and_then(|s| s.get(key)) {
+        return Some(s.local_vtep.clone());
+    }
+    match b.observed.nodes.get(from) {
+        Some(NodeObservation::Reachable { networking, .. }) => networking
+            .segments
+            .get(key)
+            .map(|s| s.local_vtep.clone())
+            .filter(|v| !v.is_empty()),
+        _ => None,
+    }
+}
+
 /// Segments: each wanted segment the node lacks is created; one whose VNI, VTEP,
 /// MTU or forwarding entries differ (a VM moved, a member joined or left), or that
 /// the node reports drift for, is applied again (the node changes only what
@@ -195,28 +211,67 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
                 continue;
             }
             firewall_repaired = true;
-            // A VM migrating live runs on its old node until the commit: an entry
-            // pointing at its new node is made after its `migrate_vm` step (during
-            // pre-copy it would cut the VM off). The new node's own segment (the
-            // VM's bridge there) does not wait.
+            // A VM migrating live runs on its old node until the commit. On a third
+            // node its entry names both nodes from the first wave (make before
+            // break: the VXLAN device sends a copy to each, so the VM is reached
+            // before and after the switch-over) and the old one is dropped after
+            // its `migrate_vm` step. The node it leaves gets the entry after that
+            // step (during pre-copy the VM is local there). The new node's own
+            // segment (the VM's bridge there) does not wait.
             let mut depends = bond_steps.clone();
+            let mut during = want.clone();
+            // The migrations whose VM this node sends to both nodes meanwhile.
+            let mut after_migrations = vec![];
             for (vm, step) in &b.moved {
-                if let NodeAction::MigrateVm { .. } = &b.steps[*step].action
-                    && b.steps[*step].node != *node
-                    && want.remotes.iter().any(|r| r.vm == *vm)
-                {
-                    depends.push(*step);
-                    details.push(format!(
-                        "after the live migration of {vm}: its entries point at {} from the commit",
-                        b.steps[*step].node
-                    ));
+                let NodeAction::MigrateVm { from, .. } = &b.steps[*step].action else {
+                    continue;
+                };
+                let to = &b.steps[*step].node;
+                if to == node || !want.remotes.iter().any(|r| r.vm == *vm) {
+                    continue;
+                }
+                let from_vtep = (from != node)
+                    .then(|| source_vtep(b, from, &want.key()))
+                    .flatten();
+                match from_vtep {
+                    Some(from_vtep) => {
+                        after_migrations.push(*step);
+                        for r in during.remotes.iter_mut().filter(|r| r.vm == *vm) {
+                            r.also_vtep = from_vtep.clone();
+                        }
+                        details.push(format!(
+                            "during the live migration of {vm}: its frames go to both {from} ({from_vtep}) and {to}; {from} is dropped after the commit"
+                        ));
+                    }
+                    None => {
+                        depends.push(*step);
+                        details.push(format!(
+                            "after the live migration of {vm}: its entries point at {to} from the commit"
+                        ));
+                    }
                 }
             }
-            let step = b.step(node, NodeAction::ApplyNetworkSegment(want.clone()), depends);
+            let mut steps = vec![];
+            if during != *want {
+                let first = b.step(
+                    node,
+                    NodeAction::ApplyNetworkSegment(during),
+                    depends.clone(),
+                );
+                // The migrations start only once this node sends to both (unless
+                // this node's step already waits for one of them: a drain's order).
+                for m in &after_migrations {
+                    b.add_dependency(*m, first);
+                }
+                steps.push(first);
+                depends.push(first);
+                depends.extend(after_migrations);
+            }
+            steps.push(b.step(node, NodeAction::ApplyNetworkSegment(want.clone()), depends));
             b.changes.push(Change {
                 site: site.clone(),
                 details,
-                steps: vec![step],
+                steps,
                 ..Change::new(kind, "segment", &want.key(), &want.tenant, node)
             });
         }
@@ -698,6 +753,75 @@ pub(crate) mod tests {
         assert!(segment_step(&was).depends_on.contains(&step.id));
         assert!(segment_step(&was).wave > step.wave);
         assert!(!segment_step(&to).depends_on.contains(&step.id));
+        // Make before break on the third node: from the first wave db's frames go
+        // to both nodes (its entry names the new node, also the old one: the node
+        // turns that into the all-zero entry naming both), and a second step after
+        // the migration drops the old node.
+        let third = before
+            .nodes
+            .keys()
+            .find(|n| **n != was && **n != to)
+            .unwrap()
+            .clone();
+        let was_vtep = after.segments[&was]["dev/dev-net"].local_vtep.clone();
+        let on_third: Vec<_> = live
+            .steps
+            .iter()
+            .filter(|s| {
+                s.node == third
+                    && matches!(&s.action, NodeAction::ApplyNetworkSegment(w) if w.network == "dev-net")
+            })
+            .collect();
+        assert_eq!(on_third.len(), 2, "{on_third:?}");
+        let db_remote = |s: &crate::plan::Step| match &s.action {
+            NodeAction::ApplyNetworkSegment(w) => {
+                w.remotes.iter().find(|r| r.vm == "db").cloned().unwrap()
+            }
+            _ => unreachable!(),
+        };
+        let (during, after_step) = (on_third[0], on_third[1]);
+        assert!(!during.depends_on.contains(&step.id));
+        // The migration starts once the third node sends db's frames to both.
+        assert!(
+            step.depends_on.contains(&during.id),
+            "{:?}",
+            step.depends_on
+        );
+        assert!(during.wave < step.wave);
+        let r = db_remote(during);
+        assert_eq!(
+            (r.vtep.as_str(), r.also_vtep.as_str()),
+            (to_vtep.as_str(), was_vtep.as_str())
+        );
+        assert!(after_step.depends_on.contains(&step.id));
+        assert!(after_step.depends_on.contains(&during.id));
+        let r = db_remote(after_step);
+        assert_eq!(
+            (r.vtep.as_str(), r.also_vtep.as_str()),
+            (to_vtep.as_str(), "")
+        );
+        let (_, details) = &changes[&(third.clone(), "dev/dev-net".to_owned())];
+        assert!(
+            details
+                .iter()
+                .any(|d| d.starts_with("during the live migration of db: its frames go to both")),
+            "{details:?}"
+        );
+        // What the node reports during the migration (the all-zero entry naming
+        // both nodes) is what the first step wants.
+        let NodeAction::ApplyNetworkSegment(w) = &during.action else {
+            unreachable!()
+        };
+        let fdb = w.fdb();
+        assert!(
+            fdb.contains(&format!("00:00:00:00:00:00 -> {to_vtep}")),
+            "{fdb:?}"
+        );
+        assert!(
+            fdb.contains(&format!("00:00:00:00:00:00 -> {was_vtep}")),
+            "{fdb:?}"
+        );
+        assert!(!fdb.iter().any(|e| e.starts_with(&db_mac)), "{fdb:?}");
     }
 
     /// The quickstart's `underlay=` host for a node (`lab-2` -> 10.255.0.12).
