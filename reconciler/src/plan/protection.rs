@@ -801,4 +801,96 @@ mod tests {
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["protection"][0]["replications"][0]["rpo_ms"], 2300);
     }
+
+    /// A failover of site east (`crate::desired::failover`): db runs at west from
+    /// its DR copy; a returning east-1 gets its copy deleted, never started or moved.
+    #[test]
+    fn a_failed_over_vm_runs_from_its_dr_copy_and_its_copy_at_the_lost_site_is_only_deleted() {
+        let before = two_sites(None);
+        assert_eq!(before.vms["db"].node, "east-1");
+        let mut placement = before.placement.clone();
+        placement.failovers.push(compiler::place::SiteFailover {
+            site: "east".into(),
+            to_site: "west".into(),
+            epoch: placement.site_epoch("east") + 1,
+            at_unix_ms: 1,
+            failed_back_at_unix_ms: None,
+            vms: vec![compiler::place::FailedOverVm {
+                name: "db".into(),
+                node: "west-1".into(),
+                volumes: vec!["db-data-dr-west".into()],
+                snapshot: "auto-1".into(),
+                snapshot_at_unix_ms: 1,
+            }],
+        });
+        // The record survives the next placement, and the desired state follows it.
+        let after = two_sites(Some(&placement));
+        assert_eq!(after.placement.site_epoch("east"), 1);
+        assert!(after.placement.failover_of("east").is_some());
+        let db = &after.vms["db"];
+        assert_eq!(
+            (db.node.as_str(), db.volumes.clone()),
+            ("west-1", vec!["db-data-dr-west".to_owned()])
+        );
+        assert!(after.protections.is_empty() && after.replications.is_empty());
+        assert_eq!(after.failed_over["db"], "east");
+        // Both volumes stay wanted (the source is the failback's base).
+        assert!(after.volumes.contains_key("db-data"));
+
+        // East returns holding db, even running: it is deleted there, never the
+        // source of a move to west (a live migration would carry its state over).
+        for state in ["crashed", "running"] {
+            let mut observed = empty_nodes(&after);
+            if let Some(NodeObservation::Reachable { vms, .. }) = observed.nodes.get_mut("east-1") {
+                vms.insert(
+                    "db".to_owned(),
+                    serde_json::from_value(serde_json::json!({
+                        "name": "db", "state": state, "health": "healthy", "vcpus": 1,
+                        "memory_bytes": 64 << 20, "crash_count": 0, "volumes": ["db-data"],
+                    }))
+                    .unwrap(),
+                );
+            }
+            let p = plan(&after, &observed, "r");
+            let on_east: Vec<(ChangeKind, &str)> = p
+                .changes
+                .iter()
+                .filter(|c| c.node == "east-1" && c.object == "vm")
+                .map(|c| (c.kind, c.details.join(" ")))
+                .map(|(k, d)| {
+                    (
+                        k,
+                        if d.contains("its site failed over") {
+                            "fo"
+                        } else {
+                            "?"
+                        },
+                    )
+                })
+                .collect();
+            assert_eq!(on_east, [(ChangeKind::Delete, "fo")], "{state}: {p:#?}");
+            assert!(
+                p.steps.iter().all(|s| !matches!(
+                    s.action,
+                    NodeAction::MigrateVm { .. } | NodeAction::StartVm { .. }
+                        if s.node == "east-1"
+                )),
+                "{state}"
+            );
+            assert!(
+                p.steps.iter().any(|s| s.node == "west-1"
+                    && matches!(&s.action, NodeAction::StartVm { name } if name == "db")),
+                "{state}: db starts at west"
+            );
+        }
+
+        // Failed back: the VM belongs to east again, and the epoch stays.
+        placement.failovers[0].failed_back_at_unix_ms = Some(2);
+        let back = two_sites(Some(&placement));
+        assert_eq!(back.vms["db"].node, "east-1");
+        assert!(back.failed_over.is_empty());
+        assert!(back.replications.contains_key("db-data"));
+        assert_eq!(back.placement.site_epoch("east"), 1);
+        assert!(back.placement.failover_of("east").is_none());
+    }
 }
