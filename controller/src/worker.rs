@@ -1685,13 +1685,21 @@ fn drifted(plan: &Plan) -> Vec<String> {
 }
 
 /// Follows one node's Watch stream; a VM that crashed or stopped, or a gap in
-/// the sequence, wakes a drift check. Reconnects every few seconds.
+/// the sequence, wakes a drift check. Reconnects every few seconds, and a stream
+/// opened after one was lost wakes a drift check too: the events in between are
+/// gone (an agent restarted, say for an upgrade, that preempts a spot VM before the
+/// controller watches again; that stop waited for the next poll, 29 s in the
+/// cpu_preemption test).
 async fn watch_node(shared: Arc<Shared>, node: String, address: String) {
     use proto::v1::watch_event::Event as WatchKind;
+    let mut watched_before = false;
     loop {
         if let Ok(mut client) = reconciler::nodes::connect(&address, shared.signer.clone()).await
             && let Ok(mut stream) = client.watch(5000).await
         {
+            if std::mem::replace(&mut watched_before, true) {
+                shared.wake_drift.notify_one();
+            }
             let mut last_seq = None;
             while let Ok(Some(event)) = stream.message().await {
                 let gap = last_seq.is_some_and(|s: u64| event.sequence != s + 1);

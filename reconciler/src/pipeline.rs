@@ -334,7 +334,7 @@ pub fn move_off(
     moved
 }
 
-/// Re-places the spot VMs their node stopped under memory pressure (`preempted`: VM →
+/// Re-places the spot VMs their node stopped short of memory or CPU (`preempted`: VM →
 /// that node): a diskless one goes where the placement without that node puts it
 /// (the move says why); one with disks (its data is on that node), or one no other
 /// node has room for, is unplaced with constraint `runtime-preempted`, so the plan
@@ -380,7 +380,7 @@ pub fn move_preempted(
                     from: node.clone(),
                     to: fits.node.clone(),
                     reason: format!(
-                        "preempted on {node} (memory pressure): placed where there is room"
+                        "preempted on {node} (short of memory or CPU): placed where there is room"
                     ),
                 });
                 placement.vms[at] = fits;
@@ -390,11 +390,11 @@ pub fn move_preempted(
                 let was = placement.vms.remove(at);
                 let message = if diskless {
                     format!(
-                        "preempted on {node} (memory pressure), and no other node of its site has room for it: it waits, stopped"
+                        "preempted on {node} (short of memory or CPU), and no other node of its site has room for it: it waits, stopped"
                     )
                 } else {
                     format!(
-                        "preempted on {node} (memory pressure); its disks are there, so it waits there, stopped, for the node to have room"
+                        "preempted on {node} (short of memory or CPU); its disks are there, so it waits there, stopped, for the node to have room"
                     )
                 };
                 placement.unplaced.retain(|u| u.name != *vm);

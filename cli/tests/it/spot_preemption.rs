@@ -53,6 +53,27 @@ pub(crate) fn vm_row(status: &Value, vm: &str) -> Option<Value> {
         .cloned()
 }
 
+/// The controller's `preempted` events say that lab-1 stopped batch (`noted`, its
+/// reason starting with `noted`) and that batch is started on `moved_to`.
+pub(crate) fn assert_preemption_events(ha: &HaCluster, noted: &str, moved_to: &str) {
+    let events: Value =
+        serde_json::from_str(&get(ha, "/api/v1/events?kind=preempted")).unwrap_or(Value::Null);
+    let events = events.as_array().cloned().unwrap_or_default();
+    let said = |result: &str, text: &str| {
+        events.iter().any(|e| {
+            e["result"] == result && e["reason"].as_str().is_some_and(|r| r.contains(text))
+        })
+    };
+    assert!(said("noted", noted), "{events:#?}");
+    assert!(
+        said(
+            "re-placing",
+            &format!("vm batch, preempted on lab-1, is started on {moved_to}")
+        ),
+        "{events:#?}"
+    );
+}
+
 /// A `cairn-node` wrapper in `scratch` that adds `flags` (shell words) to lab-1's
 /// command line only, with `cairn-vmm` beside it (`dev up` wants it there).
 pub(crate) fn lab_1_node_wrapper(scratch: &Path, flags: &str) -> PathBuf {
@@ -143,25 +164,7 @@ fn a_spot_vm_preempted_under_memory_pressure_is_started_again_on_a_node_with_roo
     assert!(writer.join().expect("dd"), "2 GiB written to /dev/shm");
     drop(pressure);
 
-    let events: Value =
-        serde_json::from_str(&get(&ha, "/api/v1/events?kind=preempted")).unwrap_or(Value::Null);
-    let events = events.as_array().cloned().unwrap_or_default();
-    let said = |result: &str, text: &str| {
-        events.iter().any(|e| {
-            e["result"] == result && e["reason"].as_str().is_some_and(|r| r.contains(text))
-        })
-    };
-    assert!(
-        said("noted", "vm batch was stopped by lab-1 (preempted: "),
-        "{events:#?}"
-    );
-    assert!(
-        said(
-            "re-placing",
-            &format!("vm batch, preempted on lab-1, is started on {moved_to}")
-        ),
-        "{events:#?}"
-    );
+    assert_preemption_events(&ha, "vm batch was stopped by lab-1 (preempted: ", &moved_to);
     // The node that preempted it keeps no copy; the other VMs did not move.
     let status = ha.status();
     let rows = status["vms"].as_array().cloned().unwrap_or_default();
