@@ -846,9 +846,10 @@ fn first_beacon_after(collector: &Collector, from: Instant) -> Option<Duration> 
 /// lease `CAIRN_FT_LEASE_MS`, default 1000 ms): kill → the first beacon, the nodes deciding alone. Baseline in the
 /// same command: a cold StartVm of the same VM (spawn → first heartbeat, answered).
 /// Medians printed.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore = "a benchmark: prints figures, asserts none"]
-async fn ft_failover_figures() {
+/// The failover benchmark (`cargo bench -p node-runtime --bench ft`, which includes
+/// this file): prints figures, asserts none.
+#[allow(dead_code)]
+pub(crate) async fn failover_figures() {
     let Some((
         Setup {
             names: _,
