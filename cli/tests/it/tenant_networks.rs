@@ -13,8 +13,12 @@
 //!   the distributed gateway;
 //! - a probe of tenant ops reaches its own gateway but nothing of tenant dev; a probe
 //!   of dev-admin reaches its gateway but not dev-net (no rule routes it);
+//! - and the other way: dev-net's probes reach neither ops (its probe, its built-in
+//!   guest `backup`) nor dev-admin;
 //! - `pg` lists group `db`: TCP 5432 from dev-net connects (from both nodes), 5433
-//!   does not, ping does not, and dev-admin and ops cannot reach 5432;
+//!   does not, ping does not, and dev-admin and ops cannot reach 5432; pg itself
+//!   pings and connects out (the group filters what arrives; answers pass), and
+//!   still nobody pings it;
 //! - the group changed to also allow dev-admin: the plan sees it by the segment
 //!   digest alone, apply reprograms every node, and dev-admin then connects (the
 //!   time from the apply's start to the first connection is printed);
@@ -226,7 +230,7 @@ fn stand_in(cluster: &Cluster, status: &Value, vm: &str, gateway: &str) -> Probe
     let tap = network::tenant::vm_tap_name(vm, 0);
     let bridge = network::tenant::tenant_bridge_name(tenant, network);
     let mac = reconciler::segments::default_mac(vm, 0);
-    let ns = format!("i-tn{}-{vm}", std::process::id() % 100_000);
+    let ns = format!("f-tn{}-{vm}", std::process::id() % 100_000);
     let probe = Probe {
         vm: vm.to_owned(),
         ns: ns.clone(),
@@ -303,7 +307,7 @@ fn tenant_networks_span_nodes_isolate_tenants_and_enforce_security_groups() {
         text.stdout
     );
 
-    let p0 = stand_in(&cluster, &status, "probe-0", "10.77.0.1");
+    let mut p0 = stand_in(&cluster, &status, "probe-0", "10.77.0.1");
     let p1 = stand_in(&cluster, &status, "probe-1", "10.77.0.1");
     assert_ne!(p0.node, p1.node, "spread \"node\" puts the probes apart");
     let mut pg = stand_in(&cluster, &status, "pg", "10.77.0.1");
@@ -347,6 +351,19 @@ fn tenant_networks_span_nodes_isolate_tenants_and_enforce_security_groups() {
         !admin.ping(&web0),
         "dev-admin reached dev-net with no rule routing it"
     );
+    // And the other way: dev reaches nothing of ops (its stand-in, its built-in
+    // guest backup) nor dev-admin.
+    let backup = nic_row(&status, "backup");
+    let backup_address = backup["address"].as_str().unwrap();
+    assert!(
+        intruder.reaches(backup_address),
+        "ops's own guest answers ops"
+    );
+    for p in [&p0, &p1] {
+        assert!(!p.ping(&intruder.address), "{} reached ops's probe", p.vm);
+        assert!(!p.ping(backup_address), "{} reached ops's backup", p.vm);
+        assert!(!p.ping(&admin.address), "{} reached dev-admin", p.vm);
+    }
 
     // DHCP from the plan: each network's server on the probe's node hands the
     // probe its planned address, its gateway and the segment MTU (a guest that
@@ -383,6 +400,19 @@ fn tenant_networks_span_nodes_isolate_tenants_and_enforce_security_groups() {
         "dev-admin -> pg:5432"
     );
     assert!(!intruder.connects(&pg.address, 5432, 500), "ops -> pg:5432");
+    // The other direction: the group filters what reaches pg, not what pg starts,
+    // and the answers to pg's own traffic come back (established): pg pings and
+    // connects to p0, while p0 still cannot ping pg.
+    p0.listen(&[8080]);
+    assert!(
+        pg.reaches(&p0.address),
+        "pg -> p0 ping ({} -> {})",
+        pg.node,
+        p0.node
+    );
+    assert!(pg.connects(&p0.address, 8080, 2000), "pg -> p0:8080");
+    assert!(!p0.ping(&pg.address), "p0 -> pg ping after pg's own pings");
+    assert!(!intruder.connects(&p0.address, 8080, 500), "ops -> p0:8080");
 
     // The group changes: dev-admin may connect too. Only the segment digest shows it.
     let tenants = cluster.path().join("tenants.kdl");
