@@ -185,7 +185,8 @@ pub struct FirewallSpec {
     pub zones: Vec<Zone>,
     /// Every guest tap on a tenant network here (guarded or not): the guest guard
     /// (table `bridge cairn_guard`) drops what only a gateway may send from them:
-    /// DHCP and DHCPv6 server answers and IPv6 router advertisements and redirects.
+    /// DHCP and DHCPv6 server answers, IPv6 router advertisements and redirects and
+    /// IPv4 ICMP redirects, and every VLAN-tagged frame.
     #[serde(default)]
     pub guests: Vec<String>,
 }
@@ -300,9 +301,10 @@ fn counted_drop() -> Value {
 /// network's gateway may send are dropped before anything else sees them (bridge
 /// prerouting, stateless, so it needs neither conntrack nor br_netfilter): a
 /// guest's DHCP server answers (UDP source port 67), DHCPv6 server or relay answers
-/// (source port 547), and ICMPv6 router advertisements and redirects. Without it a
-/// guest running a DHCP server or radvd hands its neighbours its own address and
-/// router, and the first answer wins.
+/// (source port 547), ICMPv6 router advertisements and redirects, IPv4 ICMP
+/// redirects, and VLAN-tagged frames (802.1Q, 802.1ad). Without it a guest running
+/// a DHCP server or radvd hands its neighbours its own address and router, and the
+/// first answer wins.
 fn guard_desired(guests: &[String], chains: &mut Vec<Chain>, rules: &mut Vec<Rule>) {
     if guests.is_empty() {
         return;
@@ -332,6 +334,20 @@ fn guard_desired(guests: &[String], chains: &mut Vec<Chain>, rules: &mut Vec<Rul
             json!({"payload": {"protocol": "icmpv6", "field": "type"}}),
             json!({"set": ["nd-router-advert", "nd-redirect"]}),
             "IPv6 router advertisements and redirects",
+        ),
+        (
+            json!({"payload": {"protocol": "icmp", "field": "type"}}),
+            json!("redirect"),
+            "IPv4 ICMP redirects",
+        ),
+        // 802.1Q and 802.1ad: the bridge is not VLAN-aware, so a tagged frame
+        // would reach every NIC of the network, and a guest that configured the
+        // same VLAN would take its DHCP answers or router advertisements, which
+        // the rules above (untagged headers only) never see.
+        (
+            json!({"payload": {"protocol": "ether", "field": "type"}}),
+            json!({"set": [0x8100, 0x88a8]}),
+            "VLAN-tagged frames",
         ),
     ];
     for (left, right, what) in drops {
@@ -1035,7 +1051,7 @@ mod tests {
         assert_eq!(chains.len(), 1, "only the guard: no NIC has a group");
         assert_eq!((chains[0].table, chains[0].family), (GUARD_TABLE, "bridge"));
         assert_eq!(chains[0].hook, Some(("prerouting", -300, "accept")));
-        assert_eq!(rules.len(), 3);
+        assert_eq!(rules.len(), 5);
         for r in &rules {
             let e = r.expr.to_string();
             assert!(e.contains(r#"{"set":["cta","ctb"]}"#), "{e}");
@@ -1044,6 +1060,8 @@ mod tests {
         assert!(rules[0].expr.to_string().contains(r#""right":67}"#));
         assert!(rules[1].expr.to_string().contains(r#""right":547"#));
         assert!(rules[2].expr.to_string().contains("nd-router-advert"));
+        assert!(rules[3].expr.to_string().contains(r#""right":"redirect""#));
+        assert!(rules[4].expr.to_string().contains("[33024,34984]"));
     }
 
     #[test]

@@ -163,13 +163,14 @@ fn solicit(nic: &Nic, mac: [u8; 6], within: Duration) -> Option<(u8, std::net::S
         .expect("enter the victim's namespace")
 }
 
-/// The guard's drop counters, in rule order (DHCP, DHCPv6, RA/redirect).
-fn drops(node: &DhcpNode) -> Vec<u64> {
+/// The guard's drop counters, in rule order (DHCP, DHCPv6, RA/redirect, ICMP
+/// redirect, VLAN tags).
+fn drops(node: &NetNs) -> Vec<u64> {
     let out = sh(&[
         "ip",
         "netns",
         "exec",
-        node.ns.name().unwrap(),
+        node.name().unwrap(),
         "nft",
         "-j",
         "list",
@@ -266,23 +267,23 @@ fn a_guest_running_dhcp_and_router_advertisements_configures_no_neighbour() {
     );
     // RAs: the victim's solicitations reached the rogue, whose answers were dropped.
     assert!(
-        wait_for(Duration::from_secs(30), || drops(&node)
+        wait_for(Duration::from_secs(30), || drops(&node.ns)
             .get(2)
             .copied()
             .unwrap_or(0)
             > 0),
         "no RA was dropped: {:?}",
-        drops(&node)
+        drops(&node.ns)
     );
     let config = v6_config(&victim);
     assert!(
         !config.contains("fd00:bad:") && !config.contains("default"),
         "the rogue's RA configured the victim: {config}"
     );
-    let counts = drops(&node);
+    let counts = drops(&node.ns);
     assert!(
-        counts.len() == 3 && counts.iter().all(|c| *c > 0),
-        "every guard rule dropped something: {counts:?}"
+        counts.len() == 5 && counts[..3].iter().all(|c| *c > 0),
+        "every DHCP and RA rule of the guard dropped something: {counts:?}"
     );
 
     // The gateway's own DHCP still reaches a planned NIC.
@@ -318,4 +319,106 @@ fn a_guest_running_dhcp_and_router_advertisements_configures_no_neighbour() {
             .is_empty()
     );
     drop(rogue);
+}
+
+/// A guest sends what the bridge would carry to its neighbours unless the guard
+/// drops it: an 802.1Q-tagged frame (VLAN 100; a tagged DHCP answer or RA would
+/// pass the untagged rules and reach a guest that configured that VLAN) and an
+/// IPv4 ICMP redirect to its neighbour. Both are sent raw (this kernel has no VLAN
+/// devices) and counted at the neighbour's NIC. Without the guard both arrive (the
+/// test can fail); with it neither does, the guard counts them, and untagged
+/// traffic between the two still passes.
+#[test]
+fn a_guest_sends_neither_tagged_frames_nor_icmp_redirects_to_its_neighbours() {
+    require_netns!();
+    use crate::overlay_support::{Cluster, ip, ping, probe};
+    use network::overlay::format_mac;
+    let c = Cluster::named("f-gg");
+    let a = probe(&c, 1, "ga", "alpha", "app", ip(10, 20, 0, 11));
+    let b = probe(&c, 1, "gb", "alpha", "app", ip(10, 20, 0, 12));
+    // b counts the tagged frames and the ICMP redirects that reach its NIC.
+    let script = "table netdev f {\n chain rx {\n type filter hook ingress device \"eth0\" priority 0;\n vlan id 100 counter\n icmp type redirect counter\n }\n}\n";
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &b.netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success());
+    // (tagged frames, redirects) seen at b.
+    let at_b = || {
+        let out = sh(&[
+            "ip", "netns", "exec", &b.netns, "nft", "list", "table", "netdev", "f",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let n: Vec<u64> = text
+            .split("counter packets ")
+            .skip(1)
+            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+            .collect();
+        assert_eq!(n.len(), 2, "{text}");
+        (n[0], n[1])
+    };
+    let hex = |m: &[u8; 6]| format_mac(m).replace(':', "");
+    // A VLAN 100 frame from a to b's MAC, and an ICMP host redirect from a to b
+    // (for 198.51.100.7, via 10.20.0.66) quoting an IP header and 8 bytes, as a
+    // router would send it.
+    let send = format!(
+        r#"
+import socket, struct, sys
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+if sys.argv[1] == "vlan":
+    p = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    p.bind(("eth0", 0))
+    p.send(bytes.fromhex("{bmac}{amac}") + struct.pack("!HHH", 0x8100, 100, 0x0800) + b"\x45" + b"\0" * 45)
+else:
+    quoted = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0,
+                         socket.inet_aton("{b}"), socket.inet_aton("198.51.100.7")) + b"\0" * 8
+    body = struct.pack("!BBH4s", 5, 1, 0, socket.inet_aton("10.20.0.66")) + quoted
+    body = body[:2] + struct.pack("!H", csum(body)) + body[4:]
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    s.sendto(body, ("{b}", 0))
+"#,
+        b = b.ip,
+        bmac = hex(&b.mac),
+        amac = hex(&a.mac),
+    );
+    let send_both = || {
+        for what in ["vlan", "redirect"] {
+            ok(&[
+                "ip", "netns", "exec", &a.netns, "python3", "-c", &send, what,
+            ]);
+        }
+    };
+    // Without the guard.
+    assert!(ping(&a, b.ip), "untagged a -> b");
+    send_both();
+    assert!(
+        wait_for(Duration::from_secs(2), || at_b() == (1, 1)),
+        "the tagged frame and the redirect reached b: {:?}",
+        at_b()
+    );
+    // With it.
+    let node = c.ns(1);
+    let spec = FirewallSpec {
+        guests: vec![a.tap.clone(), b.tap.clone()],
+        ..FirewallSpec::default()
+    };
+    apply_firewall(&node, &spec).expect("guard");
+    assert!(firewall_drift(&node, &spec).unwrap().is_empty());
+    send_both();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        at_b(),
+        (1, 1),
+        "a tagged frame or a redirect crossed the guard"
+    );
+    assert!(ping(&a, b.ip), "untagged traffic still passes");
+    let counts = drops(&node);
+    assert_eq!(counts, vec![0, 0, 0, 1, 1], "the guard's counters");
+    apply_firewall(&node, &FirewallSpec::default()).expect("no guests");
 }
