@@ -163,6 +163,60 @@ fn cpu_pressure_over(window: Duration) -> f64 {
     stalled as f64 / started.elapsed().as_micros() as f64 * 100.0
 }
 
+/// Loads lab-1 (three busy loops on CPU 0) and restarts its agent with
+/// `--preempt-above-cpu-pressure` (through `flags`, the wrapper's file) at that moment;
+/// `outliving` VMMs (besides batch's `batch_pid`) must run on through the restart.
+/// Returns the load, when it started, when the agent watched again and when batch's
+/// VMM was gone (both since the load).
+fn load_lab_1_until_stopped(
+    ha: &HaCluster,
+    flags: &Path,
+    batch_pid: u32,
+    outliving: &[u32],
+) -> (Burners, Instant, Duration, Duration) {
+    std::fs::write(
+        flags,
+        format!("--preempt-above-cpu-pressure {THRESHOLD_PERCENT}"),
+    )
+    .expect("flags file");
+    let agent = ha.node_pid("lab-1");
+    let burners = Burners::on_cpu(0, 3);
+    let loaded = Instant::now();
+    signal(agent, "-TERM");
+    while alive(agent) {
+        assert!(
+            loaded.elapsed() < Duration::from_secs(10),
+            "lab-1's agent exits on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        alive(batch_pid) && outliving.iter().all(|pid| alive(*pid)),
+        "the VMMs outlive their agent"
+    );
+    let up = ha.dev_up();
+    assert_eq!(up.code, 0, "{up:?}");
+    let watching = loaded.elapsed();
+    let log = || {
+        std::fs::read_to_string(ha.cluster.path().join(".cairn/dev/lab-1/node.log"))
+            .unwrap_or_default()
+    };
+    assert!(
+        log().contains(&format!("more than {THRESHOLD_PERCENT}% of a 1 s window")),
+        "lab-1 was restarted to preempt for CPU: {}",
+        log()
+    );
+    while alive(batch_pid) {
+        assert!(
+            loaded.elapsed() < Duration::from_secs(30),
+            "batch still runs on lab-1 30 s into the load; lab-1's log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (burners, loaded, watching, loaded.elapsed())
+}
+
 #[test]
 fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_its_cpu() {
     if psi_cpu_some_total().is_none() {
@@ -213,45 +267,8 @@ fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_it
     let ambient = cpu_pressure_over(Duration::from_secs(1));
 
     // The load starts, and lab-1's agent is restarted watching CPU pressure.
-    std::fs::write(
-        &flags,
-        format!("--preempt-above-cpu-pressure {THRESHOLD_PERCENT}"),
-    )
-    .expect("flags file");
-    let agent = ha.node_pid("lab-1");
-    let burners = Burners::on_cpu(0, 3);
-    let loaded = Instant::now();
-    signal(agent, "-TERM");
-    while alive(agent) {
-        assert!(
-            loaded.elapsed() < Duration::from_secs(10),
-            "lab-1's agent exits on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(
-        alive(batch_pid) && alive(db_pid),
-        "the VMMs outlive their agent"
-    );
-    let up = ha.dev_up();
-    assert_eq!(up.code, 0, "{up:?}");
-    let watching = loaded.elapsed();
-    let node_log = std::fs::read_to_string(ha.cluster.path().join(".cairn/dev/lab-1/node.log"))
-        .unwrap_or_default();
-    assert!(
-        node_log.contains(&format!("more than {THRESHOLD_PERCENT}% of a 1 s window")),
-        "lab-1 was restarted to preempt for CPU: {node_log}"
-    );
-    while alive(batch_pid) {
-        assert!(
-            loaded.elapsed() < Duration::from_secs(30),
-            "batch still runs on lab-1 30 s into the load; lab-1's log:\n{}",
-            std::fs::read_to_string(ha.cluster.path().join(".cairn/dev/lab-1/node.log"))
-                .unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let stopped = loaded.elapsed();
+    let (burners, loaded, watching, stopped) =
+        load_lab_1_until_stopped(&ha, &flags, batch_pid, &[db_pid]);
     let under_load = loop_rate(&db_dir, Duration::from_secs(1));
     let pressure = cpu_pressure_over(Duration::from_millis(500));
     let moved_to = ha.wait(
@@ -315,6 +332,80 @@ fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_it
         running_elsewhere.as_secs_f64() * 1000.0,
         under_load / alone_mean,
         loaded_settled / alone_mean,
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// The quickstart with `batch` bound to lab-1 (a hard affinity): no other node may
+/// take it.
+fn bound_to_lab_1(dir: &Path) {
+    spot_on_lab_1(dir);
+    let workloads = dir.join("workloads.kdl");
+    let text = std::fs::read_to_string(&workloads).expect("read workloads.kdl");
+    let text = text.replacen(
+        "affinity \"batch-on-lab-1\" kind=\"node\" hard=#false",
+        "affinity \"batch-on-lab-1\" kind=\"node\" hard=#true",
+        1,
+    );
+    std::fs::write(&workloads, text).expect("write workloads.kdl");
+    on_loopback(dir, 87, "10s");
+}
+
+#[test]
+fn a_spot_vm_preempted_for_cpu_with_no_room_elsewhere_waits_stopped_and_says_why() {
+    if psi_cpu_some_total().is_none() {
+        eprintln!("skipped: no /proc/pressure/cpu (PSI), which lab-1 watches");
+        return;
+    }
+    let scratch = std::env::temp_dir().join(format!("d-cpu-pending-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).expect("scratch dir");
+    let flags = scratch.join("lab-1-flags");
+    std::fs::write(&flags, "").expect("flags file");
+    let wrapper = lab_1_node_wrapper(&scratch, &format!("$(cat {})", flags.display()));
+    let Some(ha) =
+        HaCluster::up_with_binaries("d-cpu-pending", bound_to_lab_1, None, Some(wrapper))
+    else {
+        let _ = std::fs::remove_dir_all(&scratch);
+        return;
+    };
+    assert_eq!(ha.node_of("batch"), "lab-1", "{:?}", ha.placement);
+    let batch_pid = vmm_pid(&ha.vm_dir("batch")).expect("batch's VMM runs");
+    let (burners, loaded, watching, stopped) =
+        load_lab_1_until_stopped(&ha, &flags, batch_pid, &[]);
+    let why = ha.wait("batch pending, with why", Duration::from_secs(60), |_| {
+        let events: Value =
+            serde_json::from_str(&crate::ha_timers::get(&ha, "/api/v1/events?kind=preempted"))
+                .unwrap_or(Value::Null);
+        events.as_array()?.iter().find_map(|e| {
+            (e["result"] == "pending").then(|| e["reason"].as_str().unwrap_or_default().to_owned())
+        })
+    });
+    let pending = loaded.elapsed();
+    drop(burners);
+    assert!(
+        why.starts_with("vm batch is pending: ")
+            && why.contains("it is tried on lab-1 again after 120 s"),
+        "{why}"
+    );
+    // It waits stopped on lab-1, the only node it may run on, and nothing else moved.
+    let status = ha.status();
+    let row = vm_row(&status, "batch").expect("batch in status");
+    assert_eq!(row["node"], "lab-1", "{row:#}");
+    assert_ne!(row["state"], "running", "{row:#}");
+    for (vm, node) in &ha.placement {
+        if vm != "batch" {
+            assert_eq!(
+                vm_row(&status, vm).map(|r| r["node"].clone()),
+                Some(Value::from(node.as_str())),
+                "{vm} stayed"
+            );
+        }
+    }
+    eprintln!(
+        "cpu preemption, no room elsewhere: lab-1 watching at {:.0} ms, batch's VMM gone at {:.0} ms, pending at {:.0} ms: {why}",
+        watching.as_secs_f64() * 1000.0,
+        stopped.as_secs_f64() * 1000.0,
+        pending.as_secs_f64() * 1000.0
     );
     let _ = std::fs::remove_dir_all(&scratch);
 }
