@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::ha::{HaCluster, alive, signal, vmm_pid};
-use crate::spot_preemption::{assert_preemption_events, lab_1_node_wrapper, spot_on_lab_1, vm_row};
+use crate::spot_preemption::{
+    assert_others_stayed, assert_preemption_events, lab_1_node_wrapper, spot_on_lab_1, vm_row,
+};
 
 /// lab-1 preempts above this share of a 1 s window with a task waiting for a CPU:
 /// three busy loops on one CPU cross it (this machine's other builds may too, which
@@ -392,15 +394,7 @@ fn a_spot_vm_preempted_for_cpu_with_no_room_elsewhere_waits_stopped_and_says_why
     let row = vm_row(&status, "batch").expect("batch in status");
     assert_eq!(row["node"], "lab-1", "{row:#}");
     assert_ne!(row["state"], "running", "{row:#}");
-    for (vm, node) in &ha.placement {
-        if vm != "batch" {
-            assert_eq!(
-                vm_row(&status, vm).map(|r| r["node"].clone()),
-                Some(Value::from(node.as_str())),
-                "{vm} stayed"
-            );
-        }
-    }
+    assert_others_stayed(&ha, &status);
     eprintln!(
         "cpu preemption, no room elsewhere: lab-1 watching at {:.0} ms, batch's VMM gone at {:.0} ms, pending at {:.0} ms: {why}",
         watching.as_secs_f64() * 1000.0,

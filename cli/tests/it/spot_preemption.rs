@@ -74,6 +74,19 @@ pub(crate) fn assert_preemption_events(ha: &HaCluster, noted: &str, moved_to: &s
     );
 }
 
+/// Every VM but batch is on the node it was placed on at the start.
+pub(crate) fn assert_others_stayed(ha: &HaCluster, status: &Value) {
+    for (vm, node) in &ha.placement {
+        if vm != "batch" {
+            assert_eq!(
+                vm_row(status, vm).map(|r| r["node"].clone()),
+                Some(Value::from(node.as_str())),
+                "{vm} stayed"
+            );
+        }
+    }
+}
+
 /// A `cairn-node` wrapper in `scratch` that adds `flags` (shell words) to lab-1's
 /// command line only, with `cairn-vmm` beside it (`dev up` wants it there).
 pub(crate) fn lab_1_node_wrapper(scratch: &Path, flags: &str) -> PathBuf {
@@ -173,15 +186,7 @@ fn a_spot_vm_preempted_under_memory_pressure_is_started_again_on_a_node_with_roo
         1,
         "{rows:#?}"
     );
-    for (vm, node) in &ha.placement {
-        if vm != "batch" {
-            assert_eq!(
-                vm_row(&status, vm).map(|r| r["node"].clone()),
-                Some(Value::from(node.as_str())),
-                "{vm} stayed"
-            );
-        }
-    }
+    assert_others_stayed(&ha, &status);
     eprintln!(
         "preemption re-placed: available memory crossed {} MiB; batch running on {moved_to} {:.0} ms later",
         below >> 20,
