@@ -51,6 +51,19 @@ pub struct BenchArgs {
     /// ports from a free base).
     #[arg(long, default_value = "127.0.0.42", requires = "simulate")]
     pub simulate_address: std::net::Ipv4Addr,
+    /// With `--simulate`: simulator processes (`cairn-node --simulate`), each serving
+    /// a consecutive share of the nodes (one process has a 20,000 open-file limit here).
+    #[arg(long, default_value_t = 1, requires = "simulate")]
+    pub simulators: usize,
+    /// With `--simulate`: each simulator serves its nodes on one port, the node named
+    /// in each call's metadata, and the controller shares one connection per port;
+    /// else a port (and a connection) per node.
+    #[arg(long, requires = "simulate")]
+    pub one_port: bool,
+    /// With `--simulate`: file disks per simulated node (0: none; the VMs are
+    /// diskless, and each disk costs the simulator a file and a 4 MiB journal).
+    #[arg(long, default_value_t = 1, requires = "simulate")]
+    pub simulate_disks: u32,
     /// With `--simulate`: the controller's node actions in flight at once.
     #[arg(long, default_value_t = 8, requires = "simulate")]
     pub parallelism: usize,
@@ -284,7 +297,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
             args.parallelism,
             args.keep,
             args.console,
-            args.simulate_address,
+            simulate::Serving {
+                ip: args.simulate_address,
+                simulators: args.simulators,
+                one_port: args.one_port,
+                disks: args.simulate_disks,
+            },
         );
     }
     if args.failover {

@@ -57,6 +57,8 @@ struct Args {
     #[arg(long)]
     migration_address: Option<std::net::IpAddr>,
     /// Number of file disks created under DATA_DIR/volumes/disks on first start.
+    /// With --simulate it may be 0: nodes without disks (no volume can be placed on
+    /// them), which spares each simulated node a disk file and its 4 MiB journal.
     #[arg(long, default_value_t = 4)]
     disks: u32,
     /// Capacity of each file disk in bytes (sparse; default 16 GiB).
@@ -132,6 +134,21 @@ struct Args {
     /// line (what `cairn dev up --simulate` writes); N must be their number.
     #[arg(long, value_name = "FILE", requires = "simulate")]
     simulate_nodes: Option<PathBuf>,
+    /// With --simulate: every node answers on the --listen address itself, and each
+    /// call reaches the node its `cairn-node` metadata names (a controller sends it),
+    /// instead of a port per node. Controller calls only: no node leases, and peers
+    /// do not replicate to each other.
+    #[arg(long, requires = "simulate", conflicts_with_all = ["simulate_nodes", "lease_from"])]
+    simulate_one_port: bool,
+    /// With --simulate: the number of the first node (`n{FIRST}` …), so that several
+    /// simulator processes can serve one cluster.
+    #[arg(
+        long,
+        default_value_t = 0,
+        requires = "simulate",
+        conflicts_with = "simulate_nodes"
+    )]
+    simulate_first: usize,
 }
 
 fn main() -> ExitCode {
@@ -142,9 +159,10 @@ fn main() -> ExitCode {
         eprintln!("cairn-node: {}", error.message());
         return ExitCode::from(2);
     }
-    if args.disks == 0 || args.disks > 64 {
+    let fewest = if args.simulate.is_some() { 0 } else { 1 };
+    if args.disks < fewest || args.disks > 64 {
         eprintln!(
-            "cairn-node: --disks must be between 1 and 64, got {}",
+            "cairn-node: --disks must be between {fewest} and 64, got {}",
             args.disks
         );
         return ExitCode::from(2);
@@ -235,7 +253,16 @@ fn simulate(
     disks: DiskLayout,
 ) -> ExitCode {
     let listed = match &args.simulate_nodes {
-        None => node_runtime::simulate::numbered(nodes, &args.simulate_prefix, args.listen),
+        None if args.simulate_one_port => node_runtime::simulate::one_port(
+            args.simulate_first..args.simulate_first + nodes,
+            &args.simulate_prefix,
+            args.listen,
+        ),
+        None => node_runtime::simulate::numbered(
+            args.simulate_first..args.simulate_first + nodes,
+            &args.simulate_prefix,
+            args.listen,
+        ),
         Some(file) => std::fs::read_to_string(file)
             .map_err(|e| format!("cannot read {}: {e}", file.display()))
             .and_then(|text| {
@@ -274,6 +301,7 @@ fn simulate(
             }),
         trusted_controller_keys: args.trusted_controller_keys.clone(),
         request_retention: std::time::Duration::from_secs(args.request_retention),
+        one_port: args.simulate_one_port,
     };
     let shutdown = {
         let _context = runtime.enter();

@@ -62,6 +62,42 @@ pub async fn run(
     listen: SocketAddr,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_on(config, disks, Listen::Tcp(listen), shutdown).await
+}
+
+/// Where a node's services answer.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// A port of its own (every real node).
+    Tcp(SocketAddr),
+    /// A port shared with other simulated nodes (`cairn-node --simulate --one-port`):
+    /// the services are registered under the node's name on `port` while the node
+    /// runs, and calls naming it in metadata reach them.
+    Shared {
+        /// The port's address (what the node reports as its listen address).
+        address: SocketAddr,
+        /// The routing table of that port.
+        port: std::sync::Arc<crate::simulate::SharedPort>,
+    },
+}
+
+impl Listen {
+    fn address(&self) -> SocketAddr {
+        match self {
+            Listen::Tcp(address) | Listen::Shared { address, .. } => *address,
+        }
+    }
+}
+
+/// [`run`] on a port of its own or a shared one: the same node, services and
+/// background loops either way.
+pub async fn run_on(
+    config: NodeConfig,
+    disks: DiskLayout,
+    on: Listen,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let listen = on.address();
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::Write {
         path: config.data_dir.display().to_string(),
         source,
@@ -145,16 +181,26 @@ pub async fn run(
         );
     }
 
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            address: listen.to_string(),
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServerError::Bind {
-        address: listen.to_string(),
-        source,
-    })?;
+    enum Serving {
+        Own(tokio::net::TcpListener),
+        Shared(std::sync::Arc<crate::simulate::SharedPort>),
+    }
+    let (serving, local) = match on {
+        Listen::Tcp(_) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    address: listen.to_string(),
+                    source,
+                })?;
+            let local = listener.local_addr().map_err(|source| ServerError::Bind {
+                address: listen.to_string(),
+                source,
+            })?;
+            (Serving::Own(listener), local)
+        }
+        Listen::Shared { address, port } => (Serving::Shared(port), address),
+    };
     let address_file = node.data_dir().join(files::LISTEN_ADDRESS);
     std::fs::write(&address_file, format!("{local}\n")).map_err(|source| ServerError::Write {
         path: address_file.display().to_string(),
@@ -243,7 +289,6 @@ pub async fn run(
         node.trust.controllers_source(),
     );
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let signal = {
         let health = health.clone();
         async move {
@@ -259,9 +304,7 @@ pub async fn run(
             let _ = shutdown_sender.send(true);
         }
     };
-    let result = Server::builder()
-        .layer(crate::simulate::FaultLayer(node.config.faults.clone()))
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(v1::inventory_server::InventoryServer::new(service.clone()))
@@ -278,8 +321,24 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(incoming, signal)
-        .await;
+        .prepare();
+    let faults = crate::simulate::FaultLayer(node.config.faults.clone());
+    let result = match serving {
+        Serving::Own(listener) => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            Server::builder()
+                .layer(faults)
+                .serve_with_incoming_shutdown(routes, incoming, signal)
+                .await
+        }
+        Serving::Shared(port) => {
+            let name = node.config.name.clone();
+            port.register(&name, tower_layer::Layer::layer(&faults, routes));
+            signal.await;
+            port.remove(&name);
+            Ok(())
+        }
+    };
     resync.abort();
     protection.abort();
     replication.abort();
@@ -294,16 +353,12 @@ pub async fn run(
         let _ = watchdog.await;
     }
     node.exports.shutdown().await;
+    // A clean exit leaves no empty cgroup behind (a VMM that runs on keeps its own).
+    for line in node.vms.remove_cgroups_on_exit() {
+        println!("cairn-node {}: {line}", node.config.name);
+    }
     if node.config.stop_vms_on_exit {
         node.vms.kill_all().await;
-    }
-    // A clean exit leaves no empty cgroup behind (a VMM that runs on keeps its own).
-    for line in node
-        .vms
-        .remove_cgroups_on_exit(node.config.stop_vms_on_exit)
-        .await
-    {
-        println!("cairn-node {}: {line}", node.config.name);
     }
     let _ = std::fs::remove_file(&address_file);
     result?;

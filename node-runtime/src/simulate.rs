@@ -11,11 +11,15 @@
 //! file disks, nothing is written by a plan), replicated between simulated nodes over
 //! the real Replication service.
 //!
-//! One port per node, not one port with the node named in metadata: the controller
-//! learns a node's identity from its address (the unsigned identity probe), peers
-//! replicate to `address` from the peer set, and a dead node must refuse connections
-//! exactly like a dead machine; a shared port would need a router in front of the
-//! services and a dead node would still accept TCP.
+//! By default one port per node: peers replicate to `address` from the peer set, node
+//! leases probe peers by address, and a dead node refuses connections exactly like a
+//! dead machine. With `one_port` ([`SimulateConfig::one_port`], `--simulate-one-port`)
+//! every node answers on one address, each call routed by the node its
+//! [`proto::client::NODE_NAME_METADATA`] names ([`SharedPort`]): the same routes
+//! ([`crate::server::run_on`]). The spec gives such a node the address
+//! `NAME@HOST:PORT`, and the controller shares one connection per port
+//! (`reconciler::nodes::connect`), so 10,000 nodes do not need 10,000 sockets on either
+//! side. Controller calls only: no leases, no replication between nodes.
 //!
 //! Faults (a line protocol on a loopback TCP port, its address written to
 //! `DATA_DIR/control-address`; one command per line, answered `ok …` or `error …`):
@@ -405,11 +409,126 @@ pub struct SimulateConfig {
     pub trusted_controller_keys: Option<PathBuf>,
     /// Request-id retention.
     pub request_retention: Duration,
+    /// Every node on the first node's address, routed by the `cairn-node` metadata
+    /// of each call ([`SharedPort`]); else a port per node.
+    pub one_port: bool,
+}
+
+/// One port serving many simulated nodes (`--simulate-one-port`): each running node's
+/// services (the same [`crate::server::run_on`] routes a port of its own would serve,
+/// behind its [`FaultLayer`]) by name. A call is routed by its
+/// [`proto::client::NODE_NAME_METADATA`]; a call naming a node that is down or unknown
+/// fails `UNAVAILABLE`, as a refused connection would; one naming none reaches the
+/// port's own health service.
+#[derive(Default)]
+pub struct SharedPort {
+    nodes: std::sync::RwLock<HashMap<String, FaultService<tonic::service::Routes>>>,
+}
+
+impl std::fmt::Debug for SharedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedPort")
+            .field("nodes", &self.read().len())
+            .finish()
+    }
+}
+
+impl SharedPort {
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<String, FaultService<tonic::service::Routes>>> {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `name`'s services answer from now on.
+    pub fn register(&self, name: &str, routes: FaultService<tonic::service::Routes>) {
+        self.nodes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), routes);
+    }
+
+    /// `name` no longer answers.
+    pub fn remove(&self, name: &str) {
+        self.nodes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
+    /// Nodes answering now.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no node answers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The service of a [`SharedPort`]: routes each call to the node it names.
+#[derive(Clone)]
+struct Dispatch {
+    port: Arc<SharedPort>,
+    own: tonic::service::Routes,
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Dispatch {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        type Request = http::Request<tonic::body::Body>;
+        let name = request
+            .headers()
+            .get(proto::client::NODE_NAME_METADATA)
+            .map(|v| v.to_str().unwrap_or_default().to_string());
+        let Some(name) = name else {
+            let mut own = self.own.clone();
+            return Box::pin(async move {
+                tonic::codegen::Service::<Request>::call(&mut own, request).await
+            });
+        };
+        let Some(mut node) = self.port.read().get(&name).cloned() else {
+            return Box::pin(async move {
+                Ok(Status::unavailable(format!(
+                    "simulated node `{name}` is not running on this port"
+                ))
+                .into_http())
+            });
+        };
+        Box::pin(async move {
+            std::future::poll_fn(|cx| {
+                tonic::codegen::Service::<Request>::poll_ready(&mut node, cx)
+            })
+            .await?;
+            tonic::codegen::Service::<Request>::call(&mut node, request).await
+        })
+    }
+}
+
+/// The nodes of `cairn-node --simulate N --simulate-one-port`: `PREFIX{i}` for each
+/// `i` of `numbers`, all on `listen`.
+pub fn one_port(
+    numbers: std::ops::Range<usize>,
+    prefix: &str,
+    listen: SocketAddr,
+) -> Result<Vec<(String, SocketAddr)>, String> {
+    if listen.port() == 0 {
+        return Err("--simulate-one-port needs a fixed --listen port".into());
+    }
+    Ok(numbers.map(|i| (format!("{prefix}{i}"), listen)).collect())
 }
 
 struct SimNode {
     config: NodeConfig,
-    listen: SocketAddr,
+    listen: crate::server::Listen,
     faults: Arc<Faults>,
     hypervisor: Arc<SimHypervisor>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -424,13 +543,13 @@ impl SimNode {
     fn start(&mut self, disks: DiskLayout) {
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let config = self.config.clone();
-        let listen = self.listen;
+        let listen = self.listen.clone();
         let name = config.name.clone();
         self.task = Some(tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            if let Err(error) = crate::server::run(config, disks, listen, shutdown).await {
+            if let Err(error) = crate::server::run_on(config, disks, listen, shutdown).await {
                 eprintln!(
                     "cairn-node --simulate: node {name}: {}",
                     crate::error_chain(&error)
@@ -462,12 +581,15 @@ impl SimNode {
     }
 }
 
-/// The nodes of `cairn-node --simulate N`: `PREFIX{i}` on port `listen.port() + i`.
+/// The nodes of `cairn-node --simulate N`: `PREFIX{i}` for each `i` of `numbers`,
+/// the first on `listen`'s port and each next one on the next port.
 pub fn numbered(
-    nodes: usize,
+    numbers: std::ops::Range<usize>,
     prefix: &str,
     listen: SocketAddr,
 ) -> Result<Vec<(String, SocketAddr)>, String> {
+    let first = numbers.start;
+    let nodes = numbers.len();
     if listen.port() == 0 {
         return Err("--simulate needs a fixed --listen port (node i listens on PORT + i)".into());
     }
@@ -480,7 +602,7 @@ pub fn numbered(
     Ok((0..nodes)
         .map(|i| {
             (
-                format!("{prefix}{i}"),
+                format!("{prefix}{}", first + i),
                 SocketAddr::new(listen.ip(), listen.port() + i as u16),
             )
         })
@@ -533,6 +655,35 @@ pub async fn run(
     if let Err(e) = proto::client::raise_open_file_limit(wanted) {
         eprintln!("warning: {e}");
     }
+    if config.one_port && config.lease.is_some() {
+        return Err("one port (--simulate-one-port) serves controller calls only: node leases need a port per node".into());
+    }
+    // One port: every node's routes behind one listener, routed by name.
+    let shared = if config.one_port {
+        let port = Arc::new(SharedPort::default());
+        let listener = tokio::net::TcpListener::bind(first)
+            .await
+            .map_err(|e| format!("cannot listen on {first}: {e}"))?;
+        let (_, health) = tonic_health::server::health_reporter();
+        let dispatch = Dispatch {
+            port: port.clone(),
+            own: tonic::service::Routes::new(health).prepare(),
+        };
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(async move {
+            // Every node's Watch stream stays open on the controller's one connection.
+            let served = tonic::transport::Server::builder()
+                .max_concurrent_streams(None)
+                .serve_with_incoming(dispatch, incoming)
+                .await;
+            if let Err(error) = served {
+                eprintln!("cairn-node --simulate: the shared port {first}: {error}");
+            }
+        });
+        Some(port)
+    } else {
+        None
+    };
     let shared_keys = config.data_dir.join("trusted-controllers");
     let mut nodes: BTreeMap<String, SimNode> = BTreeMap::new();
     for (index, (name, listen)) in config.nodes.iter().enumerate() {
@@ -575,7 +726,13 @@ pub async fn run(
         };
         let mut node = SimNode {
             config: node_config,
-            listen,
+            listen: match &shared {
+                Some(port) => crate::server::Listen::Shared {
+                    address: listen,
+                    port: port.clone(),
+                },
+                None => crate::server::Listen::Tcp(listen),
+            },
             faults,
             hypervisor,
             stop: None,
@@ -696,5 +853,163 @@ async fn command(
             )
         }
         _ => format!("error cannot parse `{line}`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::auth::{Identity, RequestSigner};
+
+    /// Client-side connections from this process to `port` (ESTABLISHED, IPv4).
+    fn connections_to(port: u16) -> usize {
+        let table = std::fs::read_to_string("/proc/self/net/tcp").unwrap_or_default();
+        table
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                fields.get(2).and_then(|r| r.rsplit(':').next())
+                    == Some(format!("{port:04X}").as_str())
+                    && fields.get(3) == Some(&"01")
+            })
+            .count()
+    }
+
+    async fn command(control: SocketAddr, line: &str) -> String {
+        let stream = tokio::net::TcpStream::connect(control)
+            .await
+            .expect("control");
+        let (read, mut write) = stream.into_split();
+        write
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("send");
+        let mut lines = tokio::io::BufReader::new(read).lines();
+        lines.next_line().await.expect("read").unwrap_or_default()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_port_serves_every_node_by_the_name_in_metadata_over_one_connection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let controller = Identity::generate().expect("key");
+        std::fs::write(
+            dir.path().join("trusted-controllers"),
+            format!("{} cairn-controller\n", controller.public_key_hex()),
+        )
+        .expect("trust");
+        let port = std::net::TcpListener::bind("127.0.0.37:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let listen: SocketAddr = format!("127.0.0.37:{port}").parse().expect("address");
+        let nodes = one_port(0..20, "n", listen).expect("nodes");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let simulator = tokio::spawn(run(
+            SimulateConfig {
+                nodes,
+                data_dir: dir.path().to_path_buf(),
+                disks: DiskLayout {
+                    count: 1,
+                    capacity_bytes: 64 << 20,
+                },
+                lease: None,
+                trusted_controller_keys: None,
+                request_retention: Duration::from_secs(3600),
+                one_port: true,
+            },
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let signer = RequestSigner::new(controller);
+        let address = listen.to_string();
+        // Every node answers, as itself, through the controller's node clients.
+        let mut keys = std::collections::BTreeSet::new();
+        let mut clients = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in 0..20 {
+            let name = format!("n{i}");
+            loop {
+                let routed = format!("{name}@{address}");
+                let answer = match reconciler::nodes::connect(&routed, signer.clone()).await {
+                    Ok(mut client) => client
+                        .get_inventory()
+                        .await
+                        .map(|inventory| (client, inventory))
+                        .map_err(|s| s.message().to_string()),
+                    Err(e) => Err(e),
+                };
+                match answer {
+                    Ok((client, inventory)) => {
+                        assert_eq!(inventory.node_name, name);
+                        keys.insert(inventory.public_key_hex);
+                        clients.push(client);
+                        break;
+                    }
+                    Err(e) if Instant::now() > deadline => panic!("{name} does not answer: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+        assert_eq!(keys.len(), 20, "each node has its own identity");
+        // Every node's client shares the port's one channel.
+        assert_eq!(connections_to(port), 1, "connections for 20 nodes");
+        // A call naming no node reaches no node; one naming an unknown node is
+        // refused as a dead machine would be.
+        let channel = reconciler::nodes::connect_channel(&address)
+            .await
+            .expect("channel");
+        let unnamed = proto::client::NodeClient::from_channel(channel.clone(), signer.clone())
+            .get_inventory()
+            .await
+            .expect_err("no node named");
+        assert_ne!(unnamed.code(), tonic::Code::Ok);
+        let unknown = proto::client::NodeClient::from_channel(channel, signer.clone())
+            .named("n99")
+            .get_inventory()
+            .await
+            .expect_err("no such node");
+        assert_eq!(unknown.code(), tonic::Code::Unavailable, "{unknown:?}");
+        assert!(unknown.message().contains("n99"), "{unknown:?}");
+        // Faults act per node on the shared port.
+        let control: SocketAddr = std::fs::read_to_string(dir.path().join("control-address"))
+            .expect("control address")
+            .trim()
+            .parse()
+            .expect("control address");
+        assert!(command(control, "kill n3").await.starts_with("ok"));
+        let dead = clients[3].get_inventory().await.expect_err("n3 is down");
+        assert_eq!(dead.code(), tonic::Code::Unavailable, "{dead:?}");
+        let alive = clients[4].get_inventory().await.expect("n4 still answers");
+        assert_eq!(alive.node_name, "n4");
+        assert!(command(control, "slow n4 300").await.starts_with("ok"));
+        let t = Instant::now();
+        clients[4].get_inventory().await.expect("n4 answers slowly");
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        let t = Instant::now();
+        clients[5].get_inventory().await.expect("n5");
+        assert!(
+            t.elapsed() < Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(command(control, "start n3").await.starts_with("ok"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match clients[3].get_inventory().await {
+                Ok(inventory) => {
+                    assert_eq!(inventory.node_name, "n3");
+                    break;
+                }
+                Err(e) if Instant::now() > deadline => panic!("n3 did not come back: {e:?}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let _ = stop.send(());
+        simulator
+            .await
+            .expect("simulator task")
+            .expect("simulator run");
     }
 }

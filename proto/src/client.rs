@@ -42,6 +42,11 @@ use crate::v1::observe_client::ObserveClient;
 use crate::v1::replication_client::ReplicationClient;
 use crate::v1::watch_client::WatchClient;
 
+/// The metadata key naming the node a call is for. A `cairn-node --simulate --one-port`
+/// serves many nodes on one address and routes each call by it; a real node serves one
+/// and ignores it. [`NodeClient::for_node`] and [`NodeClient::named`] send it.
+pub const NODE_NAME_METADATA: &str = "cairn-node";
+
 /// Errors of connecting.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -80,6 +85,8 @@ pub struct NodeClient {
     /// The identity was given ([`NodeClient::with_target`]), not learned: never asked
     /// for and never forgotten.
     pinned: bool,
+    /// Sent as [`NODE_NAME_METADATA`] with every call.
+    node_name: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 /// Turns "127.0.0.1:7100" into "http://127.0.0.1:7100"; keeps URIs with a scheme.
@@ -118,6 +125,7 @@ impl NodeClient {
             expected_name: None,
             target: Arc::default(),
             pinned: false,
+            node_name: None,
         }
     }
 
@@ -144,6 +152,7 @@ impl NodeClient {
     /// another name or key refuses every call.
     pub fn with_target(self, target: NodeTarget) -> Self {
         Self {
+            node_name: target.name.parse().ok(),
             expected_name: Some(target.name.clone()),
             target: Arc::new(Mutex::new(Some(target))),
             pinned: true,
@@ -156,8 +165,26 @@ impl NodeClient {
     pub fn for_node(self, name: &str) -> Self {
         Self {
             expected_name: Some(name.to_string()),
+            ..self.named(name)
+        }
+    }
+
+    /// Every call names the node `name` in its metadata ([`NODE_NAME_METADATA`]), so
+    /// one address can serve several nodes (a simulated cluster on one port).
+    pub fn named(self, name: &str) -> Self {
+        Self {
+            node_name: name.parse().ok(),
             ..self
         }
+    }
+
+    fn name_in<T>(&self, mut request: tonic::Request<T>) -> tonic::Request<T> {
+        if let Some(name) = &self.node_name {
+            request
+                .metadata_mut()
+                .insert(NODE_NAME_METADATA, name.clone());
+        }
+        request
     }
 
     /// The identity of the node, asking it once if it is not known yet.
@@ -175,7 +202,7 @@ impl NodeClient {
         } else {
             format!(" at {}", self.address)
         };
-        let probe = crate::auth::identity_probe(v1::GetInventoryRequest {});
+        let probe = self.name_in(crate::auth::identity_probe(v1::GetInventoryRequest {}));
         let refusal = match InventoryClient::new(self.channel.clone())
             .get_inventory(probe)
             .await
@@ -241,6 +268,7 @@ impl NodeClient {
         let target = self.target().await?;
         self.signer
             .sign(method, &target, message)
+            .map(|request| self.name_in(request))
             .map_err(|error| tonic::Status::internal(error.to_string()))
     }
 

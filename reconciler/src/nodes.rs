@@ -246,16 +246,63 @@ impl NodeApi for GrpcNodes {
 }
 
 /// A connected, signing client for one node, with call timeouts.
+/// A `NAME@HOST:PORT` address ([`routed`]) shares its port's one channel and names
+/// NAME in every call.
 pub async fn connect(address: &str, signer: RequestSigner) -> Result<NodeClient, String> {
+    if let Some((name, at)) = routed(address) {
+        let channel = shared_port::channel(at).await?;
+        return Ok(NodeClient::from_channel(channel, signer).named(name));
+    }
+    let channel = connect_channel(address).await?;
+    Ok(NodeClient::from_channel(channel, signer))
+}
+
+/// A node address `NAME@HOST:PORT`: node NAME behind a port that serves several
+/// nodes (`cairn-node --simulate --simulate-one-port`), each call naming it in its
+/// metadata ([`proto::client::NODE_NAME_METADATA`]). The name and the port's address.
+pub fn routed(address: &str) -> Option<(&str, &str)> {
+    let (name, at) = address.split_once('@')?;
+    (!name.is_empty() && !at.is_empty()).then_some((name, at))
+}
+
+/// One HTTP/2 channel per shared port ([`routed`] addresses), made on first use and
+/// shared by every node behind it, so 10,000 simulated nodes cost the controller a
+/// connection per simulator process, not one (or two, with Watch) per node.
+pub mod shared_port {
+    use std::collections::HashMap;
+    use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+
+    use tokio::sync::OnceCell;
+    use tonic::transport::Channel;
+
+    type Cells = HashMap<String, Arc<OnceCell<Channel>>>;
+    static PORTS: LazyLock<Mutex<Cells>> = LazyLock::new(Mutex::default);
+
+    /// The channel of the port at `at` (`HOST:PORT`), connected by its first caller
+    /// while the others wait; after a failed connect the next caller tries again.
+    pub async fn channel(at: &str) -> Result<Channel, String> {
+        let cell = PORTS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(at.to_owned())
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| super::connect_channel(at))
+            .await
+            .cloned()
+    }
+}
+
+/// A connected channel to `address`, with the call timeouts of [`connect`].
+pub async fn connect_channel(address: &str) -> Result<tonic::transport::Channel, String> {
     let endpoint = tonic::transport::Endpoint::from_shared(proto::client::endpoint_uri(address))
         .map_err(|e| format!("invalid address {address}: {e}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(60));
-    let channel = endpoint
+    endpoint
         .connect()
         .await
-        .map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))?;
-    Ok(NodeClient::from_channel(channel, signer))
+        .map_err(|e| format!("cannot connect to {address}: {}", error_chain(&e)))
 }
 
 /// An error and its sources on one line.

@@ -30,7 +30,7 @@ use super::{free_port, git, median, run_ok, wait_event};
 /// Nodes per site (sites are the lease and quorum domain).
 const PER_SITE: usize = 50;
 
-fn spec(nodes: usize, vms: usize, ip: Ipv4Addr, base: u16) -> String {
+fn spec(nodes: usize, vms: usize, addresses: &[String]) -> String {
     let sites = nodes.div_ceil(PER_SITE);
     let mut text = String::from(
         "node-class \"sim\" {\n    cpu 64\n    memory \"512GiB\"\n    host-reserve cpu=2 memory=\"16GiB\"\n    disk \"disk0\" size=\"1TiB\" class=\"ssd\"\n    nic \"eth0\" speed=\"25Gbps\"\n    nic \"eth1\" speed=\"25Gbps\"\n}\n\nimage \"tiny\" builtin=\"cairn-guest\"\n\n",
@@ -39,10 +39,14 @@ fn spec(nodes: usize, vms: usize, ip: Ipv4Addr, base: u16) -> String {
         text.push_str(&format!(
             "site \"s{s}\" {{\n    overcommit cpu=4.0 memory=1.0\n    rack \"r{s}\" {{\n"
         ));
-        for i in s * PER_SITE..((s + 1) * PER_SITE).min(nodes) {
+        for (i, address) in addresses
+            .iter()
+            .enumerate()
+            .take(((s + 1) * PER_SITE).min(nodes))
+            .skip(s * PER_SITE)
+        {
             text.push_str(&format!(
-                "        node \"n{i}\" class=\"sim\" address=\"{ip}:{}\"\n",
-                usize::from(base) + i
+                "        node \"n{i}\" class=\"sim\" address=\"{address}\"\n"
             ));
         }
         text.push_str("    }\n    bond \"data\" mode=\"active-backup\" {\n        members \"eth0\" \"eth1\"\n    }\n    pool \"local\" disk-class=\"ssd\" replicas=2 failure-domain=\"node\" {\n        stripe-width 1\n        stripe-unit \"64KiB\"\n    }\n}\n\n");
@@ -200,6 +204,30 @@ fn free_ports(ip: Ipv4Addr, count: usize) -> anyhow::Result<u16> {
     bail!("no {count} consecutive free ports on {ip}")
 }
 
+/// How the simulated nodes are served.
+#[derive(Debug, Clone, Copy)]
+pub struct Serving {
+    /// The IPv4 address they listen on.
+    pub ip: Ipv4Addr,
+    /// `cairn-node --simulate` processes, each serving a consecutive share of the nodes.
+    pub simulators: usize,
+    /// Each process serves its nodes on one port (`--simulate-one-port`), routed by
+    /// the node named in each call's metadata; else a port per node.
+    pub one_port: bool,
+    /// File disks per simulated node (0: none; the bench's VMs are diskless, and each
+    /// disk costs a file descriptor and a 4 MiB journal written at creation).
+    pub disks: u32,
+}
+
+/// This process's open file descriptors.
+fn open_fds(pid: Option<u32>) -> usize {
+    let dir = match pid {
+        Some(pid) => format!("/proc/{pid}/fd"),
+        None => "/proc/self/fd".to_owned(),
+    };
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
 /// `cairn controller bench --simulate`.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
@@ -210,8 +238,17 @@ pub fn run(
     parallelism: usize,
     keep: bool,
     console: bool,
-    ip: Ipv4Addr,
+    serving: Serving,
 ) -> anyhow::Result<u8> {
+    let Serving {
+        ip,
+        simulators,
+        one_port,
+        disks,
+    } = serving;
+    if simulators == 0 || simulators > nodes {
+        bail!("--simulators {simulators}: between 1 and --nodes ({nodes})");
+    }
     let node_bin = node_binary()?;
     // A connection per node, and the git and state files around them.
     if let Err(e) = proto::client::raise_open_file_limit(nodes as u64 * 4 + 1024) {
@@ -242,8 +279,35 @@ pub fn run(
         sim_dir.join("trusted-controllers"),
         format!("{} cairn-controller\n", controller.public_key_hex()),
     )?;
-    let base = free_ports(ip, nodes)?;
-    std::fs::write(work.join("cluster.kdl"), spec(nodes, vms, ip, base))?;
+    // Process p serves nodes [first, first + count): on one port of its own, or on
+    // consecutive ports from base + first.
+    let per = nodes.div_ceil(simulators);
+    let shares: Vec<(usize, usize)> = (0..nodes)
+        .step_by(per)
+        .map(|first| (first, per.min(nodes - first)))
+        .collect();
+    let base = free_ports(ip, if one_port { shares.len() } else { nodes })?;
+    // One port: `n{i}@IP:PORT`, the node named in each call on its process's port.
+    let listens: Vec<String> = (0..nodes)
+        .map(|i| {
+            let port = if one_port {
+                usize::from(base) + i / per
+            } else {
+                usize::from(base) + i
+            };
+            format!("{ip}:{port}")
+        })
+        .collect();
+    let addresses: Vec<String> = if one_port {
+        listens
+            .iter()
+            .enumerate()
+            .map(|(i, at)| format!("n{i}@{at}"))
+            .collect()
+    } else {
+        listens.clone()
+    };
+    std::fs::write(work.join("cluster.kdl"), spec(nodes, vms, &addresses))?;
     std::fs::write(work.join("workloads.kdl"), workloads(nodes, vms, "g"))?;
     std::fs::write(work.join(".gitignore"), ".cairn/\n")?;
     run_ok(
@@ -261,22 +325,41 @@ pub fn run(
         &key,
         &["remote", "add", "origin", &bare.display().to_string()],
     )?;
-    let log = std::fs::File::create(tmp.join("simulator.log"))?;
     let started = Instant::now();
-    let mut simulator = Command::new(&node_bin)
-        .arg("--simulate")
-        .arg(nodes.to_string())
-        .arg("--listen")
-        .arg(format!("{ip}:{base}"))
-        .arg("--data-dir")
-        .arg(&sim_dir)
-        .args(["--disks", "1", "--disk-capacity", "1073741824"])
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot start {}", node_bin.display()))?;
-    let simulator_pid = simulator.id();
+    let mut children = Vec::new();
+    for (p, (first, count)) in shares.iter().enumerate() {
+        let log = std::fs::File::create(tmp.join(format!("simulator-{p}.log")))?;
+        let mut command = Command::new(&node_bin);
+        command
+            .arg("--simulate")
+            .arg(count.to_string())
+            .arg("--simulate-first")
+            .arg(first.to_string())
+            .arg("--listen")
+            .arg(&listens[*first])
+            .arg("--data-dir")
+            .arg(&sim_dir)
+            .arg("--disks")
+            .arg(disks.to_string())
+            .args(["--disk-capacity", "1073741824"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        if one_port {
+            command.arg("--simulate-one-port");
+        }
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {}", node_bin.display()));
+        match child {
+            Ok(child) => children.push(child),
+            Err(error) => {
+                stop_simulators(&mut children);
+                return Err(error);
+            }
+        }
+    }
+    let simulator_pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
     let result = measure(
         nodes,
         vms,
@@ -288,20 +371,11 @@ pub fn run(
         &key,
         &signers,
         started,
-        simulator_pid,
-        (ip, base),
+        &simulator_pids,
+        &addresses,
         console,
     );
-    // SAFETY: kill(2) of the simulator this function spawned (its pid, not a group).
-    unsafe { libc::kill(simulator_pid as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while simulator.try_wait()?.is_none() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if simulator.try_wait()?.is_none() {
-        let _ = simulator.kill();
-        let _ = simulator.wait();
-    }
+    stop_simulators(&mut children);
     if keep {
         eprintln!("kept {}", tmp.display());
     } else {
@@ -309,6 +383,24 @@ pub fn run(
     }
     result?;
     Ok(0)
+}
+
+/// SIGTERM to each simulator this bench started, then SIGKILL after 30 s.
+fn stop_simulators(children: &mut [std::process::Child]) {
+    for child in children.iter() {
+        // SAFETY: kill(2) of a simulator this bench spawned (its pid, not a group).
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for child in children.iter_mut() {
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -323,8 +415,8 @@ fn measure(
     key: &Path,
     signers: &Path,
     started: Instant,
-    simulator: u32,
-    (ip, base): (Ipv4Addr, u16),
+    simulators: &[u32],
+    addresses: &[String],
     console: bool,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -340,7 +432,7 @@ fn measure(
                     let node = reconciler::desired::DesiredNode {
                         name: format!("n{i}"),
                         site: format!("s{}", i / PER_SITE),
-                        address: format!("{ip}:{}", usize::from(base) + i),
+                        address: addresses[i].clone(),
                     };
                     (node.name.clone(), node)
                 })
@@ -365,7 +457,8 @@ fn measure(
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
         println!(
-            "simulator: {nodes} nodes answering {} ms after its start; observing every node (first, connections new): {observe_ms} ms",
+            "simulator: {nodes} nodes in {} process(es) answering {} ms after their start; observing every node (first, connections new): {observe_ms} ms",
+            simulators.len(),
             started.elapsed().as_millis()
         );
         let mut warm = vec![];
@@ -374,7 +467,7 @@ fn measure(
             let _ = reconciler::observe::observe(&spec_nodes, &api).await;
             warm.push(t.elapsed().as_millis() as u64);
         }
-        println!("observing every node (empty nodes, connections open): median {} ms of {warm:?}", median(warm.clone()));
+        println!("observing every node (empty nodes, connections open): median {} ms of {warm:?}; this process has {} open files", median(warm.clone()), open_fds(None));
         drop(api);
 
         reset_peak();
@@ -463,7 +556,13 @@ fn measure(
                 line("remove", &median_of(&removed)),
                 peak_mib(None)
             );
-            println!("simulator peak memory {} MiB", peak_mib(Some(simulator)));
+            println!(
+                "simulator peak memory {} MiB, open files {} (summed over {} process(es)); controller open files {}",
+                simulators.iter().map(|p| peak_mib(Some(*p))).sum::<u64>(),
+                simulators.iter().map(|p| open_fds(Some(*p))).sum::<usize>(),
+                simulators.len(),
+                open_fds(None),
+            );
             Ok::<(), anyhow::Error>(())
         }
         .await;
