@@ -11,8 +11,14 @@
 //! the leader's fencing token like every write of the store, and puts the state and
 //! its journal record together. Two writers that read the same epoch: the first
 //! transaction lands, the second finds the key moved and nothing of it is written.
+//!
+//! The journal is trimmed in that same transaction: a volume keeps the records of its
+//! newest [`JOURNAL_KEPT`] epochs (one range delete below them). Recovery needs none
+//! of it: a new leader reads `epochs/VOLUME` and compares against its revision; the
+//! journal explains the recent changes (the `volume-epoch` events name the record of
+//! the epoch just made). Without the trim 100,000 volumes would grow it for ever.
 
-use etcd_client::{Compare, CompareOp, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, TxnOp};
 use reconciler::epochs::{EpochChange, EpochStore, Swapped, VolumeEpoch, journal_key};
 use reconciler::state::StateError;
 
@@ -25,6 +31,9 @@ fn state_key(volume: &str) -> String {
 fn journal_rest(volume: &str, epoch: u64) -> String {
     format!("epoch_journal/{}", journal_key(volume, epoch))
 }
+
+/// Journal records kept per volume in etcd: its newest epochs' changes.
+pub const JOURNAL_KEPT: u64 = 64;
 
 impl EtcdStore {
     /// A volume's stored state with the revision its key was last changed at.
@@ -78,7 +87,7 @@ impl EpochStore for EtcdStore {
             }
             None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
         };
-        let ops = vec![
+        let mut ops = vec![
             TxnOp::put(
                 key,
                 serde_json::to_vec(&change.state).expect("epochs serialize"),
@@ -90,6 +99,18 @@ impl EpochStore for EtcdStore {
                 None,
             ),
         ];
+        // Records of epochs below the newest JOURNAL_KEPT go in the same transaction
+        // (zero-padded keys: [epoch 0, first kept) is one range).
+        let first_kept = change.state.epoch.saturating_sub(JOURNAL_KEPT - 1);
+        if first_kept > 0 {
+            ops.push(TxnOp::delete(
+                self.target().key(&journal_rest(volume, 0)),
+                Some(
+                    DeleteOptions::new()
+                        .with_range(self.target().key(&journal_rest(volume, first_kept))),
+                ),
+            ));
+        }
         if self.commit("swap volume epoch", vec![compare], ops)? {
             return Ok(Swapped::Stored);
         }
@@ -225,5 +246,64 @@ mod tests {
             .map(|s| s.volume)
             .collect();
         assert_eq!(all, ["vol", "vol2"]);
+    }
+
+    #[test]
+    fn the_epoch_journal_keeps_each_volumes_newest_records_and_a_new_leader_builds_on_the_state() {
+        let Some((etcd, _dir)) = etcd(23811) else {
+            return;
+        };
+        let a = EtcdStore::open(&etcd.url("trim")).unwrap();
+        let abc = names(&["a", "b", "c"]);
+        // "vol1" shares "vol"'s first letters: its records must not be in vol's range.
+        EpochAuthority::new(&a)
+            .adopt("vol1", "a", &abc, &abc, 0, "neighbour")
+            .unwrap();
+        let mut state = EpochAuthority::new(&a)
+            .adopt("vol", "a", &abc, &abc, 0, "first seen")
+            .unwrap();
+        assert_eq!(state.epoch, 1);
+        let changes = JOURNAL_KEPT + 36;
+        for n in 0..changes {
+            let writer = if n % 2 == 0 { "b" } else { "a" };
+            state = EpochAuthority::new(&a)
+                .set_writer("vol", state.epoch, writer, &format!("move {n}"))
+                .unwrap();
+        }
+        let newest = 1 + changes;
+        assert_eq!(state.epoch, newest);
+        let journal = EpochAuthority::new(&a).journal("vol").unwrap();
+        let epochs: Vec<u64> = journal.iter().map(|c| c.state.epoch).collect();
+        let expected: Vec<u64> = (newest + 1 - JOURNAL_KEPT..=newest).collect();
+        assert_eq!(epochs, expected, "the newest {JOURNAL_KEPT} records");
+        assert_eq!(journal.last().unwrap().state, state);
+        assert_eq!(
+            journal.last().unwrap().reason,
+            format!("move {}", changes - 1)
+        );
+        // The neighbour's journal is whole.
+        let neighbour = EpochAuthority::new(&a).journal("vol1").unwrap();
+        assert_eq!(neighbour.len(), 1);
+        // What etcd holds under the prefix: the trimmed records are gone, not hidden.
+        let keys = a.range("epoch_journal/vol/", true).unwrap();
+        assert_eq!(keys.len() as u64, JOURNAL_KEPT, "{keys:?}");
+        // Another replica (a new leader) recovers from the state alone: it sees the
+        // newest epoch, a change from an older one is refused, and its own lands.
+        let b = EtcdStore::open(&etcd.url("trim")).unwrap();
+        assert_eq!(EpochAuthority::new(&b).get("vol").unwrap().unwrap(), state);
+        assert!(matches!(
+            EpochAuthority::new(&b).set_writer("vol", newest - 1, "c", "stale"),
+            Err(EpochError::Conflict { found, .. }) if found == newest
+        ));
+        let next = EpochAuthority::new(&b)
+            .set_writer("vol", newest, "c", "new leader")
+            .unwrap();
+        assert_eq!(next.epoch, newest + 1);
+        let journal = EpochAuthority::new(&b).journal("vol").unwrap();
+        assert_eq!(journal.len() as u64, JOURNAL_KEPT);
+        assert_eq!(
+            journal.first().unwrap().state.epoch,
+            newest + 2 - JOURNAL_KEPT
+        );
     }
 }
