@@ -652,25 +652,17 @@ impl Vms {
             .collect()
     }
 
-    /// At a clean exit: the cgroups of VMs no process runs in, then the node's parent
-    /// cgroups where empty (a VMM that outlives the agent keeps its own and the
-    /// parent). With `wait`, the VMMs were just killed: gives them up to a second to
-    /// leave their cgroups. One line per parent.
-    pub async fn remove_cgroups_on_exit(&self, wait: bool) -> Vec<String> {
-        let Some(cgroups) = &self.cgroups else {
-            return Vec::new();
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-        loop {
-            let lines = cgroups.remove_on_exit();
-            if !wait
-                || std::time::Instant::now() >= deadline
-                || lines.iter().all(|l| !l.contains(" stays ("))
-            {
-                return lines;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+    /// At a clean exit, before any VMM is killed (`--stop-vms-on-exit`): the cgroups of
+    /// VMs no process runs in, then the node's parent cgroups where empty (a VMM that
+    /// outlives the agent keeps its own and the parent). It does not wait for VMMs to
+    /// end: an agent that saw its VMM end would record the exit itself, and the next
+    /// agent could no longer say it ended while the agent was down. Parents left
+    /// behind go at the next start of a node of this name. One line per parent.
+    pub fn remove_cgroups_on_exit(&self) -> Vec<String> {
+        self.cgroups
+            .as_ref()
+            .map(|cgroups| cgroups.remove_on_exit())
+            .unwrap_or_default()
     }
 
     /// Writes the class's values into the VM's cgroup where they differ (and, for a
