@@ -355,23 +355,39 @@ pub fn move_preempted(
             continue;
         };
         let diskless = model.vm(vm).is_some_and(|m| m.disks.is_empty());
-        let elsewhere = diskless
-            .then(|| {
-                let without = compiler::place::place(
-                    model,
-                    &compiler::place::PlaceOptions {
-                        previous: Some(placement.clone()),
-                        failed: compiler::place::FailureSet::of_nodes([node.clone()]),
-                    },
-                    None,
-                );
-                without
-                    .vms
+        let without = diskless.then(|| {
+            compiler::place::place(
+                model,
+                &compiler::place::PlaceOptions {
+                    previous: Some(placement.clone()),
+                    failed: compiler::place::FailureSet::of_nodes([node.clone()]),
+                },
+                None,
+            )
+        });
+        let elsewhere = without.as_ref().and_then(|without| {
+            without
+                .vms
+                .iter()
+                .find(|v| v.name == *vm && v.node != *node)
+                .cloned()
+        });
+        // Why the placement without that node has no place for it (a hard affinity,
+        // room), in its own words.
+        let why_not = without
+            .as_ref()
+            .and_then(|without| without.unplaced.iter().find(|u| u.name == *vm))
+            .map(|u| {
+                u.reasons
                     .iter()
-                    .find(|v| v.name == *vm && v.node != *node)
-                    .cloned()
+                    // Its node is out of that placement, and the spot pass's own
+                    // `preempted` says no more than the node already did.
+                    .filter(|r| r.constraint != "failed" && r.constraint != "preempted")
+                    .map(|r| format!("{}: {}", r.constraint, r.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
             })
-            .flatten();
+            .filter(|why| !why.is_empty());
         placement.moves.retain(|m| m.vm != *vm);
         match elsewhere {
             Some(fits) => {
@@ -388,7 +404,11 @@ pub fn move_preempted(
             }
             None => {
                 let was = placement.vms.remove(at);
-                let message = if diskless {
+                let message = if let Some(why_not) = why_not {
+                    format!(
+                        "preempted on {node} (short of memory or CPU), and no other node of its site takes it ({why_not}): it waits, stopped"
+                    )
+                } else if diskless {
                     format!(
                         "preempted on {node} (short of memory or CPU), and no other node of its site has room for it: it waits, stopped"
                     )

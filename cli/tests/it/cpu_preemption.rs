@@ -385,7 +385,7 @@ fn a_spot_vm_preempted_for_cpu_with_no_room_elsewhere_waits_stopped_and_says_why
     let pending = loaded.elapsed();
     drop(burners);
     assert!(
-        why.starts_with("vm batch is pending: ")
+        why.starts_with("vm batch is pending: preempted on lab-1 (short of memory or CPU), and no other node of its site takes it (affinity:batch-on-lab-1: ")
             && why.contains("it is tried on lab-1 again after 120 s"),
         "{why}"
     );
