@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use super::selectors::{matches_vm, selector};
+use super::selectors::{VmIndex, selector};
 use super::{Checker, unique};
 use crate::diag::Diagnostic;
 use crate::model::*;
@@ -16,6 +16,12 @@ impl Checker<'_> {
             "",
             set.affinities.iter().map(|a| &a.name),
         );
+        let selectors: Vec<_> = set
+            .affinities
+            .iter()
+            .filter_map(|a| a.select.as_ref().map(selector))
+            .collect();
+        let index = VmIndex::new(vms, &selectors);
         let mut out = vec![];
         let mut seen = BTreeSet::new();
         for a in &set.affinities {
@@ -79,11 +85,14 @@ impl Checker<'_> {
                 );
             }
             let select = a.select.as_ref().map(selector).unwrap_or_default();
-            let matched: Vec<String> = vms
-                .iter()
-                .filter(|v| a.select.is_some() && matches_vm(&select, v))
-                .map(|v| v.name.clone())
-                .collect();
+            let matched: Vec<String> = match &a.select {
+                Some(_) => index
+                    .matching(&select)
+                    .into_iter()
+                    .map(|v| v.name.clone())
+                    .collect(),
+                None => vec![],
+            };
             if matched.is_empty()
                 && let Some(sel) = &a.select
                 && !sel.pairs.is_empty()
