@@ -355,9 +355,9 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
             .cloned()
             .unwrap_or_default();
         let here = copies.iter().find(|(n, _)| *n == vm.node).map(|(_, o)| *o);
-        let elsewhere = copies
-            .iter()
-            .find(|(n, _)| *n != vm.node && !crate::desired::failover::left_behind(desired, &vm.name, n));
+        let elsewhere = copies.iter().find(|(n, _)| {
+            *n != vm.node && !crate::desired::failover::left_behind(desired, &vm.name, n)
+        });
         let mut deps: Vec<usize> = vm
             .volumes
             .iter()
