@@ -302,12 +302,10 @@ fn an_ft_vm_survives_the_loss_of_its_node_and_is_protected_again() {
     let before = check_counters(&collectors);
     let killed = Instant::now();
     for pid in [agent, vmm] {
-        // SAFETY: signals to processes this test's dev cluster started.
-        assert_eq!(
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) },
-            0,
-            "kill {pid}"
-        );
+        // SAFETY: kill takes a pid and a signal number; the pids are processes this
+        // test's dev cluster started.
+        let killed = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        assert_eq!(killed, 0, "kill {pid}");
     }
     let last_before = before.last().expect("beacons").0;
     let (first_after, at) = wait_for(
