@@ -591,16 +591,13 @@ impl VmHandle {
             .migration
             .status()
             .ok_or_else(|| ControlError::Migration("no migration was started".into()))?;
-        let allowed = match (status.role.as_str(), decision) {
-            ("source", crate::migration::Decision::Commit) => {
-                matches!(status.phase.as_str(), "ready-to-commit" | "failed-paused")
-            }
-            ("source", crate::migration::Decision::Abort) => matches!(
-                status.phase.as_str(),
-                "pre-copy" | "stop-and-copy" | "ready-to-commit" | "failed-paused"
-            ),
-            ("destination", crate::migration::Decision::Commit) => status.phase == "ready",
-            _ => matches!(status.phase.as_str(), "incoming" | "receiving" | "ready"),
+        let allowed = match decision_verdict(&status.role, &status.phase, decision) {
+            Verdict::Act => true,
+            // Already what the commander asks: the destination commits on the
+            // source's word too, so a commit told to both at once finds one of them
+            // committed. Not an error: the answer is the status.
+            Verdict::Done => return Ok(status),
+            Verdict::Refused => false,
         };
         if !allowed {
             return Err(ControlError::Migration(format!(
@@ -817,4 +814,80 @@ pub fn process_rss_bytes() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     pages * page_size.max(0) as u64
+}
+
+/// What a commander's decision does to a migration in `phase` on its `role` side.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The decision is carried out.
+    Act,
+    /// The migration is already where the decision leads (a commit of a committed
+    /// migration): answered with its status.
+    Done,
+    /// Not in this phase.
+    Refused,
+}
+
+fn decision_verdict(role: &str, phase: &str, decision: crate::migration::Decision) -> Verdict {
+    use crate::migration::Decision::{Abort, Commit};
+    let act = match (role, decision) {
+        (_, Commit) if phase == "committed" => return Verdict::Done,
+        ("source", Commit) => matches!(phase, "ready-to-commit" | "failed-paused"),
+        ("source", Abort) => matches!(
+            phase,
+            "pre-copy" | "stop-and-copy" | "ready-to-commit" | "failed-paused"
+        ),
+        ("destination", Commit) => phase == "ready",
+        _ => matches!(phase, "incoming" | "receiving" | "ready"),
+    };
+    if act { Verdict::Act } else { Verdict::Refused }
+}
+
+#[cfg(test)]
+mod decision_tests {
+    use super::{Verdict, decision_verdict};
+    use crate::migration::Decision::{Abort, Commit};
+
+    #[test]
+    fn a_commit_told_to_a_side_already_committed_is_done_not_refused() {
+        // The destination commits on the source's word; the commander's own commit,
+        // sent to both at once, can arrive after it.
+        assert_eq!(
+            decision_verdict("destination", "committed", Commit),
+            Verdict::Done
+        );
+        assert_eq!(
+            decision_verdict("source", "committed", Commit),
+            Verdict::Done
+        );
+        assert_eq!(
+            decision_verdict("destination", "ready", Commit),
+            Verdict::Act
+        );
+        assert_eq!(
+            decision_verdict("source", "ready-to-commit", Commit),
+            Verdict::Act
+        );
+        // A commit before the final state, and an abort after the commit, stay refused.
+        assert_eq!(
+            decision_verdict("destination", "receiving", Commit),
+            Verdict::Refused
+        );
+        assert_eq!(
+            decision_verdict("source", "pre-copy", Commit),
+            Verdict::Refused
+        );
+        assert_eq!(
+            decision_verdict("destination", "committed", Abort),
+            Verdict::Refused
+        );
+        assert_eq!(
+            decision_verdict("source", "committed", Abort),
+            Verdict::Refused
+        );
+        assert_eq!(
+            decision_verdict("destination", "receiving", Abort),
+            Verdict::Act
+        );
+    }
 }
