@@ -220,7 +220,6 @@ fn load_lab_1_until_stopped(
 }
 
 #[test]
-#[ignore = "failed in the session-12 fresh-clone CI run: db's (the reserved VM's) control socket was gone while the load ran (issue 20 stays open until it is explained); run with --ignored"]
 fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_its_cpu() {
     if psi_cpu_some_total().is_none() {
         eprintln!("skipped: no /proc/pressure/cpu (PSI), which the test's figures read");

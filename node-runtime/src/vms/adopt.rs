@@ -29,8 +29,14 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-/// How long the identity handshake waits for each read and write.
+/// How long the identity handshake waits for each read and write, first.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How many times the handshake is tried, each waiting twice as long as the one
+/// before (1 + 2 + 4 s), while the process lives: a VMM slow to answer on a loaded
+/// machine is not killed for it (a CI run saw `Resource temporarily unavailable`
+/// after 1 s, and the VM was killed instead of adopted).
+pub const HANDSHAKE_TRIES: u32 = 3;
 
 /// A pidfd: a handle on one process that a reused pid cannot redirect.
 #[derive(Debug)]
@@ -224,8 +230,21 @@ pub fn verify(recorded: &Recorded<'_>) -> Verdict {
     if pidfd.exited() {
         return gone();
     }
-    let identity = vmm::control::ControlClient::connect(recorded.socket, HANDSHAKE_TIMEOUT)
+    let mut identity = vmm::control::ControlClient::connect(recorded.socket, HANDSHAKE_TIMEOUT)
         .and_then(|mut client| client.identify());
+    for attempt in 1..HANDSHAKE_TRIES {
+        if identity.is_ok() {
+            break;
+        }
+        if pidfd.exited() {
+            return gone();
+        }
+        identity = vmm::control::ControlClient::connect(
+            recorded.socket,
+            HANDSHAKE_TIMEOUT * (2 << (attempt - 1)),
+        )
+        .and_then(|mut client| client.identify());
+    }
     match identity {
         Err(error) => Verdict::Unverified(
             pidfd,

@@ -317,6 +317,37 @@ async fn a_vm_outlives_a_kill_9_of_its_agent_and_the_next_agent_adopts_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_vmm_slow_to_answer_the_handshake_is_adopted_not_killed() {
+    if !vms_can_run() {
+        return;
+    }
+    let mut setup = running_fenced_vm(&[]).await;
+    setup.node.kill_9();
+    let deadline = fence_armed(setup.dir.path(), "guest").await;
+    // The VMM cannot answer for 1.5 s (SIGSTOP), longer than one handshake read
+    // waits (1 s): as on a loaded machine, where a CI run's new agent killed a VM it
+    // should have adopted.
+    let pid = setup.pid as i32;
+    // SAFETY: kill takes a pid and a signal number; the pid is this test's VMM.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(1500));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    let (node, client, vm, took) = restart_and_adopt(&setup).await;
+    resume.join().unwrap();
+    eprintln!("a VMM stopped 1.5 s at the agent's start: adopted after {took:?}");
+    assert!(
+        node.log()
+            .contains(&format!("adopted cairn-vmm pid {}", setup.pid)),
+        "{}",
+        node.log()
+    );
+    assert_adopted(&setup, client, vm, deadline).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_graceful_stop_of_the_agent_leaves_its_vms_running_for_the_next_to_adopt() {
     if !vms_can_run() {
         return;
