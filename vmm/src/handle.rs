@@ -591,24 +591,23 @@ impl VmHandle {
             .migration
             .status()
             .ok_or_else(|| ControlError::Migration("no migration was started".into()))?;
-        let allowed = match decision_verdict(&status.role, &status.phase, decision) {
-            Verdict::Act => true,
+        match decision_verdict(&status.role, &status.phase, decision) {
+            Verdict::Act => {}
             // Already what the commander asks: the destination commits on the
             // source's word too, so a commit told to both at once finds one of them
             // committed. Not an error: the answer is the status.
             Verdict::Done => return Ok(status),
-            Verdict::Refused => false,
-        };
-        if !allowed {
-            return Err(ControlError::Migration(format!(
-                "cannot {} a migration whose {} is {}",
-                match decision {
-                    crate::migration::Decision::Commit => "commit",
-                    crate::migration::Decision::Abort => "abort",
-                },
-                status.role,
-                status.phase
-            )));
+            Verdict::Refused => {
+                return Err(ControlError::Migration(format!(
+                    "cannot {} a migration whose {} is {}",
+                    match decision {
+                        crate::migration::Decision::Commit => "commit",
+                        crate::migration::Decision::Abort => "abort",
+                    },
+                    status.role,
+                    status.phase
+                )));
+            }
         }
         self.shared
             .migration

@@ -210,6 +210,16 @@ fn all_running_once(g: &GitOps, names: &[String], logs: &dyn Fn() -> String) {
     assert_eq!(vms.len(), names.len(), "{vms:?}");
 }
 
+/// Appends the VM `name` (the quickstart's app VM renamed) to the specs and commits
+/// it, signed by the trusted key; the commit's id.
+fn add_vm(g: &GitOps, name: &str, message: &str) -> String {
+    let workloads = g.dir().join("workloads.kdl");
+    let before = std::fs::read_to_string(&workloads).unwrap();
+    let vm = VM_APP.replace("\"app\"", &format!("\"{name}\""));
+    std::fs::write(&workloads, format!("{before}{vm}")).unwrap();
+    g.commit("trusted", message)
+}
+
 fn node_tokens(dir: &Path) -> Vec<u64> {
     ["lab-1", "lab-2", "lab-3"]
         .iter()
@@ -469,16 +479,7 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
         );
     }
     // Nothing ran twice through all of it, and a new commit is the third's to apply.
-    std::fs::write(
-        g.dir().join("workloads.kdl"),
-        format!(
-            "{}{}",
-            std::fs::read_to_string(g.dir().join("workloads.kdl")).unwrap(),
-            VM_APP.replace("\"app\"", "\"app5\"")
-        ),
-    )
-    .unwrap();
-    let fifth = g.commit("trusted", "a fifth VM");
+    let fifth = add_vm(&g, "app5", "a fifth VM");
     g.push(false);
     wait(
         "the third syncs it",
@@ -517,16 +518,7 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
         &|| logs(&replicas),
         || replicas[second].leading().then_some(()),
     );
-    std::fs::write(
-        g.dir().join("workloads.kdl"),
-        format!(
-            "{}{}",
-            std::fs::read_to_string(g.dir().join("workloads.kdl")).unwrap(),
-            VM_APP.replace("\"app\"", "\"app6\"")
-        ),
-    )
-    .unwrap();
-    let sixth = g.commit("trusted", "a sixth VM, pushed while paused");
+    let sixth = add_vm(&g, "app6", "a sixth VM, pushed while paused");
     g.push(false);
     let held = wait(
         "the new leader holds it, paused",
@@ -641,16 +633,7 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
                 .then_some(())
         },
     );
-    std::fs::write(
-        g.dir().join("workloads.kdl"),
-        format!(
-            "{}{}",
-            std::fs::read_to_string(g.dir().join("workloads.kdl")).unwrap(),
-            VM_APP.replace("\"app\"", "\"app7\"")
-        ),
-    )
-    .unwrap();
-    let seventh = g.commit("trusted", "a seventh VM, after the restore");
+    let seventh = add_vm(&g, "app7", "a seventh VM, after the restore");
     g.push(false);
     let synced = wait(
         "the restored controller syncs it",

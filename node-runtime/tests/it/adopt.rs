@@ -225,6 +225,15 @@ async fn restart_and_adopt(
     (node, client, vm, took)
 }
 
+/// The agent's log says it adopted the cairn-vmm `pid`.
+fn assert_logged_adoption(node: &TestNode, pid: u32) {
+    let log = node.log();
+    assert!(
+        log.contains(&format!("adopted cairn-vmm pid {pid}")),
+        "{log}"
+    );
+}
+
 /// What a restarted agent must show: the same VMM adopted, running, heartbeating,
 /// its fence renewed past 2 × T.
 async fn assert_adopted(
@@ -307,12 +316,7 @@ async fn a_vm_outlives_a_kill_9_of_its_agent_and_the_next_agent_adopts_it() {
     );
     let (node, client, vm, took) = restart_and_adopt(&setup).await;
     eprintln!("kill -9 of the agent: restarted agent answered with the VM adopted after {took:?}");
-    assert!(
-        node.log()
-            .contains(&format!("adopted cairn-vmm pid {}", setup.pid)),
-        "{}",
-        node.log()
-    );
+    assert_logged_adoption(&node, setup.pid);
     assert_adopted(&setup, client, vm, deadline).await;
 }
 
@@ -338,12 +342,7 @@ async fn a_vmm_slow_to_answer_the_handshake_is_adopted_not_killed() {
     let (node, client, vm, took) = restart_and_adopt(&setup).await;
     resume.join().unwrap();
     eprintln!("a VMM stopped 1.5 s at the agent's start: adopted after {took:?}");
-    assert!(
-        node.log()
-            .contains(&format!("adopted cairn-vmm pid {}", setup.pid)),
-        "{}",
-        node.log()
-    );
+    assert_logged_adoption(&node, setup.pid);
     assert_adopted(&setup, client, vm, deadline).await;
 }
 
