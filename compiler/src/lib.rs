@@ -24,6 +24,7 @@ pub mod kdl_fast;
 pub mod lower;
 pub mod model;
 pub mod place;
+pub mod session;
 pub mod shape;
 pub mod source;
 pub mod spec;
@@ -61,13 +62,7 @@ impl Compilation {
 pub fn compile(sources: &Sources) -> Compilation {
     let mut diagnostics = vec![];
     if sources.is_empty() {
-        diagnostics.push(Diagnostic {
-            code: "cairn::load::no_specs",
-            severity: Severity::Error,
-            message: "no spec files (*.kdl) were found".to_owned(),
-            labels: vec![],
-            help: Some("run cairn in a spec repository, or pass its directory: `cairn validate path/to/specs`".to_owned()),
-        });
+        diagnostics.push(no_specs());
     }
     let set = lower::lower_all(sources, &mut diagnostics);
     let (model, spans) = check::check(sources, &set, &mut diagnostics);
@@ -77,6 +72,20 @@ pub fn compile(sources: &Sources) -> Compilation {
         model,
         diagnostics,
         spans,
+    }
+}
+
+/// The error of a root with no spec file.
+fn no_specs() -> Diagnostic {
+    Diagnostic {
+        code: "cairn::load::no_specs",
+        severity: Severity::Error,
+        message: "no spec files (*.kdl) were found".to_owned(),
+        labels: vec![],
+        help: Some(
+            "run cairn in a spec repository, or pass its directory: `cairn validate path/to/specs`"
+                .to_owned(),
+        ),
     }
 }
 

@@ -21,17 +21,30 @@ mod reconcile;
 pub fn lower_all(sources: &Sources, diags: &mut Vec<Diagnostic>) -> SpecSet {
     let mut set = SpecSet::default();
     for (file, source) in sources.files() {
-        let Some(doc) = parse_for_lowering(file, &source.text, diags) else {
-            continue;
-        };
-        let mut cx = Cx {
-            file,
-            diags,
-            suggested: vec![],
-        };
-        cx.document(&doc, &mut set);
+        lower_into(file, &source.text, diags, &mut set);
     }
     set
+}
+
+/// Parses and lowers one file into a set of its own: what [`lower_all`] adds to
+/// its set for this file (lowering reads nothing of other files), which lets
+/// [`crate::session::Session`] lower only the files that changed.
+pub fn lower_file(file: FileId, text: &str, diags: &mut Vec<Diagnostic>) -> SpecSet {
+    let mut set = SpecSet::default();
+    lower_into(file, text, diags, &mut set);
+    set
+}
+
+fn lower_into(file: FileId, text: &str, diags: &mut Vec<Diagnostic>, set: &mut SpecSet) {
+    let Some(doc) = parse_for_lowering(file, text, diags) else {
+        return;
+    };
+    let mut cx = Cx {
+        file,
+        diags,
+        suggested: vec![],
+    };
+    cx.document(&doc, set);
 }
 
 /// Parses one file for lowering: with the fast parser of

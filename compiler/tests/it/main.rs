@@ -28,3 +28,5 @@ impl Rng {
 mod maintenance;
 // The site's quorum witness (issues 16 and 22).
 mod witness;
+// Incremental compilation (issue 24).
+mod session;

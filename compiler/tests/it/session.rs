@@ -1,0 +1,169 @@
+//! Incremental compilation (issue 24, item 6): a `Session` that re-lowers only
+//! the changed files gives the full compile's model and diagnostics, byte for
+//! byte, over generated histories of commits (edits, syntax errors, files
+//! added, removed and renamed, names declared twice across files).
+
+use compiler::Sources;
+use compiler::generate::{GenConfig, generate};
+use compiler::session::Session;
+
+use crate::Rng;
+
+/// One commit: a random edit of the repository.
+fn edit(files: &mut Vec<(String, String)>, rng: &mut Rng, step: usize) -> &'static str {
+    let f = rng.below(files.len());
+    match rng.below(9) {
+        0 | 1 => {
+            // Change one number somewhere in a file (cpu, memory, replicas, …).
+            let text = &files[f].1;
+            let digits: Vec<usize> = text
+                .char_indices()
+                .filter(|(_, c)| c.is_ascii_digit())
+                .map(|(i, _)| i)
+                .collect();
+            if let Some(&at) = digits.get(rng.below(digits.len())) {
+                let d = (text.as_bytes()[at] - b'0' + 1) % 10;
+                let mut t = text.clone();
+                t.replace_range(at..=at, &d.to_string());
+                files[f].1 = t;
+            }
+            "number"
+        }
+        2 => {
+            // Delete a line (often a syntax or shape error).
+            let lines: Vec<&str> = files[f].1.lines().collect();
+            let at = rng.below(lines.len());
+            let t: Vec<&str> = lines
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != at)
+                .map(|(_, l)| *l)
+                .collect();
+            files[f].1 = t.join("\n") + "\n";
+            "delete line"
+        }
+        3 | 4 => {
+            // Add a VM to a file.
+            files[f].1.push_str(&format!(
+                "vm \"new{step}\" tenant=\"t{}\" site=\"site-0\" {{\n    cpu 2\n    memory \"4GiB\"\n    image \"tiny\"\n}}\n",
+                rng.below(2)
+            ));
+            "add vm"
+        }
+        5 => {
+            // A new file, sometimes declaring a name another file declares.
+            let name = if rng.below(2) == 0 {
+                "vm1".to_owned()
+            } else {
+                format!("extra{step}")
+            };
+            files.push((
+                format!("more/f{step}.kdl"),
+                format!("vm \"{name}\" tenant=\"t0\" site=\"site-0\" {{\n    cpu 1\n    memory \"2GiB\"\n    image \"tiny\"\n}}\n"),
+            ));
+            "add file"
+        }
+        6 if files.len() > 2 => {
+            files.remove(f);
+            "remove file"
+        }
+        7 => {
+            // Rename a file: it and every file after it move in path order.
+            let (path, text) = files.remove(f);
+            files.push((format!("a-renamed/{step}-{}", path.replace('/', "-")), text));
+            "rename file"
+        }
+        _ => "no change",
+    }
+}
+
+fn assert_same(
+    session: &mut Session,
+    files: &[(String, String)],
+    what: &str,
+) -> compiler::session::Reuse {
+    let sources = Sources::from_files(files.to_vec());
+    let full = compiler::compile(&sources);
+    let (incremental, reuse) = session.compile(&sources);
+    assert_eq!(
+        compiler::model_json(&incremental.model),
+        compiler::model_json(&full.model),
+        "model after {what}"
+    );
+    assert_eq!(
+        incremental.diagnostics, full.diagnostics,
+        "diagnostics after {what}"
+    );
+    assert_eq!(
+        reuse.reused + reuse.lowered,
+        sources.len(),
+        "every file is reused or lowered"
+    );
+    reuse
+}
+
+#[test]
+fn a_session_compiles_every_commit_of_a_history_as_a_full_compile_does() {
+    let mut edits = std::collections::BTreeMap::new();
+    let mut errors = 0;
+    for seed in 1..=4u64 {
+        let mut files = generate(&GenConfig {
+            nodes: 40,
+            vms: 200,
+            seed,
+        });
+        let mut rng = Rng(0x9E37_79B9 ^ seed);
+        let mut session = Session::new();
+        let first = assert_same(&mut session, &files, "the first compile");
+        assert_eq!(first.reused, 0);
+        for step in 0..40 {
+            let before = files.clone();
+            let what = edit(&mut files, &mut rng, step);
+            *edits.entry(what).or_insert(0) += 1;
+            let reuse = assert_same(&mut session, &files, what);
+            // An edit in place re-lowers at most the file it touched.
+            if matches!(what, "number" | "delete line" | "add vm" | "no change") {
+                let changed = before.iter().zip(&files).filter(|(a, b)| a != b).count();
+                assert_eq!(
+                    reuse.lowered, changed,
+                    "{what}: only the changed file is lowered"
+                );
+            }
+            let sources = Sources::from_files(files.clone());
+            errors += usize::from(compiler::compile(&sources).has_errors());
+        }
+    }
+    // The histories exercise what they claim to.
+    for what in [
+        "number",
+        "delete line",
+        "add vm",
+        "add file",
+        "remove file",
+        "rename file",
+    ] {
+        assert!(
+            edits.get(what).copied().unwrap_or(0) > 0,
+            "no {what} edit: {edits:?}"
+        );
+    }
+    assert!(errors > 0, "no commit of the histories had an error");
+}
+
+#[test]
+fn an_unchanged_push_lowers_nothing_and_an_empty_root_says_so() {
+    let files = generate(&GenConfig {
+        nodes: 20,
+        vms: 50,
+        seed: 7,
+    });
+    let mut session = Session::new();
+    assert_same(&mut session, &files, "first");
+    let again = assert_same(&mut session, &files, "again");
+    assert_eq!(
+        (again.lowered, again.reused, again.removed),
+        (0, files.len(), 0)
+    );
+    let gone = assert_same(&mut session, &[], "every file removed");
+    assert_eq!(gone.removed, files.len());
+}
