@@ -449,8 +449,9 @@ pub fn move_preempted(
 /// they are when no other node has room. A VM with NICs can move live only between
 /// nodes that report a migration address in their network namespace (`observed`,
 /// [`Observed::nic_migration_address`]): it is drained when its node reports one and
-/// the node it would go to does too, else it stays. Nothing else moves. Returns the
-/// VMs it kept off or drained.
+/// the node it would go to does too; when that node reports none, it goes where the
+/// placement without the nodes that report none puts it; else it stays. Nothing else
+/// moves. Returns the VMs it kept off or drained.
 pub fn keep_off(
     model: &compiler::Model,
     previous: &Placement,
@@ -502,6 +503,8 @@ pub fn keep_off(
     }
     let elsewhere = desired::place_without(&relaxed, previous, &out, &options.disk_writers);
     let mut drain_to: Option<Placement> = None;
+    // The same without the nodes that report no migration address (for VMs with NICs).
+    let mut live_to: Option<Placement> = None;
     for vm in &landed {
         let Some(at) = placement.vms.iter().position(|v| v.name == *vm) else {
             continue;
@@ -536,6 +539,40 @@ pub fn keep_off(
                 .iter()
                 .find(|v| v.name == *vm && !out.contains(&v.node))
                 .cloned()
+        };
+        // With NICs, a drain to a node without a migration address would leave it
+        // where it runs: it goes instead where the placement with those nodes out
+        // too puts it, when that node can take it live.
+        let fits = match fits {
+            Some(f) if drained && has_nics(vm) && !nic_ready(&f.node) => live_to
+                .get_or_insert_with(|| {
+                    let mut out = out.clone();
+                    out.extend(
+                        relaxed
+                            .sites
+                            .iter()
+                            .flat_map(|s| &s.nodes)
+                            .filter(|n| !nic_ready(&n.name))
+                            .map(|n| n.name.clone()),
+                    );
+                    compiler::place::place(
+                        &relaxed,
+                        &compiler::place::PlaceOptions {
+                            previous: Some(previous.clone()),
+                            failed: compiler::place::FailureSet {
+                                nodes: out,
+                                ..Default::default()
+                            },
+                        },
+                        None,
+                    )
+                })
+                .vms
+                .iter()
+                .find(|v| v.name == *vm && !out.contains(&v.node) && nic_ready(&v.node))
+                .cloned()
+                .or(Some(f)),
+            fits => fits,
         };
         if drained
             && fits
@@ -1266,6 +1303,86 @@ mod keep_off_tests {
             "{:?}",
             placement.moves
         );
+    }
+
+    #[test]
+    fn a_drain_skips_a_node_without_a_migration_address_for_one_that_has_one() {
+        // The dev cluster's VMs without disks and without spread (as above).
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let files = ["cluster.kdl", "tenants.kdl", "workloads.kdl"].map(|f| {
+            let text = std::fs::read_to_string(root.join(f)).expect("quickstart file");
+            let text: String = text
+                .lines()
+                .filter(|l| !l.contains("disk \"root\"") && !l.contains("spread \"node\""))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            (f.to_owned(), text)
+        });
+        let compilation = compiler::compile(&compiler::source::Sources::from_files(files));
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        let model = compilation.model;
+        let mut previous = desired::place(&model, None);
+        for v in &mut previous.vms {
+            v.node = match v.name.as_str() {
+                "db" | "web-2" => "lab-1",
+                "backup" | "web-0" => "lab-2",
+                "web-1" => "lab-3",
+                _ => continue,
+            }
+            .to_owned();
+        }
+        let options = PlanOptions {
+            maintenance: BTreeSet::from(["lab-3".to_owned()]),
+            ..Default::default()
+        };
+        let reports = |observed: &mut Observed, node: &str, address: &str| {
+            let wire = proto::v1::ObserveResponse {
+                networking: Some(proto::v1::Networking {
+                    migration_address: address.to_owned(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            observed.nodes.insert(
+                node.to_owned(),
+                crate::observe::from_wire(String::new(), wire),
+            );
+        };
+        let drain = |observed: &Observed| {
+            let mut placement = desired::place(&model, Some(&previous));
+            keep_off(&model, &previous, &mut placement, &options, observed);
+            placement
+        };
+        // Every node reports an address: web-1 goes where the drain's placement puts it.
+        let mut observed = Observed::default();
+        for (node, address) in [
+            ("lab-1", "10.255.0.11"),
+            ("lab-2", "10.255.0.12"),
+            ("lab-3", "10.255.0.13"),
+        ] {
+            reports(&mut observed, node, address);
+        }
+        let first = node_of(&drain(&observed), "web-1")
+            .expect("web-1 placed")
+            .to_owned();
+        assert_ne!(first, "lab-3");
+        let other = if first == "lab-1" { "lab-2" } else { "lab-1" };
+        // That node reports none: web-1 goes to the other, which can take it live,
+        // instead of staying on lab-3.
+        reports(&mut observed, &first, "");
+        let placement = drain(&observed);
+        assert_eq!(node_of(&placement, "web-1"), Some(other), "{placement:#?}");
+        assert!(
+            placement
+                .moves
+                .iter()
+                .any(|m| m.vm == "web-1" && m.from == "lab-3" && m.to == other),
+            "{:?}",
+            placement.moves
+        );
+        // Neither reports one: it stays.
+        reports(&mut observed, other, "");
+        assert_eq!(node_of(&drain(&observed), "web-1"), Some("lab-3"));
     }
 }
 

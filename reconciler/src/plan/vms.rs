@@ -74,6 +74,39 @@ fn migration_definition(vm: &DesiredVm, desired: &Desired) -> NodeAction {
     definition
 }
 
+/// The node where `name` runs when its copy on the node the specs want it on (its
+/// destination) is down while it runs elsewhere and can move from there live: that
+/// copy is what a live migration that did not finish left behind (its destination's
+/// definition, not removed by an abort that failed under load, or a VMM that ended
+/// before the commit). Starting it would boot the guest afresh and delete the copy
+/// that runs, which is a cold move of a running VM; instead the stale copy is deleted
+/// (`plan_vm_deletes`) and the VM migrates again (`plan_vms`). `None`: no such copy.
+fn stale_destination<'o>(
+    vm: &DesiredVm,
+    copies: &[(&'o str, &crate::observe::ObservedVm)],
+    desired: &Desired,
+    cold: bool,
+    observed: &crate::observe::Observed,
+) -> Option<&'o str> {
+    if vm.power_off || super::ft::is_secondary(desired, &vm.name, &vm.node) {
+        return None;
+    }
+    let here = copies.iter().find(|(n, _)| *n == vm.node)?.1;
+    if !here.is_down() {
+        return None;
+    }
+    copies
+        .iter()
+        .find(|(n, o)| {
+            *n != vm.node
+                && o.state == VmState::Running
+                && !super::ft::is_secondary(desired, &vm.name, n)
+                && !crate::desired::failover::left_behind(desired, &vm.name, n)
+                && live_refusal(vm, desired, cold, observed, n).is_none()
+        })
+        .map(|(n, _)| *n)
+}
+
 /// The node that writes a volume now: the epoch authority's writer when it moved off
 /// the layout's primary, else the primary.
 fn writer_of<'d>(volume: &str, desired: &'d Desired) -> Option<&'d str> {
@@ -138,6 +171,39 @@ pub(super) fn plan_vm_deletes(b: &mut Builder<'_>) {
         for (node, vm) in copies {
             let wanted_here = desired.vms.get(*name).is_some_and(|d| d.node == *node);
             let wanted_elsewhere = desired.vms.get(*name).is_some_and(|d| d.node != *node);
+            let stale = desired
+                .vms
+                .get(*name)
+                .and_then(|d| stale_destination(d, copies, desired, b.cold, observed));
+            if let Some(runs) = stale {
+                if wanted_here {
+                    // Left by a live migration that did not finish: deleted, and the
+                    // VM migrates again from where it runs (`plan_vms`).
+                    let (steps, delete) = b.remove_vm(node, name, false);
+                    b.deleted_vm_steps
+                        .entry((*node).to_owned())
+                        .or_default()
+                        .push(delete);
+                    b.all_vm_deletes.push(delete);
+                    b.changes.push(Change {
+                        details: vec![format!(
+                            "{} here, left by a live migration that did not finish; it runs on {runs} and migrates again",
+                            if vm.state == VmState::Crashed { "crashed" } else { "stopped" }
+                        )],
+                        steps,
+                        ..Change::new(
+                            ChangeKind::Delete,
+                            "vm",
+                            name,
+                            desired.tenants.get(*name).map_or("", String::as_str),
+                            node,
+                        )
+                    });
+                }
+                if wanted_here || *node == runs {
+                    continue;
+                }
+            }
             if wanted_here || super::ft::is_secondary(desired, name, node) {
                 // An FT VM's secondary's copy is wanted there too (`plan_ft`).
                 continue;
@@ -354,7 +420,11 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
             .get(vm.name.as_str())
             .cloned()
             .unwrap_or_default();
-        let here = copies.iter().find(|(n, _)| *n == vm.node).map(|(_, o)| *o);
+        let stale = stale_destination(vm, &copies, desired, b.cold, observed).is_some();
+        let here = copies
+            .iter()
+            .find(|(n, _)| *n == vm.node && !stale)
+            .map(|(_, o)| *o);
         let elsewhere = copies.iter().find(|(n, _)| {
             *n != vm.node && !crate::desired::failover::left_behind(desired, &vm.name, n)
         });
@@ -551,6 +621,119 @@ mod address_tests {
         assert!(
             details.contains(&format!("nics dev-net={address}")),
             "{details}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod stale_destination_tests {
+    use crate::observe::{NodeObservation, Observed};
+    use crate::plan::segments::tests::{desired_with, observed_as};
+    use crate::plan::{ChangeKind, NodeAction, plan};
+
+    /// `vm` observed on `node` in `state`, as the node's Observe answer says it.
+    fn observed_on(observed: &mut Observed, node: &str, vm: &str, state: proto::v1::VmState) {
+        let wire = proto::v1::ObserveResponse {
+            vms: vec![proto::v1::VmStatus {
+                name: vm.into(),
+                state: state as i32,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let NodeObservation::Reachable { vms: seen, .. } =
+            crate::observe::from_wire(String::new(), wire)
+        else {
+            unreachable!("from_wire always answers Reachable")
+        };
+        let Some(NodeObservation::Reachable {
+            vms, networking, ..
+        }) = observed.nodes.get_mut(node)
+        else {
+            panic!("{node} is observed")
+        };
+        vms.extend(seen);
+        networking.migration_address = format!("10.255.0.{}", 10 + node.len());
+    }
+
+    /// Issue 17: a live migration that did not finish (its abort could not remove the
+    /// destination's definition) leaves the VM running on its source and a stopped
+    /// copy on the node the specs now want it on. Starting that copy would boot the
+    /// guest afresh and delete the one that runs (what `cli it maintenance` saw once in
+    /// CI: web-1 "started afresh"); the plan deletes the stale copy and migrates again.
+    #[test]
+    fn a_stopped_copy_left_on_the_destination_is_deleted_and_the_vm_migrates_again() {
+        let before = desired_with(None);
+        let was = before.vms["db"].node.clone();
+        let to = before.nodes.keys().find(|n| **n != was).unwrap().clone();
+        let mut placement = before.placement.clone();
+        placement
+            .vms
+            .iter_mut()
+            .find(|v| v.name == "db")
+            .unwrap()
+            .node = to.clone();
+        let mut after = desired_with(Some(placement));
+        after.vms.get_mut("db").unwrap().volumes.clear();
+        for state in [proto::v1::VmState::Stopped, proto::v1::VmState::Crashed] {
+            let mut observed = observed_as(&before);
+            observed_on(&mut observed, &was, "db", proto::v1::VmState::Running);
+            observed_on(&mut observed, &to, "db", state);
+            let planned = plan(&after, &observed, "r");
+            let db: Vec<_> = planned
+                .changes
+                .iter()
+                .filter(|c| c.object == "vm" && c.name == "db")
+                .collect();
+            let delete = db
+                .iter()
+                .find(|c| c.kind == ChangeKind::Delete)
+                .unwrap_or_else(|| panic!("{state:?}: the stale copy is deleted: {db:#?}"));
+            assert_eq!(delete.node, to);
+            assert!(
+                delete.details[0].contains(&format!("it runs on {was} and migrates again")),
+                "{:?}",
+                delete.details
+            );
+            let migrate = planned
+                .steps
+                .iter()
+                .find(|s| matches!(&s.action, NodeAction::MigrateVm { name, from, .. } if name == "db" && *from == was))
+                .unwrap_or_else(|| panic!("{state:?}: db migrates again: {db:#?}"));
+            assert_eq!(migrate.node, to);
+            let deleted = &planned.steps[delete.steps[delete.steps.len() - 1]];
+            assert!(migrate.depends_on.contains(&deleted.id), "{migrate:?}");
+            // Never a start of the stale copy, nor a delete of the copy that runs.
+            for s in &planned.steps {
+                match &s.action {
+                    NodeAction::StartVm { name } => assert_ne!(name, "db", "{s:?}"),
+                    NodeAction::DeleteVm { name } | NodeAction::StopVm { name } => {
+                        assert!(name != "db" || s.node == to, "{s:?}")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // --cold: the old behaviour (the copy there is started, the other deleted).
+        let mut observed = observed_as(&before);
+        observed_on(&mut observed, &was, "db", proto::v1::VmState::Running);
+        observed_on(&mut observed, &to, "db", proto::v1::VmState::Stopped);
+        let cold = crate::plan::plan_with(
+            &after,
+            &observed,
+            "r",
+            &crate::plan::PlanOptions {
+                cold: true,
+                ..Default::default()
+            },
+        );
+        assert!(
+            cold.steps.iter().any(
+                |s| matches!(&s.action, NodeAction::StartVm { name } if name == "db")
+                    && s.node == to
+            ),
+            "{:#?}",
+            cold.changes
         );
     }
 }
