@@ -167,3 +167,164 @@ fn an_unchanged_push_lowers_nothing_and_an_empty_root_says_so() {
     let gone = assert_same(&mut session, &[], "every file removed");
     assert_eq!(gone.removed, files.len());
 }
+
+/// One change to a compiled model, as a commit would make it.
+fn change(
+    model: &mut compiler::Model,
+    rng: &mut Rng,
+    step: usize,
+) -> (&'static str, Option<String>) {
+    let n = model.vms.len();
+    let i = rng.below(n);
+    let site = Some(model.vms[i].site.clone());
+    let what = match rng.below(8) {
+        0 | 1 => {
+            model.vms[i].cpu = (model.vms[i].cpu % 8) + 1;
+            "vm cpu"
+        }
+        2 => {
+            model.vms[i].memory_bytes *= 2;
+            "vm memory"
+        }
+        3 => {
+            let mut vm = model.vms[i].clone();
+            vm.name = format!("zz-new{step}");
+            vm.group = None;
+            model.vms.push(vm);
+            "add vm"
+        }
+        4 => {
+            model.vms.remove(i);
+            "remove vm"
+        }
+        5 => {
+            let app = format!("app{}", rng.below(97));
+            model.vms[i].tags.insert("app".to_owned(), app);
+            "vm tag"
+        }
+        6 => {
+            let s = rng.below(model.sites.len());
+            let site = &mut model.sites[s];
+            site.overcommit.cpu = if site.overcommit.cpu > 2.0 { 1.0 } else { 4.0 };
+            return ("site overcommit", Some(site.name.clone()));
+        }
+        _ => return ("no change", None),
+    };
+    (what, site)
+}
+
+#[test]
+fn placing_site_by_site_gives_the_whole_placement_after_every_change() {
+    use compiler::place::{PlaceOptions, place, placement_json};
+    use compiler::session::PlaceSession;
+    // 501 nodes: two sites (the generator makes one per 500 nodes).
+    let files = generate(&GenConfig {
+        nodes: 501,
+        vms: 700,
+        seed: 3,
+    });
+    let compiled = compiler::compile(&Sources::from_files(files));
+    assert!(!compiled.has_errors(), "{:?}", compiled.diagnostics);
+    let mut model = compiled.model;
+    assert_eq!(model.sites.len(), 2);
+    let mut previous = place(&model, &PlaceOptions::default(), None);
+    let mut session = PlaceSession::new();
+    let mut rng = Rng(0xC0FF_EE11);
+    let mut seen = std::collections::BTreeMap::new();
+    let mut reused = 0;
+    let mut last_dirty: Option<String> = None;
+    for step in 0..24 {
+        let (what, dirty) = if step == 0 {
+            ("no change", None)
+        } else {
+            change(&mut model, &mut rng, step)
+        };
+        model.vms.sort_by(|a, b| a.name.cmp(&b.name));
+        let options = PlaceOptions {
+            previous: Some(previous.clone()),
+            ..Default::default()
+        };
+        let full = place(&model, &options, None);
+        let (incremental, reuse) = session.place(&model, &options);
+        assert_eq!(reuse.full, None, "step {step} ({what}) fell back");
+        if placement_json(&incremental) != placement_json(&full) {
+            panic!(
+                "step {step}: {what} ({reuse:?}): {}",
+                first_difference(&incremental, &full)
+            );
+        }
+        // A site is placed again when it changed now, or changed at the last
+        // push (its previous placement is then the last result, not the
+        // input its memo holds); every other site is reused.
+        if step > 0 {
+            let placed_again: std::collections::BTreeSet<&String> =
+                dirty.iter().chain(&last_dirty).collect();
+            assert!(
+                reuse.sites_placed <= placed_again.len(),
+                "step {step}: {what} placed {reuse:?}, more than {placed_again:?}"
+            );
+            assert_eq!(reuse.sites_placed + reuse.sites_reused, model.sites.len());
+        }
+        last_dirty = dirty;
+        reused += reuse.sites_reused;
+        *seen.entry(what).or_insert(0) += 1;
+        previous = full;
+    }
+    assert!(reused > 0);
+    assert!(seen.len() >= 6, "{seen:?}");
+}
+
+#[test]
+fn a_placement_session_falls_back_to_the_whole_placement_and_says_why() {
+    use compiler::place::{PlaceOptions, place};
+    use compiler::session::PlaceSession;
+    let files = generate(&GenConfig {
+        nodes: 20,
+        vms: 60,
+        seed: 5,
+    });
+    let mut model = compiler::compile(&Sources::from_files(files)).model;
+    let mut session = PlaceSession::new();
+    let (first, reuse) = session.place(&model, &PlaceOptions::default());
+    assert_eq!(reuse.full.as_deref(), Some("no previous placement"));
+    assert_eq!(first, place(&model, &PlaceOptions::default(), None));
+    model.affinities[0].hard = true;
+    model.affinities[0].kind = compiler::model::AffinityKind::Together;
+    let options = PlaceOptions {
+        previous: Some(first),
+        ..Default::default()
+    };
+    let (again, reuse) = session.place(&model, &options);
+    assert!(
+        reuse
+            .full
+            .as_deref()
+            .is_some_and(|w| w.contains("hard together")),
+        "{reuse:?}"
+    );
+    assert_eq!(again, place(&model, &options, None));
+}
+
+/// The first list element that differs between two placements, shortly.
+fn first_difference(a: &compiler::place::Placement, b: &compiler::place::Placement) -> String {
+    let (a, b) = (
+        serde_json::to_value(a).unwrap(),
+        serde_json::to_value(b).unwrap(),
+    );
+    for (key, x) in a.as_object().unwrap() {
+        let y = &b[key];
+        if x == y {
+            continue;
+        }
+        if let (Some(x), Some(y)) = (x.as_array(), y.as_array()) {
+            for (i, (u, v)) in x.iter().zip(y).enumerate() {
+                if u != v {
+                    return format!("{key}[{i}]: session {u} / whole {v}");
+                }
+            }
+            return format!("{key}: {} entries / {}", x.len(), y.len());
+        }
+        return format!("{key}: {x} / {y}");
+    }
+    "no difference".to_owned()
+}

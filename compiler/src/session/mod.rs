@@ -26,6 +26,9 @@ use crate::source::{FileId, Sources};
 use crate::spec::SpecSet;
 use crate::{Compilation, check, lower};
 
+pub mod place;
+pub use place::{PlaceReuse, PlaceSession};
+
 /// What one file lowered to.
 #[derive(Debug)]
 struct Lowered {
