@@ -144,6 +144,10 @@ struct Worker {
     watches: Watches,
     /// The plan id `cairn sync --approve` approved, for the next sync.
     approval: Option<String>,
+    /// The lowering of every spec file of the last sync's commit: a push that
+    /// changes one file parses and lowers one file (issue 24;
+    /// `compiler::session`, whose output is the full compile's).
+    compile_session: compiler::session::Session,
 }
 
 /// Runs until `stop` turns true.
@@ -168,6 +172,7 @@ pub(crate) async fn run(
         source_error: None,
         watches: Watches::default(),
         approval: None,
+        compile_session: compiler::session::Session::new(),
     };
     w.restore();
     let mut next_drift = Instant::now();
@@ -724,7 +729,10 @@ impl Worker {
                 return SyncEnd::Stalled;
             }
         };
-        let compilation = tokio::task::block_in_place(|| compiler::compile(&sources));
+        let (compilation, reuse) =
+            tokio::task::block_in_place(|| self.compile_session.compile(&sources));
+        // What the compile session reused (the lowering of unchanged files).
+        detail["compile_session"] = json!({"files_reused": reuse.reused, "files_lowered": reuse.lowered, "files_removed": reuse.removed});
         if compilation.has_errors() {
             let errors: Vec<&compiler::diag::Diagnostic> = compilation
                 .diagnostics
