@@ -383,7 +383,7 @@ fn golden_console_pages_show_what_the_quickstart_has() {
     // The filtered table holds web-1 only.
     let filtered = &pages["vms-tenant-dev-crashed.html"];
     assert!(
-        filtered.contains("1 of 5 VMs") && filtered.contains(r#"href="/vms/web-1""#),
+        filtered.contains("1 of 6 VMs") && filtered.contains(r#"href="/vms/web-1""#),
         "{filtered}"
     );
     // The succeeded sync shows its plan as `cairn plan` and each step succeeded.

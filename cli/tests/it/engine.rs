@@ -62,11 +62,88 @@ pub(crate) fn kvm_usable() -> bool {
         .is_ok()
 }
 
+/// The quickstart's fault-tolerant VM (`availability "ft"`), which needs the site's
+/// witness.
+pub(crate) const QUICKSTART_FT_VM: &str = "ledger";
+
+/// `text` without the spec block whose first line starts with `head` (after
+/// indentation), with the comment lines just above it, up to its closing `}` at the
+/// same indentation (a one-line node when its line has no `{`), and one blank line
+/// after it. Panics when `head` is not there (`what` names the text): the copy would
+/// be wrong.
+fn remove_block(text: &str, head: &str, what: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with(head))
+        .unwrap_or_else(|| panic!("{what} has no `{head}`"));
+    let indent = &lines[at][..lines[at].len() - lines[at].trim_start().len()];
+    let mut first = at;
+    while first > 0 && lines[first - 1].trim_start().starts_with("//") {
+        first -= 1;
+    }
+    let mut last = at;
+    if lines[at].trim_end().ends_with('{') {
+        let close = format!("{indent}}}");
+        last = at
+            + lines[at..]
+                .iter()
+                .position(|l| l.trim_end() == close)
+                .unwrap_or_else(|| panic!("`{head}` in {what} is not closed"));
+    }
+    if lines.get(last + 1).is_some_and(|l| l.trim().is_empty()) {
+        last += 1;
+    }
+    lines[..first]
+        .iter()
+        .chain(&lines[last + 1..])
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// [`remove_block`] in the file `path`.
+fn remove_block_in(path: &Path, head: &str) {
+    let text = std::fs::read_to_string(path).expect("read the spec file");
+    let kept = remove_block(&text, head, &path.display().to_string());
+    std::fs::write(path, kept).expect("write the spec file");
+}
+
+/// The quickstart's `workloads.kdl` without its FT VM (which needs the site's
+/// witness that [`without_ft`] removes).
+pub(crate) fn quickstart_workloads_without_ft() -> String {
+    let path = repo_root().join("examples/quickstart/workloads.kdl");
+    let text = std::fs::read_to_string(&path).expect("the quickstart's workloads.kdl");
+    remove_block(
+        &text,
+        &format!("vm \"{QUICKSTART_FT_VM}\""),
+        "workloads.kdl",
+    )
+}
+
+/// The quickstart copy in `dir` without its FT VM and the site's witness: tests that
+/// are not about fault tolerance keep the five VMs they count, and start no witness
+/// on the quickstart's own 127.0.0.14 (`ft.rs` runs the quickstart with both).
+pub(crate) fn without_ft(dir: &Path) {
+    remove_block_in(
+        &dir.join("workloads.kdl"),
+        &format!("vm \"{QUICKSTART_FT_VM}\""),
+    );
+    without_witness(dir);
+}
+
+/// The quickstart's `cluster.kdl` in `dir` without the site's witness (for a test
+/// that rewrites it from the quickstart's again after [`without_ft`]).
+pub(crate) fn without_witness(dir: &Path) {
+    remove_block_in(&dir.join("cluster.kdl"), "witness address=");
+}
+
 /// A copy of the quickstart's specs whose three nodes listen on free ports of
-/// 127.0.0.1 (the quickstart's own 127.0.0.11-13 belong to `cargo xtask quickstart`).
+/// 127.0.0.1 (the quickstart's own 127.0.0.11-14 belong to `cargo xtask quickstart`),
+/// without its FT VM and witness ([`without_ft`]).
 pub(crate) fn quickstart_copy(tag: &str) -> TempDir {
     let dir = TempDir::new(tag);
     copy_specs(&repo_root().join("examples/quickstart"), &dir.0);
+    without_ft(&dir.0);
     let cluster_file = dir.0.join("cluster.kdl");
     let mut text = std::fs::read_to_string(&cluster_file).expect("read cluster.kdl");
     for n in 11..=13 {
@@ -548,6 +625,31 @@ fn apply_killed_halfway_is_settled_and_finished_without_repeating_an_action() {
     }
     let again = cluster.cairn(&["plan", ".", "--detailed-exitcode"]);
     assert_eq!(again.code, 0, "converged after the resume: {again:?}");
+}
+
+/// The copies other tests use are the quickstart minus its FT VM and its witness, and
+/// nothing else: five VMs, no witness to start on 127.0.0.14.
+#[test]
+fn a_quickstart_copy_without_ft_keeps_the_other_five_vms_and_starts_no_witness() {
+    let whole = crate::cairn(&repo_root(), &["validate", "examples/quickstart"]);
+    assert_eq!(whole.code, 0, "{whole:?}");
+    assert!(whole.stdout.contains("6 VMs"), "{whole:?}");
+    let dir = quickstart_copy("h-no-ft");
+    let run = crate::cairn(&dir.0, &["validate", "."]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("5 VMs, 5 volumes"), "{run:?}");
+    let cluster = std::fs::read_to_string(dir.0.join("cluster.kdl")).expect("cluster.kdl");
+    let workloads = std::fs::read_to_string(dir.0.join("workloads.kdl")).expect("workloads");
+    assert!(!cluster.contains("witness"), "{cluster}");
+    assert!(
+        !workloads.contains(QUICKSTART_FT_VM) && !workloads.contains("\"ft\""),
+        "{workloads}"
+    );
+    assert!(
+        !workloads.contains("\n\n\n"),
+        "no blank lines left behind: {workloads}"
+    );
+    assert_eq!(workloads, quickstart_workloads_without_ft());
 }
 
 #[test]

@@ -49,6 +49,7 @@ fn quickstart_specs(dir: &Path, ports: &[u16; 3], maintenance: Option<&str>) {
         );
     }
     std::fs::write(dir.join("cluster.kdl"), text).expect("write cluster.kdl");
+    crate::engine::without_witness(dir);
 }
 
 /// The disk each quickstart VM has.
@@ -131,6 +132,7 @@ fn draining_a_quickstart_node_moves_its_vms_with_nics_and_disks_live() {
     }
     let dir = TempDir::new("migration-nics");
     copy_specs(&crate::repo_root().join("examples/quickstart"), &dir.0);
+    crate::engine::without_ft(&dir.0);
     let ports = [free_port(), free_port(), free_port()];
     quickstart_specs(&dir.0, &ports, None);
     let cluster = Cluster { dir };

@@ -218,27 +218,14 @@ mod tests {
     use crate::observe::{NodeObservation, Observed, ObservedFt, ObservedVm};
     use crate::plan::{NodeAction, Plan, plan};
 
-    /// The quickstart with a site witness and an FT VM `ft-1` (reserved, no disk).
+    /// The quickstart's FT VM (reserved, no disk, a NIC on dev-net).
+    const VM: &str = "ledger";
+
+    /// The quickstart: its site has a witness and `ledger` is an FT VM.
     fn model() -> compiler::Model {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-        let mut files = vec![];
-        for name in ["cluster.kdl", "tenants.kdl", "workloads.kdl"] {
-            let mut text = std::fs::read_to_string(root.join(name)).expect("quickstart");
-            if name == "cluster.kdl" {
-                text = text.replacen(
-                    "ha-reserve nodes=1",
-                    "ha-reserve nodes=1\n    witness address=\"127.0.0.59:7459\"",
-                    1,
-                );
-            }
-            if name == "workloads.kdl" {
-                text.push_str(
-                    "\nvm \"ft-1\" tenant=\"dev\" site=\"lab\" {\n    cpu 1\n    memory \"64MiB\"\n    sla \"reserved\"\n    availability \"ft\"\n    image \"tiny\"\n    nic network=\"dev-net\"\n}\n",
-                );
-            }
-            files.push((name.to_owned(), text));
-        }
-        let compilation = compiler::compile(&compiler::source::Sources::from_files(files));
+        let sources = compiler::source::Sources::load_dir(&root).expect("the quickstart loads");
+        let compilation = compiler::compile(&sources);
         assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
         compilation.model
     }
@@ -265,7 +252,7 @@ mod tests {
             panic!("{node} is observed");
         };
         let mut vm: ObservedVm = serde_json::from_value(serde_json::json!({
-            "name": "ft-1", "state": if running { "running" } else { "crashed" },
+            "name": VM, "state": if running { "running" } else { "crashed" },
             "health": "healthy", "vcpus": 1, "memory_bytes": 64 << 20, "crash_count": 0,
             "volumes": [], "sla": "reserved",
             "nics": [{"network": "dev-net", "tap": "t0", "bridge": "b0", "ready": true,
@@ -280,13 +267,13 @@ mod tests {
             last_acked: acked,
             ..ObservedFt::default()
         });
-        vms.insert("ft-1".into(), vm);
+        vms.insert(VM.into(), vm);
     }
 
     fn ft_steps(plan: &Plan) -> Vec<(String, String)> {
         plan.steps
             .iter()
-            .filter(|s| s.action.name() == "ft-1")
+            .filter(|s| s.action.name() == VM)
             .map(|s| (s.action.word().to_owned(), s.node.clone()))
             .collect()
     }
@@ -298,15 +285,15 @@ mod tests {
         let at = placement
             .vms
             .iter()
-            .find(|v| v.name == "ft-1")
-            .expect("ft-1 is placed")
+            .find(|v| v.name == VM)
+            .expect("the FT VM is placed")
             .clone();
         let (primary, secondary) = (at.node.clone(), at.secondary.clone().expect("a secondary"));
         assert_ne!(primary, secondary);
         let root = std::path::Path::new(".");
         let want = desired::desired(&model, root, placement.clone());
-        let ft = want.vms["ft-1"].ft.clone().expect("an FT pair");
-        assert_eq!(ft.witness, "127.0.0.59:7459");
+        let ft = want.vms[VM].ft.clone().expect("an FT pair");
+        assert_eq!(ft.witness, "127.0.0.14:7400");
         assert_eq!(ft.secondary, secondary);
         let nodes: Vec<&String> = want.nodes.keys().collect();
 
@@ -330,7 +317,7 @@ mod tests {
         let start = first
             .steps
             .iter()
-            .find(|s| s.action.word() == "start_vm" && s.action.name() == "ft-1")
+            .find(|s| s.action.word() == "start_vm" && s.action.name() == VM)
             .expect("start");
         assert!(protect.depends_on.contains(&start.id), "{protect:?}");
         let NodeAction::ProtectVm {
@@ -342,7 +329,7 @@ mod tests {
         else {
             panic!("{protect:?}");
         };
-        assert_eq!((to, witness.as_str()), (&secondary, "127.0.0.59:7459"));
+        assert_eq!((to, witness.as_str()), (&secondary, "127.0.0.14:7400"));
         assert!(matches!(**definition, NodeAction::CreateVm { .. }));
 
         // Protected: nothing to do, and the secondary's copy is not deleted.
@@ -375,7 +362,7 @@ mod tests {
             waiting
                 .left_alone
                 .iter()
-                .any(|l| l.name == "ft-1" && l.reason.contains("takes over")),
+                .any(|l| l.name == VM && l.reason.contains("takes over")),
             "{:?}",
             waiting.left_alone
         );
@@ -391,10 +378,10 @@ mod tests {
         let mut previous = placement.clone();
         assert_eq!(
             crate::pipeline::swap_promoted(&mut previous, &observed),
-            vec!["ft-1".to_owned()]
+            vec![VM.to_owned()]
         );
         let swapped = desired::desired(&model, root, desired::place(&model, Some(&previous)));
-        assert_eq!(swapped.vms["ft-1"].node, secondary);
+        assert_eq!(swapped.vms[VM].node, secondary);
         let again = plan(&swapped, &observed, "r1");
         let re_protect = ft_steps(&again);
         assert_eq!(
@@ -409,12 +396,7 @@ mod tests {
                 .any(|(word, node)| *node == secondary && word != "protect_vm"),
             "{re_protect:?}"
         );
-        let new_secondary = swapped.vms["ft-1"]
-            .ft
-            .as_ref()
-            .expect("pair")
-            .secondary
-            .clone();
+        let new_secondary = swapped.vms[VM].ft.as_ref().expect("pair").secondary.clone();
         assert_ne!(new_secondary, secondary);
     }
 }
