@@ -14,6 +14,7 @@ const FILES: &[&str] = &[
     "cairn/node/v1/replication.proto",
     "cairn/node/v1/lease.proto",
     "cairn/node/v1/witness.proto",
+    "cairn/node/v1/enroll.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

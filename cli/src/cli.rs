@@ -390,6 +390,43 @@ pub enum NodeCommand {
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
     },
+    /// One-time enrollment tokens: a new node presents one (`cairn-node --enroll
+    /// TOKEN --controller ADDR`) to be trusted, instead of copied key files.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// The nodes that enrolled and the keys the controller pinned for them.
+    Keys {
+        /// The controller's data directory (its state.redb).
+        #[arg(long, value_name = "DIR", default_value = ".cairn")]
+        data_dir: PathBuf,
+        /// The controllers' state store (`etcd://HOSTS/PREFIX` with replicas, or a
+        /// redb file); default DATA_DIR/state.redb.
+        #[arg(long, value_name = "PATH|etcd://HOSTS/PREFIX")]
+        state: Option<String>,
+    },
+}
+
+/// `cairn node token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a one-time token that enrolls NODE (printed on stdout; the store keeps
+    /// only its SHA-256). Good once, until it expires.
+    Create {
+        /// The node it enrolls (the name the node starts with).
+        node: String,
+        /// How long it is accepted.
+        #[arg(long, value_name = "DURATION", default_value = crate::tokens::DEFAULT_TTL)]
+        ttl: String,
+        /// The controller's data directory (its state.redb).
+        #[arg(long, value_name = "DIR", default_value = ".cairn")]
+        data_dir: PathBuf,
+        /// The controllers' state store (`etcd://HOSTS/PREFIX` with replicas, or a
+        /// redb file); default DATA_DIR/state.redb.
+        #[arg(long, value_name = "PATH|etcd://HOSTS/PREFIX")]
+        state: Option<String>,
+    },
 }
 
 /// `cairn controller`: runs the daemon, or one of its subcommands.
@@ -986,6 +1023,21 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             on,
             key.as_deref(),
         )),
+        Command::Node {
+            command:
+                NodeCommand::Token {
+                    command:
+                        TokenCommand::Create {
+                            node,
+                            ttl,
+                            data_dir,
+                            state,
+                        },
+                },
+        } => crate::tokens::create(&node, &ttl, &data_dir, state.as_deref()),
+        Command::Node {
+            command: NodeCommand::Keys { data_dir, state },
+        } => crate::tokens::keys(&data_dir, state.as_deref()),
         Command::Sync {
             controller,
             data_dir,

@@ -27,6 +27,7 @@ mod progress;
 mod simulate;
 mod site_failover;
 mod statebackup;
+mod tokens;
 mod verify;
 mod vmcmd;
 mod volumecmd;

@@ -72,7 +72,10 @@ impl Health {
             let result = tonic::transport::Server::builder()
                 .add_service(service)
                 .add_service(proto::v1::lease_server::LeaseServer::new(
-                    crate::lease::LeaseService::new(shared_for_leases, leases),
+                    crate::lease::LeaseService::new(shared_for_leases.clone(), leases),
+                ))
+                .add_service(proto::v1::enrollment_server::EnrollmentServer::new(
+                    crate::enroll::EnrollmentService::new(shared_for_leases),
                 ))
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.wait_for(|s| *s).await;

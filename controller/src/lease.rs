@@ -129,7 +129,7 @@ pub struct Leases {
     granted: Mutex<BTreeMap<String, Granted>>,
     /// Node name → its public key, learned from its Inventory (as every controller
     /// call to it is addressed).
-    keys: tokio::sync::Mutex<BTreeMap<String, String>>,
+    pub(crate) keys: tokio::sync::Mutex<BTreeMap<String, String>>,
     /// Node → its HA and FT VMs in the stored placement, and when that was read:
     /// every node renews every T/3, so the state store is read at most once per T/3
     /// for all of them.
@@ -1002,6 +1002,15 @@ impl LeaseService {
     async fn node_key(&self, name: &str, address: &str) -> Result<String, Status> {
         if let Some(key) = self.leases.keys.lock().await.get(name) {
             return Ok(key.clone());
+        }
+        // An enrolled node's key is the one it enrolled with (`crate::enroll`).
+        if let Some(key) = crate::enroll::enrolled_key(&self.shared, name).await {
+            self.leases
+                .keys
+                .lock()
+                .await
+                .insert(name.to_owned(), key.clone());
+            return Ok(key);
         }
         let mut client = reconciler::nodes::connect(address, self.shared.signer.clone())
             .await

@@ -31,6 +31,7 @@ pub mod actions;
 pub mod bench;
 pub mod console;
 pub mod control;
+pub mod enroll;
 pub mod events;
 pub mod fence_list;
 pub mod fresh;

@@ -276,6 +276,17 @@ impl ControllerStore {
     }
 }
 
+impl ControllerStore {
+    /// Where node enrollment tokens and enrolled keys are: etcd with replicas, else
+    /// the redb file (`crate::enroll`).
+    pub fn enrollment_store(&self) -> &dyn reconciler::enroll::EnrollmentStore {
+        match &self.shared {
+            Some(store) => store,
+            None => &self.local,
+        }
+    }
+}
+
 impl std::ops::Deref for ControllerStore {
     type Target = RedbStore;
 

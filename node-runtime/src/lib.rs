@@ -28,6 +28,7 @@ pub mod anchors;
 pub mod bonds;
 pub mod cgroups;
 pub mod cpusets;
+pub mod enroll;
 pub mod events;
 pub mod exports;
 pub mod fencing;

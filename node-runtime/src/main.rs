@@ -30,6 +30,10 @@ struct Args {
     /// DATA_DIR/trusted-peers; controllers can also push peers with SetPeers.
     #[arg(long)]
     trusted_peer_keys: Option<PathBuf>,
+    #[arg(long, value_name = "TOKEN", conflicts_with_all = ["trusted_controller_keys", "simulate"])]
+    enroll: Option<String>,
+    #[arg(long, value_name = "ADDR", requires = "enroll")]
+    controller: Option<String>,
     /// Path of the cairn-vmm binary (default: next to cairn-node, then PATH).
     #[arg(long)]
     vmm_binary: Option<PathBuf>,
@@ -190,6 +194,35 @@ fn main() -> ExitCode {
     };
     if let Some(nodes) = args.simulate {
         return simulate(&runtime, &args, nodes as usize, disks);
+    }
+    if let Some(token) = &args.enroll {
+        let Some(controller) = args.controller.as_deref().or(args.lease_from.as_deref()) else {
+            eprintln!(
+                "cairn-node: --enroll needs the controller's gRPC address: --controller ADDR (or --lease-from ADDR)"
+            );
+            return ExitCode::from(2);
+        };
+        let name = args.name.clone().unwrap_or_default();
+        match runtime.block_on(node_runtime::enroll::enroll(
+            &args.data_dir,
+            &name,
+            token,
+            controller,
+        )) {
+            Ok(node_runtime::enroll::Enrolled::Now(keys)) => eprintln!(
+                "cairn-node: node {name} enrolled at {controller}: it trusts {keys} controller key(s) ({})",
+                args.data_dir
+                    .join(node_runtime::trust::DEV_CONTROLLERS_FILE)
+                    .display()
+            ),
+            Ok(node_runtime::enroll::Enrolled::Before(keys)) => eprintln!(
+                "cairn-node: node {name} is already enrolled (it trusts {keys} controller key(s)); --enroll is not used again"
+            ),
+            Err(error) => {
+                eprintln!("cairn-node: enrollment refused: {error}");
+                return ExitCode::from(2);
+            }
+        }
     }
     let config = NodeConfig {
         name: args.name.unwrap_or_default(),

@@ -28,6 +28,7 @@ pub mod anchor;
 pub mod auth;
 pub mod client;
 pub mod convert;
+pub mod enroll;
 pub mod fence;
 pub mod protocol;
 pub mod witness;
@@ -100,6 +101,8 @@ pub mod methods {
     pub const WITNESS_CLAIM: &str = "/cairn.node.v1.Witness/Claim";
     /// `Witness.Query` (served by `cairn witness`)
     pub const WITNESS_QUERY: &str = "/cairn.node.v1.Witness/Query";
+    /// `Enrollment.Enroll` (served by the controller; the token is the authority)
+    pub const ENROLL: &str = "/cairn.node.v1.Enrollment/Enroll";
 }
 
 /// The name of the `ApplyRequest.action` oneof variant, as used in events and the

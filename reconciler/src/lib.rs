@@ -25,6 +25,7 @@ pub mod apply;
 pub mod audit;
 pub mod desired;
 pub mod drift;
+pub mod enroll;
 pub mod epochs;
 pub mod ft;
 pub mod images;

@@ -15,6 +15,7 @@
 
 pub mod backup;
 pub mod election;
+mod enroll;
 mod epochs;
 pub mod log;
 pub mod node_leases;

@@ -10,6 +10,7 @@ mod cpu_preemption;
 mod diff;
 mod dr_replication;
 mod engine;
+mod enroll;
 mod ft;
 mod gitops;
 mod golden;

@@ -1,0 +1,217 @@
+//! Node enrollment by a one-time token with real processes (issue 24, item 7): a
+//! `cairn controller` on 127.0.0.72 (gRPC listener), `cairn node token create`, and
+//! `cairn-node --enroll` processes on 127.0.0.73: a node enrolls and then obeys the
+//! controller's key; the same token again, an expired token and a token for another
+//! node are refused with the reason, and the refused node does not start.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{TempDir, cairn};
+
+const CONTROLLER_IP: &str = "127.0.0.72";
+const NODE_IP: &str = "127.0.0.73";
+
+pub(crate) fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .expect("bind a free port")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+pub(crate) fn node_binary() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_cairn")).with_file_name("cairn-node")
+}
+
+/// A process killed when dropped.
+pub(crate) struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(crate) fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .stdout(Stdio::null())
+        .status()
+        .expect("git runs");
+    assert!(status.success(), "git {args:?}");
+}
+
+/// A controller following an empty repository, its gRPC listener at the returned
+/// address, its data directory `dir/.cairn`.
+pub(crate) fn controller(dir: &Path) -> (Process, String) {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(
+        &repo,
+        &[
+            "-c",
+            "commit.gpgsign=false",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "empty",
+        ],
+    );
+    let data = dir.join(".cairn");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("allowed-signers"), "").unwrap();
+    let grpc = format!("{CONTROLLER_IP}:{}", free_port(CONTROLLER_IP));
+    let log = std::fs::File::create(dir.join("controller.log")).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["controller", "--repo"])
+        .arg(&repo)
+        .args(["--data-dir", ".cairn", "--listen"])
+        .arg(format!("{CONTROLLER_IP}:0"))
+        .args(["--grpc-listen", &grpc])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("cairn controller starts");
+    let process = Process(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&grpc).is_err() || !data.join("controller.url").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the controller's gRPC listener {grpc} did not open: {}",
+            std::fs::read_to_string(dir.join("controller.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (process, grpc)
+}
+
+/// `cairn node token create NODE --ttl TTL` for the controller of `dir`.
+pub(crate) fn token(dir: &Path, node: &str, ttl: &str) -> String {
+    let run = cairn(dir, &["node", "token", "create", node, "--ttl", ttl]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let token = run.stdout.trim().to_owned();
+    assert!(token.starts_with("cairn-enroll-"), "{run:?}");
+    token
+}
+
+/// `cairn-node --name NAME --enroll TOKEN --controller GRPC` in `data`.
+pub(crate) fn enrolling_node(data: &Path, name: &str, token: &str, grpc: &str) -> Child {
+    Command::new(node_binary())
+        .args(["--name", name, "--listen"])
+        .arg(format!("{NODE_IP}:0"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--enroll", token, "--controller", grpc])
+        .args(["--network-disabled", "enrollment test", "--cgroups", "off"])
+        .args(["--disks", "1", "--disk-capacity", "16777216"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cairn-node starts")
+}
+
+/// Waits for a node to write its listen address; panics with its stderr if it exits.
+pub(crate) fn serving(child: &mut Child, data: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(address) = std::fs::read_to_string(data.join("listen-address")) {
+            return address.trim().to_owned();
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            use std::io::Read as _;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            panic!("cairn-node exited with {status}: {stderr}");
+        }
+        assert!(Instant::now() < deadline, "cairn-node did not serve");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a node that must refuse to start: its exit code and stderr.
+fn refused(data: &Path, name: &str, token: &str, grpc: &str) -> (i32, String) {
+    let child = enrolling_node(data, name, token, grpc);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_node_enrolls_once_by_token_and_a_reused_expired_or_misdirected_token_is_refused() {
+    let dir = TempDir::new("enroll");
+    let (_controller, grpc) = controller(&dir.0);
+    let controller_key = std::fs::read_to_string(dir.0.join(".cairn/controller.pub")).unwrap();
+
+    // Enrolls, then serves, and obeys the controller's key.
+    let token = token(&dir.0, "lab-4", "15m");
+    let first = dir.0.join("lab-4");
+    let mut node = Process(enrolling_node(&first, "lab-4", &token, &grpc));
+    let address = serving(&mut node.0, &first);
+    let trusted = std::fs::read_to_string(first.join("trusted-controllers")).unwrap();
+    assert!(trusted.contains(controller_key.trim()), "{trusted}");
+    let identity = proto::auth::Identity::load(&dir.0.join(".cairn/controller.key")).unwrap();
+    let inventory = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut client =
+            proto::client::NodeClient::connect(&address, proto::auth::RequestSigner::new(identity))
+                .await
+                .unwrap();
+        client.get_inventory().await
+    });
+    let inventory = inventory.expect("the enrolled node accepts the controller's signature");
+    assert_eq!(inventory.node_name, "lab-4");
+    let node_key = std::fs::read_to_string(first.join("identity.pub")).unwrap();
+    let keys = cairn(&dir.0, &["node", "keys"]);
+    assert!(
+        keys.stdout
+            .contains(&format!("lab-4 {} (token)", node_key.trim())),
+        "{keys:?}"
+    );
+
+    // The same token again (a second machine calling itself lab-4): refused.
+    let (code, stderr) = refused(&dir.0.join("lab-4-again"), "lab-4", &token, &grpc);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("was already used") && stderr.contains("cairn node token create lab-4"),
+        "{stderr}"
+    );
+    assert!(!dir.0.join("lab-4-again/trusted-controllers").exists());
+
+    // An expired token: refused.
+    let short = self::token(&dir.0, "lab-5", "1s");
+    std::thread::sleep(Duration::from_millis(1200));
+    let (code, stderr) = refused(&dir.0.join("lab-5"), "lab-5", &short, &grpc);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("expired"), "{stderr}");
+
+    // A token made for another node: refused, and still good for its own node.
+    let other = self::token(&dir.0, "lab-6", "15m");
+    let (code, stderr) = refused(&dir.0.join("lab-7"), "lab-7", &other, &grpc);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("is for node lab-6, not lab-7"), "{stderr}");
+
+    // The enrolled node restarts with the same command line: it does not enroll again.
+    drop(node);
+    let _ = std::fs::remove_file(first.join("listen-address"));
+    let mut again = Process(enrolling_node(&first, "lab-4", &token, &grpc));
+    serving(&mut again.0, &first);
+}
