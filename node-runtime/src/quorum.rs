@@ -689,6 +689,16 @@ pub async fn run(node: Arc<Node>, config: LeaseConfig) {
             every = renew_interval(ttl, asked_every);
         }
         push_fences(&node).await;
-        tokio::time::sleep_until(round + every).await;
+        // Until the next round, a VMM adopted after an agent restart gets the quorum's
+        // end at once: the agent starts this loop before it adopts (`server::run_on`),
+        // and an adopted VMM's fence still counts down from the old agent's last push.
+        let next = tokio::time::sleep_until(round + every);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                () = &mut next => break,
+                () = node.vms.adopted().notified() => push_fences(&node).await,
+            }
+        }
     }
 }

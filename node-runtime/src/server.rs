@@ -117,6 +117,21 @@ pub async fn run_on(
             crate::records::FORMAT,
         );
     }
+    // The lease is renewed from the start, before the slower steps below: the fences of
+    // VMMs that outlived the previous agent count down from its last push, and each is
+    // pushed the quorum's end as soon as it is adopted (`quorum::run`), whatever the
+    // other VMMs' handshakes take.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let leases = node
+        .config
+        .lease
+        .clone()
+        .map(|lease| AbortOnDrop(tokio::spawn(crate::quorum::run(node.clone(), lease))));
     // Expired request records go before the first request can look one up.
     let pruned = node.clone();
     tokio::task::spawn_blocking(move || pruned.prune_requests())
@@ -130,7 +145,8 @@ pub async fn run_on(
     }
 
     // VMMs that outlived the previous agent are adopted (or reported, saying why)
-    // before the node answers: their disks are served again, their fences renewed.
+    // before the node answers, all at once: their disks are served again, their fences
+    // renewed as each is adopted.
     for line in node.vms.adopt_all().await {
         println!("cairn-node {}: {line}", node.config.name);
     }
@@ -238,11 +254,6 @@ pub async fn run_on(
             .clone()
             .replication_loop(Duration::from_millis(250)),
     );
-    let leases = node
-        .config
-        .lease
-        .clone()
-        .map(|lease| tokio::spawn(crate::quorum::run(node.clone(), lease)));
     // Fault-tolerant VMs under the witness's guard; claims leave from the listen address.
     let ft_guard = tokio::spawn(crate::vms::ft_guard::run(
         node.clone(),
@@ -316,6 +327,9 @@ pub async fn run_on(
         )
         .add_service(v1::watch_server::WatchServer::new(service.clone()))
         .add_service(v1::quorum_server::QuorumServer::new(service.clone()))
+        .add_service(v1::controller_trust_server::ControllerTrustServer::new(
+            service.clone(),
+        ))
         .add_service(
             v1::replication_server::ReplicationServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -343,9 +357,7 @@ pub async fn run_on(
     protection.abort();
     replication.abort();
     ft_guard.abort();
-    if let Some(leases) = leases {
-        leases.abort();
-    }
+    drop(leases);
     pruning.abort();
     if let Some(watchdog) = watchdog {
         // A graceful exit disarms it (the magic close); a crash does not.

@@ -264,6 +264,9 @@ pub struct Vms {
     /// by the quorum loop: a VMM starts with it as its fence deadline, so a VM
     /// restarted here by HA is fenced before this node's next lease names it.
     quorum_end_ns: std::sync::atomic::AtomicU64,
+    /// Told each time a VMM is adopted: the quorum loop pushes its fence at once
+    /// rather than at its next round (`quorum::run`).
+    adopted: tokio::sync::Notify,
     /// The node's cgroups, where each VMM runs in a cgroup of its VM's SLA class;
     /// `None`: not enforced (`cgroup_detail` says why).
     cgroups: Option<Arc<crate::cgroups::Cgroups>>,
@@ -541,6 +544,7 @@ impl Vms {
             exports,
             vms: Arc::new(Mutex::new(vms)),
             quorum_end_ns: std::sync::atomic::AtomicU64::new(0),
+            adopted: tokio::sync::Notify::new(),
             cgroups: None,
             cgroup_detail: "SLA classes are not enforced: no cgroups were set up".into(),
         })
@@ -729,55 +733,71 @@ impl Vms {
             .filter(|(_, vm)| vm.record.desired_running && vm.record.last_pid != 0 && vm.pid == 0)
             .map(|(name, vm)| (name.clone(), vm.record.clone()))
             .collect();
-        let mut report = Vec::with_capacity(candidates.len());
-        for (name, kept) in candidates {
-            let started = std::time::Instant::now();
-            let vm_dir = self.run_dir.join(&name);
-            let checked = {
-                let (name, kept, vm_dir) = (name.clone(), kept.clone(), vm_dir.clone());
-                tokio::task::spawn_blocking(move || {
-                    adopt::verify(&adopt::Recorded {
-                        vm: &name,
-                        pid: kept.last_pid,
-                        start_ticks: kept.last_start_ticks,
-                        incarnation: &kept.incarnation,
-                        config: &vm_dir.join(VM_CONFIG_FILE),
-                        socket: &vm_dir.join("control.sock"),
-                    })
+        // All at once: a VMM slow to answer its handshake (a starved spot VM waits up
+        // to 1 + 2 + 4 s, `adopt::HANDSHAKE_TRIES`) must not hold back the adoption of
+        // the others, whose fences count down until the quorum loop renews them (a
+        // loaded CI run's reserved HA VM fenced itself that way behind a spot VM).
+        futures_util::future::join_all(
+            candidates
+                .into_iter()
+                .map(|(name, kept)| self.adopt_one(name, kept)),
+        )
+        .await
+    }
+
+    /// Verifies the recorded VMM of `name` and adopts it, or says why not (and kills
+    /// it when it is ours but unverified); one line for the node's log.
+    async fn adopt_one(&self, name: String, kept: KeptVm) -> String {
+        let started = std::time::Instant::now();
+        let vm_dir = self.run_dir.join(&name);
+        let checked = {
+            let (name, kept, vm_dir) = (name.clone(), kept.clone(), vm_dir.clone());
+            tokio::task::spawn_blocking(move || {
+                adopt::verify(&adopt::Recorded {
+                    vm: &name,
+                    pid: kept.last_pid,
+                    start_ticks: kept.last_start_ticks,
+                    incarnation: &kept.incarnation,
+                    config: &vm_dir.join(VM_CONFIG_FILE),
+                    socket: &vm_dir.join("control.sock"),
                 })
-                .await
-            };
-            let verdict = checked.unwrap_or_else(|error| {
-                adopt::Verdict::NotOurs(format!("the adoption checks did not run: {error}"))
-            });
-            let line = match verdict {
-                adopt::Verdict::Adopt(pidfd) => {
-                    let line = self.adopt(&name, &kept, pidfd).await;
-                    format!("{line} in {} ms", started.elapsed().as_millis())
-                }
-                adopt::Verdict::Gone(detail) | adopt::Verdict::NotOurs(detail) => {
-                    self.not_adopted(&name, &detail).await
-                }
-                adopt::Verdict::Unverified(pidfd, detail) => {
-                    // Ours for certain (pid, start time, command line), this incarnation
-                    // not: it must not run beside a new start of the VM.
-                    let killed = match pidfd.signal(libc::SIGKILL) {
-                        Ok(()) => {
-                            let until = std::time::Instant::now() + Duration::from_secs(2);
-                            while !pidfd.exited() && std::time::Instant::now() < until {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                            "killed through its pidfd".to_string()
+            })
+            .await
+        };
+        let verdict = checked.unwrap_or_else(|error| {
+            adopt::Verdict::NotOurs(format!("the adoption checks did not run: {error}"))
+        });
+        match verdict {
+            adopt::Verdict::Adopt(pidfd) => {
+                let line = self.adopt(&name, &kept, pidfd).await;
+                format!("{line} in {} ms", started.elapsed().as_millis())
+            }
+            adopt::Verdict::Gone(detail) | adopt::Verdict::NotOurs(detail) => {
+                self.not_adopted(&name, &detail).await
+            }
+            adopt::Verdict::Unverified(pidfd, detail) => {
+                // Ours for certain (pid, start time, command line), this incarnation
+                // not: it must not run beside a new start of the VM.
+                let killed = match pidfd.signal(libc::SIGKILL) {
+                    Ok(()) => {
+                        let until = std::time::Instant::now() + Duration::from_secs(2);
+                        while !pidfd.exited() && std::time::Instant::now() < until {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
                         }
-                        Err(error) => format!("killing it through its pidfd failed: {error}"),
-                    };
-                    self.not_adopted(&name, &format!("{detail}; not adopted, {killed}"))
-                        .await
-                }
-            };
-            report.push(line);
+                        "killed through its pidfd".to_string()
+                    }
+                    Err(error) => format!("killing it through its pidfd failed: {error}"),
+                };
+                self.not_adopted(&name, &format!("{detail}; not adopted, {killed}"))
+                    .await
+            }
         }
-        report
+    }
+
+    /// Told after each adoption ([`Vms::adopt_all`]): the quorum loop then pushes the
+    /// adopted VMM's fence without waiting for its next round.
+    pub fn adopted(&self) -> &tokio::sync::Notify {
+        &self.adopted
     }
 
     /// Makes the verified VMM `kept.last_pid` the VM's running process again.
@@ -838,6 +858,7 @@ impl Vms {
             ));
         }
         Self::publish(&self.events, name, VmState::Running, &detail);
+        self.adopted.notify_one();
         format!("vm `{name}`: {detail}")
     }
 

@@ -25,10 +25,12 @@ const IP: &str = "127.0.0.161";
 /// fence, renewed up to T/3 before the kill, then lapsed first).
 const TTL_MS: u64 = 8_000;
 
-/// A controller that only grants leases: every VM it names is fenced.
+/// A controller that only grants leases: every VM it names is fenced, those it names
+/// as `unguarded` (availability `none`) disarmed.
 #[derive(Clone)]
 struct FakeController {
     fenced: Vec<String>,
+    unguarded: Vec<String>,
     grants: Arc<AtomicU64>,
 }
 
@@ -45,7 +47,7 @@ impl v1::lease_server::Lease for FakeController {
             site_peers: vec![],
             fenced_vms: self.fenced.clone(),
             renew_every_ms: 0,
-            unguarded_vms: vec![],
+            unguarded_vms: self.unguarded.clone(),
             witness: String::new(),
             witness_lease_ms: 0,
         }))
@@ -54,6 +56,11 @@ impl v1::lease_server::Lease for FakeController {
 
 /// Serves the fake controller on this helper's address; returns its `host:port`.
 async fn fake_controller(fenced: &[&str]) -> (String, Arc<AtomicU64>) {
+    fake_controller_with(fenced, &[]).await
+}
+
+/// [`fake_controller`] that also names `unguarded` VMs (availability `none`).
+async fn fake_controller_with(fenced: &[&str], unguarded: &[&str]) -> (String, Arc<AtomicU64>) {
     let listener = tokio::net::TcpListener::bind(format!("{IP}:0"))
         .await
         .expect("bind the fake controller");
@@ -61,6 +68,7 @@ async fn fake_controller(fenced: &[&str]) -> (String, Arc<AtomicU64>) {
     let grants = Arc::new(AtomicU64::new(0));
     let service = FakeController {
         fenced: fenced.iter().map(|vm| vm.to_string()).collect(),
+        unguarded: unguarded.iter().map(|vm| vm.to_string()).collect(),
         grants: grants.clone(),
     };
     tokio::spawn(
@@ -344,6 +352,104 @@ async fn a_vmm_slow_to_answer_the_handshake_is_adopted_not_killed() {
     eprintln!("a VMM stopped 1.5 s at the agent's start: adopted after {took:?}");
     assert_logged_adoption(&node, setup.pid);
     assert_adopted(&setup, client, vm, deadline).await;
+}
+
+/// Issue 20's CPU test restarts a loaded node's agent: there the spot VM's starved
+/// VMM answered its handshake on the third try (5.8 s), and the reserved HA VM, verified
+/// after it, fenced itself before the new agent renewed its lease (exit 6, its control
+/// socket gone). A slow VMM must hold back neither the others' adoption nor their
+/// fences.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vmm_slow_to_answer_holds_back_neither_the_adoption_nor_the_fence_of_the_others() {
+    if !vms_can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let identity = controller();
+    // `guest` is fenced (HA); `a-slow` is of availability `none` (as a spot VM: never
+    // fenced, so its stop cannot end it) and sorts first: one VM at a time, it would
+    // be verified before `guest`.
+    let (lease, _grants) = fake_controller_with(&["guest"], &["a-slow"]).await;
+    let mut node = agent(dir.path(), &identity, &lease);
+    let mut client = node.client(&identity).await;
+    let mut pids = Vec::new();
+    for vm in ["a-slow", "guest"] {
+        apply_ok(&mut client, &format!("create-{vm}"), builtin_vm(vm, &[])).await;
+        apply_ok(&mut client, &format!("start-{vm}"), start(vm)).await;
+        let running = observe_vm(&mut client, vm).await;
+        assert_eq!(running.state, VmState::Running as i32, "{running:?}");
+        pids.push(running.pid);
+    }
+    let (slow_pid, guest_pid) = (pids[0], pids[1]);
+    fence_armed(dir.path(), "guest").await;
+    let disarmed = Instant::now() + Duration::from_secs(10);
+    while vmm_status(dir.path(), "a-slow")
+        .fence_deadline_boottime_ns
+        .is_some()
+    {
+        assert!(Instant::now() < disarmed, "a-slow not disarmed within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The agent goes when guest's fence has little left (it is renewed every T/3, so
+    // between 2/3 T and T): its deadline then falls within the new agent's handshake
+    // with a-slow (1 + 2 + 4 s).
+    let late = Instant::now() + Duration::from_secs(10);
+    while vmm_status(dir.path(), "guest")
+        .fence_remaining_ms
+        .is_none_or(|left| left > (2 * TTL_MS / 3 + 300) as f64)
+    {
+        assert!(Instant::now() < late, "guest's fence not renewed for 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.kill_9();
+    let deadline = fence_armed(dir.path(), "guest").await;
+    // a-slow cannot answer until 700 ms past guest's deadline (SIGSTOP).
+    // SAFETY: kill takes a pid and a signal number; the pid is this test's VMM.
+    assert_eq!(unsafe { libc::kill(slow_pid as i32, libc::SIGSTOP) }, 0);
+    let resume = std::thread::spawn(move || {
+        let at = deadline + 700_000_000;
+        std::thread::sleep(Duration::from_nanos(
+            at.saturating_sub(vmm::fence::boottime_ns()),
+        ));
+        // SAFETY: as above.
+        unsafe { libc::kill(slow_pid as i32, libc::SIGCONT) };
+    });
+    let left_ms = deadline.saturating_sub(vmm::fence::boottime_ns()) / 1_000_000;
+    let started = Instant::now();
+    let node = agent(dir.path(), &identity, &lease);
+    let mut client = node.client(&identity).await;
+    let serving = started.elapsed();
+    resume.join().unwrap();
+    // guest ran on past the deadline it held when its agent went: the new agent pushed
+    // it a later one while a-slow was still being asked who it is.
+    let past = deadline + 1_000_000_000;
+    tokio::time::sleep(Duration::from_nanos(
+        past.saturating_sub(vmm::fence::boottime_ns()),
+    ))
+    .await;
+    let log = node.log();
+    assert!(
+        alive(guest_pid),
+        "guest's VMM ended (its fence lapsed {left_ms} ms after the kill); vmm.log:\n{}\nnode log:\n{log}",
+        std::fs::read_to_string(dir.path().join("vms/guest/vmm.log")).unwrap_or_default()
+    );
+    let guest = observe_vm(&mut client, "guest").await;
+    assert_eq!(
+        (guest.state, guest.pid, guest.starts),
+        (VmState::Running as i32, guest_pid, 1),
+        "{guest:?}\n{log}"
+    );
+    let renewed = vmm_status(dir.path(), "guest")
+        .fence_deadline_boottime_ns
+        .unwrap_or(0);
+    assert!(renewed > deadline, "{deadline} then {renewed}");
+    assert_logged_adoption(&node, guest_pid);
+    let slow = observe_vm(&mut client, "a-slow").await;
+    eprintln!(
+        "guest's fence had {left_ms} ms left at the kill; a-slow stopped until 700 ms past it; the new agent served after {serving:?}; a-slow: {} (pid {}, was {slow_pid})",
+        VmState::try_from(slow.state).map_or("?", |s| s.as_str_name()),
+        slow.pid,
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
