@@ -220,7 +220,6 @@ fn load_lab_1_until_stopped(
 }
 
 #[test]
-#[ignore = "fails in the fresh-clone CI run (session 12: three runs): the reserved VM db's control socket is gone while the load runs; the adoption fix 068e7a1 did not cure it. Issue 20 stays open until it is explained; run with --ignored"]
 fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_its_cpu() {
     if psi_cpu_some_total().is_none() {
         eprintln!("skipped: no /proc/pressure/cpu (PSI), which the test's figures read");
