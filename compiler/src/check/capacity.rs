@@ -2,16 +2,28 @@
 //! (naming the VMs that push one over) and sites' capacity for reserved VMs
 //! after `ha-reserve`.
 
+use std::collections::BTreeMap;
+
 use super::{Checker, list};
 use crate::diag::Diagnostic;
 use crate::model::*;
-use crate::spec::{Spanned, SpecSet};
+use crate::spec::{Spanned, SpecSet, TenantSpec};
 use crate::units::format_size;
 
 impl Checker<'_> {
     pub(super) fn quotas(&mut self, set: &SpecSet, tenants: &mut [Tenant], vms: &[Vm]) {
+        // The VMs of each tenant and each tenant's spec, grouped once (not a
+        // pass over every VM and every spec per tenant).
+        let mut by_tenant: BTreeMap<&str, Vec<&Vm>> = BTreeMap::new();
+        for v in vms {
+            by_tenant.entry(v.tenant.as_str()).or_default().push(v);
+        }
+        let mut specs: BTreeMap<&str, &TenantSpec> = BTreeMap::new();
+        for x in &set.tenants {
+            specs.entry(x.name.value.as_str()).or_insert(x);
+        }
         for t in tenants.iter_mut() {
-            let mut mine: Vec<&Vm> = vms.iter().filter(|v| v.tenant == t.name).collect();
+            let mut mine: Vec<&Vm> = by_tenant.get(t.name.as_str()).cloned().unwrap_or_default();
             mine.sort_by(|a, b| a.name.cmp(&b.name));
             let copies = |v: &Vm| {
                 if v.availability == Availability::Ft {
@@ -30,7 +42,7 @@ impl Checker<'_> {
                 vms: mine.len() as u64,
             };
             t.usage = usage.clone();
-            let Some(spec) = set.tenants.iter().find(|x| x.name.value == t.name) else {
+            let Some(spec) = specs.get(t.name.as_str()) else {
                 continue;
             };
             let Some(q) = &spec.quota else { continue };
@@ -126,6 +138,11 @@ impl Checker<'_> {
     }
 
     pub(super) fn reserved_capacity(&mut self, set: &SpecSet, sites: &[Site], vms: &[Vm]) {
+        // Reserved VMs per site, in list order, grouped once.
+        let mut by_site: BTreeMap<&str, Vec<&Vm>> = BTreeMap::new();
+        for v in vms.iter().filter(|v| v.sla.class == SlaClass::Reserved) {
+            by_site.entry(v.site.as_str()).or_default().push(v);
+        }
         for s in sites {
             let n_reserve = s.ha_reserve_nodes as usize;
             // A node in maintenance takes no VM: its room does not count.
@@ -137,10 +154,7 @@ impl Checker<'_> {
             mems.sort_unstable_by(|a, b| b.cmp(a));
             let cpu_cap: u64 = cpus.iter().skip(n_reserve).sum();
             let mem_cap: u64 = mems.iter().skip(n_reserve).sum();
-            let reserved: Vec<&Vm> = vms
-                .iter()
-                .filter(|v| v.site == s.name && v.sla.class == SlaClass::Reserved)
-                .collect();
+            let reserved: Vec<&Vm> = by_site.get(s.name.as_str()).cloned().unwrap_or_default();
             let copies = |v: &Vm| {
                 if v.availability == Availability::Ft {
                     2
