@@ -41,6 +41,7 @@ impl Checker<'_> {
             }
         }
         unique(self.diags, "vm", "", all_names.iter());
+        let known = Known::new(sites, tenants);
         let mut out = vec![];
         let mut seen = BTreeSet::new();
         for v in &set.vms {
@@ -60,6 +61,7 @@ impl Checker<'_> {
                 tenants,
                 slas,
                 images,
+                &known,
             ) {
                 out.push(vm);
             }
@@ -109,6 +111,7 @@ impl Checker<'_> {
                     tenants,
                     slas,
                     images,
+                    &known,
                 );
                 if i > 0 {
                     self.diags.truncate(before);
@@ -160,12 +163,12 @@ impl Checker<'_> {
         tenants: &[Tenant],
         slas: &BTreeMap<String, SlaProfile>,
         images: &BTreeMap<String, Image>,
+        known: &Known<'_>,
     ) -> Option<Vm> {
-        let tenant_names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
-        let site_names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
         let t = tenant.and_then(|t| {
-            let found = tenants.iter().find(|x| x.name == t.value);
+            let found = known.tenants.get(t.value.as_str()).copied();
             if found.is_none() {
+                let tenant_names: Vec<&str> = tenants.iter().map(|t| t.name.as_str()).collect();
                 self.push(unknown(
                     "cairn::resolve::unknown_tenant",
                     t,
@@ -177,8 +180,9 @@ impl Checker<'_> {
             found
         });
         let s = site.and_then(|s| {
-            let found = sites.iter().find(|x| x.name == s.value);
+            let found = known.sites.get(s.value.as_str()).copied();
             if found.is_none() {
+                let site_names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
                 self.push(unknown(
                     "cairn::resolve::unknown_site",
                     s,
@@ -370,6 +374,18 @@ impl Checker<'_> {
             .availability
             .as_ref()
             .map_or(Availability::None, |a| a.value);
+        if let Some(e) = &body.ft_epoch
+            && availability != Availability::Ft
+        {
+            self.push(
+                Diagnostic::error(
+                    "cairn::check::ft_epoch_without_ft",
+                    e.span,
+                    format!("{owner} has an `ft-epoch` but is not fault tolerant (availability `{}`)", availability.as_str()),
+                )
+                .with_help("`ft-epoch` is how often an FT VM checkpoints to its secondary: add `availability \"ft\"`, or leave `ft-epoch` out"),
+            );
+        }
         if availability == Availability::Ft
             && let Some(a) = &body.availability
         {
@@ -418,6 +434,10 @@ impl Checker<'_> {
             memory_bytes: body.memory.as_ref().map_or(0, |m| m.value),
             sla,
             availability,
+            ft_epoch_ms: body
+                .ft_epoch
+                .as_ref()
+                .and_then(|e| u32::try_from(e.value).ok()),
             power: body.power.as_ref().map_or(Power::On, |p| p.value),
             image: body
                 .image
@@ -429,6 +449,30 @@ impl Checker<'_> {
             tags: labels(&body.tags),
             protection_plans: vec![],
         })
+    }
+}
+
+/// The sites and tenants by name, built once per compile: a VM resolves its
+/// tenant and site by lookup, not by a pass over every tenant (VMs x tenants).
+/// The first of two of the same name wins, as a search in list order would.
+pub(super) struct Known<'a> {
+    sites: BTreeMap<&'a str, &'a Site>,
+    tenants: BTreeMap<&'a str, &'a Tenant>,
+}
+
+impl<'a> Known<'a> {
+    fn new(sites: &'a [Site], tenants: &'a [Tenant]) -> Known<'a> {
+        let mut known = Known {
+            sites: BTreeMap::new(),
+            tenants: BTreeMap::new(),
+        };
+        for s in sites {
+            known.sites.entry(s.name.as_str()).or_insert(s);
+        }
+        for t in tenants {
+            known.tenants.entry(t.name.as_str()).or_insert(t);
+        }
+        known
     }
 }
 
