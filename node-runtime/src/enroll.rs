@@ -84,27 +84,11 @@ pub async fn enroll(
         };
         let text = proto::enroll::accept_reply(token, &reply)
             .map_err(|why| format!("the answer of {address}: {why}"))?;
-        write_atomically(&trusted, &text)?;
+        crate::trust::write_atomically(&trusted, &text)?;
         return Ok(Enrolled::Now(reply.controller_keys.len()));
     }
     Err(format!(
         "no controller answered the enrollment: {}",
         unreachable.join("; ")
     ))
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
-    use std::io::Write as _;
-    let temporary = path.with_extension("tmp");
-    let error = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    let mut file = std::fs::File::create(&temporary).map_err(error)?;
-    file.write_all(text.as_bytes()).map_err(error)?;
-    file.sync_all().map_err(error)?;
-    std::fs::rename(&temporary, path).map_err(error)?;
-    if let Some(parent) = path.parent()
-        && let Ok(directory) = std::fs::File::open(parent)
-    {
-        let _ = directory.sync_all();
-    }
-    Ok(())
 }

@@ -327,6 +327,9 @@ pub async fn run_on(
         )
         .add_service(v1::watch_server::WatchServer::new(service.clone()))
         .add_service(v1::quorum_server::QuorumServer::new(service.clone()))
+        .add_service(v1::controller_trust_server::ControllerTrustServer::new(
+            service.clone(),
+        ))
         .add_service(
             v1::replication_server::ReplicationServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)

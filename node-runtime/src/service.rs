@@ -632,3 +632,43 @@ impl v1::replication_server::Replication for NodeService {
         ))
     }
 }
+
+#[tonic::async_trait]
+impl v1::controller_trust_server::ControllerTrust for NodeService {
+    /// Replaces the trusted controller keys (`Trust::set_controllers`): controller
+    /// key rotation and revocation, and recovery by an offline key of the set.
+    async fn set_controller_keys(
+        &self,
+        request: Request<v1::SetControllerKeysRequest>,
+    ) -> Result<Response<v1::SetControllerKeysReply>, Status> {
+        let caller =
+            self.node
+                .trust
+                .check(methods::SET_CONTROLLER_KEYS, Role::Controller, &request)?;
+        let mut keys = proto::auth::TrustedKeys::new();
+        for key in &request.get_ref().keys {
+            let parsed = proto::auth::parse_public_key(&key.public_key_hex).map_err(|e| {
+                Status::invalid_argument(format!("controller key `{}`: {e}", key.name))
+            })?;
+            if key.name.contains(['\n', '\r', '#']) {
+                return Err(Status::invalid_argument(format!(
+                    "controller key name `{}` is not one line without `#`",
+                    key.name.escape_debug()
+                )));
+            }
+            keys.insert(parsed, key.name.clone());
+        }
+        self.node.trust.set_controllers(keys, &caller.key_hex)?;
+        let now = self.node.trust.controllers();
+        let keys = now
+            .render()
+            .lines()
+            .filter_map(|line| line.split_once(' '))
+            .map(|(key, name)| v1::ControllerKey {
+                public_key_hex: key.to_owned(),
+                name: name.to_owned(),
+            })
+            .collect();
+        Ok(Response::new(v1::SetControllerKeysReply { keys }))
+    }
+}

@@ -44,8 +44,11 @@ pub enum Role {
 /// The node's trust state and request verifier.
 #[derive(Debug)]
 pub struct Trust {
-    controllers: TrustedKeys,
+    controllers: RwLock<TrustedKeys>,
     controllers_source: String,
+    /// Where a pushed controller key set is written: `DATA_DIR/trusted-controllers`,
+    /// or `None` when the keys come from `--trusted-controller-keys FILE`.
+    controllers_file: Option<PathBuf>,
     file_peers: TrustedKeys,
     pushed_peers: Arc<RwLock<Vec<Peer>>>,
     verifier: Verifier,
@@ -122,6 +125,9 @@ impl Trust {
     ) -> Result<Self, TrustError> {
         let (controllers, controllers_source) =
             load_optional(controller_keys, data_dir.join(DEV_CONTROLLERS_FILE))?;
+        let controllers_file = controller_keys
+            .is_none()
+            .then(|| data_dir.join(DEV_CONTROLLERS_FILE));
         let (file_peers, _) = load_optional(peer_keys, data_dir.join(DEV_PEERS_FILE))?;
         let now = crate::events::now_unix_ms();
         records.prune_nonces(now)?;
@@ -131,8 +137,9 @@ impl Trust {
             recorded: AtomicU64::new(0),
         };
         Ok(Self {
-            controllers,
+            controllers: RwLock::new(controllers),
             controllers_source,
+            controllers_file,
             file_peers,
             pushed_peers: Arc::new(RwLock::new(pushed_peers)),
             verifier: Verifier::with_log(DEFAULT_WINDOW, this, Box::new(log), remembered),
@@ -149,7 +156,7 @@ impl Trust {
     /// Whether `key_hex` is a trusted controller key.
     pub fn is_controller(&self, key_hex: &str) -> bool {
         proto::auth::parse_public_key(key_hex)
-            .is_ok_and(|key| self.controllers.name_of(&key).is_some())
+            .is_ok_and(|key| self.controllers().name_of(&key).is_some())
     }
 
     /// A verified caller for messages: the node name the controller gave its key
@@ -169,7 +176,7 @@ impl Trust {
         if let Some(label) = self.file_peers.name_of(&key) {
             return format!("peer `{label}` (key {short}…)");
         }
-        match self.controllers.name_of(&key) {
+        match self.controllers().name_of(&key) {
             Some(label) => format!("controller `{label}` (key {short}…)"),
             None => format!("key {short}…"),
         }
@@ -192,7 +199,7 @@ impl Trust {
                 proto::methods::APPLY,
                 &request,
                 &envelope,
-                &self.controllers,
+                &self.controllers(),
                 "controller",
             )
             .map_err(|error| error.to_string())?;
@@ -206,12 +213,55 @@ impl Trust {
 
     /// The trusted controller keys, hex (the lease's renewals are addressed to one).
     pub fn controller_keys_hex(&self) -> Vec<String> {
-        self.controllers.keys_hex()
+        self.controllers().keys_hex()
     }
 
     /// Number of controller keys.
     pub fn controller_count(&self) -> usize {
-        self.controllers.len()
+        self.controllers().len()
+    }
+
+    /// The trusted controller keys now.
+    pub fn controllers(&self) -> TrustedKeys {
+        self.controllers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the trusted controller keys with `keys` (a `SetControllerKeys` signed
+    /// by `signer_hex`, a key trusted now): written to `DATA_DIR/trusted-controllers`
+    /// (temporary file, fsync, rename) before the new set is used. `Err` is the
+    /// refusal: an empty set, a set without its signer, keys from the operator's file.
+    pub fn set_controllers(&self, keys: TrustedKeys, signer_hex: &str) -> Result<(), Status> {
+        let Some(file) = &self.controllers_file else {
+            return Err(Status::failed_precondition(format!(
+                "node {} reads its controller keys from {} (--trusted-controller-keys): edit that file instead of pushing keys",
+                self.this_node().name,
+                self.controllers_source
+            )));
+        };
+        if keys.is_empty() {
+            return Err(Status::invalid_argument(
+                "an empty controller key set would lock every controller out; send at least one key",
+            ));
+        }
+        let signer = proto::auth::parse_public_key(signer_hex)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if keys.name_of(&signer).is_none() {
+            return Err(Status::invalid_argument(format!(
+                "the new controller key set leaves out the key that signed it ({}…): a key is revoked by a request signed with another key of the set",
+                &signer_hex[..16]
+            )));
+        }
+        let text = format!(
+            "# pushed by a controller (ControllerTrust.SetControllerKeys)\n{}",
+            keys.render()
+        );
+        let mut guard = self.controllers.write().unwrap_or_else(|p| p.into_inner());
+        write_atomically(file, &text).map_err(Status::unavailable)?;
+        *guard = keys;
+        Ok(())
     }
 
     /// Where controller keys came from.
@@ -245,7 +295,7 @@ impl Trust {
     }
 
     fn trusted_for(&self, role: Role) -> TrustedKeys {
-        let mut keys = self.controllers.clone();
+        let mut keys = self.controllers();
         if role == Role::ControllerOrPeer {
             keys.extend(&self.file_peers);
             for peer in self.pushed_peers() {
@@ -338,4 +388,21 @@ impl Trust {
         }
         Ok(caller)
     }
+}
+
+/// Writes `text` to `path` through a synced temporary file and a rename.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write as _;
+    let temporary = path.with_extension("tmp");
+    let error = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut file = std::fs::File::create(&temporary).map_err(error)?;
+    file.write_all(text.as_bytes()).map_err(error)?;
+    file.sync_all().map_err(error)?;
+    std::fs::rename(&temporary, path).map_err(error)?;
+    if let Some(parent) = path.parent()
+        && let Ok(directory) = std::fs::File::open(parent)
+    {
+        let _ = directory.sync_all();
+    }
+    Ok(())
 }

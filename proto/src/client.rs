@@ -300,6 +300,25 @@ impl NodeClient {
         Ok(self.checked(result)?.into_inner())
     }
 
+    /// `ControllerTrust.SetControllerKeys` (1.7): replaces the node's trusted
+    /// controller keys with `keys` (key rotation, revocation, recovery); the keys it
+    /// trusts now.
+    pub async fn set_controller_keys(
+        &mut self,
+        keys: Vec<v1::ControllerKey>,
+    ) -> Result<Vec<v1::ControllerKey>, tonic::Status> {
+        let request = self
+            .signed(
+                methods::SET_CONTROLLER_KEYS,
+                v1::SetControllerKeysRequest { keys },
+            )
+            .await?;
+        let result = v1::controller_trust_client::ControllerTrustClient::new(self.channel.clone())
+            .set_controller_keys(request)
+            .await;
+        Ok(self.checked(result)?.into_inner().keys)
+    }
+
     /// `Apply.Apply`. Retrying with the same `request_id` is safe: the node returns
     /// the recorded outcome.
     pub async fn apply(

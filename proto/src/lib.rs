@@ -103,6 +103,8 @@ pub mod methods {
     pub const WITNESS_QUERY: &str = "/cairn.node.v1.Witness/Query";
     /// `Enrollment.Enroll` (served by the controller; the token is the authority)
     pub const ENROLL: &str = "/cairn.node.v1.Enrollment/Enroll";
+    /// `ControllerTrust.SetControllerKeys` (served by every node; controller keys)
+    pub const SET_CONTROLLER_KEYS: &str = "/cairn.node.v1.ControllerTrust/SetControllerKeys";
 }
 
 /// The name of the `ApplyRequest.action` oneof variant, as used in events and the

@@ -215,3 +215,174 @@ fn a_node_enrolls_once_by_token_and_a_reused_expired_or_misdirected_token_is_ref
     let mut again = Process(enrolling_node(&first, "lab-4", &token, &grpc));
     serving(&mut again.0, &first);
 }
+
+/// Pushes `keys` to the node at `address` (`target`), signed by `signer`.
+async fn push_keys(
+    address: &str,
+    target: &proto::auth::NodeTarget,
+    signer: &proto::auth::Identity,
+    keys: &[(&proto::auth::Identity, &str)],
+) -> Result<Vec<proto::v1::ControllerKey>, String> {
+    let mut client = proto::client::NodeClient::connect(
+        address,
+        proto::auth::RequestSigner::new(signer.clone()),
+    )
+    .await
+    .unwrap()
+    .with_target(target.clone());
+    client
+        .set_controller_keys(
+            keys.iter()
+                .map(|(key, name)| proto::v1::ControllerKey {
+                    public_key_hex: key.public_key_hex(),
+                    name: (*name).to_owned(),
+                })
+                .collect(),
+        )
+        .await
+        .map_err(|status| status.message().to_owned())
+}
+
+/// One Observe call signed by `key` for `target`.
+async fn observe_with(
+    address: &str,
+    target: &proto::auth::NodeTarget,
+    key: &proto::auth::Identity,
+) -> Result<(), String> {
+    let mut client =
+        proto::client::NodeClient::connect(address, proto::auth::RequestSigner::new(key.clone()))
+            .await
+            .unwrap()
+            .with_target(target.clone());
+    client
+        .observe()
+        .await
+        .map(|_| ())
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+}
+
+#[test]
+fn controller_keys_rotate_without_a_refused_request_and_a_revoked_key_is_refused_by_a_real_node() {
+    use proto::auth::{Identity, NodeTarget};
+    let dir = TempDir::new("rotate");
+    let (_controller, grpc) = controller(&dir.0);
+    let token = token(&dir.0, "lab-4", "15m");
+    let data = dir.0.join("lab-4");
+    let mut node = Process(enrolling_node(&data, "lab-4", &token, &grpc));
+    let address = serving(&mut node.0, &data);
+    let old = Identity::load(&dir.0.join(".cairn/controller.key")).unwrap();
+    let new = Identity::generate().unwrap();
+    let recovery = Identity::generate().unwrap();
+    let node_key = std::fs::read_to_string(data.join("identity.pub")).unwrap();
+    let target = NodeTarget::new("lab-4", node_key.trim()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+
+    runtime.block_on(async {
+        // Requests keep coming, signed by whichever key the controller signs with now,
+        // while the set is pushed, signing switches, and the old key is retired.
+        let signing = std::sync::Arc::new(std::sync::Mutex::new(old.clone()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let traffic = {
+            let (signing, stop, address, target) = (
+                signing.clone(),
+                stop.clone(),
+                address.clone(),
+                target.clone(),
+            );
+            tokio::spawn(async move {
+                let mut calls = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let key = signing.lock().unwrap().clone();
+                    if let Err(status) = observe_with(&address, &target, &key).await {
+                        return Err(format!("call {calls} refused: {status}"));
+                    }
+                    calls += 1;
+                }
+                Ok(calls)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // 1. Add the next key (and an offline recovery key), signed by the old one.
+        let set = push_keys(
+            &address,
+            &target,
+            &old,
+            &[
+                (&old, "controller"),
+                (&new, "controller-next"),
+                (&recovery, "recovery"),
+            ],
+        )
+        .await
+        .expect("the old key pushes the set with the next key");
+        assert_eq!(set.len(), 3);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // 2. Sign with the new key.
+        *signing.lock().unwrap() = new.clone();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // 3. Retire the old key, signed by the new one.
+        push_keys(
+            &address,
+            &target,
+            &new,
+            &[(&new, "controller"), (&recovery, "recovery")],
+        )
+        .await
+        .expect("the new key retires the old one");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let calls = traffic
+            .await
+            .unwrap()
+            .expect("no request refused during the rotation");
+        assert!(calls > 5, "only {calls} calls during the rotation");
+        eprintln!("{calls} requests during the rotation, none refused");
+
+        // The revoked key is refused, naming it.
+        let refused = observe_with(&address, &target, &old).await.unwrap_err();
+        assert!(
+            refused.starts_with("Unauthenticated") && refused.contains("not trusted"),
+            "{refused}"
+        );
+        // A set that leaves out its own signer is refused (revoke with another key).
+        let locked_out = push_keys(&address, &target, &new, &[(&recovery, "recovery")])
+            .await
+            .unwrap_err();
+        assert!(
+            locked_out.contains("leaves out the key that signed it"),
+            "{locked_out}"
+        );
+        // A revoked key cannot push a set either.
+        assert!(
+            push_keys(&address, &target, &old, &[(&old, "controller")])
+                .await
+                .is_err()
+        );
+    });
+
+    // After a restart (kill -9) the node still refuses the revoked key.
+    drop(node);
+    let _ = std::fs::remove_file(data.join("listen-address"));
+    let mut node = Process(enrolling_node(&data, "lab-4", &token, &grpc));
+    let address = serving(&mut node.0, &data);
+    runtime.block_on(async {
+        assert!(observe_with(&address, &target, &old).await.is_err());
+        observe_with(&address, &target, &new)
+            .await
+            .expect("the current key after a restart");
+        // controller.key is lost: the offline recovery key installs a new one.
+        let replacement = Identity::generate().unwrap();
+        push_keys(
+            &address,
+            &target,
+            &recovery,
+            &[(&replacement, "controller"), (&recovery, "recovery")],
+        )
+        .await
+        .expect("the recovery key replaces a lost controller key");
+        observe_with(&address, &target, &replacement)
+            .await
+            .expect("the replacement key is trusted");
+        assert!(observe_with(&address, &target, &new).await.is_err());
+    });
+}
