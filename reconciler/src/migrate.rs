@@ -282,6 +282,7 @@ pub async fn run<N: NodeApi>(
         }
     };
     let ready = Instant::now();
+    let mut trace = Trace::new(Some(ready));
     // 3. The commit point.
     let mut record = MigrationRecord {
         vm: name.clone(),
@@ -303,7 +304,9 @@ pub async fn run<N: NodeApi>(
     }
     hold("committed").await;
     // 4. and 5.
-    let finished = finish(&record, &p, request_id, store, nodes).await;
+    trace.mark("recorded");
+    let finished = finish(&record, &p, request_id, store, nodes, &mut trace).await;
+    trace.print(&name);
     let downtime = ready.elapsed().as_secs_f64() * 1000.0 + source.paused_ms;
     match finished {
         Ok(leftover) => {
@@ -324,6 +327,45 @@ pub async fn run<N: NodeApi>(
                 .map_err(|e| format!("it runs on {}, but the record of it: {e}", p.to))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Where a migration's switch-over spends its time, from the source's
+/// `ready-to-commit` answer: printed to standard error when `CAIRN_MIGRATE_TRACE` is
+/// set (the drain bench, `cargo bench -p cli --bench drain`; not for operators).
+struct Trace {
+    from: Option<Instant>,
+    marks: Vec<(&'static str, Instant)>,
+}
+
+impl Trace {
+    fn new(from: Option<Instant>) -> Trace {
+        Trace {
+            from: from.filter(|_| std::env::var_os("CAIRN_MIGRATE_TRACE").is_some()),
+            marks: vec![],
+        }
+    }
+
+    fn mark(&mut self, what: &'static str) {
+        self.at(what, Instant::now());
+    }
+
+    fn at(&mut self, what: &'static str, at: Instant) {
+        if self.from.is_some() {
+            self.marks.push((what, at));
+        }
+    }
+
+    fn print(&self, vm: &str) {
+        let Some(from) = self.from else {
+            return;
+        };
+        let marks: Vec<String> = self
+            .marks
+            .iter()
+            .map(|(what, at)| format!("{what} +{:.1} ms", (*at - from).as_secs_f64() * 1e3))
+            .collect();
+        eprintln!("migrate trace {vm}: ready-to-commit, {}", marks.join(", "));
     }
 }
 
@@ -359,16 +401,18 @@ async fn finish<N: NodeApi>(
     request_id: &str,
     store: &dyn StateStore,
     nodes: &N,
+    trace: &mut Trace,
 ) -> Result<String, String> {
     let (from_address, to_address) = (p.from_address, p.to_address);
     let id = |what: &str| format!("{request_id}.{what}");
     // The disks' writer (or clients) first: the destination writes from its commit.
-    hand_over(p, store, nodes).await.map_err(|why| {
+    hand_over(p, store, nodes, trace).await.map_err(|why| {
         format!(
             "committed to {} (the record names it), but its disks were not handed over: {why}; the source {} stays paused, the next apply commits it again",
             record.to, record.from
         )
     })?;
+    trace.mark("handed over");
     let commit = || {
         Action::CommitMigration(v1::CommitMigration {
             name: record.vm.clone(),
@@ -379,13 +423,17 @@ async fn finish<N: NodeApi>(
     // be gone); the destination starts on whichever word comes first, and is told
     // until it answers (a few tries). Waiting for the source's exit first kept the
     // destination's commit behind the source VMM's teardown (~0.5 s with a disk).
-    let source = call(
-        nodes,
-        &record.from,
-        from_address,
-        id("commit-src"),
-        commit(),
-    );
+    let source = async {
+        let answer = call(
+            nodes,
+            &record.from,
+            from_address,
+            id("commit-src"),
+            commit(),
+        )
+        .await;
+        (answer, Instant::now())
+    };
     let destination = async {
         let mut last = String::new();
         for attempt in 1..=COMMIT_ATTEMPTS {
@@ -398,14 +446,16 @@ async fn finish<N: NodeApi>(
             )
             .await
             {
-                Ok(_) => return (true, last),
+                Ok(_) => return (true, last, Instant::now()),
                 Err(e) => last = e,
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        (false, last)
+        (false, last, Instant::now())
     };
-    let (_, (started, last)) = tokio::join!(source, destination);
+    let ((_, source_at), (started, last, destination_at)) = tokio::join!(source, destination);
+    trace.at("source committed", source_at);
+    trace.at("destination committed", destination_at);
     if !started {
         return Err(format!(
             "committed to {} (the record names it), but it did not start: {last}; the source {} stays paused, the next apply commits it again",
@@ -622,16 +672,18 @@ pub async fn settle_step<N: NodeApi>(
     Ok(match record {
         Some(r) if r.phase == "completed" => Ok(()),
         Some(r) if r.phase == "aborted" => Err(r.error),
-        Some(mut r) => match finish(&r, &p, &settle_id, store, nodes).await {
-            Ok(leftover) => {
-                r.phase = "completed".to_owned();
-                r.at_unix_ms = now_ms();
-                r.error = leftover;
-                store.record_migration(&r)?;
-                Ok(())
+        Some(mut r) => {
+            match finish(&r, &p, &settle_id, store, nodes, &mut Trace::new(None)).await {
+                Ok(leftover) => {
+                    r.phase = "completed".to_owned();
+                    r.at_unix_ms = now_ms();
+                    r.error = leftover;
+                    store.record_migration(&r)?;
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
+        }
         None => Err(abort_as(
             &p,
             &settle_id,
@@ -920,6 +972,7 @@ async fn hand_over<N: NodeApi>(
     p: &Parts<'_>,
     store: &dyn StateStore,
     nodes: &N,
+    trace: &mut Trace,
 ) -> Result<(), String> {
     let Some(authority) = authority(p, store)? else {
         return Ok(());
@@ -950,9 +1003,11 @@ async fn hand_over<N: NodeApi>(
         } else {
             vec![p.from]
         };
+        trace.mark("epoch stored");
         // At once: the new writer writes only after its commit, and the old one is
         // paused with its requests drained, so no copy needs the epoch before another.
         install_everywhere(p, &state, &fenced, p.to, true, nodes).await?;
+        trace.mark("installed");
     }
     Ok(())
 }
