@@ -4,7 +4,7 @@
 //! thin-overcommit minus what is already provisioned there). Previous
 //! columns stay where they are while all their disks are alive.
 
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use super::{Engine, Placement, Reason, VolumePlacement};
 use crate::model::{Domain, Model, Vm};
@@ -401,17 +401,21 @@ pub(crate) fn dr_layout(
             (name, v.primary.as_str())
         })
         .collect();
+    // The nodes of each site in engine order, and as a set, built once (not a
+    // pass over every node per DR volume).
+    let mut by_site: BTreeMap<&str, (Vec<&str>, BTreeSet<&str>)> = BTreeMap::new();
+    for n in &engine.nodes {
+        let (list, set) = by_site.entry(n.site.as_str()).or_default();
+        list.push(n.name.as_str());
+        set.insert(n.name.as_str());
+    }
+    let no_nodes = (vec![], BTreeSet::new());
     for volume in &mut dr {
         let Some((vm, site)) = dr_of(&volume.name).map(|(v, s)| (v.to_owned(), s.to_owned()))
         else {
             continue;
         };
-        let site_nodes: Vec<&str> = engine
-            .nodes
-            .iter()
-            .filter(|n| n.site == site)
-            .map(|n| n.name.as_str())
-            .collect();
+        let (site_nodes, site_set) = by_site.get(site.as_str()).unwrap_or(&no_nodes);
         let n_replicas = model
             .site(&site)
             .and_then(|s| s.pools.iter().find(|p| p.name == volume.pool))
@@ -427,12 +431,12 @@ pub(crate) fn dr_layout(
         let primary = before
             .get(&runtime)
             .copied()
-            .filter(|p| site_nodes.contains(p))
+            .filter(|p| site_set.contains(p))
             .or_else(|| column_nodes.first().copied())
             .unwrap_or_default()
             .to_owned();
         let mut replicas: Vec<String> = vec![];
-        for candidate in column_nodes.iter().chain(&site_nodes) {
+        for candidate in column_nodes.iter().chain(site_nodes) {
             if replicas.len() >= n_replicas {
                 break;
             }
