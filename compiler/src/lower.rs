@@ -1500,6 +1500,18 @@ impl Cx<'_> {
                     let first = b.availability.as_ref().map(|s| s.span);
                     self.once(&mut b.availability, v, n, first);
                 }
+                "ft-epoch" => {
+                    let v = self.single_value(n).and_then(|e| {
+                        self.duration_within(
+                            e,
+                            "the FT epoch",
+                            crate::model::FT_EPOCH_MIN_MS,
+                            crate::model::FT_EPOCH_MAX_MS,
+                        )
+                    });
+                    let first = b.ft_epoch.as_ref().map(|s| s.span);
+                    self.once(&mut b.ft_epoch, v, n, first);
+                }
                 "power" => {
                     let v = self.single_value(n).and_then(|e| {
                         self.keyword(e, "the power state", Power::KEYWORDS, Power::parse)

@@ -515,6 +515,10 @@ pub struct Vm {
     pub sla: VmSla,
     /// Availability.
     pub availability: Availability,
+    /// An FT VM's checkpoint interval in ms (`ft-epoch`); left out of the JSON when
+    /// not given (the node's default, 30 ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ft_epoch_ms: Option<u32>,
     /// `off`: defined on its node and kept (placed, its disks kept) but not
     /// running (`power "off"`). Left out of the JSON when `on`.
     #[serde(default = "power_on", skip_serializing_if = "is_on")]
@@ -530,6 +534,11 @@ pub struct Vm {
     /// Protection plans that apply to it.
     pub protection_plans: Vec<String>,
 }
+
+/// The shortest `ft-epoch` (what `StartFt.epoch_ms` accepts).
+pub const FT_EPOCH_MIN_MS: u64 = 1;
+/// The longest `ft-epoch`.
+pub const FT_EPOCH_MAX_MS: u64 = 10_000;
 
 fn power_on() -> Power {
     Power::On

@@ -59,6 +59,7 @@ const VM_BODY: &[&str] = &[
     "memory",
     "sla",
     "availability",
+    "ft-epoch",
     "power",
     "image",
     "disk",
@@ -72,6 +73,7 @@ const GROUP_BODY: &[&str] = &[
     "memory",
     "sla",
     "availability",
+    "ft-epoch",
     "power",
     "image",
     "disk",
@@ -223,6 +225,7 @@ pub static SHAPES: &[Shape] = &[
     shape!("vm.memory", ONE, [], []),
     shape!("vm.sla", ONE, [], []),
     shape!("vm.availability", ONE, [], []),
+    shape!("vm.ft-epoch", ONE, [], []),
     shape!("vm.power", ONE, [], []),
     shape!("vm.image", ONE, [], []),
     shape!(
@@ -245,6 +248,7 @@ pub static SHAPES: &[Shape] = &[
     shape!("vm-group.memory", ONE, [], []),
     shape!("vm-group.sla", ONE, [], []),
     shape!("vm-group.availability", ONE, [], []),
+    shape!("vm-group.ft-epoch", ONE, [], []),
     shape!("vm-group.power", ONE, [], []),
     shape!("vm-group.image", ONE, [], []),
     shape!(

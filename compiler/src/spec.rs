@@ -438,6 +438,8 @@ pub struct VmBody {
     pub availability: Option<Spanned<Availability>>,
     /// Power state (`power "off"`).
     pub power: Option<Spanned<Power>>,
+    /// An FT VM's checkpoint interval in ms (`ft-epoch "30ms"`).
+    pub ft_epoch: Option<Spanned<u64>>,
     /// Image.
     pub image: Option<Name>,
     /// Disks.

@@ -398,7 +398,7 @@ fn ft_pair(
     Some(DesiredFt {
         secondary,
         witness: site.and_then(|s| s.witness.clone()).unwrap_or_default(),
-        epoch_ms: 0,
+        epoch_ms: vm.ft_epoch_ms.unwrap_or(0),
     })
 }
 

@@ -230,6 +230,46 @@ mod tests {
         compilation.model
     }
 
+    /// The spec's `ft-epoch` is the epoch the protect step sends; without it, 0 (the
+    /// node's 30 ms).
+    #[test]
+    fn the_specs_ft_epoch_is_sent_to_the_pair() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let files: Vec<(String, String)> = ["cluster.kdl", "tenants.kdl", "workloads.kdl"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(root.join(f)).expect("quickstart");
+                let text = text.replacen(
+                    "    availability \"ft\"\n",
+                    "    availability \"ft\"\n    ft-epoch \"50ms\"\n",
+                    1,
+                );
+                ((*f).to_owned(), text)
+            })
+            .collect();
+        let compilation = compiler::compile(&compiler::source::Sources::from_files(files));
+        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        for (model, epoch) in [(compilation.model, 50), (model(), 0)] {
+            let placement = desired::place(&model, None);
+            let want = desired::desired(&model, std::path::Path::new("."), placement);
+            let ft = want.vms[VM].ft.clone().expect("an FT pair");
+            assert_eq!(ft.epoch_ms, epoch);
+            let mut observed = Observed::default();
+            let nodes: Vec<&String> = want.nodes.keys().collect();
+            reachable(&mut observed, &nodes);
+            let p = plan(&want, &observed, "r");
+            let protect = p
+                .steps
+                .iter()
+                .find(|s| s.action.word() == "protect_vm")
+                .expect("a protect step");
+            let NodeAction::ProtectVm { epoch_ms, .. } = &protect.action else {
+                panic!("{protect:?}");
+            };
+            assert_eq!(*epoch_ms, epoch);
+        }
+    }
+
     fn reachable(observed: &mut Observed, nodes: &[&String]) {
         for node in nodes {
             observed.nodes.insert(
