@@ -418,15 +418,17 @@ const REPACK_PER_COUNT: u64 = 60_000;
 /// over all of them but FT VMs (their secondary is placed with them).
 pub(crate) fn improve_fresh<'m>(engine: &mut Engine<'m>, fresh: &[&'m Vm]) {
     let model = engine.model;
+    // The fresh VMs of each site, in their order, grouped once (not a pass over
+    // every fresh VM per site).
+    let mut by_site: BTreeMap<&str, Vec<&'m Vm>> = BTreeMap::new();
+    for &v in fresh.iter().filter(|v| v.availability != Availability::Ft) {
+        by_site.entry(v.site.as_str()).or_default().push(v);
+    }
     for site in &model.sites {
         if site.scheduler.strategy != Strategy::Pack {
             continue;
         }
-        let movable: Vec<&Vm> = fresh
-            .iter()
-            .copied()
-            .filter(|v| v.site == site.name && v.availability != Availability::Ft)
-            .collect();
+        let movable: Vec<&Vm> = by_site.get(site.name.as_str()).cloned().unwrap_or_default();
         if movable.is_empty() {
             continue;
         }
