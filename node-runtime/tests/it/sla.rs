@@ -199,7 +199,7 @@ async fn delete_vms(client: &mut NodeClient, names: &[&str]) {
     }
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.partial_cmp(b).unwrap());
     values[values.len() / 2]
 }
@@ -362,26 +362,38 @@ async fn each_vmm_runs_in_its_class_cgroup_which_is_read_back_repaired_and_remov
     delete_vms(&mut client, &["s"]).await;
 }
 
-/// The contention test and benchmark: a reserved VM and a spot VM on one CPU (every
-/// thread of both VMMs pinned to CPU 1), the reserved guest in burn mode (every loop a
-/// heartbeat, no tick sleep). Its loop rate beside the burning spot guest against its
-/// rate alone (the spot guest idle), each contended window of 1 s between two alone
-/// ones; the median of `CAIRN_SLA_RUNS` (default 7, at least 5) ratios must be at least
-/// 0.9. Then both in the same class (the spot VM switched to reserved in place), 3
-/// ratios, whose median must be at most 0.75: the measure sees contention when the
-/// classes do not separate the VMs.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_reserved_vm_keeps_its_cpu_beside_a_burning_spot_vm() {
+/// What [`contention_figures`] measured: the reserved guest's loop rates alone and
+/// beside the burning spot guest and their sandwiched ratios, then the control (both
+/// reserved), and the two VMMs' CPU time after the first part.
+pub struct Contention {
+    pub window: Duration,
+    pub alone: Vec<f64>,
+    pub contended: Vec<f64>,
+    pub ratios: Vec<f64>,
+    pub equal: Vec<f64>,
+    pub reserved_cpu_ns: u64,
+    pub spot_cpu_ns: u64,
+}
+
+/// A node `name` on `ip` with a reserved VM `r` and a spot VM `s` pinned to CPU 1:
+/// `runs` sandwiched ratios of `r`'s rate beside `s` burning to its rate alone
+/// ([`sandwiched`], 1 s windows), then `s` switched to reserved in place and
+/// `equal_runs` ratios more (the control). `None`, printing why, without KVM or
+/// cgroups. Shared by the test below and `cargo bench -p node-runtime --bench sla`.
+pub async fn contention_figures(
+    name: &str,
+    ip: &str,
+    runs: usize,
+    equal_runs: usize,
+) -> Option<Contention> {
     if !vms_can_run() {
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let controller = controller();
-    let node = TestNode::start_on("d-sla-b", dir.path(), &controller, "127.0.0.52");
+    let node = TestNode::start_on(name, dir.path(), &controller, ip);
     let mut client = node.client(&controller).await;
-    if cgroup_version(&mut client).await.is_none() {
-        return;
-    }
+    cgroup_version(&mut client).await?;
     apply_ok(
         &mut client,
         "r",
@@ -396,20 +408,10 @@ async fn a_reserved_vm_keeps_its_cpu_beside_a_burning_spot_vm() {
     // Both on CPU 1, so they compete for one CPU.
     pin(r.pid, 1);
     pin(s.pid, 1);
-    let runs: usize = std::env::var("CAIRN_SLA_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(7)
-        .max(5);
     let window = Duration::from_millis(1000);
-    let (mut alone, mut contended, mut ratios) = sandwiched(dir.path(), runs, window).await;
-    let spot_usage_before = observe_vm(&mut client, "s").await.usage.unwrap().cpu_ns;
-    // The reserved VMM burned through most of the windows: its CPU time shows it.
-    let reserved_cpu = observe_vm(&mut client, "r").await.usage.unwrap().cpu_ns;
-    assert!(
-        reserved_cpu > 2_000_000_000,
-        "reserved VMM CPU {reserved_cpu} ns"
-    );
+    let (alone, contended, ratios) = sandwiched(dir.path(), runs, window).await;
+    let spot_cpu_ns = observe_vm(&mut client, "s").await.usage.unwrap().cpu_ns;
+    let reserved_cpu_ns = observe_vm(&mut client, "r").await.usage.unwrap().cpu_ns;
     // Control: the spot VM in the reserved class too (applied in place); both now
     // have the same weight and share the CPU.
     apply_ok(
@@ -418,14 +420,52 @@ async fn a_reserved_vm_keeps_its_cpu_beside_a_burning_spot_vm() {
         Action::CreateVm(vm("s", "reserved", 1000)),
     )
     .await;
-    let (_, _, mut equal) = sandwiched(dir.path(), 3, window).await;
-    let (alone_median, contended_median) = (median(&mut alone), median(&mut contended));
-    let ratio = median(&mut ratios);
-    let equal_ratio = median(&mut equal);
+    let (_, _, equal) = sandwiched(dir.path(), equal_runs, window).await;
+    delete_vms(&mut client, &["r", "s"]).await;
+    Some(Contention {
+        window,
+        alone,
+        contended,
+        ratios,
+        equal,
+        reserved_cpu_ns,
+        spot_cpu_ns,
+    })
+}
+
+/// The contention test: a reserved VM and a spot VM on one CPU (every thread of both
+/// VMMs pinned to CPU 1), the reserved guest in burn mode (every loop a heartbeat, no
+/// tick sleep). Its loop rate beside the burning spot guest against its rate alone
+/// (the spot guest idle), each contended window of 1 s between two alone ones; the
+/// median of `CAIRN_SLA_RUNS` (default 7, at least 5) ratios must be at least 0.9.
+/// Then both in the same class (the spot VM switched to reserved in place), 3 ratios,
+/// whose median must be at most 0.75: the measure sees contention when the classes do
+/// not separate the VMs. The measuring is [`contention_figures`], which `--bench sla`
+/// runs too.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reserved_vm_keeps_its_cpu_beside_a_burning_spot_vm() {
+    let runs: usize = std::env::var("CAIRN_SLA_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(7)
+        .max(5);
+    let Some(mut c) = contention_figures("d-sla-b", "127.0.0.52", runs, 3).await else {
+        return;
+    };
+    // The reserved VMM burned through most of the windows: its CPU time shows it.
+    assert!(
+        c.reserved_cpu_ns > 2_000_000_000,
+        "reserved VMM CPU {} ns",
+        c.reserved_cpu_ns
+    );
+    let (alone_median, contended_median) = (median(&mut c.alone), median(&mut c.contended));
+    let ratio = median(&mut c.ratios);
+    let equal_ratio = median(&mut c.equal);
+    let (ratios, equal) = (&c.ratios, &c.equal);
     println!(
         "sla contention (one CPU, {runs} runs of {} ms): reserved guest alone {alone_median:.0} loops/s, beside a burning spot guest {contended_median:.0} loops/s; ratio median {ratio:.3} (runs {ratios:.3?}); both reserved: ratio median {equal_ratio:.3} ({equal:.3?}); spot VMM CPU so far {} ms",
-        window.as_millis(),
-        spot_usage_before / 1_000_000
+        c.window.as_millis(),
+        c.spot_cpu_ns / 1_000_000
     );
     assert!(
         ratio >= 0.9,
@@ -435,7 +475,6 @@ async fn a_reserved_vm_keeps_its_cpu_beside_a_burning_spot_vm() {
         equal_ratio <= 0.75,
         "with equal classes the reserved guest still kept {equal_ratio:.3}: the measure does not see contention ({equal:?})"
     );
-    delete_vms(&mut client, &["r", "s"]).await;
 }
 
 /// Turns KSM on (merging fast) and puts the host's settings back when dropped.
@@ -480,23 +519,44 @@ fn read_u64(path: impl AsRef<Path>) -> u64 {
         .unwrap()
 }
 
-/// KSM for N identical built-in guests: what the node reports per VM and in total
-/// equals what /proc and /sys/kernel/mm/ksm say, and the guests' common pages are
-/// merged. The host's KSM settings are put back afterwards.
-#[tokio::test(flavor = "multi_thread")]
-async fn twenty_identical_guests_share_pages_and_the_node_reports_what_proc_says() {
+/// One read of the KSM figures, the node's beside the kernel's: the node's Observe,
+/// `/sys/kernel/mm/ksm/pages_sharing` just before and just after it, and for each
+/// guest (name, the node's `ksm_merging_pages`, `/proc/PID/ksm_merging_pages`).
+pub struct KsmRead {
+    pub observed: proto::v1::ObserveResponse,
+    pub sys_before: u64,
+    pub sys_after: u64,
+    pub guests: Vec<(String, u64, u64)>,
+    /// Reads it took until no figure moved between the kernel's two reads.
+    pub attempts: u32,
+}
+
+/// What [`ksm_figures`] measured.
+pub struct Ksm {
+    /// `/sys/kernel/mm/ksm` pages_sharing and pages_shared before KSM was turned on
+    /// (the host's own, with the guests running): the baseline.
+    pub host_before: (u64, u64),
+    /// From turning KSM on to two Observe reads 500 ms apart agreeing.
+    pub settled: Duration,
+    pub reads: Vec<KsmRead>,
+}
+
+/// A node `name` on `ip` with `count` identical built-in guests (32 MiB each); KSM
+/// turned on (merging fast; the host's settings put back afterwards) until the node's
+/// figure settles, then `reads` reads ([`KsmRead`]) 500 ms apart. `None`, printing
+/// why, without KVM or KSM. Shared by the test below and `--bench sla`.
+pub async fn ksm_figures(name: &str, ip: &str, count: usize, reads: usize) -> Option<Ksm> {
     if !vms_can_run() {
-        return;
+        return None;
     }
     if !Path::new("/sys/kernel/mm/ksm/run").exists() {
         eprintln!("skipping: no KSM in this kernel");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let controller = controller();
-    let node = TestNode::start_on("d-sla-c", dir.path(), &controller, "127.0.0.53");
+    let node = TestNode::start_on(name, dir.path(), &controller, ip);
     let mut client = node.client(&controller).await;
-    let count = 20;
     let names: Vec<String> = (0..count).map(|i| format!("k{i:02}")).collect();
     for name in &names {
         apply_ok(
@@ -507,14 +567,15 @@ async fn twenty_identical_guests_share_pages_and_the_node_reports_what_proc_says
         .await;
         apply_ok(&mut client, &format!("{name}-s"), start(name)).await;
     }
-    let Some(ksm) = KsmOn::start() else {
-        return;
-    };
+    let host_before = (
+        read_u64("/sys/kernel/mm/ksm/pages_sharing"),
+        read_u64("/sys/kernel/mm/ksm/pages_shared"),
+    );
+    let ksm = KsmOn::start()?;
     let started = Instant::now();
     // Merging converges when two reads a scan apart agree.
     let mut last = u64::MAX;
-    let converged = loop {
-        // (`attempt` below counts the reads needed once it settled.)
+    let settled = loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let observed = client.observe().await.unwrap();
         let total = observed.usage.unwrap().vm_ksm_merging_pages;
@@ -527,34 +588,51 @@ async fn twenty_identical_guests_share_pages_and_the_node_reports_what_proc_says
             "KSM did not settle: {total}"
         );
     };
-    // The node's figures against /proc and /sys, read right before and after Observe:
-    // KSM is settled, so both reads agree with it.
-    // Pages the guests keep writing (their stacks) are unmerged and merged again
-    // while KSM runs, so a figure may move between two reads: each is checked against
-    // the kernel's just before and just after, and the check is repeated (up to 30
-    // times) until no figure moved in between.
-    let mut attempt = 0;
-    let (observed, sys_before, sys_after) = loop {
-        attempt += 1;
-        let pids: Vec<u32> = client
+    let mut taken = Vec::new();
+    for _ in 0..reads.max(1) {
+        if !taken.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        taken.push(ksm_read(&mut client, &names).await);
+    }
+    drop(ksm);
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    delete_vms(&mut client, &names).await;
+    Some(Ksm {
+        host_before,
+        settled,
+        reads: taken,
+    })
+}
+
+/// The node's figures against /proc and /sys, read right before and after Observe.
+/// Pages the guests keep writing (their stacks) are unmerged and merged again while
+/// KSM runs, so a figure may move between two reads: each is checked against the
+/// kernel's just before and just after, and the read is repeated (up to 30 times)
+/// until no figure moved in between.
+async fn ksm_read(client: &mut NodeClient, names: &[String]) -> KsmRead {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let pids: Vec<(String, u32)> = client
             .observe()
             .await
             .unwrap()
             .vms
             .iter()
             .filter(|vm| names.contains(&vm.name))
-            .map(|vm| vm.pid)
+            .map(|vm| (vm.name.clone(), vm.pid))
             .collect();
         let proc_before: Vec<u64> = pids
             .iter()
-            .map(|pid| read_u64(format!("/proc/{pid}/ksm_merging_pages")))
+            .map(|(_, pid)| read_u64(format!("/proc/{pid}/ksm_merging_pages")))
             .collect();
         let sys_before = read_u64("/sys/kernel/mm/ksm/pages_sharing");
         let observed = client.observe().await.unwrap();
         let sys_after = read_u64("/sys/kernel/mm/ksm/pages_sharing");
         let proc_after: Vec<u64> = pids
             .iter()
-            .map(|pid| read_u64(format!("/proc/{pid}/ksm_merging_pages")))
+            .map(|(_, pid)| read_u64(format!("/proc/{pid}/ksm_merging_pages")))
             .collect();
         // pages_sharing is the whole host's: other tests' VMs starting and stopping
         // move it, also between the two reads and back (CI saw the node read 210
@@ -562,24 +640,59 @@ async fn twenty_identical_guests_share_pages_and_the_node_reports_what_proc_says
         let node_sharing = observed.usage.as_ref().map(|u| u.ksm_pages_sharing);
         let in_window = node_sharing
             .is_some_and(|n| (sys_before.min(sys_after)..=sys_before.max(sys_after)).contains(&n));
-        if (proc_before == proc_after && sys_before == sys_after && in_window) || attempt == 30 {
-            break (observed, sys_before, sys_after);
+        if (proc_before == proc_after && sys_before == sys_after && in_window) || attempts == 30 {
+            let guests = observed
+                .vms
+                .iter()
+                .filter(|vm| names.contains(&vm.name))
+                .map(|vm| {
+                    let reported = vm.usage.as_ref().map_or(0, |u| u.ksm_merging_pages);
+                    let proc = read_u64(format!("/proc/{}/ksm_merging_pages", vm.pid));
+                    (vm.name.clone(), reported, proc)
+                })
+                .collect();
+            return KsmRead {
+                observed,
+                sys_before,
+                sys_after,
+                guests,
+                attempts,
+            };
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// KSM for N identical built-in guests: what the node reports per VM and in total
+/// equals what /proc and /sys/kernel/mm/ksm say, and the guests' common pages are
+/// merged. The host's KSM settings are put back afterwards. The measuring is
+/// [`ksm_figures`], which `--bench sla` runs too.
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_identical_guests_share_pages_and_the_node_reports_what_proc_says() {
+    let count = 20;
+    let Some(ksm) = ksm_figures("d-sla-c", "127.0.0.53", count, 1).await else {
+        return;
     };
+    let KsmRead {
+        observed,
+        sys_before,
+        sys_after,
+        guests,
+        attempts,
+    } = &ksm.reads[0];
     let usage = observed.usage.clone().unwrap();
     assert_eq!(usage.ksm_run, 1);
     assert!(
-        (sys_before.min(sys_after)..=sys_before.max(sys_after)).contains(&usage.ksm_pages_sharing),
+        (*sys_before.min(sys_after)..=*sys_before.max(sys_after))
+            .contains(&usage.ksm_pages_sharing),
         "node says pages_sharing {}, /sys {sys_before}..{sys_after}",
         usage.ksm_pages_sharing
     );
+    assert_eq!(guests.len(), count, "{observed:?}");
     let mut sum = 0;
-    for vm in observed.vms.iter().filter(|vm| names.contains(&vm.name)) {
-        let reported = vm.usage.as_ref().unwrap().ksm_merging_pages;
-        let proc = read_u64(format!("/proc/{}/ksm_merging_pages", vm.pid));
-        assert_eq!(reported, proc, "{}: node {reported}, /proc {proc}", vm.name);
-        assert!(reported > 0, "{}: nothing merged", vm.name);
+    for (name, reported, proc) in guests {
+        assert_eq!(reported, proc, "{name}: node {reported}, /proc {proc}");
+        assert!(*reported > 0, "{name}: nothing merged");
         sum += reported;
     }
     assert_eq!(usage.vm_ksm_merging_pages, sum);
@@ -590,18 +703,17 @@ async fn twenty_identical_guests_share_pages_and_the_node_reports_what_proc_says
         .map(|vm| vm.usage.as_ref().map_or(0, |u| u.resident_bytes))
         .sum();
     println!(
-        "ksm ({attempt} read(s)): {count} identical guests (32 MiB each): {sum} pages merged across them ({} KiB; {:.1} pages each), host pages_sharing {} pages_shared {} (saved {} KiB host-wide), their VMMs' resident memory {} KiB; settled {:.1} s after KSM started",
+        "ksm ({attempts} read(s)): {count} identical guests (32 MiB each): {sum} pages merged across them ({} KiB; {:.1} pages each), host pages_sharing {} pages_shared {} (saved {} KiB host-wide), their VMMs' resident memory {} KiB; settled {:.1} s after KSM started; host pages_sharing {} pages_shared {} before it",
         sum * page / 1024,
-        sum as f64 / f64::from(count),
+        sum as f64 / count as f64,
         usage.ksm_pages_sharing,
         usage.ksm_pages_shared,
         usage.ksm_pages_sharing * page / 1024,
         resident / 1024,
-        converged.as_secs_f64()
+        ksm.settled.as_secs_f64(),
+        ksm.host_before.0,
+        ksm.host_before.1
     );
-    drop(ksm);
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    delete_vms(&mut client, &names).await;
 }
 
 fn mem_available() -> u64 {
@@ -617,19 +729,33 @@ impl Drop for Pressure {
     }
 }
 
-/// Runtime preemption with real memory pressure: the node is told to preempt below
-/// 1 GiB less than what is available now, then 2 GiB are written to /dev/shm. The
-/// spot VM of priority 0 is stopped first, then the one of priority 10; the reserved
-/// and on-demand VMs keep running; each event says why. Prints the time from the
-/// moment available memory crossed the threshold to the first spot VM stopped.
-#[tokio::test(flavor = "multi_thread")]
-async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
+/// What [`memory_pressure_run`] saw.
+pub struct PressureRun {
+    /// The node's preemption threshold (available memory, bytes).
+    pub threshold: u64,
+    /// The VMs seen stopped, in order, and the time from available memory crossing
+    /// the threshold (as this process saw it) to the first of them seen stopped.
+    pub stopped: Vec<String>,
+    pub first_stop: Option<Duration>,
+    /// Every VM after the pressure, and whether a watch event for `s0` said
+    /// "preempted: ".
+    pub vms: Vec<VmStatus>,
+    pub event_said_why: bool,
+}
+
+/// A node `name` listening on `listen`, told to preempt below 1 GiB less than what
+/// is available now, with a reserved VM `r`, an on-demand `o` and spot VMs `s0` and
+/// `s10` (priority 0 and 10); then 2 GiB written to /dev/shm (removed at the end),
+/// watching with Observe every 10 ms which VMs stop (up to 30 s, until two did).
+/// `None`, printing why, without KVM or /dev/shm. Shared by the test below and
+/// `--bench sla`.
+pub async fn memory_pressure_run(name: &str, listen: &str) -> Option<PressureRun> {
     if !vms_can_run() {
-        return;
+        return None;
     }
     if !Path::new("/dev/shm").is_dir() {
         eprintln!("skipping: no /dev/shm to make memory pressure with");
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let controller = controller();
@@ -640,9 +766,9 @@ async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
     )
     .unwrap();
     let node = TestNode::start_with_args(
-        "d-sla-d",
+        name,
         dir.path(),
-        "127.0.0.54:0",
+        listen,
         &["--preempt-below-available", &threshold.to_string()],
     );
     let mut client = node.client(&controller).await;
@@ -702,12 +828,45 @@ async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
     writer.join().unwrap();
     let vms = client.observe().await.unwrap().vms;
     drop(pressure);
-    assert_eq!(
+    // The event says why.
+    let mut event_said_why = false;
+    while let Ok(Ok(Some(event))) =
+        tokio::time::timeout(Duration::from_millis(500), events.message()).await
+    {
+        if let Some(proto::v1::watch_event::Event::Vm(vm)) = event.event
+            && vm.name == "s0"
+            && vm.detail.starts_with("preempted: ")
+        {
+            event_said_why = true;
+            break;
+        }
+    }
+    delete_vms(&mut client, &["r", "o", "s0", "s10"]).await;
+    Some(PressureRun {
+        threshold,
         stopped,
+        first_stop,
+        vms,
+        event_said_why,
+    })
+}
+
+/// Runtime preemption with real memory pressure ([`memory_pressure_run`]): the spot
+/// VM of priority 0 is stopped first, then the one of priority 10; the reserved and
+/// on-demand VMs keep running; each event says why. Prints the time from the moment
+/// available memory crossed the threshold to the first spot VM stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
+    let Some(run) = memory_pressure_run("d-sla-d", "127.0.0.54:0").await else {
+        return;
+    };
+    let vms = &run.vms;
+    assert_eq!(
+        run.stopped,
         vec!["s0".to_string(), "s10".to_string()],
         "{vms:#?}"
     );
-    for vm in &vms {
+    for vm in vms {
         match vm.name.as_str() {
             "r" | "o" => assert_eq!(vm.state, proto::v1::VmState::Running as i32, "{vm:?}"),
             _ => {
@@ -720,26 +879,12 @@ async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
             }
         }
     }
-    // The event says why.
-    let mut said = false;
-    while let Ok(Ok(Some(event))) =
-        tokio::time::timeout(Duration::from_millis(500), events.message()).await
-    {
-        if let Some(proto::v1::watch_event::Event::Vm(vm)) = event.event
-            && vm.name == "s0"
-            && vm.detail.starts_with("preempted: ")
-        {
-            said = true;
-            break;
-        }
-    }
-    assert!(said, "no preemption event for s0");
+    assert!(run.event_said_why, "no preemption event for s0");
     println!(
         "preemption: threshold {} MiB available; first spot VM (s0, priority 0) stopped {:.0} ms after available memory crossed it; then s10; r (reserved) and o (on-demand) running",
-        threshold >> 20,
-        first_stop.unwrap().as_secs_f64() * 1000.0
+        run.threshold >> 20,
+        run.first_stop.unwrap().as_secs_f64() * 1000.0
     );
-    delete_vms(&mut client, &["r", "o", "s0", "s10"]).await;
 }
 
 /// The share of `window` in which some runnable task waited for a CPU, from PSI's
