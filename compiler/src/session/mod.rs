@@ -29,19 +29,25 @@ use crate::{Compilation, check, lower};
 pub mod place;
 pub use place::{PlaceReuse, PlaceSession};
 
-/// What one file lowered to.
+/// What one file lowered to: how many objects of each kind it added to the
+/// session's set (in [`SpecSet`]'s field order), and its diagnostics.
 #[derive(Debug)]
 struct Lowered {
     file: FileId,
     text: Arc<String>,
-    set: SpecSet,
+    counts: [usize; KINDS],
     diagnostics: Vec<Diagnostic>,
 }
 
-/// A compile session: the lowering of every file of the last compile.
+/// The kinds of object a [`SpecSet`] holds.
+const KINDS: usize = 10;
+
+/// A compile session: the lowering of every file of the last compile, as one
+/// [`SpecSet`] in path order (each file's objects a run of each list).
 #[derive(Debug, Default)]
 pub struct Session {
     files: BTreeMap<String, Lowered>,
+    set: SpecSet,
 }
 
 /// What the last [`Session::compile`] reused and redid.
@@ -66,26 +72,154 @@ impl Session {
     pub fn compile(&mut self, sources: &Sources) -> (Compilation, Reuse) {
         let mut reuse = Reuse::default();
         let mut kept = BTreeMap::new();
+        let mut set = SpecSet::default();
+        // The objects of the last compile are moved, never cloned, into the
+        // new set: the unchanged files' runs in path order, the changed files'
+        // new lowering in their place.
+        let mut old_set = std::mem::take(&mut self.set);
+        let SpecSet {
+            node_classes,
+            sites,
+            tenants,
+            sla_profiles,
+            images,
+            vms,
+            vm_groups,
+            affinities,
+            protection_plans,
+            reconcile,
+        } = &mut old_set;
+        let mut d0 = node_classes.drain(..);
+        let mut d1 = sites.drain(..);
+        let mut d2 = tenants.drain(..);
+        let mut d3 = sla_profiles.drain(..);
+        let mut d4 = images.drain(..);
+        let mut d5 = vms.drain(..);
+        let mut d6 = vm_groups.drain(..);
+        let mut d7 = affinities.drain(..);
+        let mut d8 = protection_plans.drain(..);
+        let mut d9 = reconcile.drain(..);
+        let mut take = |counts: &[usize; KINDS], keep: bool, set: &mut SpecSet| {
+            for _ in 0..counts[0] {
+                let x = d0.next().expect("the set holds every counted object");
+                if keep {
+                    set.node_classes.push(x);
+                }
+            }
+            for _ in 0..counts[1] {
+                let x = d1.next().expect("the set holds every counted object");
+                if keep {
+                    set.sites.push(x);
+                }
+            }
+            for _ in 0..counts[2] {
+                let x = d2.next().expect("the set holds every counted object");
+                if keep {
+                    set.tenants.push(x);
+                }
+            }
+            for _ in 0..counts[3] {
+                let x = d3.next().expect("the set holds every counted object");
+                if keep {
+                    set.sla_profiles.push(x);
+                }
+            }
+            for _ in 0..counts[4] {
+                let x = d4.next().expect("the set holds every counted object");
+                if keep {
+                    set.images.push(x);
+                }
+            }
+            for _ in 0..counts[5] {
+                let x = d5.next().expect("the set holds every counted object");
+                if keep {
+                    set.vms.push(x);
+                }
+            }
+            for _ in 0..counts[6] {
+                let x = d6.next().expect("the set holds every counted object");
+                if keep {
+                    set.vm_groups.push(x);
+                }
+            }
+            for _ in 0..counts[7] {
+                let x = d7.next().expect("the set holds every counted object");
+                if keep {
+                    set.affinities.push(x);
+                }
+            }
+            for _ in 0..counts[8] {
+                let x = d8.next().expect("the set holds every counted object");
+                if keep {
+                    set.protection_plans.push(x);
+                }
+            }
+            for _ in 0..counts[9] {
+                let x = d9.next().expect("the set holds every counted object");
+                if keep {
+                    set.reconcile.push(x);
+                }
+            }
+        };
+        let mut old = std::mem::take(&mut self.files).into_iter().peekable();
         for (file, source) in sources.files() {
-            let cached = self.files.remove(&source.path).filter(|c| {
-                c.file == file
-                    && (Arc::ptr_eq(&c.text, &source.text)
-                        || c.text.as_str() == source.text.as_str())
-            });
+            while let Some((_, gone)) = old.next_if(|(p, _)| p.as_str() < source.path.as_str()) {
+                take(&gone.counts, false, &mut set);
+                reuse.removed += 1;
+            }
+            let cached = old.next_if(|(p, _)| *p == source.path).map(|(_, c)| c);
             let lowered = match cached {
-                Some(c) => {
+                Some(c)
+                    if c.file == file
+                        && (Arc::ptr_eq(&c.text, &source.text)
+                            || c.text.as_str() == source.text.as_str()) =>
+                {
+                    take(&c.counts, true, &mut set);
                     reuse.reused += 1;
                     c
                 }
-                None => {
+                other => {
+                    if let Some(c) = other {
+                        take(&c.counts, false, &mut set);
+                    }
                     reuse.lowered += 1;
-                    lower_one(file, &source.text)
+                    let mut diagnostics = vec![];
+                    let part = lower::lower_file(file, &source.text, &mut diagnostics);
+                    let counts = [
+                        part.node_classes.len(),
+                        part.sites.len(),
+                        part.tenants.len(),
+                        part.sla_profiles.len(),
+                        part.images.len(),
+                        part.vms.len(),
+                        part.vm_groups.len(),
+                        part.affinities.len(),
+                        part.protection_plans.len(),
+                        part.reconcile.len(),
+                    ];
+                    set.node_classes.extend(part.node_classes);
+                    set.sites.extend(part.sites);
+                    set.tenants.extend(part.tenants);
+                    set.sla_profiles.extend(part.sla_profiles);
+                    set.images.extend(part.images);
+                    set.vms.extend(part.vms);
+                    set.vm_groups.extend(part.vm_groups);
+                    set.affinities.extend(part.affinities);
+                    set.protection_plans.extend(part.protection_plans);
+                    set.reconcile.extend(part.reconcile);
+                    Lowered {
+                        file,
+                        text: Arc::clone(&source.text),
+                        counts,
+                        diagnostics,
+                    }
                 }
             };
             kept.insert(source.path.clone(), lowered);
         }
-        reuse.removed = self.files.len();
+        reuse.removed += old.count();
         self.files = kept;
+        self.set = set;
         (self.check(sources), reuse)
     }
 
@@ -96,13 +230,11 @@ impl Session {
         if sources.is_empty() {
             diagnostics.push(crate::no_specs());
         }
-        let mut set = SpecSet::default();
         // `self.files` is keyed by path, which is the order of `sources`.
         for lowered in self.files.values() {
             diagnostics.extend(lowered.diagnostics.iter().cloned());
-            append(&mut set, &lowered.set);
         }
-        let (model, spans) = check::check(sources, &set, &mut diagnostics);
+        let (model, spans) = check::check(sources, &self.set, &mut diagnostics);
         diag::sort(sources, &mut diagnostics);
         diagnostics.dedup();
         Compilation {
@@ -111,44 +243,4 @@ impl Session {
             spans,
         }
     }
-}
-
-/// Parses and lowers one file into a set of its own.
-fn lower_one(file: FileId, text: &Arc<String>) -> Lowered {
-    let mut diagnostics = vec![];
-    let set = lower::lower_file(file, text, &mut diagnostics);
-    Lowered {
-        file,
-        text: Arc::clone(text),
-        set,
-        diagnostics,
-    }
-}
-
-/// Appends `part`'s objects to `set`, kind by kind, as lowering one more file
-/// into `set` would.
-fn append(set: &mut SpecSet, part: &SpecSet) {
-    let SpecSet {
-        node_classes,
-        sites,
-        tenants,
-        sla_profiles,
-        images,
-        vms,
-        vm_groups,
-        affinities,
-        protection_plans,
-        reconcile,
-    } = part;
-    set.node_classes.extend(node_classes.iter().cloned());
-    set.sites.extend(sites.iter().cloned());
-    set.tenants.extend(tenants.iter().cloned());
-    set.sla_profiles.extend(sla_profiles.iter().cloned());
-    set.images.extend(images.iter().cloned());
-    set.vms.extend(vms.iter().cloned());
-    set.vm_groups.extend(vm_groups.iter().cloned());
-    set.affinities.extend(affinities.iter().cloned());
-    set.protection_plans
-        .extend(protection_plans.iter().cloned());
-    set.reconcile.extend(reconcile.iter().cloned());
 }

@@ -82,8 +82,12 @@ impl PlaceSession {
         let mut reuse = PlaceReuse::default();
         let mut parts = vec![];
         let mut memos = BTreeMap::new();
+        let mut split = owners.split(previous);
         for site in &model.sites {
-            let part = owners.previous_of(previous, &site.name);
+            let part = split.remove(&site.name).unwrap_or_else(|| Placement {
+                format_version: previous.format_version,
+                ..Placement::default()
+            });
             let memo = match self.sites.remove(&site.name) {
                 Some(m) if m.previous == part && same_site(&m.model, model, site) => {
                     reuse.sites_reused += 1;
@@ -296,59 +300,61 @@ impl<'a> Owners<'a> {
         self.vm.get(vm).copied().unwrap_or_default()
     }
 
-    /// The part of `previous` about `site`, in the same orders.
-    fn previous_of(&self, previous: &Placement, site: &str) -> Placement {
-        Placement {
-            format_version: previous.format_version,
-            vms: previous
-                .vms
-                .iter()
-                .filter(|v| v.site == site)
-                .cloned()
-                .collect(),
-            unplaced: previous
-                .unplaced
-                .iter()
-                .filter(|u| u.site == site)
-                .cloned()
-                .collect(),
-            volumes: previous
-                .volumes
-                .iter()
-                .filter(|v| self.site_of_vm(&v.vm) == site)
-                .cloned()
-                .collect(),
-            nodes: previous
-                .nodes
-                .iter()
-                .filter(|n| n.site == site)
-                .cloned()
-                .collect(),
-            moves: previous
-                .moves
-                .iter()
-                .filter(|m| self.site_of_vm(&m.vm) == site)
-                .cloned()
-                .collect(),
-            networks: previous
-                .networks
-                .iter()
-                .filter(|n| n.site == site)
-                .cloned()
-                .collect(),
-            addresses: previous
-                .addresses
-                .iter()
-                .filter(|a| {
-                    self.network.get(&(a.tenant.as_str(), a.network.as_str())) == Some(&site)
-                })
-                .cloned()
-                .collect(),
-            dr_volumes: vec![],
-            dr_unplaced: vec![],
-            failovers: vec![],
+    /// The parts of `previous` about each site, in the same orders, in one
+    /// pass over it (a site absent here has an empty part).
+    fn split(&self, previous: &Placement) -> BTreeMap<String, Placement> {
+        let mut parts: BTreeMap<String, Placement> = BTreeMap::new();
+        let fv = previous.format_version;
+        for v in &previous.vms {
+            part_of(&mut parts, &v.site, fv).vms.push(v.clone());
         }
+        for u in &previous.unplaced {
+            part_of(&mut parts, &u.site, fv).unplaced.push(u.clone());
+        }
+        for v in &previous.volumes {
+            part_of(&mut parts, self.site_of_vm(&v.vm), fv)
+                .volumes
+                .push(v.clone());
+        }
+        for n in &previous.nodes {
+            part_of(&mut parts, &n.site, fv).nodes.push(n.clone());
+        }
+        for m in &previous.moves {
+            part_of(&mut parts, self.site_of_vm(&m.vm), fv)
+                .moves
+                .push(m.clone());
+        }
+        for n in &previous.networks {
+            part_of(&mut parts, &n.site, fv).networks.push(n.clone());
+        }
+        for a in &previous.addresses {
+            let site = self
+                .network
+                .get(&(a.tenant.as_str(), a.network.as_str()))
+                .copied()
+                .unwrap_or_default();
+            part_of(&mut parts, site, fv).addresses.push(a.clone());
+        }
+        parts
     }
+}
+
+/// The part of `site` in `parts`, made empty if it is not there yet.
+fn part_of<'p>(
+    parts: &'p mut BTreeMap<String, Placement>,
+    site: &str,
+    format_version: u32,
+) -> &'p mut Placement {
+    if !parts.contains_key(site) {
+        parts.insert(
+            site.to_owned(),
+            Placement {
+                format_version,
+                ..Placement::default()
+            },
+        );
+    }
+    parts.get_mut(site).expect("inserted above")
 }
 
 /// The tenants as placement sees them at one site: names and that site's
