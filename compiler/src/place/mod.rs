@@ -1306,6 +1306,19 @@ fn ha_admission(
     unplaced: &mut BTreeMap<String, Vec<Reason>>,
     locator: Option<&Locator<'_>>,
 ) {
+    // HA VMs per node (model order), computed once for every site and kept in
+    // step as victims are refused (a pass over every VM per site and round was
+    // O(sites x VMs)).
+    let mut ha_on: BTreeMap<usize, Vec<&Vm>> = BTreeMap::new();
+    for v in model
+        .vms
+        .iter()
+        .filter(|v| v.availability == Availability::Ha)
+    {
+        if let Some(&(n, _)) = engine.assigned.get(&v.name) {
+            ha_on.entry(n).or_default().push(v);
+        }
+    }
     for site in &model.sites {
         let n_reserve = site.ha_reserve_nodes as usize;
         if n_reserve == 0 {
@@ -1317,17 +1330,6 @@ fn ha_admission(
             .cloned()
             .unwrap_or_default();
         loop {
-            // HA VMs per node, computed once per round.
-            let mut ha_on: BTreeMap<usize, Vec<&Vm>> = BTreeMap::new();
-            for v in model
-                .vms
-                .iter()
-                .filter(|v| v.availability == Availability::Ha)
-            {
-                if let Some(&(n, _)) = engine.assigned.get(&v.name) {
-                    ha_on.entry(n).or_default().push(v);
-                }
-            }
             let ha_vms_on = |i: usize| ha_on.get(&i).cloned().unwrap_or_default();
             let mut victim: Option<(&Vm, String)> = None;
             let mut scenarios: Vec<Vec<usize>> = nodes.iter().map(|&i| vec![i]).collect();
@@ -1342,32 +1344,43 @@ fn ha_admission(
                 by_load.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
                 scenarios.push(by_load.iter().take(n_reserve).map(|&(_, i)| i).collect());
             }
+            // The room of the nodes that may take a restart, computed once per
+            // round; each scenario leaves out its lost nodes and records what its
+            // restarts take in `taken` (not a copy of every node's room per
+            // scenario, which made this O(nodes²) per site).
+            // A node in maintenance takes no HA restart: its room does not count.
+            let room: Vec<(usize, Cost)> = nodes
+                .iter()
+                .filter(|&&i| engine.nodes[i].alive && !engine.nodes[i].closed)
+                .map(|&i| (i, engine.nodes[i].free()))
+                .collect();
             for lost in scenarios {
-                let mut stranded: Vec<&Vm> = lost.iter().flat_map(|&i| ha_vms_on(i)).collect();
-                stranded.sort_by(|a, b| {
-                    cost(model, b)
-                        .cpu_milli
-                        .cmp(&cost(model, a).cpu_milli)
-                        .then(a.name.cmp(&b.name))
-                });
-                // A node in maintenance takes no HA restart: its room does not count.
-                let mut free: Vec<Cost> = nodes
+                let mut stranded: Vec<(Cost, &Vm)> = lost
                     .iter()
-                    .filter(|i| {
-                        !lost.contains(i) && engine.nodes[**i].alive && !engine.nodes[**i].closed
-                    })
-                    .map(|&i| engine.nodes[i].free())
+                    .flat_map(|&i| ha_on.get(&i).into_iter().flatten())
+                    .map(|&v| (cost(model, v), v))
                     .collect();
+                stranded.sort_by(|(ca, a), (cb, b)| {
+                    cb.cpu_milli.cmp(&ca.cpu_milli).then(a.name.cmp(&b.name))
+                });
+                let mut taken: BTreeMap<usize, Cost> = BTreeMap::new();
                 let mut failed: Vec<&Vm> = vec![];
-                for vm in stranded {
-                    let c = cost(model, vm);
-                    match free
-                        .iter_mut()
-                        .find(|f| f.cpu_milli >= c.cpu_milli && f.memory >= c.memory)
-                    {
-                        Some(f) => {
-                            f.cpu_milli -= c.cpu_milli;
-                            f.memory -= c.memory;
+                for (c, vm) in stranded {
+                    let fits = room
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (i, _))| !lost.contains(i))
+                        .map(|(k, (_, f))| (k, taken.get(&k).copied().unwrap_or(*f)))
+                        .find(|(_, f)| f.cpu_milli >= c.cpu_milli && f.memory >= c.memory);
+                    match fits {
+                        Some((k, f)) => {
+                            taken.insert(
+                                k,
+                                Cost {
+                                    cpu_milli: f.cpu_milli - c.cpu_milli,
+                                    memory: f.memory - c.memory,
+                                },
+                            );
                         }
                         None => failed.push(vm),
                     }
@@ -1388,6 +1401,11 @@ fn ha_admission(
                 }
             }
             let Some((vm, lost)) = victim else { break };
+            if let Some(&(n, _)) = engine.assigned.get(&vm.name)
+                && let Some(on) = ha_on.get_mut(&n)
+            {
+                on.retain(|v| v.name != vm.name);
+            }
             engine.unassign(vm);
             unplaced.insert(
                 vm.name.clone(),
