@@ -1649,6 +1649,10 @@ fn runtime_layout(
         .map(|(i, v)| (v.name.clone(), i))
         .collect();
     let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    // A site's nodes by (copies so far, name), built the first time a volume of
+    // the site needs them and then kept in step with `copies`: the fewest-copies
+    // choice reads the first entries instead of sorting every node per volume.
+    let mut by_copies: BTreeMap<&str, BTreeSet<(usize, &str)>> = BTreeMap::new();
     for vm in &model.vms {
         let Some(&node) = vm_node.get(vm.name.as_str()) else {
             continue;
@@ -1692,18 +1696,32 @@ fn runtime_layout(
                 }
             }
             if replicas.len() < n_replicas {
-                let mut others: Vec<(usize, &str)> = node_site
-                    .iter()
-                    .filter(|(n, s)| **s == vm.site && **n != primary)
-                    .filter(|(n, _)| !replicas.iter().any(|r| r == *n))
-                    .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
-                    .collect();
-                others.sort_unstable();
                 let missing = n_replicas - replicas.len();
-                replicas.extend(others.into_iter().take(missing).map(|(_, n)| n.to_owned()));
+                let set = by_copies.entry(vm.site.as_str()).or_insert_with(|| {
+                    node_site
+                        .iter()
+                        .filter(|(_, s)| **s == vm.site)
+                        .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
+                        .collect()
+                });
+                let others: Vec<String> = set
+                    .iter()
+                    .filter(|(_, n)| *n != primary && !replicas.iter().any(|r| r == n))
+                    .take(missing)
+                    .map(|(_, n)| (*n).to_owned())
+                    .collect();
+                replicas.extend(others);
             }
             for n in std::iter::once(&primary).chain(&replicas) {
-                *copies.entry(n.clone()).or_default() += 1;
+                let count = copies.entry(n.clone()).or_default();
+                if !by_copies.is_empty()
+                    && let Some((&name, &site)) = node_site.get_key_value(n.as_str())
+                    && let Some(set) = by_copies.get_mut(site)
+                {
+                    set.remove(&(*count, name));
+                    set.insert((*count + 1, name));
+                }
+                *count += 1;
             }
             volumes[i].primary = primary;
             volumes[i].replicas = replicas;
