@@ -281,9 +281,7 @@ async fn renew(node: &Node, config: &LeaseConfig, sent_ns: u64) -> Result<(), St
     };
     let controller_key = node
         .trust
-        .controller_keys_hex()
-        .into_iter()
-        .next()
+        .lease_controller_key()
         .ok_or("this node trusts no controller key")?;
     let target = NodeTarget::new("controller", &controller_key).map_err(|e| e.to_string())?;
     let request = RequestSigner::new(node.identity.clone())

@@ -49,6 +49,9 @@ pub struct Trust {
     /// Where a pushed controller key set is written: `DATA_DIR/trusted-controllers`,
     /// or `None` when the keys come from `--trusted-controller-keys FILE`.
     controllers_file: Option<PathBuf>,
+    /// The controller key of the newest verified controller call: the key the lease
+    /// renewals are addressed to while several are trusted (a rotation).
+    last_controller: RwLock<Option<String>>,
     file_peers: TrustedKeys,
     pushed_peers: Arc<RwLock<Vec<Peer>>>,
     verifier: Verifier,
@@ -140,6 +143,7 @@ impl Trust {
             controllers: RwLock::new(controllers),
             controllers_source,
             controllers_file,
+            last_controller: RwLock::new(None),
             file_peers,
             pushed_peers: Arc::new(RwLock::new(pushed_peers)),
             verifier: Verifier::with_log(DEFAULT_WINDOW, this, Box::new(log), remembered),
@@ -219,6 +223,19 @@ impl Trust {
     /// Number of controller keys.
     pub fn controller_count(&self) -> usize {
         self.controllers().len()
+    }
+
+    /// The controller key lease renewals are addressed to: the key of the newest
+    /// controller call this node verified while it is still trusted (the key the
+    /// controller signs with now, during a rotation too), else the first trusted key.
+    pub fn lease_controller_key(&self) -> Option<String> {
+        let last = self
+            .last_controller
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        last.filter(|key| self.is_controller(key))
+            .or_else(|| self.controller_keys_hex().into_iter().next())
     }
 
     /// The trusted controller keys now.
@@ -374,6 +391,18 @@ impl Trust {
                 _ => status,
             }
         })?;
+        let known = self
+            .last_controller
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(caller.key_hex.as_str());
+        if !known && self.is_controller(&caller.key_hex) {
+            *self
+                .last_controller
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Some(caller.key_hex.clone());
+        }
         if let Some(head) = request.metadata().get(proto::anchor::HEADER)
             && self.is_controller(&caller.key_hex)
         {

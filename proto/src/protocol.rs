@@ -40,14 +40,17 @@
 //! `NodeUsage.dedicated_cpus`/`dedicated_cpus_free`, the zswap figures of Observe, and
 //! issue 19's `ApplyNetworkSegment.ipv6_gateway` (left empty for a network without
 //! IPv6, so a 1.5 node sees the same segment) and `SegmentRemote.also_vtep` (a
-//! migrating VM's second destination, left empty otherwise).
+//! migrating VM's second destination, left empty otherwise). 1.7 adds issue 24's
+//! control-plane lifecycle (`enroll.proto`): the controller's `Enrollment.Enroll` and
+//! every node's `ControllerTrust.SetControllerKeys` (a 1.6 node answers UNIMPLEMENTED:
+//! its keys are changed in its key file).
 
 use crate::v1;
 
 /// The major version this build speaks.
 pub const MAJOR: u32 = 1;
 /// The minor version this build speaks.
-pub const MINOR: u32 = 6;
+pub const MINOR: u32 = 7;
 /// Metadata key of the caller's protocol version, `MAJOR.MINOR`.
 pub const HEADER: &str = "x-cairn-protocol";
 
@@ -59,7 +62,7 @@ pub fn current() -> v1::ProtocolVersion {
     }
 }
 
-/// The header value of this build's version (`"1.6"`).
+/// The header value of this build's version (`"1.7"`).
 pub fn header_value() -> String {
     format!("{MAJOR}.{MINOR}")
 }
@@ -193,8 +196,8 @@ mod tests {
 
     #[test]
     fn versions_parse_and_majors_are_checked() {
-        assert_eq!(header_value(), "1.6");
-        assert_eq!(parse("1.6"), Some(current()));
+        assert_eq!(header_value(), "1.7");
+        assert_eq!(parse("1.7"), Some(current()));
         assert_eq!(parse("2.0").map(|v| v.major), Some(2));
         assert_eq!(parse("1"), None);
         assert_eq!(parse("one.two"), None);
@@ -206,7 +209,7 @@ mod tests {
         };
         assert_eq!(
             newer,
-            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.6 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
+            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.7 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
         );
         let Err(ProtocolRefusal::OtherMajor(older)) = check(Some("0.4"), "node lab-1") else {
             panic!("another major is refused");
@@ -216,8 +219,8 @@ mod tests {
             check(Some("v1"), "node lab-1"),
             Err(ProtocolRefusal::Malformed(_))
         ));
-        assert!(signature_hint(Some("1.7")).is_some());
-        assert_eq!(signature_hint(Some("1.6")), None);
+        assert!(signature_hint(Some("1.8")).is_some());
+        assert_eq!(signature_hint(Some("1.7")), None);
         assert_eq!(signature_hint(None), None);
         let old_node = v1::GetInventoryResponse::default();
         assert_eq!(display(&of_inventory(&old_node)), "1.0");
