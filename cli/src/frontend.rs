@@ -532,6 +532,7 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
         r * 1e3,
         r / pa
     );
+    crate::incrbench::run(nodes, vms, runs)?;
     crate::packbench::run(nodes, vms)?;
     Ok(0)
 }

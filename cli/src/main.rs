@@ -20,6 +20,7 @@ mod diff;
 mod failover;
 mod frontend;
 mod gitops;
+mod incrbench;
 mod packbench;
 mod placecmd;
 mod policy_cmd;

@@ -1,0 +1,127 @@
+//! The incremental part of `cairn bench` (issue 24, item 6): a one-VM commit
+//! compiled and placed by the sessions the controller keeps
+//! (`compiler::session`), against the full compile and re-place of the same
+//! commit as the baseline, in the same run. Every run checks that both give
+//! the same model and placement.
+
+use std::time::Instant;
+
+use compiler::Sources;
+use compiler::place::{PlaceOptions, place};
+use compiler::session::{PlaceSession, Session};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The files with one VM's `cpu` changed: the first `cpu` line of the first
+/// workload file, alternating between its value and one more.
+fn one_vm_commit(files: &[(String, String)], run: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let mut out = files.to_vec();
+    let (_, text) = out
+        .iter_mut()
+        .find(|(p, _)| p.starts_with("workloads/"))
+        .ok_or_else(|| anyhow::anyhow!("the generated repository has no workload file"))?;
+    let at = text
+        .find("\n    cpu ")
+        .ok_or_else(|| anyhow::anyhow!("no `cpu` line in the workload file"))?
+        + "\n    cpu ".len();
+    let end = at + text[at..].find('\n').unwrap_or(text.len() - at);
+    let cpu: u32 = text[at..end].trim().parse()?;
+    if run.is_multiple_of(2) {
+        text.replace_range(at..end, &(cpu + 1).to_string());
+    }
+    Ok(out)
+}
+
+/// Prints the incremental figures of `cairn bench`.
+pub fn run(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<()> {
+    let files = compiler::generate::generate(&compiler::generate::GenConfig {
+        nodes,
+        vms,
+        seed: 1,
+    });
+    let sources = Sources::from_files(files.clone());
+    let mut session = Session::new();
+    let mut places = PlaceSession::new();
+    let (first, _) = session.compile(&sources);
+    anyhow::ensure!(
+        !first.has_errors(),
+        "the generated repository does not compile"
+    );
+    // The controller's steady state: the cloud placed, and placed again from
+    // that placement with nothing changed (each site's memo settled).
+    let mut previous = place(&first.model, &PlaceOptions::default(), None);
+    for _ in 0..2 {
+        let options = PlaceOptions {
+            previous: Some(previous.clone()),
+            ..Default::default()
+        };
+        previous = places.place(&first.model, &options).0;
+    }
+    let (mut full_compile, mut full_place) = (vec![], vec![]);
+    let (mut inc_compile, mut inc_place) = (vec![], vec![]);
+    let mut last = None;
+    for run in 1..=runs.max(1) * 2 {
+        let commit = Sources::from_files(one_vm_commit(&files, run)?);
+        let options = PlaceOptions {
+            previous: Some(previous.clone()),
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let whole = compiler::compile(&commit);
+        full_compile.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let whole_placed = place(&whole.model, &options, None);
+        full_place.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let (c, reuse) = session.compile(&commit);
+        inc_compile.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let (p, place_reuse) = places.place(&c.model, &options);
+        inc_place.push(t.elapsed().as_secs_f64());
+        anyhow::ensure!(
+            c.model == whole.model,
+            "the session's model differs from the full compile's"
+        );
+        anyhow::ensure!(
+            p == whole_placed,
+            "the session's placement differs from the full placement"
+        );
+        last = Some((reuse, place_reuse));
+        previous = whole_placed;
+    }
+    let (reuse, place_reuse) = last.expect("at least one run");
+    let (fc, fp, ic, ip) = (
+        median(full_compile),
+        median(full_place),
+        median(inc_compile),
+        median(inc_place),
+    );
+    println!(
+        "one-VM commit, full        compile + re-place (baseline)     median {:8.1} ms  (compile {:.1}, place {:.1}), {} runs",
+        (fc + fp) * 1e3,
+        fc * 1e3,
+        fp * 1e3,
+        runs.max(1) * 2
+    );
+    println!(
+        "one-VM commit, incremental compile + place (sessions)        median {:8.1} ms  ({:.2}x baseline; compile {:.1} ms ({:.2}x), {} of {} files lowered; place {:.1} ms ({:.2}x), {} of {} sites placed{})",
+        (ic + ip) * 1e3,
+        (ic + ip) / (fc + fp),
+        ic * 1e3,
+        ic / fc,
+        reuse.lowered,
+        reuse.lowered + reuse.reused,
+        ip * 1e3,
+        ip / fp,
+        place_reuse.sites_placed,
+        place_reuse.sites_placed + place_reuse.sites_reused,
+        place_reuse
+            .full
+            .map(|why| format!("; whole placement: {why}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
