@@ -60,19 +60,34 @@ pub async fn enroll(
     if addresses.is_empty() {
         return Err("--controller names no address".into());
     }
+    // A controller that is starting or busy (its state store held by a sync) may
+    // answer late: the list is tried again until this deadline. A retry after a lost
+    // answer is answered again (the token is used by this very key).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut unreachable = Vec::new();
-    for address in addresses {
+    for address in addresses.iter().cycle() {
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
         let request = proto::enroll::request(&identity, name, token, crate::events::now_unix_ms());
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("--controller {address}: {e}"))?
             .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(20))
             .connect_lazy();
         let mut client = v1::enrollment_client::EnrollmentClient::new(channel);
         let reply = match client.enroll(request).await {
             Ok(reply) => reply.into_inner(),
-            Err(status) if status.code() == tonic::Code::Unavailable => {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                ) =>
+            {
                 unreachable.push(format!("{address}: {}", status.message()));
+                tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
             Err(status) => {
@@ -87,8 +102,10 @@ pub async fn enroll(
         crate::trust::write_atomically(&trusted, &text)?;
         return Ok(Enrolled::Now(reply.controller_keys.len()));
     }
+    unreachable.dedup();
+    let unreachable = unreachable.split_off(unreachable.len().saturating_sub(3));
     Err(format!(
-        "no controller answered the enrollment: {}",
+        "no controller answered the enrollment within 60 s: {}",
         unreachable.join("; ")
     ))
 }

@@ -99,6 +99,11 @@ pub fn judge(
         ));
     };
     if let Some(used) = &record.used {
+        if used.key_hex == key_hex && record.node == node {
+            // The same node asking again (its answer was lost to a timeout): the
+            // signature proved it holds the key the token enrolled; answer again.
+            return Ok(record);
+        }
         return Err(format!(
             "enrollment token (sha256 {short}…) for node {} was already used {} (by key {}…): a token enrolls one node once; make a new one with `cairn node token create {}`",
             record.node,
@@ -305,8 +310,14 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(used.used.unwrap().key_hex, key);
+        // The same node again (a lost answer): answered again, still used by it.
+        let retried = store
+            .consume_enrollment_token("aa", "lab-4", &key, 2_500)
+            .unwrap()
+            .unwrap();
+        assert_eq!(retried.used.unwrap().at_ms, 2_000);
         let again = store
-            .consume_enrollment_token("aa", "lab-4", &key, 3_000)
+            .consume_enrollment_token("aa", "lab-4", &"ef".repeat(32), 3_000)
             .unwrap()
             .unwrap_err();
         assert!(again.contains("was already used"), "{again}");

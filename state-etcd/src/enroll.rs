@@ -129,7 +129,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let again = first
-            .consume_enrollment_token("aa", "lab-4", &key, 2_500)
+            .consume_enrollment_token("aa", "lab-4", &"ef".repeat(32), 2_500)
             .unwrap()
             .unwrap_err();
         assert!(again.contains("was already used"), "{again}");

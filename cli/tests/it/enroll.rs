@@ -125,7 +125,7 @@ pub(crate) fn enrolling_node(data: &Path, name: &str, token: &str, grpc: &str) -
 
 /// Waits for a node to write its listen address; panics with its stderr if it exits.
 pub(crate) fn serving(child: &mut Child, data: &Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(address) = std::fs::read_to_string(data.join("listen-address")) {
             return address.trim().to_owned();
@@ -141,7 +141,15 @@ pub(crate) fn serving(child: &mut Child, data: &Path) -> String {
                 .unwrap();
             panic!("cairn-node exited with {status}: {stderr}");
         }
-        assert!(Instant::now() < deadline, "cairn-node did not serve");
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let out = std::mem::replace(child, Command::new("true").spawn().expect("true runs"));
+            let stderr = out.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+            panic!(
+                "cairn-node did not serve within 60 s: {}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
