@@ -214,7 +214,13 @@ pub async fn apply<N: NodeApi>(
         }
         // At most `parallelism` steps in flight; each is journaled `started` right
         // before it is sent, so a crash leaves only the in-flight ones `started`.
+        // The outcomes that came in are journaled in the same transaction as the
+        // next steps' `started` records (one store write per round, not two; a
+        // crash before it leaves those steps `started`, which settling asks their
+        // nodes about), and at the end of the wave.
         let parallelism = options.parallelism.max(1);
+        let mut answered: Vec<StepRecord> = vec![];
+        let mut ended: Vec<StepOutcome> = vec![];
         loop {
             let mut starting = vec![];
             while tasks.len() + starting.len() < parallelism
@@ -222,21 +228,24 @@ pub async fn apply<N: NodeApi>(
             {
                 starting.push(next);
             }
-            // The steps sent together are journaled together (one transaction).
-            let records: Vec<StepRecord> = starting
-                .iter()
-                .map(|(step, attempts)| StepRecord {
-                    step: step.id,
-                    request_id: request_id(execution_id, step.id),
-                    status: StepStatus::Started,
-                    replayed: false,
-                    attempts: attempts + 1,
-                    error: None,
-                    at_unix_ms: now_ms(),
-                })
-                .collect();
+            // The steps sent together are journaled together (one transaction),
+            // with the outcomes in since the last round.
+            let mut records = std::mem::take(&mut answered);
+            records.extend(starting.iter().map(|(step, attempts)| StepRecord {
+                step: step.id,
+                request_id: request_id(execution_id, step.id),
+                status: StepStatus::Started,
+                replayed: false,
+                attempts: attempts + 1,
+                error: None,
+                at_unix_ms: now_ms(),
+            }));
             if !records.is_empty() {
                 store.journal_many(execution_id, &records)?;
+            }
+            for outcome in ended.drain(..) {
+                events.step_ended(&outcome);
+                outcomes.insert(outcome.step, outcome);
             }
             // A live migration runs here, not as a task: it writes its commit record
             // to the store (`crate::migrate`). The tasks in flight go on meanwhile.
@@ -286,14 +295,12 @@ pub async fn apply<N: NodeApi>(
             while let Some(more) = tasks.try_join_next() {
                 joined.push(more);
             }
-            let mut records = vec![];
-            let mut ended = vec![];
             for (step, attempts, result, elapsed) in joined.into_iter().flatten() {
                 let (status, replayed, error) = match result {
                     Ok(replayed) => (StepStatus::Succeeded, replayed, None),
                     Err(e) => (StepStatus::Failed, false, Some(e)),
                 };
-                records.push(StepRecord {
+                answered.push(StepRecord {
                     step: step.id,
                     request_id: request_id(execution_id, step.id),
                     status,
@@ -311,11 +318,13 @@ pub async fn apply<N: NodeApi>(
                     millis: elapsed.as_millis() as u64,
                 });
             }
-            store.journal_many(execution_id, &records)?;
-            for outcome in ended {
-                events.step_ended(&outcome);
-                outcomes.insert(outcome.step, outcome);
-            }
+        }
+        if !answered.is_empty() {
+            store.journal_many(execution_id, &answered)?;
+        }
+        for outcome in ended {
+            events.step_ended(&outcome);
+            outcomes.insert(outcome.step, outcome);
         }
     }
     events.finished();
