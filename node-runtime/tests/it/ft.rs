@@ -680,8 +680,10 @@ async fn the_witness_lets_exactly_one_side_of_a_pair_run() {
     seen.extend(on_n2.snapshot());
     check_counters(&seen);
     println!(
-        "witness failover: kill -9 of the primary's VMM -> the promoted guest's first beacon {failover:?} (witness lease 1000 ms, grant {}); n2 guard: {}",
-        ft.witness_number, ft.guard
+        "witness failover: kill -9 of the primary's VMM -> the promoted guest's first beacon {failover:?} (witness lease {} ms, grant {}); n2 guard: {}",
+        node_runtime::vms::ft_guard::DEFAULT_LEASE_MS,
+        ft.witness_number,
+        ft.guard
     );
     assert!(
         ft.witness_number > primary.ft.as_ref().unwrap().witness_number,
@@ -843,7 +845,7 @@ fn first_beacon_after(collector: &Collector, from: Instant) -> Option<Duration> 
 /// killed -9, the test sees it reaped (Observe) and sends PromoteFt: kill → PromoteFt
 /// answered (the promoted guest's first heartbeat seen by the node) and kill → its
 /// first beacon at the collector; (b) the witness's path (a real `cairn witness`,
-/// lease `CAIRN_FT_LEASE_MS`, default 1000 ms): kill → the first beacon, the nodes deciding alone. Baseline in the
+/// lease `CAIRN_FT_LEASE_MS`, default the node's `DEFAULT_LEASE_MS`): kill → the first beacon, the nodes deciding alone. Baseline in the
 /// same command: a cold StartVm of the same VM (spawn → first heartbeat, answered).
 /// Medians printed.
 /// The failover benchmark (`cargo bench -p node-runtime --bench ft`, which includes
@@ -872,7 +874,7 @@ pub(crate) async fn failover_figures() {
     let lease_ms: u32 = std::env::var("CAIRN_FT_LEASE_MS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(node_runtime::vms::ft_guard::DEFAULT_LEASE_MS as u32);
     // Baseline: cold starts on n2 (the VM is defined there, not running).
     let mut cold = Vec::new();
     for run in 0..runs {
