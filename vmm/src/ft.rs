@@ -142,6 +142,16 @@ impl OutputGate {
     /// fence lapsed: they are discarded). Returns how many.
     fn release_through(&self, epoch: u64, fence: &crate::fence::Fence) -> usize {
         let mut inner = self.lock();
+        self.release_locked(&mut inner, epoch, fence)
+    }
+
+    /// [`Self::release_through`] under the caller's lock.
+    fn release_locked(
+        &self,
+        inner: &mut GateInner,
+        epoch: u64,
+        fence: &crate::fence::Fence,
+    ) -> usize {
         let mut released = 0;
         while inner.held.front().is_some_and(|held| held.epoch <= epoch) {
             let held = inner.held.pop_front().expect("checked");
@@ -160,9 +170,13 @@ impl OutputGate {
         released
     }
 
-    /// Stops holding and releases everything held (this side runs alone now).
+    /// Stops holding and releases everything held (this side runs alone now). Both
+    /// under one lock: [`Self::hold`] decides under it too, so no frame can be queued
+    /// between the release and the end of holding, where nothing would ever release
+    /// it (a CI run saw `frames_held: 1` left after `ft-stop`).
     fn release_all(&self, fence: &crate::fence::Fence) {
-        self.release_through(u64::MAX, fence);
+        let mut inner = self.lock();
+        self.release_locked(&mut inner, u64::MAX, fence);
         self.holding.store(false, Ordering::Release);
     }
 
