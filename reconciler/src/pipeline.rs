@@ -1202,9 +1202,8 @@ mod keep_off_tests {
         }
     }
 
-    #[test]
-    fn an_ha_restart_off_a_failed_node_skips_the_node_in_maintenance() {
-        // The dev cluster's web VMs without disks and without spread (as the HA tests).
+    /// The quickstart's model with its VMs' root disks and spread rules left out.
+    fn quickstart_without_disks_or_spread() -> compiler::model::Model {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
         let files = ["cluster.kdl", "tenants.kdl", "workloads.kdl"].map(|f| {
             let text = std::fs::read_to_string(root.join(f)).expect("quickstart file");
@@ -1217,7 +1216,13 @@ mod keep_off_tests {
         });
         let compilation = compiler::compile(&compiler::source::Sources::from_files(files));
         assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
-        let model = compilation.model;
+        compilation.model
+    }
+
+    #[test]
+    fn an_ha_restart_off_a_failed_node_skips_the_node_in_maintenance() {
+        // The dev cluster's web VMs without disks and without spread (as the HA tests).
+        let model = quickstart_without_disks_or_spread();
         let mut previous = desired::place(&model, None);
         for v in &mut previous.vms {
             v.node = match v.name.as_str() {
@@ -1308,19 +1313,7 @@ mod keep_off_tests {
     #[test]
     fn a_drain_skips_a_node_without_a_migration_address_for_one_that_has_one() {
         // The dev cluster's VMs without disks and without spread (as above).
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
-        let files = ["cluster.kdl", "tenants.kdl", "workloads.kdl"].map(|f| {
-            let text = std::fs::read_to_string(root.join(f)).expect("quickstart file");
-            let text: String = text
-                .lines()
-                .filter(|l| !l.contains("disk \"root\"") && !l.contains("spread \"node\""))
-                .map(|l| format!("{l}\n"))
-                .collect();
-            (f.to_owned(), text)
-        });
-        let compilation = compiler::compile(&compiler::source::Sources::from_files(files));
-        assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
-        let model = compilation.model;
+        let model = quickstart_without_disks_or_spread();
         let mut previous = desired::place(&model, None);
         for v in &mut previous.vms {
             v.node = match v.name.as_str() {
