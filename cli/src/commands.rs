@@ -136,7 +136,7 @@ fn execute(
         nodes,
         plan,
         images,
-        &ApplyOptions { parallelism },
+        &ApplyOptions::new(parallelism),
         interrupted,
         &crate::progress::Progress::new(),
     )) {

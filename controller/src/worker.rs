@@ -1039,9 +1039,7 @@ impl Worker {
             &nodes,
             plan,
             &pipeline::images_of(&planned.desired),
-            &ApplyOptions {
-                parallelism: self.shared.config.parallelism,
-            },
+            &ApplyOptions::new(self.shared.config.parallelism),
             interrupted,
             &events,
         )

@@ -104,11 +104,94 @@ impl Report {
     }
 }
 
+/// Steps in flight on one node at once by default ([`ApplyOptions::per_node`]): a
+/// one-node cluster keeps the 8 it had when 8 was the only limit.
+pub const PER_NODE_DEFAULT: usize = 8;
+
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
-    /// Steps in flight at once.
+    /// Steps in flight at once, over every node.
     pub parallelism: usize,
+    /// Steps in flight on one node at once.
+    pub per_node: usize,
+}
+
+impl ApplyOptions {
+    /// `parallelism` steps in flight, at most [`PER_NODE_DEFAULT`] on one node.
+    pub fn new(parallelism: usize) -> Self {
+        Self {
+            parallelism,
+            per_node: PER_NODE_DEFAULT,
+        }
+    }
+}
+
+/// The steps of a wave that are ready to send, queued per node, and which nodes
+/// may be sent one more: at most `per_node` in flight on a node, the nodes served
+/// in turn (round robin), each node's steps in plan order. O(1) per step.
+struct Ready {
+    /// Per node: its steps not sent yet, and how many of its steps are in flight.
+    nodes: Vec<(std::collections::VecDeque<(Step, u32)>, usize)>,
+    /// Node name → index in `nodes`.
+    index: std::collections::HashMap<String, usize>,
+    /// Nodes with a step to send and room for it, each at most once.
+    runnable: std::collections::VecDeque<usize>,
+    /// Whether a node is in `runnable`.
+    queued: Vec<bool>,
+    per_node: usize,
+}
+
+impl Ready {
+    fn new(per_node: usize) -> Self {
+        Self {
+            nodes: vec![],
+            index: std::collections::HashMap::new(),
+            runnable: std::collections::VecDeque::new(),
+            queued: vec![],
+            per_node: per_node.max(1),
+        }
+    }
+
+    fn push(&mut self, step: Step, attempts: u32) {
+        let next = self.nodes.len();
+        let at = *self.index.entry(step.node.clone()).or_insert(next);
+        if at == next {
+            self.nodes.push((std::collections::VecDeque::new(), 0));
+            self.queued.push(false);
+        }
+        self.nodes[at].0.push_back((step, attempts));
+        self.wake(at);
+    }
+
+    /// Puts the node in turn if it has a step to send and room for it.
+    fn wake(&mut self, at: usize) {
+        let (steps, in_flight) = &self.nodes[at];
+        if !self.queued[at] && !steps.is_empty() && *in_flight < self.per_node {
+            self.queued[at] = true;
+            self.runnable.push_back(at);
+        }
+    }
+
+    /// The next step to send (counted in flight on its node), if any node has room.
+    fn pop(&mut self) -> Option<(Step, u32)> {
+        let at = self.runnable.pop_front()?;
+        self.queued[at] = false;
+        let next = self.nodes[at].0.pop_front();
+        if next.is_some() {
+            self.nodes[at].1 += 1;
+        }
+        self.wake(at);
+        next
+    }
+
+    /// A step sent to `node` is answered: its node has room again.
+    fn done(&mut self, node: &str) {
+        if let Some(&at) = self.index.get(node) {
+            self.nodes[at].1 = self.nodes[at].1.saturating_sub(1);
+            self.wake(at);
+        }
+    }
 }
 
 /// What apply reports while it runs: the CLI draws a progress bar or prints a
@@ -163,7 +246,7 @@ pub async fn apply<N: NodeApi>(
     let mut outcomes: BTreeMap<usize, StepOutcome> = BTreeMap::new();
     for wave in 0..plan.waves {
         let mut tasks = tokio::task::JoinSet::new();
-        let mut ready = std::collections::VecDeque::new();
+        let mut ready = Ready::new(options.per_node);
         for step in plan.steps.iter().filter(|s| s.wave == wave) {
             let what = describe(step);
             let blocked: Vec<usize> = step
@@ -210,10 +293,11 @@ pub async fn apply<N: NodeApi>(
                 outcomes.insert(step.id, outcome);
                 continue;
             }
-            ready.push_back((step.clone(), attempts));
+            ready.push(step.clone(), attempts);
         }
-        // At most `parallelism` steps in flight; each is journaled `started` right
-        // before it is sent, so a crash leaves only the in-flight ones `started`.
+        // At most `parallelism` steps in flight, and `per_node` on one node; each
+        // is journaled `started` right before it is sent, so a crash leaves only
+        // the in-flight ones `started`.
         // The outcomes that came in are journaled in the same transaction as the
         // next steps' `started` records (one store write per round, not two; a
         // crash before it leaves those steps `started`, which settling asks their
@@ -224,7 +308,7 @@ pub async fn apply<N: NodeApi>(
         loop {
             let mut starting = vec![];
             while tasks.len() + starting.len() < parallelism
-                && let Some(next) = ready.pop_front()
+                && let Some(next) = ready.pop()
             {
                 starting.push(next);
             }
@@ -296,6 +380,7 @@ pub async fn apply<N: NodeApi>(
                 joined.push(more);
             }
             for (step, attempts, result, elapsed) in joined.into_iter().flatten() {
+                ready.done(&step.node);
                 let (status, replayed, error) = match result {
                     Ok(replayed) => (StepStatus::Succeeded, replayed, None),
                     Err(e) => (StepStatus::Failed, false, Some(e)),
@@ -538,7 +623,7 @@ mod tests {
                 &execution,
                 &store,
                 &nodes,
-                &ApplyOptions { parallelism: 2 },
+                &ApplyOptions::new(2),
                 &Silent,
             )
             .await
@@ -550,6 +635,111 @@ mod tests {
         assert_eq!(done.len(), 4, "{done:?}");
         assert_eq!(done.iter().collect::<BTreeSet<_>>().len(), 4, "{done:?}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Answers after 20 ms and keeps, per node, the most requests it had in hand at once.
+    #[derive(Clone, Default)]
+    struct CountingNodes {
+        now: Arc<Mutex<BTreeMap<String, usize>>>,
+        most: Arc<Mutex<BTreeMap<String, usize>>>,
+        total_now: Arc<Mutex<(usize, usize)>>,
+    }
+
+    impl NodeApi for CountingNodes {
+        async fn observe(&self, _node: &DesiredNode) -> Result<NodeObservation, String> {
+            Err("not used".into())
+        }
+
+        async fn apply(
+            &self,
+            node: &str,
+            _address: &str,
+            request: v1::ApplyRequest,
+        ) -> Result<v1::ApplyResponse, NodeError> {
+            {
+                let mut now = self.now.lock().unwrap();
+                let n = now.entry(node.to_owned()).or_default();
+                *n += 1;
+                let mut most = self.most.lock().unwrap();
+                let m = most.entry(node.to_owned()).or_default();
+                *m = (*m).max(*n);
+                let mut total = self.total_now.lock().unwrap();
+                total.0 += 1;
+                total.1 = total.1.max(total.0);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            *self.now.lock().unwrap().get_mut(node).unwrap() -= 1;
+            self.total_now.lock().unwrap().0 -= 1;
+            Ok(v1::ApplyResponse {
+                request_id: request.request_id,
+                ..Default::default()
+            })
+        }
+
+        async fn get_outcome(
+            &self,
+            _node: &str,
+            _address: &str,
+            _request_id: &str,
+        ) -> Result<v1::GetOutcomeResponse, NodeError> {
+            unreachable!("apply does not settle")
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_most_per_node_steps_are_in_flight_on_a_node_and_parallelism_over_all() {
+        let (dir, store) = store();
+        let nodes = CountingNodes::default();
+        // 3 nodes, 20 steps each, in plan order node by node: the first node's steps
+        // must not hold the other nodes back.
+        let plan = plan_of(
+            (0..60)
+                .map(|i| start(&format!("n{}", i / 20), &format!("vm{i}"), i))
+                .collect(),
+        );
+        let execution = new_execution_id(&plan.plan_id);
+        let options = ApplyOptions {
+            parallelism: 10,
+            per_node: 4,
+        };
+        let report = apply(&plan, &execution, &store, &nodes, &options, &Silent)
+            .await
+            .unwrap();
+        assert!(!report.failed(), "{}", report.text());
+        assert_eq!(report.steps.len(), 60);
+        let most = nodes.most.lock().unwrap().clone();
+        assert_eq!(most.len(), 3, "{most:?}");
+        // Never more than the limit on a node (each has 20 to do)...
+        assert!(most.values().all(|m| *m <= 4), "{most:?}");
+        // ... nor over all; and more than one node's worth at once (the first node's
+        // queue does not hold the others back).
+        let total = nodes.total_now.lock().unwrap().1;
+        assert!(
+            (5..=10).contains(&total),
+            "at most 10 over all nodes: {total}"
+        );
+        // Every step journaled succeeded once.
+        let journal = store.journal_of(&execution).unwrap();
+        assert_eq!(journal.len(), 60);
+        assert!(journal.iter().all(|r| r.status == StepStatus::Succeeded));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn ready_serves_the_nodes_in_turn_within_their_limit() {
+        let mut ready = Ready::new(2);
+        for (i, node) in ["a", "a", "a", "b", "c", "c"].iter().enumerate() {
+            ready.push(start(node, &format!("vm{i}"), i), 0);
+        }
+        let mut order = vec![];
+        while let Some((step, _)) = ready.pop() {
+            order.push(step.id);
+        }
+        // a, b, c in turn; a's third waits for room.
+        assert_eq!(order, vec![0, 3, 4, 1, 5]);
+        ready.done("a");
+        assert_eq!(ready.pop().map(|(s, _)| s.id), Some(2));
+        assert!(ready.pop().is_none());
     }
 
     #[tokio::test]
