@@ -551,8 +551,7 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
     let placement = desired::place(loaded.model(), Some(&previous));
     let desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
     let last = store
-        .executions()?
-        .pop()
+        .last_execution()?
         .map(|(_, record)| reconciler::status::last_apply(&record, &store));
     let mut audit = store.audit_log()?;
     audit.drain(..audit.len().saturating_sub(5));

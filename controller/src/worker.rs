@@ -1779,9 +1779,8 @@ pub(crate) async fn status_json(
         let placement = reconciler::desired::place(&good.model, Some(&previous));
         let desired = reconciler::desired::desired(&good.model, &good.spec_root, placement);
         let last = store
-            .executions()
+            .last_execution()
             .map_err(|e| e.to_string())?
-            .pop()
             .map(|(_, record)| reconciler::status::last_apply(&record, &store));
         let mut audit = store.audit_log().map_err(|e| e.to_string())?;
         let migrations = reconciler::migrate::records_in(&audit);

@@ -250,6 +250,16 @@ pub struct PlanRecord {
     pub started_at_unix_ms: u64,
 }
 
+/// A [`PlanRecord`] read without its plan (serde skips the plan's text without
+/// building it): which executions are unfinished and which is the newest. Every
+/// sync asks, and a 100,000-VM first apply's plan is about a hundred MB of JSON,
+/// several times that as a `serde_json::Value`, kept in the store for good.
+#[derive(Debug, Deserialize)]
+struct PlanRecordHead {
+    finished: bool,
+    started_at_unix_ms: u64,
+}
+
 /// A new execution id for a plan: the plan id and 8 random hex digits.
 pub fn new_execution_id(plan_id: &str) -> String {
     format!("{plan_id}-{}", &random_id()[..8])
@@ -329,6 +339,12 @@ pub trait StateStore: Send + Sync {
 
     /// Every execution record, oldest first (the key is the execution id).
     fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError>;
+
+    /// The newest execution record (the last of [`Self::executions`]). The redb
+    /// store parses only that one's plan (`PlanRecordHead`).
+    fn last_execution(&self) -> Result<Option<(String, PlanRecord)>, StateError> {
+        Ok(self.executions()?.pop())
+    }
 
     /// Marks an execution finished; `ended` says how when it did not run to its end.
     fn finish_execution(&self, execution_id: &str, ended: Option<String>)
@@ -538,6 +554,48 @@ impl RedbStore {
         self.with_db(|database| f(database, &self.path))
     }
 
+    /// The execution records `pick` chooses, oldest first, from their heads sorted
+    /// oldest first (by start, then key); only the chosen ones' plans are parsed.
+    fn executions_where(
+        &self,
+        pick: impl FnOnce(&[(String, PlanRecordHead)]) -> Vec<usize>,
+    ) -> Result<Vec<(String, PlanRecord)>, StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(PLANS)
+                .map_err(|e| self.err("open table", e))?;
+            let corrupt = |key: &str, source| StateError::Corrupt {
+                path: self.path.display().to_string(),
+                key: key.to_owned(),
+                source,
+            };
+            let mut heads = vec![];
+            for entry in t.iter().map_err(|e| self.err("iter", e))? {
+                let (k, v) = entry.map_err(|e| self.err("iter", e))?;
+                let head: PlanRecordHead =
+                    serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?;
+                heads.push((k.value().to_owned(), head));
+            }
+            // Stable: equal starts keep the key order (as `executions` always had).
+            heads.sort_by_key(|(_, head)| head.started_at_unix_ms);
+            let mut out = vec![];
+            for i in pick(&heads) {
+                let key = &heads[i].0;
+                let Some(v) = t.get(key.as_str()).map_err(|e| self.err("get", e))? else {
+                    continue;
+                };
+                let mut record: PlanRecord =
+                    serde_json::from_slice(v.value()).map_err(|e| corrupt(key, e))?;
+                if record.execution_id.is_empty() {
+                    record.execution_id = key.clone();
+                }
+                out.push((key.clone(), record));
+            }
+            Ok(out)
+        })
+    }
+
     fn get_json<T: DeserializeOwned>(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -699,38 +757,29 @@ impl StateStore for RedbStore {
         self.put_json(PLANS, &record.execution_id, record)
     }
 
-    /// The executions that did not finish (a crash), oldest first.
+    /// The executions that did not finish (a crash), oldest first: only their plans
+    /// are parsed (`PlanRecordHead`).
     fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
-        let mut all = self.executions()?;
-        all.retain(|(_, r)| !r.finished);
-        Ok(all)
+        self.executions_where(|heads| {
+            heads
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, head))| !head.finished)
+                .map(|(i, _)| i)
+                .collect()
+        })
+    }
+
+    /// The newest execution record: only its plan is parsed.
+    fn last_execution(&self) -> Result<Option<(String, PlanRecord)>, StateError> {
+        Ok(self
+            .executions_where(|heads| heads.len().checked_sub(1).into_iter().collect())?
+            .pop())
     }
 
     /// Every execution record, oldest first (the key is the execution id).
     fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
-        self.with_db(|db| {
-            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
-            let t = tx
-                .open_table(PLANS)
-                .map_err(|e| self.err("open table", e))?;
-            let mut out = vec![];
-            for entry in t.iter().map_err(|e| self.err("iter", e))? {
-                let (k, v) = entry.map_err(|e| self.err("iter", e))?;
-                let record: PlanRecord =
-                    serde_json::from_slice(v.value()).map_err(|source| StateError::Corrupt {
-                        path: self.path.display().to_string(),
-                        key: k.value().to_owned(),
-                        source,
-                    })?;
-                let mut record = record;
-                if record.execution_id.is_empty() {
-                    record.execution_id = k.value().to_owned();
-                }
-                out.push((k.value().to_owned(), record));
-            }
-            out.sort_by_key(|(_, r)| r.started_at_unix_ms);
-            Ok(out)
-        })
+        self.executions_where(|heads| (0..heads.len()).collect())
     }
 
     /// Marks an execution finished; `ended` says how when it did not run to its end.
@@ -1010,6 +1059,45 @@ mod tests {
         let marked: Option<u32> = reopened.get_json(META, "format_version").unwrap();
         assert_eq!(marked, Some(STATE_FORMAT_VERSION));
         assert!(reopened.placement().unwrap().is_none());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn executions_unfinished_and_the_last_parse_only_what_they_return() {
+        let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
+        let store = RedbStore::open(&dir.join("state.redb")).unwrap();
+        assert!(store.last_execution().unwrap().is_none());
+        // Keys in another order than their starts; c and a start at the same time.
+        for (id, started, finished) in [("b", 2, false), ("c", 3, true), ("a", 3, false)] {
+            store
+                .start_execution(&PlanRecord {
+                    execution_id: id.into(),
+                    plan: serde_json::json!({"plan_id": id, "steps": [{"finished": false}]}),
+                    finished,
+                    ended: None,
+                    started_at_unix_ms: started,
+                })
+                .unwrap();
+        }
+        let ids = |records: Vec<(String, PlanRecord)>| -> Vec<String> {
+            records.into_iter().map(|(key, _)| key).collect()
+        };
+        // Oldest first; equal starts in key order.
+        assert_eq!(ids(store.executions().unwrap()), ["b", "a", "c"]);
+        assert_eq!(ids(store.unfinished_executions().unwrap()), ["b", "a"]);
+        let (key, last) = store.last_execution().unwrap().unwrap();
+        assert_eq!((key.as_str(), last.finished), ("c", true));
+        assert_eq!(last.plan["plan_id"], "c");
+        store
+            .finish_execution("a", Some("superseded by c".into()))
+            .unwrap();
+        assert_eq!(ids(store.unfinished_executions().unwrap()), ["b"]);
+        // A record without its head fields is corrupt, named by its key.
+        store
+            .put_json(PLANS, "d", &serde_json::json!({"plan": {}}))
+            .unwrap();
+        let err = store.unfinished_executions().unwrap_err();
+        assert!(err.to_string().contains('d'), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
