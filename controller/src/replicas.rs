@@ -317,6 +317,7 @@ macro_rules! delegate {
 }
 
 delegate! {
+    fn commit_migration(&self, record: &reconciler::migrate::MigrationRecord, epochs: &[EpochChange]) -> Result<reconciler::migrate::Committed, StateError>;
     fn placement(&self) -> Result<Option<Placement>, StateError>;
     fn set_placement(&self, placement: &Placement) -> Result<(), StateError>;
     fn protected_volumes(&self) -> Result<std::collections::BTreeSet<String>, StateError>;

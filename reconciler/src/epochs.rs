@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use proto::v1::{SetVolumeEpoch, VolumeRole, VolumeStatus};
-use redb::{ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{RedbStore, StateError, now_ms};
@@ -173,47 +173,38 @@ impl EpochStore for RedbStore {
     }
 
     fn epoch(&self, volume: &str) -> Result<Option<VolumeEpoch>, StateError> {
+        // Read transactions: no commit, so no fsync (a migration reads the epochs of
+        // its volumes while its guest is paused).
         self.with_database(|database, path| {
             let transaction = database
-                .begin_write()
+                .begin_read()
                 .map_err(|e| redb_err(path, "begin")(e.into()))?;
-            let found = {
-                let table = transaction
-                    .open_table(EPOCHS)
-                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
-                let value = table
-                    .get(volume)
-                    .map_err(|e| redb_err(path, "get")(e.into()))?;
-                match value {
-                    Some(bytes) => Some(decode(path, volume, bytes.value())?),
-                    None => None,
-                }
+            let Some(table) = read_table(&transaction, EPOCHS, path)? else {
+                return Ok(None);
             };
-            transaction
-                .commit()
-                .map_err(|e| redb_err(path, "commit")(e.into()))?;
-            Ok(found)
+            let value = table
+                .get(volume)
+                .map_err(|e| redb_err(path, "get")(e.into()))?;
+            match value {
+                Some(bytes) => Ok(Some(decode(path, volume, bytes.value())?)),
+                None => Ok(None),
+            }
         })
     }
 
     fn epochs(&self) -> Result<Vec<VolumeEpoch>, StateError> {
         self.with_database(|database, path| {
             let transaction = database
-                .begin_write()
+                .begin_read()
                 .map_err(|e| redb_err(path, "begin")(e.into()))?;
             let mut out = Vec::new();
-            {
-                let table = transaction
-                    .open_table(EPOCHS)
-                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
-                for entry in table.iter().map_err(|e| redb_err(path, "iter")(e.into()))? {
-                    let (key, value) = entry.map_err(|e| redb_err(path, "iter")(e.into()))?;
-                    out.push(decode(path, key.value(), value.value())?);
-                }
+            let Some(table) = read_table(&transaction, EPOCHS, path)? else {
+                return Ok(out);
+            };
+            for entry in table.iter().map_err(|e| redb_err(path, "iter")(e.into()))? {
+                let (key, value) = entry.map_err(|e| redb_err(path, "iter")(e.into()))?;
+                out.push(decode(path, key.value(), value.value())?);
             }
-            transaction
-                .commit()
-                .map_err(|e| redb_err(path, "commit")(e.into()))?;
             Ok(out)
         })
     }
@@ -222,27 +213,22 @@ impl EpochStore for RedbStore {
         let prefix = format!("{volume}/");
         self.with_database(|database, path| {
             let transaction = database
-                .begin_write()
+                .begin_read()
                 .map_err(|e| redb_err(path, "begin")(e.into()))?;
             let mut out = Vec::new();
+            let Some(table) = read_table(&transaction, JOURNAL, path)? else {
+                return Ok(out);
+            };
+            for entry in table
+                .range(prefix.as_str()..)
+                .map_err(|e| redb_err(path, "range")(e.into()))?
             {
-                let table = transaction
-                    .open_table(JOURNAL)
-                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
-                for entry in table
-                    .range(prefix.as_str()..)
-                    .map_err(|e| redb_err(path, "range")(e.into()))?
-                {
-                    let (key, value) = entry.map_err(|e| redb_err(path, "range")(e.into()))?;
-                    if !key.value().starts_with(&prefix) {
-                        break;
-                    }
-                    out.push(decode(path, key.value(), value.value())?);
+                let (key, value) = entry.map_err(|e| redb_err(path, "range")(e.into()))?;
+                if !key.value().starts_with(&prefix) {
+                    break;
                 }
+                out.push(decode(path, key.value(), value.value())?);
             }
-            transaction
-                .commit()
-                .map_err(|e| redb_err(path, "commit")(e.into()))?;
             Ok(out)
         })
     }
@@ -252,46 +238,72 @@ impl EpochStore for RedbStore {
         expected: Option<u64>,
         change: &EpochChange,
     ) -> Result<Swapped, StateError> {
-        let volume = change.state.volume.as_str();
         self.with_database(|database, path| {
             let transaction = database
                 .begin_write()
                 .map_err(|e| redb_err(path, "begin")(e.into()))?;
-            {
-                let mut epochs = transaction
-                    .open_table(EPOCHS)
-                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
-                let found = match epochs
-                    .get(volume)
-                    .map_err(|e| redb_err(path, "get")(e.into()))?
-                {
-                    Some(bytes) => Some(decode::<VolumeEpoch>(path, volume, bytes.value())?.epoch),
-                    None => None,
-                };
-                if found != expected {
-                    return Ok(Swapped::Found(found));
-                }
-                let state_bytes = serde_json::to_vec(&change.state).expect("epochs serialize");
-                epochs
-                    .insert(volume, state_bytes.as_slice())
-                    .map_err(|e| redb_err(path, "insert")(e.into()))?;
-                let mut journal = transaction
-                    .open_table(JOURNAL)
-                    .map_err(|e| redb_err(path, "open table")(e.into()))?;
-                let journal_bytes = serde_json::to_vec(change).expect("epochs serialize");
-                journal
-                    .insert(
-                        journal_key(volume, change.state.epoch).as_str(),
-                        journal_bytes.as_slice(),
-                    )
-                    .map_err(|e| redb_err(path, "insert")(e.into()))?;
+            let swapped = swap_in(&transaction, path, expected, change)?;
+            if swapped == Swapped::Stored {
+                transaction
+                    .commit()
+                    .map_err(|e| redb_err(path, "commit")(e.into()))?;
             }
-            transaction
-                .commit()
-                .map_err(|e| redb_err(path, "commit")(e.into()))?;
-            Ok(Swapped::Stored)
+            Ok(swapped)
         })
     }
+}
+
+/// `table` in a read transaction; `None` when nothing created it yet.
+fn read_table(
+    transaction: &redb::ReadTransaction,
+    table: TableDefinition<'static, &'static str, &'static [u8]>,
+    path: &Path,
+) -> Result<Option<redb::ReadOnlyTable<&'static str, &'static [u8]>>, StateError> {
+    match transaction.open_table(table) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(redb_err(path, "open table")(e.into())),
+    }
+}
+
+/// [`EpochStore::swap_epoch`] inside `transaction` (the caller commits it, or drops it
+/// when the volume is not at `expected`): also the migration commit point's, which
+/// writes its record in the same transaction (`RedbStore::commit_migration`).
+pub(crate) fn swap_in(
+    transaction: &redb::WriteTransaction,
+    path: &Path,
+    expected: Option<u64>,
+    change: &EpochChange,
+) -> Result<Swapped, StateError> {
+    let volume = change.state.volume.as_str();
+    let mut epochs = transaction
+        .open_table(EPOCHS)
+        .map_err(|e| redb_err(path, "open table")(e.into()))?;
+    let found = match epochs
+        .get(volume)
+        .map_err(|e| redb_err(path, "get")(e.into()))?
+    {
+        Some(bytes) => Some(decode::<VolumeEpoch>(path, volume, bytes.value())?.epoch),
+        None => None,
+    };
+    if found != expected {
+        return Ok(Swapped::Found(found));
+    }
+    let state_bytes = serde_json::to_vec(&change.state).expect("epochs serialize");
+    epochs
+        .insert(volume, state_bytes.as_slice())
+        .map_err(|e| redb_err(path, "insert")(e.into()))?;
+    let mut journal = transaction
+        .open_table(JOURNAL)
+        .map_err(|e| redb_err(path, "open table")(e.into()))?;
+    let journal_bytes = serde_json::to_vec(change).expect("epochs serialize");
+    journal
+        .insert(
+            journal_key(volume, change.state.epoch).as_str(),
+            journal_bytes.as_slice(),
+        )
+        .map_err(|e| redb_err(path, "insert")(e.into()))?;
+    Ok(Swapped::Stored)
 }
 
 /// The epoch authority over an [`EpochStore`].
@@ -595,6 +607,69 @@ impl EpochAuthority<'_> {
             state.in_sync.remove(node);
             Ok(format!("dropped copy {node}"))
         })
+    }
+}
+
+impl EpochAuthority<'_> {
+    /// The change a live migration's commit point makes to `volume` (issue 17), from
+    /// its current state, not written: a destination holding a copy (in sync) becomes
+    /// the writer, else it becomes a client; the source leaves the clients. Returns
+    /// the current state and, when anything changes, the change to the next epoch
+    /// (one raise for both), which the commit writes as a compare-and-swap on the
+    /// current epoch in the same transaction as its record
+    /// (`StateStore::commit_migration`).
+    pub fn migration_change(
+        &self,
+        volume: &str,
+        from: &str,
+        to: &str,
+        reason: &str,
+    ) -> Result<(VolumeEpoch, Option<EpochChange>), EpochError> {
+        let current = self.get(volume)?.ok_or_else(|| EpochError::Unknown {
+            volume: volume.to_string(),
+        })?;
+        let mut next = current.clone();
+        let mut what = vec![];
+        if next.copies.contains(to) && next.writer != to {
+            if !next.in_sync.contains(to) {
+                return Err(EpochError::Refused {
+                    volume: volume.to_string(),
+                    epoch: current.epoch,
+                    why: format!(
+                        "node {to} cannot become the writer: its copy is not in sync (in sync: {})",
+                        join(&next.in_sync)
+                    ),
+                });
+            }
+            what.push(format!("writer {} → {to}", next.writer));
+            next.writer = to.to_string();
+        }
+        let mut clients = next.clients.clone();
+        clients.remove(from);
+        if !next.copies.contains(to) {
+            clients.insert(to.to_string());
+        }
+        if clients != next.clients {
+            what.push(format!(
+                "clients {{{}}} → {{{}}}",
+                join(&next.clients),
+                join(&clients)
+            ));
+            next.clients = clients;
+        }
+        if what.is_empty() {
+            return Ok((current, None));
+        }
+        check(&next)?;
+        next.epoch = current.epoch + 1;
+        let change = EpochChange {
+            at_unix_ms: now_ms(),
+            previous: current.epoch,
+            change: what.join(", "),
+            reason: reason.to_string(),
+            state: next,
+        };
+        Ok((current, Some(change)))
     }
 }
 

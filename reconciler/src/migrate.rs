@@ -5,11 +5,15 @@
 //! 2. `MigrateVm` on the source: pre-copy until the rest fits the downtime target,
 //!    then the source pauses, drains its in-flight requests and sends the final
 //!    state; it answers `ready-to-commit` (or a failure phase);
-//! 3. **the commit point**: a durable [`MigrationRecord`] naming the destination
-//!    ([`StateStore::record_migration`]: the audit log, in the same store and the
-//!    same signed chain as every other controller decision);
+//! 3. **the commit point**: a durable [`MigrationRecord`] naming the destination,
+//!    and the volumes' new epochs naming it their writer (or a client), in one write
+//!    ([`StateStore::commit_migration`]: the audit log, in the same store and the
+//!    same signed chain as every other controller decision; with the redb store one
+//!    transaction, one fsync, while the guest is paused);
 //! 4. `CommitMigration` on the source (it tells the destination to start and exits)
-//!    and on the destination (it starts the VM if the source's word did not arrive);
+//!    and on the destination (it starts the VM if the source's word did not arrive),
+//!    once the destination and each volume's writer installed the new epoch; the
+//!    other installs run at the same time as the commits;
 //! 5. `DeleteVm` on the source, and the record of what happened (figures).
 //!
 //! The rule that keeps exactly one VM running: the source is told to resume
@@ -27,16 +31,23 @@
 //!   (its storage client reaches the copies; the source, a copy or a client, keeps
 //!   writing); the peer set goes to the destination and every copy (the new writer
 //!   reaches the others, they know its key);
-//! - the commit record lists the hand-over it decides (`handover`);
-//! - after the record, before any `CommitMigration` ([`hand_over`], also when a
-//!   settle finishes the commit): a destination holding a copy becomes the writer
-//!   (`set_writer`), else a source that was a client leaves the clients; the epoch
-//!   is installed on every copy, the writer last, then on the clients and the
-//!   dropped source (fenced). The destination's guest writes nothing before its
-//!   commit, and the source's VMM drained its in-flight requests at the pause, so
-//!   no write of either side is lost or refused. An install the new writer did not
-//!   take keeps the commit from being sent (the source stays paused, as for any
-//!   failure after the record; the next settle tries again).
+//! - the commit record lists the hand-over it decides (`handover`), and the same
+//!   write stores it ([`commit_point`]): a destination holding a copy becomes the
+//!   writer, else it becomes a client, and a source that was a client leaves the
+//!   clients, as one epoch change, a compare-and-swap on the epoch it was computed
+//!   from (another change first: nothing is written, it is computed again). A store
+//!   that cannot write both at once (etcd today) writes the record, then changes
+//!   the epochs ([`hand_over`], also when a settle finishes the commit);
+//! - after it ([`finish`]): the epoch is installed on the destination and the
+//!   writer, and only then are the commits sent; on the other copies, the clients
+//!   and the dropped source (fenced) at the same time as the commits. The
+//!   destination's guest writes nothing before its commit, and the source's VMM
+//!   drained its in-flight requests at the pause, so no write of either side is
+//!   lost; a copy that takes the epoch after the new writer's first write refuses
+//!   that write once (not installed yet) and the writer retries it. An install the
+//!   new writer or the destination did not take keeps the commit from being sent
+//!   (the source stays paused, as for any failure after the record; the next
+//!   settle tries again).
 
 use std::time::{Duration, Instant};
 
@@ -115,6 +126,79 @@ impl MigrationRecord {
             &self.to
         }
     }
+}
+
+/// What [`StateStore::commit_migration`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Committed {
+    /// The record and every epoch change, in one durable write.
+    WithEpochs,
+    /// The record alone (a store that cannot write both at once): the commit
+    /// changes the epochs after it ([`hand_over`]), as a settle does.
+    RecordOnly,
+    /// Nothing: `volume` is at epoch `found` (`None`: none), not at the one its
+    /// change was computed from.
+    Moved {
+        /// The volume.
+        volume: String,
+        /// Its epoch now.
+        found: Option<u64>,
+    },
+}
+
+/// The commit point: the record naming the destination and the volumes' epoch
+/// changes it decides ([`EpochAuthority::migration_change`]), written together
+/// ([`StateStore::commit_migration`]); read again and retried when a volume's epoch
+/// moved meanwhile (then nothing was written). Fills `record.handover`. Returns the
+/// volumes' states the record's write stored, `None` when the store wrote the record
+/// alone (the hand-over changes the epochs after it). `Err`: nothing was written.
+fn commit_point(
+    record: &mut MigrationRecord,
+    p: &Parts<'_>,
+    store: &dyn StateStore,
+) -> Result<Option<Vec<VolumeEpoch>>, String> {
+    let reason = format!(
+        "the live migration of {} from {} to {} committed",
+        p.name, p.from, p.to
+    );
+    for _ in 0..EPOCH_ATTEMPTS {
+        let mut states = vec![];
+        let mut changes = vec![];
+        record.handover.clear();
+        if let Some(authority) = authority(p, store)? {
+            for volume in p.volumes {
+                let (current, change) = authority
+                    .migration_change(&volume.name, p.from, p.to, &reason)
+                    .map_err(|e| e.to_string())?;
+                record.handover.push(if current.copies.contains(p.to) {
+                    format!("{}: writer {} -> {}", volume.name, current.writer, p.to)
+                } else if current.clients.contains(p.from) {
+                    format!("{}: client {} -> {}", volume.name, p.from, p.to)
+                } else {
+                    format!(
+                        "{}: client {} (writer {})",
+                        volume.name, p.to, current.writer
+                    )
+                });
+                match change {
+                    Some(change) => {
+                        states.push(change.state.clone());
+                        changes.push(change);
+                    }
+                    None => states.push(current),
+                }
+            }
+        }
+        match store.commit_migration(record, &changes) {
+            Ok(Committed::WithEpochs) => return Ok(Some(states)),
+            Ok(Committed::RecordOnly) => return Ok(None),
+            Ok(Committed::Moved { .. }) => continue,
+            Err(e) => return Err(format!("the commit record could not be written: {e}")),
+        }
+    }
+    Err(format!(
+        "the commit record was not written: the volumes' epochs kept changing under it ({EPOCH_ATTEMPTS} tries)"
+    ))
 }
 
 /// The migration records among audit entries (oldest first, as given).
@@ -283,7 +367,7 @@ pub async fn run<N: NodeApi>(
     };
     let ready = Instant::now();
     let mut trace = Trace::new(Some(ready));
-    // 3. The commit point.
+    // 3. The commit point: the record and the disks' new epochs, one durable write.
     let mut record = MigrationRecord {
         vm: name.clone(),
         from: p.from.to_owned(),
@@ -293,19 +377,16 @@ pub async fn run<N: NodeApi>(
         at_unix_ms: now_ms(),
         figures: None,
         error: String::new(),
-        handover: match handover_lines(&p, store) {
-            Ok(lines) => lines,
-            Err(why) => return Err(abort(&p, request_id, store, nodes, why).await),
-        },
+        handover: vec![],
     };
-    if let Err(e) = store.record_migration(&record) {
-        let why = format!("the commit record could not be written: {e}");
-        return Err(abort(&p, request_id, store, nodes, why).await);
-    }
+    let stored = match commit_point(&mut record, &p, store) {
+        Ok(stored) => stored,
+        Err(why) => return Err(abort(&p, request_id, store, nodes, why).await),
+    };
+    trace.mark("recorded");
     hold("committed").await;
     // 4. and 5.
-    trace.mark("recorded");
-    let finished = finish(&record, &p, request_id, store, nodes, &mut trace).await;
+    let finished = finish(&record, &p, request_id, store, nodes, &mut trace, stored).await;
     trace.print(&name);
     let downtime = ready.elapsed().as_secs_f64() * 1000.0 + source.paused_ms;
     match finished {
@@ -389,12 +470,22 @@ async fn hold(point: &str) {
     tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
 }
 
-/// The commit, after the record named the destination: the source is told (it may
-/// be gone: its word is not needed), the destination is told until it answers
-/// (a few tries), then the source's copy is deleted. `Ok` with a note of what was
-/// left over (a source that could not be deleted), `Err` when the destination did
-/// not start: the VM then runs nowhere and its source stays paused (never resumed:
-/// the record names the destination) until a later `finish` gets through.
+/// The commit, after the record named the destination: its disks' new epochs are
+/// installed (`stored`: the states the record's write stored; `None`: changed now,
+/// [`hand_over`]), the source is told (it may be gone: its word is not needed), the
+/// destination is told until it answers (a few tries), then the source's copy is
+/// deleted. `Ok` with a note of what was left over (a source that could not be
+/// deleted, a copy that did not take the epoch), `Err` when the destination did not
+/// start: the VM then runs nowhere and its source stays paused (never resumed: the
+/// record names the destination) until a later `finish` gets through.
+///
+/// Only the installs on the destination and on each volume's writer come before the
+/// commits (the source relays its commit to the destination's VMM, so neither is sent
+/// before them); the installs on the other copies, the clients and the fenced source
+/// run at the same time as the commits. A copy that gets the epoch after the new
+/// writer's first write refuses it (not installed yet) and the writer retries it, as
+/// for a copy that failed for a moment; the old writer is paused with its requests
+/// drained, so nothing of it is in flight.
 async fn finish<N: NodeApi>(
     record: &MigrationRecord,
     p: &Parts<'_>,
@@ -402,58 +493,116 @@ async fn finish<N: NodeApi>(
     store: &dyn StateStore,
     nodes: &N,
     trace: &mut Trace,
+    stored: Option<Vec<VolumeEpoch>>,
 ) -> Result<String, String> {
     let (from_address, to_address) = (p.from_address, p.to_address);
     let id = |what: &str| format!("{request_id}.{what}");
-    // The disks' writer (or clients) first: the destination writes from its commit.
-    hand_over(p, store, nodes, trace).await.map_err(|why| {
+    let not_handed_over = |why: String| {
         format!(
             "committed to {} (the record names it), but its disks were not handed over: {why}; the source {} stays paused, the next apply commits it again",
             record.to, record.from
         )
-    })?;
-    trace.mark("handed over");
+    };
+    let states = match stored {
+        Some(states) => states,
+        None => hand_over(p, store).map_err(not_handed_over)?,
+    };
+    // Each volume's installs: (node, state), split into those the commit waits for.
+    let mut first = vec![];
+    let mut overlapped = vec![];
+    for state in &states {
+        let fenced: Vec<&str> = if state.copies.contains(p.from) {
+            vec![]
+        } else {
+            vec![p.from]
+        };
+        for node in install_order(state, &fenced) {
+            if node == p.to || node == state.writer {
+                first.push((node.to_owned(), state));
+            } else {
+                overlapped.push((node.to_owned(), state));
+            }
+        }
+    }
     let commit = || {
         Action::CommitMigration(v1::CommitMigration {
             name: record.vm.clone(),
         })
     };
-    // Both sides are told at once: the source relays the commit to the destination
-    // and exits (its answer does not matter: it is committed either way, and it may
-    // be gone); the destination starts on whichever word comes first, and is told
-    // until it answers (a few tries). Waiting for the source's exit first kept the
-    // destination's commit behind the source VMM's teardown (~0.5 s with a disk).
-    let source = async {
-        let answer = call(
-            nodes,
-            &record.from,
-            from_address,
-            id("commit-src"),
-            commit(),
+    let switch_over = async {
+        let installed = join_all(
+            first
+                .iter()
+                .map(|(node, state)| install_on(p, state, node, nodes))
+                .collect(),
         )
         .await;
-        (answer, Instant::now())
-    };
-    let destination = async {
-        let mut last = String::new();
-        for attempt in 1..=COMMIT_ATTEMPTS {
-            match call(
+        if let Some(e) = first
+            .iter()
+            .zip(installed)
+            .find_map(|((node, state), r)| r.err().map(|e| install_failure(state, node, &e)))
+        {
+            return Err(not_handed_over(e));
+        }
+        let installed_at = Instant::now();
+        // Both sides are told at once: the source relays the commit to the
+        // destination and exits (its answer does not matter: it is committed either
+        // way, and it may be gone); the destination starts on whichever word comes
+        // first, and is told until it answers (a few tries). Waiting for the source's
+        // exit first kept the destination's commit behind the source VMM's teardown
+        // (~0.5 s with a disk).
+        let source = async {
+            let answer = call(
                 nodes,
-                &record.to,
-                to_address,
-                id(&format!("commit-dst-{attempt}")),
+                &record.from,
+                from_address,
+                id("commit-src"),
                 commit(),
             )
-            .await
-            {
-                Ok(_) => return (true, last, Instant::now()),
-                Err(e) => last = e,
+            .await;
+            (answer, Instant::now())
+        };
+        let destination = async {
+            let mut last = String::new();
+            for attempt in 1..=COMMIT_ATTEMPTS {
+                match call(
+                    nodes,
+                    &record.to,
+                    to_address,
+                    id(&format!("commit-dst-{attempt}")),
+                    commit(),
+                )
+                .await
+                {
+                    Ok(_) => return (true, last, Instant::now()),
+                    Err(e) => last = e,
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        (false, last, Instant::now())
+            (false, last, Instant::now())
+        };
+        let ((_, source_at), (started, last, destination_at)) = tokio::join!(source, destination);
+        Ok((installed_at, source_at, started, last, destination_at))
     };
-    let ((_, source_at), (started, last, destination_at)) = tokio::join!(source, destination);
+    let others = async {
+        let results = join_all(
+            overlapped
+                .iter()
+                .map(|(node, state)| install_on(p, state, node, nodes))
+                .collect(),
+        )
+        .await;
+        let notes: Vec<String> = overlapped
+            .iter()
+            .zip(results)
+            .filter_map(|((node, state), r)| r.err().map(|e| install_failure(state, node, &e)))
+            .collect();
+        (notes, Instant::now())
+    };
+    let (switched, (notes, others_at)) = tokio::join!(switch_over, others);
+    let (installed_at, source_at, started, last, destination_at) = switched?;
+    trace.at("writer installed", installed_at);
+    trace.at("others installed", others_at);
     trace.at("source committed", source_at);
     trace.at("destination committed", destination_at);
     if !started {
@@ -462,7 +611,8 @@ async fn finish<N: NodeApi>(
             record.to, record.from
         ));
     }
-    match call(
+    let mut leftover = notes;
+    if let Err(e) = call(
         nodes,
         &record.from,
         from_address,
@@ -473,12 +623,12 @@ async fn finish<N: NodeApi>(
     )
     .await
     {
-        Ok(_) => Ok(String::new()),
-        Err(e) => Ok(format!(
+        leftover.push(format!(
             "its copy on {} is left (the next plan deletes it): {e}",
             record.from
-        )),
+        ));
     }
+    Ok(leftover.join("; "))
 }
 
 /// Before the commit point: the source resumes (or never stopped), the destination's
@@ -673,7 +823,17 @@ pub async fn settle_step<N: NodeApi>(
         Some(r) if r.phase == "completed" => Ok(()),
         Some(r) if r.phase == "aborted" => Err(r.error),
         Some(mut r) => {
-            match finish(&r, &p, &settle_id, store, nodes, &mut Trace::new(None)).await {
+            match finish(
+                &r,
+                &p,
+                &settle_id,
+                store,
+                nodes,
+                &mut Trace::new(None),
+                None,
+            )
+            .await
+            {
                 Ok(leftover) => {
                     r.phase = "completed".to_owned();
                     r.at_unix_ms = now_ms();
@@ -757,19 +917,9 @@ fn address_of<'a>(p: &'a Parts<'_>, node: &str) -> Option<&'a str> {
     }
 }
 
-/// Installs `state` on its copies (the writer last), its clients, then on `fenced`
-/// (nodes it no longer names); with `at_once`, on all of them at the same time.
-/// `Err` only when the writer (or `must`) did not take
-/// it; the other refusals are returned as notes (the controller's drift check
-/// installs the current epoch on a copy behind).
-async fn install_everywhere<N: NodeApi>(
-    p: &Parts<'_>,
-    state: &VolumeEpoch,
-    fenced: &[&str],
-    must: &str,
-    at_once: bool,
-    nodes: &N,
-) -> Result<Vec<String>, String> {
+/// The nodes `state` is installed on: its copies (the writer last), its clients, then
+/// `fenced` (nodes it no longer names).
+fn install_order<'s>(state: &'s VolumeEpoch, fenced: &[&'s str]) -> Vec<&'s str> {
     let mut order: Vec<&str> = state
         .copies
         .iter()
@@ -779,40 +929,69 @@ async fn install_everywhere<N: NodeApi>(
     order.push(&state.writer);
     order.extend(state.clients.iter().map(String::as_str));
     order.extend(fenced.iter().copied());
-    let install = |node: &str| {
-        let address = address_of(p, node).map(str::to_owned);
-        let node = node.to_owned();
-        async move {
-            match address {
-                Some(address) => call(
-                    nodes,
-                    &node,
-                    &address,
-                    crate::epochs::request_id(state, &node),
-                    Action::SetVolumeEpoch(crate::epochs::install(state)),
-                )
-                .await
-                .map(|_| ()),
-                None => Err("its address is not known (it did not answer the plan)".to_owned()),
-            }
-        }
-    };
+    order
+}
+
+/// Installs `state` on `node`.
+async fn install_on<N: NodeApi>(
+    p: &Parts<'_>,
+    state: &VolumeEpoch,
+    node: &str,
+    nodes: &N,
+) -> Result<(), String> {
+    match address_of(p, node) {
+        Some(address) => call(
+            nodes,
+            node,
+            address,
+            crate::epochs::request_id(state, node),
+            Action::SetVolumeEpoch(crate::epochs::install(state)),
+        )
+        .await
+        .map(|_| ()),
+        None => Err("its address is not known (it did not answer the plan)".to_owned()),
+    }
+}
+
+fn install_failure(state: &VolumeEpoch, node: &str, error: &str) -> String {
+    format!(
+        "volume {} epoch {} not installed on {node}: {error}",
+        state.volume, state.epoch
+    )
+}
+
+/// Installs `state` on [`install_order`]'s nodes; with `at_once`, on all of them at
+/// the same time. `Err` only when the writer (or `must`) did not take it; the other
+/// refusals are returned as notes (the controller's drift check installs the current
+/// epoch on a copy behind).
+async fn install_everywhere<N: NodeApi>(
+    p: &Parts<'_>,
+    state: &VolumeEpoch,
+    fenced: &[&str],
+    must: &str,
+    at_once: bool,
+    nodes: &N,
+) -> Result<Vec<String>, String> {
+    let order = install_order(state, fenced);
     let results = if at_once {
-        join_all(order.iter().map(|node| install(node)).collect()).await
+        join_all(
+            order
+                .iter()
+                .map(|node| install_on(p, state, node, nodes))
+                .collect(),
+        )
+        .await
     } else {
         let mut results = vec![];
         for node in &order {
-            results.push(install(node).await);
+            results.push(install_on(p, state, node, nodes).await);
         }
         results
     };
     let mut notes = vec![];
     for (node, result) in order.into_iter().zip(results) {
         if let Err(e) = result {
-            let line = format!(
-                "volume {} epoch {} not installed on {node}: {e}",
-                state.volume, state.epoch
-            );
+            let line = install_failure(state, node, &e);
             if node == state.writer || node == must {
                 return Err(line);
             }
@@ -944,39 +1123,15 @@ async fn ready_volumes<N: NodeApi>(
     Ok(())
 }
 
-/// The hand-over the commit decides, one line per volume (from the authority now).
-fn handover_lines(p: &Parts<'_>, store: &dyn StateStore) -> Result<Vec<String>, String> {
+/// The epoch changes of a committed record that the store did not write with it
+/// ([`Committed::RecordOnly`], or a settle finishing the commit; see the module
+/// documentation): idempotent, a volume already handed over is left as it is.
+/// Returns the volumes' states to install.
+fn hand_over(p: &Parts<'_>, store: &dyn StateStore) -> Result<Vec<VolumeEpoch>, String> {
     let Some(authority) = authority(p, store)? else {
         return Ok(vec![]);
     };
-    let mut lines = vec![];
-    for volume in p.volumes {
-        let state = authority
-            .get(&volume.name)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("the epoch authority holds no epoch of {}", volume.name))?;
-        lines.push(if state.copies.contains(p.to) {
-            format!("{}: writer {} -> {}", volume.name, state.writer, p.to)
-        } else if state.clients.contains(p.from) {
-            format!("{}: client {} -> {}", volume.name, p.from, p.to)
-        } else {
-            format!("{}: client {} (writer {})", volume.name, p.to, state.writer)
-        });
-    }
-    Ok(lines)
-}
-
-/// After the record, before any `CommitMigration` (see the module documentation);
-/// idempotent, so a settle that finishes the commit runs it again.
-async fn hand_over<N: NodeApi>(
-    p: &Parts<'_>,
-    store: &dyn StateStore,
-    nodes: &N,
-    trace: &mut Trace,
-) -> Result<(), String> {
-    let Some(authority) = authority(p, store)? else {
-        return Ok(());
-    };
+    let mut states = vec![];
     for volume in p.volumes {
         let (to, from) = (p.to.to_owned(), p.from.to_owned());
         let reason = format!(
@@ -989,27 +1144,21 @@ async fn hand_over<N: NodeApi>(
                 .then(|| authority.set_writer(&state.volume, state.epoch, &to, &reason))
         })?;
         // The clients: the source leaves them, the destination without a copy is one.
-        let state = change_epoch(&authority, &volume.name, |authority, state| {
-            let mut clients = state.clients.clone();
-            clients.remove(&from);
-            if !state.copies.contains(&to) {
-                clients.insert(to.clone());
-            }
-            (clients != state.clients)
-                .then(|| authority.set_clients(&state.volume, state.epoch, &clients, &reason))
-        })?;
-        let fenced: Vec<&str> = if state.copies.contains(p.from) {
-            vec![]
-        } else {
-            vec![p.from]
-        };
-        trace.mark("epoch stored");
-        // At once: the new writer writes only after its commit, and the old one is
-        // paused with its requests drained, so no copy needs the epoch before another.
-        install_everywhere(p, &state, &fenced, p.to, true, nodes).await?;
-        trace.mark("installed");
+        states.push(change_epoch(
+            &authority,
+            &volume.name,
+            |authority, state| {
+                let mut clients = state.clients.clone();
+                clients.remove(&from);
+                if !state.copies.contains(&to) {
+                    clients.insert(to.clone());
+                }
+                (clients != state.clients)
+                    .then(|| authority.set_clients(&state.volume, state.epoch, &clients, &reason))
+            },
+        )?);
     }
-    Ok(())
+    Ok(states)
 }
 
 #[cfg(test)]
@@ -1055,6 +1204,13 @@ mod tests {
                 let store = RedbStore::open(&path).unwrap();
                 let last = last_of(store.migrations().unwrap());
                 assert_eq!(last["mv"].phase, "committed", "commit before the record");
+                // ... and the disks' epoch hands them to the destination already.
+                if let Some(state) = store.epoch_authority().unwrap().get("mv-data").unwrap() {
+                    assert!(
+                        state.writer == "dst" || state.clients.contains("dst"),
+                        "commit before the epoch names the destination: {state:?}"
+                    );
+                }
             }
             self.calls.lock().unwrap().push(call.clone());
             if self.failing.lock().unwrap().contains(&call) {
@@ -1280,13 +1436,20 @@ mod tests {
             at("src set_volume_epoch") < at("dst prepare_incoming_vm"),
             "{calls:?}"
         );
+        // The new writer's install comes before either commit (the fake checks that
+        // the authority names it when a commit is sent); the old writer's (src, a
+        // copy) overlaps the commits.
         let commit = calls
             .iter()
             .position(|c| c == "src commit_migration")
             .unwrap();
+        assert_eq!(calls[commit - 1], "dst set_volume_epoch", "{calls:?}");
         assert_eq!(
-            calls[commit - 2..commit],
-            ["src set_volume_epoch", "dst set_volume_epoch"],
+            calls[commit..]
+                .iter()
+                .filter(|c| *c == "src set_volume_epoch")
+                .count(),
+            1,
             "{calls:?}"
         );
         let state = store
@@ -1391,6 +1554,92 @@ mod tests {
         assert_eq!((state.epoch, state.writer.as_str()), (1, "src"));
         std::fs::remove_dir_all(dir).unwrap();
         std::fs::remove_dir_all(dir2).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_commit_point_that_cannot_be_written_changes_no_epoch_and_resumes_the_source() {
+        // The record and the epochs are one write: without the key that signs the
+        // audit log the record cannot be written, so neither is, and the source
+        // resumes (before, the epoch changed after a record that was written).
+        let (dir, store, fake) = lab();
+        std::fs::remove_file(dir.join("controller.key")).unwrap();
+        let error = run(&step_with_disk(&["src", "dst"]), "e.0", &store, &fake)
+            .await
+            .unwrap_err();
+        assert!(
+            error.contains("aborted") && error.contains("commit record"),
+            "{error}"
+        );
+        let calls = calls(&fake);
+        assert!(!calls.iter().any(|c| c.contains("commit")), "{calls:?}");
+        assert!(
+            calls.contains(&"src abort_migration".to_owned()),
+            "{calls:?}"
+        );
+        let state = store
+            .epoch_authority()
+            .unwrap()
+            .get("mv-data")
+            .unwrap()
+            .unwrap();
+        assert_eq!((state.epoch, state.writer.as_str()), (1, "src"));
+        assert!(store.migrations().unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_record_and_the_epochs_are_written_together_or_not_at_all() {
+        let (dir, store, _) = lab();
+        let authority = store.epoch_authority().unwrap();
+        let all: BTreeSet<String> = ["src".to_owned(), "dst".to_owned()].into();
+        authority
+            .adopt("mv-data", "src", &all, &all, 0, "test")
+            .unwrap();
+        let record = MigrationRecord {
+            vm: "mv".into(),
+            from: "src".into(),
+            to: "dst".into(),
+            phase: "committed".into(),
+            request_id: "e.0".into(),
+            at_unix_ms: 1,
+            figures: None,
+            error: String::new(),
+            handover: vec![],
+        };
+        let (_, change) = authority
+            .migration_change("mv-data", "src", "dst", "test")
+            .unwrap();
+        let change = change.expect("the writer moves");
+        // Another change came first (the controller removed nothing, just raised it):
+        // the commit computed from epoch 1 writes nothing.
+        authority.raise_epoch("mv-data", 1, "test").unwrap();
+        assert_eq!(
+            store
+                .commit_migration(&record, std::slice::from_ref(&change))
+                .unwrap(),
+            Committed::Moved {
+                volume: "mv-data".into(),
+                found: Some(2)
+            }
+        );
+        assert!(store.migrations().unwrap().is_empty());
+        assert_eq!(authority.get("mv-data").unwrap().unwrap().writer, "src");
+        // Computed again from epoch 2: both written.
+        let (_, change) = authority
+            .migration_change("mv-data", "src", "dst", "test")
+            .unwrap();
+        assert_eq!(
+            store.commit_migration(&record, &[change.unwrap()]).unwrap(),
+            Committed::WithEpochs
+        );
+        let state = authority.get("mv-data").unwrap().unwrap();
+        assert_eq!((state.epoch, state.writer.as_str()), (3, "dst"));
+        assert_eq!(store.migrations().unwrap(), [record]);
+        assert_eq!(
+            authority.journal("mv-data").unwrap().last().unwrap().change,
+            "writer src → dst"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

@@ -383,6 +383,26 @@ pub trait StateStore: Send + Sync {
         )
     }
 
+    /// The commit point of a live migration (issue 17 item 4): `record` (`committed`)
+    /// and the volume epoch changes it decides (each a compare-and-swap on the epoch
+    /// it was computed from, `epochs::EpochAuthority::migration_change`), in one
+    /// durable write where the store can ([`RedbStore`]: one transaction, one fsync):
+    /// all or nothing, and nothing when a volume moved to another epoch meanwhile.
+    /// A store that cannot writes the record alone ([`Committed::RecordOnly`]); the
+    /// commit then changes the epochs after it, as a settle of a committed record
+    /// does.
+    ///
+    /// [`Committed::RecordOnly`]: crate::migrate::Committed::RecordOnly
+    fn commit_migration(
+        &self,
+        record: &crate::migrate::MigrationRecord,
+        epochs: &[crate::epochs::EpochChange],
+    ) -> Result<crate::migrate::Committed, StateError> {
+        let _ = epochs;
+        self.record_migration(record)?;
+        Ok(crate::migrate::Committed::RecordOnly)
+    }
+
     /// Every migration record, oldest first.
     fn migrations(&self) -> Result<Vec<crate::migrate::MigrationRecord>, StateError> {
         Ok(crate::migrate::records_in(&self.audit_log()?))
@@ -517,6 +537,69 @@ impl RedbStore {
             let last = t.last().map_err(|e| self.err("last", e))?;
             Ok(last.and_then(|(k, v)| crate::audit::head_of(&[(k.value(), v.value().to_vec())])))
         })
+    }
+
+    /// Appends to the audit log (chained and signed, `crate::audit::append`) in one
+    /// write transaction, with `before`'s writes to other tables in it: `before`
+    /// returning `false` writes nothing (the transaction is dropped) and gives
+    /// `Ok(false)`.
+    fn audit_with(
+        &self,
+        event: &str,
+        detail: serde_json::Value,
+        before: impl FnOnce(&redb::WriteTransaction, &Path) -> Result<bool, StateError>,
+    ) -> Result<bool, StateError> {
+        // Opened without the key: the controller key next to the file (where the
+        // CLI's `.cairn/` and the controller's data directory keep both).
+        let found;
+        let (identity, head) = match &self.audit_key {
+            Some((identity, head)) => (identity, Some(head)),
+            None => {
+                found = self
+                    .path
+                    .parent()
+                    .map(|dir| dir.join("controller.key"))
+                    .and_then(|key| proto::auth::Identity::load(&key).ok())
+                    .ok_or_else(|| StateError::AuditUnsigned {
+                        path: self.path.display().to_string(),
+                        event: event.to_owned(),
+                    })?;
+                (&found, None)
+            }
+        };
+        let entry = AuditEntry {
+            at_unix_ms: now_ms(),
+            user: std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned()),
+            event: event.to_owned(),
+            detail,
+        };
+        let new_head = self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
+            if !before(&tx, &self.path)? {
+                return Ok(None);
+            }
+            let new_head = {
+                let mut t = tx
+                    .open_table(AUDIT)
+                    .map_err(|e| self.err("open table", e))?;
+                crate::audit::append(&mut t, identity, entry).map_err(|message| {
+                    StateError::Redb {
+                        path: self.path.display().to_string(),
+                        operation: "append audit entry",
+                        message,
+                    }
+                })?
+            };
+            tx.commit().map_err(|e| self.err("commit", e))?;
+            Ok(Some(new_head))
+        })?;
+        let Some(new_head) = new_head else {
+            return Ok(false);
+        };
+        if let Some(head) = head {
+            head.advance(new_head);
+        }
+        Ok(true)
     }
 
     fn err(&self, operation: &'static str, error: impl Into<redb::Error>) -> StateError {
@@ -858,51 +941,36 @@ impl StateStore for RedbStore {
     /// Appends to the audit log: chained and signed in one write transaction
     /// (`crate::audit::append`).
     fn audit(&self, event: &str, detail: serde_json::Value) -> Result<(), StateError> {
-        // Opened without the key: the controller key next to the file (where the
-        // CLI's `.cairn/` and the controller's data directory keep both).
-        let found;
-        let (identity, head) = match &self.audit_key {
-            Some((identity, head)) => (identity, Some(head)),
-            None => {
-                found = self
-                    .path
-                    .parent()
-                    .map(|dir| dir.join("controller.key"))
-                    .and_then(|key| proto::auth::Identity::load(&key).ok())
-                    .ok_or_else(|| StateError::AuditUnsigned {
-                        path: self.path.display().to_string(),
-                        event: event.to_owned(),
-                    })?;
-                (&found, None)
+        self.audit_with(event, detail, |_, _| Ok(true)).map(|_| ())
+    }
+
+    fn commit_migration(
+        &self,
+        record: &crate::migrate::MigrationRecord,
+        epochs: &[crate::epochs::EpochChange],
+    ) -> Result<crate::migrate::Committed, StateError> {
+        let mut moved = None;
+        let detail = serde_json::to_value(record).expect("migration records serialize");
+        let written = self.audit_with(crate::migrate::MIGRATION_EVENT, detail, |tx, path| {
+            for change in epochs {
+                let expected = Some(change.previous).filter(|e| *e > 0);
+                if let crate::epochs::Swapped::Found(found) =
+                    crate::epochs::swap_in(tx, path, expected, change)?
+                {
+                    moved = Some(crate::migrate::Committed::Moved {
+                        volume: change.state.volume.clone(),
+                        found,
+                    });
+                    return Ok(false);
+                }
             }
-        };
-        let entry = AuditEntry {
-            at_unix_ms: now_ms(),
-            user: std::env::var("USER").unwrap_or_else(|_| "unknown".to_owned()),
-            event: event.to_owned(),
-            detail,
-        };
-        let new_head = self.with_db(|db| {
-            let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
-            let new_head = {
-                let mut t = tx
-                    .open_table(AUDIT)
-                    .map_err(|e| self.err("open table", e))?;
-                crate::audit::append(&mut t, identity, entry).map_err(|message| {
-                    StateError::Redb {
-                        path: self.path.display().to_string(),
-                        operation: "append audit entry",
-                        message,
-                    }
-                })?
-            };
-            tx.commit().map_err(|e| self.err("commit", e))?;
-            Ok(new_head)
+            Ok(true)
         })?;
-        if let Some(head) = head {
-            head.advance(new_head);
-        }
-        Ok(())
+        Ok(match (written, moved) {
+            (true, _) => crate::migrate::Committed::WithEpochs,
+            (false, Some(moved)) => moved,
+            (false, None) => unreachable!("only a moved epoch leaves the commit unwritten"),
+        })
     }
 
     /// The audit log, oldest first (records that do not decode are left out;
