@@ -70,6 +70,8 @@ impl Health {
         let incoming = tonic::transport::server::TcpIncoming::from(listener);
         let server = tokio::spawn(async move {
             let result = tonic::transport::Server::builder()
+                // Lease.Renew and Enroll are verified against the bytes received.
+                .layer(proto::received::HashBodiesLayer)
                 .add_service(service)
                 .add_service(proto::v1::lease_server::LeaseServer::new(
                     crate::lease::LeaseService::new(shared_for_leases.clone(), leases),

@@ -641,6 +641,12 @@ impl v1::controller_trust_server::ControllerTrust for NodeService {
         &self,
         request: Request<v1::SetControllerKeysRequest>,
     ) -> Result<Response<v1::SetControllerKeysReply>, Status> {
+        if !proto::protocol::speaks(7) {
+            // A node emulating 1.6 (`CAIRN_PROTOCOL_EMULATE`) answers as a 1.6 build.
+            return Err(Status::unimplemented(
+                "unknown service cairn.node.v1.ControllerTrust (this node speaks cairn.node protocol 1.6)",
+            ));
+        }
         let caller =
             self.node
                 .trust

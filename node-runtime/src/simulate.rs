@@ -331,7 +331,8 @@ impl Faults {
 }
 
 /// A tower layer that applies a node's [`Faults`] to every gRPC call; without faults
-/// (every real node) it passes each call straight through.
+/// (every real node) it passes each call straight through. It also hashes each
+/// request's first message as received ([`proto::received`]), for the signature check.
 #[derive(Debug, Clone, Default)]
 pub struct FaultLayer(pub Option<Arc<Faults>>);
 
@@ -357,8 +358,10 @@ type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send
 
 impl<S, B> tonic::codegen::Service<http::Request<B>> for FaultService<S>
 where
-    S: tonic::codegen::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
-        + Clone
+    S: tonic::codegen::Service<
+            http::Request<proto::received::HashFirstMessage<B>>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -373,6 +376,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        // Every node's calls (simulated or not) pass here: the signature is checked
+        // against the bytes received (`proto::received`, version skew).
+        let request = proto::received::hash_first_message(request);
         let Some(faults) = self.faults.clone() else {
             return Box::pin(self.inner.call(request));
         };

@@ -949,7 +949,19 @@ impl Verifier {
             nonce_hex: nonce_hex.to_string(),
             signature_hex: signature_hex.to_string(),
         };
-        let signed = Self::check_signature(method, request.get_ref(), &envelope, trusted, role)?;
+        let received = request
+            .extensions()
+            .get::<crate::received::ReceivedBody>()
+            .and_then(crate::received::ReceivedBody::sha256);
+        let signed = match received {
+            // The bytes as sent (a newer caller's fields this build does not know
+            // included); else, or when they do not verify, this build's re-encoding.
+            Some(hash) => Self::check_signature_of(method, &hash, &envelope, trusted, role)
+                .or_else(|_| {
+                    Self::check_signature(method, request.get_ref(), &envelope, trusted, role)
+                })?,
+            None => Self::check_signature(method, request.get_ref(), &envelope, trusted, role)?,
+        };
         let now = now_unix_ms();
         let skew_ms = now as i128 - timestamp_ms as i128;
         if skew_ms.unsigned_abs() > self.window.as_millis() {
@@ -1015,6 +1027,17 @@ impl Verifier {
         trusted: &'t TrustedKeys,
         role: &'static str,
     ) -> Result<Signed<'t>, AuthError> {
+        Self::check_signature_of(method, &body_hash(message), envelope, trusted, role)
+    }
+
+    /// [`Verifier::check_signature`] of a body known by its SHA-256.
+    fn check_signature_of<'t>(
+        method: &str,
+        body_sha256: &[u8],
+        envelope: &Envelope,
+        trusted: &'t TrustedKeys,
+        role: &'static str,
+    ) -> Result<Signed<'t>, AuthError> {
         let key = parse_public_key(&envelope.key_hex).map_err(|error| AuthError::Malformed {
             header: HEADER_KEY,
             problem: error.to_string(),
@@ -1038,7 +1061,7 @@ impl Verifier {
             &envelope.target,
             envelope.timestamp_ms,
             &envelope.nonce_hex,
-            &body_hash(message),
+            body_sha256,
         );
         if key.verify(&payload, &signature).is_err() {
             return Err(AuthError::BadSignature {
@@ -1242,6 +1265,76 @@ mod tests {
             NodeTarget::from_refusal(&tonic::Status::from(refused)),
             Some(lab3)
         );
+    }
+
+    /// An Observe request of a newer protocol: a field this build does not know.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct NewerObserveRequest {
+        #[prost(string, tag = "1000")]
+        since_next_minor: String,
+    }
+
+    #[test]
+    fn a_newer_callers_unknown_field_verifies_against_the_bytes_received() {
+        let controller = Identity::generate().unwrap();
+        let signer = RequestSigner::new(controller.clone());
+        let (target, verifier) = node("n1");
+        let newer = NewerObserveRequest {
+            since_next_minor: "set".into(),
+        };
+        let sent = signer
+            .sign(crate::methods::OBSERVE, &target, newer.clone())
+            .unwrap();
+        let wire = newer.encode_to_vec();
+        // What this build decodes: the field is dropped, the re-encoding is empty.
+        let decoded = crate::v1::ObserveRequest::decode(wire.as_slice()).unwrap();
+        let receive = |with_hash: bool| {
+            let mut request = tonic::Request::new(decoded);
+            *request.metadata_mut() = sent.metadata().clone();
+            if with_hash {
+                request
+                    .extensions_mut()
+                    .insert(crate::received::ReceivedBody::of(
+                        Sha256::digest(&wire).into(),
+                    ));
+            }
+            request
+        };
+        let re_encoded = verifier.verify(
+            crate::methods::OBSERVE,
+            &receive(false),
+            &trusted(&controller),
+            "controller",
+        );
+        assert!(
+            matches!(re_encoded, Err(AuthError::BadSignature { .. })),
+            "{re_encoded:?}"
+        );
+        verifier
+            .verify(
+                crate::methods::OBSERVE,
+                &receive(true),
+                &trusted(&controller),
+                "controller",
+            )
+            .expect("the bytes as sent verify");
+        // Other bytes received than signed: refused.
+        let other_verifier = Verifier::new(DEFAULT_WINDOW, target);
+        let mut tampered = receive(false);
+        tampered
+            .extensions_mut()
+            .insert(crate::received::ReceivedBody::of(
+                Sha256::digest(b"other").into(),
+            ));
+        assert!(matches!(
+            other_verifier.verify(
+                crate::methods::OBSERVE,
+                &tampered,
+                &trusted(&controller),
+                "controller"
+            ),
+            Err(AuthError::BadSignature { .. })
+        ));
     }
 
     #[test]

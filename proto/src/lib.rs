@@ -31,6 +31,7 @@ pub mod convert;
 pub mod enroll;
 pub mod fence;
 pub mod protocol;
+pub mod received;
 pub mod witness;
 
 /// Generated types of package `cairn.node.v1`.

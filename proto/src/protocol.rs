@@ -4,11 +4,15 @@
 //! a node reports its own in `GetInventoryResponse.protocol_version`. The rules:
 //!
 //! - [`MINOR`] grows with every additive change (a field, a message, an rpc, an action).
-//!   Both sides keep working across minors: prost ignores unknown fields. One caveat:
-//!   a request body is signed as the caller encodes it and verified as the node
-//!   decodes it, so a caller that sets a field the node does not know fails the
-//!   signature check; nodes are upgraded before controllers, and the node says so when
-//!   that is the likely cause ([`signature_hint`]).
+//!   Both sides keep working across minors: prost ignores unknown fields. A request's
+//!   signature is checked against the SHA-256 of the bytes received
+//!   ([`crate::received`]), so a caller may set a field the receiver does not know (a
+//!   1.7 node accepts a 1.8 controller's requests, and the reverse); builds before
+//!   that verified against their own re-encoding, which drops unknown fields, so for
+//!   them a newer caller's new field failed the signature check (nodes were upgraded
+//!   before controllers, and the node says so when that is the likely cause,
+//!   [`signature_hint`]). A field whose absence changes what the receiver does is
+//!   still kept from an older receiver by its caller ([`requires`]).
 //! - [`MAJOR`] changes only with a change the other side cannot understand. A node
 //!   refuses a call of another major ([`check`]) naming both versions and who to
 //!   upgrade. A call without the header comes from a caller before versions were sent:
@@ -54,17 +58,54 @@ pub const MINOR: u32 = 7;
 /// Metadata key of the caller's protocol version, `MAJOR.MINOR`.
 pub const HEADER: &str = "x-cairn-protocol";
 
-/// The version this build speaks.
+/// The environment variable with which a process speaks an older minor of [`MAJOR`]
+/// (`CAIRN_PROTOCOL_EMULATE=1.6`), for version-skew tests with real processes (issue
+/// 24 item 7): it advertises that version (inventory and [`HEADER`]), answers
+/// UNIMPLEMENTED for what came later ([`speaks`]), and verifies signatures against
+/// its re-encoding of a request, as builds of that minor do ([`crate::received`]).
+/// Unset, malformed or not older than this build: ignored (a malformed value is
+/// reported once on stderr).
+pub const EMULATE: &str = "CAIRN_PROTOCOL_EMULATE";
+
+/// The older minor this process emulates ([`EMULATE`]), if any.
+pub fn emulated() -> Option<u32> {
+    static EMULATED: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *EMULATED.get_or_init(|| {
+        let text = std::env::var(EMULATE).ok()?;
+        match parse(&text) {
+            Some(v) if v.major == MAJOR && v.minor < MINOR => Some(v.minor),
+            _ => {
+                eprintln!(
+                    "cairn: {EMULATE}={text} ignored: it must be {MAJOR}.N with N below this build's {MINOR}"
+                );
+                None
+            }
+        }
+    })
+}
+
+/// The minor this process speaks: [`MINOR`], or the one it emulates.
+pub fn minor() -> u32 {
+    emulated().unwrap_or(MINOR)
+}
+
+/// Whether this process serves what minor `since` added (false only while it
+/// emulates an older minor).
+pub fn speaks(since: u32) -> bool {
+    minor() >= since
+}
+
+/// The version this process speaks ([`MAJOR`].[`minor`]).
 pub fn current() -> v1::ProtocolVersion {
     v1::ProtocolVersion {
         major: MAJOR,
-        minor: MINOR,
+        minor: minor(),
     }
 }
 
-/// The header value of this build's version (`"1.7"`).
+/// The header value of this process's version (`"1.7"`).
 pub fn header_value() -> String {
-    format!("{MAJOR}.{MINOR}")
+    format!("{MAJOR}.{}", minor())
 }
 
 /// Parses `MAJOR.MINOR`.
@@ -137,7 +178,7 @@ impl From<ProtocolRefusal> for tonic::Status {
 /// the likely cause is a field this node does not know (it changes the signed body).
 pub fn signature_hint(header: Option<&str>) -> Option<String> {
     let theirs = parse(header?)?;
-    (theirs.major == MAJOR && theirs.minor > MINOR).then(|| {
+    (theirs.major == MAJOR && theirs.minor > minor()).then(|| {
         format!(
             "the caller speaks protocol {}, newer than this node's {}: a field this node does not know changes the signed body, so upgrade the node first",
             display(&theirs),

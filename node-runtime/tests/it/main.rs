@@ -27,6 +27,7 @@ mod remote_data;
 mod replication;
 mod resize;
 mod segments;
+mod skew;
 mod sla;
 mod snapshots;
 mod upgrade;
