@@ -36,7 +36,7 @@ pub use model::Model;
 pub use source::{FileId, LoadError, Sources};
 
 /// The result of compiling a spec root.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Compilation {
     /// The model; present (possibly partial) even when there are errors.
     pub model: Model,

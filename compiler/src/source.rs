@@ -96,6 +96,11 @@ impl Sources {
         self.other_files.insert(path.into());
     }
 
+    /// Every non-spec file below the root, in path order.
+    pub(crate) fn other_files(&self) -> &BTreeSet<String> {
+        &self.other_files
+    }
+
     /// Whether a non-spec file exists below the root.
     pub fn has_other_file(&self, path: &str) -> bool {
         self.other_files.contains(path)

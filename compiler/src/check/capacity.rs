@@ -25,16 +25,9 @@ impl Checker<'_> {
         for t in tenants.iter_mut() {
             let mut mine: Vec<&Vm> = by_tenant.get(t.name.as_str()).cloned().unwrap_or_default();
             mine.sort_by(|a, b| a.name.cmp(&b.name));
-            let copies = |v: &Vm| {
-                if v.availability == Availability::Ft {
-                    2
-                } else {
-                    1
-                }
-            };
             let usage = Usage {
-                vcpus: mine.iter().map(|v| u64::from(v.cpu) * copies(v)).sum(),
-                memory_bytes: mine.iter().map(|v| v.memory_bytes * copies(v)).sum(),
+                vcpus: mine.iter().map(|v| demand(v).0).sum(),
+                memory_bytes: mine.iter().map(|v| demand(v).1).sum(),
                 storage_bytes: mine
                     .iter()
                     .flat_map(|v| v.disks.iter().map(|d| d.size_bytes))
@@ -54,28 +47,14 @@ impl Checker<'_> {
                     "vcpus",
                     q.vcpus.as_ref(),
                     usage.vcpus,
-                    |v| {
-                        u64::from(v.cpu)
-                            * if v.availability == Availability::Ft {
-                                2
-                            } else {
-                                1
-                            }
-                    },
+                    |v| demand(v).0,
                     |n| format!("{n} vCPUs"),
                 ),
                 (
                     "memory",
                     q.memory.as_ref(),
                     usage.memory_bytes,
-                    |v| {
-                        v.memory_bytes
-                            * if v.availability == Availability::Ft {
-                                2
-                            } else {
-                                1
-                            }
-                    },
+                    |v| demand(v).1,
                     format_size,
                 ),
                 (
@@ -145,25 +124,11 @@ impl Checker<'_> {
         }
         for s in sites {
             let n_reserve = s.ha_reserve_nodes as usize;
-            // A node in maintenance takes no VM: its room does not count.
-            let open = || s.nodes.iter().filter(|n| !n.maintenance);
-            let closed = s.nodes.len() - open().count();
-            let mut cpus: Vec<u64> = open().map(|n| n.allocatable.cpu).collect();
-            let mut mems: Vec<u64> = open().map(|n| n.allocatable.memory_bytes).collect();
-            cpus.sort_unstable_by(|a, b| b.cmp(a));
-            mems.sort_unstable_by(|a, b| b.cmp(a));
-            let cpu_cap: u64 = cpus.iter().skip(n_reserve).sum();
-            let mem_cap: u64 = mems.iter().skip(n_reserve).sum();
+            let closed = s.nodes.iter().filter(|n| n.maintenance).count();
+            let (cpu_cap, mem_cap) = reserved_room(s);
             let reserved: Vec<&Vm> = by_site.get(s.name.as_str()).cloned().unwrap_or_default();
-            let copies = |v: &Vm| {
-                if v.availability == Availability::Ft {
-                    2
-                } else {
-                    1
-                }
-            };
-            let cpu_need: u64 = reserved.iter().map(|v| u64::from(v.cpu) * copies(v)).sum();
-            let mem_need: u64 = reserved.iter().map(|v| v.memory_bytes * copies(v)).sum();
+            let cpu_need: u64 = reserved.iter().map(|v| demand(v).0).sum();
+            let mem_need: u64 = reserved.iter().map(|v| demand(v).1).sum();
             let Some(spec) = set.sites.iter().find(|x| x.name.value == s.name) else {
                 continue;
             };
@@ -209,4 +174,30 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// A site's CPUs and memory for reserved VMs: its open nodes' (a node in
+/// maintenance takes no VM) without the `ha-reserve` largest.
+pub(super) fn reserved_room(s: &Site) -> (u64, u64) {
+    let n_reserve = s.ha_reserve_nodes as usize;
+    let open = || s.nodes.iter().filter(|n| !n.maintenance);
+    let mut cpus: Vec<u64> = open().map(|n| n.allocatable.cpu).collect();
+    let mut mems: Vec<u64> = open().map(|n| n.allocatable.memory_bytes).collect();
+    cpus.sort_unstable_by(|a, b| b.cmp(a));
+    mems.sort_unstable_by(|a, b| b.cmp(a));
+    (
+        cpus.iter().skip(n_reserve).sum(),
+        mems.iter().skip(n_reserve).sum(),
+    )
+}
+
+/// What a VM asks of its tenant's quota and its site's reserved room: vCPUs
+/// and memory bytes, twice for an FT VM (its secondary).
+pub(super) fn demand(v: &Vm) -> (u64, u64) {
+    let copies = if v.availability == Availability::Ft {
+        2
+    } else {
+        1
+    };
+    (u64::from(v.cpu) * copies, v.memory_bytes * copies)
 }

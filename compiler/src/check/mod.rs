@@ -27,6 +27,7 @@ mod capacity;
 mod images;
 mod ipam;
 mod node_classes;
+mod patch;
 mod pools;
 mod protection;
 mod reconcile;
@@ -37,12 +38,13 @@ mod tenants;
 mod vms;
 
 pub use images::BUILTIN_IMAGES;
+pub(crate) use patch::patch_vms;
 pub use selectors::{matches_node, matches_vm};
 pub use slas::BUILTIN_SLA;
 
 /// Where each named object was declared, for messages of later phases
 /// (placement explanations, policy results).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpanIndex {
     objects: BTreeMap<(&'static str, String), Span>,
 }

@@ -48,23 +48,7 @@ impl Checker<'_> {
             if !seen.insert(v.name.value.clone()) {
                 continue;
             }
-            self.spans.insert("vm", &v.name.value, v.name.span);
-            let owner = format!("vm `{}`", v.name.value);
-            if let Some(vm) = self.vm(
-                &v.name.value,
-                None,
-                &owner,
-                v.tenant.as_ref(),
-                v.site.as_ref(),
-                &v.body,
-                sites,
-                tenants,
-                slas,
-                images,
-                &known,
-            ) {
-                out.push(vm);
-            }
+            out.extend(self.single_vm(v, sites, tenants, slas, images, &known));
         }
         let mut groups = vec![];
         let mut seen_groups = BTreeSet::new();
@@ -72,82 +56,130 @@ impl Checker<'_> {
             if !seen_groups.insert(g.name.value.clone()) {
                 continue;
             }
-            self.spans.insert("vm-group", &g.name.value, g.name.span);
-            let replicas = g.replicas.as_ref().map_or(0, |r| r.value);
-            let mut members = vec![];
-            for i in 0..replicas {
-                let name = format!("{}-{i}", g.name.value);
-                if name.len() > 63 {
-                    self.push(
-                        Diagnostic::error(
-                            "cairn::check::invalid_name",
-                            g.name.span,
-                            format!(
-                                "vm-group `{}` expands to `{name}`, longer than 63 characters",
-                                g.name.value
-                            ),
-                        )
-                        .with_help("shorten the group name"),
-                    );
-                    break;
-                }
-                debug_assert!(is_dns_label(&name) || !is_dns_label(&g.name.value));
-                members.push(name.clone());
-                if !seen.insert(name.clone()) {
-                    continue;
-                }
-                self.spans.insert("vm", &name, g.name.span);
-                // Report resolution problems once per group, not once per replica.
-                let owner = format!("vm-group `{}`", g.name.value);
-                let before = self.diags.len();
-                let vm = self.vm(
-                    &name,
-                    Some(&g.name.value),
-                    &owner,
-                    g.tenant.as_ref(),
-                    g.site.as_ref(),
-                    &g.body,
-                    sites,
-                    tenants,
-                    slas,
-                    images,
-                    &known,
-                );
-                if i > 0 {
-                    self.diags.truncate(before);
-                }
-                out.extend(vm);
-            }
-            if let Some(m) = &g.max_unavailable
-                && m.value > replicas.max(1)
-            {
-                self.push(
-                    Diagnostic::warning(
-                        "cairn::check::max_unavailable_above_replicas",
-                        m.span,
-                        format!(
-                            "max-unavailable {} is more than the group's {replicas} replicas",
-                            m.value
-                        ),
-                    )
-                    .with_help("it allows taking the whole group down at once; lower it"),
-                );
-            }
-            groups.push(VmGroup {
-                name: g.name.value.clone(),
-                tenant: g
-                    .tenant
-                    .as_ref()
-                    .map(|t| t.value.clone())
-                    .unwrap_or_default(),
-                site: g.site.as_ref().map(|t| t.value.clone()).unwrap_or_default(),
-                replicas,
-                spread: g.spread.as_ref().map(|s| s.value),
-                max_unavailable: g.max_unavailable.as_ref().map_or(1, |m| m.value),
-                vms: members,
-            });
+            let (group, members) =
+                self.vm_group(g, &mut seen, sites, tenants, slas, images, &known);
+            out.extend(members);
+            groups.push(group);
         }
         (out, groups)
+    }
+
+    /// One `vm`.
+    pub(super) fn single_vm(
+        &mut self,
+        v: &spec::VmSpec,
+        sites: &[Site],
+        tenants: &[Tenant],
+        slas: &BTreeMap<String, SlaProfile>,
+        images: &BTreeMap<String, Image>,
+        known: &Known<'_>,
+    ) -> Option<Vm> {
+        self.spans.insert("vm", &v.name.value, v.name.span);
+        let owner = format!("vm `{}`", v.name.value);
+        self.vm(
+            &v.name.value,
+            None,
+            &owner,
+            v.tenant.as_ref(),
+            v.site.as_ref(),
+            &v.body,
+            sites,
+            tenants,
+            slas,
+            images,
+            known,
+        )
+    }
+
+    /// One vm-group: its replicas, checked as VMs (a name `seen` already is
+    /// skipped), and the group.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn vm_group(
+        &mut self,
+        g: &spec::VmGroupSpec,
+        seen: &mut BTreeSet<String>,
+        sites: &[Site],
+        tenants: &[Tenant],
+        slas: &BTreeMap<String, SlaProfile>,
+        images: &BTreeMap<String, Image>,
+        known: &Known<'_>,
+    ) -> (VmGroup, Vec<Vm>) {
+        let mut out = vec![];
+        self.spans.insert("vm-group", &g.name.value, g.name.span);
+        let replicas = g.replicas.as_ref().map_or(0, |r| r.value);
+        let mut members = vec![];
+        for i in 0..replicas {
+            let name = format!("{}-{i}", g.name.value);
+            if name.len() > 63 {
+                self.push(
+                    Diagnostic::error(
+                        "cairn::check::invalid_name",
+                        g.name.span,
+                        format!(
+                            "vm-group `{}` expands to `{name}`, longer than 63 characters",
+                            g.name.value
+                        ),
+                    )
+                    .with_help("shorten the group name"),
+                );
+                break;
+            }
+            debug_assert!(is_dns_label(&name) || !is_dns_label(&g.name.value));
+            members.push(name.clone());
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            self.spans.insert("vm", &name, g.name.span);
+            // Report resolution problems once per group, not once per replica.
+            let owner = format!("vm-group `{}`", g.name.value);
+            let before = self.diags.len();
+            let vm = self.vm(
+                &name,
+                Some(&g.name.value),
+                &owner,
+                g.tenant.as_ref(),
+                g.site.as_ref(),
+                &g.body,
+                sites,
+                tenants,
+                slas,
+                images,
+                known,
+            );
+            if i > 0 {
+                self.diags.truncate(before);
+            }
+            out.extend(vm);
+        }
+        if let Some(m) = &g.max_unavailable
+            && m.value > replicas.max(1)
+        {
+            self.push(
+                Diagnostic::warning(
+                    "cairn::check::max_unavailable_above_replicas",
+                    m.span,
+                    format!(
+                        "max-unavailable {} is more than the group's {replicas} replicas",
+                        m.value
+                    ),
+                )
+                .with_help("it allows taking the whole group down at once; lower it"),
+            );
+        }
+        let group = VmGroup {
+            name: g.name.value.clone(),
+            tenant: g
+                .tenant
+                .as_ref()
+                .map(|t| t.value.clone())
+                .unwrap_or_default(),
+            site: g.site.as_ref().map(|t| t.value.clone()).unwrap_or_default(),
+            replicas,
+            spread: g.spread.as_ref().map(|s| s.value),
+            max_unavailable: g.max_unavailable.as_ref().map_or(1, |m| m.value),
+            vms: members,
+        };
+        (group, out)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -461,7 +493,7 @@ pub(super) struct Known<'a> {
 }
 
 impl<'a> Known<'a> {
-    fn new(sites: &'a [Site], tenants: &'a [Tenant]) -> Known<'a> {
+    pub(super) fn new(sites: &'a [Site], tenants: &'a [Tenant]) -> Known<'a> {
         let mut known = Known {
             sites: BTreeMap::new(),
             tenants: BTreeMap::new(),

@@ -94,6 +94,7 @@ fn assert_same(
         incremental.diagnostics, full.diagnostics,
         "diagnostics after {what}"
     );
+    assert!(incremental.spans == full.spans, "span index after {what}");
     assert_eq!(
         reuse.reused + reuse.lowered,
         sources.len(),
@@ -148,6 +149,131 @@ fn a_session_compiles_every_commit_of_a_history_as_a_full_compile_does() {
         );
     }
     assert!(errors > 0, "no commit of the histories had an error");
+}
+
+/// One commit that changes VMs' resources: the `cpu` or `memory` line of a
+/// random VM or vm-group of a workload file, to a value that sometimes
+/// crosses tenant `t0`'s quota or a site's room for reserved VMs; or, now and
+/// then, something a cross-object pass reads (a tag, a network, a replica
+/// count, a disk size) or a pinned address, which the patch must refuse.
+fn resource_edit(files: &mut [(String, String)], rng: &mut Rng) -> &'static str {
+    let workloads: Vec<usize> = (0..files.len())
+        .filter(|&i| files[i].0.starts_with("workloads/"))
+        .collect();
+    let f = workloads[rng.below(workloads.len())];
+    let before = files[f].1.clone();
+    let text = &mut files[f].1;
+    let (key, what) = match rng.below(10) {
+        0..=3 => ("\n    cpu ", "cpu"),
+        4..=6 => ("\n    memory ", "memory"),
+        7 => ("\n    tag \"tier\" ", "tag"),
+        8 => ("replicas=", "replicas"),
+        _ => ("\n    nic network=\"net-0\"", "pin"),
+    };
+    let at: Vec<usize> = text
+        .match_indices(key)
+        .map(|(i, _)| i + key.len())
+        .collect();
+    let Some(&at) = at.get(rng.below(at.len())) else {
+        return "no change";
+    };
+    let end = at + text[at..].find(['\n', ' ']).unwrap_or(text.len() - at);
+    let value = match what {
+        "cpu" => [1, 2, 3, 4, 8, 16, 64, 500][rng.below(8)].to_string(),
+        "memory" => format!("\"{}GiB\"", [1, 2, 4, 8, 64, 100_000][rng.below(6)]),
+        "tag" => format!("\"{}\"", ["web", "db", "batch"][rng.below(3)]),
+        "replicas" => (1 + rng.below(9)).to_string(),
+        _ => " address=\"10.0.0.77\"".to_owned(),
+    };
+    if what == "pin" {
+        text.insert_str(at, &value);
+    } else {
+        text.replace_range(at..end, &value);
+    }
+    if *text == before { "no change" } else { what }
+}
+
+#[test]
+fn a_change_to_vms_alone_is_checked_alone_and_gives_the_whole_check() {
+    let mut patched = std::collections::BTreeMap::new();
+    let mut whole = std::collections::BTreeMap::new();
+    for seed in 1..=3u64 {
+        let mut files = generate(&GenConfig {
+            nodes: 60,
+            vms: 400,
+            seed,
+        });
+        // A quota on t0 a little above what it uses, so that growing a VM
+        // sometimes crosses it.
+        let usage = compiler::compile(&Sources::from_files(files.clone()))
+            .model
+            .tenants
+            .iter()
+            .find(|t| t.name == "t0")
+            .map(|t| t.usage.clone())
+            .expect("tenant t0");
+        let tenants = files
+            .iter_mut()
+            .find(|(p, _)| p == "tenants.kdl")
+            .expect("tenants.kdl");
+        tenants.1 = tenants.1.replacen(
+            "tenant \"t0\" {\n",
+            &format!(
+                "tenant \"t0\" {{\n    quota vcpus={} memory=\"{}GiB\"\n",
+                usage.vcpus + 40,
+                usage.memory_bytes / (1 << 30) + 64
+            ),
+            1,
+        );
+        let base = files.clone();
+        let mut rng = Rng(0x5EED_0000 ^ seed);
+        let mut session = Session::new();
+        assert_same(&mut session, &files, "the first compile");
+        for step in 0..60 {
+            let what = resource_edit(&mut files, &mut rng);
+            let reuse = assert_same(&mut session, &files, &format!("step {step}: {what}"));
+            let errors = compiler::compile(&Sources::from_files(files.clone())).has_errors();
+            let key = format!("{what}{}", if errors { " (error)" } else { "" });
+            match reuse.vms_rechecked {
+                Some(n) => {
+                    assert!(
+                        n > 0 || what == "no change",
+                        "{what}: a patch re-checks the changed file's VMs"
+                    );
+                    *patched.entry(key).or_insert(0) += 1;
+                }
+                None => *whole.entry(key).or_insert(0) += 1,
+            }
+            if errors {
+                // Back to a clean repository, so that the next edits can be
+                // patched again.
+                files = base.clone();
+                assert_same(&mut session, &files, "the reset");
+            }
+        }
+    }
+    // The patch is taken for resource changes, and refused for the rest and
+    // for changes that cross a quota or a site's room.
+    for what in ["cpu", "memory"] {
+        assert!(
+            patched.contains_key(what),
+            "{what} never patched: {patched:?}"
+        );
+    }
+    for what in ["tag", "pin", "replicas"] {
+        assert!(
+            !patched
+                .keys()
+                .any(|k| k.starts_with(what) && !k.contains("no change")),
+            "{what} patched: {patched:?}"
+        );
+    }
+    assert!(
+        whole
+            .keys()
+            .any(|k| k.contains("(error)") && (k.starts_with("cpu") || k.starts_with("memory"))),
+        "no resource change crossed a limit: {whole:?}"
+    );
 }
 
 #[test]
