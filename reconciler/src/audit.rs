@@ -51,6 +51,37 @@ pub const CONTEXT: &[u8] = b"cairn-audit-v1\0";
 /// The event of the marker entry that starts the chain after unchained entries.
 pub const CHAIN_STARTED: &str = "audit-chain-started";
 
+/// The event of a controller key rotation: the last entry the outgoing key seals,
+/// naming its successor ([`rotation_detail`]); the entries after it are sealed by
+/// the new key.
+pub const KEY_ROTATED: &str = "controller-key-rotated";
+
+/// The event of a recovery from a lost controller key: the first entry the new key
+/// seals, carrying the offline recovery key's signature over the lost and the new
+/// key ([`recovery_detail`]), since the lost key cannot hand over.
+pub const KEY_RECOVERED: &str = "controller-key-recovered";
+
+/// The detail of a [`KEY_ROTATED`] entry (sealed by `from`).
+pub fn rotation_detail(from_hex: &str, to_hex: &str) -> serde_json::Value {
+    serde_json::json!({"from": from_hex, "to": to_hex})
+}
+
+/// What a recovery key signs to put `new_hex` in the place of the lost `lost_hex`.
+pub fn recovery_payload(lost_hex: &str, new_hex: &str) -> Vec<u8> {
+    format!("cairn-audit-key-recovery-v1\n{lost_hex}\n{new_hex}").into_bytes()
+}
+
+/// The detail of a [`KEY_RECOVERED`] entry (sealed by the new key), signed by the
+/// offline `recovery` key.
+pub fn recovery_detail(lost_hex: &str, new_hex: &str, recovery: &Identity) -> serde_json::Value {
+    serde_json::json!({
+        "lost": lost_hex,
+        "to": new_hex,
+        "recovery_key": recovery.public_key_hex(),
+        "recovery_signature": to_hex(&recovery.sign_bytes(&recovery_payload(lost_hex, new_hex)).to_bytes()),
+    })
+}
+
 /// One audit log entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct AuditEntry {
@@ -245,8 +276,11 @@ pub struct Summary {
     pub head_seq: u64,
     /// Its hash (hex; empty when empty).
     pub head_hash: String,
-    /// The key every chained entry is signed with (hex).
+    /// The key the newest chained entries are signed with (hex): the controller key.
     pub key: String,
+    /// The keys that signed older entries, oldest first, each handing over to the
+    /// next by a [`KEY_ROTATED`] or [`KEY_RECOVERED`] entry (empty: one key all along).
+    pub previous_keys: Vec<String>,
 }
 
 /// The first broken entry: which, and what is wrong.
@@ -267,9 +301,27 @@ fn broken(seq: u64, problem: impl Into<String>) -> Broken {
 }
 
 /// Walks the stored records (table key and bytes, in key order) and checks every
-/// hash and signature against `key`.
+/// hash and signature; the newest entries must be signed by `key`, the controller
+/// key ([`verify_with`], accepting a recovery by any recovery key).
 pub fn verify(records: &[(u64, Vec<u8>)], key: &VerifyingKey) -> Result<Summary, Broken> {
+    verify_with(records, key, &[])
+}
+
+/// [`verify`] across controller key changes. Each entry is signed by the key of its
+/// span: the first chained entry's key, until a [`KEY_ROTATED`] entry signed by it
+/// names the next, or a [`KEY_RECOVERED`] entry sealed by the next carries a recovery
+/// key's signature naming the lost one and the next (one of `recovery` when it is not
+/// empty). The last span's key must be `key`: whoever holds it vouches, by its first
+/// entry's previous hash, for everything before.
+pub fn verify_with(
+    records: &[(u64, Vec<u8>)],
+    key: &VerifyingKey,
+    recovery: &[VerifyingKey],
+) -> Result<Summary, Broken> {
     let key_hex = to_hex(key.as_bytes());
+    // The key of the current span, the entry it starts at, and the keys before it.
+    let mut span: Option<(String, u64)> = None;
+    let mut previous_keys: Vec<String> = vec![];
     let mut unchained: Vec<&[u8]> = vec![];
     // The previous sealed entry: its seq and hash.
     let mut previous: Option<(u64, [u8; 32])> = None;
@@ -355,27 +407,80 @@ pub fn verify(records: &[(u64, Vec<u8>)], key: &VerifyingKey) -> Result<Summary,
                 "its hash does not match its seq, previous hash and content hash: it was altered",
             ));
         }
-        if !sealed.key.eq_ignore_ascii_case(&key_hex) {
-            return Err(broken(
-                position,
-                format!(
-                    "it is signed by key {}, not the controller key {}",
-                    short(&sealed.key),
-                    short(&key_hex)
-                ),
-            ));
+        let signer_hex = sealed.key.to_ascii_lowercase();
+        let signer = proto::auth::parse_public_key(&signer_hex)
+            .map_err(|e| broken(position, format!("its key is malformed: {e}")))?;
+        match &span {
+            None => span = Some((signer_hex.clone(), position)),
+            Some((current, _)) if *current == signer_hex => {}
+            Some((current, since)) => {
+                recovered(&sealed, current, recovery).map_err(|why| {
+                    broken(
+                        position,
+                        format!(
+                            "it is signed by key {}, not key {} that signed the entries since {since}, and {why}",
+                            short(&signer_hex),
+                            short(current)
+                        ),
+                    )
+                })?;
+                previous_keys.push(current.clone());
+                span = Some((signer_hex.clone(), position));
+            }
         }
         let signature = from_hex::<64>(&sealed.signature)
             .map(|b| Signature::from_bytes(&b))
             .map_err(|e| broken(position, format!("its signature is malformed: {e}")))?;
-        if key.verify(&bytes, &signature).is_err() {
+        if signer.verify(&bytes, &signature).is_err() {
             return Err(broken(
                 position,
                 "its signature does not verify with the controller key: it was altered or forged",
             ));
         }
+        if sealed.entry.event == KEY_ROTATED {
+            let detail = &sealed.entry.detail;
+            let to = detail["to"]
+                .as_str()
+                .and_then(|t| proto::auth::parse_public_key(t).ok())
+                .ok_or_else(|| {
+                    broken(
+                        position,
+                        "it rotates the controller key but names no valid key `to`",
+                    )
+                })?;
+            if detail["from"].as_str().map(str::to_ascii_lowercase) != Some(signer_hex.clone()) {
+                return Err(broken(
+                    position,
+                    "it rotates the controller key `from` another key than the one that signed it",
+                ));
+            }
+            let to = to_hex(to.as_bytes());
+            if to != signer_hex {
+                previous_keys.push(signer_hex);
+                span = Some((to, position + 1));
+            }
+        }
         previous = Some((position, hash));
         expected_next = position + 1;
+    }
+    if let Some((last, since)) = &span
+        && *last != key_hex
+    {
+        let problem = if previous_keys.is_empty() {
+            format!(
+                "it is signed by key {}, not the controller key {}",
+                short(last),
+                short(&key_hex)
+            )
+        } else {
+            format!(
+                "the entries from {since} on belong to key {} (after {} key change(s)), not the controller key {}",
+                short(last),
+                previous_keys.len(),
+                short(&key_hex)
+            )
+        };
+        return Err(broken(*since, problem));
     }
     Ok(Summary {
         entries: records.len() as u64,
@@ -385,7 +490,42 @@ pub fn verify(records: &[(u64, Vec<u8>)], key: &VerifyingKey) -> Result<Summary,
             .unwrap_or(expected_next.saturating_sub(1)),
         head_hash: previous.map(|(_, h)| to_hex(&h)).unwrap_or_default(),
         key: key_hex,
+        previous_keys,
     })
+}
+
+/// Whether `sealed` is a valid recovery from the lost key `lost` (hex) to its own key;
+/// `Err` says why not.
+fn recovered(sealed: &Sealed, lost: &str, recovery: &[VerifyingKey]) -> Result<(), String> {
+    if sealed.entry.event != KEY_RECOVERED {
+        return Err(format!(
+            "no `{KEY_ROTATED}` entry signed by the old key or `{KEY_RECOVERED}` entry hands over to it: it was forged or re-sealed"
+        ));
+    }
+    let detail = &sealed.entry.detail;
+    let field = |name: &str| detail[name].as_str().map(str::to_ascii_lowercase);
+    let new = sealed.key.to_ascii_lowercase();
+    if field("lost").as_deref() != Some(lost) || field("to").as_deref() != Some(new.as_str()) {
+        return Err(format!(
+            "its `{KEY_RECOVERED}` detail does not name the lost key and its own key"
+        ));
+    }
+    let recovery_key = field("recovery_key")
+        .and_then(|k| proto::auth::parse_public_key(&k).ok())
+        .ok_or("its recovery key is missing or malformed")?;
+    if !recovery.is_empty() && !recovery.contains(&recovery_key) {
+        return Err(format!(
+            "its recovery key {} is not a trusted recovery key",
+            short(&to_hex(recovery_key.as_bytes()))
+        ));
+    }
+    let signature = field("recovery_signature")
+        .and_then(|s| from_hex::<64>(&s).ok())
+        .map(|b| Signature::from_bytes(&b))
+        .ok_or("its recovery signature is missing or malformed")?;
+    recovery_key
+        .verify(&recovery_payload(lost, &new), &signature)
+        .map_err(|_| "its recovery signature does not verify".to_owned())
 }
 
 fn missing(expected: u64, found: u64) -> Broken {
@@ -600,6 +740,129 @@ mod tests {
         assert_eq!(err.seq, 2, "{err}");
         assert!(err.problem.contains("signed as entry 4"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The store of `dir` reopened with its audit entries signed by `identity`.
+    fn reopen(dir: &std::path::Path, identity: &Identity) -> RedbStore {
+        RedbStore::open(&dir.join("state.redb"))
+            .unwrap()
+            .with_audit_key(identity.clone(), proto::anchor::SharedHead::default())
+            .unwrap()
+    }
+
+    #[test]
+    fn the_chain_verifies_across_a_rotation_and_a_recovery_and_not_otherwise() {
+        let (dir, store, old) = store();
+        fill(&store, 3);
+        let new = Identity::generate().unwrap();
+        // The old key's last entry hands over to the new key.
+        store
+            .audit(
+                KEY_ROTATED,
+                rotation_detail(&old.public_key_hex(), &new.public_key_hex()),
+            )
+            .unwrap();
+        // Verified with the old key now: the log is the new key's from entry 5 on.
+        let err = verdict(&store, &old).unwrap_err();
+        assert_eq!(err.seq, 5, "{err}");
+        assert!(err.problem.contains("after 1 key change"), "{err}");
+        drop(store);
+        let store = reopen(&dir, &new);
+        fill(&store, 2);
+        let summary = verdict(&store, &new).unwrap();
+        assert_eq!(summary.entries, 6);
+        assert_eq!(summary.previous_keys, vec![old.public_key_hex()]);
+        assert!(verdict(&store, &old).is_err());
+
+        // controller.key (new) is lost: the replacement's first entry carries the
+        // recovery key's signature.
+        let recovery = Identity::generate().unwrap();
+        let replacement = Identity::generate().unwrap();
+        drop(store);
+        let store = reopen(&dir, &replacement);
+        store
+            .audit(
+                KEY_RECOVERED,
+                recovery_detail(
+                    &new.public_key_hex(),
+                    &replacement.public_key_hex(),
+                    &recovery,
+                ),
+            )
+            .unwrap();
+        fill(&store, 1);
+        let records = store.audit_records().unwrap();
+        let summary = verify_with(
+            &records,
+            &replacement.public_key(),
+            &[recovery.public_key()],
+        )
+        .expect("verifies across the recovery");
+        assert_eq!(
+            summary.previous_keys,
+            vec![old.public_key_hex(), new.public_key_hex()]
+        );
+        // A recovery key the verifier does not trust: refused, naming the entry.
+        let stranger = Identity::generate().unwrap();
+        let err = verify_with(
+            &records,
+            &replacement.public_key(),
+            &[stranger.public_key()],
+        )
+        .unwrap_err();
+        assert_eq!(err.seq, 7, "{err}");
+        assert!(err.problem.contains("not a trusted recovery key"), "{err}");
+        drop(store);
+
+        // A key change with neither: a forger's key taking over at entry 9 is named.
+        let forger = Identity::generate().unwrap();
+        let store = reopen(&dir, &forger);
+        store
+            .audit("apply", serde_json::json!({"plan_id": "forged"}))
+            .unwrap();
+        let err = verdict(&store, &forger).unwrap_err();
+        assert_eq!(err.seq, 9, "{err}");
+        assert!(
+            err.problem.contains("no `controller-key-rotated` entry"),
+            "{err}"
+        );
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_recovery_signed_by_the_wrong_key_or_a_rotation_from_another_key_is_refused() {
+        let (dir, first_store, old) = store();
+        fill(&first_store, 2);
+        drop(first_store);
+        let (new, recovery) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let reopened = reopen(&dir, &new);
+        // The recovery detail signed for another lost key.
+        let mut detail = recovery_detail(&new.public_key_hex(), &new.public_key_hex(), &recovery);
+        detail["lost"] = serde_json::json!(old.public_key_hex());
+        reopened.audit(KEY_RECOVERED, detail).unwrap();
+        let err = verdict(&reopened, &new).unwrap_err();
+        assert_eq!(err.seq, 3, "{err}");
+        assert!(
+            err.problem.contains("recovery signature does not verify"),
+            "{err}"
+        );
+        drop(reopened);
+        let (dir2, store, first) = store();
+        // A rotation entry claiming to be from another key than its signer.
+        let other = Identity::generate().unwrap();
+        store
+            .audit(
+                KEY_ROTATED,
+                rotation_detail(&other.public_key_hex(), &other.public_key_hex()),
+            )
+            .unwrap();
+        let err = verdict(&store, &first).unwrap_err();
+        assert_eq!(err.seq, 1, "{err}");
+        assert!(err.problem.contains("`from` another key"), "{err}");
+        drop(store);
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir2).unwrap();
     }
 
     #[test]
