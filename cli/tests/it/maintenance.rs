@@ -186,6 +186,7 @@ fn a_node_in_maintenance_is_drained_live_gets_no_ha_restart_and_shows_it() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
+    let mut not_live = vec![];
     for ((vm, node), before) in drained.iter().zip(&beats) {
         assert_eq!(
             vmm_pid(&ha.vm_dir(vm)),
@@ -200,23 +201,36 @@ fn a_node_in_maintenance_is_drained_live_gets_no_ha_restart_and_shows_it() {
             .join("vms")
             .join(vm);
         let after = wait_for_beats(&dir);
-        // That the move is live (the guest's counter goes on) is asserted by
-        // `migration_nics`. Here, beside a failing node's HA restarts on a loaded
-        // machine, a session-12 CI run saw web-1 start afresh on lab-2 (6 heartbeats
-        // after 252): an open question of issue 17, reported, not asserted, until it
-        // is explained. One way to it is closed since (session 13): a migration that
-        // did not finish left a stopped copy on the destination, and the next plan
-        // started that copy afresh and deleted the running one
-        // (`reconciler::plan::vms::stale_destination`); the controller's migration
-        // lines printed below tell whether another way remains. What this test
-        // asserts is issue 16's: the VMs leave `kept`, and no HA restart lands there.
+        // Every VM moved live: its guest's counter went on (a fresh boot starts it
+        // again). A session-12 CI run saw web-1 start afresh on lab-2 (6 heartbeats
+        // after 252); the way found (session 13, 19099fc): a migration that did not
+        // finish left a stopped copy on the destination, and the next plan started it
+        // afresh and deleted the running one (`reconciler::plan::vms::stale_destination`).
+        // If another way remains, the controller's migration lines say which.
         if after < *before {
-            eprintln!(
-                "NOT LIVE: {vm} started afresh on {node} ({after} heartbeats < {before} on {kept})"
-            );
+            not_live.push(format!(
+                "{vm} started afresh on {node} ({after} heartbeats < {before} on {kept})"
+            ));
         } else {
             eprintln!("{vm}: drained live {kept} -> {node}, heartbeats {before} -> {after}");
         }
+    }
+    if !not_live.is_empty() {
+        let log = std::fs::read_to_string(ha.cluster.path().join(".cairn/dev/controller.log"))
+            .unwrap_or_default();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                ["migrat", "drift", "delete", "start"]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .map(|l| &l[..l.len().min(300)])
+            .collect();
+        panic!(
+            "not drained live: {not_live:?}\ncontroller:\n  {}",
+            lines.join("\n  ")
+        );
     }
 
     // The failing node's HA VMs restart on the other node, never on `kept`.
