@@ -127,8 +127,8 @@ pub struct Quorum {
     state: Mutex<State>,
     /// Random per process: tells the controller an agent restart from a renewal.
     incarnation: String,
-    /// gRPC channels to the controller and the peers, by address.
-    channels: Mutex<BTreeMap<String, tonic::transport::Channel>>,
+    /// gRPC channels to the controller and the peers, by address and call timeout.
+    channels: Mutex<BTreeMap<(String, Duration), tonic::transport::Channel>>,
     /// One push of fence deadlines at a time: a renewal and a probe majority each push
     /// as soon as they extend the quorum, and two pushes racing could leave a VMM with
     /// the earlier deadline while `pushed` records the later one.
@@ -240,9 +240,16 @@ fn call_timeout(ttl: Duration) -> Duration {
 }
 
 impl Quorum {
-    /// The channel to `address`, made once and kept: it reconnects by itself, so a
-    /// round every T/3 does not open a new connection to the controller and to each
-    /// peer.
+    /// The channel to `address` whose calls wait `timeout`, made once and kept: it
+    /// reconnects by itself, so a round every T/3 does not open a new connection to
+    /// the controller and to each peer. Kept per timeout too, since the channel
+    /// enforces it on every call: the first rounds run with T/3 of the lease asked
+    /// for (`--lease-ttl-ms`, 3 s by default: 1 s), and a channel kept from them held
+    /// every later call to that 1 s though the controller's grant (10 s in the dev
+    /// clusters) allows 3.3 s. Under load every renewal and probe slower than 1 s then
+    /// failed ("Timeout expired" at 1,003-1,170 ms in `cli it cpu_preemption`'s
+    /// rounds), and a node whose renewals and probes both failed for T fenced its VMs
+    /// although the controller still granted its lease.
     fn channel(
         &self,
         address: &str,
@@ -250,16 +257,19 @@ impl Quorum {
         local_address: Option<std::net::IpAddr>,
     ) -> Result<tonic::transport::Channel, String> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(channel) = channels.get(address) {
+        let key = (address.to_owned(), timeout);
+        if let Some(channel) = channels.get(&key) {
             return Ok(channel.clone());
         }
+        // A channel of an older timeout is not used again.
+        channels.retain(|(kept, _), _| kept != address);
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| e.to_string())?
             .connect_timeout(timeout)
             .timeout(timeout)
             .local_address(local_address)
             .connect_lazy();
-        channels.insert(address.to_owned(), channel.clone());
+        channels.insert(key, channel.clone());
         Ok(channel)
     }
 }
@@ -613,6 +623,20 @@ async fn witness_loop(node: Arc<Node>, config: LeaseConfig) {
 pub async fn run(node: Arc<Node>, config: LeaseConfig) {
     let mut ttl = config.ttl;
     let mut every = ttl / 3;
+    // A restarted agent starts with the T of the last grant it kept, not the one it
+    // asks for (`--lease-ttl-ms`, 3 s by default): its first round, which must renew
+    // the fences its predecessor pushed, otherwise waited 1 s per call and counted a
+    // site majority for only 3 s, then waited the kept T/3 (3.3 s) for the next round.
+    // Under load that gap let a fence lapse with its VMM adopted and running (`cli it
+    // cpu_preemption`: "site majority 1941 ms left" after the first round, db fenced
+    // before the second).
+    {
+        let state = node.quorum.lock();
+        if state.kept.ttl_ms > 0 {
+            ttl = Duration::from_millis(state.kept.ttl_ms);
+            every = renew_interval(ttl, state.kept.renew_every_ms);
+        }
+    }
     let witness = tokio::spawn(witness_loop(Arc::clone(&node), config.clone()));
     // The witness loop ends with this one (it holds the node).
     struct Abort(tokio::task::JoinHandle<()>);

@@ -32,6 +32,8 @@ struct FakeController {
     fenced: Vec<String>,
     unguarded: Vec<String>,
     grants: Arc<AtomicU64>,
+    /// How long every renewal after the first waits before it is answered.
+    slow: Duration,
 }
 
 #[tonic::async_trait]
@@ -41,6 +43,9 @@ impl v1::lease_server::Lease for FakeController {
         _request: tonic::Request<v1::RenewLeaseRequest>,
     ) -> Result<tonic::Response<v1::RenewLeaseReply>, tonic::Status> {
         let grant = self.grants.fetch_add(1, Ordering::SeqCst) + 1;
+        if grant > 1 {
+            tokio::time::sleep(self.slow).await;
+        }
         Ok(tonic::Response::new(v1::RenewLeaseReply {
             ttl_ms: TTL_MS,
             grant,
@@ -61,7 +66,18 @@ async fn fake_controller(fenced: &[&str]) -> (String, Arc<AtomicU64>) {
 
 /// [`fake_controller`] that also names `unguarded` VMs (availability `none`).
 async fn fake_controller_with(fenced: &[&str], unguarded: &[&str]) -> (String, Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::bind(format!("{IP}:0"))
+    fake_controller_on(IP, fenced, unguarded, Duration::ZERO).await
+}
+
+/// [`fake_controller_with`] on `ip`, answering every renewal after the first `slow`
+/// late.
+async fn fake_controller_on(
+    ip: &str,
+    fenced: &[&str],
+    unguarded: &[&str],
+    slow: Duration,
+) -> (String, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind(format!("{ip}:0"))
         .await
         .expect("bind the fake controller");
     let address = listener.local_addr().expect("address").to_string();
@@ -70,6 +86,7 @@ async fn fake_controller_with(fenced: &[&str], unguarded: &[&str]) -> (String, A
         fenced: fenced.iter().map(|vm| vm.to_string()).collect(),
         unguarded: unguarded.iter().map(|vm| vm.to_string()).collect(),
         grants: grants.clone(),
+        slow,
     };
     tokio::spawn(
         tonic::transport::Server::builder()
@@ -87,13 +104,31 @@ fn agent_with(
     controller: &proto::auth::Identity,
     extra: &[&str],
 ) -> TestNode {
+    agent_on(IP, name, dir, controller, extra, &[])
+}
+
+/// [`agent_with`] listening on `ip`, with environment variables `env`.
+fn agent_on(
+    ip: &str,
+    name: &str,
+    dir: &Path,
+    controller: &proto::auth::Identity,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> TestNode {
     std::fs::write(
         dir.join("trusted-controllers"),
         format!("{} test-controller\n", controller.public_key_hex()),
     )
     .unwrap();
     let disk = ["--disks", "1", "--disk-capacity", "268435456"];
-    TestNode::start_with_args(name, dir, &format!("{IP}:0"), &[&disk[..], extra].concat())
+    TestNode::start_with_env(
+        name,
+        dir,
+        &format!("{ip}:0"),
+        &[&disk[..], extra].concat(),
+        env,
+    )
 }
 
 /// Starts (or restarts) the agent of `dir`, renewing its lease at `lease`.
@@ -753,5 +788,84 @@ async fn the_watchdog_is_armed_only_when_asked_petted_while_the_lease_holds_and_
         written.last(),
         Some(&b'V'),
         "no magic close on a graceful exit"
+    );
+}
+
+/// A renewal may take a third of the lease the controller GRANTED, not of the one asked
+/// for before the first grant: the node's channels to its controller and peers were
+/// made at its first round, with that round's call timeout (T/3 of the 3 s default:
+/// 1 s), and kept, so every later renewal or probe slower than 1 s failed ("Timeout
+/// expired") though a 10 s grant allows 3.3 s; under load a node whose renewals and
+/// probes all failed so for T fenced its VMs while the controller still granted its
+/// lease. Here the controller grants 8 s (`TTL_MS`: a 2.7 s call timeout) and answers
+/// every renewal after the first 1.5 s late: each must count, and so must the first
+/// renewal of the agent restarted on the same data directory. No VM and no KVM needed; the
+/// node's rounds are read from its log (`CAIRN_QUORUM_TRACE`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_slower_than_a_third_of_the_asked_lease_but_within_the_granted_one_counts() {
+    let (address, grants) =
+        fake_controller_on("127.0.0.85", &[], &[], Duration::from_millis(1500)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let start = || {
+        agent_on(
+            "127.0.0.85",
+            "slow-lease",
+            dir.path(),
+            &controller,
+            &["--lease-from", &address, "--lease-ttl-ms", "3000"],
+            &[("CAIRN_QUORUM_TRACE", "1")],
+        )
+    };
+    // Waits (30 s at most) until the controller was asked `count` renewals in all.
+    let asked = |count: u64| {
+        let grants = grants.clone();
+        async move {
+            let started = Instant::now();
+            while grants.load(Ordering::SeqCst) < count
+                && started.elapsed() < Duration::from_secs(30)
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let node = start();
+    // The first grant at once, then rounds every 2.7 s, each answered after 1.5 s.
+    asked(5).await;
+    // The fifth request was sent: the fourth was answered (or timed out) before it.
+    let log = node.log();
+    let rounds: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("cairn-node: quorum round: "))
+        .collect();
+    assert!(rounds.len() >= 4, "four rounds within 30 s: {log}");
+    for round in &rounds[..4] {
+        assert!(
+            round.contains("renewal granted;"),
+            "every renewal is granted, the slow ones too: {round}\n{log}"
+        );
+    }
+    assert!(!log.contains("Timeout expired"), "{log}");
+    // Restarted, the agent's first round already waits T/3 of the grant it kept in
+    // quorum.json: on the asked-for 3 s it timed out at 1 s, counted a site majority
+    // for 3 s only, and the next round came the kept T/3 later, while the fences its
+    // predecessor pushed ran out.
+    drop(node);
+    let before = grants.load(Ordering::SeqCst);
+    let node = start();
+    asked(before + 2).await;
+    let log = node.log();
+    let first = log
+        .lines()
+        .find(|l| l.starts_with("cairn-node: quorum round: "))
+        .unwrap_or_else(|| panic!("a round of the restarted agent within 30 s: {log}"));
+    assert!(
+        first.contains("renewal granted;"),
+        "the restarted agent's first renewal, 1.5 s late, is granted: {first}\n{log}"
+    );
+    println!(
+        "slow renewals: {} rounds with the controller answering 1.5 s late (the granted 8 s lease allows 2.7 s; the asked-for 3 s one 1 s): {}; restarted, its first round: {first}",
+        rounds.len(),
+        rounds[..4].join(" | ")
     );
 }
