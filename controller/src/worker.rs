@@ -148,6 +148,10 @@ struct Worker {
     /// changes one file parses and lowers one file (issue 24;
     /// `compiler::session`, whose output is the full compile's).
     compile_session: compiler::session::Session,
+    /// Each site's placement of the last sync: a push that changes one site
+    /// places that site again, not the cloud (issue 24;
+    /// `compiler::session::PlaceSession`, whose output is the full placement).
+    place_session: compiler::session::PlaceSession,
 }
 
 /// Runs until `stop` turns true.
@@ -173,6 +177,7 @@ pub(crate) async fn run(
         watches: Watches::default(),
         approval: None,
         compile_session: compiler::session::Session::new(),
+        place_session: compiler::session::PlaceSession::new(),
     };
     w.restore();
     let mut next_drift = Instant::now();
@@ -834,8 +839,14 @@ impl Worker {
             maintenance: self.shared.maintenance.nodes(),
             ..Default::default()
         };
-        let planned = match pipeline::plan_revision_with(
-            &model, &spec_root, commit, &store, &nodes, &options,
+        let planned = match pipeline::plan_revision_session(
+            &model,
+            &spec_root,
+            commit,
+            &store,
+            &nodes,
+            &options,
+            Some(&mut self.place_session),
         )
         .await
         {

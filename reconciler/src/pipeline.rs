@@ -231,12 +231,46 @@ pub fn plan_against_with(
     protected_before: BTreeSet<String>,
     options: &PlanOptions,
 ) -> Planned {
+    plan_against_session(
+        model,
+        spec_root,
+        revision,
+        observed,
+        previous,
+        protected_before,
+        options,
+        None,
+    )
+}
+
+/// [`plan_against_with`] placing through `places`, the placement session the
+/// caller keeps across syncs (issue 24, item 6): it places again only the
+/// sites whose inputs changed and gives what `desired::place` gives, byte for
+/// byte (`compiler/tests/it/session.rs`). Used when no node has failed; an HA
+/// restart places the whole model as before.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_against_session(
+    model: &compiler::Model,
+    spec_root: &std::path::Path,
+    revision: &str,
+    observed: Observed,
+    previous: &Placement,
+    protected_before: BTreeSet<String>,
+    options: &PlanOptions,
+    places: Option<&mut compiler::session::PlaceSession>,
+) -> Planned {
     // The operator's nodes in maintenance are placed as the spec's
     // (`maintenance=#true`): they keep their VMs, take no new one, and `ha-reserve`
     // admission counts no room on them.
     let closed = model.with_maintenance(&options.maintenance);
     let model = closed.as_ref();
-    let mut placement = if options.failed_nodes.is_empty() {
+    let mut placement = if let (true, Some(places)) = (options.failed_nodes.is_empty(), places) {
+        let place_options = compiler::place::PlaceOptions {
+            previous: Some(previous.clone()),
+            failed: Default::default(),
+        };
+        places.place(model, &place_options).0
+    } else if options.failed_nodes.is_empty() {
         desired::place(model, Some(previous))
     } else {
         // An HA restart is not held by `ha-reserve` admission: admission kept the
@@ -728,10 +762,24 @@ pub async fn plan_revision_with<N: NodeApi>(
     nodes: &N,
     options: &PlanOptions,
 ) -> Result<Planned, PipelineError> {
+    plan_revision_session(model, spec_root, revision, store, nodes, options, None).await
+}
+
+/// [`plan_revision_with`] placing through the caller's placement session (see
+/// [`plan_against_session`]).
+pub async fn plan_revision_session<N: NodeApi>(
+    model: &compiler::Model,
+    spec_root: &std::path::Path,
+    revision: &str,
+    store: &dyn StateStore,
+    nodes: &N,
+    options: &PlanOptions,
+    places: Option<&mut compiler::session::PlaceSession>,
+) -> Result<Planned, PipelineError> {
     let spec = spec_nodes(model);
     let observed = observe(&spec, nodes).await;
     let previous = previous_placement(store.placement()?, &observed);
-    Ok(plan_against_with(
+    Ok(plan_against_session(
         model,
         spec_root,
         revision,
@@ -739,6 +787,7 @@ pub async fn plan_revision_with<N: NodeApi>(
         &previous,
         store.protected_volumes()?,
         options,
+        places,
     ))
 }
 
