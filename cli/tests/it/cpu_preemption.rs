@@ -12,8 +12,16 @@
 //! no threshold tells them apart and a node watching from the start preempts whenever
 //! the machine is busy. So lab-1 starts without the flag, and once the cluster runs,
 //! its agent is restarted with it (its VMMs run on and are adopted) at the moment the
-//! load starts: the clock starts there. `failure-detect` is 10 s so the restart
-//! (about 1-2 s) fences no HA VM.
+//! load starts: the clock starts there. `failure-detect` (the lease T, and so the
+//! fence of the HA VMs) is 30 s: an HA VM fences itself when the new agent's first
+//! renewal comes later than T after the old agent's last. Under the load of a CI run on
+//! 2 cores (12 busy loops and two writers syncing 1 GiB files beside this test, load
+//! 27-31) `cairn dev up` took 7.0-13.7 s to bring lab-1 back, and with T = 10 s db and
+//! web-2 fenced themselves (exit 6; the CI runs' failure of sessions 12 and 13) in 1 of
+//! 8 runs, and in 2 of 5 with only the first of session 14's two node fixes (renewals
+//! held to 1 s; a restarted agent's first round on the asked-for 3 s): once before the
+//! new agent adopted db, so from the restart's length alone. That the new agent renews
+//! db's fence is asserted.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -61,7 +69,7 @@ impl Drop for Burners {
 
 /// The quickstart with `batch` (spot, preferring lab-1) instead of `backup`, `db` on a
 /// reserved profile with dedicated CPUs that prefers lab-1 too, and the nodes on this
-/// test's loopback addresses (127.0.0.82-84), detecting failures after 10 s.
+/// test's loopback addresses (127.0.0.82-84), detecting failures after 30 s.
 fn loaded_lab_1(dir: &Path) {
     spot_on_lab_1(dir);
     let workloads = dir.join("workloads.kdl");
@@ -71,7 +79,7 @@ fn loaded_lab_1(dir: &Path) {
         "{text}\nsla-profile \"pinned\" class=\"reserved\" priority=950 cpu-pinning=#true\n\naffinity \"db-on-lab-1\" kind=\"node\" hard=#false weight=100 {{\n    select app=\"db\"\n    nodes node=\"lab-1\"\n}}\n"
     );
     std::fs::write(&workloads, text).expect("write workloads.kdl");
-    on_loopback(dir, 82, "10s");
+    on_loopback(dir, 82, "30s");
 }
 
 /// The quickstart copy's three nodes on 127.0.0.FIRST and the two addresses after it
@@ -149,6 +157,20 @@ fn log_tail(path: &Path, lines: usize) -> String {
         }
         Err(e) => format!("({}: {e})", path.display()),
     }
+}
+
+/// The VMM's fence deadline (`CLOCK_BOOTTIME` ns, 0 when disarmed) and the
+/// milliseconds left before it, from its status.
+fn fence(vm_dir: &Path) -> (u64, f64) {
+    let status = control(vm_dir, r#"{"op":"status"}"#);
+    (
+        status["status"]["fence_deadline_boottime_ns"]
+            .as_u64()
+            .unwrap_or(0),
+        status["status"]["fence_remaining_ms"]
+            .as_f64()
+            .unwrap_or(0.0),
+    )
 }
 
 /// The guest's own loop counter over `window`: loops per second.
@@ -239,7 +261,6 @@ fn load_lab_1_until_stopped(
 }
 
 #[test]
-#[ignore = "fails in the fresh-clone CI run (sessions 12 and 13, four runs): the reserved VM db's control socket is gone while the load runs (session 13: at the settled loop_rate, after batch ran elsewhere). d9a9ab7 fixed one cause (db fenced while a new agent adopted a starved VMM first) and the test passed 8 of 8 runs outside CI, not in CI. A failure now prints db's vmm.log and lab-1's node.log; issue 20 stays open until it is explained; run with --ignored"]
 fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_its_cpu() {
     if psi_cpu_some_total().is_none() {
         eprintln!("skipped: no /proc/pressure/cpu (PSI), which the test's figures read");
@@ -288,9 +309,24 @@ fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_it
     let alone = loop_rate(&db_dir, Duration::from_secs(1));
     let ambient = cpu_pressure_over(Duration::from_secs(1));
 
-    // The load starts, and lab-1's agent is restarted watching CPU pressure.
+    // The load starts, and lab-1's agent is restarted watching CPU pressure. db's
+    // fence deadline, pushed by the old agent, must be renewed by the new one before
+    // it lapses (the new agent renews before it adopts; its calls wait T/3 of the
+    // granted lease).
+    let (fence_before, fence_left) = fence(&db_dir);
     let (burners, loaded, watching, stopped) =
         load_lab_1_until_stopped(&ha, &flags, batch_pid, &[db_pid]);
+    let renewed = loop {
+        let (deadline, _) = fence(&db_dir);
+        if deadline > fence_before {
+            break loaded.elapsed();
+        }
+        assert!(
+            loaded.elapsed() < Duration::from_secs(30),
+            "db's fence deadline was not renewed within 30 s of lab-1's agent restart ({fence_left:.0} ms left before it)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let under_load = loop_rate(&db_dir, Duration::from_secs(1));
     let pressure = cpu_pressure_over(Duration::from_millis(500));
     let moved_to = ha.wait(
@@ -348,8 +384,9 @@ fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_it
     );
     let alone_mean = ((alone + alone_after) / 2.0).max(1.0);
     eprintln!(
-        "cpu preemption re-placed: 3 busy loops on CPU 0 from t=0 (host CPU pressure {ambient:.0}% before, {pressure:.0}% under load; threshold {THRESHOLD_PERCENT}%); lab-1's agent restarted watching at {:.0} ms; batch's VMM gone on lab-1 at {:.0} ms; batch running on {moved_to} at {:.0} ms; db's guest on its dedicated CPU {dedicated}, loops/s: {alone:.0} alone, {under_load:.0} during the re-placement, {loaded_settled:.0} loaded after it, {alone_after:.0} alone again (ratios to the mean alone {:.2}, {:.2})",
+        "cpu preemption re-placed: 3 busy loops on CPU 0 from t=0 (host CPU pressure {ambient:.0}% before, {pressure:.0}% under load; threshold {THRESHOLD_PERCENT}%); lab-1's agent restarted watching at {:.0} ms; db's fence ({fence_left:.0} ms left at the restart) renewed by the new agent at {:.0} ms; batch's VMM gone on lab-1 at {:.0} ms; batch running on {moved_to} at {:.0} ms; db's guest on its dedicated CPU {dedicated}, loops/s: {alone:.0} alone, {under_load:.0} during the re-placement, {loaded_settled:.0} loaded after it, {alone_after:.0} alone again (ratios to the mean alone {:.2}, {:.2})",
         watching.as_secs_f64() * 1000.0,
+        renewed.as_secs_f64() * 1000.0,
         stopped.as_secs_f64() * 1000.0,
         running_elsewhere.as_secs_f64() * 1000.0,
         under_load / alone_mean,
