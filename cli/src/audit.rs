@@ -75,6 +75,26 @@ fn controller_key(ctx: &Ctx) -> anyhow::Result<VerifyingKey> {
     Ok(proto::auth::parse_public_key(text.trim())?)
 }
 
+/// The keys of `controller-keys` beside the controller key (none: any recovery key
+/// whose signature verifies; the chain must end at the controller key anyway).
+fn recovery_keys(ctx: &Ctx) -> anyhow::Result<Vec<VerifyingKey>> {
+    let beside = ctx.state_path.parent().map(|d| d.join("controller-keys"));
+    for path in beside
+        .into_iter()
+        .chain([ctx.cairn_dir.join("controller-keys")])
+    {
+        if path.exists() {
+            let keys = proto::auth::TrustedKeys::load(&path)?;
+            return keys
+                .keys_hex()
+                .iter()
+                .map(|k| Ok(proto::auth::parse_public_key(k)?))
+                .collect();
+        }
+    }
+    Ok(vec![])
+}
+
 fn verify(dir: &Path, state: Option<&Path>, offline: bool) -> anyhow::Result<u8> {
     // Controller replicas keep the log in etcd (`--state etcd://HOSTS/PREFIX`).
     let etcd = state
@@ -100,7 +120,10 @@ fn verify(dir: &Path, state: Option<&Path>, offline: bool) -> anyhow::Result<u8>
             (ctx.state_path.display().to_string(), store.audit_records()?)
         }
     };
-    let summary = match audit::verify(&records, &key) {
+    // The keys nodes are told to trust besides controller.key (an offline recovery
+    // key): a recovery after a lost controller.key must be signed by one of them.
+    let recovery = recovery_keys(&ctx)?;
+    let summary = match audit::verify_with(&records, &key, &recovery) {
         Ok(s) => s,
         Err(broken) => {
             eprintln!(
@@ -129,6 +152,12 @@ fn verify(dir: &Path, state: Option<&Path>, offline: bool) -> anyhow::Result<u8>
         },
         summary.key
     );
+    if !summary.previous_keys.is_empty() {
+        println!(
+            "older entries: signed by {}, each handing over to the next by a key rotation or recovery entry",
+            summary.previous_keys.join(", then ")
+        );
+    }
     if offline {
         println!(
             "anchors: not asked (--offline): the chain cannot show that its newest entries were cut off"
