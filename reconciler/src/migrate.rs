@@ -12,8 +12,8 @@
 //!    transaction, one fsync, while the guest is paused);
 //! 4. `CommitMigration` on the source (it tells the destination to start and exits)
 //!    and on the destination (it starts the VM if the source's word did not arrive),
-//!    once the destination and each volume's writer installed the new epoch; the
-//!    other installs run at the same time as the commits;
+//!    once the destination and every copy installed the new epoch; the installs on
+//!    the other clients and the fenced source run at the same time as the commits;
 //! 5. `DeleteVm` on the source, and the record of what happened (figures).
 //!
 //! The rule that keeps exactly one VM running: the source is told to resume
@@ -38,14 +38,14 @@
 //!   from (another change first: nothing is written, it is computed again). A store
 //!   that cannot write both at once (etcd today) writes the record, then changes
 //!   the epochs ([`hand_over`], also when a settle finishes the commit);
-//! - after it ([`finish`]): the epoch is installed on the destination and the
-//!   writer, and only then are the commits sent; on the other copies, the clients
-//!   and the dropped source (fenced) at the same time as the commits. The
-//!   destination's guest writes nothing before its commit, and the source's VMM
-//!   drained its in-flight requests at the pause, so no write of either side is
-//!   lost; a copy that takes the epoch after the new writer's first write refuses
-//!   that write once (not installed yet) and the writer retries it. An install the
-//!   new writer or the destination did not take keeps the commit from being sent
+//! - after it ([`finish`]): the epoch is installed on the destination and every
+//!   copy (a copy not told of it would refuse the new writer's writes, which the
+//!   writer reports as a failed copy), and only then are the commits sent; on the
+//!   other clients and the dropped source (fenced) at the same time as the
+//!   commits. The destination's guest writes nothing before its commit, and the
+//!   source's VMM drained its in-flight requests at the pause, so no write of
+//!   either side is lost. An install the new writer or the destination did not
+//!   take keeps the commit from being sent
 //!   (the source stays paused, as for any failure after the record; the next
 //!   settle tries again).
 
@@ -479,13 +479,12 @@ async fn hold(point: &str) {
 /// start: the VM then runs nowhere and its source stays paused (never resumed: the
 /// record names the destination) until a later `finish` gets through.
 ///
-/// Only the installs on the destination and on each volume's writer come before the
-/// commits (the source relays its commit to the destination's VMM, so neither is sent
-/// before them); the installs on the other copies, the clients and the fenced source
-/// run at the same time as the commits. A copy that gets the epoch after the new
-/// writer's first write refuses it (not installed yet) and the writer retries it, as
-/// for a copy that failed for a moment; the old writer is paused with its requests
-/// drained, so nothing of it is in flight.
+/// The installs on the destination and on every copy come before the commits (the
+/// source relays its commit to the destination's VMM, so neither is sent before
+/// them): a copy not told of the epoch refuses the new writer's write, and the writer
+/// would report it for removal. The installs on the other clients and the fenced
+/// source (the old writer is paused with its requests drained) run at the same time
+/// as the commits.
 async fn finish<N: NodeApi>(
     record: &MigrationRecord,
     p: &Parts<'_>,
@@ -517,7 +516,10 @@ async fn finish<N: NodeApi>(
             vec![p.from]
         };
         for node in install_order(state, &fenced) {
-            if node == p.to || node == state.writer {
+            // Every copy too: a copy refuses a write under an epoch it was not told
+            // of yet, and the writer reports such a copy for removal (it is not a
+            // stale-epoch refusal); only the clients and the fenced source can wait.
+            if node == p.to || state.copies.contains(node) {
                 first.push((node.to_owned(), state));
             } else {
                 overlapped.push((node.to_owned(), state));
@@ -1436,20 +1438,15 @@ mod tests {
             at("src set_volume_epoch") < at("dst prepare_incoming_vm"),
             "{calls:?}"
         );
-        // The new writer's install comes before either commit (the fake checks that
-        // the authority names it when a commit is sent); the old writer's (src, a
-        // copy) overlaps the commits.
+        // Installed on both copies (the old writer's, then the new) before either
+        // commit (the fake checks that the authority names dst when one is sent).
         let commit = calls
             .iter()
             .position(|c| c == "src commit_migration")
             .unwrap();
-        assert_eq!(calls[commit - 1], "dst set_volume_epoch", "{calls:?}");
         assert_eq!(
-            calls[commit..]
-                .iter()
-                .filter(|c| *c == "src set_volume_epoch")
-                .count(),
-            1,
+            calls[commit - 2..commit],
+            ["src set_volume_epoch", "dst set_volume_epoch"],
             "{calls:?}"
         );
         let state = store
