@@ -107,7 +107,7 @@ impl v1::enrollment_server::Enrollment for EnrollmentService {
             .lock()
             .await
             .insert(body.node.clone(), key_hex.clone());
-        let keys = trust_set(&self.shared.config.data_dir, self.shared.signer.identity())
+        let keys = trust_set(&self.shared.config.data_dir, &self.shared.signer.identity())
             .map_err(Status::internal)?;
         self.shared.record(vec![
             Event::new("enroll", "enrolled")

@@ -976,7 +976,7 @@ impl NodeIndex {
 impl LeaseService {
     /// The service; requests must be addressed to this controller's key.
     pub fn new(shared: Arc<Shared>, leases: Arc<Leases>) -> LeaseService {
-        let this = NodeTarget::of("controller", shared.signer.identity());
+        let this = NodeTarget::of("controller", &shared.signer.identity());
         LeaseService {
             shared,
             leases,

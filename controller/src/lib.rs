@@ -257,12 +257,12 @@ impl Shared {
     pub fn state_store(&self) -> Result<replicas::ControllerStore, String> {
         let head = self.signer.audit_head().cloned().unwrap_or_default();
         reconciler::state::RedbStore::open(&self.config.state_path())
-            .and_then(|store| store.with_audit_key(self.signer.identity().clone(), head.clone()))
+            .and_then(|store| store.with_audit_key(self.signer.identity(), head.clone()))
             .and_then(|local| {
                 replicas::ControllerStore::open(
                     local,
                     self.replicas.as_ref(),
-                    self.signer.identity(),
+                    &self.signer.identity(),
                     head,
                 )
             })

@@ -551,7 +551,8 @@ impl Envelope {
 /// ```
 #[derive(Debug, Clone)]
 pub struct RequestSigner {
-    identity: Identity,
+    /// Shared by every clone: [`RequestSigner::set_identity`] switches them all.
+    identity: std::sync::Arc<std::sync::RwLock<Identity>>,
     audit_head: Option<crate::anchor::SharedHead>,
     fence: Option<crate::fence::SharedFence>,
 }
@@ -560,10 +561,23 @@ impl RequestSigner {
     /// A signer for `identity`.
     pub fn new(identity: Identity) -> Self {
         Self {
-            identity,
+            identity: std::sync::Arc::new(std::sync::RwLock::new(identity)),
             audit_head: None,
             fence: None,
         }
+    }
+
+    /// Signs with `identity` from the next request on, in this signer and every clone
+    /// of it (a running controller's key rotation: no restart, no request refused
+    /// once the nodes trust both keys); returns the identity it signed with before.
+    pub fn set_identity(&self, identity: Identity) -> Identity {
+        std::mem::replace(
+            &mut *self
+                .identity
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            identity,
+        )
     }
 
     /// Also sends the audit log's head with every request ([`crate::anchor`]).
@@ -584,9 +598,12 @@ impl RequestSigner {
         self.audit_head.as_ref()
     }
 
-    /// The identity it signs with.
-    pub fn identity(&self) -> &Identity {
-        &self.identity
+    /// The identity it signs with now.
+    pub fn identity(&self) -> Identity {
+        self.identity
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Wraps `message` in a `tonic::Request` signed for `method` (one of [`crate::methods`])
@@ -612,13 +629,14 @@ impl RequestSigner {
             &nonce_hex,
             &body_hash(&message),
         );
-        let signature = self.identity.sign_bytes(&payload);
+        let identity = self.identity();
+        let signature = identity.sign_bytes(&payload);
         let mut request = tonic::Request::new(message);
         let metadata = request.metadata_mut();
         insert_header(metadata, HEADER_VERSION, SIGNATURE_CONTEXT.to_string())?;
         insert_header(metadata, HEADER_TARGET_NODE, target.name.clone())?;
         insert_header(metadata, HEADER_TARGET_KEY, target.public_key_hex.clone())?;
-        insert_header(metadata, HEADER_KEY, self.identity.public_key_hex())?;
+        insert_header(metadata, HEADER_KEY, identity.public_key_hex())?;
         insert_header(metadata, HEADER_TIMESTAMP, timestamp_ms.to_string())?;
         insert_header(metadata, HEADER_NONCE, nonce_hex)?;
         insert_header(metadata, HEADER_SIGNATURE, to_hex(&signature.to_bytes()))?;
@@ -1155,6 +1173,33 @@ mod tests {
             "controller",
         );
         assert!(matches!(replay, Err(AuthError::Replayed)));
+    }
+
+    #[test]
+    fn a_switched_identity_signs_the_next_request_in_every_clone() {
+        let (old, new) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let signer = RequestSigner::new(old.clone());
+        let clone = signer.clone();
+        let (target, verifier) = node("n1");
+        let sign = |s: &RequestSigner| {
+            s.sign(crate::methods::OBSERVE, &target, GetInventoryRequest {})
+                .unwrap()
+        };
+        let before = sign(&clone);
+        let previous = signer.set_identity(new.clone());
+        assert_eq!(previous.public_key(), old.public_key());
+        assert_eq!(clone.identity().public_key(), new.public_key());
+        let after = sign(&clone);
+        let check = |request, key: &Identity| {
+            verifier.verify(
+                crate::methods::OBSERVE,
+                &request,
+                &trusted(key),
+                "controller",
+            )
+        };
+        check(before, &old).expect("signed with the old key before the switch");
+        check(after, &new).expect("signed with the new key after it");
     }
 
     #[test]
