@@ -13,9 +13,16 @@
 //!   `/proc/PID/ksm_merging_pages`, `CAIRN_SLA_RUNS` reads; baseline: the host's
 //!   counters before KSM was turned on.
 //! - (c) memory pressure → the first spot VM seen stopped, `CAIRN_SLA_RUNS` runs each
-//!   on a new node; baseline: the node's poll period (100 ms, `preemption_loop`).
+//!   on a new node, each run printed as it ends (its figure or why it has none);
+//!   baseline on the same nodes: a spot VM stopped by `StopVm` with grace 0 (the stop
+//!   preemption makes), from the call to Observe saying stopped, so the ratio is what
+//!   noticing the pressure adds; the node's poll period (100 ms, `preemption_loop`)
+//!   beside it.
 //!
-//! Each part skips with a printed reason without KVM, cgroups, KSM or /dev/shm.
+//! Each part skips with a printed reason without KVM, cgroups, KSM or /dev/shm. Every
+//! node and VMM is killed on every way out: `TestNode`'s drop on a return or a panic,
+//! and on SIGINT, SIGTERM or SIGHUP the running part is dropped (so are its guards)
+//! before the bench exits 130.
 
 #![allow(dead_code, unused_imports)]
 
@@ -39,11 +46,30 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("a tokio runtime")
-        .block_on(figures());
+        .expect("a tokio runtime");
+    // Every node and VMM a part starts is killed by its guard (`TestNode`'s drop) on
+    // every way out of the part, a panic included. A signal would end the process
+    // without running them, so SIGINT, SIGTERM and SIGHUP drop the running part
+    // instead (its guards run), then the bench exits 130.
+    let signal = runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        tokio::select! {
+            () = figures() => None,
+            _ = int.recv() => Some("SIGINT"),
+            _ = term.recv() => Some("SIGTERM"),
+            _ = hup.recv() => Some("SIGHUP"),
+        }
+    });
+    if let Some(signal) = signal {
+        eprintln!("{signal}: stopped; the running part's node and VMMs were killed");
+        std::process::exit(130);
+    }
 }
 
 async fn figures() {
@@ -122,6 +148,7 @@ async fn ksm(guests: usize, reads: usize) {
 
 async fn pressure(runs: usize) {
     let mut times = Vec::new();
+    let mut baselines = Vec::new();
     let mut orders = Vec::new();
     for run in 0..runs {
         let Some(p) = sla::memory_pressure_run(&format!("o-sla-c{run}"), "127.0.0.83:0").await
@@ -129,24 +156,43 @@ async fn pressure(runs: usize) {
             println!("(c) memory pressure: skipped (reason above)");
             return;
         };
-        match p.first_stop {
-            Some(t) => times.push(t.as_secs_f64() * 1000.0),
-            None => println!("    run {run}: no spot VM stopped within 30 s"),
+        let baseline = p.explicit_stop.as_secs_f64() * 1000.0;
+        match (&p.failed, p.first_stop) {
+            (Some(why), _) => println!("    (c) run {run}: no figure: {why}"),
+            (None, None) => println!(
+                "    (c) run {run}: no figure: available memory went below the threshold ({} MiB) and no spot VM was seen stopped within 30 s",
+                p.threshold >> 20
+            ),
+            (None, Some(t)) => {
+                let t = t.as_secs_f64() * 1000.0;
+                println!(
+                    "    (c) run {run}: first spot VM stopped {t:.0} ms after available memory went below {} MiB; stopped in order {:?}; baseline StopVm {baseline:.0} ms",
+                    p.threshold >> 20,
+                    p.stopped
+                );
+                times.push(t);
+                baselines.push(baseline);
+                orders.push(p.stopped.join(","));
+            }
         }
-        orders.push(p.stopped.join(","));
     }
     if times.is_empty() {
+        println!(
+            "(c) memory pressure: no figure: none of the {runs} runs measured one (each run's reason above)"
+        );
         return;
     }
     let all = times.clone();
+    let all_baselines = baselines.clone();
     let m = sla::median(&mut times);
+    let b = sla::median(&mut baselines);
     println!(
-        "(c) memory pressure -> first spot VM seen stopped, {} runs (a new node each): median {m:.0} ms (runs {all:.0?}); stopped in order {orders:?}",
+        "(c) memory pressure -> first spot VM seen stopped, {} of {runs} runs (a new node each): median {m:.0} ms (runs {all:.0?}); stopped in order {orders:?}",
         all.len()
     );
     println!(
-        "    baseline: the node's poll period {} ms; ratio {:.2}",
+        "    baseline, same nodes and command: a spot VM stopped by StopVm (grace 0, the stop preemption makes) seen stopped median {b:.0} ms (runs {all_baselines:.0?}); ratio {:.2}; the node polls available memory every {} ms",
+        m / b,
         NODE_POLL.as_millis(),
-        m / NODE_POLL.as_millis() as f64
     );
 }

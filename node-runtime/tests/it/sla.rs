@@ -729,27 +729,132 @@ impl Drop for Pressure {
     }
 }
 
+impl Pressure {
+    /// Writes zeros to the file 16 MiB at a time, in a thread, until MemAvailable (as
+    /// this process reads it after each step) is below `threshold`, then `margin` more
+    /// so that the host's own memory use moving back up does not cross it again; at
+    /// most `cap` bytes and 30 s. The receiver gets the moment it crossed as soon as it
+    /// does (the margin is written while the caller watches the node), or why it did
+    /// not: on a shared host other processes may free memory as fast as this writes (a
+    /// build's linker ending frees gigabytes), and a wait for a crossing that never
+    /// comes left the run hanging with its node and VMMs.
+    fn lower_available_below(
+        &self,
+        threshold: u64,
+        margin: u64,
+        cap: u64,
+    ) -> (
+        std::thread::JoinHandle<()>,
+        tokio::sync::oneshot::Receiver<Result<Instant, String>>,
+    ) {
+        let (tell, told) = tokio::sync::oneshot::channel();
+        let path = self.0.clone();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write as _;
+            const STEP: usize = 16 << 20;
+            let mut file = match std::fs::File::create(&path) {
+                Ok(file) => file,
+                Err(e) => {
+                    let _ = tell.send(Err(format!("cannot write {}: {e}", path.display())));
+                    return;
+                }
+            };
+            let zeros = vec![0u8; STEP];
+            let started = Instant::now();
+            let mut written = 0u64;
+            let mut tell = Some(tell);
+            let mut written_at_crossing = None;
+            loop {
+                let available = mem_available();
+                if written_at_crossing.is_none() && available < threshold {
+                    written_at_crossing = Some(written);
+                    if let Some(tell) = tell.take() {
+                        let _ = tell.send(Ok(Instant::now()));
+                    }
+                }
+                if written_at_crossing.is_some_and(|at| written >= at + margin) {
+                    return;
+                }
+                if written >= cap || started.elapsed() > Duration::from_secs(30) {
+                    if let Some(tell) = tell.take() {
+                        let _ = tell.send(Err(format!(
+                            "MemAvailable stayed above the threshold ({} MiB) after {} MiB written to {} in {:.1} s (now {} MiB): other processes freed memory as fast as it was written",
+                            threshold >> 20,
+                            written >> 20,
+                            path.display(),
+                            started.elapsed().as_secs_f64(),
+                            available >> 20
+                        )));
+                    }
+                    return;
+                }
+                if let Err(e) = file.write_all(&zeros) {
+                    if let Some(tell) = tell.take() {
+                        let _ = tell.send(Err(format!("writing {}: {e}", path.display())));
+                    }
+                    return;
+                }
+                written += STEP as u64;
+            }
+        });
+        (writer, told)
+    }
+}
+
 /// What [`memory_pressure_run`] saw.
 pub struct PressureRun {
     /// The node's preemption threshold (available memory, bytes).
     pub threshold: u64,
+    /// Why available memory was not brought below the threshold (then nothing below
+    /// is a figure), or why the run measured nothing.
+    pub failed: Option<String>,
     /// The VMs seen stopped, in order, and the time from available memory crossing
     /// the threshold (as this process saw it) to the first of them seen stopped.
     pub stopped: Vec<String>,
     pub first_stop: Option<Duration>,
+    /// Baseline on the same node just before: a spot VM `b` stopped by the
+    /// controller's own `StopVm` (grace 0, the call preemption makes), from the call
+    /// to Observe saying stopped, watched the same way.
+    pub explicit_stop: Duration,
     /// Every VM after the pressure, and whether a watch event for `s0` said
     /// "preempted: ".
     pub vms: Vec<VmStatus>,
     pub event_said_why: bool,
 }
 
+/// Observes every 10 ms until `done` holds of the VMs, or `timeout`; the VMs last
+/// seen.
+async fn observe_until(
+    client: &mut NodeClient,
+    timeout: Duration,
+    mut done: impl FnMut(&[VmStatus]) -> bool,
+) -> Vec<VmStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let vms = client.observe().await.unwrap().vms;
+        if done(&vms) || Instant::now() >= deadline {
+            return vms;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn is(vms: &[VmStatus], name: &str, state: proto::v1::VmState) -> bool {
+    vms.iter()
+        .any(|vm| vm.name == name && vm.state == state as i32)
+}
+
 /// A node `name` listening on `listen`, told to preempt below 1 GiB less than what
 /// is available now, with a reserved VM `r`, an on-demand `o` and spot VMs `s0` and
-/// `s10` (priority 0 and 10); then 2 GiB written to /dev/shm (removed at the end),
-/// watching with Observe every 10 ms which VMs stop (up to 30 s, until two did).
-/// `None`, printing why, without KVM or /dev/shm. Shared by the test below and
-/// `--bench sla`.
+/// `s10` (priority 0 and 10), and a spot VM `b` for the baseline (stopped by
+/// `StopVm` and timed first); then /dev/shm written until available memory is below
+/// the threshold and 1 GiB more (removed at the end; the host's own use moves by
+/// hundreds of MiB within seconds on this shared machine), watching with Observe every
+/// 10 ms which VMs stop (up to 30 s, until two did). `None`, printing why, without
+/// KVM or /dev/shm. The node and its VMMs are killed on every way out (`TestNode`'s
+/// drop, also on a panic). Shared by the test below and `--bench sla`.
 pub async fn memory_pressure_run(name: &str, listen: &str) -> Option<PressureRun> {
+    use proto::v1::VmState::{Running, Stopped};
     if !vms_can_run() {
         return None;
     }
@@ -772,11 +877,13 @@ pub async fn memory_pressure_run(name: &str, listen: &str) -> Option<PressureRun
         &["--preempt-below-available", &threshold.to_string()],
     );
     let mut client = node.client(&controller).await;
+    let all = ["r", "o", "s0", "s10", "b"];
     for (name, sla, priority) in [
         ("r", "reserved", 1000),
         ("o", "on-demand", 500),
         ("s0", "spot", 0),
         ("s10", "spot", 10),
+        ("b", "spot", 20),
     ] {
         apply_ok(
             &mut client,
@@ -786,50 +893,96 @@ pub async fn memory_pressure_run(name: &str, listen: &str) -> Option<PressureRun
         .await;
         apply_ok(&mut client, &format!("{name}-s"), start(name)).await;
     }
+    let mut run = PressureRun {
+        threshold,
+        failed: None,
+        stopped: Vec::new(),
+        first_stop: None,
+        explicit_stop: Duration::ZERO,
+        vms: Vec::new(),
+        event_said_why: false,
+    };
+    let vms = observe_until(&mut client, Duration::from_secs(30), |vms| {
+        all.iter().all(|vm| is(vms, vm, Running))
+    })
+    .await;
+    if !all.iter().all(|vm| is(&vms, vm, Running)) {
+        run.failed = Some(format!(
+            "not every VM ran within 30 s (before any pressure): {:?}",
+            vms.iter()
+                .map(|vm| (&vm.name, vm.state, &vm.last_exit))
+                .collect::<Vec<_>>()
+        ));
+        run.vms = vms;
+        delete_vms(&mut client, &all).await;
+        return Some(run);
+    }
+    // The baseline: the same stop, asked for.
+    let asked = Instant::now();
+    apply_ok(
+        &mut client,
+        "b-stop",
+        Action::StopVm(proto::v1::StopVm {
+            name: "b".into(),
+            grace_ms: 0,
+        }),
+    )
+    .await;
+    observe_until(&mut client, Duration::from_secs(30), |vms| {
+        is(vms, "b", Stopped)
+    })
+    .await;
+    run.explicit_stop = asked.elapsed();
+    // The host's own memory use must not have crossed the threshold already.
+    let vms = client.observe().await.unwrap().vms;
+    if let Some(vm) = ["r", "o", "s0", "s10"]
+        .iter()
+        .find(|vm| !is(&vms, vm, Running))
+    {
+        run.failed = Some(format!(
+            "vm {vm} stopped before anything was written (the host's own memory use crossed the threshold: {} MiB available, threshold {} MiB)",
+            mem_available() >> 20,
+            threshold >> 20
+        ));
+        run.vms = vms;
+        delete_vms(&mut client, &all).await;
+        return Some(run);
+    }
     let mut events = client.watch(1000).await.unwrap();
     let pressure = Pressure(PathBuf::from(format!(
-        "/dev/shm/d-pressure-{}",
+        "/dev/shm/d-pressure-{}-{name}",
         std::process::id()
     )));
-    let path = pressure.0.clone();
-    let writer = std::thread::spawn(move || {
-        let status = std::process::Command::new("dd")
-            .args([
-                "if=/dev/zero",
-                &format!("of={}", path.display()),
-                "bs=1M",
-                "count=2048",
-            ])
-            .stderr(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    });
-    // When the threshold is crossed, as this process sees it.
-    let crossed = loop {
-        if mem_available() < threshold {
-            break Instant::now();
+    let (writer, crossed) = pressure.lower_available_below(threshold, 1 << 30, 5 << 30);
+    let crossed = crossed
+        .await
+        .unwrap_or_else(|_| Err("the writer ended without a word".into()));
+    let crossed = match crossed {
+        Ok(crossed) => crossed,
+        Err(why) => {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+            drop(pressure);
+            run.failed = Some(why);
+            run.vms = client.observe().await.unwrap().vms;
+            delete_vms(&mut client, &all).await;
+            return Some(run);
         }
-        std::thread::sleep(Duration::from_millis(5));
     };
-    let mut stopped = Vec::new();
-    let mut first_stop = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while stopped.len() < 2 && Instant::now() < deadline {
+    let deadline = crossed + Duration::from_secs(30);
+    while run.stopped.len() < 2 && Instant::now() < deadline {
         let vms = client.observe().await.unwrap().vms;
         for vm in &vms {
-            if vm.state == proto::v1::VmState::Stopped as i32 && !stopped.contains(&vm.name) {
-                first_stop.get_or_insert_with(|| crossed.elapsed());
-                stopped.push(vm.name.clone());
+            if vm.name != "b" && vm.state == Stopped as i32 && !run.stopped.contains(&vm.name) {
+                run.first_stop.get_or_insert_with(|| crossed.elapsed());
+                run.stopped.push(vm.name.clone());
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    writer.join().unwrap();
-    let vms = client.observe().await.unwrap().vms;
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    run.vms = client.observe().await.unwrap().vms;
     drop(pressure);
     // The event says why.
-    let mut event_said_why = false;
     while let Ok(Ok(Some(event))) =
         tokio::time::timeout(Duration::from_millis(500), events.message()).await
     {
@@ -837,18 +990,12 @@ pub async fn memory_pressure_run(name: &str, listen: &str) -> Option<PressureRun
             && vm.name == "s0"
             && vm.detail.starts_with("preempted: ")
         {
-            event_said_why = true;
+            run.event_said_why = true;
             break;
         }
     }
-    delete_vms(&mut client, &["r", "o", "s0", "s10"]).await;
-    Some(PressureRun {
-        threshold,
-        stopped,
-        first_stop,
-        vms,
-        event_said_why,
-    })
+    delete_vms(&mut client, &all).await;
+    Some(run)
 }
 
 /// Runtime preemption with real memory pressure ([`memory_pressure_run`]): the spot
@@ -860,6 +1007,9 @@ async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
     let Some(run) = memory_pressure_run("d-sla-d", "127.0.0.54:0").await else {
         return;
     };
+    if let Some(why) = &run.failed {
+        panic!("no pressure figure: {why}");
+    }
     let vms = &run.vms;
     assert_eq!(
         run.stopped,
@@ -869,6 +1019,7 @@ async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
     for vm in vms {
         match vm.name.as_str() {
             "r" | "o" => assert_eq!(vm.state, proto::v1::VmState::Running as i32, "{vm:?}"),
+            "b" => assert_eq!(vm.state, proto::v1::VmState::Stopped as i32, "{vm:?}"),
             _ => {
                 assert!(
                     vm.last_exit
@@ -881,9 +1032,10 @@ async fn memory_pressure_stops_spot_vms_lowest_priority_first_and_says_why() {
     }
     assert!(run.event_said_why, "no preemption event for s0");
     println!(
-        "preemption: threshold {} MiB available; first spot VM (s0, priority 0) stopped {:.0} ms after available memory crossed it; then s10; r (reserved) and o (on-demand) running",
+        "preemption: threshold {} MiB available; first spot VM (s0, priority 0) stopped {:.0} ms after available memory crossed it; then s10; r (reserved) and o (on-demand) running; baseline: a spot VM stopped by StopVm (grace 0) seen stopped {:.0} ms after the call",
         run.threshold >> 20,
-        run.first_stop.unwrap().as_secs_f64() * 1000.0
+        run.first_stop.unwrap().as_secs_f64() * 1000.0,
+        run.explicit_stop.as_secs_f64() * 1000.0
     );
 }
 
