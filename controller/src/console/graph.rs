@@ -51,8 +51,7 @@ pub fn svg(graph: &Graph) -> String {
     }
     let xy = |(wave, row): (usize, usize)| (MARGIN + wave * COLUMN, MARGIN + (row + 1) * ROW);
     for e in &graph.edges {
-        let (Some(&from), Some(&to)) = (position.get(e.from.as_str()), position.get(e.to.as_str()))
-        else {
+        let (Some(&from), Some(&to)) = (position.get(&*e.from), position.get(&*e.to)) else {
             continue;
         };
         let ((fx, fy), (tx, ty)) = (xy(from), xy(to));
@@ -122,19 +121,17 @@ fn by_kind(graph: &Graph) -> Graph {
     let edges: BTreeSet<(String, String)> = graph
         .edges
         .iter()
-        .filter_map(|e| {
-            Some((
-                id(*group.get(e.from.as_str())?),
-                id(*group.get(e.to.as_str())?),
-            ))
-        })
+        .filter_map(|e| Some((id(*group.get(&*e.from)?), id(*group.get(&*e.to)?))))
         .collect();
     Graph {
         format_version: graph.format_version,
         nodes,
         edges: edges
             .into_iter()
-            .map(|(from, to)| compiler::place::GraphEdge { from, to })
+            .map(|(from, to)| compiler::place::GraphEdge {
+                from: from.into(),
+                to: to.into(),
+            })
             .collect(),
         waves,
     }
