@@ -66,15 +66,15 @@ pub(crate) fn patch_vms(
         .map(|i| (i.name.clone(), i.clone()))
         .collect();
     let (sites, tenants) = (&model.sites, &model.tenants);
-    let known = Known::new(sites, tenants);
+    let known = Known::new(sites, tenants, &slas, &images);
     let mut fresh = vec![];
     let mut fresh_groups = vec![];
     let mut seen = BTreeSet::new();
     for v in vms {
-        fresh.extend(c.single_vm(v, sites, tenants, &slas, &images, &known));
+        fresh.extend(c.single_vm(v, &known));
     }
     for g in groups {
-        let (group, members) = c.vm_group(g, &mut seen, sites, tenants, &slas, &images, &known);
+        let (group, members) = c.vm_group(g, &mut seen, &known);
         fresh.extend(members);
         fresh_groups.push(group);
     }

@@ -41,14 +41,14 @@ impl Checker<'_> {
             }
         }
         unique(self.diags, "vm", "", all_names.iter());
-        let known = Known::new(sites, tenants);
+        let known = Known::new(sites, tenants, slas, images);
         let mut out = vec![];
         let mut seen = BTreeSet::new();
         for v in &set.vms {
             if !seen.insert(v.name.value.clone()) {
                 continue;
             }
-            out.extend(self.single_vm(v, sites, tenants, slas, images, &known));
+            out.extend(self.single_vm(v, &known));
         }
         let mut groups = vec![];
         let mut seen_groups = BTreeSet::new();
@@ -56,8 +56,7 @@ impl Checker<'_> {
             if !seen_groups.insert(g.name.value.clone()) {
                 continue;
             }
-            let (group, members) =
-                self.vm_group(g, &mut seen, sites, tenants, slas, images, &known);
+            let (group, members) = self.vm_group(g, &mut seen, &known);
             out.extend(members);
             groups.push(group);
         }
@@ -65,15 +64,7 @@ impl Checker<'_> {
     }
 
     /// One `vm`.
-    pub(super) fn single_vm(
-        &mut self,
-        v: &spec::VmSpec,
-        sites: &[Site],
-        tenants: &[Tenant],
-        slas: &BTreeMap<String, SlaProfile>,
-        images: &BTreeMap<String, Image>,
-        known: &Known<'_>,
-    ) -> Option<Vm> {
+    pub(super) fn single_vm(&mut self, v: &spec::VmSpec, known: &Known<'_>) -> Option<Vm> {
         self.spans.insert("vm", &v.name.value, v.name.span);
         let owner = format!("vm `{}`", v.name.value);
         self.vm(
@@ -83,25 +74,16 @@ impl Checker<'_> {
             v.tenant.as_ref(),
             v.site.as_ref(),
             &v.body,
-            sites,
-            tenants,
-            slas,
-            images,
             known,
         )
     }
 
     /// One vm-group: its replicas, checked as VMs (a name `seen` already is
     /// skipped), and the group.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn vm_group(
         &mut self,
         g: &spec::VmGroupSpec,
         seen: &mut BTreeSet<String>,
-        sites: &[Site],
-        tenants: &[Tenant],
-        slas: &BTreeMap<String, SlaProfile>,
-        images: &BTreeMap<String, Image>,
         known: &Known<'_>,
     ) -> (VmGroup, Vec<Vm>) {
         let mut out = vec![];
@@ -140,10 +122,6 @@ impl Checker<'_> {
                 g.tenant.as_ref(),
                 g.site.as_ref(),
                 &g.body,
-                sites,
-                tenants,
-                slas,
-                images,
                 known,
             );
             if i > 0 {
@@ -191,12 +169,10 @@ impl Checker<'_> {
         tenant: Option<&Name>,
         site: Option<&Name>,
         body: &spec::VmBody,
-        sites: &[Site],
-        tenants: &[Tenant],
-        slas: &BTreeMap<String, SlaProfile>,
-        images: &BTreeMap<String, Image>,
         known: &Known<'_>,
     ) -> Option<Vm> {
+        let (sites, tenants, slas, images) =
+            (known.site_list, known.tenant_list, known.slas, known.images);
         let t = tenant.and_then(|t| {
             let found = known.tenants.get(t.value.as_str()).copied();
             if found.is_none() {
@@ -484,19 +460,34 @@ impl Checker<'_> {
     }
 }
 
-/// The sites and tenants by name, built once per compile: a VM resolves its
-/// tenant and site by lookup, not by a pass over every tenant (VMs x tenants).
-/// The first of two of the same name wins, as a search in list order would.
+/// What a VM is checked against, built once per compile: the sites, tenants,
+/// SLA profiles and images, with the sites and tenants also by name, so a VM
+/// resolves its tenant and site by lookup, not by a pass over every tenant (VMs x
+/// tenants). The first of two of the same name wins, as a search in list order
+/// would.
 pub(super) struct Known<'a> {
     sites: BTreeMap<&'a str, &'a Site>,
     tenants: BTreeMap<&'a str, &'a Tenant>,
+    site_list: &'a [Site],
+    tenant_list: &'a [Tenant],
+    slas: &'a BTreeMap<String, SlaProfile>,
+    images: &'a BTreeMap<String, Image>,
 }
 
 impl<'a> Known<'a> {
-    pub(super) fn new(sites: &'a [Site], tenants: &'a [Tenant]) -> Known<'a> {
+    pub(super) fn new(
+        sites: &'a [Site],
+        tenants: &'a [Tenant],
+        slas: &'a BTreeMap<String, SlaProfile>,
+        images: &'a BTreeMap<String, Image>,
+    ) -> Known<'a> {
         let mut known = Known {
             sites: BTreeMap::new(),
             tenants: BTreeMap::new(),
+            site_list: sites,
+            tenant_list: tenants,
+            slas,
+            images,
         };
         for s in sites {
             known.sites.entry(s.name.as_str()).or_insert(s);
