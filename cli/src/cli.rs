@@ -534,6 +534,9 @@ pub enum ControllerCommand {
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
     },
+    /// Rotate the controller key, or revoke a key of the set nodes trust (asked of
+    /// the running controller as a signed action).
+    Key(crate::keys::KeyArgs),
     /// Measure push → sync started and push → converged on a dev cluster of the
     /// quickstart's shape, and print medians per phase.
     Bench(controller::bench::BenchArgs),
@@ -574,6 +577,7 @@ fn controller_cmd(args: ControllerArgs) -> anyhow::Result<u8> {
         Some(ControllerCommand::Resume { data_dir, key }) => Ok(
             controller::control::pause_or_resume(&data_dir, false, key.as_deref()),
         ),
+        Some(ControllerCommand::Key(k)) => crate::keys::run(k),
         Some(ControllerCommand::Bench(b)) => controller::bench::run(b),
         Some(ControllerCommand::Backup { state, out }) => crate::statebackup::backup(&state, &out),
         Some(ControllerCommand::Restore { state, file }) => {

@@ -21,6 +21,7 @@ mod failover;
 mod frontend;
 mod gitops;
 mod incrbench;
+mod keys;
 mod packbench;
 mod placecmd;
 mod policy_cmd;

@@ -11,6 +11,7 @@
 //! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back (signed actions) |
 //! | `POST /api/v1/sync`, `GET /api/v1/plans`, `POST /api/v1/plans/ID/approve` | sync now, held plans, approve one ([`crate::sync_api`]; signed actions `sync` and `approve`) |
 //! | `POST /api/v1/nodes/NODE/maintenance/{on,off}` | a node in or out of maintenance ([`crate::maintenance`]; signed actions `maintenance-on:NODE`, `maintenance-off:NODE`) |
+//! | `POST /api/v1/controller/key/rotate`, `POST /api/v1/controller/key/revoke/KEY` | rotate the controller key, revoke a key of its set ([`crate::keys`]; signed actions `controller-key-rotate`, `controller-key-revoke:KEY`) |
 //! | `POST /api/v1/webhook` | a forge's push event: fetch now (HMAC, no token; [`crate::webhook`]) |
 //!
 //! Loopback is not a security boundary: every request must name the listen
@@ -79,6 +80,14 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/v1/console/{session}/input",
             post(crate::vm_actions::input_handler),
+        )
+        .route(
+            "/api/v1/controller/key/rotate",
+            post(crate::keys::rotate_handler),
+        )
+        .route(
+            "/api/v1/controller/key/revoke/{key}",
+            post(crate::keys::revoke_handler),
         )
         .route(
             "/api/v1/plans/{plan_id}/approve",

@@ -929,6 +929,15 @@ pub struct LeaseService {
     shared: Arc<Shared>,
     leases: Arc<Leases>,
     verifier: Arc<Verifier>,
+    /// The controller keys renewals may be addressed to, and what they were read
+    /// from (the signing key and `controller-keys`' modification time): read again
+    /// when either changes ([`crate::keys::lease_targets`]).
+    targets: Arc<
+        Mutex<(
+            Option<(String, Option<std::time::SystemTime>)>,
+            Vec<NodeTarget>,
+        )>,
+    >,
     /// The applied model's [`NodeIndex`], made again when the model changes (the
     /// model is kept with it, so a new one is never mistaken for it).
     index: Arc<Mutex<Option<IndexedModel>>>,
@@ -981,7 +990,51 @@ impl LeaseService {
             shared,
             leases,
             verifier: Arc::new(Verifier::new(proto::auth::DEFAULT_WINDOW, this)),
+            targets: Arc::default(),
             index: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Checks that a renewal is addressed to one of the controller's keys now (the
+    /// signing key, a key being rotated in or out, a recovery key), and lets the
+    /// verifier accept it: a node addresses its renewals to the key of the newest
+    /// controller call it verified, which changes during a rotation. A key retired or
+    /// revoked is refused, naming the key the controller signs with.
+    fn check_addressed<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let signing = self.shared.signer.identity();
+        let data_dir = &self.shared.config.data_dir;
+        let stamp = (
+            signing.public_key_hex(),
+            std::fs::metadata(data_dir.join(crate::enroll::CONTROLLER_KEYS_FILE))
+                .and_then(|m| m.modified())
+                .ok(),
+        );
+        let targets = {
+            let mut cached = self.targets.lock().expect("targets lock");
+            if cached.0.as_ref() != Some(&stamp) {
+                let targets = crate::keys::lease_targets(data_dir, &signing);
+                self.verifier.answer_also_to(targets.clone());
+                *cached = (Some(stamp), targets);
+            }
+            cached.1.clone()
+        };
+        let addressed = request
+            .metadata()
+            .get(proto::auth::HEADER_TARGET_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_ascii_lowercase);
+        match addressed {
+            Some(key) if !targets.iter().any(|t| t.public_key_hex == key) => {
+                let this = NodeTarget::of("controller", &signing);
+                Err(Status::from(proto::auth::AuthError::WrongTarget {
+                    addressed: NodeTarget {
+                        name: "controller".into(),
+                        public_key_hex: key,
+                    },
+                    this,
+                }))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -1065,6 +1118,7 @@ impl v1::lease_server::Lease for LeaseService {
             proto::auth::parse_public_key(&key).map_err(|e| Status::internal(e.to_string()))?,
             name.clone(),
         );
+        self.check_addressed(&request)?;
         self.verifier
             .verify(methods::RENEW_LEASE, &request, &trusted, "node")
             .map_err(Status::from)?;

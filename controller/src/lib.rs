@@ -38,6 +38,7 @@ pub mod fresh;
 pub mod gate;
 mod grpc;
 pub mod http;
+pub mod keys;
 pub mod lease;
 pub mod maintenance;
 pub mod metrics;
@@ -497,6 +498,22 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         },
     )
     .map_err(|e| anyhow::anyhow!(e))?;
+    // A key rotation killed in its switch is finished or undone before the key is read.
+    let state_for_settle = config.state.clone();
+    match keys::settle_at_start(&data_dir, || {
+        match state_for_settle.as_deref().filter(|s| replicas::is_etcd(s)) {
+            Some(url) => state_etcd::EtcdStore::open(&url.to_string_lossy())
+                .and_then(|store| store.audit_records())
+                .map_err(|e| e.to_string()),
+            None => reconciler::state::RedbStore::open(&config.state_path())
+                .and_then(|store| store.audit_records())
+                .map_err(|e| e.to_string()),
+        }
+    }) {
+        Ok(Some(note)) => eprintln!("cairn controller: {note}"),
+        Ok(None) => {}
+        Err(e) => anyhow::bail!("the unfinished controller key rotation: {e}"),
+    }
     let identity = Identity::load_or_create(
         &data_dir.join("controller.key"),
         &data_dir.join("controller.pub"),

@@ -440,7 +440,8 @@ impl Identity {
     }
 }
 
-fn write_file_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), AuthError> {
+/// Writes `contents` to `path` with `mode` through a synced temporary file and a rename.
+pub fn write_file_atomically(path: &Path, contents: &str, mode: u32) -> Result<(), AuthError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io_error = |source| AuthError::Io {
@@ -830,6 +831,9 @@ pub enum Nonces {
 pub struct Verifier {
     window: Duration,
     this: NodeTarget,
+    /// Other names and keys this verifier answers to (a controller's keys during a
+    /// rotation: [`Verifier::answer_also_to`]).
+    also: std::sync::RwLock<Vec<NodeTarget>>,
     seen_nonces: Mutex<HashMap<[u8; 16], u128>>,
     log: Option<Box<dyn NonceLog>>,
 }
@@ -854,9 +858,36 @@ impl Verifier {
         Self {
             window,
             this,
+            also: std::sync::RwLock::new(vec![]),
             seen_nonces: Mutex::new(HashMap::new()),
             log: None,
         }
+    }
+
+    /// Also accepts requests addressed to `targets` (replacing the ones given
+    /// before), beside [`Verifier::this_node`]: a controller whose nodes address its
+    /// lease renewals to whichever of its keys they saw last, across a key rotation.
+    /// The replay cache is the same for every target.
+    pub fn answer_also_to(&self, targets: Vec<NodeTarget>) {
+        let targets = targets
+            .into_iter()
+            .map(|t| NodeTarget {
+                public_key_hex: t.public_key_hex.to_ascii_lowercase(),
+                ..t
+            })
+            .collect();
+        *self
+            .also
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = targets;
+    }
+
+    /// The targets [`Verifier::answer_also_to`] set.
+    pub fn also_answers_to(&self) -> Vec<NodeTarget> {
+        self.also
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// A verifier that also records every accepted nonce in `log`, starting from the
@@ -876,6 +907,7 @@ impl Verifier {
         Self {
             window,
             this,
+            also: std::sync::RwLock::new(vec![]),
             seen_nonces: Mutex::new(seen),
             log: Some(log),
         }
@@ -942,7 +974,13 @@ impl Verifier {
                 })?
                 .to_ascii_lowercase(),
         };
-        if addressed != self.this {
+        if addressed != self.this
+            && !self
+                .also
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&addressed)
+        {
             return Err(AuthError::WrongTarget {
                 addressed,
                 this: self.this.clone(),
@@ -1200,6 +1238,39 @@ mod tests {
         };
         check(before, &old).expect("signed with the old key before the switch");
         check(after, &new).expect("signed with the new key after it");
+    }
+
+    #[test]
+    fn a_verifier_answers_to_the_other_targets_it_is_given_and_only_while_given() {
+        let node_key = Identity::generate().unwrap();
+        let signer = RequestSigner::new(node_key.clone());
+        let (old, verifier) = node("controller");
+        let next = NodeTarget::of("controller", &Identity::generate().unwrap());
+        let to = |target: &NodeTarget| {
+            signer
+                .sign(crate::methods::RENEW_LEASE, target, GetInventoryRequest {})
+                .unwrap()
+        };
+        let check = |request| {
+            verifier.verify(
+                crate::methods::RENEW_LEASE,
+                &request,
+                &trusted(&node_key),
+                "node",
+            )
+        };
+        assert!(matches!(
+            check(to(&next)),
+            Err(AuthError::WrongTarget { .. })
+        ));
+        verifier.answer_also_to(vec![next.clone()]);
+        check(to(&next)).expect("addressed to the next key");
+        check(to(&old)).expect("addressed to its own key still");
+        verifier.answer_also_to(vec![]);
+        assert!(matches!(
+            check(to(&next)),
+            Err(AuthError::WrongTarget { .. })
+        ));
     }
 
     #[test]
