@@ -128,6 +128,24 @@ impl Settings {
     }
 }
 
+/// A VMM thread outside the cpu cgroup it belongs in ([`Cgroups::ensure`] moves it).
+#[derive(Debug)]
+struct MisplacedThread {
+    tid: u32,
+    comm: String,
+    /// The cgroup it belongs in (`vm-NAME` or [`CONTROL_LEAF`]).
+    belongs: String,
+    /// That cgroup's `tasks` file.
+    tasks: PathBuf,
+}
+
+impl MisplacedThread {
+    /// Whether the thread still runs (any process's: `/proc/TID` names threads too).
+    fn alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.tid)).exists()
+    }
+}
+
 /// Which hierarchy the node uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Version {
@@ -180,16 +198,23 @@ pub struct Observed {
     pub memory_pids: Vec<u32>,
 }
 
-/// The cgroup.procs files a VMM writes itself into between fork and exec.
+/// The cgroup.procs files a VMM writes itself into between fork and exec, and (cgroup
+/// v1) the `tasks` file its vCPU threads move themselves into.
 #[derive(Debug, Default)]
 pub struct Placement {
     /// Opened for writing (close-on-exec).
     pub procs: Vec<File>,
+    /// v1: the VM's cpu cgroup's `tasks`, which the VMM inherits (`--vcpu-cgroup-fd`):
+    /// each vCPU thread writes "0" there before it first runs the guest, so the class's
+    /// CPU share holds the guest alone, while the process entered the node's
+    /// `vmm-control` cpu cgroup ([`CONTROL_LEAF`]) through `procs`.
+    pub vcpu_tasks: Option<File>,
 }
 
 impl Placement {
-    /// Writes "0" (the calling process) into every file. Only async-signal-safe calls:
-    /// this runs in the child between fork and exec.
+    /// Writes "0" (the calling process) into every file, and lets the VMM inherit the
+    /// vCPU threads' `tasks` file. Only async-signal-safe calls: this runs in the child
+    /// between fork and exec.
     pub fn enter(&self) -> std::io::Result<()> {
         use std::os::fd::AsRawFd as _;
         for file in &self.procs {
@@ -199,8 +224,59 @@ impl Placement {
                 return Err(std::io::Error::last_os_error());
             }
         }
+        if let Some(file) = &self.vcpu_tasks {
+            // SAFETY: fcntl(2) clearing FD_CLOEXEC of an open descriptor.
+            if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
         Ok(())
     }
+
+    /// The descriptor the VMM's vCPU threads write themselves into (the same number in
+    /// the child), for `--vcpu-cgroup-fd`.
+    pub fn vcpu_fd(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd as _;
+        self.vcpu_tasks.as_ref().map(|file| file.as_raw_fd())
+    }
+}
+
+/// cgroup v1: the node's cpu cgroup (beside its `vm-NAME` ones) that holds every thread
+/// of its VMMs but the vCPUs: the control socket, device I/O, migration and
+/// fault-tolerance threads. It has the default share (one ordinary process's), so a
+/// spot VM's starved guest does not starve the thread that answers the agent (an agent
+/// restarted under CPU pressure killed spot VMMs that could not answer its identity
+/// handshake), and all the VMMs' service threads together weigh no more than one
+/// process against the guests (libvirt's split of emulator and vCPU threads).
+pub const CONTROL_LEAF: &str = "vmm-control";
+
+/// Whether a thread of a VMM (its `comm`) runs the guest's work and so belongs in the
+/// class's cpu cgroup: a vCPU (`cairn-vmm` names them `vcpuN`), or a worker KVM starts
+/// in the process for the VM (`kvm-nx-lpage-recovery`, created by the first vCPU to
+/// run, so in its cgroup already).
+pub fn is_guest_thread(comm: &str) -> bool {
+    let comm = comm.trim_end();
+    comm.starts_with("kvm-")
+        || comm
+            .strip_prefix("vcpu")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The threads of process `pid`: (tid, comm). Empty when it is gone.
+fn threads_of(pid: u32) -> Vec<(u32, String)> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return vec![];
+    };
+    let mut threads: Vec<(u32, String)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let tid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            Some((tid, comm.trim_end().to_string()))
+        })
+        .collect();
+    threads.sort();
+    threads
 }
 
 fn read_text(path: &Path) -> Result<String, String> {
@@ -678,12 +754,25 @@ impl Cgroups {
         settings: &Settings,
         pid: Option<u32>,
     ) -> Result<Vec<String>, String> {
-        for dir in self.dirs(vm) {
+        for dir in self.dirs(vm).into_iter().chain(self.control_dir()) {
             std::fs::create_dir_all(&dir)
                 .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
         }
         let observed = self.read(vm)?;
         let mut written = Vec::new();
+        // v1, thread by thread: the vCPUs into the VM's cpu cgroup, the rest into the
+        // node's `vmm-control` (a VMM an older agent placed whole is split here).
+        for thread in pid.map_or_else(Vec::new, |pid| self.misplaced_threads(vm, pid)) {
+            match write_value(&thread.tasks, &thread.tid.to_string()) {
+                Ok(()) => written.push(format!(
+                    "cpu tasks: thread {} ({}) into {}",
+                    thread.tid, thread.comm, thread.belongs
+                )),
+                // It ended meanwhile: nothing to place.
+                Err(_) if !thread.alive() => {}
+                Err(error) => return Err(error),
+            }
+        }
         let mut set = |path: PathBuf, value: String, what: String| -> Result<(), String> {
             write_value(&path, &value)?;
             written.push(what);
@@ -718,21 +807,14 @@ impl Cgroups {
                         format!("memory.soft_limit_in_bytes {value}"),
                     )?;
                 }
-                if let Some(pid) = pid {
-                    if !observed.pids.contains(&pid) {
-                        set(
-                            cpu.join("cgroup.procs"),
-                            pid.to_string(),
-                            format!("cpu cgroup.procs {pid}"),
-                        )?;
-                    }
-                    if !observed.memory_pids.contains(&pid) {
-                        set(
-                            memory.join("cgroup.procs"),
-                            pid.to_string(),
-                            format!("memory cgroup.procs {pid}"),
-                        )?;
-                    }
+                if let Some(pid) = pid
+                    && !observed.memory_pids.contains(&pid)
+                {
+                    set(
+                        memory.join("cgroup.procs"),
+                        pid.to_string(),
+                        format!("memory cgroup.procs {pid}"),
+                    )?;
                 }
             }
             Version::V2 { parent } => {
@@ -789,23 +871,68 @@ impl Cgroups {
         Ok(written)
     }
 
-    /// Opens the VM's cgroup.procs files for a VMM to enter between fork and exec.
+    /// v1: the node's cpu cgroup for the VMMs' threads other than vCPUs
+    /// ([`CONTROL_LEAF`]); `None` on v2, where a process's threads can be split only
+    /// within its own cgroup's threaded subtree, so the VM's cgroup holds them all.
+    pub fn control_dir(&self) -> Option<PathBuf> {
+        match &self.version {
+            Version::V1 { cpu, .. } => Some(cpu.join(CONTROL_LEAF)),
+            Version::V2 { .. } => None,
+        }
+    }
+
+    /// Opens the cgroup files a VMM enters between fork and exec: v1 the node's
+    /// `vmm-control` cpu cgroup and the VM's memory one, with the VM's cpu `tasks` for
+    /// its vCPU threads; v2 the VM's cgroup. Then the VM's cpuset, where it has one.
     pub fn placement(&self, vm: &str) -> Result<Placement, String> {
-        let mut dirs = self.dirs(vm);
+        let open = |path: PathBuf| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|error| format!("cannot open {}: {error}", path.display()))
+        };
+        let (mut dirs, vcpu_tasks) = match &self.version {
+            Version::V1 { cpu, memory } => (
+                vec![cpu.join(CONTROL_LEAF), memory.join(Self::leaf(vm))],
+                Some(open(cpu.join(Self::leaf(vm)).join("tasks"))?),
+            ),
+            Version::V2 { .. } => (self.dirs(vm), None),
+        };
         if let Some(cpusets) = self.cpusets.as_ref().filter(|c| c.separate()) {
             dirs.push(cpusets.dir(vm));
         }
         let procs = dirs
             .into_iter()
-            .map(|dir| {
-                let path = dir.join("cgroup.procs");
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|error| format!("cannot open {}: {error}", path.display()))
-            })
+            .map(|dir| open(dir.join("cgroup.procs")))
             .collect::<Result<_, _>>()?;
-        Ok(Placement { procs })
+        Ok(Placement { procs, vcpu_tasks })
+    }
+
+    /// v1: the threads of VMM `pid` outside the cpu cgroup they belong in (its vCPUs in
+    /// the VM's, the others in [`CONTROL_LEAF`]). Empty on v2.
+    fn misplaced_threads(&self, vm: &str, pid: u32) -> Vec<MisplacedThread> {
+        let Version::V1 { cpu, .. } = &self.version else {
+            return vec![];
+        };
+        let leaf = Self::leaf(vm);
+        let in_vm = read_pids(&cpu.join(&leaf).join("tasks"));
+        let in_control = read_pids(&cpu.join(CONTROL_LEAF).join("tasks"));
+        threads_of(pid)
+            .into_iter()
+            .filter_map(|(tid, comm)| {
+                let (placed, belongs) = if is_guest_thread(&comm) {
+                    (in_vm.contains(&tid), leaf.clone())
+                } else {
+                    (in_control.contains(&tid), CONTROL_LEAF.to_string())
+                };
+                (!placed).then(|| MisplacedThread {
+                    tid,
+                    comm,
+                    tasks: cpu.join(&belongs).join("tasks"),
+                    belongs,
+                })
+            })
+            .collect()
     }
 
     /// Reads the VM's cgroup back.
@@ -888,10 +1015,27 @@ impl Cgroups {
                 differs("memory.low", observed.memory_low, settings.memory_low);
             }
         }
-        status.holds_vmm =
-            pid != 0 && observed.pids.contains(&pid) && observed.memory_pids.contains(&pid);
-        if pid != 0 && !status.holds_vmm {
-            drift.push(format!("the VMM (pid {pid}) is not in the cgroup"));
+        match self.version {
+            Version::V1 { .. } if pid != 0 => {
+                let misplaced = self.misplaced_threads(vm, pid);
+                status.holds_vmm = observed.memory_pids.contains(&pid) && misplaced.is_empty();
+                if !observed.memory_pids.contains(&pid) {
+                    drift.push(format!("the VMM (pid {pid}) is not in the memory cgroup"));
+                }
+                drift.extend(misplaced.into_iter().map(|thread| {
+                    format!(
+                        "the VMM's thread {} ({}) is not in the cpu cgroup {}",
+                        thread.tid, thread.comm, thread.belongs
+                    )
+                }));
+            }
+            _ => {
+                status.holds_vmm =
+                    pid != 0 && observed.pids.contains(&pid) && observed.memory_pids.contains(&pid);
+                if pid != 0 && !status.holds_vmm {
+                    drift.push(format!("the VMM (pid {pid}) is not in the cgroup"));
+                }
+            }
         }
         if let Some(cpusets) = &self.cpusets {
             cpusets.observe(vm, settings.dedicated_cpus, pid, &mut status, &mut drift);
@@ -975,6 +1119,10 @@ impl Cgroups {
         let running: Vec<&String> = vms.iter().filter(|vm| !self.vm_is_empty(vm)).collect();
         for vm in vms.iter().filter(|vm| !running.contains(vm)) {
             let _ = self.remove(vm);
+        }
+        // Refused (busy) while an outliving VMM's threads are in it.
+        if let Some(control) = self.control_dir() {
+            let _ = std::fs::remove_dir(control);
         }
         self.parents()
             .into_iter()
@@ -1081,6 +1229,16 @@ mod tests {
         );
         assert_eq!(SlaClass::parse(""), Some(SlaClass::OnDemand));
         assert_eq!(SlaClass::parse("gold"), None);
+    }
+
+    #[test]
+    fn vcpus_and_kvms_own_workers_are_the_guests_threads() {
+        for comm in ["vcpu0", "vcpu15", "vcpu3\n", "kvm-nx-lpage-re"] {
+            assert!(is_guest_thread(comm), "{comm}");
+        }
+        for comm in ["vcpu", "vcpux", "control", "net0-rx", "cairn-vmm", "vcpu-1"] {
+            assert!(!is_guest_thread(comm), "{comm}");
+        }
     }
 
     #[test]

@@ -200,9 +200,13 @@ impl ProcessHypervisor {
             }
         }
         if let Some(placement) = placement {
+            if let Some(fd) = placement.vcpu_fd() {
+                command.arg("--vcpu-cgroup-fd").arg(fd.to_string());
+            }
             // SAFETY: the closure runs in the child between fork and exec and only
-            // calls write(2) on descriptors opened before the fork (close-on-exec), which
-            // is async-signal-safe: the VMM is in its VM's cgroup before it runs.
+            // calls write(2) and fcntl(2) on descriptors opened before the fork
+            // (close-on-exec), which are async-signal-safe: the VMM is in its cgroups
+            // before it runs.
             unsafe {
                 command.pre_exec(move || placement.enter());
             }

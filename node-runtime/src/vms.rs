@@ -734,7 +734,7 @@ impl Vms {
             .map(|(name, vm)| (name.clone(), vm.record.clone()))
             .collect();
         // All at once: a VMM slow to answer its handshake (a starved spot VM waits up
-        // to 1 + 2 + 4 s, `adopt::HANDSHAKE_TRIES`) must not hold back the adoption of
+        // to 1 + 2 + 4 + 8 s, `adopt::HANDSHAKE_TRIES`) must not hold back the adoption of
         // the others, whose fences count down until the quorum loop renews them (a
         // loaded CI run's reserved HA VM fenced itself that way behind a spot VM).
         futures_util::future::join_all(

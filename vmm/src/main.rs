@@ -68,6 +68,12 @@ struct Cli {
     /// the VM only once promoted (`ft-promote`).
     #[arg(long, conflicts_with = "incoming")]
     ft_secondary: Option<String>,
+    /// An open descriptor (inherited from cairn-node) of the cpu cgroup file each vCPU
+    /// thread writes itself into before it runs the guest (cgroup v1 `tasks`): the
+    /// SLA class's CPU share then holds the guest alone, not the VMM's control and I/O
+    /// threads.
+    #[arg(long, value_name = "FD")]
+    vcpu_cgroup_fd: Option<i32>,
     /// The VM's directory: console.log and control.sock live here unless
     /// --serial-log / --control-socket say otherwise.
     #[arg(long, required_unless_present_any = ["host_info", "control_socket", "config"])]
@@ -180,6 +186,23 @@ fn block_termination_signals() -> libc::sigset_t {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
+}
+
+/// Takes the inherited descriptor `fd` as the vCPU threads' cgroup file (close-on-exec
+/// from now on: nothing this process runs inherits it further).
+fn take_vcpu_cgroup(fd: i32) -> Result<(), String> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: fcntl(2) on a descriptor number only reads or sets its flags; a number
+    // that is not open fails with EBADF, checked before the descriptor is owned.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(format!(
+            "not an open descriptor ({})",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: `fd` is open (checked above) and inherited for this process alone to own.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    vmm::vcpu::set_vcpu_cgroup(file)
 }
 
 /// Reads the VM a `--config` file describes (not yet validated: `Vm::create` does that).
@@ -408,6 +431,12 @@ fn secondary(
 
 fn run(cli: Cli) -> u8 {
     let termination = block_termination_signals();
+    if let Some(fd) = cli.vcpu_cgroup_fd
+        && let Err(error) = take_vcpu_cgroup(fd)
+    {
+        eprintln!("error: --vcpu-cgroup-fd {fd}: {error}");
+        return exit_code::USAGE;
+    }
     let incoming = cli.incoming.clone();
     let ft_secondary = cli.ft_secondary.clone();
     let config = match &cli.config {

@@ -162,6 +162,29 @@ pub(crate) fn install_kick_handler() {
     });
 }
 
+/// The cpu cgroup `tasks` file the node opened for this VMM's vCPU threads
+/// (`--vcpu-cgroup-fd`), which each writes itself into before it runs the guest.
+static VCPU_CGROUP: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// Makes every vCPU thread started from now on move itself into the cgroup whose
+/// `tasks` (cgroup v1) or `cgroup.threads` (v2) file `file` is, before its first
+/// `KVM_RUN`. Set once, before the VM starts; a second call is refused.
+pub fn set_vcpu_cgroup(file: std::fs::File) -> Result<(), String> {
+    VCPU_CGROUP
+        .set(file)
+        .map_err(|_| "the vCPU cgroup is set already".to_string())
+}
+
+/// Moves the calling thread into the vCPU cgroup, if one was set.
+fn enter_vcpu_cgroup() -> std::io::Result<()> {
+    use std::io::Write as _;
+    match VCPU_CGROUP.get() {
+        // "0": the writing thread (cgroup v1 `tasks`, v2 `cgroup.threads`).
+        Some(mut file) => file.write_all(b"0"),
+        None => Ok(()),
+    }
+}
+
 pub(crate) fn spawn_vcpus(
     shared: &Arc<Shared>,
     ram: &Arc<GuestRam>,
@@ -205,6 +228,14 @@ impl Drop for PanicReporter<'_> {
 /// `Exiting` (so a reboot can reuse it).
 fn run_vcpu(index: usize, mut vcpu: VcpuFd, shared: &Shared, ram: &GuestRam) -> VcpuFd {
     let _report_panic = PanicReporter { shared, index };
+    // The guest runs in its SLA class's CPU share, never outside it: a vCPU that cannot
+    // enter its cgroup fails the VM instead.
+    if let Err(error) = enter_vcpu_cgroup() {
+        shared.send(VmEvent::Failed(format!(
+            "vCPU {index} cannot enter its cpu cgroup: {error}"
+        )));
+        return vcpu;
+    }
     loop {
         {
             let mut run = shared.lock_run();

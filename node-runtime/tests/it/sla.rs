@@ -38,6 +38,22 @@ async fn cgroup_version(client: &mut NodeClient) -> Option<String> {
     Some(usage.cgroup_version)
 }
 
+/// The threads of process `pid`: (tid, comm, /proc/PID/task/TID/cgroup).
+fn vmm_threads(pid: u32) -> Vec<(u32, String, String)> {
+    let mut threads: Vec<(u32, String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let tid = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            let cgroup = std::fs::read_to_string(entry.path().join("cgroup")).ok()?;
+            Some((tid, comm.trim_end().to_string(), cgroup))
+        })
+        .collect();
+    threads.sort();
+    threads
+}
+
 /// The directory of a VM's cgroup in the hierarchy holding `controller` (v1) or the
 /// unified one (v2), from /proc/self/mounts.
 fn cgroup_dir(version: &str, controller: &str, path: &str) -> PathBuf {
@@ -280,15 +296,73 @@ async fn each_vmm_runs_in_its_class_cgroup_which_is_read_back_repaired_and_remov
     };
     let proc_cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", r.pid)).unwrap();
     if version == "v1" {
-        for (controller, path) in [("cpu", &rc.path), ("memory", &memory_path)] {
+        // The process in the VM's memory cgroup; in the cpu hierarchy its vCPU threads
+        // alone in the VM's (the class's share holds the guest), every other thread
+        // (control socket, I/O) in the node's `vmm-control` beside it.
+        let control_path = format!(
+            "{}/vmm-control",
+            rc.path.rsplit_once('/').expect("a parent").0
+        );
+        for (pid, cpu_path) in [(r.pid, &rc.path), (s.pid, &sc.path)] {
+            let threads = vmm_threads(pid);
             assert!(
-                proc_cgroup
-                    .lines()
-                    .any(|line| line.split(':').nth(1) == Some(controller)
-                        && line.ends_with(path.as_str())),
-                "{controller} {path}: {proc_cgroup}"
+                threads.iter().any(|(_, comm, _)| comm == "vcpu0")
+                    && threads.iter().any(|(_, comm, _)| comm == "control"),
+                "{threads:?}"
             );
+            for (tid, comm, cgroup) in &threads {
+                let want = if comm.starts_with("vcpu") || comm.starts_with("kvm-") {
+                    cpu_path
+                } else {
+                    &control_path
+                };
+                assert!(
+                    cgroup
+                        .lines()
+                        .any(|line| line.split(':').nth(1) == Some("cpu")
+                            && line.ends_with(&format!(":{want}"))),
+                    "thread {tid} ({comm}) of pid {pid} is not in the cpu cgroup {want}: {cgroup}"
+                );
+            }
         }
+        assert!(
+            proc_cgroup
+                .lines()
+                .any(|line| line.split(':').nth(1) == Some("memory")
+                    && line.ends_with(memory_path.as_str())),
+            "memory {memory_path}: {proc_cgroup}"
+        );
+        // A service thread moved into the class's cgroup behind the node's back is
+        // drift, named, and the same definition again moves it out.
+        // (`signals` spawns no thread, which would inherit the class's cgroup too.)
+        let (moved_tid, _, _) = vmm_threads(s.pid)
+            .into_iter()
+            .find(|(_, comm, _)| comm == "signals")
+            .expect("a signals thread");
+        std::fs::write(
+            cgroup_dir("v1", "cpu", &sc.path).join("tasks"),
+            moved_tid.to_string(),
+        )
+        .unwrap();
+        let drifted = observe_vm(&mut client, "s").await.cgroup.unwrap();
+        assert!(!drifted.holds_vmm, "{drifted:?}");
+        assert_eq!(
+            drifted.drift,
+            vec![format!(
+                "the VMM's thread {moved_tid} (signals) is not in the cpu cgroup vmm-control"
+            )],
+        );
+        apply_ok(
+            &mut client,
+            "s-repair",
+            Action::CreateVm(vm("s", "spot", 0)),
+        )
+        .await;
+        let repaired = observe_vm(&mut client, "s").await.cgroup.unwrap();
+        assert!(
+            repaired.holds_vmm && repaired.drift.is_empty(),
+            "{repaired:?}"
+        );
     } else {
         assert!(
             proc_cgroup.contains(&format!("0::{}", rc.path)),
