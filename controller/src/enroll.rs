@@ -124,6 +124,97 @@ impl v1::enrollment_server::Enrollment for EnrollmentService {
             controller_keys: keys,
         }))
     }
+
+    /// A node key rotation: signed by the pinned key (the authority) and by the new
+    /// key (the node holds it); the new key is pinned in the store and in the lease
+    /// service's cache at once, so the node's next renewal is checked with it.
+    async fn rotate_node_key(
+        &self,
+        request: Request<v1::RotateNodeKeyRequest>,
+    ) -> Result<Response<v1::RotateNodeKeyReply>, Status> {
+        let body = request.into_inner();
+        let now = reconciler::state::now_ms();
+        proto::enroll::verify_rotation(&body, now).map_err(|why| {
+            Status::unauthenticated(format!(
+                "key rotation of node `{}` refused: {why}",
+                body.node
+            ))
+        })?;
+        let (old, new) = (
+            body.old_public_key_hex.to_ascii_lowercase(),
+            body.new_public_key_hex.to_ascii_lowercase(),
+        );
+        let shared = self.shared.clone();
+        let node = body.node.clone();
+        let (old_key, new_key) = (old.clone(), new.clone());
+        let outcome = tokio::task::spawn_blocking(move || {
+            let store = shared.state_store()?;
+            let enrollment = store.enrollment_store();
+            let pinned = enrollment
+                .enrolled_nodes()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .find(|n| n.name == node)
+                .map(|n| n.key_hex);
+            Ok::<_, String>(match pinned {
+                None => Err(format!(
+                    "node `{node}` has no pinned key: it was not enrolled (`cairn node token create {node}`, then `cairn-node --enroll`)"
+                )),
+                // The same request again: its answer was lost.
+                Some(pinned) if pinned == new_key => Ok(false),
+                Some(pinned) if pinned != old_key => Err(format!(
+                    "the key pinned for node `{node}` is {}…, not {}…: the rotation must be signed by the pinned key",
+                    &pinned[..16],
+                    &old_key[..16]
+                )),
+                Some(_) => enrollment
+                    .set_enrolled_node(&reconciler::enroll::EnrolledNode {
+                        name: node.clone(),
+                        key_hex: new_key.clone(),
+                        at_ms: now,
+                        how: "rotated".into(),
+                    })
+                    .map(|()| true)
+                    .map_err(|e| e.to_string()),
+            })
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::unavailable(format!("the state store: {e}")))?;
+        match outcome {
+            Err(why) => {
+                self.shared.record(vec![
+                    Event::new("node-key", "refused")
+                        .object(format!("node {}", body.node))
+                        .reason(why.clone()),
+                ]);
+                Err(Status::permission_denied(why))
+            }
+            Ok(changed) => {
+                self.shared
+                    .leases
+                    .keys
+                    .lock()
+                    .await
+                    .insert(body.node.clone(), new.clone());
+                if changed {
+                    self.shared.record(vec![
+                        Event::new("node-key", "rotated")
+                            .object(format!("node {}", body.node))
+                            .reason(format!(
+                                "node {} now signs with {}… (was {}…), a request signed by both keys",
+                                body.node,
+                                &new[..16],
+                                &old[..16]
+                            )),
+                    ]);
+                }
+                Ok(Response::new(v1::RotateNodeKeyReply {
+                    public_key_hex: new,
+                }))
+            }
+        }
+    }
 }
 
 /// The key node `name` enrolled with (or was rotated to), if it was enrolled.

@@ -932,16 +932,18 @@ pub struct LeaseService {
     /// The controller keys renewals may be addressed to, and what they were read
     /// from (the signing key and `controller-keys`' modification time): read again
     /// when either changes ([`crate::keys::lease_targets`]).
-    targets: Arc<
-        Mutex<(
-            Option<(String, Option<std::time::SystemTime>)>,
-            Vec<NodeTarget>,
-        )>,
-    >,
+    targets: Arc<Mutex<LeaseTargets>>,
     /// The applied model's [`NodeIndex`], made again when the model changes (the
     /// model is kept with it, so a new one is never mistaken for it).
     index: Arc<Mutex<Option<IndexedModel>>>,
 }
+
+/// The controller keys renewals may be addressed to, with what they were read from
+/// (the signing key, `controller-keys`' modification time).
+type LeaseTargets = (
+    Option<(String, Option<std::time::SystemTime>)>,
+    Vec<NodeTarget>,
+);
 
 /// A model with its [`NodeIndex`].
 type IndexedModel = (Arc<compiler::Model>, Arc<NodeIndex>);

@@ -109,3 +109,113 @@ pub async fn enroll(
         unreachable.join("; ")
     ))
 }
+
+/// The next key's secret while a node key rotation is not confirmed by the
+/// controller (a crash or a lost answer asks again with the same key).
+pub const NEXT_KEY: &str = "identity.key.next";
+/// The key rotated out, kept for the operator after a rotation.
+pub const OLD_KEY: &str = "identity.key.old";
+
+/// `cairn-node --rotate-key`: before the node serves, it asks the controller
+/// (`Enrollment.RotateNodeKey`, signed by its pinned key and by a new one) to pin a new
+/// key, then writes it as `identity.key` (the old one kept as `identity.key.old`). The
+/// new key waits in `identity.key.next` until the controller confirms, so a run cut
+/// off asks again with the same key. Run it as an agent restart: the VMs keep running
+/// and are adopted, and the node signs with the new key from its first request.
+/// Returns the new key, hex.
+pub async fn rotate_key(data_dir: &Path, name: &str, controller: &str) -> Result<String, String> {
+    let key_path = data_dir.join(files::IDENTITY_KEY);
+    let next_path = data_dir.join(NEXT_KEY);
+    let old = Identity::load(&key_path).map_err(|e| format!("the node's key: {e}"))?;
+    let new = match Identity::load(&next_path) {
+        Ok(next) => next,
+        Err(_) => {
+            let next = Identity::generate().map_err(|e| e.to_string())?;
+            proto::auth::write_file_atomically(
+                &next_path,
+                &format!("{}\n", next.secret_seed_hex()),
+                0o600,
+            )
+            .map_err(|e| e.to_string())?;
+            next
+        }
+    };
+    let addresses: Vec<&str> = controller
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    if addresses.is_empty() {
+        return Err("--controller names no address".into());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut unreachable = Vec::new();
+    let mut confirmed = false;
+    for address in addresses.iter().cycle() {
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
+        let request =
+            proto::enroll::rotation_request(&old, &new, name, crate::events::now_unix_ms());
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| format!("--controller {address}: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(20))
+            .connect_lazy();
+        let mut client = v1::enrollment_client::EnrollmentClient::new(channel);
+        match client.rotate_node_key(request).await {
+            Ok(reply) if reply.get_ref().public_key_hex == new.public_key_hex() => {
+                confirmed = true;
+                break;
+            }
+            Ok(reply) => {
+                return Err(format!(
+                    "the controller at {address} pinned {}… for node {name}, not the new key",
+                    &reply.get_ref().public_key_hex
+                ));
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                ) =>
+            {
+                unreachable.push(format!("{address}: {}", status.message()));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(status) => {
+                return Err(format!(
+                    "the controller at {address} refused the key rotation of node {name}: {}",
+                    status.message()
+                ));
+            }
+        }
+    }
+    if !confirmed {
+        unreachable.dedup();
+        return Err(format!(
+            "no controller answered the key rotation within 60 s: {}; the new key waits in {}",
+            unreachable.join("; "),
+            next_path.display()
+        ));
+    }
+    let write = |path: &Path, text: String, mode| {
+        proto::auth::write_file_atomically(path, &text, mode).map_err(|e| e.to_string())
+    };
+    write(
+        &data_dir.join(OLD_KEY),
+        format!("{}\n", old.secret_seed_hex()),
+        0o600,
+    )?;
+    write(&key_path, format!("{}\n", new.secret_seed_hex()), 0o600)?;
+    write(
+        &data_dir.join(files::IDENTITY_PUB),
+        format!("{}\n", new.public_key_hex()),
+        0o644,
+    )?;
+    let _ = std::fs::remove_file(&next_path);
+    Ok(new.public_key_hex())
+}

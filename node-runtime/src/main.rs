@@ -32,8 +32,14 @@ struct Args {
     trusted_peer_keys: Option<PathBuf>,
     #[arg(long, value_name = "TOKEN", conflicts_with_all = ["trusted_controller_keys", "simulate"])]
     enroll: Option<String>,
-    #[arg(long, value_name = "ADDR", requires = "enroll")]
+    #[arg(long, value_name = "ADDR")]
     controller: Option<String>,
+    /// Before serving, have the controller (--controller, else --lease-from) pin a
+    /// new key for this node, signed by the pinned key and the new one, then sign with
+    /// the new key (`identity.key`; the old one kept as `identity.key.old`). Run it as
+    /// an agent restart: the VMs keep running and are adopted.
+    #[arg(long)]
+    rotate_key: bool,
     /// Path of the cairn-vmm binary (default: next to cairn-node, then PATH).
     #[arg(long)]
     vmm_binary: Option<PathBuf>,
@@ -220,6 +226,28 @@ fn main() -> ExitCode {
             ),
             Err(error) => {
                 eprintln!("cairn-node: enrollment refused: {error}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if args.rotate_key {
+        let Some(controller) = args.controller.as_deref().or(args.lease_from.as_deref()) else {
+            eprintln!(
+                "cairn-node: --rotate-key needs the controller's gRPC address: --controller ADDR (or --lease-from ADDR)"
+            );
+            return ExitCode::from(2);
+        };
+        let name = args.name.clone().unwrap_or_default();
+        match runtime.block_on(node_runtime::enroll::rotate_key(
+            &args.data_dir,
+            &name,
+            controller,
+        )) {
+            Ok(key) => eprintln!(
+                "cairn-node: node {name}'s key is rotated: the controller at {controller} pinned {key}"
+            ),
+            Err(error) => {
+                eprintln!("cairn-node: key rotation refused: {error}");
                 return ExitCode::from(2);
             }
         }

@@ -106,6 +106,69 @@ pub fn verify_request(request: &v1::EnrollRequest, now_ms: u64) -> Result<(), St
         })
 }
 
+/// The format tag of a node key rotation's signed payload.
+pub const ROTATION_CONTEXT: &str = "cairn-node-key-rotate-v1";
+
+/// The bytes both keys sign in a node key rotation: format tag, node, old key, new
+/// key, timestamp, one a line.
+pub fn rotation_payload(node: &str, old_hex: &str, new_hex: &str, timestamp_ms: u64) -> Vec<u8> {
+    format!("{ROTATION_CONTEXT}\n{node}\n{old_hex}\n{new_hex}\n{timestamp_ms}").into_bytes()
+}
+
+/// Node `node`'s request to replace its pinned key `old` with `new`.
+pub fn rotation_request(
+    old: &Identity,
+    new: &Identity,
+    node: &str,
+    now_ms: u64,
+) -> v1::RotateNodeKeyRequest {
+    let (old_hex, new_hex) = (old.public_key_hex(), new.public_key_hex());
+    let payload = rotation_payload(node, &old_hex, &new_hex, now_ms);
+    v1::RotateNodeKeyRequest {
+        node: node.to_owned(),
+        old_signature_hex: to_hex(&old.sign_bytes(&payload).to_bytes()),
+        new_signature_hex: to_hex(&new.sign_bytes(&payload).to_bytes()),
+        old_public_key_hex: old_hex,
+        new_public_key_hex: new_hex,
+        timestamp_unix_ms: now_ms,
+    }
+}
+
+/// The controller's check of a rotation request's form and both signatures (the old
+/// key is then compared with the pinned one). `Err` says what is wrong.
+pub fn verify_rotation(request: &v1::RotateNodeKeyRequest, now_ms: u64) -> Result<(), String> {
+    if request.node.is_empty() {
+        return Err("the request names no node".into());
+    }
+    let skew = now_ms.abs_diff(request.timestamp_unix_ms);
+    if skew > WINDOW_MS {
+        return Err(format!(
+            "the request was signed {skew} ms away from the controller's clock, more than the {WINDOW_MS} ms allowed (check clocks)"
+        ));
+    }
+    let (old_hex, new_hex) = (
+        request.old_public_key_hex.to_ascii_lowercase(),
+        request.new_public_key_hex.to_ascii_lowercase(),
+    );
+    let payload = rotation_payload(&request.node, &old_hex, &new_hex, request.timestamp_unix_ms);
+    for (what, key_hex, signature_hex) in [
+        ("old", &old_hex, &request.old_signature_hex),
+        ("new", &new_hex, &request.new_signature_hex),
+    ] {
+        let key = parse_public_key(key_hex).map_err(|e| format!("the {what} key: {e}"))?;
+        let signature = from_hex::<64>(signature_hex)
+            .map_err(|problem| format!("the {what} key's signature: {problem}"))?;
+        key.verify(&payload, &Signature::from_bytes(&signature))
+            .map_err(|_| {
+                format!(
+                    "the {what} key's signature ({}…) does not verify over the rotation",
+                    &key_hex[..16]
+                )
+            })?;
+    }
+    Ok(())
+}
+
 /// The keys of a reply as the MAC covers them: `HEX NAME` lines, in the reply's order.
 pub fn keys_payload(keys: &[v1::ControllerKey]) -> Vec<u8> {
     keys.iter()
@@ -158,6 +221,44 @@ pub fn accept_reply(token: &str, reply: &v1::EnrollReply) -> Result<String, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_key_rotation_needs_both_keys_signatures() {
+        let (old, new) = (Identity::from_seed([5; 32]), Identity::from_seed([6; 32]));
+        let now = 2_000_000;
+        let request = rotation_request(&old, &new, "lab-1", now);
+        verify_rotation(&request, now + 1000).unwrap();
+        assert!(
+            verify_rotation(&request, now + WINDOW_MS + 1)
+                .unwrap_err()
+                .contains("check clocks")
+        );
+        // Another node's name, or a new key the node does not hold: refused.
+        let renamed = v1::RotateNodeKeyRequest {
+            node: "lab-2".into(),
+            ..request.clone()
+        };
+        assert!(
+            verify_rotation(&renamed, now)
+                .unwrap_err()
+                .contains("old key")
+        );
+        let stranger = Identity::from_seed([7; 32]);
+        let swapped = v1::RotateNodeKeyRequest {
+            new_public_key_hex: stranger.public_key_hex(),
+            ..request.clone()
+        };
+        assert!(verify_rotation(&swapped, now).is_err());
+        let unproven = v1::RotateNodeKeyRequest {
+            new_signature_hex: request.old_signature_hex.clone(),
+            ..request
+        };
+        assert!(
+            verify_rotation(&unproven, now)
+                .unwrap_err()
+                .contains("new key")
+        );
+    }
 
     #[test]
     fn a_request_verifies_and_a_reply_is_accepted_only_with_the_tokens_mac() {
