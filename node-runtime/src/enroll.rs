@@ -52,32 +52,83 @@ pub async fn enroll(
         &data_dir.join(files::IDENTITY_PUB),
     )
     .map_err(|e| e.to_string())?;
+    // A controller that is starting or busy (its state store held by a sync) may
+    // answer late: the list is tried again for 60 s. A retry after a lost answer is
+    // answered again (the token is used by this very key).
+    let (address, reply) = ask_controllers(controller, |mut client| {
+        let request = proto::enroll::request(&identity, name, token, crate::events::now_unix_ms());
+        async move { client.enroll(request).await }
+    })
+    .await
+    .map_err(|asked| asked.describe("enrollment", name))?;
+    let text = proto::enroll::accept_reply(token, &reply)
+        .map_err(|why| format!("the answer of {address}: {why}"))?;
+    crate::trust::write_atomically(&trusted, &text)?;
+    Ok(Enrolled::Now(reply.controller_keys.len()))
+}
+
+/// Why [`ask_controllers`] got no answer.
+#[derive(Debug)]
+enum Asked {
+    /// `--controller` is not a usable address list.
+    Address(String),
+    /// A controller answered with a refusal: final.
+    Refused(String, tonic::Status),
+    /// None answered within 60 s: the last reasons.
+    Unreachable(Vec<String>),
+}
+
+impl Asked {
+    /// The error of the `what` of node `name`, ready to print.
+    fn describe(self, what: &str, name: &str) -> String {
+        match self {
+            Asked::Address(problem) => problem,
+            Asked::Refused(address, status) => format!(
+                "the controller at {address} refused the {what} of node {name}: {}",
+                status.message()
+            ),
+            Asked::Unreachable(mut reasons) => {
+                reasons.dedup();
+                let reasons = reasons.split_off(reasons.len().saturating_sub(3));
+                format!(
+                    "no controller answered the {what} within 60 s: {}",
+                    reasons.join("; ")
+                )
+            }
+        }
+    }
+}
+
+/// Calls `call` with an `Enrollment` client of each address of `controller` (one
+/// address or a comma-separated list) in turn, until one answers; unreachable, slow
+/// and cancelled calls are tried again, on the next address, for 60 s. The address
+/// that answered and its reply.
+async fn ask_controllers<T, F, Fut>(controller: &str, mut call: F) -> Result<(String, T), Asked>
+where
+    F: FnMut(v1::enrollment_client::EnrollmentClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
     let addresses: Vec<&str> = controller
         .split(',')
         .map(str::trim)
         .filter(|a| !a.is_empty())
         .collect();
     if addresses.is_empty() {
-        return Err("--controller names no address".into());
+        return Err(Asked::Address("--controller names no address".into()));
     }
-    // A controller that is starting or busy (its state store held by a sync) may
-    // answer late: the list is tried again until this deadline. A retry after a lost
-    // answer is answered again (the token is used by this very key).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut unreachable = Vec::new();
     for address in addresses.iter().cycle() {
         if std::time::Instant::now() >= deadline {
             break;
         }
-        let request = proto::enroll::request(&identity, name, token, crate::events::now_unix_ms());
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("--controller {address}: {e}"))?
+            .map_err(|e| Asked::Address(format!("--controller {address}: {e}")))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(20))
             .connect_lazy();
-        let mut client = v1::enrollment_client::EnrollmentClient::new(channel);
-        let reply = match client.enroll(request).await {
-            Ok(reply) => reply.into_inner(),
+        match call(v1::enrollment_client::EnrollmentClient::new(channel)).await {
+            Ok(reply) => return Ok(((*address).to_owned(), reply.into_inner())),
             Err(status)
                 if matches!(
                     status.code(),
@@ -88,26 +139,11 @@ pub async fn enroll(
             {
                 unreachable.push(format!("{address}: {}", status.message()));
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
             }
-            Err(status) => {
-                return Err(format!(
-                    "the controller at {address} refused the enrollment of node {name}: {}",
-                    status.message()
-                ));
-            }
-        };
-        let text = proto::enroll::accept_reply(token, &reply)
-            .map_err(|why| format!("the answer of {address}: {why}"))?;
-        crate::trust::write_atomically(&trusted, &text)?;
-        return Ok(Enrolled::Now(reply.controller_keys.len()));
+            Err(status) => return Err(Asked::Refused((*address).to_owned(), status)),
+        }
     }
-    unreachable.dedup();
-    let unreachable = unreachable.split_off(unreachable.len().saturating_sub(3));
-    Err(format!(
-        "no controller answered the enrollment within 60 s: {}",
-        unreachable.join("; ")
-    ))
+    Err(Asked::Unreachable(unreachable))
 }
 
 /// The next key's secret while a node key rotation is not confirmed by the
@@ -140,66 +176,23 @@ pub async fn rotate_key(data_dir: &Path, name: &str, controller: &str) -> Result
             next
         }
     };
-    let addresses: Vec<&str> = controller
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .collect();
-    if addresses.is_empty() {
-        return Err("--controller names no address".into());
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut unreachable = Vec::new();
-    let mut confirmed = false;
-    for address in addresses.iter().cycle() {
-        if std::time::Instant::now() >= deadline {
-            break;
-        }
+    let (address, reply) = ask_controllers(controller, |mut client| {
         let request =
             proto::enroll::rotation_request(&old, &new, name, crate::events::now_unix_ms());
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("--controller {address}: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(20))
-            .connect_lazy();
-        let mut client = v1::enrollment_client::EnrollmentClient::new(channel);
-        match client.rotate_node_key(request).await {
-            Ok(reply) if reply.get_ref().public_key_hex == new.public_key_hex() => {
-                confirmed = true;
-                break;
-            }
-            Ok(reply) => {
-                return Err(format!(
-                    "the controller at {address} pinned {}… for node {name}, not the new key",
-                    &reply.get_ref().public_key_hex
-                ));
-            }
-            Err(status)
-                if matches!(
-                    status.code(),
-                    tonic::Code::Unavailable
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::Cancelled
-                ) =>
-            {
-                unreachable.push(format!("{address}: {}", status.message()));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-            Err(status) => {
-                return Err(format!(
-                    "the controller at {address} refused the key rotation of node {name}: {}",
-                    status.message()
-                ));
-            }
-        }
-    }
-    if !confirmed {
-        unreachable.dedup();
-        return Err(format!(
-            "no controller answered the key rotation within 60 s: {}; the new key waits in {}",
-            unreachable.join("; "),
+        async move { client.rotate_node_key(request).await }
+    })
+    .await
+    .map_err(|asked| {
+        format!(
+            "{}; the new key waits in {}",
+            asked.describe("key rotation", name),
             next_path.display()
+        )
+    })?;
+    if reply.public_key_hex != new.public_key_hex() {
+        return Err(format!(
+            "the controller at {address} pinned {}… for node {name}, not the new key",
+            &reply.public_key_hex
         ));
     }
     let write = |path: &Path, text: String, mode| {
