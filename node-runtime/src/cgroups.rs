@@ -133,7 +133,7 @@ impl Settings {
 struct MisplacedThread {
     tid: u32,
     comm: String,
-    /// The cgroup it belongs in (`vm-NAME` or [`CONTROL_LEAF`]).
+    /// The cgroup it belongs in (`vm-NAME` or `svc-NAME`: [`Cgroups::service_leaf`]).
     belongs: String,
     /// That cgroup's `tasks` file.
     tasks: PathBuf,
@@ -206,8 +206,8 @@ pub struct Placement {
     pub procs: Vec<File>,
     /// v1: the VM's cpu cgroup's `tasks`, which the VMM inherits (`--vcpu-cgroup-fd`):
     /// each vCPU thread writes "0" there before it first runs the guest, so the class's
-    /// CPU share holds the guest alone, while the process entered the node's
-    /// `vmm-control` cpu cgroup ([`CONTROL_LEAF`]) through `procs`.
+    /// CPU share holds the guest alone, while the process entered the VM's service cpu
+    /// cgroup `svc-NAME` ([`Cgroups::service_leaf`]) through `procs`.
     pub vcpu_tasks: Option<File>,
 }
 
@@ -240,15 +240,6 @@ impl Placement {
         self.vcpu_tasks.as_ref().map(|file| file.as_raw_fd())
     }
 }
-
-/// cgroup v1: the node's cpu cgroup (beside its `vm-NAME` ones) that holds every thread
-/// of its VMMs but the vCPUs: the control socket, device I/O, migration and
-/// fault-tolerance threads. It has the default share (one ordinary process's), so a
-/// spot VM's starved guest does not starve the thread that answers the agent (an agent
-/// restarted under CPU pressure killed spot VMMs that could not answer its identity
-/// handshake), and all the VMMs' service threads together weigh no more than one
-/// process against the guests (libvirt's split of emulator and vCPU threads).
-pub const CONTROL_LEAF: &str = "vmm-control";
 
 /// Whether a thread of a VMM (its `comm`) runs the guest's work and so belongs in the
 /// class's cpu cgroup: a vCPU (`cairn-vmm` names them `vcpuN`), or a worker KVM starts
@@ -739,7 +730,11 @@ impl Cgroups {
     fn dirs(&self, vm: &str) -> Vec<PathBuf> {
         match &self.version {
             Version::V1 { cpu, memory } => {
-                vec![cpu.join(Self::leaf(vm)), memory.join(Self::leaf(vm))]
+                vec![
+                    cpu.join(Self::leaf(vm)),
+                    memory.join(Self::leaf(vm)),
+                    cpu.join(Self::service_leaf(vm)),
+                ]
             }
             Version::V2 { parent } => vec![parent.join(Self::leaf(vm))],
         }
@@ -754,14 +749,14 @@ impl Cgroups {
         settings: &Settings,
         pid: Option<u32>,
     ) -> Result<Vec<String>, String> {
-        for dir in self.dirs(vm).into_iter().chain(self.control_dir()) {
+        for dir in self.dirs(vm) {
             std::fs::create_dir_all(&dir)
                 .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
         }
         let observed = self.read(vm)?;
         let mut written = Vec::new();
         // v1, thread by thread: the vCPUs into the VM's cpu cgroup, the rest into the
-        // node's `vmm-control` (a VMM an older agent placed whole is split here).
+        // VM's `svc-NAME` (a VMM an older agent placed whole is split here).
         for thread in pid.map_or_else(Vec::new, |pid| self.misplaced_threads(vm, pid)) {
             match write_value(&thread.tasks, &thread.tid.to_string()) {
                 Ok(()) => written.push(format!(
@@ -871,18 +866,22 @@ impl Cgroups {
         Ok(written)
     }
 
-    /// v1: the node's cpu cgroup for the VMMs' threads other than vCPUs
-    /// ([`CONTROL_LEAF`]); `None` on v2, where a process's threads can be split only
-    /// within its own cgroup's threaded subtree, so the VM's cgroup holds them all.
-    pub fn control_dir(&self) -> Option<PathBuf> {
-        match &self.version {
-            Version::V1 { cpu, .. } => Some(cpu.join(CONTROL_LEAF)),
-            Version::V2 { .. } => None,
-        }
+    /// cgroup v1: the cpu cgroup, beside the VM's `vm-NAME`, of every thread of its VMM
+    /// but the guest's (control socket, device I/O, migration, fault tolerance), with
+    /// the default share: one ordinary process's. The class's share then holds the
+    /// guest alone: a spot VM's guest gets the least (2 against 1024), and when every
+    /// thread shared it, its control thread could not answer a restarted agent's
+    /// identity handshake beside three busy loops and the agent killed the VM (session
+    /// 14's CI run). Per VM, not one per node: a group's CPU weight is spread over the
+    /// CPUs by where its load is, so one shared group weighed next to nothing on a
+    /// reserved VM's dedicated CPU, beside its burning guest (libvirt splits a VM's
+    /// emulator and vCPU threads the same way, inside the VM's share).
+    fn service_leaf(vm: &str) -> String {
+        format!("svc-{vm}")
     }
 
-    /// Opens the cgroup files a VMM enters between fork and exec: v1 the node's
-    /// `vmm-control` cpu cgroup and the VM's memory one, with the VM's cpu `tasks` for
+    /// Opens the cgroup files a VMM enters between fork and exec: v1 the VM's service
+    /// cpu cgroup (`svc-NAME`) and its memory one, with the VM's cpu `tasks` for
     /// its vCPU threads; v2 the VM's cgroup. Then the VM's cpuset, where it has one.
     pub fn placement(&self, vm: &str) -> Result<Placement, String> {
         let open = |path: PathBuf| {
@@ -893,7 +892,10 @@ impl Cgroups {
         };
         let (mut dirs, vcpu_tasks) = match &self.version {
             Version::V1 { cpu, memory } => (
-                vec![cpu.join(CONTROL_LEAF), memory.join(Self::leaf(vm))],
+                vec![
+                    cpu.join(Self::service_leaf(vm)),
+                    memory.join(Self::leaf(vm)),
+                ],
                 Some(open(cpu.join(Self::leaf(vm)).join("tasks"))?),
             ),
             Version::V2 { .. } => (self.dirs(vm), None),
@@ -909,21 +911,22 @@ impl Cgroups {
     }
 
     /// v1: the threads of VMM `pid` outside the cpu cgroup they belong in (its vCPUs in
-    /// the VM's, the others in [`CONTROL_LEAF`]). Empty on v2.
+    /// the VM's, the others in its `svc-NAME`). Empty on v2.
     fn misplaced_threads(&self, vm: &str, pid: u32) -> Vec<MisplacedThread> {
         let Version::V1 { cpu, .. } = &self.version else {
             return vec![];
         };
         let leaf = Self::leaf(vm);
         let in_vm = read_pids(&cpu.join(&leaf).join("tasks"));
-        let in_control = read_pids(&cpu.join(CONTROL_LEAF).join("tasks"));
+        let service = Self::service_leaf(vm);
+        let in_service = read_pids(&cpu.join(&service).join("tasks"));
         threads_of(pid)
             .into_iter()
             .filter_map(|(tid, comm)| {
                 let (placed, belongs) = if is_guest_thread(&comm) {
                     (in_vm.contains(&tid), leaf.clone())
                 } else {
-                    (in_control.contains(&tid), CONTROL_LEAF.to_string())
+                    (in_service.contains(&tid), service.clone())
                 };
                 (!placed).then(|| MisplacedThread {
                     tid,
@@ -1119,10 +1122,6 @@ impl Cgroups {
         let running: Vec<&String> = vms.iter().filter(|vm| !self.vm_is_empty(vm)).collect();
         for vm in vms.iter().filter(|vm| !running.contains(vm)) {
             let _ = self.remove(vm);
-        }
-        // Refused (busy) while an outliving VMM's threads are in it.
-        if let Some(control) = self.control_dir() {
-            let _ = std::fs::remove_dir(control);
         }
         self.parents()
             .into_iter()

@@ -22,6 +22,15 @@
 //! held to 1 s; a restarted agent's first round on the asked-for 3 s): once before the
 //! new agent adopted db, so from the restart's length alone. That the new agent renews
 //! db's fence is asserted.
+//!
+//! Session 14's CI run then failed it another way: the restarted agent killed batch
+//! (spot) and web-2 (on-demand) instead of adopting them, as their VMMs did not answer
+//! the identity handshake in 1 + 2 + 4 s beside the three busy loops, every thread of
+//! them being in the class's cpu cgroup (spot's share is the least). Since then only a
+//! VMM's vCPU threads are in its class's cpu cgroup and its control and I/O threads in
+//! one of their own of ordinary weight, `svc-NAME` (cgroup v1; node-runtime ARCHITECTURE,
+//! "SLA classes"), so the load still starts with the restart: adoption under CPU
+//! pressure is part of what this test proves.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -261,7 +270,6 @@ fn load_lab_1_until_stopped(
 }
 
 #[test]
-#[ignore = "fails in the fresh-clone CI run of session 14 in a new way, after 3c9f110 fixed the fences that lapsed across lab-1's restart: the restarted agent could not adopt batch (spot) and web-2 (on-demand), whose cairn-vmm did not answer the identity handshake in 1 + 2 + 4 s ('control socket i/o failed: Resource temporarily unavailable'), so it killed them, and batch was still on lab-1 30 s into the load. The three busy loops start with the restart, on CPU 0, where those VMMs' control threads run in the node's VM cgroups. Issue 20 stays open for it; run with --ignored"]
 fn a_spot_vm_preempted_for_cpu_runs_again_elsewhere_and_the_reserved_vm_keeps_its_cpu() {
     if psi_cpu_some_total().is_none() {
         eprintln!("skipped: no /proc/pressure/cpu (PSI), which the test's figures read");

@@ -37,7 +37,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// machine is not killed for it (a CI run saw `Resource temporarily unavailable`
 /// after 1 s, and the VM was killed instead of adopted; a later one saw a spot VMM
 /// starved past 1 + 2 + 4 s beside three busy loops, before its control thread left
-/// the spot class's cpu cgroup: `crate::cgroups::CONTROL_LEAF`). The node serves only
+/// the spot class's cpu cgroup for its own, `svc-NAME`). The node serves only
 /// after adoption, so the wait is bounded well below a lease.
 pub const HANDSHAKE_TRIES: u32 = 4;
 

@@ -298,12 +298,10 @@ async fn each_vmm_runs_in_its_class_cgroup_which_is_read_back_repaired_and_remov
     if version == "v1" {
         // The process in the VM's memory cgroup; in the cpu hierarchy its vCPU threads
         // alone in the VM's (the class's share holds the guest), every other thread
-        // (control socket, I/O) in the node's `vmm-control` beside it.
-        let control_path = format!(
-            "{}/vmm-control",
-            rc.path.rsplit_once('/').expect("a parent").0
-        );
+        // (control socket, I/O) in its own `svc-NAME` beside it.
         for (pid, cpu_path) in [(r.pid, &rc.path), (s.pid, &sc.path)] {
+            let (parent, leaf) = cpu_path.rsplit_once("/vm-").expect("a vm- leaf");
+            let control_path = format!("{parent}/svc-{leaf}");
             let threads = vmm_threads(pid);
             assert!(
                 threads.iter().any(|(_, comm, _)| comm == "vcpu0")
@@ -349,7 +347,7 @@ async fn each_vmm_runs_in_its_class_cgroup_which_is_read_back_repaired_and_remov
         assert_eq!(
             drifted.drift,
             vec![format!(
-                "the VMM's thread {moved_tid} (signals) is not in the cpu cgroup vmm-control"
+                "the VMM's thread {moved_tid} (signals) is not in the cpu cgroup svc-s"
             )],
         );
         apply_ok(
@@ -426,6 +424,7 @@ async fn each_vmm_runs_in_its_class_cgroup_which_is_read_back_repaired_and_remov
         vec![
             cgroup_dir("v1", "cpu", &rc.path),
             cgroup_dir("v1", "memory", &memory_path),
+            cgroup_dir("v1", "cpu", &rc.path.replace("/vm-r", "/svc-r")),
         ]
     } else {
         vec![cgroup_dir("v2", "", &rc.path)]
