@@ -235,8 +235,8 @@ fn fnv(parts: &[&str]) -> u64 {
 }
 
 /// A NIC's identity across placements: (VM, tenant, network, rank among the
-/// VM's NICs on that network).
-type NicKey = (String, String, String, usize);
+/// VM's NICs on that network), borrowed from the VMs or the previous placement.
+type NicKey<'a> = (&'a str, &'a str, &'a str, usize);
 
 /// Gives every NIC of `vms` an address and every network of `tenants` a VNI,
 /// keeping what `previous` gave (see the module docs).
@@ -247,7 +247,7 @@ pub fn allocate(
 ) -> Allocation {
     let mut out = Allocation::default();
     // The previous addresses, by NIC identity.
-    let mut before: BTreeMap<NicKey, u32> = BTreeMap::new();
+    let mut before: BTreeMap<NicKey<'_>, u32> = BTreeMap::new();
     if let Some(p) = previous {
         let mut sorted: Vec<&NicAddress> = p.addresses.iter().collect();
         sorted.sort_by(|a, b| (&a.vm, a.nic).cmp(&(&b.vm, b.nic)));
@@ -256,7 +256,7 @@ pub fn allocate(
             let r = rank.entry((&a.vm, &a.network)).or_default();
             if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
                 before.insert(
-                    (a.vm.clone(), a.tenant.clone(), a.network.clone(), *r),
+                    (a.vm.as_str(), a.tenant.as_str(), a.network.as_str(), *r),
                     u32::from(ip),
                 );
             }
@@ -267,18 +267,18 @@ pub fn allocate(
     struct Want<'v> {
         vm: &'v Vm,
         nic: usize,
-        key: NicKey,
+        key: NicKey<'v>,
         pin: Option<u32>,
     }
     let mut by_net: BTreeMap<(&str, &str), Vec<Want<'_>>> = BTreeMap::new();
-    let mut present: BTreeSet<NicKey> = BTreeSet::new();
+    let mut present: BTreeSet<NicKey<'_>> = BTreeSet::new();
     for vm in vms {
         let mut rank: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, n) in vm.nics.iter().enumerate() {
             let r = rank.entry(&n.network).or_default();
-            let key = (vm.name.clone(), vm.tenant.clone(), n.network.clone(), *r);
+            let key = (vm.name.as_str(), vm.tenant.as_str(), n.network.as_str(), *r);
             *r += 1;
-            present.insert(key.clone());
+            present.insert(key);
             let pin = n
                 .address
                 .as_deref()
@@ -302,9 +302,7 @@ pub fn allocate(
     let mut gone: BTreeMap<(&str, &str), BTreeSet<u32>> = BTreeMap::new();
     for (k, a) in &before {
         if !present.contains(k) {
-            gone.entry((k.1.as_str(), k.2.as_str()))
-                .or_default()
-                .insert(*a);
+            gone.entry((k.1, k.2)).or_default().insert(*a);
         }
     }
     let none = BTreeSet::new();
@@ -316,14 +314,14 @@ pub fn allocate(
             let Some(wants) = by_net.get(&(t.name.as_str(), net.name.as_str())) else {
                 continue;
             };
-            let mut given: BTreeMap<(String, usize), (u32, bool)> = BTreeMap::new();
+            let mut given: BTreeMap<(&str, usize), (u32, bool)> = BTreeMap::new();
             let mut taken: BTreeSet<u32> = BTreeSet::new();
             for w in wants {
                 if let Some(a) = w.pin
                     && hosts.check_pin(&Ipv4Addr::from(a).to_string()).is_ok()
                     && taken.insert(a)
                 {
-                    given.insert((w.vm.name.clone(), w.nic), (a, true));
+                    given.insert((w.vm.name.as_str(), w.nic), (a, true));
                 }
             }
             for w in wants.iter().filter(|w| w.pin.is_none()) {
@@ -331,7 +329,7 @@ pub fn allocate(
                     && hosts.free_for_ipam(a)
                     && taken.insert(a)
                 {
-                    given.insert((w.vm.name.clone(), w.nic), (a, false));
+                    given.insert((w.vm.name.as_str(), w.nic), (a, false));
                 }
             }
             let held = gone
@@ -339,7 +337,7 @@ pub fn allocate(
                 .unwrap_or(&none);
             let span = u64::from(hosts.last - hosts.first) + 1;
             for w in wants {
-                if w.pin.is_some() || given.contains_key(&(w.vm.name.clone(), w.nic)) {
+                if w.pin.is_some() || given.contains_key(&(w.vm.name.as_str(), w.nic)) {
                     continue;
                 }
                 let rank = w.key.3.to_string();
@@ -350,7 +348,7 @@ pub fn allocate(
                 match found {
                     Some(a) => {
                         taken.insert(a);
-                        given.insert((w.vm.name.clone(), w.nic), (a, false));
+                        given.insert((w.vm.name.as_str(), w.nic), (a, false));
                     }
                     None => out.starved.push((
                         w.vm.name.clone(),
@@ -364,7 +362,7 @@ pub fn allocate(
                 given
                     .into_iter()
                     .map(|((vm, nic), (a, pinned))| NicAddress {
-                        vm,
+                        vm: vm.to_owned(),
                         tenant: t.name.clone(),
                         network: net.name.clone(),
                         nic: nic as u32,

@@ -25,7 +25,7 @@
 
 pub mod binpack;
 mod explain;
-mod fasthash;
+pub(crate) mod fasthash;
 mod graph;
 mod pack;
 mod rebalance;
@@ -1707,18 +1707,13 @@ fn runtime_layout(
                         .collect()
                 })
                 .unwrap_or_default();
-            let column_nodes: Vec<String> = volumes[i]
-                .columns
-                .iter()
-                .flatten()
-                .map(|copy| copy.split('/').next().unwrap_or(copy).to_owned())
-                .collect();
-            for candidate in column_nodes {
+            for copy in volumes[i].columns.iter().flatten() {
                 if replicas.len() >= n_replicas {
                     break;
                 }
-                if candidate != primary && !replicas.contains(&candidate) {
-                    replicas.push(candidate);
+                let candidate = copy.split('/').next().unwrap_or(copy);
+                if candidate != primary && !replicas.iter().any(|r| r == candidate) {
+                    replicas.push(candidate.to_owned());
                 }
             }
             if replicas.len() < n_replicas {

@@ -82,10 +82,12 @@ pub(crate) fn place_volumes(
     previous: Option<&Placement>,
     ordered: &[&Vm],
 ) -> (Vec<VolumePlacement>, Vec<(String, Reason)>) {
-    // Disks per (site, pool).
-    let mut pools: BTreeMap<(String, String), Vec<DiskState>> = BTreeMap::new();
-    let mut pool_info: BTreeMap<(String, String), (u32, u32, u64, Domain)> = BTreeMap::new();
-    let mut indexes: BTreeMap<(String, String), BTreeMap<String, usize>> = BTreeMap::new();
+    // Disks per (site, pool): the pools in model order, found by name pair
+    // without building a key per disk.
+    let mut pools: Vec<Vec<DiskState>> = vec![];
+    let mut pool_info: Vec<(u32, u32, u64, Domain)> = vec![];
+    let mut indexes: Vec<super::fasthash::FxHashMap<String, usize>> = vec![];
+    let mut pool_of: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for site in &model.sites {
         for p in &site.pools {
             let mut disks = vec![];
@@ -115,22 +117,22 @@ pub(crate) fn place_volumes(
                     });
                 }
             }
-            let index: BTreeMap<String, usize> = disks
+            let index = disks
                 .iter()
                 .enumerate()
                 .map(|(i, d)| (d.id.clone(), i))
                 .collect();
-            indexes.insert((site.name.clone(), p.name.clone()), index);
-            pools.insert((site.name.clone(), p.name.clone()), disks);
-            pool_info.insert(
-                (site.name.clone(), p.name.clone()),
-                (
-                    p.stripe_width.max(1),
-                    p.replicas.max(1),
-                    p.stripe_unit_bytes.max(1),
-                    p.failure_domain,
-                ),
-            );
+            // A pool name given twice in a site: the last one, as a map
+            // keyed by (site, pool) would hold.
+            pool_of.insert((site.name.as_str(), p.name.as_str()), pools.len());
+            indexes.push(index);
+            pools.push(disks);
+            pool_info.push((
+                p.stripe_width.max(1),
+                p.replicas.max(1),
+                p.stripe_unit_bytes.max(1),
+                p.failure_domain,
+            ));
         }
     }
     let prev: BTreeMap<&str, &VolumePlacement> = previous
@@ -145,13 +147,12 @@ pub(crate) fn place_volumes(
     let mut pending: Vec<(&Vm, usize)> = vec![];
     for vm in ordered {
         for (k, disk) in vm.disks.iter().enumerate() {
-            let name = format!("{}/{}", vm.name, disk.name);
-            let key = (vm.site.clone(), disk.pool.clone());
-            let (Some(disks), Some(&(width, replicas, unit, _)), Some(index)) =
-                (pools.get_mut(&key), pool_info.get(&key), indexes.get(&key))
-            else {
+            let Some(&k_pool) = pool_of.get(&(vm.site.as_str(), disk.pool.as_str())) else {
                 continue;
             };
+            let name = format!("{}/{}", vm.name, disk.name);
+            let (disks, (width, replicas, unit, _), index) =
+                (&mut pools[k_pool], pool_info[k_pool], &indexes[k_pool]);
             let column = column_bytes(disk.size_bytes, width, unit);
             // A previous volume stays while every column keeps at least one
             // live copy; dead copies are replaced where a distinct domain
@@ -215,19 +216,15 @@ pub(crate) fn place_volumes(
         }
     }
     // Built on first use, after the first pass claimed its space.
-    let mut heaps: BTreeMap<(String, String), FreeHeap> = BTreeMap::new();
+    let mut heaps: Vec<Option<FreeHeap>> = (0..pools.len()).map(|_| None).collect();
     for (vm, k) in pending {
         let disk = &vm.disks[k];
-        let key = (vm.site.clone(), disk.pool.clone());
-        let (Some(disks), Some(&(width, replicas, unit, domain))) =
-            (pools.get_mut(&key), pool_info.get(&key))
-        else {
+        let Some(&k_pool) = pool_of.get(&(vm.site.as_str(), disk.pool.as_str())) else {
             continue;
         };
+        let (disks, (width, replicas, unit, domain)) = (&mut pools[k_pool], pool_info[k_pool]);
         let column = column_bytes(disk.size_bytes, width, unit);
-        let heap = heaps
-            .entry(key.clone())
-            .or_insert_with(|| FreeHeap::new(disks));
+        let heap = heaps[k_pool].get_or_insert_with(|| FreeHeap::new(disks));
         let mut columns: Vec<Vec<usize>> = vec![];
         let mut ok = true;
         for _ in 0..width {

@@ -1,18 +1,33 @@
 //! Incremental placement: a [`PlaceSession`] places each site on its own and
-//! keeps, per site, the inputs and the result of its last placement, so a push
-//! that changes one site's VMs places that site again and reuses the others
-//! (issue 24, item 6).
+//! keeps, per site, the model of that site alone and the result of its last
+//! placement, and the whole last result; a push that changes one site's VMs
+//! places that site again and reuses the others (issue 24, item 6).
 //!
 //! Placement is a function of each site's own inputs: a VM goes to a node of
 //! its site, volumes to a pool of its site, `ha-reserve` admission and packing
 //! are per site, and a network's addresses and nodes come from the VMs of its
-//! site. A site's inputs are its [`Site`], its VMs, every affinity rule, its
-//! tenants' networks and the part of the previous placement that is about it
-//! (its VMs, unplaced VMs, volumes, nodes, moves, networks and addresses).
-//! When they equal the inputs the site was last placed with, its last result
-//! is the result; otherwise the site is placed again with [`place::place`]
-//! on a model of that site alone. The results are merged in the orders
-//! [`place::place`] gives its lists.
+//! site. A site's inputs are its [`Site`](crate::model::Site), its VMs, its
+//! tenants' networks at the site, its vm-groups, every affinity rule with its
+//! members at the site, and the part of the previous placement that is about
+//! it (its VMs, unplaced VMs, volumes, nodes, moves, networks and addresses).
+//!
+//! The usual push places from the session's last result
+//! ([`PlaceSession::place_next`], or [`PlaceSession::place`] with that result
+//! as the previous placement). A site is then reused when its model alone is
+//! the one it was last placed with and that placement was *settled*: its
+//! result was the previous placement it was placed from, so placing it again
+//! from its result gives its result. Any other site is placed again with
+//! [`place::place`] on its model alone from its part of the last result, and
+//! that part of the kept whole result is patched in place (entries replaced,
+//! removed or inserted by key; no list is rebuilt or re-sorted). So a push
+//! costs the changed sites' placements plus one comparison of the model's
+//! VMs, networks, affinity rules and vm-groups with the memos', not a pass
+//! that copies the cloud. A site changed at one push is usually placed once
+//! more at the next (its result then is not yet settled).
+//!
+//! From any other previous placement the session splits it by site and
+//! reuses a site whose part is its settled result and whose model alone is
+//! unchanged; the result is merged anew.
 //!
 //! What crosses sites is refused, not approximated: on any of the cases below
 //! the session places the whole model with [`place::place`] and says why in
@@ -21,31 +36,82 @@
 //! failovers or a protection plan that replicates to another site; an
 //! affinity rule of scope `site`, or a hard `together`/`apart` rule; a rack
 //! name two sites share (affinity scores count by rack name); a VM of a site
-//! the model does not have, or with a NIC on another site's network; a network
-//! without a previous VNI; a previous placement naming a site, network or
-//! VM's site the model does not have.
+//! the model does not have, that changed sites, or with a NIC on another
+//! site's network; a network without a previous VNI, or one gone or moved; a
+//! previous placement naming a site, network or VM's site the model does not
+//! have.
 //!
 //! The differential test `compiler/tests/it/session.rs` compares the session
-//! with [`place::place`] of the whole model over generated one-change edits.
+//! with [`place::place`] of the whole model over generated histories of
+//! commits.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{AffinityKind, Domain, Model, Site, Tenant, Vm};
-use crate::place::{self, PlaceOptions, Placement};
+use crate::model::{Affinity, AffinityKind, Domain, Model, Network, Tenant, Vm, VmGroup};
+use crate::place::{self, FailureSet, PlaceOptions, Placement};
 
-/// A placement session: each site's last inputs and result.
+/// A placement session: each site's last inputs and result, and the whole
+/// last result.
 #[derive(Debug, Default)]
 pub struct PlaceSession {
     sites: BTreeMap<String, SiteMemo>,
+    /// The last result: the sites' parts merged (or the whole placement's).
+    last: Option<Placement>,
+    /// The whole-model inputs the memos were made with.
+    shared: Option<Shared>,
 }
 
-/// One site's last placement: the model of the site alone, the previous
-/// placement's part about it, and the result.
+/// One site's last placement: the model of the site alone and the result,
+/// and whether the result is the previous placement it was placed with
+/// (`settled`: placing the site again from its result gives the result).
 #[derive(Debug)]
 struct SiteMemo {
     model: Model,
-    previous: Placement,
     placed: Placement,
+    settled: bool,
+}
+
+/// What every site's model alone is cut from, beyond its own VMs: kept to
+/// tell, in one comparison, that no site's share of them changed.
+#[derive(Debug, PartialEq)]
+struct Shared {
+    format_version: u32,
+    sites: Vec<String>,
+    /// Each tenant's name and networks.
+    networks: Vec<(String, Vec<Network>)>,
+    affinities: Vec<Affinity>,
+    vm_groups: Vec<VmGroup>,
+}
+
+impl Shared {
+    fn of(model: &Model) -> Shared {
+        Shared {
+            format_version: model.format_version,
+            sites: model.sites.iter().map(|s| s.name.clone()).collect(),
+            networks: model
+                .tenants
+                .iter()
+                .map(|t| (t.name.clone(), t.networks.clone()))
+                .collect(),
+            affinities: model.affinities.clone(),
+            vm_groups: model.vm_groups.clone(),
+        }
+    }
+
+    /// Whether `model`'s shared inputs are these (without copying them).
+    fn same(&self, model: &Model) -> bool {
+        self.format_version == model.format_version
+            && self.sites.iter().eq(model.sites.iter().map(|s| &s.name))
+            && self.networks.len() == model.tenants.len()
+            && self
+                .networks
+                .iter()
+                .zip(&model.tenants)
+                .all(|((name, nets), t)| *name == t.name && *nets == t.networks)
+            && self.affinities == model.affinities
+            && self.vm_groups == model.vm_groups
+    }
 }
 
 /// What the last [`PlaceSession::place`] reused and redid.
@@ -67,55 +133,50 @@ impl PlaceSession {
 
     /// Places `model` as [`place::place`]`(model, options, None)` does,
     /// placing again only the sites whose inputs changed since the last call.
+    /// A copy of what [`PlaceSession::place_ref`] keeps.
     pub fn place(&mut self, model: &Model, options: &PlaceOptions) -> (Placement, PlaceReuse) {
-        let previous = match options.previous.as_ref() {
-            Some(p) => p,
-            None => return self.full(model, options, "no previous placement".to_owned()),
+        let (p, reuse) = self.place_ref(model, options);
+        (p.clone(), reuse)
+    }
+
+    /// Places `model` as [`place::place`]`(model, options, None)` does; the
+    /// placement stays in the session. When `options.previous` is the
+    /// session's last result (compared whole), this is
+    /// [`PlaceSession::place_next`].
+    pub fn place_ref(&mut self, model: &Model, options: &PlaceOptions) -> (&Placement, PlaceReuse) {
+        let Some(previous) = options.previous.as_ref() else {
+            return self.full(model, options, "no previous placement".to_owned());
         };
-        let owners = match Owners::of(model, previous) {
-            Ok(o) => o,
-            Err(why) => return self.full(model, options, why),
-        };
-        if let Some(why) = crosses_sites(model, options) {
-            return self.full(model, options, why);
+        if options.failed.is_empty()
+            && !self.sites.is_empty()
+            && self.last.as_ref() == Some(previous)
+        {
+            return self.next(model);
         }
-        let mut reuse = PlaceReuse::default();
-        let mut parts = vec![];
-        let mut memos = BTreeMap::new();
-        let mut split = owners.split(previous);
-        for site in &model.sites {
-            let part = split.remove(&site.name).unwrap_or_else(|| Placement {
-                format_version: previous.format_version,
-                ..Placement::default()
-            });
-            let memo = match self.sites.remove(&site.name) {
-                Some(m) if m.previous == part && same_site(&m.model, model, site) => {
-                    reuse.sites_reused += 1;
-                    m
-                }
-                _ => {
-                    reuse.sites_placed += 1;
-                    let alone = site_model(model, site);
-                    let placed = place::place(
-                        &alone,
-                        &PlaceOptions {
-                            previous: Some(part.clone()),
-                            failed: Default::default(),
-                        },
-                        None,
-                    );
-                    SiteMemo {
-                        model: alone,
-                        previous: part,
-                        placed,
-                    }
-                }
-            };
-            parts.push(memo.placed.clone());
-            memos.insert(site.name.clone(), memo);
+        self.by_sites(model, options)
+    }
+
+    /// Places `model` with the session's last result as the previous
+    /// placement, as [`place::place`]`(model, {previous: last}, None)` does,
+    /// without comparing a previous placement: what a controller whose stored
+    /// placement is the session's last result calls. With no last result it
+    /// is the first placement.
+    pub fn place_next(&mut self, model: &Model) -> (&Placement, PlaceReuse) {
+        match &self.last {
+            None => self.full(
+                model,
+                &PlaceOptions::default(),
+                "no previous placement".to_owned(),
+            ),
+            Some(last) if self.sites.is_empty() => {
+                let options = PlaceOptions {
+                    previous: Some(last.clone()),
+                    failed: FailureSet::default(),
+                };
+                self.by_sites(model, &options)
+            }
+            Some(_) => self.next(model),
         }
-        self.sites = memos;
-        (merge(previous, parts), reuse)
     }
 
     fn full(
@@ -123,22 +184,380 @@ impl PlaceSession {
         model: &Model,
         options: &PlaceOptions,
         why: String,
-    ) -> (Placement, PlaceReuse) {
+    ) -> (&Placement, PlaceReuse) {
         self.sites.clear();
-        let placed = place::place(model, options, None);
+        self.shared = None;
+        self.last = Some(place::place(model, options, None));
         (
-            placed,
+            self.last.as_ref().expect("placed"),
             PlaceReuse {
                 full: Some(why),
                 ..PlaceReuse::default()
             },
         )
     }
+
+    /// The whole model placed with the last result as the previous placement.
+    fn full_from_last(&mut self, model: &Model, why: String) -> (&Placement, PlaceReuse) {
+        let options = PlaceOptions {
+            previous: self.last.take(),
+            failed: FailureSet::default(),
+        };
+        self.full(model, &options, why)
+    }
+
+    /// Site by site from the session's last result (`self.last`, with every
+    /// site memoized): a site whose model alone is unchanged and whose
+    /// result was settled is reused; the others are placed from their part
+    /// of the last result, which is then patched with their new part.
+    fn next(&mut self, model: &Model) -> (&Placement, PlaceReuse) {
+        let last = self.last.as_ref().expect("a last result");
+        if let Some(why) = crosses_sites(model, &FailureSet::default()) {
+            return self.full_from_last(model, why);
+        }
+        if !(last.dr_volumes.is_empty() && last.dr_unplaced.is_empty() && last.failovers.is_empty())
+        {
+            return self.full_from_last(
+                model,
+                "the previous placement has DR copies or failovers".to_owned(),
+            );
+        }
+        let shared_same = self.shared.as_ref().is_some_and(|s| s.same(model));
+        let same_sites = model.sites.len() == self.sites.len()
+            && model.sites.iter().all(|s| self.sites.contains_key(&s.name));
+        if !same_sites {
+            let options = PlaceOptions {
+                previous: self.last.clone(),
+                failed: FailureSet::default(),
+            };
+            return self.by_sites(model, &options);
+        }
+        if !shared_same && let Err(why) = networks_kept(model, last) {
+            return self.full_from_last(model, why);
+        }
+        // The VMs of each site (model order), in one pass.
+        let index: BTreeMap<&str, usize> = model
+            .sites
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let mut grouped: Vec<Vec<&Vm>> = vec![vec![]; model.sites.len()];
+        for v in &model.vms {
+            match index.get(v.site.as_str()) {
+                Some(&i) => grouped[i].push(v),
+                None => {
+                    return self.full_from_last(
+                        model,
+                        format!(
+                            "vm `{}` is in site `{}`, which the model does not have",
+                            v.name, v.site
+                        ),
+                    );
+                }
+            }
+        }
+        // Each site's share of the shared inputs, when they changed.
+        let inputs = (!shared_same).then(|| site_inputs(model));
+        let mut network_site: Option<BTreeMap<(&str, &str), &str>> = None;
+        let mut reuse = PlaceReuse::default();
+        let mut placed_sites: Vec<(usize, Placement, SiteMemo)> = vec![];
+        for (i, site) in model.sites.iter().enumerate() {
+            let memo = &self.sites[&site.name];
+            let vms = &grouped[i];
+            let same = memo.settled
+                && memo.model.sites[0] == *site
+                && memo.model.vms.len() == vms.len()
+                && memo.model.vms.iter().eq(vms.iter().copied())
+                && inputs
+                    .as_ref()
+                    .is_none_or(|inputs| inputs[i].is(&memo.model));
+            if same {
+                reuse.sites_reused += 1;
+                continue;
+            }
+            // What would cross sites: a NIC on another site's network, a VM
+            // that was in another site.
+            let network_site = network_site.get_or_insert_with(|| network_sites(model));
+            for v in vms {
+                if let Err(why) = own_networks(v, network_site) {
+                    return self.full_from_last(model, why);
+                }
+                if let Some(before) = site_in(last, &v.name)
+                    && before != v.site
+                {
+                    return self.full_from_last(model, format!("vm `{}` changed sites", v.name));
+                }
+            }
+            reuse.sites_placed += 1;
+            // The site's model alone: the memo's, its VMs brought up to date
+            // (only those that differ are copied).
+            let SiteMemo {
+                model: mut alone,
+                placed: before,
+                ..
+            } = self
+                .sites
+                .remove(&site.name)
+                .expect("every site has a memo");
+            alone.format_version = model.format_version;
+            if alone.sites[0] != *site {
+                alone.sites[0] = site.clone();
+            }
+            if let Some(inputs) = &inputs {
+                alone.tenants = inputs[i].tenants.clone();
+                alone.affinities = inputs[i].affinities.clone();
+                alone.vm_groups = inputs[i].vm_groups.clone();
+            }
+            if alone.vms.len() == vms.len() {
+                for (slot, v) in alone.vms.iter_mut().zip(vms) {
+                    if slot != *v {
+                        slot.clone_from(v);
+                    }
+                }
+            } else {
+                alone.vms = vms.iter().map(|v| (*v).clone()).collect();
+            }
+            let options = PlaceOptions {
+                previous: Some(before),
+                failed: FailureSet::default(),
+            };
+            let placed = place::place(&alone, &options, None);
+            let before = options.previous.expect("given above");
+            let settled = placed == before;
+            placed_sites.push((
+                i,
+                before,
+                SiteMemo {
+                    model: alone,
+                    placed,
+                    settled,
+                },
+            ));
+        }
+        let mut last = self.last.take().expect("a last result");
+        for (i, before, memo) in placed_sites {
+            let site = &model.sites[i];
+            // The site's nodes are the run after the earlier sites' nodes (a
+            // re-placed site's node count is its model's, before and after).
+            let offset: usize = model.sites[..i].iter().map(|s| s.nodes.len()).sum();
+            patch_site(&mut last, &before, &memo.placed, offset);
+            self.sites.insert(site.name.clone(), memo);
+        }
+        self.last = Some(last);
+        if !shared_same {
+            self.shared = Some(Shared::of(model));
+        }
+        (self.last.as_ref().expect("kept"), reuse)
+    }
+
+    /// Site by site from any previous placement: each site's part of it is
+    /// compared with the memo's, the whole result merged anew.
+    fn by_sites(&mut self, model: &Model, options: &PlaceOptions) -> (&Placement, PlaceReuse) {
+        let previous = options.previous.as_ref().expect("a previous placement");
+        let owners = match Owners::of(model, previous) {
+            Ok(o) => o,
+            Err(why) => return self.full(model, options, why),
+        };
+        if let Some(why) = crosses_sites(model, &options.failed) {
+            return self.full(model, options, why);
+        }
+        let mut reuse = PlaceReuse::default();
+        let mut parts = vec![];
+        let mut memos = BTreeMap::new();
+        let mut split = owners.split(previous);
+        let inputs = site_inputs(model);
+        for (i, site) in model.sites.iter().enumerate() {
+            let part = split.remove(&site.name).unwrap_or_else(|| Placement {
+                format_version: previous.format_version,
+                ..Placement::default()
+            });
+            let vms = site_vms(model, &site.name);
+            let memo = match self.sites.remove(&site.name) {
+                Some(m)
+                    if m.settled
+                        && m.placed == part
+                        && m.model.sites[0] == *site
+                        && m.model.vms.iter().eq(site_vms(model, &site.name))
+                        && inputs[i].is(&m.model) =>
+                {
+                    reuse.sites_reused += 1;
+                    m
+                }
+                _ => {
+                    reuse.sites_placed += 1;
+                    let input = &inputs[i];
+                    let alone = Model {
+                        format_version: model.format_version,
+                        node_classes: vec![],
+                        sites: vec![site.clone()],
+                        tenants: input.tenants.clone(),
+                        sla_profiles: vec![],
+                        images: vec![],
+                        vms: vms.cloned().collect(),
+                        vm_groups: input.vm_groups.clone(),
+                        affinities: input.affinities.clone(),
+                        protection_plans: vec![],
+                        reconcile: None,
+                    };
+                    let options = PlaceOptions {
+                        previous: Some(part),
+                        failed: FailureSet::default(),
+                    };
+                    let placed = place::place(&alone, &options, None);
+                    let settled = options.previous.as_ref() == Some(&placed);
+                    SiteMemo {
+                        model: alone,
+                        placed,
+                        settled,
+                    }
+                }
+            };
+            parts.push(memo.placed.clone());
+            memos.insert(site.name.clone(), memo);
+        }
+        self.sites = memos;
+        self.shared = Some(Shared::of(model));
+        self.last = Some(merge(previous, parts));
+        (self.last.as_ref().expect("merged"), reuse)
+    }
+}
+
+/// The site of a VM in a placement (placed or unplaced), if it has it.
+fn site_in<'p>(placement: &'p Placement, vm: &str) -> Option<&'p str> {
+    if let Ok(i) = placement.vms.binary_search_by(|v| v.name.as_str().cmp(vm)) {
+        return Some(&placement.vms[i].site);
+    }
+    placement
+        .unplaced
+        .binary_search_by(|v| v.name.as_str().cmp(vm))
+        .ok()
+        .map(|i| placement.unplaced[i].site.as_str())
+}
+
+/// The site of every tenant network.
+fn network_sites(model: &Model) -> BTreeMap<(&str, &str), &str> {
+    let mut out = BTreeMap::new();
+    for t in &model.tenants {
+        for n in &t.networks {
+            out.insert((t.name.as_str(), n.name.as_str()), n.site.as_str());
+        }
+    }
+    out
+}
+
+/// Whether every NIC of `vm` is on a network of its own site.
+fn own_networks(vm: &Vm, network_site: &BTreeMap<(&str, &str), &str>) -> Result<(), String> {
+    for nic in &vm.nics {
+        if network_site.get(&(vm.tenant.as_str(), nic.network.as_str())) != Some(&vm.site.as_str())
+        {
+            return Err(format!(
+                "vm `{}` has a NIC on network `{}` of another site",
+                vm.name, nic.network
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether every network of the model has its VNI in `last`, at the same
+/// site, and every network of `last` is still the model's, at the same site.
+fn networks_kept(model: &Model, last: &Placement) -> Result<(), String> {
+    let before: BTreeMap<(&str, &str), &str> = last
+        .networks
+        .iter()
+        .map(|n| ((n.tenant.as_str(), n.name.as_str()), n.site.as_str()))
+        .collect();
+    let now = network_sites(model);
+    for ((tenant, name), site) in &now {
+        match before.get(&(*tenant, *name)) {
+            None => {
+                return Err(format!(
+                    "network `{tenant}/{name}` is new (its VNI is chosen against every network)"
+                ));
+            }
+            Some(s) if s != site => {
+                return Err(format!("network `{tenant}/{name}` moved sites"));
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some((tenant, name)) = before.keys().find(|k| !now.contains_key(*k)) {
+        return Err(format!("network `{tenant}/{name}` is gone"));
+    }
+    Ok(())
+}
+
+/// One site's share of the model's tenants, affinity rules and vm-groups,
+/// as its model alone holds them.
+struct SiteInputs {
+    tenants: Vec<Tenant>,
+    affinities: Vec<Affinity>,
+    vm_groups: Vec<VmGroup>,
+}
+
+impl SiteInputs {
+    /// Whether `alone` was cut with these.
+    fn is(&self, alone: &Model) -> bool {
+        alone.tenants == self.tenants
+            && alone.affinities == self.affinities
+            && alone.vm_groups == self.vm_groups
+    }
+}
+
+/// Every site's share, in model site order: the tenants with that site's
+/// networks; every affinity rule with its members at that site (a rule
+/// counts members per node or rack, and no rack is in two sites here); the
+/// site's vm-groups.
+fn site_inputs(model: &Model) -> Vec<SiteInputs> {
+    let index: BTreeMap<&str, usize> = model
+        .sites
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.name.as_str(), i))
+        .collect();
+    let vm_site: crate::place::fasthash::FxHashMap<&str, usize> = model
+        .vms
+        .iter()
+        .filter_map(|v| index.get(v.site.as_str()).map(|&i| (v.name.as_str(), i)))
+        .collect();
+    model
+        .sites
+        .iter()
+        .enumerate()
+        .map(|(i, site)| SiteInputs {
+            tenants: site_tenants(model, &site.name),
+            affinities: model
+                .affinities
+                .iter()
+                .map(|a| Affinity {
+                    name: a.name.clone(),
+                    kind: a.kind,
+                    scope: a.scope,
+                    hard: a.hard,
+                    weight: a.weight,
+                    select: a.select.clone(),
+                    nodes: a.nodes.clone(),
+                    vms: a
+                        .vms
+                        .iter()
+                        .filter(|v| vm_site.get(v.as_str()) == Some(&i))
+                        .cloned()
+                        .collect(),
+                })
+                .collect(),
+            vm_groups: model
+                .vm_groups
+                .iter()
+                .filter(|g| g.site == site.name)
+                .cloned()
+                .collect(),
+        })
+        .collect()
 }
 
 /// Why the model cannot be placed site by site (`None`: it can).
-fn crosses_sites(model: &Model, options: &PlaceOptions) -> Option<String> {
-    let failed = &options.failed;
+fn crosses_sites(model: &Model, failed: &FailureSet) -> Option<String> {
     if !(failed.nodes.is_empty() && failed.racks.is_empty() && failed.sites.is_empty()) {
         return Some("nodes, racks or sites are failed".to_owned());
     }
@@ -385,34 +804,6 @@ fn site_vms<'m>(model: &'m Model, site: &'m str) -> impl Iterator<Item = &'m Vm>
     model.vms.iter().filter(move |v| v.site == site)
 }
 
-/// The model of one site alone, as placement reads it.
-fn site_model(model: &Model, site: &Site) -> Model {
-    Model {
-        format_version: model.format_version,
-        node_classes: vec![],
-        sites: vec![site.clone()],
-        tenants: site_tenants(model, &site.name),
-        sla_profiles: vec![],
-        images: vec![],
-        vms: site_vms(model, &site.name).cloned().collect(),
-        vm_groups: vec![],
-        affinities: model.affinities.clone(),
-        protection_plans: model.protection_plans.clone(),
-        reconcile: None,
-    }
-}
-
-/// Whether `alone` is [`site_model`]`(model, site)`, without building it.
-fn same_site(alone: &Model, model: &Model, site: &Site) -> bool {
-    alone.sites.len() == 1
-        && &alone.sites[0] == site
-        && alone.format_version == model.format_version
-        && alone.affinities == model.affinities
-        && alone.protection_plans == model.protection_plans
-        && alone.vms.iter().eq(site_vms(model, &site.name))
-        && alone.tenants == site_tenants(model, &site.name)
-}
-
 /// The sites' placements as one, in the orders [`place::place`] gives.
 fn merge(previous: &Placement, parts: Vec<Placement>) -> Placement {
     let mut out = Placement {
@@ -438,4 +829,123 @@ fn merge(previous: &Placement, parts: Vec<Placement>) -> Placement {
         .sort_by(|a, b| (&a.vm, a.nic).cmp(&(&b.vm, b.nic)));
     out.volumes.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// Replaces, in `whole` (the sites' parts merged), one site's part `before`
+/// with `after`: every list but `nodes` is sorted by its key, so entries are
+/// replaced, removed and inserted by binary search (a long run of inserts or
+/// removes rebuilds the list once); the site's `nodes` are the run at
+/// `offset`.
+fn patch_site(whole: &mut Placement, before: &Placement, after: &Placement, offset: usize) {
+    patch(&mut whole.vms, &before.vms, &after.vms, |a, b| {
+        a.name.cmp(&b.name)
+    });
+    patch(
+        &mut whole.unplaced,
+        &before.unplaced,
+        &after.unplaced,
+        |a, b| a.name.cmp(&b.name),
+    );
+    patch(
+        &mut whole.volumes,
+        &before.volumes,
+        &after.volumes,
+        |a, b| a.name.cmp(&b.name),
+    );
+    patch(&mut whole.moves, &before.moves, &after.moves, |a, b| {
+        a.vm.cmp(&b.vm)
+    });
+    patch(
+        &mut whole.networks,
+        &before.networks,
+        &after.networks,
+        |a, b| (&a.tenant, &a.name).cmp(&(&b.tenant, &b.name)),
+    );
+    patch(
+        &mut whole.addresses,
+        &before.addresses,
+        &after.addresses,
+        |a, b| (&a.vm, a.nic).cmp(&(&b.vm, b.nic)),
+    );
+    let end = offset + before.nodes.len();
+    if before.nodes.len() == after.nodes.len() {
+        for (slot, node) in whole.nodes[offset..end].iter_mut().zip(&after.nodes) {
+            if slot != node {
+                slot.clone_from(node);
+            }
+        }
+    } else {
+        whole.nodes.splice(offset..end, after.nodes.iter().cloned());
+    }
+}
+
+/// Replaces `before`'s entries of the sorted `list` with `after`'s (`cmp`
+/// orders all three by their key, no key twice).
+fn patch<T, F>(list: &mut Vec<T>, before: &[T], after: &[T], cmp: F)
+where
+    T: Clone + PartialEq,
+    F: Fn(&T, &T) -> Ordering,
+{
+    let mut old: Vec<&T> = before.iter().collect();
+    old.sort_by(|a, b| cmp(a, b));
+    let mut new: Vec<&T> = after.iter().collect();
+    new.sort_by(|a, b| cmp(a, b));
+    let (mut removed, mut inserted) = (vec![], vec![]);
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(a), Some(b)) => cmp(a, b),
+            (Some(_), None) => Ordering::Less,
+            _ => Ordering::Greater,
+        };
+        match order {
+            Ordering::Less => {
+                removed.push(old[i]);
+                i += 1;
+            }
+            Ordering::Greater => {
+                inserted.push(new[j]);
+                j += 1;
+            }
+            Ordering::Equal => {
+                if old[i] != new[j]
+                    && let Ok(at) = list.binary_search_by(|x| cmp(x, new[j]))
+                {
+                    list[at].clone_from(new[j]);
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    if removed.len() + inserted.len() <= 64 {
+        for r in removed {
+            if let Ok(at) = list.binary_search_by(|x| cmp(x, r)) {
+                list.remove(at);
+            }
+        }
+        for n in inserted {
+            match list.binary_search_by(|x| cmp(x, n)) {
+                Ok(at) => list[at].clone_from(n),
+                Err(at) => list.insert(at, n.clone()),
+            }
+        }
+        return;
+    }
+    // `removed` is sorted: one merge pass drops them and adds `inserted`.
+    let mut gone = removed.into_iter().peekable();
+    let mut fresh = inserted.into_iter().peekable();
+    let mut out = Vec::with_capacity(list.len() + fresh.len());
+    for x in std::mem::take(list) {
+        while gone.next_if(|r| cmp(r, &x) == Ordering::Less).is_some() {}
+        if gone.next_if(|r| cmp(r, &x) == Ordering::Equal).is_some() {
+            continue;
+        }
+        while let Some(n) = fresh.next_if(|n| cmp(n, &x) == Ordering::Less) {
+            out.push(n.clone());
+        }
+        out.push(x);
+    }
+    out.extend(fresh.cloned());
+    *list = out;
 }

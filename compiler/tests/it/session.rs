@@ -454,3 +454,235 @@ fn first_difference(a: &compiler::place::Placement, b: &compiler::place::Placeme
     }
     "no difference".to_owned()
 }
+
+/// One commit to a generated repository's workload files, of the kinds that
+/// change placement within a site: a VM resized (vCPUs, memory, a disk), its
+/// SLA or app tag changed (spot or not; affinity memberships), a NIC added
+/// or removed, a group's replica count changed (replicas placed under its
+/// rack spread), a VM added or removed. Returns what it did.
+fn placement_edit(
+    files: &mut [(String, String)],
+    rng: &mut Rng,
+    step: usize,
+    sites: usize,
+) -> String {
+    let workloads: Vec<usize> = (0..files.len())
+        .filter(|&i| files[i].0.starts_with("workloads/"))
+        .collect();
+    let f = workloads[rng.below(workloads.len())];
+    let tenant = files[f]
+        .0
+        .trim_start_matches("workloads/")
+        .trim_end_matches(".kdl")
+        .to_owned();
+    let text = &mut files[f].1;
+    // The VM and vm-group blocks of the file: (start, end after `}\n`).
+    let blocks: Vec<(usize, usize)> = text
+        .match_indices("\nvm")
+        .map(|(i, _)| i + 1)
+        .chain(text.starts_with("vm").then_some(0))
+        .filter_map(|start| {
+            text[start..]
+                .find("\n}\n")
+                .map(|end| (start, start + end + 3))
+        })
+        .collect();
+    let pick = |rng: &mut Rng, key: &str| -> Option<(usize, usize)> {
+        let at: Vec<usize> = text
+            .match_indices(key)
+            .map(|(i, _)| i + key.len())
+            .collect();
+        let &at = at.get(rng.below(at.len()))?;
+        let end = at + text[at..].find('\n').unwrap_or(text.len() - at);
+        Some((at, end))
+    };
+    match rng.below(12) {
+        0 | 1 => {
+            let Some((at, end)) = pick(rng, "\n    cpu ") else {
+                return "no change".to_owned();
+            };
+            let cpu = [1, 2, 4, 8, 16, 32][rng.below(6)];
+            text.replace_range(at..end, &cpu.to_string());
+            format!("cpu {cpu}")
+        }
+        2 => {
+            let Some((at, end)) = pick(rng, "\n    memory ") else {
+                return "no change".to_owned();
+            };
+            let mem = [2, 4, 16, 64, 200][rng.below(5)];
+            text.replace_range(at..end, &format!("\"{mem}GiB\""));
+            format!("memory {mem}")
+        }
+        3 => {
+            let Some((at, end)) = pick(rng, "disk \"data\" size=") else {
+                return "no change".to_owned();
+            };
+            let size = [10, 30, 80, 400][rng.below(4)];
+            text.replace_range(at..end, &format!("\"{size}GiB\" pool=\"fast\""));
+            "disk size".to_owned()
+        }
+        4 => {
+            let Some((at, end)) = pick(rng, "\n    sla ") else {
+                return "no change".to_owned();
+            };
+            let sla = ["\"batch\"", "\"on-demand\""][rng.below(2)];
+            text.replace_range(at..end, sla);
+            format!("sla {sla}")
+        }
+        5 => {
+            let Some((at, end)) = pick(rng, "tag \"app\" ") else {
+                return "no change".to_owned();
+            };
+            text.replace_range(at..end, &format!("\"app{}\"", rng.below(97)));
+            "app tag".to_owned()
+        }
+        6 => {
+            // A second NIC on the VM's own network, or one removed.
+            let Some(&(start, end)) = blocks.get(rng.below(blocks.len())) else {
+                return "no change".to_owned();
+            };
+            let block = text[start..end].to_owned();
+            let nic = block
+                .lines()
+                .find(|l| l.trim_start().starts_with("nic "))
+                .map(|l| format!("{l}\n"));
+            let Some(nic) = nic else {
+                return "no change".to_owned();
+            };
+            let changed = if block.matches("    nic ").count() > 1 {
+                block.replacen(&nic, "", 1)
+            } else {
+                block.replacen(&nic, &format!("{nic}{nic}"), 1)
+            };
+            text.replace_range(start..end, &changed);
+            "nic".to_owned()
+        }
+        7 => {
+            let Some((at, end)) = pick(rng, " replicas=") else {
+                return "no change".to_owned();
+            };
+            let close = text[at..end].find(' ').map_or(end, |i| at + i);
+            let n = 1 + rng.below(12);
+            text.replace_range(at..close, &n.to_string());
+            format!("replicas {n}")
+        }
+        8 | 9 => {
+            let site = rng.below(sites);
+            let app = rng.below(97);
+            let (sla, avail) = [
+                ("on-demand", "none"),
+                ("batch", "none"),
+                ("on-demand", "ha"),
+                ("gold", "ha"),
+            ][rng.below(4)];
+            text.push_str(&format!(
+                "vm \"zz{step}\" tenant=\"{tenant}\" site=\"site-{site}\" {{\n    cpu {}\n    memory \"{}GiB\"\n    sla \"{sla}\"\n    availability \"{avail}\"\n    image \"tiny\"\n    disk \"root\" size=\"20GiB\" pool=\"fast\" from-image=#true\n    nic network=\"net-{site}\" security-groups=\"web\"\n    tag \"app\" \"app{app}\"\n    tag \"tier\" \"web\"\n}}\n",
+                [1, 2, 4, 8][rng.below(4)],
+                [2, 4, 8, 16][rng.below(4)],
+            ));
+            "add vm".to_owned()
+        }
+        10 => {
+            let Some(&(start, end)) = blocks.get(rng.below(blocks.len())) else {
+                return "no change".to_owned();
+            };
+            if blocks.len() < 2 {
+                return "no change".to_owned();
+            }
+            text.replace_range(start..end, "");
+            "remove vm".to_owned()
+        }
+        _ => "no change".to_owned(),
+    }
+}
+
+/// Every site placed from the session's last result, over generated
+/// histories of commits compiled from files: the session's placement is the
+/// whole placement's, byte for byte, at every commit, and a commit that
+/// changes one site's VMs places that site alone.
+#[test]
+fn placing_from_the_last_result_gives_the_whole_placement_over_commit_histories() {
+    use compiler::place::{PlaceOptions, place, placement_json};
+    use compiler::session::PlaceSession;
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    let (mut reused, mut placed, mut fell_back) = (0, 0, 0);
+    for seed in 1..=2u64 {
+        // 501 nodes: two sites (one per 500 nodes); racks of 16.
+        let mut files = generate(&GenConfig {
+            nodes: 501,
+            vms: 900,
+            seed,
+        });
+        let mut compile = Session::new();
+        let mut session = PlaceSession::new();
+        let (first, _) = compile.compile(&Sources::from_files(files.clone()));
+        assert!(!first.has_errors(), "{:?}", first.diagnostics);
+        let sites = first.model.sites.len();
+        assert_eq!(sites, 2);
+        let mut previous = place(&first.model, &PlaceOptions::default(), None);
+        let (p, _) = session.place(
+            &first.model,
+            &PlaceOptions {
+                previous: Some(previous.clone()),
+                ..Default::default()
+            },
+        );
+        previous = p;
+        let mut rng = Rng(0xD1FF_0000 ^ seed);
+        for step in 0..36 {
+            let base = files.clone();
+            let what = placement_edit(&mut files, &mut rng, step, sites);
+            let (c, _) = compile.compile(&Sources::from_files(files.clone()));
+            if c.has_errors() {
+                // The controller places nothing for a commit that does not
+                // compile; the history goes on from the last good one.
+                *seen.entry(format!("{what} (error)")).or_default() += 1;
+                files = base;
+                compile.compile(&Sources::from_files(files.clone()));
+                continue;
+            }
+            let model = c.model;
+            let options = PlaceOptions {
+                previous: Some(previous.clone()),
+                ..Default::default()
+            };
+            let full = place(&model, &options, None);
+            // Alternately through the comparing entry and `place_next`.
+            let (incremental, reuse) = if step % 2 == 0 {
+                session.place(&model, &options)
+            } else {
+                let (p, r) = session.place_next(&model);
+                (p.clone(), r)
+            };
+            if placement_json(&incremental) != placement_json(&full) {
+                panic!(
+                    "seed {seed} step {step}: {what} ({reuse:?}): {}",
+                    first_difference(&incremental, &full)
+                );
+            }
+            match &reuse.full {
+                Some(_) => fell_back += 1,
+                None => {
+                    reused += reuse.sites_reused;
+                    placed += reuse.sites_placed;
+                    assert_eq!(reuse.sites_reused + reuse.sites_placed, sites);
+                }
+            }
+            *seen.entry(what).or_default() += 1;
+            previous = full;
+        }
+    }
+    // The histories exercise what they claim to, and the session reuses.
+    for what in ["add vm", "remove vm", "app tag", "nic", "disk size"] {
+        assert!(seen.contains_key(what), "no {what}: {seen:?}");
+    }
+    for what in ["cpu", "replicas", "sla"] {
+        assert!(
+            seen.keys()
+                .any(|k| k.starts_with(what) && !k.contains("error")),
+            "no {what}: {seen:?}"
+        );
+    }
+    assert!(reused > 0 && placed > 0, "reused {reused}, placed {placed}");
+    assert!(fell_back < 10, "fell back {fell_back} times: {seen:?}");
+}
