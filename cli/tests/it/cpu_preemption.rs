@@ -45,8 +45,14 @@ use crate::spot_preemption::{
 
 /// lab-1 preempts above this share of a 1 s window with a task waiting for a CPU:
 /// three busy loops on one CPU cross it (this machine's other builds may too, which
-/// is why lab-1 watches only from the moment the load starts).
-const THRESHOLD_PERCENT: u32 = 90;
+/// is why lab-1 watches only from the moment the load starts). Not higher: the host's
+/// PSI `some` is each CPU's share averaged with the CPUs' busy time as weights, and
+/// CPU 1 is busy with db's guest alone, nothing waiting there, so the loops on CPU 0
+/// alone give 50% and more. With 90% the test passed only while other processes
+/// waited on CPU 1 too: session 15's fresh-clone CI run adopted every VM and then
+/// never preempted batch in 30 s, where the same code passed 4 of 4 locally beside
+/// other builds (pressure 91-100%).
+const THRESHOLD_PERCENT: u32 = 40;
 
 /// Busy loops pinned to one CPU, killed when dropped.
 struct Burners(Vec<Child>);
