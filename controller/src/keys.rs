@@ -113,6 +113,29 @@ pub struct Report {
 }
 
 impl Report {
+    /// A rotation's report: where `rotation` stands (`phase`), the nodes the last push
+    /// reached and missed, and the set they are told to trust.
+    fn of_rotation(
+        signing: &Identity,
+        rotation: &Rotation,
+        phase: &str,
+        (pushed, missed): (Vec<String>, Vec<Missed>),
+        set: &[(String, String)],
+        message: String,
+    ) -> Report {
+        Report {
+            action: "rotate".into(),
+            signing_key: signing.public_key_hex(),
+            from: rotation.from.clone(),
+            to: Some(rotation.to.clone()),
+            phase: phase.into(),
+            pushed,
+            missed,
+            keys: set.iter().map(|(k, n)| format!("{k} {n}")).collect(),
+            message,
+        }
+    }
+
     /// Whether the run finished what it was asked.
     pub fn finished(&self) -> bool {
         self.phase == "done"
@@ -399,17 +422,14 @@ pub async fn rotate(shared: &Arc<Shared>, by: &str) -> Result<Report, String> {
             shared.record(vec![
                 Event::new("controller-key", "incomplete").reason(message.clone()),
             ]);
-            return Ok(Report {
-                action: "rotate".into(),
-                signing_key: signing.public_key_hex(),
-                from: rotation.from.clone(),
-                to: Some(rotation.to.clone()),
-                phase: "adding".into(),
-                pushed,
-                missed,
-                keys: set.iter().map(|(k, n)| format!("{k} {n}")).collect(),
+            return Ok(Report::of_rotation(
+                &signing,
+                &rotation,
+                "adding",
+                (pushed, missed),
+                &set,
                 message,
-            });
+            ));
         }
         // Step 2: the audit entry sealed by the old key, then the files, then the signer.
         rotation.phase = Phase::Switching;
@@ -483,17 +503,14 @@ pub async fn rotate(shared: &Arc<Shared>, by: &str) -> Result<Report, String> {
         shared.record(vec![
             Event::new("controller-key", "incomplete").reason(message.clone()),
         ]);
-        return Ok(Report {
-            action: "rotate".into(),
-            signing_key: signing.public_key_hex(),
-            from: rotation.from.clone(),
-            to: Some(rotation.to.clone()),
-            phase: "retiring".into(),
-            pushed,
-            missed,
-            keys: kept.iter().map(|(k, n)| format!("{k} {n}")).collect(),
+        return Ok(Report::of_rotation(
+            &signing,
+            &rotation,
+            "retiring",
+            (pushed, missed),
+            &kept,
             message,
-        });
+        ));
     }
     write_set(&data_dir, &set)?;
     let _ = std::fs::remove_file(data_dir.join(OLD_KEY_FILE));
@@ -507,17 +524,14 @@ pub async fn rotate(shared: &Arc<Shared>, by: &str) -> Result<Report, String> {
     shared.record(vec![
         Event::new("controller-key", "rotated").reason(message.clone()),
     ]);
-    Ok(Report {
-        action: "rotate".into(),
-        signing_key: signing.public_key_hex(),
-        from: rotation.from,
-        to: Some(rotation.to),
-        phase: "done".into(),
-        pushed,
-        missed,
-        keys: set.iter().map(|(k, n)| format!("{k} {n}")).collect(),
+    Ok(Report::of_rotation(
+        &signing,
+        &rotation,
+        "done",
+        (pushed, missed),
+        &set,
         message,
-    })
+    ))
 }
 
 /// `cairn controller key revoke KEY` in the running controller: pushes the set
