@@ -12,7 +12,8 @@
 //! cluster, a generated repository of `--nodes` nodes and `--vms` VMs.
 //! `--failover` measures HA: a node killed → its HA VMs running elsewhere (see
 //! [`failover`]). `--console` measures the web console's page loads once the
-//! VMs run (see [`console`]).
+//! VMs run (see [`console`]). `--leader-failover` measures controller replicas on
+//! etcd: the leader killed → another leading and syncing (see [`leader`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +25,7 @@ use crate::events::Event;
 
 pub mod console;
 pub mod failover;
+pub mod leader;
 pub mod leases;
 pub mod noop;
 pub mod simulate;
@@ -86,9 +88,23 @@ pub struct BenchArgs {
     /// read at `--nodes` nodes (and a tenth of them, the baseline): no processes.
     #[arg(long, conflicts_with_all = ["noop", "failover", "simulate", "console"])]
     pub leases: bool,
-    /// With `--noop`, `--simulate` or `--leases`: nodes of the repository.
-    #[arg(long, default_value_t = 1000)]
-    pub nodes: usize,
+    /// With `--noop`, `--simulate` or `--leases`: nodes of the repository (default
+    /// 1000); with `--leader-failover`, simulated nodes (default 5).
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// Measure the failover of three controller replicas on etcd instead: the leader
+    /// killed with SIGKILL mid-sync → another leads, → its sync of that commit started,
+    /// → succeeded, against the lease TTL (`CAIRN_ETCD_LEASE_TTL_S`), on a simulated
+    /// cluster of `--nodes` nodes, `--vms` VMs pushed a run (default 6).
+    #[arg(long, conflicts_with_all = ["noop", "failover", "simulate", "console", "leases"])]
+    pub leader_failover: bool,
+    /// With `--leader-failover`: etcd's client address (its peer port is the next).
+    #[arg(long, default_value = "127.0.0.38:23830", requires = "leader_failover")]
+    pub leader_etcd: std::net::SocketAddrV4,
+    /// With `--leader-failover`: the simulated nodes listen on this address
+    /// (consecutive ports), the three controllers on the next three addresses.
+    #[arg(long, default_value = "127.0.0.51", requires = "leader_failover")]
+    pub leader_address: std::net::Ipv4Addr,
     /// Measured runs.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
@@ -271,6 +287,38 @@ async fn wait_event(
     }
 }
 
+/// The signing key `TMP/key` (`ssh-keygen`, ed25519), `TMP/allowed-signers` naming it
+/// for bench@example.com, the spec repository `work` (branch `main`) and its bare
+/// origin `bare`: (key, allowed signers).
+fn signed_repositories(tmp: &Path, work: &Path, bare: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(work)?;
+    let key = tmp.join("key");
+    run_ok(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
+            .arg(&key),
+    )?;
+    let public = std::fs::read_to_string(tmp.join("key.pub"))?;
+    let signers = tmp.join("allowed-signers");
+    std::fs::write(&signers, format!("bench@example.com {public}"))?;
+    run_ok(
+        Command::new("git")
+            .current_dir(work)
+            .args(["init", "-q", "-b", "main"]),
+    )?;
+    run_ok(
+        Command::new("git")
+            .args(["init", "-q", "--bare", "-b", "main"])
+            .arg(bare),
+    )?;
+    git(
+        work,
+        &key,
+        &["remote", "add", "origin", &bare.display().to_string()],
+    )?;
+    Ok((key, signers))
+}
+
 /// Commits `workloads` and pushes; returns the commit and the push's start (Unix ms) and duration.
 fn push(work: &Path, key: &Path, vms: usize, message: &str) -> anyhow::Result<(String, u64, u64)> {
     std::fs::write(work.join("workloads.kdl"), workloads_kdl(vms))?;
@@ -303,15 +351,28 @@ fn kvm_and_a_fresh_dir(name: &str) -> anyhow::Result<Option<PathBuf>> {
 
 /// `cairn controller bench`.
 pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
+    let nodes = args.nodes.unwrap_or(1000);
+    if args.leader_failover {
+        return leader::run(
+            args.nodes.unwrap_or(5),
+            args.vms.unwrap_or(6),
+            args.runs,
+            args.keep,
+            leader::Addresses {
+                etcd: args.leader_etcd,
+                nodes: args.leader_address,
+            },
+        );
+    }
     if args.leases {
-        return leases::run(args.nodes, args.runs);
+        return leases::run(nodes, args.runs);
     }
     if args.noop {
-        return noop::run(args.nodes, args.vms.unwrap_or(10_000), args.runs, args.keep);
+        return noop::run(nodes, args.vms.unwrap_or(10_000), args.runs, args.keep);
     }
     if args.simulate {
         return simulate::run(
-            args.nodes,
+            nodes,
             args.vms.unwrap_or(10_000),
             args.change,
             args.runs,
@@ -342,38 +403,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<u8> {
     let cairn = std::env::current_exe()?;
     let work = tmp.join("spec");
     let bare = tmp.join("origin.git");
-    std::fs::create_dir_all(&work)?;
-    let key = tmp.join("key");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
-            .arg(&key),
-    )?;
-    let public = std::fs::read_to_string(tmp.join("key.pub"))?;
-    let signers = tmp.join("allowed-signers");
-    std::fs::write(&signers, format!("bench@example.com {public}"))?;
+    let (key, signers) = signed_repositories(&tmp, &work, &bare)?;
     let ports = [free_port()?, free_port()?, free_port()?];
     std::fs::write(work.join("cluster.kdl"), cluster_kdl(&ports))?;
     std::fs::write(work.join(".gitignore"), ".cairn/\n")?;
-    run_ok(
-        Command::new("git")
-            .current_dir(&work)
-            .args(["init", "-q", "-b", "main"]),
-    )?;
-    run_ok(
-        Command::new("git")
-            .arg("init")
-            .arg("-q")
-            .arg("--bare")
-            .arg("-b")
-            .arg("main")
-            .arg(&bare),
-    )?;
-    git(
-        &work,
-        &key,
-        &["remote", "add", "origin", &bare.display().to_string()],
-    )?;
     let up = Command::new(&cairn)
         .args(["dev", "up"])
         .arg(&work)

@@ -25,12 +25,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
-use super::{free_port, git, median, run_ok, wait_event};
+use super::{free_port, git, median, wait_event};
 
 /// Nodes per site (sites are the lease and quorum domain).
 const PER_SITE: usize = 50;
 
-fn spec(nodes: usize, vms: usize, addresses: &[String]) -> String {
+pub(super) fn spec(nodes: usize, vms: usize, addresses: &[String]) -> String {
     let sites = nodes.div_ceil(PER_SITE);
     let mut text = String::from(
         "node-class \"sim\" {\n    cpu 64\n    memory \"512GiB\"\n    host-reserve cpu=2 memory=\"16GiB\"\n    disk \"disk0\" size=\"1TiB\" class=\"ssd\"\n    nic \"eth0\" speed=\"25Gbps\"\n    nic \"eth1\" speed=\"25Gbps\"\n}\n\nimage \"tiny\" builtin=\"cairn-guest\"\n\n",
@@ -94,7 +94,12 @@ fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn commit_and_push(work: &Path, key: &Path, message: &str) -> anyhow::Result<(String, u64)> {
+/// Commits everything (or nothing), signed, and pushes: the commit and when the push began.
+pub(super) fn commit_and_push(
+    work: &Path,
+    key: &Path,
+    message: &str,
+) -> anyhow::Result<(String, u64)> {
     git(work, key, &["add", "-A"])?;
     git(
         work,
@@ -175,7 +180,7 @@ fn median_of(samples: &[Synced]) -> Synced {
     }
 }
 
-fn node_binary() -> anyhow::Result<PathBuf> {
+pub(super) fn node_binary() -> anyhow::Result<PathBuf> {
     if let Some(path) = std::env::var_os("CAIRN_NODE_BIN") {
         return Ok(PathBuf::from(path));
     }
@@ -194,7 +199,7 @@ fn node_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A base port from which `count` consecutive ports are free on `ip`.
-fn free_ports(ip: Ipv4Addr, count: usize) -> anyhow::Result<u16> {
+pub(super) fn free_ports(ip: Ipv4Addr, count: usize) -> anyhow::Result<u16> {
     for base in (20_000..60_000 - count).step_by(count.max(100) + 7) {
         let base = base as u16;
         if (0..count).all(|i| std::net::TcpListener::bind((ip, base + i as u16)).is_ok()) {
@@ -202,6 +207,50 @@ fn free_ports(ip: Ipv4Addr, count: usize) -> anyhow::Result<u16> {
         }
     }
     bail!("no {count} consecutive free ports on {ip}")
+}
+
+/// A simulated-cluster bench's temporary directory and what is in it.
+pub(super) struct Dirs {
+    /// `TMP/NAME-PID`, made anew.
+    pub tmp: PathBuf,
+    /// The spec repository (branch `main`).
+    pub work: PathBuf,
+    /// Its bare origin, which the controller follows.
+    pub bare: PathBuf,
+    /// The simulator's data directory; its `trusted-controllers` names the controller key.
+    pub sim: PathBuf,
+    /// The key that signs the commits, and the allowed-signers file naming it.
+    pub key: PathBuf,
+    pub signers: PathBuf,
+}
+
+/// Makes [`Dirs`] for `name`, the controller key in `TMP/CONTROLLER_DIR`.
+pub(super) fn dirs(name: &str, controller_dir: &str) -> anyhow::Result<Dirs> {
+    let tmp = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let work = tmp.join("spec");
+    let bare = tmp.join("origin.git");
+    let sim = tmp.join("sim");
+    std::fs::create_dir_all(&sim)?;
+    let (key, signers) = super::signed_repositories(&tmp, &work, &bare)?;
+    let controller_dir = tmp.join(controller_dir);
+    std::fs::create_dir_all(&controller_dir)?;
+    let controller = proto::auth::Identity::load_or_create(
+        &controller_dir.join("controller.key"),
+        &controller_dir.join("controller.pub"),
+    )?;
+    std::fs::write(
+        sim.join("trusted-controllers"),
+        format!("{} cairn-controller\n", controller.public_key_hex()),
+    )?;
+    Ok(Dirs {
+        tmp,
+        work,
+        bare,
+        sim,
+        key,
+        signers,
+    })
 }
 
 /// How the simulated nodes are served.
@@ -254,31 +303,14 @@ pub fn run(
     if let Err(e) = proto::client::raise_open_file_limit(nodes as u64 * 4 + 1024) {
         eprintln!("warning: {e}");
     }
-    let tmp = std::env::temp_dir().join(format!("cairn-sim-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let work = tmp.join("spec");
-    let bare = tmp.join("origin.git");
-    let sim_dir = tmp.join("sim");
-    std::fs::create_dir_all(&work)?;
-    std::fs::create_dir_all(&sim_dir)?;
-    let key = tmp.join("key");
-    run_ok(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f"])
-            .arg(&key),
-    )?;
-    let public = std::fs::read_to_string(tmp.join("key.pub"))?;
-    let signers = tmp.join("allowed-signers");
-    std::fs::write(&signers, format!("bench@example.com {public}"))?;
-    std::fs::create_dir_all(work.join(".cairn"))?;
-    let controller = proto::auth::Identity::load_or_create(
-        &work.join(".cairn/controller.key"),
-        &work.join(".cairn/controller.pub"),
-    )?;
-    std::fs::write(
-        sim_dir.join("trusted-controllers"),
-        format!("{} cairn-controller\n", controller.public_key_hex()),
-    )?;
+    let Dirs {
+        tmp,
+        work,
+        bare,
+        sim: sim_dir,
+        key,
+        signers,
+    } = dirs("cairn-sim-bench", "spec/.cairn")?;
     // Process p serves nodes [first, first + count): on one port of its own, or on
     // consecutive ports from base + first.
     let per = nodes.div_ceil(simulators);
@@ -310,21 +342,6 @@ pub fn run(
     std::fs::write(work.join("cluster.kdl"), spec(nodes, vms, &addresses))?;
     std::fs::write(work.join("workloads.kdl"), workloads(nodes, vms, "g"))?;
     std::fs::write(work.join(".gitignore"), ".cairn/\n")?;
-    run_ok(
-        Command::new("git")
-            .current_dir(&work)
-            .args(["init", "-q", "-b", "main"]),
-    )?;
-    run_ok(
-        Command::new("git")
-            .args(["init", "-q", "--bare", "-b", "main"])
-            .arg(&bare),
-    )?;
-    git(
-        &work,
-        &key,
-        &["remote", "add", "origin", &bare.display().to_string()],
-    )?;
     let started = Instant::now();
     let mut children = Vec::new();
     for (p, (first, count)) in shares.iter().enumerate() {
@@ -386,7 +403,7 @@ pub fn run(
 }
 
 /// SIGTERM to each simulator this bench started, then SIGKILL after 30 s.
-fn stop_simulators(children: &mut [std::process::Child]) {
+pub(super) fn stop_simulators(children: &mut [std::process::Child]) {
     for child in children.iter() {
         // SAFETY: kill(2) of a simulator this bench spawned (its pid, not a group).
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
