@@ -9,7 +9,9 @@
 //! writes (pause, resume, sync, approve, maintenance, signed actions) with the
 //! leader's address.
 //!
-//! A new leader waits out one lease TTL before its first node call, then settles
+//! A new leader waits until its predecessor has certainly stopped before its first
+//! node call (a margin once it knows the predecessor's lease is gone, one lease TTL
+//! from a cold start: `state_etcd::election`), then settles
 //! the execution its predecessor left unfinished from the journal in etcd
 //! (`reconciler::pipeline::settle_interrupted`: every step in flight is asked
 //! about, never sent again) and plans afresh: no step is carried out twice.

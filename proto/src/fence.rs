@@ -8,7 +8,8 @@
 //! up is refused by every node the new leader has reached. The leader itself stops
 //! first: [`SharedFence::check`] refuses to sign once its own timer, counted from its
 //! last keepalive's send, could have lapsed, and before `not_before` (a new leader
-//! waits out the previous leader's TTL before its first node call).
+//! waits until the previous leader has certainly stopped: one TTL, or less when it
+//! knows the previous lease's fate; `state-etcd`'s election).
 //!
 //! Like the audit head the header is not in the signed payload (every older node
 //! would refuse every request); a node takes it only from a request whose signature
@@ -27,7 +28,8 @@ pub struct FenceState {
     pub token: u64,
     /// Until when it may act: its last keepalive's send time plus the TTL etcd granted.
     pub acting_until: Option<Instant>,
-    /// Not before (a new leader waits out the TTL before its first node call).
+    /// Not before (a new leader waits for the previous leader to stop before its first
+    /// node call).
     pub not_before: Option<Instant>,
 }
 

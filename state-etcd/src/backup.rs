@@ -10,9 +10,10 @@
 //! | last | `{"end": true, "keys": N, "sha256": HEX}`: the SHA-256 of every line before it |
 //!
 //! Left out, because they belong to processes and time, not to the state: the
-//! election key, the apply lock, the node lease grants (`leases/`) and any key on an
-//! etcd lease. A new leader campaigns afresh and waits out one TTL before its first
-//! node call, as after any failover.
+//! election key and the record of the last term's lease (`election_lease`), the apply
+//! lock, the node lease grants (`leases/`) and any key on an etcd lease. A new leader
+//! campaigns afresh and, knowing no previous lease, waits out one TTL before its first
+//! node call, as after a cold start.
 //!
 //! The fencing tokens. Nodes refuse a controller whose token is lower than the
 //! highest they have seen, and a token is the election key's create revision, which
@@ -100,6 +101,7 @@ pub struct Summary {
 /// Whether `key` (relative to the prefix) is left out of a backup.
 fn transient(key: &str) -> bool {
     key == "election"
+        || key == crate::election::LEASE_RECORD
         || key == "meta/lock"
         || key == RESTORING
         || key == TOKEN_BASE

@@ -12,9 +12,24 @@
 //! (the key, and the apply lock on the lease, go at once) and the replica campaigns
 //! again. The others poll the key every TTL/10; the first to find it gone wins.
 //!
-//! A new leader waits out one TTL after winning before its first node call
-//! (`not_before`): a node the old leader could still reach has by then either seen
-//! the old leader stop by its own timer, or the new leader's higher token first.
+//! A new leader waits before its first node call (`not_before`) until the previous
+//! leader has certainly stopped acting: a node it could still reach has by then either
+//! seen it stop by its own timer, or the new leader's higher token first. How long
+//! depends on what the new leader knows of the previous term's lease:
+//! - The winning transaction also records the winner's lease id (`PREFIX/election_lease`,
+//!   not on a lease). A follower remembers the lease of the election key it last saw
+//!   (`kv.lease()`). When it finds the key gone and the record still names that lease,
+//!   it asks etcd for the lease's time to live, and campaigns with a compare on the
+//!   record's mod revision (no other term began since it looked).
+//! - The lease no longer exists (TTL -1: expired or revoked): the previous leader
+//!   stopped before etcd let the lease go (its timer counts from its keepalive's send,
+//!   etcd's from the receipt; it revokes only after it stopped), so the new leader
+//!   waits a margin only, `max(TTL/10, 100 ms)`: for clock rates and a request
+//!   signed just before the old timer ran out and still on its way.
+//! - The lease lives (the key was deleted by hand): its remaining TTL (etcd says whole
+//!   seconds, the lease ends in under TTL + 1 s) plus the margin, from etcd's answer.
+//! - Anything else (a cold start: no key seen, no record, another term's record, or
+//!   etcd did not answer the question): one full TTL after winning, as before.
 //!
 //! The token nodes see is the create revision plus the store's token base
 //! (`PREFIX/meta/token_base`, absent: 0). A restore into a new etcd
@@ -33,6 +48,10 @@ use crate::store::EtcdStore;
 
 /// The default lease TTL of the election.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
+
+/// The key (under the prefix) that names the lease of the last term that began: the
+/// winning transaction writes it beside the election key.
+pub(crate) const LEASE_RECORD: &str = "election_lease";
 
 /// What a replica knows of the election.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -53,14 +72,28 @@ struct Inner {
     leader: Option<String>,
     terms: u64,
     won_at: Option<Instant>,
+    /// How long after winning this term's first node call waits, and why.
+    first_call: Option<(Duration, &'static str)>,
     /// The token base read when the current term began.
     base: u64,
+}
+
+/// What a replica that found the election key gone knows of the previous term.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Previous {
+    /// Not enough to shorten the wait: one full TTL.
+    Unknown,
+    /// Its lease no longer exists at etcd (expired or revoked).
+    Gone,
+    /// Its lease lives (its key was deleted by hand): it ends before this instant.
+    LivesUntil(Instant),
 }
 
 /// One replica's side of the election.
 #[derive(Debug)]
 pub struct Election {
     key: String,
+    record: String,
     me: String,
     ttl: Duration,
     fence: SharedFence,
@@ -78,6 +111,7 @@ impl Election {
     ) -> Arc<Election> {
         let election = Arc::new(Election {
             key: store.target().key("election"),
+            record: store.target().key(LEASE_RECORD),
             me: me.into(),
             ttl: ttl.max(Duration::from_secs(2)),
             fence,
@@ -171,6 +205,19 @@ impl Election {
         self.inner().won_at
     }
 
+    /// How long after winning its last term this replica waited (or waits) before its
+    /// first node call: one TTL, the previous lease's remaining time plus the margin,
+    /// or the margin alone (see the module's doc).
+    pub fn first_call_wait(&self) -> Option<Duration> {
+        self.inner().first_call.map(|(wait, _)| wait)
+    }
+
+    /// The wait after the previous leader's lease is known gone: for clock rates and a
+    /// request the previous leader signed just before its timer ran out.
+    pub fn margin(&self) -> Duration {
+        (self.ttl / 10).max(Duration::from_millis(100))
+    }
+
     /// A store write found another controller's key: this replica is deposed.
     pub(crate) fn deposed(&self, token: i64) {
         let mut state = self.fence.get();
@@ -195,31 +242,39 @@ impl Election {
 
     /// Waits for the key to be free, campaigns once, and leads until the lease is lost.
     async fn term(&self, mut client: Client) -> Result<(), etcd_client::Error> {
+        // The lease of the election key this replica saw last (None: none seen, or
+        // the key was on no lease).
+        let mut seen = None;
         loop {
             let current = client.get(self.key.as_str(), None).await?;
             match current.kvs().first() {
                 Some(kv) => {
                     self.inner().leader = Some(String::from_utf8_lossy(kv.value()).into_owned());
+                    seen = Some(kv.lease()).filter(|lease| *lease != 0);
                     tokio::time::sleep(self.poll()).await;
                 }
                 None => break,
             }
         }
+        let (previous, recorded) = self.previous_term(&mut client, seen).await?;
         let base = token_base(&mut client, &self.key).await?;
         let sent = Instant::now();
         let lease = client.lease_grant(self.ttl.as_secs() as i64, None).await?;
         let granted = Duration::from_secs(lease.ttl().max(0) as u64);
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                self.key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then([TxnOp::put(
-                self.key.as_str(),
-                self.me.as_str(),
-                Some(PutOptions::new().with_lease(lease.id())),
-            )]);
+            .when([
+                Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0),
+                // No other term began since the record was read (absent: 0).
+                Compare::mod_revision(self.record.as_str(), CompareOp::Equal, recorded),
+            ])
+            .and_then([
+                TxnOp::put(
+                    self.key.as_str(),
+                    self.me.as_str(),
+                    Some(PutOptions::new().with_lease(lease.id())),
+                ),
+                TxnOp::put(self.record.as_str(), lease.id().to_string(), None),
+            ]);
         let won = client.txn(txn).await?;
         if !won.succeeded() {
             let _ = client.lease_revoke(lease.id()).await;
@@ -228,6 +283,15 @@ impl Election {
         let revision = won.header().map_or(0, |h| h.revision());
         let token = revision + base as i64;
         let now = Instant::now();
+        let (not_before, why) = match previous {
+            Previous::Gone => (now + self.margin(), "the previous leader's lease is gone"),
+            Previous::LivesUntil(end) => (
+                (end + self.margin()).max(now + self.margin()),
+                "the previous leader's lease lives on",
+            ),
+            Previous::Unknown => (now + granted, "one lease TTL: no previous lease known"),
+        };
+        let wait = not_before - now;
         {
             let mut inner = self.inner();
             inner.base = base;
@@ -235,16 +299,17 @@ impl Election {
             inner.leader = Some(self.me.clone());
             inner.terms += 1;
             inner.won_at = Some(now);
+            inner.first_call = Some((wait, why));
         }
         self.fence.set(FenceState {
             token: token as u64,
             acting_until: Some(sent + granted),
-            not_before: Some(now + granted),
+            not_before: Some(not_before),
         });
         eprintln!(
-            "cairn controller: elected leader (fencing token {token}, lease TTL {} s); first node call in {} ms",
+            "cairn controller: elected leader (fencing token {token}, lease TTL {} s); first node call in {} ms ({why})",
             granted.as_secs(),
-            granted.as_millis()
+            wait.as_millis()
         );
         let why = self.lead(&mut client, lease.id()).await;
         let mut state = self.fence.get();
@@ -254,6 +319,44 @@ impl Election {
         eprintln!("cairn controller: lost leadership (fencing token {token}): {why}");
         let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease.id())).await;
         Ok(())
+    }
+
+    /// What this replica knows of the previous term, having found the election key
+    /// gone after it last saw it on lease `seen`; and the record's mod revision (0:
+    /// none), which the campaign compares.
+    async fn previous_term(
+        &self,
+        client: &mut Client,
+        seen: Option<i64>,
+    ) -> Result<(Previous, i64), etcd_client::Error> {
+        let record = client.get(self.record.as_str(), None).await?;
+        let (recorded, revision) = record.kvs().first().map_or((None, 0), |kv| {
+            (
+                std::str::from_utf8(kv.value())
+                    .ok()
+                    .and_then(|v| v.trim().parse::<i64>().ok()),
+                kv.mod_revision(),
+            )
+        });
+        let Some(lease) = seen.filter(|seen| recorded == Some(*seen)) else {
+            return Ok((Previous::Unknown, revision));
+        };
+        let previous = match client.lease_time_to_live(lease, None).await {
+            // etcd answers -1 for a lease it no longer has.
+            Ok(answer) if answer.ttl() < 0 => Previous::Gone,
+            // Whole seconds: the lease ends in under TTL + 1 s from the answer.
+            Ok(answer) => {
+                Previous::LivesUntil(Instant::now() + Duration::from_secs(answer.ttl() as u64 + 1))
+            }
+            Err(e) if e.to_string().contains("requested lease not found") => Previous::Gone,
+            Err(e) => {
+                eprintln!(
+                    "cairn controller: election: the previous leader's lease {lease:x}: {e}; a full TTL before the first node call"
+                );
+                Previous::Unknown
+            }
+        };
+        Ok((previous, revision))
     }
 
     /// Renews the lease every TTL/3 until it is lost; returns why.
@@ -420,6 +523,10 @@ mod tests {
         };
         let a = open("a");
         wait("a leads", || a.election.status().leading);
+        if a.election.status().terms == 1 {
+            // A cold start knows no previous lease: one full TTL.
+            assert_eq!(a.election.first_call_wait(), Some(ttl));
+        }
         let b = open("b");
         wait("b sees a leader", || b.election.status().leader.is_some());
         let replicas = [&a, &b];
@@ -453,16 +560,18 @@ mod tests {
                     .store
                     .journal("e", &record())
                     .map_err(|e| format!("{name}'s write: {e}"))?;
-                // It may call nodes only once one TTL passed since it won.
+                // It may call nodes only once its wait passed since it won: one TTL
+                // from a cold start (a term that began after a lapse may wait less).
                 let won = leader.election.won_at().ok_or("no longer leads")?;
+                let wait = leader.election.first_call_wait().ok_or("no longer leads")?;
                 let before = won.elapsed();
                 if leader.election.ready() {
                     assert!(
-                        won.elapsed() >= ttl,
-                        "{name} ready {:?} after it won",
+                        won.elapsed() >= wait,
+                        "{name} ready {:?} after it won, to wait {wait:?}",
                         won.elapsed()
                     );
-                } else if before >= ttl {
+                } else if before >= wait + ttl {
                     return Err(format!("{name} not ready {before:?} after it won"));
                 }
                 let deadline = Instant::now() + ttl * 2;
@@ -473,8 +582,8 @@ mod tests {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 assert!(
-                    won.elapsed() >= ttl,
-                    "{name} ready {:?} after it won",
+                    won.elapsed() >= wait,
+                    "{name} ready {:?} after it won, to wait {wait:?}",
                     won.elapsed()
                 );
                 Ok(())
@@ -550,5 +659,128 @@ mod tests {
             }
             Ok(())
         });
+    }
+
+    /// Waits until `b` names `leader` as the leader, which holds the election key on a
+    /// lease (so `b` saw that lease).
+    fn sees(b: &Election, leader: &str) {
+        wait(&format!("{} sees {leader} lead", b.me), || {
+            b.status().leader.as_deref() == Some(leader)
+        });
+    }
+
+    #[test]
+    fn after_the_leaders_lease_expired_the_next_leader_waits_a_margin_not_a_ttl() {
+        let Some((etcd, _dir)) = crate::store::tests::etcd_on("127.0.0.38", 23832) else {
+            return;
+        };
+        let ttl = Duration::from_secs(3);
+        // `a` leads from a cold start: one TTL.
+        let a_store = EtcdStore::open(&etcd.url("el")).unwrap();
+        let a = Election::start(&a_store, "a", ttl, SharedFence::default());
+        wait("a leads", || a.status().leading);
+        if a.status().terms == 1 {
+            assert_eq!(a.first_call_wait(), Some(ttl), "a cold start waits one TTL");
+        }
+        let b_store = EtcdStore::open(&etcd.url("el")).unwrap();
+        let b = Election::start(&b_store, "b", ttl, SharedFence::default());
+        sees(&b, "a");
+        // `a` dies as with kill -9: its runtime goes, no keepalive, no revoke; its lease
+        // expires at etcd within one TTL of its last keepalive.
+        drop(a_store);
+        let killed = Instant::now();
+        wait("b leads", || b.status().leading);
+        let elected = killed.elapsed();
+        let wait_b = b.first_call_wait().expect("b leads");
+        assert_eq!(
+            wait_b,
+            b.margin(),
+            "b saw a's lease gone, so it waits the margin ({:?}), not the TTL",
+            b.margin()
+        );
+        let won = b.won_at().expect("b leads");
+        while !b.ready() {
+            assert!(
+                won.elapsed() < ttl,
+                "b not ready {:?} after it won",
+                won.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(won.elapsed() >= wait_b, "b ready before its wait");
+        eprintln!(
+            "a killed -> b elected {elected:?}, b's first node call {:?} after it won (TTL {ttl:?})",
+            wait_b
+        );
+        drop(a);
+    }
+
+    #[test]
+    fn after_the_key_was_deleted_by_hand_the_next_leader_waits_the_lease_out() {
+        let Some((etcd, _dir)) = crate::store::tests::etcd_on("127.0.0.38", 23834) else {
+            return;
+        };
+        let ttl = Duration::from_secs(3);
+        let store = EtcdStore::open(&etcd.url("el")).unwrap();
+        // A leader planted by hand, as a winner records itself: the key on a lease of
+        // 8 s (longer than the election's TTL, so the waits differ) and the record.
+        let key = store.target().key("election");
+        let record = store.target().key(LEASE_RECORD);
+        let mut client = store.client();
+        let granted = Instant::now();
+        store
+            .run("plant", {
+                let (key, record) = (key.clone(), record.clone());
+                async move {
+                    let lease = client.lease_grant(8, None).await?.id();
+                    let planted = client
+                        .txn(Txn::new().and_then([
+                            TxnOp::put(
+                                key.as_str(),
+                                "planted",
+                                Some(PutOptions::new().with_lease(lease)),
+                            ),
+                            TxnOp::put(record.as_str(), lease.to_string(), None),
+                        ]))
+                        .await?;
+                    assert!(planted.succeeded());
+                    Ok(())
+                }
+            })
+            .unwrap();
+        let b_store = EtcdStore::open(&etcd.url("el")).unwrap();
+        let b = Election::start(&b_store, "b", ttl, SharedFence::default());
+        sees(&b, "planted");
+        let mut client = store.client();
+        let deleted = store
+            .run("delete", async move { client.delete(key, None).await })
+            .unwrap();
+        assert_eq!(deleted.deleted(), 1);
+        wait("b leads", || b.status().leading);
+        let wait_b = b.first_call_wait().expect("b leads");
+        let not_before = b.won_at().expect("b leads") + wait_b;
+        // Not before the planted lease could have ended at etcd, and about then: etcd
+        // says whole seconds (under TTL + 1 s), plus the margin and the calls' time.
+        assert!(
+            not_before >= granted + Duration::from_secs(8),
+            "b's first node call {:?} after the lease's grant, before its 8 s ran out",
+            not_before - granted
+        );
+        assert!(
+            not_before
+                <= granted + Duration::from_secs(8 + 1) + b.margin() + Duration::from_secs(1),
+            "b waits {wait_b:?}: more than the lease's remaining time"
+        );
+        assert!(
+            wait_b > ttl,
+            "b waits the lease out, not one TTL: {wait_b:?}"
+        );
+        assert!(!b.ready(), "b calls no node before the lease ran out");
+        wait("b ready", || b.ready());
+        assert!(Instant::now() >= not_before);
+        eprintln!(
+            "key deleted while its 8 s lease lived: b waited {wait_b:?} ({:?} after the grant)",
+            not_before - granted
+        );
     }
 }
