@@ -580,8 +580,10 @@ impl Observed {
         }
         DIGESTING.with(|d| d.set(true));
         let _digesting = Digesting;
-        let bytes = serde_json::to_vec(self).expect("observations serialize");
-        proto::auth::to_hex(&Sha256::digest(&bytes))
+        let mut hasher = Sha256::new();
+        serde_json::to_writer(crate::plan::HashWriter(&mut hasher), self)
+            .expect("observations serialize");
+        proto::auth::to_hex(&hasher.finalize())
     }
 
     /// The reachable nodes' VMs: VM name → (node, VM).

@@ -140,9 +140,17 @@ pub fn observation_of(desired: &Desired) -> Observed {
                 cgroup_drift: vec![],
                 dedicated_cpus: String::new(),
                 preempted: String::new(),
-                ft: None,
+                ft: vm.ft.as_ref().map(|f| ft_side("primary", f)),
             },
         );
+        // An FT pair's secondary: its copy waits on its own node, protected.
+        if let Some(f) = &vm.ft {
+            let mut copy = vms[&vm.name].clone();
+            copy.ft = Some(ft_side("secondary", f));
+            if let Some((vms, _, _)) = reachable(&mut observed, &f.secondary) {
+                vms.insert(vm.name.clone(), copy);
+            }
+        }
     }
     for v in desired.volumes.values() {
         let copy = |role, primary: &str, peers: &[String]| ObservedVolume {
@@ -224,6 +232,18 @@ type NodeParts<'a> = (
     &'a mut BTreeMap<String, ObservedVolume>,
     &'a mut BTreeMap<String, ObservedBond>,
 );
+
+/// One side of a protected FT pair, as its node reports it.
+fn ft_side(role: &str, ft: &reconciler::desired::DesiredFt) -> reconciler::observe::ObservedFt {
+    reconciler::observe::ObservedFt {
+        role: role.to_owned(),
+        phase: "protected".to_owned(),
+        epoch_ms: u64::from(ft.epoch_ms),
+        epoch: 1,
+        last_acked: 1,
+        ..Default::default()
+    }
+}
 
 /// The VMs, volumes and bonds of a node that answers.
 fn reachable<'a>(observed: &'a mut Observed, node: &str) -> Option<NodeParts<'a>> {

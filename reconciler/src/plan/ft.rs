@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::build::Builder;
 use super::{Change, ChangeKind, LeftAlone, NodeAction};
 use crate::desired::{Desired, DesiredVm};
-use crate::observe::{Observed, ObservedVm};
+use crate::observe::ObservedVm;
 
 /// Whether `node` is the FT secondary's node of the desired VM `name`.
 pub(super) fn is_secondary(desired: &Desired, name: &str, node: &str) -> bool {
@@ -35,9 +35,14 @@ pub(super) fn without_secondaries<'o>(
 /// witness lets it resume the guest (its node's guard promotes it, and the next
 /// plan swaps the pair: [`crate::pipeline::swap_promoted`]). A primary started from
 /// scratch beside it would be a second guest whose output goes back in time.
-pub(super) fn takeover_pending(vm: &DesiredVm, observed: &Observed) -> Option<String> {
+///
+/// `copies` is [`Observed::vms`], made once by the caller (made per VM it was
+/// quadratic in the cloud's VMs).
+pub(super) fn takeover_pending(
+    vm: &DesiredVm,
+    copies: &BTreeMap<&str, Vec<(&str, &ObservedVm)>>,
+) -> Option<String> {
     let ft = vm.ft.as_ref()?;
-    let copies = observed.vms();
     let on = |node: &str| {
         copies
             .get(vm.name.as_str())?

@@ -379,9 +379,10 @@ pub(super) fn plan_vms(b: &mut Builder<'_>) {
     let desired = b.desired;
     let observed = b.observed;
     // An FT VM's copy on its secondary's node is its secondary, not a copy to move.
-    let observed_vms = super::ft::without_secondaries(desired, observed.vms());
+    let all_copies = observed.vms();
+    let observed_vms = super::ft::without_secondaries(desired, all_copies.clone());
     for vm in desired.vms.values() {
-        if let Some(why) = super::ft::takeover_pending(vm, observed) {
+        if let Some(why) = super::ft::takeover_pending(vm, &all_copies) {
             // Starting the primary again would run a second copy of the guest beside
             // the secondary that is about to resume it.
             b.left_alone.push(LeftAlone {
