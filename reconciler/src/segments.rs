@@ -118,9 +118,9 @@ pub struct DesiredSegment {
     pub prefix_len: u32,
     /// NICs of this network on other nodes.
     pub remotes: Vec<SegmentRemote>,
-    /// The tenant's NICs with security groups: one list per tenant, shared by the
-    /// segments of every node of the tenant (at 100,000 VMs a copy per node was
-    /// gigabytes).
+    // One list per tenant, shared by the segments of all its nodes (at 100,000 VMs a
+    // copy per node was gigabytes).
+    /// The tenant's NICs with security groups.
     #[serde(default, skip_serializing_if = "no_guarded")]
     pub guarded: std::sync::Arc<[GuardedNic]>,
     /// Egress through the node.
