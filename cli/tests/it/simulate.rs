@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::TempDir;
-use crate::engine::{Cluster, free_port};
+use crate::engine::Cluster;
 
 const SITES: usize = 10;
 const PER_SITE: usize = 5;
@@ -153,8 +153,12 @@ fn a_simulated_cluster_of_50_nodes_converges_and_a_killed_node_is_declared_faile
     let ip = "127.0.0.41";
     let nodes = (SITES * PER_SITE) as u16;
     let base = free_ports(ip, nodes);
-    let listen = format!("127.0.0.1:{}", free_port());
-    let grpc = format!("127.0.0.1:{}", free_port());
+    // The controller on the test's own address: a port picked free on 127.0.0.1 can
+    // be taken by another test's outgoing connection before the controller binds it
+    // (a CI run failed "Address already in use" on the gRPC port); connections to
+    // 127.0.0.41 go out from 127.0.0.1, so nothing but a listener takes its ports.
+    let listen = format!("{ip}:{}", crate::enroll::free_port(ip));
+    let grpc = format!("{ip}:{}", crate::enroll::free_port(ip));
     let started = Instant::now();
     let (cluster, up) = up_with_controller("simulate", spec(ip, base), &listen, &grpc);
     assert!(
