@@ -1114,24 +1114,24 @@ impl Worker {
         crate::lease::node_metrics(&self.shared);
         // Counted from the observation itself: a JSON copy of it was seconds and
         // gigabytes at 100,000 VMs.
-        let mut vm_states: BTreeMap<String, i64> = BTreeMap::new();
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
         for obs in observed.nodes.values() {
             let NodeObservation::Reachable { vms, .. } = obs else {
                 continue;
             };
             for vm in vms.values() {
-                let state = vm.state.status_name();
                 let looping = vm.state == proto::v1::VmState::Crashed
                     && self.crash.get(&vm.name).is_some_and(|c| c.restarts > 0);
-                let label = if looping { "crash-looping" } else { state };
-                match vm_states.get_mut(label) {
-                    Some(n) => *n += 1,
-                    None => {
-                        vm_states.insert(label.to_owned(), 1);
-                    }
-                }
+                let label = if looping {
+                    "crash-looping"
+                } else {
+                    vm.state.status_name()
+                };
+                *counts.entry(label).or_default() += 1;
             }
         }
+        let vm_states: BTreeMap<String, i64> =
+            counts.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
         crate::metrics::Metrics::set_all(&self.shared.metrics.vms, &vm_states);
         self.shared.ready.store(true, Ordering::SeqCst);
         if !events.is_empty() {
@@ -1159,81 +1159,79 @@ impl Worker {
         self.crash_retry = None;
         let mut events = vec![];
         let mut running = BTreeSet::new();
-        {
-            for (node_name, node) in masked.nodes.iter_mut() {
-                let NodeObservation::Reachable { vms, .. } = node else {
-                    continue;
-                };
-                for vm in vms.values_mut() {
-                    let name = vm.name.clone();
-                    match vm.state {
-                        proto::v1::VmState::Running => {
-                            running.insert(name);
-                        }
-                        proto::v1::VmState::Crashed => {
-                            let restarted_at = self
-                                .crash
-                                .get(&name)
-                                .map_or(&[][..], |c| &c.restarted_at[..]);
-                            // A VM with disks stays (its volume needs a new writer
-                            // first, as for HA): in place, with the backoff. Nothing
-                            // moves while repairs are off (self-heal, paused).
-                            let movable = model.vm(&name).is_some_and(|m| m.disks.is_empty())
-                                && !self.crash.get(&name).is_some_and(|c| c.stays);
-                            if movable
-                                && healing
-                                && crashed_too_often(
-                                    restarted_at,
-                                    now,
-                                    limits.crash_restart_limit,
-                                    window,
-                                )
-                            {
-                                if self
-                                    .crash_moves
-                                    .insert(name.clone(), node_name.clone())
-                                    .is_none()
-                                {
-                                    events.push(
-                                        Event::new("crash-loop", "moving")
-                                            .object(format!("vm {name}"))
-                                            .reason(format!(
-                                                "vm {name} crashed {} times on {node_name} within {} (crash-restart limit={} window=\"{}\"): restarted on another node",
-                                                restarted_at.len() + 1,
-                                                compiler::units::format_duration(limits.crash_restart_window_ms),
-                                                limits.crash_restart_limit,
-                                                compiler::units::format_duration(limits.crash_restart_window_ms),
-                                            )),
-                                    );
-                                }
-                                continue;
-                            }
-                            let Some(c) = self.crash.get_mut(&name) else {
-                                continue;
-                            };
-                            let until = c.last_restart + backoff(c.restarts);
-                            if now < until {
-                                self.crash_retry =
-                                    Some(self.crash_retry.map_or(until, |at| at.min(until)));
-                                vm.state = proto::v1::VmState::Running;
-                                if c.reported_for != c.restarts {
-                                    c.reported_for = c.restarts;
-                                    events.push(
-                                        Event::new("crash-loop", "reported")
-                                            .object(format!("vm {name}"))
-                                            .reason(format!(
-                                                "vm {name} crashed again after {} restart{} by the controller: crash-looping; next restart in {} s (backoff doubles up to {} s)",
-                                                c.restarts,
-                                                if c.restarts == 1 { "" } else { "s" },
-                                                until.saturating_duration_since(now).as_secs().max(1),
-                                                BACKOFF_CAP.as_secs()
-                                            )),
-                                    );
-                                }
-                            }
-                        }
-                        _ => {}
+        for (node_name, node) in masked.nodes.iter_mut() {
+            let NodeObservation::Reachable { vms, .. } = node else {
+                continue;
+            };
+            for vm in vms.values_mut() {
+                let name = vm.name.clone();
+                match vm.state {
+                    proto::v1::VmState::Running => {
+                        running.insert(name);
                     }
+                    proto::v1::VmState::Crashed => {
+                        let restarted_at = self
+                            .crash
+                            .get(&name)
+                            .map_or(&[][..], |c| &c.restarted_at[..]);
+                        // A VM with disks stays (its volume needs a new writer
+                        // first, as for HA): in place, with the backoff. Nothing
+                        // moves while repairs are off (self-heal, paused).
+                        let movable = model.vm(&name).is_some_and(|m| m.disks.is_empty())
+                            && !self.crash.get(&name).is_some_and(|c| c.stays);
+                        if movable
+                            && healing
+                            && crashed_too_often(
+                                restarted_at,
+                                now,
+                                limits.crash_restart_limit,
+                                window,
+                            )
+                        {
+                            if self
+                                .crash_moves
+                                .insert(name.clone(), node_name.clone())
+                                .is_none()
+                            {
+                                events.push(
+                                    Event::new("crash-loop", "moving")
+                                        .object(format!("vm {name}"))
+                                        .reason(format!(
+                                            "vm {name} crashed {} times on {node_name} within {} (crash-restart limit={} window=\"{}\"): restarted on another node",
+                                            restarted_at.len() + 1,
+                                            compiler::units::format_duration(limits.crash_restart_window_ms),
+                                            limits.crash_restart_limit,
+                                            compiler::units::format_duration(limits.crash_restart_window_ms),
+                                        )),
+                                );
+                            }
+                            continue;
+                        }
+                        let Some(c) = self.crash.get_mut(&name) else {
+                            continue;
+                        };
+                        let until = c.last_restart + backoff(c.restarts);
+                        if now < until {
+                            self.crash_retry =
+                                Some(self.crash_retry.map_or(until, |at| at.min(until)));
+                            vm.state = proto::v1::VmState::Running;
+                            if c.reported_for != c.restarts {
+                                c.reported_for = c.restarts;
+                                events.push(
+                                    Event::new("crash-loop", "reported")
+                                        .object(format!("vm {name}"))
+                                        .reason(format!(
+                                            "vm {name} crashed again after {} restart{} by the controller: crash-looping; next restart in {} s (backoff doubles up to {} s)",
+                                            c.restarts,
+                                            if c.restarts == 1 { "" } else { "s" },
+                                            until.saturating_duration_since(now).as_secs().max(1),
+                                            BACKOFF_CAP.as_secs()
+                                        )),
+                                );
+                            }
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

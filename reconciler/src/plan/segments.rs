@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::build::Builder;
 use super::{Change, ChangeKind, LeftAlone, NodeAction};
 use crate::observe::{NodeObservation, ObservedSegment};
-use crate::segments::{DesiredSegment, FLOOD_MAC};
+use crate::segments::DesiredSegment;
 
 fn segment_details(s: &DesiredSegment) -> Vec<String> {
     let mut out = vec![format!(
@@ -78,9 +78,8 @@ pub(crate) fn segment_diff(want: &DesiredSegment, have: &ObservedSegment) -> Vec
     out
 }
 
-/// Whether the node's forwarding entries are the wanted ones ([`DesiredSegment::fdb`]
-/// as a set), compared as `(MAC, VTEP)` pairs without making a string per entry:
-/// a no-change plan at 10,000 nodes compares millions of them.
+/// Whether the node's forwarding entries are the wanted ones, compared as
+/// [`DesiredSegment::fdb_pairs`] without making a string per entry.
 fn same_fdb(want: &DesiredSegment, have: &ObservedSegment) -> bool {
     let Some(have) = have
         .fdb
@@ -90,16 +89,7 @@ fn same_fdb(want: &DesiredSegment, have: &ObservedSegment) -> bool {
     else {
         return false;
     };
-    let mut wanted: std::collections::HashSet<(&str, &str)> =
-        std::collections::HashSet::with_capacity(want.remotes.len());
-    for r in &want.remotes {
-        if r.also_vtep.is_empty() {
-            wanted.insert((r.mac.as_str(), r.vtep.as_str()));
-        } else {
-            wanted.insert((FLOOD_MAC, r.vtep.as_str()));
-            wanted.insert((FLOOD_MAC, r.also_vtep.as_str()));
-        }
-    }
+    let wanted: std::collections::HashSet<(&str, &str)> = want.fdb_pairs().collect();
     wanted == have
 }
 
