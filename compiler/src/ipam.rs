@@ -234,6 +234,21 @@ fn fnv(parts: &[&str]) -> u64 {
     h
 }
 
+/// `n` in decimal, written into `buf` (what `n.to_string()` gives, without
+/// allocating).
+fn decimal(mut n: usize, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[at..]).expect("ASCII digits")
+}
+
 /// A NIC's identity across placements: (VM, tenant, network, rank among the
 /// VM's NICs on that network), borrowed from the VMs or the previous placement.
 type NicKey<'a> = (&'a str, &'a str, &'a str, usize);
@@ -271,14 +286,20 @@ pub fn allocate(
         pin: Option<u32>,
     }
     let mut by_net: BTreeMap<(&str, &str), Vec<Want<'_>>> = BTreeMap::new();
-    let mut present: BTreeSet<NicKey<'_>> = BTreeSet::new();
+    // Point lookups only (nothing iterates it), and only needed to find the
+    // previous addresses that are gone.
+    let mut present: crate::place::fasthash::FxHashSet<NicKey<'_>> = Default::default();
     for vm in vms {
-        let mut rank: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, n) in vm.nics.iter().enumerate() {
-            let r = rank.entry(&n.network).or_default();
-            let key = (vm.name.as_str(), vm.tenant.as_str(), n.network.as_str(), *r);
-            *r += 1;
-            present.insert(key);
+            // The NIC's rank among the VM's NICs on its network.
+            let r = vm.nics[..i]
+                .iter()
+                .filter(|m| m.network == n.network)
+                .count();
+            let key = (vm.name.as_str(), vm.tenant.as_str(), n.network.as_str(), r);
+            if !before.is_empty() {
+                present.insert(key);
+            }
             let pin = n
                 .address
                 .as_deref()
@@ -340,8 +361,13 @@ pub fn allocate(
                 if w.pin.is_some() || given.contains_key(&(w.vm.name.as_str(), w.nic)) {
                     continue;
                 }
-                let rank = w.key.3.to_string();
-                let start = fnv(&[&t.name, &net.name, &w.vm.name, &rank]) % span;
+                let mut digits = [0u8; 20];
+                let start = fnv(&[
+                    &t.name,
+                    &net.name,
+                    &w.vm.name,
+                    decimal(w.key.3, &mut digits),
+                ]) % span;
                 let found = (0..span)
                     .map(|j| hosts.first + ((start + j) % span) as u32)
                     .find(|a| hosts.free_for_ipam(*a) && !taken.contains(a) && !held.contains(a));

@@ -531,6 +531,18 @@ pub(crate) struct RuleState {
     pub members: fasthash::FxHashMap<u32, usize>,
     /// Placed members in all.
     pub placed: usize,
+    /// For a `nodes` rule, whether each engine node matches its selector
+    /// (`matches_node`, decided once per run instead of once per VM and
+    /// candidate node); empty for other kinds.
+    pub matches: Vec<bool>,
+}
+
+impl RuleState {
+    /// Whether engine node `i` matches the rule's `nodes` selector.
+    #[inline]
+    fn matches(&self, i: usize) -> bool {
+        self.matches[i]
+    }
 }
 
 /// The placement engine's state, shared by the passes.
@@ -551,8 +563,6 @@ pub(crate) struct Engine<'m> {
     /// Index of each vm-group that has a spread scope.
     pub group_ids: BTreeMap<String, usize>,
     pub assigned: fasthash::FxHashMap<String, (usize, Option<usize>)>,
-    /// The model's node for each engine node (same index).
-    pub model_nodes: Vec<&'m Node>,
     /// Spread scope of each vm-group that has one.
     pub group_scope: BTreeMap<String, Domain>,
     /// Alive domains (interned ids) per (site, scope), fixed for a run.
@@ -620,18 +630,26 @@ impl<'m> Engine<'m> {
             .enumerate()
             .map(|(i, n)| (n.name.clone(), i))
             .collect();
+        let model_nodes: Vec<&Node> = model.sites.iter().flat_map(|s| s.nodes.iter()).collect();
         let mut rules_of: fasthash::FxHashMap<String, Vec<usize>> = Default::default();
         let mut rules = vec![];
         for (i, a) in model.affinities.iter().enumerate() {
             for v in &a.vms {
                 rules_of.entry(v.clone()).or_default().push(i);
             }
+            let matches = match a.kind {
+                AffinityKind::Node => model_nodes
+                    .iter()
+                    .map(|n| matches_node(&a.nodes, n))
+                    .collect(),
+                AffinityKind::Apart | AffinityKind::Together => vec![],
+            };
             rules.push(RuleState {
                 members: Default::default(),
                 placed: 0,
+                matches,
             });
         }
-        let model_nodes: Vec<&Node> = model.sites.iter().flat_map(|s| s.nodes.iter()).collect();
         let group_scope: BTreeMap<String, Domain> = model
             .vm_groups
             .iter()
@@ -664,7 +682,6 @@ impl<'m> Engine<'m> {
             spread: vec![Default::default(); group_ids.len()],
             group_ids,
             assigned: Default::default(),
-            model_nodes,
             group_scope,
             domains,
         };
@@ -758,7 +775,7 @@ impl<'m> Engine<'m> {
                     continue;
                 }
                 let ruled = match a.kind {
-                    AffinityKind::Node => !matches_node(&a.nodes, self.model_nodes[i]),
+                    AffinityKind::Node => !self.rules[r].matches(i),
                     AffinityKind::Apart => {
                         self.rules[r]
                             .members
@@ -824,7 +841,7 @@ impl<'m> Engine<'m> {
             let members = &self.rules[r].members;
             let here = members.get(&n.dom(a.scope)).copied().unwrap_or(0);
             let ok = match a.kind {
-                AffinityKind::Node => matches_node(&a.nodes, self.model_nodes[i]),
+                AffinityKind::Node => self.rules[r].matches(i),
                 AffinityKind::Apart => here == 0,
                 AffinityKind::Together => here > 0,
             };
@@ -866,7 +883,7 @@ impl<'m> Engine<'m> {
             let here = members.get(&n.dom(a.scope)).copied().unwrap_or(0);
             let placed = self.rules[r].placed;
             let ok = match a.kind {
-                AffinityKind::Node => matches_node(&a.nodes, self.model_nodes[i]),
+                AffinityKind::Node => self.rules[r].matches(i),
                 AffinityKind::Apart => here == 0,
                 AffinityKind::Together => placed > 0 && here > 0,
             };
@@ -1470,6 +1487,8 @@ fn finish(
     }
     let mut dropped: Vec<(&Vm, usize, Option<usize>)> = vec![];
     let mut vms = vec![];
+    // The model's VM of each entry of `vms` (same index).
+    let mut placed_vms: Vec<&Vm> = vec![];
     let mut moves = vec![];
     let prev: BTreeMap<&str, &VmPlacement> = previous
         .iter()
@@ -1512,6 +1531,7 @@ fn finish(
                 reason,
             });
         }
+        placed_vms.push(vm);
         vms.push(VmPlacement {
             name: vm.name.clone(),
             tenant: vm.tenant.clone(),
@@ -1520,7 +1540,8 @@ fn finish(
             secondary: secondary.map(|s| engine.nodes[s].name.clone()),
         });
     }
-    let placed: BTreeSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+    // Point lookups only.
+    let placed: fasthash::FxHashSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
     let mut volumes: Vec<VolumePlacement> = volumes
         .into_iter()
         .filter(|v| placed.contains(v.vm.as_str()))
@@ -1560,7 +1581,7 @@ fn finish(
             unload(&mut nodes, vm, s, true);
         }
     }
-    let networks = network_placements(model, &vms, &alloc);
+    let networks = network_placements(model, placed_vms.iter().copied().zip(&vms), &alloc);
     Placement {
         format_version: FORMAT_VERSION,
         vms,
@@ -1590,16 +1611,13 @@ fn unload(nodes: &mut [NodeLoad], vm: &Vm, i: usize, full: bool) {
 }
 
 /// Every tenant network with its VNI and the nodes hosting its placed VMs.
-fn network_placements(
+fn network_placements<'a>(
     model: &Model,
-    vms: &[VmPlacement],
+    vms: impl Iterator<Item = (&'a Vm, &'a VmPlacement)>,
     alloc: &crate::ipam::Allocation,
 ) -> Vec<NetworkPlacement> {
     let mut hosts: BTreeMap<(&str, &str), BTreeSet<&str>> = BTreeMap::new();
-    for p in vms {
-        let Some(vm) = model.vm(&p.name) else {
-            continue;
-        };
+    for (vm, p) in vms {
         for nic in &vm.nics {
             let set = hosts
                 .entry((vm.tenant.as_str(), nic.network.as_str()))
@@ -1669,83 +1687,108 @@ fn runtime_layout(
         .filter(|v| !v.primary.is_empty())
         .map(|v| (v.runtime_name(), v))
         .collect();
-    let index: fasthash::FxHashMap<String, usize> = volumes
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (v.name.clone(), i))
-        .collect();
-    let mut copies: fasthash::FxHashMap<String, usize> = Default::default();
-    // A site's nodes by (copies so far, name), built the first time a volume of
-    // the site needs them and then kept in step with `copies`: the fewest-copies
-    // choice reads the first entries instead of sorting every node per volume.
-    let mut by_copies: BTreeMap<&str, BTreeSet<(usize, &str)>> = BTreeMap::new();
-    for vm in &model.vms {
-        let Some(&node) = vm_node.get(vm.name.as_str()) else {
-            continue;
-        };
-        let site = model.site(&vm.site);
-        for disk in &vm.disks {
-            let Some(&i) = index.get(&format!("{}/{}", vm.name, disk.name)) else {
+    // Each volume's layout is decided first (borrowing names from the volumes,
+    // the engine and the previous placement) and written in afterwards.
+    let mut layouts: Vec<Option<(&str, Vec<&str>)>> = vec![None; volumes.len()];
+    {
+        let volumes: &[VolumePlacement] = volumes;
+        let index: fasthash::FxHashMap<&str, usize> = volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.as_str(), i))
+            .collect();
+        let mut copies: fasthash::FxHashMap<&str, usize> = Default::default();
+        // A site's nodes by (copies so far, name), built the first time a volume of
+        // the site needs them and then kept in step with `copies`: the fewest-copies
+        // choice reads the first entries instead of sorting every node per volume.
+        let mut by_copies: BTreeMap<&str, BTreeSet<(usize, &str)>> = BTreeMap::new();
+        // Scratch for a volume's name (its lookup allocates nothing).
+        let mut key = String::new();
+        for vm in &model.vms {
+            let Some(&node) = vm_node.get(vm.name.as_str()) else {
                 continue;
             };
-            let n_replicas = site
-                .and_then(|s| s.pools.iter().find(|p| p.name == disk.pool))
-                .map(|p| p.replicas.saturating_sub(1) as usize)
-                .unwrap_or(0);
-            let in_site = |n: &str| node_site.get(n).is_some_and(|s| *s == vm.site);
-            let before = previous_volumes
-                .get(&volumes[i].runtime_name())
-                .filter(|p| in_site(&p.primary));
-            let primary = before.map_or(node, |p| p.primary.as_str()).to_owned();
-            let mut replicas: Vec<String> = before
-                .map(|p| {
-                    p.replicas
+            let site = model.site(&vm.site);
+            for disk in &vm.disks {
+                key.clear();
+                key.push_str(&vm.name);
+                key.push('/');
+                key.push_str(&disk.name);
+                let Some(&i) = index.get(key.as_str()) else {
+                    continue;
+                };
+                let n_replicas = site
+                    .and_then(|s| s.pools.iter().find(|p| p.name == disk.pool))
+                    .map(|p| p.replicas.saturating_sub(1) as usize)
+                    .unwrap_or(0);
+                let in_site = |n: &str| node_site.get(n).is_some_and(|s| *s == vm.site);
+                let before = if previous_volumes.is_empty() {
+                    None
+                } else {
+                    previous_volumes
+                        .get(&volumes[i].runtime_name())
+                        .filter(|p| in_site(&p.primary))
+                };
+                let primary: &str = before.map_or(node, |p| p.primary.as_str());
+                let mut replicas: Vec<&str> = before
+                    .map(|p| {
+                        p.replicas
+                            .iter()
+                            .map(String::as_str)
+                            .filter(|r| in_site(r) && *r != primary)
+                            .take(n_replicas)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for copy in volumes[i].columns.iter().flatten() {
+                    if replicas.len() >= n_replicas {
+                        break;
+                    }
+                    let candidate = copy.split('/').next().unwrap_or(copy);
+                    if candidate != primary && !replicas.contains(&candidate) {
+                        replicas.push(candidate);
+                    }
+                }
+                if replicas.len() < n_replicas {
+                    let missing = n_replicas - replicas.len();
+                    let set = by_copies.entry(vm.site.as_str()).or_insert_with(|| {
+                        node_site
+                            .iter()
+                            .filter(|(_, s)| **s == vm.site)
+                            .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
+                            .collect()
+                    });
+                    let others: Vec<&str> = set
                         .iter()
-                        .filter(|r| in_site(r) && **r != primary)
-                        .take(n_replicas)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            for copy in volumes[i].columns.iter().flatten() {
-                if replicas.len() >= n_replicas {
-                    break;
+                        .filter(|(_, n)| *n != primary && !replicas.contains(n))
+                        .take(missing)
+                        .map(|(_, n)| *n)
+                        .collect();
+                    replicas.extend(others);
                 }
-                let candidate = copy.split('/').next().unwrap_or(copy);
-                if candidate != primary && !replicas.iter().any(|r| r == candidate) {
-                    replicas.push(candidate.to_owned());
+                for &n in std::iter::once(&primary).chain(&replicas) {
+                    let count = copies.entry(n).or_default();
+                    if !by_copies.is_empty()
+                        && let Some((&name, &site)) = node_site.get_key_value(n)
+                        && let Some(set) = by_copies.get_mut(site)
+                    {
+                        set.remove(&(*count, name));
+                        set.insert((*count + 1, name));
+                    }
+                    *count += 1;
                 }
+                layouts[i] = Some((primary, replicas));
             }
-            if replicas.len() < n_replicas {
-                let missing = n_replicas - replicas.len();
-                let set = by_copies.entry(vm.site.as_str()).or_insert_with(|| {
-                    node_site
-                        .iter()
-                        .filter(|(_, s)| **s == vm.site)
-                        .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
-                        .collect()
-                });
-                let others: Vec<String> = set
-                    .iter()
-                    .filter(|(_, n)| *n != primary && !replicas.iter().any(|r| r == n))
-                    .take(missing)
-                    .map(|(_, n)| (*n).to_owned())
-                    .collect();
-                replicas.extend(others);
-            }
-            for n in std::iter::once(&primary).chain(&replicas) {
-                let count = copies.entry(n.clone()).or_default();
-                if !by_copies.is_empty()
-                    && let Some((&name, &site)) = node_site.get_key_value(n.as_str())
-                    && let Some(set) = by_copies.get_mut(site)
-                {
-                    set.remove(&(*count, name));
-                    set.insert((*count + 1, name));
-                }
-                *count += 1;
-            }
-            volumes[i].primary = primary;
-            volumes[i].replicas = replicas;
+        }
+    }
+    let layouts: Vec<Option<(String, Vec<String>)>> = layouts
+        .into_iter()
+        .map(|l| l.map(|(p, r)| (p.to_owned(), r.into_iter().map(str::to_owned).collect())))
+        .collect();
+    for (v, layout) in volumes.iter_mut().zip(layouts) {
+        if let Some((primary, replicas)) = layout {
+            v.primary = primary;
+            v.replicas = replicas;
         }
     }
 }

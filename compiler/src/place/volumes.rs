@@ -4,7 +4,7 @@
 //! thin-overcommit minus what is already provisioned there). Previous
 //! columns stay where they are while all their disks are alive.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Engine, Placement, Reason, VolumePlacement};
 use crate::model::{Domain, Model, Vm};
@@ -28,49 +28,94 @@ impl DiskState {
     }
 }
 
-/// The live disks of one pool by most free room, then lowest index: a binary
-/// heap kept across volumes with lazy invalidation (an entry is current only
-/// while its version is the disk's), so each volume costs O(log disks) per
-/// pick instead of a rebuild over every disk of the pool.
+/// The live disks of one pool by most free room, then lowest index: a
+/// tournament tree over the pool's disks kept across volumes (each node holds
+/// the best disk below it), so a pick, a put-back and an update each cost one
+/// walk from a leaf to the root (O(log disks) integer comparisons, no entry
+/// moved) instead of a rebuild over every disk of the pool. It holds exactly
+/// the live, open disks not popped and not put back, each at its free room,
+/// and pops them in the order a binary heap of `(free, Reverse(index))` would.
 struct FreeHeap {
-    heap: BinaryHeap<(u64, std::cmp::Reverse<usize>, u64)>,
-    version: Vec<u64>,
+    /// Each disk's free room while it is in the tree (`None`: popped, or
+    /// never in it).
+    key: Vec<Option<u64>>,
+    /// `winner[k]` is the best disk below tree node `k` (`NONE`: none); the
+    /// leaves are `leaves..2 * leaves`, disk `i` at `leaves + i`.
+    winner: Vec<u32>,
+    leaves: usize,
 }
+
+const NONE: u32 = u32::MAX;
 
 impl FreeHeap {
     fn new(disks: &[DiskState]) -> FreeHeap {
-        FreeHeap {
-            heap: disks
+        let leaves = disks.len().next_power_of_two().max(1);
+        let mut heap = FreeHeap {
+            key: disks
                 .iter()
-                .enumerate()
-                .filter(|(_, d)| d.alive && d.open)
-                .map(|(i, d)| (d.free(), std::cmp::Reverse(i), 0))
+                .map(|d| (d.alive && d.open).then(|| d.free()))
                 .collect(),
-            version: vec![0; disks.len()],
+            winner: vec![NONE; 2 * leaves],
+            leaves,
+        };
+        for (i, k) in heap.key.iter().enumerate() {
+            if k.is_some() {
+                heap.winner[leaves + i] = i as u32;
+            }
+        }
+        for k in (1..leaves).rev() {
+            heap.winner[k] = heap.better(heap.winner[2 * k], heap.winner[2 * k + 1]);
+        }
+        heap
+    }
+
+    /// The better of two disks (either may be `NONE`): more free room, then
+    /// the lower index.
+    #[inline]
+    fn better(&self, a: u32, b: u32) -> u32 {
+        let key = |x: u32| self.key.get(x as usize).copied().flatten();
+        match (key(a), key(b)) {
+            (Some(ka), Some(kb)) => {
+                if kb > ka || (kb == ka && b < a) {
+                    b
+                } else {
+                    a
+                }
+            }
+            (Some(_), None) => a,
+            (None, Some(_)) => b,
+            (None, None) => NONE,
         }
     }
 
-    /// The disk with the most free room (its entry leaves the heap).
-    fn pop(&mut self) -> Option<(u64, usize)> {
-        while let Some((free, std::cmp::Reverse(i), v)) = self.heap.pop() {
-            if v == self.version[i] {
-                return Some((free, i));
-            }
+    /// Sets disk `i`'s key and walks the change up to the root.
+    fn set(&mut self, i: usize, key: Option<u64>) {
+        self.key[i] = key;
+        let mut k = self.leaves + i;
+        self.winner[k] = if key.is_some() { i as u32 } else { NONE };
+        while k > 1 {
+            k /= 2;
+            self.winner[k] = self.better(self.winner[2 * k], self.winner[2 * k + 1]);
         }
-        None
+    }
+
+    /// The disk with the most free room (it leaves the tree).
+    fn pop(&mut self) -> Option<(u64, usize)> {
+        let top = self.winner[1];
+        let free = self.key.get(top as usize).copied().flatten()?;
+        let i = top as usize;
+        self.set(i, None);
+        Some((free, i))
     }
 
     /// Puts a popped disk back, unchanged.
     fn put_back(&mut self, free: u64, i: usize) {
-        self.heap
-            .push((free, std::cmp::Reverse(i), self.version[i]));
+        self.set(i, Some(free));
     }
 
-    /// Records that disk `i`'s free room changed (its older entries go stale).
+    /// Records that disk `i`'s free room changed (it is in the tree with it).
     fn update(&mut self, i: usize, free: u64) {
-        self.version[i] += 1;
-        self.heap
-            .push((free, std::cmp::Reverse(i), self.version[i]));
+        self.set(i, Some(free));
     }
 }
 
@@ -135,7 +180,8 @@ pub(crate) fn place_volumes(
             ));
         }
     }
-    let prev: BTreeMap<&str, &VolumePlacement> = previous
+    // Point lookups only.
+    let prev: super::fasthash::FxHashMap<&str, &VolumePlacement> = previous
         .iter()
         .flat_map(|p| p.volumes.iter().chain(&p.dr_volumes))
         .map(|v| (v.name.as_str(), v))
@@ -145,28 +191,38 @@ pub(crate) fn place_volumes(
     // Two passes: volumes that keep their previous columns claim their space
     // first, so a new volume never pushes an existing one off its disks.
     let mut pending: Vec<(&Vm, usize)> = vec![];
+    // Scratch for a volume's name (its lookup allocates nothing).
+    let mut name = String::new();
     for vm in ordered {
         for (k, disk) in vm.disks.iter().enumerate() {
             let Some(&k_pool) = pool_of.get(&(vm.site.as_str(), disk.pool.as_str())) else {
                 continue;
             };
-            let name = format!("{}/{}", vm.name, disk.name);
             let (disks, (width, replicas, unit, _), index) =
                 (&mut pools[k_pool], pool_info[k_pool], &indexes[k_pool]);
             let column = column_bytes(disk.size_bytes, width, unit);
             // A previous volume stays while every column keeps at least one
             // live copy; dead copies are replaced where a distinct domain
             // has room, else the column runs degraded.
-            let kept = prev.get(name.as_str()).filter(|p| {
-                p.pool == disk.pool
-                    && p.column_bytes == column
-                    && p.columns.len() == width as usize
-                    && p.columns.iter().all(|c| {
-                        c.iter().all(|id| index.contains_key(id))
-                            && c.iter()
-                                .any(|id| index.get(id).is_some_and(|&i| disks[i].alive))
-                    })
-            });
+            let kept = (!prev.is_empty())
+                .then(|| {
+                    name.clear();
+                    name.push_str(&vm.name);
+                    name.push('/');
+                    name.push_str(&disk.name);
+                    prev.get(name.as_str())
+                })
+                .flatten()
+                .filter(|p| {
+                    p.pool == disk.pool
+                        && p.column_bytes == column
+                        && p.columns.len() == width as usize
+                        && p.columns.iter().all(|c| {
+                            c.iter().all(|id| index.contains_key(id))
+                                && c.iter()
+                                    .any(|id| index.get(id).is_some_and(|&i| disks[i].alive))
+                        })
+                });
             match kept {
                 Some(p) => {
                     let mut vp = (*p).clone();
