@@ -163,8 +163,10 @@ pub struct Desired {
     pub nodes: BTreeMap<String, DesiredNode>,
     /// Bonds by node, then bond name.
     pub bonds: BTreeMap<String, BTreeMap<String, DesiredBond>>,
-    /// Tenant network segments by node, then `tenant/network` (issue 19).
-    pub segments: BTreeMap<String, BTreeMap<String, crate::segments::DesiredSegment>>,
+    /// Tenant network segments by node, then `tenant/network` (issue 19). Shared
+    /// with the plan's steps that apply them (one `Arc` each, not a copy per step).
+    pub segments:
+        BTreeMap<String, BTreeMap<String, std::sync::Arc<crate::segments::DesiredSegment>>>,
     /// VMs by name (placed ones only).
     pub vms: BTreeMap<String, DesiredVm>,
     /// Volumes by name.

@@ -9,7 +9,9 @@
 //!   needs its leg there.
 //! - `remotes`: every NIC on the network whose VM runs on another node, with the
 //!   MAC the node gives it ([`default_mac`], the same function as
-//!   `vmm::devices::virtio_net::default_mac`) and that node's VTEP.
+//!   `vmm::devices::virtio_net::default_mac`) and that node's VTEP: one list per
+//!   network that every node's segment shares and reads without its own NICs
+//!   ([`Remotes`]).
 //! - `guarded`: every NIC of the tenant's placed VMs that lists security groups,
 //!   with the rules resolved (the node enforces those of VMs it runs and admits the
 //!   others' traffic in the router namespace).
@@ -59,6 +61,138 @@ pub struct SegmentRemote {
     /// commit: its frames go to both (make before break). Empty: none.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub also_vtep: String,
+}
+
+/// A NIC of a network and the node its VM runs on: one list of these per network,
+/// shared by the segments of all its nodes ([`Remotes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentMember {
+    /// The node the NIC's VM runs on (several simulated nodes can share one
+    /// address, and so one VTEP: a node's own NICs are left out by name).
+    pub node: String,
+    /// The NIC as the other nodes' segments list it.
+    pub remote: SegmentRemote,
+}
+
+/// A segment's remote NICs: the network's member list without the NICs on the
+/// segment's own node. The list is shared (an `Arc`) by the segments of every node
+/// of the network and filtered when read: a copy per node was nodes × members
+/// (gigabytes at 1,000 nodes / 10,000 VMs, out of memory at 10,000 / 100,000).
+///
+/// On the wire, in the plan's JSON and in its schema it is the filtered list, a
+/// plain `Vec<SegmentRemote>`; equality compares the filtered lists.
+#[derive(Debug, Clone)]
+pub struct Remotes {
+    members: std::sync::Arc<[SegmentMember]>,
+    /// The node whose NICs are left out (None: none, a list read or made whole).
+    except: Option<String>,
+    /// The filtered list's length, counted once.
+    len: usize,
+}
+
+impl Remotes {
+    /// The NICs of `members` not on node `except`, sharing the list.
+    pub fn excluding(members: std::sync::Arc<[SegmentMember]>, except: &str) -> Self {
+        let len = members.iter().filter(|m| m.node != except).count();
+        Self {
+            members,
+            except: Some(except.to_owned()),
+            len,
+        }
+    }
+
+    /// The remote NICs, in the member list's order.
+    pub fn iter(&self) -> impl Iterator<Item = &SegmentRemote> {
+        self.members
+            .iter()
+            .filter(|m| self.except.as_deref() != Some(m.node.as_str()))
+            .map(|m| &m.remote)
+    }
+
+    /// How many remote NICs.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Default for Remotes {
+    fn default() -> Self {
+        Vec::new().into()
+    }
+}
+
+/// A list of its own (read from JSON, or a changed copy): nothing left out.
+impl From<Vec<SegmentRemote>> for Remotes {
+    fn from(remotes: Vec<SegmentRemote>) -> Self {
+        let len = remotes.len();
+        Self {
+            members: remotes
+                .into_iter()
+                .map(|remote| SegmentMember {
+                    node: String::new(),
+                    remote,
+                })
+                .collect(),
+            except: None,
+            len,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Remotes {
+    type Item = &'a SegmentRemote;
+    type IntoIter = Box<dyn Iterator<Item = &'a SegmentRemote> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl PartialEq for Remotes {
+    fn eq(&self, other: &Self) -> bool {
+        if std::sync::Arc::ptr_eq(&self.members, &other.members) && self.except == other.except {
+            return true;
+        }
+        self.len == other.len && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Remotes {}
+
+impl Serialize for Remotes {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Remotes {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<SegmentRemote>::deserialize(deserializer).map(Self::from)
+    }
+}
+
+/// The schema of the list it is written as.
+impl schemars::JsonSchema for Remotes {
+    fn inline_schema() -> bool {
+        <Vec<SegmentRemote>>::inline_schema()
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        <Vec<SegmentRemote>>::schema_name()
+    }
+
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        <Vec<SegmentRemote>>::schema_id()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        <Vec<SegmentRemote>>::json_schema(generator)
+    }
 }
 
 /// One resolved allow rule of a security group.
@@ -117,7 +251,7 @@ pub struct DesiredSegment {
     /// The network's prefix length.
     pub prefix_len: u32,
     /// NICs of this network on other nodes.
-    pub remotes: Vec<SegmentRemote>,
+    pub remotes: Remotes,
     // One list per tenant, shared by the segments of all its nodes (at 100,000 VMs a
     // copy per node was gigabytes).
     /// The tenant's NICs with security groups.
@@ -315,7 +449,7 @@ pub fn desired_segments(
     model: &Model,
     nodes: &BTreeMap<String, DesiredNode>,
     placement: &Placement,
-) -> BTreeMap<String, BTreeMap<String, DesiredSegment>> {
+) -> BTreeMap<String, BTreeMap<String, std::sync::Arc<DesiredSegment>>> {
     let vm_node: BTreeMap<&str, &str> = placement
         .vms
         .iter()
@@ -350,7 +484,8 @@ pub fn desired_segments(
             .or_default()
             .push(n);
     }
-    let mut out: BTreeMap<String, BTreeMap<String, DesiredSegment>> = BTreeMap::new();
+    let mut out: BTreeMap<String, BTreeMap<String, std::sync::Arc<DesiredSegment>>> =
+        BTreeMap::new();
     for tenant in &model.tenants {
         let networks: Vec<_> = tenant_networks
             .get(tenant.name.as_str())
@@ -424,23 +559,23 @@ pub fn desired_segments(
                 .and_then(|(_, p)| p.parse().ok())
                 .unwrap_or(32);
             // The network's NICs with their nodes and VTEPs, once: each node's
-            // segment is this list without its own NICs.
-            let members: Vec<(&str, SegmentRemote)> = addresses
+            // segment shares this list and reads it without its own NICs.
+            let members: std::sync::Arc<[SegmentMember]> = addresses
                 .get(&(tenant.name.as_str(), network.name.as_str()))
                 .into_iter()
                 .flatten()
                 .filter_map(|a| {
                     let there = *vm_node.get(a.vm.as_str())?;
-                    Some((
-                        there,
-                        SegmentRemote {
+                    Some(SegmentMember {
+                        node: there.to_owned(),
+                        remote: SegmentRemote {
                             vm: a.vm.clone(),
                             mac: default_mac(&a.vm, a.nic as usize),
                             ipv4: a.address.clone(),
                             vtep: vtep(there)?,
                             also_vtep: String::new(),
                         },
-                    ))
+                    })
                 })
                 .collect();
             let ipv6_gateway = tenant
@@ -453,11 +588,7 @@ pub fn desired_segments(
                 let Some(local) = underlays.get(*node) else {
                     continue;
                 };
-                let remotes = members
-                    .iter()
-                    .filter(|(there, _)| there != node)
-                    .map(|(_, r)| r.clone())
-                    .collect();
+                let remotes = Remotes::excluding(members.clone(), node);
                 let segment = DesiredSegment {
                     tenant: tenant.name.clone(),
                     network: network.name.clone(),
@@ -478,7 +609,7 @@ pub fn desired_segments(
                 };
                 out.entry((*node).to_owned())
                     .or_default()
-                    .insert(segment.key(), segment);
+                    .insert(segment.key(), std::sync::Arc::new(segment));
             }
         }
     }

@@ -244,8 +244,9 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
             // step (during pre-copy the VM is local there). The new node's own
             // segment (the VM's bridge there) does not wait.
             let mut depends = bond_steps.clone();
-            let mut during = want.clone();
-            // The migrations whose VM this node sends to both nodes meanwhile.
+            // The VMs this node sends to both nodes meanwhile, with their source
+            // node's VTEP, and those migrations' steps.
+            let mut also_vteps: BTreeMap<String, String> = BTreeMap::new();
             let mut after_migrations = vec![];
             for (vm, step) in &b.moved {
                 let NodeAction::MigrateVm { from, .. } = &b.steps[*step].action else {
@@ -261,9 +262,7 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
                 match from_vtep {
                     Some(from_vtep) => {
                         after_migrations.push(*step);
-                        for r in during.remotes.iter_mut().filter(|r| r.vm == *vm) {
-                            r.also_vtep = from_vtep.clone();
-                        }
+                        also_vteps.insert(vm.clone(), from_vtep.clone());
                         details.push(format!(
                             "during the live migration of {vm}: its frames go to both {from} ({from_vtep}) and {to}; {from} is dropped after the commit"
                         ));
@@ -277,10 +276,25 @@ pub(super) fn plan_segments(b: &mut Builder<'_>) {
                 }
             }
             let mut steps = vec![];
-            if during != *want {
+            if !also_vteps.is_empty() {
+                // A list of its own for this step only (the wanted one is shared
+                // by every node's segment of the network).
+                let mut during = DesiredSegment::clone(want);
+                during.remotes = want
+                    .remotes
+                    .iter()
+                    .map(|r| {
+                        let mut r = r.clone();
+                        if let Some(also) = also_vteps.get(&r.vm) {
+                            r.also_vtep = also.clone();
+                        }
+                        r
+                    })
+                    .collect::<Vec<_>>()
+                    .into();
                 let first = b.step(
                     node,
-                    NodeAction::ApplyNetworkSegment(during),
+                    NodeAction::ApplyNetworkSegment(std::sync::Arc::new(during)),
                     depends.clone(),
                 );
                 // The migrations start only once this node sends to both (unless
