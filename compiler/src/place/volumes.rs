@@ -28,19 +28,30 @@ impl DiskState {
     }
 }
 
-/// The live disks of one pool by most free room, then lowest index: a
-/// tournament tree over the pool's disks kept across volumes (each node holds
-/// the best disk below it), so a pick, a put-back and an update each cost one
-/// walk from a leaf to the root (O(log disks) integer comparisons, no entry
-/// moved) instead of a rebuild over every disk of the pool. It holds exactly
-/// the live, open disks not popped and not put back, each at its free room,
-/// and pops them in the order a binary heap of `(free, Reverse(index))` would.
+/// The live, open disks of one pool by most free room, then lowest index,
+/// grouped by failure domain: each domain knows its best disk, and a
+/// tournament tree over the domains (each tree node holds the domain with the
+/// best disk below it) gives the best disk outside the domains a column
+/// already uses in a few steps. Kept across volumes: an update is a walk over
+/// the disk's domain and one leaf-to-root walk, not a rebuild of the pool.
+///
+/// A column's copies are the best disk, then the best disk of another domain,
+/// and so on: what popping every disk in (free, lowest index) order and
+/// skipping those of a chosen domain gives, without popping the (usually
+/// many) disks of the chosen domains that rank next (ties go to the lowest
+/// index, so after a rack's first disk come its other disks).
 struct FreeHeap {
-    /// Each disk's free room while it is in the tree (`None`: popped, or
-    /// never in it).
+    /// Each disk's free room while it may take a copy (`None`: dead or closed).
     key: Vec<Option<u64>>,
-    /// `winner[k]` is the best disk below tree node `k` (`NONE`: none); the
-    /// leaves are `leaves..2 * leaves`, disk `i` at `leaves + i`.
+    /// Each disk's failure domain (`DiskState::domain_id`).
+    domain_of: Vec<usize>,
+    /// The disks of each domain, by index.
+    members: Vec<Vec<u32>>,
+    /// Each domain's best disk (`NONE`: none may take a copy).
+    best: Vec<u32>,
+    /// `winner[k]` is the domain with the best disk below tree node `k`
+    /// (`NONE`: none); the leaves are `leaves..2 * leaves`, domain `d` at
+    /// `leaves + d`.
     winner: Vec<u32>,
     leaves: usize,
 }
@@ -49,32 +60,44 @@ const NONE: u32 = u32::MAX;
 
 impl FreeHeap {
     fn new(disks: &[DiskState]) -> FreeHeap {
-        let leaves = disks.len().next_power_of_two().max(1);
+        let domains = disks.iter().map(|d| d.domain_id + 1).max().unwrap_or(0);
+        let mut members = vec![vec![]; domains];
+        for (i, d) in disks.iter().enumerate() {
+            members[d.domain_id].push(i as u32);
+        }
+        let leaves = domains.next_power_of_two().max(1);
         let mut heap = FreeHeap {
             key: disks
                 .iter()
                 .map(|d| (d.alive && d.open).then(|| d.free()))
                 .collect(),
+            domain_of: disks.iter().map(|d| d.domain_id).collect(),
+            members,
+            best: vec![NONE; domains],
             winner: vec![NONE; 2 * leaves],
             leaves,
         };
-        for (i, k) in heap.key.iter().enumerate() {
-            if k.is_some() {
-                heap.winner[leaves + i] = i as u32;
-            }
+        for d in 0..domains {
+            heap.best[d] = heap.members[d]
+                .iter()
+                .fold(NONE, |b, &i| heap.better_disk(b, i));
+            heap.winner[leaves + d] = if heap.best[d] == NONE { NONE } else { d as u32 };
         }
         for k in (1..leaves).rev() {
-            heap.winner[k] = heap.better(heap.winner[2 * k], heap.winner[2 * k + 1]);
+            heap.winner[k] = heap.better_domain(heap.winner[2 * k], heap.winner[2 * k + 1]);
         }
         heap
+    }
+
+    fn key_of(&self, disk: u32) -> Option<u64> {
+        self.key.get(disk as usize).copied().flatten()
     }
 
     /// The better of two disks (either may be `NONE`): more free room, then
     /// the lower index.
     #[inline]
-    fn better(&self, a: u32, b: u32) -> u32 {
-        let key = |x: u32| self.key.get(x as usize).copied().flatten();
-        match (key(a), key(b)) {
+    fn better_disk(&self, a: u32, b: u32) -> u32 {
+        match (self.key_of(a), self.key_of(b)) {
             (Some(ka), Some(kb)) => {
                 if kb > ka || (kb == ka && b < a) {
                     b
@@ -88,34 +111,64 @@ impl FreeHeap {
         }
     }
 
-    /// Sets disk `i`'s key and walks the change up to the root.
-    fn set(&mut self, i: usize, key: Option<u64>) {
-        self.key[i] = key;
-        let mut k = self.leaves + i;
-        self.winner[k] = if key.is_some() { i as u32 } else { NONE };
-        while k > 1 {
-            k /= 2;
-            self.winner[k] = self.better(self.winner[2 * k], self.winner[2 * k + 1]);
+    /// The domain with the better best disk (either may be `NONE`).
+    #[inline]
+    fn better_domain(&self, x: u32, y: u32) -> u32 {
+        let disk = |d: u32| self.best.get(d as usize).copied().unwrap_or(NONE);
+        let b = self.better_disk(disk(x), disk(y));
+        if b == NONE {
+            NONE
+        } else if b == disk(x) {
+            x
+        } else {
+            y
         }
     }
 
-    /// The disk with the most free room (it leaves the tree).
-    fn pop(&mut self) -> Option<(u64, usize)> {
-        let top = self.winner[1];
-        let free = self.key.get(top as usize).copied().flatten()?;
-        let i = top as usize;
-        self.set(i, None);
-        Some((free, i))
+    /// The best domain below tree node `k` that is not in `skip`.
+    fn best_outside(&self, k: usize, skip: &[usize]) -> u32 {
+        let w = self.winner[k];
+        if w == NONE || !skip.contains(&(w as usize)) {
+            return w;
+        }
+        if k >= self.leaves {
+            return NONE;
+        }
+        self.better_domain(
+            self.best_outside(2 * k, skip),
+            self.best_outside(2 * k + 1, skip),
+        )
     }
 
-    /// Puts a popped disk back, unchanged.
-    fn put_back(&mut self, free: u64, i: usize) {
-        self.set(i, Some(free));
+    /// The disk with the most free room (then the lowest index) outside the
+    /// domains `skip`, with its free room.
+    fn pick(&self, skip: &[usize]) -> Option<(u64, usize)> {
+        let d = self.best_outside(1, skip);
+        let disk = *self.best.get(d as usize)?;
+        Some((self.key_of(disk)?, disk as usize))
     }
 
-    /// Records that disk `i`'s free room changed (it is in the tree with it).
+    /// Records disk `i`'s free room (it may take a copy).
     fn update(&mut self, i: usize, free: u64) {
-        self.set(i, Some(free));
+        let old = self.key[i].replace(free);
+        let d = self.domain_of[i];
+        let cur = self.best[d];
+        self.best[d] = if cur as usize != i {
+            // The others are as they were, and `cur` the best of them.
+            self.better_disk(cur, i as u32)
+        } else if old.is_some_and(|o| free >= o) {
+            cur
+        } else {
+            self.members[d]
+                .iter()
+                .fold(NONE, |b, &m| self.better_disk(b, m))
+        };
+        let mut k = self.leaves + d;
+        self.winner[k] = if self.best[d] == NONE { NONE } else { d as u32 };
+        while k > 1 {
+            k /= 2;
+            self.winner[k] = self.better_domain(self.winner[2 * k], self.winner[2 * k + 1]);
+        }
     }
 }
 
@@ -285,32 +338,18 @@ pub(crate) fn place_volumes(
         let mut ok = true;
         for _ in 0..width {
             let mut chosen: Vec<usize> = vec![];
-            let mut skipped = vec![];
+            let mut domains: Vec<usize> = vec![];
             while chosen.len() < replicas as usize {
-                let Some((free, i)) = heap.pop() else {
-                    break;
-                };
-                if free < column {
-                    skipped.push((free, i));
-                    break;
+                match heap.pick(&domains) {
+                    Some((free, i)) if free >= column => {
+                        chosen.push(i);
+                        domains.push(disks[i].domain_id);
+                    }
+                    _ => break,
                 }
-                if chosen
-                    .iter()
-                    .any(|&c| disks[c].domain_id == disks[i].domain_id)
-                {
-                    skipped.push((free, i));
-                    continue;
-                }
-                chosen.push(i);
-            }
-            for (free, i) in skipped {
-                heap.put_back(free, i);
             }
             if chosen.len() < replicas as usize {
                 ok = false;
-                for i in chosen {
-                    heap.put_back(disks[i].free(), i);
-                }
                 break;
             }
             for &i in &chosen {
