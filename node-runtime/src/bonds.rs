@@ -272,7 +272,12 @@ impl Bonds {
             .unwrap_or_default();
         let netns = self.netns.clone();
         let backend = self.network.clone();
-        match tokio::task::spawn_blocking(move || backend.bonding(&netns)).await {
+        let bonding = if backend.blocks() {
+            tokio::task::spawn_blocking(move || backend.bonding(&netns)).await
+        } else {
+            Ok(backend.bonding(&netns))
+        };
+        match bonding {
             Ok(Ok(capability)) => {
                 networking.bond_implementation = capability.backend.as_str().to_string();
                 networking.bond_implementation_reason = capability.reason;
@@ -366,10 +371,14 @@ impl Bonds {
         let Ok(definitions) = definitions(&self.records) else {
             return Vec::new();
         };
+        if definitions.is_empty() {
+            return Vec::new();
+        }
         let netns = self.netns.clone();
         let refusal = self.refusal();
         let backend = self.network.clone();
-        tokio::task::spawn_blocking(move || {
+        let blocks = backend.blocks();
+        let read = move || {
             definitions
                 .into_iter()
                 .map(|(name, bond)| match &refusal {
@@ -381,9 +390,11 @@ impl Bonds {
                     None => backend.observe_bond(&netns, &name, &bond),
                 })
                 .collect()
-        })
-        .await
-        .unwrap_or_default()
+        };
+        if !blocks {
+            return read();
+        }
+        tokio::task::spawn_blocking(read).await.unwrap_or_default()
     }
 }
 

@@ -20,6 +20,11 @@ use crate::vm_nics::VmNics;
 pub trait NetworkBackend: Send + Sync + Debug {
     /// Why this process cannot change the network of `netns`, if it cannot.
     fn unavailable(&self, netns: &NetNs) -> Option<String>;
+    /// Whether its calls block (netlink, sysfs): callers then run them on tokio's
+    /// blocking pool. A simulated network answers from memory, inline.
+    fn blocks(&self) -> bool {
+        true
+    }
     /// Which bond implementation this kernel gets, and why.
     fn bonding(&self, netns: &NetNs) -> Result<BondCapability, NetworkError>;
     /// Creates or converges a bond; returns the implementation used.

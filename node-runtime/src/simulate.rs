@@ -185,6 +185,10 @@ impl Hypervisor for SimHypervisor {
     fn serves_disks(&self) -> bool {
         false
     }
+
+    fn blocks(&self) -> bool {
+        false
+    }
 }
 
 /// A network whose bonds and taps exist only in memory, always healthy.
@@ -196,6 +200,10 @@ pub struct SimNetwork {
 impl NetworkBackend for SimNetwork {
     fn unavailable(&self, _netns: &NetNs) -> Option<String> {
         None
+    }
+
+    fn blocks(&self) -> bool {
+        false
     }
 
     fn bonding(&self, _netns: &NetNs) -> Result<BondCapability, NetworkError> {

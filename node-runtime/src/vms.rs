@@ -1536,24 +1536,35 @@ impl Vms {
             })
             .collect();
         drop(table);
-        let queries: Vec<_> = statuses
-            .iter()
-            .enumerate()
-            .filter(|(_, status)| status.state == VmState::Running as i32 && status.pid != 0)
-            .map(|(index, status)| {
+        let running =
+            |status: &VmStatus| status.state == VmState::Running as i32 && status.pid != 0;
+        if self.hypervisor.blocks() {
+            let queries: Vec<_> = statuses
+                .iter()
+                .enumerate()
+                .filter(|(_, status)| running(status))
+                .map(|(index, status)| {
+                    let socket = self.run_dir.join(&status.name).join("control.sock");
+                    let hypervisor = self.hypervisor.clone();
+                    (
+                        index,
+                        tokio::task::spawn_blocking(move || {
+                            hypervisor.status(&socket, CONTROL_TIMEOUT)
+                        }),
+                    )
+                })
+                .collect();
+            for (index, query) in queries {
+                if let Ok(Some(heartbeat)) = query.await {
+                    heartbeat.apply(&mut statuses[index]);
+                }
+            }
+        } else {
+            for status in statuses.iter_mut().filter(|status| running(status)) {
                 let socket = self.run_dir.join(&status.name).join("control.sock");
-                let hypervisor = self.hypervisor.clone();
-                (
-                    index,
-                    tokio::task::spawn_blocking(move || {
-                        hypervisor.status(&socket, CONTROL_TIMEOUT)
-                    }),
-                )
-            })
-            .collect();
-        for (index, query) in queries {
-            if let Ok(Some(heartbeat)) = query.await {
-                heartbeat.apply(&mut statuses[index]);
+                if let Some(heartbeat) = self.hypervisor.status(&socket, CONTROL_TIMEOUT) {
+                    heartbeat.apply(status);
+                }
             }
         }
         for status in statuses
@@ -1562,11 +1573,14 @@ impl Vms {
         {
             let socket = self.run_dir.join(&status.name).join("control.sock");
             let hypervisor = self.hypervisor.clone();
-            let seen =
+            let seen = if hypervisor.blocks() {
                 tokio::task::spawn_blocking(move || hypervisor.status(&socket, CONTROL_TIMEOUT))
                     .await
                     .ok()
-                    .flatten();
+                    .flatten()
+            } else {
+                hypervisor.status(&socket, CONTROL_TIMEOUT)
+            };
             status.ft = seen.and_then(|seen| seen.ft).map(|ft| ft::wire(&ft));
         }
         for status in &mut statuses {

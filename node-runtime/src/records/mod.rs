@@ -219,6 +219,8 @@ pub struct Records {
     nonces: std::sync::Mutex<NonceQueue>,
     /// Held by the caller committing a group of nonces.
     nonce_leader: std::sync::Mutex<()>,
+    /// Moves on every record stored or removed ([`Records::changes`]).
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// Nonces of requests that arrived together, committed in one transaction.
@@ -277,7 +279,22 @@ impl Records {
             converted,
             nonces: std::sync::Mutex::default(),
             nonce_leader: std::sync::Mutex::default(),
+            changed: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// A receiver that sees a change whenever a record of any table is stored or
+    /// removed ([`Records::put`], [`Records::remove`], [`Records::replace_all`],
+    /// [`Records::put_counted`]; nonces, intents and exports do not count). The
+    /// node's periodic loops wait on it while their table is empty: at 10,000
+    /// simulated nodes, listing empty tables four times a second was most of an
+    /// idle simulator's work.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn note_change(&self) {
+        self.changed.send_modify(|generation| *generation += 1);
     }
 
     /// How many records of format 1 were converted when the file was opened.
@@ -444,6 +461,7 @@ impl Records {
             redb_try!("insert", rows.insert(key, encode(record).as_slice()));
         }
         redb_try!("commit", transaction.commit());
+        self.note_change();
         Ok(())
     }
 
@@ -455,6 +473,7 @@ impl Records {
             redb_try!("remove", rows.remove(key));
         }
         redb_try!("commit", transaction.commit());
+        self.note_change();
         Ok(())
     }
 
@@ -472,6 +491,7 @@ impl Records {
             }
         }
         redb_try!("commit", transaction.commit());
+        self.note_change();
         Ok(())
     }
 
@@ -634,6 +654,7 @@ impl Records {
             }
         };
         redb_try!("commit", transaction.commit());
+        self.note_change();
         Ok(counted)
     }
 }

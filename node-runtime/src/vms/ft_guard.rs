@@ -97,6 +97,9 @@ pub struct Guards {
     table: Mutex<BTreeMap<String, Guard>>,
     /// The last generation given out (never reused, even after a removal).
     generations: std::sync::atomic::AtomicU64,
+    /// Signalled by every [`Guards::set`]: the loop waits on it while nothing is
+    /// guarded (its permit is kept when the loop is busy, so no set is missed).
+    changed: tokio::sync::Notify,
 }
 
 impl Guards {
@@ -108,6 +111,7 @@ impl Guards {
     /// forgotten). An empty witness takes it out of guard. Returns whether the older
     /// guard had left a fence deadline in the VMM.
     pub fn set(&self, vm: &str, witness: &str, lease_ms: u64) -> bool {
+        self.changed.notify_one();
         let mut table = self.lock();
         let old = table.get(vm);
         let generation = self
@@ -486,6 +490,7 @@ async fn tend(
 }
 
 /// The guard loop: every [`EVERY`], each guarded VM is tended (see the module's table).
+/// With nothing to tend it sleeps until a guard is set.
 pub async fn run(node: Arc<Node>, local_address: Option<std::net::IpAddr>) {
     loop {
         let tick = tokio::time::Instant::now();
@@ -496,6 +501,11 @@ pub async fn run(node: Arc<Node>, local_address: Option<std::net::IpAddr>) {
             .filter(|(_, guard)| !guard.done)
             .map(|(vm, guard)| (vm.clone(), guard.clone()))
             .collect();
+        if guarded.is_empty() {
+            // A set after the table was read left a permit: this returns at once.
+            node.ft_guards.changed.notified().await;
+            continue;
+        }
         for (vm, guard) in guarded {
             let generation = guard.generation;
             let tended = tend(&node, &vm, guard, local_address).await;

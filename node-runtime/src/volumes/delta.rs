@@ -382,13 +382,20 @@ impl Volumes {
         Ok(None)
     }
 
-    /// Runs the replication schedules until the node stops.
+    /// Runs the replication schedules until the node stops. With none it sleeps until
+    /// a record changes.
     pub async fn replication_loop(self: std::sync::Arc<Self>, tick: Duration) {
+        let mut changes = self.records.changes();
         loop {
             tokio::time::sleep(tick).await;
+            changes.borrow_and_update();
             let Ok(records) = self.records.list::<ReplicationRecord>() else {
                 continue;
             };
+            if records.is_empty() {
+                let _ = changes.changed().await;
+                continue;
+            }
             for (volume, record) in records {
                 let Some(send) = record.send else { continue };
                 if send.every_ms == 0 {

@@ -170,13 +170,19 @@ impl Volumes {
     }
 
     /// Runs the schedules until the node stops: each due one takes its group snapshot
-    /// and applies its retention.
+    /// and applies its retention. With no schedule it sleeps until a record changes.
     pub async fn protection_loop(self: Arc<Self>, tick: Duration) {
+        let mut changes = self.records.changes();
         loop {
             tokio::time::sleep(tick).await;
+            changes.borrow_and_update();
             let Ok(records) = self.records.list::<ProtectionRecord>() else {
                 continue;
             };
+            if records.is_empty() {
+                let _ = changes.changed().await;
+                continue;
+            }
             for (vm, record) in records {
                 self.run_if_due(&vm, &record).await;
             }
