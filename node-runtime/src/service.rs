@@ -111,7 +111,7 @@ impl v1::observe_server::Observe for NodeService {
         self.node
             .bonds
             .set_segment_statuses(segments, firewall_drift);
-        let mut nics = tokio::task::spawn_blocking(move || {
+        let read_nics = move || {
             let views: Vec<crate::vm_nics::VmNics<'_>> = definitions
                 .values()
                 .filter(|d| !d.nics.is_empty())
@@ -122,9 +122,14 @@ impl v1::observe_server::Observe for NodeService {
                 })
                 .collect();
             network.vm_nic_statuses(&netns, refusal.as_deref(), &views)
-        })
-        .await
-        .map_err(|error| Status::internal(error.to_string()))?;
+        };
+        let mut nics = if self.node.bonds.network().blocks() {
+            tokio::task::spawn_blocking(read_nics)
+                .await
+                .map_err(|error| Status::internal(error.to_string()))?
+        } else {
+            read_nics()
+        };
         for vm in &mut vms {
             // The node's view (tap, bridge, ready) with the running VMM's (guest up,
             // frames) merged in by tap.
@@ -165,6 +170,8 @@ impl v1::observe_server::Observe for NodeService {
             networking: Some(self.node.bonds.networking().await),
             protections: self.node.volumes.protection_statuses(),
             replications: self.node.volumes.replication_statuses(),
+            // A node emulating 1.6 leaves it unset, as a 1.6 build does.
+            protocol_version: proto::protocol::speaks(7).then(proto::protocol::current),
         }))
     }
 }

@@ -47,7 +47,9 @@
 //! migrating VM's second destination, left empty otherwise). 1.7 adds issue 24's
 //! control-plane lifecycle (`enroll.proto`): the controller's `Enrollment.Enroll` and
 //! every node's `ControllerTrust.SetControllerKeys` (a 1.6 node answers UNIMPLEMENTED:
-//! its keys are changed in its key file).
+//! its keys are changed in its key file), and `ObserveResponse.protocol_version` (a
+//! controller keeps a node's identity between observations while the node reports
+//! its version there, and asks the inventory of one that does not every 30 s).
 
 use crate::v1;
 
