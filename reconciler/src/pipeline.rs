@@ -197,6 +197,26 @@ pub struct Planned {
     pub observed: Observed,
     /// The plan.
     pub plan: Plan,
+    /// Where the planning time went.
+    pub timings: PlanTimings,
+}
+
+/// Where a plan's time went, in milliseconds (the controller's sync event shows
+/// them beside its phases: at 10,000 nodes a slow plan has to say which part is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlanTimings {
+    /// Observing every node (0 when the observation was given).
+    pub observe_ms: u64,
+    /// Placing (with the moves off failed, crash-looping and maintenance nodes).
+    pub place_ms: u64,
+    /// What should run, from the placement.
+    pub desired_ms: u64,
+    /// The steps: desired against observed.
+    pub diff_ms: u64,
+}
+
+fn ms_since(t: std::time::Instant) -> u64 {
+    t.elapsed().as_millis() as u64
 }
 
 /// Plans `model` (of `revision`, whose images are relative to `spec_root`)
@@ -262,6 +282,8 @@ pub fn plan_against_session(
     // The operator's nodes in maintenance are placed as the spec's
     // (`maintenance=#true`): they keep their VMs, take no new one, and `ha-reserve`
     // admission counts no room on them.
+    let mut timings = PlanTimings::default();
+    let t = std::time::Instant::now();
     let closed = model.with_maintenance(&options.maintenance);
     let model = closed.as_ref();
     let mut placement = if let (true, Some(places)) = (options.failed_nodes.is_empty(), places) {
@@ -291,6 +313,8 @@ pub fn plan_against_session(
     move_off(model, &mut placement, &options.crash_moves);
     move_preempted(model, &mut placement, &options.preempted);
     keep_off(model, previous, &mut placement, options, &observed);
+    timings.place_ms = ms_since(t);
+    let t = std::time::Instant::now();
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
     desired.moved_writers = options
@@ -308,11 +332,15 @@ pub fn plan_against_session(
         drain_after: drain_order(model, previous, &desired.placement, options),
         ..options.clone()
     };
+    timings.desired_ms = ms_since(t);
+    let t = std::time::Instant::now();
     let plan = plan_with(&desired, &observed, revision, &options);
+    timings.diff_ms = ms_since(t);
     Planned {
         desired,
         observed,
         plan,
+        timings,
     }
 }
 
@@ -777,9 +805,11 @@ pub async fn plan_revision_session<N: NodeApi>(
     places: Option<&mut compiler::session::PlaceSession>,
 ) -> Result<Planned, PipelineError> {
     let spec = spec_nodes(model);
+    let t = std::time::Instant::now();
     let observed = observe(&spec, nodes).await;
+    let observe_ms = ms_since(t);
     let previous = previous_placement(store.placement()?, &observed);
-    Ok(plan_against_session(
+    let mut planned = plan_against_session(
         model,
         spec_root,
         revision,
@@ -788,7 +818,9 @@ pub async fn plan_revision_session<N: NodeApi>(
         store.protected_volumes()?,
         options,
         places,
-    ))
+    );
+    planned.timings.observe_ms = observe_ms;
+    Ok(planned)
 }
 
 /// The policy gate: `policies` judge the model with the plan's placement and the

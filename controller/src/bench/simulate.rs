@@ -116,8 +116,13 @@ pub(super) fn commit_and_push(
 #[derive(Debug, Clone, Default)]
 struct Synced {
     total_ms: u64,
+    /// Push → the sync started (the worker busy with a drift check, or the push not
+    /// yet seen).
+    queued_ms: u64,
     compile_ms: u64,
     plan_ms: u64,
+    /// The plan's parts: observing, placing, what should run, the steps.
+    plan_parts: [u64; 4],
     apply_ms: u64,
     steps: u64,
     /// Nodes the sync found not answering (a `partial` sync; 0 when it succeeded).
@@ -142,10 +147,24 @@ async fn synced(
         .map_or(0, |r| r.matches(" did not answer (").count() as u64);
     let detail = done.detail.clone().unwrap_or_default();
     let phase = |name: &str| detail["phases"][format!("{name}_ms")].as_u64().unwrap_or(0);
+    let started_at = handle
+        .shared
+        .events
+        .newest(400, Some("sync-started"))?
+        .into_iter()
+        .find(|e| e.commit.as_deref() == Some(commit))
+        .map_or(since_ms, |e| e.at_unix_ms);
     Ok(Synced {
         total_ms: done.at_unix_ms.saturating_sub(since_ms),
+        queued_ms: started_at.saturating_sub(since_ms),
         compile_ms: phase("compile"),
         plan_ms: phase("plan"),
+        plan_parts: [
+            phase("plan_observe"),
+            phase("plan_place"),
+            phase("plan_desired"),
+            phase("plan_diff"),
+        ],
         apply_ms: phase("apply"),
         steps: detail["steps"].as_u64().unwrap_or(0),
         unanswered,
@@ -154,10 +173,15 @@ async fn synced(
 
 fn line(what: &str, s: &Synced) -> String {
     format!(
-        "{what}: {} ms (compile {} ms, plan {} ms, apply {} ms, {} steps){}",
+        "{what}: {} ms (queued {} ms, compile {} ms, plan {} ms [observe {}, place {}, desired {}, diff {}], apply {} ms, {} steps){}",
         s.total_ms,
+        s.queued_ms,
         s.compile_ms,
         s.plan_ms,
+        s.plan_parts[0],
+        s.plan_parts[1],
+        s.plan_parts[2],
+        s.plan_parts[3],
         s.apply_ms,
         s.steps,
         if s.unanswered > 0 {
@@ -172,8 +196,12 @@ fn median_of(samples: &[Synced]) -> Synced {
     let m = |f: fn(&Synced) -> u64| median(samples.iter().map(f).collect());
     Synced {
         total_ms: m(|s| s.total_ms),
+        queued_ms: m(|s| s.queued_ms),
         compile_ms: m(|s| s.compile_ms),
         plan_ms: m(|s| s.plan_ms),
+        plan_parts: std::array::from_fn(|i| {
+            median(samples.iter().map(|s| s.plan_parts[i]).collect())
+        }),
         apply_ms: m(|s| s.apply_ms),
         steps: m(|s| s.steps),
         unanswered: m(|s| s.unanswered),
