@@ -867,16 +867,8 @@ impl Worker {
         self.note_observation(&planned.observed);
         let plan = &planned.plan;
         phase_done(&mut phases, "plan", t);
-        // The plan phase's parts (not histogram phases: they overlap `plan`).
-        let timings = planned.timings;
-        for (name, ms) in [
-            ("plan_observe_ms", timings.observe_ms),
-            ("plan_place_ms", timings.place_ms),
-            ("plan_desired_ms", timings.desired_ms),
-            ("plan_diff_ms", timings.diff_ms),
-        ] {
-            phases.insert(name.to_owned(), json!(ms));
-        }
+        // The plan phase's parts, beside the phases (they overlap `plan_ms`).
+        detail["plan_parts"] = json!(planned.timings);
         detail["steps"] = json!(plan.steps.len());
         detail["changes"] = json!(plan.changes.len());
         if let Some(why) = pipeline::unacceptable(plan) {

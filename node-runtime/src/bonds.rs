@@ -272,12 +272,7 @@ impl Bonds {
             .unwrap_or_default();
         let netns = self.netns.clone();
         let backend = self.network.clone();
-        let bonding = if backend.blocks() {
-            tokio::task::spawn_blocking(move || backend.bonding(&netns)).await
-        } else {
-            Ok(backend.bonding(&netns))
-        };
-        match bonding {
+        match crate::maybe_blocking(backend.blocks(), move || backend.bonding(&netns)).await {
             Ok(Ok(capability)) => {
                 networking.bond_implementation = capability.backend.as_str().to_string();
                 networking.bond_implementation_reason = capability.reason;
@@ -378,7 +373,7 @@ impl Bonds {
         let refusal = self.refusal();
         let backend = self.network.clone();
         let blocks = backend.blocks();
-        let read = move || {
+        crate::maybe_blocking(blocks, move || {
             definitions
                 .into_iter()
                 .map(|(name, bond)| match &refusal {
@@ -390,11 +385,9 @@ impl Bonds {
                     None => backend.observe_bond(&netns, &name, &bond),
                 })
                 .collect()
-        };
-        if !blocks {
-            return read();
-        }
-        tokio::task::spawn_blocking(read).await.unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default()
     }
 }
 

@@ -55,6 +55,21 @@ pub mod vms;
 pub mod volumes;
 pub mod watchdog;
 
+/// Runs `f` on tokio's blocking pool when it `blocks` (a VMM socket, netlink), else
+/// inline: the simulated backends answer from memory (`Hypervisor::blocks`,
+/// `NetworkBackend::blocks`), and at 10,000 simulated nodes the hand-offs to the pool
+/// were a quarter of a simulator's Observe.
+pub async fn maybe_blocking<T: Send + 'static>(
+    blocks: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if blocks {
+        tokio::task::spawn_blocking(f).await
+    } else {
+        Ok(f())
+    }
+}
+
 /// An error and every cause under it, one line: `what: why: why…`.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

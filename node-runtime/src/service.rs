@@ -107,6 +107,7 @@ impl v1::observe_server::Observe for NodeService {
         let refusal = self.node.bonds.refusal();
         let netns = self.node.bonds.netns().clone();
         let network = self.node.bonds.network();
+        let blocks = network.blocks();
         let (segments, firewall_drift) = self.node.segment_statuses(&definitions).await;
         self.node
             .bonds
@@ -123,13 +124,9 @@ impl v1::observe_server::Observe for NodeService {
                 .collect();
             network.vm_nic_statuses(&netns, refusal.as_deref(), &views)
         };
-        let mut nics = if self.node.bonds.network().blocks() {
-            tokio::task::spawn_blocking(read_nics)
-                .await
-                .map_err(|error| Status::internal(error.to_string()))?
-        } else {
-            read_nics()
-        };
+        let mut nics = crate::maybe_blocking(blocks, read_nics)
+            .await
+            .map_err(|error| Status::internal(error.to_string()))?;
         for vm in &mut vms {
             // The node's view (tap, bridge, ready) with the running VMM's (guest up,
             // frames) merged in by tap.

@@ -1573,14 +1573,12 @@ impl Vms {
         {
             let socket = self.run_dir.join(&status.name).join("control.sock");
             let hypervisor = self.hypervisor.clone();
-            let seen = if hypervisor.blocks() {
-                tokio::task::spawn_blocking(move || hypervisor.status(&socket, CONTROL_TIMEOUT))
-                    .await
-                    .ok()
-                    .flatten()
-            } else {
+            let seen = crate::maybe_blocking(hypervisor.blocks(), move || {
                 hypervisor.status(&socket, CONTROL_TIMEOUT)
-            };
+            })
+            .await
+            .ok()
+            .flatten();
             status.ft = seen.and_then(|seen| seen.ft).map(|ft| ft::wire(&ft));
         }
         for status in &mut statuses {

@@ -203,7 +203,7 @@ pub struct Planned {
 
 /// Where a plan's time went, in milliseconds (the controller's sync event shows
 /// them beside its phases: at 10,000 nodes a slow plan has to say which part is).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PlanTimings {
     /// Observing every node (0 when the observation was given).
     pub observe_ms: u64,

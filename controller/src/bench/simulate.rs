@@ -159,12 +159,11 @@ async fn synced(
         queued_ms: started_at.saturating_sub(since_ms),
         compile_ms: phase("compile"),
         plan_ms: phase("plan"),
-        plan_parts: [
-            phase("plan_observe"),
-            phase("plan_place"),
-            phase("plan_desired"),
-            phase("plan_diff"),
-        ],
+        plan_parts: ["observe", "place", "desired", "diff"].map(|part| {
+            detail["plan_parts"][format!("{part}_ms")]
+                .as_u64()
+                .unwrap_or(0)
+        }),
         apply_ms: phase("apply"),
         steps: detail["steps"].as_u64().unwrap_or(0),
         unanswered,

@@ -805,6 +805,9 @@ pub fn sync(s: &Snapshot, e: &Event, plan: Option<&PlanView>) -> Markup {
             @if let Some(ph) = d["phases"].as_object() {
                 dt { "phases" } dd { (ph.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")) }
             }
+            @if let Some(parts) = d["plan_parts"].as_object() {
+                dt { "plan_ms of which" } dd { (parts.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")) }
+            }
         }
         @if let Some(r) = &e.reason {
             h2 { "Why" }
