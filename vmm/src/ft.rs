@@ -867,21 +867,31 @@ fn read_acks(vm: &VmHandle, mut reader: BufReader<TcpStream>) {
     cell.changed.notify_all();
 }
 
-/// The secondary (`cairn-vmm --ft-secondary`): accepts one primary on `listener`,
-/// applies each complete checkpoint and acknowledges it, until the commander promotes
-/// it (returns the last complete checkpoint's state, to restore and run) or stops it.
-pub fn run_secondary(
-    vm: &VmHandle,
-    listener: TcpListener,
-    epoch_hint: u64,
-) -> Result<VmState, String> {
+/// Marks a VM just built ([`crate::vm::Vm::create_ft_secondary`]) a fault-tolerance
+/// secondary waiting for its primary. It runs before the control socket is served, so
+/// a commander's first `ft-stop` or `ft-status` finds the secondary (not "does not run
+/// here") however soon it comes.
+pub(crate) fn begin_secondary(vm: &VmHandle) {
+    *vm.shared.ft.lock() = FtInner {
+        status: Some(FtStatus {
+            role: "secondary".into(),
+            phase: "waiting".into(),
+            ..FtStatus::default()
+        }),
+        active: true,
+        ..FtInner::default()
+    };
+}
+
+/// The secondary (`cairn-vmm --ft-secondary`, begun by [`begin_secondary`]): accepts
+/// one primary on `listener`, applies each complete checkpoint and acknowledges it,
+/// until the commander promotes it (returns the last complete checkpoint's state, to
+/// restore and run) or stops it.
+pub fn run_secondary(vm: &VmHandle, listener: TcpListener) -> Result<VmState, String> {
     let cell = &vm.shared.ft;
-    cell.begin(FtStatus {
-        role: "secondary".into(),
-        phase: "waiting".into(),
-        epoch_ms: epoch_hint,
-        ..FtStatus::default()
-    })?;
+    if !cell.active() {
+        return Err("this VM was not begun as a fault-tolerance secondary".into());
+    }
     {
         let vm = vm.clone();
         thread::Builder::new()

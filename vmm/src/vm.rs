@@ -689,6 +689,7 @@ impl Vm {
     pub fn create_ft_secondary(config: VmConfig) -> Result<Self, VmError> {
         let vm = Self::build(config, true)?;
         vm.shared.migration.clear();
+        crate::ft::begin_secondary(&vm.handle());
         Ok(vm)
     }
 
@@ -699,7 +700,7 @@ impl Vm {
         let listener = listener
             .try_clone()
             .map_err(|error| format!("listening socket: {error}"))?;
-        let state = crate::ft::run_secondary(&self.handle(), listener, 0)?;
+        let state = crate::ft::run_secondary(&self.handle(), listener)?;
         self.restore_state(&state)
             .map_err(|error| format!("restoring the checkpoint: {error}"))
     }
