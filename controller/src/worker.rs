@@ -1417,7 +1417,8 @@ impl Worker {
                         .commit(&good.commit)
                         .plan(&plan.plan_id)
                         .object(objects.join(", "))
-                        .reason(why),
+                        .reason(why)
+                        .detail(drift_detail(plan)),
                 ]);
             }
             self.last_drift = Some(objects);
@@ -1428,7 +1429,8 @@ impl Worker {
                 .commit(&good.commit)
                 .plan(&plan.plan_id)
                 .object(objects.join(", "))
-                .reason("repairing (self-heal)"),
+                .reason("repairing (self-heal)")
+                .detail(drift_detail(plan)),
         ]);
         if busy.is_none() {
             busy = Some(shared.busy.lock().await);
@@ -1691,6 +1693,17 @@ struct Done {
 }
 
 /// `vm web-1 (start on lab-1)` per change.
+/// A drift event's detail: each change's plan lines (what differs), under the
+/// object it names in the event, so an operator sees why without planning again.
+fn drift_detail(plan: &Plan) -> serde_json::Value {
+    let changes: Vec<serde_json::Value> = plan
+        .changes
+        .iter()
+        .map(|c| json!({"object": format!("{} {}", c.object, c.name), "node": c.node, "details": c.details}))
+        .collect();
+    json!({ "changes": changes })
+}
+
 fn drifted(plan: &Plan) -> Vec<String> {
     plan.changes
         .iter()

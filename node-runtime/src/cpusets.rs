@@ -433,9 +433,18 @@ impl Cpusets {
             ));
         }
         if pid != 0 {
-            let members = ids(&dir.join(if self.v2 { "cgroup.threads" } else { "tasks" }));
-            for tid in thread_ids(pid) {
-                if !members.contains(&tid) {
+            // The threads first, then the members (a thread started meanwhile is not
+            // listed); a thread outside is read again, as one that ended between the
+            // two reads is in neither.
+            let threads = thread_ids(pid);
+            let members = || ids(&dir.join(if self.v2 { "cgroup.threads" } else { "tasks" }));
+            let mut inside = members();
+            if threads.iter().any(|tid| !inside.contains(tid)) {
+                inside = members();
+            }
+            for tid in threads {
+                if !inside.contains(&tid) && Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+                {
                     drift.push(format!(
                         "thread {} (tid {tid}) of the VMM is not in its cpuset",
                         thread_name(pid, tid)
