@@ -935,8 +935,14 @@ fn a_controller_gone_10_s_then_killed_and_restarted_stops_no_vm_and_fails_no_nod
                     std::fs::read_to_string(dir.join("vmm.log")).unwrap_or_default()
                 )
             });
+            // Running, its fence never lapsed (a lapsed fence kills the VMM), and the
+            // guest beats: within 2.5 s, as a KVM guest of a 2-core machine running the
+            // whole suite once went 1.4 s without a beat while `dev up` started.
+            assert_eq!(status["state"], "running", "{vm} {when}: {status}");
+            let remaining = status["fence_remaining_ms"].as_f64().unwrap_or(f64::MAX);
+            assert!(remaining > 0.0, "{vm}'s fence lapsed {when}: {status}");
             let age = status["last_heartbeat_age_ms"].as_f64().unwrap_or(f64::MAX);
-            assert!(age < 1000.0, "{vm}'s last heartbeat {age} ms old {when}");
+            assert!(age < 2500.0, "{vm}'s last heartbeat {age} ms old {when}");
         }
     };
     let gone = controller();
