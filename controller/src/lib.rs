@@ -222,8 +222,9 @@ pub struct Observation {
     /// When it started (milliseconds since the Unix epoch; the worker's: when it
     /// was handed over, just after it was made).
     pub at_unix_ms: u64,
-    /// What the nodes answered (failed nodes: unreachable, not asked).
-    pub observed: reconciler::observe::Observed,
+    /// What the nodes answered (failed nodes: unreachable, not asked); the
+    /// worker's plan shares it.
+    pub observed: Arc<reconciler::observe::Observed>,
 }
 
 impl Shared {
@@ -245,7 +246,7 @@ impl Shared {
                     reconciler::observe::observe_except(&spec, &self.nodes, &failed).await;
                 Arc::new(Observation {
                     at_unix_ms,
-                    observed,
+                    observed: Arc::new(observed),
                 })
             })
             .await

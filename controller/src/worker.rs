@@ -839,7 +839,8 @@ impl Worker {
             maintenance: self.shared.maintenance.nodes(),
             ..Default::default()
         };
-        let planned = match pipeline::plan_revision_session(
+        let prepare_ms = t.elapsed().as_millis() as u64;
+        let mut planned = match pipeline::plan_revision_session(
             &model,
             &spec_root,
             commit,
@@ -864,7 +865,10 @@ impl Worker {
                 return SyncEnd::Transient;
             }
         };
-        self.note_observation(&planned.observed);
+        let handover = Instant::now();
+        self.note_observation(&planned.observed, Some(&planned.plan.observed_digest));
+        planned.timings.prepare_ms = prepare_ms;
+        planned.timings.handover_ms = handover.elapsed().as_millis() as u64;
         let plan = &planned.plan;
         phase_done(&mut phases, "plan", t);
         // The plan phase's parts, beside the phases (they overlap `plan_ms`).
@@ -1085,12 +1089,16 @@ impl Worker {
     }
 
     /// Node state changes become events; node and VM metrics follow the observation.
-    fn note_observation(&mut self, observed: &Observed) {
-        self.shared.view.lock().expect("view lock").observed_digest = Some(observed.digest());
+    /// Hands a new observation to the console and the metrics, with its digest
+    /// (a plan made from it has it: `plan.observed_digest`; else `None`, computed
+    /// here, a second at 100,000 VMs).
+    fn note_observation(&mut self, observed: &Arc<Observed>, digest: Option<&str>) {
+        let digest = digest.map_or_else(|| observed.digest(), str::to_owned);
+        self.shared.view.lock().expect("view lock").observed_digest = Some(digest);
         // The console's status and live states are made from it while it is young.
         self.shared.observed.put(Arc::new(crate::Observation {
             at_unix_ms: reconciler::state::now_ms(),
-            observed: observed.clone(),
+            observed: Arc::clone(observed),
         }));
         let mut events = vec![];
         for (node, obs) in &observed.nodes {
@@ -1150,22 +1158,23 @@ impl Worker {
     /// repair places it on another node.
     fn mask_crash_loops(
         &mut self,
-        observed: &Observed,
+        observed: &Arc<Observed>,
         model: &compiler::Model,
         limits: &Reconcile,
-    ) -> Observed {
+    ) -> Arc<Observed> {
         let now = Instant::now();
-        let mut masked = observed.clone();
         let window = Duration::from_millis(limits.crash_restart_window_ms);
         let healing = self.repair_blocked().is_none();
         self.crash_retry = None;
         let mut events = vec![];
         let mut running = BTreeSet::new();
-        for (node_name, node) in masked.nodes.iter_mut() {
+        // (node, VM) seen running while its backoff lasts.
+        let mut masks: Vec<(&str, &str)> = vec![];
+        for (node_name, node) in &observed.nodes {
             let NodeObservation::Reachable { vms, .. } = node else {
                 continue;
             };
-            for vm in vms.values_mut() {
+            for vm in vms.values() {
                 let name = vm.name.clone();
                 match vm.state {
                     proto::v1::VmState::Running => {
@@ -1216,7 +1225,7 @@ impl Worker {
                         if now < until {
                             self.crash_retry =
                                 Some(self.crash_retry.map_or(until, |at| at.min(until)));
-                            vm.state = proto::v1::VmState::Running;
+                            masks.push((node_name, &vm.name));
                             if c.reported_for != c.restarts {
                                 c.reported_for = c.restarts;
                                 events.push(
@@ -1242,7 +1251,19 @@ impl Worker {
         if !events.is_empty() {
             self.shared.record(events);
         }
-        masked
+        if masks.is_empty() {
+            // Nothing masked: the plan shares the observation (no copy of 100,000 VMs).
+            return Arc::clone(observed);
+        }
+        let mut masked = Observed::clone(observed);
+        for (node, vm) in masks {
+            if let Some(NodeObservation::Reachable { vms, .. }) = masked.nodes.get_mut(node)
+                && let Some(vm) = vms.get_mut(vm)
+            {
+                vm.state = proto::v1::VmState::Running;
+            }
+        }
+        Arc::new(masked)
     }
 
     /// Why drift may not be repaired now, before looking at the plan.
@@ -1318,8 +1339,8 @@ impl Worker {
         let spec = pipeline::spec_nodes(&good.model);
         let failed = self.shared.leases.failed_nodes(&good.model);
         let nodes = lease_bound::LeaseBound::new(self.shared.clone());
-        let observed = observe_except(&spec, &nodes, &failed).await;
-        self.note_observation(&observed);
+        let observed = Arc::new(observe_except(&spec, &nodes, &failed).await);
+        self.note_observation(&observed, None);
         let protection_events = self.protection_events.observe(&observed);
         if !protection_events.is_empty() {
             self.shared.record(protection_events);

@@ -121,13 +121,19 @@ struct Synced {
     queued_ms: u64,
     compile_ms: u64,
     plan_ms: u64,
-    /// The plan's parts: observing, placing, what should run, the steps.
-    plan_parts: [u64; 4],
+    /// The plan's parts: observing, placing, what should run, the steps, the
+    /// placement read from the store, the controller's work before and after.
+    plan_parts: [u64; 7],
     apply_ms: u64,
     steps: u64,
     /// Nodes the sync found not answering (a `partial` sync; 0 when it succeeded).
     unanswered: u64,
 }
+
+/// The plan's parts a sync event names (`plan_parts`: `NAME_ms`).
+const PARTS: [&str; 7] = [
+    "observe", "place", "desired", "diff", "load", "prepare", "handover",
+];
 
 async fn synced(
     handle: &crate::Handle,
@@ -159,7 +165,7 @@ async fn synced(
         queued_ms: started_at.saturating_sub(since_ms),
         compile_ms: phase("compile"),
         plan_ms: phase("plan"),
-        plan_parts: ["observe", "place", "desired", "diff"].map(|part| {
+        plan_parts: PARTS.map(|part| {
             detail["plan_parts"][format!("{part}_ms")]
                 .as_u64()
                 .unwrap_or(0)
@@ -172,15 +178,17 @@ async fn synced(
 
 fn line(what: &str, s: &Synced) -> String {
     format!(
-        "{what}: {} ms (queued {} ms, compile {} ms, plan {} ms [observe {}, place {}, desired {}, diff {}], apply {} ms, {} steps){}",
+        "{what}: {} ms (queued {} ms, compile {} ms, plan {} ms [{}], apply {} ms, {} steps){}",
         s.total_ms,
         s.queued_ms,
         s.compile_ms,
         s.plan_ms,
-        s.plan_parts[0],
-        s.plan_parts[1],
-        s.plan_parts[2],
-        s.plan_parts[3],
+        PARTS
+            .iter()
+            .zip(s.plan_parts)
+            .map(|(part, ms)| format!("{part} {ms}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         s.apply_ms,
         s.steps,
         if s.unanswered > 0 {
