@@ -551,8 +551,8 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
     let placement = desired::place(loaded.model(), Some(&previous));
     let desired = desired::desired(loaded.model(), &loaded.ctx.spec_root, placement);
     let last = store
-        .last_execution()?
-        .map(|(_, record)| reconciler::status::last_apply(&record, &store));
+        .last_execution_summary()?
+        .map(|record| reconciler::status::last_apply(&record, &store));
     let mut audit = store.audit_log()?;
     audit.drain(..audit.len().saturating_sub(5));
     let mut status = reconciler::status::status(&desired, &observed, store.applied()?, last, audit);

@@ -333,6 +333,7 @@ delegate! {
     fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError>;
     fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError>;
     fn last_execution(&self) -> Result<Option<(String, PlanRecord)>, StateError>;
+    fn last_execution_summary(&self) -> Result<Option<reconciler::state::ExecutionSummary>, StateError>;
     fn finish_execution(&self, execution_id: &str, ended: Option<String>) -> Result<(), StateError>;
     fn journal(&self, execution_id: &str, record: &StepRecord) -> Result<(), StateError>;
     fn journal_many(&self, execution_id: &str, records: &[StepRecord]) -> Result<(), StateError>;

@@ -1827,9 +1827,9 @@ pub(crate) async fn status_json(
         let placement = reconciler::desired::place(&good.model, Some(&previous));
         let desired = reconciler::desired::desired(&good.model, &good.spec_root, placement);
         let last = store
-            .last_execution()
+            .last_execution_summary()
             .map_err(|e| e.to_string())?
-            .map(|(_, record)| reconciler::status::last_apply(&record, &store));
+            .map(|record| reconciler::status::last_apply(&record, &store));
         let mut audit = store.audit_log().map_err(|e| e.to_string())?;
         let migrations = reconciler::migrate::records_in(&audit);
         audit.drain(..audit.len().saturating_sub(5));

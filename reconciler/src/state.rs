@@ -29,6 +29,10 @@ use crate::desired::Placement;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
 const JOURNAL: TableDefinition<&str, &[u8]> = TableDefinition::new("journal");
+/// Each execution's head (`PlanRecordHead`: finished, started), beside its record
+/// in `PLANS`: a sync asks which executions are unfinished, and a first apply's
+/// record is a hundred MB of plan that scanning `PLANS` read every time.
+const PLAN_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("plan_heads");
 use crate::audit::AUDIT;
 pub use crate::audit::AuditEntry;
 
@@ -41,7 +45,9 @@ pub use crate::audit::AuditEntry;
 /// their data is), which is what losing it costs. Version 4 chains and signs
 /// the audit log (`crate::audit`); entries written before stay as they are and
 /// the chain starts after them with a signed `audit-chain-started` marker.
-pub const STATE_FORMAT_VERSION: u32 = 4;
+/// Version 5 keeps each execution's head (finished, started) in a table of its own,
+/// filled from the records when an older store is opened.
+pub const STATE_FORMAT_VERSION: u32 = 5;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]
@@ -254,10 +260,64 @@ pub struct PlanRecord {
 /// building it): which executions are unfinished and which is the newest. Every
 /// sync asks, and a 100,000-VM first apply's plan is about a hundred MB of JSON,
 /// several times that as a `serde_json::Value`, kept in the store for good.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct PlanRecordHead {
     finished: bool,
     started_at_unix_ms: u64,
+}
+
+/// An execution record without its plan's steps (counted, not kept).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ExecutionSummary {
+    /// The execution id.
+    #[serde(default)]
+    pub execution_id: String,
+    /// Its plan's id and step count.
+    #[serde(rename = "plan")]
+    pub plan: PlanSummary,
+    /// Whether it finished.
+    pub finished: bool,
+    /// How it ended, when it did not run to its end.
+    #[serde(default)]
+    pub ended: Option<String>,
+}
+
+/// A plan's id and how many steps it has (read without building them).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PlanSummary {
+    /// The plan id.
+    #[serde(default)]
+    pub plan_id: String,
+    /// Its steps, counted.
+    #[serde(default, deserialize_with = "count_steps")]
+    pub steps: usize,
+}
+
+fn count_steps<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let steps: Vec<serde::de::IgnoredAny> = Deserialize::deserialize(d)?;
+    Ok(steps.len())
+}
+
+impl ExecutionSummary {
+    /// The summary of a record read whole.
+    pub fn of(record: &PlanRecord) -> ExecutionSummary {
+        ExecutionSummary {
+            execution_id: record.execution_id.clone(),
+            plan: PlanSummary {
+                plan_id: record.plan["plan_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                steps: record.plan["steps"].as_array().map_or(0, Vec::len),
+            },
+            finished: record.finished,
+            ended: record.ended.clone(),
+        }
+    }
+}
+
+fn head_bytes(head: &PlanRecordHead) -> Vec<u8> {
+    serde_json::to_vec(head).expect("a head serializes")
 }
 
 /// A new execution id for a plan: the plan id and 8 random hex digits.
@@ -344,6 +404,14 @@ pub trait StateStore: Send + Sync {
     /// store parses only that one's plan (`PlanRecordHead`).
     fn last_execution(&self) -> Result<Option<(String, PlanRecord)>, StateError> {
         Ok(self.executions()?.pop())
+    }
+
+    /// The newest execution without its plan's steps (`cairn status` and the
+    /// console's "last apply"; a first apply's plan is a hundred MB).
+    fn last_execution_summary(&self) -> Result<Option<ExecutionSummary>, StateError> {
+        Ok(self
+            .last_execution()?
+            .map(|(_, record)| ExecutionSummary::of(&record)))
     }
 
     /// Marks an execution finished; `ended` says how when it did not run to its end.
@@ -436,7 +504,7 @@ impl RedbStore {
         }
         store.with_db(|db| {
             let tx = db.begin_write().map_err(|e| store.err("begin", e))?;
-            for table in [META, PLANS, JOURNAL] {
+            for table in [META, PLANS, JOURNAL, PLAN_HEADS] {
                 tx.open_table(table)
                     .map_err(|e| store.err("create table", e))?;
             }
@@ -465,6 +533,9 @@ impl RedbStore {
                             meta.remove("placement")
                                 .map_err(|e| store.err("remove", e))?;
                         }
+                        if older.is_none_or(|v| v < 5) {
+                            store.fill_heads(&tx)?;
+                        }
                         let bytes =
                             serde_json::to_vec(&STATE_FORMAT_VERSION).expect("a number serializes");
                         meta.insert("format_version", bytes.as_slice())
@@ -481,7 +552,7 @@ impl RedbStore {
     fn is_current(&self) -> bool {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
-            for table in [PLANS, JOURNAL] {
+            for table in [PLANS, JOURNAL, PLAN_HEADS] {
                 tx.open_table(table)
                     .map_err(|e| self.err("open table", e))?;
             }
@@ -654,7 +725,10 @@ impl RedbStore {
                 source,
             };
             let mut heads = vec![];
-            for entry in t.iter().map_err(|e| self.err("iter", e))? {
+            let head_table = tx
+                .open_table(PLAN_HEADS)
+                .map_err(|e| self.err("open table", e))?;
+            for entry in head_table.iter().map_err(|e| self.err("iter", e))? {
                 let (k, v) = entry.map_err(|e| self.err("iter", e))?;
                 let head: PlanRecordHead =
                     serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?;
@@ -676,6 +750,57 @@ impl RedbStore {
                 out.push((key.clone(), record));
             }
             Ok(out)
+        })
+    }
+
+    /// Writes the head of every execution record (opening a store older than
+    /// version 5, in its write transaction).
+    fn fill_heads(&self, tx: &redb::WriteTransaction) -> Result<(), StateError> {
+        let plans = tx
+            .open_table(PLANS)
+            .map_err(|e| self.err("open table", e))?;
+        let mut heads = tx
+            .open_table(PLAN_HEADS)
+            .map_err(|e| self.err("open table", e))?;
+        for entry in plans.iter().map_err(|e| self.err("iter", e))? {
+            let (k, v) = entry.map_err(|e| self.err("iter", e))?;
+            let head: PlanRecordHead =
+                serde_json::from_slice(v.value()).map_err(|source| StateError::Corrupt {
+                    path: self.path.display().to_string(),
+                    key: k.value().to_owned(),
+                    source,
+                })?;
+            heads
+                .insert(k.value(), head_bytes(&head).as_slice())
+                .map_err(|e| self.err("insert", e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes an execution's record and its head in one transaction.
+    fn put_execution(&self, key: &str, record: &PlanRecord) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(record).expect("state records serialize");
+        let head = head_bytes(&PlanRecordHead {
+            finished: record.finished,
+            started_at_unix_ms: record.started_at_unix_ms,
+        });
+        self.with_db(|db| {
+            let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
+            {
+                let mut plans = tx
+                    .open_table(PLANS)
+                    .map_err(|e| self.err("open table", e))?;
+                plans
+                    .insert(key, bytes.as_slice())
+                    .map_err(|e| self.err("insert", e))?;
+                let mut heads = tx
+                    .open_table(PLAN_HEADS)
+                    .map_err(|e| self.err("open table", e))?;
+                heads
+                    .insert(key, head.as_slice())
+                    .map_err(|e| self.err("insert", e))?;
+            }
+            tx.commit().map_err(|e| self.err("commit", e))
         })
     }
 
@@ -837,11 +962,11 @@ impl StateStore for RedbStore {
 
     /// Records that an execution started (keyed by its execution id).
     fn start_execution(&self, record: &PlanRecord) -> Result<(), StateError> {
-        self.put_json(PLANS, &record.execution_id, record)
+        self.put_execution(&record.execution_id, record)
     }
 
     /// The executions that did not finish (a crash), oldest first: only their plans
-    /// are parsed (`PlanRecordHead`).
+    /// are read (the heads table says which).
     fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
         self.executions_where(|heads| {
             heads
@@ -860,6 +985,49 @@ impl StateStore for RedbStore {
             .pop())
     }
 
+    /// The newest execution, its steps counted and not built.
+    fn last_execution_summary(&self) -> Result<Option<ExecutionSummary>, StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let heads = tx
+                .open_table(PLAN_HEADS)
+                .map_err(|e| self.err("open table", e))?;
+            let corrupt = |key: &str, source| StateError::Corrupt {
+                path: self.path.display().to_string(),
+                key: key.to_owned(),
+                source,
+            };
+            let mut newest: Option<(u64, String)> = None;
+            for entry in heads.iter().map_err(|e| self.err("iter", e))? {
+                let (k, v) = entry.map_err(|e| self.err("iter", e))?;
+                let head: PlanRecordHead =
+                    serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?;
+                // The last of equal starts in key order, as `executions` sorts.
+                if newest
+                    .as_ref()
+                    .is_none_or(|(at, _)| head.started_at_unix_ms >= *at)
+                {
+                    newest = Some((head.started_at_unix_ms, k.value().to_owned()));
+                }
+            }
+            let Some((_, key)) = newest else {
+                return Ok(None);
+            };
+            let plans = tx
+                .open_table(PLANS)
+                .map_err(|e| self.err("open table", e))?;
+            let Some(v) = plans.get(key.as_str()).map_err(|e| self.err("get", e))? else {
+                return Ok(None);
+            };
+            let mut summary: ExecutionSummary =
+                serde_json::from_slice(v.value()).map_err(|e| corrupt(&key, e))?;
+            if summary.execution_id.is_empty() {
+                summary.execution_id = key;
+            }
+            Ok(Some(summary))
+        })
+    }
+
     /// Every execution record, oldest first (the key is the execution id).
     fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
         self.executions_where(|heads| (0..heads.len()).collect())
@@ -874,7 +1042,7 @@ impl StateStore for RedbStore {
         if let Some(mut record) = self.get_json::<PlanRecord>(PLANS, execution_id)? {
             record.finished = true;
             record.ended = ended;
-            self.put_json(PLANS, execution_id, &record)?;
+            self.put_execution(execution_id, &record)?;
         }
         Ok(())
     }
@@ -1156,16 +1324,34 @@ mod tests {
         let (key, last) = store.last_execution().unwrap().unwrap();
         assert_eq!((key.as_str(), last.finished), ("c", true));
         assert_eq!(last.plan["plan_id"], "c");
+        let summary = store.last_execution_summary().unwrap().unwrap();
+        assert_eq!(summary, ExecutionSummary::of(&last));
+        assert_eq!(
+            (summary.plan.plan_id.as_str(), summary.plan.steps),
+            ("c", 1)
+        );
         store
             .finish_execution("a", Some("superseded by c".into()))
             .unwrap();
         assert_eq!(ids(store.unfinished_executions().unwrap()), ["b"]);
+        // A store of version 4 had no heads: they are made from the records when it
+        // is opened, and only the unfinished ones are read from then on.
+        let path = dir.join("state.redb");
+        let unfinished =
+            serde_json::json!({"plan": {}, "finished": false, "started_at_unix_ms": 1});
+        store.put_json(PLANS, "e", &unfinished).unwrap();
+        assert_eq!(ids(store.unfinished_executions().unwrap()), ["b"]);
+        store.put_json(META, "format_version", &4u32).unwrap();
+        let reopened = RedbStore::open(&path).unwrap();
+        assert_eq!(ids(reopened.unfinished_executions().unwrap()), ["e", "b"]);
+        assert_eq!(ids(reopened.executions().unwrap()), ["e", "b", "a", "c"]);
         // A record without its head fields is corrupt, named by its key.
-        store
+        reopened
             .put_json(PLANS, "d", &serde_json::json!({"plan": {}}))
             .unwrap();
-        let err = store.unfinished_executions().unwrap_err();
-        assert!(err.to_string().contains('d'), "{err}");
+        reopened.put_json(META, "format_version", &4u32).unwrap();
+        let err = RedbStore::open(&path).unwrap_err();
+        assert!(err.to_string().contains("record `d`"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -316,21 +316,11 @@ pub struct Status {
 
 /// Summarises an execution's journal.
 pub fn last_apply(
-    record: &crate::state::PlanRecord,
+    record: &crate::state::ExecutionSummary,
     store: &dyn crate::state::StateStore,
 ) -> LastApply {
-    let steps = record
-        .plan
-        .get("steps")
-        .and_then(|s| s.as_array())
-        .map(Vec::len)
-        .unwrap_or(0);
-    let plan_id = record
-        .plan
-        .get("plan_id")
-        .and_then(|p| p.as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let steps = record.plan.steps;
+    let plan_id = record.plan.plan_id.clone();
     let journal = store.journal_of(&record.execution_id).unwrap_or_default();
     let count = |s: StepStatus| journal.iter().filter(|r| r.status == s).count();
     LastApply {

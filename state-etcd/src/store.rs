@@ -6,6 +6,7 @@
 //! | `meta/placement`, `meta/applied`, `meta/protected` | as in `state.redb`'s `meta` (JSON; the placement as a large value, below) |
 //! | `meta/lock` | the apply lock (`LockInfo` JSON), attached to the leader's election lease |
 //! | `plans/EXECUTION_ID` | the execution's `PlanRecord` (a large value) |
+//! | `plan-heads/EXECUTION_ID` | its head: `{finished, started_at_unix_ms}` (every sync asks which executions are unfinished; a first apply's record is a hundred MB) |
 //! | `journal/EXECUTION_ID/STEP` | one step's `StepRecord` (step zero-padded to 6) |
 //! | `audit/SEQ` | one sealed audit entry (seq zero-padded to 20) |
 //! | `chunks/KEY/GENERATION/N` | chunk N of a large value's generation |
@@ -533,6 +534,39 @@ impl EtcdStore {
         })
     }
 
+    /// Writes an execution's record, then its head.
+    fn put_execution(&self, id: &str, record: &PlanRecord) -> Result<(), StateError> {
+        self.put_json(&format!("plans/{id}"), record)?;
+        self.put_json(&format!("plan-heads/{id}"), &ExecutionHead::of(record))
+    }
+
+    /// Every execution's head, oldest first (equal starts in id order). An execution
+    /// without one (written before heads were kept) is read whole, and its head
+    /// written when this store may write.
+    fn heads(&self) -> Result<Vec<(String, ExecutionHead)>, StateError> {
+        let mut heads = std::collections::BTreeMap::new();
+        for (key, bytes) in self.range("plan-heads/", false)? {
+            let head: ExecutionHead = self.decode(&key, &bytes)?;
+            heads.insert(key["plan-heads/".len()..].to_owned(), head);
+        }
+        for (key, _) in self.range("plans/", true)? {
+            let id = &key["plans/".len()..];
+            if heads.contains_key(id) {
+                continue;
+            }
+            if let Some(record) = self.get_json::<PlanRecord>(&key)? {
+                let head = ExecutionHead::of(&record);
+                // Best effort: a follower's store (or a deposed leader's) writes
+                // nothing, and reads the record whole again next time.
+                let _ = self.put_json(&format!("plan-heads/{id}"), &head);
+                heads.insert(id.to_owned(), head);
+            }
+        }
+        let mut heads: Vec<_> = heads.into_iter().collect();
+        heads.sort_by_key(|(_, head)| head.started_at_unix_ms);
+        Ok(heads)
+    }
+
     fn put_json<T: Serialize>(&self, rest: &str, value: &T) -> Result<(), StateError> {
         self.put_value(
             rest,
@@ -774,13 +808,34 @@ impl StateStore for EtcdStore {
     }
 
     fn start_execution(&self, record: &PlanRecord) -> Result<(), StateError> {
-        self.put_json(&format!("plans/{}", record.execution_id), record)
+        self.put_execution(&record.execution_id, record)
     }
 
+    /// Reads only the unfinished executions' records (their heads say which).
     fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
-        let mut all = self.executions()?;
-        all.retain(|(_, r)| !r.finished);
-        Ok(all)
+        let mut out = vec![];
+        for (id, head) in self.heads()? {
+            if head.finished {
+                continue;
+            }
+            // The head is written after the record: a record is never finished
+            // behind an unfinished head for long, but it is checked.
+            if let Some(record) = self.get_json::<PlanRecord>(&format!("plans/{id}"))?
+                && !record.finished
+            {
+                out.push((id, record));
+            }
+        }
+        Ok(out)
+    }
+
+    fn last_execution(&self) -> Result<Option<(String, PlanRecord)>, StateError> {
+        let Some((id, _)) = self.heads()?.pop() else {
+            return Ok(None);
+        };
+        Ok(self
+            .get_json::<PlanRecord>(&format!("plans/{id}"))?
+            .map(|record| (id, record)))
     }
 
     fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
@@ -805,7 +860,7 @@ impl StateStore for EtcdStore {
         if let Some(mut record) = self.get_json::<PlanRecord>(&key)? {
             record.finished = true;
             record.ended = ended;
-            self.put_json(&key, &record)?;
+            self.put_execution(execution_id, &record)?;
         }
         Ok(())
     }
@@ -892,6 +947,22 @@ impl StateStore for EtcdStore {
             .into_iter()
             .filter_map(|(_, bytes)| Record::decode(&bytes).entry())
             .collect())
+    }
+}
+
+/// An execution's head (`plan-heads/EXECUTION_ID`).
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+struct ExecutionHead {
+    finished: bool,
+    started_at_unix_ms: u64,
+}
+
+impl ExecutionHead {
+    fn of(record: &PlanRecord) -> ExecutionHead {
+        ExecutionHead {
+            finished: record.finished,
+            started_at_unix_ms: record.started_at_unix_ms,
+        }
     }
 }
 
@@ -1011,6 +1082,25 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(unfinished, vec!["b-2"]);
         assert_eq!(store.executions().unwrap()[0].0, "a-1");
+        // An execution written before heads were kept (no `plan-heads/` key) is
+        // read whole once, and has a head from then on.
+        store
+            .put_json(
+                "plans/c-0",
+                &serde_json::json!({"plan": {}, "finished": false, "started_at_unix_ms": 0}),
+            )
+            .unwrap();
+        assert!(store.get_value("plan-heads/c-0").unwrap().is_none());
+        let unfinished: Vec<String> = store
+            .unfinished_executions()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(unfinished, vec!["c-0", "b-2"]);
+        assert!(store.get_value("plan-heads/c-0").unwrap().is_some());
+        assert_eq!(store.last_execution().unwrap().unwrap().0, "b-2");
+        store.finish_execution("c-0", None).unwrap();
         let records: Vec<StepRecord> = (0..250)
             .rev()
             .map(|n| step(n, StepStatus::Started))
