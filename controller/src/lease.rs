@@ -877,17 +877,34 @@ pub fn node_metrics(shared: &Shared) {
     let good = shared.good.lock().expect("good lock").clone();
     let Some(good) = good else { return };
     let metrics = &shared.metrics;
-    let states = crate::maintenance::node_states(shared, &good.model);
-    metrics.node_state.reset();
+    let states: BTreeMap<String, &'static str> =
+        crate::maintenance::node_states(shared, &good.model)
+            .into_iter()
+            .collect();
     let mut counts: BTreeMap<String, i64> =
         NODE_STATES.iter().map(|s| ((*s).to_owned(), 0)).collect();
-    for (node, state) in &states {
+    for state in states.values() {
         *counts.entry((*state).to_owned()).or_default() += 1;
-        metrics
-            .node_state
-            .with_label_values(&[node.as_str(), state])
-            .set(1);
     }
+    // Only the nodes whose state changed (or that came or went) are written.
+    let mut shown = metrics.node_state_shown.lock().expect("node states lock");
+    for (node, was) in shown.iter() {
+        if states.get(node) != Some(was) {
+            let _ = metrics
+                .node_state
+                .remove_label_values(&[node.as_str(), was]);
+        }
+    }
+    for (node, state) in &states {
+        if shown.get(node) != Some(state) {
+            metrics
+                .node_state
+                .with_label_values(&[node.as_str(), state])
+                .set(1);
+        }
+    }
+    *shown = states;
+    drop(shown);
     crate::metrics::Metrics::set_all(&metrics.nodes, &counts);
     metrics.ha_declared.reset();
     metrics.ha_measured.reset();

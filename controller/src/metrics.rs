@@ -26,6 +26,11 @@ pub struct Metrics {
     pub nodes: IntGaugeVec,
     /// 1 for each node's state (`node`, `state`).
     pub node_state: IntGaugeVec,
+    /// The state `node_state` shows for each node: only what changed is written
+    /// (10,000 label sets made again after every observation were a tenth of a
+    /// sync's hand-over).
+    pub node_state_shown:
+        std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, &'static str>>>,
     /// Each HA VM's declared worst-case restart time after its node fails.
     pub ha_declared: GaugeVec,
     /// Each HA VM's last measured restart time (its node's last grant → running
@@ -179,6 +184,7 @@ impl Metrics {
                 "Webhooks received, by result (accepted: a push to the followed branch, ignored, refused: bad or missing signature).",
                 &["result"],
             ),
+            node_state_shown: Default::default(),
             paused,
             registry,
         }

@@ -1150,6 +1150,31 @@ impl StateStore for RedbStore {
             .filter_map(|(_, bytes)| crate::audit::Record::decode(&bytes).entry())
             .collect())
     }
+
+    /// Decodes only the audit entries whose bytes name a migration (every sync
+    /// asks, for a committed one to finish; decoding the whole log each time grew
+    /// with the cloud's history).
+    fn migrations(&self) -> Result<Vec<crate::migrate::MigrationRecord>, StateError> {
+        let needle = crate::migrate::MIGRATION_EVENT.as_bytes();
+        let entries: Vec<AuditEntry> = self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(AUDIT)
+                .map_err(|e| self.err("open table", e))?;
+            let mut out = vec![];
+            for entry in t.iter().map_err(|e| self.err("iter", e))? {
+                let (_, v) = entry.map_err(|e| self.err("iter", e))?;
+                let bytes = v.value();
+                if bytes.windows(needle.len()).any(|w| w == needle)
+                    && let Some(entry) = crate::audit::Record::decode(bytes).entry()
+                {
+                    out.push(entry);
+                }
+            }
+            Ok(out)
+        })?;
+        Ok(crate::migrate::records_in(&entries))
+    }
 }
 
 /// A random 16-hex-digit id.
@@ -1352,6 +1377,40 @@ mod tests {
         reopened.put_json(META, "format_version", &4u32).unwrap();
         let err = RedbStore::open(&path).unwrap_err();
         assert!(err.to_string().contains("record `d`"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn migrations_are_the_migration_entries_of_the_audit_log() {
+        let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
+        let store = RedbStore::open(&dir.join("state.redb"))
+            .unwrap()
+            .with_audit_key(
+                proto::auth::Identity::generate().unwrap(),
+                proto::anchor::SharedHead::default(),
+            )
+            .unwrap();
+        let record = |vm: &str, phase: &str| crate::migrate::MigrationRecord {
+            vm: vm.into(),
+            from: "n1".into(),
+            to: "n2".into(),
+            phase: phase.into(),
+            request_id: format!("e-1.{vm}"),
+            at_unix_ms: 1,
+            figures: None,
+            error: String::new(),
+            handover: vec![],
+        };
+        store.record_migration(&record("a", "started")).unwrap();
+        // Other entries, one that mentions a migration without being one.
+        store
+            .audit("apply", serde_json::json!({"reason": "a live migration"}))
+            .unwrap();
+        store.record_migration(&record("a", "committed")).unwrap();
+        store.audit("sync", serde_json::json!({"n": 1})).unwrap();
+        let all = crate::migrate::records_in(&store.audit_log().unwrap());
+        assert_eq!(all.len(), 2);
+        assert_eq!(store.migrations().unwrap(), all);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -159,6 +159,9 @@ fn failure_detect_reaches_the_nodes_and_an_ha_restart_is_measured_against_its_de
     ] {
         assert!(metrics.contains(&sample), "{sample} in:\n{metrics}");
     }
+    // One state per node: the one it left is gone.
+    let ready = format!("cairn_controller_node_state{{node=\"{node}\",state=\"ready\"}}");
+    assert!(!metrics.contains(&ready), "{ready} in:\n{metrics}");
     crate::controller::promtool_check(&metrics);
     // The event records the time it took, beside the declared one.
     let events: Value =

@@ -151,6 +151,8 @@ fn a_node_in_maintenance_is_drained_live_gets_no_ha_restart_and_shows_it() {
     ] {
         assert!(metrics.contains(&sample), "{sample} in:\n{metrics}");
     }
+    let ready = format!("cairn_controller_node_state{{node=\"{kept}\",state=\"ready\"}}");
+    assert!(!metrics.contains(&ready), "{ready} in:\n{metrics}");
 
     // The controller drains `kept` live: each of its VMs runs on another node, in a
     // new VMM whose guest's heartbeat counter went on (no reboot), none on `kept`.
