@@ -1244,11 +1244,15 @@ mod tests {
     fn the_vmms_under_a_directory_are_found_by_program_and_config() {
         use std::os::unix::process::CommandExt as _;
         let dir = std::env::temp_dir().join(format!("cairn-vmms-{}", random_id()));
+        // `read` is a shell builtin: the shell waits on its stdin without forking. A
+        // `sleep` there forked a copy of the shell, with the same command line until
+        // it exec'd, and that copy was found too (once, on a loaded machine).
         let spawn = |program: &str, config: &std::path::Path| {
             std::process::Command::new("sh")
                 .arg0(program)
-                .args(["-c", "sleep 30; true", "--config"])
+                .args(["-c", "read -r _", "--config"])
                 .arg(config)
+                .stdin(std::process::Stdio::piped())
                 .spawn()
                 .unwrap()
         };
