@@ -210,24 +210,37 @@ impl Cluster {
 
     /// A quickstart copy without `without`, `dev up` run with `env`.
     pub(crate) fn up_with_env(tag: &str, without: &[&str], env: &[(&str, &str)]) -> Cluster {
-        let dir = quickstart_copy(tag);
-        for file in without {
-            std::fs::remove_file(dir.0.join(file)).expect("remove spec file");
+        // The copy's node ports were free when `free_port` looked; on a machine
+        // running the whole suite another process can take one before its node binds
+        // it (`dev up` stops every node then). A new copy gets new ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let dir = quickstart_copy(tag);
+            for file in without {
+                std::fs::remove_file(dir.0.join(file)).expect("remove spec file");
+            }
+            let cluster = Cluster { dir };
+            let out = cluster
+                .command(&["dev", "up", "."])
+                .envs(env.iter().copied())
+                .output()
+                .expect("cairn dev up runs");
+            let up = Run {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            };
+            if up.code != 0 && up.stderr.contains("Address already in use") && attempt < 3 {
+                eprintln!(
+                    "dev up: a node's port was taken meanwhile, again with new ports: {up:?}"
+                );
+                continue;
+            }
+            assert_eq!(up.code, 0, "dev up failed: {up:?}");
+            assert!(up.stdout.contains("dev cluster up: 3 nodes"), "{up:?}");
+            return cluster;
         }
-        let cluster = Cluster { dir };
-        let out = cluster
-            .command(&["dev", "up", "."])
-            .envs(env.iter().copied())
-            .output()
-            .expect("cairn dev up runs");
-        let up = Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        };
-        assert_eq!(up.code, 0, "dev up failed: {up:?}");
-        assert!(up.stdout.contains("dev cluster up: 3 nodes"), "{up:?}");
-        cluster
     }
 
     pub(crate) fn path(&self) -> &Path {
