@@ -940,46 +940,25 @@ impl Cgroups {
         // meanwhile (a control connection's, say, while this node asks the VMM its
         // status) is not listed, rather than listed and not yet seen in its cgroup.
         let threads = threads_of(pid);
-        let members = || {
-            (
-                read_pids(&cpu.join(&leaf).join("tasks")),
-                read_pids(&cpu.join(&service).join("tasks")),
-            )
-        };
-        let (mut in_vm, mut in_service) = members();
-        let outside = |in_vm: &[u32], in_service: &[u32], tid: u32, comm: &str| {
-            if is_guest_thread(comm) {
-                !in_vm.contains(&tid)
-            } else {
-                !in_service.contains(&tid)
-            }
-        };
-        if threads
-            .iter()
-            .any(|(tid, comm)| outside(&in_vm, &in_service, *tid, comm))
-        {
-            // A thread that ended between the two reads is in neither: read the
-            // members once more, and only a live thread still outside is misplaced.
-            (in_vm, in_service) = members();
-        }
+        let in_vm = read_pids(&cpu.join(&leaf).join("tasks"));
+        let in_service = read_pids(&cpu.join(&service).join("tasks"));
         threads
             .into_iter()
-            .filter(|(tid, comm)| {
-                outside(&in_vm, &in_service, *tid, comm)
-                    && Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
-            })
-            .map(|(tid, comm)| {
-                let belongs = if is_guest_thread(&comm) {
-                    leaf.clone()
+            .filter_map(|(tid, comm)| {
+                let (members, belongs) = if is_guest_thread(&comm) {
+                    (&in_vm, &leaf)
                 } else {
-                    service.clone()
+                    (&in_service, &service)
                 };
-                MisplacedThread {
-                    tid,
-                    comm,
-                    tasks: cpu.join(&belongs).join("tasks"),
-                    belongs,
-                }
+                // A thread that ended between the two reads is in neither: only a
+                // live one is misplaced (the next look tells the rest).
+                (!members.contains(&tid) && Path::new(&format!("/proc/{pid}/task/{tid}")).exists())
+                    .then(|| MisplacedThread {
+                        tid,
+                        comm,
+                        tasks: cpu.join(belongs).join("tasks"),
+                        belongs: belongs.clone(),
+                    })
             })
             .collect()
     }

@@ -29,7 +29,7 @@ use crate::desired::Placement;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const PLANS: TableDefinition<&str, &[u8]> = TableDefinition::new("plans");
 const JOURNAL: TableDefinition<&str, &[u8]> = TableDefinition::new("journal");
-/// Each execution's head (`PlanRecordHead`: finished, started), beside its record
+/// Each execution's head (`ExecutionHead`: finished, started), beside its record
 /// in `PLANS`: a sync asks which executions are unfinished, and a first apply's
 /// record is a hundred MB of plan that scanning `PLANS` read every time.
 const PLAN_HEADS: TableDefinition<&str, &[u8]> = TableDefinition::new("plan_heads");
@@ -260,10 +260,22 @@ pub struct PlanRecord {
 /// building it): which executions are unfinished and which is the newest. Every
 /// sync asks, and a 100,000-VM first apply's plan is about a hundred MB of JSON,
 /// several times that as a `serde_json::Value`, kept in the store for good.
-#[derive(Debug, Serialize, Deserialize)]
-struct PlanRecordHead {
-    finished: bool,
-    started_at_unix_ms: u64,
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ExecutionHead {
+    /// Whether the execution finished.
+    pub finished: bool,
+    /// When it started.
+    pub started_at_unix_ms: u64,
+}
+
+impl ExecutionHead {
+    /// The head of a record.
+    pub fn of(record: &PlanRecord) -> ExecutionHead {
+        ExecutionHead {
+            finished: record.finished,
+            started_at_unix_ms: record.started_at_unix_ms,
+        }
+    }
 }
 
 /// An execution record without its plan's steps (counted, not kept).
@@ -273,7 +285,6 @@ pub struct ExecutionSummary {
     #[serde(default)]
     pub execution_id: String,
     /// Its plan's id and step count.
-    #[serde(rename = "plan")]
     pub plan: PlanSummary,
     /// Whether it finished.
     pub finished: bool,
@@ -316,7 +327,16 @@ impl ExecutionSummary {
     }
 }
 
-fn head_bytes(head: &PlanRecordHead) -> Vec<u8> {
+/// `executions_where`'s pick of the newest execution (the last of equal starts).
+fn newest(heads: &[(String, ExecutionHead)]) -> Vec<usize> {
+    heads.len().checked_sub(1).into_iter().collect()
+}
+
+fn record_id(record: &mut PlanRecord) -> &mut String {
+    &mut record.execution_id
+}
+
+fn head_bytes(head: &ExecutionHead) -> Vec<u8> {
     serde_json::to_vec(head).expect("a head serializes")
 }
 
@@ -401,7 +421,7 @@ pub trait StateStore: Send + Sync {
     fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError>;
 
     /// The newest execution record (the last of [`Self::executions`]). The redb
-    /// store parses only that one's plan (`PlanRecordHead`).
+    /// store parses only that one's plan (`ExecutionHead`).
     fn last_execution(&self) -> Result<Option<(String, PlanRecord)>, StateError> {
         Ok(self.executions()?.pop())
     }
@@ -710,10 +730,11 @@ impl RedbStore {
 
     /// The execution records `pick` chooses, oldest first, from their heads sorted
     /// oldest first (by start, then key); only the chosen ones' plans are parsed.
-    fn executions_where(
+    fn executions_where<T: DeserializeOwned>(
         &self,
-        pick: impl FnOnce(&[(String, PlanRecordHead)]) -> Vec<usize>,
-    ) -> Result<Vec<(String, PlanRecord)>, StateError> {
+        pick: impl FnOnce(&[(String, ExecutionHead)]) -> Vec<usize>,
+        id_of: fn(&mut T) -> &mut String,
+    ) -> Result<Vec<(String, T)>, StateError> {
         self.with_db(|db| {
             let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
             let t = tx
@@ -730,7 +751,7 @@ impl RedbStore {
                 .map_err(|e| self.err("open table", e))?;
             for entry in head_table.iter().map_err(|e| self.err("iter", e))? {
                 let (k, v) = entry.map_err(|e| self.err("iter", e))?;
-                let head: PlanRecordHead =
+                let head: ExecutionHead =
                     serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?;
                 heads.push((k.value().to_owned(), head));
             }
@@ -742,10 +763,10 @@ impl RedbStore {
                 let Some(v) = t.get(key.as_str()).map_err(|e| self.err("get", e))? else {
                     continue;
                 };
-                let mut record: PlanRecord =
+                let mut record: T =
                     serde_json::from_slice(v.value()).map_err(|e| corrupt(key, e))?;
-                if record.execution_id.is_empty() {
-                    record.execution_id = key.clone();
+                if id_of(&mut record).is_empty() {
+                    *id_of(&mut record) = key.clone();
                 }
                 out.push((key.clone(), record));
             }
@@ -764,7 +785,7 @@ impl RedbStore {
             .map_err(|e| self.err("open table", e))?;
         for entry in plans.iter().map_err(|e| self.err("iter", e))? {
             let (k, v) = entry.map_err(|e| self.err("iter", e))?;
-            let head: PlanRecordHead =
+            let head: ExecutionHead =
                 serde_json::from_slice(v.value()).map_err(|source| StateError::Corrupt {
                     path: self.path.display().to_string(),
                     key: k.value().to_owned(),
@@ -780,10 +801,7 @@ impl RedbStore {
     /// Writes an execution's record and its head in one transaction.
     fn put_execution(&self, key: &str, record: &PlanRecord) -> Result<(), StateError> {
         let bytes = serde_json::to_vec(record).expect("state records serialize");
-        let head = head_bytes(&PlanRecordHead {
-            finished: record.finished,
-            started_at_unix_ms: record.started_at_unix_ms,
-        });
+        let head = head_bytes(&ExecutionHead::of(record));
         self.with_db(|db| {
             let tx = db.begin_write().map_err(|e| self.err("begin", e))?;
             {
@@ -968,69 +986,35 @@ impl StateStore for RedbStore {
     /// The executions that did not finish (a crash), oldest first: only their plans
     /// are read (the heads table says which).
     fn unfinished_executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
-        self.executions_where(|heads| {
-            heads
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, head))| !head.finished)
-                .map(|(i, _)| i)
-                .collect()
-        })
+        self.executions_where(
+            |heads| {
+                heads
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, head))| !head.finished)
+                    .map(|(i, _)| i)
+                    .collect()
+            },
+            record_id,
+        )
     }
 
     /// The newest execution record: only its plan is parsed.
     fn last_execution(&self) -> Result<Option<(String, PlanRecord)>, StateError> {
-        Ok(self
-            .executions_where(|heads| heads.len().checked_sub(1).into_iter().collect())?
-            .pop())
+        Ok(self.executions_where(newest, record_id)?.pop())
     }
 
     /// The newest execution, its steps counted and not built.
     fn last_execution_summary(&self) -> Result<Option<ExecutionSummary>, StateError> {
-        self.with_db(|db| {
-            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
-            let heads = tx
-                .open_table(PLAN_HEADS)
-                .map_err(|e| self.err("open table", e))?;
-            let corrupt = |key: &str, source| StateError::Corrupt {
-                path: self.path.display().to_string(),
-                key: key.to_owned(),
-                source,
-            };
-            let mut newest: Option<(u64, String)> = None;
-            for entry in heads.iter().map_err(|e| self.err("iter", e))? {
-                let (k, v) = entry.map_err(|e| self.err("iter", e))?;
-                let head: PlanRecordHead =
-                    serde_json::from_slice(v.value()).map_err(|e| corrupt(k.value(), e))?;
-                // The last of equal starts in key order, as `executions` sorts.
-                if newest
-                    .as_ref()
-                    .is_none_or(|(at, _)| head.started_at_unix_ms >= *at)
-                {
-                    newest = Some((head.started_at_unix_ms, k.value().to_owned()));
-                }
-            }
-            let Some((_, key)) = newest else {
-                return Ok(None);
-            };
-            let plans = tx
-                .open_table(PLANS)
-                .map_err(|e| self.err("open table", e))?;
-            let Some(v) = plans.get(key.as_str()).map_err(|e| self.err("get", e))? else {
-                return Ok(None);
-            };
-            let mut summary: ExecutionSummary =
-                serde_json::from_slice(v.value()).map_err(|e| corrupt(&key, e))?;
-            if summary.execution_id.is_empty() {
-                summary.execution_id = key;
-            }
-            Ok(Some(summary))
-        })
+        Ok(self
+            .executions_where(newest, |s: &mut ExecutionSummary| &mut s.execution_id)?
+            .pop()
+            .map(|(_, summary)| summary))
     }
 
     /// Every execution record, oldest first (the key is the execution id).
     fn executions(&self) -> Result<Vec<(String, PlanRecord)>, StateError> {
-        self.executions_where(|heads| (0..heads.len()).collect())
+        self.executions_where(|heads| (0..heads.len()).collect(), record_id)
     }
 
     /// Marks an execution finished; `ended` says how when it did not run to its end.

@@ -38,8 +38,8 @@ use etcd_client::{
 use reconciler::audit::{AuditEntry, Record};
 use reconciler::desired::Placement;
 use reconciler::state::{
-    Applied, LockInfo, PlanRecord, STATE_FORMAT_VERSION, StateError, StateStore, StepRecord,
-    hostname, now_ms, process_alive, random_id,
+    Applied, ExecutionHead, LockInfo, PlanRecord, STATE_FORMAT_VERSION, StateError, StateStore,
+    StepRecord, hostname, now_ms, process_alive, random_id,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use sha2::{Digest, Sha256};
@@ -950,22 +950,6 @@ impl StateStore for EtcdStore {
     }
 }
 
-/// An execution's head (`plan-heads/EXECUTION_ID`).
-#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
-struct ExecutionHead {
-    finished: bool,
-    started_at_unix_ms: u64,
-}
-
-impl ExecutionHead {
-    fn of(record: &PlanRecord) -> ExecutionHead {
-        ExecutionHead {
-            finished: record.finished,
-            started_at_unix_ms: record.started_at_unix_ms,
-        }
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1074,13 +1058,15 @@ pub(crate) mod tests {
         store
             .finish_execution("a-1", Some("superseded by b-2".into()))
             .unwrap();
-        let unfinished: Vec<String> = store
-            .unfinished_executions()
-            .unwrap()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        assert_eq!(unfinished, vec!["b-2"]);
+        let unfinished_ids = |store: &EtcdStore| -> Vec<String> {
+            store
+                .unfinished_executions()
+                .unwrap()
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect()
+        };
+        assert_eq!(unfinished_ids(&store), vec!["b-2"]);
         assert_eq!(store.executions().unwrap()[0].0, "a-1");
         // An execution written before heads were kept (no `plan-heads/` key) is
         // read whole once, and has a head from then on.
@@ -1091,13 +1077,7 @@ pub(crate) mod tests {
             )
             .unwrap();
         assert!(store.get_value("plan-heads/c-0").unwrap().is_none());
-        let unfinished: Vec<String> = store
-            .unfinished_executions()
-            .unwrap()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
-        assert_eq!(unfinished, vec!["c-0", "b-2"]);
+        assert_eq!(unfinished_ids(&store), vec!["c-0", "b-2"]);
         assert!(store.get_value("plan-heads/c-0").unwrap().is_some());
         assert_eq!(store.last_execution().unwrap().unwrap().0, "b-2");
         store.finish_execution("c-0", None).unwrap();
