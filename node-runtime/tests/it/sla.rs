@@ -738,17 +738,26 @@ async fn ksm_read(client: &mut NodeClient, names: &[String]) -> KsmRead {
         let node_sharing = observed.usage.as_ref().map(|u| u.ksm_pages_sharing);
         let in_window = node_sharing
             .is_some_and(|n| (sys_before.min(sys_after)..=sys_before.max(sys_after)).contains(&n));
-        if (proc_before == proc_after && sys_before == sys_after && in_window) || attempts == 30 {
-            let guests = observed
-                .vms
-                .iter()
-                .filter(|vm| names.contains(&vm.name))
-                .map(|vm| {
-                    let reported = vm.usage.as_ref().map_or(0, |u| u.ksm_merging_pages);
-                    let proc = read_u64(format!("/proc/{}/ksm_merging_pages", vm.pid));
-                    (vm.name.clone(), reported, proc)
-                })
-                .collect();
+        // Each guest's figure is the kernel's read before and after the node's (equal
+        // when settled), never a third read: a page merged after Observe answered made
+        // CI compare the node's 10 with a later /proc 9.
+        let guests: Vec<(String, u64, u64)> = pids
+            .iter()
+            .zip(&proc_after)
+            .map(|((name, _), proc)| {
+                let reported = observed
+                    .vms
+                    .iter()
+                    .find(|vm| &vm.name == name)
+                    .and_then(|vm| vm.usage.as_ref())
+                    .map_or(0, |u| u.ksm_merging_pages);
+                (name.clone(), reported, *proc)
+            })
+            .collect();
+        let guests_agree = guests.iter().all(|(_, reported, proc)| reported == proc);
+        if (proc_before == proc_after && sys_before == sys_after && in_window && guests_agree)
+            || attempts == 30
+        {
             return KsmRead {
                 observed,
                 sys_before,
