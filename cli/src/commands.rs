@@ -553,8 +553,7 @@ pub fn status_cmd(dir: &Path, state: Option<&Path>, format: Format) -> anyhow::R
     let last = store
         .last_execution_summary()?
         .map(|record| reconciler::status::last_apply(&record, &store));
-    let mut audit = store.audit_log()?;
-    audit.drain(..audit.len().saturating_sub(5));
+    let audit = store.recent_audit(5)?;
     let mut status = reconciler::status::status(&desired, &observed, store.applied()?, last, audit);
     reconciler::status::mark_maintenance(&mut status, &loaded.model().nodes_in_maintenance());
     reconciler::status::mark_migrations(&mut status, store.migrations()?);

@@ -340,6 +340,7 @@ delegate! {
     fn journal_of(&self, execution_id: &str) -> Result<Vec<StepRecord>, StateError>;
     fn audit(&self, event: &str, detail: serde_json::Value) -> Result<(), StateError>;
     fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError>;
+    fn recent_audit(&self, n: usize) -> Result<Vec<AuditEntry>, StateError>;
     fn migrations(&self) -> Result<Vec<reconciler::migrate::MigrationRecord>, StateError>;
 }
 

@@ -1830,9 +1830,8 @@ pub(crate) async fn status_json(
             .last_execution_summary()
             .map_err(|e| e.to_string())?
             .map(|record| reconciler::status::last_apply(&record, &store));
-        let mut audit = store.audit_log().map_err(|e| e.to_string())?;
-        let migrations = reconciler::migrate::records_in(&audit);
-        audit.drain(..audit.len().saturating_sub(5));
+        let audit = store.recent_audit(5).map_err(|e| e.to_string())?;
+        let migrations = store.migrations().map_err(|e| e.to_string())?;
         let mut status = reconciler::status::status(
             &desired,
             observed,

@@ -42,6 +42,8 @@ use redb::{ReadableTable, Table, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod brief;
+
 /// The audit table: sequence number → one [`Sealed`] entry (JSON).
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 

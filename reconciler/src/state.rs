@@ -460,6 +460,18 @@ pub trait StateStore: Send + Sync {
     /// The audit log, oldest first.
     fn audit_log(&self) -> Result<Vec<AuditEntry>, StateError>;
 
+    /// The newest `n` entries of the audit log, oldest first, in brief
+    /// ([`crate::audit::brief`]: what a status shows). A store reads them from the
+    /// end, never the whole log.
+    fn recent_audit(&self, n: usize) -> Result<Vec<AuditEntry>, StateError> {
+        let mut log = self.audit_log()?;
+        log.drain(..log.len().saturating_sub(n));
+        Ok(log
+            .into_iter()
+            .map(crate::audit::brief::abbreviate)
+            .collect())
+    }
+
     /// Records a live migration's phase durably (issue 17): `committed` is the
     /// commit point that names the destination the VM's owner. Written as an audit
     /// entry (`migration`), so every store keeps it in the same signed chain, in one
@@ -1135,6 +1147,25 @@ impl StateStore for RedbStore {
             .collect())
     }
 
+    fn recent_audit(&self, n: usize) -> Result<Vec<AuditEntry>, StateError> {
+        self.with_db(|db| {
+            let tx = db.begin_read().map_err(|e| self.err("begin", e))?;
+            let t = tx
+                .open_table(AUDIT)
+                .map_err(|e| self.err("open table", e))?;
+            let mut out = vec![];
+            for record in t.iter().map_err(|e| self.err("iter", e))?.rev() {
+                if out.len() == n {
+                    break;
+                }
+                let (_, bytes) = record.map_err(|e| self.err("iter", e))?;
+                out.extend(crate::audit::brief::decode(bytes.value()));
+            }
+            out.reverse();
+            Ok(out)
+        })
+    }
+
     /// Decodes only the audit entries whose bytes name a migration (every sync
     /// asks, for a committed one to finish; decoding the whole log each time grew
     /// with the cloud's history).
@@ -1366,6 +1397,41 @@ mod tests {
         let err = RedbStore::open(&path).unwrap_err();
         assert!(err.to_string().contains("record `d`"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_newest_audit_entries_are_read_from_the_end_in_brief() {
+        let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
+        let store = RedbStore::open(&dir.join("state.redb"))
+            .unwrap()
+            .with_audit_key(
+                proto::auth::Identity::generate().unwrap(),
+                proto::anchor::SharedHead::default(),
+            )
+            .unwrap();
+        assert!(store.recent_audit(5).unwrap().is_empty());
+        let steps: Vec<u32> = (0..120).collect();
+        for n in 0..4 {
+            store.audit("sync", serde_json::json!({"n": n})).unwrap();
+        }
+        store
+            .audit("apply", serde_json::json!({"plan_id": "p", "steps": steps}))
+            .unwrap();
+        store.audit("sync", serde_json::json!({"n": 5})).unwrap();
+        let whole = store.audit_log().unwrap();
+        for n in [0, 1, 2, 5, 6, 9] {
+            let want: Vec<AuditEntry> = whole[whole.len().saturating_sub(n)..]
+                .iter()
+                .cloned()
+                .map(crate::audit::brief::abbreviate)
+                .collect();
+            assert_eq!(store.recent_audit(n).unwrap(), want, "newest {n}");
+        }
+        assert_eq!(
+            store.recent_audit(2).unwrap()[0].detail,
+            serde_json::json!({"plan_id": "p", "abbreviated": {"steps": 120}})
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -310,7 +310,10 @@ pub struct Status {
     pub drifted: usize,
     /// The last apply.
     pub last_apply: Option<LastApply>,
-    /// The last entries of the audit log (newest last).
+    /// The last five entries of the audit log (newest last), in brief: a list of
+    /// more than 50 items at the top of an entry's detail (an `apply` entry's
+    /// `steps`) is left out and its length named under `abbreviated`
+    /// (`crate::audit::brief`); the audit log keeps the entry whole.
     pub audit: Vec<crate::state::AuditEntry>,
 }
 

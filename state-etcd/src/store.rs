@@ -948,6 +948,44 @@ impl StateStore for EtcdStore {
             .filter_map(|(_, bytes)| Record::decode(&bytes).entry())
             .collect())
     }
+
+    /// The newest records only (a range sorted by key, descending, limited), each
+    /// decoded in brief.
+    fn recent_audit(&self, n: usize) -> Result<Vec<AuditEntry>, StateError> {
+        if n == 0 {
+            return Ok(vec![]);
+        }
+        let start = self.target.key("audit/");
+        let mut end = prefix_end(&start);
+        let mut out = vec![];
+        // Records that do not decode are left out, as in `audit_log`: read on
+        // past them, a page at a time.
+        loop {
+            let wanted = n - out.len();
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_sort(SortTarget::Key, SortOrder::Descend)
+                .with_limit(wanted as i64);
+            let mut client = self.client.clone();
+            let from = start.clone();
+            let response = self.run("read the newest audit entries", async move {
+                client.get(from, Some(options)).await
+            })?;
+            let kvs = response.kvs();
+            for kv in kvs {
+                out.extend(reconciler::audit::brief::decode(kv.value()));
+            }
+            match kvs.last() {
+                // The range's end is exclusive: the next page is older than this.
+                Some(oldest) if kvs.len() == wanted && out.len() < n => {
+                    end = oldest.key().to_vec();
+                }
+                _ => break,
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -1104,6 +1142,26 @@ pub(crate) mod tests {
         assert_eq!(summary.entries, 3);
         assert_eq!(head.get().map(|h| h.seq), Some(3));
         assert_eq!(store.audit_log().unwrap().len(), 3);
+        // The newest entries are read from the end, in brief, as the default
+        // (whole log) reading gives them.
+        let steps: Vec<u32> = (0..120).collect();
+        store
+            .audit("apply", serde_json::json!({"plan_id": "p", "steps": steps}))
+            .unwrap();
+        store.audit("sync", serde_json::json!({"n": 4})).unwrap();
+        let whole = store.audit_log().unwrap();
+        for n in [0, 1, 2, 5, 9] {
+            let want: Vec<_> = whole[whole.len().saturating_sub(n)..]
+                .iter()
+                .cloned()
+                .map(reconciler::audit::brief::abbreviate)
+                .collect();
+            assert_eq!(store.recent_audit(n).unwrap(), want, "newest {n}");
+        }
+        assert_eq!(
+            store.recent_audit(2).unwrap()[0].detail,
+            serde_json::json!({"plan_id": "p", "abbreviated": {"steps": 120}})
+        );
         // A second opener of the same prefix sees it all; another prefix nothing.
         let other = EtcdStore::open(&etcd.url("t1")).unwrap();
         assert_eq!(other.journal_of("b-2").unwrap().len(), 250);
