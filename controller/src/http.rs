@@ -230,7 +230,7 @@ async fn status(State(shared): State<Arc<Shared>>) -> Response {
         crate::console::applied_commit(&shared),
     ));
     shared.status_view.put(view.clone());
-    axum::Json(&view.json).into_response()
+    axum::Json(&view.answer).into_response()
 }
 
 /// `?limit=N&kind=K`.

@@ -922,22 +922,24 @@ pub fn node_metrics(shared: &Shared) {
     }
 }
 
-/// Adds to a status JSON each node's state (`nodes[].state`) and
-/// `controller.ha_restart_times[]` (each HA VM's declared worst case beside its
-/// last measured restart).
-pub fn status_overlay(shared: &Shared, model: &compiler::Model, status: &mut serde_json::Value) {
+/// Sets each node's state in a status (`nodes[].state`) and adds
+/// `ha_restart_times[]` to its controller part (each HA VM's declared worst case
+/// beside its last measured restart).
+pub fn status_overlay(
+    shared: &Shared,
+    model: &compiler::Model,
+    status: &mut reconciler::status::Status,
+    controller: &mut serde_json::Value,
+) {
     let states: BTreeMap<String, &str> = crate::maintenance::node_states(shared, model)
         .into_iter()
         .collect();
-    if let Some(nodes) = status["nodes"].as_array_mut() {
-        for node in nodes {
-            let name = node["name"].as_str().unwrap_or_default();
-            if let Some(state) = states.get(name) {
-                node["state"] = serde_json::json!(state);
-            }
+    for node in &mut status.nodes {
+        if let Some(state) = states.get(&node.name) {
+            node.state = (*state).to_owned();
         }
     }
-    status["controller"]["ha_restart_times"] = serde_json::json!(shared.leases.ha_times(model));
+    controller["ha_restart_times"] = serde_json::json!(shared.leases.ha_times(model));
 }
 
 /// `Lease.Renew` over the shared controller state.

@@ -1791,13 +1791,12 @@ async fn watch_node(shared: Arc<Shared>, node: String, address: String) {
     }
 }
 
-/// The JSON of `/api/v1/status`: `cairn status` of the applied commit, observed
-/// at most `max_age` ago (`Duration::ZERO`: now), plus the controller; and when
-/// the nodes were observed (none before the first applied commit).
-pub(crate) async fn status_json(
-    shared: &Shared,
-    max_age: Duration,
-) -> (serde_json::Value, Option<u64>) {
+/// `/api/v1/status`: `cairn status` of the applied commit, observed at most
+/// `max_age` ago (`Duration::ZERO`: now), plus the controller; and when the nodes
+/// were observed (none before the first applied commit). Kept as the status
+/// itself, not as a JSON value: the console's pages read it as it is, and the
+/// answer is written out when asked for ([`StatusAnswer`]'s `Serialize`).
+pub(crate) async fn status_json(shared: &Shared, max_age: Duration) -> (StatusAnswer, Option<u64>) {
     let view = crate::replicas::view(shared);
     let mut controller = json!({
         "revision": view.revision,
@@ -1812,15 +1811,17 @@ pub(crate) async fn status_json(
     }
     let good = shared.good.lock().expect("good lock").clone();
     let Some(good) = good else {
-        return (
-            json!({"format_version": reconciler::status::STATUS_FORMAT_VERSION, "controller": controller}),
-            None,
-        );
+        let answer = StatusAnswer {
+            status: None,
+            controller,
+            error: None,
+        };
+        return (answer, None);
     };
     let observation = shared.observation(&good.model, max_age).await;
     let observed = &observation.observed;
     let leases = shared.leases.rows(&good.model);
-    let built = (|| -> Result<serde_json::Value, String> {
+    let built = (|| -> Result<reconciler::status::Status, String> {
         let store = shared.state_store()?;
         let previous =
             pipeline::previous_placement(store.placement().map_err(|e| e.to_string())?, observed);
@@ -1840,24 +1841,72 @@ pub(crate) async fn status_json(
             audit,
         );
         reconciler::status::mark_migrations(&mut status, migrations);
-        serde_json::to_value(&status).map_err(|e| e.to_string())
+        Ok(status)
     })();
-    let value = match built {
-        Ok(mut value) => {
-            value["controller"] = controller;
-            value["controller"]["leases"] = json!(leases);
-            value["controller"]["maintenance"] =
-                json!(crate::maintenance::all_entries(shared, &good.model));
-            crate::lease::status_overlay(shared, &good.model, &mut value);
-            value
+    let answer = match built {
+        Ok(mut status) => {
+            controller["leases"] = json!(leases);
+            controller["maintenance"] = json!(crate::maintenance::all_entries(shared, &good.model));
+            crate::lease::status_overlay(shared, &good.model, &mut status, &mut controller);
+            StatusAnswer {
+                status: Some(Arc::new(status)),
+                controller,
+                error: None,
+            }
         }
-        Err(e) => json!({
-            "format_version": reconciler::status::STATUS_FORMAT_VERSION,
-            "controller": controller,
-            "error": e,
-        }),
+        Err(e) => StatusAnswer {
+            status: None,
+            controller,
+            error: Some(e),
+        },
     };
-    (value, Some(observation.at_unix_ms))
+    (answer, Some(observation.at_unix_ms))
+}
+
+/// What `/api/v1/status` answers: the status (none before the first applied
+/// commit, or when it could not be made: then `error` says why) and the
+/// controller's own part. Written out as one object: the status's fields and
+/// `controller` (without a status: `format_version`, `controller`, `error`).
+#[derive(Debug)]
+pub struct StatusAnswer {
+    /// `cairn status` of the applied commit, with the controller's node states.
+    pub status: Option<Arc<reconciler::status::Status>>,
+    /// `controller`: revision, last sync, pause, source, replicas, leases,
+    /// maintenance, HA restart times.
+    pub controller: serde_json::Value,
+    /// Why there is no status.
+    pub error: Option<String>,
+}
+
+impl serde::Serialize for StatusAnswer {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct With<'a> {
+            #[serde(flatten)]
+            status: &'a reconciler::status::Status,
+            controller: &'a serde_json::Value,
+        }
+        #[derive(serde::Serialize)]
+        struct Without<'a> {
+            format_version: u32,
+            controller: &'a serde_json::Value,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            error: Option<&'a str>,
+        }
+        match &self.status {
+            Some(status) => With {
+                status,
+                controller: &self.controller,
+            }
+            .serialize(serializer),
+            None => Without {
+                format_version: reconciler::status::STATUS_FORMAT_VERSION,
+                controller: &self.controller,
+                error: self.error.as_deref(),
+            }
+            .serialize(serializer),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -329,48 +329,39 @@ impl Use {
     }
 }
 
-/// The status the pages show: the value `/api/v1/status` answers, parsed once
-/// for every page that shows it.
+/// The status the pages show: what `/api/v1/status` answers, kept as the status
+/// itself (never written out and parsed back for the pages).
 #[derive(Debug)]
 pub struct StatusView {
-    /// `/api/v1/status`'s value.
-    pub json: serde_json::Value,
+    /// `/api/v1/status`'s answer.
+    pub answer: crate::worker::StatusAnswer,
     /// When its nodes were observed (ms since the Unix epoch; none before the
     /// first applied commit).
     pub observed_unix_ms: Option<u64>,
     /// The applied commit it was made for.
     pub commit: Option<String>,
-    parsed: std::sync::OnceLock<(Option<Arc<reconciler::status::Status>>, Option<String>)>,
+    parsed: (Option<Arc<reconciler::status::Status>>, Option<String>),
 }
 
 impl StatusView {
-    /// A status value, observed at `observed_unix_ms`, of `commit`.
+    /// A status answer, observed at `observed_unix_ms`, of `commit`.
     pub fn new(
-        json: serde_json::Value,
+        answer: crate::worker::StatusAnswer,
         observed_unix_ms: Option<u64>,
         commit: Option<String>,
     ) -> StatusView {
+        let parsed = (answer.status.clone(), answer.error.clone());
         StatusView {
-            json,
+            answer,
             observed_unix_ms,
             commit,
-            parsed: Default::default(),
+            parsed,
         }
     }
 
-    /// The status parsed (once), and why there is none or it is partial.
+    /// The status, and why there is none.
     pub fn parsed(&self) -> &(Option<Arc<reconciler::status::Status>>, Option<String>) {
-        self.parsed.get_or_init(|| {
-            use serde::Deserialize as _;
-            let error = self.json["error"].as_str().map(str::to_owned);
-            if self.json.get("nodes").is_none() {
-                return (None, error);
-            }
-            match reconciler::status::Status::deserialize(&self.json) {
-                Ok(s) => (Some(Arc::new(s)), error),
-                Err(e) => (None, Some(format!("the status does not parse: {e}"))),
-            }
-        })
+        &self.parsed
     }
 }
 
@@ -388,11 +379,8 @@ pub(crate) fn applied_commit(shared: &Shared) -> Option<String> {
 /// observation when it is that young), and parsed for the pages.
 async fn make_status(shared: &Shared, max_age: Duration) -> Arc<StatusView> {
     let commit = applied_commit(shared);
-    let (json, observed) = crate::worker::status_json(shared, max_age).await;
-    let view = StatusView::new(json, observed, commit);
-    // Parsed here, in the background, rather than by the first page.
-    let _ = view.parsed();
-    Arc::new(view)
+    let (answer, observed) = crate::worker::status_json(shared, max_age).await;
+    Arc::new(StatusView::new(answer, observed, commit))
 }
 
 /// Keeps the pages' status from the controller's start: made at once (so the
