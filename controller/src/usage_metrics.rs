@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use reconciler::usage::NodeUsageReport;
+use reconciler::usage::UsageReports;
 
 /// A label value, escaped for the text format.
 fn escape(value: &str) -> String {
@@ -44,7 +44,7 @@ impl Family {
 /// each report's age.
 pub fn render(
     capacity: &BTreeMap<String, (u64, u64, u64, u64)>,
-    reports: &BTreeMap<String, NodeUsageReport>,
+    reports: &UsageReports,
     now_ms: u64,
 ) -> String {
     let vm_families = [
@@ -296,7 +296,7 @@ pub fn render(
 }
 
 /// The usage families for the applied model's nodes, from the nodes' last reports.
-pub fn of_model(model: &compiler::Model, reports: &BTreeMap<String, NodeUsageReport>) -> String {
+pub fn of_model(model: &compiler::Model, reports: &UsageReports) -> String {
     let capacity = model
         .sites
         .iter()

@@ -106,13 +106,16 @@ impl NodeUsageReport {
     }
 }
 
+/// Every node's last usage report, by node name (each report shared, not copied).
+pub type UsageReports = BTreeMap<String, Arc<NodeUsageReport>>;
+
 /// The last usage report of every node that answered (shared by clones).
 #[derive(Debug, Clone, Default)]
 pub struct UsageBoard {
-    reports: Arc<Mutex<BTreeMap<String, NodeUsageReport>>>,
-    /// Each node's answers of the last [`HISTORY_MS`], oldest first: where a CPU rate
-    /// starts.
-    history: Arc<Mutex<BTreeMap<String, std::collections::VecDeque<NodeUsageReport>>>>,
+    reports: Arc<Mutex<UsageReports>>,
+    /// Each node's answers a CPU rate may still start from, oldest first (see
+    /// [`UsageBoard::record_at`]); the newest is the node's report in `reports`.
+    history: Arc<Mutex<BTreeMap<String, std::collections::VecDeque<Arc<NodeUsageReport>>>>>,
 }
 
 /// A CPU rate is taken over at least this long when the node answered that long ago.
@@ -124,7 +127,8 @@ pub const RATE_WINDOW_MS: u64 = 1_000;
 /// No rate over less than this (the node's first answers).
 pub const MIN_RATE_WINDOW_MS: u64 = 250;
 
-/// How long answers are kept to start rates from.
+/// No rate over more than this: after a longer silence the node's next answer
+/// starts anew.
 pub const HISTORY_MS: u64 = 10_000;
 
 impl UsageBoard {
@@ -133,14 +137,19 @@ impl UsageBoard {
         self.record_at(node, response, crate::state::now_ms());
     }
 
-    /// [`Self::record`] received at `at_unix_ms`.
-    /// Each VM's CPU rate runs from the node's newest earlier answer at least
-    /// [`RATE_WINDOW_MS`] old, else from its oldest one kept if that is at least
-    /// [`MIN_RATE_WINDOW_MS`] old.
+    /// Keeps the usage in `node`'s Observe answer, received at `at_unix_ms`. A rate
+    /// starts from the newest answer at least [`RATE_WINDOW_MS`] old, else from the
+    /// oldest at least [`MIN_RATE_WINDOW_MS`] old. Kept for that: the answers
+    /// younger than the window and the newest one older (none older than
+    /// [`HISTORY_MS`]); an older one can never be the start again (a newer one is
+    /// older than the window already), so it is dropped. At 100,000 VMs the ten seconds of answers kept before were a tenth
+    /// of the controller's memory.
     pub fn record_at(&self, node: &str, response: &v1::ObserveResponse, at_unix_ms: u64) {
         let mut reports = self.reports.lock().expect("usage lock");
         let mut history = self.history.lock().expect("usage lock");
         let past = history.entry(node.to_owned()).or_default();
+        // An answer "from the future" (the clock stepped back) starts nothing, nor
+        // one older than HISTORY_MS.
         past.retain(|r| r.at_unix_ms <= at_unix_ms && at_unix_ms - r.at_unix_ms <= HISTORY_MS);
         let age = |r: &NodeUsageReport| at_unix_ms - r.at_unix_ms;
         let base = past
@@ -148,13 +157,21 @@ impl UsageBoard {
             .rev()
             .find(|r| age(r) >= RATE_WINDOW_MS)
             .or_else(|| past.front().filter(|r| age(r) >= MIN_RATE_WINDOW_MS));
-        let report = NodeUsageReport::of(response, at_unix_ms, base);
+        let report = Arc::new(NodeUsageReport::of(
+            response,
+            at_unix_ms,
+            base.map(|r| &**r),
+        ));
+        // Every answer before the newest one at least a window old is dropped.
+        if let Some(newest_old) = past.iter().rposition(|r| age(r) >= RATE_WINDOW_MS) {
+            past.drain(..newest_old);
+        }
         past.push_back(report.clone());
         reports.insert(node.to_owned(), report);
     }
 
     /// Every node's last report.
-    pub fn snapshot(&self) -> BTreeMap<String, NodeUsageReport> {
+    pub fn snapshot(&self) -> UsageReports {
         self.reports.lock().expect("usage lock").clone()
     }
 }
@@ -163,7 +180,7 @@ impl UsageBoard {
 /// ([`compiler::place::rebalance_measured`]): every running VM whose CPU rate is known
 /// (two answers of its node) with its resident memory. A VM left out counts its
 /// declared size there.
-pub fn measured_load(reports: &BTreeMap<String, NodeUsageReport>) -> compiler::place::MeasuredLoad {
+pub fn measured_load(reports: &UsageReports) -> compiler::place::MeasuredLoad {
     let vms = reports
         .values()
         .flat_map(|report| report.vms.values())
@@ -228,6 +245,59 @@ mod measured_tests {
         board.record_at("lab-2", &answer(1), 10_000);
         board.record_at("lab-2", &answer(2), 10_100);
         assert_eq!(board.snapshot()["lab-2"].vms["db"].cpu_cores, None);
+    }
+
+    /// The board keeps only the answers a rate may still start from, and rates as
+    /// it did keeping every answer of the last ten seconds: checked against that
+    /// rule over uneven answer times (a few ms to 12 s apart).
+    #[test]
+    fn the_answers_kept_give_the_rates_every_answer_of_ten_seconds_gave() {
+        let answer = |cpu_ns: u64| v1::ObserveResponse {
+            vms: vec![v1::VmStatus {
+                name: "db".into(),
+                state: v1::VmState::Running as i32,
+                usage: Some(v1::VmUsage {
+                    cpu_ns,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let board = UsageBoard::default();
+        let mut every: Vec<(u64, u64)> = vec![];
+        let (mut at, mut cpu, mut step) = (1_000u64, 0u64, 7u64);
+        for i in 0..400 {
+            // A deterministic walk of gaps: 1 ms to 12 s.
+            step = (step * 7919 + 13) % 10_007;
+            let gap = match i % 9 {
+                0 => 12_000,
+                1..=3 => step % 5 + 1,
+                _ => step % 1_500,
+            };
+            at += gap;
+            cpu += gap * 1_000_000 / 2 + step;
+            board.record_at("lab-1", &answer(cpu), at);
+            // The old rule: every answer of the last HISTORY_MS before this one.
+            every.retain(|(t, _)| at - t <= HISTORY_MS);
+            let base = every
+                .iter()
+                .rev()
+                .find(|(t, _)| at - t >= RATE_WINDOW_MS)
+                .or_else(|| every.first().filter(|(t, _)| at - t >= MIN_RATE_WINDOW_MS));
+            let want = base.map(|(t, c)| (cpu - c) as f64 / ((at - t) * 1_000_000) as f64);
+            every.push((at, cpu));
+            let got = board.snapshot()["lab-1"].vms["db"].cpu_cores;
+            assert_eq!(got, want, "answer {i} at {at}");
+            let kept = board.history.lock().unwrap()["lab-1"].len();
+            // The ones younger than a second (at most one per ms) and one older.
+            assert!(
+                kept <= 1 + every
+                    .iter()
+                    .filter(|(t, _)| at - t < RATE_WINDOW_MS)
+                    .count()
+            );
+        }
     }
 }
 
