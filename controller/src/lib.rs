@@ -225,6 +225,11 @@ pub struct Observation {
     /// What the nodes answered (failed nodes: unreachable, not asked); the
     /// worker's plan shares it.
     pub observed: Arc<reconciler::observe::Observed>,
+    /// The desired state the worker planned a sync with against this observation,
+    /// and the commit synced: once that commit is the applied one, the status
+    /// reads it instead of placing the model again (none from a drift check, whose
+    /// plan may hold moves it did not carry out, nor made here).
+    pub desired: Option<(String, Arc<reconciler::desired::Desired>)>,
 }
 
 impl Shared {
@@ -247,6 +252,7 @@ impl Shared {
                 Arc::new(Observation {
                     at_unix_ms,
                     observed: Arc::new(observed),
+                    desired: None,
                 })
             })
             .await

@@ -866,7 +866,18 @@ impl Worker {
             }
         };
         let handover = Instant::now();
-        self.note_observation(&planned.observed, Some(&planned.plan.observed_digest));
+        // Its desired state is the status's once the commit is applied, unless a
+        // node was failed (the plan leaves the failed node's segments out, the
+        // status wants them: reconciler pipeline test the_status_of_the_plans_...).
+        let desired = options
+            .failed_nodes
+            .is_empty()
+            .then_some((commit, &planned.desired));
+        self.note_observation(
+            &planned.observed,
+            Some(&planned.plan.observed_digest),
+            desired,
+        );
         planned.timings.prepare_ms = prepare_ms;
         planned.timings.handover_ms = handover.elapsed().as_millis() as u64;
         let plan = &planned.plan;
@@ -1092,13 +1103,21 @@ impl Worker {
     /// Hands a new observation to the console and the metrics, with its digest
     /// (a plan made from it has it: `plan.observed_digest`; else `None`, computed
     /// here, a second at 100,000 VMs).
-    fn note_observation(&mut self, observed: &Arc<Observed>, digest: Option<&str>) {
+    /// Hands an observation to the console and the metrics, with the desired state
+    /// of the sync planned against it (`commit`'s).
+    fn note_observation(
+        &mut self,
+        observed: &Arc<Observed>,
+        digest: Option<&str>,
+        desired: Option<(&str, &Arc<reconciler::desired::Desired>)>,
+    ) {
         let digest = digest.map_or_else(|| observed.digest(), str::to_owned);
         self.shared.view.lock().expect("view lock").observed_digest = Some(digest);
         // The console's status and live states are made from it while it is young.
         self.shared.observed.put(Arc::new(crate::Observation {
             at_unix_ms: reconciler::state::now_ms(),
             observed: Arc::clone(observed),
+            desired: desired.map(|(commit, d)| (commit.to_owned(), Arc::clone(d))),
         }));
         let mut events = vec![];
         for (node, obs) in &observed.nodes {
@@ -1340,7 +1359,7 @@ impl Worker {
         let failed = self.shared.leases.failed_nodes(&good.model);
         let nodes = lease_bound::LeaseBound::new(self.shared.clone());
         let observed = Arc::new(observe_except(&spec, &nodes, &failed).await);
-        self.note_observation(&observed, None);
+        self.note_observation(&observed, None, None);
         let protection_events = self.protection_events.observe(&observed);
         if !protection_events.is_empty() {
             self.shared.record(protection_events);
@@ -1823,10 +1842,21 @@ pub(crate) async fn status_json(shared: &Shared, max_age: Duration) -> (StatusAn
     let leases = shared.leases.rows(&good.model);
     let built = (|| -> Result<reconciler::status::Status, String> {
         let store = shared.state_store()?;
-        let previous =
-            pipeline::previous_placement(store.placement().map_err(|e| e.to_string())?, observed);
-        let placement = reconciler::desired::place(&good.model, Some(&previous));
-        let desired = reconciler::desired::desired(&good.model, &good.spec_root, placement);
+        // The sync's own desired state when this is its observation and its
+        // commit was applied since; else placed here from the stored placement.
+        let desired = match &observation.desired {
+            Some((commit, desired)) if *commit == good.commit => Arc::clone(desired),
+            _ => {
+                let stored = store.placement().map_err(|e| e.to_string())?;
+                let previous = pipeline::previous_placement(stored, observed);
+                let placement = reconciler::desired::place(&good.model, Some(&previous));
+                Arc::new(reconciler::desired::desired(
+                    &good.model,
+                    &good.spec_root,
+                    placement,
+                ))
+            }
+        };
         let last = store
             .last_execution_summary()
             .map_err(|e| e.to_string())?

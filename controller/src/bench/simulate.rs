@@ -77,6 +77,11 @@ fn workloads(nodes: usize, vms: usize, prefix: &str) -> String {
 
 /// This process's peak resident memory (VmHWM) in MiB.
 fn peak_mib(pid: Option<u32>) -> u64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// A figure in kB of /proc/PID/status (this process's without a pid), in MiB.
+fn status_mib(pid: Option<u32>, field: &str) -> u64 {
     let path = match pid {
         Some(pid) => format!("/proc/{pid}/status"),
         None => "/proc/self/status".to_owned(),
@@ -84,14 +89,16 @@ fn peak_mib(pid: Option<u32>) -> u64 {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kb| kb / 1024)
 }
 
-/// Resets this process's VmHWM to its current RSS.
-fn reset_peak() {
+/// Resets this process's VmHWM to its current RSS, and gives that RSS (MiB): what
+/// a phase's peak starts from.
+fn reset_peak() -> u64 {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+    status_mib(None, "VmRSS:")
 }
 
 /// Commits everything (or nothing), signed, and pushes: the commit and when the push began.
@@ -522,7 +529,7 @@ fn measure(
         println!("observing every node (empty nodes, connections open): median {} ms of {warm:?}; this process has {} open files", median(warm.clone()), open_fds(None));
         drop(api);
 
-        reset_peak();
+        let _ = reset_peak();
         let start_ms = reconciler::state::now_ms();
         let handle = crate::start(crate::Config {
             repo: bare.to_owned(),
@@ -569,7 +576,7 @@ fn measure(
                 return super::console::measure(&handle, "g0-0", runs, 1000.0).await;
             }
 
-            reset_peak();
+            let resident = reset_peak();
             let mut noop = vec![];
             for run in 0..runs {
                 let (commit, at) = commit_and_push(work, key, &format!("bench: nothing ({run})"))?;
@@ -579,12 +586,12 @@ fn measure(
                 println!("  {}", line(&format!("no-change sync run {}", i + 1), s));
             }
             println!(
-                "{}; controller peak memory {} MiB",
+                "{}; controller peak memory {} MiB (resident {resident} MiB before the first)",
                 line("no-change sync, push → synced, median", &median_of(&noop)),
                 peak_mib(None)
             );
 
-            reset_peak();
+            let resident = reset_peak();
             let (mut added, mut removed) = (vec![], vec![]);
             for run in 0..runs {
                 std::fs::write(
@@ -603,7 +610,7 @@ fn measure(
                 println!("  run {}: {}; {}", i + 1, line("add", a), line("remove", r));
             }
             println!(
-                "{}; {}; controller peak memory {} MiB",
+                "{}; {}; controller peak memory {} MiB (resident {resident} MiB before the first)",
                 line(&format!("{change}-VM change, push → converged, median: add"), &median_of(&added)),
                 line("remove", &median_of(&removed)),
                 peak_mib(None)
