@@ -173,6 +173,9 @@ pub struct Shared {
     pub wake: tokio::sync::Notify,
     /// Wakes the worker for a drift check now (a node reported a VM crash).
     pub wake_drift: tokio::sync::Notify,
+    /// The VMs the plan being carried out changes: their `Stopped` Watch events
+    /// are the plan's own and wake no drift check ([`worker::PlannedVms`]).
+    pub planned_vms: Mutex<worker::PlannedVms>,
     /// Wakes the fetcher of a remote source now (a webhook).
     pub fetch: tokio::sync::Notify,
     /// The rate limit of refused webhooks' events.
@@ -585,6 +588,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         paused: AtomicBool::new(paused),
         wake: tokio::sync::Notify::new(),
         wake_drift: tokio::sync::Notify::new(),
+        planned_vms: Mutex::default(),
         fetch: tokio::sync::Notify::new(),
         webhooks: webhook::Limiter::default(),
         busy: tokio::sync::Mutex::new(()),
