@@ -134,7 +134,8 @@ impl<T: Clone> Fresh<T> {
             .map(|s| (s.value.clone(), s.made.elapsed(), s.stale))
     }
 
-    fn generation(&self) -> u64 {
+    /// How many times something happened (each `invalidate` and `forget`).
+    pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
     }
 

@@ -873,11 +873,12 @@ impl Worker {
             .failed_nodes
             .is_empty()
             .then_some((commit, &planned.desired));
-        self.note_observation(
+        let handed = self.note_observation(
             &planned.observed,
             Some(&planned.plan.observed_digest),
             desired,
         );
+        let handed_generation = self.shared.observed.generation();
         planned.timings.prepare_ms = prepare_ms;
         planned.timings.handover_ms = handover.elapsed().as_millis() as u64;
         let plan = &planned.plan;
@@ -1002,6 +1003,14 @@ impl Worker {
                     model: Arc::new(model),
                     spec_root,
                 });
+                // A plan that sent nothing changed nothing: its observation still
+                // shows the cluster, unless something else happened meanwhile (one
+                // event recorded since the handover: this sync's end). The console's
+                // status is then made from it and the sync's desired state, not from
+                // every node observed again behind the sync.
+                if plan.is_empty() && self.shared.observed.generation() == handed_generation + 1 {
+                    self.shared.observed.put(handed);
+                }
                 self.last_drift = None;
                 SyncEnd::Applied
             }
@@ -1122,15 +1131,16 @@ impl Worker {
         observed: &Arc<Observed>,
         digest: Option<&str>,
         desired: Option<(&str, &Arc<reconciler::desired::Desired>)>,
-    ) {
+    ) -> Arc<crate::Observation> {
         let digest = digest.map_or_else(|| observed.digest(), str::to_owned);
         self.shared.view.lock().expect("view lock").observed_digest = Some(digest);
         // The console's status and live states are made from it while it is young.
-        self.shared.observed.put(Arc::new(crate::Observation {
+        let handed = Arc::new(crate::Observation {
             at_unix_ms: reconciler::state::now_ms(),
             observed: Arc::clone(observed),
             desired: desired.map(|(commit, d)| (commit.to_owned(), Arc::clone(d))),
-        }));
+        });
+        self.shared.observed.put(Arc::clone(&handed));
         let mut events = vec![];
         for (node, obs) in &observed.nodes {
             let (up, error) = match obs {
@@ -1178,6 +1188,7 @@ impl Worker {
         if !events.is_empty() {
             self.shared.record(events);
         }
+        handed
     }
 
     /// Hides from the planner the crashed VMs whose restart backoff has not run
@@ -1371,7 +1382,7 @@ impl Worker {
         let failed = self.shared.leases.failed_nodes(&good.model);
         let nodes = lease_bound::LeaseBound::new(self.shared.clone());
         let observed = Arc::new(observe_except(&spec, &nodes, &failed).await);
-        self.note_observation(&observed, None, None);
+        let _ = self.note_observation(&observed, None, None);
         let protection_events = self.protection_events.observe(&observed);
         if !protection_events.is_empty() {
             self.shared.record(protection_events);
