@@ -223,7 +223,7 @@ async fn usage(State(shared): State<Arc<Shared>>) -> Response {
 /// Observed now, always; the console's pages then show this answer.
 async fn status(State(shared): State<Arc<Shared>>) -> Response {
     let (value, observed_unix_ms) =
-        crate::worker::status_json(&shared, std::time::Duration::ZERO).await;
+        crate::worker::status_answer(&shared, std::time::Duration::ZERO).await;
     let view = Arc::new(crate::console::StatusView::new(
         value,
         observed_unix_ms,

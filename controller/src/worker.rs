@@ -1123,9 +1123,8 @@ impl Worker {
     /// Node state changes become events; node and VM metrics follow the observation.
     /// Hands a new observation to the console and the metrics, with its digest
     /// (a plan made from it has it: `plan.observed_digest`; else `None`, computed
-    /// here, a second at 100,000 VMs).
-    /// Hands an observation to the console and the metrics, with the desired state
-    /// of the sync planned against it (`commit`'s).
+    /// here, a second at 100,000 VMs) and the desired state of the sync planned
+    /// against it (`commit`'s); gives what it handed over.
     fn note_observation(
         &mut self,
         observed: &Arc<Observed>,
@@ -1888,7 +1887,10 @@ async fn watch_node(shared: Arc<Shared>, node: String, address: String) {
 /// were observed (none before the first applied commit). Kept as the status
 /// itself, not as a JSON value: the console's pages read it as it is, and the
 /// answer is written out when asked for ([`StatusAnswer`]'s `Serialize`).
-pub(crate) async fn status_json(shared: &Shared, max_age: Duration) -> (StatusAnswer, Option<u64>) {
+pub(crate) async fn status_answer(
+    shared: &Shared,
+    max_age: Duration,
+) -> (StatusAnswer, Option<u64>) {
     let view = crate::replicas::view(shared);
     let mut controller = json!({
         "revision": view.revision,

@@ -1399,8 +1399,8 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn the_newest_audit_entries_are_read_from_the_end_in_brief() {
+    /// A store in a new temporary directory, its audit log signed by a new key.
+    fn audited_store() -> (std::path::PathBuf, RedbStore) {
         let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
         let store = RedbStore::open(&dir.join("state.redb"))
             .unwrap()
@@ -1409,6 +1409,12 @@ mod tests {
                 proto::anchor::SharedHead::default(),
             )
             .unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn the_newest_audit_entries_are_read_from_the_end_in_brief() {
+        let (dir, store) = audited_store();
         assert!(store.recent_audit(5).unwrap().is_empty());
         let steps: Vec<u32> = (0..120).collect();
         for n in 0..4 {
@@ -1436,14 +1442,7 @@ mod tests {
 
     #[test]
     fn migrations_are_the_migration_entries_of_the_audit_log() {
-        let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
-        let store = RedbStore::open(&dir.join("state.redb"))
-            .unwrap()
-            .with_audit_key(
-                proto::auth::Identity::generate().unwrap(),
-                proto::anchor::SharedHead::default(),
-            )
-            .unwrap();
+        let (dir, store) = audited_store();
         let record = |vm: &str, phase: &str| crate::migrate::MigrationRecord {
             vm: vm.into(),
             from: "n1".into(),
@@ -1470,14 +1469,7 @@ mod tests {
 
     #[test]
     fn journal_and_audit_round_trip() {
-        let dir = std::env::temp_dir().join(format!("cairn-state-{}", random_id()));
-        let store = RedbStore::open(&dir.join("state.redb"))
-            .unwrap()
-            .with_audit_key(
-                proto::auth::Identity::generate().unwrap(),
-                proto::anchor::SharedHead::default(),
-            )
-            .unwrap();
+        let (dir, store) = audited_store();
         for step in [2, 0, 1] {
             store
                 .journal(

@@ -142,8 +142,8 @@ impl UsageBoard {
     /// oldest at least [`MIN_RATE_WINDOW_MS`] old. Kept for that: the answers
     /// younger than the window and the newest one older (none older than
     /// [`HISTORY_MS`]); an older one can never be the start again (a newer one is
-    /// older than the window already), so it is dropped. At 100,000 VMs the ten seconds of answers kept before were a tenth
-    /// of the controller's memory.
+    /// older than the window already), so it is dropped. At 100,000 VMs the ten
+    /// seconds of answers kept before were a tenth of the controller's memory.
     pub fn record_at(&self, node: &str, response: &v1::ObserveResponse, at_unix_ms: u64) {
         let mut reports = self.reports.lock().expect("usage lock");
         let mut history = self.history.lock().expect("usage lock");
@@ -202,21 +202,26 @@ pub fn measured_load(reports: &UsageReports) -> compiler::place::MeasuredLoad {
 mod measured_tests {
     use super::*;
 
-    #[test]
-    fn the_boards_cpu_rates_and_resident_memory_become_the_measured_load() {
-        let answer = |cpu_s: u64| v1::ObserveResponse {
+    /// A node's answer: VM `db` running, `cpu_ns` of CPU used, 3 GiB resident.
+    fn db_running(cpu_ns: u64) -> v1::ObserveResponse {
+        v1::ObserveResponse {
             vms: vec![v1::VmStatus {
                 name: "db".into(),
                 state: v1::VmState::Running as i32,
                 usage: Some(v1::VmUsage {
-                    cpu_ns: cpu_s * 1_000_000_000,
+                    cpu_ns,
                     resident_bytes: 3 << 30,
                     ..Default::default()
                 }),
                 ..Default::default()
             }],
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn the_boards_cpu_rates_and_resident_memory_become_the_measured_load() {
+        let answer = |cpu_s: u64| db_running(cpu_s * 1_000_000_000);
         let board = UsageBoard::default();
         board.record_at("lab-1", &answer(10), 1_000);
         // One answer: no rate yet, so the VM is left out (its declared size counts).
@@ -232,11 +237,7 @@ mod measured_tests {
         );
         // Answers a few ms apart (a status and a drift check at once) rate from the
         // answer a second or more before: 1.5 s of CPU more over 1.005 s.
-        let answer_ms = |cpu_ms: u64| {
-            let mut a = answer(0);
-            a.vms[0].usage.as_mut().unwrap().cpu_ns = cpu_ms * 1_000_000;
-            a
-        };
+        let answer_ms = |cpu_ms: u64| db_running(cpu_ms * 1_000_000);
         board.record_at("lab-1", &answer_ms(14_500), 4_000);
         board.record_at("lab-1", &answer_ms(14_500), 4_005);
         let cores = measured_load(&board.snapshot()).vms["db"].cpu_cores;
@@ -252,18 +253,6 @@ mod measured_tests {
     /// rule over uneven answer times (a few ms to 12 s apart).
     #[test]
     fn the_answers_kept_give_the_rates_every_answer_of_ten_seconds_gave() {
-        let answer = |cpu_ns: u64| v1::ObserveResponse {
-            vms: vec![v1::VmStatus {
-                name: "db".into(),
-                state: v1::VmState::Running as i32,
-                usage: Some(v1::VmUsage {
-                    cpu_ns,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
         let board = UsageBoard::default();
         let mut every: Vec<(u64, u64)> = vec![];
         let (mut at, mut cpu, mut step) = (1_000u64, 0u64, 7u64);
@@ -277,7 +266,7 @@ mod measured_tests {
             };
             at += gap;
             cpu += gap * 1_000_000 / 2 + step;
-            board.record_at("lab-1", &answer(cpu), at);
+            board.record_at("lab-1", &db_running(cpu), at);
             // The old rule: every answer of the last HISTORY_MS before this one.
             every.retain(|(t, _)| at - t <= HISTORY_MS);
             let base = every

@@ -32,8 +32,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, KeyValue, PutOptions,
+    SortOrder, SortTarget, Txn, TxnOp,
 };
 use reconciler::audit::{AuditEntry, Record};
 use reconciler::desired::Placement;
@@ -630,21 +630,28 @@ impl EtcdStore {
             .collect())
     }
 
+    /// Up to `limit` audit records whose keys sort before `before` (the end of the
+    /// `audit/` range for the newest), newest first.
+    fn audit_newest(&self, before: Vec<u8>, limit: usize) -> Result<Vec<KeyValue>, StateError> {
+        let start = self.target.key("audit/");
+        let options = GetOptions::new()
+            .with_range(before)
+            .with_sort(SortTarget::Key, SortOrder::Descend)
+            .with_limit(limit as i64);
+        let mut client = self.client.clone();
+        let mut response = self.run("read the newest audit records", async move {
+            client.get(start, Some(options)).await
+        })?;
+        Ok(response.take_kvs())
+    }
+
     /// The newest audit record: its seq and bytes.
     fn audit_last(&self) -> Result<Option<(u64, Vec<u8>)>, StateError> {
         let start = self.target.key("audit/");
-        let options = GetOptions::new()
-            .with_range(prefix_end(&start))
-            .with_sort(SortTarget::Key, SortOrder::Descend)
-            .with_limit(1);
-        let mut client = self.client.clone();
-        let response = self.run("read audit head", async move {
-            client.get(start, Some(options)).await
-        })?;
-        let strip = self.target.key("audit/").len();
-        Ok(response.kvs().first().and_then(|kv| {
+        let newest = self.audit_newest(prefix_end(&start), 1)?;
+        Ok(newest.first().and_then(|kv| {
             let key = String::from_utf8_lossy(kv.key());
-            let seq = key.get(strip..)?.parse().ok()?;
+            let seq = key.get(start.len()..)?.parse().ok()?;
             Some((seq, kv.value().to_vec()))
         }))
     }
@@ -955,31 +962,20 @@ impl StateStore for EtcdStore {
         if n == 0 {
             return Ok(vec![]);
         }
-        let start = self.target.key("audit/");
-        let mut end = prefix_end(&start);
+        let mut before = prefix_end(&self.target.key("audit/"));
         let mut out = vec![];
         // Records that do not decode are left out, as in `audit_log`: read on
         // past them, a page at a time.
         loop {
             let wanted = n - out.len();
-            let options = GetOptions::new()
-                .with_range(end.clone())
-                .with_sort(SortTarget::Key, SortOrder::Descend)
-                .with_limit(wanted as i64);
-            let mut client = self.client.clone();
-            let from = start.clone();
-            let response = self.run("read the newest audit entries", async move {
-                client.get(from, Some(options)).await
-            })?;
-            let kvs = response.kvs();
-            for kv in kvs {
+            let page = self.audit_newest(before, wanted)?;
+            let full = page.len() == wanted;
+            for kv in &page {
                 out.extend(reconciler::audit::brief::decode(kv.value()));
             }
-            match kvs.last() {
+            match page.last() {
                 // The range's end is exclusive: the next page is older than this.
-                Some(oldest) if kvs.len() == wanted && out.len() < n => {
-                    end = oldest.key().to_vec();
-                }
+                Some(oldest) if full && out.len() < n => before = oldest.key().to_vec(),
                 _ => break,
             }
         }

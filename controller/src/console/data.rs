@@ -4,7 +4,7 @@
 //!
 //! Architecture invariant: the pages are pure functions of these values
 //! (`pages.rs`); nothing here talks to a node except through
-//! `worker::status_json`, the function behind `/api/v1/status`.
+//! `worker::status_answer`, the function behind `/api/v1/status`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

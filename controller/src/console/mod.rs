@@ -340,7 +340,6 @@ pub struct StatusView {
     pub observed_unix_ms: Option<u64>,
     /// The applied commit it was made for.
     pub commit: Option<String>,
-    parsed: (Option<Arc<reconciler::status::Status>>, Option<String>),
 }
 
 impl StatusView {
@@ -350,18 +349,16 @@ impl StatusView {
         observed_unix_ms: Option<u64>,
         commit: Option<String>,
     ) -> StatusView {
-        let parsed = (answer.status.clone(), answer.error.clone());
         StatusView {
             answer,
             observed_unix_ms,
             commit,
-            parsed,
         }
     }
 
     /// The status, and why there is none.
-    pub fn parsed(&self) -> &(Option<Arc<reconciler::status::Status>>, Option<String>) {
-        &self.parsed
+    pub fn parsed(&self) -> (Option<Arc<reconciler::status::Status>>, Option<String>) {
+        (self.answer.status.clone(), self.answer.error.clone())
     }
 }
 
@@ -379,7 +376,7 @@ pub(crate) fn applied_commit(shared: &Shared) -> Option<String> {
 /// observation when it is that young), and parsed for the pages.
 async fn make_status(shared: &Shared, max_age: Duration) -> Arc<StatusView> {
     let commit = applied_commit(shared);
-    let (answer, observed) = crate::worker::status_json(shared, max_age).await;
+    let (answer, observed) = crate::worker::status_answer(shared, max_age).await;
     Arc::new(StatusView::new(answer, observed, commit))
 }
 
@@ -485,7 +482,7 @@ pub(crate) async fn snapshot(shared: &Arc<Shared>, observe: bool) -> Snapshot {
                 };
             }
         }
-        let (status, error) = served.value.parsed().clone();
+        let (status, error) = served.value.parsed();
         (
             status,
             error,
