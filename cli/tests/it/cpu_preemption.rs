@@ -151,14 +151,22 @@ pub(crate) fn control(vm_dir: &Path, request: &str) -> Value {
             log_tail(&vm_dir.join("../../node.log"), 120),
         ),
     };
+    // The VMs here burn every CPU on purpose: on a loaded 2-core CI machine a
+    // VMM's control thread waited over 5 s for its answer (CI at e7ccb58).
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
     stream
         .write_all(format!("{request}\n").as_bytes())
         .expect("send");
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).expect("answer");
+    if let Err(e) = BufReader::new(stream).read_line(&mut line) {
+        panic!(
+            "no answer from the VMM's control socket in {} within 20 s: {e}\n--- the VM's vmm.log (tail):\n{}",
+            vm_dir.display(),
+            log_tail(&vm_dir.join("vmm.log"), 40),
+        );
+    }
     serde_json::from_str(&line).unwrap_or(Value::Null)
 }
 
