@@ -15,11 +15,11 @@ use proto::v1;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VmUsageRow {
     /// The VM.
-    pub vm: String,
+    pub vm: Arc<str>,
     /// Its tenant.
-    pub tenant: String,
+    pub tenant: Arc<str>,
     /// Its SLA class as the node enforces it (`on-demand` when the node names none).
-    pub sla: String,
+    pub sla: Arc<str>,
     /// Whether its process runs (a stopped VM reports no usage).
     pub running: bool,
     /// Its defined vCPUs and memory.
@@ -40,26 +40,40 @@ pub struct NodeUsageReport {
     pub at_unix_ms: u64,
     /// The node's totals and capacity.
     pub node: v1::NodeUsage,
-    /// Its VMs, by name.
-    pub vms: BTreeMap<String, VmUsageRow>,
+    /// Its VMs, by name. The names, tenants and classes are shared with the node's
+    /// report before when they are the same (see [`NodeUsageReport::of`]).
+    pub vms: BTreeMap<Arc<str>, VmUsageRow>,
 }
 
 impl NodeUsageReport {
     /// The report in an Observe answer received at `at_unix_ms`; `previous` (the
-    /// node's report before) gives each VM's CPU rate.
+    /// node's report a rate starts from) gives each VM's CPU rate, and `last` (the
+    /// node's newest report) the strings a row shares when they are the same: a
+    /// node's VMs rarely change name, tenant or class between two answers, and at
+    /// 100,000 VMs a copy of each per answer kept was most of the board's memory.
     pub fn of(
         response: &v1::ObserveResponse,
         at_unix_ms: u64,
         previous: Option<&NodeUsageReport>,
+        last: Option<&NodeUsageReport>,
     ) -> Self {
         let vms = response
             .vms
             .iter()
             .map(|vm| {
+                let before = last.and_then(|l| l.vms.get(vm.name.as_str()));
+                let sla = if vm.sla.is_empty() {
+                    "on-demand"
+                } else {
+                    vm.sla.as_str()
+                };
+                let name = shared(before.map(|b| &b.vm), &vm.name);
+                let tenant = shared(before.map(|b| &b.tenant), &vm.tenant);
+                let sla = shared(before.map(|b| &b.sla), sla);
                 let usage = vm.usage.unwrap_or_default();
                 let running = vm.state == v1::VmState::Running as i32;
                 let cpu_cores = previous
-                    .and_then(|p| Some((p.at_unix_ms, p.vms.get(&vm.name)?)))
+                    .and_then(|p| Some((p.at_unix_ms, p.vms.get(vm.name.as_str())?)))
                     .filter(|(_, before)| before.running && running)
                     .and_then(|(then, before)| {
                         let wall_ns = at_unix_ms.checked_sub(then)?.checked_mul(1_000_000)?;
@@ -67,20 +81,16 @@ impl NodeUsageReport {
                         (wall_ns > 0).then(|| used as f64 / wall_ns as f64)
                     });
                 let row = VmUsageRow {
-                    vm: vm.name.clone(),
-                    tenant: vm.tenant.clone(),
-                    sla: if vm.sla.is_empty() {
-                        "on-demand".to_owned()
-                    } else {
-                        vm.sla.clone()
-                    },
+                    vm: name.clone(),
+                    tenant,
+                    sla,
                     running,
                     vcpus: vm.vcpus,
                     memory_bytes: vm.memory_bytes,
                     usage,
                     cpu_cores,
                 };
-                (vm.name.clone(), row)
+                (name, row)
             })
             .collect();
         Self {
@@ -103,6 +113,14 @@ impl NodeUsageReport {
             }
         }
         (sum, complete)
+    }
+}
+
+/// `before` when it is `text`, else `text` in a new `Arc`.
+fn shared(before: Option<&Arc<str>>, text: &str) -> Arc<str> {
+    match before {
+        Some(b) if **b == *text => b.clone(),
+        _ => Arc::from(text),
     }
 }
 
@@ -161,6 +179,7 @@ impl UsageBoard {
             response,
             at_unix_ms,
             base.map(|r| &**r),
+            reports.get(node).map(|r| &**r),
         ));
         // Every answer before the newest one at least a window old is dropped.
         if let Some(newest_old) = past.iter().rposition(|r| age(r) >= RATE_WINDOW_MS) {
@@ -187,7 +206,7 @@ pub fn measured_load(reports: &UsageReports) -> compiler::place::MeasuredLoad {
         .filter(|row| row.running)
         .filter_map(|row| {
             Some((
-                row.vm.clone(),
+                row.vm.to_string(),
                 compiler::place::VmLoad {
                     cpu_cores: row.cpu_cores?,
                     resident_bytes: row.usage.resident_bytes,
@@ -246,6 +265,31 @@ mod measured_tests {
         board.record_at("lab-2", &answer(1), 10_000);
         board.record_at("lab-2", &answer(2), 10_100);
         assert_eq!(board.snapshot()["lab-2"].vms["db"].cpu_cores, None);
+    }
+
+    /// A VM's name, tenant and class are one string shared by the node's answers
+    /// while they stay the same, and a new one when they change.
+    #[test]
+    fn a_vms_strings_are_shared_between_a_nodes_answers() {
+        let board = UsageBoard::default();
+        let with_tenant = |tenant: &str| {
+            let mut answer = db_running(1);
+            answer.vms[0].tenant = tenant.into();
+            answer
+        };
+        board.record_at("lab-1", &with_tenant("ledger"), 1_000);
+        let first = board.snapshot()["lab-1"].clone();
+        board.record_at("lab-1", &with_tenant("ledger"), 2_000);
+        let second = board.snapshot()["lab-1"].clone();
+        let (a, b) = (&first.vms["db"], &second.vms["db"]);
+        assert!(Arc::ptr_eq(&a.vm, &b.vm) && Arc::ptr_eq(&a.tenant, &b.tenant));
+        assert!(Arc::ptr_eq(&a.sla, &b.sla) && &*b.sla == "on-demand");
+        let key = second.vms.keys().next().unwrap();
+        assert!(Arc::ptr_eq(key, &b.vm));
+        board.record_at("lab-1", &with_tenant("shop"), 3_000);
+        let third = board.snapshot()["lab-1"].clone();
+        assert_eq!(&*third.vms["db"].tenant, "shop");
+        assert!(Arc::ptr_eq(&third.vms["db"].vm, &b.vm));
     }
 
     /// The board keeps only the answers a rate may still start from, and rates as
@@ -398,7 +442,7 @@ mod tests {
         let db = &report.vms["db"];
         assert_eq!(db.usage.cpu_ns, 1_000_000_000);
         assert_eq!(db.usage.net_tx_frames, 26);
-        assert_eq!((db.tenant.as_str(), db.sla.as_str()), ("dev", "reserved"));
+        assert_eq!((&*db.tenant, &*db.sla), ("dev", "reserved"));
         assert!((db.cpu_cores.unwrap() - 0.5).abs() < 1e-9);
         assert_eq!(report.node.cpus, 2);
         assert_eq!(report.vm_cpu_cores(), (db.cpu_cores.unwrap(), true));
