@@ -483,7 +483,7 @@ pub struct ControllerRunArgs {
     #[arg(long)]
     pub no_self_heal: bool,
     /// Node actions in flight at once over every node (at most 8 on one node).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 1024)]
     pub parallelism: usize,
     /// Turns on POST /api/v1/webhook (GitHub, GitLab, Gitea, Forgejo push
     /// events): the file holds the secret given to the forge's webhook.

@@ -68,7 +68,7 @@ pub struct BenchArgs {
     pub simulate_disks: u32,
     /// With `--simulate`: the controller's node actions in flight at once (at most
     /// 8 on one node), as `cairn controller run --parallelism`.
-    #[arg(long, default_value_t = 256, requires = "simulate")]
+    #[arg(long, default_value_t = 1024, requires = "simulate")]
     pub parallelism: usize,
     /// Measure HA failover instead: a node killed (its agent and VMMs) → each of
     /// its diskless HA VMs running elsewhere, over `--vms` HA VMs on 3 dev nodes.

@@ -716,6 +716,34 @@ impl Node {
         result
     }
 
+    /// Carries out the requests of an `ApplyBatch` (checked by
+    /// [`crate::validate::apply_batch`]) concurrently, each as [`Node::apply`] does
+    /// alone, and answers each in order with its response or its status.
+    pub async fn apply_batch(
+        &self,
+        requests: Vec<ApplyRequest>,
+        signed: Envelope,
+    ) -> Vec<v1::ApplyBatchResult> {
+        let runs = requests.into_iter().map(|request| {
+            let signed = signed.clone();
+            async move {
+                let request_id = request.request_id.clone();
+                let outcome = match self.apply(request, signed).await {
+                    Ok(response) => v1::apply_batch_result::Outcome::Response(response),
+                    Err(status) => v1::apply_batch_result::Outcome::Error(v1::ApplyError {
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                    }),
+                };
+                v1::ApplyBatchResult {
+                    request_id,
+                    outcome: Some(outcome),
+                }
+            }
+        });
+        futures_util::future::join_all(runs).await
+    }
+
     /// What became of `request_id`, from the durable request log: SUCCEEDED with the
     /// recorded response (`replayed = true`) or NOT_FOUND (never carried out, failed, or
     /// pruned). While an Apply of this request id is being carried out it waits for that

@@ -196,6 +196,33 @@ impl v1::apply_server::Apply for NodeService {
         Ok(Response::new(response))
     }
 
+    async fn apply_batch(
+        &self,
+        request: Request<v1::ApplyBatchRequest>,
+    ) -> Result<Response<v1::ApplyBatchResponse>, Status> {
+        if !proto::protocol::speaks(proto::protocol::APPLY_BATCH.minor) {
+            // A node emulating 1.7 (`CAIRN_PROTOCOL_EMULATE`) answers as a 1.7 build.
+            return Err(Status::unimplemented(format!(
+                "unknown method ApplyBatch of cairn.node.v1.Apply (this node speaks cairn.node protocol {})",
+                proto::protocol::header_value()
+            )));
+        }
+        let caller = self
+            .node
+            .trust
+            .check(methods::APPLY_BATCH, Role::Controller, &request)?;
+        let batch = request.into_inner();
+        validate::apply_batch(&batch)?;
+        // As for Apply: the actions finish and are recorded even if the caller goes.
+        let node = self.node.clone();
+        let work =
+            tokio::spawn(async move { node.apply_batch(batch.requests, caller.envelope).await });
+        let results = work
+            .await
+            .map_err(|error| Status::internal(format!("apply task failed: {error}")))?;
+        Ok(Response::new(v1::ApplyBatchResponse { results }))
+    }
+
     async fn read_volume(
         &self,
         request: Request<v1::ReadVolumeRequest>,

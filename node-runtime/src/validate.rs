@@ -27,6 +27,47 @@ pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("field `{field}`: {problem}"))
 }
 
+/// An `ApplyBatchRequest` as a whole: 1 to [`proto::APPLY_BATCH_MAX`] requests with
+/// distinct request ids, none forwarding the controller's grant
+/// ([`proto::forwards_grant`]). Each request is checked as an Apply's when carried out.
+pub fn apply_batch(batch: &proto::v1::ApplyBatchRequest) -> Result<(), Status> {
+    let field = "apply_batch_request.requests";
+    let count = batch.requests.len();
+    if count == 0 || count > proto::APPLY_BATCH_MAX {
+        return Err(invalid(
+            field,
+            format!(
+                "has {count} requests; a batch carries 1 to {}",
+                proto::APPLY_BATCH_MAX
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (at, request) in batch.requests.iter().enumerate() {
+        if !seen.insert(request.request_id.as_str()) {
+            return Err(invalid(
+                &format!("{field}[{at}].request_id"),
+                format!(
+                    "`{}` is already the id of an earlier request of the batch; each action needs its own",
+                    request.request_id
+                ),
+            ));
+        }
+        if let Some(action) = &request.action
+            && proto::forwards_grant(action)
+        {
+            return Err(invalid(
+                &format!("{field}[{at}].action"),
+                format!(
+                    "{} forwards the controller's signed request to other nodes, so it is sent alone in an Apply, not in a batch",
+                    proto::action_name(action)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A DNS-label name: `[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?`.
 pub fn name(field: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() {

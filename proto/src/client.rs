@@ -334,6 +334,24 @@ impl NodeClient {
         Ok(self.checked(result)?.into_inner())
     }
 
+    /// `Apply.ApplyBatch` (protocol 1.8): several actions in one signed call, one
+    /// result per request in order. A 1.7 node answers UNIMPLEMENTED (nothing was
+    /// carried out), and the caller sends them one by one.
+    pub async fn apply_batch(
+        &mut self,
+        requests: Vec<v1::ApplyRequest>,
+    ) -> Result<Vec<v1::ApplyBatchResult>, tonic::Status> {
+        let request = self
+            .signed(methods::APPLY_BATCH, v1::ApplyBatchRequest { requests })
+            .await?;
+        let result = ApplyClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .apply_batch(request)
+            .await;
+        Ok(self.checked(result)?.into_inner().results)
+    }
+
     /// `Apply.ReadVolume`.
     pub async fn read_volume(
         &mut self,

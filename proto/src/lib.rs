@@ -54,6 +54,8 @@ pub mod methods {
     pub const OBSERVE: &str = "/cairn.node.v1.Observe/Observe";
     /// `Apply.Apply`
     pub const APPLY: &str = "/cairn.node.v1.Apply/Apply";
+    /// `Apply.ApplyBatch` (protocol 1.8)
+    pub const APPLY_BATCH: &str = "/cairn.node.v1.Apply/ApplyBatch";
     /// `Apply.ReadVolume`
     pub const READ_VOLUME: &str = "/cairn.node.v1.Apply/ReadVolume";
     /// `Apply.GetOutcome`
@@ -106,6 +108,27 @@ pub mod methods {
     pub const ENROLL: &str = "/cairn.node.v1.Enrollment/Enroll";
     /// `ControllerTrust.SetControllerKeys` (served by every node; controller keys)
     pub const SET_CONTROLLER_KEYS: &str = "/cairn.node.v1.ControllerTrust/SetControllerKeys";
+}
+
+/// Most requests an `ApplyBatch` carries.
+pub const APPLY_BATCH_MAX: usize = 64;
+
+/// Whether the node forwards the controller's signed request of `action` to other
+/// nodes as its authority (`Envelope::to_grant`): such an action is sent alone, in an
+/// `Apply`, since a batch's signature covers the batch, not the one request.
+pub fn forwards_grant(action: &v1::apply_request::Action) -> bool {
+    use v1::apply_request::Action;
+    matches!(
+        action,
+        Action::CreateVolume(_)
+            | Action::DeleteVolume(_)
+            | Action::ResizeVolume(_)
+            | Action::AddVolumeCopy(_)
+            | Action::RemoveVolumeCopy(_)
+            | Action::SnapshotVolume(_)
+            | Action::DeleteSnapshot(_)
+            | Action::CloneVolume(_)
+    )
 }
 
 /// The name of the `ApplyRequest.action` oneof variant, as used in events and the

@@ -49,14 +49,17 @@
 //! every node's `ControllerTrust.SetControllerKeys` (a 1.6 node answers UNIMPLEMENTED:
 //! its keys are changed in its key file), and `ObserveResponse.protocol_version` (a
 //! controller keeps a node's identity between observations while the node reports
-//! its version there, and asks the inventory of one that does not every 30 s).
+//! its version there, and asks the inventory of one that does not every 30 s). 1.8
+//! adds issue 24's `Apply.ApplyBatch`: up to [`crate::APPLY_BATCH_MAX`] actions to one
+//! node in one signed call, each carried out and recorded as its own Apply (a 1.7
+//! node answers UNIMPLEMENTED and its caller sends them one by one, [`APPLY_BATCH`]).
 
 use crate::v1;
 
 /// The major version this build speaks.
 pub const MAJOR: u32 = 1;
 /// The minor version this build speaks.
-pub const MINOR: u32 = 7;
+pub const MINOR: u32 = 8;
 /// Metadata key of the caller's protocol version, `MAJOR.MINOR`.
 pub const HEADER: &str = "x-cairn-protocol";
 
@@ -105,7 +108,7 @@ pub fn current() -> v1::ProtocolVersion {
     }
 }
 
-/// The header value of this process's version (`"1.7"`).
+/// The header value of this process's version (`"1.8"`).
 pub fn header_value() -> String {
     format!("{MAJOR}.{}", minor())
 }
@@ -210,6 +213,21 @@ pub const DEDICATED_CPUS: Since = Since {
     older: "ignores the field and runs the VM on the CPUs its other VMs share",
 };
 
+impl Since {
+    /// Whether a node that speaks `speaks` acts on it.
+    pub fn spoken_by(&self, speaks: &v1::ProtocolVersion) -> bool {
+        speaks.major > MAJOR || (speaks.major == MAJOR && speaks.minor >= self.minor)
+    }
+}
+
+/// `Apply.ApplyBatch`: a 1.7 node answers UNIMPLEMENTED, and its caller sends each
+/// action in an `Apply` of its own.
+pub const APPLY_BATCH: Since = Since {
+    minor: 8,
+    what: "several actions in one call (Apply.ApplyBatch)",
+    older: "answers UNIMPLEMENTED; each action is sent alone",
+};
+
 /// Whether `node`, which speaks `speaks`, acts on `feature` that `object` ("vm db")
 /// needs; `Err` says what is wrong and what would be right, `fix` naming the spec's
 /// way out ("remove cpu-pinning from its sla-profile").
@@ -220,7 +238,7 @@ pub fn requires(
     object: &str,
     fix: &str,
 ) -> Result<(), String> {
-    if speaks.major > MAJOR || (speaks.major == MAJOR && speaks.minor >= feature.minor) {
+    if feature.spoken_by(speaks) {
         return Ok(());
     }
     Err(format!(
@@ -239,8 +257,8 @@ mod tests {
 
     #[test]
     fn versions_parse_and_majors_are_checked() {
-        assert_eq!(header_value(), "1.7");
-        assert_eq!(parse("1.7"), Some(current()));
+        assert_eq!(header_value(), "1.8");
+        assert_eq!(parse("1.8"), Some(current()));
         assert_eq!(parse("2.0").map(|v| v.major), Some(2));
         assert_eq!(parse("1"), None);
         assert_eq!(parse("one.two"), None);
@@ -252,7 +270,7 @@ mod tests {
         };
         assert_eq!(
             newer,
-            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.7 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
+            "the caller speaks cairn.node protocol 2.3, node lab-1 speaks 1.8 and serves only major 1: upgrade node lab-1 first (nodes are upgraded before controllers)"
         );
         let Err(ProtocolRefusal::OtherMajor(older)) = check(Some("0.4"), "node lab-1") else {
             panic!("another major is refused");
@@ -262,8 +280,8 @@ mod tests {
             check(Some("v1"), "node lab-1"),
             Err(ProtocolRefusal::Malformed(_))
         ));
-        assert!(signature_hint(Some("1.8")).is_some());
-        assert_eq!(signature_hint(Some("1.7")), None);
+        assert!(signature_hint(Some("1.9")).is_some());
+        assert_eq!(signature_hint(Some("1.8")), None);
         assert_eq!(signature_hint(None), None);
         let old_node = v1::GetInventoryResponse::default();
         assert_eq!(display(&of_inventory(&old_node)), "1.0");

@@ -173,16 +173,25 @@ impl Ready {
         }
     }
 
-    /// The next step to send (counted in flight on its node), if any node has room.
-    fn pop(&mut self) -> Option<(Step, u32)> {
-        let at = self.runnable.pop_front()?;
+    /// The next node's steps to send, as many as it has room for and at most `most`
+    /// (each counted in flight on it); empty when no node has room. A node's steps
+    /// go together so that they can share one call ([`NodeApi::apply_batch`]).
+    fn pop_node(&mut self, most: usize) -> Vec<(Step, u32)> {
+        let Some(at) = self.runnable.pop_front() else {
+            return vec![];
+        };
         self.queued[at] = false;
-        let next = self.nodes[at].0.pop_front();
-        if next.is_some() {
-            self.nodes[at].1 += 1;
-        }
+        let (steps, in_flight) = &mut self.nodes[at];
+        let take = (self.per_node - *in_flight).min(most).min(steps.len());
+        let next: Vec<(Step, u32)> = steps.drain(..take).collect();
+        *in_flight += next.len();
         self.wake(at);
         next
+    }
+
+    /// How many nodes have a step to send and room for it.
+    fn waiting_nodes(&self) -> usize {
+        self.runnable.len()
     }
 
     /// A step sent to `node` is answered: its node has room again.
@@ -305,13 +314,29 @@ pub async fn apply<N: NodeApi>(
         let parallelism = options.parallelism.max(1);
         let mut answered: Vec<StepRecord> = vec![];
         let mut ended: Vec<StepOutcome> = vec![];
+        // Steps sent and not answered yet.
+        let mut in_flight = 0;
         loop {
             let mut starting = vec![];
-            while tasks.len() + starting.len() < parallelism
-                && let Some(next) = ready.pop()
-            {
-                starting.push(next);
+            // While every node waiting can have a step, the room is spread over them
+            // (a small cluster's nodes all work at once); when more nodes wait than
+            // there is room, each served node gets all it has room for, in one call.
+            let room = parallelism.saturating_sub(in_flight);
+            let waiting = ready.waiting_nodes().max(1);
+            let share = if waiting > room {
+                room
+            } else {
+                room.div_ceil(waiting)
+            };
+            while in_flight + starting.len() < parallelism {
+                let room = parallelism - in_flight - starting.len();
+                let next = ready.pop_node(share.min(room));
+                if next.is_empty() {
+                    break;
+                }
+                starting.extend(next);
             }
+            in_flight += starting.len();
             // The steps sent together are journaled together (one transaction),
             // with the outcomes in since the last round.
             let mut records = std::mem::take(&mut answered);
@@ -333,7 +358,12 @@ pub async fn apply<N: NodeApi>(
             }
             // A live migration runs here, not as a task: it writes its commit record
             // to the store (`crate::migrate`). The tasks in flight go on meanwhile.
+            // A node's other steps that went out together share one call (one
+            // signature, one nonce), except those the node forwards to others.
             let mut inline = vec![];
+            // Per node in the order first met: its steps that go in one call.
+            let mut together: Vec<Vec<(Step, u32, proto::v1::ApplyRequest)>> = vec![];
+            let mut group_of: std::collections::HashMap<String, usize> = Default::default();
             for (step, attempts) in starting {
                 let id = request_id(execution_id, step.id);
                 if matches!(step.action, crate::plan::NodeAction::MigrateVm { .. }) {
@@ -341,7 +371,7 @@ pub async fn apply<N: NodeApi>(
                     let result = crate::migrate::run(&step, &id, store, nodes)
                         .await
                         .map(|()| false);
-                    inline.push(Ok((step, attempts + 1, result, sent.elapsed())));
+                    inline.push((step, attempts + 1, result, sent.elapsed()));
                     continue;
                 }
                 if matches!(step.action, crate::plan::NodeAction::ProtectVm { .. }) {
@@ -350,36 +380,39 @@ pub async fn apply<N: NodeApi>(
                     tasks.spawn(async move {
                         let sent = Instant::now();
                         let result = crate::ft::run(&step, &id, &nodes).await.map(|()| false);
-                        (step, attempts + 1, result, sent.elapsed())
+                        vec![(step, attempts + 1, result, sent.elapsed())]
                     });
                     continue;
                 }
-                let nodes = nodes.clone();
-                tasks.spawn(async move {
-                    let sent = Instant::now();
-                    let result = nodes
-                        .apply(&step.node, &step.address, step.action.to_request(&id))
-                        .await
-                        .map(|response| response.replayed)
-                        .map_err(|e| e.to_string());
-                    if let Some(d) = delay {
-                        tokio::time::sleep(d).await;
-                    }
-                    (step, attempts + 1, result, sent.elapsed())
-                });
+                let request = step.action.to_request(&id);
+                let alone = request.action.as_ref().is_none_or(proto::forwards_grant);
+                if alone {
+                    send(&mut tasks, nodes, vec![(step, attempts, request)], delay);
+                    continue;
+                }
+                let next = together.len();
+                let group = *group_of.entry(step.node.clone()).or_insert(next);
+                if group == next {
+                    together.push(vec![]);
+                }
+                together[group].push((step, attempts, request));
+            }
+            for steps in together {
+                send(&mut tasks, nodes, steps, delay);
             }
             let mut joined = inline;
             if joined.is_empty() {
                 let Some(next) = tasks.join_next().await else {
                     break;
                 };
-                joined.push(next);
+                joined.extend(next.into_iter().flatten());
             }
             // Every outcome that is in is journaled in one transaction.
             while let Some(more) = tasks.try_join_next() {
-                joined.push(more);
+                joined.extend(more.into_iter().flatten());
             }
-            for (step, attempts, result, elapsed) in joined.into_iter().flatten() {
+            for (step, attempts, result, elapsed) in joined {
+                in_flight -= 1;
                 ready.done(&step.node);
                 let (status, replayed, error) = match result {
                     Ok(replayed) => (StepStatus::Succeeded, replayed, None),
@@ -419,6 +452,53 @@ pub async fn apply<N: NodeApi>(
         steps: outcomes.into_values().collect(),
         millis: started.elapsed().as_millis() as u64,
     })
+}
+
+/// A step sent, its attempt, whether the node replayed it (or why it failed), and
+/// how long its call took.
+type Sent = (Step, u32, Result<bool, String>, Duration);
+
+/// Sends `steps` (one node's) with their requests: one `Apply`, or one
+/// [`NodeApi::apply_batch`] for several.
+fn send<N: NodeApi>(
+    tasks: &mut tokio::task::JoinSet<Vec<Sent>>,
+    nodes: &N,
+    steps: Vec<(Step, u32, proto::v1::ApplyRequest)>,
+    delay: Option<Duration>,
+) {
+    let nodes = nodes.clone();
+    tasks.spawn(async move {
+        let sent = Instant::now();
+        let (node, address) = (steps[0].0.node.clone(), steps[0].0.address.clone());
+        let mut requests = vec![];
+        let mut steps: Vec<(Step, u32)> = steps
+            .into_iter()
+            .map(|(step, attempts, request)| {
+                requests.push(request);
+                (step, attempts)
+            })
+            .collect();
+        let results = if requests.len() == 1 {
+            let request = requests.pop().expect("one request");
+            vec![nodes.apply(&node, &address, request).await]
+        } else {
+            nodes.apply_batch(&node, &address, requests).await
+        };
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        let elapsed = sent.elapsed();
+        steps
+            .drain(..)
+            .zip(results)
+            .map(|((step, attempts), result)| {
+                let result = result
+                    .map(|response| response.replayed)
+                    .map_err(|e| e.to_string());
+                (step, attempts + 1, result, elapsed)
+            })
+            .collect()
+    });
 }
 
 /// What settling an interrupted execution found about its in-flight steps.
@@ -686,6 +766,146 @@ mod tests {
         }
     }
 
+    /// Keeps every call: `apply` as one request, `apply_batch` as its requests;
+    /// starting VM `broken` fails.
+    #[derive(Clone, Default)]
+    struct BatchingNodes {
+        calls: Arc<Mutex<Vec<Call>>>,
+    }
+
+    /// A call's node and request ids.
+    type Call = (String, Vec<String>);
+
+    impl BatchingNodes {
+        fn answer(request: &v1::ApplyRequest, node: &str) -> Result<v1::ApplyResponse, NodeError> {
+            if let Some(v1::apply_request::Action::StartVm(start)) = &request.action
+                && start.name == "broken"
+            {
+                return Err(NodeError::Refused {
+                    node: node.into(),
+                    code: tonic::Code::NotFound,
+                    message: "no such VM".into(),
+                });
+            }
+            Ok(v1::ApplyResponse {
+                request_id: request.request_id.clone(),
+                ..Default::default()
+            })
+        }
+    }
+
+    impl NodeApi for BatchingNodes {
+        async fn observe(&self, _node: &DesiredNode) -> Result<NodeObservation, String> {
+            Err("not used".into())
+        }
+
+        async fn apply(
+            &self,
+            node: &str,
+            _address: &str,
+            request: v1::ApplyRequest,
+        ) -> Result<v1::ApplyResponse, NodeError> {
+            let call = (node.to_owned(), vec![request.request_id.clone()]);
+            self.calls.lock().unwrap().push(call);
+            Self::answer(&request, node)
+        }
+
+        async fn apply_batch(
+            &self,
+            node: &str,
+            _address: &str,
+            requests: Vec<v1::ApplyRequest>,
+        ) -> Vec<Result<v1::ApplyResponse, NodeError>> {
+            let ids = requests.iter().map(|r| r.request_id.clone()).collect();
+            self.calls.lock().unwrap().push((node.to_owned(), ids));
+            requests.iter().map(|r| Self::answer(r, node)).collect()
+        }
+
+        async fn get_outcome(
+            &self,
+            _node: &str,
+            _address: &str,
+            _request_id: &str,
+        ) -> Result<v1::GetOutcomeResponse, NodeError> {
+            unreachable!("apply does not settle")
+        }
+    }
+
+    /// A node's steps that go out together share one call, up to its room; an action
+    /// the node forwards to other nodes (a volume's delete) goes alone; a request
+    /// that fails in a batch fails its step only.
+    #[tokio::test]
+    async fn a_nodes_steps_sent_together_share_one_call_and_fail_alone() {
+        let (dir, store) = store();
+        let nodes = BatchingNodes::default();
+        let mut steps: Vec<Step> = (0..6)
+            .map(|i| start(if i < 5 { "n1" } else { "n2" }, &format!("vm{i}"), i))
+            .collect();
+        steps[2] = start("n1", "broken", 2);
+        steps.push(Step {
+            action: NodeAction::DeleteVolume { name: "old".into() },
+            ..start("n1", "", 6)
+        });
+        let plan = plan_of(steps);
+        let execution = new_execution_id(&plan.plan_id);
+        let options = ApplyOptions {
+            parallelism: 16,
+            per_node: 4,
+        };
+        let report = apply(&plan, &execution, &store, &nodes, &options, &Silent)
+            .await
+            .unwrap();
+        let calls = nodes.calls.lock().unwrap().clone();
+        let id = |step: usize| request_id(&execution, step);
+        // n1: steps 0-3 in one call (its room is 4), then 4 with the volume's delete
+        // alone beside it; n2: its one step in an Apply.
+        assert_eq!(calls[0], ("n1".into(), (0..4).map(id).collect::<Vec<_>>()));
+        assert!(calls.contains(&("n2".into(), vec![id(5)])), "{calls:?}");
+        assert!(calls.contains(&("n1".into(), vec![id(6)])), "{calls:?}");
+        assert!(calls.contains(&("n1".into(), vec![id(4)])), "{calls:?}");
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        let failed: Vec<usize> = report
+            .steps
+            .iter()
+            .filter(|s| s.status != StepStatus::Succeeded)
+            .map(|s| s.step)
+            .collect();
+        assert_eq!(failed, vec![2], "{}", report.text());
+        let journal = store.journal_of(&execution).unwrap();
+        assert_eq!(journal.len(), 7);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// With room for a step on every waiting node, the room is spread: a small
+    /// cluster's nodes all get steps in the first round, none the whole room.
+    #[tokio::test]
+    async fn room_for_every_node_is_spread_over_the_nodes() {
+        let (dir, store) = store();
+        let nodes = BatchingNodes::default();
+        let plan = plan_of(
+            (0..12)
+                .map(|i| start(&format!("n{}", i / 4), &format!("vm{i}"), i))
+                .collect(),
+        );
+        let execution = new_execution_id(&plan.plan_id);
+        let options = ApplyOptions {
+            parallelism: 8,
+            per_node: 8,
+        };
+        let report = apply(&plan, &execution, &store, &nodes, &options, &Silent)
+            .await
+            .unwrap();
+        assert!(!report.failed(), "{}", report.text());
+        let calls = nodes.calls.lock().unwrap().clone();
+        let first: BTreeSet<&str> = calls[..3].iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(first, BTreeSet::from(["n0", "n1", "n2"]), "{calls:?}");
+        // 8 of room over 3 nodes: 3, 3 and 2, each node's in one call.
+        let sizes: Vec<usize> = calls[..3].iter().map(|(_, ids)| ids.len()).collect();
+        assert_eq!(sizes, vec![3, 3, 2], "{calls:?}");
+        assert_eq!(calls.iter().map(|(_, ids)| ids.len()).sum::<usize>(), 12);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn at_most_per_node_steps_are_in_flight_on_a_node_and_parallelism_over_all() {
         let (dir, store) = store();
@@ -731,15 +951,17 @@ mod tests {
         for (i, node) in ["a", "a", "a", "b", "c", "c"].iter().enumerate() {
             ready.push(start(node, &format!("vm{i}"), i), 0);
         }
-        let mut order = vec![];
-        while let Some((step, _)) = ready.pop() {
-            order.push(step.id);
-        }
-        // a, b, c in turn; a's third waits for room.
-        assert_eq!(order, vec![0, 3, 4, 1, 5]);
+        let ids = |steps: Vec<(Step, u32)>| steps.iter().map(|(s, _)| s.id).collect::<Vec<_>>();
+        // a, b, c in turn, each with as many as it has room for (and at most the
+        // number asked); a's third waits for room.
+        assert_eq!(ids(ready.pop_node(10)), vec![0, 1]);
+        assert_eq!(ids(ready.pop_node(10)), vec![3]);
+        assert_eq!(ids(ready.pop_node(1)), vec![4]);
+        assert_eq!(ids(ready.pop_node(10)), vec![5]);
+        assert!(ready.pop_node(10).is_empty());
         ready.done("a");
-        assert_eq!(ready.pop().map(|(s, _)| s.id), Some(2));
-        assert!(ready.pop().is_none());
+        assert_eq!(ids(ready.pop_node(10)), vec![2]);
+        assert!(ready.pop_node(10).is_empty());
     }
 
     #[tokio::test]

@@ -96,6 +96,21 @@ pub trait NodeApi: Clone + Send + Sync + 'static {
         request: v1::ApplyRequest,
     ) -> impl Future<Output = Result<v1::ApplyResponse, NodeError>> + Send;
 
+    /// Carries out several actions on one node, each as [`NodeApi::apply`] does, and
+    /// answers each in order. By default they are sent one by one, concurrently;
+    /// [`GrpcNodes`] sends them in one `ApplyBatch` to a node that speaks it.
+    fn apply_batch(
+        &self,
+        node: &str,
+        address: &str,
+        requests: Vec<v1::ApplyRequest>,
+    ) -> impl Future<Output = Vec<Result<v1::ApplyResponse, NodeError>>> + Send {
+        let one_by_one = requests
+            .into_iter()
+            .map(move |request| self.apply(node, address, request));
+        futures_util::future::join_all(one_by_one)
+    }
+
     /// What became of a request id (read-only; waits for it if it still runs).
     fn get_outcome(
         &self,
@@ -169,6 +184,44 @@ impl GrpcNodes {
         clients.insert(address.to_owned(), client.clone());
         Ok(client)
     }
+}
+
+/// An `ApplyBatch`'s results as the `Apply` answers of `ids`, in order: a result
+/// missing or naming another request id is an error of that request.
+fn batch_results(
+    node: &str,
+    ids: &[String],
+    results: Vec<v1::ApplyBatchResult>,
+) -> Vec<Result<v1::ApplyResponse, NodeError>> {
+    let count = results.len();
+    let mut results = results.into_iter();
+    ids.iter()
+        .map(|id| {
+            let mismatch = |what: String| NodeError::Refused {
+                node: node.to_owned(),
+                code: tonic::Code::Internal,
+                message: format!(
+                    "its ApplyBatch answer {what} (request `{id}`, {count} results for {} requests)",
+                    ids.len()
+                ),
+            };
+            let result = results
+                .next()
+                .ok_or_else(|| mismatch("has no result".into()))?;
+            if result.request_id != *id {
+                return Err(mismatch(format!("names `{}` instead", result.request_id)));
+            }
+            match result.outcome {
+                Some(v1::apply_batch_result::Outcome::Response(response)) => Ok(response),
+                Some(v1::apply_batch_result::Outcome::Error(error)) => Err(NodeError::Refused {
+                    node: node.to_owned(),
+                    code: tonic::Code::from_i32(error.code),
+                    message: error.message,
+                }),
+                None => Err(mismatch("has a result with no outcome".into())),
+            }
+        })
+        .collect()
 }
 
 fn refused(node: &str, status: &tonic::Status) -> NodeError {
@@ -333,6 +386,52 @@ impl NodeApi for GrpcNodes {
             unsupported(node, &speaks, &request)?;
         }
         client.apply(request).await.map_err(|s| refused(node, &s))
+    }
+
+    /// One `ApplyBatch` when the node's last observation said it speaks 1.8 and no
+    /// request is one sent alone ([`proto::forwards_grant`], or one an older node must
+    /// be kept from, [`unsupported`]); else, or when the node answers UNIMPLEMENTED
+    /// (nothing was carried out), one `Apply` each.
+    async fn apply_batch(
+        &self,
+        node: &str,
+        address: &str,
+        requests: Vec<v1::ApplyRequest>,
+    ) -> Vec<Result<v1::ApplyResponse, NodeError>> {
+        let speaks = self
+            .versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(node)
+            .copied();
+        let batch = speaks.filter(|speaks| {
+            requests.len() > 1
+                && requests.len() <= proto::APPLY_BATCH_MAX
+                && proto::protocol::APPLY_BATCH.spoken_by(speaks)
+                && requests.iter().all(|request| {
+                    request
+                        .action
+                        .as_ref()
+                        .is_some_and(|action| !proto::forwards_grant(action))
+                        && unsupported(node, speaks, request).is_ok()
+                })
+        });
+        if batch.is_some() {
+            let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
+            let answered = match self.client(node, address).await {
+                Ok(mut client) => client.apply_batch(requests.clone()).await,
+                Err(error) => return ids.iter().map(|_| Err(error.clone())).collect(),
+            };
+            match answered {
+                Ok(results) => return batch_results(node, &ids, results),
+                Err(status) if status.code() == tonic::Code::Unimplemented => {}
+                Err(status) => return ids.iter().map(|_| Err(refused(node, &status))).collect(),
+            }
+        }
+        let one_by_one = requests
+            .into_iter()
+            .map(|request| self.apply(node, address, request));
+        futures_util::future::join_all(one_by_one).await
     }
 
     async fn get_outcome(

@@ -146,6 +146,32 @@ impl NodeApi for LeaseBound {
             .await
     }
 
+    /// The batch is bounded as one call: abandoned, each request fails with why.
+    async fn apply_batch(
+        &self,
+        node: &str,
+        address: &str,
+        requests: Vec<v1::ApplyRequest>,
+    ) -> Vec<Result<v1::ApplyResponse, NodeError>> {
+        let count = requests.len();
+        let what = match requests.first() {
+            Some(first) if count > 1 => format!(
+                "the batch of {count} requests {} … {}",
+                first.request_id,
+                requests[count - 1].request_id
+            ),
+            Some(first) => format!("request {}", first.request_id),
+            None => return vec![],
+        };
+        let call = async {
+            Ok::<_, NodeError>(self.shared.nodes.apply_batch(node, address, requests).await)
+        };
+        match self.bounded(node, &what, call).await {
+            Ok(answers) => answers,
+            Err(error) => vec![Err(error); count],
+        }
+    }
+
     async fn get_outcome(
         &self,
         node: &str,

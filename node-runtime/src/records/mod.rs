@@ -33,6 +33,7 @@
 //! than half-read; a node's data directory is never downgraded.
 
 mod convert;
+mod group;
 pub mod legacy;
 mod types;
 
@@ -216,22 +217,12 @@ pub struct Records {
     /// Records converted from format 1 when the file was opened.
     converted: u64,
     /// Nonces waiting for the next group commit ([`Records::put_nonce`]).
-    nonces: std::sync::Mutex<NonceQueue>,
-    /// Held by the caller committing a group of nonces.
-    nonce_leader: std::sync::Mutex<()>,
+    nonces: group::GroupCommit<([u8; 16], u64)>,
+    /// Request records waiting for the next group commit ([`Records::put_request`]):
+    /// key and encoded record.
+    requests: group::GroupCommit<(String, Vec<u8>)>,
     /// Moves on every record stored or removed ([`Records::changes`]).
     changed: tokio::sync::watch::Sender<u64>,
-}
-
-/// Nonces of requests that arrived together, committed in one transaction.
-#[derive(Debug, Default)]
-struct NonceQueue {
-    queued: Vec<([u8; 16], u64)>,
-    /// Tickets handed out (one per nonce), and the highest one committed or failed.
-    issued: u64,
-    settled: u64,
-    /// Recent groups that failed: (first ticket, last ticket, why).
-    failed: Vec<(u64, u64, String)>,
 }
 
 impl Records {
@@ -277,8 +268,8 @@ impl Records {
         Ok(Self {
             database,
             converted,
-            nonces: std::sync::Mutex::default(),
-            nonce_leader: std::sync::Mutex::default(),
+            nonces: group::GroupCommit::default(),
+            requests: group::GroupCommit::default(),
             changed: tokio::sync::watch::Sender::new(0),
         })
     }
@@ -302,64 +293,22 @@ impl Records {
         self.converted
     }
 
-    fn nonce_queue(&self) -> std::sync::MutexGuard<'_, NonceQueue> {
-        self.nonces
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Records an accepted request's nonce until `expires_at_ms`, durably (fsync
     /// before returning): the request is carried out only after this. Requests that
     /// arrive together share one commit (group commit): the first caller commits every
     /// nonce queued until then, those behind it find theirs committed.
     pub fn put_nonce(&self, nonce: &[u8; 16], expires_at_ms: u64) -> Result<(), RecordsError> {
-        let ticket = {
-            let mut queued = self.nonce_queue();
-            queued.queued.push((*nonce, expires_at_ms));
-            queued.issued += 1;
-            queued.issued
-        };
-        let _leader = self
-            .nonce_leader
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (batch, first, last) = {
-            let mut queued = self.nonce_queue();
-            if queued.settled >= ticket {
-                return match queued
-                    .failed
-                    .iter()
-                    .find(|(first, last, _)| (*first..=*last).contains(&ticket))
-                {
-                    Some((_, _, message)) => Err(RecordsError::Redb {
-                        operation: "commit",
-                        message: message.clone(),
-                    }),
-                    None => Ok(()),
-                };
-            }
-            let batch = std::mem::take(&mut queued.queued);
-            (batch, queued.settled + 1, queued.issued)
-        };
-        let committed: Result<(), RecordsError> = (|| {
+        self.nonces.submit((*nonce, expires_at_ms), |batch| {
             let transaction = redb_try!("begin", self.database.begin_write());
             {
                 let mut table = redb_try!("open table", transaction.open_table(NONCES));
-                for (nonce, expires_at_ms) in &batch {
+                for (nonce, expires_at_ms) in batch {
                     redb_try!("insert", table.insert(nonce.as_slice(), *expires_at_ms));
                 }
             }
             redb_try!("commit", transaction.commit());
             Ok(())
-        })();
-        let mut queued = self.nonce_queue();
-        queued.settled = last;
-        if let Err(error) = &committed {
-            queued.failed.push((first, last, error.to_string()));
-            let excess = queued.failed.len().saturating_sub(64);
-            queued.failed.drain(..excess);
-        }
-        committed
+        })
     }
 
     /// Every recorded nonce that expires after `now_ms`, with its expiry.
@@ -405,13 +354,31 @@ impl Records {
         self.get(request_id)
     }
 
-    /// Stores the record of a request id durably (fsync before returning).
+    /// Stores the record of a request id durably (fsync before returning). Records
+    /// stored together share one commit (group commit, as [`Records::put_nonce`]):
+    /// the actions of an `ApplyBatch` end together.
     pub fn put_request(
         &self,
         request_id: &str,
         record: &RequestRecord,
     ) -> Result<(), RecordsError> {
-        self.put(request_id, record)
+        let item = (request_id.to_owned(), encode(record));
+        self.requests.submit(item, |batch| {
+            let transaction = redb_try!("begin", self.database.begin_write());
+            {
+                let mut rows = redb_try!(
+                    "open table",
+                    transaction.open_table(table(RequestRecord::TABLE))
+                );
+                for (key, bytes) in batch {
+                    redb_try!("insert", rows.insert(key.as_str(), bytes.as_slice()));
+                }
+            }
+            redb_try!("commit", transaction.commit());
+            Ok(())
+        })?;
+        self.note_change();
+        Ok(())
     }
 
     /// Removes request records written before `cutoff_unix_ms`; returns how many.

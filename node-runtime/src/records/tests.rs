@@ -399,3 +399,39 @@ fn a_corrupt_previous_record_stops_the_conversion_naming_it() {
     // Nothing was converted or marked: the file is as it was.
     assert_eq!(format_of(&path), None);
 }
+
+/// Request records and nonces stored by many threads at once share commits (group
+/// commit) and every one is there afterwards, readable after the file is reopened.
+#[test]
+fn request_records_and_nonces_stored_together_are_each_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.redb");
+    let records = Records::open(&path).unwrap();
+    std::thread::scope(|scope| {
+        for thread in 0..8u8 {
+            let records = &records;
+            scope.spawn(move || {
+                for i in 0..25u8 {
+                    let id = format!("r-{thread}-{i}");
+                    let record = RequestRecord::new(vec![thread; 32], vec![i], 1_700_000_000_000);
+                    records.put_request(&id, &record).unwrap();
+                    records
+                        .put_nonce(
+                            &[thread, i, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                            u64::MAX,
+                        )
+                        .unwrap();
+                }
+            });
+        }
+    });
+    drop(records);
+    let records = Records::open(&path).unwrap();
+    assert_eq!(records.request_count().unwrap(), 200);
+    assert_eq!(records.live_nonces(0).unwrap().len(), 200);
+    let record = records.request("r-7-24").unwrap().expect("recorded");
+    assert_eq!(
+        (record.action_digest, record.response),
+        (vec![7; 32], vec![24])
+    );
+}

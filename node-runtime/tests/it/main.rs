@@ -6,6 +6,7 @@ mod apply;
 mod auth;
 mod auto_snapshots;
 mod bad_input;
+mod batch;
 mod bonds;
 mod cgroup_parents;
 mod copies;

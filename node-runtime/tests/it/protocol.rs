@@ -44,11 +44,11 @@ async fn a_node_reports_its_protocol_and_refuses_another_major() {
         .unwrap();
     assert_eq!(
         inventory.protocol_version,
-        Some(proto::v1::ProtocolVersion { major: 1, minor: 7 })
+        Some(proto::v1::ProtocolVersion { major: 1, minor: 8 })
     );
     assert_eq!(
         proto::protocol::display(&proto::protocol::of_inventory(&inventory)),
-        "1.7"
+        "1.8"
     );
     let signed = signer
         .sign(methods::GET_INVENTORY, &target, GetInventoryRequest {})
@@ -60,7 +60,7 @@ async fn a_node_reports_its_protocol_and_refuses_another_major() {
             .unwrap()
             .to_str()
             .unwrap(),
-        "1.7",
+        "1.8",
         "every signed call says which version it speaks"
     );
 
@@ -88,7 +88,7 @@ async fn a_node_reports_its_protocol_and_refuses_another_major() {
     assert_eq!(newer.code(), Code::FailedPrecondition, "{newer:?}");
     assert_eq!(
         newer.message(),
-        "the caller speaks cairn.node protocol 2.0, node proto-1 speaks 1.7 and serves only major 1: upgrade node proto-1 first (nodes are upgraded before controllers)"
+        "the caller speaks cairn.node protocol 2.0, node proto-1 speaks 1.8 and serves only major 1: upgrade node proto-1 first (nodes are upgraded before controllers)"
     );
     let older = observe
         .observe(with_protocol(sign_observe(), Some("0.3")))
@@ -138,7 +138,7 @@ async fn a_node_reports_its_protocol_and_refuses_another_major() {
     let status = InventoryClient::connect(address)
         .await
         .unwrap()
-        .get_inventory(with_protocol(forged, Some("1.8")))
+        .get_inventory(with_protocol(forged, Some("1.9")))
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -146,7 +146,7 @@ async fn a_node_reports_its_protocol_and_refuses_another_major() {
         status.message().contains("signature does not verify")
             && status
                 .message()
-                .contains("the caller speaks protocol 1.8, newer than this node's 1.7"),
+                .contains("the caller speaks protocol 1.9, newer than this node's 1.8"),
         "{status:?}"
     );
 }

@@ -2,10 +2,10 @@
 //! processes on 127.0.0.74-75: a node accepts the requests of a controller one minor
 //! newer, fields it does not know included (the signature is checked against the
 //! bytes received, `proto::received`), and those of a controller one minor older; a
-//! node that speaks the previous minor (`CAIRN_PROTOCOL_EMULATE=1.6`: it advertises
-//! 1.6, answers UNIMPLEMENTED for 1.7's `ControllerTrust`, and verifies against its
-//! re-encoding as 1.6 builds do) serves this build's controller, and shows what the
-//! change fixes: the same newer request is refused by it.
+//! node that speaks the previous minor (`CAIRN_PROTOCOL_EMULATE=1.7`: it advertises
+//! 1.7, answers UNIMPLEMENTED for 1.8's `Apply.ApplyBatch`, and verifies against its
+//! re-encoding as builds before 1.7 did) serves this build's controller, and shows what
+//! the change fixes: the same newer request is refused by it.
 
 use proto::auth::{Identity, NodeTarget, RequestSigner};
 use proto::methods;
@@ -56,7 +56,7 @@ async fn observe_as(
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn nodes_accept_the_next_and_the_previous_controller_minor_and_a_1_6_node_serves_this_controller()
+async fn nodes_accept_the_next_and_the_previous_controller_minor_and_a_previous_minor_node_serves_this_controller()
  {
     let dir = tempfile::tempdir().unwrap();
     let controller = Identity::generate().unwrap();
@@ -128,23 +128,30 @@ async fn nodes_accept_the_next_and_the_previous_controller_minor_and_a_1_6_node_
             )),
         "{refused:?}"
     );
-    // 1.7's controller-key push: a 1.6 node does not have it (its key file is changed
-    // by hand), and says so as a 1.6 build would.
-    let pushed = client
-        .set_controller_keys(vec![proto::v1::ControllerKey {
-            public_key_hex: controller.public_key_hex(),
-            name: "controller".into(),
-        }])
-        .await
-        .unwrap_err();
-    assert_eq!(pushed.code(), Code::Unimplemented, "{pushed:?}");
+    // 1.8's batched Apply: a 1.7 node does not have it, says so as a 1.7 build would,
+    // and carries nothing out (its caller sends the actions one by one).
+    let batch = vec![proto::v1::ApplyRequest {
+        request_id: "set-peers-batched".into(),
+        action: Some(proto::v1::apply_request::Action::SetPeers(
+            proto::v1::SetPeers { peers: vec![] },
+        )),
+    }];
+    let refused = client.apply_batch(batch.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    let outcome = client.get_outcome("set-peers-batched").await.unwrap();
+    assert_eq!(outcome.outcome, proto::v1::Outcome::NotFound as i32);
     // This build's node takes it.
-    node.client(&controller)
+    let results = node
+        .client(&controller)
         .await
-        .set_controller_keys(vec![proto::v1::ControllerKey {
-            public_key_hex: controller.public_key_hex(),
-            name: "controller".into(),
-        }])
+        .apply_batch(batch)
         .await
-        .expect("a 1.7 node takes the controller-key push");
+        .expect("a 1.8 node takes a batch");
+    assert!(
+        matches!(
+            results[0].outcome,
+            Some(proto::v1::apply_batch_result::Outcome::Response(_))
+        ),
+        "{results:?}"
+    );
 }
