@@ -17,7 +17,9 @@ pub const PROBE_FRESH: Duration = Duration::from_secs(60);
 
 /// `probe()`'s answer, from `cache` when it is younger than [`PROBE_FRESH`].
 fn kept<T: Clone>(cache: &Mutex<Option<(Instant, T)>>, probe: impl FnOnce() -> T) -> T {
-    let mut cached = cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut cached = cache
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some((at, answer)) = cached.as_ref()
         && at.elapsed() < PROBE_FRESH
     {
