@@ -341,8 +341,14 @@ impl v1::watch_server::Watch for NodeService {
         let (sender, output) = tokio::sync::mpsc::channel::<Result<v1::WatchEvent, Status>>(64);
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(interval_ms)));
+            // This stream's numbering: one more per event sent on it, and as many more
+            // as it missed when it lagged (the watcher sees that gap). The bus's own
+            // numbers cannot be sent: a heartbeat goes to one stream only, so with two
+            // watchers each one's heartbeats were gaps in the other's sequence, and
+            // every gap wakes a controller's drift check.
+            let mut sequence: u64 = 0;
             loop {
-                let event = tokio::select! {
+                let mut event = tokio::select! {
                     _ = ticker.tick() => {
                         let heartbeat = v1::Heartbeat {
                             uptime_ms: now_unix_ms().saturating_sub(node.started_at_unix_ms),
@@ -354,11 +360,16 @@ impl v1::watch_server::Watch for NodeService {
                     received = receiver.recv() => match received {
                         Ok(event) => event,
                         // Lagged: the watcher sees the gap in sequence numbers.
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            sequence += missed;
+                            continue;
+                        }
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                     },
                     _ = shutdown.changed() => break,
                 };
+                sequence += 1;
+                event.sequence = sequence;
                 if sender.send(Ok(event)).await.is_err() {
                     break;
                 }

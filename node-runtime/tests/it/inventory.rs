@@ -176,6 +176,53 @@ async fn watch_streams_heartbeats_and_action_events() {
     }
 }
 
+/// Two watchers of one node: each stream numbers its own events, heartbeats included,
+/// from 1 without a gap, while the other's heartbeats run and actions are published
+/// to both. (The node's shared numbering gave each stream's heartbeats a number the
+/// other never saw: a gap at every heartbeat, and every gap woke a drift check.)
+#[tokio::test(flavor = "multi_thread")]
+async fn two_watchers_each_see_their_own_sequence_without_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller();
+    let node = TestNode::start("watch-2", dir.path(), &controller);
+    let mut client = node.client(&controller).await;
+    let mut first = client.watch(100).await.unwrap();
+    let mut second = client.watch(130).await.unwrap();
+    for i in 0..3 {
+        apply_ok(
+            &mut client,
+            &format!("watch-two-{i}"),
+            Action::CreateVolume(CreateVolume {
+                name: format!("w{i}"),
+                size_bytes: 1 << 20,
+                stripe_width: 1,
+                stripe_unit_bytes: 65536,
+                replica_peers: vec![],
+            }),
+        )
+        .await;
+    }
+    for (name, stream) in [("first", &mut first), ("second", &mut second)] {
+        let mut sequences = vec![];
+        let (mut heartbeats, mut actions) = (0, 0);
+        while heartbeats < 5 || actions < 3 {
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                .await
+                .expect("events within 10 s")
+                .expect("stream open")
+                .expect("event");
+            match event.event {
+                Some(Event::Heartbeat(_)) => heartbeats += 1,
+                Some(Event::Action(_)) => actions += 1,
+                _ => {}
+            }
+            sequences.push(event.sequence);
+        }
+        let expected: Vec<u64> = (1..=sequences.len() as u64).collect();
+        assert_eq!(sequences, expected, "the {name} watcher's sequence");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_shuts_down_gracefully() {
     let dir = tempfile::tempdir().unwrap();
