@@ -1,17 +1,15 @@
-//! The node's event bus: every state change becomes a `WatchEvent` with a sequence
-//! number, broadcast to every `Watch` stream.
-
-use std::sync::atomic::{AtomicU64, Ordering};
+//! The node's event bus: every state change becomes a `WatchEvent`, broadcast to
+//! every `Watch` stream, which numbers the events it sends (`service.rs`).
 
 use proto::v1::{WatchEvent, watch_event::Event};
 use tokio::sync::broadcast;
 
-/// Broadcasts events to watchers. Slow watchers lose events (they see a gap in
-/// `sequence` and should re-read `Observe`); the node never blocks on a watcher.
+/// Broadcasts events to watchers. Slow watchers lose events (their stream counts
+/// what they missed into its `sequence`, and they should re-read `Observe`); the node
+/// never blocks on a watcher.
 #[derive(Debug)]
 pub struct EventBus {
     node_name: String,
-    sequence: AtomicU64,
     sender: broadcast::Sender<WatchEvent>,
 }
 
@@ -29,7 +27,6 @@ impl EventBus {
         let (sender, _) = broadcast::channel(1024);
         Self {
             node_name: node_name.to_string(),
-            sequence: AtomicU64::new(0),
             sender,
         }
     }
@@ -39,11 +36,13 @@ impl EventBus {
         let _ = self.sender.send(self.stamp(event));
     }
 
-    /// Stamps an event with the next sequence number without broadcasting it
-    /// (heartbeats go only to the stream that asked for them).
+    /// Stamps an event with the time and the node's name, without broadcasting it
+    /// (heartbeats go only to the stream that asked for them). Its `sequence` is the
+    /// stream's to set: one counter for every stream made each stream's heartbeats
+    /// gaps in the others'.
     pub fn stamp(&self, event: Event) -> WatchEvent {
         WatchEvent {
-            sequence: self.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+            sequence: 0,
             at_unix_ms: now_unix_ms(),
             node_name: self.node_name.clone(),
             event: Some(event),

@@ -342,10 +342,10 @@ impl v1::watch_server::Watch for NodeService {
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(interval_ms)));
             // This stream's numbering: one more per event sent on it, and as many more
-            // as it missed when it lagged (the watcher sees that gap). The bus's own
-            // numbers cannot be sent: a heartbeat goes to one stream only, so with two
-            // watchers each one's heartbeats were gaps in the other's sequence, and
-            // every gap wakes a controller's drift check.
+            // as it missed when it lagged (the watcher sees that gap). It is the
+            // stream's, not the node's: a heartbeat goes to this stream only, and a
+            // number shared by two watchers made each one's heartbeats gaps in the
+            // other's sequence (every gap wakes a controller's drift check).
             let mut sequence: u64 = 0;
             loop {
                 let mut event = tokio::select! {

@@ -470,14 +470,10 @@ fn send<N: NodeApi>(
     tasks.spawn(async move {
         let sent = Instant::now();
         let (node, address) = (steps[0].0.node.clone(), steps[0].0.address.clone());
-        let mut requests = vec![];
-        let mut steps: Vec<(Step, u32)> = steps
+        let (steps, mut requests): (Vec<(Step, u32)>, Vec<_>) = steps
             .into_iter()
-            .map(|(step, attempts, request)| {
-                requests.push(request);
-                (step, attempts)
-            })
-            .collect();
+            .map(|(step, attempts, request)| ((step, attempts), request))
+            .unzip();
         let results = if requests.len() == 1 {
             let request = requests.pop().expect("one request");
             vec![nodes.apply(&node, &address, request).await]
@@ -488,13 +484,19 @@ fn send<N: NodeApi>(
             tokio::time::sleep(d).await;
         }
         let elapsed = sent.elapsed();
+        // A step the answers leave out fails, named, rather than vanishing unjournaled.
+        let mut results = results.into_iter();
         steps
-            .drain(..)
-            .zip(results)
-            .map(|((step, attempts), result)| {
-                let result = result
-                    .map(|response| response.replayed)
-                    .map_err(|e| e.to_string());
+            .into_iter()
+            .map(|(step, attempts)| {
+                let result = match results.next() {
+                    Some(answer) => answer
+                        .map(|response| response.replayed)
+                        .map_err(|e| e.to_string()),
+                    None => Err(format!(
+                        "node {node} answered fewer requests than its call carried; this one has no answer"
+                    )),
+                };
                 (step, attempts + 1, result, elapsed)
             })
             .collect()

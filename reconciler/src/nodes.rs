@@ -105,10 +105,7 @@ pub trait NodeApi: Clone + Send + Sync + 'static {
         address: &str,
         requests: Vec<v1::ApplyRequest>,
     ) -> impl Future<Output = Vec<Result<v1::ApplyResponse, NodeError>>> + Send {
-        let one_by_one = requests
-            .into_iter()
-            .map(move |request| self.apply(node, address, request));
-        futures_util::future::join_all(one_by_one)
+        one_by_one(self, node, address, requests)
     }
 
     /// What became of a request id (read-only; waits for it if it still runs).
@@ -184,6 +181,20 @@ impl GrpcNodes {
         clients.insert(address.to_owned(), client.clone());
         Ok(client)
     }
+}
+
+/// `requests` to `node`, each in an `Apply` of its own, concurrently; the answers in
+/// order (what [`NodeApi::apply_batch`] does by default).
+pub async fn one_by_one<N: NodeApi>(
+    api: &N,
+    node: &str,
+    address: &str,
+    requests: Vec<v1::ApplyRequest>,
+) -> Vec<Result<v1::ApplyResponse, NodeError>> {
+    let calls = requests
+        .into_iter()
+        .map(|request| api.apply(node, address, request));
+    futures_util::future::join_all(calls).await
 }
 
 /// An `ApplyBatch`'s results as the `Apply` answers of `ids`, in order: a result
@@ -404,34 +415,32 @@ impl NodeApi for GrpcNodes {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(node)
             .copied();
-        let batch = speaks.filter(|speaks| {
+        let batch = speaks.is_some_and(|speaks| {
             requests.len() > 1
                 && requests.len() <= proto::APPLY_BATCH_MAX
-                && proto::protocol::APPLY_BATCH.spoken_by(speaks)
+                && proto::protocol::APPLY_BATCH.spoken_by(&speaks)
                 && requests.iter().all(|request| {
                     request
                         .action
                         .as_ref()
                         .is_some_and(|action| !proto::forwards_grant(action))
-                        && unsupported(node, speaks, request).is_ok()
+                        && unsupported(node, &speaks, request).is_ok()
                 })
         });
-        if batch.is_some() {
+        if batch {
             let ids: Vec<String> = requests.iter().map(|r| r.request_id.clone()).collect();
             let answered = match self.client(node, address).await {
+                // A copy: an UNIMPLEMENTED answer sends them again one by one.
                 Ok(mut client) => client.apply_batch(requests.clone()).await,
-                Err(error) => return ids.iter().map(|_| Err(error.clone())).collect(),
+                Err(error) => return vec![Err(error); ids.len()],
             };
             match answered {
                 Ok(results) => return batch_results(node, &ids, results),
                 Err(status) if status.code() == tonic::Code::Unimplemented => {}
-                Err(status) => return ids.iter().map(|_| Err(refused(node, &status))).collect(),
+                Err(status) => return vec![Err(refused(node, &status)); ids.len()],
             }
         }
-        let one_by_one = requests
-            .into_iter()
-            .map(|request| self.apply(node, address, request));
-        futures_util::future::join_all(one_by_one).await
+        one_by_one(self, node, address, requests).await
     }
 
     async fn get_outcome(
