@@ -491,7 +491,7 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
         median(replan),
     );
     println!(
-        "repo: {nodes} nodes, {vms} VMs, {volumes} volumes, {} KiB of KDL, {runs} runs, one thread",
+        "repo: {nodes} nodes, {vms} VMs, {volumes} volumes, {} KiB of KDL, {runs} runs, lowering, placement and graph on 2 threads where the machine has them",
         bytes / 1024
     );
     println!(

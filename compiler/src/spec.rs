@@ -574,6 +574,35 @@ pub struct SpecSet {
     pub reconcile: Vec<ReconcileSpec>,
 }
 
+impl SpecSet {
+    /// Appends what `other` declares after what this set declares: the set of
+    /// lowering this set's files, then `other`'s.
+    pub fn append(&mut self, other: SpecSet) {
+        let SpecSet {
+            node_classes,
+            sites,
+            tenants,
+            sla_profiles,
+            images,
+            vms,
+            vm_groups,
+            affinities,
+            protection_plans,
+            reconcile,
+        } = other;
+        self.node_classes.extend(node_classes);
+        self.sites.extend(sites);
+        self.tenants.extend(tenants);
+        self.sla_profiles.extend(sla_profiles);
+        self.images.extend(images);
+        self.vms.extend(vms);
+        self.vm_groups.extend(vm_groups);
+        self.affinities.extend(affinities);
+        self.protection_plans.extend(protection_plans);
+        self.reconcile.extend(reconcile);
+    }
+}
+
 /// `freeze` in the `reconcile` block (times checked by `check::reconcile`).
 #[derive(Debug, Clone)]
 pub struct FreezeSpec {

@@ -56,8 +56,14 @@ pub struct Graph {
     pub waves: Vec<Vec<String>>,
 }
 
-/// Interned vertex ids and deduplicated edges, in insertion order until
-/// [`Interner::finish`] sorts them.
+/// Vertex ids and edges, in insertion order until [`finish`] sorts them.
+///
+/// The vertices many VMs share (sites, nodes, pools, images, networks…) are
+/// interned through `index`, before the VMs; a VM's own vertices (`vm/`,
+/// `volume/`, `vm-secondary/`) are pushed without a lookup (see [`VmPart`]).
+/// A name given two ids (two VMs of one name in a model with errors, a node
+/// or image the model does not list) is one vertex once [`finish`] sorts the
+/// names, so the graph is the same whichever way a vertex was added.
 #[derive(Default)]
 struct Interner {
     index: FxHashMap<Arc<str>, u32>,
@@ -70,10 +76,7 @@ struct Interner {
 impl Interner {
     /// The id of the vertex named by `args` (formatted into a reused buffer).
     fn id(&mut self, args: std::fmt::Arguments<'_>) -> u32 {
-        self.buf.clear();
-        self.buf
-            .write_fmt(args)
-            .expect("formatting into a String cannot fail");
+        format_into(&mut self.buf, args);
         if let Some(&i) = self.index.get(self.buf.as_str()) {
             return i;
         }
@@ -89,13 +92,75 @@ impl Interner {
     }
 }
 
+fn format_into(buf: &mut String, args: std::fmt::Arguments<'_>) {
+    buf.clear();
+    buf.write_fmt(args)
+        .expect("formatting into a String cannot fail");
+}
+
+/// The vertices and edges the VMs of one slice of `model.vms` add: ids below
+/// `shared` are the [`Interner`]'s, the others `shared + ` the place in
+/// `names`.
+struct VmPart<'g> {
+    shared: u32,
+    index: &'g FxHashMap<Arc<str>, u32>,
+    names: Vec<Arc<str>>,
+    edges: Vec<(u32, u32)>,
+    buf: String,
+}
+
+impl VmPart<'_> {
+    /// A vertex no other VM names: pushed, not looked up.
+    fn own(&mut self, args: std::fmt::Arguments<'_>) -> u32 {
+        format_into(&mut self.buf, args);
+        self.push()
+    }
+
+    fn push(&mut self) -> u32 {
+        let i = u32::try_from(self.names.len())
+            .ok()
+            .and_then(|i| i.checked_add(self.shared))
+            .expect("fewer than 2^32 graph vertices");
+        self.names.push(Arc::from(self.buf.as_str()));
+        i
+    }
+
+    /// A vertex VMs share: the interned one, or pushed when the model does
+    /// not list it.
+    fn shared(&mut self, args: std::fmt::Arguments<'_>) -> u32 {
+        format_into(&mut self.buf, args);
+        match self.index.get(self.buf.as_str()) {
+            Some(&i) => i,
+            None => self.push(),
+        }
+    }
+
+    fn edge(&mut self, from: u32, to: u32) {
+        self.edges.push((from, to));
+    }
+}
+
+/// From how many VMs [`build_graph`] adds the VMs' vertices on two threads.
+const PARALLEL_FROM: usize = 512;
+
 /// Builds the graph of a model and its placement.
 ///
-/// Vertex ids are interned to integers while the graph is built; ids are
-/// sorted once at the end and every edge is renumbered by sorted rank, so
-/// sorting the integer pairs orders edges exactly as sorting their
-/// `(from, to)` strings would.
+/// Vertex ids are integers while the graph is built; ids are sorted once at
+/// the end and every edge is renumbered by sorted rank, so sorting the
+/// integer pairs orders edges exactly as sorting their `(from, to)` strings
+/// would. With many VMs, the VMs' vertices and edges are added on two threads
+/// (each half of `model.vms` on one), and the edges renumbered and the waves
+/// found on two: the graph is the same.
 pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
+    let threads = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    build_graph_in(
+        model,
+        placement,
+        threads && model.vms.len() >= PARALLEL_FROM,
+    )
+}
+
+fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph {
     let mut g = Interner::default();
     for site in &model.sites {
         let s = g.id(format_args!("site/{}", site.name));
@@ -131,6 +196,13 @@ pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
     for img in &model.images {
         g.id(format_args!("image/{}", img.name));
     }
+    for plan in &model.protection_plans {
+        let pid = g.id(format_args!("protection-plan/{}", plan.name));
+        for r in &plan.replicate {
+            let pool = g.id(format_args!("pool/{}/{}", r.to_site, r.pool));
+            g.edge(pool, pid);
+        }
+    }
     let placed: FxHashMap<&str, &super::VmPlacement> =
         placement.vms.iter().map(|v| (v.name.as_str(), v)).collect();
     let volumes: FxHashMap<(&str, &str), &super::VolumePlacement> = placement
@@ -138,19 +210,76 @@ pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
         .iter()
         .filter_map(|v| Some((v.name.split_once('/')?, v)))
         .collect();
+    let shared = u32::try_from(g.names.len()).expect("fewer than 2^32 graph vertices");
+    let part = |vms: &[crate::model::Vm]| {
+        let mut part = VmPart {
+            shared,
+            index: &g.index,
+            names: vec![],
+            edges: vec![],
+            buf: String::new(),
+        };
+        vm_vertices(&mut part, vms, &placed, &volumes);
+        (part.names, part.edges)
+    };
+    let parts = if parallel {
+        let (first, rest) = model.vms.split_at(model.vms.len() / 2);
+        std::thread::scope(|scope| {
+            let later = scope.spawn(|| part(rest));
+            let first = part(first);
+            vec![first, join(later)]
+        })
+    } else {
+        vec![part(&model.vms)]
+    };
+    let Interner {
+        index,
+        mut names,
+        mut edges,
+        buf: _,
+    } = g;
+    drop(index);
+    for (part_names, part_edges) in parts {
+        // This part's own ids follow the names of the parts before it.
+        let offset = u32::try_from(names.len()).expect("fewer than 2^32 graph vertices") - shared;
+        let renumber = |i: u32| if i < shared { i } else { i + offset };
+        edges.extend(
+            part_edges
+                .into_iter()
+                .map(|(f, t)| (renumber(f), renumber(t))),
+        );
+        names.extend(part_names);
+    }
+    finish(names, edges, parallel)
+}
+
+/// A scoped thread's result, its panic carried on.
+fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    handle
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Adds the vertices and edges of `vms` (the placed ones).
+fn vm_vertices(
+    g: &mut VmPart<'_>,
+    vms: &[crate::model::Vm],
+    placed: &FxHashMap<&str, &super::VmPlacement>,
+    volumes: &FxHashMap<(&str, &str), &super::VolumePlacement>,
+) {
     let mut holders: Vec<&str> = vec![];
-    for vm in &model.vms {
+    for vm in vms {
         let Some(p) = placed.get(vm.name.as_str()) else {
             continue;
         };
-        let vid = g.id(format_args!("vm/{}", vm.name));
-        let node = g.id(format_args!("node/{}", p.node));
+        let vid = g.own(format_args!("vm/{}", vm.name));
+        let node = g.shared(format_args!("node/{}", p.node));
         g.edge(node, vid);
-        let image = g.id(format_args!("image/{}", vm.image));
+        let image = g.shared(format_args!("image/{}", vm.image));
         g.edge(image, vid);
         for d in &vm.disks {
-            let vol = g.id(format_args!("volume/{}/{}", vm.name, d.name));
-            let pool = g.id(format_args!("pool/{}/{}", vm.site, d.pool));
+            let vol = g.own(format_args!("volume/{}/{}", vm.name, d.name));
+            let pool = g.shared(format_args!("pool/{}/{}", vm.site, d.pool));
             g.edge(pool, vol);
             if let Some(vp) = volumes.get(&(vm.name.as_str(), d.name.as_str())) {
                 holders.clear();
@@ -163,7 +292,7 @@ pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
                 holders.sort_unstable();
                 holders.dedup();
                 for h in &holders {
-                    let hid = g.id(format_args!("node/{h}"));
+                    let hid = g.shared(format_args!("node/{h}"));
                     g.edge(hid, vol);
                 }
             }
@@ -173,117 +302,126 @@ pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
             g.edge(vol, vid);
         }
         for nic in &vm.nics {
-            let net = g.id(format_args!("network/{}/{}", vm.tenant, nic.network));
+            let net = g.shared(format_args!("network/{}/{}", vm.tenant, nic.network));
             g.edge(net, vid);
             for sg in &nic.security_groups {
-                let sid = g.id(format_args!("security-group/{}/{}", vm.tenant, sg));
+                let sid = g.shared(format_args!("security-group/{}/{}", vm.tenant, sg));
                 g.edge(sid, vid);
             }
         }
         if vm.availability == Availability::Ft
             && let Some(sec) = &p.secondary
         {
-            let sid = g.id(format_args!("vm-secondary/{}", vm.name));
+            let sid = g.own(format_args!("vm-secondary/{}", vm.name));
             g.edge(vid, sid);
-            let snode = g.id(format_args!("node/{sec}"));
+            let snode = g.shared(format_args!("node/{sec}"));
             g.edge(snode, sid);
         }
         for plan in &vm.protection_plans {
-            let pid = g.id(format_args!("protection-plan/{plan}"));
+            let pid = g.shared(format_args!("protection-plan/{plan}"));
             g.edge(vid, pid);
         }
     }
-    for plan in &model.protection_plans {
-        let pid = g.id(format_args!("protection-plan/{}", plan.name));
-        for r in &plan.replicate {
-            let pool = g.id(format_args!("pool/{}/{}", r.to_site, r.pool));
-            g.edge(pool, pid);
-        }
-    }
-    g.finish()
 }
 
-impl Interner {
-    /// Sorts vertices by id and edges by `(from, to)`, and layers the
-    /// vertices into waves (longest path from a source, Kahn's order).
-    fn finish(self) -> Graph {
-        let Interner {
-            index,
-            names,
-            mut edges,
-            buf: _,
-        } = self;
-        drop(index);
-        let n = names.len();
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.sort_unstable_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
-        let mut rank = vec![0u32; n];
-        for (r, &i) in order.iter().enumerate() {
-            rank[i as usize] = r as u32;
+/// Sorts vertices by id (one vertex per name) and edges by `(from, to)`,
+/// and layers the vertices into waves (longest path from a source, Kahn's
+/// order). With `parallel`, the edges are made and the waves found on two
+/// threads.
+fn finish(names: Vec<Arc<str>>, mut edges: Vec<(u32, u32)>, parallel: bool) -> Graph {
+    let mut order: Vec<u32> =
+        (0..u32::try_from(names.len()).expect("fewer than 2^32 graph vertices")).collect();
+    order.sort_unstable_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
+    // Each name's rank among the distinct names.
+    let mut rank = vec![0u32; names.len()];
+    let mut sorted_names: Vec<Arc<str>> = Vec::with_capacity(names.len());
+    for &i in &order {
+        let name = &names[i as usize];
+        if sorted_names.last().is_none_or(|last| last != name) {
+            sorted_names.push(name.clone());
         }
-        for e in &mut edges {
-            *e = (rank[e.0 as usize], rank[e.1 as usize]);
-        }
-        edges.sort_unstable();
-        edges.dedup();
-        // Longest-path layering. The graph is acyclic by construction (edges
-        // follow kinds: site → node → … → vm → plan); a vertex left over by a
-        // cycle would keep wave 0.
-        let mut indegree = vec![0u32; n];
-        let mut out_start = vec![0usize; n + 1];
-        for &(f, t) in &edges {
-            indegree[t as usize] += 1;
-            out_start[f as usize + 1] += 1;
-        }
-        for i in 0..n {
-            out_start[i + 1] += out_start[i];
-        }
-        // `edges` is sorted by `from`, so each vertex's out-edges are contiguous.
-        let mut wave = vec![0usize; n];
-        let mut ready: Vec<u32> = (0..n as u32)
-            .filter(|v| indegree[*v as usize] == 0)
-            .collect();
-        while let Some(v) = ready.pop() {
-            for &(_, t) in &edges[out_start[v as usize]..out_start[v as usize + 1]] {
-                let t = t as usize;
-                wave[t] = wave[t].max(wave[v as usize] + 1);
-                indegree[t] -= 1;
-                if indegree[t] == 0 {
-                    ready.push(t as u32);
-                }
-            }
-        }
-        let sorted_names: Vec<Arc<str>> =
-            order.iter().map(|&i| names[i as usize].clone()).collect();
-        drop(names);
-        let n_waves = wave.iter().max().map_or(0, |m| m + 1);
-        let mut waves: Vec<Vec<String>> = vec![vec![]; n_waves];
-        let nodes: Vec<GraphNode> = sorted_names
+        rank[i as usize] = (sorted_names.len() - 1) as u32;
+    }
+    drop(order);
+    drop(names);
+    for e in &mut edges {
+        *e = (rank[e.0 as usize], rank[e.1 as usize]);
+    }
+    drop(rank);
+    edges.sort_unstable();
+    edges.dedup();
+    let make_edges = || -> Vec<GraphEdge> {
+        edges
             .iter()
-            .zip(&wave)
-            .map(|(id, &w)| {
-                waves[w].push(id.to_string());
-                GraphNode {
-                    id: id.to_string(),
-                    kind: id.split('/').next().unwrap_or_default().to_owned(),
-                    wave: w,
-                }
-            })
-            .collect();
-        let edges = edges
-            .into_iter()
-            .map(|(f, t)| GraphEdge {
+            .map(|&(f, t)| GraphEdge {
                 from: sorted_names[f as usize].clone(),
                 to: sorted_names[t as usize].clone(),
             })
-            .collect();
-        Graph {
-            format_version: 1,
-            nodes,
-            edges,
-            waves,
+            .collect()
+    };
+    let make_nodes = || waves(&sorted_names, &edges);
+    let (graph_edges, (nodes, waves)) = if parallel {
+        std::thread::scope(|scope| {
+            let later = scope.spawn(make_nodes);
+            let graph_edges = make_edges();
+            (graph_edges, join(later))
+        })
+    } else {
+        (make_edges(), make_nodes())
+    };
+    Graph {
+        format_version: 1,
+        nodes,
+        edges: graph_edges,
+        waves,
+    }
+}
+
+/// The vertices with their waves, and the ids of each wave: the longest path
+/// to each vertex from a source, over `edges` (sorted, by sorted rank).
+fn waves(sorted_names: &[Arc<str>], edges: &[(u32, u32)]) -> (Vec<GraphNode>, Vec<Vec<String>>) {
+    // The graph is acyclic by construction (edges follow kinds: site → node
+    // → … → vm → plan); a vertex left over by a cycle would keep wave 0.
+    let n = sorted_names.len();
+    let mut indegree = vec![0u32; n];
+    let mut out_start = vec![0usize; n + 1];
+    for &(f, t) in edges {
+        indegree[t as usize] += 1;
+        out_start[f as usize + 1] += 1;
+    }
+    for i in 0..n {
+        out_start[i + 1] += out_start[i];
+    }
+    // `edges` is sorted by `from`, so each vertex's out-edges are contiguous.
+    let mut wave = vec![0usize; n];
+    let mut ready: Vec<u32> = (0..n as u32)
+        .filter(|v| indegree[*v as usize] == 0)
+        .collect();
+    while let Some(v) = ready.pop() {
+        for &(_, t) in &edges[out_start[v as usize]..out_start[v as usize + 1]] {
+            let t = t as usize;
+            wave[t] = wave[t].max(wave[v as usize] + 1);
+            indegree[t] -= 1;
+            if indegree[t] == 0 {
+                ready.push(t as u32);
+            }
         }
     }
+    let n_waves = wave.iter().max().map_or(0, |m| m + 1);
+    let mut waves: Vec<Vec<String>> = vec![vec![]; n_waves];
+    let nodes: Vec<GraphNode> = sorted_names
+        .iter()
+        .zip(&wave)
+        .map(|(id, &w)| {
+            waves[w].push(id.to_string());
+            GraphNode {
+                id: id.to_string(),
+                kind: id.split('/').next().unwrap_or_default().to_owned(),
+                wave: w,
+            }
+        })
+        .collect();
+    (nodes, waves)
 }
 
 impl Graph {
@@ -304,5 +442,46 @@ impl Graph {
         }
         s.push_str("}\n");
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build_graph_in;
+    use crate::place::{PlaceOptions, place};
+
+    /// The VMs' vertices added on two threads give the graph of one thread,
+    /// and a vertex added twice (an image no `image` declares, named by many
+    /// VMs; a node only the placement names) is one vertex.
+    #[test]
+    fn two_threads_build_the_graph_one_thread_builds() {
+        let files = crate::generate::generate(&crate::generate::GenConfig {
+            nodes: 40,
+            vms: 1_000,
+            seed: 5,
+        });
+        let c = crate::compile(&crate::Sources::from_files(files));
+        assert!(!c.has_errors(), "{:?}", c.diagnostics);
+        let mut model = c.model;
+        let mut placement = place(&model, &PlaceOptions::default(), None);
+        let json = |g: &super::Graph| serde_json::to_string(g).expect("graphs serialize");
+        assert_eq!(
+            json(&build_graph_in(&model, &placement, true)),
+            json(&build_graph_in(&model, &placement, false))
+        );
+        for vm in model.vms.iter_mut().step_by(3) {
+            vm.image = "undeclared".to_owned();
+        }
+        for p in placement.vms.iter_mut().step_by(7) {
+            p.node = "not-in-the-model".to_owned();
+        }
+        let one = build_graph_in(&model, &placement, false);
+        let two = build_graph_in(&model, &placement, true);
+        assert_eq!(json(&two), json(&one));
+        for id in ["image/undeclared", "node/not-in-the-model"] {
+            assert_eq!(one.nodes.iter().filter(|n| n.id == id).count(), 1, "{id}");
+            let into = one.edges.iter().filter(|e| &*e.from == id).count();
+            assert!(into > 100, "{id}: {into} edges");
+        }
     }
 }

@@ -635,6 +635,7 @@ pub fn optimize(
         model,
         &engine,
         placement.volumes.clone(),
+        crate::ipam::allocate(&model.tenants, &model.vms, options.previous.as_ref()),
         unplaced,
         options.previous.as_ref(),
     );
@@ -711,6 +712,7 @@ pub fn consolidate(
         model,
         &engine,
         placement.volumes.clone(),
+        crate::ipam::allocate(&model.tenants, &model.vms, Some(placement)),
         unplaced,
         Some(placement),
     );

@@ -316,6 +316,7 @@ fn rebalance_with(
         model,
         &engine,
         placement.volumes.clone(),
+        crate::ipam::allocate(&model.tenants, &model.vms, Some(placement)),
         unplaced,
         Some(placement),
     );

@@ -172,11 +172,32 @@ impl FreeHeap {
     }
 }
 
+/// Which nodes are alive: what volume placement reads of the engine, taken
+/// apart so that volumes can be placed while the engine places VMs.
+pub(crate) struct Alive {
+    node_index: super::fasthash::FxHashMap<String, usize>,
+    alive: Vec<bool>,
+}
+
+impl Alive {
+    /// The engine's nodes (whether a node is alive is fixed for a run).
+    pub(crate) fn of(engine: &Engine<'_>) -> Alive {
+        Alive {
+            node_index: engine.node_index.clone(),
+            alive: engine.nodes.iter().map(|n| n.alive).collect(),
+        }
+    }
+
+    fn node(&self, name: &str) -> bool {
+        self.node_index.get(name).is_some_and(|&i| self.alive[i])
+    }
+}
+
 /// Places the volumes of VMs in placement order. Returns the placements
 /// and, per VM whose volumes do not fit, the reason.
 pub(crate) fn place_volumes(
     model: &Model,
-    engine: &Engine<'_>,
+    alive: &Alive,
     previous: Option<&Placement>,
     ordered: &[&Vm],
 ) -> (Vec<VolumePlacement>, Vec<(String, Reason)>) {
@@ -191,10 +212,7 @@ pub(crate) fn place_volumes(
             let mut disks = vec![];
             let mut domain_ids: BTreeMap<String, usize> = BTreeMap::new();
             for n in &site.nodes {
-                let alive = engine
-                    .node_index
-                    .get(&n.name)
-                    .is_some_and(|&i| engine.nodes[i].alive);
+                let alive = alive.node(&n.name);
                 let open = !n.maintenance;
                 for d in n.disks.iter().filter(|d| d.class == p.disk_class) {
                     let domain = match p.failure_domain {

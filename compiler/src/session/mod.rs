@@ -274,16 +274,7 @@ impl Session {
                         part.protection_plans.len(),
                         part.reconcile.len(),
                     ];
-                    set.node_classes.extend(part.node_classes);
-                    set.sites.extend(part.sites);
-                    set.tenants.extend(part.tenants);
-                    set.sla_profiles.extend(part.sla_profiles);
-                    set.images.extend(part.images);
-                    set.vms.extend(part.vms);
-                    set.vm_groups.extend(part.vm_groups);
-                    set.affinities.extend(part.affinities);
-                    set.protection_plans.extend(part.protection_plans);
-                    set.reconcile.extend(part.reconcile);
+                    set.append(part);
                     patchable &= vms_only(&counts);
                     Lowered {
                         file,
