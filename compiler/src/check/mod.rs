@@ -54,6 +54,15 @@ impl SpanIndex {
         self.objects.entry((kind, name.to_owned())).or_insert(span);
     }
 
+    /// Adds what `later` holds after what this index holds: the index of
+    /// inserting this one's objects, then `later`'s (the first span of an
+    /// object stays).
+    fn append(&mut self, later: SpanIndex) {
+        for (key, span) in later.objects {
+            self.objects.entry(key).or_insert(span);
+        }
+    }
+
     /// The span of an object: kind is `vm`, `site`, `node`, `tenant`, `pool`
     /// (as `site/pool`), `affinity`, … as in the spec language.
     pub fn get(&self, kind: &'static str, name: &str) -> Option<Span> {
@@ -63,11 +72,24 @@ impl SpanIndex {
 
 /// Checks a spec set and builds the model.
 pub fn check(sources: &Sources, set: &SpecSet, diags: &mut Vec<Diagnostic>) -> (Model, SpanIndex) {
+    let threads = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    check_in(sources, set, diags, threads)
+}
+
+/// [`check`], resolving VMs on two threads when `threads` allows and there
+/// are many: the same model, diagnostics and spans either way.
+fn check_in(
+    sources: &Sources,
+    set: &SpecSet,
+    diags: &mut Vec<Diagnostic>,
+    threads: bool,
+) -> (Model, SpanIndex) {
     let mut c = Checker {
         sources,
         diags,
         spans: SpanIndex::default(),
         pinned: BTreeMap::new(),
+        threads,
     };
     let model = c.run(set);
     (model, c.spans)
@@ -79,6 +101,8 @@ struct Checker<'a> {
     spans: SpanIndex,
     /// The span of each pinned NIC address: (VM, NIC index) → `address=`.
     pinned: BTreeMap<(String, usize), Span>,
+    /// Whether work may go to a second thread.
+    threads: bool,
 }
 
 /// Reports names declared twice, pointing at both. Returns the first
@@ -191,5 +215,65 @@ fn list(items: &[&str], max: usize) -> String {
         format!("{} and {more} more", shown.join(", "))
     } else {
         shown.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_in;
+
+    /// Resolving VMs on two threads gives the model, diagnostics (in order)
+    /// and spans of one thread, with errors on both sides of the split: a
+    /// replica named like an earlier VM, an unknown tenant, an address pinned
+    /// by a VM and by a group's replicas.
+    #[test]
+    fn two_threads_check_as_one_does() {
+        let mut files = crate::generate::generate(&crate::generate::GenConfig {
+            nodes: 60,
+            vms: 2_600,
+            seed: 11,
+        });
+        let body = |pin: &str| {
+            format!(
+                "    cpu 1\n    memory \"2GiB\"\n    sla \"on-demand\"\n    image \"tiny\"\n    nic network=\"net-0\"{pin}\n}}\n"
+            )
+        };
+        let pin = " address=\"10.0.5.5\"";
+        files.push((
+            "aa-errors.kdl".to_owned(),
+            format!(
+                "vm \"dup-0\" tenant=\"t0\" site=\"site-0\" {{\n{}",
+                body(pin)
+            ),
+        ));
+        files.push((
+            "zz-errors.kdl".to_owned(),
+            format!(
+                "vm-group \"dup\" tenant=\"t0\" site=\"site-0\" replicas=2 {{\n{}vm-group \"bad\" tenant=\"nope\" site=\"site-0\" replicas=3 {{\n{}vm-group \"pin\" tenant=\"t0\" site=\"site-0\" replicas=2 {{\n{}",
+                body(""),
+                body(""),
+                body(pin)
+            ),
+        ));
+        let sources = crate::Sources::from_files(files);
+        let mut diags = vec![];
+        let set = crate::lower::lower_all(&sources, &mut diags);
+        assert!(diags.is_empty(), "{diags:?}");
+        let (mut one, mut two) = (vec![], vec![]);
+        let (model_one, spans_one) = check_in(&sources, &set, &mut one, false);
+        let (model_two, spans_two) = check_in(&sources, &set, &mut two, true);
+        for code in [
+            "cairn::resolve::duplicate_name",
+            "cairn::resolve::unknown_tenant",
+        ] {
+            assert!(one.iter().any(|d| d.code == code), "no {code} in {one:?}");
+        }
+        assert!(
+            one.iter().any(|d| d.message.contains("10.0.5.5")),
+            "no pinned-twice error in {one:?}"
+        );
+        assert_eq!(format!("{two:?}"), format!("{one:?}"));
+        assert_eq!(crate::model_json(&model_two), crate::model_json(&model_one));
+        assert_eq!(spans_two, spans_one);
     }
 }

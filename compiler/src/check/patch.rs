@@ -54,6 +54,7 @@ pub(crate) fn patch_vms(
         diags: &mut diags,
         spans: SpanIndex::default(),
         pinned: BTreeMap::new(),
+        threads: false,
     };
     let slas: BTreeMap<String, SlaProfile> = model
         .sla_profiles

@@ -5,12 +5,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{Checker, keys, labels, unique, unknown};
+use super::{Checker, SpanIndex, keys, labels, unique, unknown};
 use crate::diag::Diagnostic;
 use crate::lower::is_dns_label;
 use crate::model::*;
 use crate::spec::{self, Name, Spanned, SpecSet};
 use vm_config::limits::LINUX_VCPUS;
+
+/// From how many VMs (group replicas counted) [`Checker::vms`] resolves them
+/// on two threads.
+const PARALLEL_FROM_VMS: usize = 2_000;
 
 impl Checker<'_> {
     /// Resolves VMs and expands vm-groups.
@@ -44,21 +48,91 @@ impl Checker<'_> {
         let known = Known::new(sites, tenants, slas, images);
         let mut out = vec![];
         let mut seen = BTreeSet::new();
-        for v in &set.vms {
-            if !seen.insert(v.name.value.clone()) {
-                continue;
-            }
-            out.extend(self.single_vm(v, &known));
-        }
-        let mut groups = vec![];
+        let singles: Vec<&spec::VmSpec> = set
+            .vms
+            .iter()
+            .filter(|v| seen.insert(v.name.value.clone()))
+            .collect();
         let mut seen_groups = BTreeSet::new();
-        for g in &set.vm_groups {
-            if !seen_groups.insert(g.name.value.clone()) {
-                continue;
+        let unique_groups: Vec<&spec::VmGroupSpec> = set
+            .vm_groups
+            .iter()
+            .filter(|g| seen_groups.insert(g.name.value.clone()))
+            .collect();
+        // With many VMs the groups from `later` on are resolved on a second
+        // thread, with a checker of their own whose diagnostics, spans and
+        // pinned addresses follow this one's: what resolving them here, after
+        // the others, gives.
+        let replicas = |g: &spec::VmGroupSpec| g.replicas.as_ref().map_or(0, |r| r.value) as usize;
+        let total = singles.len() + unique_groups.iter().map(|g| replicas(g)).sum::<usize>();
+        let mut later = unique_groups.len();
+        if self.threads && total >= PARALLEL_FROM_VMS {
+            let mut first = singles.len();
+            later = unique_groups
+                .iter()
+                .position(|g| {
+                    first += replicas(g);
+                    first * 2 >= total
+                })
+                .map_or(unique_groups.len(), |at| at + 1);
+        }
+        let (here, there) = unique_groups.split_at(later);
+        // The names `vm_group` sees as taken when it reaches `there`.
+        let mut seen_there = (!there.is_empty()).then(|| seen.clone());
+        if let Some(seen_there) = &mut seen_there {
+            for g in here {
+                for i in 0..replicas(g) {
+                    let name = format!("{}-{i}", g.name.value);
+                    if name.len() > 63 {
+                        break;
+                    }
+                    seen_there.insert(name);
+                }
             }
-            let (group, members) = self.vm_group(g, &mut seen, &known);
-            out.extend(members);
-            groups.push(group);
+        }
+        let sources = self.sources;
+        let resolve_there = |seen: &mut BTreeSet<String>| {
+            let mut diags = vec![];
+            let mut c = Checker {
+                sources,
+                diags: &mut diags,
+                spans: SpanIndex::default(),
+                pinned: BTreeMap::new(),
+                threads: false,
+            };
+            let mut out = vec![];
+            let mut groups = vec![];
+            for g in there {
+                let (group, members) = c.vm_group(g, seen, &known);
+                out.extend(members);
+                groups.push(group);
+            }
+            let (spans, pinned) = (c.spans, c.pinned);
+            (out, groups, diags, spans, pinned)
+        };
+        let mut groups = vec![];
+        let resolved_there = std::thread::scope(|scope| {
+            let resolving =
+                seen_there.map(|mut seen| scope.spawn(move || resolve_there(&mut seen)));
+            for v in &singles {
+                out.extend(self.single_vm(v, &known));
+            }
+            for g in here {
+                let (group, members) = self.vm_group(g, &mut seen, &known);
+                out.extend(members);
+                groups.push(group);
+            }
+            resolving.map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+        });
+        if let Some((vms, there_groups, diags, spans, pinned)) = resolved_there {
+            out.extend(vms);
+            groups.extend(there_groups);
+            self.diags.extend(diags);
+            self.spans.append(spans);
+            self.pinned.extend(pinned);
         }
         (out, groups)
     }

@@ -1118,8 +1118,8 @@ impl<'m> Engine<'m> {
             best.is_none_or(|(bs, bat)| bound > bs || (bound == bs && at < bat))
         };
         if best.is_none_or(|(bs, _)| bs < top) {
-            for at in 0..candidates.len() {
-                if bounds[at] != top && could(at, bounds[at], best) {
+            for (at, &bound) in bounds.iter().enumerate() {
+                if bound != top && could(at, bound, best) {
                     consider(at, &mut best);
                 }
             }
@@ -1753,7 +1753,7 @@ fn finish(
         .into_iter()
         .filter(|v| placed.contains(v.vm.as_str()))
         .collect();
-    runtime_layout(model, engine, &vms, &mut volumes, previous);
+    runtime_layout(model, engine, &placed_vms, &vms, &mut volumes, previous);
     let unplaced = model
         .vms
         .iter()
@@ -1869,9 +1869,14 @@ fn network_placements<'a>(
 /// site, then the nodes the solver put the stripe copies on, then the site's
 /// other nodes with the fewest copies so far (by name). Volumes are laid out in
 /// model order (VMs, then their disks), so the fewest-copies choice is stable.
+///
+/// `placed` are the placed VMs in model order, `vms` their placements (same
+/// index); `volumes` are sorted by name, so the volumes of one VM (named
+/// `VM/DISK`, a VM's name has no `/`) are one run.
 fn runtime_layout(
     model: &Model,
     engine: &Engine<'_>,
+    placed: &[&Vm],
     vms: &[VmPlacement],
     volumes: &mut [VolumePlacement],
     previous: Option<&Placement>,
@@ -1881,10 +1886,6 @@ fn runtime_layout(
         .nodes
         .iter()
         .map(|n| (n.name.as_str(), n.site.as_str()))
-        .collect();
-    let vm_node: fasthash::FxHashMap<&str, &str> = vms
-        .iter()
-        .map(|v| (v.name.as_str(), v.node.as_str()))
         .collect();
     // Keyed by the runtime name: a previous placement rebuilt from what the nodes
     // report knows volumes only by that name.
@@ -1899,29 +1900,37 @@ fn runtime_layout(
     let mut layouts: Vec<Option<(&str, Vec<&str>)>> = vec![None; volumes.len()];
     {
         let volumes: &[VolumePlacement] = volumes;
-        let index: fasthash::FxHashMap<&str, usize> = volumes
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.name.as_str(), i))
-            .collect();
+        // Each VM's run of volumes.
+        let mut runs: fasthash::FxHashMap<&str, std::ops::Range<usize>> = Default::default();
+        for (i, v) in volumes.iter().enumerate() {
+            let vm = v.name.split_once('/').map_or(v.name.as_str(), |(vm, _)| vm);
+            runs.entry(vm)
+                .and_modify(|r| r.end = i + 1)
+                .or_insert(i..i + 1);
+        }
+        // Copies per node, counted only once a site needs its nodes by
+        // copies (`by_copies`); until then each copy is only noted.
         let mut copies: fasthash::FxHashMap<&str, usize> = Default::default();
+        let mut noted: Vec<&str> = vec![];
         // A site's nodes by (copies so far, name), built the first time a volume of
         // the site needs them and then kept in step with `copies`: the fewest-copies
         // choice reads the first entries instead of sorting every node per volume.
         let mut by_copies: BTreeMap<&str, BTreeSet<(usize, &str)>> = BTreeMap::new();
-        // Scratch for a volume's name (its lookup allocates nothing).
-        let mut key = String::new();
-        for vm in &model.vms {
-            let Some(&node) = vm_node.get(vm.name.as_str()) else {
+        for (vm, p) in placed.iter().zip(vms) {
+            let node = p.node.as_str();
+            let Some(run) = runs.get(vm.name.as_str()).cloned() else {
                 continue;
             };
             let site = model.site(&vm.site);
             for disk in &vm.disks {
-                key.clear();
-                key.push_str(&vm.name);
-                key.push('/');
-                key.push_str(&disk.name);
-                let Some(&i) = index.get(key.as_str()) else {
+                // The last of that name, as a map by name would hold.
+                let Some(i) = run.clone().rev().find(|&i| {
+                    volumes[i]
+                        .name
+                        .strip_prefix(vm.name.as_str())
+                        .and_then(|rest| rest.strip_prefix('/'))
+                        == Some(disk.name.as_str())
+                }) else {
                     continue;
                 };
                 let n_replicas = site
@@ -1958,6 +1967,9 @@ fn runtime_layout(
                 }
                 if replicas.len() < n_replicas {
                     let missing = n_replicas - replicas.len();
+                    for n in noted.drain(..) {
+                        *copies.entry(n).or_default() += 1;
+                    }
                     let set = by_copies.entry(vm.site.as_str()).or_insert_with(|| {
                         node_site
                             .iter()
@@ -1974,6 +1986,10 @@ fn runtime_layout(
                     replicas.extend(others);
                 }
                 for &n in std::iter::once(&primary).chain(&replicas) {
+                    if by_copies.is_empty() {
+                        noted.push(n);
+                        continue;
+                    }
                     let count = copies.entry(n).or_default();
                     if !by_copies.is_empty()
                         && let Some((&name, &site)) = node_site.get_key_value(n)
