@@ -262,17 +262,43 @@ impl PlaceSession {
         let mut network_site: Option<BTreeMap<(&str, &str), &str>> = None;
         let mut reuse = PlaceReuse::default();
         let mut placed_sites: Vec<(usize, Placement, SiteMemo)> = vec![];
-        for (i, site) in model.sites.iter().enumerate() {
+        // Which sites are as their memos have them: every VM compared, so on
+        // two threads (half the sites each) when there are many VMs.
+        let same_as_memo = |i: usize| {
+            let site = &model.sites[i];
             let memo = &self.sites[&site.name];
             let vms = &grouped[i];
-            let same = memo.settled
+            memo.settled
                 && memo.model.sites[0] == *site
                 && memo.model.vms.len() == vms.len()
                 && memo.model.vms.iter().eq(vms.iter().copied())
                 && inputs
                     .as_ref()
-                    .is_none_or(|inputs| inputs[i].is(&memo.model));
-            if same {
+                    .is_none_or(|inputs| inputs[i].is(&memo.model))
+        };
+        let threads = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+        let same: Vec<bool> = if threads && model.vms.len() >= COMPARE_ON_TWO_THREADS_FROM {
+            let half = model.sites.len() / 2;
+            std::thread::scope(|scope| {
+                let later = scope.spawn(|| {
+                    (half..model.sites.len())
+                        .map(same_as_memo)
+                        .collect::<Vec<_>>()
+                });
+                let mut same: Vec<bool> = (0..half).map(same_as_memo).collect();
+                same.extend(
+                    later
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+                same
+            })
+        } else {
+            (0..model.sites.len()).map(same_as_memo).collect()
+        };
+        for (i, site) in model.sites.iter().enumerate() {
+            let vms = &grouped[i];
+            if same[i] {
                 reuse.sites_reused += 1;
                 continue;
             }
@@ -803,6 +829,11 @@ fn site_tenants(model: &Model, site: &str) -> Vec<Tenant> {
 fn site_vms<'m>(model: &'m Model, site: &'m str) -> impl Iterator<Item = &'m Vm> + 'm {
     model.vms.iter().filter(move |v| v.site == site)
 }
+
+/// From how many VMs [`PlaceSession`] compares the sites with their memos on
+/// two threads (the commit histories of `compiler/tests/it/session.rs`, 900
+/// VMs on two sites, go through it).
+const COMPARE_ON_TWO_THREADS_FROM: usize = 500;
 
 /// The sites' placements as one, in the orders [`place::place`] gives.
 fn merge(previous: &Placement, parts: Vec<Placement>) -> Placement {
