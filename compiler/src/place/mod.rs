@@ -1748,11 +1748,13 @@ fn finish(
         });
     }
     // Point lookups only.
-    let placed: fasthash::FxHashSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
-    let mut volumes: Vec<VolumePlacement> = volumes
-        .into_iter()
-        .filter(|v| placed.contains(v.vm.as_str()))
-        .collect();
+    // The volumes of placed VMs: all of them when every VM is placed (the
+    // volumes are those of the model's VMs).
+    let mut volumes = volumes;
+    if vms.len() < model.vms.len() {
+        let placed: fasthash::FxHashSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
+        volumes.retain(|v| placed.contains(v.vm.as_str()));
+    }
     runtime_layout(model, engine, &placed_vms, &vms, &mut volumes, previous);
     let unplaced = model
         .vms
