@@ -203,13 +203,24 @@ fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph
             g.edge(pool, pid);
         }
     }
-    let placed: FxHashMap<&str, &super::VmPlacement> =
-        placement.vms.iter().map(|v| (v.name.as_str(), v)).collect();
-    let volumes: FxHashMap<(&str, &str), &super::VolumePlacement> = placement
-        .volumes
-        .iter()
-        .filter_map(|v| Some((v.name.split_once('/')?, v)))
-        .collect();
+    let placed_by_name = || -> FxHashMap<&str, &super::VmPlacement> {
+        placement.vms.iter().map(|v| (v.name.as_str(), v)).collect()
+    };
+    let volumes_by_name = || -> FxHashMap<(&str, &str), &super::VolumePlacement> {
+        placement
+            .volumes
+            .iter()
+            .filter_map(|v| Some((v.name.split_once('/')?, v)))
+            .collect()
+    };
+    let (placed, volumes) = if parallel {
+        std::thread::scope(|scope| {
+            let volumes = scope.spawn(volumes_by_name);
+            (placed_by_name(), join(volumes))
+        })
+    } else {
+        (placed_by_name(), volumes_by_name())
+    };
     let shared = u32::try_from(g.names.len()).expect("fewer than 2^32 graph vertices");
     let part = |vms: &[crate::model::Vm]| {
         let mut part = VmPart {
@@ -331,7 +342,34 @@ fn vm_vertices(
 fn finish(names: Vec<Arc<str>>, mut edges: Vec<(u32, u32)>, parallel: bool) -> Graph {
     let mut order: Vec<u32> =
         (0..u32::try_from(names.len()).expect("fewer than 2^32 graph vertices")).collect();
-    order.sort_unstable_by(|a, b| names[*a as usize].cmp(&names[*b as usize]));
+    let by_name = |a: &u32, b: &u32| names[*a as usize].cmp(&names[*b as usize]);
+    if parallel {
+        // Each half sorted on its own thread, then merged (the order of
+        // equal names does not matter: they are one vertex).
+        let (left, right) = order.split_at_mut(names.len() / 2);
+        std::thread::scope(|scope| {
+            let sorting = scope.spawn(|| right.sort_unstable_by(by_name));
+            left.sort_unstable_by(by_name);
+            join(sorting);
+        });
+        let (left, right) = order.split_at(names.len() / 2);
+        let mut merged = Vec::with_capacity(order.len());
+        let (mut l, mut r) = (0, 0);
+        while l < left.len() && r < right.len() {
+            if by_name(&right[r], &left[l]).is_lt() {
+                merged.push(right[r]);
+                r += 1;
+            } else {
+                merged.push(left[l]);
+                l += 1;
+            }
+        }
+        merged.extend_from_slice(&left[l..]);
+        merged.extend_from_slice(&right[r..]);
+        order = merged;
+    } else {
+        order.sort_unstable_by(by_name);
+    }
     // Each name's rank among the distinct names.
     let mut rank = vec![0u32; names.len()];
     let mut sorted_names: Vec<Arc<str>> = Vec::with_capacity(names.len());
