@@ -29,6 +29,7 @@ pub mod shape;
 pub mod source;
 pub mod spec;
 pub mod sshkey;
+mod threads;
 pub mod units;
 
 pub use diag::{Diagnostic, Severity, Span};

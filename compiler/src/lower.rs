@@ -41,7 +41,7 @@ fn lower_all_in(sources: &Sources, diags: &mut Vec<Diagnostic>, parallel_from: u
         }
         set
     };
-    if bytes < parallel_from || !std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+    if bytes < parallel_from || !crate::threads::second() {
         return lower_run(&files, diags);
     }
     // The first files that hold half the text, and the rest.
@@ -60,10 +60,7 @@ fn lower_all_in(sources: &Sources, diags: &mut Vec<Diagnostic>, parallel_from: u
             (lower_run(rest, &mut diags), diags)
         });
         let set = lower_run(first, diags);
-        let later = later
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (set, later)
+        (set, crate::threads::join(later))
     });
     set.append(later);
     diags.extend(later_diags);

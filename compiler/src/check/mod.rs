@@ -72,8 +72,7 @@ impl SpanIndex {
 
 /// Checks a spec set and builds the model.
 pub fn check(sources: &Sources, set: &SpecSet, diags: &mut Vec<Diagnostic>) -> (Model, SpanIndex) {
-    let threads = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
-    check_in(sources, set, diags, threads)
+    check_in(sources, set, diags, crate::threads::second())
 }
 
 /// [`check`], resolving VMs on two threads when `threads` allows and there

@@ -16,6 +16,17 @@ use vm_config::limits::LINUX_VCPUS;
 /// on two threads.
 const PARALLEL_FROM_VMS: usize = 2_000;
 
+/// A vm-group's replica names in order, `GROUP-0` on: each one that is longer
+/// than a name may be (63 characters) is an `Err`; `vm_group` reports the
+/// first and takes no more (the names only grow).
+fn replica_names(g: &spec::VmGroupSpec) -> impl Iterator<Item = Result<String, String>> + '_ {
+    let replicas = g.replicas.as_ref().map_or(0, |r| r.value);
+    (0..replicas).map(|i| {
+        let name = format!("{}-{i}", g.name.value);
+        if name.len() > 63 { Err(name) } else { Ok(name) }
+    })
+}
+
 impl Checker<'_> {
     /// Resolves VMs and expands vm-groups.
     pub(super) fn vms(
@@ -81,13 +92,7 @@ impl Checker<'_> {
         let mut seen_there = (!there.is_empty()).then(|| seen.clone());
         if let Some(seen_there) = &mut seen_there {
             for g in here {
-                for i in 0..replicas(g) {
-                    let name = format!("{}-{i}", g.name.value);
-                    if name.len() > 63 {
-                        break;
-                    }
-                    seen_there.insert(name);
-                }
+                seen_there.extend(replica_names(g).map_while(Result::ok));
             }
         }
         let sources = self.sources;
@@ -122,10 +127,7 @@ impl Checker<'_> {
                 out.extend(members);
                 groups.push(group);
             }
-            resolving.map(|h| {
-                h.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            })
+            resolving.map(crate::threads::join)
         });
         if let Some((vms, there_groups, diags, spans, pinned)) = resolved_there {
             out.extend(vms);
@@ -164,22 +166,24 @@ impl Checker<'_> {
         self.spans.insert("vm-group", &g.name.value, g.name.span);
         let replicas = g.replicas.as_ref().map_or(0, |r| r.value);
         let mut members = vec![];
-        for i in 0..replicas {
-            let name = format!("{}-{i}", g.name.value);
-            if name.len() > 63 {
-                self.push(
-                    Diagnostic::error(
-                        "cairn::check::invalid_name",
-                        g.name.span,
-                        format!(
-                            "vm-group `{}` expands to `{name}`, longer than 63 characters",
-                            g.name.value
-                        ),
-                    )
-                    .with_help("shorten the group name"),
-                );
-                break;
-            }
+        for (i, name) in replica_names(g).enumerate() {
+            let name = match name {
+                Ok(name) => name,
+                Err(name) => {
+                    self.push(
+                        Diagnostic::error(
+                            "cairn::check::invalid_name",
+                            g.name.span,
+                            format!(
+                                "vm-group `{}` expands to `{name}`, longer than 63 characters",
+                                g.name.value
+                            ),
+                        )
+                        .with_help("shorten the group name"),
+                    );
+                    break;
+                }
+            };
             debug_assert!(is_dns_label(&name) || !is_dns_label(&g.name.value));
             members.push(name.clone());
             if !seen.insert(name.clone()) {

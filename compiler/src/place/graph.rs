@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use super::Placement;
 use super::fasthash::FxHashMap;
 use crate::model::{Availability, Model};
+use crate::threads::join;
 
 /// A vertex of the graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -152,11 +153,10 @@ const PARALLEL_FROM: usize = 512;
 /// (each half of `model.vms` on one), and the edges renumbered and the waves
 /// found on two: the graph is the same.
 pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
-    let threads = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
     build_graph_in(
         model,
         placement,
-        threads && model.vms.len() >= PARALLEL_FROM,
+        crate::threads::second() && model.vms.len() >= PARALLEL_FROM,
     )
 }
 
@@ -262,13 +262,6 @@ fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph
         names.extend(part_names);
     }
     finish(names, edges, parallel)
-}
-
-/// A scoped thread's result, its panic carried on.
-fn join<T>(handle: std::thread::ScopedJoinHandle<'_, T>) -> T {
-    handle
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Adds the vertices and edges of `vms` (the placed ones).

@@ -1045,34 +1045,30 @@ impl<'m> Engine<'m> {
             }
         }
         let first = *candidates.first()?;
+        let score_all = || -> Vec<i64> {
+            candidates
+                .iter()
+                .map(|&i| load_score(&self.nodes[i], ctx.cost, ctx.strategy))
+                .collect()
+        };
         let mut kept = self.load_scores.borrow_mut();
         let site = kept.entry(self.nodes[first].dom[2]).or_default();
-        let at = site
+        let mut at = site
             .iter()
             .position(|k| k.cost == ctx.cost && k.strategy == ctx.strategy);
-        let at = match at {
-            Some(at) => Some(at),
-            None if site.len() < LOAD_SCORES_PER_SITE => {
-                site.push(LoadScores {
-                    cost: ctx.cost,
-                    strategy: ctx.strategy,
-                    scores: candidates
-                        .iter()
-                        .map(|&i| load_score(&self.nodes[i], ctx.cost, ctx.strategy))
-                        .collect(),
-                });
-                Some(site.len() - 1)
-            }
-            None => None,
-        };
+        if at.is_none() && site.len() < LOAD_SCORES_PER_SITE {
+            site.push(LoadScores {
+                cost: ctx.cost,
+                strategy: ctx.strategy,
+                scores: score_all(),
+            });
+            at = Some(site.len() - 1);
+        }
         let scored;
         let loads: &[i64] = match at {
             Some(at) => &site[at].scores,
             None => {
-                scored = candidates
-                    .iter()
-                    .map(|&i| load_score(&self.nodes[i], ctx.cost, ctx.strategy))
-                    .collect::<Vec<_>>();
+                scored = score_all();
                 &scored
             }
         };
@@ -1288,8 +1284,7 @@ pub(crate) fn order(model: &Model) -> Vec<&Vm> {
 
 /// Places every VM and volume of a model.
 pub fn place(model: &Model, options: &PlaceOptions, locator: Option<&Locator<'_>>) -> Placement {
-    let threads = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
-    place_in(model, options, locator, threads)
+    place_in(model, options, locator, crate::threads::second())
 }
 
 /// [`place`], on two threads when `threads` allows and the model has
@@ -1357,10 +1352,7 @@ fn place_in(
             });
             place_vms(&mut engine, &ordered, &previous, &mut guess, locator);
             let addresses = addresses();
-            let volumes = volumes
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-            (volumes, addresses)
+            (crate::threads::join(volumes), addresses)
         });
         (volumes, failures, Some(guess), addresses)
     } else {
@@ -1902,13 +1894,20 @@ fn runtime_layout(
     let mut layouts: Vec<Option<(&str, Vec<&str>)>> = vec![None; volumes.len()];
     {
         let volumes: &[VolumePlacement] = volumes;
-        // Each VM's run of volumes.
+        // Each VM's run of volumes: one entry per run of adjacent volumes of
+        // one VM (a run found again, as only an unsorted list could give,
+        // extends its range).
+        fn vm_of(v: &VolumePlacement) -> &str {
+            v.name.split_once('/').map_or(v.name.as_str(), |(vm, _)| vm)
+        }
         let mut runs: fasthash::FxHashMap<&str, std::ops::Range<usize>> = Default::default();
-        for (i, v) in volumes.iter().enumerate() {
-            let vm = v.name.split_once('/').map_or(v.name.as_str(), |(vm, _)| vm);
-            runs.entry(vm)
-                .and_modify(|r| r.end = i + 1)
-                .or_insert(i..i + 1);
+        let mut start = 0;
+        for run in volumes.chunk_by(|a, b| vm_of(a) == vm_of(b)) {
+            let end = start + run.len();
+            runs.entry(vm_of(&run[0]))
+                .and_modify(|r| r.end = end)
+                .or_insert(start..end);
+            start = end;
         }
         // Copies per node, counted only once a site needs its nodes by
         // copies (`by_copies`); until then each copy is only noted.
@@ -1993,8 +1992,7 @@ fn runtime_layout(
                         continue;
                     }
                     let count = copies.entry(n).or_default();
-                    if !by_copies.is_empty()
-                        && let Some((&name, &site)) = node_site.get_key_value(n)
+                    if let Some((&name, &site)) = node_site.get_key_value(n)
                         && let Some(set) = by_copies.get_mut(site)
                     {
                         set.remove(&(*count, name));

@@ -276,26 +276,22 @@ impl PlaceSession {
                     .as_ref()
                     .is_none_or(|inputs| inputs[i].is(&memo.model))
         };
-        let threads = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
-        let same: Vec<bool> = if threads && model.vms.len() >= COMPARE_ON_TWO_THREADS_FROM {
-            let half = model.sites.len() / 2;
-            std::thread::scope(|scope| {
-                let later = scope.spawn(|| {
-                    (half..model.sites.len())
-                        .map(same_as_memo)
-                        .collect::<Vec<_>>()
-                });
-                let mut same: Vec<bool> = (0..half).map(same_as_memo).collect();
-                same.extend(
-                    later
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                );
-                same
-            })
-        } else {
-            (0..model.sites.len()).map(same_as_memo).collect()
-        };
+        let same: Vec<bool> =
+            if crate::threads::second() && model.vms.len() >= COMPARE_ON_TWO_THREADS_FROM {
+                let half = model.sites.len() / 2;
+                std::thread::scope(|scope| {
+                    let later = scope.spawn(|| {
+                        (half..model.sites.len())
+                            .map(same_as_memo)
+                            .collect::<Vec<_>>()
+                    });
+                    let mut same: Vec<bool> = (0..half).map(same_as_memo).collect();
+                    same.extend(crate::threads::join(later));
+                    same
+                })
+            } else {
+                (0..model.sites.len()).map(same_as_memo).collect()
+            };
         for (i, site) in model.sites.iter().enumerate() {
             let vms = &grouped[i];
             if same[i] {
