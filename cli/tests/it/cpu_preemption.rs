@@ -55,6 +55,14 @@ use crate::spot_preemption::{
 const THRESHOLD_PERCENT: u32 = 40;
 
 /// Busy loops pinned to one CPU, killed when dropped.
+///
+/// They run at the lowest priority (nice 19). PSI's `some` counts a task waiting for
+/// a CPU whatever its priority, so three of them still keep CPU 0 under full pressure
+/// and lab-1 still preempts; but lab-1's agent and the VMs it starts get CPU 0 when
+/// they ask for it. At the default priority the agent had a quarter of CPU 0 at best,
+/// less with the suite's other tests beside it, and in two CI runs it was starved:
+/// new VMs sent no first heartbeat within 10 s, and web-2's fence deadline lapsed
+/// 12.6 s unrenewed.
 struct Burners(Vec<Child>);
 
 impl Burners {
@@ -63,7 +71,8 @@ impl Burners {
             (0..count)
                 .map(|_| {
                     Command::new("taskset")
-                        .args(["-c", &cpu.to_string(), "sh", "-c", "while :; do :; done"])
+                        .args(["-c", &cpu.to_string(), "nice", "-n", "19"])
+                        .args(["sh", "-c", "while :; do :; done"])
                         .stdout(Stdio::null())
                         .spawn()
                         .expect("taskset runs a busy loop")

@@ -23,11 +23,7 @@ pub(crate) fn have(tool: &str) -> bool {
 
 /// A free port on `ip` (one of this test's own loopback addresses).
 pub(crate) fn port_on(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
+    crate::ports::free_port_on(ip)
 }
 
 pub(crate) fn now_ms() -> u64 {

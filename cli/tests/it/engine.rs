@@ -167,12 +167,9 @@ pub(crate) fn gitops_up_args() -> Vec<String> {
         .collect()
 }
 
+/// A port free on 127.0.0.1 (see `crate::ports`).
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
+    crate::ports::free_port_on("127.0.0.1")
 }
 
 /// A quickstart copy with its own dev cluster; `dev down` on drop.

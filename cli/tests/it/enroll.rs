@@ -13,12 +13,9 @@ use crate::{TempDir, cairn};
 const CONTROLLER_IP: &str = "127.0.0.72";
 const NODE_IP: &str = "127.0.0.73";
 
+/// A port free on `ip` (see `crate::ports`).
 pub(crate) fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .expect("bind a free port")
-        .local_addr()
-        .expect("address")
-        .port()
+    crate::ports::free_port_on(ip)
 }
 
 pub(crate) fn node_binary() -> PathBuf {

@@ -26,6 +26,7 @@ mod migration;
 mod migration_disks;
 mod migration_nics;
 mod policy;
+mod ports;
 mod protection;
 mod rebuild;
 mod reconcile;

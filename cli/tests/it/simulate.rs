@@ -26,14 +26,7 @@ fn have(tool: &str) -> bool {
 
 /// A base port from which `count` consecutive ports are free on `ip`.
 pub(crate) fn free_ports(ip: &str, count: u16) -> u16 {
-    for attempt in 0..200u16 {
-        let base = 20_000 + (std::process::id() as u16 % 200) * 100 + attempt * 61;
-        let all = (0..count).all(|i| std::net::TcpListener::bind((ip, base + i)).is_ok());
-        if all {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports on {ip}");
+    crate::ports::free_ports_on(ip, count)
 }
 
 /// Sites of `PER_SITE` nodes, each with a bond; `VMS_PER_SITE` diskless HA VMs per site.
