@@ -13,6 +13,14 @@ use crate::model::*;
 
 impl Checker<'_> {
     pub(super) fn addresses(&mut self, tenants: &mut [Tenant], vms: &mut [Vm]) {
+        self.pins(tenants, vms);
+        let alloc = allocate(tenants, vms, None);
+        self.allocated(&alloc, tenants, vms);
+    }
+
+    /// The pinned NIC addresses checked; a wrong one is reported and dropped
+    /// (the NIC then gets one from IPAM).
+    pub(super) fn pins(&mut self, tenants: &[Tenant], vms: &mut [Vm]) {
         // (tenant, network, address) → the first VM NIC that pinned it.
         let mut pins: BTreeMap<(String, String, u32), (String, Span)> = BTreeMap::new();
         let mut spans = std::mem::take(&mut self.pinned);
@@ -98,7 +106,16 @@ impl Checker<'_> {
                 }
             }
         }
-        let alloc = allocate(tenants, vms, None);
+    }
+
+    /// IPAM's allocation (with no previous placement) written into the model,
+    /// and a network that ran out of addresses reported at its CIDR.
+    pub(super) fn allocated(
+        &mut self,
+        alloc: &crate::ipam::Allocation,
+        tenants: &mut [Tenant],
+        vms: &mut [Vm],
+    ) {
         for vm in vms.iter_mut() {
             for (i, nic) in vm.nics.iter_mut().enumerate() {
                 if !nic.pinned {

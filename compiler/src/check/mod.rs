@@ -172,10 +172,30 @@ impl Checker<'_> {
         // Everything derived from the VM list below (affinity and plan
         // membership) follows name order, not declaration order.
         vms.sort_by(|a, b| a.name.cmp(&b.name));
-        self.addresses(&mut tenants, &mut vms);
-        self.quotas(set, &mut tenants, &vms);
-        self.reserved_capacity(set, &sites, &vms);
-        let affinities = self.affinities(set, &vms);
+        let affinities = if self.threads && vms.len() >= vms::PARALLEL_FROM_VMS {
+            // IPAM on a second thread while reserved capacity and the
+            // affinities are checked here; their diagnostics are put after
+            // the addresses' and the quotas', where the order below has them.
+            self.pins(&tenants, &mut vms);
+            let (alloc, affinities, later) = std::thread::scope(|scope| {
+                let (tenants, vms) = (&tenants, &vms);
+                let allocating = scope.spawn(move || crate::ipam::allocate(tenants, vms, None));
+                let mark = self.diags.len();
+                self.reserved_capacity(set, &sites, vms);
+                let affinities = self.affinities(set, vms);
+                let later: Vec<Diagnostic> = self.diags.drain(mark..).collect();
+                (crate::threads::join(allocating), affinities, later)
+            });
+            self.allocated(&alloc, &mut tenants, &mut vms);
+            self.quotas(set, &mut tenants, &vms);
+            self.diags.extend(later);
+            affinities
+        } else {
+            self.addresses(&mut tenants, &mut vms);
+            self.quotas(set, &mut tenants, &vms);
+            self.reserved_capacity(set, &sites, &vms);
+            self.affinities(set, &vms)
+        };
         let protection_plans = self.protection_plans(set, &sites, &mut vms);
         let reconcile = self.reconcile(set);
         let mut model = Model {
@@ -254,6 +274,15 @@ mod tests {
                 body(pin)
             ),
         ));
+        // A network too small for its NICs (IPAM's error) and an affinity
+        // defined twice (the affinities'), checked at once on two threads.
+        files.push((
+            "mm-errors.kdl".to_owned(),
+            format!(
+                "tenant \"tiny\" {{\n    network \"n\" site=\"site-0\" cidr=\"10.200.0.0/30\" gateway=\"10.200.0.1\"\n}}\nvm-group \"crowd\" tenant=\"tiny\" site=\"site-0\" replicas=3 {{\n{}affinity \"twice\" kind=\"apart\" scope=\"node\" {{\n    select app=\"x\"\n}}\naffinity \"twice\" kind=\"apart\" scope=\"node\" {{\n    select app=\"x\"\n}}\n",
+                body("").replace("net-0", "n")
+            ),
+        ));
         let sources = crate::Sources::from_files(files);
         let mut diags = vec![];
         let set = crate::lower::lower_all(&sources, &mut diags);
@@ -264,12 +293,18 @@ mod tests {
         for code in [
             "cairn::resolve::duplicate_name",
             "cairn::resolve::unknown_tenant",
+            "cairn::check::network_full",
         ] {
             assert!(one.iter().any(|d| d.code == code), "no {code} in {one:?}");
         }
         assert!(
             one.iter().any(|d| d.message.contains("10.0.5.5")),
             "no pinned-twice error in {one:?}"
+        );
+        assert!(
+            one.iter()
+                .any(|d| d.message.contains("affinity `twice` is defined twice")),
+            "no duplicate affinity in {one:?}"
         );
         assert_eq!(format!("{two:?}"), format!("{one:?}"));
         assert_eq!(crate::model_json(&model_two), crate::model_json(&model_one));

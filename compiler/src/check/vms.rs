@@ -13,8 +13,8 @@ use crate::spec::{self, Name, Spanned, SpecSet};
 use vm_config::limits::LINUX_VCPUS;
 
 /// From how many VMs (group replicas counted) [`Checker::vms`] resolves them
-/// on two threads.
-const PARALLEL_FROM_VMS: usize = 2_000;
+/// on two threads, and `Checker::run` runs IPAM beside the affinities.
+pub(super) const PARALLEL_FROM_VMS: usize = 2_000;
 
 /// A vm-group's replica names in order, `GROUP-0` on: each one that is longer
 /// than a name may be (63 characters) is an `Err`; `vm_group` reports the
@@ -25,6 +25,25 @@ fn replica_names(g: &spec::VmGroupSpec) -> impl Iterator<Item = Result<String, S
         let name = format!("{}-{i}", g.name.value);
         if name.len() > 63 { Err(name) } else { Ok(name) }
     })
+}
+
+/// Two lists of VMs sorted by name merged into one, `first`'s VM before
+/// `second`'s on equal names (as a stable sort of the two concatenated).
+fn merge_by_name(first: Vec<Vm>, second: Vec<Vm>) -> Vec<Vm> {
+    let mut out = Vec::with_capacity(first.len() + second.len());
+    let mut first = first.into_iter().peekable();
+    let mut second = second.into_iter().peekable();
+    while let (Some(a), Some(b)) = (first.peek(), second.peek()) {
+        let next = if b.name < a.name {
+            second.next()
+        } else {
+            first.next()
+        };
+        out.extend(next);
+    }
+    out.extend(first);
+    out.extend(second);
+    out
 }
 
 impl Checker<'_> {
@@ -113,6 +132,7 @@ impl Checker<'_> {
                 groups.push(group);
             }
             let (spans, pinned) = (c.spans, c.pinned);
+            out.sort_by(|a, b| a.name.cmp(&b.name));
             (out, groups, diags, spans, pinned)
         };
         let mut groups = vec![];
@@ -127,10 +147,15 @@ impl Checker<'_> {
                 out.extend(members);
                 groups.push(group);
             }
+            if resolving.is_some() {
+                out.sort_by(|a, b| a.name.cmp(&b.name));
+            }
             resolving.map(crate::threads::join)
         });
         if let Some((vms, there_groups, diags, spans, pinned)) = resolved_there {
-            out.extend(vms);
+            // Each half sorted by name on its thread, merged here: the order
+            // `Checker::run` sorts the VMs into, which it then only confirms.
+            out = merge_by_name(out, vms);
             groups.extend(there_groups);
             self.diags.extend(diags);
             self.spans.append(spans);

@@ -1390,6 +1390,7 @@ fn place_in(
         addresses,
         unplaced,
         options.previous.as_ref(),
+        threads,
     );
     placement.dr_volumes =
         volumes::dr_layout(model, &engine, dr_volumes, options.previous.as_ref());
@@ -1673,6 +1674,7 @@ fn finish(
     alloc: crate::ipam::Allocation,
     mut unplaced: BTreeMap<String, Vec<Reason>>,
     previous: Option<&Placement>,
+    threads: bool,
 ) -> Placement {
     // A VM with a NIC no address is left for (only the addresses held back
     // after a removal can cause it: the compile refuses a network too small
@@ -1747,7 +1749,15 @@ fn finish(
         let placed: fasthash::FxHashSet<&str> = vms.iter().map(|v| v.name.as_str()).collect();
         volumes.retain(|v| placed.contains(v.vm.as_str()));
     }
-    runtime_layout(model, engine, &placed_vms, &vms, &mut volumes, previous);
+    runtime_layout(
+        model,
+        engine,
+        &placed_vms,
+        &vms,
+        &mut volumes,
+        previous,
+        threads,
+    );
     let unplaced = model
         .vms
         .iter()
@@ -1857,6 +1867,82 @@ fn network_placements<'a>(
     out
 }
 
+/// What [`runtime_layout`] decides a volume's layout from.
+struct Kept<'a> {
+    model: &'a Model,
+    /// Sorted by name.
+    volumes: &'a [VolumePlacement],
+    /// Each VM's run of `volumes`.
+    runs: &'a fasthash::FxHashMap<&'a str, std::ops::Range<usize>>,
+    node_site: &'a fasthash::FxHashMap<&'a str, &'a str>,
+    /// The previous layouts, by runtime name.
+    previous_volumes: &'a fasthash::FxHashMap<String, &'a VolumePlacement>,
+}
+
+impl<'a> Kept<'a> {
+    /// Calls `each` for every volume of `vm` (placed as `p`) with its index,
+    /// its primary, the replicas its previous layout and its columns give, and
+    /// how many replicas it needs.
+    fn each(
+        &self,
+        vm: &'a Vm,
+        p: &'a VmPlacement,
+        each: &mut dyn FnMut(usize, &'a str, Vec<&'a str>, usize),
+    ) {
+        let volumes = self.volumes;
+        let node = p.node.as_str();
+        let Some(run) = self.runs.get(vm.name.as_str()).cloned() else {
+            return;
+        };
+        let site = self.model.site(&vm.site);
+        for disk in &vm.disks {
+            // The last of that name, as a map by name would hold.
+            let Some(i) = run.clone().rev().find(|&i| {
+                volumes[i]
+                    .name
+                    .strip_prefix(vm.name.as_str())
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    == Some(disk.name.as_str())
+            }) else {
+                continue;
+            };
+            let n_replicas = site
+                .and_then(|s| s.pools.iter().find(|p| p.name == disk.pool))
+                .map(|p| p.replicas.saturating_sub(1) as usize)
+                .unwrap_or(0);
+            let in_site = |n: &str| self.node_site.get(n).is_some_and(|s| *s == vm.site);
+            let before = if self.previous_volumes.is_empty() {
+                None
+            } else {
+                self.previous_volumes
+                    .get(&volumes[i].runtime_name())
+                    .filter(|p| in_site(&p.primary))
+            };
+            let primary: &str = before.map_or(node, |p| p.primary.as_str());
+            let mut replicas: Vec<&str> = before
+                .map(|p| {
+                    p.replicas
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|r| in_site(r) && *r != primary)
+                        .take(n_replicas)
+                        .collect()
+                })
+                .unwrap_or_default();
+            for copy in volumes[i].columns.iter().flatten() {
+                if replicas.len() >= n_replicas {
+                    break;
+                }
+                let candidate = copy.split('/').next().unwrap_or(copy);
+                if candidate != primary && !replicas.contains(&candidate) {
+                    replicas.push(candidate);
+                }
+            }
+            each(i, primary, replicas, n_replicas);
+        }
+    }
+}
+
 /// Fills each volume's runtime layout (`primary`, `replicas`): the primary is
 /// where the data is (the previous placement's primary while that node is in
 /// the site, else the VM's node); replicas are the previous ones still in the
@@ -1867,6 +1953,12 @@ fn network_placements<'a>(
 /// `placed` are the placed VMs in model order, `vms` their placements (same
 /// index); `volumes` are sorted by name, so the volumes of one VM (named
 /// `VM/DISK`, a VM's name has no `/`) are one run.
+///
+/// Only a volume short of replicas after its previous layout and its columns
+/// depends on the volumes before it (the copies they counted). With
+/// `threads`, the two halves of the VMs are laid out at once, and the result
+/// kept when no volume is short of replicas (the usual case); otherwise they
+/// are laid out in order, on this thread.
 fn runtime_layout(
     model: &Model,
     engine: &Engine<'_>,
@@ -1874,6 +1966,7 @@ fn runtime_layout(
     vms: &[VmPlacement],
     volumes: &mut [VolumePlacement],
     previous: Option<&Placement>,
+    threads: bool,
 ) {
     // Point lookups only (the one walk over `node_site` fills an ordered set).
     let node_site: fasthash::FxHashMap<&str, &str> = engine
@@ -1891,8 +1984,7 @@ fn runtime_layout(
         .collect();
     // Each volume's layout is decided first (borrowing names from the volumes,
     // the engine and the previous placement) and written in afterwards.
-    let mut layouts: Vec<Option<(&str, Vec<&str>)>> = vec![None; volumes.len()];
-    {
+    let layouts: Vec<(usize, String, Vec<String>)> = {
         let volumes: &[VolumePlacement] = volumes;
         // Each VM's run of volumes: one entry per run of adjacent volumes of
         // one VM (a run found again, as only an unsorted list could give,
@@ -1909,110 +2001,107 @@ fn runtime_layout(
                 .or_insert(start..end);
             start = end;
         }
-        // Copies per node, counted only once a site needs its nodes by
-        // copies (`by_copies`); until then each copy is only noted.
-        let mut copies: fasthash::FxHashMap<&str, usize> = Default::default();
-        let mut noted: Vec<&str> = vec![];
-        // A site's nodes by (copies so far, name), built the first time a volume of
-        // the site needs them and then kept in step with `copies`: the fewest-copies
-        // choice reads the first entries instead of sorting every node per volume.
-        let mut by_copies: BTreeMap<&str, BTreeSet<(usize, &str)>> = BTreeMap::new();
-        for (vm, p) in placed.iter().zip(vms) {
-            let node = p.node.as_str();
-            let Some(run) = runs.get(vm.name.as_str()).cloned() else {
-                continue;
-            };
-            let site = model.site(&vm.site);
-            for disk in &vm.disks {
-                // The last of that name, as a map by name would hold.
-                let Some(i) = run.clone().rev().find(|&i| {
-                    volumes[i]
-                        .name
-                        .strip_prefix(vm.name.as_str())
-                        .and_then(|rest| rest.strip_prefix('/'))
-                        == Some(disk.name.as_str())
-                }) else {
-                    continue;
-                };
-                let n_replicas = site
-                    .and_then(|s| s.pools.iter().find(|p| p.name == disk.pool))
-                    .map(|p| p.replicas.saturating_sub(1) as usize)
-                    .unwrap_or(0);
-                let in_site = |n: &str| node_site.get(n).is_some_and(|s| *s == vm.site);
-                let before = if previous_volumes.is_empty() {
-                    None
-                } else {
-                    previous_volumes
-                        .get(&volumes[i].runtime_name())
-                        .filter(|p| in_site(&p.primary))
-                };
-                let primary: &str = before.map_or(node, |p| p.primary.as_str());
-                let mut replicas: Vec<&str> = before
-                    .map(|p| {
-                        p.replicas
-                            .iter()
-                            .map(String::as_str)
-                            .filter(|r| in_site(r) && *r != primary)
-                            .take(n_replicas)
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                for copy in volumes[i].columns.iter().flatten() {
-                    if replicas.len() >= n_replicas {
-                        break;
-                    }
-                    let candidate = copy.split('/').next().unwrap_or(copy);
-                    if candidate != primary && !replicas.contains(&candidate) {
-                        replicas.push(candidate);
-                    }
+        let kept = Kept {
+            model,
+            volumes,
+            runs: &runs,
+            node_site: &node_site,
+            previous_volumes: &previous_volumes,
+        };
+        let owned = |i: usize, primary: &str, replicas: Vec<&str>| {
+            (
+                i,
+                primary.to_owned(),
+                replicas.into_iter().map(str::to_owned).collect::<Vec<_>>(),
+            )
+        };
+        // A range of the VMs laid out from what they keep alone; `None` when
+        // one is short of replicas.
+        let alone = |from: usize, to: usize| {
+            let mut out = Vec::with_capacity((to - from) * 2);
+            let mut short = false;
+            for (vm, p) in placed[from..to].iter().zip(&vms[from..to]) {
+                kept.each(vm, p, &mut |i, primary, replicas, n_replicas| {
+                    short |= replicas.len() < n_replicas;
+                    out.push(owned(i, primary, replicas));
+                });
+                if short {
+                    return None;
                 }
-                if replicas.len() < n_replicas {
-                    let missing = n_replicas - replicas.len();
-                    for n in noted.drain(..) {
-                        *copies.entry(n).or_default() += 1;
-                    }
-                    let set = by_copies.entry(vm.site.as_str()).or_insert_with(|| {
-                        node_site
-                            .iter()
-                            .filter(|(_, s)| **s == vm.site)
-                            .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
-                            .collect()
-                    });
-                    let others: Vec<&str> = set
-                        .iter()
-                        .filter(|(_, n)| *n != primary && !replicas.contains(n))
-                        .take(missing)
-                        .map(|(_, n)| *n)
-                        .collect();
-                    replicas.extend(others);
-                }
-                for &n in std::iter::once(&primary).chain(&replicas) {
-                    if by_copies.is_empty() {
-                        noted.push(n);
-                        continue;
-                    }
-                    let count = copies.entry(n).or_default();
-                    if let Some((&name, &site)) = node_site.get_key_value(n)
-                        && let Some(set) = by_copies.get_mut(site)
-                    {
-                        set.remove(&(*count, name));
-                        set.insert((*count + 1, name));
-                    }
-                    *count += 1;
-                }
-                layouts[i] = Some((primary, replicas));
             }
-        }
-    }
-    let layouts: Vec<Option<(String, Vec<String>)>> = layouts
-        .into_iter()
-        .map(|l| l.map(|(p, r)| (p.to_owned(), r.into_iter().map(str::to_owned).collect())))
-        .collect();
-    for (v, layout) in volumes.iter_mut().zip(layouts) {
-        if let Some((primary, replicas)) = layout {
-            v.primary = primary;
-            v.replicas = replicas;
-        }
+            Some(out)
+        };
+        let at_once = (threads && placed.len() >= PARALLEL_FROM)
+            .then(|| {
+                let half = placed.len() / 2;
+                std::thread::scope(|scope| {
+                    let later = scope.spawn(|| alone(half, placed.len()));
+                    let first = alone(0, half);
+                    let later = crate::threads::join(later);
+                    first.zip(later).map(|(mut first, later)| {
+                        first.extend(later);
+                        first
+                    })
+                })
+            })
+            .flatten();
+        at_once.unwrap_or_else(|| {
+            let mut out = Vec::with_capacity(volumes.len());
+            // Copies per node, counted only once a site needs its nodes by
+            // copies (`by_copies`); until then each copy is only noted.
+            let mut copies: fasthash::FxHashMap<&str, usize> = Default::default();
+            let mut noted: Vec<&str> = vec![];
+            // A site's nodes by (copies so far, name), built the first time a
+            // volume of the site needs them and then kept in step with
+            // `copies`: the fewest-copies choice reads the first entries
+            // instead of sorting every node per volume.
+            let mut by_copies: BTreeMap<&str, BTreeSet<(usize, &str)>> = BTreeMap::new();
+            for (vm, p) in placed.iter().zip(vms) {
+                kept.each(vm, p, &mut |i, primary, mut replicas, n_replicas| {
+                    if replicas.len() < n_replicas {
+                        let missing = n_replicas - replicas.len();
+                        for n in noted.drain(..) {
+                            *copies.entry(n).or_default() += 1;
+                        }
+                        let set = by_copies.entry(vm.site.as_str()).or_insert_with(|| {
+                            node_site
+                                .iter()
+                                .filter(|(_, s)| **s == vm.site)
+                                .map(|(n, _)| (copies.get(*n).copied().unwrap_or(0), *n))
+                                .collect()
+                        });
+                        let others: Vec<&str> = set
+                            .iter()
+                            .filter(|(_, n)| *n != primary && !replicas.contains(n))
+                            .take(missing)
+                            .map(|(_, n)| *n)
+                            .collect();
+                        replicas.extend(others);
+                    }
+                    for &n in std::iter::once(&primary).chain(&replicas) {
+                        if by_copies.is_empty() {
+                            noted.push(n);
+                            continue;
+                        }
+                        let count = copies.entry(n).or_default();
+                        if let Some((&name, &site)) = node_site.get_key_value(n)
+                            && let Some(set) = by_copies.get_mut(site)
+                        {
+                            set.remove(&(*count, name));
+                            set.insert((*count + 1, name));
+                        }
+                        *count += 1;
+                    }
+                    out.push(owned(i, primary, replicas));
+                });
+            }
+            out
+        })
+    };
+    for (i, primary, replicas) in layouts {
+        let v = &mut volumes[i];
+        v.primary = primary;
+        v.replicas = replicas;
     }
 }
 
@@ -2147,6 +2236,36 @@ mod tests {
             "the test needs VMs whose volumes do not fit"
         );
         let two = place_in(&tight, &PlaceOptions::default(), None, true);
+        assert_eq!(placement_json(&two), placement_json(&one));
+        // Volumes short of replicas after their columns (every copy of a
+        // column on its first copy's node, the layout forgotten): the site's
+        // nodes with the fewest copies make up the rest, in order.
+        let mut short = place_in(&model, &PlaceOptions::default(), None, false);
+        for v in short.volumes.iter_mut().step_by(3) {
+            for column in &mut v.columns {
+                let node = column[0].split('/').next().unwrap_or_default().to_owned();
+                for copy in column.iter_mut() {
+                    let disk = copy.split_once('/').map(|(_, d)| d.to_owned());
+                    *copy = format!("{node}/{}", disk.unwrap_or_default());
+                }
+            }
+            v.primary.clear();
+            v.replicas.clear();
+        }
+        let options = PlaceOptions {
+            previous: Some(short),
+            ..Default::default()
+        };
+        let one = place_in(&model, &options, None, false);
+        assert!(
+            one.volumes.iter().any(|v| v.replicas.iter().any(|r| !v
+                .columns
+                .iter()
+                .flatten()
+                .any(|c| c.split('/').next() == Some(r.as_str())))),
+            "the test needs volumes whose replicas are not all on their columns' nodes"
+        );
+        let two = place_in(&model, &options, None, true);
         assert_eq!(placement_json(&two), placement_json(&one));
     }
 

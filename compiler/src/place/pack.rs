@@ -638,6 +638,7 @@ pub fn optimize(
         crate::ipam::allocate(&model.tenants, &model.vms, options.previous.as_ref()),
         unplaced,
         options.previous.as_ref(),
+        crate::threads::second(),
     );
     (out, bounds)
 }
@@ -715,6 +716,7 @@ pub fn consolidate(
         crate::ipam::allocate(&model.tenants, &model.vms, Some(placement)),
         unplaced,
         Some(placement),
+        crate::threads::second(),
     );
     for m in &mut out.moves {
         m.reason = "consolidate: frees its node".to_owned();

@@ -319,6 +319,7 @@ fn rebalance_with(
         crate::ipam::allocate(&model.tenants, &model.vms, Some(placement)),
         unplaced,
         Some(placement),
+        crate::threads::second(),
     );
     out.moves = moves;
     out
