@@ -105,6 +105,8 @@ fn format_into(buf: &mut String, args: std::fmt::Arguments<'_>) {
 struct VmPart<'g> {
     shared: u32,
     index: &'g FxHashMap<Arc<str>, u32>,
+    /// The shared vertices by the names they are made of.
+    by_key: &'g ByKey<'g>,
     names: Vec<Arc<str>>,
     edges: Vec<(u32, u32)>,
     buf: String,
@@ -136,9 +138,33 @@ impl VmPart<'_> {
         }
     }
 
+    /// The vertex of node `name`.
+    fn node(&mut self, name: &str) -> u32 {
+        match self.by_key.nodes.get(name) {
+            Some(&id) => id,
+            None => self.shared(format_args!("node/{name}")),
+        }
+    }
+
     fn edge(&mut self, from: u32, to: u32) {
         self.edges.push((from, to));
     }
+}
+
+/// The ids of the shared vertices a VM names, by the model's names they are
+/// formatted from: a VM finds them without formatting its id. A name not
+/// here is formatted and looked up in the [`Interner`]'s index, as before.
+#[derive(Default)]
+struct ByKey<'m> {
+    nodes: FxHashMap<&'m str, u32>,
+    images: FxHashMap<&'m str, u32>,
+    /// (site, pool).
+    pools: FxHashMap<(&'m str, &'m str), u32>,
+    /// (tenant, network).
+    networks: FxHashMap<(&'m str, &'m str), u32>,
+    /// (tenant, security group).
+    security_groups: FxHashMap<(&'m str, &'m str), u32>,
+    plans: FxHashMap<&'m str, u32>,
 }
 
 /// From how many VMs [`build_graph`] adds the VMs' vertices on two threads.
@@ -162,10 +188,12 @@ pub fn build_graph(model: &Model, placement: &Placement) -> Graph {
 
 fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph {
     let mut g = Interner::default();
+    let mut by_key = ByKey::default();
     for site in &model.sites {
         let s = g.id(format_args!("site/{}", site.name));
         for n in &site.nodes {
             let nid = g.id(format_args!("node/{}", n.name));
+            by_key.nodes.insert(&n.name, nid);
             g.edge(s, nid);
             for b in &site.bonds {
                 let bid = g.id(format_args!("bond/{}/{}", n.name, b.name));
@@ -174,6 +202,7 @@ fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph
         }
         for p in &site.pools {
             let pid = g.id(format_args!("pool/{}/{}", site.name, p.name));
+            by_key.pools.insert((&site.name, &p.name), pid);
             g.edge(s, pid);
         }
     }
@@ -181,10 +210,12 @@ fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph
         for net in &t.networks {
             let s = g.id(format_args!("site/{}", net.site));
             let id = g.id(format_args!("network/{}/{}", t.name, net.name));
+            by_key.networks.insert((&t.name, &net.name), id);
             g.edge(s, id);
         }
         for sg in &t.security_groups {
             let id = g.id(format_args!("security-group/{}/{}", t.name, sg.name));
+            by_key.security_groups.insert((&t.name, &sg.name), id);
             for rule in &sg.allow {
                 if t.networks.iter().any(|n| n.name == rule.from) {
                     let net = g.id(format_args!("network/{}/{}", t.name, rule.from));
@@ -194,10 +225,12 @@ fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph
         }
     }
     for img in &model.images {
-        g.id(format_args!("image/{}", img.name));
+        let id = g.id(format_args!("image/{}", img.name));
+        by_key.images.insert(&img.name, id);
     }
     for plan in &model.protection_plans {
         let pid = g.id(format_args!("protection-plan/{}", plan.name));
+        by_key.plans.insert(&plan.name, pid);
         for r in &plan.replicate {
             let pool = g.id(format_args!("pool/{}/{}", r.to_site, r.pool));
             g.edge(pool, pid);
@@ -226,6 +259,7 @@ fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph
         let mut part = VmPart {
             shared,
             index: &g.index,
+            by_key: &by_key,
             names: vec![],
             edges: vec![],
             buf: String::new(),
@@ -277,13 +311,19 @@ fn vm_vertices(
             continue;
         };
         let vid = g.own(format_args!("vm/{}", vm.name));
-        let node = g.shared(format_args!("node/{}", p.node));
+        let node = g.node(&p.node);
         g.edge(node, vid);
-        let image = g.shared(format_args!("image/{}", vm.image));
+        let image = match g.by_key.images.get(vm.image.as_str()) {
+            Some(&id) => id,
+            None => g.shared(format_args!("image/{}", vm.image)),
+        };
         g.edge(image, vid);
         for d in &vm.disks {
             let vol = g.own(format_args!("volume/{}/{}", vm.name, d.name));
-            let pool = g.shared(format_args!("pool/{}/{}", vm.site, d.pool));
+            let pool = match g.by_key.pools.get(&(vm.site.as_str(), d.pool.as_str())) {
+                Some(&id) => id,
+                None => g.shared(format_args!("pool/{}/{}", vm.site, d.pool)),
+            };
             g.edge(pool, vol);
             if let Some(vp) = volumes.get(&(vm.name.as_str(), d.name.as_str())) {
                 holders.clear();
@@ -296,7 +336,7 @@ fn vm_vertices(
                 holders.sort_unstable();
                 holders.dedup();
                 for h in &holders {
-                    let hid = g.shared(format_args!("node/{h}"));
+                    let hid = g.node(h);
                     g.edge(hid, vol);
                 }
             }
@@ -306,10 +346,24 @@ fn vm_vertices(
             g.edge(vol, vid);
         }
         for nic in &vm.nics {
-            let net = g.shared(format_args!("network/{}/{}", vm.tenant, nic.network));
+            let net = match g
+                .by_key
+                .networks
+                .get(&(vm.tenant.as_str(), nic.network.as_str()))
+            {
+                Some(&id) => id,
+                None => g.shared(format_args!("network/{}/{}", vm.tenant, nic.network)),
+            };
             g.edge(net, vid);
             for sg in &nic.security_groups {
-                let sid = g.shared(format_args!("security-group/{}/{}", vm.tenant, sg));
+                let sid = match g
+                    .by_key
+                    .security_groups
+                    .get(&(vm.tenant.as_str(), sg.as_str()))
+                {
+                    Some(&id) => id,
+                    None => g.shared(format_args!("security-group/{}/{}", vm.tenant, sg)),
+                };
                 g.edge(sid, vid);
             }
         }
@@ -318,11 +372,14 @@ fn vm_vertices(
         {
             let sid = g.own(format_args!("vm-secondary/{}", vm.name));
             g.edge(vid, sid);
-            let snode = g.shared(format_args!("node/{sec}"));
+            let snode = g.node(sec);
             g.edge(snode, sid);
         }
         for plan in &vm.protection_plans {
-            let pid = g.shared(format_args!("protection-plan/{plan}"));
+            let pid = match g.by_key.plans.get(plan.as_str()) {
+                Some(&id) => id,
+                None => g.shared(format_args!("protection-plan/{plan}")),
+            };
             g.edge(vid, pid);
         }
     }
