@@ -37,9 +37,10 @@ use crate::spec::{self, SpecSet};
 /// Patches `model` and `spans` (the last whole check's, none of whose
 /// diagnostics is a quota's or a site's reserved room, or points at the
 /// changed files: the caller sees to it) for re-lowered `vms` and `groups` of
-/// the same names; `set` is the whole new spec set. Returns how many VMs were re-checked, or `None`
-/// (leaving `model` and `spans` untouched) when the change reaches further
-/// than the VMs' own entries.
+/// the same names; `set` is the whole new spec set. Returns how many VMs were
+/// re-checked and the names of those whose entry changed (their vCPUs or
+/// memory), or `None` (leaving `model` and `spans` untouched) when the change
+/// reaches further than the VMs' own entries.
 pub(crate) fn patch_vms(
     sources: &Sources,
     set: &SpecSet,
@@ -47,7 +48,7 @@ pub(crate) fn patch_vms(
     spans: &mut SpanIndex,
     vms: &[&spec::VmSpec],
     groups: &[&spec::VmGroupSpec],
-) -> Option<usize> {
+) -> Option<(usize, Vec<String>)> {
     let mut diags = vec![];
     let mut c = Checker {
         sources,
@@ -185,9 +186,14 @@ pub(crate) fn patch_vms(
         }
     }
 
-    // Every check held: patch.
     let n = fresh.len();
+    // Every check held: patch. The VMs that differ are those whose vCPUs or
+    // memory moved (all else was found equal above).
+    let mut changed = vec![];
     for (v, i) in fresh.into_iter().zip(at) {
+        if model.vms[i] != v {
+            changed.push(v.name.clone());
+        }
         model.vms[i] = v;
     }
     for (t, vcpus, memory) in usage {
@@ -200,5 +206,5 @@ pub(crate) fn patch_vms(
     // The declarations moved within their files (a longer or shorter line
     // above them): their spans are the new ones.
     spans.objects.extend(new_spans.objects);
-    Some(n)
+    Some((n, changed))
 }

@@ -500,6 +500,9 @@ pub(crate) fn dr_layout(
     mut dr: Vec<VolumePlacement>,
     previous: Option<&Placement>,
 ) -> Vec<VolumePlacement> {
+    if dr.is_empty() {
+        return dr;
+    }
     // The volumes a node reported (`previous.volumes`, by runtime name) win over
     // the stored layout: the data decides.
     let before: BTreeMap<String, &str> = previous

@@ -51,6 +51,9 @@ pub struct Session {
     /// The last compilation, kept so that a change to VMs alone patches it
     /// (`check::patch_vms`) instead of checking the whole set again.
     last: Option<Kept>,
+    /// The VMs whose entries the last compile changed when it patched
+    /// (`None`: it checked the whole set).
+    changed_vms: Option<BTreeSet<String>>,
 }
 
 /// The last compilation and what its check depended on beyond the set.
@@ -93,6 +96,24 @@ impl Session {
     /// A session with nothing cached: its first compile lowers every file.
     pub fn new() -> Session {
         Session::default()
+    }
+
+    /// What the last compile changed in the model's VMs: when it patched the
+    /// compilation before it, the names of the VMs whose entries changed (their
+    /// vCPUs or memory; every other VM, and every list but the VMs', the
+    /// vm-groups' and the tenants', is as that compilation had it; the
+    /// tenants' usage may have moved with the VMs), or `None` when it checked
+    /// the whole set (anything may have changed). A [`PlaceSession`] that
+    /// placed the compilation before takes it as a hint
+    /// ([`PlaceSession::place_next_hinted`]).
+    pub fn changed_vms(&self) -> Option<&BTreeSet<String>> {
+        self.changed_vms.as_ref()
+    }
+
+    /// The last compilation (what the last [`Session::compile_ref`] returned),
+    /// beside [`Session::changed_vms`].
+    pub fn last(&self) -> Option<&Compilation> {
+        self.last.as_ref().map(|k| &k.compilation)
     }
 
     /// Compiles `sources` as [`crate::compile`] does, lowering only the files
@@ -290,10 +311,13 @@ impl Session {
         patchable &= reuse.removed == 0;
         self.files = kept;
         self.set = set;
+        self.changed_vms = None;
         if patchable
-            && let Some(n) = self.patch(sources, &changed_files, &changed_vms, &changed_groups)
+            && let Some((n, changed)) =
+                self.patch(sources, &changed_files, &changed_vms, &changed_groups)
         {
             reuse.vms_rechecked = Some(n);
+            self.changed_vms = Some(changed.into_iter().collect());
         } else {
             self.check(sources);
         }
@@ -311,7 +335,7 @@ impl Session {
         files: &BTreeSet<FileId>,
         vms: &[std::ops::Range<usize>],
         groups: &[std::ops::Range<usize>],
-    ) -> Option<usize> {
+    ) -> Option<(usize, Vec<String>)> {
         let kept = self.last.as_mut()?;
         let unaffected = |d: &Diagnostic| {
             !matches!(
@@ -331,7 +355,7 @@ impl Session {
             .flat_map(|r| &self.set.vm_groups[r.clone()])
             .collect();
         let c = &mut kept.compilation;
-        let n = check::patch_vms(
+        let patched = check::patch_vms(
             sources,
             &self.set,
             &mut c.model,
@@ -349,7 +373,7 @@ impl Session {
         diag::sort(sources, &mut diagnostics);
         diagnostics.dedup();
         c.diagnostics = diagnostics;
-        Some(n)
+        Some(patched)
     }
 
     /// The cross-file phase over the cached lowering of `sources` (which

@@ -151,7 +151,7 @@ impl PlaceSession {
             && !self.sites.is_empty()
             && self.last.as_ref() == Some(previous)
         {
-            return self.next(model);
+            return self.next(model, None);
         }
         self.by_sites(model, options)
     }
@@ -162,6 +162,23 @@ impl PlaceSession {
     /// placement is the session's last result calls. With no last result it
     /// is the first placement.
     pub fn place_next(&mut self, model: &Model) -> (&Placement, PlaceReuse) {
+        self.place_next_hinted(model, None)
+    }
+
+    /// [`PlaceSession::place_next`] told what may have changed: every VM
+    /// `changed` does not name, and every site, is as the model of this
+    /// session's last placement had it (a compile [`Session`](super::Session)
+    /// says so with [`Session::changed_vms`](super::Session::changed_vms) when
+    /// each of its compiles is placed). A site none of them is in is then
+    /// compared by its VM count and its share of the shared inputs alone, not
+    /// VM by VM and node by node. The model's VMs are sorted by name, as a
+    /// compile gives them. `None` is [`PlaceSession::place_next`]. Debug
+    /// builds compare every site and VM anyway and panic on a wrong hint.
+    pub fn place_next_hinted(
+        &mut self,
+        model: &Model,
+        changed: Option<&BTreeSet<String>>,
+    ) -> (&Placement, PlaceReuse) {
         match &self.last {
             None => self.full(
                 model,
@@ -175,7 +192,7 @@ impl PlaceSession {
                 };
                 self.by_sites(model, &options)
             }
-            Some(_) => self.next(model),
+            Some(_) => self.next(model, changed),
         }
     }
 
@@ -210,7 +227,11 @@ impl PlaceSession {
     /// site memoized): a site whose model alone is unchanged and whose
     /// result was settled is reused; the others are placed from their part
     /// of the last result, which is then patched with their new part.
-    fn next(&mut self, model: &Model) -> (&Placement, PlaceReuse) {
+    fn next(
+        &mut self,
+        model: &Model,
+        changed: Option<&BTreeSet<String>>,
+    ) -> (&Placement, PlaceReuse) {
         let last = self.last.as_ref().expect("a last result");
         if let Some(why) = crosses_sites(model, &FailureSet::default()) {
             return self.full_from_last(model, why);
@@ -262,36 +283,68 @@ impl PlaceSession {
         let mut network_site: Option<BTreeMap<(&str, &str), &str>> = None;
         let mut reuse = PlaceReuse::default();
         let mut placed_sites: Vec<(usize, Placement, SiteMemo)> = vec![];
-        // Which sites are as their memos have them: every VM compared, so on
-        // two threads (half the sites each) when there are many VMs.
-        let same_as_memo = |i: usize| {
+        // The sites a VM the hint names is in, now or at the last placement.
+        let hinted: Option<BTreeSet<&str>> = changed.map(|names| {
+            let mut sites = BTreeSet::new();
+            for name in names {
+                // The model's VMs are sorted by name, as a compile gives them.
+                if let Ok(i) = model.vms.binary_search_by(|v| v.name.as_str().cmp(name)) {
+                    sites.insert(model.vms[i].site.as_str());
+                }
+                sites.extend(site_in(last, name));
+            }
+            sites
+        });
+        // Which sites are as their memos have them: every VM compared (on
+        // two threads, half the sites each, when there are many VMs), or,
+        // with a hint, only the VMs of the sites it names.
+        let same_as_memo = |i: usize, trust_hint: bool| {
             let site = &model.sites[i];
             let memo = &self.sites[&site.name];
             let vms = &grouped[i];
+            // A site the hint does not name has its VMs and is the site it
+            // was.
+            let as_hinted = match &hinted {
+                Some(hinted) => trust_hint && !hinted.contains(site.name.as_str()),
+                None => false,
+            };
             memo.settled
-                && memo.model.sites[0] == *site
                 && memo.model.vms.len() == vms.len()
-                && memo.model.vms.iter().eq(vms.iter().copied())
+                && (as_hinted
+                    || (memo.model.sites[0] == *site
+                        && memo.model.vms.iter().eq(vms.iter().copied())))
                 && inputs
                     .as_ref()
                     .is_none_or(|inputs| inputs[i].is(&memo.model))
         };
-        let same: Vec<bool> =
-            if crate::threads::second() && model.vms.len() >= COMPARE_ON_TWO_THREADS_FROM {
-                let half = model.sites.len() / 2;
-                std::thread::scope(|scope| {
-                    let later = scope.spawn(|| {
-                        (half..model.sites.len())
-                            .map(same_as_memo)
-                            .collect::<Vec<_>>()
-                    });
-                    let mut same: Vec<bool> = (0..half).map(same_as_memo).collect();
-                    same.extend(crate::threads::join(later));
-                    same
-                })
-            } else {
-                (0..model.sites.len()).map(same_as_memo).collect()
-            };
+        if cfg!(debug_assertions) && hinted.is_some() {
+            for i in 0..model.sites.len() {
+                assert_eq!(
+                    same_as_memo(i, true),
+                    same_as_memo(i, false),
+                    "PlaceSession::place_next_hinted: site `{}` has a changed VM the hint does not name",
+                    model.sites[i].name
+                );
+            }
+        }
+        let same_as_memo = |i: usize| same_as_memo(i, true);
+        let same: Vec<bool> = if hinted.is_some() {
+            (0..model.sites.len()).map(same_as_memo).collect()
+        } else if crate::threads::second() && model.vms.len() >= COMPARE_ON_TWO_THREADS_FROM {
+            let half = model.sites.len() / 2;
+            std::thread::scope(|scope| {
+                let later = scope.spawn(|| {
+                    (half..model.sites.len())
+                        .map(same_as_memo)
+                        .collect::<Vec<_>>()
+                });
+                let mut same: Vec<bool> = (0..half).map(same_as_memo).collect();
+                same.extend(crate::threads::join(later));
+                same
+            })
+        } else {
+            (0..model.sites.len()).map(same_as_memo).collect()
+        };
         for (i, site) in model.sites.iter().enumerate() {
             let vms = &grouped[i];
             if same[i] {

@@ -605,7 +605,7 @@ fn placing_from_the_last_result_gives_the_whole_placement_over_commit_histories(
     use compiler::place::{PlaceOptions, place, placement_json};
     use compiler::session::PlaceSession;
     let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
-    let (mut reused, mut placed, mut fell_back) = (0, 0, 0);
+    let (mut reused, mut placed, mut fell_back, mut hinted) = (0, 0, 0, 0);
     for seed in 1..=2u64 {
         // 501 nodes: two sites (one per 500 nodes); racks of 16.
         let mut files = generate(&GenConfig {
@@ -628,17 +628,29 @@ fn placing_from_the_last_result_gives_the_whole_placement_over_commit_histories(
             },
         );
         previous = p;
+        // The VMs the compiles since the last placement may have changed
+        // (`None`: any), for `place_next_hinted`.
+        let mut hint: Option<std::collections::BTreeSet<String>> = Some(Default::default());
+        let note = |compile: &Session, hint: &mut Option<std::collections::BTreeSet<String>>| match (
+            compile.changed_vms(),
+            hint.as_mut(),
+        ) {
+            (Some(names), Some(hint)) => hint.extend(names.iter().cloned()),
+            _ => *hint = None,
+        };
         let mut rng = Rng(0xD1FF_0000 ^ seed);
         for step in 0..36 {
             let base = files.clone();
             let what = placement_edit(&mut files, &mut rng, step, sites);
             let (c, _) = compile.compile(&Sources::from_files(files.clone()));
+            note(&compile, &mut hint);
             if c.has_errors() {
                 // The controller places nothing for a commit that does not
                 // compile; the history goes on from the last good one.
                 *seen.entry(format!("{what} (error)")).or_default() += 1;
                 files = base;
                 compile.compile(&Sources::from_files(files.clone()));
+                note(&compile, &mut hint);
                 continue;
             }
             let model = c.model;
@@ -647,13 +659,24 @@ fn placing_from_the_last_result_gives_the_whole_placement_over_commit_histories(
                 ..Default::default()
             };
             let full = place(&model, &options, None);
-            // Alternately through the comparing entry and `place_next`.
-            let (incremental, reuse) = if step % 2 == 0 {
-                session.place(&model, &options)
-            } else {
-                let (p, r) = session.place_next(&model);
-                (p.clone(), r)
+            // In turn through the comparing entry, `place_next`, and
+            // `place_next_hinted` with what the compiles changed (a debug
+            // build checks the hint VM by VM).
+            let (incremental, reuse) = match step % 3 {
+                0 => session.place(&model, &options),
+                1 => {
+                    let (p, r) = session.place_next(&model);
+                    (p.clone(), r)
+                }
+                _ => {
+                    if hint.as_ref().is_some_and(|h| !h.is_empty()) {
+                        hinted += 1;
+                    }
+                    let (p, r) = session.place_next_hinted(&model, hint.as_ref());
+                    (p.clone(), r)
+                }
             };
+            hint = Some(Default::default());
             if placement_json(&incremental) != placement_json(&full) {
                 panic!(
                     "seed {seed} step {step}: {what} ({reuse:?}): {}",
@@ -684,5 +707,6 @@ fn placing_from_the_last_result_gives_the_whole_placement_over_commit_histories(
         );
     }
     assert!(reused > 0 && placed > 0, "reused {reused}, placed {placed}");
+    assert!(hinted > 0, "no placement was hinted: {seen:?}");
     assert!(fell_back < 10, "fell back {fell_back} times: {seen:?}");
 }
