@@ -555,9 +555,41 @@ impl Leases {
             .unwrap_or_else(|| self.started.elapsed())
     }
 
+    /// Whether a node of `model` has gone its site's TTL + margin without a
+    /// renewal, by the later of this replica's grant and etcd's view (as
+    /// [`Leases::merged`] has it): the first condition of `failed` and of
+    /// `awaits_witness` in [`Leases::rows`]. The failure watchers ask it every
+    /// 100 ms before the rows, which are O(cluster) with a copy of every lease
+    /// (16 ms at 10,000 nodes, `cairn controller bench --leases`); this reads one
+    /// instant per node and copies nothing.
+    pub fn any_lapsed(&self, model: &compiler::Model) -> bool {
+        let granted = self.lock();
+        model.sites.iter().any(|site| {
+            let (ttl, margin) = site_timers(site);
+            site.nodes.iter().any(|n| {
+                let local = granted.get(&n.name).map(|g| g.last);
+                let seen = self.shared.as_ref().and_then(|(s, _)| s.seen_at(&n.name));
+                local
+                    .max(seen)
+                    .is_some_and(|last| last.elapsed() >= ttl + margin)
+            })
+        })
+    }
+
+    /// The rows the failure watchers read: [`Leases::rows`], or none while no
+    /// lease has lapsed ([`Leases::any_lapsed`]: then no row is `failed` or
+    /// awaits the witness).
+    pub fn lapsed_rows(&self, model: &compiler::Model) -> Vec<LeaseRow> {
+        if self.any_lapsed(model) {
+            self.rows(model)
+        } else {
+            vec![]
+        }
+    }
+
     /// The nodes in state `failed` ([`Leases::rows`]).
     pub fn failed_nodes(&self, model: &compiler::Model) -> std::collections::BTreeSet<String> {
-        self.rows(model)
+        self.lapsed_rows(model)
             .into_iter()
             .filter(|r| r.state == "failed")
             .map(|r| r.node)
@@ -725,7 +757,7 @@ pub async fn witness_claims(shared: Arc<Shared>) {
             });
             let _ = futures_util::future::join_all(asks).await;
         }
-        let rows = shared.leases.rows(&good.model);
+        let rows = shared.leases.lapsed_rows(&good.model);
         let wanted: Vec<(String, compiler::model::Site)> =
             rows.iter()
                 .filter(|r| r.awaits_witness || r.state == "failed")
@@ -1246,7 +1278,7 @@ pub async fn watch_failures(shared: Arc<Shared>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let good = shared.good.lock().expect("good lock").clone();
         let Some(good) = good else { continue };
-        let rows = shared.leases.rows(&good.model);
+        let rows = shared.leases.lapsed_rows(&good.model);
         let now: std::collections::BTreeSet<String> = rows
             .iter()
             .filter(|r| r.state == "failed")
@@ -1336,6 +1368,50 @@ mod tests {
             suspects > 0 && failed > 0,
             "suspect {suspects}, failed {failed}"
         );
+    }
+
+    /// With no lease lapsed the watchers skip the rows: then no row is `failed`
+    /// or awaits the witness. With one lapsed they are every row.
+    #[test]
+    fn no_row_fails_while_no_lease_has_lapsed() {
+        let model = model_of(40);
+        let (mut lapsed, mut clear) = (0, 0);
+        for seed in 1..=20u64 {
+            let now = Instant::now();
+            let leases = Leases::new(DEFAULT_TTL).started_at(now - Duration::from_secs(60));
+            for site in &model.sites {
+                for (i, node) in site.nodes.iter().enumerate() {
+                    // Every node unheard by every peer (a majority), so a
+                    // lapsed one fails; in odd seeds one node per site is
+                    // 9 s old, in even ones every grant is under 1.5 s.
+                    let age = if seed % 2 == 1 && i as u64 == seed % 5 {
+                        Duration::from_secs(9)
+                    } else {
+                        Duration::from_millis((seed * 97 + i as u64 * 37) % 1_500)
+                    };
+                    let unheard = site
+                        .nodes
+                        .iter()
+                        .filter(|n| n.name != node.name)
+                        .map(|n| n.name.clone())
+                        .collect();
+                    leases.note_grant(&node.name, now - age, unheard);
+                }
+            }
+            let rows = leases.rows(&model);
+            let failing = rows.iter().any(|r| r.state == "failed" || r.awaits_witness);
+            if leases.any_lapsed(&model) {
+                lapsed += 1;
+                assert!(failing, "seed {seed}: a lease lapsed and no row failed");
+                assert_eq!(leases.lapsed_rows(&model).len(), rows.len());
+            } else {
+                clear += 1;
+                assert!(!failing, "seed {seed}: a failed row with no lease lapsed");
+                assert!(leases.lapsed_rows(&model).is_empty());
+                assert!(leases.failed_nodes(&model).is_empty());
+            }
+        }
+        assert!(lapsed > 0 && clear > 0, "lapsed {lapsed}, clear {clear}");
     }
 
     #[test]
