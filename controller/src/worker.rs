@@ -449,10 +449,15 @@ impl Worker {
 
     fn set_good(&mut self, good: Good) {
         let good = Arc::new(good);
-        self.shared.view.lock().expect("view lock").revision = Some(good.commit.clone());
-        *self.shared.good.lock().expect("good lock") = Some(good.clone());
+        self.publish_good(&good);
         self.good = Some(good);
         self.update_watches();
+    }
+
+    /// Makes `good` the commit the status and the console judge against.
+    fn publish_good(&self, good: &Arc<Good>) {
+        self.shared.view.lock().expect("view lock").revision = Some(good.commit.clone());
+        *self.shared.good.lock().expect("good lock") = Some(Arc::clone(good));
     }
 
     fn head(&mut self) -> Option<String> {
@@ -989,6 +994,16 @@ impl Worker {
                 if plan.changes.iter().any(|c| c.object == "volume") {
                     self.shared.wake_drift.notify_one();
                 }
+                // The status judges against the applied commit before the sync's end
+                // is recorded: a status that shows the sync succeeded never judges
+                // its VMs against the commit before (seen in CI: the new replica
+                // `not-in-spec` in the status that reported its sync).
+                let good = Arc::new(Good {
+                    commit: commit.to_owned(),
+                    model: Arc::new(model),
+                    spec_root,
+                });
+                self.publish_good(&good);
                 self.end_sync(
                     commit,
                     result,
@@ -998,11 +1013,8 @@ impl Worker {
                     started,
                     extra,
                 );
-                self.set_good(Good {
-                    commit: commit.to_owned(),
-                    model: Arc::new(model),
-                    spec_root,
-                });
+                self.good = Some(good);
+                self.update_watches();
                 // A plan that sent nothing changed nothing: its observation still
                 // shows the cluster, unless something else happened meanwhile (one
                 // event recorded since the handover: this sync's end). The console's
