@@ -294,10 +294,8 @@ impl Leases {
             .iter()
             .filter(|n| n.name != node)
             .filter(|n| {
-                let local = granted.get(&n.name).map(|g| g.last);
-                let seen = self.shared.as_ref().and_then(|(s, _)| s.seen_at(&n.name));
-                // As in `merged`: the later of the two; never granted: not quiet.
-                local.max(seen).is_some_and(|last| {
+                // Never granted: not quiet.
+                self.last_heard(&granted, &n.name).is_some_and(|last| {
                     last.elapsed().as_millis().saturating_mul(3)
                         >= ttl.as_millis().saturating_mul(2)
                 })
@@ -567,13 +565,19 @@ impl Leases {
         model.sites.iter().any(|site| {
             let (ttl, margin) = site_timers(site);
             site.nodes.iter().any(|n| {
-                let local = granted.get(&n.name).map(|g| g.last);
-                let seen = self.shared.as_ref().and_then(|(s, _)| s.seen_at(&n.name));
-                local
-                    .max(seen)
+                self.last_heard(&granted, &n.name)
                     .is_some_and(|last| last.elapsed() >= ttl + margin)
             })
         })
+    }
+
+    /// When `node` last renewed, as [`Leases::merged`] has it (the later of
+    /// this replica's grant, in `granted`, and etcd's view) without copying
+    /// the leases; `None`: never.
+    fn last_heard(&self, granted: &BTreeMap<String, Granted>, node: &str) -> Option<Instant> {
+        let local = granted.get(node).map(|g| g.last);
+        let seen = self.shared.as_ref().and_then(|(s, _)| s.seen_at(node));
+        local.max(seen)
     }
 
     /// The rows the failure watchers read: [`Leases::rows`], or none while no

@@ -450,14 +450,19 @@ impl Worker {
     fn set_good(&mut self, good: Good) {
         let good = Arc::new(good);
         self.publish_good(&good);
-        self.good = Some(good);
-        self.update_watches();
+        self.adopt_good(good);
     }
 
     /// Makes `good` the commit the status and the console judge against.
     fn publish_good(&self, good: &Arc<Good>) {
         self.shared.view.lock().expect("view lock").revision = Some(good.commit.clone());
         *self.shared.good.lock().expect("good lock") = Some(Arc::clone(good));
+    }
+
+    /// Makes `good` (published) the commit this worker reconciles to.
+    fn adopt_good(&mut self, good: Arc<Good>) {
+        self.good = Some(good);
+        self.update_watches();
     }
 
     fn head(&mut self) -> Option<String> {
@@ -1013,8 +1018,7 @@ impl Worker {
                     started,
                     extra,
                 );
-                self.good = Some(good);
-                self.update_watches();
+                self.adopt_good(good);
                 // A plan that sent nothing changed nothing: its observation still
                 // shows the cluster, unless something else happened meanwhile (one
                 // event recorded since the handover: this sync's end). The console's

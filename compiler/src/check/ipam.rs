@@ -1,23 +1,18 @@
 //! Addresses and VNIs at compile time: pinned NIC addresses are checked
 //! (IPv4, inside the network, not its network, broadcast or gateway address,
-//! not pinned twice), then [`crate::ipam::allocate`] runs with no previous
-//! placement and its result goes into the model; a network that runs out of
-//! addresses is an error at its CIDR.
+//! not pinned twice) by `pins`, then [`crate::ipam::allocate`] runs with no
+//! previous placement (`Checker::run` calls it) and `allocated` writes its
+//! result into the model; a network that runs out of addresses is an error at
+//! its CIDR.
 
 use std::collections::BTreeMap;
 
 use super::{Checker, list};
 use crate::diag::{Diagnostic, Span};
-use crate::ipam::{Hosts, PinError, allocate};
+use crate::ipam::{Hosts, PinError};
 use crate::model::*;
 
 impl Checker<'_> {
-    pub(super) fn addresses(&mut self, tenants: &mut [Tenant], vms: &mut [Vm]) {
-        self.pins(tenants, vms);
-        let alloc = allocate(tenants, vms, None);
-        self.allocated(&alloc, tenants, vms);
-    }
-
     /// The pinned NIC addresses checked; a wrong one is reported and dropped
     /// (the NIC then gets one from IPAM).
     pub(super) fn pins(&mut self, tenants: &[Tenant], vms: &mut [Vm]) {

@@ -172,30 +172,27 @@ impl Checker<'_> {
         // Everything derived from the VM list below (affinity and plan
         // membership) follows name order, not declaration order.
         vms.sort_by(|a, b| a.name.cmp(&b.name));
-        let affinities = if self.threads && vms.len() >= vms::PARALLEL_FROM_VMS {
-            // IPAM on a second thread while reserved capacity and the
-            // affinities are checked here; their diagnostics are put after
-            // the addresses' and the quotas', where the order below has them.
-            self.pins(&tenants, &mut vms);
-            let (alloc, affinities, later) = std::thread::scope(|scope| {
-                let (tenants, vms) = (&tenants, &vms);
-                let allocating = scope.spawn(move || crate::ipam::allocate(tenants, vms, None));
-                let mark = self.diags.len();
-                self.reserved_capacity(set, &sites, vms);
-                let affinities = self.affinities(set, vms);
-                let later: Vec<Diagnostic> = self.diags.drain(mark..).collect();
-                (crate::threads::join(allocating), affinities, later)
-            });
-            self.allocated(&alloc, &mut tenants, &mut vms);
-            self.quotas(set, &mut tenants, &vms);
-            self.diags.extend(later);
-            affinities
-        } else {
-            self.addresses(&mut tenants, &mut vms);
-            self.quotas(set, &mut tenants, &vms);
-            self.reserved_capacity(set, &sites, &vms);
-            self.affinities(set, &vms)
-        };
+        // The addresses (pins, then IPAM), the quotas, reserved capacity and
+        // the affinities, reported in that order. IPAM (pure) runs while
+        // reserved capacity and the affinities are checked, on a second
+        // thread when there are many VMs; their diagnostics are put after the
+        // addresses' and the quotas'.
+        self.pins(&tenants, &mut vms);
+        let parallel = self.threads && vms.len() >= vms::PARALLEL_FROM_VMS;
+        let (alloc, affinities, later) = std::thread::scope(|scope| {
+            let (tenants, vms) = (&tenants, &vms);
+            let allocate = move || crate::ipam::allocate(tenants, vms, None);
+            let allocating = parallel.then(|| scope.spawn(allocate));
+            let mark = self.diags.len();
+            self.reserved_capacity(set, &sites, vms);
+            let affinities = self.affinities(set, vms);
+            let later: Vec<Diagnostic> = self.diags.drain(mark..).collect();
+            let alloc = allocating.map_or_else(allocate, crate::threads::join);
+            (alloc, affinities, later)
+        });
+        self.allocated(&alloc, &mut tenants, &mut vms);
+        self.quotas(set, &mut tenants, &vms);
+        self.diags.extend(later);
         let protection_plans = self.protection_plans(set, &sites, &mut vms);
         let reconcile = self.reconcile(set);
         let mut model = Model {

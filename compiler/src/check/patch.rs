@@ -89,6 +89,9 @@ pub(crate) fn patch_vms(
     // memory once the cross-object passes' outputs (addresses, plans) are
     // carried over.
     let mut at = Vec::with_capacity(fresh.len());
+    // The VMs whose entries change: their vCPUs or memory moved (all else is
+    // found equal below, or nothing is patched).
+    let mut changed = vec![];
     let mut tenant_delta: BTreeMap<String, (i128, i128)> = BTreeMap::new();
     let mut site_delta: BTreeMap<String, (i128, i128)> = BTreeMap::new();
     for v in &mut fresh {
@@ -110,6 +113,9 @@ pub(crate) fn patch_vms(
         (v.cpu, v.memory_bytes) = (cpu, memory);
         if !same {
             return None;
+        }
+        if (cpu, memory) != (old.cpu, old.memory_bytes) {
+            changed.push(v.name.clone());
         }
         let (now, before) = (demand(v), demand(old));
         let d = (
@@ -186,14 +192,9 @@ pub(crate) fn patch_vms(
         }
     }
 
+    // Every check held: patch.
     let n = fresh.len();
-    // Every check held: patch. The VMs that differ are those whose vCPUs or
-    // memory moved (all else was found equal above).
-    let mut changed = vec![];
     for (v, i) in fresh.into_iter().zip(at) {
-        if model.vms[i] != v {
-            changed.push(v.name.clone());
-        }
         model.vms[i] = v;
     }
     for (t, vcpus, memory) in usage {

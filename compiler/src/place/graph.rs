@@ -138,12 +138,19 @@ impl VmPart<'_> {
         }
     }
 
+    /// A shared vertex: `found` by the model's names ([`ByKey`]), else by its
+    /// id formatted from `args` (formatted only then).
+    fn shared_or(&mut self, found: Option<&u32>, args: std::fmt::Arguments<'_>) -> u32 {
+        match found {
+            Some(&id) => id,
+            None => self.shared(args),
+        }
+    }
+
     /// The vertex of node `name`.
     fn node(&mut self, name: &str) -> u32 {
-        match self.by_key.nodes.get(name) {
-            Some(&id) => id,
-            None => self.shared(format_args!("node/{name}")),
-        }
+        let by_key = self.by_key;
+        self.shared_or(by_key.nodes.get(name), format_args!("node/{name}"))
     }
 
     fn edge(&mut self, from: u32, to: u32) {
@@ -306,6 +313,7 @@ fn vm_vertices(
     volumes: &FxHashMap<(&str, &str), &super::VolumePlacement>,
 ) {
     let mut holders: Vec<&str> = vec![];
+    let by_key = g.by_key;
     for vm in vms {
         let Some(p) = placed.get(vm.name.as_str()) else {
             continue;
@@ -313,17 +321,17 @@ fn vm_vertices(
         let vid = g.own(format_args!("vm/{}", vm.name));
         let node = g.node(&p.node);
         g.edge(node, vid);
-        let image = match g.by_key.images.get(vm.image.as_str()) {
-            Some(&id) => id,
-            None => g.shared(format_args!("image/{}", vm.image)),
-        };
+        let image = g.shared_or(
+            by_key.images.get(vm.image.as_str()),
+            format_args!("image/{}", vm.image),
+        );
         g.edge(image, vid);
         for d in &vm.disks {
             let vol = g.own(format_args!("volume/{}/{}", vm.name, d.name));
-            let pool = match g.by_key.pools.get(&(vm.site.as_str(), d.pool.as_str())) {
-                Some(&id) => id,
-                None => g.shared(format_args!("pool/{}/{}", vm.site, d.pool)),
-            };
+            let pool = g.shared_or(
+                by_key.pools.get(&(vm.site.as_str(), d.pool.as_str())),
+                format_args!("pool/{}/{}", vm.site, d.pool),
+            );
             g.edge(pool, vol);
             if let Some(vp) = volumes.get(&(vm.name.as_str(), d.name.as_str())) {
                 holders.clear();
@@ -346,24 +354,20 @@ fn vm_vertices(
             g.edge(vol, vid);
         }
         for nic in &vm.nics {
-            let net = match g
-                .by_key
-                .networks
-                .get(&(vm.tenant.as_str(), nic.network.as_str()))
-            {
-                Some(&id) => id,
-                None => g.shared(format_args!("network/{}/{}", vm.tenant, nic.network)),
-            };
+            let net = g.shared_or(
+                by_key
+                    .networks
+                    .get(&(vm.tenant.as_str(), nic.network.as_str())),
+                format_args!("network/{}/{}", vm.tenant, nic.network),
+            );
             g.edge(net, vid);
             for sg in &nic.security_groups {
-                let sid = match g
-                    .by_key
-                    .security_groups
-                    .get(&(vm.tenant.as_str(), sg.as_str()))
-                {
-                    Some(&id) => id,
-                    None => g.shared(format_args!("security-group/{}/{}", vm.tenant, sg)),
-                };
+                let sid = g.shared_or(
+                    by_key
+                        .security_groups
+                        .get(&(vm.tenant.as_str(), sg.as_str())),
+                    format_args!("security-group/{}/{}", vm.tenant, sg),
+                );
                 g.edge(sid, vid);
             }
         }
@@ -376,10 +380,10 @@ fn vm_vertices(
             g.edge(snode, sid);
         }
         for plan in &vm.protection_plans {
-            let pid = match g.by_key.plans.get(plan.as_str()) {
-                Some(&id) => id,
-                None => g.shared(format_args!("protection-plan/{plan}")),
-            };
+            let pid = g.shared_or(
+                by_key.plans.get(plan.as_str()),
+                format_args!("protection-plan/{plan}"),
+            );
             g.edge(vid, pid);
         }
     }

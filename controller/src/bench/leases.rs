@@ -217,13 +217,14 @@ pub fn run(nodes: usize, runs: usize) -> anyhow::Result<u8> {
             share(f.before)
         );
         // Each failure watcher ticks every 100 ms.
+        let per_tick = |d: Duration| d.as_secs_f64() / 0.1 * 100.0;
         println!(
             "{} nodes: a failure watcher's tick with no lease lapsed: now {:.3} ms (the lapse check), before {:.2} ms (every node's row): {:.2} % of a core, before {:.1} %",
             f.nodes,
             ms(f.quiet_tick),
             ms(f.rows),
-            f.quiet_tick.as_secs_f64() * 1e3,
-            f.rows.as_secs_f64() * 1e3
+            per_tick(f.quiet_tick),
+            per_tick(f.rows)
         );
         println!(
             "{} nodes: a renewal's node and site lookup now (the applied model's index) median {:.5} ms, before (every site's nodes scanned) {:.4} ms",
