@@ -152,6 +152,14 @@ struct Worker {
     /// places that site again, not the cloud (issue 24;
     /// `compiler::session::PlaceSession`, whose output is the full placement).
     place_session: compiler::session::PlaceSession,
+    /// The last sync's desired state and plan: a push that changes a few VMs of
+    /// a converged cloud builds and plans those VMs (issue 24;
+    /// `reconciler::session`, whose output is the full plan's).
+    plan_session: reconciler::session::PlanSession,
+    /// Compiles so far, and the one the sessions last placed and planned: the
+    /// compile session's changed VMs are a hint only for the compile after it.
+    compiles: u64,
+    planned_compile: u64,
 }
 
 /// Runs until `stop` turns true.
@@ -178,6 +186,9 @@ pub(crate) async fn run(
         approval: None,
         compile_session: compiler::session::Session::new(),
         place_session: compiler::session::PlaceSession::new(),
+        plan_session: reconciler::session::PlanSession::new(),
+        compiles: 0,
+        planned_compile: 0,
     };
     w.restore();
     let mut next_drift = Instant::now();
@@ -746,6 +757,8 @@ impl Worker {
         };
         let (compilation, reuse) =
             tokio::task::block_in_place(|| self.compile_session.compile(&sources));
+        self.compiles += 1;
+        let this_compile = self.compiles;
         // What the compile session reused (the lowering of unchanged files).
         detail["compile_session"] = json!({"files_reused": reuse.reused, "files_lowered": reuse.lowered, "files_removed": reuse.removed});
         if compilation.has_errors() {
@@ -850,17 +863,32 @@ impl Worker {
             ..Default::default()
         };
         let prepare_ms = t.elapsed().as_millis() as u64;
-        let mut planned = match pipeline::plan_revision_session(
+        // The compile session's changed VMs are what changed since the model the
+        // sessions last placed and planned only when that was the compile before.
+        let changed_vms = (self.planned_compile + 1 == this_compile)
+            .then(|| self.compile_session.changed_vms().cloned())
+            .flatten();
+        self.planned_compile = 0;
+        let sessions = pipeline::Sessions {
+            places: &mut self.place_session,
+            plans: &mut self.plan_session,
+            changed_vms: changed_vms.as_ref(),
+        };
+        let planned = pipeline::plan_revision_session(
             &model,
             &spec_root,
             commit,
             &store,
             &nodes,
             &options,
-            Some(&mut self.place_session),
+            Some(sessions),
         )
-        .await
-        {
+        .await;
+        if planned.is_ok() && options.failed_nodes.is_empty() {
+            // The sessions placed and planned this compile's model.
+            self.planned_compile = this_compile;
+        }
+        let mut planned = match planned {
             Ok(p) => p,
             Err(e) => {
                 self.end_sync(

@@ -609,6 +609,10 @@ impl Node {
         definitions: &std::collections::BTreeMap<String, v1::CreateVm>,
     ) -> (Vec<v1::NetworkSegmentStatus>, Vec<String>) {
         let all = self.segments.all().await;
+        if self.bonds.refusal().is_none() && !self.bonds.network().is_host() {
+            // A simulated network made each kept segment as defined.
+            return (crate::simulate::segment_statuses(&all), Vec::new());
+        }
         if let Some(reason) = self.segments_refusal() {
             let statuses = all
                 .iter()

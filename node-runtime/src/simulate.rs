@@ -6,8 +6,8 @@
 //! of its own, with two backends swapped: a [`SimHypervisor`] instead of `cairn-vmm`
 //! processes (a VM "runs" as soon as it is started, reports heartbeats, vCPUs and
 //! memory of its definition, and stops when signalled) and a [`SimNetwork`] instead of
-//! netlink (bonds and VM NICs are recorded, reported healthy, and never touch the
-//! host). Volumes are the real volume store in each node's data directory (sparse
+//! netlink (bonds, VM NICs and tenant network segments are recorded, reported
+//! healthy and as defined, and never touch the host). Volumes are the real volume store in each node's data directory (sparse
 //! file disks, nothing is written by a plan), replicated between simulated nodes over
 //! the real Replication service.
 //!
@@ -1026,4 +1026,47 @@ mod tests {
             .expect("simulator task")
             .expect("simulator run");
     }
+}
+
+/// What a node whose network is simulated reads back of its kept segments: each
+/// as its definition makes it (its VNI, MTU, local VTEP and forwarding entries, a
+/// migrating NIC's through the all-zero entry to both nodes), with no drift. A
+/// definition the node would refuse reads back as that refusal.
+pub fn segment_statuses(all: &[v1::ApplyNetworkSegment]) -> Vec<v1::NetworkSegmentStatus> {
+    all.iter()
+        .map(|seg| {
+            let mut status = v1::NetworkSegmentStatus {
+                tenant: seg.tenant.clone(),
+                network: seg.network.clone(),
+                vni: seg.vni,
+                definition_digest: crate::segments::definition_digest(seg),
+                ..Default::default()
+            };
+            let spec = match crate::segments::segment_spec(seg, Some(seg.mtu.max(1500) + 50)) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    status.drift.push(e.message().to_owned());
+                    return status;
+                }
+            };
+            status.mtu = spec.mtu;
+            status.local_vtep = spec.local_vtep.to_string();
+            status.fdb = spec
+                .remotes
+                .iter()
+                .flat_map(|r| match r.also_vtep {
+                    Some(also) => vec![
+                        format!("{} -> {}", network::overlay::FLOOD_MAC, r.vtep),
+                        format!("{} -> {also}", network::overlay::FLOOD_MAC),
+                    ],
+                    None => vec![format!(
+                        "{} -> {}",
+                        network::overlay::format_mac(&r.mac),
+                        r.vtep
+                    )],
+                })
+                .collect();
+            status
+        })
+        .collect()
 }

@@ -157,7 +157,7 @@ pub struct DesiredBond {
 }
 
 /// Everything desired.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
     /// Nodes by name.
     pub nodes: BTreeMap<String, DesiredNode>,
@@ -171,8 +171,8 @@ pub struct Desired {
     pub vms: BTreeMap<String, DesiredVm>,
     /// Volumes by name.
     pub volumes: BTreeMap<String, DesiredVolume>,
-    /// The placement they came from.
-    pub placement: Placement,
+    /// The placement they came from (shared with the plan made from it).
+    pub placement: std::sync::Arc<Placement>,
     /// VMs without a node: name → why.
     pub unplaced: BTreeMap<String, String>,
     /// VMs pushed out by higher-priority VMs: name → why.
@@ -391,12 +391,8 @@ fn ft_pair(
     if vm.availability != compiler::model::Availability::Ft {
         return None;
     }
-    let secondary = placement
-        .vms
-        .iter()
-        .find(|p| p.name == vm.name)?
-        .secondary
-        .clone()?;
+    // The placement's VMs are sorted by name: a scan per FT VM was quadratic.
+    let secondary = placement.vm(&vm.name)?.secondary.clone()?;
     Some(DesiredFt {
         secondary,
         witness: site.and_then(|s| s.witness.clone()).unwrap_or_default(),
@@ -625,89 +621,128 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
         let Some(node) = vm_nodes.get(vm.name.as_str()) else {
             continue;
         };
-        let image = model.images.iter().find(|i| i.name == vm.image);
-        let absolute = |p: &Option<String>| {
-            p.as_ref()
-                .map(|p| spec_root.join(p).display().to_string())
-                .unwrap_or_default()
-        };
-        let image = match image {
-            Some(i) if i.builtin.is_none() && i.kernel.is_some() => BootImage::Kernel {
-                kernel: absolute(&i.kernel),
-                initrd: absolute(&i.initrd),
-                cmdline: i.cmdline.clone().unwrap_or_default(),
-            },
-            Some(i) => BootImage::Builtin(
-                i.builtin
-                    .clone()
-                    .unwrap_or_else(|| "cairn-guest".to_owned()),
-            ),
-            None => BootImage::Builtin("cairn-guest".to_owned()),
-        };
-        let site = model.site(&vm.site);
-        let mut volumes = vec![];
-        for disk in &vm.disks {
-            let name = volume_name(&vm.name, &disk.name);
-            let Some(vp) = volumes_by_name.get(&name) else {
-                continue;
-            };
-            let pool = site.and_then(|s| s.pools.iter().find(|p| p.name == disk.pool));
-            let from_image = disk
-                .from_image
-                .then(|| model.images.iter().find(|i| i.name == vm.image))
-                .flatten()
-                .and_then(|i| crate::images::desired_base(i, spec_root, vp));
-            desired.volumes.insert(
-                name.clone(),
-                DesiredVolume {
-                    name: name.clone(),
-                    vm: vm.name.clone(),
-                    tenant: vm.tenant.clone(),
-                    node: vp.primary.clone(),
-                    replicas: vp.replicas.clone(),
-                    size_bytes: disk.size_bytes,
-                    stripe_width: pool.map(|p| p.stripe_width).unwrap_or(1),
-                    stripe_unit_bytes: pool.map(|p| p.stripe_unit_bytes).unwrap_or(1 << 20),
-                    from_image,
-                },
-            );
-            volumes.push(name);
-        }
-        if let Some(protection) = protection_of(model, vm, &volumes) {
-            desired.protections.insert(vm.name.clone(), protection);
-        }
-        desired.vms.insert(
-            vm.name.clone(),
-            DesiredVm {
-                name: vm.name.clone(),
-                tenant: vm.tenant.clone(),
-                node: (*node).to_owned(),
-                vcpus: vm.cpu,
-                memory_bytes: vm.memory_bytes,
-                image,
-                volumes,
-                nics: vm.nics.iter().map(|n| n.network.clone()).collect(),
-                // On-demand is what a node assumes when a definition names no class,
-                // and only a spot VM's priority is used on the node (preemption order):
-                // the plan carries neither otherwise.
-                sla: if vm.sla.class == compiler::model::SlaClass::OnDemand {
-                    String::new()
-                } else {
-                    vm.sla.class.to_string()
-                },
-                priority: if vm.sla.class == compiler::model::SlaClass::Spot {
-                    vm.sla.priority
-                } else {
-                    0
-                },
-                power_off: vm.power == compiler::model::Power::Off,
-                dedicated_cpus: vm.sla.cpu_pinning,
-                ft: ft_pair(vm, &placement, site),
-            },
-        );
+        let entries = vm_entries(model, spec_root, &placement, vm, node, |disk| {
+            volumes_by_name.get(&volume_name(&vm.name, disk)).copied()
+        });
+        entries.insert_into(&mut desired);
     }
     dr_copies(model, &placement, &mut desired);
     desired.segments = crate::segments::desired_segments(model, &desired.nodes, &placement);
-    desired.placement = placement;
+    desired.placement = std::sync::Arc::new(placement);
     desired
+}
+
+/// One placed VM's entries of the desired state: the VM, its volumes and its
+/// snapshot schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct VmEntries {
+    pub(crate) vm: DesiredVm,
+    pub(crate) volumes: Vec<DesiredVolume>,
+    pub(crate) protection: Option<DesiredProtection>,
+}
+
+impl VmEntries {
+    pub(crate) fn insert_into(self, desired: &mut Desired) {
+        for v in self.volumes {
+            desired.volumes.insert(v.name.clone(), v);
+        }
+        match self.protection {
+            Some(p) => {
+                desired.protections.insert(self.vm.name.clone(), p);
+            }
+            None => {
+                desired.protections.remove(&self.vm.name);
+            }
+        }
+        desired.vms.insert(self.vm.name.clone(), self.vm);
+    }
+}
+
+/// The entries of `vm`, placed on `node` (`volume_of`: its disk's placement, by
+/// disk name).
+pub(crate) fn vm_entries<'p>(
+    model: &Model,
+    spec_root: &std::path::Path,
+    placement: &Placement,
+    vm: &compiler::model::Vm,
+    node: &str,
+    volume_of: impl Fn(&str) -> Option<&'p compiler::place::VolumePlacement>,
+) -> VmEntries {
+    let image = model.images.iter().find(|i| i.name == vm.image);
+    let absolute = |p: &Option<String>| {
+        p.as_ref()
+            .map(|p| spec_root.join(p).display().to_string())
+            .unwrap_or_default()
+    };
+    let image = match image {
+        Some(i) if i.builtin.is_none() && i.kernel.is_some() => BootImage::Kernel {
+            kernel: absolute(&i.kernel),
+            initrd: absolute(&i.initrd),
+            cmdline: i.cmdline.clone().unwrap_or_default(),
+        },
+        Some(i) => BootImage::Builtin(
+            i.builtin
+                .clone()
+                .unwrap_or_else(|| "cairn-guest".to_owned()),
+        ),
+        None => BootImage::Builtin("cairn-guest".to_owned()),
+    };
+    let site = model.site(&vm.site);
+    let mut volumes = vec![];
+    let mut entries = vec![];
+    for disk in &vm.disks {
+        let name = volume_name(&vm.name, &disk.name);
+        let Some(vp) = volume_of(&disk.name) else {
+            continue;
+        };
+        let pool = site.and_then(|s| s.pools.iter().find(|p| p.name == disk.pool));
+        let from_image = disk
+            .from_image
+            .then(|| model.images.iter().find(|i| i.name == vm.image))
+            .flatten()
+            .and_then(|i| crate::images::desired_base(i, spec_root, vp));
+        entries.push(DesiredVolume {
+            name: name.clone(),
+            vm: vm.name.clone(),
+            tenant: vm.tenant.clone(),
+            node: vp.primary.clone(),
+            replicas: vp.replicas.clone(),
+            size_bytes: disk.size_bytes,
+            stripe_width: pool.map(|p| p.stripe_width).unwrap_or(1),
+            stripe_unit_bytes: pool.map(|p| p.stripe_unit_bytes).unwrap_or(1 << 20),
+            from_image,
+        });
+        volumes.push(name);
+    }
+    let protection = protection_of(model, vm, &volumes);
+    VmEntries {
+        vm: DesiredVm {
+            name: vm.name.clone(),
+            tenant: vm.tenant.clone(),
+            node: node.to_owned(),
+            vcpus: vm.cpu,
+            memory_bytes: vm.memory_bytes,
+            image,
+            volumes,
+            nics: vm.nics.iter().map(|n| n.network.clone()).collect(),
+            // On-demand is what a node assumes when a definition names no class,
+            // and only a spot VM's priority is used on the node (preemption order):
+            // the plan carries neither otherwise.
+            sla: if vm.sla.class == compiler::model::SlaClass::OnDemand {
+                String::new()
+            } else {
+                vm.sla.class.to_string()
+            },
+            priority: if vm.sla.class == compiler::model::SlaClass::Spot {
+                vm.sla.priority
+            } else {
+                0
+            },
+            power_off: vm.power == compiler::model::Power::Off,
+            dedicated_cpus: vm.sla.cpu_pinning,
+            ft: ft_pair(vm, placement, site),
+        },
+        volumes: entries,
+        protection,
+    }
 }

@@ -36,6 +36,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod render;
 pub mod segments;
+pub mod session;
 pub mod state;
 pub mod status;
 pub mod usage;

@@ -559,6 +559,35 @@ pub enum NodeObservation {
 /// The names a node's snapshot schedule gives its snapshots (`auto-<Unix ms>`).
 pub const SCHEDULED_SNAPSHOT_PREFIX: &str = "auto-";
 
+/// SHA-256 of one node's answer: its canonical JSON with the volatile fields
+/// left out or counted as 0 (see [`Observed::digest`]).
+pub fn node_digest(observation: &NodeObservation) -> [u8; 32] {
+    struct Digesting;
+    impl Drop for Digesting {
+        fn drop(&mut self) {
+            DIGESTING.with(|d| d.set(false));
+        }
+    }
+    DIGESTING.with(|d| d.set(true));
+    let _digesting = Digesting;
+    let mut hasher = Sha256::new();
+    serde_json::to_writer(crate::plan::HashWriter(&mut hasher), observation)
+        .expect("observations serialize");
+    hasher.finalize().into()
+}
+
+/// [`Observed::digest`] from each node's name and [`node_digest`], in name
+/// order.
+pub fn digest_of<'a>(nodes: impl Iterator<Item = (&'a str, [u8; 32])>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, digest) in nodes {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(digest);
+    }
+    proto::auth::to_hex(&hasher.finalize())
+}
+
 /// What every node reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
@@ -571,19 +600,16 @@ impl Observed {
     /// (pids, timestamps, allocated bytes) are not part of it; counters (a disk's
     /// I/O) count as 0; usage (CPU time, resident memory, KSM, I/O) is not in an
     /// observation at all ([`crate::usage`]).
+    ///
+    /// It is the SHA-256 of each node's name and [`node_digest`], in name
+    /// order, so that a caller that knows which nodes answered as before
+    /// (`crate::session`) digests only the others.
     pub fn digest(&self) -> String {
-        struct Digesting;
-        impl Drop for Digesting {
-            fn drop(&mut self) {
-                DIGESTING.with(|d| d.set(false));
-            }
-        }
-        DIGESTING.with(|d| d.set(true));
-        let _digesting = Digesting;
-        let mut hasher = Sha256::new();
-        serde_json::to_writer(crate::plan::HashWriter(&mut hasher), self)
-            .expect("observations serialize");
-        proto::auth::to_hex(&hasher.finalize())
+        digest_of(
+            self.nodes
+                .iter()
+                .map(|(name, o)| (name.as_str(), node_digest(o))),
+        )
     }
 
     /// The reachable nodes' VMs: VM name → (node, VM).

@@ -201,6 +201,8 @@ pub struct Planned {
     pub plan: Plan,
     /// Where the planning time went.
     pub timings: PlanTimings,
+    /// What the plan session redid (`None`: planned without one).
+    pub reuse: Option<crate::session::PlanReuse>,
 }
 
 /// Where a plan's time went, in milliseconds (the controller's sync event shows
@@ -274,11 +276,27 @@ pub fn plan_against_with(
     )
 }
 
-/// [`plan_against_with`] placing through `places`, the placement session the
-/// caller keeps across syncs (issue 24, item 6): it places again only the
-/// sites whose inputs changed and gives what `desired::place` gives, byte for
-/// byte (`compiler/tests/it/session.rs`). Used when no node has failed; an HA
-/// restart places the whole model as before.
+/// The sessions a caller that plans again and again keeps (issue 24, item 6):
+/// placement and plan, and what its compile session changed.
+#[derive(Debug)]
+pub struct Sessions<'a> {
+    /// Places again only the sites whose inputs changed.
+    pub places: &'a mut compiler::session::PlaceSession,
+    /// Builds again only the changed VMs' desired entries and plans them
+    /// ([`crate::session`]).
+    pub plans: &'a mut crate::session::PlanSession,
+    /// The VMs the compile of this model changed since the model the sessions
+    /// last placed and planned (`compiler::session::Session::changed_vms`, when
+    /// that compile was the one before it); `None`: anything may have changed.
+    pub changed_vms: Option<&'a BTreeSet<String>>,
+}
+
+/// [`plan_against_with`] placing and planning through `sessions` (issue 24,
+/// item 6): the placement session places again only the sites whose inputs
+/// changed and gives what `desired::place` gives, byte for byte
+/// (`compiler/tests/it/session.rs`); the plan session builds and plans only
+/// what changed when nothing else can have (`crate::session`). Used when no
+/// node has failed; an HA restart places the whole model as before.
 #[allow(clippy::too_many_arguments)]
 pub fn plan_against_session(
     model: &compiler::Model,
@@ -288,7 +306,7 @@ pub fn plan_against_session(
     previous: &Placement,
     protected_before: BTreeSet<String>,
     options: &PlanOptions,
-    places: Option<&mut compiler::session::PlaceSession>,
+    sessions: Option<Sessions<'_>>,
 ) -> Planned {
     let observed = observed.into();
     // The operator's nodes in maintenance are placed as the spec's
@@ -298,12 +316,51 @@ pub fn plan_against_session(
     let t = std::time::Instant::now();
     let closed = model.with_maintenance(&options.maintenance);
     let model = closed.as_ref();
-    let mut placement = if let (true, Some(places)) = (options.failed_nodes.is_empty(), places) {
+    // Nothing moves a VM after the placement (`move_off`, `move_preempted` and
+    // `keep_off` change nothing): the plan session plans the placement session's
+    // result as it is.
+    let plain = options.crash_moves.is_empty()
+        && options.preempted.is_empty()
+        && model.nodes_in_maintenance().is_empty();
+    let mut placement = if let (true, Some(s)) = (options.failed_nodes.is_empty(), sessions) {
         let place_options = compiler::place::PlaceOptions {
             previous: Some(previous.clone()),
             failed: Default::default(),
         };
-        places.place(model, &place_options).0
+        s.places
+            .place_ref_hinted(model, &place_options, s.changed_vms);
+        let placed = s.places.last().expect("placed");
+        if plain {
+            timings.place_ms = ms_since(t);
+            let t = std::time::Instant::now();
+            let (desired, plan, reuse) = s.plans.plan(crate::session::Input {
+                model,
+                spec_root,
+                placement: placed,
+                changes: s.changed_vms.map(|vms| crate::session::Changes {
+                    vms,
+                    places: s.places,
+                }),
+                protected_before,
+                previous,
+                observed: observed.clone(),
+                revision,
+                options,
+            });
+            // The desired state and the diff are one pass here: the time is the
+            // diff's.
+            timings.diff_ms = ms_since(t);
+            return Planned {
+                desired,
+                observed,
+                plan,
+                timings,
+                reuse: Some(reuse),
+            };
+        }
+        // The plan below is not the session's: its next one plans the whole.
+        *s.plans = crate::session::PlanSession::new();
+        placed.clone()
     } else if options.failed_nodes.is_empty() {
         desired::place(model, Some(previous))
     } else {
@@ -329,17 +386,7 @@ pub fn plan_against_session(
     let t = std::time::Instant::now();
     let mut desired = desired::desired(model, spec_root, placement);
     desired.protected_volumes.extend(protected_before);
-    desired.moved_writers = options
-        .disk_writers
-        .iter()
-        .filter(|(volume, writer)| {
-            desired
-                .volumes
-                .get(volume.as_str())
-                .is_some_and(|v| &v.node != *writer)
-        })
-        .map(|(volume, writer)| (volume.clone(), writer.clone()))
-        .collect();
+    desired.moved_writers = crate::session::moved_writers(&desired, options);
     let options = PlanOptions {
         drain_after: drain_order(model, previous, &desired.placement, options),
         ..options.clone()
@@ -353,6 +400,7 @@ pub fn plan_against_session(
         observed,
         plan,
         timings,
+        reuse: None,
     }
 }
 
@@ -535,6 +583,10 @@ pub fn keep_off(
 ) -> Vec<String> {
     let mut maintenance = model.nodes_in_maintenance();
     maintenance.extend(options.maintenance.iter().cloned());
+    if maintenance.is_empty() {
+        // Nothing to keep off (and no index of the cloud's VMs to build).
+        return vec![];
+    }
     let maintenance = &maintenance;
     let before: BTreeMap<&str, &str> = previous
         .vms
@@ -719,6 +771,9 @@ pub fn drain_order(
 ) -> BTreeMap<String, Vec<String>> {
     let mut maintenance = model.nodes_in_maintenance();
     maintenance.extend(options.maintenance.iter().cloned());
+    if maintenance.is_empty() {
+        return BTreeMap::new();
+    }
     let mut drained: Vec<(&str, &str)> = previous
         .vms
         .iter()
@@ -805,8 +860,8 @@ pub async fn plan_revision_with<N: NodeApi>(
     plan_revision_session(model, spec_root, revision, store, nodes, options, None).await
 }
 
-/// [`plan_revision_with`] placing through the caller's placement session (see
-/// [`plan_against_session`]).
+/// [`plan_revision_with`] placing and planning through the caller's sessions
+/// (see [`plan_against_session`]).
 pub async fn plan_revision_session<N: NodeApi>(
     model: &compiler::Model,
     spec_root: &std::path::Path,
@@ -814,7 +869,7 @@ pub async fn plan_revision_session<N: NodeApi>(
     store: &dyn StateStore,
     nodes: &N,
     options: &PlanOptions,
-    places: Option<&mut compiler::session::PlaceSession>,
+    sessions: Option<Sessions<'_>>,
 ) -> Result<Planned, PipelineError> {
     let spec = spec_nodes(model);
     let t = std::time::Instant::now();
@@ -825,7 +880,7 @@ pub async fn plan_revision_session<N: NodeApi>(
     let protected = store.protected_volumes()?;
     let load_ms = ms_since(t);
     let mut planned = plan_against_session(
-        model, spec_root, revision, observed, &previous, protected, options, places,
+        model, spec_root, revision, observed, &previous, protected, options, sessions,
     );
     planned.timings.observe_ms = observe_ms;
     planned.timings.load_ms = load_ms;
@@ -1326,7 +1381,7 @@ mod keep_off_tests {
                 BTreeSet::new(),
                 options,
             );
-            let stored = planned.plan.placement.clone();
+            let stored = (*planned.plan.placement).clone();
             let again = desired::place(&model, Some(&previous_placement(Some(stored), &observed)));
             let again = desired::desired(&model, &root, again);
             let status = |d: &Desired| {

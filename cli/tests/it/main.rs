@@ -19,6 +19,7 @@ mod ha_faults;
 mod ha_timers;
 mod ha_witness;
 mod image_disk;
+mod incremental_plan;
 mod key_rotation;
 mod maintenance;
 mod measured_usage;

@@ -285,10 +285,45 @@ impl Default for Placement {
 impl Placement {
     /// The address of a VM's NIC (by its index in the VM's `nics`).
     pub fn nic_address(&self, vm: &str, nic: usize) -> Option<&str> {
-        self.addresses
-            .iter()
-            .find(|a| a.vm == vm && a.nic as usize == nic)
-            .map(|a| a.address.as_str())
+        // Sorted by VM and NIC as placed: a binary search, with a scan for a
+        // list that is not (one read from elsewhere).
+        let key = (vm, nic);
+        match self
+            .addresses
+            .binary_search_by(|a| (a.vm.as_str(), a.nic as usize).cmp(&key))
+        {
+            Ok(mut i) => {
+                // The first of equal keys, as a scan finds it.
+                while i > 0
+                    && (
+                        self.addresses[i - 1].vm.as_str(),
+                        self.addresses[i - 1].nic as usize,
+                    ) == key
+                {
+                    i -= 1;
+                }
+                Some(self.addresses[i].address.as_str())
+            }
+            Err(_) => self
+                .addresses
+                .iter()
+                .find(|a| a.vm == vm && a.nic as usize == nic)
+                .map(|a| a.address.as_str()),
+        }
+    }
+
+    /// A placed VM by name (a binary search of the VMs, sorted by name as
+    /// placed, with a scan for a list that is not).
+    pub fn vm(&self, name: &str) -> Option<&VmPlacement> {
+        match self.vms.binary_search_by(|v| v.name.as_str().cmp(name)) {
+            Ok(mut i) => {
+                while i > 0 && self.vms[i - 1].name == name {
+                    i -= 1;
+                }
+                Some(&self.vms[i])
+            }
+            Err(_) => self.vms.iter().find(|v| v.name == name),
+        }
     }
 
     /// A tenant network as placed.

@@ -60,6 +60,19 @@ pub struct PlaceSession {
     last: Option<Placement>,
     /// The whole-model inputs the memos were made with.
     shared: Option<Shared>,
+    /// How the last call made its result from the one before: the sites it
+    /// placed again, each with its part before (`None`: it merged the sites'
+    /// parts anew or placed the whole model).
+    patches: Option<Vec<SitePatch>>,
+}
+
+/// A site the last [`PlaceSession::place_next_hinted`] placed again: its
+/// part of the result before, and where its nodes are in the whole.
+#[derive(Debug)]
+struct SitePatch {
+    site: String,
+    offset: usize,
+    before: Placement,
 }
 
 /// One site's last placement: the model of the site alone and the result,
@@ -144,6 +157,18 @@ impl PlaceSession {
     /// session's last result (compared whole), this is
     /// [`PlaceSession::place_next`].
     pub fn place_ref(&mut self, model: &Model, options: &PlaceOptions) -> (&Placement, PlaceReuse) {
+        self.place_ref_hinted(model, options, None)
+    }
+
+    /// [`PlaceSession::place_ref`] told what may have changed since the last
+    /// call's model (see [`PlaceSession::place_next_hinted`]; the hint is used
+    /// only when `options.previous` is the last result).
+    pub fn place_ref_hinted(
+        &mut self,
+        model: &Model,
+        options: &PlaceOptions,
+        changed: Option<&BTreeSet<String>>,
+    ) -> (&Placement, PlaceReuse) {
         let Some(previous) = options.previous.as_ref() else {
             return self.full(model, options, "no previous placement".to_owned());
         };
@@ -151,9 +176,14 @@ impl PlaceSession {
             && !self.sites.is_empty()
             && self.last.as_ref() == Some(previous)
         {
-            return self.next(model, None);
+            return self.next(model, changed);
         }
         self.by_sites(model, options)
+    }
+
+    /// The last result (what the last call returned).
+    pub fn last(&self) -> Option<&Placement> {
+        self.last.as_ref()
     }
 
     /// Places `model` with the session's last result as the previous
@@ -196,12 +226,40 @@ impl PlaceSession {
         }
     }
 
+    /// The sites the last call placed again, each with its part of the
+    /// result before and after, when it patched the result before it site by
+    /// site; `None` when it merged the sites' parts anew or placed the whole
+    /// model (anything may have changed). An empty list: nothing changed.
+    pub fn last_patches(&self) -> Option<Vec<(&str, &Placement, &Placement)>> {
+        self.patches.as_ref().map(|patches| {
+            patches
+                .iter()
+                .map(|p| (p.site.as_str(), &p.before, &self.sites[&p.site].placed))
+                .collect()
+        })
+    }
+
+    /// Makes `whole`, a copy of the result before the last call's, that
+    /// call's result, as the call patched its own (entries replaced, removed
+    /// or inserted by key); false, changing nothing, when the last call did
+    /// not patch (see [`PlaceSession::last_patches`]).
+    pub fn patch_copy(&self, whole: &mut Placement) -> bool {
+        let Some(patches) = &self.patches else {
+            return false;
+        };
+        for p in patches {
+            patch_site(whole, &p.before, &self.sites[&p.site].placed, p.offset);
+        }
+        true
+    }
+
     fn full(
         &mut self,
         model: &Model,
         options: &PlaceOptions,
         why: String,
     ) -> (&Placement, PlaceReuse) {
+        self.patches = None;
         self.sites.clear();
         self.shared = None;
         self.last = Some(place::place(model, options, None));
@@ -411,6 +469,7 @@ impl PlaceSession {
             ));
         }
         let mut last = self.last.take().expect("a last result");
+        let mut patches = vec![];
         for (i, before, memo) in placed_sites {
             let site = &model.sites[i];
             // The site's nodes are the run after the earlier sites' nodes (a
@@ -418,7 +477,13 @@ impl PlaceSession {
             let offset: usize = model.sites[..i].iter().map(|s| s.nodes.len()).sum();
             patch_site(&mut last, &before, &memo.placed, offset);
             self.sites.insert(site.name.clone(), memo);
+            patches.push(SitePatch {
+                site: site.name.clone(),
+                offset,
+                before,
+            });
         }
+        self.patches = Some(patches);
         self.last = Some(last);
         if !shared_same {
             self.shared = Some(Shared::of(model));
@@ -437,6 +502,7 @@ impl PlaceSession {
         if let Some(why) = crosses_sites(model, &options.failed) {
             return self.full(model, options, why);
         }
+        self.patches = None;
         let mut reuse = PlaceReuse::default();
         let mut parts = vec![];
         let mut memos = BTreeMap::new();

@@ -366,7 +366,7 @@ fn setup(tmp: &Path, nodes: usize, vms: usize) -> anyhow::Result<Setup> {
         checkout: tmp.join("checkout"),
         commit,
         observed,
-        previous: desired.placement.clone(),
+        previous: (*desired.placement).clone(),
         vms: desired.vms.len(),
         steps_from_nothing: from_nothing.steps.len(),
     })

@@ -103,6 +103,30 @@ pub fn plan_with(
     revision: &str,
     options: &PlanOptions,
 ) -> Plan {
+    let b = build(desired, observed, options);
+    finish(b, revision, desired, observed, observed.digest())
+}
+
+/// The plan of a part of the cloud (`crate::session`): `view` and `seen` hold
+/// the objects whose inputs changed since a plan that had nothing to do, and
+/// every node; `desired` and `observed` are the whole, for what the plan reports
+/// of it (unplaced VMs, unreachable nodes, protected volumes, the placement) and
+/// `observed_digest` is `observed.digest()`.
+pub(crate) fn plan_view(
+    view: &Desired,
+    seen: &Observed,
+    desired: &Desired,
+    observed: &Observed,
+    observed_digest: String,
+    revision: &str,
+    options: &PlanOptions,
+) -> Plan {
+    let b = build(view, seen, options);
+    finish(b, revision, desired, observed, observed_digest)
+}
+
+/// Every kind of object planned, in order.
+fn build<'a>(desired: &'a Desired, observed: &'a Observed, options: &PlanOptions) -> Builder<'a> {
     let mut b = Builder::new(desired, observed);
     b.prune = options.prune;
     b.cold = options.cold;
@@ -115,13 +139,17 @@ pub fn plan_with(
     segments::plan_segments(&mut b);
     // After the segments: a secondary with NICs listens on its node's underlay.
     ft::plan_ft(&mut b);
-    finish(b, revision)
+    b
 }
 
 /// The summary, the order of changes, the plan id.
-fn finish(b: Builder<'_>, revision: &str) -> Plan {
-    let desired = b.desired;
-    let observed = b.observed;
+fn finish(
+    b: Builder<'_>,
+    revision: &str,
+    desired: &Desired,
+    observed: &Observed,
+    observed_digest: String,
+) -> Plan {
     let mut summary = Summary::default();
     for c in &b.changes {
         match c.kind {
@@ -159,7 +187,6 @@ fn finish(b: Builder<'_>, revision: &str) -> Plan {
     });
     let steps = b.steps;
     let waves = steps.iter().map(|s| s.wave + 1).max().unwrap_or(0);
-    let observed_digest = observed.digest();
     let mut hasher = Sha256::new();
     hasher.update(revision.as_bytes());
     hasher.update(observed_digest.as_bytes());

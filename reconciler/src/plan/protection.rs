@@ -822,7 +822,7 @@ mod tests {
     fn a_failed_over_vm_runs_from_its_dr_copy_and_its_copy_at_the_lost_site_is_only_deleted() {
         let before = two_sites(None);
         assert_eq!(before.vms["db"].node, "east-1");
-        let mut placement = before.placement.clone();
+        let mut placement = (*before.placement).clone();
         placement.failovers.push(compiler::place::SiteFailover {
             site: "east".into(),
             to_site: "west".into(),

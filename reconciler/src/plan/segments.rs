@@ -613,7 +613,7 @@ pub(crate) mod tests {
     fn a_moved_vm_updates_the_entries_on_every_node_of_its_network() {
         let before = desired_with(None);
         let observed = observed_as(&before);
-        let mut placement = before.placement.clone();
+        let mut placement = (*before.placement).clone();
         let was = before.vms["db"].node.clone();
         let to = before.nodes.keys().find(|n| **n != was).unwrap().clone();
         placement
@@ -688,7 +688,7 @@ pub(crate) mod tests {
         let to = before.nodes.keys().find(|n| **n != was).unwrap().clone();
         let mut observed = observed_as(&before);
         runs_on(&mut observed, &was, "db");
-        let mut placement = before.placement.clone();
+        let mut placement = (*before.placement).clone();
         placement
             .vms
             .iter_mut()
@@ -893,7 +893,7 @@ pub(crate) mod tests {
         });
         let db = model.vms.iter_mut().find(|v| v.name == "db").unwrap();
         db.nics[0].security_groups = vec!["db".into()];
-        let changed = desired::desired(&model, &root, desired.placement.clone());
+        let changed = desired::desired(&model, &root, (*desired.placement).clone());
         let changes = segment_changes(&plan(&changed, &observed, "r9"));
         // Nothing the node reads back differs (VNI, VTEP, MTU, entries): only the
         // digest of the definition tells. Every node of the tenant gets it again.
@@ -934,7 +934,7 @@ pub(crate) mod tests {
         runs_on(&mut observed, &was, "web-0");
         // The placer, as it answers when web-0 no longer fits: web-0 unplaced, and
         // dev-net only on the nodes its other VMs are on.
-        let mut placement = before.placement.clone();
+        let mut placement = (*before.placement).clone();
         placement.vms.retain(|v| v.name != "web-0");
         placement.unplaced.push(compiler::place::Unplaced {
             name: "web-0".into(),

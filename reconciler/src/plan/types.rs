@@ -217,7 +217,7 @@ pub struct Plan {
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub protected: std::collections::BTreeSet<String>,
     /// The placement this plan carries out (recorded after apply).
-    pub placement: crate::desired::Placement,
+    pub placement: std::sync::Arc<crate::desired::Placement>,
 }
 
 impl Plan {

@@ -667,7 +667,7 @@ mod stale_destination_tests {
         let before = desired_with(None);
         let was = before.vms["db"].node.clone();
         let to = before.nodes.keys().find(|n| **n != was).unwrap().clone();
-        let mut placement = before.placement.clone();
+        let mut placement = (*before.placement).clone();
         placement
             .vms
             .iter_mut()

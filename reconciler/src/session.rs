@@ -1,0 +1,885 @@
+//! Incremental desired state and plan (issue 24, item 6): a [`PlanSession`]
+//! keeps the last desired state, the observation it was planned against (each
+//! node's digest) and whether that plan had nothing to do, so that a push that
+//! changes a few VMs rebuilds their entries and plans them, not the cloud.
+//!
+//! **The desired state** is patched when the caller says what changed since the
+//! model and placement of the last call ([`Changes`]): the VMs the compile
+//! session changed (their vCPUs or memory: `compiler::session::Session::changed_vms`)
+//! and the sites the placement session placed again, with their parts before and
+//! after (`compiler::session::PlaceSession::last_patches`). Each VM those name
+//! has its entries (VM, volumes, snapshot schedule) built again by the function
+//! [`crate::desired::desired`] builds them with; when a site's placement moved
+//! anything, its VMs are built again and the tenant segments are made again
+//! (a VM's node or address is in every segment of its tenant). Debug builds
+//! compare the patched state with [`crate::desired::desired`] of the whole.
+//!
+//! **The plan** of a part is the plan of the whole when every object outside
+//! the part has the inputs it had at the last plan and had nothing to do then.
+//! Every planning pass works object by object (a VM, a volume, a node's bonds
+//! or segments) and reads of other objects only the nodes' identity and
+//! networking, which every view carries, and a VM of its node's segments
+//! (their MTU, a move's VTEP), which come with it; so an object none of whose inputs
+//! changed says what it said at the last plan. The part is therefore: the
+//! objects the last plan said anything of (a change, an object left alone,
+//! refused or unpruned: [`Pending`]); the VMs, volumes and nodes whose desired
+//! entries changed; and every object of a node whose answer changed (each
+//! node's [`node_digest`]: the objects it reported then and now, and those
+//! the desired state puts there), closed over what they touch (a VM's volumes
+//! and a volume's VM, every observed copy by name, the nodes' image bases).
+//! It is planned against a view of the observation that holds only those and
+//! every node's identity and networking ([`crate::plan::plan_view`]); the plan
+//! id, the digest and the unreachable and unplaced lists come from the whole.
+//! So a push after an applied one is planned in part too: the nodes the apply
+//! changed are in the part. The differential test
+//! `cli/tests/it/incremental_plan.rs` compares this with the full plan, JSON
+//! for JSON, over generated commit histories applied to a simulated cluster.
+//!
+//! Anything else (no hint, other options, a node set that changed, DR copies,
+//! replications or failovers, nodes in maintenance, a last plan with an object
+//! of another kind, a part of more than a quarter of the VMs) plans the whole
+//! and says why in [`PlanReuse::full`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use compiler::Model;
+use compiler::place::Placement;
+use compiler::session::PlaceSession;
+
+use crate::desired::{self, Desired};
+use crate::observe::{NodeObservation, Observed, node_digest};
+use crate::plan::{Plan, PlanOptions};
+
+/// What changed since the model and placement of the session's last call.
+#[derive(Debug, Clone, Copy)]
+pub struct Changes<'a> {
+    /// The VMs whose entries the compile changed (their vCPUs or memory);
+    /// every other part of the model is as it was.
+    pub vms: &'a BTreeSet<String>,
+    /// The placement session that made this placement from the last one by
+    /// placing some sites again ([`PlaceSession::last_patches`]).
+    pub places: &'a PlaceSession,
+}
+
+/// What one plan was made from.
+#[derive(Debug)]
+pub struct Input<'a> {
+    /// The model (maintenance already applied).
+    pub model: &'a Model,
+    /// Where its images' paths are relative to.
+    pub spec_root: &'a Path,
+    /// The placement to carry out.
+    pub placement: &'a Placement,
+    /// What changed since the last call (`None`: anything).
+    pub changes: Option<Changes<'a>>,
+    /// The volumes `prevent-destroy` protected in the specs last applied.
+    pub protected_before: BTreeSet<String>,
+    /// The placement before this one (a drain's order compares the two).
+    pub previous: &'a Placement,
+    /// What the nodes run.
+    pub observed: Arc<Observed>,
+    /// The revision planned.
+    pub revision: &'a str,
+    /// The plan's options.
+    pub options: &'a PlanOptions,
+}
+
+/// What a [`PlanSession::plan`] redid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlanReuse {
+    /// Why the whole cloud was planned (`None`: a part).
+    pub full: Option<String>,
+    /// VMs whose desired entries were built again.
+    pub vms_rebuilt: usize,
+    /// VMs, volumes and nodes in the part planned (all, when the whole was).
+    pub planned: (usize, usize, usize),
+    /// Nodes whose answer was digested again (the others answered as before).
+    pub nodes_digested: usize,
+    /// Nodes whose answer changed since the last plan.
+    pub nodes_changed: usize,
+}
+
+/// A plan session: the last desired state, observation and what the last
+/// plan said.
+#[derive(Debug)]
+pub struct PlanSession {
+    last: Option<Last>,
+    /// The largest part planned, as a share of the VMs (beyond it the whole is
+    /// planned: a part's view costs more per object than the whole's passes).
+    part_limit: f64,
+}
+
+impl Default for PlanSession {
+    fn default() -> Self {
+        PlanSession {
+            last: None,
+            part_limit: 0.25,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Last {
+    desired: Arc<Desired>,
+    spec_root: PathBuf,
+    protected_before: BTreeSet<String>,
+    options: PlanOptions,
+    observed: Arc<Observed>,
+    digests: BTreeMap<String, [u8; 32]>,
+    /// The objects the plan said anything of (`None`: one of a kind a part
+    /// does not follow).
+    pending: Option<Pending>,
+    /// Where `observed` holds each object (names only).
+    index: Option<Index>,
+}
+
+/// The objects a plan said anything of: by VM (its changes, its schedule's),
+/// by volume, and by node (bonds and segments).
+#[derive(Debug, Default, Clone)]
+struct Pending {
+    vms: BTreeSet<String>,
+    volumes: BTreeSet<String>,
+    nodes: BTreeSet<String>,
+}
+
+impl Pending {
+    fn of(plan: &Plan) -> Option<Pending> {
+        let mut p = Pending::default();
+        let said = plan
+            .changes
+            .iter()
+            .map(|c| (&c.object, &c.name, &c.node))
+            .chain(
+                plan.left_alone
+                    .iter()
+                    .map(|l| (&l.object, &l.name, &l.node)),
+            )
+            .chain(plan.refused.iter().map(|r| (&r.object, &r.name, &r.node)))
+            .chain(plan.unpruned.iter().map(|l| (&l.object, &l.name, &l.node)));
+        for (object, name, node) in said {
+            match object.as_str() {
+                "vm" | "protection" => p.vms.insert(name.clone()),
+                "volume" => p.volumes.insert(name.clone()),
+                "bond" | "segment" => p.nodes.insert(node.clone()),
+                _ => return None,
+            };
+        }
+        Some(p)
+    }
+}
+
+/// Where an observation holds each VM, volume and schedule.
+#[derive(Debug, Default)]
+struct Index {
+    vms: HashMap<String, BTreeSet<String>>,
+    volumes: HashMap<String, BTreeSet<String>>,
+    protections: HashMap<String, BTreeSet<String>>,
+    /// Image base volumes (and any volume named like one).
+    bases: BTreeSet<String>,
+    /// Nodes that hold a delta replication.
+    replications: BTreeSet<String>,
+}
+
+impl Index {
+    fn of(observed: &Observed) -> Index {
+        let mut index = Index::default();
+        for (node, o) in &observed.nodes {
+            index.add(node, o);
+        }
+        index
+    }
+
+    fn add(&mut self, node: &str, o: &NodeObservation) {
+        let NodeObservation::Reachable {
+            vms,
+            volumes,
+            protections,
+            replications,
+            ..
+        } = o
+        else {
+            return;
+        };
+        for name in vms.keys() {
+            self.vms
+                .entry(name.clone())
+                .or_default()
+                .insert(node.to_owned());
+        }
+        for name in volumes.keys() {
+            self.volumes
+                .entry(name.clone())
+                .or_default()
+                .insert(node.to_owned());
+            if crate::images::is_base(name) {
+                self.bases.insert(name.clone());
+            }
+        }
+        for name in protections.keys() {
+            self.protections
+                .entry(name.clone())
+                .or_default()
+                .insert(node.to_owned());
+        }
+        if !replications.is_empty() {
+            self.replications.insert(node.to_owned());
+        }
+    }
+
+    fn remove(&mut self, node: &str, o: &NodeObservation) {
+        let NodeObservation::Reachable {
+            vms,
+            volumes,
+            protections,
+            ..
+        } = o
+        else {
+            return;
+        };
+        let drop = |map: &mut HashMap<String, BTreeSet<String>>, name: &String| {
+            if let Some(nodes) = map.get_mut(name) {
+                nodes.remove(node);
+                if nodes.is_empty() {
+                    map.remove(name);
+                }
+            }
+        };
+        for name in vms.keys() {
+            drop(&mut self.vms, name);
+        }
+        for name in volumes.keys() {
+            drop(&mut self.volumes, name);
+        }
+        for name in protections.keys() {
+            drop(&mut self.protections, name);
+        }
+        // A base seen once stays in the set: it is only ever planned with more.
+        self.replications.remove(node);
+    }
+}
+
+/// The objects a part of the plan covers: VMs and volumes by name, and the
+/// nodes whose bonds and segments are planned.
+#[derive(Debug, Default)]
+struct Dirty {
+    vms: BTreeSet<String>,
+    volumes: BTreeSet<String>,
+    nodes: BTreeSet<String>,
+}
+
+impl PlanSession {
+    /// A session with nothing kept: its first plan is of the whole cloud.
+    pub fn new() -> PlanSession {
+        PlanSession::default()
+    }
+
+    /// A session that plans a part of up to `share` of the VMs (default a
+    /// quarter); the differential test plans every part it can.
+    pub fn with_part_limit(share: f64) -> PlanSession {
+        PlanSession {
+            part_limit: share,
+            ..PlanSession::default()
+        }
+    }
+
+    /// The desired state of `input` and its plan against `input.observed`:
+    /// what [`crate::desired::desired`] and [`crate::plan::plan_with`] make of
+    /// the whole (with the protected volumes, the moved writers and a drain's
+    /// order as `crate::pipeline::plan_against_session` adds them), made from
+    /// the last call's where that is the same (see the module's text).
+    pub fn plan(&mut self, input: Input<'_>) -> (Arc<Desired>, Plan, PlanReuse) {
+        let (digests, nodes_digested) = self.digests(&input.observed);
+        let nodes_changed = self.last.as_ref().map_or(0, |l| {
+            digests
+                .iter()
+                .filter(|(node, d)| l.digests.get(*node) != Some(*d))
+                .count()
+        });
+        let mut reuse = match self.part(&input, &digests) {
+            Ok((plan, reuse)) => {
+                let last = self
+                    .last
+                    .as_mut()
+                    .expect("a part is planned from a last plan");
+                last.observed = input.observed.clone();
+                last.pending = Pending::of(&plan);
+                last.digests = digests;
+                return (
+                    last.desired.clone(),
+                    plan,
+                    PlanReuse {
+                        nodes_digested,
+                        ..reuse
+                    },
+                );
+            }
+            Err(why) => PlanReuse {
+                full: Some(why),
+                nodes_digested,
+                nodes_changed,
+                ..PlanReuse::default()
+            },
+        };
+        let (desired, plan) = whole(&input, &digests);
+        reuse.vms_rebuilt = desired.vms.len();
+        reuse.planned = (
+            desired.vms.len(),
+            desired.volumes.len(),
+            desired.nodes.len(),
+        );
+        let desired = Arc::new(desired);
+        self.last = Some(Last {
+            desired: desired.clone(),
+            spec_root: input.spec_root.to_owned(),
+            protected_before: input.protected_before,
+            options: input.options.clone(),
+            observed: input.observed,
+            digests,
+            pending: Pending::of(&plan),
+            index: None,
+        });
+        (desired, plan, reuse)
+    }
+
+    /// Each node's digest of `observed` (a node whose answer equals the last
+    /// one's keeps its digest), and how many were digested.
+    fn digests(&self, observed: &Arc<Observed>) -> (BTreeMap<String, [u8; 32]>, usize) {
+        let last = self.last.as_ref();
+        if let Some(last) = last
+            && Arc::ptr_eq(&last.observed, observed)
+        {
+            return (last.digests.clone(), 0);
+        }
+        let mut digested = 0;
+        let digests = observed
+            .nodes
+            .iter()
+            .map(|(name, o)| {
+                let kept = last.and_then(|l| {
+                    (l.observed.nodes.get(name) == Some(o))
+                        .then(|| l.digests.get(name).copied())
+                        .flatten()
+                });
+                let digest = kept.unwrap_or_else(|| {
+                    digested += 1;
+                    node_digest(o)
+                });
+                (name.clone(), digest)
+            })
+            .collect();
+        (digests, digested)
+    }
+
+    /// The plan of the part that changed, or why the whole is planned. On
+    /// success the session's desired state and index are the new ones.
+    fn part(
+        &mut self,
+        input: &Input<'_>,
+        digests: &BTreeMap<String, [u8; 32]>,
+    ) -> Result<(Plan, PlanReuse), String> {
+        let Some(last) = self.last.as_mut() else {
+            return Err("no plan before".to_owned());
+        };
+        let Some(changes) = input.changes else {
+            return Err("what changed since the last plan is not known".to_owned());
+        };
+        let Some(pending) = last.pending.clone() else {
+            return Err("the last plan named objects a part does not follow".to_owned());
+        };
+        if last.options != *input.options || *input.options != plain(input.options) {
+            return Err("the plan's options changed or move VMs".to_owned());
+        }
+        if last.spec_root != input.spec_root || last.protected_before != input.protected_before {
+            return Err("the spec root or the protected volumes changed".to_owned());
+        }
+        if !last.digests.keys().eq(digests.keys()) {
+            return Err("the nodes observed changed".to_owned());
+        }
+        if !input.model.nodes_in_maintenance().is_empty() {
+            return Err("nodes are in maintenance".to_owned());
+        }
+        if !(last.desired.replications.is_empty()
+            && last.desired.failed_over.is_empty()
+            && input.placement.dr_volumes.is_empty()
+            && input.placement.failovers.is_empty())
+        {
+            return Err("the cloud has DR copies or failovers".to_owned());
+        }
+        let Some(patches) = changes.places.last_patches() else {
+            return Err("the placement was made anew".to_owned());
+        };
+        let changed: BTreeSet<&str> = digests
+            .iter()
+            .filter(|(node, d)| last.digests.get(*node) != Some(*d))
+            .map(|(node, _)| node.as_str())
+            .collect();
+        // The index follows the observation: the changed nodes' entries are
+        // taken out as they were and put back as they are.
+        let observed = &input.observed;
+        let index = match last.index.take() {
+            Some(mut index) => {
+                for node in &changed {
+                    if let Some(o) = last.observed.nodes.get(*node) {
+                        index.remove(node, o);
+                    }
+                    if let Some(o) = observed.nodes.get(*node) {
+                        index.add(node, o);
+                    }
+                }
+                index
+            }
+            None => Index::of(observed),
+        };
+        let index = last.index.insert(index);
+        if !index.replications.is_empty() {
+            return Err("nodes hold replications".to_owned());
+        }
+        // The patch works on the session's desired state (a copy only when the
+        // caller still holds the last one).
+        let desired = Arc::make_mut(&mut last.desired);
+        let (mut dirty, rebuilt) = patch(desired, input, changes, &patches);
+        dirty.vms.extend(pending.vms);
+        dirty.volumes.extend(pending.volumes);
+        dirty.nodes.extend(pending.nodes);
+        if !changed.is_empty() {
+            // Everything of a node that answered differently: what it reported
+            // then and now, and what the desired state puts there.
+            for node in &changed {
+                dirty.nodes.insert((*node).to_owned());
+                for o in [last.observed.nodes.get(*node), observed.nodes.get(*node)]
+                    .into_iter()
+                    .flatten()
+                {
+                    if let NodeObservation::Reachable {
+                        vms,
+                        volumes,
+                        protections,
+                        ..
+                    } = o
+                    {
+                        dirty.vms.extend(vms.keys().cloned());
+                        dirty.vms.extend(protections.keys().cloned());
+                        dirty.volumes.extend(volumes.keys().cloned());
+                    }
+                }
+            }
+            let on = |node: &String| changed.contains(node.as_str());
+            for vm in desired.vms.values() {
+                if on(&vm.node) || vm.ft.as_ref().is_some_and(|f| on(&f.secondary)) {
+                    dirty.vms.insert(vm.name.clone());
+                }
+            }
+            for v in desired.volumes.values() {
+                if on(&v.node) || v.replicas.iter().any(on) {
+                    dirty.volumes.insert(v.name.clone());
+                }
+            }
+        }
+        // Closed over what they touch: a volume's VM, a VM's volumes; the image
+        // bases every node keeps (a new disk is cloned from one).
+        for volume in &dirty.volumes {
+            if let Some(vm) = desired.spec_volumes.get(volume) {
+                dirty.vms.insert(vm.clone());
+            }
+        }
+        for name in &dirty.vms {
+            if let Some(vm) = desired.vms.get(name) {
+                dirty.volumes.extend(vm.volumes.iter().cloned());
+            }
+        }
+        dirty.volumes.extend(index.bases.iter().cloned());
+        // A VM's definition carries its node's segment MTU, and a move reads the
+        // VTEP of the node it leaves: the segments (and bonds) of every node a
+        // changed VM is on, is to be on, or has its secondary on are planned too.
+        for name in &dirty.vms {
+            if let Some(vm) = desired.vms.get(name) {
+                dirty.nodes.insert(vm.node.clone());
+                if let Some(ft) = &vm.ft {
+                    dirty.nodes.insert(ft.secondary.clone());
+                }
+            }
+            if let Some(nodes) = index.vms.get(name) {
+                dirty.nodes.extend(nodes.iter().cloned());
+            }
+        }
+        let limit = (desired.vms.len() as f64 * self.part_limit) as usize;
+        if dirty.vms.len() > limit.max(64) {
+            return Err(format!(
+                "the part would have {} of {} VMs, more than {:.0}%",
+                dirty.vms.len(),
+                desired.vms.len(),
+                self.part_limit * 100.0
+            ));
+        }
+        let view = view(desired, &dirty);
+        let seen = seen(observed, index, &dirty);
+        let digest = crate::observe::digest_of(digests.iter().map(|(n, d)| (n.as_str(), *d)));
+        let plan = crate::plan::plan_view(
+            &view,
+            &seen,
+            desired,
+            observed,
+            digest,
+            input.revision,
+            input.options,
+        );
+        Ok((
+            plan,
+            PlanReuse {
+                full: None,
+                vms_rebuilt: rebuilt,
+                planned: (view.vms.len(), view.volumes.len(), dirty.nodes.len()),
+                nodes_digested: 0,
+                nodes_changed: changed.len(),
+            },
+        ))
+    }
+}
+
+/// `options` without what moves VMs by itself (failed nodes, crash moves,
+/// writers, maintenance, preemption, a drain).
+fn plain(options: &PlanOptions) -> PlanOptions {
+    PlanOptions {
+        prune: options.prune,
+        cold: options.cold,
+        ..PlanOptions::default()
+    }
+}
+
+/// The desired state and plan of the whole, as `plan_against_session` made
+/// them before sessions.
+fn whole(input: &Input<'_>, digests: &BTreeMap<String, [u8; 32]>) -> (Desired, Plan) {
+    let mut desired = desired::desired(input.model, input.spec_root, input.placement.clone());
+    desired
+        .protected_volumes
+        .extend(input.protected_before.iter().cloned());
+    desired.moved_writers = moved_writers(&desired, input.options);
+    let options = PlanOptions {
+        drain_after: crate::pipeline::drain_order(
+            input.model,
+            input.previous,
+            &desired.placement,
+            input.options,
+        ),
+        ..input.options.clone()
+    };
+    let digest = crate::observe::digest_of(digests.iter().map(|(n, d)| (n.as_str(), *d)));
+    let plan = crate::plan::plan_view(
+        &desired,
+        &input.observed,
+        &desired,
+        &input.observed,
+        digest,
+        input.revision,
+        &options,
+    );
+    (desired, plan)
+}
+
+/// Volumes whose writer (the epoch authority's) is not their layout's primary.
+pub(crate) fn moved_writers(desired: &Desired, options: &PlanOptions) -> BTreeMap<String, String> {
+    options
+        .disk_writers
+        .iter()
+        .filter(|(volume, writer)| {
+            desired
+                .volumes
+                .get(volume.as_str())
+                .is_some_and(|v| &v.node != *writer)
+        })
+        .map(|(volume, writer)| (volume.clone(), writer.clone()))
+        .collect()
+}
+
+/// Brings `desired` to `input`'s model and placement; the objects whose
+/// entries changed, and how many VMs were built again.
+fn patch(
+    desired: &mut Desired,
+    input: &Input<'_>,
+    changes: Changes<'_>,
+    patches: &[(&str, &Placement, &Placement)],
+) -> (Dirty, usize) {
+    let model = input.model;
+    let mut dirty = Dirty::default();
+    // The placement: patched as the placement session patched its own.
+    let placement = Arc::make_mut(&mut desired.placement);
+    let patched = changes.places.patch_copy(placement);
+    debug_assert!(patched, "the placement session patched its last result");
+    debug_assert!(
+        *placement == *input.placement,
+        "the placement patched as the session's is the session's"
+    );
+    let mut rebuild: BTreeSet<&str> = changes.vms.iter().map(String::as_str).collect();
+    let mut moved = false;
+    for (_, before, after) in patches {
+        if before == after {
+            continue;
+        }
+        moved = true;
+        for v in before.vms.iter().chain(&after.vms) {
+            rebuild.insert(v.name.as_str());
+        }
+        for u in before.unplaced.iter().chain(&after.unplaced) {
+            rebuild.insert(u.name.as_str());
+        }
+    }
+    let placement = &*desired.placement;
+    let mut rebuilt = 0;
+    let mut entries = vec![];
+    for name in &rebuild {
+        let Ok(i) = model.vms.binary_search_by(|v| v.name.as_str().cmp(name)) else {
+            continue;
+        };
+        let vm = &model.vms[i];
+        let new = placement.vm(name).map(|p| {
+            rebuilt += 1;
+            desired::vm_entries(model, input.spec_root, placement, vm, &p.node, |disk| {
+                let key = format!("{name}/{disk}");
+                placement
+                    .volumes
+                    .binary_search_by(|v| v.name.as_str().cmp(&key))
+                    .ok()
+                    .map(|i| &placement.volumes[i])
+            })
+        });
+        entries.push(((*name).to_owned(), new));
+    }
+    for (name, new) in entries {
+        let old = desired.vms.get(&name).map(|vm| desired::VmEntries {
+            vm: vm.clone(),
+            volumes: vm
+                .volumes
+                .iter()
+                .filter_map(|v| desired.volumes.get(v).cloned())
+                .collect(),
+            protection: desired.protections.get(&name).cloned(),
+        });
+        if old == new {
+            continue;
+        }
+        for v in old.iter().chain(&new).flat_map(|e| &e.volumes) {
+            dirty.volumes.insert(v.name.clone());
+        }
+        if let Some(old) = &old {
+            for v in &old.vm.volumes {
+                desired.volumes.remove(v);
+            }
+            desired.protections.remove(&name);
+            desired.vms.remove(&name);
+        }
+        if let Some(new) = new {
+            new.insert_into(desired);
+        }
+        dirty.vms.insert(name);
+    }
+    if moved {
+        // Unplaced VMs, and the segments every VM's node and address is in.
+        let (mut unplaced, mut preempted) = (BTreeMap::new(), BTreeMap::new());
+        for u in &desired.placement.unplaced {
+            unplaced.insert(u.name.clone(), u.reason_text());
+            if u.preempted() {
+                preempted.insert(u.name.clone(), u.reason_text());
+            }
+        }
+        for (before, after) in [
+            (&desired.unplaced, &unplaced),
+            (&desired.preempted, &preempted),
+        ] {
+            for name in before.keys().chain(after.keys()) {
+                if before.get(name) != after.get(name) {
+                    dirty.vms.insert(name.clone());
+                }
+            }
+        }
+        desired.unplaced = unplaced;
+        desired.preempted = preempted;
+        let segments = crate::segments::desired_segments(model, &desired.nodes, &desired.placement);
+        for node in segments.keys().chain(desired.segments.keys()) {
+            if segments.get(node) != desired.segments.get(node) {
+                dirty.nodes.insert(node.clone());
+            }
+        }
+        desired.segments = segments;
+    }
+    // A changed VM's volumes are planned with it.
+    for name in &dirty.vms {
+        if let Some(vm) = desired.vms.get(name) {
+            dirty.volumes.extend(vm.volumes.iter().cloned());
+        }
+    }
+    if cfg!(debug_assertions) {
+        let mut whole = desired::desired(model, input.spec_root, input.placement.clone());
+        whole
+            .protected_volumes
+            .extend(input.protected_before.iter().cloned());
+        whole.moved_writers = moved_writers(&whole, input.options);
+        assert!(
+            whole == *desired,
+            "PlanSession: the patched desired state differs from the whole's"
+        );
+    }
+    (dirty, rebuilt)
+}
+
+/// The desired state of the changed objects, with every node.
+fn view(desired: &Desired, dirty: &Dirty) -> Desired {
+    let vms = |name: &String| dirty.vms.contains(name);
+    let volumes = |name: &String| dirty.volumes.contains(name);
+    let pick = |map: &BTreeMap<String, String>, keep: &dyn Fn(&String) -> bool| {
+        map.iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    Desired {
+        nodes: desired.nodes.clone(),
+        bonds: dirty
+            .nodes
+            .iter()
+            .filter_map(|n| desired.bonds.get(n).map(|b| (n.clone(), b.clone())))
+            .collect(),
+        segments: dirty
+            .nodes
+            .iter()
+            .filter_map(|n| desired.segments.get(n).map(|s| (n.clone(), s.clone())))
+            .collect(),
+        vms: dirty
+            .vms
+            .iter()
+            .filter_map(|n| desired.vms.get(n).map(|v| (n.clone(), v.clone())))
+            .collect(),
+        volumes: dirty
+            .volumes
+            .iter()
+            .filter_map(|n| desired.volumes.get(n).map(|v| (n.clone(), v.clone())))
+            .collect(),
+        placement: desired.placement.clone(),
+        unplaced: pick(&desired.unplaced, &vms),
+        preempted: pick(&desired.preempted, &vms),
+        tenants: dirty
+            .vms
+            .iter()
+            .filter_map(|n| desired.tenants.get(n).map(|t| (n.clone(), t.clone())))
+            .collect(),
+        spec_volumes: dirty
+            .volumes
+            .iter()
+            .filter_map(|n| desired.spec_volumes.get(n).map(|v| (n.clone(), v.clone())))
+            .collect(),
+        spot_vms: desired
+            .spot_vms
+            .iter()
+            .filter(|n| vms(n))
+            .cloned()
+            .collect(),
+        protected_volumes: desired
+            .protected_volumes
+            .iter()
+            .filter(|n| volumes(n))
+            .cloned()
+            .collect(),
+        moved_writers: pick(&desired.moved_writers, &volumes),
+        protections: dirty
+            .vms
+            .iter()
+            .filter_map(|n| desired.protections.get(n).map(|p| (n.clone(), p.clone())))
+            .collect(),
+        replications: BTreeMap::new(),
+        image_bases: desired.image_bases.clone(),
+        failed_over: BTreeMap::new(),
+    }
+}
+
+/// The observation of the changed objects (every copy, by name), with every
+/// node's identity and networking, and a changed node's bonds and segments.
+fn seen(observed: &Observed, index: &Index, dirty: &Dirty) -> Observed {
+    let mut out = Observed::default();
+    for (node, o) in &observed.nodes {
+        let view = match o {
+            NodeObservation::Unreachable { error } => NodeObservation::Unreachable {
+                error: error.clone(),
+            },
+            NodeObservation::Reachable {
+                public_key_hex,
+                bonds,
+                networking,
+                ..
+            } => {
+                let whole = dirty.nodes.contains(node);
+                NodeObservation::Reachable {
+                    public_key_hex: public_key_hex.clone(),
+                    vms: BTreeMap::new(),
+                    volumes: BTreeMap::new(),
+                    bonds: if whole {
+                        bonds.clone()
+                    } else {
+                        BTreeMap::new()
+                    },
+                    networking: crate::observe::ObservedNetworking {
+                        netns: networking.netns.clone(),
+                        unavailable: networking.unavailable.clone(),
+                        bond_implementation: networking.bond_implementation.clone(),
+                        segments: if whole {
+                            networking.segments.clone()
+                        } else {
+                            BTreeMap::new()
+                        },
+                        firewall_drift: networking.firewall_drift.clone(),
+                        migration_address: networking.migration_address.clone(),
+                    },
+                    protections: BTreeMap::new(),
+                    replications: BTreeMap::new(),
+                }
+            }
+        };
+        out.nodes.insert(node.clone(), view);
+    }
+    let copy = |out: &mut Observed, nodes: Option<&BTreeSet<String>>, name: &str, what: u8| {
+        for node in nodes.into_iter().flatten() {
+            let (
+                Some(NodeObservation::Reachable {
+                    vms,
+                    volumes,
+                    protections,
+                    ..
+                }),
+                Some(NodeObservation::Reachable {
+                    vms: v,
+                    volumes: vol,
+                    protections: p,
+                    ..
+                }),
+            ) = (observed.nodes.get(node), out.nodes.get_mut(node))
+            else {
+                continue;
+            };
+            match what {
+                0 => {
+                    if let Some(x) = vms.get(name) {
+                        v.insert(name.to_owned(), x.clone());
+                    }
+                }
+                1 => {
+                    if let Some(x) = volumes.get(name) {
+                        vol.insert(name.to_owned(), x.clone());
+                    }
+                }
+                _ => {
+                    if let Some(x) = protections.get(name) {
+                        p.insert(name.to_owned(), x.clone());
+                    }
+                }
+            }
+        }
+    };
+    for name in &dirty.vms {
+        copy(&mut out, index.vms.get(name), name, 0);
+        copy(&mut out, index.protections.get(name), name, 2);
+    }
+    for name in &dirty.volumes {
+        copy(&mut out, index.volumes.get(name), name, 1);
+    }
+    out
+}
