@@ -341,6 +341,7 @@ pub fn plan_against_session(
                     vms,
                     places: s.places,
                 }),
+                place_calls: Some(s.places.calls()),
                 protected_before,
                 previous,
                 observed: observed.clone(),

@@ -74,6 +74,10 @@ pub struct Input<'a> {
     pub placement: &'a Placement,
     /// What changed since the last call (`None`: anything).
     pub changes: Option<Changes<'a>>,
+    /// [`PlaceSession::calls`] of the session that made `placement` (`None`:
+    /// none did): a patch of the last placement is taken only from the call
+    /// right after the one the last plan planned.
+    pub place_calls: Option<u64>,
     /// The volumes `prevent-destroy` protected in the specs last applied.
     pub protected_before: BTreeSet<String>,
     /// The placement before this one (a drain's order compares the two).
@@ -126,6 +130,7 @@ struct Last {
     spec_root: PathBuf,
     protected_before: BTreeSet<String>,
     options: PlanOptions,
+    place_calls: Option<u64>,
     observed: Arc<Observed>,
     digests: BTreeMap<String, [u8; 32]>,
     /// The objects the plan said anything of (`None`: one of a kind a part
@@ -304,6 +309,7 @@ impl PlanSession {
                     .as_mut()
                     .expect("a part is planned from a last plan");
                 last.observed = input.observed.clone();
+                last.place_calls = input.place_calls;
                 last.pending = Pending::of(&plan);
                 last.digests = digests;
                 return (
@@ -335,6 +341,7 @@ impl PlanSession {
             spec_root: input.spec_root.to_owned(),
             protected_before: input.protected_before,
             options: input.options.clone(),
+            place_calls: input.place_calls,
             observed: input.observed,
             digests,
             pending: Pending::of(&plan),
@@ -406,6 +413,12 @@ impl PlanSession {
             && input.placement.failovers.is_empty())
         {
             return Err("the cloud has DR copies or failovers".to_owned());
+        }
+        if input.place_calls.is_none()
+            || input.place_calls != last.place_calls.map(|c| c + 1)
+            || input.place_calls != Some(changes.places.calls())
+        {
+            return Err("the placement is not the one after the last plan's".to_owned());
         }
         let Some(patches) = changes.places.last_patches() else {
             return Err("the placement was made anew".to_owned());
@@ -611,24 +624,30 @@ fn patch(
         *placement == *input.placement,
         "the placement patched as the session's is the session's"
     );
-    let mut rebuild: BTreeSet<&str> = changes.vms.iter().map(String::as_str).collect();
-    let mut moved = false;
+    let mut rebuild: BTreeSet<String> = changes.vms.clone();
+    // What a re-placed site's placement moved: the VMs whose entries differ (a
+    // node, a secondary, a volume's copies, being placed at all); the segments
+    // follow every VM's node and address, the unplaced lists their entries.
+    let (mut segments_moved, mut unplaced_moved) = (false, false);
     for (_, before, after) in patches {
         if before == after {
             continue;
         }
-        moved = true;
-        for v in before.vms.iter().chain(&after.vms) {
-            rebuild.insert(v.name.as_str());
-        }
-        for u in before.unplaced.iter().chain(&after.unplaced) {
-            rebuild.insert(u.name.as_str());
-        }
+        let vms = differing(&before.vms, &after.vms, |v| v.name.as_str());
+        segments_moved |= !vms.is_empty();
+        rebuild.extend(vms.into_iter().map(|v| v.name.clone()));
+        let volumes = differing(&before.volumes, &after.volumes, |v| v.name.as_str());
+        rebuild.extend(volumes.into_iter().map(|v| v.vm.clone()));
+        let unplaced = differing(&before.unplaced, &after.unplaced, |u| u.name.as_str());
+        unplaced_moved |= !unplaced.is_empty();
+        rebuild.extend(unplaced.into_iter().map(|u| u.name.clone()));
+        segments_moved |= before.addresses != after.addresses || before.networks != after.networks;
     }
     let placement = &*desired.placement;
     let mut rebuilt = 0;
     let mut entries = vec![];
     for name in &rebuild {
+        let name = name.as_str();
         let Ok(i) = model.vms.binary_search_by(|v| v.name.as_str().cmp(name)) else {
             continue;
         };
@@ -644,7 +663,7 @@ fn patch(
                     .map(|i| &placement.volumes[i])
             })
         });
-        entries.push(((*name).to_owned(), new));
+        entries.push((name.to_owned(), new));
     }
     for (name, new) in entries {
         let old = desired.vms.get(&name).map(|vm| desired::VmEntries {
@@ -674,8 +693,7 @@ fn patch(
         }
         dirty.vms.insert(name);
     }
-    if moved {
-        // Unplaced VMs, and the segments every VM's node and address is in.
+    if unplaced_moved {
         let (mut unplaced, mut preempted) = (BTreeMap::new(), BTreeMap::new());
         for u in &desired.placement.unplaced {
             unplaced.insert(u.name.clone(), u.reason_text());
@@ -695,6 +713,8 @@ fn patch(
         }
         desired.unplaced = unplaced;
         desired.preempted = preempted;
+    }
+    if segments_moved {
         let segments = crate::segments::desired_segments(model, &desired.nodes, &desired.placement);
         for node in segments.keys().chain(desired.segments.keys()) {
             if segments.get(node) != desired.segments.get(node) {
@@ -881,5 +901,27 @@ fn seen(observed: &Observed, index: &Index, dirty: &Dirty) -> Observed {
     for name in &dirty.volumes {
         copy(&mut out, index.volumes.get(name), name, 1);
     }
+    out
+}
+
+/// The entries of `before` and `after` (a site's part of a placement, each key
+/// once) that differ, added or removed, by `key`.
+fn differing<'p, T: PartialEq>(
+    before: &'p [T],
+    after: &'p [T],
+    key: impl Fn(&'p T) -> &'p str,
+) -> Vec<&'p T> {
+    let old: HashMap<&str, &T> = before.iter().map(|x| (key(x), x)).collect();
+    let new: HashMap<&str, &T> = after.iter().map(|x| (key(x), x)).collect();
+    let mut out: Vec<&T> = old
+        .iter()
+        .filter(|(k, x)| new.get(*k) != Some(*x))
+        .map(|(_, x)| *x)
+        .collect();
+    out.extend(
+        new.iter()
+            .filter(|(k, x)| old.get(*k) != Some(*x))
+            .map(|(_, x)| *x),
+    );
     out
 }

@@ -64,6 +64,8 @@ pub struct PlaceSession {
     /// placed again, each with its part before (`None`: it merged the sites'
     /// parts anew or placed the whole model).
     patches: Option<Vec<SitePatch>>,
+    /// Calls so far ([`PlaceSession::calls`]).
+    calls: u64,
 }
 
 /// A site the last [`PlaceSession::place_next_hinted`] placed again: its
@@ -169,6 +171,7 @@ impl PlaceSession {
         options: &PlaceOptions,
         changed: Option<&BTreeSet<String>>,
     ) -> (&Placement, PlaceReuse) {
+        self.calls += 1;
         let Some(previous) = options.previous.as_ref() else {
             return self.full(model, options, "no previous placement".to_owned());
         };
@@ -184,6 +187,13 @@ impl PlaceSession {
     /// The last result (what the last call returned).
     pub fn last(&self) -> Option<&Placement> {
         self.last.as_ref()
+    }
+
+    /// How many placements this session made: a caller that keeps a copy of
+    /// a result and patches it with [`PlaceSession::patch_copy`] checks that
+    /// its copy is of the call before the last.
+    pub fn calls(&self) -> u64 {
+        self.calls
     }
 
     /// Places `model` with the session's last result as the previous
@@ -209,6 +219,7 @@ impl PlaceSession {
         model: &Model,
         changed: Option<&BTreeSet<String>>,
     ) -> (&Placement, PlaceReuse) {
+        self.calls += 1;
         match &self.last {
             None => self.full(
                 model,
