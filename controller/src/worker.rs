@@ -755,12 +755,14 @@ impl Worker {
                 return SyncEnd::Stalled;
             }
         };
+        let loaded_ms = t.elapsed().as_millis() as u64;
         let (compilation, reuse) =
             tokio::task::block_in_place(|| self.compile_session.compile(&sources));
+        let compiled_ms = t.elapsed().as_millis() as u64 - loaded_ms;
         self.compiles += 1;
         let this_compile = self.compiles;
         // What the compile session reused (the lowering of unchanged files).
-        detail["compile_session"] = json!({"files_reused": reuse.reused, "files_lowered": reuse.lowered, "files_removed": reuse.removed});
+        detail["compile_session"] = json!({"files_reused": reuse.reused, "files_lowered": reuse.lowered, "files_removed": reuse.removed, "vms_rechecked": reuse.vms_rechecked, "load_ms": loaded_ms, "compile_ms": compiled_ms});
         if compilation.has_errors() {
             let errors: Vec<&compiler::diag::Diagnostic> = compilation
                 .diagnostics
@@ -873,6 +875,7 @@ impl Worker {
             places: &mut self.place_session,
             plans: &mut self.plan_session,
             changed_vms: changed_vms.as_ref(),
+            digests: None,
         };
         let planned = pipeline::plan_revision_session(
             &model,
@@ -923,6 +926,10 @@ impl Worker {
         phase_done(&mut phases, "plan", t);
         // The plan phase's parts, beside the phases (they overlap `plan_ms`).
         detail["plan_parts"] = json!(planned.timings);
+        if let Some(reuse) = &planned.reuse {
+            // What the plan session redid (the whole, and why, or a part).
+            detail["plan_session"] = json!(reuse);
+        }
         detail["steps"] = json!(plan.steps.len());
         detail["changes"] = json!(plan.changes.len());
         if let Some(why) = pipeline::unacceptable(plan) {

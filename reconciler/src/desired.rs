@@ -159,8 +159,8 @@ pub struct DesiredBond {
 /// Everything desired.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
-    /// Nodes by name.
-    pub nodes: BTreeMap<String, DesiredNode>,
+    /// Nodes by name (shared: a plan of a part carries every node).
+    pub nodes: std::sync::Arc<BTreeMap<String, DesiredNode>>,
     /// Bonds by node, then bond name.
     pub bonds: BTreeMap<String, BTreeMap<String, DesiredBond>>,
     /// Tenant network segments by node, then `tenant/network` (issue 19). Shared
@@ -589,7 +589,7 @@ pub fn desired(model: &Model, spec_root: &std::path::Path, placement: Placement)
     }
     for site in &model.sites {
         for node in &site.nodes {
-            desired.nodes.insert(
+            std::sync::Arc::make_mut(&mut desired.nodes).insert(
                 node.name.clone(),
                 DesiredNode {
                     name: node.name.clone(),

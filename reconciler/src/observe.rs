@@ -802,6 +802,24 @@ pub const OBSERVE_IN_FLIGHT: usize = 256;
 /// from when its call is sent; a node that does not answer is recorded as
 /// unreachable with why.
 pub async fn observe<N: NodeApi>(nodes: &BTreeMap<String, DesiredNode>, api: &N) -> Observed {
+    observe_with(nodes, api, false).await.0
+}
+
+/// [`observe`], and each node's [`node_digest`], made as each node answers (on
+/// the runtime's threads, while the others are still asked), for a plan session
+/// (`crate::session`) that compares them with the last plan's.
+pub async fn observe_digested<N: NodeApi>(
+    nodes: &BTreeMap<String, DesiredNode>,
+    api: &N,
+) -> (Observed, BTreeMap<String, [u8; 32]>) {
+    observe_with(nodes, api, true).await
+}
+
+async fn observe_with<N: NodeApi>(
+    nodes: &BTreeMap<String, DesiredNode>,
+    api: &N,
+    digest: bool,
+) -> (Observed, BTreeMap<String, [u8; 32]>) {
     let mut tasks = tokio::task::JoinSet::new();
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(OBSERVE_IN_FLIGHT));
     for node in nodes.values() {
@@ -822,16 +840,21 @@ pub async fn observe<N: NodeApi>(nodes: &BTreeMap<String, DesiredNode>, api: &N)
                     ),
                 },
             };
-            (node.name, observation)
+            let digest = digest.then(|| node_digest(&observation));
+            (node.name, observation, digest)
         });
     }
     let mut observed = Observed::default();
+    let mut digests = BTreeMap::new();
     while let Some(joined) = tasks.join_next().await {
-        if let Ok((name, observation)) = joined {
+        if let Ok((name, observation, digest)) = joined {
+            if let Some(d) = digest {
+                digests.insert(name.clone(), d);
+            }
             observed.nodes.insert(name, observation);
         }
     }
-    observed
+    (observed, digests)
 }
 
 /// [`observe`], except the nodes in `failed`: they are recorded unreachable at once.

@@ -289,6 +289,9 @@ pub struct Sessions<'a> {
     /// last placed and planned (`compiler::session::Session::changed_vms`, when
     /// that compile was the one before it); `None`: anything may have changed.
     pub changed_vms: Option<&'a BTreeSet<String>>,
+    /// Each node's digest of the observation planned against, when the caller
+    /// made them as the nodes answered (`observe::observe_digested`).
+    pub digests: Option<BTreeMap<String, [u8; 32]>>,
 }
 
 /// [`plan_against_with`] placing and planning through `sessions` (issue 24,
@@ -342,6 +345,7 @@ pub fn plan_against_session(
                     places: s.places,
                 }),
                 place_calls: Some(s.places.calls()),
+                digests: s.digests,
                 protected_before,
                 previous,
                 observed: observed.clone(),
@@ -874,7 +878,15 @@ pub async fn plan_revision_session<N: NodeApi>(
 ) -> Result<Planned, PipelineError> {
     let spec = spec_nodes(model);
     let t = std::time::Instant::now();
-    let observed = observe(&spec, nodes).await;
+    let mut sessions = sessions;
+    let observed = match &mut sessions {
+        Some(s) => {
+            let (observed, digests) = crate::observe::observe_digested(&spec, nodes).await;
+            s.digests = Some(digests);
+            observed
+        }
+        None => observe(&spec, nodes).await,
+    };
     let observe_ms = ms_since(t);
     let t = std::time::Instant::now();
     let previous = previous_placement(store.placement()?, &observed);

@@ -74,6 +74,9 @@ pub struct Input<'a> {
     pub placement: &'a Placement,
     /// What changed since the last call (`None`: anything).
     pub changes: Option<Changes<'a>>,
+    /// Each node's [`node_digest`] of `observed`, when the caller made them
+    /// (`None`: the session makes them).
+    pub digests: Option<BTreeMap<String, [u8; 32]>>,
     /// [`PlaceSession::calls`] of the session that made `placement` (`None`:
     /// none did): a patch of the last placement is taken only from the call
     /// right after the one the last plan planned.
@@ -91,7 +94,7 @@ pub struct Input<'a> {
 }
 
 /// What a [`PlanSession::plan`] redid.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PlanReuse {
     /// Why the whole cloud was planned (`None`: a part).
     pub full: Option<String>,
@@ -103,6 +106,10 @@ pub struct PlanReuse {
     pub nodes_digested: usize,
     /// Nodes whose answer changed since the last plan.
     pub nodes_changed: usize,
+    /// Where the time went (µs): the nodes' digests, the desired state's patch
+    /// (with its copy when the caller held the last one), the part's closure,
+    /// its views, and its plan.
+    pub us: [u64; 5],
 }
 
 /// A plan session: the last desired state, observation and what the last
@@ -294,8 +301,13 @@ impl PlanSession {
     /// the whole (with the protected volumes, the moved writers and a drain's
     /// order as `crate::pipeline::plan_against_session` adds them), made from
     /// the last call's where that is the same (see the module's text).
-    pub fn plan(&mut self, input: Input<'_>) -> (Arc<Desired>, Plan, PlanReuse) {
-        let (digests, nodes_digested) = self.digests(&input.observed);
+    pub fn plan(&mut self, mut input: Input<'_>) -> (Arc<Desired>, Plan, PlanReuse) {
+        let t = std::time::Instant::now();
+        let (digests, nodes_digested) = match input.digests.take() {
+            Some(digests) => (digests, 0),
+            None => self.digests(&input.observed),
+        };
+        let digests_us = t.elapsed().as_micros() as u64;
         let nodes_changed = self.last.as_ref().map_or(0, |l| {
             digests
                 .iter()
@@ -308,15 +320,21 @@ impl PlanSession {
                     .last
                     .as_mut()
                     .expect("a part is planned from a last plan");
-                last.observed = input.observed.clone();
+                // The last observation is freed off this thread: at 100,000 VMs
+                // that is tens of milliseconds of the plan's.
+                let old = std::mem::replace(&mut last.observed, input.observed.clone());
+                free_elsewhere(old);
                 last.place_calls = input.place_calls;
                 last.pending = Pending::of(&plan);
                 last.digests = digests;
+                let mut us = reuse.us;
+                us[0] = digests_us;
                 return (
                     last.desired.clone(),
                     plan,
                     PlanReuse {
                         nodes_digested,
+                        us,
                         ..reuse
                     },
                 );
@@ -451,8 +469,12 @@ impl PlanSession {
         }
         // The patch works on the session's desired state (a copy only when the
         // caller still holds the last one).
+        let mut us = [0u64; 5];
+        let t = std::time::Instant::now();
         let desired = Arc::make_mut(&mut last.desired);
         let (mut dirty, rebuilt) = patch(desired, input, changes, &patches);
+        us[1] = t.elapsed().as_micros() as u64;
+        let t = std::time::Instant::now();
         dirty.vms.extend(pending.vms);
         dirty.volumes.extend(pending.volumes);
         dirty.nodes.extend(pending.nodes);
@@ -526,8 +548,12 @@ impl PlanSession {
                 self.part_limit * 100.0
             ));
         }
+        us[2] = t.elapsed().as_micros() as u64;
+        let t = std::time::Instant::now();
         let view = view(desired, &dirty);
         let seen = seen(observed, index, &dirty);
+        us[3] = t.elapsed().as_micros() as u64;
+        let t = std::time::Instant::now();
         let digest = crate::observe::digest_of(digests.iter().map(|(n, d)| (n.as_str(), *d)));
         let plan = crate::plan::plan_view(
             &view,
@@ -538,6 +564,7 @@ impl PlanSession {
             input.revision,
             input.options,
         );
+        us[4] = t.elapsed().as_micros() as u64;
         Ok((
             plan,
             PlanReuse {
@@ -546,6 +573,7 @@ impl PlanSession {
                 planned: (view.vms.len(), view.volumes.len(), dirty.nodes.len()),
                 nodes_digested: 0,
                 nodes_changed: changed.len(),
+                us,
             },
         ))
     }
@@ -924,4 +952,13 @@ fn differing<'p, T: PartialEq>(
             .map(|(_, x)| *x),
     );
     out
+}
+
+/// Drops `value` on a thread of its own when this was its last reference.
+fn free_elsewhere<T: Send + Sync + 'static>(value: Arc<T>) {
+    if Arc::strong_count(&value) == 1 {
+        let _ = std::thread::Builder::new()
+            .name("free".into())
+            .spawn(move || drop(value));
+    }
 }

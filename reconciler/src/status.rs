@@ -407,7 +407,7 @@ pub fn status(
     audit: Vec<crate::state::AuditEntry>,
 ) -> Status {
     let mut nodes = vec![];
-    for (name, node) in &desired.nodes {
+    for (name, node) in desired.nodes.iter() {
         let row = match observed.nodes.get(name) {
             Some(NodeObservation::Reachable { vms, volumes, .. }) => NodeRow {
                 name: name.clone(),

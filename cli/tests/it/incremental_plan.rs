@@ -235,10 +235,13 @@ fn plans_through_the_sessions_are_the_full_plans_over_a_history_applied_to_simul
         );
         let model = compiled.model.clone();
         let changed_vms = compile.changed_vms().cloned();
-        let observed = runtime.block_on(reconciler::observe::observe(
+        // Every other commit's nodes are digested as they answer, as the
+        // controller's are; the others' by the plan session.
+        let (observed, digests) = runtime.block_on(reconciler::observe::observe_digested(
             &reconciler::pipeline::spec_nodes(&model),
             &api,
         ));
+        let digests = (commit % 2 == 0).then_some(digests);
         let observed = std::sync::Arc::new(observed);
         use reconciler::state::StateStore as _;
         let previous = reconciler::pipeline::previous_placement(
@@ -258,6 +261,7 @@ fn plans_through_the_sessions_are_the_full_plans_over_a_history_applied_to_simul
                 places: &mut places,
                 plans: &mut plans,
                 changed_vms: changed_vms.as_ref(),
+                digests,
             }),
         );
         let full = reconciler::pipeline::plan_against_with(

@@ -15,6 +15,9 @@
 //! - no-change sync: an empty commit pushed → its sync succeeded (`--runs` times);
 //! - a change of `--change` VMs: a commit adding them (one more vm-group per site)
 //!   pushed → converged, then one removing them (`--runs` times each);
+//! - a one-VM commit: one VM of its own added, then its vCPUs changed (2 ×
+//!   `--runs` pushes), each push → converged, with the sync's compile, place,
+//!   desired state and diff, and what the plan session did;
 //! - peak memory (VmHWM, reset before each phase through /proc/self/clear_refs) of
 //!   this process, and the simulator's.
 
@@ -135,6 +138,8 @@ struct Synced {
     steps: u64,
     /// Nodes the sync found not answering (a `partial` sync; 0 when it succeeded).
     unanswered: u64,
+    /// What the plan session did: `part` or why it planned the whole.
+    plan_session: String,
 }
 
 /// The plan's parts a sync event names (`plan_parts`: `NAME_ms`).
@@ -180,6 +185,18 @@ async fn synced(
         apply_ms: phase("apply"),
         steps: detail["steps"].as_u64().unwrap_or(0),
         unanswered,
+        plan_session: match &detail["plan_session"]["full"] {
+            serde_json::Value::Null if detail["plan_session"].is_object() => format!(
+                "part of {} VMs ({} nodes changed; µs digests, patch, closure, views, plan: {})",
+                detail["plan_session"]["planned"][0].as_u64().unwrap_or(0),
+                detail["plan_session"]["nodes_changed"]
+                    .as_u64()
+                    .unwrap_or(0),
+                detail["plan_session"]["us"]
+            ),
+            serde_json::Value::String(why) => format!("whole: {why}"),
+            _ => "none".to_owned(),
+        },
     })
 }
 
@@ -219,6 +236,10 @@ fn median_of(samples: &[Synced]) -> Synced {
         apply_ms: m(|s| s.apply_ms),
         steps: m(|s| s.steps),
         unanswered: m(|s| s.unanswered),
+        plan_session: samples
+            .last()
+            .map(|s| s.plan_session.clone())
+            .unwrap_or_default(),
     }
 }
 
@@ -614,6 +635,43 @@ fn measure(
                 line(&format!("{change}-VM change, push → converged, median: add"), &median_of(&added)),
                 line("remove", &median_of(&removed)),
                 peak_mib(None)
+            );
+            // A one-VM commit (issue 24's goal: compiled, placed and planned in under
+            // 100 ms): a VM of its own in the first site, in a file of its own (as a
+            // team keeps its VMs), its vCPUs changed back and forth. Its first push
+            // adds it (the whole is planned).
+            let one = "vm \"one\" tenant=\"sim\" site=\"s0\" {\n    cpu CPU\n    memory \"64MiB\"\n    image \"tiny\"\n    availability \"ha\"\n}\n";
+            std::fs::write(work.join("workloads.kdl"), workloads(nodes, vms, "g"))?;
+            std::fs::write(work.join("one.kdl"), one.replace("CPU", "1"))?;
+            let (commit, at) = commit_and_push(work, key, "bench: one VM more")?;
+            let added = synced(&handle, &commit, at, Duration::from_secs(1800)).await?;
+            println!("  {}", line("one VM added", &added));
+            let mut one_vm = vec![];
+            for run in 0..runs.max(1) * 2 {
+                let cpu = if run % 2 == 0 { "2" } else { "1" };
+                std::fs::write(work.join("one.kdl"), one.replace("CPU", cpu))?;
+                let (commit, at) =
+                    commit_and_push(work, key, &format!("bench: one VM's vCPUs to {cpu} ({run})"))?;
+                one_vm.push(synced(&handle, &commit, at, Duration::from_secs(1800)).await?);
+            }
+            for (i, s) in one_vm.iter().enumerate() {
+                println!(
+                    "  {}; compile + place + desired + diff {} ms; plan session: {}",
+                    line(&format!("one-VM commit run {}", i + 1), s),
+                    s.compile_ms + s.plan_parts[1] + s.plan_parts[2] + s.plan_parts[3],
+                    s.plan_session
+                );
+            }
+            let m = median_of(&one_vm);
+            println!(
+                "{}; compiled, placed and planned (compile + place + desired + diff) median {} ms",
+                line("one-VM commit, push → converged, median", &m),
+                median(
+                    one_vm
+                        .iter()
+                        .map(|s| s.compile_ms + s.plan_parts[1] + s.plan_parts[2] + s.plan_parts[3])
+                        .collect()
+                )
             );
             println!(
                 "simulator peak memory {} MiB, open files {} (summed over {} process(es)); controller open files {}",
