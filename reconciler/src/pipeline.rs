@@ -326,12 +326,7 @@ pub fn plan_against_session(
         && options.preempted.is_empty()
         && model.nodes_in_maintenance().is_empty();
     let mut placement = if let (true, Some(s)) = (options.failed_nodes.is_empty(), sessions) {
-        let place_options = compiler::place::PlaceOptions {
-            previous: Some(previous.clone()),
-            failed: Default::default(),
-        };
-        s.places
-            .place_ref_hinted(model, &place_options, s.changed_vms);
+        s.places.place_after(model, previous, s.changed_vms);
         let placed = s.places.last().expect("placed");
         if plain {
             timings.place_ms = ms_since(t);

@@ -145,6 +145,9 @@ struct Last {
     pending: Option<Pending>,
     /// Where `observed` holds each object (names only).
     index: Option<Index>,
+    /// Every node of `observed` as a part's view starts ([`shell_of`]), filled
+    /// and emptied again by each part's plan.
+    shell: Option<Observed>,
 }
 
 /// The objects a plan said anything of: by VM (its changes, its schedule's),
@@ -364,6 +367,7 @@ impl PlanSession {
             digests,
             pending: Pending::of(&plan),
             index: None,
+            shell: None,
         });
         (desired, plan, reuse)
     }
@@ -500,6 +504,7 @@ impl PlanSession {
                     }
                 }
             }
+            let changed: std::collections::HashSet<&str> = changed.iter().copied().collect();
             let on = |node: &String| changed.contains(node.as_str());
             for vm in desired.vms.values() {
                 if on(&vm.node) || vm.ft.as_ref().is_some_and(|f| on(&f.secondary)) {
@@ -551,19 +556,39 @@ impl PlanSession {
         us[2] = t.elapsed().as_micros() as u64;
         let t = std::time::Instant::now();
         let view = view(desired, &dirty);
-        let seen = seen(observed, index, &dirty);
+        // The shell follows the observation: a changed node's is made again.
+        let shell = match last.shell.take() {
+            Some(mut shell) => {
+                for node in &changed {
+                    if let Some(o) = observed.nodes.get(*node) {
+                        shell.nodes.insert((*node).to_owned(), shell_of(o));
+                    }
+                }
+                shell
+            }
+            None => Observed {
+                nodes: observed
+                    .nodes
+                    .iter()
+                    .map(|(n, o)| (n.clone(), shell_of(o)))
+                    .collect(),
+            },
+        };
+        let seen = last.shell.insert(shell);
+        let filled = fill(seen, observed, index, &dirty);
         us[3] = t.elapsed().as_micros() as u64;
         let t = std::time::Instant::now();
         let digest = crate::observe::digest_of(digests.iter().map(|(n, d)| (n.as_str(), *d)));
         let plan = crate::plan::plan_view(
             &view,
-            &seen,
+            seen,
             desired,
             observed,
             digest,
             input.revision,
             input.options,
         );
+        empty(seen, &filled);
         us[4] = t.elapsed().as_micros() as u64;
         Ok((
             plan,
@@ -840,96 +865,140 @@ fn view(desired: &Desired, dirty: &Dirty) -> Desired {
     }
 }
 
-/// The observation of the changed objects (every copy, by name), with every
-/// node's identity and networking, and a changed node's bonds and segments.
-fn seen(observed: &Observed, index: &Index, dirty: &Dirty) -> Observed {
-    let mut out = Observed::default();
-    for (node, o) in &observed.nodes {
-        let view = match o {
-            NodeObservation::Unreachable { error } => NodeObservation::Unreachable {
-                error: error.clone(),
+/// A node as a part's view of the observation starts: its identity and
+/// networking, none of its objects.
+fn shell_of(o: &NodeObservation) -> NodeObservation {
+    match o {
+        NodeObservation::Unreachable { error } => NodeObservation::Unreachable {
+            error: error.clone(),
+        },
+        NodeObservation::Reachable {
+            public_key_hex,
+            networking,
+            ..
+        } => NodeObservation::Reachable {
+            public_key_hex: public_key_hex.clone(),
+            vms: BTreeMap::new(),
+            volumes: BTreeMap::new(),
+            bonds: BTreeMap::new(),
+            networking: crate::observe::ObservedNetworking {
+                netns: networking.netns.clone(),
+                unavailable: networking.unavailable.clone(),
+                bond_implementation: networking.bond_implementation.clone(),
+                segments: BTreeMap::new(),
+                firewall_drift: networking.firewall_drift.clone(),
+                migration_address: networking.migration_address.clone(),
             },
-            NodeObservation::Reachable {
-                public_key_hex,
-                bonds,
-                networking,
-                ..
-            } => {
-                let whole = dirty.nodes.contains(node);
-                NodeObservation::Reachable {
-                    public_key_hex: public_key_hex.clone(),
-                    vms: BTreeMap::new(),
-                    volumes: BTreeMap::new(),
-                    bonds: if whole {
-                        bonds.clone()
-                    } else {
-                        BTreeMap::new()
-                    },
-                    networking: crate::observe::ObservedNetworking {
-                        netns: networking.netns.clone(),
-                        unavailable: networking.unavailable.clone(),
-                        bond_implementation: networking.bond_implementation.clone(),
-                        segments: if whole {
-                            networking.segments.clone()
-                        } else {
-                            BTreeMap::new()
-                        },
-                        firewall_drift: networking.firewall_drift.clone(),
-                        migration_address: networking.migration_address.clone(),
-                    },
-                    protections: BTreeMap::new(),
-                    replications: BTreeMap::new(),
-                }
-            }
-        };
-        out.nodes.insert(node.clone(), view);
+            protections: BTreeMap::new(),
+            replications: BTreeMap::new(),
+        },
     }
-    let copy = |out: &mut Observed, nodes: Option<&BTreeSet<String>>, name: &str, what: u8| {
-        for node in nodes.into_iter().flatten() {
-            let (
-                Some(NodeObservation::Reachable {
-                    vms,
-                    volumes,
-                    protections,
-                    ..
-                }),
-                Some(NodeObservation::Reachable {
-                    vms: v,
-                    volumes: vol,
-                    protections: p,
-                    ..
-                }),
-            ) = (observed.nodes.get(node), out.nodes.get_mut(node))
-            else {
-                continue;
-            };
-            match what {
-                0 => {
-                    if let Some(x) = vms.get(name) {
-                        v.insert(name.to_owned(), x.clone());
-                    }
-                }
-                1 => {
-                    if let Some(x) = volumes.get(name) {
-                        vol.insert(name.to_owned(), x.clone());
-                    }
-                }
-                _ => {
-                    if let Some(x) = protections.get(name) {
-                        p.insert(name.to_owned(), x.clone());
-                    }
-                }
-            }
+}
+
+/// Fills `shell` (every node's [`shell_of`]) into the part's view of
+/// `observed`: every copy of a changed VM, volume and schedule (found by name
+/// through `index`), and a changed node's bonds and segments. Returns the
+/// nodes it filled, for [`empty`].
+fn fill(
+    shell: &mut Observed,
+    observed: &Observed,
+    index: &Index,
+    dirty: &Dirty,
+) -> BTreeSet<String> {
+    let mut filled = BTreeSet::new();
+    let mut take = |node: &str, what: &dyn Fn(&NodeObservation, &mut NodeObservation)| {
+        if let (Some(from), Some(to)) = (observed.nodes.get(node), shell.nodes.get_mut(node)) {
+            what(from, to);
+            filled.insert(node.to_owned());
         }
     };
-    for name in &dirty.vms {
-        copy(&mut out, index.vms.get(name), name, 0);
-        copy(&mut out, index.protections.get(name), name, 2);
+    for node in &dirty.nodes {
+        take(node, &|from, to| {
+            if let (
+                NodeObservation::Reachable {
+                    bonds, networking, ..
+                },
+                NodeObservation::Reachable {
+                    bonds: b,
+                    networking: n,
+                    ..
+                },
+            ) = (from, to)
+            {
+                b.clone_from(bonds);
+                n.segments.clone_from(&networking.segments);
+            }
+        });
     }
-    for name in &dirty.volumes {
-        copy(&mut out, index.volumes.get(name), name, 1);
+    for (node, name) in copies(&dirty.vms, &index.vms) {
+        take(node, &|from, to| {
+            if let (
+                NodeObservation::Reachable { vms, .. },
+                NodeObservation::Reachable { vms: v, .. },
+            ) = (from, to)
+                && let Some(x) = vms.get(name)
+            {
+                v.insert(name.clone(), x.clone());
+            }
+        });
     }
-    out
+    for (node, name) in copies(&dirty.vms, &index.protections) {
+        take(node, &|from, to| {
+            if let (
+                NodeObservation::Reachable { protections, .. },
+                NodeObservation::Reachable { protections: p, .. },
+            ) = (from, to)
+                && let Some(x) = protections.get(name)
+            {
+                p.insert(name.clone(), x.clone());
+            }
+        });
+    }
+    for (node, name) in copies(&dirty.volumes, &index.volumes) {
+        take(node, &|from, to| {
+            if let (
+                NodeObservation::Reachable { volumes, .. },
+                NodeObservation::Reachable { volumes: v, .. },
+            ) = (from, to)
+                && let Some(x) = volumes.get(name)
+            {
+                v.insert(name.clone(), x.clone());
+            }
+        });
+    }
+    filled
+}
+
+/// Every (node, name) of `names` that `at` has copies of.
+fn copies<'a>(
+    names: &'a BTreeSet<String>,
+    at: &'a HashMap<String, BTreeSet<String>>,
+) -> Vec<(&'a String, &'a String)> {
+    names
+        .iter()
+        .flat_map(|name| at.get(name).into_iter().flatten().map(move |n| (n, name)))
+        .collect()
+}
+
+/// Takes out of `shell` what [`fill`] put into `nodes`.
+fn empty(shell: &mut Observed, nodes: &BTreeSet<String>) {
+    for node in nodes {
+        if let Some(NodeObservation::Reachable {
+            vms,
+            volumes,
+            bonds,
+            networking,
+            protections,
+            ..
+        }) = shell.nodes.get_mut(node)
+        {
+            vms.clear();
+            volumes.clear();
+            bonds.clear();
+            networking.segments.clear();
+            protections.clear();
+        }
+    }
 }
 
 /// The entries of `before` and `after` (a site's part of a placement, each key

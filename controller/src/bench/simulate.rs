@@ -140,6 +140,9 @@ struct Synced {
     unanswered: u64,
     /// What the plan session did: `part` or why it planned the whole.
     plan_session: String,
+    /// The compile phase's parts: the commit's files read from git, the compile
+    /// session's compile (with its copy of the compilation).
+    compile_parts: (u64, u64),
 }
 
 /// The plan's parts a sync event names (`plan_parts`: `NAME_ms`).
@@ -197,6 +200,10 @@ async fn synced(
             serde_json::Value::String(why) => format!("whole: {why}"),
             _ => "none".to_owned(),
         },
+        compile_parts: (
+            detail["compile_session"]["load_ms"].as_u64().unwrap_or(0),
+            detail["compile_session"]["compile_ms"].as_u64().unwrap_or(0),
+        ),
     })
 }
 
@@ -240,6 +247,10 @@ fn median_of(samples: &[Synced]) -> Synced {
             .last()
             .map(|s| s.plan_session.clone())
             .unwrap_or_default(),
+        compile_parts: (
+            m(|s| s.compile_parts.0),
+            m(|s| s.compile_parts.1),
+        ),
     }
 }
 
@@ -656,9 +667,11 @@ fn measure(
             }
             for (i, s) in one_vm.iter().enumerate() {
                 println!(
-                    "  {}; compile + place + desired + diff {} ms; plan session: {}",
+                    "  {}; compile + place + desired + diff {} ms (compile: files read {} ms, session {} ms); plan session: {}",
                     line(&format!("one-VM commit run {}", i + 1), s),
                     s.compile_ms + s.plan_parts[1] + s.plan_parts[2] + s.plan_parts[3],
+                    s.compile_parts.0,
+                    s.compile_parts.1,
                     s.plan_session
                 );
             }
