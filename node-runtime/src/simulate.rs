@@ -870,10 +870,111 @@ async fn command(
     }
 }
 
+/// What a node whose network is simulated reads back of its kept segments: each
+/// as its definition makes it (its VNI, MTU, local VTEP and forwarding entries, a
+/// migrating NIC's through the all-zero entry to both nodes), with no drift. A
+/// definition the node would refuse reads back as that refusal.
+pub fn segment_statuses(all: &[v1::ApplyNetworkSegment]) -> Vec<v1::NetworkSegmentStatus> {
+    all.iter()
+        .map(|seg| {
+            let mut status = v1::NetworkSegmentStatus {
+                tenant: seg.tenant.clone(),
+                network: seg.network.clone(),
+                vni: seg.vni,
+                definition_digest: crate::segments::definition_digest(seg),
+                ..Default::default()
+            };
+            let spec = match crate::segments::segment_spec(seg, Some(seg.mtu.max(1500) + 50)) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    status.drift.push(e.message().to_owned());
+                    return status;
+                }
+            };
+            status.mtu = spec.mtu;
+            status.local_vtep = spec.local_vtep.to_string();
+            status.fdb = spec
+                .remotes
+                .iter()
+                .flat_map(|r| match r.also_vtep {
+                    Some(also) => vec![
+                        format!("{} -> {}", network::overlay::FLOOD_MAC, r.vtep),
+                        format!("{} -> {also}", network::overlay::FLOOD_MAC),
+                    ],
+                    None => vec![format!(
+                        "{} -> {}",
+                        network::overlay::format_mac(&r.mac),
+                        r.vtep
+                    )],
+                })
+                .collect();
+            status
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proto::auth::{Identity, RequestSigner};
+
+    #[test]
+    fn a_simulated_segment_reads_back_as_defined() {
+        let seg = v1::ApplyNetworkSegment {
+            tenant: "t0".into(),
+            network: "net-0".into(),
+            vni: 42,
+            mtu: 8950,
+            local_vtep: "10.9.0.1".into(),
+            remotes: vec![
+                v1::SegmentRemote {
+                    vm: "a".into(),
+                    mac: "02:CA:00:00:00:01".into(),
+                    ipv4: "10.0.0.5".into(),
+                    vtep: "10.9.0.2".into(),
+                    also_vtep: String::new(),
+                },
+                v1::SegmentRemote {
+                    vm: "b".into(),
+                    mac: "02:ca:00:00:00:02".into(),
+                    ipv4: String::new(),
+                    vtep: "10.9.0.3".into(),
+                    also_vtep: "10.9.0.4".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let bad = v1::ApplyNetworkSegment {
+            local_vtep: "nowhere".into(),
+            ..seg.clone()
+        };
+        let statuses = segment_statuses(&[seg.clone(), bad]);
+        let s = &statuses[0];
+        assert_eq!(
+            (s.vni, s.mtu, s.local_vtep.as_str()),
+            (42, 8950, "10.9.0.1")
+        );
+        // The MAC as the plan writes it (lower case); a migrating NIC's frames
+        // through the all-zero entry to both of its nodes.
+        assert_eq!(
+            s.fdb,
+            [
+                "02:ca:00:00:00:01 -> 10.9.0.2",
+                "00:00:00:00:00:00 -> 10.9.0.3",
+                "00:00:00:00:00:00 -> 10.9.0.4"
+            ]
+        );
+        assert!(s.drift.is_empty(), "{:?}", s.drift);
+        assert_eq!(
+            s.definition_digest,
+            crate::segments::definition_digest(&seg)
+        );
+        assert!(
+            statuses[1].drift[0].contains("local_vtep"),
+            "{:?}",
+            statuses[1].drift
+        );
+    }
 
     /// Client-side connections from this process to `port` (ESTABLISHED, IPv4).
     fn connections_to(port: u16) -> usize {
@@ -1026,47 +1127,4 @@ mod tests {
             .expect("simulator task")
             .expect("simulator run");
     }
-}
-
-/// What a node whose network is simulated reads back of its kept segments: each
-/// as its definition makes it (its VNI, MTU, local VTEP and forwarding entries, a
-/// migrating NIC's through the all-zero entry to both nodes), with no drift. A
-/// definition the node would refuse reads back as that refusal.
-pub fn segment_statuses(all: &[v1::ApplyNetworkSegment]) -> Vec<v1::NetworkSegmentStatus> {
-    all.iter()
-        .map(|seg| {
-            let mut status = v1::NetworkSegmentStatus {
-                tenant: seg.tenant.clone(),
-                network: seg.network.clone(),
-                vni: seg.vni,
-                definition_digest: crate::segments::definition_digest(seg),
-                ..Default::default()
-            };
-            let spec = match crate::segments::segment_spec(seg, Some(seg.mtu.max(1500) + 50)) {
-                Ok(spec) => spec,
-                Err(e) => {
-                    status.drift.push(e.message().to_owned());
-                    return status;
-                }
-            };
-            status.mtu = spec.mtu;
-            status.local_vtep = spec.local_vtep.to_string();
-            status.fdb = spec
-                .remotes
-                .iter()
-                .flat_map(|r| match r.also_vtep {
-                    Some(also) => vec![
-                        format!("{} -> {}", network::overlay::FLOOD_MAC, r.vtep),
-                        format!("{} -> {also}", network::overlay::FLOOD_MAC),
-                    ],
-                    None => vec![format!(
-                        "{} -> {}",
-                        network::overlay::format_mac(&r.mac),
-                        r.vtep
-                    )],
-                })
-                .collect();
-            status
-        })
-        .collect()
 }

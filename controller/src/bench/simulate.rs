@@ -202,7 +202,9 @@ async fn synced(
         },
         compile_parts: (
             detail["compile_session"]["load_ms"].as_u64().unwrap_or(0),
-            detail["compile_session"]["compile_ms"].as_u64().unwrap_or(0),
+            detail["compile_session"]["compile_ms"]
+                .as_u64()
+                .unwrap_or(0),
         ),
     })
 }
@@ -247,10 +249,7 @@ fn median_of(samples: &[Synced]) -> Synced {
             .last()
             .map(|s| s.plan_session.clone())
             .unwrap_or_default(),
-        compile_parts: (
-            m(|s| s.compile_parts.0),
-            m(|s| s.compile_parts.1),
-        ),
+        compile_parts: (m(|s| s.compile_parts.0), m(|s| s.compile_parts.1)),
     }
 }
 
