@@ -756,20 +756,26 @@ impl Worker {
             }
         };
         let loaded_ms = t.elapsed().as_millis() as u64;
-        let (compilation, reuse) =
-            tokio::task::block_in_place(|| self.compile_session.compile(&sources));
+        // The session keeps its compilation; the sync copies the model alone (the
+        // diagnostics' errors when there are any), not the span index beside it.
+        let (model, errors, reuse) = tokio::task::block_in_place(|| {
+            let (compiled, reuse) = self.compile_session.compile_ref(&sources);
+            let errors: Vec<compiler::diag::Diagnostic> = compiled
+                .diagnostics
+                .iter()
+                .filter(|d| d.is_error())
+                .cloned()
+                .collect();
+            let model = errors.is_empty().then(|| compiled.model.clone());
+            (model, errors, reuse)
+        });
         let compiled_ms = t.elapsed().as_millis() as u64 - loaded_ms;
         self.compiles += 1;
         let this_compile = self.compiles;
         // What the compile session reused (the lowering of unchanged files).
         detail["compile_session"] = json!({"files_reused": reuse.reused, "files_lowered": reuse.lowered, "files_removed": reuse.removed, "vms_rechecked": reuse.vms_rechecked, "load_ms": loaded_ms, "compile_ms": compiled_ms});
-        if compilation.has_errors() {
-            let errors: Vec<&compiler::diag::Diagnostic> = compilation
-                .diagnostics
-                .iter()
-                .filter(|d| d.is_error())
-                .collect();
-            let first = errors[0];
+        let Some(model) = model else {
+            let first = &errors[0];
             let place = first
                 .primary_span()
                 .map(|s| compiler::diag::location(&sources, s))
@@ -805,12 +811,11 @@ impl Worker {
                 vec![],
             );
             return SyncEnd::Stalled;
-        }
+        };
         let spec_root = self.shared.config.data_dir.join("checkout");
         if let Err(e) = self.source.materialize(commit, &spec_root) {
             return self.transient_failure(commit, e.to_string(), detail, started);
         }
-        let model = compilation.model;
         phase_done(&mut phases, "compile", t);
 
         // Plan and apply, under the apply lock.
