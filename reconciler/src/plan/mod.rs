@@ -108,8 +108,9 @@ pub fn plan_with(
 }
 
 /// The plan of a part of the cloud (`crate::session`): `view` and `seen` hold
-/// the objects whose inputs changed since a plan that had nothing to do, and
-/// every node; `desired` and `observed` are the whole, for what the plan reports
+/// the part's objects (those whose inputs changed since the last plan, and
+/// those it said anything of) and every node; `desired` and `observed` are the
+/// whole, for what the plan reports
 /// of it (unplaced VMs, unreachable nodes, protected volumes, the placement) and
 /// `observed_digest` is `observed.digest()`.
 pub(crate) fn plan_view(
