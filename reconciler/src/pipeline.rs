@@ -335,11 +335,8 @@ pub fn plan_against_session(
                 model,
                 spec_root,
                 placement: placed,
-                changes: s.changed_vms.map(|vms| crate::session::Changes {
-                    vms,
-                    places: s.places,
-                }),
-                place_calls: Some(s.places.calls()),
+                changed_vms: s.changed_vms,
+                places: Some(s.places),
                 digests: s.digests,
                 protected_before,
                 previous,
@@ -347,9 +344,10 @@ pub fn plan_against_session(
                 revision,
                 options,
             });
-            // The desired state and the diff are one pass here: the time is the
-            // diff's.
-            timings.diff_ms = ms_since(t);
+            // The session's desired state (patched, or built for a whole plan),
+            // and the diff it made after.
+            timings.desired_ms = reuse.us[1] / 1000;
+            timings.diff_ms = ms_since(t).saturating_sub(timings.desired_ms);
             return Planned {
                 desired,
                 observed,
@@ -359,7 +357,7 @@ pub fn plan_against_session(
             };
         }
         // The plan below is not the session's: its next one plans the whole.
-        *s.plans = crate::session::PlanSession::new();
+        s.plans.forget();
         placed.clone()
     } else if options.failed_nodes.is_empty() {
         desired::place(model, Some(previous))
@@ -384,13 +382,14 @@ pub fn plan_against_session(
     keep_off(model, previous, &mut placement, options, &observed);
     timings.place_ms = ms_since(t);
     let t = std::time::Instant::now();
-    let mut desired = desired::desired(model, spec_root, placement);
-    desired.protected_volumes.extend(protected_before);
-    desired.moved_writers = crate::session::moved_writers(&desired, options);
-    let options = PlanOptions {
-        drain_after: drain_order(model, previous, &desired.placement, options),
-        ..options.clone()
-    };
+    let (desired, options) = desired_for(
+        model,
+        spec_root,
+        placement,
+        protected_before,
+        previous,
+        options,
+    );
     timings.desired_ms = ms_since(t);
     let t = std::time::Instant::now();
     let plan = plan_with(&desired, &observed, revision, &options);
@@ -402,6 +401,38 @@ pub fn plan_against_session(
         timings,
         reuse: None,
     }
+}
+
+/// The desired state of `placement` as a plan wants it (with the volumes
+/// `prevent-destroy` protected in the specs last applied, and the volumes whose
+/// writer the epoch authority moved off their layout's primary), and `options`
+/// with a drain's order (`previous` → `placement`).
+pub(crate) fn desired_for(
+    model: &compiler::Model,
+    spec_root: &std::path::Path,
+    placement: Placement,
+    protected_before: impl IntoIterator<Item = String>,
+    previous: &Placement,
+    options: &PlanOptions,
+) -> (Desired, PlanOptions) {
+    let mut desired = desired::desired(model, spec_root, placement);
+    desired.protected_volumes.extend(protected_before);
+    desired.moved_writers = options
+        .disk_writers
+        .iter()
+        .filter(|(volume, writer)| {
+            desired
+                .volumes
+                .get(volume.as_str())
+                .is_some_and(|v| &v.node != *writer)
+        })
+        .map(|(volume, writer)| (volume.clone(), writer.clone()))
+        .collect();
+    let options = PlanOptions {
+        drain_after: drain_order(model, previous, &desired.placement, options),
+        ..options.clone()
+    };
+    (desired, options)
 }
 
 /// Places each VM of `away` (VM → the node it crash-loops on) on another node of
@@ -869,11 +900,10 @@ pub async fn plan_revision_session<N: NodeApi>(
     store: &dyn StateStore,
     nodes: &N,
     options: &PlanOptions,
-    sessions: Option<Sessions<'_>>,
+    mut sessions: Option<Sessions<'_>>,
 ) -> Result<Planned, PipelineError> {
     let spec = spec_nodes(model);
     let t = std::time::Instant::now();
-    let mut sessions = sessions;
     let observed = match &mut sessions {
         Some(s) => {
             let (observed, digests) = crate::observe::observe_digested(&spec, nodes).await;

@@ -4,7 +4,8 @@
 //! changes a few VMs rebuilds their entries and plans them, not the cloud.
 //!
 //! **The desired state** is patched when the caller says what changed since the
-//! model and placement of the last call ([`Changes`]): the VMs the compile
+//! model and placement of the last call ([`Input::changed_vms`],
+//! [`Input::places`]): the VMs the compile
 //! session changed (their vCPUs or memory: `compiler::session::Session::changed_vms`)
 //! and the sites the placement session placed again, with their parts before and
 //! after (`compiler::session::PlaceSession::last_patches`). Each VM those name
@@ -22,13 +23,13 @@
 //! (their MTU, a move's VTEP), which come with it; so an object none of whose inputs
 //! changed says what it said at the last plan. The part is therefore: the
 //! objects the last plan said anything of (a change, an object left alone,
-//! refused or unpruned: [`Pending`]); the VMs, volumes and nodes whose desired
+//! refused or unpruned: `Pending`); the VMs, volumes and nodes whose desired
 //! entries changed; and every object of a node whose answer changed (each
 //! node's [`node_digest`]: the objects it reported then and now, and those
 //! the desired state puts there), closed over what they touch (a VM's volumes
 //! and a volume's VM, every observed copy by name, the nodes' image bases).
 //! It is planned against a view of the observation that holds only those and
-//! every node's identity and networking ([`crate::plan::plan_view`]); the plan
+//! every node's identity and networking (`crate::plan::plan_view`); the plan
 //! id, the digest and the unreachable and unplaced lists come from the whole.
 //! So a push after an applied one is planned in part too: the nodes the apply
 //! changed are in the part. The differential test
@@ -52,17 +53,6 @@ use crate::desired::{self, Desired};
 use crate::observe::{NodeObservation, Observed, node_digest};
 use crate::plan::{Plan, PlanOptions};
 
-/// What changed since the model and placement of the session's last call.
-#[derive(Debug, Clone, Copy)]
-pub struct Changes<'a> {
-    /// The VMs whose entries the compile changed (their vCPUs or memory);
-    /// every other part of the model is as it was.
-    pub vms: &'a BTreeSet<String>,
-    /// The placement session that made this placement from the last one by
-    /// placing some sites again ([`PlaceSession::last_patches`]).
-    pub places: &'a PlaceSession,
-}
-
 /// What one plan was made from.
 #[derive(Debug)]
 pub struct Input<'a> {
@@ -72,15 +62,18 @@ pub struct Input<'a> {
     pub spec_root: &'a Path,
     /// The placement to carry out.
     pub placement: &'a Placement,
-    /// What changed since the last call (`None`: anything).
-    pub changes: Option<Changes<'a>>,
+    /// The VMs whose entries the compile changed since the last call's model
+    /// (their vCPUs or memory; every other part of the model is as it was).
+    /// `None`: anything may have changed.
+    pub changed_vms: Option<&'a BTreeSet<String>>,
+    /// The placement session that made `placement` (`None`: none did). Its
+    /// [`PlaceSession::calls`] tells whether it is the call right after the
+    /// one the last plan planned, and its [`PlaceSession::last_patches`]
+    /// which sites it placed again.
+    pub places: Option<&'a PlaceSession>,
     /// Each node's [`node_digest`] of `observed`, when the caller made them
     /// (`None`: the session makes them).
     pub digests: Option<BTreeMap<String, [u8; 32]>>,
-    /// [`PlaceSession::calls`] of the session that made `placement` (`None`:
-    /// none did): a patch of the last placement is taken only from the call
-    /// right after the one the last plan planned.
-    pub place_calls: Option<u64>,
     /// The volumes `prevent-destroy` protected in the specs last applied.
     pub protected_before: BTreeSet<String>,
     /// The placement before this one (a drain's order compares the two).
@@ -106,9 +99,9 @@ pub struct PlanReuse {
     pub nodes_digested: usize,
     /// Nodes whose answer changed since the last plan.
     pub nodes_changed: usize,
-    /// Where the time went (µs): the nodes' digests, the desired state's patch
-    /// (with its copy when the caller held the last one), the part's closure,
-    /// its views, and its plan.
+    /// Where the time went (µs): the nodes' digests, the desired state (its
+    /// patch, with its copy when the caller held the last one, or its build for
+    /// a whole plan), the part's closure, its views, and its plan.
     pub us: [u64; 5],
 }
 
@@ -144,10 +137,10 @@ struct Last {
     /// does not follow).
     pending: Option<Pending>,
     /// Where `observed` holds each object (names only).
-    index: Option<Index>,
+    index: Index,
     /// Every node of `observed` as a part's view starts ([`shell_of`]), filled
     /// and emptied again by each part's plan.
-    shell: Option<Observed>,
+    shell: Observed,
 }
 
 /// The objects a plan said anything of: by VM (its changes, its schedule's),
@@ -290,6 +283,12 @@ impl PlanSession {
         PlanSession::default()
     }
 
+    /// Forgets the last plan (one was made without the session): the next
+    /// plan is of the whole cloud.
+    pub fn forget(&mut self) {
+        self.last = None;
+    }
+
     /// A session that plans a part of up to `share` of the VMs (default a
     /// quarter); the differential test plans every part it can.
     pub fn with_part_limit(share: f64) -> PlanSession {
@@ -311,13 +310,16 @@ impl PlanSession {
             None => self.digests(&input.observed),
         };
         let digests_us = t.elapsed().as_micros() as u64;
-        let nodes_changed = self.last.as_ref().map_or(0, |l| {
+        // The nodes whose answer changed since the last plan.
+        let changed: BTreeSet<&str> = self.last.as_ref().map_or_else(BTreeSet::new, |l| {
             digests
                 .iter()
                 .filter(|(node, d)| l.digests.get(*node) != Some(*d))
-                .count()
+                .map(|(node, _)| node.as_str())
+                .collect()
         });
-        let mut reuse = match self.part(&input, &digests) {
+        let nodes_changed = changed.len();
+        let mut reuse = match self.part(&input, &digests, &changed) {
             Ok((plan, reuse)) => {
                 let last = self
                     .last
@@ -327,7 +329,7 @@ impl PlanSession {
                 // that is tens of milliseconds of the plan's.
                 let old = std::mem::replace(&mut last.observed, input.observed.clone());
                 free_elsewhere(old);
-                last.place_calls = input.place_calls;
+                last.place_calls = input.places.map(PlaceSession::calls);
                 last.pending = Pending::of(&plan);
                 last.digests = digests;
                 let mut us = reuse.us;
@@ -349,7 +351,8 @@ impl PlanSession {
                 ..PlanReuse::default()
             },
         };
-        let (desired, plan) = whole(&input, &digests);
+        let (desired, plan, desired_us) = whole(&input, &digests);
+        reuse.us[1] = desired_us;
         reuse.vms_rebuilt = desired.vms.len();
         reuse.planned = (
             desired.vms.len(),
@@ -360,21 +363,21 @@ impl PlanSession {
         // The index and the shell a part is planned with, made now: a whole plan
         // takes hundreds of milliseconds at 100,000 VMs, and the next push, which
         // may be planned in part, then does not pay for them (about 60 ms).
-        let index = Some(Index::of(&input.observed));
-        let shell = Some(Observed {
+        let index = Index::of(&input.observed);
+        let shell = Observed {
             nodes: input
                 .observed
                 .nodes
                 .iter()
                 .map(|(n, o)| (n.clone(), shell_of(o)))
                 .collect(),
-        });
+        };
         self.last = Some(Last {
             desired: desired.clone(),
             spec_root: input.spec_root.to_owned(),
             protected_before: input.protected_before,
             options: input.options.clone(),
-            place_calls: input.place_calls,
+            place_calls: input.places.map(PlaceSession::calls),
             observed: input.observed,
             digests,
             pending: Pending::of(&plan),
@@ -419,11 +422,12 @@ impl PlanSession {
         &mut self,
         input: &Input<'_>,
         digests: &BTreeMap<String, [u8; 32]>,
+        changed: &BTreeSet<&str>,
     ) -> Result<(Plan, PlanReuse), String> {
         let Some(last) = self.last.as_mut() else {
             return Err("no plan before".to_owned());
         };
-        let Some(changes) = input.changes else {
+        let (Some(changed_vms), Some(places)) = (input.changed_vms, input.places) else {
             return Err("what changed since the last plan is not known".to_owned());
         };
         let Some(pending) = last.pending.clone() else {
@@ -448,38 +452,24 @@ impl PlanSession {
         {
             return Err("the cloud has DR copies or failovers".to_owned());
         }
-        if input.place_calls.is_none()
-            || input.place_calls != last.place_calls.map(|c| c + 1)
-            || input.place_calls != Some(changes.places.calls())
-        {
+        if last.place_calls.map(|c| c + 1) != Some(places.calls()) {
             return Err("the placement is not the one after the last plan's".to_owned());
         }
-        let Some(patches) = changes.places.last_patches() else {
+        let Some(patches) = places.last_patches() else {
             return Err("the placement was made anew".to_owned());
         };
-        let changed: BTreeSet<&str> = digests
-            .iter()
-            .filter(|(node, d)| last.digests.get(*node) != Some(*d))
-            .map(|(node, _)| node.as_str())
-            .collect();
         // The index follows the observation: the changed nodes' entries are
         // taken out as they were and put back as they are.
         let observed = &input.observed;
-        let index = match last.index.take() {
-            Some(mut index) => {
-                for node in &changed {
-                    if let Some(o) = last.observed.nodes.get(*node) {
-                        index.remove(node, o);
-                    }
-                    if let Some(o) = observed.nodes.get(*node) {
-                        index.add(node, o);
-                    }
-                }
-                index
+        let index = &mut last.index;
+        for node in changed {
+            if let Some(o) = last.observed.nodes.get(*node) {
+                index.remove(node, o);
             }
-            None => Index::of(observed),
-        };
-        let index = last.index.insert(index);
+            if let Some(o) = observed.nodes.get(*node) {
+                index.add(node, o);
+            }
+        }
         if !index.replications.is_empty() {
             return Err("nodes hold replications".to_owned());
         }
@@ -488,7 +478,7 @@ impl PlanSession {
         let mut us = [0u64; 5];
         let t = std::time::Instant::now();
         let desired = Arc::make_mut(&mut last.desired);
-        let (mut dirty, rebuilt) = patch(desired, input, changes, &patches);
+        let (mut dirty, rebuilt) = patch(desired, input, changed_vms, places, &patches);
         us[1] = t.elapsed().as_micros() as u64;
         let t = std::time::Instant::now();
         dirty.vms.extend(pending.vms);
@@ -497,7 +487,7 @@ impl PlanSession {
         if !changed.is_empty() {
             // Everything of a node that answered differently: what it reported
             // then and now, and what the desired state puts there.
-            for node in &changed {
+            for node in changed {
                 dirty.nodes.insert((*node).to_owned());
                 for o in [last.observed.nodes.get(*node), observed.nodes.get(*node)]
                     .into_iter()
@@ -569,24 +559,12 @@ impl PlanSession {
         let t = std::time::Instant::now();
         let view = view(desired, &dirty);
         // The shell follows the observation: a changed node's is made again.
-        let shell = match last.shell.take() {
-            Some(mut shell) => {
-                for node in &changed {
-                    if let Some(o) = observed.nodes.get(*node) {
-                        shell.nodes.insert((*node).to_owned(), shell_of(o));
-                    }
-                }
-                shell
+        let seen = &mut last.shell;
+        for node in changed {
+            if let Some(o) = observed.nodes.get(*node) {
+                seen.nodes.insert((*node).to_owned(), shell_of(o));
             }
-            None => Observed {
-                nodes: observed
-                    .nodes
-                    .iter()
-                    .map(|(n, o)| (n.clone(), shell_of(o)))
-                    .collect(),
-            },
-        };
-        let seen = last.shell.insert(shell);
+        }
         let filled = fill(seen, observed, index, &dirty);
         us[3] = t.elapsed().as_micros() as u64;
         let t = std::time::Instant::now();
@@ -626,23 +604,12 @@ fn plain(options: &PlanOptions) -> PlanOptions {
     }
 }
 
-/// The desired state and plan of the whole, as `plan_against_session` made
-/// them before sessions.
-fn whole(input: &Input<'_>, digests: &BTreeMap<String, [u8; 32]>) -> (Desired, Plan) {
-    let mut desired = desired::desired(input.model, input.spec_root, input.placement.clone());
-    desired
-        .protected_volumes
-        .extend(input.protected_before.iter().cloned());
-    desired.moved_writers = moved_writers(&desired, input.options);
-    let options = PlanOptions {
-        drain_after: crate::pipeline::drain_order(
-            input.model,
-            input.previous,
-            &desired.placement,
-            input.options,
-        ),
-        ..input.options.clone()
-    };
+/// The desired state and plan of the whole, as `plan_against_session` makes
+/// them without a session, and how long the desired state took (µs).
+fn whole(input: &Input<'_>, digests: &BTreeMap<String, [u8; 32]>) -> (Desired, Plan, u64) {
+    let t = std::time::Instant::now();
+    let (desired, options) = desired_of(input);
+    let desired_us = t.elapsed().as_micros() as u64;
     let digest = crate::observe::digest_of(digests.iter().map(|(n, d)| (n.as_str(), *d)));
     let plan = crate::plan::plan_view(
         &desired,
@@ -653,22 +620,19 @@ fn whole(input: &Input<'_>, digests: &BTreeMap<String, [u8; 32]>) -> (Desired, P
         input.revision,
         &options,
     );
-    (desired, plan)
+    (desired, plan, desired_us)
 }
 
-/// Volumes whose writer (the epoch authority's) is not their layout's primary.
-pub(crate) fn moved_writers(desired: &Desired, options: &PlanOptions) -> BTreeMap<String, String> {
-    options
-        .disk_writers
-        .iter()
-        .filter(|(volume, writer)| {
-            desired
-                .volumes
-                .get(volume.as_str())
-                .is_some_and(|v| &v.node != *writer)
-        })
-        .map(|(volume, writer)| (volume.clone(), writer.clone()))
-        .collect()
+/// The whole desired state of `input`, and its plan options.
+fn desired_of(input: &Input<'_>) -> (Desired, PlanOptions) {
+    crate::pipeline::desired_for(
+        input.model,
+        input.spec_root,
+        input.placement.clone(),
+        input.protected_before.iter().cloned(),
+        input.previous,
+        input.options,
+    )
 }
 
 /// Brings `desired` to `input`'s model and placement; the objects whose
@@ -676,20 +640,21 @@ pub(crate) fn moved_writers(desired: &Desired, options: &PlanOptions) -> BTreeMa
 fn patch(
     desired: &mut Desired,
     input: &Input<'_>,
-    changes: Changes<'_>,
+    changed_vms: &BTreeSet<String>,
+    places: &PlaceSession,
     patches: &[(&str, &Placement, &Placement)],
 ) -> (Dirty, usize) {
     let model = input.model;
     let mut dirty = Dirty::default();
     // The placement: patched as the placement session patched its own.
     let placement = Arc::make_mut(&mut desired.placement);
-    let patched = changes.places.patch_copy(placement);
+    let patched = places.patch_copy(placement);
     debug_assert!(patched, "the placement session patched its last result");
     debug_assert!(
         *placement == *input.placement,
         "the placement patched as the session's is the session's"
     );
-    let mut rebuild: BTreeSet<String> = changes.vms.clone();
+    let mut rebuild: BTreeSet<String> = changed_vms.clone();
     // What a re-placed site's placement moved: the VMs whose entries differ (a
     // node, a secondary, a volume's copies, being placed at all); the segments
     // follow every VM's node and address, the unplaced lists their entries.
@@ -795,13 +760,8 @@ fn patch(
         }
     }
     if cfg!(debug_assertions) {
-        let mut whole = desired::desired(model, input.spec_root, input.placement.clone());
-        whole
-            .protected_volumes
-            .extend(input.protected_before.iter().cloned());
-        whole.moved_writers = moved_writers(&whole, input.options);
         assert!(
-            whole == *desired,
+            desired_of(input).0 == *desired,
             "PlanSession: the patched desired state differs from the whole's"
         );
     }
@@ -917,79 +877,69 @@ fn fill(
     index: &Index,
     dirty: &Dirty,
 ) -> BTreeSet<String> {
-    let mut filled = BTreeSet::new();
-    let mut take = |node: &str, what: &dyn Fn(&NodeObservation, &mut NodeObservation)| {
-        if let (Some(from), Some(to)) = (observed.nodes.get(node), shell.nodes.get_mut(node)) {
-            what(from, to);
-            filled.insert(node.to_owned());
+    // Per node, the part's VMs, schedules and volumes it holds.
+    type Names<'a> = [Vec<&'a String>; 3];
+    let mut wanted: BTreeMap<&String, Names<'_>> =
+        dirty.nodes.iter().map(|n| (n, Names::default())).collect();
+    for (i, (names, at)) in [
+        (&dirty.vms, &index.vms),
+        (&dirty.vms, &index.protections),
+        (&dirty.volumes, &index.volumes),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for name in names {
+            for node in at.get(name).into_iter().flatten() {
+                wanted.entry(node).or_default()[i].push(name);
+            }
         }
-    };
-    for node in &dirty.nodes {
-        take(node, &|from, to| {
-            if let (
-                NodeObservation::Reachable {
-                    bonds, networking, ..
-                },
-                NodeObservation::Reachable {
-                    bonds: b,
-                    networking: n,
-                    ..
-                },
-            ) = (from, to)
-            {
-                b.clone_from(bonds);
-                n.segments.clone_from(&networking.segments);
-            }
-        });
     }
-    for (node, name) in copies(&dirty.vms, &index.vms) {
-        take(node, &|from, to| {
-            if let (
-                NodeObservation::Reachable { vms, .. },
-                NodeObservation::Reachable { vms: v, .. },
-            ) = (from, to)
-                && let Some(x) = vms.get(name)
-            {
-                v.insert(name.clone(), x.clone());
+    let mut filled = BTreeSet::new();
+    for (node, [vms, protections, volumes]) in wanted {
+        let (
+            Some(NodeObservation::Reachable {
+                vms: have_vms,
+                volumes: have_volumes,
+                protections: have_protections,
+                bonds: have_bonds,
+                networking: have_networking,
+                ..
+            }),
+            Some(NodeObservation::Reachable {
+                vms: to_vms,
+                volumes: to_volumes,
+                protections: to_protections,
+                bonds: to_bonds,
+                networking: to_networking,
+                ..
+            }),
+        ) = (observed.nodes.get(node), shell.nodes.get_mut(node))
+        else {
+            continue;
+        };
+        if dirty.nodes.contains(node) {
+            to_bonds.clone_from(have_bonds);
+            to_networking.segments.clone_from(&have_networking.segments);
+        }
+        for name in vms {
+            if let Some(x) = have_vms.get(name) {
+                to_vms.insert(name.clone(), x.clone());
             }
-        });
-    }
-    for (node, name) in copies(&dirty.vms, &index.protections) {
-        take(node, &|from, to| {
-            if let (
-                NodeObservation::Reachable { protections, .. },
-                NodeObservation::Reachable { protections: p, .. },
-            ) = (from, to)
-                && let Some(x) = protections.get(name)
-            {
-                p.insert(name.clone(), x.clone());
+        }
+        for name in protections {
+            if let Some(x) = have_protections.get(name) {
+                to_protections.insert(name.clone(), x.clone());
             }
-        });
-    }
-    for (node, name) in copies(&dirty.volumes, &index.volumes) {
-        take(node, &|from, to| {
-            if let (
-                NodeObservation::Reachable { volumes, .. },
-                NodeObservation::Reachable { volumes: v, .. },
-            ) = (from, to)
-                && let Some(x) = volumes.get(name)
-            {
-                v.insert(name.clone(), x.clone());
+        }
+        for name in volumes {
+            if let Some(x) = have_volumes.get(name) {
+                to_volumes.insert(name.clone(), x.clone());
             }
-        });
+        }
+        filled.insert(node.clone());
     }
     filled
-}
-
-/// Every (node, name) of `names` that `at` has copies of.
-fn copies<'a>(
-    names: &'a BTreeSet<String>,
-    at: &'a HashMap<String, BTreeSet<String>>,
-) -> Vec<(&'a String, &'a String)> {
-    names
-        .iter()
-        .flat_map(|name| at.get(name).into_iter().flatten().map(move |n| (n, name)))
-        .collect()
 }
 
 /// Takes out of `shell` what [`fill`] put into `nodes`.

@@ -175,13 +175,15 @@ impl PlaceSession {
         let Some(previous) = options.previous.as_ref() else {
             return self.full(model, options, "no previous placement".to_owned());
         };
-        if options.failed.is_empty()
-            && !self.sites.is_empty()
-            && self.last.as_ref() == Some(previous)
-        {
+        if options.failed.is_empty() && self.follows(previous) {
             return self.next(model, changed);
         }
         self.by_sites(model, options)
+    }
+
+    /// Whether `previous` is this session's last result, each site memoized.
+    fn follows(&self, previous: &Placement) -> bool {
+        !self.sites.is_empty() && self.last.as_ref() == Some(previous)
     }
 
     /// [`PlaceSession::place_ref_hinted`] from `previous` with no failed
@@ -193,7 +195,7 @@ impl PlaceSession {
         previous: &Placement,
         changed: Option<&BTreeSet<String>>,
     ) -> (&Placement, PlaceReuse) {
-        if !self.sites.is_empty() && self.last.as_ref() == Some(previous) {
+        if self.follows(previous) {
             self.calls += 1;
             return self.next(model, changed);
         }
