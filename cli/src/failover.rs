@@ -189,7 +189,7 @@ pub(crate) fn replicated_vms<'m>(
                 .flat_map(|p| &p.replicate)
                 .map(|r| r.to_site.clone())
                 .find(|t| t != site)
-                .map(|t| (vm, t))
+                .map(|t| (&**vm, t))
         })
         .collect()
 }

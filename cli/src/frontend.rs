@@ -467,7 +467,7 @@ pub fn bench(nodes: usize, vms: usize, runs: usize) -> anyhow::Result<u8> {
             .iter()
             .position(|v| v.group.is_none())
             .unwrap_or(0);
-        changed.vms[target].cpu += 1;
+        std::sync::Arc::make_mut(&mut changed.vms[target]).cpu += 1;
         let name = changed.vms[target].name.clone();
         let t = Instant::now();
         let p2 = place(

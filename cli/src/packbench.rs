@@ -162,7 +162,7 @@ fn big_pack(nodes: usize, vms: usize) -> anyhow::Result<()> {
         .iter()
         .position(|v| v.group.is_none())
         .unwrap_or(0);
-    changed.vms[target].cpu += 1;
+    std::sync::Arc::make_mut(&mut changed.vms[target]).cpu += 1;
     let name = changed.vms[target].name.clone();
     let p2 = place(
         &changed,

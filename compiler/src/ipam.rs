@@ -257,7 +257,7 @@ type NicKey<'a> = (&'a str, &'a str, &'a str, usize);
 /// keeping what `previous` gave (see the module docs).
 pub fn allocate(
     tenants: &[Tenant],
-    vms: &[Vm],
+    vms: &[impl std::borrow::Borrow<Vm>],
     previous: Option<&crate::place::Placement>,
 ) -> Allocation {
     let mut out = Allocation::default();
@@ -290,6 +290,7 @@ pub fn allocate(
     // previous addresses that are gone.
     let mut present: crate::place::fasthash::FxHashSet<NicKey<'_>> = Default::default();
     for vm in vms {
+        let vm: &Vm = std::borrow::Borrow::borrow(vm);
         for (i, n) in vm.nics.iter().enumerate() {
             // The NIC's rank among the VM's NICs on its network.
             let r = vm.nics[..i]

@@ -9,6 +9,7 @@
 //! out of it for the same reason; [`crate::Compilation::spans`] has them.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -46,7 +47,11 @@ pub struct Model {
     /// Images.
     pub images: Vec<Image>,
     /// Every VM, vm-groups expanded.
-    pub vms: Vec<Vm>,
+    // Each is shared (`Arc`), so a copy of the model (the controller's status
+    // keeps one beside its compile session's) copies pointers, not 100,000
+    // VMs, and the compile session's patch replaces only the changed ones. The
+    // JSON and the schema are the VM's own.
+    pub vms: Vec<Arc<Vm>>,
     /// VM groups.
     pub vm_groups: Vec<VmGroup>,
     /// Affinity rules.
@@ -712,7 +717,7 @@ impl Model {
         self.vms
             .binary_search_by(|v| v.name.as_str().cmp(name))
             .ok()
-            .map(|i| &self.vms[i])
+            .map(|i| &*self.vms[i])
     }
 
     /// A site by name.

@@ -460,7 +460,7 @@ pub fn place_without(
             .vms
             .iter()
             .find(|m| m.name == vm.name && !m.disks.is_empty())
-            .and_then(disk_node)
+            .and_then(|m| disk_node(m))
         {
             // Its data is on its writer's node: it runs there.
             vm.node = node.clone();
@@ -490,7 +490,7 @@ pub fn place_without(
                     && !m.disks.is_empty()
                     && m.availability != compiler::model::Availability::None
             })
-            .and_then(disk_node)
+            .and_then(|m| disk_node(m))
         else {
             continue;
         };

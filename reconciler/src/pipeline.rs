@@ -1624,7 +1624,7 @@ mod preemption_tests {
         // A diskless `backup` moves; nothing else does.
         for vm in &mut model.vms {
             if vm.name == "backup" {
-                vm.disks.clear();
+                std::sync::Arc::make_mut(vm).disks.clear();
             }
         }
         let before = placement.clone();

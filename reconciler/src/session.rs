@@ -138,6 +138,8 @@ struct Last {
     pending: Option<Pending>,
     /// Where `observed` holds each object (names only).
     index: Index,
+    /// Where `desired` puts each VM and volume (names only).
+    held: Held,
     /// Every node of `observed` as a part's view starts ([`shell_of`]), filled
     /// and emptied again by each part's plan.
     shell: Observed,
@@ -175,6 +177,61 @@ impl Pending {
             };
         }
         Some(p)
+    }
+}
+
+/// What a desired state puts on each node, by name: a VM on its node and its
+/// FT secondary's, a volume on its node and its replicas'. A changed node's
+/// objects are found here, not by a scan of every VM and volume.
+#[derive(Debug, Default, PartialEq)]
+struct Held {
+    vms: HashMap<String, BTreeSet<String>>,
+    volumes: HashMap<String, BTreeSet<String>>,
+}
+
+impl Held {
+    fn of(desired: &Desired) -> Held {
+        let mut held = Held::default();
+        for vm in desired.vms.values() {
+            held.vm(vm, true);
+        }
+        for v in desired.volumes.values() {
+            held.volume(v, true);
+        }
+        held
+    }
+
+    /// Adds `vm` (`add`) or takes it out.
+    fn vm(&mut self, vm: &desired::DesiredVm, add: bool) {
+        let nodes = std::iter::once(&vm.node).chain(vm.ft.as_ref().map(|f| &f.secondary));
+        Held::mark(&mut self.vms, nodes, &vm.name, add);
+    }
+
+    /// Adds `v` (`add`) or takes it out.
+    fn volume(&mut self, v: &desired::DesiredVolume, add: bool) {
+        let nodes = std::iter::once(&v.node).chain(&v.replicas);
+        Held::mark(&mut self.volumes, nodes, &v.name, add);
+    }
+
+    fn mark<'a>(
+        by_node: &mut HashMap<String, BTreeSet<String>>,
+        nodes: impl Iterator<Item = &'a String>,
+        name: &str,
+        add: bool,
+    ) {
+        for node in nodes {
+            if add {
+                by_node
+                    .entry(node.clone())
+                    .or_default()
+                    .insert(name.to_owned());
+            } else if let Some(names) = by_node.get_mut(node) {
+                names.remove(name);
+                if names.is_empty() {
+                    by_node.remove(node);
+                }
+            }
+        }
     }
 }
 
@@ -364,6 +421,7 @@ impl PlanSession {
         // takes hundreds of milliseconds at 100,000 VMs, and the next push, which
         // may be planned in part, then does not pay for them (about 60 ms).
         let index = Index::of(&input.observed);
+        let held = Held::of(&desired);
         let shell = Observed {
             nodes: input
                 .observed
@@ -382,6 +440,7 @@ impl PlanSession {
             digests,
             pending: Pending::of(&plan),
             index,
+            held,
             shell,
         });
         (desired, plan, reuse)
@@ -478,7 +537,18 @@ impl PlanSession {
         let mut us = [0u64; 5];
         let t = std::time::Instant::now();
         let desired = Arc::make_mut(&mut last.desired);
-        let (mut dirty, rebuilt) = patch(desired, input, changed_vms, places, &patches);
+        let (mut dirty, rebuilt) = patch(
+            desired,
+            &mut last.held,
+            input,
+            changed_vms,
+            places,
+            &patches,
+        );
+        debug_assert!(
+            last.held == Held::of(desired),
+            "the held index follows the patched desired state"
+        );
         us[1] = t.elapsed().as_micros() as u64;
         let t = std::time::Instant::now();
         dirty.vms.extend(pending.vms);
@@ -506,16 +576,12 @@ impl PlanSession {
                     }
                 }
             }
-            let changed: std::collections::HashSet<&str> = changed.iter().copied().collect();
-            let on = |node: &String| changed.contains(node.as_str());
-            for vm in desired.vms.values() {
-                if on(&vm.node) || vm.ft.as_ref().is_some_and(|f| on(&f.secondary)) {
-                    dirty.vms.insert(vm.name.clone());
+            for node in changed {
+                if let Some(vms) = last.held.vms.get(*node) {
+                    dirty.vms.extend(vms.iter().cloned());
                 }
-            }
-            for v in desired.volumes.values() {
-                if on(&v.node) || v.replicas.iter().any(on) {
-                    dirty.volumes.insert(v.name.clone());
+                if let Some(volumes) = last.held.volumes.get(*node) {
+                    dirty.volumes.extend(volumes.iter().cloned());
                 }
             }
         }
@@ -639,6 +705,7 @@ fn desired_of(input: &Input<'_>) -> (Desired, PlanOptions) {
 /// entries changed, and how many VMs were built again.
 fn patch(
     desired: &mut Desired,
+    held: &mut Held,
     input: &Input<'_>,
     changed_vms: &BTreeSet<String>,
     places: &PlaceSession,
@@ -713,12 +780,19 @@ fn patch(
         }
         if let Some(old) = &old {
             for v in &old.vm.volumes {
-                desired.volumes.remove(v);
+                if let Some(v) = desired.volumes.remove(v) {
+                    held.volume(&v, false);
+                }
             }
             desired.protections.remove(&name);
             desired.vms.remove(&name);
+            held.vm(&old.vm, false);
         }
         if let Some(new) = new {
+            held.vm(&new.vm, true);
+            for v in &new.volumes {
+                held.volume(v, true);
+            }
             new.insert_into(desired);
         }
         dirty.vms.insert(name);

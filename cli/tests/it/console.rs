@@ -408,7 +408,8 @@ fn a_script_tag_in_a_tag_value_or_a_name_is_shown_as_text() {
         .iter_mut()
         .find(|v| v.name == "web-0")
         .expect("web-0");
-    web0.tags
+    std::sync::Arc::make_mut(web0)
+        .tags
         .insert("owner".into(), "<script>alert(1)</script>".into());
     f.snapshot.applied = Some(Applied {
         commit: APPLIED.into(),

@@ -202,7 +202,7 @@ impl Checker<'_> {
             tenants,
             sla_profiles: sla_profiles.into_values().collect(),
             images: images.into_values().collect(),
-            vms,
+            vms: vms.into_iter().map(std::sync::Arc::new).collect(),
             vm_groups,
             affinities,
             protection_plans,

@@ -109,7 +109,7 @@ pub(crate) fn patch_vms(
         v.protection_plans.clone_from(&old.protection_plans);
         let (cpu, memory) = (v.cpu, v.memory_bytes);
         (v.cpu, v.memory_bytes) = (old.cpu, old.memory_bytes);
-        let same = *v == *old;
+        let same = *v == **old;
         (v.cpu, v.memory_bytes) = (cpu, memory);
         if !same {
             return None;
@@ -195,7 +195,7 @@ pub(crate) fn patch_vms(
     // Every check held: patch.
     let n = fresh.len();
     for (v, i) in fresh.into_iter().zip(at) {
-        model.vms[i] = v;
+        model.vms[i] = std::sync::Arc::new(v);
     }
     for (t, vcpus, memory) in usage {
         let u = &mut model.tenants[t].usage;

@@ -262,7 +262,7 @@ fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph
         (placed_by_name(), volumes_by_name())
     };
     let shared = u32::try_from(g.names.len()).expect("fewer than 2^32 graph vertices");
-    let part = |vms: &[crate::model::Vm]| {
+    let part = |vms: &[std::sync::Arc<crate::model::Vm>]| {
         let mut part = VmPart {
             shared,
             index: &g.index,
@@ -308,7 +308,7 @@ fn build_graph_in(model: &Model, placement: &Placement, parallel: bool) -> Graph
 /// Adds the vertices and edges of `vms` (the placed ones).
 fn vm_vertices(
     g: &mut VmPart<'_>,
-    vms: &[crate::model::Vm],
+    vms: &[std::sync::Arc<crate::model::Vm>],
     placed: &FxHashMap<&str, &super::VmPlacement>,
     volumes: &FxHashMap<(&str, &str), &super::VolumePlacement>,
 ) {
@@ -562,7 +562,7 @@ mod tests {
             json(&build_graph_in(&model, &placement, false))
         );
         for vm in model.vms.iter_mut().step_by(3) {
-            vm.image = "undeclared".to_owned();
+            std::sync::Arc::make_mut(vm).image = "undeclared".to_owned();
         }
         for p in placement.vms.iter_mut().step_by(7) {
             p.node = "not-in-the-model".to_owned();

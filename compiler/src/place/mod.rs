@@ -1300,7 +1300,7 @@ fn were(n: usize) -> &'static str {
 
 /// Placement order: priority, then FT and HA first, then larger VMs, then name.
 pub(crate) fn order(model: &Model) -> Vec<&Vm> {
-    let mut vms: Vec<&Vm> = model.vms.iter().collect();
+    let mut vms: Vec<&Vm> = model.vms.iter().map(|v| &**v).collect();
     let avail_rank = |a: Availability| match a {
         Availability::Ft => 0,
         Availability::Ha => 1,
@@ -1370,7 +1370,7 @@ fn place_in(
     // first), as the disks of one stand-in VM per protected VM and target site.
     let dr_vms = volumes::dr_stand_ins(model);
     let mut with_dr = ordered.clone();
-    with_dr.extend(dr_vms.iter());
+    with_dr.extend(dr_vms.iter().map(|v| &**v));
     // The volumes and the VMs' nodes are placed at once, on two threads: a
     // VM's nodes depend on its volumes only when they do not fit (the VM is
     // then unplaced), so the VMs are placed as if every volume fits and
@@ -2244,7 +2244,7 @@ mod tests {
         assert_eq!(placement_json(&two), placement_json(&one));
         let mut changed = model.clone();
         for vm in changed.vms.iter_mut().step_by(5) {
-            vm.cpu += 1;
+            std::sync::Arc::make_mut(vm).cpu += 1;
         }
         let options = PlaceOptions {
             previous: Some(one),

@@ -607,6 +607,7 @@ pub fn optimize(
         let movable: Vec<&Vm> = model
             .vms
             .iter()
+            .map(|v| &**v)
             .filter(|v| v.site == site.name && v.availability != Availability::Ft)
             .filter(|v| engine.assigned.contains_key(&v.name) && !kept(v))
             .filter(|v| capacity_only(&engine, v))
@@ -673,6 +674,7 @@ pub fn consolidate(
         let movable: Vec<&Vm> = model
             .vms
             .iter()
+            .map(|v| &**v)
             .filter(|v| v.site == site.name && v.availability != Availability::Ft)
             .filter(|v| engine.assigned.contains_key(&v.name))
             .collect();

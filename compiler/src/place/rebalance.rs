@@ -201,6 +201,7 @@ fn rebalance_with(
                 let mut movable: Vec<&crate::model::Vm> = model
                     .vms
                     .iter()
+                    .map(|v| &**v)
                     .filter(|v| {
                         v.availability != Availability::Ft
                             && engine.assigned.get(&v.name).is_some_and(|(n, _)| *n == src)
@@ -415,7 +416,7 @@ mod measured_tests {
         // nothing.
         let mut tight = model.clone();
         for vm in tight.vms.iter_mut() {
-            vm.cpu = 2;
+            std::sync::Arc::make_mut(vm).cpu = 2;
         }
         let placed_tight = super::super::place(&tight, &options, None);
         let moved = rebalance_measured(&tight, &placed_tight, &options, &load);

@@ -462,7 +462,7 @@ pub(crate) fn dr_of(name: &str) -> Option<(&str, &str)> {
 /// One stand-in VM per protected VM with disks and per site a protection plan of it
 /// replicates to (`replicate to-site= pool=`; the first plan naming a site gives the
 /// pool): the VM's disks, of the same sizes, in that pool of that site.
-pub(crate) fn dr_stand_ins(model: &Model) -> Vec<Vm> {
+pub(crate) fn dr_stand_ins(model: &Model) -> Vec<std::sync::Arc<Vm>> {
     let mut out = vec![];
     for vm in model.vms.iter().filter(|v| !v.disks.is_empty()) {
         let mut sites: Vec<&str> = vec![];
@@ -476,14 +476,14 @@ pub(crate) fn dr_stand_ins(model: &Model) -> Vec<Vm> {
                 continue;
             }
             sites.push(&r.to_site);
-            let mut stand_in = vm.clone();
+            let mut stand_in = Vm::clone(vm);
             stand_in.name = dr_name(&vm.name, &r.to_site);
             stand_in.site = r.to_site.clone();
             for disk in &mut stand_in.disks {
                 disk.pool = r.pool.clone();
                 disk.from_image = false;
             }
-            out.push(stand_in);
+            out.push(std::sync::Arc::new(stand_in));
         }
     }
     out

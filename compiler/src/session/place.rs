@@ -47,6 +47,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::model::{Affinity, AffinityKind, Domain, Model, Network, Tenant, Vm, VmGroup};
 use crate::place::{self, FailureSet, PlaceOptions, Placement};
@@ -354,7 +355,7 @@ impl PlaceSession {
             .enumerate()
             .map(|(i, s)| (s.name.as_str(), i))
             .collect();
-        let mut grouped: Vec<Vec<&Vm>> = vec![vec![]; model.sites.len()];
+        let mut grouped: Vec<Vec<&Arc<Vm>>> = vec![vec![]; model.sites.len()];
         for v in &model.vms {
             match index.get(v.site.as_str()) {
                 Some(&i) => grouped[i].push(v),
@@ -403,7 +404,7 @@ impl PlaceSession {
                 && memo.model.vms.len() == vms.len()
                 && (as_hinted
                     || (memo.model.sites[0] == *site
-                        && memo.model.vms.iter().eq(vms.iter().copied())))
+                        && same_vms(memo.model.vms.iter(), vms.iter().copied())))
                 && inputs
                     .as_ref()
                     .is_none_or(|inputs| inputs[i].is(&memo.model))
@@ -477,12 +478,12 @@ impl PlaceSession {
             }
             if alone.vms.len() == vms.len() {
                 for (slot, v) in alone.vms.iter_mut().zip(vms) {
-                    if slot != *v {
+                    if !Arc::ptr_eq(slot, v) {
                         slot.clone_from(v);
                     }
                 }
             } else {
-                alone.vms = vms.iter().map(|v| (*v).clone()).collect();
+                alone.vms = vms.iter().map(|v| Arc::clone(v)).collect();
             }
             let options = PlaceOptions {
                 previous: Some(before),
@@ -552,7 +553,7 @@ impl PlaceSession {
                     if m.settled
                         && m.placed == part
                         && m.model.sites[0] == *site
-                        && m.model.vms.iter().eq(site_vms(model, &site.name))
+                        && same_vms(m.model.vms.iter(), site_vms(model, &site.name))
                         && inputs[i].is(&m.model) =>
                 {
                     reuse.sites_reused += 1;
@@ -974,7 +975,24 @@ fn site_tenants(model: &Model, site: &str) -> Vec<Tenant> {
         .collect()
 }
 
-fn site_vms<'m>(model: &'m Model, site: &'m str) -> impl Iterator<Item = &'m Vm> + 'm {
+/// Whether two runs of VMs are equal, element for element; a VM shared by
+/// both (the compile session patches only the VMs that changed) is equal
+/// without a comparison of its fields.
+fn same_vms<'a>(
+    a: impl Iterator<Item = &'a Arc<Vm>>,
+    b: impl Iterator<Item = &'a Arc<Vm>>,
+) -> bool {
+    let (mut a, mut b) = (a, b);
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(x), Some(y)) if Arc::ptr_eq(x, y) || x == y => {}
+            _ => return false,
+        }
+    }
+}
+
+fn site_vms<'m>(model: &'m Model, site: &'m str) -> impl Iterator<Item = &'m Arc<Vm>> + 'm {
     model.vms.iter().filter(move |v| v.site == site)
 }
 

@@ -3,6 +3,8 @@
 //! byte, over generated histories of commits (edits, syntax errors, files
 //! added, removed and renamed, names declared twice across files).
 
+use std::sync::Arc;
+
 use compiler::Sources;
 use compiler::generate::{GenConfig, generate};
 use compiler::session::Session;
@@ -305,18 +307,19 @@ fn change(
     let site = Some(model.vms[i].site.clone());
     let what = match rng.below(8) {
         0 | 1 => {
-            model.vms[i].cpu = (model.vms[i].cpu % 8) + 1;
+            let vm = Arc::make_mut(&mut model.vms[i]);
+            vm.cpu = (vm.cpu % 8) + 1;
             "vm cpu"
         }
         2 => {
-            model.vms[i].memory_bytes *= 2;
+            Arc::make_mut(&mut model.vms[i]).memory_bytes *= 2;
             "vm memory"
         }
         3 => {
-            let mut vm = model.vms[i].clone();
+            let mut vm = compiler::model::Vm::clone(&model.vms[i]);
             vm.name = format!("zz-new{step}");
             vm.group = None;
-            model.vms.push(vm);
+            model.vms.push(Arc::new(vm));
             "add vm"
         }
         4 => {
@@ -325,7 +328,9 @@ fn change(
         }
         5 => {
             let app = format!("app{}", rng.below(97));
-            model.vms[i].tags.insert("app".to_owned(), app);
+            Arc::make_mut(&mut model.vms[i])
+                .tags
+                .insert("app".to_owned(), app);
             "vm tag"
         }
         6 => {

@@ -892,7 +892,7 @@ pub(crate) mod tests {
             }],
         });
         let db = model.vms.iter_mut().find(|v| v.name == "db").unwrap();
-        db.nics[0].security_groups = vec!["db".into()];
+        std::sync::Arc::make_mut(db).nics[0].security_groups = vec!["db".into()];
         let changed = desired::desired(&model, &root, (*desired.placement).clone());
         let changes = segment_changes(&plan(&changed, &observed, "r9"));
         // Nothing the node reads back differs (VNI, VTEP, MTU, entries): only the
