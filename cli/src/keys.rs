@@ -1,7 +1,9 @@
-//! `cairn controller key rotate|revoke`: the controller key's lifecycle, asked of the
-//! running controller as a signed action (`controller::keys`), as `cairn controller
-//! pause` is: the controller holds the key, the nodes of the applied commit and the
-//! audit chain, so it rotates without a restart and without a refused node call.
+//! `cairn controller key rotate|revoke|recover`: the controller key's lifecycle.
+//! Rotate and revoke are asked of the running controller as a signed action
+//! (`controller::keys`), as `cairn controller pause` is: the controller holds the key,
+//! the nodes of the applied commit and the audit chain, so it rotates without a
+//! restart and without a refused node call. Recover runs here, with the controller
+//! stopped, since its key is what was lost (`controller::keys::recover`).
 //!
 //! Exit codes: 0 finished; 1 not finished because nodes did not take the new set
 //! (named, with the reason; run the command again to resume); 2 usage or failure.
@@ -49,6 +51,31 @@ pub enum KeyCommand {
         #[command(flatten)]
         flags: KeyFlags,
     },
+    /// Replace a lost controller key, authorized by an offline recovery key the
+    /// nodes trust (a `HEX recovery` line of DATA_DIR/controller-keys): a new key is
+    /// drawn, the audit log hands over to it (`controller-key-recovered`, signed by
+    /// the recovery key), and the set without the lost key is pushed to every node,
+    /// signed by the recovery key. Run with the controller stopped; nodes that do not
+    /// take the set are named and the command exits 1: run it again to resume.
+    Recover {
+        /// The recovery key's secret (the file `cairn-node` and `cairn controller`
+        /// write for their keys: 64 hex characters).
+        #[arg(long, value_name = "FILE")]
+        recovery_key: PathBuf,
+        /// The specs whose nodes get the new set. Default: DATA_DIR/checkout, the
+        /// last commit the controller compiled.
+        #[arg(long, value_name = "DIR")]
+        specs: Option<PathBuf>,
+        /// The controller's data directory.
+        #[arg(long, value_name = "DIR", default_value = ".cairn")]
+        data_dir: PathBuf,
+        /// The controllers' state store, when not DATA_DIR/state.redb.
+        #[arg(long, value_name = "URL")]
+        state: Option<String>,
+        /// Output.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
 }
 
 /// Runs `cairn controller key …`.
@@ -77,7 +104,65 @@ pub fn run(args: KeyArgs) -> anyhow::Result<u8> {
                 &format!("/api/v1/controller/key/revoke/{key}"),
             ))
         }
+        KeyCommand::Recover {
+            recovery_key,
+            specs,
+            data_dir,
+            state,
+            format,
+        } => recover(recovery_key, specs, data_dir, state.as_deref(), &format),
     }
+}
+
+fn recover(
+    recovery_key: PathBuf,
+    specs: Option<PathBuf>,
+    data_dir: PathBuf,
+    state: Option<&str>,
+    format: &str,
+) -> anyhow::Result<u8> {
+    if let Some(url) = state.filter(|s| s.starts_with("etcd://")) {
+        eprintln!(
+            "error: --state {url}: recovering the keys of controller replicas on etcd is not built (each replica has its own controller.key); recover a single controller's data directory"
+        );
+        return Ok(2);
+    }
+    if state.is_some_and(|s| Path::new(s) != data_dir.join("state.redb")) {
+        eprintln!(
+            "error: --state must be the data directory's state.redb ({}): the recovery's audit entry goes into the store beside the key",
+            data_dir.join("state.redb").display()
+        );
+        return Ok(2);
+    }
+    let recovery = match proto::auth::Identity::load(&recovery_key) {
+        Ok(identity) => identity,
+        Err(e) => {
+            eprintln!("error: the recovery key {}: {e}", recovery_key.display());
+            return Ok(2);
+        }
+    };
+    let input = controller::keys::recover::RecoverInput {
+        data_dir,
+        recovery,
+        specs,
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let report = match runtime.block_on(controller::keys::recover::recover(input)) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(2);
+        }
+    };
+    if format == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialize")
+        );
+    } else {
+        print_text(&report);
+    }
+    Ok(if report.finished() { 0 } else { 1 })
 }
 
 fn ask(flags: &KeyFlags, action: &str, path: &str) -> u8 {

@@ -36,6 +36,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod recover;
+
 use proto::auth::{Identity, NodeTarget, RequestSigner, TrustedKeys};
 use proto::v1;
 use serde::{Deserialize, Serialize};
@@ -151,8 +153,16 @@ fn rotation_path(data_dir: &Path) -> PathBuf {
 
 /// The unfinished rotation of `data_dir`, if any.
 pub fn load_rotation(data_dir: &Path) -> Result<Option<Rotation>, String> {
-    let path = rotation_path(data_dir);
-    match std::fs::read_to_string(&path) {
+    load_state(&rotation_path(data_dir))
+}
+
+fn save_rotation(data_dir: &Path, rotation: &Rotation) -> Result<(), String> {
+    save_state(&rotation_path(data_dir), rotation)
+}
+
+/// A key change's state file (JSON), if it exists.
+fn load_state<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, String> {
+    match std::fs::read_to_string(path) {
         Ok(text) => serde_json::from_str(&text)
             .map(Some)
             .map_err(|e| format!("{}: {e}", path.display())),
@@ -161,10 +171,9 @@ pub fn load_rotation(data_dir: &Path) -> Result<Option<Rotation>, String> {
     }
 }
 
-fn save_rotation(data_dir: &Path, rotation: &Rotation) -> Result<(), String> {
-    let text = serde_json::to_string_pretty(rotation).expect("rotations serialize") + "\n";
-    proto::auth::write_file_atomically(&rotation_path(data_dir), &text, 0o600)
-        .map_err(|e| e.to_string())
+fn save_state<T: Serialize>(path: &Path, state: &T) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(state).expect("key states serialize") + "\n";
+    proto::auth::write_file_atomically(path, &text, 0o600).map_err(|e| e.to_string())
 }
 
 fn write_secret(path: &Path, identity: &Identity) -> Result<(), String> {

@@ -65,7 +65,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use proto::auth::{Identity, RequestSigner};
+use proto::auth::RequestSigner;
 use reconciler::nodes::GrpcNodes;
 
 use crate::events::{Event, EventLog, LastSync};
@@ -527,11 +527,7 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
         Ok(None) => {}
         Err(e) => anyhow::bail!("the unfinished controller key rotation: {e}"),
     }
-    let identity = Identity::load_or_create(
-        &data_dir.join("controller.key"),
-        &data_dir.join("controller.pub"),
-    )
-    .context("the controller key")?;
+    let identity = keys::recover::load_controller_key(&data_dir).map_err(|e| anyhow::anyhow!(e))?;
     let fence = proto::fence::SharedFence::default();
     let signer = RequestSigner::new(identity)
         .with_audit_head(Default::default())

@@ -24,6 +24,21 @@ struct Setup {
     ssh_key: std::path::PathBuf,
 }
 
+/// `cairn controller` following the test's repository, on its addresses.
+fn controller_command(setup: &Setup) -> Command {
+    let dir = &setup.dir.0;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    command
+        .args(["controller", "--repo"])
+        .arg(dir.join("repo"))
+        .args(["--data-dir", ".cairn", "--listen"])
+        .arg(format!("{IP}:0"))
+        .args(["--grpc-listen", &setup.grpc, "--poll", "2s"])
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    command
+}
+
 fn controller(setup: &Setup) -> Process {
     let dir = &setup.dir.0;
     let log = std::fs::OpenOptions::new()
@@ -31,14 +46,7 @@ fn controller(setup: &Setup) -> Process {
         .append(true)
         .open(dir.join("controller.log"))
         .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["controller", "--repo"])
-        .arg(dir.join("repo"))
-        .args(["--data-dir", ".cairn", "--listen"])
-        .arg(format!("{IP}:0"))
-        .args(["--grpc-listen", &setup.grpc, "--poll", "2s"])
-        .current_dir(dir)
-        .stdin(Stdio::null())
+    let child = controller_command(setup)
         .stdout(log.try_clone().unwrap())
         .stderr(log)
         .spawn()
@@ -182,6 +190,17 @@ fn trusted(setup: &Setup, name: &str) -> String {
     std::fs::read_to_string(setup.dir.0.join(name).join("trusted-controllers")).unwrap()
 }
 
+/// Both nodes trust every key of `keys` and not `gone`.
+fn trusted_everywhere(setup: &Setup, keys: &[&str], gone: &str) {
+    for name in ["lab-1", "lab-2"] {
+        let set = trusted(setup, name);
+        assert!(
+            keys.iter().all(|k| set.contains(k)) && !set.contains(gone),
+            "{name}: {set}"
+        );
+    }
+}
+
 /// One lease renewal of `name`, signed with its key, addressed to the controller key
 /// `to`.
 async fn renew_addressed_to(setup: &Setup, name: &str, to: &str) -> Result<(), String> {
@@ -264,14 +283,20 @@ fn the_controller_key_rotates_through_a_node_outage_and_a_kill_9_without_a_refus
         format!("ops@example.com {public}"),
     )
     .unwrap();
-    // An offline recovery key in the set the nodes are told to trust.
+    // Two offline recovery keys in the set the nodes are told to trust: the first is
+    // revoked below, the second replaces a lost controller key at the end.
     let recovery = proto::auth::Identity::generate().unwrap();
+    let offsite = proto::auth::Identity::generate().unwrap();
     let mut controller_process = controller(&setup);
     let old = read_key(&data.join("controller.pub"));
     let old_secret = proto::auth::Identity::load(&data.join("controller.key")).unwrap();
     std::fs::write(
         data.join("controller-keys"),
-        format!("{old} controller\n{} recovery\n", recovery.public_key_hex()),
+        format!(
+            "{old} controller\n{} recovery\n{} recovery-offsite\n",
+            recovery.public_key_hex(),
+            offsite.public_key_hex()
+        ),
     )
     .unwrap();
     let tokens = [token(root, "lab-1", "15m"), token(root, "lab-2", "15m")];
@@ -316,14 +341,7 @@ fn the_controller_key_rotates_through_a_node_outage_and_a_kill_9_without_a_refus
     assert_eq!(read_key(&data.join("controller.pub")), next);
     assert!(!data.join("controller.key.old").exists());
     assert!(!data.join("controller-key-rotation.json").exists());
-    for name in ["lab-1", "lab-2"] {
-        let keys = trusted(&setup, name);
-        assert!(
-            keys.contains(&next) && !keys.contains(&old),
-            "{name}: {keys}"
-        );
-        assert!(keys.contains(&recovery.public_key_hex()), "{name}: {keys}");
-    }
+    trusted_everywhere(&setup, &[&next, &recovery.public_key_hex()], &old);
     // Renewals go on, addressed to the new key, and none was refused.
     std::thread::sleep(Duration::from_secs(4));
     for (name, mark) in ["lab-1", "lab-2"].iter().zip(marks) {
@@ -463,7 +481,119 @@ fn the_controller_key_rotates_through_a_node_outage_and_a_kill_9_without_a_refus
         "{refused:?}"
     );
     assert!(refused.message().contains("pinned"), "{refused:?}");
+
+    // The controller key is lost: the controller is killed (-9) and its key deleted.
+    // Started again it refuses to draw a key no node trusts, and names the recovery.
+    let lost = proto::auth::Identity::load(&data.join("controller.key")).unwrap();
+    assert_eq!(lost.public_key_hex(), next);
+    let _ = controller_process.0.kill();
+    let _ = controller_process.0.wait();
+    std::fs::remove_file(data.join("controller.key")).unwrap();
+    let refused = refused_start(&setup);
+    assert!(
+        refused.contains("controller.key is missing") && refused.contains("key recover"),
+        "{refused}"
+    );
+    assert!(!data.join("controller.key").exists(), "no key was drawn");
+    // A key that is not a recovery key of the set is refused, and nothing changes.
+    let stranger = root.join("stranger.key");
+    std::fs::write(
+        &stranger,
+        format!(
+            "{}\n",
+            proto::auth::Identity::generate().unwrap().secret_seed_hex()
+        ),
+    )
+    .unwrap();
+    let run = recover(root, &stranger);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("not a recovery key"), "{run:?}");
+    assert!(!data.join("controller.key").exists(), "{run:?}");
+    // With the offline recovery key: a new key, pushed to both nodes (the specs of
+    // the controller's last checkout), the lost key no longer trusted.
+    let offsite_file = root.join("offsite.key");
+    std::fs::write(&offsite_file, format!("{}\n", offsite.secret_seed_hex())).unwrap();
+    let run = recover(root, &offsite_file);
+    assert_eq!(run.code, 0, "{run:?}");
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["phase"], "done", "{run:?}");
+    assert_eq!(report["from"].as_str(), Some(next.as_str()), "{run:?}");
+    assert_eq!(
+        report["pushed"],
+        serde_json::json!(["lab-1", "lab-2"]),
+        "{run:?}"
+    );
+    let recovered = read_key(&data.join("controller.pub"));
+    assert_eq!(report["to"].as_str(), Some(recovered.as_str()), "{run:?}");
+    assert_ne!(recovered, next);
+    assert!(!data.join("controller-key-recovery.json").exists());
+    trusted_everywhere(&setup, &[&recovered, &offsite.public_key_hex()], &next);
+    let refused = observe_with(&lost).unwrap_err();
+    assert!(refused.contains("not trusted"), "{refused}");
+    let new_key = proto::auth::Identity::load(&data.join("controller.key")).unwrap();
+    observe_with(&new_key).expect("the recovered key is trusted");
+    // Run again with the key present (forsaken rather than lost): another new key, and
+    // the present one is kept aside, not destroyed.
+    let again = recover(root, &offsite_file);
+    assert_eq!(again.code, 0, "{again:?}");
+    let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    assert_eq!(
+        report["from"].as_str(),
+        Some(recovered.as_str()),
+        "{again:?}"
+    );
+    assert_ne!(report["to"].as_str(), Some(recovered.as_str()), "{again:?}");
+    let kept = proto::auth::Identity::load(&data.join("controller.key.lost")).unwrap();
+    assert_eq!(kept.public_key_hex(), recovered);
+    let recovered = read_key(&data.join("controller.pub"));
+    // The audit chain verifies across the rotation and both recoveries.
+    let verify = cairn(root, &["audit", "verify"]);
+    assert_eq!(verify.code, 0, "{verify:?}");
+    // The controller starts on the recovered key and the nodes' renewals are granted.
+    let controller_process = controller(&setup);
+    wait_granted(&setup);
+    assert_eq!(read_key(&data.join("controller.pub")), recovered);
     drop(lab1);
     drop(nodes);
     drop(controller_process);
+}
+
+/// `cairn controller key recover` with the recovery key in `file`, JSON output.
+fn recover(root: &Path, file: &Path) -> crate::Run {
+    let file = file.display().to_string();
+    cairn(
+        root,
+        &[
+            "controller",
+            "key",
+            "recover",
+            "--recovery-key",
+            &file,
+            "--format",
+            "json",
+        ],
+    )
+}
+
+/// Starts the controller expecting it to refuse; its error output.
+fn refused_start(setup: &Setup) -> String {
+    let mut child = controller_command(setup)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cairn controller starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut text = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut text).unwrap();
+            assert!(!status.success(), "the controller started: {text}");
+            return text;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the controller started without its key");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -535,6 +535,17 @@ impl Checker<'_> {
                     );
                 }
             }
+            if let Some(d) = body.disks.first() {
+                self.push(
+                    Diagnostic::warning(
+                        "cairn::check::ft_disks_unprotected",
+                        a.span,
+                        format!("{owner} is fault tolerant and has disks: the node runtime does not yet keep a secondary's copy of a volume, so it runs unprotected"),
+                    )
+                    .and_label(d.name.span, "a disk")
+                    .with_help("its secondary's place stays reserved and every plan lists it as not protected; for protection now, keep the data off an FT VM or use `availability \"ha\"`"),
+                );
+            }
         }
         Some(Vm {
             name: name.to_owned(),

@@ -89,6 +89,22 @@ pub(super) fn plan_ft(b: &mut Builder<'_>) {
         {
             continue;
         }
+        if let Some(volume) = vm.volumes.first() {
+            // The node refuses PrepareFtSecondary for a VM with volumes: each side
+            // needs a copy of its own that only its VMM writes, which the volume
+            // layer does not give (node-runtime/ARCHITECTURE.md, "Disks"). A step
+            // that fails on every apply would hide that; the plan says it instead.
+            b.left_alone.push(LeftAlone {
+                object: "vm".into(),
+                name: vm.name.clone(),
+                node: vm.node.clone(),
+                reason: format!(
+                    "not fault tolerant: it has a volume (`{volume}`) and the node runtime does not yet keep an FT secondary's copy of one; it runs unprotected, its secondary's place on {} stays reserved",
+                    ft.secondary
+                ),
+            });
+            continue;
+        }
         if !observed.reachable(&ft.secondary) {
             b.left_alone.push(LeftAlone {
                 object: "vm".into(),
@@ -235,10 +251,8 @@ mod tests {
         compilation.model
     }
 
-    /// The spec's `ft-epoch` is the epoch the protect step sends; without it, 0 (the
-    /// node's 30 ms).
-    #[test]
-    fn the_specs_ft_epoch_is_sent_to_the_pair() {
+    /// The quickstart with `line` added to the FT VM's body.
+    fn compile_with(line: &str) -> compiler::Compilation {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
         let files: Vec<(String, String)> = ["cluster.kdl", "tenants.kdl", "workloads.kdl"]
             .iter()
@@ -246,7 +260,7 @@ mod tests {
                 let text = std::fs::read_to_string(root.join(f)).expect("quickstart");
                 let text = text.replacen(
                     "    availability \"ft\"\n",
-                    "    availability \"ft\"\n    ft-epoch \"50ms\"\n",
+                    &format!("    availability \"ft\"\n    {line}\n"),
                     1,
                 );
                 ((*f).to_owned(), text)
@@ -254,6 +268,14 @@ mod tests {
             .collect();
         let compilation = compiler::compile(&compiler::source::Sources::from_files(files));
         assert!(!compilation.has_errors(), "{:?}", compilation.diagnostics);
+        compilation
+    }
+
+    /// The spec's `ft-epoch` is the epoch the protect step sends; without it, 0 (the
+    /// node's 30 ms).
+    #[test]
+    fn the_specs_ft_epoch_is_sent_to_the_pair() {
+        let compilation = compile_with("ft-epoch \"50ms\"");
         for (model, epoch) in [(compilation.model, 50), (model(), 0)] {
             let placement = desired::place(&model, None);
             let want = desired::desired(&model, std::path::Path::new("."), placement);
@@ -273,6 +295,65 @@ mod tests {
             };
             assert_eq!(*epoch_ms, epoch);
         }
+    }
+
+    /// An FT VM with a disk is warned of by the compiler, created and started on its
+    /// primary with its volume, and never protected: the node would refuse the
+    /// secondary (no copy of the volume of its own), so the plan says why instead of
+    /// issuing a step that fails on every apply, and the cloud is not converged.
+    #[test]
+    fn an_ft_vm_with_a_disk_runs_unprotected_and_the_plan_says_why() {
+        let compilation = compile_with("disk \"journal\" size=\"64MiB\" pool=\"local\"");
+        let warning = compilation
+            .diagnostics
+            .iter()
+            .find(|d| d.code == "cairn::check::ft_disks_unprotected")
+            .expect("a warning");
+        assert!(warning.message.contains("`ledger`"), "{}", warning.message);
+        let model = compilation.model;
+        let placement = desired::place(&model, None);
+        let want = desired::desired(&model, std::path::Path::new("."), placement);
+        let ft = want.vms[VM]
+            .ft
+            .clone()
+            .expect("its secondary is still placed");
+        let mut observed = Observed::default();
+        let nodes: Vec<&String> = want.nodes.keys().collect();
+        reachable(&mut observed, &nodes);
+        let p = plan(&want, &observed, "r");
+        let primary = want.vms[VM].node.clone();
+        assert_eq!(
+            ft_steps(&p),
+            vec![
+                ("create_vm".to_owned(), primary.clone()),
+                ("start_vm".to_owned(), primary.clone()),
+            ]
+        );
+        assert!(
+            p.steps.iter().any(|s| s.action.word() == "create_volume"
+                && s.action.name() == "ledger-journal"
+                && s.node == primary),
+            "{:?}",
+            p.steps
+        );
+        let left = p
+            .left_alone
+            .iter()
+            .find(|l| l.object == "vm" && l.name == VM)
+            .expect("left alone");
+        assert_eq!(left.node, primary);
+        assert!(
+            left.reason.contains("`ledger-journal`") && left.reason.contains(&ft.secondary),
+            "{}",
+            left.reason
+        );
+        assert!(
+            p.not_converged()
+                .iter()
+                .any(|n| n.contains("not fault tolerant")),
+            "{:?}",
+            p.not_converged()
+        );
     }
 
     fn reachable(observed: &mut Observed, nodes: &[&String]) {
