@@ -166,13 +166,24 @@ fn plans_through_the_sessions_are_the_full_plans_over_a_history_applied_to_simul
         }
     }
     let _down = Down(&root);
-    // The first apply may leave a step failed (a generated FT VM with disks whose
-    // secondary's node holds no copy of them is refused by that node): the
-    // plans compared below then carry it as a change again, as plans do.
+    // The first apply carries out every step. The generated FT VMs with disks run
+    // unprotected, left alone with the reason (the node runtime keeps no secondary's
+    // copy of a volume), so it may end "not converged" (exit 1) for them alone.
     let apply = crate::cairn(&root, &["apply", "--auto-approve", "."]);
     let end: Vec<&str> = apply.stdout.lines().rev().take(6).collect();
+    let not_converged = apply
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("Not converged"))
+        .unwrap_or_default();
     assert!(
-        apply.code == 0 || (apply.code == 1 && apply.stdout.contains("Apply incomplete")),
+        apply.stdout.contains("Apply complete")
+            && apply.stdout.contains(", 0 failed, 0 skipped")
+            && (apply.code == 0
+                || (apply.code == 1
+                    && not_converged
+                        .split("; vm ")
+                        .all(|r| r.contains("not fault tolerant")))),
         "the first apply: exit {}, {end:?}, {}",
         apply.code,
         apply.stderr

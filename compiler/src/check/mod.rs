@@ -38,7 +38,7 @@ mod tenants;
 mod vms;
 
 pub use images::BUILTIN_IMAGES;
-pub(crate) use patch::patch_vms;
+pub(crate) use patch::{PER_VM, patch_vms};
 pub use selectors::{matches_node, matches_vm};
 pub use slas::BUILTIN_SLA;
 

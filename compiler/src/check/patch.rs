@@ -18,10 +18,11 @@
 //! So a re-checked VM that differs from its last entry in nothing but `cpu`
 //! and `memory_bytes` changes only its own entry, its tenant's usage and, if
 //! reserved, its site's need: those are patched, and the quota and reserved
-//! room are checked for the tenants and sites touched; every other diagnostic
-//! of the last check stays as it was. Anything else (another field, a
-//! diagnostic from the re-check, a pinned address, a quota or a site's room
-//! exceeded) returns `None` and the caller runs the whole check;
+//! room are checked for the tenants and sites touched; the re-checked VMs'
+//! own warnings ([`PER_VM`]) replace theirs of the last check, and every other
+//! diagnostic of the last check stays as it was. Anything else (another
+//! field, another diagnostic from the re-check, a pinned address, a quota or a
+//! site's room exceeded) returns `None` and the caller runs the whole check;
 //! the test `compiler/tests/it/session.rs` compares both over generated
 //! histories.
 
@@ -30,16 +31,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::capacity::{demand, reserved_room};
 use super::vms::Known;
 use super::{Checker, SpanIndex};
+use crate::diag::Diagnostic;
 use crate::model::*;
 use crate::source::Sources;
 use crate::spec::{self, SpecSet};
+
+/// The warnings a VM's own check reports from its own spec alone (every label
+/// in its declaration) and nothing else reports: re-checking every VM of a
+/// file gives all of that file's again, so they need no whole check.
+pub(crate) const PER_VM: &[&str] = &[
+    "cairn::check::ft_disks_unprotected",
+    "cairn::check::from_image_without_disk",
+];
 
 /// Patches `model` and `spans` (the last whole check's, none of whose
 /// diagnostics is a quota's or a site's reserved room, or points at the
 /// changed files: the caller sees to it) for re-lowered `vms` and `groups` of
 /// the same names; `set` is the whole new spec set. Returns how many VMs were
-/// re-checked and the names of those whose entry changed (their vCPUs or
-/// memory), or `None` (leaving `model` and `spans` untouched) when the change
+/// re-checked, the names of those whose entry changed (their vCPUs or
+/// memory) and the re-check's own warnings ([`PER_VM`]), or `None` (leaving `model` and `spans` untouched) when the change
 /// reaches further than the VMs' own entries.
 pub(crate) fn patch_vms(
     sources: &Sources,
@@ -48,7 +58,7 @@ pub(crate) fn patch_vms(
     spans: &mut SpanIndex,
     vms: &[&spec::VmSpec],
     groups: &[&spec::VmGroupSpec],
-) -> Option<(usize, Vec<String>)> {
+) -> Option<(usize, Vec<String>, Vec<Diagnostic>)> {
     let mut diags = vec![];
     let mut c = Checker {
         sources,
@@ -81,7 +91,7 @@ pub(crate) fn patch_vms(
         fresh_groups.push(group);
     }
     let (new_spans, pinned) = (c.spans, c.pinned);
-    if !diags.is_empty() || !pinned.is_empty() {
+    if !diags.iter().all(|d| PER_VM.contains(&d.code)) || !pinned.is_empty() {
         return None;
     }
 
@@ -207,5 +217,5 @@ pub(crate) fn patch_vms(
     // The declarations moved within their files (a longer or shorter line
     // above them): their spans are the new ones.
     spans.objects.extend(new_spans.objects);
-    Some((n, changed))
+    Some((n, changed, diags))
 }

@@ -327,8 +327,9 @@ impl Session {
 
     /// Patches the last compilation for the changed files' VMs and vm-groups
     /// (`vms` and `groups`: ranges of the set's lists, in `files`), when none
-    /// of the last check's diagnostics can change and nothing else it read
-    /// changed.
+    /// of the last check's diagnostics can change but the changed files' VMs'
+    /// own warnings (`check::PER_VM`, which the re-check reports again) and
+    /// nothing else it read changed.
     fn patch(
         &mut self,
         sources: &Sources,
@@ -337,11 +338,12 @@ impl Session {
         groups: &[std::ops::Range<usize>],
     ) -> Option<(usize, Vec<String>)> {
         let kept = self.last.as_mut()?;
+        let in_files = |d: &Diagnostic| d.labels.iter().any(|l| files.contains(&l.span.file));
         let unaffected = |d: &Diagnostic| {
             !matches!(
                 d.code,
                 "cairn::check::quota_exceeded" | "cairn::check::reserved_over_capacity"
-            ) && d.labels.iter().all(|l| !files.contains(&l.span.file))
+            ) && (!in_files(d) || check::PER_VM.contains(&d.code))
         };
         if sources.is_empty()
             || kept.other_files != *sources.other_files()
@@ -355,7 +357,7 @@ impl Session {
             .flat_map(|r| &self.set.vm_groups[r.clone()])
             .collect();
         let c = &mut kept.compilation;
-        let patched = check::patch_vms(
+        let (n, changed, warnings) = check::patch_vms(
             sources,
             &self.set,
             &mut c.model,
@@ -363,6 +365,8 @@ impl Session {
             &vms,
             &groups,
         )?;
+        kept.checked.retain(|d| !in_files(d));
+        kept.checked.extend(warnings);
         // The check reports what it reported (in the same order), after the
         // files' own diagnostics, as in `check`.
         let mut diagnostics = vec![];
@@ -373,7 +377,7 @@ impl Session {
         diag::sort(sources, &mut diagnostics);
         diagnostics.dedup();
         c.diagnostics = diagnostics;
-        Some(patched)
+        Some((n, changed))
     }
 
     /// The cross-file phase over the cached lowering of `sources` (which

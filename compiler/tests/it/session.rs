@@ -227,6 +227,15 @@ fn a_change_to_vms_alone_is_checked_alone_and_gives_the_whole_check() {
             ),
             1,
         );
+        // The generated FT VMs with disks carry a VM's own warning: the patch
+        // must report them again for the changed file, as the whole check does.
+        assert!(
+            compiler::compile(&Sources::from_files(files.clone()))
+                .diagnostics
+                .iter()
+                .any(|d| d.code == "cairn::check::ft_disks_unprotected"),
+            "seed {seed}: no VM's own warning to carry"
+        );
         let base = files.clone();
         let mut rng = Rng(0x5EED_0000 ^ seed);
         let mut session = Session::new();
