@@ -361,6 +361,23 @@ pub enum Command {
     },
 }
 
+/// The controller a signed action is asked of, and the key that signs it.
+#[derive(Debug, clap::Args)]
+pub struct ActionFlags {
+    /// The controller (`http://HOST:PORT`; token from DATA_DIR/controller.token or
+    /// CAIRN_CONTROLLER_TOKEN); without it, the controller that runs for DATA_DIR.
+    #[arg(long, value_name = "URL")]
+    pub controller: Option<String>,
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR", default_value = ".cairn")]
+    pub data_dir: PathBuf,
+    /// The SSH key that signs the action (a private key, or a public key whose
+    /// private half ssh-agent holds); it must be a platform key of the controller's
+    /// trusted keys. Default: git's user.signingkey.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+}
+
 /// `cairn node` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum NodeCommand {
@@ -379,22 +396,24 @@ pub enum NodeCommand {
         /// Leave maintenance.
         #[arg(long)]
         off: bool,
-        /// The controller (`http://HOST:PORT`; token from DATA_DIR/controller.token or
-        /// CAIRN_CONTROLLER_TOKEN); without it, the controller that runs for DATA_DIR.
-        #[arg(long, value_name = "URL")]
-        controller: Option<String>,
-        /// The controller's data directory.
-        #[arg(long, value_name = "DIR", default_value = ".cairn")]
-        data_dir: PathBuf,
-        /// The SSH key that signs the action (as for `cairn sync`).
-        #[arg(long, value_name = "FILE")]
-        key: Option<PathBuf>,
+        #[command(flatten)]
+        to: ActionFlags,
     },
     /// One-time enrollment tokens: a new node presents one (`cairn-node --enroll
     /// TOKEN --controller ADDR`) to be trusted, instead of copied key files.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Revoke a node's key (asked of the running controller as a signed action): its
+    /// lease renewals are refused from then on, so its HA VMs are fenced and
+    /// restarted elsewhere once it is detected failed, and it enrolls again only with
+    /// a new key and a new token.
+    Revoke {
+        /// The node.
+        node: String,
+        #[command(flatten)]
+        to: ActionFlags,
     },
     /// The nodes that enrolled and the keys the controller pinned for them.
     Keys {
@@ -1016,16 +1035,14 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     node,
                     on,
                     off: _,
-                    controller,
-                    data_dir,
-                    key,
+                    to,
                 },
         } => Ok(controller::maintenance::command(
-            &data_dir,
-            controller.as_deref(),
+            &to.data_dir,
+            to.controller.as_deref(),
             &node,
             on,
-            key.as_deref(),
+            to.key.as_deref(),
         )),
         Command::Node {
             command:
@@ -1039,6 +1056,15 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         },
                 },
         } => crate::tokens::create(&node, &ttl, &data_dir, state.as_deref()),
+        Command::Node {
+            command: NodeCommand::Revoke { node, to },
+        } => Ok(controller::actions::command(
+            &to.data_dir,
+            to.controller.as_deref(),
+            &controller::node_keys::action(&node),
+            &format!("/api/v1/nodes/{node}/revoke"),
+            to.key.as_deref(),
+        )),
         Command::Node {
             command: NodeCommand::Keys { data_dir, state },
         } => crate::tokens::keys(&data_dir, state.as_deref()),

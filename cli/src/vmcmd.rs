@@ -42,18 +42,8 @@ pub enum VmCommand {
 pub struct OperatorArgs {
     /// The VM.
     vm: String,
-    /// The controller (`http://HOST:PORT`; token from DATA_DIR/controller.token or
-    /// CAIRN_CONTROLLER_TOKEN); without it, the controller that runs for DATA_DIR.
-    #[arg(long, value_name = "URL")]
-    controller: Option<String>,
-    /// The controller's data directory.
-    #[arg(long, value_name = "DIR", default_value = ".cairn")]
-    data_dir: PathBuf,
-    /// The SSH key that signs the action (a private key, or a public key whose
-    /// private half ssh-agent holds); it must be a platform key of the controller's
-    /// trusted keys. Default: git's user.signingkey.
-    #[arg(long, value_name = "FILE")]
-    key: Option<PathBuf>,
+    #[command(flatten)]
+    to: crate::cli::ActionFlags,
 }
 
 /// The arguments of `cairn vm console`.
@@ -100,16 +90,16 @@ pub fn run(command: VmCommand) -> anyhow::Result<u8> {
     match command {
         VmCommand::DiskIo(args) => disk_io(&args),
         VmCommand::Reboot(args) => Ok(controller::vm_actions::reboot_command(
-            &args.data_dir,
-            args.controller.as_deref(),
+            &args.to.data_dir,
+            args.to.controller.as_deref(),
             &args.vm,
-            args.key.as_deref(),
+            args.to.key.as_deref(),
         )),
         VmCommand::Console(args) => Ok(controller::vm_actions::console_command(
-            &args.target.data_dir,
-            args.target.controller.as_deref(),
+            &args.target.to.data_dir,
+            args.target.to.controller.as_deref(),
             &args.target.vm,
-            args.target.key.as_deref(),
+            args.target.to.key.as_deref(),
             &controller::vm_actions::ConsoleOptions {
                 detach: args.detach_key,
                 tail_bytes: args.tail,

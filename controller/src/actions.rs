@@ -600,6 +600,63 @@ pub fn perform(
     }
 }
 
+/// Asks the controller of `data_dir` (or at `url`) to carry out the signed `action`
+/// at `path` and prints the `message` it answers: exit 0 done, 1 the controller
+/// answered 404 (what was named is not there), 2 anything else (said on stderr).
+pub fn command(
+    data_dir: &std::path::Path,
+    url: Option<&str>,
+    action: &str,
+    path: &str,
+    key: Option<&std::path::Path>,
+) -> u8 {
+    let Some((url, token)) = crate::control::status_endpoint(data_dir, url) else {
+        eprintln!(
+            "error: no cairn controller runs for {} (pass --controller URL, or --data-dir DIR of a running controller)",
+            data_dir.display()
+        );
+        return 2;
+    };
+    let request = Request {
+        action,
+        path,
+        plan_id: None,
+    };
+    let answer = match perform(
+        &url,
+        token.as_deref(),
+        request,
+        key,
+        std::time::Duration::from_secs(60),
+    ) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    match (
+        answer.status,
+        serde_json::from_str::<serde_json::Value>(&answer.body),
+    ) {
+        (200, Ok(v)) => {
+            println!("{}", v["message"].as_str().unwrap_or_default());
+            0
+        }
+        (404, _) => {
+            eprintln!("error: {}", answer.body.trim());
+            1
+        }
+        (status, _) => {
+            eprintln!(
+                "error: the controller at {url} answered {status}: {}",
+                answer.body.trim()
+            );
+            2
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -80,6 +80,19 @@ impl v1::enrollment_server::Enrollment for EnrollmentService {
             Status::unauthenticated(format!("enrollment of node `{}` refused: {why}", body.node))
         })?;
         let key_hex = body.public_key_hex.to_ascii_lowercase();
+        // A revoked key does not enroll again (the token is left unused).
+        if let Some(pin) = crate::node_keys::pinned(&self.shared, &body.node)
+            .await
+            .filter(|p| p.how == crate::node_keys::REVOKED && p.key_hex == key_hex)
+        {
+            let why = crate::node_keys::refusal(&body.node, &pin);
+            self.shared.record(vec![
+                Event::new("enroll", "refused")
+                    .object(format!("node {}", body.node))
+                    .reason(why.clone()),
+            ]);
+            return Err(Status::permission_denied(why));
+        }
         let hash = proto::enroll::token_hash(&body.token);
         let shared = self.shared.clone();
         let (node, key) = (body.node.clone(), key_hex.clone());
@@ -154,20 +167,23 @@ impl v1::enrollment_server::Enrollment for EnrollmentService {
                 .enrolled_nodes()
                 .map_err(|e| e.to_string())?
                 .into_iter()
-                .find(|n| n.name == node)
-                .map(|n| n.key_hex);
+                .find(|n| n.name == node);
             Ok::<_, String>(match pinned {
                 None => Err(format!(
                     "node `{node}` has no pinned key: it was not enrolled (`cairn node token create {node}`, then `cairn-node --enroll`)"
                 )),
+                Some(pin) if pin.how == crate::node_keys::REVOKED => {
+                    Err(crate::node_keys::refusal(&node, &pin))
+                }
+                Some(pin) => match pin.key_hex {
                 // The same request again: its answer was lost.
-                Some(pinned) if pinned == new_key => Ok(false),
-                Some(pinned) if pinned != old_key => Err(format!(
+                pinned if pinned == new_key => Ok(false),
+                pinned if pinned != old_key => Err(format!(
                     "the key pinned for node `{node}` is {}…, not {}…: the rotation must be signed by the pinned key",
                     &pinned[..16],
                     &old_key[..16]
                 )),
-                Some(_) => enrollment
+                _ => enrollment
                     .set_enrolled_node(&reconciler::enroll::EnrolledNode {
                         name: node.clone(),
                         key_hex: new_key.clone(),
@@ -176,6 +192,7 @@ impl v1::enrollment_server::Enrollment for EnrollmentService {
                     })
                     .map(|()| true)
                     .map_err(|e| e.to_string()),
+                },
             })
         })
         .await
@@ -215,21 +232,4 @@ impl v1::enrollment_server::Enrollment for EnrollmentService {
             }
         }
     }
-}
-
-/// The key node `name` enrolled with (or was rotated to), if it was enrolled.
-pub async fn enrolled_key(shared: &Arc<Shared>, name: &str) -> Option<String> {
-    let shared = shared.clone();
-    let name = name.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let store = shared.state_store().ok()?;
-        let nodes = store.enrollment_store().enrolled_nodes().ok()?;
-        nodes
-            .into_iter()
-            .find(|node| node.name == name)
-            .map(|node| node.key_hex)
-    })
-    .await
-    .ok()
-    .flatten()
 }

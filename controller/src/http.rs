@@ -10,6 +10,7 @@
 //! | `GET /api/v1/actions/challenge` | a nonce and binding to sign an action with ([`crate::actions`]) |
 //! | `POST /api/v1/pause`, `POST /api/v1/resume` | hand the cluster to manual apply and back (signed actions) |
 //! | `POST /api/v1/sync`, `GET /api/v1/plans`, `POST /api/v1/plans/ID/approve` | sync now, held plans, approve one ([`crate::sync_api`]; signed actions `sync` and `approve`) |
+//! | `POST /api/v1/nodes/NODE/revoke` | revoke a node's key ([`crate::node_keys`]; signed action `node-revoke:NODE`) |
 //! | `POST /api/v1/nodes/NODE/maintenance/{on,off}` | a node in or out of maintenance ([`crate::maintenance`]; signed actions `maintenance-on:NODE`, `maintenance-off:NODE`) |
 //! | `POST /api/v1/controller/key/rotate`, `POST /api/v1/controller/key/revoke/KEY` | rotate the controller key, revoke a key of its set ([`crate::keys`]; signed actions `controller-key-rotate`, `controller-key-revoke:KEY`) |
 //! | `POST /api/v1/webhook` | a forge's push event: fetch now (HMAC, no token; [`crate::webhook`]) |
@@ -64,6 +65,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/v1/nodes/{node}/maintenance/{switch}",
             post(crate::maintenance::handler),
+        )
+        .route(
+            "/api/v1/nodes/{node}/revoke",
+            post(crate::node_keys::handler),
         )
         .route(
             "/api/v1/vms/{vm}/reboot",

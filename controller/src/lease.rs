@@ -1113,14 +1113,20 @@ impl LeaseService {
         if let Some(key) = self.leases.keys.lock().await.get(name) {
             return Ok(key.clone());
         }
-        // An enrolled node's key is the one it enrolled with (`crate::enroll`).
-        if let Some(key) = crate::enroll::enrolled_key(&self.shared, name).await {
+        // An enrolled node's key is the one it enrolled with (`crate::enroll`); a
+        // revoked one is refused, and not learned again from the node.
+        if let Some(pin) = crate::node_keys::pinned(&self.shared, name).await {
+            if pin.how == crate::node_keys::REVOKED {
+                return Err(Status::permission_denied(crate::node_keys::refusal(
+                    name, &pin,
+                )));
+            }
             self.leases
                 .keys
                 .lock()
                 .await
-                .insert(name.to_owned(), key.clone());
-            return Ok(key);
+                .insert(name.to_owned(), pin.key_hex.clone());
+            return Ok(pin.key_hex);
         }
         let mut client = reconciler::nodes::connect(address, self.shared.signer.clone())
             .await
@@ -1269,7 +1275,8 @@ impl v1::lease_server::Lease for LeaseService {
 /// and starts a drift check at once, whose plan places the node's diskless HA VMs
 /// elsewhere (`PlanOptions::failed_nodes`); when it is back, `node returned`.
 pub async fn watch_failures(shared: Arc<Shared>) {
-    // The witness claims run beside it and end with it.
+    // The witness claims and, with replicas, the revocations' refresh run beside it
+    // and end with it.
     struct Abort(tokio::task::JoinHandle<()>);
     impl Drop for Abort {
         fn drop(&mut self) {
@@ -1277,6 +1284,9 @@ pub async fn watch_failures(shared: Arc<Shared>) {
         }
     }
     let _claims = Abort(tokio::spawn(witness_claims(Arc::clone(&shared))));
+    let _revoked = Abort(tokio::spawn(crate::node_keys::forget_revoked(Arc::clone(
+        &shared,
+    ))));
     let mut failed = std::collections::BTreeSet::new();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;

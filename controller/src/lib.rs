@@ -42,6 +42,7 @@ pub mod keys;
 pub mod lease;
 pub mod maintenance;
 pub mod metrics;
+pub mod node_keys;
 pub mod notifications;
 pub mod preemption;
 pub mod protection_events;

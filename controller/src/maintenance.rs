@@ -361,56 +361,11 @@ fn message(node: &str, on: bool, changed: bool, vms: &[String]) -> String {
 /// `cairn node maintenance NODE --on|--off`: asks the controller (of `data_dir`, or
 /// at `url`) with an action signed by `key`. Returns the exit code.
 pub fn command(data_dir: &Path, url: Option<&str>, node: &str, on: bool, key: Option<&Path>) -> u8 {
-    let Some((url, token)) = crate::control::status_endpoint(data_dir, url) else {
-        eprintln!(
-            "error: no cairn controller runs for {} (pass --controller URL, or --data-dir DIR of a running controller)",
-            data_dir.display()
-        );
-        return 2;
-    };
     let path = format!(
         "/api/v1/nodes/{node}/maintenance/{}",
         if on { "on" } else { "off" }
     );
-    let action = action(node, on);
-    let request = crate::actions::Request {
-        action: &action,
-        path: &path,
-        plan_id: None,
-    };
-    let answer = match crate::actions::perform(
-        &url,
-        token.as_deref(),
-        request,
-        key,
-        std::time::Duration::from_secs(60),
-    ) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return 2;
-        }
-    };
-    match (
-        answer.status,
-        serde_json::from_str::<serde_json::Value>(&answer.body),
-    ) {
-        (200, Ok(v)) => {
-            println!("{}", v["message"].as_str().unwrap_or_default());
-            0
-        }
-        (404, _) => {
-            eprintln!("error: {}", answer.body.trim());
-            1
-        }
-        (status, _) => {
-            eprintln!(
-                "error: the controller at {url} answered {status}: {}",
-                answer.body.trim()
-            );
-            2
-        }
-    }
+    crate::actions::command(data_dir, url, &action(node, on), &path, key)
 }
 
 #[cfg(test)]

@@ -72,6 +72,15 @@ fn node(setup: &Setup, index: usize, token: &str) -> Process {
 }
 
 fn node_with(setup: &Setup, index: usize, token: &str, extra: &[&str]) -> Process {
+    match start_node(setup, index, token, extra) {
+        Ok(process) => process,
+        Err(log) => panic!("{log}"),
+    }
+}
+
+/// Starts node `index` (enrolling with `token` if it has not); `Err` is its log when
+/// it exited before serving.
+fn start_node(setup: &Setup, index: usize, token: &str, extra: &[&str]) -> Result<Process, String> {
     let name = format!("lab-{}", index + 1);
     let data = setup.dir.0.join(&name);
     std::fs::create_dir_all(&data).unwrap();
@@ -105,12 +114,15 @@ fn node_with(setup: &Setup, index: usize, token: &str, extra: &[&str]) -> Proces
     let deadline = Instant::now() + Duration::from_secs(60);
     while !data.join("listen-address").exists() {
         if let Ok(Some(status)) = process.0.try_wait() {
-            panic!("{name} exited with {status}: {}", log_of(setup, &name));
+            return Err(format!(
+                "{name} exited with {status}: {}",
+                log_of(setup, &name)
+            ));
         }
         assert!(Instant::now() < deadline, "{name} did not serve");
         std::thread::sleep(Duration::from_millis(50));
     }
-    process
+    Ok(process)
 }
 
 fn log_of(setup: &Setup, name: &str) -> String {
@@ -553,8 +565,51 @@ fn the_controller_key_rotates_through_a_node_outage_and_a_kill_9_without_a_refus
     let controller_process = controller(&setup);
     wait_granted(&setup);
     assert_eq!(read_key(&data.join("controller.pub")), recovered);
-    drop(lab1);
+
+    // lab-2's key is revoked (a signed action): its renewals are refused naming the
+    // revocation, `cairn node keys` says so, and asking again changes nothing.
+    let lab2_key = read_key(&root.join("lab-2/identity.pub"));
+    let mark = log_of(&setup, "lab-2").len();
+    let run = cairn(root, &["node", "revoke", "lab-2", "--key", &key]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("is revoked"), "{run:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !renewals(&setup, "lab-2", mark)
+        .iter()
+        .any(|r| r.contains("was revoked"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "lab-2's renewals after the revocation: {:?}",
+            renewals(&setup, "lab-2", mark)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let keys = cairn(root, &["node", "keys"]);
+    assert!(
+        keys.stdout.contains(&format!("lab-2 {lab2_key} (revoked)")),
+        "{keys:?}"
+    );
+    let again = cairn(root, &["node", "revoke", "lab-2", "--key", &key]);
+    assert_eq!(again.code, 0, "{again:?}");
+    assert!(again.stdout.contains("revoked before"), "{again:?}");
+    let unknown = cairn(root, &["node", "revoke", "lab-9", "--key", &key]);
+    assert_eq!(unknown.code, 1, "{unknown:?}");
+    // lab-2 does not enroll again with the revoked key (the token stays unused), and
+    // does with a new key.
     drop(nodes);
+    std::fs::remove_file(root.join("lab-2/trusted-controllers")).unwrap();
+    let token2 = token(root, "lab-2", "15m");
+    let refused = start_node(&setup, 1, &token2, &[]).err().expect("refused");
+    assert!(refused.contains("was revoked"), "{refused}");
+    for file in ["identity.key", "identity.pub"] {
+        std::fs::remove_file(root.join("lab-2").join(file)).unwrap();
+    }
+    let lab2 = node(&setup, 1, &token2);
+    assert_ne!(read_key(&root.join("lab-2/identity.pub")), lab2_key);
+    wait_granted(&setup);
+    drop(lab2);
+    drop(lab1);
     drop(controller_process);
 }
 
