@@ -144,6 +144,162 @@ impl Report {
     }
 }
 
+/// With replicas on etcd (which all hold a copy of the one controller key): the
+/// rotation as the leader carried it out, so that the other replicas follow it. The
+/// next key's secret travels sealed with a pad only holders of the key rotated out
+/// can derive ([`seal`]): etcd alone does not learn it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedRotation {
+    /// The rotation (phase `retiring` once switched, then the leader's last word).
+    pub rotation: Rotation,
+    /// Whether the old key is retired everywhere (the set below is the final one).
+    pub done: bool,
+    /// The next key's secret seed XOR the pad (hex).
+    pub sealed_next: String,
+    /// The set the nodes are told to trust, `(hex, name)`.
+    pub set: Vec<(String, String)>,
+}
+
+/// The etcd record ([`state_etcd::EtcdStore::controller_record`]) of the rotation.
+pub const SHARED_ROTATION: &str = "key-rotation";
+
+/// How often a replica looks for a rotation the leader carried out.
+pub const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// The pad that seals the next key `to_hex` for holders of `from`: HMAC-SHA256 keyed
+/// by `from`'s secret seed over the purpose and `to_hex` (one pad per rotation).
+fn pad(from: &Identity, to_hex: &str) -> [u8; 32] {
+    use hmac::{KeyInit as _, Mac as _};
+    let seed = proto::auth::from_hex::<32>(&from.secret_seed_hex()).expect("seeds are hex");
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(&seed).expect("HMAC takes keys of any length");
+    mac.update(b"cairn-controller-key-rotation-v1\n");
+    mac.update(to_hex.as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+/// `next`'s secret seed sealed for holders of `from` (hex).
+pub fn seal(from: &Identity, next: &Identity) -> String {
+    let seed = proto::auth::from_hex::<32>(&next.secret_seed_hex()).expect("seeds are hex");
+    let pad = pad(from, &next.public_key_hex());
+    seed.iter()
+        .zip(pad)
+        .map(|(s, p)| format!("{:02x}", s ^ p))
+        .collect()
+}
+
+/// The next key `to_hex` from `sealed`, with the key rotated out; `Err` when it does
+/// not give `to_hex` (another key, or a damaged record).
+pub fn unseal(from: &Identity, to_hex: &str, sealed: &str) -> Result<Identity, String> {
+    let sealed = proto::auth::from_hex::<32>(sealed).map_err(|e| format!("the sealed key: {e}"))?;
+    let pad = pad(from, to_hex);
+    let mut seed = [0u8; 32];
+    for (i, byte) in seed.iter_mut().enumerate() {
+        *byte = sealed[i] ^ pad[i];
+    }
+    let next = Identity::from_seed(seed);
+    if next.public_key_hex() != to_hex.to_ascii_lowercase() {
+        return Err(format!(
+            "the sealed key does not open to {}… with key {}…",
+            short(to_hex),
+            short(&from.public_key_hex())
+        ));
+    }
+    Ok(next)
+}
+
+/// Publishes the rotation for the other replicas (with replicas only); a failure is
+/// the caller's error (the switch waits for it).
+async fn publish(shared: &Arc<Shared>, record: SharedRotation) -> Result<(), String> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || match shared.replicas.as_ref() {
+        Some(r) => r
+            .store
+            .set_controller_record(SHARED_ROTATION, &record)
+            .map_err(|e| e.to_string()),
+        None => Ok(()),
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// The rotation the leader shared, if any (with replicas).
+async fn shared_rotation(shared: &Arc<Shared>) -> Option<SharedRotation> {
+    let shared = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        shared.replicas.as_ref().and_then(|r| {
+            r.store
+                .controller_record::<SharedRotation>(SHARED_ROTATION)
+                .ok()
+                .flatten()
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// With replicas: follows the rotations the leader carries out. A replica that
+/// still signs with the key rotated out opens the next key, switches its files (the
+/// old key kept as `controller.key.old`), its set and its signer; one that signs
+/// with the next key takes the final set. Runs for the process's life; returns at
+/// once without replicas.
+pub async fn follow_rotation(shared: Arc<Shared>) {
+    if shared.replicas.is_none() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(FOLLOW_EVERY).await;
+        let Some(record) = shared_rotation(&shared).await else {
+            continue;
+        };
+        if let Err(e) = follow(&shared, &record) {
+            shared.record(vec![
+                Event::new("controller-key", "incomplete")
+                    .reason(format!("following the leader's key rotation: {e}")),
+            ]);
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    }
+}
+
+/// One look at the leader's rotation `record` ([`follow_rotation`]).
+fn follow(shared: &Arc<Shared>, record: &SharedRotation) -> Result<(), String> {
+    let data_dir = &shared.config.data_dir;
+    if data_dir.join(ROTATION_FILE).exists() {
+        return Ok(()); // this replica carries out a rotation itself
+    }
+    let signing = shared.signer.identity();
+    let rotation = &record.rotation;
+    if signing.public_key_hex() == rotation.from && rotation.phase == Phase::Retiring {
+        let next = unseal(&signing, &rotation.to, &record.sealed_next)?;
+        write_secret(&data_dir.join(OLD_KEY_FILE), &signing)?;
+        write_secret(&data_dir.join("controller.key"), &next)?;
+        proto::auth::write_file_atomically(
+            &data_dir.join("controller.pub"),
+            &format!("{}\n", next.public_key_hex()),
+            0o644,
+        )
+        .map_err(|e| e.to_string())?;
+        write_set(data_dir, &record.set)?;
+        shared.signer.set_identity(next);
+        shared.record(vec![Event::new("controller-key", "switched").reason(
+            format!(
+                "following the leader's rotation: this replica signs with {}… from now on (was {}…)",
+                short(&rotation.to),
+                short(&rotation.from)
+            ),
+        )]);
+    } else if signing.public_key_hex() == rotation.to && read_set(data_dir, &signing)? != record.set
+    {
+        write_set(data_dir, &record.set)?;
+        if record.done {
+            let _ = std::fs::remove_file(data_dir.join(OLD_KEY_FILE));
+        }
+    }
+    Ok(())
+}
+
 /// Only one key change at a time in a process.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -461,6 +617,34 @@ pub async fn rotate(shared: &Arc<Shared>, by: &str) -> Result<Report, String> {
                 "the audit entry of the rotation could not be written ({e}); nothing is switched"
             ));
         }
+        // With replicas, the others switch with this one (`follow_rotation`).
+        if shared.replicas.is_some() {
+            let next = Identity::load(&data_dir.join(NEXT_KEY_FILE)).map_err(|e| e.to_string())?;
+            let mut kept = set.clone();
+            for (key, name) in &mut kept {
+                if *key == rotation.to {
+                    *name = "controller".into();
+                } else if *key == rotation.from {
+                    *name = "controller-retiring".into();
+                }
+            }
+            let record = SharedRotation {
+                rotation: Rotation {
+                    phase: Phase::Retiring,
+                    ..rotation.clone()
+                },
+                done: false,
+                sealed_next: seal(&signing, &next),
+                set: kept,
+            };
+            if let Err(e) = publish(shared, record).await {
+                rotation.phase = Phase::Adding;
+                save_rotation(&data_dir, &rotation)?;
+                return Err(format!(
+                    "the rotation could not be shared with the other replicas ({e}); nothing is switched"
+                ));
+            }
+        }
         switch_files(&data_dir, &rotation)?;
         let next = Identity::load(&data_dir.join("controller.key")).map_err(|e| e.to_string())?;
         rotation.phase = Phase::Retiring;
@@ -522,6 +706,25 @@ pub async fn rotate(shared: &Arc<Shared>, by: &str) -> Result<Report, String> {
         ));
     }
     write_set(&data_dir, &set)?;
+    if shared.replicas.is_some() {
+        // The replicas take the final set; the sealed key stays (it opens only with
+        // the retired key).
+        let sealed = shared_rotation(shared)
+            .await
+            .filter(|r| r.rotation.to == rotation.to)
+            .map(|r| r.sealed_next)
+            .unwrap_or_default();
+        publish(
+            shared,
+            SharedRotation {
+                rotation: rotation.clone(),
+                done: true,
+                sealed_next: sealed,
+                set: set.clone(),
+            },
+        )
+        .await?;
+    }
     let _ = std::fs::remove_file(data_dir.join(OLD_KEY_FILE));
     let _ = std::fs::remove_file(rotation_path(&data_dir));
     let message = format!(
@@ -666,6 +869,25 @@ pub fn revoke_action(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The next key opens with the key rotated out, and with no other; the sealed
+    /// bytes are not the seed.
+    #[test]
+    fn a_sealed_next_key_opens_only_with_the_key_rotated_out() {
+        let (from, next, other) = (
+            Identity::generate().unwrap(),
+            Identity::generate().unwrap(),
+            Identity::generate().unwrap(),
+        );
+        let sealed = seal(&from, &next);
+        assert_ne!(sealed, next.secret_seed_hex());
+        let opened = unseal(&from, &next.public_key_hex(), &sealed).unwrap();
+        assert_eq!(opened.secret_seed_hex(), next.secret_seed_hex());
+        let err = unseal(&other, &next.public_key_hex(), &sealed).unwrap_err();
+        assert!(err.contains("does not open"), "{err}");
+        let err = unseal(&from, &other.public_key_hex(), &sealed).unwrap_err();
+        assert!(err.contains("does not open"), "{err}");
+    }
 
     #[test]
     fn a_switch_cut_off_is_finished_when_its_audit_entry_was_written_and_undone_otherwise() {

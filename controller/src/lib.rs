@@ -609,6 +609,8 @@ pub async fn start(config: Config) -> anyhow::Result<Handle> {
     });
     // The console's status, from now on: the first page does not wait for it.
     tokio::spawn(console::keep_status(Arc::downgrade(&shared)));
+    // With replicas, the leader's key rotations are followed (`keys::follow_rotation`).
+    tokio::spawn(keys::follow_rotation(shared.clone()));
     std::fs::write(control::url_path(&data_dir), format!("http://{address}\n"))
         .with_context(|| format!("cannot write {}", control::url_path(&data_dir).display()))?;
     shared.record(vec![Event::new("controller", "started").reason(format!(

@@ -312,6 +312,46 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
         answer.body
     );
 
+    // The controller key is rotated through the leader: the followers, which hold a
+    // copy of the same key, switch with it (`keys::follow_rotation`), so whichever
+    // replica leads next is trusted by the nodes (the kill, the freeze and the
+    // restore below run on the rotated key). A follower refuses the rotation.
+    let refused = controller_action(&g, &replicas[follower], &["key", "rotate"]);
+    assert_eq!(refused.code, 2, "{}{}", refused.stdout, refused.stderr);
+    assert!(
+        refused.stderr.contains(&replicas[leader].listen),
+        "{}",
+        refused.stderr
+    );
+    let rotated = controller_action(
+        &g,
+        &replicas[leader],
+        &["key", "rotate", "--format", "json"],
+    );
+    assert_eq!(rotated.code, 0, "{}{}", rotated.stdout, rotated.stderr);
+    let report: Value = serde_json::from_str(&rotated.stdout).expect("a key report");
+    let next = report["to"].as_str().expect("the next key").to_owned();
+    let public = |r: &Replica| {
+        std::fs::read_to_string(r.data_dir.join("controller.pub"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    wait(
+        "every replica signs with the next key",
+        Duration::from_secs(30),
+        &|| logs(&replicas),
+        || replicas.iter().all(|r| public(r) == next).then_some(()),
+    );
+    // The operator's copy of the key (the audit verification and the restore below).
+    for file in ["controller.key", "controller.pub"] {
+        std::fs::copy(
+            replicas[leader].data_dir.join(file),
+            g.data_dir().join(file),
+        )
+        .expect("the rotated key");
+    }
+
     // Four VMs; the leader is killed after its third step.
     let names: Vec<String> = (1..=4).map(|i| format!("app{i}")).collect();
     let specs: String = names
@@ -509,7 +549,7 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
     // An operator's pause outlives the leader that took it: paused through the
     // third, which is then killed, the second (woken above, still running) leads
     // paused and holds a new commit until it is resumed through it.
-    let paused = controller_action(&g, &replicas[third], "pause");
+    let paused = controller_action(&g, &replicas[third], &["pause"]);
     assert_eq!(paused.code, 0, "{}{}", paused.stdout, paused.stderr);
     replicas[third].kill9();
     wait(
@@ -538,7 +578,7 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
         "{}",
         logs(&replicas)
     );
-    let resumed = controller_action(&g, &replicas[second], "resume");
+    let resumed = controller_action(&g, &replicas[second], &["resume"]);
     assert_eq!(resumed.code, 0, "{}{}", resumed.stdout, resumed.stderr);
     wait(
         "the second syncs it once resumed",
@@ -664,18 +704,16 @@ fn three_controllers_on_etcd_the_leader_killed_mid_sync_another_finishes_it_and_
     drop(new_etcd);
 }
 
-/// `cairn controller pause|resume` through replica `r`, signed with the trusted key.
-fn controller_action(g: &GitOps, r: &Replica, verb: &str) -> crate::Run {
+/// `cairn controller ARGS…` (pause, resume, key rotate) through replica `r`, signed
+/// with the trusted key.
+fn controller_action(g: &GitOps, r: &Replica, args: &[&str]) -> crate::Run {
     let key = g.keys.0.join("trusted").display().to_string();
+    let data_dir = r.data_dir.display().to_string();
+    let mut all = vec!["controller"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--data-dir", &data_dir, "--key", &key]);
     g.cluster
-        .command(&[
-            "controller",
-            verb,
-            "--data-dir",
-            &r.data_dir.display().to_string(),
-            "--key",
-            &key,
-        ])
+        .command(&all)
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .stdin(Stdio::null())
