@@ -123,14 +123,7 @@ fn recover(
 ) -> anyhow::Result<u8> {
     if let Some(url) = state.filter(|s| s.starts_with("etcd://")) {
         eprintln!(
-            "error: --state {url}: recovering the keys of controller replicas on etcd is not built (each replica has its own controller.key); recover a single controller's data directory"
-        );
-        return Ok(2);
-    }
-    if state.is_some_and(|s| Path::new(s) != data_dir.join("state.redb")) {
-        eprintln!(
-            "error: --state must be the data directory's state.redb ({}): the recovery's audit entry goes into the store beside the key",
-            data_dir.join("state.redb").display()
+            "error: --state {url}: recovering controller replicas on etcd is not built; they hold copies of one controller.key, so copy it from another replica's data directory"
         );
         return Ok(2);
     }
@@ -145,6 +138,7 @@ fn recover(
         data_dir,
         recovery,
         specs,
+        state_file: state.map(PathBuf::from),
     };
     let runtime = tokio::runtime::Runtime::new()?;
     let report = match runtime.block_on(controller::keys::recover::recover(input)) {

@@ -274,13 +274,7 @@ fn follow(shared: &Arc<Shared>, record: &SharedRotation) -> Result<(), String> {
     if signing.public_key_hex() == rotation.from && rotation.phase == Phase::Retiring {
         let next = unseal(&signing, &rotation.to, &record.sealed_next)?;
         write_secret(&data_dir.join(OLD_KEY_FILE), &signing)?;
-        write_secret(&data_dir.join("controller.key"), &next)?;
-        proto::auth::write_file_atomically(
-            &data_dir.join("controller.pub"),
-            &format!("{}\n", next.public_key_hex()),
-            0o644,
-        )
-        .map_err(|e| e.to_string())?;
+        install_key(data_dir, &next)?;
         write_set(data_dir, &record.set)?;
         shared.signer.set_identity(next);
         shared.record(vec![Event::new("controller-key", "switched").reason(
@@ -330,6 +324,17 @@ fn load_state<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, 
 fn save_state<T: Serialize>(path: &Path, state: &T) -> Result<(), String> {
     let text = serde_json::to_string_pretty(state).expect("key states serialize") + "\n";
     proto::auth::write_file_atomically(path, &text, 0o600).map_err(|e| e.to_string())
+}
+
+/// Makes `key` the controller key of `data_dir`: `controller.key` and `controller.pub`.
+fn install_key(data_dir: &Path, key: &Identity) -> Result<(), String> {
+    write_secret(&data_dir.join("controller.key"), key)?;
+    proto::auth::write_file_atomically(
+        &data_dir.join("controller.pub"),
+        &format!("{}\n", key.public_key_hex()),
+        0o644,
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn write_secret(path: &Path, identity: &Identity) -> Result<(), String> {
@@ -439,7 +444,8 @@ pub async fn push_to_nodes(
     (pushed, missed)
 }
 
-fn short(key: &str) -> &str {
+/// The first 16 characters of a key, as messages show it (never panics).
+pub(crate) fn short(key: &str) -> &str {
     &key[..key.len().min(16)]
 }
 
@@ -519,13 +525,7 @@ fn switch_files(data_dir: &Path, rotation: &Rotation) -> Result<(), String> {
         ));
     }
     write_secret(&data_dir.join(OLD_KEY_FILE), &current)?;
-    write_secret(&key_path, &next)?;
-    proto::auth::write_file_atomically(
-        &data_dir.join("controller.pub"),
-        &format!("{}\n", next.public_key_hex()),
-        0o644,
-    )
-    .map_err(|e| e.to_string())?;
+    install_key(data_dir, &next)?;
     let _ = std::fs::remove_file(&next_path);
     Ok(())
 }

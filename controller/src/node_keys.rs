@@ -27,6 +27,7 @@ use axum::response::{IntoResponse as _, Response};
 
 use crate::Shared;
 use crate::events::Event;
+use crate::keys::short;
 
 /// How a revoked pin is recorded (`EnrolledNode::how`).
 pub const REVOKED: &str = "revoked";
@@ -43,22 +44,28 @@ pub fn action(node: &str) -> String {
 pub fn refusal(node: &str, revoked: &reconciler::enroll::EnrolledNode) -> String {
     format!(
         "the key {}… of node `{node}` was revoked: enroll it again with a new key (on the node remove identity.key and trusted-controllers; `cairn node token create {node}`; `cairn-node --enroll TOKEN`)",
-        &revoked.key_hex[..revoked.key_hex.len().min(16)]
+        short(&revoked.key_hex)
     )
 }
 
-/// What the store says of node `name`'s key.
-pub async fn pinned(shared: &Arc<Shared>, name: &str) -> Option<reconciler::enroll::EnrolledNode> {
+/// Every pinned key in the store (`None`: the store did not answer).
+async fn pins(shared: &Arc<Shared>) -> Option<Vec<reconciler::enroll::EnrolledNode>> {
     let shared = shared.clone();
-    let name = name.to_owned();
     tokio::task::spawn_blocking(move || {
         let store = shared.state_store().ok()?;
-        let nodes = store.enrollment_store().enrolled_nodes().ok()?;
-        nodes.into_iter().find(|node| node.name == name)
+        store.enrollment_store().enrolled_nodes().ok()
     })
     .await
     .ok()
     .flatten()
+}
+
+/// What the store says of node `name`'s key.
+pub async fn pinned(shared: &Arc<Shared>, name: &str) -> Option<reconciler::enroll::EnrolledNode> {
+    pins(shared)
+        .await?
+        .into_iter()
+        .find(|node| node.name == name)
 }
 
 /// How often a replica reads the pins again for revocations another replica made.
@@ -74,18 +81,9 @@ pub(crate) async fn forget_revoked(shared: Arc<Shared>) {
     }
     loop {
         tokio::time::sleep(REFRESH).await;
-        let pins = {
-            let shared = shared.clone();
-            tokio::task::spawn_blocking(move || {
-                let store = shared.state_store().ok()?;
-                store.enrollment_store().enrolled_nodes().ok()
-            })
-            .await
-            .ok()
-            .flatten()
-        };
+        let pins = pins(&shared).await.unwrap_or_default();
         let mut keys = shared.leases.keys.lock().await;
-        for pin in pins.unwrap_or_default() {
+        for pin in pins {
             if pin.how == REVOKED && keys.get(&pin.name) == Some(&pin.key_hex) {
                 keys.remove(&pin.name);
             }
@@ -116,7 +114,7 @@ pub(crate) async fn handler(
     if let Some(pin) = pin.as_ref().filter(|p| p.how == REVOKED) {
         let message = format!(
             "the key {}… of node `{node}` was revoked before; nothing to do",
-            &pin.key_hex[..16]
+            short(&pin.key_hex)
         );
         return axum::Json(serde_json::json!({"message": message, "key": pin.key_hex}))
             .into_response();
@@ -161,7 +159,7 @@ pub(crate) async fn handler(
     shared.leases.keys.lock().await.remove(&node);
     let message = format!(
         "the key {}… of node `{node}` is revoked: its lease renewals are refused from now on, so its HA VMs are fenced and restarted elsewhere once it is detected failed; it enrolls again only with a new key and a new token",
-        &key[..16]
+        short(&key)
     );
     shared.record(vec![
         Event::new("node-key", "revoked")

@@ -29,8 +29,9 @@
 //! refuses to start and names this command ([`load_controller_key`]), instead of
 //! drawing a key no node trusts.
 //!
-//! With replicas on etcd each replica has its own `controller.key`; recovering them is
-//! not built (the command refuses `--state etcd://…`).
+//! Replicas on etcd hold copies of one key, each the others' backup (copy it from
+//! another replica); recovering them all at once, with the audit in etcd, is not built
+//! (the command refuses `--state etcd://…`).
 
 use std::path::{Path, PathBuf};
 
@@ -69,6 +70,8 @@ pub struct RecoverInput {
     pub recovery: Identity,
     /// The specs whose nodes are pushed to (default `DATA_DIR/checkout`).
     pub specs: Option<PathBuf>,
+    /// The state store file whose audit log hands over (default `DATA_DIR/state.redb`).
+    pub state_file: Option<PathBuf>,
 }
 
 /// The controller key of `data_dir`, drawn on the first start. Refused when
@@ -156,6 +159,7 @@ fn spec_nodes(root: &Path) -> Result<Vec<(String, String)>, String> {
 /// files switched. Returns the recovery and a note on what was dropped.
 fn switch(
     data_dir: &Path,
+    state_file: &Path,
     recovery_key: &Identity,
     set: &[(String, String)],
 ) -> Result<(Recovery, Vec<String>), String> {
@@ -223,9 +227,8 @@ fn switch(
         ));
     }
     // The audit entry first, sealed by the new key: the chain hands over to it.
-    let state_file = data_dir.join("state.redb");
     if state_file.exists() {
-        let store = reconciler::state::RedbStore::open(&state_file)
+        let store = reconciler::state::RedbStore::open(state_file)
             .and_then(|s| s.with_audit_key(next.clone(), Default::default()))
             .map_err(|e| e.to_string())?;
         let written = store
@@ -259,13 +262,7 @@ fn switch(
             short(&current.public_key_hex())
         ));
     }
-    super::write_secret(&key_path, &next)?;
-    proto::auth::write_file_atomically(
-        &data_dir.join("controller.pub"),
-        &format!("{}\n", next.public_key_hex()),
-        0o644,
-    )
-    .map_err(|e| e.to_string())?;
+    super::install_key(data_dir, &next)?;
     let _ = std::fs::remove_file(data_dir.join(NEXT_KEY_FILE));
     if data_dir.join(ROTATION_FILE).exists() {
         for file in [ROTATION_FILE, OLD_KEY_FILE] {
@@ -322,7 +319,11 @@ pub async fn recover(input: RecoverInput) -> Result<Report, String> {
         .clone()
         .unwrap_or_else(|| data_dir.join("checkout"));
     let nodes = spec_nodes(&specs)?;
-    let (state, notes) = switch(data_dir, recovery_key, &set)?;
+    let state_file = input
+        .state_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join("state.redb"));
+    let (state, notes) = switch(data_dir, &state_file, recovery_key, &set)?;
     let set = listed_set(data_dir)?;
     let (pushed, missed) = push_to_nodes(&nodes, recovery_key, &set).await;
     let noted = if notes.is_empty() {
